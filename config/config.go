@@ -1,0 +1,247 @@
+// Package config owns the settings of every mlx-serving process: one table of keys,
+// each settable in a YAML file, as an MLX_SERVING_* environment variable, or as a
+// flag, with precedence flag > env > file > default. The effective configuration is
+// validated against an embedded JSON Schema before anything starts.
+package config
+
+import (
+	_ "embed"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/xeipuuv/gojsonschema"
+	"sigs.k8s.io/yaml"
+)
+
+//go:embed schema.json
+var schemaJSON []byte
+
+// ErrInvalid is matched by errors from Load when the configuration breaks its schema.
+var ErrInvalid = errors.New("config: invalid")
+
+// Config is the effective configuration.
+type Config struct {
+	DataDir      string `json:"data_dir"`
+	HTTPAddr     string `json:"http_addr"`
+	NATSListen   string `json:"nats_listen"`
+	NATSURL      string `json:"nats_url"`
+	NATSUser     string `json:"nats_user,omitempty"`
+	NATSPassword string `json:"nats_password,omitempty"`
+	NATSCreds    string `json:"nats_creds,omitempty"`
+	Model        string `json:"model"`
+	Python       string `json:"python"`
+	WorkerID     string `json:"worker_id"`
+	Slots        int    `json:"slots"`
+	SyncAlways   bool   `json:"sync_always"`
+	JobsMaxMsgs  int64  `json:"jobs_max_msgs"`
+	MaxAttempts  int    `json:"max_attempts"`
+	BatchMaxWait string `json:"batch_max_wait"`
+	BatchMaxSize int    `json:"batch_max_size"`
+	AuthTokens   string `json:"auth_tokens,omitempty"`
+	LogLevel     string `json:"log_level"`
+	LogFormat    string `json:"log_format"`
+}
+
+// Key documents one setting; Keys is the table the README's configuration section,
+// the flags and the environment variables are all built from.
+type Key struct {
+	Name    string // YAML key
+	Flag    string // --flag
+	Env     string // MLX_SERVING_*
+	Default string
+	Usage   string
+}
+
+// Keys lists every setting.
+var Keys = []Key{
+	{"data_dir", "data-dir", "MLX_SERVING_DATA_DIR", "./data", "directory for JetStream's store, the tiny model and state"},
+	{"http_addr", "http-addr", "MLX_SERVING_HTTP_ADDR", "127.0.0.1:8080", "gateway listen address"},
+	{"nats_listen", "nats-listen", "MLX_SERVING_NATS_LISTEN", "127.0.0.1:4222", "embedded NATS listen address (up)"},
+	{"nats_url", "nats", "MLX_SERVING_NATS_URL", "nats://127.0.0.1:4222", "NATS server URLs, comma-separated"},
+	{"nats_user", "nats-user", "MLX_SERVING_NATS_USER", "", "NATS user"},
+	{"nats_password", "nats-password", "MLX_SERVING_NATS_PASSWORD", "", "NATS password"},
+	{"nats_creds", "nats-creds", "MLX_SERVING_NATS_CREDS", "", "NATS credentials file"},
+	{"model", "model", "MLX_SERVING_MODEL", "", "model to preload: local path or hub id (empty: the tiny model)"},
+	{"python", "python", "MLX_SERVING_PYTHON", "", "Python interpreter for the runtime (empty: python/.venv/bin/python)"},
+	{"worker_id", "worker-id", "MLX_SERVING_WORKER_ID", "", "worker id (empty: from the host name)"},
+	{"slots", "slots", "MLX_SERVING_SLOTS", "8", "concurrent generations per worker"},
+	{"sync_always", "sync-always", "MLX_SERVING_SYNC_ALWAYS", "true", "fsync every JetStream write before acking it"},
+	{"jobs_max_msgs", "jobs-max-msgs", "MLX_SERVING_JOBS_MAX_MSGS", "100000", "most queued jobs before submit says queue full"},
+	{"max_attempts", "max-attempts", "MLX_SERVING_MAX_ATTEMPTS", "3", "attempts per job before it is dead-lettered"},
+	{"batch_max_wait", "batch-max-wait", "MLX_SERVING_BATCH_MAX_WAIT", "5ms", "how long the dispatcher waits to fill a batch"},
+	{"batch_max_size", "batch-max-size", "MLX_SERVING_BATCH_MAX_SIZE", "8", "most jobs in one batch"},
+	{"auth_tokens", "auth-tokens", "MLX_SERVING_AUTH_TOKENS", "", "gateway bearer tokens, comma-separated (empty: no auth)"},
+	{"log_level", "log-level", "MLX_SERVING_LOG_LEVEL", "info", "log level"},
+	{"log_format", "log-format", "MLX_SERVING_LOG_FORMAT", "json", "log format: json or console"},
+}
+
+// RegisterFlags adds a flag for every key to fs. Flag values are read back by Load
+// only when the flag was set on the command line, so defaults never hide env or file.
+func RegisterFlags(fs *flag.FlagSet) {
+	for _, k := range Keys {
+		fs.String(k.Flag, k.Default, k.Usage+" (env "+k.Env+")")
+	}
+	fs.String("config", os.Getenv("MLX_SERVING_CONFIG"), "YAML config file (env MLX_SERVING_CONFIG)")
+}
+
+// Load builds the effective configuration from defaults, the YAML file named by
+// --config (if any), the environment and the flags set on fs, then validates it.
+func Load(fs *flag.FlagSet, environ []string) (Config, error) {
+	values := map[string]any{}
+	for _, k := range Keys {
+		values[k.Name] = k.Default
+	}
+	path := ""
+	if f := fs.Lookup("config"); f != nil {
+		path = f.Value.String()
+	}
+	if path != "" {
+		raw, err := os.ReadFile(path)
+		if err != nil {
+			return Config{}, fmt.Errorf("config: read %s: %w", path, err)
+		}
+		var file map[string]any
+		if err := yaml.Unmarshal(raw, &file); err != nil {
+			return Config{}, fmt.Errorf("%w: %s: not YAML: %v", ErrInvalid, path, err)
+		}
+		for k, v := range file {
+			values[k] = v // unknown keys are left for the schema to report
+		}
+	}
+	env := map[string]string{}
+	for _, kv := range environ {
+		if i := strings.IndexByte(kv, '='); i > 0 {
+			env[kv[:i]] = kv[i+1:]
+		}
+	}
+	set := map[string]string{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = f.Value.String() })
+	for _, k := range Keys {
+		if v, ok := env[k.Env]; ok {
+			values[k.Name] = v
+		}
+		if v, ok := set[k.Flag]; ok {
+			values[k.Name] = v
+		}
+	}
+	return fromValues(values)
+}
+
+// fromValues coerces strings from env and flags to the schema's types, validates,
+// and decodes into Config.
+func fromValues(values map[string]any) (Config, error) {
+	props := schemaProperties()
+	for name, v := range values {
+		s, isString := v.(string)
+		if !isString {
+			continue
+		}
+		switch props[name] {
+		case "integer":
+			if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+				values[name] = n
+			}
+		case "boolean":
+			if b, err := strconv.ParseBool(s); err == nil {
+				values[name] = b
+			}
+		}
+	}
+	doc, err := json.Marshal(values)
+	if err != nil {
+		return Config{}, err
+	}
+	res, err := compiled().Validate(gojsonschema.NewBytesLoader(doc))
+	if err != nil {
+		return Config{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if !res.Valid() {
+		var msgs []string
+		for _, e := range res.Errors() {
+			field := e.Field()
+			if p, ok := e.Details()["property"].(string); ok && e.Type() == "additional_property_not_allowed" {
+				field = p
+			}
+			msgs = append(msgs, fmt.Sprintf("%s: %s", field, e.Description()))
+		}
+		sort.Strings(msgs)
+		return Config{}, fmt.Errorf("%w: %s", ErrInvalid, strings.Join(msgs, "; "))
+	}
+	var c Config
+	if err := json.Unmarshal(doc, &c); err != nil {
+		return Config{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if _, err := time.ParseDuration(c.BatchMaxWait); err != nil {
+		return Config{}, fmt.Errorf("%w: batch_max_wait: %v", ErrInvalid, err)
+	}
+	return c, nil
+}
+
+// BatchWait returns batch_max_wait as a duration (validated by Load).
+func (c Config) BatchWait() time.Duration {
+	d, _ := time.ParseDuration(c.BatchMaxWait)
+	return d
+}
+
+// URLs splits nats_url.
+func (c Config) URLs() []string {
+	var out []string
+	for _, u := range strings.Split(c.NATSURL, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
+// Tokens splits auth_tokens.
+func (c Config) Tokens() []string {
+	var out []string
+	for _, t := range strings.Split(c.AuthTokens, ",") {
+		if t = strings.TrimSpace(t); t != "" {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// YAML renders the configuration as a config file would hold it, secrets masked.
+func (c Config) YAML() ([]byte, error) {
+	if c.NATSPassword != "" {
+		c.NATSPassword = "********"
+	}
+	if c.AuthTokens != "" {
+		c.AuthTokens = "********"
+	}
+	return yaml.Marshal(c)
+}
+
+var compiled = sync.OnceValue(func() *gojsonschema.Schema {
+	s, err := gojsonschema.NewSchema(gojsonschema.NewBytesLoader(schemaJSON))
+	if err != nil {
+		panic("config: embedded schema does not compile: " + err.Error())
+	}
+	return s
+})
+
+func schemaProperties() map[string]string {
+	var s struct {
+		Properties map[string]struct {
+			Type string `json:"type"`
+		} `json:"properties"`
+	}
+	_ = json.Unmarshal(schemaJSON, &s)
+	out := map[string]string{}
+	for k, v := range s.Properties {
+		out[k] = v.Type
+	}
+	return out
+}

@@ -1,0 +1,113 @@
+package config
+
+import (
+	"errors"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func load(t *testing.T, args []string, env []string) (Config, error) {
+	t.Helper()
+	fs := flag.NewFlagSet("test", flag.ContinueOnError)
+	RegisterFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	return Load(fs, env)
+}
+
+func writeFile(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestDefaults(t *testing.T) {
+	t.Parallel()
+	c, err := load(t, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.HTTPAddr != "127.0.0.1:8080" || c.NATSListen != "127.0.0.1:4222" || c.Slots != 8 || !c.SyncAlways || c.MaxAttempts != 3 {
+		t.Fatalf("defaults: %+v", c)
+	}
+}
+
+func TestPrecedenceFlagOverEnvOverFile(t *testing.T) {
+	t.Parallel()
+	path := writeFile(t, "http_addr: 127.0.0.1:1111\nslots: 2\nmodel: from-file\n")
+	env := []string{"MLX_SERVING_HTTP_ADDR=127.0.0.1:2222", "MLX_SERVING_SLOTS=3"}
+	c, err := load(t, []string{"--config", path, "--http-addr", "127.0.0.1:3333"}, env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.HTTPAddr != "127.0.0.1:3333" {
+		t.Errorf("flag should win: %s", c.HTTPAddr)
+	}
+	if c.Slots != 3 {
+		t.Errorf("env should beat file: %d", c.Slots)
+	}
+	if c.Model != "from-file" {
+		t.Errorf("file should beat default: %q", c.Model)
+	}
+}
+
+func TestInvalidValuesNameTheKey(t *testing.T) {
+	t.Parallel()
+	cases := map[string]struct {
+		file string
+		env  []string
+		want string
+	}{
+		"unknown key":     {file: "slotz: 3\n", want: "slotz"},
+		"out of range":    {env: []string{"MLX_SERVING_SLOTS=0"}, want: "slots"},
+		"not a number":    {env: []string{"MLX_SERVING_SLOTS=many"}, want: "slots"},
+		"bad enum":        {file: "log_level: loud\n", want: "log_level"},
+		"bad duration":    {file: "batch_max_wait: soon\n", want: "batch_max_wait"},
+		"bad url":         {file: "nats_url: http://x\n", want: "nats_url"},
+		"not yaml at all": {file: "a: [b\n", want: "not YAML"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			var args []string
+			if tc.file != "" {
+				args = []string{"--config", writeFile(t, tc.file)}
+			}
+			_, err := load(t, args, tc.env)
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("want ErrInvalid, got %v", err)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not name %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestYAMLMasksSecrets(t *testing.T) {
+	t.Parallel()
+	c, err := load(t, []string{"--auth-tokens", "s3cret,other", "--nats-password", "pw"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Tokens(); len(got) != 2 || got[0] != "s3cret" {
+		t.Fatalf("tokens: %v", got)
+	}
+	out, err := c.YAML()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(out), "s3cret") || strings.Contains(string(out), "pw\n") {
+		t.Fatalf("secrets printed:\n%s", out)
+	}
+	if !strings.Contains(string(out), "http_addr: 127.0.0.1:8080") {
+		t.Fatalf("missing key:\n%s", out)
+	}
+}
