@@ -1,0 +1,165 @@
+package bus
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+)
+
+// ConnectOptions configures a client connection to the bus.
+type ConnectOptions struct {
+	// URLs of the servers; several for a cluster. Default nats://127.0.0.1:4222.
+	URLs []string
+	// Name identifies the connection in server monitoring, e.g. "worker-mac1".
+	Name string
+	// User/Password or Token authenticate with static credentials.
+	User, Password, Token string
+	// CredsFile (JWT + seed) or NKeySeedFile authenticate with decentralised auth.
+	CredsFile, NKeySeedFile string
+	// TLS, when set, is used as is. Otherwise CAFile and CertFile/KeyFile, when
+	// set, build the TLS configuration.
+	TLS                       *tls.Config
+	CAFile, CertFile, KeyFile string
+	// Logger receives connection events. The zero value discards them.
+	Logger zerolog.Logger
+	// MaxReconnects bounds reconnect attempts after a connection is lost; 0 or less
+	// means forever, the right default for long-running services.
+	MaxReconnects int
+	// ReconnectWait is the pause between reconnect attempts; default 1s.
+	ReconnectWait time.Duration
+	// DialTimeout bounds one connection attempt; default 2s.
+	DialTimeout time.Duration
+}
+
+// Connect opens a connection to the bus. A failed first connection is retried with
+// backoff until ctx is done, so services can start before the bus does. Once
+// connected, a lost connection is re-established in the background forever unless
+// MaxReconnects says otherwise; disconnects, reconnects and async errors are logged.
+func Connect(ctx context.Context, opts ConnectOptions) (*nats.Conn, error) {
+	urls := opts.URLs
+	if len(urls) == 0 {
+		urls = []string{nats.DefaultURL}
+	}
+	log := opts.Logger
+	maxReconnects := opts.MaxReconnects
+	if maxReconnects <= 0 {
+		maxReconnects = -1
+	}
+	reconnectWait := opts.ReconnectWait
+	if reconnectWait <= 0 {
+		reconnectWait = time.Second
+	}
+	dialTimeout := opts.DialTimeout
+	if dialTimeout <= 0 {
+		dialTimeout = 2 * time.Second
+	}
+
+	nopts := []nats.Option{
+		nats.MaxReconnects(maxReconnects),
+		nats.ReconnectWait(reconnectWait),
+		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
+			ev := log.Warn()
+			if err != nil {
+				ev = ev.Err(err)
+			}
+			ev.Msg("nats disconnected")
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Info().Str("url", nc.ConnectedUrlRedacted()).Msg("nats reconnected")
+		}),
+		nats.ClosedHandler(func(nc *nats.Conn) {
+			ev := log.Info()
+			if err := nc.LastError(); err != nil {
+				ev = log.Warn().Err(err)
+			}
+			ev.Msg("nats connection closed")
+		}),
+		nats.ErrorHandler(func(nc *nats.Conn, sub *nats.Subscription, err error) {
+			ev := log.Error().Err(err)
+			if sub != nil {
+				ev = ev.Str("subject", sub.Subject)
+			}
+			ev.Msg("nats async error")
+		}),
+	}
+	if opts.Name != "" {
+		nopts = append(nopts, nats.Name(opts.Name))
+	}
+	if opts.User != "" || opts.Password != "" {
+		nopts = append(nopts, nats.UserInfo(opts.User, opts.Password))
+	}
+	if opts.Token != "" {
+		nopts = append(nopts, nats.Token(opts.Token))
+	}
+	if opts.CredsFile != "" {
+		nopts = append(nopts, nats.UserCredentials(opts.CredsFile))
+	}
+	if opts.NKeySeedFile != "" {
+		o, err := nats.NkeyOptionFromSeed(opts.NKeySeedFile)
+		if err != nil {
+			return nil, fmt.Errorf("bus: nkey seed: %w", err)
+		}
+		nopts = append(nopts, o)
+	}
+	switch {
+	case opts.TLS != nil:
+		nopts = append(nopts, nats.Secure(opts.TLS))
+	default:
+		if opts.CAFile != "" {
+			nopts = append(nopts, nats.RootCAs(opts.CAFile))
+		}
+		if opts.CertFile != "" || opts.KeyFile != "" {
+			nopts = append(nopts, nats.ClientCert(opts.CertFile, opts.KeyFile))
+		}
+	}
+
+	url := strings.Join(urls, ",")
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 100 * time.Millisecond
+	bo.MaxInterval = 2 * time.Second
+	bo.MaxElapsedTime = 0 // ctx bounds the retries
+	bo.Reset()
+	for attempt := 1; ; attempt++ {
+		timeout := dialTimeout
+		if dl, ok := ctx.Deadline(); ok {
+			if left := time.Until(dl); left < timeout {
+				timeout = left
+			}
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("bus: connect %s: %w", url, err)
+		}
+		nc, err := nats.Connect(url, append(nopts, nats.Timeout(timeout))...)
+		if err == nil {
+			log.Info().Str("url", nc.ConnectedUrlRedacted()).Int("attempts", attempt).Msg("nats connected")
+			return nc, nil
+		}
+		if isPermanentConnectError(err) {
+			return nil, fmt.Errorf("bus: connect %s: %w", url, err)
+		}
+		wait := bo.NextBackOff()
+		log.Warn().Err(err).Int("attempt", attempt).Dur("retry_in", wait).Msg("nats connect failed")
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("bus: connect %s: %w (last error: %v)", url, ctx.Err(), err)
+		case <-t.C:
+		}
+	}
+}
+
+// isPermanentConnectError reports failures that retrying cannot fix.
+func isPermanentConnectError(err error) bool {
+	return errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) ||
+		errors.Is(err, nats.ErrAuthRevoked) || errors.Is(err, nats.ErrAccountAuthExpired) ||
+		errors.Is(err, nats.ErrNoUserCB) || errors.Is(err, nats.ErrSecureConnRequired) ||
+		errors.Is(err, nats.ErrSecureConnWanted)
+}

@@ -1,0 +1,289 @@
+package bus
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// Producer submits jobs, cancels them and fetches their results. Backend services
+// build one per process and share it; it is safe for concurrent use.
+type Producer struct {
+	nc              *nats.Conn
+	js              jetstream.JetStream
+	tenant          string
+	defaultModel    string
+	defaultPriority string
+	publishTimeout  time.Duration
+	log             zerolog.Logger
+	now             func() time.Time
+}
+
+// ProducerOption configures a Producer.
+type ProducerOption func(*Producer)
+
+// WithTenant sets the tenant of jobs and cancels that do not name one; it is also
+// the tenant token of default reply subjects.
+func WithTenant(tenant string) ProducerOption { return func(p *Producer) { p.tenant = tenant } }
+
+// WithDefaultModel sets the model of jobs that do not name one.
+func WithDefaultModel(model string) ProducerOption {
+	return func(p *Producer) { p.defaultModel = model }
+}
+
+// WithDefaultPriority sets the priority of jobs that do not name one (default normal).
+func WithDefaultPriority(priority string) ProducerOption {
+	return func(p *Producer) { p.defaultPriority = priority }
+}
+
+// WithPublishTimeout bounds each publish when the caller's ctx has a later or no
+// deadline (default 5s).
+func WithPublishTimeout(d time.Duration) ProducerOption {
+	return func(p *Producer) { p.publishTimeout = d }
+}
+
+// WithProducerLogger sets the logger for submit and cancel events (debug level).
+func WithProducerLogger(l zerolog.Logger) ProducerOption { return func(p *Producer) { p.log = l } }
+
+// WithClock replaces time.Now, for tests.
+func WithClock(now func() time.Time) ProducerOption { return func(p *Producer) { p.now = now } }
+
+// NewProducer builds a Producer on an open connection.
+func NewProducer(nc *nats.Conn, opts ...ProducerOption) (*Producer, error) {
+	if nc == nil {
+		return nil, fmt.Errorf("bus: NewProducer: %w", ErrNotConnected)
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("bus: jetstream: %w", err)
+	}
+	p := &Producer{
+		nc:              nc,
+		js:              js,
+		defaultPriority: schemas.PriorityNormal,
+		publishTimeout:  5 * time.Second,
+		now:             time.Now,
+	}
+	for _, o := range opts {
+		o(p)
+	}
+	return p, nil
+}
+
+// JetStream returns the producer's JetStream context.
+func (p *Producer) JetStream() jetstream.JetStream { return p.js }
+
+// ReplySubject is the reply subject Submit gives a job of this producer's tenant
+// that names none; subscribe to it before Submit to see every token event.
+func (p *Producer) ReplySubject(jobID string) string { return ReplySubject(p.tenant, jobID) }
+
+// SubmitAck describes a queued job.
+type SubmitAck struct {
+	JobID    string
+	Subject  string // where the job was published: mlx.jobs.<priority>.<id>
+	ReplyTo  string // where its token events and terminal event will arrive
+	Stream   string
+	Sequence uint64 // the job's sequence in JOBS (the earlier one's, for a duplicate)
+}
+
+// Submit validates and queues a job. It fills the job's defaults in place (id,
+// tenant, model, priority, reply_to, created_at), so the caller sees them.
+//
+// Errors: a *schemas.ValidationError, unchanged, when the job breaks its schema
+// (nothing is published); ErrDuplicate when the id is already queued, running or
+// finished; ErrQueueFull when JOBS is at its limits; ErrJobTooLarge; ErrNoStream
+// when JOBS is not provisioned; ErrNotConnected. All are matched with errors.Is.
+func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (SubmitAck, error) {
+	if job == nil {
+		return SubmitAck{}, errors.New("bus: Submit: nil job")
+	}
+	p.fillDefaults(job)
+	data, err := json.Marshal(job)
+	if err != nil {
+		return SubmitAck{}, fmt.Errorf("bus: marshal job %s: %w", job.ID, err)
+	}
+	if err := schemas.Validate(schemas.Job, data); err != nil {
+		return SubmitAck{}, err
+	}
+	// The id and priority become subject tokens; a schema that allows more than a
+	// subject can carry must not let a job land on the wrong subject.
+	if verr := subjectTokenViolations(job); verr != nil {
+		return SubmitAck{}, verr
+	}
+	ack := SubmitAck{JobID: job.ID, Subject: JobSubject(job.Priority, job.ID), ReplyTo: job.ReplyTo}
+	if p.nc.IsClosed() || !p.nc.IsConnected() {
+		return ack, fmt.Errorf("bus: submit %s: %w (status %s)", job.ID, ErrNotConnected, p.nc.Status())
+	}
+
+	ctx, cancel := p.withTimeout(ctx)
+	defer cancel()
+
+	// A finished job's id is refused for as long as RESULTS keeps its record, not
+	// only within the duplicate window.
+	if _, err := FetchResult(ctx, p.js, job.ID); err == nil {
+		return ack, fmt.Errorf("bus: submit %s: %w: job already has a result", job.ID, ErrDuplicate)
+	} else if !errors.Is(err, ErrNoResult) {
+		return ack, fmt.Errorf("bus: submit %s: check results: %w", job.ID, err)
+	}
+
+	pa, err := p.js.Publish(ctx, ack.Subject, data,
+		jetstream.WithMsgID(job.ID),
+		jetstream.WithExpectStream(StreamJobs),
+	)
+	if err != nil {
+		return ack, p.mapSubmitError(job.ID, err)
+	}
+	ack.Stream, ack.Sequence = pa.Stream, pa.Sequence
+	if pa.Duplicate {
+		return ack, fmt.Errorf("bus: submit %s: %w", job.ID, ErrDuplicate)
+	}
+	p.log.Debug().Str("job_id", job.ID).Str("subject", ack.Subject).Uint64("seq", pa.Sequence).Msg("job submitted")
+	return ack, nil
+}
+
+func (p *Producer) mapSubmitError(jobID string, err error) error {
+	switch storeRefusal(err) {
+	case storeErrMaxMsgs, storeErrMaxBytes:
+		return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrQueueFull, err)
+	case storeErrMaxMsgsPerSubject:
+		// The job's subject already holds it: queued or running.
+		return fmt.Errorf("bus: submit %s: %w: job is already queued", jobID, ErrDuplicate)
+	case storeErrMsgTooLarge:
+		return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrJobTooLarge, err)
+	}
+	if ae, ok := apiError(err); ok {
+		switch ae.ErrorCode {
+		case jsErrInsufficientResources:
+			return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrQueueFull, err)
+		case jsErrMessageExceedsMaximum:
+			return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrJobTooLarge, err)
+		}
+	}
+	if errors.Is(err, nats.ErrMaxPayload) {
+		return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrJobTooLarge, err)
+	}
+	if (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)) && !p.nc.IsConnected() {
+		return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrNotConnected, err)
+	}
+	return mapPublishError(err, "submit "+jobID)
+}
+
+// Cancel asks for a job to be cancelled. The request is stored in CANCELS, so a
+// job that is still queued is dropped when it is pulled.
+func (p *Producer) Cancel(ctx context.Context, jobID, reason string) error {
+	msg := schemas.CancelMsg{JobID: jobID, Reason: reason, Tenant: p.tenant, RequestedAt: p.now().UTC()}
+	data, err := json.Marshal(msg)
+	if err != nil {
+		return fmt.Errorf("bus: marshal cancel %s: %w", jobID, err)
+	}
+	if err := schemas.Validate(schemas.Cancel, data); err != nil {
+		return err
+	}
+	if !validSubjectToken(jobID) {
+		return &schemas.ValidationError{Code: schemas.Code(schemas.Cancel), Type: schemas.Cancel,
+			Violations: []schemas.Violation{{Path: "$.job_id", Reason: "must be one subject token: no '.', '*', '>' or whitespace"}}}
+	}
+	if p.nc.IsClosed() || !p.nc.IsConnected() {
+		return fmt.Errorf("bus: cancel %s: %w (status %s)", jobID, ErrNotConnected, p.nc.Status())
+	}
+	ctx, cancel := p.withTimeout(ctx)
+	defer cancel()
+	if _, err := p.js.Publish(ctx, CancelSubject(jobID), data, jetstream.WithExpectStream(StreamCancels)); err != nil {
+		return mapPublishError(err, "cancel "+jobID)
+	}
+	p.log.Debug().Str("job_id", jobID).Str("reason", reason).Msg("cancel requested")
+	return nil
+}
+
+// Result returns the job's terminal record, or an error matching ErrNoResult.
+func (p *Producer) Result(ctx context.Context, jobID string) (*schemas.ResultMsg, error) {
+	ctx, cancel := p.withTimeout(ctx)
+	defer cancel()
+	return FetchResult(ctx, p.js, jobID)
+}
+
+func (p *Producer) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	if p.publishTimeout <= 0 {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, p.publishTimeout)
+}
+
+func (p *Producer) fillDefaults(job *schemas.JobRequest) {
+	if job.ID == "" {
+		job.ID = newULID()
+	}
+	if job.Tenant == "" {
+		job.Tenant = p.tenant
+	}
+	if job.Model == "" {
+		job.Model = p.defaultModel
+	}
+	if job.Priority == "" {
+		job.Priority = p.defaultPriority
+	}
+	if job.ReplyTo == "" {
+		job.ReplyTo = ReplySubject(job.Tenant, job.ID)
+	}
+	if job.CreatedAt == nil {
+		now := p.now().UTC()
+		job.CreatedAt = &now
+	}
+}
+
+func subjectTokenViolations(job *schemas.JobRequest) error {
+	var vs []schemas.Violation
+	const reason = "must be one subject token: no '.', '*', '>' or whitespace"
+	if !validSubjectToken(job.ID) {
+		vs = append(vs, schemas.Violation{Path: "$.id", Reason: reason})
+	}
+	known := false
+	for _, pr := range schemas.Priorities {
+		known = known || job.Priority == pr
+	}
+	if !known {
+		vs = append(vs, schemas.Violation{Path: "$.priority", Reason: "must be one of " + strings.Join(schemas.Priorities, ", ")})
+	}
+	if job.Tenant != "" && !validSubjectToken(job.Tenant) {
+		vs = append(vs, schemas.Violation{Path: "$.tenant", Reason: reason})
+	}
+	if len(vs) == 0 {
+		return nil
+	}
+	return &schemas.ValidationError{Code: schemas.Code(schemas.Job), Type: schemas.Job, Violations: vs}
+}
+
+func validSubjectToken(s string) bool {
+	return s != "" && !strings.ContainsAny(s, ".*> \t\r\n")
+}
+
+// crockford is the ULID alphabet.
+const crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+// newULID returns a new ULID: 26 characters, sortable by creation time (ms), 80
+// random bits, safe as a subject token. Producer-assigned ids sort by submission,
+// which keeps `status` listings and RESULTS scans in time order.
+func newULID() string {
+	var b [16]byte
+	ms := uint64(time.Now().UnixMilli())
+	b[0], b[1], b[2], b[3], b[4], b[5] = byte(ms>>40), byte(ms>>32), byte(ms>>24), byte(ms>>16), byte(ms>>8), byte(ms)
+	_, _ = rand.Read(b[6:]) // crypto/rand.Read never fails (Go 1.24+)
+	hi, lo := binary.BigEndian.Uint64(b[:8]), binary.BigEndian.Uint64(b[8:])
+	var out [26]byte
+	for i := 25; i >= 0; i-- {
+		out[i] = crockford[lo&31]
+		lo = lo>>5 | hi<<59
+		hi >>= 5
+	}
+	return string(out[:])
+}

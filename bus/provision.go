@@ -1,0 +1,170 @@
+package bus
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// ProvisionOptions sizes the streams and the worker registry. Zero values take the
+// documented defaults.
+type ProvisionOptions struct {
+	// Replicas of every stream and the bucket: 1 on a single server, 3 in a cluster.
+	Replicas int
+	// JobsMaxMsgs and JobsMaxBytes bound the queue; past them a producer gets
+	// ErrQueueFull (discard-new). Defaults 100000 and 1 GiB.
+	JobsMaxMsgs  int64
+	JobsMaxBytes int64
+	// JobsMaxMsgSize caps one job; 0 leaves it to the server's max payload.
+	JobsMaxMsgSize int32
+	// DuplicateWindow is how long a job id (Nats-Msg-Id) is remembered; default 2m.
+	DuplicateWindow time.Duration
+	// ResultsMaxAge is how long terminal records are kept; default 7 days.
+	ResultsMaxAge time.Duration
+	// DLQMaxAge is how long dead letters are kept; default 30 days.
+	DLQMaxAge time.Duration
+	// CancelsMaxAge is how long cancel requests are kept; default 24h.
+	CancelsMaxAge time.Duration
+	// WorkerTTL is how long a worker stays registered without a heartbeat; default 10s.
+	WorkerTTL time.Duration
+	// Storage of streams and bucket; the zero value is file storage.
+	Storage jetstream.StorageType
+}
+
+func (o ProvisionOptions) withDefaults() ProvisionOptions {
+	if o.Replicas <= 0 {
+		o.Replicas = 1
+	}
+	if o.JobsMaxMsgs == 0 {
+		o.JobsMaxMsgs = 100_000
+	}
+	if o.JobsMaxBytes == 0 {
+		o.JobsMaxBytes = 1 << 30
+	}
+	if o.DuplicateWindow <= 0 {
+		o.DuplicateWindow = 2 * time.Minute
+	}
+	if o.ResultsMaxAge <= 0 {
+		o.ResultsMaxAge = 7 * 24 * time.Hour
+	}
+	if o.DLQMaxAge <= 0 {
+		o.DLQMaxAge = 30 * 24 * time.Hour
+	}
+	if o.CancelsMaxAge <= 0 {
+		o.CancelsMaxAge = 24 * time.Hour
+	}
+	if o.WorkerTTL <= 0 {
+		o.WorkerTTL = 10 * time.Second
+	}
+	return o
+}
+
+// dupWindow keeps the duplicate window within a stream's max age, which the server
+// requires.
+func dupWindow(w, maxAge time.Duration) time.Duration {
+	if maxAge > 0 && w > maxAge {
+		return maxAge
+	}
+	return w
+}
+
+// StreamConfigs returns the configuration Provision applies, by stream name. It is
+// exported so operators' tooling and tests compare against the same source.
+func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
+	o := opts.withDefaults()
+	return map[string]jetstream.StreamConfig{
+		StreamJobs: {
+			Name:        StreamJobs,
+			Description: "queued generation jobs, mlx.jobs.<priority>.<job-id>",
+			Subjects:    []string{SubjectJobsAll},
+			Retention:   jetstream.WorkQueuePolicy,
+			Storage:     o.Storage,
+			Replicas:    o.Replicas,
+			Discard:     jetstream.DiscardNew,
+			MaxMsgs:     o.JobsMaxMsgs,
+			MaxBytes:    o.JobsMaxBytes,
+			MaxMsgSize:  o.JobsMaxMsgSize,
+			// One message per job subject: a job still queued or running cannot be
+			// queued again, even after the duplicate window has passed.
+			MaxMsgsPerSubject:    1,
+			DiscardNewPerSubject: true,
+			Duplicates:           o.DuplicateWindow,
+		},
+		StreamResults: {
+			Name:        StreamResults,
+			Description: "one terminal record per job, mlx.results.<job-id>",
+			Subjects:    []string{SubjectResultsAll},
+			Retention:   jetstream.LimitsPolicy,
+			Storage:     o.Storage,
+			Replicas:    o.Replicas,
+			MaxMsgs:     -1,
+			MaxBytes:    -1,
+			MaxAge:      o.ResultsMaxAge,
+			// With discard-new per subject the server itself refuses a second terminal
+			// record for a job, whatever headers the second writer sends.
+			MaxMsgsPerSubject:    1,
+			Discard:              jetstream.DiscardNew,
+			DiscardNewPerSubject: true,
+			Duplicates:           dupWindow(o.DuplicateWindow, o.ResultsMaxAge),
+		},
+		StreamDLQ: {
+			Name:        StreamDLQ,
+			Description: "dead-lettered jobs, mlx.dlq.<job-id>",
+			Subjects:    []string{SubjectDLQAll},
+			Retention:   jetstream.LimitsPolicy,
+			Storage:     o.Storage,
+			Replicas:    o.Replicas,
+			MaxMsgs:     -1,
+			MaxBytes:    -1,
+			MaxAge:      o.DLQMaxAge,
+			Discard:     jetstream.DiscardOld,
+			Duplicates:  dupWindow(o.DuplicateWindow, o.DLQMaxAge),
+		},
+		StreamCancels: {
+			Name:        StreamCancels,
+			Description: "cancel requests, mlx.cancel.<job-id>",
+			Subjects:    []string{SubjectCancelAll},
+			Retention:   jetstream.LimitsPolicy,
+			Storage:     o.Storage,
+			Replicas:    o.Replicas,
+			MaxMsgs:     -1,
+			MaxBytes:    -1,
+			MaxAge:      o.CancelsMaxAge,
+			// A repeated cancel replaces the earlier one; one per job is all that matters.
+			MaxMsgsPerSubject: 1,
+			Discard:           jetstream.DiscardOld,
+			Duplicates:        dupWindow(o.DuplicateWindow, o.CancelsMaxAge),
+		},
+	}
+}
+
+// WorkersBucketConfig returns the worker registry bucket's configuration.
+func WorkersBucketConfig(opts ProvisionOptions) jetstream.KeyValueConfig {
+	o := opts.withDefaults()
+	return jetstream.KeyValueConfig{
+		Bucket:      BucketWorkers,
+		Description: "worker registry: key = worker id, value = heartbeat JSON",
+		History:     1,
+		TTL:         o.WorkerTTL,
+		Storage:     o.Storage,
+		Replicas:    o.Replicas,
+	}
+}
+
+// Provision creates or updates the streams and the worker registry bucket. It is
+// idempotent: running it again with the same options changes nothing, and a
+// changed limit is applied to the existing stream without losing its messages.
+func Provision(ctx context.Context, js jetstream.JetStream, opts ProvisionOptions) error {
+	cfgs := StreamConfigs(opts)
+	for _, name := range []string{StreamJobs, StreamResults, StreamDLQ, StreamCancels} {
+		if _, err := js.CreateOrUpdateStream(ctx, cfgs[name]); err != nil {
+			return fmt.Errorf("bus: provision stream %s: %w", name, err)
+		}
+	}
+	if _, err := js.CreateOrUpdateKeyValue(ctx, WorkersBucketConfig(opts)); err != nil {
+		return fmt.Errorf("bus: provision bucket %s: %w", BucketWorkers, err)
+	}
+	return nil
+}

@@ -1,0 +1,114 @@
+package bus
+
+import (
+	"reflect"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, ProvisionOptions{})
+	ctx := ctxT(t)
+
+	configs := func() map[string]jetstream.StreamConfig {
+		out := map[string]jetstream.StreamConfig{}
+		for _, name := range []string{StreamJobs, StreamResults, StreamDLQ, StreamCancels, "KV_" + BucketWorkers} {
+			s, err := b.js.Stream(ctx, name)
+			if err != nil {
+				t.Fatalf("stream %s: %v", name, err)
+			}
+			out[name] = s.CachedInfo().Config
+		}
+		return out
+	}
+	before := configs()
+
+	// The configuration the server holds is the one asked for.
+	jobs := before[StreamJobs]
+	if jobs.Retention != jetstream.WorkQueuePolicy || jobs.Discard != jetstream.DiscardNew || jobs.Storage != jetstream.FileStorage ||
+		jobs.MaxMsgs != 100_000 || jobs.MaxBytes != 1<<30 || jobs.Duplicates != 2*time.Minute ||
+		!reflect.DeepEqual(jobs.Subjects, []string{"mlx.jobs.>"}) {
+		t.Errorf("JOBS config = %+v", jobs)
+	}
+	res := before[StreamResults]
+	if res.MaxMsgsPerSubject != 1 || res.Discard != jetstream.DiscardNew || !res.DiscardNewPerSubject || res.MaxAge != 7*24*time.Hour {
+		t.Errorf("RESULTS config = %+v", res)
+	}
+	if c := before[StreamCancels]; c.MaxMsgsPerSubject != 1 || c.MaxAge != 24*time.Hour {
+		t.Errorf("CANCELS config = %+v", c)
+	}
+	if c := before[StreamDLQ]; c.MaxAge != 30*24*time.Hour || !reflect.DeepEqual(c.Subjects, []string{"mlx.dlq.>"}) {
+		t.Errorf("DLQ config = %+v", c)
+	}
+	kv, err := b.js.KeyValue(ctx, BucketWorkers)
+	if err != nil {
+		t.Fatalf("bucket: %v", err)
+	}
+	st, err := kv.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.TTL() != 10*time.Second || st.History() != 1 {
+		t.Errorf("bucket TTL %v history %d; want 10s, 1", st.TTL(), st.History())
+	}
+
+	// A job queued before re-provisioning must survive it.
+	p, err := NewProducer(b.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Submit(ctx, newJob("keep-me", "hello")); err != nil {
+		t.Fatal(err)
+	}
+
+	// Twice with the same options: no error, nothing changes.
+	if err := Provision(ctx, b.js, ProvisionOptions{}); err != nil {
+		t.Fatalf("second Provision: %v", err)
+	}
+	if after := configs(); !reflect.DeepEqual(before, after) {
+		t.Errorf("second Provision changed configs:\nbefore %+v\nafter  %+v", before, after)
+	}
+
+	// A changed limit is applied in place.
+	if err := Provision(ctx, b.js, ProvisionOptions{JobsMaxMsgs: 5, ResultsMaxAge: time.Hour, WorkerTTL: 3 * time.Second}); err != nil {
+		t.Fatalf("Provision with new limits: %v", err)
+	}
+	after := configs()
+	if after[StreamJobs].MaxMsgs != 5 {
+		t.Errorf("JOBS MaxMsgs = %d after update, want 5", after[StreamJobs].MaxMsgs)
+	}
+	if after[StreamResults].MaxAge != time.Hour {
+		t.Errorf("RESULTS MaxAge = %v after update, want 1h", after[StreamResults].MaxAge)
+	}
+	if st, err := kv.Status(ctx); err != nil || st.TTL() != 3*time.Second {
+		t.Errorf("bucket TTL after update: %v, %v; want 3s", st, err)
+	}
+	if n := streamMsgs(t, b.js, StreamJobs); n != 1 {
+		t.Errorf("JOBS has %d messages after updates, want the 1 queued before", n)
+	}
+}
+
+func TestProvisionReplicasAndStorage(t *testing.T) {
+	t.Parallel()
+	cfgs := StreamConfigs(ProvisionOptions{Replicas: 3, Storage: jetstream.MemoryStorage, DuplicateWindow: 48 * time.Hour})
+	for name, c := range cfgs {
+		if c.Replicas != 3 || c.Storage != jetstream.MemoryStorage {
+			t.Errorf("%s: replicas %d storage %v", name, c.Replicas, c.Storage)
+		}
+		// The server refuses a duplicate window longer than the max age.
+		if c.MaxAge > 0 && c.Duplicates > c.MaxAge {
+			t.Errorf("%s: duplicate window %v > max age %v", name, c.Duplicates, c.MaxAge)
+		}
+	}
+	if kv := WorkersBucketConfig(ProvisionOptions{Replicas: 3}); kv.Replicas != 3 || kv.Bucket != BucketWorkers {
+		t.Errorf("bucket config %+v", kv)
+	}
+	// Three replicas on one server cannot be placed: the server says so.
+	b := startBus(t, ProvisionOptions{})
+	if err := Provision(ctxT(t), b.js, ProvisionOptions{Replicas: 3}); err == nil {
+		t.Error("Provision with 3 replicas on a single server: want error")
+	}
+}

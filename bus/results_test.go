@@ -1,0 +1,151 @@
+package bus
+
+import (
+	"errors"
+	"sync"
+	"testing"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+func TestRecordResultFirstWriterWins(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, ProvisionOptions{})
+	ctx := ctxT(t)
+
+	first := newResult("job-r", 1, "worker-a", "first text")
+	if err := RecordResult(ctx, b.js, first); err != nil {
+		t.Fatalf("first RecordResult: %v", err)
+	}
+	// Another attempt's record: refused by the server (wrong last subject sequence).
+	if err := RecordResult(ctx, b.js, newResult("job-r", 2, "worker-b", "second text")); !errors.Is(err, ErrResultExists) {
+		t.Fatalf("second RecordResult: err = %v, want ErrResultExists", err)
+	}
+	// Same attempt, different record: the msg id is a duplicate, still a loss.
+	if err := RecordResult(ctx, b.js, newResult("job-r", 1, "worker-c", "third text")); !errors.Is(err, ErrResultExists) {
+		t.Fatalf("same-attempt RecordResult: err = %v, want ErrResultExists", err)
+	}
+	// The first writer retrying its own record (lost ack) is told it won.
+	if err := RecordResult(ctx, b.js, newResult("job-r", 1, "worker-a", "first text")); err != nil {
+		t.Fatalf("retry of the stored record: %v", err)
+	}
+	got, err := FetchResult(ctx, b.js, "job-r")
+	if err != nil {
+		t.Fatalf("FetchResult: %v", err)
+	}
+	if got.WorkerID != "worker-a" || got.Text != "first text" || got.Attempt != 1 || !got.FinishedAt.Equal(first.FinishedAt) {
+		t.Errorf("stored record = %+v, want the first", got)
+	}
+	if n := streamMsgs(t, b.js, StreamResults); n != 1 {
+		t.Errorf("RESULTS has %d messages, want 1", n)
+	}
+}
+
+// Even without the expected-sequence header, the stream refuses a second record.
+func TestResultsStreamRefusesSecondRecordByItself(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, ProvisionOptions{})
+	ctx := ctxT(t)
+	if err := RecordResult(ctx, b.js, newResult("job-s", 1, "a", "x")); err != nil {
+		t.Fatal(err)
+	}
+	_, err := b.js.Publish(ctx, ResultSubject("job-s"), []byte(`{"rogue":true}`))
+	if err == nil {
+		t.Fatal("plain publish of a second record was accepted")
+	}
+	if !resultRefused(err) {
+		t.Errorf("refusal %v not recognised as an existing result", err)
+	}
+}
+
+func TestRecordResultRaceHasOneWinner(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, ProvisionOptions{})
+	ctx := ctxT(t)
+	const writers = 8
+	errs := make([]error, writers)
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			errs[i] = RecordResult(ctx, b.js, newResult("job-race", i+1, "w", "text"))
+		}()
+	}
+	close(start)
+	wg.Wait()
+	winners := 0
+	winner := 0
+	for i, err := range errs {
+		switch {
+		case err == nil:
+			winners++
+			winner = i + 1
+		case !errors.Is(err, ErrResultExists):
+			t.Errorf("writer %d: unexpected error %v", i, err)
+		}
+	}
+	if winners != 1 {
+		t.Fatalf("%d writers won, want exactly 1 (%v)", winners, errs)
+	}
+	got, err := FetchResult(ctx, b.js, "job-race")
+	if err != nil || got.Attempt != winner {
+		t.Fatalf("stored record attempt %v (%v), want the winner's %d", got, err, winner)
+	}
+}
+
+func TestFetchAndPurgeResult(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, ProvisionOptions{})
+	ctx := ctxT(t)
+	if _, err := FetchResult(ctx, b.js, "nothing-here"); !errors.Is(err, ErrNoResult) {
+		t.Fatalf("FetchResult of an unknown job: err = %v, want ErrNoResult", err)
+	}
+	p, err := NewProducer(b.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := newResult("job-p", 1, "a", "old")
+	r.Status, r.FinishReason, r.Error = schemas.StatusFailed, "", &schemas.ErrorInfo{Code: "runtime_crashed", Message: "boom"}
+	if err := RecordResult(ctx, b.js, r); err != nil {
+		t.Fatal(err)
+	}
+	got, err := p.Result(ctx, "job-p")
+	if err != nil || got.Status != schemas.StatusFailed || got.Error == nil || got.Error.Code != "runtime_crashed" {
+		t.Fatalf("Result = %+v, %v", got, err)
+	}
+	if err := PurgeResult(ctx, b.js, "job-p"); err != nil {
+		t.Fatalf("PurgeResult: %v", err)
+	}
+	if _, err := FetchResult(ctx, b.js, "job-p"); !errors.Is(err, ErrNoResult) {
+		t.Fatalf("after purge: err = %v, want ErrNoResult", err)
+	}
+	// A replay records a new outcome under a later attempt number.
+	if err := RecordResult(ctx, b.js, newResult("job-p", 2, "b", "new")); err != nil {
+		t.Fatalf("RecordResult after purge: %v", err)
+	}
+	if got, err := FetchResult(ctx, b.js, "job-p"); err != nil || got.Text != "new" {
+		t.Fatalf("after replay: %+v, %v", got, err)
+	}
+}
+
+func TestRecordResultRejectsInvalidRecord(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, ProvisionOptions{})
+	ctx := ctxT(t)
+	r := newResult("job-i", 1, "a", "x")
+	r.Status = "exploded"
+	if err := RecordResult(ctx, b.js, r); !errors.Is(err, schemas.ErrInvalid) {
+		t.Fatalf("err = %v, want a validation error", err)
+	}
+	s, err := b.js.Stream(ctx, StreamResults)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetLastMsgForSubject(ctx, ResultSubject("job-i")); !errors.Is(err, jetstream.ErrMsgNotFound) {
+		t.Fatalf("invalid record was stored: %v", err)
+	}
+}

@@ -1,0 +1,188 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/rs/zerolog"
+)
+
+// ServerOptions configures an embedded NATS server with JetStream on disk.
+type ServerOptions struct {
+	// Host to listen on; default 127.0.0.1 (an embedded bus is local unless asked).
+	Host string
+	// Port to listen on: 0 means the NATS default 4222, -1 a random free port.
+	Port int
+	// StoreDir is the JetStream file store directory; required, since queued jobs
+	// must survive a restart of the process.
+	StoreDir string
+	// SyncAlways fsyncs every write before the publish is acknowledged (the server's
+	// sync_interval: always). Without it the file store fsyncs every SyncInterval
+	// and a power loss can drop acknowledged jobs; a process kill cannot.
+	SyncAlways bool
+	// SyncInterval is the background fsync period when SyncAlways is off; 0 keeps
+	// the server default (2 minutes).
+	SyncInterval time.Duration
+	// ServerName names the server in logs and, later, in a cluster.
+	ServerName string
+	// Logger receives the server's logs. The zero value discards them.
+	Logger zerolog.Logger
+	// Debug and Trace turn on the server's debug and protocol-trace logs. Trace logs
+	// every protocol message: only for chasing a bug.
+	Debug, Trace bool
+	// MaxPayload caps a message's size; 0 keeps the server default (1 MiB).
+	MaxPayload int32
+	// JetStreamMaxStore caps the file store in bytes; 0 lets the server size it
+	// from the free disk space.
+	JetStreamMaxStore int64
+	// ReadyTimeout bounds the wait for the server to accept clients when ctx has no
+	// deadline; default 30s.
+	ReadyTimeout time.Duration
+
+	// Cluster routes, accounts and users are added here when `mlx-serving up` grows
+	// past a single node; a fleet runs a standalone NATS cluster (ops/).
+}
+
+// Server is an embedded NATS server with JetStream.
+type Server struct {
+	ns   *server.Server
+	log  zerolog.Logger
+	once sync.Once
+}
+
+// StartServer starts an embedded NATS server with JetStream on a file store and
+// returns once it accepts clients. It installs no signal handlers: the embedding
+// process owns its signals and calls Shutdown.
+func StartServer(ctx context.Context, opts ServerOptions) (*Server, error) {
+	if opts.StoreDir == "" {
+		return nil, errors.New("bus: ServerOptions.StoreDir is required")
+	}
+	host := opts.Host
+	if host == "" {
+		host = "127.0.0.1"
+	}
+	sopts := &server.Options{
+		ServerName:        opts.ServerName,
+		Host:              host,
+		Port:              opts.Port,
+		NoSigs:            true,
+		JetStream:         true,
+		StoreDir:          opts.StoreDir,
+		SyncAlways:        opts.SyncAlways,
+		SyncInterval:      opts.SyncInterval,
+		MaxPayload:        opts.MaxPayload,
+		JetStreamMaxStore: opts.JetStreamMaxStore,
+		Debug:             opts.Debug,
+		Trace:             opts.Trace,
+	}
+	ns, err := server.NewServer(sopts)
+	if err != nil {
+		return nil, fmt.Errorf("bus: new nats server: %w", err)
+	}
+	adapter := &serverLogger{log: opts.Logger.With().Str("component", "nats-server").Logger()}
+	ns.SetLogger(adapter, opts.Debug, opts.Trace)
+
+	s := &Server{ns: ns, log: opts.Logger}
+	// Start returns once JetStream is enabled and the accept loop runs; failures are
+	// reported through Fatalf, which our logger records instead of exiting.
+	ns.Start()
+
+	timeout := opts.ReadyTimeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	readyCtx := ctx
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		readyCtx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	for !ns.ReadyForConnections(50 * time.Millisecond) {
+		if msg := adapter.fatal(); msg != "" {
+			s.shutdownNow()
+			return nil, fmt.Errorf("bus: nats server failed to start: %s", msg)
+		}
+		if err := readyCtx.Err(); err != nil {
+			s.shutdownNow()
+			return nil, fmt.Errorf("bus: nats server not ready: %w", err)
+		}
+	}
+	if msg := adapter.fatal(); msg != "" {
+		s.shutdownNow()
+		return nil, fmt.Errorf("bus: nats server failed to start: %s", msg)
+	}
+	if !ns.JetStreamEnabled() {
+		s.shutdownNow()
+		return nil, errors.New("bus: nats server started without JetStream")
+	}
+	opts.Logger.Info().Str("url", ns.ClientURL()).Str("store_dir", opts.StoreDir).
+		Bool("sync_always", opts.SyncAlways).Msg("embedded nats server ready")
+	return s, nil
+}
+
+// ClientURL is the URL clients connect to, e.g. nats://127.0.0.1:40123.
+func (s *Server) ClientURL() string { return s.ns.ClientURL() }
+
+// NATSServer exposes the underlying server for inspection (config, monitoring).
+func (s *Server) NATSServer() *server.Server { return s.ns }
+
+// Shutdown stops the server and waits until it has flushed and closed its stores,
+// or until ctx is done. Calling it again is harmless.
+func (s *Server) Shutdown(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		s.shutdownNow()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("bus: nats server shutdown: %w", ctx.Err())
+	}
+}
+
+func (s *Server) shutdownNow() {
+	s.once.Do(func() {
+		s.ns.Shutdown()
+		s.ns.WaitForShutdown()
+	})
+	// A second caller must also wait for the first shutdown to complete.
+	s.ns.WaitForShutdown()
+}
+
+// serverLogger routes nats-server logs through zerolog. Fatalf does not exit: an
+// embedding process decides for itself, and StartServer reports the failure.
+type serverLogger struct {
+	log      zerolog.Logger
+	mu       sync.Mutex
+	fatalMsg string
+}
+
+var _ server.Logger = (*serverLogger)(nil)
+
+func (l *serverLogger) Noticef(format string, v ...any) { l.log.Info().Msgf(format, v...) }
+func (l *serverLogger) Warnf(format string, v ...any)   { l.log.Warn().Msgf(format, v...) }
+func (l *serverLogger) Errorf(format string, v ...any)  { l.log.Error().Msgf(format, v...) }
+func (l *serverLogger) Debugf(format string, v ...any)  { l.log.Debug().Msgf(format, v...) }
+func (l *serverLogger) Tracef(format string, v ...any)  { l.log.Trace().Msgf(format, v...) }
+
+func (l *serverLogger) Fatalf(format string, v ...any) {
+	msg := fmt.Sprintf(format, v...)
+	l.log.Error().Bool("fatal", true).Msg(msg)
+	l.mu.Lock()
+	if l.fatalMsg == "" {
+		l.fatalMsg = msg
+	}
+	l.mu.Unlock()
+}
+
+func (l *serverLogger) fatal() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.fatalMsg
+}

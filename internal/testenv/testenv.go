@@ -1,0 +1,140 @@
+// Package testenv gives end-to-end tests the real parts they run against: the
+// repository's runtime interpreter, the tiny model, and an embedded NATS server
+// with JetStream on a temp dir, provisioned and shut down with the test.
+package testenv
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+)
+
+// RepoRoot is the module root, found from this file's location.
+func RepoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+// Python is the runtime's interpreter: MLX_SERVING_PYTHON or python/.venv.
+func Python(t testing.TB) string {
+	t.Helper()
+	p := os.Getenv("MLX_SERVING_PYTHON")
+	if p == "" {
+		p = filepath.Join(RepoRoot(), "python", ".venv", "bin", "python")
+	}
+	if _, err := os.Stat(p); err != nil {
+		t.Fatalf("runtime interpreter %s missing (run `go tool task setup`): %v", p, err)
+	}
+	return p
+}
+
+var (
+	modelOnce sync.Once
+	modelDir  string
+	modelErr  error
+)
+
+// TinyModel is MLX_SERVING_TINY_MODEL or <repo>/.cache/tiny-model, generated on
+// first use by the runtime's own generator.
+func TinyModel(t testing.TB) string {
+	t.Helper()
+	python := Python(t)
+	modelOnce.Do(func() {
+		modelDir = os.Getenv("MLX_SERVING_TINY_MODEL")
+		if modelDir == "" {
+			modelDir = filepath.Join(RepoRoot(), ".cache", "tiny-model")
+		}
+		if _, err := os.Stat(filepath.Join(modelDir, "config.json")); err == nil {
+			return
+		}
+		out, err := exec.Command(python, "-m", "mlx_serving_runtime.tinymodel", modelDir).CombinedOutput()
+		if err != nil {
+			modelErr = err
+			modelDir = string(out)
+		}
+	})
+	if modelErr != nil {
+		t.Fatalf("tiny model: %v\n%s", modelErr, modelDir)
+	}
+	return modelDir
+}
+
+// Bus is an embedded NATS server with provisioned streams.
+type Bus struct {
+	Server *bus.Server
+	Dir    string
+	Conn   *nats.Conn
+	JS     jetstream.JetStream
+}
+
+// Logger writes to the test log at debug level, so a failing test shows what led to it.
+func Logger(t testing.TB) zerolog.Logger {
+	return zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel).With().Timestamp().Logger()
+}
+
+// StartBus starts a server on a random port with a temp store, provisions it with
+// opts, and connects. Everything is shut down in t.Cleanup.
+func StartBus(t testing.TB, opts bus.ProvisionOptions) *Bus {
+	t.Helper()
+	return StartBusAt(t, t.TempDir(), opts)
+}
+
+// StartBusAt is StartBus on a given store dir (to restart on the same data).
+func StartBusAt(t testing.TB, dir string, opts bus.ProvisionOptions) *Bus {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &Bus{Server: srv, Dir: dir}
+	t.Cleanup(func() { b.Stop() })
+	b.Conn = Connect(t, srv.ClientURL())
+	b.JS, err = jetstream.New(b.Conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.Provision(ctx, b.JS, opts); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// Stop shuts the server down (idempotent).
+func (b *Bus) Stop() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = b.Server.Shutdown(ctx)
+}
+
+// Connect opens a connection closed in t.Cleanup.
+func Connect(t testing.TB, url string) *nats.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{url}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+// Context is a context bounded by d and cancelled with the test.
+func Context(t testing.TB, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}

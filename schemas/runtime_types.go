@@ -1,0 +1,306 @@
+package schemas
+
+import "encoding/json"
+
+// Go types of the runtime protocol (docs/runtime-protocol.md): line-delimited
+// JSON-RPC 2.0 between a worker and its Python runtime. Each type names the
+// schemas/runtime.*.json file it must validate against.
+
+// Schema types of the runtime pipe.
+const (
+	RuntimeRequest      Type = "runtime.request"
+	RuntimeResponse     Type = "runtime.response"
+	RuntimeNotification Type = "runtime.notification"
+
+	RuntimeInfoParams        Type = "runtime.info.params"
+	RuntimeInfoResult        Type = "runtime.info.result"
+	RuntimeHealthParams      Type = "runtime.health.params"
+	RuntimeHealthResult      Type = "runtime.health.result"
+	RuntimeShutdownParams    Type = "runtime.shutdown.params"
+	RuntimeShutdownResult    Type = "runtime.shutdown.result"
+	RuntimeModelLoadParams   Type = "runtime.model.load.params"
+	RuntimeModelLoadResult   Type = "runtime.model.load.result"
+	RuntimeModelUnloadParams Type = "runtime.model.unload.params"
+	RuntimeModelUnloadResult Type = "runtime.model.unload.result"
+	RuntimeGenerateParams    Type = "runtime.generate.params"
+	RuntimeGenerateResult    Type = "runtime.generate.result"
+	RuntimeGenerateChunk     Type = "runtime.generate.chunk"
+	RuntimeCancelParams      Type = "runtime.cancel.params"
+	RuntimeCancelResult      Type = "runtime.cancel.result"
+	RuntimeTokenizeParams    Type = "runtime.tokenize.params"
+	RuntimeTokenizeResult    Type = "runtime.tokenize.result"
+)
+
+// JSONRPCVersion is the only "jsonrpc" value either side sends.
+const JSONRPCVersion = "2.0"
+
+// Runtime methods and notifications.
+const (
+	MethodRuntimeInfo   = "runtime.info"
+	MethodHealth        = "health"
+	MethodShutdown      = "shutdown"
+	MethodModelLoad     = "model.load"
+	MethodModelUnload   = "model.unload"
+	MethodGenerate      = "generate"
+	MethodCancel        = "cancel"
+	MethodTokenize      = "tokenize"
+	NotifyGenerateChunk = "generate.chunk"
+)
+
+// JSON-RPC error codes the runtime answers with; RPCErrorData.Code carries the
+// stable string code next to each.
+const (
+	RPCParseError       = -32700 // parse_error
+	RPCInvalidRequest   = -32600 // invalid_request
+	RPCMethodNotFound   = -32601 // method_not_found
+	RPCInvalidParams    = -32602 // invalid_params
+	RPCModelNotLoaded   = -32001 // model_not_loaded
+	RPCModelLoadFailed  = -32002 // model_load_failed (data.code too_many_models when the cap is reached)
+	RPCContextExceeded  = -32003 // context_exceeded
+	RPCGenerationFailed = -32004 // generation_failed
+	RPCOutOfMemory      = -32005 // out_of_memory
+	RPCDuplicateRequest = -32006 // duplicate_request
+	RPCInvalidSchema    = -32007 // invalid_schema
+	RPCShuttingDown     = -32008 // shutting_down
+)
+
+// Stable string codes of runtime errors (RPCErrorData.Code).
+const (
+	RuntimeCodeParseError       = "parse_error"
+	RuntimeCodeInvalidRequest   = "invalid_request"
+	RuntimeCodeMethodNotFound   = "method_not_found"
+	RuntimeCodeInvalidParams    = "invalid_params"
+	RuntimeCodeModelNotLoaded   = "model_not_loaded"
+	RuntimeCodeModelLoadFailed  = "model_load_failed"
+	RuntimeCodeTooManyModels    = "too_many_models"
+	RuntimeCodeContextExceeded  = "context_exceeded"
+	RuntimeCodeGenerationFailed = "generation_failed"
+	RuntimeCodeOutOfMemory      = "out_of_memory"
+	RuntimeCodeDuplicateRequest = "duplicate_request"
+	RuntimeCodeInvalidSchema    = "invalid_schema"
+	RuntimeCodeShuttingDown     = "shutting_down"
+)
+
+// Finish reasons of a generate.
+const (
+	FinishStop      = "stop"
+	FinishLength    = "length"
+	FinishCancelled = "cancelled"
+)
+
+// Shutdown modes.
+const (
+	ShutdownDrain  = "drain"
+	ShutdownCancel = "cancel"
+)
+
+// RPCRequest is the request envelope (schema "runtime.request"). The worker always
+// uses integer ids.
+type RPCRequest struct {
+	JSONRPC string `json:"jsonrpc"`
+	ID      int64  `json:"id"`
+	Method  string `json:"method"`
+	Params  any    `json:"params"`
+}
+
+// RPCErrorData is the "data" member of a runtime error.
+type RPCErrorData struct {
+	Code       string      `json:"code"`
+	Violations []Violation `json:"violations,omitempty"`
+}
+
+// RPCError is the "error" member of a response (schema "runtime.response").
+type RPCError struct {
+	Code    int           `json:"code"`
+	Message string        `json:"message"`
+	Data    *RPCErrorData `json:"data,omitempty"`
+}
+
+// StableCode returns data.code, or a code derived from the JSON-RPC code when the
+// runtime sent no data.
+func (e *RPCError) StableCode() string {
+	if e.Data != nil && e.Data.Code != "" {
+		return e.Data.Code
+	}
+	switch e.Code {
+	case RPCParseError:
+		return RuntimeCodeParseError
+	case RPCInvalidRequest:
+		return RuntimeCodeInvalidRequest
+	case RPCMethodNotFound:
+		return RuntimeCodeMethodNotFound
+	case RPCInvalidParams:
+		return RuntimeCodeInvalidParams
+	case RPCModelNotLoaded:
+		return RuntimeCodeModelNotLoaded
+	case RPCModelLoadFailed:
+		return RuntimeCodeModelLoadFailed
+	case RPCContextExceeded:
+		return RuntimeCodeContextExceeded
+	case RPCGenerationFailed:
+		return RuntimeCodeGenerationFailed
+	case RPCOutOfMemory:
+		return RuntimeCodeOutOfMemory
+	case RPCDuplicateRequest:
+		return RuntimeCodeDuplicateRequest
+	case RPCInvalidSchema:
+		return RuntimeCodeInvalidSchema
+	case RPCShuttingDown:
+		return RuntimeCodeShuttingDown
+	}
+	return "runtime_error"
+}
+
+// RPCResponse is the response envelope (schema "runtime.response"): exactly one of
+// Result and Error is set. ID is null when the runtime could not read the request's id.
+type RPCResponse struct {
+	JSONRPC string          `json:"jsonrpc"`
+	ID      json.RawMessage `json:"id"`
+	Result  json.RawMessage `json:"result,omitempty"`
+	Error   *RPCError       `json:"error,omitempty"`
+}
+
+// RPCNotification is the notification envelope (schema "runtime.notification").
+type RPCNotification struct {
+	JSONRPC string `json:"jsonrpc"`
+	Method  string `json:"method"`
+	Params  any    `json:"params"`
+}
+
+// EmptyParams is the params object of methods that take none.
+type EmptyParams struct{}
+
+// RuntimeMemory is the runtime's view of device memory.
+type RuntimeMemory struct {
+	TotalBytes  int64 `json:"total_bytes"`
+	ActiveBytes int64 `json:"active_bytes"`
+	PeakBytes   int64 `json:"peak_bytes"`
+}
+
+// RuntimeInfo answers runtime.info (schema "runtime.info.result").
+type RuntimeInfo struct {
+	RuntimeVersion string        `json:"runtime_version"`
+	MLXVersion     string        `json:"mlx_version"`
+	MLXLMVersion   string        `json:"mlx_lm_version"`
+	PythonVersion  string        `json:"python_version"`
+	Platform       string        `json:"platform"`
+	Device         string        `json:"device"` // cpu | gpu
+	Memory         RuntimeMemory `json:"memory"`
+	MaxBatch       int           `json:"max_batch"`
+	MaxModels      int           `json:"max_models"`
+	Models         []string      `json:"models"`
+}
+
+// HealthResult answers health (schema "runtime.health.result").
+type HealthResult struct {
+	OK       bool     `json:"ok"`
+	InFlight int      `json:"in_flight"`
+	Models   []string `json:"models"`
+}
+
+// ShutdownParams asks the runtime to stop (schema "runtime.shutdown.params").
+type ShutdownParams struct {
+	Mode string `json:"mode,omitempty"` // drain (default) | cancel
+}
+
+// ShutdownResult answers shutdown (schema "runtime.shutdown.result"); the process
+// exits 0 after sending it.
+type ShutdownResult struct {
+	OK        bool `json:"ok"`
+	Cancelled int  `json:"cancelled"`
+}
+
+// ModelLoadParams loads a model from a path or hub id under an optional alias.
+type ModelLoadParams struct {
+	Model string `json:"model"`
+	ID    string `json:"id,omitempty"`
+}
+
+// ModelLoadResult answers model.load.
+type ModelLoadResult struct {
+	ID            string  `json:"id"`
+	Path          string  `json:"path"`
+	ContextLength int     `json:"context_length"`
+	VocabSize     int     `json:"vocab_size"`
+	LoadTimeMs    float64 `json:"load_time_ms"`
+}
+
+// ModelUnloadParams unloads a model by id.
+type ModelUnloadParams struct {
+	ID string `json:"id"`
+}
+
+// ModelUnloadResult answers model.unload.
+type ModelUnloadResult struct {
+	ID       string `json:"id"`
+	Unloaded bool   `json:"unloaded"`
+}
+
+// GenerateParams starts one generation (schema "runtime.generate.params").
+// Exactly one of Prompt and Messages is set.
+type GenerateParams struct {
+	RequestID         string         `json:"request_id"`
+	Model             string         `json:"model"`
+	Prompt            string         `json:"prompt,omitempty"`
+	Messages          []Message      `json:"messages,omitempty"`
+	MaxTokens         int            `json:"max_tokens,omitempty"`
+	Temperature       *float64       `json:"temperature,omitempty"`
+	TopP              *float64       `json:"top_p,omitempty"`
+	TopK              *int           `json:"top_k,omitempty"`
+	MinP              *float64       `json:"min_p,omitempty"`
+	RepetitionPenalty *float64       `json:"repetition_penalty,omitempty"`
+	Seed              *int64         `json:"seed,omitempty"`
+	Stop              []string       `json:"stop,omitempty"`
+	JSONSchema        map[string]any `json:"json_schema,omitempty"`
+	Continuation      string         `json:"continuation,omitempty"`
+}
+
+// GenerateChunk is the params of a generate.chunk notification (schema
+// "runtime.generate.chunk"): one text delta of a running generate.
+type GenerateChunk struct {
+	RequestID string `json:"request_id"`
+	Seq       int    `json:"seq"`
+	Text      string `json:"text"`
+	Tokens    int    `json:"tokens"` // completion tokens so far in this call
+}
+
+// RuntimeTimings are the runtime's measurements of one generate.
+type RuntimeTimings struct {
+	TTFTMs       float64 `json:"ttft_ms"`
+	TotalMs      float64 `json:"total_ms"`
+	TokensPerSec float64 `json:"tokens_per_s"`
+}
+
+// GenerateResult answers generate (schema "runtime.generate.result").
+type GenerateResult struct {
+	RequestID    string         `json:"request_id"`
+	FinishReason string         `json:"finish_reason"` // stop | length | cancelled
+	Text         string         `json:"text"`          // the whole text of this call
+	Usage        Usage          `json:"usage"`
+	Timings      RuntimeTimings `json:"timings"`
+}
+
+// CancelParams stops a running generate.
+type CancelParams struct {
+	RequestID string `json:"request_id"`
+}
+
+// CancelResult answers cancel; Cancelled is false when the request was unknown or
+// had already finished.
+type CancelResult struct {
+	RequestID string `json:"request_id"`
+	Cancelled bool   `json:"cancelled"`
+}
+
+// TokenizeParams tokenizes text with a loaded model's tokenizer.
+type TokenizeParams struct {
+	Model            string `json:"model"`
+	Text             string `json:"text"`
+	AddSpecialTokens *bool  `json:"add_special_tokens,omitempty"`
+}
+
+// TokenizeResult answers tokenize.
+type TokenizeResult struct {
+	Tokens []int `json:"tokens"`
+	Count  int   `json:"count"`
+}

@@ -1,0 +1,209 @@
+package schemas
+
+import "time"
+
+// Message types on the bus. Each names a schema file in this folder.
+const (
+	Job             Type = "job"              // a generation job, published by producers to JOBS
+	TokenEvent      Type = "token_event"      // one text delta on the job's reply subject (core NATS)
+	Result          Type = "result"           // the terminal record: last event on the reply subject and the RESULTS record
+	Cancel          Type = "cancel"           // a cancel request on mlx.cancel.<job-id>
+	Heartbeat       Type = "heartbeat"        // a worker's entry in the worker registry KV bucket
+	Assignment      Type = "assignment"       // a batch the dispatcher offers a worker on mlx.worker.<id>.assign
+	AssignmentReply Type = "assignment_reply" // the worker's answer to an assignment
+	AttemptReport   Type = "attempt_report"   // a worker's report of an attempt that failed but may be retried
+	DLQRecord       Type = "dlq_record"       // a job that ran out of attempts, in the DLQ stream
+)
+
+// Priority levels; each is a subject token under mlx.jobs.
+const (
+	PriorityHigh   = "high"
+	PriorityNormal = "normal"
+	PriorityLow    = "low"
+)
+
+// Priorities lists the levels from highest to lowest.
+var Priorities = []string{PriorityHigh, PriorityNormal, PriorityLow}
+
+// Message is one chat message.
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+// JobRequest is a generation job (schema "job"). Exactly one of Prompt and Messages is set.
+type JobRequest struct {
+	ID                string            `json:"id"`
+	Model             string            `json:"model"`
+	Prompt            string            `json:"prompt,omitempty"`
+	Messages          []Message         `json:"messages,omitempty"`
+	MaxTokens         int               `json:"max_tokens,omitempty"`
+	Temperature       *float64          `json:"temperature,omitempty"`
+	TopP              *float64          `json:"top_p,omitempty"`
+	TopK              *int              `json:"top_k,omitempty"`
+	MinP              *float64          `json:"min_p,omitempty"`
+	RepetitionPenalty *float64          `json:"repetition_penalty,omitempty"`
+	Seed              *int64            `json:"seed,omitempty"`
+	Stop              []string          `json:"stop,omitempty"`
+	JSONSchema        map[string]any    `json:"json_schema,omitempty"`
+	Priority          string            `json:"priority,omitempty"`
+	Deadline          *time.Time        `json:"deadline,omitempty"`
+	Tenant            string            `json:"tenant,omitempty"`
+	ReplyTo           string            `json:"reply_to"`
+	CreatedAt         *time.Time        `json:"created_at,omitempty"`
+	Metadata          map[string]string `json:"metadata,omitempty"`
+}
+
+// Usage counts tokens as the model's tokenizer counts them.
+type Usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+// Timings are measured by the runtime and the worker for one attempt.
+type Timings struct {
+	QueuedMs     float64 `json:"queued_ms,omitempty"`
+	TTFTMs       float64 `json:"ttft_ms,omitempty"`
+	TotalMs      float64 `json:"total_ms,omitempty"`
+	TokensPerSec float64 `json:"tokens_per_s,omitempty"`
+}
+
+// TokenEventMsg is one text delta (schema "token_event"). Seq counts from 0 within
+// an attempt; a caller detects gaps and restarts from (Attempt, Seq).
+type TokenEventMsg struct {
+	Type    string `json:"type"` // always "token"
+	JobID   string `json:"job_id"`
+	Attempt int    `json:"attempt"`
+	Seq     int    `json:"seq"`
+	Delta   string `json:"delta"`
+	Tokens  int    `json:"tokens"` // completion tokens so far in this job
+}
+
+// Terminal statuses of a job.
+const (
+	StatusCompleted = "completed"
+	StatusFailed    = "failed"
+	StatusCancelled = "cancelled"
+	StatusExpired   = "expired"
+)
+
+// ErrorInfo is a stable error code with a message.
+type ErrorInfo struct {
+	Code      string `json:"code"`
+	Message   string `json:"message"`
+	Retryable bool   `json:"retryable,omitempty"`
+}
+
+// ResultMsg is the terminal record of a job (schema "result"): the last event on its
+// reply subject and the one record in RESULTS under mlx.results.<job-id>.
+type ResultMsg struct {
+	Type         string     `json:"type"` // always "result"
+	JobID        string     `json:"job_id"`
+	Attempt      int        `json:"attempt"`
+	Seq          int        `json:"seq"` // the seq after the last token event of this attempt
+	Status       string     `json:"status"`
+	FinishReason string     `json:"finish_reason,omitempty"` // stop | length | cancelled, when the model ran
+	Text         string     `json:"text"`                    // the whole generated text, across attempts
+	Usage        Usage      `json:"usage"`
+	Error        *ErrorInfo `json:"error,omitempty"`
+	Model        string     `json:"model,omitempty"`
+	Tenant       string     `json:"tenant,omitempty"`
+	WorkerID     string     `json:"worker_id,omitempty"`
+	Timings      *Timings   `json:"timings,omitempty"`
+	FinishedAt   time.Time  `json:"finished_at"`
+}
+
+// CancelMsg asks for a job to be cancelled (schema "cancel").
+type CancelMsg struct {
+	JobID       string    `json:"job_id"`
+	Reason      string    `json:"reason,omitempty"`
+	Tenant      string    `json:"tenant,omitempty"`
+	RequestedAt time.Time `json:"requested_at"`
+}
+
+// Worker states announced in the heartbeat.
+const (
+	WorkerReady       = "ready"
+	WorkerDraining    = "draining"
+	WorkerUnavailable = "unavailable"
+)
+
+// HeartbeatMsg is a worker's entry in the registry bucket (schema "heartbeat").
+type HeartbeatMsg struct {
+	WorkerID    string    `json:"worker_id"`
+	Hostname    string    `json:"hostname"`
+	Platform    string    `json:"platform"`
+	Chip        string    `json:"chip,omitempty"`
+	MemoryBytes int64     `json:"memory_bytes"`
+	Models      []string  `json:"models"`
+	Slots       int       `json:"slots"`
+	InFlight    int       `json:"in_flight"`
+	State       string    `json:"state"`
+	Version     string    `json:"version,omitempty"`
+	StartedAt   time.Time `json:"started_at"`
+	UpdatedAt   time.Time `json:"updated_at"`
+}
+
+// Resume lets a job continue on a new worker where an earlier attempt stopped: the
+// worker appends Text to the prompt as already generated, numbers events from Seq
+// and generates at most the job's max_tokens minus CompletionTokens.
+type Resume struct {
+	Text             string `json:"text"`
+	CompletionTokens int    `json:"completion_tokens"`
+}
+
+// AssignedJob is one job in an assignment.
+type AssignedJob struct {
+	Job     JobRequest `json:"job"`
+	Attempt int        `json:"attempt"`
+	Resume  *Resume    `json:"resume,omitempty"`
+}
+
+// AssignmentMsg is a batch offered to one worker (schema "assignment").
+type AssignmentMsg struct {
+	BatchID      string        `json:"batch_id"`
+	DispatcherID string        `json:"dispatcher_id"`
+	Model        string        `json:"model"`
+	Jobs         []AssignedJob `json:"jobs"`
+}
+
+// Assignment reply statuses.
+const (
+	AssignAccepted = "accepted"
+	AssignFull     = "full"
+	AssignRejected = "rejected" // draining, unavailable, or model unknown
+)
+
+// AssignmentReplyMsg answers an assignment (schema "assignment_reply"). A worker
+// either takes the whole batch or none of it.
+type AssignmentReplyMsg struct {
+	BatchID   string     `json:"batch_id"`
+	WorkerID  string     `json:"worker_id"`
+	Status    string     `json:"status"`
+	FreeSlots int        `json:"free_slots"`
+	Error     *ErrorInfo `json:"error,omitempty"`
+}
+
+// AttemptReportMsg tells dispatchers that an attempt ended without a terminal result
+// and may be retried (schema "attempt_report"), on mlx.attempts.<job-id>.
+type AttemptReportMsg struct {
+	JobID            string    `json:"job_id"`
+	Attempt          int       `json:"attempt"`
+	WorkerID         string    `json:"worker_id"`
+	Error            ErrorInfo `json:"error"`
+	Text             string    `json:"text"` // everything the caller has received so far, across attempts
+	Seq              int       `json:"seq"`  // the next seq the caller expects
+	CompletionTokens int       `json:"completion_tokens"`
+	ReportedAt       time.Time `json:"reported_at"`
+}
+
+// DLQRecordMsg is a dead-lettered job (schema "dlq_record"), on mlx.dlq.<job-id>.
+type DLQRecordMsg struct {
+	Job          JobRequest `json:"job"`
+	Reason       string     `json:"reason"`
+	Attempts     int        `json:"attempts"`
+	LastError    ErrorInfo  `json:"last_error"`
+	DeadAt       time.Time  `json:"dead_at"`
+	DispatcherID string     `json:"dispatcher_id,omitempty"`
+}
