@@ -1,0 +1,393 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"iter"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// ErrStreamEnded is returned by JobStream.Next after the terminal event was
+// delivered, or after Close.
+var ErrStreamEnded = errors.New("bus: job stream ended")
+
+// StreamOptions tunes a JobStream. The zero value is a sensible default.
+type StreamOptions struct {
+	// QuietAfter is how long the stream may stay silent before RESULTS is checked
+	// for a terminal record that never arrived on the reply subject (the
+	// subscriber was disconnected, or the buffer overflowed). Queued jobs are
+	// silent too, so each check is one cheap lookup; default 5s.
+	QuietAfter time.Duration
+	// PendingMsgs and PendingBytes bound the subscription's buffer. Token events
+	// are small and a slow reader must not drop them, so the defaults are
+	// generous: 65536 messages, 64 MiB.
+	PendingMsgs, PendingBytes int
+	// FinalLookup bounds the RESULTS lookup made when the caller's ctx ends, so a
+	// terminal that was written but not seen is still handed over; default 2s.
+	FinalLookup time.Duration
+}
+
+func (o StreamOptions) withDefaults() StreamOptions {
+	if o.QuietAfter <= 0 {
+		o.QuietAfter = 5 * time.Second
+	}
+	if o.PendingMsgs <= 0 {
+		o.PendingMsgs = 65536
+	}
+	if o.PendingBytes <= 0 {
+		o.PendingBytes = 64 << 20
+	}
+	if o.FinalLookup <= 0 {
+		o.FinalLookup = 2 * time.Second
+	}
+	return o
+}
+
+// Event is one event of a job's stream: a text delta (Token) or the terminal
+// record (Result). Exactly one of Token and Result is set.
+type Event struct {
+	Token  *schemas.TokenEventMsg
+	Result *schemas.ResultMsg
+	// Attempt is the attempt the event belongs to (0 for a result of a job that
+	// never ran).
+	Attempt int
+	// Restarted marks the first event of a new attempt after events of an earlier
+	// one were seen: the job was retried or migrated. A resumed attempt continues
+	// the text without repeating it, so concatenating deltas stays right.
+	Restarted bool
+	// Missed counts events known lost just before this one, from the (attempt,
+	// seq) numbering. The terminal's Result.Text is the whole text regardless.
+	Missed int
+	// Recovered marks a Result read from the RESULTS stream because its event on
+	// the reply subject was not seen.
+	Recovered bool
+}
+
+// Terminal reports whether e is the job's terminal event.
+func (e Event) Terminal() bool { return e.Result != nil }
+
+// JobStream reads one job's events from its reply subject. It delivers exactly
+// one terminal event: the first result seen on the reply subject, or the RESULTS
+// record when the stream goes quiet or the caller's ctx ends. Next and Events
+// are for one goroutine; Close may be called from any.
+type JobStream struct {
+	jobID   string
+	replyTo string
+	js      jetstream.JetStream
+	sub     *nats.Subscription
+	opts    StreamOptions
+
+	attempt int // latest attempt seen; 0 before the first event
+	next    int // seq expected next within attempt
+	missed  int
+	done    bool
+
+	lookupFirst bool // Watch: the job may have finished before we subscribed
+
+	closeOnce sync.Once
+	closed    atomic.Bool
+}
+
+// NewJobID returns a fresh job id (a ULID, as Submit assigns), for callers that
+// need the id before submitting.
+func NewJobID() string { return newULID() }
+
+// OpenStream prepares job for submission and subscribes to its reply subject, so
+// no event is lost however fast a worker answers (core NATS delivers only to
+// subscriptions that exist). It fills job.ID and job.ReplyTo when empty; submit
+// the job afterwards (Producer.Submit) and Close the stream if that fails. js may
+// be nil, in which case one is made from nc.
+func OpenStream(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, job *schemas.JobRequest, opts StreamOptions) (*JobStream, error) {
+	if job == nil {
+		return nil, errors.New("bus: open stream: nil job")
+	}
+	if job.ID == "" {
+		job.ID = NewJobID()
+	}
+	if job.ReplyTo == "" {
+		job.ReplyTo = ReplySubject(job.Tenant, job.ID)
+	}
+	return subscribe(ctx, nc, js, job.ID, job.ReplyTo, opts)
+}
+
+// Watch subscribes to the reply subject of a job that may already be submitted,
+// running or finished, e.g. by a caller that restarted. The first Next checks
+// RESULTS at once, so a job that finished meanwhile yields its record without
+// waiting for the stream to go quiet.
+func Watch(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, jobID, replyTo string, opts StreamOptions) (*JobStream, error) {
+	s, err := subscribe(ctx, nc, js, jobID, replyTo, opts)
+	if err != nil {
+		return nil, err
+	}
+	s.lookupFirst = true
+	return s, nil
+}
+
+func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, jobID, replyTo string, opts StreamOptions) (*JobStream, error) {
+	if nc == nil {
+		return nil, fmt.Errorf("bus: watch %s: %w", jobID, ErrNotConnected)
+	}
+	if nc.IsClosed() {
+		return nil, fmt.Errorf("bus: watch %s: %w", jobID, ErrNotConnected)
+	}
+	if js == nil {
+		var err error
+		if js, err = jetstream.New(nc); err != nil {
+			return nil, fmt.Errorf("bus: watch %s: %w", jobID, err)
+		}
+	}
+	opts = opts.withDefaults()
+	sub, err := nc.SubscribeSync(replyTo)
+	if err != nil {
+		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
+	}
+	if err := sub.SetPendingLimits(opts.PendingMsgs, opts.PendingBytes); err != nil {
+		_ = sub.Unsubscribe()
+		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
+	}
+	// The server must know the interest before the job can reach a worker; the
+	// flush makes that true for this server. Other servers of a cluster learn it
+	// asynchronously, but a job's way through JetStream, a dispatcher and a
+	// worker's prefill takes far longer.
+	if err := nc.FlushWithContext(ctx); err != nil {
+		_ = sub.Unsubscribe()
+		if isDisconnected(err) {
+			return nil, fmt.Errorf("bus: subscribe %s: %w: %v", replyTo, ErrNotConnected, err)
+		}
+		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
+	}
+	return &JobStream{jobID: jobID, replyTo: replyTo, js: js, sub: sub, opts: opts}, nil
+}
+
+// SubmitStream opens the stream for job on nc (the connection p was built on),
+// submits the job with p and returns both. On a submit error the stream is
+// closed and the error is Submit's own (a *schemas.ValidationError,
+// ErrQueueFull, ErrDuplicate, ...).
+func SubmitStream(ctx context.Context, p *Producer, nc *nats.Conn, job *schemas.JobRequest, opts StreamOptions) (*JobStream, SubmitAck, error) {
+	if job == nil {
+		return nil, SubmitAck{}, errors.New("bus: submit stream: nil job")
+	}
+	if job.ID == "" {
+		job.ID = NewJobID()
+	}
+	if job.ReplyTo == "" && job.Tenant == "" {
+		job.ReplyTo = p.ReplySubject(job.ID) // the subject Submit would choose
+	}
+	s, err := OpenStream(ctx, nc, p.JetStream(), job, opts)
+	if err != nil {
+		return nil, SubmitAck{}, err
+	}
+	ack, err := p.Submit(ctx, job)
+	if err != nil {
+		s.Close()
+		return nil, ack, err
+	}
+	return s, ack, nil
+}
+
+// JobID is the id of the job the stream follows.
+func (s *JobStream) JobID() string { return s.jobID }
+
+// ReplyTo is the subject the stream listens on.
+func (s *JobStream) ReplyTo() string { return s.replyTo }
+
+// Missed is the total of events known lost so far.
+func (s *JobStream) Missed() int { return s.missed }
+
+// Close stops listening. It does not cancel the job.
+func (s *JobStream) Close() {
+	s.closeOnce.Do(func() {
+		s.closed.Store(true)
+		_ = s.sub.Unsubscribe()
+	})
+}
+
+// Next returns the next event. After the terminal event it returns
+// ErrStreamEnded. When ctx ends before a terminal was seen, the buffered events
+// and RESULTS are checked one last time for the terminal; if the job has none
+// yet, ctx's error is returned (buffered deltas are dropped then, and the
+// stream remains usable with a fresh ctx).
+func (s *JobStream) Next(ctx context.Context) (Event, error) {
+	if s.done {
+		return Event{}, ErrStreamEnded
+	}
+	if s.lookupFirst {
+		s.lookupFirst = false
+		if ev, ok, err := s.lookup(ctx); err == nil && ok {
+			return ev, nil
+		}
+	}
+	for {
+		if err := ctx.Err(); err != nil {
+			return s.lastLookup(ctx, err)
+		}
+		waitCtx, cancel := context.WithTimeout(ctx, s.opts.QuietAfter)
+		msg, err := s.sub.NextMsgWithContext(waitCtx)
+		cancel()
+		switch {
+		case err == nil:
+			ev, ok := s.accept(msg.Data)
+			if !ok {
+				continue
+			}
+			if ev.Terminal() {
+				s.finish()
+			}
+			return ev, nil
+		case errors.Is(err, nats.ErrSlowConsumer):
+			// Events were dropped; the seq numbering shows how many on the next one.
+			continue
+		case ctx.Err() != nil:
+			return s.lastLookup(ctx, ctx.Err())
+		case errors.Is(err, context.DeadlineExceeded):
+			// Quiet: a job still queued or a terminal that was missed. A failed
+			// lookup (say, while reconnecting) is retried at the next quiet period;
+			// a connection gone for good ends the wait below.
+			if ev, ok, lerr := s.lookup(ctx); lerr == nil && ok {
+				return ev, nil
+			}
+		case errors.Is(err, nats.ErrBadSubscription), errors.Is(err, nats.ErrConnectionClosed):
+			if s.closed.Load() {
+				return Event{}, ErrStreamEnded
+			}
+			// The connection is gone for good: RESULTS cannot be read either.
+			return Event{}, fmt.Errorf("bus: job %s stream: %w: %v", s.jobID, ErrNotConnected, err)
+		default:
+			return Event{}, fmt.Errorf("bus: job %s stream: %w", s.jobID, err)
+		}
+	}
+}
+
+// Events ranges over the stream's events until and including the terminal one.
+// An error ends the sequence after being yielded once.
+func (s *JobStream) Events(ctx context.Context) iter.Seq2[Event, error] {
+	return func(yield func(Event, error) bool) {
+		for {
+			ev, err := s.Next(ctx)
+			if errors.Is(err, ErrStreamEnded) {
+				return
+			}
+			if err != nil {
+				yield(Event{}, err)
+				return
+			}
+			if !yield(ev, nil) || ev.Terminal() {
+				return
+			}
+		}
+	}
+}
+
+func (s *JobStream) finish() {
+	s.done = true
+	s.Close()
+}
+
+// accept decodes one message and places it in the (attempt, seq) order; ok is
+// false for messages to drop: undecodable, another job's, stale or repeated.
+func (s *JobStream) accept(data []byte) (Event, bool) {
+	var probe struct {
+		Type  string `json:"type"`
+		JobID string `json:"job_id"`
+	}
+	if err := json.Unmarshal(data, &probe); err != nil || probe.JobID != s.jobID {
+		return Event{}, false
+	}
+	switch probe.Type {
+	case "token":
+		var tok schemas.TokenEventMsg
+		if err := json.Unmarshal(data, &tok); err != nil {
+			return Event{}, false
+		}
+		ev := Event{Token: &tok, Attempt: tok.Attempt}
+		switch {
+		case tok.Attempt < s.attempt:
+			return Event{}, false // a superseded attempt still talking
+		case tok.Attempt > s.attempt:
+			ev.Restarted = s.attempt != 0
+			// A resumed attempt may continue the numbering or start at 0; both are
+			// whole. Only a start past what was expected shows a loss.
+			if tok.Seq != 0 && tok.Seq > s.next {
+				ev.Missed = tok.Seq - s.next
+			}
+			s.attempt = tok.Attempt
+		default:
+			if tok.Seq < s.next {
+				return Event{}, false // repeated delivery
+			}
+			ev.Missed = tok.Seq - s.next
+		}
+		s.next = tok.Seq + 1
+		s.missed += ev.Missed
+		return ev, true
+	case "result":
+		var res schemas.ResultMsg
+		if err := json.Unmarshal(data, &res); err != nil {
+			return Event{}, false
+		}
+		// Only the winner of RESULTS publishes a terminal, so any result is the one.
+		ev := Event{Result: &res, Attempt: res.Attempt}
+		if res.Attempt > s.attempt && s.attempt != 0 {
+			ev.Restarted = true
+		}
+		if res.Attempt >= s.attempt && res.Seq > s.next {
+			ev.Missed = res.Seq - s.next
+		}
+		s.missed += ev.Missed
+		return ev, true
+	}
+	return Event{}, false
+}
+
+// lookup reads the job's RESULTS record; ok is false when there is none yet.
+func (s *JobStream) lookup(ctx context.Context) (Event, bool, error) {
+	res, err := FetchResult(ctx, s.js, s.jobID)
+	if errors.Is(err, ErrNoResult) {
+		return Event{}, false, nil
+	}
+	if err != nil {
+		return Event{}, false, err
+	}
+	ev := Event{Result: res, Attempt: res.Attempt, Recovered: true}
+	if res.Attempt > s.attempt && s.attempt != 0 {
+		ev.Restarted = true
+	}
+	if res.Attempt >= s.attempt && res.Seq > s.next {
+		ev.Missed = res.Seq - s.next
+	}
+	s.missed += ev.Missed
+	s.finish()
+	return ev, true, nil
+}
+
+// lastLookup hands over a terminal that exists although its event was not seen,
+// even though ctx has ended; otherwise it reports cause.
+func (s *JobStream) lastLookup(ctx context.Context, cause error) (Event, error) {
+	lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.opts.FinalLookup)
+	defer cancel()
+	// The terminal may already be buffered behind deltas the caller no longer
+	// waits for; those deltas are skipped (the terminal's Text has them all).
+	for {
+		msg, err := s.sub.NextMsg(0)
+		if err != nil {
+			break
+		}
+		if ev, ok := s.accept(msg.Data); ok && ev.Terminal() {
+			s.finish()
+			return ev, nil
+		}
+	}
+	if ev, ok, err := s.lookup(lctx); err == nil && ok {
+		return ev, nil
+	}
+	return Event{}, cause
+}

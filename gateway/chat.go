@@ -1,0 +1,186 @@
+package gateway
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// chatRequest is POST /v1/chat/completions.
+type chatRequest struct {
+	samplingParams
+	Messages            []chatMessage `json:"messages"`
+	MaxCompletionTokens *int          `json:"max_completion_tokens"`
+}
+
+type chatMessage struct {
+	Role    string          `json:"role"`
+	Content json.RawMessage `json:"content"`
+}
+
+// contentPart is one element of an array-valued message content.
+type contentPart struct {
+	Type string `json:"type"`
+	Text string `json:"text"`
+}
+
+func (g *Gateway) handleChat(w http.ResponseWriter, r *http.Request) {
+	var req chatRequest
+	if aerr := decodeBody(w, r, &req); aerr != nil {
+		g.fail(w, endpointChat, aerr)
+		return
+	}
+	job, pm, aerr := req.toJob(g.cfg.DefaultModel)
+	if aerr != nil {
+		g.fail(w, endpointChat, aerr)
+		return
+	}
+	g.run(w, r, runSpec{
+		endpoint:     endpointChat,
+		job:          job,
+		params:       pm,
+		stream:       req.stream(),
+		includeUsage: req.includeUsage(),
+		format:       chatFormat{},
+	})
+}
+
+func (req *chatRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMap, *apiError) {
+	job := &schemas.JobRequest{}
+	pm := paramMap{maxTokens: "max_tokens"}
+	if req.MaxCompletionTokens != nil {
+		// The newer name wins: it is what current clients send.
+		req.MaxTokens = req.MaxCompletionTokens
+		pm.maxTokens = "max_completion_tokens"
+	}
+	if aerr := req.apply(job, &pm, defaultModel); aerr != nil {
+		return nil, pm, aerr
+	}
+	if len(req.Messages) == 0 {
+		return nil, pm, errInvalid("messages", "'messages' must hold at least one message.")
+	}
+	job.Messages = make([]schemas.Message, len(req.Messages))
+	for i, m := range req.Messages {
+		text, aerr := messageText(m.Content, fmt.Sprintf("messages[%d].content", i))
+		if aerr != nil {
+			return nil, pm, aerr
+		}
+		role := m.Role
+		if role == "developer" {
+			// OpenAI's newer name for the system role.
+			role = "system"
+		}
+		job.Messages[i] = schemas.Message{Role: role, Content: text}
+	}
+	return job, pm, nil
+}
+
+// messageText flattens a content that is a string, null or an array of text parts.
+func messageText(raw json.RawMessage, param string) (string, *apiError) {
+	s := strings.TrimSpace(string(raw))
+	if s == "" || s == "null" {
+		return "", nil
+	}
+	var text string
+	if err := json.Unmarshal(raw, &text); err == nil {
+		return text, nil
+	}
+	var parts []contentPart
+	if err := json.Unmarshal(raw, &parts); err != nil {
+		return "", &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: param, Code: "invalid_type",
+			Message: fmt.Sprintf("Invalid type for '%s': expected a string or an array of content parts.", param)}
+	}
+	var b strings.Builder
+	for i, p := range parts {
+		if p.Type != "text" {
+			return "", errInvalid(fmt.Sprintf("%s[%d].type", param, i), "Only text content parts are supported, not %q.", p.Type)
+		}
+		b.WriteString(p.Text)
+	}
+	return b.String(), nil
+}
+
+// chatFormat shapes chat.completion bodies and chat.completion.chunk events.
+type chatFormat struct{}
+
+type chatCompletion struct {
+	ID      string       `json:"id"`
+	Object  string       `json:"object"`
+	Created int64        `json:"created"`
+	Model   string       `json:"model"`
+	Choices []chatChoice `json:"choices"`
+	Usage   usage        `json:"usage"`
+}
+
+type chatChoice struct {
+	Index        int             `json:"index"`
+	Message      chatOutMessage  `json:"message"`
+	Logprobs     json.RawMessage `json:"logprobs"`
+	FinishReason string          `json:"finish_reason"`
+}
+
+type chatOutMessage struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+type chatChunk struct {
+	ID      string            `json:"id"`
+	Object  string            `json:"object"`
+	Created int64             `json:"created"`
+	Model   string            `json:"model"`
+	Choices []chatChunkChoice `json:"choices"`
+	Usage   any               `json:"usage,omitempty"`
+}
+
+type chatChunkChoice struct {
+	Index        int             `json:"index"`
+	Delta        chatDelta       `json:"delta"`
+	Logprobs     json.RawMessage `json:"logprobs"`
+	FinishReason *string         `json:"finish_reason"`
+}
+
+type chatDelta struct {
+	Role    string  `json:"role,omitempty"`
+	Content *string `json:"content,omitempty"`
+}
+
+func (chatFormat) idPrefix() string { return "chatcmpl-" }
+
+func (chatFormat) body(m meta, text, finish string, u usage) any {
+	return chatCompletion{
+		ID: m.id, Object: "chat.completion", Created: m.created, Model: m.model,
+		Choices: []chatChoice{{Index: 0, Message: chatOutMessage{Role: "assistant", Content: text}, Logprobs: jsonNull, FinishReason: finish}},
+		Usage:   u,
+	}
+}
+
+func (f chatFormat) chunk(m meta, d chatDelta, finish *string) chatChunk {
+	c := chatChunk{ID: m.id, Object: "chat.completion.chunk", Created: m.created, Model: m.model,
+		Choices: []chatChunkChoice{{Index: 0, Delta: d, Logprobs: jsonNull, FinishReason: finish}}}
+	if m.includeUsage {
+		c.Usage = jsonNull
+	}
+	return c
+}
+
+func (f chatFormat) first(m meta) any {
+	empty := ""
+	return f.chunk(m, chatDelta{Role: "assistant", Content: &empty}, nil)
+}
+
+func (f chatFormat) delta(m meta, text string) any {
+	return f.chunk(m, chatDelta{Content: &text}, nil)
+}
+
+func (f chatFormat) final(m meta, finish string) any {
+	return f.chunk(m, chatDelta{}, &finish)
+}
+
+func (chatFormat) usage(m meta, u usage) any {
+	return chatChunk{ID: m.id, Object: "chat.completion.chunk", Created: m.created, Model: m.model,
+		Choices: []chatChunkChoice{}, Usage: u}
+}

@@ -1,0 +1,233 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+func TestInvalidRequestNamesTheField(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	// A registered worker but nobody serving: a request that got past validation
+	// would hang, so every case must be answered by validation alone.
+	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
+	g, srv := newTestGateway(t, tb, nil)
+
+	cases := []struct {
+		name, body, param string
+	}{
+		{"temperature out of range", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"temperature":5}`, "temperature"},
+		{"temperature wrong type", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"temperature":"hot"}`, "temperature"},
+		{"top_p out of range", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"top_p":1.5}`, "top_p"},
+		{"negative seed", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"seed":-1}`, "seed"},
+		{"max_completion_tokens zero", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":0}`, "max_completion_tokens"},
+		{"max_tokens too large", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"max_tokens":1000000}`, "max_tokens"},
+		{"max_tokens not an integer", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"max_tokens":1.5}`, "max_tokens"},
+		{"bad role", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"},{"role":"wizard","content":"x"}]}`, "messages[1].role"},
+		{"no messages", `{"model":"tiny-model","messages":[]}`, "messages"},
+		{"messages not an array", `{"model":"tiny-model","messages":"hi"}`, "messages"},
+		{"image part", `{"model":"tiny-model","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}`, "messages[0].content[0].type"},
+		{"stop wrong type", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"stop":5}`, "stop"},
+		{"empty stop string", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"stop":""}`, "stop"},
+		{"too many stops", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"stop":["1","2","3","4","5","6","7","8","9"]}`, "stop"},
+		{"stream wrong type", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"stream":"yes"}`, "stream"},
+		{"n above one", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"n":2}`, "n"},
+		{"json_schema without schema", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"name":"x"}}}`, "response_format.json_schema.schema"},
+		{"empty json_schema", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"schema":{}}}}`, "response_format.json_schema.schema"},
+		{"unknown response_format", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"yaml"}}`, "response_format.type"},
+		{"no model", `{"messages":[{"role":"user","content":"hi"}]}`, "model"},
+		{"model with spaces", `{"model":"tiny model","messages":[{"role":"user","content":"hi"}]}`, "model"},
+		{"tools", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, "tools"},
+		{"not json", `{"model":`, ""},
+		{"not an object", `[1,2]`, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			resp := postJSON(t, srv.URL+"/v1/chat/completions", c.body)
+			e := expectError(t, resp, http.StatusBadRequest, c.param, "")
+			if e.Error.Type != "invalid_request_error" {
+				t.Fatalf("type %q", e.Error.Type)
+			}
+		})
+	}
+	if got := g.metrics.submitted.get(endpointChat); got != 0 {
+		t.Fatalf("%v invalid jobs were submitted", got)
+	}
+}
+
+func TestQueueFullIs429(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{JobsMaxMsgs: 1})
+	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
+	_, srv := newTestGateway(t, tb, nil)
+
+	// Fill the queue; nobody consumes it.
+	p, err := bus.NewProducer(tb.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := p.Submit(ctx, &schemas.JobRequest{Model: testModel, Prompt: "fill"}); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, stream := range []bool{false, true} {
+		resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil))
+		expectError(t, resp, http.StatusTooManyRequests, "", "queue_full")
+		if ra, err := strconv.Atoi(resp.Header.Get("Retry-After")); err != nil || ra < 1 {
+			t.Fatalf("Retry-After %q", resp.Header.Get("Retry-After"))
+		}
+	}
+}
+
+func TestNoWorkerForModelIs503(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	_, srv := newTestGateway(t, tb, nil)
+
+	// Nobody registered.
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusServiceUnavailable, "model", "model_not_available")
+
+	// Only a draining worker has the model, and a ready one has another.
+	tb.registerWorker(t, "w-drain", schemas.WorkerDraining, testModel)
+	tb.registerWorker(t, "w-other", schemas.WorkerReady, "other-model")
+	_, srv2 := newTestGateway(t, tb, nil) // a fresh registry cache
+	expectError(t, postJSON(t, srv2.URL+"/v1/chat/completions", chatBody(true, nil)), http.StatusServiceUnavailable, "model", "model_not_available")
+}
+
+func TestExpiredJobIs504(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	startFakeWorker(t, tb, script{status: schemas.StatusExpired, errCode: "deadline_exceeded"})
+	_, srv := newTestGateway(t, tb, nil)
+	for _, stream := range []bool{false, true} {
+		expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil)), http.StatusGatewayTimeout, "", "deadline_exceeded")
+	}
+}
+
+// When the fleet does not answer by the deadline, the gateway answers 504 itself
+// and cancels the job.
+func TestRequestTimeoutIs504AndCancels(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	fw := startFakeWorker(t, tb, script{hang: true})
+	g, srv := newTestGateway(t, tb, func(c *Config) { c.RequestTimeout = 300 * time.Millisecond })
+	g.grace = 100 * time.Millisecond
+	cancels, err := tb.nc.SubscribeSync(bus.SubjectCancelAll)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = tb.nc.Flush()
+
+	start := time.Now()
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusGatewayTimeout, "", "deadline_exceeded")
+	job := fw.nextJob(t)
+	if job.Deadline == nil || job.Deadline.Sub(*job.CreatedAt) != 300*time.Millisecond {
+		t.Fatalf("deadline %v created %v", job.Deadline, job.CreatedAt)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Fatalf("took %v", el)
+	}
+	msg, err := cancels.NextMsg(5 * time.Second)
+	if err != nil || msg.Subject != bus.CancelSubject(job.ID) {
+		t.Fatalf("cancel: %v %v", msg, err)
+	}
+}
+
+func TestFailedJobIs500(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	startFakeWorker(t, tb, script{status: schemas.StatusFailed, errCode: "generation_failed"})
+	_, srv := newTestGateway(t, tb, nil)
+	e := expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusInternalServerError, "", "generation_failed")
+	if e.Error.Type != "server_error" {
+		t.Fatalf("type %q", e.Error.Type)
+	}
+}
+
+// A job that fails after streaming began ends with an error event.
+func TestStreamFailureMidway(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	startFakeWorker(t, tb, script{tokens: []string{"partial"}, status: schemas.StatusFailed, errCode: "runtime_crashed"})
+	_, srv := newTestGateway(t, tb, nil)
+	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
+	last := events[len(events)-1]
+	var e openAIError
+	if err := json.Unmarshal([]byte(last), &e); err != nil || e.Error.Code == nil || *e.Error.Code != "runtime_crashed" {
+		t.Fatalf("last event %q: %v", last, err)
+	}
+}
+
+func TestAuth(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	startFakeWorker(t, tb, script{tokens: helloTokens})
+	_, srv := newTestGateway(t, tb, func(c *Config) { c.Tokens = []string{"sk-one", "sk-two"} })
+
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusUnauthorized, "", "invalid_api_key")
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil), "Authorization", "Bearer sk-on"), http.StatusUnauthorized, "", "invalid_api_key")
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil), "Authorization", "Basic sk-one"), http.StatusUnauthorized, "", "invalid_api_key")
+
+	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil), "Authorization", "Bearer sk-two")
+	if resp.StatusCode != http.StatusOK {
+		expectError(t, resp, 200, "", "")
+	}
+	req, _ := http.NewRequest(http.MethodGet, srv.URL+"/v1/models", nil)
+	r2, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2.Body.Close()
+	if r2.StatusCode != http.StatusUnauthorized || !strings.HasPrefix(r2.Header.Get("WWW-Authenticate"), "Bearer") {
+		t.Fatalf("models without token: %d", r2.StatusCode)
+	}
+	// Health and metrics stay open.
+	for _, path := range []string{"/healthz", "/readyz", "/metrics"} {
+		r, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.Body.Close()
+		if r.StatusCode != http.StatusOK {
+			t.Fatalf("%s: %d", path, r.StatusCode)
+		}
+	}
+}
+
+func TestParamMapping(t *testing.T) {
+	t.Parallel()
+	m := paramMap{maxTokens: "max_completion_tokens", stopString: true, user: true}
+	for path, want := range map[string]string{
+		"$.temperature":         "temperature",
+		"$.messages[2].content": "messages[2].content",
+		"$.max_tokens":          "max_completion_tokens",
+		"$.stop[0]":             "stop",
+		"$.json_schema":         "response_format.json_schema.schema",
+		"$.metadata.user":       "user",
+		"$":                     "",
+	} {
+		if got, ok := m.param(path); !ok || got != want {
+			t.Errorf("%s -> %q %v, want %q", path, got, ok, want)
+		}
+	}
+	for _, path := range []string{"$.id", "$.reply_to", "$.deadline", "$.priority"} {
+		if _, ok := m.param(path); ok {
+			t.Errorf("%s is not the client's field", path)
+		}
+	}
+	// A job broken only in gateway-owned fields is the gateway's fault.
+	e := fromValidation(&schemas.ValidationError{Violations: []schemas.Violation{{Path: "$.reply_to", Reason: "bad"}}}, m)
+	if e.Status != http.StatusInternalServerError {
+		t.Fatalf("status %d", e.Status)
+	}
+}

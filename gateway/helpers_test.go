@@ -1,0 +1,336 @@
+package gateway
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+const testModel = "tiny-model"
+
+// testBus is a real embedded NATS server with provisioned streams.
+type testBus struct {
+	url string
+	nc  *nats.Conn
+	js  jetstream.JetStream
+}
+
+func startBus(t *testing.T, popts bus.ProvisionOptions) *testBus {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: t.TempDir(), Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatalf("start nats: %v", err)
+	}
+	t.Cleanup(func() {
+		sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer scancel()
+		_ = srv.Shutdown(sctx)
+	})
+	tb := &testBus{url: srv.ClientURL()}
+	tb.nc = tb.connect(t)
+	tb.js, err = jetstream.New(tb.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := bus.Provision(ctx, tb.js, popts); err != nil {
+		t.Fatalf("provision: %v", err)
+	}
+	return tb
+}
+
+func (tb *testBus) connect(t *testing.T) *nats.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{tb.url}})
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+// registerWorker puts a heartbeat into the worker registry.
+func (tb *testBus) registerWorker(t *testing.T, id, state string, models ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	kv, err := tb.js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().UTC()
+	hb := schemas.HeartbeatMsg{WorkerID: id, Hostname: "test", Platform: "linux/amd64", MemoryBytes: 1 << 30,
+		Models: models, Slots: 4, State: state, StartedAt: now, UpdatedAt: now}
+	data, _ := json.Marshal(hb)
+	if err := schemas.Validate(schemas.Heartbeat, data); err != nil {
+		t.Fatalf("heartbeat invalid: %v", err)
+	}
+	if _, err := kv.Put(ctx, id, data); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// script says what the fake worker does with each job.
+type script struct {
+	tokens     []string
+	status     string // default completed
+	finish     string // default stop
+	errCode    string
+	hangAfter  int  // >0: send this many tokens, then never finish
+	hang       bool // send nothing, never finish
+	skipSeq    int  // >0: do not publish the token event with this seq (a lost event)
+	noTerminal bool // record the result but do not publish its event
+	prompt     int  // prompt tokens to report
+}
+
+// fakeWorker serves jobs straight off the job subjects: core subscribers see every
+// message published into JOBS. It streams the script's tokens to reply_to, records
+// the result in RESULTS and publishes it, as a real worker does.
+type fakeWorker struct {
+	nc  *nats.Conn
+	js  jetstream.JetStream
+	scr script
+	mu  sync.Mutex
+	got []schemas.JobRequest
+	new chan schemas.JobRequest
+}
+
+func startFakeWorker(t *testing.T, tb *testBus, scr script) *fakeWorker {
+	t.Helper()
+	nc := tb.connect(t)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if scr.status == "" {
+		scr.status = schemas.StatusCompleted
+	}
+	if scr.finish == "" && scr.status == schemas.StatusCompleted {
+		scr.finish = "stop"
+	}
+	fw := &fakeWorker{nc: nc, js: js, scr: scr, new: make(chan schemas.JobRequest, 64)}
+	_, err = nc.Subscribe(bus.SubjectJobsAll, func(m *nats.Msg) {
+		var job schemas.JobRequest
+		if err := json.Unmarshal(m.Data, &job); err != nil {
+			return
+		}
+		fw.mu.Lock()
+		fw.got = append(fw.got, job)
+		fw.mu.Unlock()
+		fw.new <- job
+		go fw.serve(job)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	tb.registerWorker(t, "fake-1", schemas.WorkerReady, testModel)
+	return fw
+}
+
+func (fw *fakeWorker) nextJob(t *testing.T) schemas.JobRequest {
+	t.Helper()
+	select {
+	case j := <-fw.new:
+		return j
+	case <-time.After(10 * time.Second):
+		t.Fatal("the fake worker received no job")
+		return schemas.JobRequest{}
+	}
+}
+
+func (fw *fakeWorker) serve(job schemas.JobRequest) {
+	s := fw.scr
+	if s.hang {
+		return
+	}
+	var text strings.Builder
+	for i, d := range s.tokens {
+		if s.hangAfter > 0 && i == s.hangAfter {
+			_ = fw.nc.Flush()
+			return
+		}
+		text.WriteString(d)
+		if s.skipSeq > 0 && i == s.skipSeq {
+			continue
+		}
+		ev := schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 1, Seq: i, Delta: d, Tokens: i + 1}
+		data, _ := json.Marshal(ev)
+		_ = fw.nc.Publish(job.ReplyTo, data)
+	}
+	res := schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: 1, Seq: len(s.tokens), Status: s.status,
+		FinishReason: s.finish, Text: text.String(), Model: job.Model, WorkerID: "fake-1", FinishedAt: time.Now().UTC(),
+		Usage: schemas.Usage{PromptTokens: s.prompt, CompletionTokens: len(s.tokens), TotalTokens: s.prompt + len(s.tokens)}}
+	if s.errCode != "" {
+		res.Error = &schemas.ErrorInfo{Code: s.errCode, Message: "fake failure: " + s.errCode}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := bus.RecordResult(ctx, fw.js, &res); err != nil {
+		return
+	}
+	if !s.noTerminal {
+		data, _ := json.Marshal(res)
+		_ = fw.nc.Publish(job.ReplyTo, data)
+	}
+	_ = fw.nc.Flush()
+}
+
+// newTestGateway serves a Gateway over httptest.
+func newTestGateway(t *testing.T, tb *testBus, mutate func(*Config)) (*Gateway, *httptest.Server) {
+	t.Helper()
+	cfg := Config{Conn: tb.connect(t), Logger: zerolog.Nop(), RequestTimeout: 30 * time.Second,
+		Stream: bus.StreamOptions{QuietAfter: 500 * time.Millisecond}}
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	g, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(g.Handler())
+	t.Cleanup(srv.Close)
+	return g, srv
+}
+
+func postJSON(t *testing.T, url string, body any, header ...string) *http.Response {
+	t.Helper()
+	var buf []byte
+	switch b := body.(type) {
+	case string:
+		buf = []byte(b)
+	default:
+		var err error
+		if buf, err = json.Marshal(body); err != nil {
+			t.Fatal(err)
+		}
+	}
+	req, err := http.NewRequest(http.MethodPost, url, bytes.NewReader(buf))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = resp.Body.Close() })
+	return resp
+}
+
+func decode[T any](t *testing.T, r io.Reader) T {
+	t.Helper()
+	var v T
+	data, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &v); err != nil {
+		t.Fatalf("decode %s: %v", data, err)
+	}
+	return v
+}
+
+// openAIError is the error body as clients parse it; Param and Code may be null.
+type openAIError struct {
+	Error struct {
+		Message string  `json:"message"`
+		Type    string  `json:"type"`
+		Param   *string `json:"param"`
+		Code    *string `json:"code"`
+	} `json:"error"`
+}
+
+func expectError(t *testing.T, resp *http.Response, status int, param, code string) openAIError {
+	t.Helper()
+	data, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != status {
+		t.Fatalf("status %d, want %d: %s", resp.StatusCode, status, data)
+	}
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+		t.Fatalf("content type %q", ct)
+	}
+	var e openAIError
+	if err := json.Unmarshal(data, &e); err != nil {
+		t.Fatalf("error body %s: %v", data, err)
+	}
+	if e.Error.Message == "" || e.Error.Type == "" {
+		t.Fatalf("error body lacks message or type: %s", data)
+	}
+	gotParam := ""
+	if e.Error.Param != nil {
+		gotParam = *e.Error.Param
+	}
+	if gotParam != param {
+		t.Fatalf("param %q, want %q: %s", gotParam, param, data)
+	}
+	if code != "" && (e.Error.Code == nil || *e.Error.Code != code) {
+		t.Fatalf("code %v, want %q: %s", e.Error.Code, code, data)
+	}
+	return e
+}
+
+// readSSE returns the data payloads of an event stream, in order.
+func readSSE(t *testing.T, resp *http.Response) []string {
+	t.Helper()
+	if resp.StatusCode != http.StatusOK {
+		data, _ := io.ReadAll(resp.Body)
+		t.Fatalf("status %d: %s", resp.StatusCode, data)
+	}
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/event-stream") {
+		t.Fatalf("content type %q", ct)
+	}
+	var out []string
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" {
+			continue
+		}
+		payload, ok := strings.CutPrefix(line, "data: ")
+		if !ok {
+			t.Fatalf("unexpected SSE line %q", line)
+		}
+		out = append(out, payload)
+	}
+	if err := sc.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// chatBody builds a chat request body.
+func chatBody(stream bool, extra map[string]any) map[string]any {
+	b := map[string]any{
+		"model":    testModel,
+		"messages": []map[string]any{{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}},
+		"stream":   stream,
+	}
+	for k, v := range extra {
+		b[k] = v
+	}
+	return b
+}

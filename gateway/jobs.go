@@ -1,0 +1,345 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// Endpoint labels for metrics and logs.
+const (
+	endpointChat        = "chat_completions"
+	endpointCompletions = "completions"
+	endpointModels      = "models"
+)
+
+// cancelTimeout bounds the cancel published for a job whose client left.
+const cancelTimeout = 5 * time.Second
+
+var jsonNull = json.RawMessage("null")
+
+type usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+}
+
+func usageOf(r *schemas.ResultMsg) usage {
+	u := usage{PromptTokens: r.Usage.PromptTokens, CompletionTokens: r.Usage.CompletionTokens, TotalTokens: r.Usage.TotalTokens}
+	if u.TotalTokens == 0 {
+		u.TotalTokens = u.PromptTokens + u.CompletionTokens
+	}
+	return u
+}
+
+// finishReason maps the runtime's reason to OpenAI's: stop or length.
+func finishReason(r *schemas.ResultMsg) string {
+	if r.FinishReason == "length" {
+		return "length"
+	}
+	return "stop"
+}
+
+// meta is what every body and chunk of one response repeats.
+type meta struct {
+	id           string
+	created      int64
+	model        string
+	includeUsage bool
+}
+
+// format shapes one endpoint's bodies and stream events.
+type format interface {
+	idPrefix() string
+	body(m meta, text, finish string, u usage) any
+	first(m meta) any // nil when the endpoint has no opening event
+	delta(m meta, text string) any
+	final(m meta, finish string) any
+	usage(m meta, u usage) any
+}
+
+type runSpec struct {
+	endpoint     string
+	job          *schemas.JobRequest
+	params       paramMap
+	stream       bool
+	includeUsage bool
+	format       format
+}
+
+// fail answers with an OpenAI error and counts the refusal.
+func (g *Gateway) fail(w http.ResponseWriter, endpoint string, e *apiError) {
+	g.metrics.rejected.inc(e.Code)
+	if e.Status >= 500 {
+		g.log.Warn().Str("endpoint", endpoint).Int("status", e.Status).Str("code", e.Code).Msg(e.Message)
+	}
+	writeError(w, e)
+}
+
+// run submits the job and answers with its outcome, streamed or whole.
+func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
+	job := spec.job
+	now := time.Now().UTC()
+	job.ID = bus.NewJobID()
+	job.Priority = schemas.PriorityNormal
+	job.ReplyTo = bus.ReplySubject(job.Tenant, job.ID)
+	job.CreatedAt = &now
+	if g.timeout > 0 {
+		dl := now.Add(g.timeout)
+		job.Deadline = &dl
+	}
+
+	// Validate before looking for workers, so a bad request is a 400 whatever the
+	// fleet's state; Submit validates again, which costs microseconds.
+	data, err := json.Marshal(job)
+	if err != nil {
+		g.fail(w, spec.endpoint, errInternal("Encoding the job failed."))
+		return
+	}
+	if err := schemas.Validate(schemas.Job, data); err != nil {
+		var verr *schemas.ValidationError
+		if errors.As(err, &verr) {
+			g.fail(w, spec.endpoint, fromValidation(verr, spec.params))
+			return
+		}
+		g.fail(w, spec.endpoint, errInternal("Validating the job failed."))
+		return
+	}
+
+	rctx, rcancel := g.registryContext(r)
+	ok, err := g.registry.hasModel(rctx, job.Model)
+	rcancel()
+	if err != nil {
+		if r.Context().Err() != nil {
+			return
+		}
+		g.log.Warn().Err(err).Msg("reading the worker registry failed")
+		g.fail(w, spec.endpoint, errUnavailable("The worker registry is unavailable."))
+		return
+	}
+	if !ok {
+		g.fail(w, spec.endpoint, errModelUnavailable(job.Model))
+		return
+	}
+
+	ctx := r.Context()
+	waitCtx, cancel := ctx, context.CancelFunc(func() {})
+	if g.timeout > 0 {
+		waitCtx, cancel = context.WithDeadline(ctx, job.Deadline.Add(g.grace))
+	}
+	defer cancel()
+
+	stream, _, err := bus.SubmitStream(waitCtx, g.producer, g.nc, job, g.cfg.Stream)
+	if err != nil {
+		if ctx.Err() != nil {
+			return // the client left; nothing was queued that needs cancelling
+		}
+		if !errors.Is(err, bus.ErrQueueFull) {
+			g.log.Warn().Err(err).Str("job_id", job.ID).Msg("submit failed")
+		}
+		g.fail(w, spec.endpoint, fromSubmit(err, spec.params, g.cfg.RetryAfter))
+		return
+	}
+	defer stream.Close()
+	// The job id lets a client fetch the durable result (mlx-serving result <id>)
+	// or cancel, whatever happens to this connection.
+	w.Header().Set("X-Mlx-Job-Id", job.ID)
+	g.metrics.submitted.inc(spec.endpoint)
+	log := g.log.With().Str("job_id", job.ID).Str("model", job.Model).Logger()
+	log.Debug().Bool("stream", spec.stream).Msg("job submitted")
+
+	m := meta{id: spec.format.idPrefix() + job.ID, created: now.Unix(), model: job.Model, includeUsage: spec.stream && spec.includeUsage}
+	j := &jobCall{g: g, w: w, r: r, spec: spec, job: job, stream: stream, waitCtx: waitCtx, meta: m}
+	if spec.stream {
+		j.streamed()
+	} else {
+		j.whole()
+	}
+}
+
+// jobCall is one request's wait for its job.
+type jobCall struct {
+	g       *Gateway
+	w       http.ResponseWriter
+	r       *http.Request
+	spec    runSpec
+	job     *schemas.JobRequest
+	stream  *bus.JobStream
+	waitCtx context.Context
+	meta    meta
+}
+
+// next returns the stream's next event, counting what the stream repaired.
+func (j *jobCall) next() (bus.Event, error) {
+	ev, err := j.stream.Next(j.waitCtx)
+	if err == nil {
+		if ev.Missed > 0 {
+			j.g.metrics.missedEvents.add(float64(ev.Missed))
+		}
+		if ev.Recovered {
+			j.g.metrics.recovered.inc()
+		}
+		if ev.Result != nil && ev.Result.Status == schemas.StatusCompleted {
+			u := usageOf(ev.Result)
+			j.g.metrics.promptTokens.add(float64(u.PromptTokens))
+			j.g.metrics.complTokens.add(float64(u.CompletionTokens))
+		}
+	}
+	return ev, err
+}
+
+// whole answers with one body once the job ends.
+func (j *jobCall) whole() {
+	for {
+		ev, err := j.next()
+		if err != nil {
+			if e := j.abandon(err); e != nil {
+				j.g.fail(j.w, j.spec.endpoint, e)
+			}
+			return
+		}
+		res := ev.Result
+		if res == nil {
+			continue
+		}
+		if res.Status != schemas.StatusCompleted {
+			j.g.fail(j.w, j.spec.endpoint, fromResult(res))
+			return
+		}
+		model := j.meta
+		if res.Model != "" {
+			model.model = res.Model
+		}
+		writeJSON(j.w, http.StatusOK, j.spec.format.body(model, res.Text, finishReason(res), usageOf(res)))
+		return
+	}
+}
+
+// streamed answers with Server-Sent Events as tokens arrive. The 200 is sent with
+// the first event, so a job that fails before producing text gets a real status.
+func (j *jobCall) streamed() {
+	sse := newSSEWriter(j.w)
+	f, m := j.spec.format, j.meta
+	var sent strings.Builder
+	begin := func() error {
+		if sse.started {
+			return nil
+		}
+		if first := f.first(m); first != nil {
+			return sse.send(first)
+		}
+		sse.start()
+		return nil
+	}
+	for {
+		ev, err := j.next()
+		if err != nil {
+			e := j.abandon(err)
+			switch {
+			case e == nil:
+			case !sse.started:
+				j.g.fail(j.w, j.spec.endpoint, e)
+			default:
+				// Mid-stream the status is sent; OpenAI clients raise on an error event.
+				_ = sse.send(e.body())
+			}
+			return
+		}
+		if tok := ev.Token; tok != nil {
+			if tok.Delta == "" {
+				continue
+			}
+			if err := begin(); err != nil {
+				j.clientLeft(err)
+				return
+			}
+			if err := sse.send(f.delta(m, tok.Delta)); err != nil {
+				j.clientLeft(err)
+				return
+			}
+			sent.WriteString(tok.Delta)
+			continue
+		}
+		res := ev.Result
+		if res.Status != schemas.StatusCompleted {
+			e := fromResult(res)
+			if !sse.started {
+				j.g.fail(j.w, j.spec.endpoint, e)
+				return
+			}
+			_ = sse.send(e.body())
+			return
+		}
+		if err := begin(); err != nil {
+			j.clientLeft(err)
+			return
+		}
+		// Deltas lost on the way (a gap, or a terminal read from RESULTS) are
+		// sent now from the record's whole text, when what was sent is its prefix.
+		if rest, ok := strings.CutPrefix(res.Text, sent.String()); ok && rest != "" {
+			if err := sse.send(f.delta(m, rest)); err != nil {
+				j.clientLeft(err)
+				return
+			}
+		} else if !ok {
+			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
+				Msg("streamed text differs from the job's result text")
+		}
+		if err := sse.send(f.final(m, finishReason(res))); err != nil {
+			j.clientLeft(err)
+			return
+		}
+		if m.includeUsage {
+			if err := sse.send(f.usage(m, usageOf(res))); err != nil {
+				j.clientLeft(err)
+				return
+			}
+		}
+		if err := sse.done(); err != nil {
+			j.clientLeft(err)
+		}
+		return
+	}
+}
+
+// abandon handles a wait that ended without a terminal: the client left, the
+// request timed out, or the bus failed. The job is cancelled in each case, since
+// nobody will read its answer. It returns the error to answer with, or nil when
+// there is nobody to answer.
+func (j *jobCall) abandon(err error) *apiError {
+	switch {
+	case j.r.Context().Err() != nil:
+		j.clientLeft(err)
+		return nil
+	case errors.Is(j.waitCtx.Err(), context.DeadlineExceeded):
+		j.cancel("request timeout")
+		return errTimeout()
+	default:
+		j.g.log.Warn().Err(err).Str("job_id", j.job.ID).Msg("job stream failed")
+		j.cancel("gateway stream failed")
+		if errors.Is(err, bus.ErrNotConnected) {
+			return errUnavailable("The bus connection was lost.")
+		}
+		return errInternal("Waiting for the job failed.")
+	}
+}
+
+func (j *jobCall) clientLeft(err error) {
+	j.g.metrics.disconnects.inc()
+	j.g.log.Info().Str("job_id", j.job.ID).AnErr("cause", err).Msg("client left; cancelling its job")
+	j.cancel("client disconnected")
+}
+
+func (j *jobCall) cancel(reason string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(j.r.Context()), cancelTimeout)
+	defer cancel()
+	if err := j.g.producer.Cancel(ctx, j.job.ID, reason); err != nil {
+		j.g.log.Warn().Err(err).Str("job_id", j.job.ID).Msg("cancelling the job failed")
+	}
+}

@@ -1,0 +1,148 @@
+package gateway
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+func TestModelsListsReadyWorkersModels(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	tb.registerWorker(t, "w1", schemas.WorkerReady, "m-a", "org/m-b")
+	tb.registerWorker(t, "w2", schemas.WorkerReady, "m-a", "m-c")
+	tb.registerWorker(t, "w3", schemas.WorkerDraining, "m-draining")
+	_, srv := newTestGateway(t, tb, nil)
+
+	resp, err := http.Get(srv.URL + "/v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	list := decode[modelList](t, resp.Body)
+	var ids []string
+	for _, m := range list.Data {
+		if m.Object != "model" || m.OwnedBy == "" || m.Created <= 0 {
+			t.Fatalf("model %+v", m)
+		}
+		ids = append(ids, m.ID)
+	}
+	if list.Object != "list" || strings.Join(ids, ",") != "m-a,m-c,org/m-b" {
+		t.Fatalf("list %+v", list)
+	}
+
+	r2, err := http.Get(srv.URL + "/v1/models/org/m-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r2.Body.Close()
+	if m := decode[modelObject](t, r2.Body); r2.StatusCode != 200 || m.ID != "org/m-b" {
+		t.Fatalf("retrieve: %d %+v", r2.StatusCode, m)
+	}
+	r3, err := http.Get(srv.URL + "/v1/models/m-draining")
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectError(t, r3, http.StatusNotFound, "model", "model_not_found")
+}
+
+func TestHealthReadyMetrics(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 2})
+	g, srv := newTestGateway(t, tb, nil)
+
+	get := func(path string) (int, string) {
+		r, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Body.Close()
+		b, _ := io.ReadAll(r.Body)
+		return r.StatusCode, string(b)
+	}
+	if code, _ := get("/healthz"); code != 200 {
+		t.Fatalf("healthz %d", code)
+	}
+	if code, body := get("/readyz"); code != 200 {
+		t.Fatalf("readyz %d %s", code, body)
+	}
+	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil))
+	io.Copy(io.Discard, resp.Body)
+	code, body := get("/metrics")
+	for _, want := range []string{
+		`mlx_gateway_http_requests_total{endpoint="chat_completions",code="200"} 1`,
+		`mlx_gateway_jobs_submitted_total{endpoint="chat_completions"} 1`,
+		`mlx_gateway_completion_tokens_total 4`,
+		`mlx_gateway_prompt_tokens_total 2`,
+		`mlx_gateway_http_request_duration_seconds_count{endpoint="chat_completions"} 1`,
+		`# TYPE mlx_gateway_http_requests_in_flight gauge`,
+	} {
+		if code != 200 || !strings.Contains(body, want) {
+			t.Fatalf("metrics lack %q:\n%s", want, body)
+		}
+	}
+
+	// A gateway whose bus connection is gone is alive but not ready.
+	g.nc.Close()
+	if code, _ := get("/healthz"); code != 200 {
+		t.Fatalf("healthz %d", code)
+	}
+	if code, _ := get("/readyz"); code != http.StatusServiceUnavailable {
+		t.Fatalf("readyz %d after the connection closed", code)
+	}
+}
+
+func TestReadyNeedsStreams(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	_, srv := newTestGateway(t, tb, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := tb.js.DeleteStream(ctx, bus.StreamResults); err != nil {
+		t.Fatal(err)
+	}
+	r, err := http.Get(srv.URL + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Body.Close()
+	if r.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("readyz %d without RESULTS", r.StatusCode)
+	}
+}
+
+func TestRunAndShutdown(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	g, err := New(Config{Addr: "127.0.0.1:0", Conn: tb.nc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- g.Run(ctx) }()
+	r, err := http.Get("http://" + g.Addr().String() + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Body.Close()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return after ctx was cancelled")
+	}
+}

@@ -1,0 +1,185 @@
+package gateway
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// maxBodyBytes bounds a request body; the job schema caps prompts far below it.
+const maxBodyBytes = 8 << 20
+
+// samplingParams are the request fields both endpoints share. Unknown fields are
+// ignored (clients send many harmless ones); a known field of the wrong JSON type
+// is rejected naming the field.
+type samplingParams struct {
+	Model          string          `json:"model"`
+	MaxTokens      *int            `json:"max_tokens"`
+	Temperature    *float64        `json:"temperature"`
+	TopP           *float64        `json:"top_p"`
+	Seed           *int64          `json:"seed"`
+	Stop           json.RawMessage `json:"stop"`
+	Stream         *bool           `json:"stream"`
+	StreamOptions  *streamOptions  `json:"stream_options"`
+	N              *int            `json:"n"`
+	User           *string         `json:"user"`
+	ResponseFormat *responseFormat `json:"response_format"`
+	// Extensions several OpenAI-compatible servers accept; they map to the job.
+	TopK              *int     `json:"top_k"`
+	MinP              *float64 `json:"min_p"`
+	RepetitionPenalty *float64 `json:"repetition_penalty"`
+	// Fields whose meaning the gateway cannot honour: rejected when used, since
+	// ignoring them would silently change the answer.
+	Logprobs  *bool          `json:"logprobs"`
+	Tools     []any          `json:"tools"`
+	LogitBias map[string]any `json:"logit_bias"`
+}
+
+type streamOptions struct {
+	IncludeUsage *bool `json:"include_usage"`
+}
+
+type responseFormat struct {
+	Type       string          `json:"type"`
+	JSONSchema *jsonSchemaSpec `json:"json_schema"`
+}
+
+type jsonSchemaSpec struct {
+	Name   string         `json:"name"`
+	Schema map[string]any `json:"schema"`
+	Strict *bool          `json:"strict"`
+}
+
+// decodeBody reads a JSON object into v, answering malformed input in OpenAI's way.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) *apiError {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return &apiError{Status: http.StatusRequestEntityTooLarge, Type: typeInvalidRequest, Code: "request_too_large",
+				Message: fmt.Sprintf("The request body exceeds %d bytes.", maxBodyBytes)}
+		}
+		return errInvalid("", "Reading the request body failed: %v", err)
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) {
+			// The path names Go's embedded struct too; clients know only their fields.
+			field := strings.ReplaceAll(te.Field, "samplingParams.", "")
+			if field == "" {
+				return errInvalid("", "The request body must be a JSON object.")
+			}
+			return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: field, Code: "invalid_type",
+				Message: fmt.Sprintf("Invalid type for '%s': expected %s, got %s.", field, goTypeName(te.Type.String()), te.Value)}
+		}
+		return errInvalid("", "We could not parse the JSON body of your request: %v", err)
+	}
+	return nil
+}
+
+// goTypeName names a Go destination type in JSON's words.
+func goTypeName(t string) string {
+	t = strings.TrimLeft(t, "*")
+	switch {
+	case strings.HasPrefix(t, "int"), strings.HasPrefix(t, "uint"):
+		return "an integer"
+	case strings.HasPrefix(t, "float"):
+		return "a number"
+	case t == "string":
+		return "a string"
+	case t == "bool":
+		return "a boolean"
+	case strings.HasPrefix(t, "[]"):
+		return "an array"
+	}
+	return "an object"
+}
+
+// apply copies the shared fields into job and records how job paths map back.
+func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultModel string) *apiError {
+	job.Model = p.Model
+	if job.Model == "" {
+		job.Model = defaultModel
+	}
+	if job.Model == "" {
+		return errInvalid("model", "The 'model' field is required.")
+	}
+	if p.N != nil && *p.N != 1 {
+		return errInvalid("n", "Only n=1 is supported.")
+	}
+	if p.Logprobs != nil && *p.Logprobs {
+		return errInvalid("logprobs", "logprobs are not supported.")
+	}
+	if len(p.Tools) > 0 {
+		return errInvalid("tools", "Tool calling is not supported.")
+	}
+	if len(p.LogitBias) > 0 {
+		return errInvalid("logit_bias", "logit_bias is not supported.")
+	}
+	if p.MaxTokens != nil {
+		job.MaxTokens = *p.MaxTokens
+		if *p.MaxTokens == 0 {
+			// 0 would read as "absent" in the job; it is a value the client chose.
+			return errInvalid(pm.maxTokens, "'%s' must be at least 1.", pm.maxTokens)
+		}
+	}
+	job.Temperature = p.Temperature
+	job.TopP = p.TopP
+	job.Seed = p.Seed
+	job.TopK = p.TopK
+	job.MinP = p.MinP
+	job.RepetitionPenalty = p.RepetitionPenalty
+	stop, isString, aerr := parseStop(p.Stop)
+	if aerr != nil {
+		return aerr
+	}
+	job.Stop, pm.stopString = stop, isString
+	if p.User != nil && *p.User != "" {
+		job.Metadata = map[string]string{"user": *p.User}
+		pm.user = true
+	}
+	if rf := p.ResponseFormat; rf != nil {
+		switch rf.Type {
+		case "", "text":
+		case "json_object":
+			job.JSONSchema = map[string]any{"type": "object"}
+		case "json_schema":
+			if rf.JSONSchema == nil || len(rf.JSONSchema.Schema) == 0 {
+				return errInvalid("response_format.json_schema.schema", "response_format of type json_schema needs a non-empty json_schema.schema.")
+			}
+			job.JSONSchema = rf.JSONSchema.Schema
+		default:
+			return errInvalid("response_format.type", "Unknown response_format type %q; use text, json_object or json_schema.", rf.Type)
+		}
+	}
+	return nil
+}
+
+func (p *samplingParams) stream() bool { return p.Stream != nil && *p.Stream }
+
+func (p *samplingParams) includeUsage() bool {
+	return p.StreamOptions != nil && p.StreamOptions.IncludeUsage != nil && *p.StreamOptions.IncludeUsage
+}
+
+// parseStop accepts null, a string or an array of strings.
+func parseStop(raw json.RawMessage) (stop []string, isString bool, aerr *apiError) {
+	s := strings.TrimSpace(string(raw))
+	if s == "" || s == "null" {
+		return nil, false, nil
+	}
+	var one string
+	if err := json.Unmarshal(raw, &one); err == nil {
+		return []string{one}, true, nil
+	}
+	var many []string
+	if err := json.Unmarshal(raw, &many); err == nil {
+		return many, false, nil
+	}
+	return nil, false, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: "stop", Code: "invalid_type",
+		Message: "Invalid type for 'stop': expected a string or an array of strings."}
+}

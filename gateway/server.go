@@ -1,0 +1,287 @@
+// Package gateway serves an OpenAI-compatible HTTP API over the bus: chat and
+// text completions (streamed as Server-Sent Events or as one body), the models
+// the fleet has loaded, health, readiness and Prometheus metrics.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+)
+
+// Config configures a Gateway. Conn is required; the rest have defaults.
+type Config struct {
+	// Addr is the listen address; default ":8080".
+	Addr string
+	// Tokens, when any, are the accepted bearer tokens for /v1/*. Empty means no
+	// auth (health, readiness and metrics are never authenticated).
+	Tokens []string
+	// Conn is the bus connection jobs are submitted and streamed on.
+	Conn *nats.Conn
+	// Logger receives request and job logs. The zero value discards them.
+	Logger zerolog.Logger
+	// DefaultModel is used when a request names no model.
+	DefaultModel string
+	// RequestTimeout bounds a request from arrival to the end of its answer; it
+	// becomes the job's deadline, so the fleet stops work nobody waits for. Zero
+	// means 10 minutes; negative means no limit.
+	RequestTimeout time.Duration
+	// RetryAfter is the hint sent with 429 when the queue is full; default 1s.
+	RetryAfter time.Duration
+	// ShutdownTimeout bounds Run's graceful shutdown before open streams are cut;
+	// default 30s.
+	ShutdownTimeout time.Duration
+	// Stream tunes the job streams (quiet period before RESULTS is consulted, ...).
+	Stream bus.StreamOptions
+}
+
+// deadlineGrace is how long the gateway waits past a job's deadline for the
+// fleet's own "expired" answer before it gives up and answers 504 itself.
+const deadlineGrace = 3 * time.Second
+
+// Gateway is the HTTP front door. Build it with New, serve with Run or mount
+// Handler in another server.
+type Gateway struct {
+	cfg      Config
+	log      zerolog.Logger
+	nc       *nats.Conn
+	js       jetstream.JetStream
+	producer *bus.Producer
+	registry *registry
+	tokens   tokenSet
+	metrics  *metrics
+	handler  http.Handler
+	timeout  time.Duration // 0: none
+	grace    time.Duration
+
+	mu  sync.Mutex
+	srv *http.Server
+	ln  net.Listener
+}
+
+// New builds a Gateway on an open bus connection.
+func New(cfg Config) (*Gateway, error) {
+	if cfg.Conn == nil {
+		return nil, errors.New("gateway: Config.Conn is required")
+	}
+	if cfg.Addr == "" {
+		cfg.Addr = ":8080"
+	}
+	if cfg.RetryAfter <= 0 {
+		cfg.RetryAfter = time.Second
+	}
+	if cfg.ShutdownTimeout <= 0 {
+		cfg.ShutdownTimeout = 30 * time.Second
+	}
+	timeout := cfg.RequestTimeout
+	switch {
+	case timeout == 0:
+		timeout = 10 * time.Minute
+	case timeout < 0:
+		timeout = 0
+	}
+	log := cfg.Logger.With().Str("component", "gateway").Logger()
+	p, err := bus.NewProducer(cfg.Conn, bus.WithDefaultModel(cfg.DefaultModel), bus.WithProducerLogger(log))
+	if err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
+	}
+	g := &Gateway{
+		cfg:      cfg,
+		log:      log,
+		nc:       cfg.Conn,
+		js:       p.JetStream(),
+		producer: p,
+		registry: newRegistry(p.JetStream(), time.Second),
+		tokens:   newTokenSet(cfg.Tokens),
+		metrics:  newMetrics(),
+		timeout:  timeout,
+		grace:    deadlineGrace,
+	}
+	g.handler = g.routes()
+	return g, nil
+}
+
+func (g *Gateway) routes() http.Handler {
+	mux := http.NewServeMux()
+	api := func(endpoint string, h http.HandlerFunc) http.Handler {
+		return g.instrument(endpoint, g.requireToken(h))
+	}
+	mux.Handle("POST /v1/chat/completions", api(endpointChat, g.handleChat))
+	mux.Handle("POST /v1/completions", api(endpointCompletions, g.handleCompletions))
+	mux.Handle("GET /v1/models", api(endpointModels, g.handleModels))
+	mux.Handle("GET /v1/models/{model...}", api(endpointModels, g.handleModel))
+	mux.HandleFunc("GET /healthz", g.handleHealth)
+	mux.HandleFunc("GET /readyz", g.handleReady)
+	mux.HandleFunc("GET /metrics", g.metrics.handler)
+	mux.Handle("/v1/", g.requireToken(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
+			Message: fmt.Sprintf("Unknown request URL: %s %s.", r.Method, r.URL.Path)})
+	})))
+	return mux
+}
+
+// Handler serves the whole API; mount it to serve the gateway elsewhere.
+func (g *Gateway) Handler() http.Handler { return g.handler }
+
+// Listen binds Config.Addr. Run calls it when needed; call it first to learn
+// the bound address (Addr) of ":0" before serving.
+func (g *Gateway) Listen() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.ln != nil {
+		return nil
+	}
+	ln, err := net.Listen("tcp", g.cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("gateway: listen %s: %w", g.cfg.Addr, err)
+	}
+	g.ln = ln
+	g.srv = &http.Server{
+		Handler:           g.handler,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		// No write timeout: streamed answers last as long as generation does, and
+		// RequestTimeout bounds them.
+	}
+	return nil
+}
+
+// Addr is the bound address once Listen (or Run) has run, else nil.
+func (g *Gateway) Addr() net.Addr {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.ln == nil {
+		return nil
+	}
+	return g.ln.Addr()
+}
+
+// Run serves until ctx is done, then shuts down gracefully (bounded by
+// Config.ShutdownTimeout). It returns nil after a clean shutdown.
+func (g *Gateway) Run(ctx context.Context) error {
+	if err := g.Listen(); err != nil {
+		return err
+	}
+	g.mu.Lock()
+	srv, ln := g.srv, g.ln
+	g.mu.Unlock()
+	g.log.Info().Str("addr", ln.Addr().String()).Bool("auth", len(g.tokens) > 0).Msg("gateway listening")
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		if errors.Is(err, http.ErrServerClosed) {
+			return nil
+		}
+		return fmt.Errorf("gateway: serve: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), g.cfg.ShutdownTimeout)
+	defer cancel()
+	err := g.Shutdown(sctx)
+	<-errc
+	return err
+}
+
+// Shutdown stops accepting requests and waits for those in flight until ctx is
+// done; then it closes the remaining connections, whose jobs are cancelled as for
+// any client that leaves.
+func (g *Gateway) Shutdown(ctx context.Context) error {
+	g.mu.Lock()
+	srv := g.srv
+	g.mu.Unlock()
+	if srv == nil {
+		return nil
+	}
+	if err := srv.Shutdown(ctx); err != nil {
+		_ = srv.Close()
+		return fmt.Errorf("gateway: shutdown: %w", err)
+	}
+	g.log.Info().Msg("gateway stopped")
+	return nil
+}
+
+// handleHealth says the process is up; it touches nothing else.
+func (g *Gateway) handleHealth(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+// handleReady says whether requests can be served: the bus is connected and the
+// streams jobs need exist.
+func (g *Gateway) handleReady(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	if err := g.ready(ctx); err != nil {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready", "reason": err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+func (g *Gateway) ready(ctx context.Context) error {
+	if !g.nc.IsConnected() {
+		return fmt.Errorf("nats %s", g.nc.Status())
+	}
+	for _, name := range []string{bus.StreamJobs, bus.StreamResults, bus.StreamCancels} {
+		if _, err := g.js.Stream(ctx, name); err != nil {
+			return fmt.Errorf("stream %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// statusRecorder remembers the status written, for metrics and logs.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	if s.status == 0 {
+		s.status = code
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusRecorder) Write(b []byte) (int, error) {
+	if s.status == 0 {
+		s.status = http.StatusOK
+	}
+	return s.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the real writer to flush.
+func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+func (g *Gateway) instrument(endpoint string, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		g.metrics.inFlight.add(1)
+		rec := &statusRecorder{ResponseWriter: w}
+		defer func() {
+			g.metrics.inFlight.add(-1)
+			status := rec.status
+			if status == 0 {
+				status = 499 // nothing was written: the client left first
+			}
+			elapsed := time.Since(start)
+			g.metrics.requests.inc(endpoint, strconv.Itoa(status))
+			g.metrics.duration.observe(elapsed.Seconds(), endpoint)
+			g.log.Debug().Str("method", r.Method).Str("path", r.URL.Path).Int("status", status).
+				Dur("elapsed", elapsed).Msg("request")
+		}()
+		next.ServeHTTP(rec, r)
+	})
+}

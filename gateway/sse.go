@@ -1,0 +1,59 @@
+package gateway
+
+import (
+	"encoding/json"
+	"net/http"
+)
+
+// sseWriter writes Server-Sent Events the way OpenAI streams: each event is one
+// "data: <json>" line and a blank line, the stream ends with "data: [DONE]".
+type sseWriter struct {
+	w       http.ResponseWriter
+	rc      *http.ResponseController
+	started bool
+}
+
+func newSSEWriter(w http.ResponseWriter) *sseWriter {
+	return &sseWriter{w: w, rc: http.NewResponseController(w)}
+}
+
+// start commits the 200 and the event-stream headers. It is deferred until there
+// is something to send, so a job that fails before its first token still gets a
+// proper HTTP status.
+func (s *sseWriter) start() {
+	if s.started {
+		return
+	}
+	s.started = true
+	h := s.w.Header()
+	h.Set("Content-Type", "text/event-stream; charset=utf-8")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("Connection", "keep-alive")
+	// nginx and similar proxies buffer responses unless told not to.
+	h.Set("X-Accel-Buffering", "no")
+	s.w.WriteHeader(http.StatusOK)
+}
+
+// send writes one event and flushes it; an error means the client is gone.
+func (s *sseWriter) send(v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return s.raw(data)
+}
+
+func (s *sseWriter) raw(data []byte) error {
+	s.start()
+	buf := make([]byte, 0, len(data)+8)
+	buf = append(buf, "data: "...)
+	buf = append(buf, data...)
+	buf = append(buf, '\n', '\n')
+	if _, err := s.w.Write(buf); err != nil {
+		return err
+	}
+	return s.rc.Flush()
+}
+
+// done ends the stream the way OpenAI clients expect.
+func (s *sseWriter) done() error { return s.raw([]byte("[DONE]")) }
