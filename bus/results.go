@@ -12,18 +12,19 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// ResultMsgID is the Nats-Msg-Id of a job's terminal record for one attempt.
-func ResultMsgID(jobID string, attempt int) string { return jobID + "." + strconv.Itoa(attempt) }
+// ResultMsgID is the Nats-Msg-Id of a job's terminal record: job id, attempt and
+// finish time. A retried publish of the same record is deduplicated; a new record
+// for a replayed job (its old one purged) is not mistaken for one, even inside the
+// duplicate window and with the same attempt number.
+func ResultMsgID(r *schemas.ResultMsg) string {
+	return r.JobID + "." + strconv.Itoa(r.Attempt) + "." + strconv.FormatInt(r.FinishedAt.UnixNano(), 10)
+}
 
 // RecordResult writes r as the job's one terminal record in RESULTS, first writer
 // wins. It returns nil when this record is the stored one, and an error matching
 // ErrResultExists when another record got there first: the caller then must not
 // send a terminal event. A retry of the very same record (say after a lost ack)
 // returns nil, since the stored record is byte-for-byte the caller's.
-//
-// Nats-Msg-Id is "<job-id>.<attempt>", so a replayed job must number its attempts
-// past the earlier ones, or a record written within the duplicate window of the
-// purged one is taken for a duplicate.
 func RecordResult(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg) error {
 	if r == nil || r.JobID == "" {
 		return errors.New("bus: RecordResult: result with a job id required")
@@ -36,7 +37,7 @@ func RecordResult(ctx context.Context, js jetstream.JetStream, r *schemas.Result
 		return err
 	}
 	ack, err := js.Publish(ctx, ResultSubject(r.JobID), data,
-		jetstream.WithMsgID(ResultMsgID(r.JobID, r.Attempt)),
+		jetstream.WithMsgID(ResultMsgID(r)),
 		jetstream.WithExpectStream(StreamResults),
 		jetstream.WithExpectLastSequencePerSubject(0),
 	)

@@ -132,6 +132,9 @@ func Watch(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, jobID, re
 	return s, nil
 }
 
+// flushTimeout bounds the round trip that makes a new subscription known.
+const flushTimeout = 10 * time.Second
+
 func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, jobID, replyTo string, opts StreamOptions) (*JobStream, error) {
 	if nc == nil {
 		return nil, fmt.Errorf("bus: watch %s: %w", jobID, ErrNotConnected)
@@ -158,7 +161,14 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, jobID
 	// flush makes that true for this server. Other servers of a cluster learn it
 	// asynchronously, but a job's way through JetStream, a dispatcher and a
 	// worker's prefill takes far longer.
-	if err := nc.FlushWithContext(ctx); err != nil {
+	fctx, cancel := ctx, context.CancelFunc(func() {})
+	if _, ok := ctx.Deadline(); !ok {
+		// FlushWithContext insists on a deadline; a caller's stream may have none.
+		fctx, cancel = context.WithTimeout(ctx, flushTimeout)
+	}
+	err = nc.FlushWithContext(fctx)
+	cancel()
+	if err != nil {
 		_ = sub.Unsubscribe()
 		if isDisconnected(err) {
 			return nil, fmt.Errorf("bus: subscribe %s: %w: %v", replyTo, ErrNotConnected, err)

@@ -2,11 +2,40 @@
 # Creates python/.venv and installs the runtime with its pinned dependencies from
 # the package registry. Called by `go tool task setup`, which skips it when the
 # stamp matches pyproject.toml and this script.
+#
+# System libraries: the mlx-cpu wheel (Linux) bundles BLAS, LAPACK and libgfortran and
+# needs only libstdc++6 and libgcc-s1 beyond glibc >= 2.35 — present on any Debian with
+# apt. g++ is optional: without it MLX skips its CPU JIT (mx.compile) silently. The
+# apt-get calls below run only when something is actually missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+
+apt_install() {
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup.sh: installing missing system packages: $*" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >&2 ||
+      { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >&2; }
+  else
+    echo "setup.sh: missing system packages: $* (install them, e.g. apt-get install $*)" >&2
+    return 1
+  fi
+}
+
 if [ ! -x python/.venv/bin/python ]; then
+  # Debian's python3 ships venv/ensurepip separately.
+  if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    apt_install "python3-venv"
+  fi
   "$PYTHON" -m venv python/.venv
 fi
 python/.venv/bin/pip install --quiet --disable-pip-version-check -e 'python[test]'
+
+if [ "$(uname -s)" = Linux ]; then
+  libmlx=$(python/.venv/bin/python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("mlx").submodule_search_locations[0]) / "lib" / "libmlx.so")')
+  if ldd "$libmlx" 2>/dev/null | grep -q 'not found'; then
+    apt_install libstdc++6 libgcc-s1
+  fi
+  python/.venv/bin/python -c 'import mlx.core as mx; mx.eval(mx.ones(2) + 1)'
+fi
 sha256sum python/pyproject.toml python/setup.sh | sha256sum > python/.venv/.installed

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	"github.com/mlx-serving/mlx-serving/config"
 )
@@ -15,7 +16,7 @@ func init() {
 }
 
 // loadConfig registers every config flag on fs, parses args and loads the config.
-func loadConfig(name string, args []string, stderr io.Writer, extra func(fs *flag.FlagSet)) (config.Config, *flag.FlagSet, int, bool) {
+func loadConfig(name string, args []string, stderr io.Writer, extra func(fs *flagSet)) (config.Config, *flag.FlagSet, int, bool) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	config.RegisterFlags(fs)
 	if extra != nil {
@@ -49,3 +50,7 @@ func cmdConfig(_ context.Context, args []string, stdout, stderr io.Writer) int {
 	_, _ = stdout.Write(out)
 	return 0
 }
+
+type flagSet = flag.FlagSet
+
+const connectTimeout = 5 * time.Second

@@ -1,0 +1,109 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/config"
+)
+
+// newLogger builds the process logger: JSON by default (what log shippers want),
+// console when asked.
+func newLogger(c config.Config, component string) zerolog.Logger {
+	level, err := zerolog.ParseLevel(c.LogLevel)
+	if err != nil {
+		level = zerolog.InfoLevel
+	}
+	var w io.Writer = os.Stderr
+	if c.LogFormat == "console" {
+		w = zerolog.ConsoleWriter{Out: os.Stderr}
+	}
+	return zerolog.New(w).Level(level).With().Timestamp().Str("component", component).Logger()
+}
+
+// connect opens a NATS connection from the client settings.
+func connect(ctx context.Context, c config.Config, name string, log zerolog.Logger) (*nats.Conn, jetstream.JetStream, error) {
+	nc, err := bus.Connect(ctx, connectOptions(c, name, log))
+	if err != nil {
+		return nil, nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	return nc, js, nil
+}
+
+func connectOptions(c config.Config, name string, log zerolog.Logger) bus.ConnectOptions {
+	return bus.ConnectOptions{
+		URLs:      c.URLs(),
+		Name:      name,
+		User:      c.NATSUser,
+		Password:  c.NATSPassword,
+		CredsFile: c.NATSCreds,
+		Logger:    log,
+	}
+}
+
+// clientSession is what every client subcommand needs: config, a connection and
+// a producer, plus --json.
+type clientSession struct {
+	cfg  config.Config
+	nc   *nats.Conn
+	js   jetstream.JetStream
+	prod *bus.Producer
+	json bool
+	args []string
+}
+
+func (s *clientSession) Close() {
+	if s.nc != nil {
+		s.nc.Close()
+	}
+}
+
+// openClient parses flags for a client subcommand and connects. Client commands
+// fail fast when no server answers, rather than reconnecting forever.
+func openClient(ctx context.Context, name string, args []string, stderr io.Writer, extra func(fs *flagSet)) (*clientSession, int, bool) {
+	var asJSON *bool
+	c, fs, code, ok := loadConfig(name, args, stderr, func(fs *flagSet) {
+		asJSON = fs.Bool("json", false, "machine-readable JSON output")
+		if extra != nil {
+			extra(fs)
+		}
+	})
+	if !ok {
+		return nil, code, false
+	}
+	log := zerolog.Nop()
+	opts := connectOptions(c, "mlx-serving-"+name, log)
+	opts.MaxReconnects = 3
+	cctx, cancel := context.WithTimeout(ctx, connectTimeout)
+	defer cancel()
+	nc, err := bus.Connect(cctx, opts)
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving %s: cannot reach NATS at %s: %v\n", name, c.NATSURL, err)
+		return nil, 3, false
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
+		return nil, 1, false
+	}
+	prod, err := bus.NewProducer(nc)
+	if err != nil {
+		nc.Close()
+		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
+		return nil, 1, false
+	}
+	return &clientSession{cfg: c, nc: nc, js: js, prod: prod, json: *asJSON, args: fs.Args()}, 0, true
+}

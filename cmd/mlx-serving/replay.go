@@ -1,0 +1,158 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/dispatcher"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+func init() {
+	register("replay", "put dead-lettered jobs back in the queue (all, by id, or by time range)", cmdReplay)
+}
+
+type replayFilter struct {
+	ids          map[string]bool
+	since, until time.Time
+}
+
+func (f replayFilter) match(rec *schemas.DLQRecordMsg) bool {
+	if len(f.ids) > 0 && !f.ids[rec.Job.ID] {
+		return false
+	}
+	if !f.since.IsZero() && rec.DeadAt.Before(f.since) {
+		return false
+	}
+	if !f.until.IsZero() && rec.DeadAt.After(f.until) {
+		return false
+	}
+	return true
+}
+
+// replayDLQ walks the DLQ stream and, for each matching record, clears the job's
+// terminal record, queues the job again and removes the dead letter. The job is
+// republished with a message id of its own so JOBS' duplicate window, which still
+// remembers the original id, does not swallow it.
+func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryRun bool, each func(rec *schemas.DLQRecordMsg)) (int, error) {
+	dlq, err := js.Stream(ctx, bus.StreamDLQ)
+	if err != nil {
+		return 0, err
+	}
+	info, err := dlq.Info(ctx)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		raw, err := dlq.GetMsg(ctx, seq)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue
+		}
+		if err != nil {
+			return n, err
+		}
+		var rec schemas.DLQRecordMsg
+		if err := json.Unmarshal(raw.Data, &rec); err != nil {
+			return n, fmt.Errorf("DLQ seq %d: %w", seq, err)
+		}
+		if !f.match(&rec) {
+			continue
+		}
+		each(&rec)
+		n++
+		if dryRun {
+			continue
+		}
+		if err := bus.PurgeResult(ctx, js, rec.Job.ID); err != nil {
+			return n, err
+		}
+		job := rec.Job
+		// Attempts go on from where they stopped, so the new attempts' records
+		// are never mistaken for the old ones.
+		if job.Metadata == nil {
+			job.Metadata = map[string]string{}
+		}
+		job.Metadata[dispatcher.AttemptBaseKey] = strconv.Itoa(rec.Attempts)
+		data, err := json.Marshal(job)
+		if err != nil {
+			return n, err
+		}
+		priority := job.Priority
+		if priority == "" {
+			priority = schemas.PriorityNormal
+		}
+		if _, err := js.Publish(ctx, bus.JobSubject(priority, job.ID), data,
+			jetstream.WithMsgID(job.ID+".replay."+strconv.FormatUint(seq, 10))); err != nil {
+			return n, fmt.Errorf("requeue %s: %w", job.ID, err)
+		}
+		if err := dlq.DeleteMsg(ctx, seq); err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+func cmdReplay(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var ids, since, until string
+	var dryRun bool
+	s, code, ok := openClient(ctx, "replay", args, stderr, func(fs *flagSet) {
+		fs.StringVar(&ids, "id", "", "replay only these job ids, comma-separated")
+		fs.StringVar(&since, "since", "", "replay jobs dead-lettered at or after this time (RFC 3339)")
+		fs.StringVar(&until, "until", "", "replay jobs dead-lettered at or before this time (RFC 3339)")
+		fs.BoolVar(&dryRun, "dry-run", false, "list what would be replayed without doing it")
+	})
+	if !ok {
+		return code
+	}
+	defer s.Close()
+	f := replayFilter{ids: map[string]bool{}}
+	for _, id := range strings.Split(ids, ",") {
+		if id = strings.TrimSpace(id); id != "" {
+			f.ids[id] = true
+		}
+	}
+	for _, t := range []struct {
+		in  string
+		out *time.Time
+	}{{since, &f.since}, {until, &f.until}} {
+		if t.in == "" {
+			continue
+		}
+		v, err := time.Parse(time.RFC3339, t.in)
+		if err != nil {
+			fmt.Fprintf(stderr, "mlx-serving replay: %v\n", err)
+			return exitUsage
+		}
+		*t.out = v
+	}
+	enc := json.NewEncoder(stdout)
+	n, err := replayDLQ(ctx, s.js, f, dryRun, func(rec *schemas.DLQRecordMsg) {
+		if s.json {
+			_ = enc.Encode(map[string]any{"job_id": rec.Job.ID, "reason": rec.Reason, "attempts": rec.Attempts, "dead_at": rec.DeadAt, "dry_run": dryRun})
+			return
+		}
+		verb := "replayed"
+		if dryRun {
+			verb = "would replay"
+		}
+		fmt.Fprintf(stdout, "%s %s (%s after %d attempts, dead %s)\n", verb, rec.Job.ID, rec.Reason, rec.Attempts, rec.DeadAt.Format(time.RFC3339))
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving replay: %v\n", err)
+		return exitFailed
+	}
+	if !s.json {
+		fmt.Fprintf(stdout, "%d job(s)\n", n)
+	}
+	return 0
+}

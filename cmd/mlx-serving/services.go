@@ -1,0 +1,326 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/config"
+	"github.com/mlx-serving/mlx-serving/dispatcher"
+	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/worker"
+)
+
+func init() {
+	register("up", "run everything on this machine: embedded NATS, dispatcher, worker with its runtime, gateway", cmdUp)
+	register("worker", "run a worker: supervise the MLX runtime and serve assignments", cmdWorker)
+	register("dispatcher", "run a dispatcher: pull jobs, batch, route, retry, dead-letter", cmdDispatcher)
+	register("gateway", "run the OpenAI-compatible HTTP gateway", cmdGateway)
+}
+
+// tinyModelID is the id the generated tiny model is served under.
+const tinyModelID = "tiny"
+
+// modelSpec returns the worker's model list: the configured model, or the tiny
+// model, generated into the data dir on first run.
+func modelSpec(ctx context.Context, c config.Config, python string, log zerolog.Logger) ([]string, string, error) {
+	if c.Model != "" {
+		id := filepath.Base(c.Model)
+		return []string{id + "=" + c.Model}, id, nil
+	}
+	dir, err := filepath.Abs(filepath.Join(c.DataDir, "tiny-model"))
+	if err != nil {
+		return nil, "", err
+	}
+	if _, err := os.Stat(filepath.Join(dir, "config.json")); err != nil {
+		log.Info().Str("dir", dir).Msg("writing the tiny model (first run)")
+		cmd := exec.CommandContext(ctx, python, "-m", "mlx_serving_runtime.tinymodel", dir)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			return nil, "", fmt.Errorf("generate tiny model with %s: %w", python, err)
+		}
+	}
+	return []string{tinyModelID + "=" + dir}, tinyModelID, nil
+}
+
+func workerID(c config.Config) string {
+	if c.WorkerID != "" {
+		return c.WorkerID
+	}
+	host, _ := os.Hostname()
+	id := make([]rune, 0, len(host))
+	for _, r := range host {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '_', r == '-':
+			id = append(id, r)
+		default:
+			id = append(id, '-')
+		}
+	}
+	if len(id) == 0 {
+		return "worker"
+	}
+	if len(id) > 64 {
+		id = id[:64]
+	}
+	return string(id)
+}
+
+func pythonPath(c config.Config) string {
+	if c.Python != "" {
+		return c.Python
+	}
+	return worker.DefaultPython()
+}
+
+func newWorker(c config.Config, nc *nats.Conn, models []string, log zerolog.Logger) (*worker.Agent, error) {
+	return worker.New(worker.Config{
+		WorkerID: workerID(c),
+		Conn:     nc,
+		Python:   pythonPath(c),
+		Models:   models,
+		Slots:    c.Slots,
+		Version:  version,
+		Logger:   log,
+	})
+}
+
+func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatcher.Dispatcher, error) {
+	host, _ := os.Hostname()
+	return dispatcher.New(dispatcher.Config{
+		DispatcherID: fmt.Sprintf("%s-%d", host, os.Getpid()),
+		Conn:         nc,
+		MaxWait:      c.BatchWait(),
+		MaxBatch:     c.BatchMaxSize,
+		MaxAttempts:  c.MaxAttempts,
+		Logger:       &log,
+	})
+}
+
+func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog.Logger) (*gateway.Gateway, error) {
+	return gateway.New(gateway.Config{
+		Addr:         c.HTTPAddr,
+		Tokens:       c.Tokens(),
+		Conn:         nc,
+		Logger:       log,
+		DefaultModel: defaultModel,
+	})
+}
+
+func provisionOptions(c config.Config) bus.ProvisionOptions {
+	return bus.ProvisionOptions{JobsMaxMsgs: c.JobsMaxMsgs}
+}
+
+func cmdUp(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	c, _, code, ok := loadConfig("up", args, stderr, nil)
+	if !ok {
+		return code
+	}
+	log := newLogger(c, "up")
+	if err := up(ctx, c, stdout, log); err != nil {
+		log.Error().Err(err).Msg("up failed")
+		fmt.Fprintf(stderr, "mlx-serving up: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// up runs every part in one process and stops them in dependency order on ctx:
+// the gateway stops taking requests, the worker drains its running jobs, the
+// dispatcher acks what finished, then the bus shuts down.
+func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logger) error {
+	if err := os.MkdirAll(c.DataDir, 0o755); err != nil {
+		return err
+	}
+	host, portStr, err := net.SplitHostPort(c.NATSListen)
+	if err != nil {
+		return fmt.Errorf("nats_listen: %w", err)
+	}
+	port, err := strconv.Atoi(portStr)
+	if err != nil {
+		return fmt.Errorf("nats_listen: %w", err)
+	}
+	srv, err := bus.StartServer(ctx, bus.ServerOptions{
+		Host: host, Port: port, StoreDir: filepath.Join(c.DataDir, "jetstream"),
+		SyncAlways: c.SyncAlways, ServerName: "mlx-serving-up",
+		Logger: log.With().Str("component", "nats").Logger().Level(zerolog.WarnLevel),
+	})
+	if err != nil {
+		return fmt.Errorf("start NATS: %w", err)
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	c.NATSURL = srv.ClientURL()
+	nc, js, err := connect(ctx, c, "mlx-serving-up", log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	if err := bus.Provision(ctx, js, provisionOptions(c)); err != nil {
+		return fmt.Errorf("provision: %w", err)
+	}
+
+	python := pythonPath(c)
+	models, modelID, err := modelSpec(ctx, c, python, log)
+	if err != nil {
+		return err
+	}
+	w, err := newWorker(c, nc, models, log.With().Str("component", "worker").Logger())
+	if err != nil {
+		return err
+	}
+	d, err := newDispatcher(c, nc, log.With().Str("component", "dispatcher").Logger())
+	if err != nil {
+		return err
+	}
+	g, err := newGateway(c, nc, modelID, log.With().Str("component", "gateway").Logger())
+	if err != nil {
+		return err
+	}
+	if err := g.Listen(); err != nil {
+		return fmt.Errorf("gateway listen %s: %w", c.HTTPAddr, err)
+	}
+
+	// Each part gets its own context so they can be stopped in order.
+	wctx, wcancel := context.WithCancel(context.WithoutCancel(ctx))
+	dctx, dcancel := context.WithCancel(context.WithoutCancel(ctx))
+	gctx, gcancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer wcancel()
+	defer dcancel()
+	defer gcancel()
+	errs := make(chan error, 3)
+	wdone, ddone, gdone := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	go func() { defer close(wdone); errs <- wrap("worker", runWorker(wctx, w)) }()
+	go func() { defer close(ddone); errs <- wrap("dispatcher", d.Run(dctx)) }()
+	go func() { defer close(gdone); errs <- wrap("gateway", g.Run(gctx)) }()
+
+	readyCtx, cancelReady := context.WithTimeout(ctx, 5*time.Minute)
+	err = w.WaitReady(readyCtx)
+	cancelReady()
+	if err != nil && ctx.Err() == nil {
+		return fmt.Errorf("worker did not become ready: %w", err)
+	}
+	if ctx.Err() == nil {
+		fmt.Fprintf(stdout, `mlx-serving is up
+  NATS       %s   (JetStream store: %s, sync_always=%v)
+  gateway    http://%s/v1   (OpenAI-compatible; GET /v1/models, /healthz, /readyz, /metrics)
+  worker     %s   model %q
+Submit a job:
+  go run ./cmd/mlx-serving submit --nats %s -m %s "Hello"
+  curl -s http://%s/v1/chat/completions -d '{"model":"%s","messages":[{"role":"user","content":"Hello"}]}'
+Ctrl-C drains and stops.
+`, c.NATSURL, filepath.Join(c.DataDir, "jetstream"), c.SyncAlways, g.Addr(), w.ID(), modelID, c.NATSURL, modelID, g.Addr(), modelID)
+	}
+
+	var firstErr error
+	select {
+	case <-ctx.Done():
+	case firstErr = <-errs:
+		log.Error().Err(firstErr).Msg("a component stopped; shutting down")
+	}
+	log.Info().Msg("stopping: gateway, then worker (drain), then dispatcher, then NATS")
+	gcancel()
+	<-gdone
+	wcancel()
+	<-wdone
+	dcancel()
+	<-ddone
+	return firstErr
+}
+
+func wrap(what string, err error) error {
+	if err == nil || errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+// runService connects to the configured NATS and runs one long-lived part until ctx ends.
+func runService(ctx context.Context, name string, args []string, stderr io.Writer, run func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error) int {
+	c, _, code, ok := loadConfig(name, args, stderr, nil)
+	if !ok {
+		return code
+	}
+	log := newLogger(c, name)
+	nc, js, err := connect(ctx, c, "mlx-serving-"+name, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving %s: connect: %v\n", name, err)
+		return exitUnreachable
+	}
+	defer nc.Close()
+	if name == "dispatcher" {
+		// Dispatchers own the streams' shape; provisioning is idempotent.
+		if err := bus.Provision(ctx, js, provisionOptions(c)); err != nil {
+			fmt.Fprintf(stderr, "mlx-serving %s: provision: %v\n", name, err)
+			return 1
+		}
+	}
+	if err := run(ctx, c, nc, log); err != nil && !errors.Is(err, context.Canceled) {
+		log.Error().Err(err).Msg("stopped with error")
+		return 1
+	}
+	return 0
+}
+
+func cmdWorker(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return runService(ctx, "worker", args, stderr, func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
+		models, _, err := modelSpec(ctx, c, pythonPath(c), log)
+		if err != nil {
+			return err
+		}
+		w, err := newWorker(c, nc, models, log)
+		if err != nil {
+			return err
+		}
+		return runWorker(ctx, w)
+	})
+}
+
+func cmdDispatcher(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return runService(ctx, "dispatcher", args, stderr, func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
+		d, err := newDispatcher(c, nc, log)
+		if err != nil {
+			return err
+		}
+		return d.Run(ctx)
+	})
+}
+
+func cmdGateway(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return runService(ctx, "gateway", args, stderr, func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
+		g, err := newGateway(c, nc, "", log)
+		if err != nil {
+			return err
+		}
+		return g.Run(ctx)
+	})
+}
+
+// runWorker starts w and, when ctx ends, drains it: the heartbeat says draining,
+// no new work is taken, running jobs finish (up to the drain timeout), the runtime
+// shuts down. A second signal exits the process at once (signalContext).
+func runWorker(ctx context.Context, w *worker.Agent) error {
+	if err := w.Start(ctx); err != nil {
+		return err
+	}
+	select {
+	case <-ctx.Done():
+	case <-w.Stopped():
+		return nil
+	}
+	return w.Drain(context.Background())
+}

@@ -1,0 +1,112 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+func init() {
+	register("status", "queue depth per priority, in flight, DLQ size and the workers", cmdStatus)
+}
+
+type statusReport struct {
+	Queued   map[string]uint64      `json:"queued"`
+	InFlight int                    `json:"in_flight"`
+	DLQ      uint64                 `json:"dlq"`
+	Results  uint64                 `json:"results"`
+	Workers  []schemas.HeartbeatMsg `json:"workers"`
+}
+
+func gatherStatus(ctx context.Context, js jetstream.JetStream) (statusReport, error) {
+	rep := statusReport{Queued: map[string]uint64{}}
+	for _, p := range schemas.Priorities {
+		rep.Queued[p] = 0
+	}
+	jobs, err := js.Stream(ctx, bus.StreamJobs)
+	if err != nil {
+		return rep, fmt.Errorf("stream %s: %w", bus.StreamJobs, err)
+	}
+	info, err := jobs.Info(ctx, jetstream.WithSubjectFilter(bus.SubjectJobsAll))
+	if err != nil {
+		return rep, err
+	}
+	for subj, n := range info.State.Subjects {
+		// mlx.jobs.<priority>.<id>
+		if parts := strings.Split(subj, "."); len(parts) == 4 {
+			rep.Queued[parts[2]] += n
+		}
+	}
+	if dlq, err := js.Stream(ctx, bus.StreamDLQ); err == nil {
+		if i, err := dlq.Info(ctx); err == nil {
+			rep.DLQ = i.State.Msgs
+		}
+	}
+	if res, err := js.Stream(ctx, bus.StreamResults); err == nil {
+		if i, err := res.Info(ctx); err == nil {
+			rep.Results = i.State.Msgs
+		}
+	}
+	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		return rep, fmt.Errorf("bucket %s: %w", bus.BucketWorkers, err)
+	}
+	keys, err := kv.Keys(ctx)
+	if err != nil && !errors.Is(err, jetstream.ErrNoKeysFound) {
+		return rep, err
+	}
+	for _, k := range keys {
+		e, err := kv.Get(ctx, k)
+		if err != nil {
+			continue // expired between Keys and Get
+		}
+		var hb schemas.HeartbeatMsg
+		if json.Unmarshal(e.Value(), &hb) == nil {
+			rep.Workers = append(rep.Workers, hb)
+			rep.InFlight += hb.InFlight
+		}
+	}
+	sort.Slice(rep.Workers, func(i, j int) bool { return rep.Workers[i].WorkerID < rep.Workers[j].WorkerID })
+	return rep, nil
+}
+
+func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	s, code, ok := openClient(ctx, "status", args, stderr, nil)
+	if !ok {
+		return code
+	}
+	defer s.Close()
+	rep, err := gatherStatus(ctx, s.js)
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving status: %v\n", err)
+		return exitFailed
+	}
+	if s.json {
+		_ = json.NewEncoder(stdout).Encode(rep)
+		return 0
+	}
+	fmt.Fprintf(stdout, "queued:    high %d · normal %d · low %d\n", rep.Queued["high"], rep.Queued["normal"], rep.Queued["low"])
+	fmt.Fprintf(stdout, "in flight: %d\nDLQ:       %d\nresults:   %d\n\n", rep.InFlight, rep.DLQ, rep.Results)
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "WORKER\tSTATE\tMODELS\tSLOTS\tIN FLIGHT\tLAST HEARTBEAT")
+	for _, w := range rep.Workers {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s ago\n", w.WorkerID, w.State, strings.Join(w.Models, ","), w.Slots, w.InFlight,
+			time.Since(w.UpdatedAt).Round(100*time.Millisecond))
+	}
+	if len(rep.Workers) == 0 {
+		fmt.Fprintln(tw, "(none)\t\t\t\t\t")
+	}
+	_ = tw.Flush()
+	return 0
+}

@@ -1,0 +1,328 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go"
+)
+
+// wrr is smooth weighted round robin over the three priorities: every pick adds
+// each eligible priority's weight to its credit, takes the largest (ties to the
+// higher priority) and charges it the eligible total. Over any window where all
+// are eligible, priority i is picked weight_i/sum times, interleaved, so a lower
+// priority is never starved however deep the higher queues are.
+type wrr struct {
+	w   [3]int
+	cur [3]int
+}
+
+// pick says who is next without committing (the caller may not use it).
+func (r *wrr) pick(elig [3]bool) int {
+	best, bestC := -1, 0
+	for i := range 3 {
+		if !elig[i] {
+			continue
+		}
+		if c := r.cur[i] + r.w[i]; best < 0 || c > bestC {
+			best, bestC = i, c
+		}
+	}
+	return best
+}
+
+func (r *wrr) commit(p int, elig [3]bool) {
+	total := 0
+	for i := range 3 {
+		if elig[i] {
+			r.cur[i] += r.w[i]
+			total += r.w[i]
+		}
+	}
+	r.cur[p] -= total
+}
+
+func (d *Dispatcher) schedLoop(ctx context.Context) {
+	t := time.NewTimer(time.Hour)
+	defer t.Stop()
+	for {
+		next := d.schedule(time.Now())
+		if !t.Stop() {
+			select {
+			case <-t.C:
+			default:
+			}
+		}
+		if !next.IsZero() {
+			t.Reset(max(time.Until(next), 0))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.wakeSched:
+		case <-t.C:
+		}
+	}
+}
+
+// batch is one assignment in flight.
+type batch struct {
+	id     string
+	worker string
+	model  string
+	jobs   []*job
+	msg    schemas.AssignmentMsg
+}
+
+// schedule requeues due retries and forms every batch that is ready: a model's
+// jobs go out when they fill the chosen worker's free slots (or MaxBatch), or
+// when the oldest has waited MaxWait. It returns when to look again (zero:
+// only when woken). Callers must not hold d.mu.
+func (d *Dispatcher) schedule(now time.Time) time.Time {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.draining {
+		return time.Time{}
+	}
+	var next time.Time
+	later := func(t time.Time) {
+		if next.IsZero() || t.Before(next) {
+			next = t
+		}
+	}
+	for _, j := range d.retrying {
+		if now.Before(j.retryAt) {
+			later(j.retryAt)
+			continue
+		}
+		delete(d.retrying, j.id)
+		if err := d.apply(j, EvRequeue); err != nil {
+			continue
+		}
+		j.attempt++
+		j.nextSeq = 0
+		d.enqueue(j, now)
+	}
+
+	skip := map[string]bool{} // models that cannot go out in this pass
+	for {
+		var heads [3]*job
+		var elig [3]bool
+		for p := range 3 {
+			for _, j := range d.queues[p] {
+				if !skip[j.req.Model] {
+					heads[p], elig[p] = j, true
+					break
+				}
+			}
+		}
+		p := d.pickWRR.pick(elig)
+		if p < 0 {
+			break
+		}
+		model := heads[p].req.Model
+		w := d.pickWorker(model, now)
+		if w == nil {
+			skip[model] = true
+			if d.modelUnserved(model, now) {
+				later(d.deadLetterUnserved(model, now))
+			}
+			continue
+		}
+		size := min(d.cfg.MaxBatch, w.free())
+		var members []*job
+		oldest := now
+		for q := range 3 {
+			for _, j := range d.queues[q] {
+				if j.req.Model == model {
+					members = append(members, j)
+					if j.enqueued.Before(oldest) {
+						oldest = j.enqueued
+					}
+				}
+			}
+		}
+		if len(members) < size && now.Sub(oldest) < d.cfg.MaxWait {
+			later(oldest.Add(d.cfg.MaxWait))
+			skip[model] = true
+			continue
+		}
+		d.pickWRR.commit(p, elig)
+		// The lead first, then the rest by priority and FIFO.
+		picked := []*job{heads[p]}
+		for _, j := range members {
+			if len(picked) == size {
+				break
+			}
+			if j != heads[p] {
+				picked = append(picked, j)
+			}
+		}
+		d.launch(w, model, picked)
+	}
+	return next
+}
+
+// launch sends one batch. Callers hold d.mu.
+func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
+	d.batchSeq++
+	b := &batch{id: d.cfg.DispatcherID + "-" + strconv.FormatUint(d.batchSeq, 36), worker: w.id, model: model, jobs: jobs}
+	b.msg = schemas.AssignmentMsg{BatchID: b.id, DispatcherID: d.cfg.DispatcherID, Model: model, Jobs: make([]schemas.AssignedJob, len(jobs))}
+	for i, j := range jobs {
+		d.unqueue(j)
+		_ = d.apply(j, EvDispatch)
+		j.workerID, j.batchID = w.id, b.id
+		j.ran = true
+		j.cur.Reset()
+		j.curToks = 0
+		j.nextSeq = 0
+		if j.replySub == nil {
+			// Subscribed before the assignment leaves on the same connection, so
+			// no token of this attempt can pass unseen.
+			if s, err := d.nc.Subscribe(j.req.ReplyTo, d.onReply); err == nil {
+				j.replySub = s
+			} else {
+				d.log.Error().Err(err).Str("job", j.id).Msg("subscribe reply subject")
+			}
+		}
+		aj := schemas.AssignedJob{Job: j.req, Attempt: j.attempt}
+		if j.resume.Text != "" || j.resume.CompletionTokens > 0 {
+			r := j.resume
+			aj.Resume = &r
+		}
+		b.msg.Jobs[i] = aj
+	}
+	w.pending += len(jobs)
+	w.br.take()
+	d.io.Add(1)
+	go func() {
+		defer d.io.Done()
+		d.assign(b)
+	}()
+}
+
+// assign offers the batch and applies the worker's answer.
+func (d *Dispatcher) assign(b *batch) {
+	data, err := json.Marshal(&b.msg)
+	var reply schemas.AssignmentReplyMsg
+	if err == nil {
+		ctx, cancel := context.WithTimeout(d.wctx, d.cfg.AssignTimeout)
+		var m *nats.Msg
+		m, err = d.nc.RequestWithContext(ctx, bus.AssignSubject(b.worker), data)
+		cancel()
+		if err == nil {
+			err = json.Unmarshal(m.Data, &reply)
+		}
+	}
+	now := time.Now()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	defer poke(d.wakeSched)
+	defer poke(d.wakePull)
+	w := d.workers[b.worker]
+	if w != nil {
+		w.pending -= len(b.jobs)
+	}
+	mine := func(j *job) bool { return !j.gone && j.batchID == b.id && j.state == StateDispatched }
+	switch {
+	case errors.Is(err, nats.ErrNoResponders):
+		// Nobody serves the subject: the batch surely did not start.
+		d.metrics.AssignErrors.Add(1)
+		if w != nil {
+			w.br.record(false, now)
+			w.capOverride = 0
+		}
+		for _, j := range b.jobs {
+			if mine(j) && d.apply(j, EvRefused) == nil {
+				d.enqueue(j, j.enqueued)
+			}
+		}
+	case err != nil:
+		d.metrics.AssignErrors.Add(1)
+		if w != nil {
+			w.br.record(false, now)
+		}
+		d.log.Warn().Err(err).Str("worker", b.worker).Str("batch", b.id).Msg("assignment failed")
+		for _, j := range b.jobs {
+			if mine(j) {
+				d.retryableFailure(j, schemas.ErrorInfo{Code: "assign_failed", Message: err.Error(), Retryable: true}, nil, 0)
+			}
+		}
+	case reply.Status == schemas.AssignAccepted:
+		d.metrics.Batches.Add(1)
+		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
+		if w != nil {
+			w.br.record(true, now)
+			w.unreflected += len(b.jobs)
+			w.capOverride = reply.FreeSlots
+		}
+		for _, j := range b.jobs {
+			if mine(j) {
+				_ = d.apply(j, EvAccepted)
+			}
+		}
+	default: // full or rejected: skip this worker until it reports again
+		d.metrics.AssignFull.Add(1)
+		if w != nil {
+			w.br.record(true, now) // it answered: healthy, just busy
+			w.capOverride = 0
+			if reply.Status == schemas.AssignFull {
+				w.capOverride = max(reply.FreeSlots, 0)
+			}
+		}
+		for _, j := range b.jobs {
+			if mine(j) && d.apply(j, EvRefused) == nil {
+				d.enqueue(j, j.enqueued)
+			}
+		}
+	}
+}
+
+// modelUnserved reports whether workers are up but none of them has the model:
+// then waiting would not help. A fleet with no ready worker at all is an outage,
+// and jobs wait for it to end. Callers hold d.mu.
+func (d *Dispatcher) modelUnserved(model string, now time.Time) bool {
+	ready := false
+	for _, w := range d.workers {
+		if w.lost || now.Sub(w.seenAt) > d.cfg.WorkerTTL {
+			continue
+		}
+		if slices.Contains(w.hb.Models, model) {
+			return false
+		}
+		ready = ready || w.hb.State == schemas.WorkerReady
+	}
+	return ready
+}
+
+// deadLetterUnserved fails the queued jobs of a model no live worker serves once
+// they have waited ModelWait (room for a worker that is still loading it), into
+// the DLQ so they can be replayed when one does. It returns when to look again.
+// Callers hold d.mu.
+func (d *Dispatcher) deadLetterUnserved(model string, now time.Time) time.Time {
+	var next time.Time
+	for q := range 3 {
+		for _, j := range slices.Clone(d.queues[q]) {
+			if j.req.Model != model {
+				continue
+			}
+			if due := j.enqueued.Add(d.cfg.ModelWait); now.Before(due) {
+				if next.IsZero() || due.Before(next) {
+					next = due
+				}
+				continue
+			}
+			d.unqueue(j)
+			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, &schemas.ErrorInfo{
+				Code: "model_not_available", Message: fmt.Sprintf("no worker serves model %q", model)})
+		}
+	}
+	return next
+}

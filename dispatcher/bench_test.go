@@ -1,0 +1,110 @@
+package dispatcher
+
+import (
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// BenchmarkDispatch measures the dispatcher end to end with minimal jobs (one
+// token) on two simulated in-process workers of 16 slots: jobs/s from submit to
+// RESULTS, dispatch latency (created_at → the worker has the assignment) and
+// allocations per job (whole process: embedded server and fake workers too).
+func BenchmarkDispatch(b *testing.B) {
+	e := newEnv(b, bus.ProvisionOptions{JobsMaxMsgs: 1 << 20})
+	w1 := e.startWorker("w1", 16, []string{"m"}, nil)
+	w2 := e.startWorker("w2", 16, []string{"m"}, nil)
+	cfg := testConfig("bench", e.connect("bench"))
+	cfg.MaxWait = 2 * time.Millisecond
+	cfg.AckWait = 30 * time.Second
+	cfg.WorkerTTL = 10 * time.Second
+	_, _ = runDispatcher(b, cfg)
+
+	var done atomic.Int64
+	all := make(chan struct{})
+	target := int64(b.N)
+	sub, _ := e.nc.Subscribe(bus.SubjectResultsAll, func(*nats.Msg) {
+		if done.Add(1) == target {
+			close(all)
+		}
+	})
+	defer sub.Unsubscribe()
+	_ = e.nc.Flush()
+
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for i := range b.N {
+		j := newJob(fmt.Sprintf("b%09d", i), "m", "normal")
+		j.MaxTokens = 1
+		now := time.Now()
+		j.CreatedAt = &now
+		data, _ := json.Marshal(j)
+		if _, err := e.js.PublishAsync(bus.JobSubject("normal", j.ID), data, jetstream.WithMsgID(j.ID)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	select {
+	case <-e.js.PublishAsyncComplete():
+	case <-time.After(time.Minute):
+		b.Fatal("publish stalled")
+	}
+	select {
+	case <-all:
+	case <-time.After(5 * time.Minute):
+		b.Fatalf("%d of %d results", done.Load(), b.N)
+	}
+	elapsed := time.Since(start)
+	b.StopTimer()
+
+	w1.mu.Lock()
+	lat := append([]time.Duration(nil), w1.latencies...)
+	w1.mu.Unlock()
+	w2.mu.Lock()
+	lat = append(lat, w2.latencies...)
+	w2.mu.Unlock()
+	slices.Sort(lat)
+	if len(lat) > 0 {
+		b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-dispatch-ms")
+		b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-dispatch-ms")
+	}
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "jobs/s")
+}
+
+// BenchmarkDispatchLatencyIdle submits one job at a time to an idle fleet: the
+// dispatch latency then is the dispatcher's own (pull, checks, batch window of
+// MaxWait=1ms, assignment round trip), not queueing.
+func BenchmarkDispatchLatencyIdle(b *testing.B) {
+	e := newEnv(b, bus.ProvisionOptions{JobsMaxMsgs: 1 << 20})
+	w := e.startWorker("w1", 4, []string{"m"}, nil)
+	cfg := testConfig("bench", e.connect("bench"))
+	cfg.MaxWait = time.Millisecond
+	cfg.AckWait = 30 * time.Second
+	cfg.WorkerTTL = 10 * time.Second
+	_, _ = runDispatcher(b, cfg)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		j := newJob(fmt.Sprintf("s%09d", i), "m", "normal")
+		j.MaxTokens = 1
+		c := e.listen(j.ReplyTo)
+		now := time.Now()
+		j.CreatedAt = &now
+		e.mustSubmit(j)
+		c.wait(b, 10*time.Second)
+	}
+	b.StopTimer()
+	w.mu.Lock()
+	lat := append([]time.Duration(nil), w.latencies...)
+	w.mu.Unlock()
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-dispatch-ms")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-dispatch-ms")
+}

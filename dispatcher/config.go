@@ -1,0 +1,117 @@
+package dispatcher
+
+import (
+	"errors"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+)
+
+// Config configures a Dispatcher. Zero values take the defaults noted.
+type Config struct {
+	// DispatcherID names this process in assignments and DLQ records. Required.
+	DispatcherID string
+	// Conn is the NATS connection (JetStream enabled on the server). Required.
+	Conn *nats.Conn
+
+	// MaxWait is how long the first job of a model waits for others to join its
+	// batch (default 5 ms).
+	MaxWait time.Duration
+	// MaxBatch caps the jobs of one assignment (default 8).
+	MaxBatch int
+	// ModelWait is how long a job waits for a model that live workers exist for
+	// but none has loaded, before it is dead-lettered as model_not_available
+	// (default 10 s). With no live worker at all, jobs wait indefinitely.
+	ModelWait time.Duration
+	// MaxAttempts caps the attempts of a job before it is dead-lettered (default 3).
+	MaxAttempts int
+	// AckWait is the JOBS consumers' ack wait (default 30 s); held jobs are kept
+	// alive with in-progress acks every AckWait/3.
+	AckWait time.Duration
+	// MaxAckPending bounds the jobs in flight per priority consumer (default 1024).
+	MaxAckPending int
+	// AssignTimeout bounds one assignment request/reply (default 5 s).
+	AssignTimeout time.Duration
+	// WorkerTTL: a worker whose registry entry was not updated for this long is
+	// lost (default 10 s; keep it equal to the bucket's TTL).
+	WorkerTTL time.Duration
+	// BackoffInitial, BackoffMax and BackoffMultiplier shape the exponential
+	// backoff (with ±50% jitter) between attempts (defaults 250 ms, 10 s, 2).
+	BackoffInitial    time.Duration
+	BackoffMax        time.Duration
+	BackoffMultiplier float64
+	// BreakerThreshold consecutive assignment failures open a worker's breaker
+	// (default 3) for BreakerCooldown (default 5 s), then one probe is let through.
+	BreakerThreshold int
+	BreakerCooldown  time.Duration
+	// Weights of high, normal and low for weighted fair selection (default 4, 2, 1).
+	Weights [3]int
+	// DrainTimeout bounds how long Run, once its context is cancelled, keeps
+	// in-progress-acking jobs running on workers so their terminal state is
+	// acked by this process (default AckWait). Zero-or-negative after defaults
+	// only via NoDrain.
+	DrainTimeout time.Duration
+	// NoDrain makes Run return at once on cancel, leaving running jobs to be
+	// redelivered (and recognised through RESULTS) elsewhere.
+	NoDrain bool
+	// ConsumerPrefix prefixes the durable consumer names (default "dispatch");
+	// every dispatcher of one fleet must use the same.
+	ConsumerPrefix string
+	// Logger receives the dispatcher's logs (default: disabled).
+	Logger *zerolog.Logger
+}
+
+// ErrConfig is matched by errors New returns for a bad Config.
+var ErrConfig = errors.New("dispatcher: bad config")
+
+func (c Config) withDefaults() (Config, error) {
+	if c.DispatcherID == "" {
+		return c, errors.Join(ErrConfig, errors.New("DispatcherID is required"))
+	}
+	if c.Conn == nil {
+		return c, errors.Join(ErrConfig, errors.New("Conn is required"))
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	defInt := func(d *int, v int) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&c.MaxWait, 5*time.Millisecond)
+	defInt(&c.MaxBatch, 8)
+	defInt(&c.MaxAttempts, 3)
+	def(&c.ModelWait, 10*time.Second)
+	def(&c.AckWait, 30*time.Second)
+	defInt(&c.MaxAckPending, 1024)
+	def(&c.AssignTimeout, 5*time.Second)
+	def(&c.WorkerTTL, 10*time.Second)
+	def(&c.BackoffInitial, 250*time.Millisecond)
+	def(&c.BackoffMax, 10*time.Second)
+	if c.BackoffMultiplier < 1 {
+		c.BackoffMultiplier = 2
+	}
+	defInt(&c.BreakerThreshold, 3)
+	def(&c.BreakerCooldown, 5*time.Second)
+	if c.Weights == [3]int{} {
+		c.Weights = [3]int{4, 2, 1}
+	}
+	for i := range c.Weights {
+		if c.Weights[i] <= 0 {
+			return c, errors.Join(ErrConfig, errors.New("Weights must all be positive"))
+		}
+	}
+	def(&c.DrainTimeout, c.AckWait)
+	if c.ConsumerPrefix == "" {
+		c.ConsumerPrefix = "dispatch"
+	}
+	if c.Logger == nil {
+		l := zerolog.Nop()
+		c.Logger = &l
+	}
+	return c, nil
+}

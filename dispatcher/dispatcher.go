@@ -1,0 +1,298 @@
+package dispatcher
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+)
+
+// ErrRunning is returned by Run when the Dispatcher already runs or ran.
+var ErrRunning = errors.New("dispatcher: Run called twice")
+
+// Dispatcher owns jobs from delivery to terminal state. Create it with New, run
+// it with Run; any number of dispatchers may run against one JetStream.
+type Dispatcher struct {
+	cfg     Config
+	nc      *nats.Conn
+	js      jetstream.JetStream
+	log     zerolog.Logger
+	metrics Metrics
+
+	jobsStream    jetstream.Stream
+	cancelsStream jetstream.Stream
+	consumers     [3]jetstream.Consumer
+	pullWRR       wrr // pull goroutine only
+
+	wakePull  chan struct{}
+	wakeSched chan struct{}
+	changed   chan struct{} // pinged when a job is forgotten (drain waits on it)
+
+	wctx    context.Context // lives until Run returns: I/O of held jobs
+	wcancel context.CancelFunc
+	io      sync.WaitGroup
+
+	mu       sync.Mutex
+	started  bool
+	draining bool
+	jobs     map[string]*job
+	queues   [3][]*job // queued jobs by priority, sorted by stream sequence
+	retrying map[string]*job
+	onWorker int // jobs dispatched or running
+	workers  map[string]*workerView
+	pickWRR  wrr
+	batchSeq uint64
+}
+
+// job is one held JOBS message. Guarded by Dispatcher.mu.
+type job struct {
+	id        string
+	pri       int
+	msg       jetstream.Msg
+	seq       uint64 // stream sequence: FIFO order within a priority
+	req       schemas.JobRequest
+	state     State
+	attempt   int
+	base      int  // attempts used before a replay (job metadata mlx_attempt_base)
+	intaking  bool // registered but not yet checked against RESULTS/CANCELS
+	inQueue   bool
+	gone      bool // forgotten: terminal or handed back
+	enqueued  time.Time
+	progress  time.Time // last in-progress ack
+	retryAt   time.Time
+	bo        backoff.BackOff
+	cancelReq bool
+	ran       bool // offered to a worker at least once by this dispatcher
+
+	workerID string
+	batchID  string
+	replySub *nats.Subscription
+	resume   schemas.Resume // what the caller received before the current attempt
+	cur      strings.Builder
+	curToks  int // cumulative completion tokens from the current attempt's events
+	nextSeq  int
+	lastErr  schemas.ErrorInfo
+}
+
+// New checks cfg and returns a Dispatcher; nothing touches NATS until Run.
+func New(cfg Config) (*Dispatcher, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	js, err := jetstream.New(cfg.Conn)
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: jetstream: %w", err)
+	}
+	d := &Dispatcher{
+		cfg:       cfg,
+		nc:        cfg.Conn,
+		js:        js,
+		log:       cfg.Logger.With().Str("dispatcher", cfg.DispatcherID).Logger(),
+		wakePull:  make(chan struct{}, 1),
+		wakeSched: make(chan struct{}, 1),
+		changed:   make(chan struct{}, 1),
+		jobs:      map[string]*job{},
+		retrying:  map[string]*job{},
+		workers:   map[string]*workerView{},
+	}
+	d.pullWRR.w = cfg.Weights
+	d.pickWRR.w = cfg.Weights
+	return d, nil
+}
+
+// Metrics returns the live counters.
+func (d *Dispatcher) Metrics() *Metrics { return &d.metrics }
+
+// ID returns the configured DispatcherID.
+func (d *Dispatcher) ID() string { return d.cfg.DispatcherID }
+
+// ConsumerName is the durable consumer of one priority; every dispatcher with the
+// same prefix shares it.
+func ConsumerName(prefix, priority string) string { return prefix + "-" + priority }
+
+func poke(c chan struct{}) {
+	select {
+	case c <- struct{}{}:
+	default:
+	}
+}
+
+// Run consumes jobs until ctx is cancelled, then stops pulling, hands back the
+// jobs not yet on a worker (nak, so another dispatcher takes them at once),
+// waits up to DrainTimeout for the running ones to finish (unless NoDrain), and
+// returns. The streams, the consumers' stream and the KV bucket must exist
+// (bus.Provision); the consumers are created or updated here.
+func (d *Dispatcher) Run(ctx context.Context) error {
+	d.mu.Lock()
+	if d.started {
+		d.mu.Unlock()
+		return ErrRunning
+	}
+	d.started = true
+	d.mu.Unlock()
+
+	var err error
+	if d.jobsStream, err = d.js.Stream(ctx, bus.StreamJobs); err != nil {
+		return fmt.Errorf("dispatcher: stream %s: %w", bus.StreamJobs, err)
+	}
+	if d.cancelsStream, err = d.js.Stream(ctx, bus.StreamCancels); err != nil {
+		return fmt.Errorf("dispatcher: stream %s: %w", bus.StreamCancels, err)
+	}
+	for i, p := range schemas.Priorities {
+		c, err := d.js.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
+			Durable:       ConsumerName(d.cfg.ConsumerPrefix, p),
+			FilterSubject: bus.JobsPrioritySubject(p),
+			AckPolicy:     jetstream.AckExplicitPolicy,
+			AckWait:       d.cfg.AckWait,
+			MaxDeliver:    -1,
+			MaxAckPending: d.cfg.MaxAckPending,
+			DeliverPolicy: jetstream.DeliverAllPolicy,
+		})
+		if err != nil {
+			return fmt.Errorf("dispatcher: consumer %s: %w", p, err)
+		}
+		d.consumers[i] = c
+	}
+	kv, err := d.js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		return fmt.Errorf("dispatcher: bucket %s: %w", bus.BucketWorkers, err)
+	}
+
+	d.wctx, d.wcancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer d.wcancel()
+	watcher, err := kv.WatchAll(d.wctx)
+	if err != nil {
+		return fmt.Errorf("dispatcher: watch %s: %w", bus.BucketWorkers, err)
+	}
+	defer func() { _ = watcher.Stop() }()
+
+	var subs []*nats.Subscription
+	defer func() {
+		for _, s := range subs {
+			_ = s.Unsubscribe()
+		}
+	}()
+	for subj, h := range map[string]nats.MsgHandler{
+		bus.SubjectResultsAll:  d.onResult,
+		bus.SubjectCancelAll:   d.onCancel,
+		bus.SubjectAttemptsAll: d.onAttemptReport,
+		bus.SubjectJobsAll:     func(*nats.Msg) { poke(d.wakePull) },
+	} {
+		s, err := d.nc.Subscribe(subj, h)
+		if err != nil {
+			return fmt.Errorf("dispatcher: subscribe %s: %w", subj, err)
+		}
+		subs = append(subs, s)
+	}
+	// The subscriptions must be live on the server before the first pull, or a
+	// result published in between would go unseen.
+	if err := d.nc.FlushTimeout(10 * time.Second); err != nil {
+		return fmt.Errorf("dispatcher: flush: %w", err)
+	}
+
+	var loops sync.WaitGroup
+	pullCtx, stopPull := context.WithCancel(ctx)
+	defer stopPull()
+	loops.Add(4)
+	go func() { defer loops.Done(); d.watchLoop(watcher) }()
+	go func() { defer loops.Done(); d.pullLoop(pullCtx) }()
+	go func() { defer loops.Done(); d.schedLoop(d.wctx) }()
+	go func() { defer loops.Done(); d.tickLoop(d.wctx) }()
+	d.log.Info().Msg("dispatcher running")
+
+	<-ctx.Done()
+	stopPull()
+	d.shutdown()
+	d.wcancel()
+	loops.Wait()
+	d.io.Wait()
+	d.log.Info().Msg("dispatcher stopped")
+	return nil
+}
+
+// shutdown hands back what is not on a worker and waits for the rest.
+func (d *Dispatcher) shutdown() {
+	d.mu.Lock()
+	d.draining = true
+	var back []jetstream.Msg
+	for _, j := range d.jobs {
+		if j.state == StateQueued || j.state == StateRetrying {
+			back = append(back, j.msg)
+			d.forget(j)
+		}
+	}
+	d.mu.Unlock()
+	for _, m := range back {
+		_ = m.Nak()
+	}
+	if d.cfg.NoDrain {
+		return
+	}
+	deadline := time.NewTimer(d.cfg.DrainTimeout)
+	defer deadline.Stop()
+	for {
+		d.mu.Lock()
+		n := len(d.jobs)
+		d.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		select {
+		case <-d.changed:
+		case <-deadline.C:
+			d.log.Warn().Int("jobs", n).Msg("drain timeout: leaving running jobs to redelivery")
+			return
+		}
+	}
+}
+
+func (d *Dispatcher) tickLoop(ctx context.Context) {
+	every := min(d.cfg.AckWait/6, d.cfg.WorkerTTL/4, time.Second)
+	every = max(every, 10*time.Millisecond)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		d.tick(time.Now())
+	}
+}
+
+// tick keeps held messages alive, expires queued jobs and detects lost workers.
+func (d *Dispatcher) tick(now time.Time) {
+	var alive []jetstream.Msg
+	d.mu.Lock()
+	for _, j := range d.jobs {
+		if now.Sub(j.progress) >= d.cfg.AckWait/3 {
+			j.progress = now
+			alive = append(alive, j.msg)
+		}
+		if (j.state == StateQueued && !j.intaking) || j.state == StateRetrying {
+			if j.req.Deadline != nil && now.After(*j.req.Deadline) {
+				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: "deadline_exceeded", Message: "deadline passed before the job ran"})
+			}
+		}
+	}
+	for id, w := range d.workers {
+		if !w.lost && now.Sub(w.seenAt) > d.cfg.WorkerTTL {
+			d.workerLost(id, "heartbeat older than worker TTL")
+		}
+	}
+	d.mu.Unlock()
+	for _, m := range alive {
+		_ = m.InProgress()
+	}
+}

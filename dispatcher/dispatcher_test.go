@@ -1,0 +1,584 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+func TestCompletesAndAcks(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 4, []string{"m"}, nil)
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("job-1", "m", "normal")
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	r := c.wait(t, 10*time.Second)
+	if r.Status != schemas.StatusCompleted || c.text() != fullText(5) || r.Text != fullText(5) {
+		t.Fatalf("result %+v text %q", r, c.text())
+	}
+	waitFor(t, 5*time.Second, "JOBS empty (acked)", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 5*time.Second, "completed counted", func() bool { return d.Metrics().Completed.Load() == 1 })
+	if a, _, _ := w.snapshot(); a["job-1"] != 1 {
+		t.Fatalf("assigned %v", a)
+	}
+}
+
+func TestBatchingWithinWindow(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 8, []string{"a", "b"}, nil)
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.MaxWait = 1500 * time.Millisecond // wide, so a loaded test machine does not race the window; a full batch goes at once
+	_, _ = runDispatcher(t, cfg)
+
+	for i := range 8 {
+		e.mustSubmit(newJob(fmt.Sprintf("a-%d", i), "a", "normal"))
+	}
+	var first schemas.AssignmentMsg
+	select {
+	case first = <-w.onAssign:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no assignment")
+	}
+	if len(first.Jobs) != 8 || first.Model != "a" {
+		t.Fatalf("8 jobs of one model in the window became a batch of %d (%s)", len(first.Jobs), first.Model)
+	}
+	for i := range 8 {
+		e.waitResult(fmt.Sprintf("a-%d", i), 10*time.Second)
+	}
+	// Mixed models split into one batch per model.
+	for i := range 3 {
+		e.mustSubmit(newJob(fmt.Sprintf("ma-%d", i), "a", "normal"))
+		e.mustSubmit(newJob(fmt.Sprintf("mb-%d", i), "b", "normal"))
+	}
+	for i := range 3 {
+		e.waitResult(fmt.Sprintf("ma-%d", i), 10*time.Second)
+		e.waitResult(fmt.Sprintf("mb-%d", i), 10*time.Second)
+	}
+	_, _, batches := w.snapshot()
+	if len(batches) != 3 {
+		t.Fatalf("want 3 batches (a×8, a×3, b×3), got %d", len(batches))
+	}
+	for _, b := range batches[1:] {
+		if len(b.Jobs) != 3 {
+			t.Errorf("batch %s of %d jobs", b.Model, len(b.Jobs))
+		}
+		for _, aj := range b.Jobs {
+			if aj.Job.Model != b.Model {
+				t.Errorf("job of model %s in a batch of %s", aj.Job.Model, b.Model)
+			}
+		}
+	}
+}
+
+func TestBatchNeverAboveFreeSlots(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 3, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{tokenGap: 5 * time.Millisecond} })
+	_, _ = runDispatcher(t, testConfig("d1", e.connect("d1")))
+	for i := range 20 {
+		e.mustSubmit(newJob(fmt.Sprintf("j-%d", i), "m", "normal"))
+	}
+	for i := range 20 {
+		e.waitResult(fmt.Sprintf("j-%d", i), 20*time.Second)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.maxBatch > 3 || w.fulls != 0 {
+		t.Fatalf("largest batch %d for 3 slots, %d refused as full", w.maxBatch, w.fulls)
+	}
+	if len(w.order) != 20 {
+		t.Fatalf("%d assignments for 20 jobs", len(w.order))
+	}
+}
+
+// TestPriorityOrderNoStarvation: one slot, all three priorities backlogged. High
+// goes first, FIFO holds within a priority, and low still runs long before the
+// high backlog is gone.
+func TestPriorityOrderNoStarvation(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.MaxBatch = 1
+	_, _ = runDispatcher(t, cfg)
+	const n = 20
+	for _, p := range []string{"low", "normal", "high"} {
+		for i := range n {
+			e.mustSubmit(newJob(fmt.Sprintf("%s-%02d", p, i), "m", p))
+		}
+	}
+	// No worker yet: nothing may be pulled.
+	time.Sleep(150 * time.Millisecond)
+	if got := e.streamMsgs(bus.StreamJobs); got != 3*n {
+		t.Fatalf("pulled without capacity: JOBS has %d", got)
+	}
+	w := e.startWorker("w1", 1, []string{"m"}, nil)
+	for _, p := range []string{"low", "normal", "high"} {
+		for i := range n {
+			e.waitResult(fmt.Sprintf("%s-%02d", p, i), 30*time.Second)
+		}
+	}
+	_, order, _ := w.snapshot()
+	if len(order) != 3*n {
+		t.Fatalf("%d assignments", len(order))
+	}
+	if !strings.HasPrefix(order[0], "high-") {
+		t.Errorf("first job %s, want a high one", order[0])
+	}
+	last := map[string]string{}
+	for _, id := range order {
+		p := id[:strings.IndexByte(id, '-')]
+		if id < last[p] {
+			t.Errorf("FIFO broken within %s: %s after %s", p, id, last[p])
+		}
+		last[p] = id
+	}
+	var cnt = map[string]int{}
+	firstLow := -1
+	for i, id := range order[:21] {
+		p := id[:strings.IndexByte(id, '-')]
+		cnt[p]++
+		if p == "low" && firstLow < 0 {
+			firstLow = i
+		}
+	}
+	if !(cnt["high"] > cnt["normal"] && cnt["normal"] > cnt["low"] && cnt["low"] >= 1) {
+		t.Errorf("first 21 assignments by priority %v, want high > normal > low ≥ 1 (order %v)", cnt, order[:21])
+	}
+	if firstLow < 0 || firstLow > 14 {
+		t.Errorf("low starved: first low at %d", firstLow)
+	}
+	t.Logf("first 21: %v; first low at %d", cnt, firstLow)
+}
+
+func TestTwoDispatchersNoDoubleRun(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w1 := e.startWorker("w1", 4, []string{"m"}, nil)
+	w2 := e.startWorker("w2", 4, []string{"m"}, nil)
+	d1, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	d2, _ := runDispatcher(t, testConfig("d2", e.connect("d2")))
+	const n = 60
+	for i := range n {
+		e.mustSubmit(newJob(fmt.Sprintf("j-%02d", i), "m", schemas.Priorities[i%3]))
+	}
+	for i := range n {
+		if r := e.waitResult(fmt.Sprintf("j-%02d", i), 30*time.Second); r.Status != schemas.StatusCompleted {
+			t.Fatalf("status %s", r.Status)
+		}
+	}
+	a1, _, _ := w1.snapshot()
+	a2, _, _ := w2.snapshot()
+	for i := range n {
+		id := fmt.Sprintf("j-%02d", i)
+		if a1[id]+a2[id] != 1 {
+			t.Errorf("%s assigned %d times", id, a1[id]+a2[id])
+		}
+	}
+	p1, p2 := d1.Metrics().JobsAssigned.Load(), d2.Metrics().JobsAssigned.Load()
+	if p1+p2 != n {
+		t.Errorf("dispatchers assigned %d + %d", p1, p2)
+	}
+	t.Logf("d1 assigned %d, d2 %d", p1, p2)
+}
+
+// TestRestartLosesNothing: a dispatcher dies (no drain) with jobs running and
+// queued; a new one finishes every job and re-runs none that finished.
+func TestRestartLosesNothing(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{tokenGap: 40 * time.Millisecond} })
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.AckWait = time.Second
+	cfg.NoDrain = true
+	cfg.MaxBatch = 1
+	_, stopA := runDispatcher(t, cfg)
+	const n = 8
+	for i := range n {
+		e.mustSubmit(newJob(fmt.Sprintf("j-%d", i), "m", "normal"))
+	}
+	waitFor(t, 10*time.Second, "two jobs running", func() bool { _, o, _ := w.snapshot(); return len(o) >= 2 })
+	stopA()
+	// The running jobs finish on the worker while no dispatcher runs.
+	e.waitResult("j-0", 10*time.Second)
+	cfgB := testConfig("d2", e.connect("d2"))
+	cfgB.AckWait = time.Second
+	_, _ = runDispatcher(t, cfgB)
+	for i := range n {
+		if r := e.waitResult(fmt.Sprintf("j-%d", i), 30*time.Second); r.Status != schemas.StatusCompleted {
+			t.Fatalf("status %s", r.Status)
+		}
+	}
+	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	a, _, _ := w.snapshot()
+	for i := range n {
+		if id := fmt.Sprintf("j-%d", i); a[id] != 1 {
+			t.Errorf("%s assigned %d times", id, a[id])
+		}
+	}
+}
+
+// TestWorkerLostMidStreamMigrates: the worker dies silently after 3 tokens; the
+// job resumes on another worker with exactly the text already sent.
+func TestWorkerLostMidStreamMigrates(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w1 := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{die: 3} })
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("mig", "m", "normal")
+	j.MaxTokens = 10
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	waitFor(t, 10*time.Second, "worker 1 dead", w1.isDead)
+	w2 := e.startWorker("w2", 2, []string{"m"}, nil)
+	r := c.wait(t, 15*time.Second)
+	if r.Status != schemas.StatusCompleted {
+		t.Fatalf("status %s %+v", r.Status, r.Error)
+	}
+	want := fullText(10)
+	if got := c.text(); got != want || r.Text != want {
+		t.Fatalf("caller saw %q, result %q, want %q", got, r.Text, want)
+	}
+	_, _, batches := w2.snapshot()
+	if len(batches) != 1 || len(batches[0].Jobs) != 1 {
+		t.Fatalf("w2 batches %v", batches)
+	}
+	aj := batches[0].Jobs[0]
+	if aj.Attempt != 2 || aj.Resume == nil || aj.Resume.Text != fullText(3) || aj.Resume.CompletionTokens != 3 {
+		t.Fatalf("second attempt %d resume %+v", aj.Attempt, aj.Resume)
+	}
+	if d.Metrics().WorkersLost.Load() != 1 || d.Metrics().Retries.Load() != 1 {
+		t.Fatalf("lost %d retries %d", d.Metrics().WorkersLost.Load(), d.Metrics().Retries.Load())
+	}
+}
+
+func TestDeadLetterAfterMaxAttempts(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{crash: 1} })
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("doomed", "m", "normal")
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	r := c.wait(t, 15*time.Second)
+	if r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != "attempts_exhausted" || !strings.Contains(r.Error.Message, "runtime_crashed") {
+		t.Fatalf("terminal %+v err %+v", r, r.Error)
+	}
+	if got, want := c.text(), fullText(3); got != want || r.Text != want {
+		t.Fatalf("text %q / %q, want %q", got, r.Text, want)
+	}
+	s, _ := e.js.Stream(context.Background(), bus.StreamDLQ)
+	raw, err := s.GetLastMsgForSubject(context.Background(), bus.DLQSubject("doomed"))
+	if err != nil {
+		t.Fatalf("DLQ: %v", err)
+	}
+	var rec schemas.DLQRecordMsg
+	_ = json.Unmarshal(raw.Data, &rec)
+	if rec.Attempts != 3 || rec.LastError.Code != "runtime_crashed" || rec.Job.ID != "doomed" || rec.DispatcherID != "d1" {
+		t.Fatalf("dlq record %+v", rec)
+	}
+	_, _, batches := w.snapshot()
+	if len(batches) != 3 {
+		t.Fatalf("%d attempts ran", len(batches))
+	}
+	for i, b := range batches {
+		if b.Jobs[0].Attempt != i+1 {
+			t.Errorf("attempt %d numbered %d", i+1, b.Jobs[0].Attempt)
+		}
+		if i > 0 && (b.Jobs[0].Resume == nil || b.Jobs[0].Resume.Text != fullText(i)) {
+			t.Errorf("attempt %d resume %+v", i+1, b.Jobs[0].Resume)
+		}
+	}
+	waitFor(t, 5*time.Second, "acked", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	if d.Metrics().DeadLettered.Load() != 1 {
+		t.Fatalf("DeadLettered %d", d.Metrics().DeadLettered.Load())
+	}
+}
+
+func TestExpiredWithoutRunning(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	_, _ = runDispatcher(t, testConfig("d1", e.connect("d1")))
+	past := time.Now().Add(-time.Second)
+	soon := time.Now().Add(200 * time.Millisecond)
+	j1, j2 := newJob("late", "m", "normal"), newJob("soon", "m", "high")
+	j1.Deadline, j2.Deadline = &past, &soon
+	c1 := e.listen(j1.ReplyTo)
+	e.mustSubmit(j1)
+	e.mustSubmit(j2)
+	time.Sleep(400 * time.Millisecond) // j2's deadline passes while it waits in JOBS (no worker)
+	w := e.startWorker("w1", 2, []string{"m"}, nil)
+	for _, id := range []string{"late", "soon"} {
+		r := e.waitResult(id, 10*time.Second)
+		if r.Status != schemas.StatusExpired || r.Error == nil || r.Error.Code != "deadline_exceeded" {
+			t.Fatalf("%s: %+v", id, r)
+		}
+	}
+	if r := c1.wait(t, 5*time.Second); r.Status != schemas.StatusExpired {
+		t.Fatalf("caller got %s", r.Status)
+	}
+	if a, _, _ := w.snapshot(); len(a) != 0 {
+		t.Fatalf("expired jobs ran: %v", a)
+	}
+	waitFor(t, 5*time.Second, "acked", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+}
+
+func TestCancelQueued(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	prod, err := bus.NewProducer(e.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Cancelled while no dispatcher ran: recognised through CANCELS when pulled.
+	early := newJob("early", "m", "normal")
+	e.mustSubmit(early)
+	if err := prod.Cancel(context.Background(), "early", "changed my mind"); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	// Cancelled while waiting in JOBS (no worker, so never delivered).
+	inJobs := newJob("in-jobs", "m", "normal")
+	c := e.listen(inJobs.ReplyTo)
+	e.mustSubmit(inJobs)
+	time.Sleep(50 * time.Millisecond)
+	if err := prod.Cancel(context.Background(), "in-jobs", "stop"); err != nil {
+		t.Fatal(err)
+	}
+	r := c.wait(t, 10*time.Second)
+	if r.Status != schemas.StatusCancelled {
+		t.Fatalf("in-jobs: %+v", r)
+	}
+	if got := e.streamMsgs(bus.StreamJobs); got != 1 { // only "early" is left
+		t.Fatalf("JOBS has %d messages", got)
+	}
+	w := e.startWorker("w1", 2, []string{"m"}, nil)
+	if r := e.waitResult("early", 10*time.Second); r.Status != schemas.StatusCancelled {
+		t.Fatalf("early: %+v", r)
+	}
+	waitFor(t, 5*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	if a, _, _ := w.snapshot(); len(a) != 0 {
+		t.Fatalf("cancelled jobs ran: %v", a)
+	}
+	if d.Metrics().Cancelled.Load() != 2 {
+		t.Fatalf("Cancelled = %d", d.Metrics().Cancelled.Load())
+	}
+}
+
+func TestCancelHeldNotDispatched(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 8, []string{"m"}, nil)
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.MaxWait = time.Hour // a lone job waits in memory for its batch to fill
+	d, _ := runDispatcher(t, cfg)
+	held := newJob("held", "m", "normal")
+	c := e.listen(held.ReplyTo)
+	e.mustSubmit(held)
+	waitFor(t, 5*time.Second, "held pulled", func() bool { return d.Metrics().JobsPulled.Load() == 1 })
+	prod, _ := bus.NewProducer(e.nc)
+	if err := prod.Cancel(context.Background(), "held", ""); err != nil {
+		t.Fatal(err)
+	}
+	if r := c.wait(t, 10*time.Second); r.Status != schemas.StatusCancelled || r.Attempt != 0 {
+		t.Fatalf("held: %+v", r)
+	}
+	waitFor(t, 5*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	if a, _, _ := w.snapshot(); a["held"] != 0 {
+		t.Fatalf("cancelled job ran")
+	}
+}
+
+func TestInvalidAndAlreadyFinished(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 2, []string{"m"}, nil)
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	// Not JSON at all.
+	if _, err := e.js.Publish(context.Background(), bus.JobSubject("normal", "bad"), []byte("{nope"), jetstream.WithMsgID("bad")); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.waitResult("bad", 10*time.Second); r.Status != schemas.StatusFailed || r.Error.Code != "invalid_request" {
+		t.Fatalf("bad: %+v", r)
+	}
+	// A job whose record already exists (it finished before a crash lost the ack).
+	done := &schemas.ResultMsg{Type: "result", JobID: "done", Attempt: 1, Status: schemas.StatusCompleted, FinishReason: "stop", Text: "x", FinishedAt: time.Now().UTC()}
+	if err := bus.RecordResult(context.Background(), e.js, done); err != nil {
+		t.Fatal(err)
+	}
+	e.mustSubmit(newJob("done", "m", "normal"))
+	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	if d.Metrics().AlreadyFinished.Load() != 1 {
+		t.Fatalf("AlreadyFinished %d", d.Metrics().AlreadyFinished.Load())
+	}
+	if a, _, _ := w.snapshot(); len(a) != 0 {
+		t.Fatalf("ran %v", a)
+	}
+}
+
+// TestQueueFullNoLoss: the worker is saturated, so nothing more is pulled and
+// JOBS fills up to its limit; the producer gets ErrQueueFull; every accepted
+// job completes once the worker frees up.
+func TestQueueFullNoLoss(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{JobsMaxMsgs: 5})
+	w := e.startWorker("w1", 1, []string{"m"}, func(aj schemas.AssignedJob) jobPlan { return jobPlan{block: true} })
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.MaxBatch = 1
+	_, _ = runDispatcher(t, cfg)
+	prod, _ := bus.NewProducer(e.nc)
+	var accepted []string
+	var full error
+	for i := range 30 {
+		j := newJob(fmt.Sprintf("q-%02d", i), "m", "normal")
+		_, err := prod.Submit(context.Background(), j)
+		if errors.Is(err, bus.ErrQueueFull) {
+			full = err
+			break
+		}
+		if err != nil {
+			t.Fatalf("submit: %v", err)
+		}
+		accepted = append(accepted, j.ID)
+		if i == 0 {
+			waitFor(t, 5*time.Second, "first job running", func() bool { a, _, _ := w.snapshot(); return len(a) == 1 })
+		}
+	}
+	if full == nil {
+		t.Fatalf("30 jobs accepted with a 5-message queue and a saturated worker")
+	}
+	// A saturated worker means no pull: the running job (unacked, so still in
+	// JOBS) plus 4 waiting fill the 5-message limit.
+	if len(accepted) != 5 {
+		t.Errorf("accepted %d jobs before queue full, want 5", len(accepted))
+	}
+	close(w.release)
+	for _, id := range accepted {
+		if r := e.waitResult(id, 20*time.Second); r.Status != schemas.StatusCompleted {
+			t.Fatalf("%s: %s", id, r.Status)
+		}
+	}
+	a, _, _ := w.snapshot()
+	for _, id := range accepted {
+		if a[id] != 1 {
+			t.Errorf("%s ran %d times", id, a[id])
+		}
+	}
+}
+
+// TestBreakerStopsRoutingToFailingWorker: a worker that never answers
+// assignments is cut off after the threshold while a healthy one takes the work.
+func TestBreakerStopsRoutingToFailingWorker(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	// "mute" heart-beats as ready with free slots but its assignments time out.
+	mute := e.startWorker("mute", 8, []string{"m"}, nil)
+	_ = mute.sub.Unsubscribe()
+	var mu sync.Mutex
+	muteHits := 0
+	sub, _ := mute.nc.Subscribe(bus.AssignSubject("mute"), func(m *nats.Msg) { mu.Lock(); muteHits++; mu.Unlock() })
+	defer sub.Unsubscribe()
+	_ = mute.nc.Flush()
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.AssignTimeout = 100 * time.Millisecond
+	cfg.MaxAttempts = 10
+	cfg.BreakerThreshold = 2
+	cfg.BreakerCooldown = time.Hour
+	cfg.MaxBatch = 1
+	d, _ := runDispatcher(t, cfg)
+	for i := range 6 {
+		e.mustSubmit(newJob(fmt.Sprintf("b-%d", i), "m", "normal"))
+	}
+	waitFor(t, 10*time.Second, "breaker open", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		w := d.workers["mute"]
+		return w != nil && w.br.state == BreakerOpen
+	})
+	mu.Lock()
+	atOpen := muteHits
+	mu.Unlock()
+	good := e.startWorker("good", 2, []string{"m"}, nil)
+	for i := range 6 {
+		if r := e.waitResult(fmt.Sprintf("b-%d", i), 20*time.Second); r.Status != schemas.StatusCompleted {
+			t.Fatalf("status %s", r.Status)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if muteHits != atOpen {
+		t.Errorf("mute worker got %d assignments after its breaker opened", muteHits-atOpen)
+	}
+	if a, _, _ := good.snapshot(); len(a) != 6 {
+		t.Errorf("good worker ran %d", len(a))
+	}
+}
+
+// A job for a model no live worker serves is dead-lettered (replayable once one
+// does) after ModelWait — but only while workers are up: with none, it waits.
+func TestUnservedModelIsDeadLettered(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.ModelWait = 200 * time.Millisecond
+	d, _ := runDispatcher(t, cfg)
+	j := newJob("orphan", "nobody-has-it", "normal")
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	// No worker at all: an outage, the job waits.
+	time.Sleep(3 * cfg.ModelWait)
+	if _, err := e.result("orphan"); err == nil {
+		t.Fatal("job failed while no worker was up; it should wait")
+	}
+	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{} })
+	r := c.wait(t, 10*time.Second)
+	if r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != "model_not_available" || r.Attempt != 0 {
+		t.Fatalf("terminal %+v err %+v", r, r.Error)
+	}
+	s, _ := e.js.Stream(context.Background(), bus.StreamDLQ)
+	raw, err := s.GetLastMsgForSubject(context.Background(), bus.DLQSubject("orphan"))
+	if err != nil {
+		t.Fatalf("DLQ: %v", err)
+	}
+	var rec schemas.DLQRecordMsg
+	_ = json.Unmarshal(raw.Data, &rec)
+	if rec.Reason != "model_not_available" || rec.Job.Model != "nobody-has-it" {
+		t.Fatalf("dlq record %+v", rec)
+	}
+	if n := d.Metrics().TransitionCount(StateQueued, EvDeadLetter); n != 1 {
+		t.Fatalf("queued→dead_lettered counted %d", n)
+	}
+}
+
+// A replayed job numbers its attempts after the ones it used before, and gets
+// MaxAttempts afresh.
+func TestReplayedJobContinuesAttemptNumbers(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{} })
+	runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("again", "m", "normal")
+	j.Metadata = map[string]string{AttemptBaseKey: "3"}
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	r := c.wait(t, 10*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Attempt != 4 {
+		t.Fatalf("terminal %+v", r)
+	}
+	_, _, batches := w.snapshot()
+	if len(batches) != 1 || batches[0].Jobs[0].Attempt != 4 {
+		t.Fatalf("batches %+v", batches)
+	}
+}

@@ -1,0 +1,60 @@
+// Package dispatcher pulls jobs from JetStream, batches them per model and routes
+// the batches to workers with free slots, and owns every job until it reached a
+// terminal state: retries with backoff and migration, dead letters, expiry and
+// cancellation.
+//
+// # Consumption
+//
+// JOBS is consumed through one durable pull consumer per priority
+// (<prefix>-high|normal|low, filter mlx.jobs.<p>.*), shared by every dispatcher
+// process: a work-queue stream accepts such non-overlapping filters, and a
+// single consumer would hand out messages in stream order, so a deep low queue
+// would hide a high job behind it. With one consumer per priority the
+// dispatcher decides the mix itself: each pull round splits its credit across
+// the priorities by smooth weighted round robin (default weights 4:2:1), and
+// credit a priority cannot use (its queue is empty) goes to the others. The
+// same weighted pick chooses which held job leads the next batch. Higher
+// priorities therefore get most of the capacity, FIFO holds within a priority
+// (jobs are ordered by stream sequence), and a lower priority is never starved:
+// under saturation it still gets weight/sum of the picks (1/7 for low).
+//
+// Credit is what free slots of ready workers (registry minus what this
+// dispatcher assigned and has not seen reflected) plus one batch window
+// (MaxBatch) can take, minus jobs already held; no free slot means no pull, and
+// jobs wait in JetStream, whose discard-new limit turns into "queue full" at the
+// producer. Pulls are non-blocking (FetchNoWait); new jobs wake the puller
+// through a core subscription on mlx.jobs.>, redeliveries through a short poll.
+//
+// A message is acked only when its job reached a terminal state, learnt from
+// RESULTS records (core subscription on mlx.results.>) or from this
+// dispatcher's own terminal writes; while held it is kept alive with in-progress
+// acks every AckWait/3. MaxDeliver is unlimited: the attempt number is the
+// delivery count plus the retries done in-process, and MaxAttempts bounds it.
+// A consequence worth knowing: a delivery that ended without running (a
+// dispatcher stopped and naked it) counts as an attempt.
+//
+// # Lifecycle
+//
+// Every job state change goes through Transition, one table of
+// (state × event → state); illegal transitions are logged and counted in
+// Metrics.IllegalTransitions. A redelivered job whose RESULTS record exists is
+// acked without running; one with a record in CANCELS is cancelled, one past its
+// deadline expired, an invalid one failed with invalid_request, all without
+// running.
+//
+// # Routing and retries
+//
+// The worker registry (KV mlx_workers) is watched; a worker is lost when its
+// entry is deleted or not updated for WorkerTTL, and its jobs are retried. A
+// per-worker circuit breaker (closed/open/half-open, one table) stops routing to
+// a worker whose assignments keep failing. While a job runs the dispatcher
+// listens on its reply subject and accumulates the text of the current attempt,
+// so a retry after a lost worker resumes (schemas.Resume) where the caller's
+// stream stopped; a worker's attempt report carries that text itself. Retries
+// wait an exponential backoff with jitter; out of attempts a job goes to DLQ and
+// gets a terminal failed attempts_exhausted.
+//
+// Known limit: a dispatcher that dies while a job is running cannot hand over
+// the text streamed so far; if the job does not finish on its worker before the
+// redelivery, the next attempt starts from scratch on the caller's stream.
+package dispatcher

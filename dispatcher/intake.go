@@ -1,0 +1,303 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// pollEvery bounds how late a redelivery (which publishes nothing on the job
+// subjects) is noticed.
+const pollEvery = 100 * time.Millisecond
+
+func priorityIndex(p string) int {
+	for i, q := range schemas.Priorities {
+		if q == p {
+			return i
+		}
+	}
+	return 1
+}
+
+func (d *Dispatcher) pullLoop(ctx context.Context) {
+	t := time.NewTicker(pollEvery)
+	defer t.Stop()
+	for {
+		for ctx.Err() == nil {
+			c := d.credit()
+			if c <= 0 || d.pullOnce(ctx, c) == 0 {
+				break
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.wakePull:
+		case <-t.C:
+		}
+	}
+}
+
+// credit is how many more jobs this dispatcher may hold: free slots of routable
+// workers plus one batch window, minus what it holds and has not yet placed.
+// No free slot, no credit.
+func (d *Dispatcher) credit() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.draining {
+		return 0
+	}
+	free := 0
+	now := time.Now()
+	for _, w := range d.workers {
+		if w.routable(now) {
+			free += w.free()
+		}
+	}
+	if free <= 0 {
+		return 0
+	}
+	return free + d.cfg.MaxBatch - (len(d.jobs) - d.onWorker)
+}
+
+// pullOnce fetches up to credit jobs without blocking, split across priorities
+// by weighted round robin; what an empty priority leaves goes to the others.
+func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
+	var empty [3]bool
+	got := 0
+	for credit > 0 {
+		elig := [3]bool{!empty[0], !empty[1], !empty[2]}
+		if elig == [3]bool{} {
+			break
+		}
+		var quota [3]int
+		for range credit {
+			p := d.pullWRR.pick(elig)
+			d.pullWRR.commit(p, elig)
+			quota[p]++
+		}
+		progress := false
+		for p := range 3 {
+			if quota[p] == 0 {
+				continue
+			}
+			msgs := d.fetch(ctx, p, quota[p])
+			if len(msgs) < quota[p] {
+				empty[p] = true
+			}
+			if len(msgs) > 0 {
+				progress = true
+				got += len(msgs)
+				credit -= len(msgs)
+				d.intakeAll(p, msgs)
+			}
+		}
+		if !progress {
+			break
+		}
+	}
+	return got
+}
+
+func (d *Dispatcher) fetch(ctx context.Context, p, n int) []jetstream.Msg {
+	batch, err := d.consumers[p].FetchNoWait(n)
+	if err != nil {
+		if ctx.Err() == nil {
+			d.log.Error().Err(err).Str("priority", schemas.Priorities[p]).Msg("fetch")
+		}
+		return nil
+	}
+	var out []jetstream.Msg
+	for m := range batch.Messages() {
+		out = append(out, m)
+	}
+	if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && ctx.Err() == nil {
+		d.log.Warn().Err(err).Msg("fetch batch")
+	}
+	d.metrics.JobsPulled.Add(int64(len(out)))
+	return out
+}
+
+// intakeAll checks a fetched batch concurrently (each check is a round trip or
+// two), then settles every delivery under one lock, in stream order, so the
+// scheduler never sees a later job of a priority before an earlier one.
+func (d *Dispatcher) intakeAll(p int, msgs []jetstream.Msg) {
+	verdicts := make([]func(), len(msgs))
+	if len(msgs) == 1 {
+		verdicts[0] = d.check(p, msgs[0])
+	} else {
+		var wg sync.WaitGroup
+		for i, m := range msgs {
+			wg.Add(1)
+			go func() { defer wg.Done(); verdicts[i] = d.check(p, m) }()
+		}
+		wg.Wait()
+	}
+	d.mu.Lock()
+	for _, v := range verdicts {
+		if v != nil {
+			v()
+		}
+	}
+	d.mu.Unlock()
+	poke(d.wakeSched)
+}
+
+// check decides what a delivery is: finished already, cancelled, expired,
+// invalid, out of attempts, or a job to run. It does the I/O and returns the
+// verdict to apply under d.mu (nil: nothing left to do).
+func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
+	md, err := m.Metadata()
+	if err != nil {
+		d.log.Error().Err(err).Msg("message without metadata")
+		_ = m.Term()
+		return nil
+	}
+	id := m.Subject()[strings.LastIndexByte(m.Subject(), '.')+1:]
+	now := time.Now()
+	d.mu.Lock()
+	if old := d.jobs[id]; old != nil {
+		// A redelivery of a job this dispatcher holds (e.g. in-progress acks were
+		// late): ack through the newest delivery, never run it twice.
+		old.msg = m
+		old.progress = now
+		d.mu.Unlock()
+		return nil
+	}
+	// Registered before the checks, so a cancel or result arriving meanwhile
+	// finds it (and marks it) instead of looking in the stream.
+	j := &job{id: id, pri: p, msg: m, seq: md.Sequence.Stream, attempt: int(md.NumDelivered), state: StateQueued, intaking: true, progress: now}
+	d.jobs[id] = j
+	d.mu.Unlock()
+
+	ictx := d.wctx
+	invalid := d.decode(j, m.Data())
+	if invalid == nil {
+		if res, err := fetchResult(ictx, d.js, id); err == nil {
+			return func() {
+				if !j.gone {
+					d.finishObserved(j, res.Status)
+					d.metrics.AlreadyFinished.Add(1)
+				}
+			}
+		} else if !errors.Is(err, errNoResult) {
+			d.handBack(j, err)
+			return nil
+		}
+	}
+	cancelled := false
+	if invalid == nil {
+		raw, err := lastMsg(ictx, d.cancelsStream, bus.CancelSubject(id))
+		if err != nil {
+			d.handBack(j, err)
+			return nil
+		}
+		cancelled = raw != nil
+	}
+	return func() {
+		if j.gone {
+			return
+		}
+		j.intaking = false
+		// A replayed job carries the attempts it used before; numbering goes on
+		// from there and MaxAttempts counts afresh.
+		j.base = attemptBase(&j.req)
+		j.attempt = j.base + int(md.NumDelivered)
+		switch {
+		case invalid != nil:
+			d.finishByDispatcher(j, EvFailed, schemas.StatusFailed, &schemas.ErrorInfo{Code: "invalid_request", Message: invalid.Error()})
+		case cancelled || j.cancelReq:
+			d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: "cancelled", Message: "cancelled while queued"})
+		case j.req.Deadline != nil && time.Now().After(*j.req.Deadline):
+			d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: "deadline_exceeded", Message: "deadline passed before the job ran"})
+		case j.attempt-j.base > d.cfg.MaxAttempts:
+			j.lastErr = schemas.ErrorInfo{Code: "redelivered", Message: fmt.Sprintf("delivered %d times", md.NumDelivered)}
+			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, exhaustedError(j.attempt-1, j.lastErr))
+		case d.draining:
+			d.forget(j)
+			_ = m.Nak()
+		default:
+			d.enqueue(j, now)
+		}
+	}
+}
+
+// decode fills j.req, or says why the job is invalid.
+func (d *Dispatcher) decode(j *job, data []byte) error {
+	if err := schemas.Validate(schemas.Job, data); err != nil {
+		if !errors.Is(err, schemas.ErrInvalid) {
+			d.log.Error().Err(err).Msg("validate job")
+		}
+		_ = json.Unmarshal(data, &j.req) // best effort: the reply subject, for the terminal
+		return err
+	}
+	if err := json.Unmarshal(data, &j.req); err != nil {
+		return err
+	}
+	switch {
+	case j.req.ID != j.id:
+		return fmt.Errorf("job id %q does not match its subject's %q", j.req.ID, j.id)
+	case j.req.Model == "":
+		return errors.New("model is required")
+	case j.req.ReplyTo == "":
+		return errors.New("reply_to is required")
+	}
+	return nil
+}
+
+// handBack returns a delivery that could not be checked to JetStream.
+func (d *Dispatcher) handBack(j *job, err error) {
+	d.log.Warn().Err(err).Str("job", j.id).Msg("delivery check failed; nak")
+	d.mu.Lock()
+	if !j.gone {
+		d.forget(j)
+	}
+	d.mu.Unlock()
+	_ = j.msg.NakWithDelay(time.Second)
+}
+
+// enqueue puts j into its priority queue in stream order. Callers hold d.mu.
+func (d *Dispatcher) enqueue(j *job, now time.Time) {
+	q := d.queues[j.pri]
+	i := sort.Search(len(q), func(i int) bool { return q[i].seq > j.seq })
+	q = append(q, nil)
+	copy(q[i+1:], q[i:])
+	q[i] = j
+	d.queues[j.pri] = q
+	j.inQueue = true
+	j.enqueued = now
+	poke(d.wakeSched)
+}
+
+func (d *Dispatcher) unqueue(j *job) {
+	q := d.queues[j.pri]
+	for i, x := range q {
+		if x == j {
+			d.queues[j.pri] = append(q[:i], q[i+1:]...)
+			break
+		}
+	}
+	j.inQueue = false
+}
+
+// AttemptBaseKey is the job metadata key replay sets to the attempts a job used
+// before it was dead-lettered.
+const AttemptBaseKey = "mlx_attempt_base"
+
+func attemptBase(req *schemas.JobRequest) int {
+	n, err := strconv.Atoi(req.Metadata[AttemptBaseKey])
+	if err != nil || n < 0 {
+		return 0
+	}
+	return n
+}

@@ -1,0 +1,32 @@
+package dispatcher
+
+import "sync/atomic"
+
+// Metrics are the dispatcher's counters, safe to read at any time (e.g. by a
+// Prometheus collector the CLI wires up). Every field only grows.
+type Metrics struct {
+	JobsPulled         atomic.Int64 // messages fetched from JOBS (deliveries)
+	Batches            atomic.Int64 // assignments accepted by a worker
+	JobsAssigned       atomic.Int64 // jobs in accepted assignments (attempts started)
+	AssignFull         atomic.Int64 // assignments answered full or rejected
+	AssignErrors       atomic.Int64 // assignments that timed out or failed
+	Retries            atomic.Int64 // attempts scheduled after a retryable failure
+	Completed          atomic.Int64
+	Failed             atomic.Int64
+	Cancelled          atomic.Int64
+	Expired            atomic.Int64
+	DeadLettered       atomic.Int64
+	AlreadyFinished    atomic.Int64 // deliveries acked because RESULTS already had the job
+	WorkersLost        atomic.Int64
+	IllegalTransitions atomic.Int64
+	// Transitions counts legal transitions by (from state, event).
+	Transitions [numStates][numEvents]atomic.Int64
+}
+
+// TransitionCount returns how often event e was applied in state s.
+func (m *Metrics) TransitionCount(s State, e Event) int64 {
+	if s >= numStates || e >= numEvents {
+		return 0
+	}
+	return m.Transitions[s][e].Load()
+}

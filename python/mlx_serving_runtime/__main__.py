@@ -1,0 +1,164 @@
+"""python -m mlx_serving_runtime: the runtime process (see docs/runtime-protocol.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+from typing import Any
+
+from .protocol import METHODS, RpcError, Writer, error_response, log, response, schema_type, take_stdout
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mlx_serving_runtime", description=__doc__)
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoded at once per model (default 8)")
+    p.add_argument("--max-models", type=int, default=2, help="models loaded at once (default 2)")
+    p.add_argument("--log-level", default=os.environ.get("MLX_SERVING_LOG_LEVEL", "INFO"))
+    a = p.parse_args(argv)
+    if a.max_batch < 1 or a.max_models < 1:
+        p.error("--max-batch and --max-models must be >= 1")
+    return a
+
+
+def runtime_info(engine: Any) -> dict[str, Any]:
+    import mlx.core as mx
+    import mlx_lm
+
+    from . import __version__
+    from .engine import memory_info
+
+    gpu = mx.default_device() == mx.gpu and mx.metal.is_available()
+    return {
+        "runtime_version": __version__,
+        "mlx_version": mx.__version__,
+        "mlx_lm_version": mlx_lm.__version__,
+        "python_version": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+        "device": "gpu" if gpu else "cpu",
+        "memory": memory_info(),
+        "max_batch": engine.max_batch,
+        "max_models": engine.max_models,
+        "models": engine.model_ids(),
+    }
+
+
+def handle(engine: Any, writer: Writer, line: bytes) -> None:
+    """Answer one request line. Every failure becomes an error response, never an exit."""
+    from . import validation
+    from .engine import request_from_params
+
+    try:
+        msg = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        writer.send(error_response(None, RpcError("parse_error", f"not JSON: {e}")))
+        return
+    rpc_id = msg.get("id") if isinstance(msg, dict) else None
+    if not isinstance(rpc_id, (int, str)) or isinstance(rpc_id, bool):
+        rpc_id = None
+    bad = validation.violations("runtime.request", msg)
+    if bad:
+        writer.send(
+            error_response(
+                rpc_id, RpcError("invalid_request", "not a JSON-RPC 2.0 request", violations=bad[:32])
+            )
+        )
+        return
+    method = msg["method"]
+    if method not in METHODS:
+        writer.send(error_response(rpc_id, RpcError("method_not_found", f"unknown method {method!r}")))
+        return
+    params = msg.get("params")
+    if params is None:  # omitted or null: a method without parameters
+        params = {}
+    try:
+        bad = validation.violations(schema_type(method) + ".params", params)
+        if bad:
+            raise RpcError(
+                "invalid_params", f"{method}: {bad[0]['path']}: {bad[0]['reason']}", violations=bad[:32]
+            )
+        if engine.shutting_down and method not in ("runtime.info", "health", "cancel", "shutdown"):
+            raise RpcError("shutting_down", "runtime is shutting down")
+        if method == "runtime.info":
+            writer.send(response(rpc_id, runtime_info(engine)))
+        elif method == "health":
+            writer.send(
+                response(rpc_id, {"ok": True, "in_flight": engine.in_flight(), "models": engine.model_ids()})
+            )
+        elif method == "tokenize":
+            m = engine.model(params["model"])
+            toks = m.tokenizer.encode(
+                params["text"], add_special_tokens=params.get("add_special_tokens", True)
+            )
+            writer.send(response(rpc_id, {"tokens": toks, "count": len(toks)}))
+        elif method == "generate":
+            engine.submit_generate(request_from_params(engine, rpc_id, params))
+        elif method == "model.load":
+            engine.submit("load", rpc_id, params)
+        elif method == "model.unload":
+            engine.submit("unload", rpc_id, params["id"])
+        elif method == "cancel":
+            engine.submit("cancel", rpc_id, params["request_id"])
+        elif method == "shutdown":
+            if engine.shutting_down:
+                raise RpcError("shutting_down", "shutdown already requested")
+            engine.shutting_down = True
+            engine.submit("shutdown", rpc_id, params.get("mode", "drain"))
+    except RpcError as e:
+        writer.send(error_response(rpc_id, e))
+    except Exception as e:  # a bug or a library surprise answers this request only
+        log.exception("%s failed", method)
+        writer.send(error_response(rpc_id, RpcError("generation_failed", f"{type(e).__name__}: {e}")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    out = take_stdout()
+    args = parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    writer = Writer(out)
+
+    from . import validation
+    from .engine import Engine
+
+    validation.types()  # fail at start, not on the first request, when schemas are missing
+    engine = Engine(writer.send, max_batch=args.max_batch, max_models=args.max_models)
+
+    def exit_now() -> None:
+        # The shutdown answer is written; the reader may sit in a blocking read of stdin.
+        writer.close()
+        sys.stderr.flush()
+        os._exit(0)
+
+    engine.on_exit = exit_now
+    log.info("runtime ready (pid %d, max_batch %d)", os.getpid(), args.max_batch)
+    stdin = sys.stdin.buffer
+    for line in stdin:
+        if not line.strip():
+            continue
+        handle(engine, writer, line)
+    # EOF: the worker is gone or done with us. Cancel what runs and leave.
+    if not engine.shutting_down:
+        engine.shutting_down = True
+        engine.submit("shutdown", None, "cancel")
+    engine.join(timeout=30)
+    writer.close()
+    return 0
+
+
+def run() -> None:
+    code = main()
+    sys.stderr.flush()
+    # Exit without waiting on library threads: the protocol work is done.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,612 @@
+"""The generation thread: owns every MLX object and runs mlx-lm's BatchGenerator.
+
+MLX streams are thread-local, so models are loaded, samplers built and every step run
+on this one thread. The reader thread only tokenizes, validates and enqueues commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+
+from . import structured
+from .protocol import RpcError, error_response, notification, response
+
+log = logging.getLogger("mlx_serving_runtime")
+
+_CONTEXT_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions", "n_ctx")
+
+
+@dataclass
+class Model:
+    id: str
+    path: str
+    model: Any
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    context_length: int
+    vocab_size: int
+    eos_ids: list[int]
+    grammar_tokenizer: structured.TokenizerCache
+    gen: BatchGenerator | None = None
+
+
+@dataclass
+class Request:
+    rpc_id: Any
+    request_id: str
+    model_id: str
+    prompt_tokens: list[int]
+    prefix_len: int  # tokens of the rendered prompt (prompt_tokens minus continuation)
+    continuation: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float | None
+    seed: int
+    stop: list[str]
+    grammar: str | None
+    accepted: float = field(default_factory=time.perf_counter)
+    # Filled on the generation thread.
+    uid: int = -1
+    detok: Any = None
+    out: str = ""  # generated text decoded so far
+    sent: int = 0  # chars of out already emitted
+    seq: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    error: str | None = None
+
+
+def context_length(config: dict[str, Any], tokenizer: Any) -> int:
+    for k in _CONTEXT_KEYS:
+        v = config.get(k)
+        if isinstance(v, int) and v > 0:
+            return v
+    v = getattr(tokenizer, "model_max_length", None)
+    if isinstance(v, int) and 0 < v < 10_000_000:
+        return v
+    return 4096
+
+
+def make_sampler(temp: float, top_p: float, top_k: int, min_p: float, seed: int, vocab: int) -> Callable:
+    """A per-request sampler with its own PRNG key, so a seed decides the text even in a batch.
+
+    mlx-lm's make_sampler draws from the global mx.random state, which every row of a
+    batch shares; splitting a private key each step makes the draw depend only on the seed
+    and the step.
+    """
+    if temp == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    methods: list[Callable[[mx.array], mx.array]] = []
+    if 0 < top_p < 1.0:
+        methods.append(lambda x: apply_top_p(x, top_p))
+    if min_p > 0.0:
+        methods.append(lambda x: apply_min_p(x, min_p))
+    if 0 < top_k < vocab:
+        methods.append(lambda x: apply_top_k(x, top_k))
+    state = {"key": mx.random.key(seed)}
+    inv_temp = 1.0 / temp
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        for m in methods:
+            logprobs = m(logprobs)
+        key, sub = mx.random.split(state["key"])
+        state["key"] = key
+        return mx.random.categorical(logprobs * inv_temp, key=sub)
+
+    return sampler
+
+
+def _identity(tokens: mx.array, logits: mx.array) -> mx.array:
+    return logits
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _is_oom(e: BaseException) -> bool:
+    m = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in m or "allocat" in m
+
+
+def memory_info() -> dict[str, int]:
+    total = 0
+    try:
+        total = int(mx.device_info().get("memory_size", 0))
+    except Exception:
+        total = 0
+    if not total:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            total = 0
+    return {"total_bytes": total, "active_bytes": mx.get_active_memory(), "peak_bytes": mx.get_peak_memory()}
+
+
+class Engine:
+    def __init__(
+        self, send: Callable[[dict[str, Any]], None], max_batch: int = 8, max_models: int = 2
+    ) -> None:
+        self.send = send
+        self.max_batch = max_batch
+        self.max_models = max_models
+        self._cmds: queue.Queue[tuple] = queue.Queue()
+        self._lock = threading.Lock()
+        self._models: dict[str, Model] = {}
+        self._inflight: dict[str, Request] = {}  # request_id -> request, reader and engine
+        self._by_uid: dict[tuple[str, int], Request] = {}  # generation thread only
+        self.shutting_down = False
+        self.on_exit: Callable[[], None] | None = None  # called on this thread after shutdown
+        self._thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
+        self._thread.start()
+
+    # ---- reader-thread API ----
+
+    def model(self, model_id: str) -> Model:
+        with self._lock:
+            m = self._models.get(model_id)
+        if m is None:
+            raise RpcError("model_not_loaded", f"model {model_id!r} is not loaded", model=model_id)
+        return m
+
+    def model_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    def submit_generate(self, req: Request) -> None:
+        with self._lock:
+            if req.request_id in self._inflight:
+                raise RpcError(
+                    "duplicate_request",
+                    f"request_id {req.request_id!r} is already in flight",
+                    request_id=req.request_id,
+                )
+            self._inflight[req.request_id] = req
+        self._cmds.put(("generate", req))
+
+    def submit(self, *cmd: Any) -> None:
+        self._cmds.put(cmd)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    # ---- generation thread ----
+
+    def _run(self) -> None:
+        stream = mx.new_stream(mx.default_device())
+        mx.set_default_stream(stream)
+        self._stream = stream
+        shutdown: tuple | None = None
+        while True:
+            cmds: list[tuple] = []
+            if not self._by_uid and shutdown is None:
+                cmds.append(self._cmds.get())  # idle: sleep until there is work
+            while True:
+                try:
+                    cmds.append(self._cmds.get_nowait())
+                except queue.Empty:
+                    break
+            for cmd in cmds:
+                try:
+                    if cmd[0] == "shutdown":
+                        shutdown = cmd
+                        if cmd[2] == "cancel":
+                            shutdown = (*cmd, self._cancel_all("shutdown"))
+                    else:
+                        self._handle(cmd)
+                except Exception as e:  # a bad command answers its request; the loop lives
+                    log.exception("command %s failed", cmd[0])
+                    if len(cmd) > 1 and cmd[0] != "generate":
+                        self.send(error_response(cmd[1], RpcError("generation_failed", str(e))))
+            if shutdown is not None and not self._by_uid:
+                self._finish_shutdown(shutdown)
+                if self.on_exit is not None:
+                    self.on_exit()
+                return
+            for m in list(self._models.values()):
+                if m.gen is not None and any(k[0] == m.id for k in self._by_uid):
+                    self._step(m)
+
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "generate":
+            self._start(cmd[1])
+        elif kind == "load":
+            self._load(cmd[1], cmd[2])
+        elif kind == "unload":
+            self._unload(cmd[1], cmd[2])
+        elif kind == "cancel":
+            self._cancel(cmd[1], cmd[2])
+
+    def _finish_shutdown(self, cmd: tuple) -> None:
+        cancelled = cmd[3] if len(cmd) > 3 else 0
+        if cmd[1] is not None:
+            self.send(response(cmd[1], {"ok": True, "cancelled": cancelled}))
+        with self._lock:
+            for m in self._models.values():
+                if m.gen is not None:
+                    m.gen.close()
+
+    def _load(self, rpc_id: Any, params: dict[str, Any]) -> None:
+        ref = params["model"]
+        mid = params.get("id") or ref
+        with self._lock:
+            existing = self._models.get(mid)
+            count = len(self._models)
+        if existing is not None:
+            if existing.path != str(Path(ref).resolve()) and existing.path != ref:
+                raise_err = RpcError(
+                    "model_load_failed", f"id {mid!r} is already loaded from {existing.path}", model=ref
+                )
+                self.send(error_response(rpc_id, raise_err))
+                return
+            self.send(response(rpc_id, self._load_result(existing, 0.0)))
+            return
+        if count >= self.max_models:
+            self.send(
+                error_response(
+                    rpc_id,
+                    RpcError(
+                        "too_many_models", f"{count} models loaded, the cap is {self.max_models}", model=ref
+                    ),
+                )
+            )
+            return
+        t0 = time.perf_counter()
+        try:
+            model, tokenizer, config = mlx_load(ref, return_config=True)
+        except Exception as e:
+            code = "out_of_memory" if _is_oom(e) else "model_load_failed"
+            log.warning("load %s failed: %s", ref, e)
+            self.send(
+                error_response(
+                    rpc_id, RpcError(code, f"cannot load {ref!r}: {type(e).__name__}: {e}", model=ref)
+                )
+            )
+            return
+        path = str(Path(ref).resolve()) if Path(ref).exists() else ref
+        vocab = int(config.get("vocab_size") or len(tokenizer._tokenizer))
+        eos = sorted(int(t) for t in (tokenizer.eos_token_ids or []))
+        m = Model(
+            id=mid,
+            path=path,
+            model=model,
+            tokenizer=tokenizer,
+            context_length=context_length(config, tokenizer._tokenizer),
+            vocab_size=vocab,
+            eos_ids=eos,
+            grammar_tokenizer=structured.TokenizerCache(tokenizer._tokenizer, vocab, eos),
+        )
+        m.gen = self._new_generator(m)
+        with self._lock:
+            self._models[mid] = m
+        self.send(response(rpc_id, self._load_result(m, (time.perf_counter() - t0) * 1000)))
+
+    def _new_generator(self, m: Model) -> BatchGenerator:
+        # EOS ends a row only when listed here: BatchGenerator does not stop on it by default.
+        return BatchGenerator(
+            m.model,
+            stop_tokens=[[t] for t in m.eos_ids],
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=self.max_batch,
+            stream=self._stream,
+        )
+
+    @staticmethod
+    def _load_result(m: Model, ms: float) -> dict[str, Any]:
+        return {
+            "id": m.id,
+            "path": m.path,
+            "context_length": m.context_length,
+            "vocab_size": m.vocab_size,
+            "load_time_ms": round(ms, 3),
+        }
+
+    def _unload(self, rpc_id: Any, mid: str) -> None:
+        with self._lock:
+            m = self._models.get(mid)
+        if m is None:
+            self.send(
+                error_response(
+                    rpc_id, RpcError("model_not_loaded", f"model {mid!r} is not loaded", model=mid)
+                )
+            )
+            return
+        for key, req in list(self._by_uid.items()):
+            if key[0] == mid:
+                self._end(req, "cancelled")
+        with self._lock:
+            del self._models[mid]
+        if m.gen is not None:
+            m.gen.close()
+        mx.clear_cache()
+        self.send(response(rpc_id, {"id": mid, "unloaded": True}))
+
+    def _start(self, req: Request) -> None:
+        with self._lock:
+            m = self._models.get(req.model_id)
+        if m is None:
+            self._fail(
+                req, RpcError("model_not_loaded", f"model {req.model_id!r} is not loaded", model=req.model_id)
+            )
+            return
+        try:
+            sampler = make_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed, m.vocab_size)
+            # Always a non-empty processor list and an explicit sampler per row: older
+            # BatchGenerator.filter re-indexed them only when some row had one.
+            procs: list[Callable] = [_identity]
+            if req.repetition_penalty is not None and req.repetition_penalty != 1.0:
+                procs += make_logits_processors(repetition_penalty=req.repetition_penalty)
+            if req.grammar is not None:
+                cont = req.prompt_tokens[req.prefix_len :]
+
+                def on_error(msg: str, req: Request = req) -> None:
+                    req.error = f"grammar: {msg}"
+
+                procs.append(
+                    structured.JsonConstraint(m.grammar_tokenizer, req.grammar, m.eos_ids, cont, on_error)
+                )
+            req.detok = m.tokenizer.detokenizer
+            if req.continuation:
+                # Prime the detokenizer so the first generated token keeps its leading space.
+                for t in req.prompt_tokens[req.prefix_len :]:
+                    req.detok.add_token(t)
+                _ = req.detok.last_segment
+            (uid,) = m.gen.insert(
+                [req.prompt_tokens],
+                max_tokens=[req.max_tokens],
+                samplers=[sampler],
+                logits_processors=[procs],
+            )
+        except RpcError as e:
+            self._fail(req, e)
+            return
+        except Exception as e:
+            log.exception("start %s", req.request_id)
+            self._fail(req, RpcError("out_of_memory" if _is_oom(e) else "generation_failed", str(e)))
+            return
+        req.uid = uid
+        self._by_uid[(m.id, uid)] = req
+
+    def _step(self, m: Model) -> None:
+        try:
+            _, responses = m.gen.next()
+        except Exception as e:
+            # One failed step poisons the whole batch of this model: fail its rows, start fresh.
+            log.exception("batch step failed for %s", m.id)
+            code = "out_of_memory" if _is_oom(e) else "generation_failed"
+            for key, req in list(self._by_uid.items()):
+                if key[0] == m.id:
+                    del self._by_uid[key]
+                    self._fail(req, RpcError(code, f"{type(e).__name__}: {e}"))
+            m.gen = self._new_generator(m)
+            mx.clear_cache()
+            return
+        now = time.perf_counter()
+        for r in responses:
+            req = self._by_uid.get((m.id, r.uid))
+            if req is None:
+                continue
+            try:
+                self._on_token(m, req, r.token, r.finish_reason, now)
+            except Exception as e:
+                log.exception("request %s failed", req.request_id)
+                if r.finish_reason is None:
+                    m.gen.remove([r.uid])
+                self._by_uid.pop((m.id, r.uid), None)
+                self._fail(req, RpcError("generation_failed", f"{type(e).__name__}: {e}"))
+
+    def _on_token(self, m: Model, req: Request, token: int, finish: str | None, now: float) -> None:
+        if req.first_token_at is None:
+            req.first_token_at = now
+        if req.error is not None:
+            if finish is None:
+                m.gen.remove([req.uid])
+            self._by_uid.pop((m.id, req.uid), None)
+            self._fail(req, RpcError("generation_failed", req.error))
+            return
+        if finish == "stop":
+            # The row ended on EOS: the token is not text.
+            req.detok.finalize()
+        else:
+            req.completion_tokens += 1
+            req.detok.add_token(token)
+            if finish == "length":
+                req.detok.finalize()
+        req.out += req.detok.last_segment
+        if self._match_stop(m, req, finish):
+            return
+        if finish is not None:
+            self._emit(req, len(req.out))
+            self._end(req, "length" if finish == "length" else "stop")
+            return
+        self._emit(req, len(req.out) - _holdback(req.continuation + req.out, req.stop))
+
+    def _match_stop(self, m: Model, req: Request, finish: str | None) -> bool:
+        if not req.stop:
+            return False
+        full = req.continuation + req.out
+        best = -1
+        for s in req.stop:
+            start = max(0, len(req.continuation) + req.sent - len(s) + 1)
+            i = full.find(s, start)
+            if i >= 0 and (best < 0 or i < best):
+                best = i
+        if best < 0:
+            return False
+        self._emit(req, max(0, best - len(req.continuation)))
+        if finish is None:
+            m.gen.remove([req.uid])
+        self._end(req, "stop")
+        return True
+
+    def _emit(self, req: Request, upto: int) -> None:
+        if upto <= req.sent:
+            return
+        text = req.out[req.sent : upto]
+        req.sent = upto
+        self.send(
+            notification(
+                "generate.chunk",
+                {"request_id": req.request_id, "seq": req.seq, "text": text, "tokens": req.completion_tokens},
+            )
+        )
+        req.seq += 1
+
+    def _end(self, req: Request, reason: str) -> None:
+        self._by_uid.pop((req.model_id, req.uid), None)
+        if reason == "cancelled":
+            with self._lock:
+                m = self._models.get(req.model_id)
+            if m is not None and m.gen is not None and req.uid >= 0:
+                m.gen.remove([req.uid])
+        now = time.perf_counter()
+        total = now - req.accepted
+        first = req.first_token_at or now
+        decode = now - first
+        if req.completion_tokens > 1 and decode > 0:
+            tps = (req.completion_tokens - 1) / decode
+        else:
+            tps = req.completion_tokens / total if total > 0 else 0.0
+        prompt = len(req.prompt_tokens)
+        with self._lock:
+            self._inflight.pop(req.request_id, None)
+        self.send(
+            response(
+                req.rpc_id,
+                {
+                    "request_id": req.request_id,
+                    "finish_reason": reason,
+                    "text": req.out[: req.sent],
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": req.completion_tokens,
+                        "total_tokens": prompt + req.completion_tokens,
+                    },
+                    "timings": {
+                        "ttft_ms": round((first - req.accepted) * 1000, 3),
+                        "total_ms": round(total * 1000, 3),
+                        "tokens_per_s": round(tps, 3),
+                    },
+                },
+            )
+        )
+
+    def _fail(self, req: Request, err: RpcError) -> None:
+        with self._lock:
+            self._inflight.pop(req.request_id, None)
+        err.data.setdefault("request_id", req.request_id)
+        self.send(error_response(req.rpc_id, err))
+
+    def _cancel(self, rpc_id: Any, request_id: str) -> None:
+        req = next((r for r in self._by_uid.values() if r.request_id == request_id), None)
+        if req is not None:
+            self._end(req, "cancelled")
+        # A generate is queued before its cancel, so it has started or finished by now.
+        self.send(response(rpc_id, {"request_id": request_id, "cancelled": req is not None}))
+
+    def _cancel_all(self, why: str) -> int:
+        n = 0
+        for req in list(self._by_uid.values()):
+            self._end(req, "cancelled")
+            n += 1
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "generate":
+                self._end(cmd[1], "cancelled")
+                n += 1
+            elif cmd[0] in ("load", "unload", "cancel"):
+                self.send(
+                    error_response(cmd[1], RpcError("shutting_down", f"runtime is shutting down ({why})"))
+                )
+        return n
+
+
+def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Request:
+    """Tokenize and check a generate on the reader thread, so the engine only runs it."""
+    m = engine.model(p["model"])
+    tok = m.tokenizer
+    if "messages" in p:
+        if not getattr(tok, "chat_template", None):
+            raise RpcError(
+                "invalid_params",
+                f"model {m.id!r} has no chat template",
+                violations=[{"path": "$.messages", "reason": "model has no chat template"}],
+            )
+        text = tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
+        prompt = tok.encode(text, add_special_tokens=False)
+    else:
+        text = p["prompt"]
+        bos = getattr(tok, "bos_token", None)
+        prompt = tok.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+    prefix_len = len(prompt)
+    cont = p.get("continuation", "")
+    if cont:
+        prompt = prompt + tok.encode(cont, add_special_tokens=False)
+    if not prompt:
+        raise RpcError(
+            "invalid_params",
+            "the prompt renders to no tokens",
+            violations=[{"path": "$.prompt", "reason": "renders to no tokens"}],
+        )
+    if len(prompt) >= m.context_length:
+        raise RpcError(
+            "context_exceeded",
+            f"prompt has {len(prompt)} tokens, the context of {m.id!r} is {m.context_length}",
+            prompt_tokens=len(prompt),
+            context_length=m.context_length,
+        )
+    grammar = None
+    if "json_schema" in p:
+        grammar = structured.compile_schema(m.grammar_tokenizer, p["json_schema"])
+    seed = p.get("seed")
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**63)
+    return Request(
+        rpc_id=rpc_id,
+        request_id=p["request_id"],
+        model_id=m.id,
+        prompt_tokens=prompt,
+        prefix_len=prefix_len,
+        continuation=cont,
+        # Generation ends at the context: a longer max_tokens finishes with "length" there.
+        max_tokens=min(int(p.get("max_tokens", 256)), m.context_length - len(prompt)),
+        temperature=float(p.get("temperature", 0.0)),
+        top_p=float(p.get("top_p", 1.0)),
+        top_k=int(p.get("top_k", 0)),
+        min_p=float(p.get("min_p", 0.0)),
+        repetition_penalty=p.get("repetition_penalty"),
+        seed=int(seed),
+        stop=list(p.get("stop", [])),
+        grammar=grammar,
+    )

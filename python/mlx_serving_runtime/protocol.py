@@ -1,0 +1,115 @@
+"""JSON-RPC 2.0 framing for the runtime pipe: envelopes, error codes, one locked writer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from typing import Any, BinaryIO
+
+log = logging.getLogger("mlx_serving_runtime")
+
+JSONRPC = "2.0"
+
+# Stable error code (data.code) -> JSON-RPC error code, as in docs/runtime-protocol.md.
+ERROR_CODES: dict[str, int] = {
+    "parse_error": -32700,
+    "invalid_request": -32600,
+    "method_not_found": -32601,
+    "invalid_params": -32602,
+    "model_not_loaded": -32001,
+    "model_load_failed": -32002,
+    "too_many_models": -32002,
+    "context_exceeded": -32003,
+    "generation_failed": -32004,
+    "out_of_memory": -32005,
+    "duplicate_request": -32006,
+    "invalid_schema": -32007,
+    "shutting_down": -32008,
+}
+
+METHODS = (
+    "runtime.info",
+    "health",
+    "shutdown",
+    "model.load",
+    "model.unload",
+    "generate",
+    "cancel",
+    "tokenize",
+)
+
+
+def schema_type(method: str) -> str:
+    """The schema type prefix of a method: "generate" -> "runtime.generate"."""
+    return method if method.startswith("runtime.") else "runtime." + method
+
+
+class RpcError(Exception):
+    """An error answered to one request; never fatal for the process."""
+
+    def __init__(self, code: str, message: str, **data: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    def to_error(self) -> dict[str, Any]:
+        return {
+            "code": ERROR_CODES[self.code],
+            "message": self.message[:2048],
+            "data": {"code": self.code, **self.data},
+        }
+
+
+def response(rpc_id: Any, result: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": JSONRPC, "id": rpc_id, "result": result}
+
+
+def error_response(rpc_id: Any, err: RpcError) -> dict[str, Any]:
+    return {"jsonrpc": JSONRPC, "id": rpc_id, "error": err.to_error()}
+
+
+def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": JSONRPC, "method": method, "params": params}
+
+
+class Writer:
+    """Writes protocol lines to the real stdout. One lock, so lines never interleave."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        data = (json.dumps(msg, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        with self._lock:
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                # The worker closed our stdout: nobody can hear us any more.
+                log.error("stdout closed; exiting")
+                os._exit(1)
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+
+
+def take_stdout() -> BinaryIO:
+    """Reserve the process's stdout for protocol lines.
+
+    Returns a stream on a duplicate of fd 1 and points fd 1 (and sys.stdout) at stderr,
+    so stray prints from libraries, Python or C, land in the log instead of the pipe.
+    """
+    import sys
+
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(fd, "wb", buffering=0)

@@ -1,0 +1,130 @@
+"""Write a tiny llama model for tests: fixed-seed random weights and a trained tokenizer.
+
+Usage: python -m mlx_serving_runtime.tinymodel OUT_DIR
+
+The output loads with mlx_lm.load(OUT_DIR) like any hub model. Everything is generated
+offline and deterministically, so two runs write byte-identical weights and vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# Training text: plain English plus JSON shapes, so structured output has useful tokens.
+_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, this is a tiny model used to test the serving runtime.",
+    "Workers pull jobs from the queue and stream tokens back to the caller.",
+    "Once upon a time there was a small language model that liked numbers.",
+    "The answer is 42, and the question is still unknown.",
+    "<|system|>\nYou are helpful.<|end|>\n<|user|>\nHi there!<|end|>\n<|assistant|>\n",
+    '{"name": "Alice", "age": 30, "tags": ["a", "b"], "ok": true}',
+    '{"color": "red", "size": 3, "items": [1, 2, 3], "valid": false, "note": null}',
+    '{"id": 7, "kind": "cat", "values": [0.5, 1.25], "nested": {"x": -1}}',
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "!?.,;:'\"()[]{}<>-_+=*/\\|@#$%^&~` \t\n",
+]
+
+
+def build_tokenizer(vocab_size: int = 448):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([s for _ in range(20) for s in _SENTENCES], trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=2048
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def write(out_dir: Path, seed: int = 1234) -> dict:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.models import llama
+    from mlx_lm.utils import save_config, save_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    vocab_size = len(tokenizer)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 2048,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.convert_tokens_to_ids(BOS),
+        "eos_token_id": eos_id,
+        "pad_token_id": tokenizer.convert_tokens_to_ids(PAD),
+        "torch_dtype": "float32",
+    }
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
+    # Tied embeddings make the logit of a token its embedding's dot product with the
+    # hidden state. Zeroing the rows of EOS and the other specials puts their logit at 0,
+    # below the top random logits: greedy decoding never ends on EOS and sampling at
+    # temperature 1 picks it about once in 700 tokens, so tests reach max_tokens, while
+    # a grammar mask that allows only EOS still selects it.
+    emb = model.model.embed_tokens.weight
+    special = [config["bos_token_id"], eos_id, config["pad_token_id"]]
+    mask = mx.ones((vocab_size, 1), dtype=mx.float32)
+    mask[mx.array(special)] = 0.0
+    model.model.embed_tokens.weight = emb * mask
+    mx.eval(model.parameters())
+    save_model(out_dir, model)
+    save_config(config, out_dir / "config.json")
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}) + "\n")
+    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return {"path": str(out_dir), "vocab_size": vocab_size, "eos_token_id": eos_id, "weight_bytes": nbytes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args(argv)
+    t0 = time.monotonic()
+    info = write(args.out_dir, args.seed)
+    info["seconds"] = round(time.monotonic() - t0, 2)
+    print(json.dumps(info), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

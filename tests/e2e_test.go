@@ -1,0 +1,213 @@
+package tests
+
+import (
+	"fmt"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// A job goes producer → JOBS → dispatcher → worker → runtime and its tokens come
+// back on the reply subject; the terminal record in RESULTS matches the stream.
+func TestJobRunsEndToEnd(t *testing.T) {
+	s := newStack(t)
+	s.startDispatcher("d1")
+	s.startWorker(4)
+	ctx := testenv.Context(t, 2*time.Minute)
+
+	o, err := s.submit(ctx, tinyJob("hello world", 16), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := o.result
+	if r.Status != schemas.StatusCompleted || r.FinishReason == "" {
+		t.Fatalf("result: %+v", r)
+	}
+	if o.text != r.Text || r.Text == "" {
+		t.Fatalf("streamed %q, result text %q", o.text, r.Text)
+	}
+	if r.Usage.CompletionTokens == 0 || r.Usage.PromptTokens == 0 || r.Usage.TotalTokens != r.Usage.PromptTokens+r.Usage.CompletionTokens {
+		t.Fatalf("usage not counted: %+v", r.Usage)
+	}
+	if o.missed != 0 || o.restarted {
+		t.Fatalf("gaps %d restarted %v", o.missed, o.restarted)
+	}
+	stored, err := bus.FetchResult(ctx, s.bus.JS, r.JobID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stored.Text != r.Text || stored.Status != r.Status || stored.Attempt != r.Attempt {
+		t.Fatalf("RESULTS %+v differs from the terminal event %+v", stored, r)
+	}
+}
+
+// Jobs submitted while no worker runs wait in JetStream and all complete once
+// capacity arrives.
+func TestJobsWaitForCapacity(t *testing.T) {
+	s := newStack(t)
+	s.startDispatcher("d1")
+	ctx := testenv.Context(t, 3*time.Minute)
+
+	const n = 6
+	var wg sync.WaitGroup
+	results := make([]*outcome, n)
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i], errs[i] = s.submit(ctx, tinyJob(fmt.Sprintf("job %d", i), 8), nil)
+		}()
+	}
+	// Nothing can run yet: the jobs are queued, none has a result.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		info, err := s.bus.JS.Stream(ctx, bus.StreamJobs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		si, err := info.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if si.State.Msgs == n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("JOBS holds %d, want %d queued", si.State.Msgs, n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s.startWorker(4)
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil {
+			t.Fatalf("job %d: %v", i, errs[i])
+		}
+		if results[i].result.Status != schemas.StatusCompleted {
+			t.Fatalf("job %d: %+v", i, results[i].result)
+		}
+	}
+}
+
+// A runtime killed mid-stream: the job migrates (same worker after the restart, or
+// another) and the caller's concatenated text equals the final text — nothing
+// repeated, nothing missing.
+func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
+	s := newStack(t)
+	s.startDispatcher("d1")
+	w := s.startWorker(2)
+	ctx := testenv.Context(t, 3*time.Minute)
+
+	var once sync.Once
+	o, err := s.submit(ctx, tinyJob("a long story", 200), func(ev bus.Event) {
+		if ev.Token.Seq == 5 {
+			once.Do(func() {
+				if err := syscall.Kill(w.RuntimePID(), syscall.SIGKILL); err != nil {
+					t.Errorf("kill runtime: %v", err)
+				}
+			})
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := o.result
+	if r.Status != schemas.StatusCompleted {
+		t.Fatalf("result: %+v", r)
+	}
+	if r.Attempt < 2 || !o.restarted || len(o.attempts) < 2 {
+		t.Fatalf("expected a second attempt: attempt %d restarted %v attempts %v", r.Attempt, o.restarted, o.attempts)
+	}
+	if o.text != r.Text {
+		t.Fatalf("caller's text differs from the result:\nstream %q\nresult %q", o.text, r.Text)
+	}
+	if o.missed != 0 {
+		t.Fatalf("missed %d events", o.missed)
+	}
+}
+
+// Cancelling a running job stops it in the runtime: terminal cancelled.
+func TestCancelRunningJob(t *testing.T) {
+	s := newStack(t)
+	s.startDispatcher("d1")
+	s.startWorker(2)
+	ctx := testenv.Context(t, 2*time.Minute)
+
+	job := tinyJob("cancel me", 2000)
+	var once sync.Once
+	o, err := s.submit(ctx, job, func(ev bus.Event) {
+		if ev.Token.Seq == 2 {
+			once.Do(func() {
+				if err := s.prod.Cancel(ctx, job.ID, "test"); err != nil {
+					t.Errorf("cancel: %v", err)
+				}
+			})
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.result.Status != schemas.StatusCancelled {
+		t.Fatalf("result: %+v", o.result)
+	}
+	if o.result.Usage.CompletionTokens >= 2000 {
+		t.Fatalf("ran to the end: %+v", o.result.Usage)
+	}
+}
+
+// A queued job that is cancelled never runs, and its caller gets terminal cancelled.
+func TestCancelQueuedJob(t *testing.T) {
+	s := newStack(t)
+	s.startDispatcher("d1") // no worker: the job stays queued
+	ctx := testenv.Context(t, time.Minute)
+	job := tinyJob("never runs", 8)
+	job.ID = bus.NewJobID()
+	done := make(chan *outcome, 1)
+	go func() {
+		o, err := s.submit(ctx, job, nil)
+		if err != nil {
+			t.Error(err)
+		}
+		done <- o
+	}()
+	waitFor(t, 10*time.Second, func() bool { return jobQueued(t, s, job.ID) })
+	if err := s.prod.Cancel(ctx, job.ID, "test"); err != nil {
+		t.Fatal(err)
+	}
+	o := <-done
+	if o == nil || o.result.Status != schemas.StatusCancelled || o.tokens != 0 {
+		t.Fatalf("outcome: %+v", o)
+	}
+}
+
+func jobQueued(t *testing.T, s *stack, id string) bool {
+	ctx := testenv.Context(t, 5*time.Second)
+	st, err := s.bus.JS.Stream(ctx, bus.StreamJobs)
+	if err != nil {
+		return false
+	}
+	for _, p := range schemas.Priorities {
+		if _, err := st.GetLastMsgForSubject(ctx, bus.JobSubject(p, id)); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// waitFor polls cond; used only where no signal exists to wait on (broker state).
+func waitFor(t *testing.T, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in time")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -1,0 +1,82 @@
+"""Starts a real `mlx-serving up` (embedded NATS, dispatcher, worker with the MLX
+runtime on the tiny model, gateway) for the openai client to talk to."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_binary(out: Path) -> Path:
+    binary = out / "mlx-serving"
+    subprocess.run(["go", "build", "-o", str(binary), "./cmd/mlx-serving"], cwd=REPO, check=True)
+    return binary
+
+
+class Up:
+    def __init__(self, binary: Path, data_dir: Path, extra: list[str], env: dict[str, str] | None = None):
+        self.binary = binary
+        self.http = f"127.0.0.1:{free_port()}"
+        self.nats = f"127.0.0.1:{free_port()}"
+        self.log = open(data_dir / "up.log", "w")
+        tiny = os.environ.get("MLX_SERVING_TINY_MODEL")
+        args = [str(binary), "up", "--data-dir", str(data_dir), "--http-addr", self.http, "--nats-listen", self.nats]
+        if tiny:
+            args += ["--model", tiny]
+        self.model = Path(tiny).name if tiny else "tiny"
+        self.proc = subprocess.Popen(args + extra, cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 240
+        for line in self.proc.stdout:
+            if "mlx-serving is up" in line:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("up did not start")
+        else:
+            raise RuntimeError(f"up exited: {self.proc.wait()} — see {data_dir / 'up.log'}")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.http}/v1"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://{self.nats}"
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture(scope="session")
+def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not shutil.which("go"):
+        pytest.fail("go is needed to build mlx-serving")
+    return build_binary(tmp_path_factory.mktemp("bin"))
+
+
+@pytest.fixture(scope="session")
+def up(binary: Path) -> Up:
+    data = Path(tempfile.mkdtemp(prefix="mlx-up-"))
+    u = Up(binary, data, [])
+    yield u
+    assert u.stop() == 0, "up did not stop cleanly on SIGTERM"
+    shutil.rmtree(data, ignore_errors=True)

@@ -1,0 +1,130 @@
+package tests
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/dispatcher"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/mlx-serving/mlx-serving/worker"
+)
+
+// stack is a real system in one test: embedded NATS, dispatchers, workers with
+// their Python runtimes on the tiny model.
+type stack struct {
+	t    *testing.T
+	bus  *testenv.Bus
+	prod *bus.Producer
+}
+
+var workerSeq atomic.Int64
+
+func newStack(t *testing.T) *stack {
+	t.Helper()
+	b := testenv.StartBus(t, bus.ProvisionOptions{WorkerTTL: 3 * time.Second})
+	prod, err := bus.NewProducer(b.Conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &stack{t: t, bus: b, prod: prod}
+}
+
+// startDispatcher runs a dispatcher until the test ends and returns its stop func.
+func (s *stack) startDispatcher(id string) (stop func()) {
+	s.t.Helper()
+	nc := testenv.Connect(s.t, s.bus.Server.ClientURL())
+	log := testenv.Logger(s.t).With().Str("dispatcher", id).Logger()
+	d, err := dispatcher.New(dispatcher.Config{
+		DispatcherID: id, Conn: nc, WorkerTTL: 3 * time.Second, AckWait: 6 * time.Second,
+		BackoffInitial: 50 * time.Millisecond, BackoffMax: 500 * time.Millisecond, Logger: &log,
+	})
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = d.Run(ctx) }()
+	stop = func() { cancel(); <-done }
+	s.t.Cleanup(stop)
+	return stop
+}
+
+// startWorker runs a worker with the real runtime and waits until it is ready.
+func (s *stack) startWorker(slots int) *worker.Agent {
+	s.t.Helper()
+	nc := testenv.Connect(s.t, s.bus.Server.ClientURL())
+	id := fmt.Sprintf("w%d", workerSeq.Add(1))
+	a, err := worker.New(worker.Config{
+		WorkerID: id, Conn: nc, Python: testenv.Python(s.t),
+		Models: []string{"tiny=" + testenv.TinyModel(s.t)}, Slots: slots,
+		HeartbeatInterval:     500 * time.Millisecond,
+		RestartBackoffInitial: 100 * time.Millisecond,
+		Logger:                testenv.Logger(s.t).With().Str("worker", id).Logger(),
+	})
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = a.Run(ctx) }()
+	s.t.Cleanup(func() { cancel(); <-done })
+	rctx, rcancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer rcancel()
+	if err := a.WaitReady(rctx); err != nil {
+		s.t.Fatalf("worker %s not ready: %v", id, err)
+	}
+	return a
+}
+
+// outcome is everything a caller saw of one job.
+type outcome struct {
+	text      string // concatenated deltas, across attempts
+	tokens    int
+	attempts  map[int]bool
+	restarted bool
+	missed    int
+	result    *schemas.ResultMsg
+}
+
+// submit sends a job and collects its stream to the terminal event.
+func (s *stack) submit(ctx context.Context, job *schemas.JobRequest, onToken func(ev bus.Event)) (*outcome, error) {
+	st, _, err := bus.SubmitStream(ctx, s.prod, s.bus.Conn, job, bus.StreamOptions{QuietAfter: time.Second})
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	o := &outcome{attempts: map[int]bool{}}
+	var b strings.Builder
+	for ev, err := range st.Events(ctx) {
+		if err != nil {
+			return o, err
+		}
+		o.missed += ev.Missed
+		o.restarted = o.restarted || ev.Restarted
+		if ev.Token != nil {
+			o.attempts[ev.Token.Attempt] = true
+			o.tokens++
+			b.WriteString(ev.Token.Delta)
+			if onToken != nil {
+				onToken(ev)
+			}
+		}
+		if ev.Result != nil {
+			o.result = ev.Result
+			o.text = b.String()
+			return o, nil
+		}
+	}
+	return o, errors.New("stream ended without a terminal event")
+}
+
+func tinyJob(prompt string, maxTokens int) *schemas.JobRequest {
+	return &schemas.JobRequest{Model: "tiny", Prompt: prompt, MaxTokens: maxTokens}
+}

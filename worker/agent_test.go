@@ -1,0 +1,456 @@
+package worker
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// End-to-end tests: a real embedded NATS server per test and the real Python
+// runtime on the tiny model.
+
+func within(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func TestE2EJobStreamsTokensAndRecordsOneResult(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	a := startAgent(t, realConfig(t, b, "w-stream"), true)
+	ctx := within(t, 60*time.Second)
+
+	hb := waitHeartbeat(t, b.kv, "w-stream", 10*time.Second, func(h *schemas.HeartbeatMsg) bool {
+		return h.State == schemas.WorkerReady && len(h.Models) == 1
+	})
+	if hb.Models[0] != "tiny" || hb.Slots != 4 || hb.MemoryBytes <= 0 || hb.Hostname == "" || hb.Platform == "" {
+		t.Fatalf("heartbeat %+v", hb)
+	}
+
+	good := newJob("The quick brown fox", 24)
+	resumed := newJob("Hello world", 12)
+	bad := newJob("", 10) // neither prompt nor messages: fails the job schema
+	bad.Prompt = ""
+	cGood, cRes, cBad := collect(t, b.nc, good.ReplyTo), collect(t, b.nc, resumed.ReplyTo), collect(t, b.nc, bad.ReplyTo)
+
+	m := batch("tiny", good, resumed, bad)
+	m.Jobs[1].Resume = &schemas.Resume{Text: "Once upon", CompletionTokens: 4}
+	m.Jobs[1].Attempt = 2
+	reply := assign(t, b.nc, a.ID(), m)
+	if reply.Status != schemas.AssignAccepted || reply.WorkerID != "w-stream" || reply.BatchID != m.BatchID {
+		t.Fatalf("reply %+v", reply)
+	}
+
+	r := cGood.untilResult(ctx)
+	cGood.checkStream("")
+	if r.Status != schemas.StatusCompleted || r.JobID != good.ID || r.Attempt != 1 || r.WorkerID != "w-stream" {
+		t.Fatalf("result %+v", r)
+	}
+	if len(cGood.tokens) == 0 || r.Usage.CompletionTokens == 0 || r.Usage.CompletionTokens > 24 || r.Timings == nil || r.Timings.TotalMs <= 0 {
+		t.Fatalf("result usage/timings %+v %+v after %d tokens", r.Usage, r.Timings, len(cGood.tokens))
+	}
+	if last := cGood.tokens[len(cGood.tokens)-1]; last.Tokens > r.Usage.CompletionTokens {
+		t.Fatalf("token count %d beyond usage %d", last.Tokens, r.Usage.CompletionTokens)
+	}
+	stored := fetchResult(t, b.js, good.ID)
+	if stored.Text != r.Text || stored.Status != r.Status || stored.Seq != r.Seq {
+		t.Fatalf("RESULTS %+v differs from the terminal event %+v", stored, r)
+	}
+	if n := resultsCount(t, b.js, good.ID); n != 1 {
+		t.Fatalf("%d RESULTS records, want 1", n)
+	}
+
+	// The resumed job continues the earlier text: its result starts with it, its
+	// events carry only the new text, and its budget is what the first attempt left.
+	rr := cRes.untilResult(ctx)
+	cRes.checkStream("Once upon")
+	if rr.Status != schemas.StatusCompleted || rr.Attempt != 2 || !strings.HasPrefix(rr.Text, "Once upon") {
+		t.Fatalf("resumed result %+v", rr)
+	}
+	if rr.Usage.CompletionTokens > 12 || rr.Usage.CompletionTokens < 4 {
+		t.Fatalf("resumed usage %+v: must count the 4 earlier tokens and stay within 12", rr.Usage)
+	}
+	if len(cRes.tokens) > 0 && cRes.tokens[0].Tokens <= 4 {
+		t.Fatalf("resumed token count starts at %d, want past the 4 earlier ones", cRes.tokens[0].Tokens)
+	}
+
+	// The invalid job failed alone, with invalid_request, recorded and sent.
+	br := cBad.untilResult(ctx)
+	if br.Status != schemas.StatusFailed || br.Error == nil || br.Error.Code != "invalid_request" || len(cBad.tokens) != 0 {
+		t.Fatalf("invalid job result %+v", br)
+	}
+	if got := fetchResult(t, b.js, bad.ID); got.Status != schemas.StatusFailed {
+		t.Fatalf("invalid job RESULTS %+v", got)
+	}
+
+	// A model this worker does not have: rejected, nothing runs.
+	other := newJob("x", 5)
+	other.Model = "other"
+	if rep := assign(t, b.nc, a.ID(), batch("other", other)); rep.Status != schemas.AssignRejected || rep.Error == nil || rep.Error.Code != CodeModelNotLoaded {
+		t.Fatalf("unknown model: %+v", rep)
+	}
+}
+
+func TestE2EBatchSharesRuntimeAndFullWhenSlotsTaken(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	a := startAgent(t, realConfig(t, b, "w-batch"), true)
+	ctx := within(t, 120*time.Second)
+
+	var jobs []schemas.JobRequest
+	var cols []*collector
+	for i := 0; i < 4; i++ {
+		j := newJob(fmt.Sprintf("Story number %d:", i), 400)
+		jobs = append(jobs, j)
+		cols = append(cols, collect(t, b.nc, j.ReplyTo))
+	}
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", jobs...)); rep.Status != schemas.AssignAccepted || rep.FreeSlots != 0 {
+		t.Fatalf("batch of 4: %+v", rep)
+	}
+	// Every job has streamed before any has finished: they share the batch.
+	firstAt := make([]time.Time, 4)
+	for i, c := range cols {
+		if tok, res := c.next(ctx); tok == nil {
+			t.Fatalf("job %d ended before its first token: %+v", i, res)
+		}
+		firstAt[i] = time.Now()
+	}
+	extra := newJob("one more", 5)
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", extra)); rep.Status != schemas.AssignFull || rep.FreeSlots != 0 {
+		t.Fatalf("assignment while all slots run: %+v", rep)
+	}
+	hb := waitHeartbeat(t, b.kv, "w-batch", 5*time.Second, func(h *schemas.HeartbeatMsg) bool { return h.InFlight == 4 })
+	if hb.State != schemas.WorkerReady {
+		t.Fatalf("busy worker announces %s", hb.State)
+	}
+	var firstEnd time.Time
+	for i, c := range cols {
+		r := c.untilResult(ctx)
+		c.checkStream("")
+		if r.Status != schemas.StatusCompleted {
+			t.Fatalf("job %d: %+v", i, r)
+		}
+		if firstEnd.IsZero() {
+			firstEnd = time.Now()
+		}
+	}
+	for i, f := range firstAt {
+		if !f.Before(firstEnd) {
+			t.Fatalf("job %d first streamed after another had finished: no overlap", i)
+		}
+	}
+	if err := a.jobs.waitIdle(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", extra)); rep.Status != schemas.AssignAccepted {
+		t.Fatalf("after the batch finished: %+v", rep)
+	}
+}
+
+func TestE2ECancelMidStream(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	a := startAgent(t, realConfig(t, b, "w-cancel"), true)
+	ctx := within(t, 60*time.Second)
+
+	j := newJob("Cancel me", 2000)
+	c := collect(t, b.nc, j.ReplyTo)
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignAccepted {
+		t.Fatalf("%+v", rep)
+	}
+	if tok, _ := c.next(ctx); tok == nil {
+		t.Fatal("no token before the result")
+	}
+	cm, _ := json.Marshal(schemas.CancelMsg{JobID: j.ID, RequestedAt: time.Now().UTC()})
+	if err := b.nc.Publish(bus.CancelSubject(j.ID), cm); err != nil {
+		t.Fatal(err)
+	}
+	r := c.untilResult(ctx)
+	c.checkStream("")
+	if r.Status != schemas.StatusCancelled || r.FinishReason != schemas.FinishCancelled || r.Usage.CompletionTokens >= 2000 {
+		t.Fatalf("cancelled result %+v", r)
+	}
+	if got := fetchResult(t, b.js, j.ID); got.Status != schemas.StatusCancelled {
+		t.Fatalf("RESULTS %+v", got)
+	}
+}
+
+// A deadline that passes while the job runs cancels it in the runtime: expired.
+func TestE2EDeadlineExpires(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	a := startAgent(t, realConfig(t, b, "w-deadline"), true)
+	ctx := within(t, 60*time.Second)
+	j := newJob("Run out of time", 4000)
+	dl := time.Now().Add(1500 * time.Millisecond)
+	j.Deadline = &dl
+	c := collect(t, b.nc, j.ReplyTo)
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignAccepted {
+		t.Fatalf("%+v", rep)
+	}
+	r := c.untilResult(ctx)
+	c.checkStream("")
+	if r.Status != schemas.StatusExpired || r.Error == nil || r.Error.Code != CodeDeadlineExceeded || time.Now().Before(dl) {
+		t.Fatalf("expired result %+v", r)
+	}
+	if got := fetchResult(t, b.js, j.ID); got.Status != schemas.StatusExpired {
+		t.Fatalf("RESULTS %+v", got)
+	}
+
+	// A job whose deadline is already gone when it arrives expires without running.
+	late := newJob("too late", 10)
+	past := time.Now().Add(-time.Second)
+	late.Deadline = &past
+	cl := collect(t, b.nc, late.ReplyTo)
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", late)); rep.Status != schemas.AssignAccepted {
+		t.Fatalf("%+v", rep)
+	}
+	lr := cl.untilResult(ctx)
+	if lr.Status != schemas.StatusExpired || len(cl.tokens) != 0 {
+		t.Fatalf("late job %+v after %d tokens", lr, len(cl.tokens))
+	}
+}
+
+func TestE2ERuntimeKilledMidStream(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	a := startAgent(t, realConfig(t, b, "w-crash"), true)
+	ctx := within(t, 90*time.Second)
+
+	j := newJob("Crash during this", 4000)
+	c := collect(t, b.nc, j.ReplyTo)
+	reports := make(chan *nats.Msg, 4)
+	sub, err := b.nc.ChanSubscribe(bus.AttemptSubject(j.ID), reports)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	pid := a.RuntimePID()
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignAccepted {
+		t.Fatalf("%+v", rep)
+	}
+	for i := 0; i < 3; i++ {
+		if tok, _ := c.next(ctx); tok == nil {
+			t.Fatal("result before the crash")
+		}
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	var rep schemas.AttemptReportMsg
+	select {
+	case m := <-reports:
+		if err := schemas.Validate(schemas.AttemptReport, m.Data); err != nil {
+			t.Fatalf("attempt report fails its schema: %v: %s", err, m.Data)
+		}
+		_ = json.Unmarshal(m.Data, &rep)
+	case <-ctx.Done():
+		t.Fatal("no attempt report")
+	}
+	// Drain what reached the reply subject before the crash: no terminal among it.
+	for {
+		select {
+		case m := <-c.ch:
+			var head struct{ Type string }
+			_ = json.Unmarshal(m.Data, &head)
+			if head.Type != "token" {
+				t.Fatalf("a crashed attempt sent %s", m.Data)
+			}
+			var ev schemas.TokenEventMsg
+			_ = json.Unmarshal(m.Data, &ev)
+			c.tokens = append(c.tokens, ev)
+			continue
+		default:
+		}
+		break
+	}
+	c.checkStream("")
+	var sent strings.Builder
+	for _, ev := range c.tokens {
+		sent.WriteString(ev.Delta)
+	}
+	if rep.Error.Code != CodeRuntimeCrashed || !rep.Error.Retryable || rep.JobID != j.ID || rep.Attempt != 1 || rep.WorkerID != "w-crash" ||
+		rep.Seq != len(c.tokens) || rep.Text != sent.String() || rep.CompletionTokens < len(c.tokens) {
+		t.Fatalf("attempt report %+v after %d tokens %q", rep, len(c.tokens), sent.String())
+	}
+	if n := resultsCount(t, b.js, j.ID); n != 0 {
+		t.Fatalf("a crashed attempt wrote %d RESULTS records", n)
+	}
+
+	// The supervisor restarts the runtime and the next job succeeds on it.
+	if err := a.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if a.RuntimePID() == pid || a.RuntimePID() == 0 {
+		t.Fatalf("runtime pid %d after restart (was %d)", a.RuntimePID(), pid)
+	}
+	next := newJob("After the crash", 10)
+	cn := collect(t, b.nc, next.ReplyTo)
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", next)); rep.Status != schemas.AssignAccepted {
+		t.Fatalf("%+v", rep)
+	}
+	if r := cn.untilResult(ctx); r.Status != schemas.StatusCompleted {
+		t.Fatalf("job after restart: %+v", r)
+	}
+	cn.checkStream("")
+}
+
+func TestE2EBreakerOpensAndWorkerIsUnavailable(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	cfg := testConfig(t, b, "w-breaker")
+	cfg.Python = "/bin/false" // exits at once, every time
+	cfg.BreakerThreshold = 3
+	cfg.BreakerCooldown = time.Hour
+	a := startAgent(t, cfg, false)
+
+	hb := waitHeartbeat(t, b.kv, "w-breaker", 20*time.Second, func(h *schemas.HeartbeatMsg) bool {
+		return a.BreakerState() == BreakerOpen && h.State == schemas.WorkerUnavailable
+	})
+	if len(hb.Models) != 0 {
+		t.Fatalf("unavailable worker lists models %v", hb.Models)
+	}
+	j := newJob("x", 5)
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignRejected || rep.Error == nil || rep.Error.Code != CodeRuntimeDown {
+		t.Fatalf("assignment to an unavailable worker: %+v", rep)
+	}
+	if a.State() != StateUnavailable {
+		t.Fatalf("state %s", a.State())
+	}
+}
+
+func TestE2EDrainFinishesRunningWork(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	a := startAgent(t, realConfig(t, b, "w-drain"), true)
+	ctx := within(t, 60*time.Second)
+
+	j := newJob("Finish me while draining", 300)
+	c := collect(t, b.nc, j.ReplyTo)
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignAccepted {
+		t.Fatalf("%+v", rep)
+	}
+	if tok, _ := c.next(ctx); tok == nil {
+		t.Fatal("no token")
+	}
+	pid := a.RuntimePID()
+	drained := make(chan error, 1)
+	go func() { drained <- a.Drain(ctx) }()
+
+	waitHeartbeat(t, b.kv, "w-drain", 5*time.Second, func(h *schemas.HeartbeatMsg) bool { return h.State == schemas.WorkerDraining })
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", newJob("new", 5))); rep.Status != schemas.AssignRejected || rep.Error.Code != CodeWorkerDraining {
+		t.Fatalf("assignment while draining: %+v", rep)
+	}
+	r := c.untilResult(ctx)
+	c.checkStream("")
+	if r.Status != schemas.StatusCompleted {
+		t.Fatalf("drained job %+v", r)
+	}
+	select {
+	case err := <-drained:
+		if err != nil {
+			t.Fatalf("Drain: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("Drain did not return")
+	}
+	if a.State() != StateStopped {
+		t.Fatalf("state after drain %s", a.State())
+	}
+	if _, err := b.kv.Get(ctx, "w-drain"); !errors.Is(err, jetstream.ErrKeyNotFound) {
+		t.Fatalf("registry entry after drain: %v", err)
+	}
+	if !processGone(pid) {
+		t.Fatalf("runtime %d still alive after drain", pid)
+	}
+}
+
+// helperEnv makes the test binary run one agent until killed (see TestMain).
+const helperEnv = "MLX_SERVING_WORKER_HELPER"
+
+func runHelperAgent() {
+	nc, err := nats.Connect(os.Getenv("HELPER_URL"))
+	if err != nil {
+		fmt.Println("ERR", err)
+		os.Exit(1)
+	}
+	a, err := New(Config{
+		WorkerID: os.Getenv("HELPER_ID"), Conn: nc, Slots: 2,
+		Python: os.Getenv("HELPER_PYTHON"), Models: []string{"tiny=" + os.Getenv("HELPER_MODEL")},
+		HeartbeatInterval: 200 * time.Millisecond,
+	})
+	if err == nil {
+		err = a.Start(context.Background())
+	}
+	if err == nil {
+		err = a.WaitReady(context.Background())
+	}
+	if err != nil {
+		fmt.Println("ERR", err)
+		os.Exit(1)
+	}
+	fmt.Println("READY", a.RuntimePID())
+	select {}
+}
+
+func TestE2EHeartbeatExpiresAfterWorkerKilled(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 2*time.Second)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), helperEnv+"=1", "HELPER_URL="+b.srv.ClientURL(), "HELPER_ID=w-killed",
+		"HELPER_PYTHON="+pythonPath(t), "HELPER_MODEL="+tinyModel(t))
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	line, err := bufio.NewReader(out).ReadString('\n')
+	var runtimePID int
+	if _, serr := fmt.Sscanf(line, "READY %d", &runtimePID); serr != nil || err != nil {
+		t.Fatalf("helper worker: %q %v", line, err)
+	}
+	waitHeartbeat(t, b.kv, "w-killed", 10*time.Second, func(h *schemas.HeartbeatMsg) bool { return h.State == schemas.WorkerReady })
+
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+	killedAt := time.Now()
+	// The KV bucket's TTL removes the entry without a watch event, so poll it.
+	ctx := within(t, 20*time.Second)
+	for {
+		_, err := b.kv.Get(ctx, "w-killed")
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("registry entry still there %s after the kill", time.Since(killedAt))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The orphaned runtime sees EOF on stdin and exits by itself.
+	for !processGone(runtimePID) {
+		if ctx.Err() != nil {
+			t.Fatalf("runtime %d outlived its killed worker", runtimePID)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -1,0 +1,161 @@
+package worker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// Error codes of a rejected assignment.
+const (
+	CodeWorkerDraining = "worker_draining"
+	CodeModelNotLoaded = "model_not_loaded"
+	CodeInvalidMessage = "invalid_message"
+)
+
+// rawAssignment keeps each job's bytes, so every job is validated against the job
+// schema on its own: one bad job fails alone instead of sinking the batch.
+type rawAssignment struct {
+	BatchID      string `json:"batch_id"`
+	DispatcherID string `json:"dispatcher_id"`
+	Model        string `json:"model"`
+	Jobs         []struct {
+		Job     json.RawMessage `json:"job"`
+		Attempt int             `json:"attempt"`
+		Resume  *schemas.Resume `json:"resume,omitempty"`
+	} `json:"jobs"`
+}
+
+// invalidJob is a job that failed its schema: it gets a failed terminal.
+type invalidJob struct {
+	id, replyTo string
+	attempt     int
+	err         error
+}
+
+// handleAssign answers mlx.worker.<id>.assign. The whole batch is taken or none:
+// rejected when the worker is not ready (draining, starting, runtime down) or the
+// model is not loaded, full when free slots < jobs in the batch, else accepted and
+// every valid job starts at once.
+func (a *Agent) handleAssign(msg *nats.Msg) {
+	var in rawAssignment
+	if err := json.Unmarshal(msg.Data, &in); err != nil {
+		a.replyAssign(msg, &schemas.AssignmentReplyMsg{
+			Status: schemas.AssignRejected,
+			Error:  &schemas.ErrorInfo{Code: CodeInvalidMessage, Message: "assignment is not valid JSON: " + err.Error()},
+		})
+		return
+	}
+	out := &schemas.AssignmentReplyMsg{BatchID: in.BatchID}
+
+	var runs []*jobRun
+	var invalid []invalidJob
+	for _, rj := range in.Jobs {
+		var j schemas.JobRequest
+		err := schemas.Validate(schemas.Job, rj.Job)
+		if err == nil {
+			err = json.Unmarshal(rj.Job, &j)
+		}
+		if err != nil {
+			var loose struct {
+				ID      string `json:"id"`
+				ReplyTo string `json:"reply_to"`
+			}
+			_ = json.Unmarshal(rj.Job, &loose)
+			invalid = append(invalid, invalidJob{id: loose.ID, replyTo: loose.ReplyTo, attempt: rj.Attempt, err: err})
+			continue
+		}
+		runs = append(runs, newJobRun(schemas.AssignedJob{Job: j, Attempt: rj.Attempt, Resume: rj.Resume}))
+	}
+
+	a.assignMu.Lock()
+	st := a.life.get()
+	switch {
+	case st == StateDraining || st == StateStopped:
+		out.Status = schemas.AssignRejected
+		out.Error = &schemas.ErrorInfo{Code: CodeWorkerDraining, Message: "worker is draining", Retryable: true}
+	case st != StateReady && st != StateBusy:
+		out.Status = schemas.AssignRejected
+		out.Error = &schemas.ErrorInfo{Code: CodeRuntimeDown, Message: "runtime is not available (" + string(st) + ")", Retryable: true}
+	case !a.modelsLoaded(in.Model, runs):
+		out.Status = schemas.AssignRejected
+		out.Error = &schemas.ErrorInfo{Code: CodeModelNotLoaded, Message: "model " + in.Model + " is not loaded on this worker"}
+	}
+	if out.Status != "" {
+		a.assignMu.Unlock()
+		out.FreeSlots = a.jobs.free()
+		a.replyAssign(msg, out)
+		return
+	}
+	// A job already running here is a redelivered assignment of the same attempt:
+	// it is accepted again without a second run.
+	fresh := runs[:0]
+	for _, r := range runs {
+		if !a.jobs.isRunning(r.aj.Job.ID) {
+			fresh = append(fresh, r)
+		}
+	}
+	runs = fresh
+	ok, free := a.jobs.reserve(runs, len(runs)+len(invalid))
+	a.assignMu.Unlock()
+	out.FreeSlots = free
+	if !ok {
+		out.Status = schemas.AssignFull
+		a.replyAssign(msg, out)
+		return
+	}
+	out.Status = schemas.AssignAccepted
+	a.replyAssign(msg, out)
+
+	for _, r := range runs {
+		go a.runJob(a.jobCtx, r)
+	}
+	for _, bad := range invalid {
+		go a.failInvalid(bad)
+	}
+}
+
+func (a *Agent) modelsLoaded(model string, runs []*jobRun) bool {
+	if model != "" && !a.sup.hasModel(model) {
+		return false
+	}
+	for _, r := range runs {
+		if !a.sup.hasModel(r.aj.Job.Model) {
+			return false
+		}
+	}
+	return true
+}
+
+func (a *Agent) replyAssign(msg *nats.Msg, out *schemas.AssignmentReplyMsg) {
+	out.WorkerID = a.cfg.WorkerID
+	b, err := json.Marshal(out)
+	if err == nil {
+		err = msg.Respond(b)
+	}
+	if err != nil && !errors.Is(err, nats.ErrMsgNoReply) {
+		a.log.Warn().Err(err).Str("batch_id", out.BatchID).Msg("could not answer the assignment")
+	}
+	a.log.Debug().Str("batch_id", out.BatchID).Str("status", out.Status).Int("free_slots", out.FreeSlots).Msg("assignment answered")
+}
+
+// failInvalid ends a job that failed its schema with a failed terminal.
+func (a *Agent) failInvalid(bad invalidJob) {
+	if bad.id == "" {
+		a.log.Warn().Err(bad.err).Msg("assigned job has no id; cannot record its failure")
+		return
+	}
+	res := &schemas.ResultMsg{
+		Type: "result", JobID: bad.id, Attempt: bad.attempt, Status: schemas.StatusFailed,
+		WorkerID: a.cfg.WorkerID,
+		Error:    &schemas.ErrorInfo{Code: CodeInvalidRequest, Message: bad.err.Error()},
+	}
+	ctx, cancel := context.WithTimeout(a.jobCtx, a.cfg.ResultTimeout+5*time.Second)
+	defer cancel()
+	a.finish(ctx, res, bad.replyTo)
+}

@@ -1,0 +1,178 @@
+package worker
+
+import (
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+	"unicode/utf8"
+	"unsafe"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// Coalesce batches token events: a delta is held until Tokens chunks are pending or
+// Interval has passed since the first pending one. The zero value sends every chunk
+// at once, which is the default: coalescing trades latency for fewer messages.
+type Coalesce struct {
+	Interval time.Duration
+	Tokens   int
+}
+
+func (c Coalesce) enabled() bool { return c.Interval > 0 || c.Tokens > 1 }
+
+// emitter turns runtime chunks into token events on one job's reply subject. It is
+// the hot path: events are encoded by hand into one reused buffer (the NATS client
+// copies on Publish), never validated, and sent as soon as a chunk arrives.
+type emitter struct {
+	nc       *nats.Conn
+	subject  string
+	prefix   []byte // {"type":"token","job_id":"…","attempt":N,"seq":
+	buf      []byte
+	resumeN  int
+	coalesce Coalesce
+
+	mu       sync.Mutex // guards everything below when a coalescing timer runs
+	seq      int        // the next seq of this attempt
+	tokens   int        // completion tokens of this attempt so far
+	text     strings.Builder
+	pending  []byte
+	pendingN int
+	timer    *time.Timer
+	stopped  bool
+}
+
+func newEmitter(nc *nats.Conn, subject, jobID string, attempt, resumeTokens int, co Coalesce) *emitter {
+	e := &emitter{nc: nc, subject: subject, resumeN: resumeTokens, coalesce: co, buf: make([]byte, 0, 256)}
+	p := append([]byte(nil), `{"type":"token","job_id":`...)
+	p = appendJSONString(p, jobID)
+	p = append(p, `,"attempt":`...)
+	p = strconv.AppendInt(p, int64(attempt), 10)
+	p = append(p, `,"seq":`...)
+	e.prefix = p
+	return e
+}
+
+// chunk is the generate's Chunk hook. Empty deltas (text the detokenizer holds
+// back) are not sent: they would cost a message and tell the caller nothing.
+func (e *emitter) chunk(c *schemas.GenerateChunk) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.tokens = c.Tokens
+	if c.Text == "" || e.stopped {
+		return
+	}
+	e.text.WriteString(c.Text)
+	if !e.coalesce.enabled() {
+		e.publishLocked(c.Text)
+		return
+	}
+	e.pending = append(e.pending, c.Text...)
+	e.pendingN++
+	if e.coalesce.Tokens > 0 && e.pendingN >= e.coalesce.Tokens {
+		e.flushLocked()
+		return
+	}
+	if e.timer == nil && e.coalesce.Interval > 0 {
+		e.timer = time.AfterFunc(e.coalesce.Interval, e.flush)
+	}
+}
+
+// publishLocked sends one token event.
+func (e *emitter) publishLocked(delta string) {
+	b := append(e.buf[:0], e.prefix...)
+	b = strconv.AppendInt(b, int64(e.seq), 10)
+	b = append(b, `,"delta":`...)
+	b = appendJSONString(b, delta)
+	b = append(b, `,"tokens":`...)
+	b = strconv.AppendInt(b, int64(e.resumeN+e.tokens), 10)
+	b = append(b, '}')
+	e.buf = b
+	e.seq++
+	if e.subject != "" && e.nc != nil {
+		_ = e.nc.Publish(e.subject, b) // a lost event shows as a gap in seq; the result still carries the whole text
+	}
+}
+
+func (e *emitter) flush() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.flushLocked()
+}
+
+func (e *emitter) flushLocked() {
+	if e.timer != nil {
+		e.timer.Stop()
+		e.timer = nil
+	}
+	if e.pendingN == 0 {
+		return
+	}
+	e.publishLocked(unsafe.String(unsafe.SliceData(e.pending), len(e.pending)))
+	e.pending = e.pending[:0]
+	e.pendingN = 0
+}
+
+func (e *emitter) stop() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.stopped = true
+	if e.timer != nil {
+		e.timer.Stop()
+		e.timer = nil
+	}
+}
+
+const hexDigits = "0123456789abcdef"
+
+// appendJSONString appends s as a JSON string, as encoding/json would (minus its
+// HTML escaping): invalid UTF-8 becomes U+FFFD.
+func appendJSONString(b []byte, s string) []byte {
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+			i++
+			start = i
+			continue
+		}
+		if r == '\u2028' || r == '\u2029' {
+			b = append(b, s[start:i]...)
+			b = append(b, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
+			i += size
+			start = i
+			continue
+		}
+		i += size
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
+}

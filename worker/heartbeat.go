@@ -1,0 +1,235 @@
+package worker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	goruntime "runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// State is a worker lifecycle state.
+type State string
+
+// Worker lifecycle states: starting → ready ⇄ busy → draining → stopped, and
+// unavailable whenever the runtime is down (crashed, restarting, breaker open).
+const (
+	StateStarting    State = "starting"
+	StateReady       State = "ready"
+	StateBusy        State = "busy"
+	StateUnavailable State = "unavailable"
+	StateDraining    State = "draining"
+	StateStopped     State = "stopped"
+)
+
+// Event moves the worker lifecycle.
+type Event string
+
+// Lifecycle events.
+const (
+	EventRuntimeUp   Event = "runtime_up"   // the runtime passed its start checks
+	EventRuntimeDown Event = "runtime_down" // the runtime exited, failed health, or the breaker is open
+	EventJobsStarted Event = "jobs_started" // in-flight went above zero
+	EventJobsIdle    Event = "jobs_idle"    // in-flight went back to zero
+	EventDrain       Event = "drain"
+	EventStop        Event = "stop"
+)
+
+// lifecycleTable is the whole worker lifecycle: state × event → next state. Jobs
+// coming and going while unavailable or draining do not change the state; a drain
+// is one-way.
+var lifecycleTable = map[State]map[Event]State{
+	StateStarting: {
+		EventRuntimeUp: StateReady, EventRuntimeDown: StateUnavailable,
+		EventDrain: StateDraining, EventStop: StateStopped,
+	},
+	StateReady: {
+		EventJobsStarted: StateBusy, EventJobsIdle: StateReady, EventRuntimeUp: StateReady,
+		EventRuntimeDown: StateUnavailable, EventDrain: StateDraining, EventStop: StateStopped,
+	},
+	StateBusy: {
+		EventJobsStarted: StateBusy, EventJobsIdle: StateReady, EventRuntimeUp: StateBusy,
+		EventRuntimeDown: StateUnavailable, EventDrain: StateDraining, EventStop: StateStopped,
+	},
+	StateUnavailable: {
+		EventRuntimeUp: StateReady, EventRuntimeDown: StateUnavailable,
+		EventJobsStarted: StateUnavailable, EventJobsIdle: StateUnavailable,
+		EventDrain: StateDraining, EventStop: StateStopped,
+	},
+	StateDraining: {
+		EventRuntimeUp: StateDraining, EventRuntimeDown: StateDraining,
+		EventJobsStarted: StateDraining, EventJobsIdle: StateDraining,
+		EventDrain: StateDraining, EventStop: StateStopped,
+	},
+	StateStopped: {},
+}
+
+// heartbeatState maps a lifecycle state to what the registry shows: dispatchers
+// only need to know whether to send work (capacity is in slots and in_flight).
+func heartbeatState(s State) string {
+	switch s {
+	case StateReady, StateBusy:
+		return schemas.WorkerReady
+	case StateDraining, StateStopped:
+		return schemas.WorkerDraining
+	}
+	return schemas.WorkerUnavailable
+}
+
+// lifecycle holds the worker state and tells the heartbeat loop about changes.
+type lifecycle struct {
+	mu      sync.Mutex
+	state   State
+	changed chan struct{} // closed and replaced on every change
+}
+
+func newLifecycle() *lifecycle {
+	return &lifecycle{state: StateStarting, changed: make(chan struct{})}
+}
+
+func (l *lifecycle) get() State {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.state
+}
+
+// watch returns the current state and a channel closed at the next change.
+func (l *lifecycle) watch() (State, <-chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.state, l.changed
+}
+
+func (l *lifecycle) fire(ev Event) (State, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	next, ok := lifecycleTable[l.state][ev]
+	if !ok {
+		return l.state, fmt.Errorf("%w: worker %s on %s", ErrIllegalTransition, l.state, ev)
+	}
+	if next != l.state {
+		l.state = next
+		close(l.changed)
+		l.changed = make(chan struct{})
+	}
+	return next, nil
+}
+
+// hostFacts are read once at start.
+type hostFacts struct {
+	hostname string
+	platform string
+	chip     string
+}
+
+func readHostFacts() hostFacts {
+	h, _ := os.Hostname()
+	return hostFacts{hostname: h, platform: goruntime.GOOS + "/" + goruntime.GOARCH, chip: chipName()}
+}
+
+func chipName() string {
+	switch goruntime.GOOS {
+	case "darwin":
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, "sysctl", "-n", "machdep.cpu.brand_string").Output()
+		if err == nil {
+			return strings.TrimSpace(string(out))
+		}
+	case "linux":
+		b, err := os.ReadFile("/proc/cpuinfo")
+		if err == nil {
+			for _, line := range strings.Split(string(b), "\n") {
+				if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+					return strings.TrimSpace(v)
+				}
+			}
+		}
+	}
+	return ""
+}
+
+// heartbeat builds the registry entry from the agent's current state.
+func (a *Agent) heartbeat() schemas.HeartbeatMsg {
+	st := a.life.get()
+	models, mem := a.sup.loaded()
+	if models == nil {
+		models = []string{}
+	}
+	return schemas.HeartbeatMsg{
+		WorkerID:    a.cfg.WorkerID,
+		Hostname:    a.host.hostname,
+		Platform:    a.host.platform,
+		Chip:        a.host.chip,
+		MemoryBytes: mem,
+		Models:      models,
+		Slots:       a.cfg.Slots,
+		InFlight:    a.jobs.inFlight(),
+		State:       heartbeatState(st),
+		Version:     a.cfg.Version,
+		StartedAt:   a.startedAt,
+		UpdatedAt:   time.Now().UTC(),
+	}
+}
+
+// heartbeatLoop puts the registry entry every interval and at once on every
+// lifecycle change, until ctx ends.
+func (a *Agent) heartbeatLoop(ctx context.Context) {
+	t := time.NewTicker(a.cfg.HeartbeatInterval)
+	defer t.Stop()
+	var kv jetstream.KeyValue
+	for {
+		_, changed := a.life.watch()
+		if kv == nil {
+			b, err := a.js.KeyValue(ctx, bus.BucketWorkers)
+			if err != nil && ctx.Err() == nil {
+				a.log.Warn().Err(err).Msg("worker registry bucket not available; will retry")
+			}
+			kv = b
+		}
+		if kv != nil {
+			if err := a.putHeartbeat(ctx, kv); err != nil && ctx.Err() == nil {
+				a.log.Warn().Err(err).Msg("heartbeat put failed")
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-changed:
+		}
+	}
+}
+
+func (a *Agent) putHeartbeat(ctx context.Context, kv jetstream.KeyValue) error {
+	b, err := json.Marshal(a.heartbeat())
+	if err != nil {
+		return err
+	}
+	pctx, cancel := context.WithTimeout(ctx, a.cfg.HeartbeatInterval+time.Second)
+	defer cancel()
+	_, err = kv.Put(pctx, a.cfg.WorkerID, b)
+	return err
+}
+
+// deleteHeartbeat removes the registry entry on a clean stop, so dispatchers stop
+// routing at once instead of waiting for the TTL.
+func (a *Agent) deleteHeartbeat(ctx context.Context) {
+	kv, err := a.js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		return
+	}
+	if err := kv.Delete(ctx, a.cfg.WorkerID); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+		a.log.Warn().Err(err).Msg("could not remove the worker's registry entry")
+	}
+}

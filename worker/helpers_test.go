@@ -1,0 +1,570 @@
+package worker
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// fakeRuntimeEnv makes the test binary act as a runtime (see TestMain), so the
+// supervisor can be tested against a process without Python.
+const fakeRuntimeEnv = "MLX_SERVING_FAKE_RUNTIME"
+
+var tinyModelDir string
+
+func TestMain(m *testing.M) {
+	if os.Getenv(fakeRuntimeEnv) == "1" {
+		delay, _ := time.ParseDuration(os.Getenv("FAKE_TOKEN_DELAY"))
+		runFakeRuntime(os.Stdin, os.Stdout, fakeOptions{tokenDelay: delay, hangHealth: os.Getenv("FAKE_HANG_HEALTH") == "1"})
+		os.Exit(0)
+	}
+	if os.Getenv(helperEnv) == "1" {
+		runHelperAgent()
+	}
+	code := m.Run()
+	if generatedModelDir != "" {
+		os.RemoveAll(generatedModelDir)
+	}
+	os.Exit(code)
+}
+
+// processGone reports whether pid has exited (a zombie counts as gone: only its
+// parent's wait is missing).
+func processGone(pid int) bool {
+	if b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat"); err == nil {
+		if i := strings.LastIndexByte(string(b), ')'); i > 0 && i+2 < len(b) {
+			return b[i+2] == 'Z' || b[i+2] == 'X'
+		}
+	}
+	return syscall.Kill(pid, 0) != nil
+}
+
+func repoRoot() string {
+	dir, _ := os.Getwd()
+	return filepath.Dir(dir) // worker/ is one level below the module root
+}
+
+func pythonPath(t testing.TB) string {
+	t.Helper()
+	p := os.Getenv("MLX_SERVING_PYTHON")
+	if p == "" {
+		p = filepath.Join(repoRoot(), "python", ".venv", "bin", "python")
+	}
+	if _, err := os.Stat(p); err != nil {
+		t.Fatalf("the runtime's interpreter %s is missing (run `go tool task setup` or set MLX_SERVING_PYTHON): %v", p, err)
+	}
+	return p
+}
+
+var (
+	modelOnce         sync.Once
+	modelErr          error
+	generatedModelDir string
+)
+
+// tinyModel is MLX_SERVING_TINY_MODEL, else <repo>/.cache/tiny-model, else one
+// model generated once for the whole package run.
+func tinyModel(t testing.TB) string {
+	t.Helper()
+	modelOnce.Do(func() {
+		cands := []string{os.Getenv("MLX_SERVING_TINY_MODEL"), filepath.Join(repoRoot(), ".cache", "tiny-model")}
+		for _, c := range cands {
+			if c == "" {
+				continue
+			}
+			if _, err := os.Stat(filepath.Join(c, "config.json")); err == nil {
+				tinyModelDir = c
+				return
+			}
+		}
+		dir, err := os.MkdirTemp("", "worker-tiny-model-")
+		if err != nil {
+			modelErr = err
+			return
+		}
+		out, err := exec.Command(pythonPath(t), "-m", "mlx_serving_runtime.tinymodel", dir).CombinedOutput()
+		if err != nil {
+			modelErr = fmt.Errorf("generate tiny model: %v: %s", err, out)
+			return
+		}
+		generatedModelDir, tinyModelDir = dir, dir
+	})
+	if modelErr != nil {
+		t.Fatal(modelErr)
+	}
+	return tinyModelDir
+}
+
+func testLogger(t testing.TB) zerolog.Logger {
+	if os.Getenv("WORKER_TEST_LOG") == "" {
+		return zerolog.Nop()
+	}
+	return zerolog.New(zerolog.NewTestWriter(t)).With().Timestamp().Logger()
+}
+
+type testBus struct {
+	srv *bus.Server
+	nc  *nats.Conn
+	js  jetstream.JetStream
+	kv  jetstream.KeyValue
+}
+
+// startBus starts an embedded NATS server on a random port with its store in a
+// temp dir, provisions the streams and the registry bucket, and connects.
+func startBus(t testing.TB, workerTTL time.Duration) *testBus {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	})
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if workerTTL == 0 {
+		workerTTL = 10 * time.Second
+	}
+	if err := bus.Provision(ctx, js, bus.ProvisionOptions{WorkerTTL: workerTTL}); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testBus{srv: srv, nc: nc, js: js, kv: kv}
+}
+
+// testConfig is a config with short timeouts for tests.
+func testConfig(t testing.TB, b *testBus, id string) Config {
+	return Config{
+		WorkerID:              id,
+		Conn:                  b.nc,
+		Slots:                 4,
+		HeartbeatInterval:     200 * time.Millisecond,
+		HealthInterval:        500 * time.Millisecond,
+		HealthTimeout:         5 * time.Second,
+		StartTimeout:          60 * time.Second,
+		LoadTimeout:           60 * time.Second,
+		StopTimeout:           10 * time.Second,
+		DrainTimeout:          30 * time.Second,
+		ResultTimeout:         5 * time.Second,
+		RestartBackoffInitial: 100 * time.Millisecond,
+		RestartBackoffMax:     500 * time.Millisecond,
+		BreakerWindow:         time.Minute,
+		BreakerCooldown:       time.Minute,
+		Logger:                testLogger(t),
+	}
+}
+
+// realConfig runs the real runtime with the tiny model as "tiny".
+func realConfig(t testing.TB, b *testBus, id string) Config {
+	cfg := testConfig(t, b, id)
+	cfg.Python = pythonPath(t)
+	cfg.Models = []string{"tiny=" + tinyModel(t)}
+	return cfg
+}
+
+// fakeConfig runs this test binary as the runtime.
+func fakeConfig(t testing.TB, b *testBus, id string, tokenDelay time.Duration) Config {
+	cfg := testConfig(t, b, id)
+	cfg.Python = os.Args[0]
+	cfg.RuntimeEnv = []string{fakeRuntimeEnv + "=1", "FAKE_TOKEN_DELAY=" + tokenDelay.String()}
+	cfg.Models = []string{"tiny=/fake/tiny"}
+	return cfg
+}
+
+func startAgent(t testing.TB, cfg Config, waitReady bool) *Agent {
+	t.Helper()
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_ = a.Shutdown(sctx)
+	})
+	if waitReady {
+		if err := a.WaitReady(ctx); err != nil {
+			t.Fatalf("worker not ready: %v (state %s, breaker %s)", err, a.State(), a.BreakerState())
+		}
+	}
+	return a
+}
+
+// collector gathers one job's reply subject.
+type collector struct {
+	t      testing.TB
+	ch     chan *nats.Msg
+	tokens []schemas.TokenEventMsg
+	result *schemas.ResultMsg
+}
+
+func collect(t testing.TB, nc *nats.Conn, subject string) *collector {
+	t.Helper()
+	ch := make(chan *nats.Msg, 4096)
+	sub, err := nc.ChanSubscribe(subject, ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return &collector{t: t, ch: ch}
+}
+
+// next returns the next event, validated against its schema.
+func (c *collector) next(ctx context.Context) (token *schemas.TokenEventMsg, result *schemas.ResultMsg) {
+	c.t.Helper()
+	select {
+	case <-ctx.Done():
+		c.t.Fatalf("no event on the reply subject: %v (have %d tokens)", ctx.Err(), len(c.tokens))
+	case m := <-c.ch:
+		var head struct {
+			Type string `json:"type"`
+		}
+		if err := json.Unmarshal(m.Data, &head); err != nil {
+			c.t.Fatalf("event is not JSON: %s", m.Data)
+		}
+		switch head.Type {
+		case "token":
+			if err := schemas.Validate(schemas.TokenEvent, m.Data); err != nil {
+				c.t.Fatalf("token event fails its schema: %v: %s", err, m.Data)
+			}
+			var ev schemas.TokenEventMsg
+			if err := json.Unmarshal(m.Data, &ev); err != nil {
+				c.t.Fatal(err)
+			}
+			c.tokens = append(c.tokens, ev)
+			return &ev, nil
+		case "result":
+			if err := schemas.Validate(schemas.Result, m.Data); err != nil {
+				c.t.Fatalf("result fails its schema: %v: %s", err, m.Data)
+			}
+			var r schemas.ResultMsg
+			if err := json.Unmarshal(m.Data, &r); err != nil {
+				c.t.Fatal(err)
+			}
+			c.result = &r
+			return nil, &r
+		default:
+			c.t.Fatalf("unknown event type %q: %s", head.Type, m.Data)
+		}
+	}
+	return nil, nil
+}
+
+// untilResult reads events until the terminal result.
+func (c *collector) untilResult(ctx context.Context) *schemas.ResultMsg {
+	c.t.Helper()
+	for {
+		if _, r := c.next(ctx); r != nil {
+			return r
+		}
+	}
+}
+
+// checkStream asserts seq 0..n-1 with no gaps, one attempt, and that the deltas
+// add up to the result's text after the resume prefix.
+func (c *collector) checkStream(prefix string) {
+	c.t.Helper()
+	var text strings.Builder
+	for i, ev := range c.tokens {
+		if ev.Seq != i {
+			c.t.Fatalf("token %d has seq %d (gap or reorder)", i, ev.Seq)
+		}
+		if c.result != nil && ev.Attempt != c.result.Attempt {
+			c.t.Fatalf("token %d has attempt %d, result %d", i, ev.Attempt, c.result.Attempt)
+		}
+		if ev.Delta == "" {
+			c.t.Fatalf("token %d has an empty delta", i)
+		}
+		text.WriteString(ev.Delta)
+	}
+	if c.result != nil {
+		if c.result.Seq != len(c.tokens) {
+			c.t.Fatalf("result seq %d, want %d (the seq after the last token)", c.result.Seq, len(c.tokens))
+		}
+		if want := prefix + text.String(); c.result.Text != want {
+			c.t.Fatalf("result text %q is not resume + deltas %q", c.result.Text, want)
+		}
+	}
+}
+
+// assign sends an assignment and returns the reply.
+func assign(t testing.TB, nc *nats.Conn, workerID string, m *schemas.AssignmentMsg) *schemas.AssignmentReplyMsg {
+	t.Helper()
+	b, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, err := nc.Request(bus.AssignSubject(workerID), b, 10*time.Second)
+	if err != nil {
+		t.Fatalf("assign: %v", err)
+	}
+	if err := schemas.Validate(schemas.AssignmentReply, msg.Data); err != nil {
+		t.Fatalf("assignment reply fails its schema: %v: %s", err, msg.Data)
+	}
+	var r schemas.AssignmentReplyMsg
+	if err := json.Unmarshal(msg.Data, &r); err != nil {
+		t.Fatal(err)
+	}
+	return &r
+}
+
+var jobSeq struct {
+	sync.Mutex
+	n int
+}
+
+func newJob(prompt string, maxTokens int) schemas.JobRequest {
+	jobSeq.Lock()
+	jobSeq.n++
+	n := jobSeq.n
+	jobSeq.Unlock()
+	id := fmt.Sprintf("job-%d-%d", time.Now().UnixNano(), n)
+	now := time.Now().UTC()
+	return schemas.JobRequest{
+		ID: id, Model: "tiny", Prompt: prompt, MaxTokens: maxTokens,
+		Priority: schemas.PriorityNormal, ReplyTo: bus.ReplySubject("test", id), CreatedAt: &now,
+	}
+}
+
+func batch(model string, jobs ...schemas.JobRequest) *schemas.AssignmentMsg {
+	m := &schemas.AssignmentMsg{BatchID: fmt.Sprintf("batch-%d", time.Now().UnixNano()), DispatcherID: "test", Model: model}
+	for _, j := range jobs {
+		m.Jobs = append(m.Jobs, schemas.AssignedJob{Job: j, Attempt: 1})
+	}
+	return m
+}
+
+// fetchResult reads a job's RESULTS record, validated.
+func fetchResult(t testing.TB, js jetstream.JetStream, jobID string) *schemas.ResultMsg {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	r, err := bus.FetchResult(ctx, js, jobID)
+	if err != nil {
+		t.Fatalf("RESULTS record of %s: %v", jobID, err)
+	}
+	return r
+}
+
+// resultsCount is how many records RESULTS holds for a job.
+func resultsCount(t testing.TB, js jetstream.JetStream, jobID string) uint64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := js.Stream(ctx, bus.StreamResults)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(bus.ResultSubject(jobID)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.State.Subjects[bus.ResultSubject(jobID)]
+}
+
+// waitHeartbeat waits for the registry entry to satisfy ok, watching the key.
+func waitHeartbeat(t testing.TB, kv jetstream.KeyValue, id string, timeout time.Duration, ok func(*schemas.HeartbeatMsg) bool) *schemas.HeartbeatMsg {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	w, err := kv.Watch(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	var last *schemas.HeartbeatMsg
+	for {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("heartbeat of %s never matched; last %+v", id, last)
+		case e := <-w.Updates():
+			if e == nil || e.Operation() != jetstream.KeyValuePut {
+				continue
+			}
+			if err := schemas.Validate(schemas.Heartbeat, e.Value()); err != nil {
+				t.Fatalf("heartbeat fails its schema: %v: %s", err, e.Value())
+			}
+			var hb schemas.HeartbeatMsg
+			if err := json.Unmarshal(e.Value(), &hb); err != nil {
+				t.Fatal(err)
+			}
+			last = &hb
+			if ok(&hb) {
+				return &hb
+			}
+		}
+	}
+}
+
+// --- fake runtime -------------------------------------------------------------
+
+type fakeOptions struct {
+	tokenDelay time.Duration
+	hangHealth bool // stop answering health checks while a generate runs, like a wedged runtime
+}
+
+// runFakeRuntime speaks the runtime protocol well enough for the RPC client and the
+// supervisor: generate streams max_tokens chunks "t<i> ", cancel stops one.
+func runFakeRuntime(r io.Reader, w io.Writer, o fakeOptions) {
+	var wmu sync.Mutex
+	out := bufio.NewWriter(w)
+	send := func(v any) {
+		b, _ := json.Marshal(v)
+		wmu.Lock()
+		out.Write(append(b, '\n'))
+		out.Flush()
+		wmu.Unlock()
+	}
+	var mu sync.Mutex
+	cancels := map[string]chan struct{}{}
+	models := []string{}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 16<<20)
+	var wg sync.WaitGroup
+	for sc.Scan() {
+		var req struct {
+			ID     json.RawMessage `json:"id"`
+			Method string          `json:"method"`
+			Params json.RawMessage `json:"params"`
+		}
+		if err := json.Unmarshal(sc.Bytes(), &req); err != nil {
+			send(map[string]any{"jsonrpc": "2.0", "id": nil, "error": map[string]any{"code": -32700, "message": "parse", "data": map[string]any{"code": "parse_error"}}})
+			continue
+		}
+		ok := func(res any) { send(map[string]any{"jsonrpc": "2.0", "id": req.ID, "result": res}) }
+		fail := func(code int, sc, msg string) {
+			send(map[string]any{"jsonrpc": "2.0", "id": req.ID, "error": map[string]any{"code": code, "message": msg, "data": map[string]any{"code": sc}}})
+		}
+		switch req.Method {
+		case "runtime.info":
+			mu.Lock()
+			ok(map[string]any{"runtime_version": "fake", "mlx_version": "0", "mlx_lm_version": "0", "python_version": "0",
+				"platform": "fake", "device": "cpu", "memory": map[string]any{"total_bytes": 1 << 30, "active_bytes": 0, "peak_bytes": 0},
+				"max_batch": 8, "max_models": 2, "models": models})
+			mu.Unlock()
+		case "health":
+			mu.Lock()
+			if o.hangHealth && len(cancels) > 0 {
+				mu.Unlock()
+				continue
+			}
+			ok(map[string]any{"ok": true, "in_flight": len(cancels), "models": models})
+			mu.Unlock()
+		case "model.load":
+			var p schemas.ModelLoadParams
+			_ = json.Unmarshal(req.Params, &p)
+			id := p.ID
+			if id == "" {
+				id = filepath.Base(p.Model)
+			}
+			mu.Lock()
+			models = append(models, id)
+			mu.Unlock()
+			ok(map[string]any{"id": id, "path": p.Model, "context_length": 2048, "vocab_size": 100, "load_time_ms": 1})
+		case "cancel":
+			var p schemas.CancelParams
+			_ = json.Unmarshal(req.Params, &p)
+			mu.Lock()
+			ch, found := cancels[p.RequestID]
+			if found {
+				delete(cancels, p.RequestID)
+				close(ch)
+			}
+			mu.Unlock()
+			ok(map[string]any{"request_id": p.RequestID, "cancelled": found})
+		case "shutdown":
+			ok(map[string]any{"ok": true, "cancelled": 0})
+			wg.Wait()
+			return
+		case "generate":
+			var p schemas.GenerateParams
+			_ = json.Unmarshal(req.Params, &p)
+			if p.Model != "tiny" {
+				fail(-32001, "model_not_loaded", "model not loaded")
+				continue
+			}
+			if p.MaxTokens == 0 {
+				p.MaxTokens = 256
+			}
+			stop := make(chan struct{})
+			mu.Lock()
+			cancels[p.RequestID] = stop
+			mu.Unlock()
+			id := req.ID
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var text strings.Builder
+				finish := "length"
+				n := 0
+			loop:
+				for n < p.MaxTokens {
+					select {
+					case <-stop:
+						finish = "cancelled"
+						break loop
+					default:
+					}
+					if o.tokenDelay > 0 {
+						time.Sleep(o.tokenDelay)
+					}
+					d := "t" + strconv.Itoa(n) + " "
+					n++
+					text.WriteString(d)
+					send(map[string]any{"jsonrpc": "2.0", "method": "generate.chunk", "params": map[string]any{"request_id": p.RequestID, "seq": n - 1, "text": d, "tokens": n}})
+				}
+				mu.Lock()
+				delete(cancels, p.RequestID)
+				mu.Unlock()
+				send(map[string]any{"jsonrpc": "2.0", "id": id, "result": map[string]any{
+					"request_id": p.RequestID, "finish_reason": finish, "text": text.String(),
+					"usage":   map[string]any{"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n},
+					"timings": map[string]any{"ttft_ms": 1, "total_ms": 2, "tokens_per_s": 100},
+				}})
+			}()
+		default:
+			fail(-32601, "method_not_found", "unknown method "+req.Method)
+		}
+	}
+	wg.Wait()
+}

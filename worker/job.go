@@ -1,0 +1,421 @@
+package worker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// Stable error codes the worker puts in results and attempt reports.
+const (
+	CodeInvalidRequest   = "invalid_request"   // the job failed its schema
+	CodeDeadlineExceeded = "deadline_exceeded" // the deadline passed before or while it ran
+	CodeRuntimeCrashed   = "runtime_crashed"   // the runtime died mid-job (retryable)
+	CodeRuntimeDown      = "runtime_unavailable"
+	CodeWorkerShutdown   = "worker_shutdown" // the worker stopped before the job finished (retryable)
+	CodeCancelled        = "cancelled"
+)
+
+// Why a running job is being stopped before the model finished.
+const (
+	stopCancelled = "cancelled" // a cancel request: terminal cancelled
+	stopExpired   = "expired"   // the deadline passed: terminal expired
+	stopShutdown  = "shutdown"  // the worker is stopping: attempt report, retried elsewhere
+)
+
+// jobRun is one attempt of one job on this worker.
+type jobRun struct {
+	aj        schemas.AssignedJob
+	requestID string
+	accepted  time.Time
+
+	mu         sync.Mutex
+	client     *RuntimeClient // set once the generate request is written
+	stopReason string
+	stopCh     chan struct{} // closed by the first stop request
+}
+
+func newJobRun(aj schemas.AssignedJob) *jobRun {
+	return &jobRun{
+		aj:        aj,
+		requestID: aj.Job.ID + "." + strconv.Itoa(aj.Attempt),
+		accepted:  time.Now(),
+		stopCh:    make(chan struct{}),
+	}
+}
+
+// requestStop records why the job must stop and, when the generate is already in
+// the runtime, asks the runtime to cancel it. The first reason wins.
+func (r *jobRun) requestStop(reason string) {
+	r.mu.Lock()
+	if r.stopReason != "" {
+		r.mu.Unlock()
+		return
+	}
+	r.stopReason = reason
+	close(r.stopCh)
+	c := r.client
+	r.mu.Unlock()
+	if c != nil {
+		go cancelInRuntime(c, r.requestID)
+	}
+}
+
+// sent is the generate's Sent hook: a stop that came before the request reached
+// the runtime is forwarded now, so it cannot overtake the generate.
+func (r *jobRun) sent(c *RuntimeClient) {
+	r.mu.Lock()
+	r.client = c
+	stopped := r.stopReason != ""
+	r.mu.Unlock()
+	if stopped {
+		go cancelInRuntime(c, r.requestID)
+	}
+}
+
+func (r *jobRun) reason() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.stopReason
+}
+
+func cancelInRuntime(c *RuntimeClient, requestID string) {
+	ctx, cancel := context.WithTimeout(context.Background(), defaultCallTimeout)
+	defer cancel()
+	_, _ = c.Cancel(ctx, requestID)
+}
+
+// defaultCallTimeout bounds small runtime calls made on a job's behalf.
+const defaultCallTimeout = 10 * time.Second
+
+// jobTable tracks slots and running jobs.
+type jobTable struct {
+	mu      sync.Mutex
+	slots   int
+	used    int
+	running map[string]*jobRun
+	changed chan struct{} // closed and replaced whenever used changes
+	onBusy  func()
+	onIdle  func()
+}
+
+func newJobTable(slots int, onBusy, onIdle func()) *jobTable {
+	return &jobTable{slots: slots, running: map[string]*jobRun{}, changed: make(chan struct{}), onBusy: onBusy, onIdle: onIdle}
+}
+
+func (t *jobTable) inFlight() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.used
+}
+
+func (t *jobTable) free() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.slots - t.used
+}
+
+func (t *jobTable) notifyLocked() {
+	close(t.changed)
+	t.changed = make(chan struct{})
+}
+
+// reserve starts tracking runs if at least need slots are free (a batch is taken
+// whole or not at all); it returns the free slots left.
+func (t *jobTable) reserve(runs []*jobRun, need int) (ok bool, free int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.slots-t.used < need {
+		return false, t.slots - t.used
+	}
+	wasIdle := t.used == 0
+	for _, r := range runs {
+		t.running[r.aj.Job.ID] = r
+	}
+	t.used += len(runs)
+	t.notifyLocked()
+	if wasIdle && t.used > 0 && t.onBusy != nil {
+		t.onBusy()
+	}
+	return true, t.slots - t.used
+}
+
+func (t *jobTable) isRunning(jobID string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.running[jobID] != nil
+}
+
+func (t *jobTable) release(r *jobRun) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.running[r.aj.Job.ID] == r {
+		delete(t.running, r.aj.Job.ID)
+	}
+	t.used--
+	t.notifyLocked()
+	if t.used == 0 && t.onIdle != nil {
+		t.onIdle()
+	}
+}
+
+func (t *jobTable) get(jobID string) *jobRun {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.running[jobID]
+}
+
+func (t *jobTable) all() []*jobRun {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]*jobRun, 0, len(t.running))
+	for _, r := range t.running {
+		out = append(out, r)
+	}
+	return out
+}
+
+// waitIdle returns once no job runs, or ctx's error.
+func (t *jobTable) waitIdle(ctx context.Context) error {
+	for {
+		t.mu.Lock()
+		used, ch := t.used, t.changed
+		t.mu.Unlock()
+		if used == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-ch:
+		}
+	}
+}
+
+// generateParams maps a job (and the resume point of an earlier attempt) to the
+// runtime's generate params.
+func generateParams(r *jobRun) *schemas.GenerateParams {
+	j := &r.aj.Job
+	p := &schemas.GenerateParams{
+		RequestID:         r.requestID,
+		Model:             j.Model,
+		Prompt:            j.Prompt,
+		Messages:          j.Messages,
+		MaxTokens:         j.MaxTokens,
+		Temperature:       j.Temperature,
+		TopP:              j.TopP,
+		TopK:              j.TopK,
+		MinP:              j.MinP,
+		RepetitionPenalty: j.RepetitionPenalty,
+		Seed:              j.Seed,
+		Stop:              j.Stop,
+		JSONSchema:        j.JSONSchema,
+	}
+	if res := r.aj.Resume; res != nil {
+		p.Continuation = res.Text
+		if p.MaxTokens == 0 {
+			p.MaxTokens = defaultMaxTokens
+		}
+		p.MaxTokens -= res.CompletionTokens
+	}
+	return p
+}
+
+// defaultMaxTokens is the runtime's default, needed to subtract a resume from it.
+const defaultMaxTokens = 256
+
+// runJob runs one attempt and ends it with exactly one of: a terminal result
+// (RESULTS first, then the reply subject) or an attempt report.
+func (a *Agent) runJob(ctx context.Context, r *jobRun) {
+	defer a.jobs.release(r)
+	j := &r.aj.Job
+	log := a.log.With().Str("job_id", j.ID).Int("attempt", r.aj.Attempt).Logger()
+
+	var resumeText string
+	var resumeTokens int
+	if r.aj.Resume != nil {
+		resumeText, resumeTokens = r.aj.Resume.Text, r.aj.Resume.CompletionTokens
+	}
+	em := newEmitter(a.nc, j.ReplyTo, j.ID, r.aj.Attempt, resumeTokens, a.cfg.Coalesce)
+	defer em.stop()
+
+	if j.Deadline != nil {
+		until := time.Until(*j.Deadline)
+		if until <= 0 {
+			r.requestStop(stopExpired)
+		} else {
+			t := time.AfterFunc(until, func() { r.requestStop(stopExpired) })
+			defer t.Stop()
+		}
+	}
+
+	var (
+		gen    *schemas.GenerateResult
+		genErr error
+	)
+	p := generateParams(r)
+	switch {
+	case r.reason() != "":
+		// Stopped before it started: nothing to run.
+	case p.MaxTokens <= 0:
+		// An earlier attempt already produced every token the job may have.
+		gen = &schemas.GenerateResult{RequestID: r.requestID, FinishReason: schemas.FinishLength}
+	default:
+		c := a.sup.client()
+		if c == nil {
+			genErr = ErrRuntimeUnavailable
+			break
+		}
+		gen, genErr = c.Generate(ctx, p, jobHooks(r, c, em))
+	}
+	em.flush()
+
+	reason := r.reason()
+	base := schemas.ResultMsg{
+		Type: "result", JobID: j.ID, Attempt: r.aj.Attempt, Seq: em.seq,
+		Model: j.Model, Tenant: j.Tenant, WorkerID: a.cfg.WorkerID,
+	}
+	completion := resumeTokens + em.tokens
+
+	switch {
+	case gen != nil && gen.FinishReason != schemas.FinishCancelled:
+		res := base
+		res.Status = schemas.StatusCompleted
+		res.FinishReason = gen.FinishReason
+		res.Text = resumeText + gen.Text
+		res.Usage = usage(gen, resumeTokens)
+		res.Timings = timings(r, gen)
+		a.finish(ctx, &res, j.ReplyTo)
+	case reason == stopCancelled || reason == stopExpired:
+		res := base
+		res.FinishReason = schemas.FinishCancelled
+		res.Text = resumeText + em.text.String()
+		res.Usage = schemas.Usage{CompletionTokens: completion, TotalTokens: completion}
+		if gen != nil {
+			res.Text = resumeText + gen.Text
+			res.Usage = usage(gen, resumeTokens)
+			res.Timings = timings(r, gen)
+		}
+		if reason == stopCancelled {
+			res.Status = schemas.StatusCancelled
+			res.Error = &schemas.ErrorInfo{Code: CodeCancelled, Message: "cancelled on request"}
+		} else {
+			res.Status = schemas.StatusExpired
+			res.Error = &schemas.ErrorInfo{Code: CodeDeadlineExceeded, Message: "the job's deadline passed"}
+		}
+		a.finish(ctx, &res, j.ReplyTo)
+	default:
+		// Everything else either failed for good (a runtime error about this job)
+		// or may succeed elsewhere (the runtime or the worker went away).
+		var rerr *RuntimeError
+		code, msg, retryable := CodeRuntimeCrashed, "runtime exited while the job ran", true
+		switch {
+		case gen != nil || reason == stopShutdown || ctx.Err() != nil:
+			code, msg = CodeWorkerShutdown, "the worker stopped before the job finished"
+		case errors.Is(genErr, ErrRuntimeUnavailable):
+			code, msg = CodeRuntimeDown, "the runtime is not running"
+		case errors.As(genErr, &rerr):
+			code, msg = rerr.Code(), rerr.Err.Message
+			retryable = code == schemas.RuntimeCodeOutOfMemory || code == schemas.RuntimeCodeShuttingDown
+		}
+		if !retryable {
+			res := base
+			res.Status = schemas.StatusFailed
+			res.Text = resumeText
+			res.Usage = schemas.Usage{CompletionTokens: completion, TotalTokens: completion}
+			res.Error = &schemas.ErrorInfo{Code: code, Message: msg}
+			a.finish(ctx, &res, j.ReplyTo)
+			break
+		}
+		log.Warn().Err(genErr).Str("code", code).Msg("attempt ended without a result; reporting it for retry")
+		a.reportAttempt(&schemas.AttemptReportMsg{
+			JobID: j.ID, Attempt: r.aj.Attempt, WorkerID: a.cfg.WorkerID,
+			Error:            schemas.ErrorInfo{Code: code, Message: msg, Retryable: true},
+			Text:             resumeText + em.text.String(),
+			Seq:              em.seq,
+			CompletionTokens: completion,
+			ReportedAt:       time.Now().UTC(),
+		})
+	}
+}
+
+// jobHooks wires a generate to the job's emitter and stop handling.
+func jobHooks(r *jobRun, c *RuntimeClient, em *emitter) GenerateHooks {
+	return GenerateHooks{
+		Sent:  func() { r.sent(c) },
+		Chunk: em.chunk,
+	}
+}
+
+func usage(gen *schemas.GenerateResult, resumeTokens int) schemas.Usage {
+	u := gen.Usage
+	u.CompletionTokens += resumeTokens
+	u.TotalTokens = u.PromptTokens + u.CompletionTokens
+	return u
+}
+
+func timings(r *jobRun, gen *schemas.GenerateResult) *schemas.Timings {
+	t := &schemas.Timings{TTFTMs: gen.Timings.TTFTMs, TotalMs: gen.Timings.TotalMs, TokensPerSec: gen.Timings.TokensPerSec}
+	if c := r.aj.Job.CreatedAt; c != nil && r.accepted.After(*c) {
+		t.QueuedMs = float64(r.accepted.Sub(*c).Microseconds()) / 1000
+	}
+	return t
+}
+
+// finish writes the terminal record to RESULTS and, only if this worker won that
+// write, sends the same record as the last event on the reply subject.
+func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, replyTo string) {
+	res.FinishedAt = time.Now().UTC()
+	log := a.log.With().Str("job_id", res.JobID).Int("attempt", res.Attempt).Str("status", res.Status).Logger()
+	// A terminal must not be lost to a short bus hiccup, nor hold a slot forever.
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 100 * time.Millisecond
+	bo.MaxElapsedTime = a.cfg.ResultTimeout
+	err := backoff.Retry(func() error {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		err := a.recordResult(rctx, a.js, res)
+		if errors.Is(err, bus.ErrResultExists) || errors.Is(err, schemas.ErrInvalid) {
+			return backoff.Permanent(err)
+		}
+		return err
+	}, bo)
+	if errors.Is(err, bus.ErrResultExists) {
+		log.Info().Msg("job already has a terminal result; not sending another")
+		return
+	}
+	if err != nil {
+		log.Error().Err(err).Msg("could not record the result; the dispatcher will time the job out")
+		return
+	}
+	if replyTo = strings.TrimSpace(replyTo); replyTo != "" {
+		b, err := json.Marshal(res)
+		if err == nil {
+			err = a.nc.Publish(replyTo, b)
+		}
+		if err != nil {
+			log.Warn().Err(err).Msg("could not send the terminal event; it is in RESULTS")
+		}
+	}
+	log.Debug().Msg("job finished")
+}
+
+// reportAttempt tells dispatchers an attempt ended without a terminal.
+func (a *Agent) reportAttempt(m *schemas.AttemptReportMsg) {
+	b, err := json.Marshal(m)
+	if err == nil {
+		err = a.nc.Publish(bus.AttemptSubject(m.JobID), b)
+	}
+	if err != nil {
+		a.log.Error().Err(err).Str("job_id", m.JobID).Msg("could not publish the attempt report")
+	}
+}
