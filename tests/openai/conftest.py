@@ -33,7 +33,7 @@ class Up:
         self.binary = binary
         self.http = f"127.0.0.1:{free_port()}"
         self.nats = f"127.0.0.1:{free_port()}"
-        self.log = open(data_dir / "up.log", "w")
+        self.log = open(data_dir / "up.log", "w")  # noqa: SIM115 — open for the life of the process
         tiny = os.environ.get("MLX_SERVING_TINY_MODEL")
         args = [str(binary), "up", "--data-dir", str(data_dir), "--http-addr", self.http, "--nats-listen", self.nats]
         if tiny:
