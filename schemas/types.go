@@ -146,8 +146,9 @@ type HeartbeatMsg struct {
 }
 
 // Resume lets a job continue on a new worker where an earlier attempt stopped: the
-// worker appends Text to the prompt as already generated, numbers events from Seq
-// and generates at most the job's max_tokens minus CompletionTokens.
+// worker appends Text to the prompt as already generated (it is not sent again)
+// and generates at most the job's max_tokens minus CompletionTokens. Event seq
+// numbers restart at 0 with each attempt; callers tell attempts apart by number.
 type Resume struct {
 	Text             string `json:"text"`
 	CompletionTokens int    `json:"completion_tokens"`
