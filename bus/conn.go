@@ -27,6 +27,12 @@ type ConnectOptions struct {
 	// set, build the TLS configuration.
 	TLS                       *tls.Config
 	CAFile, CertFile, KeyFile string
+	// InboxPrefix replaces "_INBOX" for the connection's reply subjects (publish
+	// acks, API answers, request replies). Default: "_INBOX.<User>" when User is
+	// one subject token, else "_INBOX". A user restricted to subscribing to its
+	// own inbox (package auth) thus works without configuration, and a server
+	// that grants _INBOX.> sees no difference.
+	InboxPrefix string
 	// Logger receives connection events. The zero value discards them.
 	Logger zerolog.Logger
 	// MaxReconnects bounds reconnect attempts after a connection is lost; 0 or less
@@ -95,6 +101,13 @@ func Connect(ctx context.Context, opts ConnectOptions) (*nats.Conn, error) {
 	if opts.User != "" || opts.Password != "" {
 		nopts = append(nopts, nats.UserInfo(opts.User, opts.Password))
 	}
+	inbox := opts.InboxPrefix
+	if inbox == "" && isSubjectToken(opts.User) {
+		inbox = "_INBOX." + opts.User
+	}
+	if inbox != "" {
+		nopts = append(nopts, nats.CustomInboxPrefix(inbox))
+	}
 	if opts.Token != "" {
 		nopts = append(nopts, nats.Token(opts.Token))
 	}
@@ -162,4 +175,20 @@ func isPermanentConnectError(err error) bool {
 		errors.Is(err, nats.ErrAuthRevoked) || errors.Is(err, nats.ErrAccountAuthExpired) ||
 		errors.Is(err, nats.ErrNoUserCB) || errors.Is(err, nats.ErrSecureConnRequired) ||
 		errors.Is(err, nats.ErrSecureConnWanted)
+}
+
+// isSubjectToken reports whether s can be one token of a subject: no dots, no
+// wildcards, no white space.
+func isSubjectToken(s string) bool {
+	if s == "" || len(s) > 128 {
+		return false
+	}
+	for _, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '_':
+		default:
+			return false
+		}
+	}
+	return true
 }

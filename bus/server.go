@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"sync"
@@ -43,8 +44,16 @@ type ServerOptions struct {
 	// deadline; default 30s.
 	ReadyTimeout time.Duration
 
-	// Cluster routes, accounts and users are added here when `mlx-serving up` grows
-	// past a single node; a fleet runs a standalone NATS cluster (ops/).
+	// Users, when any, are the only clients the server accepts, each limited to
+	// its permissions (package auth builds them). A password starting with "$2a$"
+	// is a bcrypt hash. Empty means no authentication.
+	Users []*server.User
+	// TLS, when set, makes the server require TLS from every client; a config
+	// with ClientCAs and ClientAuth also verifies client certificates.
+	TLS *tls.Config
+
+	// Cluster routes and accounts are added here when `mlx-serving up` grows past
+	// a single node; a fleet runs a standalone NATS cluster (ops/).
 }
 
 // Server is an embedded NATS server with JetStream.
@@ -78,6 +87,13 @@ func StartServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		JetStreamMaxStore: opts.JetStreamMaxStore,
 		Debug:             opts.Debug,
 		Trace:             opts.Trace,
+		Users:             opts.Users,
+	}
+	if opts.TLS != nil {
+		sopts.TLSConfig = opts.TLS
+		sopts.TLS = true
+		sopts.TLSVerify = opts.TLS.ClientAuth == tls.RequireAndVerifyClientCert
+		sopts.TLSTimeout = 2
 	}
 	ns, err := server.NewServer(sopts)
 	if err != nil {
@@ -120,7 +136,8 @@ func StartServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		return nil, errors.New("bus: nats server started without JetStream")
 	}
 	opts.Logger.Info().Str("url", ns.ClientURL()).Str("store_dir", opts.StoreDir).
-		Bool("sync_always", opts.SyncAlways).Msg("embedded nats server ready")
+		Bool("sync_always", opts.SyncAlways).Int("users", len(opts.Users)).Bool("tls", opts.TLS != nil).
+		Msg("embedded nats server ready")
 	return s, nil
 }
 

@@ -304,6 +304,18 @@ func (s *JobStream) finish() {
 
 // accept decodes one message and places it in the (attempt, seq) order; ok is
 // false for messages to drop: undecodable, another job's, stale or repeated.
+// Bounds of attempt and seq, as the schemas have them. The stream does arithmetic
+// on both, so an event outside them (not from a worker of ours) is dropped before
+// it could overflow the gap count.
+const (
+	maxAttempt = 100
+	maxSeq     = 1 << 20
+)
+
+func inRange(attempt, seq int) bool {
+	return attempt >= 1 && attempt <= maxAttempt && seq >= 0 && seq <= maxSeq
+}
+
 func (s *JobStream) accept(data []byte) (Event, bool) {
 	var probe struct {
 		Type  string `json:"type"`
@@ -315,7 +327,7 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 	switch probe.Type {
 	case "token":
 		var tok schemas.TokenEventMsg
-		if err := json.Unmarshal(data, &tok); err != nil {
+		if err := json.Unmarshal(data, &tok); err != nil || !inRange(tok.Attempt, tok.Seq) {
 			return Event{}, false
 		}
 		ev := Event{Token: &tok, Attempt: tok.Attempt}
@@ -341,7 +353,7 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 		return ev, true
 	case "result":
 		var res schemas.ResultMsg
-		if err := json.Unmarshal(data, &res); err != nil {
+		if err := json.Unmarshal(data, &res); err != nil || !inRange(max(res.Attempt, 1), res.Seq) {
 			return Event{}, false
 		}
 		// Only the winner of RESULTS publishes a terminal, so any result is the one.

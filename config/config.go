@@ -46,8 +46,15 @@ type Config struct {
 	BatchMaxWait string `json:"batch_max_wait"`
 	BatchMaxSize int    `json:"batch_max_size"`
 	AuthTokens   string `json:"auth_tokens,omitempty"`
-	LogLevel     string `json:"log_level"`
-	LogFormat    string `json:"log_format"`
+	// Per-tenant limits at the gateway; 0 means none.
+	TenantMaxInFlight    int    `json:"tenant_max_in_flight"`
+	TenantMaxTokens      int    `json:"tenant_max_tokens"`
+	TenantMaxPromptChars int    `json:"tenant_max_prompt_chars"`
+	TenantRate           int    `json:"tenant_rate"`
+	TenantBurst          int    `json:"tenant_burst"`
+	MetricsAddr          string `json:"metrics_addr,omitempty"`
+	LogLevel             string `json:"log_level"`
+	LogFormat            string `json:"log_format"`
 }
 
 // Key documents one setting; Keys is the table the README's configuration section,
@@ -78,7 +85,13 @@ var Keys = []Key{
 	{"max_attempts", "max-attempts", "MLX_SERVING_MAX_ATTEMPTS", "3", "attempts per job before it is dead-lettered"},
 	{"batch_max_wait", "batch-max-wait", "MLX_SERVING_BATCH_MAX_WAIT", "5ms", "how long the dispatcher waits to fill a batch"},
 	{"batch_max_size", "batch-max-size", "MLX_SERVING_BATCH_MAX_SIZE", "8", "most jobs in one batch"},
-	{"auth_tokens", "auth-tokens", "MLX_SERVING_AUTH_TOKENS", "", "gateway bearer tokens, comma-separated (empty: no auth)"},
+	{"auth_tokens", "auth-tokens", "MLX_SERVING_AUTH_TOKENS", "", "gateway bearer tokens, comma-separated; token=tenant maps a token to a tenant, a plain token is tenant default (empty: no auth)"},
+	{"tenant_max_in_flight", "tenant-max-in-flight", "MLX_SERVING_TENANT_MAX_IN_FLIGHT", "0", "gateway: most jobs one tenant may have queued or running (0: no limit)"},
+	{"tenant_max_tokens", "tenant-max-tokens", "MLX_SERVING_TENANT_MAX_TOKENS", "0", "gateway: largest max_tokens one request may ask for, and the default (0: no limit)"},
+	{"tenant_max_prompt_chars", "tenant-max-prompt-chars", "MLX_SERVING_TENANT_MAX_PROMPT_CHARS", "0", "gateway: longest prompt (all messages) in characters (0: no limit)"},
+	{"tenant_rate", "tenant-rate", "MLX_SERVING_TENANT_RATE", "0", "gateway: requests per second per tenant (0: no limit)"},
+	{"tenant_burst", "tenant-burst", "MLX_SERVING_TENANT_BURST", "0", "gateway: requests a tenant may send at once above its rate (0: the rate)"},
+	{"metrics_addr", "metrics-addr", "MLX_SERVING_METRICS_ADDR", "", "serve Prometheus /metrics on this host:port (dispatcher, worker; empty: off — gateway and up serve it on http_addr)"},
 	{"log_level", "log-level", "MLX_SERVING_LOG_LEVEL", "info", "log level"},
 	{"log_format", "log-format", "MLX_SERVING_LOG_FORMAT", "json", "log format: json or console"},
 }
@@ -202,12 +215,25 @@ func (c Config) URLs() []string {
 	return out
 }
 
-// Tokens splits auth_tokens.
+// Tokens are the entries of auth_tokens that name no tenant (tenant "default").
 func (c Config) Tokens() []string {
 	var out []string
 	for _, t := range strings.Split(c.AuthTokens, ",") {
-		if t = strings.TrimSpace(t); t != "" {
+		if t = strings.TrimSpace(t); t != "" && !strings.Contains(t, "=") {
 			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// TokenTenants maps the tokens of auth_tokens entries written token=tenant to
+// their tenant.
+func (c Config) TokenTenants() map[string]string {
+	out := map[string]string{}
+	for _, t := range strings.Split(c.AuthTokens, ",") {
+		token, tenant, ok := strings.Cut(strings.TrimSpace(t), "=")
+		if token, tenant = strings.TrimSpace(token), strings.TrimSpace(tenant); ok && token != "" && tenant != "" {
+			out[token] = tenant
 		}
 	}
 	return out

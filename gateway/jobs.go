@@ -85,6 +85,12 @@ func (g *Gateway) fail(w http.ResponseWriter, endpoint string, e *apiError) {
 // run submits the job and answers with its outcome, streamed or whole.
 func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	job := spec.job
+	release, aerr := g.admit(r, job)
+	if aerr != nil {
+		g.refuse(w, spec.endpoint, job.Tenant, aerr)
+		return
+	}
+	defer release()
 	now := time.Now().UTC()
 	job.ID = bus.NewJobID()
 	job.Priority = schemas.PriorityNormal

@@ -1,215 +1,119 @@
 package gateway
 
 import (
-	"fmt"
-	"io"
-	"math"
 	"net/http"
-	"sort"
-	"strconv"
-	"strings"
-	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	shared "github.com/mlx-serving/mlx-serving/metrics"
 )
 
-// metrics are written by hand in the Prometheus text format (version 0.0.4): a
-// handful of counters, one gauge and one histogram do not justify a dependency.
+// metrics are the gateway's series, named and described in package metrics;
+// /metrics serves them together with the process's shared registry (the fleet
+// observer, and in `up` the dispatcher and the worker too). The small adapters
+// below keep the call sites short: inc, add, observe, get.
 type metrics struct {
+	m            *shared.Gateway
 	requests     *metricVec // counter{endpoint,code}
 	duration     *histogramVec
 	inFlight     *metricVec // gauge
 	submitted    *metricVec // counter{endpoint}
-	rejected     *metricVec // counter{reason}
-	disconnects  *metricVec // counter
-	promptTokens *metricVec // counter
-	complTokens  *metricVec // counter
-	missedEvents *metricVec // counter
-	recovered    *metricVec // counter
-	all          []writerTo
+	rejected     *metricVec // counter{code}
+	disconnects  *metricVec
+	promptTokens *metricVec
+	complTokens  *metricVec
+	missedEvents *metricVec
+	recovered    *metricVec
+	// all are further collectors served with the others (added after newMetrics).
+	all     []prometheus.Collector
+	handler http.HandlerFunc
 }
 
-type writerTo interface{ writeTo(w io.Writer) }
-
 func newMetrics() *metrics {
+	gm := shared.NewGateway()
 	m := &metrics{
-		requests: newMetricVec("mlx_gateway_http_requests_total", "counter",
-			"HTTP requests answered, by endpoint and status code (499: the client left first).", "endpoint", "code"),
-		duration: newHistogramVec("mlx_gateway_http_request_duration_seconds",
-			"Time from request to the end of the response, by endpoint.",
-			[]float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}, "endpoint"),
-		inFlight: newMetricVec("mlx_gateway_http_requests_in_flight", "gauge",
-			"HTTP requests being served now."),
-		submitted: newMetricVec("mlx_gateway_jobs_submitted_total", "counter",
-			"Jobs queued on the bus, by endpoint.", "endpoint"),
-		rejected: newMetricVec("mlx_gateway_errors_total", "counter",
-			"Error answers, by OpenAI error code (queue_full, model_not_available, invalid_value, ...).", "code"),
-		disconnects: newMetricVec("mlx_gateway_client_disconnects_total", "counter",
-			"Jobs cancelled because their client went away."),
-		promptTokens: newMetricVec("mlx_gateway_prompt_tokens_total", "counter",
-			"Prompt tokens of completed jobs, as the runtime counted them."),
-		complTokens: newMetricVec("mlx_gateway_completion_tokens_total", "counter",
-			"Completion tokens of completed jobs, as the runtime counted them."),
-		missedEvents: newMetricVec("mlx_gateway_stream_missed_events_total", "counter",
-			"Token events lost on reply subjects (gaps in the attempt/seq numbering)."),
-		recovered: newMetricVec("mlx_gateway_results_recovered_total", "counter",
-			"Terminal results read from RESULTS because their event was not seen."),
+		m:            gm,
+		requests:     counterVec(gm.Requests),
+		duration:     &histogramVec{gm.Duration},
+		inFlight:     single(gm.InFlight),
+		submitted:    counterVec(gm.Submitted),
+		rejected:     counterVec(gm.Errors),
+		disconnects:  single(gm.Disconnects),
+		promptTokens: single(gm.PromptTokens),
+		complTokens:  single(gm.CompletionTokens),
+		missedEvents: single(gm.MissedEvents),
+		recovered:    single(gm.Recovered),
 	}
-	m.all = []writerTo{m.requests, m.duration, m.inFlight, m.submitted, m.rejected, m.disconnects,
-		m.promptTokens, m.complTokens, m.missedEvents, m.recovered}
+	m.handler = shared.Handler(shared.Default(), gm.Registry, extras{m}).ServeHTTP
 	return m
 }
 
-func (m *metrics) handler(w http.ResponseWriter, _ *http.Request) {
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-	for _, x := range m.all {
-		x.writeTo(w)
+// extras gathers metrics.all as it is at scrape time.
+type extras struct{ m *metrics }
+
+func (e extras) Gather() ([]*dto.MetricFamily, error) {
+	reg := prometheus.NewRegistry()
+	for _, c := range e.m.all {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
 	}
+	return reg.Gather()
 }
 
-// metricVec is a counter or gauge with labels.
+// adder is a counter or gauge.
+type adder interface {
+	prometheus.Metric
+	prometheus.Collector
+	Add(float64)
+}
+
+// metricVec is a counter or gauge, with labels or without; it is a
+// prometheus.Collector, so it can join metrics.all.
 type metricVec struct {
-	name, kind, help string
-	labels           []string
-	mu               sync.Mutex
-	vals             map[string]float64
+	prometheus.Collector
+	with func(lvs ...string) adder
 }
 
+// newMetricVec is a counter or gauge (kind) outside metrics.NewGateway's set.
+// Name it in package metrics' catalog too, so dashboards and docs know it and
+// its labels keep the order given here.
 func newMetricVec(name, kind, help string, labels ...string) *metricVec {
-	return &metricVec{name: name, kind: kind, help: help, labels: labels, vals: map[string]float64{}}
+	if kind == "gauge" {
+		return gaugeVec(prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: name, Help: help}, labels))
+	}
+	return counterVec(prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labels))
 }
 
-func (v *metricVec) add(delta float64, lvs ...string) {
-	key := labelString(v.labels, lvs)
-	v.mu.Lock()
-	v.vals[key] += delta
-	v.mu.Unlock()
+func counterVec(v *prometheus.CounterVec) *metricVec {
+	return &metricVec{Collector: v, with: func(lvs ...string) adder { return v.WithLabelValues(lvs...) }}
 }
+
+func gaugeVec(v *prometheus.GaugeVec) *metricVec {
+	return &metricVec{Collector: v, with: func(lvs ...string) adder { return v.WithLabelValues(lvs...) }}
+}
+
+func single(a adder) *metricVec {
+	return &metricVec{Collector: a, with: func(...string) adder { return a }}
+}
+
+func (v *metricVec) add(delta float64, lvs ...string) { v.with(lvs...).Add(delta) }
 
 func (v *metricVec) inc(lvs ...string) { v.add(1, lvs...) }
 
+// get reads the current value (tests).
 func (v *metricVec) get(lvs ...string) float64 {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return v.vals[labelString(v.labels, lvs)]
+	var out dto.Metric
+	if err := v.with(lvs...).Write(&out); err != nil {
+		return 0
+	}
+	if c := out.GetCounter(); c != nil {
+		return c.GetValue()
+	}
+	return out.GetGauge().GetValue()
 }
 
-func (v *metricVec) writeTo(w io.Writer) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n", v.name, v.help, v.name, v.kind)
-	if len(v.labels) == 0 && len(v.vals) == 0 {
-		fmt.Fprintf(w, "%s 0\n", v.name)
-		return
-	}
-	for _, k := range sortedKeys(v.vals) {
-		fmt.Fprintf(w, "%s%s %s\n", v.name, k, formatFloat(v.vals[k]))
-	}
-}
+type histogramVec struct{ v *prometheus.HistogramVec }
 
-// histogramVec is a histogram with labels.
-type histogramVec struct {
-	name, help string
-	labels     []string
-	buckets    []float64
-	mu         sync.Mutex
-	series     map[string]*histogram
-}
-
-type histogram struct {
-	counts []uint64 // per bucket, not cumulative
-	sum    float64
-	count  uint64
-}
-
-func newHistogramVec(name, help string, buckets []float64, labels ...string) *histogramVec {
-	return &histogramVec{name: name, help: help, labels: labels, buckets: buckets, series: map[string]*histogram{}}
-}
-
-func (h *histogramVec) observe(v float64, lvs ...string) {
-	key := strings.Join(lvs, "\xff")
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	s, ok := h.series[key]
-	if !ok {
-		s = &histogram{counts: make([]uint64, len(h.buckets))}
-		h.series[key] = s
-	}
-	for i, b := range h.buckets {
-		if v <= b {
-			s.counts[i]++
-			break
-		}
-	}
-	s.sum += v
-	s.count++
-}
-
-func (h *histogramVec) writeTo(w io.Writer) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s histogram\n", h.name, h.help, h.name)
-	keys := make([]string, 0, len(h.series))
-	for k := range h.series {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
-		s := h.series[k]
-		lvs := strings.Split(k, "\xff")
-		names := append(append([]string{}, h.labels...), "le")
-		bucketLabels := func(le string) string {
-			return labelString(names, append(append([]string{}, lvs...), le))
-		}
-		var cum uint64
-		for i, b := range h.buckets {
-			cum += s.counts[i]
-			fmt.Fprintf(w, "%s_bucket%s %d\n", h.name, bucketLabels(formatFloat(b)), cum)
-		}
-		fmt.Fprintf(w, "%s_bucket%s %d\n", h.name, bucketLabels("+Inf"), s.count)
-		fmt.Fprintf(w, "%s_sum%s %s\n", h.name, labelString(h.labels, lvs), formatFloat(s.sum))
-		fmt.Fprintf(w, "%s_count%s %d\n", h.name, labelString(h.labels, lvs), s.count)
-	}
-}
-
-// labelString renders {a="x",b="y"}; it is also the series key.
-func labelString(names, values []string) string {
-	if len(names) == 0 {
-		return ""
-	}
-	var b strings.Builder
-	b.WriteByte('{')
-	for i, n := range names {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		val := ""
-		if i < len(values) {
-			val = values[i]
-		}
-		b.WriteString(n)
-		b.WriteString(`="`)
-		b.WriteString(escapeLabel(val))
-		b.WriteByte('"')
-	}
-	b.WriteByte('}')
-	return b.String()
-}
-
-func escapeLabel(s string) string {
-	return strings.NewReplacer(`\`, `\\`, "\n", `\n`, `"`, `\"`).Replace(s)
-}
-
-func formatFloat(f float64) string {
-	if math.IsInf(f, 1) {
-		return "+Inf"
-	}
-	return strconv.FormatFloat(f, 'g', -1, 64)
-}
-
-func sortedKeys(m map[string]float64) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
-}
+func (h *histogramVec) observe(x float64, lvs ...string) { h.v.WithLabelValues(lvs...).Observe(x) }

@@ -27,6 +27,11 @@ type Config struct {
 	// Tokens, when any, are the accepted bearer tokens for /v1/*. Empty means no
 	// auth (health, readiness and metrics are never authenticated).
 	Tokens []string
+	// TokenTenants maps further accepted tokens to the tenant their jobs run as
+	// (Tokens map to DefaultTenant).
+	TokenTenants map[string]string
+	// Limits bound each tenant's requests (limits.go).
+	Limits TenantLimits
 	// Conn is the bus connection jobs are submitted and streamed on.
 	Conn *nats.Conn
 	// Logger receives request and job logs. The zero value discards them.
@@ -60,6 +65,8 @@ type Gateway struct {
 	producer *bus.Producer
 	registry *registry
 	tokens   tokenSet
+	tenants  *tenantAuth
+	limits   *limiter
 	metrics  *metrics
 	handler  http.Handler
 	timeout  time.Duration // 0: none
@@ -92,6 +99,14 @@ func New(cfg Config) (*Gateway, error) {
 		timeout = 0
 	}
 	log := cfg.Logger.With().Str("component", "gateway").Logger()
+	tenants, err := newTenantAuth(cfg.Tokens, cfg.TokenTenants)
+	if err != nil {
+		return nil, err
+	}
+	allTokens := append([]string(nil), cfg.Tokens...)
+	for t := range cfg.TokenTenants {
+		allTokens = append(allTokens, t)
+	}
 	p, err := bus.NewProducer(cfg.Conn, bus.WithDefaultModel(cfg.DefaultModel), bus.WithProducerLogger(log))
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
@@ -103,10 +118,15 @@ func New(cfg Config) (*Gateway, error) {
 		js:       p.JetStream(),
 		producer: p,
 		registry: newRegistry(p.JetStream(), time.Second),
-		tokens:   newTokenSet(cfg.Tokens),
+		tokens:   newTokenSet(allTokens),
+		tenants:  tenants,
+		limits:   newLimiter(cfg.Limits),
 		metrics:  newMetrics(),
 		timeout:  timeout,
 		grace:    deadlineGrace,
+	}
+	if err := g.limits.register(g.metrics.m.Registry); err != nil {
+		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	g.handler = g.routes()
 	return g, nil
@@ -115,7 +135,7 @@ func New(cfg Config) (*Gateway, error) {
 func (g *Gateway) routes() http.Handler {
 	mux := http.NewServeMux()
 	api := func(endpoint string, h http.HandlerFunc) http.Handler {
-		return g.instrument(endpoint, g.requireToken(h))
+		return g.instrument(endpoint, g.requireTenant(endpoint, h))
 	}
 	mux.Handle("POST /v1/chat/completions", api(endpointChat, g.handleChat))
 	mux.Handle("POST /v1/completions", api(endpointCompletions, g.handleCompletions))

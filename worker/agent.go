@@ -61,6 +61,8 @@ type Config struct {
 	// Version is announced in the heartbeat.
 	Version string
 	Logger  zerolog.Logger
+	// Observer is told what the agent does (metrics); nil: nobody.
+	Observer Observer
 }
 
 func (c *Config) defaults() error {
@@ -69,6 +71,9 @@ func (c *Config) defaults() error {
 	}
 	if c.Python == "" {
 		c.Python = DefaultPython()
+	}
+	if c.Observer == nil {
+		c.Observer = nopObserver{}
 	}
 	if c.Slots <= 0 {
 		c.Slots = 8
@@ -150,21 +155,30 @@ func New(cfg Config) (*Agent, error) {
 	for _, m := range cfg.Models {
 		a.models = append(a.models, ParseModelSpec(m))
 	}
+	obs := cfg.Observer
+	obs.Slots(cfg.Slots)
+	obs.State(string(a.life.get()))
+	a.life.onChange = func(s State) { obs.State(string(s)) }
 	a.jobs = newJobTable(cfg.Slots,
 		func() { _, _ = a.life.fire(EventJobsStarted) },
 		func() { _, _ = a.life.fire(EventJobsIdle) })
+	a.jobs.onCount = obs.InFlight
+	obs.InFlight(0)
 	a.sup = newSupervisor(supervisorOptions{
 		Python: cfg.Python, ExtraArgs: cfg.RuntimeArgs, Env: cfg.RuntimeEnv,
 		MaxBatch: cfg.Slots, Models: a.models,
 		StartTimeout: cfg.StartTimeout, LoadTimeout: cfg.LoadTimeout,
 		HealthInterval: cfg.HealthInterval, HealthTimeout: cfg.HealthTimeout, StopTimeout: cfg.StopTimeout,
 		BackoffInitial: cfg.RestartBackoffInitial, BackoffMax: cfg.RestartBackoffMax,
-		Breaker:  BreakerOptions{Threshold: cfg.BreakerThreshold, Window: cfg.BreakerWindow},
+		Breaker: BreakerOptions{Threshold: cfg.BreakerThreshold, Window: cfg.BreakerWindow,
+			OnChange: func(st BreakerState) { obs.Breaker(string(st)) }},
+		Observer: obs,
 		Cooldown: cfg.BreakerCooldown,
 		Logger:   cfg.Logger.With().Str("worker_id", cfg.WorkerID).Str("component", "runtime").Logger(),
 		OnUp:     func() { _, _ = a.life.fire(EventRuntimeUp) },
 		OnDown:   func() { _, _ = a.life.fire(EventRuntimeDown) },
 	})
+	obs.Breaker(string(a.sup.breaker.State()))
 	return a, nil
 }
 

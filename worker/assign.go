@@ -33,9 +33,9 @@ type rawAssignment struct {
 
 // invalidJob is a job that failed its schema: it gets a failed terminal.
 type invalidJob struct {
-	id, replyTo string
-	attempt     int
-	err         error
+	id, replyTo, model string
+	attempt            int
+	err                error
 }
 
 // handleAssign answers mlx.worker.<id>.assign. The whole batch is taken or none:
@@ -48,7 +48,7 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 		a.replyAssign(msg, &schemas.AssignmentReplyMsg{
 			Status: schemas.AssignRejected,
 			Error:  &schemas.ErrorInfo{Code: CodeInvalidMessage, Message: "assignment is not valid JSON: " + err.Error()},
-		})
+		}, 0)
 		return
 	}
 	out := &schemas.AssignmentReplyMsg{BatchID: in.BatchID}
@@ -65,9 +65,10 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 			var loose struct {
 				ID      string `json:"id"`
 				ReplyTo string `json:"reply_to"`
+				Model   string `json:"model"`
 			}
 			_ = json.Unmarshal(rj.Job, &loose)
-			invalid = append(invalid, invalidJob{id: loose.ID, replyTo: loose.ReplyTo, attempt: rj.Attempt, err: err})
+			invalid = append(invalid, invalidJob{id: loose.ID, replyTo: loose.ReplyTo, model: loose.Model, attempt: rj.Attempt, err: err})
 			continue
 		}
 		runs = append(runs, newJobRun(schemas.AssignedJob{Job: j, Attempt: rj.Attempt, Resume: rj.Resume}))
@@ -89,7 +90,7 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 	if out.Status != "" {
 		a.assignMu.Unlock()
 		out.FreeSlots = a.jobs.free()
-		a.replyAssign(msg, out)
+		a.replyAssign(msg, out, len(in.Jobs))
 		return
 	}
 	// A job already running here is a redelivered assignment of the same attempt:
@@ -106,16 +107,17 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 	out.FreeSlots = free
 	if !ok {
 		out.Status = schemas.AssignFull
-		a.replyAssign(msg, out)
+		a.replyAssign(msg, out, len(in.Jobs))
 		return
 	}
 	out.Status = schemas.AssignAccepted
-	a.replyAssign(msg, out)
+	a.replyAssign(msg, out, len(in.Jobs))
 
 	for _, r := range runs {
 		go a.runJob(a.jobCtx, r)
 	}
 	for _, bad := range invalid {
+		a.cfg.Observer.SchemaRejected()
 		go a.failInvalid(bad)
 	}
 }
@@ -132,8 +134,10 @@ func (a *Agent) modelsLoaded(model string, runs []*jobRun) bool {
 	return true
 }
 
-func (a *Agent) replyAssign(msg *nats.Msg, out *schemas.AssignmentReplyMsg) {
+// replyAssign answers an assignment that carried jobs jobs.
+func (a *Agent) replyAssign(msg *nats.Msg, out *schemas.AssignmentReplyMsg, jobs int) {
 	out.WorkerID = a.cfg.WorkerID
+	a.cfg.Observer.Assignment(out.Status, jobs)
 	b, err := json.Marshal(out)
 	if err == nil {
 		err = msg.Respond(b)
@@ -147,12 +151,13 @@ func (a *Agent) replyAssign(msg *nats.Msg, out *schemas.AssignmentReplyMsg) {
 // failInvalid ends a job that failed its schema with a failed terminal.
 func (a *Agent) failInvalid(bad invalidJob) {
 	if bad.id == "" {
-		a.log.Warn().Err(bad.err).Msg("assigned job has no id; cannot record its failure")
+		a.log.Warn().Err(bad.err).Int("attempt", bad.attempt).Str("model", bad.model).Msg("assigned job has no id; cannot record its failure")
 		return
 	}
+	a.log.Warn().Err(bad.err).Str("job_id", bad.id).Int("attempt", bad.attempt).Str("model", bad.model).Msg("assigned job failed its schema")
 	res := &schemas.ResultMsg{
 		Type: "result", JobID: bad.id, Attempt: bad.attempt, Status: schemas.StatusFailed,
-		WorkerID: a.cfg.WorkerID,
+		WorkerID: a.cfg.WorkerID, // no model: it may be what broke the schema
 		Error:    &schemas.ErrorInfo{Code: CodeInvalidRequest, Message: bad.err.Error()},
 	}
 	ctx, cancel := context.WithTimeout(a.jobCtx, a.cfg.ResultTimeout+5*time.Second)

@@ -63,6 +63,9 @@ type BreakerOptions struct {
 	Window    time.Duration
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
+	// OnChange is called with the new state on every change, under the breaker's
+	// lock (metrics); may be nil.
+	OnChange func(BreakerState)
 }
 
 // Breaker is the runtime circuit breaker. It counts failures since the last time it
@@ -111,7 +114,11 @@ func (b *Breaker) fireLocked(ev BreakerEvent) (BreakerState, error) {
 	if b.state == BreakerHalfOpen && next == BreakerClosed {
 		b.failures = b.failures[:0]
 	}
+	changed := next != b.state
 	b.state = next
+	if changed && b.opts.OnChange != nil {
+		b.opts.OnChange(next)
+	}
 	return next, nil
 }
 

@@ -18,7 +18,7 @@ func (a *Agent) handleCancel(msg *nats.Msg) {
 		return
 	}
 	if r := a.jobs.get(jobID); r != nil {
-		a.log.Info().Str("job_id", jobID).Msg("cancelling running job")
+		a.log.Info().Str("job_id", jobID).Int("attempt", r.aj.Attempt).Str("model", r.aj.Job.Model).Msg("cancelling running job")
 		r.requestStop(stopCancelled)
 	}
 }

@@ -88,9 +88,10 @@ func heartbeatState(s State) string {
 
 // lifecycle holds the worker state and tells the heartbeat loop about changes.
 type lifecycle struct {
-	mu      sync.Mutex
-	state   State
-	changed chan struct{} // closed and replaced on every change
+	mu       sync.Mutex
+	state    State
+	changed  chan struct{} // closed and replaced on every change
+	onChange func(State)   // called with the new state, under mu; may be nil
 }
 
 func newLifecycle() *lifecycle {
@@ -121,6 +122,9 @@ func (l *lifecycle) fire(ev Event) (State, error) {
 		l.state = next
 		close(l.changed)
 		l.changed = make(chan struct{})
+		if l.onChange != nil {
+			l.onChange(next)
+		}
 	}
 	return next, nil
 }

@@ -106,6 +106,7 @@ type jobTable struct {
 	changed chan struct{} // closed and replaced whenever used changes
 	onBusy  func()
 	onIdle  func()
+	onCount func(used int) // called under mu on every change; may be nil
 }
 
 func newJobTable(slots int, onBusy, onIdle func()) *jobTable {
@@ -143,6 +144,9 @@ func (t *jobTable) reserve(runs []*jobRun, need int) (ok bool, free int) {
 	}
 	t.used += len(runs)
 	t.notifyLocked()
+	if t.onCount != nil {
+		t.onCount(t.used)
+	}
 	if wasIdle && t.used > 0 && t.onBusy != nil {
 		t.onBusy()
 	}
@@ -163,6 +167,9 @@ func (t *jobTable) release(r *jobRun) {
 	}
 	t.used--
 	t.notifyLocked()
+	if t.onCount != nil {
+		t.onCount(t.used)
+	}
 	if t.used == 0 && t.onIdle != nil {
 		t.onIdle()
 	}
@@ -238,13 +245,16 @@ const defaultMaxTokens = 256
 func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 	defer a.jobs.release(r)
 	j := &r.aj.Job
-	log := a.log.With().Str("job_id", j.ID).Int("attempt", r.aj.Attempt).Logger()
+	log := a.log.With().Str("job_id", j.ID).Int("attempt", r.aj.Attempt).Str("model", j.Model).Logger()
 
 	var resumeText string
 	var resumeTokens int
 	if r.aj.Resume != nil {
 		resumeText, resumeTokens = r.aj.Resume.Text, r.aj.Resume.CompletionTokens
 	}
+	resumed := resumeText != "" || resumeTokens > 0
+	a.cfg.Observer.JobStarted(j.Model, r.aj.Attempt, resumed)
+	log.Debug().Bool("resumed", resumed).Msg("job started")
 	em := newEmitter(a.nc, j.ReplyTo, j.ID, r.aj.Attempt, resumeTokens, a.cfg.Coalesce)
 	defer em.stop()
 
@@ -337,7 +347,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			break
 		}
 		log.Warn().Err(genErr).Str("code", code).Msg("attempt ended without a result; reporting it for retry")
-		a.reportAttempt(&schemas.AttemptReportMsg{
+		a.reportAttempt(j.Model, &schemas.AttemptReportMsg{
 			JobID: j.ID, Attempt: r.aj.Attempt, WorkerID: a.cfg.WorkerID,
 			Error:            schemas.ErrorInfo{Code: code, Message: msg, Retryable: true},
 			Text:             resumeText + em.text.String(),
@@ -375,7 +385,7 @@ func timings(r *jobRun, gen *schemas.GenerateResult) *schemas.Timings {
 // write, sends the same record as the last event on the reply subject.
 func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, replyTo string) {
 	res.FinishedAt = time.Now().UTC()
-	log := a.log.With().Str("job_id", res.JobID).Int("attempt", res.Attempt).Str("status", res.Status).Logger()
+	log := a.log.With().Str("job_id", res.JobID).Int("attempt", res.Attempt).Str("model", res.Model).Str("status", res.Status).Logger()
 	// A terminal must not be lost to a short bus hiccup, nor hold a slot forever.
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 100 * time.Millisecond
@@ -397,6 +407,7 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, replyTo stri
 		log.Error().Err(err).Msg("could not record the result; the dispatcher will time the job out")
 		return
 	}
+	a.cfg.Observer.JobFinished(res.Model, res.Status)
 	if replyTo = strings.TrimSpace(replyTo); replyTo != "" {
 		b, err := json.Marshal(res)
 		if err == nil {
@@ -409,13 +420,15 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, replyTo stri
 	log.Debug().Msg("job finished")
 }
 
-// reportAttempt tells dispatchers an attempt ended without a terminal.
-func (a *Agent) reportAttempt(m *schemas.AttemptReportMsg) {
+// reportAttempt tells dispatchers an attempt of a job of model ended without a
+// terminal.
+func (a *Agent) reportAttempt(model string, m *schemas.AttemptReportMsg) {
+	a.cfg.Observer.AttemptReported(m.Error.Code)
 	b, err := json.Marshal(m)
 	if err == nil {
 		err = a.nc.Publish(bus.AttemptSubject(m.JobID), b)
 	}
 	if err != nil {
-		a.log.Error().Err(err).Str("job_id", m.JobID).Msg("could not publish the attempt report")
+		a.log.Error().Err(err).Str("job_id", m.JobID).Int("attempt", m.Attempt).Str("model", model).Msg("could not publish the attempt report")
 	}
 }

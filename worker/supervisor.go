@@ -82,6 +82,8 @@ type supervisorOptions struct {
 	// OnUp and OnDown tell the agent when the runtime became usable or stopped being.
 	OnUp   func()
 	OnDown func()
+	// Observer is told about starts and losses; nil: nobody.
+	Observer Observer
 }
 
 // process is one run of the runtime.
@@ -120,6 +122,9 @@ type supervisor struct {
 }
 
 func newSupervisor(opts supervisorOptions) *supervisor {
+	if opts.Observer == nil {
+		opts.Observer = nopObserver{}
+	}
 	return &supervisor{opts: opts, log: opts.Logger, breaker: NewBreaker(opts.Breaker), done: make(chan struct{})}
 }
 
@@ -198,6 +203,7 @@ func (s *supervisor) run(ctx context.Context) {
 			if s.opts.OnDown != nil {
 				s.opts.OnDown()
 			}
+			s.opts.Observer.RuntimeStart(false)
 			st, _ := s.breaker.RecordFailure()
 			s.log.Error().Err(err).Str("breaker", string(st)).Msg("runtime failed to start")
 			if st == BreakerOpen {
@@ -208,6 +214,7 @@ func (s *supervisor) run(ctx context.Context) {
 			}
 			continue
 		}
+		s.opts.Observer.RuntimeStart(true)
 		if _, err := s.breaker.Fire(BreakerSuccess); err != nil {
 			s.log.Error().Err(err).Msg("breaker")
 		}
@@ -217,6 +224,7 @@ func (s *supervisor) run(ctx context.Context) {
 		if ctx.Err() != nil || s.isStopping() {
 			return
 		}
+		s.opts.Observer.RuntimeLost()
 		st, _ := s.breaker.RecordFailure()
 		s.log.Error().Err(reason).Str("breaker", string(st)).Msg("runtime lost; restarting")
 		if st == BreakerOpen {

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 
+	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/config"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
@@ -93,25 +94,28 @@ func newWorker(c config.Config, nc *nats.Conn, models []string, log zerolog.Logg
 		Slots:    c.Slots,
 		Version:  version,
 		Logger:   log,
+		Observer: workerObserver(workerID(c), log),
 	})
 }
 
 func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatcher.Dispatcher, error) {
 	host, _ := os.Hostname()
-	return dispatcher.New(dispatcher.Config{
+	return instrumentDispatcher(dispatcher.New(dispatcher.Config{
 		DispatcherID: fmt.Sprintf("%s-%d", host, os.Getpid()),
 		Conn:         nc,
 		MaxWait:      c.BatchWait(),
 		MaxBatch:     c.BatchMaxSize,
 		MaxAttempts:  c.MaxAttempts,
 		Logger:       &log,
-	})
+	}))
 }
 
 func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog.Logger) (*gateway.Gateway, error) {
 	return gateway.New(gateway.Config{
 		Addr:         c.HTTPAddr,
 		Tokens:       c.Tokens(),
+		TokenTenants: c.TokenTenants(),
+		Limits:       tenantLimits(c),
 		Conn:         nc,
 		Logger:       log,
 		DefaultModel: defaultModel,
@@ -151,11 +155,20 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
 	if err != nil {
 		return fmt.Errorf("nats_listen: %w", err)
 	}
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{
+	store, err := loadAuth(c)
+	if err != nil {
+		return err
+	}
+	sopts := bus.ServerOptions{
 		Host: host, Port: port, StoreDir: filepath.Join(c.DataDir, "jetstream"),
 		SyncAlways: c.SyncAlways, ServerName: "mlx-serving-up",
-		Logger: log.With().Str("component", "nats").Logger().Level(zerolog.WarnLevel),
-	})
+		Logger: newLogger(c, "nats").Level(zerolog.WarnLevel),
+	}
+	if store != nil {
+		sopts.Users = store.ServerUsers()
+		log.Info().Str("dir", store.Dir()).Msg("bus authentication on: each part connects as its role")
+	}
+	srv, err := bus.StartServer(ctx, sopts)
 	if err != nil {
 		return fmt.Errorf("start NATS: %w", err)
 	}
@@ -165,29 +178,52 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
 		_ = srv.Shutdown(sctx)
 	}()
 	c.NATSURL = srv.ClientURL()
-	nc, js, err := connect(ctx, c, "mlx-serving-up", log)
+	adminCfg, err := asRole(c, store, auth.RoleAdmin, "")
+	if err != nil {
+		return err
+	}
+	nc, js, err := connect(ctx, adminCfg, "mlx-serving-up", log)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
+	conns := &roleConns{shared: nc}
+	defer conns.close()
+	wnc, err := conns.conn(ctx, c, store, auth.RoleWorker, workerID(c), log)
+	if err != nil {
+		return err
+	}
+	dnc, err := conns.conn(ctx, c, store, auth.RoleDispatcher, "", log)
+	if err != nil {
+		return err
+	}
+	gnc, err := conns.conn(ctx, c, store, auth.RoleGateway, "", log)
+	if err != nil {
+		return err
+	}
 	if err := bus.Provision(ctx, js, provisionOptions(c)); err != nil {
 		return fmt.Errorf("provision: %w", err)
 	}
+	stopMetrics, err := startMetrics(ctx, "up", c.MetricsAddr, nc, log)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
 
 	python := pythonPath(c)
 	models, modelID, err := modelSpec(ctx, c, python, log)
 	if err != nil {
 		return err
 	}
-	w, err := newWorker(c, nc, models, log.With().Str("component", "worker").Logger())
+	w, err := newWorker(c, wnc, models, newLogger(c, "worker"))
 	if err != nil {
 		return err
 	}
-	d, err := newDispatcher(c, nc, log.With().Str("component", "dispatcher").Logger())
+	d, err := newDispatcher(c, dnc, newLogger(c, "dispatcher"))
 	if err != nil {
 		return err
 	}
-	g, err := newGateway(c, nc, modelID, log.With().Str("component", "gateway").Logger())
+	g, err := newGateway(c, gnc, modelID, newLogger(c, "gateway"))
 	if err != nil {
 		return err
 	}
@@ -256,6 +292,11 @@ func runService(ctx context.Context, name string, args []string, stderr io.Write
 		return code
 	}
 	log := newLogger(c, name)
+	c, err := serviceConfig(c, name)
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
+		return 2
+	}
 	nc, js, err := connect(ctx, c, "mlx-serving-"+name, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving %s: connect: %v\n", name, err)
@@ -269,6 +310,12 @@ func runService(ctx context.Context, name string, args []string, stderr io.Write
 			return 1
 		}
 	}
+	stopMetrics, err := startMetrics(ctx, name, c.MetricsAddr, nc, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
+		return 1
+	}
+	defer stopMetrics()
 	if err := run(ctx, c, nc, log); err != nil && !errors.Is(err, context.Canceled) {
 		log.Error().Err(err).Msg("stopped with error")
 		return 1

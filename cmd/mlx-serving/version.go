@@ -3,11 +3,20 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"os/exec"
 	"runtime"
 	"runtime/debug"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/mlx-serving/mlx-serving/worker"
 )
 
 // Set by the release build with -ldflags "-X main.version=... -X main.commit=...".
@@ -17,7 +26,7 @@ var (
 )
 
 func init() {
-	register("version", "print version, commit and Go version", cmdVersion)
+	register("version", "print version, commit, Go version and the runtime's versions", cmdVersion)
 }
 
 func buildInfo() map[string]string {
@@ -34,17 +43,99 @@ func buildInfo() map[string]string {
 	return info
 }
 
-func cmdVersion(_ context.Context, args []string, stdout, stderr io.Writer) int {
+// versionReport is what `version --json` prints.
+type versionReport struct {
+	Version  string `json:"version"`
+	Commit   string `json:"commit"`
+	Go       string `json:"go"`
+	Platform string `json:"platform"`
+	// Runtime is the MLX runtime's runtime.info, when one could be started.
+	Runtime      *schemas.RuntimeInfo `json:"runtime,omitempty"`
+	Python       string               `json:"python,omitempty"`
+	RuntimeError string               `json:"runtime_error,omitempty"`
+}
+
+func cmdVersion(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("version", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "print JSON")
+	python := fs.String("python", "", "the runtime's interpreter (default: MLX_SERVING_PYTHON, else python/.venv/bin/python, else python3)")
+	timeout := fs.Duration("runtime-timeout", 20*time.Second, "how long to wait for the runtime to answer runtime.info")
+	noRuntime := fs.Bool("no-runtime", false, "do not start the runtime to ask its versions")
 	if code, ok := parseFlags(fs, args, stderr); !ok {
 		return code
 	}
 	info := buildInfo()
+	rep := versionReport{Version: info["version"], Commit: info["commit"], Go: info["go"], Platform: info["platform"]}
+	if !*noRuntime {
+		rep.Python = *python
+		if rep.Python == "" {
+			rep.Python = worker.DefaultPython()
+		}
+		rctx, cancel := context.WithTimeout(ctx, *timeout)
+		ri, err := runtimeInfo(rctx, rep.Python)
+		cancel()
+		if err != nil {
+			rep.RuntimeError = err.Error()
+		}
+		rep.Runtime = ri
+	}
 	if *asJSON {
-		_ = json.NewEncoder(stdout).Encode(info)
+		_ = json.NewEncoder(stdout).Encode(rep)
 		return 0
 	}
-	fmt.Fprintf(stdout, "mlx-serving %s (commit %s, %s, %s)\n", info["version"], info["commit"], info["go"], info["platform"])
+	fmt.Fprintf(stdout, "mlx-serving %s (commit %s, %s, %s)\n", rep.Version, rep.Commit, rep.Go, rep.Platform)
+	switch {
+	case rep.Runtime != nil:
+		r := rep.Runtime
+		fmt.Fprintf(stdout, "runtime %s: mlx %s, mlx-lm %s, python %s, device %s (%s)\n",
+			r.RuntimeVersion, r.MLXVersion, r.MLXLMVersion, r.PythonVersion, r.Device, rep.Python)
+	case rep.RuntimeError != "":
+		fmt.Fprintf(stdout, "runtime: not available with %s: %s\n", rep.Python, rep.RuntimeError)
+	}
 	return 0
+}
+
+// errNoInterpreter is returned when the runtime's interpreter does not exist.
+var errNoInterpreter = errors.New("interpreter not found")
+
+// runtimeInfo starts `python -m mlx_serving_runtime`, asks runtime.info, and stops
+// it; everything is bounded by ctx.
+func runtimeInfo(ctx context.Context, python string) (*schemas.RuntimeInfo, error) {
+	if _, err := exec.LookPath(python); err != nil {
+		return nil, fmt.Errorf("%w: %s", errNoInterpreter, python)
+	}
+	cmd := exec.Command(python, "-m", worker.RuntimeModule, "--max-batch", "1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	defer func() {
+		_ = stdin.Close() // the runtime exits at EOF; the kill is for one that does not
+		select {
+		case <-exited:
+		case <-time.After(2 * time.Second):
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-exited
+		}
+	}()
+	c := worker.NewRuntimeClient(stdout, stdin, worker.RuntimeClientOptions{Logger: zerolog.Nop()})
+	defer c.Close()
+	info, err := c.Info(ctx)
+	if err != nil {
+		if errors.Is(err, worker.ErrRuntimeExited) {
+			return nil, fmt.Errorf("the runtime exited before answering (is %s installed for %s?)", worker.RuntimeModule, python)
+		}
+		return nil, err
+	}
+	return info, nil
 }

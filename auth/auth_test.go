@@ -1,0 +1,268 @@
+package auth
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+func TestInitWritesOwnerOnlyFilesAndRefusesToOverwrite(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	store, err := Init(InitOptions{DataDir: dir, Tenants: []string{"acme"}, WorkerIDs: []string{"mac1"}, BcryptCost: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"admin", "dispatcher", "gateway", "producer-acme", "worker-mac1"}
+	var got []string
+	for _, id := range store.Identities() {
+		got = append(got, id.User)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("users %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("users %v, want %v", got, want)
+		}
+	}
+	entries, err := os.ReadDir(Dir(dir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != len(want)+1 {
+		t.Fatalf("%d files in %s, want %d", len(entries), Dir(dir), len(want)+1)
+	}
+	for _, e := range entries {
+		fi, err := e.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s has mode %v, want 0600", e.Name(), fi.Mode().Perm())
+		}
+	}
+	// The server file keeps hashes only.
+	raw, err := os.ReadFile(filepath.Join(Dir(dir), serverFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := store.Credential(RoleProducer, "acme")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Password == "" || strings.Contains(string(raw), c.Password) {
+		t.Fatalf("server file holds the producer's password (or the password is empty)")
+	}
+	if c.InboxPrefix != "_INBOX.producer-acme" || c.Tenant != "acme" {
+		t.Fatalf("credential %+v", c)
+	}
+	if _, err := Init(InitOptions{DataDir: dir, WorkerIDs: []string{"mac1"}, BcryptCost: 4}); !errors.Is(err, ErrExists) {
+		t.Fatalf("second init: %v, want ErrExists", err)
+	}
+	if _, err := store.Credential(RoleProducer, "other"); !errors.Is(err, ErrNoCredential) {
+		t.Fatalf("unknown tenant: %v, want ErrNoCredential", err)
+	}
+}
+
+func TestInitRejectsNamesThatAreNotOneSubjectToken(t *testing.T) {
+	t.Parallel()
+	for _, name := range []string{"a.b", "A", "-a", "*", ">", "a b", ""} {
+		dir := t.TempDir()
+		if _, err := Init(InitOptions{DataDir: dir, Tenants: []string{name}, WorkerIDs: []string{"w"}, BcryptCost: 4}); !errors.Is(err, ErrInvalidName) {
+			t.Errorf("tenant %q: %v, want ErrInvalidName", name, err)
+		}
+		if Exists(dir) {
+			t.Errorf("tenant %q: credentials written despite the error", name)
+		}
+	}
+}
+
+func TestUnauthenticatedClientIsRefused(t *testing.T) {
+	t.Parallel()
+	sb := startSecureBus(t)
+	ctx := testenv.Context(t, 10*time.Second)
+	_, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{sb.srv.ClientURL()}})
+	if !errors.Is(err, nats.ErrAuthorization) {
+		t.Fatalf("connect without credentials: %v, want an authorization error", err)
+	}
+	opts := sb.options(RoleProducer, "a")
+	opts.Password = "wrong"
+	if _, err := bus.Connect(ctx, opts); !errors.Is(err, nats.ErrAuthorization) {
+		t.Fatalf("connect with a wrong password: %v, want an authorization error", err)
+	}
+}
+
+func TestProducerCannotPublishAssignments(t *testing.T) {
+	t.Parallel()
+	sb := startSecureBus(t)
+	admin := sb.connect(RoleAdmin, "")
+	seen := make(chan string, 4)
+	for _, subj := range []string{"mlx.worker.x.assign", "mlx.cancel.>"} {
+		if _, err := admin.nc.Subscribe(subj, func(m *nats.Msg) { seen <- m.Subject }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := admin.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	prod := sb.connect(RoleProducer, "a")
+	if err := prod.nc.Publish("mlx.worker.x.assign", []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	// A permitted publish after the refused one: the admin receives messages of
+	// one publisher in order, so seeing this one first proves the other was dropped.
+	if err := prod.nc.Publish("mlx.cancel.marker", []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	prod.violation(t, "Publish", "mlx.worker.x.assign")
+	select {
+	case subj := <-seen:
+		if subj != "mlx.cancel.marker" {
+			t.Fatalf("admin received %s from a producer", subj)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the permitted marker never arrived")
+	}
+}
+
+func TestProducerCannotReadAnotherTenantsReplies(t *testing.T) {
+	t.Parallel()
+	sb := startSecureBus(t)
+	prod := sb.connect(RoleProducer, "a")
+	if _, err := prod.nc.SubscribeSync("mlx.reply.b.>"); err != nil {
+		t.Fatal(err)
+	}
+	prod.violation(t, "Subscription", "mlx.reply.b.>")
+	// Nor everyone's inboxes, where API answers (results!) travel.
+	if _, err := prod.nc.SubscribeSync("_INBOX.>"); err != nil {
+		t.Fatal(err)
+	}
+	prod.violation(t, "Subscription", "_INBOX.>")
+}
+
+func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
+	t.Parallel()
+	sb := startSecureBus(t)
+	prodConn := sb.connect(RoleProducer, "a")
+	p, err := bus.NewProducer(prodConn.nc, bus.WithTenant("a"), bus.WithDefaultModel("tiny"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := testenv.Context(t, 30*time.Second)
+
+	// A worker credential answers as a worker would: a token event on the reply
+	// subject, then the terminal record in RESULTS and its event.
+	wk := sb.connect(RoleWorker, "w1")
+	wjs := mustJS(t, wk.nc)
+	job := &schemas.JobRequest{Prompt: "hi"}
+	stream, ack, err := bus.SubmitStream(ctx, p, prodConn.nc, job, bus.StreamOptions{QuietAfter: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	if ack.ReplyTo != "mlx.reply.a."+ack.JobID {
+		t.Fatalf("reply subject %s", ack.ReplyTo)
+	}
+	tok, _ := json.Marshal(schemas.TokenEventMsg{Type: "token", JobID: ack.JobID, Attempt: 1, Seq: 0, Delta: "hel"})
+	if err := wk.nc.Publish(ack.ReplyTo, tok); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().UTC()
+	res := &schemas.ResultMsg{Type: "result", JobID: ack.JobID, Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
+		Text: "hello", FinishReason: "stop", Model: "tiny", FinishedAt: now}
+	if err := bus.RecordResult(ctx, wjs, res); err != nil {
+		t.Fatalf("worker records a result: %v", err)
+	}
+	var texts []string
+	for ev, err := range stream.Events(ctx) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ev.Token != nil {
+			texts = append(texts, ev.Token.Delta)
+		}
+		if ev.Result != nil {
+			if ev.Result.Text != "hello" || ev.Result.Status != schemas.StatusCompleted {
+				t.Fatalf("result %+v", ev.Result)
+			}
+		}
+	}
+	if len(texts) != 1 || texts[0] != "hel" {
+		t.Fatalf("token deltas %v", texts)
+	}
+	// The producer reads the durable result and cancels with its own grants.
+	if _, err := bus.FetchResult(ctx, p.JetStream(), ack.JobID); err != nil {
+		t.Fatalf("producer fetches its result: %v", err)
+	}
+	if err := p.Cancel(ctx, ack.JobID, "test"); err != nil {
+		t.Fatalf("producer cancels: %v", err)
+	}
+	select {
+	case err := <-prodConn.errs:
+		t.Fatalf("producer got an async error: %v", err)
+	default:
+	}
+}
+
+func TestWorkerServesOnlyItsOwnAssignSubject(t *testing.T) {
+	t.Parallel()
+	sb := startSecureBus(t)
+	w1 := sb.connect(RoleWorker, "w1")
+	if err := w1.nc.Publish(bus.AssignSubject("w2"), []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	w1.violation(t, "Publish", bus.AssignSubject("w2"))
+	if _, err := w1.nc.SubscribeSync(bus.AssignSubject("w2")); err != nil {
+		t.Fatal(err)
+	}
+	w1.violation(t, "Subscription", bus.AssignSubject("w2"))
+	// Its own heartbeat key only.
+	if err := w1.nc.Publish("$KV.mlx_workers.w2", []byte(`{}`)); err != nil {
+		t.Fatal(err)
+	}
+	w1.violation(t, "Publish", "$KV.mlx_workers.w2")
+
+	// The dispatcher's request reaches w1 and w1 may answer it, once.
+	disp := sb.connect(RoleDispatcher, "")
+	if _, err := w1.nc.Subscribe(bus.AssignSubject("w1"), func(m *nats.Msg) { _ = m.Respond([]byte(`ok`)) }); err != nil {
+		t.Fatal(err)
+	}
+	if err := w1.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	reply, err := disp.nc.Request(bus.AssignSubject("w1"), []byte(`{}`), 10*time.Second)
+	if err != nil || string(reply.Data) != "ok" {
+		t.Fatalf("dispatcher → w1 request: %v %v", reply, err)
+	}
+}
+
+func TestPermissionsForRejectsUnknownRoles(t *testing.T) {
+	t.Parallel()
+	if _, err := PermissionsFor(Identity{Role: "root", User: "x"}); err == nil {
+		t.Fatal("unknown role accepted")
+	}
+	if _, err := PermissionsFor(Identity{Role: RoleWorker, User: "worker-x", WorkerID: "*"}); !errors.Is(err, ErrInvalidName) {
+		t.Fatalf("wildcard worker id: %v", err)
+	}
+}
+
+func mustJS(t *testing.T, nc *nats.Conn) jetstream.JetStream {
+	t.Helper()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
+}

@@ -1,0 +1,212 @@
+// Package auth generates the bus credentials of every role (producer per tenant,
+// dispatcher, worker per worker id, gateway, admin) and the server-side
+// authorization that goes with them: which subjects each role may publish and
+// subscribe to. `mlx-serving auth init` writes them under DATA_DIR/auth; `up`
+// starts its embedded server with them and connects each part as its role.
+package auth
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+)
+
+// Role is what a credential may do on the bus.
+type Role string
+
+const (
+	// RoleProducer submits and cancels jobs of one tenant and reads that tenant's
+	// token streams.
+	RoleProducer Role = "producer"
+	// RoleGateway is a producer for every tenant it maps bearer tokens to.
+	RoleGateway Role = "gateway"
+	// RoleDispatcher owns the streams and consumers and routes batches to workers.
+	RoleDispatcher Role = "dispatcher"
+	// RoleWorker serves one worker id's assignments.
+	RoleWorker Role = "worker"
+	// RoleAdmin may do anything (status, replay, provisioning by hand).
+	RoleAdmin Role = "admin"
+)
+
+// Roles lists every role, in the order auth init writes them.
+var Roles = []Role{RoleAdmin, RoleDispatcher, RoleGateway, RoleWorker, RoleProducer}
+
+// ErrInvalidName is returned for a tenant or worker id that cannot be one subject
+// token: permissions are written per token, so a dot or a wildcard in a name would
+// grant more than that name.
+var ErrInvalidName = errors.New("auth: invalid name")
+
+// Identity is who a credential belongs to: the role and, for producers the
+// tenant, for workers the worker id.
+type Identity struct {
+	Role     Role   `json:"role"`
+	User     string `json:"user"`
+	Tenant   string `json:"tenant,omitempty"`
+	WorkerID string `json:"worker_id,omitempty"`
+}
+
+// Permissions are the subjects one identity may publish and subscribe to.
+// AllowResponses lets it answer requests it received (any reply subject, once,
+// within a minute) without a publish grant on every requester's inbox.
+type Permissions struct {
+	PublishAllow   []string `json:"publish_allow"`
+	SubscribeAllow []string `json:"subscribe_allow"`
+	AllowResponses bool     `json:"allow_responses,omitempty"`
+}
+
+// JetStream API and KV subjects. The producer-side grants are the exact API calls
+// bus.Producer and bus.JobStream make: publishing a job or cancel needs none (the
+// publish ack comes back on the client's inbox), reading a result needs the
+// stream's info and one message get.
+const (
+	jsAPI       = "$JS.API"
+	kvStream    = "KV_" + bus.BucketWorkers
+	kvPutPrefix = "$KV." + bus.BucketWorkers + "."
+)
+
+func streamInfo(stream string) string { return jsAPI + ".STREAM.INFO." + stream }
+func msgGet(stream string) string     { return jsAPI + ".STREAM.MSG.GET." + stream }
+
+// resultReads are the calls bus.FetchResult makes (RESULTS has no direct get).
+var resultReads = []string{streamInfo(bus.StreamResults), msgGet(bus.StreamResults)}
+
+// registryReads are the calls a KV watch of the worker registry makes: bind the
+// bucket, create and delete its ordered push consumer, answer flow control.
+var registryReads = []string{
+	streamInfo(kvStream),
+	jsAPI + ".CONSUMER.CREATE." + kvStream,
+	jsAPI + ".CONSUMER.CREATE." + kvStream + ".>",
+	jsAPI + ".CONSUMER.DELETE." + kvStream + ".>",
+	jsAPI + ".CONSUMER.INFO." + kvStream + ".>",
+	"$JS.FC." + kvStream + ".>",
+}
+
+// InboxPrefix is the inbox prefix of a user's connection: replies (publish acks,
+// API answers, request replies) come back under it, and a restricted user may
+// subscribe only there, so nobody reads another client's replies. It stays under
+// _INBOX, so users of servers configured otherwise lose nothing. It is empty for
+// a user name that is not one subject token (then the default inbox is used).
+func InboxPrefix(user string) string {
+	if ValidName(user) != nil {
+		return ""
+	}
+	return inboxRoot + user
+}
+
+// inboxRoot is nats.go's default inbox prefix with its dot.
+const inboxRoot = "_INBOX."
+
+// ValidName checks that name can be one subject token of at most 64 characters
+// of letters, digits, '-' and '_' (what the job schema allows for a tenant).
+func ValidName(name string) error {
+	if name == "" || len(name) > 64 {
+		return fmt.Errorf("%w: %q must be 1 to 64 characters", ErrInvalidName, name)
+	}
+	for _, r := range name {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '_':
+		default:
+			return fmt.Errorf("%w: %q may hold only letters, digits, '-' and '_'", ErrInvalidName, name)
+		}
+	}
+	return nil
+}
+
+// ValidTenant checks a tenant against the job schema's pattern, so a producer's
+// jobs can name the tenant its credential is for.
+func ValidTenant(tenant string) error {
+	if err := ValidName(tenant); err != nil {
+		return err
+	}
+	if c := tenant[0]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9') || strings.ToLower(tenant) != tenant {
+		return fmt.Errorf("%w: tenant %q must be lower case and start with a letter or digit", ErrInvalidName, tenant)
+	}
+	return nil
+}
+
+// PermissionsFor returns the grants of id. Everything not granted is refused by
+// the server: a producer cannot publish assignments, read another tenant's
+// replies or touch the streams' configuration; a worker cannot subscribe to
+// another worker's assignments.
+func PermissionsFor(id Identity) (Permissions, error) {
+	if err := ValidName(id.User); err != nil {
+		return Permissions{}, err
+	}
+	inbox := InboxPrefix(id.User) + ".>"
+	switch id.Role {
+	case RoleAdmin:
+		return Permissions{PublishAllow: []string{">"}, SubscribeAllow: []string{">"}, AllowResponses: true}, nil
+	case RoleProducer:
+		if err := ValidTenant(id.Tenant); err != nil {
+			return Permissions{}, err
+		}
+		return Permissions{
+			PublishAllow:   append([]string{bus.SubjectJobsAll, bus.SubjectCancelAll}, resultReads...),
+			SubscribeAllow: []string{bus.ReplyPrefix + "." + id.Tenant + ".>", inbox},
+		}, nil
+	case RoleGateway:
+		pub := []string{bus.SubjectJobsAll, bus.SubjectCancelAll,
+			streamInfo(bus.StreamJobs), streamInfo(bus.StreamCancels)} // readiness
+		pub = append(pub, resultReads...)
+		pub = append(pub, registryReads...)
+		return Permissions{PublishAllow: pub, SubscribeAllow: []string{bus.ReplyPrefix + ".>", inbox}}, nil
+	case RoleWorker:
+		if err := ValidName(id.WorkerID); err != nil {
+			return Permissions{}, err
+		}
+		pub := []string{
+			bus.ReplyPrefix + ".>",    // token and terminal events, any tenant's job
+			bus.SubjectResultsAll,     // the terminal record (first writer wins)
+			bus.SubjectAttemptsAll,    // retryable failures
+			kvPutPrefix + id.WorkerID, // its own heartbeat (put and delete)
+			streamInfo(kvStream),      // binding the registry bucket
+		}
+		pub = append(pub, resultReads...)
+		return Permissions{
+			PublishAllow:   pub,
+			SubscribeAllow: []string{bus.AssignSubject(id.WorkerID), bus.SubjectCancelAll, inbox},
+			AllowResponses: true, // answering the dispatcher's assign requests
+		}, nil
+	case RoleDispatcher:
+		return Permissions{
+			PublishAllow: []string{
+				jsAPI + ".>", // provisioning, consumers, pulls, message gets, the registry
+				"$JS.ACK.>", "$JS.FC.>",
+				bus.SubjectAssignAll, bus.ReplyPrefix + ".>", bus.SubjectResultsAll, bus.SubjectDLQAll,
+			},
+			SubscribeAllow: []string{bus.SubjectJobsAll, bus.SubjectResultsAll, bus.SubjectCancelAll,
+				bus.SubjectAttemptsAll, bus.ReplyPrefix + ".>", inbox},
+		}, nil
+	}
+	return Permissions{}, fmt.Errorf("auth: unknown role %q", id.Role)
+}
+
+// responseTTL bounds how long a received request may be answered.
+const responseTTL = time.Minute
+
+// ServerUser turns a user with its (bcrypt-hashed or plain) password and
+// permissions into the embedded server's form.
+func ServerUser(user, password string, p Permissions) *server.User {
+	perms := &server.Permissions{
+		Publish:   &server.SubjectPermission{Allow: append([]string(nil), p.PublishAllow...)},
+		Subscribe: &server.SubjectPermission{Allow: append([]string(nil), p.SubscribeAllow...)},
+	}
+	if p.AllowResponses {
+		perms.Response = &server.ResponsePermission{MaxMsgs: 1, Expires: responseTTL}
+	}
+	return &server.User{Username: user, Password: password, Permissions: perms}
+}
+
+// userName is the user of a role's credential: the role, plus the tenant or
+// worker id that scopes it.
+func userName(role Role, name string) string {
+	if name == "" {
+		return string(role)
+	}
+	return string(role) + "-" + name
+}

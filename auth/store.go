@@ -1,0 +1,269 @@
+package auth
+
+import (
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"golang.org/x/crypto/bcrypt"
+)
+
+// ErrNotInitialized is returned by Load when DATA_DIR/auth holds no server file.
+var ErrNotInitialized = errors.New("auth: not initialized (run `mlx-serving auth init`)")
+
+// ErrExists is returned by Init when credentials exist and Force is off:
+// regenerating them would lock out every running client.
+var ErrExists = errors.New("auth: credentials already exist")
+
+// ErrNoCredential is returned for a role and name auth init did not generate.
+var ErrNoCredential = errors.New("auth: no such credential")
+
+const (
+	dirName    = "auth"
+	serverFile = "server.json"
+	// Both the server file (hashes) and the credential files (passwords) are for
+	// the operator only.
+	fileMode = 0o600
+	dirMode  = 0o700
+)
+
+// Dir is where a data dir keeps its credentials.
+func Dir(dataDir string) string { return filepath.Join(dataDir, dirName) }
+
+// Exists reports whether auth init has run for dataDir.
+func Exists(dataDir string) bool {
+	_, err := os.Stat(filepath.Join(Dir(dataDir), serverFile))
+	return err == nil
+}
+
+// Credential is what one client needs to connect as its identity.
+type Credential struct {
+	Identity
+	Password string `json:"password"`
+	// InboxPrefix must be the connection's inbox prefix: the user may subscribe
+	// only under it.
+	InboxPrefix string `json:"inbox_prefix"`
+}
+
+// serverUser is one user as the server keeps it: a bcrypt hash, never the password.
+type serverUser struct {
+	Identity
+	PasswordHash string      `json:"password_hash"`
+	Permissions  Permissions `json:"permissions"`
+}
+
+type serverDoc struct {
+	Users []serverUser `json:"users"`
+}
+
+// InitOptions says which credentials to generate.
+type InitOptions struct {
+	// DataDir gets an auth/ directory; required.
+	DataDir string
+	// Tenants get one producer credential each; default ["default"].
+	Tenants []string
+	// WorkerIDs get one worker credential each, scoped to their assign subject;
+	// at least one.
+	WorkerIDs []string
+	// Force replaces existing credentials.
+	Force bool
+	// BcryptCost hashes the passwords; default bcrypt.DefaultCost. Tests lower it.
+	BcryptCost int
+}
+
+// Init generates a random password for every identity, writes the server's
+// user list (hashes and permissions) and one credential file per identity, all
+// readable by the owner only.
+func Init(opts InitOptions) (*Store, error) {
+	if opts.DataDir == "" {
+		return nil, errors.New("auth: InitOptions.DataDir is required")
+	}
+	if Exists(opts.DataDir) && !opts.Force {
+		return nil, fmt.Errorf("%w in %s", ErrExists, Dir(opts.DataDir))
+	}
+	tenants := opts.Tenants
+	if len(tenants) == 0 {
+		tenants = []string{"default"}
+	}
+	if len(opts.WorkerIDs) == 0 {
+		return nil, errors.New("auth: at least one worker id is required")
+	}
+	cost := opts.BcryptCost
+	if cost == 0 {
+		cost = bcrypt.DefaultCost
+	}
+	var ids []Identity
+	for _, r := range []Role{RoleAdmin, RoleDispatcher, RoleGateway} {
+		ids = append(ids, Identity{Role: r, User: userName(r, "")})
+	}
+	for _, w := range dedupe(opts.WorkerIDs) {
+		ids = append(ids, Identity{Role: RoleWorker, User: userName(RoleWorker, w), WorkerID: w})
+	}
+	for _, t := range dedupe(tenants) {
+		ids = append(ids, Identity{Role: RoleProducer, User: userName(RoleProducer, t), Tenant: t})
+	}
+
+	// Every name is checked before anything is written.
+	perms := make([]Permissions, len(ids))
+	for i, id := range ids {
+		p, err := PermissionsFor(id)
+		if err != nil {
+			return nil, err
+		}
+		perms[i] = p
+	}
+
+	dir := Dir(opts.DataDir)
+	if err := os.MkdirAll(dir, dirMode); err != nil {
+		return nil, fmt.Errorf("auth: %w", err)
+	}
+	if err := os.Chmod(dir, dirMode); err != nil {
+		return nil, fmt.Errorf("auth: %w", err)
+	}
+	var doc serverDoc
+	creds := map[string]Credential{}
+	for i, id := range ids {
+		pw, err := randomPassword()
+		if err != nil {
+			return nil, err
+		}
+		hash, err := bcrypt.GenerateFromPassword([]byte(pw), cost)
+		if err != nil {
+			return nil, fmt.Errorf("auth: hash: %w", err)
+		}
+		doc.Users = append(doc.Users, serverUser{Identity: id, PasswordHash: string(hash), Permissions: perms[i]})
+		c := Credential{Identity: id, Password: pw, InboxPrefix: InboxPrefix(id.User)}
+		creds[id.User] = c
+		if err := writeJSON(filepath.Join(dir, id.User+".json"), c); err != nil {
+			return nil, err
+		}
+	}
+	// The server file is written last: its presence is what marks auth as set up.
+	if err := writeJSON(filepath.Join(dir, serverFile), doc); err != nil {
+		return nil, err
+	}
+	return &Store{dir: dir, doc: doc}, nil
+}
+
+// Store is a data dir's generated credentials.
+type Store struct {
+	dir string
+	doc serverDoc
+}
+
+// Load reads the credentials auth init wrote for dataDir.
+func Load(dataDir string) (*Store, error) {
+	dir := Dir(dataDir)
+	raw, err := os.ReadFile(filepath.Join(dir, serverFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %s", ErrNotInitialized, dir)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("auth: %w", err)
+	}
+	var doc serverDoc
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		return nil, fmt.Errorf("auth: %s: %w", filepath.Join(dir, serverFile), err)
+	}
+	return &Store{dir: dir, doc: doc}, nil
+}
+
+// Dir is the directory the store's files are in.
+func (s *Store) Dir() string { return s.dir }
+
+// Identities lists every user, sorted by name.
+func (s *Store) Identities() []Identity {
+	out := make([]Identity, 0, len(s.doc.Users))
+	for _, u := range s.doc.Users {
+		out = append(out, u.Identity)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].User < out[j].User })
+	return out
+}
+
+// ServerUsers are the users, hashes and permissions for bus.ServerOptions.Users.
+func (s *Store) ServerUsers() []*server.User {
+	out := make([]*server.User, 0, len(s.doc.Users))
+	for _, u := range s.doc.Users {
+		out = append(out, ServerUser(u.User, u.PasswordHash, u.Permissions))
+	}
+	return out
+}
+
+// Credential reads the credential of role; name is the tenant of a producer or
+// the worker id of a worker, empty for the others.
+func (s *Store) Credential(role Role, name string) (Credential, error) {
+	user := userName(role, name)
+	raw, err := os.ReadFile(s.CredentialPath(role, name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return Credential{}, fmt.Errorf("%w: %s (in %s)", ErrNoCredential, user, s.dir)
+	}
+	if err != nil {
+		return Credential{}, fmt.Errorf("auth: %w", err)
+	}
+	var c Credential
+	if err := json.Unmarshal(raw, &c); err != nil {
+		return Credential{}, fmt.Errorf("auth: %s: %w", user, err)
+	}
+	return c, nil
+}
+
+// CredentialPath is the file holding a credential.
+func (s *Store) CredentialPath(role Role, name string) string {
+	return filepath.Join(s.dir, userName(role, name)+".json")
+}
+
+func randomPassword() (string, error) {
+	b := make([]byte, 24)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("auth: random: %w", err)
+	}
+	return base64.RawURLEncoding.EncodeToString(b), nil
+}
+
+// writeJSON replaces path atomically, owner-only from the first byte.
+func writeJSON(path string, v any) error {
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return fmt.Errorf("auth: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(fileMode); err != nil {
+		tmp.Close()
+		return fmt.Errorf("auth: %w", err)
+	}
+	if _, err := tmp.Write(append(data, '\n')); err != nil {
+		tmp.Close()
+		return fmt.Errorf("auth: write %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("auth: write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("auth: %w", err)
+	}
+	return nil
+}
+
+func dedupe(names []string) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, n := range names {
+		if !seen[n] {
+			seen[n] = true
+			out = append(out, n)
+		}
+	}
+	return out
+}

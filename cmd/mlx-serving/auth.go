@@ -1,0 +1,167 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/auth"
+	"github.com/mlx-serving/mlx-serving/config"
+	"github.com/mlx-serving/mlx-serving/gateway"
+)
+
+func init() {
+	register("auth", "auth init: generate bus credentials per role and the server's permissions (DATA_DIR/auth)", cmdAuth)
+}
+
+func cmdAuth(_ context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] != "init" {
+		fmt.Fprintln(stderr, "usage: mlx-serving auth init [--data-dir DIR] [--tenants a,b] [--workers id1,id2] [--force]")
+		return 2
+	}
+	var tenants, workers *string
+	var force *bool
+	c, _, code, ok := loadConfig("auth init", args[1:], stderr, func(fs *flagSet) {
+		tenants = fs.String("tenants", "default", "tenants to generate producer credentials for, comma-separated")
+		workers = fs.String("workers", "", "worker ids to generate worker credentials for, comma-separated (default: this host's worker id)")
+		force = fs.Bool("force", false, "replace existing credentials (running clients lose access)")
+	})
+	if !ok {
+		return code
+	}
+	workerIDs := splitNames(*workers)
+	if len(workerIDs) == 0 {
+		workerIDs = []string{workerID(c)}
+	}
+	store, err := auth.Init(auth.InitOptions{DataDir: c.DataDir, Tenants: splitNames(*tenants), WorkerIDs: workerIDs, Force: *force})
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving auth init: %v\n", err)
+		if errors.Is(err, auth.ErrExists) {
+			fmt.Fprintln(stderr, "use --force to replace them")
+		}
+		return 1
+	}
+	fmt.Fprintf(stdout, "credentials written to %s (owner-only); `up` with this data dir now requires them.\n\n", store.Dir())
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "USER\tROLE\tSCOPE\tFILE")
+	for _, id := range store.Identities() {
+		scope := "-"
+		switch {
+		case id.Tenant != "":
+			scope = "tenant " + id.Tenant
+		case id.WorkerID != "":
+			scope = "worker " + id.WorkerID
+		}
+		name := id.Tenant + id.WorkerID
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", id.User, id.Role, scope, store.CredentialPath(id.Role, name))
+	}
+	_ = tw.Flush()
+	fmt.Fprintln(stdout, "\nClients connect with --nats-user USER --nats-password PASSWORD (the file's \"password\").")
+	return 0
+}
+
+func splitNames(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// loadAuth returns the data dir's credentials, or nil when auth init has not run.
+func loadAuth(c config.Config) (*auth.Store, error) {
+	if !auth.Exists(c.DataDir) {
+		return nil, nil
+	}
+	return auth.Load(c.DataDir)
+}
+
+// asRole returns c connecting as role's generated credential (name: the worker
+// id of a worker). Credentials given explicitly (user or creds file) win, and
+// without a store c is returned unchanged.
+func asRole(c config.Config, store *auth.Store, role auth.Role, name string) (config.Config, error) {
+	if store == nil || c.NATSUser != "" || c.NATSCreds != "" {
+		return c, nil
+	}
+	cred, err := store.Credential(role, name)
+	if err != nil {
+		if errors.Is(err, auth.ErrNoCredential) && role == auth.RoleWorker {
+			return c, fmt.Errorf("%w: run `mlx-serving auth init --workers %s --force` (or pass --nats-user/--nats-password)", err, name)
+		}
+		return c, err
+	}
+	c.NATSUser, c.NATSPassword = cred.User, cred.Password
+	return c, nil
+}
+
+// serviceRole is the role a long-running command connects as.
+func serviceRole(c config.Config, name string) (auth.Role, string) {
+	switch name {
+	case "worker":
+		return auth.RoleWorker, workerID(c)
+	case "dispatcher":
+		return auth.RoleDispatcher, ""
+	case "gateway":
+		return auth.RoleGateway, ""
+	}
+	return auth.RoleAdmin, ""
+}
+
+// serviceConfig is c with the credential of the service's role, when the data
+// dir has generated credentials and none were given.
+func serviceConfig(c config.Config, name string) (config.Config, error) {
+	store, err := loadAuth(c)
+	if err != nil {
+		return c, err
+	}
+	role, scope := serviceRole(c, name)
+	return asRole(c, store, role, scope)
+}
+
+// roleConns opens one connection per part of `up` when auth is on, so each part
+// holds only its role's grants; without auth every part shares shared.
+type roleConns struct {
+	shared *nats.Conn
+	opened []*nats.Conn
+}
+
+func (r *roleConns) conn(ctx context.Context, c config.Config, store *auth.Store, role auth.Role, name string, log zerolog.Logger) (*nats.Conn, error) {
+	if store == nil {
+		return r.shared, nil
+	}
+	rc, err := asRole(c, store, role, name)
+	if err != nil {
+		return nil, err
+	}
+	nc, _, err := connect(ctx, rc, "mlx-serving-up-"+string(role), log)
+	if err != nil {
+		return nil, fmt.Errorf("connect as %s: %w", role, err)
+	}
+	r.opened = append(r.opened, nc)
+	return nc, nil
+}
+
+func (r *roleConns) close() {
+	for _, nc := range r.opened {
+		nc.Close()
+	}
+}
+
+// tenantLimits is the gateway's per-tenant limits from the configuration.
+func tenantLimits(c config.Config) gateway.TenantLimits {
+	return gateway.TenantLimits{
+		MaxInFlight:       c.TenantMaxInFlight,
+		MaxTokens:         c.TenantMaxTokens,
+		MaxPromptChars:    c.TenantMaxPromptChars,
+		RequestsPerSecond: float64(c.TenantRate),
+		Burst:             c.TenantBurst,
+	}
+}

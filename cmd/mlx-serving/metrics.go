@@ -1,0 +1,117 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/dispatcher"
+	"github.com/mlx-serving/mlx-serving/metrics"
+	"github.com/mlx-serving/mlx-serving/worker"
+)
+
+// startMetrics starts what a long-running process exports, into the process's
+// shared registry (metrics.Default), and returns the function that stops it:
+//
+//   - the fleet observer, in every role but worker: a fleet of Macs each
+//     following every terminal result would only multiply the same numbers;
+//   - when addr is set (--metrics-addr), an HTTP server with GET /metrics on it.
+//     The gateway (and so `up`) already serves the same registry on its own
+//     /metrics.
+//
+// The observer not finding RESULTS yet (no dispatcher has provisioned the
+// streams) is not fatal: it retries in the background, and its gauges read the
+// bus at every scrape meanwhile. A server that cannot bind is an error: the
+// operator asked for it.
+func startMetrics(ctx context.Context, role, addr string, nc *nats.Conn, log zerolog.Logger) (stop func(), err error) {
+	reg := metrics.Default()
+	var stops []func()
+	stop = func() {
+		for i := len(stops) - 1; i >= 0; i-- {
+			stops[i]()
+		}
+	}
+	if role != "worker" {
+		f, err := metrics.NewFleet(metrics.FleetOptions{Conn: nc, Logger: log})
+		if err != nil {
+			return stop, err
+		}
+		fctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			followResults(fctx, f, log)
+		}()
+		stops = append(stops, func() { cancel(); <-done; f.Stop() })
+		if err := reg.Register(f); err != nil {
+			stop()
+			return func() {}, fmt.Errorf("metrics: register fleet observer: %w", err)
+		}
+		stops = append(stops, func() { reg.Unregister(f) })
+	}
+	if addr == "" {
+		return stop, nil
+	}
+	srv, err := metrics.Listen(addr, metrics.Handler(reg))
+	if err != nil {
+		stop()
+		return func() {}, err
+	}
+	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(sctx); err != nil {
+			log.Error().Err(err).Msg("metrics server stopped")
+		}
+	}()
+	stops = append(stops, func() { cancel(); <-done })
+	log.Info().Str("addr", "http://"+srv.Addr()+"/metrics").Msg("serving metrics")
+	return stop, nil
+}
+
+// followResults starts f, retrying every few seconds until it works or ctx ends.
+func followResults(ctx context.Context, f *metrics.Fleet, log zerolog.Logger) {
+	for warned := false; ; warned = true {
+		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := f.Start(sctx)
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return
+		}
+		if !warned {
+			log.Warn().Err(err).Msg("fleet metrics: not following results yet; retrying (queue, DLQ and worker gauges work meanwhile)")
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(5 * time.Second):
+		}
+	}
+}
+
+// workerObserver is the worker's metrics hooks (worker.Config.Observer), in the
+// shared registry; nil (no metrics) if they cannot be registered.
+func workerObserver(id string, log zerolog.Logger) worker.Observer {
+	w, err := metrics.NewWorker(metrics.Default(), id)
+	if err != nil {
+		log.Warn().Err(err).Msg("worker metrics unavailable")
+		return nil
+	}
+	return w
+}
+
+// instrumentDispatcher exports d's counters in the shared registry; it wraps
+// dispatcher.New's results: return instrumentDispatcher(dispatcher.New(cfg)).
+func instrumentDispatcher(d *dispatcher.Dispatcher, err error) (*dispatcher.Dispatcher, error) {
+	if err != nil {
+		return d, err
+	}
+	if err := metrics.Default().Register(metrics.NewDispatcher(d.Metrics())); err != nil {
+		return nil, fmt.Errorf("metrics: register dispatcher: %w", err)
+	}
+	return d, nil
+}

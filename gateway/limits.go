@@ -1,0 +1,253 @@
+package gateway
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"fmt"
+	"net/http"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"golang.org/x/time/rate"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// DefaultTenant is the tenant of requests whose token names none, and of every
+// request when the gateway has no tokens.
+const DefaultTenant = "default"
+
+// TenantLimits bound what one tenant may ask of the fleet through the gateway.
+// Zero means no limit. The same limits apply to every tenant.
+type TenantLimits struct {
+	// MaxInFlight bounds the tenant's jobs queued or running at once; past it a
+	// request is refused with 429 tenant_queue_full.
+	MaxInFlight int
+	// MaxTokens bounds a request's max_tokens (400 max_tokens_exceeded); a
+	// request that names none is given this bound.
+	MaxTokens int
+	// MaxPromptChars bounds the prompt, or the sum of the messages' contents, in
+	// characters (400 prompt_too_large).
+	MaxPromptChars int
+	// RequestsPerSecond and Burst rate-limit the tenant's requests to /v1 (429
+	// rate_limit_exceeded). Burst defaults to RequestsPerSecond rounded up.
+	RequestsPerSecond float64
+	Burst             int
+}
+
+// Refusal codes of the tenant limits, stable for clients and dashboards.
+const (
+	codeRateLimited   = "rate_limit_exceeded"
+	codeTenantQueue   = "tenant_queue_full"
+	codeMaxTokens     = "max_tokens_exceeded"
+	codePromptTooLong = "prompt_too_large"
+)
+
+// tenantPattern is the job schema's pattern for a tenant: a token naming another
+// tenant would make every one of its jobs invalid.
+var tenantPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
+
+// tenantAuth maps bearer tokens to tenants, comparing digests in constant time.
+type tenantAuth struct {
+	digests [][sha256.Size]byte
+	tenants []string
+}
+
+func newTenantAuth(tokens []string, tokenTenants map[string]string) (*tenantAuth, error) {
+	ta := &tenantAuth{}
+	add := func(token, tenant string) error {
+		if token == "" {
+			return nil
+		}
+		if !tenantPattern.MatchString(tenant) {
+			return fmt.Errorf("gateway: tenant %q must match %s", tenant, tenantPattern)
+		}
+		ta.digests = append(ta.digests, sha256.Sum256([]byte(token)))
+		ta.tenants = append(ta.tenants, tenant)
+		return nil
+	}
+	for _, t := range tokens {
+		if err := add(t, DefaultTenant); err != nil {
+			return nil, err
+		}
+	}
+	for t, tenant := range tokenTenants {
+		if err := add(t, tenant); err != nil {
+			return nil, err
+		}
+	}
+	return ta, nil
+}
+
+func (ta *tenantAuth) enabled() bool { return len(ta.digests) > 0 }
+
+// tenant returns the tenant of token, looking at every token without stopping early.
+func (ta *tenantAuth) tenant(token string) (string, bool) {
+	d := sha256.Sum256([]byte(token))
+	found := -1
+	for i := range ta.digests {
+		if subtle.ConstantTimeCompare(d[:], ta.digests[i][:]) == 1 {
+			found = i
+		}
+	}
+	if found < 0 {
+		return "", false
+	}
+	return ta.tenants[found], true
+}
+
+type tenantKey struct{}
+
+// tenantOf is the tenant requireTenant found for r.
+func tenantOf(r *http.Request) string {
+	if t, ok := r.Context().Value(tenantKey{}).(string); ok {
+		return t
+	}
+	return DefaultTenant
+}
+
+// limiter holds every tenant's rate bucket and in-flight count, and counts refusals.
+type limiter struct {
+	limits   TenantLimits
+	mu       sync.Mutex
+	buckets  map[string]*rate.Limiter
+	inFlight map[string]int
+	refused  *prometheus.CounterVec // tenant, code
+}
+
+func newLimiter(l TenantLimits) *limiter {
+	if l.RequestsPerSecond > 0 && l.Burst <= 0 {
+		l.Burst = int(l.RequestsPerSecond + 0.999)
+	}
+	return &limiter{
+		limits:   l,
+		buckets:  map[string]*rate.Limiter{},
+		inFlight: map[string]int{},
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mlx_gateway_tenant_refusals_total",
+			Help: "Requests refused by a tenant limit, by tenant and code (rate_limit_exceeded, tenant_queue_full, max_tokens_exceeded, prompt_too_large).",
+		}, []string{"tenant", "code"}),
+	}
+}
+
+// register adds the limiter's series to the gateway's registry.
+func (l *limiter) register(reg prometheus.Registerer) error { return reg.Register(l.refused) }
+
+// refusals reads the refusal counter of tenant and code (tests).
+func (l *limiter) refusals(tenant, code string) float64 {
+	var m dto.Metric
+	if err := l.refused.WithLabelValues(tenant, code).Write(&m); err != nil {
+		return 0
+	}
+	return m.GetCounter().GetValue()
+}
+
+func (l *limiter) allow(tenant string, now time.Time) bool {
+	if l.limits.RequestsPerSecond <= 0 {
+		return true
+	}
+	l.mu.Lock()
+	b := l.buckets[tenant]
+	if b == nil {
+		b = rate.NewLimiter(rate.Limit(l.limits.RequestsPerSecond), l.limits.Burst)
+		l.buckets[tenant] = b
+	}
+	l.mu.Unlock()
+	return b.AllowN(now, 1)
+}
+
+// acquire takes one in-flight slot of tenant; ok is false at the limit.
+func (l *limiter) acquire(tenant string) (release func(), ok bool) {
+	if l.limits.MaxInFlight <= 0 {
+		return func() {}, true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.inFlight[tenant] >= l.limits.MaxInFlight {
+		return nil, false
+	}
+	l.inFlight[tenant]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			l.mu.Lock()
+			l.inFlight[tenant]--
+			l.mu.Unlock()
+		})
+	}, true
+}
+
+// requireTenant authenticates /v1 requests (when tokens are configured), puts
+// the token's tenant in the request's context and applies the tenant's rate.
+func (g *Gateway) requireTenant(endpoint string, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tenant := DefaultTenant
+		if g.tenants.enabled() {
+			scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+			if !ok || !strings.EqualFold(scheme, "Bearer") {
+				writeError(w, errUnauthorized("Missing bearer token: send 'Authorization: Bearer <token>'."))
+				return
+			}
+			if tenant, ok = g.tenants.tenant(strings.TrimSpace(token)); !ok {
+				writeError(w, errUnauthorized("Incorrect API key provided."))
+				return
+			}
+		}
+		if !g.limits.allow(tenant, time.Now()) {
+			g.refuse(w, endpoint, tenant, &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit,
+				Code: codeRateLimited, RetryAfter: time.Second,
+				Message: fmt.Sprintf("Rate limit reached for tenant %q: %g requests per second.", tenant, g.limits.limits.RequestsPerSecond)})
+			return
+		}
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), tenantKey{}, tenant)))
+	})
+}
+
+// admit applies the tenant's per-job limits to job, sets its tenant, and takes
+// an in-flight slot that release gives back when the request ends.
+func (g *Gateway) admit(r *http.Request, job *schemas.JobRequest) (release func(), aerr *apiError) {
+	tenant := tenantOf(r)
+	job.Tenant = tenant
+	lim := g.limits.limits
+	if lim.MaxTokens > 0 {
+		switch {
+		case job.MaxTokens > lim.MaxTokens:
+			return nil, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: "max_tokens", Code: codeMaxTokens,
+				Message: fmt.Sprintf("max_tokens is %d; this API key allows at most %d.", job.MaxTokens, lim.MaxTokens)}
+		case job.MaxTokens == 0:
+			job.MaxTokens = lim.MaxTokens
+		}
+	}
+	if lim.MaxPromptChars > 0 {
+		n := len([]rune(job.Prompt))
+		for _, m := range job.Messages {
+			n += len([]rune(m.Content))
+		}
+		if n > lim.MaxPromptChars {
+			param := "prompt"
+			if len(job.Messages) > 0 {
+				param = "messages"
+			}
+			return nil, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: param, Code: codePromptTooLong,
+				Message: fmt.Sprintf("The prompt has %d characters; this API key allows at most %d.", n, lim.MaxPromptChars)}
+		}
+	}
+	release, ok := g.limits.acquire(tenant)
+	if !ok {
+		return nil, &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit, Code: codeTenantQueue, RetryAfter: g.cfg.RetryAfter,
+			Message: fmt.Sprintf("Tenant %q has %d jobs queued or running, its limit; retry later.", tenant, lim.MaxInFlight)}
+	}
+	return release, nil
+}
+
+// refuse answers a request a tenant limit refused, counting it by tenant and code.
+func (g *Gateway) refuse(w http.ResponseWriter, endpoint, tenant string, e *apiError) {
+	g.limits.refused.WithLabelValues(tenant, e.Code).Inc()
+	g.log.Info().Str("tenant", tenant).Str("code", e.Code).Str("endpoint", endpoint).Msg("tenant limit refused a request")
+	g.fail(w, endpoint, e)
+}
