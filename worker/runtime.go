@@ -138,7 +138,9 @@ type incoming struct {
 
 func (c *RuntimeClient) readLoop(r io.Reader, maxLine int) {
 	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), maxLine)
+	// The first buffer is capped by maxLine too: bufio only enforces the limit once it
+	// has to grow, so a larger first buffer would accept lines over it.
+	sc.Buffer(make([]byte, 0, min(64<<10, maxLine)), maxLine)
 	m := incoming{Params: &schemas.GenerateChunk{}}
 	for sc.Scan() {
 		line := sc.Bytes()
