@@ -39,11 +39,14 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 tar -C "$root/python" --exclude=.venv --exclude=build --exclude='*.egg-info' --exclude=__pycache__ \
   --exclude=.pytest_cache -cf - . | tar -C "$work" -xf -
+# The wheel carries the runtime's schemas inside the package (package-data), so
+# an installed runtime needs nothing from the repository.
+mkdir -p "$work/mlx_serving_runtime/schemas"
+cp "$root"/schemas/runtime.*.json "$work/mlx_serving_runtime/schemas/"
 echo "release: building the runtime wheel"
 "$python" -m pip wheel --quiet --no-deps -w "$dist" "$work"
 
-# An installed wheel does not sit beside the repository's schemas/: workers point
-# MLX_SERVING_SCHEMAS at this directory once unpacked.
+# All schemas, for tools and services that validate bus messages themselves.
 tar -C "$root" -czf "$dist/mlx-serving-schemas-$version.tar.gz" --exclude=testdata --exclude='*.go' schemas
 
 # The binary for this machine must report what was stamped into it.

@@ -12,11 +12,16 @@ import jsonschema
 
 
 def schemas_dir() -> Path:
-    """MLX_SERVING_SCHEMAS, else the repository's schemas/ beside python/ (editable install)."""
+    """MLX_SERVING_SCHEMAS; else the copy a released wheel carries inside the package;
+    else the repository's schemas/ beside python/ (editable install)."""
     env = os.environ.get("MLX_SERVING_SCHEMAS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "schemas"
+    here = Path(__file__).resolve().parent
+    packaged = here / "schemas"
+    if any(packaged.glob("runtime.*.json")):
+        return packaged
+    return here.parent.parent / "schemas"
 
 
 @functools.cache

@@ -13,12 +13,11 @@ import json
 from typing import Any
 
 import pytest
+from conftest import Runtime, start_runtime
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mlx_serving_runtime.protocol import ERROR_CODES, METHODS
-
-from conftest import Runtime, start_runtime
 
 ANSWER_TIMEOUT = 20.0
 _ids = itertools.count()

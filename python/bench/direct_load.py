@@ -1,0 +1,101 @@
+"""The `direct` path of `mlx-serving bench`: mlx-lm in-process, no pipe, no bus.
+
+Usage: python python/bench/direct_load.py --model DIR --max-batch N < load.json > samples.json
+
+load.json is {"levels": [{"concurrency": C, "requests": [{"prompt": str, "max_tokens": int}, ...]}, ...]}.
+The requests run as a closed loop of C clients over one BatchGenerator (the runtime's
+settings: EOS stops a row, greedy sampling, one detokenizer per request, as many rows
+at once as the runtime's --max-batch), so the numbers are what the runtime would do
+without its protocol. Times are seconds on one monotonic clock, relative to the start:
+{"levels": [{"wall": s, "samples": [{"start": s, "events": [s, ...], "end": s, "tokens": n}]}, ...]}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--max-batch", type=int, default=32)
+    a = ap.parse_args()
+    load = json.load(sys.stdin)
+
+    import mlx.core as mx
+    from mlx_lm import load as load_model
+    from mlx_lm.generate import BatchGenerator
+
+    model, tok = load_model(a.model)
+    eos = sorted(tok.eos_token_ids)
+    gen = BatchGenerator(
+        model,
+        stop_tokens=[[t] for t in eos],
+        completion_batch_size=a.max_batch,
+        prefill_batch_size=a.max_batch,
+        stream=mx.default_stream(mx.default_device()),
+    )
+
+    # Per-row greedy sampler and a no-op processor, as the runtime passes them: the
+    # batch then takes the same per-row path (and is as fast) as in the runtime.
+    def greedy(logprobs):
+        return mx.argmax(logprobs, axis=-1)
+
+    def identity(tokens, logits):
+        return logits
+
+    def run(reqs: list[dict], concurrency: int) -> tuple[list[dict], float]:
+        out = [{"start": 0.0, "events": [], "end": 0.0, "tokens": 0} for _ in reqs]
+        live: dict[int, tuple[int, object]] = {}
+        nxt = 0
+        t0 = time.perf_counter()
+
+        def admit() -> None:
+            nonlocal nxt
+            while nxt < len(reqs) and len(live) < concurrency:
+                r = reqs[nxt]
+                out[nxt]["start"] = time.perf_counter() - t0
+                (uid,) = gen.insert(
+                    [tok.encode(r["prompt"])],
+                    max_tokens=[r["max_tokens"]],
+                    samplers=[greedy],
+                    logits_processors=[[identity]],
+                )
+                live[uid] = (nxt, tok.detokenizer)
+                nxt += 1
+
+        admit()
+        while live:
+            for g in gen.next()[1]:
+                i, det = live[g.uid]
+                now = time.perf_counter() - t0
+                if g.finish_reason != "stop":
+                    det.add_token(g.token)
+                    _ = det.last_segment
+                    out[i]["events"].append(now)
+                    out[i]["tokens"] += 1
+                if g.finish_reason is not None:
+                    det.finalize()
+                    out[i]["end"] = now
+                    del live[g.uid]
+            admit()
+        return out, time.perf_counter() - t0
+
+    # Warm-up: every distinct prompt once (each new length compiles new shapes),
+    # as the other paths do, before anything is timed.
+    seen = {r["prompt"]: None for lv in load["levels"] for r in lv["requests"]}
+    run([{"prompt": p, "max_tokens": 8} for p in seen], 1)
+    levels = []
+    for lv in load["levels"]:
+        samples, wall = run(lv["requests"], int(lv["concurrency"]))
+        levels.append({"wall": wall, "samples": samples})
+    json.dump({"levels": levels}, sys.stdout)
+    gen.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
