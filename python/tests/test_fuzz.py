@@ -34,7 +34,8 @@ def fuzz_rt():
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=12,
 )
 
@@ -44,7 +45,11 @@ methods = st.sampled_from([m for m in METHODS if m != "shutdown"]) | st.text(max
 params_for = {
     "generate": st.fixed_dictionaries(
         {"request_id": st.text(max_size=8), "model": st.text(max_size=8)},
-        optional={"prompt": st.text(max_size=20), "max_tokens": st.integers(-2, 40000), "temperature": json_values},
+        optional={
+            "prompt": st.text(max_size=20),
+            "max_tokens": st.integers(-2, 40000),
+            "temperature": json_values,
+        },
     ),
     "model.load": st.fixed_dictionaries({"model": st.sampled_from(["/nonexistent/model", "", "x/y"])}),
     "tokenize": st.fixed_dictionaries({"model": st.text(max_size=8), "text": st.text(max_size=20)}),
