@@ -12,6 +12,8 @@ import (
 // documented defaults.
 type ProvisionOptions struct {
 	// Replicas of every stream and the bucket: 1 on a single server, 3 in a cluster.
+	// 0 keeps what existing streams have (1 for new ones), so a dispatcher started
+	// without the setting cannot scale a cluster's streams down.
 	Replicas int
 	// JobsMaxMsgs and JobsMaxBytes bound the queue; past them a producer gets
 	// ErrQueueFull (discard-new). Defaults 100000 and 1 GiB.
@@ -157,14 +159,38 @@ func WorkersBucketConfig(opts ProvisionOptions) jetstream.KeyValueConfig {
 // idempotent: running it again with the same options changes nothing, and a
 // changed limit is applied to the existing stream without losing its messages.
 func Provision(ctx context.Context, js jetstream.JetStream, opts ProvisionOptions) error {
+	keep := opts.Replicas <= 0
 	cfgs := StreamConfigs(opts)
 	for _, name := range []string{StreamJobs, StreamResults, StreamDLQ, StreamCancels} {
-		if _, err := js.CreateOrUpdateStream(ctx, cfgs[name]); err != nil {
+		cfg := cfgs[name]
+		if keep {
+			cfg.Replicas = existingReplicas(ctx, js, name, cfg.Replicas)
+		}
+		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
 			return fmt.Errorf("bus: provision stream %s: %w", name, err)
 		}
 	}
-	if _, err := js.CreateOrUpdateKeyValue(ctx, WorkersBucketConfig(opts)); err != nil {
+	kv := WorkersBucketConfig(opts)
+	if keep {
+		kv.Replicas = existingReplicas(ctx, js, "KV_"+BucketWorkers, kv.Replicas)
+	}
+	if _, err := js.CreateOrUpdateKeyValue(ctx, kv); err != nil {
 		return fmt.Errorf("bus: provision bucket %s: %w", BucketWorkers, err)
 	}
 	return nil
+}
+
+// existingReplicas is the replica count a stream already has, or def when it does
+// not exist yet. Provisioning with Replicas 0 keeps it, so a process started with
+// default settings never scales a clustered R3 stream down to one replica.
+func existingReplicas(ctx context.Context, js jetstream.JetStream, stream string, def int) int {
+	st, err := js.Stream(ctx, stream)
+	if err != nil {
+		return def
+	}
+	info, err := st.Info(ctx)
+	if err != nil || info.Config.Replicas <= 0 {
+		return def
+	}
+	return info.Config.Replicas
 }

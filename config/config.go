@@ -53,6 +53,8 @@ type Config struct {
 	TenantRate           int    `json:"tenant_rate"`
 	TenantBurst          int    `json:"tenant_burst"`
 	MetricsAddr          string `json:"metrics_addr,omitempty"`
+	Replicas             int    `json:"replicas"`
+	WorkerTTL            string `json:"worker_ttl"`
 	LogLevel             string `json:"log_level"`
 	LogFormat            string `json:"log_format"`
 }
@@ -91,6 +93,8 @@ var Keys = []Key{
 	{"tenant_max_prompt_chars", "tenant-max-prompt-chars", "MLX_SERVING_TENANT_MAX_PROMPT_CHARS", "0", "gateway: longest prompt (all messages) in characters (0: no limit)"},
 	{"tenant_rate", "tenant-rate", "MLX_SERVING_TENANT_RATE", "0", "gateway: requests per second per tenant (0: no limit)"},
 	{"tenant_burst", "tenant-burst", "MLX_SERVING_TENANT_BURST", "0", "gateway: requests a tenant may send at once above its rate (0: the rate)"},
+	{"replicas", "replicas", "MLX_SERVING_REPLICAS", "0", "replicas of every stream: 3 in a NATS cluster (0: keep what existing streams have, 1 for new ones)"},
+	{"worker_ttl", "worker-ttl", "MLX_SERVING_WORKER_TTL", "10s", "how long a worker stays registered without a heartbeat; dispatchers retry its jobs after that"},
 	{"metrics_addr", "metrics-addr", "MLX_SERVING_METRICS_ADDR", "", "serve Prometheus /metrics on this host:port (dispatcher, worker; empty: off — gateway and up serve it on http_addr)"},
 	{"log_level", "log-level", "MLX_SERVING_LOG_LEVEL", "info", "log level"},
 	{"log_format", "log-format", "MLX_SERVING_LOG_FORMAT", "json", "log format: json or console"},
@@ -195,12 +199,21 @@ func fromValues(values map[string]any) (Config, error) {
 	if _, err := time.ParseDuration(c.BatchMaxWait); err != nil {
 		return Config{}, fmt.Errorf("%w: batch_max_wait: %v", ErrInvalid, err)
 	}
+	if d, err := time.ParseDuration(c.WorkerTTL); err != nil || d < time.Second {
+		return Config{}, fmt.Errorf("%w: worker_ttl: must be a duration of at least 1s", ErrInvalid)
+	}
 	return c, nil
 }
 
 // BatchWait returns batch_max_wait as a duration (validated by Load).
 func (c Config) BatchWait() time.Duration {
 	d, _ := time.ParseDuration(c.BatchMaxWait)
+	return d
+}
+
+// WorkerTTLDuration returns worker_ttl as a duration (validated by Load).
+func (c Config) WorkerTTLDuration() time.Duration {
+	d, _ := time.ParseDuration(c.WorkerTTL)
 	return d
 }
 

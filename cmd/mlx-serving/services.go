@@ -92,9 +92,11 @@ func newWorker(c config.Config, nc *nats.Conn, models []string, log zerolog.Logg
 		Python:   pythonPath(c),
 		Models:   models,
 		Slots:    c.Slots,
-		Version:  version,
-		Logger:   log,
-		Observer: workerObserver(workerID(c), log),
+		// Several heartbeats per TTL, so one late put never expires a live worker.
+		HeartbeatInterval: min(time.Second, c.WorkerTTLDuration()/3),
+		Version:           version,
+		Logger:            log,
+		Observer:          workerObserver(workerID(c), log),
 	})
 }
 
@@ -106,6 +108,7 @@ func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatc
 		MaxWait:      c.BatchWait(),
 		MaxBatch:     c.BatchMaxSize,
 		MaxAttempts:  c.MaxAttempts,
+		WorkerTTL:    c.WorkerTTLDuration(),
 		Logger:       &log,
 	}))
 }
@@ -123,7 +126,7 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 }
 
 func provisionOptions(c config.Config) bus.ProvisionOptions {
-	return bus.ProvisionOptions{JobsMaxMsgs: c.JobsMaxMsgs}
+	return bus.ProvisionOptions{JobsMaxMsgs: c.JobsMaxMsgs, Replicas: c.Replicas, WorkerTTL: c.WorkerTTLDuration()}
 }
 
 func cmdUp(ctx context.Context, args []string, stdout, stderr io.Writer) int {
