@@ -183,16 +183,27 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	ictx := d.wctx
 	invalid := d.decode(j, m.Data())
 	if invalid == nil {
-		if res, err := fetchResult(ictx, d.js, id); err == nil {
+		// Through the stream handle got at start: one round trip per job, not
+		// the two (stream info, then the message) of a lookup by stream name.
+		raw, err := lastMsg(ictx, d.resultsStream, bus.ResultSubject(id))
+		if err != nil {
+			d.handBack(j, err)
+			return nil
+		}
+		if raw != nil {
+			var res struct {
+				Status string `json:"status"`
+			}
+			if err := json.Unmarshal(raw.Data, &res); err != nil {
+				d.handBack(j, fmt.Errorf("decode result of %s: %w", id, err))
+				return nil
+			}
 			return func() {
 				if !j.gone {
 					d.finishObserved(j, res.Status)
 					d.metrics.AlreadyFinished.Add(1)
 				}
 			}
-		} else if !errors.Is(err, errNoResult) {
-			d.handBack(j, err)
-			return nil
 		}
 	}
 	cancelled := false

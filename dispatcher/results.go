@@ -13,15 +13,10 @@ import (
 // package bus; these names keep the call sites short.
 var (
 	errResultExists = bus.ErrResultExists
-	errNoResult     = bus.ErrNoResult
 )
 
 func recordResult(ctx context.Context, js jetstream.JetStream, res *schemas.ResultMsg) error {
 	return bus.RecordResult(ctx, js, res)
-}
-
-func fetchResult(ctx context.Context, js jetstream.JetStream, id string) (*schemas.ResultMsg, error) {
-	return bus.FetchResult(ctx, js, id)
 }
 
 // lastMsg returns the last message of subject in stream, or nil if there is none.

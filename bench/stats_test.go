@@ -1,0 +1,82 @@
+package bench
+
+import (
+	"errors"
+	"math"
+	"testing"
+	"time"
+)
+
+func TestPercentileNearestRank(t *testing.T) {
+	t.Parallel()
+	xs := []float64{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
+	for _, c := range []struct{ p, want float64 }{{50, 5}, {95, 10}, {99, 10}, {10, 1}, {0, 1}} {
+		if got := percentile(xs, c.p); got != c.want {
+			t.Errorf("P%v = %v, want %v", c.p, got, c.want)
+		}
+	}
+	if percentile(nil, 50) != 0 {
+		t.Error("percentile of nothing is not 0")
+	}
+}
+
+func TestSummarize(t *testing.T) {
+	t.Parallel()
+	t0 := time.Unix(1000, 0)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	samples := []Sample{
+		// TTFT 10 ms, then one event of 1 token after 2 ms and one of 2 tokens after 6 ms.
+		{Start: at(0), Events: []Event{{At: at(10), Tokens: 1}, {At: at(12), Tokens: 1}, {At: at(18), Tokens: 2}}, End: at(20), Tokens: 4},
+		{Start: at(0), Events: []Event{{At: at(30), Tokens: 1}}, End: at(40), Tokens: 1},
+		{Start: at(0), End: at(5), Err: errors.New("boom")},
+		{Start: at(0), End: at(5)}, // ended without a token: an error too
+	}
+	r := summarize("bus", 2, samples, 2*time.Second)
+	if r.Errors != 2 || r.FirstError != "boom" {
+		t.Fatalf("errors %d (%q), want 2 (boom)", r.Errors, r.FirstError)
+	}
+	if r.Tokens != 5 || r.TokensPerS != 2.5 {
+		t.Fatalf("tokens %d at %v/s, want 5 at 2.5/s", r.Tokens, r.TokensPerS)
+	}
+	if r.TTFTP50 != 10 || r.TTFTP99 != 30 {
+		t.Fatalf("TTFT p50 %v p99 %v, want 10 and 30", r.TTFTP50, r.TTFTP99)
+	}
+	// ITL samples: 2, 3, 3 (the 6 ms gap spread over its 2 tokens).
+	if r.ITLP50 != 3 || r.ITLP95 != 3 {
+		t.Fatalf("ITL p50 %v p95 %v, want 3 and 3", r.ITLP50, r.ITLP95)
+	}
+	// Per stream: 4 tokens in 20 ms = 200/s, 1 in 40 ms = 25/s.
+	if math.Abs(r.StreamTokensPS-112.5) > 1e-9 {
+		t.Fatalf("per-stream %v, want 112.5", r.StreamTokensPS)
+	}
+}
+
+func TestTargetsFromRows(t *testing.T) {
+	t.Parallel()
+	r := &Report{Concurrency: []int{1, 32}, Rows: []Row{
+		{Path: PathRuntime, Concurrency: 1, TTFTP50: 10, TTFTP95: 20, TokensPerS: 100},
+		{Path: PathBus, Concurrency: 1, TTFTP50: 10.5, TTFTP95: 25, TokensPerS: 98},
+		{Path: PathRuntime, Concurrency: 32, TokensPerS: 1000},
+		{Path: PathBus, Concurrency: 32, TokensPerS: 900, TTFTP95: 50},
+		{Path: PathMLXLMServer, Concurrency: 32, TokensPerS: 500, TTFTP95: 60},
+	}}
+	got := map[string]bool{}
+	for _, tg := range targets(r) {
+		got[tg.Name] = tg.Pass
+	}
+	want := map[string]bool{
+		"bus TTFT overhead P50 @1":              true,  // +0.5 ms
+		"bus TTFT overhead P95 @1":              false, // +5 ms
+		"bus tokens/s vs runtime @1":            true,  // 98%
+		"bus tokens/s vs runtime @32":           false, // 90%
+		"bus tokens/s vs mlx_lm_server @32":     true,  // 1.8×
+		"bus P95 TTFT vs mlx_lm_server @32":     true,
+		"gateway tokens/s vs mlx_lm_server @32": false, // not measured
+		"errors":                                true,
+	}
+	for name, pass := range want {
+		if p, ok := got[name]; !ok || p != pass {
+			t.Errorf("%s: pass=%v (present %v), want %v", name, p, ok, pass)
+		}
+	}
+}

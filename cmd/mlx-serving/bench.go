@@ -1,0 +1,168 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/bench"
+	"github.com/mlx-serving/mlx-serving/config"
+	"github.com/mlx-serving/mlx-serving/worker"
+)
+
+func init() {
+	register("bench", "benchmark the same model along direct, runtime, bus, gateway and mlx_lm_server; dispatcher ceiling and memory", cmdBench)
+}
+
+func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var paths, conc, out, natsBin *string
+	var requests, maxTokens, queued, tpJobs, natsMsgs *int
+	c, fs, code, ok := loadConfig("bench", args, stderr, func(fs *flagSet) {
+		paths = fs.String("paths", strings.Join(bench.AllPaths, ","), "paths to run, comma-separated: "+strings.Join(bench.AllPaths, ", "))
+		conc = fs.String("concurrency", "1,8,32", "concurrency levels, comma-separated")
+		requests = fs.Int("requests", 0, "requests per concurrency level (0: max(32, 4×concurrency))")
+		maxTokens = fs.Int("max-tokens", 64, "completion tokens per request")
+		out = fs.String("out", "bench.json", "where the rows go as JSON; the full report and the SVG plot go beside it (NAME.summary.json, NAME.svg); empty: no files")
+		queued = fs.Int("queued-jobs", 100000, "queue depth the dispatcher's memory is read at (negative: skip)")
+		tpJobs = fs.Int("throughput-jobs", 5000, "one-token jobs that time the dispatcher's ceiling (negative: skip)")
+		natsMsgs = fs.Int("nats-bench-msgs", 20000, "messages for `nats bench` js pub/consume (negative: skip)")
+		natsBin = fs.String("nats-bin", defaultNATSBin(), "where the nats CLI is installed (go install) on first use")
+	})
+	if !ok {
+		return code
+	}
+	levels, err := parseLevels(*conc)
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving bench: --concurrency: %v\n", err)
+		return 2
+	}
+	python := pythonPath(c)
+	modelDir, err := benchModel(ctx, c, python)
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving bench: %v\n", err)
+		return 1
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving bench: %v\n", err)
+		return 1
+	}
+	repo, err := repoRoot()
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving bench: %v\n", err)
+		return 1
+	}
+	slots := 0 // the highest concurrency, unless the operator chose
+	if flagOrEnvSet(fs, "slots", "MLX_SERVING_SLOTS") {
+		slots = c.Slots
+	}
+	r, err := bench.Run(ctx, bench.Options{
+		Paths: benchList(*paths), Concurrency: levels, Requests: *requests, MaxTokens: *maxTokens,
+		ModelDir: modelDir, Python: python, Exe: exe, Repo: repo, Slots: slots,
+		SyncAlways: c.SyncAlways, JobsMaxMsgs: int(c.JobsMaxMsgs), BatchWait: c.BatchWait().String(),
+		QueuedJobs: *queued, ThroughputJobs: *tpJobs, NATSBenchMsgs: *natsMsgs, NATSBin: *natsBin,
+		Progress: stderr,
+	})
+	if r != nil {
+		bench.WriteTable(stdout, r)
+		if *out != "" {
+			summary, svg, werr := bench.WriteFiles(r, *out)
+			if werr != nil {
+				fmt.Fprintf(stderr, "mlx-serving bench: write %s: %v\n", *out, werr)
+				return 1
+			}
+			fmt.Fprintf(stdout, "\nwrote %s, %s, %s\n", *out, summary, svg)
+		}
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving bench: %v\n", err)
+		if errors.Is(err, bench.ErrOptions) {
+			return 2
+		}
+		return 1
+	}
+	return 0
+}
+
+// benchModel is the model directory every path loads: the configured one, else
+// the tiny model (MLX_SERVING_TINY_MODEL when it exists, else written into the
+// data dir like `up` does).
+func benchModel(ctx context.Context, c config.Config, python string) (string, error) {
+	if c.Model == "" {
+		if dir := os.Getenv("MLX_SERVING_TINY_MODEL"); dir != "" {
+			if _, err := os.Stat(filepath.Join(dir, "config.json")); err == nil {
+				return filepath.Abs(dir)
+			}
+		}
+	}
+	specs, _, err := modelSpec(ctx, c, python, zerolog.New(os.Stderr).With().Timestamp().Logger())
+	if err != nil {
+		return "", err
+	}
+	dir := worker.ParseModelSpec(specs[0]).Path
+	if _, err := os.Stat(filepath.Join(dir, "config.json")); err != nil {
+		return "", fmt.Errorf("model %s: not a local model directory (the bench loads it in several processes): %w", dir, err)
+	}
+	return filepath.Abs(dir)
+}
+
+// repoRoot is the nearest directory upward holding python/bench/direct_load.py.
+func repoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "python", "bench", "direct_load.py")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("run the bench inside the repository: python/bench/direct_load.py not found upward")
+		}
+		dir = parent
+	}
+}
+
+func defaultNATSBin() string {
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "mlx-serving", "bench-bin")
+	}
+	return filepath.Join(os.TempDir(), "mlx-serving-bench-bin")
+}
+
+func flagOrEnvSet(fs *flag.FlagSet, name, env string) bool {
+	set := os.Getenv(env) != ""
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
+func benchList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func parseLevels(s string) ([]int, error) {
+	var out []int
+	for _, p := range benchList(s) {
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("bad level %q", p)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
