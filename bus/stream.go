@@ -70,6 +70,12 @@ type Event struct {
 	// Recovered marks a Result read from the RESULTS stream because its event on
 	// the reply subject was not seen.
 	Recovered bool
+	// Rewind marks a delta that does not continue the text received so far: its
+	// attempt had to start over (the dispatcher that knew what was sent died with
+	// it). Keep the first Offset bytes of the text, then append the delta. Result
+	// texts are always whole.
+	Rewind bool
+	Offset int
 }
 
 // Terminal reports whether e is the job's terminal event.
@@ -88,6 +94,7 @@ type JobStream struct {
 
 	attempt int // latest attempt seen; 0 before the first event
 	next    int // seq expected next within attempt
+	textLen int // bytes of the job's text the caller holds
 	missed  int
 	done    bool
 
@@ -310,6 +317,7 @@ func (s *JobStream) finish() {
 const (
 	maxAttempt = 100
 	maxSeq     = 1 << 20
+	maxOffset  = 1 << 24
 )
 
 func inRange(attempt, seq int) bool {
@@ -327,7 +335,7 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 	switch probe.Type {
 	case "token":
 		var tok schemas.TokenEventMsg
-		if err := json.Unmarshal(data, &tok); err != nil || !inRange(tok.Attempt, tok.Seq) {
+		if err := json.Unmarshal(data, &tok); err != nil || !inRange(tok.Attempt, tok.Seq) || tok.Offset < 0 || tok.Offset > maxOffset {
 			return Event{}, false
 		}
 		ev := Event{Token: &tok, Attempt: tok.Attempt}
@@ -341,6 +349,9 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 			if tok.Seq != 0 && tok.Seq > s.next {
 				ev.Missed = tok.Seq - s.next
 			}
+			if tok.Offset < s.textLen {
+				ev.Rewind, ev.Offset = true, tok.Offset
+			}
 			s.attempt = tok.Attempt
 		default:
 			if tok.Seq < s.next {
@@ -350,6 +361,7 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 		}
 		s.next = tok.Seq + 1
 		s.missed += ev.Missed
+		s.textLen = tok.Offset + len(tok.Delta)
 		return ev, true
 	case "result":
 		var res schemas.ResultMsg

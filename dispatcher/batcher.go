@@ -79,6 +79,9 @@ type batch struct {
 	model  string
 	jobs   []*job
 	msg    schemas.AssignmentMsg
+	// startedAt is the worker process the batch was meant for: an answer that
+	// arrives after another process took over came from the one that died.
+	startedAt time.Time
 }
 
 // schedule requeues due retries and forms every batch that is ready: a model's
@@ -173,12 +176,13 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 // launch sends one batch. Callers hold d.mu.
 func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 	d.batchSeq++
-	b := &batch{id: d.cfg.DispatcherID + "-" + strconv.FormatUint(d.batchSeq, 36), worker: w.id, model: model, jobs: jobs}
+	b := &batch{id: d.cfg.DispatcherID + "-" + strconv.FormatUint(d.batchSeq, 36), worker: w.id, model: model, jobs: jobs, startedAt: w.hb.StartedAt}
 	b.msg = schemas.AssignmentMsg{BatchID: b.id, DispatcherID: d.cfg.DispatcherID, Model: model, Jobs: make([]schemas.AssignedJob, len(jobs))}
 	for i, j := range jobs {
 		d.unqueue(j)
 		_ = d.apply(j, EvDispatch)
 		j.workerID, j.batchID = w.id, b.id
+		j.endedAt = time.Time{}
 		j.ran = true
 		j.cur.Reset()
 		j.curToks = 0
@@ -189,7 +193,7 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 			if s, err := d.nc.Subscribe(j.req.ReplyTo, d.onReply); err == nil {
 				j.replySub = s
 			} else {
-				d.log.Error().Err(err).Str("job", j.id).Msg("subscribe reply subject")
+				d.jobLog(d.log.Error(), j).Err(err).Msg("subscribe reply subject")
 			}
 		}
 		aj := schemas.AssignedJob{Job: j.req, Attempt: j.attempt}
@@ -237,7 +241,7 @@ func (d *Dispatcher) assign(b *batch) {
 		d.metrics.AssignErrors.Add(1)
 		if w != nil {
 			w.br.record(false, now)
-			w.capOverride = 0
+			w.blocked = true
 		}
 		for _, j := range b.jobs {
 			if mine(j) && d.apply(j, EvRefused) == nil {
@@ -249,10 +253,20 @@ func (d *Dispatcher) assign(b *batch) {
 		if w != nil {
 			w.br.record(false, now)
 		}
-		d.log.Warn().Err(err).Str("worker", b.worker).Str("batch", b.id).Msg("assignment failed")
+		d.log.Warn().Err(err).Str("worker_id", b.worker).Str("batch_id", b.id).Str("model", b.model).Int("jobs", len(b.jobs)).Msg("assignment failed")
 		for _, j := range b.jobs {
 			if mine(j) {
 				d.retryableFailure(j, schemas.ErrorInfo{Code: "assign_failed", Message: err.Error(), Retryable: true}, nil, 0)
+			}
+		}
+	case reply.Status == schemas.AssignAccepted && w != nil && !w.hb.StartedAt.Equal(b.startedAt):
+		// The process that took the batch is gone (or, far less likely, its
+		// successor took it; then the job runs twice and RESULTS keeps the first).
+		d.metrics.Batches.Add(1)
+		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
+		for _, j := range b.jobs {
+			if mine(j) {
+				d.retryableFailure(j, schemas.ErrorInfo{Code: "worker_restarted", Message: "the worker restarted after it accepted the job", Retryable: true}, nil, 0)
 			}
 		}
 	case reply.Status == schemas.AssignAccepted:
@@ -260,21 +274,23 @@ func (d *Dispatcher) assign(b *batch) {
 		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
 		if w != nil {
 			w.br.record(true, now)
-			w.unreflected += len(b.jobs)
-			w.capOverride = reply.FreeSlots
 		}
 		for _, j := range b.jobs {
 			if mine(j) {
 				_ = d.apply(j, EvAccepted)
 			}
 		}
+		if w != nil {
+			w.answered(reply.FreeSlots)
+		}
 	default: // full or rejected: skip this worker until it reports again
 		d.metrics.AssignFull.Add(1)
 		if w != nil {
 			w.br.record(true, now) // it answered: healthy, just busy
-			w.capOverride = 0
 			if reply.Status == schemas.AssignFull {
-				w.capOverride = max(reply.FreeSlots, 0)
+				w.answered(max(reply.FreeSlots, 0))
+			} else {
+				w.blocked = true
 			}
 		}
 		for _, j := range b.jobs {

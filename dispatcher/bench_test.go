@@ -17,10 +17,20 @@ import (
 // token) on two simulated in-process workers of 16 slots: jobs/s from submit to
 // RESULTS, dispatch latency (created_at → the worker has the assignment) and
 // allocations per job (whole process: embedded server and fake workers too).
-func BenchmarkDispatch(b *testing.B) {
+func BenchmarkDispatch(b *testing.B) { benchDispatch(b, fakeWorkerOptions{}) }
+
+// BenchmarkDispatchSlowHeartbeat is BenchmarkDispatch with workers that
+// heart-beat like the real one (every second, and rate-limited when a full
+// worker frees a slot), not on every accept and finish: the dispatcher must
+// learn of free slots from the results.
+func BenchmarkDispatchSlowHeartbeat(b *testing.B) {
+	benchDispatch(b, fakeWorkerOptions{hbEvery: time.Second, quiet: true})
+}
+
+func benchDispatch(b *testing.B, opts fakeWorkerOptions) {
 	e := newEnv(b, bus.ProvisionOptions{JobsMaxMsgs: 1 << 20})
-	w1 := e.startWorker("w1", 16, []string{"m"}, nil)
-	w2 := e.startWorker("w2", 16, []string{"m"}, nil)
+	w1 := e.startWorkerWith("w1", 16, []string{"m"}, nil, opts)
+	w2 := e.startWorkerWith("w2", 16, []string{"m"}, nil, opts)
 	cfg := testConfig("bench", e.connect("bench"))
 	cfg.MaxWait = 2 * time.Millisecond
 	cfg.AckWait = 30 * time.Second

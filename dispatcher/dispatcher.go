@@ -76,6 +76,7 @@ type job struct {
 
 	workerID string
 	batchID  string
+	endedAt  time.Time // when the worker ended the attempt (its clock), from the result or report
 	replySub *nats.Subscription
 	resume   schemas.Resume // what the caller received before the current attempt
 	cur      strings.Builder
@@ -98,7 +99,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		cfg:       cfg,
 		nc:        cfg.Conn,
 		js:        js,
-		log:       cfg.Logger.With().Str("dispatcher", cfg.DispatcherID).Logger(),
+		log:       cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
 		wakePull:  make(chan struct{}, 1),
 		wakeSched: make(chan struct{}, 1),
 		changed:   make(chan struct{}, 1),

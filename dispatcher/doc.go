@@ -18,9 +18,8 @@
 // (jobs are ordered by stream sequence), and a lower priority is never starved:
 // under saturation it still gets weight/sum of the picks (1/7 for low).
 //
-// Credit is what free slots of ready workers (registry minus what this
-// dispatcher assigned and has not seen reflected) plus one batch window
-// (MaxBatch) can take, minus jobs already held; no free slot means no pull, and
+// Credit is what free slots of ready workers plus one batch window (MaxBatch)
+// can take, minus jobs already held; no free slot means no pull, and
 // jobs wait in JetStream, whose discard-new limit turns into "queue full" at the
 // producer. Pulls are non-blocking (FetchNoWait); new jobs wake the puller
 // through a core subscription on mlx.jobs.>, redeliveries through a short poll.
@@ -44,8 +43,17 @@
 //
 // # Routing and retries
 //
+// A worker's free slots are its slots minus this dispatcher's jobs on it minus
+// the other dispatchers' share of its heartbeat's in_flight. A job's slot comes
+// back the moment its terminal record or attempt report is seen, not with the
+// next heartbeat (about a second later): the worker frees a slot before it
+// makes the job's end visible, so the count never runs below the truth.
+//
 // The worker registry (KV mlx_workers) is watched; a worker is lost when its
 // entry is deleted or not updated for WorkerTTL, and its jobs are retried. A
+// worker whose heartbeat names a new process (started_at) restarted, maybe
+// within the TTL: the jobs its earlier process ran are retried the same way,
+// and it stays routable. A
 // per-worker circuit breaker (closed/open/half-open, one table) stops routing to
 // a worker whose assignments keep failing. While a job runs the dispatcher
 // listens on its reply subject and accumulates the text of the current attempt,

@@ -236,6 +236,7 @@ func (c *caller) text() string {
 // jobPlan says how the fake worker runs one attempt.
 type jobPlan struct {
 	die      int  // >0: after this many tokens stop heart-beating and serving, silently
+	restart  int  // >0: after this many tokens the worker restarts (SIGKILL and back under the same id): its jobs are forgotten, it serves and heart-beats on with a new started_at
 	crash    int  // >0: after this many tokens report a retryable failure
 	block    bool // wait for release before finishing
 	tokenGap time.Duration
@@ -252,8 +253,12 @@ type fakeWorker struct {
 	slots  int
 	models []string
 	plan   func(aj schemas.AssignedJob) jobPlan
+	opts   fakeWorkerOptions
 
+	hbMu      sync.Mutex // one put at a time, so entries reach the bucket in the order they were built
 	mu        sync.Mutex
+	startedAt time.Time // of the current incarnation (process)
+	inc       int       // incarnation: bumped by restartNow
 	inflight  int
 	maxBatch  int
 	overSlots int
@@ -267,12 +272,36 @@ type fakeWorker struct {
 	sub       *nats.Subscription
 	stopHB    chan struct{}
 	hbDone    chan struct{}
-	latencies []time.Duration
+	hbNudge   chan struct{} // quiet mode: the worker went from full to a free slot
+	// beforeReply, if set, runs after a batch is taken and before the answer
+	// leaves (read under mu).
+	beforeReply func(a schemas.AssignmentMsg)
+	latencies   []time.Duration
+}
+
+// fakeWorkerOptions shape the fake worker's heartbeat.
+type fakeWorkerOptions struct {
+	hbEvery time.Duration // period of the registry put (100ms)
+	// quiet: no extra put on every accept and finish, only the period and
+	// full → free (rate-limited like the real worker)
+	quiet bool
+	// silent: not even the full → free put: one heartbeat at start, then one
+	// per hbEvery
+	silent bool
 }
 
 func (e *testEnv) startWorker(id string, slots int, models []string, plan func(schemas.AssignedJob) jobPlan) *fakeWorker {
 	e.tb.Helper()
-	w := &fakeWorker{tb: e.tb, id: id, nc: e.connect("worker-" + id), slots: slots, models: models, plan: plan,
+	return e.startWorkerWith(id, slots, models, plan, fakeWorkerOptions{})
+}
+
+func (e *testEnv) startWorkerWith(id string, slots int, models []string, plan func(schemas.AssignedJob) jobPlan, opts fakeWorkerOptions) *fakeWorker {
+	e.tb.Helper()
+	if opts.hbEvery <= 0 {
+		opts.hbEvery = 100 * time.Millisecond
+	}
+	w := &fakeWorker{tb: e.tb, id: id, nc: e.connect("worker-" + id), slots: slots, models: models, plan: plan, opts: opts,
+		startedAt: time.Now().UTC(), hbNudge: make(chan struct{}, 1),
 		assigned: map[string]int{}, release: make(chan struct{}), stopHB: make(chan struct{}), hbDone: make(chan struct{}),
 		onAssign: make(chan schemas.AssignmentMsg, 1024)}
 	w.js, _ = jetstream.New(w.nc)
@@ -306,29 +335,68 @@ func (w *fakeWorker) stop() {
 
 func (w *fakeWorker) hbLoop() {
 	defer close(w.hbDone)
-	t := time.NewTicker(100 * time.Millisecond)
+	t := time.NewTicker(w.opts.hbEvery)
 	defer t.Stop()
+	last := time.Now()
 	for {
 		select {
 		case <-w.stopHB:
 			return
 		case <-t.C:
-			w.heartbeat()
+		case <-w.hbNudge:
+			// The real worker's rate limit on the full → free put.
+			if wait := w.opts.hbEvery/10 - time.Since(last); wait > 0 {
+				select {
+				case <-w.stopHB:
+					return
+				case <-time.After(wait):
+				}
+			}
 		}
+		w.heartbeat()
+		last = time.Now()
 	}
 }
 
 func (w *fakeWorker) heartbeat() {
+	w.hbMu.Lock()
+	defer w.hbMu.Unlock()
 	w.mu.Lock()
 	if w.dead {
 		w.mu.Unlock()
 		return
 	}
+	// updated_at after in_flight is read, as the real worker does: a job freed
+	// after updated_at was counted.
 	hb := schemas.HeartbeatMsg{WorkerID: w.id, Hostname: "test", Platform: "linux", Models: w.models, Slots: w.slots,
-		InFlight: w.inflight, State: schemas.WorkerReady, StartedAt: time.Now(), UpdatedAt: time.Now()}
+		InFlight: w.inflight, State: schemas.WorkerReady, StartedAt: w.startedAt, UpdatedAt: time.Now().UTC()}
 	w.mu.Unlock()
 	data, _ := json.Marshal(hb)
 	_, _ = w.kv.Put(context.Background(), w.id, data)
+}
+
+// restartNow is a SIGKILL and a restart under the same id, faster than any TTL:
+// the new process knows none of the old one's jobs (their goroutines go quiet)
+// and announces itself with a new started_at.
+func (w *fakeWorker) restartNow() {
+	w.mu.Lock()
+	w.inc++
+	w.inflight = 0
+	// Strictly later than the old incarnation's, however coarse the clock.
+	now := time.Now().UTC()
+	if !now.After(w.startedAt) {
+		now = w.startedAt.Add(time.Millisecond)
+	}
+	w.startedAt = now
+	w.mu.Unlock()
+	w.heartbeat()
+}
+
+// current reports whether incarnation inc is still the running process.
+func (w *fakeWorker) current(inc int) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return !w.dead && w.inc == inc
 }
 
 func (w *fakeWorker) serve(m *nats.Msg) {
@@ -362,16 +430,22 @@ func (w *fakeWorker) serve(m *nats.Msg) {
 		}
 	}
 	free = w.slots - w.inflight
+	inc, hook := w.inc, w.beforeReply
 	w.mu.Unlock()
+	if hook != nil {
+		hook(a)
+	}
 	data, _ := json.Marshal(schemas.AssignmentReplyMsg{BatchID: a.BatchID, WorkerID: w.id, Status: schemas.AssignAccepted, FreeSlots: free})
 	_ = m.Respond(data)
 	select {
 	case w.onAssign <- a:
 	default:
 	}
-	w.heartbeat()
+	if !w.opts.quiet {
+		w.heartbeat()
+	}
 	for _, aj := range a.Jobs {
-		go w.run(aj)
+		go w.run(aj, inc)
 	}
 }
 
@@ -386,7 +460,7 @@ func fullText(n int) string {
 	return b.String()
 }
 
-func (w *fakeWorker) run(aj schemas.AssignedJob) {
+func (w *fakeWorker) run(aj schemas.AssignedJob, inc int) {
 	plan := w.plan(aj)
 	job := aj.Job
 	start, prefix := 0, ""
@@ -399,7 +473,7 @@ func (w *fakeWorker) run(aj schemas.AssignedJob) {
 		if plan.tokenGap > 0 {
 			time.Sleep(plan.tokenGap)
 		}
-		if w.isDead() {
+		if !w.current(inc) {
 			return
 		}
 		d := tokenText(i)
@@ -407,15 +481,21 @@ func (w *fakeWorker) run(aj schemas.AssignedJob) {
 		ev, _ := json.Marshal(schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: aj.Attempt, Seq: seq, Delta: d, Tokens: i + 1})
 		_ = w.nc.Publish(job.ReplyTo, ev)
 		seq++
+		if plan.restart > 0 && seq == plan.restart {
+			_ = w.nc.Flush()
+			w.restartNow()
+			return
+		}
 		if plan.die > 0 && seq == plan.die {
 			_ = w.nc.Flush()
 			w.stop() // silent death: no result, no report, no more heartbeats
 			return
 		}
 		if plan.crash > 0 && seq == plan.crash {
+			// Like the real worker: stamped, the slot freed, then published.
 			rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: job.ID, Attempt: aj.Attempt, WorkerID: w.id,
-				Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "boom", Retryable: true}, Text: text, Seq: seq, CompletionTokens: i + 1, ReportedAt: time.Now()})
-			w.done()
+				Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "boom", Retryable: true}, Text: text, Seq: seq, CompletionTokens: i + 1, ReportedAt: time.Now().UTC()})
+			w.done(inc)
 			_ = w.nc.Publish(bus.AttemptSubject(job.ID), rep)
 			return
 		}
@@ -423,10 +503,14 @@ func (w *fakeWorker) run(aj schemas.AssignedJob) {
 	if plan.block {
 		<-w.release
 	}
+	if !w.current(inc) {
+		return
+	}
+	// Like the real worker: finished_at stamped, the slot freed, then the record.
 	res := &schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: aj.Attempt, Seq: seq, Status: schemas.StatusCompleted, FinishReason: "length",
 		Text: text, Usage: schemas.Usage{CompletionTokens: job.MaxTokens, TotalTokens: job.MaxTokens}, Model: job.Model, WorkerID: w.id, FinishedAt: time.Now().UTC()}
+	w.done(inc)
 	err := bus.RecordResult(context.Background(), w.js, res)
-	w.done()
 	if err == nil {
 		data, _ := json.Marshal(res)
 		_ = w.nc.Publish(job.ReplyTo, data)
@@ -435,11 +519,24 @@ func (w *fakeWorker) run(aj schemas.AssignedJob) {
 	}
 }
 
-func (w *fakeWorker) done() {
+func (w *fakeWorker) done(inc int) {
 	w.mu.Lock()
+	if w.inc != inc {
+		w.mu.Unlock()
+		return // the slot went with the old process
+	}
+	wasFull := w.inflight == w.slots
 	w.inflight--
 	w.mu.Unlock()
-	w.heartbeat()
+	switch {
+	case !w.opts.quiet:
+		w.heartbeat()
+	case wasFull && !w.opts.silent:
+		select {
+		case w.hbNudge <- struct{}{}:
+		default:
+		}
+	}
 }
 
 func (w *fakeWorker) isDead() bool {

@@ -247,7 +247,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 func (d *Dispatcher) decode(j *job, data []byte) error {
 	if err := schemas.Validate(schemas.Job, data); err != nil {
 		if !errors.Is(err, schemas.ErrInvalid) {
-			d.log.Error().Err(err).Msg("validate job")
+			d.log.Error().Err(err).Str("job_id", j.id).Msg("validate job")
 		}
 		_ = json.Unmarshal(data, &j.req) // best effort: the reply subject, for the terminal
 		return err
@@ -268,7 +268,7 @@ func (d *Dispatcher) decode(j *job, data []byte) error {
 
 // handBack returns a delivery that could not be checked to JetStream.
 func (d *Dispatcher) handBack(j *job, err error) {
-	d.log.Warn().Err(err).Str("job", j.id).Msg("delivery check failed; nak")
+	d.log.Warn().Err(err).Str("job_id", j.id).Int("attempt", j.attempt).Str("model", j.req.Model).Msg("delivery check failed; nak")
 	d.mu.Lock()
 	if !j.gone {
 		d.forget(j)

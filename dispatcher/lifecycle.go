@@ -13,6 +13,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
 )
 
 // apply moves j through the transition table; the only place a job's state
@@ -22,7 +23,7 @@ func (d *Dispatcher) apply(j *job, e Event) error {
 	to, err := Transition(from, e)
 	if err != nil {
 		d.metrics.IllegalTransitions.Add(1)
-		d.log.Error().Err(err).Str("job", j.id).Msg("illegal transition")
+		d.jobLog(d.log.Error(), j).Err(err).Msg("illegal transition")
 		return err
 	}
 	d.metrics.Transitions[from][e].Add(1)
@@ -31,6 +32,13 @@ func (d *Dispatcher) apply(j *job, e Event) error {
 		d.onWorker--
 	} else if !onW(from) && onW(to) {
 		d.onWorker++
+	}
+	if from == StateRunning {
+		d.slotFreed(j)
+	} else if to == StateRunning {
+		if w := d.workers[j.workerID]; w != nil {
+			w.mine++
+		}
 	}
 	j.state = to
 	switch to {
@@ -79,7 +87,7 @@ func (d *Dispatcher) forget(j *job) {
 func (d *Dispatcher) finishObserved(j *job, status string) {
 	e, ok := eventForStatus(status)
 	if !ok {
-		d.log.Error().Str("job", j.id).Str("status", status).Msg("result with unknown status")
+		d.jobLog(d.log.Error(), j).Str("status", status).Msg("result with unknown status")
 		e = EvFailed
 	}
 	if err := d.apply(j, e); err != nil {
@@ -133,7 +141,7 @@ func (d *Dispatcher) finishByDispatcher(j *job, e Event, status string, errInfo 
 }
 
 func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, replyTo string, res *schemas.ResultMsg, dlq *schemas.DLQRecordMsg) {
-	log := d.log.With().Str("job", res.JobID).Str("status", res.Status).Logger()
+	log := d.log.With().Str("job_id", res.JobID).Int("attempt", res.Attempt).Str("worker_id", res.WorkerID).Str("model", res.Model).Str("status", res.Status).Logger()
 	if dlq != nil {
 		data, err := json.Marshal(dlq)
 		if err == nil {
@@ -185,7 +193,7 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 	j.cur.Reset()
 	j.curToks = 0
 	j.lastErr = info
-	d.log.Warn().Str("job", j.id).Int("attempt", j.attempt).Str("code", info.Code).Str("worker", j.workerID).Msg("attempt failed")
+	d.jobLog(d.log.Warn(), j).Str("code", info.Code).Msg("attempt failed")
 	switch {
 	case j.cancelReq:
 		d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: "cancelled", Message: "cancelled while retrying"})
@@ -220,8 +228,11 @@ func exhaustedError(attempts int, last schemas.ErrorInfo) *schemas.ErrorInfo {
 // onResult learns terminal states from RESULTS records as they are written.
 func (d *Dispatcher) onResult(m *nats.Msg) {
 	var r struct {
-		JobID  string `json:"job_id"`
-		Status string `json:"status"`
+		JobID      string    `json:"job_id"`
+		Status     string    `json:"status"`
+		Attempt    int       `json:"attempt"`
+		WorkerID   string    `json:"worker_id"`
+		FinishedAt time.Time `json:"finished_at"`
 	}
 	if err := json.Unmarshal(m.Data, &r); err != nil || r.JobID == "" {
 		return
@@ -229,6 +240,9 @@ func (d *Dispatcher) onResult(m *nats.Msg) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if j := d.jobs[r.JobID]; j != nil && !j.intaking {
+		if r.WorkerID == j.workerID && r.Attempt == j.attempt {
+			j.endedAt = r.FinishedAt
+		}
 		d.finishObserved(j, r.Status)
 	} else if j != nil {
 		// The delivery check will find the record; make sure it does not run.
@@ -301,7 +315,7 @@ func (d *Dispatcher) cancelInStream(ctx context.Context, id, reason string) {
 		if err == nil {
 			d.metrics.Cancelled.Add(1)
 		} else if !errors.Is(err, errResultExists) {
-			d.log.Error().Err(err).Str("job", id).Msg("record cancelled result failed")
+			d.log.Error().Err(err).Str("job_id", id).Int("attempt", 0).Str("model", req.Model).Msg("record cancelled result failed")
 		}
 		return
 	}
@@ -322,6 +336,9 @@ func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
 	if w := d.workers[j.workerID]; w != nil {
 		w.br.record(false, time.Now())
 	}
+	if r.WorkerID == j.workerID {
+		j.endedAt = r.ReportedAt
+	}
 	d.retryableFailure(j, r.Error, &schemas.Resume{Text: r.Text, CompletionTokens: r.CompletionTokens}, r.Seq)
 }
 
@@ -339,9 +356,14 @@ func (d *Dispatcher) onReply(m *nats.Msg) {
 		return
 	}
 	if ev.Seq != j.nextSeq {
-		d.log.Warn().Str("job", j.id).Int("seq", ev.Seq).Int("want", j.nextSeq).Msg("token gap on reply subject")
+		d.jobLog(d.log.Warn(), j).Int("seq", ev.Seq).Int("want", j.nextSeq).Msg("token gap on reply subject")
 	}
 	j.cur.WriteString(ev.Delta)
 	j.curToks = ev.Tokens
 	j.nextSeq = ev.Seq + 1
+}
+
+// jobLog puts the standard job fields on a log event. Callers hold d.mu.
+func (d *Dispatcher) jobLog(ev *zerolog.Event, j *job) *zerolog.Event {
+	return ev.Str("job_id", j.id).Int("attempt", j.attempt).Str("worker_id", j.workerID).Str("model", j.req.Model)
 }

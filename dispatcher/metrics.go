@@ -18,6 +18,7 @@ type Metrics struct {
 	DeadLettered       atomic.Int64
 	AlreadyFinished    atomic.Int64 // deliveries acked because RESULTS already had the job
 	WorkersLost        atomic.Int64
+	WorkersRestarted   atomic.Int64 // a worker's process changed (new started_at): its jobs were retried
 	IllegalTransitions atomic.Int64
 	// Transitions counts legal transitions by (from state, event).
 	Transitions [numStates][numEvents]atomic.Int64

@@ -10,27 +10,67 @@ import (
 )
 
 // workerView is what this dispatcher knows of one worker. Guarded by d.mu.
+//
+// Slots are counted so that a slot comes back as soon as this dispatcher sees
+// one of its jobs end (terminal record or attempt report), not a heartbeat
+// later. That is safe because the worker frees a job's slot before it makes the
+// end visible, so mine is never below what this dispatcher really occupies.
+// The heartbeat's in_flight also counts other dispatchers' jobs; their share is
+// in_flight minus the jobs of mine it counted.
 type workerView struct {
 	id     string
 	hb     schemas.HeartbeatMsg
 	seenAt time.Time
 	lost   bool
 	br     *breaker
-	// pending: jobs in assignments sent and not answered; unreflected: jobs
-	// accepted since the last heartbeat (which did not count them yet).
-	pending     int
-	unreflected int
-	// capOverride is the free slots the worker's last reply stated (-1: none
-	// since the last heartbeat); it is fresher than the heartbeat.
-	capOverride int
+	// pending: jobs in assignments sent and not answered.
+	pending int
+	// mine: this dispatcher's jobs the worker accepted that have not ended.
+	mine int
+	// counted: how many of mine the last heartbeat's in_flight holds.
+	counted int
+	// freed: when each of my jobs ended (worker clock) that the last heartbeat
+	// may still count: those that ended after its updated_at.
+	freed []time.Time
+	// othersReply: other dispatchers' share as of the worker's last answer
+	// (-1: none since the heartbeat), fresher than the heartbeat.
+	othersReply int
+	// blocked: the last answer refused work (rejected, nobody there); until the
+	// next heartbeat nothing is offered.
+	blocked bool
 }
 
 func (w *workerView) free() int {
-	f := w.hb.Slots - w.hb.InFlight - w.unreflected
-	if w.capOverride >= 0 {
-		f = min(f, w.capOverride)
+	if w.blocked {
+		return 0
 	}
-	return max(f-w.pending, 0)
+	others := max(w.hb.InFlight-w.counted, w.othersReply, 0)
+	return max(w.hb.Slots-w.mine-others-w.pending, 0)
+}
+
+// observe applies a heartbeat of the worker's current process.
+func (w *workerView) observe(hb schemas.HeartbeatMsg) {
+	w.hb = hb
+	// A job that ended after updated_at was counted (the worker reads in_flight
+	// before it stamps updated_at, and stamps an end before it frees the slot);
+	// later heartbeats will not count the others. Counting too many of mine
+	// only lowers the others' share, never below zero.
+	keep := w.freed[:0]
+	for _, t := range w.freed {
+		if t.After(hb.UpdatedAt) {
+			keep = append(keep, t)
+		}
+	}
+	w.freed = keep
+	w.counted = w.mine + len(keep)
+	w.othersReply = -1
+	w.blocked = false
+}
+
+// answered records the free slots a worker stated after taking what is now
+// mine.
+func (w *workerView) answered(freeSlots int) {
+	w.othersReply = max(w.hb.Slots-freeSlots-w.mine, 0)
 }
 
 // routable: alive, ready and not behind an open breaker (a cooled-down open
@@ -68,6 +108,20 @@ func (d *Dispatcher) pickWorker(model string, now time.Time) *workerView {
 	return best
 }
 
+// slotFreed gives back the slot of a job of mine leaving the running state on
+// its worker. ended is when the worker ended it (zero: unknown, e.g. it died).
+// Callers hold d.mu.
+func (d *Dispatcher) slotFreed(j *job) {
+	w := d.workers[j.workerID]
+	if w == nil || w.mine == 0 {
+		return
+	}
+	w.mine--
+	if !j.endedAt.IsZero() {
+		w.freed = append(w.freed, j.endedAt)
+	}
+}
+
 func (d *Dispatcher) watchLoop(kw jetstream.KeyWatcher) {
 	for e := range kw.Updates() {
 		if e == nil {
@@ -78,24 +132,10 @@ func (d *Dispatcher) watchLoop(kw jetstream.KeyWatcher) {
 		case jetstream.KeyValuePut:
 			var hb schemas.HeartbeatMsg
 			if err := json.Unmarshal(e.Value(), &hb); err != nil {
-				d.log.Warn().Err(err).Str("worker", e.Key()).Msg("bad heartbeat")
+				d.log.Warn().Err(err).Str("worker_id", e.Key()).Msg("bad heartbeat")
 				break
 			}
-			w := d.workers[e.Key()]
-			if w == nil {
-				w = &workerView{id: e.Key(), br: newBreaker(d.cfg.BreakerThreshold, d.cfg.BreakerCooldown)}
-				d.workers[e.Key()] = w
-			}
-			w.hb = hb
-			// An old entry replayed at start is only as fresh as its write.
-			seen, now := e.Created(), time.Now()
-			if seen.IsZero() || seen.After(now) {
-				seen = now
-			}
-			w.seenAt = seen
-			w.lost = false
-			w.unreflected = 0
-			w.capOverride = -1
+			d.heartbeat(e.Key(), hb, e.Created())
 		case jetstream.KeyValueDelete, jetstream.KeyValuePurge:
 			d.workerLost(e.Key(), "registry entry deleted")
 		}
@@ -103,6 +143,43 @@ func (d *Dispatcher) watchLoop(kw jetstream.KeyWatcher) {
 		poke(d.wakePull)
 		poke(d.wakeSched)
 	}
+}
+
+// heartbeat applies a registry entry written at created. Callers hold d.mu.
+func (d *Dispatcher) heartbeat(id string, hb schemas.HeartbeatMsg, created time.Time) {
+	w := d.workers[id]
+	if w == nil {
+		w = &workerView{id: id, br: newBreaker(d.cfg.BreakerThreshold, d.cfg.BreakerCooldown), othersReply: -1}
+		d.workers[id] = w
+	}
+	// An old entry replayed at start is only as fresh as its write.
+	seen, now := created, time.Now()
+	if seen.IsZero() || seen.After(now) {
+		seen = now
+	}
+	switch old := w.hb.StartedAt; {
+	case old.IsZero() || hb.StartedAt.Equal(old):
+	case hb.StartedAt.Before(old):
+		// An earlier process still writing under the same id (two workers
+		// configured alike): following it would flap between them.
+		d.log.Warn().Str("worker_id", id).Time("started_at", hb.StartedAt).Time("current_started_at", old).Msg("heartbeat of an earlier process of this worker; ignored")
+		return
+	default:
+		d.workerRestarted(w, hb.StartedAt)
+	}
+	w.seenAt = seen
+	w.lost = false
+	w.observe(hb)
+}
+
+// workerRestarted: the worker's process changed (killed and back under the same
+// id, maybe within the TTL). The new one knows nothing of the old one's jobs, so
+// they are lost; the worker itself stays routable. Callers hold d.mu.
+func (d *Dispatcher) workerRestarted(w *workerView, startedAt time.Time) {
+	d.metrics.WorkersRestarted.Add(1)
+	d.log.Warn().Str("worker_id", w.id).Time("started_at", startedAt).Msg("worker restarted; its earlier process's jobs are lost")
+	d.retryJobsOn(w.id, schemas.ErrorInfo{Code: "worker_restarted", Message: "the worker restarted while the job ran", Retryable: true}, StateRunning)
+	w.freed = nil
 }
 
 // workerLost retries every job of this dispatcher that ran on the worker.
@@ -114,10 +191,18 @@ func (d *Dispatcher) workerLost(id, why string) {
 	}
 	w.lost = true
 	d.metrics.WorkersLost.Add(1)
-	d.log.Warn().Str("worker", id).Str("why", why).Msg("worker lost")
+	d.log.Warn().Str("worker_id", id).Str("why", why).Msg("worker lost")
+	d.retryJobsOn(id, schemas.ErrorInfo{Code: "worker_lost", Message: why, Retryable: true}, StateRunning, StateDispatched)
+	w.freed = nil
+}
+
+// retryJobsOn ends the current attempt of every job of this dispatcher on the
+// worker in one of states, resuming from what the caller received. Callers
+// hold d.mu.
+func (d *Dispatcher) retryJobsOn(id string, info schemas.ErrorInfo, states ...State) {
 	for _, j := range d.jobs {
-		if j.workerID == id && (j.state == StateRunning || j.state == StateDispatched) {
-			d.retryableFailure(j, schemas.ErrorInfo{Code: "worker_lost", Message: why, Retryable: true}, nil, 0)
+		if j.workerID == id && slices.Contains(states, j.state) {
+			d.retryableFailure(j, info, nil, 0)
 		}
 	}
 }

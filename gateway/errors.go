@@ -250,3 +250,11 @@ func fromResult(res *schemas.ResultMsg) *apiError {
 	}
 	return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: code, Message: msg}
 }
+
+// errStreamDiverged ends a stream whose client holds text that is not the start of
+// the job's result (an attempt that had to start over generated differently). The
+// job's whole text stays available by its id.
+func errStreamDiverged(jobID string) *apiError {
+	return &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "stream_diverged",
+		Message: "The job was restarted and generated different text than was streamed; fetch the whole result with `mlx-serving result " + jobID + "`."}
+}

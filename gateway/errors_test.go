@@ -231,3 +231,59 @@ func TestParamMapping(t *testing.T) {
 		t.Fatalf("status %d", e.Status)
 	}
 }
+
+// streamedText concatenates the deltas of an SSE chat stream.
+func streamedText(t *testing.T, events []string) (string, *openAIError) {
+	t.Helper()
+	var text strings.Builder
+	for _, ev := range events {
+		if ev == "[DONE]" {
+			continue
+		}
+		var e openAIError
+		if json.Unmarshal([]byte(ev), &e) == nil && e.Error.Code != nil {
+			return text.String(), &e
+		}
+		var chunk struct {
+			Choices []struct {
+				Delta struct {
+					Content string `json:"content"`
+				} `json:"delta"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal([]byte(ev), &chunk); err != nil {
+			t.Fatalf("chunk %q: %v", ev, err)
+		}
+		for _, c := range chunk.Choices {
+			text.WriteString(c.Delta.Content)
+		}
+	}
+	return text.String(), nil
+}
+
+// An attempt that had to start over regenerates what the client already has; the
+// client sees every byte once.
+func TestStreamRestartedAttemptSendsNothingTwice(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	startFakeWorker(t, tb, script{tokens: []string{"Once ", "upon ", "a ", "time"}, restartAfter: 2})
+	_, srv := newTestGateway(t, tb, nil)
+	text, e := streamedText(t, readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil))))
+	if e != nil || text != "Once upon a time" {
+		t.Fatalf("text %q error %+v", text, e)
+	}
+}
+
+// When the restarted attempt generates different text, the client cannot be
+// given a coherent stream: it gets an error naming the job, not a stitched text.
+func TestStreamRestartedAttemptThatDivergesEndsWithError(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	startFakeWorker(t, tb, script{tokens: []string{"Once ", "upon ", "a ", "time"}, restartAfter: 2,
+		restartTokens: []string{"Long ", "ago"}})
+	_, srv := newTestGateway(t, tb, nil)
+	text, e := streamedText(t, readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil))))
+	if e == nil || *e.Error.Code != "stream_diverged" || text != "Once upon " {
+		t.Fatalf("text %q error %+v", text, e)
+	}
+}

@@ -99,6 +99,11 @@ type script struct {
 	skipSeq    int  // >0: do not publish the token event with this seq (a lost event)
 	noTerminal bool // record the result but do not publish its event
 	prompt     int  // prompt tokens to report
+	// restartAfter >0: after this many tokens, attempt 2 starts over from offset
+	// 0 (its dispatcher lost what was sent) and streams restartTokens, or the same
+	// tokens when nil.
+	restartAfter  int
+	restartTokens []string
 }
 
 // fakeWorker serves jobs straight off the job subjects: core subscribers see every
@@ -165,22 +170,36 @@ func (fw *fakeWorker) serve(job schemas.JobRequest) {
 		return
 	}
 	var text strings.Builder
+	attempt, tokens := 1, s.tokens
 	for i, d := range s.tokens {
+		if s.restartAfter > 0 && i == s.restartAfter {
+			attempt, text = 2, strings.Builder{}
+			if tokens = s.restartTokens; tokens == nil {
+				tokens = s.tokens
+			}
+			for k, d := range tokens {
+				ev := schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 2, Seq: k, Delta: d, Tokens: k + 1, Offset: text.Len()}
+				text.WriteString(d)
+				data, _ := json.Marshal(ev)
+				_ = fw.nc.Publish(job.ReplyTo, data)
+			}
+			break
+		}
 		if s.hangAfter > 0 && i == s.hangAfter {
 			_ = fw.nc.Flush()
 			return
 		}
+		ev := schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 1, Seq: i, Delta: d, Tokens: i + 1, Offset: text.Len()}
 		text.WriteString(d)
 		if s.skipSeq > 0 && i == s.skipSeq {
 			continue
 		}
-		ev := schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 1, Seq: i, Delta: d, Tokens: i + 1}
 		data, _ := json.Marshal(ev)
 		_ = fw.nc.Publish(job.ReplyTo, data)
 	}
-	res := schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: 1, Seq: len(s.tokens), Status: s.status,
+	res := schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: attempt, Seq: len(tokens), Status: s.status,
 		FinishReason: s.finish, Text: text.String(), Model: job.Model, WorkerID: "fake-1", FinishedAt: time.Now().UTC(),
-		Usage: schemas.Usage{PromptTokens: s.prompt, CompletionTokens: len(s.tokens), TotalTokens: s.prompt + len(s.tokens)}}
+		Usage: schemas.Usage{PromptTokens: s.prompt, CompletionTokens: len(tokens), TotalTokens: s.prompt + len(tokens)}}
 	if s.errCode != "" {
 		res.Error = &schemas.ErrorInfo{Code: s.errCode, Message: "fake failure: " + s.errCode}
 	}

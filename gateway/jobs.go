@@ -233,6 +233,8 @@ func (j *jobCall) streamed() {
 	sse := newSSEWriter(j.w)
 	f, m := j.spec.format, j.meta
 	var sent strings.Builder
+	var text []byte
+	diverged := false
 	begin := func() error {
 		if sse.started {
 			return nil
@@ -258,18 +260,33 @@ func (j *jobCall) streamed() {
 			return
 		}
 		if tok := ev.Token; tok != nil {
-			if tok.Delta == "" {
+			// text is the job's text as the stream now has it; sent is what the
+			// client has. They differ only after a rewind (an attempt that had to
+			// start over): then nothing goes out until the new attempt has
+			// regenerated what was sent, and only if it regenerated it exactly.
+			if ev.Rewind {
+				text = text[:min(ev.Offset, len(text))]
+			}
+			text = append(text, tok.Delta...)
+			if len(text) <= sent.Len() || diverged {
 				continue
 			}
+			if !strings.HasPrefix(string(text), sent.String()) {
+				diverged = true
+				j.g.log.Warn().Str("job_id", j.job.ID).Int("attempt", tok.Attempt).
+					Msg("a restarted attempt regenerated different text; the stream stops and the result is whole")
+				continue
+			}
+			out := string(text[sent.Len():])
 			if err := begin(); err != nil {
 				j.clientLeft(err)
 				return
 			}
-			if err := sse.send(f.delta(m, tok.Delta)); err != nil {
+			if err := sse.send(f.delta(m, out)); err != nil {
 				j.clientLeft(err)
 				return
 			}
-			sent.WriteString(tok.Delta)
+			sent.WriteString(out)
 			continue
 		}
 		res := ev.Result
@@ -294,8 +311,12 @@ func (j *jobCall) streamed() {
 				return
 			}
 		} else if !ok {
+			// The client holds text that is not the result's beginning: it cannot
+			// be taken back, so say so instead of finishing as if all were well.
 			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
 				Msg("streamed text differs from the job's result text")
+			_ = sse.send(errStreamDiverged(j.job.ID).body())
+			return
 		}
 		if err := sse.send(f.final(m, finishReason(res))); err != nil {
 			j.clientLeft(err)

@@ -150,6 +150,7 @@ var wantPath = map[string]string{
 	"token_event/seq_as_string":                   "$.seq",
 	"token_event/seq_negative":                    "$.seq",
 	"token_event/tokens_negative":                 "$.tokens",
+	"token_event/offset_negative":                 "$.offset",
 	"token_event/type_result":                     "$.type",
 	"token_event/unknown_field":                   "$.finish_reason",
 }

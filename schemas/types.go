@@ -78,6 +78,10 @@ type TokenEventMsg struct {
 	Seq     int    `json:"seq"`
 	Delta   string `json:"delta"`
 	Tokens  int    `json:"tokens"` // completion tokens so far in this job
+	// Offset is where Delta starts in the job's text, in bytes. A resumed attempt
+	// starts at the length of the text already sent; one that had to start over
+	// starts at 0, and the caller drops what it had (bus.Event.Rewind).
+	Offset int `json:"offset,omitempty"`
 }
 
 // Terminal statuses of a job.

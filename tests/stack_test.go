@@ -89,6 +89,7 @@ type outcome struct {
 	tokens    int
 	attempts  map[int]bool
 	restarted bool
+	rewound   bool // an attempt started over and the text was rewound
 	missed    int
 	result    *schemas.ResultMsg
 }
@@ -108,6 +109,12 @@ func (s *stack) submit(ctx context.Context, job *schemas.JobRequest, onToken fun
 		}
 		o.missed += ev.Missed
 		o.restarted = o.restarted || ev.Restarted
+		if ev.Rewind {
+			kept := b.String()[:ev.Offset]
+			b.Reset()
+			b.WriteString(kept)
+			o.rewound = true
+		}
 		if ev.Token != nil {
 			o.attempts[ev.Token.Attempt] = true
 			o.tokens++

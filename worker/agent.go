@@ -123,8 +123,9 @@ type Agent struct {
 	// recordResult writes the RESULTS record first-writer-wins.
 	recordResult func(context.Context, jetstream.JetStream, *schemas.ResultMsg) error
 
-	startedAt time.Time
-	assignMu  sync.Mutex // orders assignment admission against Drain
+	startedAt time.Time     // once per process: dispatchers tell a restart by it
+	room      chan struct{} // a full worker freed a slot: heartbeat soon
+	assignMu  sync.Mutex    // orders assignment admission against Drain
 
 	jobCtx    context.Context // running jobs; cancelled only as the last resort of a stop
 	jobCancel context.CancelFunc
@@ -151,6 +152,7 @@ func New(cfg Config) (*Agent, error) {
 		recordResult: bus.RecordResult,
 		stopped:      make(chan struct{}),
 		hurry:        make(chan struct{}),
+		room:         make(chan struct{}, 1),
 	}
 	for _, m := range cfg.Models {
 		a.models = append(a.models, ParseModelSpec(m))
@@ -163,6 +165,12 @@ func New(cfg Config) (*Agent, error) {
 		func() { _, _ = a.life.fire(EventJobsStarted) },
 		func() { _, _ = a.life.fire(EventJobsIdle) })
 	a.jobs.onCount = obs.InFlight
+	a.jobs.onRoom = func() {
+		select {
+		case a.room <- struct{}{}:
+		default:
+		}
+	}
 	obs.InFlight(0)
 	a.sup = newSupervisor(supervisorOptions{
 		Python: cfg.Python, ExtraArgs: cfg.RuntimeArgs, Env: cfg.RuntimeEnv,

@@ -36,6 +36,7 @@ type emitter struct {
 
 	mu       sync.Mutex // guards everything below when a coalescing timer runs
 	seq      int        // the next seq of this attempt
+	offset   int        // bytes of the job's text before the next delta
 	tokens   int        // completion tokens of this attempt so far
 	text     strings.Builder
 	pending  []byte
@@ -52,6 +53,15 @@ func newEmitter(nc *nats.Conn, subject, jobID string, attempt, resumeTokens int,
 	p = strconv.AppendInt(p, int64(attempt), 10)
 	p = append(p, `,"seq":`...)
 	e.prefix = p
+	return e
+}
+
+// startingAt sets the byte offset of this attempt's first delta in the job's text:
+// the length of the text a resumed attempt continues, 0 for a fresh one. Every
+// event carries its offset, so a caller can tell a continuation from an attempt
+// that had to start over (its dispatcher died with what was already sent).
+func (e *emitter) startingAt(offset int) *emitter {
+	e.offset = offset
 	return e
 }
 
@@ -88,9 +98,12 @@ func (e *emitter) publishLocked(delta string) {
 	b = appendJSONString(b, delta)
 	b = append(b, `,"tokens":`...)
 	b = strconv.AppendInt(b, int64(e.resumeN+e.tokens), 10)
+	b = append(b, `,"offset":`...)
+	b = strconv.AppendInt(b, int64(e.offset), 10)
 	b = append(b, '}')
 	e.buf = b
 	e.seq++
+	e.offset += len(delta)
 	if e.subject != "" && e.nc != nil {
 		_ = e.nc.Publish(e.subject, b) // a lost event shows as a gap in seq; the result still carries the whole text
 	}

@@ -170,6 +170,9 @@ func (a *Agent) heartbeat() schemas.HeartbeatMsg {
 	if models == nil {
 		models = []string{}
 	}
+	// Stamped after in_flight is read: a job whose end is stamped later than
+	// updated_at is counted here (dispatchers rely on it to give slots back).
+	inFlight := a.jobs.inFlight()
 	return schemas.HeartbeatMsg{
 		WorkerID:    a.cfg.WorkerID,
 		Hostname:    a.host.hostname,
@@ -178,7 +181,7 @@ func (a *Agent) heartbeat() schemas.HeartbeatMsg {
 		MemoryBytes: mem,
 		Models:      models,
 		Slots:       a.cfg.Slots,
-		InFlight:    a.jobs.inFlight(),
+		InFlight:    inFlight,
 		State:       heartbeatState(st),
 		Version:     a.cfg.Version,
 		StartedAt:   a.startedAt,
@@ -186,11 +189,15 @@ func (a *Agent) heartbeat() schemas.HeartbeatMsg {
 	}
 }
 
-// heartbeatLoop puts the registry entry every interval and at once on every
-// lifecycle change, until ctx ends.
+// heartbeatLoop puts the registry entry every interval, at once on every
+// lifecycle change, and soon when a full worker frees a slot (at most every
+// 100 ms or tenth of the interval: a busy worker hovers at full), until ctx
+// ends.
 func (a *Agent) heartbeatLoop(ctx context.Context) {
 	t := time.NewTicker(a.cfg.HeartbeatInterval)
 	defer t.Stop()
+	minGap := min(a.cfg.HeartbeatInterval/10, 100*time.Millisecond)
+	var last time.Time
 	var kv jetstream.KeyValue
 	for {
 		_, changed := a.life.watch()
@@ -205,12 +212,26 @@ func (a *Agent) heartbeatLoop(ctx context.Context) {
 			if err := a.putHeartbeat(ctx, kv); err != nil && ctx.Err() == nil {
 				a.log.Warn().Err(err).Msg("heartbeat put failed")
 			}
+			last = time.Now()
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		case <-changed:
+		case <-a.room:
+			// Dispatchers that hold the freed job see its end; this tells the
+			// others. The wait still yields to the tick and to changes.
+			if wait := minGap - time.Since(last); wait > 0 {
+				w := time.NewTimer(wait)
+				select {
+				case <-ctx.Done():
+				case <-w.C:
+				case <-t.C:
+				case <-changed:
+				}
+				w.Stop()
+			}
 		}
 	}
 }

@@ -38,6 +38,8 @@ type jobRun struct {
 	requestID string
 	accepted  time.Time
 
+	slotFreed bool // guarded by jobTable.mu
+
 	mu         sync.Mutex
 	client     *RuntimeClient // set once the generate request is written
 	stopReason string
@@ -97,16 +99,20 @@ func cancelInRuntime(c *RuntimeClient, requestID string) {
 // defaultCallTimeout bounds small runtime calls made on a job's behalf.
 const defaultCallTimeout = 10 * time.Second
 
-// jobTable tracks slots and running jobs.
+// jobTable tracks slots and running jobs. A job gives its slot back when its
+// model work is over, before its end is published (freeSlot), and leaves the
+// table when it has ended (release): a dispatcher that sees the end may fill
+// the slot at once, and a drain still waits for the end to be published.
 type jobTable struct {
 	mu      sync.Mutex
 	slots   int
 	used    int
 	running map[string]*jobRun
-	changed chan struct{} // closed and replaced whenever used changes
+	changed chan struct{} // closed and replaced whenever used or running changes
 	onBusy  func()
 	onIdle  func()
 	onCount func(used int) // called under mu on every change; may be nil
+	onRoom  func()         // called under mu when a full table frees a slot; may be nil
 }
 
 func newJobTable(slots int, onBusy, onIdle func()) *jobTable {
@@ -159,12 +165,23 @@ func (t *jobTable) isRunning(jobID string) bool {
 	return t.running[jobID] != nil
 }
 
-func (t *jobTable) release(r *jobRun) {
+// freeSlot gives r's slot back and returns the time taken just before: the
+// stamp of the job's end (finished_at, reported_at). A heartbeat stamped
+// earlier than it counted the job, which dispatchers rely on.
+func (t *jobTable) freeSlot(r *jobRun) time.Time {
+	now := time.Now().UTC()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.running[r.aj.Job.ID] == r {
-		delete(t.running, r.aj.Job.ID)
+	t.freeSlotLocked(r)
+	return now
+}
+
+func (t *jobTable) freeSlotLocked(r *jobRun) {
+	if r.slotFreed {
+		return
 	}
+	r.slotFreed = true
+	wasFull := t.used == t.slots
 	t.used--
 	t.notifyLocked()
 	if t.onCount != nil {
@@ -173,6 +190,20 @@ func (t *jobTable) release(r *jobRun) {
 	if t.used == 0 && t.onIdle != nil {
 		t.onIdle()
 	}
+	if wasFull && t.onRoom != nil {
+		t.onRoom()
+	}
+}
+
+// release ends r's tracking (and frees its slot if freeSlot did not).
+func (t *jobTable) release(r *jobRun) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.running[r.aj.Job.ID] == r {
+		delete(t.running, r.aj.Job.ID)
+	}
+	t.freeSlotLocked(r)
+	t.notifyLocked()
 }
 
 func (t *jobTable) get(jobID string) *jobRun {
@@ -191,13 +222,13 @@ func (t *jobTable) all() []*jobRun {
 	return out
 }
 
-// waitIdle returns once no job runs, or ctx's error.
+// waitIdle returns once no job runs or is publishing its end, or ctx's error.
 func (t *jobTable) waitIdle(ctx context.Context) error {
 	for {
 		t.mu.Lock()
-		used, ch := t.used, t.changed
+		idle, ch := t.used == 0 && len(t.running) == 0, t.changed
 		t.mu.Unlock()
-		if used == 0 {
+		if idle {
 			return nil
 		}
 		select {
@@ -255,7 +286,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 	resumed := resumeText != "" || resumeTokens > 0
 	a.cfg.Observer.JobStarted(j.Model, r.aj.Attempt, resumed)
 	log.Debug().Bool("resumed", resumed).Msg("job started")
-	em := newEmitter(a.nc, j.ReplyTo, j.ID, r.aj.Attempt, resumeTokens, a.cfg.Coalesce)
+	em := newEmitter(a.nc, j.ReplyTo, j.ID, r.aj.Attempt, resumeTokens, a.cfg.Coalesce).startingAt(len(resumeText))
 	defer em.stop()
 
 	if j.Deadline != nil {
@@ -304,6 +335,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		res.Text = resumeText + gen.Text
 		res.Usage = usage(gen, resumeTokens)
 		res.Timings = timings(r, gen)
+		res.FinishedAt = a.jobs.freeSlot(r)
 		a.finish(ctx, &res, j.ReplyTo)
 	case reason == stopCancelled || reason == stopExpired:
 		res := base
@@ -322,6 +354,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			res.Status = schemas.StatusExpired
 			res.Error = &schemas.ErrorInfo{Code: CodeDeadlineExceeded, Message: "the job's deadline passed"}
 		}
+		res.FinishedAt = a.jobs.freeSlot(r)
 		a.finish(ctx, &res, j.ReplyTo)
 	default:
 		// Everything else either failed for good (a runtime error about this job)
@@ -343,6 +376,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			res.Text = resumeText
 			res.Usage = schemas.Usage{CompletionTokens: completion, TotalTokens: completion}
 			res.Error = &schemas.ErrorInfo{Code: code, Message: msg}
+			res.FinishedAt = a.jobs.freeSlot(r)
 			a.finish(ctx, &res, j.ReplyTo)
 			break
 		}
@@ -353,7 +387,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			Text:             resumeText + em.text.String(),
 			Seq:              em.seq,
 			CompletionTokens: completion,
-			ReportedAt:       time.Now().UTC(),
+			ReportedAt:       a.jobs.freeSlot(r),
 		})
 	}
 }
@@ -384,7 +418,9 @@ func timings(r *jobRun, gen *schemas.GenerateResult) *schemas.Timings {
 // finish writes the terminal record to RESULTS and, only if this worker won that
 // write, sends the same record as the last event on the reply subject.
 func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, replyTo string) {
-	res.FinishedAt = time.Now().UTC()
+	if res.FinishedAt.IsZero() {
+		res.FinishedAt = time.Now().UTC()
+	}
 	log := a.log.With().Str("job_id", res.JobID).Int("attempt", res.Attempt).Str("model", res.Model).Str("status", res.Status).Logger()
 	// A terminal must not be lost to a short bus hiccup, nor hold a slot forever.
 	bo := backoff.NewExponentialBackOff()

@@ -151,6 +151,11 @@ func cmdSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) int
 				_ = enc.Encode(ev.Result)
 			}
 		} else if ev.Token != nil {
+			if ev.Rewind {
+				// A terminal cannot take printed text back: say what happened.
+				fmt.Fprintf(stderr, "\n[job %s restarted from the beginning after a failure; its text follows again]\n", job.ID)
+				fmt.Fprint(stdout, "\n")
+			}
 			fmt.Fprint(stdout, ev.Token.Delta)
 		}
 		if ev.Result != nil {

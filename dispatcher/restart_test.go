@@ -1,0 +1,123 @@
+package dispatcher
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// TestWorkerRestartWithinTTLRetries: the worker is killed mid-stream and back
+// under the same id long before the TTL (it never misses a heartbeat). Its new
+// process knows nothing of the job; the dispatcher sees the new started_at,
+// retries the job from the text already sent, and the worker stays routable:
+// the retry runs on it.
+func TestWorkerRestartWithinTTLRetries(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
+		if aj.Attempt == 1 {
+			return jobPlan{restart: 3}
+		}
+		return jobPlan{}
+	})
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("rs", "m", "normal")
+	j.MaxTokens = 10
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	r := c.wait(t, 15*time.Second)
+	want := fullText(10)
+	if r.Status != schemas.StatusCompleted || r.Text != want || c.text() != want {
+		t.Fatalf("status %s, caller saw %q, result %q, want %q", r.Status, c.text(), r.Text, want)
+	}
+	_, _, batches := w.snapshot()
+	if len(batches) != 2 {
+		t.Fatalf("%d batches on the restarted worker, want 2", len(batches))
+	}
+	aj := batches[1].Jobs[0]
+	if aj.Attempt != 2 || aj.Resume == nil || aj.Resume.Text != fullText(3) || aj.Resume.CompletionTokens != 3 {
+		t.Fatalf("second attempt %d resume %+v", aj.Attempt, aj.Resume)
+	}
+	if m := d.Metrics(); m.WorkersRestarted.Load() != 1 || m.WorkersLost.Load() != 0 || m.Retries.Load() != 1 {
+		t.Fatalf("restarted %d lost %d retries %d", m.WorkersRestarted.Load(), m.WorkersLost.Load(), m.Retries.Load())
+	}
+	waitFor(t, 5*time.Second, "JOBS empty (acked)", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+}
+
+// TestAcceptedByDeadProcessRetries: the worker's process takes a batch and dies;
+// its answer reaches the dispatcher only after the next process's heartbeat.
+// The job must not be taken as running on the new process, which never heard
+// of it.
+func TestAcceptedByDeadProcessRetries(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 2, []string{"m"}, nil)
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	var once sync.Once
+	w.mu.Lock()
+	w.beforeReply = func(schemas.AssignmentMsg) {
+		once.Do(func() {
+			old := w.startedAt
+			w.restartNow()
+			// Not waitFor: this is the worker's goroutine, not the test's.
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+				d.mu.Lock()
+				v := d.workers["w1"]
+				seen := v != nil && !v.hb.StartedAt.Equal(old)
+				d.mu.Unlock()
+				if seen {
+					return
+				}
+				if time.Now().After(deadline) {
+					t.Errorf("the dispatcher did not see the new process")
+					return
+				}
+			}
+		})
+	}
+	w.mu.Unlock()
+	j := newJob("dead-accept", "m", "normal")
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	r := c.wait(t, 15*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Text != fullText(5) || r.Attempt != 2 {
+		t.Fatalf("result %+v", r)
+	}
+	if a, _, _ := w.snapshot(); a["dead-accept"] != 2 {
+		t.Fatalf("assigned %v", a)
+	}
+}
+
+// TestSlotBackOnResult: a worker that heart-beats once and never again still
+// gets job after job: the dispatcher gives a slot back when it sees the job's
+// result or attempt report, never offering more than is free (the worker frees
+// a slot before its end can be seen).
+func TestSlotBackOnResult(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorkerWith("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
+		if aj.Job.ID == "sb-3" && aj.Attempt == 1 {
+			return jobPlan{crash: 2}
+		}
+		return jobPlan{tokenGap: time.Millisecond}
+	}, fakeWorkerOptions{hbEvery: time.Hour, quiet: true, silent: true})
+	_, _ = runDispatcher(t, testConfig("d1", e.connect("d1")))
+	for i := range 12 {
+		e.mustSubmit(newJob(fmt.Sprintf("sb-%d", i), "m", "normal"))
+	}
+	for i := range 12 {
+		e.waitResult(fmt.Sprintf("sb-%d", i), 20*time.Second)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.maxBatch > 2 || w.fulls != 0 {
+		t.Fatalf("largest batch %d for 2 slots, %d refused as full", w.maxBatch, w.fulls)
+	}
+	if len(w.order) != 13 {
+		t.Fatalf("%d assignments for 12 jobs and one retry", len(w.order))
+	}
+}
