@@ -68,42 +68,43 @@ var (
 	FleetTokens     = Spec{"mlx_fleet_completion_tokens_total", "Completion tokens of completed jobs, by model.", Counter, []string{"model"}, nil}
 
 	// Dispatcher: one process's counters (dispatcher.Metrics).
-	DispatcherPulled        = Spec{"mlx_dispatcher_jobs_pulled_total", "Deliveries fetched from JOBS.", Counter, nil, nil}
-	DispatcherBatches       = Spec{"mlx_dispatcher_batches_total", "Assignments a worker accepted.", Counter, nil, nil}
-	DispatcherAssigned      = Spec{"mlx_dispatcher_jobs_assigned_total", "Jobs in accepted assignments (attempts started); divided by batches it is the mean batch size.", Counter, nil, nil}
-	DispatcherAssignFull    = Spec{"mlx_dispatcher_assign_refused_total", "Assignments a worker answered full or rejected.", Counter, nil, nil}
-	DispatcherAssignErrors  = Spec{"mlx_dispatcher_assign_errors_total", "Assignments that timed out or failed to send.", Counter, nil, nil}
-	DispatcherRetries       = Spec{"mlx_dispatcher_retries_total", "Attempts scheduled after a retryable failure.", Counter, nil, nil}
-	DispatcherFinished      = Spec{"mlx_dispatcher_jobs_finished_total", "Jobs this dispatcher saw reach a terminal state, by state.", Counter, []string{"state"}, nil}
-	DispatcherAlreadyDone   = Spec{"mlx_dispatcher_already_finished_total", "Deliveries acked without running because RESULTS already had the job.", Counter, nil, nil}
-	DispatcherWorkersLost   = Spec{"mlx_dispatcher_workers_lost_total", "Workers whose registry entry was deleted or went stale while this dispatcher watched.", Counter, nil, nil}
-	DispatcherIllegal       = Spec{"mlx_dispatcher_illegal_transitions_total", "Job state transitions the table refused (a bug if it moves).", Counter, nil, nil}
-	DispatcherTransitions   = Spec{"mlx_dispatcher_transitions_total", "Legal job state transitions, by the state left and the event.", Counter, []string{"from", "event"}, nil}
-	WorkerSlots             = Spec{"mlx_worker_slots", "Concurrent generations this worker offers.", Gauge, []string{"worker_id"}, nil}
-	WorkerInFlight          = Spec{"mlx_worker_in_flight", "Jobs holding a slot on this worker.", Gauge, []string{"worker_id"}, nil}
-	WorkerState             = Spec{"mlx_worker_state", "1 for the worker's lifecycle state (starting, ready, busy, unavailable, draining, stopped), 0 for the others.", Gauge, []string{"worker_id", "state"}, nil}
-	WorkerRuntimeStarts     = Spec{"mlx_worker_runtime_starts_total", "Runtime starts (and half-open probes), by result: ok when it passed runtime.info, the model loads and a health check.", Counter, []string{"worker_id", "result"}, nil}
-	WorkerRuntimeRestarts   = Spec{"mlx_worker_runtime_restarts_total", "Times a runtime that was up crashed or failed its health check and was restarted.", Counter, []string{"worker_id"}, nil}
-	WorkerBreaker           = Spec{"mlx_worker_breaker_state", "1 for the runtime circuit breaker's state (closed, open, half-open), 0 for the others.", Gauge, []string{"worker_id", "state"}, nil}
-	WorkerBreakerOpens      = Spec{"mlx_worker_breaker_opens_total", "Times the runtime circuit breaker opened.", Counter, []string{"worker_id"}, nil}
-	WorkerAssignments       = Spec{"mlx_worker_assignments_total", "Assignments answered, by status (accepted, full, rejected).", Counter, []string{"worker_id", "status"}, nil}
-	WorkerBatchSize         = Spec{"mlx_worker_batch_size", "Jobs per accepted assignment.", Histogram, []string{"worker_id"}, batchBuckets}
-	WorkerSchemaRejections  = Spec{"mlx_worker_schema_rejections_total", "Assigned jobs that failed the job schema (ended failed, invalid_request).", Counter, []string{"worker_id"}, nil}
-	WorkerJobsStarted       = Spec{"mlx_worker_jobs_started_total", "Attempts started on this worker, by model.", Counter, []string{"worker_id", "model"}, nil}
-	WorkerJobsResumed       = Spec{"mlx_worker_jobs_resumed_total", "Attempts that continue text an earlier attempt streamed: jobs that migrated here, by model.", Counter, []string{"worker_id", "model"}, nil}
-	WorkerJobsFinished      = Spec{"mlx_worker_jobs_finished_total", "Terminal results this worker recorded, by model and status.", Counter, []string{"worker_id", "model", "status"}, nil}
-	WorkerAttemptsReported  = Spec{"mlx_worker_attempts_reported_total", "Attempts this worker ended without a terminal and reported for a retry, by code.", Counter, []string{"worker_id", "code"}, nil}
-	GatewayRequests         = Spec{"mlx_gateway_http_requests_total", "HTTP requests answered, by endpoint and status code (499: the client left first).", Counter, []string{"endpoint", "code"}, nil}
-	GatewayDuration         = Spec{"mlx_gateway_http_request_duration_seconds", "Time from request to the end of the response, by endpoint.", Histogram, []string{"endpoint"}, httpBuckets}
-	GatewayInFlight         = Spec{"mlx_gateway_http_requests_in_flight", "HTTP requests being served now.", Gauge, nil, nil}
-	GatewaySubmitted        = Spec{"mlx_gateway_jobs_submitted_total", "Jobs queued on the bus, by endpoint.", Counter, []string{"endpoint"}, nil}
-	GatewayErrors           = Spec{"mlx_gateway_errors_total", "Error answers, by OpenAI error code (queue_full, model_not_available, invalid_value, ...).", Counter, []string{"code"}, nil}
-	GatewayDisconnects      = Spec{"mlx_gateway_client_disconnects_total", "Jobs cancelled because their client went away.", Counter, nil, nil}
-	GatewayPromptTokens     = Spec{"mlx_gateway_prompt_tokens_total", "Prompt tokens of completed jobs, as the runtime counted them.", Counter, nil, nil}
-	GatewayCompletionTokens = Spec{"mlx_gateway_completion_tokens_total", "Completion tokens of completed jobs, as the runtime counted them.", Counter, nil, nil}
-	GatewayMissedEvents     = Spec{"mlx_gateway_stream_missed_events_total", "Token events lost on reply subjects (gaps in the attempt/seq numbering).", Counter, nil, nil}
-	GatewayRecovered        = Spec{"mlx_gateway_results_recovered_total", "Terminal results read from RESULTS because their event was not seen.", Counter, nil, nil}
-	GatewayTenantRefusals   = Spec{"mlx_gateway_tenant_refusals_total", "Requests refused by a tenant limit, by tenant and code.", Counter, []string{"tenant", "code"}, nil}
+	DispatcherPulled           = Spec{"mlx_dispatcher_jobs_pulled_total", "Deliveries fetched from JOBS.", Counter, nil, nil}
+	DispatcherBatches          = Spec{"mlx_dispatcher_batches_total", "Assignments a worker accepted.", Counter, nil, nil}
+	DispatcherAssigned         = Spec{"mlx_dispatcher_jobs_assigned_total", "Jobs in accepted assignments (attempts started); divided by batches it is the mean batch size.", Counter, nil, nil}
+	DispatcherAssignFull       = Spec{"mlx_dispatcher_assign_refused_total", "Assignments a worker answered full or rejected.", Counter, nil, nil}
+	DispatcherAssignErrors     = Spec{"mlx_dispatcher_assign_errors_total", "Assignments that timed out or failed to send.", Counter, nil, nil}
+	DispatcherRetries          = Spec{"mlx_dispatcher_retries_total", "Attempts scheduled after a retryable failure.", Counter, nil, nil}
+	DispatcherFinished         = Spec{"mlx_dispatcher_jobs_finished_total", "Jobs this dispatcher saw reach a terminal state, by state.", Counter, []string{"state"}, nil}
+	DispatcherAlreadyDone      = Spec{"mlx_dispatcher_already_finished_total", "Deliveries acked without running because RESULTS already had the job.", Counter, nil, nil}
+	DispatcherWorkersLost      = Spec{"mlx_dispatcher_workers_lost_total", "Workers whose registry entry was deleted or went stale while this dispatcher watched.", Counter, nil, nil}
+	DispatcherWorkersRestarted = Spec{"mlx_dispatcher_workers_restarted_total", "Workers that came back as a new process (new started_at) while jobs were assigned to the old one; those jobs were retried.", Counter, nil, nil}
+	DispatcherIllegal          = Spec{"mlx_dispatcher_illegal_transitions_total", "Job state transitions the table refused (a bug if it moves).", Counter, nil, nil}
+	DispatcherTransitions      = Spec{"mlx_dispatcher_transitions_total", "Legal job state transitions, by the state left and the event.", Counter, []string{"from", "event"}, nil}
+	WorkerSlots                = Spec{"mlx_worker_slots", "Concurrent generations this worker offers.", Gauge, []string{"worker_id"}, nil}
+	WorkerInFlight             = Spec{"mlx_worker_in_flight", "Jobs holding a slot on this worker.", Gauge, []string{"worker_id"}, nil}
+	WorkerState                = Spec{"mlx_worker_state", "1 for the worker's lifecycle state (starting, ready, busy, unavailable, draining, stopped), 0 for the others.", Gauge, []string{"worker_id", "state"}, nil}
+	WorkerRuntimeStarts        = Spec{"mlx_worker_runtime_starts_total", "Runtime starts (and half-open probes), by result: ok when it passed runtime.info, the model loads and a health check.", Counter, []string{"worker_id", "result"}, nil}
+	WorkerRuntimeRestarts      = Spec{"mlx_worker_runtime_restarts_total", "Times a runtime that was up crashed or failed its health check and was restarted.", Counter, []string{"worker_id"}, nil}
+	WorkerBreaker              = Spec{"mlx_worker_breaker_state", "1 for the runtime circuit breaker's state (closed, open, half-open), 0 for the others.", Gauge, []string{"worker_id", "state"}, nil}
+	WorkerBreakerOpens         = Spec{"mlx_worker_breaker_opens_total", "Times the runtime circuit breaker opened.", Counter, []string{"worker_id"}, nil}
+	WorkerAssignments          = Spec{"mlx_worker_assignments_total", "Assignments answered, by status (accepted, full, rejected).", Counter, []string{"worker_id", "status"}, nil}
+	WorkerBatchSize            = Spec{"mlx_worker_batch_size", "Jobs per accepted assignment.", Histogram, []string{"worker_id"}, batchBuckets}
+	WorkerSchemaRejections     = Spec{"mlx_worker_schema_rejections_total", "Assigned jobs that failed the job schema (ended failed, invalid_request).", Counter, []string{"worker_id"}, nil}
+	WorkerJobsStarted          = Spec{"mlx_worker_jobs_started_total", "Attempts started on this worker, by model.", Counter, []string{"worker_id", "model"}, nil}
+	WorkerJobsResumed          = Spec{"mlx_worker_jobs_resumed_total", "Attempts that continue text an earlier attempt streamed: jobs that migrated here, by model.", Counter, []string{"worker_id", "model"}, nil}
+	WorkerJobsFinished         = Spec{"mlx_worker_jobs_finished_total", "Terminal results this worker recorded, by model and status.", Counter, []string{"worker_id", "model", "status"}, nil}
+	WorkerAttemptsReported     = Spec{"mlx_worker_attempts_reported_total", "Attempts this worker ended without a terminal and reported for a retry, by code.", Counter, []string{"worker_id", "code"}, nil}
+	GatewayRequests            = Spec{"mlx_gateway_http_requests_total", "HTTP requests answered, by endpoint and status code (499: the client left first).", Counter, []string{"endpoint", "code"}, nil}
+	GatewayDuration            = Spec{"mlx_gateway_http_request_duration_seconds", "Time from request to the end of the response, by endpoint.", Histogram, []string{"endpoint"}, httpBuckets}
+	GatewayInFlight            = Spec{"mlx_gateway_http_requests_in_flight", "HTTP requests being served now.", Gauge, nil, nil}
+	GatewaySubmitted           = Spec{"mlx_gateway_jobs_submitted_total", "Jobs queued on the bus, by endpoint.", Counter, []string{"endpoint"}, nil}
+	GatewayErrors              = Spec{"mlx_gateway_errors_total", "Error answers, by OpenAI error code (queue_full, model_not_available, invalid_value, ...).", Counter, []string{"code"}, nil}
+	GatewayDisconnects         = Spec{"mlx_gateway_client_disconnects_total", "Jobs cancelled because their client went away.", Counter, nil, nil}
+	GatewayPromptTokens        = Spec{"mlx_gateway_prompt_tokens_total", "Prompt tokens of completed jobs, as the runtime counted them.", Counter, nil, nil}
+	GatewayCompletionTokens    = Spec{"mlx_gateway_completion_tokens_total", "Completion tokens of completed jobs, as the runtime counted them.", Counter, nil, nil}
+	GatewayMissedEvents        = Spec{"mlx_gateway_stream_missed_events_total", "Token events lost on reply subjects (gaps in the attempt/seq numbering).", Counter, nil, nil}
+	GatewayRecovered           = Spec{"mlx_gateway_results_recovered_total", "Terminal results read from RESULTS because their event was not seen.", Counter, nil, nil}
+	GatewayTenantRefusals      = Spec{"mlx_gateway_tenant_refusals_total", "Requests refused by a tenant limit, by tenant and code.", Counter, []string{"tenant", "code"}, nil}
 )
 
 // catalog lists every Spec above; Catalog and the tests read it.
@@ -112,7 +113,7 @@ var catalog = []Spec{
 	FleetFinished, FleetErrors, FleetInvalid, FleetAttemptErr, FleetAttempts, FleetTTFT, FleetTokensPS,
 	FleetQueued, FleetDuration, FleetTokens,
 	DispatcherPulled, DispatcherBatches, DispatcherAssigned, DispatcherAssignFull, DispatcherAssignErrors,
-	DispatcherRetries, DispatcherFinished, DispatcherAlreadyDone, DispatcherWorkersLost, DispatcherIllegal,
+	DispatcherRetries, DispatcherFinished, DispatcherAlreadyDone, DispatcherWorkersLost, DispatcherWorkersRestarted, DispatcherIllegal,
 	DispatcherTransitions,
 	WorkerSlots, WorkerInFlight, WorkerState, WorkerRuntimeStarts, WorkerRuntimeRestarts, WorkerBreaker,
 	WorkerBreakerOpens, WorkerAssignments, WorkerBatchSize, WorkerSchemaRejections, WorkerJobsStarted,

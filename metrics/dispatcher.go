@@ -28,6 +28,7 @@ var dispatcherCounters = []struct {
 	{DispatcherRetries, func(m *dispatcher.Metrics) int64 { return m.Retries.Load() }},
 	{DispatcherAlreadyDone, func(m *dispatcher.Metrics) int64 { return m.AlreadyFinished.Load() }},
 	{DispatcherWorkersLost, func(m *dispatcher.Metrics) int64 { return m.WorkersLost.Load() }},
+	{DispatcherWorkersRestarted, func(m *dispatcher.Metrics) int64 { return m.WorkersRestarted.Load() }},
 	{DispatcherIllegal, func(m *dispatcher.Metrics) int64 { return m.IllegalTransitions.Load() }},
 }
 
