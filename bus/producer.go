@@ -11,9 +11,13 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/mlx-serving/mlx-serving/tracing"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Producer submits jobs, cancels them and fetches their results. Backend services
@@ -103,11 +107,20 @@ type SubmitAck struct {
 // (nothing is published); ErrDuplicate when the id is already queued, running or
 // finished; ErrQueueFull when JOBS is at its limits; ErrJobTooLarge; ErrNoStream
 // when JOBS is not provisioned; ErrNotConnected. All are matched with errors.Is.
-func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (SubmitAck, error) {
+func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack SubmitAck, err error) {
 	if job == nil {
 		return SubmitAck{}, errors.New("bus: Submit: nil job")
 	}
 	p.fillDefaults(job)
+	ctx, span := tracing.Tracer().Start(ctx, tracing.SpanSubmit, trace.WithSpanKind(trace.SpanKindProducer),
+		trace.WithAttributes(attribute.String(tracing.AttrJobID, job.ID), attribute.String(tracing.AttrModel, job.Model)))
+	defer func() {
+		if err != nil {
+			span.RecordError(err)
+			span.SetStatus(codes.Error, "submit failed")
+		}
+		span.End()
+	}()
 	data, err := json.Marshal(job)
 	if err != nil {
 		return SubmitAck{}, fmt.Errorf("bus: marshal job %s: %w", job.ID, err)
@@ -120,7 +133,7 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (SubmitA
 	if verr := subjectTokenViolations(job); verr != nil {
 		return SubmitAck{}, verr
 	}
-	ack := SubmitAck{JobID: job.ID, Subject: JobSubject(job.Priority, job.ID), ReplyTo: job.ReplyTo}
+	ack = SubmitAck{JobID: job.ID, Subject: JobSubject(job.Priority, job.ID), ReplyTo: job.ReplyTo}
 	if p.nc.IsClosed() || !p.nc.IsConnected() {
 		return ack, fmt.Errorf("bus: submit %s: %w (status %s)", job.ID, ErrNotConnected, p.nc.Status())
 	}
@@ -136,7 +149,11 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (SubmitA
 		return ack, fmt.Errorf("bus: submit %s: check results: %w", job.ID, err)
 	}
 
-	pa, err := p.js.Publish(ctx, ack.Subject, data,
+	// The trace context rides in the headers, not the job: the job's schema is
+	// the producers' contract and stays free of transport concerns.
+	msg := &nats.Msg{Subject: ack.Subject, Data: data, Header: nats.Header{}}
+	tracing.InjectHeader(ctx, msg.Header)
+	pa, err := p.js.PublishMsg(ctx, msg,
 		jetstream.WithMsgID(job.ID),
 		jetstream.WithExpectStream(StreamJobs),
 	)

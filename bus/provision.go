@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -164,7 +165,11 @@ func Provision(ctx context.Context, js jetstream.JetStream, opts ProvisionOption
 	for _, name := range []string{StreamJobs, StreamResults, StreamDLQ, StreamCancels} {
 		cfg := cfgs[name]
 		if keep {
-			cfg.Replicas = existingReplicas(ctx, js, name, cfg.Replicas)
+			n, err := existingReplicas(ctx, js, name, cfg.Replicas)
+			if err != nil {
+				return err
+			}
+			cfg.Replicas = n
 		}
 		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
 			return fmt.Errorf("bus: provision stream %s: %w", name, err)
@@ -172,7 +177,11 @@ func Provision(ctx context.Context, js jetstream.JetStream, opts ProvisionOption
 	}
 	kv := WorkersBucketConfig(opts)
 	if keep {
-		kv.Replicas = existingReplicas(ctx, js, "KV_"+BucketWorkers, kv.Replicas)
+		n, err := existingReplicas(ctx, js, "KV_"+BucketWorkers, kv.Replicas)
+		if err != nil {
+			return err
+		}
+		kv.Replicas = n
 	}
 	if _, err := js.CreateOrUpdateKeyValue(ctx, kv); err != nil {
 		return fmt.Errorf("bus: provision bucket %s: %w", BucketWorkers, err)
@@ -182,15 +191,19 @@ func Provision(ctx context.Context, js jetstream.JetStream, opts ProvisionOption
 
 // existingReplicas is the replica count a stream already has, or def when it does
 // not exist yet. Provisioning with Replicas 0 keeps it, so a process started with
-// default settings never scales a clustered R3 stream down to one replica.
-func existingReplicas(ctx context.Context, js jetstream.JetStream, stream string, def int) int {
+// default settings never scales a clustered R3 stream down to one replica. Any
+// other failure to read it is an error: guessing would scale the stream down.
+func existingReplicas(ctx context.Context, js jetstream.JetStream, stream string, def int) (int, error) {
 	st, err := js.Stream(ctx, stream)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return def, nil
+	}
 	if err != nil {
-		return def
+		return 0, fmt.Errorf("bus: provision: read %s replicas: %w", stream, err)
 	}
-	info, err := st.Info(ctx)
-	if err != nil || info.Config.Replicas <= 0 {
-		return def
+	info := st.CachedInfo()
+	if info == nil || info.Config.Replicas <= 0 {
+		return def, nil
 	}
-	return info.Config.Replicas
+	return info.Config.Replicas, nil
 }

@@ -53,6 +53,7 @@ type Config struct {
 	TenantRate           int    `json:"tenant_rate"`
 	TenantBurst          int    `json:"tenant_burst"`
 	MetricsAddr          string `json:"metrics_addr,omitempty"`
+	OTLPEndpoint         string `json:"otlp_endpoint,omitempty"`
 	Replicas             int    `json:"replicas"`
 	WorkerTTL            string `json:"worker_ttl"`
 	LogLevel             string `json:"log_level"`
@@ -96,6 +97,7 @@ var Keys = []Key{
 	{"replicas", "replicas", "MLX_SERVING_REPLICAS", "0", "replicas of every stream: 3 in a NATS cluster (0: keep what existing streams have, 1 for new ones)"},
 	{"worker_ttl", "worker-ttl", "MLX_SERVING_WORKER_TTL", "10s", "how long a worker stays registered without a heartbeat; dispatchers retry its jobs after that"},
 	{"metrics_addr", "metrics-addr", "MLX_SERVING_METRICS_ADDR", "", "serve Prometheus /metrics on this host:port (dispatcher, worker; empty: off — gateway and up serve it on http_addr)"},
+	{"otlp_endpoint", "otlp-endpoint", "MLX_SERVING_OTLP_ENDPOINT", "", "export trace spans over OTLP/HTTP to this collector base URL, e.g. http://127.0.0.1:4318 (empty: tracing off)"},
 	{"log_level", "log-level", "MLX_SERVING_LOG_LEVEL", "info", "log level"},
 	{"log_format", "log-format", "MLX_SERVING_LOG_FORMAT", "json", "log format: json or console"},
 }

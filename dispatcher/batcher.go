@@ -196,7 +196,7 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 				d.jobLog(d.log.Error(), j).Err(err).Msg("subscribe reply subject")
 			}
 		}
-		aj := schemas.AssignedJob{Job: j.req, Attempt: j.attempt}
+		aj := schemas.AssignedJob{Job: j.req, Attempt: j.attempt, Traceparent: d.dispatchTraceparent(j)}
 		if j.resume.Text != "" || j.resume.CompletionTokens > 0 {
 			r := j.resume
 			aj.Resume = &r
@@ -256,6 +256,7 @@ func (d *Dispatcher) assign(b *batch) {
 		d.log.Warn().Err(err).Str("worker_id", b.worker).Str("batch_id", b.id).Str("model", b.model).Int("jobs", len(b.jobs)).Msg("assignment failed")
 		for _, j := range b.jobs {
 			if mine(j) {
+				d.endDispatch(j, "assign_failed")
 				d.retryableFailure(j, schemas.ErrorInfo{Code: "assign_failed", Message: err.Error(), Retryable: true}, nil, 0)
 			}
 		}
@@ -266,6 +267,7 @@ func (d *Dispatcher) assign(b *batch) {
 		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
 		for _, j := range b.jobs {
 			if mine(j) {
+				d.endDispatch(j, "worker_restarted")
 				d.retryableFailure(j, schemas.ErrorInfo{Code: "worker_restarted", Message: "the worker restarted after it accepted the job", Retryable: true}, nil, 0)
 			}
 		}
@@ -278,6 +280,7 @@ func (d *Dispatcher) assign(b *batch) {
 		for _, j := range b.jobs {
 			if mine(j) {
 				_ = d.apply(j, EvAccepted)
+				d.endDispatch(j, "")
 			}
 		}
 		if w != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // ErrRunning is returned by Run when the Dispatcher already runs or ran.
@@ -83,6 +84,8 @@ type job struct {
 	curToks  int // cumulative completion tokens from the current attempt's events
 	nextSeq  int
 	lastErr  schemas.ErrorInfo
+	tctx     context.Context // the submitter's trace context, from the JOBS headers
+	span     trace.Span      // the current attempt's mlx.dispatch span, until accepted
 }
 
 // New checks cfg and returns a Dispatcher; nothing touches NATS until Run.

@@ -13,6 +13,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/mlx-serving/mlx-serving/tracing"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -177,11 +178,17 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	// Registered before the checks, so a cancel or result arriving meanwhile
 	// finds it (and marks it) instead of looking in the stream.
 	j := &job{id: id, pri: p, msg: m, seq: md.Sequence.Stream, attempt: int(md.NumDelivered), state: StateQueued, intaking: true, progress: now}
+	j.tctx = tracing.ExtractHeader(context.Background(), m.Headers())
 	d.jobs[id] = j
 	d.mu.Unlock()
 
 	ictx := d.wctx
 	invalid := d.decode(j, m.Data())
+	d.mu.Lock()
+	if !j.gone {
+		d.startDispatch(j)
+	}
+	d.mu.Unlock()
 	if invalid == nil {
 		// Through the stream handle got at start: one round trip per job, not
 		// the two (stream info, then the message) of a lookup by stream name.

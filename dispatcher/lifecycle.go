@@ -62,6 +62,7 @@ func (d *Dispatcher) forget(j *job) {
 		return
 	}
 	j.gone = true
+	d.endDispatch(j, j.lastErr.Code) // a job that ends before a worker took it
 	if d.jobs[j.id] == j {
 		delete(d.jobs, j.id)
 	}

@@ -16,8 +16,12 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/tracing"
 )
 
 // Config configures a Gateway. Conn is required; the rest have defaults.
@@ -290,12 +294,23 @@ func (g *Gateway) instrument(endpoint string, next http.Handler) http.Handler {
 		start := time.Now()
 		g.metrics.inFlight.add(1)
 		rec := &statusRecorder{ResponseWriter: w}
+		// The caller's traceparent, if any, makes this request (and the job it
+		// submits) part of the caller's trace.
+		ctx, span := tracing.Tracer().Start(tracing.ExtractHTTP(r.Context(), r.Header), tracing.SpanGatewayRequest,
+			trace.WithSpanKind(trace.SpanKindServer),
+			trace.WithAttributes(attribute.String("http.request.method", r.Method), attribute.String("http.route", endpoint)))
+		r = r.WithContext(ctx)
 		defer func() {
 			g.metrics.inFlight.add(-1)
 			status := rec.status
 			if status == 0 {
 				status = 499 // nothing was written: the client left first
 			}
+			span.SetAttributes(attribute.Int("http.response.status_code", status))
+			if status >= 500 {
+				span.SetStatus(codes.Error, http.StatusText(status))
+			}
+			span.End()
 			elapsed := time.Since(start)
 			g.metrics.requests.inc(endpoint, strconv.Itoa(status))
 			g.metrics.duration.observe(elapsed.Seconds(), endpoint)

@@ -17,6 +17,7 @@ var wantPath = map[string]string{
 	"assignment/resume_missing_text":              "$.jobs[0].resume.text",
 	"assignment/resume_unknown_field":             "$.jobs[0].resume.seq",
 	"assignment/unknown_field":                    "$.deadline",
+	"assignment/traceparent_malformed":            "$.jobs[0].traceparent",
 	"assignment_reply/accepted_with_error":        "$",
 	"assignment_reply/error_code_with_digits":     "$.error.code",
 	"assignment_reply/free_slots_as_string":       "$.free_slots",

@@ -163,6 +163,9 @@ type AssignedJob struct {
 	Job     JobRequest `json:"job"`
 	Attempt int        `json:"attempt"`
 	Resume  *Resume    `json:"resume,omitempty"`
+	// Traceparent is the W3C trace context the worker's span continues; one per
+	// job, since a batch's jobs belong to different traces. Empty: not traced.
+	Traceparent string `json:"traceparent,omitempty"`
 }
 
 // AssignmentMsg is a batch offered to one worker (schema "assignment").

@@ -25,9 +25,10 @@ type rawAssignment struct {
 	DispatcherID string `json:"dispatcher_id"`
 	Model        string `json:"model"`
 	Jobs         []struct {
-		Job     json.RawMessage `json:"job"`
-		Attempt int             `json:"attempt"`
-		Resume  *schemas.Resume `json:"resume,omitempty"`
+		Job         json.RawMessage `json:"job"`
+		Attempt     int             `json:"attempt"`
+		Resume      *schemas.Resume `json:"resume,omitempty"`
+		Traceparent string          `json:"traceparent,omitempty"`
 	} `json:"jobs"`
 }
 
@@ -71,7 +72,7 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 			invalid = append(invalid, invalidJob{id: loose.ID, replyTo: loose.ReplyTo, model: loose.Model, attempt: rj.Attempt, err: err})
 			continue
 		}
-		runs = append(runs, newJobRun(schemas.AssignedJob{Job: j, Attempt: rj.Attempt, Resume: rj.Resume}))
+		runs = append(runs, newJobRun(schemas.AssignedJob{Job: j, Attempt: rj.Attempt, Resume: rj.Resume, Traceparent: rj.Traceparent}))
 	}
 
 	a.assignMu.Lock()

@@ -277,6 +277,8 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 	defer a.jobs.release(r)
 	j := &r.aj.Job
 	log := a.log.With().Str("job_id", j.ID).Int("attempt", r.aj.Attempt).Str("model", j.Model).Logger()
+	ctx, span := a.startGenerate(ctx, r)
+	defer span.End()
 
 	var resumeText string
 	var resumeTokens int
@@ -300,8 +302,9 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 	}
 
 	var (
-		gen    *schemas.GenerateResult
-		genErr error
+		gen     *schemas.GenerateResult
+		genErr  error
+		started time.Time
 	)
 	p := generateParams(r)
 	switch {
@@ -316,9 +319,11 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			genErr = ErrRuntimeUnavailable
 			break
 		}
+		started = time.Now()
 		gen, genErr = c.Generate(ctx, p, jobHooks(r, c, em))
 	}
 	em.flush()
+	traceTimings(span, started, gen)
 
 	reason := r.reason()
 	base := schemas.ResultMsg{
@@ -336,6 +341,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		res.Usage = usage(gen, resumeTokens)
 		res.Timings = timings(r, gen)
 		res.FinishedAt = a.jobs.freeSlot(r)
+		traceEnd(span, res.Status, nil)
 		a.finish(ctx, &res, j.ReplyTo)
 	case reason == stopCancelled || reason == stopExpired:
 		res := base
@@ -355,6 +361,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			res.Error = &schemas.ErrorInfo{Code: CodeDeadlineExceeded, Message: "the job's deadline passed"}
 		}
 		res.FinishedAt = a.jobs.freeSlot(r)
+		traceEnd(span, res.Status, res.Error)
 		a.finish(ctx, &res, j.ReplyTo)
 	default:
 		// Everything else either failed for good (a runtime error about this job)
@@ -377,10 +384,12 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			res.Usage = schemas.Usage{CompletionTokens: completion, TotalTokens: completion}
 			res.Error = &schemas.ErrorInfo{Code: code, Message: msg}
 			res.FinishedAt = a.jobs.freeSlot(r)
+			traceEnd(span, res.Status, res.Error)
 			a.finish(ctx, &res, j.ReplyTo)
 			break
 		}
 		log.Warn().Err(genErr).Str("code", code).Msg("attempt ended without a result; reporting it for retry")
+		traceEnd(span, "retrying", &schemas.ErrorInfo{Code: code, Message: msg})
 		a.reportAttempt(j.Model, &schemas.AttemptReportMsg{
 			JobID: j.ID, Attempt: r.aj.Attempt, WorkerID: a.cfg.WorkerID,
 			Error:            schemas.ErrorInfo{Code: code, Message: msg, Retryable: true},

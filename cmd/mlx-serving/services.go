@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/config"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/tracing"
 	"github.com/mlx-serving/mlx-serving/worker"
 )
 
@@ -135,6 +137,12 @@ func cmdUp(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return code
 	}
 	log := newLogger(c, "up")
+	stopTracing, err := startTracing(ctx, "up", c, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving up: %v\n", err)
+		return 2
+	}
+	defer stopTracing()
 	if err := up(ctx, c, stdout, log); err != nil {
 		log.Error().Err(err).Msg("up failed")
 		fmt.Fprintf(stderr, "mlx-serving up: %v\n", err)
@@ -300,6 +308,12 @@ func runService(ctx context.Context, name string, args []string, stderr io.Write
 		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
 		return 2
 	}
+	stopTracing, err := startTracing(ctx, name, c, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
+		return 2
+	}
+	defer stopTracing()
 	nc, js, err := connect(ctx, c, "mlx-serving-"+name, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving %s: connect: %v\n", name, err)
@@ -308,7 +322,14 @@ func runService(ctx context.Context, name string, args []string, stderr io.Write
 	defer nc.Close()
 	if name == "dispatcher" {
 		// Dispatchers own the streams' shape; provisioning is idempotent.
-		if err := bus.Provision(ctx, js, provisionOptions(c)); err != nil {
+		// A cluster that is electing a leader answers provisioning with errors
+		// for a while: wait for it rather than exit (and be restarted) in a loop.
+		err := backoff.RetryNotify(func() error { return bus.Provision(ctx, js, provisionOptions(c)) },
+			backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(2*time.Minute)), ctx),
+			func(err error, wait time.Duration) {
+				log.Warn().Err(err).Dur("retry_in", wait).Msg("provisioning failed; retrying")
+			})
+		if err != nil {
 			fmt.Fprintf(stderr, "mlx-serving %s: provision: %v\n", name, err)
 			return 1
 		}
@@ -373,4 +394,24 @@ func runWorker(ctx context.Context, w *worker.Agent) error {
 		return nil
 	}
 	return w.Drain(context.Background())
+}
+
+// startTracing installs the OTLP exporter when otlp_endpoint is set; the
+// returned stop flushes what is pending, bounded so a dead collector cannot
+// hold up the exit.
+func startTracing(ctx context.Context, role string, c config.Config, log zerolog.Logger) (stop func(), err error) {
+	shutdown, err := tracing.Setup(ctx, tracing.Options{Endpoint: c.OTLPEndpoint, ServiceName: "mlx-serving-" + role})
+	if err != nil {
+		return func() {}, err
+	}
+	if c.OTLPEndpoint != "" {
+		log.Info().Str("endpoint", c.OTLPEndpoint).Msg("exporting traces over OTLP/HTTP")
+	}
+	return func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if err := shutdown(sctx); err != nil {
+			log.Warn().Err(err).Msg("flushing traces")
+		}
+	}, nil
 }
