@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -72,6 +73,14 @@ func cmdSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	defer s.Close()
 
+	if tenant == "" {
+		// A producer credential may only read its own tenant's replies, so its
+		// tenant is the only one that can work (auth names them producer-<tenant>).
+		tenant = strings.TrimPrefix(s.cfg.NATSUser, string(auth.RoleProducer)+"-")
+		if tenant == s.cfg.NATSUser {
+			tenant = ""
+		}
+	}
 	job := &schemas.JobRequest{ID: id, Model: model, MaxTokens: maxTokens, Priority: priority, Tenant: tenant}
 	if temperature != 0 {
 		job.Temperature = &temperature
