@@ -20,6 +20,9 @@ type Config struct {
 	MaxWait time.Duration
 	// MaxBatch caps the jobs of one assignment (default 8).
 	MaxBatch int
+	// AttachTimeout bounds how long Run retries reaching JetStream at start (a
+	// cluster electing a leader times out for a while); default 2 minutes.
+	AttachTimeout time.Duration
 	// ModelWait is how long a job waits for a model that live workers exist for
 	// but none has loaded, before it is dead-lettered as model_not_available
 	// (default 10 s). With no live worker at all, jobs wait indefinitely.
@@ -86,6 +89,7 @@ func (c Config) withDefaults() (Config, error) {
 	defInt(&c.MaxBatch, 8)
 	defInt(&c.MaxAttempts, 3)
 	def(&c.ModelWait, 10*time.Second)
+	def(&c.AttachTimeout, 2*time.Minute)
 	def(&c.AckWait, 30*time.Second)
 	defInt(&c.MaxAckPending, 1024)
 	def(&c.AssignTimeout, 5*time.Second)

@@ -132,6 +132,41 @@ func poke(c chan struct{}) {
 	}
 }
 
+// attach looks up the streams and the worker bucket and creates or updates the
+// durable consumers, one per priority.
+func (d *Dispatcher) attach(ctx context.Context) (jetstream.KeyValue, error) {
+	var err error
+	if d.jobsStream, err = d.js.Stream(ctx, bus.StreamJobs); err != nil {
+		return nil, fmt.Errorf("dispatcher: stream %s: %w", bus.StreamJobs, err)
+	}
+	if d.cancelsStream, err = d.js.Stream(ctx, bus.StreamCancels); err != nil {
+		return nil, fmt.Errorf("dispatcher: stream %s: %w", bus.StreamCancels, err)
+	}
+	if d.resultsStream, err = d.js.Stream(ctx, bus.StreamResults); err != nil {
+		return nil, fmt.Errorf("dispatcher: stream %s: %w", bus.StreamResults, err)
+	}
+	for i, p := range schemas.Priorities {
+		c, err := d.js.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
+			Durable:       ConsumerName(d.cfg.ConsumerPrefix, p),
+			FilterSubject: bus.JobsPrioritySubject(p),
+			AckPolicy:     jetstream.AckExplicitPolicy,
+			AckWait:       d.cfg.AckWait,
+			MaxDeliver:    -1,
+			MaxAckPending: d.cfg.MaxAckPending,
+			DeliverPolicy: jetstream.DeliverAllPolicy,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("dispatcher: consumer %s: %w", p, err)
+		}
+		d.consumers[i] = c
+	}
+	kv, err := d.js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: bucket %s: %w", bus.BucketWorkers, err)
+	}
+	return kv, nil
+}
+
 // Run consumes jobs until ctx is cancelled, then stops pulling, hands back the
 // jobs not yet on a worker (nak, so another dispatcher takes them at once),
 // waits up to DrainTimeout for the running ones to finish (unless NoDrain), and
@@ -146,34 +181,21 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	d.started = true
 	d.mu.Unlock()
 
-	var err error
-	if d.jobsStream, err = d.js.Stream(ctx, bus.StreamJobs); err != nil {
-		return fmt.Errorf("dispatcher: stream %s: %w", bus.StreamJobs, err)
-	}
-	if d.cancelsStream, err = d.js.Stream(ctx, bus.StreamCancels); err != nil {
-		return fmt.Errorf("dispatcher: stream %s: %w", bus.StreamCancels, err)
-	}
-	if d.resultsStream, err = d.js.Stream(ctx, bus.StreamResults); err != nil {
-		return fmt.Errorf("dispatcher: stream %s: %w", bus.StreamResults, err)
-	}
-	for i, p := range schemas.Priorities {
-		c, err := d.js.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
-			Durable:       ConsumerName(d.cfg.ConsumerPrefix, p),
-			FilterSubject: bus.JobsPrioritySubject(p),
-			AckPolicy:     jetstream.AckExplicitPolicy,
-			AckWait:       d.cfg.AckWait,
-			MaxDeliver:    -1,
-			MaxAckPending: d.cfg.MaxAckPending,
-			DeliverPolicy: jetstream.DeliverAllPolicy,
-		})
-		if err != nil {
-			return fmt.Errorf("dispatcher: consumer %s: %w", p, err)
+	// A cluster electing a leader answers with timeouts for a while; a
+	// dispatcher waits it out instead of exiting (and being restarted in a loop).
+	var kv jetstream.KeyValue
+	err := backoff.RetryNotify(func() (err error) {
+		kv, err = d.attach(ctx)
+		if errors.Is(err, jetstream.ErrStreamNotFound) || errors.Is(err, jetstream.ErrBucketNotFound) {
+			return backoff.Permanent(err) // not provisioned: waiting will not help
 		}
-		d.consumers[i] = c
-	}
-	kv, err := d.js.KeyValue(ctx, bus.BucketWorkers)
+		return err
+	}, backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(d.cfg.AttachTimeout)), ctx),
+		func(err error, wait time.Duration) {
+			d.log.Warn().Err(err).Dur("retry_in", wait).Msg("attaching to JetStream failed; retrying")
+		})
 	if err != nil {
-		return fmt.Errorf("dispatcher: bucket %s: %w", bus.BucketWorkers, err)
+		return err
 	}
 
 	d.wctx, d.wcancel = context.WithCancel(context.WithoutCancel(ctx))

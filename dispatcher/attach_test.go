@@ -1,0 +1,71 @@
+package dispatcher
+
+import (
+	"context"
+	"errors"
+	"net/url"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// A dispatcher started while JetStream does not answer (a cluster electing a
+// leader, a server restarting) waits for it instead of exiting, then works.
+func TestRunWaitsForJetStream(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	nc := e.connect("d1")
+	u, _ := url.Parse(e.srv.ClientURL())
+	port, _ := strconv.Atoi(u.Port())
+	dir := e.srv.NATSServer().JetStreamConfig().StoreDir
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.srv.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	_, stop := runDispatcher(t, testConfig("d1", nc)) // starts against a server that is down
+	defer stop()
+
+	time.Sleep(500 * time.Millisecond) // let Run fail to attach at least once
+	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: port, StoreDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Shutdown(context.Background()) })
+	e.srv = srv
+	e.nc, e.js = e.connect("test"), nil
+	e.js, _ = jetstream.New(e.nc)
+	e.kv, _ = e.js.KeyValue(ctx, bus.BucketWorkers)
+
+	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{} })
+	j := newJob("after-restart", "m", "normal")
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	if r := c.wait(t, 15*time.Second); r.Status != schemas.StatusCompleted {
+		t.Fatalf("terminal %+v", r)
+	}
+}
+
+// Streams that do not exist are a setup error, not something to wait for.
+func TestRunFailsFastWithoutStreams(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.js.DeleteStream(ctx, bus.StreamJobs); err != nil {
+		t.Fatal(err)
+	}
+	d, err := New(testConfig("d1", e.connect("d1")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Run(ctx); !errors.Is(err, jetstream.ErrStreamNotFound) {
+		t.Fatalf("Run without JOBS: %v", err)
+	}
+}
