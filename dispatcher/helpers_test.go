@@ -134,7 +134,7 @@ func (e *testEnv) mustSubmit(j *schemas.JobRequest) {
 func (e *testEnv) result(id string) (*schemas.ResultMsg, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	return bus.FetchResult(ctx, e.js, id)
+	return bus.FetchResult(ctx, e.js, "", id)
 }
 
 // waitResult polls RESULTS until the job has its record.

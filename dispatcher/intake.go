@@ -192,7 +192,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	if invalid == nil {
 		// Through the stream handle got at start: one round trip per job, not
 		// the two (stream info, then the message) of a lookup by stream name.
-		raw, err := lastMsg(ictx, d.resultsStream, bus.ResultSubject(id))
+		raw, err := lastMsg(ictx, d.resultsStream, bus.ResultSubject(j.req.Tenant, id))
 		if err != nil {
 			d.handBack(j, err)
 			return nil

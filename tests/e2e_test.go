@@ -37,7 +37,7 @@ func TestJobRunsEndToEnd(t *testing.T) {
 	if o.missed != 0 || o.restarted {
 		t.Fatalf("gaps %d restarted %v", o.missed, o.restarted)
 	}
-	stored, err := bus.FetchResult(ctx, s.bus.JS, r.JobID)
+	stored, err := bus.FetchResult(ctx, s.bus.JS, r.Tenant, r.JobID)
 	if err != nil {
 		t.Fatal(err)
 	}

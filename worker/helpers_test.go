@@ -379,7 +379,7 @@ func fetchResult(t testing.TB, js jetstream.JetStream, jobID string) *schemas.Re
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	r, err := bus.FetchResult(ctx, js, jobID)
+	r, err := bus.FetchResult(ctx, js, "", jobID)
 	if err != nil {
 		t.Fatalf("RESULTS record of %s: %v", jobID, err)
 	}
@@ -395,11 +395,11 @@ func resultsCount(t testing.TB, js jetstream.JetStream, jobID string) uint64 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(bus.ResultSubject(jobID)))
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(bus.ResultSubject("", jobID)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return info.State.Subjects[bus.ResultSubject(jobID)]
+	return info.State.Subjects[bus.ResultSubject("", jobID)]
 }
 
 // waitHeartbeat waits for the registry entry to satisfy ok, watching the key.
