@@ -150,6 +150,15 @@ func TestRecordResultRejectsInvalidRecord(t *testing.T) {
 	}
 }
 
+func TestRecordTenantKeepsOnlyTenantNames(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]string{"a": "a", "acme-1_x": "acme-1_x", "": "", "A": "", "a.b": "", "*": "", ">": "", "-a": ""} {
+		if got := RecordTenant(in); got != want {
+			t.Errorf("RecordTenant(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
 // Records live under their job's tenant: the same id in two tenants is two jobs,
 // and a job without a tenant is the default tenant's.
 func TestResultsAreKeptPerTenant(t *testing.T) {
