@@ -186,6 +186,10 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 	if err := bus.RecordResult(ctx, wjs, res); err != nil {
 		t.Fatalf("worker records a result: %v", err)
 	}
+	// A retry after a lost ack reads the stored record to see it is its own.
+	if err := bus.RecordResult(ctx, wjs, res); err != nil {
+		t.Fatalf("worker retries its own record: %v", err)
+	}
 	var texts []string
 	for ev, err := range stream.Events(ctx) {
 		if err != nil {

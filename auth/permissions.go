@@ -70,6 +70,7 @@ const (
 )
 
 func streamInfo(stream string) string { return jsAPI + ".STREAM.INFO." + stream }
+func msgGet(stream string) string     { return jsAPI + ".STREAM.MSG.GET." + stream }
 
 // directGet is the direct get of the last message on subjects (a wildcard
 // pattern) of stream. A STREAM.MSG.GET names its subject in the request body,
@@ -179,7 +180,7 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			kvPutPrefix + id.WorkerID, // its own heartbeat (put and delete)
 			streamInfo(kvStream),      // binding the registry bucket
 		}
-		pub = append(pub, resultReads("")...) // is the stored record its own?
+		pub = append(pub, msgGet(bus.StreamResults)) // is the stored record its own? (bus.StoredResult)
 		return Permissions{
 			PublishAllow:   pub,
 			SubscribeAllow: []string{bus.AssignSubject(id.WorkerID), bus.SubjectCancelAll, inbox},

@@ -52,7 +52,7 @@ func RecordResult(ctx context.Context, js jetstream.JetStream, r *schemas.Result
 		return mapPublishError(err, "record result "+r.JobID)
 	}
 	// Someone's record is stored. It may be our own from an earlier try.
-	stored, gerr := directLast(ctx, js, StreamResults, subject)
+	stored, gerr := StoredResult(ctx, js, r.Tenant, r.JobID)
 	if gerr == nil && bytes.Equal(stored, data) {
 		return nil
 	}
@@ -86,6 +86,48 @@ func FetchResult(ctx context.Context, js jetstream.JetStream, tenant, jobID stri
 		return nil, fmt.Errorf("bus: decode result %s: %w", jobID, err)
 	}
 	return &r, nil
+}
+
+// StoredResult returns a job's terminal record as the stream's leader holds it
+// (a STREAM.MSG.GET), raw, or an error matching ErrNoResult. Writers decide on it
+// (is the stored record mine; has this job finished, so it must not run again);
+// FetchResult's direct get may be answered by a replica a moment behind, which
+// is fine for a reader. The request names the subject in its body, so only the
+// worker, dispatcher and admin credentials may make it.
+func StoredResult(ctx context.Context, js jetstream.JetStream, tenant, jobID string) ([]byte, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, directGetTimeout)
+		defer cancel()
+	}
+	req, err := json.Marshal(struct {
+		LastFor string `json:"last_by_subj"`
+	}{ResultSubject(tenant, jobID)})
+	if err != nil {
+		return nil, err
+	}
+	m, err := js.Conn().RequestWithContext(ctx, apiPrefix(js)+"STREAM.MSG.GET."+StreamResults, req)
+	if err != nil {
+		return nil, mapPublishError(err, "read result "+jobID)
+	}
+	var resp struct {
+		Error   *jetstream.APIError `json:"error"`
+		Message *struct {
+			Data []byte `json:"data"`
+		} `json:"message"`
+	}
+	if err := json.Unmarshal(m.Data, &resp); err != nil {
+		return nil, fmt.Errorf("bus: read result %s: %w", jobID, err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound:
+		return nil, fmt.Errorf("%w: job %s", ErrNoResult, jobID)
+	case resp.Error != nil:
+		return nil, mapPublishError(resp.Error, "read result "+jobID)
+	case resp.Message == nil:
+		return nil, fmt.Errorf("bus: read result %s: %w", jobID, jetstream.ErrInvalidJetStreamResponse)
+	}
+	return resp.Message.Data, nil
 }
 
 // PurgeResult removes the job's terminal record, so a replayed job can record a new one.

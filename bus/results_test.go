@@ -2,6 +2,7 @@ package bus
 
 import (
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 
@@ -189,6 +190,12 @@ func TestResultsAreKeptPerTenant(t *testing.T) {
 	}
 	if got, err := FetchResult(ctx, b.js, DefaultTenant, "job-t"); err != nil || got.Text != "for default" {
 		t.Fatalf("default tenant by name: %+v, %v", got, err)
+	}
+	if raw, err := StoredResult(ctx, b.js, "a", "job-t"); err != nil || !strings.Contains(string(raw), "for a") {
+		t.Fatalf("StoredResult of tenant a's record: %s, %v", raw, err)
+	}
+	if _, err := StoredResult(ctx, b.js, "b", "job-t"); !errors.Is(err, ErrNoResult) {
+		t.Fatalf("StoredResult under tenant b: err = %v, want ErrNoResult", err)
 	}
 	if err := PurgeResult(ctx, b.js, "a", "job-t"); err != nil {
 		t.Fatal(err)
