@@ -1,6 +1,7 @@
 package auth
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"os"
@@ -181,9 +182,13 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 	}
 	now := time.Now().UTC()
 	res := &schemas.ResultMsg{Type: "result", JobID: ack.JobID, Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
-		Text: "hello", FinishReason: "stop", Model: "tiny", FinishedAt: now}
+		Text: "hello", FinishReason: "stop", Model: "tiny", Tenant: "a", FinishedAt: now}
 	if err := bus.RecordResult(ctx, wjs, res); err != nil {
 		t.Fatalf("worker records a result: %v", err)
+	}
+	// A retry after a lost ack reads the stored record to see it is its own.
+	if err := bus.RecordResult(ctx, wjs, res); err != nil {
+		t.Fatalf("worker retries its own record: %v", err)
 	}
 	var texts []string
 	for ev, err := range stream.Events(ctx) {
@@ -203,7 +208,7 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 		t.Fatalf("token deltas %v", texts)
 	}
 	// The producer reads the durable result and cancels with its own grants.
-	if _, err := bus.FetchResult(ctx, p.JetStream(), ack.JobID); err != nil {
+	if _, err := bus.FetchResult(ctx, p.JetStream(), "a", ack.JobID); err != nil {
 		t.Fatalf("producer fetches its result: %v", err)
 	}
 	if err := p.Cancel(ctx, ack.JobID, "test"); err != nil {
@@ -213,6 +218,84 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 	case err := <-prodConn.errs:
 		t.Fatalf("producer got an async error: %v", err)
 	default:
+	}
+}
+
+// A producer reads its own tenant's results by job id and nobody else's: not by
+// direct get on another tenant's subject, not by STREAM.MSG.GET (whose subject
+// is in the body), not by smuggling a subject into the body of a direct get it
+// is allowed to make, and not by listing RESULTS' subjects.
+func TestProducerCannotReadAnotherTenantsResults(t *testing.T) {
+	t.Parallel()
+	sb := startSecureBus(t)
+	ctx := testenv.Context(t, 60*time.Second)
+	wjs := mustJS(t, sb.connect(RoleWorker, "w1").nc)
+	for _, r := range []struct{ tenant, id, text string }{{"a", "job-a", "for a"}, {"b", "job-b", "for b"}} {
+		res := &schemas.ResultMsg{Type: "result", JobID: r.id, Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
+			Text: r.text, FinishReason: "stop", Model: "tiny", Tenant: r.tenant, FinishedAt: time.Now().UTC()}
+		if err := bus.RecordResult(ctx, wjs, res); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	prod := sb.connect(RoleProducer, "a")
+	p, err := bus.NewProducer(prod.nc, bus.WithTenant("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := p.Result(ctx, "job-a"); err != nil || got.Text != "for a" {
+		t.Fatalf("producer a reads its own result: %+v, %v", got, err)
+	}
+	if got, err := bus.FetchResult(ctx, p.JetStream(), "a", "job-a"); err != nil || got.Text != "for a" {
+		t.Fatalf("FetchResult of its own result: %+v, %v", got, err)
+	}
+	if _, err := bus.FetchResult(ctx, p.JetStream(), "a", "job-b"); !errors.Is(err, bus.ErrNoResult) {
+		t.Fatalf("tenant b's job under tenant a: err = %v, want ErrNoResult", err)
+	}
+
+	// Refused publishes get no answer, so each read is bounded by a short ctx;
+	// the server's permission violation is the proof.
+	short := func() context.Context {
+		c, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		t.Cleanup(cancel)
+		return c
+	}
+	got, err := p.TenantResult(short(), "b", "job-b")
+	if err == nil {
+		t.Fatalf("producer a read tenant b's result: %+v", got)
+	}
+	prod.violation(t, "Publish", "$JS.API.DIRECT.GET.RESULTS."+bus.ResultSubject("b", "job-b"))
+
+	body := []byte(`{"last_by_subj":"` + bus.ResultSubject("b", "job-b") + `"}`)
+	if m, err := prod.nc.RequestWithContext(short(), "$JS.API.STREAM.MSG.GET.RESULTS", body); err == nil {
+		t.Fatalf("STREAM.MSG.GET answered a producer: %s", m.Data)
+	}
+	prod.violation(t, "Publish", "$JS.API.STREAM.MSG.GET.RESULTS")
+
+	// The direct get of a subject it may read, with another tenant's subject in
+	// the body: the server answers from the request subject or refuses, never
+	// from the body.
+	m, err := prod.nc.RequestWithContext(ctx, "$JS.API.DIRECT.GET.RESULTS."+bus.ResultSubject("a", "job-a"), body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(m.Data), "for b") {
+		t.Fatalf("a body naming tenant b's subject was honoured: %s", m.Data)
+	}
+
+	// Nor may it list RESULTS' subjects, which are every tenant's job ids.
+	if _, err := prod.nc.RequestWithContext(short(), "$JS.API.STREAM.INFO.RESULTS", []byte(`{"subjects_filter":">"}`)); err == nil {
+		t.Fatal("STREAM.INFO answered a producer")
+	}
+	prod.violation(t, "Publish", "$JS.API.STREAM.INFO.RESULTS")
+
+	// Tenant b's producer reads its own.
+	pb, err := bus.NewProducer(sb.connect(RoleProducer, "b").nc, bus.WithTenant("b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := pb.Result(ctx, "job-b"); err != nil || got.Text != "for b" {
+		t.Fatalf("producer b reads its own result: %+v, %v", got, err)
 	}
 }
 

@@ -61,8 +61,8 @@ type Permissions struct {
 
 // JetStream API and KV subjects. The producer-side grants are the exact API calls
 // bus.Producer and bus.JobStream make: publishing a job or cancel needs none (the
-// publish ack comes back on the client's inbox), reading a result needs the
-// stream's info and one message get.
+// publish ack comes back on the client's inbox), reading a result needs one
+// direct get, whose subject names the record's subject and so its tenant.
 const (
 	jsAPI       = "$JS.API"
 	kvStream    = "KV_" + bus.BucketWorkers
@@ -72,8 +72,22 @@ const (
 func streamInfo(stream string) string { return jsAPI + ".STREAM.INFO." + stream }
 func msgGet(stream string) string     { return jsAPI + ".STREAM.MSG.GET." + stream }
 
-// resultReads are the calls bus.FetchResult makes (RESULTS has no direct get).
-var resultReads = []string{streamInfo(bus.StreamResults), msgGet(bus.StreamResults)}
+// directGet is the direct get of the last message on subjects (a wildcard
+// pattern) of stream. A STREAM.MSG.GET names its subject in the request body,
+// where no permission can see it, so it is granted to nobody but the dispatcher
+// and admin: it would read any tenant's records.
+func directGet(stream, subjects string) string {
+	return jsAPI + ".DIRECT.GET." + stream + "." + subjects
+}
+
+// resultReads are the calls bus.FetchResult makes for tenant's records; every
+// tenant's for "".
+func resultReads(tenant string) []string {
+	if tenant == "" {
+		return []string{directGet(bus.StreamResults, bus.SubjectResultsAll)}
+	}
+	return []string{directGet(bus.StreamResults, bus.ResultsTenantSubject(tenant))}
+}
 
 // registryReads are the calls a KV watch of the worker registry makes: bind the
 // bucket, create and delete its ordered push consumer, answer flow control.
@@ -146,13 +160,13 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			return Permissions{}, err
 		}
 		return Permissions{
-			PublishAllow:   append([]string{bus.SubjectJobsAll, bus.SubjectCancelAll}, resultReads...),
+			PublishAllow:   append([]string{bus.SubjectJobsAll, bus.SubjectCancelAll}, resultReads(id.Tenant)...),
 			SubscribeAllow: []string{bus.ReplyPrefix + "." + id.Tenant + ".>", inbox},
 		}, nil
 	case RoleGateway:
 		pub := []string{bus.SubjectJobsAll, bus.SubjectCancelAll,
-			streamInfo(bus.StreamJobs), streamInfo(bus.StreamCancels)} // readiness
-		pub = append(pub, resultReads...)
+			streamInfo(bus.StreamJobs), streamInfo(bus.StreamResults), streamInfo(bus.StreamCancels)} // readiness
+		pub = append(pub, resultReads("")...)
 		pub = append(pub, registryReads...)
 		return Permissions{PublishAllow: pub, SubscribeAllow: []string{bus.ReplyPrefix + ".>", inbox}}, nil
 	case RoleWorker:
@@ -166,7 +180,7 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			kvPutPrefix + id.WorkerID, // its own heartbeat (put and delete)
 			streamInfo(kvStream),      // binding the registry bucket
 		}
-		pub = append(pub, resultReads...)
+		pub = append(pub, msgGet(bus.StreamResults)) // is the stored record its own? (bus.StoredResult)
 		return Permissions{
 			PublishAllow:   pub,
 			SubscribeAllow: []string{bus.AssignSubject(id.WorkerID), bus.SubjectCancelAll, inbox},

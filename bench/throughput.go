@@ -112,7 +112,7 @@ func (w *fakeWorker) run(aj schemas.AssignedJob) {
 	ev, _ := json.Marshal(schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: aj.Attempt, Seq: 0, Delta: "x", Tokens: 1})
 	_ = w.nc.Publish(job.ReplyTo, ev)
 	res := &schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: aj.Attempt, Seq: 1, Status: schemas.StatusCompleted, FinishReason: "length",
-		Text: "x", Usage: schemas.Usage{CompletionTokens: 1, TotalTokens: 1}, Model: job.Model, WorkerID: w.id, FinishedAt: time.Now().UTC()}
+		Text: "x", Usage: schemas.Usage{CompletionTokens: 1, TotalTokens: 1}, Model: job.Model, Tenant: job.Tenant, WorkerID: w.id, FinishedAt: time.Now().UTC()}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	err := bus.RecordResult(ctx, w.js, res)
 	cancel()

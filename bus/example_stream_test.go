@@ -96,7 +96,7 @@ func standInWorker(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, d
 			}
 			res := &schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: 1, Seq: len(deltas), Status: schemas.StatusCompleted,
 				FinishReason: "stop", Text: text, Usage: schemas.Usage{PromptTokens: 7, CompletionTokens: len(deltas), TotalTokens: 7 + len(deltas)},
-				Model: job.Model, FinishedAt: time.Now().UTC()}
+				Model: job.Model, Tenant: job.Tenant, FinishedAt: time.Now().UTC()}
 			if bus.RecordResult(ctx, js, res) == nil {
 				data, _ := json.Marshal(res)
 				_ = nc.Publish(job.ReplyTo, data)

@@ -143,7 +143,7 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack Sub
 
 	// A finished job's id is refused for as long as RESULTS keeps its record, not
 	// only within the duplicate window.
-	if _, err := FetchResult(ctx, p.js, job.ID); err == nil {
+	if _, err := FetchResult(ctx, p.js, job.Tenant, job.ID); err == nil {
 		return ack, fmt.Errorf("bus: submit %s: %w: job already has a result", job.ID, ErrDuplicate)
 	} else if !errors.Is(err, ErrNoResult) {
 		return ack, fmt.Errorf("bus: submit %s: check results: %w", job.ID, err)
@@ -222,11 +222,19 @@ func (p *Producer) Cancel(ctx context.Context, jobID, reason string) error {
 	return nil
 }
 
-// Result returns the job's terminal record, or an error matching ErrNoResult.
+// Result returns the terminal record of a job of the producer's tenant, or an
+// error matching ErrNoResult.
 func (p *Producer) Result(ctx context.Context, jobID string) (*schemas.ResultMsg, error) {
+	return p.TenantResult(ctx, p.tenant, jobID)
+}
+
+// TenantResult returns the terminal record of a job of tenant ("" is the default
+// tenant), for a producer that submits for several (the gateway). A producer
+// credential may read its own tenant's records only.
+func (p *Producer) TenantResult(ctx context.Context, tenant, jobID string) (*schemas.ResultMsg, error) {
 	ctx, cancel := p.withTimeout(ctx)
 	defer cancel()
-	return FetchResult(ctx, p.js, jobID)
+	return FetchResult(ctx, p.js, tenant, jobID)
 }
 
 func (p *Producer) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {

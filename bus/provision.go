@@ -97,7 +97,7 @@ func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
 		},
 		StreamResults: {
 			Name:        StreamResults,
-			Description: "one terminal record per job, mlx.results.<job-id>",
+			Description: "one terminal record per job, mlx.results.<tenant>.<job-id>",
 			Subjects:    []string{SubjectResultsAll},
 			Retention:   jetstream.LimitsPolicy,
 			Storage:     o.Storage,
@@ -111,6 +111,10 @@ func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
 			Discard:              jetstream.DiscardNew,
 			DiscardNewPerSubject: true,
 			Duplicates:           dupWindow(o.DuplicateWindow, o.ResultsMaxAge),
+			// Direct get names the subject in the request subject, so a producer's
+			// permission can be scoped to its tenant's records; a STREAM.MSG.GET
+			// names it in the body, where no permission can see it.
+			AllowDirect: true,
 		},
 		StreamDLQ: {
 			Name:        StreamDLQ,

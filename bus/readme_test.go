@@ -16,7 +16,7 @@ func TestREADMEDocumentsEverySubject(t *testing.T) {
 	readme := string(raw)
 	for _, want := range []string{
 		StreamJobs, StreamResults, StreamDLQ, StreamCancels, BucketWorkers,
-		JobSubject("<priority>", "<job-id>"), ResultSubject("<job-id>"), DLQSubject("<job-id>"),
+		JobSubject("<priority>", "<job-id>"), ResultSubject("<tenant>", "<job-id>"), DLQSubject("<job-id>"),
 		CancelSubject("<job-id>"), AttemptSubject("<job-id>"), AssignSubject("<worker-id>"),
 		ReplySubject("<tenant>", "<job-id>"),
 	} {

@@ -7,17 +7,20 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
+	"time"
 
 	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// ResultMsgID is the Nats-Msg-Id of a job's terminal record: job id, attempt and
-// finish time. A retried publish of the same record is deduplicated; a new record
+// ResultMsgID is the Nats-Msg-Id of a job's terminal record: tenant, job id,
+// attempt and finish time (the same id in two tenants is two jobs). A retried publish of the same record is deduplicated; a new record
 // for a replayed job (its old one purged) is not mistaken for one, even inside the
 // duplicate window and with the same attempt number.
 func ResultMsgID(r *schemas.ResultMsg) string {
-	return r.JobID + "." + strconv.Itoa(r.Attempt) + "." + strconv.FormatInt(r.FinishedAt.UnixNano(), 10)
+	return tenantToken(r.Tenant) + "." + r.JobID + "." + strconv.Itoa(r.Attempt) + "." + strconv.FormatInt(r.FinishedAt.UnixNano(), 10)
 }
 
 // RecordResult writes r as the job's one terminal record in RESULTS, first writer
@@ -36,7 +39,8 @@ func RecordResult(ctx context.Context, js jetstream.JetStream, r *schemas.Result
 	if err := schemas.Validate(schemas.Result, data); err != nil {
 		return err
 	}
-	ack, err := js.Publish(ctx, ResultSubject(r.JobID), data,
+	subject := ResultSubject(r.Tenant, r.JobID)
+	ack, err := js.Publish(ctx, subject, data,
 		jetstream.WithMsgID(ResultMsgID(r)),
 		jetstream.WithExpectStream(StreamResults),
 		jetstream.WithExpectLastSequencePerSubject(0),
@@ -48,8 +52,8 @@ func RecordResult(ctx context.Context, js jetstream.JetStream, r *schemas.Result
 		return mapPublishError(err, "record result "+r.JobID)
 	}
 	// Someone's record is stored. It may be our own from an earlier try.
-	stored, gerr := lastMsg(ctx, js, StreamResults, ResultSubject(r.JobID))
-	if gerr == nil && bytes.Equal(stored.Data, data) {
+	stored, gerr := StoredResult(ctx, js, r.Tenant, r.JobID)
+	if gerr == nil && bytes.Equal(stored, data) {
 		return nil
 	}
 	return fmt.Errorf("%w: job %s", ErrResultExists, r.JobID)
@@ -67,9 +71,10 @@ func resultRefused(err error) bool {
 }
 
 // FetchResult returns the job's terminal record, or an error matching ErrNoResult
-// when it has none.
-func FetchResult(ctx context.Context, js jetstream.JetStream, jobID string) (*schemas.ResultMsg, error) {
-	m, err := lastMsg(ctx, js, StreamResults, ResultSubject(jobID))
+// when it has none. tenant is the job's tenant ("" is the default tenant): the
+// record lives under it, and a producer's credential may read only its own.
+func FetchResult(ctx context.Context, js jetstream.JetStream, tenant, jobID string) (*schemas.ResultMsg, error) {
+	data, err := directLast(ctx, js, StreamResults, ResultSubject(tenant, jobID))
 	if err != nil {
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			return nil, fmt.Errorf("%w: job %s", ErrNoResult, jobID)
@@ -77,30 +82,115 @@ func FetchResult(ctx context.Context, js jetstream.JetStream, jobID string) (*sc
 		return nil, mapPublishError(err, "fetch result "+jobID)
 	}
 	var r schemas.ResultMsg
-	if err := json.Unmarshal(m.Data, &r); err != nil {
+	if err := json.Unmarshal(data, &r); err != nil {
 		return nil, fmt.Errorf("bus: decode result %s: %w", jobID, err)
 	}
 	return &r, nil
 }
 
+// StoredResult returns a job's terminal record as the stream's leader holds it
+// (a STREAM.MSG.GET), raw, or an error matching ErrNoResult. Writers decide on it
+// (is the stored record mine; has this job finished, so it must not run again);
+// FetchResult's direct get may be answered by a replica a moment behind, which
+// is fine for a reader. The request names the subject in its body, so only the
+// worker, dispatcher and admin credentials may make it.
+func StoredResult(ctx context.Context, js jetstream.JetStream, tenant, jobID string) ([]byte, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, directGetTimeout)
+		defer cancel()
+	}
+	req, err := json.Marshal(struct {
+		LastFor string `json:"last_by_subj"`
+	}{ResultSubject(tenant, jobID)})
+	if err != nil {
+		return nil, err
+	}
+	m, err := js.Conn().RequestWithContext(ctx, apiPrefix(js)+"STREAM.MSG.GET."+StreamResults, req)
+	if err != nil {
+		return nil, mapPublishError(err, "read result "+jobID)
+	}
+	var resp struct {
+		Error   *jetstream.APIError `json:"error"`
+		Message *struct {
+			Data []byte `json:"data"`
+		} `json:"message"`
+	}
+	if err := json.Unmarshal(m.Data, &resp); err != nil {
+		return nil, fmt.Errorf("bus: read result %s: %w", jobID, err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound:
+		return nil, fmt.Errorf("%w: job %s", ErrNoResult, jobID)
+	case resp.Error != nil:
+		return nil, mapPublishError(resp.Error, "read result "+jobID)
+	case resp.Message == nil:
+		return nil, fmt.Errorf("bus: read result %s: %w", jobID, jetstream.ErrInvalidJetStreamResponse)
+	}
+	return resp.Message.Data, nil
+}
+
 // PurgeResult removes the job's terminal record, so a replayed job can record a new one.
-func PurgeResult(ctx context.Context, js jetstream.JetStream, jobID string) error {
+func PurgeResult(ctx context.Context, js jetstream.JetStream, tenant, jobID string) error {
 	s, err := js.Stream(ctx, StreamResults)
 	if err != nil {
 		return mapPublishError(err, "purge result "+jobID)
 	}
-	if err := s.Purge(ctx, jetstream.WithPurgeSubject(ResultSubject(jobID))); err != nil {
+	if err := s.Purge(ctx, jetstream.WithPurgeSubject(ResultSubject(tenant, jobID))); err != nil {
 		return fmt.Errorf("bus: purge result %s: %w", jobID, err)
 	}
 	return nil
 }
 
-func lastMsg(ctx context.Context, js jetstream.JetStream, stream, subject string) (*jetstream.RawStreamMsg, error) {
-	s, err := js.Stream(ctx, stream)
+// directLast reads the last message on subject with the direct get API, whose
+// request subject carries the message subject: permissions can scope it, where a
+// STREAM.MSG.GET (subject in the body) and a STREAM.INFO with a subject filter
+// (which lists every job id) cannot be. No stream lookup is made first, for the
+// same reason. It returns jetstream.ErrMsgNotFound when the subject is empty.
+func directLast(ctx context.Context, js jetstream.JetStream, stream, subject string) ([]byte, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, directGetTimeout)
+		defer cancel()
+	}
+	m, err := js.Conn().RequestWithContext(ctx, apiPrefix(js)+"DIRECT.GET."+stream+"."+subject, nil)
 	if err != nil {
+		if errors.Is(err, nats.ErrNoResponders) {
+			// No responder: the stream is missing, or predates AllowDirect and has
+			// not been provisioned again.
+			return nil, fmt.Errorf("%w: direct get on %s: %w", jetstream.ErrStreamNotFound, stream, err)
+		}
 		return nil, err
 	}
-	return s.GetLastMsgForSubject(ctx, subject)
+	if len(m.Data) == 0 {
+		switch status := m.Header.Get("Status"); status {
+		case "":
+			// An empty record with the usual headers: not ours to judge here.
+		case "404":
+			return nil, jetstream.ErrMsgNotFound
+		default:
+			return nil, fmt.Errorf("bus: direct get on %s: status %s %s", stream, status, m.Header.Get("Description"))
+		}
+	}
+	return m.Data, nil
+}
+
+// directGetTimeout bounds a direct get when the caller's ctx has no deadline.
+const directGetTimeout = 5 * time.Second
+
+// apiPrefix is the JetStream API prefix js sends requests under, with its dot.
+func apiPrefix(js jetstream.JetStream) string {
+	o := js.Options()
+	switch {
+	case o.APIPrefix != "":
+		if !strings.HasSuffix(o.APIPrefix, ".") {
+			return o.APIPrefix + "."
+		}
+		return o.APIPrefix
+	case o.Domain != "":
+		return "$JS." + o.Domain + ".API."
+	}
+	return jetstream.DefaultAPIPrefix
 }
 
 // mapPublishError turns client and server errors into the package's sentinels,

@@ -2,6 +2,7 @@ package bus
 
 import (
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 
@@ -30,7 +31,7 @@ func TestRecordResultFirstWriterWins(t *testing.T) {
 	if err := RecordResult(ctx, b.js, newResult("job-r", 1, "worker-a", "first text")); err != nil {
 		t.Fatalf("retry of the stored record: %v", err)
 	}
-	got, err := FetchResult(ctx, b.js, "job-r")
+	got, err := FetchResult(ctx, b.js, "", "job-r")
 	if err != nil {
 		t.Fatalf("FetchResult: %v", err)
 	}
@@ -50,7 +51,7 @@ func TestResultsStreamRefusesSecondRecordByItself(t *testing.T) {
 	if err := RecordResult(ctx, b.js, newResult("job-s", 1, "a", "x")); err != nil {
 		t.Fatal(err)
 	}
-	_, err := b.js.Publish(ctx, ResultSubject("job-s"), []byte(`{"rogue":true}`))
+	_, err := b.js.Publish(ctx, ResultSubject("", "job-s"), []byte(`{"rogue":true}`))
 	if err == nil {
 		t.Fatal("plain publish of a second record was accepted")
 	}
@@ -91,7 +92,7 @@ func TestRecordResultRaceHasOneWinner(t *testing.T) {
 	if winners != 1 {
 		t.Fatalf("%d writers won, want exactly 1 (%v)", winners, errs)
 	}
-	got, err := FetchResult(ctx, b.js, "job-race")
+	got, err := FetchResult(ctx, b.js, "", "job-race")
 	if err != nil || got.Attempt != winner {
 		t.Fatalf("stored record attempt %v (%v), want the winner's %d", got, err, winner)
 	}
@@ -101,7 +102,7 @@ func TestFetchAndPurgeResult(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, ProvisionOptions{})
 	ctx := ctxT(t)
-	if _, err := FetchResult(ctx, b.js, "nothing-here"); !errors.Is(err, ErrNoResult) {
+	if _, err := FetchResult(ctx, b.js, "", "nothing-here"); !errors.Is(err, ErrNoResult) {
 		t.Fatalf("FetchResult of an unknown job: err = %v, want ErrNoResult", err)
 	}
 	p, err := NewProducer(b.nc)
@@ -117,17 +118,17 @@ func TestFetchAndPurgeResult(t *testing.T) {
 	if err != nil || got.Status != schemas.StatusFailed || got.Error == nil || got.Error.Code != "runtime_crashed" {
 		t.Fatalf("Result = %+v, %v", got, err)
 	}
-	if err := PurgeResult(ctx, b.js, "job-p"); err != nil {
+	if err := PurgeResult(ctx, b.js, "", "job-p"); err != nil {
 		t.Fatalf("PurgeResult: %v", err)
 	}
-	if _, err := FetchResult(ctx, b.js, "job-p"); !errors.Is(err, ErrNoResult) {
+	if _, err := FetchResult(ctx, b.js, "", "job-p"); !errors.Is(err, ErrNoResult) {
 		t.Fatalf("after purge: err = %v, want ErrNoResult", err)
 	}
 	// A replay records a new outcome under a later attempt number.
 	if err := RecordResult(ctx, b.js, newResult("job-p", 2, "b", "new")); err != nil {
 		t.Fatalf("RecordResult after purge: %v", err)
 	}
-	if got, err := FetchResult(ctx, b.js, "job-p"); err != nil || got.Text != "new" {
+	if got, err := FetchResult(ctx, b.js, "", "job-p"); err != nil || got.Text != "new" {
 		t.Fatalf("after replay: %+v, %v", got, err)
 	}
 }
@@ -145,7 +146,61 @@ func TestRecordResultRejectsInvalidRecord(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.GetLastMsgForSubject(ctx, ResultSubject("job-i")); !errors.Is(err, jetstream.ErrMsgNotFound) {
+	if _, err := s.GetLastMsgForSubject(ctx, ResultSubject("", "job-i")); !errors.Is(err, jetstream.ErrMsgNotFound) {
 		t.Fatalf("invalid record was stored: %v", err)
+	}
+}
+
+func TestRecordTenantKeepsOnlyTenantNames(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]string{"a": "a", "acme-1_x": "acme-1_x", "": "", "A": "", "a.b": "", "*": "", ">": "", "-a": ""} {
+		if got := RecordTenant(in); got != want {
+			t.Errorf("RecordTenant(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// Records live under their job's tenant: the same id in two tenants is two jobs,
+// and a job without a tenant is the default tenant's.
+func TestResultsAreKeptPerTenant(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, ProvisionOptions{})
+	ctx := ctxT(t)
+	a := newResult("job-t", 1, "w", "for a")
+	a.Tenant = "a"
+	if err := RecordResult(ctx, b.js, a); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := FetchResult(ctx, b.js, "b", "job-t"); !errors.Is(err, ErrNoResult) {
+		t.Fatalf("tenant b sees tenant a's record: err = %v, want ErrNoResult", err)
+	}
+	if _, err := FetchResult(ctx, b.js, "", "job-t"); !errors.Is(err, ErrNoResult) {
+		t.Fatalf("the default tenant sees tenant a's record: err = %v, want ErrNoResult", err)
+	}
+	pa, err := NewProducer(b.nc, WithTenant("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := pa.Result(ctx, "job-t"); err != nil || got.Text != "for a" {
+		t.Fatalf("tenant a's producer: %+v, %v", got, err)
+	}
+	d := newResult("job-t", 1, "w", "for default")
+	if err := RecordResult(ctx, b.js, d); err != nil {
+		t.Fatalf("default tenant's record of the same id: %v", err)
+	}
+	if got, err := FetchResult(ctx, b.js, DefaultTenant, "job-t"); err != nil || got.Text != "for default" {
+		t.Fatalf("default tenant by name: %+v, %v", got, err)
+	}
+	if raw, err := StoredResult(ctx, b.js, "a", "job-t"); err != nil || !strings.Contains(string(raw), "for a") {
+		t.Fatalf("StoredResult of tenant a's record: %s, %v", raw, err)
+	}
+	if _, err := StoredResult(ctx, b.js, "b", "job-t"); !errors.Is(err, ErrNoResult) {
+		t.Fatalf("StoredResult under tenant b: err = %v, want ErrNoResult", err)
+	}
+	if err := PurgeResult(ctx, b.js, "a", "job-t"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := FetchResult(ctx, b.js, "", "job-t"); err != nil {
+		t.Fatalf("purging tenant a's record removed the default tenant's: %v", err)
 	}
 }

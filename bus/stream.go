@@ -86,6 +86,7 @@ func (e Event) Terminal() bool { return e.Result != nil }
 // record when the stream goes quiet or the caller's ctx ends. Next and Events
 // are for one goroutine; Close may be called from any.
 type JobStream struct {
+	tenant  string // whose RESULTS record the stream falls back to
 	jobID   string
 	replyTo string
 	js      jetstream.JetStream
@@ -123,15 +124,16 @@ func OpenStream(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, job 
 	if job.ReplyTo == "" {
 		job.ReplyTo = ReplySubject(job.Tenant, job.ID)
 	}
-	return subscribe(ctx, nc, js, job.ID, job.ReplyTo, opts)
+	return subscribe(ctx, nc, js, job.Tenant, job.ID, job.ReplyTo, opts)
 }
 
 // Watch subscribes to the reply subject of a job that may already be submitted,
 // running or finished, e.g. by a caller that restarted. The first Next checks
 // RESULTS at once, so a job that finished meanwhile yields its record without
-// waiting for the stream to go quiet.
-func Watch(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, jobID, replyTo string, opts StreamOptions) (*JobStream, error) {
-	s, err := subscribe(ctx, nc, js, jobID, replyTo, opts)
+// waiting for the stream to go quiet. tenant is the job's ("" is the default
+// tenant): its RESULTS record lives under it.
+func Watch(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenant, jobID, replyTo string, opts StreamOptions) (*JobStream, error) {
+	s, err := subscribe(ctx, nc, js, tenant, jobID, replyTo, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -142,7 +144,7 @@ func Watch(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, jobID, re
 // flushTimeout bounds the round trip that makes a new subscription known.
 const flushTimeout = 10 * time.Second
 
-func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, jobID, replyTo string, opts StreamOptions) (*JobStream, error) {
+func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenant, jobID, replyTo string, opts StreamOptions) (*JobStream, error) {
 	if nc == nil {
 		return nil, fmt.Errorf("bus: watch %s: %w", jobID, ErrNotConnected)
 	}
@@ -182,7 +184,7 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, jobID
 		}
 		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
 	}
-	return &JobStream{jobID: jobID, replyTo: replyTo, js: js, sub: sub, opts: opts}, nil
+	return &JobStream{tenant: tenant, jobID: jobID, replyTo: replyTo, js: js, sub: sub, opts: opts}, nil
 }
 
 // SubmitStream opens the stream for job on nc (the connection p was built on),
@@ -196,8 +198,8 @@ func SubmitStream(ctx context.Context, p *Producer, nc *nats.Conn, job *schemas.
 	if job.ID == "" {
 		job.ID = NewJobID()
 	}
-	if job.ReplyTo == "" && job.Tenant == "" {
-		job.ReplyTo = p.ReplySubject(job.ID) // the subject Submit would choose
+	if job.Tenant == "" {
+		job.Tenant = p.tenant // what Submit would fill: the stream's RESULTS fallback needs it
 	}
 	s, err := OpenStream(ctx, nc, p.JetStream(), job, opts)
 	if err != nil {
@@ -384,7 +386,7 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 
 // lookup reads the job's RESULTS record; ok is false when there is none yet.
 func (s *JobStream) lookup(ctx context.Context) (Event, bool, error) {
-	res, err := FetchResult(ctx, s.js, s.jobID)
+	res, err := FetchResult(ctx, s.js, s.tenant, s.jobID)
 	if errors.Is(err, ErrNoResult) {
 		return Event{}, false, nil
 	}

@@ -1,12 +1,14 @@
 package bus
 
+import "regexp"
+
 // Every subject, stream and bucket name the system uses lives in this file; the
 // README's subject reference is written from it.
 
 const (
 	// StreamJobs holds queued jobs (work-queue retention, discard-new).
 	StreamJobs = "JOBS"
-	// StreamResults holds one terminal record per job, under ResultSubject(id).
+	// StreamResults holds one terminal record per job, under ResultSubject(tenant, id).
 	StreamResults = "RESULTS"
 	// StreamDLQ holds dead-lettered jobs, under DLQSubject(id).
 	StreamDLQ = "DLQ"
@@ -18,7 +20,7 @@ const (
 
 	// SubjectJobsAll matches every job subject: mlx.jobs.<priority>.<job-id>.
 	SubjectJobsAll = "mlx.jobs.>"
-	// SubjectResultsAll matches every result subject: mlx.results.<job-id>.
+	// SubjectResultsAll matches every result subject: mlx.results.<tenant>.<job-id>.
 	SubjectResultsAll = "mlx.results.>"
 	// SubjectDLQAll matches every DLQ subject: mlx.dlq.<job-id>.
 	SubjectDLQAll = "mlx.dlq.>"
@@ -28,6 +30,8 @@ const (
 	SubjectAttemptsAll = "mlx.attempts.>"
 	// SubjectAssignAll matches every worker's assignment subject.
 	SubjectAssignAll = "mlx.worker.*.assign"
+	// ResultsPrefix starts result subjects: mlx.results.<tenant>.<job-id>.
+	ResultsPrefix = "mlx.results"
 	// ReplyPrefix starts default reply subjects: mlx.reply.<tenant>.<job-id>.
 	ReplyPrefix = "mlx.reply"
 )
@@ -38,8 +42,27 @@ func JobSubject(priority, jobID string) string { return "mlx.jobs." + priority +
 // JobsPrioritySubject matches all jobs of one priority.
 func JobsPrioritySubject(priority string) string { return "mlx.jobs." + priority + ".*" }
 
-// ResultSubject holds the terminal record of a job in RESULTS.
-func ResultSubject(jobID string) string { return "mlx.results." + jobID }
+// ResultSubject holds the terminal record of a job in RESULTS. The tenant token
+// lets a producer's credential read its own tenant's records only (by direct get
+// on the subject); a job without a tenant is the "default" tenant's, as for replies.
+func ResultSubject(tenant, jobID string) string {
+	return ResultsPrefix + "." + tenantToken(tenant) + "." + jobID
+}
+
+// ResultsTenantSubject matches every result subject of one tenant.
+func ResultsTenantSubject(tenant string) string {
+	return ResultsPrefix + "." + tenantToken(tenant) + ".>"
+}
+
+// DefaultTenant is the tenant token of jobs that name none.
+const DefaultTenant = "default"
+
+func tenantToken(tenant string) string {
+	if tenant == "" {
+		return DefaultTenant
+	}
+	return tenant
+}
 
 // DLQSubject holds a dead-lettered job in DLQ.
 func DLQSubject(jobID string) string { return "mlx.dlq." + jobID }
@@ -55,8 +78,19 @@ func AssignSubject(workerID string) string { return "mlx.worker." + workerID + "
 
 // ReplySubject is the default reply subject for a job's token events.
 func ReplySubject(tenant, jobID string) string {
-	if tenant == "" {
-		tenant = "default"
+	return ReplyPrefix + "." + tenantToken(tenant) + "." + jobID
+}
+
+// tenantPattern is the job schema's tenant pattern (schemas/job.json).
+var tenantPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
+
+// RecordTenant is the tenant a job's terminal record is kept under, given the
+// tenant the job names: that tenant when it is a valid name, else "" (the
+// default tenant), since an invalid job's tenant may be what broke its schema
+// and must not become a subject token.
+func RecordTenant(tenant string) string {
+	if tenantPattern.MatchString(tenant) {
+		return tenant
 	}
-	return ReplyPrefix + "." + tenant + "." + jobID
+	return ""
 }

@@ -31,7 +31,6 @@ type Dispatcher struct {
 
 	jobsStream    jetstream.Stream
 	cancelsStream jetstream.Stream
-	resultsStream jetstream.Stream
 	consumers     [3]jetstream.Consumer
 	pullWRR       wrr // pull goroutine only
 
@@ -142,7 +141,7 @@ func (d *Dispatcher) attach(ctx context.Context) (jetstream.KeyValue, error) {
 	if d.cancelsStream, err = d.js.Stream(ctx, bus.StreamCancels); err != nil {
 		return nil, fmt.Errorf("dispatcher: stream %s: %w", bus.StreamCancels, err)
 	}
-	if d.resultsStream, err = d.js.Stream(ctx, bus.StreamResults); err != nil {
+	if _, err = d.js.Stream(ctx, bus.StreamResults); err != nil { // read by bus.StoredResult
 		return nil, fmt.Errorf("dispatcher: stream %s: %w", bus.StreamResults, err)
 	}
 	for i, p := range schemas.Priorities {

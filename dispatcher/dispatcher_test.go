@@ -413,6 +413,19 @@ func TestInvalidAndAlreadyFinished(t *testing.T) {
 	if r := e.waitResult("bad", 10*time.Second); r.Status != schemas.StatusFailed || r.Error.Code != "invalid_request" {
 		t.Fatalf("bad: %+v", r)
 	}
+	// An invalid job's failure is kept under its tenant, where its producer may
+	// read it, unless the tenant is no tenant name (it may be what is invalid).
+	for _, c := range []struct{ id, raw, tenant string }{
+		{"bad-a", `{"id":"bad-a","tenant":"a"}`, "a"},
+		{"bad-t", `{"id":"bad-t","tenant":"Not.A.Tenant","model":"m","prompt":"x"}`, ""},
+	} {
+		if _, err := e.js.Publish(context.Background(), bus.JobSubject("normal", c.id), []byte(c.raw), jetstream.WithMsgID(c.id)); err != nil {
+			t.Fatal(err)
+		}
+		if r := e.waitTenantResult(c.tenant, c.id, 10*time.Second); r.Status != schemas.StatusFailed || r.Error.Code != "invalid_request" || r.Tenant != c.tenant {
+			t.Fatalf("%s: %+v", c.id, r)
+		}
+	}
 	// A job whose record already exists (it finished before a crash lost the ack).
 	done := &schemas.ResultMsg{Type: "result", JobID: "done", Attempt: 1, Status: schemas.StatusCompleted, FinishReason: "stop", Text: "x", FinishedAt: time.Now().UTC()}
 	if err := bus.RecordResult(context.Background(), e.js, done); err != nil {

@@ -131,18 +131,26 @@ func (e *testEnv) mustSubmit(j *schemas.JobRequest) {
 	}
 }
 
-func (e *testEnv) result(id string) (*schemas.ResultMsg, error) {
+func (e *testEnv) result(id string) (*schemas.ResultMsg, error) { return e.tenantResult("", id) }
+
+func (e *testEnv) tenantResult(tenant, id string) (*schemas.ResultMsg, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	return bus.FetchResult(ctx, e.js, id)
+	return bus.FetchResult(ctx, e.js, tenant, id)
 }
 
 // waitResult polls RESULTS until the job has its record.
 func (e *testEnv) waitResult(id string, within time.Duration) *schemas.ResultMsg {
 	e.tb.Helper()
+	return e.waitTenantResult("", id, within)
+}
+
+// waitTenantResult polls RESULTS until the job of tenant has its record.
+func (e *testEnv) waitTenantResult(tenant, id string, within time.Duration) *schemas.ResultMsg {
+	e.tb.Helper()
 	deadline := time.Now().Add(within)
 	for {
-		r, err := e.result(id)
+		r, err := e.tenantResult(tenant, id)
 		if err == nil {
 			return r
 		}

@@ -190,9 +190,12 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	}
 	d.mu.Unlock()
 	if invalid == nil {
-		// Through the stream handle got at start: one round trip per job, not
-		// the two (stream info, then the message) of a lookup by stream name.
-		raw, err := lastMsg(ictx, d.resultsStream, bus.ResultSubject(id))
+		// From the leader, not a direct get a replica may answer a moment
+		// behind: a finished job must not run again. One round trip per job.
+		raw, err := bus.StoredResult(ictx, d.js, j.req.Tenant, id)
+		if errors.Is(err, bus.ErrNoResult) {
+			raw, err = nil, nil
+		}
 		if err != nil {
 			d.handBack(j, err)
 			return nil
@@ -201,7 +204,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 			var res struct {
 				Status string `json:"status"`
 			}
-			if err := json.Unmarshal(raw.Data, &res); err != nil {
+			if err := json.Unmarshal(raw, &res); err != nil {
 				d.handBack(j, fmt.Errorf("decode result of %s: %w", id, err))
 				return nil
 			}

@@ -116,7 +116,7 @@ func (d *Dispatcher) finishByDispatcher(j *job, e Event, status string, errInfo 
 	res := &schemas.ResultMsg{
 		Type: "result", JobID: j.id, Attempt: attempt, Seq: j.nextSeq, Status: status,
 		Text: j.resume.Text, Usage: schemas.Usage{CompletionTokens: j.resume.CompletionTokens, TotalTokens: j.resume.CompletionTokens},
-		Error: errInfo, Model: j.req.Model, Tenant: j.req.Tenant, WorkerID: j.workerID, FinishedAt: time.Now().UTC(),
+		Error: errInfo, Model: j.req.Model, Tenant: bus.RecordTenant(j.req.Tenant), WorkerID: j.workerID, FinishedAt: time.Now().UTC(),
 	}
 	if status == schemas.StatusCancelled {
 		res.FinishReason = "cancelled"
@@ -306,7 +306,7 @@ func (d *Dispatcher) cancelInStream(ctx context.Context, id, reason string) {
 		var req schemas.JobRequest
 		_ = json.Unmarshal(raw.Data, &req)
 		res := &schemas.ResultMsg{Type: "result", JobID: id, Attempt: 0, Status: schemas.StatusCancelled, FinishReason: "cancelled",
-			Error: &schemas.ErrorInfo{Code: "cancelled", Message: reason}, Model: req.Model, Tenant: req.Tenant, FinishedAt: time.Now().UTC()}
+			Error: &schemas.ErrorInfo{Code: "cancelled", Message: reason}, Model: req.Model, Tenant: bus.RecordTenant(req.Tenant), FinishedAt: time.Now().UTC()}
 		err = recordResult(ctx, d.js, res)
 		if err == nil && req.ReplyTo != "" {
 			if data, err := json.Marshal(res); err == nil {

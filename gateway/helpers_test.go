@@ -198,7 +198,7 @@ func (fw *fakeWorker) serve(job schemas.JobRequest) {
 		_ = fw.nc.Publish(job.ReplyTo, data)
 	}
 	res := schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: attempt, Seq: len(tokens), Status: s.status,
-		FinishReason: s.finish, Text: text.String(), Model: job.Model, WorkerID: "fake-1", FinishedAt: time.Now().UTC(),
+		FinishReason: s.finish, Text: text.String(), Model: job.Model, Tenant: job.Tenant, WorkerID: "fake-1", FinishedAt: time.Now().UTC(),
 		Usage: schemas.Usage{PromptTokens: s.prompt, CompletionTokens: len(tokens), TotalTokens: s.prompt + len(tokens)}}
 	if s.errCode != "" {
 		res.Error = &schemas.ErrorInfo{Code: s.errCode, Message: "fake failure: " + s.errCode}

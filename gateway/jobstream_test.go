@@ -214,7 +214,7 @@ func TestJobStreamWatchFinishedJob(t *testing.T) {
 	publishResult(t, tb, "", testResult(id, 1, 1, "z"), false)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	s, err := bus.Watch(ctx, tb.nc, nil, id, bus.ReplySubject("", id), bus.StreamOptions{QuietAfter: time.Hour})
+	s, err := bus.Watch(ctx, tb.nc, nil, "", id, bus.ReplySubject("", id), bus.StreamOptions{QuietAfter: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}

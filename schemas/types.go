@@ -100,7 +100,7 @@ type ErrorInfo struct {
 }
 
 // ResultMsg is the terminal record of a job (schema "result"): the last event on its
-// reply subject and the one record in RESULTS under mlx.results.<job-id>.
+// reply subject and the one record in RESULTS under mlx.results.<tenant>.<job-id>.
 type ResultMsg struct {
 	Type         string     `json:"type"` // always "result"
 	JobID        string     `json:"job_id"`

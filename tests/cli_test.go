@@ -197,6 +197,25 @@ func TestCLIAgainstUp(t *testing.T) {
 		}
 	})
 
+	t.Run("a result is read under its job's tenant", func(t *testing.T) {
+		out, _, code := up.cli(t, "", "submit", "--detach", "--tenant", "acme", "-m", "tiny-model", "--max-tokens", "4", "tenant")
+		id := strings.TrimSpace(out)
+		if code != 0 || id == "" {
+			t.Fatalf("code %d out %q", code, out)
+		}
+		var res schemas.ResultMsg
+		waitFor(t, time.Minute, func() bool {
+			out, _, code := up.cli(t, "", "result", "--tenant", "acme", "--json", id)
+			return code == 0 && json.Unmarshal([]byte(out), &res) == nil
+		})
+		if res.JobID != id || res.Tenant != "acme" || res.Status != schemas.StatusCompleted {
+			t.Fatalf("result %+v", res)
+		}
+		if _, errOut, code := up.cli(t, "", "result", id); code == 0 || !strings.Contains(errOut, "no result yet") {
+			t.Fatalf("the default tenant's lookup found tenant acme's job: code %d err %q", code, errOut)
+		}
+	})
+
 	t.Run("result of an unknown job fails clearly", func(t *testing.T) {
 		_, errOut, code := up.cli(t, "", "result", "no-such-job")
 		if code == 0 || !strings.Contains(errOut, "no result yet") {

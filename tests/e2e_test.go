@@ -37,7 +37,7 @@ func TestJobRunsEndToEnd(t *testing.T) {
 	if o.missed != 0 || o.restarted {
 		t.Fatalf("gaps %d restarted %v", o.missed, o.restarted)
 	}
-	stored, err := bus.FetchResult(ctx, s.bus.JS, r.JobID)
+	stored, err := bus.FetchResult(ctx, s.bus.JS, r.Tenant, r.JobID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,10 +177,22 @@ func TestCancelQueuedJob(t *testing.T) {
 		done <- o
 	}()
 	waitFor(t, 10*time.Second, func() bool { return jobQueued(t, s, job.ID) })
-	if err := s.prod.Cancel(ctx, job.ID, "test"); err != nil {
-		t.Fatal(err)
+	// startDispatcher does not wait for the dispatcher's subscriptions, and a
+	// cancel published before them takes effect only when the job is pulled,
+	// which needs a worker. So the cancel is repeated until the caller's terminal
+	// arrives; a repeat of a cancel is harmless.
+	var o *outcome
+	for o == nil {
+		if err := s.prod.Cancel(ctx, job.ID, "test"); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case o = <-done:
+		case <-time.After(time.Second):
+		case <-ctx.Done():
+			t.Fatal("no terminal after repeated cancels")
+		}
 	}
-	o := <-done
 	if o == nil || o.result.Status != schemas.StatusCancelled || o.tokens != 0 {
 		t.Fatalf("outcome: %+v", o)
 	}

@@ -46,6 +46,7 @@ func TestE2EJobStreamsTokensAndRecordsOneResult(t *testing.T) {
 	resumed := newJob("Hello world", 12)
 	bad := newJob("", 10) // neither prompt nor messages: fails the job schema
 	bad.Prompt = ""
+	bad.Tenant = "t1" // its failure is kept where tenant t1's producer may read it
 	cGood, cRes, cBad := collect(t, b.nc, good.ReplyTo), collect(t, b.nc, resumed.ReplyTo), collect(t, b.nc, bad.ReplyTo)
 
 	m := batch("tiny", good, resumed, bad)
@@ -94,7 +95,7 @@ func TestE2EJobStreamsTokensAndRecordsOneResult(t *testing.T) {
 	if br.Status != schemas.StatusFailed || br.Error == nil || br.Error.Code != "invalid_request" || len(cBad.tokens) != 0 {
 		t.Fatalf("invalid job result %+v", br)
 	}
-	if got := fetchResult(t, b.js, bad.ID); got.Status != schemas.StatusFailed {
+	if got := fetchTenantResult(t, b.js, "t1", bad.ID); got.Status != schemas.StatusFailed || got.Tenant != "t1" {
 		t.Fatalf("invalid job RESULTS %+v", got)
 	}
 

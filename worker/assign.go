@@ -8,6 +8,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -35,6 +36,7 @@ type rawAssignment struct {
 // invalidJob is a job that failed its schema: it gets a failed terminal.
 type invalidJob struct {
 	id, replyTo, model string
+	tenant             string
 	attempt            int
 	err                error
 }
@@ -67,9 +69,10 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 				ID      string `json:"id"`
 				ReplyTo string `json:"reply_to"`
 				Model   string `json:"model"`
+				Tenant  string `json:"tenant"`
 			}
 			_ = json.Unmarshal(rj.Job, &loose)
-			invalid = append(invalid, invalidJob{id: loose.ID, replyTo: loose.ReplyTo, model: loose.Model, attempt: rj.Attempt, err: err})
+			invalid = append(invalid, invalidJob{id: loose.ID, replyTo: loose.ReplyTo, model: loose.Model, tenant: loose.Tenant, attempt: rj.Attempt, err: err})
 			continue
 		}
 		runs = append(runs, newJobRun(schemas.AssignedJob{Job: j, Attempt: rj.Attempt, Resume: rj.Resume, Traceparent: rj.Traceparent}))
@@ -159,6 +162,7 @@ func (a *Agent) failInvalid(bad invalidJob) {
 	res := &schemas.ResultMsg{
 		Type: "result", JobID: bad.id, Attempt: bad.attempt, Status: schemas.StatusFailed,
 		WorkerID: a.cfg.WorkerID, // no model: it may be what broke the schema
+		Tenant:   bus.RecordTenant(bad.tenant),
 		Error:    &schemas.ErrorInfo{Code: CodeInvalidRequest, Message: bad.err.Error()},
 	}
 	ctx, cancel := context.WithTimeout(a.jobCtx, a.cfg.ResultTimeout+5*time.Second)

@@ -374,12 +374,18 @@ func batch(model string, jobs ...schemas.JobRequest) *schemas.AssignmentMsg {
 	return m
 }
 
-// fetchResult reads a job's RESULTS record, validated.
+// fetchResult reads the RESULTS record of a job of no tenant, validated.
 func fetchResult(t testing.TB, js jetstream.JetStream, jobID string) *schemas.ResultMsg {
+	t.Helper()
+	return fetchTenantResult(t, js, "", jobID)
+}
+
+// fetchTenantResult reads the RESULTS record of a job of tenant, validated.
+func fetchTenantResult(t testing.TB, js jetstream.JetStream, tenant, jobID string) *schemas.ResultMsg {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	r, err := bus.FetchResult(ctx, js, jobID)
+	r, err := bus.FetchResult(ctx, js, tenant, jobID)
 	if err != nil {
 		t.Fatalf("RESULTS record of %s: %v", jobID, err)
 	}
@@ -395,11 +401,11 @@ func resultsCount(t testing.TB, js jetstream.JetStream, jobID string) uint64 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(bus.ResultSubject(jobID)))
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(bus.ResultSubject("", jobID)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return info.State.Subjects[bus.ResultSubject(jobID)]
+	return info.State.Subjects[bus.ResultSubject("", jobID)]
 }
 
 // waitHeartbeat waits for the registry entry to satisfy ok, watching the key.

@@ -73,7 +73,7 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		if dryRun {
 			continue
 		}
-		if err := bus.PurgeResult(ctx, js, rec.Job.ID); err != nil {
+		if err := bus.PurgeResult(ctx, js, bus.RecordTenant(rec.Job.Tenant), rec.Job.ID); err != nil {
 			return n, err
 		}
 		job := rec.Job

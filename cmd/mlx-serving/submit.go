@@ -74,12 +74,7 @@ func cmdSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	defer s.Close()
 
 	if tenant == "" {
-		// A producer credential may only read its own tenant's replies, so its
-		// tenant is the only one that can work (auth names them producer-<tenant>).
-		tenant = strings.TrimPrefix(s.cfg.NATSUser, string(auth.RoleProducer)+"-")
-		if tenant == s.cfg.NATSUser {
-			tenant = ""
-		}
+		tenant = credentialTenant(s.cfg.NATSUser)
 	}
 	job := &schemas.JobRequest{ID: id, Model: model, MaxTokens: maxTokens, Priority: priority, Tenant: tenant}
 	if temperature != 0 {
@@ -210,7 +205,10 @@ func submitError(stderr io.Writer, err error) int {
 }
 
 func cmdResult(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	s, code, ok := openClient(ctx, "result", args, stderr, nil)
+	var tenant string
+	s, code, ok := openClient(ctx, "result", args, stderr, func(fs *flagSet) {
+		fs.StringVar(&tenant, "tenant", "", "the job's tenant (default: the producer credential's, else default)")
+	})
 	if !ok {
 		return code
 	}
@@ -219,7 +217,10 @@ func cmdResult(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		fmt.Fprintln(stderr, "usage: mlx-serving result [flags] <job-id>")
 		return exitUsage
 	}
-	r, err := s.prod.Result(ctx, s.args[0])
+	if tenant == "" {
+		tenant = credentialTenant(s.cfg.NATSUser)
+	}
+	r, err := s.prod.TenantResult(ctx, tenant, s.args[0])
 	if errors.Is(err, bus.ErrNoResult) {
 		fmt.Fprintf(stderr, "mlx-serving result: job %s has no result yet (unknown, queued or still running)\n", s.args[0])
 		return exitNoResult
@@ -267,4 +268,15 @@ func cmdCancel(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		fmt.Fprintf(stdout, "cancel requested for %s\n", s.args[0])
 	}
 	return 0
+}
+
+// credentialTenant is the tenant of a producer credential's user
+// (producer-<tenant>), the only tenant whose replies and results it may read;
+// "" (the default tenant) for any other user.
+func credentialTenant(natsUser string) string {
+	tenant, ok := strings.CutPrefix(natsUser, string(auth.RoleProducer)+"-")
+	if !ok {
+		return ""
+	}
+	return tenant
 }

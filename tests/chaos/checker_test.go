@@ -165,7 +165,7 @@ func check(ctx context.Context, js jetstream.JetStream, h *history, faults map[s
 			r.notSubmitted = append(r.notSubmitted, fmt.Sprintf("%s (%v)", id, c.submitErr))
 			continue
 		}
-		stored, err := bus.FetchResult(ctx, js, id)
+		stored, err := bus.FetchResult(ctx, js, "", id) // the campaign's jobs name no tenant
 		if errors.Is(err, bus.ErrNoResult) {
 			r.lost = append(r.lost, fmt.Sprintf("%s (%s, caller err %v)", id, w.story(h.start), c.streamErr))
 			continue
@@ -173,7 +173,7 @@ func check(ctx context.Context, js jetstream.JetStream, h *history, faults map[s
 		if err != nil {
 			return nil, fmt.Errorf("fetch result %s: %w", id, err)
 		}
-		if n := counts[bus.ResultSubject(id)]; n != 1 {
+		if n := counts[bus.ResultSubject("", id)]; n != 1 {
 			r.dupTerminals = append(r.dupTerminals, fmt.Sprintf("%s: %d records in RESULTS", id, n))
 		}
 		if len(w.replyTerminals) > 1 {

@@ -61,7 +61,7 @@ type history struct {
 }
 
 type wireRec struct {
-	resultWrites   []wireEv // publishes on mlx.results.<id>
+	resultWrites   []wireEv // publishes on mlx.results.<tenant>.<id>
 	assigns        []wireEv
 	tokens         []wireEv
 	replyTerminals []wireEv
@@ -236,7 +236,7 @@ func (pr *producer) submit(ctx context.Context, rec *callerRecord, job *schemas.
 			return st
 		case errors.Is(err, bus.ErrDuplicate) && rec.submitTries > 1:
 			rec.watched = true
-			w, werr := bus.Watch(ctx, pr.nc, pr.p.JetStream(), job.ID, job.ReplyTo, pr.opts)
+			w, werr := bus.Watch(ctx, pr.nc, pr.p.JetStream(), job.Tenant, job.ID, job.ReplyTo, pr.opts)
 			if werr == nil {
 				return w
 			}

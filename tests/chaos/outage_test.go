@@ -84,7 +84,7 @@ func TestOutageReplay(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, id := range ids {
-		r, err := bus.FetchResult(ctx, f.js, id)
+		r, err := bus.FetchResult(ctx, f.js, "", id)
 		if err != nil {
 			t.Errorf("%s: %v", id, err)
 			continue
@@ -92,7 +92,7 @@ func TestOutageReplay(t *testing.T) {
 		if r.Status != schemas.StatusCompleted || r.Text == "" {
 			t.Errorf("%s: %s %q %+v", id, r.Status, r.Text, r.Error)
 		}
-		if n := counts[bus.ResultSubject(id)]; n != 1 {
+		if n := counts[bus.ResultSubject("", id)]; n != 1 {
 			t.Errorf("%s: %d records in RESULTS", id, n)
 		}
 	}
