@@ -38,10 +38,12 @@ func TestCompletesAndAcks(t *testing.T) {
 func TestBatchingWithinWindow(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, bus.ProvisionOptions{})
-	w := e.startWorker("w1", 8, []string{"a", "b"}, nil)
+	// Twice the batch size: the free slots a dispatcher counts lag the worker's
+	// heartbeat, and this test is about grouping, not about that lag.
+	w := e.startWorker("w1", 16, []string{"a", "b"}, nil)
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.MaxWait = 1500 * time.Millisecond // wide, so a loaded test machine does not race the window; a full batch goes at once
-	_, _ = runDispatcher(t, cfg)
+	d, _ := runDispatcher(t, cfg)
 
 	for i := range 8 {
 		e.mustSubmit(newJob(fmt.Sprintf("a-%d", i), "a", "normal"))
@@ -58,6 +60,9 @@ func TestBatchingWithinWindow(t *testing.T) {
 	for i := range 8 {
 		e.waitResult(fmt.Sprintf("a-%d", i), 10*time.Second)
 	}
+	// Batches are sized to the free slots the dispatcher knows of; it gets them
+	// back as it sees the results, which may come after the test saw them.
+	waitFor(t, 10*time.Second, "dispatcher saw the results", func() bool { return d.Metrics().Completed.Load() >= 8 })
 	// Mixed models split into one batch per model.
 	for i := range 3 {
 		e.mustSubmit(newJob(fmt.Sprintf("ma-%d", i), "a", "normal"))
@@ -69,6 +74,9 @@ func TestBatchingWithinWindow(t *testing.T) {
 	}
 	_, _, batches := w.snapshot()
 	if len(batches) != 3 {
+		for _, b := range batches {
+			t.Logf("batch %s of %d", b.Model, len(b.Jobs))
+		}
 		t.Fatalf("want 3 batches (a×8, a×3, b×3), got %d", len(batches))
 	}
 	for _, b := range batches[1:] {
