@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -21,14 +20,13 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 // fakeRuntimeEnv makes the test binary act as a runtime (see TestMain), so the
 // supervisor can be tested against a process without Python.
 const fakeRuntimeEnv = "MLX_SERVING_FAKE_RUNTIME"
-
-var tinyModelDir string
 
 func TestMain(m *testing.M) {
 	if os.Getenv(fakeRuntimeEnv) == "1" {
@@ -39,11 +37,7 @@ func TestMain(m *testing.M) {
 	if os.Getenv(helperEnv) == "1" {
 		runHelperAgent()
 	}
-	code := m.Run()
-	if generatedModelDir != "" {
-		os.RemoveAll(generatedModelDir)
-	}
-	os.Exit(code)
+	os.Exit(m.Run())
 }
 
 // processGone reports whether pid has exited (a zombie counts as gone: only its
@@ -57,61 +51,11 @@ func processGone(pid int) bool {
 	return syscall.Kill(pid, 0) != nil
 }
 
-func repoRoot() string {
-	dir, _ := os.Getwd()
-	return filepath.Dir(dir) // worker/ is one level below the module root
-}
+// pythonPath and tinyModel are the real runtime's interpreter and the tiny model,
+// shared with every end-to-end test (internal/testenv).
+func pythonPath(t testing.TB) string { return testenv.Python(t) }
 
-func pythonPath(t testing.TB) string {
-	t.Helper()
-	p := os.Getenv("MLX_SERVING_PYTHON")
-	if p == "" {
-		p = filepath.Join(repoRoot(), "python", ".venv", "bin", "python")
-	}
-	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("the runtime's interpreter %s is missing (run `go tool task setup` or set MLX_SERVING_PYTHON): %v", p, err)
-	}
-	return p
-}
-
-var (
-	modelOnce         sync.Once
-	modelErr          error
-	generatedModelDir string
-)
-
-// tinyModel is MLX_SERVING_TINY_MODEL, else <repo>/.cache/tiny-model, else one
-// model generated once for the whole package run.
-func tinyModel(t testing.TB) string {
-	t.Helper()
-	modelOnce.Do(func() {
-		cands := []string{os.Getenv("MLX_SERVING_TINY_MODEL"), filepath.Join(repoRoot(), ".cache", "tiny-model")}
-		for _, c := range cands {
-			if c == "" {
-				continue
-			}
-			if _, err := os.Stat(filepath.Join(c, "config.json")); err == nil {
-				tinyModelDir = c
-				return
-			}
-		}
-		dir, err := os.MkdirTemp("", "worker-tiny-model-")
-		if err != nil {
-			modelErr = err
-			return
-		}
-		out, err := exec.Command(pythonPath(t), "-m", "mlx_serving_runtime.tinymodel", dir).CombinedOutput()
-		if err != nil {
-			modelErr = fmt.Errorf("generate tiny model: %v: %s", err, out)
-			return
-		}
-		generatedModelDir, tinyModelDir = dir, dir
-	})
-	if modelErr != nil {
-		t.Fatal(modelErr)
-	}
-	return tinyModelDir
-}
+func tinyModel(t testing.TB) string { return testenv.TinyModel(t) }
 
 func testLogger(t testing.TB) zerolog.Logger {
 	if os.Getenv("WORKER_TEST_LOG") == "" {
