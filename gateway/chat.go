@@ -28,24 +28,7 @@ type contentPart struct {
 }
 
 func (g *Gateway) handleChat(w http.ResponseWriter, r *http.Request) {
-	var req chatRequest
-	if aerr := decodeBody(w, r, &req); aerr != nil {
-		g.fail(w, endpointChat, aerr)
-		return
-	}
-	job, pm, aerr := req.toJob(g.cfg.DefaultModel)
-	if aerr != nil {
-		g.fail(w, endpointChat, aerr)
-		return
-	}
-	g.run(w, r, runSpec{
-		endpoint:     endpointChat,
-		job:          job,
-		params:       pm,
-		stream:       req.stream(),
-		includeUsage: req.includeUsage(),
-		format:       chatFormat{},
-	})
+	serve[chatRequest](g, w, r, endpointChat, chatFormat{})
 }
 
 func (req *chatRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMap, *apiError) {

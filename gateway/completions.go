@@ -25,24 +25,7 @@ type completionRequest struct {
 }
 
 func (g *Gateway) handleCompletions(w http.ResponseWriter, r *http.Request) {
-	var req completionRequest
-	if aerr := decodeBody(w, r, &req); aerr != nil {
-		g.fail(w, endpointCompletions, aerr)
-		return
-	}
-	job, pm, aerr := req.toJob(g.cfg.DefaultModel)
-	if aerr != nil {
-		g.fail(w, endpointCompletions, aerr)
-		return
-	}
-	g.run(w, r, runSpec{
-		endpoint:     endpointCompletions,
-		job:          job,
-		params:       pm,
-		stream:       req.stream(),
-		includeUsage: req.includeUsage(),
-		format:       textFormat{},
-	})
+	serve[completionRequest](g, w, r, endpointCompletions, textFormat{})
 }
 
 func (req *completionRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMap, *apiError) {

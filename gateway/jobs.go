@@ -73,6 +73,31 @@ type runSpec struct {
 	format       format
 }
 
+// request is what an OpenAI endpoint's body decodes into: it maps itself to a
+// job and says how the answer should be delivered.
+type request[T any] interface {
+	*T
+	toJob(defaultModel string) (*schemas.JobRequest, paramMap, *apiError)
+	stream() bool
+	includeUsage() bool
+}
+
+// serve decodes a body of type T, maps it to a job and runs it; every generation
+// endpoint is this with its own request type and response format.
+func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Request, endpoint string, f format) {
+	req := R(new(T))
+	if aerr := decodeBody(w, r, req); aerr != nil {
+		g.fail(w, endpoint, aerr)
+		return
+	}
+	job, pm, aerr := req.toJob(g.cfg.DefaultModel)
+	if aerr != nil {
+		g.fail(w, endpoint, aerr)
+		return
+	}
+	g.run(w, r, runSpec{endpoint: endpoint, job: job, params: pm, stream: req.stream(), includeUsage: req.includeUsage(), format: f})
+}
+
 // fail answers with an OpenAI error and counts the refusal.
 func (g *Gateway) fail(w http.ResponseWriter, endpoint string, e *apiError) {
 	g.metrics.rejected.inc(e.Code)
