@@ -124,13 +124,13 @@ func TestProducerCannotPublishAssignments(t *testing.T) {
 	}
 	// A permitted publish after the refused one: the admin receives messages of
 	// one publisher in order, so seeing this one first proves the other was dropped.
-	if err := prod.nc.Publish("mlx.cancel.marker", []byte(`{}`)); err != nil {
+	if err := prod.nc.Publish("mlx.cancel.a.marker", []byte(`{}`)); err != nil {
 		t.Fatal(err)
 	}
 	prod.violation(t, "Publish", "mlx.worker.x.assign")
 	select {
 	case subj := <-seen:
-		if subj != "mlx.cancel.marker" {
+		if subj != "mlx.cancel.a.marker" {
 			t.Fatalf("admin received %s from a producer", subj)
 		}
 	case <-time.After(10 * time.Second):
@@ -163,10 +163,11 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 	}
 	ctx := testenv.Context(t, 30*time.Second)
 
-	// A worker credential answers as a worker would: a token event on the reply
-	// subject, then the terminal record in RESULTS and its event.
+	// A worker credential streams a token event on the reply subject; the
+	// dispatcher's writes the terminal record to RESULTS and sends its event
+	// (bus.Finish), as it does for a record a worker handed it.
 	wk := sb.connect(RoleWorker, "w1")
-	wjs := mustJS(t, wk.nc)
+	wjs := mustJS(t, sb.connect(RoleDispatcher, "").nc)
 	job := &schemas.JobRequest{Prompt: "hi"}
 	stream, ack, err := bus.SubmitStream(ctx, p, prodConn.nc, job, bus.StreamOptions{QuietAfter: 200 * time.Millisecond})
 	if err != nil {
@@ -183,12 +184,12 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 	now := time.Now().UTC()
 	res := &schemas.ResultMsg{Type: "result", JobID: ack.JobID, Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
 		Text: "hello", FinishReason: "stop", Model: "tiny", Tenant: "a", FinishedAt: now}
-	if err := bus.RecordResult(ctx, wjs, res); err != nil {
-		t.Fatalf("worker records a result: %v", err)
+	if err := bus.Finish(ctx, wjs, res, ack.ReplyTo); err != nil {
+		t.Fatalf("dispatcher records a result: %v", err)
 	}
 	// A retry after a lost ack reads the stored record to see it is its own.
 	if err := bus.RecordResult(ctx, wjs, res); err != nil {
-		t.Fatalf("worker retries its own record: %v", err)
+		t.Fatalf("dispatcher retries its own record: %v", err)
 	}
 	var texts []string
 	for ev, err := range stream.Events(ctx) {
@@ -229,7 +230,7 @@ func TestProducerCannotReadAnotherTenantsResults(t *testing.T) {
 	t.Parallel()
 	sb := startSecureBus(t)
 	ctx := testenv.Context(t, 60*time.Second)
-	wjs := mustJS(t, sb.connect(RoleWorker, "w1").nc)
+	wjs := mustJS(t, sb.connect(RoleDispatcher, "").nc)
 	for _, r := range []struct{ tenant, id, text string }{{"a", "job-a", "for a"}, {"b", "job-b", "for b"}} {
 		res := &schemas.ResultMsg{Type: "result", JobID: r.id, Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
 			Text: r.text, FinishReason: "stop", Model: "tiny", Tenant: r.tenant, FinishedAt: time.Now().UTC()}

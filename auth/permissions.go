@@ -70,7 +70,6 @@ const (
 )
 
 func streamInfo(stream string) string { return jsAPI + ".STREAM.INFO." + stream }
-func msgGet(stream string) string     { return jsAPI + ".STREAM.MSG.GET." + stream }
 
 // directGet is the direct get of the last message on subjects (a wildcard
 // pattern) of stream. A STREAM.MSG.GET names its subject in the request body,
@@ -156,12 +155,14 @@ func PermissionsFor(id Identity) (Permissions, error) {
 	case RoleAdmin:
 		return Permissions{PublishAllow: []string{">"}, SubscribeAllow: []string{">"}, AllowResponses: true}, nil
 	case RoleProducer:
+		// Every grant names the tenant's token, so the server refuses another
+		// tenant's jobs, cancels, replies and records whatever a message says.
 		if err := ValidTenant(id.Tenant); err != nil {
 			return Permissions{}, err
 		}
 		return Permissions{
-			PublishAllow:   append([]string{bus.SubjectJobsAll, bus.SubjectCancelAll}, resultReads(id.Tenant)...),
-			SubscribeAllow: []string{bus.ReplyPrefix + "." + id.Tenant + ".>", inbox},
+			PublishAllow:   append([]string{bus.JobsTenantSubject(id.Tenant), bus.CancelTenantSubject(id.Tenant)}, resultReads(id.Tenant)...),
+			SubscribeAllow: []string{bus.ReplyNamespace(id.Tenant), inbox},
 		}, nil
 	case RoleGateway:
 		pub := []string{bus.SubjectJobsAll, bus.SubjectCancelAll,
@@ -170,20 +171,23 @@ func PermissionsFor(id Identity) (Permissions, error) {
 		pub = append(pub, registryReads...)
 		return Permissions{PublishAllow: pub, SubscribeAllow: []string{bus.ReplyPrefix + ".>", inbox}}, nil
 	case RoleWorker:
+		// A worker reads its own assignments and the cancels of the jobs it runs
+		// (forwarded by their dispatcher), streams token events, and hands each
+		// terminal record to the dispatcher that placed the job: it cannot write
+		// or read RESULTS, and its worker id is in every subject it may publish
+		// on, so a dispatcher knows which worker speaks.
 		if err := ValidName(id.WorkerID); err != nil {
 			return Permissions{}, err
 		}
-		pub := []string{
-			bus.ReplyPrefix + ".>",    // token and terminal events, any tenant's job
-			bus.SubjectResultsAll,     // the terminal record (first writer wins)
-			bus.SubjectAttemptsAll,    // retryable failures
-			kvPutPrefix + id.WorkerID, // its own heartbeat (put and delete)
-			streamInfo(kvStream),      // binding the registry bucket
-		}
-		pub = append(pub, msgGet(bus.StreamResults)) // is the stored record its own? (bus.StoredResult)
 		return Permissions{
-			PublishAllow:   pub,
-			SubscribeAllow: []string{bus.AssignSubject(id.WorkerID), bus.SubjectCancelAll, inbox},
+			PublishAllow: []string{
+				bus.ReplyPrefix + ".>",          // token events of the jobs it runs
+				bus.DoneFromWorker(id.WorkerID), // terminal records, to their dispatcher
+				bus.AttemptSubject(id.WorkerID), // retryable failures
+				kvPutPrefix + id.WorkerID,       // its own heartbeat (put and delete)
+				streamInfo(kvStream),            // binding the registry bucket
+			},
+			SubscribeAllow: []string{bus.AssignSubject(id.WorkerID), bus.WorkerCancelSubject(id.WorkerID), inbox},
 			AllowResponses: true, // answering the dispatcher's assign requests
 		}, nil
 	case RoleDispatcher:
@@ -191,10 +195,11 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			PublishAllow: []string{
 				jsAPI + ".>", // provisioning, consumers, pulls, message gets, the registry
 				"$JS.ACK.>", "$JS.FC.>",
-				bus.SubjectAssignAll, bus.ReplyPrefix + ".>", bus.SubjectResultsAll, bus.SubjectDLQAll,
+				bus.SubjectAssignAll, bus.SubjectWorkerCancelAll, bus.ReplyPrefix + ".>", bus.SubjectResultsAll, bus.SubjectDLQAll,
 			},
-			SubscribeAllow: []string{bus.SubjectJobsAll, bus.SubjectResultsAll, bus.SubjectCancelAll,
-				bus.SubjectAttemptsAll, bus.ReplyPrefix + ".>", inbox},
+			SubscribeAllow: []string{bus.SubjectJobsAll, bus.SubjectCancelAll,
+				bus.SubjectDoneAll, bus.SubjectAttemptAll, bus.ReplyPrefix + ".>", inbox},
+			AllowResponses: true, // answering workers' terminal hand-overs
 		}, nil
 	}
 	return Permissions{}, fmt.Errorf("auth: unknown role %q", id.Role)

@@ -29,9 +29,10 @@ func queueJobs(ctx context.Context, js jetstream.JetStream, n int, progress func
 	now := time.Now().UnixNano()
 	for i := range n {
 		job := schemas.JobRequest{ID: fmt.Sprintf("q%08d-%d", i, now), Model: "bench-queued", Prompt: "x", MaxTokens: 1, Priority: "low"}
-		job.ReplyTo = bus.ReplySubject("bench", job.ID)
+		job.Tenant = "bench"
+		job.ReplyTo = bus.ReplySubject(job.Tenant, job.ID)
 		data, _ := json.Marshal(job)
-		if _, err := js.PublishAsync(bus.JobSubject("low", job.ID), data, jetstream.WithMsgID(job.ID), jetstream.WithStallWait(time.Minute)); err != nil {
+		if _, err := js.PublishAsync(bus.JobSubject(job.Tenant, "low", job.ID), data, jetstream.WithMsgID(job.ID), jetstream.WithStallWait(time.Minute)); err != nil {
 			return fmt.Errorf("publish queued job %d: %w", i, err)
 		}
 		progress()

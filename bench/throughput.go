@@ -103,23 +103,22 @@ func (w *fakeWorker) serve(m *nats.Msg) {
 		w.heartbeat() // busy
 	}
 	for _, aj := range a.Jobs {
-		go w.run(aj)
+		go w.run(aj, a.DispatcherID)
 	}
 }
 
-func (w *fakeWorker) run(aj schemas.AssignedJob) {
+func (w *fakeWorker) run(aj schemas.AssignedJob, dispatcherID string) {
 	job := aj.Job
 	ev, _ := json.Marshal(schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: aj.Attempt, Seq: 0, Delta: "x", Tokens: 1})
 	_ = w.nc.Publish(job.ReplyTo, ev)
 	res := &schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: aj.Attempt, Seq: 1, Status: schemas.StatusCompleted, FinishReason: "length",
 		Text: "x", Usage: schemas.Usage{CompletionTokens: 1, TotalTokens: 1}, Model: job.Model, Tenant: job.Tenant, WorkerID: w.id, FinishedAt: time.Now().UTC()}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	err := bus.RecordResult(ctx, w.js, res)
-	cancel()
-	if err == nil {
-		data, _ := json.Marshal(res)
-		_ = w.nc.Publish(job.ReplyTo, data)
-	} else {
+	// Like a real worker: the record goes to the dispatcher that placed the job,
+	// which stores it, sends the terminal event and acks.
+	data, _ := json.Marshal(res)
+	m, err := w.nc.Request(bus.DoneSubject(w.id, dispatcherID), data, 30*time.Second)
+	var reply schemas.FinishReplyMsg
+	if err != nil || json.Unmarshal(m.Data, &reply) != nil || reply.Status != schemas.FinishStored {
 		w.errs.Add(1)
 	}
 	w.mu.Lock()
@@ -216,9 +215,10 @@ func dispatchThroughput(ctx context.Context, url string, n, workers, slots int, 
 	start := time.Now()
 	for i := range n {
 		job := schemas.JobRequest{ID: fmt.Sprintf("tp%08d-%d", i, start.UnixNano()), Model: model, Prompt: "x", MaxTokens: 1, Priority: "normal"}
-		job.ReplyTo = bus.ReplySubject("bench", job.ID)
+		job.Tenant = "bench"
+		job.ReplyTo = bus.ReplySubject(job.Tenant, job.ID)
 		data, _ := json.Marshal(job)
-		if _, err := js.PublishAsync(bus.JobSubject("normal", job.ID), data, jetstream.WithMsgID(job.ID), jetstream.WithStallWait(time.Minute)); err != nil {
+		if _, err := js.PublishAsync(bus.JobSubject(job.Tenant, "normal", job.ID), data, jetstream.WithMsgID(job.ID), jetstream.WithStallWait(time.Minute)); err != nil {
 			return r, fmt.Errorf("publish: %w", err)
 		}
 	}

@@ -73,7 +73,7 @@ func Example() {
 	fmt.Println("no result yet:", errors.Is(err, bus.ErrNoResult))
 
 	// Output:
-	// queued on mlx.jobs.normal.01JEXAMPLE0000000000000000
+	// queued on mlx.jobs.acme.normal.01JEXAMPLE0000000000000000
 	// tokens arrive on mlx.reply.acme.01JEXAMPLE0000000000000000
 	// resubmit is a duplicate: true
 	// no result yet: true

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -94,7 +95,7 @@ func (p *Producer) ReplySubject(jobID string) string { return ReplySubject(p.ten
 // SubmitAck describes a queued job.
 type SubmitAck struct {
 	JobID    string
-	Subject  string // where the job was published: mlx.jobs.<priority>.<id>
+	Subject  string // where the job was published: mlx.jobs.<tenant>.<priority>.<id>
 	ReplyTo  string // where its token events and terminal event will arrive
 	Stream   string
 	Sequence uint64 // the job's sequence in JOBS (the earlier one's, for a duplicate)
@@ -130,10 +131,10 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack Sub
 	}
 	// The id and priority become subject tokens; a schema that allows more than a
 	// subject can carry must not let a job land on the wrong subject.
-	if verr := subjectTokenViolations(job); verr != nil {
+	if verr := p.subjectViolations(job); verr != nil {
 		return SubmitAck{}, verr
 	}
-	ack = SubmitAck{JobID: job.ID, Subject: JobSubject(job.Priority, job.ID), ReplyTo: job.ReplyTo}
+	ack = SubmitAck{JobID: job.ID, Subject: JobSubject(job.Tenant, job.Priority, job.ID), ReplyTo: job.ReplyTo}
 	if p.nc.IsClosed() || !p.nc.IsConnected() {
 		return ack, fmt.Errorf("bus: submit %s: %w (status %s)", job.ID, ErrNotConnected, p.nc.Status())
 	}
@@ -153,10 +154,13 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack Sub
 	// the producers' contract and stays free of transport concerns.
 	msg := &nats.Msg{Subject: ack.Subject, Data: data, Header: nats.Header{}}
 	tracing.InjectHeader(ctx, msg.Header)
-	pa, err := p.js.PublishMsg(ctx, msg,
-		jetstream.WithMsgID(job.ID),
-		jetstream.WithExpectStream(StreamJobs),
-	)
+	// No Nats-Msg-Id: the duplicate window is shared by every tenant, so a job id
+	// used as one would let a tenant shadow another's later submit of the same
+	// id. A job still queued or running is refused by the one-message-per-subject
+	// limit, a finished one by the RESULTS check above, and a resubmission that
+	// slips between the two is acked without running by the dispatcher (it finds
+	// the record).
+	pa, err := p.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(StreamJobs))
 	if err != nil {
 		return ack, p.mapSubmitError(job.ID, err)
 	}
@@ -198,7 +202,14 @@ func (p *Producer) mapSubmitError(jobID string, err error) error {
 // Cancel asks for a job to be cancelled. The request is stored in CANCELS, so a
 // job that is still queued is dropped when it is pulled.
 func (p *Producer) Cancel(ctx context.Context, jobID, reason string) error {
-	msg := schemas.CancelMsg{JobID: jobID, Reason: reason, Tenant: p.tenant, RequestedAt: p.now().UTC()}
+	return p.TenantCancel(ctx, p.tenant, jobID, reason)
+}
+
+// TenantCancel asks for a job of tenant ("" is the default tenant) to be
+// cancelled, for a producer that submits for several (the gateway). A producer
+// credential may cancel its own tenant's jobs only.
+func (p *Producer) TenantCancel(ctx context.Context, tenant, jobID, reason string) error {
+	msg := schemas.CancelMsg{JobID: jobID, Reason: reason, Tenant: tenant, RequestedAt: p.now().UTC()}
 	data, err := json.Marshal(msg)
 	if err != nil {
 		return fmt.Errorf("bus: marshal cancel %s: %w", jobID, err)
@@ -215,7 +226,7 @@ func (p *Producer) Cancel(ctx context.Context, jobID, reason string) error {
 	}
 	ctx, cancel := p.withTimeout(ctx)
 	defer cancel()
-	if _, err := p.js.Publish(ctx, CancelSubject(jobID), data, jetstream.WithExpectStream(StreamCancels)); err != nil {
+	if _, err := p.js.Publish(ctx, CancelSubject(tenant, jobID), data, jetstream.WithExpectStream(StreamCancels)); err != nil {
 		return mapPublishError(err, "cancel "+jobID)
 	}
 	p.log.Debug().Str("job_id", jobID).Str("reason", reason).Msg("cancel requested")
@@ -266,7 +277,24 @@ func (p *Producer) fillDefaults(job *schemas.JobRequest) {
 	}
 }
 
-func subjectTokenViolations(job *schemas.JobRequest) error {
+// subjectViolations checks what becomes a subject token, and that the job stays
+// inside its tenant: the body's tenant is the producer's (when it has one), and
+// reply_to lies under that tenant's reply namespace. The server's permissions and
+// the dispatcher enforce the same; this says it at the edge, with the path.
+func (p *Producer) subjectViolations(job *schemas.JobRequest) error {
+	vs := tokenViolations(job)
+	if p.tenant != "" && job.Tenant != p.tenant {
+		vs = append(vs, schemas.Violation{Path: "$.tenant", Reason: "must be the producer's tenant " + strconv.Quote(p.tenant)})
+	} else if !ReplyInTenant(job.Tenant, job.ReplyTo) {
+		vs = append(vs, schemas.Violation{Path: "$.reply_to", Reason: "must be a subject under " + ReplyNamespace(job.Tenant)})
+	}
+	if len(vs) == 0 {
+		return nil
+	}
+	return &schemas.ValidationError{Code: schemas.Code(schemas.Job), Type: schemas.Job, Violations: vs}
+}
+
+func tokenViolations(job *schemas.JobRequest) []schemas.Violation {
 	var vs []schemas.Violation
 	const reason = "must be one subject token: no '.', '*', '>' or whitespace"
 	if !validSubjectToken(job.ID) {
@@ -282,10 +310,7 @@ func subjectTokenViolations(job *schemas.JobRequest) error {
 	if job.Tenant != "" && !validSubjectToken(job.Tenant) {
 		vs = append(vs, schemas.Violation{Path: "$.tenant", Reason: reason})
 	}
-	if len(vs) == 0 {
-		return nil
-	}
-	return &schemas.ValidationError{Code: schemas.Code(schemas.Job), Type: schemas.Job, Violations: vs}
+	return vs
 }
 
 func validSubjectToken(s string) bool {

@@ -31,7 +31,7 @@ func TestSubmitLandsInJobs(t *testing.T) {
 	if len(job.ID) != 26 || job.ID != ack.JobID {
 		t.Fatalf("generated id %q (ack %q): want a 26-char ULID reported in the ack", job.ID, ack.JobID)
 	}
-	if ack.Subject != "mlx.jobs.high."+job.ID || ack.Stream != StreamJobs || ack.Sequence != 1 {
+	if ack.Subject != "mlx.jobs.acme.high."+job.ID || ack.Stream != StreamJobs || ack.Sequence != 1 {
 		t.Errorf("ack = %+v", ack)
 	}
 	if want := "mlx.reply.acme." + job.ID; job.ReplyTo != want || ack.ReplyTo != want || p.ReplySubject(job.ID) != want {
@@ -43,11 +43,13 @@ func TestSubmitLandsInJobs(t *testing.T) {
 		t.Fatalf("JOBS has %d messages, want 1", len(msgs))
 	}
 	m := msgs[0]
-	if m.Subject != JobSubject(schemas.PriorityHigh, job.ID) {
+	if m.Subject != JobSubject("acme", schemas.PriorityHigh, job.ID) {
 		t.Errorf("subject %q", m.Subject)
 	}
-	if got := m.Header.Get(jetstream.MsgIDHeader); got != job.ID {
-		t.Errorf("Nats-Msg-Id = %q, want %q", got, job.ID)
+	// No Nats-Msg-Id: the duplicate window is shared by every tenant, so a job
+	// id there would let one tenant shadow another's submit of the same id.
+	if got := m.Header.Get(jetstream.MsgIDHeader); got != "" {
+		t.Errorf("Nats-Msg-Id = %q, want none", got)
 	}
 	got := decodeJob(t, m.Data)
 	if got.Model != "tiny" || got.Tenant != "acme" || got.Prompt != "Hello" || got.CreatedAt == nil || !got.CreatedAt.Equal(fixed) {
@@ -57,15 +59,39 @@ func TestSubmitLandsInJobs(t *testing.T) {
 		t.Errorf("stored job does not validate: %v", err)
 	}
 
-	// Default priority is normal; a caller-chosen reply subject is kept.
+	// Default priority is normal; a caller-chosen reply subject under the
+	// tenant's reply namespace is kept.
 	j2 := newJob("caller-id-1", "x")
-	j2.ReplyTo = "svc.replies.caller-id-1"
+	j2.ReplyTo = "mlx.reply.acme.svc.caller-id-1"
 	ack2, err := p.Submit(ctx, j2)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ack2.Subject != "mlx.jobs.normal.caller-id-1" || j2.ReplyTo != "svc.replies.caller-id-1" {
+	if ack2.Subject != "mlx.jobs.acme.normal.caller-id-1" || j2.ReplyTo != "mlx.reply.acme.svc.caller-id-1" {
 		t.Errorf("ack %+v reply_to %q", ack2, j2.ReplyTo)
+	}
+
+	// A reply subject outside the tenant's namespace, or a body naming another
+	// tenant than the producer's, is refused at the edge with its path; nothing
+	// is published.
+	for _, tc := range []struct {
+		path string
+		edit func(*schemas.JobRequest)
+	}{
+		{"$.reply_to", func(j *schemas.JobRequest) { j.ReplyTo = "svc.replies.x" }},
+		{"$.reply_to", func(j *schemas.JobRequest) { j.ReplyTo = "mlx.reply.other.x" }},
+		{"$.tenant", func(j *schemas.JobRequest) { j.Tenant = "other" }},
+	} {
+		j := newJob("refused-"+strconv.Itoa(len(tc.path)), "x")
+		tc.edit(j)
+		_, err := p.Submit(ctx, j)
+		var ve *schemas.ValidationError
+		if !errors.As(err, &ve) || len(ve.Violations) == 0 || ve.Violations[0].Path != tc.path {
+			t.Errorf("Submit with %s outside the tenant: err = %v, want a validation error at %s", tc.path, err, tc.path)
+		}
+	}
+	if n := len(jobsInStream(t, b.js)); n != 2 {
+		t.Errorf("JOBS has %d messages, want 2", n)
 	}
 }
 
@@ -81,21 +107,17 @@ func TestSubmitDuplicateID(t *testing.T) {
 	if _, err := p.Submit(ctx, newJob("dup-1", "first")); err != nil {
 		t.Fatal(err)
 	}
-	ack, err := p.Submit(ctx, newJob("dup-1", "second"))
+	_, err = p.Submit(ctx, newJob("dup-1", "second"))
 	if !errors.Is(err, ErrDuplicate) {
 		t.Fatalf("resubmit: err = %v, want ErrDuplicate", err)
-	}
-	if ack.Sequence != 1 {
-		t.Errorf("duplicate ack sequence %d, want the original's 1", ack.Sequence)
 	}
 	msgs := jobsInStream(t, b.js)
 	if len(msgs) != 1 || decodeJob(t, msgs[0].Data).Prompt != "first" {
 		t.Fatalf("JOBS holds %d messages; want only the first submission", len(msgs))
 	}
 
-	// Past the duplicate window (a message without Nats-Msg-Id stands in), a job
-	// still queued is refused by its subject.
-	if _, err := b.js.Publish(ctx, JobSubject("normal", "dup-2"), []byte(`{}`)); err != nil {
+	// A job still queued is refused by its subject, however it got there.
+	if _, err := b.js.Publish(ctx, JobSubject("", "normal", "dup-2"), []byte(`{}`)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := p.Submit(ctx, newJob("dup-2", "again")); !errors.Is(err, ErrDuplicate) {
@@ -143,7 +165,7 @@ func TestSubmitQueueFull(t *testing.T) {
 	}
 	for _, m := range msgs {
 		j := decodeJob(t, m.Data)
-		if want[j.ID] != j.Prompt || m.Subject != JobSubject("normal", j.ID) {
+		if want[j.ID] != j.Prompt || m.Subject != JobSubject("", "normal", j.ID) {
 			t.Errorf("queued job %s (%s) prompt %q, want %q", j.ID, m.Subject, j.Prompt, want[j.ID])
 		}
 		delete(want, j.ID)
@@ -265,7 +287,7 @@ func TestCancelLandsInCancels(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := s.GetLastMsgForSubject(ctx, CancelSubject("job-c"))
+	m, err := s.GetLastMsgForSubject(ctx, CancelSubject("acme", "job-c"))
 	if err != nil {
 		t.Fatalf("cancel not in CANCELS: %v", err)
 	}

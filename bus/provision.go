@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -80,15 +81,17 @@ func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
 	return map[string]jetstream.StreamConfig{
 		StreamJobs: {
 			Name:        StreamJobs,
-			Description: "queued generation jobs, mlx.jobs.<priority>.<job-id>",
-			Subjects:    []string{SubjectJobsAll},
-			Retention:   jetstream.WorkQueuePolicy,
-			Storage:     o.Storage,
-			Replicas:    o.Replicas,
-			Discard:     jetstream.DiscardNew,
-			MaxMsgs:     o.JobsMaxMsgs,
-			MaxBytes:    o.JobsMaxBytes,
-			MaxMsgSize:  o.JobsMaxMsgSize,
+			Description: "queued generation jobs, mlx.jobs.<tenant>.<priority>.<job-id>",
+			// One subject filter per known priority: the server refuses what cannot
+			// be a job's subject (an unknown priority, too many or too few tokens).
+			Subjects:   JobsStreamSubjects(),
+			Retention:  jetstream.WorkQueuePolicy,
+			Storage:    o.Storage,
+			Replicas:   o.Replicas,
+			Discard:    jetstream.DiscardNew,
+			MaxMsgs:    o.JobsMaxMsgs,
+			MaxBytes:   o.JobsMaxBytes,
+			MaxMsgSize: o.JobsMaxMsgSize,
 			// One message per job subject: a job still queued or running cannot be
 			// queued again, even after the duplicate window has passed.
 			MaxMsgsPerSubject:    1,
@@ -118,7 +121,7 @@ func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
 		},
 		StreamDLQ: {
 			Name:        StreamDLQ,
-			Description: "dead-lettered jobs, mlx.dlq.<job-id>",
+			Description: "dead-lettered jobs, mlx.dlq.<tenant>.<job-id>; messages that were no job, mlx.dlq._raw.<jobs-seq>",
 			Subjects:    []string{SubjectDLQAll},
 			Retention:   jetstream.LimitsPolicy,
 			Storage:     o.Storage,
@@ -131,7 +134,7 @@ func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
 		},
 		StreamCancels: {
 			Name:        StreamCancels,
-			Description: "cancel requests, mlx.cancel.<job-id>",
+			Description: "cancel requests, mlx.cancel.<tenant>.<job-id>",
 			Subjects:    []string{SubjectCancelAll},
 			Retention:   jetstream.LimitsPolicy,
 			Storage:     o.Storage,
@@ -210,4 +213,26 @@ func existingReplicas(ctx context.Context, js jetstream.JetStream, stream string
 		return def, nil
 	}
 	return info.Config.Replicas, nil
+}
+
+// QueueDepths counts the messages in JOBS by priority (the subject's priority
+// token; every message, including one not yet found to be no job). One message
+// per job subject, so per-subject counts summed are the queue depths.
+func QueueDepths(ctx context.Context, js jetstream.JetStream) (map[string]uint64, error) {
+	jobs, err := js.Stream(ctx, StreamJobs)
+	if err != nil {
+		return nil, fmt.Errorf("stream %s: %w", StreamJobs, err)
+	}
+	info, err := jobs.Info(ctx, jetstream.WithSubjectFilter(SubjectJobsAll))
+	if err != nil {
+		return nil, fmt.Errorf("stream %s info: %w", StreamJobs, err)
+	}
+	out := map[string]uint64{}
+	for subj, n := range info.State.Subjects {
+		// mlx.jobs.<tenant>.<priority>.<id>
+		if parts := strings.Split(subj, "."); len(parts) == 5 {
+			out[parts[3]] += n
+		}
+	}
+	return out, nil
 }

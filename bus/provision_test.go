@@ -30,7 +30,7 @@ func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 	jobs := before[StreamJobs]
 	if jobs.Retention != jetstream.WorkQueuePolicy || jobs.Discard != jetstream.DiscardNew || jobs.Storage != jetstream.FileStorage ||
 		jobs.MaxMsgs != 100_000 || jobs.MaxBytes != 1<<30 || jobs.Duplicates != 2*time.Minute ||
-		!reflect.DeepEqual(jobs.Subjects, []string{"mlx.jobs.>"}) {
+		!reflect.DeepEqual(jobs.Subjects, []string{"mlx.jobs.*.high.*", "mlx.jobs.*.normal.*", "mlx.jobs.*.low.*"}) {
 		t.Errorf("JOBS config = %+v", jobs)
 	}
 	res := before[StreamResults]

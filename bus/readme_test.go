@@ -16,9 +16,10 @@ func TestREADMEDocumentsEverySubject(t *testing.T) {
 	readme := string(raw)
 	for _, want := range []string{
 		StreamJobs, StreamResults, StreamDLQ, StreamCancels, BucketWorkers,
-		JobSubject("<priority>", "<job-id>"), ResultSubject("<tenant>", "<job-id>"), DLQSubject("<job-id>"),
-		CancelSubject("<job-id>"), AttemptSubject("<job-id>"), AssignSubject("<worker-id>"),
-		ReplySubject("<tenant>", "<job-id>"),
+		JobSubject("<tenant>", "<priority>", "<job-id>"), ResultSubject("<tenant>", "<job-id>"), DLQSubject("<tenant>", "<job-id>"),
+		CancelSubject("<tenant>", "<job-id>"), AttemptSubject("<worker-id>"), AssignSubject("<worker-id>"),
+		WorkerCancelSubject("<worker-id>"), DoneSubject("<worker-id>", "<dispatcher-id>"),
+		ReplySubject("<tenant>", "<job-id>"), strings.Replace(RawDLQSubject(0), "0", "<jobs-seq>", 1),
 	} {
 		if !strings.Contains(readme, "`"+want+"`") {
 			t.Errorf("README.md does not document `%s`", want)

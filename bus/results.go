@@ -59,6 +59,30 @@ func RecordResult(ctx context.Context, js jetstream.JetStream, r *schemas.Result
 	return fmt.Errorf("%w: job %s", ErrResultExists, r.JobID)
 }
 
+// Finish is the one way a job's terminal record is written: RecordResult
+// (first writer wins; nil only once JetStream acknowledged storing this record,
+// and with sync_always that means it is on disk), then, only when this record is
+// the stored one, the same record as the last event on replyTo. Only after Finish
+// returned nil, or an error matching ErrResultExists (another record is stored),
+// may the job's JOBS message be acked: acking on anything less could lose the job
+// in a crash. It returns RecordResult's error; the reply publish is best effort
+// (a caller who missed it reads RESULTS).
+//
+// Who calls it: dispatchers only. A worker hands its record to the dispatcher
+// that placed the job (DoneSubject), so no worker credential can write RESULTS.
+func Finish(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg, replyTo string) error {
+	if err := RecordResult(ctx, js, r); err != nil {
+		return err
+	}
+	if replyTo == "" {
+		return nil
+	}
+	if data, err := json.Marshal(r); err == nil {
+		_ = js.Conn().Publish(replyTo, data)
+	}
+	return nil
+}
+
 // resultRefused reports the server's ways of saying the subject already has a record.
 func resultRefused(err error) bool {
 	if ae, ok := apiError(err); ok {

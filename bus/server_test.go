@@ -193,7 +193,7 @@ func TestRestartKeepsQueuedJobs(t *testing.T) {
 	}
 	for _, m := range msgs {
 		j := decodeJob(t, m.Data)
-		if want[j.ID] != j.Prompt || m.Subject != JobSubject("normal", j.ID) {
+		if want[j.ID] != j.Prompt || m.Subject != JobSubject("", "normal", j.ID) {
 			t.Errorf("after restart: job %s on %s with prompt %q; want prompt %q", j.ID, m.Subject, j.Prompt, want[j.ID])
 		}
 	}

@@ -1,16 +1,30 @@
 package bus
 
-import "regexp"
+import (
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
 
 // Every subject, stream and bucket name the system uses lives in this file; the
-// README's subject reference is written from it.
+// README's subject reference is written from it, and auth's permissions are
+// built from it.
+//
+// Every subject that names a job carries its tenant as a token right after the
+// kind (mlx.jobs.<tenant>.…, mlx.cancel.<tenant>.…, mlx.results.<tenant>.…,
+// mlx.reply.<tenant>.…), so the server's permissions — not a field in the
+// message body — bind a producer credential to its own tenant's jobs.
 
 const (
 	// StreamJobs holds queued jobs (work-queue retention, discard-new).
 	StreamJobs = "JOBS"
 	// StreamResults holds one terminal record per job, under ResultSubject(tenant, id).
+	// Only dispatchers (and admin) may write it; see docs/RELIABILITY.md.
 	StreamResults = "RESULTS"
-	// StreamDLQ holds dead-lettered jobs, under DLQSubject(id).
+	// StreamDLQ holds dead-lettered jobs, under DLQSubject(tenant, id), and
+	// messages on JOBS that could not be a job, under RawDLQSubject(seq).
 	StreamDLQ = "DLQ"
 	// StreamCancels holds cancel requests, so a job cancelled while queued, or while
 	// no dispatcher was running, is still recognised when it is pulled.
@@ -18,33 +32,112 @@ const (
 	// BucketWorkers is the worker registry: one key per worker id, expiring by TTL.
 	BucketWorkers = "mlx_workers"
 
-	// SubjectJobsAll matches every job subject: mlx.jobs.<priority>.<job-id>.
+	// SubjectJobsAll matches every job subject: mlx.jobs.<tenant>.<priority>.<job-id>.
 	SubjectJobsAll = "mlx.jobs.>"
 	// SubjectResultsAll matches every result subject: mlx.results.<tenant>.<job-id>.
 	SubjectResultsAll = "mlx.results.>"
-	// SubjectDLQAll matches every DLQ subject: mlx.dlq.<job-id>.
+	// SubjectDLQAll matches every DLQ subject.
 	SubjectDLQAll = "mlx.dlq.>"
-	// SubjectCancelAll matches every cancel subject: mlx.cancel.<job-id>.
+	// SubjectCancelAll matches every cancel subject: mlx.cancel.<tenant>.<job-id>.
 	SubjectCancelAll = "mlx.cancel.>"
-	// SubjectAttemptsAll matches every attempt report: mlx.attempts.<job-id> (core NATS).
-	SubjectAttemptsAll = "mlx.attempts.>"
 	// SubjectAssignAll matches every worker's assignment subject.
 	SubjectAssignAll = "mlx.worker.*.assign"
+	// SubjectWorkerCancelAll matches every worker's cancel subject.
+	SubjectWorkerCancelAll = "mlx.worker.*.cancel"
+	// SubjectDoneAll matches every worker's terminal hand-over subject.
+	SubjectDoneAll = "mlx.worker.*.done.*"
+	// SubjectAttemptAll matches every worker's attempt report subject.
+	SubjectAttemptAll = "mlx.worker.*.attempt"
 	// ResultsPrefix starts result subjects: mlx.results.<tenant>.<job-id>.
 	ResultsPrefix = "mlx.results"
-	// ReplyPrefix starts default reply subjects: mlx.reply.<tenant>.<job-id>.
+	// ReplyPrefix starts reply subjects: mlx.reply.<tenant>.<…>. A job's reply_to
+	// must lie under its tenant's (ReplyNamespace).
 	ReplyPrefix = "mlx.reply"
+
+	jobsPrefix   = "mlx.jobs."
+	cancelPrefix = "mlx.cancel."
+	dlqPrefix    = "mlx.dlq."
+	workerPrefix = "mlx.worker."
+	// rawDLQToken is the tenant token of raw dead letters; a tenant name cannot
+	// start with '_', so it never collides with one.
+	rawDLQToken = "_raw"
 )
 
-// JobSubject is where a job of the given priority is published.
-func JobSubject(priority, jobID string) string { return "mlx.jobs." + priority + "." + jobID }
+// JobSubject is where a job of tenant with the given priority is published.
+func JobSubject(tenant, priority, jobID string) string {
+	return jobsPrefix + tenantToken(tenant) + "." + priority + "." + jobID
+}
 
-// JobsPrioritySubject matches all jobs of one priority.
-func JobsPrioritySubject(priority string) string { return "mlx.jobs." + priority + ".*" }
+// JobsPrioritySubject matches all jobs of one priority, every tenant's: one of
+// JOBS' stream subjects.
+func JobsPrioritySubject(priority string) string { return jobsPrefix + "*." + priority + ".*" }
+
+// JobsConsumerFilter is the filter of one priority's consumer. It ends in '>'
+// where the stream subject ends in '*' so that a message published on a literal
+// wildcard subject (mlx.jobs.a.normal.>), which the stream stores but a '*'
+// filter would never deliver, still reaches a dispatcher and is ended.
+func JobsConsumerFilter(priority string) string { return jobsPrefix + "*." + priority + ".>" }
+
+// JobsStreamSubjects are the subjects JOBS stores: one per priority, so the server
+// itself refuses a message on a subject with an unknown priority or the wrong
+// number of tokens (the publisher gets "no stream").
+func JobsStreamSubjects() []string {
+	out := make([]string, 0, len(schemas.Priorities))
+	for _, p := range schemas.Priorities {
+		out = append(out, JobsPrioritySubject(p))
+	}
+	return out
+}
+
+// JobsTenantSubject matches every job subject of one tenant (a producer's grant).
+func JobsTenantSubject(tenant string) string { return jobsPrefix + tenantToken(tenant) + ".*.*" }
+
+// JobRef names one job: tenant and id. The same id in two tenants is two jobs.
+type JobRef struct {
+	Tenant string // "" is the default tenant
+	ID     string
+}
+
+// Key is the ref as one string, for maps and logs: "<tenant>/<id>".
+func (r JobRef) Key() string { return tenantToken(r.Tenant) + "/" + r.ID }
+
+// ParseJobSubject splits mlx.jobs.<tenant>.<priority>.<job-id>. ok is false when
+// the subject does not have that shape, a token is empty or a wildcard, the
+// priority is unknown, or the tenant or id is not a valid name: such a message
+// cannot be a job.
+func ParseJobSubject(subject string) (ref JobRef, priority string, ok bool) {
+	rest, found := strings.CutPrefix(subject, jobsPrefix)
+	if !found {
+		return JobRef{}, "", false
+	}
+	parts := strings.Split(rest, ".")
+	if len(parts) != 3 || !tenantPattern.MatchString(parts[0]) || !idPattern.MatchString(parts[2]) {
+		return JobRef{}, "", false
+	}
+	for _, p := range schemas.Priorities {
+		if parts[1] == p {
+			return JobRef{Tenant: parts[0], ID: parts[2]}, p, true
+		}
+	}
+	return JobRef{}, "", false
+}
+
+// ParseCancelSubject splits mlx.cancel.<tenant>.<job-id>.
+func ParseCancelSubject(subject string) (JobRef, bool) {
+	rest, found := strings.CutPrefix(subject, cancelPrefix)
+	if !found {
+		return JobRef{}, false
+	}
+	tenant, id, found := strings.Cut(rest, ".")
+	if !found || !tenantPattern.MatchString(tenant) || !idPattern.MatchString(id) {
+		return JobRef{}, false
+	}
+	return JobRef{Tenant: tenant, ID: id}, true
+}
 
 // ResultSubject holds the terminal record of a job in RESULTS. The tenant token
 // lets a producer's credential read its own tenant's records only (by direct get
-// on the subject); a job without a tenant is the "default" tenant's, as for replies.
+// on the subject); a job without a tenant is the "default" tenant's.
 func ResultSubject(tenant, jobID string) string {
 	return ResultsPrefix + "." + tenantToken(tenant) + "." + jobID
 }
@@ -65,24 +158,93 @@ func tenantToken(tenant string) string {
 }
 
 // DLQSubject holds a dead-lettered job in DLQ.
-func DLQSubject(jobID string) string { return "mlx.dlq." + jobID }
+func DLQSubject(tenant, jobID string) string { return dlqPrefix + tenantToken(tenant) + "." + jobID }
+
+// RawDLQSubject holds a message on JOBS from which no job could be derived (no
+// valid tenant or id in its subject), by its JOBS sequence.
+func RawDLQSubject(seq uint64) string {
+	return dlqPrefix + rawDLQToken + "." + strconv.FormatUint(seq, 10)
+}
 
 // CancelSubject is where a cancel request for a job is published (stream CANCELS).
-func CancelSubject(jobID string) string { return "mlx.cancel." + jobID }
+func CancelSubject(tenant, jobID string) string {
+	return cancelPrefix + tenantToken(tenant) + "." + jobID
+}
 
-// AttemptSubject carries a worker's report of a retryable failed attempt.
-func AttemptSubject(jobID string) string { return "mlx.attempts." + jobID }
+// CancelTenantSubject matches every cancel subject of one tenant (a producer's grant).
+func CancelTenantSubject(tenant string) string { return cancelPrefix + tenantToken(tenant) + ".*" }
 
 // AssignSubject is the request/reply subject a worker serves assignments on.
-func AssignSubject(workerID string) string { return "mlx.worker." + workerID + ".assign" }
+func AssignSubject(workerID string) string { return workerPrefix + workerID + ".assign" }
+
+// WorkerCancelSubject is where the dispatcher that placed a job on a worker
+// forwards its cancel (core NATS, body schemas.CancelMsg): workers never read
+// other jobs' cancels.
+func WorkerCancelSubject(workerID string) string { return workerPrefix + workerID + ".cancel" }
+
+// DoneSubject is where a worker hands a job's terminal record to the dispatcher
+// that placed it (request/reply, body schemas.ResultMsg, answer
+// schemas.FinishReplyMsg): mlx.worker.<worker-id>.done.<dispatcher-id>. The
+// worker id in the subject is what the server's permissions vouch for: the
+// dispatcher takes a record only for a job it placed on that worker, at that
+// attempt. A dispatcher that is gone has no responder, so the worker learns at
+// once that the job will run again elsewhere.
+func DoneSubject(workerID, dispatcherID string) string {
+	return workerPrefix + workerID + ".done." + dispatcherID
+}
+
+// DoneForDispatcher matches every hand-over addressed to one dispatcher.
+func DoneForDispatcher(dispatcherID string) string { return workerPrefix + "*.done." + dispatcherID }
+
+// DoneFromWorker matches every hand-over one worker may make (its grant).
+func DoneFromWorker(workerID string) string { return workerPrefix + workerID + ".done.*" }
+
+// AttemptSubject carries a worker's report of a retryable failed attempt.
+func AttemptSubject(workerID string) string { return workerPrefix + workerID + ".attempt" }
+
+// WorkerOfSubject returns the worker id of mlx.worker.<id>.<verb>, or "".
+func WorkerOfSubject(subject string) string {
+	rest, ok := strings.CutPrefix(subject, workerPrefix)
+	if !ok {
+		return ""
+	}
+	id, _, ok := strings.Cut(rest, ".")
+	if !ok {
+		return ""
+	}
+	return id
+}
 
 // ReplySubject is the default reply subject for a job's token events.
 func ReplySubject(tenant, jobID string) string {
 	return ReplyPrefix + "." + tenantToken(tenant) + "." + jobID
 }
 
+// ReplyNamespace matches every reply subject of tenant: a job's reply_to must
+// lie under it (the dispatcher fails a job whose reply_to does not), and a
+// producer credential may subscribe only there.
+func ReplyNamespace(tenant string) string { return ReplyPrefix + "." + tenantToken(tenant) + ".>" }
+
+// ReplyInTenant reports whether replyTo is a literal subject under tenant's reply
+// namespace.
+func ReplyInTenant(tenant, replyTo string) bool {
+	rest, ok := strings.CutPrefix(replyTo, ReplyPrefix+"."+tenantToken(tenant)+".")
+	if !ok || rest == "" {
+		return false
+	}
+	for _, tok := range strings.Split(rest, ".") {
+		if tok == "" || strings.ContainsAny(tok, "*> \t\r\n") {
+			return false
+		}
+	}
+	return true
+}
+
 // tenantPattern is the job schema's tenant pattern (schemas/job.json).
 var tenantPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
+
+// idPattern is the job schema's id pattern (schemas/job.json#/definitions/id).
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
 // RecordTenant is the tenant a job's terminal record is kept under, given the
 // tenant the job names: that tenant when it is a valid name, else "" (the

@@ -105,7 +105,7 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 			later(j.retryAt)
 			continue
 		}
-		delete(d.retrying, j.id)
+		delete(d.retrying, j.key)
 		if err := d.apply(j, EvRequeue); err != nil {
 			continue
 		}
@@ -190,7 +190,7 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 		if j.replySub == nil {
 			// Subscribed before the assignment leaves on the same connection, so
 			// no token of this attempt can pass unseen.
-			if s, err := d.nc.Subscribe(j.req.ReplyTo, d.onReply); err == nil {
+			if s, err := d.nc.Subscribe(j.req.ReplyTo, func(m *nats.Msg) { d.onReply(j, m) }); err == nil {
 				j.replySub = s
 			} else {
 				d.jobLog(d.log.Error(), j).Err(err).Msg("subscribe reply subject")
@@ -281,6 +281,10 @@ func (d *Dispatcher) assign(b *batch) {
 			if mine(j) {
 				_ = d.apply(j, EvAccepted)
 				d.endDispatch(j, "")
+				if j.cancelReq {
+					// Cancelled while the offer was on its way.
+					d.forwardCancel(j, "cancelled by request")
+				}
 			}
 		}
 		if w != nil {

@@ -10,7 +10,6 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
 // BenchmarkDispatch measures the dispatcher end to end with minimal jobs (one
@@ -57,7 +56,7 @@ func benchDispatch(b *testing.B, opts fakeWorkerOptions) {
 		now := time.Now()
 		j.CreatedAt = &now
 		data, _ := json.Marshal(j)
-		if _, err := e.js.PublishAsync(bus.JobSubject("normal", j.ID), data, jetstream.WithMsgID(j.ID)); err != nil {
+		if _, err := e.js.PublishAsync(bus.JobSubject(j.Tenant, "normal", j.ID), data); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -27,6 +27,7 @@ type Dispatcher struct {
 	nc      *nats.Conn
 	js      jetstream.JetStream
 	log     zerolog.Logger
+	rare    zerolog.Logger // for what a client can cause at any rate: sampled
 	metrics Metrics
 
 	jobsStream    jetstream.Stream
@@ -57,6 +58,8 @@ type Dispatcher struct {
 // job is one held JOBS message. Guarded by Dispatcher.mu.
 type job struct {
 	id        string
+	tenant    string // from the subject: the tenant the server let publish it
+	key       string // bus.JobRef{tenant, id}.Key(): d.jobs' key
 	pri       int
 	msg       jetstream.Msg
 	seq       uint64 // stream sequence: FIFO order within a priority
@@ -102,6 +105,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		nc:        cfg.Conn,
 		js:        js,
 		log:       cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
+		rare:      cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
 		wakePull:  make(chan struct{}, 1),
 		wakeSched: make(chan struct{}, 1),
 		changed:   make(chan struct{}, 1),
@@ -147,7 +151,7 @@ func (d *Dispatcher) attach(ctx context.Context) (jetstream.KeyValue, error) {
 	for i, p := range schemas.Priorities {
 		c, err := d.js.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
 			Durable:       ConsumerName(d.cfg.ConsumerPrefix, p),
-			FilterSubject: bus.JobsPrioritySubject(p),
+			FilterSubject: bus.JobsConsumerFilter(p),
 			AckPolicy:     jetstream.AckExplicitPolicy,
 			AckWait:       d.cfg.AckWait,
 			MaxDeliver:    -1,
@@ -211,11 +215,19 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 			_ = s.Unsubscribe()
 		}
 	}()
+	// Terminal records are learnt from RESULTS itself (an ordered consumer
+	// delivers only what JetStream stored), never from a core subscription on
+	// the subject: a message seen there may never be stored, and acking a job
+	// on it could lose the job in a crash.
+	stopResults, err := d.watchResults(d.wctx)
+	if err != nil {
+		return err
+	}
+	defer stopResults()
 	for subj, h := range map[string]nats.MsgHandler{
-		bus.SubjectResultsAll:  d.onResult,
-		bus.SubjectCancelAll:   d.onCancel,
-		bus.SubjectAttemptsAll: d.onAttemptReport,
-		bus.SubjectJobsAll:     func(*nats.Msg) { poke(d.wakePull) },
+		bus.SubjectCancelAll:                      d.onCancel,
+		bus.DoneForDispatcher(d.cfg.DispatcherID): d.onDone,
+		bus.SubjectAttemptAll:                     d.onAttemptReport,
 	} {
 		s, err := d.nc.Subscribe(subj, h)
 		if err != nil {
@@ -223,8 +235,17 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		}
 		subs = append(subs, s)
 	}
+	// New jobs wake the puller. Only the stream's own subjects: a publish on a
+	// subject JOBS does not store then finds no responder and fails at once.
+	for _, subj := range bus.JobsStreamSubjects() {
+		s, err := d.nc.Subscribe(subj, func(*nats.Msg) { poke(d.wakePull) })
+		if err != nil {
+			return fmt.Errorf("dispatcher: subscribe %s: %w", subj, err)
+		}
+		subs = append(subs, s)
+	}
 	// The subscriptions must be live on the server before the first pull, or a
-	// result published in between would go unseen.
+	// cancel published in between would go unseen.
 	if err := d.nc.FlushTimeout(10 * time.Second); err != nil {
 		return fmt.Errorf("dispatcher: flush: %w", err)
 	}

@@ -112,15 +112,15 @@ func runDispatcher(tb testing.TB, cfg Config) (*Dispatcher, func()) {
 }
 
 func newJob(id, model, priority string) *schemas.JobRequest {
-	return &schemas.JobRequest{ID: id, Model: model, Prompt: "hello", MaxTokens: 5, Priority: priority, ReplyTo: bus.ReplySubject("t", id)}
+	return &schemas.JobRequest{ID: id, Model: model, Prompt: "hello", MaxTokens: 5, Priority: priority, ReplyTo: bus.ReplySubject("", id)}
 }
 
-// submit publishes a job the way the producer does (subject, Nats-Msg-Id).
+// submit publishes a job the way the producer does (its tenant's subject).
 func (e *testEnv) submit(j *schemas.JobRequest) error {
 	data, _ := json.Marshal(j)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	_, err := e.js.Publish(ctx, bus.JobSubject(j.Priority, j.ID), data, jetstream.WithMsgID(j.ID))
+	_, err := e.js.Publish(ctx, bus.JobSubject(j.Tenant, j.Priority, j.ID), data)
 	return err
 }
 
@@ -275,6 +275,7 @@ type fakeWorker struct {
 	order     []string       // job ids in assignment order
 	batches   []schemas.AssignmentMsg
 	dead      bool
+	refused   []string // "<job-id>:<answer>" of hand-overs not answered stored
 	release   chan struct{}
 	onAssign  chan schemas.AssignmentMsg
 	sub       *nats.Subscription
@@ -453,7 +454,7 @@ func (w *fakeWorker) serve(m *nats.Msg) {
 		w.heartbeat()
 	}
 	for _, aj := range a.Jobs {
-		go w.run(aj, inc)
+		go w.run(aj, a.DispatcherID, inc)
 	}
 }
 
@@ -468,7 +469,7 @@ func fullText(n int) string {
 	return b.String()
 }
 
-func (w *fakeWorker) run(aj schemas.AssignedJob, inc int) {
+func (w *fakeWorker) run(aj schemas.AssignedJob, dispatcherID string, inc int) {
 	plan := w.plan(aj)
 	job := aj.Job
 	start, prefix := 0, ""
@@ -501,10 +502,10 @@ func (w *fakeWorker) run(aj schemas.AssignedJob, inc int) {
 		}
 		if plan.crash > 0 && seq == plan.crash {
 			// Like the real worker: stamped, the slot freed, then published.
-			rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: job.ID, Attempt: aj.Attempt, WorkerID: w.id,
+			rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: job.ID, Tenant: job.Tenant, Attempt: aj.Attempt, WorkerID: w.id,
 				Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "boom", Retryable: true}, Text: text, Seq: seq, CompletionTokens: i + 1, ReportedAt: time.Now().UTC()})
 			w.done(inc)
-			_ = w.nc.Publish(bus.AttemptSubject(job.ID), rep)
+			_ = w.nc.Publish(bus.AttemptSubject(w.id), rep)
 			return
 		}
 	}
@@ -516,14 +517,24 @@ func (w *fakeWorker) run(aj schemas.AssignedJob, inc int) {
 	}
 	// Like the real worker: finished_at stamped, the slot freed, then the record.
 	res := &schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: aj.Attempt, Seq: seq, Status: schemas.StatusCompleted, FinishReason: "length",
-		Text: text, Usage: schemas.Usage{CompletionTokens: job.MaxTokens, TotalTokens: job.MaxTokens}, Model: job.Model, WorkerID: w.id, FinishedAt: time.Now().UTC()}
+		Text: text, Usage: schemas.Usage{CompletionTokens: job.MaxTokens, TotalTokens: job.MaxTokens}, Model: job.Model, Tenant: job.Tenant, WorkerID: w.id, FinishedAt: time.Now().UTC()}
 	w.done(inc)
-	err := bus.RecordResult(context.Background(), w.js, res)
+	// Like the real worker: handed to the dispatcher that placed the job.
+	data, _ := json.Marshal(res)
+	m, err := w.nc.Request(bus.DoneSubject(w.id, dispatcherID), data, 10*time.Second)
+	var reply schemas.FinishReplyMsg
 	if err == nil {
-		data, _ := json.Marshal(res)
-		_ = w.nc.Publish(job.ReplyTo, data)
-	} else if !errors.Is(err, bus.ErrResultExists) {
-		w.tb.Errorf("worker %s: record result %s: %v", w.id, job.ID, err)
+		err = json.Unmarshal(m.Data, &reply)
+	}
+	switch {
+	case err != nil:
+		if !errors.Is(err, nats.ErrNoResponders) { // a stopped dispatcher
+			w.tb.Logf("worker %s: hand over %s: %v", w.id, job.ID, err)
+		}
+	case reply.Status != schemas.FinishStored:
+		w.mu.Lock()
+		w.refused = append(w.refused, job.ID+":"+reply.Status)
+		w.mu.Unlock()
 	}
 }
 
@@ -577,5 +588,8 @@ func waitFor(tb testing.TB, within time.Duration, what string, cond func() bool)
 
 func testConfigLogger() *zerolog.Logger {
 	l := zerolog.Nop()
+	if os.Getenv("DISPATCHER_TEST_LOG") != "" {
+		l = zerolog.New(os.Stderr)
+	}
 	return &l
 }

@@ -2,12 +2,12 @@ package dispatcher
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -164,10 +164,15 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 		_ = m.Term()
 		return nil
 	}
-	id := m.Subject()[strings.LastIndexByte(m.Subject(), '.')+1:]
+	ref, _, ok := bus.ParseJobSubject(m.Subject())
+	if !ok {
+		d.notAJob(m, md.Sequence.Stream)
+		return nil
+	}
+	id, key := ref.ID, ref.Key()
 	now := time.Now()
 	d.mu.Lock()
-	if old := d.jobs[id]; old != nil {
+	if old := d.jobs[key]; old != nil {
 		// A redelivery of a job this dispatcher holds (e.g. in-progress acks were
 		// late): ack through the newest delivery, never run it twice.
 		old.msg = m
@@ -177,9 +182,9 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	}
 	// Registered before the checks, so a cancel or result arriving meanwhile
 	// finds it (and marks it) instead of looking in the stream.
-	j := &job{id: id, pri: p, msg: m, seq: md.Sequence.Stream, attempt: int(md.NumDelivered), state: StateQueued, intaking: true, progress: now}
+	j := &job{id: id, tenant: ref.Tenant, key: key, pri: p, msg: m, seq: md.Sequence.Stream, attempt: int(md.NumDelivered), state: StateQueued, intaking: true, progress: now}
 	j.tctx = tracing.ExtractHeader(context.Background(), m.Headers())
-	d.jobs[id] = j
+	d.jobs[key] = j
 	d.mu.Unlock()
 
 	ictx := d.wctx
@@ -192,7 +197,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	if invalid == nil {
 		// From the leader, not a direct get a replica may answer a moment
 		// behind: a finished job must not run again. One round trip per job.
-		raw, err := bus.StoredResult(ictx, d.js, j.req.Tenant, id)
+		raw, err := bus.StoredResult(ictx, d.js, j.tenant, id)
 		if errors.Is(err, bus.ErrNoResult) {
 			raw, err = nil, nil
 		}
@@ -218,7 +223,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	}
 	cancelled := false
 	if invalid == nil {
-		raw, err := lastMsg(ictx, d.cancelsStream, bus.CancelSubject(id))
+		raw, err := lastMsg(ictx, d.cancelsStream, bus.CancelSubject(j.tenant, id))
 		if err != nil {
 			d.handBack(j, err)
 			return nil
@@ -265,15 +270,48 @@ func (d *Dispatcher) decode(j *job, data []byte) error {
 	if err := json.Unmarshal(data, &j.req); err != nil {
 		return err
 	}
+	// The subject's tenant is the one the server's permissions let publish it;
+	// a body that claims another, or replies into another's namespace, is an
+	// attempt to act as that tenant.
 	switch {
 	case j.req.ID != j.id:
 		return fmt.Errorf("job id %q does not match its subject's %q", j.req.ID, j.id)
+	case bus.JobRef{Tenant: j.req.Tenant}.Key() != bus.JobRef{Tenant: j.tenant}.Key():
+		return fmt.Errorf("tenant %q does not match its subject's %q", j.req.Tenant, j.tenant)
 	case j.req.Model == "":
 		return errors.New("model is required")
 	case j.req.ReplyTo == "":
 		return errors.New("reply_to is required")
+	case !bus.ReplyInTenant(j.tenant, j.req.ReplyTo):
+		return fmt.Errorf("reply_to %q is not under the tenant's reply subjects %s", j.req.ReplyTo, bus.ReplyNamespace(j.tenant))
 	}
 	return nil
+}
+
+// notAJob ends a message on JOBS from which no job can be derived (its subject
+// names no valid tenant, priority or id, e.g. a literal wildcard): the raw
+// message is dead-lettered with the reason, then terminated, so it is neither
+// redelivered nor left in the queue. Logged at a bounded rate and counted.
+func (d *Dispatcher) notAJob(m jetstream.Msg, seq uint64) {
+	d.metrics.NotAJob.Add(1)
+	reason := "subject " + strconv.Quote(m.Subject()) + " is not mlx.jobs.<tenant>.<priority>.<job-id> with a valid tenant, priority and id"
+	rec := schemas.DLQRecordMsg{Reason: "not_a_job", LastError: schemas.ErrorInfo{Code: "not_a_job", Message: reason},
+		DeadAt: time.Now().UTC(), DispatcherID: d.cfg.DispatcherID, RawSubject: m.Subject(), RawData: base64.StdEncoding.EncodeToString(m.Data())}
+	if len(rec.RawSubject) > 4096 {
+		rec.RawSubject = rec.RawSubject[:4096]
+	}
+	data, err := json.Marshal(rec)
+	if err == nil {
+		_, err = d.js.Publish(d.wctx, bus.RawDLQSubject(seq), data, jetstream.WithMsgID("raw."+strconv.FormatUint(seq, 10)))
+	}
+	if err != nil {
+		// Kept for a later try, so the message is never dropped unrecorded.
+		d.rare.Error().Err(err).Str("subject", m.Subject()).Msg("dead-lettering a message that is not a job failed; retrying later")
+		_ = m.NakWithDelay(5 * time.Second)
+		return
+	}
+	d.rare.Warn().Str("subject", m.Subject()).Uint64("seq", seq).Msg("message on JOBS is not a job: dead-lettered and terminated")
+	_ = m.TermWithReason("not a job")
 }
 
 // handBack returns a delivery that could not be checked to JetStream.

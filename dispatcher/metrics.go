@@ -20,6 +20,8 @@ type Metrics struct {
 	WorkersLost        atomic.Int64
 	WorkersRestarted   atomic.Int64 // a worker's process changed (new started_at): its jobs were retried
 	IllegalTransitions atomic.Int64
+	NotAJob            atomic.Int64 // messages on JOBS that could not be a job: dead-lettered raw and terminated
+	ForgedRecords      atomic.Int64 // terminal records or attempt reports from a worker that does not run that attempt: refused
 	// Transitions counts legal transitions by (from state, event).
 	Transitions [numStates][numEvents]atomic.Int64
 }

@@ -259,8 +259,8 @@ func TestChatClientDisconnectCancels(t *testing.T) {
 	if err != nil {
 		t.Fatalf("no cancel published: %v", err)
 	}
-	if msg.Subject != bus.CancelSubject(job.ID) {
-		t.Fatalf("cancel on %s, want %s", msg.Subject, bus.CancelSubject(job.ID))
+	if msg.Subject != bus.CancelSubject(job.Tenant, job.ID) {
+		t.Fatalf("cancel on %s, want %s", msg.Subject, bus.CancelSubject(job.Tenant, job.ID))
 	}
 	var c schemas.CancelMsg
 	if err := json.Unmarshal(msg.Data, &c); err != nil || c.JobID != job.ID {

@@ -138,7 +138,7 @@ func TestRequestTimeoutIs504AndCancels(t *testing.T) {
 		t.Fatalf("took %v", el)
 	}
 	msg, err := cancels.NextMsg(5 * time.Second)
-	if err != nil || msg.Subject != bus.CancelSubject(job.ID) {
+	if err != nil || msg.Subject != bus.CancelSubject(job.Tenant, job.ID) {
 		t.Fatalf("cancel: %v %v", msg, err)
 	}
 }

@@ -391,7 +391,7 @@ func (j *jobCall) clientLeft(err error) {
 func (j *jobCall) cancel(reason string) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(j.r.Context()), cancelTimeout)
 	defer cancel()
-	if err := j.g.producer.Cancel(ctx, j.job.ID, reason); err != nil {
+	if err := j.g.producer.TenantCancel(ctx, j.job.Tenant, j.job.ID, reason); err != nil {
 		j.g.log.Warn().Err(err).Str("job_id", j.job.ID).Msg("cancelling the job failed")
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"strings"
 	"sync"
 	"time"
 
@@ -128,10 +127,10 @@ func (f *Fleet) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("metrics: follow %s: %w", bus.StreamResults, err)
 	}
-	sub, err := f.opts.Conn.Subscribe(bus.SubjectAttemptsAll, func(m *nats.Msg) { f.observeAttempt(m.Data) })
+	sub, err := f.opts.Conn.Subscribe(bus.SubjectAttemptAll, func(m *nats.Msg) { f.observeAttempt(m.Data) })
 	if err != nil {
 		cc.Stop()
-		return fmt.Errorf("metrics: subscribe %s: %w", bus.SubjectAttemptsAll, err)
+		return fmt.Errorf("metrics: subscribe %s: %w", bus.SubjectAttemptAll, err)
 	}
 	if err := f.opts.Conn.FlushWithContext(ctx); err != nil {
 		cc.Stop()
@@ -281,19 +280,10 @@ func (f *Fleet) sample(ctx context.Context) (*fleetSample, error) {
 			firstErr = err
 		}
 	}
-	// One message per job subject (mlx.jobs.<priority>.<id>), so per-subject
-	// counts summed by priority are the queue depths.
-	if jobs, err := f.js.Stream(ctx, bus.StreamJobs); err != nil {
-		keep(fmt.Errorf("stream %s: %w", bus.StreamJobs, err))
-	} else if info, err := jobs.Info(ctx, jetstream.WithSubjectFilter(bus.SubjectJobsAll)); err != nil {
-		keep(fmt.Errorf("stream %s info: %w", bus.StreamJobs, err))
+	if q, err := bus.QueueDepths(ctx, f.js); err != nil {
+		keep(err)
 	} else {
-		s.queued = map[string]uint64{}
-		for subj, n := range info.State.Subjects {
-			if parts := strings.Split(subj, "."); len(parts) == 4 {
-				s.queued[parts[2]] += n
-			}
-		}
+		s.queued = q
 	}
 	s.dlq, s.dlqOK = f.streamMsgs(ctx, bus.StreamDLQ, keep)
 	s.results, s.resultOK = f.streamMsgs(ctx, bus.StreamResults, keep)

@@ -46,7 +46,7 @@ func TestFleetGauges(t *testing.T) {
 	publishJob := func(priority, id string) uint64 {
 		job := schemas.JobRequest{ID: id, Model: "m", Prompt: "p", ReplyTo: "r." + id, Priority: priority}
 		data, _ := json.Marshal(job)
-		ack, err := b.JS.Publish(ctx, bus.JobSubject(priority, id), data)
+		ack, err := b.JS.Publish(ctx, bus.JobSubject("", priority, id), data)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -55,7 +55,7 @@ func TestFleetGauges(t *testing.T) {
 	publishJob("high", "h1")
 	publishJob("low", "l1")
 	lowSeq := publishJob("low", "l2")
-	if _, err := b.JS.Publish(ctx, bus.DLQSubject("d1"), []byte(`{}`)); err != nil {
+	if _, err := b.JS.Publish(ctx, bus.DLQSubject("", "d1"), []byte(`{}`)); err != nil {
 		t.Fatal(err)
 	}
 	kv, err := b.JS.KeyValue(ctx, bus.BucketWorkers)

@@ -4,6 +4,14 @@ package schemas
 // so a vector cannot pass by failing for some reason other than the one it is named
 // for. Vectors of runtime.* types are not listed; they only have to fail.
 var wantPath = map[string]string{
+	"finish_reply/unknown_field":                  "$.extra",
+	"finish_reply/tenant_upper_case":              "$.tenant",
+	"finish_reply/status_unknown":                 "$.status",
+	"finish_reply/missing_status":                 "$.status",
+	"finish_reply/missing_job_id":                 "$.job_id",
+	"finish_reply/job_id_with_dot":                "$.job_id",
+	"dlq_record/raw_subject_empty":                "$.raw_subject",
+	"attempt_report/tenant_upper_case":            "$.tenant",
 	"assignment/attempt_zero":                     "$.jobs[0].attempt",
 	"assignment/batch_id_with_space":              "$.batch_id",
 	"assignment/item_unknown_field":               "$.jobs[0].priority",

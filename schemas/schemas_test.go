@@ -29,6 +29,7 @@ var busStructs = map[Type]func() any{
 	AssignmentReply: func() any { return new(AssignmentReplyMsg) },
 	AttemptReport:   func() any { return new(AttemptReportMsg) },
 	DLQRecord:       func() any { return new(DLQRecordMsg) },
+	FinishReply:     func() any { return new(FinishReplyMsg) },
 }
 
 type vector struct {
@@ -303,7 +304,7 @@ func (sd *schemaDoc) compare(path, file string, node map[string]any, typ reflect
 			if d, _ := prop["description"].(string); d == "" {
 				t.Errorf("%s.%s: property has no description", path, name)
 			}
-			if omit := strings.Contains(opts, "omitempty"); omit == required[name] {
+			if omit := strings.Contains(opts, "omitempty") || strings.Contains(opts, "omitzero"); omit == required[name] {
 				t.Errorf("%s.%s: required=%v but omitempty=%v", path, name, required[name], omit)
 			}
 			sd.compare(path+"."+name, file, prop, f.Type)
@@ -421,7 +422,7 @@ func TestCode(t *testing.T) {
 		Job: "invalid_request", Cancel: "invalid_request",
 		TokenEvent: "invalid_message", Result: "invalid_message", Heartbeat: "invalid_message",
 		Assignment: "invalid_message", AssignmentReply: "invalid_message",
-		AttemptReport: "invalid_message", DLQRecord: "invalid_message",
+		AttemptReport: "invalid_message", DLQRecord: "invalid_message", FinishReply: "invalid_message",
 		"runtime.generate": "invalid_params",
 	}
 	for typ, code := range want {

@@ -7,12 +7,13 @@ const (
 	Job             Type = "job"              // a generation job, published by producers to JOBS
 	TokenEvent      Type = "token_event"      // one text delta on the job's reply subject (core NATS)
 	Result          Type = "result"           // the terminal record: last event on the reply subject and the RESULTS record
-	Cancel          Type = "cancel"           // a cancel request on mlx.cancel.<job-id>
+	Cancel          Type = "cancel"           // a cancel request on mlx.cancel.<tenant>.<job-id> (and forwarded on mlx.worker.<id>.cancel)
 	Heartbeat       Type = "heartbeat"        // a worker's entry in the worker registry KV bucket
 	Assignment      Type = "assignment"       // a batch the dispatcher offers a worker on mlx.worker.<id>.assign
 	AssignmentReply Type = "assignment_reply" // the worker's answer to an assignment
 	AttemptReport   Type = "attempt_report"   // a worker's report of an attempt that failed but may be retried
 	DLQRecord       Type = "dlq_record"       // a job that ran out of attempts, in the DLQ stream
+	FinishReply     Type = "finish_reply"     // a dispatcher's answer to a worker's terminal hand-over on mlx.worker.<id>.done
 )
 
 // Priority levels; each is a subject token under mlx.jobs.
@@ -194,9 +195,10 @@ type AssignmentReplyMsg struct {
 }
 
 // AttemptReportMsg tells dispatchers that an attempt ended without a terminal result
-// and may be retried (schema "attempt_report"), on mlx.attempts.<job-id>.
+// and may be retried (schema "attempt_report"), on mlx.worker.<worker-id>.attempt.
 type AttemptReportMsg struct {
 	JobID            string    `json:"job_id"`
+	Tenant           string    `json:"tenant,omitempty"`
 	Attempt          int       `json:"attempt"`
 	WorkerID         string    `json:"worker_id"`
 	Error            ErrorInfo `json:"error"`
@@ -206,12 +208,31 @@ type AttemptReportMsg struct {
 	ReportedAt       time.Time `json:"reported_at"`
 }
 
-// DLQRecordMsg is a dead-lettered job (schema "dlq_record"), on mlx.dlq.<job-id>.
+// DLQRecordMsg is a dead-lettered job (schema "dlq_record"), on
+// mlx.dlq.<tenant>.<job-id>; or a message on JOBS that could not be a job, with
+// RawSubject and RawData instead of Job, on mlx.dlq._raw.<jobs-seq>.
 type DLQRecordMsg struct {
-	Job          JobRequest `json:"job"`
+	Job          JobRequest `json:"job,omitzero"`
 	Reason       string     `json:"reason"`
 	Attempts     int        `json:"attempts"`
 	LastError    ErrorInfo  `json:"last_error"`
 	DeadAt       time.Time  `json:"dead_at"`
 	DispatcherID string     `json:"dispatcher_id,omitempty"`
+	RawSubject   string     `json:"raw_subject,omitempty"`
+	RawData      string     `json:"raw_data,omitempty"` // base64 of the message body
+}
+
+// Answers of a dispatcher to a worker's terminal hand-over (FinishReplyMsg.Status).
+const (
+	FinishStored  = "stored"  // the record is in RESULTS: JetStream acknowledged it
+	FinishExists  = "exists"  // another record was there first; send nothing more
+	FinishUnknown = "unknown" // that attempt is not this dispatcher's on that worker
+)
+
+// FinishReplyMsg answers a worker that handed over a terminal record (schema
+// "finish_reply").
+type FinishReplyMsg struct {
+	JobID  string `json:"job_id"`
+	Tenant string `json:"tenant,omitempty"`
+	Status string `json:"status"`
 }

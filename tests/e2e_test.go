@@ -205,7 +205,7 @@ func jobQueued(t *testing.T, s *stack, id string) bool {
 		return false
 	}
 	for _, p := range schemas.Priorities {
-		if _, err := st.GetLastMsgForSubject(ctx, bus.JobSubject(p, id)); err == nil {
+		if _, err := st.GetLastMsgForSubject(ctx, bus.JobSubject("", p, id)); err == nil {
 			return true
 		}
 	}

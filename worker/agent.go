@@ -120,8 +120,9 @@ type Agent struct {
 	jobs   *jobTable
 	models []ModelSpec
 
-	// recordResult writes the RESULTS record first-writer-wins.
-	recordResult func(context.Context, jetstream.JetStream, *schemas.ResultMsg) error
+	// handOver sends a terminal record to its dispatcher and returns the answer
+	// (a request on the bus; tests replace it).
+	handOver func(ctx context.Context, subject string, data []byte) ([]byte, error)
 
 	startedAt time.Time     // once per process: dispatchers tell a restart by it
 	room      chan struct{} // a full worker freed a slot: heartbeat soon
@@ -146,14 +147,14 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{
-		cfg:          cfg,
-		log:          cfg.Logger.With().Str("worker_id", cfg.WorkerID).Logger(),
-		life:         newLifecycle(),
-		recordResult: bus.RecordResult,
-		stopped:      make(chan struct{}),
-		hurry:        make(chan struct{}),
-		room:         make(chan struct{}, 1),
+		cfg:     cfg,
+		log:     cfg.Logger.With().Str("worker_id", cfg.WorkerID).Logger(),
+		life:    newLifecycle(),
+		stopped: make(chan struct{}),
+		hurry:   make(chan struct{}),
+		room:    make(chan struct{}, 1),
 	}
+	a.handOver = a.handOverRequest
 	for _, m := range cfg.Models {
 		a.models = append(a.models, ParseModelSpec(m))
 	}
@@ -242,8 +243,8 @@ func (a *Agent) start(ctx context.Context) error {
 	a.jobCtx, a.jobCancel = context.WithCancel(context.Background())
 
 	for subj, h := range map[string]nats.MsgHandler{
-		bus.AssignSubject(a.cfg.WorkerID): a.handleAssign,
-		bus.SubjectCancelAll:              a.handleCancel,
+		bus.AssignSubject(a.cfg.WorkerID):       a.handleAssign,
+		bus.WorkerCancelSubject(a.cfg.WorkerID): a.handleCancel,
 	} {
 		sub, err := a.nc.Subscribe(subj, h)
 		if err != nil {

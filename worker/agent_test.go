@@ -177,10 +177,7 @@ func TestE2ECancelMidStream(t *testing.T) {
 	if tok, _ := c.next(ctx); tok == nil {
 		t.Fatal("no token before the result")
 	}
-	cm, _ := json.Marshal(schemas.CancelMsg{JobID: j.ID, RequestedAt: time.Now().UTC()})
-	if err := b.nc.Publish(bus.CancelSubject(j.ID), cm); err != nil {
-		t.Fatal(err)
-	}
+	cancelJob(t, b.nc, a.ID(), j)
 	r := c.untilResult(ctx)
 	c.checkStream("")
 	if r.Status != schemas.StatusCancelled || r.FinishReason != schemas.FinishCancelled || r.Usage.CompletionTokens >= 2000 {
@@ -236,7 +233,7 @@ func TestE2ERuntimeKilledMidStream(t *testing.T) {
 	j := newJob("Crash during this", 4000)
 	c := collect(t, b.nc, j.ReplyTo)
 	reports := make(chan *nats.Msg, 4)
-	sub, err := b.nc.ChanSubscribe(bus.AttemptSubject(j.ID), reports)
+	sub, err := b.nc.ChanSubscribe(bus.AttemptSubject(a.ID()), reports)
 	if err != nil {
 		t.Fatal(err)
 	}

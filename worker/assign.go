@@ -35,10 +35,11 @@ type rawAssignment struct {
 
 // invalidJob is a job that failed its schema: it gets a failed terminal.
 type invalidJob struct {
-	id, replyTo, model string
-	tenant             string
-	attempt            int
-	err                error
+	id, model    string
+	tenant       string
+	dispatcherID string
+	attempt      int
+	err          error
 }
 
 // handleAssign answers mlx.worker.<id>.assign. The whole batch is taken or none:
@@ -72,10 +73,10 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 				Tenant  string `json:"tenant"`
 			}
 			_ = json.Unmarshal(rj.Job, &loose)
-			invalid = append(invalid, invalidJob{id: loose.ID, replyTo: loose.ReplyTo, model: loose.Model, tenant: loose.Tenant, attempt: rj.Attempt, err: err})
+			invalid = append(invalid, invalidJob{id: loose.ID, model: loose.Model, tenant: loose.Tenant, attempt: rj.Attempt, dispatcherID: in.DispatcherID, err: err})
 			continue
 		}
-		runs = append(runs, newJobRun(schemas.AssignedJob{Job: j, Attempt: rj.Attempt, Resume: rj.Resume, Traceparent: rj.Traceparent}))
+		runs = append(runs, newJobRun(schemas.AssignedJob{Job: j, Attempt: rj.Attempt, Resume: rj.Resume, Traceparent: rj.Traceparent}, in.DispatcherID))
 	}
 
 	a.assignMu.Lock()
@@ -101,7 +102,7 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 	// it is accepted again without a second run.
 	fresh := runs[:0]
 	for _, r := range runs {
-		if !a.jobs.isRunning(r.aj.Job.ID) {
+		if !a.jobs.isRunning(r.key) {
 			fresh = append(fresh, r)
 		}
 	}
@@ -167,5 +168,5 @@ func (a *Agent) failInvalid(bad invalidJob) {
 	}
 	ctx, cancel := context.WithTimeout(a.jobCtx, a.cfg.ResultTimeout+5*time.Second)
 	defer cancel()
-	a.finish(ctx, res, bad.replyTo)
+	a.finish(ctx, res, bad.dispatcherID)
 }

@@ -1,24 +1,25 @@
 package worker
 
 import (
-	"strings"
+	"encoding/json"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-const cancelPrefix = "mlx.cancel."
-
-// handleCancel serves mlx.cancel.> (core NATS): a running job is cancelled in the
-// runtime and ends with the terminal status cancelled. Cancels for jobs this worker
-// does not run are someone else's; a queued job's cancel is the dispatcher's, which
-// reads the CANCELS stream.
+// handleCancel serves mlx.worker.<id>.cancel (core NATS): the dispatcher that
+// placed a job forwards its cancel here, and a running job is cancelled in the
+// runtime and ends with the terminal status cancelled. Workers read no other
+// cancels: a job's id is known only to the worker it runs on.
 func (a *Agent) handleCancel(msg *nats.Msg) {
-	jobID := strings.TrimPrefix(msg.Subject, cancelPrefix)
-	if jobID == "" || jobID == msg.Subject {
+	var c schemas.CancelMsg
+	if err := json.Unmarshal(msg.Data, &c); err != nil || c.JobID == "" {
 		return
 	}
-	if r := a.jobs.get(jobID); r != nil {
-		a.log.Info().Str("job_id", jobID).Int("attempt", r.aj.Attempt).Str("model", r.aj.Job.Model).Msg("cancelling running job")
+	if r := a.jobs.get(bus.JobRef{Tenant: c.Tenant, ID: c.JobID}.Key()); r != nil {
+		a.log.Info().Str("job_id", c.JobID).Str("tenant", c.Tenant).Int("attempt", r.aj.Attempt).Str("model", r.aj.Job.Model).Msg("cancelling running job")
 		r.requestStop(stopCancelled)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -105,7 +106,62 @@ func startBus(t testing.TB, workerTTL time.Duration) *testBus {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &testBus{srv: srv, nc: nc, js: js, kv: kv}
+	b := &testBus{srv: srv, nc: nc, js: js, kv: kv}
+	b.standInDispatcher(t)
+	return b
+}
+
+// standInDispatcher answers the hand-overs of jobs assigned by batch (dispatcher
+// "test") the way a dispatcher does: the record is stored with bus.Finish — in
+// RESULTS, then as the last event on the job's reply subject — and only then
+// answered. It records nothing it did not store.
+func (b *testBus) standInDispatcher(t testing.TB) {
+	sub, err := b.nc.Subscribe(bus.DoneForDispatcher(testDispatcher), func(m *nats.Msg) {
+		if err := schemas.Validate(schemas.Result, m.Data); err != nil {
+			t.Errorf("hand-over on %s fails its schema: %v: %s", m.Subject, err, m.Data)
+			return
+		}
+		var res schemas.ResultMsg
+		_ = json.Unmarshal(m.Data, &res)
+		if w := bus.WorkerOfSubject(m.Subject); w != res.WorkerID {
+			t.Errorf("hand-over on %s names worker %q", m.Subject, res.WorkerID)
+		}
+		replyTo, _ := replyOf.Load(bus.JobRef{Tenant: res.Tenant, ID: res.JobID}.Key())
+		rt, _ := replyTo.(string)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		status := schemas.FinishStored
+		if err := bus.Finish(ctx, b.js, &res, rt); errors.Is(err, bus.ErrResultExists) {
+			status = schemas.FinishExists
+		} else if err != nil {
+			t.Errorf("stand-in dispatcher: finish %s: %v", res.JobID, err)
+			return
+		}
+		data, _ := json.Marshal(schemas.FinishReplyMsg{JobID: res.JobID, Tenant: res.Tenant, Status: status})
+		_ = m.Respond(data)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	if err := b.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// testDispatcher is the dispatcher id batch puts in assignments.
+const testDispatcher = "test"
+
+// replyOf maps a job's key to its reply subject, for the stand-in dispatcher.
+var replyOf sync.Map
+
+// cancelJob asks worker workerID to cancel a job, as its dispatcher would.
+func cancelJob(t testing.TB, nc *nats.Conn, workerID string, j schemas.JobRequest) {
+	t.Helper()
+	cm, _ := json.Marshal(schemas.CancelMsg{JobID: j.ID, Tenant: j.Tenant, RequestedAt: time.Now().UTC()})
+	if err := nc.Publish(bus.WorkerCancelSubject(workerID), cm); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // testConfig is a config with short timeouts for tests.
@@ -311,8 +367,9 @@ func newJob(prompt string, maxTokens int) schemas.JobRequest {
 }
 
 func batch(model string, jobs ...schemas.JobRequest) *schemas.AssignmentMsg {
-	m := &schemas.AssignmentMsg{BatchID: fmt.Sprintf("batch-%d", time.Now().UnixNano()), DispatcherID: "test", Model: model}
+	m := &schemas.AssignmentMsg{BatchID: fmt.Sprintf("batch-%d", time.Now().UnixNano()), DispatcherID: testDispatcher, Model: model}
 	for _, j := range jobs {
+		replyOf.Store(bus.JobRef{Tenant: j.Tenant, ID: j.ID}.Key(), j.ReplyTo)
 		m.Jobs = append(m.Jobs, schemas.AssignedJob{Job: j, Attempt: 1})
 	}
 	return m

@@ -4,12 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -34,9 +35,11 @@ const (
 
 // jobRun is one attempt of one job on this worker.
 type jobRun struct {
-	aj        schemas.AssignedJob
-	requestID string
-	accepted  time.Time
+	aj           schemas.AssignedJob
+	key          string // bus.JobRef{tenant, id}.Key(): the same id in two tenants is two jobs
+	dispatcherID string // the dispatcher that placed it, to which its end is handed
+	requestID    string
+	accepted     time.Time
 
 	slotFreed bool // guarded by jobTable.mu
 
@@ -46,12 +49,14 @@ type jobRun struct {
 	stopCh     chan struct{} // closed by the first stop request
 }
 
-func newJobRun(aj schemas.AssignedJob) *jobRun {
+func newJobRun(aj schemas.AssignedJob, dispatcherID string) *jobRun {
 	return &jobRun{
-		aj:        aj,
-		requestID: aj.Job.ID + "." + strconv.Itoa(aj.Attempt),
-		accepted:  time.Now(),
-		stopCh:    make(chan struct{}),
+		aj:           aj,
+		key:          bus.JobRef{Tenant: aj.Job.Tenant, ID: aj.Job.ID}.Key(),
+		dispatcherID: dispatcherID,
+		requestID:    aj.Job.ID + "." + strconv.Itoa(aj.Attempt),
+		accepted:     time.Now(),
+		stopCh:       make(chan struct{}),
 	}
 }
 
@@ -146,7 +151,7 @@ func (t *jobTable) reserve(runs []*jobRun, need int) (ok bool, free int) {
 	}
 	wasIdle := t.used == 0
 	for _, r := range runs {
-		t.running[r.aj.Job.ID] = r
+		t.running[r.key] = r
 	}
 	t.used += len(runs)
 	t.notifyLocked()
@@ -159,10 +164,10 @@ func (t *jobTable) reserve(runs []*jobRun, need int) (ok bool, free int) {
 	return true, t.slots - t.used
 }
 
-func (t *jobTable) isRunning(jobID string) bool {
+func (t *jobTable) isRunning(key string) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.running[jobID] != nil
+	return t.running[key] != nil
 }
 
 // freeSlot gives r's slot back and returns the time taken just before: the
@@ -199,17 +204,17 @@ func (t *jobTable) freeSlotLocked(r *jobRun) {
 func (t *jobTable) release(r *jobRun) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.running[r.aj.Job.ID] == r {
-		delete(t.running, r.aj.Job.ID)
+	if t.running[r.key] == r {
+		delete(t.running, r.key)
 	}
 	t.freeSlotLocked(r)
 	t.notifyLocked()
 }
 
-func (t *jobTable) get(jobID string) *jobRun {
+func (t *jobTable) get(key string) *jobRun {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.running[jobID]
+	return t.running[key]
 }
 
 func (t *jobTable) all() []*jobRun {
@@ -342,7 +347,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		res.Timings = timings(r, gen)
 		res.FinishedAt = a.jobs.freeSlot(r)
 		traceEnd(span, res.Status, nil)
-		a.finish(ctx, &res, j.ReplyTo)
+		a.finish(ctx, &res, r.dispatcherID)
 	case reason == stopCancelled || reason == stopExpired:
 		res := base
 		res.FinishReason = schemas.FinishCancelled
@@ -362,7 +367,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		}
 		res.FinishedAt = a.jobs.freeSlot(r)
 		traceEnd(span, res.Status, res.Error)
-		a.finish(ctx, &res, j.ReplyTo)
+		a.finish(ctx, &res, r.dispatcherID)
 	default:
 		// Everything else either failed for good (a runtime error about this job)
 		// or may succeed elsewhere (the runtime or the worker went away).
@@ -385,13 +390,13 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			res.Error = &schemas.ErrorInfo{Code: code, Message: msg}
 			res.FinishedAt = a.jobs.freeSlot(r)
 			traceEnd(span, res.Status, res.Error)
-			a.finish(ctx, &res, j.ReplyTo)
+			a.finish(ctx, &res, r.dispatcherID)
 			break
 		}
 		log.Warn().Err(genErr).Str("code", code).Msg("attempt ended without a result; reporting it for retry")
 		traceEnd(span, "retrying", &schemas.ErrorInfo{Code: code, Message: msg})
 		a.reportAttempt(j.Model, &schemas.AttemptReportMsg{
-			JobID: j.ID, Attempt: r.aj.Attempt, WorkerID: a.cfg.WorkerID,
+			JobID: j.ID, Tenant: bus.RecordTenant(j.Tenant), Attempt: r.aj.Attempt, WorkerID: a.cfg.WorkerID,
 			Error:            schemas.ErrorInfo{Code: code, Message: msg, Retryable: true},
 			Text:             resumeText + em.text.String(),
 			Seq:              em.seq,
@@ -424,45 +429,74 @@ func timings(r *jobRun, gen *schemas.GenerateResult) *schemas.Timings {
 	return t
 }
 
-// finish writes the terminal record to RESULTS and, only if this worker won that
-// write, sends the same record as the last event on the reply subject.
-func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, replyTo string) {
+// finish hands the job's terminal record to the dispatcher that placed it
+// (bus.DoneSubject), which writes it to RESULTS, sends it as the last event on
+// the reply subject and acks the job — in that order, so nothing is acked that
+// is not stored. Workers never write RESULTS: a worker credential cannot end a
+// job it does not run. The hand-over is retried across short bus hiccups; when
+// that dispatcher is gone (no responders for long) the job's JOBS message is
+// redelivered after its ack wait and runs again elsewhere, which is the
+// at-least-once half of "exactly one terminal".
+func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID string) {
 	if res.FinishedAt.IsZero() {
 		res.FinishedAt = time.Now().UTC()
 	}
-	log := a.log.With().Str("job_id", res.JobID).Int("attempt", res.Attempt).Str("model", res.Model).Str("status", res.Status).Logger()
-	// A terminal must not be lost to a short bus hiccup, nor hold a slot forever.
+	log := a.log.With().Str("job_id", res.JobID).Str("tenant", res.Tenant).Int("attempt", res.Attempt).Str("model", res.Model).Str("status", res.Status).Logger()
+	data, err := json.Marshal(res)
+	if err == nil {
+		err = schemas.Validate(schemas.Result, data)
+	}
+	if err != nil {
+		log.Error().Err(err).Msg("terminal record is invalid; the dispatcher will retry the job")
+		return
+	}
+	subject := bus.DoneSubject(a.cfg.WorkerID, dispatcherID)
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 100 * time.Millisecond
 	bo.MaxElapsedTime = a.cfg.ResultTimeout
-	err := backoff.Retry(func() error {
+	noResponders := 0
+	var reply schemas.FinishReplyMsg
+	err = backoff.Retry(func() error {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer cancel()
-		err := a.recordResult(rctx, a.js, res)
-		if errors.Is(err, bus.ErrResultExists) || errors.Is(err, schemas.ErrInvalid) {
-			return backoff.Permanent(err)
+		m, err := a.handOver(rctx, subject, data)
+		if errors.Is(err, nats.ErrNoResponders) {
+			// The dispatcher may be reconnecting; a few tries, then it is gone.
+			if noResponders++; noResponders >= 5 {
+				return backoff.Permanent(err)
+			}
+			return err
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		if err := json.Unmarshal(m, &reply); err != nil || reply.Status == "" {
+			return backoff.Permanent(fmt.Errorf("worker: bad finish reply %q", m))
+		}
+		return nil
 	}, bo)
-	if errors.Is(err, bus.ErrResultExists) {
-		log.Info().Msg("job already has a terminal result; not sending another")
+	switch {
+	case err != nil:
+		log.Error().Err(err).Str("dispatcher_id", dispatcherID).Msg("could not hand the result to its dispatcher; the job will run again")
 		return
-	}
-	if err != nil {
-		log.Error().Err(err).Msg("could not record the result; the dispatcher will time the job out")
+	case reply.Status == schemas.FinishExists:
+		log.Info().Msg("job already has a terminal result; this one was not recorded")
+		return
+	case reply.Status != schemas.FinishStored:
+		log.Warn().Str("answer", reply.Status).Msg("dispatcher no longer holds this attempt; result not recorded")
 		return
 	}
 	a.cfg.Observer.JobFinished(res.Model, res.Status)
-	if replyTo = strings.TrimSpace(replyTo); replyTo != "" {
-		b, err := json.Marshal(res)
-		if err == nil {
-			err = a.nc.Publish(replyTo, b)
-		}
-		if err != nil {
-			log.Warn().Err(err).Msg("could not send the terminal event; it is in RESULTS")
-		}
-	}
 	log.Debug().Msg("job finished")
+}
+
+// handOverRequest is the default Agent.handOver: a request on the bus.
+func (a *Agent) handOverRequest(ctx context.Context, subject string, data []byte) ([]byte, error) {
+	m, err := a.nc.RequestWithContext(ctx, subject, data)
+	if err != nil {
+		return nil, err
+	}
+	return m.Data, nil
 }
 
 // reportAttempt tells dispatchers an attempt of a job of model ended without a
@@ -471,7 +505,7 @@ func (a *Agent) reportAttempt(model string, m *schemas.AttemptReportMsg) {
 	a.cfg.Observer.AttemptReported(m.Error.Code)
 	b, err := json.Marshal(m)
 	if err == nil {
-		err = a.nc.Publish(bus.AttemptSubject(m.JobID), b)
+		err = a.nc.Publish(bus.AttemptSubject(a.cfg.WorkerID), b)
 	}
 	if err != nil {
 		a.log.Error().Err(err).Str("job_id", m.JobID).Int("attempt", m.Attempt).Str("model", model).Msg("could not publish the attempt report")

@@ -249,7 +249,7 @@ func TestRuntimeClientMessagesMatchSchemas(t *testing.T) {
 		{schemas.MethodGenerate, generateParams(newJobRun(schemas.AssignedJob{Attempt: 2, Job: schemas.JobRequest{
 			ID: "j", Model: "tiny", Messages: []schemas.Message{{Role: "user", Content: "hi"}}, MaxTokens: 20,
 			Temperature: &temp, Seed: &seed, Stop: []string{"\n\n"}, JSONSchema: map[string]any{"type": "object"},
-		}, Resume: &schemas.Resume{Text: "Hello", CompletionTokens: 2}})), schemas.RuntimeGenerateParams},
+		}, Resume: &schemas.Resume{Text: "Hello", CompletionTokens: 2}}, "d1")), schemas.RuntimeGenerateParams},
 	}
 	for _, call := range calls {
 		if err := c.Call(ctx, call.method, call.params, nil); err != nil {

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"sync"
@@ -9,9 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -60,9 +58,11 @@ func TestSlotFreeBeforeEndIsVisible(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.recordResult = func(ctx context.Context, js jetstream.JetStream, res *schemas.ResultMsg) error {
+	a.handOver = func(ctx context.Context, subject string, data []byte) ([]byte, error) {
+		var res schemas.ResultMsg
+		_ = json.Unmarshal(data, &res)
 		obs.add("record " + res.JobID)
-		return bus.RecordResult(ctx, js, res)
+		return a.handOverRequest(ctx, subject, data)
 	}
 	ctx := within(t, 60*time.Second)
 	if err := a.Start(ctx); err != nil {

@@ -40,7 +40,7 @@ func TestSupervisorRestartsWedgedRuntime(t *testing.T) {
 
 	j := newJob("long", 30000)
 	reports := make(chan *nats.Msg, 1)
-	sub, _ := b.nc.ChanSubscribe(bus.AttemptSubject(j.ID), reports)
+	sub, _ := b.nc.ChanSubscribe(bus.AttemptSubject(a.ID()), reports)
 	defer sub.Unsubscribe()
 	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignAccepted {
 		t.Fatalf("%+v", rep)

@@ -65,6 +65,10 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		if err := json.Unmarshal(raw.Data, &rec); err != nil {
 			return n, fmt.Errorf("DLQ seq %d: %w", seq, err)
 		}
+		if rec.RawSubject != "" {
+			// A message that was no job: kept for the record, nothing to replay.
+			continue
+		}
 		if !f.match(&rec) {
 			continue
 		}
@@ -91,7 +95,7 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		if priority == "" {
 			priority = schemas.PriorityNormal
 		}
-		if _, err := js.Publish(ctx, bus.JobSubject(priority, job.ID), data,
+		if _, err := js.Publish(ctx, bus.JobSubject(job.Tenant, priority, job.ID), data,
 			jetstream.WithMsgID(job.ID+".replay."+strconv.FormatUint(seq, 10))); err != nil {
 			return n, fmt.Errorf("requeue %s: %w", job.ID, err)
 		}

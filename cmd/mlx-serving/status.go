@@ -34,19 +34,12 @@ func gatherStatus(ctx context.Context, js jetstream.JetStream) (statusReport, er
 	for _, p := range schemas.Priorities {
 		rep.Queued[p] = 0
 	}
-	jobs, err := js.Stream(ctx, bus.StreamJobs)
-	if err != nil {
-		return rep, fmt.Errorf("stream %s: %w", bus.StreamJobs, err)
-	}
-	info, err := jobs.Info(ctx, jetstream.WithSubjectFilter(bus.SubjectJobsAll))
+	q, err := bus.QueueDepths(ctx, js)
 	if err != nil {
 		return rep, err
 	}
-	for subj, n := range info.State.Subjects {
-		// mlx.jobs.<priority>.<id>
-		if parts := strings.Split(subj, "."); len(parts) == 4 {
-			rep.Queued[parts[2]] += n
-		}
+	for p, n := range q {
+		rep.Queued[p] += n
 	}
 	if dlq, err := js.Stream(ctx, bus.StreamDLQ); err == nil {
 		if i, err := dlq.Info(ctx); err == nil {

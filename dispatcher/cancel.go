@@ -1,0 +1,100 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go"
+)
+
+// onCancel handles mlx.cancel.<tenant>.<id>: a held job not on a worker ends at
+// once; a running one is cancelled by its worker, to which the cancel is
+// forwarded (mlx.worker.<id>.cancel: workers read no other job's cancels); a
+// job still in JOBS is deleted there and finished cancelled. The tenant is the
+// subject's, which the server's permissions bind to the canceller's credential.
+func (d *Dispatcher) onCancel(m *nats.Msg) {
+	ref, ok := bus.ParseCancelSubject(m.Subject)
+	if !ok {
+		return
+	}
+	reason := cancelReason(m.Data)
+	d.mu.Lock()
+	j := d.jobs[ref.Key()]
+	if j != nil {
+		j.cancelReq = true
+		switch {
+		case (j.state == StateQueued && !j.intaking) || j.state == StateRetrying:
+			d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: "cancelled", Message: reason})
+		case j.state == StateRunning:
+			d.forwardCancel(j, reason)
+		}
+		// Dispatched: forwarded once the worker accepts (assign).
+		d.mu.Unlock()
+		return
+	}
+	if d.draining {
+		d.mu.Unlock()
+		return
+	}
+	d.io.Add(1)
+	d.mu.Unlock()
+	go func() {
+		defer d.io.Done()
+		d.cancelInStream(d.wctx, ref, reason)
+	}()
+}
+
+// forwardCancel tells j's worker to stop it; the worker ends it with a
+// cancelled record handed back on its done subject. Callers hold d.mu.
+func (d *Dispatcher) forwardCancel(j *job, reason string) {
+	data, err := json.Marshal(schemas.CancelMsg{JobID: j.id, Tenant: recordTenant(j.tenant), Reason: reason, RequestedAt: time.Now().UTC()})
+	if err == nil {
+		err = d.nc.Publish(bus.WorkerCancelSubject(j.workerID), data)
+	}
+	if err != nil {
+		d.jobLog(d.log.Warn(), j).Err(err).Msg("forward cancel")
+	}
+}
+
+func cancelReason(data []byte) string {
+	var c schemas.CancelMsg
+	if json.Unmarshal(data, &c) == nil && c.Reason != "" {
+		return c.Reason
+	}
+	return "cancelled by request"
+}
+
+// cancelInStream finds a job still waiting in JOBS, deletes it and writes its
+// terminal. Several dispatchers may race here, and with a dispatcher that
+// pulled the job meanwhile: RESULTS' first-writer-wins settles it, and a
+// dispatcher holding the job learns of the record from RESULTS.
+func (d *Dispatcher) cancelInStream(ctx context.Context, ref bus.JobRef, reason string) {
+	for _, p := range schemas.Priorities {
+		raw, err := lastMsg(ctx, d.jobsStream, bus.JobSubject(ref.Tenant, p, ref.ID))
+		if err != nil || raw == nil {
+			continue
+		}
+		var req schemas.JobRequest
+		_ = json.Unmarshal(raw.Data, &req)
+		res := &schemas.ResultMsg{Type: "result", JobID: ref.ID, Attempt: 0, Status: schemas.StatusCancelled, FinishReason: "cancelled",
+			Error: &schemas.ErrorInfo{Code: "cancelled", Message: reason}, Model: req.Model, Tenant: recordTenant(ref.Tenant), FinishedAt: time.Now().UTC()}
+		j := &job{id: ref.ID, tenant: ref.Tenant, req: req}
+		// Stored, then removed: deleting first would lose the job to a crash
+		// in between. A dispatcher that holds it meanwhile sees the record.
+		err = bus.Finish(ctx, d.js, res, j.replyTo())
+		switch {
+		case err == nil:
+			d.metrics.Cancelled.Add(1)
+		case errors.Is(err, bus.ErrResultExists):
+		default:
+			d.log.Error().Err(err).Str("job_id", ref.ID).Str("tenant", ref.Tenant).Int("attempt", 0).Str("model", req.Model).Msg("record cancelled result failed")
+			return
+		}
+		_ = d.jobsStream.DeleteMsg(ctx, raw.Sequence)
+		return
+	}
+}

@@ -1,0 +1,287 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Terminal records: who writes them and when a job is acked.
+//
+// Dispatchers are the only writers of RESULTS (admin aside). A worker hands the
+// record of a job it ran to the dispatcher that placed it (bus.DoneSubject, a
+// request); that dispatcher checks the job is its own, on that worker, at that
+// attempt — the worker id comes from the subject, which the server's
+// permissions vouch for — and writes it with bus.Finish. Every other terminal
+// (cancelled while queued, expired, invalid, out of attempts) is the
+// dispatcher's own. In every case the JOBS message is acked only after
+// JetStream acknowledged storing the record (or refused it because another is
+// stored): an ack on anything less could lose the job in a crash. A dispatcher
+// learns of records other dispatchers wrote from RESULTS itself (an ordered
+// consumer), which delivers only stored messages.
+
+// finishObserved ends j because a terminal record is stored in RESULTS (seen by
+// the RESULTS consumer or found at delivery). Callers hold d.mu.
+func (d *Dispatcher) finishObserved(j *job, status string) {
+	e, ok := eventForStatus(status)
+	if !ok {
+		d.jobLog(d.log.Error(), j).Str("status", status).Msg("result with unknown status")
+		e = EvFailed
+	}
+	onWorker := j.state == StateRunning || j.state == StateDispatched
+	if err := d.apply(j, e); err != nil {
+		return
+	}
+	if onWorker {
+		// Ended elsewhere (another dispatcher, a cancel in the stream): the
+		// worker's run is moot.
+		d.forwardCancel(j, "the job has a terminal result")
+	}
+	d.forget(j)
+	_ = j.msg.Ack()
+}
+
+// finishByDispatcher ends j with a terminal record this dispatcher makes.
+// Callers hold d.mu; the I/O runs outside it.
+func (d *Dispatcher) finishByDispatcher(j *job, e Event, status string, errInfo *schemas.ErrorInfo) {
+	// Attempt 0 says the job never ran (the schema's convention).
+	attempt := 0
+	if j.ran {
+		attempt = j.attempt
+	} else if e == EvExhausted {
+		attempt = j.attempt - 1
+	}
+	res := &schemas.ResultMsg{
+		Type: "result", JobID: j.id, Attempt: attempt, Seq: j.nextSeq, Status: status,
+		Text: j.resume.Text, Usage: schemas.Usage{CompletionTokens: j.resume.CompletionTokens, TotalTokens: j.resume.CompletionTokens},
+		Error: errInfo, Model: j.req.Model, Tenant: recordTenant(j.tenant), WorkerID: j.workerID, FinishedAt: time.Now().UTC(),
+	}
+	if status == schemas.StatusCancelled {
+		res.FinishReason = "cancelled"
+	}
+	d.finishWith(j, e, res, nil)
+}
+
+// finishWith applies e to j, forgets it and writes res (and the dead letter for
+// EvExhausted and EvDeadLetter) outside the lock; done, if set, learns the
+// outcome. Callers hold d.mu.
+func (d *Dispatcher) finishWith(j *job, e Event, res *schemas.ResultMsg, done func(error)) {
+	if err := d.apply(j, e); err != nil {
+		if done != nil {
+			done(errNotMine)
+		}
+		return
+	}
+	d.forget(j)
+	var dlq *schemas.DLQRecordMsg
+	switch e {
+	case EvExhausted:
+		dlq = &schemas.DLQRecordMsg{Job: j.req, Reason: "attempts_exhausted", Attempts: j.attempt, LastError: j.lastErr, DeadAt: res.FinishedAt, DispatcherID: d.cfg.DispatcherID}
+	case EvDeadLetter:
+		dlq = &schemas.DLQRecordMsg{Job: j.req, Reason: res.Error.Code, Attempts: res.Attempt, LastError: *res.Error, DeadAt: res.FinishedAt, DispatcherID: d.cfg.DispatcherID}
+	}
+	if dlq != nil && dlq.Job.ID == "" {
+		dlq.Job.ID = j.id
+	}
+	msg, replyTo := j.msg, j.replyTo()
+	d.io.Add(1)
+	go func() {
+		defer d.io.Done()
+		err := d.writeTerminal(d.wctx, msg, replyTo, res, dlq)
+		if done != nil {
+			done(err)
+		}
+	}()
+}
+
+// errNotMine: the job was not in a state this record could end.
+var errNotMine = errors.New("dispatcher: job not held in that attempt")
+
+// replyTo is where j's terminal event goes: its reply_to when that lies in its
+// tenant's reply namespace, else nowhere (the record is in RESULTS).
+func (j *job) replyTo() string {
+	if bus.ReplyInTenant(j.tenant, j.req.ReplyTo) {
+		return j.req.ReplyTo
+	}
+	return ""
+}
+
+// writeTerminal writes the dead letter (if any), then the record through
+// bus.Finish, then acks msg. A failed write naks msg: the redelivery derives the
+// terminal again. It returns bus.Finish's error.
+func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, replyTo string, res *schemas.ResultMsg, dlq *schemas.DLQRecordMsg) error {
+	log := d.log.With().Str("job_id", res.JobID).Str("tenant", res.Tenant).Int("attempt", res.Attempt).Str("worker_id", res.WorkerID).Str("model", res.Model).Str("status", res.Status).Logger()
+	if dlq != nil {
+		data, err := json.Marshal(dlq)
+		if err == nil {
+			// The msg id names this record (job, attempt, time), so a retried
+			// publish is deduplicated but a replayed job's new dead letter is not.
+			_, err = d.js.Publish(ctx, bus.DLQSubject(res.Tenant, res.JobID), data, jetstream.WithMsgID(bus.ResultMsgID(res)+".dlq"))
+		}
+		if err != nil {
+			log.Error().Err(err).Msg("dlq publish failed")
+			_ = msg.Nak()
+			return err
+		}
+	}
+	err := bus.Finish(ctx, d.js, res, replyTo)
+	switch {
+	case errors.Is(err, bus.ErrResultExists):
+		// Someone else finished the job first; the caller already has that terminal.
+		log.Debug().Msg("result already recorded")
+	case err != nil:
+		log.Error().Err(err).Msg("record result failed")
+		_ = msg.Nak()
+		return err
+	}
+	_ = msg.Ack()
+	return err
+}
+
+// recordTenant is the tenant field of a record for a subject's tenant token.
+func recordTenant(token string) string {
+	if token == bus.DefaultTenant {
+		return ""
+	}
+	return token
+}
+
+// watchResults starts an ordered consumer on RESULTS from now on. It returns a
+// stop function.
+func (d *Dispatcher) watchResults(ctx context.Context) (func(), error) {
+	c, err := d.js.OrderedConsumer(ctx, bus.StreamResults, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{bus.SubjectResultsAll},
+		DeliverPolicy:  jetstream.DeliverNewPolicy,
+	})
+	if err != nil {
+		return nil, err
+	}
+	cc, err := c.Consume(func(m jetstream.Msg) { d.onResult(m.Subject(), m.Data()) })
+	if err != nil {
+		return nil, err
+	}
+	return cc.Stop, nil
+}
+
+// onResult learns a terminal state from a record stored in RESULTS.
+func (d *Dispatcher) onResult(subject string, data []byte) {
+	rest, ok := strings.CutPrefix(subject, bus.ResultsPrefix+".")
+	if !ok {
+		return
+	}
+	tenant, id, ok := strings.Cut(rest, ".")
+	if !ok {
+		return
+	}
+	var r struct {
+		Status     string    `json:"status"`
+		Attempt    int       `json:"attempt"`
+		WorkerID   string    `json:"worker_id"`
+		FinishedAt time.Time `json:"finished_at"`
+	}
+	if err := json.Unmarshal(data, &r); err != nil {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if j := d.jobs[bus.JobRef{Tenant: tenant, ID: id}.Key()]; j != nil && !j.intaking {
+		if r.WorkerID == j.workerID && r.Attempt == j.attempt {
+			j.endedAt = r.FinishedAt
+		}
+		d.finishObserved(j, r.Status)
+	} else if j != nil {
+		// The delivery check will find the record; make sure it does not run.
+		j.cancelReq = j.cancelReq || r.Status == schemas.StatusCancelled
+	}
+	poke(d.wakeSched)
+}
+
+// onDone takes a worker's terminal record of a job (request on
+// mlx.worker.<id>.done.<this dispatcher>) and answers once it is stored:
+// stored, exists, or unknown when this dispatcher does not hold that attempt on
+// that worker (the record is then not written: a worker credential cannot end
+// another worker's job).
+func (d *Dispatcher) onDone(m *nats.Msg) {
+	wid := bus.WorkerOfSubject(m.Subject)
+	var res schemas.ResultMsg
+	if wid == "" || schemas.Validate(schemas.Result, m.Data) != nil || json.Unmarshal(m.Data, &res) != nil {
+		d.metrics.ForgedRecords.Add(1)
+		d.rare.Warn().Str("subject", m.Subject).Msg("terminal hand-over that is no valid result; ignored")
+		return
+	}
+	ref := bus.JobRef{Tenant: res.Tenant, ID: res.JobID}
+	reply := func(status string) {
+		if m.Reply == "" {
+			return
+		}
+		if data, err := json.Marshal(schemas.FinishReplyMsg{JobID: res.JobID, Tenant: res.Tenant, Status: status}); err == nil {
+			_ = m.Respond(data)
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	j := d.jobs[ref.Key()]
+	if j == nil {
+		// Ended already (the first hand-over was answered, or the job was
+		// cancelled or finished elsewhere), or never ours.
+		reply(schemas.FinishUnknown)
+		return
+	}
+	e, ok := eventForStatus(res.Status)
+	if !ok || j.workerID != wid || j.attempt != res.Attempt || (j.state != StateRunning && j.state != StateDispatched) {
+		d.metrics.ForgedRecords.Add(1)
+		d.rare.Warn().Str("job_id", res.JobID).Str("tenant", j.tenant).Str("from_worker", wid).Str("worker_id", j.workerID).
+			Int("attempt", res.Attempt).Int("want_attempt", j.attempt).Msg("terminal record from a worker that does not run this attempt; refused")
+		reply(schemas.FinishUnknown)
+		return
+	}
+	// What the server vouched for, not what the body says.
+	res.WorkerID, res.Tenant, res.Model = wid, recordTenant(j.tenant), j.req.Model
+	if w := d.workers[wid]; w != nil {
+		w.br.record(true, time.Now())
+	}
+	j.endedAt = res.FinishedAt
+	d.finishWith(j, e, &res, func(err error) {
+		switch {
+		case err == nil:
+			reply(schemas.FinishStored)
+		case errors.Is(err, bus.ErrResultExists):
+			reply(schemas.FinishExists)
+		}
+		// Any other error: no answer; the worker retries and finds the job
+		// gone (unknown), and the JOBS message, naked, runs again.
+	})
+}
+
+// onAttemptReport: a worker says the attempt failed but may be retried
+// (mlx.worker.<id>.attempt). Only the worker running that attempt is heard.
+func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
+	wid := bus.WorkerOfSubject(m.Subject)
+	var r schemas.AttemptReportMsg
+	if wid == "" || json.Unmarshal(m.Data, &r) != nil {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	j := d.jobs[bus.JobRef{Tenant: r.Tenant, ID: r.JobID}.Key()]
+	if j == nil || r.Attempt != j.attempt || (j.state != StateRunning && j.state != StateDispatched) {
+		return
+	}
+	if j.workerID != wid {
+		d.metrics.ForgedRecords.Add(1)
+		d.rare.Warn().Str("job_id", r.JobID).Str("from_worker", wid).Str("worker_id", j.workerID).Msg("attempt report from a worker that does not run this attempt; ignored")
+		return
+	}
+	if w := d.workers[j.workerID]; w != nil {
+		w.br.record(false, time.Now())
+	}
+	j.endedAt = r.ReportedAt
+	d.retryableFailure(j, r.Error, &schemas.Resume{Text: r.Text, CompletionTokens: r.CompletionTokens}, r.Seq)
+}
