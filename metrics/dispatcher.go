@@ -27,6 +27,8 @@ var dispatcherCounters = []struct {
 	{DispatcherAssignErrors, func(m *dispatcher.Metrics) int64 { return m.AssignErrors.Load() }},
 	{DispatcherRetries, func(m *dispatcher.Metrics) int64 { return m.Retries.Load() }},
 	{DispatcherAlreadyDone, func(m *dispatcher.Metrics) int64 { return m.AlreadyFinished.Load() }},
+	{DispatcherNotAJob, func(m *dispatcher.Metrics) int64 { return m.NotAJob.Load() }},
+	{DispatcherForged, func(m *dispatcher.Metrics) int64 { return m.ForgedRecords.Load() }},
 	{DispatcherWorkersLost, func(m *dispatcher.Metrics) int64 { return m.WorkersLost.Load() }},
 	{DispatcherWorkersRestarted, func(m *dispatcher.Metrics) int64 { return m.WorkersRestarted.Load() }},
 	{DispatcherIllegal, func(m *dispatcher.Metrics) int64 { return m.IllegalTransitions.Load() }},
