@@ -193,9 +193,12 @@ type RuntimeInfo struct {
 
 // HealthResult answers health (schema "runtime.health.result").
 type HealthResult struct {
-	OK       bool     `json:"ok"`
-	InFlight int      `json:"in_flight"`
-	Models   []string `json:"models"`
+	OK       bool `json:"ok"`
+	InFlight int  `json:"in_flight"`
+	// DecodedTokens counts every row the runtime's generators decoded, one per
+	// row per step, including rows no request reads any more.
+	DecodedTokens int64    `json:"decoded_tokens"`
+	Models        []string `json:"models"`
 }
 
 // ShutdownParams asks the runtime to stop (schema "runtime.shutdown.params").

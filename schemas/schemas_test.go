@@ -262,6 +262,9 @@ func (sd *schemaDoc) compare(path, file string, node map[string]any, typ reflect
 	if _, isConst := node["const"]; isConst && typ.Kind() == reflect.String {
 		jsonType = "string"
 	}
+	if _, isConst := node["const"].(bool); isConst && jsonType == "" && typ.Kind() == reflect.Bool {
+		jsonType = "boolean"
+	}
 	if jsonType != want {
 		t.Errorf("%s: schema type %q, Go type %s wants %q", path, jsonType, typ, want)
 		return
@@ -608,5 +611,37 @@ func TestConcurrentValidate(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Error(err)
+	}
+}
+
+// runtimeStructs maps runtime.* schemas to the Go structs the worker decodes the
+// runtime's answers into, so a field added on one side of the pipe is added on both.
+var runtimeStructs = map[Type]func() any{
+	RuntimeInfoResult:        func() any { return new(RuntimeInfo) },
+	RuntimeHealthResult:      func() any { return new(HealthResult) },
+	RuntimeShutdownParams:    func() any { return new(ShutdownParams) },
+	RuntimeShutdownResult:    func() any { return new(ShutdownResult) },
+	RuntimeModelLoadParams:   func() any { return new(ModelLoadParams) },
+	RuntimeModelLoadResult:   func() any { return new(ModelLoadResult) },
+	RuntimeModelUnloadParams: func() any { return new(ModelUnloadParams) },
+	RuntimeModelUnloadResult: func() any { return new(ModelUnloadResult) },
+	RuntimeGenerateParams:    func() any { return new(GenerateParams) },
+	RuntimeGenerateResult:    func() any { return new(GenerateResult) },
+	RuntimeGenerateChunk:     func() any { return new(GenerateChunk) },
+	RuntimeCancelParams:      func() any { return new(CancelParams) },
+	RuntimeCancelResult:      func() any { return new(CancelResult) },
+	RuntimeTokenizeParams:    func() any { return new(TokenizeParams) },
+	RuntimeTokenizeResult:    func() any { return new(TokenizeResult) },
+}
+
+func TestRuntimeStructsMatchSchemas(t *testing.T) {
+	t.Parallel()
+	sd := newSchemaDoc(t)
+	for typ, newMsg := range runtimeStructs {
+		root := sd.docs[string(typ)+".json"]
+		if root == nil {
+			t.Fatalf("no schema file for %s", typ)
+		}
+		sd.compare(string(typ), string(typ)+".json", root, reflect.TypeOf(newMsg()))
 	}
 }

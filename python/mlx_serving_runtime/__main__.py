@@ -86,7 +86,15 @@ def handle(engine: Any, writer: Writer, line: bytes) -> None:
             writer.send(response(rpc_id, runtime_info(engine)))
         elif method == "health":
             writer.send(
-                response(rpc_id, {"ok": True, "in_flight": engine.in_flight(), "models": engine.model_ids()})
+                response(
+                    rpc_id,
+                    {
+                        "ok": True,
+                        "in_flight": engine.in_flight(),
+                        "decoded_tokens": engine.decoded_tokens(),
+                        "models": engine.model_ids(),
+                    },
+                )
             )
         elif method == "tokenize":
             m = engine.model(params["model"])

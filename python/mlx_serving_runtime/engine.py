@@ -158,6 +158,9 @@ class Engine:
         self._models: dict[str, Model] = {}
         self._inflight: dict[str, Request] = {}  # request_id -> request, reader and engine
         self._by_uid: dict[tuple[str, int], Request] = {}  # generation thread only
+        # Tokens the generators decoded, over every row they hold: a row cancelled but
+        # left in a generator would still count here while nobody reads its tokens.
+        self._decoded = 0  # written on the generation thread only
         self.shutting_down = False
         self.on_exit: Callable[[], None] | None = None  # called on this thread after shutdown
         self._thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
@@ -179,6 +182,9 @@ class Engine:
     def in_flight(self) -> int:
         with self._lock:
             return len(self._inflight)
+
+    def decoded_tokens(self) -> int:
+        return self._decoded
 
     def submit_generate(self, req: Request) -> None:
         with self._lock:
@@ -409,6 +415,7 @@ class Engine:
             m.gen = self._new_generator(m)
             mx.clear_cache()
             return
+        self._decoded += len(responses)  # one per row decoded, whether a request still reads it
         now = time.perf_counter()
         for r in responses:
             req = self._by_uid.get((m.id, r.uid))

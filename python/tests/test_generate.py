@@ -133,6 +133,50 @@ def test_cancel_mid_stream(rt) -> None:
     assert rt.result("cancel", {"request_id": r})["cancelled"] is False
 
 
+def test_cancelled_row_stops_decoding(new_runtime, tiny_model) -> None:
+    """A cancel takes the row out of the batch: later steps decode only the rows still read.
+
+    Answering "cancelled" is not enough: a row left in the BatchGenerator decodes on,
+    unread, beside every later request until its max_tokens. health.decoded_tokens
+    counts what the generators decode (one per row per step), so a lone request of
+    N tokens after the cancel must add exactly N.
+
+    Mutation caught: removing BatchGenerator.remove(...) in
+    python/mlx_serving_runtime/engine.py (Engine._end, reason "cancelled") makes the
+    second request's window count its own tokens plus the cancelled row's.
+    """
+    rt = new_runtime("--max-batch", "4")
+    rt.result("model.load", {"model": tiny_model, "id": "tiny"})
+    r = rid("cancel-row")
+    rpc = rt.request(
+        "generate",
+        {
+            "request_id": r,
+            "model": "tiny",
+            "prompt": "Go on",
+            "max_tokens": 2000,
+            "temperature": 1.0,
+            "seed": 3,
+        },
+    )
+    deadline = time.monotonic() + 30
+    while len(rt.chunks.get(r, [])) < 3:
+        assert time.monotonic() < deadline, "no 3 chunks of the long generate within 30s"
+        time.sleep(0.005)
+    assert rt.result("cancel", {"request_id": r}) == {"request_id": r, "cancelled": True}
+    cancelled = rt.wait(rpc)["result"]
+    assert cancelled["finish_reason"] == "cancelled"
+    assert cancelled["usage"]["completion_tokens"] < 1000  # plenty left to decode, were it kept
+
+    before = rt.result("health")
+    assert before["in_flight"] == 0
+    # A lone request now: with the cancelled row gone, every step decodes it alone.
+    res = gen(rt, prompt="Hello world", max_tokens=25, temperature=1, seed=7)
+    assert res["finish_reason"] == "length" and res["usage"]["completion_tokens"] == 25
+    after = rt.result("health")
+    assert after["decoded_tokens"] - before["decoded_tokens"] == 25, (before, after)
+
+
 def test_stop_sequences(rt) -> None:
     base = dict(prompt="Hello world", max_tokens=60, temperature=1.0, seed=11)
     full = gen(rt, **base)["text"]

@@ -4,10 +4,12 @@ runtime on the tiny model, gateway) for the openai client to talk to."""
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -41,14 +43,36 @@ class Up:
         self.model = Path(tiny).name if tiny else "tiny"
         self.proc = subprocess.Popen(args + extra, cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 240
+        # stdout is read on a thread for the life of the process: the wait for the
+        # banner has a deadline even while up prints nothing, and later output never
+        # fills the pipe.
+        self.stdout: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True, name="up stdout").start()
+        try:
+            self._wait_up(data_dir, timeout=240)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            self.log.close()
+            raise
+
+    def _pump(self) -> None:
         for line in self.proc.stdout:
+            self.stdout.put(line)
+        self.stdout.put(None)  # EOF
+
+    def _wait_up(self, data_dir: Path, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self.stdout.get(timeout=max(left, 0))
+            except queue.Empty:
+                pytest.fail(f"up printed no 'mlx-serving is up' within {timeout:.0f}s — see {data_dir / 'up.log'}")
+            if line is None:
+                pytest.fail(f"up exited ({self.proc.wait()}) before it was up — see {data_dir / 'up.log'}")
             if "mlx-serving is up" in line:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("up did not start")
-        else:
-            raise RuntimeError(f"up exited: {self.proc.wait()} — see {data_dir / 'up.log'}")
+                return
 
     @property
     def base_url(self) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import queue
+import socket
 import subprocess
 import threading
 import time
@@ -124,11 +126,36 @@ def test_unknown_model_is_503(client):
     assert e.value.status_code == 503
 
 
-def post(up_http: str, path: str, body: dict) -> http.client.HTTPResponse:
+def post(up_http: str, path: str, body: dict) -> tuple[socket.socket, http.client.HTTPResponse]:
+    """The response and its socket (kept here: the connection drops its own when the
+    response is to close the connection)."""
     host, port = up_http.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     conn.request("POST", "/v1" + path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-    return conn.getresponse()
+    sock = conn.sock
+    return sock, conn.getresponse()
+
+
+def readline_until(sock: socket.socket, r: http.client.HTTPResponse, want, timeout: float) -> str:
+    """The first line of r's body for which want(line) holds; the test fails, naming the
+    last lines read, when the body ends or the deadline passes first."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"no wanted line within {timeout:.0f}s; last lines: {seen[-5:]}")
+        sock.settimeout(left)  # each read is bounded by what is left of the deadline
+        try:
+            raw = r.fp.readline()
+        except TimeoutError:
+            pytest.fail(f"no wanted line within {timeout:.0f}s; last lines: {seen[-5:]}")
+        if not raw:
+            pytest.fail(f"stream ended before the wanted line; last lines: {seen[-5:]}")
+        line = raw.decode()
+        seen.append(line)
+        if want(line):
+            return line
 
 
 def test_client_disconnect_cancels_the_job(up):
@@ -137,19 +164,18 @@ def test_client_disconnect_cancels_the_job(up):
     # (greedy decoding of random weights can loop on bytes that never form UTF-8).
     body = {"model": up.model, "messages": [{"role": "user", "content": "long"}], "max_tokens": 8000,
             "temperature": 1.0, "seed": 7, "stream": True}
-    r = post(up.http, "/chat/completions", body)
+    sock, r = post(up.http, "/chat/completions", body)
     assert r.status == 200
     job_id = r.getheader("x-mlx-job-id")
-    while True:
-        line = r.fp.readline().decode()
-        if line.startswith("data: ") and '"content"' in line:
-            break
+    readline_until(sock, r, lambda line: line.startswith("data: ") and '"content"' in line, timeout=60)
     r.close()  # the client goes away mid-stream
+    sock.close()
     assert job_id, "gateway should name the job in X-Mlx-Job-Id"
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        p = subprocess.run([str(up.binary), "result", "--json", "--nats", up.nats_url, job_id], capture_output=True, text=True, check=False)
+        p = subprocess.run([str(up.binary), "result", "--json", "--nats", up.nats_url, job_id],
+                           capture_output=True, text=True, check=False, timeout=30)
         if p.returncode == 0:
             res = json.loads(p.stdout)
             assert res["status"] == "cancelled", res
@@ -166,29 +192,36 @@ def test_queue_full_is_429_with_retry_after(binary, tmp_path):
     u = Up(binary, tmp_path, ["--jobs-max-msgs", "1", "--slots", "1", "--batch-max-size", "1"])
     try:
         body = {"model": u.model, "prompt": "fill", "max_tokens": 4000}
-        statuses: list[int] = []
-        retry_after: list[str] = []
+        # Each request thread reports what it got here; only this thread asserts on it
+        # (an assertion in a request thread would not fail the test).
+        outcomes: queue.Queue[tuple] = queue.Queue()
 
         def hit():
             try:
-                r = post(u.http, "/completions", body)
-            except OSError:
-                return
-            statuses.append(r.status)
-            if r.status == 429:
-                retry_after.append(r.getheader("retry-after") or "")
-                payload = json.loads(r.read())
-                assert payload["error"]["code"] == "queue_full", payload
+                _, r = post(u.http, "/completions", body)
+                if r.status != 429:
+                    outcomes.put(("status", r.status, None, None))
+                    return
+                outcomes.put(("status", 429, r.getheader("retry-after"), r.read()))
+            except Exception as e:  # noqa: BLE001 — handed to the test thread, which asserts
+                outcomes.put(("error", e))
 
-        threads = [threading.Thread(target=hit, daemon=True) for _ in range(8)]
-        for t in threads:
-            t.start()
+        for _ in range(8):
+            threading.Thread(target=hit, daemon=True).start()
             time.sleep(0.1)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and 429 not in statuses:
-            time.sleep(0.05)
-        assert 429 in statuses, statuses
-        assert retry_after and retry_after[0].isdigit()
+        got: list[tuple] = []
+        while not any(o[0] == "status" and o[1] == 429 for o in got):
+            left = deadline - time.monotonic()
+            try:
+                got.append(outcomes.get(timeout=max(left, 0)))
+            except queue.Empty:
+                pytest.fail(f"no 429 within 60s; responses so far: {got}")
+        errors = [o[1] for o in got if o[0] == "error"]
+        assert not errors, f"requests failed before the 429: {errors!r}"
+        _, _, retry_after, payload = next(o for o in got if o[0] == "status" and o[1] == 429)
+        assert retry_after and retry_after.isdigit(), retry_after
+        assert json.loads(payload)["error"]["code"] == "queue_full", payload
     finally:
         u.proc.kill()
         u.proc.wait()
