@@ -76,11 +76,15 @@ type InitOptions struct {
 	Force bool
 	// BcryptCost hashes the passwords; default bcrypt.DefaultCost. Tests lower it.
 	BcryptCost int
+	// Routes are the host:port of every server's cluster listener, written with
+	// the route credentials to NATSClusterFile; default DefaultRoutes.
+	Routes []string
 }
 
 // Init generates a random password for every identity, writes the server's
-// user list (hashes and permissions) and one credential file per identity, all
-// readable by the owner only.
+// user list (hashes and permissions), one credential file per identity and the
+// nats-server includes (NATSAuthFile, NATSClusterFile), all readable by the
+// owner only.
 func Init(opts InitOptions) (*Store, error) {
 	if opts.DataDir == "" {
 		return nil, errors.New("auth: InitOptions.DataDir is required")
@@ -145,11 +149,36 @@ func Init(opts InitOptions) (*Store, error) {
 			return nil, err
 		}
 	}
+	store := &Store{dir: dir, doc: doc}
+	// The includes are rendered from the users the embedded server gets, so a
+	// server run from ops/nats enforces the same grants.
+	authConf, err := NATSAuthConf(store.ServerUsers())
+	if err != nil {
+		return nil, err
+	}
+	routes := opts.Routes
+	if len(routes) == 0 {
+		routes = DefaultRoutes
+	}
+	routePassword, err := randomPassword()
+	if err != nil {
+		return nil, err
+	}
+	clusterConf, err := NATSClusterConf(routePassword, routes)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeFile(store.NATSAuthConfPath(), authConf); err != nil {
+		return nil, err
+	}
+	if err := writeFile(store.NATSClusterConfPath(), clusterConf); err != nil {
+		return nil, err
+	}
 	// The server file is written last: its presence is what marks auth as set up.
 	if err := writeJSON(filepath.Join(dir, serverFile), doc); err != nil {
 		return nil, err
 	}
-	return &Store{dir: dir, doc: doc}, nil
+	return store, nil
 }
 
 // Store is a data dir's generated credentials.
@@ -234,6 +263,11 @@ func writeJSON(path string, v any) error {
 	if err != nil {
 		return err
 	}
+	return writeFile(path, append(data, '\n'))
+}
+
+// writeFile replaces path atomically, owner-only from the first byte.
+func writeFile(path string, data []byte) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
 	if err != nil {
 		return fmt.Errorf("auth: %w", err)
@@ -243,7 +277,7 @@ func writeJSON(path string, v any) error {
 		tmp.Close()
 		return fmt.Errorf("auth: %w", err)
 	}
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
+	if _, err := tmp.Write(data); err != nil {
 		tmp.Close()
 		return fmt.Errorf("auth: write %s: %w", path, err)
 	}

@@ -36,6 +36,9 @@ type Config struct {
 	NATSUser     string `json:"nats_user,omitempty"`
 	NATSPassword string `json:"nats_password,omitempty"`
 	NATSCreds    string `json:"nats_creds,omitempty"`
+	NATSCA       string `json:"nats_ca,omitempty"`
+	NATSCert     string `json:"nats_cert,omitempty"`
+	NATSKey      string `json:"nats_key,omitempty"`
 	Model        string `json:"model"`
 	Python       string `json:"python"`
 	WorkerID     string `json:"worker_id"`
@@ -79,6 +82,9 @@ var Keys = []Key{
 	{"nats_user", "nats-user", "MLX_SERVING_NATS_USER", "", "NATS user"},
 	{"nats_password", "nats-password", "MLX_SERVING_NATS_PASSWORD", "", "NATS password"},
 	{"nats_creds", "nats-creds", "MLX_SERVING_NATS_CREDS", "", "NATS credentials file"},
+	{"nats_ca", "nats-ca", "MLX_SERVING_NATS_CA", "", "PEM file of the CA that signed the NATS servers' TLS certificates (turns TLS on)"},
+	{"nats_cert", "nats-cert", "MLX_SERVING_NATS_CERT", "", "client TLS certificate (PEM) for servers that verify clients; with nats_key"},
+	{"nats_key", "nats-key", "MLX_SERVING_NATS_KEY", "", "private key (PEM) of nats_cert"},
 	{"model", "model", "MLX_SERVING_MODEL", "", "model to preload: local path or hub id (empty: the tiny model)"},
 	{"python", "python", "MLX_SERVING_PYTHON", "", "Python interpreter for the runtime (empty: python/.venv/bin/python)"},
 	{"worker_id", "worker-id", "MLX_SERVING_WORKER_ID", "", "worker id (empty: from the host name)"},

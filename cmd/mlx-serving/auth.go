@@ -22,14 +22,15 @@ func init() {
 
 func cmdAuth(_ context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 || args[0] != "init" {
-		fmt.Fprintln(stderr, "usage: mlx-serving auth init [--data-dir DIR] [--tenants a,b] [--workers id1,id2] [--force]")
+		fmt.Fprintln(stderr, "usage: mlx-serving auth init [--data-dir DIR] [--tenants a,b] [--workers id1,id2] [--routes host:port,...] [--force]")
 		return 2
 	}
-	var tenants, workers *string
+	var tenants, workers, routes *string
 	var force *bool
 	c, _, code, ok := loadConfig("auth init", args[1:], stderr, func(fs *flagSet) {
 		tenants = fs.String("tenants", "default", "tenants to generate producer credentials for, comma-separated")
 		workers = fs.String("workers", "", "worker ids to generate worker credentials for, comma-separated (default: this host's worker id)")
+		routes = fs.String("routes", strings.Join(auth.DefaultRoutes, ","), "cluster listeners (host:port, comma-separated) written with the route credentials to "+auth.NATSClusterFile)
 		force = fs.Bool("force", false, "replace existing credentials (running clients lose access)")
 	})
 	if !ok {
@@ -39,7 +40,7 @@ func cmdAuth(_ context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(workerIDs) == 0 {
 		workerIDs = []string{workerID(c)}
 	}
-	store, err := auth.Init(auth.InitOptions{DataDir: c.DataDir, Tenants: splitNames(*tenants), WorkerIDs: workerIDs, Force: *force})
+	store, err := auth.Init(auth.InitOptions{DataDir: c.DataDir, Tenants: splitNames(*tenants), WorkerIDs: workerIDs, Routes: splitNames(*routes), Force: *force})
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving auth init: %v\n", err)
 		if errors.Is(err, auth.ErrExists) {
@@ -63,6 +64,8 @@ func cmdAuth(_ context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	_ = tw.Flush()
 	fmt.Fprintln(stdout, "\nClients connect with --nats-user USER --nats-password PASSWORD (the file's \"password\").")
+	fmt.Fprintf(stdout, "For servers run from ops/nats, copy next to each server's configuration (e.g. /etc/nats/):\n  %s  (users and permissions)\n  %s  (route credentials and routes)\n",
+		store.NATSAuthConfPath(), store.NATSClusterConfPath())
 	return 0
 }
 

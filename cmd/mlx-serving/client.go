@@ -49,6 +49,9 @@ func connectOptions(c config.Config, name string, log zerolog.Logger) bus.Connec
 		User:      c.NATSUser,
 		Password:  c.NATSPassword,
 		CredsFile: c.NATSCreds,
+		CAFile:    c.NATSCA,
+		CertFile:  c.NATSCert,
+		KeyFile:   c.NATSKey,
 		Logger:    log,
 	}
 }

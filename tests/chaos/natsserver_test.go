@@ -94,8 +94,15 @@ func (s *natsSet) urlList() string { return strings.Join(s.urls(), ",") }
 // overridden by a flag: nats-server refuses -sd next to a store_dir in the file.
 var storeDirLine = regexp.MustCompile(`(?m)^(\s*)store_dir:.*$`)
 
+// includeLine is an include of an ops/nats file: the files `mlx-serving auth
+// init` generates (users, route credentials), read from the config's directory.
+var includeLine = regexp.MustCompile(`(?m)^\s*include\s+"([^"/]+)"\s*$`)
+
 // opsConfig copies ops/nats/<name> into runDir with store_dir pointing at
-// storeDir, and returns the copy's path.
+// storeDir, and returns the copy's path. Its includes get empty files: the
+// campaign's clients connect without credentials, as they always have, and the
+// flags' --cluster and --routes replace the routes and their credentials anyway
+// (auth and the includes are tested with the files in auth and cmd/mlx-serving).
 func opsConfig(t testing.TB, name, runDir, storeDir string) string {
 	t.Helper()
 	data, err := os.ReadFile(filepath.Join(testenv.RepoRoot(), "ops", "nats", name))
@@ -106,6 +113,12 @@ func opsConfig(t testing.TB, name, runDir, storeDir string) string {
 		t.Fatalf("ops/nats/%s: want exactly one store_dir line, found %d", name, n)
 	}
 	data = storeDirLine.ReplaceAll(data, []byte("${1}store_dir: "+strconv.Quote(storeDir)))
+	for _, m := range includeLine.FindAllSubmatch(data, -1) {
+		empty := []byte("# ops/nats include, empty for the fault campaign (see opsConfig)\n")
+		if err := os.WriteFile(filepath.Join(runDir, string(m[1])), empty, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	path := filepath.Join(runDir, name)
 	if err := os.WriteFile(path, data, 0o644); err != nil {
 		t.Fatal(err)
