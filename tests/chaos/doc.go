@@ -8,5 +8,8 @@
 //
 // `go test ./tests/chaos` runs the short campaign (a few minutes at most);
 // CHAOS_FULL=1 runs the full one (1,000 jobs, NATS cluster faults included).
-// CHAOS_SEED replays a campaign's fault schedule.
+// CHAOS_SEED replays a campaign's fault schedule. TestWholeStackKill (every
+// process SIGKILLed at once while results are written, then restarted on the
+// same store) and TestNATSKilledWhileWorkersRun run 2 rounds short, 10 and 6
+// full; CHAOS_ROUNDS overrides.
 package chaos
