@@ -495,7 +495,7 @@ func runFakeRuntime(r io.Reader, w io.Writer, o fakeOptions) {
 				mu.Unlock()
 				continue
 			}
-			ok(map[string]any{"ok": true, "in_flight": len(cancels), "models": models})
+			ok(map[string]any{"ok": true, "in_flight": len(cancels), "models": models, "decoded_tokens": 0})
 			mu.Unlock()
 		case "model.load":
 			var p schemas.ModelLoadParams

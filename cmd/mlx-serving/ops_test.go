@@ -272,12 +272,12 @@ func TestOpsStandaloneConfServesAuthenticatedTLS(t *testing.T) {
 		t.Fatalf("wrong password: %v, want an authorization error", err)
 	}
 	// Retried until the deadline: an untrusted certificate is not a permanent error.
-	_, err = cliConnect(t, 2*time.Second, "--nats", tlsURL, "--nats-user", prod.User, "--nats-password", prod.Password)
+	_, err = cliConnect(t, 5*time.Second, "--nats", tlsURL, "--nats-user", prod.User, "--nats-password", prod.Password)
 	if err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("without the CA: %v, want the certificate refused", err)
 	}
 	// A nats:// URL without the CA is no way around it: the server requires TLS.
-	_, err = cliConnect(t, 2*time.Second, "--nats", fmt.Sprintf("nats://127.0.0.1:%d", port),
+	_, err = cliConnect(t, 5*time.Second, "--nats", fmt.Sprintf("nats://127.0.0.1:%d", port),
 		"--nats-user", prod.User, "--nats-password", prod.Password)
 	if err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("nats:// without the CA: %v, want the certificate refused", err)

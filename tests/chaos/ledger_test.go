@@ -258,7 +258,7 @@ func (l *ledger) verify(ctx context.Context, doneBefore map[int]int) ([]*roundSt
 				continue
 			}
 			rs.accepted++
-			_, dlqErr := dlqStream.GetLastMsgForSubject(ctx, bus.DLQSubject(j.id))
+			_, dlqErr := dlqStream.GetLastMsgForSubject(ctx, bus.DLQSubject("", j.id))
 			inDLQ := dlqErr == nil
 			if inDLQ {
 				rs.dlq++
