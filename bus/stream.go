@@ -259,6 +259,9 @@ func (s *JobStream) Next(ctx context.Context) (Event, error) {
 				continue
 			}
 			if ev.Terminal() {
+				if ev, ok = s.confirm(ctx, ev); !ok {
+					continue
+				}
 				s.finish()
 			}
 			return ev, nil
@@ -384,6 +387,39 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 	return Event{}, false
 }
 
+// confirm hands over the stored record for a terminal event seen on the reply
+// subject: what a caller gets as the end of its job is always the durable
+// record, never only a message. Anyone allowed to publish on the reply subject
+// (a worker credential streams tokens there) could send a "result"; a terminal
+// event with no record behind it is dropped (ok false) and the wait goes on
+// (the quiet-period lookup finds the real one). The dispatcher sends the event
+// only after the record is stored; a replica answering the direct get may lag
+// a moment, hence a few tries.
+func (s *JobStream) confirm(ctx context.Context, ev Event) (Event, bool) {
+	for try := 0; ; try++ {
+		stored, ok, err := s.lookup(ctx)
+		if err == nil && ok {
+			stored.Recovered = false
+			return stored, true
+		}
+		if try == confirmTries-1 || ctx.Err() != nil {
+			return ev, false
+		}
+		select {
+		case <-ctx.Done():
+			return ev, false
+		case <-time.After(confirmGap):
+		}
+	}
+}
+
+// confirmTries and confirmGap bound how long a terminal event waits for its
+// record to be readable.
+const (
+	confirmTries = 5
+	confirmGap   = 50 * time.Millisecond
+)
+
 // lookup reads the job's RESULTS record; ok is false when there is none yet.
 func (s *JobStream) lookup(ctx context.Context) (Event, bool, error) {
 	res, err := FetchResult(ctx, s.js, s.tenant, s.jobID)
@@ -418,8 +454,10 @@ func (s *JobStream) lastLookup(ctx context.Context, cause error) (Event, error) 
 			break
 		}
 		if ev, ok := s.accept(msg.Data); ok && ev.Terminal() {
-			s.finish()
-			return ev, nil
+			if ev, ok = s.confirm(lctx, ev); ok {
+				s.finish()
+				return ev, nil
+			}
 		}
 	}
 	if ev, ok, err := s.lookup(lctx); err == nil && ok {
