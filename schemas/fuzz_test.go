@@ -13,7 +13,7 @@ import (
 // producers) and token events (from workers, read by every caller). The seed
 // corpus is the shared vectors of schemas/testdata, so `go test` runs them as
 // ordinary tests; `go test -fuzz FuzzJob ./schemas` searches further (add
-// -fuzzminimizetime 1s as `task fuzz` does, or both workers of a 2-core machine
+// -fuzzminimizetime 1000x as `task fuzz` does, or both workers of a 2-core machine
 // can spend the whole run shrinking two inputs; see the fuzz task).
 //
 // Property: no panic; a document either passes its schema and then decodes into
