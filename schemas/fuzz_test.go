@@ -12,16 +12,29 @@ import (
 // Fuzz targets for the documents that enter the system from outside: jobs (from
 // producers) and token events (from workers, read by every caller). The seed
 // corpus is the shared vectors of schemas/testdata, so `go test` runs them as
-// ordinary tests; `go test -fuzz FuzzJob ./schemas` searches further.
+// ordinary tests; `go test -fuzz FuzzJob ./schemas` searches further (add
+// -fuzzminimizetime 1000x as `task fuzz` does, or both workers of a 2-core machine
+// can spend the whole run shrinking two inputs; see the fuzz task).
 //
 // Property: no panic; a document either passes its schema and then decodes into
 // its Go type and survives a round trip (encode again → still valid), or fails
 // with a *ValidationError carrying the type's stable code and at least one
 // violation with a JSON path and a reason.
 
-// addVectors adds every valid and invalid vector of t to the corpus.
-func addVectors(f *testing.F, t Type) {
+// fuzzMaxInput bounds the inputs the fuzzer makes. The vectors at and over the size
+// limits (64 KiB deltas, 256 KiB prompts, 257 messages) take 2 to 10 ms a run
+// against ~0.1 ms for the rest, so shrinking a mutant of one (see the fuzz task:
+// 1000 runs) held a worker for 2 to 10 s. Those vectors stay seeds and are checked
+// whole, by `go test` and in the fuzzer's baseline; any other input is checked on
+// its first fuzzMaxInput bytes. Cut, not skipped: a skip would be a branch no seed
+// takes, new coverage that only the input's length keeps.
+const fuzzMaxInput = 4 << 10
+
+// addVectors adds every valid and invalid vector of t to the corpus and returns
+// the seeds over fuzzMaxInput, which bounded leaves whole.
+func addVectors(f *testing.F, t Type) (large map[string]bool) {
 	f.Helper()
+	large = map[string]bool{}
 	for _, kind := range []string{"valid", "invalid"} {
 		paths, err := filepath.Glob(filepath.Join("testdata", string(t), kind, "*.json"))
 		if err != nil {
@@ -36,12 +49,24 @@ func addVectors(f *testing.F, t Type) {
 				f.Fatal(err)
 			}
 			f.Add(raw)
+			if len(raw) > fuzzMaxInput {
+				large[string(raw)] = true
+			}
 		}
 	}
 	// Shapes the vectors do not cover: not JSON, trailing data, deep nesting.
 	for _, s := range []string{"", "{", "null", "[]", `{"a":1} {}`, `"x"`, strings.Repeat("[", 2000), "\xff\xfe"} {
 		f.Add([]byte(s))
 	}
+	return large
+}
+
+// bounded returns doc, cut to fuzzMaxInput bytes unless it is one of the large seeds.
+func bounded(doc []byte, large map[string]bool) []byte {
+	if !large[string(doc)] {
+		doc = doc[:min(len(doc), fuzzMaxInput)]
+	}
+	return doc
 }
 
 // checkDoc asserts the property for one document of type t decoded into out.
@@ -80,11 +105,11 @@ func checkDoc[T any](t *testing.T, typ Type, doc []byte) {
 }
 
 func FuzzJob(f *testing.F) {
-	addVectors(f, Job)
-	f.Fuzz(func(t *testing.T, doc []byte) { checkDoc[JobRequest](t, Job, doc) })
+	large := addVectors(f, Job)
+	f.Fuzz(func(t *testing.T, doc []byte) { checkDoc[JobRequest](t, Job, bounded(doc, large)) })
 }
 
 func FuzzTokenEvent(f *testing.F) {
-	addVectors(f, TokenEvent)
-	f.Fuzz(func(t *testing.T, doc []byte) { checkDoc[TokenEventMsg](t, TokenEvent, doc) })
+	large := addVectors(f, TokenEvent)
+	f.Fuzz(func(t *testing.T, doc []byte) { checkDoc[TokenEventMsg](t, TokenEvent, bounded(doc, large)) })
 }
