@@ -246,6 +246,10 @@ var tenantPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
 // idPattern is the job schema's id pattern (schemas/job.json#/definitions/id).
 var idPattern = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
+// ValidID reports whether s is a valid job (or worker, dispatcher) id: one
+// subject token of the job schema's id pattern.
+func ValidID(s string) bool { return idPattern.MatchString(s) }
+
 // RecordTenant is the tenant a job's terminal record is kept under, given the
 // tenant the job names: that tenant when it is a valid name, else "" (the
 // default tenant), since an invalid job's tenant may be what broke its schema

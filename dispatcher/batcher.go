@@ -222,7 +222,7 @@ func (d *Dispatcher) assign(b *batch) {
 		m, err = d.nc.RequestWithContext(ctx, bus.AssignSubject(b.worker), data)
 		cancel()
 		if err == nil {
-			err = json.Unmarshal(m.Data, &reply)
+			reply, err = decodeAssignReply(m.Data)
 		}
 	}
 	now := time.Now()

@@ -17,11 +17,10 @@ import (
 // job still in JOBS is deleted there and finished cancelled. The tenant is the
 // subject's, which the server's permissions bind to the canceller's credential.
 func (d *Dispatcher) onCancel(m *nats.Msg) {
-	ref, ok := bus.ParseCancelSubject(m.Subject)
+	ref, reason, ok := decodeCancel(m.Subject, m.Data)
 	if !ok {
 		return
 	}
-	reason := cancelReason(m.Data)
 	d.mu.Lock()
 	j := d.jobs[ref.Key()]
 	if j != nil {
@@ -58,14 +57,6 @@ func (d *Dispatcher) forwardCancel(j *job, reason string) {
 	if err != nil {
 		d.jobLog(d.log.Warn(), j).Err(err).Msg("forward cancel")
 	}
-}
-
-func cancelReason(data []byte) string {
-	var c schemas.CancelMsg
-	if json.Unmarshal(data, &c) == nil && c.Reason != "" {
-		return c.Reason
-	}
-	return "cancelled by request"
 }
 
 // cancelInStream finds a job still waiting in JOBS, deletes it and writes its

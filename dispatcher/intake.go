@@ -2,7 +2,6 @@ package dispatcher
 
 import (
 	"context"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -260,32 +259,12 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 
 // decode fills j.req, or says why the job is invalid.
 func (d *Dispatcher) decode(j *job, data []byte) error {
-	if err := schemas.Validate(schemas.Job, data); err != nil {
-		if !errors.Is(err, schemas.ErrInvalid) {
-			d.log.Error().Err(err).Str("job_id", j.id).Msg("validate job")
-		}
-		_ = json.Unmarshal(data, &j.req) // best effort: the reply subject, for the terminal
-		return err
+	req, err := decodeJob(bus.JobRef{Tenant: j.tenant, ID: j.id}, data)
+	j.req = req
+	if err != nil && !errors.Is(err, schemas.ErrInvalid) {
+		d.log.Debug().Err(err).Str("job_id", j.id).Str("tenant", j.tenant).Msg("invalid job")
 	}
-	if err := json.Unmarshal(data, &j.req); err != nil {
-		return err
-	}
-	// The subject's tenant is the one the server's permissions let publish it;
-	// a body that claims another, or replies into another's namespace, is an
-	// attempt to act as that tenant.
-	switch {
-	case j.req.ID != j.id:
-		return fmt.Errorf("job id %q does not match its subject's %q", j.req.ID, j.id)
-	case bus.JobRef{Tenant: j.req.Tenant}.Key() != bus.JobRef{Tenant: j.tenant}.Key():
-		return fmt.Errorf("tenant %q does not match its subject's %q", j.req.Tenant, j.tenant)
-	case j.req.Model == "":
-		return errors.New("model is required")
-	case j.req.ReplyTo == "":
-		return errors.New("reply_to is required")
-	case !bus.ReplyInTenant(j.tenant, j.req.ReplyTo):
-		return fmt.Errorf("reply_to %q is not under the tenant's reply subjects %s", j.req.ReplyTo, bus.ReplyNamespace(j.tenant))
-	}
-	return nil
+	return err
 }
 
 // notAJob ends a message on JOBS from which no job can be derived (its subject
@@ -294,12 +273,7 @@ func (d *Dispatcher) decode(j *job, data []byte) error {
 // redelivered nor left in the queue. Logged at a bounded rate and counted.
 func (d *Dispatcher) notAJob(m jetstream.Msg, seq uint64) {
 	d.metrics.NotAJob.Add(1)
-	reason := "subject " + strconv.Quote(m.Subject()) + " is not mlx.jobs.<tenant>.<priority>.<job-id> with a valid tenant, priority and id"
-	rec := schemas.DLQRecordMsg{Reason: "not_a_job", LastError: schemas.ErrorInfo{Code: "not_a_job", Message: reason},
-		DeadAt: time.Now().UTC(), DispatcherID: d.cfg.DispatcherID, RawSubject: m.Subject(), RawData: base64.StdEncoding.EncodeToString(m.Data())}
-	if len(rec.RawSubject) > 4096 {
-		rec.RawSubject = rec.RawSubject[:4096]
-	}
+	rec := rawDeadLetter(m.Subject(), m.Data(), d.cfg.DispatcherID, time.Now().UTC())
 	data, err := json.Marshal(rec)
 	if err == nil {
 		_, err = d.js.Publish(d.wctx, bus.RawDLQSubject(seq), data, jetstream.WithMsgID("raw."+strconv.FormatUint(seq, 10)))

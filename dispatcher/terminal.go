@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"regexp"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -51,6 +53,14 @@ func (d *Dispatcher) finishObserved(j *job, status string) {
 // finishByDispatcher ends j with a terminal record this dispatcher makes.
 // Callers hold d.mu; the I/O runs outside it.
 func (d *Dispatcher) finishByDispatcher(j *job, e Event, status string, errInfo *schemas.ErrorInfo) {
+	d.finishWith(j, e, terminalRecord(j, e, status, errInfo, time.Now().UTC()), nil)
+}
+
+// terminalRecord is the record a dispatcher writes for j. It must pass the
+// result schema whatever the job's body held — an invalid job's model or an
+// error message may be what broke it — or RecordResult would refuse it and the
+// job be redelivered for ever; FuzzIntake holds it to that.
+func terminalRecord(j *job, e Event, status string, errInfo *schemas.ErrorInfo, now time.Time) *schemas.ResultMsg {
 	// Attempt 0 says the job never ran (the schema's convention).
 	attempt := 0
 	if j.ran {
@@ -58,15 +68,41 @@ func (d *Dispatcher) finishByDispatcher(j *job, e Event, status string, errInfo 
 	} else if e == EvExhausted {
 		attempt = j.attempt - 1
 	}
+	if errInfo != nil {
+		e := *errInfo
+		e.Message = clip(e.Message, maxErrorMessage)
+		errInfo = &e
+	}
 	res := &schemas.ResultMsg{
 		Type: "result", JobID: j.id, Attempt: attempt, Seq: j.nextSeq, Status: status,
 		Text: j.resume.Text, Usage: schemas.Usage{CompletionTokens: j.resume.CompletionTokens, TotalTokens: j.resume.CompletionTokens},
-		Error: errInfo, Model: j.req.Model, Tenant: recordTenant(j.tenant), WorkerID: j.workerID, FinishedAt: time.Now().UTC(),
+		Error: errInfo, Tenant: recordTenant(j.tenant), WorkerID: j.workerID, FinishedAt: now,
+	}
+	if modelPattern.MatchString(j.req.Model) {
+		res.Model = j.req.Model
 	}
 	if status == schemas.StatusCancelled {
 		res.FinishReason = "cancelled"
 	}
-	d.finishWith(j, e, res, nil)
+	return res
+}
+
+// maxErrorMessage is the result schema's bound on an error message.
+const maxErrorMessage = 4096
+
+// modelPattern is the job schema's model definition (1 to 256 characters, no
+// whitespace): a model name outside it is left out of a record.
+var modelPattern = regexp.MustCompile(`^[^\s]{1,256}$`)
+
+// clip cuts s to at most n bytes without splitting a UTF-8 sequence.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 // finishWith applies e to j, forgets it and writes res (and the dead letter for
@@ -209,9 +245,8 @@ func (d *Dispatcher) onResult(subject string, data []byte) {
 // that worker (the record is then not written: a worker credential cannot end
 // another worker's job).
 func (d *Dispatcher) onDone(m *nats.Msg) {
-	wid := bus.WorkerOfSubject(m.Subject)
-	var res schemas.ResultMsg
-	if wid == "" || schemas.Validate(schemas.Result, m.Data) != nil || json.Unmarshal(m.Data, &res) != nil {
+	wid, res, ok := decodeDone(m.Subject, m.Data)
+	if !ok {
 		d.metrics.ForgedRecords.Add(1)
 		d.rare.Warn().Str("subject", m.Subject).Msg("terminal hand-over that is no valid result; ignored")
 		return
@@ -263,9 +298,9 @@ func (d *Dispatcher) onDone(m *nats.Msg) {
 // onAttemptReport: a worker says the attempt failed but may be retried
 // (mlx.worker.<id>.attempt). Only the worker running that attempt is heard.
 func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
-	wid := bus.WorkerOfSubject(m.Subject)
-	var r schemas.AttemptReportMsg
-	if wid == "" || json.Unmarshal(m.Data, &r) != nil {
+	wid, r, ok := decodeAttempt(m.Subject, m.Data)
+	if !ok {
+		d.rare.Warn().Str("subject", m.Subject).Msg("attempt report that breaks its schema; ignored")
 		return
 	}
 	d.mu.Lock()
