@@ -315,8 +315,10 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 	switch {
 	case r.reason() != "":
 		// Stopped before it started: nothing to run.
-	case p.MaxTokens <= 0:
-		// An earlier attempt already produced every token the job may have.
+	case r.aj.Resume != nil && p.MaxTokens <= 0:
+		// An earlier attempt already produced every token the job may have. (A
+		// job that names no max_tokens and did not run before gets the runtime's
+		// default: 0 here means "omitted", not "none left".)
 		gen = &schemas.GenerateResult{RequestID: r.requestID, FinishReason: schemas.FinishLength}
 	default:
 		c := a.sup.client()
