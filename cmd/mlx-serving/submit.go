@@ -246,9 +246,10 @@ func cmdResult(ctx context.Context, args []string, stdout, stderr io.Writer) int
 }
 
 func cmdCancel(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var reason string
+	var reason, tenant string
 	s, code, ok := openClient(ctx, "cancel", args, stderr, func(fs *flagSet) {
 		fs.StringVar(&reason, "reason", "cancelled by user", "reason recorded with the cancel")
+		fs.StringVar(&tenant, "tenant", "", "the job's tenant (default: the producer credential's, else default)")
 	})
 	if !ok {
 		return code
@@ -258,7 +259,10 @@ func cmdCancel(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		fmt.Fprintln(stderr, "usage: mlx-serving cancel [flags] <job-id>")
 		return exitUsage
 	}
-	if err := s.prod.Cancel(ctx, s.args[0], reason); err != nil {
+	if tenant == "" {
+		tenant = credentialTenant(s.cfg.NATSUser)
+	}
+	if err := s.prod.TenantCancel(ctx, tenant, s.args[0], reason); err != nil {
 		fmt.Fprintf(stderr, "mlx-serving cancel: %v\n", err)
 		return exitFailed
 	}
