@@ -193,6 +193,27 @@ func Provision(ctx context.Context, js jetstream.JetStream, opts ProvisionOption
 	if _, err := js.CreateOrUpdateKeyValue(ctx, kv); err != nil {
 		return fmt.Errorf("bus: provision bucket %s: %w", BucketWorkers, err)
 	}
+	return denyRollups(ctx, js, "KV_"+BucketWorkers)
+}
+
+// denyRollups turns off message rollups on stream. A KV bucket allows them (its
+// Purge uses one), and a rollup header on a put to one's own key — all a
+// worker's grant allows — would otherwise erase every other worker's entry
+// ("Nats-Rollup: all"). Workers delete their entry (a delete marker), they
+// never purge.
+func denyRollups(ctx context.Context, js jetstream.JetStream, stream string) error {
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		return fmt.Errorf("bus: provision: %s: %w", stream, err)
+	}
+	cfg := s.CachedInfo().Config
+	if !cfg.AllowRollup {
+		return nil
+	}
+	cfg.AllowRollup = false
+	if _, err := js.UpdateStream(ctx, cfg); err != nil {
+		return fmt.Errorf("bus: provision: deny rollups on %s: %w", stream, err)
+	}
 	return nil
 }
 

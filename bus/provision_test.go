@@ -1,6 +1,7 @@
 package bus
 
 import (
+	"github.com/nats-io/nats.go"
 	"reflect"
 	"testing"
 	"time"
@@ -110,5 +111,42 @@ func TestProvisionReplicasAndStorage(t *testing.T) {
 	b := startBus(t, ProvisionOptions{})
 	if err := Provision(ctxT(t), b.js, ProvisionOptions{Replicas: 3}); err == nil {
 		t.Error("Provision with 3 replicas on a single server: want error")
+	}
+}
+
+// A rollup header on a put to one's own registry key (all a worker's grant
+// allows) must not erase other workers' entries.
+// Mutation caught: removing the denyRollups call in Provision.
+func TestRegistryRefusesRollups(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, ProvisionOptions{})
+	ctx := ctxT(t)
+	kv, err := b.js.KeyValue(ctx, BucketWorkers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"w1", "w2"} {
+		if _, err := kv.Put(ctx, k, []byte(`{}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := nats.NewMsg("$KV." + BucketWorkers + ".w1")
+	m.Header.Set("Nats-Rollup", "all")
+	if _, err := b.js.PublishMsg(ctx, m); err == nil {
+		t.Fatal("a rollup on the registry was accepted")
+	}
+	if _, err := kv.Get(ctx, "w2"); err != nil {
+		t.Fatalf("w2's entry after a rollup attempt: %v", err)
+	}
+	if err := kv.Delete(ctx, "w1"); err != nil {
+		t.Fatalf("a worker deleting its own entry: %v", err)
+	}
+	// Provisioning again keeps rollups off.
+	if err := Provision(ctx, b.js, ProvisionOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	s, err := b.js.Stream(ctx, "KV_"+BucketWorkers)
+	if err != nil || s.CachedInfo().Config.AllowRollup {
+		t.Fatalf("rollups allowed after provisioning again (%v)", err)
 	}
 }

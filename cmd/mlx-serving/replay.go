@@ -95,8 +95,10 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		if priority == "" {
 			priority = schemas.PriorityNormal
 		}
-		if _, err := js.Publish(ctx, bus.JobSubject(job.Tenant, priority, job.ID), data,
-			jetstream.WithMsgID(job.ID+".replay."+strconv.FormatUint(seq, 10))); err != nil {
+		// No Nats-Msg-Id: the duplicate window is shared by every tenant, and any
+		// producer may put any id on its own jobs, so a guessable id here would
+		// let one tenant make another's replay a silent no-op.
+		if _, err := js.Publish(ctx, bus.JobSubject(job.Tenant, priority, job.ID), data); err != nil {
 			return n, fmt.Errorf("requeue %s: %w", job.ID, err)
 		}
 		if err := dlq.DeleteMsg(ctx, seq); err != nil {
