@@ -36,7 +36,9 @@ import (
 // JetStream error). Then: each of b's jobs ends in exactly one terminal record,
 // completed, with text no attacker wrote, and b's client saw that record; no
 // record under tenant b for ids only an attacker used; JOBS empty; the
-// dispatcher's forged-records counter above 0.
+// dispatcher's forged-records counter above 0. The gateway submits, cancels
+// and reads for every tenant by design, so only what lies beyond that is
+// tried with its credential.
 //
 // A refused action shows as one table row; an action that succeeds fails the
 // test naming it, unless it is listed in knownHoles (a hole found by this
