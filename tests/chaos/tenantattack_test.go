@@ -321,9 +321,9 @@ func TestTenantAttack(t *testing.T) {
 // production code and kept out of the test's verdict until then (they fail it
 // with CHAOS_ATTACK_STRICT=1). Remove an entry once the hole is closed.
 var knownHoles = map[string]string{
-	"worker-w1: forged terminal event on b's reply subject of bq0":                 "a worker credential may publish on every mlx.reply.> subject (auth.PermissionsFor: token events of the jobs it runs), and bus.JobStream takes the first result on the reply subject as the terminal: b's client is handed a record w1 wrote for a job it never ran",
-	"worker-w1: Nats-Rollup: all on its own heartbeat key":                         "KV_mlx_workers allows rollups and no DenyPurge: a worker's put on $KV.mlx_workers.<its id> with Nats-Rollup: all erases every other worker's registry entry",
-	"producer-a: squat b's replay Nats-Msg-Id, then admin replays b's dead letter": "replay publishes with Nats-Msg-Id <job-id>.replay.<dlq-seq>, without the tenant, into JOBS' shared duplicate window: a producer that published first with that id makes the replay a silent duplicate; the dead letter is deleted and the job never runs again",
+	// Empty: the three holes this test found (a worker's forged terminal event
+	// on another tenant's reply subject, a registry rollup, a squatted replay
+	// msg id) are closed; their actions are refused like every other.
 }
 
 // attackRow is one action and what became of it.
