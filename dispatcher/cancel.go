@@ -4,24 +4,109 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"sync"
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
-	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
+
+// watchCancels follows CANCELS from its first message: the stored cancels
+// (CANCELS keeps them a day) fill d.cancelled, so a delivery is checked against
+// it without a round trip, and each new cancel is acted on (onCancel) once
+// stored. It returns once the stored backlog has been read, with a stop
+// function; until then no job is pulled, so none can miss its cancel.
+func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
+	info, err := d.cancelsStream.Info(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: stream %s: %w", bus.StreamCancels, err)
+	}
+	backlog := info.State.LastSeq
+	d.mu.Lock()
+	d.cancelsMaxAge = info.Config.MaxAge
+	d.mu.Unlock()
+	caughtUp := make(chan struct{})
+	if backlog == 0 || info.State.Msgs == 0 {
+		close(caughtUp)
+	}
+	var once sync.Once
+	c, err := d.js.OrderedConsumer(ctx, bus.StreamCancels, jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.SubjectCancelAll}})
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: follow %s: %w", bus.StreamCancels, err)
+	}
+	cc, err := c.Consume(func(m jetstream.Msg) {
+		live := true
+		if md, err := m.Metadata(); err == nil && md.Sequence.Stream <= backlog {
+			live = false
+			if md.NumPending == 0 {
+				defer once.Do(func() { close(caughtUp) })
+			}
+		}
+		d.onCancel(m.Subject(), m.Data(), live)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: follow %s: %w", bus.StreamCancels, err)
+	}
+	// The backlog ends with the message after which none is pending; should
+	// its last messages expire before they are read, the consumer's own count
+	// says so.
+	poll := time.NewTicker(time.Second)
+	defer poll.Stop()
+	for {
+		select {
+		case <-caughtUp:
+			return cc.Stop, nil
+		case <-ctx.Done():
+			cc.Stop()
+			return nil, ctx.Err()
+		case <-poll.C:
+			if ci, err := c.Info(ctx); err == nil && ci.NumPending == 0 && ci.NumAckPending == 0 {
+				once.Do(func() { close(caughtUp) })
+			}
+		}
+	}
+}
+
+// cancelledLocked reports whether a stored cancel names ref. Callers hold d.mu.
+func (d *Dispatcher) cancelledLocked(key string) bool {
+	_, ok := d.cancelled[key]
+	return ok
+}
+
+// pruneCancels forgets cancels older than CANCELS keeps them, at most once a
+// minute. Callers hold d.mu.
+func (d *Dispatcher) pruneCancels(now time.Time) {
+	if d.cancelsMaxAge <= 0 || now.Sub(d.prunedAt) < time.Minute {
+		return
+	}
+	d.prunedAt = now
+	for k, at := range d.cancelled {
+		if now.Sub(at) > d.cancelsMaxAge {
+			delete(d.cancelled, k)
+		}
+	}
+}
 
 // onCancel handles mlx.cancel.<tenant>.<id>: a held job not on a worker ends at
 // once; a running one is cancelled by its worker, to which the cancel is
 // forwarded (mlx.worker.<id>.cancel: workers read no other job's cancels); a
 // job still in JOBS is deleted there and finished cancelled. The tenant is the
 // subject's, which the server's permissions bind to the canceller's credential.
-func (d *Dispatcher) onCancel(m *nats.Msg) {
-	ref, reason, ok := decodeCancel(m.Subject, m.Data)
+// A cancel from the stored backlog (live false) is only remembered: the jobs it
+// names are checked against it when delivered.
+func (d *Dispatcher) onCancel(subject string, data []byte, live bool) {
+	ref, reason, ok := decodeCancel(subject, data)
 	if !ok {
 		return
 	}
 	d.mu.Lock()
+	d.cancelled[ref.Key()] = time.Now()
+	if !live {
+		d.mu.Unlock()
+		return
+	}
 	j := d.jobs[ref.Key()]
 	if j != nil {
 		j.cancelReq = true

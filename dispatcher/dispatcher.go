@@ -49,10 +49,14 @@ type Dispatcher struct {
 	jobs     map[string]*job
 	queues   [3][]*job // queued jobs by priority, sorted by stream sequence
 	retrying map[string]*job
-	onWorker int // jobs dispatched or running
-	workers  map[string]*workerView
-	pickWRR  wrr
-	batchSeq uint64
+	// cancelled holds every stored cancel (job key → when seen), from CANCELS.
+	cancelled     map[string]time.Time
+	cancelsMaxAge time.Duration // CANCELS' max age: how long a cancel is remembered
+	prunedAt      time.Time
+	onWorker      int // jobs dispatched or running
+	workers       map[string]*workerView
+	pickWRR       wrr
+	batchSeq      uint64
 }
 
 // job is one held JOBS message. Guarded by Dispatcher.mu.
@@ -111,6 +115,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		changed:   make(chan struct{}, 1),
 		jobs:      map[string]*job{},
 		retrying:  map[string]*job{},
+		cancelled: map[string]time.Time{},
 		workers:   map[string]*workerView{},
 	}
 	d.pullWRR.w = cfg.Weights
@@ -224,8 +229,14 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		return err
 	}
 	defer stopResults()
+	// Cancels too come from their stream, the stored ones first (no job is
+	// pulled before they are known).
+	stopCancels, err := d.watchCancels(d.wctx)
+	if err != nil {
+		return err
+	}
+	defer stopCancels()
 	for subj, h := range map[string]nats.MsgHandler{
-		bus.SubjectCancelAll:                      d.onCancel,
 		bus.DoneForDispatcher(d.cfg.DispatcherID): d.onDone,
 		bus.SubjectAttemptAll:                     d.onAttemptReport,
 	} {
@@ -336,6 +347,7 @@ func (d *Dispatcher) tick(now time.Time) {
 			}
 		}
 	}
+	d.pruneCancels(now)
 	for id, w := range d.workers {
 		if !w.lost && now.Sub(w.seenAt) > d.cfg.WorkerTTL {
 			d.workerLost(id, "heartbeat older than worker TTL")

@@ -14,6 +14,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 func TestCompletesAndAcks(t *testing.T) {
@@ -442,12 +443,42 @@ func TestInvalidAndAlreadyFinished(t *testing.T) {
 			t.Fatalf("%s: %+v", c.id, r)
 		}
 	}
-	// A job whose record already exists (it finished before a crash lost the ack).
+	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	if a, _, _ := w.snapshot(); len(a) != 0 {
+		t.Fatalf("ran %v", a)
+	}
+	_ = d
+}
+
+// A redelivered job whose record exists (it finished, then a crash lost the
+// ack) is acked without running.
+// Mutation caught: skipping the RESULTS check in check() for redeliveries.
+func TestRedeliveredFinishedJobIsNotRun(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, bus.ProvisionOptions{})
+	w := e.startWorker("w1", 2, []string{"m"}, nil)
+	ctx := context.Background()
 	done := &schemas.ResultMsg{Type: "result", JobID: "done", Attempt: 1, Status: schemas.StatusCompleted, FinishReason: "stop", Text: "x", FinishedAt: time.Now().UTC()}
-	if err := bus.RecordResult(context.Background(), e.js, done); err != nil {
+	if err := bus.RecordResult(ctx, e.js, done); err != nil {
 		t.Fatal(err)
 	}
 	e.mustSubmit(newJob("done", "m", "normal"))
+	// A dispatcher that died took the first delivery: it goes back unacked.
+	c, err := e.js.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
+		Durable: ConsumerName("dispatch", "normal"), FilterSubject: bus.JobsConsumerFilter("normal"), AckPolicy: jetstream.AckExplicitPolicy, MaxDeliver: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	batch, err := c.FetchNoWait(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for m := range batch.Messages() {
+		if err := m.Nak(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
 	if d.Metrics().AlreadyFinished.Load() != 1 {
 		t.Fatalf("AlreadyFinished %d", d.Metrics().AlreadyFinished.Load())

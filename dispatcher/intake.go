@@ -193,9 +193,13 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 		d.startDispatch(j)
 	}
 	d.mu.Unlock()
-	if invalid == nil {
-		// From the leader, not a direct get a replica may answer a moment
-		// behind: a finished job must not run again. One round trip per job.
+	if invalid == nil && md.NumDelivered > 1 {
+		// A redelivery may have finished already (its ack was lost in a
+		// crash): it must not run again. Read from the leader, not a direct get
+		// a replica may answer a moment behind. A first delivery has no record
+		// unless someone bypassed the producer's check; then it runs, its record
+		// is refused (first writer wins) and the job is acked: one terminal
+		// still, so the round trip is paid on redelivery only.
 		raw, err := bus.StoredResult(ictx, d.js, j.tenant, id)
 		if errors.Is(err, bus.ErrNoResult) {
 			raw, err = nil, nil
@@ -220,16 +224,10 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 			}
 		}
 	}
-	cancelled := false
-	if invalid == nil {
-		raw, err := lastMsg(ictx, d.cancelsStream, bus.CancelSubject(j.tenant, id))
-		if err != nil {
-			d.handBack(j, err)
-			return nil
-		}
-		cancelled = raw != nil
-	}
 	return func() {
+		// Every stored cancel is known (watchCancels read them all before the
+		// first pull and follows the stream): no round trip per job.
+		cancelled := invalid == nil && d.cancelledLocked(key)
 		if j.gone {
 			return
 		}
