@@ -181,6 +181,18 @@ func TestCLIAgainstUp(t *testing.T) {
 		}
 	})
 
+	t.Run("flags after the prompt are flags, not prompt text", func(t *testing.T) {
+		out, errOut, code := up.cli(t, "", "submit", "hello", "-m", "tiny-model", "--max-tokens", "3", "--json")
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		var last schemas.ResultMsg
+		if code != 0 || json.Unmarshal([]byte(lines[len(lines)-1]), &last) != nil || last.Type != "result" {
+			t.Fatalf("code %d, last line not a JSON result: out %q err %q", code, out, errOut)
+		}
+		if last.Usage.CompletionTokens > 3 || last.Model != "tiny-model" {
+			t.Fatalf("--max-tokens 3 / -m not applied: %+v", last)
+		}
+	})
+
 	t.Run("detach then result", func(t *testing.T) {
 		out, _, code := up.cli(t, "", "submit", "--detach", "-m", "tiny-model", "--max-tokens", "4", "detached")
 		id := strings.TrimSpace(out)

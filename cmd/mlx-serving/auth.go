@@ -10,43 +10,62 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
+	"github.com/spf13/cobra"
 
 	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/config"
 	"github.com/mlx-serving/mlx-serving/gateway"
 )
 
-func init() {
-	register("auth", "auth init: generate bus credentials per role and the server's permissions (DATA_DIR/auth)", cmdAuth)
+func (a *app) authCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "auth",
+		Short: "auth init: generate bus credentials per role and the server's permissions (DATA_DIR/auth)",
+		Args:  cobra.NoArgs,
+		RunE:  a.needsSubcommand,
+	}
+	var o authInitOptions
+	initCmd := &cobra.Command{
+		Use:   "init [flags]",
+		Short: "generate bus credentials per role and the server's permissions (DATA_DIR/auth)",
+		Args:  noArgs,
+	}
+	s := bindSettings(initCmd.Flags(), groupSettings, "data_dir", "worker_id")
+	s.complete(initCmd)
+	f := initCmd.Flags()
+	f.StringVar(&o.tenants, "tenants", "default", "tenants to generate producer credentials for, comma-separated")
+	f.StringVar(&o.workers, "workers", "", "worker ids to generate worker credentials for, comma-separated (default: this host's worker id)")
+	f.StringVar(&o.routes, "routes", strings.Join(auth.DefaultRoutes, ","), "cluster listeners (host:port, comma-separated) written with the route credentials to "+auth.NATSClusterFile)
+	f.BoolVar(&o.force, "force", false, "replace existing credentials (running clients lose access)")
+	initCmd.RunE = func(*cobra.Command, []string) error {
+		c, err := s.load()
+		if err != nil {
+			fmt.Fprintf(a.stderr, "mlx-serving auth init: %v\n", err)
+			return exitWith(exitUsage)
+		}
+		return exitWith(authInit(c, o, a.stdout, a.stderr))
+	}
+	cmd.AddCommand(initCmd)
+	return cmd
 }
 
-func cmdAuth(_ context.Context, args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] != "init" {
-		fmt.Fprintln(stderr, "usage: mlx-serving auth init [--data-dir DIR] [--tenants a,b] [--workers id1,id2] [--routes host:port,...] [--force]")
-		return 2
-	}
-	var tenants, workers, routes *string
-	var force *bool
-	c, _, code, ok := loadConfig("auth init", args[1:], stderr, func(fs *flagSet) {
-		tenants = fs.String("tenants", "default", "tenants to generate producer credentials for, comma-separated")
-		workers = fs.String("workers", "", "worker ids to generate worker credentials for, comma-separated (default: this host's worker id)")
-		routes = fs.String("routes", strings.Join(auth.DefaultRoutes, ","), "cluster listeners (host:port, comma-separated) written with the route credentials to "+auth.NATSClusterFile)
-		force = fs.Bool("force", false, "replace existing credentials (running clients lose access)")
-	})
-	if !ok {
-		return code
-	}
-	workerIDs := splitNames(*workers)
+type authInitOptions struct {
+	tenants, workers, routes string
+	force                    bool
+}
+
+func authInit(c config.Config, o authInitOptions, stdout, stderr io.Writer) int {
+	workerIDs := splitNames(o.workers)
 	if len(workerIDs) == 0 {
 		workerIDs = []string{workerID(c)}
 	}
-	store, err := auth.Init(auth.InitOptions{DataDir: c.DataDir, Tenants: splitNames(*tenants), WorkerIDs: workerIDs, Routes: splitNames(*routes), Force: *force})
+	store, err := auth.Init(auth.InitOptions{DataDir: c.DataDir, Tenants: splitNames(o.tenants), WorkerIDs: workerIDs, Routes: splitNames(o.routes), Force: o.force})
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving auth init: %v\n", err)
 		if errors.Is(err, auth.ErrExists) {
 			fmt.Fprintln(stderr, "use --force to replace them")
 		}
-		return 1
+		return exitFailed
 	}
 	fmt.Fprintf(stdout, "credentials written to %s (owner-only); `up` with this data dir now requires them.\n\n", store.Dir())
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)

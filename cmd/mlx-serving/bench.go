@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -12,34 +11,51 @@ import (
 	"strings"
 
 	"github.com/rs/zerolog"
+	"github.com/spf13/cobra"
 
 	"github.com/mlx-serving/mlx-serving/bench"
 	"github.com/mlx-serving/mlx-serving/config"
 	"github.com/mlx-serving/mlx-serving/worker"
 )
 
-func init() {
-	register("bench", "benchmark the same model along direct, runtime, bus, gateway and mlx_lm_server; dispatcher ceiling and memory", cmdBench)
+type benchOptions struct {
+	paths, conc, out, natsBin                     string
+	requests, maxTokens, queued, tpJobs, natsMsgs int
 }
 
-func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var paths, conc, out, natsBin *string
-	var requests, maxTokens, queued, tpJobs, natsMsgs *int
-	c, fs, code, ok := loadConfig("bench", args, stderr, func(fs *flagSet) {
-		paths = fs.String("paths", strings.Join(bench.AllPaths, ","), "paths to run, comma-separated: "+strings.Join(bench.AllPaths, ", "))
-		conc = fs.String("concurrency", "1,8,32", "concurrency levels, comma-separated")
-		requests = fs.Int("requests", 0, "requests per concurrency level (0: max(32, 4×concurrency))")
-		maxTokens = fs.Int("max-tokens", 64, "completion tokens per request")
-		out = fs.String("out", "bench.json", "where the rows go as JSON; the full report and the SVG plot go beside it (NAME.summary.json, NAME.svg); empty: no files")
-		queued = fs.Int("queued-jobs", 100000, "queue depth the dispatcher's memory is read at (negative: skip)")
-		tpJobs = fs.Int("throughput-jobs", 5000, "one-token jobs that time the dispatcher's ceiling (negative: skip)")
-		natsMsgs = fs.Int("nats-bench-msgs", 20000, "messages for `nats bench` js pub/consume (negative: skip)")
-		natsBin = fs.String("nats-bin", defaultNATSBin(), "where the nats CLI is installed (go install) on first use")
-	})
-	if !ok {
-		return code
+func (a *app) benchCmd() *cobra.Command {
+	var o benchOptions
+	cmd, s := serverCmd("bench", "benchmark the same model along direct, runtime, bus, gateway and mlx_lm_server; dispatcher ceiling and memory")
+	f := cmd.Flags()
+	f.StringVar(&o.paths, "paths", strings.Join(bench.AllPaths, ","), "paths to run, comma-separated: "+strings.Join(bench.AllPaths, ", "))
+	f.StringVar(&o.conc, "concurrency", "1,8,32", "concurrency levels, comma-separated")
+	f.IntVar(&o.requests, "requests", 0, "requests per concurrency level (0: max(32, 4×concurrency))")
+	f.IntVar(&o.maxTokens, "max-tokens", 64, "completion tokens per request")
+	f.StringVar(&o.out, "out", "bench.json", "where the rows go as JSON; the full report and the SVG plot go beside it (NAME.summary.json, NAME.svg); empty: no files")
+	f.IntVar(&o.queued, "queued-jobs", 100000, "queue depth the dispatcher's memory is read at (negative: skip)")
+	f.IntVar(&o.tpJobs, "throughput-jobs", 5000, "one-token jobs that time the dispatcher's ceiling (negative: skip)")
+	f.IntVar(&o.natsMsgs, "nats-bench-msgs", 20000, "messages for `nats bench` js pub/consume (negative: skip)")
+	f.StringVar(&o.natsBin, "nats-bin", defaultNATSBin(), "where the nats CLI is installed (go install) on first use")
+	_ = cmd.MarkFlagFilename("out", "json")
+	_ = cmd.MarkFlagDirname("nats-bin")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		c, err := s.load()
+		if err != nil {
+			fmt.Fprintf(a.stderr, "mlx-serving bench: %v\n", err)
+			return exitWith(exitUsage)
+		}
+		// The highest concurrency, unless the operator chose the slots.
+		slots := 0
+		if s.changed("slots", "MLX_SERVING_SLOTS") {
+			slots = c.Slots
+		}
+		return exitWith(runBench(cmd.Context(), c, slots, o, a.stdout, a.stderr))
 	}
-	levels, err := parseLevels(*conc)
+	return cmd
+}
+
+func runBench(ctx context.Context, c config.Config, slots int, o benchOptions, stdout, stderr io.Writer) int {
+	levels, err := parseLevels(o.conc)
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving bench: --concurrency: %v\n", err)
 		return 2
@@ -60,26 +76,22 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		fmt.Fprintf(stderr, "mlx-serving bench: %v\n", err)
 		return 1
 	}
-	slots := 0 // the highest concurrency, unless the operator chose
-	if flagOrEnvSet(fs, "slots", "MLX_SERVING_SLOTS") {
-		slots = c.Slots
-	}
 	r, err := bench.Run(ctx, bench.Options{
-		Paths: benchList(*paths), Concurrency: levels, Requests: *requests, MaxTokens: *maxTokens,
+		Paths: benchList(o.paths), Concurrency: levels, Requests: o.requests, MaxTokens: o.maxTokens,
 		ModelDir: modelDir, Python: python, Exe: exe, Repo: repo, Slots: slots,
 		SyncAlways: c.SyncAlways, JobsMaxMsgs: int(c.JobsMaxMsgs), BatchWait: c.BatchWait().String(),
-		QueuedJobs: *queued, ThroughputJobs: *tpJobs, NATSBenchMsgs: *natsMsgs, NATSBin: *natsBin,
+		QueuedJobs: o.queued, ThroughputJobs: o.tpJobs, NATSBenchMsgs: o.natsMsgs, NATSBin: o.natsBin,
 		Progress: stderr,
 	})
 	if r != nil {
 		bench.WriteTable(stdout, r)
-		if *out != "" {
-			summary, svg, werr := bench.WriteFiles(r, *out)
+		if o.out != "" {
+			summary, svg, werr := bench.WriteFiles(r, o.out)
 			if werr != nil {
-				fmt.Fprintf(stderr, "mlx-serving bench: write %s: %v\n", *out, werr)
+				fmt.Fprintf(stderr, "mlx-serving bench: write %s: %v\n", o.out, werr)
 				return 1
 			}
-			fmt.Fprintf(stdout, "\nwrote %s, %s, %s\n", *out, summary, svg)
+			fmt.Fprintf(stdout, "\nwrote %s, %s, %s\n", o.out, summary, svg)
 		}
 	}
 	if err != nil {
@@ -137,12 +149,6 @@ func defaultNATSBin() string {
 		return filepath.Join(d, "mlx-serving", "bench-bin")
 	}
 	return filepath.Join(os.TempDir(), "mlx-serving-bench-bin")
-}
-
-func flagOrEnvSet(fs *flag.FlagSet, name, env string) bool {
-	set := os.Getenv(env) != ""
-	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
-	return set
 }
 
 func benchList(s string) []string {

@@ -5,10 +5,12 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
+	"github.com/spf13/cobra"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/config"
@@ -64,7 +66,6 @@ type clientSession struct {
 	js   jetstream.JetStream
 	prod *bus.Producer
 	json bool
-	args []string
 }
 
 func (s *clientSession) Close() {
@@ -73,18 +74,27 @@ func (s *clientSession) Close() {
 	}
 }
 
-// openClient parses flags for a client subcommand and connects. Client commands
-// fail fast when no server answers, rather than reconnecting forever.
-func openClient(ctx context.Context, name string, args []string, stderr io.Writer, extra func(fs *flagSet)) (*clientSession, int, bool) {
-	var asJSON *bool
-	c, fs, code, ok := loadConfig(name, args, stderr, func(fs *flagSet) {
-		asJSON = fs.Bool("json", false, "machine-readable JSON output")
-		if extra != nil {
-			extra(fs)
-		}
-	})
-	if !ok {
-		return nil, code, false
+// clientFlags are the flags every client command has: the connection settings
+// and --json.
+type clientFlags struct {
+	settings *settings
+	json     bool
+}
+
+func addClientFlags(cmd *cobra.Command) *clientFlags {
+	cf := &clientFlags{settings: bindSettings(cmd.Flags(), groupConnection, connectionKeys...)}
+	cf.settings.complete(cmd)
+	cmd.Flags().BoolVar(&cf.json, "json", false, "machine-readable JSON output")
+	return cf
+}
+
+// openClient loads the configuration and connects. Client commands fail fast
+// when no server answers, rather than reconnecting forever.
+func (a *app) openClient(ctx context.Context, name string, cf *clientFlags) (*clientSession, int, bool) {
+	c, err := cf.settings.load()
+	if err != nil {
+		fmt.Fprintf(a.stderr, "mlx-serving %s: %v\n", name, err)
+		return nil, exitUsage, false
 	}
 	log := zerolog.Nop()
 	opts := connectOptions(c, "mlx-serving-"+name, log)
@@ -93,20 +103,22 @@ func openClient(ctx context.Context, name string, args []string, stderr io.Write
 	defer cancel()
 	nc, err := bus.Connect(cctx, opts)
 	if err != nil {
-		fmt.Fprintf(stderr, "mlx-serving %s: cannot reach NATS at %s: %v\n", name, c.NATSURL, err)
-		return nil, 3, false
+		fmt.Fprintf(a.stderr, "mlx-serving %s: cannot reach NATS at %s: %v\n", name, c.NATSURL, err)
+		return nil, exitUnreachable, false
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		nc.Close()
-		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
-		return nil, 1, false
+		fmt.Fprintf(a.stderr, "mlx-serving %s: %v\n", name, err)
+		return nil, exitFailed, false
 	}
 	prod, err := bus.NewProducer(nc)
 	if err != nil {
 		nc.Close()
-		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
-		return nil, 1, false
+		fmt.Fprintf(a.stderr, "mlx-serving %s: %v\n", name, err)
+		return nil, exitFailed, false
 	}
-	return &clientSession{cfg: c, nc: nc, js: js, prod: prod, json: *asJSON, args: fs.Args()}, 0, true
+	return &clientSession{cfg: c, nc: nc, js: js, prod: prod, json: cf.json}, 0, true
 }
+
+const connectTimeout = 5 * time.Second

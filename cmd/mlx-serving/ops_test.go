@@ -10,7 +10,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"math/big"
 	"net"
 	"os"
@@ -25,6 +24,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
+	"github.com/spf13/pflag"
 
 	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/bus"
@@ -200,9 +200,14 @@ func makeCerts(t *testing.T, dir string) (caFile string) {
 // the configuration, then connect.
 func cliConnect(t *testing.T, timeout time.Duration, args ...string) (*nats.Conn, error) {
 	t.Helper()
-	c, _, code, ok := loadConfig("ops test", args, io.Discard, nil)
-	if !ok {
-		t.Fatalf("flags %v: exit %d", args, code)
+	fs := pflag.NewFlagSet("ops test", pflag.ContinueOnError)
+	s := bindSettings(fs, groupConnection, connectionKeys...)
+	if err := fs.Parse(args); err != nil {
+		t.Fatalf("flags %v: %v", args, err)
+	}
+	c, err := s.load()
+	if err != nil {
+		t.Fatalf("flags %v: %v", args, err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()

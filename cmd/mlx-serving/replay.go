@@ -5,21 +5,17 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
-
-func init() {
-	register("replay", "put dead-lettered jobs back in the queue (all, by id, or by time range)", cmdReplay)
-}
 
 type replayFilter struct {
 	ids          map[string]bool
@@ -108,21 +104,39 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 	return n, nil
 }
 
-func cmdReplay(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var ids, since, until string
-	var dryRun bool
-	s, code, ok := openClient(ctx, "replay", args, stderr, func(fs *flagSet) {
-		fs.StringVar(&ids, "id", "", "replay only these job ids, comma-separated")
-		fs.StringVar(&since, "since", "", "replay jobs dead-lettered at or after this time (RFC 3339)")
-		fs.StringVar(&until, "until", "", "replay jobs dead-lettered at or before this time (RFC 3339)")
-		fs.BoolVar(&dryRun, "dry-run", false, "list what would be replayed without doing it")
-	})
+func (a *app) replayCmd() *cobra.Command {
+	var o replayOptions
+	cmd := &cobra.Command{
+		Use:   "replay [flags]",
+		Short: "put dead-lettered jobs back in the queue (all, by id, or by time range)",
+		Args:  noArgs,
+	}
+	cf := addClientFlags(cmd)
+	f := cmd.Flags()
+	f.StringVar(&o.ids, "id", "", "replay only these job ids, comma-separated")
+	f.StringVar(&o.since, "since", "", "replay jobs dead-lettered at or after this time (RFC 3339)")
+	f.StringVar(&o.until, "until", "", "replay jobs dead-lettered at or before this time (RFC 3339)")
+	f.BoolVar(&o.dryRun, "dry-run", false, "list what would be replayed without doing it")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		return exitWith(a.replay(cmd.Context(), cf, o))
+	}
+	return cmd
+}
+
+type replayOptions struct {
+	ids, since, until string
+	dryRun            bool
+}
+
+func (a *app) replay(ctx context.Context, cf *clientFlags, o replayOptions) int {
+	stdout, stderr := a.stdout, a.stderr
+	s, code, ok := a.openClient(ctx, "replay", cf)
 	if !ok {
 		return code
 	}
 	defer s.Close()
 	f := replayFilter{ids: map[string]bool{}}
-	for _, id := range strings.Split(ids, ",") {
+	for _, id := range strings.Split(o.ids, ",") {
 		if id = strings.TrimSpace(id); id != "" {
 			f.ids[id] = true
 		}
@@ -130,7 +144,7 @@ func cmdReplay(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	for _, t := range []struct {
 		in  string
 		out *time.Time
-	}{{since, &f.since}, {until, &f.until}} {
+	}{{o.since, &f.since}, {o.until, &f.until}} {
 		if t.in == "" {
 			continue
 		}
@@ -142,13 +156,13 @@ func cmdReplay(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		*t.out = v
 	}
 	enc := json.NewEncoder(stdout)
-	n, err := replayDLQ(ctx, s.js, f, dryRun, func(rec *schemas.DLQRecordMsg) {
+	n, err := replayDLQ(ctx, s.js, f, o.dryRun, func(rec *schemas.DLQRecordMsg) {
 		if s.json {
-			_ = enc.Encode(map[string]any{"job_id": rec.Job.ID, "reason": rec.Reason, "attempts": rec.Attempts, "dead_at": rec.DeadAt, "dry_run": dryRun})
+			_ = enc.Encode(map[string]any{"job_id": rec.Job.ID, "reason": rec.Reason, "attempts": rec.Attempts, "dead_at": rec.DeadAt, "dry_run": o.dryRun})
 			return
 		}
 		verb := "replayed"
-		if dryRun {
+		if o.dryRun {
 			verb = "would replay"
 		}
 		fmt.Fprintf(stdout, "%s %s (%s after %d attempts, dead %s)\n", verb, rec.Job.ID, rec.Reason, rec.Attempts, rec.DeadAt.Format(time.RFC3339))

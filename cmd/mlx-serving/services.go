@@ -15,6 +15,7 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
+	"github.com/spf13/cobra"
 
 	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/bus"
@@ -24,13 +25,6 @@ import (
 	"github.com/mlx-serving/mlx-serving/tracing"
 	"github.com/mlx-serving/mlx-serving/worker"
 )
-
-func init() {
-	register("up", "run everything on this machine: embedded NATS, dispatcher, worker with its runtime, gateway", cmdUp)
-	register("worker", "run a worker: supervise the MLX runtime and serve assignments", cmdWorker)
-	register("dispatcher", "run a dispatcher: pull jobs, batch, route, retry, dead-letter", cmdDispatcher)
-	register("gateway", "run the OpenAI-compatible HTTP gateway", cmdGateway)
-}
 
 // tinyModelID is the id the generated tiny model is served under.
 const tinyModelID = "tiny"
@@ -131,22 +125,39 @@ func provisionOptions(c config.Config) bus.ProvisionOptions {
 	return bus.ProvisionOptions{JobsMaxMsgs: c.JobsMaxMsgs, Replicas: c.Replicas, WorkerTTL: c.WorkerTTLDuration()}
 }
 
-func cmdUp(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	c, _, code, ok := loadConfig("up", args, stderr, nil)
-	if !ok {
-		return code
+// serverCmd is a command configured by every setting.
+func serverCmd(use, short string) (*cobra.Command, *settings) {
+	cmd := &cobra.Command{Use: use + " [flags]", Short: short, Args: noArgs}
+	s := bindSettings(cmd.Flags(), groupSettings, allKeys()...)
+	s.complete(cmd)
+	return cmd, s
+}
+
+func (a *app) upCmd() *cobra.Command {
+	cmd, s := serverCmd("up", "run everything on this machine: embedded NATS, dispatcher, worker with its runtime, gateway")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		c, err := s.load()
+		if err != nil {
+			fmt.Fprintf(a.stderr, "mlx-serving up: %v\n", err)
+			return exitWith(exitUsage)
+		}
+		return exitWith(cmdUp(cmd.Context(), c, a.stdout, a.stderr))
 	}
+	return cmd
+}
+
+func cmdUp(ctx context.Context, c config.Config, stdout, stderr io.Writer) int {
 	log := newLogger(c, "up")
 	stopTracing, err := startTracing(ctx, "up", c, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving up: %v\n", err)
-		return 2
+		return exitUsage
 	}
 	defer stopTracing()
 	if err := up(ctx, c, stdout, log); err != nil {
 		log.Error().Err(err).Msg("up failed")
 		fmt.Fprintf(stderr, "mlx-serving up: %v\n", err)
-		return 1
+		return exitFailed
 	}
 	return 0
 }
@@ -296,22 +307,42 @@ func wrap(what string, err error) error {
 	return fmt.Errorf("%s: %w", what, err)
 }
 
-// runService connects to the configured NATS and runs one long-lived part until ctx ends.
-func runService(ctx context.Context, name string, args []string, stderr io.Writer, run func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error) int {
-	c, _, code, ok := loadConfig(name, args, stderr, nil)
-	if !ok {
-		return code
+// services are the long-lived parts run on their own: what they do, and how.
+var services = map[string]struct {
+	short string
+	run   func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error
+}{
+	"dispatcher": {"run a dispatcher: pull jobs, batch, route, retry, dead-letter", runDispatcher},
+	"worker":     {"run a worker: supervise the MLX runtime and serve assignments", runWorkerService},
+	"gateway":    {"run the OpenAI-compatible HTTP gateway", runGateway},
+}
+
+func (a *app) serviceCmd(name string) *cobra.Command {
+	svc := services[name]
+	cmd, s := serverCmd(name, svc.short)
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		c, err := s.load()
+		if err != nil {
+			fmt.Fprintf(a.stderr, "mlx-serving %s: %v\n", name, err)
+			return exitWith(exitUsage)
+		}
+		return exitWith(runService(cmd.Context(), name, c, a.stderr, svc.run))
 	}
+	return cmd
+}
+
+// runService connects to the configured NATS and runs one long-lived part until ctx ends.
+func runService(ctx context.Context, name string, c config.Config, stderr io.Writer, run func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error) int {
 	log := newLogger(c, name)
 	c, err := serviceConfig(c, name)
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
-		return 2
+		return exitUsage
 	}
 	stopTracing, err := startTracing(ctx, name, c, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
-		return 2
+		return exitUsage
 	}
 	defer stopTracing()
 	nc, js, err := connect(ctx, c, "mlx-serving-"+name, log)
@@ -331,54 +362,48 @@ func runService(ctx context.Context, name string, args []string, stderr io.Write
 			})
 		if err != nil {
 			fmt.Fprintf(stderr, "mlx-serving %s: provision: %v\n", name, err)
-			return 1
+			return exitFailed
 		}
 	}
 	stopMetrics, err := startMetrics(ctx, name, c.MetricsAddr, nc, log)
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
-		return 1
+		return exitFailed
 	}
 	defer stopMetrics()
 	if err := run(ctx, c, nc, log); err != nil && !errors.Is(err, context.Canceled) {
 		log.Error().Err(err).Msg("stopped with error")
-		return 1
+		return exitFailed
 	}
 	return 0
 }
 
-func cmdWorker(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	return runService(ctx, "worker", args, stderr, func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
-		models, _, err := modelSpec(ctx, c, pythonPath(c), log)
-		if err != nil {
-			return err
-		}
-		w, err := newWorker(c, nc, models, log)
-		if err != nil {
-			return err
-		}
-		return runWorker(ctx, w)
-	})
+func runWorkerService(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
+	models, _, err := modelSpec(ctx, c, pythonPath(c), log)
+	if err != nil {
+		return err
+	}
+	w, err := newWorker(c, nc, models, log)
+	if err != nil {
+		return err
+	}
+	return runWorker(ctx, w)
 }
 
-func cmdDispatcher(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	return runService(ctx, "dispatcher", args, stderr, func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
-		d, err := newDispatcher(c, nc, log)
-		if err != nil {
-			return err
-		}
-		return d.Run(ctx)
-	})
+func runDispatcher(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
+	d, err := newDispatcher(c, nc, log)
+	if err != nil {
+		return err
+	}
+	return d.Run(ctx)
 }
 
-func cmdGateway(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	return runService(ctx, "gateway", args, stderr, func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
-		g, err := newGateway(c, nc, "", log)
-		if err != nil {
-			return err
-		}
-		return g.Run(ctx)
-	})
+func runGateway(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
+	g, err := newGateway(c, nc, "", log)
+	if err != nil {
+		return err
+	}
+	return g.Run(ctx)
 }
 
 // runWorker starts w and, when ctx ends, drains it: the heartbeat says draining,

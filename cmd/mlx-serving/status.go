@@ -5,21 +5,17 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spf13/cobra"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
-
-func init() {
-	register("status", "queue depth per priority, in flight, DLQ size and the workers", cmdStatus)
-}
 
 type statusReport struct {
 	Queued   map[string]uint64      `json:"queued"`
@@ -74,8 +70,22 @@ func gatherStatus(ctx context.Context, js jetstream.JetStream) (statusReport, er
 	return rep, nil
 }
 
-func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	s, code, ok := openClient(ctx, "status", args, stderr, nil)
+func (a *app) statusCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "status [flags]",
+		Short: "queue depth per priority, in flight, DLQ size and the workers",
+		Args:  noArgs,
+	}
+	cf := addClientFlags(cmd)
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		return exitWith(a.status(cmd.Context(), cf))
+	}
+	return cmd
+}
+
+func (a *app) status(ctx context.Context, cf *clientFlags) int {
+	stdout, stderr := a.stdout, a.stderr
+	s, code, ok := a.openClient(ctx, "status", cf)
 	if !ok {
 		return code
 	}

@@ -10,28 +10,14 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-func init() {
-	register("submit", "submit a job and stream its tokens (prompt from args or stdin)", cmdSubmit)
-	register("result", "print a job's durable terminal result", cmdResult)
-	register("cancel", "cancel a queued or running job", cmdCancel)
-}
-
-// Exit codes of submit follow the job's terminal status, so scripts can branch on it.
-const (
-	exitCompleted   = 0
-	exitFailed      = 1
-	exitUsage       = 2
-	exitUnreachable = 3
-	exitCancelled   = 4
-	exitExpired     = 5
-	exitNoResult    = 6
-)
-
+// statusExit is submit's exit code for a job's terminal status.
 func statusExit(status string) int {
 	switch status {
 	case schemas.StatusCompleted:
@@ -44,57 +30,85 @@ func statusExit(status string) int {
 	return exitFailed
 }
 
-func cmdSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var (
-		model, messages, id, priority, tenant, stop, schemaFile string
-		maxTokens                                               int
-		temperature, topP                                       float64
-		seed                                                    int64
-		detach                                                  bool
-		timeout                                                 time.Duration
-	)
-	s, code, ok := openClient(ctx, "submit", args, stderr, func(fs *flagSet) {
-		fs.StringVar(&model, "m", "tiny", "model id")
-		fs.StringVar(&messages, "messages", "", `chat messages as JSON, e.g. '[{"role":"user","content":"hi"}]'`)
-		fs.StringVar(&id, "id", "", "job id (default: a new ULID); resubmitting an id is reported, not run twice")
-		fs.StringVar(&priority, "priority", "normal", "high, normal or low")
-		fs.StringVar(&tenant, "tenant", "", "tenant")
-		fs.StringVar(&stop, "stop", "", "stop sequences, comma-separated")
-		fs.StringVar(&schemaFile, "json-schema", "", "file with a JSON schema the output must follow")
-		fs.IntVar(&maxTokens, "max-tokens", 128, "most tokens to generate")
-		fs.Float64Var(&temperature, "temperature", 0, "sampling temperature (0 = greedy)")
-		fs.Float64Var(&topP, "top-p", 1, "nucleus sampling")
-		fs.Int64Var(&seed, "seed", -1, "sampling seed (-1: none)")
-		fs.BoolVar(&detach, "detach", false, "print the job id and return without waiting")
-		fs.DurationVar(&timeout, "timeout", 0, "deadline for the job (0: none)")
-	})
+type submitOptions struct {
+	model, messages, id, priority, tenant, stop, schemaFile string
+	maxTokens                                               int
+	temperature, topP                                       float64
+	seed                                                    int64
+	detach                                                  bool
+	timeout                                                 time.Duration
+}
+
+func (a *app) submitCmd() *cobra.Command {
+	var o submitOptions
+	cmd := &cobra.Command{
+		Use:   "submit [flags] [prompt...]",
+		Short: "submit a job and stream its tokens (prompt from args or stdin)",
+		Long: `Submit a job and stream its tokens to stdout; the footer (status, usage) goes to
+stderr. The prompt is the arguments joined by spaces, else --messages, else stdin.
+Flags may come before, between or after the prompt's words; put -- before a
+prompt word that starts with a dash.
+
+The exit code is the job's terminal status: 0 completed, 1 failed, 2 invalid,
+4 cancelled, 5 expired (see 'mlx-serving --help').`,
+		Example: `  mlx-serving submit -m tiny "Tell me a story"
+  mlx-serving submit "hello" -m tiny --max-tokens 3 --json
+  echo "from stdin" | mlx-serving submit --detach`,
+		ValidArgsFunction: cobra.NoFileCompletions,
+	}
+	cf := addClientFlags(cmd)
+	f := cmd.Flags()
+	f.StringVarP(&o.model, "model", "m", "tiny", "model id")
+	f.StringVar(&o.messages, "messages", "", `chat messages as JSON, e.g. '[{"role":"user","content":"hi"}]'`)
+	f.StringVar(&o.id, "id", "", "job id (default: a new ULID); resubmitting an id is reported, not run twice")
+	f.StringVar(&o.priority, "priority", "normal", "high, normal or low")
+	f.StringVar(&o.tenant, "tenant", "", "the job's tenant (default: the producer credential's, else default)")
+	f.StringVar(&o.stop, "stop", "", "stop sequences, comma-separated")
+	f.StringVar(&o.schemaFile, "json-schema", "", "file with a JSON schema the output must follow")
+	f.IntVar(&o.maxTokens, "max-tokens", 128, "most tokens to generate")
+	f.Float64Var(&o.temperature, "temperature", 0, "sampling temperature (0 = greedy)")
+	f.Float64Var(&o.topP, "top-p", 1, "nucleus sampling")
+	f.Int64Var(&o.seed, "seed", -1, "sampling seed (-1: none)")
+	f.BoolVar(&o.detach, "detach", false, "print the job id and return without waiting")
+	f.DurationVar(&o.timeout, "timeout", 0, "deadline for the job, e.g. 30s (0: none)")
+	_ = cmd.RegisterFlagCompletionFunc("priority", cobra.FixedCompletions(schemas.Priorities, cobra.ShellCompDirectiveNoFileComp))
+	_ = cmd.MarkFlagFilename("json-schema", "json")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		return exitWith(a.submit(cmd.Context(), cf, o, args))
+	}
+	return cmd
+}
+
+func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args []string) int {
+	stdout, stderr := a.stdout, a.stderr
+	s, code, ok := a.openClient(ctx, "submit", cf)
 	if !ok {
 		return code
 	}
 	defer s.Close()
 
-	if tenant == "" {
-		tenant = credentialTenant(s.cfg.NATSUser)
+	if o.tenant == "" {
+		o.tenant = credentialTenant(s.cfg.NATSUser)
 	}
-	job := &schemas.JobRequest{ID: id, Model: model, MaxTokens: maxTokens, Priority: priority, Tenant: tenant}
-	if temperature != 0 {
-		job.Temperature = &temperature
+	job := &schemas.JobRequest{ID: o.id, Model: o.model, MaxTokens: o.maxTokens, Priority: o.priority, Tenant: o.tenant}
+	if o.temperature != 0 {
+		job.Temperature = &o.temperature
 	}
-	if topP != 1 {
-		job.TopP = &topP
+	if o.topP != 1 {
+		job.TopP = &o.topP
 	}
-	if seed >= 0 {
-		job.Seed = &seed
+	if o.seed >= 0 {
+		job.Seed = &o.seed
 	}
-	if stop != "" {
-		job.Stop = strings.Split(stop, ",")
+	if o.stop != "" {
+		job.Stop = strings.Split(o.stop, ",")
 	}
-	if timeout > 0 {
-		d := time.Now().Add(timeout).UTC()
+	if o.timeout > 0 {
+		d := time.Now().Add(o.timeout).UTC()
 		job.Deadline = &d
 	}
-	if schemaFile != "" {
-		raw, err := os.ReadFile(schemaFile)
+	if o.schemaFile != "" {
+		raw, err := os.ReadFile(o.schemaFile)
 		if err == nil {
 			err = json.Unmarshal(raw, &job.JSONSchema)
 		}
@@ -104,13 +118,13 @@ func cmdSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		}
 	}
 	switch {
-	case messages != "":
-		if err := json.Unmarshal([]byte(messages), &job.Messages); err != nil {
+	case o.messages != "":
+		if err := json.Unmarshal([]byte(o.messages), &job.Messages); err != nil {
 			fmt.Fprintf(stderr, "mlx-serving submit: --messages: %v\n", err)
 			return exitUsage
 		}
-	case len(s.args) > 0:
-		job.Prompt = strings.Join(s.args, " ")
+	case len(args) > 0:
+		job.Prompt = strings.Join(args, " ")
 	default:
 		raw, err := io.ReadAll(os.Stdin)
 		if err != nil {
@@ -120,7 +134,7 @@ func cmdSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		job.Prompt = string(raw)
 	}
 
-	if detach {
+	if o.detach {
 		ack, err := s.prod.Submit(ctx, job)
 		if err != nil {
 			return submitError(stderr, err)
@@ -143,7 +157,7 @@ func cmdSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		if err != nil {
 			if errors.Is(err, context.Canceled) {
 				fmt.Fprintf(stderr, "\nmlx-serving submit: interrupted; job %s keeps running (mlx-serving cancel %s)\n", job.ID, job.ID)
-				return 130
+				return exitInterrupted
 			}
 			fmt.Fprintf(stderr, "\nmlx-serving submit: %v\n", err)
 			return exitFailed
@@ -204,25 +218,37 @@ func submitError(stderr io.Writer, err error) int {
 	return exitFailed
 }
 
-func cmdResult(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+func (a *app) resultCmd() *cobra.Command {
 	var tenant string
-	s, code, ok := openClient(ctx, "result", args, stderr, func(fs *flagSet) {
-		fs.StringVar(&tenant, "tenant", "", "the job's tenant (default: the producer credential's, else default)")
-	})
+	cmd := &cobra.Command{
+		Use:   "result [flags] <job-id>",
+		Short: "print a job's durable terminal result",
+		Long: `Print a job's durable terminal result, even after restarts. Exits 6 when the
+job has none yet (unknown, queued or still running).`,
+		Args:              oneJobID,
+		ValidArgsFunction: cobra.NoFileCompletions,
+	}
+	cf := addClientFlags(cmd)
+	cmd.Flags().StringVar(&tenant, "tenant", "", "the job's tenant (default: the producer credential's, else default)")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		return exitWith(a.result(cmd.Context(), cf, tenant, args[0]))
+	}
+	return cmd
+}
+
+func (a *app) result(ctx context.Context, cf *clientFlags, tenant, jobID string) int {
+	stdout, stderr := a.stdout, a.stderr
+	s, code, ok := a.openClient(ctx, "result", cf)
 	if !ok {
 		return code
 	}
 	defer s.Close()
-	if len(s.args) != 1 {
-		fmt.Fprintln(stderr, "usage: mlx-serving result [flags] <job-id>")
-		return exitUsage
-	}
 	if tenant == "" {
 		tenant = credentialTenant(s.cfg.NATSUser)
 	}
-	r, err := s.prod.TenantResult(ctx, tenant, s.args[0])
+	r, err := s.prod.TenantResult(ctx, tenant, jobID)
 	if errors.Is(err, bus.ErrNoResult) {
-		fmt.Fprintf(stderr, "mlx-serving result: job %s has no result yet (unknown, queued or still running)\n", s.args[0])
+		fmt.Fprintf(stderr, "mlx-serving result: job %s has no result yet (unknown, queued or still running)\n", jobID)
 		return exitNoResult
 	}
 	if err != nil {
@@ -245,31 +271,41 @@ func cmdResult(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	return 0
 }
 
-func cmdCancel(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+func (a *app) cancelCmd() *cobra.Command {
 	var reason, tenant string
-	s, code, ok := openClient(ctx, "cancel", args, stderr, func(fs *flagSet) {
-		fs.StringVar(&reason, "reason", "cancelled by user", "reason recorded with the cancel")
-		fs.StringVar(&tenant, "tenant", "", "the job's tenant (default: the producer credential's, else default)")
-	})
+	cmd := &cobra.Command{
+		Use:               "cancel [flags] <job-id>",
+		Short:             "cancel a queued or running job",
+		Args:              oneJobID,
+		ValidArgsFunction: cobra.NoFileCompletions,
+	}
+	cf := addClientFlags(cmd)
+	cmd.Flags().StringVar(&reason, "reason", "cancelled by user", "reason recorded with the cancel")
+	cmd.Flags().StringVar(&tenant, "tenant", "", "the job's tenant (default: the producer credential's, else default)")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		return exitWith(a.cancel(cmd.Context(), cf, reason, tenant, args[0]))
+	}
+	return cmd
+}
+
+func (a *app) cancel(ctx context.Context, cf *clientFlags, reason, tenant, jobID string) int {
+	stdout, stderr := a.stdout, a.stderr
+	s, code, ok := a.openClient(ctx, "cancel", cf)
 	if !ok {
 		return code
 	}
 	defer s.Close()
-	if len(s.args) != 1 {
-		fmt.Fprintln(stderr, "usage: mlx-serving cancel [flags] <job-id>")
-		return exitUsage
-	}
 	if tenant == "" {
 		tenant = credentialTenant(s.cfg.NATSUser)
 	}
-	if err := s.prod.TenantCancel(ctx, tenant, s.args[0], reason); err != nil {
+	if err := s.prod.TenantCancel(ctx, tenant, jobID, reason); err != nil {
 		fmt.Fprintf(stderr, "mlx-serving cancel: %v\n", err)
 		return exitFailed
 	}
 	if s.json {
-		_ = json.NewEncoder(stdout).Encode(map[string]string{"job_id": s.args[0], "status": "cancel_requested"})
+		_ = json.NewEncoder(stdout).Encode(map[string]string{"job_id": jobID, "status": "cancel_requested"})
 	} else {
-		fmt.Fprintf(stdout, "cancel requested for %s\n", s.args[0])
+		fmt.Fprintf(stdout, "cancel requested for %s\n", jobID)
 	}
 	return 0
 }

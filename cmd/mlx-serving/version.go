@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os/exec"
@@ -14,6 +13,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/spf13/cobra"
 
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/mlx-serving/mlx-serving/worker"
@@ -24,10 +24,6 @@ var (
 	version = "dev"
 	commit  = ""
 )
-
-func init() {
-	register("version", "print version, commit, Go version and the runtime's versions", cmdVersion)
-}
 
 func buildInfo() map[string]string {
 	info := map[string]string{"version": version, "commit": commit, "go": runtime.Version(), "platform": runtime.GOOS + "/" + runtime.GOARCH}
@@ -55,23 +51,40 @@ type versionReport struct {
 	RuntimeError string               `json:"runtime_error,omitempty"`
 }
 
-func cmdVersion(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("version", flag.ContinueOnError)
-	asJSON := fs.Bool("json", false, "print JSON")
-	python := fs.String("python", "", "the runtime's interpreter (default: MLX_SERVING_PYTHON, else python/.venv/bin/python, else python3)")
-	timeout := fs.Duration("runtime-timeout", 20*time.Second, "how long to wait for the runtime to answer runtime.info")
-	noRuntime := fs.Bool("no-runtime", false, "do not start the runtime to ask its versions")
-	if code, ok := parseFlags(fs, args, stderr); !ok {
-		return code
+type versionOptions struct {
+	json, noRuntime bool
+	python          string
+	timeout         time.Duration
+}
+
+func (a *app) versionCmd() *cobra.Command {
+	var o versionOptions
+	cmd := &cobra.Command{
+		Use:   "version [flags]",
+		Short: "print version, commit, Go version and the runtime's versions",
+		Args:  noArgs,
 	}
+	f := cmd.Flags()
+	f.BoolVar(&o.json, "json", false, "print JSON")
+	f.StringVar(&o.python, "python", "", "the runtime's interpreter (default: MLX_SERVING_PYTHON, else python/.venv/bin/python, else python3)")
+	f.DurationVar(&o.timeout, "runtime-timeout", 20*time.Second, "how long to wait for the runtime to answer runtime.info")
+	f.BoolVar(&o.noRuntime, "no-runtime", false, "do not start the runtime to ask its versions")
+	_ = cmd.MarkFlagFilename("python")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		return exitWith(printVersion(cmd.Context(), o, a.stdout))
+	}
+	return cmd
+}
+
+func printVersion(ctx context.Context, o versionOptions, stdout io.Writer) int {
 	info := buildInfo()
 	rep := versionReport{Version: info["version"], Commit: info["commit"], Go: info["go"], Platform: info["platform"]}
-	if !*noRuntime {
-		rep.Python = *python
+	if !o.noRuntime {
+		rep.Python = o.python
 		if rep.Python == "" {
 			rep.Python = worker.DefaultPython()
 		}
-		rctx, cancel := context.WithTimeout(ctx, *timeout)
+		rctx, cancel := context.WithTimeout(ctx, o.timeout)
 		ri, err := runtimeInfo(rctx, rep.Python)
 		cancel()
 		if err != nil {
@@ -79,7 +92,7 @@ func cmdVersion(ctx context.Context, args []string, stdout, stderr io.Writer) in
 		}
 		rep.Runtime = ri
 	}
-	if *asJSON {
+	if o.json {
 		_ = json.NewEncoder(stdout).Encode(rep)
 		return 0
 	}
