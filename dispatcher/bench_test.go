@@ -16,18 +16,31 @@ import (
 // token) on two simulated in-process workers of 16 slots: jobs/s from submit to
 // RESULTS, dispatch latency (created_at → the worker has the assignment) and
 // allocations per job (whole process: embedded server and fake workers too).
-func BenchmarkDispatch(b *testing.B) { benchDispatch(b, fakeWorkerOptions{}) }
+// Each runs with the server's fsync setting named in the sub-benchmark:
+// sync=always (fsync before every publish ack, the default of `up` and the ops
+// configs) and sync=interval (the file store's background fsync).
+func BenchmarkDispatch(b *testing.B) { benchSyncs(b, fakeWorkerOptions{}) }
+
+func benchSyncs(b *testing.B, opts fakeWorkerOptions) {
+	for _, always := range []bool{true, false} {
+		name := "sync=interval"
+		if always {
+			name = "sync=always"
+		}
+		b.Run(name, func(b *testing.B) { benchDispatch(b, bus.ServerOptions{SyncAlways: always}, opts) })
+	}
+}
 
 // BenchmarkDispatchSlowHeartbeat is BenchmarkDispatch with workers that
 // heart-beat like the real one (every second, and rate-limited when a full
 // worker frees a slot), not on every accept and finish: the dispatcher must
 // learn of free slots from the results.
 func BenchmarkDispatchSlowHeartbeat(b *testing.B) {
-	benchDispatch(b, fakeWorkerOptions{hbEvery: time.Second, quiet: true})
+	benchSyncs(b, fakeWorkerOptions{hbEvery: time.Second, quiet: true})
 }
 
-func benchDispatch(b *testing.B, opts fakeWorkerOptions) {
-	e := newEnv(b, bus.ProvisionOptions{JobsMaxMsgs: 1 << 20})
+func benchDispatch(b *testing.B, sopts bus.ServerOptions, opts fakeWorkerOptions) {
+	e := newEnvWith(b, sopts, bus.ProvisionOptions{JobsMaxMsgs: 1 << 20})
 	w1 := e.startWorkerWith("w1", 16, []string{"m"}, nil, opts)
 	w2 := e.startWorkerWith("w2", 16, []string{"m"}, nil, opts)
 	cfg := testConfig("bench", e.connect("bench"))

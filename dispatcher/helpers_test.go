@@ -29,9 +29,16 @@ type testEnv struct {
 
 func newEnv(tb testing.TB, popts bus.ProvisionOptions) *testEnv {
 	tb.Helper()
+	return newEnvWith(tb, bus.ServerOptions{}, popts)
+}
+
+// newEnvWith is newEnv on a server with sopts (port and store are the test's).
+func newEnvWith(tb testing.TB, sopts bus.ServerOptions, popts bus.ProvisionOptions) *testEnv {
+	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: tb.TempDir()})
+	sopts.Port, sopts.StoreDir = -1, tb.TempDir()
+	srv, err := bus.StartServer(ctx, sopts)
 	if err != nil {
 		tb.Fatalf("StartServer: %v", err)
 	}
