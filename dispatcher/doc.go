@@ -6,7 +6,7 @@
 // # Consumption
 //
 // JOBS is consumed through one durable pull consumer per priority
-// (<prefix>-high|normal|low, filter mlx.jobs.<p>.*), shared by every dispatcher
+// (<prefix>-high|normal|low, filter mlx.jobs.*.<p>.>), shared by every dispatcher
 // process: a work-queue stream accepts such non-overlapping filters, and a
 // single consumer would hand out messages in stream order, so a deep low queue
 // would hide a high job behind it. With one consumer per priority the
@@ -22,12 +22,17 @@
 // can take, minus jobs already held; no free slot means no pull, and
 // jobs wait in JetStream, whose discard-new limit turns into "queue full" at the
 // producer. Pulls are non-blocking (FetchNoWait); new jobs wake the puller
-// through a core subscription on mlx.jobs.>, redeliveries through a short poll.
+// through core subscriptions on JOBS' subjects, redeliveries through a short poll.
 //
-// A message is acked only when its job reached a terminal state, learnt from
-// RESULTS records (core subscription on mlx.results.>) or from this
-// dispatcher's own terminal writes; while held it is kept alive with in-progress
-// acks every AckWait/3. MaxDeliver is unlimited: the attempt number is the
+// A message is acked only once its terminal record is stored in RESULTS: one
+// this dispatcher wrote (its own terminals, and the records workers hand it on
+// mlx.worker.<id>.done.<dispatcher-id> for jobs it placed — the publish ack
+// comes first), or one another dispatcher wrote, learnt from an ordered consumer
+// on RESULTS, never from a core subscription, which can see a message that was
+// never stored. Dispatchers are RESULTS' only writers (terminal.go says why).
+// While held a message is kept alive with in-progress acks every AckWait/3.
+// A message from which no job can be derived is dead-lettered raw and
+// terminated; a job whose body disagrees with its subject's tenant fails. MaxDeliver is unlimited: the attempt number is the
 // delivery count plus the retries done in-process, and MaxAttempts bounds it.
 // A consequence worth knowing: a delivery that ended without running (a
 // dispatcher stopped and naked it) counts as an attempt.
@@ -37,9 +42,12 @@
 // Every job state change goes through Transition, one table of
 // (state × event → state); illegal transitions are logged and counted in
 // Metrics.IllegalTransitions. A redelivered job whose RESULTS record exists is
-// acked without running; one with a record in CANCELS is cancelled, one past its
-// deadline expired, an invalid one failed with invalid_request, all without
-// running.
+// acked without running (the lookup is made on redelivery only); one with a
+// record in CANCELS is cancelled (stored cancels are read at start and followed,
+// into memory: no lookup per job), one past its deadline expired, an invalid one
+// failed with invalid_request, all without running. Running jobs are cancelled
+// through their worker (mlx.worker.<id>.cancel), forwarded by the dispatcher
+// that placed them.
 //
 // # Routing and retries
 //

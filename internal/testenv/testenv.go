@@ -78,7 +78,7 @@ type Bus struct {
 	JS     jetstream.JetStream
 }
 
-// Logger writes to the test log at debug level, so a failing test shows what led to it.
+// Logger writes to the test log at info level (debug is too much for a whole suite), so a failing test shows what led to it.
 func Logger(t testing.TB) zerolog.Logger {
 	return zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel).With().Timestamp().Logger()
 }
