@@ -2,6 +2,7 @@ package tests
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -96,16 +97,28 @@ func TestJobsWaitForCapacity(t *testing.T) {
 }
 
 // A runtime killed mid-stream: the job migrates (same worker after the restart, or
-// another) and the caller's concatenated text equals the final text — nothing
-// repeated, nothing missing.
+// another) and continues from the text the caller already holds — nothing
+// repeated, nothing missing, nothing rewound. Sampling with a fixed seed makes a
+// start-over distinguishable from a continuation only by the events' offsets and
+// the Rewind flag, which are asserted directly: the next attempt's first event
+// starts at the byte offset where the first one stopped, its token count goes on
+// from there, and the final text is attempt 1's text plus the continuation.
+//
+// Mutation caught: dispatcher/batcher.go launch, drop `aj.Resume = &r` (the
+// retried attempt starts over at offset 0 → Rewind).
 func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
 	s := newStack(t)
 	s.startDispatcher("d1")
 	w := s.startWorker(2)
 	ctx := testenv.Context(t, 3*time.Minute)
 
+	job := tinyJob("a long story", 200)
+	temp, seed := 1.0, int64(42)
+	job.Temperature, job.Seed = &temp, &seed
 	var once sync.Once
-	o, err := s.submit(ctx, tinyJob("a long story", 200), func(ev bus.Event) {
+	var toks []schemas.TokenEventMsg
+	o, err := s.submit(ctx, job, func(ev bus.Event) {
+		toks = append(toks, *ev.Token)
 		if ev.Token.Seq == 5 {
 			once.Do(func() {
 				if err := syscall.Kill(w.RuntimePID(), syscall.SIGKILL); err != nil {
@@ -124,11 +137,38 @@ func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
 	if r.Attempt < 2 || !o.restarted || len(o.attempts) < 2 {
 		t.Fatalf("expected a second attempt: attempt %d restarted %v attempts %v", r.Attempt, o.restarted, o.attempts)
 	}
+	if o.rewound {
+		t.Fatal("the new attempt started over (Rewind) instead of continuing")
+	}
 	if o.text != r.Text {
 		t.Fatalf("caller's text differs from the result:\nstream %q\nresult %q", o.text, r.Text)
 	}
 	if o.missed != 0 {
 		t.Fatalf("missed %d events", o.missed)
+	}
+	// Split the stream at the first change of attempt.
+	first := toks[0].Attempt
+	var before strings.Builder
+	var last, next *schemas.TokenEventMsg
+	for i := range toks {
+		if toks[i].Attempt != first {
+			next = &toks[i]
+			break
+		}
+		before.WriteString(toks[i].Delta)
+		last = &toks[i]
+	}
+	if next == nil || last == nil {
+		t.Fatalf("no token events of a second attempt: %+v", toks)
+	}
+	if next.Offset != before.Len() || next.Offset == 0 {
+		t.Fatalf("attempt %d starts at offset %d, attempt %d stopped at %d", next.Attempt, next.Offset, first, before.Len())
+	}
+	if next.Tokens <= last.Tokens {
+		t.Fatalf("attempt %d counts %d tokens after attempt %d's %d: completion tokens not resumed", next.Attempt, next.Tokens, first, last.Tokens)
+	}
+	if !strings.HasPrefix(r.Text, before.String()) || len(r.Text) == before.Len() {
+		t.Fatalf("result %q does not continue attempt %d's text %q", r.Text, first, before.String())
 	}
 }
 
