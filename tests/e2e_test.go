@@ -15,6 +15,9 @@ import (
 
 // A job goes producer → JOBS → dispatcher → worker → runtime and its tokens come
 // back on the reply subject; the terminal record in RESULTS matches the stream.
+//
+// Mutation caught: worker/job.go runJob, drop `res.Usage = usage(gen, resumeTokens)`
+// for a completed job (usage not counted).
 func TestJobRunsEndToEnd(t *testing.T) {
 	s := newStack(t)
 	s.startDispatcher("d1")
@@ -105,7 +108,8 @@ func TestJobsWaitForCapacity(t *testing.T) {
 // from there, and the final text is attempt 1's text plus the continuation.
 //
 // Mutation caught: dispatcher/batcher.go launch, drop `aj.Resume = &r` (the
-// retried attempt starts over at offset 0 → Rewind).
+// retried attempt starts over at offset 0 → Rewind); worker/job.go usage, drop
+// `u.CompletionTokens += resumeTokens` (usage forgets attempt 1's tokens).
 func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
 	s := newStack(t)
 	s.startDispatcher("d1")
@@ -170,9 +174,17 @@ func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
 	if !strings.HasPrefix(r.Text, before.String()) || len(r.Text) == before.Len() {
 		t.Fatalf("result %q does not continue attempt %d's text %q", r.Text, first, before.String())
 	}
+	// Usage spans the attempts: completion tokens count attempt 1's too.
+	u, fin := r.Usage, toks[len(toks)-1].Tokens
+	if u.CompletionTokens < fin || (r.FinishReason == "length" && u.CompletionTokens != 200) || u.TotalTokens != u.PromptTokens+u.CompletionTokens {
+		t.Fatalf("usage %+v (finish %s) after %d streamed tokens", u, r.FinishReason, fin)
+	}
 }
 
 // Cancelling a running job stops it in the runtime: terminal cancelled.
+//
+// Mutation caught: dispatcher/cancel.go onCancel, not forwarding the cancel of a
+// running job (`d.forwardCancel(j, reason)`): it completes with 2000 tokens.
 func TestCancelRunningJob(t *testing.T) {
 	s := newStack(t)
 	s.startDispatcher("d1")
