@@ -301,6 +301,8 @@ func TestProducerCannotReadAnotherTenantsResults(t *testing.T) {
 	}
 }
 
+// Mutation caught: granting the worker bus.SubjectAssignAll instead of its own
+// AssignSubject in PermissionsFor.
 func TestWorkerServesOnlyItsOwnAssignSubject(t *testing.T) {
 	t.Parallel()
 	sb := startSecureBus(t)

@@ -132,6 +132,7 @@ func concrete(pattern string) string {
 // A real nats-server started from a configuration that includes the generated
 // file lets a producer publish what PermissionsFor grants it, refuses another
 // role's subject, and refuses a wrong password.
+// Mutation caught: auth/natsconf.go writeUser not writing the permissions block.
 func TestServerFromNATSAuthConfEnforcesPermissions(t *testing.T) {
 	t.Parallel()
 	store, err := Init(InitOptions{DataDir: t.TempDir(), Tenants: []string{"a"}, WorkerIDs: []string{"w1"}, BcryptCost: 4})

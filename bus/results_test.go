@@ -10,6 +10,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
+// Mutation caught: removing both guards of RESULTS, RecordResult's
+// WithExpectLastSequencePerSubject(0) and the stream's DiscardNewPerSubject
+// (bus/provision.go): the second record is stored. Either guard alone holds.
 func TestRecordResultFirstWriterWins(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, ProvisionOptions{})
@@ -44,6 +47,7 @@ func TestRecordResultFirstWriterWins(t *testing.T) {
 }
 
 // Even without the expected-sequence header, the stream refuses a second record.
+// Mutation caught: DiscardNewPerSubject false for RESULTS in bus/provision.go.
 func TestResultsStreamRefusesSecondRecordByItself(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, ProvisionOptions{})
@@ -60,6 +64,8 @@ func TestResultsStreamRefusesSecondRecordByItself(t *testing.T) {
 	}
 }
 
+// Mutation caught: both RESULTS guards removed (see TestRecordResultFirstWriterWins):
+// all 8 writers win.
 func TestRecordResultRaceHasOneWinner(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, ProvisionOptions{})

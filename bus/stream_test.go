@@ -34,6 +34,8 @@ func tokenLine(attempt, seq, offset int, delta string) string {
 // A resumed attempt continues the text; one that had to start over (its
 // dispatcher died with the resume state) rewinds it, so the caller's text is
 // never a concatenation of two attempts' beginnings.
+// Mutation caught: JobStream.accept not setting Rewind for an attempt whose
+// offset is below the text held (`if tok.Offset < s.textLen`).
 func TestJobStreamResumeAndRewind(t *testing.T) {
 	t.Parallel()
 	s := &JobStream{jobID: "j"}

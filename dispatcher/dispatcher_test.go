@@ -249,6 +249,7 @@ func TestRestartLosesNothing(t *testing.T) {
 
 // TestWorkerLostMidStreamMigrates: the worker dies silently after 3 tokens; the
 // job resumes on another worker with exactly the text already sent.
+// Mutation caught: dispatcher/batcher.go launch, drop `aj.Resume = &r`.
 func TestWorkerLostMidStreamMigrates(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, bus.ProvisionOptions{})

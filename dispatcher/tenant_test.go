@@ -18,7 +18,9 @@ import (
 // reply_to in another tenant's namespace, ends failed under the subject's
 // tenant without running, nothing is written under the claimed tenant, and no
 // event is sent to the foreign reply subject.
-// Mutation caught: dropping the tenant or reply_to case in Dispatcher.decode.
+// Mutation caught: dropping the tenant case or the reply_to case in
+// Dispatcher.decode (each alone; claims-b used to be refused by the reply_to
+// case too, so dropping the tenant case went unnoticed).
 func TestJobsBoundToTheirSubjectsTenant(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, bus.ProvisionOptions{})
@@ -33,7 +35,8 @@ func TestJobsBoundToTheirSubjectsTenant(t *testing.T) {
 	defer func() { _ = sub.Unsubscribe() }()
 
 	claimsB := newJob("claims-b", "m", "normal")
-	claimsB.Tenant, claimsB.ReplyTo = "b", bus.ReplySubject("b", "claims-b")
+	// Replies into a's namespace, so only the tenant case can refuse it.
+	claimsB.Tenant, claimsB.ReplyTo = "b", bus.ReplySubject("a", "claims-b")
 	repliesToB := newJob("replies-to-b", "m", "normal")
 	repliesToB.Tenant, repliesToB.ReplyTo = "a", bus.ReplySubject("b", "replies-to-b")
 	for _, j := range []*schemas.JobRequest{claimsB, repliesToB} {

@@ -263,6 +263,8 @@ func streamedText(t *testing.T, events []string) (string, *openAIError) {
 
 // An attempt that had to start over regenerates what the client already has; the
 // client sees every byte once.
+// Mutation caught: gateway/jobs.go ignoring ev.Rewind (the client gets
+// "Once upon Once upon a time").
 func TestStreamRestartedAttemptSendsNothingTwice(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, bus.ProvisionOptions{})

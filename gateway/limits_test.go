@@ -23,6 +23,7 @@ func limitedGateway(t *testing.T, limits TenantLimits) (*Gateway, string, *testB
 	return g, srv.URL, tb
 }
 
+// Mutation caught: admit not setting job.Tenant.
 func TestTenantTokensMapJobsToTheirTenant(t *testing.T) {
 	t.Parallel()
 	_, url, tb := limitedGateway(t, TenantLimits{})
@@ -42,6 +43,8 @@ func TestTenantTokensMapJobsToTheirTenant(t *testing.T) {
 	expectError(t, resp, http.StatusUnauthorized, "", "invalid_api_key")
 }
 
+// Mutation caught: admit not refusing max_tokens above the limit; admit not
+// counting the messages' characters.
 func TestTenantOverMaxTokensOrPromptSizeIs400(t *testing.T) {
 	t.Parallel()
 	g, url, _ := limitedGateway(t, TenantLimits{MaxTokens: 16, MaxPromptChars: 12})
@@ -64,6 +67,8 @@ func TestTenantOverMaxTokensOrPromptSizeIs400(t *testing.T) {
 	}
 }
 
+// Mutation caught: limiter.allow always true; one bucket shared by all tenants
+// (b's first request is refused).
 func TestTenantRateLimitIs429PerTenantAndCounted(t *testing.T) {
 	t.Parallel()
 	// One request, then nothing for a thousand seconds.
@@ -102,6 +107,8 @@ func TestTenantRateLimitIs429PerTenantAndCounted(t *testing.T) {
 	}
 }
 
+// Mutation caught: limiter.acquire never at the limit; release not decrementing
+// inFlight (a's slot is never released).
 func TestTenantInFlightLimitIs429UntilAJobEnds(t *testing.T) {
 	t.Parallel()
 	g, url, tb := limitedGateway(t, TenantLimits{MaxInFlight: 1})

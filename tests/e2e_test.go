@@ -2,6 +2,7 @@ package tests
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -14,6 +15,9 @@ import (
 
 // A job goes producer → JOBS → dispatcher → worker → runtime and its tokens come
 // back on the reply subject; the terminal record in RESULTS matches the stream.
+//
+// Mutation caught: worker/job.go runJob, drop `res.Usage = usage(gen, resumeTokens)`
+// for a completed job (usage not counted).
 func TestJobRunsEndToEnd(t *testing.T) {
 	s := newStack(t)
 	s.startDispatcher("d1")
@@ -96,16 +100,29 @@ func TestJobsWaitForCapacity(t *testing.T) {
 }
 
 // A runtime killed mid-stream: the job migrates (same worker after the restart, or
-// another) and the caller's concatenated text equals the final text — nothing
-// repeated, nothing missing.
+// another) and continues from the text the caller already holds — nothing
+// repeated, nothing missing, nothing rewound. Sampling with a fixed seed makes a
+// start-over distinguishable from a continuation only by the events' offsets and
+// the Rewind flag, which are asserted directly: the next attempt's first event
+// starts at the byte offset where the first one stopped, its token count goes on
+// from there, and the final text is attempt 1's text plus the continuation.
+//
+// Mutation caught: dispatcher/batcher.go launch, drop `aj.Resume = &r` (the
+// retried attempt starts over at offset 0 → Rewind); worker/job.go usage, drop
+// `u.CompletionTokens += resumeTokens` (usage forgets attempt 1's tokens).
 func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
 	s := newStack(t)
 	s.startDispatcher("d1")
 	w := s.startWorker(2)
 	ctx := testenv.Context(t, 3*time.Minute)
 
+	job := tinyJob("a long story", 200)
+	temp, seed := 1.0, int64(42)
+	job.Temperature, job.Seed = &temp, &seed
 	var once sync.Once
-	o, err := s.submit(ctx, tinyJob("a long story", 200), func(ev bus.Event) {
+	var toks []schemas.TokenEventMsg
+	o, err := s.submit(ctx, job, func(ev bus.Event) {
+		toks = append(toks, *ev.Token)
 		if ev.Token.Seq == 5 {
 			once.Do(func() {
 				if err := syscall.Kill(w.RuntimePID(), syscall.SIGKILL); err != nil {
@@ -124,15 +141,50 @@ func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
 	if r.Attempt < 2 || !o.restarted || len(o.attempts) < 2 {
 		t.Fatalf("expected a second attempt: attempt %d restarted %v attempts %v", r.Attempt, o.restarted, o.attempts)
 	}
+	if o.rewound {
+		t.Fatal("the new attempt started over (Rewind) instead of continuing")
+	}
 	if o.text != r.Text {
 		t.Fatalf("caller's text differs from the result:\nstream %q\nresult %q", o.text, r.Text)
 	}
 	if o.missed != 0 {
 		t.Fatalf("missed %d events", o.missed)
 	}
+	// Split the stream at the first change of attempt.
+	first := toks[0].Attempt
+	var before strings.Builder
+	var last, next *schemas.TokenEventMsg
+	for i := range toks {
+		if toks[i].Attempt != first {
+			next = &toks[i]
+			break
+		}
+		before.WriteString(toks[i].Delta)
+		last = &toks[i]
+	}
+	if next == nil || last == nil {
+		t.Fatalf("no token events of a second attempt: %+v", toks)
+	}
+	if next.Offset != before.Len() || next.Offset == 0 {
+		t.Fatalf("attempt %d starts at offset %d, attempt %d stopped at %d", next.Attempt, next.Offset, first, before.Len())
+	}
+	if next.Tokens <= last.Tokens {
+		t.Fatalf("attempt %d counts %d tokens after attempt %d's %d: completion tokens not resumed", next.Attempt, next.Tokens, first, last.Tokens)
+	}
+	if !strings.HasPrefix(r.Text, before.String()) || len(r.Text) == before.Len() {
+		t.Fatalf("result %q does not continue attempt %d's text %q", r.Text, first, before.String())
+	}
+	// Usage spans the attempts: completion tokens count attempt 1's too.
+	u, fin := r.Usage, toks[len(toks)-1].Tokens
+	if u.CompletionTokens < fin || (r.FinishReason == "length" && u.CompletionTokens != 200) || u.TotalTokens != u.PromptTokens+u.CompletionTokens {
+		t.Fatalf("usage %+v (finish %s) after %d streamed tokens", u, r.FinishReason, fin)
+	}
 }
 
 // Cancelling a running job stops it in the runtime: terminal cancelled.
+//
+// Mutation caught: dispatcher/cancel.go onCancel, not forwarding the cancel of a
+// running job (`d.forwardCancel(j, reason)`): it completes with 2000 tokens.
 func TestCancelRunningJob(t *testing.T) {
 	s := newStack(t)
 	s.startDispatcher("d1")
@@ -161,7 +213,13 @@ func TestCancelRunningJob(t *testing.T) {
 	}
 }
 
-// A queued job that is cancelled never runs, and its caller gets terminal cancelled.
+// A queued job that is cancelled never runs: its caller gets terminal cancelled
+// and the job is deleted from JOBS. No sleeps: the cancel is sent once the job
+// is stored in JOBS and the dispatcher's cancel subscription is on the server
+// (startDispatcher waits for it).
+//
+// Mutation caught: dispatcher/cancel.go cancelInStream, drop
+// `_ = d.jobsStream.DeleteMsg(ctx, raw.Sequence)` (the job stays in JOBS).
 func TestCancelQueuedJob(t *testing.T) {
 	s := newStack(t)
 	s.startDispatcher("d1") // no worker: the job stays queued
@@ -177,25 +235,21 @@ func TestCancelQueuedJob(t *testing.T) {
 		done <- o
 	}()
 	waitFor(t, 10*time.Second, func() bool { return jobQueued(t, s, job.ID) })
-	// startDispatcher does not wait for the dispatcher's subscriptions, and a
-	// cancel published before them takes effect only when the job is pulled,
-	// which needs a worker. So the cancel is repeated until the caller's terminal
-	// arrives; a repeat of a cancel is harmless.
-	var o *outcome
-	for o == nil {
-		if err := s.prod.Cancel(ctx, job.ID, "test"); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case o = <-done:
-		case <-time.After(time.Second):
-		case <-ctx.Done():
-			t.Fatal("no terminal after repeated cancels")
-		}
+	if err := s.prod.Cancel(ctx, job.ID, "test"); err != nil {
+		t.Fatal(err)
 	}
-	if o == nil || o.result.Status != schemas.StatusCancelled || o.tokens != 0 {
+	var o *outcome
+	select {
+	case o = <-done:
+	case <-ctx.Done():
+		t.Fatal("no terminal after the cancel")
+	}
+	if o == nil || o.result == nil || o.result.Status != schemas.StatusCancelled || o.tokens != 0 {
 		t.Fatalf("outcome: %+v", o)
 	}
+	// The record is stored before the job is deleted, so the deletion may trail
+	// the terminal by a moment.
+	waitFor(t, 5*time.Second, func() bool { return !jobQueued(t, s, job.ID) })
 }
 
 func jobQueued(t *testing.T, s *stack, id string) bool {

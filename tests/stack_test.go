@@ -4,10 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
@@ -53,7 +56,28 @@ func (s *stack) startDispatcher(id string) (stop func()) {
 	go func() { defer close(done); _ = d.Run(ctx) }()
 	stop = func() { cancel(); <-done }
 	s.t.Cleanup(stop)
+	s.waitListening(id)
 	return stop
+}
+
+// waitListening waits until the server holds dispatcher id's subscriptions for
+// cancels and for its done subject: before that, a core-NATS cancel would pass
+// unseen by it.
+func (s *stack) waitListening(id string) {
+	s.t.Helper()
+	want := []string{bus.SubjectCancelAll, bus.DoneForDispatcher(id)}
+	waitFor(s.t, 30*time.Second, func() bool {
+		cz, err := s.bus.Server.NATSServer().Connz(&server.ConnzOptions{Subscriptions: true, Limit: 1 << 10})
+		if err != nil {
+			return false
+		}
+		for _, c := range cz.Conns {
+			if len(c.Subs) > 0 && !slices.ContainsFunc(want, func(w string) bool { return !slices.Contains(c.Subs, w) }) {
+				return true
+			}
+		}
+		return false
+	})
 }
 
 // startWorker runs a worker with the real runtime and waits until it is ready.

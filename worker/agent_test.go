@@ -107,6 +107,16 @@ func TestE2EJobStreamsTokensAndRecordsOneResult(t *testing.T) {
 	}
 }
 
+// Four jobs in one assignment run together in the runtime's batch: on one
+// subscription to all their reply subjects (the worker publishes every token
+// event on one connection, so this order is its publish order) each job's first
+// token comes before any job's last token. Jobs run one after another would
+// show job 0's last token before job 1's first.
+//
+// Mutation caught: worker/job.go runJob, hold a package-level sync.Mutex around
+// `c.Generate(...)` (the worker serializes its jobs): red here ("jobs did not
+// overlap"), and on the tiny model already at the AssignFull check, since the
+// serialized jobs finish and free their slots before the last one starts.
 func TestE2EBatchSharesRuntimeAndFullWhenSlotsTaken(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, 0)
@@ -115,21 +125,37 @@ func TestE2EBatchSharesRuntimeAndFullWhenSlotsTaken(t *testing.T) {
 
 	var jobs []schemas.JobRequest
 	var cols []*collector
+	index := map[string]int{}
 	for i := 0; i < 4; i++ {
 		j := newJob(fmt.Sprintf("Story number %d:", i), 400)
 		jobs = append(jobs, j)
+		index[j.ID] = i
 		cols = append(cols, collect(t, b.nc, j.ReplyTo))
+	}
+	// All token events of the four jobs, in arrival order.
+	order := make(chan int, 4*512)
+	all, err := b.nc.Subscribe(bus.ReplyNamespace("test"), func(m *nats.Msg) {
+		var ev schemas.TokenEventMsg
+		if json.Unmarshal(m.Data, &ev) == nil && ev.Type == "token" {
+			if i, ok := index[ev.JobID]; ok {
+				order <- i
+			}
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = all.Unsubscribe() })
+	if err := b.nc.Flush(); err != nil {
+		t.Fatal(err)
 	}
 	if rep := assign(t, b.nc, a.ID(), batch("tiny", jobs...)); rep.Status != schemas.AssignAccepted || rep.FreeSlots != 0 {
 		t.Fatalf("batch of 4: %+v", rep)
 	}
-	// Every job has streamed before any has finished: they share the batch.
-	firstAt := make([]time.Time, 4)
 	for i, c := range cols {
 		if tok, res := c.next(ctx); tok == nil {
 			t.Fatalf("job %d ended before its first token: %+v", i, res)
 		}
-		firstAt[i] = time.Now()
 	}
 	extra := newJob("one more", 5)
 	if rep := assign(t, b.nc, a.ID(), batch("tiny", extra)); rep.Status != schemas.AssignFull || rep.FreeSlots != 0 {
@@ -139,21 +165,42 @@ func TestE2EBatchSharesRuntimeAndFullWhenSlotsTaken(t *testing.T) {
 	if hb.State != schemas.WorkerReady {
 		t.Fatalf("busy worker announces %s", hb.State)
 	}
-	var firstEnd time.Time
+	tokens := 0
 	for i, c := range cols {
 		r := c.untilResult(ctx)
 		c.checkStream("")
 		if r.Status != schemas.StatusCompleted {
 			t.Fatalf("job %d: %+v", i, r)
 		}
-		if firstEnd.IsZero() {
-			firstEnd = time.Now()
-		}
+		tokens += len(c.tokens)
 	}
-	for i, f := range firstAt {
-		if !f.Before(firstEnd) {
-			t.Fatalf("job %d first streamed after another had finished: no overlap", i)
+	if err := all.Unsubscribe(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// The last token event of each job precedes its result, which was read, so
+	// every token event has been delivered to the subscription.
+	first, last := map[int]int{}, map[int]int{}
+	for n := 0; n < tokens; n++ {
+		var i int
+		select {
+		case i = <-order:
+		case <-ctx.Done():
+			t.Fatalf("saw %d of %d token events on the shared subscription", n, tokens)
 		}
+		if _, ok := first[i]; !ok {
+			first[i] = n
+		}
+		last[i] = n
+	}
+	lastFirst, firstLast := 0, tokens
+	for i := range 4 {
+		lastFirst, firstLast = max(lastFirst, first[i]), min(firstLast, last[i])
+	}
+	if lastFirst >= firstLast {
+		t.Fatalf("jobs did not overlap: a job's first token (event %d) came after another's last (event %d); first %v last %v", lastFirst, firstLast, first, last)
 	}
 	if err := a.jobs.waitIdle(ctx); err != nil {
 		t.Fatal(err)

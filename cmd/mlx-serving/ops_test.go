@@ -229,8 +229,13 @@ func initAuth(t *testing.T, routes []string) *auth.Store {
 }
 
 // standalone.conf with its tls block and the generated users serves the CLI
-// over TLS with --nats-ca and a credential, and refuses a client that does not
-// trust the certificate, one without TLS, and a wrong password.
+// over TLS with --nats-ca and a credential, enforces the generated grants, and
+// refuses a client that does not trust the certificate, one without TLS, and a
+// wrong password.
+//
+// Mutation caught: commenting out `include "nats-auth.conf"` in
+// ops/nats/standalone.conf (0 users); auth/natsconf.go writeUser not writing a
+// user's permissions block (b's replies readable).
 func TestOpsStandaloneConfServesAuthenticatedTLS(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
@@ -268,9 +273,28 @@ func TestOpsStandaloneConfServesAuthenticatedTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := cliConnect(t, 10*time.Second, "--nats", tlsURL, "--nats-ca", caFile,
-		"--nats-user", prod.User, "--nats-password", prod.Password); err != nil {
+	pc, err := cliConnect(t, 10*time.Second, "--nats", tlsURL, "--nats-ca", caFile,
+		"--nats-user", prod.User, "--nats-password", prod.Password)
+	if err != nil {
 		t.Fatalf("producer over TLS: %v", err)
+	}
+	// The generated grants hold on this server: tenant a's producer reads its own
+	// replies, not tenant b's (the server answers a refused subscription with a
+	// permissions violation before the flush's PONG).
+	for _, sc := range []struct {
+		subject string
+		refused bool
+	}{{bus.ReplyNamespace("a"), false}, {bus.ReplyNamespace("b"), true}} {
+		if _, err := pc.SubscribeSync(sc.subject); err != nil {
+			t.Fatal(err)
+		}
+		if err := pc.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		le := pc.LastError()
+		if refused := le != nil && strings.Contains(strings.ToLower(le.Error()), "permissions violation"); refused != sc.refused {
+			t.Fatalf("producer a subscribing to %s: last error %v, want refused=%v", sc.subject, le, sc.refused)
+		}
 	}
 	if _, err := cliConnect(t, 10*time.Second, "--nats", tlsURL, "--nats-ca", caFile,
 		"--nats-user", prod.User, "--nats-password", "wrong"); !errors.Is(err, nats.ErrAuthorization) {

@@ -49,6 +49,10 @@ def test_max_tokens_capped_by_context(rt) -> None:
 
 
 def test_same_seed_same_text_alone_and_batched(rt) -> None:
+    """Mutation caught: engine.py make_sampler drawing from the global PRNG
+    (mx.random.categorical without key=sub) — red at the second alone run; seeding
+    the global PRNG per request instead (mx.random.seed(seed)) — red inside the batch.
+    """
     params = dict(prompt="Once upon a time", max_tokens=40, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     alone = gen(rt, **params)["text"]
     assert gen(rt, **params)["text"] == alone
@@ -70,6 +74,9 @@ def test_same_seed_same_text_alone_and_batched(rt) -> None:
 
 
 def test_eight_concurrent_are_batched(rt) -> None:
+    """Mutation caught: engine.py _new_generator with completion_batch_size=1 and
+    prefill_batch_size=1 (rows decoded one after another: 1 of 8 spans overlap).
+    """
     prompt_counts = {}
     ids = {}
     for i in range(8):
@@ -106,6 +113,9 @@ def test_eight_concurrent_are_batched(rt) -> None:
 
 
 def test_cancel_mid_stream(rt) -> None:
+    """Mutation caught: engine.py Engine._cancel not ending the request (the row runs
+    on and finishes "stop"/"length", not "cancelled").
+    """
     r = rid("cancel")
     rpc = rt.request(
         "generate",
@@ -178,6 +188,10 @@ def test_cancelled_row_stops_decoding(new_runtime, tiny_model) -> None:
 
 
 def test_stop_sequences(rt) -> None:
+    """Mutation caught: engine.py _match_stop returning False (finish "length", stop
+    text emitted); _holdback returning 0 (a stop's first chars are streamed before
+    the match, so the text runs past full[:cut]).
+    """
     base = dict(prompt="Hello world", max_tokens=60, temperature=1.0, seed=11)
     full = gen(rt, **base)["text"]
     assert len(full) > 20
@@ -216,6 +230,9 @@ def test_continuation_counts_and_is_not_reemitted(rt) -> None:
 
 
 def test_chat_template_applied(rt) -> None:
+    """Mutation caught: engine.py request_from_params tokenizing the messages'
+    contents joined instead of apply_chat_template's rendering (prompt_tokens differ).
+    """
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
     res = gen(rt, messages=messages, max_tokens=5)
     rendered = "<s><|system|>\nBe brief.<|end|>\n<|user|>\nHi there!<|end|>\n<|assistant|>\n"
@@ -261,6 +278,9 @@ SCHEMAS = {
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_structured_output_validates(rt, name) -> None:
+    """Mutation caught: engine.py _start not adding structured.JsonConstraint to the
+    row's logits processors (finish "length", text is no JSON).
+    """
     schema = SCHEMAS[name]
     ids = [
         rt.request(

@@ -27,9 +27,18 @@ def test_models_lists_the_fleet(client, up):
 
 
 def test_chat_non_streaming_has_text_and_usage(client, up):
+    """Usage counts the prompt as the model's chat template renders it: as many prompt
+    tokens as a completion of the rendered text (it starts with BOS, so none is added).
+
+    Mutation caught: python/mlx_serving_runtime/engine.py request_from_params, tokenizing
+    the messages' contents joined instead of apply_chat_template's rendering.
+    """
     r = client.chat.completions.create(
         model=up.model, messages=[{"role": "user", "content": "Say hello"}], max_tokens=12
     )
+    rendered = "<s><|user|>\nSay hello<|end|>\n<|assistant|>\n"  # the tiny model's template
+    same = client.completions.create(model=up.model, prompt=rendered, max_tokens=1)
+    assert r.usage.prompt_tokens == same.usage.prompt_tokens, (r.usage, same.usage)
     assert r.object == "chat.completion"
     choice = r.choices[0]
     assert choice.message.role == "assistant"
@@ -68,6 +77,8 @@ def test_completions(client, up):
 
 
 def test_seed_makes_sampling_repeatable(client, up):
+    """Mutation caught: python/mlx_serving_runtime/engine.py make_sampler drawing from the
+    global PRNG (mx.random.categorical without key=sub)."""
     def once():
         return client.chat.completions.create(
             model=up.model, messages=[{"role": "user", "content": "seeded"}], max_tokens=12,
@@ -78,6 +89,8 @@ def test_seed_makes_sampling_repeatable(client, up):
 
 
 def test_stop_sequence_is_never_emitted(client, up):
+    """Mutation caught: engine.py _match_stop returning False (the stop is emitted, finish
+    "length"); _holdback returning 0 (the stop's first char is streamed before the match)."""
     free = client.completions.create(model=up.model, prompt="stop test", max_tokens=24).choices[0].text
     assert len(free) > 4
     stop = free[2:4]
@@ -101,6 +114,7 @@ SCHEMA = {
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_structured_output_validates(client, up, seed):
+    """Mutation caught: engine.py _start not adding structured.JsonConstraint (no JSON)."""
     r = client.chat.completions.create(
         model=up.model,
         messages=[{"role": "user", "content": "a person"}],
