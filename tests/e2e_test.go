@@ -179,6 +179,17 @@ func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
 	if u.CompletionTokens < fin || (r.FinishReason == "length" && u.CompletionTokens != 200) || u.TotalTokens != u.PromptTokens+u.CompletionTokens {
 		t.Fatalf("usage %+v (finish %s) after %d streamed tokens", u, r.FinishReason, fin)
 	}
+	// Prompt tokens are the prompt's, as for a job that never moved: the text
+	// fed back as continuation is completion, counted once.
+	// Mutation caught: engine.py _finish reporting len(req.prompt_tokens)
+	// (prompt plus continuation) as prompt_tokens.
+	plain, err := s.submit(ctx, tinyJob("a long story", 1), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u.PromptTokens != plain.result.Usage.PromptTokens {
+		t.Fatalf("migrated job counts %d prompt tokens, the same prompt unmoved %d", u.PromptTokens, plain.result.Usage.PromptTokens)
+	}
 }
 
 // Cancelling a running job stops it in the runtime: terminal cancelled.

@@ -61,11 +61,11 @@ func (s *stack) startDispatcher(id string) (stop func()) {
 }
 
 // waitListening waits until the server holds dispatcher id's subscriptions for
-// cancels and for its done subject: before that, a core-NATS cancel would pass
-// unseen by it.
+// its done subject and for new jobs: it is then running (cancels come from the
+// CANCELS stream, whose stored backlog it read before subscribing).
 func (s *stack) waitListening(id string) {
 	s.t.Helper()
-	want := []string{bus.SubjectCancelAll, bus.DoneForDispatcher(id)}
+	want := []string{bus.DoneForDispatcher(id), bus.JobsPrioritySubject(schemas.PriorityNormal)}
 	waitFor(s.t, 30*time.Second, func() bool {
 		cz, err := s.bus.Server.NATSServer().Connz(&server.ConnzOptions{Subscriptions: true, Limit: 1 << 10})
 		if err != nil {

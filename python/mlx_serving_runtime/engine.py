@@ -502,7 +502,10 @@ class Engine:
             tps = (req.completion_tokens - 1) / decode
         else:
             tps = req.completion_tokens / total if total > 0 else 0.0
-        prompt = len(req.prompt_tokens)
+        # The rendered prompt only: a continuation (a migrated job's text so
+        # far) is fed as prompt but was generated, and counted, by the earlier
+        # attempt.
+        prompt = req.prefix_len
         with self._lock:
             self._inflight.pop(req.request_id, None)
         self.send(
