@@ -95,9 +95,18 @@ func errQueueFull(retryAfter time.Duration) *apiError {
 		Message: "The job queue is full; retry later.", RetryAfter: retryAfter}
 }
 
+// errModelUnavailable: a worker announced the model recently, but none has it
+// ready now; 503, so clients retry while it comes back.
 func errModelUnavailable(model string) *apiError {
 	return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Param: "model", Code: "model_not_available",
 		Message: fmt.Sprintf("No ready worker serves the model %q.", model)}
+}
+
+// errModelNotFound: no worker announced the model within the grace period; 404,
+// which clients do not retry.
+func errModelNotFound(model string) *apiError {
+	return &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Param: "model", Code: "model_not_found",
+		Message: fmt.Sprintf("The model %q does not exist: no worker serves it (GET /v1/models lists those that do).", model)}
 }
 
 func errTimeout() *apiError {

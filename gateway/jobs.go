@@ -144,7 +144,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	}
 
 	rctx, rcancel := g.registryContext(r)
-	ok, err := g.registry.hasModel(rctx, job.Model)
+	st, err := g.registry.status(rctx, job.Model)
 	rcancel()
 	if err != nil {
 		if r.Context().Err() != nil {
@@ -154,7 +154,11 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 		g.fail(w, spec.endpoint, errUnavailable("The worker registry is unavailable."))
 		return
 	}
-	if !ok {
+	switch st {
+	case modelUnknown:
+		g.fail(w, spec.endpoint, errModelNotFound(job.Model))
+		return
+	case modelAway:
 		g.fail(w, spec.endpoint, errModelUnavailable(job.Model))
 		return
 	}

@@ -102,6 +102,7 @@ func TestHealthReadyMetrics(t *testing.T) {
 func TestReadyNeedsStreams(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, bus.ProvisionOptions{})
+	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
 	_, srv := newTestGateway(t, tb, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
