@@ -237,13 +237,15 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	return nil
 }
 
-// handleHealth says the process is up; it touches nothing else.
+// handleHealth is liveness: the process is up and serving HTTP. It touches
+// nothing else, so a fleet without workers does not get the gateway restarted.
 func (g *Gateway) handleHealth(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
-// handleReady says whether requests can be served: the bus is connected and the
-// streams jobs need exist.
+// handleReady is readiness: a completion sent now can be served. The bus is
+// connected, the streams jobs need exist, and at least one worker is ready with a
+// model loaded. Otherwise 503 with the reason.
 func (g *Gateway) handleReady(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
@@ -262,6 +264,13 @@ func (g *Gateway) ready(ctx context.Context) error {
 		if _, err := g.js.Stream(ctx, name); err != nil {
 			return fmt.Errorf("stream %s: %w", name, err)
 		}
+	}
+	v, err := g.registry.read(ctx)
+	if err != nil {
+		return err
+	}
+	if v.serving == 0 {
+		return fmt.Errorf("no ready worker has a model loaded (%d workers registered)", v.workers)
 	}
 	return nil
 }
