@@ -128,7 +128,8 @@ type paramMap struct {
 	maxTokens  string // "max_tokens" or "max_completion_tokens"
 	stopString bool   // stop was a string: "$.stop[0]" is "stop"
 	prompt     string // completions: "prompt" or "prompt[0]"
-	user       bool   // metadata carries only the user field
+	user       bool   // metadata carries the user field
+	metadata   bool   // metadata carries the client's metadata field
 }
 
 // param maps one violation path ("$.messages[1].content") to an OpenAI param
@@ -161,8 +162,11 @@ func (m paramMap) param(path string) (string, bool) {
 	case "json_schema":
 		return "response_format.json_schema.schema", true
 	case "metadata":
-		if m.user {
+		if m.user && (p == "metadata.user" || !m.metadata) {
 			return "user", true
+		}
+		if m.metadata {
+			return p, true
 		}
 	case "":
 		// The document as a whole, e.g. neither or both of prompt and messages.

@@ -84,9 +84,9 @@ type request[T any] interface {
 
 // serve decodes a body of type T, maps it to a job and runs it; every generation
 // endpoint is this with its own request type and response format.
-func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Request, endpoint string, f format) {
+func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Request, endpoint string, fields fieldSet, f format) {
 	req := R(new(T))
-	if aerr := decodeBody(w, r, req); aerr != nil {
+	if aerr := decodeBody(w, r, req, fields); aerr != nil {
 		g.fail(w, endpoint, aerr)
 		return
 	}
