@@ -255,6 +255,10 @@ func fromResult(res *schemas.ResultMsg) *apiError {
 		e := errTimeout()
 		e.Message = msg
 		return e
+	case "model_not_found":
+		e := errModelNotFound("")
+		e.Message = msg
+		return e
 	case "model_not_loaded", "model_load_failed", "model_not_available", "no_worker":
 		return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: code, Message: msg}
 	}
