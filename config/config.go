@@ -49,6 +49,7 @@ type Config struct {
 	BatchMaxWait string `json:"batch_max_wait"`
 	BatchMaxSize int    `json:"batch_max_size"`
 	AuthTokens   string `json:"auth_tokens,omitempty"`
+	CORSOrigins  string `json:"cors_origins,omitempty"`
 	// Per-tenant limits at the gateway; 0 means none.
 	TenantMaxInFlight    int    `json:"tenant_max_in_flight"`
 	TenantMaxTokens      int    `json:"tenant_max_tokens"`
@@ -95,6 +96,7 @@ var Keys = []Key{
 	{"batch_max_wait", "batch-max-wait", "MLX_SERVING_BATCH_MAX_WAIT", "5ms", "how long the dispatcher waits to fill a batch"},
 	{"batch_max_size", "batch-max-size", "MLX_SERVING_BATCH_MAX_SIZE", "8", "most jobs in one batch"},
 	{"auth_tokens", "auth-tokens", "MLX_SERVING_AUTH_TOKENS", "", "gateway bearer tokens, comma-separated; token=tenant maps a token to a tenant, a plain token is tenant default (empty: no auth)"},
+	{"cors_origins", "cors-origins", "MLX_SERVING_CORS_ORIGINS", "", "gateway: browser origins allowed to call the API (CORS), comma-separated scheme://host[:port]; * allows any (empty: none)"},
 	{"tenant_max_in_flight", "tenant-max-in-flight", "MLX_SERVING_TENANT_MAX_IN_FLIGHT", "0", "gateway: most jobs one tenant may have queued or running (0: no limit)"},
 	{"tenant_max_tokens", "tenant-max-tokens", "MLX_SERVING_TENANT_MAX_TOKENS", "0", "gateway: largest max_tokens one request may ask for, and the default (0: no limit)"},
 	{"tenant_max_prompt_chars", "tenant-max-prompt-chars", "MLX_SERVING_TENANT_MAX_PROMPT_CHARS", "0", "gateway: longest prompt (all messages) in characters (0: no limit)"},
@@ -255,6 +257,17 @@ func (c Config) TokenTenants() map[string]string {
 		token, tenant, ok := strings.Cut(strings.TrimSpace(t), "=")
 		if token, tenant = strings.TrimSpace(token), strings.TrimSpace(tenant); ok && token != "" && tenant != "" {
 			out[token] = tenant
+		}
+	}
+	return out
+}
+
+// CORSOriginList splits cors_origins.
+func (c Config) CORSOriginList() []string {
+	var out []string
+	for _, o := range strings.Split(c.CORSOrigins, ",") {
+		if o = strings.TrimSpace(o); o != "" {
+			out = append(out, o)
 		}
 	}
 	return out

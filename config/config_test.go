@@ -71,6 +71,7 @@ func TestInvalidValuesNameTheKey(t *testing.T) {
 		"bad enum":        {file: "log_level: loud\n", want: "log_level"},
 		"bad duration":    {file: "batch_max_wait: soon\n", want: "batch_max_wait"},
 		"bad url":         {file: "nats_url: http://x\n", want: "nats_url"},
+		"bad cors origin": {env: []string{"MLX_SERVING_CORS_ORIGINS=https://a.example,app.example"}, want: "cors_origins"},
 		"not yaml at all": {file: "a: [b\n", want: "not YAML"},
 	}
 	for name, tc := range cases {
@@ -88,6 +89,21 @@ func TestInvalidValuesNameTheKey(t *testing.T) {
 				t.Fatalf("error %q does not name %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// Mutation caught: CORSOriginList returning nil gives the gateway no origins.
+func TestCORSOrigins(t *testing.T) {
+	t.Parallel()
+	c, err := load(t, []string{"--cors-origins", " https://app.example.com , http://localhost:3000,*"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(c.CORSOriginList(), " "); got != "https://app.example.com http://localhost:3000 *" {
+		t.Fatalf("origins %q", got)
+	}
+	if c, err := load(t, nil, nil); err != nil || c.CORSOriginList() != nil {
+		t.Fatalf("default origins %v, %v", c.CORSOriginList(), err)
 	}
 }
 

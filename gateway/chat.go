@@ -14,6 +14,8 @@ type chatRequest struct {
 	samplingParams
 	Messages            []chatMessage `json:"messages"`
 	MaxCompletionTokens *int          `json:"max_completion_tokens"`
+	// Metadata are the client's labels; the job carries them (echoed in logs).
+	Metadata map[string]string `json:"metadata"`
 }
 
 type chatMessage struct {
@@ -28,7 +30,7 @@ type contentPart struct {
 }
 
 func (g *Gateway) handleChat(w http.ResponseWriter, r *http.Request) {
-	serve[chatRequest](g, w, r, endpointChat, chatFormat{})
+	serve[chatRequest](g, w, r, endpointChat, chatFields, chatFormat{})
 }
 
 func (req *chatRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMap, *apiError) {
@@ -41,6 +43,19 @@ func (req *chatRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMa
 	}
 	if aerr := req.apply(job, &pm, defaultModel); aerr != nil {
 		return nil, pm, aerr
+	}
+	if len(req.Metadata) > 0 {
+		md := make(map[string]string, len(req.Metadata)+1)
+		for k, v := range req.Metadata {
+			md[k] = v
+		}
+		if u, ok := job.Metadata["user"]; ok {
+			if v, both := md["user"]; both && v != u {
+				return nil, pm, errInvalid("metadata.user", "'metadata.user' differs from 'user'; send one of them.")
+			}
+			md["user"] = u
+		}
+		job.Metadata, pm.metadata = md, true
 	}
 	if len(req.Messages) == 0 {
 		return nil, pm, errInvalid("messages", "'messages' must hold at least one message.")

@@ -206,17 +206,19 @@ func TestChatRequestMapping(t *testing.T) {
 	_, srv := newTestGateway(t, tb, func(c *Config) { c.DefaultModel = testModel })
 
 	// No model (default applies), developer role, content parts, json_object,
-	// stop as an array, max_tokens.
+	// stop as an array, max_tokens, metadata with user. (Unknown fields are
+	// refused: fields_test.go.)
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", `{
 		"messages":[{"role":"developer","content":"sys"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],
 		"response_format":{"type":"json_object"}, "stop":["x","y"], "max_tokens":3, "n":1, "stream":false,
-		"unknown_vendor_field":{"whatever":true}}`)
+		"metadata":{"trace":"t1"}, "user":"u1"}`)
 	if resp.StatusCode != http.StatusOK {
 		expectError(t, resp, 200, "", "")
 	}
 	job := fw.nextJob(t)
 	if job.Model != testModel || job.Messages[0].Role != "system" || job.Messages[1].Content != "ab" ||
-		!reflect.DeepEqual(job.Stop, []string{"x", "y"}) || job.MaxTokens != 3 || job.JSONSchema["type"] != "object" {
+		!reflect.DeepEqual(job.Stop, []string{"x", "y"}) || job.MaxTokens != 3 || job.JSONSchema["type"] != "object" ||
+		!reflect.DeepEqual(job.Metadata, map[string]string{"trace": "t1", "user": "u1"}) {
 		t.Fatalf("job %+v", job)
 	}
 }

@@ -16,16 +16,10 @@ const defaultCompletionMaxTokens = 16
 type completionRequest struct {
 	samplingParams
 	Prompt json.RawMessage `json:"prompt"`
-	Echo   *bool           `json:"echo"`
-	Suffix *string         `json:"suffix"`
-	BestOf *int            `json:"best_of"`
-	// Legacy completions take logprobs as an integer, not chat's boolean; the
-	// shallower field shadows samplingParams.Logprobs when decoding.
-	LogprobsN *int `json:"logprobs"`
 }
 
 func (g *Gateway) handleCompletions(w http.ResponseWriter, r *http.Request) {
-	serve[completionRequest](g, w, r, endpointCompletions, textFormat{})
+	serve[completionRequest](g, w, r, endpointCompletions, completionFields, textFormat{})
 }
 
 func (req *completionRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMap, *apiError) {
@@ -36,16 +30,6 @@ func (req *completionRequest) toJob(defaultModel string) (*schemas.JobRequest, p
 	}
 	if req.MaxTokens == nil {
 		job.MaxTokens = defaultCompletionMaxTokens
-	}
-	switch {
-	case req.Echo != nil && *req.Echo:
-		return nil, pm, errInvalid("echo", "echo is not supported.")
-	case req.Suffix != nil && *req.Suffix != "":
-		return nil, pm, errInvalid("suffix", "suffix is not supported.")
-	case req.BestOf != nil && *req.BestOf != 1:
-		return nil, pm, errInvalid("best_of", "Only best_of=1 is supported.")
-	case req.LogprobsN != nil:
-		return nil, pm, errInvalid("logprobs", "logprobs are not supported.")
 	}
 	raw := strings.TrimSpace(string(req.Prompt))
 	if raw == "" || raw == "null" {

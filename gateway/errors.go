@@ -95,9 +95,18 @@ func errQueueFull(retryAfter time.Duration) *apiError {
 		Message: "The job queue is full; retry later.", RetryAfter: retryAfter}
 }
 
+// errModelUnavailable: a worker announced the model recently, but none has it
+// ready now; 503, so clients retry while it comes back.
 func errModelUnavailable(model string) *apiError {
 	return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Param: "model", Code: "model_not_available",
 		Message: fmt.Sprintf("No ready worker serves the model %q.", model)}
+}
+
+// errModelNotFound: no worker announced the model within the grace period; 404,
+// which clients do not retry.
+func errModelNotFound(model string) *apiError {
+	return &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Param: "model", Code: "model_not_found",
+		Message: fmt.Sprintf("The model %q does not exist: no worker serves it (GET /v1/models lists those that do).", model)}
 }
 
 func errTimeout() *apiError {
@@ -119,7 +128,8 @@ type paramMap struct {
 	maxTokens  string // "max_tokens" or "max_completion_tokens"
 	stopString bool   // stop was a string: "$.stop[0]" is "stop"
 	prompt     string // completions: "prompt" or "prompt[0]"
-	user       bool   // metadata carries only the user field
+	user       bool   // metadata carries the user field
+	metadata   bool   // metadata carries the client's metadata field
 }
 
 // param maps one violation path ("$.messages[1].content") to an OpenAI param
@@ -152,8 +162,11 @@ func (m paramMap) param(path string) (string, bool) {
 	case "json_schema":
 		return "response_format.json_schema.schema", true
 	case "metadata":
-		if m.user {
+		if m.user && (p == "metadata.user" || !m.metadata) {
 			return "user", true
+		}
+		if m.metadata {
+			return p, true
 		}
 	case "":
 		// The document as a whole, e.g. neither or both of prompt and messages.
@@ -240,6 +253,10 @@ func fromResult(res *schemas.ResultMsg) *apiError {
 		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "context_length_exceeded", Message: msg}
 	case "deadline_exceeded", "expired":
 		e := errTimeout()
+		e.Message = msg
+		return e
+	case "model_not_found":
+		e := errModelNotFound("")
 		e.Message = msg
 		return e
 	case "model_not_loaded", "model_load_failed", "model_not_available", "no_worker":

@@ -89,13 +89,13 @@ func TestQueueFullIs429(t *testing.T) {
 	}
 }
 
-func TestNoWorkerForModelIs503(t *testing.T) {
+func TestNoWorkerForModel(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, bus.ProvisionOptions{})
 	_, srv := newTestGateway(t, tb, nil)
 
-	// Nobody registered.
-	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusServiceUnavailable, "model", "model_not_available")
+	// Nobody registered: no worker ever announced the model, so it does not exist.
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusNotFound, "model", "model_not_found")
 
 	// Only a draining worker has the model, and a ready one has another.
 	tb.registerWorker(t, "w-drain", schemas.WorkerDraining, testModel)

@@ -21,8 +21,8 @@ import (
 // FuzzRequestBody posts arbitrary bodies to both completion endpoints of a real
 // gateway on a real bus with no worker, so nothing is ever queued. Property: no
 // panic, and every body gets an OpenAI-format error with a type and a code: 400
-// (or 413) for what the client got wrong, 503 model_not_available for a request
-// that would have been queued. A 500 would mean a body the gateway maps to a job
+// (or 413) for what the client got wrong, 404 model_not_found for a request
+// that would have been queued (no worker ever announced a model). A 500 would mean a body the gateway maps to a job
 // it then finds invalid itself. Seeds: the job vectors of schemas/testdata (they
 // share most fields with OpenAI bodies) and hand-written OpenAI bodies.
 func FuzzRequestBody(f *testing.F) {
@@ -107,7 +107,7 @@ func FuzzRequestBody(f *testing.F) {
 			}
 			switch {
 			case rec.Code == http.StatusBadRequest, rec.Code == http.StatusRequestEntityTooLarge:
-			case rec.Code == http.StatusServiceUnavailable && code == "model_not_available":
+			case rec.Code == http.StatusNotFound && code == "model_not_found":
 			default:
 				t.Fatalf("%s: %d %s for body %q", path, rec.Code, rec.Body.Bytes(), body)
 			}

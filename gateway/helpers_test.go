@@ -77,6 +77,9 @@ func (tb *testBus) registerWorker(t *testing.T, id, state string, models ...stri
 		t.Fatal(err)
 	}
 	now := time.Now().UTC()
+	if models == nil {
+		models = []string{} // a worker without a loaded model announces []
+	}
 	hb := schemas.HeartbeatMsg{WorkerID: id, Hostname: "test", Platform: "linux/amd64", MemoryBytes: 1 << 30,
 		Models: models, Slots: 4, State: state, StartedAt: now, UpdatedAt: now}
 	data, _ := json.Marshal(hb)

@@ -84,9 +84,9 @@ type request[T any] interface {
 
 // serve decodes a body of type T, maps it to a job and runs it; every generation
 // endpoint is this with its own request type and response format.
-func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Request, endpoint string, f format) {
+func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Request, endpoint string, fields fieldSet, f format) {
 	req := R(new(T))
-	if aerr := decodeBody(w, r, req); aerr != nil {
+	if aerr := decodeBody(w, r, req, fields); aerr != nil {
 		g.fail(w, endpoint, aerr)
 		return
 	}
@@ -144,7 +144,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	}
 
 	rctx, rcancel := g.registryContext(r)
-	ok, err := g.registry.hasModel(rctx, job.Model)
+	st, err := g.registry.status(rctx, job.Model)
 	rcancel()
 	if err != nil {
 		if r.Context().Err() != nil {
@@ -154,7 +154,11 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 		g.fail(w, spec.endpoint, errUnavailable("The worker registry is unavailable."))
 		return
 	}
-	if !ok {
+	switch st {
+	case modelUnknown:
+		g.fail(w, spec.endpoint, errModelNotFound(job.Model))
+		return
+	case modelAway:
 		g.fail(w, spec.endpoint, errModelUnavailable(job.Model))
 		return
 	}

@@ -16,80 +16,138 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
+// modelGrace is how long a model stays known after the last heartbeat that named
+// it. A worker restarting its runtime, or replaced by another, leaves its model
+// away for a while: requests for it are 503 (retried by clients) rather than 404
+// (which clients do not retry), since it is expected back.
+const modelGrace = 5 * time.Minute
+
 // registry answers "which models can the fleet run now" from the worker registry
 // bucket. Reading the bucket costs a consumer round trip, so the answer is kept
-// for ttl: a worker that just appeared is seen within that much time.
+// for ttl: a worker that just appeared is seen within that much time. Between
+// reads it remembers which models any worker announced, for grace.
 type registry struct {
-	js  jetstream.JetStream
-	ttl time.Duration
+	js    jetstream.JetStream
+	ttl   time.Duration
+	grace time.Duration
 
-	mu     sync.Mutex // held across a refresh, so concurrent requests share one
-	at     time.Time
-	models map[string]time.Time // model -> earliest StartedAt of a ready worker with it
+	mu   sync.Mutex // held across a refresh, so concurrent requests share one
+	at   time.Time
+	view *fleetView
+	seen map[string]time.Time // model -> when a heartbeat (any state) last named it
 }
 
+// fleetView is one read of the registry bucket.
+type fleetView struct {
+	ready   map[string]time.Time // model -> earliest StartedAt of a ready worker with it
+	workers int                  // heartbeats in the bucket
+	serving int                  // ready workers with at least one model loaded
+}
+
+// modelStatus is what the fleet knows of a model a request names.
+type modelStatus int
+
+const (
+	modelUnknown modelStatus = iota // no worker announced it within the grace period
+	modelAway                       // announced recently, but no ready worker has it now
+	modelServed                     // a ready worker has it loaded
+)
+
 func newRegistry(js jetstream.JetStream, ttl time.Duration) *registry {
-	return &registry{js: js, ttl: ttl}
+	return &registry{js: js, ttl: ttl, grace: modelGrace, seen: map[string]time.Time{}}
+}
+
+// read returns the current view, reading the bucket when the kept one is stale.
+func (r *registry) read(ctx context.Context) (*fleetView, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.view != nil && time.Since(r.at) < r.ttl {
+		return r.view, nil
+	}
+	view, announced, err := readRegistry(ctx, r.js)
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	for _, m := range announced {
+		r.seen[m] = now
+	}
+	for m, t := range r.seen {
+		if now.Sub(t) > r.grace {
+			delete(r.seen, m)
+		}
+	}
+	r.view, r.at = view, now
+	return view, nil
 }
 
 // readyModels returns the models loaded on ready workers.
 func (r *registry) readyModels(ctx context.Context) (map[string]time.Time, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.models != nil && time.Since(r.at) < r.ttl {
-		return r.models, nil
-	}
-	models, err := readRegistry(ctx, r.js)
+	v, err := r.read(ctx)
 	if err != nil {
 		return nil, err
 	}
-	r.models, r.at = models, time.Now()
-	return models, nil
+	return v.ready, nil
 }
 
-func (r *registry) hasModel(ctx context.Context, model string) (bool, error) {
-	models, err := r.readyModels(ctx)
+func (r *registry) status(ctx context.Context, model string) (modelStatus, error) {
+	v, err := r.read(ctx)
 	if err != nil {
-		return false, err
+		return modelUnknown, err
 	}
-	_, ok := models[model]
-	return ok, nil
+	if _, ok := v.ready[model]; ok {
+		return modelServed, nil
+	}
+	r.mu.Lock()
+	_, seen := r.seen[model]
+	r.mu.Unlock()
+	if seen {
+		return modelAway, nil
+	}
+	return modelUnknown, nil
 }
 
-// readRegistry reads every heartbeat in the bucket once.
-func readRegistry(ctx context.Context, js jetstream.JetStream) (map[string]time.Time, error) {
+// readRegistry reads every heartbeat in the bucket once. announced lists the
+// models of every heartbeat, whatever its worker's state.
+func readRegistry(ctx context.Context, js jetstream.JetStream) (view *fleetView, announced []string, err error) {
+	view = &fleetView{ready: map[string]time.Time{}}
 	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
-		return map[string]time.Time{}, nil // no worker ever registered
+		return view, nil, nil // no worker ever registered
 	}
 	if err != nil {
-		return nil, fmt.Errorf("worker registry: %w", err)
+		return nil, nil, fmt.Errorf("worker registry: %w", err)
 	}
 	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
 	if err != nil {
-		return nil, fmt.Errorf("worker registry: %w", err)
+		return nil, nil, fmt.Errorf("worker registry: %w", err)
 	}
 	defer func() { _ = w.Stop() }()
-	models := map[string]time.Time{}
 	for {
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("worker registry: %w", ctx.Err())
+			return nil, nil, fmt.Errorf("worker registry: %w", ctx.Err())
 		case e, ok := <-w.Updates():
 			if !ok {
-				return nil, errors.New("worker registry: watcher closed")
+				return nil, nil, errors.New("worker registry: watcher closed")
 			}
 			if e == nil {
 				// The watcher marks the end of the current values with nil.
-				return models, nil
+				return view, announced, nil
 			}
 			var hb schemas.HeartbeatMsg
-			if err := json.Unmarshal(e.Value(), &hb); err != nil || hb.State != schemas.WorkerReady {
+			if err := json.Unmarshal(e.Value(), &hb); err != nil {
 				continue
 			}
+			view.workers++
+			announced = append(announced, hb.Models...)
+			if hb.State != schemas.WorkerReady || len(hb.Models) == 0 {
+				continue
+			}
+			view.serving++
 			for _, m := range hb.Models {
-				if t, seen := models[m]; !seen || hb.StartedAt.Before(t) {
-					models[m] = hb.StartedAt
+				if t, seen := view.ready[m]; !seen || hb.StartedAt.Before(t) {
+					view.ready[m] = hb.StartedAt
 				}
 			}
 		}

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"net/http"
 	"strings"
@@ -102,6 +103,7 @@ func TestHealthReadyMetrics(t *testing.T) {
 func TestReadyNeedsStreams(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, bus.ProvisionOptions{})
+	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
 	_, srv := newTestGateway(t, tb, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -144,5 +146,47 @@ func TestRunAndShutdown(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Run did not return after ctx was cancelled")
+	}
+}
+
+// /readyz is 200 only while a ready worker has a model loaded; /healthz is 200
+// whatever the fleet does.
+// Mutation caught: ready() without its serving check answers 200 with no worker.
+func TestReadyNeedsAServingWorker(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	g, srv := newTestGateway(t, tb, nil)
+	setRegistry(g, 0, modelGrace)
+	get := func(path string) (int, map[string]string) {
+		t.Helper()
+		r, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Body.Close()
+		var body map[string]string
+		data, _ := io.ReadAll(r.Body)
+		if err := json.Unmarshal(data, &body); err != nil {
+			t.Fatalf("%s: %s", path, data)
+		}
+		return r.StatusCode, body
+	}
+	notReady := func(why string) {
+		t.Helper()
+		if code, body := get("/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body["reason"], "no ready worker") {
+			t.Fatalf("readyz with %s: %d %v", why, code, body)
+		}
+		if code, _ := get("/healthz"); code != http.StatusOK {
+			t.Fatalf("healthz with %s: %d", why, code)
+		}
+	}
+	notReady("no worker")
+	tb.registerWorker(t, "w1", schemas.WorkerUnavailable, testModel)
+	notReady("an unavailable worker")
+	tb.registerWorker(t, "w2", schemas.WorkerReady)
+	notReady("a ready worker without a model")
+	tb.registerWorker(t, "w3", schemas.WorkerReady, testModel)
+	if code, body := get("/readyz"); code != http.StatusOK || body["status"] != "ready" {
+		t.Fatalf("readyz with a serving worker: %d %v", code, body)
 	}
 }

@@ -14,9 +14,9 @@ import (
 // maxBodyBytes bounds a request body; the job schema caps prompts far below it.
 const maxBodyBytes = 8 << 20
 
-// samplingParams are the request fields both endpoints share. Unknown fields are
-// ignored (clients send many harmless ones); a known field of the wrong JSON type
-// is rejected naming the field.
+// samplingParams are the request fields both endpoints share and honour. A field
+// of the wrong JSON type is rejected naming the field; which fields a request may
+// carry at all is fields.go's concern.
 type samplingParams struct {
 	Model          string          `json:"model"`
 	MaxTokens      *int            `json:"max_tokens"`
@@ -26,18 +26,12 @@ type samplingParams struct {
 	Stop           json.RawMessage `json:"stop"`
 	Stream         *bool           `json:"stream"`
 	StreamOptions  *streamOptions  `json:"stream_options"`
-	N              *int            `json:"n"`
 	User           *string         `json:"user"`
 	ResponseFormat *responseFormat `json:"response_format"`
 	// Extensions several OpenAI-compatible servers accept; they map to the job.
 	TopK              *int     `json:"top_k"`
 	MinP              *float64 `json:"min_p"`
 	RepetitionPenalty *float64 `json:"repetition_penalty"`
-	// Fields whose meaning the gateway cannot honour: rejected when used, since
-	// ignoring them would silently change the answer.
-	Logprobs  *bool          `json:"logprobs"`
-	Tools     []any          `json:"tools"`
-	LogitBias map[string]any `json:"logit_bias"`
 }
 
 type streamOptions struct {
@@ -55,8 +49,9 @@ type jsonSchemaSpec struct {
 	Strict *bool          `json:"strict"`
 }
 
-// decodeBody reads a JSON object into v, answering malformed input in OpenAI's way.
-func decodeBody(w http.ResponseWriter, r *http.Request, v any) *apiError {
+// decodeBody reads a JSON object into v, answering malformed input in OpenAI's way;
+// a field fields does not accept is refused naming it.
+func decodeBody(w http.ResponseWriter, r *http.Request, v any, fields fieldSet) *apiError {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	if err != nil {
 		var mbe *http.MaxBytesError
@@ -79,7 +74,11 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) *apiError {
 		}
 		return errInvalid("", "We could not parse the JSON body of your request: %v", err)
 	}
-	return nil
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(body, &obj); err != nil {
+		return errInvalid("", "The request body must be a JSON object.")
+	}
+	return fields.check(obj, "")
 }
 
 // goTypeName names a Go destination type in JSON's words.
@@ -108,18 +107,6 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 	}
 	if job.Model == "" {
 		return errInvalid("model", "The 'model' field is required.")
-	}
-	if p.N != nil && *p.N != 1 {
-		return errInvalid("n", "Only n=1 is supported.")
-	}
-	if p.Logprobs != nil && *p.Logprobs {
-		return errInvalid("logprobs", "logprobs are not supported.")
-	}
-	if len(p.Tools) > 0 {
-		return errInvalid("tools", "Tool calling is not supported.")
-	}
-	if len(p.LogitBias) > 0 {
-		return errInvalid("logit_bias", "logit_bias is not supported.")
 	}
 	if p.MaxTokens != nil {
 		job.MaxTokens = *p.MaxTokens

@@ -53,6 +53,9 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// Stream tunes the job streams (quiet period before RESULTS is consulted, ...).
 	Stream bus.StreamOptions
+	// CORSOrigins are the browser origins (scheme://host[:port]) allowed to call
+	// the API across origins; "*" allows any. Empty: none (no CORS headers).
+	CORSOrigins []string
 }
 
 // deadlineGrace is how long the gateway waits past a job's deadline for the
@@ -71,6 +74,7 @@ type Gateway struct {
 	tokens   tokenSet
 	tenants  *tenantAuth
 	limits   *limiter
+	cors     *corsPolicy
 	metrics  *metrics
 	handler  http.Handler
 	timeout  time.Duration // 0: none
@@ -107,6 +111,10 @@ func New(cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
+	cors, err := newCORS(cfg.CORSOrigins)
+	if err != nil {
+		return nil, err
+	}
 	allTokens := append([]string(nil), cfg.Tokens...)
 	for t := range cfg.TokenTenants {
 		allTokens = append(allTokens, t)
@@ -125,6 +133,7 @@ func New(cfg Config) (*Gateway, error) {
 		tokens:   newTokenSet(allTokens),
 		tenants:  tenants,
 		limits:   newLimiter(cfg.Limits),
+		cors:     cors,
 		metrics:  newMetrics(),
 		timeout:  timeout,
 		grace:    deadlineGrace,
@@ -152,7 +161,7 @@ func (g *Gateway) routes() http.Handler {
 		writeError(w, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
 			Message: fmt.Sprintf("Unknown request URL: %s %s.", r.Method, r.URL.Path)})
 	})))
-	return mux
+	return g.cors.wrap(mux)
 }
 
 // Handler serves the whole API; mount it to serve the gateway elsewhere.
@@ -237,13 +246,15 @@ func (g *Gateway) Shutdown(ctx context.Context) error {
 	return nil
 }
 
-// handleHealth says the process is up; it touches nothing else.
+// handleHealth is liveness: the process is up and serving HTTP. It touches
+// nothing else, so a fleet without workers does not get the gateway restarted.
 func (g *Gateway) handleHealth(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 }
 
-// handleReady says whether requests can be served: the bus is connected and the
-// streams jobs need exist.
+// handleReady is readiness: a completion sent now can be served. The bus is
+// connected, the streams jobs need exist, and at least one worker is ready with a
+// model loaded. Otherwise 503 with the reason.
 func (g *Gateway) handleReady(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
@@ -262,6 +273,13 @@ func (g *Gateway) ready(ctx context.Context) error {
 		if _, err := g.js.Stream(ctx, name); err != nil {
 			return fmt.Errorf("stream %s: %w", name, err)
 		}
+	}
+	v, err := g.registry.read(ctx)
+	if err != nil {
+		return err
+	}
+	if v.serving == 0 {
+		return fmt.Errorf("no ready worker has a model loaded (%d workers registered)", v.workers)
 	}
 	return nil
 }

@@ -114,6 +114,7 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 		Addr:         c.HTTPAddr,
 		Tokens:       c.Tokens(),
 		TokenTenants: c.TokenTenants(),
+		CORSOrigins:  c.CORSOriginList(),
 		Limits:       tenantLimits(c),
 		Conn:         nc,
 		Logger:       log,

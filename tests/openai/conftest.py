@@ -31,6 +31,9 @@ def build_binary(out: Path) -> Path:
 
 
 class Up:
+    # The one browser origin the session's gateway allows (CORS).
+    cors_origin = "https://app.example.com"
+
     def __init__(self, binary: Path, data_dir: Path, extra: list[str], env: dict[str, str] | None = None):
         self.binary = binary
         self.http = f"127.0.0.1:{free_port()}"
@@ -100,7 +103,7 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def up(binary: Path) -> Up:
     data = Path(tempfile.mkdtemp(prefix="mlx-up-"))
-    u = Up(binary, data, [])
+    u = Up(binary, data, ["--cors-origins", Up.cors_origin])
     yield u
     assert u.stop() == 0, "up did not stop cleanly on SIGTERM"
     shutil.rmtree(data, ignore_errors=True)

@@ -134,10 +134,68 @@ def test_bad_input_is_400_naming_the_field(client, up):
     assert "temperature" in str(e.value)
 
 
-def test_unknown_model_is_503(client):
-    with pytest.raises(openai.APIStatusError) as e:
+def test_unknown_model_is_404(client):
+    """A model no worker announced is NotFoundError, which the client does not retry.
+
+    Mutation caught: gateway/jobs.go answering an unknown model with 503 model_not_available.
+    """
+    with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
-    assert e.value.status_code == 503
+    assert e.value.code == "model_not_found" and e.value.param == "model", e.value.body
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "code"),
+    [
+        ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+        ({"logprobs": True}, "logprobs", "unsupported_parameter"),
+        ({"n": 2}, "n", "unsupported_parameter"),
+        ({"service_tier": "auto"}, "service_tier", "unsupported_parameter"),
+        ({"extra_body": {"temprature": 0.5}}, "temprature", "unknown_parameter"),
+    ],
+)
+def test_unimplemented_fields_are_refused_naming_them(client, up, kwargs, param, code):
+    """Nothing sent is silently ignored.
+
+    Mutation caught: gateway/fields.go fieldSet.check returning nil at once.
+    """
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=up.model, messages=[{"role": "user", "content": "x"}], max_tokens=2, **kwargs)
+    assert (e.value.param, e.value.code) == (param, code), e.value.body
+
+
+def test_no_op_values_of_unimplemented_fields_are_accepted(client, up):
+    r = client.chat.completions.create(
+        model=up.model, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+        n=1, presence_penalty=0, frequency_penalty=0, logprobs=False, logit_bias={}, store=False,
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_health_ready_and_cors(up):
+    """/healthz and /readyz are 200 with a serving worker; the origin given to up with
+    --cors-origins may call from a browser, another may not.
+
+    Mutation caught: cmd/mlx-serving/services.go not passing cors_origins to the gateway.
+    """
+    host, port = up.http.rsplit(":", 1)
+
+    def request(method: str, path: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request(method, path, headers=headers)
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        return r
+
+    for path in ("/healthz", "/readyz"):
+        assert request("GET", path, {}).status == 200, path
+    ask = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+    r = request("OPTIONS", "/v1/chat/completions", {"Origin": up.cors_origin, **ask})
+    assert r.status == 204 and r.getheader("access-control-allow-origin") == up.cors_origin, r.getheaders()
+    assert "authorization" in r.getheader("access-control-allow-headers").lower(), r.getheaders()
+    r = request("OPTIONS", "/v1/chat/completions", {"Origin": "https://other.example", **ask})
+    assert r.getheader("access-control-allow-origin") is None, r.getheaders()
 
 
 def post(up_http: str, path: str, body: dict) -> tuple[socket.socket, http.client.HTTPResponse]:

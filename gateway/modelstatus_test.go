@@ -1,0 +1,69 @@
+package gateway
+
+import (
+	"context"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// A model no worker announced is 404 model_not_found, which clients do not retry;
+// a model a worker announced within the grace period, whose workers are away
+// now, is 503 model_not_available, which they retry while it comes back.
+// Mutation caught: run() answering modelUnknown with errModelUnavailable fails
+// the 404 checks; status() ignoring the models seen before fails the 503 one.
+func TestUnknownModelIs404AwayModelIs503(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
+	g, srv := newTestGateway(t, tb, nil)
+	setRegistry(g, 0, modelGrace) // read the bucket at every request
+
+	unknown := map[string]any{"model": "no-such-model"}
+	for _, stream := range []bool{false, true} {
+		expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, unknown)), http.StatusNotFound, "model", "model_not_found")
+		expectError(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": "no-such-model", "prompt": "hi", "stream": stream}),
+			http.StatusNotFound, "model", "model_not_found")
+	}
+
+	// The worker is gone (its entry expired): its model is away, not unknown.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	kv, err := tb.js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Purge(ctx, "w1"); err != nil {
+		t.Fatal(err)
+	}
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusServiceUnavailable, "model", "model_not_available")
+
+	// Past the grace period nobody announced it: unknown.
+	setRegistry(g, 0, 0)
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusNotFound, "model", "model_not_found")
+	if got := g.metrics.submitted.get(endpointChat); got != 0 {
+		t.Fatalf("%v jobs were submitted", got)
+	}
+}
+
+// setRegistry sets the registry's cache ttl and grace period.
+func setRegistry(g *Gateway, ttl, grace time.Duration) {
+	g.registry.mu.Lock()
+	defer g.registry.mu.Unlock()
+	g.registry.ttl, g.registry.grace = ttl, grace
+}
+
+// A job the fleet ends with model_not_found is 404 like the gateway's own refusal.
+// Mutation caught: fromResult without its model_not_found case answers 500.
+func TestFleetModelNotFoundIs404(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	startFakeWorker(t, tb, script{status: schemas.StatusFailed, errCode: "model_not_found"})
+	_, srv := newTestGateway(t, tb, nil)
+	for _, stream := range []bool{false, true} {
+		expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil)), http.StatusNotFound, "model", "model_not_found")
+	}
+}
