@@ -36,7 +36,7 @@ func TestUnknownModelIs404AwayModelIs503(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := kv.Purge(ctx, "w1"); err != nil {
+	if err := kv.Delete(ctx, "w1"); err != nil {
 		t.Fatal(err)
 	}
 	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusServiceUnavailable, "model", "model_not_available")
