@@ -56,7 +56,56 @@ type Fleet struct {
 	sampleMu sync.Mutex // one read of the bus at a time; guards the cache
 	last     *fleetSample
 	lastAt   time.Time
+
+	modelsMu   sync.Mutex
+	models     map[string]bool // every model a worker announced: the only model labels
+	modelsRead time.Time
 }
+
+// unknownModel is the label of a model no worker announced: a producer may name
+// any model, and each name would otherwise be a new series.
+const unknownModel = "unknown"
+
+// modelLabel is model if some worker announced it, else unknownModel. The
+// registry is read again for a name not seen yet, at most every few seconds.
+func (f *Fleet) modelLabel(model string) string {
+	if model == "" {
+		return "" // a record without one (its job was invalid): one bounded label
+	}
+	f.modelsMu.Lock()
+	defer f.modelsMu.Unlock()
+	if f.models[model] {
+		return model
+	}
+	if time.Since(f.modelsRead) > modelsRefresh {
+		f.modelsRead = time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		hbs, err := f.heartbeats(ctx)
+		cancel()
+		if err == nil {
+			f.learnModels(hbs)
+		}
+	}
+	if f.models[model] {
+		return model
+	}
+	return unknownModel
+}
+
+// learnModels adds the models hbs announce. Callers hold modelsMu.
+func (f *Fleet) learnModels(hbs []schemas.HeartbeatMsg) {
+	if f.models == nil {
+		f.models = map[string]bool{}
+	}
+	for _, hb := range hbs {
+		for _, m := range hb.Models {
+			f.models[m] = true
+		}
+	}
+}
+
+// modelsRefresh bounds how often an unseen model name makes the registry be read.
+const modelsRefresh = 5 * time.Second
 
 type fleetSample struct {
 	queued   map[string]uint64
@@ -161,7 +210,8 @@ func (f *Fleet) observeResult(data []byte) {
 	if err := json.Unmarshal(data, &r); err != nil || r.JobID == "" {
 		return
 	}
-	f.finished.WithLabelValues(r.Status, r.Model).Inc()
+	model := f.modelLabel(r.Model)
+	f.finished.WithLabelValues(r.Status, model).Inc()
 	if r.Attempt > 0 {
 		f.attempts.Observe(float64(r.Attempt))
 	}
@@ -179,19 +229,19 @@ func (f *Fleet) observeResult(data []byte) {
 	if r.Status != schemas.StatusCompleted {
 		return
 	}
-	f.tokens.WithLabelValues(r.Model).Add(float64(r.Usage.CompletionTokens))
+	f.tokens.WithLabelValues(model).Add(float64(r.Usage.CompletionTokens))
 	if t := r.Timings; t != nil {
 		if t.TTFTMs > 0 {
-			f.ttft.WithLabelValues(r.Model).Observe(t.TTFTMs / 1000)
+			f.ttft.WithLabelValues(model).Observe(t.TTFTMs / 1000)
 		}
 		if t.TokensPerSec > 0 {
-			f.tps.WithLabelValues(r.Model).Observe(t.TokensPerSec)
+			f.tps.WithLabelValues(model).Observe(t.TokensPerSec)
 		}
 		if t.QueuedMs > 0 {
-			f.queued.WithLabelValues(r.Model).Observe(t.QueuedMs / 1000)
+			f.queued.WithLabelValues(model).Observe(t.QueuedMs / 1000)
 		}
 		if t.TotalMs > 0 {
-			f.generation.WithLabelValues(r.Model).Observe(t.TotalMs / 1000)
+			f.generation.WithLabelValues(model).Observe(t.TotalMs / 1000)
 		}
 	}
 }

@@ -112,6 +112,15 @@ func TestFleetResults(t *testing.T) {
 	ctx := testenv.Context(t, 30*time.Second)
 	s := startFleet(t, b)
 
+	// Models are labels only once a worker announced them.
+	kv, err := b.JS.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hb, _ := json.Marshal(schemas.HeartbeatMsg{WorkerID: "mac-1", State: schemas.WorkerReady, Slots: 8, Models: []string{"tiny", "big"}})
+	if _, err := kv.Put(ctx, "mac-1", hb); err != nil {
+		t.Fatal(err)
+	}
 	now := time.Now().UTC()
 	record := func(r schemas.ResultMsg) error {
 		r.Type, r.FinishedAt = "result", now
@@ -130,7 +139,7 @@ func TestFleetResults(t *testing.T) {
 		Usage:   schemas.Usage{CompletionTokens: 7, TotalTokens: 7},
 		Timings: &schemas.Timings{TTFTMs: 900, TokensPerSec: 12}}))
 	// The dispatcher's terminal for j1 comes second: RESULTS refuses it.
-	err := record(schemas.ResultMsg{JobID: "j1", Attempt: 1, Status: schemas.StatusFailed, Model: "tiny",
+	err = record(schemas.ResultMsg{JobID: "j1", Attempt: 1, Status: schemas.StatusFailed, Model: "tiny",
 		Error: &schemas.ErrorInfo{Code: "attempts_exhausted", Message: "late"}})
 	if !errors.Is(err, bus.ErrResultExists) {
 		t.Fatalf("second record: %v, want ErrResultExists", err)
@@ -139,6 +148,10 @@ func TestFleetResults(t *testing.T) {
 		Error: &schemas.ErrorInfo{Code: "invalid_request", Message: "bad"}}))
 	must(record(schemas.ResultMsg{JobID: "j4", Attempt: 1, Status: schemas.StatusFailed, Model: "tiny",
 		Error: &schemas.ErrorInfo{Code: "invalid_request", Message: "bad"}}))
+	// A model nobody announced (any producer may name one) is "unknown": no
+	// series per made-up name. Mutation caught: labelling r.Model unmapped.
+	must(record(schemas.ResultMsg{JobID: "j6", Attempt: 1, Status: schemas.StatusFailed, Model: "made-up-model",
+		Error: &schemas.ErrorInfo{Code: "model_not_found", Message: "x"}, FinishedAt: now}))
 	must(record(schemas.ResultMsg{JobID: "j5", Attempt: 0, Status: schemas.StatusCancelled, FinishReason: schemas.FinishCancelled, Model: "tiny",
 		Error: &schemas.ErrorInfo{Code: "cancelled", Message: "by request"}}))
 	report, _ := json.Marshal(schemas.AttemptReportMsg{JobID: "j2", Attempt: 1, WorkerID: "mac-3",
@@ -147,6 +160,7 @@ func TestFleetResults(t *testing.T) {
 
 	s.waitFor(ctx,
 		expectation{"mlx_fleet_jobs_finished_total", L("status", "completed", "model", "tiny"), 1},
+		expectation{"mlx_fleet_jobs_finished_total", L("status", "failed", "model", "unknown"), 1},
 		expectation{"mlx_fleet_jobs_finished_total", L("status", "completed", "model", "big"), 1},
 		expectation{"mlx_fleet_jobs_finished_total", L("status", "failed", "model", "tiny"), 1},
 		expectation{"mlx_fleet_jobs_finished_total", L("status", "failed", "model", ""), 1},
@@ -161,8 +175,8 @@ func TestFleetResults(t *testing.T) {
 		expectation{"mlx_fleet_job_tokens_per_second", L("model", "tiny"), 1},
 		expectation{"mlx_fleet_completion_tokens_total", L("model", "tiny"), 10},
 		expectation{"mlx_fleet_completion_tokens_total", L("model", "big"), 7},
-		expectation{"mlx_fleet_job_attempts", nil, 4}, // j5 never ran
-		expectation{"mlx_fleet_results_messages", nil, 5},
+		expectation{"mlx_fleet_job_attempts", nil, 5}, // j5 never ran
+		expectation{"mlx_fleet_results_messages", nil, 6},
 	)
 	mfs := s.families()
 	if _, ok := value(mfs, "mlx_fleet_job_errors_total", L("code", "attempts_exhausted")); ok {
