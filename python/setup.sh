@@ -29,7 +29,10 @@ if [ ! -x python/.venv/bin/python ]; then
   fi
   "$PYTHON" -m venv python/.venv
 fi
+echo "setup.sh: installing the MLX runtime and its pinned dependencies into python/.venv (first run, or after pyproject.toml changed) ..." >&2
+start=$(date +%s)
 python/.venv/bin/pip install --quiet --disable-pip-version-check -e 'python[test]'
+echo "setup.sh: runtime installed in $(( $(date +%s) - start )) s" >&2
 
 if [ "$(uname -s)" = Linux ]; then
   libmlx=$(python/.venv/bin/python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("mlx").submodule_search_locations[0]) / "lib" / "libmlx.so")')
