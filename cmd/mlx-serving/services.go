@@ -280,9 +280,9 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
   worker     %s   model %q
 Submit a job:
   go run ./cmd/mlx-serving submit --nats %s -m %s "Hello"
-  curl -s http://%s/v1/chat/completions -d '{"model":"%s","messages":[{"role":"user","content":"Hello"}]}'
+  curl -s http://%s/v1/chat/completions%s -d '{"model":"%s","messages":[{"role":"user","content":"Hello"}]}'
 Ctrl-C drains and stops.
-`, c.NATSURL, filepath.Join(c.DataDir, "jetstream"), c.SyncAlways, g.Addr(), w.ID(), modelID, c.NATSURL, modelID, g.Addr(), modelID)
+`, c.NATSURL, filepath.Join(c.DataDir, "jetstream"), c.SyncAlways, g.Addr(), w.ID(), modelID, c.NATSURL, modelID, g.Addr(), curlAuth(c), modelID)
 	}
 
 	var firstErr error
@@ -440,4 +440,14 @@ func startTracing(ctx context.Context, role string, c config.Config, log zerolog
 			log.Warn().Err(err).Msg("flushing traces")
 		}
 	}, nil
+}
+
+// curlAuth is the Authorization header the banner's curl line needs when the
+// gateway requires a bearer token: one of the configured tokens, named only by
+// a placeholder so the banner never prints a secret.
+func curlAuth(c config.Config) string {
+	if c.AuthTokens == "" {
+		return ""
+	}
+	return ` -H "Authorization: Bearer $TOKEN"`
 }
