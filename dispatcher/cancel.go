@@ -10,6 +10,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -66,6 +67,25 @@ func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 				once.Do(func() { close(caughtUp) })
 			}
 		}
+	}
+}
+
+// onCancelSighted is the fast path of a cancel for a running job: seen on the
+// subject (core NATS), before CANCELS has stored it, it is forwarded to the
+// job's worker at once, which saves the store and the consumer's hop while the
+// job keeps generating. Only that: the server's permissions let a producer
+// publish cancels of its own tenant only, and ending a job still happens
+// through its worker's record; everything else waits for the stored cancel.
+func (d *Dispatcher) onCancelSighted(m *nats.Msg) {
+	ref, reason, ok := decodeCancel(m.Subject, m.Data)
+	if !ok {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if j := d.jobs[ref.Key()]; j != nil && j.state == StateRunning && !j.cancelReq {
+		j.cancelReq = true
+		d.forwardCancel(j, reason)
 	}
 }
 

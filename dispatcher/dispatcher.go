@@ -237,6 +237,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	}
 	defer stopCancels()
 	for subj, h := range map[string]nats.MsgHandler{
+		bus.SubjectCancelAll:                      d.onCancelSighted,
 		bus.DoneForDispatcher(d.cfg.DispatcherID): d.onDone,
 		bus.SubjectAttemptAll:                     d.onAttemptReport,
 	} {
