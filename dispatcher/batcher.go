@@ -256,8 +256,8 @@ func (d *Dispatcher) assign(b *batch) {
 		d.log.Warn().Err(err).Str("worker_id", b.worker).Str("batch_id", b.id).Str("model", b.model).Int("jobs", len(b.jobs)).Msg("assignment failed")
 		for _, j := range b.jobs {
 			if mine(j) {
-				d.endDispatch(j, "assign_failed")
-				d.retryableFailure(j, schemas.ErrorInfo{Code: "assign_failed", Message: err.Error(), Retryable: true}, nil, 0)
+				d.endDispatch(j, schemas.CodeAssignFailed)
+				d.retryableFailure(j, schemas.ErrorInfo{Code: schemas.CodeAssignFailed, Message: err.Error(), Retryable: true}, nil, 0)
 			}
 		}
 	case reply.Status == schemas.AssignAccepted && w != nil && !w.hb.StartedAt.Equal(b.startedAt):
@@ -267,8 +267,8 @@ func (d *Dispatcher) assign(b *batch) {
 		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
 		for _, j := range b.jobs {
 			if mine(j) {
-				d.endDispatch(j, "worker_restarted")
-				d.retryableFailure(j, schemas.ErrorInfo{Code: "worker_restarted", Message: "the worker restarted after it accepted the job", Retryable: true}, nil, 0)
+				d.endDispatch(j, schemas.CodeWorkerRestarted)
+				d.retryableFailure(j, schemas.ErrorInfo{Code: schemas.CodeWorkerRestarted, Message: "the worker restarted after it accepted the job", Retryable: true}, nil, 0)
 			}
 		}
 	case reply.Status == schemas.AssignAccepted:
@@ -344,7 +344,7 @@ func (d *Dispatcher) deadLetterUnserved(model string, now time.Time) time.Time {
 			}
 			d.unqueue(j)
 			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, &schemas.ErrorInfo{
-				Code: "model_not_available", Message: fmt.Sprintf("no worker serves model %q", model)})
+				Code: schemas.CodeModelNotAvailable, Message: fmt.Sprintf("no worker serves model %q", model)})
 		}
 	}
 	return next

@@ -343,7 +343,7 @@ func (d *Dispatcher) tick(now time.Time) {
 		}
 		if (j.state == StateQueued && !j.intaking) || j.state == StateRetrying {
 			if j.req.Deadline != nil && now.After(*j.req.Deadline) {
-				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: "deadline_exceeded", Message: "deadline passed before the job ran"})
+				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed before the job ran"})
 			}
 		}
 	}

@@ -238,13 +238,13 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 		j.attempt = j.base + int(md.NumDelivered)
 		switch {
 		case invalid != nil:
-			d.finishByDispatcher(j, EvFailed, schemas.StatusFailed, &schemas.ErrorInfo{Code: "invalid_request", Message: invalid.Error()})
+			d.finishByDispatcher(j, EvFailed, schemas.StatusFailed, &schemas.ErrorInfo{Code: schemas.CodeInvalidRequest, Message: invalid.Error()})
 		case cancelled || j.cancelReq:
-			d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: "cancelled", Message: "cancelled while queued"})
+			d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: "cancelled while queued"})
 		case j.req.Deadline != nil && time.Now().After(*j.req.Deadline):
-			d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: "deadline_exceeded", Message: "deadline passed before the job ran"})
+			d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed before the job ran"})
 		case j.attempt-j.base > d.cfg.MaxAttempts:
-			j.lastErr = schemas.ErrorInfo{Code: "redelivered", Message: fmt.Sprintf("delivered %d times", md.NumDelivered)}
+			j.lastErr = schemas.ErrorInfo{Code: schemas.CodeRedelivered, Message: fmt.Sprintf("delivered %d times", md.NumDelivered)}
 			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, exhaustedError(j.attempt-1, j.lastErr))
 		case d.draining:
 			d.forget(j)

@@ -217,7 +217,7 @@ func (f *Fleet) observeResult(data []byte) {
 	}
 	if r.Error != nil && r.Error.Code != "" {
 		f.jobErrors.WithLabelValues(r.Error.Code).Inc()
-		if r.Error.Code == "invalid_request" {
+		if r.Error.Code == schemas.CodeInvalidRequest {
 			// A worker signs what it writes; the dispatcher does not.
 			source := "dispatcher"
 			if r.WorkerID != "" {
