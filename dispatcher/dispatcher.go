@@ -32,7 +32,7 @@ type Dispatcher struct {
 
 	jobsStream    jetstream.Stream
 	cancelsStream jetstream.Stream
-	consumers     [3]jetstream.Consumer
+	consumers     [schemas.NumPriorities]jetstream.Consumer
 	pullWRR       wrr // pull goroutine only
 
 	wakePull  chan struct{}
@@ -47,7 +47,7 @@ type Dispatcher struct {
 	started  bool
 	draining bool
 	jobs     map[string]*job
-	queues   [3][]*job // queued jobs by priority, sorted by stream sequence
+	queues   [schemas.NumPriorities][]*job // queued jobs by priority, sorted by stream sequence
 	retrying map[string]*job
 	// cancelled holds every stored cancel (job key → when seen), from CANCELS.
 	cancelled     map[string]time.Time

@@ -20,13 +20,18 @@ import (
 // subjects) is noticed.
 const pollEvery = 100 * time.Millisecond
 
+// priorityIndex is p's queue; an unknown or absent priority (the schema allows
+// absence) is normal's, like the producer's default.
 func priorityIndex(p string) int {
 	for i, q := range schemas.Priorities {
 		if q == p {
 			return i
 		}
 	}
-	return 1
+	if p != schemas.PriorityNormal {
+		return priorityIndex(schemas.PriorityNormal)
+	}
+	return 0 // unreachable while Priorities lists normal
 }
 
 func (d *Dispatcher) pullLoop(ctx context.Context) {
@@ -73,21 +78,24 @@ func (d *Dispatcher) credit() int {
 // pullOnce fetches up to credit jobs without blocking, split across priorities
 // by weighted round robin; what an empty priority leaves goes to the others.
 func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
-	var empty [3]bool
+	var empty [schemas.NumPriorities]bool
 	got := 0
 	for credit > 0 {
-		elig := [3]bool{!empty[0], !empty[1], !empty[2]}
-		if elig == [3]bool{} {
+		var elig [schemas.NumPriorities]bool
+		for p := range elig {
+			elig[p] = !empty[p]
+		}
+		if elig == [schemas.NumPriorities]bool{} {
 			break
 		}
-		var quota [3]int
+		var quota [schemas.NumPriorities]int
 		for range credit {
 			p := d.pullWRR.pick(elig)
 			d.pullWRR.commit(p, elig)
 			quota[p]++
 		}
 		progress := false
-		for p := range 3 {
+		for p := range schemas.NumPriorities {
 			if quota[p] == 0 {
 				continue
 			}
