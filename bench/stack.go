@@ -3,7 +3,6 @@ package bench
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -20,6 +19,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -201,16 +201,12 @@ func (s *stack) startWorker(ctx context.Context, o stackOptions) error {
 
 // waitWorker waits until the worker's registry entry says ready with the model.
 func (s *stack) waitWorker(ctx context.Context, model string) error {
-	kv, err := s.js.KeyValue(ctx, bus.BucketWorkers)
-	if err != nil {
+	if _, _, err := registry.Get(ctx, s.js, s.workerID); errors.Is(err, registry.ErrNoRegistry) {
 		return err
 	}
 	for {
-		if e, err := kv.Get(ctx, s.workerID); err == nil {
-			var hb schemas.HeartbeatMsg
-			if json.Unmarshal(e.Value(), &hb) == nil && hb.State == schemas.WorkerReady && slices.Contains(hb.Models, model) {
-				return nil
-			}
+		if hb, ok, _ := registry.Get(ctx, s.js, s.workerID); ok && hb.State == schemas.WorkerReady && slices.Contains(hb.Models, model) {
+			return nil
 		}
 		select {
 		case <-s.worker.done:
@@ -226,11 +222,7 @@ func (s *stack) waitWorker(ctx context.Context, model string) error {
 // the dispatcher has no capacity left.
 func (s *stack) stopWorker(ctx context.Context) {
 	s.worker.stop(30 * time.Second)
-	kv, err := s.js.KeyValue(ctx, bus.BucketWorkers)
-	if err != nil {
-		return
-	}
-	_ = kv.Delete(ctx, s.workerID)
+	_ = registry.Delete(ctx, s.js, s.workerID)
 }
 
 func (s *stack) close() {

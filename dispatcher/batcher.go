@@ -14,20 +14,20 @@ import (
 	"github.com/nats-io/nats.go"
 )
 
-// wrr is smooth weighted round robin over the three priorities: every pick adds
+// wrr is smooth weighted round robin over schemas.Priorities: every pick adds
 // each eligible priority's weight to its credit, takes the largest (ties to the
 // higher priority) and charges it the eligible total. Over any window where all
 // are eligible, priority i is picked weight_i/sum times, interleaved, so a lower
 // priority is never starved however deep the higher queues are.
 type wrr struct {
-	w   [3]int
-	cur [3]int
+	w   [schemas.NumPriorities]int
+	cur [schemas.NumPriorities]int
 }
 
 // pick says who is next without committing (the caller may not use it).
-func (r *wrr) pick(elig [3]bool) int {
+func (r *wrr) pick(elig [schemas.NumPriorities]bool) int {
 	best, bestC := -1, 0
-	for i := range 3 {
+	for i := range schemas.NumPriorities {
 		if !elig[i] {
 			continue
 		}
@@ -38,9 +38,9 @@ func (r *wrr) pick(elig [3]bool) int {
 	return best
 }
 
-func (r *wrr) commit(p int, elig [3]bool) {
+func (r *wrr) commit(p int, elig [schemas.NumPriorities]bool) {
 	total := 0
-	for i := range 3 {
+	for i := range schemas.NumPriorities {
 		if elig[i] {
 			r.cur[i] += r.w[i]
 			total += r.w[i]
@@ -116,9 +116,9 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 
 	skip := map[string]bool{} // models that cannot go out in this pass
 	for {
-		var heads [3]*job
-		var elig [3]bool
-		for p := range 3 {
+		var heads [schemas.NumPriorities]*job
+		var elig [schemas.NumPriorities]bool
+		for p := range schemas.NumPriorities {
 			for _, j := range d.queues[p] {
 				if !skip[j.req.Model] {
 					heads[p], elig[p] = j, true
@@ -142,7 +142,7 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 		size := min(d.cfg.MaxBatch, w.free())
 		var members []*job
 		oldest := now
-		for q := range 3 {
+		for q := range schemas.NumPriorities {
 			for _, j := range d.queues[q] {
 				if j.req.Model == model {
 					members = append(members, j)
@@ -256,8 +256,8 @@ func (d *Dispatcher) assign(b *batch) {
 		d.log.Warn().Err(err).Str("worker_id", b.worker).Str("batch_id", b.id).Str("model", b.model).Int("jobs", len(b.jobs)).Msg("assignment failed")
 		for _, j := range b.jobs {
 			if mine(j) {
-				d.endDispatch(j, "assign_failed")
-				d.retryableFailure(j, schemas.ErrorInfo{Code: "assign_failed", Message: err.Error(), Retryable: true}, nil, 0)
+				d.endDispatch(j, schemas.CodeAssignFailed)
+				d.retryableFailure(j, schemas.ErrorInfo{Code: schemas.CodeAssignFailed, Message: err.Error(), Retryable: true}, nil, 0)
 			}
 		}
 	case reply.Status == schemas.AssignAccepted && w != nil && !w.hb.StartedAt.Equal(b.startedAt):
@@ -267,8 +267,8 @@ func (d *Dispatcher) assign(b *batch) {
 		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
 		for _, j := range b.jobs {
 			if mine(j) {
-				d.endDispatch(j, "worker_restarted")
-				d.retryableFailure(j, schemas.ErrorInfo{Code: "worker_restarted", Message: "the worker restarted after it accepted the job", Retryable: true}, nil, 0)
+				d.endDispatch(j, schemas.CodeWorkerRestarted)
+				d.retryableFailure(j, schemas.ErrorInfo{Code: schemas.CodeWorkerRestarted, Message: "the worker restarted after it accepted the job", Retryable: true}, nil, 0)
 			}
 		}
 	case reply.Status == schemas.AssignAccepted:
@@ -331,7 +331,7 @@ func (d *Dispatcher) modelUnserved(model string, now time.Time) bool {
 // Callers hold d.mu.
 func (d *Dispatcher) deadLetterUnserved(model string, now time.Time) time.Time {
 	var next time.Time
-	for q := range 3 {
+	for q := range schemas.NumPriorities {
 		for _, j := range slices.Clone(d.queues[q]) {
 			if j.req.Model != model {
 				continue
@@ -344,7 +344,7 @@ func (d *Dispatcher) deadLetterUnserved(model string, now time.Time) time.Time {
 			}
 			d.unqueue(j)
 			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, &schemas.ErrorInfo{
-				Code: "model_not_available", Message: fmt.Sprintf("no worker serves model %q", model)})
+				Code: schemas.CodeModelNotAvailable, Message: fmt.Sprintf("no worker serves model %q", model)})
 		}
 	}
 	return next

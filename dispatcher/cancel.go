@@ -132,7 +132,7 @@ func (d *Dispatcher) onCancel(subject string, data []byte, live bool) {
 		j.cancelReq = true
 		switch {
 		case (j.state == StateQueued && !j.intaking) || j.state == StateRetrying:
-			d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: "cancelled", Message: reason})
+			d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: reason})
 		case j.state == StateRunning:
 			d.forwardCancel(j, reason)
 		}
@@ -177,7 +177,7 @@ func (d *Dispatcher) cancelInStream(ctx context.Context, ref bus.JobRef, reason 
 		var req schemas.JobRequest
 		_ = json.Unmarshal(raw.Data, &req)
 		res := &schemas.ResultMsg{Type: "result", JobID: ref.ID, Attempt: 0, Status: schemas.StatusCancelled, FinishReason: "cancelled",
-			Error: &schemas.ErrorInfo{Code: "cancelled", Message: reason}, Model: req.Model, Tenant: recordTenant(ref.Tenant), FinishedAt: time.Now().UTC()}
+			Error: &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: reason}, Model: req.Model, Tenant: recordTenant(ref.Tenant), FinishedAt: time.Now().UTC()}
 		j := &job{id: ref.ID, tenant: ref.Tenant, req: req}
 		// Stored, then removed: deleting first would lose the job to a crash
 		// in between. A dispatcher that holds it meanwhile sees the record.

@@ -6,7 +6,15 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
 )
+
+// DefaultWeights are the weights of schemas.Priorities (high, normal, low): over
+// a busy stretch high gets 4/7 of the picks, low 1/7 and is never starved. A
+// priority added to schemas.Priorities needs its weight here; left out it is 0,
+// and Config refuses it ("Weights must all be positive") so no dispatcher starts.
+var DefaultWeights = [schemas.NumPriorities]int{4, 2, 1}
 
 // Config configures a Dispatcher. Zero values take the defaults noted.
 type Config struct {
@@ -48,8 +56,9 @@ type Config struct {
 	// (default 3) for BreakerCooldown (default 5 s), then one probe is let through.
 	BreakerThreshold int
 	BreakerCooldown  time.Duration
-	// Weights of high, normal and low for weighted fair selection (default 4, 2, 1).
-	Weights [3]int
+	// Weights of schemas.Priorities (high, normal, low) for weighted fair
+	// selection; DefaultWeights when all zero.
+	Weights [schemas.NumPriorities]int
 	// DrainTimeout bounds how long Run, once its context is cancelled, keeps
 	// in-progress-acking jobs running on workers so their terminal state is
 	// acked by this process (default AckWait). Zero-or-negative after defaults
@@ -101,8 +110,8 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	defInt(&c.BreakerThreshold, 3)
 	def(&c.BreakerCooldown, 5*time.Second)
-	if c.Weights == [3]int{} {
-		c.Weights = [3]int{4, 2, 1}
+	if c.Weights == [schemas.NumPriorities]int{} {
+		c.Weights = DefaultWeights
 	}
 	for i := range c.Weights {
 		if c.Weights[i] <= 0 {

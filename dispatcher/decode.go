@@ -49,7 +49,7 @@ func decodeJob(ref bus.JobRef, data []byte) (req schemas.JobRequest, invalid err
 // rawDeadLetter is the dead letter of a message on JOBS that can be no job.
 func rawDeadLetter(subject string, data []byte, dispatcherID string, now time.Time) schemas.DLQRecordMsg {
 	reason := clip("subject "+strconv.Quote(subject)+" is not mlx.jobs.<tenant>.<priority>.<job-id> with a valid tenant, priority and id", maxErrorMessage)
-	rec := schemas.DLQRecordMsg{Reason: "not_a_job", LastError: schemas.ErrorInfo{Code: "not_a_job", Message: reason},
+	rec := schemas.DLQRecordMsg{Reason: schemas.CodeNotAJob, LastError: schemas.ErrorInfo{Code: schemas.CodeNotAJob, Message: reason},
 		DeadAt: now, RawSubject: clip(subject, 4096), RawData: base64.StdEncoding.EncodeToString(data)}
 	if bus.ValidID(dispatcherID) {
 		rec.DispatcherID = dispatcherID

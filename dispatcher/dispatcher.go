@@ -32,7 +32,7 @@ type Dispatcher struct {
 
 	jobsStream    jetstream.Stream
 	cancelsStream jetstream.Stream
-	consumers     [3]jetstream.Consumer
+	consumers     [schemas.NumPriorities]jetstream.Consumer
 	pullWRR       wrr // pull goroutine only
 
 	wakePull  chan struct{}
@@ -47,7 +47,7 @@ type Dispatcher struct {
 	started  bool
 	draining bool
 	jobs     map[string]*job
-	queues   [3][]*job // queued jobs by priority, sorted by stream sequence
+	queues   [schemas.NumPriorities][]*job // queued jobs by priority, sorted by stream sequence
 	retrying map[string]*job
 	// cancelled holds every stored cancel (job key → when seen), from CANCELS.
 	cancelled     map[string]time.Time
@@ -344,7 +344,7 @@ func (d *Dispatcher) tick(now time.Time) {
 		}
 		if (j.state == StateQueued && !j.intaking) || j.state == StateRetrying {
 			if j.req.Deadline != nil && now.After(*j.req.Deadline) {
-				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: "deadline_exceeded", Message: "deadline passed before the job ran"})
+				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed before the job ran"})
 			}
 		}
 	}

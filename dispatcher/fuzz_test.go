@@ -61,7 +61,7 @@ func FuzzIntake(f *testing.F) {
 			return
 		}
 		j := &job{id: ref.ID, tenant: ref.Tenant, req: req, attempt: 1}
-		res := terminalRecord(j, EvFailed, schemas.StatusFailed, &schemas.ErrorInfo{Code: "invalid_request", Message: invalid.Error()}, now)
+		res := terminalRecord(j, EvFailed, schemas.StatusFailed, &schemas.ErrorInfo{Code: schemas.CodeInvalidRequest, Message: invalid.Error()}, now)
 		raw, _ := json.Marshal(res)
 		if err := schemas.Validate(schemas.Result, raw); err != nil {
 			t.Fatalf("failure record of %q breaks the result schema: %v\n%s", subject, err, raw)

@@ -20,13 +20,18 @@ import (
 // subjects) is noticed.
 const pollEvery = 100 * time.Millisecond
 
+// priorityIndex is p's queue; an unknown or absent priority (the schema allows
+// absence) is normal's, like the producer's default.
 func priorityIndex(p string) int {
 	for i, q := range schemas.Priorities {
 		if q == p {
 			return i
 		}
 	}
-	return 1
+	if p != schemas.PriorityNormal {
+		return priorityIndex(schemas.PriorityNormal)
+	}
+	return 0 // unreachable while Priorities lists normal
 }
 
 func (d *Dispatcher) pullLoop(ctx context.Context) {
@@ -73,21 +78,24 @@ func (d *Dispatcher) credit() int {
 // pullOnce fetches up to credit jobs without blocking, split across priorities
 // by weighted round robin; what an empty priority leaves goes to the others.
 func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
-	var empty [3]bool
+	var empty [schemas.NumPriorities]bool
 	got := 0
 	for credit > 0 {
-		elig := [3]bool{!empty[0], !empty[1], !empty[2]}
-		if elig == [3]bool{} {
+		var elig [schemas.NumPriorities]bool
+		for p := range elig {
+			elig[p] = !empty[p]
+		}
+		if elig == [schemas.NumPriorities]bool{} {
 			break
 		}
-		var quota [3]int
+		var quota [schemas.NumPriorities]int
 		for range credit {
 			p := d.pullWRR.pick(elig)
 			d.pullWRR.commit(p, elig)
 			quota[p]++
 		}
 		progress := false
-		for p := range 3 {
+		for p := range schemas.NumPriorities {
 			if quota[p] == 0 {
 				continue
 			}
@@ -238,13 +246,13 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 		j.attempt = j.base + int(md.NumDelivered)
 		switch {
 		case invalid != nil:
-			d.finishByDispatcher(j, EvFailed, schemas.StatusFailed, &schemas.ErrorInfo{Code: "invalid_request", Message: invalid.Error()})
+			d.finishByDispatcher(j, EvFailed, schemas.StatusFailed, &schemas.ErrorInfo{Code: schemas.CodeInvalidRequest, Message: invalid.Error()})
 		case cancelled || j.cancelReq:
-			d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: "cancelled", Message: "cancelled while queued"})
+			d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: "cancelled while queued"})
 		case j.req.Deadline != nil && time.Now().After(*j.req.Deadline):
-			d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: "deadline_exceeded", Message: "deadline passed before the job ran"})
+			d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed before the job ran"})
 		case j.attempt-j.base > d.cfg.MaxAttempts:
-			j.lastErr = schemas.ErrorInfo{Code: "redelivered", Message: fmt.Sprintf("delivered %d times", md.NumDelivered)}
+			j.lastErr = schemas.ErrorInfo{Code: schemas.CodeRedelivered, Message: fmt.Sprintf("delivered %d times", md.NumDelivered)}
 			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, exhaustedError(j.attempt-1, j.lastErr))
 		case d.draining:
 			d.forget(j)

@@ -100,7 +100,7 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 	d.jobLog(d.log.Warn(), j).Str("code", info.Code).Msg("attempt failed")
 	switch {
 	case j.cancelReq:
-		d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: "cancelled", Message: "cancelled while retrying"})
+		d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: "cancelled while retrying"})
 	case j.attempt-j.base >= d.cfg.MaxAttempts:
 		d.finishByDispatcher(j, EvExhausted, schemas.StatusFailed, exhaustedError(j.attempt, info))
 	case d.draining:
@@ -126,7 +126,7 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 }
 
 func exhaustedError(attempts int, last schemas.ErrorInfo) *schemas.ErrorInfo {
-	return &schemas.ErrorInfo{Code: "attempts_exhausted", Message: fmt.Sprintf("gave up after %d attempts; last error %s: %s", attempts, last.Code, last.Message)}
+	return &schemas.ErrorInfo{Code: schemas.CodeAttemptsExhausted, Message: fmt.Sprintf("gave up after %d attempts; last error %s: %s", attempts, last.Code, last.Message)}
 }
 
 // onReply accumulates what the caller receives during the current attempt of j,

@@ -178,7 +178,7 @@ func (d *Dispatcher) heartbeat(id string, hb schemas.HeartbeatMsg, created time.
 func (d *Dispatcher) workerRestarted(w *workerView, startedAt time.Time) {
 	d.metrics.WorkersRestarted.Add(1)
 	d.log.Warn().Str("worker_id", w.id).Time("started_at", startedAt).Msg("worker restarted; its earlier process's jobs are lost")
-	d.retryJobsOn(w.id, schemas.ErrorInfo{Code: "worker_restarted", Message: "the worker restarted while the job ran", Retryable: true}, StateRunning)
+	d.retryJobsOn(w.id, schemas.ErrorInfo{Code: schemas.CodeWorkerRestarted, Message: "the worker restarted while the job ran", Retryable: true}, StateRunning)
 	w.freed = nil
 }
 
@@ -192,7 +192,7 @@ func (d *Dispatcher) workerLost(id, why string) {
 	w.lost = true
 	d.metrics.WorkersLost.Add(1)
 	d.log.Warn().Str("worker_id", id).Str("why", why).Msg("worker lost")
-	d.retryJobsOn(id, schemas.ErrorInfo{Code: "worker_lost", Message: why, Retryable: true}, StateRunning, StateDispatched)
+	d.retryJobsOn(id, schemas.ErrorInfo{Code: schemas.CodeWorkerLost, Message: why, Retryable: true}, StateRunning, StateDispatched)
 	w.freed = nil
 }
 

@@ -119,7 +119,7 @@ func (d *Dispatcher) finishWith(j *job, e Event, res *schemas.ResultMsg, done fu
 	var dlq *schemas.DLQRecordMsg
 	switch e {
 	case EvExhausted:
-		dlq = &schemas.DLQRecordMsg{Job: j.req, Reason: "attempts_exhausted", Attempts: j.attempt, LastError: j.lastErr, DeadAt: res.FinishedAt, DispatcherID: d.cfg.DispatcherID}
+		dlq = &schemas.DLQRecordMsg{Job: j.req, Reason: schemas.CodeAttemptsExhausted, Attempts: j.attempt, LastError: j.lastErr, DeadAt: res.FinishedAt, DispatcherID: d.cfg.DispatcherID}
 	case EvDeadLetter:
 		dlq = &schemas.DLQRecordMsg{Job: j.req, Reason: res.Error.Code, Attempts: res.Attempt, LastError: *res.Error, DeadAt: res.FinishedAt, DispatcherID: d.cfg.DispatcherID}
 	}

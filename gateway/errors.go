@@ -98,7 +98,7 @@ func errQueueFull(retryAfter time.Duration) *apiError {
 // errModelUnavailable: a worker announced the model recently, but none has it
 // ready now; 503, so clients retry while it comes back.
 func errModelUnavailable(model string) *apiError {
-	return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Param: "model", Code: "model_not_available",
+	return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Param: "model", Code: schemas.CodeModelNotAvailable,
 		Message: fmt.Sprintf("No ready worker serves the model %q.", model)}
 }
 
@@ -110,7 +110,7 @@ func errModelNotFound(model string) *apiError {
 }
 
 func errTimeout() *apiError {
-	return &apiError{Status: http.StatusGatewayTimeout, Type: typeTimeout, Code: "deadline_exceeded",
+	return &apiError{Status: http.StatusGatewayTimeout, Type: typeTimeout, Code: schemas.CodeDeadlineExceeded,
 		Message: "The request did not finish before its deadline."}
 }
 
@@ -241,31 +241,12 @@ func fromResult(res *schemas.ResultMsg) *apiError {
 		if msg == "" {
 			msg = "The job was cancelled."
 		}
-		return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: "cancelled", Message: msg}
+		return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: schemas.CodeCancelled, Message: msg}
 	}
 	if msg == "" {
 		msg = "The job failed."
 	}
-	switch code {
-	case "invalid_request", "invalid_params", "invalid_schema", "json_schema_unsupported":
-		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: code, Message: msg}
-	case "context_exceeded", "context_length_exceeded":
-		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Code: "context_length_exceeded", Message: msg}
-	case "deadline_exceeded", "expired":
-		e := errTimeout()
-		e.Message = msg
-		return e
-	case "model_not_found":
-		e := errModelNotFound("")
-		e.Message = msg
-		return e
-	case "model_not_loaded", "model_load_failed", "model_not_available", "no_worker":
-		return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: code, Message: msg}
-	}
-	if code == "" {
-		code = "job_failed"
-	}
-	return &apiError{Status: http.StatusInternalServerError, Type: typeServer, Code: code, Message: msg}
+	return answerFor(code, msg)
 }
 
 // errStreamDiverged ends a stream whose client holds text that is not the start of

@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -12,7 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	fleetreg "github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -107,51 +106,31 @@ func (r *registry) status(ctx context.Context, model string) (modelStatus, error
 	return modelUnknown, nil
 }
 
-// readRegistry reads every heartbeat in the bucket once. announced lists the
+// readRegistry reads every heartbeat in the registry once. announced lists the
 // models of every heartbeat, whatever its worker's state.
 func readRegistry(ctx context.Context, js jetstream.JetStream) (view *fleetView, announced []string, err error) {
 	view = &fleetView{ready: map[string]time.Time{}}
-	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
-	if errors.Is(err, jetstream.ErrBucketNotFound) {
+	hbs, err := fleetreg.Snapshot(ctx, js)
+	if errors.Is(err, fleetreg.ErrNoRegistry) {
 		return view, nil, nil // no worker ever registered
 	}
 	if err != nil {
-		return nil, nil, fmt.Errorf("worker registry: %w", err)
+		return nil, nil, err
 	}
-	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
-	if err != nil {
-		return nil, nil, fmt.Errorf("worker registry: %w", err)
-	}
-	defer func() { _ = w.Stop() }()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil, nil, fmt.Errorf("worker registry: %w", ctx.Err())
-		case e, ok := <-w.Updates():
-			if !ok {
-				return nil, nil, errors.New("worker registry: watcher closed")
-			}
-			if e == nil {
-				// The watcher marks the end of the current values with nil.
-				return view, announced, nil
-			}
-			var hb schemas.HeartbeatMsg
-			if err := json.Unmarshal(e.Value(), &hb); err != nil {
-				continue
-			}
-			view.workers++
-			announced = append(announced, hb.Models...)
-			if hb.State != schemas.WorkerReady || len(hb.Models) == 0 {
-				continue
-			}
-			view.serving++
-			for _, m := range hb.Models {
-				if t, seen := view.ready[m]; !seen || hb.StartedAt.Before(t) {
-					view.ready[m] = hb.StartedAt
-				}
+	for _, hb := range hbs {
+		view.workers++
+		announced = append(announced, hb.Models...)
+		if hb.State != schemas.WorkerReady || len(hb.Models) == 0 {
+			continue
+		}
+		view.serving++
+		for _, m := range hb.Models {
+			if t, seen := view.ready[m]; !seen || hb.StartedAt.Before(t) {
+				view.ready[m] = hb.StartedAt
 			}
 		}
 	}
+	return view, announced, nil
 }
 
 type modelObject struct {

@@ -55,15 +55,3 @@ func setRegistry(g *Gateway, ttl, grace time.Duration) {
 	defer g.registry.mu.Unlock()
 	g.registry.ttl, g.registry.grace = ttl, grace
 }
-
-// A job the fleet ends with model_not_found is 404 like the gateway's own refusal.
-// Mutation caught: fromResult without its model_not_found case answers 500.
-func TestFleetModelNotFoundIs404(t *testing.T) {
-	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
-	startFakeWorker(t, tb, script{status: schemas.StatusFailed, errCode: "model_not_found"})
-	_, srv := newTestGateway(t, tb, nil)
-	for _, stream := range []bool{false, true} {
-		expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil)), http.StatusNotFound, "model", "model_not_found")
-	}
-}

@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -217,7 +218,7 @@ func (f *Fleet) observeResult(data []byte) {
 	}
 	if r.Error != nil && r.Error.Code != "" {
 		f.jobErrors.WithLabelValues(r.Error.Code).Inc()
-		if r.Error.Code == "invalid_request" {
+		if r.Error.Code == schemas.CodeInvalidRequest {
 			// A worker signs what it writes; the dispatcher does not.
 			source := "dispatcher"
 			if r.WorkerID != "" {
@@ -359,25 +360,8 @@ func (f *Fleet) streamMsgs(ctx context.Context, name string, keep func(error)) (
 	return info.State.Msgs, true
 }
 
+// heartbeats is the registry now; a missing bucket is an error here (the fleet
+// was not provisioned), unlike in the gateway.
 func (f *Fleet) heartbeats(ctx context.Context) ([]schemas.HeartbeatMsg, error) {
-	kv, err := f.js.KeyValue(ctx, bus.BucketWorkers)
-	if err != nil {
-		return nil, fmt.Errorf("bucket %s: %w", bus.BucketWorkers, err)
-	}
-	keys, err := kv.Keys(ctx)
-	if err != nil && !errors.Is(err, jetstream.ErrNoKeysFound) {
-		return nil, fmt.Errorf("bucket %s keys: %w", bus.BucketWorkers, err)
-	}
-	out := []schemas.HeartbeatMsg{}
-	for _, k := range keys {
-		e, err := kv.Get(ctx, k)
-		if err != nil {
-			continue // expired between Keys and Get
-		}
-		var hb schemas.HeartbeatMsg
-		if json.Unmarshal(e.Value(), &hb) == nil && hb.WorkerID != "" {
-			out = append(out, hb)
-		}
-	}
-	return out, nil
+	return registry.Snapshot(ctx, f.js)
 }

@@ -5,20 +5,20 @@ import "testing"
 func TestRPCErrorStableCode(t *testing.T) {
 	t.Parallel()
 	byNumber := map[int]string{
-		RPCParseError:       RuntimeCodeParseError,
-		RPCInvalidRequest:   RuntimeCodeInvalidRequest,
-		RPCMethodNotFound:   RuntimeCodeMethodNotFound,
-		RPCInvalidParams:    RuntimeCodeInvalidParams,
-		RPCModelNotLoaded:   RuntimeCodeModelNotLoaded,
-		RPCModelLoadFailed:  RuntimeCodeModelLoadFailed,
-		RPCContextExceeded:  RuntimeCodeContextExceeded,
-		RPCGenerationFailed: RuntimeCodeGenerationFailed,
-		RPCOutOfMemory:      RuntimeCodeOutOfMemory,
-		RPCDuplicateRequest: RuntimeCodeDuplicateRequest,
-		RPCInvalidSchema:    RuntimeCodeInvalidSchema,
-		RPCShuttingDown:     RuntimeCodeShuttingDown,
-		-32099:              "runtime_error",
-		0:                   "runtime_error",
+		RPCParseError:       CodeParseError,
+		RPCInvalidRequest:   CodeInvalidRequest,
+		RPCMethodNotFound:   CodeMethodNotFound,
+		RPCInvalidParams:    CodeInvalidParams,
+		RPCModelNotLoaded:   CodeModelNotLoaded,
+		RPCModelLoadFailed:  CodeModelLoadFailed,
+		RPCContextExceeded:  CodeContextExceeded,
+		RPCGenerationFailed: CodeGenerationFailed,
+		RPCOutOfMemory:      CodeOutOfMemory,
+		RPCDuplicateRequest: CodeDuplicateRequest,
+		RPCInvalidSchema:    CodeInvalidSchema,
+		RPCShuttingDown:     CodeShuttingDown,
+		-32099:              CodeRuntimeError,
+		0:                   CodeRuntimeError,
 	}
 	seen := map[string]bool{}
 	for n, want := range byNumber {
@@ -28,14 +28,14 @@ func TestRPCErrorStableCode(t *testing.T) {
 				t.Errorf("RPCError{Code: %d, Data: %v}.StableCode() = %q, want %q", n, e.Data, got, want)
 			}
 		}
-		if want != "runtime_error" && seen[want] {
+		if want != CodeRuntimeError && seen[want] {
 			t.Errorf("two numbers map to %q", want)
 		}
 		seen[want] = true
 	}
 	// data.code is more specific than the number (too_many_models under model_load_failed).
-	e := &RPCError{Code: RPCModelLoadFailed, Data: &RPCErrorData{Code: RuntimeCodeTooManyModels}}
-	if got := e.StableCode(); got != RuntimeCodeTooManyModels {
-		t.Errorf("StableCode() = %q, want %q", got, RuntimeCodeTooManyModels)
+	e := &RPCError{Code: RPCModelLoadFailed, Data: &RPCErrorData{Code: CodeTooManyModels}}
+	if got := e.StableCode(); got != CodeTooManyModels {
+		t.Errorf("StableCode() = %q, want %q", got, CodeTooManyModels)
 	}
 }

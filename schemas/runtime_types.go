@@ -48,7 +48,7 @@ const (
 )
 
 // JSON-RPC error codes the runtime answers with; RPCErrorData.Code carries the
-// stable string code next to each.
+// stable string code next to each (codes/errors.json lists both; see codes.go).
 const (
 	RPCParseError       = -32700 // parse_error
 	RPCInvalidRequest   = -32600 // invalid_request
@@ -62,23 +62,6 @@ const (
 	RPCDuplicateRequest = -32006 // duplicate_request
 	RPCInvalidSchema    = -32007 // invalid_schema
 	RPCShuttingDown     = -32008 // shutting_down
-)
-
-// Stable string codes of runtime errors (RPCErrorData.Code).
-const (
-	RuntimeCodeParseError       = "parse_error"
-	RuntimeCodeInvalidRequest   = "invalid_request"
-	RuntimeCodeMethodNotFound   = "method_not_found"
-	RuntimeCodeInvalidParams    = "invalid_params"
-	RuntimeCodeModelNotLoaded   = "model_not_loaded"
-	RuntimeCodeModelLoadFailed  = "model_load_failed"
-	RuntimeCodeTooManyModels    = "too_many_models"
-	RuntimeCodeContextExceeded  = "context_exceeded"
-	RuntimeCodeGenerationFailed = "generation_failed"
-	RuntimeCodeOutOfMemory      = "out_of_memory"
-	RuntimeCodeDuplicateRequest = "duplicate_request"
-	RuntimeCodeInvalidSchema    = "invalid_schema"
-	RuntimeCodeShuttingDown     = "shutting_down"
 )
 
 // Finish reasons of a generate.
@@ -124,31 +107,31 @@ func (e *RPCError) StableCode() string {
 	}
 	switch e.Code {
 	case RPCParseError:
-		return RuntimeCodeParseError
+		return CodeParseError
 	case RPCInvalidRequest:
-		return RuntimeCodeInvalidRequest
+		return CodeInvalidRequest
 	case RPCMethodNotFound:
-		return RuntimeCodeMethodNotFound
+		return CodeMethodNotFound
 	case RPCInvalidParams:
-		return RuntimeCodeInvalidParams
+		return CodeInvalidParams
 	case RPCModelNotLoaded:
-		return RuntimeCodeModelNotLoaded
+		return CodeModelNotLoaded
 	case RPCModelLoadFailed:
-		return RuntimeCodeModelLoadFailed
+		return CodeModelLoadFailed
 	case RPCContextExceeded:
-		return RuntimeCodeContextExceeded
+		return CodeContextExceeded
 	case RPCGenerationFailed:
-		return RuntimeCodeGenerationFailed
+		return CodeGenerationFailed
 	case RPCOutOfMemory:
-		return RuntimeCodeOutOfMemory
+		return CodeOutOfMemory
 	case RPCDuplicateRequest:
-		return RuntimeCodeDuplicateRequest
+		return CodeDuplicateRequest
 	case RPCInvalidSchema:
-		return RuntimeCodeInvalidSchema
+		return CodeInvalidSchema
 	case RPCShuttingDown:
-		return RuntimeCodeShuttingDown
+		return CodeShuttingDown
 	}
-	return "runtime_error"
+	return CodeRuntimeError
 }
 
 // RPCResponse is the response envelope (schema "runtime.response"): exactly one of

@@ -67,12 +67,12 @@ func (e *ValidationError) Is(target error) bool { return target == ErrInvalid }
 func Code(t Type) string {
 	switch t {
 	case Job, Cancel:
-		return "invalid_request"
+		return CodeInvalidRequest
 	}
 	if strings.HasPrefix(string(t), "runtime.") {
-		return "invalid_params"
+		return CodeInvalidParams
 	}
-	return "invalid_message"
+	return CodeInvalidMessage
 }
 
 var (

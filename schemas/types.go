@@ -23,8 +23,15 @@ const (
 	PriorityLow    = "low"
 )
 
-// Priorities lists the levels from highest to lowest.
+// Priorities lists the levels from highest to lowest; index i is the dispatcher's
+// queue i. Adding a level touches two files: this one (the constant, this list,
+// NumPriorities; job.json's "priority" enum lives beside it and a test keeps it
+// equal) and dispatcher/config.go (its default weight; a missing one fails
+// Config validation at start-up). Everything else is sized by NumPriorities.
 var Priorities = []string{PriorityHigh, PriorityNormal, PriorityLow}
+
+// NumPriorities is len(Priorities) as a constant, for arrays indexed by priority.
+const NumPriorities = 3
 
 // Message is one chat message.
 type Message struct {

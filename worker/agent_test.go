@@ -102,7 +102,7 @@ func TestE2EJobStreamsTokensAndRecordsOneResult(t *testing.T) {
 	// A model this worker does not have: rejected, nothing runs.
 	other := newJob("x", 5)
 	other.Model = "other"
-	if rep := assign(t, b.nc, a.ID(), batch("other", other)); rep.Status != schemas.AssignRejected || rep.Error == nil || rep.Error.Code != CodeModelNotLoaded {
+	if rep := assign(t, b.nc, a.ID(), batch("other", other)); rep.Status != schemas.AssignRejected || rep.Error == nil || rep.Error.Code != schemas.CodeModelNotLoaded {
 		t.Fatalf("unknown model: %+v", rep)
 	}
 }
@@ -250,7 +250,7 @@ func TestE2EDeadlineExpires(t *testing.T) {
 	}
 	r := c.untilResult(ctx)
 	c.checkStream("")
-	if r.Status != schemas.StatusExpired || r.Error == nil || r.Error.Code != CodeDeadlineExceeded || time.Now().Before(dl) {
+	if r.Status != schemas.StatusExpired || r.Error == nil || r.Error.Code != schemas.CodeDeadlineExceeded || time.Now().Before(dl) {
 		t.Fatalf("expired result %+v", r)
 	}
 	if got := fetchResult(t, b.js, j.ID); got.Status != schemas.StatusExpired {
@@ -329,7 +329,7 @@ func TestE2ERuntimeKilledMidStream(t *testing.T) {
 	for _, ev := range c.tokens {
 		sent.WriteString(ev.Delta)
 	}
-	if rep.Error.Code != CodeRuntimeCrashed || !rep.Error.Retryable || rep.JobID != j.ID || rep.Attempt != 1 || rep.WorkerID != "w-crash" ||
+	if rep.Error.Code != schemas.CodeRuntimeCrashed || !rep.Error.Retryable || rep.JobID != j.ID || rep.Attempt != 1 || rep.WorkerID != "w-crash" ||
 		rep.Seq != len(c.tokens) || rep.Text != sent.String() || rep.CompletionTokens < len(c.tokens) {
 		t.Fatalf("attempt report %+v after %d tokens %q", rep, len(c.tokens), sent.String())
 	}
@@ -371,7 +371,7 @@ func TestE2EBreakerOpensAndWorkerIsUnavailable(t *testing.T) {
 		t.Fatalf("unavailable worker lists models %v", hb.Models)
 	}
 	j := newJob("x", 5)
-	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignRejected || rep.Error == nil || rep.Error.Code != CodeRuntimeDown {
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignRejected || rep.Error == nil || rep.Error.Code != schemas.CodeRuntimeDown {
 		t.Fatalf("assignment to an unavailable worker: %+v", rep)
 	}
 	if a.State() != StateUnavailable {
@@ -398,7 +398,7 @@ func TestE2EDrainFinishesRunningWork(t *testing.T) {
 	go func() { drained <- a.Drain(ctx) }()
 
 	waitHeartbeat(t, b.kv, "w-drain", 5*time.Second, func(h *schemas.HeartbeatMsg) bool { return h.State == schemas.WorkerDraining })
-	if rep := assign(t, b.nc, a.ID(), batch("tiny", newJob("new", 5))); rep.Status != schemas.AssignRejected || rep.Error.Code != CodeWorkerDraining {
+	if rep := assign(t, b.nc, a.ID(), batch("tiny", newJob("new", 5))); rep.Status != schemas.AssignRejected || rep.Error.Code != schemas.CodeWorkerDraining {
 		t.Fatalf("assignment while draining: %+v", rep)
 	}
 	r := c.untilResult(ctx)

@@ -12,13 +12,6 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-// Error codes of a rejected assignment.
-const (
-	CodeWorkerDraining = "worker_draining"
-	CodeModelNotLoaded = "model_not_loaded"
-	CodeInvalidMessage = "invalid_message"
-)
-
 // rawAssignment keeps each job's bytes, so every job is validated against the job
 // schema on its own: one bad job fails alone instead of sinking the batch.
 type rawAssignment struct {
@@ -51,7 +44,7 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 	if err := json.Unmarshal(msg.Data, &in); err != nil {
 		a.replyAssign(msg, &schemas.AssignmentReplyMsg{
 			Status: schemas.AssignRejected,
-			Error:  &schemas.ErrorInfo{Code: CodeInvalidMessage, Message: "assignment is not valid JSON: " + err.Error()},
+			Error:  &schemas.ErrorInfo{Code: schemas.CodeInvalidMessage, Message: "assignment is not valid JSON: " + err.Error()},
 		}, 0)
 		return
 	}
@@ -84,13 +77,13 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 	switch {
 	case st == StateDraining || st == StateStopped:
 		out.Status = schemas.AssignRejected
-		out.Error = &schemas.ErrorInfo{Code: CodeWorkerDraining, Message: "worker is draining", Retryable: true}
+		out.Error = &schemas.ErrorInfo{Code: schemas.CodeWorkerDraining, Message: "worker is draining", Retryable: true}
 	case st != StateReady && st != StateBusy:
 		out.Status = schemas.AssignRejected
-		out.Error = &schemas.ErrorInfo{Code: CodeRuntimeDown, Message: "runtime is not available (" + string(st) + ")", Retryable: true}
+		out.Error = &schemas.ErrorInfo{Code: schemas.CodeRuntimeDown, Message: "runtime is not available (" + string(st) + ")", Retryable: true}
 	case !a.modelsLoaded(in.Model, runs):
 		out.Status = schemas.AssignRejected
-		out.Error = &schemas.ErrorInfo{Code: CodeModelNotLoaded, Message: "model " + in.Model + " is not loaded on this worker"}
+		out.Error = &schemas.ErrorInfo{Code: schemas.CodeModelNotLoaded, Message: "model " + in.Model + " is not loaded on this worker"}
 	}
 	if out.Status != "" {
 		a.assignMu.Unlock()
@@ -164,7 +157,7 @@ func (a *Agent) failInvalid(bad invalidJob) {
 		Type: "result", JobID: bad.id, Attempt: bad.attempt, Status: schemas.StatusFailed,
 		WorkerID: a.cfg.WorkerID, // no model: it may be what broke the schema
 		Tenant:   bus.RecordTenant(bad.tenant),
-		Error:    &schemas.ErrorInfo{Code: CodeInvalidRequest, Message: bad.err.Error()},
+		Error:    &schemas.ErrorInfo{Code: schemas.CodeInvalidRequest, Message: bad.err.Error()},
 	}
 	ctx, cancel := context.WithTimeout(a.jobCtx, a.cfg.ResultTimeout+5*time.Second)
 	defer cancel()

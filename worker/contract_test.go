@@ -76,7 +76,7 @@ func TestRealRuntimeMessagesMatchSchemas(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = c.Generate(ctx, &schemas.GenerateParams{RequestID: "g.2", Model: "missing", Prompt: "x"}, GenerateHooks{})
-	if rerr, ok := err.(*RuntimeError); !ok || rerr.Code() != schemas.RuntimeCodeModelNotLoaded {
+	if rerr, ok := err.(*RuntimeError); !ok || rerr.Code() != schemas.CodeModelNotLoaded {
 		t.Fatalf("missing model: %v", err)
 	}
 	if _, err := c.Shutdown(ctx, schemas.ShutdownDrain); err != nil {

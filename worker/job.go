@@ -16,16 +16,6 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-// Stable error codes the worker puts in results and attempt reports.
-const (
-	CodeInvalidRequest   = "invalid_request"   // the job failed its schema
-	CodeDeadlineExceeded = "deadline_exceeded" // the deadline passed before or while it ran
-	CodeRuntimeCrashed   = "runtime_crashed"   // the runtime died mid-job (retryable)
-	CodeRuntimeDown      = "runtime_unavailable"
-	CodeWorkerShutdown   = "worker_shutdown" // the worker stopped before the job finished (retryable)
-	CodeCancelled        = "cancelled"
-)
-
 // Why a running job is being stopped before the model finished.
 const (
 	stopCancelled = "cancelled" // a cancel request: terminal cancelled
@@ -362,10 +352,10 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		}
 		if reason == stopCancelled {
 			res.Status = schemas.StatusCancelled
-			res.Error = &schemas.ErrorInfo{Code: CodeCancelled, Message: "cancelled on request"}
+			res.Error = &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: "cancelled on request"}
 		} else {
 			res.Status = schemas.StatusExpired
-			res.Error = &schemas.ErrorInfo{Code: CodeDeadlineExceeded, Message: "the job's deadline passed"}
+			res.Error = &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "the job's deadline passed"}
 		}
 		res.FinishedAt = a.jobs.freeSlot(r)
 		traceEnd(span, res.Status, res.Error)
@@ -374,15 +364,15 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		// Everything else either failed for good (a runtime error about this job)
 		// or may succeed elsewhere (the runtime or the worker went away).
 		var rerr *RuntimeError
-		code, msg, retryable := CodeRuntimeCrashed, "runtime exited while the job ran", true
+		code, msg, retryable := schemas.CodeRuntimeCrashed, "runtime exited while the job ran", true
 		switch {
 		case gen != nil || reason == stopShutdown || ctx.Err() != nil:
-			code, msg = CodeWorkerShutdown, "the worker stopped before the job finished"
+			code, msg = schemas.CodeWorkerShutdown, "the worker stopped before the job finished"
 		case errors.Is(genErr, ErrRuntimeUnavailable):
-			code, msg = CodeRuntimeDown, "the runtime is not running"
+			code, msg = schemas.CodeRuntimeDown, "the runtime is not running"
 		case errors.As(genErr, &rerr):
 			code, msg = rerr.Code(), rerr.Err.Message
-			retryable = code == schemas.RuntimeCodeOutOfMemory || code == schemas.RuntimeCodeShuttingDown
+			retryable = schemas.Retryable(code) // out_of_memory, shutting_down: codes/errors.json
 		}
 		if !retryable {
 			res := base

@@ -345,7 +345,7 @@ func (c *RuntimeClient) Generate(ctx context.Context, p *schemas.GenerateParams,
 		c.mu.Unlock()
 		return nil, &RuntimeError{Method: schemas.MethodGenerate, Err: schemas.RPCError{
 			Code: schemas.RPCDuplicateRequest, Message: "request_id already in flight on this client",
-			Data: &schemas.RPCErrorData{Code: schemas.RuntimeCodeDuplicateRequest},
+			Data: &schemas.RPCErrorData{Code: schemas.CodeDuplicateRequest},
 		}}
 	}
 	c.streams[p.RequestID] = s

@@ -90,11 +90,11 @@ func TestRuntimeClientErrorResponse(t *testing.T) {
 	defer cancel()
 	_, err := c.Generate(ctx, &schemas.GenerateParams{RequestID: "x", Model: "nope"}, GenerateHooks{})
 	var rerr *RuntimeError
-	if !errors.As(err, &rerr) || rerr.Code() != schemas.RuntimeCodeModelNotLoaded || rerr.Err.Code != schemas.RPCModelNotLoaded {
+	if !errors.As(err, &rerr) || rerr.Code() != schemas.CodeModelNotLoaded || rerr.Err.Code != schemas.RPCModelNotLoaded {
 		t.Fatalf("want model_not_loaded RuntimeError, got %v", err)
 	}
 	err = c.Call(ctx, "no.such.method", nil, nil)
-	if !errors.As(err, &rerr) || rerr.Code() != schemas.RuntimeCodeMethodNotFound {
+	if !errors.As(err, &rerr) || rerr.Code() != schemas.CodeMethodNotFound {
 		t.Fatalf("want method_not_found, got %v", err)
 	}
 }

@@ -106,7 +106,7 @@ func TestSlotFreeBeforeEndIsVisible(t *testing.T) {
 	if err := a.Shutdown(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if !obs.before("in_flight=0", "report "+CodeWorkerShutdown) {
+	if !obs.before("in_flight=0", "report "+schemas.CodeWorkerShutdown) {
 		t.Fatalf("the slot came free after the attempt report: %v", obs.events)
 	}
 }

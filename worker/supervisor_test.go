@@ -49,7 +49,7 @@ func TestSupervisorRestartsWedgedRuntime(t *testing.T) {
 	case m := <-reports:
 		var rep schemas.AttemptReportMsg
 		_ = json.Unmarshal(m.Data, &rep)
-		if rep.Error.Code != CodeRuntimeCrashed || !rep.Error.Retryable || rep.Seq == 0 {
+		if rep.Error.Code != schemas.CodeRuntimeCrashed || !rep.Error.Retryable || rep.Seq == 0 {
 			t.Fatalf("attempt report %+v", rep)
 		}
 	case <-ctx.Done():

@@ -3,9 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -14,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -47,26 +46,15 @@ func gatherStatus(ctx context.Context, js jetstream.JetStream) (statusReport, er
 			rep.Results = i.State.Msgs
 		}
 	}
-	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+	// A missing registry is an error: the bus was not provisioned.
+	workers, err := registry.Snapshot(ctx, js)
 	if err != nil {
-		return rep, fmt.Errorf("bucket %s: %w", bus.BucketWorkers, err)
-	}
-	keys, err := kv.Keys(ctx)
-	if err != nil && !errors.Is(err, jetstream.ErrNoKeysFound) {
 		return rep, err
 	}
-	for _, k := range keys {
-		e, err := kv.Get(ctx, k)
-		if err != nil {
-			continue // expired between Keys and Get
-		}
-		var hb schemas.HeartbeatMsg
-		if json.Unmarshal(e.Value(), &hb) == nil {
-			rep.Workers = append(rep.Workers, hb)
-			rep.InFlight += hb.InFlight
-		}
+	rep.Workers = workers // sorted by worker id
+	for _, hb := range workers {
+		rep.InFlight += hb.InFlight
 	}
-	sort.Slice(rep.Workers, func(i, j int) bool { return rep.Workers[i].WorkerID < rep.Workers[j].WorkerID })
 	return rep, nil
 }
 

@@ -43,6 +43,9 @@ tar -C "$root/python" --exclude=.venv --exclude=build --exclude='*.egg-info' --e
 # an installed runtime needs nothing from the repository.
 mkdir -p "$work/mlx_serving_runtime/schemas"
 cp "$root"/schemas/runtime.*.json "$work/mlx_serving_runtime/schemas/"
+# The error codes the runtime answers with; without them it refuses to start.
+mkdir -p "$work/mlx_serving_runtime/schemas/codes"
+cp "$root"/schemas/codes/errors.json "$work/mlx_serving_runtime/schemas/codes/"
 echo "release: building the runtime wheel"
 "$python" -m pip wheel --quiet --no-deps -w "$dist" "$work"
 

@@ -8,26 +8,27 @@ import os
 import threading
 from typing import Any, BinaryIO
 
+from mlx_serving_runtime.validation import schemas_dir
+
 log = logging.getLogger("mlx_serving_runtime")
 
 JSONRPC = "2.0"
 
-# Stable error code (data.code) -> JSON-RPC error code, as in docs/runtime-protocol.md.
-ERROR_CODES: dict[str, int] = {
-    "parse_error": -32700,
-    "invalid_request": -32600,
-    "method_not_found": -32601,
-    "invalid_params": -32602,
-    "model_not_loaded": -32001,
-    "model_load_failed": -32002,
-    "too_many_models": -32002,
-    "context_exceeded": -32003,
-    "generation_failed": -32004,
-    "out_of_memory": -32005,
-    "duplicate_request": -32006,
-    "invalid_schema": -32007,
-    "shutting_down": -32008,
-}
+
+def _load_error_codes() -> dict[str, int]:
+    """Stable error code (data.code) -> JSON-RPC error number, from schemas/codes/errors.json:
+    the one list Go names in schemas/codes.go. Only codes with an "rpc" number are the
+    runtime's to send. A missing or malformed file fails the import, so the runtime
+    does not start (the worker sees it exit) instead of answering codes Go does not know."""
+    path = schemas_dir() / "codes" / "errors.json"
+    try:
+        codes = json.loads(path.read_text())["codes"]
+    except (OSError, ValueError, KeyError) as e:
+        raise RuntimeError(f"cannot read the error codes {path}: {e} (set MLX_SERVING_SCHEMAS)") from e
+    return {c["code"]: c["rpc"] for c in codes if "rpc" in c}
+
+
+ERROR_CODES: dict[str, int] = _load_error_codes()
 
 METHODS = (
     "runtime.info",

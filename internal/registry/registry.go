@@ -1,0 +1,96 @@
+// Package registry reads the worker registry (the bus.BucketWorkers KV bucket: one
+// heartbeat per worker id, expiring by TTL) for everything that only looks at the
+// fleet: the gateway's model list, the fleet metrics, `mlx-serving status` and the
+// bench. The dispatcher keeps its own watch, since it acts on every change.
+package registry
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// ErrNoRegistry: the bucket does not exist, so no worker ever registered on this
+// bus (or it was not provisioned). It wraps jetstream.ErrBucketNotFound.
+var ErrNoRegistry = fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, jetstream.ErrBucketNotFound)
+
+// Snapshot returns every heartbeat in the registry now, sorted by worker id.
+//
+// It reads the bucket with one watcher up to the end of its current values, so an
+// entry that expires meanwhile is either in or out, never a failed Get. Entries
+// that are not a heartbeat (not JSON, or no worker id) are skipped: one bad writer
+// must not hide the fleet. A missing bucket is ErrNoRegistry; callers that treat
+// it as an empty fleet test errors.Is(err, ErrNoRegistry).
+func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatMsg, error) {
+	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return nil, ErrNoRegistry
+	}
+	if err != nil {
+		return nil, fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, err)
+	}
+	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	if err != nil {
+		return nil, fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, err)
+	}
+	defer func() { _ = w.Stop() }()
+	out := []schemas.HeartbeatMsg{}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, ctx.Err())
+		case e, ok := <-w.Updates():
+			if !ok {
+				return nil, fmt.Errorf("worker registry %s: watcher closed", bus.BucketWorkers)
+			}
+			if e == nil {
+				// The watcher marks the end of the current values with nil.
+				sort.Slice(out, func(i, j int) bool { return out[i].WorkerID < out[j].WorkerID })
+				return out, nil
+			}
+			var hb schemas.HeartbeatMsg
+			if json.Unmarshal(e.Value(), &hb) == nil && hb.WorkerID != "" {
+				out = append(out, hb)
+			}
+		}
+	}
+}
+
+// Get returns the heartbeat of one worker; ok is false when it has none (never
+// registered, expired or deleted) or its entry is not a heartbeat.
+func Get(ctx context.Context, js jetstream.JetStream, workerID string) (hb schemas.HeartbeatMsg, ok bool, err error) {
+	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return hb, false, ErrNoRegistry
+	}
+	if err != nil {
+		return hb, false, fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, err)
+	}
+	e, err := kv.Get(ctx, workerID)
+	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
+		return hb, false, nil
+	}
+	if err != nil {
+		return hb, false, fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, err)
+	}
+	if json.Unmarshal(e.Value(), &hb) != nil || hb.WorkerID == "" {
+		return schemas.HeartbeatMsg{}, false, nil
+	}
+	return hb, true, nil
+}
+
+// Delete removes a worker's entry, so nothing routes to it before its TTL ends.
+func Delete(ctx context.Context, js jetstream.JetStream, workerID string) error {
+	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+	if err != nil {
+		return fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, err)
+	}
+	return kv.Delete(ctx, workerID)
+}
