@@ -1,7 +1,11 @@
 """Write a tiny llama model for tests: fixed-seed random weights and a trained tokenizer.
 
-Usage: python -m mlx_serving_runtime.tinymodel OUT_DIR
+Usage: python -m mlx_serving_runtime.tinymodel OUT_DIR [--preset tiny|1b|8b]
 
+The tiny preset (the default) is what tests run on. The 1b and 8b presets write random
+bf16 weights of the shapes of 1B- and 8B-class llama models (hidden 2048 × 16 layers,
+hidden 4096 × 32 layers) with the same tokenizer, for benchmarks on real hardware
+without a model hub: their speed is a real model's of that size, their text is noise.
 The output loads with mlx_lm.load(OUT_DIR) like any hub model. Everything is generated
 offline and deterministically, so two runs write byte-identical weights and vocabulary.
 """
@@ -65,7 +69,37 @@ def build_tokenizer(vocab_size: int = 448):
     return wrapped
 
 
-def write(out_dir: Path, seed: int = 1234) -> dict:
+# Shapes per preset; everything else (tokenizer, specials, template) is shared.
+PRESETS: dict[str, dict] = {
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "dtype": "float32"},
+    "1b": {"hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "dtype": "bfloat16"},
+    "8b": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "dtype": "bfloat16"},
+}
+
+
+def preset_config(preset: str, tokenizer) -> dict:
+    """The config.json of a preset, given the tokenizer it ships with."""
+    shape = dict(PRESETS[preset])
+    dtype = shape.pop("dtype")
+    return {
+        "model_type": "llama",
+        **shape,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 2048 if preset == "tiny" else 8192,
+        "rope_theta": 10000.0 if preset == "tiny" else 500000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.convert_tokens_to_ids(BOS),
+        "eos_token_id": tokenizer.convert_tokens_to_ids(EOS),
+        "pad_token_id": tokenizer.convert_tokens_to_ids(PAD),
+        "torch_dtype": dtype,
+    }
+
+
+def write(out_dir: Path, seed: int = 1234, preset: str = "tiny") -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
     from mlx_lm.models import llama
@@ -75,26 +109,11 @@ def write(out_dir: Path, seed: int = 1234) -> dict:
     tokenizer = build_tokenizer()
     vocab_size = len(tokenizer)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    config = {
-        "model_type": "llama",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "intermediate_size": 128,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": 2048,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-        "bos_token_id": tokenizer.convert_tokens_to_ids(BOS),
-        "eos_token_id": eos_id,
-        "pad_token_id": tokenizer.convert_tokens_to_ids(PAD),
-        "torch_dtype": "float32",
-    }
+    config = preset_config(preset, tokenizer)
+    dtype = mx.float32 if config["torch_dtype"] == "float32" else mx.bfloat16
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
-    model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
+    model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
     # Tied embeddings make the logit of a token its embedding's dot product with the
     # hidden state. Zeroing the rows of EOS and the other specials puts their logit at 0,
     # below the top random logits: greedy decoding never ends on EOS and sampling at
@@ -102,7 +121,7 @@ def write(out_dir: Path, seed: int = 1234) -> dict:
     # a grammar mask that allows only EOS still selects it.
     emb = model.model.embed_tokens.weight
     special = [config["bos_token_id"], eos_id, config["pad_token_id"]]
-    mask = mx.ones((vocab_size, 1), dtype=mx.float32)
+    mask = mx.ones((vocab_size, 1), dtype=dtype)
     mask[mx.array(special)] = 0.0
     model.model.embed_tokens.weight = emb * mask
     mx.eval(model.parameters())
@@ -118,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="tiny (tests), 1b or 8b (random bf16 weights of those shapes, for benchmarks)")
     args = p.parse_args(argv)
     t0 = time.monotonic()
-    info = write(args.out_dir, args.seed)
+    info = write(args.out_dir, args.seed, args.preset)
+    info["preset"] = args.preset
     info["seconds"] = round(time.monotonic() - t0, 2)
     print(json.dumps(info), file=sys.stderr)
     return 0
