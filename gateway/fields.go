@@ -76,10 +76,8 @@ var (
 		"stream_options":  {sub: streamOptionsFields},
 		"response_format": {sub: responseFormatFields},
 		"top_k":           honoured, "min_p": honoured, "repetition_penalty": honoured,
-		"n":                 unsupported("1", isJSON("1")),
-		"presence_penalty":  unsupported("0", isJSON("0")),
-		"frequency_penalty": unsupported("0", isJSON("0")),
-		"logit_bias":        unsupported("{}", isEmpty),
+		"presence_penalty": honoured, "frequency_penalty": honoured, "logit_bias": honoured,
+		"n": unsupported("1", isJSON("1")),
 	}
 	// messageFields are the keys of one chat message. The assistant's own
 	// message, sent back as history, may carry its empty extras.

@@ -49,9 +49,12 @@ func sharedDocFields() []docField {
 		{name: "response_format", value: map[string]any{"type": "json_object"},
 			job: func(j schemas.JobRequest) bool { return j.JSONSchema["type"] == "object" }},
 		refused("n", 2, 1),
-		refused("presence_penalty", 0.5, 0),
-		refused("frequency_penalty", 0.5, 0),
-		refused("logit_bias", map[string]int{"50256": -100}, map[string]int{}),
+		// Mutation caught: dropping job.FrequencyPenalty in samplingParams.apply
+		// fails frequency_penalty here (the job lacks it).
+		{name: "presence_penalty", value: 0.5, job: func(j schemas.JobRequest) bool { return ptrIs(j.PresencePenalty, 0.5) }},
+		{name: "frequency_penalty", value: -0.5, job: func(j schemas.JobRequest) bool { return ptrIs(j.FrequencyPenalty, -0.5) }},
+		{name: "logit_bias", value: map[string]int{"50256": -100},
+			job: func(j schemas.JobRequest) bool { return reflect.DeepEqual(j.LogitBias, map[string]float64{"50256": -100}) }},
 	}
 }
 

@@ -32,6 +32,10 @@ type samplingParams struct {
 	TopK              *int     `json:"top_k"`
 	MinP              *float64 `json:"min_p"`
 	RepetitionPenalty *float64 `json:"repetition_penalty"`
+	// OpenAI's penalties and bias; the runtime applies them per row.
+	PresencePenalty  *float64           `json:"presence_penalty"`
+	FrequencyPenalty *float64           `json:"frequency_penalty"`
+	LogitBias        map[string]float64 `json:"logit_bias"`
 }
 
 type streamOptions struct {
@@ -121,6 +125,11 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 	job.TopK = p.TopK
 	job.MinP = p.MinP
 	job.RepetitionPenalty = p.RepetitionPenalty
+	job.PresencePenalty = p.PresencePenalty
+	job.FrequencyPenalty = p.FrequencyPenalty
+	if len(p.LogitBias) > 0 {
+		job.LogitBias = p.LogitBias
+	}
 	stop, isString, aerr := parseStop(p.Stop)
 	if aerr != nil {
 		return aerr

@@ -34,25 +34,28 @@ type Message struct {
 
 // JobRequest is a generation job (schema "job"). Exactly one of Prompt and Messages is set.
 type JobRequest struct {
-	ID                string            `json:"id"`
-	Model             string            `json:"model"`
-	Prompt            string            `json:"prompt,omitempty"`
-	Messages          []Message         `json:"messages,omitempty"`
-	MaxTokens         int               `json:"max_tokens,omitempty"`
-	Temperature       *float64          `json:"temperature,omitempty"`
-	TopP              *float64          `json:"top_p,omitempty"`
-	TopK              *int              `json:"top_k,omitempty"`
-	MinP              *float64          `json:"min_p,omitempty"`
-	RepetitionPenalty *float64          `json:"repetition_penalty,omitempty"`
-	Seed              *int64            `json:"seed,omitempty"`
-	Stop              []string          `json:"stop,omitempty"`
-	JSONSchema        map[string]any    `json:"json_schema,omitempty"`
-	Priority          string            `json:"priority,omitempty"`
-	Deadline          *time.Time        `json:"deadline,omitempty"`
-	Tenant            string            `json:"tenant,omitempty"`
-	ReplyTo           string            `json:"reply_to"`
-	CreatedAt         *time.Time        `json:"created_at,omitempty"`
-	Metadata          map[string]string `json:"metadata,omitempty"`
+	ID                string             `json:"id"`
+	Model             string             `json:"model"`
+	Prompt            string             `json:"prompt,omitempty"`
+	Messages          []Message          `json:"messages,omitempty"`
+	MaxTokens         int                `json:"max_tokens,omitempty"`
+	Temperature       *float64           `json:"temperature,omitempty"`
+	TopP              *float64           `json:"top_p,omitempty"`
+	TopK              *int               `json:"top_k,omitempty"`
+	MinP              *float64           `json:"min_p,omitempty"`
+	RepetitionPenalty *float64           `json:"repetition_penalty,omitempty"`
+	PresencePenalty   *float64           `json:"presence_penalty,omitempty"`
+	FrequencyPenalty  *float64           `json:"frequency_penalty,omitempty"`
+	LogitBias         map[string]float64 `json:"logit_bias,omitempty"` // token id (decimal) -> bias
+	Seed              *int64             `json:"seed,omitempty"`
+	Stop              []string           `json:"stop,omitempty"`
+	JSONSchema        map[string]any     `json:"json_schema,omitempty"`
+	Priority          string             `json:"priority,omitempty"`
+	Deadline          *time.Time         `json:"deadline,omitempty"`
+	Tenant            string             `json:"tenant,omitempty"`
+	ReplyTo           string             `json:"reply_to"`
+	CreatedAt         *time.Time         `json:"created_at,omitempty"`
+	Metadata          map[string]string  `json:"metadata,omitempty"`
 }
 
 // Usage counts tokens as the model's tokenizer counts them.

@@ -22,7 +22,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
-from . import structured
+from . import sampling, structured
 from .protocol import RpcError, error_response, notification, response
 
 log = logging.getLogger("mlx_serving_runtime")
@@ -57,6 +57,9 @@ class Request:
     top_k: int
     min_p: float
     repetition_penalty: float | None
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: dict[int, float]
     seed: int
     stop: list[str]
     grammar: str | None
@@ -91,7 +94,7 @@ def make_sampler(temp: float, top_p: float, top_k: int, min_p: float, seed: int,
     and the step.
     """
     if temp == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        return _greedy  # one object shared by greedy rows: BatchGenerator samples them in one call
     methods: list[Callable[[mx.array], mx.array]] = []
     if 0 < top_p < 1.0:
         methods.append(lambda x: apply_top_p(x, top_p))
@@ -112,8 +115,8 @@ def make_sampler(temp: float, top_p: float, top_k: int, min_p: float, seed: int,
     return sampler
 
 
-def _identity(tokens: mx.array, logits: mx.array) -> mx.array:
-    return logits
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
 
 
 def _holdback(text: str, stops: list[str]) -> int:
@@ -365,11 +368,21 @@ class Engine:
             return
         try:
             sampler = make_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed, m.vocab_size)
-            # Always a non-empty processor list and an explicit sampler per row: older
-            # BatchGenerator.filter re-indexed them only when some row had one.
-            procs: list[Callable] = [_identity]
+            # Processors only for rows that need them: mlx-lm 0.32.2 re-indexes per-row
+            # processors on filter and runs rows without any on its batched path.
+            procs: list[Callable] = []
             if req.repetition_penalty is not None and req.repetition_penalty != 1.0:
                 procs += make_logits_processors(repetition_penalty=req.repetition_penalty)
+            if req.presence_penalty or req.frequency_penalty or req.logit_bias:
+                procs.append(
+                    sampling.OpenAIPenalties(
+                        m.vocab_size,
+                        req.presence_penalty,
+                        req.frequency_penalty,
+                        req.logit_bias,
+                        prior=req.prompt_tokens[req.prefix_len :],
+                    )
+                )
             if req.grammar is not None:
                 cont = req.prompt_tokens[req.prefix_len :]
 
@@ -599,6 +612,15 @@ def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Reque
     grammar = None
     if "json_schema" in p:
         grammar = structured.compile_schema(m.grammar_tokenizer, p["json_schema"])
+    bias: dict[int, float] = {}
+    for k, v in (p.get("logit_bias") or {}).items():
+        if int(k) >= m.vocab_size:
+            raise RpcError(
+                "invalid_params",
+                f"logit_bias token {k} is outside the vocabulary of {m.id!r} ({m.vocab_size})",
+                violations=[{"path": f"$.logit_bias[{k}]", "reason": "token id outside the vocabulary"}],
+            )
+        bias[int(k)] = float(v)
     seed = p.get("seed")
     if seed is None:
         seed = random.SystemRandom().randrange(2**63)
@@ -616,6 +638,9 @@ def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Reque
         top_k=int(p.get("top_k", 0)),
         min_p=float(p.get("min_p", 0.0)),
         repetition_penalty=p.get("repetition_penalty"),
+        presence_penalty=float(p.get("presence_penalty", 0.0)),
+        frequency_penalty=float(p.get("frequency_penalty", 0.0)),
+        logit_bias=bias,
         seed=int(seed),
         stop=list(p.get("stop", [])),
         grammar=grammar,

@@ -147,7 +147,7 @@ def test_unknown_model_is_404(client):
 @pytest.mark.parametrize(
     ("kwargs", "param", "code"),
     [
-        ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+        ({"store": True}, "store", "unsupported_parameter"),
         ({"logprobs": True}, "logprobs", "unsupported_parameter"),
         ({"n": 2}, "n", "unsupported_parameter"),
         ({"service_tier": "auto"}, "service_tier", "unsupported_parameter"),
