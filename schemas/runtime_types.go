@@ -255,6 +255,7 @@ type GenerateParams struct {
 	PresencePenalty   *float64           `json:"presence_penalty,omitempty"`
 	FrequencyPenalty  *float64           `json:"frequency_penalty,omitempty"`
 	LogitBias         map[string]float64 `json:"logit_bias,omitempty"`
+	Logprobs          *int               `json:"logprobs,omitempty"`
 	Seed              *int64             `json:"seed,omitempty"`
 	Stop              []string           `json:"stop,omitempty"`
 	JSONSchema        map[string]any     `json:"json_schema,omitempty"`
@@ -264,10 +265,11 @@ type GenerateParams struct {
 // GenerateChunk is the params of a generate.chunk notification (schema
 // "runtime.generate.chunk"): one text delta of a running generate.
 type GenerateChunk struct {
-	RequestID string `json:"request_id"`
-	Seq       int    `json:"seq"`
-	Text      string `json:"text"`
-	Tokens    int    `json:"tokens"` // completion tokens so far in this call
+	RequestID string         `json:"request_id"`
+	Seq       int            `json:"seq"`
+	Text      string         `json:"text"`
+	Tokens    int            `json:"tokens"` // completion tokens so far in this call
+	Logprobs  []TokenLogprob `json:"logprobs,omitempty"`
 }
 
 // RuntimeTimings are the runtime's measurements of one generate.
@@ -284,6 +286,7 @@ type GenerateResult struct {
 	Text         string         `json:"text"`          // the whole text of this call
 	Usage        Usage          `json:"usage"`
 	Timings      RuntimeTimings `json:"timings"`
+	Logprobs     []TokenLogprob `json:"logprobs,omitempty"`
 }
 
 // CancelParams stops a running generate.

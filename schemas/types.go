@@ -47,6 +47,7 @@ type JobRequest struct {
 	PresencePenalty   *float64           `json:"presence_penalty,omitempty"`
 	FrequencyPenalty  *float64           `json:"frequency_penalty,omitempty"`
 	LogitBias         map[string]float64 `json:"logit_bias,omitempty"` // token id (decimal) -> bias
+	Logprobs          *int               `json:"logprobs,omitempty"`   // nil: none; n: each token's logprob and n alternatives
 	Seed              *int64             `json:"seed,omitempty"`
 	Stop              []string           `json:"stop,omitempty"`
 	JSONSchema        map[string]any     `json:"json_schema,omitempty"`
@@ -86,6 +87,24 @@ type TokenEventMsg struct {
 	// starts at the length of the text already sent; one that had to start over
 	// starts at 0, and the caller drops what it had (bus.Event.Rewind).
 	Offset int `json:"offset,omitempty"`
+	// Logprobs, when the job asked for them: the tokens whose text starts in Delta.
+	Logprobs []TokenLogprob `json:"logprobs,omitempty"`
+}
+
+// TokenLogprob is one generated token's log probability and the most likely
+// tokens at its position: OpenAI's chat logprobs entry, forwarded as is.
+type TokenLogprob struct {
+	Token       string       `json:"token"`
+	Logprob     float64      `json:"logprob"` // -9999 stands for minus infinity
+	Bytes       []int        `json:"bytes"`
+	TopLogprobs []TopLogprob `json:"top_logprobs"`
+}
+
+// TopLogprob is one alternative at a position.
+type TopLogprob struct {
+	Token   string  `json:"token"`
+	Logprob float64 `json:"logprob"`
+	Bytes   []int   `json:"bytes"`
 }
 
 // Terminal statuses of a job.
@@ -120,6 +139,10 @@ type ResultMsg struct {
 	WorkerID     string     `json:"worker_id,omitempty"`
 	Timings      *Timings   `json:"timings,omitempty"`
 	FinishedAt   time.Time  `json:"finished_at"`
+	// Logprobs of the final attempt's tokens, bounded (MaxResultLogprobs); the
+	// token events carry every entry.
+	Logprobs          []TokenLogprob `json:"logprobs,omitempty"`
+	LogprobsTruncated bool           `json:"logprobs_truncated,omitempty"`
 }
 
 // CancelMsg asks for a job to be cancelled (schema "cancel").

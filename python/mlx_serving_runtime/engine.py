@@ -60,6 +60,7 @@ class Request:
     presence_penalty: float
     frequency_penalty: float
     logit_bias: dict[int, float]
+    logprobs: int | None  # None: not asked; n: each token's logprob and n alternatives
     seed: int
     stop: list[str]
     grammar: str | None
@@ -73,6 +74,8 @@ class Request:
     completion_tokens: int = 0
     first_token_at: float | None = None
     error: str | None = None
+    lp_pending: list[tuple[int, dict]] = field(default_factory=list)  # (start in out, entry)
+    lp_sent: list[dict] = field(default_factory=list)
 
 
 def context_length(config: dict[str, Any], tokenizer: Any) -> int:
@@ -435,6 +438,9 @@ class Engine:
             if req is None:
                 continue
             try:
+                if req.logprobs is not None and r.finish_reason != "stop":
+                    entry = sampling.logprob_entry(m.grammar_tokenizer.get(), r.token, r.logprobs, req.logprobs)
+                    req.lp_pending.append((len(req.out), entry))
                 self._on_token(m, req, r.token, r.finish_reason, now)
             except Exception as e:
                 log.exception("request %s failed", req.request_id)
@@ -482,6 +488,7 @@ class Engine:
         if best < 0:
             return False
         self._emit(req, max(0, best - len(req.continuation)))
+        req.lp_pending.clear()  # tokens of the stop string and after: not part of the answer
         if finish is None:
             m.gen.remove([req.uid])
         self._end(req, "stop")
@@ -492,12 +499,19 @@ class Engine:
             return
         text = req.out[req.sent : upto]
         req.sent = upto
-        self.send(
-            notification(
-                "generate.chunk",
-                {"request_id": req.request_id, "seq": req.seq, "text": text, "tokens": req.completion_tokens},
-            )
-        )
+        chunk = {"request_id": req.request_id, "seq": req.seq, "text": text, "tokens": req.completion_tokens}
+        if req.logprobs is not None:
+            # A token goes with the chunk that carries the first character it added;
+            # one that added none yet (held-back bytes) waits for the text it brings.
+            n = 0
+            while n < len(req.lp_pending) and req.lp_pending[n][0] < upto:
+                n += 1
+            lps = [e for _, e in req.lp_pending[:n]]
+            del req.lp_pending[:n]
+            req.lp_sent += lps
+            if lps:
+                chunk["logprobs"] = lps
+        self.send(notification("generate.chunk", chunk))
         req.seq += 1
 
     def _end(self, req: Request, reason: str) -> None:
@@ -521,10 +535,17 @@ class Engine:
         prompt = req.prefix_len
         with self._lock:
             self._inflight.pop(req.request_id, None)
+        extra = {}
+        if req.logprobs is not None:
+            # Tokens that never added a character (the very end) are kept; those
+            # past a stop string were dropped with their text (_match_stop).
+            req.lp_sent += [e for _, e in req.lp_pending]
+            extra["logprobs"] = req.lp_sent
         self.send(
             response(
                 req.rpc_id,
                 {
+                    **extra,
                     "request_id": req.request_id,
                     "finish_reason": reason,
                     "text": req.out[: req.sent],
@@ -641,6 +662,7 @@ def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Reque
         presence_penalty=float(p.get("presence_penalty", 0.0)),
         frequency_penalty=float(p.get("frequency_penalty", 0.0)),
         logit_bias=bias,
+        logprobs=p.get("logprobs"),
         seed=int(seed),
         stop=list(p.get("stop", [])),
         grammar=grammar,

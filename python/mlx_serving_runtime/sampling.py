@@ -55,3 +55,35 @@ class OpenAIPenalties:
         if self.bias_idx is not None:
             logits = logits.at[:, self.bias_idx].add(self.bias_val.astype(logits.dtype))
         return logits
+
+
+_FLOOR = -9999.0  # JSON has no -inf; OpenAI reports -9999 for impossible tokens too
+
+
+def _lp(x: float) -> float:
+    return _FLOOR if not (x >= _FLOOR) else min(0.0, x)  # also maps NaN to the floor
+
+
+def _tok(lltok, t: int) -> dict:
+    b = lltok.decode_bytes([t])
+    return {"token": b.decode("utf-8", errors="replace"), "bytes": list(b)}
+
+
+def logprob_entry(lltok, token: int, logprobs: mx.array, top: int) -> dict:
+    """OpenAI's chat logprobs entry for one sampled token.
+
+    ``logprobs`` is the row's normalised distribution after processors (what was
+    sampled from, so penalties and bias show). ``lltok`` is llguidance's tokenizer,
+    which knows every token's raw bytes (byte-level BPE and SentencePiece alike).
+    """
+    row = logprobs.reshape(-1)
+    if top > 0:
+        idx = mx.argpartition(-row, kth=top - 1)[:top]
+        vals = row[idx]
+        order = mx.argsort(-vals)
+        idx, vals = idx[order], vals[order]
+        mx.eval(idx, vals)
+        alts = [{**_tok(lltok, int(i)), "logprob": _lp(float(v))} for i, v in zip(idx.tolist(), vals.tolist())]
+    else:
+        alts = []
+    return {**_tok(lltok, token), "logprob": _lp(float(row[token].item())), "top_logprobs": alts}

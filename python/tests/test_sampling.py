@@ -87,3 +87,36 @@ def test_logit_bias_outside_vocabulary_is_invalid(rt) -> None:
     e = rt.error("generate", {"request_id": rid("s"), "model": "tiny", "prompt": "x", "logit_bias": {"999999": 1}})
     assert e["data"]["code"] == "invalid_params" or e.get("message"), e
     assert "logit_bias" in str(e)
+
+
+def test_logprobs_in_chunks_and_result(rt) -> None:
+    """Each generated token comes with its logprob and top alternatives, streamed in
+    the chunk carrying its text and whole in the result.
+    Mutation caught: engine._emit not attaching chunk["logprobs"] (streamed list empty)."""
+    r = rid("lp")
+    res = gen(rt, request_id=r, prompt="Once upon a time", max_tokens=8, logprobs=3)
+    lps = res["logprobs"]
+    assert len(lps) == res["usage"]["completion_tokens"] == 8
+    streamed = [e for c in rt.chunks[r] for e in c.params.get("logprobs", [])]
+    assert streamed == lps
+    assert b"".join(bytes(e["bytes"]) for e in lps).decode("utf-8", errors="replace") == res["text"]
+    for e in lps:
+        assert len(e["top_logprobs"]) == 3
+        assert e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"] >= e["top_logprobs"][2]["logprob"]
+        # Greedy: the chosen token is the most likely one.
+        assert e["top_logprobs"][0]["token"] == e["token"] and e["logprob"] == e["top_logprobs"][0]["logprob"]
+        assert e["logprob"] <= 0
+    # Forced by logit_bias: probability ~1, so logprob ~0; and absent unless asked.
+    (z,) = tokens(rt, "z")
+    forced = gen(rt, prompt="x", max_tokens=2, logit_bias={str(z): 100}, logprobs=0)["logprobs"]
+    assert [e["token"] for e in forced] == ["z", "z"] and all(e["logprob"] > -1e-3 and e["top_logprobs"] == [] for e in forced)
+    assert "logprobs" not in gen(rt, prompt="x", max_tokens=2)
+
+
+def test_logprobs_stop_at_the_stop_string(rt) -> None:
+    base = gen(rt, prompt="Once upon a time", max_tokens=12, logprobs=0)
+    stop = base["text"][3:5]
+    res = gen(rt, prompt="Once upon a time", max_tokens=12, logprobs=0, stop=[stop])
+    assert res["finish_reason"] == "stop"
+    assert len(res["logprobs"]) < len(base["logprobs"])
+    assert res["logprobs"] == base["logprobs"][: len(res["logprobs"])]
