@@ -95,8 +95,8 @@ var (
 		"messages":              {sub: messageFields, each: true},
 		"max_completion_tokens": honoured,
 		"metadata":              honoured,
-		"logprobs":              unsupported("false", isJSON("false")),
-		"top_logprobs":          unsupported("0", isJSON("0")),
+		"logprobs":              honoured,
+		"top_logprobs":          honoured,
 		"tools":                 unsupported("[]", isEmpty),
 		"tool_choice":           unsupported(`"none"`, isJSON(`"none"`)),
 		"parallel_tool_calls":   unsupported("true", isJSON("true")),
@@ -118,7 +118,7 @@ var (
 		"echo":     unsupported("false", isJSON("false")),
 		"suffix":   unsupported(`""`, isJSON(`""`)),
 		"best_of":  unsupported("1", isJSON("1")),
-		"logprobs": unsupported("null", never), // an integer here; 0 still returns logprobs
+		"logprobs": honoured, // an integer here: alternatives per token; 0 still returns logprobs
 	})
 )
 

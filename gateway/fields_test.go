@@ -54,7 +54,9 @@ func sharedDocFields() []docField {
 		{name: "presence_penalty", value: 0.5, job: func(j schemas.JobRequest) bool { return ptrIs(j.PresencePenalty, 0.5) }},
 		{name: "frequency_penalty", value: -0.5, job: func(j schemas.JobRequest) bool { return ptrIs(j.FrequencyPenalty, -0.5) }},
 		{name: "logit_bias", value: map[string]int{"50256": -100},
-			job: func(j schemas.JobRequest) bool { return reflect.DeepEqual(j.LogitBias, map[string]float64{"50256": -100}) }},
+			job: func(j schemas.JobRequest) bool {
+				return reflect.DeepEqual(j.LogitBias, map[string]float64{"50256": -100})
+			}},
 	}
 }
 
@@ -68,7 +70,7 @@ func chatDocFields() []docField {
 		refused("audio", map[string]any{"voice": "alloy", "format": "wav"}, nil),
 		refused("function_call", "auto", "none"),
 		refused("functions", []map[string]any{{"name": "f"}}, []any{}),
-		refused("logprobs", true, false),
+		docField{name: "logprobs", value: true, job: func(j schemas.JobRequest) bool { return ptrIs(j.Logprobs, 0) }},
 		refused("modalities", []string{"text", "audio"}, []string{"text"}),
 		refused("parallel_tool_calls", false, true),
 		refused("prediction", map[string]any{"type": "content", "content": "x"}, nil),
@@ -79,7 +81,7 @@ func chatDocFields() []docField {
 		refused("store", true, false),
 		refused("tool_choice", "auto", "none"),
 		refused("tools", []map[string]any{{"type": "function", "function": map[string]any{"name": "f"}}}, []any{}),
-		refused("top_logprobs", 2, 0),
+		docField{name: "top_logprobs", value: 2, job: func(j schemas.JobRequest) bool { return ptrIs(j.Logprobs, 2) }}, // sent with logprobs: true
 		refused("verbosity", "low", nil),
 		refused("web_search_options", map[string]any{}, nil),
 	)
@@ -91,7 +93,7 @@ func completionDocFields() []docField {
 		docField{name: "prompt", value: "other", job: func(j schemas.JobRequest) bool { return j.Prompt == "other" }},
 		refused("best_of", 2, 1),
 		refused("echo", true, false),
-		refused("logprobs", 1, nil),
+		docField{name: "logprobs", value: 1, job: func(j schemas.JobRequest) bool { return ptrIs(j.Logprobs, 1) }},
 		refused("suffix", "x", ""),
 	)
 }
@@ -123,6 +125,9 @@ func TestDocumentedFieldsHonouredOrRefused(t *testing.T) {
 			body[field] = value
 			if field == "stream_options" {
 				body["stream"] = true
+			}
+			if field == "top_logprobs" {
+				body["logprobs"] = true
 			}
 			return postJSON(t, srv.URL+ep.path, body)
 		}

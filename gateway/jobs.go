@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -57,9 +58,9 @@ type meta struct {
 // format shapes one endpoint's bodies and stream events.
 type format interface {
 	idPrefix() string
-	body(m meta, text, finish string, u usage) any
+	body(m meta, text, finish string, u usage, lp *logprobs) any
 	first(m meta) any // nil when the endpoint has no opening event
-	delta(m meta, text string) any
+	delta(m meta, text string, lp *logprobs) any
 	final(m meta, finish string) any
 	usage(m meta, u usage) any
 }
@@ -70,6 +71,7 @@ type runSpec struct {
 	params       paramMap
 	stream       bool
 	includeUsage bool
+	logprobs     bool // the answer reports token logprobs
 	format       format
 }
 
@@ -95,7 +97,8 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		g.fail(w, endpoint, aerr)
 		return
 	}
-	g.run(w, r, runSpec{endpoint: endpoint, job: job, params: pm, stream: req.stream(), includeUsage: req.includeUsage(), format: f})
+	g.run(w, r, runSpec{endpoint: endpoint, job: job, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
+		logprobs: job.Logprobs != nil, format: f})
 }
 
 // fail answers with an OpenAI error and counts the refusal.
@@ -231,6 +234,7 @@ func (j *jobCall) next() (bus.Event, error) {
 
 // whole answers with one body once the job ends.
 func (j *jobCall) whole() {
+	var lps eventLogprobs
 	for {
 		ev, err := j.next()
 		if err != nil {
@@ -241,6 +245,9 @@ func (j *jobCall) whole() {
 		}
 		res := ev.Result
 		if res == nil {
+			if tok := ev.Token; tok != nil && j.spec.logprobs {
+				lps.add(&eventView{delta: tok.Delta, lps: tok.Logprobs, offset: ev.Offset, rewind: ev.Rewind, missed: ev.Missed})
+			}
 			continue
 		}
 		if res.Status != schemas.StatusCompleted {
@@ -251,7 +258,11 @@ func (j *jobCall) whole() {
 		if res.Model != "" {
 			model.model = res.Model
 		}
-		writeJSON(j.w, http.StatusOK, j.spec.format.body(model, res.Text, finishReason(res), usageOf(res)))
+		var lp *logprobs
+		if j.spec.logprobs {
+			lp = &logprobs{entries: lps.final(res)}
+		}
+		writeJSON(j.w, http.StatusOK, j.spec.format.body(model, res.Text, finishReason(res), usageOf(res), lp))
 		return
 	}
 }
@@ -263,6 +274,8 @@ func (j *jobCall) streamed() {
 	f, m := j.spec.format, j.meta
 	var sent strings.Builder
 	var text []byte
+	var pending []schemas.TokenLogprob // entries of text not yet sent
+	sentChars := 0
 	diverged := false
 	begin := func() error {
 		if sse.started {
@@ -295,11 +308,13 @@ func (j *jobCall) streamed() {
 			// regenerated what was sent, and only if it regenerated it exactly.
 			if ev.Rewind {
 				text = text[:min(ev.Offset, len(text))]
+				pending = pending[:0]
 			}
 			text = append(text, tok.Delta...)
 			if len(text) <= sent.Len() || diverged {
-				continue
+				continue // regenerated text the client has: so are its entries
 			}
+			pending = append(pending, tok.Logprobs...)
 			if !strings.HasPrefix(string(text), sent.String()) {
 				diverged = true
 				j.g.log.Warn().Str("job_id", j.job.ID).Int("attempt", tok.Attempt).
@@ -311,11 +326,17 @@ func (j *jobCall) streamed() {
 				j.clientLeft(err)
 				return
 			}
-			if err := sse.send(f.delta(m, out)); err != nil {
+			var lp *logprobs
+			if j.spec.logprobs {
+				lp = &logprobs{entries: pending, offset: sentChars}
+			}
+			if err := sse.send(f.delta(m, out, lp)); err != nil {
 				j.clientLeft(err)
 				return
 			}
 			sent.WriteString(out)
+			sentChars += utf8.RuneCountInString(out)
+			pending = nil
 			continue
 		}
 		res := ev.Result
@@ -335,7 +356,13 @@ func (j *jobCall) streamed() {
 		// Deltas lost on the way (a gap, or a terminal read from RESULTS) are
 		// sent now from the record's whole text, when what was sent is its prefix.
 		if rest, ok := strings.CutPrefix(res.Text, sent.String()); ok && rest != "" {
-			if err := sse.send(f.delta(m, rest)); err != nil {
+			// Their entries are lost with them; the result's copy cannot be
+			// aligned with them, so this chunk reports none.
+			var lp *logprobs
+			if j.spec.logprobs {
+				lp = &logprobs{offset: sentChars}
+			}
+			if err := sse.send(f.delta(m, rest, lp)); err != nil {
 				j.clientLeft(err)
 				return
 			}

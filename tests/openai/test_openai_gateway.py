@@ -148,7 +148,7 @@ def test_unknown_model_is_404(client):
     ("kwargs", "param", "code"),
     [
         ({"store": True}, "store", "unsupported_parameter"),
-        ({"logprobs": True}, "logprobs", "unsupported_parameter"),
+        ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),  # needs logprobs=True
         ({"n": 2}, "n", "unsupported_parameter"),
         ({"service_tier": "auto"}, "service_tier", "unsupported_parameter"),
         ({"extra_body": {"temprature": 0.5}}, "temprature", "unknown_parameter"),
@@ -162,6 +162,30 @@ def test_unimplemented_fields_are_refused_naming_them(client, up, kwargs, param,
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=up.model, messages=[{"role": "user", "content": "x"}], max_tokens=2, **kwargs)
     assert (e.value.param, e.value.code) == (param, code), e.value.body
+
+
+def test_logprobs_penalties_and_bias_through_the_official_client(client, up):
+    """logprobs (chat and completions, streamed and not) and logit_bias reach the runtime
+    and come back in OpenAI's shapes; the penalties are accepted and run."""
+    msgs = [{"role": "user", "content": "Count to ten"}]
+    r = client.chat.completions.create(model=up.model, messages=msgs, max_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=2, frequency_penalty=1.5, presence_penalty=0.5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.logprob <= 0 and e.bytes is not None for e in content)
+    streamed = []
+    for chunk in client.chat.completions.create(model=up.model, messages=msgs, max_tokens=5, temperature=0,
+                                                logprobs=True, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert 0 < len(streamed) <= 5
+    forced = client.chat.completions.create(model=up.model, messages=msgs, max_tokens=4, logprobs=True,
+                                            logit_bias={"65": 100}).choices[0].logprobs.content
+    assert len({e.token for e in forced}) == 1 and all(e.logprob > -0.01 for e in forced)
+    c = client.completions.create(model=up.model, prompt="One two", max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == c.usage.completion_tokens
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
 def test_no_op_values_of_unimplemented_fields_are_accepted(client, up):
