@@ -7,7 +7,43 @@ costs").
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+
+def make_sampler(temp: float, top_p: float, top_k: int, min_p: float, seed: int, vocab: int) -> Callable:
+    """A per-request sampler with its own PRNG key, so a seed decides the text even in a batch.
+
+    mlx-lm's make_sampler draws from the global mx.random state, which every row of a
+    batch shares; splitting a private key each step makes the draw depend only on the seed
+    and the step.
+    """
+    if temp == 0:
+        return _greedy  # one object shared by greedy rows: BatchGenerator samples them in one call
+    methods: list[Callable[[mx.array], mx.array]] = []
+    if 0 < top_p < 1.0:
+        methods.append(lambda x: apply_top_p(x, top_p))
+    if min_p > 0.0:
+        methods.append(lambda x: apply_min_p(x, min_p))
+    if 0 < top_k < vocab:
+        methods.append(lambda x: apply_top_k(x, top_k))
+    state = {"key": mx.random.key(seed)}
+    inv_temp = 1.0 / temp
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        for m in methods:
+            logprobs = m(logprobs)
+        key, sub = mx.random.split(state["key"])
+        state["key"] = key
+        return mx.random.categorical(logprobs * inv_temp, key=sub)
+
+    return sampler
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
 
 
 class OpenAIPenalties:
@@ -83,7 +119,8 @@ def logprob_entry(lltok, token: int, logprobs: mx.array, top: int) -> dict:
         order = mx.argsort(-vals)
         idx, vals = idx[order], vals[order]
         mx.eval(idx, vals)
-        alts = [{**_tok(lltok, int(i)), "logprob": _lp(float(v))} for i, v in zip(idx.tolist(), vals.tolist())]
+        pairs = zip(idx.tolist(), vals.tolist(), strict=True)
+        alts = [{**_tok(lltok, int(i)), "logprob": _lp(float(v))} for i, v in pairs]
     else:
         alts = []
     return {**_tok(lltok, token), "logprob": _lp(float(row[token].item())), "top_logprobs": alts}

@@ -76,15 +76,23 @@ def test_continuation_counts_toward_penalties(rt) -> None:
     # +20 bias on "z", but the continuation already holds "z" 12 times: 12 × 2 > 20.
     cont = "z" * 12
     assert tokens(rt, cont) == [z] * 12
-    res = gen(rt, prompt="Once upon a time", continuation=cont, max_tokens=3,
-              logit_bias={str(z): 20}, frequency_penalty=2)
+    res = gen(
+        rt,
+        prompt="Once upon a time",
+        continuation=cont,
+        max_tokens=3,
+        logit_bias={str(z): 20},
+        frequency_penalty=2,
+    )
     alone = gen(rt, prompt="Once upon a time", max_tokens=1, logit_bias={str(z): 20})
     assert alone["text"] == "z", "the bias alone should pick z; pick a larger bias"
     assert not res["text"].startswith("z")
 
 
 def test_logit_bias_outside_vocabulary_is_invalid(rt) -> None:
-    e = rt.error("generate", {"request_id": rid("s"), "model": "tiny", "prompt": "x", "logit_bias": {"999999": 1}})
+    e = rt.error(
+        "generate", {"request_id": rid("s"), "model": "tiny", "prompt": "x", "logit_bias": {"999999": 1}}
+    )
     assert e["data"]["code"] == "invalid_params" or e.get("message"), e
     assert "logit_bias" in str(e)
 
@@ -102,14 +110,20 @@ def test_logprobs_in_chunks_and_result(rt) -> None:
     assert b"".join(bytes(e["bytes"]) for e in lps).decode("utf-8", errors="replace") == res["text"]
     for e in lps:
         assert len(e["top_logprobs"]) == 3
-        assert e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"] >= e["top_logprobs"][2]["logprob"]
+        assert (
+            e["top_logprobs"][0]["logprob"]
+            >= e["top_logprobs"][1]["logprob"]
+            >= e["top_logprobs"][2]["logprob"]
+        )
         # Greedy: the chosen token is the most likely one.
         assert e["top_logprobs"][0]["token"] == e["token"] and e["logprob"] == e["top_logprobs"][0]["logprob"]
         assert e["logprob"] <= 0
     # Forced by logit_bias: probability ~1, so logprob ~0; and absent unless asked.
     (z,) = tokens(rt, "z")
     forced = gen(rt, prompt="x", max_tokens=2, logit_bias={str(z): 100}, logprobs=0)["logprobs"]
-    assert [e["token"] for e in forced] == ["z", "z"] and all(e["logprob"] > -1e-3 and e["top_logprobs"] == [] for e in forced)
+    assert [e["token"] for e in forced] == ["z", "z"] and all(
+        e["logprob"] > -1e-3 and e["top_logprobs"] == [] for e in forced
+    )
     assert "logprobs" not in gen(rt, prompt="x", max_tokens=2)
 
 
