@@ -77,7 +77,7 @@ var (
 		"response_format": {sub: responseFormatFields},
 		"top_k":           honoured, "min_p": honoured, "repetition_penalty": honoured,
 		"presence_penalty": honoured, "frequency_penalty": honoured, "logit_bias": honoured,
-		"n": unsupported("1", isJSON("1")),
+		"n": honoured, // n > 1: that many jobs, answered whole (choices.go)
 	}
 	// messageFields are the keys of one chat message. The assistant's own
 	// message, sent back as history, may carry its empty extras.

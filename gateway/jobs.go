@@ -72,6 +72,7 @@ type runSpec struct {
 	stream       bool
 	includeUsage bool
 	logprobs     bool // the answer reports token logprobs
+	n            int  // choices: n > 1 runs n jobs (choices.go)
 	format       format
 }
 
@@ -82,6 +83,7 @@ type request[T any] interface {
 	toJob(defaultModel string) (*schemas.JobRequest, paramMap, *apiError)
 	stream() bool
 	includeUsage() bool
+	choices() int
 }
 
 // serve decodes a body of type T, maps it to a job and runs it; every generation
@@ -98,7 +100,7 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		return
 	}
 	g.run(w, r, runSpec{endpoint: endpoint, job: job, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
-		logprobs: job.Logprobs != nil, format: f})
+		logprobs: job.Logprobs != nil, n: req.choices(), format: f})
 }
 
 // fail answers with an OpenAI error and counts the refusal.
@@ -173,6 +175,10 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	}
 	defer cancel()
 
+	if spec.n > 1 {
+		g.runChoices(w, r, spec, now, waitCtx)
+		return
+	}
 	stream, _, err := bus.SubmitStream(waitCtx, g.producer, g.nc, job, g.cfg.Stream)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -234,14 +240,25 @@ func (j *jobCall) next() (bus.Event, error) {
 
 // whole answers with one body once the job ends.
 func (j *jobCall) whole() {
+	body, aerr, answer := j.await()
+	switch {
+	case !answer:
+	case aerr != nil:
+		j.g.fail(j.w, j.spec.endpoint, aerr)
+	default:
+		writeJSON(j.w, http.StatusOK, body)
+	}
+}
+
+// await waits for the job's end and returns its one-choice body, or the error to
+// answer with; answer is false when nobody is left to answer (the client left).
+func (j *jobCall) await() (body any, aerr *apiError, answer bool) {
 	var lps eventLogprobs
 	for {
 		ev, err := j.next()
 		if err != nil {
-			if e := j.abandon(err); e != nil {
-				j.g.fail(j.w, j.spec.endpoint, e)
-			}
-			return
+			e := j.abandon(err)
+			return nil, e, e != nil
 		}
 		res := ev.Result
 		if res == nil {
@@ -251,8 +268,7 @@ func (j *jobCall) whole() {
 			continue
 		}
 		if res.Status != schemas.StatusCompleted {
-			j.g.fail(j.w, j.spec.endpoint, fromResult(res))
-			return
+			return nil, fromResult(res), true
 		}
 		model := j.meta
 		if res.Model != "" {
@@ -262,8 +278,7 @@ func (j *jobCall) whole() {
 		if j.spec.logprobs {
 			lp = &logprobs{entries: lps.final(res)}
 		}
-		writeJSON(j.w, http.StatusOK, j.spec.format.body(model, res.Text, finishReason(res), usageOf(res), lp))
-		return
+		return j.spec.format.body(model, res.Text, finishReason(res), usageOf(res), lp), nil, true
 	}
 }
 

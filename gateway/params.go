@@ -36,6 +36,8 @@ type samplingParams struct {
 	PresencePenalty  *float64           `json:"presence_penalty"`
 	FrequencyPenalty *float64           `json:"frequency_penalty"`
 	LogitBias        map[string]float64 `json:"logit_bias"`
+	// N asks for that many choices, each a job of its own (choices.go).
+	N *int `json:"n"`
 }
 
 type streamOptions struct {
@@ -124,6 +126,9 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 	job.Seed = p.Seed
 	job.TopK = p.TopK
 	job.MinP = p.MinP
+	if aerr := checkChoices(p.N, p.stream()); aerr != nil {
+		return aerr
+	}
 	job.RepetitionPenalty = p.RepetitionPenalty
 	job.PresencePenalty = p.PresencePenalty
 	job.FrequencyPenalty = p.FrequencyPenalty
@@ -157,6 +162,13 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 }
 
 func (p *samplingParams) stream() bool { return p.Stream != nil && *p.Stream }
+
+func (p *samplingParams) choices() int {
+	if p.N == nil {
+		return 1
+	}
+	return *p.N
+}
 
 func (p *samplingParams) includeUsage() bool {
 	return p.StreamOptions != nil && p.StreamOptions.IncludeUsage != nil && *p.StreamOptions.IncludeUsage

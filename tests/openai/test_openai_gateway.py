@@ -149,7 +149,7 @@ def test_unknown_model_is_404(client):
     [
         ({"store": True}, "store", "unsupported_parameter"),
         ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),  # needs logprobs=True
-        ({"n": 2}, "n", "unsupported_parameter"),
+        ({"n": 9}, "n", "invalid_value"),
         ({"service_tier": "auto"}, "service_tier", "unsupported_parameter"),
         ({"extra_body": {"temprature": 0.5}}, "temprature", "unknown_parameter"),
     ],
@@ -164,9 +164,10 @@ def test_unimplemented_fields_are_refused_naming_them(client, up, kwargs, param,
     assert (e.value.param, e.value.code) == (param, code), e.value.body
 
 
-def test_logprobs_penalties_and_bias_through_the_official_client(client, up):
+def test_logprobs_penalties_bias_and_n_through_the_official_client(client, up):
     """logprobs (chat and completions, streamed and not) and logit_bias reach the runtime
-    and come back in OpenAI's shapes; the penalties are accepted and run."""
+    and come back in OpenAI's shapes; the penalties are accepted and run; n=2 gives two
+    indexed choices."""
     msgs = [{"role": "user", "content": "Count to ten"}]
     r = client.chat.completions.create(model=up.model, messages=msgs, max_tokens=5, temperature=0,
                                        logprobs=True, top_logprobs=2, frequency_penalty=1.5, presence_penalty=0.5)
@@ -186,6 +187,10 @@ def test_logprobs_penalties_and_bias_through_the_official_client(client, up):
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == c.usage.completion_tokens
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    two = client.chat.completions.create(model=up.model, messages=msgs, max_tokens=4, n=2, seed=3, temperature=1)
+    assert [c.index for c in two.choices] == [0, 1]
+    # The prompt counts once; the completions of both choices add up.
+    assert two.usage.prompt_tokens == r.usage.prompt_tokens and 2 <= two.usage.completion_tokens <= 8
 
 
 def test_no_op_values_of_unimplemented_fields_are_accepted(client, up):
