@@ -287,11 +287,7 @@ func (j *jobCall) await() (body any, aerr *apiError, answer bool) {
 func (j *jobCall) streamed() {
 	sse := newSSEWriter(j.w)
 	f, m := j.spec.format, j.meta
-	var sent strings.Builder
-	var text []byte
-	var pending []schemas.TokenLogprob // entries of text not yet sent
-	sentChars := 0
-	diverged := false
+	cs := j.choiceStream()
 	begin := func() error {
 		if sse.started {
 			return nil
@@ -316,42 +312,20 @@ func (j *jobCall) streamed() {
 			}
 			return
 		}
-		if tok := ev.Token; tok != nil {
-			// text is the job's text as the stream now has it; sent is what the
-			// client has. They differ only after a rewind (an attempt that had to
-			// start over): then nothing goes out until the new attempt has
-			// regenerated what was sent, and only if it regenerated it exactly.
-			if ev.Rewind {
-				text = text[:min(ev.Offset, len(text))]
-				pending = pending[:0]
-			}
-			text = append(text, tok.Delta...)
-			if len(text) <= sent.Len() || diverged {
-				continue // regenerated text the client has: so are its entries
-			}
-			pending = append(pending, tok.Logprobs...)
-			if !strings.HasPrefix(string(text), sent.String()) {
-				diverged = true
-				j.g.log.Warn().Str("job_id", j.job.ID).Int("attempt", tok.Attempt).
-					Msg("a restarted attempt regenerated different text; the stream stops and the result is whole")
+		if ev.Token != nil {
+			out, lp, ok := cs.token(ev)
+			if !ok {
 				continue
 			}
-			out := string(text[sent.Len():])
 			if err := begin(); err != nil {
 				j.clientLeft(err)
 				return
-			}
-			var lp *logprobs
-			if j.spec.logprobs {
-				lp = &logprobs{entries: pending, offset: sentChars}
 			}
 			if err := sse.send(f.delta(m, out, lp)); err != nil {
 				j.clientLeft(err)
 				return
 			}
-			sent.WriteString(out)
-			sentChars += utf8.RuneCountInString(out)
-			pending = nil
+			cs.commit(out)
 			continue
 		}
 		res := ev.Result
@@ -368,26 +342,16 @@ func (j *jobCall) streamed() {
 			j.clientLeft(err)
 			return
 		}
-		// Deltas lost on the way (a gap, or a terminal read from RESULTS) are
-		// sent now from the record's whole text, when what was sent is its prefix.
-		if rest, ok := strings.CutPrefix(res.Text, sent.String()); ok && rest != "" {
-			// Their entries are lost with them; the result's copy cannot be
-			// aligned with them, so this chunk reports none.
-			var lp *logprobs
-			if j.spec.logprobs {
-				lp = &logprobs{offset: sentChars}
-			}
+		rest, lp, ok := cs.rest(res)
+		if !ok {
+			_ = sse.send(errStreamDiverged(j.job.ID).body())
+			return
+		}
+		if rest != "" {
 			if err := sse.send(f.delta(m, rest, lp)); err != nil {
 				j.clientLeft(err)
 				return
 			}
-		} else if !ok {
-			// The client holds text that is not the result's beginning: it cannot
-			// be taken back, so say so instead of finishing as if all were well.
-			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
-				Msg("streamed text differs from the job's result text")
-			_ = sse.send(errStreamDiverged(j.job.ID).body())
-			return
 		}
 		if err := sse.send(f.final(m, finishReason(res))); err != nil {
 			j.clientLeft(err)
@@ -404,6 +368,77 @@ func (j *jobCall) streamed() {
 		}
 		return
 	}
+}
+
+// choiceStream is one choice's streamed text: what its job's events have built
+// (text) and what the client has been sent (sent).
+type choiceStream struct {
+	j         *jobCall
+	sent      strings.Builder
+	text      []byte
+	pending   []schemas.TokenLogprob // entries of text not yet sent
+	sentChars int
+	diverged  bool
+}
+
+func (j *jobCall) choiceStream() *choiceStream { return &choiceStream{j: j} }
+
+// token takes a token event and returns the delta to send, if any.
+//
+// text is the job's text as the stream now has it; sent is what the client has.
+// They differ only after a rewind (an attempt that had to start over): then
+// nothing goes out until the new attempt has regenerated what was sent, and only
+// if it regenerated it exactly.
+func (c *choiceStream) token(ev bus.Event) (string, *logprobs, bool) {
+	if ev.Rewind {
+		c.text = c.text[:min(ev.Offset, len(c.text))]
+		c.pending = c.pending[:0]
+	}
+	c.text = append(c.text, ev.Token.Delta...)
+	if len(c.text) <= c.sent.Len() || c.diverged {
+		return "", nil, false // regenerated text the client has: so are its entries
+	}
+	c.pending = append(c.pending, ev.Token.Logprobs...)
+	if !strings.HasPrefix(string(c.text), c.sent.String()) {
+		c.diverged = true
+		c.j.g.log.Warn().Str("job_id", c.j.job.ID).Int("attempt", ev.Token.Attempt).
+			Msg("a restarted attempt regenerated different text; the stream stops and the result is whole")
+		return "", nil, false
+	}
+	var lp *logprobs
+	if c.j.spec.logprobs {
+		lp = &logprobs{entries: c.pending, offset: c.sentChars}
+	}
+	return string(c.text[c.sent.Len():]), lp, true
+}
+
+// commit records out as sent.
+func (c *choiceStream) commit(out string) {
+	c.sent.WriteString(out)
+	c.sentChars += utf8.RuneCountInString(out)
+	c.pending = nil
+}
+
+// rest returns the result's text the client lacks: deltas lost on the way (a gap,
+// or a terminal read from RESULTS) are sent from the record's whole text. Their
+// entries are lost with them: the result's copy cannot be aligned with them, so
+// that delta reports none. ok is false when the client holds text that is not
+// the result's beginning: it cannot be taken back.
+func (c *choiceStream) rest(res *schemas.ResultMsg) (string, *logprobs, bool) {
+	rest, ok := strings.CutPrefix(res.Text, c.sent.String())
+	if !ok {
+		c.j.g.log.Warn().Str("job_id", c.j.job.ID).Int("missed", c.j.stream.Missed()).
+			Msg("streamed text differs from the job's result text")
+		return "", nil, false
+	}
+	var lp *logprobs
+	if c.j.spec.logprobs {
+		lp = &logprobs{offset: c.sentChars}
+	}
+	if rest != "" {
+		c.commit(rest)
+	}
+	return rest, lp, true
 }
 
 // abandon handles a wait that ended without a terminal: the client left, the
