@@ -8,22 +8,17 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 // maxChoices bounds n: each choice is a job of its own.
 const maxChoices = 8
 
-// checkChoices holds n to 1..maxChoices; n > 1 is answered whole only.
-func checkChoices(n *int, stream bool) *apiError {
-	switch {
-	case n == nil || *n == 1:
-		return nil
-	case *n < 1 || *n > maxChoices:
+// checkChoices holds n to 1..maxChoices.
+func checkChoices(n *int) *apiError {
+	if n != nil && (*n < 1 || *n > maxChoices) {
 		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: "n", Code: "invalid_value",
 			Message: fmt.Sprintf("'n' must be between 1 and %d.", maxChoices)}
-	case stream:
-		return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: "n", Code: "unsupported_parameter",
-			Message: "'n' > 1 is not supported with stream: true by this server; omit stream or send n: 1."}
 	}
 	return nil
 }
@@ -76,10 +71,14 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, spec runSpe
 		defer stream.Close()
 		g.metrics.submitted.inc(spec.endpoint)
 		ids = append(ids, job.ID)
-		m := meta{id: spec.format.idPrefix() + base.ID, created: now.Unix(), model: job.Model}
+		m := meta{id: spec.format.idPrefix() + base.ID, created: now.Unix(), model: job.Model, includeUsage: spec.stream && spec.includeUsage}
 		calls = append(calls, &jobCall{g: g, w: w, r: r, spec: spec, job: &job, stream: stream, waitCtx: waitCtx, meta: m})
 	}
 	w.Header().Set("X-Mlx-Job-Id", strings.Join(ids, ","))
+	if spec.stream {
+		streamChoices(calls)
+		return
+	}
 
 	bodies := make([]any, 0, spec.n)
 	for i, c := range calls {
@@ -125,4 +124,156 @@ func mergeChoices(bodies []any) any {
 		return first
 	}
 	return bodies[0]
+}
+
+// streamChoices streams every choice at once, each chunk naming its choice's
+// index, as OpenAI does; one [DONE] ends them all. A choice that fails ends the
+// stream with its error and cancels the others.
+func streamChoices(calls []*jobCall) {
+	c0 := calls[0]
+	g, w, spec, m := c0.g, c0.w, c0.spec, c0.meta
+	f := spec.format
+	sse := newSSEWriter(w)
+	type item struct {
+		i   int
+		ev  bus.Event
+		err error
+	}
+	items := make(chan item)
+	quit := make(chan struct{})
+	defer close(quit)
+	for i, c := range calls {
+		go func() {
+			for {
+				ev, err := c.next()
+				select {
+				case items <- item{i, ev, err}:
+				case <-quit:
+					return
+				}
+				if err != nil || ev.Result != nil {
+					return
+				}
+			}
+		}()
+	}
+	states := make([]*choiceStream, len(calls))
+	for i, c := range calls {
+		states[i] = c.choiceStream()
+	}
+	finished := make([]bool, len(calls))
+	cancelRest := func(reason string) {
+		for i, c := range calls {
+			if !finished[i] {
+				c.cancel(reason)
+			}
+		}
+	}
+	send := func(v any, i int) bool {
+		if err := sse.send(withIndex(v, i)); err != nil {
+			g.metrics.disconnects.inc()
+			cancelRest("client disconnected")
+			return false
+		}
+		return true
+	}
+	begin := func() bool {
+		if sse.started {
+			return true
+		}
+		if f.first(m) == nil {
+			sse.start()
+			return true
+		}
+		for i := range calls {
+			if !send(f.first(m), i) {
+				return false
+			}
+		}
+		return true
+	}
+	failWith := func(e *apiError) {
+		if !sse.started {
+			g.fail(w, spec.endpoint, e)
+			return
+		}
+		_ = sse.send(e.body())
+	}
+	var total usage
+	for left := len(calls); left > 0; {
+		it := <-items
+		c, cs := calls[it.i], states[it.i]
+		if it.err != nil {
+			finished[it.i] = true
+			e := c.abandon(it.err) // cancels this choice's job
+			cancelRest("a sibling choice failed")
+			if e != nil {
+				failWith(e)
+			}
+			return
+		}
+		if it.ev.Token != nil {
+			out, lp, ok := cs.token(it.ev)
+			if !ok {
+				continue
+			}
+			if !begin() || !send(f.delta(m, out, lp), it.i) {
+				return
+			}
+			cs.commit(out)
+			continue
+		}
+		res := it.ev.Result
+		finished[it.i] = true
+		if res.Status != schemas.StatusCompleted {
+			cancelRest("a sibling choice failed")
+			failWith(fromResult(res))
+			return
+		}
+		if !begin() {
+			return
+		}
+		rest, lp, ok := cs.rest(res)
+		if !ok {
+			cancelRest("a sibling choice's stream diverged")
+			_ = sse.send(errStreamDiverged(c.job.ID).body())
+			return
+		}
+		if rest != "" && !send(f.delta(m, rest, lp), it.i) {
+			return
+		}
+		if !send(f.final(m, finishReason(res)), it.i) {
+			return
+		}
+		u := usageOf(res)
+		if left == len(calls) {
+			total.PromptTokens = u.PromptTokens
+		}
+		total.CompletionTokens += u.CompletionTokens
+		left--
+	}
+	total.TotalTokens = total.PromptTokens + total.CompletionTokens
+	if m.includeUsage {
+		if err := sse.send(f.usage(m, total)); err != nil {
+			return
+		}
+	}
+	_ = sse.done()
+}
+
+// withIndex sets the choice index of a one-choice chunk.
+func withIndex(v any, i int) any {
+	switch c := v.(type) {
+	case chatChunk:
+		if len(c.Choices) == 1 {
+			c.Choices[0].Index = i
+		}
+		return c
+	case textCompletion:
+		if len(c.Choices) == 1 {
+			c.Choices[0].Index = i
+		}
+		return c
+	}
+	return v
 }

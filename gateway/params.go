@@ -126,7 +126,7 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 	job.Seed = p.Seed
 	job.TopK = p.TopK
 	job.MinP = p.MinP
-	if aerr := checkChoices(p.N, p.stream()); aerr != nil {
+	if aerr := checkChoices(p.N); aerr != nil {
 		return aerr
 	}
 	job.RepetitionPenalty = p.RepetitionPenalty

@@ -191,6 +191,12 @@ def test_logprobs_penalties_bias_and_n_through_the_official_client(client, up):
     assert [c.index for c in two.choices] == [0, 1]
     # The prompt counts once; the completions of both choices add up.
     assert two.usage.prompt_tokens == r.usage.prompt_tokens and 2 <= two.usage.completion_tokens <= 8
+    finished = {}
+    for chunk in client.chat.completions.create(model=up.model, messages=msgs, max_tokens=4, n=2, stream=True):
+        for ch in chunk.choices:
+            if ch.finish_reason:
+                finished[ch.index] = ch.finish_reason
+    assert sorted(finished) == [0, 1]
 
 
 def test_no_op_values_of_unimplemented_fields_are_accepted(client, up):
