@@ -134,3 +134,12 @@ def test_logprobs_stop_at_the_stop_string(rt) -> None:
     assert res["finish_reason"] == "stop"
     assert len(res["logprobs"]) < len(base["logprobs"])
     assert res["logprobs"] == base["logprobs"][: len(res["logprobs"])]
+
+
+def test_logprobs_of_a_continuation_cover_only_new_tokens(rt) -> None:
+    """A migrated job's continuation was reported by the earlier attempt: the runtime
+    reports entries only for the tokens it generates."""
+    res = gen(rt, prompt="Once upon a time", continuation=" there was", max_tokens=5, logprobs=1)
+    assert len(res["logprobs"]) == res["usage"]["completion_tokens"] == 5
+    joined = b"".join(bytes(e["bytes"]) for e in res["logprobs"])
+    assert joined.decode("utf-8", errors="replace") == res["text"]
