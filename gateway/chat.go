@@ -14,6 +14,8 @@ type chatRequest struct {
 	samplingParams
 	Messages            []chatMessage `json:"messages"`
 	MaxCompletionTokens *int          `json:"max_completion_tokens"`
+	Logprobs            *bool         `json:"logprobs"`
+	TopLogprobs         *int          `json:"top_logprobs"`
 	// Metadata are the client's labels; the job carries them (echoed in logs).
 	Metadata map[string]string `json:"metadata"`
 }
@@ -56,6 +58,20 @@ func (req *chatRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMa
 			md["user"] = u
 		}
 		job.Metadata, pm.metadata = md, true
+	}
+	if req.TopLogprobs != nil {
+		if aerr := checkTopLogprobs(*req.TopLogprobs, "top_logprobs"); aerr != nil {
+			return nil, pm, aerr
+		}
+	}
+	if req.Logprobs != nil && *req.Logprobs {
+		top := 0
+		if req.TopLogprobs != nil {
+			top = *req.TopLogprobs
+		}
+		job.Logprobs = &top
+	} else if req.TopLogprobs != nil && *req.TopLogprobs > 0 {
+		return nil, pm, errInvalid("top_logprobs", "'top_logprobs' needs 'logprobs' set to true.")
 	}
 	if len(req.Messages) == 0 {
 		return nil, pm, errInvalid("messages", "'messages' must hold at least one message.")
@@ -148,10 +164,10 @@ type chatDelta struct {
 
 func (chatFormat) idPrefix() string { return "chatcmpl-" }
 
-func (chatFormat) body(m meta, text, finish string, u usage) any {
+func (chatFormat) body(m meta, text, finish string, u usage, lp *logprobs) any {
 	return chatCompletion{
 		ID: m.id, Object: "chat.completion", Created: m.created, Model: m.model,
-		Choices: []chatChoice{{Index: 0, Message: chatOutMessage{Role: "assistant", Content: text}, Logprobs: jsonNull, FinishReason: finish}},
+		Choices: []chatChoice{{Index: 0, Message: chatOutMessage{Role: "assistant", Content: text}, Logprobs: lp.chatJSON(), FinishReason: finish}},
 		Usage:   u,
 	}
 }
@@ -170,8 +186,10 @@ func (f chatFormat) first(m meta) any {
 	return f.chunk(m, chatDelta{Role: "assistant", Content: &empty}, nil)
 }
 
-func (f chatFormat) delta(m meta, text string) any {
-	return f.chunk(m, chatDelta{Content: &text}, nil)
+func (f chatFormat) delta(m meta, text string, lp *logprobs) any {
+	c := f.chunk(m, chatDelta{Content: &text}, nil)
+	c.Choices[0].Logprobs = lp.chatJSON()
+	return c
 }
 
 func (f chatFormat) final(m meta, finish string) any {

@@ -158,7 +158,7 @@ func TestChatNonStreaming(t *testing.T) {
 		"seed":                  7,
 		"stop":                  "\n\n",
 		"user":                  "u-1",
-		"frequency_penalty":     0, // harmless, ignored
+		"frequency_penalty":     0, // its no-op value
 		"response_format": map[string]any{"type": "json_schema", "json_schema": map[string]any{
 			"name": "x", "schema": map[string]any{"type": "object", "properties": map[string]any{"a": map[string]any{"type": "string"}}}}},
 	}))

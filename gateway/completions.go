@@ -16,6 +16,8 @@ const defaultCompletionMaxTokens = 16
 type completionRequest struct {
 	samplingParams
 	Prompt json.RawMessage `json:"prompt"`
+	// Logprobs asks for each token's logprob and this many alternatives.
+	Logprobs *int `json:"logprobs"`
 }
 
 func (g *Gateway) handleCompletions(w http.ResponseWriter, r *http.Request) {
@@ -30,6 +32,12 @@ func (req *completionRequest) toJob(defaultModel string) (*schemas.JobRequest, p
 	}
 	if req.MaxTokens == nil {
 		job.MaxTokens = defaultCompletionMaxTokens
+	}
+	if req.Logprobs != nil {
+		if aerr := checkTopLogprobs(*req.Logprobs, "logprobs"); aerr != nil {
+			return nil, pm, aerr
+		}
+		job.Logprobs = req.Logprobs
 	}
 	raw := strings.TrimSpace(string(req.Prompt))
 	if raw == "" || raw == "null" {
@@ -73,9 +81,9 @@ type textChoice struct {
 
 func (textFormat) idPrefix() string { return "cmpl-" }
 
-func (textFormat) body(m meta, text, finish string, u usage) any {
+func (textFormat) body(m meta, text, finish string, u usage, lp *logprobs) any {
 	return textCompletion{ID: m.id, Object: "text_completion", Created: m.created, Model: m.model,
-		Choices: []textChoice{{Text: text, Index: 0, Logprobs: jsonNull, FinishReason: &finish}}, Usage: u}
+		Choices: []textChoice{{Text: text, Index: 0, Logprobs: lp.textJSON(), FinishReason: &finish}}, Usage: u}
 }
 
 func (textFormat) chunk(m meta, text string, finish *string) textCompletion {
@@ -90,7 +98,11 @@ func (textFormat) chunk(m meta, text string, finish *string) textCompletion {
 // first is nil: completions have no role chunk.
 func (textFormat) first(meta) any { return nil }
 
-func (f textFormat) delta(m meta, text string) any { return f.chunk(m, text, nil) }
+func (f textFormat) delta(m meta, text string, lp *logprobs) any {
+	c := f.chunk(m, text, nil)
+	c.Choices[0].Logprobs = lp.textJSON()
+	return c
+}
 
 func (f textFormat) final(m meta, finish string) any { return f.chunk(m, "", &finish) }
 

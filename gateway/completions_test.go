@@ -96,7 +96,7 @@ func TestCompletionsInvalid(t *testing.T) {
 		`{"model":"tiny-model","prompt":["a","b"]}`:            "prompt",
 		`{"model":"tiny-model","prompt":[1,2,3]}`:              "prompt",
 		`{"model":"tiny-model","prompt":"a","echo":true}`:      "echo",
-		`{"model":"tiny-model","prompt":"a","logprobs":2}`:     "logprobs",
+		`{"model":"tiny-model","prompt":"a","logprobs":21}`:    "logprobs",
 		`{"model":"tiny-model","prompt":"a","temperature":-1}`: "temperature",
 	} {
 		expectError(t, postJSON(t, srv.URL+"/v1/completions", body), http.StatusBadRequest, param, "")

@@ -142,7 +142,8 @@ func (m paramMap) param(path string) (string, bool) {
 		head = p[:i]
 	}
 	switch head {
-	case "model", "messages", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed":
+	case "model", "messages", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+		"presence_penalty", "frequency_penalty", "logit_bias":
 		return p, true
 	case "max_tokens":
 		if m.maxTokens != "" {

@@ -39,7 +39,7 @@ func TestInvalidRequestNamesTheField(t *testing.T) {
 		{"empty stop string", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"stop":""}`, "stop"},
 		{"too many stops", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"stop":["1","2","3","4","5","6","7","8","9"]}`, "stop"},
 		{"stream wrong type", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"stream":"yes"}`, "stream"},
-		{"n above one", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"n":2}`, "n"},
+		{"n above eight", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"n":9}`, "n"},
 		{"json_schema without schema", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"name":"x"}}}`, "response_format.json_schema.schema"},
 		{"empty json_schema", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"schema":{}}}}`, "response_format.json_schema.schema"},
 		{"unknown response_format", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"yaml"}}`, "response_format.type"},

@@ -76,10 +76,8 @@ var (
 		"stream_options":  {sub: streamOptionsFields},
 		"response_format": {sub: responseFormatFields},
 		"top_k":           honoured, "min_p": honoured, "repetition_penalty": honoured,
-		"n":                 unsupported("1", isJSON("1")),
-		"presence_penalty":  unsupported("0", isJSON("0")),
-		"frequency_penalty": unsupported("0", isJSON("0")),
-		"logit_bias":        unsupported("{}", isEmpty),
+		"presence_penalty": honoured, "frequency_penalty": honoured, "logit_bias": honoured,
+		"n": honoured, // n > 1: that many jobs, answered whole (choices.go)
 	}
 	// messageFields are the keys of one chat message. The assistant's own
 	// message, sent back as history, may carry its empty extras.
@@ -97,8 +95,8 @@ var (
 		"messages":              {sub: messageFields, each: true},
 		"max_completion_tokens": honoured,
 		"metadata":              honoured,
-		"logprobs":              unsupported("false", isJSON("false")),
-		"top_logprobs":          unsupported("0", isJSON("0")),
+		"logprobs":              honoured,
+		"top_logprobs":          honoured,
 		"tools":                 unsupported("[]", isEmpty),
 		"tool_choice":           unsupported(`"none"`, isJSON(`"none"`)),
 		"parallel_tool_calls":   unsupported("true", isJSON("true")),
@@ -120,7 +118,7 @@ var (
 		"echo":     unsupported("false", isJSON("false")),
 		"suffix":   unsupported(`""`, isJSON(`""`)),
 		"best_of":  unsupported("1", isJSON("1")),
-		"logprobs": unsupported("null", never), // an integer here; 0 still returns logprobs
+		"logprobs": honoured, // an integer here: alternatives per token; 0 still returns logprobs
 	})
 )
 

@@ -48,10 +48,15 @@ func sharedDocFields() []docField {
 		{name: "repetition_penalty", value: 1.2, job: func(j schemas.JobRequest) bool { return ptrIs(j.RepetitionPenalty, 1.2) }},
 		{name: "response_format", value: map[string]any{"type": "json_object"},
 			job: func(j schemas.JobRequest) bool { return j.JSONSchema["type"] == "object" }},
-		refused("n", 2, 1),
-		refused("presence_penalty", 0.5, 0),
-		refused("frequency_penalty", 0.5, 0),
-		refused("logit_bias", map[string]int{"50256": -100}, map[string]int{}),
+		{name: "n", value: 2, answer: func(a string) bool { return strings.Contains(a, `"index":1`) }},
+		// Mutation caught: dropping job.FrequencyPenalty in samplingParams.apply
+		// fails frequency_penalty here (the job lacks it).
+		{name: "presence_penalty", value: 0.5, job: func(j schemas.JobRequest) bool { return ptrIs(j.PresencePenalty, 0.5) }},
+		{name: "frequency_penalty", value: -0.5, job: func(j schemas.JobRequest) bool { return ptrIs(j.FrequencyPenalty, -0.5) }},
+		{name: "logit_bias", value: map[string]int{"50256": -100},
+			job: func(j schemas.JobRequest) bool {
+				return reflect.DeepEqual(j.LogitBias, map[string]float64{"50256": -100})
+			}},
 	}
 }
 
@@ -65,7 +70,7 @@ func chatDocFields() []docField {
 		refused("audio", map[string]any{"voice": "alloy", "format": "wav"}, nil),
 		refused("function_call", "auto", "none"),
 		refused("functions", []map[string]any{{"name": "f"}}, []any{}),
-		refused("logprobs", true, false),
+		docField{name: "logprobs", value: true, job: func(j schemas.JobRequest) bool { return ptrIs(j.Logprobs, 0) }},
 		refused("modalities", []string{"text", "audio"}, []string{"text"}),
 		refused("parallel_tool_calls", false, true),
 		refused("prediction", map[string]any{"type": "content", "content": "x"}, nil),
@@ -76,7 +81,7 @@ func chatDocFields() []docField {
 		refused("store", true, false),
 		refused("tool_choice", "auto", "none"),
 		refused("tools", []map[string]any{{"type": "function", "function": map[string]any{"name": "f"}}}, []any{}),
-		refused("top_logprobs", 2, 0),
+		docField{name: "top_logprobs", value: 2, job: func(j schemas.JobRequest) bool { return ptrIs(j.Logprobs, 2) }}, // sent with logprobs: true
 		refused("verbosity", "low", nil),
 		refused("web_search_options", map[string]any{}, nil),
 	)
@@ -88,7 +93,7 @@ func completionDocFields() []docField {
 		docField{name: "prompt", value: "other", job: func(j schemas.JobRequest) bool { return j.Prompt == "other" }},
 		refused("best_of", 2, 1),
 		refused("echo", true, false),
-		refused("logprobs", 1, nil),
+		docField{name: "logprobs", value: 1, job: func(j schemas.JobRequest) bool { return ptrIs(j.Logprobs, 1) }},
 		refused("suffix", "x", ""),
 	)
 }
@@ -121,6 +126,9 @@ func TestDocumentedFieldsHonouredOrRefused(t *testing.T) {
 			if field == "stream_options" {
 				body["stream"] = true
 			}
+			if field == "top_logprobs" {
+				body["logprobs"] = true
+			}
 			return postJSON(t, srv.URL+ep.path, body)
 		}
 		ok := func(name string, resp *http.Response) string {
@@ -145,6 +153,9 @@ func TestDocumentedFieldsHonouredOrRefused(t *testing.T) {
 			}
 			answer := ok(f.name, post(f.name, f.value))
 			job := fw.nextJob(t)
+			if f.name == "n" {
+				fw.nextJob(t) // n=2 is two jobs
+			}
 			if f.job != nil && !f.job(job) {
 				t.Fatalf("%s %s=%v: the job does not carry it: %+v", ep.path, f.name, f.value, job)
 			}

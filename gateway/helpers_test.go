@@ -167,21 +167,41 @@ func (fw *fakeWorker) nextJob(t *testing.T) schemas.JobRequest {
 	}
 }
 
+// fakeLogprob is the entry the fake worker reports for token d at position i
+// when the job asks for logprobs: logprob -(i+1)/10 and job.Logprobs alternatives.
+func fakeLogprob(job schemas.JobRequest, i int, d string) []schemas.TokenLogprob {
+	if job.Logprobs == nil {
+		return nil
+	}
+	b := make([]int, len(d))
+	for k := range len(d) {
+		b[k] = int(d[k])
+	}
+	e := schemas.TokenLogprob{Token: d, Logprob: -float64(i+1) / 10, Bytes: b, TopLogprobs: []schemas.TopLogprob{}}
+	for k := range *job.Logprobs {
+		e.TopLogprobs = append(e.TopLogprobs, schemas.TopLogprob{Token: d + strings.Repeat("'", k), Logprob: -float64(i+1+k) / 10, Bytes: b})
+	}
+	return []schemas.TokenLogprob{e}
+}
+
 func (fw *fakeWorker) serve(job schemas.JobRequest) {
 	s := fw.scr
 	if s.hang {
 		return
 	}
+	var lps []schemas.TokenLogprob // the final attempt's entries
 	var text strings.Builder
 	attempt, tokens := 1, s.tokens
 	for i, d := range s.tokens {
 		if s.restartAfter > 0 && i == s.restartAfter {
-			attempt, text = 2, strings.Builder{}
+			attempt, text, lps = 2, strings.Builder{}, nil
 			if tokens = s.restartTokens; tokens == nil {
 				tokens = s.tokens
 			}
 			for k, d := range tokens {
-				ev := schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 2, Seq: k, Delta: d, Tokens: k + 1, Offset: text.Len()}
+				ev := schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 2, Seq: k, Delta: d, Tokens: k + 1, Offset: text.Len(),
+					Logprobs: fakeLogprob(job, k, d)}
+				lps = append(lps, ev.Logprobs...)
 				text.WriteString(d)
 				data, _ := json.Marshal(ev)
 				_ = fw.nc.Publish(job.ReplyTo, data)
@@ -192,7 +212,9 @@ func (fw *fakeWorker) serve(job schemas.JobRequest) {
 			_ = fw.nc.Flush()
 			return
 		}
-		ev := schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 1, Seq: i, Delta: d, Tokens: i + 1, Offset: text.Len()}
+		ev := schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 1, Seq: i, Delta: d, Tokens: i + 1, Offset: text.Len(),
+			Logprobs: fakeLogprob(job, i, d)}
+		lps = append(lps, ev.Logprobs...)
 		text.WriteString(d)
 		if s.skipSeq > 0 && i == s.skipSeq {
 			continue
@@ -202,7 +224,8 @@ func (fw *fakeWorker) serve(job schemas.JobRequest) {
 	}
 	res := schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: attempt, Seq: len(tokens), Status: s.status,
 		FinishReason: s.finish, Text: text.String(), Model: job.Model, Tenant: job.Tenant, WorkerID: "fake-1", FinishedAt: time.Now().UTC(),
-		Usage: schemas.Usage{PromptTokens: s.prompt, CompletionTokens: len(tokens), TotalTokens: s.prompt + len(tokens)}}
+		Usage:    schemas.Usage{PromptTokens: s.prompt, CompletionTokens: len(tokens), TotalTokens: s.prompt + len(tokens)},
+		Logprobs: lps}
 	if s.errCode != "" {
 		res.Error = &schemas.ErrorInfo{Code: s.errCode, Message: "fake failure: " + s.errCode}
 	}

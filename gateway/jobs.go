@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -57,9 +58,9 @@ type meta struct {
 // format shapes one endpoint's bodies and stream events.
 type format interface {
 	idPrefix() string
-	body(m meta, text, finish string, u usage) any
+	body(m meta, text, finish string, u usage, lp *logprobs) any
 	first(m meta) any // nil when the endpoint has no opening event
-	delta(m meta, text string) any
+	delta(m meta, text string, lp *logprobs) any
 	final(m meta, finish string) any
 	usage(m meta, u usage) any
 }
@@ -70,6 +71,8 @@ type runSpec struct {
 	params       paramMap
 	stream       bool
 	includeUsage bool
+	logprobs     bool // the answer reports token logprobs
+	n            int  // choices: n > 1 runs n jobs (choices.go)
 	format       format
 }
 
@@ -80,6 +83,7 @@ type request[T any] interface {
 	toJob(defaultModel string) (*schemas.JobRequest, paramMap, *apiError)
 	stream() bool
 	includeUsage() bool
+	choices() int
 }
 
 // serve decodes a body of type T, maps it to a job and runs it; every generation
@@ -95,7 +99,8 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		g.fail(w, endpoint, aerr)
 		return
 	}
-	g.run(w, r, runSpec{endpoint: endpoint, job: job, params: pm, stream: req.stream(), includeUsage: req.includeUsage(), format: f})
+	g.run(w, r, runSpec{endpoint: endpoint, job: job, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
+		logprobs: job.Logprobs != nil, n: req.choices(), format: f})
 }
 
 // fail answers with an OpenAI error and counts the refusal.
@@ -170,6 +175,10 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	}
 	defer cancel()
 
+	if spec.n > 1 {
+		g.runChoices(w, r, spec, now, waitCtx)
+		return
+	}
 	stream, _, err := bus.SubmitStream(waitCtx, g.producer, g.nc, job, g.cfg.Stream)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -231,28 +240,45 @@ func (j *jobCall) next() (bus.Event, error) {
 
 // whole answers with one body once the job ends.
 func (j *jobCall) whole() {
+	body, aerr, answer := j.await()
+	switch {
+	case !answer:
+	case aerr != nil:
+		j.g.fail(j.w, j.spec.endpoint, aerr)
+	default:
+		writeJSON(j.w, http.StatusOK, body)
+	}
+}
+
+// await waits for the job's end and returns its one-choice body, or the error to
+// answer with; answer is false when nobody is left to answer (the client left).
+func (j *jobCall) await() (body any, aerr *apiError, answer bool) {
+	var lps eventLogprobs
 	for {
 		ev, err := j.next()
 		if err != nil {
-			if e := j.abandon(err); e != nil {
-				j.g.fail(j.w, j.spec.endpoint, e)
-			}
-			return
+			e := j.abandon(err)
+			return nil, e, e != nil
 		}
 		res := ev.Result
 		if res == nil {
+			if tok := ev.Token; tok != nil && j.spec.logprobs {
+				lps.add(&eventView{delta: tok.Delta, lps: tok.Logprobs, offset: ev.Offset, rewind: ev.Rewind, missed: ev.Missed})
+			}
 			continue
 		}
 		if res.Status != schemas.StatusCompleted {
-			j.g.fail(j.w, j.spec.endpoint, fromResult(res))
-			return
+			return nil, fromResult(res), true
 		}
 		model := j.meta
 		if res.Model != "" {
 			model.model = res.Model
 		}
-		writeJSON(j.w, http.StatusOK, j.spec.format.body(model, res.Text, finishReason(res), usageOf(res)))
-		return
+		var lp *logprobs
+		if j.spec.logprobs {
+			lp = &logprobs{entries: lps.final(res)}
+		}
+		return j.spec.format.body(model, res.Text, finishReason(res), usageOf(res), lp), nil, true
 	}
 }
 
@@ -261,9 +287,7 @@ func (j *jobCall) whole() {
 func (j *jobCall) streamed() {
 	sse := newSSEWriter(j.w)
 	f, m := j.spec.format, j.meta
-	var sent strings.Builder
-	var text []byte
-	diverged := false
+	cs := j.choiceStream()
 	begin := func() error {
 		if sse.started {
 			return nil
@@ -288,34 +312,20 @@ func (j *jobCall) streamed() {
 			}
 			return
 		}
-		if tok := ev.Token; tok != nil {
-			// text is the job's text as the stream now has it; sent is what the
-			// client has. They differ only after a rewind (an attempt that had to
-			// start over): then nothing goes out until the new attempt has
-			// regenerated what was sent, and only if it regenerated it exactly.
-			if ev.Rewind {
-				text = text[:min(ev.Offset, len(text))]
-			}
-			text = append(text, tok.Delta...)
-			if len(text) <= sent.Len() || diverged {
+		if ev.Token != nil {
+			out, lp, ok := cs.token(ev)
+			if !ok {
 				continue
 			}
-			if !strings.HasPrefix(string(text), sent.String()) {
-				diverged = true
-				j.g.log.Warn().Str("job_id", j.job.ID).Int("attempt", tok.Attempt).
-					Msg("a restarted attempt regenerated different text; the stream stops and the result is whole")
-				continue
-			}
-			out := string(text[sent.Len():])
 			if err := begin(); err != nil {
 				j.clientLeft(err)
 				return
 			}
-			if err := sse.send(f.delta(m, out)); err != nil {
+			if err := sse.send(f.delta(m, out, lp)); err != nil {
 				j.clientLeft(err)
 				return
 			}
-			sent.WriteString(out)
+			cs.commit(out)
 			continue
 		}
 		res := ev.Result
@@ -332,20 +342,16 @@ func (j *jobCall) streamed() {
 			j.clientLeft(err)
 			return
 		}
-		// Deltas lost on the way (a gap, or a terminal read from RESULTS) are
-		// sent now from the record's whole text, when what was sent is its prefix.
-		if rest, ok := strings.CutPrefix(res.Text, sent.String()); ok && rest != "" {
-			if err := sse.send(f.delta(m, rest)); err != nil {
+		rest, lp, ok := cs.rest(res)
+		if !ok {
+			_ = sse.send(errStreamDiverged(j.job.ID).body())
+			return
+		}
+		if rest != "" {
+			if err := sse.send(f.delta(m, rest, lp)); err != nil {
 				j.clientLeft(err)
 				return
 			}
-		} else if !ok {
-			// The client holds text that is not the result's beginning: it cannot
-			// be taken back, so say so instead of finishing as if all were well.
-			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
-				Msg("streamed text differs from the job's result text")
-			_ = sse.send(errStreamDiverged(j.job.ID).body())
-			return
 		}
 		if err := sse.send(f.final(m, finishReason(res))); err != nil {
 			j.clientLeft(err)
@@ -362,6 +368,77 @@ func (j *jobCall) streamed() {
 		}
 		return
 	}
+}
+
+// choiceStream is one choice's streamed text: what its job's events have built
+// (text) and what the client has been sent (sent).
+type choiceStream struct {
+	j         *jobCall
+	sent      strings.Builder
+	text      []byte
+	pending   []schemas.TokenLogprob // entries of text not yet sent
+	sentChars int
+	diverged  bool
+}
+
+func (j *jobCall) choiceStream() *choiceStream { return &choiceStream{j: j} }
+
+// token takes a token event and returns the delta to send, if any.
+//
+// text is the job's text as the stream now has it; sent is what the client has.
+// They differ only after a rewind (an attempt that had to start over): then
+// nothing goes out until the new attempt has regenerated what was sent, and only
+// if it regenerated it exactly.
+func (c *choiceStream) token(ev bus.Event) (string, *logprobs, bool) {
+	if ev.Rewind {
+		c.text = c.text[:min(ev.Offset, len(c.text))]
+		c.pending = c.pending[:0]
+	}
+	c.text = append(c.text, ev.Token.Delta...)
+	if len(c.text) <= c.sent.Len() || c.diverged {
+		return "", nil, false // regenerated text the client has: so are its entries
+	}
+	c.pending = append(c.pending, ev.Token.Logprobs...)
+	if !strings.HasPrefix(string(c.text), c.sent.String()) {
+		c.diverged = true
+		c.j.g.log.Warn().Str("job_id", c.j.job.ID).Int("attempt", ev.Token.Attempt).
+			Msg("a restarted attempt regenerated different text; the stream stops and the result is whole")
+		return "", nil, false
+	}
+	var lp *logprobs
+	if c.j.spec.logprobs {
+		lp = &logprobs{entries: c.pending, offset: c.sentChars}
+	}
+	return string(c.text[c.sent.Len():]), lp, true
+}
+
+// commit records out as sent.
+func (c *choiceStream) commit(out string) {
+	c.sent.WriteString(out)
+	c.sentChars += utf8.RuneCountInString(out)
+	c.pending = nil
+}
+
+// rest returns the result's text the client lacks: deltas lost on the way (a gap,
+// or a terminal read from RESULTS) are sent from the record's whole text. Their
+// entries are lost with them: the result's copy cannot be aligned with them, so
+// that delta reports none. ok is false when the client holds text that is not
+// the result's beginning: it cannot be taken back.
+func (c *choiceStream) rest(res *schemas.ResultMsg) (string, *logprobs, bool) {
+	rest, ok := strings.CutPrefix(res.Text, c.sent.String())
+	if !ok {
+		c.j.g.log.Warn().Str("job_id", c.j.job.ID).Int("missed", c.j.stream.Missed()).
+			Msg("streamed text differs from the job's result text")
+		return "", nil, false
+	}
+	var lp *logprobs
+	if c.j.spec.logprobs {
+		lp = &logprobs{offset: c.sentChars}
+	}
+	if rest != "" {
+		c.commit(rest)
+	}
+	return rest, lp, true
 }
 
 // abandon handles a wait that ended without a terminal: the client left, the

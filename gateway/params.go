@@ -32,6 +32,12 @@ type samplingParams struct {
 	TopK              *int     `json:"top_k"`
 	MinP              *float64 `json:"min_p"`
 	RepetitionPenalty *float64 `json:"repetition_penalty"`
+	// OpenAI's penalties and bias; the runtime applies them per row.
+	PresencePenalty  *float64           `json:"presence_penalty"`
+	FrequencyPenalty *float64           `json:"frequency_penalty"`
+	LogitBias        map[string]float64 `json:"logit_bias"`
+	// N asks for that many choices, each a job of its own (choices.go).
+	N *int `json:"n"`
 }
 
 type streamOptions struct {
@@ -120,7 +126,15 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 	job.Seed = p.Seed
 	job.TopK = p.TopK
 	job.MinP = p.MinP
+	if aerr := checkChoices(p.N); aerr != nil {
+		return aerr
+	}
 	job.RepetitionPenalty = p.RepetitionPenalty
+	job.PresencePenalty = p.PresencePenalty
+	job.FrequencyPenalty = p.FrequencyPenalty
+	if len(p.LogitBias) > 0 {
+		job.LogitBias = p.LogitBias
+	}
 	stop, isString, aerr := parseStop(p.Stop)
 	if aerr != nil {
 		return aerr
@@ -148,6 +162,13 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 }
 
 func (p *samplingParams) stream() bool { return p.Stream != nil && *p.Stream }
+
+func (p *samplingParams) choices() int {
+	if p.N == nil {
+		return 1
+	}
+	return *p.N
+}
 
 func (p *samplingParams) includeUsage() bool {
 	return p.StreamOptions != nil && p.StreamOptions.IncludeUsage != nil && *p.StreamOptions.IncludeUsage

@@ -41,25 +41,29 @@ type Message struct {
 
 // JobRequest is a generation job (schema "job"). Exactly one of Prompt and Messages is set.
 type JobRequest struct {
-	ID                string            `json:"id"`
-	Model             string            `json:"model"`
-	Prompt            string            `json:"prompt,omitempty"`
-	Messages          []Message         `json:"messages,omitempty"`
-	MaxTokens         int               `json:"max_tokens,omitempty"`
-	Temperature       *float64          `json:"temperature,omitempty"`
-	TopP              *float64          `json:"top_p,omitempty"`
-	TopK              *int              `json:"top_k,omitempty"`
-	MinP              *float64          `json:"min_p,omitempty"`
-	RepetitionPenalty *float64          `json:"repetition_penalty,omitempty"`
-	Seed              *int64            `json:"seed,omitempty"`
-	Stop              []string          `json:"stop,omitempty"`
-	JSONSchema        map[string]any    `json:"json_schema,omitempty"`
-	Priority          string            `json:"priority,omitempty"`
-	Deadline          *time.Time        `json:"deadline,omitempty"`
-	Tenant            string            `json:"tenant,omitempty"`
-	ReplyTo           string            `json:"reply_to"`
-	CreatedAt         *time.Time        `json:"created_at,omitempty"`
-	Metadata          map[string]string `json:"metadata,omitempty"`
+	ID                string             `json:"id"`
+	Model             string             `json:"model"`
+	Prompt            string             `json:"prompt,omitempty"`
+	Messages          []Message          `json:"messages,omitempty"`
+	MaxTokens         int                `json:"max_tokens,omitempty"`
+	Temperature       *float64           `json:"temperature,omitempty"`
+	TopP              *float64           `json:"top_p,omitempty"`
+	TopK              *int               `json:"top_k,omitempty"`
+	MinP              *float64           `json:"min_p,omitempty"`
+	RepetitionPenalty *float64           `json:"repetition_penalty,omitempty"`
+	PresencePenalty   *float64           `json:"presence_penalty,omitempty"`
+	FrequencyPenalty  *float64           `json:"frequency_penalty,omitempty"`
+	LogitBias         map[string]float64 `json:"logit_bias,omitempty"` // token id (decimal) -> bias
+	Logprobs          *int               `json:"logprobs,omitempty"`   // nil: none; n: each token's logprob and n alternatives
+	Seed              *int64             `json:"seed,omitempty"`
+	Stop              []string           `json:"stop,omitempty"`
+	JSONSchema        map[string]any     `json:"json_schema,omitempty"`
+	Priority          string             `json:"priority,omitempty"`
+	Deadline          *time.Time         `json:"deadline,omitempty"`
+	Tenant            string             `json:"tenant,omitempty"`
+	ReplyTo           string             `json:"reply_to"`
+	CreatedAt         *time.Time         `json:"created_at,omitempty"`
+	Metadata          map[string]string  `json:"metadata,omitempty"`
 }
 
 // Usage counts tokens as the model's tokenizer counts them.
@@ -90,6 +94,24 @@ type TokenEventMsg struct {
 	// starts at the length of the text already sent; one that had to start over
 	// starts at 0, and the caller drops what it had (bus.Event.Rewind).
 	Offset int `json:"offset,omitempty"`
+	// Logprobs, when the job asked for them: the tokens whose text starts in Delta.
+	Logprobs []TokenLogprob `json:"logprobs,omitempty"`
+}
+
+// TokenLogprob is one generated token's log probability and the most likely
+// tokens at its position: OpenAI's chat logprobs entry, forwarded as is.
+type TokenLogprob struct {
+	Token       string       `json:"token"`
+	Logprob     float64      `json:"logprob"` // -9999 stands for minus infinity
+	Bytes       []int        `json:"bytes"`
+	TopLogprobs []TopLogprob `json:"top_logprobs"`
+}
+
+// TopLogprob is one alternative at a position.
+type TopLogprob struct {
+	Token   string  `json:"token"`
+	Logprob float64 `json:"logprob"`
+	Bytes   []int   `json:"bytes"`
 }
 
 // Terminal statuses of a job.
@@ -124,6 +146,10 @@ type ResultMsg struct {
 	WorkerID     string     `json:"worker_id,omitempty"`
 	Timings      *Timings   `json:"timings,omitempty"`
 	FinishedAt   time.Time  `json:"finished_at"`
+	// Logprobs of the final attempt's tokens, bounded (MaxResultLogprobs); the
+	// token events carry every entry.
+	Logprobs          []TokenLogprob `json:"logprobs,omitempty"`
+	LogprobsTruncated bool           `json:"logprobs_truncated,omitempty"`
 }
 
 // CancelMsg asks for a job to be cancelled (schema "cancel").

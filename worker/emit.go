@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"encoding/json"
 	"strconv"
 	"strings"
 	"sync"
@@ -41,6 +42,7 @@ type emitter struct {
 	text     strings.Builder
 	pending  []byte
 	pendingN int
+	pendingL []schemas.TokenLogprob // logprobs of the pending text, when the job asked for them
 	timer    *time.Timer
 	stopped  bool
 }
@@ -76,10 +78,11 @@ func (e *emitter) chunk(c *schemas.GenerateChunk) {
 	}
 	e.text.WriteString(c.Text)
 	if !e.coalesce.enabled() {
-		e.publishLocked(c.Text)
+		e.publishLocked(c.Text, c.Logprobs)
 		return
 	}
 	e.pending = append(e.pending, c.Text...)
+	e.pendingL = append(e.pendingL, c.Logprobs...)
 	e.pendingN++
 	if e.coalesce.Tokens > 0 && e.pendingN >= e.coalesce.Tokens {
 		e.flushLocked()
@@ -91,7 +94,7 @@ func (e *emitter) chunk(c *schemas.GenerateChunk) {
 }
 
 // publishLocked sends one token event.
-func (e *emitter) publishLocked(delta string) {
+func (e *emitter) publishLocked(delta string, lps []schemas.TokenLogprob) {
 	b := append(e.buf[:0], e.prefix...)
 	b = strconv.AppendInt(b, int64(e.seq), 10)
 	b = append(b, `,"delta":`...)
@@ -100,6 +103,13 @@ func (e *emitter) publishLocked(delta string) {
 	b = strconv.AppendInt(b, int64(e.resumeN+e.tokens), 10)
 	b = append(b, `,"offset":`...)
 	b = strconv.AppendInt(b, int64(e.offset), 10)
+	if len(lps) > 0 {
+		// Only jobs that asked for logprobs pay for encoding/json here.
+		if raw, err := json.Marshal(lps); err == nil {
+			b = append(b, `,"logprobs":`...)
+			b = append(b, raw...)
+		}
+	}
 	b = append(b, '}')
 	e.buf = b
 	e.seq++
@@ -123,9 +133,10 @@ func (e *emitter) flushLocked() {
 	if e.pendingN == 0 {
 		return
 	}
-	e.publishLocked(unsafe.String(unsafe.SliceData(e.pending), len(e.pending)))
+	e.publishLocked(unsafe.String(unsafe.SliceData(e.pending), len(e.pending)), e.pendingL)
 	e.pending = e.pending[:0]
 	e.pendingN = 0
+	e.pendingL = nil
 }
 
 func (e *emitter) stop() {

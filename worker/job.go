@@ -249,6 +249,10 @@ func generateParams(r *jobRun) *schemas.GenerateParams {
 		TopK:              j.TopK,
 		MinP:              j.MinP,
 		RepetitionPenalty: j.RepetitionPenalty,
+		PresencePenalty:   j.PresencePenalty,
+		FrequencyPenalty:  j.FrequencyPenalty,
+		LogitBias:         j.LogitBias,
+		Logprobs:          j.Logprobs,
 		Seed:              j.Seed,
 		Stop:              j.Stop,
 		JSONSchema:        j.JSONSchema,
@@ -337,6 +341,10 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		res.Text = resumeText + gen.Text
 		res.Usage = usage(gen, resumeTokens)
 		res.Timings = timings(r, gen)
+		if j.Logprobs != nil {
+			res.Logprobs, res.LogprobsTruncated = boundLogprobs(gen.Logprobs)
+			res.LogprobsTruncated = res.LogprobsTruncated || resumeTokens > 0
+		}
 		res.FinishedAt = a.jobs.freeSlot(r)
 		traceEnd(span, res.Status, nil)
 		a.finish(ctx, &res, r.dispatcherID)

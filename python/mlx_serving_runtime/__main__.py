@@ -49,7 +49,7 @@ def runtime_info(engine: Any) -> dict[str, Any]:
 def handle(engine: Any, writer: Writer, line: bytes) -> None:
     """Answer one request line. Every failure becomes an error response, never an exit."""
     from . import validation
-    from .engine import request_from_params
+    from .request import request_from_params
 
     try:
         msg = json.loads(line)

@@ -9,21 +9,22 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+from mlx_lm.sample_utils import make_logits_processors
 
-from . import structured
+from . import sampling, structured
 from .protocol import RpcError, error_response, notification, response
+from .request import Request
+from .sampling import make_sampler
 
 log = logging.getLogger("mlx_serving_runtime")
 
@@ -43,35 +44,6 @@ class Model:
     gen: BatchGenerator | None = None
 
 
-@dataclass
-class Request:
-    rpc_id: Any
-    request_id: str
-    model_id: str
-    prompt_tokens: list[int]
-    prefix_len: int  # tokens of the rendered prompt (prompt_tokens minus continuation)
-    continuation: str
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    repetition_penalty: float | None
-    seed: int
-    stop: list[str]
-    grammar: str | None
-    accepted: float = field(default_factory=time.perf_counter)
-    # Filled on the generation thread.
-    uid: int = -1
-    detok: Any = None
-    out: str = ""  # generated text decoded so far
-    sent: int = 0  # chars of out already emitted
-    seq: int = 0
-    completion_tokens: int = 0
-    first_token_at: float | None = None
-    error: str | None = None
-
-
 def context_length(config: dict[str, Any], tokenizer: Any) -> int:
     for k in _CONTEXT_KEYS:
         v = config.get(k)
@@ -81,39 +53,6 @@ def context_length(config: dict[str, Any], tokenizer: Any) -> int:
     if isinstance(v, int) and 0 < v < 10_000_000:
         return v
     return 4096
-
-
-def make_sampler(temp: float, top_p: float, top_k: int, min_p: float, seed: int, vocab: int) -> Callable:
-    """A per-request sampler with its own PRNG key, so a seed decides the text even in a batch.
-
-    mlx-lm's make_sampler draws from the global mx.random state, which every row of a
-    batch shares; splitting a private key each step makes the draw depend only on the seed
-    and the step.
-    """
-    if temp == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    methods: list[Callable[[mx.array], mx.array]] = []
-    if 0 < top_p < 1.0:
-        methods.append(lambda x: apply_top_p(x, top_p))
-    if min_p > 0.0:
-        methods.append(lambda x: apply_min_p(x, min_p))
-    if 0 < top_k < vocab:
-        methods.append(lambda x: apply_top_k(x, top_k))
-    state = {"key": mx.random.key(seed)}
-    inv_temp = 1.0 / temp
-
-    def sampler(logprobs: mx.array) -> mx.array:
-        for m in methods:
-            logprobs = m(logprobs)
-        key, sub = mx.random.split(state["key"])
-        state["key"] = key
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-    return sampler
-
-
-def _identity(tokens: mx.array, logits: mx.array) -> mx.array:
-    return logits
 
 
 def _holdback(text: str, stops: list[str]) -> int:
@@ -365,11 +304,21 @@ class Engine:
             return
         try:
             sampler = make_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed, m.vocab_size)
-            # Always a non-empty processor list and an explicit sampler per row: older
-            # BatchGenerator.filter re-indexed them only when some row had one.
-            procs: list[Callable] = [_identity]
+            # Processors only for rows that need them: mlx-lm 0.32.2 re-indexes per-row
+            # processors on filter and runs rows without any on its batched path.
+            procs: list[Callable] = []
             if req.repetition_penalty is not None and req.repetition_penalty != 1.0:
                 procs += make_logits_processors(repetition_penalty=req.repetition_penalty)
+            if req.presence_penalty or req.frequency_penalty or req.logit_bias:
+                procs.append(
+                    sampling.OpenAIPenalties(
+                        m.vocab_size,
+                        req.presence_penalty,
+                        req.frequency_penalty,
+                        req.logit_bias,
+                        prior=req.prompt_tokens[req.prefix_len :],
+                    )
+                )
             if req.grammar is not None:
                 cont = req.prompt_tokens[req.prefix_len :]
 
@@ -422,6 +371,10 @@ class Engine:
             if req is None:
                 continue
             try:
+                if req.logprobs is not None and r.finish_reason != "stop":
+                    lltok = m.grammar_tokenizer.get()
+                    entry = sampling.logprob_entry(lltok, r.token, r.logprobs, req.logprobs)
+                    req.lp_pending.append((len(req.out), entry))
                 self._on_token(m, req, r.token, r.finish_reason, now)
             except Exception as e:
                 log.exception("request %s failed", req.request_id)
@@ -469,6 +422,7 @@ class Engine:
         if best < 0:
             return False
         self._emit(req, max(0, best - len(req.continuation)))
+        req.lp_pending.clear()  # tokens of the stop string and after: not part of the answer
         if finish is None:
             m.gen.remove([req.uid])
         self._end(req, "stop")
@@ -479,12 +433,19 @@ class Engine:
             return
         text = req.out[req.sent : upto]
         req.sent = upto
-        self.send(
-            notification(
-                "generate.chunk",
-                {"request_id": req.request_id, "seq": req.seq, "text": text, "tokens": req.completion_tokens},
-            )
-        )
+        chunk = {"request_id": req.request_id, "seq": req.seq, "text": text, "tokens": req.completion_tokens}
+        if req.logprobs is not None:
+            # A token goes with the chunk that carries the first character it added;
+            # one that added none yet (held-back bytes) waits for the text it brings.
+            n = 0
+            while n < len(req.lp_pending) and req.lp_pending[n][0] < upto:
+                n += 1
+            lps = [e for _, e in req.lp_pending[:n]]
+            del req.lp_pending[:n]
+            req.lp_sent += lps
+            if lps:
+                chunk["logprobs"] = lps
+        self.send(notification("generate.chunk", chunk))
         req.seq += 1
 
     def _end(self, req: Request, reason: str) -> None:
@@ -508,10 +469,17 @@ class Engine:
         prompt = req.prefix_len
         with self._lock:
             self._inflight.pop(req.request_id, None)
+        extra = {}
+        if req.logprobs is not None:
+            # Tokens that never added a character (the very end) are kept; those
+            # past a stop string were dropped with their text (_match_stop).
+            req.lp_sent += [e for _, e in req.lp_pending]
+            extra["logprobs"] = req.lp_sent
         self.send(
             response(
                 req.rpc_id,
                 {
+                    **extra,
                     "request_id": req.request_id,
                     "finish_reason": reason,
                     "text": req.out[: req.sent],
@@ -560,63 +528,3 @@ class Engine:
                     error_response(cmd[1], RpcError("shutting_down", f"runtime is shutting down ({why})"))
                 )
         return n
-
-
-def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Request:
-    """Tokenize and check a generate on the reader thread, so the engine only runs it."""
-    m = engine.model(p["model"])
-    tok = m.tokenizer
-    if "messages" in p:
-        if not getattr(tok, "chat_template", None):
-            raise RpcError(
-                "invalid_params",
-                f"model {m.id!r} has no chat template",
-                violations=[{"path": "$.messages", "reason": "model has no chat template"}],
-            )
-        text = tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
-        prompt = tok.encode(text, add_special_tokens=False)
-    else:
-        text = p["prompt"]
-        bos = getattr(tok, "bos_token", None)
-        prompt = tok.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
-    prefix_len = len(prompt)
-    cont = p.get("continuation", "")
-    if cont:
-        prompt = prompt + tok.encode(cont, add_special_tokens=False)
-    if not prompt:
-        raise RpcError(
-            "invalid_params",
-            "the prompt renders to no tokens",
-            violations=[{"path": "$.prompt", "reason": "renders to no tokens"}],
-        )
-    if len(prompt) >= m.context_length:
-        raise RpcError(
-            "context_exceeded",
-            f"prompt has {len(prompt)} tokens, the context of {m.id!r} is {m.context_length}",
-            prompt_tokens=len(prompt),
-            context_length=m.context_length,
-        )
-    grammar = None
-    if "json_schema" in p:
-        grammar = structured.compile_schema(m.grammar_tokenizer, p["json_schema"])
-    seed = p.get("seed")
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**63)
-    return Request(
-        rpc_id=rpc_id,
-        request_id=p["request_id"],
-        model_id=m.id,
-        prompt_tokens=prompt,
-        prefix_len=prefix_len,
-        continuation=cont,
-        # Generation ends at the context: a longer max_tokens finishes with "length" there.
-        max_tokens=min(int(p.get("max_tokens", 256)), m.context_length - len(prompt)),
-        temperature=float(p.get("temperature", 0.0)),
-        top_p=float(p.get("top_p", 1.0)),
-        top_k=int(p.get("top_k", 0)),
-        min_p=float(p.get("min_p", 0.0)),
-        repetition_penalty=p.get("repetition_penalty"),
-        seed=int(seed),
-        stop=list(p.get("stop", [])),
-        grammar=grammar,
-    )

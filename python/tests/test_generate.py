@@ -49,7 +49,7 @@ def test_max_tokens_capped_by_context(rt) -> None:
 
 
 def test_same_seed_same_text_alone_and_batched(rt) -> None:
-    """Mutation caught: engine.py make_sampler drawing from the global PRNG
+    """Mutation caught: sampling.py make_sampler drawing from the global PRNG
     (mx.random.categorical without key=sub) — red at the second alone run; seeding
     the global PRNG per request instead (mx.random.seed(seed)) — red inside the batch.
     """
@@ -233,7 +233,7 @@ def test_continuation_counts_and_is_not_reemitted(rt) -> None:
 
 
 def test_chat_template_applied(rt) -> None:
-    """Mutation caught: engine.py request_from_params tokenizing the messages'
+    """Mutation caught: request.py request_from_params tokenizing the messages'
     contents joined instead of apply_chat_template's rendering (prompt_tokens differ).
     """
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]

@@ -147,9 +147,9 @@ def test_unknown_model_is_404(client):
 @pytest.mark.parametrize(
     ("kwargs", "param", "code"),
     [
-        ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
-        ({"logprobs": True}, "logprobs", "unsupported_parameter"),
-        ({"n": 2}, "n", "unsupported_parameter"),
+        ({"store": True}, "store", "unsupported_parameter"),
+        ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),  # needs logprobs=True
+        ({"n": 9}, "n", "invalid_value"),
         ({"service_tier": "auto"}, "service_tier", "unsupported_parameter"),
         ({"extra_body": {"temprature": 0.5}}, "temprature", "unknown_parameter"),
     ],
@@ -162,6 +162,41 @@ def test_unimplemented_fields_are_refused_naming_them(client, up, kwargs, param,
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=up.model, messages=[{"role": "user", "content": "x"}], max_tokens=2, **kwargs)
     assert (e.value.param, e.value.code) == (param, code), e.value.body
+
+
+def test_logprobs_penalties_bias_and_n_through_the_official_client(client, up):
+    """logprobs (chat and completions, streamed and not) and logit_bias reach the runtime
+    and come back in OpenAI's shapes; the penalties are accepted and run; n=2 gives two
+    indexed choices."""
+    msgs = [{"role": "user", "content": "Count to ten"}]
+    r = client.chat.completions.create(model=up.model, messages=msgs, max_tokens=5, temperature=0,
+                                       logprobs=True, top_logprobs=2, frequency_penalty=1.5, presence_penalty=0.5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.logprob <= 0 and e.bytes is not None for e in content)
+    streamed = []
+    for chunk in client.chat.completions.create(model=up.model, messages=msgs, max_tokens=5, temperature=0,
+                                                logprobs=True, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert 0 < len(streamed) <= 5
+    forced = client.chat.completions.create(model=up.model, messages=msgs, max_tokens=4, logprobs=True,
+                                            logit_bias={"65": 100}).choices[0].logprobs.content
+    assert len({e.token for e in forced}) == 1 and all(e.logprob > -0.01 for e in forced)
+    c = client.completions.create(model=up.model, prompt="One two", max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == c.usage.completion_tokens
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    two = client.chat.completions.create(model=up.model, messages=msgs, max_tokens=4, n=2, seed=3, temperature=1)
+    assert [c.index for c in two.choices] == [0, 1]
+    # The prompt counts once; the completions of both choices add up.
+    assert two.usage.prompt_tokens == r.usage.prompt_tokens and 2 <= two.usage.completion_tokens <= 8
+    finished = {}
+    for chunk in client.chat.completions.create(model=up.model, messages=msgs, max_tokens=4, n=2, stream=True):
+        for ch in chunk.choices:
+            if ch.finish_reason:
+                finished[ch.index] = ch.finish_reason
+    assert sorted(finished) == [0, 1]
 
 
 def test_no_op_values_of_unimplemented_fields_are_accepted(client, up):

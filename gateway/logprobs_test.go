@@ -1,0 +1,151 @@
+package gateway
+
+import (
+	"encoding/json"
+	"net/http"
+	"reflect"
+	"testing"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+)
+
+type chatLogprobs struct {
+	Content []struct {
+		Token       string  `json:"token"`
+		Logprob     float64 `json:"logprob"`
+		Bytes       []int   `json:"bytes"`
+		TopLogprobs []struct {
+			Token   string  `json:"token"`
+			Logprob float64 `json:"logprob"`
+		} `json:"top_logprobs"`
+	} `json:"content"`
+}
+
+type textLogprobs struct {
+	Tokens        []string             `json:"tokens"`
+	TokenLogprobs []float64            `json:"token_logprobs"`
+	TopLogprobs   []map[string]float64 `json:"top_logprobs"`
+	TextOffset    []int                `json:"text_offset"`
+}
+
+func tokensOf(c chatLogprobs) []string {
+	var out []string
+	for _, e := range c.Content {
+		out = append(out, e.Token)
+	}
+	return out
+}
+
+// Chat: logprobs+top_logprobs reach the job, and every token's entry comes back in
+// OpenAI's shape, whole and streamed; without logprobs the field stays null.
+// Mutation caught: chatFormat.delta leaving Logprobs null (streamed entries missing);
+// whole() ignoring lps.final (the body's content empty).
+func TestChatLogprobs(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
+	_, srv := newTestGateway(t, tb, nil)
+
+	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{"logprobs": true, "top_logprobs": 2}))
+	if resp.StatusCode != http.StatusOK {
+		expectError(t, resp, 200, "", "")
+	}
+	body := decode[struct {
+		Choices []struct {
+			Logprobs chatLogprobs `json:"logprobs"`
+		} `json:"choices"`
+	}](t, resp.Body)
+	if job := fw.nextJob(t); job.Logprobs == nil || *job.Logprobs != 2 {
+		t.Fatalf("job logprobs %v", job.Logprobs)
+	}
+	lp := body.Choices[0].Logprobs
+	if !reflect.DeepEqual(tokensOf(lp), helloTokens) || lp.Content[1].Logprob != -0.2 || len(lp.Content[0].TopLogprobs) != 2 ||
+		!reflect.DeepEqual(lp.Content[2].Bytes, []int{' ', 'w', 'o', 'r', 'l', 'd'}) {
+		t.Fatalf("logprobs %+v", lp)
+	}
+
+	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, map[string]any{"logprobs": true})))
+	var streamed []string
+	for _, e := range events[:len(events)-1] {
+		var c struct {
+			Choices []struct {
+				Logprobs *chatLogprobs `json:"logprobs"`
+			} `json:"choices"`
+		}
+		_ = json.Unmarshal([]byte(e), &c)
+		if len(c.Choices) > 0 && c.Choices[0].Logprobs != nil {
+			streamed = append(streamed, tokensOf(*c.Choices[0].Logprobs)...)
+		}
+	}
+	if !reflect.DeepEqual(streamed, helloTokens) {
+		t.Fatalf("streamed entries %q", streamed)
+	}
+	if job := fw.nextJob(t); job.Logprobs == nil || *job.Logprobs != 0 {
+		t.Fatalf("job logprobs %v", job.Logprobs)
+	}
+
+	plain := decode[map[string]any](t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)).Body)
+	if ch := plain["choices"].([]any)[0].(map[string]any); ch["logprobs"] != nil {
+		t.Fatalf("logprobs %v without asking", ch["logprobs"])
+	}
+	if job := fw.nextJob(t); job.Logprobs != nil {
+		t.Fatalf("job logprobs %v without asking", *job.Logprobs)
+	}
+}
+
+// Completions: logprobs n gives the legacy parallel arrays, text_offset counting
+// characters from the answer's start, whole and streamed.
+// Mutation caught: textLogprobs not advancing off (every text_offset 0).
+func TestCompletionLogprobs(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
+	_, srv := newTestGateway(t, tb, nil)
+	want := textLogprobs{Tokens: helloTokens, TokenLogprobs: []float64{-0.1, -0.2, -0.3, -0.4},
+		TopLogprobs: []map[string]float64{{"Hello": -0.1}, {",": -0.2}, {" world": -0.3}, {"!": -0.4}}, TextOffset: []int{0, 5, 6, 12}}
+
+	body := decode[struct {
+		Choices []struct {
+			Logprobs textLogprobs `json:"logprobs"`
+		} `json:"choices"`
+	}](t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "logprobs": 1}).Body)
+	if !reflect.DeepEqual(body.Choices[0].Logprobs, want) {
+		t.Fatalf("logprobs %+v, want %+v", body.Choices[0].Logprobs, want)
+	}
+	if job := fw.nextJob(t); job.Logprobs == nil || *job.Logprobs != 1 {
+		t.Fatalf("job logprobs %v", job.Logprobs)
+	}
+
+	events := readSSE(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "logprobs": 1, "stream": true}))
+	var got textLogprobs
+	for _, e := range events[:len(events)-1] {
+		var c struct {
+			Choices []struct {
+				Logprobs *textLogprobs `json:"logprobs"`
+			} `json:"choices"`
+		}
+		_ = json.Unmarshal([]byte(e), &c)
+		if len(c.Choices) > 0 && c.Choices[0].Logprobs != nil {
+			l := c.Choices[0].Logprobs
+			got.Tokens = append(got.Tokens, l.Tokens...)
+			got.TokenLogprobs = append(got.TokenLogprobs, l.TokenLogprobs...)
+			got.TopLogprobs = append(got.TopLogprobs, l.TopLogprobs...)
+			got.TextOffset = append(got.TextOffset, l.TextOffset...)
+		}
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("streamed %+v, want %+v", got, want)
+	}
+}
+
+func TestLogprobsParamsChecked(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	_, srv := newTestGateway(t, tb, nil)
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{"top_logprobs": 2})),
+		http.StatusBadRequest, "top_logprobs", "invalid_value")
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{"logprobs": true, "top_logprobs": 21})),
+		http.StatusBadRequest, "top_logprobs", "invalid_value")
+	expectError(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "logprobs": -1}),
+		http.StatusBadRequest, "logprobs", "invalid_value")
+}
