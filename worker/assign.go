@@ -92,10 +92,21 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 		return
 	}
 	// A job already running here is a redelivered assignment of the same attempt:
-	// it is accepted again without a second run.
+	// it is accepted again without a second run. An older attempt still here
+	// (still generating for a dispatcher that gave up on it, or still trying
+	// to hand its record to a dispatcher that died) is superseded: it is
+	// stopped, its end is ignored by the dispatcher (attempt mismatch), and the
+	// new attempt runs. Taking the newer one for a duplicate would leave the job
+	// with no run at all, unacked until this worker goes away.
 	fresh := runs[:0]
+	var superseded []*jobRun
 	for _, r := range runs {
-		if !a.jobs.isRunning(r.key) {
+		old := a.jobs.get(r.key)
+		switch {
+		case old == nil:
+			fresh = append(fresh, r)
+		case old.aj.Attempt < r.aj.Attempt:
+			superseded = append(superseded, old)
 			fresh = append(fresh, r)
 		}
 	}
@@ -110,6 +121,9 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 	}
 	out.Status = schemas.AssignAccepted
 	a.replyAssign(msg, out, len(in.Jobs))
+	for _, old := range superseded {
+		old.requestStop(stopShutdown)
+	}
 
 	for _, r := range runs {
 		go a.runJob(a.jobCtx, r)

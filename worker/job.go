@@ -154,12 +154,6 @@ func (t *jobTable) reserve(runs []*jobRun, need int) (ok bool, free int) {
 	return true, t.slots - t.used
 }
 
-func (t *jobTable) isRunning(key string) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.running[key] != nil
-}
-
 // freeSlot gives r's slot back and returns the time taken just before: the
 // stamp of the job's end (finished_at, reported_at). A heartbeat stamped
 // earlier than it counted the job, which dispatchers rely on.
