@@ -42,7 +42,8 @@
 // Every job state change goes through Transition, one table of
 // (state × event → state); illegal transitions are logged and counted in
 // Metrics.IllegalTransitions. A redelivered job whose RESULTS record exists is
-// acked without running (the lookup is made on redelivery only); one with a
+// acked without running (looked up on every delivery: a cluster's consumer can
+// redeliver with a count of 1 after a leader change); one with a
 // record in CANCELS is cancelled (stored cancels are read at start and followed,
 // into memory: no lookup per job), one past its deadline expired, an invalid one
 // failed with invalid_request, all without running. Running jobs are cancelled

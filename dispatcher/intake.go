@@ -201,13 +201,15 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 		d.startDispatch(j)
 	}
 	d.mu.Unlock()
-	if invalid == nil && md.NumDelivered > 1 {
-		// A redelivery may have finished already (its ack was lost in a
-		// crash): it must not run again. Read from the leader, not a direct get
-		// a replica may answer a moment behind. A first delivery has no record
-		// unless someone bypassed the producer's check; then it runs, its record
-		// is refused (first writer wins) and the job is acked: one terminal
-		// still, so the round trip is paid on redelivery only.
+	if invalid == nil {
+		// A job may have finished already (its ack was lost in a crash): it
+		// must not run again. Read from the leader, not a direct get a replica
+		// may answer a moment behind. Checked on every delivery, not only on
+		// redeliveries: after a cluster leader change a consumer can hand out a
+		// message again with a delivery count of 1 (its earlier delivery was not
+		// replicated), and the full fault campaign then ran a finished job a
+		// second time under the same attempt number, mixing two runs' tokens on
+		// the caller's stream.
 		raw, err := bus.StoredResult(ictx, d.js, j.tenant, id)
 		if errors.Is(err, bus.ErrNoResult) {
 			raw, err = nil, nil
