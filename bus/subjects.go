@@ -123,8 +123,16 @@ func ParseJobSubject(subject string) (ref JobRef, priority string, ok bool) {
 }
 
 // ParseCancelSubject splits mlx.cancel.<tenant>.<job-id>.
-func ParseCancelSubject(subject string) (JobRef, bool) {
-	rest, found := strings.CutPrefix(subject, cancelPrefix)
+func ParseCancelSubject(subject string) (JobRef, bool) { return parseRef(cancelPrefix, subject) }
+
+// ParseResultSubject splits mlx.results.<tenant>.<job-id>.
+func ParseResultSubject(subject string) (JobRef, bool) {
+	return parseRef(ResultsPrefix+".", subject)
+}
+
+// parseRef splits <prefix><tenant>.<job-id>, both valid names.
+func parseRef(prefix, subject string) (JobRef, bool) {
+	rest, found := strings.CutPrefix(subject, prefix)
 	if !found {
 		return JobRef{}, false
 	}
@@ -149,6 +157,15 @@ func ResultsTenantSubject(tenant string) string {
 
 // DefaultTenant is the tenant token of jobs that name none.
 const DefaultTenant = "default"
+
+// TenantOfToken is the tenant field of a record whose subject carries token:
+// the default tenant's is "" (the inverse of the token a "" tenant gets).
+func TenantOfToken(token string) string {
+	if token == DefaultTenant {
+		return ""
+	}
+	return token
+}
 
 func tenantToken(tenant string) string {
 	if tenant == "" {

@@ -155,7 +155,7 @@ func (d *Dispatcher) onCancel(subject string, data []byte, live bool) {
 // forwardCancel tells j's worker to stop it; the worker ends it with a
 // cancelled record handed back on its done subject. Callers hold d.mu.
 func (d *Dispatcher) forwardCancel(j *job, reason string) {
-	data, err := json.Marshal(schemas.CancelMsg{JobID: j.id, Tenant: recordTenant(j.tenant), Reason: reason, RequestedAt: time.Now().UTC()})
+	data, err := json.Marshal(schemas.CancelMsg{JobID: j.id, Tenant: bus.TenantOfToken(j.tenant), Reason: reason, RequestedAt: time.Now().UTC()})
 	if err == nil {
 		err = d.nc.Publish(bus.WorkerCancelSubject(j.workerID), data)
 	}
@@ -177,7 +177,7 @@ func (d *Dispatcher) cancelInStream(ctx context.Context, ref bus.JobRef, reason 
 		var req schemas.JobRequest
 		_ = json.Unmarshal(raw.Data, &req)
 		res := &schemas.ResultMsg{Type: "result", JobID: ref.ID, Attempt: 0, Status: schemas.StatusCancelled, FinishReason: "cancelled",
-			Error: &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: reason}, Model: req.Model, Tenant: recordTenant(ref.Tenant), FinishedAt: time.Now().UTC()}
+			Error: &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: reason}, Model: req.Model, Tenant: bus.TenantOfToken(ref.Tenant), FinishedAt: time.Now().UTC()}
 		j := &job{id: ref.ID, tenant: ref.Tenant, req: req}
 		// Stored, then removed: deleting first would lose the job to a crash
 		// in between. A dispatcher that holds it meanwhile sees the record.

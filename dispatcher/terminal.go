@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"regexp"
-	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -76,7 +75,7 @@ func terminalRecord(j *job, e Event, status string, errInfo *schemas.ErrorInfo, 
 	res := &schemas.ResultMsg{
 		Type: "result", JobID: j.id, Attempt: attempt, Seq: j.nextSeq, Status: status,
 		Text: j.resume.Text, Usage: schemas.Usage{CompletionTokens: j.resume.CompletionTokens, TotalTokens: j.resume.CompletionTokens},
-		Error: errInfo, Tenant: recordTenant(j.tenant), WorkerID: j.workerID, FinishedAt: now,
+		Error: errInfo, Tenant: bus.TenantOfToken(j.tenant), WorkerID: j.workerID, FinishedAt: now,
 	}
 	if modelPattern.MatchString(j.req.Model) {
 		res.Model = j.req.Model
@@ -181,13 +180,6 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 	return err
 }
 
-// recordTenant is the tenant field of a record for a subject's tenant token.
-func recordTenant(token string) string {
-	if token == bus.DefaultTenant {
-		return ""
-	}
-	return token
-}
 
 // watchResults starts an ordered consumer on RESULTS from now on. It returns a
 // stop function.
@@ -208,11 +200,7 @@ func (d *Dispatcher) watchResults(ctx context.Context) (func(), error) {
 
 // onResult learns a terminal state from a record stored in RESULTS.
 func (d *Dispatcher) onResult(subject string, data []byte) {
-	rest, ok := strings.CutPrefix(subject, bus.ResultsPrefix+".")
-	if !ok {
-		return
-	}
-	tenant, id, ok := strings.Cut(rest, ".")
+	ref, ok := bus.ParseResultSubject(subject)
 	if !ok {
 		return
 	}
@@ -227,7 +215,7 @@ func (d *Dispatcher) onResult(subject string, data []byte) {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if j := d.jobs[bus.JobRef{Tenant: tenant, ID: id}.Key()]; j != nil && !j.intaking {
+	if j := d.jobs[ref.Key()]; j != nil && !j.intaking {
 		if r.WorkerID == j.workerID && r.Attempt == j.attempt {
 			j.endedAt = r.FinishedAt
 		}
@@ -278,7 +266,7 @@ func (d *Dispatcher) onDone(m *nats.Msg) {
 		return
 	}
 	// What the server vouched for, not what the body says.
-	res.WorkerID, res.Tenant, res.Model = wid, recordTenant(j.tenant), j.req.Model
+	res.WorkerID, res.Tenant, res.Model = wid, bus.TenantOfToken(j.tenant), j.req.Model
 	if w := d.workers[wid]; w != nil {
 		w.br.record(true, time.Now())
 	}

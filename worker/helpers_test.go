@@ -205,9 +205,19 @@ func fakeConfig(t testing.TB, b *testBus, id string, tokenDelay time.Duration) C
 
 func startAgent(t testing.TB, cfg Config, waitReady bool) *Agent {
 	t.Helper()
+	return startAgentWith(t, cfg, waitReady, nil)
+}
+
+// startAgentWith is startAgent with setup applied to the agent before it
+// starts (e.g. a test's handOver).
+func startAgentWith(t testing.TB, cfg Config, waitReady bool, setup func(*Agent)) *Agent {
+	t.Helper()
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if setup != nil {
+		setup(a)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()

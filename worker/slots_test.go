@@ -54,28 +54,15 @@ func TestSlotFreeBeforeEndIsVisible(t *testing.T) {
 	cfg.Slots = 1
 	obs := &orderObserver{}
 	cfg.Observer = obs
-	a, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.handOver = func(ctx context.Context, subject string, data []byte) ([]byte, error) {
-		var res schemas.ResultMsg
-		_ = json.Unmarshal(data, &res)
-		obs.add("record " + res.JobID)
-		return a.handOverRequest(ctx, subject, data)
-	}
-	ctx := within(t, 60*time.Second)
-	if err := a.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		_ = a.Shutdown(sctx)
+	a := startAgentWith(t, cfg, true, func(a *Agent) {
+		a.handOver = func(ctx context.Context, subject string, data []byte) ([]byte, error) {
+			var res schemas.ResultMsg
+			_ = json.Unmarshal(data, &res)
+			obs.add("record " + res.JobID)
+			return a.handOverRequest(ctx, subject, data)
+		}
 	})
-	if err := a.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
+	ctx := within(t, 60*time.Second)
 
 	obs.reset()
 	// A completed job: the slot is free before the record is written.

@@ -20,36 +20,23 @@ func TestNewerAttemptSupersedesOneStillEnding(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, 0)
 	cfg := fakeConfig(t, b, "w-supersede", time.Millisecond)
-	a, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
 	handingOver := make(chan struct{}, 1)
-	a.handOver = func(ctx context.Context, subject string, data []byte) ([]byte, error) {
-		if strings.HasSuffix(subject, ".done.gone") {
-			// The dispatcher that placed attempt 1 died: the hand-over hangs
-			// until its retries give up.
-			select {
-			case handingOver <- struct{}{}:
-			default:
+	a := startAgentWith(t, cfg, true, func(a *Agent) {
+		a.handOver = func(ctx context.Context, subject string, data []byte) ([]byte, error) {
+			if strings.HasSuffix(subject, ".done.gone") {
+				// The dispatcher that placed attempt 1 died: the hand-over
+				// hangs until its retries give up.
+				select {
+				case handingOver <- struct{}{}:
+				default:
+				}
+				<-ctx.Done()
+				return nil, ctx.Err()
 			}
-			<-ctx.Done()
-			return nil, ctx.Err()
+			return a.handOverRequest(ctx, subject, data)
 		}
-		return a.handOverRequest(ctx, subject, data)
-	}
-	ctx := within(t, 60*time.Second)
-	if err := a.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		_ = a.Shutdown(sctx)
 	})
-	if err := a.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
+	ctx := within(t, 60*time.Second)
 
 	j := newJob("ending", 3)
 	c := collect(t, b.nc, j.ReplyTo)

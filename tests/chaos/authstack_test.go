@@ -3,7 +3,6 @@ package chaos
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -22,7 +21,6 @@ import (
 	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
-	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 // authStack is the single-node stack with bus authentication on, as an
@@ -148,36 +146,7 @@ func (s *authStack) credEnv(role auth.Role, name string) []string {
 }
 
 func (s *authStack) waitWorkerReady(ctx context.Context, w *workerProc, since time.Time) error {
-	var last string
-	err := poll(ctx, 100*time.Millisecond, func() bool {
-		if !w.running() {
-			return true
-		}
-		kv, err := s.adminJS.KeyValue(ctx, bus.BucketWorkers)
-		if err != nil {
-			last = err.Error()
-			return false
-		}
-		e, err := kv.Get(ctx, w.id)
-		if err != nil {
-			last = err.Error()
-			return false
-		}
-		var hb schemas.HeartbeatMsg
-		if err := json.Unmarshal(e.Value(), &hb); err != nil {
-			last = err.Error()
-			return false
-		}
-		last = hb.State
-		return hb.State == schemas.WorkerReady && hb.StartedAt.After(since)
-	})
-	if err == nil && !w.running() {
-		err = errNotRunning
-	}
-	if err != nil {
-		return fmt.Errorf("worker %s not ready (last: %s): %w\n%s", w.id, last, err, w.tail(20))
-	}
-	return nil
+	return waitWorkerReady(ctx, s.adminJS, w, since)
 }
 
 // dispatcherID is the running dispatcher's id (`mlx-serving dispatcher` names

@@ -141,12 +141,18 @@ func (f *fleet) startWorker(ctx context.Context, w *workerProc) error {
 
 // waitWorkerReady waits for a heartbeat of this incarnation saying ready.
 func (f *fleet) waitWorkerReady(ctx context.Context, w *workerProc, since time.Time) error {
+	return waitWorkerReady(ctx, f.js, w, since)
+}
+
+// waitWorkerReady waits until w's registry entry, read through js, is a
+// heartbeat of the incarnation started after since saying ready.
+func waitWorkerReady(ctx context.Context, js jetstream.JetStream, w *workerProc, since time.Time) error {
 	var last string
 	err := poll(ctx, 100*time.Millisecond, func() bool {
 		if !w.running() {
 			return true
 		}
-		kv, err := f.js.KeyValue(ctx, bus.BucketWorkers)
+		kv, err := js.KeyValue(ctx, bus.BucketWorkers)
 		if err != nil {
 			last = err.Error()
 			return false
