@@ -180,7 +180,6 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 	return err
 }
 
-
 // watchResults starts an ordered consumer on RESULTS from now on. It returns a
 // stop function.
 func (d *Dispatcher) watchResults(ctx context.Context) (func(), error) {
