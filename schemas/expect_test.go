@@ -159,7 +159,7 @@ var wantPath = map[string]string{
 	"result/unknown_field":                        "$.done",
 	"result/usage_missing_total":                  "$.usage.total_tokens",
 	"result/usage_negative":                       "$.usage.prompt_tokens",
-	"result/usage_unknown_field":                  "$.usage.cached_tokens",
+	"result/usage_unknown_field":                  "$.usage.reasoning_tokens",
 	"token_event/attempt_zero":                    "$.attempt",
 	"token_event/delta_over_max_length":           "$.delta",
 	"token_event/job_id_with_dot":                 "$.job_id",

@@ -162,16 +162,17 @@ type RuntimeMemory struct {
 
 // RuntimeInfo answers runtime.info (schema "runtime.info.result").
 type RuntimeInfo struct {
-	RuntimeVersion string        `json:"runtime_version"`
-	MLXVersion     string        `json:"mlx_version"`
-	MLXLMVersion   string        `json:"mlx_lm_version"`
-	PythonVersion  string        `json:"python_version"`
-	Platform       string        `json:"platform"`
-	Device         string        `json:"device"` // cpu | gpu
-	Memory         RuntimeMemory `json:"memory"`
-	MaxBatch       int           `json:"max_batch"`
-	MaxModels      int           `json:"max_models"`
-	Models         []string      `json:"models"`
+	RuntimeVersion string            `json:"runtime_version"`
+	MLXVersion     string            `json:"mlx_version"`
+	MLXLMVersion   string            `json:"mlx_lm_version"`
+	PythonVersion  string            `json:"python_version"`
+	Platform       string            `json:"platform"`
+	Device         string            `json:"device"` // cpu | gpu
+	Memory         RuntimeMemory     `json:"memory"`
+	MaxBatch       int               `json:"max_batch"`
+	MaxModels      int               `json:"max_models"`
+	Models         []string          `json:"models"`
+	PromptCache    *PromptCacheStats `json:"prompt_cache,omitempty"`
 }
 
 // HealthResult answers health (schema "runtime.health.result").
@@ -180,8 +181,21 @@ type HealthResult struct {
 	InFlight int  `json:"in_flight"`
 	// DecodedTokens counts every row the runtime's generators decoded, one per
 	// row per step, including rows no request reads any more.
-	DecodedTokens int64    `json:"decoded_tokens"`
-	Models        []string `json:"models"`
+	DecodedTokens int64             `json:"decoded_tokens"`
+	Models        []string          `json:"models"`
+	PromptCache   *PromptCacheStats `json:"prompt_cache,omitempty"`
+}
+
+// PromptCacheStats describe the runtime's prompt (KV) cache; the counters are
+// cumulative since the runtime started.
+type PromptCacheStats struct {
+	Entries      int   `json:"entries"`
+	Bytes        int64 `json:"bytes"`
+	MaxBytes     int64 `json:"max_bytes"`
+	Lookups      int64 `json:"lookups"`
+	Hits         int64 `json:"hits"`
+	HitTokens    int64 `json:"hit_tokens"`
+	PromptTokens int64 `json:"prompt_tokens"`
 }
 
 // ShutdownParams asks the runtime to stop (schema "runtime.shutdown.params").

@@ -71,6 +71,8 @@ type Usage struct {
 	PromptTokens     int `json:"prompt_tokens"`
 	CompletionTokens int `json:"completion_tokens"`
 	TotalTokens      int `json:"total_tokens"`
+	// CachedTokens of PromptTokens came from the runtime's prompt cache.
+	CachedTokens int `json:"cached_tokens,omitempty"`
 }
 
 // Timings are measured by the runtime and the worker for one attempt.
