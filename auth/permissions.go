@@ -8,6 +8,7 @@ package auth
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -67,7 +68,15 @@ const (
 	jsAPI       = "$JS.API"
 	kvStream    = "KV_" + bus.BucketWorkers
 	kvPutPrefix = "$KV." + bus.BucketWorkers + "."
+	modelsKV    = "KV_" + bus.BucketModels
 )
+
+// modelReads are the calls bus.ModelServed makes: bind the bucket, get one key,
+// count the keys. They reveal only which models are served (keys are hashes).
+var modelReads = []string{
+	streamInfo(modelsKV),
+	directGet(modelsKV, "$KV."+bus.BucketModels+".*"),
+}
 
 func streamInfo(stream string) string { return jsAPI + ".STREAM.INFO." + stream }
 
@@ -161,7 +170,8 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			return Permissions{}, err
 		}
 		return Permissions{
-			PublishAllow:   append([]string{bus.JobsTenantSubject(id.Tenant), bus.CancelTenantSubject(id.Tenant)}, resultReads(id.Tenant)...),
+			PublishAllow: slices.Concat([]string{bus.JobsTenantSubject(id.Tenant), bus.CancelTenantSubject(id.Tenant)},
+				resultReads(id.Tenant), modelReads),
 			SubscribeAllow: []string{bus.ReplyNamespace(id.Tenant), inbox},
 		}, nil
 	case RoleGateway:
@@ -169,6 +179,7 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			streamInfo(bus.StreamJobs), streamInfo(bus.StreamResults), streamInfo(bus.StreamCancels)} // readiness
 		pub = append(pub, resultReads("")...)
 		pub = append(pub, registryReads...)
+		pub = append(pub, modelReads...)
 		return Permissions{PublishAllow: pub, SubscribeAllow: []string{bus.ReplyPrefix + ".>", inbox}}, nil
 	case RoleWorker:
 		// A worker reads its own assignments and the cancels of the jobs it runs
@@ -181,11 +192,13 @@ func PermissionsFor(id Identity) (Permissions, error) {
 		}
 		return Permissions{
 			PublishAllow: []string{
-				bus.ReplyPrefix + ".>",          // token events of the jobs it runs
-				bus.DoneFromWorker(id.WorkerID), // terminal records, to their dispatcher
-				bus.AttemptSubject(id.WorkerID), // retryable failures
-				kvPutPrefix + id.WorkerID,       // its own heartbeat (put and delete)
-				streamInfo(kvStream),            // binding the registry bucket
+				bus.ReplyPrefix + ".>",           // token events of the jobs it runs
+				bus.DoneFromWorker(id.WorkerID),  // terminal records, to their dispatcher
+				bus.AttemptSubject(id.WorkerID),  // retryable failures
+				kvPutPrefix + id.WorkerID,        // its own heartbeat (put and delete)
+				streamInfo(kvStream),             // binding the registry bucket
+				"$KV." + bus.BucketModels + ".*", // announcing the models it serves
+				streamInfo(modelsKV),             // binding that bucket
 			},
 			SubscribeAllow: []string{bus.AssignSubject(id.WorkerID), bus.WorkerCancelSubject(id.WorkerID), inbox},
 			AllowResponses: true, // answering the dispatcher's assign requests

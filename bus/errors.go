@@ -27,6 +27,10 @@ var (
 	// ErrResultExists: the job already has its terminal record in RESULTS; the
 	// caller lost the first-writer-wins race and must not send a terminal event.
 	ErrResultExists = errors.New("bus: job already has a result")
+	// ErrModelNotServed: no worker serves the job's model, and none has within the
+	// model grace period (BucketModels); nothing was queued. Submit with
+	// WithoutModelCheck to queue it anyway.
+	ErrModelNotServed = errors.New("bus: no worker serves the model")
 	// ErrNoResult: RESULTS holds no terminal record for the job (yet).
 	ErrNoResult = errors.New("bus: no result for job")
 )

@@ -32,6 +32,8 @@ type Producer struct {
 	publishTimeout  time.Duration
 	log             zerolog.Logger
 	now             func() time.Time
+	noModelCheck    bool
+	models          modelCheck
 }
 
 // ProducerOption configures a Producer.
@@ -59,6 +61,12 @@ func WithPublishTimeout(d time.Duration) ProducerOption {
 
 // WithProducerLogger sets the logger for submit and cancel events (debug level).
 func WithProducerLogger(l zerolog.Logger) ProducerOption { return func(p *Producer) { p.log = l } }
+
+// WithoutModelCheck queues jobs for any model. By default Submit refuses, with
+// ErrModelNotServed, a job whose model no worker has served within the model
+// grace period while others are served (see ModelServed); with this option the
+// job is queued and the dispatcher dead-letters it if no worker comes for it.
+func WithoutModelCheck() ProducerOption { return func(p *Producer) { p.noModelCheck = true } }
 
 // WithClock replaces time.Now, for tests.
 func WithClock(now func() time.Time) ProducerOption { return func(p *Producer) { p.now = now } }
@@ -106,7 +114,9 @@ type SubmitAck struct {
 //
 // Errors: a *schemas.ValidationError, unchanged, when the job breaks its schema
 // (nothing is published); ErrDuplicate when the id is already queued, running or
-// finished; ErrQueueFull when JOBS is at its limits; ErrJobTooLarge; ErrNoStream
+// finished; ErrModelNotServed when workers are up and none has served the
+// job's model within the grace period (WithoutModelCheck turns this off);
+// ErrQueueFull when JOBS is at its limits; ErrJobTooLarge; ErrNoStream
 // when JOBS is not provisioned; ErrNotConnected. All are matched with errors.Is.
 func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack SubmitAck, err error) {
 	if job == nil {
@@ -148,6 +158,12 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack Sub
 		return ack, fmt.Errorf("bus: submit %s: %w: job already has a result", job.ID, ErrDuplicate)
 	} else if !errors.Is(err, ErrNoResult) {
 		return ack, fmt.Errorf("bus: submit %s: check results: %w", job.ID, err)
+	}
+
+	if !p.noModelCheck {
+		if err := p.models.check(ctx, p.js, job.Model, p.now()); err != nil {
+			return ack, fmt.Errorf("bus: submit %s: %w", job.ID, err)
+		}
 	}
 
 	// The trace context rides in the headers, not the job: the job's schema is

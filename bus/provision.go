@@ -33,9 +33,16 @@ type ProvisionOptions struct {
 	CancelsMaxAge time.Duration
 	// WorkerTTL is how long a worker stays registered without a heartbeat; default 10s.
 	WorkerTTL time.Duration
+	// ModelGrace is how long a model stays known after the last worker that served
+	// it went away (the BucketModels TTL); default DefaultModelGrace.
+	ModelGrace time.Duration
 	// Storage of streams and bucket; the zero value is file storage.
 	Storage jetstream.StorageType
 }
+
+// DefaultModelGrace is how long a model stays known after its last worker went
+// away: producers (BucketModels) and the gateway (its 404) both use it.
+const DefaultModelGrace = 5 * time.Minute
 
 func (o ProvisionOptions) withDefaults() ProvisionOptions {
 	if o.Replicas <= 0 {
@@ -55,6 +62,9 @@ func (o ProvisionOptions) withDefaults() ProvisionOptions {
 	}
 	if o.DLQMaxAge <= 0 {
 		o.DLQMaxAge = 30 * 24 * time.Hour
+	}
+	if o.ModelGrace <= 0 {
+		o.ModelGrace = DefaultModelGrace
 	}
 	if o.CancelsMaxAge <= 0 {
 		o.CancelsMaxAge = 24 * time.Hour
@@ -193,7 +203,29 @@ func Provision(ctx context.Context, js jetstream.JetStream, opts ProvisionOption
 	if _, err := js.CreateOrUpdateKeyValue(ctx, kv); err != nil {
 		return fmt.Errorf("bus: provision bucket %s: %w", BucketWorkers, err)
 	}
-	return denyRollups(ctx, js, "KV_"+BucketWorkers)
+	if err := denyRollups(ctx, js, "KV_"+BucketWorkers); err != nil {
+		return err
+	}
+	mk := ModelsBucketConfig(opts)
+	mk.Replicas = kv.Replicas
+	if _, err := js.CreateOrUpdateKeyValue(ctx, mk); err != nil {
+		return fmt.Errorf("bus: provision bucket %s: %w", BucketModels, err)
+	}
+	return denyRollups(ctx, js, "KV_"+BucketModels)
+}
+
+// ModelsBucketConfig returns the configuration of the bucket of recently served
+// models.
+func ModelsBucketConfig(opts ProvisionOptions) jetstream.KeyValueConfig {
+	o := opts.withDefaults()
+	return jetstream.KeyValueConfig{
+		Bucket:      BucketModels,
+		Description: "models served recently: key = ModelKey(model), value = the model name; expires ModelGrace after the last put",
+		History:     1,
+		TTL:         o.ModelGrace,
+		Storage:     o.Storage,
+		Replicas:    o.Replicas,
+	}
 }
 
 // denyRollups turns off message rollups on stream. A KV bucket allows them (its

@@ -31,6 +31,10 @@ const (
 	StreamCancels = "CANCELS"
 	// BucketWorkers is the worker registry: one key per worker id, expiring by TTL.
 	BucketWorkers = "mlx_workers"
+	// BucketModels says which models a worker served recently: one key per model
+	// (ModelKey), put by the workers that serve it, expiring ModelGrace after the
+	// last. Producers read it to fail fast on a model nobody serves.
+	BucketModels = "mlx_models"
 
 	// SubjectJobsAll matches every job subject: mlx.jobs.<tenant>.<priority>.<job-id>.
 	SubjectJobsAll = "mlx.jobs.>"

@@ -8,10 +8,6 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-// defaultCompletionMaxTokens is OpenAI's documented default for the legacy
-// completions endpoint; chat has none and leaves it to the worker.
-const defaultCompletionMaxTokens = 16
-
 // completionRequest is POST /v1/completions.
 type completionRequest struct {
 	samplingParams
@@ -29,9 +25,6 @@ func (req *completionRequest) toJob(defaultModel string) (*schemas.JobRequest, p
 	pm := paramMap{maxTokens: "max_tokens", prompt: "prompt"}
 	if aerr := req.apply(job, &pm, defaultModel); aerr != nil {
 		return nil, pm, aerr
-	}
-	if req.MaxTokens == nil {
-		job.MaxTokens = defaultCompletionMaxTokens
 	}
 	if req.Logprobs != nil {
 		if aerr := checkTopLogprobs(*req.Logprobs, "logprobs"); aerr != nil {

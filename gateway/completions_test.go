@@ -35,7 +35,7 @@ func TestCompletionsNonStreaming(t *testing.T) {
 		t.Fatalf("usage %v", u)
 	}
 	job := fw.nextJob(t)
-	if job.Prompt != "Once upon" || job.Messages != nil || job.MaxTokens != defaultCompletionMaxTokens || *job.Temperature != 0 {
+	if job.Prompt != "Once upon" || job.Messages != nil || job.MaxTokens != 0 || *job.Temperature != 0 {
 		t.Fatalf("job %+v", job)
 	}
 }

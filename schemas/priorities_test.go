@@ -31,3 +31,10 @@ func TestPrioritiesAgree(t *testing.T) {
 		t.Fatalf("job.json priority enum %v, Priorities %v", doc.Properties.Priority.Enum, Priorities)
 	}
 }
+
+// The default max_tokens comes from the one schema both sides read.
+func TestDefaultMaxTokensFromSchema(t *testing.T) {
+	if DefaultMaxTokens != 4096 {
+		t.Fatalf("DefaultMaxTokens = %d, want runtime.generate.params.json's default 4096", DefaultMaxTokens)
+	}
+}

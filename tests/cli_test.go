@@ -193,6 +193,30 @@ func TestCLIAgainstUp(t *testing.T) {
 		}
 	})
 
+	// No --max-tokens: until EOS or the end of the tiny model's 2048-token
+	// context (the old CLI default of 128 stopped for length at 128).
+	t.Run("submit without --max-tokens runs to EOS or the context's end", func(t *testing.T) {
+		out, errOut, code := up.cli(t, "", "submit", "--json", "-m", "tiny-model", "once", "upon")
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		var last schemas.ResultMsg
+		if code != 0 || json.Unmarshal([]byte(lines[len(lines)-1]), &last) != nil || last.Type != "result" {
+			t.Fatalf("code %d, last line not a JSON result: err %q", code, errOut)
+		}
+		if last.FinishReason == schemas.FinishLength && last.Usage.TotalTokens != 2048 {
+			t.Fatalf("stopped for length at %+v, want EOS or the end of the context", last.Usage)
+		}
+	})
+
+	// A model no worker serves, while one serves another: refused at once with
+	// its own exit code, nothing queued. Mutation caught: dropping the check in
+	// bus.Producer.Submit (the job is queued, submit waits and exits 1 later).
+	t.Run("submit to a model nobody serves exits 7 at once", func(t *testing.T) {
+		_, errOut, code := up.cli(t, "", "submit", "--detach", "-m", "tiny-modle", "x")
+		if code != 7 || !strings.Contains(errOut, "model_not_found") {
+			t.Fatalf("code %d err %q, want 7 model_not_found", code, errOut)
+		}
+	})
+
 	t.Run("detach then result", func(t *testing.T) {
 		out, _, code := up.cli(t, "", "submit", "--detach", "-m", "tiny-model", "--max-tokens", "4", "detached")
 		id := strings.TrimSpace(out)
@@ -286,7 +310,7 @@ func TestCLIAgainstUp(t *testing.T) {
 	})
 
 	t.Run("a dead-lettered job is replayed", func(t *testing.T) {
-		out, _, code := up.cli(t, "", "submit", "--detach", "-m", "no-such-model", "x")
+		out, _, code := up.cli(t, "", "submit", "--detach", "--allow-unserved", "-m", "no-such-model", "x")
 		id := strings.TrimSpace(out)
 		if code != 0 {
 			t.Fatalf("submit code %d", code)

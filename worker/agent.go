@@ -110,6 +110,8 @@ type Agent struct {
 	cfg  Config
 	log  zerolog.Logger
 	host hostFacts
+	// models announces the served models to bus.BucketModels (heartbeat loop only).
+	announcer modelAnnouncer
 
 	nc     *nats.Conn
 	ownNC  bool

@@ -212,6 +212,7 @@ func (a *Agent) heartbeatLoop(ctx context.Context) {
 			if err := a.putHeartbeat(ctx, kv); err != nil && ctx.Err() == nil {
 				a.log.Warn().Err(err).Msg("heartbeat put failed")
 			}
+			a.announceModels(ctx)
 			last = time.Now()
 		}
 		select {

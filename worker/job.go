@@ -254,15 +254,12 @@ func generateParams(r *jobRun) *schemas.GenerateParams {
 	if res := r.aj.Resume; res != nil {
 		p.Continuation = res.Text
 		if p.MaxTokens == 0 {
-			p.MaxTokens = defaultMaxTokens
+			p.MaxTokens = schemas.DefaultMaxTokens
 		}
 		p.MaxTokens -= res.CompletionTokens
 	}
 	return p
 }
-
-// defaultMaxTokens is the runtime's default, needed to subtract a resume from it.
-const defaultMaxTokens = 256
 
 // runJob runs one attempt and ends it with exactly one of: a terminal result
 // (RESULTS first, then the reply subject) or an attempt report.

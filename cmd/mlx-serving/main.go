@@ -26,6 +26,7 @@ const (
 	exitCancelled   = 4
 	exitExpired     = 5
 	exitNoResult    = 6
+	exitNoModel     = 7
 	exitInterrupted = 130
 )
 
@@ -47,6 +48,9 @@ Exit codes:
   4    the job was cancelled (submit)
   5    the job expired: its deadline (--timeout) passed first (submit)
   6    no result yet: the job is unknown, queued or still running (result)
+  7    model_not_found: workers are up and none serves the job's model, nor
+       did within the grace period; nothing was queued (submit; see
+       --allow-unserved)
   130  interrupted: Ctrl-C while submit streams (the job keeps running), or a
        second Ctrl-C/SIGTERM while a server drains`
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -35,7 +36,7 @@ type submitOptions struct {
 	maxTokens                                               int
 	temperature, topP                                       float64
 	seed                                                    int64
-	detach                                                  bool
+	detach, allowUnserved                                   bool
 	timeout                                                 time.Duration
 }
 
@@ -65,11 +66,12 @@ The exit code is the job's terminal status: 0 completed, 1 failed, 2 invalid,
 	f.StringVar(&o.tenant, "tenant", "", "the job's tenant (default: the producer credential's, else default)")
 	f.StringVar(&o.stop, "stop", "", "stop sequences, comma-separated")
 	f.StringVar(&o.schemaFile, "json-schema", "", "file with a JSON schema the output must follow")
-	f.IntVar(&o.maxTokens, "max-tokens", 128, "most tokens to generate")
+	f.IntVar(&o.maxTokens, "max-tokens", 0, "most tokens to generate (0: until a stop, EOS or the end of the context, at most "+strconv.Itoa(schemas.DefaultMaxTokens)+")")
 	f.Float64Var(&o.temperature, "temperature", 0, "sampling temperature (0 = greedy)")
 	f.Float64Var(&o.topP, "top-p", 1, "nucleus sampling")
 	f.Int64Var(&o.seed, "seed", -1, "sampling seed (-1: none)")
 	f.BoolVar(&o.detach, "detach", false, "print the job id and return without waiting")
+	f.BoolVar(&o.allowUnserved, "allow-unserved", false, "queue the job even when no worker serves its model (exit 7 otherwise); it is dead-lettered if none comes")
 	f.DurationVar(&o.timeout, "timeout", 0, "deadline for the job, e.g. 30s (0: none)")
 	_ = cmd.RegisterFlagCompletionFunc("priority", cobra.FixedCompletions(schemas.Priorities, cobra.ShellCompDirectiveNoFileComp))
 	_ = cmd.MarkFlagFilename("json-schema", "json")
@@ -89,6 +91,13 @@ func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args
 
 	if o.tenant == "" {
 		o.tenant = credentialTenant(s.cfg.NATSUser)
+	}
+	if o.allowUnserved {
+		var err error
+		if s.prod, err = bus.NewProducer(s.nc, bus.WithoutModelCheck()); err != nil {
+			fmt.Fprintf(stderr, "mlx-serving submit: %v\n", err)
+			return exitFailed
+		}
 	}
 	job := &schemas.JobRequest{ID: o.id, Model: o.model, MaxTokens: o.maxTokens, Priority: o.priority, Tenant: o.tenant}
 	if o.temperature != 0 {
@@ -208,6 +217,9 @@ func submitError(stderr io.Writer, err error) int {
 			fmt.Fprintf(stderr, "  %s: %s\n", v.Path, v.Reason)
 		}
 		return exitUsage
+	case errors.Is(err, bus.ErrModelNotServed):
+		fmt.Fprintf(stderr, "mlx-serving submit: model_not_found: %v\n", err)
+		return exitNoModel
 	case errors.Is(err, bus.ErrQueueFull):
 		fmt.Fprintln(stderr, "mlx-serving submit: queue full: JOBS is at its limit; retry later")
 	case errors.Is(err, bus.ErrDuplicate):

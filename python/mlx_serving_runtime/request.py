@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import structured
 from .protocol import RpcError
+from .validation import default_max_tokens
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -105,8 +106,9 @@ def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Reque
         prompt_tokens=prompt,
         prefix_len=prefix_len,
         continuation=cont,
+        # Absent: until a stop, EOS or the context's end, at most the schema's default.
         # Generation ends at the context: a longer max_tokens finishes with "length" there.
-        max_tokens=min(int(p.get("max_tokens", 256)), m.context_length - len(prompt)),
+        max_tokens=min(int(p.get("max_tokens", default_max_tokens())), m.context_length - len(prompt)),
         temperature=float(p.get("temperature", 0.0)),
         top_p=float(p.get("top_p", 1.0)),
         top_k=int(p.get("top_k", 0)),

@@ -77,3 +77,11 @@ def first_violation(type_name: str, doc: Any) -> dict[str, str] | None:
 
 def is_valid(type_name: str, doc: Any) -> bool:
     return _validators()[type_name].is_valid(doc)
+
+
+@functools.cache
+def default_max_tokens() -> int:
+    """max_tokens of a generate that names none: runtime.generate.params.json's default
+    (declared once there; Go reads the same as schemas.DefaultMaxTokens)."""
+    schema = json.loads((schemas_dir() / "runtime.generate.params.json").read_text())
+    return int(schema["properties"]["max_tokens"]["default"])

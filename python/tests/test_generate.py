@@ -48,6 +48,14 @@ def test_max_tokens_capped_by_context(rt) -> None:
     assert res["usage"]["total_tokens"] == 2048
 
 
+def test_no_max_tokens_runs_to_the_end_of_the_context(rt) -> None:
+    # EOS (id 2) banned, no stop: an absent max_tokens must run to the context's end
+    # (the tiny model's 2048 is under the documented cap of 4096), not to an old fixed 256.
+    res = gen(rt, prompt="Once upon a time", logit_bias={"2": -100})
+    assert res["finish_reason"] == "length"
+    assert res["usage"]["total_tokens"] == 2048, res["usage"]
+
+
 def test_same_seed_same_text_alone_and_batched(rt) -> None:
     """Mutation caught: sampling.py make_sampler drawing from the global PRNG
     (mx.random.categorical without key=sub) — red at the second alone run; seeding

@@ -1,0 +1,86 @@
+package bus
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// Submit refuses at once a model that no worker serves while others are served,
+// queues one whose worker announced it (or did within the grace period), and
+// queues anything while no model is served at all: then the fleet is down, and
+// jobs wait for it. Mutations caught: dropping the check in Submit (the typo is
+// queued); ModelServed answering false on an empty bucket (the outage job is
+// refused); an expired announcement still counting (the grace test).
+func TestSubmitFailsFastOnAnUnservedModel(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, ProvisionOptions{ModelGrace: time.Second})
+	ctx := ctxT(t)
+	p, err := NewProducer(b.nc, WithTenant("acme"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	submit := func(id, model string, p *Producer) error {
+		_, err := p.Submit(ctx, &schemas.JobRequest{ID: id, Model: model, Prompt: "hi"})
+		return err
+	}
+
+	if err := submit("outage", "tiny", p); err != nil {
+		t.Fatalf("nothing served anywhere (an outage): the job must queue, got %v", err)
+	}
+	kv, err := b.js.KeyValue(ctx, BucketModels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := AnnounceModels(ctx, kv, []string{"tiny", "org/Model-8B:q4"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := submit("served", "org/Model-8B:q4", p); err != nil {
+		t.Fatalf("announced model: %v", err)
+	}
+	err = submit("typo", "tinny", p)
+	if !errors.Is(err, ErrModelNotServed) {
+		t.Fatalf("unserved model while others are served: got %v, want ErrModelNotServed", err)
+	}
+	if n := len(jobsInStream(t, b.js)); n != 2 {
+		t.Fatalf("JOBS holds %d jobs, want 2 (the refused one not queued)", n)
+	}
+	loose, _ := NewProducer(b.nc, WithTenant("acme"), WithoutModelCheck())
+	if err := submit("forced", "tinny", loose); err != nil {
+		t.Fatalf("WithoutModelCheck: %v", err)
+	}
+
+	// The grace period: once the announcements expire, nothing is served, and
+	// the fleet counts as down again (jobs wait).
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		served, err := ModelServed(ctx, b.js, "never-announced")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if served {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("announcements never expired")
+		}
+		time.Sleep(100 * time.Millisecond) // polling the bucket's TTL, which no event reports
+	}
+	if served, _ := ModelServed(ctx, b.js, "tiny"); !served {
+		t.Fatal("empty bucket must count as an outage")
+	}
+}
+
+func TestModelKeyIsAValidKVKey(t *testing.T) {
+	for _, m := range []string{"tiny", "mlx-community/Qwen2.5-0.5B-Instruct-4bit", "/Users/me/models/x y", "a:b@c", ""} {
+		k := ModelKey(m)
+		if len(k) != 33 || k[0] != 'm' {
+			t.Fatalf("ModelKey(%q) = %q", m, k)
+		}
+	}
+	if ModelKey("a") == ModelKey("b") {
+		t.Fatal("distinct models share a key")
+	}
+}

@@ -1,0 +1,35 @@
+package schemas
+
+import (
+	"encoding/json"
+	"fmt"
+)
+
+// DefaultMaxTokens bounds a generation whose job names no max_tokens: it runs
+// until a stop sequence, EOS or the end of the model's context, and at most this
+// many tokens. It is declared once, as the "default" of max_tokens in
+// runtime.generate.params.json, which the Python runtime reads too; the worker
+// needs it to subtract what an earlier attempt generated.
+var DefaultMaxTokens = schemaDefault(RuntimeGenerateParams, "max_tokens")
+
+// schemaDefault reads properties.<field>.default (an integer) of an embedded
+// schema. A missing or non-integer default is a build error, so it panics.
+func schemaDefault(t Type, field string) int {
+	raw, err := Raw(t)
+	if err != nil {
+		panic(err)
+	}
+	var doc struct {
+		Properties map[string]struct {
+			Default *int `json:"default"`
+		} `json:"properties"`
+	}
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		panic(err)
+	}
+	p, ok := doc.Properties[field]
+	if !ok || p.Default == nil {
+		panic(fmt.Sprintf("schemas: %s has no integer default for %s", t, field))
+	}
+	return *p.Default
+}
