@@ -243,6 +243,12 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			_, _ = d.Do(ctx, w, &Recorder{s: &Sample{}})
 		}
 		for i, c := range o.Concurrency {
+			// Warm-up per level: a batch size new to this level compiles new shapes.
+			warmLevel := make([]Request, 0, c)
+			for _, q := range levels[i][:min(c, len(levels[i]))] {
+				warmLevel = append(warmLevel, Request{Prompt: q.Prompt, MaxTokens: 8})
+			}
+			_, _ = runLoad(ctx, d, warmLevel, c, func() {})
 			pb.begin(fmt.Sprintf("%s @%d", path, c), len(levels[i]))
 			samples, wall := runLoad(ctx, d, levels[i], c, pb.step)
 			pb.end()

@@ -110,6 +110,9 @@ func writeTable(w io.Writer, r *Report) {
 	}
 	_ = tw.Flush()
 	for _, row := range r.Rows {
+		if row.Skewed {
+			fmt.Fprintf(w, "  %s @%d: TTFT P95 is over 10× P50 (%.1f vs %.1f ms) — the tail is not steady serving\n", row.Path, row.Concurrency, row.TTFTP95, row.TTFTP50)
+		}
 		if row.FirstError != "" {
 			fmt.Fprintf(w, "  %s @%d first error: %s\n", row.Path, row.Concurrency, row.FirstError)
 		}

@@ -22,6 +22,9 @@ type Row struct {
 	WallS          float64 `json:"wall_s"`
 	Errors         int     `json:"errors"`
 	FirstError     string  `json:"first_error,omitempty"`
+	// Skewed: TTFT P95 above 10× P50 — something other than steady serving
+	// (compiling new shapes, a stall) is in the tail; read the row with care.
+	Skewed bool `json:"skewed,omitempty"`
 }
 
 // percentile is the nearest-rank percentile of sorted xs (0 when empty).
@@ -73,6 +76,7 @@ func summarize(path string, concurrency int, samples []Sample, wall time.Duratio
 	slices.Sort(itl)
 	r.TTFTP50, r.TTFTP95, r.TTFTP99 = percentile(ttft, 50), percentile(ttft, 95), percentile(ttft, 99)
 	r.ITLP50, r.ITLP95 = percentile(itl, 50), percentile(itl, 95)
+	r.Skewed = r.TTFTP50 > 0 && r.TTFTP95 > 10*r.TTFTP50
 	if wall > 0 {
 		r.TokensPerS = float64(r.Tokens) / wall.Seconds()
 	}

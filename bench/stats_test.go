@@ -80,3 +80,24 @@ func TestTargetsFromRows(t *testing.T) {
 		}
 	}
 }
+
+// A row whose TTFT tail is over 10× its median is flagged; a steady one is not.
+func TestSummarizeFlagsASkewedTail(t *testing.T) {
+	mk := func(ttfts ...time.Duration) []Sample {
+		var out []Sample
+		t0 := time.Unix(0, 0)
+		for _, d := range ttfts {
+			out = append(out, Sample{Start: t0, Events: []Event{{At: t0.Add(d), Tokens: 1}}, End: t0.Add(d), Tokens: 1})
+		}
+		return out
+	}
+	steady := summarize("p", 1, mk(10*time.Millisecond, 11*time.Millisecond, 12*time.Millisecond), time.Second)
+	var ds []time.Duration
+	for range 18 {
+		ds = append(ds, 8*time.Millisecond)
+	}
+	skewed := summarize("p", 1, mk(append(ds, 5*time.Second, 5*time.Second)...), time.Second)
+	if steady.Skewed || !skewed.Skewed {
+		t.Fatalf("steady %+v skewed %+v", steady, skewed)
+	}
+}
