@@ -270,6 +270,34 @@ func (at *attackTable) kvRollup(c *busClient) {
 	}
 }
 
+// modelsRollup: a worker may announce models, but a put with Nats-Rollup: all
+// would erase every other model's announcement, so producers would refuse jobs
+// for models that are served (or, the bucket empty, take the fleet for down).
+func (at *attackTable) modelsRollup(c *busClient) {
+	action := "Nats-Rollup: all on a model announcement"
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kv, err := at.s.adminJS.KeyValue(ctx, bus.BucketModels)
+	if err != nil {
+		at.t.Fatal(err)
+	}
+	if err := bus.AnnounceModels(ctx, kv, []string{"atk-served"}); err != nil {
+		at.t.Fatal(err)
+	}
+	m := nats.NewMsg("$KV." + bus.BucketModels + "." + bus.ModelKey("atk-other"))
+	m.Data = []byte("atk-other")
+	m.Header.Set("Nats-Rollup", "all")
+	if _, err := c.js.PublishMsg(ctx, m); err != nil {
+		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
+		return
+	}
+	if _, err := kv.Get(ctx, bus.ModelKey("atk-served")); errors.Is(err, jetstream.ErrKeyNotFound) {
+		at.add(c.name, action, false, "SUCCEEDED: every other model's announcement erased")
+		return
+	}
+	at.add(c.name, action, true, "the other announcements survived")
+}
+
 // invalidJob publishes body on the attacker's own job subject (allowed): the
 // dispatcher must fail it invalid_request under tenant a, with no record
 // under b and no terminal event anywhere but a's namespace.

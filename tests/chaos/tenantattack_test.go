@@ -127,6 +127,7 @@ func TestTenantAttack(t *testing.T) {
 	at.garbageDone(w1, "huge body (900 KB)", did, hugeJSON(900<<10))
 	at.replyInjection(w1, bc, "bq0")
 	at.kvRollup(w1)
+	at.modelsRollup(w1)
 
 	for _, c := range []struct{ what, subj string }{
 		{"terminal record as w2", bus.DoneSubject("w2", did)},
@@ -187,6 +188,7 @@ func TestTenantAttack(t *testing.T) {
 		{"raw dead letter", bus.RawDLQSubject(1)},
 		{"token event into b's stream", bus.ReplySubject("b", "bq1")},
 		{"worker heartbeat", "$KV.mlx_workers.w1"},
+		{"announce a model (turns the unserved-model check off for it)", "$KV." + bus.BucketModels + "." + bus.ModelKey("atk-model")},
 		{"purge RESULTS", "$JS.API.STREAM.PURGE.RESULTS"},
 		{"purge JOBS", "$JS.API.STREAM.PURGE.JOBS"},
 		{"purge CANCELS", "$JS.API.STREAM.PURGE.CANCELS"},
@@ -252,6 +254,7 @@ func TestTenantAttack(t *testing.T) {
 		{"token event into b's stream", bus.ReplySubject("b", "bq1")},
 		{"dead letter", bus.DLQSubject("b", "bq1")},
 		{"worker heartbeat", "$KV.mlx_workers.w1"},
+		{"announce a model", "$KV." + bus.BucketModels + "." + bus.ModelKey("atk-model")},
 		{"STREAM.MSG.GET on RESULTS", "$JS.API.STREAM.MSG.GET.RESULTS"},
 		{"purge RESULTS", "$JS.API.STREAM.PURGE.RESULTS"},
 		{"delete a JOBS message", "$JS.API.STREAM.MSG.DELETE.JOBS"},
