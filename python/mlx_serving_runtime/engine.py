@@ -412,9 +412,10 @@ class Engine:
                     lltok = m.grammar_tokenizer.get()
                     entry = sampling.logprob_entry(lltok, r.token, r.logprobs, req.logprobs)
                     req.lp_pending.append((len(req.out), entry))
-                self._on_token(m, req, r.token, r.finish_reason, now)
                 if r.finish_reason is not None and req.error is None:
+                    # Before the answer, so a health read after it sees the entry.
                     self._keep_cache(m, r.all_tokens, r.prompt_cache)
+                self._on_token(m, req, r.token, r.finish_reason, now)
             except Exception as e:
                 log.exception("request %s failed", req.request_id)
                 if r.finish_reason is None:
