@@ -64,10 +64,14 @@ def test_same_prompt_twice_same_text(pair, sampling) -> None:
     The repetition penalty reads the last 20 tokens of the row's context, prompt
     included, so it shows whether the batch knows what the reused cache holds.
 
-    Mutation caught: engine.py _start passing all_tokens=None with the cached cache
-    (the penalty sees 1 prompt token, not the prompt; repetition_penalty text differs).
-    Mutation caught: prompt_cache.py PromptCache.fetch returning (None, 0) (the feature
-    off: cached_tokens 0 on the second ask).
+    Mutation caught: engine.py _start passing all_tokens=None with the reused cache
+    (run alone, [repetition_penalty]: the penalty sees one prompt token, the text
+    differs; in sequence the entry stored on finish is keyed by the wrong tokens and
+    the next ask reuses 1 token, not n-1).
+    Mutation caught: prompt_cache.py PromptCache.fetch not looking (n, key = 0, None):
+    cached_tokens 0 on the second ask.
+    Mutation caught: prompt_cache.py PromptCache._best with limit = len(tokens) (no
+    token left to compute: "Sequence has an empty prompt" from mlx-lm).
     """
     # Its own first letter: no other test's prompt shares more than the BOS.
     prompt = f"{HEADS[len(sampling)]}: {LONG}"
@@ -92,12 +96,16 @@ def test_chat_growing_by_a_turn(pair) -> None:
     Mutation caught: prompt_cache.py PromptCache._best ignoring r.longer (the stored
     entry of turn 1 covers prompt + reply, which no prefix of turn 2 equals exactly:
     cached_tokens 0).
-    Mutation caught: prompt_cache.py _copy_prefix slicing nothing off (k.offset = n
-    kept, keys not cut: merge copies the entry's whole length, the text differs or the
-    runtime fails).
+    Mutation caught: prompt_cache.py _copy_prefix not cutting the copy to the common
+    prefix (keys, values and offset of the whole entry: the reply of turn 1 stays in
+    the cache, the text of turn 2 differs).
     """
     on, off = pair
-    messages = [{"role": "system", "content": "Chat. " + SYSTEM}, {"role": "user", "content": "Tell me about stones."}]
+    messages = [
+        {"role": "system", "content": "Chat. " + SYSTEM},
+        {"role": "user", "content": "Tell me about stones."},
+    ]
+    prev_prompt = 0
     for turn in range(3):
         a, b = both(pair, messages=messages, max_tokens=16, temperature=1.0, seed=40 + turn)
         assert a["text"] == b["text"], (turn, a["text"], b["text"])
@@ -118,8 +126,8 @@ def test_chat_growing_by_a_turn(pair) -> None:
 def test_continuation_with_cache_same_text(pair) -> None:
     """A migrated job (continuation = text so far) resumes identically on a cached prefix.
 
-    Mutation caught: engine.py _end reporting the reused tokens unclipped
-    (cached_tokens > prompt_tokens: the continuation is fed as prompt but is not prompt).
+    Mutation caught: engine.py _end reporting the reused tokens unclipped (716 cached
+    of 680 prompt tokens: the continuation is fed as prompt but is not prompt).
     """
     on, off = pair
     prompt = "Continue: " + LONG
@@ -139,7 +147,11 @@ def test_continuation_with_cache_same_text(pair) -> None:
 
 
 def test_structured_output_on_cached_prefix(pair) -> None:
-    """A json_schema request whose prompt is cached still follows the schema, same text."""
+    """A json_schema request whose prompt is cached still follows the schema, same text.
+
+    Mutation caught: engine.py _start dropping the row's processors when a cache is
+    reused (logits_processors=None on a hit: finish "length", no JSON).
+    """
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
@@ -171,7 +183,7 @@ def test_eviction_under_a_byte_cap(new_runtime, tiny_model) -> None:
     """Entries and bytes never exceed the cap; the least recently used entry goes first.
 
     Mutation caught: prompt_cache.py PromptCache.store without its eviction loop
-    (bytes above max_bytes after the third prompt).
+    (3 entries, 1,056,256 bytes over a cap of 879,360 after the third prompt).
     """
     probe = new_runtime()
     probe.result("model.load", {"model": tiny_model, "id": "tiny"})
