@@ -168,6 +168,37 @@ def test_structured_output_on_cached_prefix(pair) -> None:
         assert a["text"] == b["text"]
 
 
+def test_cached_and_fresh_rows_batched_together(pair) -> None:
+    """Rows that reuse a cache and rows that do not share one batch; no text changes.
+
+    A reused cache is merged into the running batch beside rows prefilled from
+    nothing (left padding of different lengths), so this is the case where a wrong
+    offset would show.
+    """
+    on, off = pair
+    heads = ("Kilo", "Lima", "Mike", "November")
+    for h in heads[:2]:  # cached on `on` before the batch
+        gen(on, prompt=f"{h}: {LONG}", max_tokens=4)
+    ids = {}
+    for rt in pair:
+        for i, h in enumerate(heads):
+            params = {
+                "request_id": rid("mix"),
+                "model": "tiny",
+                "prompt": f"{h}: {LONG}" if i % 2 == 0 else f"{h}: short",
+                "max_tokens": 20,
+                "temperature": 1.0,
+                "seed": 70 + i,
+            }
+            ids[(rt is on, h)] = rt.request("generate", params)
+    res = {k: (on if k[0] else off).wait(v)["result"] for k, v in ids.items()}
+    for h in heads:
+        a, b = res[(True, h)], res[(False, h)]
+        assert a["text"] == b["text"], (h, a["text"], b["text"])
+    assert res[(True, "Kilo")]["usage"]["cached_tokens"] == res[(True, "Kilo")]["usage"]["prompt_tokens"] - 1
+    assert res[(True, "Mike")]["usage"]["cached_tokens"] < 3
+
+
 def test_stats_in_health_and_info(pair) -> None:
     on, off = pair
     s = stats(on)
