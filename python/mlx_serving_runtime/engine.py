@@ -476,12 +476,17 @@ class Engine:
         """Store a row that finished well: its cache covers exactly tokens."""
         if not self.prompt_cache.enabled or not tokens or not cache:
             return
-        # Extracted lazily from the batch: evaluate now, so the entry holds its own
-        # arrays and not the batch's whole buffers.
-        mx.eval([c.state for c in cache])
-        if self.prompt_cache.store(m.id, list(tokens), cache):
-            if self.prompt_cache.relieve():
-                mx.clear_cache()
+        try:
+            # Extracted lazily from the batch: evaluate now, so the entry holds its own
+            # arrays and not the batch's whole buffers.
+            mx.eval([c.state for c in cache])
+            if self.prompt_cache.store(m.id, list(tokens), cache):
+                if self.prompt_cache.relieve():
+                    mx.clear_cache()
+        except Exception as e:  # a cache that cannot be kept never fails the request
+            log.warning("prompt cache: not kept: %s: %s", type(e).__name__, e)
+            if _is_oom(e):
+                self._memory_short()
 
     def _memory_short(self) -> None:
         n = self.prompt_cache.clear()
