@@ -246,7 +246,11 @@ def test_eviction_under_a_byte_cap(new_runtime, tiny_model) -> None:
 
 
 def test_cancelled_request_is_not_cached(new_runtime, tiny_model) -> None:
-    """A cancelled row leaves no entry: its cache would cover text nobody accepted."""
+    """A cancelled row leaves no entry: its cache would cover text nobody accepted.
+
+    Mutation caught: engine.py _end keeping the cache of a cancelled row
+    (remove(..., return_prompt_caches=True) stored: 1 entry, not 0).
+    """
     rt = new_runtime()
     rt.result("model.load", {"model": tiny_model, "id": "tiny"})
     r = rid("pc-cancel")
