@@ -337,3 +337,45 @@ def test_default_bytes() -> None:
     assert default_max_bytes(16 << 30) == 2 << 30
     assert default_max_bytes(512 << 30) == 16 << 30
     assert default_max_bytes(0) == 1 << 30
+
+
+def test_out_of_memory_drops_the_cache(tiny_model: str) -> None:
+    """A batch step that runs out of memory fails its rows and drops every entry.
+
+    Mutation caught: engine.py _step not calling self._memory_short() on
+    out_of_memory (the entry stays).
+    """
+    import queue as q
+
+    from mlx_serving_runtime.engine import Engine
+    from mlx_serving_runtime.request import request_from_params
+
+    out: q.Queue = q.Queue()
+    eng = Engine(out.put, max_batch=2, prompt_cache_bytes=1 << 30)
+
+    def answer(rpc_id: int) -> dict:
+        while True:
+            msg = out.get(timeout=60)
+            if msg.get("id") == rpc_id:
+                return msg
+
+    eng.submit("load", 1, {"model": tiny_model, "id": "tiny"})
+    assert "result" in answer(1)
+    params = {"request_id": "oom-1", "model": "tiny", "prompt": "Oscar: " + LONG, "max_tokens": 4}
+    eng.submit_generate(request_from_params(eng, 2, params))
+    assert "result" in answer(2)
+    assert len(eng.prompt_cache) == 1
+    m = eng.model("tiny")
+
+    def oom() -> None:
+        raise RuntimeError("[metal::malloc] Attempting to allocate 1 bytes: out of memory")
+
+    m.gen.next = oom  # the generation thread is idle: it reads m.gen only for the next step
+    eng.submit_generate(request_from_params(eng, 3, {**params, "request_id": "oom-2"}))
+    err = answer(3)["error"]
+    assert err["data"]["code"] == "out_of_memory", err
+    assert len(eng.prompt_cache) == 0 and eng.prompt_cache.bytes == 0
+    eng.shutting_down = True
+    eng.submit("shutdown", 4, "cancel")
+    assert "result" in answer(4)
+    eng.join(10)
