@@ -62,6 +62,9 @@ type Config struct {
 	WorkerTTL            string `json:"worker_ttl"`
 	LogLevel             string `json:"log_level"`
 	LogFormat            string `json:"log_format"`
+
+	// PromptCacheBytes bounds the runtime's prompt (KV) cache; 0: off, -1: the runtime's default.
+	PromptCacheBytes int64 `json:"prompt_cache_bytes"`
 }
 
 // Key documents one setting; Keys is the table the README's configuration section,
@@ -90,6 +93,7 @@ var Keys = []Key{
 	{"python", "python", "MLX_SERVING_PYTHON", "", "Python interpreter for the runtime (empty: python/.venv/bin/python)"},
 	{"worker_id", "worker-id", "MLX_SERVING_WORKER_ID", "", "worker id (empty: from the host name)"},
 	{"slots", "slots", "MLX_SERVING_SLOTS", "8", "concurrent generations per worker"},
+	{"prompt_cache_bytes", "prompt-cache-bytes", "MLX_SERVING_PROMPT_CACHE_BYTES", "-1", "worker: bytes of finished requests' KV caches the runtime keeps to reuse shared prompt prefixes (0: off; -1: 1/8 of the machine's memory, at most 16 GiB)"},
 	{"sync_always", "sync-always", "MLX_SERVING_SYNC_ALWAYS", "true", "fsync every JetStream write before acking it"},
 	{"jobs_max_msgs", "jobs-max-msgs", "MLX_SERVING_JOBS_MAX_MSGS", "100000", "most queued jobs before submit says queue full"},
 	{"max_attempts", "max-attempts", "MLX_SERVING_MAX_ATTEMPTS", "3", "attempts per job before it is dead-lettered"},

@@ -75,7 +75,7 @@ func TestChatStreamSSE(t *testing.T) {
 			if len(c.Choices) != 0 || c.Usage == nil {
 				t.Fatalf("usage chunk: %+v", c)
 			}
-			if want := (usage{9, 4, 13}); *c.Usage != want {
+			if want := (usage{9, 4, 13, promptTokensDetails{}}); *c.Usage != want {
 				t.Fatalf("usage %+v, want %+v", *c.Usage, want)
 			}
 			continue
@@ -148,7 +148,7 @@ func TestChatStreamRepairsGap(t *testing.T) {
 func TestChatNonStreaming(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, bus.ProvisionOptions{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 12, finish: "length"})
+	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 12, cached: 9, finish: "length"})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
@@ -181,6 +181,10 @@ func TestChatNonStreaming(t *testing.T) {
 	u := body["usage"].(map[string]any)
 	if u["prompt_tokens"] != 12.0 || u["completion_tokens"] != 4.0 || u["total_tokens"] != 16.0 {
 		t.Fatalf("usage %v", u)
+	}
+	// Mutation caught: gateway/jobs.go usageOf not copying Usage.CachedTokens (0, not 9).
+	if d, _ := u["prompt_tokens_details"].(map[string]any); d == nil || d["cached_tokens"] != 9.0 {
+		t.Fatalf("usage.prompt_tokens_details %v, want cached_tokens 9", u["prompt_tokens_details"])
 	}
 
 	job := fw.nextJob(t)

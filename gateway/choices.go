@@ -247,7 +247,7 @@ func streamChoices(calls []*jobCall) {
 		}
 		u := usageOf(res)
 		if left == len(calls) {
-			total.PromptTokens = u.PromptTokens
+			total.PromptTokens, total.PromptTokensDetails = u.PromptTokens, u.PromptTokensDetails
 		}
 		total.CompletionTokens += u.CompletionTokens
 		left--

@@ -32,7 +32,7 @@ func TestChoicesRunOneJobEach(t *testing.T) {
 		} `json:"choices"`
 		Usage usage `json:"usage"`
 	}](t, resp.Body)
-	if len(body.Choices) != 3 || body.Usage != (usage{5, 12, 17}) {
+	if len(body.Choices) != 3 || body.Usage != (usage{5, 12, 17, promptTokensDetails{}}) {
 		t.Fatalf("body %+v", body)
 	}
 	for i, c := range body.Choices {
@@ -56,7 +56,7 @@ func TestChoicesRunOneJobEach(t *testing.T) {
 		} `json:"choices"`
 		Usage usage `json:"usage"`
 	}](t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "n": 2}).Body)
-	if len(text.Choices) != 2 || text.Choices[1].Index != 1 || text.Choices[1].Text != "Hello, world!" || text.Usage != (usage{5, 8, 13}) {
+	if len(text.Choices) != 2 || text.Choices[1].Index != 1 || text.Choices[1].Text != "Hello, world!" || text.Usage != (usage{5, 8, 13, promptTokensDetails{}}) {
 		t.Fatalf("completions body %+v", text)
 	}
 
@@ -119,7 +119,7 @@ func TestChoicesStream(t *testing.T) {
 		!reflect.DeepEqual(roles, map[int]int{0: 1, 1: 1}) || !reflect.DeepEqual(entries, map[int]int{0: 4, 1: 4}) {
 		t.Fatalf("texts %v finishes %v roles %v entries %v", texts, finishes, roles, entries)
 	}
-	if u == nil || *u != (usage{5, 8, 13}) {
+	if u == nil || *u != (usage{5, 8, 13, promptTokensDetails{}}) {
 		t.Fatalf("usage %+v", u)
 	}
 }

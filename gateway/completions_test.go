@@ -12,7 +12,7 @@ import (
 func TestCompletionsNonStreaming(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, bus.ProvisionOptions{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
+	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3, cached: 2})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "Once upon", "temperature": 0})
@@ -33,6 +33,9 @@ func TestCompletionsNonStreaming(t *testing.T) {
 	u := body["usage"].(map[string]any)
 	if u["prompt_tokens"] != 3.0 || u["completion_tokens"] != 4.0 || u["total_tokens"] != 7.0 {
 		t.Fatalf("usage %v", u)
+	}
+	if d, _ := u["prompt_tokens_details"].(map[string]any); d == nil || d["cached_tokens"] != 2.0 {
+		t.Fatalf("usage.prompt_tokens_details %v, want cached_tokens 2", u["prompt_tokens_details"])
 	}
 	job := fw.nextJob(t)
 	if job.Prompt != "Once upon" || job.Messages != nil || job.MaxTokens != 0 || *job.Temperature != 0 {
@@ -79,7 +82,7 @@ func TestCompletionsStreaming(t *testing.T) {
 	if text.String() != "Hello, world!" || finish != "stop" {
 		t.Fatalf("text %q finish %q", text.String(), finish)
 	}
-	if got == nil || *got != (usage{3, 4, 7}) {
+	if got == nil || *got != (usage{3, 4, 7, promptTokensDetails{}}) {
 		t.Fatalf("usage %+v", got)
 	}
 }

@@ -102,6 +102,7 @@ type script struct {
 	skipSeq    int  // >0: do not publish the token event with this seq (a lost event)
 	noTerminal bool // record the result but do not publish its event
 	prompt     int  // prompt tokens to report
+	cached     int  // of them, from the runtime's prompt cache
 	// restartAfter >0: after this many tokens, attempt 2 starts over from offset
 	// 0 (its dispatcher lost what was sent) and streams restartTokens, or the same
 	// tokens when nil.
@@ -224,7 +225,7 @@ func (fw *fakeWorker) serve(job schemas.JobRequest) {
 	}
 	res := schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: attempt, Seq: len(tokens), Status: s.status,
 		FinishReason: s.finish, Text: text.String(), Model: job.Model, Tenant: job.Tenant, WorkerID: "fake-1", FinishedAt: time.Now().UTC(),
-		Usage:    schemas.Usage{PromptTokens: s.prompt, CompletionTokens: len(tokens), TotalTokens: s.prompt + len(tokens)},
+		Usage:    schemas.Usage{PromptTokens: s.prompt, CompletionTokens: len(tokens), TotalTokens: s.prompt + len(tokens), CachedTokens: s.cached},
 		Logprobs: lps}
 	if s.errCode != "" {
 		res.Error = &schemas.ErrorInfo{Code: s.errCode, Message: "fake failure: " + s.errCode}

@@ -88,12 +88,22 @@ func newWorker(c config.Config, nc *nats.Conn, models []string, log zerolog.Logg
 		Python:   pythonPath(c),
 		Models:   models,
 		Slots:    c.Slots,
+		// -1 (the default) leaves the choice to the runtime.
+		RuntimeArgs: promptCacheArgs(c.PromptCacheBytes),
 		// Several heartbeats per TTL, so one late put never expires a live worker.
 		HeartbeatInterval: min(time.Second, c.WorkerTTLDuration()/3),
 		Version:           version,
 		Logger:            log,
 		Observer:          workerObserver(workerID(c), log),
 	})
+}
+
+// promptCacheArgs passes prompt_cache_bytes to the runtime when it is set (>= 0).
+func promptCacheArgs(n int64) []string {
+	if n < 0 {
+		return nil
+	}
+	return []string{"--prompt-cache-bytes", strconv.FormatInt(n, 10)}
 }
 
 func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatcher.Dispatcher, error) {

@@ -17,6 +17,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mlx_serving_runtime", description=__doc__)
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded at once per model (default 8)")
     p.add_argument("--max-models", type=int, default=2, help="models loaded at once (default 2)")
+    p.add_argument(
+        "--prompt-cache-bytes",
+        type=int,
+        default=-1,
+        help="bytes of finished requests' KV caches kept for prompt-prefix reuse; 0 turns the "
+        "cache off; negative (default): 1/8 of the machine's memory, at most 16 GiB",
+    )
     p.add_argument("--log-level", default=os.environ.get("MLX_SERVING_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     if a.max_batch < 1 or a.max_models < 1:
@@ -43,6 +50,7 @@ def runtime_info(engine: Any) -> dict[str, Any]:
         "max_batch": engine.max_batch,
         "max_models": engine.max_models,
         "models": engine.model_ids(),
+        "prompt_cache": engine.prompt_cache.stats(),
     }
 
 
@@ -93,6 +101,7 @@ def handle(engine: Any, writer: Writer, line: bytes) -> None:
                         "in_flight": engine.in_flight(),
                         "decoded_tokens": engine.decoded_tokens(),
                         "models": engine.model_ids(),
+                        "prompt_cache": engine.prompt_cache.stats(),
                     },
                 )
             )
@@ -137,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import Engine
 
     validation.types()  # fail at start, not on the first request, when schemas are missing
-    engine = Engine(writer.send, max_batch=args.max_batch, max_models=args.max_models)
+    engine = Engine(
+        writer.send,
+        max_batch=args.max_batch,
+        max_models=args.max_models,
+        prompt_cache_bytes=args.prompt_cache_bytes,
+    )
 
     def exit_now() -> None:
         # The shutdown answer is written; the reader may sit in a blocking read of stdin.
@@ -146,7 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)
 
     engine.on_exit = exit_now
-    log.info("runtime ready (pid %d, max_batch %d)", os.getpid(), args.max_batch)
+    log.info(
+        "runtime ready (pid %d, max_batch %d, prompt cache %d bytes)",
+        os.getpid(),
+        args.max_batch,
+        engine.prompt_cache.max_bytes,
+    )
     stdin = sys.stdin.buffer
     for line in stdin:
         if not line.strip():

@@ -22,6 +22,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_logits_processors
 
 from . import sampling, structured
+from .prompt_cache import PromptCache, default_max_bytes
 from .protocol import RpcError, error_response, notification, response
 from .request import Request
 from .sampling import make_sampler
@@ -71,6 +72,20 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "out of memory" in m or "allocat" in m
 
 
+def _memory_limit() -> int:
+    """What MLX may allocate: Metal's recommended working set, else MLX's own limit."""
+    try:
+        v = int(mx.device_info().get("max_recommended_working_set_size", 0))
+    except Exception:
+        v = 0
+    if not v:
+        try:
+            v = int(mx.get_memory_limit())
+        except Exception:
+            v = 0
+    return v
+
+
 def memory_info() -> dict[str, int]:
     total = 0
     try:
@@ -87,11 +102,22 @@ def memory_info() -> dict[str, int]:
 
 class Engine:
     def __init__(
-        self, send: Callable[[dict[str, Any]], None], max_batch: int = 8, max_models: int = 2
+        self,
+        send: Callable[[dict[str, Any]], None],
+        max_batch: int = 8,
+        max_models: int = 2,
+        prompt_cache_bytes: int | None = None,
     ) -> None:
         self.send = send
         self.max_batch = max_batch
         self.max_models = max_models
+        if prompt_cache_bytes is None or prompt_cache_bytes < 0:
+            prompt_cache_bytes = default_max_bytes(memory_info()["total_bytes"])
+        # Touched on the generation thread only; stats() is read from the reader thread.
+        self.prompt_cache = PromptCache(
+            prompt_cache_bytes, memory_limit=_memory_limit(), active_memory=mx.get_active_memory
+        )
+        self._reused: dict[str, int] = {}  # request_id -> prompt tokens taken from the cache
         self._cmds: queue.Queue[tuple] = queue.Queue()
         self._lock = threading.Lock()
         self._models: dict[str, Model] = {}
@@ -291,6 +317,7 @@ class Engine:
             del self._models[mid]
         if m.gen is not None:
             m.gen.close()
+        self.prompt_cache.drop_model(mid)
         mx.clear_cache()
         self.send(response(rpc_id, {"id": mid, "unloaded": True}))
 
@@ -334,9 +361,14 @@ class Engine:
                 for t in req.prompt_tokens[req.prefix_len :]:
                     req.detok.add_token(t)
                 _ = req.detok.last_segment
+            # The longest cached prefix (one token at least is left to compute). all_tokens
+            # tells the batch what the cache holds, so processors still see the whole prompt.
+            cache, n = self.prompt_cache.fetch(m.id, req.prompt_tokens)
             (uid,) = m.gen.insert(
-                [req.prompt_tokens],
+                [req.prompt_tokens[n:]],
                 max_tokens=[req.max_tokens],
+                caches=[cache] if cache is not None else None,
+                all_tokens=[req.prompt_tokens[:n]] if cache is not None else None,
                 samplers=[sampler],
                 logits_processors=[procs],
             )
@@ -345,8 +377,11 @@ class Engine:
             return
         except Exception as e:
             log.exception("start %s", req.request_id)
+            if _is_oom(e):
+                self._memory_short()
             self._fail(req, RpcError("out_of_memory" if _is_oom(e) else "generation_failed", str(e)))
             return
+        self._reused[req.request_id] = n
         req.uid = uid
         self._by_uid[(m.id, uid)] = req
 
@@ -362,6 +397,8 @@ class Engine:
                     del self._by_uid[key]
                     self._fail(req, RpcError(code, f"{type(e).__name__}: {e}"))
             m.gen = self._new_generator(m)
+            if code == "out_of_memory":
+                self._memory_short()
             mx.clear_cache()
             return
         self._decoded += len(responses)  # one per row decoded, whether a request still reads it
@@ -375,6 +412,9 @@ class Engine:
                     lltok = m.grammar_tokenizer.get()
                     entry = sampling.logprob_entry(lltok, r.token, r.logprobs, req.logprobs)
                     req.lp_pending.append((len(req.out), entry))
+                if r.finish_reason is not None and req.error is None:
+                    # Before the answer, so a health read after it sees the entry.
+                    self._keep_cache(m, r.all_tokens, r.prompt_cache)
                 self._on_token(m, req, r.token, r.finish_reason, now)
             except Exception as e:
                 log.exception("request %s failed", req.request_id)
@@ -424,9 +464,34 @@ class Engine:
         self._emit(req, max(0, best - len(req.continuation)))
         req.lp_pending.clear()  # tokens of the stop string and after: not part of the answer
         if finish is None:
-            m.gen.remove([req.uid])
+            # The row is removed before the batch finishes it: take its cache on the way out.
+            kept = m.gen.remove([req.uid], return_prompt_caches=self.prompt_cache.enabled)
+            if req.uid in kept:
+                cache, tokens = kept[req.uid]
+                self._keep_cache(m, tokens, cache)
         self._end(req, "stop")
         return True
+
+    def _keep_cache(self, m: Model, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        """Store a row that finished well: its cache covers exactly tokens."""
+        if not self.prompt_cache.enabled or not tokens or not cache:
+            return
+        try:
+            # Extracted lazily from the batch: evaluate now, so the entry holds its own
+            # arrays and not the batch's whole buffers.
+            mx.eval([c.state for c in cache])
+            if self.prompt_cache.store(m.id, list(tokens), cache):
+                if self.prompt_cache.relieve():
+                    mx.clear_cache()
+        except Exception as e:  # a cache that cannot be kept never fails the request
+            log.warning("prompt cache: not kept: %s: %s", type(e).__name__, e)
+            if _is_oom(e):
+                self._memory_short()
+
+    def _memory_short(self) -> None:
+        n = self.prompt_cache.clear()
+        if n:
+            log.warning("out of memory: dropped %d prompt cache entries", n)
 
     def _emit(self, req: Request, upto: int) -> None:
         if upto <= req.sent:
@@ -467,6 +532,8 @@ class Engine:
         # far) is fed as prompt but was generated, and counted, by the earlier
         # attempt.
         prompt = req.prefix_len
+        # Of the rendered prompt only, like prompt_tokens.
+        cached = min(self._reused.pop(req.request_id, 0), prompt)
         with self._lock:
             self._inflight.pop(req.request_id, None)
         extra = {}
@@ -487,6 +554,7 @@ class Engine:
                         "prompt_tokens": prompt,
                         "completion_tokens": req.completion_tokens,
                         "total_tokens": prompt + req.completion_tokens,
+                        "cached_tokens": cached,
                     },
                     "timings": {
                         "ttft_ms": round((first - req.accepted) * 1000, 3),
@@ -498,6 +566,7 @@ class Engine:
         )
 
     def _fail(self, req: Request, err: RpcError) -> None:
+        self._reused.pop(req.request_id, None)
         with self._lock:
             self._inflight.pop(req.request_id, None)
         err.data.setdefault("request_id", req.request_id)
