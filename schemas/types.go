@@ -183,6 +183,24 @@ type HeartbeatMsg struct {
 	Version     string    `json:"version,omitempty"`
 	StartedAt   time.Time `json:"started_at"`
 	UpdatedAt   time.Time `json:"updated_at"`
+	// PromptCache is the runtime's prompt cache as its last health answer
+	// stated it; nil when the runtime reports none.
+	PromptCache *PromptCacheStats `json:"prompt_cache,omitempty"`
+	// Prefixes are routing hints: chain hashes (internal/prefix) of prompts
+	// the worker's current runtime ran, per model, most recent first; at most
+	// MaxHeartbeatPrefixes in all.
+	Prefixes []ModelPrefixes `json:"prefixes,omitempty"`
+}
+
+// MaxHeartbeatPrefixes bounds the hashes of one heartbeat over all models:
+// about 10 KB of JSON, far below NATS' payload limit (1 MB by default) and
+// cheap to put every second.
+const MaxHeartbeatPrefixes = 512
+
+// ModelPrefixes are one model's prefix hashes in a heartbeat.
+type ModelPrefixes struct {
+	Model  string   `json:"model"`
+	Hashes []string `json:"hashes"`
 }
 
 // Resume lets a job continue on a new worker where an earlier attempt stopped: the

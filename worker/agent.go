@@ -128,6 +128,7 @@ type Agent struct {
 
 	startedAt time.Time     // once per process: dispatchers tell a restart by it
 	room      chan struct{} // a full worker freed a slot: heartbeat soon
+	prefixes  prefixLog     // prompt prefixes the runtime ran: the heartbeat's routing hints (prefixes.go)
 	assignMu  sync.Mutex    // orders assignment admission against Drain
 
 	jobCtx    context.Context // running jobs; cancelled only as the last resort of a stop

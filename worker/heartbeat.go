@@ -173,6 +173,7 @@ func (a *Agent) heartbeat() schemas.HeartbeatMsg {
 	// Stamped after in_flight is read: a job whose end is stamped later than
 	// updated_at is counted here (dispatchers rely on it to give slots back).
 	inFlight := a.jobs.inFlight()
+	cache, prefixes := a.prefixes.summary(a.sup.client())
 	return schemas.HeartbeatMsg{
 		WorkerID:    a.cfg.WorkerID,
 		Hostname:    a.host.hostname,
@@ -186,19 +187,23 @@ func (a *Agent) heartbeat() schemas.HeartbeatMsg {
 		Version:     a.cfg.Version,
 		StartedAt:   a.startedAt,
 		UpdatedAt:   time.Now().UTC(),
+		PromptCache: cache,
+		Prefixes:    prefixes,
 	}
 }
 
 // heartbeatLoop puts the registry entry every interval, at once on every
 // lifecycle change, and soon when a full worker frees a slot (at most every
 // 100 ms or tenth of the interval: a busy worker hovers at full), until ctx
-// ends.
+// ends. Beside it, pollPromptCache reads the runtime's prompt-cache stats
+// every interval for the entry's routing hints (prefixes.go).
 func (a *Agent) heartbeatLoop(ctx context.Context) {
 	t := time.NewTicker(a.cfg.HeartbeatInterval)
 	defer t.Stop()
 	minGap := min(a.cfg.HeartbeatInterval/10, 100*time.Millisecond)
 	var last time.Time
 	var kv jetstream.KeyValue
+	go a.pollPromptCache(ctx, a.cfg.HeartbeatInterval)
 	for {
 		_, changed := a.life.watch()
 		if kv == nil {

@@ -336,6 +336,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			res.Logprobs, res.LogprobsTruncated = boundLogprobs(gen.Logprobs)
 			res.LogprobsTruncated = res.LogprobsTruncated || resumeTokens > 0
 		}
+		a.prefixRan(r, res.Text) // its runtime caches the prompt and the reply now: a routing hint (prefixes.go)
 		res.FinishedAt = a.jobs.freeSlot(r)
 		traceEnd(span, res.Status, nil)
 		a.finish(ctx, &res, r.dispatcherID)
