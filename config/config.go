@@ -29,27 +29,29 @@ var ErrInvalid = errors.New("config: invalid")
 
 // Config is the effective configuration.
 type Config struct {
-	DataDir      string `json:"data_dir"`
-	HTTPAddr     string `json:"http_addr"`
-	NATSListen   string `json:"nats_listen"`
-	NATSURL      string `json:"nats_url"`
-	NATSUser     string `json:"nats_user,omitempty"`
-	NATSPassword string `json:"nats_password,omitempty"`
-	NATSCreds    string `json:"nats_creds,omitempty"`
-	NATSCA       string `json:"nats_ca,omitempty"`
-	NATSCert     string `json:"nats_cert,omitempty"`
-	NATSKey      string `json:"nats_key,omitempty"`
-	Model        string `json:"model"`
-	Python       string `json:"python"`
-	WorkerID     string `json:"worker_id"`
-	Slots        int    `json:"slots"`
-	SyncAlways   bool   `json:"sync_always"`
-	JobsMaxMsgs  int64  `json:"jobs_max_msgs"`
-	MaxAttempts  int    `json:"max_attempts"`
-	BatchMaxWait string `json:"batch_max_wait"`
-	BatchMaxSize int    `json:"batch_max_size"`
-	AuthTokens   string `json:"auth_tokens,omitempty"`
-	CORSOrigins  string `json:"cors_origins,omitempty"`
+	DataDir      string  `json:"data_dir"`
+	HTTPAddr     string  `json:"http_addr"`
+	NATSListen   string  `json:"nats_listen"`
+	NATSURL      string  `json:"nats_url"`
+	NATSUser     string  `json:"nats_user,omitempty"`
+	NATSPassword string  `json:"nats_password,omitempty"`
+	NATSCreds    string  `json:"nats_creds,omitempty"`
+	NATSCA       string  `json:"nats_ca,omitempty"`
+	NATSCert     string  `json:"nats_cert,omitempty"`
+	NATSKey      string  `json:"nats_key,omitempty"`
+	Model        string  `json:"model"`
+	Python       string  `json:"python"`
+	WorkerID     string  `json:"worker_id"`
+	Slots        int     `json:"slots"`
+	SyncAlways   bool    `json:"sync_always"`
+	JobsMaxMsgs  int64   `json:"jobs_max_msgs"`
+	MaxAttempts  int     `json:"max_attempts"`
+	BatchMaxWait string  `json:"batch_max_wait"`
+	BatchMaxSize int     `json:"batch_max_size"`
+	Routing      string  `json:"routing"`
+	RouteMaxSkew float64 `json:"route_max_skew"`
+	AuthTokens   string  `json:"auth_tokens,omitempty"`
+	CORSOrigins  string  `json:"cors_origins,omitempty"`
 	// Per-tenant limits at the gateway; 0 means none.
 	TenantMaxInFlight    int    `json:"tenant_max_in_flight"`
 	TenantMaxTokens      int    `json:"tenant_max_tokens"`
@@ -99,6 +101,8 @@ var Keys = []Key{
 	{"max_attempts", "max-attempts", "MLX_SERVING_MAX_ATTEMPTS", "3", "attempts per job before it is dead-lettered"},
 	{"batch_max_wait", "batch-max-wait", "MLX_SERVING_BATCH_MAX_WAIT", "5ms", "how long the dispatcher waits to fill a batch"},
 	{"batch_max_size", "batch-max-size", "MLX_SERVING_BATCH_MAX_SIZE", "8", "most jobs in one batch"},
+	{"routing", "routing", "MLX_SERVING_ROUTING", "prefix", "dispatcher: where a batch goes: prefix (the worker that already holds its prompt's prefix) or least_loaded"},
+	{"route_max_skew", "route-max-skew", "MLX_SERVING_ROUTE_MAX_SKEW", "0.5", "dispatcher: how much busier (share of slots) a worker holding a job's prefix may be than the least loaded one; past it the least loaded gets the job"},
 	{"auth_tokens", "auth-tokens", "MLX_SERVING_AUTH_TOKENS", "", "gateway bearer tokens, comma-separated; token=tenant maps a token to a tenant, a plain token is tenant default (empty: no auth)"},
 	{"cors_origins", "cors-origins", "MLX_SERVING_CORS_ORIGINS", "", "gateway: browser origins allowed to call the API (CORS), comma-separated scheme://host[:port]; * allows any (empty: none)"},
 	{"tenant_max_in_flight", "tenant-max-in-flight", "MLX_SERVING_TENANT_MAX_IN_FLIGHT", "0", "gateway: most jobs one tenant may have queued or running (0: no limit)"},
@@ -183,6 +187,10 @@ func fromValues(values map[string]any) (Config, error) {
 		case "boolean":
 			if b, err := strconv.ParseBool(s); err == nil {
 				values[name] = b
+			}
+		case "number":
+			if f, err := strconv.ParseFloat(s, 64); err == nil {
+				values[name] = f
 			}
 		}
 	}

@@ -73,6 +73,9 @@ func TestInvalidValuesNameTheKey(t *testing.T) {
 		"bad url":         {file: "nats_url: http://x\n", want: "nats_url"},
 		"bad cors origin": {env: []string{"MLX_SERVING_CORS_ORIGINS=https://a.example,app.example"}, want: "cors_origins"},
 		"not yaml at all": {file: "a: [b\n", want: "not YAML"},
+		"bad routing":     {env: []string{"MLX_SERVING_ROUTING=random"}, want: "routing"},
+		"zero skew":       {env: []string{"MLX_SERVING_ROUTE_MAX_SKEW=0"}, want: "route_max_skew"},
+		"skew not number": {env: []string{"MLX_SERVING_ROUTE_MAX_SKEW=half"}, want: "route_max_skew"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -89,6 +92,22 @@ func TestInvalidValuesNameTheKey(t *testing.T) {
 				t.Fatalf("error %q does not name %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestRoutingKeys: routing and route_max_skew reach Config from their
+// defaults, the environment and flags (a number key is parsed from text).
+// Mutation caught: the "number" case of fromValues removed (the env value
+// stays a string and fails the schema).
+func TestRoutingKeys(t *testing.T) {
+	t.Parallel()
+	c, err := load(t, nil, nil)
+	if err != nil || c.Routing != "prefix" || c.RouteMaxSkew != 0.5 {
+		t.Fatalf("defaults: %q %v %v", c.Routing, c.RouteMaxSkew, err)
+	}
+	c, err = load(t, []string{"--routing", "least_loaded"}, []string{"MLX_SERVING_ROUTE_MAX_SKEW=0.25"})
+	if err != nil || c.Routing != "least_loaded" || c.RouteMaxSkew != 0.25 {
+		t.Fatalf("set: %q %v %v", c.Routing, c.RouteMaxSkew, err)
 	}
 }
 

@@ -130,8 +130,9 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 		if p < 0 {
 			break
 		}
-		model := heads[p].req.Model
-		w := d.pickWorker(model, now)
+		lead := heads[p]
+		model := lead.req.Model
+		w, why, cands := d.pickWorker(lead, now)
 		if w == nil {
 			skip[model] = true
 			if d.modelUnserved(model, now) {
@@ -140,15 +141,22 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 			continue
 		}
 		size := min(d.cfg.MaxBatch, w.free())
+		// Members: the model's queued jobs the router lets ride to w (the lead
+		// always); size+1 of them are enough to fill the batch without waiting.
 		var members []*job
 		oldest := now
+	collect:
 		for q := range schemas.NumPriorities {
 			for _, j := range d.queues[q] {
-				if j.req.Model == model {
-					members = append(members, j)
-					if j.enqueued.Before(oldest) {
-						oldest = j.enqueued
-					}
+				if j.req.Model != model || (j != lead && !d.router.Admit(j, w, cands)) {
+					continue
+				}
+				members = append(members, j)
+				if j.enqueued.Before(oldest) {
+					oldest = j.enqueued
+				}
+				if len(members) > size {
+					break collect
 				}
 			}
 		}
@@ -159,15 +167,16 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 		}
 		d.pickWRR.commit(p, elig)
 		// The lead first, then the rest by priority and FIFO.
-		picked := []*job{heads[p]}
+		picked := []*job{lead}
 		for _, j := range members {
 			if len(picked) == size {
 				break
 			}
-			if j != heads[p] {
+			if j != lead {
 				picked = append(picked, j)
 			}
 		}
+		d.metrics.Routed[why].Add(1)
 		d.launch(w, model, picked)
 	}
 	return next

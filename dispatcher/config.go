@@ -67,6 +67,13 @@ type Config struct {
 	// NoDrain makes Run return at once on cancel, leaving running jobs to be
 	// redelivered (and recognised through RESULTS) elsewhere.
 	NoDrain bool
+	// Routing is the routing policy: RoutingPrefix (default) or
+	// RoutingLeastLoaded (router.go).
+	Routing string
+	// RouteMaxSkew bounds how much more loaded (a share of slots, in (0, 1])
+	// the worker holding a job's prefix may be than the least loaded one before
+	// the job goes to the least loaded instead (default 0.5; 1: never).
+	RouteMaxSkew float64
 	// ConsumerPrefix prefixes the durable consumer names (default "dispatch");
 	// every dispatcher of one fleet must use the same.
 	ConsumerPrefix string
@@ -119,6 +126,16 @@ func (c Config) withDefaults() (Config, error) {
 		}
 	}
 	def(&c.DrainTimeout, c.AckWait)
+	switch c.Routing {
+	case "":
+		c.Routing = RoutingPrefix
+	case RoutingPrefix, RoutingLeastLoaded:
+	default:
+		return c, errors.Join(ErrConfig, errors.New("Routing must be prefix or least_loaded"))
+	}
+	if c.RouteMaxSkew <= 0 {
+		c.RouteMaxSkew = 0.5
+	}
 	if c.ConsumerPrefix == "" {
 		c.ConsumerPrefix = "dispatch"
 	}

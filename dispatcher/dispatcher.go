@@ -10,6 +10,7 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/prefix"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -56,6 +57,7 @@ type Dispatcher struct {
 	onWorker      int // jobs dispatched or running
 	workers       map[string]*workerView
 	pickWRR       wrr
+	router        Router
 	batchSeq      uint64
 }
 
@@ -90,6 +92,7 @@ type job struct {
 	curToks  int // cumulative completion tokens from the current attempt's events
 	nextSeq  int
 	lastErr  schemas.ErrorInfo
+	chain    []prefix.Hash   // the prompt's prefix chain, hashed once at intake (router.go)
 	tctx     context.Context // the submitter's trace context, from the JOBS headers
 	span     trace.Span      // the current attempt's mlx.dispatch span, until accepted
 }
@@ -120,6 +123,7 @@ func New(cfg Config) (*Dispatcher, error) {
 	}
 	d.pullWRR.w = cfg.Weights
 	d.pickWRR.w = cfg.Weights
+	d.router = newRouter(cfg)
 	return d, nil
 }
 

@@ -58,6 +58,16 @@
 // next heartbeat (about a second later): the worker frees a slot before it
 // makes the job's end visible, so the count never runs below the truth.
 //
+// Where a batch goes is a Router's choice (router.go): the prefix policy
+// (default) hashes each job's prompt once at intake (internal/prefix) and
+// sends a batch to the worker whose heartbeat advertises the longest prefix of
+// its lead job, among workers with a free slot whose load is within
+// RouteMaxSkew of the least loaded one; other jobs of the model join that batch
+// only if that worker is as good a home for them, or they have none, so
+// conversations stick to their warm worker. Otherwise, and with the
+// least_loaded policy, the least loaded worker with a free slot gets it.
+// Metrics.Routed counts the reasons.
+//
 // The worker registry (KV mlx_workers) is watched; a worker is lost when its
 // entry is deleted or not updated for WorkerTTL, and its jobs are retried. A
 // worker whose heartbeat names a new process (started_at) restarted, maybe

@@ -293,6 +293,8 @@ type fakeWorker struct {
 	// leaves (read under mu).
 	beforeReply func(a schemas.AssignmentMsg)
 	latencies   []time.Duration
+	// advertised: the heartbeat's prefixes (routing hints), set by tests.
+	advertised []schemas.ModelPrefixes
 }
 
 // fakeWorkerOptions shape the fake worker's heartbeat.
@@ -385,7 +387,7 @@ func (w *fakeWorker) heartbeat() {
 	// updated_at after in_flight is read, as the real worker does: a job freed
 	// after updated_at was counted.
 	hb := schemas.HeartbeatMsg{WorkerID: w.id, Hostname: "test", Platform: "linux", Models: w.models, Slots: w.slots,
-		InFlight: w.inflight, State: schemas.WorkerReady, StartedAt: w.startedAt, UpdatedAt: time.Now().UTC()}
+		InFlight: w.inflight, State: schemas.WorkerReady, StartedAt: w.startedAt, UpdatedAt: time.Now().UTC(), Prefixes: w.advertised}
 	w.mu.Unlock()
 	data, _ := json.Marshal(hb)
 	_, _ = w.kv.Put(context.Background(), w.id, data)

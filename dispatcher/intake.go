@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/prefix"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/mlx-serving/mlx-serving/tracing"
 	"github.com/nats-io/nats.go/jetstream"
@@ -196,7 +197,9 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 
 	ictx := d.wctx
 	invalid := d.decode(j, m.Data())
+	chain := prefix.OfJob(&j.req) // once per job, outside the lock: routing reads it
 	d.mu.Lock()
+	j.chain = chain
 	if !j.gone {
 		d.startDispatch(j)
 	}

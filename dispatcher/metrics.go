@@ -22,6 +22,8 @@ type Metrics struct {
 	IllegalTransitions atomic.Int64
 	NotAJob            atomic.Int64 // messages on JOBS that could not be a job: dead-lettered raw and terminated
 	ForgedRecords      atomic.Int64 // terminal records or attempt reports from a worker that does not run that attempt: refused
+	// Routed counts batches by why they went to their worker (RouteReason).
+	Routed [numRouteReasons]atomic.Int64
 	// Transitions counts legal transitions by (from state, event).
 	Transitions [numStates][numEvents]atomic.Int64
 }
@@ -32,4 +34,12 @@ func (m *Metrics) TransitionCount(s State, e Event) int64 {
 		return 0
 	}
 	return m.Transitions[s][e].Load()
+}
+
+// RoutedCount returns how many batches went out for reason r.
+func (m *Metrics) RoutedCount(r RouteReason) int64 {
+	if r < 0 || r >= numRouteReasons {
+		return 0
+	}
+	return m.Routed[r].Load()
 }

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/prefix"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -38,6 +39,8 @@ type workerView struct {
 	// blocked: the last answer refused work (rejected, nobody there); until the
 	// next heartbeat nothing is offered.
 	blocked bool
+	// prefixes: the heartbeat's prefixes by model (nil: none advertised).
+	prefixes map[string]prefix.Set
 }
 
 func (w *workerView) free() int {
@@ -65,6 +68,7 @@ func (w *workerView) observe(hb schemas.HeartbeatMsg) {
 	w.counted = w.mine + len(keep)
 	w.othersReply = -1
 	w.blocked = false
+	w.prefixes = prefixSets(hb.Models, hb.Prefixes)
 }
 
 // answered records the free slots a worker stated after taking what is now
@@ -88,24 +92,21 @@ func (w *workerView) routable(now time.Time) bool {
 	return true
 }
 
-// pickWorker returns the least loaded routable worker that has the model loaded
-// and a free slot. Callers hold d.mu.
-func (d *Dispatcher) pickWorker(model string, now time.Time) *workerView {
-	var best *workerView
-	var bestLoad float64
-	for _, w := range d.workers {
-		if !w.routable(now) || w.free() <= 0 || !slices.Contains(w.hb.Models, model) {
-			continue
-		}
-		load := float64(w.hb.Slots-w.free()) / float64(max(w.hb.Slots, 1))
-		if best == nil || load < bestLoad || (load == bestLoad && w.id < best.id) {
-			best, bestLoad = w, load
+// pickWorker returns the worker the batch led by lead goes to, chosen by the
+// router among the routable workers that have its model (cands, for the
+// router's Admit), and why; nil when none has a free slot or the chosen one's
+// breaker lets nothing through. Callers hold d.mu.
+func (d *Dispatcher) pickWorker(lead *job, now time.Time) (w *workerView, why RouteReason, cands []*workerView) {
+	for _, c := range d.workers {
+		if c.routable(now) && slices.Contains(c.hb.Models, lead.req.Model) {
+			cands = append(cands, c)
 		}
 	}
-	if best != nil && !best.br.allow(now) {
-		return nil
+	w, why = d.router.Pick(lead, cands)
+	if w == nil || !w.br.allow(now) {
+		return nil, why, nil
 	}
-	return best
+	return w, why, cands
 }
 
 // slotFreed gives back the slot of a job of mine leaving the running state on

@@ -113,6 +113,8 @@ func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatc
 		Conn:         nc,
 		MaxWait:      c.BatchWait(),
 		MaxBatch:     c.BatchMaxSize,
+		Routing:      c.Routing,
+		RouteMaxSkew: c.RouteMaxSkew,
 		MaxAttempts:  c.MaxAttempts,
 		WorkerTTL:    c.WorkerTTLDuration(),
 		Logger:       &log,
