@@ -55,6 +55,10 @@ var (
 	FleetWorkers    = Spec{"mlx_fleet_workers", "Workers in the registry (KV mlx_workers) by heartbeat state.", Gauge, []string{"state"}, nil}
 	FleetSlots      = Spec{"mlx_fleet_worker_slots", "Concurrent generations a worker offers, from its heartbeat.", Gauge, []string{"worker_id"}, nil}
 	FleetInFlight   = Spec{"mlx_fleet_worker_in_flight", "Jobs running on a worker, from its heartbeat.", Gauge, []string{"worker_id"}, nil}
+	FleetCacheBytes = Spec{"mlx_fleet_worker_prompt_cache_bytes", "Bytes a worker's runtime prompt (KV) cache holds, from its heartbeat.", Gauge, []string{"worker_id"}, nil}
+	FleetCacheHits  = Spec{"mlx_fleet_worker_prompt_cache_hit_tokens_total", "Prompt tokens a worker's runtime took from its prompt cache instead of computing them, since the runtime started (resets with it), from its heartbeat.", Counter, []string{"worker_id"}, nil}
+	FleetCacheToks  = Spec{"mlx_fleet_worker_prompt_cache_prompt_tokens_total", "Prompt tokens of every cache lookup of a worker's runtime since it started (resets with it), from its heartbeat; hit_tokens over it is the token hit rate.", Counter, []string{"worker_id"}, nil}
+	FleetCacheRate  = Spec{"mlx_fleet_worker_prompt_cache_hit_rate", "Share of a worker's prompt tokens served from its runtime's prompt cache since the runtime started, from its heartbeat.", Gauge, []string{"worker_id"}, nil}
 	FleetSampleErrs = Spec{"mlx_fleet_sample_errors_total", "Scrapes whose read of the streams or the worker registry failed (their gauges are left out).", Counter, nil, nil}
 	FleetFinished   = Spec{"mlx_fleet_jobs_finished_total", "Terminal results recorded in RESULTS, by status and model.", Counter, []string{"status", "model"}, nil}
 	FleetErrors     = Spec{"mlx_fleet_job_errors_total", "Terminal results that carry an error, by its stable code.", Counter, []string{"code"}, nil}
@@ -81,6 +85,7 @@ var (
 	DispatcherWorkersLost      = Spec{"mlx_dispatcher_workers_lost_total", "Workers whose registry entry was deleted or went stale while this dispatcher watched.", Counter, nil, nil}
 	DispatcherWorkersRestarted = Spec{"mlx_dispatcher_workers_restarted_total", "Workers that came back as a new process (new started_at) while jobs were assigned to the old one; those jobs were retried.", Counter, nil, nil}
 	DispatcherIllegal          = Spec{"mlx_dispatcher_illegal_transitions_total", "Job state transitions the table refused (a bug if it moves).", Counter, nil, nil}
+	DispatcherRouted           = Spec{"mlx_dispatcher_batches_routed_total", "Batches sent to a worker, by why that one: prefix_hit (it holds the lead job's prompt prefix), no_match (nobody does; least loaded), fallback_full (the warm workers are full), fallback_skew (the warm workers are too busy, route_max_skew), least_loaded (routing least_loaded).", Counter, []string{"reason"}, nil}
 	DispatcherTransitions      = Spec{"mlx_dispatcher_transitions_total", "Legal job state transitions, by the state left and the event.", Counter, []string{"from", "event"}, nil}
 	WorkerSlots                = Spec{"mlx_worker_slots", "Concurrent generations this worker offers.", Gauge, []string{"worker_id"}, nil}
 	WorkerInFlight             = Spec{"mlx_worker_in_flight", "Jobs holding a slot on this worker.", Gauge, []string{"worker_id"}, nil}
@@ -112,11 +117,12 @@ var (
 // catalog lists every Spec above; Catalog and the tests read it.
 var catalog = []Spec{
 	FleetQueueDepth, FleetDLQ, FleetResults, FleetWorkers, FleetSlots, FleetInFlight, FleetSampleErrs,
+	FleetCacheBytes, FleetCacheHits, FleetCacheToks, FleetCacheRate,
 	FleetFinished, FleetErrors, FleetInvalid, FleetAttemptErr, FleetAttempts, FleetTTFT, FleetTokensPS,
 	FleetQueued, FleetDuration, FleetTokens,
 	DispatcherPulled, DispatcherBatches, DispatcherAssigned, DispatcherAssignFull, DispatcherAssignErrors,
 	DispatcherRetries, DispatcherFinished, DispatcherAlreadyDone, DispatcherNotAJob, DispatcherForged, DispatcherWorkersLost, DispatcherWorkersRestarted, DispatcherIllegal,
-	DispatcherTransitions,
+	DispatcherTransitions, DispatcherRouted,
 	WorkerSlots, WorkerInFlight, WorkerState, WorkerRuntimeStarts, WorkerRuntimeRestarts, WorkerBreaker,
 	WorkerBreakerOpens, WorkerAssignments, WorkerBatchSize, WorkerSchemaRejections, WorkerJobsStarted,
 	WorkerJobsResumed, WorkerJobsFinished, WorkerAttemptsReported,

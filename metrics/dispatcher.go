@@ -46,6 +46,7 @@ var dispatcherFinished = []struct {
 }
 
 var (
+	routedDesc      = DispatcherRouted.Desc()
 	finishedDesc    = DispatcherFinished.Desc()
 	transitionsDesc = DispatcherTransitions.Desc()
 	counterDescs    = func() []*prometheus.Desc {
@@ -64,6 +65,7 @@ func (d *Dispatcher) Describe(ch chan<- *prometheus.Desc) {
 	}
 	ch <- finishedDesc
 	ch <- transitionsDesc
+	ch <- routedDesc
 }
 
 // Collect implements prometheus.Collector.
@@ -73,6 +75,9 @@ func (d *Dispatcher) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, f := range dispatcherFinished {
 		ch <- prometheus.MustNewConstMetric(finishedDesc, prometheus.CounterValue, float64(f.get(d.m)), f.state.String())
+	}
+	for _, r := range dispatcher.RouteReasons() {
+		ch <- prometheus.MustNewConstMetric(routedDesc, prometheus.CounterValue, float64(d.m.RoutedCount(r)), r.String())
 	}
 	for _, t := range legalTransitions {
 		ch <- prometheus.MustNewConstMetric(transitionsDesc, prometheus.CounterValue,

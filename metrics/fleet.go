@@ -48,6 +48,7 @@ type Fleet struct {
 	sampleErrs                                        prometheus.Counter
 
 	queueDesc, dlqDesc, resultsDesc, workersDesc, slotsDesc, inFlightDesc *prometheus.Desc
+	cacheBytesDesc, cacheHitsDesc, cacheToksDesc, cacheRateDesc           *prometheus.Desc
 
 	mu      sync.Mutex // guards the subscriptions
 	started bool
@@ -151,6 +152,11 @@ func NewFleet(opts FleetOptions) (*Fleet, error) {
 		workersDesc:  FleetWorkers.Desc(),
 		slotsDesc:    FleetSlots.Desc(),
 		inFlightDesc: FleetInFlight.Desc(),
+
+		cacheBytesDesc: FleetCacheBytes.Desc(),
+		cacheHitsDesc:  FleetCacheHits.Desc(),
+		cacheToksDesc:  FleetCacheToks.Desc(),
+		cacheRateDesc:  FleetCacheRate.Desc(),
 	}, nil
 }
 
@@ -257,7 +263,8 @@ func (f *Fleet) observeAttempt(data []byte) {
 
 // Describe implements prometheus.Collector.
 func (f *Fleet) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{f.queueDesc, f.dlqDesc, f.resultsDesc, f.workersDesc, f.slotsDesc, f.inFlightDesc} {
+	for _, d := range []*prometheus.Desc{f.queueDesc, f.dlqDesc, f.resultsDesc, f.workersDesc, f.slotsDesc, f.inFlightDesc,
+		f.cacheBytesDesc, f.cacheHitsDesc, f.cacheToksDesc, f.cacheRateDesc} {
 		ch <- d
 	}
 	for _, c := range f.collectors() {
@@ -292,6 +299,14 @@ func (f *Fleet) Collect(ch chan<- prometheus.Metric) {
 				byState[w.State]++
 				ch <- prometheus.MustNewConstMetric(f.slotsDesc, prometheus.GaugeValue, float64(w.Slots), w.WorkerID)
 				ch <- prometheus.MustNewConstMetric(f.inFlightDesc, prometheus.GaugeValue, float64(w.InFlight), w.WorkerID)
+				if pc := w.PromptCache; pc != nil {
+					ch <- prometheus.MustNewConstMetric(f.cacheBytesDesc, prometheus.GaugeValue, float64(pc.Bytes), w.WorkerID)
+					ch <- prometheus.MustNewConstMetric(f.cacheHitsDesc, prometheus.CounterValue, float64(pc.HitTokens), w.WorkerID)
+					ch <- prometheus.MustNewConstMetric(f.cacheToksDesc, prometheus.CounterValue, float64(pc.PromptTokens), w.WorkerID)
+					if pc.PromptTokens > 0 {
+						ch <- prometheus.MustNewConstMetric(f.cacheRateDesc, prometheus.GaugeValue, float64(pc.HitTokens)/float64(pc.PromptTokens), w.WorkerID)
+					}
+				}
 			}
 			for st, n := range byState {
 				ch <- prometheus.MustNewConstMetric(f.workersDesc, prometheus.GaugeValue, float64(n), st)

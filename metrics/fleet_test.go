@@ -29,8 +29,9 @@ func startFleet(t *testing.T, b *testenv.Bus) *scraper {
 	return serve(t, reg)
 }
 
-// TestFleetGauges: queue depth per priority, DLQ and the workers come from the
-// bus as it is when scraped, and follow it when it changes.
+// TestFleetGauges: queue depth per priority, DLQ and the workers (their prompt
+// cache stats included) come from the bus as it is when scraped, and follow it
+// when it changes. Mutation caught: the prompt_cache series left out of Collect.
 func TestFleetGauges(t *testing.T) {
 	t.Parallel()
 	b := testenv.StartBus(t, bus.ProvisionOptions{})
@@ -68,7 +69,8 @@ func TestFleetGauges(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	putHB(schemas.HeartbeatMsg{WorkerID: "mac-1", State: schemas.WorkerReady, Slots: 8, InFlight: 3, Models: []string{"m"}})
+	putHB(schemas.HeartbeatMsg{WorkerID: "mac-1", State: schemas.WorkerReady, Slots: 8, InFlight: 3, Models: []string{"m"},
+		PromptCache: &schemas.PromptCacheStats{Entries: 2, Bytes: 4096, MaxBytes: 1 << 20, Lookups: 4, Hits: 1, HitTokens: 30, PromptTokens: 120}})
 	putHB(schemas.HeartbeatMsg{WorkerID: "mac-2", State: schemas.WorkerDraining, Slots: 4, InFlight: 1, Models: []string{"m"}})
 
 	s.waitFor(ctx,
@@ -81,6 +83,10 @@ func TestFleetGauges(t *testing.T) {
 		expectation{"mlx_fleet_worker_slots", L("worker_id", "mac-1"), 8},
 		expectation{"mlx_fleet_worker_in_flight", L("worker_id", "mac-1"), 3},
 		expectation{"mlx_fleet_worker_in_flight", L("worker_id", "mac-2"), 1},
+		expectation{"mlx_fleet_worker_prompt_cache_bytes", L("worker_id", "mac-1"), 4096},
+		expectation{"mlx_fleet_worker_prompt_cache_hit_tokens_total", L("worker_id", "mac-1"), 30},
+		expectation{"mlx_fleet_worker_prompt_cache_prompt_tokens_total", L("worker_id", "mac-1"), 120},
+		expectation{"mlx_fleet_worker_prompt_cache_hit_rate", L("worker_id", "mac-1"), 0.25},
 	)
 
 	// A job leaves the queue and a worker leaves the registry.

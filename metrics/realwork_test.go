@@ -19,6 +19,8 @@ import (
 // registry served over HTTP as --metrics-addr does, and scrapes it: jobs queued
 // before any capacity show as queue depth, then drain; the terminal counts, TTFT
 // and tokens/s per model, batch counters, worker hooks and heartbeats all move.
+// Mutation caught: the routed-by-reason series left out of the dispatcher's
+// Collect ("0 batches routed").
 func TestRealWork(t *testing.T) {
 	t.Parallel()
 	b := testenv.StartBus(t, bus.ProvisionOptions{WorkerTTL: 3 * time.Second})
@@ -143,6 +145,15 @@ func TestRealWork(t *testing.T) {
 	batches, _ := value(mfs, "mlx_dispatcher_batches_total", nil)
 	if batches < 1 || batches > jobs {
 		t.Fatalf("batches %v for %d jobs", batches, jobs)
+	}
+	// Every batch sent was routed for one reason (refused offers are routed again).
+	routed := 0.0
+	for _, r := range dispatcher.RouteReasons() {
+		v, _ := value(mfs, "mlx_dispatcher_batches_routed_total", L("reason", r.String()))
+		routed += v
+	}
+	if routed < batches {
+		t.Fatalf("%v batches routed, %v accepted", routed, batches)
 	}
 	if got, _ := value(mfs, "mlx_worker_batch_size", L("worker_id", "mac-a")); got != batches {
 		t.Fatalf("worker saw %v accepted batches, dispatcher %v", got, batches)
