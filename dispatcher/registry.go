@@ -53,6 +53,7 @@ func (w *workerView) free() int {
 
 // observe applies a heartbeat of the worker's current process.
 func (w *workerView) observe(hb schemas.HeartbeatMsg) {
+	old := w.hb
 	w.hb = hb
 	// A job that ended after updated_at was counted (the worker reads in_flight
 	// before it stamps updated_at, and stamps an end before it frees the slot);
@@ -68,7 +69,13 @@ func (w *workerView) observe(hb schemas.HeartbeatMsg) {
 	w.counted = w.mine + len(keep)
 	w.othersReply = -1
 	w.blocked = false
-	w.prefixes = prefixSets(hb.Models, hb.Prefixes)
+	if !slices.EqualFunc(hb.Prefixes, old.Prefixes, sameModelPrefixes) || !slices.Equal(hb.Models, old.Models) {
+		w.prefixes = prefixSets(hb.Models, hb.Prefixes) // parsed only when they changed
+	}
+}
+
+func sameModelPrefixes(a, b schemas.ModelPrefixes) bool {
+	return a.Model == b.Model && slices.Equal(a.Hashes, b.Hashes)
 }
 
 // answered records the free slots a worker stated after taking what is now
