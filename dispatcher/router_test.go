@@ -158,9 +158,11 @@ func TestLeastLoadedRouterIgnoresPrefixes(t *testing.T) {
 // TestPrefixRoutingSendsSharedPrefixToWarmWorker: with real NATS, a dispatcher
 // and two fake workers, jobs that share a conversation's prefix all go to the
 // worker whose heartbeat advertises it, although the other one is idle and
-// sorts first; a job with no shared prefix may go anywhere. Mutation caught:
-// newRouter returning leastLoaded{} (every job goes to w-a, the cold one, by
-// the id tie-break).
+// sorts first; once that worker restarted with an empty summary the next turn
+// goes by load. Mutations caught: newRouter returning leastLoaded{} (every job
+// goes to w-a, the cold one, by the id tie-break); intake leaving j.chain
+// empty (same); observe keeping the old prefixes when a heartbeat has none
+// (the restarted worker still looks warm).
 func TestPrefixRoutingSendsSharedPrefixToWarmWorker(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, bus.ProvisionOptions{})
@@ -201,6 +203,27 @@ func TestPrefixRoutingSendsSharedPrefixToWarmWorker(t *testing.T) {
 	}
 	if len(onCold) != 0 {
 		t.Errorf("the cold worker ran %v", onCold)
+	}
+
+	// The warm worker restarts: its cache is gone, its heartbeat says so, and
+	// the conversation's next turn is routed by load (w-a, by the id tie-break).
+	warm.mu.Lock()
+	warm.advertised = nil
+	warm.mu.Unlock()
+	warm.restartNow()
+	waitFor(t, 5*time.Second, "the dispatcher to see w-b's empty summary", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return d.workers["w-b"].prefixes == nil
+	})
+	j := chatJob("after-restart", "the first turn of the conversation", "follow-up after the restart").req
+	j.MaxTokens, j.Priority, j.ReplyTo = 3, schemas.PriorityNormal, bus.ReplySubject("", j.ID)
+	e.mustSubmit(&j)
+	if r := e.waitResult(j.ID, 10*time.Second); r.Status != schemas.StatusCompleted {
+		t.Fatalf("%+v", r)
+	}
+	if onCold, _, _ = cold.snapshot(); onCold[j.ID] != 1 {
+		t.Errorf("after the restart the job did not go by load to w-a: %v", onCold)
 	}
 }
 

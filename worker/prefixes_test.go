@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"encoding/json"
 	"slices"
 	"strings"
 	"syscall"
@@ -120,6 +121,17 @@ func TestPrefixLogBounded(t *testing.T) {
 	}
 	if n != schemas.MaxHeartbeatPrefixes {
 		t.Fatalf("summary holds %d hashes, want %d", n, schemas.MaxHeartbeatPrefixes)
+	}
+	now := time.Now().UTC()
+	hb := schemas.HeartbeatMsg{WorkerID: "w", Hostname: "h", Platform: "p", Models: []string{"m"}, Slots: 8,
+		State: schemas.WorkerReady, StartedAt: now, UpdatedAt: now, Prefixes: got,
+		PromptCache: &schemas.PromptCacheStats{Entries: 1, MaxBytes: 1}}
+	data, _ := json.Marshal(hb)
+	if err := schemas.Validate(schemas.Heartbeat, data); err != nil {
+		t.Fatalf("a full heartbeat fails its schema: %v", err)
+	}
+	if len(data) > 16<<10 {
+		t.Fatalf("a full heartbeat is %d bytes", len(data))
 	}
 }
 
