@@ -121,6 +121,12 @@ func TestCLIParsesCommandLines(t *testing.T) {
 			flags: map[string]string{"slots": "2", "sync-always": "false", "worker-ttl": "30s", "jobs-max-msgs": "500"},
 		},
 		{
+			name: "a number setting is typed",
+			line: []string{"dispatcher", "--route-max-skew", "0.25", "--routing", "least_loaded"},
+			path: "mlx-serving dispatcher", args: []string{},
+			flags: map[string]string{"route-max-skew": "0.25", "routing": "least_loaded"},
+		},
+		{
 			name: "subcommands of subcommands",
 			line: []string{"auth", "init", "--tenants", "a,b", "--data-dir", "/tmp/x", "--force"},
 			path: "mlx-serving auth init", args: []string{},
@@ -160,6 +166,7 @@ func TestCLIRefusesBadLinesWithExit2(t *testing.T) {
 		{[]string{"submit", "--max-tokens", "many", "hi"}, `invalid argument "many" for "--max-tokens"`},
 		{[]string{"up", "--slots", "eight"}, `invalid argument "eight" for "--slots"`},
 		{[]string{"up", "--worker-ttl", "10"}, `invalid argument "10" for "--worker-ttl"`},
+		{[]string{"up", "--route-max-skew", "half"}, `invalid argument "half" for "--route-max-skew"`},
 		{[]string{"result"}, "needs exactly one job id"},
 		{[]string{"cancel", "a", "b"}, "needs exactly one job id"},
 		{[]string{"status", "extra"}, "takes no arguments"},

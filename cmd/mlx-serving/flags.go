@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"reflect"
+	"strconv"
 	"strings"
 	"time"
 
@@ -45,6 +46,7 @@ var enumValues = map[string][]string{
 	"log_level":   {"trace", "debug", "info", "warn", "error"},
 	"log_format":  {"json", "console"},
 	"sync_always": {"true", "false"},
+	"routing":     {"prefix", "least_loaded"},
 }
 
 // fileKeys and dirKeys complete as paths.
@@ -94,6 +96,12 @@ func bindSettings(fs *pflag.FlagSet, group string, names ...string) *settings {
 			}
 		case reflect.Bool:
 			fs.Bool(k.Flag, k.Default == "true", usage)
+		case reflect.Float64:
+			f, err := strconv.ParseFloat(k.Default, 64)
+			if err != nil {
+				panic("mlx-serving: default of " + k.Name + ": " + err.Error())
+			}
+			fs.Float64(k.Flag, f, usage)
 		default:
 			if d, err := time.ParseDuration(k.Default); err == nil && k.Default != "0" {
 				fs.Duration(k.Flag, d, usage)
