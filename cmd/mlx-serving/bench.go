@@ -38,6 +38,7 @@ func (a *app) benchCmd() *cobra.Command {
 	f.StringVar(&o.natsBin, "nats-bin", defaultNATSBin(), "where the nats CLI is installed (go install) on first use")
 	_ = cmd.MarkFlagFilename("out", "json")
 	_ = cmd.MarkFlagDirname("nats-bin")
+	cmd.AddCommand(a.benchPrefixCmd())
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		c, err := s.load()
 		if err != nil {
