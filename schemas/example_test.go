@@ -31,7 +31,7 @@ func ExampleValidate() {
 	// Output:
 	// invalid: true
 	// code: invalid_request
-	// $.messages[1].role: messages.1.role must be one of the following: "system", "user", "assistant"
+	// $.messages[1].role: messages.1.role must be one of the following: "system", "user", "assistant", "tool"
 	// $.model: model is required
 	// $.temperature: Must be less than or equal to 2
 }

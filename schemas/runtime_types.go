@@ -256,6 +256,9 @@ type GenerateParams struct {
 	Seed              *int64             `json:"seed,omitempty"`
 	Stop              []string           `json:"stop,omitempty"`
 	JSONSchema        map[string]any     `json:"json_schema,omitempty"`
+	Tools             []Tool             `json:"tools,omitempty"`
+	ToolChoice        *ToolChoice        `json:"tool_choice,omitempty"`
+	ParallelToolCalls *bool              `json:"parallel_tool_calls,omitempty"`
 	Continuation      string             `json:"continuation,omitempty"`
 }
 

@@ -238,7 +238,10 @@ func (sd *schemaDoc) resolve(file string, node map[string]any) (string, map[stri
 	}
 }
 
-var timeType = reflect.TypeFor[time.Time]()
+var (
+	timeType       = reflect.TypeFor[time.Time]()
+	toolChoiceType = reflect.TypeFor[ToolChoice]()
+)
 
 // compare checks schema node (at path, in file) against Go type typ: same
 // properties as json tags, required exactly when not omitempty, matching JSON
@@ -258,6 +261,13 @@ func (sd *schemaDoc) compare(path, file string, node map[string]any, typ reflect
 	}[typ.Kind()]
 	if typ == timeType {
 		want = "string"
+	}
+	if typ == toolChoiceType {
+		// Encoded by its own MarshalJSON as one of two shapes: a oneOf in the schema.
+		if _, ok := node["oneOf"].([]any); !ok {
+			t.Errorf("%s: ToolChoice wants a oneOf of its string and object forms", path)
+		}
+		return
 	}
 	if _, isConst := node["const"]; isConst && typ.Kind() == reflect.String {
 		jsonType = "string"

@@ -1,6 +1,9 @@
 package schemas
 
-import "time"
+import (
+	"encoding/json"
+	"time"
+)
 
 // Message types on the bus. Each names a schema file in this folder.
 const (
@@ -33,10 +36,85 @@ var Priorities = []string{PriorityHigh, PriorityNormal, PriorityLow}
 // NumPriorities is len(Priorities) as a constant, for arrays indexed by priority.
 const NumPriorities = 3
 
-// Message is one chat message.
+// Message is one chat message. An assistant message may carry the calls it made,
+// a tool message the id of the call it answers.
 type Message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+	Role       string     `json:"role"`
+	Content    string     `json:"content"`
+	ToolCalls  []ToolCall `json:"tool_calls,omitempty"`
+	ToolCallID string     `json:"tool_call_id,omitempty"`
+}
+
+// ToolCall is one call an assistant message made, in OpenAI's shape.
+type ToolCall struct {
+	ID       string           `json:"id"`
+	Type     string           `json:"type"` // "function"
+	Function ToolCallFunction `json:"function"`
+}
+
+// ToolCallFunction names the function called and its arguments, a JSON string.
+type ToolCallFunction struct {
+	Name      string `json:"name"`
+	Arguments string `json:"arguments"`
+}
+
+// Tool is a function the model may call (OpenAI's tools entry).
+type Tool struct {
+	Type     string       `json:"type"` // "function"
+	Function ToolFunction `json:"function"`
+}
+
+// ToolFunction defines a function: its arguments validate against Parameters.
+type ToolFunction struct {
+	Name        string         `json:"name"`
+	Description string         `json:"description,omitempty"`
+	Parameters  map[string]any `json:"parameters,omitempty"`
+}
+
+// Tool choice modes; a ToolChoice with Function set names one function instead.
+const (
+	ToolChoiceAuto     = "auto"
+	ToolChoiceNone     = "none"
+	ToolChoiceRequired = "required"
+)
+
+// ToolChoice is OpenAI's tool_choice: a mode ("auto", "none", "required") encoded as
+// a JSON string, or one function, encoded {"type":"function","function":{"name":...}}.
+type ToolChoice struct {
+	Mode     string // set when Function is empty
+	Function string
+}
+
+type toolChoiceObject struct {
+	Type     string `json:"type"`
+	Function struct {
+		Name string `json:"name"`
+	} `json:"function"`
+}
+
+// MarshalJSON writes the mode as a string, a function as OpenAI's object.
+func (c ToolChoice) MarshalJSON() ([]byte, error) {
+	if c.Function == "" {
+		return json.Marshal(c.Mode)
+	}
+	o := toolChoiceObject{Type: "function"}
+	o.Function.Name = c.Function
+	return json.Marshal(o)
+}
+
+// UnmarshalJSON reads either encoding.
+func (c *ToolChoice) UnmarshalJSON(data []byte) error {
+	var mode string
+	if err := json.Unmarshal(data, &mode); err == nil {
+		*c = ToolChoice{Mode: mode}
+		return nil
+	}
+	var o toolChoiceObject
+	if err := json.Unmarshal(data, &o); err != nil {
+		return err
+	}
+	*c = ToolChoice{Function: o.Function.Name}
+	return nil
 }
 
 // JobRequest is a generation job (schema "job"). Exactly one of Prompt and Messages is set.
@@ -58,6 +136,9 @@ type JobRequest struct {
 	Seed              *int64             `json:"seed,omitempty"`
 	Stop              []string           `json:"stop,omitempty"`
 	JSONSchema        map[string]any     `json:"json_schema,omitempty"`
+	Tools             []Tool             `json:"tools,omitempty"`
+	ToolChoice        *ToolChoice        `json:"tool_choice,omitempty"`
+	ParallelToolCalls *bool              `json:"parallel_tool_calls,omitempty"`
 	Priority          string             `json:"priority,omitempty"`
 	Deadline          *time.Time         `json:"deadline,omitempty"`
 	Tenant            string             `json:"tenant,omitempty"`

@@ -250,6 +250,9 @@ func generateParams(r *jobRun) *schemas.GenerateParams {
 		Seed:              j.Seed,
 		Stop:              j.Stop,
 		JSONSchema:        j.JSONSchema,
+		Tools:             j.Tools,
+		ToolChoice:        j.ToolChoice,
+		ParallelToolCalls: j.ParallelToolCalls,
 	}
 	if res := r.aj.Resume; res != nil {
 		p.Continuation = res.Text

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import structured
+from . import structured, tools
 from .protocol import RpcError
 from .validation import default_max_tokens
 
@@ -61,7 +61,11 @@ def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Reque
                 f"model {m.id!r} has no chat template",
                 violations=[{"path": "$.messages", "reason": "model has no chat template"}],
             )
-        text = tok.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
+        # HF templates take OpenAI's tool list as is; with a template that ignores it
+        # the model is not told about the tools, but the grammar below still forces calls.
+        extra = {"tools": p["tools"]} if p.get("tools") else {}
+        messages = tools.template_messages(p["messages"])
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
         prompt = tok.encode(text, add_special_tokens=False)
     else:
         text = p["prompt"]
@@ -85,7 +89,15 @@ def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Reque
             context_length=m.context_length,
         )
     grammar = None
-    if "json_schema" in p:
+    if p.get("tools"):
+        grammar = tools.compile_tools(
+            m.grammar_tokenizer,
+            p["tools"],
+            p.get("tool_choice"),
+            p.get("parallel_tool_calls", True),
+            p.get("json_schema"),
+        )
+    if grammar is None and "json_schema" in p:
         grammar = structured.compile_schema(m.grammar_tokenizer, p["json_schema"])
     bias: dict[int, float] = {}
     for k, v in (p.get("logit_bias") or {}).items():

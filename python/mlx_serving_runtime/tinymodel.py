@@ -20,10 +20,21 @@ from pathlib import Path
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
+# Without tools and tool calls this renders exactly as it always has (tests count its
+# tokens); tools add a Hermes/Qwen-style system block, and an assistant message's
+# tool_calls render in the <tool_call> form the runtime's tool grammar forces.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>\n# Tools\n\nYou may call functions. Their signatures:\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "Write each call as <tool_call>\n{\"name\": <name>, \"arguments\": <arguments object>}\n"
+    "</tool_call><|end|>\n{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% for call in message.tool_calls or [] %}{% set f = call.function %}"
+    "<tool_call>\n{\"name\": {{ f.name | tojson }}, \"arguments\": "
+    "{% if f.arguments is string %}{{ f.arguments }}{% else %}{{ f.arguments | tojson }}{% endif %}}"
+    "\n</tool_call>{% endfor %}<|end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
