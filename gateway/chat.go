@@ -18,11 +18,19 @@ type chatRequest struct {
 	TopLogprobs         *int          `json:"top_logprobs"`
 	// Metadata are the client's labels; the job carries them (echoed in logs).
 	Metadata map[string]string `json:"metadata"`
+	// Tools the model may call (tools.go).
+	Tools             []chatTool      `json:"tools"`
+	ToolChoice        json.RawMessage `json:"tool_choice"`
+	ParallelToolCalls *bool           `json:"parallel_tool_calls"`
+
+	parseCalls bool // the answer is read for tool calls
 }
 
 type chatMessage struct {
-	Role    string          `json:"role"`
-	Content json.RawMessage `json:"content"`
+	Role       string          `json:"role"`
+	Content    json.RawMessage `json:"content"`
+	ToolCalls  []chatToolCall  `json:"tool_calls"`
+	ToolCallID *string         `json:"tool_call_id"`
 }
 
 // contentPart is one element of an array-valued message content.
@@ -33,6 +41,14 @@ type contentPart struct {
 
 func (g *Gateway) handleChat(w http.ResponseWriter, r *http.Request) {
 	serve[chatRequest](g, w, r, endpointChat, chatFields, chatFormat{})
+}
+
+// format shapes the answer: read for tool calls when the request offers tools.
+func (req *chatRequest) format(f format) format {
+	if req.parseCalls {
+		return chatFormat{calls: true}
+	}
+	return f
 }
 
 func (req *chatRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMap, *apiError) {
@@ -88,7 +104,19 @@ func (req *chatRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMa
 			role = "system"
 		}
 		job.Messages[i] = schemas.Message{Role: role, Content: text}
+		if aerr := messageTools(m, &job.Messages[i], i); aerr != nil {
+			return nil, pm, aerr
+		}
 	}
+	parse, aerr := req.applyTools(job)
+	if aerr != nil {
+		return nil, pm, aerr
+	}
+	if parse && job.Logprobs != nil {
+		return nil, pm, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: "logprobs", Code: "unsupported_parameter",
+			Message: "'logprobs' is not supported together with 'tools' (unless tool_choice is \"none\"); omit one of them."}
+	}
+	req.parseCalls = parse
 	return job, pm, nil
 }
 
@@ -117,8 +145,13 @@ func messageText(raw json.RawMessage, param string) (string, *apiError) {
 	return b.String(), nil
 }
 
-// chatFormat shapes chat.completion bodies and chat.completion.chunk events.
-type chatFormat struct{}
+// chatFormat shapes chat.completion bodies and chat.completion.chunk events. With
+// calls set the text is read for tool calls: each choice streams through its own
+// parser (choice), a whole body is parsed at once.
+type chatFormat struct {
+	calls  bool
+	parser *toolParser
+}
 
 type chatCompletion struct {
 	ID      string       `json:"id"`
@@ -137,8 +170,9 @@ type chatChoice struct {
 }
 
 type chatOutMessage struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+	Role      string         `json:"role"`
+	Content   *string        `json:"content"` // null when the answer is tool calls only
+	ToolCalls []chatToolCall `json:"tool_calls,omitempty"`
 }
 
 type chatChunk struct {
@@ -158,18 +192,32 @@ type chatChunkChoice struct {
 }
 
 type chatDelta struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string          `json:"role,omitempty"`
+	Content   *string         `json:"content,omitempty"`
+	ToolCalls []toolCallDelta `json:"tool_calls,omitempty"`
 }
 
 func (chatFormat) idPrefix() string { return "chatcmpl-" }
 
-func (chatFormat) body(m meta, text, finish string, u usage, lp *logprobs) any {
+func (f chatFormat) body(m meta, text, finish string, u usage, lp *logprobs) any {
+	msg := chatOutMessage{Role: "assistant", Content: &text}
+	if f.calls {
+		msg.Content, msg.ToolCalls = parseToolText(text)
+		finish = toolFinish(finish, len(msg.ToolCalls))
+	}
 	return chatCompletion{
 		ID: m.id, Object: "chat.completion", Created: m.created, Model: m.model,
-		Choices: []chatChoice{{Index: 0, Message: chatOutMessage{Role: "assistant", Content: text}, Logprobs: lp.chatJSON(), FinishReason: finish}},
+		Choices: []chatChoice{{Index: 0, Message: msg, Logprobs: lp.chatJSON(), FinishReason: finish}},
 		Usage:   u,
 	}
+}
+
+// choice returns the format one choice streams with: its own call parser.
+func (f chatFormat) choice() format {
+	if f.calls {
+		f.parser = &toolParser{}
+	}
+	return f
 }
 
 func (f chatFormat) chunk(m meta, d chatDelta, finish *string) chatChunk {
@@ -187,13 +235,38 @@ func (f chatFormat) first(m meta) any {
 }
 
 func (f chatFormat) delta(m meta, text string, lp *logprobs) any {
+	if f.parser != nil {
+		content, calls := f.parser.feed(text)
+		return f.callDelta(m, content, calls)
+	}
 	c := f.chunk(m, chatDelta{Content: &text}, nil)
 	c.Choices[0].Logprobs = lp.chatJSON()
 	return c
 }
 
+// callDelta is the chunk for what the parser let out, nil when nothing.
+func (f chatFormat) callDelta(m meta, content string, calls []toolCallDelta) any {
+	if content == "" && len(calls) == 0 {
+		return nil
+	}
+	d := chatDelta{ToolCalls: calls}
+	if content != "" {
+		d.Content = &content
+	}
+	return f.chunk(m, d, nil)
+}
+
 func (f chatFormat) final(m meta, finish string) any {
-	return f.chunk(m, chatDelta{}, &finish)
+	if f.parser == nil {
+		return f.chunk(m, chatDelta{}, &finish)
+	}
+	content, calls := f.parser.flush()
+	finish = toolFinish(finish, len(f.parser.calls))
+	last := f.chunk(m, chatDelta{}, &finish)
+	if rest := f.callDelta(m, content, calls); rest != nil {
+		return events{rest, last}
+	}
+	return last
 }
 
 func (chatFormat) usage(m meta, u usage) any {

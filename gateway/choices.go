@@ -72,7 +72,9 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, spec runSpe
 		g.metrics.submitted.inc(spec.endpoint)
 		ids = append(ids, job.ID)
 		m := meta{id: spec.format.idPrefix() + base.ID, created: now.Unix(), model: job.Model, includeUsage: spec.stream && spec.includeUsage}
-		calls = append(calls, &jobCall{g: g, w: w, r: r, spec: spec, job: &job, stream: stream, waitCtx: waitCtx, meta: m})
+		cspec := spec
+		cspec.format = choiceFormat(spec.format)
+		calls = append(calls, &jobCall{g: g, w: w, r: r, spec: cspec, job: &job, stream: stream, waitCtx: waitCtx, meta: m})
 	}
 	w.Header().Set("X-Mlx-Job-Id", strings.Join(ids, ","))
 	if spec.stream {
@@ -170,10 +172,12 @@ func streamChoices(calls []*jobCall) {
 		}
 	}
 	send := func(v any, i int) bool {
-		if err := sse.send(withIndex(v, i)); err != nil {
-			g.metrics.disconnects.inc()
-			cancelRest("client disconnected")
-			return false
+		for _, e := range each(v) {
+			if err := sse.send(withIndex(e, i)); err != nil {
+				g.metrics.disconnects.inc()
+				cancelRest("client disconnected")
+				return false
+			}
 		}
 		return true
 	}
@@ -217,7 +221,7 @@ func streamChoices(calls []*jobCall) {
 			if !ok {
 				continue
 			}
-			if !begin() || !send(f.delta(m, out, lp), it.i) {
+			if !begin() || !send(c.spec.format.delta(m, out, lp), it.i) {
 				return
 			}
 			cs.commit(out)
@@ -239,10 +243,10 @@ func streamChoices(calls []*jobCall) {
 			_ = sse.send(errStreamDiverged(c.job.ID).body())
 			return
 		}
-		if rest != "" && !send(f.delta(m, rest, lp), it.i) {
+		if rest != "" && !send(c.spec.format.delta(m, rest, lp), it.i) {
 			return
 		}
-		if !send(f.final(m, finishReason(res)), it.i) {
+		if !send(c.spec.format.final(m, finishReason(res)), it.i) {
 			return
 		}
 		u := usageOf(res)

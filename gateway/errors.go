@@ -143,7 +143,7 @@ func (m paramMap) param(path string) (string, bool) {
 	}
 	switch head {
 	case "model", "messages", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
-		"presence_penalty", "frequency_penalty", "logit_bias":
+		"presence_penalty", "frequency_penalty", "logit_bias", "tools", "tool_choice", "parallel_tool_calls":
 		return p, true
 	case "max_tokens":
 		if m.maxTokens != "" {

@@ -45,7 +45,7 @@ func TestInvalidRequestNamesTheField(t *testing.T) {
 		{"unknown response_format", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"yaml"}}`, "response_format.type"},
 		{"no model", `{"messages":[{"role":"user","content":"hi"}]}`, "model"},
 		{"model with spaces", `{"model":"tiny model","messages":[{"role":"user","content":"hi"}]}`, "model"},
-		{"tools", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, "tools"},
+		{"tools", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, "tools[0].function"},
 		{"not json", `{"model":`, ""},
 		{"not an object", `[1,2]`, ""},
 	}

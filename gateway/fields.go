@@ -83,13 +83,29 @@ var (
 	// message, sent back as history, may carry its empty extras.
 	messageFields = fieldSet{
 		"role": honoured, "content": honoured,
-		"name":          unsupported("null", never),
-		"tool_calls":    unsupported("[]", isEmpty),
-		"tool_call_id":  unsupported("null", never),
+		"name": unsupported("null", never),
+		// An assistant's calls sent back as history, and a tool's answer to one.
+		"tool_calls":    {sub: toolCallFields, each: true},
+		"tool_call_id":  honoured,
 		"function_call": unsupported("null", never),
 		"refusal":       unsupported("null", never),
 		"audio":         unsupported("null", never),
 		"annotations":   unsupported("[]", isEmpty),
+	}
+	toolCallFields = fieldSet{
+		"id": honoured, "type": honoured,
+		"function": {sub: fieldSet{"name": honoured, "arguments": honoured}},
+	}
+	// toolFields are one entry of tools: a function (tools.go checks the rest).
+	toolFields = fieldSet{
+		"type": honoured,
+		"function": {sub: fieldSet{
+			"name": honoured, "description": honoured, "parameters": honoured,
+			"strict": honoured, // arguments are constrained to the schema either way
+		}},
+	}
+	toolChoiceFields = fieldSet{
+		"type": honoured, "function": {sub: fieldSet{"name": honoured}},
 	}
 	chatFields = merge(samplingFields, fieldSet{
 		"messages":              {sub: messageFields, each: true},
@@ -97,9 +113,9 @@ var (
 		"metadata":              honoured,
 		"logprobs":              honoured,
 		"top_logprobs":          honoured,
-		"tools":                 unsupported("[]", isEmpty),
-		"tool_choice":           unsupported(`"none"`, isJSON(`"none"`)),
-		"parallel_tool_calls":   unsupported("true", isJSON("true")),
+		"tools":                 {sub: toolFields, each: true},
+		"tool_choice":           {sub: toolChoiceFields}, // a mode string, or an object held to its list
+		"parallel_tool_calls":   honoured,
 		"functions":             unsupported("[]", isEmpty),
 		"function_call":         unsupported(`"none"`, isJSON(`"none"`)),
 		"store":                 unsupported("false", isJSON("false")),

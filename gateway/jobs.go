@@ -73,6 +73,40 @@ type format interface {
 	usage(m meta, u usage) any
 }
 
+// events is several stream events a format returns at once; a format may also
+// return nil: nothing to send yet.
+type events []any
+
+// each lists the events v stands for.
+func each(v any) []any {
+	switch e := v.(type) {
+	case nil:
+		return nil
+	case events:
+		return e
+	}
+	return []any{v}
+}
+
+// sendEach sends the events v stands for.
+func sendEach(sse *sseWriter, v any) error {
+	for _, e := range each(v) {
+		if err := sse.send(e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// choiceFormat is the format one choice answers with: formats that keep state
+// per choice (chat reading tool calls) give each its own.
+func choiceFormat(f format) format {
+	if c, ok := f.(interface{ choice() format }); ok {
+		return c.choice()
+	}
+	return f
+}
+
 type runSpec struct {
 	endpoint     string
 	job          *schemas.JobRequest
@@ -106,6 +140,9 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 	if aerr != nil {
 		g.fail(w, endpoint, aerr)
 		return
+	}
+	if rf, ok := any(req).(interface{ format(format) format }); ok {
+		f = rf.format(f)
 	}
 	g.run(w, r, runSpec{endpoint: endpoint, job: job, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
 		logprobs: job.Logprobs != nil, n: req.choices(), format: f})
@@ -207,6 +244,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	log.Debug().Bool("stream", spec.stream).Msg("job submitted")
 
 	m := meta{id: spec.format.idPrefix() + job.ID, created: now.Unix(), model: job.Model, includeUsage: spec.stream && spec.includeUsage}
+	spec.format = choiceFormat(spec.format)
 	j := &jobCall{g: g, w: w, r: r, spec: spec, job: job, stream: stream, waitCtx: waitCtx, meta: m}
 	if spec.stream {
 		j.streamed()
@@ -329,7 +367,7 @@ func (j *jobCall) streamed() {
 				j.clientLeft(err)
 				return
 			}
-			if err := sse.send(f.delta(m, out, lp)); err != nil {
+			if err := sendEach(sse, f.delta(m, out, lp)); err != nil {
 				j.clientLeft(err)
 				return
 			}
@@ -356,12 +394,12 @@ func (j *jobCall) streamed() {
 			return
 		}
 		if rest != "" {
-			if err := sse.send(f.delta(m, rest, lp)); err != nil {
+			if err := sendEach(sse, f.delta(m, rest, lp)); err != nil {
 				j.clientLeft(err)
 				return
 			}
 		}
-		if err := sse.send(f.final(m, finishReason(res))); err != nil {
+		if err := sendEach(sse, f.final(m, finishReason(res))); err != nil {
 			j.clientLeft(err)
 			return
 		}

@@ -1,0 +1,475 @@
+package gateway
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"strings"
+
+	"github.com/xeipuuv/gojsonschema"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// Tool calls. The request's tools and tool_choice travel in the job; the runtime
+// renders the tools through the model's chat template and, unless tool_choice is
+// none, constrains decoding with a grammar (python/mlx_serving_runtime/tools.py) so
+// that a call is always the text
+//
+//	<tool_call>
+//	{"name": "NAME", "arguments": ARGS}
+//	</tool_call>
+//
+// with ARGS valid against the function's parameters. This file checks tools at
+// the edge and turns that text back into OpenAI's tool_calls, whole or as stream
+// deltas.
+
+const (
+	callOpen  = "<tool_call>"
+	callClose = "</tool_call>"
+	maxTools  = 128
+)
+
+var toolNameRe = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+
+// chatTool is one entry of the request's tools.
+type chatTool struct {
+	Type     string            `json:"type"`
+	Function *chatToolFunction `json:"function"`
+}
+
+type chatToolFunction struct {
+	Name        string          `json:"name"`
+	Description *string         `json:"description"`
+	Parameters  json.RawMessage `json:"parameters"`
+	Strict      *bool           `json:"strict"` // arguments always follow the schema
+}
+
+// chatToolCall is a call an assistant message made (history) or the answer holds.
+type chatToolCall struct {
+	ID       string           `json:"id"`
+	Type     string           `json:"type"`
+	Function chatCallFunction `json:"function"`
+}
+
+type chatCallFunction struct {
+	Name      string `json:"name"`
+	Arguments string `json:"arguments"`
+}
+
+// toolCallDelta is one streamed piece of a call: the first names it (id, type,
+// name), the rest append to its arguments.
+type toolCallDelta struct {
+	Index    int             `json:"index"`
+	ID       string          `json:"id,omitempty"`
+	Type     string          `json:"type,omitempty"`
+	Function toolDeltaFields `json:"function"`
+}
+
+type toolDeltaFields struct {
+	Name      string `json:"name,omitempty"`
+	Arguments string `json:"arguments"`
+}
+
+// applyTools checks tools, tool_choice and parallel_tool_calls and copies them into
+// the job. It returns whether the answer is parsed for calls (tools given and
+// tool_choice not none).
+func (req *chatRequest) applyTools(job *schemas.JobRequest) (bool, *apiError) {
+	if len(req.Tools) > maxTools {
+		return false, errInvalid("tools", "'tools' holds %d tools; at most %d are allowed.", len(req.Tools), maxTools)
+	}
+	names := map[string]bool{}
+	for i, t := range req.Tools {
+		p := fmt.Sprintf("tools[%d]", i)
+		if t.Type != "function" {
+			return false, errInvalid(p+".type", "'%s.type' must be \"function\", not %q.", p, t.Type)
+		}
+		f := t.Function
+		if f == nil {
+			return false, errInvalid(p+".function", "'%s.function' is required.", p)
+		}
+		if !toolNameRe.MatchString(f.Name) {
+			return false, errInvalid(p+".function.name", "'%s.function.name' must be 1 to 64 letters, digits, underscores or dashes, not %q.", p, f.Name)
+		}
+		if names[f.Name] {
+			return false, errInvalid(p+".function.name", "Two tools are named %q; names must be unique.", f.Name)
+		}
+		names[f.Name] = true
+		tool := schemas.Tool{Type: "function", Function: schemas.ToolFunction{Name: f.Name}}
+		if f.Description != nil {
+			tool.Function.Description = *f.Description
+		}
+		params, aerr := toolParameters(f.Parameters, p+".function.parameters")
+		if aerr != nil {
+			return false, aerr
+		}
+		tool.Function.Parameters = params
+		job.Tools = append(job.Tools, tool)
+	}
+	choice, aerr := parseToolChoice(req.ToolChoice, names)
+	if aerr != nil {
+		return false, aerr
+	}
+	job.ToolChoice = choice
+	if req.ParallelToolCalls != nil && !*req.ParallelToolCalls {
+		job.ParallelToolCalls = req.ParallelToolCalls
+	}
+	if len(req.Tools) == 0 {
+		// none and auto without tools ask for what happens anyway: text.
+		if choice != nil && choice.Mode == schemas.ToolChoiceRequired {
+			return false, errInvalid("tool_choice", "'tool_choice' asks for a call but there are no 'tools'.")
+		}
+		return false, nil
+	}
+	return choice == nil || choice.Mode != schemas.ToolChoiceNone, nil
+}
+
+// toolParameters checks a function's parameters: absent, or a JSON Schema of an
+// object (the arguments are one).
+func toolParameters(raw json.RawMessage, param string) (map[string]any, *apiError) {
+	s := bytes.TrimSpace(raw)
+	if len(s) == 0 || bytes.Equal(s, []byte("null")) {
+		return nil, nil
+	}
+	var params map[string]any
+	if err := json.Unmarshal(s, &params); err != nil {
+		return nil, errInvalid(param, "'%s' must be a JSON Schema object.", param)
+	}
+	if len(params) == 0 {
+		return nil, nil
+	}
+	if t, ok := params["type"]; ok && t != "object" {
+		return nil, errInvalid(param+".type", "'%s' must describe an object (type \"object\"): the arguments are one.", param)
+	}
+	if _, err := gojsonschema.NewSchema(gojsonschema.NewGoLoader(params)); err != nil {
+		return nil, errInvalid(param, "'%s' is not a valid JSON Schema: %v", param, err)
+	}
+	return params, nil
+}
+
+// parseToolChoice reads "none", "auto", "required" or {"type":"function",
+// "function":{"name":...}} naming one of the tools; nil when absent.
+func parseToolChoice(raw json.RawMessage, names map[string]bool) (*schemas.ToolChoice, *apiError) {
+	s := bytes.TrimSpace(raw)
+	if len(s) == 0 || bytes.Equal(s, []byte("null")) {
+		return nil, nil
+	}
+	var mode string
+	if json.Unmarshal(s, &mode) == nil {
+		switch mode {
+		case schemas.ToolChoiceAuto, schemas.ToolChoiceNone, schemas.ToolChoiceRequired:
+			return &schemas.ToolChoice{Mode: mode}, nil
+		}
+		return nil, errInvalid("tool_choice", "'tool_choice' must be \"none\", \"auto\", \"required\" or a function, not %q.", mode)
+	}
+	var obj struct {
+		Type     string `json:"type"`
+		Function *struct {
+			Name string `json:"name"`
+		} `json:"function"`
+	}
+	if err := json.Unmarshal(s, &obj); err != nil {
+		return nil, errInvalidType("tool_choice", "a string or an object")
+	}
+	if obj.Type != "function" {
+		return nil, errInvalid("tool_choice.type", "'tool_choice.type' must be \"function\", not %q.", obj.Type)
+	}
+	if obj.Function == nil {
+		return nil, errInvalid("tool_choice.function", "'tool_choice.function' is required.")
+	}
+	if !names[obj.Function.Name] {
+		return nil, errInvalid("tool_choice.function.name", "'tool_choice' names %q, which is not one of the tools.", obj.Function.Name)
+	}
+	return &schemas.ToolChoice{Function: obj.Function.Name}, nil
+}
+
+func errInvalidType(param, want string) *apiError {
+	e := errInvalid(param, "Invalid type for '%s': expected %s.", param, want)
+	e.Code = "invalid_type"
+	return e
+}
+
+// messageTools checks and copies a message's tool fields: a tool message answers a
+// call by its id, an assistant message may carry the calls it made.
+func messageTools(m chatMessage, out *schemas.Message, i int) *apiError {
+	p := fmt.Sprintf("messages[%d]", i)
+	if m.Role == "tool" {
+		if m.ToolCallID == nil || *m.ToolCallID == "" {
+			return errInvalid(p+".tool_call_id", "A tool message needs 'tool_call_id', the id of the call it answers.")
+		}
+		out.ToolCallID = *m.ToolCallID
+	} else if m.ToolCallID != nil {
+		return errInvalid(p+".tool_call_id", "'tool_call_id' belongs to tool messages only.")
+	}
+	if len(m.ToolCalls) == 0 {
+		return nil
+	}
+	if m.Role != "assistant" {
+		return errInvalid(p+".tool_calls", "'tool_calls' belongs to assistant messages only.")
+	}
+	for k, c := range m.ToolCalls {
+		cp := fmt.Sprintf("%s.tool_calls[%d]", p, k)
+		switch {
+		case c.ID == "":
+			return errInvalid(cp+".id", "'%s.id' is required.", cp)
+		case c.Type != "function":
+			return errInvalid(cp+".type", "'%s.type' must be \"function\".", cp)
+		case c.Function.Name == "":
+			return errInvalid(cp+".function.name", "'%s.function.name' is required.", cp)
+		}
+		out.ToolCalls = append(out.ToolCalls, schemas.ToolCall{ID: c.ID, Type: "function",
+			Function: schemas.ToolCallFunction{Name: c.Function.Name, Arguments: c.Function.Arguments}})
+	}
+	return nil
+}
+
+// newCallID returns an id in OpenAI's style: call_ and 24 letters or digits.
+func newCallID() string {
+	const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+	b := make([]byte, 24)
+	_, _ = rand.Read(b)
+	for i := range b {
+		b[i] = alphabet[int(b[i])%len(alphabet)]
+	}
+	return "call_" + string(b)
+}
+
+// callHeadRe matches the start of a call's body up to its arguments.
+var callHeadRe = regexp.MustCompile(`^\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*`)
+
+// toolParser turns generated text into content and tool calls as it arrives.
+// Content is sent as soon as it cannot be the start of a call; trailing whitespace
+// is held until text follows (between and around calls it is layout, not content). A call's name goes out once complete, its arguments as they grow.
+type toolParser struct {
+	raw     string // all text fed
+	pos     int    // raw[:pos] is handled
+	ws      string // whitespace held back
+	content strings.Builder
+	calls   []chatToolCall
+	cur     *callScan // the call being read, nil outside calls
+}
+
+// callScan follows one call's arguments: a JSON value whose end is found by depth.
+type callScan struct {
+	named   bool
+	args    bool // the arguments' value ended
+	started bool
+	depth   int
+	inStr   bool
+	esc     bool
+}
+
+// feed takes the next text and returns the content and call deltas it completes.
+func (p *toolParser) feed(s string) (string, []toolCallDelta) {
+	p.raw += s
+	var content strings.Builder
+	var deltas []toolCallDelta
+	text := func(t string) {
+		if t == "" {
+			return
+		}
+		p.ws += t
+		n := len(strings.TrimRight(p.ws, " \t\r\n"))
+		if n == 0 {
+			return
+		}
+		content.WriteString(p.ws[:n])
+		p.content.WriteString(p.ws[:n])
+		p.ws = p.ws[n:]
+	}
+	for {
+		rest := p.raw[p.pos:]
+		if p.cur == nil {
+			i := strings.Index(rest, callOpen)
+			if i < 0 {
+				keep := partialSuffix(rest, callOpen)
+				text(rest[:len(rest)-keep])
+				p.pos += len(rest) - keep
+				return content.String(), deltas
+			}
+			text(rest[:i])
+			p.ws = ""
+			p.pos += i + len(callOpen)
+			p.cur = &callScan{}
+			continue
+		}
+		c := p.cur
+		if !c.named {
+			m := callHeadRe.FindStringSubmatchIndex(rest)
+			if m == nil {
+				j := strings.Index(rest, callClose)
+				if j < 0 {
+					return content.String(), deltas // wait for more
+				}
+				// Not the layout the grammar writes: read the call whole if it is one.
+				p.pos += j + len(callClose)
+				p.cur = nil
+				if d, ok := p.wholeCall(rest[:j]); ok {
+					deltas = append(deltas, d...)
+				} else {
+					text(callOpen + rest[:j+len(callClose)])
+				}
+				continue
+			}
+			var name string
+			if json.Unmarshal([]byte(rest[m[2]:m[3]]), &name) != nil {
+				name = strings.Trim(rest[m[2]:m[3]], `"`)
+			}
+			c.named = true
+			p.calls = append(p.calls, chatToolCall{ID: newCallID(), Type: "function", Function: chatCallFunction{Name: name}})
+			k := len(p.calls) - 1
+			deltas = append(deltas, toolCallDelta{Index: k, ID: p.calls[k].ID, Type: "function", Function: toolDeltaFields{Name: name}})
+			p.pos += m[1]
+			continue
+		}
+		if !c.args {
+			from, n, done := c.scan(rest)
+			if n > from {
+				k := len(p.calls) - 1
+				p.calls[k].Function.Arguments += rest[from:n]
+				deltas = append(deltas, toolCallDelta{Index: k, Function: toolDeltaFields{Arguments: rest[from:n]}})
+			}
+			p.pos += n
+			if !done {
+				return content.String(), deltas
+			}
+			c.args = true
+			continue
+		}
+		j := strings.Index(rest, callClose)
+		if j < 0 {
+			return content.String(), deltas
+		}
+		p.pos += j + len(callClose)
+		p.cur = nil
+	}
+}
+
+// wholeCall reads a call body that is one JSON object {"name", "arguments"}.
+func (p *toolParser) wholeCall(body string) ([]toolCallDelta, bool) {
+	var v struct {
+		Name      string          `json:"name"`
+		Arguments json.RawMessage `json:"arguments"`
+	}
+	if json.Unmarshal([]byte(body), &v) != nil || v.Name == "" {
+		return nil, false
+	}
+	args := string(v.Arguments)
+	var s string
+	if json.Unmarshal(v.Arguments, &s) == nil {
+		args = s // already a JSON string, as OpenAI encodes arguments
+	} else if len(v.Arguments) == 0 {
+		args = "{}"
+	}
+	call := chatToolCall{ID: newCallID(), Type: "function", Function: chatCallFunction{Name: v.Name, Arguments: args}}
+	p.calls = append(p.calls, call)
+	k := len(p.calls) - 1
+	return []toolCallDelta{
+		{Index: k, ID: call.ID, Type: "function", Function: toolDeltaFields{Name: v.Name}},
+		{Index: k, Function: toolDeltaFields{Arguments: args}},
+	}, true
+}
+
+// scan reads the arguments' JSON value in s: it returns where the value starts
+// (leading whitespace skipped), how many bytes of s it consumed and whether the
+// value ended there.
+func (c *callScan) scan(s string) (from, n int, done bool) {
+	for n < len(s) {
+		b := s[n]
+		if !c.started {
+			if b == ' ' || b == '\n' || b == '\t' || b == '\r' {
+				n++
+				from = n
+				continue
+			}
+			c.started = true
+		}
+		switch {
+		case c.inStr:
+			switch {
+			case c.esc:
+				c.esc = false
+			case b == '\\':
+				c.esc = true
+			case b == '"':
+				c.inStr = false
+				if c.depth == 0 {
+					return from, n + 1, true
+				}
+			}
+		case b == '"':
+			c.inStr = true
+		case b == '{' || b == '[':
+			c.depth++
+		case b == '}' || b == ']':
+			if c.depth == 0 {
+				return from, n, true // the call's own closing brace
+			}
+			c.depth--
+			if c.depth == 0 {
+				return from, n + 1, true
+			}
+		case c.depth == 0 && (b == ',' || b == ' ' || b == '\n' || b == '\t' || b == '\r'):
+			return from, n, true // a bare value (number, literal) ended
+		}
+		n++
+	}
+	return from, n, false
+}
+
+// flush ends the text: what was held back is content now, except whitespace once
+// calls were made. A call cut short (max_tokens) keeps what it streamed; one cut
+// before its name is content.
+func (p *toolParser) flush() (string, []toolCallDelta) {
+	var out strings.Builder
+	rest := p.raw[p.pos:]
+	p.pos = len(p.raw)
+	switch {
+	case p.cur == nil:
+		p.ws += rest
+	case !p.cur.named:
+		p.ws += callOpen + rest
+	}
+	p.cur = nil
+	if p.ws != "" && (len(p.calls) == 0 || strings.TrimSpace(p.ws) != "") {
+		out.WriteString(p.ws)
+		p.content.WriteString(p.ws)
+	}
+	p.ws = ""
+	return out.String(), nil
+}
+
+// partialSuffix is the length of the longest suffix of s that is a proper prefix
+// of marker: text that may still become the marker.
+func partialSuffix(s, marker string) int {
+	for k := min(len(marker)-1, len(s)); k > 0; k-- {
+		if strings.HasSuffix(s, marker[:k]) {
+			return k
+		}
+	}
+	return 0
+}
+
+// parseToolText reads a whole answer: its content (nil when it is calls only) and
+// its calls.
+func parseToolText(text string) (*string, []chatToolCall) {
+	var p toolParser
+	p.feed(text)
+	p.flush()
+	content := p.content.String()
+	if len(p.calls) > 0 && content == "" {
+		return nil, p.calls
+	}
+	return &content, p.calls
+}
+
+// toolFinish is OpenAI's finish_reason for an answer with calls: tool_calls when
+// generation ended by itself, length when it was cut.
+func toolFinish(finish string, calls int) string {
+	if calls > 0 && finish == "stop" {
+		return "tool_calls"
+	}
+	return finish
+}
