@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"encoding/json"
 	"reflect"
 	"testing"
 
@@ -20,6 +21,38 @@ func TestGenerateParamsCarryPenaltiesAndBias(t *testing.T) {
 		if p.PresencePenalty == nil || *p.PresencePenalty != pres || p.FrequencyPenalty == nil || *p.FrequencyPenalty != freq ||
 			!reflect.DeepEqual(p.LogitBias, bias) {
 			t.Fatalf("resume %v: params %+v", resume, p)
+		}
+	}
+}
+
+// Tools, the tool choice and parallel_tool_calls reach the runtime, and so do the
+// tool fields of messages, also on a resumed attempt; the params stay valid.
+// Mutation caught: dropping ToolChoice from generateParams.
+func TestGenerateParamsCarryTools(t *testing.T) {
+	no := false
+	tools := []schemas.Tool{{Type: "function", Function: schemas.ToolFunction{Name: "f",
+		Parameters: map[string]any{"type": "object"}}}}
+	msgs := []schemas.Message{
+		{Role: "user", Content: "hi"},
+		{Role: "assistant", ToolCalls: []schemas.ToolCall{{ID: "c1", Type: "function",
+			Function: schemas.ToolCallFunction{Name: "f", Arguments: "{}"}}}},
+		{Role: "tool", Content: "ok", ToolCallID: "c1"},
+	}
+	choice := &schemas.ToolChoice{Function: "f"}
+	for _, resume := range []*schemas.Resume{nil, {Text: "<tool_call>", CompletionTokens: 3}} {
+		p := generateParams(newJobRun(schemas.AssignedJob{Attempt: 1, Job: schemas.JobRequest{
+			ID: "j", Model: "tiny", Messages: msgs, Tools: tools, ToolChoice: choice, ParallelToolCalls: &no,
+		}, Resume: resume}, "d1"))
+		if !reflect.DeepEqual(p.Tools, tools) || p.ToolChoice != choice || p.ParallelToolCalls != &no ||
+			!reflect.DeepEqual(p.Messages, msgs) {
+			t.Fatalf("resume %v: params %+v", resume, p)
+		}
+		data, err := json.Marshal(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := schemas.Validate(schemas.RuntimeGenerateParams, data); err != nil {
+			t.Fatalf("resume %v: %v", resume, err)
 		}
 	}
 }
