@@ -11,7 +11,8 @@ schema) forces that shape, so a call always parses and its arguments validate:
 
 - required: one call (or several, with parallel calls) of any listed function;
 - a named function: calls of that function only;
-- auto: either plain text that never contains the call marker, or calls;
+- auto: plain text that never contains the call marker, or text (maybe none) then
+  calls: once the marker is written, a valid call must follow;
 - none: plain text that never contains the call marker.
 
 The gateway parses the text back into OpenAI's tool_calls (gateway/tools.go); the
@@ -79,27 +80,30 @@ def grammar_lark(
                 f"tool_choice names {name!r}, which is not among the tools",
                 violations=[{"path": "$.tool_choice.function.name", "reason": "not among the tools"}],
             )
+    if mode == "none" and json_schema is not None:
+        return None  # plain structured output: the caller compiles json_schema
     lines = ["%llguidance {}"]
-    if json_schema is not None:
-        if mode == "none":
-            return None  # plain structured output: the caller compiles json_schema
-        text_rule = "answer"
+    if json_schema is not None and mode == "auto":
         answer = dict(json_schema)
         answer["x-guidance"] = _JSON_OPTS
         lines.append(f"answer: %json {json.dumps(answer)}")
-    else:
-        text_rule = "TEXT"
-        lines.append(_TEXT)
     if mode == "none":
-        lines.append(f"start: {text_rule}")
+        lines += [_TEXT, "start: TEXT"]
         return "\n".join(lines) + "\n"
+    more = ' ("\\n" call)*' if parallel else ""
     if mode in ("required", "function"):
-        lines.append("start: calls")
+        lines.append("start: call" + more)
+    elif json_schema is not None:
+        lines.append(f"start: answer | call{more}")
     else:
-        lines.append(f"start: {text_rule} | calls")
-    lines.append('calls: call ("\\n" call)*' if parallel else "calls: call")
-    head = CALL_OPEN + '\n{"name": '
-    lines.append(f"call: {_lit(head)} fn {_lit('}' + chr(10) + CALL_CLOSE)}")
+        # Text, then maybe calls: the lazy head ends at the first marker, after which
+        # only a call can follow (the text alternative never holds the marker).
+        lines += [_TEXT, f"start: TEXT | call_head call_body{more}"]
+        lines.append(f"call_head[lazy]: ANY {_lit(CALL_OPEN)}")
+        lines.append("ANY: /(?s:.*)/")
+    lines.append(f"call: {_lit(CALL_OPEN)} call_body")
+    body_open, body_close = _lit('\n{"name": '), _lit("}\n" + CALL_CLOSE)
+    lines.append(f"call_body: {body_open} fn {body_close}")
     lines.append("fn: " + " | ".join(f"fn_{i}" for i in range(len(fns))))
     for i, f in enumerate(fns):
         prefix = json.dumps(f["name"]) + ', "arguments": '

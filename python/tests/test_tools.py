@@ -107,20 +107,36 @@ GT = "32"  # the tiny tokenizer's id of ">"
 
 def test_auto_is_text_or_calls(rt) -> None:
     """Plain text in auto mode never holds the call marker; once the marker is written
-    (here: the text so far ends in "<tool_call" and ">" is pushed by logit_bias), what
-    follows is a valid call.
+    (here: the text so far ends in "<tool_call" and ">" is pushed by logit_bias), a valid
+    call follows, also after some text.
 
-    Mutation caught: tools.grammar_lark offering `start: TEXT | calls` with TEXT any text
-    (the biased ">" is taken as text and then anything follows, no valid call).
+    Mutation caught: tools.grammar_lark's call_head without [lazy] (the biased ">" is
+    taken as text, the marker with it: the rows run to max_tokens, no call).
     """
     for res in generate_many(rt, 10, tool_choice="auto", parallel_tool_calls=False, max_tokens=60):
         assert not res["text"].startswith("<tool_call>")
         assert "<tool_call>" not in res["text"], res["text"]
-    for res in generate_many(rt, 10, tool_choice="auto", parallel_tool_calls=False,
-                             continuation="<tool_call", logit_bias={GT: 100}):
+    for prefix in ("<tool_call", "Sure. <tool_call"):
+        for res in generate_many(rt, 6, tool_choice="auto", parallel_tool_calls=False,
+                                 continuation=prefix, logit_bias={GT: 100}):
+            assert res["finish_reason"] == "stop", res
+            text = prefix + res["text"]
+            lead = text[: text.index("<tool_call>")]
+            assert lead == prefix.removesuffix("<tool_call"), text
+            calls = calls_of(text[len(lead):])
+            assert len(calls) == 1
+
+
+def test_auto_with_json_schema_is_json_or_calls(rt) -> None:
+    """With response_format's schema, auto's text alternative is that schema's JSON."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    for res in generate_many(rt, 8, tool_choice="auto", json_schema=schema, parallel_tool_calls=False):
         assert res["finish_reason"] == "stop", res
-        calls = calls_of("<tool_call" + res["text"])
-        assert len(calls) == 1
+        if res["text"].startswith("<tool_call>"):
+            calls_of(res["text"])
+        else:
+            jsonschema.validate(json.loads(res["text"]), schema)
 
 
 def test_none_never_calls(rt) -> None:
