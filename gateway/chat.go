@@ -112,10 +112,6 @@ func (req *chatRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMa
 	if aerr != nil {
 		return nil, pm, aerr
 	}
-	if parse && job.Logprobs != nil {
-		return nil, pm, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: "logprobs", Code: "unsupported_parameter",
-			Message: "'logprobs' is not supported together with 'tools' (unless tool_choice is \"none\"); omit one of them."}
-	}
 	req.parseCalls = parse
 	return job, pm, nil
 }
@@ -235,17 +231,25 @@ func (f chatFormat) first(m meta) any {
 }
 
 func (f chatFormat) delta(m meta, text string, lp *logprobs) any {
-	if f.parser != nil {
-		content, calls := f.parser.feed(text)
-		return f.callDelta(m, content, calls)
+	if p := f.parser; p != nil {
+		if lp != nil {
+			p.lpOn = true
+			p.lpPending = append(p.lpPending, lp.entries...)
+		}
+		content, calls := p.feed(text)
+		if c := f.callDelta(m, content, calls); c != nil {
+			return *c
+		}
+		return nil
 	}
 	c := f.chunk(m, chatDelta{Content: &text}, nil)
 	c.Choices[0].Logprobs = lp.chatJSON()
 	return c
 }
 
-// callDelta is the chunk for what the parser let out, nil when nothing.
-func (f chatFormat) callDelta(m meta, content string, calls []toolCallDelta) any {
+// callDelta is the chunk for what the parser let out, nil when nothing. It carries
+// the logprobs of the tokens held back until now.
+func (f chatFormat) callDelta(m meta, content string, calls []toolCallDelta) *chatChunk {
 	if content == "" && len(calls) == 0 {
 		return nil
 	}
@@ -253,7 +257,17 @@ func (f chatFormat) callDelta(m meta, content string, calls []toolCallDelta) any
 	if content != "" {
 		d.Content = &content
 	}
-	return f.chunk(m, d, nil)
+	c := f.chunk(m, d, nil)
+	f.takeLogprobs(&c)
+	return &c
+}
+
+// takeLogprobs moves the held logprobs entries into c.
+func (f chatFormat) takeLogprobs(c *chatChunk) {
+	if p := f.parser; p != nil && p.lpOn {
+		c.Choices[0].Logprobs = (&logprobs{entries: p.lpPending}).chatJSON()
+		p.lpPending = nil
+	}
 }
 
 func (f chatFormat) final(m meta, finish string) any {
@@ -261,10 +275,14 @@ func (f chatFormat) final(m meta, finish string) any {
 		return f.chunk(m, chatDelta{}, &finish)
 	}
 	content, calls := f.parser.flush()
+	rest := f.callDelta(m, content, calls)
 	finish = toolFinish(finish, len(f.parser.calls))
 	last := f.chunk(m, chatDelta{}, &finish)
-	if rest := f.callDelta(m, content, calls); rest != nil {
-		return events{rest, last}
+	if rest != nil {
+		return events{*rest, last}
+	}
+	if len(f.parser.lpPending) > 0 {
+		f.takeLogprobs(&last)
 	}
 	return last
 }

@@ -249,6 +249,10 @@ type toolParser struct {
 	content strings.Builder
 	calls   []chatToolCall
 	cur     *callScan // the call being read, nil outside calls
+	// Logprobs entries of tokens whose text is held back: they go out with the
+	// next chunk (lpOn: the request asked for logprobs).
+	lpOn      bool
+	lpPending []schemas.TokenLogprob
 }
 
 // callScan follows one call's arguments: a JSON value whose end is found by depth.

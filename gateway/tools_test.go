@@ -324,12 +324,60 @@ func TestToolsRefused(t *testing.T) {
 		{"tool message without id", map[string]any{"messages": append(user, map[string]any{"role": "tool", "content": "x"})}, "messages[1].tool_call_id"},
 		{"calls on a user message", map[string]any{"messages": []any{map[string]any{"role": "user", "content": "x", "tool_calls": []any{
 			map[string]any{"id": "c", "type": "function", "function": map[string]any{"name": "f", "arguments": "{}"}}}}}}, "messages[0].tool_calls"},
-		{"logprobs with tools", map[string]any{"tools": fn(map[string]any{"name": "f"}), "logprobs": true}, "logprobs"},
 		{"unknown key in a tool", map[string]any{"tools": fn(map[string]any{"name": "f", "returns": "x"})}, "tools[0].function.returns"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, c.extra)), http.StatusBadRequest, c.param, "")
 		})
+	}
+}
+
+// Logprobs with calls: every token's entry reaches the client once, streamed (the
+// entries of text held back go with the next chunk) or whole.
+// Mutation caught: chatFormat.delta not keeping lp.entries while the parser holds
+// text back (the entries of the split marker are lost).
+func TestToolCallsLogprobs(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, bus.ProvisionOptions{})
+	startFakeWorker(t, tb, script{tokens: callTokens, prompt: 30})
+	_, srv := newTestGateway(t, tb, nil)
+	want := strings.Join(callTokens, "")
+	tokensOf := func(raw json.RawMessage) string {
+		var lp struct {
+			Content []schemas.TokenLogprob `json:"content"`
+		}
+		_ = json.Unmarshal(raw, &lp)
+		var b strings.Builder
+		for _, e := range lp.Content {
+			b.WriteString(e.Token)
+		}
+		return b.String()
+	}
+	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, map[string]any{
+		"tools": []any{weatherTool}, "tool_choice": "required", "logprobs": true, "top_logprobs": 1,
+	})))
+	var got strings.Builder
+	for _, e := range events[:len(events)-1] {
+		var c struct {
+			Choices []struct {
+				Logprobs json.RawMessage `json:"logprobs"`
+			} `json:"choices"`
+		}
+		if err := json.Unmarshal([]byte(e), &c); err != nil {
+			t.Fatal(err)
+		}
+		for _, ch := range c.Choices {
+			got.WriteString(tokensOf(ch.Logprobs))
+		}
+	}
+	if got.String() != want {
+		t.Fatalf("streamed entries spell %q, want %q", got.String(), want)
+	}
+	body := decode[chatCompletion](t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
+		"tools": []any{weatherTool}, "tool_choice": "required", "logprobs": true,
+	})).Body)
+	if s := tokensOf(body.Choices[0].Logprobs); s != want || len(body.Choices[0].Message.ToolCalls) != 1 {
+		t.Fatalf("whole entries spell %q; choice %+v", s, body.Choices[0])
 	}
 }
