@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"regexp"
@@ -227,12 +228,20 @@ func (g *Gateway) admit(r *http.Request, job *schemas.JobRequest) (release func(
 		n := len([]rune(job.Prompt))
 		for _, m := range job.Messages {
 			n += len([]rune(m.Content))
+			for _, c := range m.ToolCalls {
+				n += len([]rune(c.Function.Name)) + len([]rune(c.Function.Arguments))
+			}
+		}
+		param := "prompt"
+		if len(job.Messages) > 0 {
+			param = "messages"
+		}
+		if len(job.Tools) > 0 && n <= lim.MaxPromptChars {
+			// The tools are rendered into the prompt too: count them as sent.
+			raw, _ := json.Marshal(job.Tools)
+			n, param = n+len([]rune(string(raw))), "tools"
 		}
 		if n > lim.MaxPromptChars {
-			param := "prompt"
-			if len(job.Messages) > 0 {
-				param = "messages"
-			}
 			return nil, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: param, Code: codePromptTooLong,
 				Message: fmt.Sprintf("The prompt has %d characters; this API key allows at most %d.", n, lim.MaxPromptChars)}
 		}

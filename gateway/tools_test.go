@@ -381,3 +381,22 @@ func TestToolCallsLogprobs(t *testing.T) {
 		t.Fatalf("whole entries spell %q; choice %+v", s, body.Choices[0])
 	}
 }
+
+// A tenant's prompt limit counts the tools, which are rendered into the prompt, and
+// the calls carried by history.
+// Mutation caught: admit counting only the messages' contents (the tools pass).
+func TestToolsCountTowardPromptLimit(t *testing.T) {
+	t.Parallel()
+	_, url, _ := limitedGateway(t, TenantLimits{MaxPromptChars: 60})
+	long := map[string]any{"type": "function", "function": map[string]any{"name": "f", "description": strings.Repeat("d", 60)}}
+	short := map[string]any{"type": "function", "function": map[string]any{"name": "f"}}
+	user := map[string]any{"role": "user", "content": "hi"}
+	resp := postJSON(t, url+"/v1/chat/completions", chatBody(false, map[string]any{"messages": []any{user}, "tools": []any{long}}),
+		"Authorization", "Bearer tok-a")
+	expectError(t, resp, http.StatusBadRequest, "tools", codePromptTooLong)
+	call := map[string]any{"role": "assistant", "tool_calls": []any{map[string]any{"id": "c", "type": "function",
+		"function": map[string]any{"name": "f", "arguments": `{"x":"` + strings.Repeat("a", 60) + `"}`}}}}
+	resp = postJSON(t, url+"/v1/chat/completions", chatBody(false, map[string]any{"messages": []any{user, call}, "tools": []any{short}}),
+		"Authorization", "Bearer tok-a")
+	expectError(t, resp, http.StatusBadRequest, "messages", codePromptTooLong)
+}
