@@ -143,10 +143,46 @@ func toolParameters(raw json.RawMessage, param string) (map[string]any, *apiErro
 	if t, ok := params["type"]; ok && t != "object" {
 		return nil, errInvalid(param+".type", "'%s' must describe an object (type \"object\"): the arguments are one.", param)
 	}
+	if aerr := localRefsOnly(params, param); aerr != nil {
+		return nil, aerr
+	}
 	if _, err := gojsonschema.NewSchema(gojsonschema.NewGoLoader(params)); err != nil {
 		return nil, errInvalid(param, "'%s' is not a valid JSON Schema: %v", param, err)
 	}
 	return params, nil
+}
+
+// localRefsOnly refuses a schema that points outside itself: a $ref that is not a
+// fragment ("#/..."), or an id that would rebase one. Compiling such a schema would
+// make the gateway read the files or URLs it names.
+func localRefsOnly(v any, param string) *apiError {
+	switch x := v.(type) {
+	case map[string]any:
+		for k, sub := range x {
+			switch k {
+			case "enum", "const", "default", "examples":
+				continue // data, not schema
+			case "$ref":
+				if s, ok := sub.(string); ok && !strings.HasPrefix(s, "#") {
+					return errInvalid(param, "'%s' may only refer inside itself ($ref \"#/...\"), not to %q.", param, s)
+				}
+			case "$id", "id":
+				if _, ok := sub.(string); ok {
+					return errInvalid(param, "'%s' may not set %s: its references stay inside it.", param, k)
+				}
+			}
+			if aerr := localRefsOnly(sub, param); aerr != nil {
+				return aerr
+			}
+		}
+	case []any:
+		for _, sub := range x {
+			if aerr := localRefsOnly(sub, param); aerr != nil {
+				return aerr
+			}
+		}
+	}
+	return nil
 }
 
 // parseToolChoice reads "none", "auto", "required" or {"type":"function",

@@ -3,6 +3,8 @@ package gateway
 import (
 	"encoding/json"
 	"net/http"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -399,4 +401,30 @@ func TestToolsCountTowardPromptLimit(t *testing.T) {
 	resp = postJSON(t, url+"/v1/chat/completions", chatBody(false, map[string]any{"messages": []any{user, call}, "tools": []any{short}}),
 		"Authorization", "Bearer tok-a")
 	expectError(t, resp, http.StatusBadRequest, "messages", codePromptTooLong)
+}
+
+// A parameters schema that refers outside itself is refused before it is compiled:
+// compiling would read the file (or fetch the URL) it names. Local references work.
+// Mutation caught: toolParameters without localRefsOnly (the file schema compiles:
+// no error).
+func TestToolParametersStayLocal(t *testing.T) {
+	t.Parallel()
+	file := filepath.Join(t.TempDir(), "s.json")
+	if err := os.WriteFile(file, []byte(`{"type":"string"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, schema := range []string{
+		`{"type":"object","properties":{"a":{"$ref":"file://` + file + `"}}}`,
+		`{"$id":"file://` + file + `","type":"object","properties":{"a":{"$ref":"#"}}}`,
+		`{"type":"object","properties":{"a":{"$ref":"http://127.0.0.1:1/s.json"}}}`,
+	} {
+		if _, aerr := toolParameters(json.RawMessage(schema), "p"); aerr == nil || aerr.Param != "p" {
+			t.Fatalf("%s: accepted (%v)", schema, aerr)
+		}
+	}
+	local := `{"type":"object","definitions":{"c":{"type":"string"}},"properties":{"a":{"$ref":"#/definitions/c"},` +
+		`"b":{"enum":[{"$ref":"file:///x"}]}}}`
+	if _, aerr := toolParameters(json.RawMessage(local), "p"); aerr != nil {
+		t.Fatalf("local refs refused: %v", aerr)
+	}
 }
