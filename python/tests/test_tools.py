@@ -185,3 +185,15 @@ def test_bad_parameters_schema_refused(rt, params) -> None:
     r = rt.call("generate", {"request_id": rid(), "model": "tiny", "messages": MESSAGES, "tools": tools,
                              "tool_choice": "required"})
     assert r["error"]["data"]["code"] == "invalid_schema", r
+
+
+@pytest.mark.parametrize("cut", [3, 20, 47, 60])
+def test_resumed_mid_call_completes_it(rt, cut) -> None:
+    """A job migrated mid-call resumes with its text so far as continuation: the
+    grammar takes it as already written and the call is completed validly."""
+    first = generate_many(rt, 1, tool_choice="required", parallel_tool_calls=False)[0]
+    assert first["finish_reason"] == "stop"
+    so_far = first["text"][:cut]
+    for res in generate_many(rt, 3, tool_choice="required", parallel_tool_calls=False, continuation=so_far):
+        assert res["finish_reason"] == "stop", res
+        calls_of(so_far + res["text"])
