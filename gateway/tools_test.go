@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -427,4 +428,34 @@ func TestToolParametersStayLocal(t *testing.T) {
 	if _, aerr := toolParameters(json.RawMessage(local), "p"); aerr != nil {
 		t.Fatalf("local refs refused: %v", aerr)
 	}
+}
+
+// However the text is cut into deltas, the parser reads the same content and calls
+// as from the whole text, and never panics.
+func FuzzToolParser(f *testing.F) {
+	f.Add(strings.Join(callTokens, ""), 7)
+	f.Add("Sure.\n<tool_call>\n{\"name\": \"a\", \"arguments\": {\"k\":[1,\"}\"]}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\", \"arguments\": 3}\n</tool_call>", 40)
+	f.Add("<tool_call>{\"arguments\": {}, \"name\": \"x\"}</tool_call> tail <tool_c", 3)
+	f.Add("plain <tool_call>broken", 9)
+	f.Fuzz(func(t *testing.T, text string, cut int) {
+		rs := runes(text)
+		if len(rs) == 0 || !utf8.ValidString(text) {
+			return // deltas are JSON strings: valid UTF-8
+		}
+		cut = ((cut % len(rs)) + len(rs)) % len(rs)
+		whole := parseStream([]string{text})
+		split := parseStream([]string{strings.Join(rs[:cut], ""), strings.Join(rs[cut:], "")})
+		bytewise := parseStream(rs)
+		for _, got := range []parsed{split, bytewise} {
+			if got.content != whole.content || len(got.calls) != len(whole.calls) {
+				t.Fatalf("cut %d: content %q calls %d; whole: %q calls %d", cut, got.content, len(got.calls), whole.content, len(whole.calls))
+			}
+			for i := range got.calls {
+				a, b := got.calls[i].Function, whole.calls[i].Function
+				if a != b {
+					t.Fatalf("cut %d: call %d %+v, whole %+v", cut, i, a, b)
+				}
+			}
+		}
+	})
 }
