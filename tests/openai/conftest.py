@@ -40,6 +40,9 @@ class Up:
         self.nats = f"127.0.0.1:{free_port()}"
         self.log = open(data_dir / "up.log", "w")  # noqa: SIM115 — open for the life of the process
         tiny = os.environ.get("MLX_SERVING_TINY_MODEL")
+        template = Path(tiny or ".") / "chat_template.jinja"
+        if tiny and (not template.exists() or "tool_call" not in template.read_text()):
+            tiny = None  # written before its template learned tools: up writes a fresh one
         args = [str(binary), "up", "--data-dir", str(data_dir), "--http-addr", self.http, "--nats-listen", self.nats]
         if tiny:
             args += ["--model", tiny]
