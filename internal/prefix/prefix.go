@@ -9,15 +9,18 @@
 //
 //   - a completion job (prompt): "mlx-prefix/1 text\n" followed by the prompt
 //     bytes as they are;
-//   - a chat job (messages): "mlx-prefix/1 chat\n" followed by every message in
-//     order as <len(role)>:<role><len(content)>:<content> (lengths in bytes,
-//     decimal). The length prefixes make the encoding unambiguous whatever the
-//     content holds, and the encoding of messages[:k] is a byte prefix of the
-//     encoding of messages, so a conversation's next turn extends its last one.
-//     Jobs carry nothing else that a chat template renders into the prompt
-//     (no tools; json_schema is a decoding constraint, not prompt text); a field
-//     that is rendered must be added to the canonical text before the messages,
-//     and the version in the header raised.
+//   - a chat job (messages): "mlx-prefix/2 chat\n", then the job's tools as
+//     <len>:<JSON of tools> (0: for none; the chat template renders them before
+//     the conversation), then every message in order as
+//     <len(role)>:<role><len(content)>:<content><len(calls)>:<calls>, where
+//     calls is the JSON of the message's tool_call_id and tool_calls, empty when
+//     it has neither (lengths in bytes, decimal). The length prefixes make the
+//     encoding unambiguous whatever the content holds, and the encoding of
+//     messages[:k] is a byte prefix of the encoding of messages, so a
+//     conversation's next turn extends its last one. Nothing else a job carries
+//     is rendered into the prompt (tool_choice and json_schema constrain
+//     decoding); a field that becomes rendered must be added here, and the
+//     version in the header raised.
 //
 // The canonical text is cut into blocks of BlockSize bytes, the last one
 // possibly shorter, and hashed as a chain: h_0 = H(0^8 || block_0),
@@ -61,6 +64,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"strconv"
 
@@ -127,7 +131,7 @@ func Chain(text []byte) []Hash {
 
 const (
 	headerText = "mlx-prefix/1 text\n"
-	headerChat = "mlx-prefix/1 chat\n"
+	headerChat = "mlx-prefix/2 chat\n"
 )
 
 // Canonical is the canonical text of a job's prompt (see the package doc).
@@ -136,19 +140,34 @@ func Canonical(req *schemas.JobRequest) []byte {
 		return append([]byte(headerText), req.Prompt...)
 	}
 	b := []byte(headerChat)
+	var tools []byte
+	if len(req.Tools) > 0 {
+		tools, _ = json.Marshal(req.Tools) // map keys sorted: the same tools, the same bytes
+	}
+	b = appendField(b, tools)
 	for _, m := range req.Messages {
-		b = appendMessage(b, m.Role, m.Content)
+		var calls []byte
+		if m.ToolCallID != "" || len(m.ToolCalls) > 0 {
+			calls, _ = json.Marshal(struct {
+				ID    string             `json:"tool_call_id,omitempty"`
+				Calls []schemas.ToolCall `json:"tool_calls,omitempty"`
+			}{m.ToolCallID, m.ToolCalls})
+		}
+		b = appendMessage(b, m.Role, m.Content, calls)
 	}
 	return b
 }
 
-func appendMessage(b []byte, role, content string) []byte {
-	b = strconv.AppendInt(b, int64(len(role)), 10)
+func appendMessage(b []byte, role, content string, calls []byte) []byte {
+	b = appendField(b, []byte(role))
+	b = appendField(b, []byte(content))
+	return appendField(b, calls)
+}
+
+func appendField(b, v []byte) []byte {
+	b = strconv.AppendInt(b, int64(len(v)), 10)
 	b = append(b, ':')
-	b = append(b, role...)
-	b = strconv.AppendInt(b, int64(len(content)), 10)
-	b = append(b, ':')
-	return append(b, content...)
+	return append(b, v...)
 }
 
 // OfJob is the chain of a job's prompt.
@@ -162,7 +181,7 @@ func AfterReply(req *schemas.JobRequest, reply string) []Hash {
 	if len(req.Messages) == 0 {
 		return Chain(append(b, reply...))
 	}
-	return Chain(appendMessage(b, "assistant", reply))
+	return Chain(appendMessage(b, "assistant", reply, nil))
 }
 
 // Set is the prefixes one worker advertised for one model.

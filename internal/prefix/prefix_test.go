@@ -23,6 +23,19 @@ func chat(msgs ...string) *schemas.JobRequest {
 // values were computed independently: sha256(8 zero bytes + block)[:8].
 // Mutation caught: h.Write(prev[:]) removed (no chaining) turns the second
 // hash of a 2-block text into the hash of its second block alone.
+func withTools(j *schemas.JobRequest, names ...string) *schemas.JobRequest {
+	for _, n := range names {
+		j.Tools = append(j.Tools, schemas.Tool{Type: "function", Function: schemas.ToolFunction{Name: n,
+			Parameters: map[string]any{"type": "object", "properties": map[string]any{"q": map[string]any{"type": "string"}}}}})
+	}
+	return j
+}
+
+func toolResult(j *schemas.JobRequest, id, content string) *schemas.JobRequest {
+	j.Messages = append(j.Messages, schemas.Message{Role: "tool", Content: content, ToolCallID: id})
+	return j
+}
+
 func TestChainPinned(t *testing.T) {
 	t.Parallel()
 	got := Chain([]byte(strings.Repeat("a", BlockSize+1)))
@@ -62,6 +75,12 @@ func TestCanonicalTable(t *testing.T) {
 			func(na, nb, m int) bool { return m == na-1 }},
 		{"moved boundary between messages differs", chat("user", "ab", "user", "c"), chat("user", "a", "user", "bc"),
 			func(na, nb, m int) bool { return m == 0 }},
+		{"tools are rendered first: other tools, no shared prefix", withTools(chat("system", long), "lookup"), withTools(chat("system", long), "search"),
+			func(na, nb, m int) bool { return m == 0 }},
+		{"same tools: shared prefix", withTools(chat("system", long, "user", "a"), "lookup"), withTools(chat("system", long, "user", "b"), "lookup"),
+			func(na, nb, m int) bool { return m >= len(long)/BlockSize && m < nb }},
+		{"a tool result differs from user text", toolResult(chat("system", long), "call_1", "42"), chat("system", long, "tool", "42"),
+			func(na, nb, m int) bool { return m < nb }},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -155,7 +174,8 @@ func FuzzCanonicalInjective(f *testing.F) {
 	f.Fuzz(func(t *testing.T, r1, c1, r2, c2, s1, d1, s2, d2 string) {
 		a := chat(r1, c1, r2, c2)
 		b := chat(s1, d1, s2, d2)
-		if bytes.Equal(Canonical(a), Canonical(b)) != slices.Equal(a.Messages, b.Messages) {
+		same := slices.EqualFunc(a.Messages, b.Messages, func(x, y schemas.Message) bool { return x.Role == y.Role && x.Content == y.Content })
+		if bytes.Equal(Canonical(a), Canonical(b)) != same {
 			t.Fatalf("canonical equality disagrees with message equality: %q vs %q", a.Messages, b.Messages)
 		}
 	})
