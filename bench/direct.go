@@ -47,10 +47,10 @@ func runDirect(ctx context.Context, python, script, modelDir string, maxBatch in
 		Levels []struct {
 			Wall    float64 `json:"wall"`
 			Samples []struct {
-				Start  float64   `json:"start"`
-				Events []float64 `json:"events"`
-				End    float64   `json:"end"`
-				Tokens int       `json:"tokens"`
+				Start  float64      `json:"start"`
+				Events [][2]float64 `json:"events"` // [time, tokens since the previous event]
+				End    float64      `json:"end"`
+				Tokens int          `json:"tokens"`
 			} `json:"samples"`
 		} `json:"levels"`
 	}
@@ -69,7 +69,7 @@ func runDirect(ctx context.Context, python, script, modelDir string, maxBatch in
 		for _, s := range lv.Samples {
 			smp := Sample{Start: at(s.Start), End: at(s.End), Tokens: s.Tokens}
 			for _, e := range s.Events {
-				smp.Events = append(smp.Events, Event{At: at(e), Tokens: 1})
+				smp.Events = append(smp.Events, Event{At: at(e[0]), Tokens: max(int(e[1]), 1)})
 			}
 			samples[i] = append(samples[i], smp)
 		}

@@ -8,7 +8,9 @@ users run it (EOS stops a row, its default batched greedy sampler, no logits pro
 one detokenizer per request, as many rows at once as the runtime's --max-batch), so the
 runtime is measured against mlx-lm at its fastest. Each level is warmed up first with
 its own concurrency. Times are seconds on one monotonic clock, relative to the start:
-{"levels": [{"wall": s, "samples": [{"start": s, "events": [s, ...], "end": s, "tokens": n}]}, ...]}.
+{"levels": [{"wall": s, "samples": [{"start": s, "events": [[s, n], ...], "end": s, "tokens": n}]}, ...]}:
+an event is new text appearing (n tokens since the previous one), as the runtime streams it,
+so TTFT means the same on every path: time to the first visible text.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> int:
     # every row on mlx-lm's slow per-row path and flatter the runtime's ratio.
     def run(reqs: list[dict], concurrency: int) -> tuple[list[dict], float]:
         out = [{"start": 0.0, "events": [], "end": 0.0, "tokens": 0} for _ in reqs]
+        pending = [0] * len(reqs)  # tokens since the last event
         live: dict[int, tuple[int, object]] = {}
         nxt = 0
         t0 = time.perf_counter()
@@ -65,11 +68,18 @@ def main() -> int:
                 now = time.perf_counter() - t0
                 if g.finish_reason != "stop":
                     det.add_token(g.token)
-                    _ = det.last_segment
-                    out[i]["events"].append(now)
                     out[i]["tokens"] += 1
+                    pending[i] += 1
+                    # An event when text appears, as the runtime streams it: the detokenizer
+                    # holds back bytes that are not yet valid UTF-8 (often, on random weights).
+                    if det.last_segment:
+                        out[i]["events"].append([now, pending[i]])
+                        pending[i] = 0
                 if g.finish_reason is not None:
                     det.finalize()
+                    if pending[i] or not out[i]["events"]:
+                        out[i]["events"].append([now, max(pending[i], 1)])
+                        pending[i] = 0
                     out[i]["end"] = now
                     del live[g.uid]
             admit()
