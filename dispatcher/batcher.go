@@ -213,7 +213,7 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 		b.msg.Jobs[i] = aj
 	}
 	w.pending += len(jobs)
-	w.br.take()
+	w.br.Take()
 	d.io.Add(1)
 	go func() {
 		defer d.io.Done()
@@ -249,7 +249,7 @@ func (d *Dispatcher) assign(b *batch) {
 		// Nobody serves the subject: the batch surely did not start.
 		d.metrics.AssignErrors.Add(1)
 		if w != nil {
-			w.br.record(false, now)
+			w.br.Record(false, now)
 			w.blocked = true
 		}
 		for _, j := range b.jobs {
@@ -260,7 +260,7 @@ func (d *Dispatcher) assign(b *batch) {
 	case err != nil:
 		d.metrics.AssignErrors.Add(1)
 		if w != nil {
-			w.br.record(false, now)
+			w.br.Record(false, now)
 		}
 		d.log.Warn().Err(err).Str("worker_id", b.worker).Str("batch_id", b.id).Str("model", b.model).Int("jobs", len(b.jobs)).Msg("assignment failed")
 		for _, j := range b.jobs {
@@ -284,7 +284,7 @@ func (d *Dispatcher) assign(b *batch) {
 		d.metrics.Batches.Add(1)
 		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
 		if w != nil {
-			w.br.record(true, now)
+			w.br.Record(true, now)
 		}
 		for _, j := range b.jobs {
 			if mine(j) {
@@ -302,7 +302,7 @@ func (d *Dispatcher) assign(b *batch) {
 	default: // full or rejected: skip this worker until it reports again
 		d.metrics.AssignFull.Add(1)
 		if w != nil {
-			w.br.record(true, now) // it answered: healthy, just busy
+			w.br.Record(true, now) // it answered: healthy, just busy
 			if reply.Status == schemas.AssignFull {
 				w.answered(max(reply.FreeSlots, 0))
 			} else {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -566,7 +567,7 @@ func TestBreakerStopsRoutingToFailingWorker(t *testing.T) {
 		d.mu.Lock()
 		defer d.mu.Unlock()
 		w := d.workers["mute"]
-		return w != nil && w.br.state == BreakerOpen
+		return w != nil && w.br.State() == breaker.Open
 	})
 	mu.Lock()
 	atOpen := muteHits

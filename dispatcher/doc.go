@@ -73,7 +73,8 @@
 // worker whose heartbeat names a new process (started_at) restarted, maybe
 // within the TTL: the jobs its earlier process ran are retried the same way,
 // and it stays routable. A
-// per-worker circuit breaker (closed/open/half-open, one table) stops routing to
+// per-worker circuit breaker (internal/breaker: closed/open/half-open, one table
+// shared with the worker's runtime breaker) stops routing to
 // a worker whose assignments keep failing. While a job runs the dispatcher
 // listens on its reply subject and accumulates the text of the current attempt,
 // so a retry after a lost worker resumes (schemas.Resume) where the caller's

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/internal/prefix"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
@@ -35,7 +36,7 @@ func hexes(chain []prefix.Hash) []string {
 // view is a ready worker of model m with busy of its slots taken and the
 // prefixes of holds advertised.
 func view(id string, slots, busy int, holds ...*job) *workerView {
-	w := &workerView{id: id, br: newBreaker(3, time.Second), othersReply: -1}
+	w := &workerView{id: id, br: breaker.New(breaker.Options{Threshold: 3, Consecutive: true, Cooldown: time.Second}), othersReply: -1}
 	hb := schemas.HeartbeatMsg{WorkerID: id, Models: []string{"m"}, Slots: slots, InFlight: busy, State: schemas.WorkerReady}
 	var hashes []string
 	for _, j := range holds {

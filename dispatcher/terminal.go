@@ -267,7 +267,7 @@ func (d *Dispatcher) onDone(m *nats.Msg) {
 	// What the server vouched for, not what the body says.
 	res.WorkerID, res.Tenant, res.Model = wid, bus.TenantOfToken(j.tenant), j.req.Model
 	if w := d.workers[wid]; w != nil {
-		w.br.record(true, time.Now())
+		w.br.Record(true, time.Now())
 	}
 	j.endedAt = res.FinishedAt
 	d.finishWith(j, e, &res, func(err error) {
@@ -302,7 +302,7 @@ func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
 		return
 	}
 	if w := d.workers[j.workerID]; w != nil {
-		w.br.record(false, time.Now())
+		w.br.Record(false, time.Now())
 	}
 	j.endedAt = r.ReportedAt
 	d.retryableFailure(j, r.Error, &schemas.Resume{Text: r.Text, CompletionTokens: r.CompletionTokens}, r.Seq)
