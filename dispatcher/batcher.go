@@ -176,7 +176,7 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 				picked = append(picked, j)
 			}
 		}
-		d.metrics.Routed[why].Add(1)
+		d.count().routed(why)
 		d.launch(w, model, picked)
 	}
 	return next
@@ -247,7 +247,7 @@ func (d *Dispatcher) assign(b *batch) {
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
 		// Nobody serves the subject: the batch surely did not start.
-		d.metrics.AssignErrors.Add(1)
+		d.count().assignFailed()
 		if w != nil {
 			w.br.Record(false, now)
 			w.blocked = true
@@ -258,7 +258,7 @@ func (d *Dispatcher) assign(b *batch) {
 			}
 		}
 	case err != nil:
-		d.metrics.AssignErrors.Add(1)
+		d.count().assignFailed()
 		if w != nil {
 			w.br.Record(false, now)
 		}
@@ -272,8 +272,7 @@ func (d *Dispatcher) assign(b *batch) {
 	case reply.Status == schemas.AssignAccepted && w != nil && !w.hb.StartedAt.Equal(b.startedAt):
 		// The process that took the batch is gone (or, far less likely, its
 		// successor took it; then the job runs twice and RESULTS keeps the first).
-		d.metrics.Batches.Add(1)
-		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
+		d.count().accepted(len(b.jobs))
 		for _, j := range b.jobs {
 			if mine(j) {
 				d.endDispatch(j, schemas.CodeWorkerRestarted)
@@ -281,8 +280,7 @@ func (d *Dispatcher) assign(b *batch) {
 			}
 		}
 	case reply.Status == schemas.AssignAccepted:
-		d.metrics.Batches.Add(1)
-		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
+		d.count().accepted(len(b.jobs))
 		if w != nil {
 			w.br.Record(true, now)
 		}
@@ -300,7 +298,7 @@ func (d *Dispatcher) assign(b *batch) {
 			w.answered(reply.FreeSlots)
 		}
 	default: // full or rejected: skip this worker until it reports again
-		d.metrics.AssignFull.Add(1)
+		d.count().refused()
 		if w != nil {
 			w.br.Record(true, now) // it answered: healthy, just busy
 			if reply.Status == schemas.AssignFull {

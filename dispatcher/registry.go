@@ -185,7 +185,7 @@ func (d *Dispatcher) heartbeat(id string, hb schemas.HeartbeatMsg, created time.
 // id, maybe within the TTL). The new one knows nothing of the old one's jobs, so
 // they are lost; the worker itself stays routable. Callers hold d.mu.
 func (d *Dispatcher) workerRestarted(w *workerView, startedAt time.Time) {
-	d.metrics.WorkersRestarted.Add(1)
+	d.count().workerRestarted()
 	d.log.Warn().Str("worker_id", w.id).Time("started_at", startedAt).Msg("worker restarted; its earlier process's jobs are lost")
 	d.retryJobsOn(w.id, schemas.ErrorInfo{Code: schemas.CodeWorkerRestarted, Message: "the worker restarted while the job ran", Retryable: true}, StateRunning)
 	w.freed = nil
@@ -199,7 +199,7 @@ func (d *Dispatcher) workerLost(id, why string) {
 		return
 	}
 	w.lost = true
-	d.metrics.WorkersLost.Add(1)
+	d.count().workerLost()
 	d.log.Warn().Str("worker_id", id).Str("why", why).Msg("worker lost")
 	d.retryJobsOn(id, schemas.ErrorInfo{Code: schemas.CodeWorkerLost, Message: why, Retryable: true}, StateRunning, StateDispatched)
 	w.freed = nil

@@ -234,7 +234,7 @@ func (d *Dispatcher) onResult(subject string, data []byte) {
 func (d *Dispatcher) onDone(m *nats.Msg) {
 	wid, res, ok := decodeDone(m.Subject, m.Data)
 	if !ok {
-		d.metrics.ForgedRecords.Add(1)
+		d.count().forged()
 		d.rare.Warn().Str("subject", m.Subject).Msg("terminal hand-over that is no valid result; ignored")
 		return
 	}
@@ -258,7 +258,7 @@ func (d *Dispatcher) onDone(m *nats.Msg) {
 	}
 	e, ok := eventForStatus(res.Status)
 	if !ok || j.workerID != wid || j.attempt != res.Attempt || (j.state != StateRunning && j.state != StateDispatched) {
-		d.metrics.ForgedRecords.Add(1)
+		d.count().forged()
 		d.rare.Warn().Str("job_id", res.JobID).Str("tenant", j.tenant).Str("from_worker", wid).Str("worker_id", j.workerID).
 			Int("attempt", res.Attempt).Int("want_attempt", j.attempt).Msg("terminal record from a worker that does not run this attempt; refused")
 		reply(schemas.FinishUnknown)
@@ -297,7 +297,7 @@ func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
 		return
 	}
 	if j.workerID != wid {
-		d.metrics.ForgedRecords.Add(1)
+		d.count().forged()
 		d.rare.Warn().Str("job_id", r.JobID).Str("from_worker", wid).Str("worker_id", j.workerID).Msg("attempt report from a worker that does not run this attempt; ignored")
 		return
 	}
