@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -35,43 +36,16 @@ func newEnv(tb testing.TB, popts bus.ProvisionOptions) *testEnv {
 // newEnvWith is newEnv on a server with sopts (port and store are the test's).
 func newEnvWith(tb testing.TB, sopts bus.ServerOptions, popts bus.ProvisionOptions) *testEnv {
 	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	sopts.Port, sopts.StoreDir = -1, tb.TempDir()
-	srv, err := bus.StartServer(ctx, sopts)
-	if err != nil {
-		tb.Fatalf("StartServer: %v", err)
-	}
-	tb.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(ctx)
-	})
-	e := &testEnv{tb: tb, srv: srv}
-	e.nc = e.connect("test")
-	e.js, _ = jetstream.New(e.nc)
 	if popts.WorkerTTL == 0 {
 		popts.WorkerTTL = time.Minute // staleness is the dispatcher's WorkerTTL in tests
 	}
-	if err := bus.Provision(ctx, e.js, popts); err != nil {
-		tb.Fatalf("Provision: %v", err)
-	}
-	if e.kv, err = e.js.KeyValue(ctx, bus.BucketWorkers); err != nil {
-		tb.Fatalf("KeyValue: %v", err)
-	}
-	return e
+	b := testenv.StartBusWith(tb, testenv.BusOptions{Server: sopts, Provision: popts, Connect: bus.ConnectOptions{Name: "test"}})
+	return &testEnv{tb: tb, srv: b.Server, nc: b.Conn, js: b.JS, kv: b.Workers}
 }
 
 func (e *testEnv) connect(name string) *nats.Conn {
 	e.tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{e.srv.ClientURL()}, Name: name})
-	if err != nil {
-		e.tb.Fatalf("Connect: %v", err)
-	}
-	e.tb.Cleanup(nc.Close)
-	return nc
+	return testenv.ConnectWith(e.tb, bus.ConnectOptions{URLs: []string{e.srv.ClientURL()}, Name: name})
 }
 
 // testConfig is fast enough for tests: short TTLs, short backoff.
