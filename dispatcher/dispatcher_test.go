@@ -104,13 +104,7 @@ func TestBatchNeverAboveFreeSlots(t *testing.T) {
 	for i := range 20 {
 		e.waitResult(fmt.Sprintf("j-%d", i), 20*time.Second)
 	}
-	st := w.Stats()
-	if st.MaxBatch > 3 || st.Fulls != 0 {
-		t.Fatalf("largest batch %d for 3 slots, %d refused as full", st.MaxBatch, st.Fulls)
-	}
-	if _, order, _ := w.Snapshot(); len(order) != 20 {
-		t.Fatalf("%d assignments for 20 jobs", len(order))
-	}
+	checkNeverOverfilled(t, w, 3, 20)
 }
 
 // TestPriorityOrderNoStarvation: one slot, all three priorities backlogged. High

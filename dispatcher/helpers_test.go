@@ -250,6 +250,19 @@ func (e *testEnv) startWorkerWith(id string, slots int, models []string, plan fu
 	return w
 }
 
+// checkNeverOverfilled: w was never offered more jobs than its slots (no
+// batch above them, none answered full) and took assignments attempts.
+func checkNeverOverfilled(tb testing.TB, w *fakeWorker, slots, assignments int) {
+	tb.Helper()
+	st := w.Stats()
+	if st.MaxBatch > slots || st.Fulls != 0 {
+		tb.Fatalf("largest batch %d for %d slots, %d refused as full", st.MaxBatch, slots, st.Fulls)
+	}
+	if _, order, _ := w.Snapshot(); len(order) != assignments {
+		tb.Fatalf("%d assignments, want %d", len(order), assignments)
+	}
+}
+
 // waitFor polls cond (state owned by other goroutines) until it holds.
 func waitFor(tb testing.TB, within time.Duration, what string, cond func() bool) {
 	tb.Helper()

@@ -3,8 +3,8 @@ package dispatcher
 import "sync/atomic"
 
 // Observer is told what the dispatcher does, for metrics: the pattern of
-// worker.Observer, with plain names for values, so neither package imports the
-// other. Calls come from the dispatcher's goroutines, most while it holds its
+// worker.Observer, with plain names for values, so that neither dispatcher nor
+// metrics imports the other. Calls come from the dispatcher's goroutines, many while it holds its
 // lock: an implementation must return at once and must not call back into the
 // dispatcher. Package metrics provides the Prometheus one (metrics.Dispatcher),
 // wired by cmd/mlx-serving; nil in Config means nobody listens. The

@@ -110,11 +110,5 @@ func TestSlotBackOnResult(t *testing.T) {
 	for i := range 12 {
 		e.waitResult(fmt.Sprintf("sb-%d", i), 20*time.Second)
 	}
-	st := w.Stats()
-	if st.MaxBatch > 2 || st.Fulls != 0 {
-		t.Fatalf("largest batch %d for 2 slots, %d refused as full", st.MaxBatch, st.Fulls)
-	}
-	if _, order, _ := w.Snapshot(); len(order) != 13 {
-		t.Fatalf("%d assignments for 12 jobs and one retry", len(order))
-	}
+	checkNeverOverfilled(t, w, 2, 13) // 12 jobs and one retry
 }
