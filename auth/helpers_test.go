@@ -1,14 +1,12 @@
 package auth
 
 import (
-	"context"
 	"errors"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
@@ -30,25 +28,17 @@ func startSecureBus(t *testing.T) *secureBus {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx := testenv.Context(t, 30*time.Second)
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: t.TempDir(), Users: store.ServerUsers()})
+	sb := &secureBus{t: t, store: store}
+	admin, err := store.Credential(RoleAdmin, "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
+	b := testenv.StartBusWith(t, testenv.BusOptions{
+		Server:    bus.ServerOptions{Users: store.ServerUsers()},
+		Provision: bus.ProvisionOptions{WorkerTTL: 3 * time.Second},
+		Connect:   bus.ConnectOptions{Name: admin.User, User: admin.User, Password: admin.Password, InboxPrefix: admin.InboxPrefix},
 	})
-	sb := &secureBus{t: t, store: store, srv: srv}
-	admin := sb.connect(RoleAdmin, "")
-	js, err := jetstream.New(admin.nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := bus.Provision(ctx, js, bus.ProvisionOptions{WorkerTTL: 3 * time.Second}); err != nil {
-		t.Fatal(err)
-	}
+	sb.srv = b.Server
 	return sb
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -12,132 +11,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
-
-// fakeWorker answers assignments at once and finishes every job with one token,
-// the way the real worker reports (token event, RESULTS record, terminal event),
-// and heart-beats like it: every second and whenever it turns full or not full.
-// It takes the runtime out, so the dispatcher's own ceiling shows.
-type fakeWorker struct {
-	id    string
-	slots int
-	model string
-	nc    *nats.Conn
-	js    jetstream.JetStream
-	kv    jetstream.KeyValue
-	sub   *nats.Subscription
-
-	mu       sync.Mutex
-	inflight int
-	errs     atomic.Int64
-	stopHB   chan struct{}
-	hbDone   chan struct{}
-}
-
-func startFakeWorker(ctx context.Context, nc *nats.Conn, id, model string, slots int) (*fakeWorker, error) {
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return nil, err
-	}
-	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
-	if err != nil {
-		return nil, err
-	}
-	w := &fakeWorker{id: id, slots: slots, model: model, nc: nc, js: js, kv: kv, stopHB: make(chan struct{}), hbDone: make(chan struct{})}
-	if w.sub, err = nc.Subscribe(bus.AssignSubject(id), w.serve); err != nil {
-		return nil, err
-	}
-	if err := nc.Flush(); err != nil {
-		return nil, err
-	}
-	w.heartbeat()
-	go func() {
-		defer close(w.hbDone)
-		t := time.NewTicker(time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-w.stopHB:
-				return
-			case <-t.C:
-				w.heartbeat()
-			}
-		}
-	}()
-	return w, nil
-}
-
-func (w *fakeWorker) heartbeat() {
-	w.mu.Lock()
-	now := time.Now().UTC()
-	hb := schemas.HeartbeatMsg{WorkerID: w.id, Hostname: "bench", Platform: "linux", Models: []string{w.model}, Slots: w.slots,
-		InFlight: w.inflight, State: schemas.WorkerReady, StartedAt: now, UpdatedAt: now}
-	w.mu.Unlock()
-	data, _ := json.Marshal(hb)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	_, _ = w.kv.Put(ctx, w.id, data)
-}
-
-func (w *fakeWorker) serve(m *nats.Msg) {
-	var a schemas.AssignmentMsg
-	if err := json.Unmarshal(m.Data, &a); err != nil {
-		w.errs.Add(1)
-		return
-	}
-	w.mu.Lock()
-	free := w.slots - w.inflight
-	if len(a.Jobs) > free {
-		w.mu.Unlock()
-		data, _ := json.Marshal(schemas.AssignmentReplyMsg{BatchID: a.BatchID, WorkerID: w.id, Status: schemas.AssignFull, FreeSlots: free})
-		_ = m.Respond(data)
-		return
-	}
-	w.inflight += len(a.Jobs)
-	free = w.slots - w.inflight
-	w.mu.Unlock()
-	data, _ := json.Marshal(schemas.AssignmentReplyMsg{BatchID: a.BatchID, WorkerID: w.id, Status: schemas.AssignAccepted, FreeSlots: free})
-	_ = m.Respond(data)
-	if free == 0 {
-		w.heartbeat() // busy
-	}
-	for _, aj := range a.Jobs {
-		go w.run(aj, a.DispatcherID)
-	}
-}
-
-func (w *fakeWorker) run(aj schemas.AssignedJob, dispatcherID string) {
-	job := aj.Job
-	ev, _ := json.Marshal(schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: aj.Attempt, Seq: 0, Delta: "x", Tokens: 1})
-	_ = w.nc.Publish(job.ReplyTo, ev)
-	res := &schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: aj.Attempt, Seq: 1, Status: schemas.StatusCompleted, FinishReason: "length",
-		Text: "x", Usage: schemas.Usage{CompletionTokens: 1, TotalTokens: 1}, Model: job.Model, Tenant: job.Tenant, WorkerID: w.id, FinishedAt: time.Now().UTC()}
-	// Like a real worker: the record goes to the dispatcher that placed the job,
-	// which stores it, sends the terminal event and acks.
-	data, _ := json.Marshal(res)
-	m, err := w.nc.Request(bus.DoneSubject(w.id, dispatcherID), data, 30*time.Second)
-	var reply schemas.FinishReplyMsg
-	if err != nil || json.Unmarshal(m.Data, &reply) != nil || reply.Status != schemas.FinishStored {
-		w.errs.Add(1)
-	}
-	w.mu.Lock()
-	wasFull := w.inflight == w.slots
-	w.inflight--
-	w.mu.Unlock()
-	if wasFull {
-		w.heartbeat() // ready again
-	}
-}
-
-func (w *fakeWorker) stop() {
-	close(w.stopHB)
-	<-w.hbDone
-	_ = w.sub.Unsubscribe()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	_ = w.kv.Delete(ctx, w.id)
-}
 
 // ThroughputResult is the dispatcher's ceiling with minimal jobs.
 type ThroughputResult struct {
@@ -152,7 +28,8 @@ type ThroughputResult struct {
 }
 
 // dispatchThroughput submits n one-token jobs to the dispatcher process through
-// fake workers and times submit → every RESULTS record.
+// fake workers (internal/fakeworker: the runtime taken out, so the dispatcher's
+// own ceiling shows) and times submit → every RESULTS record.
 func dispatchThroughput(ctx context.Context, url string, n, workers, slots int, within time.Duration, progress func()) (ThroughputResult, error) {
 	r := ThroughputResult{Jobs: n, Workers: workers, Slots: slots}
 	const model = "bench-fake"
@@ -169,18 +46,25 @@ func dispatchThroughput(ctx context.Context, url string, n, workers, slots int, 
 		}
 		return c, err
 	}
-	var fws []*fakeWorker
+	var fws []*fakeworker.Worker
 	defer func() {
 		for _, w := range fws {
-			w.stop()
+			w.Stop()
+			dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = w.Deregister(dctx)
+			cancel()
 		}
 	}()
 	for i := range workers {
-		c, err := connect(fmt.Sprintf("bench-fake-%d", i))
+		id := fmt.Sprintf("bench-fake-%d", i)
+		c, err := connect(id)
 		if err != nil {
 			return r, err
 		}
-		w, err := startFakeWorker(ctx, c, fmt.Sprintf("bench-fake-%d", i), model, slots)
+		// One-token jobs, answered at once; heart-beating like a real worker:
+		// every second and when a full worker frees a slot.
+		w, err := fakeworker.Start(ctx, c, fakeworker.Options{ID: id, Slots: slots, Models: []string{model},
+			HeartbeatEvery: time.Second, Quiet: true, Hostname: "bench", HandOverTimeout: 30 * time.Second})
 		if err != nil {
 			return r, err
 		}
@@ -239,7 +123,7 @@ func dispatchThroughput(ctx context.Context, url string, n, workers, slots int, 
 	r.Seconds = elapsed.Seconds()
 	r.JobsPerS = float64(done.Load()) / elapsed.Seconds()
 	for _, w := range fws {
-		r.Errors += w.errs.Load()
+		r.Errors += w.Errors()
 	}
 	return r, nil
 }

@@ -176,7 +176,7 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 				picked = append(picked, j)
 			}
 		}
-		d.metrics.Routed[why].Add(1)
+		d.count().routed(why)
 		d.launch(w, model, picked)
 	}
 	return next
@@ -213,7 +213,7 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 		b.msg.Jobs[i] = aj
 	}
 	w.pending += len(jobs)
-	w.br.take()
+	w.br.Take()
 	d.io.Add(1)
 	go func() {
 		defer d.io.Done()
@@ -247,9 +247,9 @@ func (d *Dispatcher) assign(b *batch) {
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
 		// Nobody serves the subject: the batch surely did not start.
-		d.metrics.AssignErrors.Add(1)
+		d.count().assignFailed()
 		if w != nil {
-			w.br.record(false, now)
+			w.br.Record(false, now)
 			w.blocked = true
 		}
 		for _, j := range b.jobs {
@@ -258,9 +258,9 @@ func (d *Dispatcher) assign(b *batch) {
 			}
 		}
 	case err != nil:
-		d.metrics.AssignErrors.Add(1)
+		d.count().assignFailed()
 		if w != nil {
-			w.br.record(false, now)
+			w.br.Record(false, now)
 		}
 		d.log.Warn().Err(err).Str("worker_id", b.worker).Str("batch_id", b.id).Str("model", b.model).Int("jobs", len(b.jobs)).Msg("assignment failed")
 		for _, j := range b.jobs {
@@ -272,8 +272,7 @@ func (d *Dispatcher) assign(b *batch) {
 	case reply.Status == schemas.AssignAccepted && w != nil && !w.hb.StartedAt.Equal(b.startedAt):
 		// The process that took the batch is gone (or, far less likely, its
 		// successor took it; then the job runs twice and RESULTS keeps the first).
-		d.metrics.Batches.Add(1)
-		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
+		d.count().accepted(len(b.jobs))
 		for _, j := range b.jobs {
 			if mine(j) {
 				d.endDispatch(j, schemas.CodeWorkerRestarted)
@@ -281,10 +280,9 @@ func (d *Dispatcher) assign(b *batch) {
 			}
 		}
 	case reply.Status == schemas.AssignAccepted:
-		d.metrics.Batches.Add(1)
-		d.metrics.JobsAssigned.Add(int64(len(b.jobs)))
+		d.count().accepted(len(b.jobs))
 		if w != nil {
-			w.br.record(true, now)
+			w.br.Record(true, now)
 		}
 		for _, j := range b.jobs {
 			if mine(j) {
@@ -300,9 +298,9 @@ func (d *Dispatcher) assign(b *batch) {
 			w.answered(reply.FreeSlots)
 		}
 	default: // full or rejected: skip this worker until it reports again
-		d.metrics.AssignFull.Add(1)
+		d.count().refused()
 		if w != nil {
-			w.br.record(true, now) // it answered: healthy, just busy
+			w.br.Record(true, now) // it answered: healthy, just busy
 			if reply.Status == schemas.AssignFull {
 				w.answered(max(reply.FreeSlots, 0))
 			} else {

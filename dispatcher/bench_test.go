@@ -36,7 +36,7 @@ func benchSyncs(b *testing.B, opts fakeWorkerOptions) {
 // worker frees a slot), not on every accept and finish: the dispatcher must
 // learn of free slots from the results.
 func BenchmarkDispatchSlowHeartbeat(b *testing.B) {
-	benchSyncs(b, fakeWorkerOptions{hbEvery: time.Second, quiet: true})
+	benchSyncs(b, fakeWorkerOptions{HeartbeatEvery: time.Second, Quiet: true})
 }
 
 func benchDispatch(b *testing.B, sopts bus.ServerOptions, opts fakeWorkerOptions) {
@@ -86,12 +86,7 @@ func benchDispatch(b *testing.B, sopts bus.ServerOptions, opts fakeWorkerOptions
 	elapsed := time.Since(start)
 	b.StopTimer()
 
-	w1.mu.Lock()
-	lat := append([]time.Duration(nil), w1.latencies...)
-	w1.mu.Unlock()
-	w2.mu.Lock()
-	lat = append(lat, w2.latencies...)
-	w2.mu.Unlock()
+	lat := append(w1.Stats().Latencies, w2.Stats().Latencies...)
 	slices.Sort(lat)
 	if len(lat) > 0 {
 		b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-dispatch-ms")
@@ -123,9 +118,7 @@ func BenchmarkDispatchLatencyIdle(b *testing.B) {
 		c.wait(b, 10*time.Second)
 	}
 	b.StopTimer()
-	w.mu.Lock()
-	lat := append([]time.Duration(nil), w.latencies...)
-	w.mu.Unlock()
+	lat := w.Stats().Latencies
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-dispatch-ms")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-dispatch-ms")

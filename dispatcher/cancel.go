@@ -184,7 +184,7 @@ func (d *Dispatcher) cancelInStream(ctx context.Context, ref bus.JobRef, reason 
 		err = bus.Finish(ctx, d.js, res, j.replyTo())
 		switch {
 		case err == nil:
-			d.metrics.Cancelled.Add(1)
+			d.count().finished(StateCancelled)
 		case errors.Is(err, bus.ErrResultExists):
 		default:
 			d.log.Error().Err(err).Str("job_id", ref.ID).Str("tenant", ref.Tenant).Int("attempt", 0).Str("model", req.Model).Msg("record cancelled result failed")

@@ -79,6 +79,8 @@ type Config struct {
 	ConsumerPrefix string
 	// Logger receives the dispatcher's logs (default: disabled).
 	Logger *zerolog.Logger
+	// Observer is told what the dispatcher does, for metrics (nil: nobody).
+	Observer Observer
 }
 
 // ErrConfig is matched by errors New returns for a bad Config.

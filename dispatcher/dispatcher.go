@@ -124,10 +124,11 @@ func New(cfg Config) (*Dispatcher, error) {
 	d.pullWRR.w = cfg.Weights
 	d.pickWRR.w = cfg.Weights
 	d.router = newRouter(cfg)
+	d.count().series()
 	return d, nil
 }
 
-// Metrics returns the live counters.
+// Metrics returns the live counters (the same events the Observer is told).
 func (d *Dispatcher) Metrics() *Metrics { return &d.metrics }
 
 // ID returns the configured DispatcherID.

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -31,7 +32,7 @@ func TestCompletesAndAcks(t *testing.T) {
 	}
 	waitFor(t, 5*time.Second, "JOBS empty (acked)", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
 	waitFor(t, 5*time.Second, "completed counted", func() bool { return d.Metrics().Completed.Load() == 1 })
-	if a, _, _ := w.snapshot(); a["job-1"] != 1 {
+	if a, _, _ := w.Snapshot(); a["job-1"] != 1 {
 		t.Fatalf("assigned %v", a)
 	}
 }
@@ -51,7 +52,7 @@ func TestBatchingWithinWindow(t *testing.T) {
 	}
 	var first schemas.AssignmentMsg
 	select {
-	case first = <-w.onAssign:
+	case first = <-w.Assignments():
 	case <-time.After(10 * time.Second):
 		t.Fatal("no assignment")
 	}
@@ -73,7 +74,7 @@ func TestBatchingWithinWindow(t *testing.T) {
 		e.waitResult(fmt.Sprintf("ma-%d", i), 10*time.Second)
 		e.waitResult(fmt.Sprintf("mb-%d", i), 10*time.Second)
 	}
-	_, _, batches := w.snapshot()
+	_, _, batches := w.Snapshot()
 	if len(batches) != 3 {
 		for _, b := range batches {
 			t.Logf("batch %s of %d", b.Model, len(b.Jobs))
@@ -95,7 +96,7 @@ func TestBatchingWithinWindow(t *testing.T) {
 func TestBatchNeverAboveFreeSlots(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, bus.ProvisionOptions{})
-	w := e.startWorker("w1", 3, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{tokenGap: 5 * time.Millisecond} })
+	w := e.startWorker("w1", 3, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{TokenGap: 5 * time.Millisecond} })
 	_, _ = runDispatcher(t, testConfig("d1", e.connect("d1")))
 	for i := range 20 {
 		e.mustSubmit(newJob(fmt.Sprintf("j-%d", i), "m", "normal"))
@@ -103,14 +104,7 @@ func TestBatchNeverAboveFreeSlots(t *testing.T) {
 	for i := range 20 {
 		e.waitResult(fmt.Sprintf("j-%d", i), 20*time.Second)
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.maxBatch > 3 || w.fulls != 0 {
-		t.Fatalf("largest batch %d for 3 slots, %d refused as full", w.maxBatch, w.fulls)
-	}
-	if len(w.order) != 20 {
-		t.Fatalf("%d assignments for 20 jobs", len(w.order))
-	}
+	checkNeverOverfilled(t, w, 3, 20)
 }
 
 // TestPriorityOrderNoStarvation: one slot, all three priorities backlogged. High
@@ -139,7 +133,7 @@ func TestPriorityOrderNoStarvation(t *testing.T) {
 			e.waitResult(fmt.Sprintf("%s-%02d", p, i), 30*time.Second)
 		}
 	}
-	_, order, _ := w.snapshot()
+	_, order, _ := w.Snapshot()
 	if len(order) != 3*n {
 		t.Fatalf("%d assignments", len(order))
 	}
@@ -188,8 +182,8 @@ func TestTwoDispatchersNoDoubleRun(t *testing.T) {
 			t.Fatalf("status %s", r.Status)
 		}
 	}
-	a1, _, _ := w1.snapshot()
-	a2, _, _ := w2.snapshot()
+	a1, _, _ := w1.Snapshot()
+	a2, _, _ := w2.Snapshot()
 	for i := range n {
 		id := fmt.Sprintf("j-%02d", i)
 		if a1[id]+a2[id] != 1 {
@@ -210,7 +204,7 @@ func TestTwoDispatchersNoDoubleRun(t *testing.T) {
 func TestRestartLosesNothing(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, bus.ProvisionOptions{})
-	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{tokenGap: 40 * time.Millisecond} })
+	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{TokenGap: 40 * time.Millisecond} })
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.AckWait = time.Second
 	cfg.NoDrain = true
@@ -220,8 +214,8 @@ func TestRestartLosesNothing(t *testing.T) {
 	for i := range n {
 		e.mustSubmit(newJob(fmt.Sprintf("j-%d", i), "m", "normal"))
 	}
-	waitFor(t, 10*time.Second, "two jobs running", func() bool { _, o, _ := w.snapshot(); return len(o) >= 2 })
-	_, runningWhenKilled, _ := w.snapshot()
+	waitFor(t, 10*time.Second, "two jobs running", func() bool { _, o, _ := w.Snapshot(); return len(o) >= 2 })
+	_, runningWhenKilled, _ := w.Snapshot()
 	stopA()
 	// The running jobs finish on the worker while no dispatcher runs: their
 	// hand-over finds no responder, nothing is stored, and they run again.
@@ -234,7 +228,7 @@ func TestRestartLosesNothing(t *testing.T) {
 		}
 	}
 	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
-	a, _, _ := w.snapshot()
+	a, _, _ := w.Snapshot()
 	for i := range n {
 		id := fmt.Sprintf("j-%d", i)
 		want := 1
@@ -253,13 +247,13 @@ func TestRestartLosesNothing(t *testing.T) {
 func TestWorkerLostMidStreamMigrates(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, bus.ProvisionOptions{})
-	w1 := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{die: 3} })
+	w1 := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Die: 3} })
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	j := newJob("mig", "m", "normal")
 	j.MaxTokens = 10
 	c := e.listen(j.ReplyTo)
 	e.mustSubmit(j)
-	waitFor(t, 10*time.Second, "worker 1 dead", w1.isDead)
+	waitFor(t, 10*time.Second, "worker 1 dead", w1.Dead)
 	w2 := e.startWorker("w2", 2, []string{"m"}, nil)
 	r := c.wait(t, 15*time.Second)
 	if r.Status != schemas.StatusCompleted {
@@ -269,7 +263,7 @@ func TestWorkerLostMidStreamMigrates(t *testing.T) {
 	if got := c.text(); got != want || r.Text != want {
 		t.Fatalf("caller saw %q, result %q, want %q", got, r.Text, want)
 	}
-	_, _, batches := w2.snapshot()
+	_, _, batches := w2.Snapshot()
 	if len(batches) != 1 || len(batches[0].Jobs) != 1 {
 		t.Fatalf("w2 batches %v", batches)
 	}
@@ -285,7 +279,7 @@ func TestWorkerLostMidStreamMigrates(t *testing.T) {
 func TestDeadLetterAfterMaxAttempts(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, bus.ProvisionOptions{})
-	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{crash: 1} })
+	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Crash: 1} })
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	j := newJob("doomed", "m", "normal")
 	c := e.listen(j.ReplyTo)
@@ -307,7 +301,7 @@ func TestDeadLetterAfterMaxAttempts(t *testing.T) {
 	if rec.Attempts != 3 || rec.LastError.Code != "runtime_crashed" || rec.Job.ID != "doomed" || rec.DispatcherID != "d1" {
 		t.Fatalf("dlq record %+v", rec)
 	}
-	_, _, batches := w.snapshot()
+	_, _, batches := w.Snapshot()
 	if len(batches) != 3 {
 		t.Fatalf("%d attempts ran", len(batches))
 	}
@@ -347,7 +341,7 @@ func TestExpiredWithoutRunning(t *testing.T) {
 	if r := c1.wait(t, 5*time.Second); r.Status != schemas.StatusExpired {
 		t.Fatalf("caller got %s", r.Status)
 	}
-	if a, _, _ := w.snapshot(); len(a) != 0 {
+	if a, _, _ := w.Snapshot(); len(a) != 0 {
 		t.Fatalf("expired jobs ran: %v", a)
 	}
 	waitFor(t, 5*time.Second, "acked", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
@@ -387,7 +381,7 @@ func TestCancelQueued(t *testing.T) {
 		t.Fatalf("early: %+v", r)
 	}
 	waitFor(t, 5*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
-	if a, _, _ := w.snapshot(); len(a) != 0 {
+	if a, _, _ := w.Snapshot(); len(a) != 0 {
 		t.Fatalf("cancelled jobs ran: %v", a)
 	}
 	if d.Metrics().Cancelled.Load() != 2 {
@@ -414,7 +408,7 @@ func TestCancelHeldNotDispatched(t *testing.T) {
 		t.Fatalf("held: %+v", r)
 	}
 	waitFor(t, 5*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
-	if a, _, _ := w.snapshot(); a["held"] != 0 {
+	if a, _, _ := w.Snapshot(); a["held"] != 0 {
 		t.Fatalf("cancelled job ran")
 	}
 }
@@ -445,7 +439,7 @@ func TestInvalidAndAlreadyFinished(t *testing.T) {
 		}
 	}
 	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
-	if a, _, _ := w.snapshot(); len(a) != 0 {
+	if a, _, _ := w.Snapshot(); len(a) != 0 {
 		t.Fatalf("ran %v", a)
 	}
 	_ = d
@@ -484,7 +478,7 @@ func TestRedeliveredFinishedJobIsNotRun(t *testing.T) {
 	if d.Metrics().AlreadyFinished.Load() != 1 {
 		t.Fatalf("AlreadyFinished %d", d.Metrics().AlreadyFinished.Load())
 	}
-	if a, _, _ := w.snapshot(); len(a) != 0 {
+	if a, _, _ := w.Snapshot(); len(a) != 0 {
 		t.Fatalf("ran %v", a)
 	}
 }
@@ -495,7 +489,7 @@ func TestRedeliveredFinishedJobIsNotRun(t *testing.T) {
 func TestQueueFullNoLoss(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, bus.ProvisionOptions{JobsMaxMsgs: 5})
-	w := e.startWorker("w1", 1, []string{"m"}, func(aj schemas.AssignedJob) jobPlan { return jobPlan{block: true} })
+	w := e.startWorker("w1", 1, []string{"m"}, func(aj schemas.AssignedJob) jobPlan { return jobPlan{Block: true} })
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.MaxBatch = 1
 	_, _ = runDispatcher(t, cfg)
@@ -514,7 +508,7 @@ func TestQueueFullNoLoss(t *testing.T) {
 		}
 		accepted = append(accepted, j.ID)
 		if i == 0 {
-			waitFor(t, 5*time.Second, "first job running", func() bool { a, _, _ := w.snapshot(); return len(a) == 1 })
+			waitFor(t, 5*time.Second, "first job running", func() bool { a, _, _ := w.Snapshot(); return len(a) == 1 })
 		}
 	}
 	if full == nil {
@@ -525,13 +519,13 @@ func TestQueueFullNoLoss(t *testing.T) {
 	if len(accepted) != 5 {
 		t.Errorf("accepted %d jobs before queue full, want 5", len(accepted))
 	}
-	close(w.release)
+	w.Release()
 	for _, id := range accepted {
 		if r := e.waitResult(id, 20*time.Second); r.Status != schemas.StatusCompleted {
 			t.Fatalf("%s: %s", id, r.Status)
 		}
 	}
-	a, _, _ := w.snapshot()
+	a, _, _ := w.Snapshot()
 	for _, id := range accepted {
 		if a[id] != 1 {
 			t.Errorf("%s ran %d times", id, a[id])
@@ -546,12 +540,12 @@ func TestBreakerStopsRoutingToFailingWorker(t *testing.T) {
 	e := newEnv(t, bus.ProvisionOptions{})
 	// "mute" heart-beats as ready with free slots but its assignments time out.
 	mute := e.startWorker("mute", 8, []string{"m"}, nil)
-	_ = mute.sub.Unsubscribe()
+	mute.Mute()
 	var mu sync.Mutex
 	muteHits := 0
-	sub, _ := mute.nc.Subscribe(bus.AssignSubject("mute"), func(m *nats.Msg) { mu.Lock(); muteHits++; mu.Unlock() })
+	sub, _ := mute.Conn().Subscribe(bus.AssignSubject("mute"), func(m *nats.Msg) { mu.Lock(); muteHits++; mu.Unlock() })
 	defer sub.Unsubscribe()
-	_ = mute.nc.Flush()
+	_ = mute.Conn().Flush()
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.AssignTimeout = 100 * time.Millisecond
 	cfg.MaxAttempts = 10
@@ -566,7 +560,7 @@ func TestBreakerStopsRoutingToFailingWorker(t *testing.T) {
 		d.mu.Lock()
 		defer d.mu.Unlock()
 		w := d.workers["mute"]
-		return w != nil && w.br.state == BreakerOpen
+		return w != nil && w.br.State() == breaker.Open
 	})
 	mu.Lock()
 	atOpen := muteHits
@@ -582,7 +576,7 @@ func TestBreakerStopsRoutingToFailingWorker(t *testing.T) {
 	if muteHits != atOpen {
 		t.Errorf("mute worker got %d assignments after its breaker opened", muteHits-atOpen)
 	}
-	if a, _, _ := good.snapshot(); len(a) != 6 {
+	if a, _, _ := good.Snapshot(); len(a) != 6 {
 		t.Errorf("good worker ran %d", len(a))
 	}
 }
@@ -638,7 +632,7 @@ func TestReplayedJobContinuesAttemptNumbers(t *testing.T) {
 	if r.Status != schemas.StatusCompleted || r.Attempt != 4 {
 		t.Fatalf("terminal %+v", r)
 	}
-	_, _, batches := w.snapshot()
+	_, _, batches := w.Snapshot()
 	if len(batches) != 1 || batches[0].Jobs[0].Attempt != 4 {
 		t.Fatalf("batches %+v", batches)
 	}

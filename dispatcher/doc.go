@@ -72,16 +72,30 @@
 // entry is deleted or not updated for WorkerTTL, and its jobs are retried. A
 // worker whose heartbeat names a new process (started_at) restarted, maybe
 // within the TTL: the jobs its earlier process ran are retried the same way,
-// and it stays routable. A
-// per-worker circuit breaker (closed/open/half-open, one table) stops routing to
-// a worker whose assignments keep failing. While a job runs the dispatcher
-// listens on its reply subject and accumulates the text of the current attempt,
-// so a retry after a lost worker resumes (schemas.Resume) where the caller's
-// stream stopped; a worker's attempt report carries that text itself. Retries
-// wait an exponential backoff with jitter; out of attempts a job goes to DLQ and
-// gets a terminal failed attempts_exhausted.
+// and it stays routable. A per-worker circuit breaker (internal/breaker:
+// closed/open/half-open, the one table the worker's runtime breaker walks too)
+// stops routing to a worker whose assignments keep failing. While a job runs
+// the dispatcher listens on its reply subject and accumulates the text of the
+// current attempt, so a retry after a lost worker resumes (schemas.Resume)
+// where the caller's stream stopped; a worker's attempt report carries that
+// text itself. Retries wait an exponential backoff with jitter; out of
+// attempts a job goes to DLQ and gets a terminal failed attempts_exhausted.
 //
 // Known limit: a dispatcher that dies while a job is running cannot hand over
 // the text streamed so far; if the job does not finish on its worker before the
 // redelivery, the next attempt starts from scratch on the caller's stream.
+//
+// # Metrics
+//
+// Every count goes through one place (observer.go): the dispatcher's own
+// Metrics (atomics, for tests and in-process readers) and Config.Observer,
+// told with plain names. metrics.Dispatcher is the Prometheus Observer;
+// cmd/mlx-serving wires it, so neither package imports the other, as for the
+// worker (worker.Observer).
+//
+// # Tests
+//
+// Tests run against a real embedded server (internal/testenv) and fake workers
+// (internal/fakeworker, scripted per attempt), the same fake the bench's
+// dispatcher ceiling uses.
 package dispatcher

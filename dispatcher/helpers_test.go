@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"os"
 	"strings"
 	"sync"
@@ -12,6 +11,8 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -35,43 +36,16 @@ func newEnv(tb testing.TB, popts bus.ProvisionOptions) *testEnv {
 // newEnvWith is newEnv on a server with sopts (port and store are the test's).
 func newEnvWith(tb testing.TB, sopts bus.ServerOptions, popts bus.ProvisionOptions) *testEnv {
 	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	sopts.Port, sopts.StoreDir = -1, tb.TempDir()
-	srv, err := bus.StartServer(ctx, sopts)
-	if err != nil {
-		tb.Fatalf("StartServer: %v", err)
-	}
-	tb.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(ctx)
-	})
-	e := &testEnv{tb: tb, srv: srv}
-	e.nc = e.connect("test")
-	e.js, _ = jetstream.New(e.nc)
 	if popts.WorkerTTL == 0 {
 		popts.WorkerTTL = time.Minute // staleness is the dispatcher's WorkerTTL in tests
 	}
-	if err := bus.Provision(ctx, e.js, popts); err != nil {
-		tb.Fatalf("Provision: %v", err)
-	}
-	if e.kv, err = e.js.KeyValue(ctx, bus.BucketWorkers); err != nil {
-		tb.Fatalf("KeyValue: %v", err)
-	}
-	return e
+	b := testenv.StartBusWith(tb, testenv.BusOptions{Server: sopts, Provision: popts, Connect: bus.ConnectOptions{Name: "test"}})
+	return &testEnv{tb: tb, srv: b.Server, nc: b.Conn, js: b.JS, kv: b.Workers}
 }
 
 func (e *testEnv) connect(name string) *nats.Conn {
 	e.tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{e.srv.ClientURL()}, Name: name})
-	if err != nil {
-		e.tb.Fatalf("Connect: %v", err)
-	}
-	e.tb.Cleanup(nc.Close)
-	return nc
+	return testenv.ConnectWith(e.tb, bus.ConnectOptions{URLs: []string{e.srv.ClientURL()}, Name: name})
 }
 
 // testConfig is fast enough for tests: short TTLs, short backoff.
@@ -246,341 +220,47 @@ func (c *caller) text() string {
 	return b.String()
 }
 
-// ---- fake worker ----
+// ---- fake worker (internal/fakeworker) ----
 
-// jobPlan says how the fake worker runs one attempt.
-type jobPlan struct {
-	die      int  // >0: after this many tokens stop heart-beating and serving, silently
-	restart  int  // >0: after this many tokens the worker restarts (SIGKILL and back under the same id): its jobs are forgotten, it serves and heart-beats on with a new started_at
-	crash    int  // >0: after this many tokens report a retryable failure
-	block    bool // wait for release before finishing
-	tokenGap time.Duration
-}
+type (
+	fakeWorker        = fakeworker.Worker
+	jobPlan           = fakeworker.Plan
+	fakeWorkerOptions = fakeworker.Options
+)
 
-// fakeWorker serves mlx.worker.<id>.assign over real NATS, heart-beats into the
-// KV, streams deterministic tokens ("t0 t1 ...") and records results.
-type fakeWorker struct {
-	tb     testing.TB
-	id     string
-	nc     *nats.Conn
-	js     jetstream.JetStream
-	kv     jetstream.KeyValue
-	slots  int
-	models []string
-	plan   func(aj schemas.AssignedJob) jobPlan
-	opts   fakeWorkerOptions
-
-	hbMu      sync.Mutex // one put at a time, so entries reach the bucket in the order they were built
-	mu        sync.Mutex
-	startedAt time.Time // of the current incarnation (process)
-	inc       int       // incarnation: bumped by restartNow
-	inflight  int
-	maxBatch  int
-	overSlots int
-	fulls     int
-	assigned  map[string]int // job id -> attempts started here
-	order     []string       // job ids in assignment order
-	batches   []schemas.AssignmentMsg
-	dead      bool
-	refused   []string // "<job-id>:<answer>" of hand-overs not answered stored
-	release   chan struct{}
-	onAssign  chan schemas.AssignmentMsg
-	sub       *nats.Subscription
-	stopHB    chan struct{}
-	hbDone    chan struct{}
-	hbNudge   chan struct{} // quiet mode: the worker went from full to a free slot
-	// beforeReply, if set, runs after a batch is taken and before the answer
-	// leaves (read under mu).
-	beforeReply func(a schemas.AssignmentMsg)
-	latencies   []time.Duration
-	// advertised: the heartbeat's prefixes (routing hints), set by tests.
-	advertised []schemas.ModelPrefixes
-}
-
-// fakeWorkerOptions shape the fake worker's heartbeat.
-type fakeWorkerOptions struct {
-	hbEvery time.Duration // period of the registry put (100ms)
-	// quiet: no extra put on every accept and finish, only the period and
-	// full → free (rate-limited like the real worker)
-	quiet bool
-	// silent: not even the full → free put: one heartbeat at start, then one
-	// per hbEvery
-	silent bool
-}
+// tokenText and fullText are the fake worker's deterministic text.
+var tokenText, fullText = fakeworker.TokenText, fakeworker.FullText
 
 func (e *testEnv) startWorker(id string, slots int, models []string, plan func(schemas.AssignedJob) jobPlan) *fakeWorker {
 	e.tb.Helper()
 	return e.startWorkerWith(id, slots, models, plan, fakeWorkerOptions{})
 }
 
+// startWorkerWith starts a fake worker on a connection of its own, stopped in
+// tb.Cleanup; opts shape its heartbeat.
 func (e *testEnv) startWorkerWith(id string, slots int, models []string, plan func(schemas.AssignedJob) jobPlan, opts fakeWorkerOptions) *fakeWorker {
 	e.tb.Helper()
-	if opts.hbEvery <= 0 {
-		opts.hbEvery = 100 * time.Millisecond
+	opts.ID, opts.Slots, opts.Models, opts.Plan = id, slots, models, plan
+	opts.Errorf, opts.Logf = e.tb.Errorf, e.tb.Logf
+	w, err := fakeworker.Start(context.Background(), e.connect("worker-"+id), opts)
+	if err != nil {
+		e.tb.Fatalf("fake worker %s: %v", id, err)
 	}
-	w := &fakeWorker{tb: e.tb, id: id, nc: e.connect("worker-" + id), slots: slots, models: models, plan: plan, opts: opts,
-		startedAt: time.Now().UTC(), hbNudge: make(chan struct{}, 1),
-		assigned: map[string]int{}, release: make(chan struct{}), stopHB: make(chan struct{}), hbDone: make(chan struct{}),
-		onAssign: make(chan schemas.AssignmentMsg, 1024)}
-	w.js, _ = jetstream.New(w.nc)
-	w.kv, _ = w.js.KeyValue(context.Background(), bus.BucketWorkers)
-	if w.plan == nil {
-		w.plan = func(schemas.AssignedJob) jobPlan { return jobPlan{} }
-	}
-	var err error
-	if w.sub, err = w.nc.Subscribe(bus.AssignSubject(id), w.serve); err != nil {
-		e.tb.Fatalf("worker subscribe: %v", err)
-	}
-	_ = w.nc.Flush()
-	w.heartbeat()
-	go w.hbLoop()
-	e.tb.Cleanup(w.stop)
+	e.tb.Cleanup(w.Stop)
 	return w
 }
 
-func (w *fakeWorker) stop() {
-	w.mu.Lock()
-	if w.dead {
-		w.mu.Unlock()
-		return
+// checkNeverOverfilled: w was never offered more jobs than its slots (no
+// batch above them, none answered full) and took assignments attempts.
+func checkNeverOverfilled(tb testing.TB, w *fakeWorker, slots, assignments int) {
+	tb.Helper()
+	st := w.Stats()
+	if st.MaxBatch > slots || st.Fulls != 0 {
+		tb.Fatalf("largest batch %d for %d slots, %d refused as full", st.MaxBatch, slots, st.Fulls)
 	}
-	w.dead = true
-	w.mu.Unlock()
-	close(w.stopHB)
-	<-w.hbDone
-	_ = w.sub.Unsubscribe()
-}
-
-func (w *fakeWorker) hbLoop() {
-	defer close(w.hbDone)
-	t := time.NewTicker(w.opts.hbEvery)
-	defer t.Stop()
-	last := time.Now()
-	for {
-		select {
-		case <-w.stopHB:
-			return
-		case <-t.C:
-		case <-w.hbNudge:
-			// The real worker's rate limit on the full → free put.
-			if wait := w.opts.hbEvery/10 - time.Since(last); wait > 0 {
-				select {
-				case <-w.stopHB:
-					return
-				case <-time.After(wait):
-				}
-			}
-		}
-		w.heartbeat()
-		last = time.Now()
+	if _, order, _ := w.Snapshot(); len(order) != assignments {
+		tb.Fatalf("%d assignments, want %d", len(order), assignments)
 	}
-}
-
-func (w *fakeWorker) heartbeat() {
-	w.hbMu.Lock()
-	defer w.hbMu.Unlock()
-	w.mu.Lock()
-	if w.dead {
-		w.mu.Unlock()
-		return
-	}
-	// updated_at after in_flight is read, as the real worker does: a job freed
-	// after updated_at was counted.
-	hb := schemas.HeartbeatMsg{WorkerID: w.id, Hostname: "test", Platform: "linux", Models: w.models, Slots: w.slots,
-		InFlight: w.inflight, State: schemas.WorkerReady, StartedAt: w.startedAt, UpdatedAt: time.Now().UTC(), Prefixes: w.advertised}
-	w.mu.Unlock()
-	data, _ := json.Marshal(hb)
-	_, _ = w.kv.Put(context.Background(), w.id, data)
-}
-
-// restartNow is a SIGKILL and a restart under the same id, faster than any TTL:
-// the new process knows none of the old one's jobs (their goroutines go quiet)
-// and announces itself with a new started_at.
-func (w *fakeWorker) restartNow() {
-	w.mu.Lock()
-	w.inc++
-	w.inflight = 0
-	// Strictly later than the old incarnation's, however coarse the clock.
-	now := time.Now().UTC()
-	if !now.After(w.startedAt) {
-		now = w.startedAt.Add(time.Millisecond)
-	}
-	w.startedAt = now
-	w.mu.Unlock()
-	w.heartbeat()
-}
-
-// current reports whether incarnation inc is still the running process.
-func (w *fakeWorker) current(inc int) bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return !w.dead && w.inc == inc
-}
-
-func (w *fakeWorker) serve(m *nats.Msg) {
-	var a schemas.AssignmentMsg
-	if err := json.Unmarshal(m.Data, &a); err != nil {
-		w.tb.Errorf("worker %s: bad assignment: %v", w.id, err)
-		return
-	}
-	now := time.Now()
-	w.mu.Lock()
-	if w.dead {
-		w.mu.Unlock()
-		return
-	}
-	free := w.slots - w.inflight
-	if len(a.Jobs) > free {
-		w.fulls++
-		w.mu.Unlock()
-		data, _ := json.Marshal(schemas.AssignmentReplyMsg{BatchID: a.BatchID, WorkerID: w.id, Status: schemas.AssignFull, FreeSlots: free})
-		_ = m.Respond(data)
-		return
-	}
-	w.inflight += len(a.Jobs)
-	w.maxBatch = max(w.maxBatch, len(a.Jobs))
-	w.batches = append(w.batches, a)
-	for _, aj := range a.Jobs {
-		w.assigned[aj.Job.ID]++
-		w.order = append(w.order, aj.Job.ID)
-		if aj.Job.CreatedAt != nil {
-			w.latencies = append(w.latencies, now.Sub(*aj.Job.CreatedAt))
-		}
-	}
-	free = w.slots - w.inflight
-	inc, hook := w.inc, w.beforeReply
-	w.mu.Unlock()
-	if hook != nil {
-		hook(a)
-	}
-	data, _ := json.Marshal(schemas.AssignmentReplyMsg{BatchID: a.BatchID, WorkerID: w.id, Status: schemas.AssignAccepted, FreeSlots: free})
-	_ = m.Respond(data)
-	select {
-	case w.onAssign <- a:
-	default:
-	}
-	if !w.opts.quiet {
-		w.heartbeat()
-	}
-	for _, aj := range a.Jobs {
-		go w.run(aj, a.DispatcherID, inc)
-	}
-}
-
-// tokenText is the deterministic text of token i.
-func tokenText(i int) string { return fmt.Sprintf("t%d ", i) }
-
-func fullText(n int) string {
-	var b strings.Builder
-	for i := range n {
-		b.WriteString(tokenText(i))
-	}
-	return b.String()
-}
-
-func (w *fakeWorker) run(aj schemas.AssignedJob, dispatcherID string, inc int) {
-	plan := w.plan(aj)
-	job := aj.Job
-	start, prefix := 0, ""
-	if aj.Resume != nil {
-		start, prefix = aj.Resume.CompletionTokens, aj.Resume.Text
-	}
-	text := prefix
-	seq := 0
-	for i := start; i < job.MaxTokens; i++ {
-		if plan.tokenGap > 0 {
-			time.Sleep(plan.tokenGap)
-		}
-		if !w.current(inc) {
-			return
-		}
-		d := tokenText(i)
-		text += d
-		ev, _ := json.Marshal(schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: aj.Attempt, Seq: seq, Delta: d, Tokens: i + 1})
-		_ = w.nc.Publish(job.ReplyTo, ev)
-		seq++
-		if plan.restart > 0 && seq == plan.restart {
-			_ = w.nc.Flush()
-			w.restartNow()
-			return
-		}
-		if plan.die > 0 && seq == plan.die {
-			_ = w.nc.Flush()
-			w.stop() // silent death: no result, no report, no more heartbeats
-			return
-		}
-		if plan.crash > 0 && seq == plan.crash {
-			// Like the real worker: stamped, the slot freed, then published.
-			rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: job.ID, Tenant: job.Tenant, Attempt: aj.Attempt, WorkerID: w.id,
-				Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "boom", Retryable: true}, Text: text, Seq: seq, CompletionTokens: i + 1, ReportedAt: time.Now().UTC()})
-			w.done(inc)
-			_ = w.nc.Publish(bus.AttemptSubject(w.id), rep)
-			return
-		}
-	}
-	if plan.block {
-		<-w.release
-	}
-	if !w.current(inc) {
-		return
-	}
-	// Like the real worker: finished_at stamped, the slot freed, then the record.
-	res := &schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: aj.Attempt, Seq: seq, Status: schemas.StatusCompleted, FinishReason: "length",
-		Text: text, Usage: schemas.Usage{CompletionTokens: job.MaxTokens, TotalTokens: job.MaxTokens}, Model: job.Model, Tenant: job.Tenant, WorkerID: w.id, FinishedAt: time.Now().UTC()}
-	w.done(inc)
-	// Like the real worker: handed to the dispatcher that placed the job.
-	data, _ := json.Marshal(res)
-	m, err := w.nc.Request(bus.DoneSubject(w.id, dispatcherID), data, 10*time.Second)
-	var reply schemas.FinishReplyMsg
-	if err == nil {
-		err = json.Unmarshal(m.Data, &reply)
-	}
-	switch {
-	case err != nil:
-		if !errors.Is(err, nats.ErrNoResponders) { // a stopped dispatcher
-			w.tb.Logf("worker %s: hand over %s: %v", w.id, job.ID, err)
-		}
-	case reply.Status != schemas.FinishStored:
-		w.mu.Lock()
-		w.refused = append(w.refused, job.ID+":"+reply.Status)
-		w.mu.Unlock()
-	}
-}
-
-func (w *fakeWorker) done(inc int) {
-	w.mu.Lock()
-	if w.inc != inc {
-		w.mu.Unlock()
-		return // the slot went with the old process
-	}
-	wasFull := w.inflight == w.slots
-	w.inflight--
-	w.mu.Unlock()
-	switch {
-	case !w.opts.quiet:
-		w.heartbeat()
-	case wasFull && !w.opts.silent:
-		select {
-		case w.hbNudge <- struct{}{}:
-		default:
-		}
-	}
-}
-
-func (w *fakeWorker) isDead() bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.dead
-}
-
-func (w *fakeWorker) snapshot() (assigned map[string]int, order []string, batches []schemas.AssignmentMsg) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	assigned = make(map[string]int, len(w.assigned))
-	for k, v := range w.assigned {
-		assigned[k] = v
-	}
-	return assigned, append([]string(nil), w.order...), append([]schemas.AssignmentMsg(nil), w.batches...)
 }
 
 // waitFor polls cond (state owned by other goroutines) until it holds.

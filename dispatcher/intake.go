@@ -133,7 +133,7 @@ func (d *Dispatcher) fetch(ctx context.Context, p, n int) []jetstream.Msg {
 	if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && ctx.Err() == nil {
 		d.log.Warn().Err(err).Msg("fetch batch")
 	}
-	d.metrics.JobsPulled.Add(int64(len(out)))
+	d.count().pulled(len(out))
 	return out
 }
 
@@ -232,7 +232,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 			return func() {
 				if !j.gone {
 					d.finishObserved(j, res.Status)
-					d.metrics.AlreadyFinished.Add(1)
+					d.count().alreadyFinished()
 				}
 			}
 		}
@@ -283,7 +283,7 @@ func (d *Dispatcher) decode(j *job, data []byte) error {
 // message is dead-lettered with the reason, then terminated, so it is neither
 // redelivered nor left in the queue. Logged at a bounded rate and counted.
 func (d *Dispatcher) notAJob(m jetstream.Msg, seq uint64) {
-	d.metrics.NotAJob.Add(1)
+	d.count().notAJob()
 	rec := rawDeadLetter(m.Subject(), m.Data(), d.cfg.DispatcherID, time.Now().UTC())
 	data, err := json.Marshal(rec)
 	if err == nil {

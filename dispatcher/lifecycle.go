@@ -17,11 +17,11 @@ func (d *Dispatcher) apply(j *job, e Event) error {
 	from := j.state
 	to, err := Transition(from, e)
 	if err != nil {
-		d.metrics.IllegalTransitions.Add(1)
+		d.count().illegal()
 		d.jobLog(d.log.Error(), j).Err(err).Msg("illegal transition")
 		return err
 	}
-	d.metrics.Transitions[from][e].Add(1)
+	d.count().transition(from, e)
 	onW := func(s State) bool { return s == StateDispatched || s == StateRunning }
 	if onW(from) && !onW(to) {
 		d.onWorker--
@@ -36,18 +36,7 @@ func (d *Dispatcher) apply(j *job, e Event) error {
 		}
 	}
 	j.state = to
-	switch to {
-	case StateCompleted:
-		d.metrics.Completed.Add(1)
-	case StateFailed:
-		d.metrics.Failed.Add(1)
-	case StateCancelled:
-		d.metrics.Cancelled.Add(1)
-	case StateExpired:
-		d.metrics.Expired.Add(1)
-	case StateDeadLettered:
-		d.metrics.DeadLettered.Add(1)
-	}
+	d.count().finished(to)
 	return nil
 }
 
@@ -120,7 +109,7 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 		}
 		j.retryAt = time.Now().Add(j.bo.NextBackOff())
 		d.retrying[j.key] = j
-		d.metrics.Retries.Add(1)
+		d.count().retried()
 		poke(d.wakeSched)
 	}
 }

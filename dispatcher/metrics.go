@@ -2,8 +2,9 @@ package dispatcher
 
 import "sync/atomic"
 
-// Metrics are the dispatcher's counters, safe to read at any time (e.g. by a
-// Prometheus collector the CLI wires up). Every field only grows.
+// Metrics are the dispatcher's own counters, safe to read at any time (tests,
+// in-process readers); exporters get the same events through Config.Observer.
+// Every field only grows.
 type Metrics struct {
 	JobsPulled         atomic.Int64 // messages fetched from JOBS (deliveries)
 	Batches            atomic.Int64 // assignments accepted by a worker

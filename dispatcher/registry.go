@@ -5,6 +5,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/internal/prefix"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go/jetstream"
@@ -23,7 +24,7 @@ type workerView struct {
 	hb     schemas.HeartbeatMsg
 	seenAt time.Time
 	lost   bool
-	br     *breaker
+	br     *breaker.Breaker
 	// pending: jobs in assignments sent and not answered.
 	pending int
 	// mine: this dispatcher's jobs the worker accepted that have not ended.
@@ -90,13 +91,7 @@ func (w *workerView) routable(now time.Time) bool {
 	if w.lost || w.hb.State != schemas.WorkerReady {
 		return false
 	}
-	switch w.br.state {
-	case BreakerOpen:
-		return now.Sub(w.br.openedAt) >= w.br.cooldown
-	case BreakerHalfOpen:
-		return !w.br.probing
-	}
-	return true
+	return w.br.Ready(now)
 }
 
 // pickWorker returns the worker the batch led by lead goes to, chosen by the
@@ -110,7 +105,7 @@ func (d *Dispatcher) pickWorker(lead *job, now time.Time) (w *workerView, why Ro
 		}
 	}
 	w, why = d.router.Pick(lead, cands)
-	if w == nil || !w.br.allow(now) {
+	if w == nil || !w.br.Allow(now) {
 		return nil, why, nil
 	}
 	return w, why, cands
@@ -153,11 +148,17 @@ func (d *Dispatcher) watchLoop(kw jetstream.KeyWatcher) {
 	}
 }
 
+// newBreaker is a worker's circuit breaker: BreakerThreshold consecutive
+// assignment failures open it for BreakerCooldown, then one probe decides.
+func (d *Dispatcher) newBreaker() *breaker.Breaker {
+	return breaker.New(breaker.Options{Threshold: d.cfg.BreakerThreshold, Consecutive: true, Cooldown: d.cfg.BreakerCooldown})
+}
+
 // heartbeat applies a registry entry written at created. Callers hold d.mu.
 func (d *Dispatcher) heartbeat(id string, hb schemas.HeartbeatMsg, created time.Time) {
 	w := d.workers[id]
 	if w == nil {
-		w = &workerView{id: id, br: newBreaker(d.cfg.BreakerThreshold, d.cfg.BreakerCooldown), othersReply: -1}
+		w = &workerView{id: id, br: d.newBreaker(), othersReply: -1}
 		d.workers[id] = w
 	}
 	// An old entry replayed at start is only as fresh as its write.
@@ -184,7 +185,7 @@ func (d *Dispatcher) heartbeat(id string, hb schemas.HeartbeatMsg, created time.
 // id, maybe within the TTL). The new one knows nothing of the old one's jobs, so
 // they are lost; the worker itself stays routable. Callers hold d.mu.
 func (d *Dispatcher) workerRestarted(w *workerView, startedAt time.Time) {
-	d.metrics.WorkersRestarted.Add(1)
+	d.count().workerRestarted()
 	d.log.Warn().Str("worker_id", w.id).Time("started_at", startedAt).Msg("worker restarted; its earlier process's jobs are lost")
 	d.retryJobsOn(w.id, schemas.ErrorInfo{Code: schemas.CodeWorkerRestarted, Message: "the worker restarted while the job ran", Retryable: true}, StateRunning)
 	w.freed = nil
@@ -198,7 +199,7 @@ func (d *Dispatcher) workerLost(id, why string) {
 		return
 	}
 	w.lost = true
-	d.metrics.WorkersLost.Add(1)
+	d.count().workerLost()
 	d.log.Warn().Str("worker_id", id).Str("why", why).Msg("worker lost")
 	d.retryJobsOn(id, schemas.ErrorInfo{Code: schemas.CodeWorkerLost, Message: why, Retryable: true}, StateRunning, StateDispatched)
 	w.freed = nil

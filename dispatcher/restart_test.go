@@ -20,7 +20,7 @@ func TestWorkerRestartWithinTTLRetries(t *testing.T) {
 	e := newEnv(t, bus.ProvisionOptions{})
 	w := e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
 		if aj.Attempt == 1 {
-			return jobPlan{restart: 3}
+			return jobPlan{Restart: 3}
 		}
 		return jobPlan{}
 	})
@@ -34,7 +34,7 @@ func TestWorkerRestartWithinTTLRetries(t *testing.T) {
 	if r.Status != schemas.StatusCompleted || r.Text != want || c.text() != want {
 		t.Fatalf("status %s, caller saw %q, result %q, want %q", r.Status, c.text(), r.Text, want)
 	}
-	_, _, batches := w.snapshot()
+	_, _, batches := w.Snapshot()
 	if len(batches) != 2 {
 		t.Fatalf("%d batches on the restarted worker, want 2", len(batches))
 	}
@@ -58,11 +58,10 @@ func TestAcceptedByDeadProcessRetries(t *testing.T) {
 	w := e.startWorker("w1", 2, []string{"m"}, nil)
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	var once sync.Once
-	w.mu.Lock()
-	w.beforeReply = func(schemas.AssignmentMsg) {
+	w.BeforeReply(func(schemas.AssignmentMsg) {
 		once.Do(func() {
-			old := w.startedAt
-			w.restartNow()
+			old := w.StartedAt()
+			w.RestartNow()
 			// Not waitFor: this is the worker's goroutine, not the test's.
 			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 				d.mu.Lock()
@@ -78,8 +77,7 @@ func TestAcceptedByDeadProcessRetries(t *testing.T) {
 				}
 			}
 		})
-	}
-	w.mu.Unlock()
+	})
 	j := newJob("dead-accept", "m", "normal")
 	c := e.listen(j.ReplyTo)
 	e.mustSubmit(j)
@@ -87,7 +85,7 @@ func TestAcceptedByDeadProcessRetries(t *testing.T) {
 	if r.Status != schemas.StatusCompleted || r.Text != fullText(5) || r.Attempt != 2 {
 		t.Fatalf("result %+v", r)
 	}
-	if a, _, _ := w.snapshot(); a["dead-accept"] != 2 {
+	if a, _, _ := w.Snapshot(); a["dead-accept"] != 2 {
 		t.Fatalf("assigned %v", a)
 	}
 }
@@ -101,10 +99,10 @@ func TestSlotBackOnResult(t *testing.T) {
 	e := newEnv(t, bus.ProvisionOptions{})
 	w := e.startWorkerWith("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
 		if aj.Job.ID == "sb-3" && aj.Attempt == 1 {
-			return jobPlan{crash: 2}
+			return jobPlan{Crash: 2}
 		}
-		return jobPlan{tokenGap: time.Millisecond}
-	}, fakeWorkerOptions{hbEvery: time.Hour, quiet: true, silent: true})
+		return jobPlan{TokenGap: time.Millisecond}
+	}, fakeWorkerOptions{HeartbeatEvery: time.Hour, Quiet: true, Silent: true})
 	_, _ = runDispatcher(t, testConfig("d1", e.connect("d1")))
 	for i := range 12 {
 		e.mustSubmit(newJob(fmt.Sprintf("sb-%d", i), "m", "normal"))
@@ -112,12 +110,5 @@ func TestSlotBackOnResult(t *testing.T) {
 	for i := range 12 {
 		e.waitResult(fmt.Sprintf("sb-%d", i), 20*time.Second)
 	}
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if w.maxBatch > 2 || w.fulls != 0 {
-		t.Fatalf("largest batch %d for 2 slots, %d refused as full", w.maxBatch, w.fulls)
-	}
-	if len(w.order) != 13 {
-		t.Fatalf("%d assignments for 12 jobs and one retry", len(w.order))
-	}
+	checkNeverOverfilled(t, w, 2, 13) // 12 jobs and one retry
 }

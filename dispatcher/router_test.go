@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/internal/prefix"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
@@ -35,7 +36,7 @@ func hexes(chain []prefix.Hash) []string {
 // view is a ready worker of model m with busy of its slots taken and the
 // prefixes of holds advertised.
 func view(id string, slots, busy int, holds ...*job) *workerView {
-	w := &workerView{id: id, br: newBreaker(3, time.Second), othersReply: -1}
+	w := &workerView{id: id, br: breaker.New(breaker.Options{Threshold: 3, Consecutive: true, Cooldown: time.Second}), othersReply: -1}
 	hb := schemas.HeartbeatMsg{WorkerID: id, Models: []string{"m"}, Slots: slots, InFlight: busy, State: schemas.WorkerReady}
 	var hashes []string
 	for _, j := range holds {
@@ -170,10 +171,8 @@ func TestPrefixRoutingSendsSharedPrefixToWarmWorker(t *testing.T) {
 	cold := e.startWorker("w-a", 4, []string{"m"}, nil)
 	warm := e.startWorker("w-b", 4, []string{"m"}, nil)
 	seen := chatJob("seen", "the first turn of the conversation")
-	warm.mu.Lock()
-	warm.advertised = []schemas.ModelPrefixes{{Model: "m", Hashes: hexes(seen.chain)}}
-	warm.mu.Unlock()
-	warm.heartbeat()
+	warm.Advertise([]schemas.ModelPrefixes{{Model: "m", Hashes: hexes(seen.chain)}})
+	warm.Heartbeat()
 	waitFor(t, 5*time.Second, "the dispatcher to see w-b's prefixes", func() bool {
 		d.mu.Lock()
 		defer d.mu.Unlock()
@@ -191,8 +190,8 @@ func TestPrefixRoutingSendsSharedPrefixToWarmWorker(t *testing.T) {
 			t.Fatalf("%s: %+v", id, r)
 		}
 	}
-	onWarm, _, _ := warm.snapshot()
-	onCold, _, _ := cold.snapshot()
+	onWarm, _, _ := warm.Snapshot()
+	onCold, _, _ := cold.Snapshot()
 	for _, id := range ids {
 		if onWarm[id] != 1 || onCold[id] != 0 {
 			t.Errorf("%s ran %d times on the warm worker and %d on the cold one", id, onWarm[id], onCold[id])
@@ -207,10 +206,8 @@ func TestPrefixRoutingSendsSharedPrefixToWarmWorker(t *testing.T) {
 
 	// The warm worker restarts: its cache is gone, its heartbeat says so, and
 	// the conversation's next turn is routed by load (w-a, by the id tie-break).
-	warm.mu.Lock()
-	warm.advertised = nil
-	warm.mu.Unlock()
-	warm.restartNow()
+	warm.Advertise(nil)
+	warm.RestartNow()
 	waitFor(t, 5*time.Second, "the dispatcher to see w-b's empty summary", func() bool {
 		d.mu.Lock()
 		defer d.mu.Unlock()
@@ -222,7 +219,7 @@ func TestPrefixRoutingSendsSharedPrefixToWarmWorker(t *testing.T) {
 	if r := e.waitResult(j.ID, 10*time.Second); r.Status != schemas.StatusCompleted {
 		t.Fatalf("%+v", r)
 	}
-	if onCold, _, _ = cold.snapshot(); onCold[j.ID] != 1 {
+	if onCold, _, _ = cold.Snapshot(); onCold[j.ID] != 1 {
 		t.Errorf("after the restart the job did not go by load to w-a: %v", onCold)
 	}
 }

@@ -3,7 +3,6 @@ package dispatcher
 import (
 	"errors"
 	"testing"
-	"time"
 )
 
 // legal is the lifecycle written out by hand, independently of the table.
@@ -83,54 +82,6 @@ func TestIllegalTransitionsCounted(t *testing.T) {
 	}
 	if d.metrics.Completed.Load() != 1 {
 		t.Errorf("Completed = %d", d.metrics.Completed.Load())
-	}
-}
-
-func TestBreakerTable(t *testing.T) {
-	t.Parallel()
-	now := time.Unix(1000, 0)
-	b := newBreaker(3, time.Second)
-	b.record(false, now)
-	b.record(false, now)
-	if b.state != BreakerClosed || !b.allow(now) {
-		t.Fatalf("two failures opened the breaker: %v", b.state)
-	}
-	b.record(true, now) // a success resets the count
-	for range 2 {
-		b.record(false, now)
-	}
-	if b.state != BreakerClosed {
-		t.Fatalf("count not reset by success")
-	}
-	b.record(false, now)
-	if b.state != BreakerOpen || b.allow(now.Add(500*time.Millisecond)) {
-		t.Fatalf("3rd failure: state %v, allowed during cool-down", b.state)
-	}
-	later := now.Add(time.Second)
-	if !b.allow(later) || b.state != BreakerHalfOpen {
-		t.Fatalf("after cool-down: state %v", b.state)
-	}
-	b.take()
-	if b.allow(later) {
-		t.Fatalf("half-open let a second probe through")
-	}
-	b.record(false, later)
-	if b.state != BreakerOpen || b.allow(later.Add(time.Millisecond)) {
-		t.Fatalf("failed probe: state %v", b.state)
-	}
-	evenLater := later.Add(time.Second)
-	if !b.allow(evenLater) {
-		t.Fatalf("second cool-down did not half-open")
-	}
-	b.take()
-	b.record(true, evenLater)
-	if b.state != BreakerClosed || !b.allow(evenLater) {
-		t.Fatalf("successful probe: state %v", b.state)
-	}
-	for _, s := range []BreakerState{BreakerClosed, BreakerOpen, BreakerHalfOpen} {
-		if s.String() == "?" {
-			t.Errorf("unnamed breaker state %d", s)
-		}
 	}
 }
 

@@ -54,7 +54,7 @@ func TestJobsBoundToTheirSubjectsTenant(t *testing.T) {
 			t.Fatalf("%s has a record under the claimed tenant b: %v", id, err)
 		}
 	}
-	if a, _, _ := w.snapshot(); len(a) != 0 {
+	if a, _, _ := w.Snapshot(); len(a) != 0 {
 		t.Fatalf("jobs of a forged tenant ran: %v", a)
 	}
 	// Both records are stored, and the terminal event would have been sent
@@ -124,12 +124,12 @@ func TestMessagesThatAreNoJobEnd(t *testing.T) {
 func TestRecordsFromOtherWorkersRefused(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, bus.ProvisionOptions{})
-	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{block: true} })
+	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Block: true} })
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	j := newJob("victim", "m", "normal")
 	c := e.listen(j.ReplyTo)
 	e.mustSubmit(j)
-	waitFor(t, 10*time.Second, "victim assigned", func() bool { a, _, _ := w.snapshot(); return a["victim"] == 1 })
+	waitFor(t, 10*time.Second, "victim assigned", func() bool { a, _, _ := w.Snapshot(); return a["victim"] == 1 })
 
 	forged := schemas.ResultMsg{Type: "result", JobID: "victim", Attempt: 1, Status: schemas.StatusCompleted, FinishReason: "stop",
 		Text: "forged", Model: "m", WorkerID: "w1", FinishedAt: time.Now().UTC()}
@@ -155,7 +155,7 @@ func TestRecordsFromOtherWorkersRefused(t *testing.T) {
 	if _, err := e.result("victim"); !errors.Is(err, bus.ErrNoResult) {
 		t.Fatalf("forged record was stored: %v", err)
 	}
-	close(w.release)
+	w.Release()
 	r := c.wait(t, 10*time.Second)
 	if r.Status != schemas.StatusCompleted || r.Text != fullText(5) || r.WorkerID != "w1" || d.Metrics().Retries.Load() != 0 {
 		t.Fatalf("terminal %+v, retries %d", r, d.Metrics().Retries.Load())

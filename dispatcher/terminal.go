@@ -234,7 +234,7 @@ func (d *Dispatcher) onResult(subject string, data []byte) {
 func (d *Dispatcher) onDone(m *nats.Msg) {
 	wid, res, ok := decodeDone(m.Subject, m.Data)
 	if !ok {
-		d.metrics.ForgedRecords.Add(1)
+		d.count().forged()
 		d.rare.Warn().Str("subject", m.Subject).Msg("terminal hand-over that is no valid result; ignored")
 		return
 	}
@@ -258,7 +258,7 @@ func (d *Dispatcher) onDone(m *nats.Msg) {
 	}
 	e, ok := eventForStatus(res.Status)
 	if !ok || j.workerID != wid || j.attempt != res.Attempt || (j.state != StateRunning && j.state != StateDispatched) {
-		d.metrics.ForgedRecords.Add(1)
+		d.count().forged()
 		d.rare.Warn().Str("job_id", res.JobID).Str("tenant", j.tenant).Str("from_worker", wid).Str("worker_id", j.workerID).
 			Int("attempt", res.Attempt).Int("want_attempt", j.attempt).Msg("terminal record from a worker that does not run this attempt; refused")
 		reply(schemas.FinishUnknown)
@@ -267,7 +267,7 @@ func (d *Dispatcher) onDone(m *nats.Msg) {
 	// What the server vouched for, not what the body says.
 	res.WorkerID, res.Tenant, res.Model = wid, bus.TenantOfToken(j.tenant), j.req.Model
 	if w := d.workers[wid]; w != nil {
-		w.br.record(true, time.Now())
+		w.br.Record(true, time.Now())
 	}
 	j.endedAt = res.FinishedAt
 	d.finishWith(j, e, &res, func(err error) {
@@ -297,12 +297,12 @@ func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
 		return
 	}
 	if j.workerID != wid {
-		d.metrics.ForgedRecords.Add(1)
+		d.count().forged()
 		d.rare.Warn().Str("job_id", r.JobID).Str("from_worker", wid).Str("worker_id", j.workerID).Msg("attempt report from a worker that does not run this attempt; ignored")
 		return
 	}
 	if w := d.workers[j.workerID]; w != nil {
-		w.br.record(false, time.Now())
+		w.br.Record(false, time.Now())
 	}
 	j.endedAt = r.ReportedAt
 	d.retryableFailure(j, r.Error, &schemas.Resume{Text: r.Text, CompletionTokens: r.CompletionTokens}, r.Seq)

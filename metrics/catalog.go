@@ -71,7 +71,7 @@ var (
 	FleetDuration   = Spec{"mlx_fleet_job_generation_seconds", "Time the runtime spent generating a completed job's last attempt, by model.", Histogram, []string{"model"}, durationBuckets}
 	FleetTokens     = Spec{"mlx_fleet_completion_tokens_total", "Completion tokens of completed jobs, by model.", Counter, []string{"model"}, nil}
 
-	// Dispatcher: one process's counters (dispatcher.Metrics).
+	// Dispatcher: one process's counters (metrics.Dispatcher, its dispatcher.Observer).
 	DispatcherPulled           = Spec{"mlx_dispatcher_jobs_pulled_total", "Deliveries fetched from JOBS.", Counter, nil, nil}
 	DispatcherBatches          = Spec{"mlx_dispatcher_batches_total", "Assignments a worker accepted.", Counter, nil, nil}
 	DispatcherAssigned         = Spec{"mlx_dispatcher_jobs_assigned_total", "Jobs in accepted assignments (attempts started); divided by batches it is the mean batch size.", Counter, nil, nil}

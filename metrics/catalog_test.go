@@ -16,7 +16,10 @@ import (
 	"github.com/mlx-serving/mlx-serving/worker"
 )
 
-var _ worker.Observer = (*metrics.Worker)(nil)
+var (
+	_ worker.Observer     = (*metrics.Worker)(nil)
+	_ dispatcher.Observer = (*metrics.Dispatcher)(nil)
+)
 
 // definedElsewhere are catalog entries whose collector lives in another package.
 var definedElsewhere = map[string]string{
@@ -52,7 +55,14 @@ func TestCatalog(t *testing.T) {
 		t.Fatal(err)
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(f, metrics.NewDispatcher(&dispatcher.Metrics{}))
+	reg.MustRegister(f)
+	if _, err := metrics.NewDispatcher(reg); err != nil {
+		t.Fatal(err)
+	}
+	// A second dispatcher in the same registry shares the series.
+	if _, err := metrics.NewDispatcher(reg); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := metrics.NewWorker(reg, "w1"); err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +72,7 @@ func TestCatalog(t *testing.T) {
 	}
 	exported := map[string]bool{}
 	fqName := regexp.MustCompile(`fqName: "([^"]+)"`)
-	for _, c := range []prometheus.Collector{f, metrics.NewDispatcher(&dispatcher.Metrics{}), metrics.NewGateway().Registry, reg} {
+	for _, c := range []prometheus.Collector{f, metrics.NewGateway().Registry, reg} {
 		ch := make(chan *prometheus.Desc, 256)
 		go func() { c.Describe(ch); close(ch) }()
 		for d := range ch {

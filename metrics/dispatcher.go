@@ -2,106 +2,100 @@ package metrics
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/mlx-serving/mlx-serving/dispatcher"
 )
 
-// Dispatcher exports one dispatcher's counters (dispatcher.Metrics, atomics the
-// dispatcher keeps anyway), read at scrape time: no hook in the hot path.
+// Dispatcher is a dispatcher's hooks (it implements dispatcher.Observer): pass
+// it as dispatcher.Config.Observer. Dispatchers registered in one registry
+// share its series.
 type Dispatcher struct {
-	m *dispatcher.Metrics
+	pulled, batches, assigned, refused, assignErrors, retries prometheus.Counter
+	alreadyDone, notAJob, forged, lost, restarted, illegal    prometheus.Counter
+	finished, routed, transitions                             *prometheus.CounterVec
 }
 
-// NewDispatcher returns the collector of m; register it once per dispatcher
-// (a process runs one).
-func NewDispatcher(m *dispatcher.Metrics) *Dispatcher { return &Dispatcher{m: m} }
-
-var dispatcherCounters = []struct {
-	spec Spec
-	get  func(*dispatcher.Metrics) int64
-}{
-	{DispatcherPulled, func(m *dispatcher.Metrics) int64 { return m.JobsPulled.Load() }},
-	{DispatcherBatches, func(m *dispatcher.Metrics) int64 { return m.Batches.Load() }},
-	{DispatcherAssigned, func(m *dispatcher.Metrics) int64 { return m.JobsAssigned.Load() }},
-	{DispatcherAssignFull, func(m *dispatcher.Metrics) int64 { return m.AssignFull.Load() }},
-	{DispatcherAssignErrors, func(m *dispatcher.Metrics) int64 { return m.AssignErrors.Load() }},
-	{DispatcherRetries, func(m *dispatcher.Metrics) int64 { return m.Retries.Load() }},
-	{DispatcherAlreadyDone, func(m *dispatcher.Metrics) int64 { return m.AlreadyFinished.Load() }},
-	{DispatcherNotAJob, func(m *dispatcher.Metrics) int64 { return m.NotAJob.Load() }},
-	{DispatcherForged, func(m *dispatcher.Metrics) int64 { return m.ForgedRecords.Load() }},
-	{DispatcherWorkersLost, func(m *dispatcher.Metrics) int64 { return m.WorkersLost.Load() }},
-	{DispatcherWorkersRestarted, func(m *dispatcher.Metrics) int64 { return m.WorkersRestarted.Load() }},
-	{DispatcherIllegal, func(m *dispatcher.Metrics) int64 { return m.IllegalTransitions.Load() }},
-}
-
-var dispatcherFinished = []struct {
-	state dispatcher.State
-	get   func(*dispatcher.Metrics) int64
-}{
-	{dispatcher.StateCompleted, func(m *dispatcher.Metrics) int64 { return m.Completed.Load() }},
-	{dispatcher.StateFailed, func(m *dispatcher.Metrics) int64 { return m.Failed.Load() }},
-	{dispatcher.StateCancelled, func(m *dispatcher.Metrics) int64 { return m.Cancelled.Load() }},
-	{dispatcher.StateExpired, func(m *dispatcher.Metrics) int64 { return m.Expired.Load() }},
-	{dispatcher.StateDeadLettered, func(m *dispatcher.Metrics) int64 { return m.DeadLettered.Load() }},
-}
-
-var (
-	routedDesc      = DispatcherRouted.Desc()
-	finishedDesc    = DispatcherFinished.Desc()
-	transitionsDesc = DispatcherTransitions.Desc()
-	counterDescs    = func() []*prometheus.Desc {
-		out := make([]*prometheus.Desc, len(dispatcherCounters))
-		for i, c := range dispatcherCounters {
-			out[i] = c.spec.Desc()
-		}
-		return out
-	}()
-)
-
-// Describe implements prometheus.Collector.
-func (d *Dispatcher) Describe(ch chan<- *prometheus.Desc) {
-	for _, desc := range counterDescs {
-		ch <- desc
+// NewDispatcher registers the dispatcher metrics in reg (or finds them there)
+// and returns the hooks.
+func NewDispatcher(reg prometheus.Registerer) (*Dispatcher, error) {
+	d := &Dispatcher{}
+	counters := []struct {
+		p    *prometheus.Counter
+		spec Spec
+	}{
+		{&d.pulled, DispatcherPulled}, {&d.batches, DispatcherBatches}, {&d.assigned, DispatcherAssigned},
+		{&d.refused, DispatcherAssignFull}, {&d.assignErrors, DispatcherAssignErrors}, {&d.retries, DispatcherRetries},
+		{&d.alreadyDone, DispatcherAlreadyDone}, {&d.notAJob, DispatcherNotAJob}, {&d.forged, DispatcherForged},
+		{&d.lost, DispatcherWorkersLost}, {&d.restarted, DispatcherWorkersRestarted}, {&d.illegal, DispatcherIllegal},
 	}
-	ch <- finishedDesc
-	ch <- transitionsDesc
-	ch <- routedDesc
-}
-
-// Collect implements prometheus.Collector.
-func (d *Dispatcher) Collect(ch chan<- prometheus.Metric) {
-	for i, c := range dispatcherCounters {
-		ch <- prometheus.MustNewConstMetric(counterDescs[i], prometheus.CounterValue, float64(c.get(d.m)))
-	}
-	for _, f := range dispatcherFinished {
-		ch <- prometheus.MustNewConstMetric(finishedDesc, prometheus.CounterValue, float64(f.get(d.m)), f.state.String())
-	}
-	for _, r := range dispatcher.RouteReasons() {
-		ch <- prometheus.MustNewConstMetric(routedDesc, prometheus.CounterValue, float64(d.m.RoutedCount(r)), r.String())
-	}
-	for _, t := range legalTransitions {
-		ch <- prometheus.MustNewConstMetric(transitionsDesc, prometheus.CounterValue,
-			float64(d.m.TransitionCount(t.s, t.e)), t.s.String(), t.e.String())
-	}
-}
-
-// legalTransitions are the table's legal (state, event) pairs: the others can
-// never move, so they are not exported.
-var legalTransitions = func() []transitionPair {
-	var m dispatcher.Metrics
-	var out []transitionPair
-	for s := range len(m.Transitions) {
-		for e := range len(m.Transitions[s]) {
-			p := transitionPair{dispatcher.State(s), dispatcher.Event(e)}
-			if _, err := dispatcher.Transition(p.s, p.e); err == nil {
-				out = append(out, p)
-			}
+	var err error
+	for _, c := range counters {
+		if *c.p, err = register(reg, c.spec.counter()); err != nil {
+			return nil, err
 		}
 	}
-	return out
-}()
-
-type transitionPair struct {
-	s dispatcher.State
-	e dispatcher.Event
+	vecs := []struct {
+		p    **prometheus.CounterVec
+		spec Spec
+	}{{&d.finished, DispatcherFinished}, {&d.routed, DispatcherRouted}, {&d.transitions, DispatcherTransitions}}
+	for _, v := range vecs {
+		if *v.p, err = register(reg, v.spec.counterVec()); err != nil {
+			return nil, err
+		}
+	}
+	return d, nil
 }
+
+// Series implements dispatcher.Observer: every labelled series reads 0 from
+// the start.
+func (d *Dispatcher) Series(finished, reasons []string, transitions [][2]string) {
+	for _, s := range finished {
+		d.finished.WithLabelValues(s)
+	}
+	for _, r := range reasons {
+		d.routed.WithLabelValues(r)
+	}
+	for _, t := range transitions {
+		d.transitions.WithLabelValues(t[0], t[1])
+	}
+}
+
+// Pulled implements dispatcher.Observer.
+func (d *Dispatcher) Pulled(n int) { d.pulled.Add(float64(n)) }
+
+// Routed implements dispatcher.Observer.
+func (d *Dispatcher) Routed(reason string) { d.routed.WithLabelValues(reason).Inc() }
+
+// Accepted implements dispatcher.Observer.
+func (d *Dispatcher) Accepted(jobs int) { d.batches.Inc(); d.assigned.Add(float64(jobs)) }
+
+// Refused implements dispatcher.Observer.
+func (d *Dispatcher) Refused() { d.refused.Inc() }
+
+// AssignFailed implements dispatcher.Observer.
+func (d *Dispatcher) AssignFailed() { d.assignErrors.Inc() }
+
+// Retried implements dispatcher.Observer.
+func (d *Dispatcher) Retried() { d.retries.Inc() }
+
+// Finished implements dispatcher.Observer.
+func (d *Dispatcher) Finished(state string) { d.finished.WithLabelValues(state).Inc() }
+
+// AlreadyFinished implements dispatcher.Observer.
+func (d *Dispatcher) AlreadyFinished() { d.alreadyDone.Inc() }
+
+// NotAJob implements dispatcher.Observer.
+func (d *Dispatcher) NotAJob() { d.notAJob.Inc() }
+
+// Forged implements dispatcher.Observer.
+func (d *Dispatcher) Forged() { d.forged.Inc() }
+
+// WorkerLost implements dispatcher.Observer.
+func (d *Dispatcher) WorkerLost() { d.lost.Inc() }
+
+// WorkerRestarted implements dispatcher.Observer.
+func (d *Dispatcher) WorkerRestarted() { d.restarted.Inc() }
+
+// Transition implements dispatcher.Observer.
+func (d *Dispatcher) Transition(from, event string) { d.transitions.WithLabelValues(from, event).Inc() }
+
+// IllegalTransition implements dispatcher.Observer.
+func (d *Dispatcher) IllegalTransition() { d.illegal.Inc() }

@@ -90,13 +90,17 @@ func TestRealWork(t *testing.T) {
 	t.Cleanup(func() { stopW(); <-wdone })
 
 	dlog := log.With().Str("component", "dispatcher").Logger()
+	dobs, err := metrics.NewDispatcher(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
 	d, err := dispatcher.New(dispatcher.Config{
 		DispatcherID: "d1", Conn: testenv.Connect(t, b.Server.ClientURL()), WorkerTTL: 3 * time.Second, Logger: &dlog,
+		Observer: dobs,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	reg.MustRegister(metrics.NewDispatcher(d.Metrics()))
 	dctx, stopD := context.WithCancel(context.Background())
 	ddone := make(chan struct{})
 	go func() { defer close(ddone); _ = d.Run(dctx) }()

@@ -2,13 +2,20 @@ package metrics
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 )
 
 // workerStates and breakerStates are every value the state gauges take, so a
 // state the worker is not in reads 0 instead of being absent.
 var (
 	workerStates  = []string{"starting", "ready", "busy", "unavailable", "draining", "stopped"}
-	breakerStates = []string{"closed", "open", "half-open"}
+	breakerStates = func() (out []string) {
+		for _, s := range breaker.States() {
+			out = append(out, s.String())
+		}
+		return out
+	}()
 )
 
 // workerVecs are shared by every worker registered in one registry.
@@ -91,7 +98,7 @@ func (w *Worker) RuntimeLost() { w.v.restarts.WithLabelValues(w.id).Inc() }
 // Breaker implements worker.Observer.
 func (w *Worker) Breaker(state string) {
 	oneHot(w.v.breaker, w.id, breakerStates, state)
-	if state == "open" {
+	if state == breaker.Open.String() {
 		w.v.opens.WithLabelValues(w.id).Inc()
 	}
 }

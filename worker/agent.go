@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -182,15 +183,15 @@ func New(cfg Config) (*Agent, error) {
 		StartTimeout: cfg.StartTimeout, LoadTimeout: cfg.LoadTimeout,
 		HealthInterval: cfg.HealthInterval, HealthTimeout: cfg.HealthTimeout, StopTimeout: cfg.StopTimeout,
 		BackoffInitial: cfg.RestartBackoffInitial, BackoffMax: cfg.RestartBackoffMax,
-		Breaker: BreakerOptions{Threshold: cfg.BreakerThreshold, Window: cfg.BreakerWindow,
-			OnChange: func(st BreakerState) { obs.Breaker(string(st)) }},
+		Breaker: breaker.Options{Threshold: cfg.BreakerThreshold, Window: cfg.BreakerWindow,
+			OnChange: func(st breaker.State) { obs.Breaker(st.String()) }},
 		Observer: obs,
 		Cooldown: cfg.BreakerCooldown,
 		Logger:   cfg.Logger.With().Str("worker_id", cfg.WorkerID).Str("component", "runtime").Logger(),
 		OnUp:     func() { _, _ = a.life.fire(EventRuntimeUp) },
 		OnDown:   func() { _, _ = a.life.fire(EventRuntimeDown) },
 	})
-	obs.Breaker(string(a.sup.breaker.State()))
+	obs.Breaker(a.sup.breaker.State().String())
 	return a, nil
 }
 
@@ -201,7 +202,7 @@ func (a *Agent) ID() string { return a.cfg.WorkerID }
 func (a *Agent) State() State { return a.life.get() }
 
 // BreakerState is the runtime circuit breaker's state.
-func (a *Agent) BreakerState() BreakerState { return a.sup.breaker.State() }
+func (a *Agent) BreakerState() breaker.State { return a.sup.breaker.State() }
 
 // InFlight is the number of jobs running.
 func (a *Agent) InFlight() int { return a.jobs.inFlight() }

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -365,7 +366,7 @@ func TestE2EBreakerOpensAndWorkerIsUnavailable(t *testing.T) {
 	a := startAgent(t, cfg, false)
 
 	hb := waitHeartbeat(t, b.kv, "w-breaker", 20*time.Second, func(h *schemas.HeartbeatMsg) bool {
-		return a.BreakerState() == BreakerOpen && h.State == schemas.WorkerUnavailable
+		return a.BreakerState() == breaker.Open && h.State == schemas.WorkerUnavailable
 	})
 	if len(hb.Models) != 0 {
 		t.Fatalf("unavailable worker lists models %v", hb.Models)

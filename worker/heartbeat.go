@@ -18,6 +18,9 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
+// ErrIllegalTransition is returned for an event a lifecycle state does not accept.
+var ErrIllegalTransition = errors.New("worker: illegal state transition")
+
 // State is a worker lifecycle state.
 type State string
 

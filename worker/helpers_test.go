@@ -72,41 +72,15 @@ type testBus struct {
 	kv  jetstream.KeyValue
 }
 
-// startBus starts an embedded NATS server on a random port with its store in a
-// temp dir, provisions the streams and the registry bucket, and connects.
+// startBus starts an embedded NATS server (internal/testenv), provisioned with
+// workerTTL (10s when 0), and a stand-in dispatcher on it.
 func startBus(t testing.TB, workerTTL time.Duration) *testBus {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	})
-	nc, err := nats.Connect(srv.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
 	if workerTTL == 0 {
 		workerTTL = 10 * time.Second
 	}
-	if err := bus.Provision(ctx, js, bus.ProvisionOptions{WorkerTTL: workerTTL}); err != nil {
-		t.Fatal(err)
-	}
-	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &testBus{srv: srv, nc: nc, js: js, kv: kv}
+	e := testenv.StartBus(t, bus.ProvisionOptions{WorkerTTL: workerTTL})
+	b := &testBus{srv: e.Server, nc: e.Conn, js: e.JS, kv: e.Workers}
 	b.standInDispatcher(t)
 	return b
 }

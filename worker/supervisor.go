@@ -17,6 +17,7 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	"github.com/rs/zerolog"
 
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -76,7 +77,7 @@ type supervisorOptions struct {
 	StopTimeout    time.Duration
 	BackoffInitial time.Duration
 	BackoffMax     time.Duration
-	Breaker        BreakerOptions
+	Breaker        breaker.Options
 	Cooldown       time.Duration
 	Logger         zerolog.Logger
 	// OnUp and OnDown tell the agent when the runtime became usable or stopped being.
@@ -108,7 +109,7 @@ func (p *process) kill() {
 type supervisor struct {
 	opts    supervisorOptions
 	log     zerolog.Logger
-	breaker *Breaker
+	breaker *breaker.Breaker
 
 	mu       sync.Mutex
 	cur      *process // nil while the runtime is not up
@@ -125,7 +126,7 @@ func newSupervisor(opts supervisorOptions) *supervisor {
 	if opts.Observer == nil {
 		opts.Observer = nopObserver{}
 	}
-	return &supervisor{opts: opts, log: opts.Logger, breaker: NewBreaker(opts.Breaker), done: make(chan struct{})}
+	return &supervisor{opts: opts, log: opts.Logger, breaker: breaker.New(opts.Breaker), done: make(chan struct{})}
 }
 
 func (s *supervisor) start(ctx context.Context) {
@@ -186,12 +187,12 @@ func (s *supervisor) run(ctx context.Context) {
 	bo.MaxElapsedTime = 0 // a worker never gives up on its runtime; the breaker paces it
 	bo.Reset()
 	for ctx.Err() == nil {
-		if s.breaker.State() == BreakerOpen {
+		if s.breaker.State() == breaker.Open {
 			s.log.Error().Dur("cooldown", s.opts.Cooldown).Msg("runtime circuit breaker open")
 			if !sleepCtx(ctx, s.opts.Cooldown) {
 				return
 			}
-			if _, err := s.breaker.Fire(BreakerCooldown); err != nil {
+			if _, err := s.breaker.Fire(breaker.Cooldown, time.Now()); err != nil {
 				s.log.Error().Err(err).Msg("breaker")
 			}
 		}
@@ -204,9 +205,9 @@ func (s *supervisor) run(ctx context.Context) {
 				s.opts.OnDown()
 			}
 			s.opts.Observer.RuntimeStart(false)
-			st, _ := s.breaker.RecordFailure()
-			s.log.Error().Err(err).Str("breaker", string(st)).Msg("runtime failed to start")
-			if st == BreakerOpen {
+			st := s.breaker.Record(false, time.Now())
+			s.log.Error().Err(err).Stringer("breaker", st).Msg("runtime failed to start")
+			if st == breaker.Open {
 				continue
 			}
 			if !sleepCtx(ctx, bo.NextBackOff()) {
@@ -215,9 +216,7 @@ func (s *supervisor) run(ctx context.Context) {
 			continue
 		}
 		s.opts.Observer.RuntimeStart(true)
-		if _, err := s.breaker.Fire(BreakerSuccess); err != nil {
-			s.log.Error().Err(err).Msg("breaker")
-		}
+		s.breaker.Record(true, time.Now())
 		bo.Reset()
 		reason := s.watch(ctx, p)
 		s.down(p)
@@ -225,9 +224,9 @@ func (s *supervisor) run(ctx context.Context) {
 			return
 		}
 		s.opts.Observer.RuntimeLost()
-		st, _ := s.breaker.RecordFailure()
-		s.log.Error().Err(reason).Str("breaker", string(st)).Msg("runtime lost; restarting")
-		if st == BreakerOpen {
+		st := s.breaker.Record(false, time.Now())
+		s.log.Error().Err(reason).Stringer("breaker", st).Msg("runtime lost; restarting")
+		if st == breaker.Open {
 			continue
 		}
 		if !sleepCtx(ctx, bo.NextBackOff()) {

@@ -8,6 +8,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -73,7 +74,7 @@ func TestSupervisorRestartsWedgedRuntime(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	if a.BreakerState() != BreakerClosed {
+	if a.BreakerState() != breaker.Closed {
 		t.Fatalf("one crash opened the breaker: %s", a.BreakerState())
 	}
 }

@@ -104,13 +104,11 @@ func workerObserver(id string, log zerolog.Logger) worker.Observer {
 	return w
 }
 
-// instrumentDispatcher exports d's counters in the shared registry; it wraps
-// dispatcher.New's results: return instrumentDispatcher(dispatcher.New(cfg)).
-func instrumentDispatcher(d *dispatcher.Dispatcher, err error) (*dispatcher.Dispatcher, error) {
+// dispatcherObserver is the dispatcher's metrics hooks
+// (dispatcher.Config.Observer), in the shared registry.
+func dispatcherObserver() (dispatcher.Observer, error) {
+	d, err := metrics.NewDispatcher(metrics.Default())
 	if err != nil {
-		return d, err
-	}
-	if err := metrics.Default().Register(metrics.NewDispatcher(d.Metrics())); err != nil {
 		return nil, fmt.Errorf("metrics: register dispatcher: %w", err)
 	}
 	return d, nil

@@ -108,7 +108,11 @@ func promptCacheArgs(n int64) []string {
 
 func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatcher.Dispatcher, error) {
 	host, _ := os.Hostname()
-	return instrumentDispatcher(dispatcher.New(dispatcher.Config{
+	obs, err := dispatcherObserver()
+	if err != nil {
+		return nil, err
+	}
+	return dispatcher.New(dispatcher.Config{
 		DispatcherID: fmt.Sprintf("%s-%d", host, os.Getpid()),
 		Conn:         nc,
 		MaxWait:      c.BatchWait(),
@@ -118,7 +122,8 @@ func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatc
 		MaxAttempts:  c.MaxAttempts,
 		WorkerTTL:    c.WorkerTTLDuration(),
 		Logger:       &log,
-	}))
+		Observer:     obs,
+	})
 }
 
 func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog.Logger) (*gateway.Gateway, error) {

@@ -70,46 +70,84 @@ func TinyModel(t testing.TB) string {
 	return modelDir
 }
 
-// Bus is an embedded NATS server with provisioned streams.
+// Bus is an embedded NATS server with provisioned streams, and a connection.
 type Bus struct {
 	Server *bus.Server
 	Dir    string
 	Conn   *nats.Conn
 	JS     jetstream.JetStream
+	// Workers is the worker registry (KV mlx_workers).
+	Workers jetstream.KeyValue
 }
 
-// Logger writes to the test log at info level (debug is too much for a whole suite), so a failing test shows what led to it.
+// Logger writes to the test log at info level (debug is too much for a whole
+// suite), so a failing test shows what led to it.
 func Logger(t testing.TB) zerolog.Logger {
 	return zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel).With().Timestamp().Logger()
+}
+
+// BusOptions shape StartBusWith's server, provisioning and connection.
+type BusOptions struct {
+	// Server: its port and store dir are the test's (random, a temp dir or
+	// StartBusAt's); Users, SyncAlways and the rest are kept.
+	Server bus.ServerOptions
+	// Provision is what bus.Provision gets.
+	Provision bus.ProvisionOptions
+	// Connect is how the Bus's own connection connects (its URLs are the
+	// server's): credentials, for a server with Users.
+	Connect bus.ConnectOptions
 }
 
 // StartBus starts a server on a random port with a temp store, provisions it with
 // opts, and connects. Everything is shut down in t.Cleanup.
 func StartBus(t testing.TB, opts bus.ProvisionOptions) *Bus {
 	t.Helper()
-	return StartBusAt(t, t.TempDir(), opts)
+	return StartBusWith(t, BusOptions{Provision: opts})
 }
 
 // StartBusAt is StartBus on a given store dir (to restart on the same data).
 func StartBusAt(t testing.TB, dir string, opts bus.ProvisionOptions) *Bus {
 	t.Helper()
+	return StartBusWith(t, BusOptions{Server: bus.ServerOptions{StoreDir: dir}, Provision: opts})
+}
+
+// StartBusWith is StartBus with server and connection options: the one
+// "start NATS, provision, connect" of every package's tests (package bus's own
+// tests excepted: this package imports bus).
+func StartBusWith(t testing.TB, o BusOptions) *Bus {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: dir})
+	o.Server.Port = -1
+	if o.Server.StoreDir == "" {
+		o.Server.StoreDir = t.TempDir()
+	}
+	srv, err := bus.StartServer(ctx, o.Server)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &Bus{Server: srv, Dir: dir}
+	b := &Bus{Server: srv, Dir: o.Server.StoreDir}
 	t.Cleanup(func() { b.Stop() })
-	b.Conn = Connect(t, srv.ClientURL())
+	o.Connect.URLs = []string{srv.ClientURL()}
+	b.Conn = ConnectWith(t, o.Connect)
 	b.JS, err = jetstream.New(b.Conn)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := bus.Provision(ctx, b.JS, opts); err != nil {
+	if err := bus.Provision(ctx, b.JS, o.Provision); err != nil {
+		t.Fatal(err)
+	}
+	if b.Workers, err = b.JS.KeyValue(ctx, bus.BucketWorkers); err != nil {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// Connect opens another connection to the bus, named name, closed in
+// t.Cleanup.
+func (b *Bus) Connect(t testing.TB, name string) *nats.Conn {
+	t.Helper()
+	return ConnectWith(t, bus.ConnectOptions{URLs: []string{b.Server.ClientURL()}, Name: name})
 }
 
 // Stop shuts the server down (idempotent).
@@ -122,9 +160,15 @@ func (b *Bus) Stop() {
 // Connect opens a connection closed in t.Cleanup.
 func Connect(t testing.TB, url string) *nats.Conn {
 	t.Helper()
+	return ConnectWith(t, bus.ConnectOptions{URLs: []string{url}})
+}
+
+// ConnectWith opens a connection with opts, closed in t.Cleanup.
+func ConnectWith(t testing.TB, opts bus.ConnectOptions) *nats.Conn {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{url}})
+	nc, err := bus.Connect(ctx, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

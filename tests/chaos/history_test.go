@@ -135,7 +135,7 @@ func (h *history) observe(m *nats.Msg) {
 			w.assigns = append(w.assigns, wireEv{at: now, attempt: j.Attempt, worker: worker})
 		}
 		h.mu.Unlock()
-	case strings.HasPrefix(subj, "mlx.attempts."):
+	case subj == bus.AttemptSubject(bus.WorkerOfSubject(subj)):
 		var r schemas.AttemptReportMsg
 		if json.Unmarshal(m.Data, &r) != nil {
 			return

@@ -7,9 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -22,8 +21,8 @@ import (
 func BenchmarkSubmitSync(b *testing.B) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	always := benchProducer(b, ctx, true)
-	interval := benchProducer(b, ctx, false)
+	always := benchProducer(b, true)
+	interval := benchProducer(b, false)
 	lat := map[bool][]time.Duration{}
 	var took [2]time.Duration
 	b.ResetTimer()
@@ -58,25 +57,9 @@ func BenchmarkSubmitSync(b *testing.B) {
 
 // benchProducer starts an embedded server on a temp file store with the given
 // sync setting, provisions it and returns a producer on it.
-func benchProducer(b *testing.B, ctx context.Context, syncAlways bool) *bus.Producer {
+func benchProducer(b *testing.B, syncAlways bool) *bus.Producer {
 	b.Helper()
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: b.TempDir(), SyncAlways: syncAlways})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = srv.Shutdown(context.Background()) })
-	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{srv.ClientURL()}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := bus.Provision(ctx, js, bus.ProvisionOptions{}); err != nil {
-		b.Fatal(err)
-	}
+	nc := testenv.StartBusWith(b, testenv.BusOptions{Server: bus.ServerOptions{SyncAlways: syncAlways}}).Conn
 	p, err := bus.NewProducer(nc)
 	if err != nil {
 		b.Fatal(err)

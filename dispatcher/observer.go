@@ -1,0 +1,157 @@
+package dispatcher
+
+import "sync/atomic"
+
+// Observer is told what the dispatcher does, for metrics: the pattern of
+// worker.Observer, with plain names for values, so that neither dispatcher nor
+// metrics imports the other. Calls come from the dispatcher's goroutines, many while it holds its
+// lock: an implementation must return at once and must not call back into the
+// dispatcher. Package metrics provides the Prometheus one (metrics.Dispatcher),
+// wired by cmd/mlx-serving; nil in Config means nobody listens. The
+// dispatcher's own Metrics count the same events, for tests and in-process
+// readers.
+type Observer interface {
+	// Series is told once, at New, every value the labelled counts take: the
+	// terminal states, the route reasons and the table's legal (state, event)
+	// pairs, so a count that never moved reads 0 instead of being absent.
+	Series(finished, reasons []string, transitions [][2]string)
+	// Pulled: n messages were fetched from JOBS (deliveries).
+	Pulled(n int)
+	// Routed: a batch goes to the worker chosen for reason (RouteReason).
+	Routed(reason string)
+	// Accepted: a worker accepted a batch of jobs (attempts started).
+	Accepted(jobs int)
+	// Refused: a worker answered an assignment full or rejected.
+	Refused()
+	// AssignFailed: an assignment timed out or failed to send.
+	AssignFailed()
+	// Retried: an attempt was scheduled after a retryable failure.
+	Retried()
+	// Finished: a job reached the terminal state (State).
+	Finished(state string)
+	// AlreadyFinished: a delivery was acked without running because RESULTS
+	// already had the job.
+	AlreadyFinished()
+	// NotAJob: a message on JOBS no job could be derived from was dead-lettered
+	// raw and terminated.
+	NotAJob()
+	// Forged: a terminal record or attempt report from a worker that does not
+	// run that attempt was refused.
+	Forged()
+	// WorkerLost: a worker's registry entry was deleted or went stale.
+	WorkerLost()
+	// WorkerRestarted: a worker came back as a new process; its jobs were retried.
+	WorkerRestarted()
+	// Transition: a legal transition left state from on event.
+	Transition(from, event string)
+	// IllegalTransition: the table refused a transition (a bug if it happens).
+	IllegalTransition()
+}
+
+// nopObserver is the Observer when none is configured.
+type nopObserver struct{}
+
+func (nopObserver) Series([]string, []string, [][2]string) {}
+func (nopObserver) Pulled(int)                             {}
+func (nopObserver) Routed(string)                          {}
+func (nopObserver) Accepted(int)                           {}
+func (nopObserver) Refused()                               {}
+func (nopObserver) AssignFailed()                          {}
+func (nopObserver) Retried()                               {}
+func (nopObserver) Finished(string)                        {}
+func (nopObserver) AlreadyFinished()                       {}
+func (nopObserver) NotAJob()                               {}
+func (nopObserver) Forged()                                {}
+func (nopObserver) WorkerLost()                            {}
+func (nopObserver) WorkerRestarted()                       {}
+func (nopObserver) Transition(string, string)              {}
+func (nopObserver) IllegalTransition()                     {}
+
+// tally is where the dispatcher counts: its own Metrics and the Observer, one
+// call per event.
+type tally struct {
+	m   *Metrics
+	obs Observer
+}
+
+// count is the dispatcher's tally.
+func (d *Dispatcher) count() tally {
+	if d.cfg.Observer == nil {
+		return tally{&d.metrics, nopObserver{}}
+	}
+	return tally{&d.metrics, d.cfg.Observer}
+}
+
+// series tells the observer every label value, once.
+func (t tally) series() {
+	var finished, reasons []string
+	var pairs [][2]string
+	for s := range numStates {
+		if s.Terminal() {
+			finished = append(finished, s.String())
+		}
+		for e := range numEvents {
+			if _, err := Transition(s, e); err == nil {
+				pairs = append(pairs, [2]string{s.String(), e.String()})
+			}
+		}
+	}
+	for _, r := range RouteReasons() {
+		reasons = append(reasons, r.String())
+	}
+	t.obs.Series(finished, reasons, pairs)
+}
+
+func (t tally) pulled(n int) { t.m.JobsPulled.Add(int64(n)); t.obs.Pulled(n) }
+
+func (t tally) routed(r RouteReason) { t.m.Routed[r].Add(1); t.obs.Routed(r.String()) }
+
+func (t tally) accepted(jobs int) {
+	t.m.Batches.Add(1)
+	t.m.JobsAssigned.Add(int64(jobs))
+	t.obs.Accepted(jobs)
+}
+
+func (t tally) refused() { t.m.AssignFull.Add(1); t.obs.Refused() }
+
+func (t tally) assignFailed() { t.m.AssignErrors.Add(1); t.obs.AssignFailed() }
+
+func (t tally) retried() { t.m.Retries.Add(1); t.obs.Retried() }
+
+// finished counts a job reaching terminal state s; other states are no end.
+func (t tally) finished(s State) {
+	var c *atomic.Int64
+	switch s {
+	case StateCompleted:
+		c = &t.m.Completed
+	case StateFailed:
+		c = &t.m.Failed
+	case StateCancelled:
+		c = &t.m.Cancelled
+	case StateExpired:
+		c = &t.m.Expired
+	case StateDeadLettered:
+		c = &t.m.DeadLettered
+	default:
+		return
+	}
+	c.Add(1)
+	t.obs.Finished(s.String())
+}
+
+func (t tally) alreadyFinished() { t.m.AlreadyFinished.Add(1); t.obs.AlreadyFinished() }
+
+func (t tally) notAJob() { t.m.NotAJob.Add(1); t.obs.NotAJob() }
+
+func (t tally) forged() { t.m.ForgedRecords.Add(1); t.obs.Forged() }
+
+func (t tally) workerLost() { t.m.WorkersLost.Add(1); t.obs.WorkerLost() }
+
+func (t tally) workerRestarted() { t.m.WorkersRestarted.Add(1); t.obs.WorkerRestarted() }
+
+func (t tally) transition(from State, e Event) {
+	t.m.Transitions[from][e].Add(1)
+	t.obs.Transition(from.String(), e.String())
+}
+
+func (t tally) illegal() { t.m.IllegalTransitions.Add(1); t.obs.IllegalTransition() }

@@ -1,0 +1,93 @@
+package fakeworker_test
+
+import (
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// TestServesAnAssignment: accepted with the free slots left, tokens on the
+// reply subject, the record handed to the dispatcher that placed the job, and
+// a batch larger than the free slots answered full.
+func TestServesAnAssignment(t *testing.T) {
+	t.Parallel()
+	b := testenv.StartBus(t, bus.ProvisionOptions{})
+	w, err := fakeworker.Start(testenv.Context(t, 10*time.Second), b.Connect(t, "worker"), fakeworker.Options{ID: "w1", Slots: 2, Models: []string{"m"}, Errorf: t.Errorf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.Stop)
+	if _, err := b.Workers.Get(testenv.Context(t, 5*time.Second), "w1"); err != nil {
+		t.Fatalf("no heartbeat: %v", err)
+	}
+	tokens := make(chan schemas.TokenEventMsg, 8)
+	if _, err := b.Conn.Subscribe("reply.j1", func(m *nats.Msg) {
+		var ev schemas.TokenEventMsg
+		_ = json.Unmarshal(m.Data, &ev)
+		tokens <- ev
+	}); err != nil {
+		t.Fatal(err)
+	}
+	records := make(chan schemas.ResultMsg, 1)
+	if _, err := b.Conn.Subscribe(bus.DoneSubject("w1", "d1"), func(m *nats.Msg) {
+		var r schemas.ResultMsg
+		_ = json.Unmarshal(m.Data, &r)
+		records <- r
+		data, _ := json.Marshal(schemas.FinishReplyMsg{JobID: r.JobID, Status: schemas.FinishStored})
+		_ = m.Respond(data)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_ = b.Conn.Flush()
+	assign := func(jobs ...string) schemas.AssignmentReplyMsg {
+		t.Helper()
+		a := schemas.AssignmentMsg{BatchID: "b", DispatcherID: "d1"}
+		for _, id := range jobs {
+			a.Jobs = append(a.Jobs, schemas.AssignedJob{Attempt: 1, Job: schemas.JobRequest{ID: id, Model: "m", MaxTokens: 3, ReplyTo: "reply." + id}})
+		}
+		data, _ := json.Marshal(a)
+		m, err := b.Conn.Request(bus.AssignSubject("w1"), data, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rep schemas.AssignmentReplyMsg
+		_ = json.Unmarshal(m.Data, &rep)
+		return rep
+	}
+	if rep := assign("x1", "x2", "x3"); rep.Status != schemas.AssignFull {
+		t.Fatalf("three jobs for two slots: %+v", rep)
+	}
+	if rep := assign("j1"); rep.Status != schemas.AssignAccepted || rep.FreeSlots != 1 {
+		t.Fatalf("one job: %+v", rep)
+	}
+	for i := range 3 {
+		if ev := <-tokens; ev.Delta != fakeworker.TokenText(i) || ev.Seq != i {
+			t.Fatalf("token %d: %+v", i, ev)
+		}
+	}
+	select {
+	case r := <-records:
+		if r.Text != fakeworker.FullText(3) || r.Status != schemas.StatusCompleted || r.WorkerID != "w1" {
+			t.Fatalf("record %+v", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no hand-over")
+	}
+	if st := w.Stats(); st.Fulls != 1 || st.MaxBatch != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+	waitFree := time.Now().Add(5 * time.Second)
+	for w.InFlight() != 0 && time.Now().Before(waitFree) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if w.InFlight() != 0 || w.Errors() != 0 {
+		t.Fatalf("in flight %d, errors %d", w.InFlight(), w.Errors())
+	}
+}
