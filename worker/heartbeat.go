@@ -217,10 +217,12 @@ func (a *Agent) heartbeatLoop(ctx context.Context) {
 			kv = b
 		}
 		if kv != nil {
+			// Announced first: whoever sees the model in a heartbeat finds it
+			// announced too, so a producer never refuses a model a ready worker has.
+			a.announceModels(ctx)
 			if err := a.putHeartbeat(ctx, kv); err != nil && ctx.Err() == nil {
 				a.log.Warn().Err(err).Msg("heartbeat put failed")
 			}
-			a.announceModels(ctx)
 			last = time.Now()
 		}
 		select {
