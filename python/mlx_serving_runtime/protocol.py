@@ -76,6 +76,15 @@ def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC, "method": method, "params": params}
 
 
+# One encoder for every line: json.dumps with options builds a new encoder per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def encode_line(msg: dict[str, Any]) -> bytes:
+    """One protocol line: compact JSON, UTF-8, newline-terminated."""
+    return (_encode(msg) + "\n").encode("utf-8")
+
+
 class Writer:
     """Writes protocol lines to the real stdout. One lock, so lines never interleave."""
 
@@ -84,10 +93,22 @@ class Writer:
         self._lock = threading.Lock()
 
     def send(self, msg: dict[str, Any]) -> None:
-        data = (json.dumps(msg, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        self._write(encode_line(msg))
+
+    def send_many(self, msgs: list[dict[str, Any]]) -> None:
+        """Several lines, in order, in one write and one flush (the engine's output of
+        one decode step: a chunk per row that has new text, and the rows that ended)."""
+        if msgs:
+            self._write(b"".join(encode_line(m) for m in msgs))
+
+    def _write(self, data: bytes) -> None:
         with self._lock:
             try:
-                self._stream.write(data)
+                # An unbuffered stream may write part of a large block: write the rest.
+                view = memoryview(data)
+                while view:
+                    n = self._stream.write(view)
+                    view = view[n if n is not None else len(view) :]
                 self._stream.flush()
             except (BrokenPipeError, ValueError):
                 # The worker closed our stdout: nobody can hear us any more.
