@@ -1,49 +1,19 @@
-"""Per-row logits processors for OpenAI's presence/frequency penalties and logit_bias.
+"""Sampling for the whole batch, and per-row processors for OpenAI's penalties and logit_bias.
 
-A row gets one of these only when it asks for one; plain rows carry no processor, so
-BatchGenerator keeps its batched path for them (RUNTIME-NOTES.md, "what the workaround
-costs").
+Every row of a model's BatchGenerator holds the same BatchSampler, so mlx-lm samples the
+batch in one call whatever the rows' temperatures, filters and seeds. A row gets a
+processor only when it asks for one; plain rows carry none, so BatchGenerator keeps its
+batched path for them (RUNTIME-NOTES.md, "what the workaround costs").
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationBatch
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-
-def make_sampler(temp: float, top_p: float, top_k: int, min_p: float, seed: int, vocab: int) -> Callable:
-    """A per-request sampler with its own PRNG key, so a seed decides the text even in a batch.
-
-    mlx-lm's make_sampler draws from the global mx.random state, which every row of a
-    batch shares; splitting a private key each step makes the draw depend only on the seed
-    and the step.
-    """
-    if temp == 0:
-        return _greedy  # one object shared by greedy rows: BatchGenerator samples them in one call
-    methods: list[Callable[[mx.array], mx.array]] = []
-    if 0 < top_p < 1.0:
-        methods.append(lambda x: apply_top_p(x, top_p))
-    if min_p > 0.0:
-        methods.append(lambda x: apply_min_p(x, min_p))
-    if 0 < top_k < vocab:
-        methods.append(lambda x: apply_top_k(x, top_k))
-    state = {"key": mx.random.key(seed)}
-    inv_temp = 1.0 / temp
-
-    def sampler(logprobs: mx.array) -> mx.array:
-        for m in methods:
-            logprobs = m(logprobs)
-        key, sub = mx.random.split(state["key"])
-        state["key"] = key
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-    return sampler
 
 
 def _greedy(logprobs: mx.array) -> mx.array:

@@ -48,7 +48,9 @@ class Out:
 
 def start(tiny_model: str, coalesce: bool, max_batch: int = 8) -> tuple[Engine, Out]:
     out = Out()
-    eng = Engine(out.send, max_batch=max_batch, prompt_cache_bytes=0, send_many=out.send_many if coalesce else None)
+    eng = Engine(
+        out.send, max_batch=max_batch, prompt_cache_bytes=0, send_many=out.send_many if coalesce else None
+    )
     eng.submit("load", 1, {"model": tiny_model, "id": "tiny"})
     deadline = time.monotonic() + 60
     while "tiny" not in eng.model_ids():
@@ -88,7 +90,12 @@ def count_steps(eng: Engine) -> list[int]:
 
 
 PLAIN = [
-    {"request_id": f"p{i}", "prompt": f"Story number {i}:", "max_tokens": 24 + i, "stop": ["zz"] if i % 3 == 0 else []}
+    {
+        "request_id": f"p{i}",
+        "prompt": f"Story number {i}:",
+        "max_tokens": 24 + i,
+        "stop": ["zz"] if i % 3 == 0 else [],
+    }
     for i in range(8)
 ]
 
@@ -135,13 +142,41 @@ def test_a_step_writes_its_rows_lines_at_once_and_texts_do_not_change(tiny_model
 MIXED = [
     {"request_id": "greedy", "prompt": "Once upon a time", "max_tokens": 30},
     {"request_id": "seeded", "prompt": "Once upon a time", "max_tokens": 30, "temperature": 1.0, "seed": 5},
-    {"request_id": "nucleus", "prompt": "Hello", "max_tokens": 30, "temperature": 0.7, "top_p": 0.9, "seed": 6},
+    {
+        "request_id": "nucleus",
+        "prompt": "Hello",
+        "max_tokens": 30,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 6,
+    },
     {"request_id": "min_p", "prompt": "Hello", "max_tokens": 30, "temperature": 1.2, "min_p": 0.1, "seed": 7},
     {"request_id": "top_k", "prompt": "Hello", "max_tokens": 30, "temperature": 1.0, "top_k": 5, "seed": 8},
     # Filters that leave one token: the text is the greedy one despite temperature.
-    {"request_id": "k1", "prompt": "Once upon a time", "max_tokens": 30, "temperature": 1.5, "top_k": 1, "seed": 9},
-    {"request_id": "p0", "prompt": "Once upon a time", "max_tokens": 30, "temperature": 1.5, "top_p": 1e-6, "seed": 9},
-    {"request_id": "m1", "prompt": "Once upon a time", "max_tokens": 30, "temperature": 1.5, "min_p": 1.0, "seed": 9},
+    {
+        "request_id": "k1",
+        "prompt": "Once upon a time",
+        "max_tokens": 30,
+        "temperature": 1.5,
+        "top_k": 1,
+        "seed": 9,
+    },
+    {
+        "request_id": "p0",
+        "prompt": "Once upon a time",
+        "max_tokens": 30,
+        "temperature": 1.5,
+        "top_p": 1e-6,
+        "seed": 9,
+    },
+    {
+        "request_id": "m1",
+        "prompt": "Once upon a time",
+        "max_tokens": 30,
+        "temperature": 1.5,
+        "min_p": 1.0,
+        "seed": 9,
+    },
 ]
 
 
@@ -164,8 +199,9 @@ def test_mixed_sampling_rows_share_one_batched_sampler(tiny_model: str, sampler_
     call per step over the whole batch; each row's text is the one it gets alone, and a
     filter that leaves one token gives the greedy text.
 
-    Mutations caught: engine.py _start giving each row its own make_sampler (the old
-    per-row sampling) — no batched call, red at the size assert; BatchSampler._filter
+    Mutations caught: engine.py _start giving each row its own sampler object (the
+    per-row make_sampler that BatchSampler replaced) — mlx-lm samples row by row, no
+    batched call, red at the size assert; BatchSampler._filter
     skipping top_k (or top_p, or min_p) — the k1 (p0, m1) row leaves the greedy text.
     """
     eng, out = start(tiny_model, coalesce=True)
@@ -173,7 +209,9 @@ def test_mixed_sampling_rows_share_one_batched_sampler(tiny_model: str, sampler_
         together = run(eng, out, MIXED)
         assert sampler_calls and max(sampler_calls) == len(MIXED), sampler_calls
         assert len(eng.model("tiny").sampler) == 0, "finished rows stay registered"
-        alone = {p["request_id"]: run(eng, out, [{**p, "request_id": p["request_id"] + "-alone"}]) for p in MIXED}
+        alone = {
+            p["request_id"]: run(eng, out, [{**p, "request_id": p["request_id"] + "-alone"}]) for p in MIXED
+        }
     finally:
         stop(eng)
     for p in MIXED:
