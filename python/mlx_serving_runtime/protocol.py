@@ -78,10 +78,31 @@ def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
 
 # One encoder for every line: json.dumps with options builds a new encoder per call.
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_string = json.encoder.encode_basestring  # what that encoder writes a str as (C)
+_CHUNK_KEYS = ("request_id", "seq", "text", "tokens")
 
 
 def encode_line(msg: dict[str, Any]) -> bytes:
-    """One protocol line: compact JSON, UTF-8, newline-terminated."""
+    """One protocol line: compact JSON, UTF-8, newline-terminated.
+
+    A plain generate.chunk (no logprobs) — one per row per step, the hot path — is
+    written by hand, byte for byte what the encoder writes (tested), at a fifth of
+    the cost of walking the nested dicts.
+    """
+    p = msg.get("params")
+    if (
+        type(p) is dict
+        and tuple(msg) == ("jsonrpc", "method", "params")
+        and msg["jsonrpc"] == JSONRPC
+        and msg["method"] == "generate.chunk"
+        and tuple(p) == _CHUNK_KEYS
+    ):
+        rid, seq, text, tokens = p["request_id"], p["seq"], p["text"], p["tokens"]
+        if type(rid) is str and type(text) is str and type(seq) is int and type(tokens) is int:
+            return (
+                f'{{"jsonrpc":"2.0","method":"generate.chunk","params":{{"request_id":{_string(rid)},'
+                f'"seq":{seq},"text":{_string(text)},"tokens":{tokens}}}}}\n'
+            ).encode()
     return (_encode(msg) + "\n").encode("utf-8")
 
 

@@ -220,3 +220,48 @@ def test_mixed_sampling_rows_share_one_batched_sampler(tiny_model: str, sampler_
     for rid in ("k1", "p0", "m1"):
         assert together[rid]["text"] == together["greedy"]["text"], rid
     assert together["seeded"]["text"] != together["greedy"]["text"]
+
+
+CHUNK_TEXTS = [
+    "",
+    " plain",
+    'quote " backslash \\ slash /',
+    "\n\r\t\b\f \x00 \x1f \x7f",
+    "é ü ß 中文 😀 \u2028 \u2029 \ufffd",
+]
+
+
+@pytest.mark.parametrize("text", CHUNK_TEXTS)
+def test_hand_encoded_chunk_is_the_encoders_line(text: str) -> None:
+    """The hot path's hand-written generate.chunk line is byte for byte json's, and other
+    messages (a chunk with logprobs, a result) still go through the encoder.
+
+    Mutation caught: protocol.py encode_line using json.encoder.encode_basestring_ascii
+    (escapes non-ASCII, unlike the encoder with ensure_ascii=False) — red on the
+    non-ASCII text; writing "seq" after "text" — red on every text.
+    """
+    import json
+
+    from mlx_serving_runtime.protocol import encode_line, notification, response
+
+    def generic(msg: dict) -> bytes:
+        return (json.dumps(msg, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+    chunk = notification(
+        "generate.chunk", {"request_id": "r-1.a:b_c", "seq": 12, "text": text, "tokens": 345}
+    )
+    assert encode_line(chunk) == generic(chunk)
+    assert json.loads(encode_line(chunk)) == chunk
+    with_lp = notification(
+        "generate.chunk",
+        {
+            "request_id": "r",
+            "seq": 0,
+            "text": text,
+            "tokens": 1,
+            "logprobs": [{"token": text, "logprob": -0.5}],
+        },
+    )
+    assert encode_line(with_lp) == generic(with_lp)
+    res = response(7, {"request_id": "r", "text": text})
+    assert encode_line(res) == generic(res)
