@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch=args.max_batch,
         max_models=args.max_models,
         prompt_cache_bytes=args.prompt_cache_bytes,
+        send_many=writer.send_many,
     )
 
     def exit_now() -> None:

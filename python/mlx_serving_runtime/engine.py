@@ -25,7 +25,6 @@ from . import sampling, structured
 from .prompt_cache import PromptCache, default_max_bytes
 from .protocol import RpcError, error_response, notification, response
 from .request import Request
-from .sampling import make_sampler
 
 log = logging.getLogger("mlx_serving_runtime")
 
@@ -43,6 +42,7 @@ class Model:
     eos_ids: list[int]
     grammar_tokenizer: structured.TokenizerCache
     gen: BatchGenerator | None = None
+    sampler: sampling.BatchSampler | None = None  # every row of gen, sampled in one call
 
 
 def context_length(config: dict[str, Any], tokenizer: Any) -> int:
@@ -107,8 +107,13 @@ class Engine:
         max_batch: int = 8,
         max_models: int = 2,
         prompt_cache_bytes: int | None = None,
+        send_many: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.send = send
+        # A decode step's lines (a chunk per row with new text, the rows that ended) go
+        # out together, in order, in one write: send_many when given, else one by one.
+        self.send_many = send_many or self._send_each
+        self._step_out: list[dict[str, Any]] | None = None  # collecting, during a step
         self.max_batch = max_batch
         self.max_models = max_models
         if prompt_cache_bytes is None or prompt_cache_bytes < 0:
@@ -201,9 +206,31 @@ class Engine:
                 if self.on_exit is not None:
                     self.on_exit()
                 return
+            busy = {k[0] for k in self._by_uid}
             for m in list(self._models.values()):
-                if m.gen is not None and any(k[0] == m.id for k in self._by_uid):
-                    self._step(m)
+                if m.gen is not None and m.id in busy:
+                    self._step_collected(m)
+
+    def _send_each(self, msgs: list[dict[str, Any]]) -> None:
+        for msg in msgs:
+            self.send(msg)
+
+    def _out(self, msg: dict[str, Any]) -> None:
+        """Send msg, or hold it for the end of the step being run."""
+        if self._step_out is not None:
+            self._step_out.append(msg)
+        else:
+            self.send(msg)
+
+    def _step_collected(self, m: Model) -> None:
+        """One decode step whose lines are written at its end, in one write."""
+        self._step_out = []
+        try:
+            self._step(m)
+        finally:
+            out, self._step_out = self._step_out, None
+            if out:
+                self.send_many(out)
 
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
@@ -281,6 +308,8 @@ class Engine:
         self.send(response(rpc_id, self._load_result(m, (time.perf_counter() - t0) * 1000)))
 
     def _new_generator(self, m: Model) -> BatchGenerator:
+        # One sampler object for every row (uids restart with a new generator).
+        m.sampler = sampling.BatchSampler(m.vocab_size)
         # EOS ends a row only when listed here: BatchGenerator does not stop on it by default.
         return BatchGenerator(
             m.model,
@@ -330,7 +359,9 @@ class Engine:
             )
             return
         try:
-            sampler = make_sampler(req.temperature, req.top_p, req.top_k, req.min_p, req.seed, m.vocab_size)
+            # Every row holds the model's one BatchSampler, so mlx-lm samples the whole
+            # batch in one call; the row's own parameters and PRNG key are added below.
+            sampler = m.sampler
             # Processors only for rows that need them: mlx-lm 0.32.2 re-indexes per-row
             # processors on filter and runs rows without any on its batched path.
             procs: list[Callable] = []
@@ -381,6 +412,7 @@ class Engine:
                 self._memory_short()
             self._fail(req, RpcError("out_of_memory" if _is_oom(e) else "generation_failed", str(e)))
             return
+        m.sampler.add(uid, req.temperature, req.top_p, req.top_k, req.min_p, req.seed)
         self._reused[req.request_id] = n
         req.uid = uid
         self._by_uid[(m.id, uid)] = req
@@ -447,7 +479,10 @@ class Engine:
             self._emit(req, len(req.out))
             self._end(req, "length" if finish == "length" else "stop")
             return
-        self._emit(req, len(req.out) - _holdback(req.continuation + req.out, req.stop))
+        if req.stop:
+            self._emit(req, len(req.out) - _holdback(req.continuation + req.out, req.stop))
+        else:
+            self._emit(req, len(req.out))
 
     def _match_stop(self, m: Model, req: Request, finish: str | None) -> bool:
         if not req.stop:
@@ -510,11 +545,12 @@ class Engine:
             req.lp_sent += lps
             if lps:
                 chunk["logprobs"] = lps
-        self.send(notification("generate.chunk", chunk))
+        self._out(notification("generate.chunk", chunk))
         req.seq += 1
 
     def _end(self, req: Request, reason: str) -> None:
         self._by_uid.pop((req.model_id, req.uid), None)
+        self._forget_row(req)
         if reason == "cancelled":
             with self._lock:
                 m = self._models.get(req.model_id)
@@ -542,7 +578,7 @@ class Engine:
             # past a stop string were dropped with their text (_match_stop).
             req.lp_sent += [e for _, e in req.lp_pending]
             extra["logprobs"] = req.lp_sent
-        self.send(
+        self._out(
             response(
                 req.rpc_id,
                 {
@@ -565,12 +601,21 @@ class Engine:
             )
         )
 
+    def _forget_row(self, req: Request) -> None:
+        if req.uid < 0:
+            return
+        with self._lock:
+            m = self._models.get(req.model_id)
+        if m is not None and m.sampler is not None:
+            m.sampler.discard(req.uid)
+
     def _fail(self, req: Request, err: RpcError) -> None:
         self._reused.pop(req.request_id, None)
+        self._forget_row(req)
         with self._lock:
             self._inflight.pop(req.request_id, None)
         err.data.setdefault("request_id", req.request_id)
-        self.send(error_response(req.rpc_id, err))
+        self._out(error_response(req.rpc_id, err))
 
     def _cancel(self, rpc_id: Any, request_id: str) -> None:
         req = next((r for r in self._by_uid.values() if r.request_id == request_id), None)

@@ -76,6 +76,36 @@ def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC, "method": method, "params": params}
 
 
+# One encoder for every line: json.dumps with options builds a new encoder per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_string = json.encoder.encode_basestring  # what that encoder writes a str as (C)
+_CHUNK_KEYS = ("request_id", "seq", "text", "tokens")
+
+
+def encode_line(msg: dict[str, Any]) -> bytes:
+    """One protocol line: compact JSON, UTF-8, newline-terminated.
+
+    A plain generate.chunk (no logprobs) — one per row per step, the hot path — is
+    written by hand, byte for byte what the encoder writes (tested), at a fifth of
+    the cost of walking the nested dicts.
+    """
+    p = msg.get("params")
+    if (
+        type(p) is dict
+        and tuple(msg) == ("jsonrpc", "method", "params")
+        and msg["jsonrpc"] == JSONRPC
+        and msg["method"] == "generate.chunk"
+        and tuple(p) == _CHUNK_KEYS
+    ):
+        rid, seq, text, tokens = p["request_id"], p["seq"], p["text"], p["tokens"]
+        if type(rid) is str and type(text) is str and type(seq) is int and type(tokens) is int:
+            return (
+                f'{{"jsonrpc":"2.0","method":"generate.chunk","params":{{"request_id":{_string(rid)},'
+                f'"seq":{seq},"text":{_string(text)},"tokens":{tokens}}}}}\n'
+            ).encode()
+    return (_encode(msg) + "\n").encode("utf-8")
+
+
 class Writer:
     """Writes protocol lines to the real stdout. One lock, so lines never interleave."""
 
@@ -84,10 +114,22 @@ class Writer:
         self._lock = threading.Lock()
 
     def send(self, msg: dict[str, Any]) -> None:
-        data = (json.dumps(msg, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        self._write(encode_line(msg))
+
+    def send_many(self, msgs: list[dict[str, Any]]) -> None:
+        """Several lines, in order, in one write and one flush (the engine's output of
+        one decode step: a chunk per row that has new text, and the rows that ended)."""
+        if msgs:
+            self._write(b"".join(encode_line(m) for m in msgs))
+
+    def _write(self, data: bytes) -> None:
         with self._lock:
             try:
-                self._stream.write(data)
+                # An unbuffered stream may write part of a large block: write the rest.
+                view = memoryview(data)
+                while view:
+                    n = self._stream.write(view)
+                    view = view[n if n is not None else len(view) :]
                 self._stream.flush()
             except (BrokenPipeError, ValueError):
                 # The worker closed our stdout: nobody can hear us any more.

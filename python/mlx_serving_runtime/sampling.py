@@ -1,49 +1,140 @@
-"""Per-row logits processors for OpenAI's presence/frequency penalties and logit_bias.
+"""Sampling for the whole batch, and per-row processors for OpenAI's penalties and logit_bias.
 
-A row gets one of these only when it asks for one; plain rows carry no processor, so
-BatchGenerator keeps its batched path for them (RUNTIME-NOTES.md, "what the workaround
-costs").
+Every row of a model's BatchGenerator holds the same BatchSampler, so mlx-lm samples the
+batch in one call whatever the rows' temperatures, filters and seeds. A row gets a
+processor only when it asks for one; plain rows carry none, so BatchGenerator keeps its
+batched path for them (RUNTIME-NOTES.md, "what the workaround costs").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import sys
+from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-
-def make_sampler(temp: float, top_p: float, top_k: int, min_p: float, seed: int, vocab: int) -> Callable:
-    """A per-request sampler with its own PRNG key, so a seed decides the text even in a batch.
-
-    mlx-lm's make_sampler draws from the global mx.random state, which every row of a
-    batch shares; splitting a private key each step makes the draw depend only on the seed
-    and the step.
-    """
-    if temp == 0:
-        return _greedy  # one object shared by greedy rows: BatchGenerator samples them in one call
-    methods: list[Callable[[mx.array], mx.array]] = []
-    if 0 < top_p < 1.0:
-        methods.append(lambda x: apply_top_p(x, top_p))
-    if min_p > 0.0:
-        methods.append(lambda x: apply_min_p(x, min_p))
-    if 0 < top_k < vocab:
-        methods.append(lambda x: apply_top_k(x, top_k))
-    state = {"key": mx.random.key(seed)}
-    inv_temp = 1.0 / temp
-
-    def sampler(logprobs: mx.array) -> mx.array:
-        for m in methods:
-            logprobs = m(logprobs)
-        key, sub = mx.random.split(state["key"])
-        state["key"] = key
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-    return sampler
+from mlx_lm.generate import GenerationBatch
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
+
+
+@dataclass
+class _Row:
+    temp: float
+    top_p: float
+    top_k: int
+    min_p: float
+    key: mx.array | None  # this row's PRNG key, split once per step; None for greedy rows
+
+
+_STEP_CODE = GenerationBatch._step.__code__
+_GREEDY = _Row(0.0, 1.0, 0, 0.0, None)
+
+# categorical over one row with its own key, vmapped over the batch: row i's draw is
+# exactly what mx.random.categorical(logits_i, key=k_i) gives for the row alone, so it
+# does not depend on the batch. (It is not make_sampler's draw, which sampled a [1, V]
+# row: a seed gives another text than before this sampler, the same one alone or batched.)
+_categorical = mx.vmap(lambda k, x: mx.random.categorical(x, key=k))
+_split = mx.vmap(lambda k: mx.random.split(k))
+
+
+class BatchSampler:
+    """One sampler object for every row of a model's BatchGenerator, so the whole batch
+    is sampled in one call (mlx-lm 0.32.2 samples in one call only when every row holds
+    the same sampler object; otherwise each row alone, 2×B small kernels per step).
+
+    Each row keeps its own temperature, top_p/top_k/min_p and PRNG key (split once per
+    step, as make_sampler's per-row sampler does), so a seed decides a row's text
+    whatever else is in the batch; greedy rows take the argmax. Rows are registered by
+    their uid after insert and found by the uids of the batch being sampled: mlx-lm
+    calls a sampler from GenerationBatch._step with logprobs of shape [B, V] whose
+    rows are that batch's uids, in order.
+    """
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self._rows: dict[int, _Row] = {}
+
+    def add(self, uid: int, temp: float, top_p: float, top_k: int, min_p: float, seed: int) -> None:
+        if temp == 0:
+            self._rows[uid] = _GREEDY
+        else:
+            self._rows[uid] = _Row(float(temp), float(top_p), int(top_k), float(min_p), mx.random.key(seed))
+
+    def discard(self, uid: int) -> None:
+        self._rows.pop(uid, None)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @staticmethod
+    def _batch_uids(n: int) -> list[int]:
+        """The uids of the GenerationBatch whose _step called us (a few frames up)."""
+        f = sys._getframe(2)
+        for _ in range(4):
+            if f is None:
+                break
+            if f.f_code is _STEP_CODE:
+                uids = f.f_locals["self"].uids
+                if len(uids) == n:
+                    return uids
+                break
+            f = f.f_back
+        raise RuntimeError("BatchSampler: called from outside mlx-lm's GenerationBatch._step")
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        n = logprobs.shape[0]
+        # A row nobody registers (its request is gone) is sampled greedily.
+        rows = [self._rows.get(u, _GREEDY) for u in self._batch_uids(n)]
+        sampled = [i for i, r in enumerate(rows) if r.key is not None]
+        if not sampled:
+            return mx.argmax(logprobs, axis=-1)
+        if len(sampled) < n:
+            # Greedy rows ride along with a dummy key; their draw is discarded.
+            dummy = mx.random.key(0)
+            keys = mx.stack([r.key if r.key is not None else dummy for r in rows])
+        else:
+            keys = mx.stack([r.key for r in rows])
+        pairs = _split(keys)
+        for i in sampled:
+            rows[i].key = pairs[i, 0]
+        x = self._filter(logprobs, rows)
+        inv = mx.array([1.0 / r.temp if r.temp else 1.0 for r in rows], dtype=mx.float32)[:, None]
+        drawn = _categorical(pairs[:, 1], x * inv)
+        if len(sampled) == n:
+            return drawn
+        greedy = mx.array([r.key is None for r in rows])
+        return mx.where(greedy, mx.argmax(logprobs, axis=-1), drawn)
+
+    def _filter(self, x: mx.array, rows: list[_Row]) -> mx.array:
+        """top_p, then min_p, then top_k (make_sampler's order), each with per-row
+        parameters and only when some row asks for it; other rows pass unchanged."""
+        v = x.shape[-1]
+        if any(0 < r.top_p < 1.0 for r in rows):
+            on = mx.array([0 < r.top_p < 1.0 for r in rows])[:, None]
+            p = mx.array([r.top_p if 0 < r.top_p < 1.0 else 1.0 for r in rows], dtype=mx.float32)[:, None]
+            # apply_top_p's arithmetic with a per-row p (apply_top_p itself is compiled
+            # for a float p: an array would compile anew for every batch size).
+            srt = mx.sort(x, axis=-1)
+            probs = mx.exp(srt.astype(mx.float32))
+            above = mx.cumsum(probs, axis=-1, reverse=True, inclusive=False)
+            total = above[..., :1] + probs[..., :1]
+            dropped = (above >= p * total).sum(axis=-1, keepdims=True)
+            kept = mx.take_along_axis(srt, dropped, axis=-1)
+            x = mx.where(on & (x < kept), -float("inf"), x)
+        if any(r.min_p > 0 for r in rows):
+            on = mx.array([r.min_p > 0 for r in rows])[:, None]
+            logp = mx.array([math.log(r.min_p) if r.min_p > 0 else 0.0 for r in rows], dtype=mx.float32)
+            floor = mx.max(x, axis=-1, keepdims=True) + logp[:, None]
+            x = mx.where(on & (x < floor), -float("inf"), x)
+        if any(0 < r.top_k < v for r in rows):
+            on = mx.array([0 < r.top_k < v for r in rows])[:, None]
+            k = mx.array([r.top_k - 1 if 0 < r.top_k < v else 0 for r in rows], dtype=mx.int32)[:, None]
+            kth = mx.take_along_axis(-mx.sort(-x, axis=-1), k, axis=-1)
+            x = mx.where(on & (x < kth), -float("inf"), x)
+        return x
 
 
 class OpenAIPenalties:

@@ -59,9 +59,10 @@ def test_no_max_tokens_runs_to_the_end_of_the_context(rt) -> None:
 
 
 def test_same_seed_same_text_alone_and_batched(rt) -> None:
-    """Mutation caught: sampling.py make_sampler drawing from the global PRNG
-    (mx.random.categorical without key=sub) — red at the second alone run; seeding
-    the global PRNG per request instead (mx.random.seed(seed)) — red inside the batch.
+    """Mutation caught: sampling.py BatchSampler.__call__ drawing from the global PRNG
+    (mx.random.categorical(x * inv) instead of the per-row keys) — red at the second
+    alone run. (Before the batched sampler, the per-row make_sampler's global-PRNG and
+    mx.random.seed(seed) mutations were red here too.)
     """
     params = dict(prompt="Once upon a time", max_tokens=40, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     alone = gen(rt, **params)["text"]
@@ -103,7 +104,7 @@ def test_eight_concurrent_are_batched(rt) -> None:
                     "prompt": prompt,
                     "max_tokens": 48,
                     "temperature": 1.0,
-                    "seed": 100 + i,
+                    "seed": 200 + i,  # seeds whose 48 tokens hold no EOS
                 },
             ),
         )

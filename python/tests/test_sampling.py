@@ -39,7 +39,9 @@ def test_logit_bias_forces_and_bans_a_token(rt) -> None:
 def test_frequency_penalty_reduces_repeats(rt) -> None:
     """Mutation caught: OpenAIPenalties never counting (`self.started = True` removed):
     the penalty stays 0 and the text repeats as much as without it."""
-    params = dict(prompt="hello hello hello", max_tokens=40, temperature=0.8, seed=11)
+    # A seed where the random tiny model's sampled text repeats clearly (16 vs 9 with
+    # the batched sampler's draw; the per-row sampler's seed 11 gave 13 vs 10).
+    params = dict(prompt="hello hello hello", max_tokens=40, temperature=0.8, seed=20)
     base = gen(rt, **params)["text"]
     pen = gen(rt, **params, frequency_penalty=2)["text"]
     assert most_repeated(rt, pen) < most_repeated(rt, base)
