@@ -14,6 +14,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -166,7 +168,7 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 
 	// A worker credential streams a token event on the reply subject; the
 	// dispatcher's writes the terminal record to RESULTS and sends its event
-	// (bus.Finish), as it does for a record a worker handed it.
+	// (results.Finish), as it does for a record a worker handed it.
 	wk := sb.connect(RoleWorker, "w1")
 	wjs := mustJS(t, sb.connect(RoleDispatcher, "").nc)
 	job := &schemas.JobRequest{Prompt: "hi"}
@@ -185,11 +187,11 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 	now := time.Now().UTC()
 	res := &schemas.ResultMsg{Type: "result", JobID: ack.JobID, Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
 		Text: "hello", FinishReason: "stop", Model: "tiny", Tenant: "a", FinishedAt: now}
-	if err := bus.Finish(ctx, wjs, res, ack.ReplyTo); err != nil {
+	if err := results.Finish(ctx, wjs, res, ack.ReplyTo); err != nil {
 		t.Fatalf("dispatcher records a result: %v", err)
 	}
 	// A retry after a lost ack reads the stored record to see it is its own.
-	if err := bus.RecordResult(ctx, wjs, res); err != nil {
+	if err := results.Record(ctx, wjs, res); err != nil {
 		t.Fatalf("dispatcher retries its own record: %v", err)
 	}
 	var texts []string
@@ -210,7 +212,7 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 		t.Fatalf("token deltas %v", texts)
 	}
 	// The producer reads the durable result and cancels with its own grants.
-	if _, err := bus.FetchResult(ctx, p.JetStream(), "a", ack.JobID); err != nil {
+	if _, err := results.Fetch(ctx, p.JetStream(), "a", ack.JobID); err != nil {
 		t.Fatalf("producer fetches its result: %v", err)
 	}
 	if err := p.Cancel(ctx, ack.JobID, "test"); err != nil {
@@ -235,7 +237,7 @@ func TestProducerCannotReadAnotherTenantsResults(t *testing.T) {
 	for _, r := range []struct{ tenant, id, text string }{{"a", "job-a", "for a"}, {"b", "job-b", "for b"}} {
 		res := &schemas.ResultMsg{Type: "result", JobID: r.id, Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
 			Text: r.text, FinishReason: "stop", Model: "tiny", Tenant: r.tenant, FinishedAt: time.Now().UTC()}
-		if err := bus.RecordResult(ctx, wjs, res); err != nil {
+		if err := results.Record(ctx, wjs, res); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -248,10 +250,10 @@ func TestProducerCannotReadAnotherTenantsResults(t *testing.T) {
 	if got, err := p.Result(ctx, "job-a"); err != nil || got.Text != "for a" {
 		t.Fatalf("producer a reads its own result: %+v, %v", got, err)
 	}
-	if got, err := bus.FetchResult(ctx, p.JetStream(), "a", "job-a"); err != nil || got.Text != "for a" {
-		t.Fatalf("FetchResult of its own result: %+v, %v", got, err)
+	if got, err := results.Fetch(ctx, p.JetStream(), "a", "job-a"); err != nil || got.Text != "for a" {
+		t.Fatalf("results.Fetch of its own result: %+v, %v", got, err)
 	}
-	if _, err := bus.FetchResult(ctx, p.JetStream(), "a", "job-b"); !errors.Is(err, bus.ErrNoResult) {
+	if _, err := results.Fetch(ctx, p.JetStream(), "a", "job-b"); !errors.Is(err, bus.ErrNoResult) {
 		t.Fatalf("tenant b's job under tenant a: err = %v, want ErrNoResult", err)
 	}
 
@@ -266,9 +268,9 @@ func TestProducerCannotReadAnotherTenantsResults(t *testing.T) {
 	if err == nil {
 		t.Fatalf("producer a read tenant b's result: %+v", got)
 	}
-	prod.violation(t, "Publish", "$JS.API.DIRECT.GET.RESULTS."+bus.ResultSubject("b", "job-b"))
+	prod.violation(t, "Publish", "$JS.API.DIRECT.GET.RESULTS."+subjects.Result("b", "job-b"))
 
-	body := []byte(`{"last_by_subj":"` + bus.ResultSubject("b", "job-b") + `"}`)
+	body := []byte(`{"last_by_subj":"` + subjects.Result("b", "job-b") + `"}`)
 	if m, err := prod.nc.RequestWithContext(short(), "$JS.API.STREAM.MSG.GET.RESULTS", body); err == nil {
 		t.Fatalf("STREAM.MSG.GET answered a producer: %s", m.Data)
 	}
@@ -277,7 +279,7 @@ func TestProducerCannotReadAnotherTenantsResults(t *testing.T) {
 	// The direct get of a subject it may read, with another tenant's subject in
 	// the body: the server answers from the request subject or refuses, never
 	// from the body.
-	m, err := prod.nc.RequestWithContext(ctx, "$JS.API.DIRECT.GET.RESULTS."+bus.ResultSubject("a", "job-a"), body)
+	m, err := prod.nc.RequestWithContext(ctx, "$JS.API.DIRECT.GET.RESULTS."+subjects.Result("a", "job-a"), body)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -301,20 +303,20 @@ func TestProducerCannotReadAnotherTenantsResults(t *testing.T) {
 	}
 }
 
-// Mutation caught: granting the worker bus.SubjectAssignAll instead of its own
-// AssignSubject in PermissionsFor.
+// Mutation caught: granting the worker subjects.AssignAll instead of its own
+// subjects.Assign in PermissionsFor.
 func TestWorkerServesOnlyItsOwnAssignSubject(t *testing.T) {
 	t.Parallel()
 	sb := startSecureBus(t)
 	w1 := sb.connect(RoleWorker, "w1")
-	if err := w1.nc.Publish(bus.AssignSubject("w2"), []byte(`{}`)); err != nil {
+	if err := w1.nc.Publish(subjects.Assign("w2"), []byte(`{}`)); err != nil {
 		t.Fatal(err)
 	}
-	w1.violation(t, "Publish", bus.AssignSubject("w2"))
-	if _, err := w1.nc.SubscribeSync(bus.AssignSubject("w2")); err != nil {
+	w1.violation(t, "Publish", subjects.Assign("w2"))
+	if _, err := w1.nc.SubscribeSync(subjects.Assign("w2")); err != nil {
 		t.Fatal(err)
 	}
-	w1.violation(t, "Subscription", bus.AssignSubject("w2"))
+	w1.violation(t, "Subscription", subjects.Assign("w2"))
 	// Its own heartbeat key only.
 	if err := w1.nc.Publish("$KV.mlx_workers.w2", []byte(`{}`)); err != nil {
 		t.Fatal(err)
@@ -323,13 +325,13 @@ func TestWorkerServesOnlyItsOwnAssignSubject(t *testing.T) {
 
 	// The dispatcher's request reaches w1 and w1 may answer it, once.
 	disp := sb.connect(RoleDispatcher, "")
-	if _, err := w1.nc.Subscribe(bus.AssignSubject("w1"), func(m *nats.Msg) { _ = m.Respond([]byte(`ok`)) }); err != nil {
+	if _, err := w1.nc.Subscribe(subjects.Assign("w1"), func(m *nats.Msg) { _ = m.Respond([]byte(`ok`)) }); err != nil {
 		t.Fatal(err)
 	}
 	if err := w1.nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	reply, err := disp.nc.Request(bus.AssignSubject("w1"), []byte(`{}`), 10*time.Second)
+	reply, err := disp.nc.Request(subjects.Assign("w1"), []byte(`{}`), 10*time.Second)
 	if err != nil || string(reply.Data) != "ok" {
 		t.Fatalf("dispatcher → w1 request: %v %v", reply, err)
 	}

@@ -9,6 +9,8 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 )
 
@@ -16,7 +18,7 @@ import (
 type secureBus struct {
 	t     *testing.T
 	store *Store
-	srv   *bus.Server
+	srv   *natsserver.Server
 }
 
 // startSecureBus generates credentials for tenants a and b and workers w1 and w2,
@@ -34,8 +36,8 @@ func startSecureBus(t *testing.T) *secureBus {
 		t.Fatal(err)
 	}
 	b := testenv.StartBusWith(t, testenv.BusOptions{
-		Server:    bus.ServerOptions{Users: store.ServerUsers()},
-		Provision: bus.ProvisionOptions{WorkerTTL: 3 * time.Second},
+		Server:    natsserver.Options{Users: store.ServerUsers()},
+		Provision: jsprov.Options{WorkerTTL: 3 * time.Second},
 		Connect:   bus.ConnectOptions{Name: admin.User, User: admin.User, Password: admin.Password, InboxPrefix: admin.InboxPrefix},
 	})
 	sb.srv = b.Server

@@ -12,9 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/nats-io/nats-server/v2/server"
-
-	"github.com/mlx-serving/mlx-serving/bus"
 )
 
 // Role is what a credential may do on the bus.
@@ -66,16 +65,16 @@ type Permissions struct {
 // direct get, whose subject names the record's subject and so its tenant.
 const (
 	jsAPI       = "$JS.API"
-	kvStream    = "KV_" + bus.BucketWorkers
-	kvPutPrefix = "$KV." + bus.BucketWorkers + "."
-	modelsKV    = "KV_" + bus.BucketModels
+	kvStream    = "KV_" + subjects.BucketWorkers
+	kvPutPrefix = "$KV." + subjects.BucketWorkers + "."
+	modelsKV    = "KV_" + subjects.BucketModels
 )
 
-// modelReads are the calls bus.ModelServed makes: bind the bucket, get one key,
+// modelReads are the calls registry.ModelServed makes: bind the bucket, get one key,
 // count the keys. They reveal only which models are served (keys are hashes).
 var modelReads = []string{
 	streamInfo(modelsKV),
-	directGet(modelsKV, "$KV."+bus.BucketModels+".*"),
+	directGet(modelsKV, "$KV."+subjects.BucketModels+".*"),
 }
 
 func streamInfo(stream string) string { return jsAPI + ".STREAM.INFO." + stream }
@@ -88,13 +87,13 @@ func directGet(stream, subjects string) string {
 	return jsAPI + ".DIRECT.GET." + stream + "." + subjects
 }
 
-// resultReads are the calls bus.FetchResult makes for tenant's records; every
+// resultReads are the calls results.Fetch makes for tenant's records; every
 // tenant's for "".
 func resultReads(tenant string) []string {
 	if tenant == "" {
-		return []string{directGet(bus.StreamResults, bus.SubjectResultsAll)}
+		return []string{directGet(subjects.StreamResults, subjects.ResultsAll)}
 	}
-	return []string{directGet(bus.StreamResults, bus.ResultsTenantSubject(tenant))}
+	return []string{directGet(subjects.StreamResults, subjects.ResultsTenant(tenant))}
 }
 
 // registryReads are the calls a KV watch of the worker registry makes: bind the
@@ -170,17 +169,17 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			return Permissions{}, err
 		}
 		return Permissions{
-			PublishAllow: slices.Concat([]string{bus.JobsTenantSubject(id.Tenant), bus.CancelTenantSubject(id.Tenant)},
+			PublishAllow: slices.Concat([]string{subjects.JobsTenant(id.Tenant), subjects.CancelTenant(id.Tenant)},
 				resultReads(id.Tenant), modelReads),
-			SubscribeAllow: []string{bus.ReplyNamespace(id.Tenant), inbox},
+			SubscribeAllow: []string{subjects.ReplyNamespace(id.Tenant), inbox},
 		}, nil
 	case RoleGateway:
-		pub := []string{bus.SubjectJobsAll, bus.SubjectCancelAll,
-			streamInfo(bus.StreamJobs), streamInfo(bus.StreamResults), streamInfo(bus.StreamCancels)} // readiness
+		pub := []string{subjects.JobsAll, subjects.CancelAll,
+			streamInfo(subjects.StreamJobs), streamInfo(subjects.StreamResults), streamInfo(subjects.StreamCancels)} // readiness
 		pub = append(pub, resultReads("")...)
 		pub = append(pub, registryReads...)
 		pub = append(pub, modelReads...)
-		return Permissions{PublishAllow: pub, SubscribeAllow: []string{bus.ReplyPrefix + ".>", inbox}}, nil
+		return Permissions{PublishAllow: pub, SubscribeAllow: []string{subjects.ReplyPrefix + ".>", inbox}}, nil
 	case RoleWorker:
 		// A worker reads its own assignments and the cancels of the jobs it runs
 		// (forwarded by their dispatcher), streams token events, and hands each
@@ -192,15 +191,15 @@ func PermissionsFor(id Identity) (Permissions, error) {
 		}
 		return Permissions{
 			PublishAllow: []string{
-				bus.ReplyPrefix + ".>",           // token events of the jobs it runs
-				bus.DoneFromWorker(id.WorkerID),  // terminal records, to their dispatcher
-				bus.AttemptSubject(id.WorkerID),  // retryable failures
-				kvPutPrefix + id.WorkerID,        // its own heartbeat (put and delete)
-				streamInfo(kvStream),             // binding the registry bucket
-				"$KV." + bus.BucketModels + ".*", // announcing the models it serves
-				streamInfo(modelsKV),             // binding that bucket
+				subjects.ReplyPrefix + ".>",           // token events of the jobs it runs
+				subjects.DoneFromWorker(id.WorkerID),  // terminal records, to their dispatcher
+				subjects.Attempt(id.WorkerID),         // retryable failures
+				kvPutPrefix + id.WorkerID,             // its own heartbeat (put and delete)
+				streamInfo(kvStream),                  // binding the registry bucket
+				"$KV." + subjects.BucketModels + ".*", // announcing the models it serves
+				streamInfo(modelsKV),                  // binding that bucket
 			},
-			SubscribeAllow: []string{bus.AssignSubject(id.WorkerID), bus.WorkerCancelSubject(id.WorkerID), inbox},
+			SubscribeAllow: []string{subjects.Assign(id.WorkerID), subjects.WorkerCancel(id.WorkerID), inbox},
 			AllowResponses: true, // answering the dispatcher's assign requests
 		}, nil
 	case RoleDispatcher:
@@ -208,10 +207,10 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			PublishAllow: []string{
 				jsAPI + ".>", // provisioning, consumers, pulls, message gets, the registry
 				"$JS.ACK.>", "$JS.FC.>",
-				bus.SubjectAssignAll, bus.SubjectWorkerCancelAll, bus.ReplyPrefix + ".>", bus.SubjectResultsAll, bus.SubjectDLQAll,
+				subjects.AssignAll, subjects.WorkerCancelAll, subjects.ReplyPrefix + ".>", subjects.ResultsAll, subjects.DLQAll,
 			},
-			SubscribeAllow: []string{bus.SubjectJobsAll, bus.SubjectCancelAll,
-				bus.SubjectDoneAll, bus.SubjectAttemptAll, bus.ReplyPrefix + ".>", inbox},
+			SubscribeAllow: []string{subjects.JobsAll, subjects.CancelAll,
+				subjects.DoneAll, subjects.AttemptAll, subjects.ReplyPrefix + ".>", inbox},
 			AllowResponses: true, // answering workers' terminal hand-overs
 		}, nil
 	}

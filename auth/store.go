@@ -217,7 +217,7 @@ func (s *Store) Identities() []Identity {
 	return out
 }
 
-// ServerUsers are the users, hashes and permissions for bus.ServerOptions.Users.
+// ServerUsers are the users, hashes and permissions for natsserver.Options.Users.
 func (s *Store) ServerUsers() []*server.User {
 	out := make([]*server.User, 0, len(s.doc.Users))
 	for _, u := range s.doc.Users {

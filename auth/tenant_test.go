@@ -4,6 +4,7 @@ import (
 	"testing"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 )
 
 // Every action a credential can name outside its tenant or its worker id is
@@ -11,8 +12,8 @@ import (
 // cancel or reply as tenant b, read b's replies, write any result; a worker
 // cannot write or read RESULTS, read others' cancels, or speak as another
 // worker. Each case is one subject, so a widened grant shows up as one line.
-// Mutation caught: granting the producer bus.SubjectJobsAll (or the worker
-// bus.SubjectResultsAll / bus.SubjectCancelAll) in PermissionsFor.
+// Mutation caught: granting the producer subjects.JobsAll (or the worker
+// subjects.ResultsAll / subjects.CancelAll) in PermissionsFor.
 func TestCredentialsRefusedOutsideTheirTenantOrWorker(t *testing.T) {
 	t.Parallel()
 	sb := startSecureBus(t)
@@ -21,39 +22,39 @@ func TestCredentialsRefusedOutsideTheirTenantOrWorker(t *testing.T) {
 		name          string
 		kind, subject string // kind "Publish" or "Subscription"
 	}{
-		{RoleProducer, "a", "Publish", bus.JobSubject("b", "normal", "x")},
-		{RoleProducer, "a", "Publish", bus.JobSubject("default", "high", "x")},
-		{RoleProducer, "a", "Publish", bus.CancelSubject("b", "x")},
-		{RoleProducer, "a", "Publish", bus.ResultSubject("a", "x")},
-		{RoleProducer, "a", "Publish", bus.ResultSubject("b", "x")},
+		{RoleProducer, "a", "Publish", subjects.Job("b", "normal", "x")},
+		{RoleProducer, "a", "Publish", subjects.Job("default", "high", "x")},
+		{RoleProducer, "a", "Publish", subjects.Cancel("b", "x")},
+		{RoleProducer, "a", "Publish", subjects.Result("a", "x")},
+		{RoleProducer, "a", "Publish", subjects.Result("b", "x")},
 		{RoleProducer, "a", "Publish", bus.ReplySubject("b", "x")},
 		{RoleProducer, "a", "Publish", bus.ReplySubject("a", "x")},
-		{RoleProducer, "a", "Publish", bus.DoneSubject("w1", "d1")},
-		{RoleProducer, "a", "Publish", bus.AttemptSubject("w1")},
-		{RoleProducer, "a", "Publish", bus.WorkerCancelSubject("w1")},
-		{RoleProducer, "a", "Publish", bus.DLQSubject("a", "x")},
+		{RoleProducer, "a", "Publish", subjects.Done("w1", "d1")},
+		{RoleProducer, "a", "Publish", subjects.Attempt("w1")},
+		{RoleProducer, "a", "Publish", subjects.WorkerCancel("w1")},
+		{RoleProducer, "a", "Publish", subjects.DLQ("a", "x")},
 		{RoleProducer, "a", "Publish", "$JS.API.STREAM.PURGE.RESULTS"},
 		{RoleProducer, "a", "Publish", "$JS.API.STREAM.MSG.DELETE.JOBS"},
 		{RoleProducer, "a", "Publish", "$KV.mlx_workers.w1"},
-		{RoleProducer, "a", "Subscription", bus.ReplyNamespace("b")},
-		{RoleProducer, "a", "Subscription", bus.SubjectJobsAll},
-		{RoleProducer, "a", "Subscription", bus.SubjectCancelAll},
-		{RoleProducer, "a", "Subscription", bus.SubjectResultsAll},
-		{RoleWorker, "w1", "Publish", bus.ResultSubject("a", "x")},
+		{RoleProducer, "a", "Subscription", subjects.ReplyNamespace("b")},
+		{RoleProducer, "a", "Subscription", subjects.JobsAll},
+		{RoleProducer, "a", "Subscription", subjects.CancelAll},
+		{RoleProducer, "a", "Subscription", subjects.ResultsAll},
+		{RoleWorker, "w1", "Publish", subjects.Result("a", "x")},
 		{RoleWorker, "w1", "Publish", "$JS.API.STREAM.MSG.GET.RESULTS"},
-		{RoleWorker, "w1", "Publish", "$JS.API.DIRECT.GET.RESULTS." + bus.ResultSubject("a", "x")},
-		{RoleWorker, "w1", "Publish", bus.DoneSubject("w2", "d1")},
-		{RoleWorker, "w1", "Publish", bus.AttemptSubject("w2")},
-		{RoleWorker, "w1", "Publish", bus.JobSubject("a", "normal", "x")},
-		{RoleWorker, "w1", "Publish", bus.CancelSubject("a", "x")},
-		{RoleWorker, "w1", "Publish", bus.WorkerCancelSubject("w2")},
-		{RoleWorker, "w1", "Subscription", bus.SubjectCancelAll},
-		{RoleWorker, "w1", "Subscription", bus.WorkerCancelSubject("w2")},
-		{RoleWorker, "w1", "Subscription", bus.SubjectResultsAll},
-		{RoleWorker, "w1", "Subscription", bus.ReplyNamespace("a")},
-		{RoleWorker, "w1", "Subscription", bus.SubjectDoneAll},
-		{RoleGateway, "", "Publish", bus.ResultSubject("a", "x")},
-		{RoleGateway, "", "Publish", bus.DoneSubject("w1", "d1")},
+		{RoleWorker, "w1", "Publish", "$JS.API.DIRECT.GET.RESULTS." + subjects.Result("a", "x")},
+		{RoleWorker, "w1", "Publish", subjects.Done("w2", "d1")},
+		{RoleWorker, "w1", "Publish", subjects.Attempt("w2")},
+		{RoleWorker, "w1", "Publish", subjects.Job("a", "normal", "x")},
+		{RoleWorker, "w1", "Publish", subjects.Cancel("a", "x")},
+		{RoleWorker, "w1", "Publish", subjects.WorkerCancel("w2")},
+		{RoleWorker, "w1", "Subscription", subjects.CancelAll},
+		{RoleWorker, "w1", "Subscription", subjects.WorkerCancel("w2")},
+		{RoleWorker, "w1", "Subscription", subjects.ResultsAll},
+		{RoleWorker, "w1", "Subscription", subjects.ReplyNamespace("a")},
+		{RoleWorker, "w1", "Subscription", subjects.DoneAll},
+		{RoleGateway, "", "Publish", subjects.Result("a", "x")},
+		{RoleGateway, "", "Publish", subjects.Done("w1", "d1")},
 	}
 	for _, c := range cases {
 		cl := sb.connect(c.role, c.name)

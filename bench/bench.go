@@ -22,9 +22,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/nats-io/nats.go"
-
-	"github.com/mlx-serving/mlx-serving/bus"
 )
 
 // The paths, in the order they run.
@@ -362,7 +361,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		}
 		// Jobs left over (a timed-out run) must not count against the queue
 		// depth measured below.
-		if s, err := st.js.Stream(ctx, bus.StreamJobs); err == nil {
+		if s, err := st.js.Stream(ctx, subjects.StreamJobs); err == nil {
 			_ = s.Purge(ctx)
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -32,7 +33,7 @@ func queueJobs(ctx context.Context, js jetstream.JetStream, n int, progress func
 		job.Tenant = "bench"
 		job.ReplyTo = bus.ReplySubject(job.Tenant, job.ID)
 		data, _ := json.Marshal(job)
-		if _, err := js.PublishAsync(bus.JobSubject(job.Tenant, "low", job.ID), data, jetstream.WithMsgID(job.ID), jetstream.WithStallWait(time.Minute)); err != nil {
+		if _, err := js.PublishAsync(subjects.Job(job.Tenant, "low", job.ID), data, jetstream.WithMsgID(job.ID), jetstream.WithStallWait(time.Minute)); err != nil {
 			return fmt.Errorf("publish queued job %d: %w", i, err)
 		}
 		progress()
@@ -42,7 +43,7 @@ func queueJobs(ctx context.Context, js jetstream.JetStream, n int, progress func
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	s, err := js.Stream(ctx, bus.StreamJobs)
+	s, err := js.Stream(ctx, subjects.StreamJobs)
 	if err != nil {
 		return err
 	}

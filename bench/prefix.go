@@ -19,6 +19,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -149,7 +151,7 @@ func RunPrefix(ctx context.Context, o PrefixOptions) (*PrefixReport, error) {
 
 // prefixStack is NATS in this process, a dispatcher and the workers as children.
 type prefixStack struct {
-	srv      *bus.Server
+	srv      *natsserver.Server
 	nc       *nats.Conn
 	js       jetstream.JetStream
 	children []*child
@@ -175,7 +177,7 @@ func startPrefixStack(ctx context.Context, o PrefixOptions, m PrefixMode, model,
 	}
 	s := &prefixStack{}
 	var err error
-	if s.srv, err = bus.StartServer(ctx, bus.ServerOptions{Host: "127.0.0.1", Port: -1, StoreDir: filepath.Join(dir, "jetstream"),
+	if s.srv, err = natsserver.Start(ctx, natsserver.Options{Host: "127.0.0.1", Port: -1, StoreDir: filepath.Join(dir, "jetstream"),
 		SyncAlways: o.SyncAlways, ServerName: "mlx-serving-bench-prefix", Logger: zerolog.Nop()}); err != nil {
 		return nil, fmt.Errorf("start NATS: %w", err)
 	}
@@ -186,7 +188,7 @@ func startPrefixStack(ctx context.Context, o PrefixOptions, m PrefixMode, model,
 	if s.js, err = jetstream.New(s.nc); err != nil {
 		return fail(err)
 	}
-	if err := bus.Provision(ctx, s.js, bus.ProvisionOptions{}); err != nil {
+	if err := jsprov.Provision(ctx, s.js, jsprov.Options{}); err != nil {
 		return fail(fmt.Errorf("provision: %w", err))
 	}
 	common := []string{"--nats", s.srv.ClientURL(), "--log-level", "warn", "--data-dir", dir}

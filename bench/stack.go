@@ -19,6 +19,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -113,7 +115,7 @@ func rss(pid int) (cur, peak int64, err error) {
 // started from this very binary.
 type stack struct {
 	dir        string
-	srv        *bus.Server
+	srv        *natsserver.Server
 	nc         *nats.Conn
 	js         jetstream.JetStream
 	dispatcher *child
@@ -138,7 +140,7 @@ type stackOptions struct {
 
 func startStack(ctx context.Context, o stackOptions) (*stack, error) {
 	s := &stack{dir: o.Dir, workerID: "bench-worker"}
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{
+	srv, err := natsserver.Start(ctx, natsserver.Options{
 		Host: "127.0.0.1", Port: -1, StoreDir: filepath.Join(o.Dir, "jetstream"),
 		SyncAlways: o.SyncAlways, ServerName: "mlx-serving-bench",
 		Logger: zerolog.Nop(),
@@ -155,7 +157,7 @@ func startStack(ctx context.Context, o stackOptions) (*stack, error) {
 		s.close()
 		return nil, err
 	}
-	if err := bus.Provision(ctx, s.js, bus.ProvisionOptions{JobsMaxMsgs: int64(o.JobsMaxMsgs)}); err != nil {
+	if err := jsprov.Provision(ctx, s.js, jsprov.Options{JobsMaxMsgs: int64(o.JobsMaxMsgs)}); err != nil {
 		s.close()
 		return nil, fmt.Errorf("provision: %w", err)
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -80,7 +81,7 @@ func dispatchThroughput(ctx context.Context, url string, n, workers, slots int, 
 	}
 	var done atomic.Int64
 	all := make(chan struct{})
-	sub, err := nc.Subscribe(bus.SubjectResultsAll, func(*nats.Msg) {
+	sub, err := nc.Subscribe(subjects.ResultsAll, func(*nats.Msg) {
 		progress()
 		if done.Add(1) == int64(n) {
 			close(all)
@@ -102,7 +103,7 @@ func dispatchThroughput(ctx context.Context, url string, n, workers, slots int, 
 		job.Tenant = "bench"
 		job.ReplyTo = bus.ReplySubject(job.Tenant, job.ID)
 		data, _ := json.Marshal(job)
-		if _, err := js.PublishAsync(bus.JobSubject(job.Tenant, "normal", job.ID), data, jetstream.WithMsgID(job.ID), jetstream.WithStallWait(time.Minute)); err != nil {
+		if _, err := js.PublishAsync(subjects.Job(job.Tenant, "normal", job.ID), data, jetstream.WithMsgID(job.ID), jetstream.WithStallWait(time.Minute)); err != nil {
 			return r, fmt.Errorf("publish: %w", err)
 		}
 	}

@@ -12,6 +12,10 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -24,7 +28,7 @@ func ExampleSubmitStream() {
 	defer cancel()
 	dir, _ := os.MkdirTemp("", "mlx-bus-example-")
 	defer os.RemoveAll(dir)
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: dir})
+	srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: dir})
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -33,7 +37,7 @@ func ExampleSubmitStream() {
 	nc, _ := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{srv.ClientURL()}})
 	defer nc.Close()
 	js, _ := jetstream.New(nc)
-	if err := bus.Provision(ctx, js, bus.ProvisionOptions{}); err != nil {
+	if err := jsprov.Provision(ctx, js, jsprov.Options{}); err != nil {
 		fmt.Println(err)
 		return
 	}
@@ -76,7 +80,7 @@ func ExampleSubmitStream() {
 // standInWorker answers the next job the way a worker does: token events on the
 // job's reply subject, then the terminal record — RESULTS first, then the event.
 func standInWorker(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, deltas []string) {
-	cons, err := js.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{Durable: "example"})
+	cons, err := js.CreateOrUpdateConsumer(ctx, subjects.StreamJobs, jetstream.ConsumerConfig{Durable: "example"})
 	if err != nil {
 		panic(err)
 	}
@@ -97,7 +101,7 @@ func standInWorker(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, d
 			res := &schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: 1, Seq: len(deltas), Status: schemas.StatusCompleted,
 				FinishReason: "stop", Text: text, Usage: schemas.Usage{PromptTokens: 7, CompletionTokens: len(deltas), TotalTokens: 7 + len(deltas)},
 				Model: job.Model, Tenant: job.Tenant, FinishedAt: time.Now().UTC()}
-			if bus.RecordResult(ctx, js, res) == nil {
+			if results.Record(ctx, js, res) == nil {
 				data, _ := json.Marshal(res)
 				_ = nc.Publish(job.ReplyTo, data)
 			}

@@ -8,12 +8,14 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
 // A backend service with an embedded bus: start the server, provision the streams,
-// and submit a job. Against a shared NATS cluster, skip StartServer and pass its
+// and submit a job. Against a shared NATS cluster, skip natsserver.Start and pass its
 // URLs to Connect.
 func Example() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -26,7 +28,7 @@ func Example() {
 	}
 	defer os.RemoveAll(dir)
 
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: dir, SyncAlways: true})
+	srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: dir, SyncAlways: true})
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -45,7 +47,7 @@ func Example() {
 		fmt.Println(err)
 		return
 	}
-	if err := bus.Provision(ctx, js, bus.ProvisionOptions{}); err != nil {
+	if err := jsprov.Provision(ctx, js, jsprov.Options{}); err != nil {
 		fmt.Println(err)
 		return
 	}

@@ -7,6 +7,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -15,7 +18,7 @@ import (
 
 // testBus is one embedded server, a connection and a JetStream context on it.
 type testBus struct {
-	srv *Server
+	srv *natsserver.Server
 	dir string
 	nc  *nats.Conn
 	js  jetstream.JetStream
@@ -23,30 +26,30 @@ type testBus struct {
 
 // startBus starts an embedded server on a random port with a t.TempDir() store,
 // provisions it with popts and connects. Everything is torn down in t.Cleanup.
-func startBus(t *testing.T, popts ProvisionOptions) *testBus {
+func startBus(t *testing.T, popts jsprov.Options) *testBus {
 	t.Helper()
 	b := &testBus{dir: t.TempDir()}
-	b.srv = startServerAt(t, b.dir, ServerOptions{})
+	b.srv = startServerAt(t, b.dir, natsserver.Options{})
 	b.nc, b.js = connectTo(t, b.srv)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := Provision(ctx, b.js, popts); err != nil {
+	if err := jsprov.Provision(ctx, b.js, popts); err != nil {
 		t.Fatalf("Provision: %v", err)
 	}
 	return b
 }
 
 // startServerAt starts a server on dir, shut down in t.Cleanup.
-func startServerAt(t *testing.T, dir string, opts ServerOptions) *Server {
+func startServerAt(t *testing.T, dir string, opts natsserver.Options) *natsserver.Server {
 	t.Helper()
 	opts.Port = -1
 	opts.StoreDir = dir
 	opts.Logger = testLogger(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	srv, err := StartServer(ctx, opts)
+	srv, err := natsserver.Start(ctx, opts)
 	if err != nil {
-		t.Fatalf("StartServer: %v", err)
+		t.Fatalf("natsserver.Start: %v", err)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -58,7 +61,7 @@ func startServerAt(t *testing.T, dir string, opts ServerOptions) *Server {
 	return srv
 }
 
-func connectTo(t *testing.T, srv *Server) (*nats.Conn, jetstream.JetStream) {
+func connectTo(t *testing.T, srv *natsserver.Server) (*nats.Conn, jetstream.JetStream) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -106,7 +109,7 @@ func streamMsgs(t *testing.T, js jetstream.JetStream, name string) uint64 {
 // jobsInStream reads every message of JOBS without consuming it.
 func jobsInStream(t *testing.T, js jetstream.JetStream) []*jetstream.RawStreamMsg {
 	t.Helper()
-	s, err := js.Stream(ctxT(t), StreamJobs)
+	s, err := js.Stream(ctxT(t), subjects.StreamJobs)
 	if err != nil {
 		t.Fatalf("stream JOBS: %v", err)
 	}

@@ -5,6 +5,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -12,11 +15,11 @@ import (
 // queues one whose worker announced it (or did within the grace period), and
 // queues anything while no model is served at all: then the fleet is down, and
 // jobs wait for it. Mutations caught: dropping the check in Submit (the typo is
-// queued); ModelServed answering false on an empty bucket (the outage job is
+// queued); registry.ModelServed answering false on an empty bucket (the outage job is
 // refused); an expired announcement still counting (the grace test).
 func TestSubmitFailsFastOnAnUnservedModel(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{ModelGrace: time.Second})
+	b := startBus(t, jsprov.Options{ModelGrace: time.Second})
 	ctx := ctxT(t)
 	p, err := NewProducer(b.nc, WithTenant("acme"))
 	if err != nil {
@@ -30,11 +33,11 @@ func TestSubmitFailsFastOnAnUnservedModel(t *testing.T) {
 	if err := submit("outage", "tiny", p); err != nil {
 		t.Fatalf("nothing served anywhere (an outage): the job must queue, got %v", err)
 	}
-	kv, err := b.js.KeyValue(ctx, BucketModels)
+	kv, err := b.js.KeyValue(ctx, subjects.BucketModels)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := AnnounceModels(ctx, kv, []string{"tiny", "org/Model-8B:q4"}); err != nil {
+	if err := registry.AnnounceModels(ctx, kv, []string{"tiny", "org/Model-8B:q4"}); err != nil {
 		t.Fatal(err)
 	}
 	if err := submit("served", "org/Model-8B:q4", p); err != nil {
@@ -56,7 +59,7 @@ func TestSubmitFailsFastOnAnUnservedModel(t *testing.T) {
 	// the fleet counts as down again (jobs wait).
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		served, err := ModelServed(ctx, b.js, "never-announced")
+		served, err := registry.ModelServed(ctx, b.js, "never-announced")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -68,19 +71,7 @@ func TestSubmitFailsFastOnAnUnservedModel(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond) // polling the bucket's TTL, which no event reports
 	}
-	if served, _ := ModelServed(ctx, b.js, "tiny"); !served {
+	if served, _ := registry.ModelServed(ctx, b.js, "tiny"); !served {
 		t.Fatal("empty bucket must count as an outage")
-	}
-}
-
-func TestModelKeyIsAValidKVKey(t *testing.T) {
-	for _, m := range []string{"tiny", "mlx-community/Qwen2.5-0.5B-Instruct-4bit", "/Users/me/models/x y", "a:b@c", ""} {
-		k := ModelKey(m)
-		if len(k) != 33 || k[0] != 'm' {
-			t.Fatalf("ModelKey(%q) = %q", m, k)
-		}
-	}
-	if ModelKey("a") == ModelKey("b") {
-		t.Fatal("distinct models share a key")
 	}
 }

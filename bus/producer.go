@@ -11,6 +11,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/jserr"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/mlx-serving/mlx-serving/tracing"
 	"github.com/nats-io/nats.go"
@@ -64,7 +67,7 @@ func WithProducerLogger(l zerolog.Logger) ProducerOption { return func(p *Produc
 
 // WithoutModelCheck queues jobs for any model. By default Submit refuses, with
 // ErrModelNotServed, a job whose model no worker has served within the model
-// grace period while others are served (see ModelServed); with this option the
+// grace period while others are served (see registry.ModelServed); with this option the
 // job is queued and the dispatcher dead-letters it if no worker comes for it.
 func WithoutModelCheck() ProducerOption { return func(p *Producer) { p.noModelCheck = true } }
 
@@ -144,7 +147,7 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack Sub
 	if verr := p.subjectViolations(job); verr != nil {
 		return SubmitAck{}, verr
 	}
-	ack = SubmitAck{JobID: job.ID, Subject: JobSubject(job.Tenant, job.Priority, job.ID), ReplyTo: job.ReplyTo}
+	ack = SubmitAck{JobID: job.ID, Subject: subjects.Job(job.Tenant, job.Priority, job.ID), ReplyTo: job.ReplyTo}
 	if p.nc.IsClosed() || !p.nc.IsConnected() {
 		return ack, fmt.Errorf("bus: submit %s: %w (status %s)", job.ID, ErrNotConnected, p.nc.Status())
 	}
@@ -154,7 +157,7 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack Sub
 
 	// A finished job's id is refused for as long as RESULTS keeps its record, not
 	// only within the duplicate window.
-	if _, err := FetchResult(ctx, p.js, job.Tenant, job.ID); err == nil {
+	if _, err := results.Fetch(ctx, p.js, job.Tenant, job.ID); err == nil {
 		return ack, fmt.Errorf("bus: submit %s: %w: job already has a result", job.ID, ErrDuplicate)
 	} else if !errors.Is(err, ErrNoResult) {
 		return ack, fmt.Errorf("bus: submit %s: check results: %w", job.ID, err)
@@ -176,7 +179,7 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack Sub
 	// limit, a finished one by the RESULTS check above, and a resubmission that
 	// slips between the two is acked without running by the dispatcher (it finds
 	// the record).
-	pa, err := p.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(StreamJobs))
+	pa, err := p.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(subjects.StreamJobs))
 	if err != nil {
 		return ack, p.mapSubmitError(job.ID, err)
 	}
@@ -189,20 +192,20 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack Sub
 }
 
 func (p *Producer) mapSubmitError(jobID string, err error) error {
-	switch storeRefusal(err) {
-	case storeErrMaxMsgs, storeErrMaxBytes:
+	switch jserr.StoreRefusal(err) {
+	case jserr.StoreMaxMsgs, jserr.StoreMaxBytes:
 		return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrQueueFull, err)
-	case storeErrMaxMsgsPerSubject:
+	case jserr.StoreMaxMsgsPerSubject:
 		// The job's subject already holds it: queued or running.
 		return fmt.Errorf("bus: submit %s: %w: job is already queued", jobID, ErrDuplicate)
-	case storeErrMsgTooLarge:
+	case jserr.StoreMsgTooLarge:
 		return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrJobTooLarge, err)
 	}
-	if ae, ok := apiError(err); ok {
+	if ae, ok := jserr.APIError(err); ok {
 		switch ae.ErrorCode {
-		case jsErrInsufficientResources:
+		case jserr.CodeInsufficientResources:
 			return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrQueueFull, err)
-		case jsErrMessageExceedsMaximum:
+		case jserr.CodeMessageExceedsMaximum:
 			return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrJobTooLarge, err)
 		}
 	}
@@ -212,7 +215,7 @@ func (p *Producer) mapSubmitError(jobID string, err error) error {
 	if (errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout)) && !p.nc.IsConnected() {
 		return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrNotConnected, err)
 	}
-	return mapPublishError(err, "submit "+jobID)
+	return jserr.Map(err, "submit "+jobID)
 }
 
 // Cancel asks for a job to be cancelled. The request is stored in CANCELS, so a
@@ -242,8 +245,8 @@ func (p *Producer) TenantCancel(ctx context.Context, tenant, jobID, reason strin
 	}
 	ctx, cancel := p.withTimeout(ctx)
 	defer cancel()
-	if _, err := p.js.Publish(ctx, CancelSubject(tenant, jobID), data, jetstream.WithExpectStream(StreamCancels)); err != nil {
-		return mapPublishError(err, "cancel "+jobID)
+	if _, err := p.js.Publish(ctx, subjects.Cancel(tenant, jobID), data, jetstream.WithExpectStream(subjects.StreamCancels)); err != nil {
+		return jserr.Map(err, "cancel "+jobID)
 	}
 	p.log.Debug().Str("job_id", jobID).Str("reason", reason).Msg("cancel requested")
 	return nil
@@ -261,7 +264,7 @@ func (p *Producer) Result(ctx context.Context, jobID string) (*schemas.ResultMsg
 func (p *Producer) TenantResult(ctx context.Context, tenant, jobID string) (*schemas.ResultMsg, error) {
 	ctx, cancel := p.withTimeout(ctx)
 	defer cancel()
-	return FetchResult(ctx, p.js, tenant, jobID)
+	return results.Fetch(ctx, p.js, tenant, jobID)
 }
 
 func (p *Producer) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -301,8 +304,8 @@ func (p *Producer) subjectViolations(job *schemas.JobRequest) error {
 	vs := tokenViolations(job)
 	if p.tenant != "" && job.Tenant != p.tenant {
 		vs = append(vs, schemas.Violation{Path: "$.tenant", Reason: "must be the producer's tenant " + strconv.Quote(p.tenant)})
-	} else if !ReplyInTenant(job.Tenant, job.ReplyTo) {
-		vs = append(vs, schemas.Violation{Path: "$.reply_to", Reason: "must be a subject under " + ReplyNamespace(job.Tenant)})
+	} else if !subjects.ReplyInTenant(job.Tenant, job.ReplyTo) {
+		vs = append(vs, schemas.Violation{Path: "$.reply_to", Reason: "must be a subject under " + subjects.ReplyNamespace(job.Tenant)})
 	}
 	if len(vs) == 0 {
 		return nil

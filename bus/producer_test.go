@@ -9,13 +9,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
 func TestSubmitLandsInJobs(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{})
+	b := startBus(t, jsprov.Options{})
 	fixed := time.Date(2026, 5, 6, 7, 8, 9, 0, time.UTC)
 	p, err := NewProducer(b.nc, WithTenant("acme"), WithDefaultModel("tiny"), WithClock(func() time.Time { return fixed }))
 	if err != nil {
@@ -31,7 +35,7 @@ func TestSubmitLandsInJobs(t *testing.T) {
 	if len(job.ID) != 26 || job.ID != ack.JobID {
 		t.Fatalf("generated id %q (ack %q): want a 26-char ULID reported in the ack", job.ID, ack.JobID)
 	}
-	if ack.Subject != "mlx.jobs.acme.high."+job.ID || ack.Stream != StreamJobs || ack.Sequence != 1 {
+	if ack.Subject != "mlx.jobs.acme.high."+job.ID || ack.Stream != subjects.StreamJobs || ack.Sequence != 1 {
 		t.Errorf("ack = %+v", ack)
 	}
 	if want := "mlx.reply.acme." + job.ID; job.ReplyTo != want || ack.ReplyTo != want || p.ReplySubject(job.ID) != want {
@@ -43,7 +47,7 @@ func TestSubmitLandsInJobs(t *testing.T) {
 		t.Fatalf("JOBS has %d messages, want 1", len(msgs))
 	}
 	m := msgs[0]
-	if m.Subject != JobSubject("acme", schemas.PriorityHigh, job.ID) {
+	if m.Subject != subjects.Job("acme", schemas.PriorityHigh, job.ID) {
 		t.Errorf("subject %q", m.Subject)
 	}
 	// No Nats-Msg-Id: the duplicate window is shared by every tenant, so a job
@@ -97,7 +101,7 @@ func TestSubmitLandsInJobs(t *testing.T) {
 
 func TestSubmitDuplicateID(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{})
+	b := startBus(t, jsprov.Options{})
 	p, err := NewProducer(b.nc)
 	if err != nil {
 		t.Fatal(err)
@@ -117,7 +121,7 @@ func TestSubmitDuplicateID(t *testing.T) {
 	}
 
 	// A job still queued is refused by its subject, however it got there.
-	if _, err := b.js.Publish(ctx, JobSubject("", "normal", "dup-2"), []byte(`{}`)); err != nil {
+	if _, err := b.js.Publish(ctx, subjects.Job("", "normal", "dup-2"), []byte(`{}`)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := p.Submit(ctx, newJob("dup-2", "again")); !errors.Is(err, ErrDuplicate) {
@@ -125,20 +129,20 @@ func TestSubmitDuplicateID(t *testing.T) {
 	}
 
 	// A job that already finished is refused for as long as RESULTS keeps it.
-	if err := RecordResult(ctx, b.js, newResult("done-1", 1, "w1", "hi")); err != nil {
+	if err := results.Record(ctx, b.js, newResult("done-1", 1, "w1", "hi")); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := p.Submit(ctx, newJob("done-1", "again")); !errors.Is(err, ErrDuplicate) {
 		t.Fatalf("resubmit of a finished job: err = %v, want ErrDuplicate", err)
 	}
-	if n := streamMsgs(t, b.js, StreamJobs); n != 2 {
+	if n := streamMsgs(t, b.js, subjects.StreamJobs); n != 2 {
 		t.Fatalf("JOBS has %d messages, want 2", n)
 	}
 }
 
 func TestSubmitQueueFull(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{JobsMaxMsgs: 5})
+	b := startBus(t, jsprov.Options{JobsMaxMsgs: 5})
 	p, err := NewProducer(b.nc)
 	if err != nil {
 		t.Fatal(err)
@@ -165,7 +169,7 @@ func TestSubmitQueueFull(t *testing.T) {
 	}
 	for _, m := range msgs {
 		j := decodeJob(t, m.Data)
-		if want[j.ID] != j.Prompt || m.Subject != JobSubject("", "normal", j.ID) {
+		if want[j.ID] != j.Prompt || m.Subject != subjects.Job("", "normal", j.ID) {
 			t.Errorf("queued job %s (%s) prompt %q, want %q", j.ID, m.Subject, j.Prompt, want[j.ID])
 		}
 		delete(want, j.ID)
@@ -177,7 +181,7 @@ func TestSubmitQueueFull(t *testing.T) {
 
 func TestSubmitQueueFullByBytes(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{JobsMaxBytes: 2048})
+	b := startBus(t, jsprov.Options{JobsMaxBytes: 2048})
 	p, err := NewProducer(b.nc)
 	if err != nil {
 		t.Fatal(err)
@@ -194,7 +198,7 @@ func TestSubmitQueueFullByBytes(t *testing.T) {
 
 func TestSubmitTooLarge(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{JobsMaxMsgSize: 512})
+	b := startBus(t, jsprov.Options{JobsMaxMsgSize: 512})
 	p, err := NewProducer(b.nc)
 	if err != nil {
 		t.Fatal(err)
@@ -206,7 +210,7 @@ func TestSubmitTooLarge(t *testing.T) {
 
 func TestSubmitInvalidJobPublishesNothing(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{})
+	b := startBus(t, jsprov.Options{})
 	p, err := NewProducer(b.nc)
 	if err != nil {
 		t.Fatal(err)
@@ -240,14 +244,14 @@ func TestSubmitInvalidJobPublishesNothing(t *testing.T) {
 			t.Errorf("%s: violations %+v do not name %s", tc.name, verr.Violations, tc.path)
 		}
 	}
-	if n := streamMsgs(t, b.js, StreamJobs); n != 0 {
+	if n := streamMsgs(t, b.js, subjects.StreamJobs); n != 0 {
 		t.Fatalf("JOBS has %d messages after invalid submits, want 0", n)
 	}
 }
 
 func TestSubmitWithoutStreamsOrConnection(t *testing.T) {
 	t.Parallel()
-	srv := startServerAt(t, t.TempDir(), ServerOptions{})
+	srv := startServerAt(t, t.TempDir(), natsserver.Options{})
 	nc, _ := connectTo(t, srv)
 	p, err := NewProducer(nc)
 	if err != nil {
@@ -271,7 +275,7 @@ func TestSubmitWithoutStreamsOrConnection(t *testing.T) {
 
 func TestCancelLandsInCancels(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{})
+	b := startBus(t, jsprov.Options{})
 	p, err := NewProducer(b.nc, WithTenant("acme"))
 	if err != nil {
 		t.Fatal(err)
@@ -283,11 +287,11 @@ func TestCancelLandsInCancels(t *testing.T) {
 	if err := p.Cancel(ctx, "job-c", "user gave up"); err != nil {
 		t.Fatalf("second Cancel: %v", err)
 	}
-	s, err := b.js.Stream(ctx, StreamCancels)
+	s, err := b.js.Stream(ctx, subjects.StreamCancels)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := s.GetLastMsgForSubject(ctx, CancelSubject("acme", "job-c"))
+	m, err := s.GetLastMsgForSubject(ctx, subjects.Cancel("acme", "job-c"))
 	if err != nil {
 		t.Fatalf("cancel not in CANCELS: %v", err)
 	}
@@ -298,7 +302,7 @@ func TestCancelLandsInCancels(t *testing.T) {
 	if c.JobID != "job-c" || c.Reason != "user gave up" || c.Tenant != "acme" || c.RequestedAt.IsZero() {
 		t.Errorf("cancel = %+v", c)
 	}
-	if n := streamMsgs(t, b.js, StreamCancels); n != 1 {
+	if n := streamMsgs(t, b.js, subjects.StreamCancels); n != 1 {
 		t.Errorf("CANCELS has %d messages, want 1 (the latest per job)", n)
 	}
 	if err := p.Cancel(ctx, "a.b", "x"); !errors.Is(err, schemas.ErrInvalid) {
@@ -342,5 +346,35 @@ func TestNewULID(t *testing.T) {
 	}
 	if ms < before || ms > after {
 		t.Errorf("id %s encodes %d ms, want within [%d, %d]", id, ms, before, after)
+	}
+}
+
+// A producer reads its own tenant's records: Result under its tenant,
+// TenantResult under the one named, ErrNoResult for another tenant's.
+func TestProducerResultIsPerTenant(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, jsprov.Options{})
+	ctx := ctxT(t)
+	r := newResult("job-t", 1, "w", "for a")
+	r.Tenant = "a"
+	if err := results.Record(ctx, b.js, r); err != nil {
+		t.Fatal(err)
+	}
+	pa, err := NewProducer(b.nc, WithTenant("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := pa.Result(ctx, "job-t"); err != nil || got.Text != "for a" {
+		t.Fatalf("tenant a's producer: %+v, %v", got, err)
+	}
+	pd, err := NewProducer(b.nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pd.Result(ctx, "job-t"); !errors.Is(err, ErrNoResult) {
+		t.Fatalf("the default tenant's producer sees tenant a's record: err = %v, want ErrNoResult", err)
+	}
+	if got, err := pd.TenantResult(ctx, "a", "job-t"); err != nil || got.Text != "for a" {
+		t.Fatalf("TenantResult(a): %+v, %v", got, err)
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/mlx-serving/mlx-serving/internal/jserr"
+	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -179,7 +181,7 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenan
 	cancel()
 	if err != nil {
 		_ = sub.Unsubscribe()
-		if isDisconnected(err) {
+		if jserr.IsDisconnected(err) {
 			return nil, fmt.Errorf("bus: subscribe %s: %w: %v", replyTo, ErrNotConnected, err)
 		}
 		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
@@ -422,7 +424,7 @@ const (
 
 // lookup reads the job's RESULTS record; ok is false when there is none yet.
 func (s *JobStream) lookup(ctx context.Context) (Event, bool, error) {
-	res, err := FetchResult(ctx, s.js, s.tenant, s.jobID)
+	res, err := results.Fetch(ctx, s.js, s.tenant, s.jobID)
 	if errors.Is(err, ErrNoResult) {
 		return Event{}, false, nil
 	}

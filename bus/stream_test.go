@@ -7,6 +7,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/results"
+
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
 // apply plays events into a caller's text the way JobStream's users must.
@@ -78,7 +82,7 @@ func TestJobStreamDropsOffsetOutOfRange(t *testing.T) {
 // Mutation caught: returning the event in Next without s.confirm.
 func TestJobStreamHandsOverOnlyTheStoredRecord(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{})
+	b := startBus(t, jsprov.Options{})
 	p, err := NewProducer(b.nc, WithTenant("acme"))
 	if err != nil {
 		t.Fatal(err)
@@ -101,7 +105,7 @@ func TestJobStreamHandsOverOnlyTheStoredRecord(t *testing.T) {
 	real.Tenant = "acme"
 	go func() {
 		time.Sleep(400 * time.Millisecond) // fault injection: the record comes late
-		_ = Finish(context.Background(), b.js, real, "")
+		_ = results.Finish(context.Background(), b.js, real, "")
 	}()
 	ev, err := stream.Next(ctx)
 	if err != nil {

@@ -15,6 +15,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 )
 
 // TestConnectOverTLSWithCAFile runs an embedded server that requires TLS with a
@@ -55,7 +57,7 @@ func TestConnectOverTLSWithCAFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := startServerAt(t, t.TempDir(), ServerOptions{TLS: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}})
+	srv := startServerAt(t, t.TempDir(), natsserver.Options{TLS: &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

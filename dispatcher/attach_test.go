@@ -10,7 +10,9 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -18,7 +20,7 @@ import (
 // leader, a server restarting) waits for it instead of exiting, then works.
 func TestRunWaitsForJetStream(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	nc := e.connect("d1")
 	u, _ := url.Parse(e.srv.ClientURL())
 	port, _ := strconv.Atoi(u.Port())
@@ -33,7 +35,7 @@ func TestRunWaitsForJetStream(t *testing.T) {
 	defer stop()
 
 	time.Sleep(500 * time.Millisecond) // let Run fail to attach at least once
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: port, StoreDir: dir})
+	srv, err := natsserver.Start(ctx, natsserver.Options{Port: port, StoreDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +43,7 @@ func TestRunWaitsForJetStream(t *testing.T) {
 	e.srv = srv
 	e.nc, e.js = e.connect("test"), nil
 	e.js, _ = jetstream.New(e.nc)
-	e.kv, _ = e.js.KeyValue(ctx, bus.BucketWorkers)
+	e.kv, _ = e.js.KeyValue(ctx, subjects.BucketWorkers)
 
 	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{} })
 	j := newJob("after-restart", "m", "normal")
@@ -55,10 +57,10 @@ func TestRunWaitsForJetStream(t *testing.T) {
 // Streams that do not exist are a setup error, not something to wait for.
 func TestRunFailsFastWithoutStreams(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := e.js.DeleteStream(ctx, bus.StreamJobs); err != nil {
+	if err := e.js.DeleteStream(ctx, subjects.StreamJobs); err != nil {
 		t.Fatal(err)
 	}
 	d, err := New(testConfig("d1", e.connect("d1")))

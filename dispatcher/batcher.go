@@ -9,7 +9,7 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 )
@@ -228,7 +228,7 @@ func (d *Dispatcher) assign(b *batch) {
 	if err == nil {
 		ctx, cancel := context.WithTimeout(d.wctx, d.cfg.AssignTimeout)
 		var m *nats.Msg
-		m, err = d.nc.RequestWithContext(ctx, bus.AssignSubject(b.worker), data)
+		m, err = d.nc.RequestWithContext(ctx, subjects.Assign(b.worker), data)
 		cancel()
 		if err == nil {
 			reply, err = decodeAssignReply(m.Data)

@@ -8,7 +8,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/nats-io/nats.go"
 )
 
@@ -27,7 +29,7 @@ func benchSyncs(b *testing.B, opts fakeWorkerOptions) {
 		if always {
 			name = "sync=always"
 		}
-		b.Run(name, func(b *testing.B) { benchDispatch(b, bus.ServerOptions{SyncAlways: always}, opts) })
+		b.Run(name, func(b *testing.B) { benchDispatch(b, natsserver.Options{SyncAlways: always}, opts) })
 	}
 }
 
@@ -39,8 +41,8 @@ func BenchmarkDispatchSlowHeartbeat(b *testing.B) {
 	benchSyncs(b, fakeWorkerOptions{HeartbeatEvery: time.Second, Quiet: true})
 }
 
-func benchDispatch(b *testing.B, sopts bus.ServerOptions, opts fakeWorkerOptions) {
-	e := newEnvWith(b, sopts, bus.ProvisionOptions{JobsMaxMsgs: 1 << 20})
+func benchDispatch(b *testing.B, sopts natsserver.Options, opts fakeWorkerOptions) {
+	e := newEnvWith(b, sopts, jsprov.Options{JobsMaxMsgs: 1 << 20})
 	w1 := e.startWorkerWith("w1", 16, []string{"m"}, nil, opts)
 	w2 := e.startWorkerWith("w2", 16, []string{"m"}, nil, opts)
 	cfg := testConfig("bench", e.connect("bench"))
@@ -52,7 +54,7 @@ func benchDispatch(b *testing.B, sopts bus.ServerOptions, opts fakeWorkerOptions
 	var done atomic.Int64
 	all := make(chan struct{})
 	target := int64(b.N)
-	sub, _ := e.nc.Subscribe(bus.SubjectResultsAll, func(*nats.Msg) {
+	sub, _ := e.nc.Subscribe(subjects.ResultsAll, func(*nats.Msg) {
 		if done.Add(1) == target {
 			close(all)
 		}
@@ -69,7 +71,7 @@ func benchDispatch(b *testing.B, sopts bus.ServerOptions, opts fakeWorkerOptions
 		now := time.Now()
 		j.CreatedAt = &now
 		data, _ := json.Marshal(j)
-		if _, err := e.js.PublishAsync(bus.JobSubject(j.Tenant, "normal", j.ID), data); err != nil {
+		if _, err := e.js.PublishAsync(subjects.Job(j.Tenant, "normal", j.ID), data); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -99,7 +101,7 @@ func benchDispatch(b *testing.B, sopts bus.ServerOptions, opts fakeWorkerOptions
 // dispatch latency then is the dispatcher's own (pull, checks, batch window of
 // MaxWait=1ms, assignment round trip), not queueing.
 func BenchmarkDispatchLatencyIdle(b *testing.B) {
-	e := newEnv(b, bus.ProvisionOptions{JobsMaxMsgs: 1 << 20})
+	e := newEnv(b, jsprov.Options{JobsMaxMsgs: 1 << 20})
 	w := e.startWorker("w1", 4, []string{"m"}, nil)
 	cfg := testConfig("bench", e.connect("bench"))
 	cfg.MaxWait = time.Millisecond

@@ -8,7 +8,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -22,7 +23,7 @@ import (
 func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 	info, err := d.cancelsStream.Info(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("dispatcher: stream %s: %w", bus.StreamCancels, err)
+		return nil, fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamCancels, err)
 	}
 	backlog := info.State.LastSeq
 	d.mu.Lock()
@@ -33,9 +34,9 @@ func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 		close(caughtUp)
 	}
 	var once sync.Once
-	c, err := d.js.OrderedConsumer(ctx, bus.StreamCancels, jetstream.OrderedConsumerConfig{FilterSubjects: []string{bus.SubjectCancelAll}})
+	c, err := d.js.OrderedConsumer(ctx, subjects.StreamCancels, jetstream.OrderedConsumerConfig{FilterSubjects: []string{subjects.CancelAll}})
 	if err != nil {
-		return nil, fmt.Errorf("dispatcher: follow %s: %w", bus.StreamCancels, err)
+		return nil, fmt.Errorf("dispatcher: follow %s: %w", subjects.StreamCancels, err)
 	}
 	cc, err := c.Consume(func(m jetstream.Msg) {
 		live := true
@@ -48,7 +49,7 @@ func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 		d.onCancel(m.Subject(), m.Data(), live)
 	})
 	if err != nil {
-		return nil, fmt.Errorf("dispatcher: follow %s: %w", bus.StreamCancels, err)
+		return nil, fmt.Errorf("dispatcher: follow %s: %w", subjects.StreamCancels, err)
 	}
 	// The backlog ends with the message after which none is pending; should
 	// its last messages expire before they are read, the consumer's own count
@@ -155,9 +156,9 @@ func (d *Dispatcher) onCancel(subject string, data []byte, live bool) {
 // forwardCancel tells j's worker to stop it; the worker ends it with a
 // cancelled record handed back on its done subject. Callers hold d.mu.
 func (d *Dispatcher) forwardCancel(j *job, reason string) {
-	data, err := json.Marshal(schemas.CancelMsg{JobID: j.id, Tenant: bus.TenantOfToken(j.tenant), Reason: reason, RequestedAt: time.Now().UTC()})
+	data, err := json.Marshal(schemas.CancelMsg{JobID: j.id, Tenant: subjects.TenantOfToken(j.tenant), Reason: reason, RequestedAt: time.Now().UTC()})
 	if err == nil {
-		err = d.nc.Publish(bus.WorkerCancelSubject(j.workerID), data)
+		err = d.nc.Publish(subjects.WorkerCancel(j.workerID), data)
 	}
 	if err != nil {
 		d.jobLog(d.log.Warn(), j).Err(err).Msg("forward cancel")
@@ -168,24 +169,24 @@ func (d *Dispatcher) forwardCancel(j *job, reason string) {
 // terminal. Several dispatchers may race here, and with a dispatcher that
 // pulled the job meanwhile: RESULTS' first-writer-wins settles it, and a
 // dispatcher holding the job learns of the record from RESULTS.
-func (d *Dispatcher) cancelInStream(ctx context.Context, ref bus.JobRef, reason string) {
+func (d *Dispatcher) cancelInStream(ctx context.Context, ref subjects.JobRef, reason string) {
 	for _, p := range schemas.Priorities {
-		raw, err := lastMsg(ctx, d.jobsStream, bus.JobSubject(ref.Tenant, p, ref.ID))
+		raw, err := lastMsg(ctx, d.jobsStream, subjects.Job(ref.Tenant, p, ref.ID))
 		if err != nil || raw == nil {
 			continue
 		}
 		var req schemas.JobRequest
 		_ = json.Unmarshal(raw.Data, &req)
 		res := &schemas.ResultMsg{Type: "result", JobID: ref.ID, Attempt: 0, Status: schemas.StatusCancelled, FinishReason: "cancelled",
-			Error: &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: reason}, Model: req.Model, Tenant: bus.TenantOfToken(ref.Tenant), FinishedAt: time.Now().UTC()}
+			Error: &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: reason}, Model: req.Model, Tenant: subjects.TenantOfToken(ref.Tenant), FinishedAt: time.Now().UTC()}
 		j := &job{id: ref.ID, tenant: ref.Tenant, req: req}
 		// Stored, then removed: deleting first would lose the job to a crash
 		// in between. A dispatcher that holds it meanwhile sees the record.
-		err = bus.Finish(ctx, d.js, res, j.replyTo())
+		err = results.Finish(ctx, d.js, res, j.replyTo())
 		switch {
 		case err == nil:
 			d.count().finished(StateCancelled)
-		case errors.Is(err, bus.ErrResultExists):
+		case errors.Is(err, results.ErrResultExists):
 		default:
 			d.log.Error().Err(err).Str("job_id", ref.ID).Str("tenant", ref.Tenant).Int("attempt", 0).Str("model", req.Model).Msg("record cancelled result failed")
 			return

@@ -8,7 +8,7 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -20,7 +20,7 @@ import (
 // decodeJob decodes the body of a delivery on ref's subject, or says why it is
 // no valid job of that tenant. req is filled as far as the body allows even
 // when it is invalid (its reply_to and model, for the failure record).
-func decodeJob(ref bus.JobRef, data []byte) (req schemas.JobRequest, invalid error) {
+func decodeJob(ref subjects.JobRef, data []byte) (req schemas.JobRequest, invalid error) {
 	if err := schemas.Validate(schemas.Job, data); err != nil {
 		_ = json.Unmarshal(data, &req) // best effort
 		return req, err
@@ -34,14 +34,14 @@ func decodeJob(ref bus.JobRef, data []byte) (req schemas.JobRequest, invalid err
 	switch {
 	case req.ID != ref.ID:
 		return req, fmt.Errorf("job id %q does not match its subject's %q", req.ID, ref.ID)
-	case bus.JobRef{Tenant: req.Tenant}.Key() != bus.JobRef{Tenant: ref.Tenant}.Key():
+	case subjects.JobRef{Tenant: req.Tenant}.Key() != subjects.JobRef{Tenant: ref.Tenant}.Key():
 		return req, fmt.Errorf("tenant %q does not match its subject's %q", req.Tenant, ref.Tenant)
 	case req.Model == "":
 		return req, errors.New("model is required")
 	case req.ReplyTo == "":
 		return req, errors.New("reply_to is required")
-	case !bus.ReplyInTenant(ref.Tenant, req.ReplyTo):
-		return req, fmt.Errorf("reply_to %q is not under the tenant's reply subjects %s", req.ReplyTo, bus.ReplyNamespace(ref.Tenant))
+	case !subjects.ReplyInTenant(ref.Tenant, req.ReplyTo):
+		return req, fmt.Errorf("reply_to %q is not under the tenant's reply subjects %s", req.ReplyTo, subjects.ReplyNamespace(ref.Tenant))
 	}
 	return req, nil
 }
@@ -51,7 +51,7 @@ func rawDeadLetter(subject string, data []byte, dispatcherID string, now time.Ti
 	reason := clip("subject "+strconv.Quote(subject)+" is not mlx.jobs.<tenant>.<priority>.<job-id> with a valid tenant, priority and id", maxErrorMessage)
 	rec := schemas.DLQRecordMsg{Reason: schemas.CodeNotAJob, LastError: schemas.ErrorInfo{Code: schemas.CodeNotAJob, Message: reason},
 		DeadAt: now, RawSubject: clip(subject, 4096), RawData: base64.StdEncoding.EncodeToString(data)}
-	if bus.ValidID(dispatcherID) {
+	if subjects.ValidID(dispatcherID) {
 		rec.DispatcherID = dispatcherID
 	}
 	if rec.RawSubject == "" {
@@ -74,7 +74,7 @@ func decodeAssignReply(data []byte) (schemas.AssignmentReplyMsg, error) {
 // decodeDone decodes a terminal hand-over on mlx.worker.<wid>.done.<did>: the
 // worker the server vouches for, and its record, which passes the result schema.
 func decodeDone(subject string, data []byte) (wid string, res schemas.ResultMsg, ok bool) {
-	wid = bus.WorkerOfSubject(subject)
+	wid = subjects.WorkerOf(subject)
 	if wid == "" || schemas.Validate(schemas.Result, data) != nil || json.Unmarshal(data, &res) != nil {
 		return "", res, false
 	}
@@ -83,7 +83,7 @@ func decodeDone(subject string, data []byte) (wid string, res schemas.ResultMsg,
 
 // decodeAttempt decodes an attempt report on mlx.worker.<wid>.attempt.
 func decodeAttempt(subject string, data []byte) (wid string, r schemas.AttemptReportMsg, ok bool) {
-	wid = bus.WorkerOfSubject(subject)
+	wid = subjects.WorkerOf(subject)
 	if wid == "" || schemas.Validate(schemas.AttemptReport, data) != nil || json.Unmarshal(data, &r) != nil {
 		return "", r, false
 	}
@@ -93,8 +93,8 @@ func decodeAttempt(subject string, data []byte) (wid string, r schemas.AttemptRe
 // decodeCancel decodes a cancel on mlx.cancel.<tenant>.<id>: the job (from the
 // subject, which the server's permissions bind to the canceller's tenant) and
 // the reason, if the body gives one.
-func decodeCancel(subject string, data []byte) (bus.JobRef, string, bool) {
-	ref, ok := bus.ParseCancelSubject(subject)
+func decodeCancel(subject string, data []byte) (subjects.JobRef, string, bool) {
+	ref, ok := subjects.ParseCancel(subject)
 	if !ok {
 		return ref, "", false
 	}

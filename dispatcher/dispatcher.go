@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/prefix"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -65,7 +65,7 @@ type Dispatcher struct {
 type job struct {
 	id        string
 	tenant    string // from the subject: the tenant the server let publish it
-	key       string // bus.JobRef{tenant, id}.Key(): d.jobs' key
+	key       string // subjects.JobRef{tenant, id}.Key(): d.jobs' key
 	pri       int
 	msg       jetstream.Msg
 	seq       uint64 // stream sequence: FIFO order within a priority
@@ -149,19 +149,19 @@ func poke(c chan struct{}) {
 // durable consumers, one per priority.
 func (d *Dispatcher) attach(ctx context.Context) (jetstream.KeyValue, error) {
 	var err error
-	if d.jobsStream, err = d.js.Stream(ctx, bus.StreamJobs); err != nil {
-		return nil, fmt.Errorf("dispatcher: stream %s: %w", bus.StreamJobs, err)
+	if d.jobsStream, err = d.js.Stream(ctx, subjects.StreamJobs); err != nil {
+		return nil, fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamJobs, err)
 	}
-	if d.cancelsStream, err = d.js.Stream(ctx, bus.StreamCancels); err != nil {
-		return nil, fmt.Errorf("dispatcher: stream %s: %w", bus.StreamCancels, err)
+	if d.cancelsStream, err = d.js.Stream(ctx, subjects.StreamCancels); err != nil {
+		return nil, fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamCancels, err)
 	}
-	if _, err = d.js.Stream(ctx, bus.StreamResults); err != nil { // read by bus.StoredResult
-		return nil, fmt.Errorf("dispatcher: stream %s: %w", bus.StreamResults, err)
+	if _, err = d.js.Stream(ctx, subjects.StreamResults); err != nil { // read by results.Stored
+		return nil, fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamResults, err)
 	}
 	for i, p := range schemas.Priorities {
-		c, err := d.js.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
+		c, err := d.js.CreateOrUpdateConsumer(ctx, subjects.StreamJobs, jetstream.ConsumerConfig{
 			Durable:       ConsumerName(d.cfg.ConsumerPrefix, p),
-			FilterSubject: bus.JobsConsumerFilter(p),
+			FilterSubject: subjects.JobsConsumerFilter(p),
 			AckPolicy:     jetstream.AckExplicitPolicy,
 			AckWait:       d.cfg.AckWait,
 			MaxDeliver:    -1,
@@ -173,9 +173,9 @@ func (d *Dispatcher) attach(ctx context.Context) (jetstream.KeyValue, error) {
 		}
 		d.consumers[i] = c
 	}
-	kv, err := d.js.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := d.js.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
-		return nil, fmt.Errorf("dispatcher: bucket %s: %w", bus.BucketWorkers, err)
+		return nil, fmt.Errorf("dispatcher: bucket %s: %w", subjects.BucketWorkers, err)
 	}
 	return kv, nil
 }
@@ -184,7 +184,7 @@ func (d *Dispatcher) attach(ctx context.Context) (jetstream.KeyValue, error) {
 // jobs not yet on a worker (nak, so another dispatcher takes them at once),
 // waits up to DrainTimeout for the running ones to finish (unless NoDrain), and
 // returns. The streams, the consumers' stream and the KV bucket must exist
-// (bus.Provision); the consumers are created or updated here.
+// (jsprov.Provision); the consumers are created or updated here.
 func (d *Dispatcher) Run(ctx context.Context) error {
 	d.mu.Lock()
 	if d.started {
@@ -215,7 +215,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	defer d.wcancel()
 	watcher, err := kv.WatchAll(d.wctx)
 	if err != nil {
-		return fmt.Errorf("dispatcher: watch %s: %w", bus.BucketWorkers, err)
+		return fmt.Errorf("dispatcher: watch %s: %w", subjects.BucketWorkers, err)
 	}
 	defer func() { _ = watcher.Stop() }()
 
@@ -242,9 +242,9 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	}
 	defer stopCancels()
 	for subj, h := range map[string]nats.MsgHandler{
-		bus.SubjectCancelAll:                      d.onCancelSighted,
-		bus.DoneForDispatcher(d.cfg.DispatcherID): d.onDone,
-		bus.SubjectAttemptAll:                     d.onAttemptReport,
+		subjects.CancelAll: d.onCancelSighted,
+		subjects.DoneForDispatcher(d.cfg.DispatcherID): d.onDone,
+		subjects.AttemptAll:                            d.onAttemptReport,
 	} {
 		s, err := d.nc.Subscribe(subj, h)
 		if err != nil {
@@ -254,7 +254,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	}
 	// New jobs wake the puller. Only the stream's own subjects: a publish on a
 	// subject JOBS does not store then finds no responder and fails at once.
-	for _, subj := range bus.JobsStreamSubjects() {
+	for _, subj := range subjects.JobsStream() {
 		s, err := d.nc.Subscribe(subj, func(*nats.Msg) { poke(d.wakePull) })
 		if err != nil {
 			return fmt.Errorf("dispatcher: subscribe %s: %w", subj, err)

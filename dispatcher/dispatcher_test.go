@@ -13,6 +13,9 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/breaker"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -20,7 +23,7 @@ import (
 
 func TestCompletesAndAcks(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 4, []string{"m"}, nil)
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	j := newJob("job-1", "m", "normal")
@@ -30,7 +33,7 @@ func TestCompletesAndAcks(t *testing.T) {
 	if r.Status != schemas.StatusCompleted || c.text() != fullText(5) || r.Text != fullText(5) {
 		t.Fatalf("result %+v text %q", r, c.text())
 	}
-	waitFor(t, 5*time.Second, "JOBS empty (acked)", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 5*time.Second, "JOBS empty (acked)", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 	waitFor(t, 5*time.Second, "completed counted", func() bool { return d.Metrics().Completed.Load() == 1 })
 	if a, _, _ := w.Snapshot(); a["job-1"] != 1 {
 		t.Fatalf("assigned %v", a)
@@ -39,7 +42,7 @@ func TestCompletesAndAcks(t *testing.T) {
 
 func TestBatchingWithinWindow(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	// Twice the batch size: the free slots a dispatcher counts lag the worker's
 	// heartbeat, and this test is about grouping, not about that lag.
 	w := e.startWorker("w1", 16, []string{"a", "b"}, nil)
@@ -95,7 +98,7 @@ func TestBatchingWithinWindow(t *testing.T) {
 
 func TestBatchNeverAboveFreeSlots(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 3, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{TokenGap: 5 * time.Millisecond} })
 	_, _ = runDispatcher(t, testConfig("d1", e.connect("d1")))
 	for i := range 20 {
@@ -112,7 +115,7 @@ func TestBatchNeverAboveFreeSlots(t *testing.T) {
 // high backlog is gone.
 func TestPriorityOrderNoStarvation(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.MaxBatch = 1
 	_, _ = runDispatcher(t, cfg)
@@ -124,7 +127,7 @@ func TestPriorityOrderNoStarvation(t *testing.T) {
 	}
 	// No worker yet: nothing may be pulled.
 	time.Sleep(150 * time.Millisecond)
-	if got := e.streamMsgs(bus.StreamJobs); got != 3*n {
+	if got := e.streamMsgs(subjects.StreamJobs); got != 3*n {
 		t.Fatalf("pulled without capacity: JOBS has %d", got)
 	}
 	w := e.startWorker("w1", 1, []string{"m"}, nil)
@@ -168,7 +171,7 @@ func TestPriorityOrderNoStarvation(t *testing.T) {
 
 func TestTwoDispatchersNoDoubleRun(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w1 := e.startWorker("w1", 4, []string{"m"}, nil)
 	w2 := e.startWorker("w2", 4, []string{"m"}, nil)
 	d1, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
@@ -203,7 +206,7 @@ func TestTwoDispatchersNoDoubleRun(t *testing.T) {
 // others run once, and every job has exactly one record.
 func TestRestartLosesNothing(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{TokenGap: 40 * time.Millisecond} })
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.AckWait = time.Second
@@ -227,7 +230,7 @@ func TestRestartLosesNothing(t *testing.T) {
 			t.Fatalf("status %s", r.Status)
 		}
 	}
-	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 	a, _, _ := w.Snapshot()
 	for i := range n {
 		id := fmt.Sprintf("j-%d", i)
@@ -246,7 +249,7 @@ func TestRestartLosesNothing(t *testing.T) {
 // Mutation caught: dispatcher/batcher.go launch, drop `aj.Resume = &r`.
 func TestWorkerLostMidStreamMigrates(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w1 := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Die: 3} })
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	j := newJob("mig", "m", "normal")
@@ -278,7 +281,7 @@ func TestWorkerLostMidStreamMigrates(t *testing.T) {
 
 func TestDeadLetterAfterMaxAttempts(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Crash: 1} })
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	j := newJob("doomed", "m", "normal")
@@ -291,8 +294,8 @@ func TestDeadLetterAfterMaxAttempts(t *testing.T) {
 	if got, want := c.text(), fullText(3); got != want || r.Text != want {
 		t.Fatalf("text %q / %q, want %q", got, r.Text, want)
 	}
-	s, _ := e.js.Stream(context.Background(), bus.StreamDLQ)
-	raw, err := s.GetLastMsgForSubject(context.Background(), bus.DLQSubject("", "doomed"))
+	s, _ := e.js.Stream(context.Background(), subjects.StreamDLQ)
+	raw, err := s.GetLastMsgForSubject(context.Background(), subjects.DLQ("", "doomed"))
 	if err != nil {
 		t.Fatalf("DLQ: %v", err)
 	}
@@ -313,7 +316,7 @@ func TestDeadLetterAfterMaxAttempts(t *testing.T) {
 			t.Errorf("attempt %d resume %+v", i+1, b.Jobs[0].Resume)
 		}
 	}
-	waitFor(t, 5*time.Second, "acked", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 5*time.Second, "acked", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 	if d.Metrics().DeadLettered.Load() != 1 {
 		t.Fatalf("DeadLettered %d", d.Metrics().DeadLettered.Load())
 	}
@@ -321,7 +324,7 @@ func TestDeadLetterAfterMaxAttempts(t *testing.T) {
 
 func TestExpiredWithoutRunning(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	_, _ = runDispatcher(t, testConfig("d1", e.connect("d1")))
 	past := time.Now().Add(-time.Second)
 	soon := time.Now().Add(200 * time.Millisecond)
@@ -344,12 +347,12 @@ func TestExpiredWithoutRunning(t *testing.T) {
 	if a, _, _ := w.Snapshot(); len(a) != 0 {
 		t.Fatalf("expired jobs ran: %v", a)
 	}
-	waitFor(t, 5*time.Second, "acked", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 5*time.Second, "acked", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 }
 
 func TestCancelQueued(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	prod, err := bus.NewProducer(e.nc)
 	if err != nil {
 		t.Fatal(err)
@@ -373,14 +376,14 @@ func TestCancelQueued(t *testing.T) {
 	if r.Status != schemas.StatusCancelled {
 		t.Fatalf("in-jobs: %+v", r)
 	}
-	if got := e.streamMsgs(bus.StreamJobs); got != 1 { // only "early" is left
+	if got := e.streamMsgs(subjects.StreamJobs); got != 1 { // only "early" is left
 		t.Fatalf("JOBS has %d messages", got)
 	}
 	w := e.startWorker("w1", 2, []string{"m"}, nil)
 	if r := e.waitResult("early", 10*time.Second); r.Status != schemas.StatusCancelled {
 		t.Fatalf("early: %+v", r)
 	}
-	waitFor(t, 5*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 5*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 	if a, _, _ := w.Snapshot(); len(a) != 0 {
 		t.Fatalf("cancelled jobs ran: %v", a)
 	}
@@ -391,7 +394,7 @@ func TestCancelQueued(t *testing.T) {
 
 func TestCancelHeldNotDispatched(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 8, []string{"m"}, nil)
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.MaxWait = time.Hour // a lone job waits in memory for its batch to fill
@@ -407,7 +410,7 @@ func TestCancelHeldNotDispatched(t *testing.T) {
 	if r := c.wait(t, 10*time.Second); r.Status != schemas.StatusCancelled || r.Attempt != 0 {
 		t.Fatalf("held: %+v", r)
 	}
-	waitFor(t, 5*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 5*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 	if a, _, _ := w.Snapshot(); a["held"] != 0 {
 		t.Fatalf("cancelled job ran")
 	}
@@ -415,11 +418,11 @@ func TestCancelHeldNotDispatched(t *testing.T) {
 
 func TestInvalidAndAlreadyFinished(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 2, []string{"m"}, nil)
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	// Not JSON at all.
-	if _, err := e.js.Publish(context.Background(), bus.JobSubject("", "normal", "bad"), []byte("{nope")); err != nil {
+	if _, err := e.js.Publish(context.Background(), subjects.Job("", "normal", "bad"), []byte("{nope")); err != nil {
 		t.Fatal(err)
 	}
 	if r := e.waitResult("bad", 10*time.Second); r.Status != schemas.StatusFailed || r.Error.Code != "invalid_request" {
@@ -431,14 +434,14 @@ func TestInvalidAndAlreadyFinished(t *testing.T) {
 		{"bad-a", "a", `{"id":"bad-a","tenant":"a"}`},
 		{"bad-t", "", `{"id":"bad-t","tenant":"Not.A.Tenant","model":"m","prompt":"x"}`},
 	} {
-		if _, err := e.js.Publish(context.Background(), bus.JobSubject(c.subjTenant, "normal", c.id), []byte(c.raw)); err != nil {
+		if _, err := e.js.Publish(context.Background(), subjects.Job(c.subjTenant, "normal", c.id), []byte(c.raw)); err != nil {
 			t.Fatal(err)
 		}
 		if r := e.waitTenantResult(c.subjTenant, c.id, 10*time.Second); r.Status != schemas.StatusFailed || r.Error.Code != "invalid_request" || r.Tenant != c.subjTenant {
 			t.Fatalf("%s: %+v", c.id, r)
 		}
 	}
-	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 	if a, _, _ := w.Snapshot(); len(a) != 0 {
 		t.Fatalf("ran %v", a)
 	}
@@ -450,17 +453,17 @@ func TestInvalidAndAlreadyFinished(t *testing.T) {
 // Mutation caught: skipping the RESULTS check in check() for redeliveries.
 func TestRedeliveredFinishedJobIsNotRun(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 2, []string{"m"}, nil)
 	ctx := context.Background()
 	done := &schemas.ResultMsg{Type: "result", JobID: "done", Attempt: 1, Status: schemas.StatusCompleted, FinishReason: "stop", Text: "x", FinishedAt: time.Now().UTC()}
-	if err := bus.RecordResult(ctx, e.js, done); err != nil {
+	if err := results.Record(ctx, e.js, done); err != nil {
 		t.Fatal(err)
 	}
 	e.mustSubmit(newJob("done", "m", "normal"))
 	// A dispatcher that died took the first delivery: it goes back unacked.
-	c, err := e.js.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
-		Durable: ConsumerName("dispatch", "normal"), FilterSubject: bus.JobsConsumerFilter("normal"), AckPolicy: jetstream.AckExplicitPolicy, MaxDeliver: -1})
+	c, err := e.js.CreateOrUpdateConsumer(ctx, subjects.StreamJobs, jetstream.ConsumerConfig{
+		Durable: ConsumerName("dispatch", "normal"), FilterSubject: subjects.JobsConsumerFilter("normal"), AckPolicy: jetstream.AckExplicitPolicy, MaxDeliver: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -474,7 +477,7 @@ func TestRedeliveredFinishedJobIsNotRun(t *testing.T) {
 		}
 	}
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
-	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 	if d.Metrics().AlreadyFinished.Load() != 1 {
 		t.Fatalf("AlreadyFinished %d", d.Metrics().AlreadyFinished.Load())
 	}
@@ -488,7 +491,7 @@ func TestRedeliveredFinishedJobIsNotRun(t *testing.T) {
 // job completes once the worker frees up.
 func TestQueueFullNoLoss(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{JobsMaxMsgs: 5})
+	e := newEnv(t, jsprov.Options{JobsMaxMsgs: 5})
 	w := e.startWorker("w1", 1, []string{"m"}, func(aj schemas.AssignedJob) jobPlan { return jobPlan{Block: true} })
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.MaxBatch = 1
@@ -537,13 +540,13 @@ func TestQueueFullNoLoss(t *testing.T) {
 // assignments is cut off after the threshold while a healthy one takes the work.
 func TestBreakerStopsRoutingToFailingWorker(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	// "mute" heart-beats as ready with free slots but its assignments time out.
 	mute := e.startWorker("mute", 8, []string{"m"}, nil)
 	mute.Mute()
 	var mu sync.Mutex
 	muteHits := 0
-	sub, _ := mute.Conn().Subscribe(bus.AssignSubject("mute"), func(m *nats.Msg) { mu.Lock(); muteHits++; mu.Unlock() })
+	sub, _ := mute.Conn().Subscribe(subjects.Assign("mute"), func(m *nats.Msg) { mu.Lock(); muteHits++; mu.Unlock() })
 	defer sub.Unsubscribe()
 	_ = mute.Conn().Flush()
 	cfg := testConfig("d1", e.connect("d1"))
@@ -585,7 +588,7 @@ func TestBreakerStopsRoutingToFailingWorker(t *testing.T) {
 // does) after ModelWait — but only while workers are up: with none, it waits.
 func TestUnservedModelIsDeadLettered(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.ModelWait = 200 * time.Millisecond
 	d, _ := runDispatcher(t, cfg)
@@ -602,8 +605,8 @@ func TestUnservedModelIsDeadLettered(t *testing.T) {
 	if r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != "model_not_available" || r.Attempt != 0 {
 		t.Fatalf("terminal %+v err %+v", r, r.Error)
 	}
-	s, _ := e.js.Stream(context.Background(), bus.StreamDLQ)
-	raw, err := s.GetLastMsgForSubject(context.Background(), bus.DLQSubject("", "orphan"))
+	s, _ := e.js.Stream(context.Background(), subjects.StreamDLQ)
+	raw, err := s.GetLastMsgForSubject(context.Background(), subjects.DLQ("", "orphan"))
 	if err != nil {
 		t.Fatalf("DLQ: %v", err)
 	}
@@ -621,7 +624,7 @@ func TestUnservedModelIsDeadLettered(t *testing.T) {
 // MaxAttempts afresh.
 func TestReplayedJobContinuesAttemptNumbers(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{} })
 	runDispatcher(t, testConfig("d1", e.connect("d1")))
 	j := newJob("again", "m", "normal")

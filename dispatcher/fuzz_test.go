@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -18,7 +18,7 @@ const fuzzCap = 4096
 // FuzzIntake feeds the dispatcher's intake any subject and body a JOBS message
 // can carry. Whatever arrives, it ends: either it is no job (then its raw dead
 // letter passes its schema) or its failure record passes the result schema
-// (else RecordResult would refuse it and the job be redelivered for ever); an
+// (else results.Record would refuse it and the job be redelivered for ever); an
 // accepted job is the subject's job, of the subject's tenant, replying inside
 // the tenant's namespace.
 // Mutations caught: dropping the model check or the message clip in
@@ -44,7 +44,7 @@ func FuzzIntake(f *testing.F) {
 		if len(data) > fuzzCap {
 			data = data[:fuzzCap]
 		}
-		ref, _, ok := bus.ParseJobSubject(subject)
+		ref, _, ok := subjects.ParseJob(subject)
 		if !ok {
 			rec := rawDeadLetter(subject, data, "d1", now)
 			raw, _ := json.Marshal(rec)
@@ -55,7 +55,7 @@ func FuzzIntake(f *testing.F) {
 		}
 		req, invalid := decodeJob(ref, data)
 		if invalid == nil {
-			if req.ID != ref.ID || !bus.ReplyInTenant(ref.Tenant, req.ReplyTo) || (bus.JobRef{Tenant: req.Tenant}.Key() != bus.JobRef{Tenant: ref.Tenant}.Key()) {
+			if req.ID != ref.ID || !subjects.ReplyInTenant(ref.Tenant, req.ReplyTo) || (subjects.JobRef{Tenant: req.Tenant}.Key() != subjects.JobRef{Tenant: ref.Tenant}.Key()) {
 				t.Fatalf("accepted %+v on %s", req, subject)
 			}
 			return
@@ -66,7 +66,7 @@ func FuzzIntake(f *testing.F) {
 		if err := schemas.Validate(schemas.Result, raw); err != nil {
 			t.Fatalf("failure record of %q breaks the result schema: %v\n%s", subject, err, raw)
 		}
-		if j.replyTo() != "" && !bus.ReplyInTenant(ref.Tenant, j.replyTo()) {
+		if j.replyTo() != "" && !subjects.ReplyInTenant(ref.Tenant, j.replyTo()) {
 			t.Fatalf("terminal event would go to %q outside tenant %s", j.replyTo(), ref.Tenant)
 		}
 	})
@@ -92,7 +92,7 @@ func FuzzWorkerMessages(f *testing.F) {
 			}
 		}
 		if wid, res, ok := decodeDone(subject, data); ok {
-			if !bus.ValidID(wid) && wid == "" {
+			if !subjects.ValidID(wid) && wid == "" {
 				t.Fatalf("done from %q", wid)
 			}
 			if _, ok := eventForStatus(res.Status); !ok && res.Status != "" {
@@ -105,7 +105,7 @@ func FuzzWorkerMessages(f *testing.F) {
 		if wid, r, ok := decodeAttempt(subject, data); ok && (wid == "" || r.Attempt < 1) {
 			t.Fatalf("attempt report %+v from %q", r, wid)
 		}
-		if ref, reason, ok := decodeCancel(subject, data); ok && (!bus.ValidID(ref.ID) || reason == "") {
+		if ref, reason, ok := decodeCancel(subject, data); ok && (!subjects.ValidID(ref.ID) || reason == "") {
 			t.Fatalf("cancel %+v %q", ref, reason)
 		}
 	})

@@ -12,6 +12,10 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
@@ -19,22 +23,22 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// testEnv is one embedded server per test, provisioned by bus.Provision.
+// testEnv is one embedded server per test, provisioned by jsprov.Provision.
 type testEnv struct {
 	tb  testing.TB
-	srv *bus.Server
+	srv *natsserver.Server
 	nc  *nats.Conn
 	js  jetstream.JetStream
 	kv  jetstream.KeyValue
 }
 
-func newEnv(tb testing.TB, popts bus.ProvisionOptions) *testEnv {
+func newEnv(tb testing.TB, popts jsprov.Options) *testEnv {
 	tb.Helper()
-	return newEnvWith(tb, bus.ServerOptions{}, popts)
+	return newEnvWith(tb, natsserver.Options{}, popts)
 }
 
 // newEnvWith is newEnv on a server with sopts (port and store are the test's).
-func newEnvWith(tb testing.TB, sopts bus.ServerOptions, popts bus.ProvisionOptions) *testEnv {
+func newEnvWith(tb testing.TB, sopts natsserver.Options, popts jsprov.Options) *testEnv {
 	tb.Helper()
 	if popts.WorkerTTL == 0 {
 		popts.WorkerTTL = time.Minute // staleness is the dispatcher's WorkerTTL in tests
@@ -101,7 +105,7 @@ func (e *testEnv) submit(j *schemas.JobRequest) error {
 	data, _ := json.Marshal(j)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	_, err := e.js.Publish(ctx, bus.JobSubject(j.Tenant, j.Priority, j.ID), data)
+	_, err := e.js.Publish(ctx, subjects.Job(j.Tenant, j.Priority, j.ID), data)
 	return err
 }
 
@@ -117,7 +121,7 @@ func (e *testEnv) result(id string) (*schemas.ResultMsg, error) { return e.tenan
 func (e *testEnv) tenantResult(tenant, id string) (*schemas.ResultMsg, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	return bus.FetchResult(ctx, e.js, tenant, id)
+	return results.Fetch(ctx, e.js, tenant, id)
 }
 
 // waitResult polls RESULTS until the job has its record.

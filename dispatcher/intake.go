@@ -12,6 +12,8 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/prefix"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/mlx-serving/mlx-serving/tracing"
 	"github.com/nats-io/nats.go/jetstream"
@@ -172,7 +174,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 		_ = m.Term()
 		return nil
 	}
-	ref, _, ok := bus.ParseJobSubject(m.Subject())
+	ref, _, ok := subjects.ParseJob(m.Subject())
 	if !ok {
 		d.notAJob(m, md.Sequence.Stream)
 		return nil
@@ -213,7 +215,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 		// replicated), and the full fault campaign then ran a finished job a
 		// second time under the same attempt number, mixing two runs' tokens on
 		// the caller's stream.
-		raw, err := bus.StoredResult(ictx, d.js, j.tenant, id)
+		raw, err := results.Stored(ictx, d.js, j.tenant, id)
 		if errors.Is(err, bus.ErrNoResult) {
 			raw, err = nil, nil
 		}
@@ -270,7 +272,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 
 // decode fills j.req, or says why the job is invalid.
 func (d *Dispatcher) decode(j *job, data []byte) error {
-	req, err := decodeJob(bus.JobRef{Tenant: j.tenant, ID: j.id}, data)
+	req, err := decodeJob(subjects.JobRef{Tenant: j.tenant, ID: j.id}, data)
 	j.req = req
 	if err != nil && !errors.Is(err, schemas.ErrInvalid) {
 		d.log.Debug().Err(err).Str("job_id", j.id).Str("tenant", j.tenant).Msg("invalid job")
@@ -287,7 +289,7 @@ func (d *Dispatcher) notAJob(m jetstream.Msg, seq uint64) {
 	rec := rawDeadLetter(m.Subject(), m.Data(), d.cfg.DispatcherID, time.Now().UTC())
 	data, err := json.Marshal(rec)
 	if err == nil {
-		_, err = d.js.Publish(d.wctx, bus.RawDLQSubject(seq), data, jetstream.WithMsgID("raw."+strconv.FormatUint(seq, 10)))
+		_, err = d.js.Publish(d.wctx, subjects.RawDLQ(seq), data, jetstream.WithMsgID("raw."+strconv.FormatUint(seq, 10)))
 	}
 	if err != nil {
 		// Kept for a later try, so the message is never dropped unrecorded.

@@ -6,7 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -17,7 +18,7 @@ import (
 // the retry runs on it.
 func TestWorkerRestartWithinTTLRetries(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
 		if aj.Attempt == 1 {
 			return jobPlan{Restart: 3}
@@ -45,7 +46,7 @@ func TestWorkerRestartWithinTTLRetries(t *testing.T) {
 	if m := d.Metrics(); m.WorkersRestarted.Load() != 1 || m.WorkersLost.Load() != 0 || m.Retries.Load() != 1 {
 		t.Fatalf("restarted %d lost %d retries %d", m.WorkersRestarted.Load(), m.WorkersLost.Load(), m.Retries.Load())
 	}
-	waitFor(t, 5*time.Second, "JOBS empty (acked)", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 5*time.Second, "JOBS empty (acked)", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 }
 
 // TestAcceptedByDeadProcessRetries: the worker's process takes a batch and dies;
@@ -54,7 +55,7 @@ func TestWorkerRestartWithinTTLRetries(t *testing.T) {
 // of it.
 func TestAcceptedByDeadProcessRetries(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 2, []string{"m"}, nil)
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	var once sync.Once
@@ -96,7 +97,7 @@ func TestAcceptedByDeadProcessRetries(t *testing.T) {
 // a slot before its end can be seen).
 func TestSlotBackOnResult(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorkerWith("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
 		if aj.Job.ID == "sb-3" && aj.Attempt == 1 {
 			return jobPlan{Crash: 2}

@@ -9,6 +9,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/breaker"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/prefix"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
@@ -166,7 +167,7 @@ func TestLeastLoadedRouterIgnoresPrefixes(t *testing.T) {
 // (the restarted worker still looks warm).
 func TestPrefixRoutingSendsSharedPrefixToWarmWorker(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	d, _ := runDispatcher(t, testConfig("d-route", e.nc))
 	cold := e.startWorker("w-a", 4, []string{"m"}, nil)
 	warm := e.startWorker("w-b", 4, []string{"m"}, nil)

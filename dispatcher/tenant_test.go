@@ -11,6 +11,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -23,12 +25,12 @@ import (
 // case too, so dropping the tenant case went unnoticed).
 func TestJobsBoundToTheirSubjectsTenant(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 2, []string{"m"}, nil)
 	runDispatcher(t, testConfig("d1", e.connect("d1")))
 
 	foreign := make(chan *nats.Msg, 8)
-	sub, err := e.nc.ChanSubscribe(bus.ReplyNamespace("b"), foreign)
+	sub, err := e.nc.ChanSubscribe(subjects.ReplyNamespace("b"), foreign)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +43,7 @@ func TestJobsBoundToTheirSubjectsTenant(t *testing.T) {
 	repliesToB.Tenant, repliesToB.ReplyTo = "a", bus.ReplySubject("b", "replies-to-b")
 	for _, j := range []*schemas.JobRequest{claimsB, repliesToB} {
 		data, _ := json.Marshal(j)
-		if _, err := e.js.Publish(context.Background(), bus.JobSubject("a", "normal", j.ID), data); err != nil {
+		if _, err := e.js.Publish(context.Background(), subjects.Job("a", "normal", j.ID), data); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -75,7 +77,7 @@ func TestJobsBoundToTheirSubjectsTenant(t *testing.T) {
 // redelivered for ever and JOBS never empty).
 func TestMessagesThatAreNoJobEnd(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	e.startWorker("w1", 2, []string{"m"}, nil)
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	ctx := context.Background()
@@ -90,13 +92,13 @@ func TestMessagesThatAreNoJobEnd(t *testing.T) {
 			t.Errorf("publish on %s: err = %v, want the server to refuse it (no stream)", subj, err)
 		}
 	}
-	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(bus.StreamJobs) == 0 })
+	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 	want := uint64(len(notJobs))
-	waitFor(t, 10*time.Second, "a raw dead letter each", func() bool { return e.streamMsgs(bus.StreamDLQ) == want })
+	waitFor(t, 10*time.Second, "a raw dead letter each", func() bool { return e.streamMsgs(subjects.StreamDLQ) == want })
 	if n := d.Metrics().NotAJob.Load(); n != int64(want) {
 		t.Fatalf("NotAJob = %d, want %d", n, want)
 	}
-	s, err := e.js.Stream(ctx, bus.StreamDLQ)
+	s, err := e.js.Stream(ctx, subjects.StreamDLQ)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +125,7 @@ func TestMessagesThatAreNoJobEnd(t *testing.T) {
 // Mutation caught: dropping the j.workerID != wid check in onDone.
 func TestRecordsFromOtherWorkersRefused(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, bus.ProvisionOptions{})
+	e := newEnv(t, jsprov.Options{})
 	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Block: true} })
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	j := newJob("victim", "m", "normal")
@@ -134,7 +136,7 @@ func TestRecordsFromOtherWorkersRefused(t *testing.T) {
 	forged := schemas.ResultMsg{Type: "result", JobID: "victim", Attempt: 1, Status: schemas.StatusCompleted, FinishReason: "stop",
 		Text: "forged", Model: "m", WorkerID: "w1", FinishedAt: time.Now().UTC()}
 	data, _ := json.Marshal(forged)
-	m, err := e.nc.Request(bus.DoneSubject("evil", "d1"), data, 5*time.Second)
+	m, err := e.nc.Request(subjects.Done("evil", "d1"), data, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +146,7 @@ func TestRecordsFromOtherWorkersRefused(t *testing.T) {
 	}
 	rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: "victim", Attempt: 1, WorkerID: "w1",
 		Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "forged", Retryable: true}, ReportedAt: time.Now().UTC()})
-	if err := e.nc.Publish(bus.AttemptSubject("evil"), rep); err != nil {
+	if err := e.nc.Publish(subjects.Attempt("evil"), rep); err != nil {
 		t.Fatal(err)
 	}
 	// The forged report, if heard, would retry the job at once.

@@ -8,7 +8,8 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -17,10 +18,10 @@ import (
 // Terminal records: who writes them and when a job is acked.
 //
 // Dispatchers are the only writers of RESULTS (admin aside). A worker hands the
-// record of a job it ran to the dispatcher that placed it (bus.DoneSubject, a
+// record of a job it ran to the dispatcher that placed it (subjects.Done, a
 // request); that dispatcher checks the job is its own, on that worker, at that
 // attempt — the worker id comes from the subject, which the server's
-// permissions vouch for — and writes it with bus.Finish. Every other terminal
+// permissions vouch for — and writes it with results.Finish. Every other terminal
 // (cancelled while queued, expired, invalid, out of attempts) is the
 // dispatcher's own. In every case the JOBS message is acked only after
 // JetStream acknowledged storing the record (or refused it because another is
@@ -57,7 +58,7 @@ func (d *Dispatcher) finishByDispatcher(j *job, e Event, status string, errInfo 
 
 // terminalRecord is the record a dispatcher writes for j. It must pass the
 // result schema whatever the job's body held — an invalid job's model or an
-// error message may be what broke it — or RecordResult would refuse it and the
+// error message may be what broke it — or results.Record would refuse it and the
 // job be redelivered for ever; FuzzIntake holds it to that.
 func terminalRecord(j *job, e Event, status string, errInfo *schemas.ErrorInfo, now time.Time) *schemas.ResultMsg {
 	// Attempt 0 says the job never ran (the schema's convention).
@@ -75,7 +76,7 @@ func terminalRecord(j *job, e Event, status string, errInfo *schemas.ErrorInfo, 
 	res := &schemas.ResultMsg{
 		Type: "result", JobID: j.id, Attempt: attempt, Seq: j.nextSeq, Status: status,
 		Text: j.resume.Text, Usage: schemas.Usage{CompletionTokens: j.resume.CompletionTokens, TotalTokens: j.resume.CompletionTokens},
-		Error: errInfo, Tenant: bus.TenantOfToken(j.tenant), WorkerID: j.workerID, FinishedAt: now,
+		Error: errInfo, Tenant: subjects.TenantOfToken(j.tenant), WorkerID: j.workerID, FinishedAt: now,
 	}
 	if modelPattern.MatchString(j.req.Model) {
 		res.Model = j.req.Model
@@ -142,15 +143,15 @@ var errNotMine = errors.New("dispatcher: job not held in that attempt")
 // replyTo is where j's terminal event goes: its reply_to when that lies in its
 // tenant's reply namespace, else nowhere (the record is in RESULTS).
 func (j *job) replyTo() string {
-	if bus.ReplyInTenant(j.tenant, j.req.ReplyTo) {
+	if subjects.ReplyInTenant(j.tenant, j.req.ReplyTo) {
 		return j.req.ReplyTo
 	}
 	return ""
 }
 
 // writeTerminal writes the dead letter (if any), then the record through
-// bus.Finish, then acks msg. A failed write naks msg: the redelivery derives the
-// terminal again. It returns bus.Finish's error.
+// results.Finish, then acks msg. A failed write naks msg: the redelivery derives the
+// terminal again. It returns results.Finish's error.
 func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, replyTo string, res *schemas.ResultMsg, dlq *schemas.DLQRecordMsg) error {
 	log := d.log.With().Str("job_id", res.JobID).Str("tenant", res.Tenant).Int("attempt", res.Attempt).Str("worker_id", res.WorkerID).Str("model", res.Model).Str("status", res.Status).Logger()
 	if dlq != nil {
@@ -158,7 +159,7 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 		if err == nil {
 			// The msg id names this record (job, attempt, time), so a retried
 			// publish is deduplicated but a replayed job's new dead letter is not.
-			_, err = d.js.Publish(ctx, bus.DLQSubject(res.Tenant, res.JobID), data, jetstream.WithMsgID(bus.ResultMsgID(res)+".dlq"))
+			_, err = d.js.Publish(ctx, subjects.DLQ(res.Tenant, res.JobID), data, jetstream.WithMsgID(results.MsgID(res)+".dlq"))
 		}
 		if err != nil {
 			log.Error().Err(err).Msg("dlq publish failed")
@@ -166,9 +167,9 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 			return err
 		}
 	}
-	err := bus.Finish(ctx, d.js, res, replyTo)
+	err := results.Finish(ctx, d.js, res, replyTo)
 	switch {
-	case errors.Is(err, bus.ErrResultExists):
+	case errors.Is(err, results.ErrResultExists):
 		// Someone else finished the job first; the caller already has that terminal.
 		log.Debug().Msg("result already recorded")
 	case err != nil:
@@ -183,8 +184,8 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 // watchResults starts an ordered consumer on RESULTS from now on. It returns a
 // stop function.
 func (d *Dispatcher) watchResults(ctx context.Context) (func(), error) {
-	c, err := d.js.OrderedConsumer(ctx, bus.StreamResults, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{bus.SubjectResultsAll},
+	c, err := d.js.OrderedConsumer(ctx, subjects.StreamResults, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{subjects.ResultsAll},
 		DeliverPolicy:  jetstream.DeliverNewPolicy,
 	})
 	if err != nil {
@@ -199,7 +200,7 @@ func (d *Dispatcher) watchResults(ctx context.Context) (func(), error) {
 
 // onResult learns a terminal state from a record stored in RESULTS.
 func (d *Dispatcher) onResult(subject string, data []byte) {
-	ref, ok := bus.ParseResultSubject(subject)
+	ref, ok := subjects.ParseResult(subject)
 	if !ok {
 		return
 	}
@@ -238,7 +239,7 @@ func (d *Dispatcher) onDone(m *nats.Msg) {
 		d.rare.Warn().Str("subject", m.Subject).Msg("terminal hand-over that is no valid result; ignored")
 		return
 	}
-	ref := bus.JobRef{Tenant: res.Tenant, ID: res.JobID}
+	ref := subjects.JobRef{Tenant: res.Tenant, ID: res.JobID}
 	reply := func(status string) {
 		if m.Reply == "" {
 			return
@@ -265,7 +266,7 @@ func (d *Dispatcher) onDone(m *nats.Msg) {
 		return
 	}
 	// What the server vouched for, not what the body says.
-	res.WorkerID, res.Tenant, res.Model = wid, bus.TenantOfToken(j.tenant), j.req.Model
+	res.WorkerID, res.Tenant, res.Model = wid, subjects.TenantOfToken(j.tenant), j.req.Model
 	if w := d.workers[wid]; w != nil {
 		w.br.Record(true, time.Now())
 	}
@@ -274,7 +275,7 @@ func (d *Dispatcher) onDone(m *nats.Msg) {
 		switch {
 		case err == nil:
 			reply(schemas.FinishStored)
-		case errors.Is(err, bus.ErrResultExists):
+		case errors.Is(err, results.ErrResultExists):
 			reply(schemas.FinishExists)
 		}
 		// Any other error: no answer; the worker retries and finds the job
@@ -292,7 +293,7 @@ func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	j := d.jobs[bus.JobRef{Tenant: r.Tenant, ID: r.JobID}.Key()]
+	j := d.jobs[subjects.JobRef{Tenant: r.Tenant, ID: r.JobID}.Key()]
 	if j == nil || r.Attempt != j.attempt || (j.state != StateRunning && j.state != StateDispatched) {
 		return
 	}

@@ -10,7 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -35,7 +36,7 @@ type testChunk struct {
 
 func TestChatStreamSSE(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 9})
 	_, srv := newTestGateway(t, tb, nil)
 
@@ -108,7 +109,7 @@ func TestChatStreamSSE(t *testing.T) {
 
 func TestChatStreamWithoutUsage(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, nil)
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
@@ -125,7 +126,7 @@ func TestChatStreamWithoutUsage(t *testing.T) {
 // A token event lost on the reply subject is made good from the result's text.
 func TestChatStreamRepairsGap(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: []string{"a", "b", "c", "d"}, skipSeq: 3})
 	g, srv := newTestGateway(t, tb, nil)
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
@@ -147,7 +148,7 @@ func TestChatStreamRepairsGap(t *testing.T) {
 
 func TestChatNonStreaming(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 12, cached: 9, finish: "length"})
 	_, srv := newTestGateway(t, tb, nil)
 
@@ -205,7 +206,7 @@ func TestChatNonStreaming(t *testing.T) {
 
 func TestChatRequestMapping(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, func(c *Config) { c.DefaultModel = testModel })
 
@@ -230,11 +231,11 @@ func TestChatRequestMapping(t *testing.T) {
 // A client that goes away mid-stream has its job cancelled.
 func TestChatClientDisconnectCancels(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{tokens: helloTokens, hangAfter: 1})
 	g, srv := newTestGateway(t, tb, nil)
 
-	cancels, err := tb.nc.SubscribeSync(bus.SubjectCancelAll)
+	cancels, err := tb.nc.SubscribeSync(subjects.CancelAll)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,8 +266,8 @@ func TestChatClientDisconnectCancels(t *testing.T) {
 	if err != nil {
 		t.Fatalf("no cancel published: %v", err)
 	}
-	if msg.Subject != bus.CancelSubject(job.Tenant, job.ID) {
-		t.Fatalf("cancel on %s, want %s", msg.Subject, bus.CancelSubject(job.Tenant, job.ID))
+	if msg.Subject != subjects.Cancel(job.Tenant, job.ID) {
+		t.Fatalf("cancel on %s, want %s", msg.Subject, subjects.Cancel(job.Tenant, job.ID))
 	}
 	var c schemas.CancelMsg
 	if err := json.Unmarshal(msg.Data, &c); err != nil || c.JobID != job.ID {

@@ -7,7 +7,7 @@ import (
 	"sort"
 	"testing"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
 // n > 1: n jobs (seeds seed..seed+n-1), choices indexed 0..n-1, the prompt counted
@@ -15,7 +15,7 @@ import (
 // Mutation caught: mergeChoices returning bodies[0] (one choice, usage of one).
 func TestChoicesRunOneJobEach(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 5})
 	_, srv := newTestGateway(t, tb, nil)
 
@@ -69,7 +69,7 @@ func TestChoicesRunOneJobEach(t *testing.T) {
 // Mutation caught: withIndex returning v unchanged (every chunk says index 0).
 func TestChoicesStream(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 5})
 	_, srv := newTestGateway(t, tb, nil)
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, map[string]any{

@@ -6,12 +6,12 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
 func TestCompletionsNonStreaming(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3, cached: 2})
 	_, srv := newTestGateway(t, tb, nil)
 
@@ -45,7 +45,7 @@ func TestCompletionsNonStreaming(t *testing.T) {
 
 func TestCompletionsStreaming(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
 	_, srv := newTestGateway(t, tb, nil)
 
@@ -89,7 +89,7 @@ func TestCompletionsStreaming(t *testing.T) {
 
 func TestCompletionsInvalid(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	tb.registerWorker(t, "w1", "ready", testModel)
 	_, srv := newTestGateway(t, tb, nil)
 	for body, param := range map[string]string{

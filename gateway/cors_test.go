@@ -6,9 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/rs/zerolog"
-
-	"github.com/mlx-serving/mlx-serving/bus"
 )
 
 const appOrigin = "https://app.example.com"
@@ -39,7 +38,7 @@ func preflight(t *testing.T, url, origin string) *http.Response {
 // other origin's preflight and request an Access-Control-Allow-Origin.
 func TestCORSAllowsConfiguredOriginsOnly(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, func(c *Config) {
 		c.Tokens = []string{"secret"}
@@ -94,7 +93,7 @@ func TestCORSAllowsConfiguredOriginsOnly(t *testing.T) {
 // at start.
 func TestCORSWildcardAndBadOrigins(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	_, srv := newTestGateway(t, tb, func(c *Config) { c.CORSOrigins = []string{"*"} })
 	p := preflight(t, srv.URL+"/v1/models", "https://anyone.example")
 	if p.StatusCode != http.StatusNoContent || p.Header.Get("Access-Control-Allow-Origin") != "*" {

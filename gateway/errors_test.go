@@ -10,12 +10,14 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 func TestInvalidRequestNamesTheField(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	// A registered worker but nobody serving: a request that got past validation
 	// would hang, so every case must be answered by validation alone.
 	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
@@ -65,7 +67,7 @@ func TestInvalidRequestNamesTheField(t *testing.T) {
 
 func TestQueueFullIs429(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{JobsMaxMsgs: 1})
+	tb := startBus(t, jsprov.Options{JobsMaxMsgs: 1})
 	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
 	_, srv := newTestGateway(t, tb, nil)
 
@@ -91,7 +93,7 @@ func TestQueueFullIs429(t *testing.T) {
 
 func TestNoWorkerForModel(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	_, srv := newTestGateway(t, tb, nil)
 
 	// Nobody registered: no worker ever announced the model, so it does not exist.
@@ -106,7 +108,7 @@ func TestNoWorkerForModel(t *testing.T) {
 
 func TestExpiredJobIs504(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{status: schemas.StatusExpired, errCode: "deadline_exceeded"})
 	_, srv := newTestGateway(t, tb, nil)
 	for _, stream := range []bool{false, true} {
@@ -118,11 +120,11 @@ func TestExpiredJobIs504(t *testing.T) {
 // and cancels the job.
 func TestRequestTimeoutIs504AndCancels(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{hang: true})
 	g, srv := newTestGateway(t, tb, func(c *Config) { c.RequestTimeout = 300 * time.Millisecond })
 	g.grace = 100 * time.Millisecond
-	cancels, err := tb.nc.SubscribeSync(bus.SubjectCancelAll)
+	cancels, err := tb.nc.SubscribeSync(subjects.CancelAll)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,14 +140,14 @@ func TestRequestTimeoutIs504AndCancels(t *testing.T) {
 		t.Fatalf("took %v", el)
 	}
 	msg, err := cancels.NextMsg(5 * time.Second)
-	if err != nil || msg.Subject != bus.CancelSubject(job.Tenant, job.ID) {
+	if err != nil || msg.Subject != subjects.Cancel(job.Tenant, job.ID) {
 		t.Fatalf("cancel: %v %v", msg, err)
 	}
 }
 
 func TestFailedJobIs500(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{status: schemas.StatusFailed, errCode: "generation_failed"})
 	_, srv := newTestGateway(t, tb, nil)
 	e := expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusInternalServerError, "", "generation_failed")
@@ -157,7 +159,7 @@ func TestFailedJobIs500(t *testing.T) {
 // A job that fails after streaming began ends with an error event.
 func TestStreamFailureMidway(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: []string{"partial"}, status: schemas.StatusFailed, errCode: "runtime_crashed"})
 	_, srv := newTestGateway(t, tb, nil)
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
@@ -170,7 +172,7 @@ func TestStreamFailureMidway(t *testing.T) {
 
 func TestAuth(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, func(c *Config) { c.Tokens = []string{"sk-one", "sk-two"} })
 
@@ -267,7 +269,7 @@ func streamedText(t *testing.T, events []string) (string, *openAIError) {
 // "Once upon Once upon a time").
 func TestStreamRestartedAttemptSendsNothingTwice(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: []string{"Once ", "upon ", "a ", "time"}, restartAfter: 2})
 	_, srv := newTestGateway(t, tb, nil)
 	text, e := streamedText(t, readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil))))
@@ -280,7 +282,7 @@ func TestStreamRestartedAttemptSendsNothingTwice(t *testing.T) {
 // given a coherent stream: it gets an error naming the job, not a stitched text.
 func TestStreamRestartedAttemptThatDivergesEndsWithError(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: []string{"Once ", "upon ", "a ", "time"}, restartAfter: 2,
 		restartTokens: []string{"Long ", "ago"}})
 	_, srv := newTestGateway(t, tb, nil)

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -107,7 +107,7 @@ func completionDocFields() []docField {
 // field through ("n":2 got a 200, the first one this test sends).
 func TestDocumentedFieldsHonouredOrRefused(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 2})
 	_, srv := newTestGateway(t, tb, nil)
 	endpoints := []struct {

@@ -16,6 +16,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 )
 
 // FuzzRequestBody posts arbitrary bodies to both completion endpoints of a real
@@ -64,7 +66,7 @@ func FuzzRequestBody(f *testing.F) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: f.TempDir(), Logger: zerolog.Nop()})
+	srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: f.TempDir(), Logger: zerolog.Nop()})
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -78,7 +80,7 @@ func FuzzRequestBody(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	if err := bus.Provision(ctx, js, bus.ProvisionOptions{}); err != nil {
+	if err := jsprov.Provision(ctx, js, jsprov.Options{}); err != nil {
 		f.Fatal(err)
 	}
 	g, err := New(Config{Conn: nc, Logger: zerolog.Nop(), RequestTimeout: 5 * time.Second})

@@ -18,6 +18,10 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -30,11 +34,11 @@ type testBus struct {
 	js  jetstream.JetStream
 }
 
-func startBus(t *testing.T, popts bus.ProvisionOptions) *testBus {
+func startBus(t *testing.T, popts jsprov.Options) *testBus {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: t.TempDir(), Logger: zerolog.Nop()})
+	srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: t.TempDir(), Logger: zerolog.Nop()})
 	if err != nil {
 		t.Fatalf("start nats: %v", err)
 	}
@@ -49,7 +53,7 @@ func startBus(t *testing.T, popts bus.ProvisionOptions) *testBus {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := bus.Provision(ctx, tb.js, popts); err != nil {
+	if err := jsprov.Provision(ctx, tb.js, popts); err != nil {
 		t.Fatalf("provision: %v", err)
 	}
 	return tb
@@ -72,7 +76,7 @@ func (tb *testBus) registerWorker(t *testing.T, id, state string, models ...stri
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	kv, err := tb.js.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := tb.js.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +140,7 @@ func startFakeWorker(t *testing.T, tb *testBus, scr script) *fakeWorker {
 		scr.finish = "stop"
 	}
 	fw := &fakeWorker{nc: nc, js: js, scr: scr, new: make(chan schemas.JobRequest, 64)}
-	_, err = nc.Subscribe(bus.SubjectJobsAll, func(m *nats.Msg) {
+	_, err = nc.Subscribe(subjects.JobsAll, func(m *nats.Msg) {
 		var job schemas.JobRequest
 		if err := json.Unmarshal(m.Data, &job); err != nil {
 			return
@@ -232,7 +236,7 @@ func (fw *fakeWorker) serve(job schemas.JobRequest) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := bus.RecordResult(ctx, fw.js, &res); err != nil {
+	if err := results.Record(ctx, fw.js, &res); err != nil {
 		return
 	}
 	if !s.noTerminal {

@@ -13,6 +13,8 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -34,7 +36,7 @@ func publishResult(t *testing.T, tb *testBus, subject string, r *schemas.ResultM
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := bus.RecordResult(ctx, tb.js, r); err != nil {
+	if err := results.Record(ctx, tb.js, r); err != nil {
 		t.Fatal(err)
 	}
 	if onReply {
@@ -78,7 +80,7 @@ func collect(ctx context.Context, t *testing.T, s *bus.JobStream) []bus.Event {
 
 func TestJobStreamInOrder(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	s, job := openTestStream(t, tb, bus.StreamOptions{QuietAfter: 10 * time.Second})
 	for i, d := range []string{"a", "b", "c"} {
 		publishToken(t, tb.nc, job.ReplyTo, job.ID, 1, i, d)
@@ -112,7 +114,7 @@ func TestJobStreamInOrder(t *testing.T) {
 // attempt 1 and a repeated event are dropped; a gap in attempt 2 is counted.
 func TestJobStreamAttemptChange(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	s, job := openTestStream(t, tb, bus.StreamOptions{QuietAfter: 10 * time.Second})
 	pub := func(attempt, seq int, d string) { publishToken(t, tb.nc, job.ReplyTo, job.ID, attempt, seq, d) }
 	pub(1, 0, "a")
@@ -155,7 +157,7 @@ func TestJobStreamAttemptChange(t *testing.T) {
 // quiet and the RESULTS record is delivered, exactly once.
 func TestJobStreamTerminalFallbackWhenQuiet(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	s, job := openTestStream(t, tb, bus.StreamOptions{QuietAfter: 200 * time.Millisecond})
 	publishToken(t, tb.nc, job.ReplyTo, job.ID, 1, 0, "a")
 	publishResult(t, tb, job.ReplyTo, testResult(job.ID, 1, 2, "ab"), false)
@@ -181,7 +183,7 @@ func TestJobStreamTerminalFallbackWhenQuiet(t *testing.T) {
 // The caller's ctx ends before the stream went quiet: RESULTS is still consulted.
 func TestJobStreamTerminalFallbackOnContextEnd(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	s, job := openTestStream(t, tb, bus.StreamOptions{QuietAfter: time.Hour})
 	publishResult(t, tb, job.ReplyTo, testResult(job.ID, 1, 0, ""), false)
 
@@ -209,7 +211,7 @@ func TestJobStreamTerminalFallbackOnContextEnd(t *testing.T) {
 // Watch on a job that finished before anyone listened returns its record at once.
 func TestJobStreamWatchFinishedJob(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	id := bus.NewJobID()
 	publishResult(t, tb, "", testResult(id, 1, 1, "z"), false)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -228,7 +230,7 @@ func TestJobStreamWatchFinishedJob(t *testing.T) {
 // SubmitStream submits through a Producer and sees the worker's events.
 func TestSubmitStream(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: []string{"x", "y"}})
 	p, err := bus.NewProducer(tb.nc)
 	if err != nil {

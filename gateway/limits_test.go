@@ -8,12 +8,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
 func limitedGateway(t *testing.T, limits TenantLimits) (*Gateway, string, *testBus) {
 	t.Helper()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	tb.registerWorker(t, "w1", "ready", testModel)
 	g, srv := newTestGateway(t, tb, func(c *Config) {
 		c.Tokens = []string{"plain"}

@@ -6,7 +6,7 @@ import (
 	"reflect"
 	"testing"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
 type chatLogprobs struct {
@@ -42,7 +42,7 @@ func tokensOf(c chatLogprobs) []string {
 // whole() ignoring lps.final (the body's content empty).
 func TestChatLogprobs(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
 	_, srv := newTestGateway(t, tb, nil)
 
@@ -98,7 +98,7 @@ func TestChatLogprobs(t *testing.T) {
 // Mutation caught: textLogprobs not advancing off (every text_offset 0).
 func TestCompletionLogprobs(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
 	_, srv := newTestGateway(t, tb, nil)
 	want := textLogprobs{Tokens: helloTokens, TokenLogprobs: []float64{-0.1, -0.2, -0.3, -0.4},
@@ -140,7 +140,7 @@ func TestCompletionLogprobs(t *testing.T) {
 
 func TestLogprobsParamsChecked(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	_, srv := newTestGateway(t, tb, nil)
 	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{"top_logprobs": 2})),
 		http.StatusBadRequest, "top_logprobs", "invalid_value")

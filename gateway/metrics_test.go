@@ -10,7 +10,7 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	shared "github.com/mlx-serving/mlx-serving/metrics"
 )
 
@@ -22,7 +22,7 @@ import (
 // names into mlx_fleet_jobs_finished_total{model=...}.
 func TestMetricLabelsOnlyAnnouncedModels(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 2})
 	g, srv := newTestGateway(t, tb, nil)
 	fleet, err := shared.NewFleet(shared.FleetOptions{Conn: tb.connect(t), Logger: zerolog.Nop()})

@@ -11,7 +11,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	fleetreg "github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -20,7 +20,7 @@ import (
 // it. A worker restarting its runtime, or replaced by another, leaves its model
 // away for a while: requests for it are 503 (retried by clients) rather than 404
 // (which clients do not retry), since it is expected back.
-const modelGrace = bus.DefaultModelGrace
+const modelGrace = jsprov.DefaultModelGrace
 
 // registry answers "which models can the fleet run now" from the worker registry
 // bucket. Reading the bucket costs a consumer round trip, so the answer is kept

@@ -9,13 +9,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 func TestModelsListsReadyWorkersModels(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	tb.registerWorker(t, "w1", schemas.WorkerReady, "m-a", "org/m-b")
 	tb.registerWorker(t, "w2", schemas.WorkerReady, "m-a", "m-c")
 	tb.registerWorker(t, "w3", schemas.WorkerDraining, "m-draining")
@@ -55,7 +56,7 @@ func TestModelsListsReadyWorkersModels(t *testing.T) {
 
 func TestHealthReadyMetrics(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 2})
 	g, srv := newTestGateway(t, tb, nil)
 
@@ -102,12 +103,12 @@ func TestHealthReadyMetrics(t *testing.T) {
 
 func TestReadyNeedsStreams(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
 	_, srv := newTestGateway(t, tb, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := tb.js.DeleteStream(ctx, bus.StreamResults); err != nil {
+	if err := tb.js.DeleteStream(ctx, subjects.StreamResults); err != nil {
 		t.Fatal(err)
 	}
 	r, err := http.Get(srv.URL + "/readyz")
@@ -122,7 +123,7 @@ func TestReadyNeedsStreams(t *testing.T) {
 
 func TestRunAndShutdown(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	g, err := New(Config{Addr: "127.0.0.1:0", Conn: tb.nc})
 	if err != nil {
 		t.Fatal(err)
@@ -154,7 +155,7 @@ func TestRunAndShutdown(t *testing.T) {
 // Mutation caught: ready() without its serving check answers 200 with no worker.
 func TestReadyNeedsAServingWorker(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	g, srv := newTestGateway(t, tb, nil)
 	setRegistry(g, 0, modelGrace)
 	get := func(path string) (int, map[string]string) {

@@ -6,7 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -17,7 +18,7 @@ import (
 // the 404 checks; status() ignoring the models seen before fails the 503 one.
 func TestUnknownModelIs404AwayModelIs503(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
 	g, srv := newTestGateway(t, tb, nil)
 	setRegistry(g, 0, modelGrace) // read the bucket at every request
@@ -32,7 +33,7 @@ func TestUnknownModelIs404AwayModelIs503(t *testing.T) {
 	// The worker is gone (its entry expired): its model is away, not unknown.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	kv, err := tb.js.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := tb.js.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		t.Fatal(err)
 	}

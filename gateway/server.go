@@ -21,6 +21,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/tracing"
 )
 
@@ -269,7 +270,7 @@ func (g *Gateway) ready(ctx context.Context) error {
 	if !g.nc.IsConnected() {
 		return fmt.Errorf("nats %s", g.nc.Status())
 	}
-	for _, name := range []string{bus.StreamJobs, bus.StreamResults, bus.StreamCancels} {
+	for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamCancels} {
 		if _, err := g.js.Stream(ctx, name); err != nil {
 			return fmt.Errorf("stream %s: %w", name, err)
 		}

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"unicode/utf8"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -136,7 +136,7 @@ func TestToolParser(t *testing.T) {
 // holds the raw <tool_call> text, finish_reason stop).
 func TestToolCallsWhole(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{tokens: callTokens, prompt: 30})
 	_, srv := newTestGateway(t, tb, nil)
 
@@ -189,7 +189,7 @@ type toolChunk struct {
 // 1's deltas continue choice 0's: index 1, a second call).
 func TestToolCallsStreamed(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: callTokens, prompt: 30})
 	_, srv := newTestGateway(t, tb, nil)
 
@@ -242,7 +242,7 @@ func TestToolCallsStreamed(t *testing.T) {
 // tool_choice none reads no calls: the text is content as it came.
 func TestToolChoiceNoneIsText(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: callTokens, finish: "length"})
 	_, srv := newTestGateway(t, tb, nil)
 	body := decode[chatCompletion](t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
@@ -257,7 +257,7 @@ func TestToolChoiceNoneIsText(t *testing.T) {
 // A call cut by max_tokens: finish_reason length, the call with what it has.
 func TestToolCallCutIsLength(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: callTokens[:6], finish: "length"})
 	_, srv := newTestGateway(t, tb, nil)
 	body := decode[chatCompletion](t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
@@ -272,7 +272,7 @@ func TestToolCallCutIsLength(t *testing.T) {
 // A conversation that called a tool and got its answer travels to the job.
 func TestToolRoundTripMessages(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, script{tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, nil)
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
@@ -302,7 +302,7 @@ func TestToolRoundTripMessages(t *testing.T) {
 // Bad tools are refused at the edge, naming the field.
 func TestToolsRefused(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
 	_, srv := newTestGateway(t, tb, nil)
 	fn := func(f map[string]any) []any { return []any{map[string]any{"type": "function", "function": f}} }
@@ -342,7 +342,7 @@ func TestToolsRefused(t *testing.T) {
 // text back (the entries of the split marker are lost).
 func TestToolCallsLogprobs(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, bus.ProvisionOptions{})
+	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: callTokens, prompt: 30})
 	_, srv := newTestGateway(t, tb, nil)
 	want := strings.Join(callTokens, "")

@@ -9,8 +9,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/model"
 
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/metrics"
 	"github.com/mlx-serving/mlx-serving/worker"
@@ -49,7 +49,7 @@ func TestCatalog(t *testing.T) {
 		seen[s.Name] = true
 	}
 
-	b := testenv.StartBus(t, bus.ProvisionOptions{})
+	b := testenv.StartBus(t, jsprov.Options{})
 	f, err := metrics.NewFleet(metrics.FleetOptions{Conn: b.Conn, SampleTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)

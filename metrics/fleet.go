@@ -13,8 +13,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -169,24 +170,24 @@ func (f *Fleet) Start(ctx context.Context) error {
 	if f.started {
 		return ErrFleetStarted
 	}
-	cons, err := f.js.OrderedConsumer(ctx, bus.StreamResults, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{bus.SubjectResultsAll},
+	cons, err := f.js.OrderedConsumer(ctx, subjects.StreamResults, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{subjects.ResultsAll},
 		DeliverPolicy:  jetstream.DeliverNewPolicy,
 	})
 	if err != nil {
-		return fmt.Errorf("metrics: follow %s: %w", bus.StreamResults, err)
+		return fmt.Errorf("metrics: follow %s: %w", subjects.StreamResults, err)
 	}
 	cc, err := cons.Consume(func(m jetstream.Msg) { f.observeResult(m.Data()) },
 		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
 			f.log.Debug().Err(err).Msg("following RESULTS")
 		}))
 	if err != nil {
-		return fmt.Errorf("metrics: follow %s: %w", bus.StreamResults, err)
+		return fmt.Errorf("metrics: follow %s: %w", subjects.StreamResults, err)
 	}
-	sub, err := f.opts.Conn.Subscribe(bus.SubjectAttemptAll, func(m *nats.Msg) { f.observeAttempt(m.Data) })
+	sub, err := f.opts.Conn.Subscribe(subjects.AttemptAll, func(m *nats.Msg) { f.observeAttempt(m.Data) })
 	if err != nil {
 		cc.Stop()
-		return fmt.Errorf("metrics: subscribe %s: %w", bus.SubjectAttemptAll, err)
+		return fmt.Errorf("metrics: subscribe %s: %w", subjects.AttemptAll, err)
 	}
 	if err := f.opts.Conn.FlushWithContext(ctx); err != nil {
 		cc.Stop()
@@ -346,13 +347,13 @@ func (f *Fleet) sample(ctx context.Context) (*fleetSample, error) {
 			firstErr = err
 		}
 	}
-	if q, err := bus.QueueDepths(ctx, f.js); err != nil {
+	if q, err := jsprov.QueueDepths(ctx, f.js); err != nil {
 		keep(err)
 	} else {
 		s.queued = q
 	}
-	s.dlq, s.dlqOK = f.streamMsgs(ctx, bus.StreamDLQ, keep)
-	s.results, s.resultOK = f.streamMsgs(ctx, bus.StreamResults, keep)
+	s.dlq, s.dlqOK = f.streamMsgs(ctx, subjects.StreamDLQ, keep)
+	s.results, s.resultOK = f.streamMsgs(ctx, subjects.StreamResults, keep)
 	if workers, err := f.heartbeats(ctx); err != nil {
 		keep(err)
 	} else {

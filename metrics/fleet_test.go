@@ -8,7 +8,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/metrics"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -34,7 +36,7 @@ func startFleet(t *testing.T, b *testenv.Bus) *scraper {
 // when it changes. Mutation caught: the prompt_cache series left out of Collect.
 func TestFleetGauges(t *testing.T) {
 	t.Parallel()
-	b := testenv.StartBus(t, bus.ProvisionOptions{})
+	b := testenv.StartBus(t, jsprov.Options{})
 	ctx := testenv.Context(t, 30*time.Second)
 	s := startFleet(t, b)
 
@@ -47,7 +49,7 @@ func TestFleetGauges(t *testing.T) {
 	publishJob := func(priority, id string) uint64 {
 		job := schemas.JobRequest{ID: id, Model: "m", Prompt: "p", ReplyTo: "r." + id, Priority: priority}
 		data, _ := json.Marshal(job)
-		ack, err := b.JS.Publish(ctx, bus.JobSubject("", priority, id), data)
+		ack, err := b.JS.Publish(ctx, subjects.Job("", priority, id), data)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -56,10 +58,10 @@ func TestFleetGauges(t *testing.T) {
 	publishJob("high", "h1")
 	publishJob("low", "l1")
 	lowSeq := publishJob("low", "l2")
-	if _, err := b.JS.Publish(ctx, bus.DLQSubject("", "d1"), []byte(`{}`)); err != nil {
+	if _, err := b.JS.Publish(ctx, subjects.DLQ("", "d1"), []byte(`{}`)); err != nil {
 		t.Fatal(err)
 	}
-	kv, err := b.JS.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := b.JS.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,7 +92,7 @@ func TestFleetGauges(t *testing.T) {
 	)
 
 	// A job leaves the queue and a worker leaves the registry.
-	jobs, err := b.JS.Stream(ctx, bus.StreamJobs)
+	jobs, err := b.JS.Stream(ctx, subjects.StreamJobs)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,12 +116,12 @@ func TestFleetGauges(t *testing.T) {
 // model, invalid_request by source, and attempt reports by code.
 func TestFleetResults(t *testing.T) {
 	t.Parallel()
-	b := testenv.StartBus(t, bus.ProvisionOptions{})
+	b := testenv.StartBus(t, jsprov.Options{})
 	ctx := testenv.Context(t, 30*time.Second)
 	s := startFleet(t, b)
 
 	// Models are labels only once a worker announced them.
-	kv, err := b.JS.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := b.JS.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,7 +132,7 @@ func TestFleetResults(t *testing.T) {
 	now := time.Now().UTC()
 	record := func(r schemas.ResultMsg) error {
 		r.Type, r.FinishedAt = "result", now
-		return bus.RecordResult(ctx, b.JS, &r)
+		return results.Record(ctx, b.JS, &r)
 	}
 	must := func(err error) {
 		t.Helper()
@@ -147,7 +149,7 @@ func TestFleetResults(t *testing.T) {
 	// The dispatcher's terminal for j1 comes second: RESULTS refuses it.
 	err = record(schemas.ResultMsg{JobID: "j1", Attempt: 1, Status: schemas.StatusFailed, Model: "tiny",
 		Error: &schemas.ErrorInfo{Code: "attempts_exhausted", Message: "late"}})
-	if !errors.Is(err, bus.ErrResultExists) {
+	if !errors.Is(err, results.ErrResultExists) {
 		t.Fatalf("second record: %v, want ErrResultExists", err)
 	}
 	must(record(schemas.ResultMsg{JobID: "j3", Attempt: 1, Status: schemas.StatusFailed, WorkerID: "mac-1",
@@ -162,7 +164,7 @@ func TestFleetResults(t *testing.T) {
 		Error: &schemas.ErrorInfo{Code: "cancelled", Message: "by request"}}))
 	report, _ := json.Marshal(schemas.AttemptReportMsg{JobID: "j2", Attempt: 1, WorkerID: "mac-3",
 		Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "x", Retryable: true}, ReportedAt: now})
-	must(b.Conn.Publish(bus.AttemptSubject("j2"), report))
+	must(b.Conn.Publish(subjects.Attempt("j2"), report))
 
 	s.waitFor(ctx,
 		expectation{"mlx_fleet_jobs_finished_total", L("status", "completed", "model", "tiny"), 1},
@@ -206,7 +208,7 @@ func TestFleetResults(t *testing.T) {
 // shown stale, and the failure is counted; the counters stay.
 func TestFleetBusDown(t *testing.T) {
 	t.Parallel()
-	b := testenv.StartBus(t, bus.ProvisionOptions{})
+	b := testenv.StartBus(t, jsprov.Options{})
 	ctx := testenv.Context(t, 30*time.Second)
 	s := startFleet(t, b)
 	s.waitFor(ctx, expectation{"mlx_fleet_queue_depth", L("priority", "normal"), 0},

@@ -8,6 +8,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/metrics"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -23,7 +24,7 @@ import (
 // Collect ("0 batches routed").
 func TestRealWork(t *testing.T) {
 	t.Parallel()
-	b := testenv.StartBus(t, bus.ProvisionOptions{WorkerTTL: 3 * time.Second})
+	b := testenv.StartBus(t, jsprov.Options{WorkerTTL: 3 * time.Second})
 	ctx := testenv.Context(t, 3*time.Minute)
 	log := testenv.Logger(t)
 

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -41,7 +43,7 @@ func TestJobRunsEndToEnd(t *testing.T) {
 	if o.missed != 0 || o.restarted {
 		t.Fatalf("gaps %d restarted %v", o.missed, o.restarted)
 	}
-	stored, err := bus.FetchResult(ctx, s.bus.JS, r.Tenant, r.JobID)
+	stored, err := results.Fetch(ctx, s.bus.JS, r.Tenant, r.JobID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,7 +73,7 @@ func TestJobsWaitForCapacity(t *testing.T) {
 	// Nothing can run yet: the jobs are queued, none has a result.
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		info, err := s.bus.JS.Stream(ctx, bus.StreamJobs)
+		info, err := s.bus.JS.Stream(ctx, subjects.StreamJobs)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -265,12 +267,12 @@ func TestCancelQueuedJob(t *testing.T) {
 
 func jobQueued(t *testing.T, s *stack, id string) bool {
 	ctx := testenv.Context(t, 5*time.Second)
-	st, err := s.bus.JS.Stream(ctx, bus.StreamJobs)
+	st, err := s.bus.JS.Stream(ctx, subjects.StreamJobs)
 	if err != nil {
 		return false
 	}
 	for _, p := range schemas.Priorities {
-		if _, err := st.GetLastMsgForSubject(ctx, bus.JobSubject("", p, id)); err == nil {
+		if _, err := st.GetLastMsgForSubject(ctx, subjects.Job("", p, id)); err == nil {
 			return true
 		}
 	}

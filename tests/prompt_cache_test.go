@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -29,7 +29,7 @@ func TestPromptCacheReportedEndToEnd(t *testing.T) {
 	ctx := testenv.Context(t, 2*time.Minute)
 
 	prompt := "Alpha: " + strings.Repeat("the stone by the river, ", 40)
-	var results []*schemas.ResultMsg
+	var got []*schemas.ResultMsg
 	for range 2 {
 		o, err := s.submit(ctx, tinyJob(prompt, 8), nil)
 		if err != nil {
@@ -38,9 +38,9 @@ func TestPromptCacheReportedEndToEnd(t *testing.T) {
 		if o.result.Status != schemas.StatusCompleted {
 			t.Fatalf("result %+v", o.result)
 		}
-		results = append(results, o.result)
+		got = append(got, o.result)
 	}
-	first, second := results[0].Usage, results[1].Usage
+	first, second := got[0].Usage, got[1].Usage
 	if first.CachedTokens != 0 || first.PromptTokens < 200 {
 		t.Fatalf("first ask: usage %+v, want a long prompt and nothing cached", first)
 	}
@@ -48,10 +48,10 @@ func TestPromptCacheReportedEndToEnd(t *testing.T) {
 	if second.PromptTokens != first.PromptTokens || second.CachedTokens != second.PromptTokens-1 {
 		t.Fatalf("second ask: usage %+v, want cached_tokens = prompt_tokens - 1", second)
 	}
-	if results[1].Text != results[0].Text {
-		t.Fatalf("cached prompt changed the text: %q vs %q", results[1].Text, results[0].Text)
+	if got[1].Text != got[0].Text {
+		t.Fatalf("cached prompt changed the text: %q vs %q", got[1].Text, got[0].Text)
 	}
-	stored, err := bus.FetchResult(ctx, s.bus.JS, results[1].Tenant, results[1].JobID)
+	stored, err := results.Fetch(ctx, s.bus.JS, got[1].Tenant, got[1].JobID)
 	if err != nil {
 		t.Fatal(err)
 	}

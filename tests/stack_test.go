@@ -14,6 +14,8 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/mlx-serving/mlx-serving/worker"
@@ -31,7 +33,7 @@ var workerSeq atomic.Int64
 
 func newStack(t *testing.T) *stack {
 	t.Helper()
-	b := testenv.StartBus(t, bus.ProvisionOptions{WorkerTTL: 3 * time.Second})
+	b := testenv.StartBus(t, jsprov.Options{WorkerTTL: 3 * time.Second})
 	prod, err := bus.NewProducer(b.Conn)
 	if err != nil {
 		t.Fatal(err)
@@ -65,7 +67,7 @@ func (s *stack) startDispatcher(id string) (stop func()) {
 // CANCELS stream, whose stored backlog it read before subscribing).
 func (s *stack) waitListening(id string) {
 	s.t.Helper()
-	want := []string{bus.DoneForDispatcher(id), bus.JobsPrioritySubject(schemas.PriorityNormal)}
+	want := []string{subjects.DoneForDispatcher(id), subjects.JobsPriority(schemas.PriorityNormal)}
 	waitFor(s.t, 30*time.Second, func() bool {
 		cz, err := s.bus.Server.NATSServer().Connz(&server.ConnzOptions{Subscriptions: true, Limit: 1 << 10})
 		if err != nil {

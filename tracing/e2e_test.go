@@ -14,9 +14,9 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/tracing"
 	"github.com/mlx-serving/mlx-serving/worker"
@@ -73,7 +73,7 @@ func TestTraceFollowsAJobThroughTheSystem(t *testing.T) {
 	t.Cleanup(func() { _ = tp.Shutdown(context.Background()); resetGlobals(t) })
 	tracing.Install(tp)
 
-	b := testenv.StartBus(t, bus.ProvisionOptions{WorkerTTL: 3 * time.Second})
+	b := testenv.StartBus(t, jsprov.Options{WorkerTTL: 3 * time.Second})
 	runDispatcher(t, b)
 	runWorker(t, b)
 	g, err := gateway.New(gateway.Config{Conn: testenv.Connect(t, b.Server.ClientURL()), Logger: testenv.Logger(t)})

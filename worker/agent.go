@@ -17,6 +17,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/breaker"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -111,7 +112,7 @@ type Agent struct {
 	cfg  Config
 	log  zerolog.Logger
 	host hostFacts
-	// models announces the served models to bus.BucketModels (heartbeat loop only).
+	// models announces the served models to subjects.BucketModels (heartbeat loop only).
 	announcer modelAnnouncer
 
 	nc     *nats.Conn
@@ -247,8 +248,8 @@ func (a *Agent) start(ctx context.Context) error {
 	a.jobCtx, a.jobCancel = context.WithCancel(context.Background())
 
 	for subj, h := range map[string]nats.MsgHandler{
-		bus.AssignSubject(a.cfg.WorkerID):       a.handleAssign,
-		bus.WorkerCancelSubject(a.cfg.WorkerID): a.handleCancel,
+		subjects.Assign(a.cfg.WorkerID):       a.handleAssign,
+		subjects.WorkerCancel(a.cfg.WorkerID): a.handleCancel,
 	} {
 		sub, err := a.nc.Subscribe(subj, h)
 		if err != nil {

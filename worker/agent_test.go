@@ -16,8 +16,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/breaker"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -135,7 +135,7 @@ func TestE2EBatchSharesRuntimeAndFullWhenSlotsTaken(t *testing.T) {
 	}
 	// All token events of the four jobs, in arrival order.
 	order := make(chan int, 4*512)
-	all, err := b.nc.Subscribe(bus.ReplyNamespace("test"), func(m *nats.Msg) {
+	all, err := b.nc.Subscribe(subjects.ReplyNamespace("test"), func(m *nats.Msg) {
 		var ev schemas.TokenEventMsg
 		if json.Unmarshal(m.Data, &ev) == nil && ev.Type == "token" {
 			if i, ok := index[ev.JobID]; ok {
@@ -281,7 +281,7 @@ func TestE2ERuntimeKilledMidStream(t *testing.T) {
 	j := newJob("Crash during this", 4000)
 	c := collect(t, b.nc, j.ReplyTo)
 	reports := make(chan *nats.Msg, 4)
-	sub, err := b.nc.ChanSubscribe(bus.AttemptSubject(a.ID()), reports)
+	sub, err := b.nc.ChanSubscribe(subjects.Attempt(a.ID()), reports)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,7 +8,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -170,7 +170,7 @@ func (a *Agent) failInvalid(bad invalidJob) {
 	res := &schemas.ResultMsg{
 		Type: "result", JobID: bad.id, Attempt: bad.attempt, Status: schemas.StatusFailed,
 		WorkerID: a.cfg.WorkerID, // no model: it may be what broke the schema
-		Tenant:   bus.RecordTenant(bad.tenant),
+		Tenant:   subjects.RecordTenant(bad.tenant),
 		Error:    &schemas.ErrorInfo{Code: schemas.CodeInvalidRequest, Message: bad.err.Error()},
 	}
 	ctx, cancel := context.WithTimeout(a.jobCtx, a.cfg.ResultTimeout+5*time.Second)

@@ -5,7 +5,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -18,7 +18,7 @@ func (a *Agent) handleCancel(msg *nats.Msg) {
 	if err := json.Unmarshal(msg.Data, &c); err != nil || c.JobID == "" {
 		return
 	}
-	if r := a.jobs.get(bus.JobRef{Tenant: c.Tenant, ID: c.JobID}.Key()); r != nil {
+	if r := a.jobs.get(subjects.JobRef{Tenant: c.Tenant, ID: c.JobID}.Key()); r != nil {
 		a.log.Info().Str("job_id", c.JobID).Str("tenant", c.Tenant).Int("attempt", r.aj.Attempt).Str("model", r.aj.Job.Model).Msg("cancelling running job")
 		r.requestStop(stopCancelled)
 	}

@@ -14,7 +14,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -210,7 +210,7 @@ func (a *Agent) heartbeatLoop(ctx context.Context) {
 	for {
 		_, changed := a.life.watch()
 		if kv == nil {
-			b, err := a.js.KeyValue(ctx, bus.BucketWorkers)
+			b, err := a.js.KeyValue(ctx, subjects.BucketWorkers)
 			if err != nil && ctx.Err() == nil {
 				a.log.Warn().Err(err).Msg("worker registry bucket not available; will retry")
 			}
@@ -261,7 +261,7 @@ func (a *Agent) putHeartbeat(ctx context.Context, kv jetstream.KeyValue) error {
 // deleteHeartbeat removes the registry entry on a clean stop, so dispatchers stop
 // routing at once instead of waiting for the TTL.
 func (a *Agent) deleteHeartbeat(ctx context.Context) {
-	kv, err := a.js.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := a.js.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		return
 	}

@@ -21,6 +21,10 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -66,7 +70,7 @@ func testLogger(t testing.TB) zerolog.Logger {
 }
 
 type testBus struct {
-	srv *bus.Server
+	srv *natsserver.Server
 	nc  *nats.Conn
 	js  jetstream.JetStream
 	kv  jetstream.KeyValue
@@ -79,33 +83,33 @@ func startBus(t testing.TB, workerTTL time.Duration) *testBus {
 	if workerTTL == 0 {
 		workerTTL = 10 * time.Second
 	}
-	e := testenv.StartBus(t, bus.ProvisionOptions{WorkerTTL: workerTTL})
+	e := testenv.StartBus(t, jsprov.Options{WorkerTTL: workerTTL})
 	b := &testBus{srv: e.Server, nc: e.Conn, js: e.JS, kv: e.Workers}
 	b.standInDispatcher(t)
 	return b
 }
 
 // standInDispatcher answers the hand-overs of jobs assigned by batch (dispatcher
-// "test") the way a dispatcher does: the record is stored with bus.Finish — in
+// "test") the way a dispatcher does: the record is stored with results.Finish — in
 // RESULTS, then as the last event on the job's reply subject — and only then
 // answered. It records nothing it did not store.
 func (b *testBus) standInDispatcher(t testing.TB) {
-	sub, err := b.nc.Subscribe(bus.DoneForDispatcher(testDispatcher), func(m *nats.Msg) {
+	sub, err := b.nc.Subscribe(subjects.DoneForDispatcher(testDispatcher), func(m *nats.Msg) {
 		if err := schemas.Validate(schemas.Result, m.Data); err != nil {
 			t.Errorf("hand-over on %s fails its schema: %v: %s", m.Subject, err, m.Data)
 			return
 		}
 		var res schemas.ResultMsg
 		_ = json.Unmarshal(m.Data, &res)
-		if w := bus.WorkerOfSubject(m.Subject); w != res.WorkerID {
+		if w := subjects.WorkerOf(m.Subject); w != res.WorkerID {
 			t.Errorf("hand-over on %s names worker %q", m.Subject, res.WorkerID)
 		}
-		replyTo, _ := replyOf.Load(bus.JobRef{Tenant: res.Tenant, ID: res.JobID}.Key())
+		replyTo, _ := replyOf.Load(subjects.JobRef{Tenant: res.Tenant, ID: res.JobID}.Key())
 		rt, _ := replyTo.(string)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		status := schemas.FinishStored
-		if err := bus.Finish(ctx, b.js, &res, rt); errors.Is(err, bus.ErrResultExists) {
+		if err := results.Finish(ctx, b.js, &res, rt); errors.Is(err, results.ErrResultExists) {
 			status = schemas.FinishExists
 		} else if err != nil {
 			t.Errorf("stand-in dispatcher: finish %s: %v", res.JobID, err)
@@ -133,7 +137,7 @@ var replyOf sync.Map
 func cancelJob(t testing.TB, nc *nats.Conn, workerID string, j schemas.JobRequest) {
 	t.Helper()
 	cm, _ := json.Marshal(schemas.CancelMsg{JobID: j.ID, Tenant: j.Tenant, RequestedAt: time.Now().UTC()})
-	if err := nc.Publish(bus.WorkerCancelSubject(workerID), cm); err != nil {
+	if err := nc.Publish(subjects.WorkerCancel(workerID), cm); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -318,7 +322,7 @@ func assign(t testing.TB, nc *nats.Conn, workerID string, m *schemas.AssignmentM
 	if err != nil {
 		t.Fatal(err)
 	}
-	msg, err := nc.Request(bus.AssignSubject(workerID), b, 10*time.Second)
+	msg, err := nc.Request(subjects.Assign(workerID), b, 10*time.Second)
 	if err != nil {
 		t.Fatalf("assign: %v", err)
 	}
@@ -353,7 +357,7 @@ func newJob(prompt string, maxTokens int) schemas.JobRequest {
 func batch(model string, jobs ...schemas.JobRequest) *schemas.AssignmentMsg {
 	m := &schemas.AssignmentMsg{BatchID: fmt.Sprintf("batch-%d", time.Now().UnixNano()), DispatcherID: testDispatcher, Model: model}
 	for _, j := range jobs {
-		replyOf.Store(bus.JobRef{Tenant: j.Tenant, ID: j.ID}.Key(), j.ReplyTo)
+		replyOf.Store(subjects.JobRef{Tenant: j.Tenant, ID: j.ID}.Key(), j.ReplyTo)
 		m.Jobs = append(m.Jobs, schemas.AssignedJob{Job: j, Attempt: 1})
 	}
 	return m
@@ -370,7 +374,7 @@ func fetchTenantResult(t testing.TB, js jetstream.JetStream, tenant, jobID strin
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	r, err := bus.FetchResult(ctx, js, tenant, jobID)
+	r, err := results.Fetch(ctx, js, tenant, jobID)
 	if err != nil {
 		t.Fatalf("RESULTS record of %s: %v", jobID, err)
 	}
@@ -382,15 +386,15 @@ func resultsCount(t testing.TB, js jetstream.JetStream, jobID string) uint64 {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	s, err := js.Stream(ctx, bus.StreamResults)
+	s, err := js.Stream(ctx, subjects.StreamResults)
 	if err != nil {
 		t.Fatal(err)
 	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(bus.ResultSubject("", jobID)))
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(subjects.Result("", jobID)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	return info.State.Subjects[bus.ResultSubject("", jobID)]
+	return info.State.Subjects[subjects.Result("", jobID)]
 }
 
 // waitHeartbeat waits for the registry entry to satisfy ok, watching the key.

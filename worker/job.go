@@ -12,7 +12,7 @@ import (
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -26,7 +26,7 @@ const (
 // jobRun is one attempt of one job on this worker.
 type jobRun struct {
 	aj           schemas.AssignedJob
-	key          string // bus.JobRef{tenant, id}.Key(): the same id in two tenants is two jobs
+	key          string // subjects.JobRef{tenant, id}.Key(): the same id in two tenants is two jobs
 	dispatcherID string // the dispatcher that placed it, to which its end is handed
 	requestID    string
 	accepted     time.Time
@@ -42,7 +42,7 @@ type jobRun struct {
 func newJobRun(aj schemas.AssignedJob, dispatcherID string) *jobRun {
 	return &jobRun{
 		aj:           aj,
-		key:          bus.JobRef{Tenant: aj.Job.Tenant, ID: aj.Job.ID}.Key(),
+		key:          subjects.JobRef{Tenant: aj.Job.Tenant, ID: aj.Job.ID}.Key(),
 		dispatcherID: dispatcherID,
 		requestID:    aj.Job.ID + "." + strconv.Itoa(aj.Attempt),
 		accepted:     time.Now(),
@@ -391,7 +391,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		log.Warn().Err(genErr).Str("code", code).Msg("attempt ended without a result; reporting it for retry")
 		traceEnd(span, "retrying", &schemas.ErrorInfo{Code: code, Message: msg})
 		a.reportAttempt(j.Model, &schemas.AttemptReportMsg{
-			JobID: j.ID, Tenant: bus.RecordTenant(j.Tenant), Attempt: r.aj.Attempt, WorkerID: a.cfg.WorkerID,
+			JobID: j.ID, Tenant: subjects.RecordTenant(j.Tenant), Attempt: r.aj.Attempt, WorkerID: a.cfg.WorkerID,
 			Error:            schemas.ErrorInfo{Code: code, Message: msg, Retryable: true},
 			Text:             resumeText + em.text.String(),
 			Seq:              em.seq,
@@ -425,7 +425,7 @@ func timings(r *jobRun, gen *schemas.GenerateResult) *schemas.Timings {
 }
 
 // finish hands the job's terminal record to the dispatcher that placed it
-// (bus.DoneSubject), which writes it to RESULTS, sends it as the last event on
+// (subjects.Done), which writes it to RESULTS, sends it as the last event on
 // the reply subject and acks the job — in that order, so nothing is acked that
 // is not stored. Workers never write RESULTS: a worker credential cannot end a
 // job it does not run. The hand-over is retried across short bus hiccups; when
@@ -445,7 +445,7 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 		log.Error().Err(err).Msg("terminal record is invalid; the dispatcher will retry the job")
 		return
 	}
-	subject := bus.DoneSubject(a.cfg.WorkerID, dispatcherID)
+	subject := subjects.Done(a.cfg.WorkerID, dispatcherID)
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 100 * time.Millisecond
 	bo.MaxElapsedTime = a.cfg.ResultTimeout
@@ -500,7 +500,7 @@ func (a *Agent) reportAttempt(model string, m *schemas.AttemptReportMsg) {
 	a.cfg.Observer.AttemptReported(m.Error.Code)
 	b, err := json.Marshal(m)
 	if err == nil {
-		err = a.nc.Publish(bus.AttemptSubject(a.cfg.WorkerID), b)
+		err = a.nc.Publish(subjects.Attempt(a.cfg.WorkerID), b)
 	}
 	if err != nil {
 		a.log.Error().Err(err).Str("job_id", m.JobID).Int("attempt", m.Attempt).Str("model", model).Msg("could not publish the attempt report")

@@ -5,12 +5,12 @@ import (
 	"slices"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/registry"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/mlx-serving/mlx-serving/bus"
 )
 
-// modelAnnouncer puts the models the worker serves into bus.BucketModels, so a
+// modelAnnouncer puts the models the worker serves into subjects.BucketModels, so a
 // producer can tell a model nobody serves (refused at once) from one whose
 // workers are briefly away (queued). It puts when the set changes and then once
 // a minute, well inside the bucket's grace period (10 minutes by default), so a
@@ -29,13 +29,13 @@ func (m *modelAnnouncer) announce(ctx context.Context, js jetstream.JetStream, m
 		return nil
 	}
 	if m.kv == nil {
-		kv, err := js.KeyValue(ctx, bus.BucketModels)
+		kv, err := js.KeyValue(ctx, subjects.BucketModels)
 		if err != nil {
 			return err
 		}
 		m.kv = kv
 	}
-	if err := bus.AnnounceModels(ctx, m.kv, models); err != nil {
+	if err := registry.AnnounceModels(ctx, m.kv, models); err != nil {
 		return err
 	}
 	m.last, m.at = slices.Clone(models), time.Now()

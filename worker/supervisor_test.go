@@ -7,8 +7,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/breaker"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -41,7 +41,7 @@ func TestSupervisorRestartsWedgedRuntime(t *testing.T) {
 
 	j := newJob("long", 30000)
 	reports := make(chan *nats.Msg, 1)
-	sub, _ := b.nc.ChanSubscribe(bus.AttemptSubject(a.ID()), reports)
+	sub, _ := b.nc.ChanSubscribe(subjects.Attempt(a.ID()), reports)
 	defer sub.Unsubscribe()
 	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignAccepted {
 		t.Fatalf("%+v", rep)

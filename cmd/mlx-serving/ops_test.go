@@ -27,7 +27,8 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/mlx-serving/mlx-serving/auth"
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 )
 
@@ -265,7 +266,7 @@ func TestOpsStandaloneConfServesAuthenticatedTLS(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := bus.Provision(ctx, js, bus.ProvisionOptions{}); err != nil {
+	if err := jsprov.Provision(ctx, js, jsprov.Options{}); err != nil {
 		t.Fatalf("provision over TLS: %v", err)
 	}
 
@@ -284,7 +285,7 @@ func TestOpsStandaloneConfServesAuthenticatedTLS(t *testing.T) {
 	for _, sc := range []struct {
 		subject string
 		refused bool
-	}{{bus.ReplyNamespace("a"), false}, {bus.ReplyNamespace("b"), true}} {
+	}{{subjects.ReplyNamespace("a"), false}, {subjects.ReplyNamespace("b"), true}} {
 		if _, err := pc.SubscribeSync(sc.subject); err != nil {
 			t.Fatal(err)
 		}

@@ -12,8 +12,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -40,7 +41,7 @@ func (f replayFilter) match(rec *schemas.DLQRecordMsg) bool {
 // republished with a message id of its own so JOBS' duplicate window, which still
 // remembers the original id, does not swallow it.
 func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryRun bool, each func(rec *schemas.DLQRecordMsg)) (int, error) {
-	dlq, err := js.Stream(ctx, bus.StreamDLQ)
+	dlq, err := js.Stream(ctx, subjects.StreamDLQ)
 	if err != nil {
 		return 0, err
 	}
@@ -73,7 +74,7 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		if dryRun {
 			continue
 		}
-		if err := bus.PurgeResult(ctx, js, bus.RecordTenant(rec.Job.Tenant), rec.Job.ID); err != nil {
+		if err := results.Purge(ctx, js, subjects.RecordTenant(rec.Job.Tenant), rec.Job.ID); err != nil {
 			return n, err
 		}
 		job := rec.Job
@@ -94,7 +95,7 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		// No Nats-Msg-Id: the duplicate window is shared by every tenant, and any
 		// producer may put any id on its own jobs, so a guessable id here would
 		// let one tenant make another's replay a silent no-op.
-		if _, err := js.Publish(ctx, bus.JobSubject(job.Tenant, priority, job.ID), data); err != nil {
+		if _, err := js.Publish(ctx, subjects.Job(job.Tenant, priority, job.ID), data); err != nil {
 			return n, fmt.Errorf("requeue %s: %w", job.ID, err)
 		}
 		if err := dlq.DeleteMsg(ctx, seq); err != nil {

@@ -18,10 +18,11 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/mlx-serving/mlx-serving/auth"
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/config"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/tracing"
 	"github.com/mlx-serving/mlx-serving/worker"
 )
@@ -139,8 +140,8 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 	})
 }
 
-func provisionOptions(c config.Config) bus.ProvisionOptions {
-	return bus.ProvisionOptions{JobsMaxMsgs: c.JobsMaxMsgs, Replicas: c.Replicas, WorkerTTL: c.WorkerTTLDuration()}
+func provisionOptions(c config.Config) jsprov.Options {
+	return jsprov.Options{JobsMaxMsgs: c.JobsMaxMsgs, Replicas: c.Replicas, WorkerTTL: c.WorkerTTLDuration()}
 }
 
 // serverCmd is a command configured by every setting.
@@ -199,7 +200,7 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
 	if err != nil {
 		return err
 	}
-	sopts := bus.ServerOptions{
+	sopts := natsserver.Options{
 		Host: host, Port: port, StoreDir: filepath.Join(c.DataDir, "jetstream"),
 		SyncAlways: c.SyncAlways, ServerName: "mlx-serving-up",
 		Logger: newLogger(c, "nats").Level(zerolog.WarnLevel),
@@ -208,7 +209,7 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
 		sopts.Users = store.ServerUsers()
 		log.Info().Str("dir", store.Dir()).Msg("bus authentication on: each part connects as its role")
 	}
-	srv, err := bus.StartServer(ctx, sopts)
+	srv, err := natsserver.Start(ctx, sopts)
 	if err != nil {
 		return fmt.Errorf("start NATS: %w", err)
 	}
@@ -241,7 +242,7 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
 	if err != nil {
 		return err
 	}
-	if err := bus.Provision(ctx, js, provisionOptions(c)); err != nil {
+	if err := jsprov.Provision(ctx, js, provisionOptions(c)); err != nil {
 		return fmt.Errorf("provision: %w", err)
 	}
 	stopMetrics, err := startMetrics(ctx, "up", c.MetricsAddr, nc, log)
@@ -373,7 +374,7 @@ func runService(ctx context.Context, name string, c config.Config, stderr io.Wri
 		// Dispatchers own the streams' shape; provisioning is idempotent.
 		// A cluster that is electing a leader answers provisioning with errors
 		// for a while: wait for it rather than exit (and be restarted) in a loop.
-		err := backoff.RetryNotify(func() error { return bus.Provision(ctx, js, provisionOptions(c)) },
+		err := backoff.RetryNotify(func() error { return jsprov.Provision(ctx, js, provisionOptions(c)) },
 			backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(2*time.Minute)), ctx),
 			func(err error, wait time.Duration) {
 				log.Warn().Err(err).Dur("retry_in", wait).Msg("provisioning failed; retrying")

@@ -11,8 +11,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -29,19 +30,19 @@ func gatherStatus(ctx context.Context, js jetstream.JetStream) (statusReport, er
 	for _, p := range schemas.Priorities {
 		rep.Queued[p] = 0
 	}
-	q, err := bus.QueueDepths(ctx, js)
+	q, err := jsprov.QueueDepths(ctx, js)
 	if err != nil {
 		return rep, err
 	}
 	for p, n := range q {
 		rep.Queued[p] += n
 	}
-	if dlq, err := js.Stream(ctx, bus.StreamDLQ); err == nil {
+	if dlq, err := js.Stream(ctx, subjects.StreamDLQ); err == nil {
 		if i, err := dlq.Info(ctx); err == nil {
 			rep.DLQ = i.State.Msgs
 		}
 	}
-	if res, err := js.Stream(ctx, bus.StreamResults); err == nil {
+	if res, err := js.Stream(ctx, subjects.StreamResults); err == nil {
 		if i, err := res.Info(ctx); err == nil {
 			rep.Results = i.State.Msgs
 		}

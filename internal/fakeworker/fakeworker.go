@@ -19,7 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -118,10 +118,10 @@ func Start(ctx context.Context, nc *nats.Conn, opts Options) (*Worker, error) {
 	w := &Worker{opts: opts, nc: nc, startedAt: time.Now().UTC(), hbNudge: make(chan struct{}, 1),
 		assigned: map[string]int{}, release: make(chan struct{}), stopHB: make(chan struct{}), hbDone: make(chan struct{}),
 		onAssign: make(chan schemas.AssignmentMsg, 1024)}
-	if w.kv, err = js.KeyValue(ctx, bus.BucketWorkers); err != nil {
+	if w.kv, err = js.KeyValue(ctx, subjects.BucketWorkers); err != nil {
 		return nil, err
 	}
-	if w.sub, err = nc.Subscribe(bus.AssignSubject(opts.ID), w.serve); err != nil {
+	if w.sub, err = nc.Subscribe(subjects.Assign(opts.ID), w.serve); err != nil {
 		return nil, err
 	}
 	if err := nc.Flush(); err != nil {
@@ -363,7 +363,7 @@ func (w *Worker) run(aj schemas.AssignedJob, dispatcherID string, inc int) {
 			rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: job.ID, Tenant: job.Tenant, Attempt: aj.Attempt, WorkerID: w.opts.ID,
 				Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "boom", Retryable: true}, Text: text, Seq: seq, CompletionTokens: i + 1, ReportedAt: time.Now().UTC()})
 			w.done(inc)
-			_ = w.nc.Publish(bus.AttemptSubject(w.opts.ID), rep)
+			_ = w.nc.Publish(subjects.Attempt(w.opts.ID), rep)
 			return
 		}
 	}
@@ -380,7 +380,7 @@ func (w *Worker) run(aj schemas.AssignedJob, dispatcherID string, inc int) {
 	// Like the real worker: handed to the dispatcher that placed the job, which
 	// stores it, sends the terminal event and acks.
 	data, _ := json.Marshal(res)
-	m, err := w.nc.Request(bus.DoneSubject(w.opts.ID, dispatcherID), data, w.opts.HandOverTimeout)
+	m, err := w.nc.Request(subjects.Done(w.opts.ID, dispatcherID), data, w.opts.HandOverTimeout)
 	var reply schemas.FinishReplyMsg
 	if err == nil {
 		err = json.Unmarshal(m.Data, &reply)

@@ -7,8 +7,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -18,7 +19,7 @@ import (
 // a batch larger than the free slots answered full.
 func TestServesAnAssignment(t *testing.T) {
 	t.Parallel()
-	b := testenv.StartBus(t, bus.ProvisionOptions{})
+	b := testenv.StartBus(t, jsprov.Options{})
 	w, err := fakeworker.Start(testenv.Context(t, 10*time.Second), b.Connect(t, "worker"), fakeworker.Options{ID: "w1", Slots: 2, Models: []string{"m"}, Errorf: t.Errorf})
 	if err != nil {
 		t.Fatal(err)
@@ -36,7 +37,7 @@ func TestServesAnAssignment(t *testing.T) {
 		t.Fatal(err)
 	}
 	records := make(chan schemas.ResultMsg, 1)
-	if _, err := b.Conn.Subscribe(bus.DoneSubject("w1", "d1"), func(m *nats.Msg) {
+	if _, err := b.Conn.Subscribe(subjects.Done("w1", "d1"), func(m *nats.Msg) {
 		var r schemas.ResultMsg
 		_ = json.Unmarshal(m.Data, &r)
 		records <- r
@@ -53,7 +54,7 @@ func TestServesAnAssignment(t *testing.T) {
 			a.Jobs = append(a.Jobs, schemas.AssignedJob{Attempt: 1, Job: schemas.JobRequest{ID: id, Model: "m", MaxTokens: 3, ReplyTo: "reply." + id}})
 		}
 		data, _ := json.Marshal(a)
-		m, err := b.Conn.Request(bus.AssignSubject("w1"), data, 5*time.Second)
+		m, err := b.Conn.Request(subjects.Assign("w1"), data, 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}

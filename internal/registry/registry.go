@@ -1,7 +1,9 @@
-// Package registry reads the worker registry (the bus.BucketWorkers KV bucket: one
-// heartbeat per worker id, expiring by TTL) for everything that only looks at the
-// fleet: the gateway's model list, the fleet metrics, `mlx-serving status` and the
-// bench. The dispatcher keeps its own watch, since it acts on every change.
+// Package registry reads the worker registry (the subjects.BucketWorkers KV
+// bucket: one heartbeat per worker id, expiring by TTL) for everything that only
+// looks at the fleet: the gateway's model list, the fleet metrics, `mlx-serving
+// status` and the bench. The dispatcher keeps its own watch, since it acts on
+// every change. It also keeps the models served recently (subjects.BucketModels):
+// workers announce theirs, and the producer's model check asks ModelServed.
 package registry
 
 import (
@@ -13,13 +15,13 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 // ErrNoRegistry: the bucket does not exist, so no worker ever registered on this
 // bus (or it was not provisioned). It wraps jetstream.ErrBucketNotFound.
-var ErrNoRegistry = fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, jetstream.ErrBucketNotFound)
+var ErrNoRegistry = fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, jetstream.ErrBucketNotFound)
 
 // Snapshot returns every heartbeat in the registry now, sorted by worker id.
 //
@@ -29,26 +31,26 @@ var ErrNoRegistry = fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, jets
 // must not hide the fleet. A missing bucket is ErrNoRegistry; callers that treat
 // it as an empty fleet test errors.Is(err, ErrNoRegistry).
 func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatMsg, error) {
-	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := js.KeyValue(ctx, subjects.BucketWorkers)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
 		return nil, ErrNoRegistry
 	}
 	if err != nil {
-		return nil, fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, err)
+		return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
 	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
 	if err != nil {
-		return nil, fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, err)
+		return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
 	defer func() { _ = w.Stop() }()
 	out := []schemas.HeartbeatMsg{}
 	for {
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, ctx.Err())
+			return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, ctx.Err())
 		case e, ok := <-w.Updates():
 			if !ok {
-				return nil, fmt.Errorf("worker registry %s: watcher closed", bus.BucketWorkers)
+				return nil, fmt.Errorf("worker registry %s: watcher closed", subjects.BucketWorkers)
 			}
 			if e == nil {
 				// The watcher marks the end of the current values with nil.
@@ -66,19 +68,19 @@ func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatM
 // Get returns the heartbeat of one worker; ok is false when it has none (never
 // registered, expired or deleted) or its entry is not a heartbeat.
 func Get(ctx context.Context, js jetstream.JetStream, workerID string) (hb schemas.HeartbeatMsg, ok bool, err error) {
-	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := js.KeyValue(ctx, subjects.BucketWorkers)
 	if errors.Is(err, jetstream.ErrBucketNotFound) {
 		return hb, false, ErrNoRegistry
 	}
 	if err != nil {
-		return hb, false, fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, err)
+		return hb, false, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
 	e, err := kv.Get(ctx, workerID)
 	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
 		return hb, false, nil
 	}
 	if err != nil {
-		return hb, false, fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, err)
+		return hb, false, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
 	if json.Unmarshal(e.Value(), &hb) != nil || hb.WorkerID == "" {
 		return schemas.HeartbeatMsg{}, false, nil
@@ -88,9 +90,9 @@ func Get(ctx context.Context, js jetstream.JetStream, workerID string) (hb schem
 
 // Delete removes a worker's entry, so nothing routes to it before its TTL ends.
 func Delete(ctx context.Context, js jetstream.JetStream, workerID string) error {
-	kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := js.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
-		return fmt.Errorf("worker registry %s: %w", bus.BucketWorkers, err)
+		return fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
 	return kv.Delete(ctx, workerID)
 }

@@ -6,21 +6,22 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 func TestSnapshotAndGet(t *testing.T) {
 	t.Parallel()
-	b := testenv.StartBus(t, bus.ProvisionOptions{})
+	b := testenv.StartBus(t, jsprov.Options{})
 	ctx := testenv.Context(t, 30*time.Second)
 
 	if hbs, err := registry.Snapshot(ctx, b.JS); err != nil || len(hbs) != 0 {
 		t.Fatalf("empty registry: %v, %v", hbs, err)
 	}
-	kv, err := b.JS.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := b.JS.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,9 +57,9 @@ func TestSnapshotAndGet(t *testing.T) {
 
 func TestNoBucket(t *testing.T) {
 	t.Parallel()
-	b := testenv.StartBus(t, bus.ProvisionOptions{})
+	b := testenv.StartBus(t, jsprov.Options{})
 	ctx := testenv.Context(t, 30*time.Second)
-	if err := b.JS.DeleteKeyValue(ctx, bus.BucketWorkers); err != nil {
+	if err := b.JS.DeleteKeyValue(ctx, subjects.BucketWorkers); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := registry.Snapshot(ctx, b.JS); !errors.Is(err, registry.ErrNoRegistry) {

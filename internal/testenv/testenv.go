@@ -18,6 +18,9 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 )
 
 // RepoRoot is the module root, found from this file's location.
@@ -72,7 +75,7 @@ func TinyModel(t testing.TB) string {
 
 // Bus is an embedded NATS server with provisioned streams, and a connection.
 type Bus struct {
-	Server *bus.Server
+	Server *natsserver.Server
 	Dir    string
 	Conn   *nats.Conn
 	JS     jetstream.JetStream
@@ -90,9 +93,9 @@ func Logger(t testing.TB) zerolog.Logger {
 type BusOptions struct {
 	// Server: its port and store dir are the test's (random, a temp dir or
 	// StartBusAt's); Users, SyncAlways and the rest are kept.
-	Server bus.ServerOptions
-	// Provision is what bus.Provision gets.
-	Provision bus.ProvisionOptions
+	Server natsserver.Options
+	// Provision is what jsprov.Provision gets.
+	Provision jsprov.Options
 	// Connect is how the Bus's own connection connects (its URLs are the
 	// server's): credentials, for a server with Users.
 	Connect bus.ConnectOptions
@@ -100,15 +103,15 @@ type BusOptions struct {
 
 // StartBus starts a server on a random port with a temp store, provisions it with
 // opts, and connects. Everything is shut down in t.Cleanup.
-func StartBus(t testing.TB, opts bus.ProvisionOptions) *Bus {
+func StartBus(t testing.TB, opts jsprov.Options) *Bus {
 	t.Helper()
 	return StartBusWith(t, BusOptions{Provision: opts})
 }
 
 // StartBusAt is StartBus on a given store dir (to restart on the same data).
-func StartBusAt(t testing.TB, dir string, opts bus.ProvisionOptions) *Bus {
+func StartBusAt(t testing.TB, dir string, opts jsprov.Options) *Bus {
 	t.Helper()
-	return StartBusWith(t, BusOptions{Server: bus.ServerOptions{StoreDir: dir}, Provision: opts})
+	return StartBusWith(t, BusOptions{Server: natsserver.Options{StoreDir: dir}, Provision: opts})
 }
 
 // StartBusWith is StartBus with server and connection options: the one
@@ -122,7 +125,7 @@ func StartBusWith(t testing.TB, o BusOptions) *Bus {
 	if o.Server.StoreDir == "" {
 		o.Server.StoreDir = t.TempDir()
 	}
-	srv, err := bus.StartServer(ctx, o.Server)
+	srv, err := natsserver.Start(ctx, o.Server)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,10 +137,10 @@ func StartBusWith(t testing.TB, o BusOptions) *Bus {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := bus.Provision(ctx, b.JS, o.Provision); err != nil {
+	if err := jsprov.Provision(ctx, b.JS, o.Provision); err != nil {
 		t.Fatal(err)
 	}
-	if b.Workers, err = b.JS.KeyValue(ctx, bus.BucketWorkers); err != nil {
+	if b.Workers, err = b.JS.KeyValue(ctx, subjects.BucketWorkers); err != nil {
 		t.Fatal(err)
 	}
 	return b

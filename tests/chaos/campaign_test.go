@@ -14,6 +14,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 )
 
 // campaignConfig sizes a fault campaign.
@@ -105,7 +107,7 @@ func TestFaultCampaign(t *testing.T) {
 	if cfg.cluster {
 		// What an operator provisions for a cluster; the dispatchers provision
 		// again at start (see the replicas check below).
-		if err := bus.Provision(setup, f.js, bus.ProvisionOptions{Replicas: 3}); err != nil {
+		if err := jsprov.Provision(setup, f.js, jsprov.Options{Replicas: 3}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -369,7 +371,7 @@ func (in *injector) restoreAll(ctx context.Context) {
 // cluster was provisioned with.
 func checkReplicas(t testing.TB, ctx context.Context, js jetstream.JetStream, want int) {
 	t.Helper()
-	for _, name := range []string{bus.StreamJobs, bus.StreamResults, bus.StreamDLQ, bus.StreamCancels} {
+	for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamDLQ, subjects.StreamCancels} {
 		s, err := js.Stream(ctx, name)
 		if err != nil {
 			t.Errorf("stream %s: %v", name, err)

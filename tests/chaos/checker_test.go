@@ -12,6 +12,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -126,7 +128,7 @@ func (r *report) table() string {
 func check(ctx context.Context, js jetstream.JetStream, h *history, faults map[string]int, settle time.Duration) (*report, error) {
 	sctx, cancel := context.WithTimeout(ctx, settle)
 	_ = poll(sctx, 250*time.Millisecond, func() bool {
-		n, err := streamMsgs(sctx, js, bus.StreamJobs)
+		n, err := streamMsgs(sctx, js, subjects.StreamJobs)
 		return err == nil && n == 0
 	})
 	cancel()
@@ -138,10 +140,10 @@ func check(ctx context.Context, js jetstream.JetStream, h *history, faults map[s
 	if err != nil {
 		return nil, err
 	}
-	if r.dlq, err = streamMsgs(ctx, js, bus.StreamDLQ); err != nil {
+	if r.dlq, err = streamMsgs(ctx, js, subjects.StreamDLQ); err != nil {
 		return nil, err
 	}
-	if n, err := streamMsgs(ctx, js, bus.StreamJobs); err != nil {
+	if n, err := streamMsgs(ctx, js, subjects.StreamJobs); err != nil {
 		return nil, err
 	} else {
 		r.queuedLeft = uint64(n)
@@ -165,7 +167,7 @@ func check(ctx context.Context, js jetstream.JetStream, h *history, faults map[s
 			r.notSubmitted = append(r.notSubmitted, fmt.Sprintf("%s (%v)", id, c.submitErr))
 			continue
 		}
-		stored, err := bus.FetchResult(ctx, js, "", id) // the campaign's jobs name no tenant
+		stored, err := results.Fetch(ctx, js, "", id) // the campaign's jobs name no tenant
 		if errors.Is(err, bus.ErrNoResult) {
 			r.lost = append(r.lost, fmt.Sprintf("%s (%s, caller err %v)", id, w.story(h.start), c.streamErr))
 			continue
@@ -173,7 +175,7 @@ func check(ctx context.Context, js jetstream.JetStream, h *history, faults map[s
 		if err != nil {
 			return nil, fmt.Errorf("fetch result %s: %w", id, err)
 		}
-		if n := counts[bus.ResultSubject("", id)]; n != 1 {
+		if n := counts[subjects.Result("", id)]; n != 1 {
 			r.dupTerminals = append(r.dupTerminals, fmt.Sprintf("%s: %d records in RESULTS", id, n))
 		}
 		if len(w.replyTerminals) > 1 {
@@ -354,11 +356,11 @@ func errMsg(e *schemas.ErrorInfo) string {
 
 // resultCounts counts the records per subject in RESULTS.
 func resultCounts(ctx context.Context, js jetstream.JetStream) (map[string]uint64, error) {
-	s, err := js.Stream(ctx, bus.StreamResults)
+	s, err := js.Stream(ctx, subjects.StreamResults)
 	if err != nil {
 		return nil, err
 	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(bus.SubjectResultsAll))
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(subjects.ResultsAll))
 	if err != nil {
 		return nil, err
 	}

@@ -10,6 +10,8 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/worker"
 )
@@ -30,7 +32,7 @@ func TestClusterLosesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	const ttl = 3 * time.Second
-	if err := bus.Provision(ctx, js, bus.ProvisionOptions{Replicas: 3, WorkerTTL: ttl}); err != nil {
+	if err := jsprov.Provision(ctx, js, jsprov.Options{Replicas: 3, WorkerTTL: ttl}); err != nil {
 		t.Fatal(err)
 	}
 	checkReplicas(t, ctx, js, 3)
@@ -78,7 +80,7 @@ func TestClusterLosesNothing(t *testing.T) {
 	if err := poll(ctx, 100*time.Millisecond, func() bool { return h.done.Load() >= jobs/3 }); err != nil {
 		t.Fatal(err)
 	}
-	victim := leaderNode(t, ctx, js, ns, bus.StreamJobs)
+	victim := leaderNode(t, ctx, js, ns, subjects.StreamJobs)
 	before := h.done.Load()
 	t.Logf("SIGKILL %s (JOBS leader) with %d/%d terminals", victim.name, before, jobs)
 	victim.kill()
@@ -123,7 +125,7 @@ func TestDispatcherKeepsClusterReplicas(t *testing.T) {
 	ns := startCluster(t, natsBin, runDir)
 	ctx := testContext(t, 2*time.Minute)
 	f := newFleet(t, runDir, ns, 3, 4)
-	if err := bus.Provision(ctx, f.js, bus.ProvisionOptions{Replicas: 3}); err != nil {
+	if err := jsprov.Provision(ctx, f.js, jsprov.Options{Replicas: 3}); err != nil {
 		t.Fatal(err)
 	}
 	f.addDispatcher(ctx, "d1")

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -152,7 +153,7 @@ func waitWorkerReady(ctx context.Context, js jetstream.JetStream, w *workerProc,
 		if !w.running() {
 			return true
 		}
-		kv, err := js.KeyValue(ctx, bus.BucketWorkers)
+		kv, err := js.KeyValue(ctx, subjects.BucketWorkers)
 		if err != nil {
 			last = err.Error()
 			return false

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -135,7 +136,7 @@ func (h *history) observe(m *nats.Msg) {
 			w.assigns = append(w.assigns, wireEv{at: now, attempt: j.Attempt, worker: worker})
 		}
 		h.mu.Unlock()
-	case subj == bus.AttemptSubject(bus.WorkerOfSubject(subj)):
+	case subj == subjects.Attempt(subjects.WorkerOf(subj)):
 		var r schemas.AttemptReportMsg
 		if json.Unmarshal(m.Data, &r) != nil {
 			return
@@ -144,7 +145,7 @@ func (h *history) observe(m *nats.Msg) {
 		w := h.wireFor(r.JobID)
 		w.attemptReports = append(w.attemptReports, wireEv{at: now, attempt: r.Attempt, seq: r.Seq, status: r.Error.Code, worker: r.WorkerID})
 		h.mu.Unlock()
-	case strings.HasPrefix(subj, bus.ReplyPrefix+"."):
+	case strings.HasPrefix(subj, subjects.ReplyPrefix+"."):
 		var probe struct {
 			Type    string `json:"type"`
 			JobID   string `json:"job_id"`

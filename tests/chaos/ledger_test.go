@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -79,7 +80,7 @@ func newLedger(t testing.TB, ns *natsSet, model string, seed uint64) *ledger {
 	l := &ledger{t: t, seed: seed, model: model, nc: pnc, p: p, js: p.JetStream(), h: newHistory(), byRound: map[int][]*ledgerJob{}}
 	mnc := connectAll(t, ns, "ledger-monitor")
 	l.h.monitor(t, mnc)
-	sub, err := mnc.Subscribe(bus.SubjectResultsAll, func(m *nats.Msg) {
+	sub, err := mnc.Subscribe(subjects.ResultsAll, func(m *nats.Msg) {
 		id := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
 		l.trigMu.Lock()
 		defer l.trigMu.Unlock()
@@ -186,11 +187,11 @@ func (l *ledger) drain(ctx context.Context) error {
 		}
 		missing := 0
 		for _, j := range l.accepted() {
-			if counts[bus.ResultSubject("", j.id)] == 0 {
+			if counts[subjects.Result("", j.id)] == 0 {
 				missing++
 			}
 		}
-		n, err := streamMsgs(ctx, l.js, bus.StreamJobs)
+		n, err := streamMsgs(ctx, l.js, subjects.StreamJobs)
 		if err != nil {
 			return false
 		}
@@ -231,11 +232,11 @@ func (l *ledger) verify(ctx context.Context, doneBefore map[int]int) ([]*roundSt
 	if err != nil {
 		return nil, err
 	}
-	queued, err := subjectsOf(ctx, l.js, bus.StreamJobs)
+	queued, err := subjectsOf(ctx, l.js, subjects.StreamJobs)
 	if err != nil {
 		return nil, err
 	}
-	dlqStream, err := l.js.Stream(ctx, bus.StreamDLQ)
+	dlqStream, err := l.js.Stream(ctx, subjects.StreamDLQ)
 	if err != nil {
 		return nil, err
 	}
@@ -258,7 +259,7 @@ func (l *ledger) verify(ctx context.Context, doneBefore map[int]int) ([]*roundSt
 				continue
 			}
 			rs.accepted++
-			_, dlqErr := dlqStream.GetLastMsgForSubject(ctx, bus.DLQSubject("", j.id))
+			_, dlqErr := dlqStream.GetLastMsgForSubject(ctx, subjects.DLQ("", j.id))
 			inDLQ := dlqErr == nil
 			if inDLQ {
 				rs.dlq++
@@ -287,7 +288,7 @@ func (l *ledger) verify(ctx context.Context, doneBefore map[int]int) ([]*roundSt
 			if res.Attempt > 1 {
 				rs.retried++
 			}
-			if n := counts[bus.ResultSubject("", j.id)]; n != 1 {
+			if n := counts[subjects.Result("", j.id)]; n != 1 {
 				rs.dup = append(rs.dup, fmt.Sprintf("%s: %d records in RESULTS", j.id, n))
 			}
 			l.h.mu.Lock()
@@ -370,7 +371,7 @@ func (l *ledger) checkStatus(ctx context.Context, mlxBin string, ns *natsSet) {
 			withRecord++
 		}
 	}
-	dlq, err := streamMsgs(ctx, l.js, bus.StreamDLQ)
+	dlq, err := streamMsgs(ctx, l.js, subjects.StreamDLQ)
 	if err != nil {
 		l.t.Error(err)
 		return

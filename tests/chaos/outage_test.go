@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -48,7 +50,7 @@ func TestOutageReplay(t *testing.T) {
 		}
 		ids[i] = job.ID
 	}
-	if n, err := streamMsgs(ctx, f.js, bus.StreamJobs); err != nil || n != jobs {
+	if n, err := streamMsgs(ctx, f.js, subjects.StreamJobs); err != nil || n != jobs {
 		t.Fatalf("JOBS holds %d messages (%v), want %d", n, err, jobs)
 	}
 
@@ -60,7 +62,7 @@ func TestOutageReplay(t *testing.T) {
 	if err := ns.nodes[0].restart(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := streamMsgs(ctx, f.js, bus.StreamJobs); err != nil || n != jobs {
+	if n, err := streamMsgs(ctx, f.js, subjects.StreamJobs); err != nil || n != jobs {
 		t.Fatalf("after the restart JOBS holds %d messages (%v), want %d", n, err, jobs)
 	}
 	if err := f.startDispatcher(ctx, d); err != nil {
@@ -72,10 +74,10 @@ func TestOutageReplay(t *testing.T) {
 
 	// Every job completes; RESULTS is the only record there is (no caller listened).
 	if err := poll(ctx, 200*time.Millisecond, func() bool {
-		n, err := streamMsgs(ctx, f.js, bus.StreamResults)
+		n, err := streamMsgs(ctx, f.js, subjects.StreamResults)
 		return err == nil && n >= jobs
 	}); err != nil {
-		n, _ := streamMsgs(ctx, f.js, bus.StreamResults)
+		n, _ := streamMsgs(ctx, f.js, subjects.StreamResults)
 		f.dumpLogs(20)
 		t.Fatalf("%d/%d results after the outage: %v", n, jobs, err)
 	}
@@ -84,7 +86,7 @@ func TestOutageReplay(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, id := range ids {
-		r, err := bus.FetchResult(ctx, f.js, "", id)
+		r, err := results.Fetch(ctx, f.js, "", id)
 		if err != nil {
 			t.Errorf("%s: %v", id, err)
 			continue
@@ -92,11 +94,11 @@ func TestOutageReplay(t *testing.T) {
 		if r.Status != schemas.StatusCompleted || r.Text == "" {
 			t.Errorf("%s: %s %q %+v", id, r.Status, r.Text, r.Error)
 		}
-		if n := counts[bus.ResultSubject("", id)]; n != 1 {
+		if n := counts[subjects.Result("", id)]; n != 1 {
 			t.Errorf("%s: %d records in RESULTS", id, n)
 		}
 	}
-	if n, err := streamMsgs(ctx, f.js, bus.StreamJobs); err != nil || n != 0 {
+	if n, err := streamMsgs(ctx, f.js, subjects.StreamJobs); err != nil || n != 0 {
 		t.Errorf("JOBS holds %d messages (%v) after every job completed", n, err)
 	}
 	checkSyncAlways(t, ns.nodes[0])

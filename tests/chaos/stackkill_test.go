@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 )
 
 // TestWholeStackKill is the reviewer's experiment from the issue "Stored, then
@@ -124,7 +124,7 @@ func finishKillTest(ctx context.Context, t *testing.T, l *ledger, f *fleet, mlxB
 		t.Fatal(err)
 	}
 	l.report(rs)
-	if n, err := streamMsgs(ctx, l.js, bus.StreamJobs); err != nil || n != 0 {
+	if n, err := streamMsgs(ctx, l.js, subjects.StreamJobs); err != nil || n != 0 {
 		t.Errorf("JOBS holds %d messages (%v) after the drain: stuck", n, err)
 	}
 	l.checkStatus(ctx, mlxBin, f.nats)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -59,7 +60,7 @@ func BenchmarkSubmitSync(b *testing.B) {
 // sync setting, provisions it and returns a producer on it.
 func benchProducer(b *testing.B, syncAlways bool) *bus.Producer {
 	b.Helper()
-	nc := testenv.StartBusWith(b, testenv.BusOptions{Server: bus.ServerOptions{SyncAlways: syncAlways}}).Conn
+	nc := testenv.StartBusWith(b, testenv.BusOptions{Server: natsserver.Options{SyncAlways: syncAlways}}).Conn
 	p, err := bus.NewProducer(nc)
 	if err != nil {
 		b.Fatal(err)

@@ -14,6 +14,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -118,7 +121,7 @@ func (at *attackTable) controlPub(c *busClient, actor, what, subj string) {
 // onWorker: the job runs on another worker now, so the dispatcher holds it
 // and must count the forgery.
 func (at *attackTable) forgeDone(c *busClient, what, did, tenant, id string, attempt int, onWorker bool) {
-	action := "request " + bus.DoneSubject("w1", did) + ": " + what
+	action := "request " + subjects.Done("w1", did) + ": " + what
 	res := schemas.ResultMsg{Type: "result", JobID: id, Tenant: tenant, Attempt: attempt, Seq: 1, Status: schemas.StatusCompleted,
 		FinishReason: "stop", Text: "PWNED by w1", WorkerID: "w2", Model: at.s.modelID(), FinishedAt: time.Now().UTC()}
 	data := mustJSON(res)
@@ -126,7 +129,7 @@ func (at *attackTable) forgeDone(c *busClient, what, did, tenant, id string, att
 		at.t.Fatalf("forged record is not schema-valid, the attack would be too weak: %v", err)
 	}
 	before := at.forged()
-	m, err := c.nc.Request(bus.DoneSubject("w1", did), data, 5*time.Second)
+	m, err := c.nc.Request(subjects.Done("w1", did), data, 5*time.Second)
 	if err != nil {
 		at.add(c.name, action, false, "no answer: "+err.Error())
 		return
@@ -159,11 +162,11 @@ func (at *attackTable) forgeDone(c *busClient, what, did, tenant, id string, att
 
 // forgeAttempt reports, as w1, a retryable failure of a job running on w2.
 func (at *attackTable) forgeAttempt(c *busClient, what, tenant, id string, attempt int) {
-	action := "publish " + bus.AttemptSubject("w1") + ": " + what
+	action := "publish " + subjects.Attempt("w1") + ": " + what
 	r := schemas.AttemptReportMsg{JobID: id, Tenant: tenant, Attempt: attempt, WorkerID: "w2",
 		Error: schemas.ErrorInfo{Code: "runtime_error", Message: "PWNED"}, Text: "PWNED by w1", ReportedAt: time.Now().UTC()}
 	before := at.forged()
-	if err := c.nc.Publish(bus.AttemptSubject("w1"), mustJSON(r)); err != nil {
+	if err := c.nc.Publish(subjects.Attempt("w1"), mustJSON(r)); err != nil {
 		at.t.Fatal(err)
 	}
 	if at.waitForged(before, 2*time.Second) {
@@ -189,9 +192,9 @@ func (at *attackTable) stillOnW2(onW2 map[string]int) {
 }
 
 func (at *attackTable) garbageDone(c *busClient, what, did string, body []byte) {
-	action := "publish " + bus.DoneSubject("w1", did) + ": " + what
+	action := "publish " + subjects.Done("w1", did) + ": " + what
 	before := at.forged()
-	if err := c.nc.Publish(bus.DoneSubject("w1", did), body); err != nil {
+	if err := c.nc.Publish(subjects.Done("w1", did), body); err != nil {
 		at.add(c.name, action, true, "refused by the client: "+err.Error())
 		return
 	}
@@ -237,7 +240,7 @@ func (at *attackTable) kvRollup(c *busClient) {
 	action := "Nats-Rollup: all on its own heartbeat key"
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	kv, err := at.s.adminJS.KeyValue(ctx, bus.BucketWorkers)
+	kv, err := at.s.adminJS.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		at.t.Fatal(err)
 	}
@@ -245,7 +248,7 @@ func (at *attackTable) kvRollup(c *busClient) {
 	if err != nil {
 		at.t.Fatal(err)
 	}
-	m := nats.NewMsg("$KV." + bus.BucketWorkers + ".w1")
+	m := nats.NewMsg("$KV." + subjects.BucketWorkers + ".w1")
 	m.Data = own.Value()
 	m.Header.Set("Nats-Rollup", "all")
 	ack, err := c.js.PublishMsg(ctx, m)
@@ -253,11 +256,11 @@ func (at *attackTable) kvRollup(c *busClient) {
 		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
 		return
 	}
-	kvs, err := at.s.adminJS.Stream(ctx, "KV_"+bus.BucketWorkers)
+	kvs, err := at.s.adminJS.Stream(ctx, "KV_"+subjects.BucketWorkers)
 	if err != nil {
 		at.t.Fatal(err)
 	}
-	last, err := kvs.GetLastMsgForSubject(ctx, "$KV."+bus.BucketWorkers+".w2")
+	last, err := kvs.GetLastMsgForSubject(ctx, "$KV."+subjects.BucketWorkers+".w2")
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 		at.add(c.name, action, false, "SUCCEEDED: w2's registry entry erased")
@@ -277,21 +280,21 @@ func (at *attackTable) modelsRollup(c *busClient) {
 	action := "Nats-Rollup: all on a model announcement"
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	kv, err := at.s.adminJS.KeyValue(ctx, bus.BucketModels)
+	kv, err := at.s.adminJS.KeyValue(ctx, subjects.BucketModels)
 	if err != nil {
 		at.t.Fatal(err)
 	}
-	if err := bus.AnnounceModels(ctx, kv, []string{"atk-served"}); err != nil {
+	if err := registry.AnnounceModels(ctx, kv, []string{"atk-served"}); err != nil {
 		at.t.Fatal(err)
 	}
-	m := nats.NewMsg("$KV." + bus.BucketModels + "." + bus.ModelKey("atk-other"))
+	m := nats.NewMsg("$KV." + subjects.BucketModels + "." + subjects.ModelKey("atk-other"))
 	m.Data = []byte("atk-other")
 	m.Header.Set("Nats-Rollup", "all")
 	if _, err := c.js.PublishMsg(ctx, m); err != nil {
 		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
 		return
 	}
-	if _, err := kv.Get(ctx, bus.ModelKey("atk-served")); errors.Is(err, jetstream.ErrKeyNotFound) {
+	if _, err := kv.Get(ctx, subjects.ModelKey("atk-served")); errors.Is(err, jetstream.ErrKeyNotFound) {
 		at.add(c.name, action, false, "SUCCEEDED: every other model's announcement erased")
 		return
 	}
@@ -302,16 +305,16 @@ func (at *attackTable) modelsRollup(c *busClient) {
 // dispatcher must fail it invalid_request under tenant a, with no record
 // under b and no terminal event anywhere but a's namespace.
 func (at *attackTable) invalidJob(c *busClient, what, id string, body []byte) {
-	action := "submit on " + bus.JobSubject("a", "normal", id) + ": " + what
+	action := "submit on " + subjects.Job("a", "normal", id) + ": " + what
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := c.js.Publish(ctx, bus.JobSubject("a", "normal", id), body); err != nil {
+	if _, err := c.js.Publish(ctx, subjects.Job("a", "normal", id), body); err != nil {
 		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
 		return
 	}
 	row := at.add(c.name, action, false, "pending")
 	at.later = append(at.later, func(ctx context.Context) {
-		res, err := bus.FetchResult(ctx, at.s.adminJS, "a", id)
+		res, err := results.Fetch(ctx, at.s.adminJS, "a", id)
 		switch {
 		case err != nil:
 			row.outcome = "no record under a: " + err.Error()
@@ -345,12 +348,12 @@ func (at *attackTable) rawDeadLetter(c *busClient, what, subj string, body []byt
 	}
 	row := at.add(c.name, action, false, "pending")
 	at.later = append(at.later, func(ctx context.Context) {
-		dlq, err := at.s.adminJS.Stream(ctx, bus.StreamDLQ)
+		dlq, err := at.s.adminJS.Stream(ctx, subjects.StreamDLQ)
 		if err != nil {
 			row.outcome = err.Error()
 			return
 		}
-		m, err := dlq.GetLastMsgForSubject(ctx, bus.RawDLQSubject(ack.Sequence))
+		m, err := dlq.GetLastMsgForSubject(ctx, subjects.RawDLQ(ack.Sequence))
 		if err != nil {
 			row.outcome = "SUCCEEDED: no raw dead letter: " + err.Error()
 			return
@@ -360,7 +363,7 @@ func (at *attackTable) rawDeadLetter(c *busClient, what, subj string, body []byt
 			row.outcome = "raw dead letter for another subject: " + string(m.Data)
 			return
 		}
-		row.refused, row.outcome = true, "raw dead letter "+bus.RawDLQSubject(ack.Sequence)
+		row.refused, row.outcome = true, "raw dead letter "+subjects.RawDLQ(ack.Sequence)
 	})
 }
 
@@ -376,7 +379,7 @@ func (at *attackTable) noStream(c *busClient, what, subj string) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	jobs, err := at.s.adminJS.Stream(ctx, bus.StreamJobs)
+	jobs, err := at.s.adminJS.Stream(ctx, subjects.StreamJobs)
 	if err != nil {
 		at.t.Fatal(err)
 	}
@@ -406,9 +409,9 @@ func (at *attackTable) jsRefused(c *busClient, what, subj string, body []byte, h
 // directGetBody asks the direct get a's grant allows, with b's subject in the
 // body: the server must not answer with b's record.
 func (at *attackTable) directGetBody(c *busClient, bc *bClient) {
-	subj := "$JS.API.DIRECT.GET.RESULTS." + bus.ResultSubject("a", "along0")
-	action := "request " + subj + " with body last_by_subj " + bus.ResultSubject("b", "brun0")
-	m, err := c.nc.Request(subj, []byte(`{"last_by_subj":"`+bus.ResultSubject("b", "brun0")+`"}`), 5*time.Second)
+	subj := "$JS.API.DIRECT.GET.RESULTS." + subjects.Result("a", "along0")
+	action := "request " + subj + " with body last_by_subj " + subjects.Result("b", "brun0")
+	m, err := c.nc.Request(subj, []byte(`{"last_by_subj":"`+subjects.Result("b", "brun0")+`"}`), 5*time.Second)
 	if err != nil {
 		at.add(c.name, action, true, "no answer: "+err.Error())
 		return
@@ -429,14 +432,14 @@ func (at *attackTable) directGetBody(c *busClient, bc *bClient) {
 func (at *attackTable) isolatedSameID(c *busClient, p *bus.Producer, id string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	action := "submit on " + bus.JobSubject("a", "normal", id) + ": own job with the id of b's queued " + id
+	action := "submit on " + subjects.Job("a", "normal", id) + ": own job with the id of b's queued " + id
 	if _, err := p.Submit(ctx, &schemas.JobRequest{ID: id, Prompt: "PWNED same id", MaxTokens: 4}); err != nil {
 		at.add(c.name, action, true, "refused: "+err.Error())
 		return
 	}
 	row := at.add(c.name, action, false, "pending")
 	at.later = append(at.later, func(ctx context.Context) {
-		res, err := bus.FetchResult(ctx, at.s.adminJS, "a", id)
+		res, err := results.Fetch(ctx, at.s.adminJS, "a", id)
 		if err != nil || res.Tenant != "a" {
 			row.outcome = fmt.Sprintf("no record of its own under a (%v)", err)
 			return
@@ -449,7 +452,7 @@ func (at *attackTable) isolatedSameID(c *busClient, p *bus.Producer, id string) 
 // with a body naming tenant b: the subject's tenant is the one that counts, so
 // b's job must still complete (checked with b's records).
 func (at *attackTable) isolatedCancel(c *busClient, id string) {
-	subj := bus.CancelSubject("a", id)
+	subj := subjects.Cancel("a", id)
 	action := "cancel on " + subj + ": b's queued " + id + ", body tenant b"
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -116,9 +117,9 @@ func (m *attackMonitor) observe(msg *nats.Msg) {
 		if json.Unmarshal(msg.Data, &a) != nil {
 			return
 		}
-		w := bus.WorkerOfSubject(subj)
+		w := subjects.WorkerOf(subj)
 		for _, j := range a.Jobs {
-			k := bus.JobRef{Tenant: j.Job.Tenant, ID: j.Job.ID}.Key()
+			k := subjects.JobRef{Tenant: j.Job.Tenant, ID: j.Job.ID}.Key()
 			o := assignOffer{worker: w, attempt: j.Attempt, jobs: []string{k}}
 			m.assigns[k] = append(m.assigns[k], o)
 			prev := m.offers[a.BatchID]
@@ -138,9 +139,9 @@ func (m *attackMonitor) observe(msg *nats.Msg) {
 				}
 			}
 		}
-	case strings.HasPrefix(subj, bus.ResultsPrefix+"."):
+	case strings.HasPrefix(subj, subjects.ResultsPrefix+"."):
 		m.results[subj]++
-	case strings.HasPrefix(subj, bus.ReplyPrefix+"."):
+	case strings.HasPrefix(subj, subjects.ReplyPrefix+"."):
 		var r struct {
 			Type string `json:"type"`
 			Text string `json:"text"`
@@ -157,7 +158,7 @@ func (m *attackMonitor) runningOn(key string) string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	tenant, id, _ := strings.Cut(key, "/")
-	if m.results[bus.ResultSubject(tenant, id)] > 0 {
+	if m.results[subjects.Result(tenant, id)] > 0 {
 		return ""
 	}
 	return m.running[key].worker
@@ -194,7 +195,7 @@ func (m *attackMonitor) ranOn(key, worker string, attempt int) bool {
 func (m *attackMonitor) resultWritten(tenant, id string) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.results[bus.ResultSubject(tenant, id)] > 0
+	return m.results[subjects.Result(tenant, id)] > 0
 }
 
 // honestTerminals counts the terminal events on a reply subject that no

@@ -9,6 +9,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -36,7 +37,7 @@ import (
 // fail only with CHAOS_ATTACK_STRICT=1.
 //
 // Mutations it catches (checked by hand): granting the producer
-// bus.SubjectJobsAll in auth.PermissionsFor; dropping the j.workerID != wid
+// subjects.JobsAll in auth.PermissionsFor; dropping the j.workerID != wid
 // check of dispatcher onDone.
 func TestTenantAttack(t *testing.T) {
 	ctx := testContext(t, 6*time.Minute)
@@ -130,18 +131,18 @@ func TestTenantAttack(t *testing.T) {
 	at.modelsRollup(w1)
 
 	for _, c := range []struct{ what, subj string }{
-		{"terminal record as w2", bus.DoneSubject("w2", did)},
-		{"attempt report as w2", bus.AttemptSubject("w2")},
-		{"cancel on w2's cancel subject", bus.WorkerCancelSubject("w2")},
-		{"assignment to w2", bus.AssignSubject("w2")},
-		{"write b's record directly", bus.ResultSubject("b", "bq1")},
-		{"write a record of its own", bus.ResultSubject("a", "atkw1")},
-		{"submit as tenant b", bus.JobSubject("b", "high", "atkw1job")},
-		{"cancel b's job", bus.CancelSubject("b", "bq1")},
-		{"dead letter", bus.DLQSubject("b", "bq1")},
+		{"terminal record as w2", subjects.Done("w2", did)},
+		{"attempt report as w2", subjects.Attempt("w2")},
+		{"cancel on w2's cancel subject", subjects.WorkerCancel("w2")},
+		{"assignment to w2", subjects.Assign("w2")},
+		{"write b's record directly", subjects.Result("b", "bq1")},
+		{"write a record of its own", subjects.Result("a", "atkw1")},
+		{"submit as tenant b", subjects.Job("b", "high", "atkw1job")},
+		{"cancel b's job", subjects.Cancel("b", "bq1")},
+		{"dead letter", subjects.DLQ("b", "bq1")},
 		{"w2's heartbeat", "$KV.mlx_workers.w2"},
 		{"STREAM.MSG.GET on RESULTS", "$JS.API.STREAM.MSG.GET.RESULTS"},
-		{"direct get of b's record", "$JS.API.DIRECT.GET.RESULTS." + bus.ResultSubject("b", "brun0")},
+		{"direct get of b's record", "$JS.API.DIRECT.GET.RESULTS." + subjects.Result("b", "brun0")},
 		{"STREAM.INFO of RESULTS", "$JS.API.STREAM.INFO.RESULTS"},
 		{"purge JOBS", "$JS.API.STREAM.PURGE.JOBS"},
 		{"ack a JOBS delivery", "$JS.ACK.JOBS.x.1.1.1.1.0"},
@@ -149,14 +150,14 @@ func TestTenantAttack(t *testing.T) {
 		at.pubDenied(w1, c.what, c.subj)
 	}
 	for _, c := range []struct{ what, subj string }{
-		{"read every cancel", bus.SubjectCancelAll},
+		{"read every cancel", subjects.CancelAll},
 		{"read b's cancels", "mlx.cancel.b.*"},
-		{"read w2's assignments", bus.AssignSubject("w2")},
-		{"read every assignment", bus.SubjectAssignAll},
-		{"read w2's cancels", bus.WorkerCancelSubject("w2")},
-		{"read every terminal hand-over", bus.SubjectDoneAll},
-		{"read b's token streams", bus.ReplyNamespace("b")},
-		{"read RESULTS' subjects", bus.SubjectResultsAll},
+		{"read w2's assignments", subjects.Assign("w2")},
+		{"read every assignment", subjects.AssignAll},
+		{"read w2's cancels", subjects.WorkerCancel("w2")},
+		{"read every terminal hand-over", subjects.DoneAll},
+		{"read b's token streams", subjects.ReplyNamespace("b")},
+		{"read RESULTS' subjects", subjects.ResultsAll},
 		{"read the dispatcher's inbox", "_INBOX.dispatcher.>"},
 	} {
 		at.subDenied(w1, c.what, c.subj)
@@ -167,28 +168,28 @@ func TestTenantAttack(t *testing.T) {
 		return map[string]any{"id": id, "model": model, "prompt": "attack", "max_tokens": 4, "tenant": "a", "reply_to": bus.ReplySubject("a", id)}
 	}
 	for _, c := range []struct{ what, subj string }{
-		{"submit on b's subject", bus.JobSubject("b", "normal", "atkasub")},
-		{"submit on b's subject, b's body", bus.JobSubject("b", "high", "atkasub2")},
-		{"submit as the default tenant", bus.JobSubject("default", "normal", "atkadef")},
-		{"cancel b's queued job", bus.CancelSubject("b", "bq1")},
-		{"cancel b's running job", bus.CancelSubject("b", "brun0")},
-		{"direct get of b's record", "$JS.API.DIRECT.GET.RESULTS." + bus.ResultSubject("b", "brun0")},
-		{"direct get of every record", "$JS.API.DIRECT.GET.RESULTS." + bus.SubjectResultsAll},
+		{"submit on b's subject", subjects.Job("b", "normal", "atkasub")},
+		{"submit on b's subject, b's body", subjects.Job("b", "high", "atkasub2")},
+		{"submit as the default tenant", subjects.Job("default", "normal", "atkadef")},
+		{"cancel b's queued job", subjects.Cancel("b", "bq1")},
+		{"cancel b's running job", subjects.Cancel("b", "brun0")},
+		{"direct get of b's record", "$JS.API.DIRECT.GET.RESULTS." + subjects.Result("b", "brun0")},
+		{"direct get of every record", "$JS.API.DIRECT.GET.RESULTS." + subjects.ResultsAll},
 		{"direct get, subject in the body", "$JS.API.DIRECT.GET.RESULTS"},
 		{"STREAM.MSG.GET on RESULTS", "$JS.API.STREAM.MSG.GET.RESULTS"},
 		{"STREAM.INFO of RESULTS", "$JS.API.STREAM.INFO.RESULTS"},
 		{"STREAM.INFO of JOBS", "$JS.API.STREAM.INFO.JOBS"},
-		{"write b's record", bus.ResultSubject("b", "bq1")},
-		{"write its own record", bus.ResultSubject("a", "atkares")},
-		{"terminal hand-over as w1", bus.DoneSubject("w1", did)},
-		{"attempt report as w1", bus.AttemptSubject("w1")},
-		{"cancel on w2's cancel subject", bus.WorkerCancelSubject("w2")},
-		{"assignment to w1", bus.AssignSubject("w1")},
-		{"dead letter under b", bus.DLQSubject("b", "bq1")},
-		{"raw dead letter", bus.RawDLQSubject(1)},
+		{"write b's record", subjects.Result("b", "bq1")},
+		{"write its own record", subjects.Result("a", "atkares")},
+		{"terminal hand-over as w1", subjects.Done("w1", did)},
+		{"attempt report as w1", subjects.Attempt("w1")},
+		{"cancel on w2's cancel subject", subjects.WorkerCancel("w2")},
+		{"assignment to w1", subjects.Assign("w1")},
+		{"dead letter under b", subjects.DLQ("b", "bq1")},
+		{"raw dead letter", subjects.RawDLQ(1)},
 		{"token event into b's stream", bus.ReplySubject("b", "bq1")},
 		{"worker heartbeat", "$KV.mlx_workers.w1"},
-		{"announce a model (turns the unserved-model check off for it)", "$KV." + bus.BucketModels + "." + bus.ModelKey("atk-model")},
+		{"announce a model (turns the unserved-model check off for it)", "$KV." + subjects.BucketModels + "." + subjects.ModelKey("atk-model")},
 		{"purge RESULTS", "$JS.API.STREAM.PURGE.RESULTS"},
 		{"purge JOBS", "$JS.API.STREAM.PURGE.JOBS"},
 		{"purge CANCELS", "$JS.API.STREAM.PURGE.CANCELS"},
@@ -202,12 +203,12 @@ func TestTenantAttack(t *testing.T) {
 		at.pubDenied(pa, c.what, c.subj)
 	}
 	for _, c := range []struct{ what, subj string }{
-		{"read b's token streams", bus.ReplyNamespace("b")},
+		{"read b's token streams", subjects.ReplyNamespace("b")},
 		{"read b's stream of bq1", bus.ReplySubject("b", "bq1")},
-		{"read every job", bus.SubjectJobsAll},
-		{"read every cancel", bus.SubjectCancelAll},
-		{"read RESULTS' subjects", bus.SubjectResultsAll},
-		{"read every assignment", bus.SubjectAssignAll},
+		{"read every job", subjects.JobsAll},
+		{"read every cancel", subjects.CancelAll},
+		{"read RESULTS' subjects", subjects.ResultsAll},
+		{"read every assignment", subjects.AssignAll},
 		{"read producer b's inbox", "_INBOX.producer-b.>"},
 		{"read every inbox", "_INBOX.>"},
 	} {
@@ -231,30 +232,30 @@ func TestTenantAttack(t *testing.T) {
 	hugeJob := aJob("atkhuge")
 	hugeJob["prompt"] = strings.Repeat("x", 600<<10)
 	at.invalidJob(pa, "own subject, huge prompt (600 KB)", "atkhuge", mustJSON(hugeJob))
-	at.tooLarge(pa, "own subject, body over max payload (2 MB)", bus.JobSubject("a", "normal", "atktoolarge"))
+	at.tooLarge(pa, "own subject, body over max payload (2 MB)", subjects.Job("a", "normal", "atktoolarge"))
 	at.rawDeadLetter(pa, "literal wildcard subject", "mlx.jobs.a.normal.*", mustJSON(aJob("atkwild")))
 	at.rawDeadLetter(pa, "literal full wildcard subject", "mlx.jobs.a.normal.>", mustJSON(aJob("atkwild2")))
 	at.noStream(pa, "unknown priority on its own subject", "mlx.jobs.a.urgent.atkprio")
-	at.jsRefused(pa, "Nats-Rollup: all on its own job subject (purge JOBS)", bus.JobSubject("a", "normal", "atkrollup"), mustJSON(aJob("atkrollup")), "Nats-Rollup", "all")
-	at.jsRefused(pa, "Nats-Rollup: all on its own cancel subject (purge CANCELS)", bus.CancelSubject("a", "atkrollupc"), []byte(`{}`), "Nats-Rollup", "all")
+	at.jsRefused(pa, "Nats-Rollup: all on its own job subject (purge JOBS)", subjects.Job("a", "normal", "atkrollup"), mustJSON(aJob("atkrollup")), "Nats-Rollup", "all")
+	at.jsRefused(pa, "Nats-Rollup: all on its own cancel subject (purge CANCELS)", subjects.Cancel("a", "atkrollupc"), []byte(`{}`), "Nats-Rollup", "all")
 	at.directGetBody(pa, bc)
 	at.isolatedSameID(pa, prodA, "bq1")
 	at.isolatedCancel(pa, "bq2")
 	// Controls: the same mechanisms do answer what a credential may do.
-	at.controlSub(pb, "producer b", "read its own token streams", bus.ReplyNamespace("b"))
-	at.controlPub(pa, "producer a", "cancel its own (unknown) job", bus.CancelSubject("a", "atkctl"))
+	at.controlSub(pb, "producer b", "read its own token streams", subjects.ReplyNamespace("b"))
+	at.controlPub(pa, "producer a", "cancel its own (unknown) job", subjects.Cancel("a", "atkctl"))
 
 	// --- gateway: a producer for every tenant by design; nothing else.
 	for _, c := range []struct{ what, subj string }{
-		{"write b's record", bus.ResultSubject("b", "bq1")},
-		{"terminal hand-over as w1", bus.DoneSubject("w1", did)},
-		{"attempt report as w2", bus.AttemptSubject("w2")},
-		{"assignment to w1", bus.AssignSubject("w1")},
-		{"cancel on w2's cancel subject", bus.WorkerCancelSubject("w2")},
+		{"write b's record", subjects.Result("b", "bq1")},
+		{"terminal hand-over as w1", subjects.Done("w1", did)},
+		{"attempt report as w2", subjects.Attempt("w2")},
+		{"assignment to w1", subjects.Assign("w1")},
+		{"cancel on w2's cancel subject", subjects.WorkerCancel("w2")},
 		{"token event into b's stream", bus.ReplySubject("b", "bq1")},
-		{"dead letter", bus.DLQSubject("b", "bq1")},
+		{"dead letter", subjects.DLQ("b", "bq1")},
 		{"worker heartbeat", "$KV.mlx_workers.w1"},
-		{"announce a model", "$KV." + bus.BucketModels + "." + bus.ModelKey("atk-model")},
+		{"announce a model", "$KV." + subjects.BucketModels + "." + subjects.ModelKey("atk-model")},
 		{"STREAM.MSG.GET on RESULTS", "$JS.API.STREAM.MSG.GET.RESULTS"},
 		{"purge RESULTS", "$JS.API.STREAM.PURGE.RESULTS"},
 		{"delete a JOBS message", "$JS.API.STREAM.MSG.DELETE.JOBS"},
@@ -264,20 +265,20 @@ func TestTenantAttack(t *testing.T) {
 		at.pubDenied(gw, c.what, c.subj)
 	}
 	for _, c := range []struct{ what, subj string }{
-		{"read every job", bus.SubjectJobsAll},
-		{"read every cancel", bus.SubjectCancelAll},
-		{"read every assignment", bus.SubjectAssignAll},
-		{"read every terminal hand-over", bus.SubjectDoneAll},
+		{"read every job", subjects.JobsAll},
+		{"read every cancel", subjects.CancelAll},
+		{"read every assignment", subjects.AssignAll},
+		{"read every terminal hand-over", subjects.DoneAll},
 		{"read the dispatcher's inbox", "_INBOX.dispatcher.>"},
 	} {
 		at.subDenied(gw, c.what, c.subj)
 	}
 
 	// --- dispatcher (control of the harness: trusted, yet no producer or worker).
-	at.pubDenied(dc, "submit as tenant b", bus.JobSubject("b", "normal", "atkdisp"))
+	at.pubDenied(dc, "submit as tenant b", subjects.Job("b", "normal", "atkdisp"))
 	at.pubDenied(dc, "put a worker's heartbeat", "$KV.mlx_workers.w1")
 	at.subDenied(dc, "read every inbox", "_INBOX.>")
-	at.controlSub(dc, "dispatcher", "read every terminal hand-over", bus.SubjectDoneAll)
+	at.controlSub(dc, "dispatcher", "read every terminal hand-over", subjects.DoneAll)
 	at.controlPub(s.connect(auth.RoleAdmin, ""), "admin", "STREAM.INFO of RESULTS", "$JS.API.STREAM.INFO.RESULTS")
 
 	attackEnd := time.Since(start)
@@ -292,7 +293,7 @@ func TestTenantAttack(t *testing.T) {
 		if !bc.allDone() {
 			return false
 		}
-		n, err := streamMsgs(dctx, s.adminJS, bus.StreamJobs)
+		n, err := streamMsgs(dctx, s.adminJS, subjects.StreamJobs)
 		return err == nil && n == 0
 	})
 	cancel()

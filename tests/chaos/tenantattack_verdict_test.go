@@ -14,6 +14,8 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -30,12 +32,12 @@ func (at *attackTable) replaySquat(ctx context.Context, c *busClient) {
 		Priority: schemas.PriorityNormal, ReplyTo: bus.ReplySubject("b", id)}
 	rec := schemas.DLQRecordMsg{Job: job, Reason: "attempts_exhausted", Attempts: 3,
 		LastError: schemas.ErrorInfo{Code: "runtime_error", Message: "stand-in dead letter written by the test"}, DeadAt: time.Now().UTC(), DispatcherID: "test"}
-	ack, err := at.s.adminJS.Publish(ctx, bus.DLQSubject("b", id), mustJSON(rec))
+	ack, err := at.s.adminJS.Publish(ctx, subjects.DLQ("b", id), mustJSON(rec))
 	if err != nil {
 		at.t.Fatal(err)
 	}
 	squat := map[string]any{"id": "atksquat", "model": at.s.modelID(), "prompt": "squat", "max_tokens": 4, "tenant": "a", "reply_to": bus.ReplySubject("a", "atksquat")}
-	if _, err := c.js.Publish(ctx, bus.JobSubject("a", "normal", "atksquat"), mustJSON(squat),
+	if _, err := c.js.Publish(ctx, subjects.Job("a", "normal", "atksquat"), mustJSON(squat),
 		jetstream.WithMsgID(fmt.Sprintf("%s.replay.%d", id, ack.Sequence))); err != nil {
 		at.add(c.name, action, true, "refused: "+err.Error())
 		return
@@ -52,15 +54,15 @@ func (at *attackTable) replaySquat(ctx context.Context, c *busClient) {
 		defer cancel()
 		var res *schemas.ResultMsg
 		_ = poll(wctx, 250*time.Millisecond, func() bool {
-			res, err = bus.FetchResult(wctx, at.s.adminJS, "b", id)
+			res, err = results.Fetch(wctx, at.s.adminJS, "b", id)
 			return err == nil
 		})
 		if res != nil && res.Status == schemas.StatusCompleted {
 			row.refused, row.outcome = true, "b's replayed job completed"
 			return
 		}
-		dlq, _ := at.s.adminJS.Stream(ctx, bus.StreamDLQ)
-		_, derr := dlq.GetLastMsgForSubject(ctx, bus.DLQSubject("b", id))
+		dlq, _ := at.s.adminJS.Stream(ctx, subjects.StreamDLQ)
+		_, derr := dlq.GetLastMsgForSubject(ctx, subjects.DLQ("b", id))
 		row.outcome = fmt.Sprintf("SUCCEEDED: replay said %q; b's job has no record (%v), dead letter gone (%v), JOBS never got it: lost",
 			strings.TrimSpace(string(out)), err, derr != nil)
 	})
@@ -87,7 +89,7 @@ func (at *attackTable) checkB(ctx context.Context, bc *bClient) {
 	bc.mu.Unlock()
 	var lost, dup []string
 	for _, id := range ids {
-		subj := bus.ResultSubject("b", id)
+		subj := subjects.Result("b", id)
 		switch n := counts[subj]; {
 		case n == 0:
 			lost = append(lost, id)
@@ -95,7 +97,7 @@ func (at *attackTable) checkB(ctx context.Context, bc *bClient) {
 		case n > 1:
 			dup = append(dup, fmt.Sprintf("%s: %d records", id, n))
 		}
-		res, err := bus.FetchResult(ctx, at.s.adminJS, "b", id)
+		res, err := results.Fetch(ctx, at.s.adminJS, "b", id)
 		if err != nil {
 			t.Errorf("b/%s: %v", id, err)
 			continue
@@ -118,7 +120,7 @@ func (at *attackTable) checkB(ctx context.Context, bc *bClient) {
 	var foreign []string
 	for subj := range counts {
 		// bdead is b's too: the replay row judges it.
-		if id, ok := strings.CutPrefix(subj, bus.ResultsPrefix+".b."); ok && !slicesContains(ids, id) && id != "bdead" {
+		if id, ok := strings.CutPrefix(subj, subjects.ResultsPrefix+".b."); ok && !slicesContains(ids, id) && id != "bdead" {
 			foreign = append(foreign, id)
 		}
 	}

@@ -1,4 +1,9 @@
-package bus
+// Package jsprov provisions the bus: the JetStream streams (JOBS, RESULTS, DLQ,
+// CANCELS) and KV buckets (workers, models) with their configurations, which it
+// owns — including the rollups it denies on the buckets — and reads the JOBS
+// queue depths. Dispatchers, `mlx-serving up` and the tests provision; producers
+// never do.
+package jsprov
 
 import (
 	"context"
@@ -7,18 +12,19 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// ProvisionOptions sizes the streams and the worker registry. Zero values take the
+// Options sizes the streams and the worker registry. Zero values take the
 // documented defaults.
-type ProvisionOptions struct {
+type Options struct {
 	// Replicas of every stream and the bucket: 1 on a single server, 3 in a cluster.
 	// 0 keeps what existing streams have (1 for new ones), so a dispatcher started
 	// without the setting cannot scale a cluster's streams down.
 	Replicas int
 	// JobsMaxMsgs and JobsMaxBytes bound the queue; past them a producer gets
-	// ErrQueueFull (discard-new). Defaults 100000 and 1 GiB.
+	// bus.ErrQueueFull (discard-new). Defaults 100000 and 1 GiB.
 	JobsMaxMsgs  int64
 	JobsMaxBytes int64
 	// JobsMaxMsgSize caps one job; 0 leaves it to the server's max payload.
@@ -34,17 +40,17 @@ type ProvisionOptions struct {
 	// WorkerTTL is how long a worker stays registered without a heartbeat; default 10s.
 	WorkerTTL time.Duration
 	// ModelGrace is how long a model stays known after the last worker that served
-	// it went away (the BucketModels TTL); default DefaultModelGrace.
+	// it went away (the subjects.BucketModels TTL); default DefaultModelGrace.
 	ModelGrace time.Duration
 	// Storage of streams and bucket; the zero value is file storage.
 	Storage jetstream.StorageType
 }
 
 // DefaultModelGrace is how long a model stays known after its last worker went
-// away: producers (BucketModels) and the gateway (its 404) both use it.
+// away: producers (subjects.BucketModels) and the gateway (its 404) both use it.
 const DefaultModelGrace = 5 * time.Minute
 
-func (o ProvisionOptions) withDefaults() ProvisionOptions {
+func (o Options) withDefaults() Options {
 	if o.Replicas <= 0 {
 		o.Replicas = 1
 	}
@@ -86,15 +92,15 @@ func dupWindow(w, maxAge time.Duration) time.Duration {
 
 // StreamConfigs returns the configuration Provision applies, by stream name. It is
 // exported so operators' tooling and tests compare against the same source.
-func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
+func StreamConfigs(opts Options) map[string]jetstream.StreamConfig {
 	o := opts.withDefaults()
 	return map[string]jetstream.StreamConfig{
-		StreamJobs: {
-			Name:        StreamJobs,
+		subjects.StreamJobs: {
+			Name:        subjects.StreamJobs,
 			Description: "queued generation jobs, mlx.jobs.<tenant>.<priority>.<job-id>",
 			// One subject filter per known priority: the server refuses what cannot
 			// be a job's subject (an unknown priority, too many or too few tokens).
-			Subjects:   JobsStreamSubjects(),
+			Subjects:   subjects.JobsStream(),
 			Retention:  jetstream.WorkQueuePolicy,
 			Storage:    o.Storage,
 			Replicas:   o.Replicas,
@@ -108,10 +114,10 @@ func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
 			DiscardNewPerSubject: true,
 			Duplicates:           o.DuplicateWindow,
 		},
-		StreamResults: {
-			Name:        StreamResults,
+		subjects.StreamResults: {
+			Name:        subjects.StreamResults,
 			Description: "one terminal record per job, mlx.results.<tenant>.<job-id>",
-			Subjects:    []string{SubjectResultsAll},
+			Subjects:    []string{subjects.ResultsAll},
 			Retention:   jetstream.LimitsPolicy,
 			Storage:     o.Storage,
 			Replicas:    o.Replicas,
@@ -129,10 +135,10 @@ func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
 			// names it in the body, where no permission can see it.
 			AllowDirect: true,
 		},
-		StreamDLQ: {
-			Name:        StreamDLQ,
+		subjects.StreamDLQ: {
+			Name:        subjects.StreamDLQ,
 			Description: "dead-lettered jobs, mlx.dlq.<tenant>.<job-id>; messages that were no job, mlx.dlq._raw.<jobs-seq>",
-			Subjects:    []string{SubjectDLQAll},
+			Subjects:    []string{subjects.DLQAll},
 			Retention:   jetstream.LimitsPolicy,
 			Storage:     o.Storage,
 			Replicas:    o.Replicas,
@@ -142,10 +148,10 @@ func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
 			Discard:     jetstream.DiscardOld,
 			Duplicates:  dupWindow(o.DuplicateWindow, o.DLQMaxAge),
 		},
-		StreamCancels: {
-			Name:        StreamCancels,
+		subjects.StreamCancels: {
+			Name:        subjects.StreamCancels,
 			Description: "cancel requests, mlx.cancel.<tenant>.<job-id>",
-			Subjects:    []string{SubjectCancelAll},
+			Subjects:    []string{subjects.CancelAll},
 			Retention:   jetstream.LimitsPolicy,
 			Storage:     o.Storage,
 			Replicas:    o.Replicas,
@@ -161,10 +167,10 @@ func StreamConfigs(opts ProvisionOptions) map[string]jetstream.StreamConfig {
 }
 
 // WorkersBucketConfig returns the worker registry bucket's configuration.
-func WorkersBucketConfig(opts ProvisionOptions) jetstream.KeyValueConfig {
+func WorkersBucketConfig(opts Options) jetstream.KeyValueConfig {
 	o := opts.withDefaults()
 	return jetstream.KeyValueConfig{
-		Bucket:      BucketWorkers,
+		Bucket:      subjects.BucketWorkers,
 		Description: "worker registry: key = worker id, value = heartbeat JSON",
 		History:     1,
 		TTL:         o.WorkerTTL,
@@ -176,10 +182,10 @@ func WorkersBucketConfig(opts ProvisionOptions) jetstream.KeyValueConfig {
 // Provision creates or updates the streams and the worker registry bucket. It is
 // idempotent: running it again with the same options changes nothing, and a
 // changed limit is applied to the existing stream without losing its messages.
-func Provision(ctx context.Context, js jetstream.JetStream, opts ProvisionOptions) error {
+func Provision(ctx context.Context, js jetstream.JetStream, opts Options) error {
 	keep := opts.Replicas <= 0
 	cfgs := StreamConfigs(opts)
-	for _, name := range []string{StreamJobs, StreamResults, StreamDLQ, StreamCancels} {
+	for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamDLQ, subjects.StreamCancels} {
 		cfg := cfgs[name]
 		if keep {
 			n, err := existingReplicas(ctx, js, name, cfg.Replicas)
@@ -194,32 +200,32 @@ func Provision(ctx context.Context, js jetstream.JetStream, opts ProvisionOption
 	}
 	kv := WorkersBucketConfig(opts)
 	if keep {
-		n, err := existingReplicas(ctx, js, "KV_"+BucketWorkers, kv.Replicas)
+		n, err := existingReplicas(ctx, js, "KV_"+subjects.BucketWorkers, kv.Replicas)
 		if err != nil {
 			return err
 		}
 		kv.Replicas = n
 	}
 	if _, err := js.CreateOrUpdateKeyValue(ctx, kv); err != nil {
-		return fmt.Errorf("bus: provision bucket %s: %w", BucketWorkers, err)
+		return fmt.Errorf("bus: provision bucket %s: %w", subjects.BucketWorkers, err)
 	}
-	if err := denyRollups(ctx, js, "KV_"+BucketWorkers); err != nil {
+	if err := denyRollups(ctx, js, "KV_"+subjects.BucketWorkers); err != nil {
 		return err
 	}
 	mk := ModelsBucketConfig(opts)
 	mk.Replicas = kv.Replicas
 	if _, err := js.CreateOrUpdateKeyValue(ctx, mk); err != nil {
-		return fmt.Errorf("bus: provision bucket %s: %w", BucketModels, err)
+		return fmt.Errorf("bus: provision bucket %s: %w", subjects.BucketModels, err)
 	}
-	return denyRollups(ctx, js, "KV_"+BucketModels)
+	return denyRollups(ctx, js, "KV_"+subjects.BucketModels)
 }
 
 // ModelsBucketConfig returns the configuration of the bucket of recently served
 // models.
-func ModelsBucketConfig(opts ProvisionOptions) jetstream.KeyValueConfig {
+func ModelsBucketConfig(opts Options) jetstream.KeyValueConfig {
 	o := opts.withDefaults()
 	return jetstream.KeyValueConfig{
-		Bucket:      BucketModels,
+		Bucket:      subjects.BucketModels,
 		Description: "models served recently: key = ModelKey(model), value = the model name; expires ModelGrace after the last put",
 		History:     1,
 		TTL:         o.ModelGrace,
@@ -272,13 +278,13 @@ func existingReplicas(ctx context.Context, js jetstream.JetStream, stream string
 // token; every message, including one not yet found to be no job). One message
 // per job subject, so per-subject counts summed are the queue depths.
 func QueueDepths(ctx context.Context, js jetstream.JetStream) (map[string]uint64, error) {
-	jobs, err := js.Stream(ctx, StreamJobs)
+	jobs, err := js.Stream(ctx, subjects.StreamJobs)
 	if err != nil {
-		return nil, fmt.Errorf("stream %s: %w", StreamJobs, err)
+		return nil, fmt.Errorf("stream %s: %w", subjects.StreamJobs, err)
 	}
-	info, err := jobs.Info(ctx, jetstream.WithSubjectFilter(SubjectJobsAll))
+	info, err := jobs.Info(ctx, jetstream.WithSubjectFilter(subjects.JobsAll))
 	if err != nil {
-		return nil, fmt.Errorf("stream %s info: %w", StreamJobs, err)
+		return nil, fmt.Errorf("stream %s info: %w", subjects.StreamJobs, err)
 	}
 	out := map[string]uint64{}
 	for subj, n := range info.State.Subjects {

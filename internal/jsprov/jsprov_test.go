@@ -1,22 +1,24 @@
-package bus
+package jsprov
 
 import (
-	"github.com/nats-io/nats.go"
 	"reflect"
 	"testing"
 	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/nats-io/nats.go"
 
 	"github.com/nats-io/nats.go/jetstream"
 )
 
 func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{})
+	b := startBus(t, Options{})
 	ctx := ctxT(t)
 
 	configs := func() map[string]jetstream.StreamConfig {
 		out := map[string]jetstream.StreamConfig{}
-		for _, name := range []string{StreamJobs, StreamResults, StreamDLQ, StreamCancels, "KV_" + BucketWorkers} {
+		for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamDLQ, subjects.StreamCancels, "KV_" + subjects.BucketWorkers} {
 			s, err := b.js.Stream(ctx, name)
 			if err != nil {
 				t.Fatalf("stream %s: %v", name, err)
@@ -28,23 +30,23 @@ func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 	before := configs()
 
 	// The configuration the server holds is the one asked for.
-	jobs := before[StreamJobs]
+	jobs := before[subjects.StreamJobs]
 	if jobs.Retention != jetstream.WorkQueuePolicy || jobs.Discard != jetstream.DiscardNew || jobs.Storage != jetstream.FileStorage ||
 		jobs.MaxMsgs != 100_000 || jobs.MaxBytes != 1<<30 || jobs.Duplicates != 2*time.Minute ||
 		!reflect.DeepEqual(jobs.Subjects, []string{"mlx.jobs.*.high.*", "mlx.jobs.*.normal.*", "mlx.jobs.*.low.*"}) {
 		t.Errorf("JOBS config = %+v", jobs)
 	}
-	res := before[StreamResults]
+	res := before[subjects.StreamResults]
 	if res.MaxMsgsPerSubject != 1 || res.Discard != jetstream.DiscardNew || !res.DiscardNewPerSubject || res.MaxAge != 7*24*time.Hour {
 		t.Errorf("RESULTS config = %+v", res)
 	}
-	if c := before[StreamCancels]; c.MaxMsgsPerSubject != 1 || c.MaxAge != 24*time.Hour {
+	if c := before[subjects.StreamCancels]; c.MaxMsgsPerSubject != 1 || c.MaxAge != 24*time.Hour {
 		t.Errorf("CANCELS config = %+v", c)
 	}
-	if c := before[StreamDLQ]; c.MaxAge != 30*24*time.Hour || !reflect.DeepEqual(c.Subjects, []string{"mlx.dlq.>"}) {
+	if c := before[subjects.StreamDLQ]; c.MaxAge != 30*24*time.Hour || !reflect.DeepEqual(c.Subjects, []string{"mlx.dlq.>"}) {
 		t.Errorf("DLQ config = %+v", c)
 	}
-	kv, err := b.js.KeyValue(ctx, BucketWorkers)
+	kv, err := b.js.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		t.Fatalf("bucket: %v", err)
 	}
@@ -57,16 +59,12 @@ func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 	}
 
 	// A job queued before re-provisioning must survive it.
-	p, err := NewProducer(b.nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := p.Submit(ctx, newJob("keep-me", "hello")); err != nil {
+	if _, err := b.js.Publish(ctx, subjects.Job("", "normal", "keep-me"), []byte(`{"id":"keep-me"}`)); err != nil {
 		t.Fatal(err)
 	}
 
 	// Twice with the same options: no error, nothing changes.
-	if err := Provision(ctx, b.js, ProvisionOptions{}); err != nil {
+	if err := Provision(ctx, b.js, Options{}); err != nil {
 		t.Fatalf("second Provision: %v", err)
 	}
 	if after := configs(); !reflect.DeepEqual(before, after) {
@@ -74,27 +72,27 @@ func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 	}
 
 	// A changed limit is applied in place.
-	if err := Provision(ctx, b.js, ProvisionOptions{JobsMaxMsgs: 5, ResultsMaxAge: time.Hour, WorkerTTL: 3 * time.Second}); err != nil {
+	if err := Provision(ctx, b.js, Options{JobsMaxMsgs: 5, ResultsMaxAge: time.Hour, WorkerTTL: 3 * time.Second}); err != nil {
 		t.Fatalf("Provision with new limits: %v", err)
 	}
 	after := configs()
-	if after[StreamJobs].MaxMsgs != 5 {
-		t.Errorf("JOBS MaxMsgs = %d after update, want 5", after[StreamJobs].MaxMsgs)
+	if after[subjects.StreamJobs].MaxMsgs != 5 {
+		t.Errorf("JOBS MaxMsgs = %d after update, want 5", after[subjects.StreamJobs].MaxMsgs)
 	}
-	if after[StreamResults].MaxAge != time.Hour {
-		t.Errorf("RESULTS MaxAge = %v after update, want 1h", after[StreamResults].MaxAge)
+	if after[subjects.StreamResults].MaxAge != time.Hour {
+		t.Errorf("RESULTS MaxAge = %v after update, want 1h", after[subjects.StreamResults].MaxAge)
 	}
 	if st, err := kv.Status(ctx); err != nil || st.TTL() != 3*time.Second {
 		t.Errorf("bucket TTL after update: %v, %v; want 3s", st, err)
 	}
-	if n := streamMsgs(t, b.js, StreamJobs); n != 1 {
+	if n := streamMsgs(t, b.js, subjects.StreamJobs); n != 1 {
 		t.Errorf("JOBS has %d messages after updates, want the 1 queued before", n)
 	}
 }
 
 func TestProvisionReplicasAndStorage(t *testing.T) {
 	t.Parallel()
-	cfgs := StreamConfigs(ProvisionOptions{Replicas: 3, Storage: jetstream.MemoryStorage, DuplicateWindow: 48 * time.Hour})
+	cfgs := StreamConfigs(Options{Replicas: 3, Storage: jetstream.MemoryStorage, DuplicateWindow: 48 * time.Hour})
 	for name, c := range cfgs {
 		if c.Replicas != 3 || c.Storage != jetstream.MemoryStorage {
 			t.Errorf("%s: replicas %d storage %v", name, c.Replicas, c.Storage)
@@ -104,12 +102,12 @@ func TestProvisionReplicasAndStorage(t *testing.T) {
 			t.Errorf("%s: duplicate window %v > max age %v", name, c.Duplicates, c.MaxAge)
 		}
 	}
-	if kv := WorkersBucketConfig(ProvisionOptions{Replicas: 3}); kv.Replicas != 3 || kv.Bucket != BucketWorkers {
+	if kv := WorkersBucketConfig(Options{Replicas: 3}); kv.Replicas != 3 || kv.Bucket != subjects.BucketWorkers {
 		t.Errorf("bucket config %+v", kv)
 	}
 	// Three replicas on one server cannot be placed: the server says so.
-	b := startBus(t, ProvisionOptions{})
-	if err := Provision(ctxT(t), b.js, ProvisionOptions{Replicas: 3}); err == nil {
+	b := startBus(t, Options{})
+	if err := Provision(ctxT(t), b.js, Options{Replicas: 3}); err == nil {
 		t.Error("Provision with 3 replicas on a single server: want error")
 	}
 }
@@ -119,9 +117,9 @@ func TestProvisionReplicasAndStorage(t *testing.T) {
 // Mutation caught: removing the denyRollups call in Provision.
 func TestRegistryRefusesRollups(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, ProvisionOptions{})
+	b := startBus(t, Options{})
 	ctx := ctxT(t)
-	kv, err := b.js.KeyValue(ctx, BucketWorkers)
+	kv, err := b.js.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,7 +128,7 @@ func TestRegistryRefusesRollups(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	m := nats.NewMsg("$KV." + BucketWorkers + ".w1")
+	m := nats.NewMsg("$KV." + subjects.BucketWorkers + ".w1")
 	m.Header.Set("Nats-Rollup", "all")
 	if _, err := b.js.PublishMsg(ctx, m); err == nil {
 		t.Fatal("a rollup on the registry was accepted")
@@ -142,10 +140,10 @@ func TestRegistryRefusesRollups(t *testing.T) {
 		t.Fatalf("a worker deleting its own entry: %v", err)
 	}
 	// Provisioning again keeps rollups off.
-	if err := Provision(ctx, b.js, ProvisionOptions{}); err != nil {
+	if err := Provision(ctx, b.js, Options{}); err != nil {
 		t.Fatal(err)
 	}
-	s, err := b.js.Stream(ctx, "KV_"+BucketWorkers)
+	s, err := b.js.Stream(ctx, "KV_"+subjects.BucketWorkers)
 	if err != nil || s.CachedInfo().Config.AllowRollup {
 		t.Fatalf("rollups allowed after provisioning again (%v)", err)
 	}

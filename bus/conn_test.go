@@ -4,90 +4,19 @@ import (
 	"context"
 	"errors"
 	"net"
-	"os"
-	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/nats-io/nats.go"
 )
 
-func TestServerSyncAlwaysIsSet(t *testing.T) {
-	t.Parallel()
-	for _, always := range []bool{true, false} {
-		t.Run(strconv.FormatBool(always), func(t *testing.T) {
-			t.Parallel()
-			dir := t.TempDir()
-			srv := startServerAt(t, dir, ServerOptions{SyncAlways: always, SyncInterval: 7 * time.Second})
-			cfg := srv.NATSServer().JetStreamConfig()
-			if cfg == nil {
-				t.Fatal("JetStream not enabled")
-			}
-			if cfg.SyncAlways != always {
-				t.Errorf("JetStream SyncAlways = %v, want %v", cfg.SyncAlways, always)
-			}
-			if cfg.SyncInterval != 7*time.Second {
-				t.Errorf("JetStream SyncInterval = %v, want 7s", cfg.SyncInterval)
-			}
-			if cfg.StoreDir == "" || !isUnder(cfg.StoreDir, dir) {
-				t.Errorf("store dir %q not under %q", cfg.StoreDir, dir)
-			}
-		})
-	}
-}
-
-func isUnder(path, dir string) bool {
-	rel, err := filepath.Rel(dir, path)
-	return err == nil && rel != ".." && !filepath.IsAbs(rel) && (len(rel) < 2 || rel[:2] != "..")
-}
-
-func TestServerStartFailsOnBadStoreDir(t *testing.T) {
-	t.Parallel()
-	file := filepath.Join(t.TempDir(), "not-a-dir")
-	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	start := time.Now()
-	srv, err := StartServer(ctx, ServerOptions{Port: -1, StoreDir: file, Logger: testLogger(t)})
-	if err == nil {
-		_ = srv.Shutdown(ctx)
-		t.Fatal("StartServer on a regular file as store dir: want error")
-	}
-	if time.Since(start) > 5*time.Second {
-		t.Errorf("failure took %v: should be reported at once, not after a ready timeout", time.Since(start))
-	}
-	if _, err := StartServer(ctx, ServerOptions{Port: -1}); err == nil {
-		t.Fatal("StartServer without StoreDir: want error")
-	}
-}
-
-func TestServerShutdownTwice(t *testing.T) {
-	t.Parallel()
-	srv := startServerAt(t, t.TempDir(), ServerOptions{})
-	nc, _ := connectTo(t, srv)
-	closed := make(chan struct{})
-	nc.SetClosedHandler(func(_ *nats.Conn) { close(closed) })
-	ctx := ctxT(t)
-	if err := srv.Shutdown(ctx); err != nil {
-		t.Fatalf("Shutdown: %v", err)
-	}
-	if err := srv.Shutdown(ctx); err != nil {
-		t.Fatalf("second Shutdown: %v", err)
-	}
-	if srv.NATSServer().Running() {
-		t.Fatal("server still running after Shutdown")
-	}
-	// The client sees the server go away (it keeps reconnecting; closing ends it).
-	nc.Close()
-	<-closed
-}
-
 func TestConnectToStoppedServerRespectsCtx(t *testing.T) {
 	t.Parallel()
-	srv := startServerAt(t, t.TempDir(), ServerOptions{})
+	srv := startServerAt(t, t.TempDir(), natsserver.Options{})
 	url := srv.ClientURL()
 	if err := srv.Shutdown(ctxT(t)); err != nil {
 		t.Fatal(err)
@@ -139,9 +68,9 @@ func TestConnectRetriesUntilServerStarts(t *testing.T) {
 	case <-time.After(300 * time.Millisecond):
 	}
 	ctx := ctxT(t)
-	srv, err := StartServer(ctx, ServerOptions{Port: port, StoreDir: t.TempDir(), Logger: testLogger(t)})
+	srv, err := natsserver.Start(ctx, natsserver.Options{Port: port, StoreDir: t.TempDir(), Logger: testLogger(t)})
 	if err != nil {
-		t.Fatalf("StartServer: %v", err)
+		t.Fatalf("natsserver.Start: %v", err)
 	}
 	t.Cleanup(func() { _ = srv.Shutdown(context.Background()) })
 	r := <-got
@@ -159,13 +88,13 @@ func TestRestartKeepsQueuedJobs(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	ctx := ctxT(t)
-	srv1, err := StartServer(ctx, ServerOptions{Port: -1, StoreDir: dir, SyncAlways: true, Logger: testLogger(t)})
+	srv1, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: dir, SyncAlways: true, Logger: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = srv1.Shutdown(context.Background()) })
 	nc1, js1 := connectTo(t, srv1)
-	if err := Provision(ctx, js1, ProvisionOptions{}); err != nil {
+	if err := jsprov.Provision(ctx, js1, jsprov.Options{}); err != nil {
 		t.Fatal(err)
 	}
 	p, err := NewProducer(nc1)
@@ -185,7 +114,7 @@ func TestRestartKeepsQueuedJobs(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	srv2 := startServerAt(t, dir, ServerOptions{})
+	srv2 := startServerAt(t, dir, natsserver.Options{})
 	_, js2 := connectTo(t, srv2)
 	msgs := jobsInStream(t, js2)
 	if len(msgs) != len(want) {
@@ -193,15 +122,15 @@ func TestRestartKeepsQueuedJobs(t *testing.T) {
 	}
 	for _, m := range msgs {
 		j := decodeJob(t, m.Data)
-		if want[j.ID] != j.Prompt || m.Subject != JobSubject("", "normal", j.ID) {
+		if want[j.ID] != j.Prompt || m.Subject != subjects.Job("", "normal", j.ID) {
 			t.Errorf("after restart: job %s on %s with prompt %q; want prompt %q", j.ID, m.Subject, j.Prompt, want[j.ID])
 		}
 	}
 	// Provisioning the restarted bus again keeps them too.
-	if err := Provision(ctx, js2, ProvisionOptions{}); err != nil {
+	if err := jsprov.Provision(ctx, js2, jsprov.Options{}); err != nil {
 		t.Fatal(err)
 	}
-	if n := streamMsgs(t, js2, StreamJobs); n != 3 {
+	if n := streamMsgs(t, js2, subjects.StreamJobs); n != 3 {
 		t.Fatalf("after re-provision JOBS has %d messages, want 3", n)
 	}
 }

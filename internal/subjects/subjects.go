@@ -1,6 +1,18 @@
-package bus
+// Package subjects owns every subject, stream, bucket and key name the system
+// uses, with their builders and parsers: the README's subject reference is
+// written from it, auth's permissions are built from it, and no other package
+// spells a subject. Producers need none of it but the reply subject, which the
+// bus package re-exports (bus.ReplySubject).
+//
+// Every subject that names a job carries its tenant as a token right after the
+// kind (mlx.jobs.<tenant>.…, mlx.cancel.<tenant>.…, mlx.results.<tenant>.…,
+// mlx.reply.<tenant>.…), so the server's permissions — not a field in the
+// message body — bind a producer credential to its own tenant's jobs.
+package subjects
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"regexp"
 	"strconv"
 	"strings"
@@ -8,23 +20,14 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-// Every subject, stream and bucket name the system uses lives in this file; the
-// README's subject reference is written from it, and auth's permissions are
-// built from it.
-//
-// Every subject that names a job carries its tenant as a token right after the
-// kind (mlx.jobs.<tenant>.…, mlx.cancel.<tenant>.…, mlx.results.<tenant>.…,
-// mlx.reply.<tenant>.…), so the server's permissions — not a field in the
-// message body — bind a producer credential to its own tenant's jobs.
-
 const (
 	// StreamJobs holds queued jobs (work-queue retention, discard-new).
 	StreamJobs = "JOBS"
-	// StreamResults holds one terminal record per job, under ResultSubject(tenant, id).
+	// StreamResults holds one terminal record per job, under Result(tenant, id).
 	// Only dispatchers (and admin) may write it; see docs/RELIABILITY.md.
 	StreamResults = "RESULTS"
-	// StreamDLQ holds dead-lettered jobs, under DLQSubject(tenant, id), and
-	// messages on JOBS that could not be a job, under RawDLQSubject(seq).
+	// StreamDLQ holds dead-lettered jobs, under DLQ(tenant, id), and
+	// messages on JOBS that could not be a job, under RawDLQ(seq).
 	StreamDLQ = "DLQ"
 	// StreamCancels holds cancel requests, so a job cancelled while queued, or while
 	// no dispatcher was running, is still recognised when it is pulled.
@@ -36,22 +39,22 @@ const (
 	// last. Producers read it to fail fast on a model nobody serves.
 	BucketModels = "mlx_models"
 
-	// SubjectJobsAll matches every job subject: mlx.jobs.<tenant>.<priority>.<job-id>.
-	SubjectJobsAll = "mlx.jobs.>"
-	// SubjectResultsAll matches every result subject: mlx.results.<tenant>.<job-id>.
-	SubjectResultsAll = "mlx.results.>"
-	// SubjectDLQAll matches every DLQ subject.
-	SubjectDLQAll = "mlx.dlq.>"
-	// SubjectCancelAll matches every cancel subject: mlx.cancel.<tenant>.<job-id>.
-	SubjectCancelAll = "mlx.cancel.>"
-	// SubjectAssignAll matches every worker's assignment subject.
-	SubjectAssignAll = "mlx.worker.*.assign"
-	// SubjectWorkerCancelAll matches every worker's cancel subject.
-	SubjectWorkerCancelAll = "mlx.worker.*.cancel"
-	// SubjectDoneAll matches every worker's terminal hand-over subject.
-	SubjectDoneAll = "mlx.worker.*.done.*"
-	// SubjectAttemptAll matches every worker's attempt report subject.
-	SubjectAttemptAll = "mlx.worker.*.attempt"
+	// JobsAll matches every job subject: mlx.jobs.<tenant>.<priority>.<job-id>.
+	JobsAll = "mlx.jobs.>"
+	// ResultsAll matches every result subject: mlx.results.<tenant>.<job-id>.
+	ResultsAll = "mlx.results.>"
+	// DLQAll matches every DLQ subject.
+	DLQAll = "mlx.dlq.>"
+	// CancelAll matches every cancel subject: mlx.cancel.<tenant>.<job-id>.
+	CancelAll = "mlx.cancel.>"
+	// AssignAll matches every worker's assignment subject.
+	AssignAll = "mlx.worker.*.assign"
+	// WorkerCancelAll matches every worker's cancel subject.
+	WorkerCancelAll = "mlx.worker.*.cancel"
+	// DoneAll matches every worker's terminal hand-over subject.
+	DoneAll = "mlx.worker.*.done.*"
+	// AttemptAll matches every worker's attempt report subject.
+	AttemptAll = "mlx.worker.*.attempt"
 	// ResultsPrefix starts result subjects: mlx.results.<tenant>.<job-id>.
 	ResultsPrefix = "mlx.results"
 	// ReplyPrefix starts reply subjects: mlx.reply.<tenant>.<…>. A job's reply_to
@@ -67,14 +70,14 @@ const (
 	rawDLQToken = "_raw"
 )
 
-// JobSubject is where a job of tenant with the given priority is published.
-func JobSubject(tenant, priority, jobID string) string {
-	return jobsPrefix + tenantToken(tenant) + "." + priority + "." + jobID
+// Job is where a job of tenant with the given priority is published.
+func Job(tenant, priority, jobID string) string {
+	return jobsPrefix + TenantToken(tenant) + "." + priority + "." + jobID
 }
 
-// JobsPrioritySubject matches all jobs of one priority, every tenant's: one of
+// JobsPriority matches all jobs of one priority, every tenant's: one of
 // JOBS' stream subjects.
-func JobsPrioritySubject(priority string) string { return jobsPrefix + "*." + priority + ".*" }
+func JobsPriority(priority string) string { return jobsPrefix + "*." + priority + ".*" }
 
 // JobsConsumerFilter is the filter of one priority's consumer. It ends in '>'
 // where the stream subject ends in '*' so that a message published on a literal
@@ -82,19 +85,19 @@ func JobsPrioritySubject(priority string) string { return jobsPrefix + "*." + pr
 // filter would never deliver, still reaches a dispatcher and is ended.
 func JobsConsumerFilter(priority string) string { return jobsPrefix + "*." + priority + ".>" }
 
-// JobsStreamSubjects are the subjects JOBS stores: one per priority, so the server
+// JobsStream are the subjects JOBS stores: one per priority, so the server
 // itself refuses a message on a subject with an unknown priority or the wrong
 // number of tokens (the publisher gets "no stream").
-func JobsStreamSubjects() []string {
+func JobsStream() []string {
 	out := make([]string, 0, len(schemas.Priorities))
 	for _, p := range schemas.Priorities {
-		out = append(out, JobsPrioritySubject(p))
+		out = append(out, JobsPriority(p))
 	}
 	return out
 }
 
-// JobsTenantSubject matches every job subject of one tenant (a producer's grant).
-func JobsTenantSubject(tenant string) string { return jobsPrefix + tenantToken(tenant) + ".*.*" }
+// JobsTenant matches every job subject of one tenant (a producer's grant).
+func JobsTenant(tenant string) string { return jobsPrefix + TenantToken(tenant) + ".*.*" }
 
 // JobRef names one job: tenant and id. The same id in two tenants is two jobs.
 type JobRef struct {
@@ -103,13 +106,13 @@ type JobRef struct {
 }
 
 // Key is the ref as one string, for maps and logs: "<tenant>/<id>".
-func (r JobRef) Key() string { return tenantToken(r.Tenant) + "/" + r.ID }
+func (r JobRef) Key() string { return TenantToken(r.Tenant) + "/" + r.ID }
 
-// ParseJobSubject splits mlx.jobs.<tenant>.<priority>.<job-id>. ok is false when
+// ParseJob splits mlx.jobs.<tenant>.<priority>.<job-id>. ok is false when
 // the subject does not have that shape, a token is empty or a wildcard, the
 // priority is unknown, or the tenant or id is not a valid name: such a message
 // cannot be a job.
-func ParseJobSubject(subject string) (ref JobRef, priority string, ok bool) {
+func ParseJob(subject string) (ref JobRef, priority string, ok bool) {
 	rest, found := strings.CutPrefix(subject, jobsPrefix)
 	if !found {
 		return JobRef{}, "", false
@@ -126,11 +129,11 @@ func ParseJobSubject(subject string) (ref JobRef, priority string, ok bool) {
 	return JobRef{}, "", false
 }
 
-// ParseCancelSubject splits mlx.cancel.<tenant>.<job-id>.
-func ParseCancelSubject(subject string) (JobRef, bool) { return parseRef(cancelPrefix, subject) }
+// ParseCancel splits mlx.cancel.<tenant>.<job-id>.
+func ParseCancel(subject string) (JobRef, bool) { return parseRef(cancelPrefix, subject) }
 
-// ParseResultSubject splits mlx.results.<tenant>.<job-id>.
-func ParseResultSubject(subject string) (JobRef, bool) {
+// ParseResult splits mlx.results.<tenant>.<job-id>.
+func ParseResult(subject string) (JobRef, bool) {
 	return parseRef(ResultsPrefix+".", subject)
 }
 
@@ -147,16 +150,16 @@ func parseRef(prefix, subject string) (JobRef, bool) {
 	return JobRef{Tenant: tenant, ID: id}, true
 }
 
-// ResultSubject holds the terminal record of a job in RESULTS. The tenant token
+// Result holds the terminal record of a job in RESULTS. The tenant token
 // lets a producer's credential read its own tenant's records only (by direct get
 // on the subject); a job without a tenant is the "default" tenant's.
-func ResultSubject(tenant, jobID string) string {
-	return ResultsPrefix + "." + tenantToken(tenant) + "." + jobID
+func Result(tenant, jobID string) string {
+	return ResultsPrefix + "." + TenantToken(tenant) + "." + jobID
 }
 
-// ResultsTenantSubject matches every result subject of one tenant.
-func ResultsTenantSubject(tenant string) string {
-	return ResultsPrefix + "." + tenantToken(tenant) + ".>"
+// ResultsTenant matches every result subject of one tenant.
+func ResultsTenant(tenant string) string {
+	return ResultsPrefix + "." + TenantToken(tenant) + ".>"
 }
 
 // DefaultTenant is the tenant token of jobs that name none.
@@ -171,46 +174,48 @@ func TenantOfToken(token string) string {
 	return token
 }
 
-func tenantToken(tenant string) string {
+// TenantToken is the subject token of tenant: DefaultTenant for "" (a job that
+// names no tenant), else the tenant itself.
+func TenantToken(tenant string) string {
 	if tenant == "" {
 		return DefaultTenant
 	}
 	return tenant
 }
 
-// DLQSubject holds a dead-lettered job in DLQ.
-func DLQSubject(tenant, jobID string) string { return dlqPrefix + tenantToken(tenant) + "." + jobID }
+// DLQ holds a dead-lettered job in DLQ.
+func DLQ(tenant, jobID string) string { return dlqPrefix + TenantToken(tenant) + "." + jobID }
 
-// RawDLQSubject holds a message on JOBS from which no job could be derived (no
+// RawDLQ holds a message on JOBS from which no job could be derived (no
 // valid tenant or id in its subject), by its JOBS sequence.
-func RawDLQSubject(seq uint64) string {
+func RawDLQ(seq uint64) string {
 	return dlqPrefix + rawDLQToken + "." + strconv.FormatUint(seq, 10)
 }
 
-// CancelSubject is where a cancel request for a job is published (stream CANCELS).
-func CancelSubject(tenant, jobID string) string {
-	return cancelPrefix + tenantToken(tenant) + "." + jobID
+// Cancel is where a cancel request for a job is published (stream CANCELS).
+func Cancel(tenant, jobID string) string {
+	return cancelPrefix + TenantToken(tenant) + "." + jobID
 }
 
-// CancelTenantSubject matches every cancel subject of one tenant (a producer's grant).
-func CancelTenantSubject(tenant string) string { return cancelPrefix + tenantToken(tenant) + ".*" }
+// CancelTenant matches every cancel subject of one tenant (a producer's grant).
+func CancelTenant(tenant string) string { return cancelPrefix + TenantToken(tenant) + ".*" }
 
-// AssignSubject is the request/reply subject a worker serves assignments on.
-func AssignSubject(workerID string) string { return workerPrefix + workerID + ".assign" }
+// Assign is the request/reply subject a worker serves assignments on.
+func Assign(workerID string) string { return workerPrefix + workerID + ".assign" }
 
-// WorkerCancelSubject is where the dispatcher that placed a job on a worker
+// WorkerCancel is where the dispatcher that placed a job on a worker
 // forwards its cancel (core NATS, body schemas.CancelMsg): workers never read
 // other jobs' cancels.
-func WorkerCancelSubject(workerID string) string { return workerPrefix + workerID + ".cancel" }
+func WorkerCancel(workerID string) string { return workerPrefix + workerID + ".cancel" }
 
-// DoneSubject is where a worker hands a job's terminal record to the dispatcher
+// Done is where a worker hands a job's terminal record to the dispatcher
 // that placed it (request/reply, body schemas.ResultMsg, answer
 // schemas.FinishReplyMsg): mlx.worker.<worker-id>.done.<dispatcher-id>. The
 // worker id in the subject is what the server's permissions vouch for: the
 // dispatcher takes a record only for a job it placed on that worker, at that
 // attempt. A dispatcher that is gone has no responder, so the worker learns at
 // once that the job will run again elsewhere.
-func DoneSubject(workerID, dispatcherID string) string {
+func Done(workerID, dispatcherID string) string {
 	return workerPrefix + workerID + ".done." + dispatcherID
 }
 
@@ -220,11 +225,11 @@ func DoneForDispatcher(dispatcherID string) string { return workerPrefix + "*.do
 // DoneFromWorker matches every hand-over one worker may make (its grant).
 func DoneFromWorker(workerID string) string { return workerPrefix + workerID + ".done.*" }
 
-// AttemptSubject carries a worker's report of a retryable failed attempt.
-func AttemptSubject(workerID string) string { return workerPrefix + workerID + ".attempt" }
+// Attempt carries a worker's report of a retryable failed attempt.
+func Attempt(workerID string) string { return workerPrefix + workerID + ".attempt" }
 
-// WorkerOfSubject returns the worker id of mlx.worker.<id>.<verb>, or "".
-func WorkerOfSubject(subject string) string {
+// WorkerOf returns the worker id of mlx.worker.<id>.<verb>, or "".
+func WorkerOf(subject string) string {
 	rest, ok := strings.CutPrefix(subject, workerPrefix)
 	if !ok {
 		return ""
@@ -236,20 +241,20 @@ func WorkerOfSubject(subject string) string {
 	return id
 }
 
-// ReplySubject is the default reply subject for a job's token events.
-func ReplySubject(tenant, jobID string) string {
-	return ReplyPrefix + "." + tenantToken(tenant) + "." + jobID
+// Reply is the default reply subject for a job's token events.
+func Reply(tenant, jobID string) string {
+	return ReplyPrefix + "." + TenantToken(tenant) + "." + jobID
 }
 
 // ReplyNamespace matches every reply subject of tenant: a job's reply_to must
 // lie under it (the dispatcher fails a job whose reply_to does not), and a
 // producer credential may subscribe only there.
-func ReplyNamespace(tenant string) string { return ReplyPrefix + "." + tenantToken(tenant) + ".>" }
+func ReplyNamespace(tenant string) string { return ReplyPrefix + "." + TenantToken(tenant) + ".>" }
 
 // ReplyInTenant reports whether replyTo is a literal subject under tenant's reply
 // namespace.
 func ReplyInTenant(tenant, replyTo string) bool {
-	rest, ok := strings.CutPrefix(replyTo, ReplyPrefix+"."+tenantToken(tenant)+".")
+	rest, ok := strings.CutPrefix(replyTo, ReplyPrefix+"."+TenantToken(tenant)+".")
 	if !ok || rest == "" {
 		return false
 	}
@@ -280,4 +285,11 @@ func RecordTenant(tenant string) string {
 		return tenant
 	}
 	return ""
+}
+
+// ModelKey is a model's key in BucketModels. Model names may hold characters a
+// KV key cannot (spaces, ':', '@'), so the key is a hash of the name.
+func ModelKey(model string) string {
+	sum := sha256.Sum256([]byte(model))
+	return "m" + hex.EncodeToString(sum[:16])
 }

@@ -1,4 +1,7 @@
-package bus
+// Package natsserver runs an embedded NATS server with JetStream on a file
+// store: the bus of `mlx-serving up` and of the tests. A fleet runs a standalone
+// NATS cluster instead (ops/nats).
+package natsserver
 
 import (
 	"context"
@@ -12,8 +15,8 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// ServerOptions configures an embedded NATS server with JetStream on disk.
-type ServerOptions struct {
+// Options configures an embedded NATS server with JetStream on disk.
+type Options struct {
 	// Host to listen on; default 127.0.0.1 (an embedded bus is local unless asked).
 	Host string
 	// Port to listen on: 0 means the NATS default 4222, -1 a random free port.
@@ -63,12 +66,12 @@ type Server struct {
 	once sync.Once
 }
 
-// StartServer starts an embedded NATS server with JetStream on a file store and
+// Start starts an embedded NATS server with JetStream on a file store and
 // returns once it accepts clients. It installs no signal handlers: the embedding
 // process owns its signals and calls Shutdown.
-func StartServer(ctx context.Context, opts ServerOptions) (*Server, error) {
+func Start(ctx context.Context, opts Options) (*Server, error) {
 	if opts.StoreDir == "" {
-		return nil, errors.New("bus: ServerOptions.StoreDir is required")
+		return nil, errors.New("bus: natsserver.Options.StoreDir is required")
 	}
 	host := opts.Host
 	if host == "" {
@@ -173,7 +176,7 @@ func (s *Server) shutdownNow() {
 }
 
 // serverLogger routes nats-server logs through zerolog. Fatalf does not exit: an
-// embedding process decides for itself, and StartServer reports the failure.
+// embedding process decides for itself, and Start reports the failure.
 type serverLogger struct {
 	log      zerolog.Logger
 	mu       sync.Mutex

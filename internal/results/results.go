@@ -1,4 +1,8 @@
-package bus
+// Package results owns RESULTS, the stream of terminal records: Record (first
+// writer wins) and Finish, the one way a job's terminal record is written (by
+// dispatchers only); Fetch and Stored, which read a record; Purge, which removes
+// one for a replay. The bus package's producer reads records through Fetch.
+package results
 
 import (
 	"bytes"
@@ -10,27 +14,38 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/jserr"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// ResultMsgID is the Nats-Msg-Id of a job's terminal record: tenant, job id,
+var (
+	// ErrResultExists: the job already has its terminal record in RESULTS; the
+	// caller lost the first-writer-wins race and must not send a terminal event.
+	ErrResultExists = errors.New("bus: job already has a result")
+	// ErrNoResult: RESULTS holds no terminal record for the job (yet); the bus
+	// package re-exports it.
+	ErrNoResult = errors.New("bus: no result for job")
+)
+
+// MsgID is the Nats-Msg-Id of a job's terminal record: tenant, job id,
 // attempt and finish time (the same id in two tenants is two jobs). A retried publish of the same record is deduplicated; a new record
 // for a replayed job (its old one purged) is not mistaken for one, even inside the
 // duplicate window and with the same attempt number.
-func ResultMsgID(r *schemas.ResultMsg) string {
-	return tenantToken(r.Tenant) + "." + r.JobID + "." + strconv.Itoa(r.Attempt) + "." + strconv.FormatInt(r.FinishedAt.UnixNano(), 10)
+func MsgID(r *schemas.ResultMsg) string {
+	return subjects.TenantToken(r.Tenant) + "." + r.JobID + "." + strconv.Itoa(r.Attempt) + "." + strconv.FormatInt(r.FinishedAt.UnixNano(), 10)
 }
 
-// RecordResult writes r as the job's one terminal record in RESULTS, first writer
+// Record writes r as the job's one terminal record in RESULTS, first writer
 // wins. It returns nil when this record is the stored one, and an error matching
 // ErrResultExists when another record got there first: the caller then must not
 // send a terminal event. A retry of the very same record (say after a lost ack)
 // returns nil, since the stored record is byte-for-byte the caller's.
-func RecordResult(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg) error {
+func Record(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg) error {
 	if r == nil || r.JobID == "" {
-		return errors.New("bus: RecordResult: result with a job id required")
+		return errors.New("bus: results.Record: result with a job id required")
 	}
 	data, err := json.Marshal(r)
 	if err != nil {
@@ -39,39 +54,39 @@ func RecordResult(ctx context.Context, js jetstream.JetStream, r *schemas.Result
 	if err := schemas.Validate(schemas.Result, data); err != nil {
 		return err
 	}
-	subject := ResultSubject(r.Tenant, r.JobID)
+	subject := subjects.Result(r.Tenant, r.JobID)
 	ack, err := js.Publish(ctx, subject, data,
-		jetstream.WithMsgID(ResultMsgID(r)),
-		jetstream.WithExpectStream(StreamResults),
+		jetstream.WithMsgID(MsgID(r)),
+		jetstream.WithExpectStream(subjects.StreamResults),
 		jetstream.WithExpectLastSequencePerSubject(0),
 	)
 	if err == nil && !ack.Duplicate {
 		return nil
 	}
 	if err != nil && !resultRefused(err) {
-		return mapPublishError(err, "record result "+r.JobID)
+		return jserr.Map(err, "record result "+r.JobID)
 	}
 	// Someone's record is stored. It may be our own from an earlier try.
-	stored, gerr := StoredResult(ctx, js, r.Tenant, r.JobID)
+	stored, gerr := Stored(ctx, js, r.Tenant, r.JobID)
 	if gerr == nil && bytes.Equal(stored, data) {
 		return nil
 	}
 	return fmt.Errorf("%w: job %s", ErrResultExists, r.JobID)
 }
 
-// Finish is the one way a job's terminal record is written: RecordResult
+// Finish is the one way a job's terminal record is written: Record
 // (first writer wins; nil only once JetStream acknowledged storing this record,
 // and with sync_always that means it is on disk), then, only when this record is
 // the stored one, the same record as the last event on replyTo. Only after Finish
 // returned nil, or an error matching ErrResultExists (another record is stored),
 // may the job's JOBS message be acked: acking on anything less could lose the job
-// in a crash. It returns RecordResult's error; the reply publish is best effort
+// in a crash. It returns Record's error; the reply publish is best effort
 // (a caller who missed it reads RESULTS).
 //
 // Who calls it: dispatchers only. A worker hands its record to the dispatcher
-// that placed the job (DoneSubject), so no worker credential can write RESULTS.
+// that placed the job (subjects.Done), so no worker credential can write RESULTS.
 func Finish(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg, replyTo string) error {
-	if err := RecordResult(ctx, js, r); err != nil {
+	if err := Record(ctx, js, r); err != nil {
 		return err
 	}
 	if replyTo == "" {
@@ -85,25 +100,25 @@ func Finish(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg, r
 
 // resultRefused reports the server's ways of saying the subject already has a record.
 func resultRefused(err error) bool {
-	if ae, ok := apiError(err); ok {
+	if ae, ok := jserr.APIError(err); ok {
 		switch ae.ErrorCode {
-		case jsErrWrongLastSequence, jsErrWrongLastSequenceConstant:
+		case jserr.CodeWrongLastSequence, jserr.CodeWrongLastSequenceConstant:
 			return true
 		}
 	}
-	return storeRefusal(err) == storeErrMaxMsgsPerSubject
+	return jserr.StoreRefusal(err) == jserr.StoreMaxMsgsPerSubject
 }
 
-// FetchResult returns the job's terminal record, or an error matching ErrNoResult
+// Fetch returns the job's terminal record, or an error matching ErrNoResult
 // when it has none. tenant is the job's tenant ("" is the default tenant): the
 // record lives under it, and a producer's credential may read only its own.
-func FetchResult(ctx context.Context, js jetstream.JetStream, tenant, jobID string) (*schemas.ResultMsg, error) {
-	data, err := directLast(ctx, js, StreamResults, ResultSubject(tenant, jobID))
+func Fetch(ctx context.Context, js jetstream.JetStream, tenant, jobID string) (*schemas.ResultMsg, error) {
+	data, err := directLast(ctx, js, subjects.StreamResults, subjects.Result(tenant, jobID))
 	if err != nil {
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			return nil, fmt.Errorf("%w: job %s", ErrNoResult, jobID)
 		}
-		return nil, mapPublishError(err, "fetch result "+jobID)
+		return nil, jserr.Map(err, "fetch result "+jobID)
 	}
 	var r schemas.ResultMsg
 	if err := json.Unmarshal(data, &r); err != nil {
@@ -112,13 +127,13 @@ func FetchResult(ctx context.Context, js jetstream.JetStream, tenant, jobID stri
 	return &r, nil
 }
 
-// StoredResult returns a job's terminal record as the stream's leader holds it
+// Stored returns a job's terminal record as the stream's leader holds it
 // (a STREAM.MSG.GET), raw, or an error matching ErrNoResult. Writers decide on it
 // (is the stored record mine; has this job finished, so it must not run again);
-// FetchResult's direct get may be answered by a replica a moment behind, which
+// Fetch's direct get may be answered by a replica a moment behind, which
 // is fine for a reader. The request names the subject in its body, so only the
 // worker, dispatcher and admin credentials may make it.
-func StoredResult(ctx context.Context, js jetstream.JetStream, tenant, jobID string) ([]byte, error) {
+func Stored(ctx context.Context, js jetstream.JetStream, tenant, jobID string) ([]byte, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, directGetTimeout)
@@ -126,13 +141,13 @@ func StoredResult(ctx context.Context, js jetstream.JetStream, tenant, jobID str
 	}
 	req, err := json.Marshal(struct {
 		LastFor string `json:"last_by_subj"`
-	}{ResultSubject(tenant, jobID)})
+	}{subjects.Result(tenant, jobID)})
 	if err != nil {
 		return nil, err
 	}
-	m, err := js.Conn().RequestWithContext(ctx, apiPrefix(js)+"STREAM.MSG.GET."+StreamResults, req)
+	m, err := js.Conn().RequestWithContext(ctx, apiPrefix(js)+"STREAM.MSG.GET."+subjects.StreamResults, req)
 	if err != nil {
-		return nil, mapPublishError(err, "read result "+jobID)
+		return nil, jserr.Map(err, "read result "+jobID)
 	}
 	var resp struct {
 		Error   *jetstream.APIError `json:"error"`
@@ -147,20 +162,20 @@ func StoredResult(ctx context.Context, js jetstream.JetStream, tenant, jobID str
 	case resp.Error != nil && resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound:
 		return nil, fmt.Errorf("%w: job %s", ErrNoResult, jobID)
 	case resp.Error != nil:
-		return nil, mapPublishError(resp.Error, "read result "+jobID)
+		return nil, jserr.Map(resp.Error, "read result "+jobID)
 	case resp.Message == nil:
 		return nil, fmt.Errorf("bus: read result %s: %w", jobID, jetstream.ErrInvalidJetStreamResponse)
 	}
 	return resp.Message.Data, nil
 }
 
-// PurgeResult removes the job's terminal record, so a replayed job can record a new one.
-func PurgeResult(ctx context.Context, js jetstream.JetStream, tenant, jobID string) error {
-	s, err := js.Stream(ctx, StreamResults)
+// Purge removes the job's terminal record, so a replayed job can record a new one.
+func Purge(ctx context.Context, js jetstream.JetStream, tenant, jobID string) error {
+	s, err := js.Stream(ctx, subjects.StreamResults)
 	if err != nil {
-		return mapPublishError(err, "purge result "+jobID)
+		return jserr.Map(err, "purge result "+jobID)
 	}
-	if err := s.Purge(ctx, jetstream.WithPurgeSubject(ResultSubject(tenant, jobID))); err != nil {
+	if err := s.Purge(ctx, jetstream.WithPurgeSubject(subjects.Result(tenant, jobID))); err != nil {
 		return fmt.Errorf("bus: purge result %s: %w", jobID, err)
 	}
 	return nil
@@ -215,18 +230,4 @@ func apiPrefix(js jetstream.JetStream) string {
 		return "$JS." + o.Domain + ".API."
 	}
 	return jetstream.DefaultAPIPrefix
-}
-
-// mapPublishError turns client and server errors into the package's sentinels,
-// keeping the original error in the chain.
-func mapPublishError(err error, what string) error {
-	switch {
-	case err == nil:
-		return nil
-	case isDisconnected(err):
-		return fmt.Errorf("bus: %s: %w: %w", what, ErrNotConnected, err)
-	case isNoStream(err):
-		return fmt.Errorf("bus: %s: %w: %w", what, ErrNoStream, err)
-	}
-	return fmt.Errorf("bus: %s: %w", what, err)
 }

@@ -1,0 +1,114 @@
+// Package jserr says what the JetStream server's and the NATS client's errors
+// mean to the bus: the two sentinels every bus operation may return
+// (ErrNotConnected, ErrNoStream), the server's API error codes and store
+// refusals the bus interprets, and Map, which turns any other error into one of
+// the sentinels where it is one. The bus package re-exports the sentinels, so
+// errors.Is matches them whichever package returned them.
+package jserr
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+var (
+	// ErrNoStream: no stream answers for the subject (not provisioned, or JetStream
+	// unavailable).
+	ErrNoStream = errors.New("bus: no stream for subject")
+	// ErrNotConnected: the NATS connection is closed or currently disconnected.
+	ErrNotConnected = errors.New("bus: not connected")
+)
+
+// JetStream API error codes the bus interprets. The client library names only some
+// of them; these are the server's (nats-server jetstream_errors_generated.go).
+const (
+	CodeInsufficientResources     jetstream.ErrorCode = 10023 // the server's JetStream storage is full
+	codeJetStreamNotEnabledForAcc jetstream.ErrorCode = 10039
+	CodeMessageExceedsMaximum     jetstream.ErrorCode = 10054
+	codeStreamNotFound            jetstream.ErrorCode = 10059
+	codeExpectedStreamMismatch    jetstream.ErrorCode = 10060
+	CodeWrongLastSequence         jetstream.ErrorCode = 10071
+	codeJetStreamNotEnabled       jetstream.ErrorCode = 10076
+	codeStreamStoreFailed         jetstream.ErrorCode = 10077 // the store refused; description = store error text
+	CodeWrongLastSequenceConstant jetstream.ErrorCode = 10164 // R>1 variant of 10071
+)
+
+// Store error texts (nats-server store.go) carried as the description of 10077.
+const (
+	StoreMaxMsgs           = "maximum messages exceeded"
+	StoreMaxBytes          = "maximum bytes exceeded"
+	StoreMaxMsgsPerSubject = "maximum messages per subject exceeded"
+	StoreMsgTooLarge       = "message too large"
+)
+
+// APIError extracts the JetStream API error from err, if there is one.
+func APIError(err error) (*jetstream.APIError, bool) {
+	var ae *jetstream.APIError
+	if errors.As(err, &ae) && ae != nil {
+		return ae, true
+	}
+	return nil, false
+}
+
+// StoreRefusal reports which store limit refused a publish (one of the Store*
+// texts, or ""): the server answers all of them with code 10077 and the store
+// error's text as the description.
+func StoreRefusal(err error) string {
+	ae, ok := APIError(err)
+	if !ok || ae.ErrorCode != codeStreamStoreFailed {
+		return ""
+	}
+	d := strings.ToLower(ae.Description)
+	switch {
+	case strings.Contains(d, StoreMaxMsgsPerSubject):
+		return StoreMaxMsgsPerSubject
+	case strings.Contains(d, StoreMaxMsgs):
+		return StoreMaxMsgs
+	case strings.Contains(d, StoreMaxBytes):
+		return StoreMaxBytes
+	case strings.Contains(d, StoreMsgTooLarge):
+		return StoreMsgTooLarge
+	}
+	return ""
+}
+
+// IsNoStream reports errors that mean "nothing stores this subject".
+func IsNoStream(err error) bool {
+	if errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) ||
+		errors.Is(err, jetstream.ErrStreamNotFound) || errors.Is(err, jetstream.ErrJetStreamNotEnabled) ||
+		errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount) {
+		return true
+	}
+	if ae, ok := APIError(err); ok {
+		switch ae.ErrorCode {
+		case codeExpectedStreamMismatch, codeStreamNotFound, codeJetStreamNotEnabled, codeJetStreamNotEnabledForAcc:
+			return true
+		}
+	}
+	return false
+}
+
+// IsDisconnected reports errors that mean the connection is unusable.
+func IsDisconnected(err error) bool {
+	return errors.Is(err, nats.ErrConnectionClosed) || errors.Is(err, jetstream.ErrConnectionClosed) ||
+		errors.Is(err, nats.ErrConnectionDraining) || errors.Is(err, nats.ErrConnectionReconnecting) ||
+		errors.Is(err, nats.ErrDisconnected)
+}
+
+// Map turns client and server errors into the sentinels, keeping the original
+// error in the chain; what names the operation ("submit <id>").
+func Map(err error, what string) error {
+	switch {
+	case err == nil:
+		return nil
+	case IsDisconnected(err):
+		return fmt.Errorf("bus: %s: %w: %w", what, ErrNotConnected, err)
+	case IsNoStream(err):
+		return fmt.Errorf("bus: %s: %w: %w", what, ErrNoStream, err)
+	}
+	return fmt.Errorf("bus: %s: %w", what, err)
+}

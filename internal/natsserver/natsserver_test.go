@@ -1,0 +1,84 @@
+package natsserver
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+func TestServerSyncAlwaysIsSet(t *testing.T) {
+	t.Parallel()
+	for _, always := range []bool{true, false} {
+		t.Run(strconv.FormatBool(always), func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			srv := startServerAt(t, dir, Options{SyncAlways: always, SyncInterval: 7 * time.Second})
+			cfg := srv.NATSServer().JetStreamConfig()
+			if cfg == nil {
+				t.Fatal("JetStream not enabled")
+			}
+			if cfg.SyncAlways != always {
+				t.Errorf("JetStream SyncAlways = %v, want %v", cfg.SyncAlways, always)
+			}
+			if cfg.SyncInterval != 7*time.Second {
+				t.Errorf("JetStream SyncInterval = %v, want 7s", cfg.SyncInterval)
+			}
+			if cfg.StoreDir == "" || !isUnder(cfg.StoreDir, dir) {
+				t.Errorf("store dir %q not under %q", cfg.StoreDir, dir)
+			}
+		})
+	}
+}
+
+func isUnder(path, dir string) bool {
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != ".." && !filepath.IsAbs(rel) && (len(rel) < 2 || rel[:2] != "..")
+}
+
+func TestServerStartFailsOnBadStoreDir(t *testing.T) {
+	t.Parallel()
+	file := filepath.Join(t.TempDir(), "not-a-dir")
+	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	srv, err := Start(ctx, Options{Port: -1, StoreDir: file, Logger: testLogger(t)})
+	if err == nil {
+		_ = srv.Shutdown(ctx)
+		t.Fatal("Start on a regular file as store dir: want error")
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Errorf("failure took %v: should be reported at once, not after a ready timeout", time.Since(start))
+	}
+	if _, err := Start(ctx, Options{Port: -1}); err == nil {
+		t.Fatal("Start without StoreDir: want error")
+	}
+}
+
+func TestServerShutdownTwice(t *testing.T) {
+	t.Parallel()
+	srv := startServerAt(t, t.TempDir(), Options{})
+	nc := connectTo(t, srv)
+	closed := make(chan struct{})
+	nc.SetClosedHandler(func(_ *nats.Conn) { close(closed) })
+	ctx := ctxT(t)
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Fatalf("second Shutdown: %v", err)
+	}
+	if srv.NATSServer().Running() {
+		t.Fatal("server still running after Shutdown")
+	}
+	// The client sees the server go away (it keeps reconnecting; closing ends it).
+	nc.Close()
+	<-closed
+}
