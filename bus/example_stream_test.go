@@ -2,20 +2,11 @@ package bus_test
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"os"
 	"strings"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/mlx-serving/mlx-serving/bus"
-	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/natsserver"
-	"github.com/mlx-serving/mlx-serving/internal/results"
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -26,22 +17,15 @@ import (
 func ExampleSubmitStream() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	dir, _ := os.MkdirTemp("", "mlx-bus-example-")
-	defer os.RemoveAll(dir)
-	srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: dir})
+	url, stop, err := exampleBus(ctx, false)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
-	defer srv.Shutdown(context.Background())
-	nc, _ := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{srv.ClientURL()}})
+	defer stop()
+	nc, _ := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{url}})
 	defer nc.Close()
-	js, _ := jetstream.New(nc)
-	if err := jsprov.Provision(ctx, js, jsprov.Options{}); err != nil {
-		fmt.Println(err)
-		return
-	}
-	standInWorker(ctx, nc, js, []string{"Queues ", "hold ", "the ", "line."})
+	standInWorker(ctx, nc, []string{"Queues ", "hold ", "the ", "line."})
 
 	producer, _ := bus.NewProducer(nc, bus.WithTenant("acme"))
 	job := &schemas.JobRequest{Model: "tiny", Prompt: "Write a haiku about queues.", MaxTokens: 64}
@@ -75,37 +59,4 @@ func ExampleSubmitStream() {
 	// Output:
 	// completed: "Queues hold the line.", 4 tokens
 	// stored: completed Queues hold the line.
-}
-
-// standInWorker answers the next job the way a worker does: token events on the
-// job's reply subject, then the terminal record — RESULTS first, then the event.
-func standInWorker(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, deltas []string) {
-	cons, err := js.CreateOrUpdateConsumer(ctx, subjects.StreamJobs, jetstream.ConsumerConfig{Durable: "example"})
-	if err != nil {
-		panic(err)
-	}
-	go func() {
-		msgs, err := cons.Fetch(1, jetstream.FetchMaxWait(10*time.Second))
-		if err != nil {
-			return
-		}
-		for m := range msgs.Messages() {
-			var job schemas.JobRequest
-			_ = json.Unmarshal(m.Data(), &job)
-			text := ""
-			for i, d := range deltas {
-				ev, _ := json.Marshal(schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 1, Seq: i, Delta: d, Tokens: i + 1})
-				_ = nc.Publish(job.ReplyTo, ev)
-				text += d
-			}
-			res := &schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: 1, Seq: len(deltas), Status: schemas.StatusCompleted,
-				FinishReason: "stop", Text: text, Usage: schemas.Usage{PromptTokens: 7, CompletionTokens: len(deltas), TotalTokens: 7 + len(deltas)},
-				Model: job.Model, Tenant: job.Tenant, FinishedAt: time.Now().UTC()}
-			if results.Record(ctx, js, res) == nil {
-				data, _ := json.Marshal(res)
-				_ = nc.Publish(job.ReplyTo, data)
-			}
-			_ = m.Ack()
-		}
-	}()
 }

@@ -4,53 +4,32 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
-	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/schemas"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
-// A backend service with an embedded bus: start the server, provision the streams,
-// and submit a job. Against a shared NATS cluster, skip natsserver.Start and pass its
-// URLs to Connect.
+// A backend service connects to the bus and submits a job. The bus is the
+// fleet's NATS (`mlx-serving up`, or the cluster of ops/nats), started and
+// provisioned by the servers; here a throwaway local one stands in for it.
 func Example() {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
-	dir, err := os.MkdirTemp("", "mlx-bus-example-")
+	url, stop, err := exampleBus(ctx, true)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
-	defer os.RemoveAll(dir)
+	defer stop()
 
-	srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: dir, SyncAlways: true})
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
-	defer srv.Shutdown(context.Background())
-
-	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{srv.ClientURL()}, Name: "example-service"})
+	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{url}, Name: "example-service"})
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
 	defer nc.Close()
-
-	js, err := jetstream.New(nc)
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
-	if err := jsprov.Provision(ctx, js, jsprov.Options{}); err != nil {
-		fmt.Println(err)
-		return
-	}
 
 	producer, err := bus.NewProducer(nc, bus.WithTenant("acme"), bus.WithDefaultModel("mlx-community/tiny"))
 	if err != nil {

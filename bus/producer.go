@@ -67,8 +67,9 @@ func WithProducerLogger(l zerolog.Logger) ProducerOption { return func(p *Produc
 
 // WithoutModelCheck queues jobs for any model. By default Submit refuses, with
 // ErrModelNotServed, a job whose model no worker has served within the model
-// grace period while others are served (see registry.ModelServed); with this option the
-// job is queued and the dispatcher dead-letters it if no worker comes for it.
+// grace period while workers serve others (while none serves anything, the
+// fleet is down and jobs are queued to wait for it); with this option the job
+// is queued and the dispatcher dead-letters it if no worker comes for it.
 func WithoutModelCheck() ProducerOption { return func(p *Producer) { p.noModelCheck = true } }
 
 // WithClock replaces time.Now, for tests.
