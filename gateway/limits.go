@@ -2,13 +2,10 @@ package gateway
 
 import (
 	"context"
-	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/json"
 	"fmt"
 	"net/http"
 	"regexp"
-	"strings"
 	"sync"
 	"time"
 
@@ -52,55 +49,6 @@ const (
 // tenantPattern is the job schema's pattern for a tenant: a token naming another
 // tenant would make every one of its jobs invalid.
 var tenantPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
-
-// tenantAuth maps bearer tokens to tenants, comparing digests in constant time.
-type tenantAuth struct {
-	digests [][sha256.Size]byte
-	tenants []string
-}
-
-func newTenantAuth(tokens []string, tokenTenants map[string]string) (*tenantAuth, error) {
-	ta := &tenantAuth{}
-	add := func(token, tenant string) error {
-		if token == "" {
-			return nil
-		}
-		if !tenantPattern.MatchString(tenant) {
-			return fmt.Errorf("gateway: tenant %q must match %s", tenant, tenantPattern)
-		}
-		ta.digests = append(ta.digests, sha256.Sum256([]byte(token)))
-		ta.tenants = append(ta.tenants, tenant)
-		return nil
-	}
-	for _, t := range tokens {
-		if err := add(t, DefaultTenant); err != nil {
-			return nil, err
-		}
-	}
-	for t, tenant := range tokenTenants {
-		if err := add(t, tenant); err != nil {
-			return nil, err
-		}
-	}
-	return ta, nil
-}
-
-func (ta *tenantAuth) enabled() bool { return len(ta.digests) > 0 }
-
-// tenant returns the tenant of token, looking at every token without stopping early.
-func (ta *tenantAuth) tenant(token string) (string, bool) {
-	d := sha256.Sum256([]byte(token))
-	found := -1
-	for i := range ta.digests {
-		if subtle.ConstantTimeCompare(d[:], ta.digests[i][:]) == 1 {
-			found = i
-		}
-	}
-	if found < 0 {
-		return "", false
-	}
-	return ta.tenants[found], true
-}
 
 type tenantKey struct{}
 
@@ -187,17 +135,10 @@ func (l *limiter) acquire(tenant string) (release func(), ok bool) {
 // the token's tenant in the request's context and applies the tenant's rate.
 func (g *Gateway) requireTenant(endpoint string, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		tenant := DefaultTenant
-		if g.tenants.enabled() {
-			scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
-			if !ok || !strings.EqualFold(scheme, "Bearer") {
-				writeError(w, errUnauthorized("Missing bearer token: send 'Authorization: Bearer <token>'."))
-				return
-			}
-			if tenant, ok = g.tenants.tenant(strings.TrimSpace(token)); !ok {
-				writeError(w, errUnauthorized("Incorrect API key provided."))
-				return
-			}
+		tenant, aerr := g.tenants.authenticate(r)
+		if aerr != nil {
+			writeError(w, aerr)
+			return
 		}
 		if !g.limits.allow(tenant, time.Now()) {
 			g.refuse(w, endpoint, tenant, &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit,

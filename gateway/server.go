@@ -71,7 +71,6 @@ type Gateway struct {
 	js       jetstream.JetStream
 	producer *bus.Producer
 	registry *registry
-	tokens   tokenSet
 	tenants  *tenantAuth
 	limits   *limiter
 	cors     *corsPolicy
@@ -115,10 +114,6 @@ func New(cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	allTokens := append([]string(nil), cfg.Tokens...)
-	for t := range cfg.TokenTenants {
-		allTokens = append(allTokens, t)
-	}
 	p, err := bus.NewProducer(cfg.Conn, bus.WithDefaultModel(cfg.DefaultModel), bus.WithProducerLogger(log))
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
@@ -130,7 +125,6 @@ func New(cfg Config) (*Gateway, error) {
 		js:       p.JetStream(),
 		producer: p,
 		registry: newRegistry(p.JetStream(), time.Second),
-		tokens:   newTokenSet(allTokens),
 		tenants:  tenants,
 		limits:   newLimiter(cfg.Limits),
 		cors:     cors,
@@ -209,7 +203,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	g.mu.Lock()
 	srv, ln := g.srv, g.ln
 	g.mu.Unlock()
-	g.log.Info().Str("addr", ln.Addr().String()).Bool("auth", len(g.tokens) > 0).Msg("gateway listening")
+	g.log.Info().Str("addr", ln.Addr().String()).Bool("auth", g.tenants.enabled()).Msg("gateway listening")
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
