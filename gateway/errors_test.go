@@ -58,7 +58,7 @@ func TestInvalidRequestNamesTheField(t *testing.T) {
 			}
 		})
 	}
-	if got := g.metrics.submitted.get(endpointChat); got != 0 {
+	if got := value(observed(g).Submitted.WithLabelValues(endpointChat)); got != 0 {
 		t.Fatalf("%v invalid jobs were submitted", got)
 	}
 }

@@ -15,9 +15,12 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	shared "github.com/mlx-serving/mlx-serving/metrics"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -245,8 +248,9 @@ func (fw *fakeWorker) serve(job schemas.JobRequest) {
 // newTestGateway serves a Gateway over httptest.
 func newTestGateway(t *testing.T, tb *testBus, mutate func(*Config)) (*Gateway, *httptest.Server) {
 	t.Helper()
+	gm := shared.NewGateway() // the observer and /metrics cmd/mlx-serving wires
 	cfg := Config{Conn: tb.connect(t), Logger: zerolog.Nop(), RequestTimeout: 30 * time.Second,
-		Stream: bus.StreamOptions{QuietAfter: 500 * time.Millisecond}}
+		Stream: bus.StreamOptions{QuietAfter: 500 * time.Millisecond}, Observer: gm, Metrics: gm.Handler()}
 	if mutate != nil {
 		mutate(&cfg)
 	}
@@ -257,6 +261,21 @@ func newTestGateway(t *testing.T, tb *testBus, mutate func(*Config)) (*Gateway, 
 	srv := httptest.NewServer(g.Handler())
 	t.Cleanup(srv.Close)
 	return g, srv
+}
+
+// observed is the metrics.Gateway observing g (newTestGateway's).
+func observed(g *Gateway) *shared.Gateway { return g.obs.(*shared.Gateway) }
+
+// value reads a counter or gauge.
+func value(m prometheus.Metric) float64 {
+	var out dto.Metric
+	if err := m.Write(&out); err != nil {
+		return -1
+	}
+	if c := out.GetCounter(); c != nil {
+		return c.GetValue()
+	}
+	return out.GetGauge().GetValue()
 }
 
 func postJSON(t *testing.T, url string, body any, header ...string) *http.Response {

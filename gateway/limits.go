@@ -9,8 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/time/rate"
 
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -60,13 +58,12 @@ func tenantOf(r *http.Request) string {
 	return DefaultTenant
 }
 
-// limiter holds every tenant's rate bucket and in-flight count, and counts refusals.
+// limiter holds every tenant's rate bucket and in-flight count.
 type limiter struct {
 	limits   TenantLimits
 	mu       sync.Mutex
 	buckets  map[string]*rate.Limiter
 	inFlight map[string]int
-	refused  *prometheus.CounterVec // tenant, code
 }
 
 func newLimiter(l TenantLimits) *limiter {
@@ -77,23 +74,7 @@ func newLimiter(l TenantLimits) *limiter {
 		limits:   l,
 		buckets:  map[string]*rate.Limiter{},
 		inFlight: map[string]int{},
-		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "mlx_gateway_tenant_refusals_total",
-			Help: "Requests refused by a tenant limit, by tenant and code (rate_limit_exceeded, tenant_queue_full, max_tokens_exceeded, prompt_too_large).",
-		}, []string{"tenant", "code"}),
 	}
-}
-
-// register adds the limiter's series to the gateway's registry.
-func (l *limiter) register(reg prometheus.Registerer) error { return reg.Register(l.refused) }
-
-// refusals reads the refusal counter of tenant and code (tests).
-func (l *limiter) refusals(tenant, code string) float64 {
-	var m dto.Metric
-	if err := l.refused.WithLabelValues(tenant, code).Write(&m); err != nil {
-		return 0
-	}
-	return m.GetCounter().GetValue()
 }
 
 func (l *limiter) allow(tenant string, now time.Time) bool {
@@ -197,7 +178,7 @@ func (g *Gateway) admit(r *http.Request, job *schemas.JobRequest) (release func(
 
 // refuse answers a request a tenant limit refused, counting it by tenant and code.
 func (g *Gateway) refuse(w http.ResponseWriter, endpoint, tenant string, e *apiError) {
-	g.limits.refused.WithLabelValues(tenant, e.Code).Inc()
+	g.obs.TenantRefused(tenant, e.Code)
 	g.log.Info().Str("tenant", tenant).Str("code", e.Code).Str("endpoint", endpoint).Msg("tenant limit refused a request")
 	g.fail(w, endpoint, e)
 }

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"strconv"
 	"sync"
 	"time"
 
@@ -53,6 +52,12 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// Stream tunes the job streams (quiet period before RESULTS is consulted, ...).
 	Stream bus.StreamOptions
+	// Observer is told what the gateway does (metrics.Gateway in
+	// cmd/mlx-serving); nil: nobody.
+	Observer Observer
+	// Metrics, when set, is served unauthenticated on GET /metrics
+	// (metrics.Gateway's Handler in cmd/mlx-serving).
+	Metrics http.Handler
 	// CORSOrigins are the browser origins (scheme://host[:port]) allowed to call
 	// the API across origins; "*" allows any. Empty: none (no CORS headers).
 	CORSOrigins []string
@@ -74,7 +79,7 @@ type Gateway struct {
 	tenants  *tenantAuth
 	limits   *limiter
 	cors     *corsPolicy
-	metrics  *metrics
+	obs      Observer
 	handler  http.Handler
 	timeout  time.Duration // 0: none
 	grace    time.Duration
@@ -88,6 +93,9 @@ type Gateway struct {
 func New(cfg Config) (*Gateway, error) {
 	if cfg.Conn == nil {
 		return nil, errors.New("gateway: Config.Conn is required")
+	}
+	if cfg.Observer == nil {
+		cfg.Observer = nopObserver{}
 	}
 	if cfg.Addr == "" {
 		cfg.Addr = ":8080"
@@ -128,12 +136,9 @@ func New(cfg Config) (*Gateway, error) {
 		tenants:  tenants,
 		limits:   newLimiter(cfg.Limits),
 		cors:     cors,
-		metrics:  newMetrics(),
+		obs:      cfg.Observer,
 		timeout:  timeout,
 		grace:    deadlineGrace,
-	}
-	if err := g.limits.register(g.metrics.m.Registry); err != nil {
-		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	g.handler = g.routes()
 	return g, nil
@@ -150,7 +155,9 @@ func (g *Gateway) routes() http.Handler {
 	mux.Handle("GET /v1/models/{model...}", api(endpointModels, g.handleModel))
 	mux.HandleFunc("GET /healthz", g.handleHealth)
 	mux.HandleFunc("GET /readyz", g.handleReady)
-	mux.HandleFunc("GET /metrics", g.metrics.handler)
+	if g.cfg.Metrics != nil {
+		mux.Handle("GET /metrics", g.cfg.Metrics)
+	}
 	mux.Handle("/v1/", g.requireToken(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
 			Message: fmt.Sprintf("Unknown request URL: %s %s.", r.Method, r.URL.Path)})
@@ -304,7 +311,7 @@ func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter 
 func (g *Gateway) instrument(endpoint string, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		g.metrics.inFlight.add(1)
+		g.obs.RequestStarted()
 		rec := &statusRecorder{ResponseWriter: w}
 		// The caller's traceparent, if any, makes this request (and the job it
 		// submits) part of the caller's trace.
@@ -313,7 +320,6 @@ func (g *Gateway) instrument(endpoint string, next http.Handler) http.Handler {
 			trace.WithAttributes(attribute.String("http.request.method", r.Method), attribute.String("http.route", endpoint)))
 		r = r.WithContext(ctx)
 		defer func() {
-			g.metrics.inFlight.add(-1)
 			status := rec.status
 			if status == 0 {
 				status = 499 // nothing was written: the client left first
@@ -324,8 +330,7 @@ func (g *Gateway) instrument(endpoint string, next http.Handler) http.Handler {
 			}
 			span.End()
 			elapsed := time.Since(start)
-			g.metrics.requests.inc(endpoint, strconv.Itoa(status))
-			g.metrics.duration.observe(elapsed.Seconds(), endpoint)
+			g.obs.RequestFinished(endpoint, status, elapsed)
 			g.log.Debug().Str("method", r.Method).Str("path", r.URL.Path).Int("status", status).
 				Dur("elapsed", elapsed).Msg("request")
 		}()

@@ -127,6 +127,7 @@ func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatc
 }
 
 func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog.Logger) (*gateway.Gateway, error) {
+	gm := gatewayMetrics()
 	return gateway.New(gateway.Config{
 		Addr:         c.HTTPAddr,
 		Tokens:       c.Tokens(),
@@ -136,6 +137,8 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 		Conn:         nc,
 		Logger:       log,
 		DefaultModel: defaultModel,
+		Observer:     gm,
+		Metrics:      gm.Handler(),
 	})
 }
 
