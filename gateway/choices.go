@@ -59,7 +59,7 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, spec runSpe
 				job.Seed = &s
 			}
 		}
-		stream, _, err := bus.SubmitStream(waitCtx, g.producer, g.nc, &job, g.cfg.Stream)
+		stream, err := g.jobs.Submit(waitCtx, &job)
 		if err != nil {
 			cancelAll(0, "a sibling choice could not be submitted")
 			if r.Context().Err() != nil {

@@ -20,54 +20,32 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	shared "github.com/mlx-serving/mlx-serving/metrics"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 const testModel = "tiny-model"
 
-// testBus is a real embedded NATS server with provisioned streams.
+// testBus is the one test bus (internal/testenv): an embedded NATS server with
+// provisioned streams, and a connection (nc, js).
 type testBus struct {
-	url string
-	nc  *nats.Conn
-	js  jetstream.JetStream
+	*testenv.Bus
+	nc *nats.Conn
+	js jetstream.JetStream
 }
 
 func startBus(t *testing.T, popts bus.ProvisionOptions) *testBus {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	srv, err := bus.StartServer(ctx, bus.ServerOptions{Port: -1, StoreDir: t.TempDir(), Logger: zerolog.Nop()})
-	if err != nil {
-		t.Fatalf("start nats: %v", err)
-	}
-	t.Cleanup(func() {
-		sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer scancel()
-		_ = srv.Shutdown(sctx)
-	})
-	tb := &testBus{url: srv.ClientURL()}
-	tb.nc = tb.connect(t)
-	tb.js, err = jetstream.New(tb.nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := bus.Provision(ctx, tb.js, popts); err != nil {
-		t.Fatalf("provision: %v", err)
-	}
-	return tb
+	b := testenv.StartBus(t, popts)
+	return &testBus{Bus: b, nc: b.Conn, js: b.JS}
 }
 
+// connect opens another connection, closed with the test.
 func (tb *testBus) connect(t *testing.T) *nats.Conn {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{tb.url}})
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
-	t.Cleanup(nc.Close)
-	return nc
+	return testenv.Connect(t, tb.Server.ClientURL())
 }
 
 // registerWorker puts a heartbeat into the worker registry.
@@ -75,10 +53,6 @@ func (tb *testBus) registerWorker(t *testing.T, id, state string, models ...stri
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	kv, err := tb.js.KeyValue(ctx, bus.BucketWorkers)
-	if err != nil {
-		t.Fatal(err)
-	}
 	now := time.Now().UTC()
 	if models == nil {
 		models = []string{} // a worker without a loaded model announces []
@@ -89,7 +63,7 @@ func (tb *testBus) registerWorker(t *testing.T, id, state string, models ...stri
 	if err := schemas.Validate(schemas.Heartbeat, data); err != nil {
 		t.Fatalf("heartbeat invalid: %v", err)
 	}
-	if _, err := kv.Put(ctx, id, data); err != nil {
+	if _, err := tb.Workers.Put(ctx, id, data); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -114,7 +88,11 @@ type script struct {
 }
 
 // fakeWorker serves jobs straight off the job subjects: core subscribers see every
-// message published into JOBS. It streams the script's tokens to reply_to, records
+// message published into JOBS, so no dispatcher runs. It is not
+// internal/fakeworker (a worker that registers, takes assignments from a
+// dispatcher and answers on the worker subjects): the gateway's tests script
+// what reaches the reply subject (lost events, missing terminals, rewinds)
+// without the dispatcher in between. It streams the script's tokens to reply_to, records
 // the result in RESULTS and publishes it, as a real worker does.
 type fakeWorker struct {
 	nc  *nats.Conn
@@ -245,12 +223,30 @@ func (fw *fakeWorker) serve(job schemas.JobRequest) {
 	_ = fw.nc.Flush()
 }
 
-// newTestGateway serves a Gateway over httptest.
+// testConfig is a Config on its own connection nc, wired as cmd/mlx-serving
+// wires one: gatewaybus for jobs and fleet, metrics.Gateway as the observer and
+// /metrics.
+func testConfig(t testing.TB, nc *nats.Conn) Config {
+	t.Helper()
+	gb, err := gatewaybus.New(nc, gatewaybus.Options{Stream: bus.StreamOptions{QuietAfter: 500 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gm := shared.NewGateway()
+	return Config{Jobs: gb, Fleet: gb.Fleet(), Logger: zerolog.Nop(), RequestTimeout: 30 * time.Second,
+		Observer: gm, Metrics: gm.Handler()}
+}
+
+// newTestGateway serves a Gateway over httptest, on its own connection to tb.
 func newTestGateway(t *testing.T, tb *testBus, mutate func(*Config)) (*Gateway, *httptest.Server) {
 	t.Helper()
-	gm := shared.NewGateway() // the observer and /metrics cmd/mlx-serving wires
-	cfg := Config{Conn: tb.connect(t), Logger: zerolog.Nop(), RequestTimeout: 30 * time.Second,
-		Stream: bus.StreamOptions{QuietAfter: 500 * time.Millisecond}, Observer: gm, Metrics: gm.Handler()}
+	return newTestGatewayOn(t, tb.connect(t), mutate)
+}
+
+// newTestGatewayOn is newTestGateway on the connection nc.
+func newTestGatewayOn(t *testing.T, nc *nats.Conn, mutate func(*Config)) (*Gateway, *httptest.Server) {
+	t.Helper()
+	cfg := testConfig(t, nc)
 	if mutate != nil {
 		mutate(&cfg)
 	}

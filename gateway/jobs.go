@@ -224,7 +224,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 		g.runChoices(w, r, spec, now, waitCtx)
 		return
 	}
-	stream, _, err := bus.SubmitStream(waitCtx, g.producer, g.nc, job, g.cfg.Stream)
+	stream, err := g.jobs.Submit(waitCtx, job)
 	if err != nil {
 		if ctx.Err() != nil {
 			return // the client left; nothing was queued that needs cancelling
@@ -517,7 +517,7 @@ func (j *jobCall) clientLeft(err error) {
 func (j *jobCall) cancel(reason string) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(j.r.Context()), cancelTimeout)
 	defer cancel()
-	if err := j.g.producer.TenantCancel(ctx, j.job.Tenant, j.job.ID, reason); err != nil {
+	if err := j.g.jobs.Cancel(ctx, j.job.Tenant, j.job.ID, reason); err != nil {
 		j.g.log.Warn().Err(err).Str("job_id", j.job.ID).Msg("cancelling the job failed")
 	}
 }

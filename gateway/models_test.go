@@ -57,7 +57,8 @@ func TestHealthReadyMetrics(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, bus.ProvisionOptions{})
 	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 2})
-	g, srv := newTestGateway(t, tb, nil)
+	nc := tb.connect(t)
+	_, srv := newTestGatewayOn(t, nc, nil)
 
 	get := func(path string) (int, string) {
 		r, err := http.Get(srv.URL + path)
@@ -91,7 +92,7 @@ func TestHealthReadyMetrics(t *testing.T) {
 	}
 
 	// A gateway whose bus connection is gone is alive but not ready.
-	g.nc.Close()
+	nc.Close()
 	if code, _ := get("/healthz"); code != 200 {
 		t.Fatalf("healthz %d", code)
 	}
@@ -123,7 +124,9 @@ func TestReadyNeedsStreams(t *testing.T) {
 func TestRunAndShutdown(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, bus.ProvisionOptions{})
-	g, err := New(Config{Addr: "127.0.0.1:0", Conn: tb.nc})
+	cfg := testConfig(t, tb.nc)
+	cfg.Addr = "127.0.0.1:0"
+	g, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

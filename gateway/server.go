@@ -12,18 +12,16 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/tracing"
 )
 
-// Config configures a Gateway. Conn is required; the rest have defaults.
+// Config configures a Gateway. Jobs and Fleet are required; the rest have
+// defaults.
 type Config struct {
 	// Addr is the listen address; default ":8080".
 	Addr string
@@ -35,8 +33,11 @@ type Config struct {
 	TokenTenants map[string]string
 	// Limits bound each tenant's requests (limits.go).
 	Limits TenantLimits
-	// Conn is the bus connection jobs are submitted and streamed on.
-	Conn *nats.Conn
+	// Jobs submits, follows and cancels jobs (gatewaybus.New on a connection).
+	Jobs Jobs
+	// Fleet reads the worker registry: the models /v1/models lists and requests
+	// may name, and readiness (gatewaybus's Fleet).
+	Fleet Fleet
 	// Logger receives request and job logs. The zero value discards them.
 	Logger zerolog.Logger
 	// DefaultModel is used when a request names no model.
@@ -50,8 +51,6 @@ type Config struct {
 	// ShutdownTimeout bounds Run's graceful shutdown before open streams are cut;
 	// default 30s.
 	ShutdownTimeout time.Duration
-	// Stream tunes the job streams (quiet period before RESULTS is consulted, ...).
-	Stream bus.StreamOptions
 	// Observer is told what the gateway does (metrics.Gateway in
 	// cmd/mlx-serving); nil: nobody.
 	Observer Observer
@@ -72,9 +71,7 @@ const deadlineGrace = 3 * time.Second
 type Gateway struct {
 	cfg      Config
 	log      zerolog.Logger
-	nc       *nats.Conn
-	js       jetstream.JetStream
-	producer *bus.Producer
+	jobs     Jobs
 	registry *registry
 	tenants  *tenantAuth
 	limits   *limiter
@@ -89,10 +86,10 @@ type Gateway struct {
 	ln  net.Listener
 }
 
-// New builds a Gateway on an open bus connection.
+// New builds a Gateway on the bus that cfg.Jobs and cfg.Fleet reach.
 func New(cfg Config) (*Gateway, error) {
-	if cfg.Conn == nil {
-		return nil, errors.New("gateway: Config.Conn is required")
+	if cfg.Jobs == nil || cfg.Fleet == nil {
+		return nil, errors.New("gateway: Config.Jobs and Config.Fleet are required")
 	}
 	if cfg.Observer == nil {
 		cfg.Observer = nopObserver{}
@@ -122,17 +119,11 @@ func New(cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	p, err := bus.NewProducer(cfg.Conn, bus.WithDefaultModel(cfg.DefaultModel), bus.WithProducerLogger(log))
-	if err != nil {
-		return nil, fmt.Errorf("gateway: %w", err)
-	}
 	g := &Gateway{
 		cfg:      cfg,
 		log:      log,
-		nc:       cfg.Conn,
-		js:       p.JetStream(),
-		producer: p,
-		registry: newRegistry(p.JetStream(), time.Second),
+		jobs:     cfg.Jobs,
+		registry: newRegistry(cfg.Fleet, time.Second),
 		tenants:  tenants,
 		limits:   newLimiter(cfg.Limits),
 		cors:     cors,
@@ -267,13 +258,8 @@ func (g *Gateway) handleReady(w http.ResponseWriter, r *http.Request) {
 }
 
 func (g *Gateway) ready(ctx context.Context) error {
-	if !g.nc.IsConnected() {
-		return fmt.Errorf("nats %s", g.nc.Status())
-	}
-	for _, name := range []string{bus.StreamJobs, bus.StreamResults, bus.StreamCancels} {
-		if _, err := g.js.Stream(ctx, name); err != nil {
-			return fmt.Errorf("stream %s: %w", name, err)
-		}
+	if err := g.jobs.Ready(ctx); err != nil {
+		return err
 	}
 	v, err := g.registry.read(ctx)
 	if err != nil {

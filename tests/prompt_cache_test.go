@@ -10,6 +10,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -59,7 +60,11 @@ func TestPromptCacheReportedEndToEnd(t *testing.T) {
 		t.Fatalf("RESULTS usage %+v, terminal event %+v", stored.Usage, second)
 	}
 
-	g, err := gateway.New(gateway.Config{Conn: testenv.Connect(t, s.bus.Server.ClientURL()), Logger: testenv.Logger(t)})
+	gb, err := gatewaybus.New(testenv.Connect(t, s.bus.Server.ClientURL()), gatewaybus.Options{Logger: testenv.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := gateway.New(gateway.Config{Jobs: gb, Fleet: gb.Fleet(), Logger: testenv.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

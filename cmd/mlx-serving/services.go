@@ -22,6 +22,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/config"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
 	"github.com/mlx-serving/mlx-serving/tracing"
 	"github.com/mlx-serving/mlx-serving/worker"
 )
@@ -127,6 +128,10 @@ func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatc
 }
 
 func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog.Logger) (*gateway.Gateway, error) {
+	gb, err := gatewaybus.New(nc, gatewaybus.Options{DefaultModel: defaultModel, Logger: log})
+	if err != nil {
+		return nil, err
+	}
 	gm := gatewayMetrics()
 	return gateway.New(gateway.Config{
 		Addr:         c.HTTPAddr,
@@ -134,7 +139,8 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 		TokenTenants: c.TokenTenants(),
 		CORSOrigins:  c.CORSOriginList(),
 		Limits:       tenantLimits(c),
-		Conn:         nc,
+		Jobs:         gb,
+		Fleet:        gb.Fleet(),
 		Logger:       log,
 		DefaultModel: defaultModel,
 		Observer:     gm,
