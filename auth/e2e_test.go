@@ -12,6 +12,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/mlx-serving/mlx-serving/worker"
@@ -72,7 +73,12 @@ func TestEveryRoleWorksWithItsOwnGrantsOnly(t *testing.T) {
 	}
 
 	gw := sb.connect(RoleGateway, "")
-	g, err := gateway.New(gateway.Config{Conn: gw.nc, Logger: log.With().Str("part", "gateway").Logger(), DefaultModel: "tiny"})
+	gwLog := log.With().Str("part", "gateway").Logger()
+	gb, err := gatewaybus.New(gw.nc, gatewaybus.Options{DefaultModel: "tiny", Logger: gwLog})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := gateway.New(gateway.Config{Jobs: gb, Fleet: gb.Fleet(), Logger: gwLog, DefaultModel: "tiny"})
 	if err != nil {
 		t.Fatal(err)
 	}

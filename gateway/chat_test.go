@@ -141,7 +141,7 @@ func TestChatStreamRepairsGap(t *testing.T) {
 	if text.String() != "abcd" {
 		t.Fatalf("text %q, want abcd", text.String())
 	}
-	if got := g.metrics.missedEvents.get(); got != 1 {
+	if got := value(observed(g).MissedEvents); got != 1 {
 		t.Fatalf("missed events metric %v, want 1", got)
 	}
 }
@@ -277,7 +277,7 @@ func TestChatClientDisconnectCancels(t *testing.T) {
 		t.Fatalf("cancel message invalid: %v", err)
 	}
 	// The gateway counts the disconnect before it publishes the cancel.
-	if got := g.metrics.disconnects.get(); got != 1 {
+	if got := value(observed(g).Disconnects); got != 1 {
 		t.Fatalf("disconnects metric %v, want 1", got)
 	}
 }

@@ -59,7 +59,7 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, spec runSpe
 				job.Seed = &s
 			}
 		}
-		stream, _, err := bus.SubmitStream(waitCtx, g.producer, g.nc, &job, g.cfg.Stream)
+		stream, err := g.jobs.Submit(waitCtx, &job)
 		if err != nil {
 			cancelAll(0, "a sibling choice could not be submitted")
 			if r.Context().Err() != nil {
@@ -69,7 +69,7 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, spec runSpe
 			return
 		}
 		defer stream.Close()
-		g.metrics.submitted.inc(spec.endpoint)
+		g.obs.JobSubmitted(spec.endpoint)
 		ids = append(ids, job.ID)
 		m := meta{id: spec.format.idPrefix() + base.ID, created: now.Unix(), model: job.Model, includeUsage: spec.stream && spec.includeUsage}
 		cspec := spec
@@ -174,7 +174,7 @@ func streamChoices(calls []*jobCall) {
 	send := func(v any, i int) bool {
 		for _, e := range each(v) {
 			if err := sse.send(withIndex(e, i)); err != nil {
-				g.metrics.disconnects.inc()
+				g.obs.ClientLeft()
 				cancelRest("client disconnected")
 				return false
 			}

@@ -7,7 +7,6 @@ import (
 	"testing"
 
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/rs/zerolog"
 )
 
 const appOrigin = "https://app.example.com"
@@ -100,7 +99,9 @@ func TestCORSWildcardAndBadOrigins(t *testing.T) {
 		t.Fatalf("preflight: %d %v", p.StatusCode, p.Header)
 	}
 	for _, bad := range []string{"app.example.com", "https://app.example.com/path", "https://app.example.com?x=1", "https://"} {
-		if _, err := New(Config{Conn: tb.nc, Logger: zerolog.Nop(), CORSOrigins: []string{bad}}); err == nil {
+		cfg := testConfig(t, tb.nc)
+		cfg.CORSOrigins = []string{bad}
+		if _, err := New(cfg); err == nil {
 			t.Errorf("origin %q accepted", bad)
 		}
 	}

@@ -60,7 +60,7 @@ func TestInvalidRequestNamesTheField(t *testing.T) {
 			}
 		})
 	}
-	if got := g.metrics.submitted.get(endpointChat); got != 0 {
+	if got := value(observed(g).Submitted.WithLabelValues(endpointChat)); got != 0 {
 		t.Fatalf("%v invalid jobs were submitted", got)
 	}
 }
@@ -167,42 +167,6 @@ func TestStreamFailureMidway(t *testing.T) {
 	var e openAIError
 	if err := json.Unmarshal([]byte(last), &e); err != nil || e.Error.Code == nil || *e.Error.Code != "runtime_crashed" {
 		t.Fatalf("last event %q: %v", last, err)
-	}
-}
-
-func TestAuth(t *testing.T) {
-	t.Parallel()
-	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens})
-	_, srv := newTestGateway(t, tb, func(c *Config) { c.Tokens = []string{"sk-one", "sk-two"} })
-
-	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusUnauthorized, "", "invalid_api_key")
-	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil), "Authorization", "Bearer sk-on"), http.StatusUnauthorized, "", "invalid_api_key")
-	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil), "Authorization", "Basic sk-one"), http.StatusUnauthorized, "", "invalid_api_key")
-
-	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil), "Authorization", "Bearer sk-two")
-	if resp.StatusCode != http.StatusOK {
-		expectError(t, resp, 200, "", "")
-	}
-	req, _ := http.NewRequest(http.MethodGet, srv.URL+"/v1/models", nil)
-	r2, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r2.Body.Close()
-	if r2.StatusCode != http.StatusUnauthorized || !strings.HasPrefix(r2.Header.Get("WWW-Authenticate"), "Bearer") {
-		t.Fatalf("models without token: %d", r2.StatusCode)
-	}
-	// Health and metrics stay open.
-	for _, path := range []string{"/healthz", "/readyz", "/metrics"} {
-		r, err := http.Get(srv.URL + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		r.Body.Close()
-		if r.StatusCode != http.StatusOK {
-			t.Fatalf("%s: %d", path, r.StatusCode)
-		}
 	}
 }
 

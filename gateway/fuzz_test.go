@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
@@ -12,12 +11,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 
-	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
 )
 
 // FuzzRequestBody posts arbitrary bodies to both completion endpoints of a real
@@ -64,26 +62,12 @@ func FuzzRequestBody(f *testing.F) {
 		f.Add([]byte(s))
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: f.TempDir(), Logger: zerolog.Nop()})
+	b := testenv.StartBus(f, jsprov.Options{})
+	gb, err := gatewaybus.New(b.Conn, gatewaybus.Options{})
 	if err != nil {
 		f.Fatal(err)
 	}
-	f.Cleanup(func() { _ = srv.Shutdown(context.Background()) })
-	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{srv.ClientURL()}})
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		f.Fatal(err)
-	}
-	if err := jsprov.Provision(ctx, js, jsprov.Options{}); err != nil {
-		f.Fatal(err)
-	}
-	g, err := New(Config{Conn: nc, Logger: zerolog.Nop(), RequestTimeout: 5 * time.Second})
+	g, err := New(Config{Jobs: gb, Fleet: gb.Fleet(), Logger: zerolog.Nop(), RequestTimeout: 5 * time.Second})
 	if err != nil {
 		f.Fatal(err)
 	}

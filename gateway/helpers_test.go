@@ -15,60 +15,40 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
+	shared "github.com/mlx-serving/mlx-serving/metrics"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 const testModel = "tiny-model"
 
-// testBus is a real embedded NATS server with provisioned streams.
+// testBus is the one test bus (internal/testenv): an embedded NATS server with
+// provisioned streams, and a connection (nc, js).
 type testBus struct {
-	url string
-	nc  *nats.Conn
-	js  jetstream.JetStream
+	*testenv.Bus
+	nc *nats.Conn
+	js jetstream.JetStream
 }
 
 func startBus(t *testing.T, popts jsprov.Options) *testBus {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: t.TempDir(), Logger: zerolog.Nop()})
-	if err != nil {
-		t.Fatalf("start nats: %v", err)
-	}
-	t.Cleanup(func() {
-		sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer scancel()
-		_ = srv.Shutdown(sctx)
-	})
-	tb := &testBus{url: srv.ClientURL()}
-	tb.nc = tb.connect(t)
-	tb.js, err = jetstream.New(tb.nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := jsprov.Provision(ctx, tb.js, popts); err != nil {
-		t.Fatalf("provision: %v", err)
-	}
-	return tb
+	b := testenv.StartBus(t, popts)
+	return &testBus{Bus: b, nc: b.Conn, js: b.JS}
 }
 
+// connect opens another connection, closed with the test.
 func (tb *testBus) connect(t *testing.T) *nats.Conn {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	nc, err := bus.Connect(ctx, bus.ConnectOptions{URLs: []string{tb.url}})
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
-	t.Cleanup(nc.Close)
-	return nc
+	return testenv.Connect(t, tb.Server.ClientURL())
 }
 
 // registerWorker puts a heartbeat into the worker registry.
@@ -76,10 +56,6 @@ func (tb *testBus) registerWorker(t *testing.T, id, state string, models ...stri
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	kv, err := tb.js.KeyValue(ctx, subjects.BucketWorkers)
-	if err != nil {
-		t.Fatal(err)
-	}
 	now := time.Now().UTC()
 	if models == nil {
 		models = []string{} // a worker without a loaded model announces []
@@ -90,7 +66,7 @@ func (tb *testBus) registerWorker(t *testing.T, id, state string, models ...stri
 	if err := schemas.Validate(schemas.Heartbeat, data); err != nil {
 		t.Fatalf("heartbeat invalid: %v", err)
 	}
-	if _, err := kv.Put(ctx, id, data); err != nil {
+	if _, err := tb.Workers.Put(ctx, id, data); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -115,7 +91,11 @@ type script struct {
 }
 
 // fakeWorker serves jobs straight off the job subjects: core subscribers see every
-// message published into JOBS. It streams the script's tokens to reply_to, records
+// message published into JOBS, so no dispatcher runs. It is not
+// internal/fakeworker (a worker that registers, takes assignments from a
+// dispatcher and answers on the worker subjects): the gateway's tests script
+// what reaches the reply subject (lost events, missing terminals, rewinds)
+// without the dispatcher in between. It streams the script's tokens to reply_to, records
 // the result in RESULTS and publishes it, as a real worker does.
 type fakeWorker struct {
 	nc  *nats.Conn
@@ -246,11 +226,30 @@ func (fw *fakeWorker) serve(job schemas.JobRequest) {
 	_ = fw.nc.Flush()
 }
 
-// newTestGateway serves a Gateway over httptest.
+// testConfig is a Config on its own connection nc, wired as cmd/mlx-serving
+// wires one: gatewaybus for jobs and fleet, metrics.Gateway as the observer and
+// /metrics.
+func testConfig(t testing.TB, nc *nats.Conn) Config {
+	t.Helper()
+	gb, err := gatewaybus.New(nc, gatewaybus.Options{Stream: bus.StreamOptions{QuietAfter: 500 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gm := shared.NewGateway()
+	return Config{Jobs: gb, Fleet: gb.Fleet(), Logger: zerolog.Nop(), RequestTimeout: 30 * time.Second,
+		Observer: gm, Metrics: gm.Handler()}
+}
+
+// newTestGateway serves a Gateway over httptest, on its own connection to tb.
 func newTestGateway(t *testing.T, tb *testBus, mutate func(*Config)) (*Gateway, *httptest.Server) {
 	t.Helper()
-	cfg := Config{Conn: tb.connect(t), Logger: zerolog.Nop(), RequestTimeout: 30 * time.Second,
-		Stream: bus.StreamOptions{QuietAfter: 500 * time.Millisecond}}
+	return newTestGatewayOn(t, tb.connect(t), mutate)
+}
+
+// newTestGatewayOn is newTestGateway on the connection nc.
+func newTestGatewayOn(t *testing.T, nc *nats.Conn, mutate func(*Config)) (*Gateway, *httptest.Server) {
+	t.Helper()
+	cfg := testConfig(t, nc)
 	if mutate != nil {
 		mutate(&cfg)
 	}
@@ -261,6 +260,21 @@ func newTestGateway(t *testing.T, tb *testBus, mutate func(*Config)) (*Gateway, 
 	srv := httptest.NewServer(g.Handler())
 	t.Cleanup(srv.Close)
 	return g, srv
+}
+
+// observed is the metrics.Gateway observing g (newTestGateway's).
+func observed(g *Gateway) *shared.Gateway { return g.obs.(*shared.Gateway) }
+
+// value reads a counter or gauge.
+func value(m prometheus.Metric) float64 {
+	var out dto.Metric
+	if err := m.Write(&out); err != nil {
+		return -1
+	}
+	if c := out.GetCounter(); c != nil {
+		return c.GetValue()
+	}
+	return out.GetGauge().GetValue()
 }
 
 func postJSON(t *testing.T, url string, body any, header ...string) *http.Response {

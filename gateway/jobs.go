@@ -150,7 +150,7 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 
 // fail answers with an OpenAI error and counts the refusal.
 func (g *Gateway) fail(w http.ResponseWriter, endpoint string, e *apiError) {
-	g.metrics.rejected.inc(e.Code)
+	g.obs.ErrorAnswered(e.Code)
 	if e.Status >= 500 {
 		g.log.Warn().Str("endpoint", endpoint).Int("status", e.Status).Str("code", e.Code).Msg(e.Message)
 	}
@@ -224,7 +224,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 		g.runChoices(w, r, spec, now, waitCtx)
 		return
 	}
-	stream, _, err := bus.SubmitStream(waitCtx, g.producer, g.nc, job, g.cfg.Stream)
+	stream, err := g.jobs.Submit(waitCtx, job)
 	if err != nil {
 		if ctx.Err() != nil {
 			return // the client left; nothing was queued that needs cancelling
@@ -239,7 +239,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	// The job id lets a client fetch the durable result (mlx-serving result <id>)
 	// or cancel, whatever happens to this connection.
 	w.Header().Set("X-Mlx-Job-Id", job.ID)
-	g.metrics.submitted.inc(spec.endpoint)
+	g.obs.JobSubmitted(spec.endpoint)
 	log := g.log.With().Str("job_id", job.ID).Str("model", job.Model).Logger()
 	log.Debug().Bool("stream", spec.stream).Msg("job submitted")
 
@@ -270,15 +270,14 @@ func (j *jobCall) next() (bus.Event, error) {
 	ev, err := j.stream.Next(j.waitCtx)
 	if err == nil {
 		if ev.Missed > 0 {
-			j.g.metrics.missedEvents.add(float64(ev.Missed))
+			j.g.obs.EventsMissed(ev.Missed)
 		}
 		if ev.Recovered {
-			j.g.metrics.recovered.inc()
+			j.g.obs.ResultRecovered()
 		}
 		if ev.Result != nil && ev.Result.Status == schemas.StatusCompleted {
 			u := usageOf(ev.Result)
-			j.g.metrics.promptTokens.add(float64(u.PromptTokens))
-			j.g.metrics.complTokens.add(float64(u.CompletionTokens))
+			j.g.obs.TokensCounted(u.PromptTokens, u.CompletionTokens)
 		}
 	}
 	return ev, err
@@ -510,7 +509,7 @@ func (j *jobCall) abandon(err error) *apiError {
 }
 
 func (j *jobCall) clientLeft(err error) {
-	j.g.metrics.disconnects.inc()
+	j.g.obs.ClientLeft()
 	j.g.log.Info().Str("job_id", j.job.ID).AnErr("cause", err).Msg("client left; cancelling its job")
 	j.cancel("client disconnected")
 }
@@ -518,7 +517,7 @@ func (j *jobCall) clientLeft(err error) {
 func (j *jobCall) cancel(reason string) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(j.r.Context()), cancelTimeout)
 	defer cancel()
-	if err := j.g.producer.TenantCancel(ctx, j.job.Tenant, j.job.ID, reason); err != nil {
+	if err := j.g.jobs.Cancel(ctx, j.job.Tenant, j.job.ID, reason); err != nil {
 		j.g.log.Warn().Err(err).Str("job_id", j.job.ID).Msg("cancelling the job failed")
 	}
 }

@@ -2,18 +2,13 @@ package gateway
 
 import (
 	"context"
-	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/json"
 	"fmt"
 	"net/http"
 	"regexp"
-	"strings"
 	"sync"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/time/rate"
 
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -53,55 +48,6 @@ const (
 // tenant would make every one of its jobs invalid.
 var tenantPattern = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
 
-// tenantAuth maps bearer tokens to tenants, comparing digests in constant time.
-type tenantAuth struct {
-	digests [][sha256.Size]byte
-	tenants []string
-}
-
-func newTenantAuth(tokens []string, tokenTenants map[string]string) (*tenantAuth, error) {
-	ta := &tenantAuth{}
-	add := func(token, tenant string) error {
-		if token == "" {
-			return nil
-		}
-		if !tenantPattern.MatchString(tenant) {
-			return fmt.Errorf("gateway: tenant %q must match %s", tenant, tenantPattern)
-		}
-		ta.digests = append(ta.digests, sha256.Sum256([]byte(token)))
-		ta.tenants = append(ta.tenants, tenant)
-		return nil
-	}
-	for _, t := range tokens {
-		if err := add(t, DefaultTenant); err != nil {
-			return nil, err
-		}
-	}
-	for t, tenant := range tokenTenants {
-		if err := add(t, tenant); err != nil {
-			return nil, err
-		}
-	}
-	return ta, nil
-}
-
-func (ta *tenantAuth) enabled() bool { return len(ta.digests) > 0 }
-
-// tenant returns the tenant of token, looking at every token without stopping early.
-func (ta *tenantAuth) tenant(token string) (string, bool) {
-	d := sha256.Sum256([]byte(token))
-	found := -1
-	for i := range ta.digests {
-		if subtle.ConstantTimeCompare(d[:], ta.digests[i][:]) == 1 {
-			found = i
-		}
-	}
-	if found < 0 {
-		return "", false
-	}
-	return ta.tenants[found], true
-}
-
 type tenantKey struct{}
 
 // tenantOf is the tenant requireTenant found for r.
@@ -112,13 +58,12 @@ func tenantOf(r *http.Request) string {
 	return DefaultTenant
 }
 
-// limiter holds every tenant's rate bucket and in-flight count, and counts refusals.
+// limiter holds every tenant's rate bucket and in-flight count.
 type limiter struct {
 	limits   TenantLimits
 	mu       sync.Mutex
 	buckets  map[string]*rate.Limiter
 	inFlight map[string]int
-	refused  *prometheus.CounterVec // tenant, code
 }
 
 func newLimiter(l TenantLimits) *limiter {
@@ -129,23 +74,7 @@ func newLimiter(l TenantLimits) *limiter {
 		limits:   l,
 		buckets:  map[string]*rate.Limiter{},
 		inFlight: map[string]int{},
-		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "mlx_gateway_tenant_refusals_total",
-			Help: "Requests refused by a tenant limit, by tenant and code (rate_limit_exceeded, tenant_queue_full, max_tokens_exceeded, prompt_too_large).",
-		}, []string{"tenant", "code"}),
 	}
-}
-
-// register adds the limiter's series to the gateway's registry.
-func (l *limiter) register(reg prometheus.Registerer) error { return reg.Register(l.refused) }
-
-// refusals reads the refusal counter of tenant and code (tests).
-func (l *limiter) refusals(tenant, code string) float64 {
-	var m dto.Metric
-	if err := l.refused.WithLabelValues(tenant, code).Write(&m); err != nil {
-		return 0
-	}
-	return m.GetCounter().GetValue()
 }
 
 func (l *limiter) allow(tenant string, now time.Time) bool {
@@ -187,17 +116,10 @@ func (l *limiter) acquire(tenant string) (release func(), ok bool) {
 // the token's tenant in the request's context and applies the tenant's rate.
 func (g *Gateway) requireTenant(endpoint string, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		tenant := DefaultTenant
-		if g.tenants.enabled() {
-			scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
-			if !ok || !strings.EqualFold(scheme, "Bearer") {
-				writeError(w, errUnauthorized("Missing bearer token: send 'Authorization: Bearer <token>'."))
-				return
-			}
-			if tenant, ok = g.tenants.tenant(strings.TrimSpace(token)); !ok {
-				writeError(w, errUnauthorized("Incorrect API key provided."))
-				return
-			}
+		tenant, aerr := g.tenants.authenticate(r)
+		if aerr != nil {
+			writeError(w, aerr)
+			return
 		}
 		if !g.limits.allow(tenant, time.Now()) {
 			g.refuse(w, endpoint, tenant, &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit,
@@ -256,7 +178,7 @@ func (g *Gateway) admit(r *http.Request, job *schemas.JobRequest) (release func(
 
 // refuse answers a request a tenant limit refused, counting it by tenant and code.
 func (g *Gateway) refuse(w http.ResponseWriter, endpoint, tenant string, e *apiError) {
-	g.limits.refused.WithLabelValues(tenant, e.Code).Inc()
+	g.obs.TenantRefused(tenant, e.Code)
 	g.log.Info().Str("tenant", tenant).Str("code", e.Code).Str("endpoint", endpoint).Msg("tenant limit refused a request")
 	g.fail(w, endpoint, e)
 }

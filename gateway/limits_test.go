@@ -56,13 +56,13 @@ func TestTenantOverMaxTokensOrPromptSizeIs400(t *testing.T) {
 	resp = postJSON(t, url+"/v1/completions", map[string]any{"model": testModel, "prompt": strings.Repeat("é", 13)}, "Authorization", "Bearer tok-b")
 	expectError(t, resp, http.StatusBadRequest, "prompt", codePromptTooLong)
 
-	if n := g.limits.refusals("a", codeMaxTokens); n != 1 {
+	if n := value(observed(g).TenantRefusals.WithLabelValues("a", codeMaxTokens)); n != 1 {
 		t.Errorf("max_tokens refusals of a: %v", n)
 	}
-	if n := g.limits.refusals("a", codePromptTooLong); n != 1 {
+	if n := value(observed(g).TenantRefusals.WithLabelValues("a", codePromptTooLong)); n != 1 {
 		t.Errorf("prompt refusals of a: %v", n)
 	}
-	if n := g.limits.refusals("b", codePromptTooLong); n != 1 {
+	if n := value(observed(g).TenantRefusals.WithLabelValues("b", codePromptTooLong)); n != 1 {
 		t.Errorf("prompt refusals of b: %v", n)
 	}
 }
@@ -132,7 +132,7 @@ func TestTenantInFlightLimitIs429UntilAJobEnds(t *testing.T) {
 
 	resp := postJSON(t, url+"/v1/chat/completions", chatBody(false, nil), "Authorization", "Bearer tok-a")
 	expectError(t, resp, http.StatusTooManyRequests, "", codeTenantQueue)
-	if n := g.limits.refusals("a", codeTenantQueue); n != 1 {
+	if n := value(observed(g).TenantRefusals.WithLabelValues("a", codeTenantQueue)); n != 1 {
 		t.Errorf("in-flight refusals of a: %v", n)
 	}
 	// Tenant b is not affected by a's jobs.

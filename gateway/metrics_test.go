@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
@@ -24,7 +25,6 @@ func TestMetricLabelsOnlyAnnouncedModels(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 2})
-	g, srv := newTestGateway(t, tb, nil)
 	fleet, err := shared.NewFleet(shared.FleetOptions{Conn: tb.connect(t), Logger: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)
@@ -35,7 +35,10 @@ func TestMetricLabelsOnlyAnnouncedModels(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(fleet.Stop)
-	g.metrics.all = append(g.metrics.all, fleet)
+	fleetReg := prometheus.NewRegistry()
+	fleetReg.MustRegister(fleet)
+	gm := shared.NewGateway()
+	_, srv := newTestGateway(t, tb, func(c *Config) { c.Observer, c.Metrics = gm, shared.Handler(fleetReg, gm.Registry) })
 
 	for i, stream := range []bool{false, true} {
 		name := []string{"client-made-up-a", "client-made-up-b"}[i]

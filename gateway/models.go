@@ -9,9 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	fleetreg "github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -19,15 +16,17 @@ import (
 // modelGrace is how long a model stays known after the last heartbeat that named
 // it. A worker restarting its runtime, or replaced by another, leaves its model
 // away for a while: requests for it are 503 (retried by clients) rather than 404
-// (which clients do not retry), since it is expected back.
-const modelGrace = jsprov.DefaultModelGrace
+// (which clients do not retry), since it is expected back. It equals
+// jsprov.DefaultModelGrace, the producers' grace (TestModelGraceAgrees); the
+// gateway does not import the provisioning package, which pulls in JetStream.
+const modelGrace = 5 * time.Minute
 
 // registry answers "which models can the fleet run now" from the worker registry
-// bucket. Reading the bucket costs a consumer round trip, so the answer is kept
+// (Config.Fleet). Reading it costs a consumer round trip, so the answer is kept
 // for ttl: a worker that just appeared is seen within that much time. Between
 // reads it remembers which models any worker announced, for grace.
 type registry struct {
-	js    jetstream.JetStream
+	fleet Fleet
 	ttl   time.Duration
 	grace time.Duration
 
@@ -53,8 +52,8 @@ const (
 	modelServed                     // a ready worker has it loaded
 )
 
-func newRegistry(js jetstream.JetStream, ttl time.Duration) *registry {
-	return &registry{js: js, ttl: ttl, grace: modelGrace, seen: map[string]time.Time{}}
+func newRegistry(fleet Fleet, ttl time.Duration) *registry {
+	return &registry{fleet: fleet, ttl: ttl, grace: modelGrace, seen: map[string]time.Time{}}
 }
 
 // read returns the current view, reading the bucket when the kept one is stale.
@@ -64,7 +63,7 @@ func (r *registry) read(ctx context.Context) (*fleetView, error) {
 	if r.view != nil && time.Since(r.at) < r.ttl {
 		return r.view, nil
 	}
-	view, announced, err := readRegistry(ctx, r.js)
+	view, announced, err := readRegistry(ctx, r.fleet)
 	if err != nil {
 		return nil, err
 	}
@@ -109,9 +108,9 @@ func (r *registry) status(ctx context.Context, model string) (modelStatus, error
 
 // readRegistry reads every heartbeat in the registry once. announced lists the
 // models of every heartbeat, whatever its worker's state.
-func readRegistry(ctx context.Context, js jetstream.JetStream) (view *fleetView, announced []string, err error) {
+func readRegistry(ctx context.Context, fleet Fleet) (view *fleetView, announced []string, err error) {
 	view = &fleetView{ready: map[string]time.Time{}}
-	hbs, err := fleetreg.Snapshot(ctx, js)
+	hbs, err := fleet.Snapshot(ctx)
 	if errors.Is(err, fleetreg.ErrNoRegistry) {
 		return view, nil, nil // no worker ever registered
 	}

@@ -58,7 +58,8 @@ func TestHealthReadyMetrics(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 2})
-	g, srv := newTestGateway(t, tb, nil)
+	nc := tb.connect(t)
+	_, srv := newTestGatewayOn(t, nc, nil)
 
 	get := func(path string) (int, string) {
 		r, err := http.Get(srv.URL + path)
@@ -92,7 +93,7 @@ func TestHealthReadyMetrics(t *testing.T) {
 	}
 
 	// A gateway whose bus connection is gone is alive but not ready.
-	g.nc.Close()
+	nc.Close()
 	if code, _ := get("/healthz"); code != 200 {
 		t.Fatalf("healthz %d", code)
 	}
@@ -124,7 +125,9 @@ func TestReadyNeedsStreams(t *testing.T) {
 func TestRunAndShutdown(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	g, err := New(Config{Addr: "127.0.0.1:0", Conn: tb.nc})
+	cfg := testConfig(t, tb.nc)
+	cfg.Addr = "127.0.0.1:0"
+	g, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,5 +192,12 @@ func TestReadyNeedsAServingWorker(t *testing.T) {
 	tb.registerWorker(t, "w3", schemas.WorkerReady, testModel)
 	if code, body := get("/readyz"); code != http.StatusOK || body["status"] != "ready" {
 		t.Fatalf("readyz with a serving worker: %d %v", code, body)
+	}
+}
+
+// The gateway's 404 and a producer's ErrModelNotServed use the same grace.
+func TestModelGraceAgrees(t *testing.T) {
+	if modelGrace != jsprov.DefaultModelGrace {
+		t.Fatalf("gateway grace %v, producers' %v", modelGrace, jsprov.DefaultModelGrace)
 	}
 }

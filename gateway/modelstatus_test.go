@@ -45,7 +45,7 @@ func TestUnknownModelIs404AwayModelIs503(t *testing.T) {
 	// Past the grace period nobody announced it: unknown.
 	setRegistry(g, 0, 0)
 	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusNotFound, "model", "model_not_found")
-	if got := g.metrics.submitted.get(endpointChat); got != 0 {
+	if got := value(observed(g).Submitted.WithLabelValues(endpointChat)); got != 0 {
 		t.Fatalf("%v jobs were submitted", got)
 	}
 }

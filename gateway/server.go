@@ -9,23 +9,19 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"strconv"
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/mlx-serving/mlx-serving/bus"
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/tracing"
 )
 
-// Config configures a Gateway. Conn is required; the rest have defaults.
+// Config configures a Gateway. Jobs and Fleet are required; the rest have
+// defaults.
 type Config struct {
 	// Addr is the listen address; default ":8080".
 	Addr string
@@ -37,8 +33,11 @@ type Config struct {
 	TokenTenants map[string]string
 	// Limits bound each tenant's requests (limits.go).
 	Limits TenantLimits
-	// Conn is the bus connection jobs are submitted and streamed on.
-	Conn *nats.Conn
+	// Jobs submits, follows and cancels jobs (gatewaybus.New on a connection).
+	Jobs Jobs
+	// Fleet reads the worker registry: the models /v1/models lists and requests
+	// may name, and readiness (gatewaybus's Fleet).
+	Fleet Fleet
 	// Logger receives request and job logs. The zero value discards them.
 	Logger zerolog.Logger
 	// DefaultModel is used when a request names no model.
@@ -52,8 +51,12 @@ type Config struct {
 	// ShutdownTimeout bounds Run's graceful shutdown before open streams are cut;
 	// default 30s.
 	ShutdownTimeout time.Duration
-	// Stream tunes the job streams (quiet period before RESULTS is consulted, ...).
-	Stream bus.StreamOptions
+	// Observer is told what the gateway does (metrics.Gateway in
+	// cmd/mlx-serving); nil: nobody.
+	Observer Observer
+	// Metrics, when set, is served unauthenticated on GET /metrics
+	// (metrics.Gateway's Handler in cmd/mlx-serving).
+	Metrics http.Handler
 	// CORSOrigins are the browser origins (scheme://host[:port]) allowed to call
 	// the API across origins; "*" allows any. Empty: none (no CORS headers).
 	CORSOrigins []string
@@ -68,15 +71,12 @@ const deadlineGrace = 3 * time.Second
 type Gateway struct {
 	cfg      Config
 	log      zerolog.Logger
-	nc       *nats.Conn
-	js       jetstream.JetStream
-	producer *bus.Producer
+	jobs     Jobs
 	registry *registry
-	tokens   tokenSet
 	tenants  *tenantAuth
 	limits   *limiter
 	cors     *corsPolicy
-	metrics  *metrics
+	obs      Observer
 	handler  http.Handler
 	timeout  time.Duration // 0: none
 	grace    time.Duration
@@ -86,10 +86,13 @@ type Gateway struct {
 	ln  net.Listener
 }
 
-// New builds a Gateway on an open bus connection.
+// New builds a Gateway on the bus that cfg.Jobs and cfg.Fleet reach.
 func New(cfg Config) (*Gateway, error) {
-	if cfg.Conn == nil {
-		return nil, errors.New("gateway: Config.Conn is required")
+	if cfg.Jobs == nil || cfg.Fleet == nil {
+		return nil, errors.New("gateway: Config.Jobs and Config.Fleet are required")
+	}
+	if cfg.Observer == nil {
+		cfg.Observer = nopObserver{}
 	}
 	if cfg.Addr == "" {
 		cfg.Addr = ":8080"
@@ -116,31 +119,17 @@ func New(cfg Config) (*Gateway, error) {
 	if err != nil {
 		return nil, err
 	}
-	allTokens := append([]string(nil), cfg.Tokens...)
-	for t := range cfg.TokenTenants {
-		allTokens = append(allTokens, t)
-	}
-	p, err := bus.NewProducer(cfg.Conn, bus.WithDefaultModel(cfg.DefaultModel), bus.WithProducerLogger(log))
-	if err != nil {
-		return nil, fmt.Errorf("gateway: %w", err)
-	}
 	g := &Gateway{
 		cfg:      cfg,
 		log:      log,
-		nc:       cfg.Conn,
-		js:       p.JetStream(),
-		producer: p,
-		registry: newRegistry(p.JetStream(), time.Second),
-		tokens:   newTokenSet(allTokens),
+		jobs:     cfg.Jobs,
+		registry: newRegistry(cfg.Fleet, time.Second),
 		tenants:  tenants,
 		limits:   newLimiter(cfg.Limits),
 		cors:     cors,
-		metrics:  newMetrics(),
+		obs:      cfg.Observer,
 		timeout:  timeout,
 		grace:    deadlineGrace,
-	}
-	if err := g.limits.register(g.metrics.m.Registry); err != nil {
-		return nil, fmt.Errorf("gateway: %w", err)
 	}
 	g.handler = g.routes()
 	return g, nil
@@ -157,7 +146,9 @@ func (g *Gateway) routes() http.Handler {
 	mux.Handle("GET /v1/models/{model...}", api(endpointModels, g.handleModel))
 	mux.HandleFunc("GET /healthz", g.handleHealth)
 	mux.HandleFunc("GET /readyz", g.handleReady)
-	mux.HandleFunc("GET /metrics", g.metrics.handler)
+	if g.cfg.Metrics != nil {
+		mux.Handle("GET /metrics", g.cfg.Metrics)
+	}
 	mux.Handle("/v1/", g.requireToken(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
 			Message: fmt.Sprintf("Unknown request URL: %s %s.", r.Method, r.URL.Path)})
@@ -210,7 +201,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	g.mu.Lock()
 	srv, ln := g.srv, g.ln
 	g.mu.Unlock()
-	g.log.Info().Str("addr", ln.Addr().String()).Bool("auth", len(g.tokens) > 0).Msg("gateway listening")
+	g.log.Info().Str("addr", ln.Addr().String()).Bool("auth", g.tenants.enabled()).Msg("gateway listening")
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
@@ -267,13 +258,8 @@ func (g *Gateway) handleReady(w http.ResponseWriter, r *http.Request) {
 }
 
 func (g *Gateway) ready(ctx context.Context) error {
-	if !g.nc.IsConnected() {
-		return fmt.Errorf("nats %s", g.nc.Status())
-	}
-	for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamCancels} {
-		if _, err := g.js.Stream(ctx, name); err != nil {
-			return fmt.Errorf("stream %s: %w", name, err)
-		}
+	if err := g.jobs.Ready(ctx); err != nil {
+		return err
 	}
 	v, err := g.registry.read(ctx)
 	if err != nil {
@@ -311,7 +297,7 @@ func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter 
 func (g *Gateway) instrument(endpoint string, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		g.metrics.inFlight.add(1)
+		g.obs.RequestStarted()
 		rec := &statusRecorder{ResponseWriter: w}
 		// The caller's traceparent, if any, makes this request (and the job it
 		// submits) part of the caller's trace.
@@ -320,7 +306,6 @@ func (g *Gateway) instrument(endpoint string, next http.Handler) http.Handler {
 			trace.WithAttributes(attribute.String("http.request.method", r.Method), attribute.String("http.route", endpoint)))
 		r = r.WithContext(ctx)
 		defer func() {
-			g.metrics.inFlight.add(-1)
 			status := rec.status
 			if status == 0 {
 				status = 499 // nothing was written: the client left first
@@ -331,8 +316,7 @@ func (g *Gateway) instrument(endpoint string, next http.Handler) http.Handler {
 			}
 			span.End()
 			elapsed := time.Since(start)
-			g.metrics.requests.inc(endpoint, strconv.Itoa(status))
-			g.metrics.duration.observe(elapsed.Seconds(), endpoint)
+			g.obs.RequestFinished(endpoint, status, elapsed)
 			g.log.Debug().Str("method", r.Method).Str("path", r.URL.Path).Int("status", status).
 				Dur("elapsed", elapsed).Msg("request")
 		}()

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -29,7 +30,7 @@ func TestPromptCacheReportedEndToEnd(t *testing.T) {
 	ctx := testenv.Context(t, 2*time.Minute)
 
 	prompt := "Alpha: " + strings.Repeat("the stone by the river, ", 40)
-	var got []*schemas.ResultMsg
+	var outs []*schemas.ResultMsg
 	for range 2 {
 		o, err := s.submit(ctx, tinyJob(prompt, 8), nil)
 		if err != nil {
@@ -38,9 +39,9 @@ func TestPromptCacheReportedEndToEnd(t *testing.T) {
 		if o.result.Status != schemas.StatusCompleted {
 			t.Fatalf("result %+v", o.result)
 		}
-		got = append(got, o.result)
+		outs = append(outs, o.result)
 	}
-	first, second := got[0].Usage, got[1].Usage
+	first, second := outs[0].Usage, outs[1].Usage
 	if first.CachedTokens != 0 || first.PromptTokens < 200 {
 		t.Fatalf("first ask: usage %+v, want a long prompt and nothing cached", first)
 	}
@@ -48,10 +49,10 @@ func TestPromptCacheReportedEndToEnd(t *testing.T) {
 	if second.PromptTokens != first.PromptTokens || second.CachedTokens != second.PromptTokens-1 {
 		t.Fatalf("second ask: usage %+v, want cached_tokens = prompt_tokens - 1", second)
 	}
-	if got[1].Text != got[0].Text {
-		t.Fatalf("cached prompt changed the text: %q vs %q", got[1].Text, got[0].Text)
+	if outs[1].Text != outs[0].Text {
+		t.Fatalf("cached prompt changed the text: %q vs %q", outs[1].Text, outs[0].Text)
 	}
-	stored, err := results.Fetch(ctx, s.bus.JS, got[1].Tenant, got[1].JobID)
+	stored, err := results.Fetch(ctx, s.bus.JS, outs[1].Tenant, outs[1].JobID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,7 +60,11 @@ func TestPromptCacheReportedEndToEnd(t *testing.T) {
 		t.Fatalf("RESULTS usage %+v, terminal event %+v", stored.Usage, second)
 	}
 
-	g, err := gateway.New(gateway.Config{Conn: testenv.Connect(t, s.bus.Server.ClientURL()), Logger: testenv.Logger(t)})
+	gb, err := gatewaybus.New(testenv.Connect(t, s.bus.Server.ClientURL()), gatewaybus.Options{Logger: testenv.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := gateway.New(gateway.Config{Jobs: gb, Fleet: gb.Fleet(), Logger: testenv.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/tracing"
@@ -76,7 +77,11 @@ func TestTraceFollowsAJobThroughTheSystem(t *testing.T) {
 	b := testenv.StartBus(t, jsprov.Options{WorkerTTL: 3 * time.Second})
 	runDispatcher(t, b)
 	runWorker(t, b)
-	g, err := gateway.New(gateway.Config{Conn: testenv.Connect(t, b.Server.ClientURL()), Logger: testenv.Logger(t)})
+	gb, err := gatewaybus.New(testenv.Connect(t, b.Server.ClientURL()), gatewaybus.Options{Logger: testenv.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := gateway.New(gateway.Config{Jobs: gb, Fleet: gb.Fleet(), Logger: testenv.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

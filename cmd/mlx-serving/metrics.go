@@ -113,3 +113,8 @@ func dispatcherObserver() (dispatcher.Observer, error) {
 	}
 	return d, nil
 }
+
+// gatewayMetrics is the gateway's metrics hooks (gateway.Config.Observer) and
+// the /metrics it serves (gateway.Config.Metrics): its own series with the
+// shared registry's.
+func gatewayMetrics() *metrics.Gateway { return metrics.NewGateway() }

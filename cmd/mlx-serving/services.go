@@ -21,6 +21,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/config"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/tracing"
@@ -128,15 +129,23 @@ func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatc
 }
 
 func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog.Logger) (*gateway.Gateway, error) {
+	gb, err := gatewaybus.New(nc, gatewaybus.Options{DefaultModel: defaultModel, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	gm := gatewayMetrics()
 	return gateway.New(gateway.Config{
 		Addr:         c.HTTPAddr,
 		Tokens:       c.Tokens(),
 		TokenTenants: c.TokenTenants(),
 		CORSOrigins:  c.CORSOriginList(),
 		Limits:       tenantLimits(c),
-		Conn:         nc,
+		Jobs:         gb,
+		Fleet:        gb.Fleet(),
 		Logger:       log,
 		DefaultModel: defaultModel,
+		Observer:     gm,
+		Metrics:      gm.Handler(),
 	})
 }
 

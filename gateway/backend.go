@@ -1,0 +1,28 @@
+package gateway
+
+import (
+	"context"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// Jobs is what the gateway needs of the bus to run jobs. gatewaybus.New
+// provides it on a NATS connection; the gateway itself imports no NATS package.
+type Jobs interface {
+	// Submit opens job's event stream and queues the job. Its errors are the
+	// bus's: bus.ErrQueueFull, bus.ErrJobTooLarge, a *schemas.ValidationError, ...
+	Submit(ctx context.Context, job *schemas.JobRequest) (*bus.JobStream, error)
+	// Cancel asks the fleet to stop tenant's job.
+	Cancel(ctx context.Context, tenant, jobID, reason string) error
+	// Ready is nil when jobs can be queued now (the bus is connected and the
+	// streams jobs need exist), else why not.
+	Ready(ctx context.Context) error
+}
+
+// Fleet reads the worker registry: every heartbeat now. An error wrapping
+// registry.ErrNoRegistry means no worker ever registered (an empty fleet).
+// gatewaybus's Fleet provides it.
+type Fleet interface {
+	Snapshot(ctx context.Context) ([]schemas.HeartbeatMsg, error)
+}

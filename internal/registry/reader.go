@@ -1,0 +1,23 @@
+package registry
+
+import (
+	"context"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// Reader is Snapshot bound to one JetStream context, for a component that is
+// handed the fleet as a value instead of a bus connection (the gateway's
+// Config.Fleet).
+type Reader struct{ js jetstream.JetStream }
+
+// NewReader reads the registry through js.
+func NewReader(js jetstream.JetStream) Reader { return Reader{js: js} }
+
+// Snapshot is Snapshot(ctx, js): every heartbeat now, sorted by worker id;
+// ErrNoRegistry when the bucket does not exist.
+func (r Reader) Snapshot(ctx context.Context) ([]schemas.HeartbeatMsg, error) {
+	return Snapshot(ctx, r.js)
+}
