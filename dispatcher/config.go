@@ -10,11 +10,9 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-// DefaultWeights are the weights of schemas.Priorities (high, normal, low): over
-// a busy stretch high gets 4/7 of the picks, low 1/7 and is never starved. A
-// priority added to schemas.Priorities needs its weight here; left out it is 0,
-// and Config refuses it ("Weights must all be positive") so no dispatcher starts.
-var DefaultWeights = [schemas.NumPriorities]int{4, 2, 1}
+// DefaultWeights are the weights of schemas.Priorities, declared beside them
+// (schemas.PriorityWeights).
+var DefaultWeights = schemas.PriorityWeights
 
 // Config configures a Dispatcher. Zero values take the defaults noted.
 type Config struct {

@@ -28,10 +28,16 @@ const (
 
 // Priorities lists the levels from highest to lowest; index i is the dispatcher's
 // queue i. Adding a level touches two files: this one (the constant, this list,
-// NumPriorities; job.json's "priority" enum lives beside it and a test keeps it
-// equal) and dispatcher/config.go (its default weight; a missing one fails
-// Config validation at start-up). Everything else is sized by NumPriorities.
+// NumPriorities, PriorityWeights) and job.json's "priority" enum (a test keeps
+// the two equal). Everything else is sized by NumPriorities or ranges over
+// Priorities.
 var Priorities = []string{PriorityHigh, PriorityNormal, PriorityLow}
+
+// PriorityWeights are the dispatchers' default weights of Priorities for
+// weighted fair selection: over a busy stretch high gets 4/7 of the picks, low
+// 1/7 and is never starved. A level left without a weight is 0, which dispatcher
+// Config refuses ("Weights must all be positive"), so no dispatcher starts.
+var PriorityWeights = [NumPriorities]int{4, 2, 1}
 
 // NumPriorities is len(Priorities) as a constant, for arrays indexed by priority.
 const NumPriorities = 3

@@ -88,7 +88,11 @@ func (a *app) status(ctx context.Context, cf *clientFlags) int {
 		_ = json.NewEncoder(stdout).Encode(rep)
 		return 0
 	}
-	fmt.Fprintf(stdout, "queued:    high %d · normal %d · low %d\n", rep.Queued["high"], rep.Queued["normal"], rep.Queued["low"])
+	queued := make([]string, 0, len(schemas.Priorities))
+	for _, p := range schemas.Priorities {
+		queued = append(queued, fmt.Sprintf("%s %d", p, rep.Queued[p]))
+	}
+	fmt.Fprintf(stdout, "queued:    %s\n", strings.Join(queued, " · "))
 	fmt.Fprintf(stdout, "in flight: %d\nDLQ:       %d\nresults:   %d\n\n", rep.InFlight, rep.DLQ, rep.Results)
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "WORKER\tSTATE\tMODELS\tSLOTS\tIN FLIGHT\tLAST HEARTBEAT")

@@ -62,7 +62,7 @@ The exit code is the job's terminal status: 0 completed, 1 failed, 2 invalid,
 	f.StringVarP(&o.model, "model", "m", "tiny", "model id")
 	f.StringVar(&o.messages, "messages", "", `chat messages as JSON, e.g. '[{"role":"user","content":"hi"}]'`)
 	f.StringVar(&o.id, "id", "", "job id (default: a new ULID); resubmitting an id is reported, not run twice")
-	f.StringVar(&o.priority, "priority", "normal", "high, normal or low")
+	f.StringVar(&o.priority, "priority", schemas.PriorityNormal, strings.Join(schemas.Priorities, ", "))
 	f.StringVar(&o.tenant, "tenant", "", "the job's tenant (default: the producer credential's, else default)")
 	f.StringVar(&o.stop, "stop", "", "stop sequences, comma-separated")
 	f.StringVar(&o.schemaFile, "json-schema", "", "file with a JSON schema the output must follow")
