@@ -157,14 +157,24 @@ func (g *Gateway) registryContext(r *http.Request) (context.Context, context.Can
 	return context.WithTimeout(r.Context(), 5*time.Second)
 }
 
-// handleModels is GET /v1/models: the models loaded across the fleet.
-func (g *Gateway) handleModels(w http.ResponseWriter, r *http.Request) {
+// fleetModels reads the models the fleet can run now, or answers 503 and
+// returns false when the worker registry cannot be read.
+func (g *Gateway) fleetModels(w http.ResponseWriter, r *http.Request) (map[string]time.Time, bool) {
 	ctx, cancel := g.registryContext(r)
 	defer cancel()
 	models, err := g.registry.readyModels(ctx)
 	if err != nil {
 		g.log.Warn().Err(err).Msg("reading the worker registry failed")
 		writeError(w, errUnavailable("The worker registry is unavailable."))
+		return nil, false
+	}
+	return models, true
+}
+
+// handleModels is GET /v1/models: the models loaded across the fleet.
+func (g *Gateway) handleModels(w http.ResponseWriter, r *http.Request) {
+	models, ok := g.fleetModels(w, r)
+	if !ok {
 		return
 	}
 	out := modelList{Object: "list", Data: make([]modelObject, 0, len(models))}
@@ -178,12 +188,8 @@ func (g *Gateway) handleModels(w http.ResponseWriter, r *http.Request) {
 // handleModel is GET /v1/models/{model}; model names may contain slashes.
 func (g *Gateway) handleModel(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("model")
-	ctx, cancel := g.registryContext(r)
-	defer cancel()
-	models, err := g.registry.readyModels(ctx)
-	if err != nil {
-		g.log.Warn().Err(err).Msg("reading the worker registry failed")
-		writeError(w, errUnavailable("The worker registry is unavailable."))
+	models, ok := g.fleetModels(w, r)
+	if !ok {
 		return
 	}
 	since, ok := models[id]
