@@ -10,6 +10,7 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/mlx-serving/mlx-serving/internal/prefix"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
@@ -147,16 +148,16 @@ func poke(c chan struct{}) {
 
 // attach looks up the streams and the worker bucket and creates or updates the
 // durable consumers, one per priority.
-func (d *Dispatcher) attach(ctx context.Context) (jetstream.KeyValue, error) {
+func (d *Dispatcher) attach(ctx context.Context) error {
 	var err error
 	if d.jobsStream, err = d.js.Stream(ctx, subjects.StreamJobs); err != nil {
-		return nil, fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamJobs, err)
+		return fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamJobs, err)
 	}
 	if d.cancelsStream, err = d.js.Stream(ctx, subjects.StreamCancels); err != nil {
-		return nil, fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamCancels, err)
+		return fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamCancels, err)
 	}
 	if _, err = d.js.Stream(ctx, subjects.StreamResults); err != nil { // read by results.Stored
-		return nil, fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamResults, err)
+		return fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamResults, err)
 	}
 	for i, p := range schemas.Priorities {
 		c, err := d.js.CreateOrUpdateConsumer(ctx, subjects.StreamJobs, jetstream.ConsumerConfig{
@@ -169,15 +170,14 @@ func (d *Dispatcher) attach(ctx context.Context) (jetstream.KeyValue, error) {
 			DeliverPolicy: jetstream.DeliverAllPolicy,
 		})
 		if err != nil {
-			return nil, fmt.Errorf("dispatcher: consumer %s: %w", p, err)
+			return fmt.Errorf("dispatcher: consumer %s: %w", p, err)
 		}
 		d.consumers[i] = c
 	}
-	kv, err := d.js.KeyValue(ctx, subjects.BucketWorkers)
-	if err != nil {
-		return nil, fmt.Errorf("dispatcher: bucket %s: %w", subjects.BucketWorkers, err)
+	if _, err := d.js.KeyValue(ctx, subjects.BucketWorkers); err != nil {
+		return fmt.Errorf("dispatcher: bucket %s: %w", subjects.BucketWorkers, err)
 	}
-	return kv, nil
+	return nil
 }
 
 // Run consumes jobs until ctx is cancelled, then stops pulling, hands back the
@@ -196,9 +196,8 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 
 	// A cluster electing a leader answers with timeouts for a while; a
 	// dispatcher waits it out instead of exiting (and being restarted in a loop).
-	var kv jetstream.KeyValue
 	err := backoff.RetryNotify(func() (err error) {
-		kv, err = d.attach(ctx)
+		err = d.attach(ctx)
 		if errors.Is(err, jetstream.ErrStreamNotFound) || errors.Is(err, jetstream.ErrBucketNotFound) {
 			return backoff.Permanent(err) // not provisioned: waiting will not help
 		}
@@ -213,11 +212,18 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 
 	d.wctx, d.wcancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer d.wcancel()
-	watcher, err := kv.WatchAll(d.wctx)
+	watcher, err := registry.Watch(d.wctx, d.js, registry.WatchOptions{
+		OnBadEntry: func(id string, err error) {
+			d.log.Warn().Err(err).Str("worker_id", id).Msg("bad heartbeat")
+		},
+		OnRestart: func(err error) {
+			d.log.Warn().AnErr("last_error", err).Msg("worker registry watch ended; reopening it")
+		},
+	})
 	if err != nil {
 		return fmt.Errorf("dispatcher: watch %s: %w", subjects.BucketWorkers, err)
 	}
-	defer func() { _ = watcher.Stop() }()
+	defer watcher.Stop()
 
 	var subs []*nats.Subscription
 	defer func() {

@@ -1,14 +1,13 @@
 package dispatcher
 
 import (
-	"encoding/json"
 	"slices"
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/internal/prefix"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
 // workerView is what this dispatcher knows of one worker. Guarded by d.mu.
@@ -125,22 +124,16 @@ func (d *Dispatcher) slotFreed(j *job) {
 	}
 }
 
-func (d *Dispatcher) watchLoop(kw jetstream.KeyWatcher) {
-	for e := range kw.Updates() {
-		if e == nil {
-			continue // end of the initial values
-		}
+// watchLoop applies every change of the worker registry (registry.Watch
+// decodes them, skips bad entries and reopens a watch that ended) until the
+// watch ends.
+func (d *Dispatcher) watchLoop(w *registry.Watcher) {
+	for u := range w.Updates() {
 		d.mu.Lock()
-		switch e.Operation() {
-		case jetstream.KeyValuePut:
-			var hb schemas.HeartbeatMsg
-			if err := json.Unmarshal(e.Value(), &hb); err != nil {
-				d.log.Warn().Err(err).Str("worker_id", e.Key()).Msg("bad heartbeat")
-				break
-			}
-			d.heartbeat(e.Key(), hb, e.Created())
-		case jetstream.KeyValueDelete, jetstream.KeyValuePurge:
-			d.workerLost(e.Key(), "registry entry deleted")
+		if u.Gone {
+			d.workerLost(u.WorkerID, "registry entry deleted")
+		} else {
+			d.heartbeat(u.WorkerID, u.Heartbeat, u.Written)
 		}
 		d.mu.Unlock()
 		poke(d.wakePull)

@@ -2,7 +2,6 @@ package worker
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -14,7 +13,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -205,22 +204,23 @@ func (a *Agent) heartbeatLoop(ctx context.Context) {
 	defer t.Stop()
 	minGap := min(a.cfg.HeartbeatInterval/10, 100*time.Millisecond)
 	var last time.Time
-	var kv jetstream.KeyValue
+	var reg registry.Bucket
+	opened := false
 	go a.pollPromptCache(ctx, a.cfg.HeartbeatInterval)
 	for {
 		_, changed := a.life.watch()
-		if kv == nil {
-			b, err := a.js.KeyValue(ctx, subjects.BucketWorkers)
+		if !opened {
+			b, err := registry.Open(ctx, a.js)
 			if err != nil && ctx.Err() == nil {
 				a.log.Warn().Err(err).Msg("worker registry bucket not available; will retry")
 			}
-			kv = b
+			reg, opened = b, err == nil
 		}
-		if kv != nil {
+		if opened {
 			// Announced first: whoever sees the model in a heartbeat finds it
 			// announced too, so a producer never refuses a model a ready worker has.
 			a.announceModels(ctx)
-			if err := a.putHeartbeat(ctx, kv); err != nil && ctx.Err() == nil {
+			if err := a.putHeartbeat(ctx, reg); err != nil && ctx.Err() == nil {
 				a.log.Warn().Err(err).Msg("heartbeat put failed")
 			}
 			last = time.Now()
@@ -247,25 +247,21 @@ func (a *Agent) heartbeatLoop(ctx context.Context) {
 	}
 }
 
-func (a *Agent) putHeartbeat(ctx context.Context, kv jetstream.KeyValue) error {
-	b, err := json.Marshal(a.heartbeat())
-	if err != nil {
-		return err
-	}
+func (a *Agent) putHeartbeat(ctx context.Context, reg registry.Bucket) error {
+	hb := a.heartbeat()
 	pctx, cancel := context.WithTimeout(ctx, a.cfg.HeartbeatInterval+time.Second)
 	defer cancel()
-	_, err = kv.Put(pctx, a.cfg.WorkerID, b)
-	return err
+	return reg.Put(pctx, hb)
 }
 
 // deleteHeartbeat removes the registry entry on a clean stop, so dispatchers stop
 // routing at once instead of waiting for the TTL.
 func (a *Agent) deleteHeartbeat(ctx context.Context) {
-	kv, err := a.js.KeyValue(ctx, subjects.BucketWorkers)
+	reg, err := registry.Open(ctx, a.js)
 	if err != nil {
 		return
 	}
-	if err := kv.Delete(ctx, a.cfg.WorkerID); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
+	if err := reg.Delete(ctx, a.cfg.WorkerID); err != nil && !errors.Is(err, jetstream.ErrKeyNotFound) {
 		a.log.Warn().Err(err).Msg("could not remove the worker's registry entry")
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -70,7 +71,7 @@ type Stats struct {
 type Worker struct {
 	opts Options
 	nc   *nats.Conn
-	kv   jetstream.KeyValue
+	reg  registry.Bucket
 	errs atomic.Int64
 
 	hbMu      sync.Mutex // one put at a time, so entries reach the bucket in the order they were built
@@ -118,7 +119,7 @@ func Start(ctx context.Context, nc *nats.Conn, opts Options) (*Worker, error) {
 	w := &Worker{opts: opts, nc: nc, startedAt: time.Now().UTC(), hbNudge: make(chan struct{}, 1),
 		assigned: map[string]int{}, release: make(chan struct{}), stopHB: make(chan struct{}), hbDone: make(chan struct{}),
 		onAssign: make(chan schemas.AssignmentMsg, 1024)}
-	if w.kv, err = js.KeyValue(ctx, subjects.BucketWorkers); err != nil {
+	if w.reg, err = registry.Open(ctx, js); err != nil {
 		return nil, err
 	}
 	if w.sub, err = nc.Subscribe(subjects.Assign(opts.ID), w.serve); err != nil {
@@ -159,7 +160,7 @@ func (w *Worker) Stop() {
 func (w *Worker) Mute() { _ = w.sub.Unsubscribe() }
 
 // Deregister deletes the worker's registry entry (a clean shutdown).
-func (w *Worker) Deregister(ctx context.Context) error { return w.kv.Delete(ctx, w.opts.ID) }
+func (w *Worker) Deregister(ctx context.Context) error { return w.reg.Delete(ctx, w.opts.ID) }
 
 func (w *Worker) hbLoop() {
 	defer close(w.hbDone)
@@ -200,10 +201,9 @@ func (w *Worker) Heartbeat() {
 	hb := schemas.HeartbeatMsg{WorkerID: w.opts.ID, Hostname: w.opts.Hostname, Platform: "linux", Models: w.opts.Models, Slots: w.opts.Slots,
 		InFlight: w.inflight, State: schemas.WorkerReady, StartedAt: w.startedAt, UpdatedAt: time.Now().UTC(), Prefixes: w.advertised}
 	w.mu.Unlock()
-	data, _ := json.Marshal(hb)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	_, _ = w.kv.Put(ctx, w.opts.ID, data)
+	_ = w.reg.Put(ctx, hb)
 }
 
 // Advertise sets the prefixes the next heartbeats carry.

@@ -1,25 +1,27 @@
-package jsprov
+package jsprov_test
 
 import (
 	"reflect"
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/nats-io/nats.go"
-
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
 )
 
 func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, Options{})
-	ctx := ctxT(t)
+	b := testenv.StartBus(t, jsprov.Options{})
+	ctx := testenv.Context(t, 20*time.Second)
 
 	configs := func() map[string]jetstream.StreamConfig {
 		out := map[string]jetstream.StreamConfig{}
 		for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamDLQ, subjects.StreamCancels, "KV_" + subjects.BucketWorkers} {
-			s, err := b.js.Stream(ctx, name)
+			s, err := b.JS.Stream(ctx, name)
 			if err != nil {
 				t.Fatalf("stream %s: %v", name, err)
 			}
@@ -46,7 +48,7 @@ func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 	if c := before[subjects.StreamDLQ]; c.MaxAge != 30*24*time.Hour || !reflect.DeepEqual(c.Subjects, []string{"mlx.dlq.>"}) {
 		t.Errorf("DLQ config = %+v", c)
 	}
-	kv, err := b.js.KeyValue(ctx, subjects.BucketWorkers)
+	kv, err := b.JS.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		t.Fatalf("bucket: %v", err)
 	}
@@ -59,12 +61,12 @@ func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 	}
 
 	// A job queued before re-provisioning must survive it.
-	if _, err := b.js.Publish(ctx, subjects.Job("", "normal", "keep-me"), []byte(`{"id":"keep-me"}`)); err != nil {
+	if _, err := b.JS.Publish(ctx, subjects.Job("", "normal", "keep-me"), []byte(`{"id":"keep-me"}`)); err != nil {
 		t.Fatal(err)
 	}
 
 	// Twice with the same options: no error, nothing changes.
-	if err := Provision(ctx, b.js, Options{}); err != nil {
+	if err := jsprov.Provision(ctx, b.JS, jsprov.Options{}); err != nil {
 		t.Fatalf("second Provision: %v", err)
 	}
 	if after := configs(); !reflect.DeepEqual(before, after) {
@@ -72,7 +74,7 @@ func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 	}
 
 	// A changed limit is applied in place.
-	if err := Provision(ctx, b.js, Options{JobsMaxMsgs: 5, ResultsMaxAge: time.Hour, WorkerTTL: 3 * time.Second}); err != nil {
+	if err := jsprov.Provision(ctx, b.JS, jsprov.Options{JobsMaxMsgs: 5, ResultsMaxAge: time.Hour, WorkerTTL: 3 * time.Second}); err != nil {
 		t.Fatalf("Provision with new limits: %v", err)
 	}
 	after := configs()
@@ -85,14 +87,14 @@ func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 	if st, err := kv.Status(ctx); err != nil || st.TTL() != 3*time.Second {
 		t.Errorf("bucket TTL after update: %v, %v; want 3s", st, err)
 	}
-	if n := streamMsgs(t, b.js, subjects.StreamJobs); n != 1 {
+	if n := b.StreamMsgs(t, subjects.StreamJobs); n != 1 {
 		t.Errorf("JOBS has %d messages after updates, want the 1 queued before", n)
 	}
 }
 
 func TestProvisionReplicasAndStorage(t *testing.T) {
 	t.Parallel()
-	cfgs := StreamConfigs(Options{Replicas: 3, Storage: jetstream.MemoryStorage, DuplicateWindow: 48 * time.Hour})
+	cfgs := jsprov.StreamConfigs(jsprov.Options{Replicas: 3, Storage: jetstream.MemoryStorage, DuplicateWindow: 48 * time.Hour})
 	for name, c := range cfgs {
 		if c.Replicas != 3 || c.Storage != jetstream.MemoryStorage {
 			t.Errorf("%s: replicas %d storage %v", name, c.Replicas, c.Storage)
@@ -102,12 +104,12 @@ func TestProvisionReplicasAndStorage(t *testing.T) {
 			t.Errorf("%s: duplicate window %v > max age %v", name, c.Duplicates, c.MaxAge)
 		}
 	}
-	if kv := WorkersBucketConfig(Options{Replicas: 3}); kv.Replicas != 3 || kv.Bucket != subjects.BucketWorkers {
+	if kv := jsprov.WorkersBucketConfig(jsprov.Options{Replicas: 3}); kv.Replicas != 3 || kv.Bucket != subjects.BucketWorkers {
 		t.Errorf("bucket config %+v", kv)
 	}
 	// Three replicas on one server cannot be placed: the server says so.
-	b := startBus(t, Options{})
-	if err := Provision(ctxT(t), b.js, Options{Replicas: 3}); err == nil {
+	b := testenv.StartBus(t, jsprov.Options{})
+	if err := jsprov.Provision(testenv.Context(t, 20*time.Second), b.JS, jsprov.Options{Replicas: 3}); err == nil {
 		t.Error("Provision with 3 replicas on a single server: want error")
 	}
 }
@@ -117,9 +119,9 @@ func TestProvisionReplicasAndStorage(t *testing.T) {
 // Mutation caught: removing the denyRollups call in Provision.
 func TestRegistryRefusesRollups(t *testing.T) {
 	t.Parallel()
-	b := startBus(t, Options{})
-	ctx := ctxT(t)
-	kv, err := b.js.KeyValue(ctx, subjects.BucketWorkers)
+	b := testenv.StartBus(t, jsprov.Options{})
+	ctx := testenv.Context(t, 20*time.Second)
+	kv, err := b.JS.KeyValue(ctx, subjects.BucketWorkers)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -130,7 +132,7 @@ func TestRegistryRefusesRollups(t *testing.T) {
 	}
 	m := nats.NewMsg("$KV." + subjects.BucketWorkers + ".w1")
 	m.Header.Set("Nats-Rollup", "all")
-	if _, err := b.js.PublishMsg(ctx, m); err == nil {
+	if _, err := b.JS.PublishMsg(ctx, m); err == nil {
 		t.Fatal("a rollup on the registry was accepted")
 	}
 	if _, err := kv.Get(ctx, "w2"); err != nil {
@@ -140,10 +142,10 @@ func TestRegistryRefusesRollups(t *testing.T) {
 		t.Fatalf("a worker deleting its own entry: %v", err)
 	}
 	// Provisioning again keeps rollups off.
-	if err := Provision(ctx, b.js, Options{}); err != nil {
+	if err := jsprov.Provision(ctx, b.JS, jsprov.Options{}); err != nil {
 		t.Fatal(err)
 	}
-	s, err := b.js.Stream(ctx, "KV_"+subjects.BucketWorkers)
+	s, err := b.JS.Stream(ctx, "KV_"+subjects.BucketWorkers)
 	if err != nil || s.CachedInfo().Config.AllowRollup {
 		t.Fatalf("rollups allowed after provisioning again (%v)", err)
 	}

@@ -1,4 +1,4 @@
-package natsserver
+package natsserver_test
 
 import (
 	"context"
@@ -9,6 +9,9 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
 )
 
 func TestServerSyncAlwaysIsSet(t *testing.T) {
@@ -17,7 +20,7 @@ func TestServerSyncAlwaysIsSet(t *testing.T) {
 		t.Run(strconv.FormatBool(always), func(t *testing.T) {
 			t.Parallel()
 			dir := t.TempDir()
-			srv := startServerAt(t, dir, Options{SyncAlways: always, SyncInterval: 7 * time.Second})
+			srv := testenv.StartServer(t, natsserver.Options{StoreDir: dir, SyncAlways: always, SyncInterval: 7 * time.Second})
 			cfg := srv.NATSServer().JetStreamConfig()
 			if cfg == nil {
 				t.Fatal("JetStream not enabled")
@@ -49,7 +52,7 @@ func TestServerStartFailsOnBadStoreDir(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	start := time.Now()
-	srv, err := Start(ctx, Options{Port: -1, StoreDir: file, Logger: testLogger(t)})
+	srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: file, Logger: testenv.Logger(t)})
 	if err == nil {
 		_ = srv.Shutdown(ctx)
 		t.Fatal("Start on a regular file as store dir: want error")
@@ -57,18 +60,18 @@ func TestServerStartFailsOnBadStoreDir(t *testing.T) {
 	if time.Since(start) > 5*time.Second {
 		t.Errorf("failure took %v: should be reported at once, not after a ready timeout", time.Since(start))
 	}
-	if _, err := Start(ctx, Options{Port: -1}); err == nil {
+	if _, err := natsserver.Start(ctx, natsserver.Options{Port: -1}); err == nil {
 		t.Fatal("Start without StoreDir: want error")
 	}
 }
 
 func TestServerShutdownTwice(t *testing.T) {
 	t.Parallel()
-	srv := startServerAt(t, t.TempDir(), Options{})
-	nc := connectTo(t, srv)
+	srv := testenv.StartServer(t, natsserver.Options{})
+	nc := testenv.Connect(t, srv.ClientURL())
 	closed := make(chan struct{})
 	nc.SetClosedHandler(func(_ *nats.Conn) { close(closed) })
-	ctx := ctxT(t)
+	ctx := testenv.Context(t, 20*time.Second)
 	if err := srv.Shutdown(ctx); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}

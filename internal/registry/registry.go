@@ -1,9 +1,11 @@
-// Package registry reads the worker registry (the subjects.BucketWorkers KV
-// bucket: one heartbeat per worker id, expiring by TTL) for everything that only
-// looks at the fleet: the gateway's model list, the fleet metrics, `mlx-serving
-// status` and the bench. The dispatcher keeps its own watch, since it acts on
-// every change. It also keeps the models served recently (subjects.BucketModels):
-// workers announce theirs, and the producer's model check asks ModelServed.
+// Package registry is the one access to the worker registry (the
+// subjects.BucketWorkers KV bucket: one heartbeat per worker id, expiring by
+// TTL): workers Put their heartbeat and Delete it on a clean stop; the
+// dispatcher Watches every change; whatever only looks at the fleet (the
+// gateway's model list, the fleet metrics, `mlx-serving status`, the bench)
+// takes a Snapshot or Gets one worker. It also keeps the models served
+// recently (subjects.BucketModels): workers announce theirs, and the
+// producer's model check asks ModelServed.
 package registry
 
 import (
@@ -57,8 +59,7 @@ func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatM
 				sort.Slice(out, func(i, j int) bool { return out[i].WorkerID < out[j].WorkerID })
 				return out, nil
 			}
-			var hb schemas.HeartbeatMsg
-			if json.Unmarshal(e.Value(), &hb) == nil && hb.WorkerID != "" {
+			if hb, err := decode(e.Value()); err == nil && hb.WorkerID != "" {
 				out = append(out, hb)
 			}
 		}
@@ -82,17 +83,68 @@ func Get(ctx context.Context, js jetstream.JetStream, workerID string) (hb schem
 	if err != nil {
 		return hb, false, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
-	if json.Unmarshal(e.Value(), &hb) != nil || hb.WorkerID == "" {
+	if hb, err = decode(e.Value()); err != nil || hb.WorkerID == "" {
 		return schemas.HeartbeatMsg{}, false, nil
 	}
 	return hb, true, nil
 }
 
+// Bucket is the registry opened once, for a writer that puts often (a worker's
+// heartbeat loop).
+type Bucket struct{ kv jetstream.KeyValue }
+
+// Open binds the registry bucket; ErrNoRegistry when it does not exist.
+func Open(ctx context.Context, js jetstream.JetStream) (Bucket, error) {
+	kv, err := js.KeyValue(ctx, subjects.BucketWorkers)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return Bucket{}, ErrNoRegistry
+	}
+	if err != nil {
+		return Bucket{}, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
+	}
+	return Bucket{kv: kv}, nil
+}
+
+// Put writes hb as its worker's entry (key hb.WorkerID), restarting its TTL.
+func (b Bucket) Put(ctx context.Context, hb schemas.HeartbeatMsg) error {
+	if b.kv == nil {
+		return ErrNoRegistry // the zero Bucket: never opened
+	}
+	if hb.WorkerID == "" {
+		return errors.New("worker registry: heartbeat without a worker id")
+	}
+	data, err := json.Marshal(hb)
+	if err != nil {
+		return err
+	}
+	_, err = b.kv.Put(ctx, hb.WorkerID, data)
+	return err
+}
+
+// Delete removes a worker's entry, so nothing routes to it before its TTL ends.
+// The bucket's errors come back as they are (jetstream.ErrKeyNotFound among
+// them).
+func (b Bucket) Delete(ctx context.Context, workerID string) error {
+	if b.kv == nil {
+		return ErrNoRegistry // the zero Bucket: never opened
+	}
+	return b.kv.Delete(ctx, workerID)
+}
+
+// Put is Open then Bucket.Put, for a single write.
+func Put(ctx context.Context, js jetstream.JetStream, hb schemas.HeartbeatMsg) error {
+	b, err := Open(ctx, js)
+	if err != nil {
+		return err
+	}
+	return b.Put(ctx, hb)
+}
+
 // Delete removes a worker's entry, so nothing routes to it before its TTL ends.
 func Delete(ctx context.Context, js jetstream.JetStream, workerID string) error {
-	kv, err := js.KeyValue(ctx, subjects.BucketWorkers)
+	b, err := Open(ctx, js)
 	if err != nil {
-		return fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
+		return err
 	}
-	return kv.Delete(ctx, workerID)
+	return b.Delete(ctx, workerID)
 }

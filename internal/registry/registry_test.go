@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -65,7 +67,118 @@ func TestNoBucket(t *testing.T) {
 	if _, err := registry.Snapshot(ctx, b.JS); !errors.Is(err, registry.ErrNoRegistry) {
 		t.Fatalf("Snapshot without a bucket: %v", err)
 	}
+	if _, err := registry.Watch(ctx, b.JS, registry.WatchOptions{}); !errors.Is(err, registry.ErrNoRegistry) {
+		t.Fatalf("Watch without a bucket: %v", err)
+	}
 	if _, _, err := registry.Get(ctx, b.JS, "w"); !errors.Is(err, registry.ErrNoRegistry) {
 		t.Fatalf("Get without a bucket: %v", err)
+	}
+}
+
+func TestPutWatchDelete(t *testing.T) {
+	t.Parallel()
+	b := testenv.StartBus(t, jsprov.Options{})
+	ctx := testenv.Context(t, 30*time.Second)
+
+	// An entry there before the watch starts is replayed.
+	if err := registry.Put(ctx, b.JS, schemas.HeartbeatMsg{WorkerID: "w-a", State: schemas.WorkerReady}); err != nil {
+		t.Fatal(err)
+	}
+	if err := registry.Put(ctx, b.JS, schemas.HeartbeatMsg{}); err == nil {
+		t.Fatal("Put without a worker id: want error")
+	}
+	bad := make(chan string, 1)
+	w, err := registry.Watch(ctx, b.JS, registry.WatchOptions{OnBadEntry: func(id string, _ error) { bad <- id }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := func() registry.Update {
+		t.Helper()
+		select {
+		case u, ok := <-w.Updates():
+			if !ok {
+				t.Fatal("updates closed")
+			}
+			return u
+		case <-ctx.Done():
+			t.Fatal("no update")
+		}
+		return registry.Update{}
+	}
+	if u := next(); u.WorkerID != "w-a" || u.Gone || u.Heartbeat.State != schemas.WorkerReady || u.Written.IsZero() {
+		t.Fatalf("replayed entry: %+v", u)
+	}
+	reg, err := registry.Open(ctx, b.JS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Not a heartbeat: skipped and counted; the watch goes on.
+	if _, err := b.Workers.Put(ctx, "junk", []byte("not json")); err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.Put(ctx, schemas.HeartbeatMsg{WorkerID: "w-b", Slots: 3}); err != nil {
+		t.Fatal(err)
+	}
+	if u := next(); u.WorkerID != "w-b" || u.Heartbeat.Slots != 3 {
+		t.Fatalf("put: %+v", u)
+	}
+	if id := <-bad; id != "junk" || w.BadEntries() != 1 {
+		t.Fatalf("bad entry %q, counted %d", id, w.BadEntries())
+	}
+	if err := reg.Delete(ctx, "w-a"); err != nil {
+		t.Fatal(err)
+	}
+	if u := next(); u.WorkerID != "w-a" || !u.Gone {
+		t.Fatalf("delete: %+v", u)
+	}
+	w.Stop()
+	if _, ok := <-w.Updates(); ok {
+		t.Fatal("updates open after Stop")
+	}
+	if w.Restarts() != 0 {
+		t.Fatalf("restarts = %d", w.Restarts())
+	}
+}
+
+// A watch whose subscription ends while its context is live is opened again
+// (here it cannot be: its connection is closed), and Updates stays open until
+// the watch is stopped.
+func TestWatchRestartsWhenItEnds(t *testing.T) {
+	t.Parallel()
+	b := testenv.StartBus(t, jsprov.Options{})
+	ctx := testenv.Context(t, 30*time.Second)
+	nc := b.Connect(t, "watcher")
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	restarted := make(chan struct{}, 16)
+	w, err := registry.Watch(ctx, js, registry.WatchOptions{OnRestart: func(error) {
+		select {
+		case restarted <- struct{}{}:
+		default:
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc.Close()
+	for range 2 { // the first restart, then a failed reopening
+		select {
+		case <-restarted:
+		case <-ctx.Done():
+			t.Fatal("the watch was not opened again")
+		}
+	}
+	select {
+	case _, ok := <-w.Updates():
+		if !ok {
+			t.Fatal("updates closed while the context is live")
+		}
+	default:
+	}
+	w.Stop()
+	if _, ok := <-w.Updates(); ok || w.Restarts() < 2 {
+		t.Fatalf("after Stop: open %v, restarts %d", ok, w.Restarts())
 	}
 }

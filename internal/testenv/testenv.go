@@ -116,23 +116,20 @@ func StartBusAt(t testing.TB, dir string, opts jsprov.Options) *Bus {
 
 // StartBusWith is StartBus with server and connection options: the one
 // "start NATS, provision, connect" of every package's tests (package bus's own
-// tests excepted: this package imports bus).
+// tests excepted: this package imports bus; the packages it imports test from
+// their external test packages).
 func StartBusWith(t testing.TB, o BusOptions) *Bus {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	o.Server.Port = -1
 	if o.Server.StoreDir == "" {
 		o.Server.StoreDir = t.TempDir()
 	}
-	srv, err := natsserver.Start(ctx, o.Server)
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv := StartServer(t, o.Server)
 	b := &Bus{Server: srv, Dir: o.Server.StoreDir}
-	t.Cleanup(func() { b.Stop() })
 	o.Connect.URLs = []string{srv.ClientURL()}
 	b.Conn = ConnectWith(t, o.Connect)
+	var err error
 	b.JS, err = jetstream.New(b.Conn)
 	if err != nil {
 		t.Fatal(err)
@@ -144,6 +141,45 @@ func StartBusWith(t testing.TB, o BusOptions) *Bus {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// StartServer starts the embedded server alone (no provisioning), on a random
+// port and, unless opts names one, a temp store dir; it is shut down in
+// t.Cleanup.
+func StartServer(t testing.TB, opts natsserver.Options) *natsserver.Server {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	opts.Port = -1
+	if opts.StoreDir == "" {
+		opts.StoreDir = t.TempDir()
+	}
+	srv, err := natsserver.Start(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+	})
+	return srv
+}
+
+// StreamMsgs is how many messages the stream holds now.
+func (b *Bus) StreamMsgs(t testing.TB, name string) uint64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	s, err := b.JS.Stream(ctx, name)
+	if err != nil {
+		t.Fatalf("stream %s: %v", name, err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatalf("stream %s info: %v", name, err)
+	}
+	return info.State.Msgs
 }
 
 // Connect opens another connection to the bus, named name, closed in
