@@ -121,17 +121,15 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 			return errInvalid(pm.maxTokens, "'%s' must be at least 1.", pm.maxTokens)
 		}
 	}
-	job.Temperature = p.Temperature
-	job.TopP = p.TopP
-	job.Seed = p.Seed
-	job.TopK = p.TopK
-	job.MinP = p.MinP
 	if aerr := checkChoices(p.N); aerr != nil {
 		return aerr
 	}
-	job.RepetitionPenalty = p.RepetitionPenalty
-	job.PresencePenalty = p.PresencePenalty
-	job.FrequencyPenalty = p.FrequencyPenalty
+	// The straight copies; stop and logprobs take their OpenAI shapes apart below
+	// and in the endpoints.
+	job.Sampling = schemas.Sampling{
+		Temperature: p.Temperature, TopP: p.TopP, TopK: p.TopK, MinP: p.MinP, Seed: p.Seed,
+		RepetitionPenalty: p.RepetitionPenalty, PresencePenalty: p.PresencePenalty, FrequencyPenalty: p.FrequencyPenalty,
+	}
 	if len(p.LogitBias) > 0 {
 		job.LogitBias = p.LogitBias
 	}
