@@ -28,7 +28,7 @@ func newBusDriver(nc *nats.Conn, model string) (*busDriver, error) {
 
 func (d *busDriver) Do(ctx context.Context, req Request, rec *Recorder) (int, error) {
 	zero := 0.0
-	job := &schemas.JobRequest{Model: d.model, Prompt: req.Prompt, MaxTokens: req.MaxTokens, Temperature: &zero, Priority: "normal"}
+	job := &schemas.JobRequest{Model: d.model, Prompt: req.Prompt, MaxTokens: req.MaxTokens, Sampling: schemas.Sampling{Temperature: &zero}, Priority: "normal"}
 	s, _, err := bus.SubmitStream(ctx, d.prod, d.nc, job, bus.StreamOptions{})
 	if err != nil {
 		return 0, err

@@ -287,7 +287,7 @@ func runPrefixMode(ctx context.Context, o PrefixOptions, m PrefixMode, model, di
 	}
 	zero := 0.0
 	turn := func(msgs []schemas.Message, maxTokens int) (turnSample, string) {
-		job := &schemas.JobRequest{Model: model, Messages: msgs, MaxTokens: maxTokens, Temperature: &zero}
+		job := &schemas.JobRequest{Model: model, Messages: msgs, MaxTokens: maxTokens, Sampling: schemas.Sampling{Temperature: &zero}}
 		start := time.Now()
 		s, _, err := bus.SubmitStream(ctx, prod, st.nc, job, bus.StreamOptions{})
 		if err != nil {

@@ -51,7 +51,7 @@ func (d *runtimeDriver) Do(ctx context.Context, req Request, rec *Recorder) (int
 	zero := 0.0
 	p := &schemas.GenerateParams{
 		RequestID: "r" + strconv.FormatInt(d.seq.Add(1), 10), Model: d.model,
-		Prompt: req.Prompt, MaxTokens: req.MaxTokens, Temperature: &zero,
+		Prompt: req.Prompt, MaxTokens: req.MaxTokens, Sampling: schemas.Sampling{Temperature: &zero},
 	}
 	last := 0
 	res, err := d.client.Generate(ctx, p, worker.GenerateHooks{Chunk: func(c *schemas.GenerateChunk) {

@@ -253,7 +253,7 @@ func TestSubmitStream(t *testing.T) {
 	}
 
 	// A submit error closes the stream and is Submit's own.
-	_, _, err = bus.SubmitStream(ctx, p, tb.nc, &schemas.JobRequest{Model: testModel, Prompt: "p", Temperature: new(9.0)}, bus.StreamOptions{})
+	_, _, err = bus.SubmitStream(ctx, p, tb.nc, &schemas.JobRequest{Model: testModel, Prompt: "p", Sampling: schemas.Sampling{Temperature: new(9.0)}}, bus.StreamOptions{})
 	var verr *schemas.ValidationError
 	if !errors.As(err, &verr) || verr.Violations[0].Path != "$.temperature" {
 		t.Fatalf("invalid job: %v", err)

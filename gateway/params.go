@@ -18,24 +18,20 @@ const maxBodyBytes = 8 << 20
 // of the wrong JSON type is rejected naming the field; which fields a request may
 // carry at all is fields.go's concern.
 type samplingParams struct {
-	Model          string          `json:"model"`
-	MaxTokens      *int            `json:"max_tokens"`
-	Temperature    *float64        `json:"temperature"`
-	TopP           *float64        `json:"top_p"`
-	Seed           *int64          `json:"seed"`
+	Model     string `json:"model"`
+	MaxTokens *int   `json:"max_tokens"`
+	// The job's sampling fields decode straight into it, under the job's names:
+	// temperature, top_p, seed, OpenAI's penalties and bias (applied per row by
+	// the runtime), and top_k, min_p and repetition_penalty, extensions several
+	// OpenAI-compatible servers accept. Stop and logprobs have OpenAI shapes of
+	// their own: the shallower Stop below and each endpoint's Logprobs shadow
+	// Sampling's, so those two stay nil here and apply sets them.
+	schemas.Sampling
 	Stop           json.RawMessage `json:"stop"`
 	Stream         *bool           `json:"stream"`
 	StreamOptions  *streamOptions  `json:"stream_options"`
 	User           *string         `json:"user"`
 	ResponseFormat *responseFormat `json:"response_format"`
-	// Extensions several OpenAI-compatible servers accept; they map to the job.
-	TopK              *int     `json:"top_k"`
-	MinP              *float64 `json:"min_p"`
-	RepetitionPenalty *float64 `json:"repetition_penalty"`
-	// OpenAI's penalties and bias; the runtime applies them per row.
-	PresencePenalty  *float64           `json:"presence_penalty"`
-	FrequencyPenalty *float64           `json:"frequency_penalty"`
-	LogitBias        map[string]float64 `json:"logit_bias"`
 	// N asks for that many choices, each a job of its own (choices.go).
 	N *int `json:"n"`
 }
@@ -70,8 +66,9 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any, fields fieldSet) 
 	if err := json.Unmarshal(body, v); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
-			// The path names Go's embedded struct too; clients know only their fields.
-			field := strings.ReplaceAll(te.Field, "samplingParams.", "")
+			// The path names Go's embedded structs too (samplingParams and, within
+			// it, schemas.Sampling); clients know only their fields.
+			field := strings.TrimPrefix(strings.ReplaceAll(te.Field, "samplingParams.", ""), "Sampling.")
 			if field == "" {
 				return errInvalid("", "The request body must be a JSON object.")
 			}
@@ -121,19 +118,12 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 			return errInvalid(pm.maxTokens, "'%s' must be at least 1.", pm.maxTokens)
 		}
 	}
-	job.Temperature = p.Temperature
-	job.TopP = p.TopP
-	job.Seed = p.Seed
-	job.TopK = p.TopK
-	job.MinP = p.MinP
 	if aerr := checkChoices(p.N); aerr != nil {
 		return aerr
 	}
-	job.RepetitionPenalty = p.RepetitionPenalty
-	job.PresencePenalty = p.PresencePenalty
-	job.FrequencyPenalty = p.FrequencyPenalty
-	if len(p.LogitBias) > 0 {
-		job.LogitBias = p.LogitBias
+	job.Sampling = p.Sampling
+	if len(job.LogitBias) == 0 {
+		job.LogitBias = nil
 	}
 	stop, isString, aerr := parseStop(p.Stop)
 	if aerr != nil {

@@ -239,27 +239,17 @@ type ModelUnloadResult struct {
 // GenerateParams starts one generation (schema "runtime.generate.params").
 // Exactly one of Prompt and Messages is set.
 type GenerateParams struct {
-	RequestID         string             `json:"request_id"`
-	Model             string             `json:"model"`
-	Prompt            string             `json:"prompt,omitempty"`
-	Messages          []Message          `json:"messages,omitempty"`
-	MaxTokens         int                `json:"max_tokens,omitempty"`
-	Temperature       *float64           `json:"temperature,omitempty"`
-	TopP              *float64           `json:"top_p,omitempty"`
-	TopK              *int               `json:"top_k,omitempty"`
-	MinP              *float64           `json:"min_p,omitempty"`
-	RepetitionPenalty *float64           `json:"repetition_penalty,omitempty"`
-	PresencePenalty   *float64           `json:"presence_penalty,omitempty"`
-	FrequencyPenalty  *float64           `json:"frequency_penalty,omitempty"`
-	LogitBias         map[string]float64 `json:"logit_bias,omitempty"`
-	Logprobs          *int               `json:"logprobs,omitempty"`
-	Seed              *int64             `json:"seed,omitempty"`
-	Stop              []string           `json:"stop,omitempty"`
-	JSONSchema        map[string]any     `json:"json_schema,omitempty"`
-	Tools             []Tool             `json:"tools,omitempty"`
-	ToolChoice        *ToolChoice        `json:"tool_choice,omitempty"`
-	ParallelToolCalls *bool              `json:"parallel_tool_calls,omitempty"`
-	Continuation      string             `json:"continuation,omitempty"`
+	RequestID string    `json:"request_id"`
+	Model     string    `json:"model"`
+	Prompt    string    `json:"prompt,omitempty"`
+	Messages  []Message `json:"messages,omitempty"`
+	MaxTokens int       `json:"max_tokens,omitempty"`
+	Sampling
+	JSONSchema        map[string]any `json:"json_schema,omitempty"`
+	Tools             []Tool         `json:"tools,omitempty"`
+	ToolChoice        *ToolChoice    `json:"tool_choice,omitempty"`
+	ParallelToolCalls *bool          `json:"parallel_tool_calls,omitempty"`
+	Continuation      string         `json:"continuation,omitempty"`
 }
 
 // GenerateChunk is the params of a generate.chunk notification (schema

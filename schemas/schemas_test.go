@@ -300,9 +300,13 @@ func (sd *schemaDoc) compare(path, file string, node map[string]any, typ reflect
 			}
 		}
 		seen := map[string]bool{}
-		for i := range typ.NumField() {
-			f := typ.Field(i)
+		// Promoted fields are the object's own, as encoding/json flattens an
+		// untagged embedded struct (JobRequest's and GenerateParams' Sampling).
+		for _, f := range reflect.VisibleFields(typ) {
 			tag := f.Tag.Get("json")
+			if f.Anonymous && tag == "" && f.Type.Kind() == reflect.Struct {
+				continue
+			}
 			name, opts, _ := strings.Cut(tag, ",")
 			if name == "" || name == "-" {
 				t.Errorf("%s: field %s has no json name", path, f.Name)

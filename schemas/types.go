@@ -123,13 +123,11 @@ func (c *ToolChoice) UnmarshalJSON(data []byte) error {
 	return nil
 }
 
-// JobRequest is a generation job (schema "job"). Exactly one of Prompt and Messages is set.
-type JobRequest struct {
-	ID                string             `json:"id"`
-	Model             string             `json:"model"`
-	Prompt            string             `json:"prompt,omitempty"`
-	Messages          []Message          `json:"messages,omitempty"`
-	MaxTokens         int                `json:"max_tokens,omitempty"`
+// Sampling is how a generation picks its tokens and when it stops: the fields a
+// job and the runtime's generate params share, with the same JSON names. Both
+// embed it, so encoding/json flattens it into their objects (the schemas do not
+// see it) and the worker hands it on whole.
+type Sampling struct {
 	Temperature       *float64           `json:"temperature,omitempty"`
 	TopP              *float64           `json:"top_p,omitempty"`
 	TopK              *int               `json:"top_k,omitempty"`
@@ -141,16 +139,26 @@ type JobRequest struct {
 	Logprobs          *int               `json:"logprobs,omitempty"`   // nil: none; n: each token's logprob and n alternatives
 	Seed              *int64             `json:"seed,omitempty"`
 	Stop              []string           `json:"stop,omitempty"`
-	JSONSchema        map[string]any     `json:"json_schema,omitempty"`
-	Tools             []Tool             `json:"tools,omitempty"`
-	ToolChoice        *ToolChoice        `json:"tool_choice,omitempty"`
-	ParallelToolCalls *bool              `json:"parallel_tool_calls,omitempty"`
-	Priority          string             `json:"priority,omitempty"`
-	Deadline          *time.Time         `json:"deadline,omitempty"`
-	Tenant            string             `json:"tenant,omitempty"`
-	ReplyTo           string             `json:"reply_to"`
-	CreatedAt         *time.Time         `json:"created_at,omitempty"`
-	Metadata          map[string]string  `json:"metadata,omitempty"`
+}
+
+// JobRequest is a generation job (schema "job"). Exactly one of Prompt and Messages is set.
+type JobRequest struct {
+	ID        string    `json:"id"`
+	Model     string    `json:"model"`
+	Prompt    string    `json:"prompt,omitempty"`
+	Messages  []Message `json:"messages,omitempty"`
+	MaxTokens int       `json:"max_tokens,omitempty"`
+	Sampling
+	JSONSchema        map[string]any    `json:"json_schema,omitempty"`
+	Tools             []Tool            `json:"tools,omitempty"`
+	ToolChoice        *ToolChoice       `json:"tool_choice,omitempty"`
+	ParallelToolCalls *bool             `json:"parallel_tool_calls,omitempty"`
+	Priority          string            `json:"priority,omitempty"`
+	Deadline          *time.Time        `json:"deadline,omitempty"`
+	Tenant            string            `json:"tenant,omitempty"`
+	ReplyTo           string            `json:"reply_to"`
+	CreatedAt         *time.Time        `json:"created_at,omitempty"`
+	Metadata          map[string]string `json:"metadata,omitempty"`
 }
 
 // Usage counts tokens as the model's tokenizer counts them.

@@ -23,7 +23,7 @@ func TestGoClientDefaults(t *testing.T) {
 
 	// EOS (token 2 of the tiny model) banned: with no max_tokens the job must run
 	// to the end of the model's 2048-token context (under the 4096 cap).
-	job := &schemas.JobRequest{Model: "tiny", Prompt: "Once upon a time", LogitBias: map[string]float64{"2": -100}}
+	job := &schemas.JobRequest{Model: "tiny", Prompt: "Once upon a time", Sampling: schemas.Sampling{LogitBias: map[string]float64{"2": -100}}}
 	o, err := s.submit(ctx, job, nil)
 	if err != nil {
 		t.Fatal(err)

@@ -248,7 +248,7 @@ func TestRuntimeClientMessagesMatchSchemas(t *testing.T) {
 		{schemas.MethodShutdown, schemas.ShutdownParams{Mode: schemas.ShutdownCancel}, schemas.RuntimeShutdownParams},
 		{schemas.MethodGenerate, generateParams(newJobRun(schemas.AssignedJob{Attempt: 2, Job: schemas.JobRequest{
 			ID: "j", Model: "tiny", Messages: []schemas.Message{{Role: "user", Content: "hi"}}, MaxTokens: 20,
-			Temperature: &temp, Seed: &seed, Stop: []string{"\n\n"}, JSONSchema: map[string]any{"type": "object"},
+			Sampling: schemas.Sampling{Temperature: &temp, Seed: &seed, Stop: []string{"\n\n"}}, JSONSchema: map[string]any{"type": "object"},
 		}, Resume: &schemas.Resume{Text: "Hello", CompletionTokens: 2}}, "d1")), schemas.RuntimeGenerateParams},
 	}
 	for _, call := range calls {

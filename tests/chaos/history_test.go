@@ -207,7 +207,7 @@ func (pr *producer) run(ctx context.Context, n int) {
 		pr.h.mu.Unlock()
 		seed := int64(i)
 		job := &schemas.JobRequest{ID: rec.id, Model: pr.model, Prompt: fmt.Sprintf("chaos producer %d job %d", pr.idx, i),
-			MaxTokens: pr.tokens(i), Seed: &seed}
+			MaxTokens: pr.tokens(i), Sampling: schemas.Sampling{Seed: &seed}}
 		st := pr.submit(ctx, rec, job)
 		if st == nil {
 			<-sem

@@ -132,7 +132,7 @@ func (l *ledger) submitBatch(ctx context.Context, r, n int, rng *rand.Rand, star
 		seed := int64(i)
 		j := &ledgerJob{id: fmt.Sprintf("%s%03d", l.jobPrefix(r), i), round: r}
 		job := &schemas.JobRequest{ID: j.id, Model: l.model, Prompt: fmt.Sprintf("stack kill round %d job %d", r, i),
-			MaxTokens: tokens[i], Seed: &seed}
+			MaxTokens: tokens[i], Sampling: schemas.Sampling{Seed: &seed}}
 		_, err := l.p.Submit(ctx, job)
 		j.accepted = err == nil
 		l.mu.Lock()
