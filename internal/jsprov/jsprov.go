@@ -169,17 +169,17 @@ func StreamConfigs(opts Options) map[string]jetstream.StreamConfig {
 // WorkersBucketConfig returns the worker registry bucket's configuration.
 func WorkersBucketConfig(opts Options) jetstream.KeyValueConfig {
 	o := opts.withDefaults()
-	return jetstream.KeyValueConfig{
-		Bucket:      subjects.BucketWorkers,
-		Description: "worker registry: key = worker id, value = heartbeat JSON",
-		History:     1,
-		TTL:         o.WorkerTTL,
-		Storage:     o.Storage,
-		Replicas:    o.Replicas,
-	}
+	return bucketConfig(o, subjects.BucketWorkers, "worker registry: key = worker id, value = heartbeat JSON", o.WorkerTTL)
 }
 
-// Provision creates or updates the streams and the worker registry bucket. It is
+// bucketConfig is a one-value-per-key bucket whose keys expire ttl after their
+// last put.
+func bucketConfig(o Options, name, description string, ttl time.Duration) jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{Bucket: name, Description: description, History: 1, TTL: ttl, Storage: o.Storage, Replicas: o.Replicas}
+}
+
+// Provision creates or updates the streams and the two buckets (worker registry,
+// models served). It is
 // idempotent: running it again with the same options changes nothing, and a
 // changed limit is applied to the existing stream without losing its messages.
 func Provision(ctx context.Context, js jetstream.JetStream, opts Options) error {
@@ -206,32 +206,25 @@ func Provision(ctx context.Context, js jetstream.JetStream, opts Options) error 
 		}
 		kv.Replicas = n
 	}
-	if _, err := js.CreateOrUpdateKeyValue(ctx, kv); err != nil {
-		return fmt.Errorf("bus: provision bucket %s: %w", subjects.BucketWorkers, err)
-	}
-	if err := denyRollups(ctx, js, "KV_"+subjects.BucketWorkers); err != nil {
-		return err
-	}
 	mk := ModelsBucketConfig(opts)
 	mk.Replicas = kv.Replicas
-	if _, err := js.CreateOrUpdateKeyValue(ctx, mk); err != nil {
-		return fmt.Errorf("bus: provision bucket %s: %w", subjects.BucketModels, err)
+	for _, cfg := range []jetstream.KeyValueConfig{kv, mk} {
+		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
+			return fmt.Errorf("bus: provision bucket %s: %w", cfg.Bucket, err)
+		}
+		if err := denyRollups(ctx, js, "KV_"+cfg.Bucket); err != nil {
+			return err
+		}
 	}
-	return denyRollups(ctx, js, "KV_"+subjects.BucketModels)
+	return nil
 }
 
 // ModelsBucketConfig returns the configuration of the bucket of recently served
 // models.
 func ModelsBucketConfig(opts Options) jetstream.KeyValueConfig {
 	o := opts.withDefaults()
-	return jetstream.KeyValueConfig{
-		Bucket:      subjects.BucketModels,
-		Description: "models served recently: key = ModelKey(model), value = the model name; expires ModelGrace after the last put",
-		History:     1,
-		TTL:         o.ModelGrace,
-		Storage:     o.Storage,
-		Replicas:    o.Replicas,
-	}
+	return bucketConfig(o, subjects.BucketModels,
+		"models served recently: key = ModelKey(model), value = the model name; expires ModelGrace after the last put", o.ModelGrace)
 }
 
 // denyRollups turns off message rollups on stream. A KV bucket allows them (its
