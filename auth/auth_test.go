@@ -160,7 +160,7 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 	t.Parallel()
 	sb := startSecureBus(t)
 	prodConn := sb.connect(RoleProducer, "a")
-	p, err := bus.NewProducer(prodConn.nc, bus.WithTenant("a"), bus.WithDefaultModel("tiny"))
+	p, err := bus.NewClient(prodConn.nc, bus.WithTenant("a"), bus.WithDefaultModel("tiny"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,7 +243,7 @@ func TestProducerCannotReadAnotherTenantsResults(t *testing.T) {
 	}
 
 	prod := sb.connect(RoleProducer, "a")
-	p, err := bus.NewProducer(prod.nc, bus.WithTenant("a"))
+	p, err := bus.NewClient(prod.nc, bus.WithTenant("a"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -294,7 +294,7 @@ func TestProducerCannotReadAnotherTenantsResults(t *testing.T) {
 	prod.violation(t, "Publish", "$JS.API.STREAM.INFO.RESULTS")
 
 	// Tenant b's producer reads its own.
-	pb, err := bus.NewProducer(sb.connect(RoleProducer, "b").nc, bus.WithTenant("b"))
+	pb, err := bus.NewClient(sb.connect(RoleProducer, "b").nc, bus.WithTenant("b"))
 	if err != nil {
 		t.Fatal(err)
 	}

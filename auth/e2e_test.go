@@ -52,7 +52,7 @@ func TestEveryRoleWorksWithItsOwnGrantsOnly(t *testing.T) {
 
 	ctx := testenv.Context(t, 2*time.Minute)
 	prodConn := sb.connect(RoleProducer, "a")
-	p, err := bus.NewProducer(prodConn.nc, bus.WithTenant("a"), bus.WithDefaultModel("tiny"))
+	p, err := bus.NewClient(prodConn.nc, bus.WithTenant("a"), bus.WithDefaultModel("tiny"))
 	if err != nil {
 		t.Fatal(err)
 	}

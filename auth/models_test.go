@@ -31,7 +31,7 @@ func TestModelsBucketGrants(t *testing.T) {
 		t.Fatalf("worker announces: %v", err)
 	}
 	prod := sb.connect(RoleProducer, "a")
-	p, err := bus.NewProducer(prod.nc, bus.WithTenant("a"))
+	p, err := bus.NewClient(prod.nc, bus.WithTenant("a"))
 	if err != nil {
 		t.Fatal(err)
 	}

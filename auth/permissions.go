@@ -60,7 +60,7 @@ type Permissions struct {
 }
 
 // JetStream API and KV subjects. The producer-side grants are the exact API calls
-// bus.Producer and bus.JobStream make: publishing a job or cancel needs none (the
+// bus.Client and bus.JobStream make: publishing a job or cancel needs none (the
 // publish ack comes back on the client's inbox), reading a result needs one
 // direct get, whose subject names the record's subject and so its tenant.
 const (

@@ -14,12 +14,12 @@ import (
 // token events from the job's reply subject until the terminal one.
 type busDriver struct {
 	nc    *nats.Conn
-	prod  *bus.Producer
+	prod  *bus.Client
 	model string
 }
 
 func newBusDriver(nc *nats.Conn, model string) (*busDriver, error) {
-	p, err := bus.NewProducer(nc, bus.WithTenant("bench"))
+	p, err := bus.NewClient(nc, bus.WithTenant("bench"))
 	if err != nil {
 		return nil, err
 	}

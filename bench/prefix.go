@@ -281,7 +281,7 @@ func runPrefixMode(ctx context.Context, o PrefixOptions, m PrefixMode, model, di
 		return PrefixRow{}, err
 	}
 	defer st.close()
-	prod, err := bus.NewProducer(st.nc, bus.WithTenant("bench"))
+	prod, err := bus.NewClient(st.nc, bus.WithTenant("bench"))
 	if err != nil {
 		return PrefixRow{}, err
 	}

@@ -97,7 +97,7 @@ func TestRestartKeepsQueuedJobs(t *testing.T) {
 	if err := jsprov.Provision(ctx, js1, jsprov.Options{}); err != nil {
 		t.Fatal(err)
 	}
-	p, err := NewProducer(nc1)
+	p, err := NewClient(nc1)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,7 @@
 // needs to put generation jobs on the fleet and read them back.
 //
 //   - Connect opens a NATS connection (retrying until the bus is up);
-//   - NewProducer builds a Producer: Submit queues a job, Cancel cancels one,
+//   - NewClient builds a Client: Submit queues a job, Cancel cancels one,
 //     Result reads its durable terminal record;
 //   - SubmitStream (or OpenStream, then Submit) and Watch follow a job's token
 //     events: a JobStream yields Events and always ends in exactly one terminal

@@ -27,9 +27,9 @@ func ExampleSubmitStream() {
 	defer nc.Close()
 	standInWorker(ctx, nc, []string{"Queues ", "hold ", "the ", "line."})
 
-	producer, _ := bus.NewProducer(nc, bus.WithTenant("acme"))
+	client, _ := bus.NewClient(nc, bus.WithTenant("acme"))
 	job := &schemas.JobRequest{Model: "tiny", Prompt: "Write a haiku about queues.", MaxTokens: 64}
-	stream, _, err := bus.SubmitStream(ctx, producer, nc, job, bus.StreamOptions{})
+	stream, _, err := bus.SubmitStream(ctx, client, nc, job, bus.StreamOptions{})
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -53,7 +53,7 @@ func ExampleSubmitStream() {
 	}
 
 	// The terminal record is durable: fetch it by id, from any process, any time.
-	res, _ := producer.Result(ctx, job.ID)
+	res, _ := client.Result(ctx, job.ID)
 	fmt.Println("stored:", res.Status, res.Text)
 
 	// Output:

@@ -31,13 +31,13 @@ func Example() {
 	}
 	defer nc.Close()
 
-	producer, err := bus.NewProducer(nc, bus.WithTenant("acme"), bus.WithDefaultModel("mlx-community/tiny"))
+	client, err := bus.NewClient(nc, bus.WithTenant("acme"), bus.WithDefaultModel("mlx-community/tiny"))
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
 	job := &schemas.JobRequest{ID: "01JEXAMPLE0000000000000000", Prompt: "Write a haiku about queues.", MaxTokens: 64}
-	ack, err := producer.Submit(ctx, job)
+	ack, err := client.Submit(ctx, job)
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -46,11 +46,11 @@ func Example() {
 	fmt.Println("tokens arrive on", ack.ReplyTo)
 
 	// Submitting the same id again is recognised, not run twice.
-	_, err = producer.Submit(ctx, &schemas.JobRequest{ID: job.ID, Prompt: job.Prompt})
+	_, err = client.Submit(ctx, &schemas.JobRequest{ID: job.ID, Prompt: job.Prompt})
 	fmt.Println("resubmit is a duplicate:", errors.Is(err, bus.ErrDuplicate))
 
 	// Nothing has run it yet.
-	_, err = producer.Result(ctx, job.ID)
+	_, err = client.Result(ctx, job.ID)
 	fmt.Println("no result yet:", errors.Is(err, bus.ErrNoResult))
 
 	// Output:

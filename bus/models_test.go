@@ -21,11 +21,11 @@ func TestSubmitFailsFastOnAnUnservedModel(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{ModelGrace: time.Second})
 	ctx := ctxT(t)
-	p, err := NewProducer(b.nc, WithTenant("acme"))
+	p, err := NewClient(b.nc, WithTenant("acme"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	submit := func(id, model string, p *Producer) error {
+	submit := func(id, model string, p *Client) error {
 		_, err := p.Submit(ctx, &schemas.JobRequest{ID: id, Model: model, Prompt: "hi"})
 		return err
 	}
@@ -50,7 +50,7 @@ func TestSubmitFailsFastOnAnUnservedModel(t *testing.T) {
 	if n := len(jobsInStream(t, b.js)); n != 2 {
 		t.Fatalf("JOBS holds %d jobs, want 2 (the refused one not queued)", n)
 	}
-	loose, _ := NewProducer(b.nc, WithTenant("acme"), WithoutModelCheck())
+	loose, _ := NewClient(b.nc, WithTenant("acme"), WithoutModelCheck())
 	if err := submit("forced", "tinny", loose); err != nil {
 		t.Fatalf("WithoutModelCheck: %v", err)
 	}

@@ -114,7 +114,7 @@ func NewJobID() string { return newULID() }
 // OpenStream prepares job for submission and subscribes to its reply subject, so
 // no event is lost however fast a worker answers (core NATS delivers only to
 // subscriptions that exist). It fills job.ID and job.ReplyTo when empty; submit
-// the job afterwards (Producer.Submit) and Close the stream if that fails. js may
+// the job afterwards (Client.Submit) and Close the stream if that fails. js may
 // be nil, in which case one is made from nc.
 func OpenStream(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, job *schemas.JobRequest, opts StreamOptions) (*JobStream, error) {
 	if job == nil {
@@ -193,7 +193,7 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenan
 // submits the job with p and returns both. On a submit error the stream is
 // closed and the error is Submit's own (a *schemas.ValidationError,
 // ErrQueueFull, ErrDuplicate, ...).
-func SubmitStream(ctx context.Context, p *Producer, nc *nats.Conn, job *schemas.JobRequest, opts StreamOptions) (*JobStream, SubmitAck, error) {
+func SubmitStream(ctx context.Context, p *Client, nc *nats.Conn, job *schemas.JobRequest, opts StreamOptions) (*JobStream, SubmitAck, error) {
 	if job == nil {
 		return nil, SubmitAck{}, errors.New("bus: submit stream: nil job")
 	}

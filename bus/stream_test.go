@@ -83,7 +83,7 @@ func TestJobStreamDropsOffsetOutOfRange(t *testing.T) {
 func TestJobStreamHandsOverOnlyTheStoredRecord(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{})
-	p, err := NewProducer(b.nc, WithTenant("acme"))
+	p, err := NewClient(b.nc, WithTenant("acme"))
 	if err != nil {
 		t.Fatal(err)
 	}

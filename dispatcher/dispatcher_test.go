@@ -353,7 +353,7 @@ func TestExpiredWithoutRunning(t *testing.T) {
 func TestCancelQueued(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	prod, err := bus.NewProducer(e.nc)
+	prod, err := bus.NewClient(e.nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -403,7 +403,7 @@ func TestCancelHeldNotDispatched(t *testing.T) {
 	c := e.listen(held.ReplyTo)
 	e.mustSubmit(held)
 	waitFor(t, 5*time.Second, "held pulled", func() bool { return d.Metrics().JobsPulled.Load() == 1 })
-	prod, _ := bus.NewProducer(e.nc)
+	prod, _ := bus.NewClient(e.nc)
 	if err := prod.Cancel(context.Background(), "held", ""); err != nil {
 		t.Fatal(err)
 	}
@@ -496,7 +496,7 @@ func TestQueueFullNoLoss(t *testing.T) {
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.MaxBatch = 1
 	_, _ = runDispatcher(t, cfg)
-	prod, _ := bus.NewProducer(e.nc)
+	prod, _ := bus.NewClient(e.nc)
 	var accepted []string
 	var full error
 	for i := range 30 {

@@ -40,7 +40,7 @@
 // # Lifecycle
 //
 // Every job state change goes through Transition, one table of
-// (state × event → state); illegal transitions are logged and counted in
+// (state × trigger → state); illegal transitions are logged and counted in
 // Metrics.IllegalTransitions. A redelivered job whose RESULTS record exists is
 // acked without running (looked up on every delivery: a cluster's consumer can
 // redeliver with a count of 1 after a leader change); one with a

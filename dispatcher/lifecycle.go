@@ -13,7 +13,7 @@ import (
 
 // apply moves j through the transition table; the only place a job's state
 // changes. Callers hold d.mu.
-func (d *Dispatcher) apply(j *job, e Event) error {
+func (d *Dispatcher) apply(j *job, e Trigger) error {
 	from := j.state
 	to, err := Transition(from, e)
 	if err != nil {

@@ -26,12 +26,12 @@ type Metrics struct {
 	// Routed counts batches by why they went to their worker (RouteReason).
 	Routed [numRouteReasons]atomic.Int64
 	// Transitions counts legal transitions by (from state, event).
-	Transitions [numStates][numEvents]atomic.Int64
+	Transitions [numStates][numTriggers]atomic.Int64
 }
 
 // TransitionCount returns how often event e was applied in state s.
-func (m *Metrics) TransitionCount(s State, e Event) int64 {
-	if s >= numStates || e >= numEvents {
+func (m *Metrics) TransitionCount(s State, e Trigger) int64 {
+	if s >= numStates || e >= numTriggers {
 		return 0
 	}
 	return m.Transitions[s][e].Load()

@@ -90,7 +90,7 @@ func (t tally) series() {
 		if s.Terminal() {
 			finished = append(finished, s.String())
 		}
-		for e := range numEvents {
+		for e := range numTriggers {
 			if _, err := Transition(s, e); err == nil {
 				pairs = append(pairs, [2]string{s.String(), e.String()})
 			}
@@ -149,7 +149,7 @@ func (t tally) workerLost() { t.m.WorkersLost.Add(1); t.obs.WorkerLost() }
 
 func (t tally) workerRestarted() { t.m.WorkersRestarted.Add(1); t.obs.WorkerRestarted() }
 
-func (t tally) transition(from State, e Event) {
+func (t tally) transition(from State, e Trigger) {
 	t.m.Transitions[from][e].Add(1)
 	t.obs.Transition(from.String(), e.String())
 }

@@ -35,28 +35,29 @@ func (s State) String() string {
 // Terminal reports whether no transition leaves s.
 func (s State) Terminal() bool { return s >= StateCompleted && s < numStates }
 
-// Event is something that happens to a job.
-type Event uint8
+// Trigger is something that happens to a job: the input of the state machine
+// (state × trigger → state). Not bus.Event, which is what a job stream carries.
+type Trigger uint8
 
-// Job events.
+// Job triggers.
 const (
-	EvDispatch      Event = iota // a batch holding the job is offered to a worker
-	EvAccepted                   // the worker accepted the batch
-	EvRefused                    // the worker answered full/rejected or was not there: the job was never started
-	EvAttemptFailed              // the attempt failed and may be retried (report, worker lost, assignment timeout)
-	EvRequeue                    // the retry backoff elapsed; the job waits for a worker again
-	EvExhausted                  // a retryable failure with no attempts left
-	EvCompleted                  // a completed terminal record was seen
-	EvFailed                     // a failed terminal record was seen or written (non-retryable)
-	EvCancel                     // the job was cancelled
-	EvExpire                     // the job's deadline passed
-	EvDeadLetter                 // a failure no retry can fix (model unavailable, delivered too often): dead-lettered at once
-	numEvents
+	EvDispatch      Trigger = iota // a batch holding the job is offered to a worker
+	EvAccepted                     // the worker accepted the batch
+	EvRefused                      // the worker answered full/rejected or was not there: the job was never started
+	EvAttemptFailed                // the attempt failed and may be retried (report, worker lost, assignment timeout)
+	EvRequeue                      // the retry backoff elapsed; the job waits for a worker again
+	EvExhausted                    // a retryable failure with no attempts left
+	EvCompleted                    // a completed terminal record was seen
+	EvFailed                       // a failed terminal record was seen or written (non-retryable)
+	EvCancel                       // the job was cancelled
+	EvExpire                       // the job's deadline passed
+	EvDeadLetter                   // a failure no retry can fix (model unavailable, delivered too often): dead-lettered at once
+	numTriggers
 )
 
 var eventNames = [...]string{"dispatch", "accepted", "refused", "attempt_failed", "requeue", "exhausted", "completed", "failed", "cancel", "expire", "dead_letter"}
 
-func (e Event) String() string {
+func (e Trigger) String() string {
 	if int(e) < len(eventNames) {
 		return eventNames[e]
 	}
@@ -77,14 +78,14 @@ const none = numStates
 // ran an earlier attempt, or another dispatcher, may have finished it); a worker
 // may itself end a running job as expired; a queued or retrying job is never on a
 // worker, so only it can be expired by a dispatcher.
-var transitions = func() [numStates][numEvents]State {
-	var t [numStates][numEvents]State
+var transitions = func() [numStates][numTriggers]State {
+	var t [numStates][numTriggers]State
 	for s := range t {
 		for e := range t[s] {
 			t[s][e] = none
 		}
 	}
-	set := func(e Event, to State, from ...State) {
+	set := func(e Trigger, to State, from ...State) {
 		for _, f := range from {
 			t[f][e] = to
 		}
@@ -105,8 +106,8 @@ var transitions = func() [numStates][numEvents]State {
 
 // Transition returns the state after event e in state s, or an error matching
 // ErrIllegalTransition.
-func Transition(s State, e Event) (State, error) {
-	if s >= numStates || e >= numEvents {
+func Transition(s State, e Trigger) (State, error) {
+	if s >= numStates || e >= numTriggers {
 		return s, fmt.Errorf("%w: %v on %v", ErrIllegalTransition, e, s)
 	}
 	to := transitions[s][e]
@@ -117,7 +118,7 @@ func Transition(s State, e Event) (State, error) {
 }
 
 // eventForStatus maps a terminal record's status to the event it causes.
-func eventForStatus(status string) (Event, bool) {
+func eventForStatus(status string) (Trigger, bool) {
 	switch status {
 	case "completed":
 		return EvCompleted, true

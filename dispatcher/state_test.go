@@ -6,7 +6,7 @@ import (
 )
 
 // legal is the lifecycle written out by hand, independently of the table.
-var legal = map[State]map[Event]State{
+var legal = map[State]map[Trigger]State{
 	StateQueued:     {EvDispatch: StateDispatched, EvCompleted: StateCompleted, EvFailed: StateFailed, EvCancel: StateCancelled, EvExpire: StateExpired, EvDeadLetter: StateDeadLettered},
 	StateDispatched: {EvAccepted: StateRunning, EvRefused: StateQueued, EvAttemptFailed: StateRetrying, EvCompleted: StateCompleted, EvFailed: StateFailed, EvCancel: StateCancelled, EvExpire: StateExpired, EvDeadLetter: StateDeadLettered},
 	StateRunning:    {EvAttemptFailed: StateRetrying, EvCompleted: StateCompleted, EvFailed: StateFailed, EvCancel: StateCancelled, EvExpire: StateExpired, EvDeadLetter: StateDeadLettered},
@@ -17,7 +17,7 @@ func TestTransitionTableWalk(t *testing.T) {
 	t.Parallel()
 	legalCount := 0
 	for s := State(0); s < numStates; s++ {
-		for e := Event(0); e < numEvents; e++ {
+		for e := Trigger(0); e < numTriggers; e++ {
 			want, ok := legal[s][e]
 			got, err := Transition(s, e)
 			if ok {
@@ -55,7 +55,7 @@ func TestIllegalTransitionsCounted(t *testing.T) {
 	d := &Dispatcher{}
 	d.log = *testConfigLogger()
 	j := &job{id: "x", state: StateQueued}
-	path := []Event{EvDispatch, EvAccepted, EvAttemptFailed, EvRequeue, EvDispatch, EvRefused, EvDispatch, EvAccepted, EvCompleted}
+	path := []Trigger{EvDispatch, EvAccepted, EvAttemptFailed, EvRequeue, EvDispatch, EvRefused, EvDispatch, EvAccepted, EvCompleted}
 	for _, e := range path {
 		if err := d.apply(j, e); err != nil {
 			t.Fatalf("apply %v: %v", e, err)
@@ -66,7 +66,7 @@ func TestIllegalTransitionsCounted(t *testing.T) {
 	}
 	samples := []struct {
 		s State
-		e Event
+		e Trigger
 	}{{StateCompleted, EvDispatch}, {StateQueued, EvAccepted}, {StateRunning, EvDispatch}, {StateQueued, EvRequeue}, {StateDeadLettered, EvCancel}, {StateRunning, EvExhausted}, {StateQueued, EvAttemptFailed}}
 	for _, c := range samples {
 		j.state = c.s

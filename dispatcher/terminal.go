@@ -52,7 +52,7 @@ func (d *Dispatcher) finishObserved(j *job, status string) {
 
 // finishByDispatcher ends j with a terminal record this dispatcher makes.
 // Callers hold d.mu; the I/O runs outside it.
-func (d *Dispatcher) finishByDispatcher(j *job, e Event, status string, errInfo *schemas.ErrorInfo) {
+func (d *Dispatcher) finishByDispatcher(j *job, e Trigger, status string, errInfo *schemas.ErrorInfo) {
 	d.finishWith(j, e, terminalRecord(j, e, status, errInfo, time.Now().UTC()), nil)
 }
 
@@ -60,7 +60,7 @@ func (d *Dispatcher) finishByDispatcher(j *job, e Event, status string, errInfo 
 // result schema whatever the job's body held — an invalid job's model or an
 // error message may be what broke it — or results.Record would refuse it and the
 // job be redelivered for ever; FuzzIntake holds it to that.
-func terminalRecord(j *job, e Event, status string, errInfo *schemas.ErrorInfo, now time.Time) *schemas.ResultMsg {
+func terminalRecord(j *job, e Trigger, status string, errInfo *schemas.ErrorInfo, now time.Time) *schemas.ResultMsg {
 	// Attempt 0 says the job never ran (the schema's convention).
 	attempt := 0
 	if j.ran {
@@ -108,7 +108,7 @@ func clip(s string, n int) string {
 // finishWith applies e to j, forgets it and writes res (and the dead letter for
 // EvExhausted and EvDeadLetter) outside the lock; done, if set, learns the
 // outcome. Callers hold d.mu.
-func (d *Dispatcher) finishWith(j *job, e Event, res *schemas.ResultMsg, done func(error)) {
+func (d *Dispatcher) finishWith(j *job, e Trigger, res *schemas.ResultMsg, done func(error)) {
 	if err := d.apply(j, e); err != nil {
 		if done != nil {
 			done(errNotMine)

@@ -72,7 +72,7 @@ func TestQueueFullIs429(t *testing.T) {
 	_, srv := newTestGateway(t, tb, nil)
 
 	// Fill the queue; nobody consumes it.
-	p, err := bus.NewProducer(tb.nc)
+	p, err := bus.NewClient(tb.nc)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -227,12 +227,12 @@ func TestJobStreamWatchFinishedJob(t *testing.T) {
 	}
 }
 
-// SubmitStream submits through a Producer and sees the worker's events.
+// SubmitStream submits through a Client and sees the worker's events.
 func TestSubmitStream(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: []string{"x", "y"}})
-	p, err := bus.NewProducer(tb.nc)
+	p, err := bus.NewClient(tb.nc)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -54,7 +54,7 @@ func TestRealWork(t *testing.T) {
 	s := &scraper{t: t, url: "http://" + srv.Addr() + "/metrics"}
 
 	// Jobs wait in JOBS while there is no capacity.
-	prod, err := bus.NewProducer(b.Conn)
+	prod, err := bus.NewClient(b.Conn)
 	if err != nil {
 		t.Fatal(err)
 	}

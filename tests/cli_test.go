@@ -209,7 +209,7 @@ func TestCLIAgainstUp(t *testing.T) {
 
 	// A model no worker serves, while one serves another: refused at once with
 	// its own exit code, nothing queued. Mutation caught: dropping the check in
-	// bus.Producer.Submit (the job is queued, submit waits and exits 1 later).
+	// bus.Client.Submit (the job is queued, submit waits and exits 1 later).
 	t.Run("submit to a model nobody serves exits 7 at once", func(t *testing.T) {
 		_, errOut, code := up.cli(t, "", "submit", "--detach", "-m", "tiny-modle", "x")
 		if code != 7 || !strings.Contains(errOut, "model_not_found") {

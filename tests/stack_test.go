@@ -26,7 +26,7 @@ import (
 type stack struct {
 	t    *testing.T
 	bus  *testenv.Bus
-	prod *bus.Producer
+	prod *bus.Client
 }
 
 var workerSeq atomic.Int64
@@ -34,7 +34,7 @@ var workerSeq atomic.Int64
 func newStack(t *testing.T) *stack {
 	t.Helper()
 	b := testenv.StartBus(t, jsprov.Options{WorkerTTL: 3 * time.Second})
-	prod, err := bus.NewProducer(b.Conn)
+	prod, err := bus.NewClient(b.Conn)
 	if err != nil {
 		t.Fatal(err)
 	}

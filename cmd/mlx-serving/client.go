@@ -64,7 +64,7 @@ type clientSession struct {
 	cfg  config.Config
 	nc   *nats.Conn
 	js   jetstream.JetStream
-	prod *bus.Producer
+	prod *bus.Client
 	json bool
 }
 
@@ -112,7 +112,7 @@ func (a *app) openClient(ctx context.Context, name string, cf *clientFlags) (*cl
 		fmt.Fprintf(a.stderr, "mlx-serving %s: %v\n", name, err)
 		return nil, exitFailed, false
 	}
-	prod, err := bus.NewProducer(nc)
+	prod, err := bus.NewClient(nc)
 	if err != nil {
 		nc.Close()
 		fmt.Fprintf(a.stderr, "mlx-serving %s: %v\n", name, err)

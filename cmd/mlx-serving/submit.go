@@ -94,7 +94,7 @@ func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args
 	}
 	if o.allowUnserved {
 		var err error
-		if s.prod, err = bus.NewProducer(s.nc, bus.WithoutModelCheck()); err != nil {
+		if s.prod, err = bus.NewClient(s.nc, bus.WithoutModelCheck()); err != nil {
 			fmt.Fprintf(stderr, "mlx-serving submit: %v\n", err)
 			return exitFailed
 		}

@@ -36,7 +36,7 @@ type Options struct {
 type Bus struct {
 	nc       *nats.Conn
 	js       jetstream.JetStream
-	producer *bus.Producer
+	producer *bus.Client
 	stream   bus.StreamOptions
 }
 
@@ -46,7 +46,7 @@ func New(nc *nats.Conn, o Options) (*Bus, error) {
 		return nil, errors.New("gateway: a bus connection is required")
 	}
 	log := o.Logger.With().Str("component", "gateway").Logger()
-	p, err := bus.NewProducer(nc, bus.WithDefaultModel(o.DefaultModel), bus.WithProducerLogger(log))
+	p, err := bus.NewClient(nc, bus.WithDefaultModel(o.DefaultModel), bus.WithClientLogger(log))
 	if err != nil {
 		return nil, fmt.Errorf("gateway: %w", err)
 	}

@@ -140,7 +140,7 @@ func TestFaultCampaign(t *testing.T) {
 			break
 		}
 		nc := connectAll(t, ns, fmt.Sprintf("chaos-producer-%d", k))
-		p, err := bus.NewProducer(nc)
+		p, err := bus.NewClient(nc)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -63,7 +63,7 @@ func TestClusterLosesNothing(t *testing.T) {
 	h := newHistory()
 	const jobs = 120
 	pnc := connectAll(t, ns, "cluster-producer")
-	p, err := bus.NewProducer(pnc)
+	p, err := bus.NewClient(pnc)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -173,7 +173,7 @@ func (h *history) observe(m *nats.Msg) {
 type producer struct {
 	idx      int
 	nc       *nats.Conn
-	p        *bus.Producer
+	p        *bus.Client
 	h        *history
 	model    string
 	inFlight int

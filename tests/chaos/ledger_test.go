@@ -47,7 +47,7 @@ type ledger struct {
 	seed  uint64
 	model string
 	nc    *nats.Conn // the producer's connection
-	p     *bus.Producer
+	p     *bus.Client
 	js    jetstream.JetStream
 	h     *history // the wire, as a monitor on mlx.> saw it (for duplicates and a lost job's story)
 
@@ -73,7 +73,7 @@ type resultTrigger struct {
 func newLedger(t testing.TB, ns *natsSet, model string, seed uint64) *ledger {
 	t.Helper()
 	pnc := connectAll(t, ns, "ledger-producer")
-	p, err := bus.NewProducer(pnc)
+	p, err := bus.NewClient(pnc)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -38,7 +38,7 @@ func TestOutageReplay(t *testing.T) {
 	d := f.addDispatcher(ctx, "d1") // provisions the streams
 
 	// Workers are down: every job waits in JOBS.
-	p, err := bus.NewProducer(f.nc)
+	p, err := bus.NewClient(f.nc)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -28,7 +28,7 @@ func BenchmarkSubmitSync(b *testing.B) {
 	var took [2]time.Duration
 	b.ResetTimer()
 	for i := range b.N {
-		for k, p := range []*bus.Producer{always, interval} {
+		for k, p := range []*bus.Client{always, interval} {
 			job := &schemas.JobRequest{ID: fmt.Sprintf("bench%d%09d", k, i), Model: "tiny", Prompt: "benchmark prompt", MaxTokens: 16}
 			t0 := time.Now()
 			if _, err := p.Submit(ctx, job); err != nil {
@@ -58,10 +58,10 @@ func BenchmarkSubmitSync(b *testing.B) {
 
 // benchProducer starts an embedded server on a temp file store with the given
 // sync setting, provisions it and returns a producer on it.
-func benchProducer(b *testing.B, syncAlways bool) *bus.Producer {
+func benchProducer(b *testing.B, syncAlways bool) *bus.Client {
 	b.Helper()
 	nc := testenv.StartBusWith(b, testenv.BusOptions{Server: natsserver.Options{SyncAlways: syncAlways}}).Conn
-	p, err := bus.NewProducer(nc)
+	p, err := bus.NewClient(nc)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -429,7 +429,7 @@ func (at *attackTable) directGetBody(c *busClient, bc *bClient) {
 
 // isolatedSameID submits a job of a's own with the id of b's queued job: it
 // must be a's job, leaving b's untouched (checked with b's records).
-func (at *attackTable) isolatedSameID(c *busClient, p *bus.Producer, id string) {
+func (at *attackTable) isolatedSameID(c *busClient, p *bus.Client, id string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	action := "submit on " + subjects.Job("a", "normal", id) + ": own job with the id of b's queued " + id

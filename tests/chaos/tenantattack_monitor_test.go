@@ -17,7 +17,7 @@ import (
 // Tenant b's client and the wire monitor the attack test judges by.
 
 type bClient struct {
-	p  *bus.Producer
+	p  *bus.Client
 	nc *nats.Conn
 
 	mu    sync.Mutex
@@ -26,7 +26,7 @@ type bClient struct {
 	open  int
 }
 
-func newBClient(p *bus.Producer, nc *nats.Conn) *bClient {
+func newBClient(p *bus.Client, nc *nats.Conn) *bClient {
 	return &bClient{p: p, nc: nc, terms: map[string]*schemas.ResultMsg{}}
 }
 

@@ -60,11 +60,11 @@ func TestTenantAttack(t *testing.T) {
 	gw := s.connect(auth.RoleGateway, "")
 	dc := s.connect(auth.RoleDispatcher, "")
 	model := s.modelID()
-	prodA, err := bus.NewProducer(pa.nc, bus.WithTenant("a"), bus.WithDefaultModel(model))
+	prodA, err := bus.NewClient(pa.nc, bus.WithTenant("a"), bus.WithDefaultModel(model))
 	if err != nil {
 		t.Fatal(err)
 	}
-	prodB, err := bus.NewProducer(pb.nc, bus.WithTenant("b"), bus.WithDefaultModel(model))
+	prodB, err := bus.NewClient(pb.nc, bus.WithTenant("b"), bus.WithDefaultModel(model))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,7 +21,7 @@ func TestSubmitLandsInJobs(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{})
 	fixed := time.Date(2026, 5, 6, 7, 8, 9, 0, time.UTC)
-	p, err := NewProducer(b.nc, WithTenant("acme"), WithDefaultModel("tiny"), WithClock(func() time.Time { return fixed }))
+	p, err := NewClient(b.nc, WithTenant("acme"), WithDefaultModel("tiny"), WithClock(func() time.Time { return fixed }))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +102,7 @@ func TestSubmitLandsInJobs(t *testing.T) {
 func TestSubmitDuplicateID(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{})
-	p, err := NewProducer(b.nc)
+	p, err := NewClient(b.nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +143,7 @@ func TestSubmitDuplicateID(t *testing.T) {
 func TestSubmitQueueFull(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{JobsMaxMsgs: 5})
-	p, err := NewProducer(b.nc)
+	p, err := NewClient(b.nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +182,7 @@ func TestSubmitQueueFull(t *testing.T) {
 func TestSubmitQueueFullByBytes(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{JobsMaxBytes: 2048})
-	p, err := NewProducer(b.nc)
+	p, err := NewClient(b.nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,7 +199,7 @@ func TestSubmitQueueFullByBytes(t *testing.T) {
 func TestSubmitTooLarge(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{JobsMaxMsgSize: 512})
-	p, err := NewProducer(b.nc)
+	p, err := NewClient(b.nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -211,7 +211,7 @@ func TestSubmitTooLarge(t *testing.T) {
 func TestSubmitInvalidJobPublishesNothing(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{})
-	p, err := NewProducer(b.nc)
+	p, err := NewClient(b.nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -253,7 +253,7 @@ func TestSubmitWithoutStreamsOrConnection(t *testing.T) {
 	t.Parallel()
 	srv := startServerAt(t, t.TempDir(), natsserver.Options{})
 	nc, _ := connectTo(t, srv)
-	p, err := NewProducer(nc)
+	p, err := NewClient(nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,7 +276,7 @@ func TestSubmitWithoutStreamsOrConnection(t *testing.T) {
 func TestCancelLandsInCancels(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{})
-	p, err := NewProducer(b.nc, WithTenant("acme"))
+	p, err := NewClient(b.nc, WithTenant("acme"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -351,7 +351,7 @@ func TestNewULID(t *testing.T) {
 
 // A producer reads its own tenant's records: Result under its tenant,
 // TenantResult under the one named, ErrNoResult for another tenant's.
-func TestProducerResultIsPerTenant(t *testing.T) {
+func TestClientResultIsPerTenant(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{})
 	ctx := ctxT(t)
@@ -360,14 +360,14 @@ func TestProducerResultIsPerTenant(t *testing.T) {
 	if err := results.Record(ctx, b.js, r); err != nil {
 		t.Fatal(err)
 	}
-	pa, err := NewProducer(b.nc, WithTenant("a"))
+	pa, err := NewClient(b.nc, WithTenant("a"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got, err := pa.Result(ctx, "job-t"); err != nil || got.Text != "for a" {
 		t.Fatalf("tenant a's producer: %+v, %v", got, err)
 	}
-	pd, err := NewProducer(b.nc)
+	pd, err := NewClient(b.nc)
 	if err != nil {
 		t.Fatal(err)
 	}

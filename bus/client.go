@@ -24,9 +24,9 @@ import (
 	"go.opentelemetry.io/otel/trace"
 )
 
-// Producer submits jobs, cancels them and fetches their results. Backend services
+// Client submits jobs, cancels them and fetches their results. Backend services
 // build one per process and share it; it is safe for concurrent use.
-type Producer struct {
+type Client struct {
 	nc              *nats.Conn
 	js              jetstream.JetStream
 	tenant          string
@@ -39,52 +39,52 @@ type Producer struct {
 	models          modelCheck
 }
 
-// ProducerOption configures a Producer.
-type ProducerOption func(*Producer)
+// ClientOption configures a Client.
+type ClientOption func(*Client)
 
 // WithTenant sets the tenant of jobs and cancels that do not name one; it is also
 // the tenant token of default reply subjects.
-func WithTenant(tenant string) ProducerOption { return func(p *Producer) { p.tenant = tenant } }
+func WithTenant(tenant string) ClientOption { return func(p *Client) { p.tenant = tenant } }
 
 // WithDefaultModel sets the model of jobs that do not name one.
-func WithDefaultModel(model string) ProducerOption {
-	return func(p *Producer) { p.defaultModel = model }
+func WithDefaultModel(model string) ClientOption {
+	return func(p *Client) { p.defaultModel = model }
 }
 
 // WithDefaultPriority sets the priority of jobs that do not name one (default normal).
-func WithDefaultPriority(priority string) ProducerOption {
-	return func(p *Producer) { p.defaultPriority = priority }
+func WithDefaultPriority(priority string) ClientOption {
+	return func(p *Client) { p.defaultPriority = priority }
 }
 
 // WithPublishTimeout bounds each publish when the caller's ctx has a later or no
 // deadline (default 5s).
-func WithPublishTimeout(d time.Duration) ProducerOption {
-	return func(p *Producer) { p.publishTimeout = d }
+func WithPublishTimeout(d time.Duration) ClientOption {
+	return func(p *Client) { p.publishTimeout = d }
 }
 
-// WithProducerLogger sets the logger for submit and cancel events (debug level).
-func WithProducerLogger(l zerolog.Logger) ProducerOption { return func(p *Producer) { p.log = l } }
+// WithClientLogger sets the logger for submit and cancel events (debug level).
+func WithClientLogger(l zerolog.Logger) ClientOption { return func(p *Client) { p.log = l } }
 
 // WithoutModelCheck queues jobs for any model. By default Submit refuses, with
 // ErrModelNotServed, a job whose model no worker has served within the model
 // grace period while workers serve others (while none serves anything, the
 // fleet is down and jobs are queued to wait for it); with this option the job
 // is queued and the dispatcher dead-letters it if no worker comes for it.
-func WithoutModelCheck() ProducerOption { return func(p *Producer) { p.noModelCheck = true } }
+func WithoutModelCheck() ClientOption { return func(p *Client) { p.noModelCheck = true } }
 
 // WithClock replaces time.Now, for tests.
-func WithClock(now func() time.Time) ProducerOption { return func(p *Producer) { p.now = now } }
+func WithClock(now func() time.Time) ClientOption { return func(p *Client) { p.now = now } }
 
-// NewProducer builds a Producer on an open connection.
-func NewProducer(nc *nats.Conn, opts ...ProducerOption) (*Producer, error) {
+// NewClient builds a Client on an open connection.
+func NewClient(nc *nats.Conn, opts ...ClientOption) (*Client, error) {
 	if nc == nil {
-		return nil, fmt.Errorf("bus: NewProducer: %w", ErrNotConnected)
+		return nil, fmt.Errorf("bus: NewClient: %w", ErrNotConnected)
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("bus: jetstream: %w", err)
 	}
-	p := &Producer{
+	p := &Client{
 		nc:              nc,
 		js:              js,
 		defaultPriority: schemas.PriorityNormal,
@@ -97,12 +97,12 @@ func NewProducer(nc *nats.Conn, opts ...ProducerOption) (*Producer, error) {
 	return p, nil
 }
 
-// JetStream returns the producer's JetStream context.
-func (p *Producer) JetStream() jetstream.JetStream { return p.js }
+// JetStream returns the client's JetStream context.
+func (p *Client) JetStream() jetstream.JetStream { return p.js }
 
-// ReplySubject is the reply subject Submit gives a job of this producer's tenant
+// ReplySubject is the reply subject Submit gives a job of this client's tenant
 // that names none; subscribe to it before Submit to see every token event.
-func (p *Producer) ReplySubject(jobID string) string { return ReplySubject(p.tenant, jobID) }
+func (p *Client) ReplySubject(jobID string) string { return ReplySubject(p.tenant, jobID) }
 
 // SubmitAck describes a queued job.
 type SubmitAck struct {
@@ -122,7 +122,7 @@ type SubmitAck struct {
 // job's model within the grace period (WithoutModelCheck turns this off);
 // ErrQueueFull when JOBS is at its limits; ErrJobTooLarge; ErrNoStream
 // when JOBS is not provisioned; ErrNotConnected. All are matched with errors.Is.
-func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack SubmitAck, err error) {
+func (p *Client) Submit(ctx context.Context, job *schemas.JobRequest) (ack SubmitAck, err error) {
 	if job == nil {
 		return SubmitAck{}, errors.New("bus: Submit: nil job")
 	}
@@ -171,7 +171,7 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack Sub
 	}
 
 	// The trace context rides in the headers, not the job: the job's schema is
-	// the producers' contract and stays free of transport concerns.
+	// the clients' contract and stays free of transport concerns.
 	msg := &nats.Msg{Subject: ack.Subject, Data: data, Header: nats.Header{}}
 	tracing.InjectHeader(ctx, msg.Header)
 	// No Nats-Msg-Id: the duplicate window is shared by every tenant, so a job id
@@ -192,7 +192,7 @@ func (p *Producer) Submit(ctx context.Context, job *schemas.JobRequest) (ack Sub
 	return ack, nil
 }
 
-func (p *Producer) mapSubmitError(jobID string, err error) error {
+func (p *Client) mapSubmitError(jobID string, err error) error {
 	switch jserr.StoreRefusal(err) {
 	case jserr.StoreMaxMsgs, jserr.StoreMaxBytes:
 		return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrQueueFull, err)
@@ -221,14 +221,14 @@ func (p *Producer) mapSubmitError(jobID string, err error) error {
 
 // Cancel asks for a job to be cancelled. The request is stored in CANCELS, so a
 // job that is still queued is dropped when it is pulled.
-func (p *Producer) Cancel(ctx context.Context, jobID, reason string) error {
+func (p *Client) Cancel(ctx context.Context, jobID, reason string) error {
 	return p.TenantCancel(ctx, p.tenant, jobID, reason)
 }
 
 // TenantCancel asks for a job of tenant ("" is the default tenant) to be
-// cancelled, for a producer that submits for several (the gateway). A producer
+// cancelled, for a client that submits for several (the gateway). A client
 // credential may cancel its own tenant's jobs only.
-func (p *Producer) TenantCancel(ctx context.Context, tenant, jobID, reason string) error {
+func (p *Client) TenantCancel(ctx context.Context, tenant, jobID, reason string) error {
 	msg := schemas.CancelMsg{JobID: jobID, Reason: reason, Tenant: tenant, RequestedAt: p.now().UTC()}
 	data, err := json.Marshal(msg)
 	if err != nil {
@@ -253,29 +253,29 @@ func (p *Producer) TenantCancel(ctx context.Context, tenant, jobID, reason strin
 	return nil
 }
 
-// Result returns the terminal record of a job of the producer's tenant, or an
+// Result returns the terminal record of a job of the client's tenant, or an
 // error matching ErrNoResult.
-func (p *Producer) Result(ctx context.Context, jobID string) (*schemas.ResultMsg, error) {
+func (p *Client) Result(ctx context.Context, jobID string) (*schemas.ResultMsg, error) {
 	return p.TenantResult(ctx, p.tenant, jobID)
 }
 
 // TenantResult returns the terminal record of a job of tenant ("" is the default
-// tenant), for a producer that submits for several (the gateway). A producer
+// tenant), for a client that submits for several (the gateway). A client
 // credential may read its own tenant's records only.
-func (p *Producer) TenantResult(ctx context.Context, tenant, jobID string) (*schemas.ResultMsg, error) {
+func (p *Client) TenantResult(ctx context.Context, tenant, jobID string) (*schemas.ResultMsg, error) {
 	ctx, cancel := p.withTimeout(ctx)
 	defer cancel()
 	return results.Fetch(ctx, p.js, tenant, jobID)
 }
 
-func (p *Producer) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+func (p *Client) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
 	if p.publishTimeout <= 0 {
 		return context.WithCancel(ctx)
 	}
 	return context.WithTimeout(ctx, p.publishTimeout)
 }
 
-func (p *Producer) fillDefaults(job *schemas.JobRequest) {
+func (p *Client) fillDefaults(job *schemas.JobRequest) {
 	if job.ID == "" {
 		job.ID = newULID()
 	}
@@ -298,10 +298,10 @@ func (p *Producer) fillDefaults(job *schemas.JobRequest) {
 }
 
 // subjectViolations checks what becomes a subject token, and that the job stays
-// inside its tenant: the body's tenant is the producer's (when it has one), and
+// inside its tenant: the body's tenant is the client's (when it has one), and
 // reply_to lies under that tenant's reply namespace. The server's permissions and
 // the dispatcher enforce the same; this says it at the edge, with the path.
-func (p *Producer) subjectViolations(job *schemas.JobRequest) error {
+func (p *Client) subjectViolations(job *schemas.JobRequest) error {
 	vs := tokenViolations(job)
 	if p.tenant != "" && job.Tenant != p.tenant {
 		vs = append(vs, schemas.Violation{Path: "$.tenant", Reason: "must be the producer's tenant " + strconv.Quote(p.tenant)})
@@ -341,7 +341,7 @@ func validSubjectToken(s string) bool {
 const crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 // newULID returns a new ULID: 26 characters, sortable by creation time (ms), 80
-// random bits, safe as a subject token. Producer-assigned ids sort by submission,
+// random bits, safe as a subject token. Client-assigned ids sort by submission,
 // which keeps `status` listings and RESULTS scans in time order.
 func newULID() string {
 	var b [16]byte
