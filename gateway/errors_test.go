@@ -228,17 +228,22 @@ func streamedText(t *testing.T, events []string) (string, *openAIError) {
 }
 
 // An attempt that had to start over regenerates what the client already has; the
-// client sees every byte once.
-// Mutation caught: gateway/jobs.go ignoring ev.Rewind (the client gets
-// "Once upon Once upon a time").
+// client sees every byte once, and no empty chunk for what the stream swallowed.
+// Mutations caught: bus.JobStream handing over a regenerated prefix (the client
+// gets "Once upon Once upon a time"); jobCall.delta sending empty deltas (nine
+// events, not seven).
 func TestStreamRestartedAttemptSendsNothingTwice(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
 	startFakeWorker(t, tb, script{tokens: []string{"Once ", "upon ", "a ", "time"}, restartAfter: 2})
 	_, srv := newTestGateway(t, tb, nil)
-	text, e := streamedText(t, readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil))))
+	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
+	text, e := streamedText(t, events)
 	if e != nil || text != "Once upon a time" {
 		t.Fatalf("text %q error %+v", text, e)
+	}
+	if len(events) != 7 { // role, four deltas, finish, [DONE]
+		t.Fatalf("%d events: %q", len(events), events)
 	}
 }
 
