@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -37,7 +38,7 @@ type testChunk struct {
 func TestChatStreamSSE(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 9})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 9})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, map[string]any{
@@ -110,7 +111,7 @@ func TestChatStreamSSE(t *testing.T) {
 func TestChatStreamWithoutUsage(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, nil)
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
 	if events[len(events)-1] != "[DONE]" {
@@ -127,7 +128,7 @@ func TestChatStreamWithoutUsage(t *testing.T) {
 func TestChatStreamRepairsGap(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: []string{"a", "b", "c", "d"}, skipSeq: 3})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"a", "b", "c", "d"}, LoseSeq: 3})
 	g, srv := newTestGateway(t, tb, nil)
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
 	var text strings.Builder
@@ -149,7 +150,7 @@ func TestChatStreamRepairsGap(t *testing.T) {
 func TestChatNonStreaming(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 12, cached: 9, finish: "length"})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 12, Cached: 9, Finish: "length"})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
@@ -207,7 +208,7 @@ func TestChatNonStreaming(t *testing.T) {
 func TestChatRequestMapping(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, func(c *Config) { c.DefaultModel = testModel })
 
 	// No model (default applies), developer role, content parts, json_object,
@@ -232,7 +233,7 @@ func TestChatRequestMapping(t *testing.T) {
 func TestChatClientDisconnectCancels(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, hangAfter: 1})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Hang: true, HangAfter: 1})
 	g, srv := newTestGateway(t, tb, nil)
 
 	cancels, err := tb.nc.SubscribeSync(subjects.CancelAll)

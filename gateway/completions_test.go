@@ -6,13 +6,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
 func TestCompletionsNonStreaming(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3, cached: 2})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 3, Cached: 2})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "Once upon", "temperature": 0})
@@ -46,7 +47,7 @@ func TestCompletionsNonStreaming(t *testing.T) {
 func TestCompletionsStreaming(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 3})
 	_, srv := newTestGateway(t, tb, nil)
 
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -231,7 +232,7 @@ func TestJobStreamWatchFinishedJob(t *testing.T) {
 func TestSubmitStream(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: []string{"x", "y"}})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"x", "y"}})
 	p, err := bus.NewClient(tb.nc)
 	if err != nil {
 		t.Fatal(err)

@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
@@ -43,7 +44,7 @@ func tokensOf(c chatLogprobs) []string {
 func TestChatLogprobs(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 3})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{"logprobs": true, "top_logprobs": 2}))
@@ -99,7 +100,7 @@ func TestChatLogprobs(t *testing.T) {
 func TestCompletionLogprobs(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 3})
 	_, srv := newTestGateway(t, tb, nil)
 	want := textLogprobs{Tokens: helloTokens, TokenLogprobs: []float64{-0.1, -0.2, -0.3, -0.4},
 		TopLogprobs: []map[string]float64{{"Hello": -0.1}, {",": -0.2}, {" world": -0.3}, {"!": -0.4}}, TextOffset: []int{0, 5, 6, 12}}
