@@ -232,16 +232,13 @@ func streamChoices(calls []*jobCall) {
 		if !begin() {
 			return
 		}
-		rest, lp, ok := c.rest(it.ev)
-		if !ok {
+		end, e := c.closing(it.ev)
+		if e != nil {
 			cancelRest("a sibling choice's stream diverged")
-			_ = sse.send(errStreamDiverged(c.job.ID).body())
+			_ = sse.send(e.body())
 			return
 		}
-		if rest != "" && !send(c.spec.format.delta(m, rest, lp), it.i) {
-			return
-		}
-		if !send(c.spec.format.final(m, finishReason(res)), it.i) {
+		if !send(end, it.i) {
 			return
 		}
 		u := usageOf(res)

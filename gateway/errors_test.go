@@ -3,7 +3,6 @@ package gateway
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
@@ -236,23 +235,16 @@ func streamedText(t *testing.T, events []string) (string, *openAIError) {
 // events, not seven).
 func TestStreamRestartedAttemptSendsNothingTwice(t *testing.T) {
 	t.Parallel()
-	story := []string{"Once ", "upon ", "a ", "time"}
-	for _, startOver := range []bool{false, true} {
-		t.Run(fmt.Sprintf("start over %v", startOver), func(t *testing.T) {
-			t.Parallel()
-			tb := startBus(t, jsprov.Options{})
-			startFakeWorker(t, tb, fakeworker.Plan{Tokens: story, Crash: 2, StartOver: startOver}, fakeworker.Plan{Tokens: story})
-			_, srv := newTestGateway(t, tb, nil)
-			events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
-			text, e := streamedText(t, events)
-			if e != nil || text != "Once upon a time" {
-				t.Fatalf("text %q error %+v", text, e)
-			}
-			if len(events) != 7 { // role, four deltas, finish, [DONE]
-				t.Fatalf("%d events: %q", len(events), events)
-			}
-		})
-	}
+	eachRetry(t, []string{"Once ", "upon ", "a ", "time"}, func(t *testing.T, url string) {
+		events := readSSE(t, postJSON(t, url+"/v1/chat/completions", chatBody(true, nil)))
+		text, e := streamedText(t, events)
+		if e != nil || text != "Once upon a time" {
+			t.Fatalf("text %q error %+v", text, e)
+		}
+		if len(events) != 7 { // role, four deltas, finish, [DONE]
+			t.Fatalf("%d events: %q", len(events), events)
+		}
+	})
 }
 
 // When the restarted attempt generates different text, the client cannot be

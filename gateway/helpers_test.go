@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -93,6 +94,21 @@ func startFakeWorker(t *testing.T, tb *testBus, plans ...fakeworker.Plan) fakeWo
 	}
 	t.Cleanup(w.Stop)
 	return fakeWorker{w}
+}
+
+// eachRetry runs f against a gateway of its own whose every job is retried:
+// its first attempt crashes after two of tokens and the retry resumes, then (a
+// second subtest) starts over and regenerates them.
+func eachRetry(t *testing.T, tokens []string, f func(t *testing.T, url string)) {
+	for _, startOver := range []bool{false, true} {
+		t.Run(fmt.Sprintf("start over %v", startOver), func(t *testing.T) {
+			t.Parallel()
+			tb := startBus(t, jsprov.Options{})
+			startFakeWorker(t, tb, fakeworker.Plan{Tokens: tokens, Crash: 2, StartOver: startOver}, fakeworker.Plan{Tokens: tokens})
+			_, srv := newTestGateway(t, tb, nil)
+			f(t, srv.URL)
+		})
+	}
 }
 
 // nextJob is the next job the fake worker received.

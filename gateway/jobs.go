@@ -383,18 +383,12 @@ func (j *jobCall) streamed() {
 			j.clientLeft(err)
 			return
 		}
-		rest, lp, ok := j.rest(ev)
-		if !ok {
-			_ = sse.send(errStreamDiverged(j.job.ID).body())
+		end, e := j.closing(ev)
+		if e != nil {
+			_ = sse.send(e.body())
 			return
 		}
-		if rest != "" {
-			if err := sendEach(sse, f.delta(m, rest, lp)); err != nil {
-				j.clientLeft(err)
-				return
-			}
-		}
-		if err := sendEach(sse, f.final(m, finishReason(res))); err != nil {
+		if err := sendEach(sse, end); err != nil {
 			j.clientLeft(err)
 			return
 		}
@@ -415,7 +409,7 @@ func (j *jobCall) streamed() {
 // The stream swallows what a restarted attempt regenerates; where it cannot
 // (Drop: the attempt generated other text) the client's text cannot be taken
 // back, so nothing more goes out and the terminal ends the stream with an
-// error (rest).
+// error (closing).
 func (j *jobCall) delta(ev bus.Event) (string, *logprobs, bool) {
 	if ev.Drop.Any() && !j.diverged {
 		j.diverged = true
@@ -437,20 +431,25 @@ func (j *jobCall) logprobsOf(entries []schemas.TokenLogprob, out string) *logpro
 	return &logprobs{entries: entries, offset: j.stream.TextChars() - utf8.RuneCountInString(out)}
 }
 
-// rest returns the end of the result's text the client lacks (deltas lost on
-// the way, or a terminal read from RESULTS), sent from the record's whole text.
-// Their entries are lost with them: the result's copy cannot be aligned with
-// them, so that delta reports none. ok is false when the client holds text that
-// is not the result's beginning: it cannot be taken back.
-func (j *jobCall) rest(ev bus.Event) (string, *logprobs, bool) {
+// closing is how a completed job's stream ends: the end of the result's text
+// the client lacks (deltas lost on the way, or a terminal read from RESULTS),
+// sent from the record's whole text, then the format's final chunk. The rest's
+// entries are lost with it: the result's copy cannot be aligned with them, so
+// that delta reports none. When the client holds text that is not the result's
+// beginning, which cannot be taken back, it is the stream_diverged error.
+func (j *jobCall) closing(ev bus.Event) (events, *apiError) {
 	if j.diverged || ev.Drop.Any() {
 		if !j.diverged {
 			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
 				Msg("streamed text differs from the job's result text")
 		}
-		return "", nil, false
+		return nil, errStreamDiverged(j.job.ID)
 	}
-	return ev.Rest, j.logprobsOf(nil, ev.Rest), true
+	var out events
+	if ev.Rest != "" {
+		out = append(out, each(j.spec.format.delta(j.meta, ev.Rest, j.logprobsOf(nil, ev.Rest)))...)
+	}
+	return append(out, each(j.spec.format.final(j.meta, finishReason(ev.Result)))...), nil
 }
 
 // abandon handles a wait that ended without a terminal: the client left, the

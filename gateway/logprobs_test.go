@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"encoding/json"
-	"fmt"
 	"net/http"
 	"reflect"
 	"testing"
@@ -168,30 +167,24 @@ func TestCompletionLogprobsAcrossRetries(t *testing.T) {
 	t.Parallel()
 	want := textLogprobs{Tokens: helloTokens, TokenLogprobs: []float64{-0.1, -0.2, -0.3, -0.4},
 		TopLogprobs: []map[string]float64{{"Hello": -0.1}, {",": -0.2}, {" world": -0.3}, {"!": -0.4}}, TextOffset: []int{0, 5, 6, 12}}
-	for _, startOver := range []bool{false, true} {
-		t.Run(fmt.Sprintf("start over %v", startOver), func(t *testing.T) {
-			t.Parallel()
-			tb := startBus(t, jsprov.Options{})
-			startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Crash: 2, StartOver: startOver}, fakeworker.Plan{Tokens: helloTokens})
-			_, srv := newTestGateway(t, tb, nil)
-			req := map[string]any{"model": testModel, "prompt": "hi", "logprobs": 1}
-			body := decode[struct {
-				Choices []struct {
-					Text     string       `json:"text"`
-					Logprobs textLogprobs `json:"logprobs"`
-				} `json:"choices"`
-			}](t, postJSON(t, srv.URL+"/v1/completions", req).Body)
-			if ch := body.Choices[0]; ch.Text != "Hello, world!" || !reflect.DeepEqual(ch.Logprobs, want) {
-				t.Fatalf("whole: %q %+v, want %+v", ch.Text, ch.Logprobs, want)
-			}
-			req["stream"] = true
-			var got textLogprobs
-			for _, l := range streamedLogprobs[textLogprobs](readSSE(t, postJSON(t, srv.URL+"/v1/completions", req))) {
-				got.add(l)
-			}
-			if !reflect.DeepEqual(got, want) {
-				t.Fatalf("streamed %+v, want %+v", got, want)
-			}
-		})
-	}
+	eachRetry(t, helloTokens, func(t *testing.T, url string) {
+		req := map[string]any{"model": testModel, "prompt": "hi", "logprobs": 1}
+		body := decode[struct {
+			Choices []struct {
+				Text     string       `json:"text"`
+				Logprobs textLogprobs `json:"logprobs"`
+			} `json:"choices"`
+		}](t, postJSON(t, url+"/v1/completions", req).Body)
+		if ch := body.Choices[0]; ch.Text != "Hello, world!" || !reflect.DeepEqual(ch.Logprobs, want) {
+			t.Fatalf("whole: %q %+v, want %+v", ch.Text, ch.Logprobs, want)
+		}
+		req["stream"] = true
+		var got textLogprobs
+		for _, l := range streamedLogprobs[textLogprobs](readSSE(t, postJSON(t, url+"/v1/completions", req))) {
+			got.add(l)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("streamed %+v, want %+v", got, want)
+		}
+	})
 }
