@@ -444,11 +444,18 @@ func (s *JobStream) lastLookup(ctx context.Context, cause error) (Event, error) 
 	lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.opts.FinalLookup)
 	defer cancel()
 	// The terminal may already be buffered behind deltas the caller no longer
-	// waits for; those deltas are skipped (the terminal's Text has them all).
+	// waits for; those deltas are skipped unread, so the caller's text does not
+	// count them and the terminal's Rest carries their text.
 	for {
 		msg, err := s.sub.NextMsg(0)
 		if err != nil {
 			break
+		}
+		var probe struct {
+			Type string `json:"type"`
+		}
+		if json.Unmarshal(msg.Data, &probe) != nil || probe.Type != "result" {
+			continue
 		}
 		if ev, ok := s.accept(msg.Data); ok && ev.Terminal() {
 			if ev, ok = s.confirm(lctx, ev); ok {

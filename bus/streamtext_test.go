@@ -1,11 +1,15 @@
 package bus
 
 import (
+	"context"
 	"encoding/json"
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -174,5 +178,53 @@ func TestJobStreamSwallowsRegeneratedPrefix(t *testing.T) {
 	}
 	if b.String() != "Once upon a time" {
 		t.Fatalf("text %q", b.String())
+	}
+}
+
+// Deltas still buffered when the caller's ctx ends are skipped on the way to
+// the terminal, so they are not the caller's text: the terminal's Rest is.
+// Mutation caught: lastLookup accepting every buffered event (Rest "", the
+// caller holding "a" for "abc").
+func TestJobStreamRestHasSkippedDeltas(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, jsprov.Options{})
+	ctx := ctxT(t)
+	job := newJob("", "x")
+	s, err := OpenStream(ctx, b.nc, b.js, job, StreamOptions{QuietAfter: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	pub := func(data []byte) {
+		t.Helper()
+		if err := b.nc.Publish(job.ReplyTo, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tok := func(seq int, d string) []byte {
+		data, _ := json.Marshal(schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 1, Seq: seq, Delta: d, Tokens: seq + 1, Offset: seq})
+		return data
+	}
+	pub(tok(0, "a"))
+	if ev, err := s.Next(ctx); err != nil || ev.Token == nil || ev.Token.Delta != "a" {
+		t.Fatalf("first event %+v %v", ev, err)
+	}
+	res := newResult(job.ID, 1, "w1", "abc")
+	if err := results.Finish(ctx, b.js, res, ""); err != nil {
+		t.Fatal(err)
+	}
+	pub(tok(1, "b"))
+	pub(tok(2, "c"))
+	data, _ := json.Marshal(res)
+	pub(data)
+	// The stream's own connection: after the round trip, all three are buffered.
+	if err := b.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ended, cancel := context.WithCancel(ctx)
+	cancel()
+	ev, err := s.Next(ended)
+	if err != nil || !ev.Terminal() || ev.Rest != "bc" || ev.Drop.Any() || "a"+ev.Rest != ev.Result.Text || s.Text() != "abc" {
+		t.Fatalf("terminal %+v rest %q drop %+v (%v), stream text %q", ev.Result, ev.Rest, ev.Drop, err, s.Text())
 	}
 }
