@@ -201,9 +201,6 @@ func (s *JobStream) Missed() int { return s.missed }
 // Result.Text.
 func (s *JobStream) Text() string { return string(s.text.given.text) }
 
-// TextChars is Text's length in characters (runes), kept as events arrive.
-func (s *JobStream) TextChars() int { return s.text.given.chars }
-
 // Logprobs are the entries that came with Text, in order (the caller must not
 // modify them). After a terminal event whose Rest is not empty they lack the
 // entries of the lost events; Result.Logprobs is the record's copy.
@@ -354,7 +351,7 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 		s.missed += ev.Missed
 		s.textLen = tok.Offset + len(tok.Delta)
 		ev.StartedOver = rewind
-		ev.Drop = s.text.token(&tok, rewind, tok.Offset)
+		ev.Drop, ev.CharOffset = s.text.token(&tok, rewind, tok.Offset)
 		return ev, true
 	case "result":
 		var res schemas.ResultMsg
@@ -427,7 +424,7 @@ func (s *JobStream) lookup(ctx context.Context) (Event, bool, error) {
 // with the record's exactly once.
 func (s *JobStream) terminal(res *schemas.ResultMsg) Event {
 	ev := Event{Result: res, Attempt: res.Attempt, Recovered: true}
-	ev.Drop, ev.Rest = s.text.result(res.Text)
+	ev.Drop, ev.Rest, ev.CharOffset = s.text.result(res.Text)
 	if res.Attempt > s.attempt && s.attempt != 0 {
 		ev.Restarted = true
 	}

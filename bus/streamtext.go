@@ -44,6 +44,10 @@ type Event struct {
 	// only where the text given so far is not how the job's text begins (see
 	// Drop).
 	Drop Drop
+	// CharOffset is where this event's text (Token.Delta, or the terminal's
+	// Rest) starts in the caller's text after Drop, in characters (Token.Offset
+	// counts bytes): what OpenAI's text_offset counts.
+	CharOffset int
 	// Rest, on the terminal event, is the end of Result.Text the caller was not
 	// given as deltas (events lost on the way, a terminal read from RESULTS).
 	// No logprob entries come with it: Result.Logprobs is the record's own,
@@ -164,7 +168,7 @@ type textTracker struct {
 // token takes a token event of the job (rewind: it starts at off, below the
 // text held) and rewrites its Delta, Logprobs and Offset as the caller should
 // apply them, after the returned Drop.
-func (t *textTracker) token(tok *schemas.TokenEventMsg, rewind bool, off int) Drop {
+func (t *textTracker) token(tok *schemas.TokenEventMsg, rewind bool, off int) (Drop, int) {
 	if rewind {
 		t.job.truncate(off)
 		t.seen = min(t.seen, len(t.job.segs))
@@ -183,7 +187,7 @@ func (t *textTracker) token(tok *schemas.TokenEventMsg, rewind bool, off int) Dr
 		// hand over, and its entries are those the caller holds already.
 		t.seen = len(t.job.segs)
 		tok.Delta, tok.Logprobs, tok.Offset = "", nil, len(g)
-		return Drop{}
+		return Drop{}, t.given.chars
 	default:
 		// The texts differ: take back the caller's deltas from the last point
 		// where both texts start a delta and agree, and hand the job's text over
@@ -200,8 +204,9 @@ func (t *textTracker) token(tok *schemas.TokenEventMsg, rewind bool, off int) Dr
 	}
 	t.seen = len(t.job.segs)
 	tok.Offset, tok.Delta, tok.Logprobs = from, string(j[from:]), lps
+	chars := t.given.chars
 	t.given.add(tok.Delta, lps)
-	return drop
+	return drop, chars
 }
 
 func entryEnd(l *textLog, i int) int {
@@ -231,8 +236,9 @@ func (t *textTracker) cutPoint() int {
 }
 
 // result reconciles the caller's text with the terminal record's: it returns
-// what to drop and the rest of the record's text to append.
-func (t *textTracker) result(text string) (Drop, string) {
+// what to drop, the rest of the record's text to append and where that starts
+// in characters.
+func (t *textTracker) result(text string) (Drop, string, int) {
 	g := t.given.text
 	var drop Drop
 	from := len(g)
@@ -248,9 +254,9 @@ func (t *textTracker) result(text string) (Drop, string) {
 		drop = t.given.dropFrom(n)
 		from = len(t.given.text)
 	}
-	rest := text[from:]
+	rest, chars := text[from:], t.given.chars
 	t.given.add(rest, nil)
-	return drop, rest
+	return drop, rest, chars
 }
 
 // common is the length of the longest common prefix of a and b. It may end

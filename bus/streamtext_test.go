@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/results"
@@ -139,8 +140,8 @@ func TestJobStreamTracksCallersText(t *testing.T) {
 				if got.Delta != st.want || !reflect.DeepEqual(entryTokens(got.Logprobs), st.wantLps) || ev.Drop != st.wantDrop {
 					t.Fatalf("step %d: delta %q entries %q drop %+v, want %q %q %+v", i, got.Delta, entryTokens(got.Logprobs), ev.Drop, st.want, st.wantLps, st.wantDrop)
 				}
-				if got.Offset != len(c.text)-ev.Drop.Bytes {
-					t.Fatalf("step %d: offset %d, caller holds %d bytes and drops %d", i, got.Offset, len(c.text), ev.Drop.Bytes)
+				if kept := c.text[:len(c.text)-ev.Drop.Bytes]; got.Offset != len(kept) || ev.CharOffset != utf8.RuneCountInString(kept) {
+					t.Fatalf("step %d: offset %d (%d chars), caller keeps %q", i, got.Offset, ev.CharOffset, kept)
 				}
 				c.apply(ev.Drop, got.Delta, got.Logprobs)
 				if c.text != s.Text() || !reflect.DeepEqual(c.entries, entryTokens(s.Logprobs())) {
@@ -148,15 +149,15 @@ func TestJobStreamTracksCallersText(t *testing.T) {
 				}
 			}
 			ev := s.terminal(&schemas.ResultMsg{Type: "result", JobID: "j", Attempt: 1, Status: schemas.StatusCompleted, Text: tc.result})
-			if ev.Drop != tc.wantDrop || ev.Rest != tc.wantRest {
+			if ev.Drop != tc.wantDrop || ev.Rest != tc.wantRest || ev.CharOffset != utf8.RuneCountInString(c.text)-ev.Drop.Chars {
 				t.Fatalf("terminal: drop %+v rest %q, want %+v %q", ev.Drop, ev.Rest, tc.wantDrop, tc.wantRest)
 			}
 			c.apply(ev.Drop, ev.Rest, nil)
 			if c.text != tc.wantText || c.text != tc.result || s.Text() != tc.result || !reflect.DeepEqual(c.entries, tc.wantLps) {
 				t.Fatalf("caller holds %q %q, want %q %q", c.text, c.entries, tc.wantText, tc.wantLps)
 			}
-			if !reflect.DeepEqual(entryTokens(s.Logprobs()), tc.wantLps) || s.TextChars() != len([]rune(tc.result)) {
-				t.Fatalf("stream holds entries %q, %d chars", entryTokens(s.Logprobs()), s.TextChars())
+			if !reflect.DeepEqual(entryTokens(s.Logprobs()), tc.wantLps) || s.text.given.chars != utf8.RuneCountInString(tc.result) {
+				t.Fatalf("stream holds entries %q, %d chars", entryTokens(s.Logprobs()), s.text.given.chars)
 			}
 		})
 	}

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"net/http"
 	"time"
-	"unicode/utf8"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -420,15 +419,15 @@ func (j *jobCall) delta(ev bus.Event) (string, *logprobs, bool) {
 	if j.diverged || out == "" {
 		return "", nil, false
 	}
-	return out, j.logprobsOf(ev.Token.Logprobs, out), true
+	return out, j.logprobsOf(ev.Token.Logprobs, ev), true
 }
 
-// logprobsOf reports entries that came with out, the client's latest text.
-func (j *jobCall) logprobsOf(entries []schemas.TokenLogprob, out string) *logprobs {
+// logprobsOf reports entries that came with ev's text.
+func (j *jobCall) logprobsOf(entries []schemas.TokenLogprob, ev bus.Event) *logprobs {
 	if !j.spec.logprobs {
 		return nil
 	}
-	return &logprobs{entries: entries, offset: j.stream.TextChars() - utf8.RuneCountInString(out)}
+	return &logprobs{entries: entries, offset: ev.CharOffset}
 }
 
 // closing is how a completed job's stream ends: the end of the result's text
@@ -447,7 +446,7 @@ func (j *jobCall) closing(ev bus.Event) (events, *apiError) {
 	}
 	var out events
 	if ev.Rest != "" {
-		out = append(out, each(j.spec.format.delta(j.meta, ev.Rest, j.logprobsOf(nil, ev.Rest)))...)
+		out = append(out, each(j.spec.format.delta(j.meta, ev.Rest, j.logprobsOf(nil, ev)))...)
 	}
 	return append(out, each(j.spec.format.final(j.meta, finishReason(ev.Result)))...), nil
 }
