@@ -180,14 +180,8 @@ func TestChatNonStreaming(t *testing.T) {
 	if ch["index"].(float64) != 0 || ch["finish_reason"] != "length" || msg["role"] != "assistant" || msg["content"] != "Hello, world!" {
 		t.Fatalf("choice %v", ch)
 	}
-	u := body["usage"].(map[string]any)
-	if u["prompt_tokens"] != 12.0 || u["completion_tokens"] != 4.0 || u["total_tokens"] != 16.0 {
-		t.Fatalf("usage %v", u)
-	}
 	// Mutation caught: gateway/jobs.go usageOf not copying Usage.CachedTokens (0, not 9).
-	if d, _ := u["prompt_tokens_details"].(map[string]any); d == nil || d["cached_tokens"] != 9.0 {
-		t.Fatalf("usage.prompt_tokens_details %v, want cached_tokens 9", u["prompt_tokens_details"])
-	}
+	expectUsage(t, body, 12, 4, 9)
 
 	job := fw.nextJob(t)
 	if job.MaxTokens != 4 || *job.Temperature != 0.5 || *job.TopP != 0.9 || *job.Seed != 7 ||

@@ -31,13 +31,7 @@ func TestCompletionsNonStreaming(t *testing.T) {
 	if _, ok := ch["logprobs"]; !ok {
 		t.Fatalf("logprobs must be present (null): %v", ch)
 	}
-	u := body["usage"].(map[string]any)
-	if u["prompt_tokens"] != 3.0 || u["completion_tokens"] != 4.0 || u["total_tokens"] != 7.0 {
-		t.Fatalf("usage %v", u)
-	}
-	if d, _ := u["prompt_tokens_details"].(map[string]any); d == nil || d["cached_tokens"] != 2.0 {
-		t.Fatalf("usage.prompt_tokens_details %v, want cached_tokens 2", u["prompt_tokens_details"])
-	}
+	expectUsage(t, body, 3, 4, 2)
 	job := fw.nextJob(t)
 	if job.Prompt != "Once upon" || job.Messages != nil || job.MaxTokens != 0 || *job.Temperature != 0 {
 		t.Fatalf("job %+v", job)

@@ -254,6 +254,19 @@ func expectError(t *testing.T, resp *http.Response, status int, param, code stri
 	return e
 }
 
+// expectUsage checks a whole answer's usage: prompt and completion tokens,
+// their total, and the cached ones in OpenAI's prompt_tokens_details.
+func expectUsage(t *testing.T, body map[string]any, prompt, completion, cached float64) {
+	t.Helper()
+	u, _ := body["usage"].(map[string]any)
+	if u["prompt_tokens"] != prompt || u["completion_tokens"] != completion || u["total_tokens"] != prompt+completion {
+		t.Fatalf("usage %v, want %v prompt and %v completion tokens", u, prompt, completion)
+	}
+	if d, _ := u["prompt_tokens_details"].(map[string]any); d == nil || d["cached_tokens"] != cached {
+		t.Fatalf("usage.prompt_tokens_details %v, want cached_tokens %v", u["prompt_tokens_details"], cached)
+	}
+}
+
 // readSSE returns the data payloads of an event stream, in order.
 func readSSE(t *testing.T, resp *http.Response) []string {
 	t.Helper()
