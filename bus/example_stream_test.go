@@ -44,10 +44,18 @@ func ExampleSubmitStream() {
 		if ev.Restarted {
 			fmt.Println("(the job moved to another worker; its text continues)")
 		}
+		if ev.Drop.Any() {
+			// A retry generated other text than this caller was given (rare): take
+			// that back. A regenerated prefix is swallowed by the stream itself.
+			kept := text.String()[:text.Len()-ev.Drop.Bytes]
+			text.Reset()
+			text.WriteString(kept)
+		}
 		if ev.Token != nil {
 			text.WriteString(ev.Token.Delta)
 		}
 		if ev.Result != nil {
+			text.WriteString(ev.Rest) // text whose events were lost on the way
 			fmt.Printf("%s: %q, %d tokens\n", ev.Result.Status, text.String(), ev.Result.Usage.CompletionTokens)
 		}
 	}

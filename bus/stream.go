@@ -54,35 +54,6 @@ func (o StreamOptions) withDefaults() StreamOptions {
 	return o
 }
 
-// Event is one event of a job's stream: a text delta (Token) or the terminal
-// record (Result). Exactly one of Token and Result is set.
-type Event struct {
-	Token  *schemas.TokenEventMsg
-	Result *schemas.ResultMsg
-	// Attempt is the attempt the event belongs to (0 for a result of a job that
-	// never ran).
-	Attempt int
-	// Restarted marks the first event of a new attempt after events of an earlier
-	// one were seen: the job was retried or migrated. A resumed attempt continues
-	// the text without repeating it, so concatenating deltas stays right.
-	Restarted bool
-	// Missed counts events known lost just before this one, from the (attempt,
-	// seq) numbering. The terminal's Result.Text is the whole text regardless.
-	Missed int
-	// Recovered marks a Result read from the RESULTS stream because its event on
-	// the reply subject was not seen.
-	Recovered bool
-	// Rewind marks a delta that does not continue the text received so far: its
-	// attempt had to start over (the dispatcher that knew what was sent died with
-	// it). Keep the first Offset bytes of the text, then append the delta. Result
-	// texts are always whole.
-	Rewind bool
-	Offset int
-}
-
-// Terminal reports whether e is the job's terminal event.
-func (e Event) Terminal() bool { return e.Result != nil }
-
 // JobStream reads one job's events from its reply subject. It delivers exactly
 // one terminal event: the first result seen on the reply subject, or the RESULTS
 // record when the stream goes quiet or the caller's ctx ends. Next and Events
@@ -97,7 +68,8 @@ type JobStream struct {
 
 	attempt int // latest attempt seen; 0 before the first event
 	next    int // seq expected next within attempt
-	textLen int // bytes of the job's text the caller holds
+	textLen int // where the latest token event's text ends in the job's text
+	text    textTracker
 	missed  int
 	done    bool
 
@@ -224,6 +196,16 @@ func (s *JobStream) ReplyTo() string { return s.replyTo }
 // Missed is the total of events known lost so far.
 func (s *JobStream) Missed() int { return s.missed }
 
+// Text is the text the caller has been given so far: every Token.Delta and
+// the terminal's Rest, after each event's Drop. After the terminal event it is
+// Result.Text.
+func (s *JobStream) Text() string { return string(s.text.given.text) }
+
+// Logprobs are the entries that came with Text, in order (the caller must not
+// modify them). After a terminal event whose Rest is not empty they lack the
+// entries of the lost events; Result.Logprobs is the record's copy.
+func (s *JobStream) Logprobs() []schemas.TokenLogprob { return s.text.given.entries }
+
 // Close stops listening. It does not cancel the job.
 func (s *JobStream) Close() {
 	s.closeOnce.Do(func() {
@@ -346,6 +328,7 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 			return Event{}, false
 		}
 		ev := Event{Token: &tok, Attempt: tok.Attempt}
+		rewind := false // an attempt that starts over, below the text held
 		switch {
 		case tok.Attempt < s.attempt:
 			return Event{}, false // a superseded attempt still talking
@@ -356,9 +339,7 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 			if tok.Seq != 0 && tok.Seq > s.next {
 				ev.Missed = tok.Seq - s.next
 			}
-			if tok.Offset < s.textLen {
-				ev.Rewind, ev.Offset = true, tok.Offset
-			}
+			rewind = tok.Offset < s.textLen
 			s.attempt = tok.Attempt
 		default:
 			if tok.Seq < s.next {
@@ -369,6 +350,8 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 		s.next = tok.Seq + 1
 		s.missed += ev.Missed
 		s.textLen = tok.Offset + len(tok.Delta)
+		ev.StartedOver = rewind
+		ev.Drop, ev.CharOffset = s.text.token(&tok, rewind, tok.Offset)
 		return ev, true
 	case "result":
 		var res schemas.ResultMsg
@@ -431,7 +414,17 @@ func (s *JobStream) lookup(ctx context.Context) (Event, bool, error) {
 	if err != nil {
 		return Event{}, false, err
 	}
+	ev := s.terminal(res)
+	s.finish()
+	return ev, true, nil
+}
+
+// terminal is the event that hands over the stored record res. Every terminal
+// handed over is made here (confirm's too), so the caller's text is reconciled
+// with the record's exactly once.
+func (s *JobStream) terminal(res *schemas.ResultMsg) Event {
 	ev := Event{Result: res, Attempt: res.Attempt, Recovered: true}
+	ev.Drop, ev.Rest, ev.CharOffset = s.text.result(res.Text)
 	if res.Attempt > s.attempt && s.attempt != 0 {
 		ev.Restarted = true
 	}
@@ -439,8 +432,7 @@ func (s *JobStream) lookup(ctx context.Context) (Event, bool, error) {
 		ev.Missed = res.Seq - s.next
 	}
 	s.missed += ev.Missed
-	s.finish()
-	return ev, true, nil
+	return ev
 }
 
 // lastLookup hands over a terminal that exists although its event was not seen,
@@ -449,11 +441,18 @@ func (s *JobStream) lastLookup(ctx context.Context, cause error) (Event, error) 
 	lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.opts.FinalLookup)
 	defer cancel()
 	// The terminal may already be buffered behind deltas the caller no longer
-	// waits for; those deltas are skipped (the terminal's Text has them all).
+	// waits for; those deltas are skipped unread, so the caller's text does not
+	// count them and the terminal's Rest carries their text.
 	for {
 		msg, err := s.sub.NextMsg(0)
 		if err != nil {
 			break
+		}
+		var probe struct {
+			Type string `json:"type"`
+		}
+		if json.Unmarshal(msg.Data, &probe) != nil || probe.Type != "result" {
+			continue
 		}
 		if ev, ok := s.accept(msg.Data); ok && ev.Terminal() {
 			if ev, ok = s.confirm(lctx, ev); ok {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -37,7 +38,7 @@ type testChunk struct {
 func TestChatStreamSSE(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 9})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 9})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, map[string]any{
@@ -110,7 +111,7 @@ func TestChatStreamSSE(t *testing.T) {
 func TestChatStreamWithoutUsage(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, nil)
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
 	if events[len(events)-1] != "[DONE]" {
@@ -127,7 +128,7 @@ func TestChatStreamWithoutUsage(t *testing.T) {
 func TestChatStreamRepairsGap(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: []string{"a", "b", "c", "d"}, skipSeq: 3})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"a", "b", "c", "d"}, LoseSeq: 3})
 	g, srv := newTestGateway(t, tb, nil)
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
 	var text strings.Builder
@@ -149,7 +150,7 @@ func TestChatStreamRepairsGap(t *testing.T) {
 func TestChatNonStreaming(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 12, cached: 9, finish: "length"})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 12, Cached: 9, Finish: "length"})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
@@ -179,14 +180,8 @@ func TestChatNonStreaming(t *testing.T) {
 	if ch["index"].(float64) != 0 || ch["finish_reason"] != "length" || msg["role"] != "assistant" || msg["content"] != "Hello, world!" {
 		t.Fatalf("choice %v", ch)
 	}
-	u := body["usage"].(map[string]any)
-	if u["prompt_tokens"] != 12.0 || u["completion_tokens"] != 4.0 || u["total_tokens"] != 16.0 {
-		t.Fatalf("usage %v", u)
-	}
 	// Mutation caught: gateway/jobs.go usageOf not copying Usage.CachedTokens (0, not 9).
-	if d, _ := u["prompt_tokens_details"].(map[string]any); d == nil || d["cached_tokens"] != 9.0 {
-		t.Fatalf("usage.prompt_tokens_details %v, want cached_tokens 9", u["prompt_tokens_details"])
-	}
+	expectUsage(t, body, 12, 4, 9)
 
 	job := fw.nextJob(t)
 	if job.MaxTokens != 4 || *job.Temperature != 0.5 || *job.TopP != 0.9 || *job.Seed != 7 ||
@@ -207,7 +202,7 @@ func TestChatNonStreaming(t *testing.T) {
 func TestChatRequestMapping(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, func(c *Config) { c.DefaultModel = testModel })
 
 	// No model (default applies), developer role, content parts, json_object,
@@ -232,7 +227,7 @@ func TestChatRequestMapping(t *testing.T) {
 func TestChatClientDisconnectCancels(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, hangAfter: 1})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Hang: true, HangAfter: 1})
 	g, srv := newTestGateway(t, tb, nil)
 
 	cancels, err := tb.nc.SubscribeSync(subjects.CancelAll)

@@ -159,10 +159,6 @@ func streamChoices(calls []*jobCall) {
 			}
 		}()
 	}
-	states := make([]*choiceStream, len(calls))
-	for i, c := range calls {
-		states[i] = c.choiceStream()
-	}
 	finished := make([]bool, len(calls))
 	cancelRest := func(reason string) {
 		for i, c := range calls {
@@ -206,7 +202,7 @@ func streamChoices(calls []*jobCall) {
 	var total usage
 	for left := len(calls); left > 0; {
 		it := <-items
-		c, cs := calls[it.i], states[it.i]
+		c := calls[it.i]
 		if it.err != nil {
 			finished[it.i] = true
 			e := c.abandon(it.err) // cancels this choice's job
@@ -217,14 +213,13 @@ func streamChoices(calls []*jobCall) {
 			return
 		}
 		if it.ev.Token != nil {
-			out, lp, ok := cs.token(it.ev)
+			out, lp, ok := c.delta(it.ev)
 			if !ok {
 				continue
 			}
 			if !begin() || !send(c.spec.format.delta(m, out, lp), it.i) {
 				return
 			}
-			cs.commit(out)
 			continue
 		}
 		res := it.ev.Result
@@ -237,16 +232,13 @@ func streamChoices(calls []*jobCall) {
 		if !begin() {
 			return
 		}
-		rest, lp, ok := cs.rest(res)
-		if !ok {
+		end, e := c.closing(it.ev)
+		if e != nil {
 			cancelRest("a sibling choice's stream diverged")
-			_ = sse.send(errStreamDiverged(c.job.ID).body())
+			_ = sse.send(e.body())
 			return
 		}
-		if rest != "" && !send(c.spec.format.delta(m, rest, lp), it.i) {
-			return
-		}
-		if !send(c.spec.format.final(m, finishReason(res)), it.i) {
+		if !send(end, it.i) {
 			return
 		}
 		u := usageOf(res)

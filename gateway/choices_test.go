@@ -7,6 +7,7 @@ import (
 	"sort"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
@@ -16,7 +17,7 @@ import (
 func TestChoicesRunOneJobEach(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 5})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 5})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{"n": 3, "seed": 7}))
@@ -70,7 +71,7 @@ func TestChoicesRunOneJobEach(t *testing.T) {
 func TestChoicesStream(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 5})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 5})
 	_, srv := newTestGateway(t, tb, nil)
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, map[string]any{
 		"n": 2, "stream_options": map[string]any{"include_usage": true}, "logprobs": true})))

@@ -6,13 +6,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
 func TestCompletionsNonStreaming(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3, cached: 2})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 3, Cached: 2})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "Once upon", "temperature": 0})
@@ -30,13 +31,7 @@ func TestCompletionsNonStreaming(t *testing.T) {
 	if _, ok := ch["logprobs"]; !ok {
 		t.Fatalf("logprobs must be present (null): %v", ch)
 	}
-	u := body["usage"].(map[string]any)
-	if u["prompt_tokens"] != 3.0 || u["completion_tokens"] != 4.0 || u["total_tokens"] != 7.0 {
-		t.Fatalf("usage %v", u)
-	}
-	if d, _ := u["prompt_tokens_details"].(map[string]any); d == nil || d["cached_tokens"] != 2.0 {
-		t.Fatalf("usage.prompt_tokens_details %v, want cached_tokens 2", u["prompt_tokens_details"])
-	}
+	expectUsage(t, body, 3, 4, 2)
 	job := fw.nextJob(t)
 	if job.Prompt != "Once upon" || job.Messages != nil || job.MaxTokens != 0 || *job.Temperature != 0 {
 		t.Fatalf("job %+v", job)
@@ -46,7 +41,7 @@ func TestCompletionsNonStreaming(t *testing.T) {
 func TestCompletionsStreaming(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 3})
 	_, srv := newTestGateway(t, tb, nil)
 
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{

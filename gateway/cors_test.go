@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
@@ -38,7 +39,7 @@ func preflight(t *testing.T, url, origin string) *http.Response {
 func TestCORSAllowsConfiguredOriginsOnly(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, func(c *Config) {
 		c.Tokens = []string{"secret"}
 		c.CORSOrigins = []string{appOrigin, "http://localhost:3000"}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -109,7 +110,7 @@ func TestNoWorkerForModel(t *testing.T) {
 func TestExpiredJobIs504(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{status: schemas.StatusExpired, errCode: "deadline_exceeded"})
+	startFakeWorker(t, tb, fakeworker.Plan{Status: schemas.StatusExpired, ErrCode: "deadline_exceeded"})
 	_, srv := newTestGateway(t, tb, nil)
 	for _, stream := range []bool{false, true} {
 		expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil)), http.StatusGatewayTimeout, "", "deadline_exceeded")
@@ -121,7 +122,7 @@ func TestExpiredJobIs504(t *testing.T) {
 func TestRequestTimeoutIs504AndCancels(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{hang: true})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Hang: true})
 	g, srv := newTestGateway(t, tb, func(c *Config) { c.RequestTimeout = 300 * time.Millisecond })
 	g.grace = 100 * time.Millisecond
 	cancels, err := tb.nc.SubscribeSync(subjects.CancelAll)
@@ -148,7 +149,7 @@ func TestRequestTimeoutIs504AndCancels(t *testing.T) {
 func TestFailedJobIs500(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{status: schemas.StatusFailed, errCode: "generation_failed"})
+	startFakeWorker(t, tb, fakeworker.Plan{Status: schemas.StatusFailed, ErrCode: "generation_failed"})
 	_, srv := newTestGateway(t, tb, nil)
 	e := expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusInternalServerError, "", "generation_failed")
 	if e.Error.Type != "server_error" {
@@ -160,7 +161,7 @@ func TestFailedJobIs500(t *testing.T) {
 func TestStreamFailureMidway(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: []string{"partial"}, status: schemas.StatusFailed, errCode: "runtime_crashed"})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"partial"}, Status: schemas.StatusFailed, ErrCode: "runtime_crashed"})
 	_, srv := newTestGateway(t, tb, nil)
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
 	last := events[len(events)-1]
@@ -228,18 +229,22 @@ func streamedText(t *testing.T, events []string) (string, *openAIError) {
 }
 
 // An attempt that had to start over regenerates what the client already has; the
-// client sees every byte once.
-// Mutation caught: gateway/jobs.go ignoring ev.Rewind (the client gets
-// "Once upon Once upon a time").
+// client sees every byte once, and no empty chunk for what the stream swallowed.
+// Mutations caught: bus.JobStream handing over a regenerated prefix (the client
+// gets "Once upon Once upon a time"); jobCall.delta sending empty deltas (nine
+// events, not seven).
 func TestStreamRestartedAttemptSendsNothingTwice(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: []string{"Once ", "upon ", "a ", "time"}, restartAfter: 2})
-	_, srv := newTestGateway(t, tb, nil)
-	text, e := streamedText(t, readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil))))
-	if e != nil || text != "Once upon a time" {
-		t.Fatalf("text %q error %+v", text, e)
-	}
+	eachRetry(t, []string{"Once ", "upon ", "a ", "time"}, func(t *testing.T, url string) {
+		events := readSSE(t, postJSON(t, url+"/v1/chat/completions", chatBody(true, nil)))
+		text, e := streamedText(t, events)
+		if e != nil || text != "Once upon a time" {
+			t.Fatalf("text %q error %+v", text, e)
+		}
+		if len(events) != 7 { // role, four deltas, finish, [DONE]
+			t.Fatalf("%d events: %q", len(events), events)
+		}
+	})
 }
 
 // When the restarted attempt generates different text, the client cannot be
@@ -247,8 +252,8 @@ func TestStreamRestartedAttemptSendsNothingTwice(t *testing.T) {
 func TestStreamRestartedAttemptThatDivergesEndsWithError(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: []string{"Once ", "upon ", "a ", "time"}, restartAfter: 2,
-		restartTokens: []string{"Long ", "ago"}})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"Once ", "upon ", "a ", "time"}, Crash: 2, StartOver: true},
+		fakeworker.Plan{Tokens: []string{"Long ", "ago"}})
 	_, srv := newTestGateway(t, tb, nil)
 	text, e := streamedText(t, readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil))))
 	if e == nil || *e.Error.Code != "stream_diverged" || text != "Once upon " {

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -108,7 +109,7 @@ func completionDocFields() []docField {
 func TestDocumentedFieldsHonouredOrRefused(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 2})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 2})
 	_, srv := newTestGateway(t, tb, nil)
 	endpoints := []struct {
 		path   string

@@ -5,11 +5,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,9 +21,8 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/results"
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	shared "github.com/mlx-serving/mlx-serving/metrics"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -71,159 +70,57 @@ func (tb *testBus) registerWorker(t *testing.T, id, state string, models ...stri
 	}
 }
 
-// script says what the fake worker does with each job.
-type script struct {
-	tokens     []string
-	status     string // default completed
-	finish     string // default stop
-	errCode    string
-	hangAfter  int  // >0: send this many tokens, then never finish
-	hang       bool // send nothing, never finish
-	skipSeq    int  // >0: do not publish the token event with this seq (a lost event)
-	noTerminal bool // record the result but do not publish its event
-	prompt     int  // prompt tokens to report
-	cached     int  // of them, from the runtime's prompt cache
-	// restartAfter >0: after this many tokens, attempt 2 starts over from offset
-	// 0 (its dispatcher lost what was sent) and streams restartTokens, or the same
-	// tokens when nil.
-	restartAfter  int
-	restartTokens []string
-}
+// fakeWorker is internal/fakeworker in Direct mode: it serves jobs straight
+// off the job subjects with no dispatcher in between, so a test scripts exactly
+// what reaches the reply subject (lost events, missing terminals, attempts that
+// start over) and the record in RESULTS, with fakeworker.Plan.
+type fakeWorker struct{ *fakeworker.Worker }
 
-// fakeWorker serves jobs straight off the job subjects: core subscribers see every
-// message published into JOBS, so no dispatcher runs. It is not
-// internal/fakeworker (a worker that registers, takes assignments from a
-// dispatcher and answers on the worker subjects): the gateway's tests script
-// what reaches the reply subject (lost events, missing terminals, rewinds)
-// without the dispatcher in between. It streams the script's tokens to reply_to, records
-// the result in RESULTS and publishes it, as a real worker does.
-type fakeWorker struct {
-	nc  *nats.Conn
-	js  jetstream.JetStream
-	scr script
-	mu  sync.Mutex
-	got []schemas.JobRequest
-	new chan schemas.JobRequest
-}
-
-func startFakeWorker(t *testing.T, tb *testBus, scr script) *fakeWorker {
+// startFakeWorker serves every job: attempt i follows plans[i-1], the last plan
+// serving any later attempt (none: the zero Plan).
+func startFakeWorker(t *testing.T, tb *testBus, plans ...fakeworker.Plan) fakeWorker {
 	t.Helper()
-	nc := tb.connect(t)
-	js, err := jetstream.New(nc)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	w, err := fakeworker.Start(ctx, tb.connect(t), fakeworker.Options{ID: "fake-1", Slots: 4, Models: []string{testModel}, Direct: true,
+		Errorf: t.Errorf, Logf: t.Logf, Plan: func(aj schemas.AssignedJob) fakeworker.Plan {
+			if len(plans) == 0 {
+				return fakeworker.Plan{}
+			}
+			return plans[min(aj.Attempt, len(plans))-1]
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if scr.status == "" {
-		scr.status = schemas.StatusCompleted
-	}
-	if scr.finish == "" && scr.status == schemas.StatusCompleted {
-		scr.finish = "stop"
-	}
-	fw := &fakeWorker{nc: nc, js: js, scr: scr, new: make(chan schemas.JobRequest, 64)}
-	_, err = nc.Subscribe(subjects.JobsAll, func(m *nats.Msg) {
-		var job schemas.JobRequest
-		if err := json.Unmarshal(m.Data, &job); err != nil {
-			return
-		}
-		fw.mu.Lock()
-		fw.got = append(fw.got, job)
-		fw.mu.Unlock()
-		fw.new <- job
-		go fw.serve(job)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	tb.registerWorker(t, "fake-1", schemas.WorkerReady, testModel)
-	return fw
+	t.Cleanup(w.Stop)
+	return fakeWorker{w}
 }
 
-func (fw *fakeWorker) nextJob(t *testing.T) schemas.JobRequest {
+// eachRetry runs f against a gateway of its own whose every job is retried:
+// its first attempt crashes after two of tokens and the retry resumes, then (a
+// second subtest) starts over and regenerates them.
+func eachRetry(t *testing.T, tokens []string, f func(t *testing.T, url string)) {
+	for _, startOver := range []bool{false, true} {
+		t.Run(fmt.Sprintf("start over %v", startOver), func(t *testing.T) {
+			t.Parallel()
+			tb := startBus(t, jsprov.Options{})
+			startFakeWorker(t, tb, fakeworker.Plan{Tokens: tokens, Crash: 2, StartOver: startOver}, fakeworker.Plan{Tokens: tokens})
+			_, srv := newTestGateway(t, tb, nil)
+			f(t, srv.URL)
+		})
+	}
+}
+
+// nextJob is the next job the fake worker received.
+func (fw fakeWorker) nextJob(t *testing.T) schemas.JobRequest {
 	t.Helper()
 	select {
-	case j := <-fw.new:
-		return j
+	case a := <-fw.Assignments():
+		return a.Jobs[0].Job
 	case <-time.After(10 * time.Second):
 		t.Fatal("the fake worker received no job")
 		return schemas.JobRequest{}
 	}
-}
-
-// fakeLogprob is the entry the fake worker reports for token d at position i
-// when the job asks for logprobs: logprob -(i+1)/10 and job.Logprobs alternatives.
-func fakeLogprob(job schemas.JobRequest, i int, d string) []schemas.TokenLogprob {
-	if job.Logprobs == nil {
-		return nil
-	}
-	b := make([]int, len(d))
-	for k := range len(d) {
-		b[k] = int(d[k])
-	}
-	e := schemas.TokenLogprob{Token: d, Logprob: -float64(i+1) / 10, Bytes: b, TopLogprobs: []schemas.TopLogprob{}}
-	for k := range *job.Logprobs {
-		e.TopLogprobs = append(e.TopLogprobs, schemas.TopLogprob{Token: d + strings.Repeat("'", k), Logprob: -float64(i+1+k) / 10, Bytes: b})
-	}
-	return []schemas.TokenLogprob{e}
-}
-
-func (fw *fakeWorker) serve(job schemas.JobRequest) {
-	s := fw.scr
-	if s.hang {
-		return
-	}
-	var lps []schemas.TokenLogprob // the final attempt's entries
-	var text strings.Builder
-	attempt, tokens := 1, s.tokens
-	for i, d := range s.tokens {
-		if s.restartAfter > 0 && i == s.restartAfter {
-			attempt, text, lps = 2, strings.Builder{}, nil
-			if tokens = s.restartTokens; tokens == nil {
-				tokens = s.tokens
-			}
-			for k, d := range tokens {
-				ev := schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 2, Seq: k, Delta: d, Tokens: k + 1, Offset: text.Len(),
-					Logprobs: fakeLogprob(job, k, d)}
-				lps = append(lps, ev.Logprobs...)
-				text.WriteString(d)
-				data, _ := json.Marshal(ev)
-				_ = fw.nc.Publish(job.ReplyTo, data)
-			}
-			break
-		}
-		if s.hangAfter > 0 && i == s.hangAfter {
-			_ = fw.nc.Flush()
-			return
-		}
-		ev := schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 1, Seq: i, Delta: d, Tokens: i + 1, Offset: text.Len(),
-			Logprobs: fakeLogprob(job, i, d)}
-		lps = append(lps, ev.Logprobs...)
-		text.WriteString(d)
-		if s.skipSeq > 0 && i == s.skipSeq {
-			continue
-		}
-		data, _ := json.Marshal(ev)
-		_ = fw.nc.Publish(job.ReplyTo, data)
-	}
-	res := schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: attempt, Seq: len(tokens), Status: s.status,
-		FinishReason: s.finish, Text: text.String(), Model: job.Model, Tenant: job.Tenant, WorkerID: "fake-1", FinishedAt: time.Now().UTC(),
-		Usage:    schemas.Usage{PromptTokens: s.prompt, CompletionTokens: len(tokens), TotalTokens: s.prompt + len(tokens), CachedTokens: s.cached},
-		Logprobs: lps}
-	if s.errCode != "" {
-		res.Error = &schemas.ErrorInfo{Code: s.errCode, Message: "fake failure: " + s.errCode}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	if err := results.Record(ctx, fw.js, &res); err != nil {
-		return
-	}
-	if !s.noTerminal {
-		data, _ := json.Marshal(res)
-		_ = fw.nc.Publish(job.ReplyTo, data)
-	}
-	_ = fw.nc.Flush()
 }
 
 // testConfig is a Config on its own connection nc, wired as cmd/mlx-serving
@@ -355,6 +252,19 @@ func expectError(t *testing.T, resp *http.Response, status int, param, code stri
 		t.Fatalf("code %v, want %q: %s", e.Error.Code, code, data)
 	}
 	return e
+}
+
+// expectUsage checks a whole answer's usage: prompt and completion tokens,
+// their total, and the cached ones in OpenAI's prompt_tokens_details.
+func expectUsage(t *testing.T, body map[string]any, prompt, completion, cached float64) {
+	t.Helper()
+	u, _ := body["usage"].(map[string]any)
+	if u["prompt_tokens"] != prompt || u["completion_tokens"] != completion || u["total_tokens"] != prompt+completion {
+		t.Fatalf("usage %v, want %v prompt and %v completion tokens", u, prompt, completion)
+	}
+	if d, _ := u["prompt_tokens_details"].(map[string]any); d == nil || d["cached_tokens"] != cached {
+		t.Fatalf("usage.prompt_tokens_details %v, want cached_tokens %v", u["prompt_tokens_details"], cached)
+	}
 }
 
 // readSSE returns the data payloads of an event stream, in order.

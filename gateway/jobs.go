@@ -5,9 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
-	"strings"
 	"time"
-	"unicode/utf8"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -263,6 +261,9 @@ type jobCall struct {
 	stream  *bus.JobStream
 	waitCtx context.Context
 	meta    meta
+	// diverged: the job's text stopped being a continuation of what the client
+	// was sent (Event.Drop); nothing more is sent.
+	diverged bool
 }
 
 // next returns the stream's next event, counting what the stream repaired.
@@ -298,7 +299,6 @@ func (j *jobCall) whole() {
 // await waits for the job's end and returns its one-choice body, or the error to
 // answer with; answer is false when nobody is left to answer (the client left).
 func (j *jobCall) await() (body any, aerr *apiError, answer bool) {
-	var lps eventLogprobs
 	for {
 		ev, err := j.next()
 		if err != nil {
@@ -307,9 +307,6 @@ func (j *jobCall) await() (body any, aerr *apiError, answer bool) {
 		}
 		res := ev.Result
 		if res == nil {
-			if tok := ev.Token; tok != nil && j.spec.logprobs {
-				lps.add(&eventView{delta: tok.Delta, lps: tok.Logprobs, offset: ev.Offset, rewind: ev.Rewind, missed: ev.Missed})
-			}
 			continue
 		}
 		if res.Status != schemas.StatusCompleted {
@@ -321,7 +318,7 @@ func (j *jobCall) await() (body any, aerr *apiError, answer bool) {
 		}
 		var lp *logprobs
 		if j.spec.logprobs {
-			lp = &logprobs{entries: lps.final(res)}
+			lp = &logprobs{entries: finalLogprobs(ev, j.stream)}
 		}
 		return j.spec.format.body(model, res.Text, finishReason(res), usageOf(res), lp), nil, true
 	}
@@ -332,7 +329,6 @@ func (j *jobCall) await() (body any, aerr *apiError, answer bool) {
 func (j *jobCall) streamed() {
 	sse := newSSEWriter(j.w)
 	f, m := j.spec.format, j.meta
-	cs := j.choiceStream()
 	begin := func() error {
 		if sse.started {
 			return nil
@@ -358,7 +354,7 @@ func (j *jobCall) streamed() {
 			return
 		}
 		if ev.Token != nil {
-			out, lp, ok := cs.token(ev)
+			out, lp, ok := j.delta(ev)
 			if !ok {
 				continue
 			}
@@ -370,7 +366,6 @@ func (j *jobCall) streamed() {
 				j.clientLeft(err)
 				return
 			}
-			cs.commit(out)
 			continue
 		}
 		res := ev.Result
@@ -387,18 +382,12 @@ func (j *jobCall) streamed() {
 			j.clientLeft(err)
 			return
 		}
-		rest, lp, ok := cs.rest(res)
-		if !ok {
-			_ = sse.send(errStreamDiverged(j.job.ID).body())
+		end, e := j.closing(ev)
+		if e != nil {
+			_ = sse.send(e.body())
 			return
 		}
-		if rest != "" {
-			if err := sendEach(sse, f.delta(m, rest, lp)); err != nil {
-				j.clientLeft(err)
-				return
-			}
-		}
-		if err := sendEach(sse, f.final(m, finishReason(res))); err != nil {
+		if err := sendEach(sse, end); err != nil {
 			j.clientLeft(err)
 			return
 		}
@@ -415,75 +404,51 @@ func (j *jobCall) streamed() {
 	}
 }
 
-// choiceStream is one choice's streamed text: what its job's events have built
-// (text) and what the client has been sent (sent).
-type choiceStream struct {
-	j         *jobCall
-	sent      strings.Builder
-	text      []byte
-	pending   []schemas.TokenLogprob // entries of text not yet sent
-	sentChars int
-	diverged  bool
-}
-
-func (j *jobCall) choiceStream() *choiceStream { return &choiceStream{j: j} }
-
-// token takes a token event and returns the delta to send, if any.
-//
-// text is the job's text as the stream now has it; sent is what the client has.
-// They differ only after a rewind (an attempt that had to start over): then
-// nothing goes out until the new attempt has regenerated what was sent, and only
-// if it regenerated it exactly.
-func (c *choiceStream) token(ev bus.Event) (string, *logprobs, bool) {
-	if ev.Rewind {
-		c.text = c.text[:min(ev.Offset, len(c.text))]
-		c.pending = c.pending[:0]
-	}
-	c.text = append(c.text, ev.Token.Delta...)
-	if len(c.text) <= c.sent.Len() || c.diverged {
-		return "", nil, false // regenerated text the client has: so are its entries
-	}
-	c.pending = append(c.pending, ev.Token.Logprobs...)
-	if !strings.HasPrefix(string(c.text), c.sent.String()) {
-		c.diverged = true
-		c.j.g.log.Warn().Str("job_id", c.j.job.ID).Int("attempt", ev.Token.Attempt).
+// delta returns what a token event adds to the client's text, if anything.
+// The stream swallows what a restarted attempt regenerates; where it cannot
+// (Drop: the attempt generated other text) the client's text cannot be taken
+// back, so nothing more goes out and the terminal ends the stream with an
+// error (closing).
+func (j *jobCall) delta(ev bus.Event) (string, *logprobs, bool) {
+	if ev.Drop.Any() && !j.diverged {
+		j.diverged = true
+		j.g.log.Warn().Str("job_id", j.job.ID).Int("attempt", ev.Attempt).
 			Msg("a restarted attempt regenerated different text; the stream stops and the result is whole")
+	}
+	out := ev.Token.Delta
+	if j.diverged || out == "" {
 		return "", nil, false
 	}
-	var lp *logprobs
-	if c.j.spec.logprobs {
-		lp = &logprobs{entries: c.pending, offset: c.sentChars}
-	}
-	return string(c.text[c.sent.Len():]), lp, true
+	return out, j.logprobsOf(ev.Token.Logprobs, ev), true
 }
 
-// commit records out as sent.
-func (c *choiceStream) commit(out string) {
-	c.sent.WriteString(out)
-	c.sentChars += utf8.RuneCountInString(out)
-	c.pending = nil
+// logprobsOf reports entries that came with ev's text.
+func (j *jobCall) logprobsOf(entries []schemas.TokenLogprob, ev bus.Event) *logprobs {
+	if !j.spec.logprobs {
+		return nil
+	}
+	return &logprobs{entries: entries, offset: ev.CharOffset}
 }
 
-// rest returns the result's text the client lacks: deltas lost on the way (a gap,
-// or a terminal read from RESULTS) are sent from the record's whole text. Their
-// entries are lost with them: the result's copy cannot be aligned with them, so
-// that delta reports none. ok is false when the client holds text that is not
-// the result's beginning: it cannot be taken back.
-func (c *choiceStream) rest(res *schemas.ResultMsg) (string, *logprobs, bool) {
-	rest, ok := strings.CutPrefix(res.Text, c.sent.String())
-	if !ok {
-		c.j.g.log.Warn().Str("job_id", c.j.job.ID).Int("missed", c.j.stream.Missed()).
-			Msg("streamed text differs from the job's result text")
-		return "", nil, false
+// closing is how a completed job's stream ends: the end of the result's text
+// the client lacks (deltas lost on the way, or a terminal read from RESULTS),
+// sent from the record's whole text, then the format's final chunk. The rest's
+// entries are lost with it: the result's copy cannot be aligned with them, so
+// that delta reports none. When the client holds text that is not the result's
+// beginning, which cannot be taken back, it is the stream_diverged error.
+func (j *jobCall) closing(ev bus.Event) (events, *apiError) {
+	if j.diverged || ev.Drop.Any() {
+		if !j.diverged {
+			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
+				Msg("streamed text differs from the job's result text")
+		}
+		return nil, errStreamDiverged(j.job.ID)
 	}
-	var lp *logprobs
-	if c.j.spec.logprobs {
-		lp = &logprobs{offset: c.sentChars}
+	var out events
+	if ev.Rest != "" {
+		out = append(out, each(j.spec.format.delta(j.meta, ev.Rest, j.logprobsOf(nil, ev)))...)
 	}
-	if rest != "" {
-		c.commit(rest)
-	}
-	return rest, lp, true
+	return append(out, each(j.spec.format.final(j.meta, finishReason(ev.Result)))...), nil
 }
 
 // abandon handles a wait that ended without a terminal: the client left, the

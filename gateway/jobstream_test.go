@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -151,6 +152,27 @@ func TestJobStreamAttemptChange(t *testing.T) {
 	if s.Missed() != 1 {
 		t.Fatalf("Missed() = %d", s.Missed())
 	}
+	// These events carry no offsets, so each new attempt reads as one that
+	// started over; whatever the stream made of them, Drop and Rest applied
+	// give the result's text.
+	if got := applied(evs); got != "abcdef" || s.Text() != got {
+		t.Fatalf("caller's text %q, stream's %q", got, s.Text())
+	}
+}
+
+// applied is the text a caller builds from evs the documented way: take back
+// each Drop, append each delta and the terminal's Rest.
+func applied(evs []bus.Event) string {
+	text := ""
+	for _, ev := range evs {
+		text = text[:len(text)-ev.Drop.Bytes]
+		if ev.Token != nil {
+			text += ev.Token.Delta
+		} else {
+			text += ev.Rest
+		}
+	}
+	return text
 }
 
 // The terminal event is lost (the caller was disconnected): the stream goes
@@ -231,7 +253,7 @@ func TestJobStreamWatchFinishedJob(t *testing.T) {
 func TestSubmitStream(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: []string{"x", "y"}})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"x", "y"}})
 	p, err := bus.NewClient(tb.nc)
 	if err != nil {
 		t.Fatal(err)

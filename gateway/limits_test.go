@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
@@ -27,7 +28,7 @@ func limitedGateway(t *testing.T, limits TenantLimits) (*Gateway, string, *testB
 func TestTenantTokensMapJobsToTheirTenant(t *testing.T) {
 	t.Parallel()
 	_, url, tb := limitedGateway(t, TenantLimits{})
-	fw := startFakeWorker(t, tb, script{tokens: []string{"hi"}})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"hi"}})
 	for token, tenant := range map[string]string{"tok-a": "a", "plain": DefaultTenant} {
 		resp := postJSON(t, url+"/v1/chat/completions", chatBody(false, nil), "Authorization", "Bearer "+token)
 		if resp.StatusCode != http.StatusOK {
@@ -112,7 +113,7 @@ func TestTenantRateLimitIs429PerTenantAndCounted(t *testing.T) {
 func TestTenantInFlightLimitIs429UntilAJobEnds(t *testing.T) {
 	t.Parallel()
 	g, url, tb := limitedGateway(t, TenantLimits{MaxInFlight: 1})
-	fw := startFakeWorker(t, tb, script{hang: true})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Hang: true})
 
 	// The first request's job is queued and never finishes while its client waits.
 	ctx, cancel := context.WithCancel(context.Background())

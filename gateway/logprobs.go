@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"unicode/utf8"
 
+	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -70,51 +71,14 @@ func checkTopLogprobs(n int, param string) *apiError {
 	return nil
 }
 
-// eventLogprobs gathers a job's logprobs from its token events, following rewinds
-// (an attempt that started over), so a non-streamed answer has every token's entry
-// even when the result's own copy was bounded or lacks a migrated job's first
-// attempt. It is trusted only when its text is the result's text.
-type eventLogprobs struct {
-	text    []byte
-	entries []schemas.TokenLogprob
-	starts  []int // byte offset in text of the delta each entry came with
-	broken  bool  // an event was missed
-}
-
-func (c *eventLogprobs) add(ev *eventView) {
-	if ev.missed > 0 {
-		c.broken = true
-	}
-	if ev.rewind {
-		off := min(ev.offset, len(c.text))
-		c.text = c.text[:off]
-		n := len(c.starts)
-		for n > 0 && c.starts[n-1] >= off {
-			n--
-		}
-		c.entries, c.starts = c.entries[:n], c.starts[:n]
-	}
-	start := len(c.text)
-	c.text = append(c.text, ev.delta...)
-	for _, e := range ev.lps {
-		c.entries = append(c.entries, e)
-		c.starts = append(c.starts, start)
-	}
-}
-
-// final picks the entries for the answer: the events' when they add up to the
-// result's text, else the result's own (possibly bounded) copy.
-func (c *eventLogprobs) final(res *schemas.ResultMsg) []schemas.TokenLogprob {
-	if !c.broken && string(c.text) == res.Text && len(c.entries) >= len(res.Logprobs) {
-		return c.entries
+// finalLogprobs picks the entries for a whole answer from its terminal event:
+// those that came with the stream's text when that text is the result's (the
+// events' copy has every token's entry, even when the result's own copy was
+// bounded or lacks a migrated job's first attempt), else the result's own.
+func finalLogprobs(ev bus.Event, s *bus.JobStream) []schemas.TokenLogprob {
+	res := ev.Result
+	if ev.Rest == "" && !ev.Drop.Any() && s.Missed() == 0 && len(s.Logprobs()) >= len(res.Logprobs) {
+		return s.Logprobs()
 	}
 	return res.Logprobs
-}
-
-type eventView struct {
-	delta  string
-	lps    []schemas.TokenLogprob
-	offset int
-	rewind bool
-	missed int
 }

@@ -6,6 +6,7 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
@@ -28,6 +29,31 @@ type textLogprobs struct {
 	TextOffset    []int                `json:"text_offset"`
 }
 
+// streamedLogprobs is the logprobs of each chunk of an SSE stream that has
+// them, in order ([DONE] and chunks without skipped).
+func streamedLogprobs[T any](events []string) []T {
+	var out []T
+	for _, e := range events {
+		var c struct {
+			Choices []struct {
+				Logprobs *T `json:"logprobs"`
+			} `json:"choices"`
+		}
+		if json.Unmarshal([]byte(e), &c) == nil && len(c.Choices) > 0 && c.Choices[0].Logprobs != nil {
+			out = append(out, *c.Choices[0].Logprobs)
+		}
+	}
+	return out
+}
+
+// add appends the entries of o, one streamed chunk's.
+func (l *textLogprobs) add(o textLogprobs) {
+	l.Tokens = append(l.Tokens, o.Tokens...)
+	l.TokenLogprobs = append(l.TokenLogprobs, o.TokenLogprobs...)
+	l.TopLogprobs = append(l.TopLogprobs, o.TopLogprobs...)
+	l.TextOffset = append(l.TextOffset, o.TextOffset...)
+}
+
 func tokensOf(c chatLogprobs) []string {
 	var out []string
 	for _, e := range c.Content {
@@ -43,7 +69,7 @@ func tokensOf(c chatLogprobs) []string {
 func TestChatLogprobs(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 3})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{"logprobs": true, "top_logprobs": 2}))
@@ -66,16 +92,8 @@ func TestChatLogprobs(t *testing.T) {
 
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, map[string]any{"logprobs": true})))
 	var streamed []string
-	for _, e := range events[:len(events)-1] {
-		var c struct {
-			Choices []struct {
-				Logprobs *chatLogprobs `json:"logprobs"`
-			} `json:"choices"`
-		}
-		_ = json.Unmarshal([]byte(e), &c)
-		if len(c.Choices) > 0 && c.Choices[0].Logprobs != nil {
-			streamed = append(streamed, tokensOf(*c.Choices[0].Logprobs)...)
-		}
+	for _, l := range streamedLogprobs[chatLogprobs](events) {
+		streamed = append(streamed, tokensOf(l)...)
 	}
 	if !reflect.DeepEqual(streamed, helloTokens) {
 		t.Fatalf("streamed entries %q", streamed)
@@ -99,7 +117,7 @@ func TestChatLogprobs(t *testing.T) {
 func TestCompletionLogprobs(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 3})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 3})
 	_, srv := newTestGateway(t, tb, nil)
 	want := textLogprobs{Tokens: helloTokens, TokenLogprobs: []float64{-0.1, -0.2, -0.3, -0.4},
 		TopLogprobs: []map[string]float64{{"Hello": -0.1}, {",": -0.2}, {" world": -0.3}, {"!": -0.4}}, TextOffset: []int{0, 5, 6, 12}}
@@ -118,20 +136,8 @@ func TestCompletionLogprobs(t *testing.T) {
 
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "logprobs": 1, "stream": true}))
 	var got textLogprobs
-	for _, e := range events[:len(events)-1] {
-		var c struct {
-			Choices []struct {
-				Logprobs *textLogprobs `json:"logprobs"`
-			} `json:"choices"`
-		}
-		_ = json.Unmarshal([]byte(e), &c)
-		if len(c.Choices) > 0 && c.Choices[0].Logprobs != nil {
-			l := c.Choices[0].Logprobs
-			got.Tokens = append(got.Tokens, l.Tokens...)
-			got.TokenLogprobs = append(got.TokenLogprobs, l.TokenLogprobs...)
-			got.TopLogprobs = append(got.TopLogprobs, l.TopLogprobs...)
-			got.TextOffset = append(got.TextOffset, l.TextOffset...)
-		}
+	for _, l := range streamedLogprobs[textLogprobs](events) {
+		got.add(l)
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("streamed %+v, want %+v", got, want)
@@ -148,4 +154,37 @@ func TestLogprobsParamsChecked(t *testing.T) {
 		http.StatusBadRequest, "top_logprobs", "invalid_value")
 	expectError(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "logprobs": -1}),
 		http.StatusBadRequest, "logprobs", "invalid_value")
+}
+
+// A retried job's entries are those of the text the client got, once each and
+// with offsets that count that text, whether the retry resumed (the result's
+// own copy has only the last attempt's entries) or started over and
+// regenerated what was sent (the stream swallows it, entries too).
+// Mutations caught: finalLogprobs always taking the result's copy (two entries
+// of four when resumed); jobCall.logprobsOf not subtracting the delta's own
+// characters (text_offset 5, 6, 12, 13).
+func TestCompletionLogprobsAcrossRetries(t *testing.T) {
+	t.Parallel()
+	want := textLogprobs{Tokens: helloTokens, TokenLogprobs: []float64{-0.1, -0.2, -0.3, -0.4},
+		TopLogprobs: []map[string]float64{{"Hello": -0.1}, {",": -0.2}, {" world": -0.3}, {"!": -0.4}}, TextOffset: []int{0, 5, 6, 12}}
+	eachRetry(t, helloTokens, func(t *testing.T, url string) {
+		req := map[string]any{"model": testModel, "prompt": "hi", "logprobs": 1}
+		body := decode[struct {
+			Choices []struct {
+				Text     string       `json:"text"`
+				Logprobs textLogprobs `json:"logprobs"`
+			} `json:"choices"`
+		}](t, postJSON(t, url+"/v1/completions", req).Body)
+		if ch := body.Choices[0]; ch.Text != "Hello, world!" || !reflect.DeepEqual(ch.Logprobs, want) {
+			t.Fatalf("whole: %q %+v, want %+v", ch.Text, ch.Logprobs, want)
+		}
+		req["stream"] = true
+		var got textLogprobs
+		for _, l := range streamedLogprobs[textLogprobs](readSSE(t, postJSON(t, url+"/v1/completions", req))) {
+			got.add(l)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("streamed %+v, want %+v", got, want)
+		}
+	})
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	shared "github.com/mlx-serving/mlx-serving/metrics"
 )
@@ -24,7 +25,7 @@ import (
 func TestMetricLabelsOnlyAnnouncedModels(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 2})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 2})
 	fleet, err := shared.NewFleet(shared.FleetOptions{Conn: tb.connect(t), Logger: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -57,7 +58,7 @@ func TestModelsListsReadyWorkersModels(t *testing.T) {
 func TestHealthReadyMetrics(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens, prompt: 2})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Prompt: 2})
 	nc := tb.connect(t)
 	_, srv := newTestGatewayOn(t, nc, nil)
 

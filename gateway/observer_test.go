@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
@@ -14,7 +15,7 @@ import (
 func TestWithoutObserver(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: helloTokens})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, func(c *Config) { c.Observer, c.Metrics = nil, nil })
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil))
 	if resp.StatusCode != http.StatusOK {

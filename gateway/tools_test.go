@@ -10,6 +10,7 @@ import (
 	"testing"
 	"unicode/utf8"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -137,7 +138,7 @@ func TestToolParser(t *testing.T) {
 func TestToolCallsWhole(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: callTokens, prompt: 30})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: callTokens, Prompt: 30})
 	_, srv := newTestGateway(t, tb, nil)
 
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
@@ -190,7 +191,7 @@ type toolChunk struct {
 func TestToolCallsStreamed(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: callTokens, prompt: 30})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: callTokens, Prompt: 30})
 	_, srv := newTestGateway(t, tb, nil)
 
 	for _, n := range []int{1, 2} {
@@ -243,7 +244,7 @@ func TestToolCallsStreamed(t *testing.T) {
 func TestToolChoiceNoneIsText(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: callTokens, finish: "length"})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: callTokens, Finish: "length"})
 	_, srv := newTestGateway(t, tb, nil)
 	body := decode[chatCompletion](t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
 		"tools": []any{weatherTool}, "tool_choice": "none",
@@ -258,7 +259,7 @@ func TestToolChoiceNoneIsText(t *testing.T) {
 func TestToolCallCutIsLength(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: callTokens[:6], finish: "length"})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: callTokens[:6], Finish: "length"})
 	_, srv := newTestGateway(t, tb, nil)
 	body := decode[chatCompletion](t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
 		"tools": []any{weatherTool}, "tool_choice": "required",
@@ -273,7 +274,7 @@ func TestToolCallCutIsLength(t *testing.T) {
 func TestToolRoundTripMessages(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, script{tokens: helloTokens})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
 	_, srv := newTestGateway(t, tb, nil)
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{
 		"tools": []any{weatherTool},
@@ -343,7 +344,7 @@ func TestToolsRefused(t *testing.T) {
 func TestToolCallsLogprobs(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, script{tokens: callTokens, prompt: 30})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: callTokens, Prompt: 30})
 	_, srv := newTestGateway(t, tb, nil)
 	want := strings.Join(callTokens, "")
 	tokensOf := func(raw json.RawMessage) string {

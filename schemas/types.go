@@ -189,7 +189,8 @@ type TokenEventMsg struct {
 	Tokens  int    `json:"tokens"` // completion tokens so far in this job
 	// Offset is where Delta starts in the job's text, in bytes. A resumed attempt
 	// starts at the length of the text already sent; one that had to start over
-	// starts at 0, and the caller drops what it had (bus.Event.Rewind).
+	// starts at 0; bus.JobStream swallows what it regenerates and says what to
+	// take back where it differs (bus.Drop).
 	Offset int `json:"offset,omitempty"`
 	// Logprobs, when the job asked for them: the tokens whose text starts in Delta.
 	Logprobs []TokenLogprob `json:"logprobs,omitempty"`

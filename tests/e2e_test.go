@@ -105,12 +105,12 @@ func TestJobsWaitForCapacity(t *testing.T) {
 // another) and continues from the text the caller already holds — nothing
 // repeated, nothing missing, nothing rewound. Sampling with a fixed seed makes a
 // start-over distinguishable from a continuation only by the events' offsets and
-// the Rewind flag, which are asserted directly: the next attempt's first event
+// the StartedOver flag, which are asserted directly: the next attempt's first event
 // starts at the byte offset where the first one stopped, its token count goes on
 // from there, and the final text is attempt 1's text plus the continuation.
 //
 // Mutation caught: dispatcher/batcher.go launch, drop `aj.Resume = &r` (the
-// retried attempt starts over at offset 0 → Rewind); worker/job.go usage, drop
+// retried attempt starts over at offset 0 → StartedOver); worker/job.go usage, drop
 // `u.CompletionTokens += resumeTokens` (usage forgets attempt 1's tokens).
 func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
 	s := newStack(t)
@@ -144,7 +144,7 @@ func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
 		t.Fatalf("expected a second attempt: attempt %d restarted %v attempts %v", r.Attempt, o.restarted, o.attempts)
 	}
 	if o.rewound {
-		t.Fatal("the new attempt started over (Rewind) instead of continuing")
+		t.Fatal("the new attempt started over instead of continuing (StartedOver)")
 	}
 	if o.text != r.Text {
 		t.Fatalf("caller's text differs from the result:\nstream %q\nresult %q", o.text, r.Text)

@@ -135,13 +135,11 @@ func (s *stack) submit(ctx context.Context, job *schemas.JobRequest, onToken fun
 		}
 		o.missed += ev.Missed
 		o.restarted = o.restarted || ev.Restarted
-		if ev.Rewind {
-			kept := b.String()[:ev.Offset]
+		o.rewound = o.rewound || ev.StartedOver
+		if ev.Token != nil {
+			kept := b.String()[:b.Len()-ev.Drop.Bytes] // a retry's text the caller must take back
 			b.Reset()
 			b.WriteString(kept)
-			o.rewound = true
-		}
-		if ev.Token != nil {
 			o.attempts[ev.Token.Attempt] = true
 			o.tokens++
 			b.WriteString(ev.Token.Delta)

@@ -177,13 +177,17 @@ func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args
 			} else {
 				_ = enc.Encode(ev.Result)
 			}
-		} else if ev.Token != nil {
-			if ev.Rewind {
+		} else {
+			if ev.Drop.Any() {
 				// A terminal cannot take printed text back: say what happened.
-				fmt.Fprintf(stderr, "\n[job %s restarted from the beginning after a failure; its text follows again]\n", job.ID)
+				fmt.Fprintf(stderr, "\n[job %s: the last %d characters above are replaced by what follows (a retry generated other text)]\n", job.ID, ev.Drop.Chars)
 				fmt.Fprint(stdout, "\n")
 			}
-			fmt.Fprint(stdout, ev.Token.Delta)
+			if ev.Token != nil {
+				fmt.Fprint(stdout, ev.Token.Delta)
+			} else {
+				fmt.Fprint(stdout, ev.Rest) // text whose events were lost on the way
+			}
 		}
 		if ev.Result != nil {
 			if !s.json {

@@ -3,15 +3,16 @@
 // events to the job's reply subject, hands each terminal record to the
 // dispatcher that placed the job, reports retryable failures), heart-beats
 // into the registry, and takes the runtime out. Dispatcher tests script it per
-// attempt (Plan); the bench runs the dispatcher's ceiling against it.
+// attempt (Plan); the bench runs the dispatcher's ceiling against it. In
+// Direct mode it takes jobs straight off JOBS and plays the dispatcher's part
+// in small (retries, RESULTS), so the gateway's tests script what reaches a
+// reply subject — lost events, missing terminals, attempts that start over —
+// with the same Plan.
 package fakeworker
 
 import (
 	"context"
 	"encoding/json"
-	"errors"
-	"fmt"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,16 +24,6 @@ import (
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
-
-// Plan says how the fake worker runs one attempt. The zero Plan streams the
-// job's max_tokens tokens and completes.
-type Plan struct {
-	Die      int  // >0: after this many tokens stop heart-beating and serving, silently
-	Restart  int  // >0: after this many tokens the worker restarts (SIGKILL and back under the same id): its jobs are forgotten, it serves and heart-beats on with a new started_at
-	Crash    int  // >0: after this many tokens report a retryable failure
-	Block    bool // wait for Release before finishing
-	TokenGap time.Duration
-}
 
 // Options configure a fake worker.
 type Options struct {
@@ -53,6 +44,10 @@ type Options struct {
 	Hostname string
 	// HandOverTimeout bounds the hand-over of a terminal record (10s).
 	HandOverTimeout time.Duration
+	// Direct: serve jobs straight off the job subjects, with no dispatcher (see
+	// serveDirect): what a gateway's tests need to script exactly what reaches a
+	// reply subject.
+	Direct bool
 	// Errorf is told what a test should fail on (an assignment that is no
 	// AssignmentMsg); Logf what it may want to see (a hand-over that failed).
 	// Both may be nil; Errors counts them either way.
@@ -71,6 +66,7 @@ type Stats struct {
 type Worker struct {
 	opts Options
 	nc   *nats.Conn
+	js   jetstream.JetStream
 	reg  registry.Bucket
 	errs atomic.Int64
 
@@ -116,13 +112,17 @@ func Start(ctx context.Context, nc *nats.Conn, opts Options) (*Worker, error) {
 	if err != nil {
 		return nil, err
 	}
-	w := &Worker{opts: opts, nc: nc, startedAt: time.Now().UTC(), hbNudge: make(chan struct{}, 1),
+	w := &Worker{opts: opts, nc: nc, js: js, startedAt: time.Now().UTC(), hbNudge: make(chan struct{}, 1),
 		assigned: map[string]int{}, release: make(chan struct{}), stopHB: make(chan struct{}), hbDone: make(chan struct{}),
 		onAssign: make(chan schemas.AssignmentMsg, 1024)}
 	if w.reg, err = registry.Open(ctx, js); err != nil {
 		return nil, err
 	}
-	if w.sub, err = nc.Subscribe(subjects.Assign(opts.ID), w.serve); err != nil {
+	subject, serve := subjects.Assign(opts.ID), w.serve
+	if opts.Direct {
+		subject, serve = subjects.JobsAll, w.serveDirect
+	}
+	if w.sub, err = nc.Subscribe(subject, serve); err != nil {
 		return nil, err
 	}
 	if err := nc.Flush(); err != nil {
@@ -312,90 +312,6 @@ func (w *Worker) serve(m *nats.Msg) {
 	}
 	for _, aj := range a.Jobs {
 		go w.run(aj, a.DispatcherID, inc)
-	}
-}
-
-// TokenText is the deterministic text of token i.
-func TokenText(i int) string { return fmt.Sprintf("t%d ", i) }
-
-// FullText is the text of tokens 0 to n-1.
-func FullText(n int) string {
-	var b strings.Builder
-	for i := range n {
-		b.WriteString(TokenText(i))
-	}
-	return b.String()
-}
-
-func (w *Worker) run(aj schemas.AssignedJob, dispatcherID string, inc int) {
-	plan := w.opts.Plan(aj)
-	job := aj.Job
-	start, prefix := 0, ""
-	if aj.Resume != nil {
-		start, prefix = aj.Resume.CompletionTokens, aj.Resume.Text
-	}
-	text := prefix
-	seq := 0
-	for i := start; i < job.MaxTokens; i++ {
-		if plan.TokenGap > 0 {
-			time.Sleep(plan.TokenGap)
-		}
-		if !w.current(inc) {
-			return
-		}
-		d := TokenText(i)
-		text += d
-		ev, _ := json.Marshal(schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: aj.Attempt, Seq: seq, Delta: d, Tokens: i + 1})
-		_ = w.nc.Publish(job.ReplyTo, ev)
-		seq++
-		if plan.Restart > 0 && seq == plan.Restart {
-			_ = w.nc.Flush()
-			w.RestartNow()
-			return
-		}
-		if plan.Die > 0 && seq == plan.Die {
-			_ = w.nc.Flush()
-			w.Stop() // silent death: no result, no report, no more heartbeats
-			return
-		}
-		if plan.Crash > 0 && seq == plan.Crash {
-			// Like the real worker: stamped, the slot freed, then published.
-			rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: job.ID, Tenant: job.Tenant, Attempt: aj.Attempt, WorkerID: w.opts.ID,
-				Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "boom", Retryable: true}, Text: text, Seq: seq, CompletionTokens: i + 1, ReportedAt: time.Now().UTC()})
-			w.done(inc)
-			_ = w.nc.Publish(subjects.Attempt(w.opts.ID), rep)
-			return
-		}
-	}
-	if plan.Block {
-		<-w.release
-	}
-	if !w.current(inc) {
-		return
-	}
-	// Like the real worker: finished_at stamped, the slot freed, then the record.
-	res := &schemas.ResultMsg{Type: "result", JobID: job.ID, Attempt: aj.Attempt, Seq: seq, Status: schemas.StatusCompleted, FinishReason: "length",
-		Text: text, Usage: schemas.Usage{CompletionTokens: job.MaxTokens, TotalTokens: job.MaxTokens}, Model: job.Model, Tenant: job.Tenant, WorkerID: w.opts.ID, FinishedAt: time.Now().UTC()}
-	w.done(inc)
-	// Like the real worker: handed to the dispatcher that placed the job, which
-	// stores it, sends the terminal event and acks.
-	data, _ := json.Marshal(res)
-	m, err := w.nc.Request(subjects.Done(w.opts.ID, dispatcherID), data, w.opts.HandOverTimeout)
-	var reply schemas.FinishReplyMsg
-	if err == nil {
-		err = json.Unmarshal(m.Data, &reply)
-	}
-	switch {
-	case err != nil:
-		w.errs.Add(1)
-		if w.opts.Logf != nil && !errors.Is(err, nats.ErrNoResponders) { // a stopped dispatcher
-			w.opts.Logf("worker %s: hand over %s: %v", w.opts.ID, job.ID, err)
-		}
-	case reply.Status != schemas.FinishStored:
-		w.errs.Add(1)
-		w.mu.Lock()
-		w.stats.Refused = append(w.stats.Refused, job.ID+":"+reply.Status)
-		w.mu.Unlock()
 	}
 }
 

@@ -2,6 +2,7 @@ package fakeworker_test
 
 import (
 	"encoding/json"
+	"fmt"
 	"testing"
 	"time"
 
@@ -9,6 +10,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -90,5 +92,63 @@ func TestServesAnAssignment(t *testing.T) {
 	}
 	if w.InFlight() != 0 || w.Errors() != 0 {
 		t.Fatalf("in flight %d, errors %d", w.InFlight(), w.Errors())
+	}
+}
+
+// TestDirectRetries: in Direct mode a crashed attempt is retried here, resuming
+// where the report says (offset and token count go on) or, with StartOver,
+// from offset 0; the record lands in RESULTS and its event on the reply subject.
+// Mutations caught: runDirect not setting next.Resume (the resumed attempt
+// starts at offset 0); attempt not setting Offset (every offset 0).
+func TestDirectRetries(t *testing.T) {
+	t.Parallel()
+	story := []string{"Once ", "upon ", "a ", "time"}
+	for _, tc := range []struct {
+		startOver bool
+		offset    int // of attempt 2's first event
+		tokens    int // its token count
+	}{{false, 10, 3}, {true, 0, 1}} {
+		t.Run(fmt.Sprintf("start over %v", tc.startOver), func(t *testing.T) {
+			t.Parallel()
+			b := testenv.StartBus(t, jsprov.Options{})
+			plans := []fakeworker.Plan{{Tokens: story, Crash: 2, StartOver: tc.startOver}, {Tokens: story}}
+			w, err := fakeworker.Start(testenv.Context(t, 10*time.Second), b.Connect(t, "worker"), fakeworker.Options{ID: "w1", Slots: 2, Models: []string{"m"},
+				Direct: true, Errorf: t.Errorf, Plan: func(aj schemas.AssignedJob) fakeworker.Plan { return plans[aj.Attempt-1] }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(w.Stop)
+			events := make(chan []byte, 16)
+			if _, err := b.Conn.Subscribe("reply.j1", func(m *nats.Msg) { events <- m.Data }); err != nil {
+				t.Fatal(err)
+			}
+			data, _ := json.Marshal(schemas.JobRequest{ID: "j1", Model: "m", Prompt: "p", ReplyTo: "reply.j1"})
+			if err := b.Conn.Publish(subjects.Job("", schemas.PriorityNormal, "j1"), data); err != nil {
+				t.Fatal(err)
+			}
+			var toks []schemas.TokenEventMsg
+			var res schemas.ResultMsg
+			for res.Type == "" {
+				select {
+				case d := <-events:
+					var tok schemas.TokenEventMsg
+					_ = json.Unmarshal(d, &tok)
+					if tok.Type == "token" {
+						toks = append(toks, tok)
+					} else {
+						_ = json.Unmarshal(d, &res)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatalf("no terminal after %+v", toks)
+				}
+			}
+			if len(toks) < 3 || toks[1].Offset != 5 || toks[2].Attempt != 2 || toks[2].Offset != tc.offset || toks[2].Tokens != tc.tokens || toks[2].Seq != 0 {
+				t.Fatalf("events %+v", toks)
+			}
+			stored, err := results.Fetch(testenv.Context(t, 5*time.Second), b.JS, "", "j1")
+			if err != nil || stored.Text != "Once upon a time" || stored.Attempt != 2 || res.Text != stored.Text || stored.FinishReason != "stop" {
+				t.Fatalf("stored %+v (%v), event %+v", stored, err, res)
+			}
+		})
 	}
 }

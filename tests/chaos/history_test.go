@@ -267,14 +267,15 @@ func (pr *producer) read(ctx context.Context, rec *callerRecord, st *bus.JobStre
 			return
 		}
 		er := eventRec{attempt: ev.Attempt, restarted: ev.Restarted, missed: ev.Missed, terminal: ev.Terminal()}
-		if ev.Rewind {
-			// The attempt started over: the caller keeps only the first Offset bytes.
-			kept := rec.text.String()[:ev.Offset]
-			rec.text.Reset()
-			rec.text.WriteString(kept)
+		if ev.StartedOver {
 			rec.rewinds++
 		}
 		if ev.Token != nil {
+			// A retry's text the caller must take back (bus.Drop); the terminal's
+			// Rest and Drop are left out, so the text is what the deltas built.
+			kept := rec.text.String()[:rec.text.Len()-ev.Drop.Bytes]
+			rec.text.Reset()
+			rec.text.WriteString(kept)
 			er.seq = ev.Token.Seq
 			rec.text.WriteString(ev.Token.Delta)
 		} else {
