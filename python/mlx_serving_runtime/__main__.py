@@ -44,8 +44,9 @@ def runtime_info(engine: Any) -> dict[str, Any]:
 
     from . import __version__
     from .engine import memory_info
+    from .prefill import on_cuda
 
-    gpu = mx.default_device() == mx.gpu and mx.metal.is_available()
+    gpu = mx.default_device() == mx.gpu and (mx.metal.is_available() or on_cuda())
     return {
         "runtime_version": __version__,
         "mlx_version": mx.__version__,
