@@ -52,6 +52,7 @@ def test_resolve_and_apply(monkeypatch) -> None:
         prefill.resolve("padded")
     prefill.apply("buckets")
     assert prefill.CUDNN_ENV not in os.environ
+    monkeypatch.setenv(prefill.CUDNN_ENV, "1")  # restored (unset) after the test
     prefill.apply("unfused")
     assert os.environ[prefill.CUDNN_ENV] == "0"
 
