@@ -10,7 +10,7 @@ of a chat whose history comes from the previous turn's KV cache; chatN_fresh, th
 prompts computed whole. The system prompt is tokens long; user turns are TURNS long.
 
 Usage: python python/bench/first_token.py --model DIR [--tokens 1088] [--trials 5]
-       [--modes plain,unfused,buckets] [--json FILE]
+       [--modes plain,unfused,buckets,buckets+unfused] [--json FILE]
 """
 
 from __future__ import annotations
@@ -32,11 +32,14 @@ def one(a: argparse.Namespace) -> dict:
 
     from mlx_serving_runtime import prefill
 
-    prefill.apply(a.one)
+    mode, _, extra = a.one.partition("+")  # "buckets+unfused": both, cuDNN off and padded
+    prefill.apply(mode)
+    if extra:
+        prefill.apply(extra)
     model, tok = load(a.model)
     gen = prefill.new_generator(
         model,
-        a.one,
+        mode,
         stop_tokens=[[t] for t in tok.eos_token_ids],
         stream=mx.default_stream(mx.default_device()),
     )
