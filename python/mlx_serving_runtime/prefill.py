@@ -106,7 +106,12 @@ def _pad_history(c: BatchKVCache, to: int) -> None:
 
 
 class BucketedPromptBatch(PromptProcessingBatch):
-    """mlx-lm's prompt batch, padding each forward pass to bucketed shapes."""
+    """mlx-lm's prompt batch, padding each forward pass to bucketed shapes.
+
+    prompt() is mlx-lm 0.32.2's own (the pinned version) with a wider pad and aligned
+    history. An mlx-lm that changes how prompt() pads or finalizes caches must be read
+    again before the pin moves: tests/test_prefill.py compares logprobs with its path.
+    """
 
     def prompt(self, tokens: list[list[int]]) -> None:
         if len(self.uids) != len(tokens):
