@@ -24,6 +24,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bytes of finished requests' KV caches kept for prompt-prefix reuse; 0 turns the "
         "cache off; negative (default): 1/8 of the machine's memory, at most 16 GiB",
     )
+    p.add_argument(
+        "--prefill-mode",
+        default=None,
+        help="prompt prefill on the GPU (see prefill.py): plain mlx-lm; unfused attention (no "
+        "per-shape cuDNN graph); buckets (padded to few shapes); auto: unfused on CUDA, else "
+        "plain (default: $MLX_SERVING_PREFILL_MODE, else auto)",
+    )
     p.add_argument("--log-level", default=os.environ.get("MLX_SERVING_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     if a.max_batch < 1 or a.max_models < 1:
@@ -37,8 +44,9 @@ def runtime_info(engine: Any) -> dict[str, Any]:
 
     from . import __version__
     from .engine import memory_info
+    from .prefill import on_cuda
 
-    gpu = mx.default_device() == mx.gpu and mx.metal.is_available()
+    gpu = mx.default_device() == mx.gpu and (mx.metal.is_available() or on_cuda())
     return {
         "runtime_version": __version__,
         "mlx_version": mx.__version__,
@@ -142,8 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     writer = Writer(out)
 
-    from . import validation
+    from . import prefill, validation
     from .engine import Engine
+
+    try:
+        prefill_mode = prefill.resolve(args.prefill_mode)
+    except ValueError as e:
+        print(f"python -m mlx_serving_runtime: {e}", file=sys.stderr)
+        return 2
+    prefill.apply(prefill_mode)
 
     validation.types()  # fail at start, not on the first request, when schemas are missing
     engine = Engine(
@@ -152,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         max_models=args.max_models,
         prompt_cache_bytes=args.prompt_cache_bytes,
         send_many=writer.send_many,
+        prefill_mode=prefill_mode,
     )
 
     def exit_now() -> None:
@@ -162,10 +178,11 @@ def main(argv: list[str] | None = None) -> int:
 
     engine.on_exit = exit_now
     log.info(
-        "runtime ready (pid %d, max_batch %d, prompt cache %d bytes)",
+        "runtime ready (pid %d, max_batch %d, prompt cache %d bytes, prefill %s)",
         os.getpid(),
         args.max_batch,
         engine.prompt_cache.max_bytes,
+        engine.prefill_mode,
     )
     stdin = sys.stdin.buffer
     for line in stdin:

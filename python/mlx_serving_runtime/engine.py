@@ -21,7 +21,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_logits_processors
 
-from . import sampling, structured
+from . import prefill, sampling, structured
 from .prompt_cache import PromptCache, default_max_bytes
 from .protocol import RpcError, error_response, notification, response
 from .request import Request
@@ -108,8 +108,10 @@ class Engine:
         max_models: int = 2,
         prompt_cache_bytes: int | None = None,
         send_many: Callable[[list[dict[str, Any]]], None] | None = None,
+        prefill_mode: str = "plain",
     ) -> None:
         self.send = send
+        self.prefill_mode = prefill_mode  # resolved; see prefill.py
         # A decode step's lines (a chunk per row with new text, the rows that ended) go
         # out together, in order, in one write: send_many when given, else one by one.
         self.send_many = send_many or self._send_each
@@ -311,8 +313,9 @@ class Engine:
         # One sampler object for every row (uids restart with a new generator).
         m.sampler = sampling.BatchSampler(m.vocab_size)
         # EOS ends a row only when listed here: BatchGenerator does not stop on it by default.
-        return BatchGenerator(
+        return prefill.new_generator(
             m.model,
+            self.prefill_mode,
             stop_tokens=[[t] for t in m.eos_ids],
             completion_batch_size=self.max_batch,
             prefill_batch_size=self.max_batch,
