@@ -410,7 +410,7 @@ func runService(ctx context.Context, name string, c config.Config, stderr io.Wri
 // workerGCPercent is the worker process's GOGC unless the environment sets
 // GOGC or GOMEMLIMIT. The worker's live heap is small (~2-4 MB under 32 slots)
 // and its garbage is mostly per-token events, so Go's default of 100 lets the
-// heap idle at twice the live size: 50 kept ~1.5 MB off the worker's RSS under
+// heap idle at twice the live size: 50 kept ~2 MB off the worker's RSS under
 // the c=32 bus load (BENCHMARKS.md, memory). GC cost is not measurable there: the
 // worker spends ~5 µs per token (BenchmarkTokenPathThroughput, same either way).
 // It is a setting on top of the real fixes, not one of them.
