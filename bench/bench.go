@@ -63,8 +63,9 @@ type Options struct {
 	SyncAlways  bool
 	JobsMaxMsgs int    // JOBS limit (default 100000)
 	BatchWait   string // dispatcher --batch-max-wait (default 5ms)
-	// QueuedJobs is the queue depth the dispatcher's memory is read at
-	// (default 100000; negative: skip).
+	BatchMax    int    // dispatcher --batch-max-size (default 8)
+	// QueuedJobs is the queue depth the dispatcher's memory is read at, with
+	// Slots busy on jobs that never finish (default 100000; negative: skip).
 	QueuedJobs int
 	// ThroughputJobs is how many one-token jobs time the dispatcher's ceiling
 	// (default 5000; negative: skip).
@@ -111,6 +112,9 @@ func (o *Options) defaults() error {
 	}
 	if o.BatchWait == "" {
 		o.BatchWait = "5ms"
+	}
+	if o.BatchMax <= 0 {
+		o.BatchMax = 8
 	}
 	if o.QueuedJobs == 0 {
 		o.QueuedJobs = 100000
@@ -302,7 +306,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		port, perr := freePort()
 		if perr == nil {
 			st, err = startStack(ctx, stackOptions{Exe: o.Exe, Dir: dir, SyncAlways: o.SyncAlways, JobsMaxMsgs: o.JobsMaxMsgs,
-				ModelDir: o.ModelDir, ModelID: modelID, Python: o.Python, Slots: o.Slots, BatchWait: o.BatchWait, HTTPPort: port})
+				ModelDir: o.ModelDir, ModelID: modelID, Python: o.Python, Slots: o.Slots, BatchWait: o.BatchWait, BatchMax: o.BatchMax, HTTPPort: port})
 		} else {
 			err = perr
 		}
@@ -333,7 +337,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			runPath(PathBus, d, func(c int) {
 				cur, peak, err := rss(st.worker.pid())
 				if err == nil && c == o.Concurrency[len(o.Concurrency)-1] {
-					mem.WorkerRSS, mem.WorkerPeakRSS = cur, peak
+					mem.WorkerRSS, mem.WorkerPeakRSS, mem.WorkerLoad = cur, peak, c
 				}
 			})
 			nc.Close()
@@ -376,26 +380,22 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		pb.end()
 	}
 	if st != nil && o.QueuedJobs > 0 && ctx.Err() == nil {
-		// No worker: nothing can be pulled, every job stays queued in JOBS.
+		// The real worker goes: its free slots (for another model) would let
+		// the dispatcher pull more than a saturated fleet allows.
 		pb.begin("stopping worker", 1)
 		st.stopWorker(ctx)
 		pb.end()
-		pb.begin(fmt.Sprintf("queueing %d jobs", o.QueuedJobs), o.QueuedJobs)
-		err := queueJobs(ctx, st.js, o.QueuedJobs, pb.step)
+		pb.begin(fmt.Sprintf("saturating %d slots, queueing %d jobs", o.Slots, o.QueuedJobs), o.QueuedJobs)
+		m, err := measureQueued(ctx, queueOptions{URL: st.srv.ClientURL(), JS: st.js, DispatcherPID: st.dispatcher.pid(),
+			Jobs: o.QueuedJobs, Workers: 1, Slots: o.Slots, BatchMax: o.BatchMax, Progress: pb.step})
 		pb.end()
 		if err != nil {
-			r.Notes = append(r.Notes, fmt.Sprintf("queue jobs: %v", err))
+			r.Notes = append(r.Notes, fmt.Sprintf("queued memory: %v", err))
 		} else {
-			// The dispatcher saw a wake-up per job; let it settle before reading.
-			time.Sleep(time.Second)
-			if r.Memory == nil {
-				r.Memory = &Memory{}
+			if r.Memory != nil {
+				m.WorkerRSS, m.WorkerPeakRSS, m.WorkerLoad = r.Memory.WorkerRSS, r.Memory.WorkerPeakRSS, r.Memory.WorkerLoad
 			}
-			r.Memory.QueuedJobs = o.QueuedJobs
-			r.Memory.DispatcherRSS, r.Memory.DispatcherPeakRSS, err = rss(st.dispatcher.pid())
-			if err != nil {
-				r.Notes = append(r.Notes, fmt.Sprintf("dispatcher rss: %v", err))
-			}
+			r.Memory = m
 		}
 	}
 

@@ -9,96 +9,6 @@ import (
 	"text/tabwriter"
 )
 
-// Target is one goal checked against the same run; it never fails the process.
-type Target struct {
-	Name   string  `json:"name"`
-	Want   string  `json:"want"`
-	Got    string  `json:"got"`
-	Value  float64 `json:"value"`
-	Pass   bool    `json:"pass"`
-	Missed bool    `json:"missing,omitempty"` // a path or phase it needs did not run
-}
-
-func find(rows []Row, path string, c int) *Row {
-	for i := range rows {
-		if rows[i].Path == path && rows[i].Concurrency == c {
-			return &rows[i]
-		}
-	}
-	return nil
-}
-
-// targets evaluates the issue's goals on one report.
-func targets(r *Report) []Target {
-	var out []Target
-	missing := func(name, want string) {
-		out = append(out, Target{Name: name, Want: want, Got: "not measured", Missed: true})
-	}
-	if bus, rt := find(r.Rows, PathBus, 1), find(r.Rows, PathRuntime, 1); bus != nil && rt != nil {
-		d50, d95 := bus.TTFTP50-rt.TTFTP50, bus.TTFTP95-rt.TTFTP95
-		out = append(out,
-			Target{Name: "bus TTFT overhead P50 @1", Want: "≤ 1 ms over runtime", Got: fmt.Sprintf("%+.2f ms", d50), Value: d50, Pass: d50 <= 1},
-			Target{Name: "bus TTFT overhead P95 @1", Want: "≤ 3 ms over runtime", Got: fmt.Sprintf("%+.2f ms", d95), Value: d95, Pass: d95 <= 3})
-	} else {
-		missing("bus TTFT overhead @1", "≤ 1 ms P50, ≤ 3 ms P95 over runtime")
-	}
-	for _, c := range r.Concurrency {
-		bus, rt := find(r.Rows, PathBus, c), find(r.Rows, PathRuntime, c)
-		name := fmt.Sprintf("bus tokens/s vs runtime @%d", c)
-		if bus == nil || rt == nil || rt.TokensPerS == 0 {
-			missing(name, "≥ 97%")
-			continue
-		}
-		ratio := bus.TokensPerS / rt.TokensPerS
-		out = append(out, Target{Name: name, Want: "≥ 97%", Got: fmt.Sprintf("%.1f%%", ratio*100), Value: ratio, Pass: ratio >= 0.97})
-	}
-	const hi = 32
-	ref := find(r.Rows, PathMLXLMServer, hi)
-	for _, p := range []string{PathBus, PathGateway} {
-		row := find(r.Rows, p, hi)
-		name := fmt.Sprintf("%s tokens/s vs mlx_lm_server @%d", p, hi)
-		if row == nil || ref == nil || ref.TokensPerS == 0 {
-			missing(name, "≥ 1.5×")
-			missing(fmt.Sprintf("%s P95 TTFT vs mlx_lm_server @%d", p, hi), "no worse")
-			continue
-		}
-		ratio := row.TokensPerS / ref.TokensPerS
-		out = append(out, Target{Name: name, Want: "≥ 1.5×", Got: fmt.Sprintf("%.2f×", ratio), Value: ratio, Pass: ratio >= 1.5})
-		out = append(out, Target{Name: fmt.Sprintf("%s P95 TTFT vs mlx_lm_server @%d", p, hi), Want: "no worse",
-			Got: fmt.Sprintf("%.1f vs %.1f ms", row.TTFTP95, ref.TTFTP95), Value: row.TTFTP95 - ref.TTFTP95, Pass: row.TTFTP95 <= ref.TTFTP95})
-	}
-	errs := 0
-	for _, row := range r.Rows {
-		errs += row.Errors
-	}
-	if len(r.Rows) > 0 {
-		out = append(out, Target{Name: "errors", Want: "0", Got: fmt.Sprint(errs), Value: float64(errs), Pass: errs == 0})
-	}
-	if r.Throughput != nil && r.NATSBench != nil && r.NATSBench.Ceiling() > 0 {
-		ratio := r.Throughput.JobsPerS / r.NATSBench.Ceiling()
-		out = append(out, Target{Name: "dispatcher jobs/s vs nats bench", Want: "≥ 50%",
-			Got: fmt.Sprintf("%.0f / %.0f msgs/s = %.1f%%", r.Throughput.JobsPerS, r.NATSBench.Ceiling(), ratio*100), Value: ratio, Pass: ratio >= 0.5})
-	} else {
-		missing("dispatcher jobs/s vs nats bench", "≥ 50%")
-	}
-	if r.Throughput != nil {
-		out = append(out, Target{Name: "dispatcher jobs/s (absolute)", Want: "≥ 10000", Got: fmt.Sprintf("%.0f", r.Throughput.JobsPerS), Value: r.Throughput.JobsPerS, Pass: r.Throughput.JobsPerS >= 10000})
-	}
-	if m := r.Memory; m != nil && m.DispatcherRSS > 0 {
-		out = append(out, Target{Name: fmt.Sprintf("dispatcher RSS, %d queued", m.QueuedJobs), Want: "≤ 64 MB", Got: mb(m.DispatcherRSS), Value: float64(m.DispatcherRSS), Pass: m.DispatcherRSS <= 64<<20})
-	} else {
-		missing("dispatcher RSS, 100000 queued", "≤ 64 MB")
-	}
-	if m := r.Memory; m != nil && m.WorkerPeakRSS > 0 {
-		out = append(out, Target{Name: "worker agent RSS (peak, no runtime)", Want: "≤ 32 MB", Got: mb(m.WorkerPeakRSS), Value: float64(m.WorkerPeakRSS), Pass: m.WorkerPeakRSS <= 32<<20})
-	} else {
-		missing("worker agent RSS", "≤ 32 MB")
-	}
-	return out
-}
-
-func mb(b int64) string { return fmt.Sprintf("%.1f MB", float64(b)/(1<<20)) }
-
 // writeTable prints the rows, then the extra measurements and the targets.
 func writeTable(w io.Writer, r *Report) {
 	fmt.Fprintf(w, "\nmlx-serving bench — %s, %d cores, model %s, max_tokens %d\n\n", r.Machine.CPU, r.Machine.Cores, r.Model, r.MaxTokens)
@@ -130,24 +40,47 @@ func writeTable(w io.Writer, r *Report) {
 	}
 	if m := r.Memory; m != nil {
 		if m.DispatcherRSS > 0 {
-			fmt.Fprintf(w, "dispatcher RSS with %d queued jobs: %s (peak %s)\n", m.QueuedJobs, mb(m.DispatcherRSS), mb(m.DispatcherPeakRSS))
+			fmt.Fprintf(w, "dispatcher RSS with %d queued jobs, %d/%d slots of %d fake worker(s) busy on jobs that never finish: %s (process peak %s)\n",
+				m.QueuedJobs, m.BusySlots, m.Slots, m.HeldWorkers, mb(m.DispatcherRSS), mb(m.DispatcherPeakRSS))
+			fmt.Fprintf(w, "  dispatcher pulled %d (not acked), %d still in JOBS; busy slots + one batch = %d%s\n",
+				m.Pulled, m.StillQueued, m.PullBound, map[bool]string{true: " — it pulled MORE than that", false: ""}[m.Pulled > m.PullBound])
 		}
 		if m.WorkerPeakRSS > 0 {
-			fmt.Fprintf(w, "worker agent RSS (runtime excluded) under bus load: %s (peak %s)\n", mb(m.WorkerRSS), mb(m.WorkerPeakRSS))
+			fmt.Fprintf(w, "worker agent RSS (runtime excluded) after the bus load @%d: %s (peak %s)\n", m.WorkerLoad, mb(m.WorkerRSS), mb(m.WorkerPeakRSS))
 		}
 	}
+	writeTargets(w, r.Targets)
+}
+
+// writeTargets prints one verdict per target, then the goals in their issue's
+// words.
+func writeTargets(w io.Writer, ts []Target) {
 	fmt.Fprintln(w, "\ntargets:")
-	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	for _, t := range r.Targets {
-		verdict := "FAIL"
-		if t.Pass {
-			verdict = "PASS"
-		} else if t.Missed {
-			verdict = "n/a"
-		}
-		fmt.Fprintf(tw, "  %s\t%s\twant %s\tgot %s\n", verdict, t.Name, t.Want, t.Got)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, t := range ts {
+		fmt.Fprintf(tw, "  %s\t%s\twant %s\tgot %s\n", t.Verdict, t.Name, t.Want, t.Got)
 	}
 	_ = tw.Flush()
+	pass, fail, na := 0, 0, 0
+	for _, t := range ts {
+		switch t.Verdict {
+		case VerdictPass:
+			pass++
+		case VerdictFail:
+			fail++
+		default:
+			na++
+		}
+	}
+	fmt.Fprintf(w, "%d PASS, %d FAIL, %d n/a\n", pass, fail, na)
+	fmt.Fprintln(w, "\ngoals:")
+	seen := map[string]bool{}
+	for _, t := range ts {
+		if !seen[t.Goal] {
+			seen[t.Goal] = true
+			fmt.Fprintf(w, "  %-26s %s\n", t.Goal, t.Words)
+		}
+	}
 }
 
 // writeSVG draws two grouped bar charts by hand: aggregate tokens/s and P95 TTFT

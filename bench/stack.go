@@ -135,6 +135,7 @@ type stackOptions struct {
 	Python      string
 	Slots       int
 	BatchWait   string
+	BatchMax    int
 	HTTPPort    int
 }
 
@@ -162,7 +163,7 @@ func startStack(ctx context.Context, o stackOptions) (*stack, error) {
 		return nil, fmt.Errorf("provision: %w", err)
 	}
 	common := []string{"--nats", srv.ClientURL(), "--log-level", "warn", "--data-dir", o.Dir}
-	if s.dispatcher, err = startChild(o.Exe, o.Dir, "dispatcher", append([]string{"dispatcher", "--batch-max-wait", o.BatchWait}, common...)...); err != nil {
+	if s.dispatcher, err = startChild(o.Exe, o.Dir, "dispatcher", append([]string{"dispatcher", "--batch-max-wait", o.BatchWait, "--batch-max-size", strconv.Itoa(o.BatchMax)}, common...)...); err != nil {
 		s.close()
 		return nil, err
 	}

@@ -51,36 +51,6 @@ func TestSummarize(t *testing.T) {
 	}
 }
 
-func TestTargetsFromRows(t *testing.T) {
-	t.Parallel()
-	r := &Report{Concurrency: []int{1, 32}, Rows: []Row{
-		{Path: PathRuntime, Concurrency: 1, TTFTP50: 10, TTFTP95: 20, TokensPerS: 100},
-		{Path: PathBus, Concurrency: 1, TTFTP50: 10.5, TTFTP95: 25, TokensPerS: 98},
-		{Path: PathRuntime, Concurrency: 32, TokensPerS: 1000},
-		{Path: PathBus, Concurrency: 32, TokensPerS: 900, TTFTP95: 50},
-		{Path: PathMLXLMServer, Concurrency: 32, TokensPerS: 500, TTFTP95: 60},
-	}}
-	got := map[string]bool{}
-	for _, tg := range targets(r) {
-		got[tg.Name] = tg.Pass
-	}
-	want := map[string]bool{
-		"bus TTFT overhead P50 @1":              true,  // +0.5 ms
-		"bus TTFT overhead P95 @1":              false, // +5 ms
-		"bus tokens/s vs runtime @1":            true,  // 98%
-		"bus tokens/s vs runtime @32":           false, // 90%
-		"bus tokens/s vs mlx_lm_server @32":     true,  // 1.8×
-		"bus P95 TTFT vs mlx_lm_server @32":     true,
-		"gateway tokens/s vs mlx_lm_server @32": false, // not measured
-		"errors":                                true,
-	}
-	for name, pass := range want {
-		if p, ok := got[name]; !ok || p != pass {
-			t.Errorf("%s: pass=%v (present %v), want %v", name, p, ok, pass)
-		}
-	}
-}
-
 // A row whose TTFT tail is over 10× its median is flagged; a steady one is not.
 func TestSummarizeFlagsASkewedTail(t *testing.T) {
 	mk := func(ttfts ...time.Duration) []Sample {

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net/url"
+	"path"
 	"sort"
 	"strings"
 	"sync"
@@ -75,38 +77,75 @@ func Code(t Type) string {
 	return CodeInvalidMessage
 }
 
-var (
-	compileOnce sync.Once
-	compiled    map[Type]*gojsonschema.Schema
-	compileErr  error
-)
-
-// compile loads and compiles every embedded schema exactly once per process.
-func compile() (map[Type]*gojsonschema.Schema, error) {
-	compileOnce.Do(func() { compiled, compileErr = compileFS(files) })
-	return compiled, compileErr
-}
-
-// compileFS compiles every *.json file at the top of fsys.
-func compileFS(fsys fs.FS) (map[Type]*gojsonschema.Schema, error) {
-	raws, err := readAll(fsys)
+// The embedded files are read once; each type's schema is compiled the first
+// time a document of that type is validated, and then kept. A process compiles
+// only what it validates: the worker needs job and result, not the 30 files,
+// and a compiled schema holds its whole $ref pool in memory (all 30 compiled up
+// front were ~10 MB of live heap in every process, a third of the worker's
+// RSS budget).
+var registry = sync.OnceValues(func() (*lazyRegistry, error) {
+	raws, err := readAll(files)
 	if err != nil {
 		return nil, err
 	}
-	return compileAll(raws)
+	return newLazyRegistry(raws), nil
+})
+
+// lazyRegistry holds schema files and compiles each the first time it is asked
+// for, exactly once.
+type lazyRegistry struct {
+	raws  map[string][]byte
+	types map[Type]*lazySchema
 }
 
-// compileAll compiles every file of raws (name -> content) by its type name.
-func compileAll(raws map[string][]byte) (map[Type]*gojsonschema.Schema, error) {
-	out := make(map[Type]*gojsonschema.Schema, len(raws))
+// lazySchema is one type's schema, compiled on first use.
+type lazySchema struct {
+	once sync.Once
+	done bool // set inside once: for compiled()
+	s    *gojsonschema.Schema
+	err  error
+}
+
+func newLazyRegistry(raws map[string][]byte) *lazyRegistry {
+	r := &lazyRegistry{raws: raws, types: make(map[Type]*lazySchema, len(raws))}
 	for name := range raws {
-		s, err := compileOne(name, raws)
-		if err != nil {
-			return nil, err
-		}
-		out[Type(strings.TrimSuffix(name, ".json"))] = s
+		r.types[Type(strings.TrimSuffix(name, ".json"))] = &lazySchema{}
 	}
-	return out, nil
+	return r
+}
+
+// schema returns the compiled schema of t; ErrUnknownType when t has no file.
+func (r *lazyRegistry) schema(t Type) (*gojsonschema.Schema, error) {
+	l, ok := r.types[t]
+	if !ok {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownType, t)
+	}
+	l.once.Do(func() {
+		l.s, l.err = compileOne(string(t)+".json", r.raws)
+		l.done = true
+	})
+	return l.s, l.err
+}
+
+// compiled counts the types compiled so far (tests; not safe against a
+// concurrent first compile).
+func (r *lazyRegistry) compiled() int {
+	n := 0
+	for _, l := range r.types {
+		if l.done {
+			n++
+		}
+	}
+	return n
+}
+
+// schemaFor returns the embedded schema of t, compiled exactly once per process.
+func schemaFor(t Type) (*gojsonschema.Schema, error) {
+	r, err := registry()
+	if err != nil {
+		return nil, err
+	}
+	return r.schema(t)
 }
 
 // readAll returns every schema file of fsys by name.
@@ -125,9 +164,10 @@ func readAll(fsys fs.FS) (map[string][]byte, error) {
 }
 
 // compileOne compiles the file name. Schemas refer to each other by relative $ref
-// ("job.json#/definitions/id"), resolved against their $id, so every other file that
-// declares an $id is put in the loader's pool first, and a $ref to anything else
-// fails instead of being fetched over the network.
+// ("job.json#/definitions/id"), resolved against their $id, so the other files it
+// refers to, directly or through them (refClosure), are put in the loader's pool
+// first, and a $ref to anything else fails instead of being fetched over the
+// network. The compiled schema keeps its pool: only what it refers to is in it.
 // Each file is also checked against the draft-07 meta-schema.
 func compileOne(name string, raws map[string][]byte) (*gojsonschema.Schema, error) {
 	doc, err := decode(raws[name])
@@ -141,11 +181,12 @@ func compileOne(name string, raws map[string][]byte) (*gojsonschema.Schema, erro
 	// the pool's loader factory for the default one, which would fetch unknown $refs.
 	sl := gojsonschema.NewSchemaLoader()
 	sl.Draft = gojsonschema.Draft7
-	for other, raw := range raws {
-		if other == name || !hasID(raw) {
-			continue
-		}
-		if err := sl.AddSchemas(gojsonschema.NewBytesLoader(raw)); err != nil {
+	others, err := refClosure(name, doc, raws)
+	if err != nil {
+		return nil, fmt.Errorf("schemas: compile %s: %w", name, err)
+	}
+	for _, other := range others {
+		if err := sl.AddSchemas(gojsonschema.NewBytesLoader(raws[other])); err != nil {
 			return nil, fmt.Errorf("schemas: compile %s: load %s: %w", name, other, err)
 		}
 	}
@@ -181,21 +222,107 @@ func metaCheck(doc any) error {
 	return fmt.Errorf("not a draft-07 schema: %s", strings.Join(msgs, "; "))
 }
 
-func hasID(raw []byte) bool {
+func schemaID(raw []byte) string {
 	var head struct {
 		ID string `json:"$id"`
 	}
-	return json.Unmarshal(raw, &head) == nil && head.ID != ""
+	if json.Unmarshal(raw, &head) != nil {
+		return ""
+	}
+	return head.ID
+}
+
+// refClosure names the other files of raws that the schema name (decoded as doc)
+// refers to, directly or through each other, sorted. A $ref is resolved against
+// the $id of the file it is in and matched to a file by its $id, or else by its
+// file name; a $ref that matches no file is left for the compiler to refuse. Two
+// files declaring one $id are an error, as they were when every file went into
+// every pool.
+func refClosure(name string, doc any, raws map[string][]byte) ([]string, error) {
+	byID := make(map[string]string, len(raws))
+	ids := make(map[string]string, len(raws))
+	for n, raw := range raws {
+		id := schemaID(raw)
+		if id == "" {
+			continue
+		}
+		if prev, dup := byID[id]; dup {
+			return nil, fmt.Errorf("%s and %s both declare $id %s", min(prev, n), max(prev, n), id)
+		}
+		byID[id], ids[n] = n, id
+	}
+	seen := map[string]bool{name: true}
+	queue := []string{name}
+	docs := map[string]any{name: doc}
+	for len(queue) > 0 {
+		cur := queue[0]
+		queue = queue[1:]
+		d, ok := docs[cur]
+		if !ok {
+			var err error
+			if d, err = decode(raws[cur]); err != nil {
+				return nil, fmt.Errorf("load %s: %w", cur, err)
+			}
+		}
+		base, _ := url.Parse(ids[cur])
+		for _, ref := range refs(d, nil) {
+			u, err := url.Parse(ref)
+			if err != nil {
+				continue // the compiler reports it
+			}
+			if base != nil {
+				u = base.ResolveReference(u)
+			}
+			u.Fragment = ""
+			target, ok := byID[u.String()]
+			if !ok {
+				if _, file := raws[path.Base(u.Path)]; file && u.Path != "" {
+					target, ok = path.Base(u.Path), true
+				}
+			}
+			if ok && !seen[target] {
+				seen[target] = true
+				queue = append(queue, target)
+			}
+		}
+	}
+	out := make([]string, 0, len(seen)-1)
+	for n := range seen {
+		if n != name {
+			out = append(out, n)
+		}
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// refs appends every "$ref" string in the decoded document v to out.
+func refs(v any, out []string) []string {
+	switch v := v.(type) {
+	case map[string]any:
+		for k, x := range v {
+			if s, ok := x.(string); ok && k == "$ref" {
+				out = append(out, s)
+				continue
+			}
+			out = refs(x, out)
+		}
+	case []any:
+		for _, x := range v {
+			out = refs(x, out)
+		}
+	}
+	return out
 }
 
 // Types lists every message type that has a schema, sorted.
 func Types() []Type {
-	m, err := compile()
+	r, err := registry()
 	if err != nil {
 		panic(err) // the embedded files are part of the binary; tests catch a bad one
 	}
-	out := make([]Type, 0, len(m))
-	for t := range m {
+	out := make([]Type, 0, len(r.types))
+	for t := range r.types {
 		out = append(out, t)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
@@ -214,13 +341,9 @@ func Raw(t Type) ([]byte, error) {
 // Validate checks doc against the schema of type t. It returns nil, a
 // *ValidationError listing every violation, or ErrUnknownType.
 func Validate(t Type, doc []byte) error {
-	m, err := compile()
+	s, err := schemaFor(t)
 	if err != nil {
 		return err
-	}
-	s, ok := m[t]
-	if !ok {
-		return fmt.Errorf("%w: %q", ErrUnknownType, t)
 	}
 	v, err := decode(doc)
 	if err != nil {

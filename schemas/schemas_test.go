@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -582,17 +583,69 @@ func TestDecodedLoader(t *testing.T) {
 
 func TestCompilesOnce(t *testing.T) {
 	t.Parallel()
-	a, err := compile()
+	for _, typ := range Types() {
+		a, err := schemaFor(typ)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := schemaFor(typ); a != b {
+			t.Fatalf("%s compiled twice", typ)
+		}
+	}
+	if _, err := schemaFor("nope"); !errors.Is(err, ErrUnknownType) {
+		t.Fatalf("schemaFor(nope) = %v", err)
+	}
+}
+
+// A process compiles only the types it validates: a compiled schema keeps its
+// whole $ref pool, and all of them up front cost every process ~10 MB.
+func TestCompilesLazily(t *testing.T) {
+	t.Parallel()
+	raws, err := readAll(files)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, _ := compile()
-	if reflect.ValueOf(a).Pointer() != reflect.ValueOf(b).Pointer() {
-		t.Fatal("compile() built the schemas twice")
+	r := newLazyRegistry(raws)
+	if n := r.compiled(); n != 0 {
+		t.Fatalf("%d compiled before any use", n)
 	}
-	for typ, s := range a {
-		if b[typ] != s {
-			t.Fatalf("%s compiled twice", typ)
+	for range 2 {
+		if _, err := r.schema(Result); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := r.compiled(); n != 1 {
+		t.Fatalf("%d compiled after asking for result, want 1", n)
+	}
+	if _, err := r.schema(Job); err != nil {
+		t.Fatal(err)
+	}
+	if n := r.compiled(); n != 2 {
+		t.Fatalf("%d compiled after asking for job too, want 2", n)
+	}
+}
+
+// A schema's pool holds the files it refers to, directly or through them, and
+// no others.
+func TestRefClosure(t *testing.T) {
+	t.Parallel()
+	raws, err := readAll(files)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string][]string{
+		"job.json":         {},
+		"result.json":      {"job.json", "token_event.json"},
+		"dlq_record.json":  {"job.json", "result.json", "token_event.json"},
+		"token_event.json": {"job.json"},
+	} {
+		doc, err := decode(raws[name])
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := refClosure(name, doc, raws)
+		if err != nil || !slices.Equal(got, want) {
+			t.Errorf("refClosure(%s) = %v, %v; want %v", name, got, err, want)
 		}
 	}
 }
@@ -658,4 +711,26 @@ func TestRuntimeStructsMatchSchemas(t *testing.T) {
 		}
 		sd.compare(string(typ), string(typ)+".json", root, reflect.TypeOf(newMsg()))
 	}
+}
+
+// compileFS compiles every *.json file at the top of fsys.
+func compileFS(fsys fs.FS) (map[Type]*gojsonschema.Schema, error) {
+	raws, err := readAll(fsys)
+	if err != nil {
+		return nil, err
+	}
+	return compileAll(raws)
+}
+
+// compileAll compiles every file of raws (name -> content) by its type name.
+func compileAll(raws map[string][]byte) (map[Type]*gojsonschema.Schema, error) {
+	out := make(map[Type]*gojsonschema.Schema, len(raws))
+	for name := range raws {
+		s, err := compileOne(name, raws)
+		if err != nil {
+			return nil, err
+		}
+		out[Type(strings.TrimSuffix(name, ".json"))] = s
+	}
+	return out, nil
 }

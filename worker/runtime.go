@@ -27,8 +27,14 @@ const DefaultMaxLineBytes = 16 << 20
 
 // chunkBuffer is how many chunks of one generate may wait for its caller before the
 // reader goroutine blocks: enough to ride over a slow publish without stalling other
-// requests' responses.
-const chunkBuffer = 256
+// requests' responses. The caller only hands each chunk to the NATS client's own
+// buffer, so a handful covers a hiccup; every slot costs 72 bytes for each running
+// generate (256 were ~0.6 MB at 32 slots, a worker's RSS budget is 32 MB).
+const chunkBuffer = 32
+
+// writeBuffer buffers request lines to the runtime. Each line is flushed at once,
+// so a bigger buffer only holds memory; a longer line is written straight through.
+const writeBuffer = 4 << 10
 
 // RuntimeError is an error response from the runtime.
 type RuntimeError struct {
@@ -83,7 +89,7 @@ func NewRuntimeClient(r io.Reader, w io.Writer, opts RuntimeClientOptions) *Runt
 	}
 	c := &RuntimeClient{
 		log:     opts.Logger,
-		w:       bufio.NewWriterSize(w, 64<<10),
+		w:       bufio.NewWriterSize(w, writeBuffer),
 		pending: map[int64]chan *schemas.RPCResponse{},
 		streams: map[string]*chunkStream{},
 		done:    make(chan struct{}),
@@ -139,8 +145,9 @@ type incoming struct {
 func (c *RuntimeClient) readLoop(r io.Reader, maxLine int) {
 	sc := bufio.NewScanner(r)
 	// The first buffer is capped by maxLine too: bufio only enforces the limit once it
-	// has to grow, so a larger first buffer would accept lines over it.
-	sc.Buffer(make([]byte, 0, min(64<<10, maxLine)), maxLine)
+	// has to grow, so a larger first buffer would accept lines over it. It starts
+	// at a chunk line's size and grows (doubling) only when a long result comes.
+	sc.Buffer(make([]byte, 0, min(4<<10, maxLine)), maxLine)
 	m := incoming{Params: &schemas.GenerateChunk{}}
 	for sc.Scan() {
 		line := sc.Bytes()

@@ -289,7 +289,7 @@ func (s *supervisor) spawn() (*process, error) {
 	go func() {
 		defer errR.Close()
 		sc := bufio.NewScanner(errR)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		sc.Buffer(make([]byte, 4<<10), 1<<20) // grows for a long line (a traceback), up to 1 MiB
 		for sc.Scan() {
 			log.Info().Str("stream", "stderr").Msg(sc.Text())
 		}

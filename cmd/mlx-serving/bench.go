@@ -80,7 +80,7 @@ func runBench(ctx context.Context, c config.Config, slots int, o benchOptions, s
 	r, err := bench.Run(ctx, bench.Options{
 		Paths: benchList(o.paths), Concurrency: levels, Requests: o.requests, MaxTokens: o.maxTokens,
 		ModelDir: modelDir, Python: python, Exe: exe, Repo: repo, Slots: slots,
-		SyncAlways: c.SyncAlways, JobsMaxMsgs: int(c.JobsMaxMsgs), BatchWait: c.BatchWait().String(),
+		SyncAlways: c.SyncAlways, JobsMaxMsgs: int(c.JobsMaxMsgs), BatchWait: c.BatchWait().String(), BatchMax: c.BatchMaxSize,
 		QueuedJobs: o.queued, ThroughputJobs: o.tpJobs, NATSBenchMsgs: o.natsMsgs, NATSBin: o.natsBin,
 		Progress: stderr,
 	})

@@ -407,6 +407,9 @@ func runService(ctx context.Context, name string, c config.Config, stderr io.Wri
 }
 
 func runWorkerService(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
+	if tuneWorkerGC() {
+		log.Debug().Int("gogc", workerGCPercent).Msg("worker GC target (GOGC or GOMEMLIMIT overrides)")
+	}
 	models, _, err := modelSpec(ctx, c, pythonPath(c), log)
 	if err != nil {
 		return err
