@@ -20,9 +20,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--prompt-cache-bytes",
         type=int,
-        default=-1,
+        default=int(os.environ.get("MLX_SERVING_PROMPT_CACHE_BYTES", "-1")),
         help="bytes of finished requests' KV caches kept for prompt-prefix reuse; 0 turns the "
-        "cache off; negative (default): 1/8 of the machine's memory, at most 16 GiB",
+        "cache off; negative: 1/8 of the machine's memory, at most 16 GiB (default: "
+        "$MLX_SERVING_PROMPT_CACHE_BYTES, else -1)",
     )
     p.add_argument(
         "--prefill-mode",
