@@ -12,6 +12,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 // BenchmarkDispatch measures the dispatcher end to end with minimal jobs (one
@@ -71,7 +72,8 @@ func benchDispatch(b *testing.B, sopts natsserver.Options, opts fakeWorkerOption
 		now := time.Now()
 		j.CreatedAt = &now
 		data, _ := json.Marshal(j)
-		if _, err := e.js.PublishAsync(subjects.Job(j.Tenant, "normal", j.ID), data); err != nil {
+		// The stall wait covers a burst ahead of an fsync-bound store.
+		if _, err := e.js.PublishAsync(subjects.Job(j.Tenant, "normal", j.ID), data, jetstream.WithStallWait(time.Minute)); err != nil {
 			b.Fatal(err)
 		}
 	}

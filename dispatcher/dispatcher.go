@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -36,6 +37,11 @@ type Dispatcher struct {
 	cancelsStream jetstream.Stream
 	consumers     [schemas.NumPriorities]jetstream.Consumer
 	pullWRR       wrr // pull goroutine only
+	// behind is, per priority, how many jobs the consumer held after the last
+	// fetch (its NumPending; 0 when the fetch came back short): jobs on their
+	// way, worth waiting MaxWait for to fill a batch. None behind, a batch
+	// leaves at once.
+	behind [schemas.NumPriorities]atomic.Uint64
 
 	wakePull  chan struct{}
 	wakeSched chan struct{}
@@ -258,15 +264,15 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		}
 		subs = append(subs, s)
 	}
-	// New jobs wake the puller. Only the stream's own subjects: a publish on a
-	// subject JOBS does not store then finds no responder and fails at once.
-	for _, subj := range subjects.JobsStream() {
-		s, err := d.nc.Subscribe(subj, func(*nats.Msg) { poke(d.wakePull) })
-		if err != nil {
-			return fmt.Errorf("dispatcher: subscribe %s: %w", subj, err)
-		}
-		subs = append(subs, s)
+	// New jobs wake the puller: JOBS re-publishes the headers of each job it
+	// stored (jsprov), so the wake-up comes after the store (the pull it
+	// triggers finds the job; a core subscription on the job subjects raced the
+	// store and left a lone job to the next poll) and carries no job body.
+	s, err := d.nc.Subscribe(subjects.JobsStored, func(*nats.Msg) { poke(d.wakePull) })
+	if err != nil {
+		return fmt.Errorf("dispatcher: subscribe %s: %w", subjects.JobsStored, err)
 	}
+	subs = append(subs, s)
 	// The subscriptions must be live on the server before the first pull, or a
 	// cancel published in between would go unseen.
 	if err := d.nc.FlushTimeout(10 * time.Second); err != nil {

@@ -22,7 +22,12 @@
 // can take, minus jobs already held; no free slot means no pull, and
 // jobs wait in JetStream, whose discard-new limit turns into "queue full" at the
 // producer. Pulls are non-blocking (FetchNoWait); new jobs wake the puller
-// through core subscriptions on JOBS' subjects, redeliveries through a short poll.
+// through JOBS' re-publish of each stored job's headers (subjects.JobsStored:
+// sent after the store, so the pull finds the job, and without its body, so a
+// burst does not copy every job to every dispatcher), redeliveries through a
+// short poll. A batch short of its size waits up to MaxWait for company only
+// while the last fetch left jobs in the consumer (its NumPending); a lone job
+// on an idle queue goes out at once.
 //
 // A message is acked only once its terminal record is stored in RESULTS: one
 // this dispatcher wrote (its own terminals, and the records workers hand it on

@@ -130,6 +130,14 @@ func (e *testEnv) waitResult(id string, within time.Duration) *schemas.ResultMsg
 	return e.waitTenantResult("", id, within)
 }
 
+// waitResultAfter submits j and waits for its terminal event on its reply subject.
+func (e *testEnv) waitResultAfter(j *schemas.JobRequest, within time.Duration) *schemas.ResultMsg {
+	e.tb.Helper()
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	return c.wait(e.tb, within)
+}
+
 // waitTenantResult polls RESULTS until the job of tenant has its record.
 func (e *testEnv) waitTenantResult(tenant, id string, within time.Duration) *schemas.ResultMsg {
 	e.tb.Helper()

@@ -135,6 +135,15 @@ func (d *Dispatcher) fetch(ctx context.Context, p, n int) []jetstream.Msg {
 	if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && ctx.Err() == nil {
 		d.log.Warn().Err(err).Msg("fetch batch")
 	}
+	// What the consumer still holds behind this fetch: the scheduler waits for
+	// a batch to fill only while more jobs are on their way.
+	var behind uint64
+	if len(out) == n {
+		if md, err := out[len(out)-1].Metadata(); err == nil {
+			behind = md.NumPending
+		}
+	}
+	d.behind[p].Store(behind)
 	d.count().pulled(len(out))
 	return out
 }
