@@ -43,6 +43,11 @@ type Dispatcher struct {
 	// leaves at once.
 	behind [schemas.NumPriorities]atomic.Uint64
 
+	// handOvers bounds the terminal hand-overs decoded at once (onDone):
+	// each is a schema validation, too slow for one subscription goroutine
+	// to take them one after another at thousands of jobs a second. Full,
+	// the subscription waits, and NATS buffers what comes meanwhile.
+	handOvers chan struct{}
 	wakePull  chan struct{}
 	wakeSched chan struct{}
 	changed   chan struct{} // pinged when a job is forgotten (drain waits on it)
@@ -120,6 +125,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		js:        js,
 		log:       cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
 		rare:      cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
+		handOvers: make(chan struct{}, maxHandOvers),
 		wakePull:  make(chan struct{}, 1),
 		wakeSched: make(chan struct{}, 1),
 		changed:   make(chan struct{}, 1),
@@ -255,7 +261,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	defer stopCancels()
 	for subj, h := range map[string]nats.MsgHandler{
 		subjects.CancelAll: d.onCancelSighted,
-		subjects.DoneForDispatcher(d.cfg.DispatcherID): d.onDone,
+		subjects.DoneForDispatcher(d.cfg.DispatcherID): d.onDoneConcurrently,
 		subjects.AttemptAll:                            d.onAttemptReport,
 	} {
 		s, err := d.nc.Subscribe(subj, h)

@@ -97,7 +97,6 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 			d.pullWRR.commit(p, elig)
 			quota[p]++
 		}
-		progress := false
 		for p := range schemas.NumPriorities {
 			if quota[p] == 0 {
 				continue
@@ -107,15 +106,16 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 				empty[p] = true
 			}
 			if len(msgs) > 0 {
-				progress = true
 				got += len(msgs)
 				credit -= len(msgs)
 				d.intakeAll(p, msgs)
 			}
 		}
-		if !progress {
-			break
-		}
+		// A round that got nothing still marked each priority it asked empty
+		// (each had a quota and got less), so the next round gives the credit
+		// to the others, and one with none left eligible ends the loop.
+		// Stopping at such a round left the credit unused until the next
+		// wake-up whenever the weighted pick landed on an empty priority.
 	}
 	return got
 }

@@ -233,6 +233,20 @@ func (d *Dispatcher) onResult(subject string, data []byte) {
 	poke(d.wakeSched)
 }
 
+// maxHandOvers is how many hand-overs are decoded at once.
+const maxHandOvers = 32
+
+// onDoneConcurrently runs onDone on its own goroutine, at most maxHandOvers at
+// once. Order does not matter: each hand-over names its job and attempt, and
+// onDone checks both under d.mu.
+func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
+	d.handOvers <- struct{}{}
+	go func() {
+		defer func() { <-d.handOvers }()
+		d.onDone(m)
+	}()
+}
+
 // onDone takes a worker's terminal record of a job (request on
 // mlx.worker.<id>.done.<this dispatcher>) and answers once it is stored:
 // stored, exists, or unknown when this dispatcher does not hold that attempt on
