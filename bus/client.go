@@ -131,13 +131,17 @@ func (p *Client) Submit(ctx context.Context, job *schemas.JobRequest) (ack Submi
 	ctx, span := tracing.Tracer().Start(ctx, tracing.SpanSubmit, trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(attribute.String(tracing.AttrJobID, job.ID), attribute.String(tracing.AttrModel, job.Model)))
 	defer func() { endSpan(span, err) }()
+	ctx, cancel := p.withTimeout(ctx)
+	defer cancel()
+	// The checks' round trip overlaps the validation (they only read; an
+	// invalid job is refused whatever they find).
+	admitted := make(chan error, 1)
+	go func() { admitted <- p.admit(ctx, job) }()
 	msg, ack, err := p.prepare(job)
 	if err != nil {
 		return ack, err
 	}
-	ctx, cancel := p.withTimeout(ctx)
-	defer cancel()
-	if err := p.admit(ctx, job); err != nil {
+	if err := <-admitted; err != nil {
 		return ack, err
 	}
 	// The trace context rides in the headers, not the job: the job's schema is

@@ -47,8 +47,10 @@
 // Every job state change goes through Transition, one table of
 // (state × trigger → state); illegal transitions are logged and counted in
 // Metrics.IllegalTransitions. A redelivered job whose RESULTS record exists is
-// acked without running (looked up on every delivery: a cluster's consumer can
-// redeliver with a count of 1 after a leader change); one with a
+// acked without running (looked up on every delivery, while the body is
+// validated: a cluster's consumer can redeliver with a count of 1 after a
+// leader change, a crashed server forgets delivery counts it had not flushed,
+// and a finished job's id submitted again is a new message); one with a
 // record in CANCELS is cancelled (stored cancels are read at start and followed,
 // into memory: no lookup per job), one past its deadline expired, an invalid one
 // failed with invalid_request, all without running. Running jobs are cancelled

@@ -206,7 +206,23 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	d.jobs[key] = j
 	d.mu.Unlock()
 
-	ictx := d.wctx
+	// A job may have finished already (its ack was lost in a crash): it must
+	// not run again. Read from the leader, not a direct get a replica may
+	// answer a moment behind. Checked on every delivery, not only on
+	// redeliveries (NumDelivered > 1): after a cluster leader change a consumer
+	// can hand out a message again with a delivery count of 1 (its earlier
+	// delivery was not replicated), and the full fault campaign then ran a
+	// finished job a second time under the same attempt number, mixing two
+	// runs' tokens on the caller's stream; a single server that crashed loses
+	// the delivery counts it had not flushed (they are written about ten
+	// times a second), and a finished job's id submitted again is a new
+	// message with a count of 1. The read runs while the body is decoded and
+	// validated, so it costs a lone job no time of its own.
+	stored := make(chan storedResult, 1)
+	go func() {
+		raw, err := results.Stored(d.wctx, d.js, j.tenant, id)
+		stored <- storedResult{raw, err}
+	}()
 	invalid := d.decode(j, m.Data())
 	chain := prefix.OfJob(&j.req) // once per job, outside the lock: routing reads it
 	d.mu.Lock()
@@ -216,15 +232,8 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	}
 	d.mu.Unlock()
 	if invalid == nil {
-		// A job may have finished already (its ack was lost in a crash): it
-		// must not run again. Read from the leader, not a direct get a replica
-		// may answer a moment behind. Checked on every delivery, not only on
-		// redeliveries: after a cluster leader change a consumer can hand out a
-		// message again with a delivery count of 1 (its earlier delivery was not
-		// replicated), and the full fault campaign then ran a finished job a
-		// second time under the same attempt number, mixing two runs' tokens on
-		// the caller's stream.
-		raw, err := results.Stored(ictx, d.js, j.tenant, id)
+		r := <-stored
+		raw, err := r.raw, r.err
 		if errors.Is(err, bus.ErrNoResult) {
 			raw, err = nil, nil
 		}
@@ -277,6 +286,12 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 			d.enqueue(j, now)
 		}
 	}
+}
+
+// storedResult is what results.Stored answered.
+type storedResult struct {
+	raw []byte
+	err error
 }
 
 // decode fills j.req, or says why the job is invalid.

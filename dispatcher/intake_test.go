@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -84,5 +85,33 @@ func TestPullGivesEmptyPrioritiesCreditToOthers(t *testing.T) {
 	defer d.mu.Unlock()
 	if j := d.jobs[subjects.JobRef{ID: "n1"}.Key()]; j == nil || j.state != StateQueued {
 		t.Fatalf("n1 not held as queued: %+v", j)
+	}
+}
+
+// TestFinishedJobIsNotRunOnFirstDelivery: a job whose terminal record is
+// already in RESULTS is acked without running even on its first delivery
+// (NumDelivered 1): a crashed server forgets delivery counts it had not
+// flushed, a cluster's new leader may not know the earlier delivery, and a
+// finished job's id submitted again is a new message. The record stays the
+// first one.
+func TestFinishedJobIsNotRunOnFirstDelivery(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	w := e.startWorker("w1", 4, []string{"m"}, nil)
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	ctx := testenv.Context(t, 20*time.Second)
+	first := &schemas.ResultMsg{Type: "result", JobID: "fin", Attempt: 1, Status: schemas.StatusCompleted, FinishReason: "stop", Model: "m", Text: "earlier run", WorkerID: "w0", FinishedAt: time.Now().UTC()}
+	if err := results.Record(ctx, e.js, first); err != nil {
+		t.Fatal(err)
+	}
+	e.mustSubmit(newJob("fin", "m", "normal"))
+	waitFor(t, 10*time.Second, "the delivery acked", func() bool {
+		return d.Metrics().AlreadyFinished.Load() == 1 && e.streamMsgs(subjects.StreamJobs) == 0
+	})
+	if a, _, _ := w.Snapshot(); a["fin"] != 0 {
+		t.Fatalf("a finished job ran again: %v", a)
+	}
+	if r := e.waitResult("fin", time.Second); r.Text != "earlier run" {
+		t.Fatalf("record %+v", r)
 	}
 }
