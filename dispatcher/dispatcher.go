@@ -42,6 +42,11 @@ type Dispatcher struct {
 	// way, worth waiting MaxWait for to fill a batch. None behind, a batch
 	// leaves at once.
 	behind [schemas.NumPriorities]atomic.Uint64
+	// storedSeq and pulledSeq are, per priority, the highest stream sequence
+	// a wake-up announced and the highest pulled (awaitStored).
+	storedSeq, pulledSeq [schemas.NumPriorities]atomic.Uint64
+	pollEvery            time.Duration // how often the puller looks without a wake-up (pollEvery; tests lengthen it)
+	storedGrace          time.Duration // storedGrace; tests lengthen it
 
 	// handOvers bounds the terminal hand-overs decoded at once (onDone):
 	// each is a schema validation, too slow for one subscription goroutine
@@ -120,19 +125,21 @@ func New(cfg Config) (*Dispatcher, error) {
 		return nil, fmt.Errorf("dispatcher: jetstream: %w", err)
 	}
 	d := &Dispatcher{
-		cfg:       cfg,
-		nc:        cfg.Conn,
-		js:        js,
-		log:       cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
-		rare:      cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
-		handOvers: make(chan struct{}, maxHandOvers),
-		wakePull:  make(chan struct{}, 1),
-		wakeSched: make(chan struct{}, 1),
-		changed:   make(chan struct{}, 1),
-		jobs:      map[string]*job{},
-		retrying:  map[string]*job{},
-		cancelled: map[string]time.Time{},
-		workers:   map[string]*workerView{},
+		cfg:         cfg,
+		nc:          cfg.Conn,
+		js:          js,
+		log:         cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
+		rare:        cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
+		handOvers:   make(chan struct{}, maxHandOvers),
+		pollEvery:   pollEvery,
+		storedGrace: storedGrace,
+		wakePull:    make(chan struct{}, 1),
+		wakeSched:   make(chan struct{}, 1),
+		changed:     make(chan struct{}, 1),
+		jobs:        map[string]*job{},
+		retrying:    map[string]*job{},
+		cancelled:   map[string]time.Time{},
+		workers:     map[string]*workerView{},
 	}
 	d.pullWRR.w = cfg.Weights
 	d.pickWRR.w = cfg.Weights
@@ -274,7 +281,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	// stored (jsprov), so the wake-up comes after the store (the pull it
 	// triggers finds the job; a core subscription on the job subjects raced the
 	// store and left a lone job to the next poll) and carries no job body.
-	s, err := d.nc.Subscribe(subjects.JobsStored, func(*nats.Msg) { poke(d.wakePull) })
+	s, err := d.nc.Subscribe(subjects.JobsStored, d.onStored)
 	if err != nil {
 		return fmt.Errorf("dispatcher: subscribe %s: %w", subjects.JobsStored, err)
 	}

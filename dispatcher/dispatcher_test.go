@@ -74,15 +74,24 @@ func TestBatchingWithinWindow(t *testing.T) {
 	}
 }
 
-// TestLoneJobLeavesAtOnce: one job on an idle fleet is offered at once, not
-// after the batch window (an hour here): nothing is behind it to fill a batch.
+// TestLoneJobLeavesAtOnce: one job on an idle fleet is pulled when its
+// wake-up comes, not at the next poll (an hour here), and offered at once,
+// not after the batch window (an hour too): nothing is behind it to fill a
+// batch.
 func TestLoneJobLeavesAtOnce(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	w := e.startWorker("w1", 8, []string{"m"}, nil)
+	// One heartbeat only: heartbeats wake the puller too.
+	w := e.startWorkerWith("w1", 8, []string{"m"}, nil, fakeWorkerOptions{HeartbeatEvery: time.Hour, Quiet: true})
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.MaxWait = time.Hour
-	_, _ = runDispatcher(t, cfg)
+	cfg.WorkerTTL = time.Hour
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.pollEvery = time.Hour
+	runNew(t, d)
 	for i := range 3 { // one after another, each alone
 		id := fmt.Sprintf("lone-%d", i)
 		if r := e.waitResultAfter(newJob(id, "m", "normal"), 10*time.Second); r.Status != schemas.StatusCompleted {

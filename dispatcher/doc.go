@@ -25,7 +25,10 @@
 // through JOBS' re-publish of each stored job's headers (subjects.JobsStored:
 // sent after the store, so the pull finds the job, and without its body, so a
 // burst does not copy every job to every dispatcher), redeliveries through a
-// short poll. A batch short of its size waits up to MaxWait for company only
+// short poll. JetStream sends that wake-up (and the producer's ack) before it
+// tells the consumers, so a no-wait pull right after it can miss the job; an
+// announced job that was not pulled is waited for once by a pull that waits
+// (storedGrace), instead of being left to the poll. A batch short of its size waits up to MaxWait for company only
 // while the last fetch left jobs in the consumer (its NumPending); a lone job
 // on an idle queue goes out at once.
 //

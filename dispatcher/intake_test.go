@@ -75,6 +75,12 @@ func TestPullGivesEmptyPrioritiesCreditToOthers(t *testing.T) {
 	}
 	d.wctx = ctx
 	e.mustSubmit(newJob("n1", "m", "normal"))
+	// JetStream acks the publish before it tells the consumer (storedGrace):
+	// wait until a no-wait pull can see the job.
+	waitFor(t, 10*time.Second, "the consumer sees n1", func() bool {
+		info, err := d.consumers[priorityIndex(schemas.PriorityNormal)].Info(ctx)
+		return err == nil && info.NumPending == 1
+	})
 	if p := d.pullWRR.pick([schemas.NumPriorities]bool{true, true, true}); schemas.Priorities[p] != schemas.PriorityHigh {
 		t.Fatalf("first pick %s, want high", schemas.Priorities[p])
 	}
@@ -113,5 +119,43 @@ func TestFinishedJobIsNotRunOnFirstDelivery(t *testing.T) {
 	}
 	if r := e.waitResult("fin", time.Second); r.Text != "earlier run" {
 		t.Fatalf("record %+v", r)
+	}
+}
+
+// TestAwaitStoredWaitsForTheAnnouncedJob: JetStream announces a stored job
+// (and acks its publish) before its consumers know of it, when a no-wait pull
+// still finds nothing; awaitStored's pull waits for it. The announcement comes
+// first here, the job after it, with a grace long enough to stand for that
+// moment on any machine.
+func TestAwaitStoredWaitsForTheAnnouncedJob(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	d, err := New(testConfig("d1", e.connect("d1")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := testenv.Context(t, 20*time.Second)
+	if err := d.attach(ctx); err != nil {
+		t.Fatal(err)
+	}
+	d.wctx = ctx
+	d.storedGrace = 10 * time.Second
+	now := time.Now()
+	d.mu.Lock()
+	d.heartbeat("w1", schemas.HeartbeatMsg{WorkerID: "w1", Models: []string{"m"}, Slots: 4, State: schemas.WorkerReady, StartedAt: now, UpdatedAt: now}, now)
+	d.mu.Unlock()
+	if d.credit() <= 0 {
+		t.Fatal("no credit")
+	}
+	normal := priorityIndex(schemas.PriorityNormal)
+	d.storedSeq[normal].Store(1) // the wake-up of the job below
+	got := make(chan int, 1)
+	go func() { got <- d.awaitStored(ctx) }()
+	e.mustSubmit(newJob("late", "m", "normal"))
+	if n := <-got; n != 1 {
+		t.Fatalf("awaitStored pulled %d, want the announced job", n)
+	}
+	if d.awaitStored(ctx) != 0 {
+		t.Fatal("an announcement was waited for twice")
 	}
 }
