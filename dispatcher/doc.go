@@ -38,6 +38,9 @@
 // comes first), or one another dispatcher wrote, learnt from an ordered consumer
 // on RESULTS, never from a core subscription, which can see a message that was
 // never stored. Dispatchers are RESULTS' only writers (terminal.go says why).
+// Each record is validated once: a worker's hand-over against the result
+// schema when it arrives (up to 32 decoded at once), the dispatcher's own
+// records by construction; results.Finish does not validate again.
 // While held a message is kept alive with in-progress acks every AckWait/3.
 // A message from which no job can be derived is dead-lettered raw and
 // terminated; a job whose body disagrees with its subject's tenant fails. MaxDeliver is unlimited: the attempt number is the
