@@ -160,7 +160,10 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 				}
 			}
 		}
-		if len(members) < size && now.Sub(oldest) < d.cfg.MaxWait {
+		// A batch short of its size waits (up to MaxWait since its oldest job
+		// was queued) only while the consumer holds more jobs: a lone job on an
+		// idle queue leaves at once, never waiting for company that is not coming.
+		if len(members) < size && d.moreBehind() && now.Sub(oldest) < d.cfg.MaxWait {
 			later(oldest.Add(d.cfg.MaxWait))
 			skip[model] = true
 			continue
@@ -180,6 +183,17 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 		d.launch(w, model, picked)
 	}
 	return next
+}
+
+// moreBehind reports whether the last fetch of any priority left jobs in its
+// consumer.
+func (d *Dispatcher) moreBehind() bool {
+	for p := range d.behind {
+		if d.behind[p].Load() > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // launch sends one batch. Callers hold d.mu.

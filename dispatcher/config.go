@@ -22,7 +22,8 @@ type Config struct {
 	Conn *nats.Conn
 
 	// MaxWait is how long the first job of a model waits for others to join its
-	// batch (default 5 ms).
+	// batch (default 5 ms), and only while more jobs are behind it in JOBS: a
+	// lone job leaves at once.
 	MaxWait time.Duration
 	// MaxBatch caps the jobs of one assignment (default 8).
 	MaxBatch int

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -36,7 +37,22 @@ type Dispatcher struct {
 	cancelsStream jetstream.Stream
 	consumers     [schemas.NumPriorities]jetstream.Consumer
 	pullWRR       wrr // pull goroutine only
+	// behind is, per priority, how many jobs the consumer held after the last
+	// fetch (its NumPending; 0 when the fetch came back short): jobs on their
+	// way, worth waiting MaxWait for to fill a batch. None behind, a batch
+	// leaves at once.
+	behind [schemas.NumPriorities]atomic.Uint64
+	// storedSeq and pulledSeq are, per priority, the highest stream sequence
+	// a wake-up announced and the highest pulled (awaitStored).
+	storedSeq, pulledSeq [schemas.NumPriorities]atomic.Uint64
+	pollEvery            time.Duration // how often the puller looks without a wake-up (pollEvery; tests lengthen it)
+	storedGrace          time.Duration // storedGrace; tests lengthen it
 
+	// handOvers bounds the terminal hand-overs decoded at once (onDone):
+	// each is a schema validation, too slow for one subscription goroutine
+	// to take them one after another at thousands of jobs a second. Full,
+	// the subscription waits, and NATS buffers what comes meanwhile.
+	handOvers chan struct{}
 	wakePull  chan struct{}
 	wakeSched chan struct{}
 	changed   chan struct{} // pinged when a job is forgotten (drain waits on it)
@@ -109,18 +125,21 @@ func New(cfg Config) (*Dispatcher, error) {
 		return nil, fmt.Errorf("dispatcher: jetstream: %w", err)
 	}
 	d := &Dispatcher{
-		cfg:       cfg,
-		nc:        cfg.Conn,
-		js:        js,
-		log:       cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
-		rare:      cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
-		wakePull:  make(chan struct{}, 1),
-		wakeSched: make(chan struct{}, 1),
-		changed:   make(chan struct{}, 1),
-		jobs:      map[string]*job{},
-		retrying:  map[string]*job{},
-		cancelled: map[string]time.Time{},
-		workers:   map[string]*workerView{},
+		cfg:         cfg,
+		nc:          cfg.Conn,
+		js:          js,
+		log:         cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
+		rare:        cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
+		handOvers:   make(chan struct{}, maxHandOvers),
+		pollEvery:   pollEvery,
+		storedGrace: storedGrace,
+		wakePull:    make(chan struct{}, 1),
+		wakeSched:   make(chan struct{}, 1),
+		changed:     make(chan struct{}, 1),
+		jobs:        map[string]*job{},
+		retrying:    map[string]*job{},
+		cancelled:   map[string]time.Time{},
+		workers:     map[string]*workerView{},
 	}
 	d.pullWRR.w = cfg.Weights
 	d.pickWRR.w = cfg.Weights
@@ -249,7 +268,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	defer stopCancels()
 	for subj, h := range map[string]nats.MsgHandler{
 		subjects.CancelAll: d.onCancelSighted,
-		subjects.DoneForDispatcher(d.cfg.DispatcherID): d.onDone,
+		subjects.DoneForDispatcher(d.cfg.DispatcherID): d.onDoneConcurrently,
 		subjects.AttemptAll:                            d.onAttemptReport,
 	} {
 		s, err := d.nc.Subscribe(subj, h)
@@ -258,15 +277,15 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		}
 		subs = append(subs, s)
 	}
-	// New jobs wake the puller. Only the stream's own subjects: a publish on a
-	// subject JOBS does not store then finds no responder and fails at once.
-	for _, subj := range subjects.JobsStream() {
-		s, err := d.nc.Subscribe(subj, func(*nats.Msg) { poke(d.wakePull) })
-		if err != nil {
-			return fmt.Errorf("dispatcher: subscribe %s: %w", subj, err)
-		}
-		subs = append(subs, s)
+	// New jobs wake the puller: JOBS re-publishes the headers of each job it
+	// stored (jsprov), so the wake-up comes after the store (the pull it
+	// triggers finds the job; a core subscription on the job subjects raced the
+	// store and left a lone job to the next poll) and carries no job body.
+	s, err := d.nc.Subscribe(subjects.JobsStored, d.onStored)
+	if err != nil {
+		return fmt.Errorf("dispatcher: subscribe %s: %w", subjects.JobsStored, err)
 	}
+	subs = append(subs, s)
 	// The subscriptions must be live on the server before the first pull, or a
 	// cancel published in between would go unseen.
 	if err := d.nc.FlushTimeout(10 * time.Second); err != nil {

@@ -43,56 +43,63 @@ func TestCompletesAndAcks(t *testing.T) {
 func TestBatchingWithinWindow(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	// Twice the batch size: the free slots a dispatcher counts lag the worker's
-	// heartbeat, and this test is about grouping, not about that lag.
-	w := e.startWorker("w1", 16, []string{"a", "b"}, nil)
 	cfg := testConfig("d1", e.connect("d1"))
-	cfg.MaxWait = 1500 * time.Millisecond // wide, so a loaded test machine does not race the window; a full batch goes at once
-	d, _ := runDispatcher(t, cfg)
-
+	cfg.MaxWait = time.Hour // a short batch would wait for ever: every batch here must be full or the last of its model
+	_, _ = runDispatcher(t, cfg)
+	// Queued while no worker is up (nothing is pulled), so the first pull
+	// takes them all at once.
 	for i := range 8 {
 		e.mustSubmit(newJob(fmt.Sprintf("a-%d", i), "a", "normal"))
 	}
-	var first schemas.AssignmentMsg
-	select {
-	case first = <-w.Assignments():
-	case <-time.After(10 * time.Second):
-		t.Fatal("no assignment")
+	for i := range 3 {
+		e.mustSubmit(newJob(fmt.Sprintf("b-%d", i), "b", "normal"))
 	}
-	if len(first.Jobs) != 8 || first.Model != "a" {
-		t.Fatalf("8 jobs of one model in the window became a batch of %d (%s)", len(first.Jobs), first.Model)
-	}
+	w := e.startWorker("w1", 16, []string{"a", "b"}, nil)
 	for i := range 8 {
 		e.waitResult(fmt.Sprintf("a-%d", i), 10*time.Second)
 	}
-	// Batches are sized to the free slots the dispatcher knows of; it gets them
-	// back as it sees the results, which may come after the test saw them.
-	waitFor(t, 10*time.Second, "dispatcher saw the results", func() bool { return d.Metrics().Completed.Load() >= 8 })
-	// Mixed models split into one batch per model.
 	for i := range 3 {
-		e.mustSubmit(newJob(fmt.Sprintf("ma-%d", i), "a", "normal"))
-		e.mustSubmit(newJob(fmt.Sprintf("mb-%d", i), "b", "normal"))
+		e.waitResult(fmt.Sprintf("b-%d", i), 10*time.Second)
 	}
-	for i := range 3 {
-		e.waitResult(fmt.Sprintf("ma-%d", i), 10*time.Second)
-		e.waitResult(fmt.Sprintf("mb-%d", i), 10*time.Second)
-	}
+	// One batch per model: 8 jobs of a (MaxBatch), the 3 of b; none waited
+	// the window (an hour), since nothing more was behind them.
 	_, _, batches := w.Snapshot()
-	if len(batches) != 3 {
-		for _, b := range batches {
-			t.Logf("batch %s of %d", b.Model, len(b.Jobs))
-		}
-		t.Fatalf("want 3 batches (a×8, a×3, b×3), got %d", len(batches))
+	got := map[string]int{}
+	for _, b := range batches {
+		t.Logf("batch %s of %d", b.Model, len(b.Jobs))
+		got[b.Model] += 100 + len(b.Jobs)
 	}
-	for _, b := range batches[1:] {
-		if len(b.Jobs) != 3 {
-			t.Errorf("batch %s of %d jobs", b.Model, len(b.Jobs))
+	if len(batches) != 2 || got["a"] != 108 || got["b"] != 103 {
+		t.Fatalf("want 2 batches (a×8, b×3), got %v", got)
+	}
+}
+
+// TestLoneJobLeavesAtOnce: one job on an idle fleet is pulled when its
+// wake-up comes, not at the next poll (an hour here), and offered at once,
+// not after the batch window (an hour too): nothing is behind it to fill a
+// batch.
+func TestLoneJobLeavesAtOnce(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	// One heartbeat only: heartbeats wake the puller too.
+	w := e.startWorkerWith("w1", 8, []string{"m"}, nil, fakeWorkerOptions{HeartbeatEvery: time.Hour, Quiet: true})
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.MaxWait = time.Hour
+	cfg.WorkerTTL = time.Hour
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.pollEvery = time.Hour
+	runNew(t, d)
+	for i := range 3 { // one after another, each alone
+		id := fmt.Sprintf("lone-%d", i)
+		if r := e.waitResultAfter(newJob(id, "m", "normal"), 10*time.Second); r.Status != schemas.StatusCompleted {
+			t.Fatalf("%s: %+v", id, r)
 		}
-		for _, aj := range b.Jobs {
-			if aj.Job.Model != b.Model {
-				t.Errorf("job of model %s in a batch of %s", aj.Job.Model, b.Model)
-			}
-		}
+	}
+	if _, _, batches := w.Snapshot(); len(batches) != 3 {
+		t.Fatalf("%d batches, want 3 of one job", len(batches))
 	}
 }
 
@@ -395,9 +402,11 @@ func TestCancelQueued(t *testing.T) {
 func TestCancelHeldNotDispatched(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	w := e.startWorker("w1", 8, []string{"m"}, nil)
+	// The only worker serves another model: the job is pulled (there are free
+	// slots) and held in memory, waiting for a worker that has its model.
+	w := e.startWorker("w1", 8, []string{"other"}, nil)
 	cfg := testConfig("d1", e.connect("d1"))
-	cfg.MaxWait = time.Hour // a lone job waits in memory for its batch to fill
+	cfg.ModelWait = time.Hour
 	d, _ := runDispatcher(t, cfg)
 	held := newJob("held", "m", "normal")
 	c := e.listen(held.ReplyTo)

@@ -22,7 +22,15 @@
 // can take, minus jobs already held; no free slot means no pull, and
 // jobs wait in JetStream, whose discard-new limit turns into "queue full" at the
 // producer. Pulls are non-blocking (FetchNoWait); new jobs wake the puller
-// through core subscriptions on JOBS' subjects, redeliveries through a short poll.
+// through JOBS' re-publish of each stored job's headers (subjects.JobsStored:
+// sent after the store, so the pull finds the job, and without its body, so a
+// burst does not copy every job to every dispatcher), redeliveries through a
+// short poll. JetStream sends that wake-up (and the producer's ack) before it
+// tells the consumers, so a no-wait pull right after it can miss the job; an
+// announced job that was not pulled is waited for once by a pull that waits
+// (storedGrace), instead of being left to the poll. A batch short of its size waits up to MaxWait for company only
+// while the last fetch left jobs in the consumer (its NumPending); a lone job
+// on an idle queue goes out at once.
 //
 // A message is acked only once its terminal record is stored in RESULTS: one
 // this dispatcher wrote (its own terminals, and the records workers hand it on
@@ -30,6 +38,9 @@
 // comes first), or one another dispatcher wrote, learnt from an ordered consumer
 // on RESULTS, never from a core subscription, which can see a message that was
 // never stored. Dispatchers are RESULTS' only writers (terminal.go says why).
+// Each record is validated once: a worker's hand-over against the result
+// schema when it arrives (up to 32 decoded at once), the dispatcher's own
+// records by construction; results.Finish does not validate again.
 // While held a message is kept alive with in-progress acks every AckWait/3.
 // A message from which no job can be derived is dead-lettered raw and
 // terminated; a job whose body disagrees with its subject's tenant fails. MaxDeliver is unlimited: the attempt number is the
@@ -42,8 +53,10 @@
 // Every job state change goes through Transition, one table of
 // (state × trigger → state); illegal transitions are logged and counted in
 // Metrics.IllegalTransitions. A redelivered job whose RESULTS record exists is
-// acked without running (looked up on every delivery: a cluster's consumer can
-// redeliver with a count of 1 after a leader change); one with a
+// acked without running (looked up on every delivery, while the body is
+// validated: a cluster's consumer can redeliver with a count of 1 after a
+// leader change, a crashed server forgets delivery counts it had not flushed,
+// and a finished job's id submitted again is a new message); one with a
 // record in CANCELS is cancelled (stored cancels are read at start and followed,
 // into memory: no lookup per job), one past its deadline expired, an invalid one
 // failed with invalid_request, all without running. Running jobs are cancelled

@@ -75,6 +75,12 @@ func runDispatcher(tb testing.TB, cfg Config) (*Dispatcher, func()) {
 	if err != nil {
 		tb.Fatalf("New: %v", err)
 	}
+	return d, runNew(tb, d)
+}
+
+// runNew starts d.Run; the returned stop cancels it and waits.
+func runNew(tb testing.TB, d *Dispatcher) func() {
+	tb.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx) }()
@@ -93,7 +99,7 @@ func runDispatcher(tb testing.TB, cfg Config) (*Dispatcher, func()) {
 		})
 	}
 	tb.Cleanup(stop)
-	return d, stop
+	return stop
 }
 
 func newJob(id, model, priority string) *schemas.JobRequest {
@@ -128,6 +134,14 @@ func (e *testEnv) tenantResult(tenant, id string) (*schemas.ResultMsg, error) {
 func (e *testEnv) waitResult(id string, within time.Duration) *schemas.ResultMsg {
 	e.tb.Helper()
 	return e.waitTenantResult("", id, within)
+}
+
+// waitResultAfter submits j and waits for its terminal event on its reply subject.
+func (e *testEnv) waitResultAfter(j *schemas.JobRequest, within time.Duration) *schemas.ResultMsg {
+	e.tb.Helper()
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	return c.wait(e.tb, within)
 }
 
 // waitTenantResult polls RESULTS until the job of tenant has its record.

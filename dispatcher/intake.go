@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -16,12 +17,20 @@ import (
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/mlx-serving/mlx-serving/tracing"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
 // pollEvery bounds how late a redelivery (which publishes nothing on the job
 // subjects) is noticed.
 const pollEvery = 100 * time.Millisecond
+
+// storedGrace bounds the wait for a job a wake-up announced but a no-wait pull
+// did not find: JetStream acks a publish and re-publishes its wake-up before
+// it tells the consumers, so for a moment the job is stored yet invisible to
+// a no-wait pull, which left it to the next poll (pollEvery). A pull that
+// waits, for one message, sees it as soon as the consumer does.
+const storedGrace = 20 * time.Millisecond
 
 // priorityIndex is p's queue; an unknown or absent priority (the schema allows
 // absence) is normal's, like the producer's default.
@@ -38,12 +47,15 @@ func priorityIndex(p string) int {
 }
 
 func (d *Dispatcher) pullLoop(ctx context.Context) {
-	t := time.NewTicker(pollEvery)
+	t := time.NewTicker(d.pollEvery)
 	defer t.Stop()
 	for {
 		for ctx.Err() == nil {
 			c := d.credit()
-			if c <= 0 || d.pullOnce(ctx, c) == 0 {
+			if c <= 0 {
+				break
+			}
+			if d.pullOnce(ctx, c) == 0 && d.awaitStored(ctx) == 0 {
 				break
 			}
 		}
@@ -97,7 +109,6 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 			d.pullWRR.commit(p, elig)
 			quota[p]++
 		}
-		progress := false
 		for p := range schemas.NumPriorities {
 			if quota[p] == 0 {
 				continue
@@ -107,15 +118,16 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 				empty[p] = true
 			}
 			if len(msgs) > 0 {
-				progress = true
 				got += len(msgs)
 				credit -= len(msgs)
 				d.intakeAll(p, msgs)
 			}
 		}
-		if !progress {
-			break
-		}
+		// A round that got nothing still marked each priority it asked empty
+		// (each had a quota and got less), so the next round gives the credit
+		// to the others, and one with none left eligible ends the loop.
+		// Stopping at such a round left the credit unused until the next
+		// wake-up whenever the weighted pick landed on an empty priority.
 	}
 	return got
 }
@@ -135,8 +147,75 @@ func (d *Dispatcher) fetch(ctx context.Context, p, n int) []jetstream.Msg {
 	if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && ctx.Err() == nil {
 		d.log.Warn().Err(err).Msg("fetch batch")
 	}
+	if len(out) > 0 {
+		d.notePulled(p, out)
+	}
+	// What the consumer still holds behind this fetch: the scheduler waits for
+	// a batch to fill only while more jobs are on their way.
+	var behind uint64
+	if len(out) == n {
+		if md, err := out[len(out)-1].Metadata(); err == nil {
+			behind = md.NumPending
+		}
+	}
+	d.behind[p].Store(behind)
 	d.count().pulled(len(out))
 	return out
+}
+
+// onStored notes a wake-up: JOBS stored a job of its subject's priority at the
+// sequence its Nats-Sequence header names.
+func (d *Dispatcher) onStored(m *nats.Msg) {
+	p := -1
+	if i := strings.LastIndexByte(m.Subject, '.'); i >= 0 {
+		for q, name := range schemas.Priorities {
+			if name == m.Subject[i+1:] {
+				p = q
+			}
+		}
+	}
+	seq, err := strconv.ParseUint(m.Header.Get(jetstream.SequenceHeader), 10, 64)
+	if p >= 0 && err == nil && seq > d.storedSeq[p].Load() {
+		d.storedSeq[p].Store(seq) // one subscription: no concurrent writer
+	}
+	poke(d.wakePull)
+}
+
+// awaitStored pulls, waiting up to storedGrace, one job of each priority whose
+// last announced job this dispatcher has not pulled (storedGrace says why a
+// no-wait pull can miss it). Each announcement is waited for once: another
+// dispatcher may have taken the job. It returns how many it pulled.
+func (d *Dispatcher) awaitStored(ctx context.Context) int {
+	got := 0
+	for p := range schemas.NumPriorities {
+		announced := d.storedSeq[p].Load()
+		if announced <= d.pulledSeq[p].Load() || d.credit() <= 0 {
+			continue
+		}
+		d.pulledSeq[p].Store(announced)
+		batch, err := d.consumers[p].Fetch(1, jetstream.FetchMaxWait(d.storedGrace))
+		if err != nil {
+			continue
+		}
+		var msgs []jetstream.Msg
+		for m := range batch.Messages() {
+			msgs = append(msgs, m)
+		}
+		if len(msgs) > 0 && ctx.Err() == nil {
+			d.count().pulled(len(msgs))
+			d.notePulled(p, msgs)
+			got += len(msgs)
+			d.intakeAll(p, msgs)
+		}
+	}
+	return got
+}
+
+// notePulled records the highest stream sequence pulled of priority p.
+func (d *Dispatcher) notePulled(p int, msgs []jetstream.Msg) {
+	if md, err := msgs[len(msgs)-1].Metadata(); err == nil && md.Sequence.Stream > d.pulledSeq[p].Load() {
+		d.pulledSeq[p].Store(md.Sequence.Stream)
+	}
 }
 
 // intakeAll checks a fetched batch concurrently (each check is a round trip or
@@ -197,7 +276,23 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	d.jobs[key] = j
 	d.mu.Unlock()
 
-	ictx := d.wctx
+	// A job may have finished already (its ack was lost in a crash): it must
+	// not run again. Read from the leader, not a direct get a replica may
+	// answer a moment behind. Checked on every delivery, not only on
+	// redeliveries (NumDelivered > 1): after a cluster leader change a consumer
+	// can hand out a message again with a delivery count of 1 (its earlier
+	// delivery was not replicated), and the full fault campaign then ran a
+	// finished job a second time under the same attempt number, mixing two
+	// runs' tokens on the caller's stream; a single server that crashed loses
+	// the delivery counts it had not flushed (they are written about ten
+	// times a second), and a finished job's id submitted again is a new
+	// message with a count of 1. The read runs while the body is decoded and
+	// validated, so it costs a lone job no time of its own.
+	stored := make(chan storedResult, 1)
+	go func() {
+		raw, err := results.Stored(d.wctx, d.js, j.tenant, id)
+		stored <- storedResult{raw, err}
+	}()
 	invalid := d.decode(j, m.Data())
 	chain := prefix.OfJob(&j.req) // once per job, outside the lock: routing reads it
 	d.mu.Lock()
@@ -207,15 +302,8 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	}
 	d.mu.Unlock()
 	if invalid == nil {
-		// A job may have finished already (its ack was lost in a crash): it
-		// must not run again. Read from the leader, not a direct get a replica
-		// may answer a moment behind. Checked on every delivery, not only on
-		// redeliveries: after a cluster leader change a consumer can hand out a
-		// message again with a delivery count of 1 (its earlier delivery was not
-		// replicated), and the full fault campaign then ran a finished job a
-		// second time under the same attempt number, mixing two runs' tokens on
-		// the caller's stream.
-		raw, err := results.Stored(ictx, d.js, j.tenant, id)
+		r := <-stored
+		raw, err := r.raw, r.err
 		if errors.Is(err, bus.ErrNoResult) {
 			raw, err = nil, nil
 		}
@@ -268,6 +356,12 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 			d.enqueue(j, now)
 		}
 	}
+}
+
+// storedResult is what results.Stored answered.
+type storedResult struct {
+	raw []byte
+	err error
 }
 
 // decode fills j.req, or says why the job is invalid.

@@ -65,6 +65,7 @@ func (d *Dispatcher) forget(j *job) {
 	}
 	poke(d.changed)
 	poke(d.wakePull)
+	poke(d.wakeSched) // its slot may be free now: held jobs can go
 }
 
 // retryableFailure ends the current attempt of j; it is retried after a backoff

@@ -204,6 +204,14 @@ func (d *Dispatcher) onResult(subject string, data []byte) {
 	if !ok {
 		return
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	j := d.jobs[ref.Key()]
+	if j == nil {
+		// Not held here: most often this dispatcher's own record, its job
+		// forgotten before the write. Nothing to decode.
+		return
+	}
 	var r struct {
 		Status     string    `json:"status"`
 		Attempt    int       `json:"attempt"`
@@ -213,18 +221,30 @@ func (d *Dispatcher) onResult(subject string, data []byte) {
 	if err := json.Unmarshal(data, &r); err != nil {
 		return
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if j := d.jobs[ref.Key()]; j != nil && !j.intaking {
+	if !j.intaking {
 		if r.WorkerID == j.workerID && r.Attempt == j.attempt {
 			j.endedAt = r.FinishedAt
 		}
 		d.finishObserved(j, r.Status)
-	} else if j != nil {
+	} else {
 		// The delivery check will find the record; make sure it does not run.
 		j.cancelReq = j.cancelReq || r.Status == schemas.StatusCancelled
 	}
 	poke(d.wakeSched)
+}
+
+// maxHandOvers is how many hand-overs are decoded at once.
+const maxHandOvers = 32
+
+// onDoneConcurrently runs onDone on its own goroutine, at most maxHandOvers at
+// once. Order does not matter: each hand-over names its job and attempt, and
+// onDone checks both under d.mu.
+func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
+	d.handOvers <- struct{}{}
+	go func() {
+		defer func() { <-d.handOvers }()
+		d.onDone(m)
+	}()
 }
 
 // onDone takes a worker's terminal record of a job (request on

@@ -67,7 +67,7 @@ func (s *stack) startDispatcher(id string) (stop func()) {
 // CANCELS stream, whose stored backlog it read before subscribing).
 func (s *stack) waitListening(id string) {
 	s.t.Helper()
-	want := []string{subjects.DoneForDispatcher(id), subjects.JobsPriority(schemas.PriorityNormal)}
+	want := []string{subjects.DoneForDispatcher(id), subjects.JobsStored}
 	waitFor(s.t, 30*time.Second, func() bool {
 		cz, err := s.bus.Server.NATSServer().Connz(&server.ConnzOptions{Subscriptions: true, Limit: 1 << 10})
 		if err != nil {

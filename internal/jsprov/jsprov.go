@@ -113,6 +113,10 @@ func StreamConfigs(opts Options) map[string]jetstream.StreamConfig {
 			MaxMsgsPerSubject:    1,
 			DiscardNewPerSubject: true,
 			Duplicates:           o.DuplicateWindow,
+			// Every stored job wakes the dispatchers with its headers only
+			// (subjects.JobsStored): after the store, so a pull finds it, and
+			// without the body, which only the pulling dispatcher needs.
+			RePublish: &jetstream.RePublish{Source: subjects.Job("*", "*", "*"), Destination: subjects.JobStored("{{wildcard(2)}}"), HeadersOnly: true},
 		},
 		subjects.StreamResults: {
 			Name:        subjects.StreamResults,

@@ -150,3 +150,27 @@ func TestRegistryRefusesRollups(t *testing.T) {
 		t.Fatalf("rollups allowed after provisioning again (%v)", err)
 	}
 }
+
+// TestStoredJobWakesWithoutBody: JOBS re-publishes each job it stored on
+// subjects.JobStored(priority), headers only: the dispatchers' wake-up names
+// the job but never carries its body.
+func TestStoredJobWakesWithoutBody(t *testing.T) {
+	t.Parallel()
+	b := testenv.StartBus(t, jsprov.Options{})
+	sub, err := b.Conn.SubscribeSync(subjects.JobsStored)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := testenv.Context(t, 10*time.Second)
+	subj := subjects.Job("t1", "low", "j1")
+	if _, err := b.JS.Publish(ctx, subj, []byte(`{"secret":"prompt"}`)); err != nil {
+		t.Fatal(err)
+	}
+	m, err := sub.NextMsg(5 * time.Second)
+	if err != nil {
+		t.Fatalf("no wake-up: %v", err)
+	}
+	if m.Subject != subjects.JobStored("low") || len(m.Data) != 0 || m.Header.Get("Nats-Subject") != subj || m.Header.Get("Nats-Sequence") != "1" {
+		t.Fatalf("wake-up %s %q %v", m.Subject, m.Data, m.Header)
+	}
+}

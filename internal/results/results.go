@@ -54,6 +54,11 @@ func Record(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg) e
 	if err := schemas.Validate(schemas.Result, data); err != nil {
 		return err
 	}
+	return record(ctx, js, r, data)
+}
+
+// record stores data, r's encoding, as Record does, without validating it.
+func record(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg, data []byte) error {
 	subject := subjects.Result(r.Tenant, r.JobID)
 	ack, err := js.Publish(ctx, subject, data,
 		jetstream.WithMsgID(MsgID(r)),
@@ -74,10 +79,17 @@ func Record(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg) e
 	return fmt.Errorf("%w: job %s", ErrResultExists, r.JobID)
 }
 
-// Finish is the one way a job's terminal record is written: Record
-// (first writer wins; nil only once JetStream acknowledged storing this record,
-// and with sync_always that means it is on disk), then, only when this record is
-// the stored one, the same record as the last event on replyTo. Only after Finish
+// Finish is the one way a job's terminal record is written: Record without
+// its schema check (first writer wins; nil only once JetStream acknowledged
+// storing this record, and with sync_always that means it is on disk), then,
+// only when this record is the stored one, the same record as the last event
+// on replyTo.
+//
+// r must already pass the result schema: it is validated once, where it comes
+// in — a worker's hand-over when the dispatcher receives it, with only fields
+// from validated sources (the job, the heartbeat's worker id) put over it —
+// or built by the dispatcher to the schema (its FuzzIntake holds it to that).
+// A second validation here cost as much as the publish itself. Only after Finish
 // returned nil, or an error matching ErrResultExists (another record is stored),
 // may the job's JOBS message be acked: acking on anything less could lose the job
 // in a crash. It returns Record's error; the reply publish is best effort
@@ -86,13 +98,17 @@ func Record(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg) e
 // Who calls it: dispatchers only. A worker hands its record to the dispatcher
 // that placed the job (subjects.Done), so no worker credential can write RESULTS.
 func Finish(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg, replyTo string) error {
-	if err := Record(ctx, js, r); err != nil {
+	if r == nil || r.JobID == "" {
+		return errors.New("bus: results.Finish: result with a job id required")
+	}
+	data, err := json.Marshal(r)
+	if err != nil {
+		return fmt.Errorf("bus: marshal result %s: %w", r.JobID, err)
+	}
+	if err := record(ctx, js, r, data); err != nil {
 		return err
 	}
-	if replyTo == "" {
-		return nil
-	}
-	if data, err := json.Marshal(r); err == nil {
+	if replyTo != "" {
 		_ = js.Conn().Publish(replyTo, data)
 	}
 	return nil

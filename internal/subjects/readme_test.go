@@ -16,7 +16,7 @@ func TestREADMEDocumentsEverySubject(t *testing.T) {
 	readme := string(raw)
 	for _, want := range []string{
 		StreamJobs, StreamResults, StreamDLQ, StreamCancels, BucketWorkers,
-		Job("<tenant>", "<priority>", "<job-id>"), Result("<tenant>", "<job-id>"), DLQ("<tenant>", "<job-id>"),
+		Job("<tenant>", "<priority>", "<job-id>"), JobStored("<priority>"), Result("<tenant>", "<job-id>"), DLQ("<tenant>", "<job-id>"),
 		Cancel("<tenant>", "<job-id>"), Attempt("<worker-id>"), Assign("<worker-id>"),
 		WorkerCancel("<worker-id>"), Done("<worker-id>", "<dispatcher-id>"),
 		Reply("<tenant>", "<job-id>"), strings.Replace(RawDLQ(0), "0", "<jobs-seq>", 1),

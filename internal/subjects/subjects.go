@@ -41,6 +41,13 @@ const (
 
 	// JobsAll matches every job subject: mlx.jobs.<tenant>.<priority>.<job-id>.
 	JobsAll = "mlx.jobs.>"
+	// JobsStored is where JOBS re-publishes the headers (no body) of every job
+	// it stored, under JobStored(priority): the dispatchers' wake-up. It is
+	// sent only once the job is stored, so a pull it triggers finds it, and it
+	// carries no job body, so a burst of jobs costs every dispatcher a few
+	// hundred bytes per job, not the job. Four tokens: never a job subject
+	// (those have five), and no producer grant (JobsTenant) covers it.
+	JobsStored = "mlx.jobs._stored.*"
 	// ResultsAll matches every result subject: mlx.results.<tenant>.<job-id>.
 	ResultsAll = "mlx.results.>"
 	// DLQAll matches every DLQ subject.
@@ -95,6 +102,9 @@ func JobsStream() []string {
 	}
 	return out
 }
+
+// JobStored is the wake-up subject JOBS re-publishes a stored job of priority on.
+func JobStored(priority string) string { return jobsPrefix + "_stored." + priority }
 
 // JobsTenant matches every job subject of one tenant (a producer's grant).
 func JobsTenant(tenant string) string { return jobsPrefix + TenantToken(tenant) + ".*.*" }
