@@ -8,6 +8,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -20,6 +21,9 @@ const maxDirectAttempts = 5
 // whatever the free slots, shows up on Assignments as a one-job batch, and
 // runs on its own goroutine.
 func (w *Worker) serveDirect(m *nats.Msg) {
+	if _, _, ok := subjects.ParseJob(m.Subject); !ok {
+		return // JOBS' headers-only wake-up (subjects.JobsStored), not a job
+	}
 	var job schemas.JobRequest
 	if err := json.Unmarshal(m.Data, &job); err != nil {
 		w.errorf("worker %s: bad job: %v", w.opts.ID, err)

@@ -39,7 +39,9 @@ const (
 	// last. Producers read it to fail fast on a model nobody serves.
 	BucketModels = "mlx_models"
 
-	// JobsAll matches every job subject: mlx.jobs.<tenant>.<priority>.<job-id>.
+	// JobsAll matches every job subject, mlx.jobs.<tenant>.<priority>.<job-id>,
+	// and the wake-ups on JobsStored too: a core subscriber that wants jobs
+	// only checks ParseJob (or subscribes to JobsStream()).
 	JobsAll = "mlx.jobs.>"
 	// JobsStored is where JOBS re-publishes the headers (no body) of every job
 	// it stored, under JobStored(priority): the dispatchers' wake-up. It is
