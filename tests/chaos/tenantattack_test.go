@@ -146,6 +146,7 @@ func TestTenantAttack(t *testing.T) {
 		{"STREAM.INFO of RESULTS", "$JS.API.STREAM.INFO.RESULTS"},
 		{"purge JOBS", "$JS.API.STREAM.PURGE.JOBS"},
 		{"ack a JOBS delivery", "$JS.ACK.JOBS.x.1.1.1.1.0"},
+		{"forge a dispatcher wake-up", subjects.JobStored("high")},
 	} {
 		at.pubDenied(w1, c.what, c.subj)
 	}
@@ -199,6 +200,7 @@ func TestTenantAttack(t *testing.T) {
 		{"create a consumer on JOBS", "$JS.API.CONSUMER.CREATE.JOBS"},
 		{"delete the dispatcher's consumer", "$JS.API.CONSUMER.DELETE.JOBS.dispatch-normal"},
 		{"ack a JOBS delivery", "$JS.ACK.JOBS.x.1.1.1.1.0"},
+		{"forge a dispatcher wake-up", subjects.JobStored("high")},
 	} {
 		at.pubDenied(pa, c.what, c.subj)
 	}
