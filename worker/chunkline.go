@@ -1,0 +1,87 @@
+package worker
+
+import (
+	"bytes"
+	"strconv"
+	"unicode/utf8"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// chunkPrefix and the field separators below are what the runtime writes for a
+// plain generate.chunk, byte for byte (python/mlx_serving_runtime/protocol.py,
+// encode_line: compact separators, keys in this order). One such line per
+// running request per decode step is the worker's hottest input.
+var (
+	chunkPrefix = []byte(`{"jsonrpc":"2.0","method":"generate.chunk","params":{"request_id":"`)
+	chunkSeq    = []byte(`","seq":`)
+	chunkText   = []byte(`,"text":"`)
+	chunkTokens = []byte(`","tokens":`)
+	chunkEnd    = []byte(`}}`)
+)
+
+// parseChunkLine decodes a plain generate.chunk line into c without reflection.
+// It accepts only the exact layout the runtime writes, with no escapes in the
+// strings, valid UTF-8 and plain decimal integers; for anything else (logprobs,
+// a quote or newline in the text, another writer's spacing) it returns false and
+// the caller decodes the line with encoding/json, which gives the same result.
+func parseChunkLine(line []byte, c *schemas.GenerateChunk) bool {
+	rest, ok := bytes.CutPrefix(line, chunkPrefix)
+	if !ok {
+		return false
+	}
+	rid, rest, ok := cutPlainString(rest, chunkSeq)
+	if !ok {
+		return false
+	}
+	seq, rest, ok := cutInt(rest, chunkText)
+	if !ok {
+		return false
+	}
+	text, rest, ok := cutPlainString(rest, chunkTokens)
+	if !ok {
+		return false
+	}
+	tokens, rest, ok := cutInt(rest, chunkEnd)
+	if !ok || len(bytes.TrimSpace(rest)) != 0 {
+		return false
+	}
+	*c = schemas.GenerateChunk{RequestID: string(rid), Seq: seq, Text: string(text), Tokens: tokens}
+	return true
+}
+
+// cutPlainString takes a JSON string body up to its closing quote, which must be
+// followed by sep (whose first byte is that quote). A backslash or invalid UTF-8
+// refuses the line.
+func cutPlainString(b, sep []byte) (s, rest []byte, ok bool) {
+	i := bytes.IndexByte(b, '"')
+	if i < 0 || !bytes.HasPrefix(b[i:], sep) {
+		return nil, nil, false
+	}
+	s = b[:i]
+	for _, ch := range s {
+		if ch == '\\' || ch < 0x20 {
+			return nil, nil, false
+		}
+	}
+	if !utf8.Valid(s) {
+		return nil, nil, false
+	}
+	return s, b[i+len(sep):], true
+}
+
+// cutInt takes a non-negative decimal integer followed by sep.
+func cutInt(b, sep []byte) (n int, rest []byte, ok bool) {
+	i := 0
+	for i < len(b) && b[i] >= '0' && b[i] <= '9' {
+		i++
+	}
+	if i == 0 || i > 9 || (i > 1 && b[0] == '0') || !bytes.HasPrefix(b[i:], sep) {
+		return 0, nil, false
+	}
+	n, err := strconv.Atoi(string(b[:i]))
+	if err != nil {
+		return 0, nil, false
+	}
+	return n, b[i+len(sep):], true
+}
