@@ -86,8 +86,9 @@ func parseStat(s string) (ppid int, ticks int64, ok bool) {
 	return ppid, ut + st, true
 }
 
-// procName names a process by its command line: "mlx-serving worker",
-// "python -m mlx_serving_runtime", or the executable's base name.
+// procName names a process by its command line: "mlx-serving worker" (the
+// executable's base name and its subcommand), "mlx_serving_runtime" (python -m),
+// "bench+nats" for the bench process itself.
 func procName(pid int) string {
 	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
 	if err != nil {
@@ -103,8 +104,8 @@ func procName(pid int) string {
 		}
 	}
 	name := filepath.Base(args[0])
-	if len(args) > 1 && name == "mlx-serving" {
-		name += " " + args[1]
+	if len(args) > 1 && !strings.HasPrefix(args[1], "-") {
+		name += " " + args[1] // the subcommand: worker, dispatcher, gateway
 	}
 	return name
 }
