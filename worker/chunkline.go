@@ -2,6 +2,7 @@ package worker
 
 import (
 	"bytes"
+	"encoding/json"
 	"strconv"
 	"unicode/utf8"
 
@@ -21,16 +22,16 @@ var (
 )
 
 // parseChunkLine decodes a plain generate.chunk line into c without reflection.
-// It accepts only the exact layout the runtime writes, with no escapes in the
-// strings, valid UTF-8 and plain decimal integers; for anything else (logprobs,
-// a quote or newline in the text, another writer's spacing) it returns false and
-// the caller decodes the line with encoding/json, which gives the same result.
+// It accepts only the exact layout the runtime writes, valid UTF-8 and plain
+// decimal integers; for anything else (logprobs, another writer's spacing) it
+// returns false and the caller decodes the line with encoding/json, which gives
+// the same result.
 func parseChunkLine(line []byte, c *schemas.GenerateChunk) bool {
 	rest, ok := bytes.CutPrefix(line, chunkPrefix)
 	if !ok {
 		return false
 	}
-	rid, rest, ok := cutPlainString(rest, chunkSeq)
+	rid, rest, ok := cutString(rest, chunkSeq)
 	if !ok {
 		return false
 	}
@@ -38,7 +39,7 @@ func parseChunkLine(line []byte, c *schemas.GenerateChunk) bool {
 	if !ok {
 		return false
 	}
-	text, rest, ok := cutPlainString(rest, chunkTokens)
+	text, rest, ok := cutString(rest, chunkTokens)
 	if !ok {
 		return false
 	}
@@ -46,28 +47,48 @@ func parseChunkLine(line []byte, c *schemas.GenerateChunk) bool {
 	if !ok || len(bytes.TrimSpace(rest)) != 0 {
 		return false
 	}
-	*c = schemas.GenerateChunk{RequestID: string(rid), Seq: seq, Text: string(text), Tokens: tokens}
+	*c = schemas.GenerateChunk{RequestID: rid, Seq: seq, Text: text, Tokens: tokens}
 	return true
 }
 
-// cutPlainString takes a JSON string body up to its closing quote, which must be
-// followed by sep (whose first byte is that quote). A backslash or invalid UTF-8
-// refuses the line.
-func cutPlainString(b, sep []byte) (s, rest []byte, ok bool) {
-	i := bytes.IndexByte(b, '"')
-	if i < 0 || !bytes.HasPrefix(b[i:], sep) {
-		return nil, nil, false
-	}
-	s = b[:i]
-	for _, ch := range s {
-		if ch == '\\' || ch < 0x20 {
-			return nil, nil, false
+// cutString takes a JSON string body up to its closing quote, which must be
+// followed by sep (whose first byte is that quote). A body with escapes (a
+// newline, a quote in the text) is unquoted by encoding/json, which also
+// refuses a broken escape; a raw control byte or invalid UTF-8 refuses the line.
+func cutString(b, sep []byte) (s string, rest []byte, ok bool) {
+	end, escaped := -1, false
+	for i := 0; i < len(b); i++ {
+		switch ch := b[i]; {
+		case ch == '"':
+			end = i
+		case ch == '\\':
+			escaped = true
+			i++ // the escaped byte cannot end the string
+			continue
+		case ch < 0x20:
+			return "", nil, false
+		default:
+			continue
 		}
+		break
 	}
-	if !utf8.Valid(s) {
-		return nil, nil, false
+	if end < 0 || !bytes.HasPrefix(b[end:], sep) {
+		return "", nil, false
 	}
-	return s, b[i+len(sep):], true
+	body := b[:end]
+	if !utf8.Valid(body) {
+		return "", nil, false
+	}
+	if !escaped {
+		return string(body), b[end+len(sep):], true
+	}
+	// The quotes around the body are b[-1] and b[end]: re-wrap it for the decoder.
+	quoted := make([]byte, 0, len(body)+2)
+	quoted = append(append(append(quoted, '"'), body...), '"')
+	if err := json.Unmarshal(quoted, &s); err != nil {
+		return "", nil, false
+	}
+	return s, b[end+len(sep):], true
 }
 
 // cutInt takes a non-negative decimal integer followed by sep.

@@ -24,8 +24,8 @@ func pyChunkLine(rid string, seq int, text string, tokens int) []byte {
 
 // Whatever the line, the fast path either declines or decodes exactly what
 // encoding/json decodes; and it takes the runtime's plain chunks.
-// Mutation caught: dropping the backslash check in cutPlainString returns
-// "a\\nb" (escaped) as the text of a chunk whose text is "a\nb".
+// Mutation caught: dropping `escaped = true` in cutString returns "a\\nb"
+// (still escaped) as the text of a chunk whose text is "a\nb".
 func TestParseChunkLineMatchesJSON(t *testing.T) {
 	t.Parallel()
 	lines := [][]byte{
@@ -76,7 +76,11 @@ func TestParseChunkLineMatchesJSON(t *testing.T) {
 	if !parseChunkLine(lines[1], &plain) || plain.Text != " wörld 日本 🙂" || plain.Seq != 17 || plain.Tokens != 18 || plain.RequestID != "j.2" {
 		t.Fatalf("plain chunk not taken by the fast path: %+v", plain)
 	}
-	if fast < 100 {
+	var esc schemas.GenerateChunk
+	if !parseChunkLine(lines[2], &esc) || esc.Text != "a\nb" {
+		t.Fatalf("chunk with an escaped newline: %+v", esc)
+	}
+	if fast < 1000 {
 		t.Fatalf("fast path took only %d of %d lines", fast, len(lines))
 	}
 }
