@@ -32,10 +32,13 @@ type Coalesce struct {
 }
 
 // DefaultCoalesce is the Agent's Coalesce when Config leaves it zero: at most one
-// event per job every 5 ms — unnoticeable to a reader, and invisible on any model
-// slower than 200 tokens/s per stream. A negative Interval (Coalesce{Interval: -1})
-// turns coalescing off.
-var DefaultCoalesce = Coalesce{Interval: 5 * time.Millisecond}
+// event per job every 20 ms (50 a second) — unnoticeable to a reader, and no
+// change at all for a stream slower than 50 tokens/s. 5 ms saved little at
+// concurrency 8 and 32 on CPU, where a stream's tokens come ~2-6 ms apart; 20 ms
+// cut the Go processes' CPU per token by a further quarter to a half there
+// (BENCHMARKS.md, "bus per-token cost"). A negative Interval
+// (Coalesce{Interval: -1}) turns coalescing off.
+var DefaultCoalesce = Coalesce{Interval: 20 * time.Millisecond}
 
 func (c Coalesce) enabled() bool { return c.Interval > 0 || c.Tokens > 1 }
 
