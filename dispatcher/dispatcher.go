@@ -76,6 +76,10 @@ type Dispatcher struct {
 	pickWRR       wrr
 	router        Router
 	batchSeq      uint64
+
+	// replyHook, if set, runs before each reply-subject event is handled
+	// (tests: hold token events back to force an interleaving).
+	replyHook func()
 }
 
 // job is one held JOBS message. Guarded by Dispatcher.mu.
@@ -107,6 +111,13 @@ type job struct {
 	resume   schemas.Resume // what the caller received before the current attempt
 	cur      strings.Builder
 	curToks  int // cumulative completion tokens from the current attempt's events
+	// settling: the attempt failed silently (no report carries its text) and
+	// token events it published may still wait in the reply subscription's
+	// queue; cur keeps growing until a barrier behind them has passed
+	// (settleReplies), and only then is it folded into resume and the job
+	// requeued. settleBy bounds the wait.
+	settling bool
+	settleBy time.Time
 	nextSeq  int
 	lastErr  schemas.ErrorInfo
 	chain    []prefix.Hash   // the prompt's prefix chain, hashed once at intake (router.go)

@@ -91,7 +91,11 @@
 // the dispatcher listens on its reply subject and accumulates the text of the
 // current attempt, so a retry after a lost worker resumes (schemas.Resume)
 // where the caller's stream stopped; a worker's attempt report carries that
-// text itself. Retries wait an exponential backoff with jitter; out of
+// text itself. An attempt that ends silently (a lost or restarted worker, an
+// assignment timeout) is learnt on another subscription than its token
+// events, so its retry is requeued only after a barrier (nats.Conn.Barrier)
+// behind every event received so far: the resume then holds all the text the
+// dispatcher had received before it learnt of the end. Retries wait an exponential backoff with jitter; out of
 // attempts a job goes to DLQ and gets a terminal failed attempts_exhausted.
 //
 // Known limit: a dispatcher that dies while a job is running cannot hand over

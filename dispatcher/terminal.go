@@ -73,9 +73,10 @@ func terminalRecord(j *job, e Trigger, status string, errInfo *schemas.ErrorInfo
 		e.Message = clip(e.Message, maxErrorMessage)
 		errInfo = &e
 	}
+	sent := j.resumeNow()
 	res := &schemas.ResultMsg{
 		Type: "result", JobID: j.id, Attempt: attempt, Seq: j.nextSeq, Status: status,
-		Text: j.resume.Text, Usage: schemas.Usage{CompletionTokens: j.resume.CompletionTokens, TotalTokens: j.resume.CompletionTokens},
+		Text: sent.Text, Usage: schemas.Usage{CompletionTokens: sent.CompletionTokens, TotalTokens: sent.CompletionTokens},
 		Error: errInfo, Tenant: subjects.TenantOfToken(j.tenant), WorkerID: j.workerID, FinishedAt: now,
 	}
 	if modelPattern.MatchString(j.req.Model) {
