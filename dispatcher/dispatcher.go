@@ -57,9 +57,17 @@ type Dispatcher struct {
 	wakeSched chan struct{}
 	changed   chan struct{} // pinged when a job is forgotten (drain waits on it)
 
-	wctx    context.Context // lives until Run returns: I/O of held jobs
+	wctx    context.Context // lives until Run stops: I/O of held jobs
 	wcancel context.CancelFunc
-	io      sync.WaitGroup
+	// tctx outlives wctx by up to WriteGrace: terminal writes (records,
+	// dead letters, acks) run under it, so that a shutdown does not cut a
+	// write that is under way and leave its job to run again.
+	tctx    context.Context
+	tcancel context.CancelFunc
+	// writes counts terminal writes and received hand-overs not yet done
+	// (goWrite, onDoneConcurrently); shutdown waits for it to reach zero.
+	writes atomic.Int64
+	io     sync.WaitGroup
 
 	mu       sync.Mutex
 	started  bool
@@ -80,6 +88,9 @@ type Dispatcher struct {
 	// replyHook, if set, runs before each reply-subject event is handled
 	// (tests: hold token events back to force an interleaving).
 	replyHook func()
+	// writeHook, if set, runs before each terminal write (tests: hold a write
+	// until shutdown).
+	writeHook func()
 }
 
 // job is one held JOBS message. Guarded by Dispatcher.mu.
@@ -212,8 +223,9 @@ func (d *Dispatcher) attach(ctx context.Context) error {
 
 // Run consumes jobs until ctx is cancelled, then stops pulling, hands back the
 // jobs not yet on a worker (nak, so another dispatcher takes them at once),
-// waits up to DrainTimeout for the running ones to finish (unless NoDrain), and
-// returns. The streams, the consumers' stream and the KV bucket must exist
+// waits up to DrainTimeout for the running ones to finish (unless NoDrain),
+// then up to WriteGrace for the terminal records being written (nak for those
+// that were not stored), and returns. The streams, the consumers' stream and the KV bucket must exist
 // (jsprov.Provision); the consumers are created or updated here.
 func (d *Dispatcher) Run(ctx context.Context) error {
 	d.mu.Lock()
@@ -242,6 +254,8 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 
 	d.wctx, d.wcancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer d.wcancel()
+	d.tctx, d.tcancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer d.tcancel()
 	watcher, err := registry.Watch(d.wctx, d.js, registry.WatchOptions{
 		OnBadEntry: func(id string, err error) {
 			d.log.Warn().Err(err).Str("worker_id", id).Msg("bad heartbeat")
@@ -318,6 +332,10 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	d.shutdown()
 	d.wcancel()
 	loops.Wait()
+	// Hand-overs keep being taken until Run returns: a running job that
+	// finishes now is still stored and acked here.
+	d.awaitWrites()
+	d.tcancel()
 	d.io.Wait()
 	d.log.Info().Msg("dispatcher stopped")
 	return nil
@@ -357,6 +375,42 @@ func (d *Dispatcher) shutdown() {
 			return
 		}
 	}
+}
+
+// awaitWrites waits up to WriteGrace for the terminal writes and hand-overs
+// in flight.
+func (d *Dispatcher) awaitWrites() {
+	if d.writes.Load() == 0 {
+		return
+	}
+	deadline := time.NewTimer(d.cfg.WriteGrace)
+	defer deadline.Stop()
+	for d.writes.Load() > 0 {
+		select {
+		case <-d.changed:
+		case <-deadline.C:
+			d.log.Warn().Int64("writes", d.writes.Load()).Msg("write grace over: cancelling terminal writes in flight; their jobs are naked")
+			return
+		}
+	}
+}
+
+// goWrite runs a terminal write on its own goroutine under tctx, counted in
+// writes (awaitWrites).
+func (d *Dispatcher) goWrite(f func(ctx context.Context)) {
+	d.writes.Add(1)
+	d.io.Add(1)
+	go func() {
+		defer d.io.Done()
+		defer d.wrote()
+		f(d.tctx)
+	}()
+}
+
+// wrote ends one count of writes.
+func (d *Dispatcher) wrote() {
+	d.writes.Add(-1)
+	poke(d.changed)
 }
 
 func (d *Dispatcher) tickLoop(ctx context.Context) {

@@ -98,6 +98,15 @@
 // dispatcher had received before it learnt of the end. Retries wait an exponential backoff with jitter; out of
 // attempts a job goes to DLQ and gets a terminal failed attempts_exhausted.
 //
+// # Shutdown
+//
+// Run, once its context ends, stops pulling, naks the jobs not on a worker,
+// waits up to DrainTimeout for the running ones (not with NoDrain), cancels
+// its other I/O and then waits up to WriteGrace for the terminal writes in
+// flight and the hand-overs already received: they run under their own
+// context (tctx), so a stop does not cut a record being stored and leave its
+// job naked to run again. What is left after the grace fails and is naked.
+//
 // Known limit: a dispatcher that dies while a job is running cannot hand over
 // the text streamed so far; if the job does not finish on its worker before the
 // redelivery, the next attempt starts from scratch on the caller's stream.
