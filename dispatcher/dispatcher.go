@@ -84,6 +84,10 @@ type Dispatcher struct {
 	pickWRR       wrr
 	router        Router
 	batchSeq      uint64
+	// unsettled: jobs settling (settle.go) that wait for the next barrier;
+	// barrierOut: a barrier is set and has not run yet.
+	unsettled  []*job
+	barrierOut bool
 
 	// replyHook, if set, runs before each reply-subject event is handled
 	// (tests: hold token events back to force an interleaving).

@@ -83,10 +83,8 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 		j.curToks = 0
 		j.settling = false
 	} else {
-		// Nobody tells what the attempt sent but its token events, and those
-		// travel on another subscription than the news of its end (a
-		// heartbeat, a timer, an assignment timeout): some may not have been
-		// handled yet. The resume is taken only once they have (settleReplies).
+		// Only its token events tell what the attempt sent, and some may not
+		// have been handled yet: the resume is taken once they have (settle.go).
 		j.settling = true
 		j.settleBy = time.Now().Add(d.cfg.AssignTimeout)
 	}
@@ -120,61 +118,6 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 		d.count().retried()
 		poke(d.wakeSched)
 	}
-}
-
-// settleReplies ends j's settling once every token event that reached this
-// connection before now has been handled. The events of the failed attempt
-// that the dispatcher received before it learnt of the failure are already in
-// the reply subscription's queue (one connection delivers in order: the
-// worker published them before it died, its successor's heartbeat came
-// after), so nats.Conn.Barrier, which runs its function once every async
-// subscription has handled what it held when called, runs after them. Without
-// it the retry could resume from an earlier point and the caller see text
-// again (flaky TestWorkerRestartWithinTTLRetries). Events still in flight
-// from a worker that lives on (lost only to the TTL) are not waited for: that
-// worker's text past the resume is lost to the caller's stream anyway.
-// Callers hold d.mu; the barrier is set outside it (its function takes d.mu,
-// and runs at once when the connection has no subscription).
-func (d *Dispatcher) settleReplies(j *job) {
-	settled := func() {
-		d.mu.Lock()
-		defer d.mu.Unlock()
-		if j.settling && !j.gone {
-			j.takeResume()
-			poke(d.wakeSched)
-		}
-	}
-	go func() {
-		if err := d.nc.Barrier(settled); err != nil {
-			settled() // closed: nothing more will be handled
-		}
-	}()
-}
-
-// takeResume ends j's settling: what the failed attempt sent becomes the
-// resume of the next one, and later events of that attempt are ignored. A no-op
-// when j does not settle. Callers hold d.mu.
-func (j *job) takeResume() {
-	if !j.settling {
-		return
-	}
-	j.resume = j.resumeNow()
-	j.cur.Reset()
-	j.curToks = 0
-	j.settling = false
-}
-
-// resumeNow is what the caller has received of j: the resume, plus the
-// failed attempt's text while it settles.
-func (j *job) resumeNow() schemas.Resume {
-	r := j.resume
-	if j.settling {
-		r.Text += j.cur.String()
-		if j.curToks > 0 {
-			r.CompletionTokens = j.curToks
-		}
-	}
-	return r
 }
 
 func exhaustedError(attempts int, last schemas.ErrorInfo) *schemas.ErrorInfo {
