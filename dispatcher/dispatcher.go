@@ -95,6 +95,9 @@ type Dispatcher struct {
 	// writeHook, if set, runs before each terminal write (tests: hold a write
 	// until shutdown).
 	writeHook func()
+	// handOverHook, if set, runs before each received hand-over is decoded
+	// (tests: hold one until shutdown).
+	handOverHook func()
 }
 
 // job is one held JOBS message. Guarded by Dispatcher.mu.

@@ -50,3 +50,51 @@ func TestShutdownFinishesTerminalWrite(t *testing.T) {
 		t.Fatalf("assigned %d times", a[j.ID])
 	}
 }
+
+// TestShutdownTakesReceivedHandOver: a worker's hand-over has been received
+// but not yet handled when the dispatcher is stopped without draining; it is
+// handled only once the dispatcher has cancelled the I/O of its held jobs. The
+// record must still be stored and the job acked, not naked to run again.
+func TestShutdownTakesReceivedHandOver(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	w := e.startWorker("w1", 2, []string{"m"}, nil)
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.NoDrain = true
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entered := make(chan struct{})
+	var once sync.Once
+	d.handOverHook = func() {
+		once.Do(func() { close(entered) })
+		<-d.wctx.Done()
+	}
+	stop := runNew(t, d)
+	j := newJob("sd-handover", "m", "normal")
+	e.mustSubmit(j)
+	select {
+	case <-entered:
+	case <-time.After(15 * time.Second):
+		t.Fatal("no hand-over arrived")
+	}
+	// The hand-over can overtake the worker's answer to the assignment; an
+	// assignment still unanswered at a stop without drain is handed back,
+	// which is not what this test is about.
+	waitFor(t, 5*time.Second, "job running", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		held := d.jobs[subjects.JobRef{Tenant: j.Tenant, ID: j.ID}.Key()]
+		return held != nil && held.state == StateRunning
+	})
+	stop()
+	r := e.waitResult(j.ID, 5*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Attempt != 1 {
+		t.Fatalf("result %+v", r)
+	}
+	waitFor(t, 5*time.Second, "JOBS empty (acked)", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
+	if a, _, _ := w.Snapshot(); a[j.ID] != 1 {
+		t.Fatalf("assigned %d times", a[j.ID])
+	}
+}

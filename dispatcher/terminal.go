@@ -247,6 +247,9 @@ func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
 	go func() {
 		defer d.wrote()
 		defer func() { <-d.handOvers }()
+		if d.handOverHook != nil {
+			d.handOverHook()
+		}
 		d.onDone(m)
 	}()
 }
