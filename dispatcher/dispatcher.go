@@ -67,7 +67,10 @@ type Dispatcher struct {
 	// writes counts terminal writes and received hand-overs not yet done
 	// (goWrite, onDoneConcurrently); shutdown waits for it to reach zero.
 	writes atomic.Int64
-	io     sync.WaitGroup
+	// awaiting is closed when a stop starts waiting for writes (tests hold
+	// a write until then).
+	awaiting chan struct{}
+	io       sync.WaitGroup
 
 	mu       sync.Mutex
 	started  bool
@@ -165,6 +168,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		wakePull:    make(chan struct{}, 1),
 		wakeSched:   make(chan struct{}, 1),
 		changed:     make(chan struct{}, 1),
+		awaiting:    make(chan struct{}),
 		jobs:        map[string]*job{},
 		retrying:    map[string]*job{},
 		cancelled:   map[string]time.Time{},
@@ -390,6 +394,7 @@ func (d *Dispatcher) awaitWrites() {
 	if d.writes.Load() == 0 {
 		return
 	}
+	close(d.awaiting)
 	deadline := time.NewTimer(d.cfg.WriteGrace)
 	defer deadline.Stop()
 	for d.writes.Load() > 0 {

@@ -12,8 +12,8 @@ import (
 
 // TestShutdownFinishesTerminalWrite: a worker's terminal record is being
 // written when the dispatcher is stopped, and the write only goes on once the
-// dispatcher has cancelled the I/O of its held jobs (wctx). The record must
-// still be stored and the job acked, not naked to run again.
+// stop has cancelled the dispatcher's other I/O (wctx) and waits for writes.
+// The record must still be stored and the job acked, not naked to run again.
 func TestShutdownFinishesTerminalWrite(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
@@ -28,7 +28,12 @@ func TestShutdownFinishesTerminalWrite(t *testing.T) {
 	var once sync.Once
 	d.writeHook = func() {
 		once.Do(func() { close(entered) })
-		<-d.wctx.Done() // shutdown has begun cancelling the dispatcher's I/O
+		// Until the stop has cancelled the dispatcher's other I/O and waits
+		// for the writes, or cancelled the writes too.
+		select {
+		case <-d.awaiting:
+		case <-d.tctx.Done():
+		}
 	}
 	stop := runNew(t, d)
 	j := newJob("sd-write", "m", "normal")
@@ -53,7 +58,8 @@ func TestShutdownFinishesTerminalWrite(t *testing.T) {
 
 // TestShutdownTakesReceivedHandOver: a worker's hand-over has been received
 // but not yet handled when the dispatcher is stopped without draining; it is
-// handled only once the dispatcher has cancelled the I/O of its held jobs. The
+// handled only once the stop has cancelled the dispatcher's other I/O and
+// waits for writes. The
 // record must still be stored and the job acked, not naked to run again.
 func TestShutdownTakesReceivedHandOver(t *testing.T) {
 	t.Parallel()
@@ -69,7 +75,10 @@ func TestShutdownTakesReceivedHandOver(t *testing.T) {
 	var once sync.Once
 	d.handOverHook = func() {
 		once.Do(func() { close(entered) })
-		<-d.wctx.Done()
+		select {
+		case <-d.awaiting:
+		case <-d.tctx.Done():
+		}
 	}
 	stop := runNew(t, d)
 	j := newJob("sd-handover", "m", "normal")
