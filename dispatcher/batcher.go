@@ -106,7 +106,7 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 			continue
 		}
 		if j.settling && now.Before(j.settleBy) {
-			later(j.settleBy) // settleReplies pokes first, unless stuck
+			later(j.settleBy) // the barrier pokes first, unless stuck
 			continue
 		}
 		delete(d.retrying, j.key)

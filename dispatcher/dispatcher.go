@@ -236,8 +236,9 @@ func (d *Dispatcher) attach(ctx context.Context) error {
 // jobs not yet on a worker (nak, so another dispatcher takes them at once),
 // waits up to DrainTimeout for the running ones to finish (unless NoDrain),
 // then up to WriteGrace for the terminal records being written (nak for those
-// that were not stored), and returns. The streams, the consumers' stream and the KV bucket must exist
-// (jsprov.Provision); the consumers are created or updated here.
+// that were not stored), and returns. The streams, the consumers' stream and
+// the KV bucket must exist (jsprov.Provision); the consumers are created or
+// updated here.
 func (d *Dispatcher) Run(ctx context.Context) error {
 	d.mu.Lock()
 	if d.started {
