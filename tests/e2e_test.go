@@ -118,14 +118,17 @@ func TestRuntimeKilledMidStreamMigrates(t *testing.T) {
 	w := s.startWorker(2)
 	ctx := testenv.Context(t, 3*time.Minute)
 
-	job := tinyJob("a long story", 200)
+	// Long enough that attempt 1 is still generating when its runtime dies:
+	// token events come at most every 20 ms (worker.DefaultCoalesce), and the
+	// tiny model can write 200 tokens before the fifth event arrives.
+	job := tinyJob("a long story", 1500)
 	temp, seed := 1.0, int64(42)
 	job.Temperature, job.Seed = &temp, &seed
 	var once sync.Once
 	var toks []schemas.TokenEventMsg
 	o, err := s.submit(ctx, job, func(ev bus.Event) {
 		toks = append(toks, *ev.Token)
-		if ev.Token.Seq == 5 {
+		if ev.Token.Seq == 3 {
 			once.Do(func() {
 				if err := syscall.Kill(w.RuntimePID(), syscall.SIGKILL); err != nil {
 					t.Errorf("kill runtime: %v", err)
