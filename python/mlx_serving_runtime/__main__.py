@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="while rows decode, hold new requests up to this long so they join the batch "
         "together (one prefill pass, not many; see admission.py); never when nothing decodes; "
-        "0: off (default: $MLX_SERVING_ADMIT_WAIT_MS, else 10)",
+        "0: off (default: $MLX_SERVING_ADMIT_WAIT_MS, else 25)",
     )
     p.add_argument("--log-level", default=os.environ.get("MLX_SERVING_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)

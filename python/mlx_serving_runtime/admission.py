@@ -8,8 +8,9 @@ passes cost about the same for one new row as for twenty, and the rows already d
 wait through them. In a closed loop a finished row's answer goes over the pipe to the
 client, which sends the next request back; replacements arrive spread over a few ms, so
 without holding, the engine admits them in many small groups (measured on the CPU tiny
-model at concurrency 32: 18-23 admission passes of 1-28 rows for 160 rows, where mlx-lm
-driven in-process, replacing finished rows synchronously, needs 5 passes of 32).
+model at concurrency 32: 20-25 admission passes of 1-31 rows for 168 rows, where mlx-lm
+driven in-process, replacing finished rows synchronously, needs 13: 8 warm-up rows alone
+and 5 passes of 32).
 
 The rule (admit_now): an arrival is admitted at once when nothing is decoding (an idle
 engine never delays a request: TTFT at concurrency 1 is unchanged) or when the pending
@@ -31,10 +32,13 @@ from collections import Counter
 from typing import Any
 
 ENV = "MLX_SERVING_ADMIT_WAIT_MS"
-# A few decode steps of a ~1B model on a GPU (8-10 ms each on an H200 at 32 rows): long
-# enough for a closed loop's replacements to come back over the pipe, short next to a
-# prefill that small groups would otherwise multiply.
-DEFAULT_WAIT_MS = 10.0
+# Long enough for a closed loop's replacements to come back over the pipe: on the CPU
+# tiny model 31 of them arrive spread over ~11 ms (the reader parses and tokenizes each),
+# so 10 ms still split them (18-22 admissions for 160 rows) where 25 ms did not (18: one
+# lone row per round, admitted at once on an idle engine, and 31 together; BENCHMARKS.md).
+# The price: at a partial load (fewer arrivals than free rows) a request that comes
+# while others decode waits up to this long, plus one step, for its first token.
+DEFAULT_WAIT_MS = 25.0
 STATS_ENV = "MLX_SERVING_PASS_STATS"  # a file: the process appends its PassCounter at exit
 
 
