@@ -8,7 +8,7 @@ passes cost about the same for one new row as for twenty, and the rows already d
 wait through them. In a closed loop a finished row's answer goes over the pipe to the
 client, which sends the next request back; replacements arrive spread over a few ms, so
 without holding, the engine admits them in many small groups (measured on the CPU tiny
-model at concurrency 32: 20-25 admission passes of 1-31 rows for 168 rows, where mlx-lm
+model at concurrency 32: 20-26 admission passes of 1-31 rows for 168 rows, where mlx-lm
 driven in-process, replacing finished rows synchronously, needs 13: 8 warm-up rows alone
 and 5 passes of 32).
 
@@ -33,7 +33,7 @@ from typing import Any
 
 ENV = "MLX_SERVING_ADMIT_WAIT_MS"
 # Long enough for a closed loop's replacements to come back over the pipe: on the CPU
-# tiny model 31 of them arrive spread over ~11 ms (the reader parses and tokenizes each),
+# tiny model 31 of them arrive spread over 6-12 ms (the reader parses and tokenizes each),
 # so 10 ms still split them (18-22 admissions for 160 rows) where 25 ms did not (18: one
 # lone row per round, admitted at once on an idle engine, and 31 together; BENCHMARKS.md).
 # The price: at a partial load (fewer arrivals than free rows) a request that comes
