@@ -190,7 +190,9 @@ class Engine:
         shutdown: tuple | None = None
         while True:
             cmds: list[tuple] = []
-            if not self._by_uid and shutdown is None:
+            # Held arrivals are work too: the last row may have ended since they were held,
+            # and blocking here would leave them (and their clients) waiting forever.
+            if not self._by_uid and not self._held and shutdown is None:
                 t = time.perf_counter()
                 cmds.append(self._cmds.get())  # idle: sleep until there is work
                 self.passes.idle_s += time.perf_counter() - t

@@ -174,3 +174,25 @@ def test_held_arrival_is_cancelled_and_bounded(tiny_model: str) -> None:
         assert out.answer("long")["result"]["finish_reason"] == "cancelled"
     finally:
         _stop(eng, out)
+
+
+def test_held_arrival_starts_when_the_last_row_ends(tiny_model: str) -> None:
+    """A request held while one row decodes is started when that row ends by itself,
+    though it neither fills the batch nor waits out the bound (an hour).
+
+    Mutation caught: engine.py _run blocking for new commands while requests are held
+    (`and not self._held` dropped from the idle check): the held request never starts
+    and its answer never comes (the wait for it times out), red. This hung the closed-
+    loop bench at concurrency 8 with 32 slots before it was fixed.
+    """
+    out = _Out()
+    eng = _engine(tiny_model, out, wait_ms=3_600_000)
+    try:
+        _generate(eng, "short", "A long story:", 40)
+        out.more_chunks("short", 1)
+        _generate(eng, "late", "Once upon a time", 8)
+        assert out.answer("short")["result"]["finish_reason"] in ("length", "stop")
+        assert out.answer("late")["result"]["finish_reason"] in ("length", "stop")
+        assert dict(eng.passes.prefill) == {1: 2}
+    finally:
+        _stop(eng, out)
