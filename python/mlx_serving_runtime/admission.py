@@ -14,10 +14,13 @@ and 5 passes of 32).
 
 The rule (admit_now): an arrival is admitted at once when nothing is decoding (an idle
 engine never delays a request: TTFT at concurrency 1 is unchanged) or when the pending
-arrivals fill every free row; otherwise it is held until the oldest pending one has
-waited max_wait_s, then all pending are admitted together (FIFO, so nobody starves: the
-wait of every arrival is bounded by max_wait_s plus one decode step, the loop's tick).
-max_wait_s = 0 turns holding off (every arrival is admitted at the next step, as before).
+arrivals are as many as the rows that ended in the last max_wait_s and were not replaced
+yet (``expected``: the replacements a closed loop is sending) or fill every free row;
+otherwise it is held until the oldest pending one has waited max_wait_s, then all pending
+are admitted together (FIFO, so nobody starves: the wait of every arrival is bounded by
+max_wait_s plus one decode step, the loop's tick). With no row ended recently nothing is
+expected and an arrival goes in at once: holding for a fill alone cost a closed loop at
+8 of 32 rows ~23 ms of TTFT per request (BENCHMARKS.md). max_wait_s = 0 turns holding off.
 
 The bound: ``--admit-wait-ms`` of the runtime, default ``$MLX_SERVING_ADMIT_WAIT_MS``,
 else DEFAULT_WAIT_MS.
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 ENV = "MLX_SERVING_ADMIT_WAIT_MS"
@@ -52,19 +55,41 @@ def resolve_wait_ms(value: float | None) -> float:
     return float(value)
 
 
-def admit_now(pending: int, oldest_wait_s: float, decoding: int, max_batch: int, max_wait_s: float) -> bool:
+def admit_now(
+    pending: int, oldest_wait_s: float, decoding: int, max_batch: int, max_wait_s: float, expected: int
+) -> bool:
     """Whether the pending arrivals join the batch now (all of them, oldest first).
 
     pending: arrivals held; oldest_wait_s: how long the oldest has waited; decoding: rows
-    the generators hold (decoding or being prefilled); max_batch: rows a batch takes.
+    the generators hold (decoding or being prefilled); max_batch: rows a batch takes;
+    expected: rows that ended in the last max_wait_s, less the arrivals admitted since.
     """
     if pending <= 0:
         return False
     if decoding <= 0:
         return True  # idle: nothing to group with, never delay
-    if pending >= max_batch - decoding:
-        return True  # they fill the batch: nothing else could join this pass
+    if pending >= min(max_batch - decoding, expected):
+        return True  # every awaited replacement is here, or the batch is full
     return oldest_wait_s >= max_wait_s
+
+
+class Expected:
+    """Rows that ended recently and are not replaced yet: when each ended, oldest first."""
+
+    def __init__(self) -> None:
+        self._ends: deque[float] = deque()
+
+    def ended(self, n: int, now: float) -> None:
+        self._ends.extend([now] * n)
+
+    def admitted(self, n: int) -> None:
+        for _ in range(min(n, len(self._ends))):
+            self._ends.popleft()
+
+    def count(self, now: float, window_s: float) -> int:
+        while self._ends and now - self._ends[0] > window_s:
+            self._ends.popleft()
+        return len(self._ends)
 
 
 class PassCounter:

@@ -122,6 +122,7 @@ class Engine:
         self.admit_wait_s = admission.resolve_wait_ms(admit_wait_ms) / 1000
         self._held: list[Request] = []  # generation thread only, oldest first
         self._clock = time.perf_counter  # Request.accepted's clock
+        self._expected = admission.Expected()  # rows ended, replacements not yet admitted
         self.max_models = max_models
         if prompt_cache_bytes is None or prompt_cache_bytes < 0:
             prompt_cache_bytes = default_max_bytes(memory_info()["total_bytes"])
@@ -224,23 +225,29 @@ class Engine:
                     self.on_exit()
                 return
             busy = {k[0] for k in self._by_uid}
+            rows = len(self._by_uid)
             for m in list(self._models.values()):
                 if m.gen is not None and m.id in busy:
                     self._step_collected(m)
+            if len(self._by_uid) < rows:
+                self._expected.ended(rows - len(self._by_uid), self._clock())
 
     def _admit(self, force: bool = False) -> None:
         """Start the held arrivals, all together, when admission.admit_now says so."""
         if not self._held:
             return
+        now = self._clock()
         if not force and not admission.admit_now(
             len(self._held),
-            self._clock() - self._held[0].accepted,
+            now - self._held[0].accepted,
             len(self._by_uid),
             self.max_batch,
             self.admit_wait_s,
+            self._expected.count(now, self.admit_wait_s),
         ):
             return
         held, self._held = self._held, []
+        self._expected.admitted(len(held))
         for req in held:
             try:
                 self._start(req)
