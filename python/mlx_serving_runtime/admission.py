@@ -37,7 +37,7 @@ from typing import Any
 ENV = "MLX_SERVING_ADMIT_WAIT_MS"
 # Long enough for a closed loop's replacements to come back over the pipe: on the CPU
 # tiny model 31 of them arrive spread over 6-12 ms (the reader parses and tokenizes each),
-# so 10 ms still split them (18-22 admissions for 160 rows) where 25 ms did not (18: one
+# so 10 ms still split them (18-22 admissions for 168 rows) where 25 ms did not (18: one
 # lone row per round, admitted at once on an idle engine, and 31 together; BENCHMARKS.md).
 # The price: at a partial load (fewer arrivals than free rows) a request that comes
 # while others decode waits up to this long, plus one step, for its first token.
