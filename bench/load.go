@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -59,6 +60,10 @@ type Driver interface {
 // samples in request order and the wall time from first send to last end.
 func runLoad(ctx context.Context, d Driver, reqs []Request, concurrency int, done func()) ([]Sample, time.Duration) {
 	samples := make([]Sample, len(reqs))
+	var cpu0 map[int]procCPU
+	if os.Getenv(CPUEnv) != "" {
+		cpu0 = treeCPU(os.Getpid())
+	}
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	start := time.Now()
@@ -87,5 +92,9 @@ func runLoad(ctx context.Context, d Driver, reqs []Request, concurrency int, don
 		}()
 	}
 	wg.Wait()
-	return samples, time.Since(start)
+	wall := time.Since(start)
+	if cpu0 != nil {
+		recordCPU(cpu0, concurrency, samples, wall)
+	}
+	return samples, wall
 }

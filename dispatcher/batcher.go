@@ -105,10 +105,18 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 			later(j.retryAt)
 			continue
 		}
+		if j.settling && now.Before(j.settleBy) {
+			later(j.settleBy) // the barrier pokes first, unless stuck
+			continue
+		}
 		delete(d.retrying, j.key)
 		if err := d.apply(j, EvRequeue); err != nil {
 			continue
 		}
+		if j.settling {
+			d.jobLog(d.log.Warn(), j).Msg("reply subject did not settle in time; resuming from what was handled")
+		}
+		j.takeResume()
 		j.attempt++
 		j.nextSeq = 0
 		d.enqueue(j, now)

@@ -145,12 +145,8 @@ func (d *Dispatcher) onCancel(subject string, data []byte, live bool) {
 		d.mu.Unlock()
 		return
 	}
-	d.io.Add(1)
+	d.goWrite(func(ctx context.Context) { d.cancelInStream(ctx, ref, reason) })
 	d.mu.Unlock()
-	go func() {
-		defer d.io.Done()
-		d.cancelInStream(d.wctx, ref, reason)
-	}()
 }
 
 // forwardCancel tells j's worker to stop it; the worker ends it with a

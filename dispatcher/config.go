@@ -64,8 +64,15 @@ type Config struct {
 	// only via NoDrain.
 	DrainTimeout time.Duration
 	// NoDrain makes Run return at once on cancel, leaving running jobs to be
-	// redelivered (and recognised through RESULTS) elsewhere.
+	// redelivered (and recognised through RESULTS) elsewhere; terminal writes
+	// already in flight still get WriteGrace.
 	NoDrain bool
+	// WriteGrace bounds how long Run, once its context is cancelled and the
+	// running jobs drained (or left), waits for terminal records already being
+	// written (and worker hand-overs already received) to be stored and their
+	// jobs acked, before it cancels what is left, whose jobs are then naked
+	// (default 10 s). Cancelling them at once would run finished jobs again.
+	WriteGrace time.Duration
 	// Routing is the routing policy: RoutingPrefix (default) or
 	// RoutingLeastLoaded (router.go).
 	Routing string
@@ -127,6 +134,7 @@ func (c Config) withDefaults() (Config, error) {
 		}
 	}
 	def(&c.DrainTimeout, c.AckWait)
+	def(&c.WriteGrace, 10*time.Second)
 	switch c.Routing {
 	case "":
 		c.Routing = RoutingPrefix

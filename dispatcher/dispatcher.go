@@ -57,9 +57,20 @@ type Dispatcher struct {
 	wakeSched chan struct{}
 	changed   chan struct{} // pinged when a job is forgotten (drain waits on it)
 
-	wctx    context.Context // lives until Run returns: I/O of held jobs
+	wctx    context.Context // lives until Run stops: I/O of held jobs
 	wcancel context.CancelFunc
-	io      sync.WaitGroup
+	// tctx outlives wctx by up to WriteGrace: terminal writes (records,
+	// dead letters, acks) run under it, so that a shutdown does not cut a
+	// write that is under way and leave its job to run again.
+	tctx    context.Context
+	tcancel context.CancelFunc
+	// writes counts terminal writes and received hand-overs not yet done
+	// (goWrite, onDoneConcurrently); shutdown waits for it to reach zero.
+	writes atomic.Int64
+	// awaiting is closed when a stop starts waiting for writes (tests hold
+	// a write until then).
+	awaiting chan struct{}
+	io       sync.WaitGroup
 
 	mu       sync.Mutex
 	started  bool
@@ -76,6 +87,20 @@ type Dispatcher struct {
 	pickWRR       wrr
 	router        Router
 	batchSeq      uint64
+	// unsettled: jobs settling (settle.go) that wait for the next barrier;
+	// barrierOut: a barrier is set and has not run yet.
+	unsettled  []*job
+	barrierOut bool
+
+	// replyHook, if set, runs before each reply-subject event is handled
+	// (tests: hold token events back to force an interleaving).
+	replyHook func()
+	// writeHook, if set, runs before each terminal write (tests: hold a write
+	// until shutdown).
+	writeHook func()
+	// handOverHook, if set, runs before each received hand-over is decoded
+	// (tests: hold one until shutdown).
+	handOverHook func()
 }
 
 // job is one held JOBS message. Guarded by Dispatcher.mu.
@@ -107,6 +132,13 @@ type job struct {
 	resume   schemas.Resume // what the caller received before the current attempt
 	cur      strings.Builder
 	curToks  int // cumulative completion tokens from the current attempt's events
+	// settling: the attempt failed silently (no report carries its text) and
+	// token events it published may still wait in the reply subscription's
+	// queue; cur keeps growing until a barrier behind them has passed
+	// (settleReplies), and only then is it folded into resume and the job
+	// requeued. settleBy bounds the wait.
+	settling bool
+	settleBy time.Time
 	nextSeq  int
 	lastErr  schemas.ErrorInfo
 	chain    []prefix.Hash   // the prompt's prefix chain, hashed once at intake (router.go)
@@ -136,6 +168,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		wakePull:    make(chan struct{}, 1),
 		wakeSched:   make(chan struct{}, 1),
 		changed:     make(chan struct{}, 1),
+		awaiting:    make(chan struct{}),
 		jobs:        map[string]*job{},
 		retrying:    map[string]*job{},
 		cancelled:   map[string]time.Time{},
@@ -201,9 +234,11 @@ func (d *Dispatcher) attach(ctx context.Context) error {
 
 // Run consumes jobs until ctx is cancelled, then stops pulling, hands back the
 // jobs not yet on a worker (nak, so another dispatcher takes them at once),
-// waits up to DrainTimeout for the running ones to finish (unless NoDrain), and
-// returns. The streams, the consumers' stream and the KV bucket must exist
-// (jsprov.Provision); the consumers are created or updated here.
+// waits up to DrainTimeout for the running ones to finish (unless NoDrain),
+// then up to WriteGrace for the terminal records being written (nak for those
+// that were not stored), and returns. The streams, the consumers' stream and
+// the KV bucket must exist (jsprov.Provision); the consumers are created or
+// updated here.
 func (d *Dispatcher) Run(ctx context.Context) error {
 	d.mu.Lock()
 	if d.started {
@@ -231,6 +266,8 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 
 	d.wctx, d.wcancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer d.wcancel()
+	d.tctx, d.tcancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer d.tcancel()
 	watcher, err := registry.Watch(d.wctx, d.js, registry.WatchOptions{
 		OnBadEntry: func(id string, err error) {
 			d.log.Warn().Err(err).Str("worker_id", id).Msg("bad heartbeat")
@@ -307,6 +344,10 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	d.shutdown()
 	d.wcancel()
 	loops.Wait()
+	// Hand-overs keep being taken until Run returns: a running job that
+	// finishes now is still stored and acked here.
+	d.awaitWrites()
+	d.tcancel()
 	d.io.Wait()
 	d.log.Info().Msg("dispatcher stopped")
 	return nil
@@ -346,6 +387,43 @@ func (d *Dispatcher) shutdown() {
 			return
 		}
 	}
+}
+
+// awaitWrites waits up to WriteGrace for the terminal writes and hand-overs
+// in flight.
+func (d *Dispatcher) awaitWrites() {
+	if d.writes.Load() == 0 {
+		return
+	}
+	close(d.awaiting)
+	deadline := time.NewTimer(d.cfg.WriteGrace)
+	defer deadline.Stop()
+	for d.writes.Load() > 0 {
+		select {
+		case <-d.changed:
+		case <-deadline.C:
+			d.log.Warn().Int64("writes", d.writes.Load()).Msg("write grace over: cancelling terminal writes in flight; their jobs are naked")
+			return
+		}
+	}
+}
+
+// goWrite runs a terminal write on its own goroutine under tctx, counted in
+// writes (awaitWrites).
+func (d *Dispatcher) goWrite(f func(ctx context.Context)) {
+	d.writes.Add(1)
+	d.io.Add(1)
+	go func() {
+		defer d.io.Done()
+		defer d.wrote()
+		f(d.tctx)
+	}()
+}
+
+// wrote ends one count of writes.
+func (d *Dispatcher) wrote() {
+	d.writes.Add(-1)
+	poke(d.changed)
 }
 
 func (d *Dispatcher) tickLoop(ctx context.Context) {

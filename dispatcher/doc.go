@@ -91,8 +91,21 @@
 // the dispatcher listens on its reply subject and accumulates the text of the
 // current attempt, so a retry after a lost worker resumes (schemas.Resume)
 // where the caller's stream stopped; a worker's attempt report carries that
-// text itself. Retries wait an exponential backoff with jitter; out of
+// text itself. An attempt that ends silently (a lost or restarted worker, an
+// assignment timeout) is learnt on another subscription than its token
+// events, so its retry is requeued only after a barrier (nats.Conn.Barrier)
+// behind every event received so far: the resume then holds all the text the
+// dispatcher had received before it learnt of the end. Retries wait an exponential backoff with jitter; out of
 // attempts a job goes to DLQ and gets a terminal failed attempts_exhausted.
+//
+// # Shutdown
+//
+// Run, once its context ends, stops pulling, naks the jobs not on a worker,
+// waits up to DrainTimeout for the running ones (not with NoDrain), cancels
+// its other I/O and then waits up to WriteGrace for the terminal writes in
+// flight and the hand-overs already received: they run under their own
+// context (tctx), so a stop does not cut a record being stored and leave its
+// job naked to run again. What is left after the grace fails and is naked.
 //
 // Known limit: a dispatcher that dies while a job is running cannot hand over
 // the text streamed so far; if the job does not finish on its worker before the

@@ -76,16 +76,18 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 		return
 	}
 	if resume != nil {
+		// The worker's report carries what it sent: authoritative.
 		j.resume = *resume
 		j.nextSeq = nextSeq
+		j.cur.Reset()
+		j.curToks = 0
+		j.settling = false
 	} else {
-		j.resume.Text += j.cur.String()
-		if j.curToks > 0 {
-			j.resume.CompletionTokens = j.curToks
-		}
+		// Only its token events tell what the attempt sent, and some may not
+		// have been handled yet: the resume is taken once they have (settle.go).
+		j.settling = true
+		j.settleBy = time.Now().Add(d.cfg.AssignTimeout)
 	}
-	j.cur.Reset()
-	j.curToks = 0
 	j.lastErr = info
 	d.jobLog(d.log.Warn(), j).Str("code", info.Code).Msg("attempt failed")
 	switch {
@@ -110,6 +112,9 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 		}
 		j.retryAt = time.Now().Add(j.bo.NextBackOff())
 		d.retrying[j.key] = j
+		if j.settling {
+			d.settleReplies(j)
+		}
 		d.count().retried()
 		poke(d.wakeSched)
 	}
@@ -123,13 +128,17 @@ func exhaustedError(attempts int, last schemas.ErrorInfo) *schemas.ErrorInfo {
 // so a retry after a silent death resumes exactly there. The subscription is
 // j's own (its reply subject), so no lookup by id is needed.
 func (d *Dispatcher) onReply(j *job, m *nats.Msg) {
+	if d.replyHook != nil {
+		d.replyHook()
+	}
 	var ev schemas.TokenEventMsg
 	if err := json.Unmarshal(m.Data, &ev); err != nil || ev.Type != "token" || ev.JobID != j.id {
 		return
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if j.gone || ev.Attempt != j.attempt || (j.state != StateRunning && j.state != StateDispatched) {
+	live := j.state == StateRunning || j.state == StateDispatched || (j.state == StateRetrying && j.settling)
+	if j.gone || ev.Attempt != j.attempt || !live {
 		return
 	}
 	if ev.Seq != j.nextSeq {

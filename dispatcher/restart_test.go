@@ -113,3 +113,60 @@ func TestSlotBackOnResult(t *testing.T) {
 	}
 	checkNeverOverfilled(t, w, 2, 13) // 12 jobs and one retry
 }
+
+// retriedSignal is an Observer that closes its channel at the first retry.
+type retriedSignal struct {
+	nopObserver
+	once sync.Once
+	ch   chan struct{}
+}
+
+func (o *retriedSignal) Retried() { o.once.Do(func() { close(o.ch) }) }
+
+// TestRestartResumesAfterQueuedTokens forces the interleaving behind the
+// flaky TestWorkerRestartWithinTTLRetries: the worker sends three tokens and
+// restarts, and the dispatcher handles the new process's heartbeat (and so
+// fails the attempt) while all three token events still wait in the reply
+// subscription's queue. The retry must still resume after all three: the
+// events the dispatcher had received before it learnt of the restart count.
+func TestRestartResumesAfterQueuedTokens(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	w := e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
+		if aj.Attempt == 1 {
+			return jobPlan{Restart: 3}
+		}
+		return jobPlan{}
+	})
+	obs := &retriedSignal{ch: make(chan struct{})}
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.Observer = obs
+	d, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hold sync.Once
+	// The first event on the reply subject waits until the attempt has been
+	// failed; the reply subscription's goroutine is the only one held.
+	d.replyHook = func() { hold.Do(func() { <-obs.ch }) }
+	runNew(t, d)
+	j := newJob("rs-held", "m", "normal")
+	j.MaxTokens = 10
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	r := c.wait(t, 15*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Text != fullText(10) {
+		t.Fatalf("result %+v", r)
+	}
+	_, _, batches := w.Snapshot()
+	if len(batches) != 2 {
+		t.Fatalf("%d batches, want 2", len(batches))
+	}
+	aj := batches[1].Jobs[0]
+	if aj.Attempt != 2 || aj.Resume == nil || aj.Resume.Text != fullText(3) || aj.Resume.CompletionTokens != 3 {
+		t.Fatalf("second attempt %d resume %+v, want the 3 tokens sent", aj.Attempt, aj.Resume)
+	}
+	if c.text() != fullText(10) {
+		t.Fatalf("caller saw %q, want %q", c.text(), fullText(10))
+	}
+}

@@ -73,9 +73,10 @@ func terminalRecord(j *job, e Trigger, status string, errInfo *schemas.ErrorInfo
 		e.Message = clip(e.Message, maxErrorMessage)
 		errInfo = &e
 	}
+	sent := j.resumeNow()
 	res := &schemas.ResultMsg{
 		Type: "result", JobID: j.id, Attempt: attempt, Seq: j.nextSeq, Status: status,
-		Text: j.resume.Text, Usage: schemas.Usage{CompletionTokens: j.resume.CompletionTokens, TotalTokens: j.resume.CompletionTokens},
+		Text: sent.Text, Usage: schemas.Usage{CompletionTokens: sent.CompletionTokens, TotalTokens: sent.CompletionTokens},
 		Error: errInfo, Tenant: subjects.TenantOfToken(j.tenant), WorkerID: j.workerID, FinishedAt: now,
 	}
 	if modelPattern.MatchString(j.req.Model) {
@@ -127,14 +128,12 @@ func (d *Dispatcher) finishWith(j *job, e Trigger, res *schemas.ResultMsg, done 
 		dlq.Job.ID = j.id
 	}
 	msg, replyTo := j.msg, j.replyTo()
-	d.io.Add(1)
-	go func() {
-		defer d.io.Done()
-		err := d.writeTerminal(d.wctx, msg, replyTo, res, dlq)
+	d.goWrite(func(ctx context.Context) {
+		err := d.writeTerminal(ctx, msg, replyTo, res, dlq)
 		if done != nil {
 			done(err)
 		}
-	}()
+	})
 }
 
 // errNotMine: the job was not in a state this record could end.
@@ -153,6 +152,9 @@ func (j *job) replyTo() string {
 // results.Finish, then acks msg. A failed write naks msg: the redelivery derives the
 // terminal again. It returns results.Finish's error.
 func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, replyTo string, res *schemas.ResultMsg, dlq *schemas.DLQRecordMsg) error {
+	if d.writeHook != nil {
+		d.writeHook()
+	}
 	log := d.log.With().Str("job_id", res.JobID).Str("tenant", res.Tenant).Int("attempt", res.Attempt).Str("worker_id", res.WorkerID).Str("model", res.Model).Str("status", res.Status).Logger()
 	if dlq != nil {
 		data, err := json.Marshal(dlq)
@@ -240,9 +242,14 @@ const maxHandOvers = 32
 // once. Order does not matter: each hand-over names its job and attempt, and
 // onDone checks both under d.mu.
 func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
+	d.writes.Add(1) // a received hand-over is a write to come: shutdown waits for it
 	d.handOvers <- struct{}{}
 	go func() {
+		defer d.wrote()
 		defer func() { <-d.handOvers }()
+		if d.handOverHook != nil {
+			d.handOverHook()
+		}
 		d.onDone(m)
 	}()
 }

@@ -25,4 +25,8 @@ type Jobs interface {
 // gatewaybus's Fleet provides it.
 type Fleet interface {
 	Snapshot(ctx context.Context) ([]schemas.HeartbeatMsg, error)
+	// ModelServed reports whether a worker announced model within the models
+	// bucket's grace period (the one the producers' check uses), or none
+	// announced anything at all (an outage: the model is expected back).
+	ModelServed(ctx context.Context, model string) (bool, error)
 }

@@ -97,8 +97,9 @@ func TestNoWorkerForModel(t *testing.T) {
 	tb := startBus(t, jsprov.Options{})
 	_, srv := newTestGateway(t, tb, nil)
 
-	// Nobody registered: no worker ever announced the model, so it does not exist.
-	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusNotFound, "model", "model_not_found")
+	// Nobody registered and nothing announced: the whole fleet is down, an outage,
+	// not a model that does not exist (producers queue then): 503, retried.
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusServiceUnavailable, "model", "model_not_available")
 
 	// Only a draining worker has the model, and a ready one has another.
 	tb.registerWorker(t, "w-drain", schemas.WorkerDraining, testModel)

@@ -23,6 +23,8 @@ import (
 	"github.com/mlx-serving/mlx-serving/gateway/gatewaybus"
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	fleetreg "github.com/mlx-serving/mlx-serving/internal/registry"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	shared "github.com/mlx-serving/mlx-serving/metrics"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -67,6 +69,17 @@ func (tb *testBus) registerWorker(t *testing.T, id, state string, models ...stri
 	}
 	if _, err := tb.Workers.Put(ctx, id, data); err != nil {
 		t.Fatal(err)
+	}
+	// A worker with models loaded has announced them in the models bucket, as
+	// worker.Agent does while it can run them.
+	if len(models) > 0 {
+		kv, err := tb.js.KeyValue(ctx, subjects.BucketModels)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := fleetreg.AnnounceModels(ctx, kv, models); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 

@@ -13,27 +13,22 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-// modelGrace is how long a model stays known after the last heartbeat that named
-// it. A worker restarting its runtime, or replaced by another, leaves its model
-// away for a while: requests for it are 503 (retried by clients) rather than 404
-// (which clients do not retry), since it is expected back. It equals
-// jsprov.DefaultModelGrace, the producers' grace (TestModelGraceAgrees); the
-// gateway does not import the provisioning package, which pulls in JetStream.
-const modelGrace = 5 * time.Minute
-
 // registry answers "which models can the fleet run now" from the worker registry
 // (Config.Fleet). Reading it costs a consumer round trip, so the answer is kept
-// for ttl: a worker that just appeared is seen within that much time. Between
-// reads it remembers which models any worker announced, for grace.
+// for ttl: a worker that just appeared is seen within that much time. Whether a
+// model that no ready worker has now was served lately is the models bucket's
+// answer (Fleet.ModelServed), the one the producers' check gives too: a worker
+// restarting its runtime, or replaced by another, leaves its model away for a
+// while, and requests for it are 503 (retried by clients) rather than 404 (which
+// clients do not retry), since it is expected back — also across a gateway
+// restart, which remembers nothing.
 type registry struct {
 	fleet Fleet
 	ttl   time.Duration
-	grace time.Duration
 
 	mu   sync.Mutex // held across a refresh, so concurrent requests share one
 	at   time.Time
 	view *fleetView
-	seen map[string]time.Time // model -> when a heartbeat (any state) last named it
 }
 
 // fleetView is one read of the registry bucket.
@@ -47,13 +42,13 @@ type fleetView struct {
 type modelStatus int
 
 const (
-	modelUnknown modelStatus = iota // no worker announced it within the grace period
-	modelAway                       // announced recently, but no ready worker has it now
+	modelUnknown modelStatus = iota // no worker announced it within the models bucket's grace period
+	modelAway                       // announced within it (or the fleet is down), but no ready worker has it now
 	modelServed                     // a ready worker has it loaded
 )
 
 func newRegistry(fleet Fleet, ttl time.Duration) *registry {
-	return &registry{fleet: fleet, ttl: ttl, grace: modelGrace, seen: map[string]time.Time{}}
+	return &registry{fleet: fleet, ttl: ttl}
 }
 
 // read returns the current view, reading the bucket when the kept one is stale.
@@ -63,20 +58,11 @@ func (r *registry) read(ctx context.Context) (*fleetView, error) {
 	if r.view != nil && time.Since(r.at) < r.ttl {
 		return r.view, nil
 	}
-	view, announced, err := readRegistry(ctx, r.fleet)
+	view, err := readRegistry(ctx, r.fleet)
 	if err != nil {
 		return nil, err
 	}
-	now := time.Now()
-	for _, m := range announced {
-		r.seen[m] = now
-	}
-	for m, t := range r.seen {
-		if now.Sub(t) > r.grace {
-			delete(r.seen, m)
-		}
-	}
-	r.view, r.at = view, now
+	r.view, r.at = view, time.Now()
 	return view, nil
 }
 
@@ -97,29 +83,28 @@ func (r *registry) status(ctx context.Context, model string) (modelStatus, error
 	if _, ok := v.ready[model]; ok {
 		return modelServed, nil
 	}
-	r.mu.Lock()
-	_, seen := r.seen[model]
-	r.mu.Unlock()
-	if seen {
+	served, err := r.fleet.ModelServed(ctx, model)
+	if err != nil {
+		return modelUnknown, err
+	}
+	if served {
 		return modelAway, nil
 	}
 	return modelUnknown, nil
 }
 
-// readRegistry reads every heartbeat in the registry once. announced lists the
-// models of every heartbeat, whatever its worker's state.
-func readRegistry(ctx context.Context, fleet Fleet) (view *fleetView, announced []string, err error) {
-	view = &fleetView{ready: map[string]time.Time{}}
+// readRegistry reads every heartbeat in the registry once.
+func readRegistry(ctx context.Context, fleet Fleet) (*fleetView, error) {
+	view := &fleetView{ready: map[string]time.Time{}}
 	hbs, err := fleet.Snapshot(ctx)
 	if errors.Is(err, fleetreg.ErrNoRegistry) {
-		return view, nil, nil // no worker ever registered
+		return view, nil // no worker ever registered
 	}
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	for _, hb := range hbs {
 		view.workers++
-		announced = append(announced, hb.Models...)
 		if hb.State != schemas.WorkerReady || len(hb.Models) == 0 {
 			continue
 		}
@@ -130,7 +115,7 @@ func readRegistry(ctx context.Context, fleet Fleet) (view *fleetView, announced 
 			}
 		}
 	}
-	return view, announced, nil
+	return view, nil
 }
 
 type modelObject struct {

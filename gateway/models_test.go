@@ -161,7 +161,7 @@ func TestReadyNeedsAServingWorker(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
 	g, srv := newTestGateway(t, tb, nil)
-	setRegistry(g, 0, modelGrace)
+	setRegistry(g, 0)
 	get := func(path string) (int, map[string]string) {
 		t.Helper()
 		r, err := http.Get(srv.URL + path)
@@ -193,12 +193,5 @@ func TestReadyNeedsAServingWorker(t *testing.T) {
 	tb.registerWorker(t, "w3", schemas.WorkerReady, testModel)
 	if code, body := get("/readyz"); code != http.StatusOK || body["status"] != "ready" {
 		t.Fatalf("readyz with a serving worker: %d %v", code, body)
-	}
-}
-
-// The gateway's 404 and a producer's ErrModelNotServed use the same grace.
-func TestModelGraceAgrees(t *testing.T) {
-	if modelGrace != jsprov.DefaultModelGrace {
-		t.Fatalf("gateway grace %v, producers' %v", modelGrace, jsprov.DefaultModelGrace)
 	}
 }

@@ -12,16 +12,18 @@ import (
 )
 
 // A model no worker announced is 404 model_not_found, which clients do not retry;
-// a model a worker announced within the grace period, whose workers are away
-// now, is 503 model_not_available, which they retry while it comes back.
+// a model a worker announced within the models bucket's grace period, whose
+// workers are away now, is 503 model_not_available, which they retry while it
+// comes back — whatever the gateway itself saw (a new gateway knows it too).
 // Mutation caught: run() answering modelUnknown with errModelUnavailable fails
-// the 404 checks; status() ignoring the models seen before fails the 503 one.
+// the 404 checks; status() ignoring Fleet.ModelServed fails the 503 one.
 func TestUnknownModelIs404AwayModelIs503(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
 	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
+	tb.registerWorker(t, "w2", schemas.WorkerReady, "another-model")
 	g, srv := newTestGateway(t, tb, nil)
-	setRegistry(g, 0, modelGrace) // read the bucket at every request
+	setRegistry(g, 0) // read the registry at every request
 
 	unknown := map[string]any{"model": "no-such-model"}
 	for _, stream := range []bool{false, true} {
@@ -42,17 +44,24 @@ func TestUnknownModelIs404AwayModelIs503(t *testing.T) {
 	}
 	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusServiceUnavailable, "model", "model_not_available")
 
-	// Past the grace period nobody announced it: unknown.
-	setRegistry(g, 0, 0)
+	// Past the grace period the bucket forgot it (its entry expired) while
+	// another model is still served: unknown.
+	models, err := tb.js.KeyValue(ctx, subjects.BucketModels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := models.Delete(ctx, subjects.ModelKey(testModel)); err != nil {
+		t.Fatal(err)
+	}
 	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusNotFound, "model", "model_not_found")
 	if got := value(observed(g).Submitted.WithLabelValues(endpointChat)); got != 0 {
 		t.Fatalf("%v jobs were submitted", got)
 	}
 }
 
-// setRegistry sets the registry's cache ttl and grace period.
-func setRegistry(g *Gateway, ttl, grace time.Duration) {
+// setRegistry sets the registry's cache ttl.
+func setRegistry(g *Gateway, ttl time.Duration) {
 	g.registry.mu.Lock()
 	defer g.registry.mu.Unlock()
-	g.registry.ttl, g.registry.grace = ttl, grace
+	g.registry.ttl = ttl
 }

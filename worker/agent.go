@@ -58,7 +58,8 @@ type Config struct {
 	BreakerWindow         time.Duration // (2m)
 	BreakerCooldown       time.Duration // open period before the half-open probe (30s)
 
-	// Coalesce batches token events; off by default.
+	// Coalesce batches token events (DefaultCoalesce when zero; a negative
+	// Interval turns it off).
 	Coalesce Coalesce
 	// Version is announced in the heartbeat.
 	Version string
@@ -79,6 +80,9 @@ func (c *Config) defaults() error {
 	}
 	if c.Slots <= 0 {
 		c.Slots = 8
+	}
+	if c.Coalesce == (Coalesce{}) {
+		c.Coalesce = DefaultCoalesce
 	}
 	def := func(d *time.Duration, v time.Duration) {
 		if *d <= 0 {

@@ -14,13 +14,31 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-// Coalesce batches token events: a delta is held until Tokens chunks are pending or
-// Interval has passed since the first pending one. The zero value sends every chunk
-// at once, which is the default: coalescing trades latency for fewer messages.
+// Coalesce batches token events. Interval is a throttle: a delta goes out at
+// once when no event of the job went out within Interval (so the first token, and
+// every token of a stream slower than one per Interval, is not delayed at all);
+// otherwise it is held until Interval after the last event, together with those
+// that follow. Tokens > 1 also sends once that many chunks are pending. The zero
+// value sends every chunk at once; Agent's default is DefaultCoalesce.
+//
+// Why: every event costs a message through the NATS server to the caller and to
+// the dispatcher (which tracks the text for resume), each a few syscalls and
+// goroutine wake-ups. Where the runtime shares the cores with those processes
+// (CPU inference), one event per token takes a large share of generation's CPU
+// (BENCHMARKS.md, "bus per-token cost").
 type Coalesce struct {
 	Interval time.Duration
 	Tokens   int
 }
+
+// DefaultCoalesce is the Agent's Coalesce when Config leaves it zero: at most one
+// event per job every 20 ms (50 a second) — unnoticeable to a reader, and no
+// change at all for a stream slower than 50 tokens/s. 5 ms saved little at
+// concurrency 8 and 32 on CPU, where a stream's tokens come ~2-6 ms apart; 20 ms
+// cut the Go processes' CPU per token by a further quarter to a half there
+// (BENCHMARKS.md, "bus per-token cost"). A negative Interval
+// (Coalesce{Interval: -1}) turns coalescing off.
+var DefaultCoalesce = Coalesce{Interval: 20 * time.Millisecond}
 
 func (c Coalesce) enabled() bool { return c.Interval > 0 || c.Tokens > 1 }
 
@@ -35,7 +53,10 @@ type emitter struct {
 	resumeN  int
 	coalesce Coalesce
 
+	now func() time.Time // time.Now; tests replace it
+
 	mu       sync.Mutex // guards everything below when a coalescing timer runs
+	lastPub  time.Time  // when the last event went out (zero: none yet)
 	seq      int        // the next seq of this attempt
 	offset   int        // bytes of the job's text before the next delta
 	tokens   int        // completion tokens of this attempt so far
@@ -48,7 +69,7 @@ type emitter struct {
 }
 
 func newEmitter(nc *nats.Conn, subject, jobID string, attempt, resumeTokens int, co Coalesce) *emitter {
-	e := &emitter{nc: nc, subject: subject, resumeN: resumeTokens, coalesce: co, buf: make([]byte, 0, 256)}
+	e := &emitter{nc: nc, subject: subject, resumeN: resumeTokens, coalesce: co, buf: make([]byte, 0, 256), now: time.Now}
 	p := append([]byte(nil), `{"type":"token","job_id":`...)
 	p = appendJSONString(p, jobID)
 	p = append(p, `,"attempt":`...)
@@ -88,9 +109,18 @@ func (e *emitter) chunk(c *schemas.GenerateChunk) {
 		e.flushLocked()
 		return
 	}
-	if e.timer == nil && e.coalesce.Interval > 0 {
-		e.timer = time.AfterFunc(e.coalesce.Interval, e.flush)
+	if e.timer != nil || e.coalesce.Interval <= 0 {
+		return // a flush is already due, or only the token count flushes
 	}
+	wait := e.coalesce.Interval
+	if !e.lastPub.IsZero() {
+		wait -= e.now().Sub(e.lastPub)
+	}
+	if e.lastPub.IsZero() || wait <= 0 {
+		e.flushLocked() // nothing went out lately: no reason to hold this one
+		return
+	}
+	e.timer = time.AfterFunc(wait, e.flush)
 }
 
 // publishLocked sends one token event.
@@ -114,6 +144,9 @@ func (e *emitter) publishLocked(delta string, lps []schemas.TokenLogprob) {
 	e.buf = b
 	e.seq++
 	e.offset += len(delta)
+	if e.coalesce.Interval > 0 {
+		e.lastPub = e.now()
+	}
 	if e.subject != "" && e.nc != nil {
 		_ = e.nc.Publish(e.subject, b) // a lost event shows as a gap in seq; the result still carries the whole text
 	}

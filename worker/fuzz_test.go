@@ -67,7 +67,13 @@ func FuzzRuntimeReader(f *testing.F) {
 		nonce := make([]byte, 16)
 		_, _ = rand.Read(nonce)
 		barrier := "barrier-" + hex.EncodeToString(nonce)
-		bs := &chunkStream{ch: make(chan schemas.GenerateChunk, chunkBuffer), gone: make(chan struct{})}
+		got := make(chan struct{}, 1)
+		bs := &chunkStream{hook: func(*schemas.GenerateChunk) {
+			select {
+			case got <- struct{}{}:
+			default:
+			}
+		}}
 		c.mu.Lock()
 		c.streams[barrier] = bs
 		c.mu.Unlock()
@@ -91,7 +97,7 @@ func FuzzRuntimeReader(f *testing.F) {
 	wait:
 		for {
 			select {
-			case <-bs.ch:
+			case <-got:
 				// Only our chunk names the barrier: every noise line is read.
 				if tooLong {
 					t.Fatalf("the reader went on past a line of %d bytes", longest)

@@ -25,13 +25,6 @@ var ErrRuntimeExited = errors.New("worker: runtime exited")
 // whole text of a long completion, so the bound is generous.
 const DefaultMaxLineBytes = 16 << 20
 
-// chunkBuffer is how many chunks of one generate may wait for its caller before the
-// reader goroutine blocks: enough to ride over a slow publish without stalling other
-// requests' responses. The caller only hands each chunk to the NATS client's own
-// buffer, so a handful covers a hiccup; every slot costs 72 bytes for each running
-// generate (256 were ~0.6 MB at 32 slots, a worker's RSS budget is 32 MB).
-const chunkBuffer = 32
-
 // writeBuffer buffers request lines to the runtime. Each line is flushed at once,
 // so a bigger buffer only holds memory; a longer line is written straight through.
 const writeBuffer = 4 << 10
@@ -77,9 +70,24 @@ type RuntimeClient struct {
 	done chan struct{}
 }
 
+// chunkStream is one generate's chunk hook, called by the reader goroutine
+// itself: handing every chunk to the generate's goroutine cost a goroutine
+// wake-up per token, which on a machine whose cores the runtime needs is taken
+// from generation. The lock orders the hook against the generate's end: once
+// Generate returns, the hook is not running and never runs again.
 type chunkStream struct {
-	ch   chan schemas.GenerateChunk
-	gone chan struct{} // closed when the caller stops listening
+	mu     sync.Mutex
+	hook   func(*schemas.GenerateChunk)
+	closed bool
+}
+
+// deliver calls the hook unless the generate has ended.
+func (s *chunkStream) deliver(c *schemas.GenerateChunk) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closed && s.hook != nil {
+		s.hook(c)
+	}
 }
 
 // NewRuntimeClient starts the reader goroutine on r and returns a client writing to w.
@@ -162,12 +170,22 @@ func (c *RuntimeClient) readLoop(r io.Reader, maxLine int) {
 		} else {
 			*m.Params = schemas.GenerateChunk{}
 		}
+		// A plain chunk line, the runtime's output for every token, is read
+		// without encoding/json's reflection (chunkline.go).
+		if parseChunkLine(line, m.Params) {
+			c.routeNotification(m.Params)
+			continue
+		}
 		if err := json.Unmarshal(line, &m); err != nil {
 			c.log.Warn().Err(err).Str("line", truncate(line, 200)).Msg("runtime sent a line that is not a protocol message")
 			continue
 		}
 		if m.Method != "" {
-			c.routeNotification(&m)
+			if m.Method != schemas.NotifyGenerateChunk {
+				c.log.Debug().Str("method", m.Method).Msg("runtime notification ignored")
+				continue
+			}
+			c.routeNotification(m.Params)
 			continue
 		}
 		c.routeResponse(&m)
@@ -179,21 +197,21 @@ func (c *RuntimeClient) readLoop(r io.Reader, maxLine int) {
 	c.fail(fmt.Errorf("%w: reading stdout: %w", ErrRuntimeExited, err))
 }
 
-func (c *RuntimeClient) routeNotification(m *incoming) {
-	if m.Method != schemas.NotifyGenerateChunk || m.Params == nil || m.Params.RequestID == "" {
-		c.log.Debug().Str("method", m.Method).Msg("runtime notification ignored")
+func (c *RuntimeClient) routeNotification(p *schemas.GenerateChunk) {
+	if p == nil || p.RequestID == "" {
+		c.log.Debug().Msg("runtime chunk without a request_id ignored")
 		return
 	}
 	c.mu.Lock()
-	s := c.streams[m.Params.RequestID]
+	s := c.streams[p.RequestID]
 	c.mu.Unlock()
 	if s == nil {
 		return // the caller gave up on this generate
 	}
-	select {
-	case s.ch <- *m.Params:
-	case <-s.gone:
-	}
+	// The hook runs here, on the reader: a hook that blocks stalls every
+	// request's chunks and responses (the worker's only publishes to the NATS
+	// client's buffer).
+	s.deliver(p)
 }
 
 func (c *RuntimeClient) routeResponse(m *incoming) {
@@ -332,21 +350,23 @@ func (c *RuntimeClient) Shutdown(ctx context.Context, mode string) (*schemas.Shu
 	return &out, nil
 }
 
-// GenerateHooks are called on the caller's goroutine while a generate runs.
+// GenerateHooks are called while a generate runs, in order, never concurrently.
 type GenerateHooks struct {
 	// Sent runs once the request line is written, before any chunk: from then on a
 	// cancel for this request_id reaches the runtime after the generate itself.
 	Sent func()
-	// Chunk runs for every generate.chunk, in order. The pointer is valid only
-	// during the call.
+	// Chunk runs for every generate.chunk, in order, on the client's reader
+	// goroutine: it must not block (nor call the client). The pointer is valid
+	// only during the call.
 	Chunk func(*schemas.GenerateChunk)
 }
 
 // Generate runs one generate, handing every chunk to hooks.Chunk before it returns
 // the result. When ctx ends first it asks the runtime to cancel the request and
-// returns ctx's error without waiting for the runtime's answer.
+// returns ctx's error without waiting for the runtime's answer; no hook runs
+// after Generate returned.
 func (c *RuntimeClient) Generate(ctx context.Context, p *schemas.GenerateParams, hooks GenerateHooks) (*schemas.GenerateResult, error) {
-	s := &chunkStream{ch: make(chan schemas.GenerateChunk, chunkBuffer), gone: make(chan struct{})}
+	s := &chunkStream{hook: hooks.Chunk}
 	c.mu.Lock()
 	if _, dup := c.streams[p.RequestID]; dup {
 		c.mu.Unlock()
@@ -361,52 +381,42 @@ func (c *RuntimeClient) Generate(ctx context.Context, p *schemas.GenerateParams,
 		c.mu.Lock()
 		delete(c.streams, p.RequestID)
 		c.mu.Unlock()
-		close(s.gone)
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
 	}()
 
+	// Held until Sent has run, so no chunk overtakes it. The runtime sends a
+	// chunk of this request only after reading the whole request line, so the
+	// write below never waits on a reader blocked here.
+	s.mu.Lock()
 	id, ch, err := c.send(schemas.MethodGenerate, p)
+	if err == nil && hooks.Sent != nil {
+		hooks.Sent()
+	}
+	s.mu.Unlock()
 	if err != nil {
 		return nil, err
 	}
-	if hooks.Sent != nil {
-		hooks.Sent()
-	}
-	for {
-		select {
-		case chunk := <-s.ch:
-			if hooks.Chunk != nil {
-				hooks.Chunk(&chunk)
-			}
-		case resp := <-ch:
-			// The reader hands over every chunk before the response that follows
-			// it, so whatever is still buffered belongs before the result.
-		drain:
-			for {
-				select {
-				case chunk := <-s.ch:
-					if hooks.Chunk != nil {
-						hooks.Chunk(&chunk)
-					}
-				default:
-					break drain
-				}
-			}
-			var out schemas.GenerateResult
-			if err := c.decode(schemas.MethodGenerate, resp, &out); err != nil {
-				return nil, err
-			}
-			return &out, nil
-		case <-c.done:
-			return nil, c.Err()
-		case <-ctx.Done():
-			c.forget(id)
-			go func() {
-				cctx, cancel := context.WithTimeout(context.Background(), defaultCallTimeout)
-				defer cancel()
-				_, _ = c.Cancel(cctx, p.RequestID)
-			}()
-			return nil, fmt.Errorf("runtime generate: %w", ctx.Err())
+	select {
+	case resp := <-ch:
+		// The reader ran the hook for every chunk before it routed the response
+		// that follows them.
+		var out schemas.GenerateResult
+		if err := c.decode(schemas.MethodGenerate, resp, &out); err != nil {
+			return nil, err
 		}
+		return &out, nil
+	case <-c.done:
+		return nil, c.Err()
+	case <-ctx.Done():
+		c.forget(id)
+		go func() {
+			cctx, cancel := context.WithTimeout(context.Background(), defaultCallTimeout)
+			defer cancel()
+			_, _ = c.Cancel(cctx, p.RequestID)
+		}()
+		return nil, fmt.Errorf("runtime generate: %w", ctx.Err())
 	}
 }
 

@@ -268,3 +268,49 @@ func TestRuntimeClientMessagesMatchSchemas(t *testing.T) {
 		}
 	}
 }
+
+// Chunk hooks run on the client's reader goroutine; once Generate has returned
+// (here: its context ended mid-stream) the hook never runs again, so the job's
+// emitter cannot publish after the job ended. Mutation caught: dropping
+// `s.closed = true` from Generate's exit lets a chunk the reader already took
+// from the map reach the hook.
+func TestGenerateNoHookAfterReturn(t *testing.T) {
+	t.Parallel()
+	inR, inW := io.Pipe()
+	outR, outW := io.Pipe()
+	c := NewRuntimeClient(outR, inW, RuntimeClientOptions{})
+	defer c.Close()
+	go func() {
+		dec := json.NewDecoder(inR)
+		var req schemas.RPCRequest
+		if dec.Decode(&req) != nil {
+			return
+		}
+		fmt.Fprintln(outW, `{"jsonrpc":"2.0","method":"generate.chunk","params":{"request_id":"g","seq":0,"text":"a","tokens":1}}`)
+		_, _ = io.Copy(io.Discard, inR) // the cancel that follows
+	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var calls []string
+	var taken *chunkStream
+	_, err := c.Generate(ctx, &schemas.GenerateParams{RequestID: "g", Model: "tiny"}, GenerateHooks{
+		Sent: func() { calls = append(calls, "sent") },
+		Chunk: func(ch *schemas.GenerateChunk) {
+			calls = append(calls, ch.Text)
+			c.mu.Lock()
+			taken = c.streams["g"] // what the reader holds while a chunk is on its way
+			c.mu.Unlock()
+			cancel()
+		},
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Generate: %v, want context.Canceled", err)
+	}
+	if taken == nil {
+		t.Fatal("the chunk hook never ran")
+	}
+	taken.deliver(&schemas.GenerateChunk{RequestID: "g", Seq: 1, Text: "late", Tokens: 2})
+	if strings.Join(calls, ",") != "sent,a" {
+		t.Fatalf("hook calls %q, want sent then the one chunk before the return", calls)
+	}
+}

@@ -13,6 +13,7 @@ package fakeworker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -126,6 +127,17 @@ func Start(ctx context.Context, nc *nats.Conn, opts Options) (*Worker, error) {
 		return nil, err
 	}
 	if err := nc.Flush(); err != nil {
+		_ = w.sub.Unsubscribe()
+		return nil, err
+	}
+	// Announce the models, as a real worker does before its first heartbeat, so
+	// producers and the gateway tell them from models nobody serves.
+	if models, err := js.KeyValue(ctx, subjects.BucketModels); err == nil {
+		if err := registry.AnnounceModels(ctx, models, opts.Models); err != nil {
+			_ = w.sub.Unsubscribe()
+			return nil, err
+		}
+	} else if !errors.Is(err, jetstream.ErrBucketNotFound) {
 		_ = w.sub.Unsubscribe()
 		return nil, err
 	}

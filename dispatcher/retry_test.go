@@ -1,0 +1,202 @@
+// Retries, migration, dead letters and the breaker: how a job gets another attempt or stops.
+
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go"
+)
+
+// TestWorkerLostMidStreamMigrates: the worker dies silently after 3 tokens; the
+// job resumes on another worker with exactly the text already sent.
+// Mutation caught: dispatcher/batcher.go launch, drop `aj.Resume = &r`.
+func TestWorkerLostMidStreamMigrates(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	w1 := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Die: 3} })
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("mig", "m", "normal")
+	j.MaxTokens = 10
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	waitFor(t, 10*time.Second, "worker 1 dead", w1.Dead)
+	w2 := e.startWorker("w2", 2, []string{"m"}, nil)
+	r := c.wait(t, 15*time.Second)
+	if r.Status != schemas.StatusCompleted {
+		t.Fatalf("status %s %+v", r.Status, r.Error)
+	}
+	want := fullText(10)
+	if got := c.text(); got != want || r.Text != want {
+		t.Fatalf("caller saw %q, result %q, want %q", got, r.Text, want)
+	}
+	_, _, batches := w2.Snapshot()
+	if len(batches) != 1 || len(batches[0].Jobs) != 1 {
+		t.Fatalf("w2 batches %v", batches)
+	}
+	aj := batches[0].Jobs[0]
+	if aj.Attempt != 2 || aj.Resume == nil || aj.Resume.Text != fullText(3) || aj.Resume.CompletionTokens != 3 {
+		t.Fatalf("second attempt %d resume %+v", aj.Attempt, aj.Resume)
+	}
+	if d.Metrics().WorkersLost.Load() != 1 || d.Metrics().Retries.Load() != 1 {
+		t.Fatalf("lost %d retries %d", d.Metrics().WorkersLost.Load(), d.Metrics().Retries.Load())
+	}
+}
+
+func TestDeadLetterAfterMaxAttempts(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Crash: 1} })
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("doomed", "m", "normal")
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	r := c.wait(t, 15*time.Second)
+	if r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != "attempts_exhausted" || !strings.Contains(r.Error.Message, "runtime_crashed") {
+		t.Fatalf("terminal %+v err %+v", r, r.Error)
+	}
+	if got, want := c.text(), fullText(3); got != want || r.Text != want {
+		t.Fatalf("text %q / %q, want %q", got, r.Text, want)
+	}
+	s, _ := e.js.Stream(context.Background(), subjects.StreamDLQ)
+	raw, err := s.GetLastMsgForSubject(context.Background(), subjects.DLQ("", "doomed"))
+	if err != nil {
+		t.Fatalf("DLQ: %v", err)
+	}
+	var rec schemas.DLQRecordMsg
+	_ = json.Unmarshal(raw.Data, &rec)
+	if rec.Attempts != 3 || rec.LastError.Code != "runtime_crashed" || rec.Job.ID != "doomed" || rec.DispatcherID != "d1" {
+		t.Fatalf("dlq record %+v", rec)
+	}
+	_, _, batches := w.Snapshot()
+	if len(batches) != 3 {
+		t.Fatalf("%d attempts ran", len(batches))
+	}
+	for i, b := range batches {
+		if b.Jobs[0].Attempt != i+1 {
+			t.Errorf("attempt %d numbered %d", i+1, b.Jobs[0].Attempt)
+		}
+		if i > 0 && (b.Jobs[0].Resume == nil || b.Jobs[0].Resume.Text != fullText(i)) {
+			t.Errorf("attempt %d resume %+v", i+1, b.Jobs[0].Resume)
+		}
+	}
+	waitFor(t, 5*time.Second, "acked", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
+	if d.Metrics().DeadLettered.Load() != 1 {
+		t.Fatalf("DeadLettered %d", d.Metrics().DeadLettered.Load())
+	}
+}
+
+// TestBreakerStopsRoutingToFailingWorker: a worker that never answers
+// assignments is cut off after the threshold while a healthy one takes the work.
+func TestBreakerStopsRoutingToFailingWorker(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	// "mute" heart-beats as ready with free slots but its assignments time out.
+	mute := e.startWorker("mute", 8, []string{"m"}, nil)
+	mute.Mute()
+	var mu sync.Mutex
+	muteHits := 0
+	sub, _ := mute.Conn().Subscribe(subjects.Assign("mute"), func(m *nats.Msg) { mu.Lock(); muteHits++; mu.Unlock() })
+	defer sub.Unsubscribe()
+	_ = mute.Conn().Flush()
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.AssignTimeout = 100 * time.Millisecond
+	cfg.MaxAttempts = 10
+	cfg.BreakerThreshold = 2
+	cfg.BreakerCooldown = time.Hour
+	cfg.MaxBatch = 1
+	d, _ := runDispatcher(t, cfg)
+	for i := range 6 {
+		e.mustSubmit(newJob(fmt.Sprintf("b-%d", i), "m", "normal"))
+	}
+	waitFor(t, 10*time.Second, "breaker open", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		w := d.workers["mute"]
+		return w != nil && w.br.State() == breaker.Open
+	})
+	mu.Lock()
+	atOpen := muteHits
+	mu.Unlock()
+	good := e.startWorker("good", 2, []string{"m"}, nil)
+	for i := range 6 {
+		if r := e.waitResult(fmt.Sprintf("b-%d", i), 20*time.Second); r.Status != schemas.StatusCompleted {
+			t.Fatalf("status %s", r.Status)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if muteHits != atOpen {
+		t.Errorf("mute worker got %d assignments after its breaker opened", muteHits-atOpen)
+	}
+	if a, _, _ := good.Snapshot(); len(a) != 6 {
+		t.Errorf("good worker ran %d", len(a))
+	}
+}
+
+// A job for a model no live worker serves is dead-lettered (replayable once one
+// does) after ModelWait — but only while workers are up: with none, it waits.
+func TestUnservedModelIsDeadLettered(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.ModelWait = 200 * time.Millisecond
+	d, _ := runDispatcher(t, cfg)
+	j := newJob("orphan", "nobody-has-it", "normal")
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	// No worker at all: an outage, the job waits.
+	time.Sleep(3 * cfg.ModelWait)
+	if _, err := e.result("orphan"); err == nil {
+		t.Fatal("job failed while no worker was up; it should wait")
+	}
+	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{} })
+	r := c.wait(t, 10*time.Second)
+	if r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != "model_not_available" || r.Attempt != 0 {
+		t.Fatalf("terminal %+v err %+v", r, r.Error)
+	}
+	s, _ := e.js.Stream(context.Background(), subjects.StreamDLQ)
+	raw, err := s.GetLastMsgForSubject(context.Background(), subjects.DLQ("", "orphan"))
+	if err != nil {
+		t.Fatalf("DLQ: %v", err)
+	}
+	var rec schemas.DLQRecordMsg
+	_ = json.Unmarshal(raw.Data, &rec)
+	if rec.Reason != "model_not_available" || rec.Job.Model != "nobody-has-it" {
+		t.Fatalf("dlq record %+v", rec)
+	}
+	if n := d.Metrics().TransitionCount(StateQueued, EvDeadLetter); n != 1 {
+		t.Fatalf("queued→dead_lettered counted %d", n)
+	}
+}
+
+// A replayed job numbers its attempts after the ones it used before, and gets
+// MaxAttempts afresh.
+func TestReplayedJobContinuesAttemptNumbers(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{} })
+	runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("again", "m", "normal")
+	j.Metadata = map[string]string{AttemptBaseKey: "3"}
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	r := c.wait(t, 10*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Attempt != 4 {
+		t.Fatalf("terminal %+v", r)
+	}
+	_, _, batches := w.Snapshot()
+	if len(batches) != 1 || batches[0].Jobs[0].Attempt != 4 {
+		t.Fatalf("batches %+v", batches)
+	}
+}
