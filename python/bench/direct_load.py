@@ -32,6 +32,9 @@ def main() -> int:
     from mlx_lm import load as load_model
     from mlx_lm.generate import BatchGenerator
 
+    from mlx_serving_runtime.admission import PassCounter
+
+    passes = PassCounter()  # prefill passes, reported to $MLX_SERVING_PASS_STATS when set
     model, tok = load_model(a.model)
     eos = sorted(tok.eos_token_ids)
     gen = BatchGenerator(
@@ -63,7 +66,10 @@ def main() -> int:
 
         admit()
         while live:
-            for g in gen.next()[1]:
+            t = time.perf_counter()
+            prompts, gens = gen.next()
+            passes.step(prompts, len(gens), time.perf_counter() - t)
+            for g in gens:
                 i, det = live[g.uid]
                 now = time.perf_counter() - t0
                 if g.finish_reason != "stop":
@@ -96,6 +102,7 @@ def main() -> int:
         run([dict(r, max_tokens=8) for r in lv["requests"][:c]], c)
         samples, wall = run(lv["requests"], c)
         levels.append({"wall": wall, "samples": samples})
+    passes.dump_to_env("direct")
     json.dump({"levels": levels}, sys.stdout)
     gen.close()
     return 0

@@ -32,6 +32,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "per-shape cuDNN graph); buckets (padded to few shapes); auto: unfused on CUDA, else "
         "plain (default: $MLX_SERVING_PREFILL_MODE, else auto)",
     )
+    p.add_argument(
+        "--admit-wait-ms",
+        type=float,
+        default=None,
+        help="while rows decode, hold new requests up to this long so they join the batch "
+        "together (one prefill pass, not many; see admission.py); never when nothing decodes; "
+        "0: off (default: $MLX_SERVING_ADMIT_WAIT_MS, else 25)",
+    )
     p.add_argument("--log-level", default=os.environ.get("MLX_SERVING_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
     if a.max_batch < 1 or a.max_models < 1:
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     writer = Writer(out)
 
-    from . import prefill, validation
+    from . import admission, prefill, validation
     from .engine import Engine
 
     try:
@@ -160,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m mlx_serving_runtime: {e}", file=sys.stderr)
         return 2
     prefill.apply(prefill_mode)
+    try:
+        admit_wait_ms = admission.resolve_wait_ms(args.admit_wait_ms)
+    except ValueError as e:
+        print(f"python -m mlx_serving_runtime: {e}", file=sys.stderr)
+        return 2
 
     validation.types()  # fail at start, not on the first request, when schemas are missing
     engine = Engine(
@@ -169,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_cache_bytes=args.prompt_cache_bytes,
         send_many=writer.send_many,
         prefill_mode=prefill_mode,
+        admit_wait_ms=admit_wait_ms,
     )
 
     def exit_now() -> None:
@@ -179,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
 
     engine.on_exit = exit_now
     log.info(
-        "runtime ready (pid %d, max_batch %d, prompt cache %d bytes, prefill %s)",
+        "runtime ready (pid %d, max_batch %d, prompt cache %d bytes, prefill %s, admit wait %g ms)",
         os.getpid(),
         args.max_batch,
         engine.prompt_cache.max_bytes,
         engine.prefill_mode,
+        engine.admit_wait_s * 1000,
     )
     stdin = sys.stdin.buffer
     for line in stdin:

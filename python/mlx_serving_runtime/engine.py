@@ -21,7 +21,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_logits_processors
 
-from . import prefill, sampling, structured
+from . import admission, prefill, sampling, structured
 from .prompt_cache import PromptCache, default_max_bytes
 from .protocol import RpcError, error_response, notification, response
 from .request import Request
@@ -109,6 +109,7 @@ class Engine:
         prompt_cache_bytes: int | None = None,
         send_many: Callable[[list[dict[str, Any]]], None] | None = None,
         prefill_mode: str = "plain",
+        admit_wait_ms: float | None = None,
     ) -> None:
         self.send = send
         self.prefill_mode = prefill_mode  # resolved; see prefill.py
@@ -117,6 +118,11 @@ class Engine:
         self.send_many = send_many or self._send_each
         self._step_out: list[dict[str, Any]] | None = None  # collecting, during a step
         self.max_batch = max_batch
+        # Arrivals held while rows decode, so they join the batch together (admission.py).
+        self.admit_wait_s = admission.resolve_wait_ms(admit_wait_ms) / 1000
+        self._held: list[Request] = []  # generation thread only, oldest first
+        self._clock = time.perf_counter  # Request.accepted's clock
+        self._expected = admission.Expected()  # rows ended, replacements not yet admitted
         self.max_models = max_models
         if prompt_cache_bytes is None or prompt_cache_bytes < 0:
             prompt_cache_bytes = default_max_bytes(memory_info()["total_bytes"])
@@ -133,6 +139,7 @@ class Engine:
         # Tokens the generators decoded, over every row they hold: a row cancelled but
         # left in a generator would still count here while nobody reads its tokens.
         self._decoded = 0  # written on the generation thread only
+        self.passes = admission.PassCounter()  # prefill passes, generation thread only
         self.shutting_down = False
         self.on_exit: Callable[[], None] | None = None  # called on this thread after shutdown
         self._thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
@@ -184,8 +191,12 @@ class Engine:
         shutdown: tuple | None = None
         while True:
             cmds: list[tuple] = []
-            if not self._by_uid and shutdown is None:
+            # Held arrivals are work too: the last row may have ended since they were held,
+            # and blocking here would leave them (and their clients) waiting forever.
+            if not self._by_uid and not self._held and shutdown is None:
+                t = time.perf_counter()
                 cmds.append(self._cmds.get())  # idle: sleep until there is work
+                self.passes.idle_s += time.perf_counter() - t
             while True:
                 try:
                     cmds.append(self._cmds.get_nowait())
@@ -197,21 +208,52 @@ class Engine:
                         shutdown = cmd
                         if cmd[2] == "cancel":
                             shutdown = (*cmd, self._cancel_all("shutdown"))
+                    elif cmd[0] == "generate":
+                        self._held.append(cmd[1])
                     else:
+                        if cmd[0] == "unload":
+                            self._admit(force=True)  # answered as before: cancelled by it
                         self._handle(cmd)
                 except Exception as e:  # a bad command answers its request; the loop lives
                     log.exception("command %s failed", cmd[0])
                     if len(cmd) > 1 and cmd[0] != "generate":
                         self.send(error_response(cmd[1], RpcError("generation_failed", str(e))))
+            self._admit(force=shutdown is not None)
             if shutdown is not None and not self._by_uid:
                 self._finish_shutdown(shutdown)
                 if self.on_exit is not None:
                     self.on_exit()
                 return
             busy = {k[0] for k in self._by_uid}
+            rows = len(self._by_uid)
             for m in list(self._models.values()):
                 if m.gen is not None and m.id in busy:
                     self._step_collected(m)
+            if len(self._by_uid) < rows:
+                self._expected.ended(rows - len(self._by_uid), self._clock())
+
+    def _admit(self, force: bool = False) -> None:
+        """Start the held arrivals, all together, when admission.admit_now says so."""
+        if not self._held:
+            return
+        now = self._clock()
+        if not force and not admission.admit_now(
+            len(self._held),
+            now - self._held[0].accepted,
+            len(self._by_uid),
+            self.max_batch,
+            self.admit_wait_s,
+            self._expected.count(now, self.admit_wait_s),
+        ):
+            return
+        held, self._held = self._held, []
+        self._expected.admitted(len(held))
+        for req in held:
+            try:
+                self._start(req)
+            except Exception as e:  # _start answers its own failures; this is a bug's net
+                log.exception("start %s", req.request_id)
+                self._fail(req, RpcError("generation_failed", str(e)))
 
     def _send_each(self, msgs: list[dict[str, Any]]) -> None:
         for msg in msgs:
@@ -247,6 +289,7 @@ class Engine:
 
     def _finish_shutdown(self, cmd: tuple) -> None:
         cancelled = cmd[3] if len(cmd) > 3 else 0
+        self.passes.dump_to_env()
         if cmd[1] is not None:
             self.send(response(cmd[1], {"ok": True, "cancelled": cancelled}))
         with self._lock:
@@ -422,7 +465,9 @@ class Engine:
 
     def _step(self, m: Model) -> None:
         try:
-            _, responses = m.gen.next()
+            t = time.perf_counter()
+            prompts, responses = m.gen.next()
+            self.passes.step(prompts, len(responses), time.perf_counter() - t)
         except Exception as e:
             # One failed step poisons the whole batch of this model: fail its rows, start fresh.
             log.exception("batch step failed for %s", m.id)
@@ -622,14 +667,19 @@ class Engine:
 
     def _cancel(self, rpc_id: Any, request_id: str) -> None:
         req = next((r for r in self._by_uid.values() if r.request_id == request_id), None)
+        if req is None:  # held, not started yet (admission.py)
+            req = next((r for r in self._held if r.request_id == request_id), None)
+            if req is not None:
+                self._held.remove(req)
         if req is not None:
             self._end(req, "cancelled")
-        # A generate is queued before its cancel, so it has started or finished by now.
+        # A generate is queued before its cancel, so it is held, started or finished by now.
         self.send(response(rpc_id, {"request_id": request_id, "cancelled": req is not None}))
 
     def _cancel_all(self, why: str) -> int:
         n = 0
-        for req in list(self._by_uid.values()):
+        held, self._held = self._held, []
+        for req in held + list(self._by_uid.values()):
             self._end(req, "cancelled")
             n += 1
         while True:
