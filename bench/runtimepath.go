@@ -26,18 +26,11 @@ func startRuntime(ctx context.Context, python, modelDir string, maxBatch int) (*
 	cmd := exec.Command(python, "-m", worker.RuntimeModule, "--max-batch", strconv.Itoa(maxBatch))
 	cmd.Env = append(os.Environ(), "HF_HUB_OFFLINE=1", "MLX_SERVING_LOG_LEVEL=WARNING")
 	cmd.Stderr = os.Stderr
-	stdin, err := cmd.StdinPipe()
+	client, _, err := worker.StartRuntimeProcess(cmd, worker.RuntimeClientOptions{})
 	if err != nil {
 		return nil, err
 	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start runtime: %w", err)
-	}
-	d := &runtimeDriver{cmd: cmd, client: worker.NewRuntimeClient(stdout, stdin, worker.RuntimeClientOptions{}), model: "bench"}
+	d := &runtimeDriver{cmd: cmd, client: client, model: "bench"}
 	lctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
 	defer cancel()
 	if _, err := d.client.LoadModel(lctx, schemas.ModelLoadParams{Model: modelDir, ID: d.model}); err != nil {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os/exec"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -88,6 +89,26 @@ func (s *chunkStream) deliver(c *schemas.GenerateChunk) {
 	if !s.closed && s.hook != nil {
 		s.hook(c)
 	}
+}
+
+// StartRuntimeProcess starts cmd, a `python -m mlx_serving_runtime ...` process,
+// with its stdin and stdout as the protocol's pipes, and returns a client on them
+// and the process's stdin: closing it asks the runtime to exit (it exits at EOF).
+// Whoever calls it waits for cmd. For a runtime outside a worker's supervisor
+// (`version`, the bench).
+func StartRuntimeProcess(cmd *exec.Cmd, opts RuntimeClientOptions) (*RuntimeClient, io.WriteCloser, error) {
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, nil, fmt.Errorf("start runtime: %w", err)
+	}
+	return NewRuntimeClient(stdout, stdin, opts), stdin, nil
 }
 
 // NewRuntimeClient starts the reader goroutine on r and returns a client writing to w.

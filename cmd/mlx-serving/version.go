@@ -119,15 +119,8 @@ func runtimeInfo(ctx context.Context, python string) (*schemas.RuntimeInfo, erro
 	}
 	cmd := exec.Command(python, "-m", worker.RuntimeModule, "--max-batch", "1")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	stdin, err := cmd.StdinPipe()
+	c, stdin, err := worker.StartRuntimeProcess(cmd, worker.RuntimeClientOptions{Logger: zerolog.Nop()})
 	if err != nil {
-		return nil, err
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
 	exited := make(chan struct{})
@@ -141,7 +134,6 @@ func runtimeInfo(ctx context.Context, python string) (*schemas.RuntimeInfo, erro
 			<-exited
 		}
 	}()
-	c := worker.NewRuntimeClient(stdout, stdin, worker.RuntimeClientOptions{Logger: zerolog.Nop()})
 	defer c.Close()
 	info, err := c.Info(ctx)
 	if err != nil {
