@@ -77,6 +77,7 @@ func (d *openAIDriver) Do(ctx context.Context, req Request, rec *Recorder) (int,
 			continue
 		}
 		if bytes.Equal(payload, []byte("[DONE]")) {
+			rec.Spread(usage)
 			return usage, nil
 		}
 		var c completionChunk

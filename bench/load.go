@@ -47,6 +47,25 @@ func (r *Recorder) Token(n int) {
 	r.s.Events = append(r.s.Events, Event{At: time.Now(), Tokens: n})
 }
 
+// Spread sets the recorded events' token counts to add up to total, evenly (the
+// first events take the remainder): for a stream whose events do not say how many
+// tokens each carries (OpenAI's SSE chunks), once the server has counted them.
+// The worker sends a job's deltas at most every 20 ms, so a chunk often carries
+// several tokens; counted as one each, the gaps between chunks would read as
+// per-token latency.
+func (r *Recorder) Spread(total int) {
+	n := len(r.s.Events)
+	if n == 0 || total <= n {
+		return
+	}
+	for i := range r.s.Events {
+		r.s.Events[i].Tokens = total / n
+		if i < total%n {
+			r.s.Events[i].Tokens++
+		}
+	}
+}
+
 // Driver runs requests along one path. Do must be safe for concurrent use.
 type Driver interface {
 	// Do runs req to its end, calling rec.Token for every streamed delta, and

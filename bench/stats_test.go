@@ -71,3 +71,31 @@ func TestSummarizeFlagsASkewedTail(t *testing.T) {
 		t.Fatalf("steady %+v skewed %+v", steady, skewed)
 	}
 }
+
+// A stream whose chunks do not carry token counts gets the server's count spread
+// over them, so ITL is per token, not per chunk.
+// Mutation caught: Spread returning at once leaves ITL at the chunk gap (20 ms).
+func TestSpreadMakesITLPerToken(t *testing.T) {
+	start := time.Unix(0, 0)
+	s := Sample{Start: start, End: start.Add(60 * time.Millisecond), Tokens: 10}
+	rec := &Recorder{s: &s}
+	for i := range 4 { // 4 chunks, 20 ms apart, 10 tokens in all
+		s.Events = append(s.Events, Event{At: start.Add(time.Duration(i) * 20 * time.Millisecond), Tokens: 1})
+	}
+	rec.Spread(10)
+	sum := 0
+	for _, e := range s.Events {
+		sum += e.Tokens
+	}
+	if sum != 10 || s.Events[0].Tokens != 3 || s.Events[3].Tokens != 2 {
+		t.Fatalf("tokens per event %+v", s.Events)
+	}
+	row := summarize("gateway", 1, []Sample{s}, 60*time.Millisecond)
+	if row.ITLP50 > 10.1 || row.ITLP50 < 6.6 {
+		t.Fatalf("ITL P50 %.2f ms, want the 20 ms gaps spread over 2-3 tokens", row.ITLP50)
+	}
+	rec.Spread(2) // fewer than the events: left as it is
+	if s.Events[0].Tokens != 3 {
+		t.Fatalf("Spread below the event count changed %+v", s.Events)
+	}
+}
