@@ -184,6 +184,12 @@ func TestProducerSubmitsAndStreamsItsOwnJob(t *testing.T) {
 	if err := wk.nc.Publish(ack.ReplyTo, tok); err != nil {
 		t.Fatal(err)
 	}
+	// The token and the terminal come over two connections: the flush makes the
+	// server route the token before the terminal is published, as a real
+	// worker's events precede its hand-over to the dispatcher.
+	if err := wk.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	now := time.Now().UTC()
 	res := &schemas.ResultMsg{Type: "result", JobID: ack.JobID, Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
 		Text: "hello", FinishReason: "stop", Model: "tiny", Tenant: "a", FinishedAt: now}
