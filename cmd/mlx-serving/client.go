@@ -88,6 +88,16 @@ func addClientFlags(cmd *cobra.Command) *clientFlags {
 	return cf
 }
 
+// openTenantClient is openClient for a command about one job of tenant: an empty
+// tenant is the credential's own (credentialTenant).
+func (a *app) openTenantClient(ctx context.Context, name string, cf *clientFlags, tenant string) (*clientSession, string, int, bool) {
+	s, code, ok := a.openClient(ctx, name, cf)
+	if ok && tenant == "" {
+		tenant = credentialTenant(s.cfg.NATSUser)
+	}
+	return s, tenant, code, ok
+}
+
 // openClient loads the configuration and connects. Client commands fail fast
 // when no server answers, rather than reconnecting forever.
 func (a *app) openClient(ctx context.Context, name string, cf *clientFlags) (*clientSession, int, bool) {

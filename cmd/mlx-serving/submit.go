@@ -254,14 +254,11 @@ job has none yet (unknown, queued or still running).`,
 
 func (a *app) result(ctx context.Context, cf *clientFlags, tenant, jobID string) int {
 	stdout, stderr := a.stdout, a.stderr
-	s, code, ok := a.openClient(ctx, "result", cf)
+	s, tenant, code, ok := a.openTenantClient(ctx, "result", cf, tenant)
 	if !ok {
 		return code
 	}
 	defer s.Close()
-	if tenant == "" {
-		tenant = credentialTenant(s.cfg.NATSUser)
-	}
 	r, err := s.prod.TenantResult(ctx, tenant, jobID)
 	if errors.Is(err, bus.ErrNoResult) {
 		fmt.Fprintf(stderr, "mlx-serving result: job %s has no result yet (unknown, queued or still running)\n", jobID)
@@ -306,14 +303,11 @@ func (a *app) cancelCmd() *cobra.Command {
 
 func (a *app) cancel(ctx context.Context, cf *clientFlags, reason, tenant, jobID string) int {
 	stdout, stderr := a.stdout, a.stderr
-	s, code, ok := a.openClient(ctx, "cancel", cf)
+	s, tenant, code, ok := a.openTenantClient(ctx, "cancel", cf, tenant)
 	if !ok {
 		return code
 	}
 	defer s.Close()
-	if tenant == "" {
-		tenant = credentialTenant(s.cfg.NATSUser)
-	}
 	if err := s.prod.TenantCancel(ctx, tenant, jobID, reason); err != nil {
 		fmt.Fprintf(stderr, "mlx-serving cancel: %v\n", err)
 		return exitFailed
