@@ -52,7 +52,7 @@ def runtime_info(engine: Any) -> dict[str, Any]:
     import mlx_lm
 
     from . import __version__
-    from .engine import memory_info
+    from .models import memory_info
     from .prefill import on_cuda
 
     gpu = mx.default_device() == mx.gpu and (mx.metal.is_available() or on_cuda())
