@@ -75,6 +75,11 @@ type Options struct {
 	// installed on first use.
 	NATSBenchMsgs int
 	NATSBin       string
+	// Rounds is how many times each concurrency level runs every path, in
+	// alternating order, with the ratio targets judged on the median of the
+	// per-round ratios (rounds.go). Default 1: each path runs its levels once,
+	// path after path.
+	Rounds int
 	// Progress receives the progress bar (stderr); nil: none.
 	Progress io.Writer
 }
@@ -126,6 +131,12 @@ func (o *Options) defaults() error {
 	if o.NATSBenchMsgs == 0 {
 		o.NATSBenchMsgs = 20000
 	}
+	if o.Rounds == 0 {
+		o.Rounds = 1
+	}
+	if o.Rounds < 0 {
+		return fmt.Errorf("%w: rounds %d", ErrOptions, o.Rounds)
+	}
 	return nil
 }
 
@@ -154,6 +165,7 @@ type Report struct {
 	Slots       int               `json:"slots"`
 	SyncAlways  bool              `json:"sync_always"`
 	Concurrency []int             `json:"concurrency"`
+	Rounds      int               `json:"rounds,omitempty"` // > 1: Rows hold every round's rows (Row.Round)
 	Rows        []Row             `json:"rows"`
 	Throughput  *ThroughputResult `json:"dispatcher_throughput,omitempty"`
 	NATSBench   *NATSBench        `json:"nats_bench,omitempty"`
@@ -242,20 +254,9 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 
 	// runPath runs the levels through d after a warm-up (JIT, connections).
 	runPath := func(path string, d Driver, during func(c int)) {
-		for _, w := range warm {
-			_, _ = d.Do(ctx, w, &Recorder{s: &Sample{}})
-		}
+		warmUp(ctx, d, warm)
 		for i, c := range o.Concurrency {
-			// Warm-up per level: a batch size new to this level compiles new shapes.
-			warmLevel := make([]Request, 0, c)
-			for _, q := range levels[i][:min(c, len(levels[i]))] {
-				warmLevel = append(warmLevel, Request{Prompt: q.Prompt, MaxTokens: 8})
-			}
-			_, _ = runLoad(ctx, d, warmLevel, c, func() {})
-			pb.begin(fmt.Sprintf("%s @%d", path, c), len(levels[i]))
-			samples, wall := runLoad(ctx, d, levels[i], c, pb.step)
-			pb.end()
-			r.Rows = append(r.Rows, summarize(path, c, samples, wall))
+			r.Rows = append(r.Rows, timeLevel(ctx, pb, path, fmt.Sprintf("%s @%d", path, c), d, levels[i], c))
 			if during != nil {
 				during(c)
 			}
@@ -269,47 +270,28 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		}
 		for _, c := range o.Concurrency {
 			n := len(requestsFor(&o, c))
-			r.Rows = append(r.Rows, Row{Path: path, Concurrency: c, Requests: n, Errors: n, FirstError: err.Error()})
+			for k := range o.Rounds {
+				r.Rows = append(r.Rows, Row{Path: path, Concurrency: c, Requests: n, Errors: n, FirstError: err.Error(), Round: roundOf(o.Rounds, k)})
+			}
 		}
 	}
 	want := func(p string) bool { return contains(o.Paths, p) }
 
-	if want(PathDirect) {
-		pb.begin("direct (mlx-lm in process)", len(o.Concurrency))
-		script := filepath.Join(o.Repo, "python", "bench", "direct_load.py")
-		samples, walls, err := runDirect(ctx, o.Python, script, o.ModelDir, o.Slots, levels, o.Concurrency)
-		pb.end()
-		if err != nil {
-			failPath(PathDirect, err)
-		} else {
-			for i, c := range o.Concurrency {
-				r.Rows = append(r.Rows, summarize(PathDirect, c, samples[i], walls[i]))
-			}
-		}
-	}
-	if want(PathRuntime) {
-		pb.begin("runtime: starting", 1)
-		d, err := startRuntime(ctx, o.Python, o.ModelDir, o.Slots)
-		pb.end()
-		if err != nil {
-			failPath(PathRuntime, err)
-		} else {
-			runPath(PathRuntime, d, nil)
-			d.Close()
-		}
-	}
-
-	needStack := want(PathBus) || want(PathGateway) || o.ThroughputJobs > 0 || o.QueuedJobs > 0 || o.NATSBenchMsgs > 0
 	var st *stack
-	if needStack && ctx.Err() == nil {
-		pb.begin("starting NATS, dispatcher, worker, gateway", 1)
-		port, perr := freePort()
-		if perr == nil {
-			st, err = startStack(ctx, stackOptions{Exe: o.Exe, Dir: dir, SyncAlways: o.SyncAlways, JobsMaxMsgs: o.JobsMaxMsgs,
-				ModelDir: o.ModelDir, ModelID: modelID, Python: o.Python, Slots: o.Slots, BatchWait: o.BatchWait, BatchMax: o.BatchMax, HTTPPort: port})
-		} else {
-			err = perr
+	defer func() {
+		if st != nil {
+			st.close()
 		}
+	}()
+	// upStack starts NATS, the dispatcher, the worker and the gateway when a
+	// path or phase needs them; when they fail, bus and gateway are failed.
+	upStack := func() {
+		needStack := want(PathBus) || want(PathGateway) || o.ThroughputJobs > 0 || o.QueuedJobs > 0 || o.NATSBenchMsgs > 0
+		if !needStack || ctx.Err() != nil {
+			return
+		}
+		pb.begin("starting NATS, dispatcher, worker, gateway", 1)
+		s, err := startBenchStack(ctx, &o, dir, modelID)
 		pb.end()
 		if err != nil {
 			keepDir = true
@@ -319,36 +301,69 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 					failPath(p, err)
 				}
 			}
-		} else {
-			defer st.close()
+			return
 		}
+		st = s
 	}
-	if st != nil && want(PathBus) {
-		nc, err := nats.Connect(st.srv.ClientURL(), nats.Name("mlx-serving-bench-client"))
-		var d *busDriver
-		if err == nil {
-			d, err = newBusDriver(nc, modelID)
-		}
-		if err != nil {
-			failPath(PathBus, err)
-		} else {
-			mem := &Memory{}
-			r.Memory = mem
-			runPath(PathBus, d, func(c int) {
-				cur, peak, err := rss(st.worker.pid())
-				if err == nil && c == o.Concurrency[len(o.Concurrency)-1] {
-					mem.WorkerRSS, mem.WorkerPeakRSS, mem.WorkerLoad = cur, peak, c
+	if o.Rounds > 1 {
+		r.Rounds = o.Rounds
+		upStack()
+		(&roundRunner{ctx: ctx, o: &o, r: r, pb: pb, levels: levels, warm: warm, dir: dir, modelID: modelID,
+			want: want, fail: failPath}).run(st)
+	} else {
+		if want(PathDirect) {
+			pb.begin("direct (mlx-lm in process)", len(o.Concurrency))
+			script := filepath.Join(o.Repo, "python", "bench", "direct_load.py")
+			samples, walls, err := runDirect(ctx, o.Python, script, o.ModelDir, o.Slots, levels, o.Concurrency)
+			pb.end()
+			if err != nil {
+				failPath(PathDirect, err)
+			} else {
+				for i, c := range o.Concurrency {
+					r.Rows = append(r.Rows, summarize(PathDirect, c, samples[i], walls[i]))
 				}
-			})
-			nc.Close()
+			}
 		}
-	}
-	if st != nil && want(PathGateway) {
-		runPath(PathGateway, newOpenAIDriver(st.gatewayURL, modelID, o.Slots), nil)
-	}
-	if want(PathMLXLMServer) && ctx.Err() == nil {
-		if err := runMLXLMServer(ctx, &o, dir, func(d Driver) { runPath(PathMLXLMServer, d, nil) }); err != nil {
-			failPath(PathMLXLMServer, err)
+		if want(PathRuntime) {
+			pb.begin("runtime: starting", 1)
+			d, err := startRuntime(ctx, o.Python, o.ModelDir, o.Slots)
+			pb.end()
+			if err != nil {
+				failPath(PathRuntime, err)
+			} else {
+				runPath(PathRuntime, d, nil)
+				d.Close()
+			}
+		}
+
+		upStack()
+		if st != nil && want(PathBus) {
+			nc, err := nats.Connect(st.srv.ClientURL(), nats.Name("mlx-serving-bench-client"))
+			var d *busDriver
+			if err == nil {
+				d, err = newBusDriver(nc, modelID)
+			}
+			if err != nil {
+				failPath(PathBus, err)
+			} else {
+				mem := &Memory{}
+				r.Memory = mem
+				runPath(PathBus, d, func(c int) {
+					cur, peak, err := rss(st.worker.pid())
+					if err == nil && c == o.Concurrency[len(o.Concurrency)-1] {
+						mem.WorkerRSS, mem.WorkerPeakRSS, mem.WorkerLoad = cur, peak, c
+					}
+				})
+				nc.Close()
+			}
+		}
+		if st != nil && want(PathGateway) {
+			runPath(PathGateway, newOpenAIDriver(st.gatewayURL, modelID, o.Slots), nil)
+		}
+		if want(PathMLXLMServer) && ctx.Err() == nil {
+			if err := runMLXLMServer(ctx, &o, dir, func(d Driver) { runPath(PathMLXLMServer, d, nil) }); err != nil {
+				failPath(PathMLXLMServer, err)
+			}
 		}
 	}
 

@@ -117,3 +117,26 @@ func runLoad(ctx context.Context, d Driver, reqs []Request, concurrency int, don
 	}
 	return samples, wall
 }
+
+// warmUp runs every prompt once through d, untimed (JIT, connections).
+func warmUp(ctx context.Context, d Driver, warm []Request) {
+	for _, w := range warm {
+		_, _ = d.Do(ctx, w, &Recorder{s: &Sample{}})
+	}
+}
+
+// timeLevel warms d up at concurrency c (a batch size new to this level
+// compiles new shapes), then times reqs at c; phase labels the progress bar.
+// Every round of --rounds warms its level again, so each round of each path
+// starts from the same state.
+func timeLevel(ctx context.Context, pb *progress, path, phase string, d Driver, reqs []Request, c int) Row {
+	warmLevel := make([]Request, 0, c)
+	for _, q := range reqs[:min(c, len(reqs))] {
+		warmLevel = append(warmLevel, Request{Prompt: q.Prompt, MaxTokens: 8})
+	}
+	_, _ = runLoad(ctx, d, warmLevel, c, func() {})
+	pb.begin(phase, len(reqs))
+	samples, wall := runLoad(ctx, d, reqs, c, pb.step)
+	pb.end()
+	return summarize(path, c, samples, wall)
+}

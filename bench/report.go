@@ -13,18 +13,25 @@ import (
 func writeTable(w io.Writer, r *Report) {
 	fmt.Fprintf(w, "\nmlx-serving bench — %s, %d cores, model %s, max_tokens %d\n\n", r.Machine.CPU, r.Machine.Cores, r.Model, r.MaxTokens)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	if r.Rounds > 1 {
+		fmt.Fprintf(w, "each row: the median over %d rounds of each timing and rate; reqs and errors summed over the rounds (each round's rows: bench.json, \"round\")\n\n", r.Rounds)
+	}
 	fmt.Fprintln(tw, "path\tconc\treqs\tTTFT p50\tp95\tp99 ms\tITL p50\tp95 ms\ttok/s\tper-stream\terrors\t")
-	for _, row := range r.Rows {
+	for _, row := range medianRows(r) {
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t%.0f\t%.0f\t%d\t\n", row.Path, row.Concurrency, row.Requests,
 			row.TTFTP50, row.TTFTP95, row.TTFTP99, row.ITLP50, row.ITLP95, row.TokensPerS, row.StreamTokensPS, row.Errors)
 	}
 	_ = tw.Flush()
 	for _, row := range r.Rows {
+		at := fmt.Sprintf("%s @%d", row.Path, row.Concurrency)
+		if row.Round > 0 {
+			at += fmt.Sprintf(" round %d", row.Round)
+		}
 		if row.Skewed {
-			fmt.Fprintf(w, "  %s @%d: TTFT P95 is over 10× P50 (%.1f vs %.1f ms) — the tail is not steady serving\n", row.Path, row.Concurrency, row.TTFTP95, row.TTFTP50)
+			fmt.Fprintf(w, "  %s: TTFT P95 is over 10× P50 (%.1f vs %.1f ms) — the tail is not steady serving\n", at, row.TTFTP95, row.TTFTP50)
 		}
 		if row.FirstError != "" {
-			fmt.Fprintf(w, "  %s @%d first error: %s\n", row.Path, row.Concurrency, row.FirstError)
+			fmt.Fprintf(w, "  %s first error: %s\n", at, row.FirstError)
 		}
 	}
 	if t := r.Throughput; t != nil {
@@ -86,8 +93,9 @@ func writeTargets(w io.Writer, ts []Target) {
 // writeSVG draws two grouped bar charts by hand: aggregate tokens/s and P95 TTFT
 // per concurrency, one bar per path.
 func writeSVG(w io.Writer, r *Report) error {
+	rows := medianRows(r) // with rounds, find on r.Rows would plot round 1 alone
 	paths := []string{}
-	for _, row := range r.Rows {
+	for _, row := range rows {
 		if !slices.Contains(paths, row.Path) {
 			paths = append(paths, row.Path)
 		}
@@ -99,7 +107,7 @@ func writeSVG(w io.Writer, r *Report) error {
 	fmt.Fprintf(&b, `<rect width="%d" height="%d" fill="white"/>`+"\n", W, H)
 	panel := func(y0 int, title string, val func(Row) float64, unit string) {
 		maxV := 0.0
-		for _, row := range r.Rows {
+		for _, row := range rows {
 			maxV = math.Max(maxV, val(row))
 		}
 		if maxV == 0 {
@@ -119,7 +127,7 @@ func writeSVG(w io.Writer, r *Report) error {
 		for gi, c := range r.Concurrency {
 			gx := left + gi*groupW + 10
 			for pi, p := range paths {
-				row := find(r.Rows, p, c)
+				row := find(rows, p, c)
 				if row == nil {
 					continue
 				}

@@ -241,3 +241,14 @@ func (s *stack) close() {
 		_ = s.srv.Shutdown(ctx)
 	}
 }
+
+// startBenchStack starts the system under test for the bus and gateway paths
+// and the dispatcher phases, on a free loopback port for the gateway.
+func startBenchStack(ctx context.Context, o *Options, dir, modelID string) (*stack, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	return startStack(ctx, stackOptions{Exe: o.Exe, Dir: dir, SyncAlways: o.SyncAlways, JobsMaxMsgs: o.JobsMaxMsgs,
+		ModelDir: o.ModelDir, ModelID: modelID, Python: o.Python, Slots: o.Slots, BatchWait: o.BatchWait, BatchMax: o.BatchMax, HTTPPort: port})
+}

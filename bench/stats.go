@@ -25,6 +25,9 @@ type Row struct {
 	// Skewed: TTFT P95 above 10× P50 — something other than steady serving
 	// (compiling new shapes, a stall) is in the tail; read the row with care.
 	Skewed bool `json:"skewed,omitempty"`
+	// Round is the row's round (1..N) in a run of --rounds N > 1; 0 (absent)
+	// in a run of one round.
+	Round int `json:"round,omitempty"`
 }
 
 // percentile is the nearest-rank percentile of sorted xs (0 when empty).

@@ -19,6 +19,9 @@ type Target struct {
 	Pass    bool    `json:"pass"`
 	Missed  bool    `json:"missing,omitempty"`
 	Verdict string  `json:"verdict"`
+	// Rounds: with --rounds N > 1, a comparison's value in each round (round
+	// order; rounds where a side measured nothing left out); Value is their median.
+	Rounds []float64 `json:"rounds,omitempty"`
 }
 
 // Verdicts.
@@ -34,6 +37,7 @@ type measured struct {
 	value   float64
 	got     string
 	missing string
+	rounds  []float64 // per-round values of a comparison; value is their median
 }
 
 // goal is one target: its threshold, in the words of the issue that set it, and
@@ -71,13 +75,13 @@ var goals = []goal{
 	{id: "dispatcher-rss", words: "#13.4: dispatcher ≤ 64 MB with 100,000 queued while workers are saturated (it holds work)",
 		atMost: true, limit: 64, want: "≤ 64 MB", measure: dispatcherRSS},
 	{id: "mlx-lm-server-tokens", words: "bus and gateway tokens/s ≥ 1.5× mlx_lm_server at 32 (README's first targets)",
-		limit: 1.5, want: "≥ 1.5×", measure: vsServer(func(row, ref *Row) measured {
-			return measured{value: row.TokensPerS / ref.TokensPerS, got: fmt.Sprintf("%.2f×", row.TokensPerS/ref.TokensPerS)}
-		}, "tokens/s")},
+		limit: 1.5, want: "≥ 1.5×", measure: vsServer(comparison{value: func(row, ref *Row) (float64, string) {
+			return row.TokensPerS / ref.TokensPerS, fmt.Sprintf("%.2f×", row.TokensPerS/ref.TokensPerS)
+		}, show: func(v float64) string { return fmt.Sprintf("%.2f", v) }, unit: "×"}, "tokens/s")},
 	{id: "mlx-lm-server-p95", words: "bus and gateway P95 TTFT no worse than mlx_lm_server at 32 (README's first targets)",
-		atMost: true, limit: 0, want: "no worse", measure: vsServer(func(row, ref *Row) measured {
-			return measured{value: row.TTFTP95 - ref.TTFTP95, got: fmt.Sprintf("%.1f vs %.1f ms", row.TTFTP95, ref.TTFTP95)}
-		}, "P95 TTFT")},
+		atMost: true, limit: 0, want: "no worse", measure: vsServer(comparison{value: func(row, ref *Row) (float64, string) {
+			return row.TTFTP95 - ref.TTFTP95, fmt.Sprintf("%.1f vs %.1f ms", row.TTFTP95, ref.TTFTP95)
+		}, show: func(v float64) string { return fmt.Sprintf("%+.1f", v) }, unit: " ms"}, "P95 TTFT")},
 	{id: "errors", words: "no request fails", atMost: true, limit: 0, want: "0", measure: errorCount},
 }
 
@@ -87,7 +91,7 @@ func targets(r *Report) []Target {
 	var out []Target
 	for _, g := range goals {
 		for _, m := range g.measure(r) {
-			t := Target{Goal: g.id, Words: g.words, Name: m.name, Want: g.want, Got: m.got, Value: m.value}
+			t := Target{Goal: g.id, Words: g.words, Name: m.name, Want: g.want, Got: m.got, Value: m.value, Rounds: m.rounds}
 			switch {
 			case m.missing != "":
 				t.Got, t.Missed, t.Verdict = m.missing, true, VerdictNA
@@ -121,27 +125,28 @@ func notMeasured(name string, paths ...string) measured {
 func tokensRatio(path, ref string, c int) func(*Report) []measured {
 	return func(r *Report) []measured {
 		name := fmt.Sprintf("%s tokens/s vs %s @%d", path, ref, c)
-		row, base := find(r.Rows, path, c), find(r.Rows, ref, c)
-		if !usable(row) || !usable(base) || base.TokensPerS == 0 {
+		m, ok := compare(r, name, path, ref, c, ratioPct(tokensPerS))
+		if !ok {
 			return []measured{notMeasured(name, fmt.Sprintf("%s and %s @%d", path, ref, c))}
 		}
-		v := row.TokensPerS / base.TokensPerS
-		return []measured{{name: name, value: v, got: fmt.Sprintf("%.1f%% (%.0f / %.0f)", v*100, row.TokensPerS, base.TokensPerS)}}
+		return []measured{m}
 	}
 }
 
 func ttftOver(path, ref string, c int, p int) func(*Report) []measured {
 	return func(r *Report) []measured {
 		name := fmt.Sprintf("%s TTFT P%d over %s @%d", path, p, ref, c)
-		row, base := find(r.Rows, path, c), find(r.Rows, ref, c)
-		if !usable(row) || !usable(base) {
+		m, ok := compare(r, name, path, ref, c, comparison{value: func(row, base *Row) (float64, string) {
+			a, b := row.TTFTP50, base.TTFTP50
+			if p == 95 {
+				a, b = row.TTFTP95, base.TTFTP95
+			}
+			return a - b, fmt.Sprintf("%+.2f ms (%.2f vs %.2f)", a-b, a, b)
+		}, show: func(v float64) string { return fmt.Sprintf("%+.2f", v) }, unit: " ms"})
+		if !ok {
 			return []measured{notMeasured(name, fmt.Sprintf("%s and %s @%d", path, ref, c))}
 		}
-		a, b := row.TTFTP50, base.TTFTP50
-		if p == 95 {
-			a, b = row.TTFTP95, base.TTFTP95
-		}
-		return []measured{{name: name, value: a - b, got: fmt.Sprintf("%+.2f ms (%.2f vs %.2f)", a-b, a, b)}}
+		return []measured{m}
 	}
 }
 
@@ -156,20 +161,18 @@ func busVsRuntimeEvery(r *Report) []measured {
 	return out
 }
 
-func vsServer(f func(row, ref *Row) measured, what string) func(*Report) []measured {
+func vsServer(cmp comparison, what string) func(*Report) []measured {
+	cmp.ok = func(ref *Row) bool { return ref.TokensPerS > 0 }
 	return func(r *Report) []measured {
 		const c = 32
 		var out []measured
-		ref := find(r.Rows, PathMLXLMServer, c)
 		for _, p := range []string{PathBus, PathGateway} {
 			name := fmt.Sprintf("%s %s vs mlx_lm_server @%d", p, what, c)
-			row := find(r.Rows, p, c)
-			if !usable(row) || !usable(ref) || ref.TokensPerS == 0 {
+			m, ok := compare(r, name, p, PathMLXLMServer, c, cmp)
+			if !ok {
 				out = append(out, notMeasured(name, fmt.Sprintf("%s and mlx_lm_server @%d", p, c)))
 				continue
 			}
-			m := f(row, ref)
-			m.name = name
 			out = append(out, m)
 		}
 		return out

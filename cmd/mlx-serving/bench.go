@@ -21,6 +21,7 @@ import (
 type benchOptions struct {
 	paths, conc, out, natsBin                     string
 	requests, maxTokens, queued, tpJobs, natsMsgs int
+	rounds                                        int
 }
 
 func (a *app) benchCmd() *cobra.Command {
@@ -35,6 +36,10 @@ func (a *app) benchCmd() *cobra.Command {
 	f.IntVar(&o.queued, "queued-jobs", 100000, "queue depth the dispatcher's memory is read at (negative: skip)")
 	f.IntVar(&o.tpJobs, "throughput-jobs", 5000, "one-token jobs that time the dispatcher's ceiling (negative: skip)")
 	f.IntVar(&o.natsMsgs, "nats-bench-msgs", 20000, "messages for `nats bench` js pub/consume (negative: skip)")
+	f.IntVar(&o.rounds, "rounds", 1, "run each concurrency level N times over the selected paths, the order reversed every other round so load drift "+
+		"hits both sides of a ratio; each A-vs-B target is computed within each round and judged on the median of the rounds (every round's value shown); "+
+		"the table shows per-level medians, bench.json every round's rows with \"round\"; processes stay up across rounds (direct: one script run per "+
+		"level and round); jobs/s and memory targets are unaffected. 1: each path runs its levels once, path after path")
 	f.StringVar(&o.natsBin, "nats-bin", defaultNATSBin(), "where the nats CLI is installed (go install) on first use")
 	_ = cmd.MarkFlagFilename("out", "json")
 	_ = cmd.MarkFlagDirname("nats-bin")
@@ -82,7 +87,7 @@ func runBench(ctx context.Context, c config.Config, slots int, o benchOptions, s
 		ModelDir: modelDir, Python: python, Exe: exe, Repo: repo, Slots: slots,
 		SyncAlways: c.SyncAlways, JobsMaxMsgs: int(c.JobsMaxMsgs), BatchWait: c.BatchWait().String(), BatchMax: c.BatchMaxSize,
 		QueuedJobs: o.queued, ThroughputJobs: o.tpJobs, NATSBenchMsgs: o.natsMsgs, NATSBin: o.natsBin,
-		Progress: stderr,
+		Rounds: o.rounds, Progress: stderr,
 	})
 	if r != nil {
 		bench.WriteTable(stdout, r)
