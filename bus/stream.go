@@ -98,7 +98,7 @@ func OpenStream(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, job 
 	if job.ReplyTo == "" {
 		job.ReplyTo = ReplySubject(job.Tenant, job.ID)
 	}
-	return subscribe(ctx, nc, js, job.Tenant, job.ID, job.ReplyTo, opts)
+	return subscribe(ctx, nc, js, job.Tenant, job.ID, job.ReplyTo, opts, true)
 }
 
 // Watch subscribes to the reply subject of a job that may already be submitted,
@@ -107,7 +107,7 @@ func OpenStream(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, job 
 // waiting for the stream to go quiet. tenant is the job's ("" is the default
 // tenant): its RESULTS record lives under it.
 func Watch(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenant, jobID, replyTo string, opts StreamOptions) (*JobStream, error) {
-	s, err := subscribe(ctx, nc, js, tenant, jobID, replyTo, opts)
+	s, err := subscribe(ctx, nc, js, tenant, jobID, replyTo, opts, true)
 	if err != nil {
 		return nil, err
 	}
@@ -118,7 +118,10 @@ func Watch(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenant, j
 // flushTimeout bounds the round trip that makes a new subscription known.
 const flushTimeout = 10 * time.Second
 
-func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenant, jobID, replyTo string, opts StreamOptions) (*JobStream, error) {
+// subscribe listens on replyTo. flush makes the server know the interest
+// before it returns: needed when the job is (or was) published on another
+// connection, whose messages the server may handle before this one's SUB.
+func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenant, jobID, replyTo string, opts StreamOptions, flush bool) (*JobStream, error) {
 	if nc == nil {
 		return nil, fmt.Errorf("bus: watch %s: %w", jobID, ErrNotConnected)
 	}
@@ -144,6 +147,9 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenan
 	// flush makes that true for this server. Other servers of a cluster learn it
 	// asynchronously, but a job's way through JetStream, a dispatcher and a
 	// worker's prefill takes far longer.
+	if !flush {
+		return &JobStream{tenant: tenant, jobID: jobID, replyTo: replyTo, js: js, sub: sub, opts: opts}, nil
+	}
 	fctx, cancel := ctx, context.CancelFunc(func() {})
 	if _, ok := ctx.Deadline(); !ok {
 		// FlushWithContext insists on a deadline; a caller's stream may have none.
@@ -175,7 +181,15 @@ func SubmitStream(ctx context.Context, p *Client, nc *nats.Conn, job *schemas.Jo
 	if job.Tenant == "" {
 		job.Tenant = p.tenant // what Submit would fill: the stream's RESULTS fallback needs it
 	}
-	s, err := OpenStream(ctx, nc, p.JetStream(), job, opts)
+	if job.ReplyTo == "" {
+		job.ReplyTo = ReplySubject(job.Tenant, job.ID)
+	}
+	// On the client's own connection the SUB needs no round trip of its own: a
+	// server handles one connection's messages in order, so it knows the
+	// interest before it stores the job the publish below carries, and no
+	// worker can answer a job that is not stored. (One round trip less to the
+	// first token.) On another connection that order does not hold: flush.
+	s, err := subscribe(ctx, nc, p.JetStream(), job.Tenant, job.ID, job.ReplyTo, opts, nc != p.nc)
 	if err != nil {
 		return nil, SubmitAck{}, err
 	}

@@ -7,9 +7,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/results"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 )
 
 func tokenLine(attempt, seq, offset int, delta string) string {
@@ -64,5 +66,50 @@ func TestJobStreamHandsOverOnlyTheStoredRecord(t *testing.T) {
 	}
 	if ev.Result == nil || ev.Result.Text != "real text" || ev.Result.WorkerID != "w1" {
 		t.Fatalf("caller got %+v, want the stored record", ev.Result)
+	}
+}
+
+// SubmitStream sends no flush of its own for the reply subscription: on the
+// client's connection the server handles the SUB before the publish that
+// stores the job. A "worker" on another connection answers each job the moment
+// JOBS announces it stored, before the producer even has its ack; every first
+// event must still reach the stream. (Subscribing after the submit loses some
+// of them within a few jobs.)
+func TestSubmitStreamMissesNoEventOfAFastWorker(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, jsprov.Options{})
+	worker, _ := connectTo(t, b.srv)
+	_, err := worker.Subscribe(subjects.JobsStored, func(m *nats.Msg) {
+		ref, _, ok := subjects.ParseJob(m.Header.Get(nats.JSSubject))
+		if !ok {
+			return
+		}
+		ev := fmt.Sprintf(`{"type":"token","job_id":%q,"attempt":1,"seq":0,"delta":"x","tokens":1}`, ref.ID)
+		_ = worker.Publish(subjects.Reply(ref.Tenant, ref.ID), []byte(ev))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := worker.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	p, err := NewClient(b.nc, WithTenant("acme"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 100 {
+		func() {
+			ctx, cancel := context.WithTimeout(ctxT(t), 5*time.Second)
+			defer cancel()
+			stream, _, err := SubmitStream(ctx, p, b.nc, newJob(fmt.Sprintf("fast-%03d", i), "x"), StreamOptions{QuietAfter: time.Hour})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer stream.Close()
+			ev, err := stream.Next(ctx)
+			if err != nil || ev.Token == nil || ev.Token.Delta != "x" {
+				t.Fatalf("job %d: first event %+v, %v; want the worker's token", i, ev, err)
+			}
+		}()
 	}
 }
