@@ -67,6 +67,11 @@ type Config struct {
 
 	// PromptCacheBytes bounds the runtime's prompt (KV) cache; 0: off, -1: the runtime's default.
 	PromptCacheBytes int64 `json:"prompt_cache_bytes"`
+
+	// How long a stopping dispatcher waits for its jobs on workers, then for
+	// terminal writes under way (dispatcher.Config DrainTimeout, WriteGrace).
+	DispatcherDrainTimeout string `json:"dispatcher_drain_timeout"`
+	DispatcherWriteGrace   string `json:"dispatcher_write_grace"`
 }
 
 // Key documents one setting; Keys is the table the README's configuration section,
@@ -112,6 +117,8 @@ var Keys = []Key{
 	{"tenant_burst", "tenant-burst", "MLX_SERVING_TENANT_BURST", "0", "gateway: requests a tenant may send at once above its rate (0: the rate)"},
 	{"replicas", "replicas", "MLX_SERVING_REPLICAS", "0", "replicas of every stream: 3 in a NATS cluster (0: keep what existing streams have, 1 for new ones)"},
 	{"worker_ttl", "worker-ttl", "MLX_SERVING_WORKER_TTL", "10s", "how long a worker stays registered without a heartbeat; dispatchers retry its jobs after that"},
+	{"dispatcher_drain_timeout", "dispatcher-drain-timeout", "MLX_SERVING_DISPATCHER_DRAIN_TIMEOUT", "30s", "dispatcher: on stop, how long it keeps its jobs running on workers alive so their results are acked by it; past it they are redelivered and recognised elsewhere"},
+	{"dispatcher_write_grace", "dispatcher-write-grace", "MLX_SERVING_DISPATCHER_WRITE_GRACE", "10s", "dispatcher: on stop, after the drain, how long terminal records already being written get to be stored and acked; past it their jobs are handed back and may run again"},
 	{"metrics_addr", "metrics-addr", "MLX_SERVING_METRICS_ADDR", "", "serve Prometheus /metrics on this host:port (dispatcher, worker; empty: off — gateway and up serve it on http_addr)"},
 	{"otlp_endpoint", "otlp-endpoint", "MLX_SERVING_OTLP_ENDPOINT", "", "export trace spans over OTLP/HTTP to this collector base URL, e.g. http://127.0.0.1:4318 (empty: tracing off)"},
 	{"log_level", "log-level", "MLX_SERVING_LOG_LEVEL", "info", "log level"},
@@ -224,6 +231,12 @@ func fromValues(values map[string]any) (Config, error) {
 	if d, err := time.ParseDuration(c.WorkerTTL); err != nil || d < time.Second {
 		return Config{}, fmt.Errorf("%w: worker_ttl: must be a duration of at least 1s", ErrInvalid)
 	}
+	// Zero would not mean "no wait": the dispatcher takes its default for it.
+	for _, kv := range [][2]string{{"dispatcher_drain_timeout", c.DispatcherDrainTimeout}, {"dispatcher_write_grace", c.DispatcherWriteGrace}} {
+		if d, err := time.ParseDuration(kv[1]); err != nil || d <= 0 {
+			return Config{}, fmt.Errorf("%w: %s: must be a positive duration", ErrInvalid, kv[0])
+		}
+	}
 	return c, nil
 }
 
@@ -236,6 +249,18 @@ func (c Config) BatchWait() time.Duration {
 // WorkerTTLDuration returns worker_ttl as a duration (validated by Load).
 func (c Config) WorkerTTLDuration() time.Duration {
 	d, _ := time.ParseDuration(c.WorkerTTL)
+	return d
+}
+
+// DrainTimeout returns dispatcher_drain_timeout as a duration (validated by Load).
+func (c Config) DrainTimeout() time.Duration {
+	d, _ := time.ParseDuration(c.DispatcherDrainTimeout)
+	return d
+}
+
+// WriteGrace returns dispatcher_write_grace as a duration (validated by Load).
+func (c Config) WriteGrace() time.Duration {
+	d, _ := time.ParseDuration(c.DispatcherWriteGrace)
 	return d
 }
 

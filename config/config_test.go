@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func load(t *testing.T, args []string, env []string) (Config, error) {
@@ -76,6 +77,8 @@ func TestInvalidValuesNameTheKey(t *testing.T) {
 		"bad routing":     {env: []string{"MLX_SERVING_ROUTING=random"}, want: "routing"},
 		"zero skew":       {env: []string{"MLX_SERVING_ROUTE_MAX_SKEW=0"}, want: "route_max_skew"},
 		"skew not number": {env: []string{"MLX_SERVING_ROUTE_MAX_SKEW=half"}, want: "route_max_skew"},
+		"zero drain":      {env: []string{"MLX_SERVING_DISPATCHER_DRAIN_TIMEOUT=0s"}, want: "dispatcher_drain_timeout"},
+		"grace no unit":   {file: "dispatcher_write_grace: 10\n", want: "dispatcher_write_grace"},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -108,6 +111,28 @@ func TestRoutingKeys(t *testing.T) {
 	c, err = load(t, []string{"--routing", "least_loaded"}, []string{"MLX_SERVING_ROUTE_MAX_SKEW=0.25"})
 	if err != nil || c.Routing != "least_loaded" || c.RouteMaxSkew != 0.25 {
 		t.Fatalf("set: %q %v %v", c.Routing, c.RouteMaxSkew, err)
+	}
+}
+
+// TestDispatcherStopKeys: dispatcher_drain_timeout and dispatcher_write_grace
+// default to what the dispatcher does unset (its AckWait, 30s, and 10s) and
+// reach Config from a file, the environment and flags.
+// Mutation caught: WriteGrace parsing DispatcherDrainTimeout (a copy-paste slip
+// between the two accessors).
+func TestDispatcherStopKeys(t *testing.T) {
+	t.Parallel()
+	c, err := load(t, nil, nil)
+	if err != nil || c.DrainTimeout() != 30*time.Second || c.WriteGrace() != 10*time.Second {
+		t.Fatalf("defaults: %v %v %v", c.DrainTimeout(), c.WriteGrace(), err)
+	}
+	path := writeFile(t, "dispatcher_drain_timeout: 2m\ndispatcher_write_grace: 4s\n")
+	c, err = load(t, []string{"--config", path, "--dispatcher-write-grace", "1500ms"}, []string{"MLX_SERVING_DISPATCHER_DRAIN_TIMEOUT=45s"})
+	if err != nil || c.DrainTimeout() != 45*time.Second || c.WriteGrace() != 1500*time.Millisecond {
+		t.Fatalf("set: %v %v %v", c.DrainTimeout(), c.WriteGrace(), err)
+	}
+	c, err = load(t, []string{"--config", path}, nil)
+	if err != nil || c.DrainTimeout() != 2*time.Minute || c.WriteGrace() != 4*time.Second {
+		t.Fatalf("file: %v %v %v", c.DrainTimeout(), c.WriteGrace(), err)
 	}
 }
 

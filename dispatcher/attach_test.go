@@ -31,10 +31,15 @@ func TestRunWaitsForJetStream(t *testing.T) {
 	if err := e.srv.Shutdown(ctx); err != nil {
 		t.Fatal(err)
 	}
-	_, stop := runDispatcher(t, testConfig("d1", nc)) // starts against a server that is down
+	cfg := testConfig("d1", nc)
+	var failed <-chan struct{}
+	cfg.Logger, failed = logSignal("attaching to JetStream failed; retrying")
+	_, stop := runDispatcher(t, cfg) // starts against a server that is down
 	defer stop()
 
-	time.Sleep(500 * time.Millisecond) // let Run fail to attach at least once
+	// The server comes back only after Run failed to attach at least once, so
+	// what is tested is the retry, not a first attempt that found it up.
+	waitClosed(t, failed, 10*time.Second, "a failed attach")
 	srv, err := natsserver.Start(ctx, natsserver.Options{Port: port, StoreDir: dir})
 	if err != nil {
 		t.Fatal(err)

@@ -121,15 +121,22 @@ func TestPriorityOrderNoStarvation(t *testing.T) {
 	e := newEnv(t, jsprov.Options{})
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.MaxBatch = 1
-	_, _ = runDispatcher(t, cfg)
+	var running <-chan struct{}
+	cfg.Logger, running = logSignal(logRunning)
+	d, _ := runDispatcher(t, cfg)
 	const n = 20
 	for _, p := range []string{"low", "normal", "high"} {
 		for i := range n {
 			e.mustSubmit(newJob(fmt.Sprintf("%s-%02d", p, i), "m", p))
 		}
 	}
-	// No worker yet: nothing may be pulled.
-	time.Sleep(150 * time.Millisecond)
+	// No worker yet: nothing may be pulled. The pull loop fetches only while
+	// credit is positive, so credit — asked of the running dispatcher, not
+	// after a sleep — is what says so.
+	waitClosed(t, running, 10*time.Second, "dispatcher running")
+	if c, pulled := d.credit(), d.Metrics().JobsPulled.Load(); c != 0 || pulled != 0 {
+		t.Fatalf("credit %d, %d pulled without a worker", c, pulled)
+	}
 	if got := e.streamMsgs(subjects.StreamJobs); got != 3*n {
 		t.Fatalf("pulled without capacity: JOBS has %d", got)
 	}
@@ -258,7 +265,9 @@ func TestExpiredWithoutRunning(t *testing.T) {
 	c1 := e.listen(j1.ReplyTo)
 	e.mustSubmit(j1)
 	e.mustSubmit(j2)
-	time.Sleep(400 * time.Millisecond) // j2's deadline passes while it waits in JOBS (no worker)
+	// j2's deadline passes while it waits in JOBS (no worker, no credit): the
+	// condition is the clock itself, so wait for exactly that.
+	waitFor(t, 5*time.Second, "j2's deadline to pass", func() bool { return time.Now().After(soon) })
 	w := e.startWorker("w1", 2, []string{"m"}, nil)
 	for _, id := range []string{"late", "soon"} {
 		r := e.waitResult(id, 10*time.Second)
@@ -288,12 +297,18 @@ func TestCancelQueued(t *testing.T) {
 	if err := prod.Cancel(context.Background(), "early", "changed my mind"); err != nil {
 		t.Fatal(err)
 	}
-	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
-	// Cancelled while waiting in JOBS (no worker, so never delivered).
+	cfg := testConfig("d1", e.connect("d1"))
+	var running <-chan struct{}
+	cfg.Logger, running = logSignal(logRunning)
+	d, _ := runDispatcher(t, cfg)
+	// Cancelled while waiting in JOBS (no worker, so never delivered). Only a
+	// cancel stored after the dispatcher read the stored ones is acted on at
+	// once; an earlier one is remembered until the job is delivered, which
+	// with no worker is never, and the wait below would time out.
 	inJobs := newJob("in-jobs", "m", "normal")
 	c := e.listen(inJobs.ReplyTo)
 	e.mustSubmit(inJobs)
-	time.Sleep(50 * time.Millisecond)
+	waitClosed(t, running, 10*time.Second, "dispatcher running")
 	if err := prod.Cancel(context.Background(), "in-jobs", "stop"); err != nil {
 		t.Fatal(err)
 	}

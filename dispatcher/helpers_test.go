@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"os"
 	"strings"
 	"sync"
@@ -299,4 +300,37 @@ func testConfigLogger() *zerolog.Logger {
 		l = zerolog.New(os.Stderr)
 	}
 	return &l
+}
+
+// logSignal returns a logger (testConfigLogger's, or a silent one) that closes
+// the returned channel the first time the dispatcher logs msg: how a test
+// waits for what the dispatcher reports only in its log — it is running, an
+// attach failed — instead of sleeping and hoping it happened by then.
+func logSignal(msg string) (*zerolog.Logger, <-chan struct{}) {
+	ch := make(chan struct{})
+	var once sync.Once
+	base := *testConfigLogger()
+	if base.GetLevel() == zerolog.Disabled {
+		base = zerolog.New(io.Discard)
+	}
+	l := base.Hook(zerolog.HookFunc(func(_ *zerolog.Event, _ zerolog.Level, m string) {
+		if m == msg {
+			once.Do(func() { close(ch) })
+		}
+	}))
+	return &l, ch
+}
+
+// logRunning is what Run logs once its subscriptions are live on the server
+// and the stored cancels are read: a cancel published after it is acted on.
+const logRunning = "dispatcher running"
+
+// waitClosed waits for ch (a logSignal) to close.
+func waitClosed(tb testing.TB, ch <-chan struct{}, within time.Duration, what string) {
+	tb.Helper()
+	select {
+	case <-ch:
+	case <-time.After(within):
+		tb.Fatalf("timed out after %v waiting for %s", within, what)
+	}
 }

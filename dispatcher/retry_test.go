@@ -5,12 +5,14 @@ package dispatcher
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -145,7 +147,8 @@ func TestBreakerStopsRoutingToFailingWorker(t *testing.T) {
 }
 
 // A job for a model no live worker serves is dead-lettered (replayable once one
-// does) after ModelWait — but only while workers are up: with none, it waits.
+// does) after ModelWait — but only while workers are up: with none, it waits
+// (TestOutageKeepsHeldJobWaiting).
 func TestUnservedModelIsDeadLettered(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
@@ -155,11 +158,6 @@ func TestUnservedModelIsDeadLettered(t *testing.T) {
 	j := newJob("orphan", "nobody-has-it", "normal")
 	c := e.listen(j.ReplyTo)
 	e.mustSubmit(j)
-	// No worker at all: an outage, the job waits.
-	time.Sleep(3 * cfg.ModelWait)
-	if _, err := e.result("orphan"); err == nil {
-		t.Fatal("job failed while no worker was up; it should wait")
-	}
 	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{} })
 	r := c.wait(t, 10*time.Second)
 	if r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != "model_not_available" || r.Attempt != 0 {
@@ -177,6 +175,57 @@ func TestUnservedModelIsDeadLettered(t *testing.T) {
 	}
 	if n := d.Metrics().TransitionCount(StateQueued, EvDeadLetter); n != 1 {
 		t.Fatalf("queued→dead_lettered counted %d", n)
+	}
+}
+
+// TestOutageKeepsHeldJobWaiting: the only worker dies under a job, so the
+// dispatcher holds the job with no live worker at all — an outage, not a typo
+// in the model name — and however long past ModelWait it is looked at, it
+// waits; when a worker comes back it runs. (With no worker ever, the dispatcher
+// does not even pull: credit is zero. A held job is what modelUnserved guards.)
+// The pass past ModelWait is a call of schedule with a clock that far ahead,
+// the pass its timer would make: no sleep, and it cannot pass by looking early.
+// Mutation caught: dispatcher/batcher.go modelUnserved, `ready := false` →
+// `ready := true` (no live worker counts as "workers up, none has it").
+func TestOutageKeepsHeldJobWaiting(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	w0 := e.startWorker("w0", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Die: 1} })
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.ModelWait = 200 * time.Millisecond
+	d, _ := runDispatcher(t, cfg)
+	j := newJob("outage", "m", "normal")
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	waitFor(t, 10*time.Second, "worker 0 dead", w0.Dead)
+	key := subjects.JobRef{ID: j.ID}.Key()
+	var enqueued time.Time
+	waitFor(t, 10*time.Second, "job lost with its worker and queued again", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		h := d.jobs[key]
+		if h == nil || !h.ran || !h.inQueue {
+			return false
+		}
+		enqueued = h.enqueued
+		return true
+	})
+	d.schedule(enqueued.Add(3 * cfg.ModelWait))
+	d.mu.Lock()
+	h := d.jobs[key]
+	waiting := h != nil && h.inQueue && h.state == StateQueued
+	d.mu.Unlock()
+	if !waiting || d.Metrics().TransitionCount(StateQueued, EvDeadLetter) != 0 {
+		t.Fatalf("job ended while no worker was up (held %v, dead-lettered %d); it should wait",
+			waiting, d.Metrics().TransitionCount(StateQueued, EvDeadLetter))
+	}
+	if _, err := e.result(j.ID); !errors.Is(err, bus.ErrNoResult) {
+		t.Fatalf("result while no worker was up: %v, want none", err)
+	}
+	e.startWorker("w1", 2, []string{"m"}, nil)
+	r := c.wait(t, 10*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Text != fullText(5) {
+		t.Fatalf("after the outage: %+v err %+v", r, r.Error)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -286,5 +287,40 @@ func TestCLISettingsPrecedence(t *testing.T) {
 	code, out, stderr := runReal(t, "config", "print", "--batch-max-wait", "1m30s")
 	if code != 0 || !strings.Contains(out, "batch_max_wait: 90s") {
 		t.Errorf("exit %d: %s%s", code, out, stderr)
+	}
+}
+
+// TestDispatcherStopSettings: dispatcher_drain_timeout and
+// dispatcher_write_grace reach dispatcher.Config from the dispatcher command's
+// typed flags and the environment, and unset keep the dispatcher's defaults.
+// Mutation caught: dropping WriteGrace from dispatcherConfig (the dispatcher
+// then takes its own 10s whatever the flag says).
+func TestDispatcherStopSettings(t *testing.T) {
+	t.Setenv("MLX_SERVING_CONFIG", "")
+	stop := func(env string, args ...string) (drain, grace time.Duration) {
+		t.Helper()
+		t.Setenv("MLX_SERVING_DISPATCHER_DRAIN_TIMEOUT", env)
+		if env == "" {
+			os.Unsetenv("MLX_SERVING_DISPATCHER_DRAIN_TIMEOUT")
+		}
+		p, code, _, stderr := parseOnly(t, append([]string{"dispatcher"}, args...)...)
+		if code != 0 || p == nil {
+			t.Fatalf("dispatcher %q: exit %d: %s", args, code, stderr)
+		}
+		c, err := (&settings{fs: p.flags}).load()
+		if err != nil {
+			t.Fatalf("load %q: %v", args, err)
+		}
+		dc := dispatcherConfig(c, nil, nil, nil)
+		return dc.DrainTimeout, dc.WriteGrace
+	}
+	if d, g := stop(""); d != 30*time.Second || g != 10*time.Second {
+		t.Errorf("defaults: drain %v, write grace %v", d, g)
+	}
+	if d, g := stop("45s", "--dispatcher-write-grace", "1m30s"); d != 45*time.Second || g != 90*time.Second {
+		t.Errorf("env drain 45s, flag grace 1m30s: got %v, %v", d, g)
+	}
+	if d, _ := stop("45s", "--dispatcher-drain-timeout", "2m"); d != 2*time.Minute {
+		t.Errorf("flag over env: drain %v", d)
 	}
 }

@@ -109,12 +109,18 @@ func promptCacheArgs(n int64) []string {
 }
 
 func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatcher.Dispatcher, error) {
-	host, _ := os.Hostname()
 	obs, err := dispatcherObserver()
 	if err != nil {
 		return nil, err
 	}
-	return dispatcher.New(dispatcher.Config{
+	return dispatcher.New(dispatcherConfig(c, nc, &log, obs))
+}
+
+// dispatcherConfig is where the settings reach the dispatcher (apart from
+// newDispatcher so that a test can see each one arrive).
+func dispatcherConfig(c config.Config, nc *nats.Conn, log *zerolog.Logger, obs dispatcher.Observer) dispatcher.Config {
+	host, _ := os.Hostname()
+	return dispatcher.Config{
 		DispatcherID: fmt.Sprintf("%s-%d", host, os.Getpid()),
 		Conn:         nc,
 		MaxWait:      c.BatchWait(),
@@ -123,9 +129,11 @@ func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatc
 		RouteMaxSkew: c.RouteMaxSkew,
 		MaxAttempts:  c.MaxAttempts,
 		WorkerTTL:    c.WorkerTTLDuration(),
-		Logger:       &log,
+		DrainTimeout: c.DrainTimeout(),
+		WriteGrace:   c.WriteGrace(),
+		Logger:       log,
 		Observer:     obs,
-	})
+	}
 }
 
 func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog.Logger) (*gateway.Gateway, error) {
