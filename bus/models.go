@@ -2,6 +2,7 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -20,6 +21,12 @@ type modelCheck struct {
 
 const modelCheckFresh = 5 * time.Second
 
+// ErrModelCheck: Submit could not read the models bucket to check the job's
+// model (a timeout, a lost connection, a refused read); nothing was queued.
+// Retry later, or submit WithoutModelCheck. It says the bus is unavailable,
+// not that the request is wrong: the gateway answers it 503, never 500.
+var ErrModelCheck = errors.New("bus: model check failed")
+
 func (c *modelCheck) check(ctx context.Context, js jetstream.JetStream, model string, now time.Time) error {
 	c.mu.Lock()
 	at, ok := c.seen[model]
@@ -29,7 +36,7 @@ func (c *modelCheck) check(ctx context.Context, js jetstream.JetStream, model st
 	}
 	served, err := registry.ModelServed(ctx, js, model)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", ErrModelCheck, err)
 	}
 	if !served {
 		return fmt.Errorf("%w: %q (no worker has announced it within the model grace period)", ErrModelNotServed, model)

@@ -75,3 +75,17 @@ func TestSubmitFailsFastOnAnUnservedModel(t *testing.T) {
 		t.Fatal("empty bucket must count as an outage")
 	}
 }
+
+// A models bucket Submit cannot read is ErrModelCheck (the bus is unavailable:
+// the gateway answers 503), never an error no sentinel matches (its 500).
+// Mutation caught: modelCheck.check returning ModelServed's error unwrapped.
+func TestModelCheckFailureIsErrModelCheck(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, jsprov.Options{})
+	nc, js := connectTo(t, b.srv)
+	nc.Close()
+	var c modelCheck
+	if err := c.check(ctxT(t), js, "tiny", time.Now()); !errors.Is(err, ErrModelCheck) {
+		t.Fatalf("reading the bucket on a closed connection: got %v, want ErrModelCheck", err)
+	}
+}

@@ -221,6 +221,15 @@ func fromSubmit(err error, m paramMap, retryAfter time.Duration) *apiError {
 			Message: "The request is too large for the job queue."}
 	case errors.Is(err, bus.ErrNoStream), errors.Is(err, bus.ErrNotConnected):
 		return errUnavailable("The job queue is unavailable; retry later.")
+	case errors.Is(err, bus.ErrModelCheck):
+		return errUnavailable("The models bucket is unavailable; retry later.")
+	case errors.Is(err, bus.ErrModelNotServed):
+		// Submit's own model check disagrees with the gateway's, which saw a ready
+		// worker with the model just before: announced soon, or its entry was
+		// tampered with. Either way the model is expected, so retryable, as a
+		// model whose workers are away.
+		return &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Param: "model", Code: schemas.CodeModelNotAvailable,
+			Message: "No worker has announced the model lately; retry later."}
 	}
 	return errInternal("Submitting the job failed.")
 }

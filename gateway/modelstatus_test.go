@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -46,11 +48,14 @@ func TestUnknownModelIs404AwayModelIs503(t *testing.T) {
 
 	// Past the grace period the bucket forgot it (its entry expired) while
 	// another model is still served: unknown.
-	models, err := tb.js.KeyValue(ctx, subjects.BucketModels)
+	// (A purge of the key's messages, which is what the TTL does; a delete
+	// marker would not do: the bucket counts any message on a key as served,
+	// so a worker credential cannot hide a model with one.)
+	models, err := tb.js.Stream(ctx, "KV_"+subjects.BucketModels)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := models.Delete(ctx, subjects.ModelKey(testModel)); err != nil {
+	if err := models.Purge(ctx, jetstream.WithPurgeSubject("$KV."+subjects.BucketModels+"."+subjects.ModelKey(testModel))); err != nil {
 		t.Fatal(err)
 	}
 	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil)), http.StatusNotFound, "model", "model_not_found")

@@ -29,24 +29,46 @@ func AnnounceModels(ctx context.Context, kv jetstream.KeyValue, models []string)
 // without BucketModels (provisioned by an older release) answers true: the check
 // must never refuse work it cannot judge. The producer's model check
 // (bus.ErrModelNotServed) is built on it.
+//
+// Any message on the model's key counts as served, not only a put of its name:
+// no component deletes, purges or rewrites these entries (they expire by the
+// bucket's TTL), so a delete or purge marker, or a put of another value, is a
+// worker credential tampering — its grant is a publish on the bucket's keys,
+// and NATS permissions cannot tell a put from a "KV-Operation: DEL" marker.
+// Read through the KV API, such a marker hides the announcement (kv.Get answers
+// ErrKeyNotFound) and would make a served model unusable for every tenant for
+// as long as it is repeated. Counting it as served gives an attacker nothing:
+// the same grant can put any model's name. Keeping history and looking behind
+// the marker would not do: producers may only read a key's last message
+// (auth's modelReads), and as many markers as the history holds would push the
+// put out anyway.
 func ModelServed(ctx context.Context, js jetstream.JetStream, model string) (bool, error) {
-	kv, err := js.KeyValue(ctx, subjects.BucketModels)
-	if errors.Is(err, jetstream.ErrBucketNotFound) {
+	s, err := js.Stream(ctx, "KV_"+subjects.BucketModels)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		return true, nil
 	}
 	if err != nil {
 		return false, fmt.Errorf("bus: models bucket: %w", err)
 	}
-	e, err := kv.Get(ctx, subjects.ModelKey(model))
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		st, err := kv.Status(ctx)
-		if err != nil {
-			return false, fmt.Errorf("bus: models bucket: %w", err)
-		}
-		return st.Values() == 0, nil
+	// The last message on the key, whatever it is (a direct get by subject, the
+	// one read producers are granted).
+	_, err = s.GetLastMsgForSubject(ctx, modelSubject(model))
+	if err == nil {
+		return true, nil
 	}
-	if err != nil {
+	if !errors.Is(err, jetstream.ErrMsgNotFound) {
 		return false, fmt.Errorf("bus: model %q: %w", model, err)
 	}
-	return string(e.Value()) == model, nil
+	// Nothing on the key within the grace period: unknown, unless the bucket is
+	// empty (js.Stream has just read its state).
+	info := s.CachedInfo()
+	if info == nil {
+		return false, fmt.Errorf("bus: models bucket: no stream info")
+	}
+	return info.State.Msgs == 0, nil
+}
+
+// modelSubject is the subject model's entry is stored on in BucketModels.
+func modelSubject(model string) string {
+	return "$KV." + subjects.BucketModels + "." + subjects.ModelKey(model)
 }

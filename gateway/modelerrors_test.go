@@ -1,0 +1,98 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// The red-team's repro: a worker credential publishes a delete marker on a
+// served model's key in the models bucket. The gateway (its fleet view and its
+// producer's model check alike) still runs the model's jobs.
+// Mutation caught: registry.ModelServed reading the key through kv.Get (as it
+// did) answers 500 internal_error before the fromSubmit mapping, 503
+// model_not_available after it.
+func TestModelDeleteMarkerDoesNotHideModel(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
+	_, srv := newTestGateway(t, tb, nil)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	m := nats.NewMsg("$KV." + subjects.BucketModels + "." + subjects.ModelKey(testModel))
+	m.Header.Set("KV-Operation", "DEL")
+	if _, err := tb.js.PublishMsg(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	for _, stream := range []bool{false, true} {
+		resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil))
+		if resp.StatusCode != http.StatusOK {
+			expectError(t, resp, http.StatusOK, "", "")
+		}
+		resp.Body.Close()
+	}
+}
+
+// failingFleet is the real fleet whose models bucket cannot be read.
+type failingFleet struct{ Fleet }
+
+func (failingFleet) ModelServed(context.Context, string) (bool, error) {
+	return false, errors.New("bus: models bucket: nats: timeout")
+}
+
+// refusingJobs is the real bus whose Submit fails with err.
+type refusingJobs struct {
+	Jobs
+	err error
+}
+
+func (j refusingJobs) Submit(context.Context, *schemas.JobRequest) (*bus.JobStream, error) {
+	return nil, j.err
+}
+
+// Whatever the model lookup fails with, the gateway answers what it documents:
+// 503 (clients retry), never 500 internal_error. A failed models-bucket read is
+// bus_unavailable, at the gateway's own check and at Submit's; Submit's check
+// finding the model unannounced, after the gateway saw a ready worker with it,
+// is model_not_available.
+// Mutations caught: run() answering a registry error with errInternal fails the
+// first case; dropping the ErrModelCheck or the ErrModelNotServed case from
+// fromSubmit fails the others (500 internal_error).
+func TestModelLookupFailuresAre503(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	tb.registerWorker(t, "w2", schemas.WorkerReady, "another-model")
+
+	_, srv := newTestGateway(t, tb, func(c *Config) { c.Fleet = failingFleet{c.Fleet} })
+	for _, stream := range []bool{false, true} {
+		expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil)), http.StatusServiceUnavailable, "", "bus_unavailable")
+	}
+
+	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
+	for _, c := range []struct {
+		err         error
+		param, code string
+	}{
+		{fmt.Errorf("bus: submit x: %w: %w", bus.ErrModelCheck, errors.New("nats: timeout")), "", "bus_unavailable"},
+		{fmt.Errorf("bus: submit x: %w: %q", bus.ErrModelNotServed, testModel), "model", "model_not_available"},
+	} {
+		_, srv := newTestGateway(t, tb, func(cfg *Config) { cfg.Jobs = refusingJobs{cfg.Jobs, c.err} })
+		for _, stream := range []bool{false, true} {
+			expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil)), http.StatusServiceUnavailable, c.param, c.code)
+			expectError(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "stream": stream}),
+				http.StatusServiceUnavailable, c.param, c.code)
+		}
+	}
+}
