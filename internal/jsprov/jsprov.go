@@ -40,7 +40,8 @@ type Options struct {
 	// CancelsMaxMsgs, CancelsMaxBytes and CancelsMaxMsgSize bound CANCELS; past
 	// them a cancel is refused (discard-new) and its publisher gets
 	// bus.ErrStreamFull or bus.ErrTooLarge. Defaults DefaultCancelsMaxMsgs,
-	// DefaultCancelsMaxBytes and DefaultCancelsMaxMsgSize.
+	// DefaultCancelsMaxBytes and DefaultCancelsMaxMsgSize; -1 is no limit
+	// (tests of a stream provisioned before the bounds).
 	CancelsMaxMsgs    int64
 	CancelsMaxBytes   int64
 	CancelsMaxMsgSize int32
