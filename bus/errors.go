@@ -23,6 +23,13 @@ var (
 	ErrNoStream = jserr.ErrNoStream
 	// ErrNotConnected: the NATS connection is closed or currently disconnected.
 	ErrNotConnected = jserr.ErrNotConnected
+	// ErrStreamFull: the stream (CANCELS for a cancel) is at its limits, or
+	// the server's JetStream storage is full; nothing was stored. Retry later.
+	// A full JOBS answers a submit with ErrQueueFull instead.
+	ErrStreamFull = jserr.ErrStreamFull
+	// ErrTooLarge: the message (a cancel) exceeds the stream's or the server's
+	// size limit; nothing was stored. A submit answers ErrJobTooLarge instead.
+	ErrTooLarge = jserr.ErrTooLarge
 	// ErrModelNotServed: no worker serves the job's model, and none has within the
 	// model grace period (5 minutes by default); nothing was queued. Submit with
 	// WithoutModelCheck to queue it anyway.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/results"
@@ -19,7 +20,15 @@ import (
 // (CANCELS keeps them a day) fill d.cancelled, so a delivery is checked against
 // it without a round trip, and each new cancel is acted on (onCancel) once
 // stored. It returns once the stored backlog has been read, with a stop
-// function; until then no job is pulled, so none can miss its cancel.
+// function; until then no job is pulled, so none can miss its cancel. It
+// returns ctx's error as soon as ctx ends, backlog read or not.
+//
+// The backlog is read in pulls of at most cancelPullBytes: unbounded (500
+// messages a pull), a backlog of large cancels made the server push hundreds
+// of megabytes at once, drop the dispatcher's connection as a slow consumer,
+// and do it again on every reconnect (red-team F2: a restarted dispatcher sat
+// at 0 CPU with 100,041 cancels pending). jsprov now caps a cancel at 8 KiB,
+// but a stream provisioned before may still hold larger ones.
 func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 	info, err := d.cancelsStream.Info(ctx)
 	if err != nil {
@@ -30,30 +39,39 @@ func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 	d.cancelsMaxAge = info.Config.MaxAge
 	d.mu.Unlock()
 	caughtUp := make(chan struct{})
-	if backlog == 0 || info.State.Msgs == 0 {
-		close(caughtUp)
-	}
 	var once sync.Once
+	done := func() { once.Do(func() { close(caughtUp) }) }
+	if backlog == 0 || info.State.Msgs == 0 {
+		done()
+	}
+	// read is the stream sequence of the last cancel handled: the consumer's
+	// own count (poll) may be ahead of the callback.
+	var read atomic.Uint64
 	c, err := d.js.OrderedConsumer(ctx, subjects.StreamCancels, jetstream.OrderedConsumerConfig{FilterSubjects: []string{subjects.CancelAll}})
 	if err != nil {
 		return nil, fmt.Errorf("dispatcher: follow %s: %w", subjects.StreamCancels, err)
 	}
 	cc, err := c.Consume(func(m jetstream.Msg) {
-		live := true
-		if md, err := m.Metadata(); err == nil && md.Sequence.Stream <= backlog {
-			live = false
-			if md.NumPending == 0 {
-				defer once.Do(func() { close(caughtUp) })
-			}
+		md, err := m.Metadata()
+		if err != nil {
+			d.onCancel(m.Subject(), m.Data(), true)
+			return
 		}
-		d.onCancel(m.Subject(), m.Data(), live)
-	})
+		d.onCancel(m.Subject(), m.Data(), md.Sequence.Stream > backlog)
+		read.Store(md.Sequence.Stream)
+		if md.Sequence.Stream >= backlog || md.NumPending == 0 {
+			done()
+		}
+	}, jetstream.PullMaxBytes(cancelPullBytes(d.nc.MaxPayload())),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			d.rare.Warn().Err(err).Str("stream", subjects.StreamCancels).Msg("following cancels")
+		}))
 	if err != nil {
 		return nil, fmt.Errorf("dispatcher: follow %s: %w", subjects.StreamCancels, err)
 	}
 	// The backlog ends with the message after which none is pending; should
-	// its last messages expire before they are read, the consumer's own count
-	// says so.
+	// its last messages expire or be replaced before they are read, the
+	// consumer's own count says so.
 	poll := time.NewTicker(time.Second)
 	defer poll.Stop()
 	for {
@@ -64,11 +82,24 @@ func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 			cc.Stop()
 			return nil, ctx.Err()
 		case <-poll.C:
-			if ci, err := c.Info(ctx); err == nil && ci.NumPending == 0 && ci.NumAckPending == 0 {
-				once.Do(func() { close(caughtUp) })
+			if ci, err := c.Info(ctx); err == nil && ci.NumPending == 0 && read.Load() >= ci.Delivered.Stream {
+				done()
 			}
 		}
 	}
+}
+
+// cancelPullBytes bounds the bytes one pull of CANCELS may bring: a few MiB,
+// well under what the server buffers for a client before it drops it as a slow
+// consumer (64 MiB by default), and never less than one message of the
+// server's max payload, or a larger cancel stored before jsprov capped them
+// would be refused to every pull and stop the consumer on it.
+func cancelPullBytes(maxPayload int64) int {
+	const pull = 4 << 20
+	if need := maxPayload + 64<<10; need > pull {
+		return int(need)
+	}
+	return pull
 }
 
 // onCancelSighted is the fast path of a cancel for a running job: seen on the
@@ -110,6 +141,9 @@ func (d *Dispatcher) pruneCancels(now time.Time) {
 	}
 }
 
+// logBadCancel is logged (sampled) for a stored cancel that is no cancel.
+const logBadCancel = "stored cancel is no cancel: ignored"
+
 // onCancel handles mlx.cancel.<tenant>.<id>: a held job not on a worker ends at
 // once; a running one is cancelled by its worker, to which the cancel is
 // forwarded (mlx.worker.<id>.cancel: workers read no other job's cancels); a
@@ -120,6 +154,8 @@ func (d *Dispatcher) pruneCancels(now time.Time) {
 func (d *Dispatcher) onCancel(subject string, data []byte, live bool) {
 	ref, reason, ok := decodeCancel(subject, data)
 	if !ok {
+		d.metrics.BadCancels.Add(1)
+		d.rare.Warn().Str("subject", subject).Int("bytes", len(data)).Msg(logBadCancel)
 		return
 	}
 	d.mu.Lock()

@@ -92,15 +92,20 @@ func decodeAttempt(subject string, data []byte) (wid string, r schemas.AttemptRe
 
 // decodeCancel decodes a cancel on mlx.cancel.<tenant>.<id>: the job (from the
 // subject, which the server's permissions bind to the canceller's tenant) and
-// the reason, if the body gives one.
+// the reason, if the body gives one. A body that is no cancel (schema, or a
+// job_id other than the subject's) is refused: a flood of junk on one's own
+// cancel subjects then costs no dispatcher memory (d.cancelled).
 func decodeCancel(subject string, data []byte) (subjects.JobRef, string, bool) {
 	ref, ok := subjects.ParseCancel(subject)
 	if !ok {
 		return ref, "", false
 	}
-	reason := "cancelled by request"
 	var c schemas.CancelMsg
-	if schemas.Validate(schemas.Cancel, data) == nil && json.Unmarshal(data, &c) == nil && c.Reason != "" {
+	if schemas.Validate(schemas.Cancel, data) != nil || json.Unmarshal(data, &c) != nil || c.JobID != ref.ID {
+		return ref, "", false
+	}
+	reason := "cancelled by request"
+	if c.Reason != "" {
 		reason = c.Reason
 	}
 	return ref, reason, true

@@ -23,6 +23,7 @@ type Metrics struct {
 	IllegalTransitions atomic.Int64
 	NotAJob            atomic.Int64 // messages on JOBS that could not be a job: dead-lettered raw and terminated
 	ForgedRecords      atomic.Int64 // terminal records or attempt reports from a worker that does not run that attempt: refused
+	BadCancels         atomic.Int64 // stored cancels whose subject or body is no cancel: ignored
 	// Routed counts batches by why they went to their worker (RouteReason).
 	Routed [numRouteReasons]atomic.Int64
 	// Transitions counts legal transitions by (from state, event).

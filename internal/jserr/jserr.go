@@ -2,7 +2,8 @@
 // mean to the bus: the two sentinels every bus operation may return
 // (ErrNotConnected, ErrNoStream), the server's API error codes and store
 // refusals the bus interprets, and Map, which turns any other error into one of
-// the sentinels where it is one. The bus package re-exports the sentinels, so
+// the sentinels where it is one (a store refusal: ErrStreamFull, ErrTooLarge).
+// The bus package re-exports the sentinels, so
 // errors.Is matches them whichever package returned them.
 package jserr
 
@@ -21,6 +22,13 @@ var (
 	ErrNoStream = errors.New("bus: no stream for subject")
 	// ErrNotConnected: the NATS connection is closed or currently disconnected.
 	ErrNotConnected = errors.New("bus: not connected")
+	// ErrStreamFull: the stream is at its message or byte limit (discard-new),
+	// or the server's JetStream storage is full, and refused the message:
+	// nothing was stored. Retry later.
+	ErrStreamFull = errors.New("bus: stream full")
+	// ErrTooLarge: the message exceeds the stream's or the server's size limit;
+	// nothing was stored, and retrying will not help.
+	ErrTooLarge = errors.New("bus: message too large")
 )
 
 // JetStream API error codes the bus interprets. The client library names only some
@@ -109,6 +117,31 @@ func Map(err error, what string) error {
 		return fmt.Errorf("bus: %s: %w: %w", what, ErrNotConnected, err)
 	case IsNoStream(err):
 		return fmt.Errorf("bus: %s: %w: %w", what, ErrNoStream, err)
+	case IsFull(err):
+		return fmt.Errorf("bus: %s: %w: %w", what, ErrStreamFull, err)
+	case IsTooLarge(err):
+		return fmt.Errorf("bus: %s: %w: %w", what, ErrTooLarge, err)
 	}
 	return fmt.Errorf("bus: %s: %w", what, err)
+}
+
+// IsFull reports a publish the stream refused for want of room: its message or
+// byte limit (discard-new), or the server's JetStream storage.
+func IsFull(err error) bool {
+	switch StoreRefusal(err) {
+	case StoreMaxMsgs, StoreMaxBytes:
+		return true
+	}
+	ae, ok := APIError(err)
+	return ok && ae.ErrorCode == CodeInsufficientResources
+}
+
+// IsTooLarge reports a publish refused for its size: the stream's MaxMsgSize
+// (a store refusal or API code 10054) or the server's max payload.
+func IsTooLarge(err error) bool {
+	if StoreRefusal(err) == StoreMsgTooLarge || errors.Is(err, nats.ErrMaxPayload) {
+		return true
+	}
+	ae, ok := APIError(err)
+	return ok && ae.ErrorCode == CodeMessageExceedsMaximum
 }

@@ -37,6 +37,14 @@ type Options struct {
 	DLQMaxAge time.Duration
 	// CancelsMaxAge is how long cancel requests are kept; default 24h.
 	CancelsMaxAge time.Duration
+	// CancelsMaxMsgs, CancelsMaxBytes and CancelsMaxMsgSize bound CANCELS; past
+	// them a cancel is refused (discard-new) and its publisher gets
+	// bus.ErrStreamFull or bus.ErrTooLarge. Defaults DefaultCancelsMaxMsgs,
+	// DefaultCancelsMaxBytes and DefaultCancelsMaxMsgSize; -1 is no limit
+	// (tests of a stream provisioned before the bounds).
+	CancelsMaxMsgs    int64
+	CancelsMaxBytes   int64
+	CancelsMaxMsgSize int32
 	// WorkerTTL is how long a worker stays registered without a heartbeat; default 10s.
 	WorkerTTL time.Duration
 	// ModelGrace is how long a model stays known after the last worker that served
@@ -49,6 +57,24 @@ type Options struct {
 // DefaultModelGrace is how long a model stays known after its last worker went
 // away: producers (subjects.BucketModels) and the gateway (its 404) both use it.
 const DefaultModelGrace = 5 * time.Minute
+
+// CANCELS' default bounds. Without them one producer credential filled the
+// disk (300 cancels of 1 MB: 287 MB in 1.4 s) and knocked out every dispatcher,
+// which reads every stored cancel at start and keeps each in memory.
+const (
+	// DefaultCancelsMaxMsgSize: a cancel body (schemas/cancel.json) is a job
+	// id and tenant of at most 64 characters, a timestamp of at most 64 and a
+	// reason of at most 1024 characters, which JSON escaping can turn into
+	// 6 KiB at worst; 8 KiB leaves room for headers (trace context).
+	DefaultCancelsMaxMsgSize = 8 << 10
+	// DefaultCancelsMaxMsgs: every dispatcher remembers each stored cancel
+	// (job key and time, at most ~300 bytes with the longest tenant and id),
+	// so 100,000 cost at most ~30 MB of its 64 MB memory target.
+	DefaultCancelsMaxMsgs = 100_000
+	// DefaultCancelsMaxBytes: what 100,000 ordinary cancels (~250 bytes each
+	// stored) take, with room to spare; 8,000 of the largest fill it.
+	DefaultCancelsMaxBytes = 64 << 20
+)
 
 func (o Options) withDefaults() Options {
 	if o.Replicas <= 0 {
@@ -74,6 +100,15 @@ func (o Options) withDefaults() Options {
 	}
 	if o.CancelsMaxAge <= 0 {
 		o.CancelsMaxAge = 24 * time.Hour
+	}
+	if o.CancelsMaxMsgs == 0 {
+		o.CancelsMaxMsgs = DefaultCancelsMaxMsgs
+	}
+	if o.CancelsMaxBytes == 0 {
+		o.CancelsMaxBytes = DefaultCancelsMaxBytes
+	}
+	if o.CancelsMaxMsgSize == 0 {
+		o.CancelsMaxMsgSize = DefaultCancelsMaxMsgSize
 	}
 	if o.WorkerTTL <= 0 {
 		o.WorkerTTL = 10 * time.Second
@@ -159,13 +194,20 @@ func StreamConfigs(opts Options) map[string]jetstream.StreamConfig {
 			Retention:   jetstream.LimitsPolicy,
 			Storage:     o.Storage,
 			Replicas:    o.Replicas,
-			MaxMsgs:     -1,
-			MaxBytes:    -1,
+			MaxMsgs:     o.CancelsMaxMsgs,
+			MaxBytes:    o.CancelsMaxBytes,
+			MaxMsgSize:  o.CancelsMaxMsgSize,
 			MaxAge:      o.CancelsMaxAge,
-			// A repeated cancel replaces the earlier one; one per job is all that matters.
+			// A repeated cancel replaces the earlier one; one per job is all
+			// that matters (DiscardNewPerSubject is off: the per-subject limit
+			// still discards the old one).
 			MaxMsgsPerSubject: 1,
-			Discard:           jetstream.DiscardOld,
-			Duplicates:        dupWindow(o.DuplicateWindow, o.CancelsMaxAge),
+			// Full, CANCELS refuses the new cancel and its publisher is told
+			// (bus.ErrStreamFull); the service stays up. Not discard-old: a
+			// flood would then push out the real cancels stored before it, and
+			// the jobs they name would run.
+			Discard:    jetstream.DiscardNew,
+			Duplicates: dupWindow(o.DuplicateWindow, o.CancelsMaxAge),
 		},
 	}
 }
