@@ -240,11 +240,24 @@ func (p *Client) prepare(job *schemas.JobRequest) (*nats.Msg, SubmitAck, error) 
 	}
 	// No Nats-Msg-Id: the duplicate window is shared by every tenant, so a job
 	// id used as one would let a tenant shadow another's later submit of the same
-	// id. A job still queued or running is refused by the one-message-per-subject
-	// limit, a finished one by admit's RESULTS check, and a resubmission that
-	// slips between the two is acked without running by the dispatcher (it finds
-	// the record).
-	return &nats.Msg{Subject: ack.Subject, Data: data, Header: nats.Header{}}, ack, nil
+	// id. A job still queued or running is refused by the expectation below, a
+	// finished one by admit's RESULTS check, and a resubmission that slips
+	// between the two is acked without running by the dispatcher (it finds the
+	// record).
+	//
+	// The expectation: nothing is stored yet under the job's subject at ANY
+	// priority. The priority is a token of the job subject, so the stream's
+	// one-message-per-subject limit alone accepted the same id once per
+	// priority, and two dispatchers then ran both as attempt 1, mixing two runs
+	// on the caller's stream. The server checks the last message of the
+	// wildcard subject (mlx.jobs.<tenant>.*.<id>) and refuses with "wrong last
+	// sequence", which mapSubmitError reports as ErrDuplicate. A raw publisher
+	// that skips the header is still caught by the dispatcher (it terminates a
+	// second message of a job it holds).
+	h := nats.Header{}
+	h.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
+	h.Set(jetstream.ExpectedLastSubjSeqSubjHeader, subjects.JobAnyPriority(job.Tenant, job.ID))
+	return &nats.Msg{Subject: ack.Subject, Data: data, Header: h}, ack, nil
 }
 
 // admit makes the checks a job must pass before it is published: not finished
@@ -298,6 +311,10 @@ func (p *Client) mapSubmitError(jobID string, err error) error {
 	}
 	if ae, ok := jserr.APIError(err); ok {
 		switch ae.ErrorCode {
+		case jserr.CodeWrongLastSequence, jserr.CodeWrongLastSequenceConstant:
+			// prepare's expectation: the job's id is stored already, at this
+			// priority or another one: queued or running.
+			return fmt.Errorf("bus: submit %s: %w: job is already queued", jobID, ErrDuplicate)
 		case jserr.CodeInsufficientResources:
 			return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrQueueFull, err)
 		case jserr.CodeMessageExceedsMaximum:

@@ -262,6 +262,21 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	now := time.Now()
 	d.mu.Lock()
 	if old := d.jobs[key]; old != nil {
+		if old.seq != md.Sequence.Stream {
+			// Not a redelivery but a second message for the same job: the same
+			// tenant and id at another priority (another subject), which a raw
+			// publisher can still store (the client's publish expectation
+			// refuses it). Taking it for a redelivery ran both messages, on two
+			// dispatchers, as attempt 1 of one job, and the caller's stream
+			// mixed two runs. The job that is held runs; this message is
+			// terminated so it is never delivered again.
+			d.mu.Unlock()
+			d.count().duplicateMsg()
+			d.rare.Warn().Str("job_id", id).Str("tenant", ref.Tenant).Uint64("seq", md.Sequence.Stream).Uint64("held_seq", old.seq).
+				Msg("second message for a job this dispatcher holds: terminated")
+			_ = m.TermWithReason("duplicate job id")
+			return nil
+		}
 		// A redelivery of a job this dispatcher holds (e.g. in-progress acks were
 		// late): ack through the newest delivery, never run it twice.
 		old.msg = m
@@ -337,7 +352,13 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 		j.intaking = false
 		// A replayed job carries the attempts it used before; numbering goes on
 		// from there and MaxAttempts counts afresh.
-		j.base = attemptBase(&j.req)
+		base, asked := attemptBase(&j.req, d.cfg.MaxAttempts)
+		if base != asked {
+			d.count().baseClamped()
+			d.rare.Warn().Str("job_id", id).Str("tenant", j.tenant).Int("asked", asked).Int("base", base).
+				Msg("attempt base in the job's metadata clamped so its attempts fit the schemas")
+		}
+		j.base = base
 		j.attempt = j.base + int(md.NumDelivered)
 		switch {
 		case invalid != nil:
@@ -430,14 +451,20 @@ func (d *Dispatcher) unqueue(j *job) {
 	j.inQueue = false
 }
 
-// AttemptBaseKey is the job metadata key replay sets to the attempts a job used
-// before it was dead-lettered.
-const AttemptBaseKey = "mlx_attempt_base"
-
-func attemptBase(req *schemas.JobRequest) int {
-	n, err := strconv.Atoi(req.Metadata[AttemptBaseKey])
+// attemptBase is the attempts a replayed job used before (its metadata
+// schemas.MetadataAttemptBase), clamped so that every attempt this dispatcher
+// can number — up to base + maxAttempts — stays within schemas.MaxAttempt.
+// Unclamped, any producer (the key is plain job metadata) could make an
+// accepted job never end: attempt 101 fails the assignment, result and
+// attempt-report schemas, so every record of it is dropped and the job is kept
+// running and in-progress-acked for ever. A replay also sets the base to the
+// attempts the dead letter counted, earlier bases included, so a job replayed
+// often enough reached the same state. asked is the value the job named
+// (0 when absent, negative or not a number).
+func attemptBase(req *schemas.JobRequest, maxAttempts int) (base, asked int) {
+	n, err := strconv.Atoi(req.Metadata[schemas.MetadataAttemptBase])
 	if err != nil || n < 0 {
-		return 0
+		return 0, 0
 	}
-	return n
+	return max(0, min(n, schemas.MaxAttempt-maxAttempts)), n
 }

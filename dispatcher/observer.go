@@ -143,6 +143,12 @@ func (t tally) alreadyFinished() { t.m.AlreadyFinished.Add(1); t.obs.AlreadyFini
 
 func (t tally) notAJob() { t.m.NotAJob.Add(1); t.obs.NotAJob() }
 
+// baseClamped and duplicateMsg are counted in Metrics only (no Observer
+// method yet): both are rare and logged.
+func (t tally) baseClamped() { t.m.BaseClamped.Add(1) }
+
+func (t tally) duplicateMsg() { t.m.DuplicateMsgs.Add(1) }
+
 func (t tally) forged() { t.m.ForgedRecords.Add(1); t.obs.Forged() }
 
 func (t tally) workerLost() { t.m.WorkersLost.Add(1); t.obs.WorkerLost() }

@@ -237,7 +237,7 @@ func TestReplayedJobContinuesAttemptNumbers(t *testing.T) {
 	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{} })
 	runDispatcher(t, testConfig("d1", e.connect("d1")))
 	j := newJob("again", "m", "normal")
-	j.Metadata = map[string]string{AttemptBaseKey: "3"}
+	j.Metadata = map[string]string{schemas.MetadataAttemptBase: "3"}
 	c := e.listen(j.ReplyTo)
 	e.mustSubmit(j)
 	r := c.wait(t, 10*time.Second)

@@ -3,7 +3,9 @@ package gateway
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
+	"slices"
 	"strings"
 
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -63,6 +65,9 @@ func (req *chatRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMa
 		return nil, pm, aerr
 	}
 	if len(req.Metadata) > 0 {
+		if aerr := checkReservedMetadata(req.Metadata); aerr != nil {
+			return nil, pm, aerr
+		}
 		md := make(map[string]string, len(req.Metadata)+1)
 		for k, v := range req.Metadata {
 			md[k] = v
@@ -114,6 +119,21 @@ func (req *chatRequest) toJob(defaultModel string) (*schemas.JobRequest, paramMa
 	}
 	req.parseCalls = parse
 	return job, pm, nil
+}
+
+// checkReservedMetadata refuses client metadata keys with the reserved prefix
+// (schemas.ReservedMetadataPrefix): the dispatcher reads those as operator
+// instructions — mlx_attempt_base numbers the job's attempts — so only
+// operator tools (replay) may set them. Passed through, a client could number
+// its job past the schemas' last attempt. The first such key in sorted order
+// is named, so the answer does not depend on map order.
+func checkReservedMetadata(md map[string]string) *apiError {
+	for _, k := range slices.Sorted(maps.Keys(md)) {
+		if strings.HasPrefix(k, schemas.ReservedMetadataPrefix) {
+			return errInvalid("metadata."+k, "Metadata keys starting with %q are reserved for the service; rename 'metadata.%s'.", schemas.ReservedMetadataPrefix, k)
+		}
+	}
+	return nil
 }
 
 // messageText flattens a content that is a string, null or an array of text parts.

@@ -12,6 +12,14 @@ import (
 // needs it to subtract what an earlier attempt generated.
 var DefaultMaxTokens = schemaDefault(RuntimeGenerateParams, "max_tokens")
 
+// MaxAttempt is the highest attempt number the bus schemas accept: the
+// "maximum" of attempt in assignment, result, token_event and attempt_report,
+// and of attempts in dlq_record (TestMaxAttemptMatchesSchemas keeps them
+// equal). Whoever numbers attempts must stay within it: a record or report
+// whose attempt is above it fails its schema and is dropped, and a job whose
+// every record is dropped never ends.
+const MaxAttempt = 100
+
 // schemaDefault reads properties.<field>.default (an integer) of an embedded
 // schema. A missing or non-integer default is a build error, so it panics.
 func schemaDefault(t Type, field string) int {

@@ -432,7 +432,16 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 		err = schemas.Validate(schemas.Result, data)
 	}
 	if err != nil {
-		log.Error().Err(err).Msg("terminal record is invalid; the dispatcher will retry the job")
+		// The dispatcher would refuse the record, and dropping it left the job
+		// running there for ever: the attempt is reported failed instead
+		// (invalidRecordReport says how and why not retryable).
+		rep, ok := invalidRecordReport(res, a.cfg.WorkerID, err)
+		if !ok {
+			log.Error().Err(err).Msg("terminal record is invalid, and so is the attempt report that would replace it; nothing sent")
+			return
+		}
+		log.Error().Err(err).Msg("terminal record is invalid; attempt reported failed instead")
+		a.reportAttempt(res.Model, rep)
 		return
 	}
 	subject := subjects.Done(a.cfg.WorkerID, dispatcherID)

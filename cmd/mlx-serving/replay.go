@@ -12,7 +12,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
-	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -79,11 +78,15 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		}
 		job := rec.Job
 		// Attempts go on from where they stopped, so the new attempts' records
-		// are never mistaken for the old ones.
+		// are never mistaken for the old ones. rec.Attempts counts earlier
+		// replays' bases too, so a job replayed again and again would number
+		// past the schemas' maximum; the dispatcher clamps the base so its
+		// attempts still fit (they then repeat numbers an old, purged attempt
+		// had), and this keeps the value within the schema too.
 		if job.Metadata == nil {
 			job.Metadata = map[string]string{}
 		}
-		job.Metadata[dispatcher.AttemptBaseKey] = strconv.Itoa(rec.Attempts)
+		job.Metadata[schemas.MetadataAttemptBase] = strconv.Itoa(min(rec.Attempts, schemas.MaxAttempt))
 		data, err := json.Marshal(job)
 		if err != nil {
 			return n, err

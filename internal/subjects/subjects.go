@@ -84,6 +84,15 @@ func Job(tenant, priority, jobID string) string {
 	return jobsPrefix + TenantToken(tenant) + "." + priority + "." + jobID
 }
 
+// JobAnyPriority matches the one job of tenant with jobID at every priority:
+// the subject a producer's publish expects to hold nothing yet
+// (Nats-Expected-Last-Subject-Sequence-Subject), since the priority is part of
+// the job subject and the stream's one-message-per-subject limit alone would
+// take the same id once per priority.
+func JobAnyPriority(tenant, jobID string) string {
+	return jobsPrefix + TenantToken(tenant) + ".*." + jobID
+}
+
 // JobsPriority matches all jobs of one priority, every tenant's: one of
 // JOBS' stream subjects.
 func JobsPriority(priority string) string { return jobsPrefix + "*." + priority + ".*" }
