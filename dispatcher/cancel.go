@@ -154,7 +154,7 @@ const logBadCancel = "stored cancel is no cancel: ignored"
 func (d *Dispatcher) onCancel(subject string, data []byte, live bool) {
 	ref, reason, ok := decodeCancel(subject, data)
 	if !ok {
-		d.metrics.BadCancels.Add(1)
+		d.count().badCancel()
 		d.rare.Warn().Str("subject", subject).Int("bytes", len(data)).Msg(logBadCancel)
 		return
 	}

@@ -14,7 +14,7 @@ type Observer interface {
 	// Series is told once, at New, every value the labelled counts take: the
 	// terminal states, the route reasons and the table's legal (state, event)
 	// pairs, so a count that never moved reads 0 instead of being absent.
-	Series(finished, reasons []string, transitions [][2]string)
+	Series(finished, reasons, anomalies []string, transitions [][2]string)
 	// Pulled: n messages were fetched from JOBS (deliveries).
 	Pulled(n int)
 	// Routed: a batch goes to the worker chosen for reason (RouteReason).
@@ -46,12 +46,31 @@ type Observer interface {
 	Transition(from, event string)
 	// IllegalTransition: the table refused a transition (a bug if it happens).
 	IllegalTransition()
+	// Anomaly: a message the dispatcher ignored or corrected, by kind
+	// (Anomalies): each is a misbehaving client or credential, or a bug.
+	Anomaly(kind string)
 }
+
+// Anomaly kinds, the values of Observer.Anomaly.
+const (
+	// AnomalyBadCancel: a cancel (stored or live) whose subject or body is no
+	// cancel: ignored.
+	AnomalyBadCancel = "bad_cancel"
+	// AnomalyBaseClamped: a job's metadata asked for an attempt base that would
+	// number attempts past the schemas' maximum: clamped.
+	AnomalyBaseClamped = "attempt_base_clamped"
+	// AnomalyDuplicateMsg: a second JOBS message for a job this dispatcher
+	// holds (same id, another stream sequence): terminated.
+	AnomalyDuplicateMsg = "duplicate_job_message"
+)
+
+// Anomalies lists every Anomaly kind.
+func Anomalies() []string { return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg} }
 
 // nopObserver is the Observer when none is configured.
 type nopObserver struct{}
 
-func (nopObserver) Series([]string, []string, [][2]string) {}
+func (nopObserver) Series([]string, []string, []string, [][2]string) {}
 func (nopObserver) Pulled(int)                             {}
 func (nopObserver) Routed(string)                          {}
 func (nopObserver) Accepted(int)                           {}
@@ -66,6 +85,7 @@ func (nopObserver) WorkerLost()                            {}
 func (nopObserver) WorkerRestarted()                       {}
 func (nopObserver) Transition(string, string)              {}
 func (nopObserver) IllegalTransition()                     {}
+func (nopObserver) Anomaly(string)                         {}
 
 // tally is where the dispatcher counts: its own Metrics and the Observer, one
 // call per event.
@@ -99,7 +119,7 @@ func (t tally) series() {
 	for _, r := range RouteReasons() {
 		reasons = append(reasons, r.String())
 	}
-	t.obs.Series(finished, reasons, pairs)
+	t.obs.Series(finished, reasons, Anomalies(), pairs)
 }
 
 func (t tally) pulled(n int) { t.m.JobsPulled.Add(int64(n)); t.obs.Pulled(n) }
@@ -143,11 +163,11 @@ func (t tally) alreadyFinished() { t.m.AlreadyFinished.Add(1); t.obs.AlreadyFini
 
 func (t tally) notAJob() { t.m.NotAJob.Add(1); t.obs.NotAJob() }
 
-// baseClamped and duplicateMsg are counted in Metrics only (no Observer
-// method yet): both are rare and logged.
-func (t tally) baseClamped() { t.m.BaseClamped.Add(1) }
+func (t tally) baseClamped() { t.m.BaseClamped.Add(1); t.obs.Anomaly(AnomalyBaseClamped) }
 
-func (t tally) duplicateMsg() { t.m.DuplicateMsgs.Add(1) }
+func (t tally) duplicateMsg() { t.m.DuplicateMsgs.Add(1); t.obs.Anomaly(AnomalyDuplicateMsg) }
+
+func (t tally) badCancel() { t.m.BadCancels.Add(1); t.obs.Anomaly(AnomalyBadCancel) }
 
 func (t tally) forged() { t.m.ForgedRecords.Add(1); t.obs.Forged() }
 

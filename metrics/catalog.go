@@ -86,6 +86,7 @@ var (
 	DispatcherWorkersRestarted = Spec{"mlx_dispatcher_workers_restarted_total", "Workers that came back as a new process (new started_at) while jobs were assigned to the old one; those jobs were retried.", Counter, nil, nil}
 	DispatcherIllegal          = Spec{"mlx_dispatcher_illegal_transitions_total", "Job state transitions the table refused (a bug if it moves).", Counter, nil, nil}
 	DispatcherRouted           = Spec{"mlx_dispatcher_batches_routed_total", "Batches sent to a worker, by why that one: prefix_hit (it holds the lead job's prompt prefix), no_match (nobody does; least loaded), fallback_full (the warm workers are full), fallback_skew (the warm workers are too busy, route_max_skew), least_loaded (routing least_loaded).", Counter, []string{"reason"}, nil}
+	DispatcherAnomalies        = Spec{"mlx_dispatcher_anomalies_total", "Messages the dispatcher ignored or corrected, by kind: bad_cancel (a cancel whose subject or body is no cancel: ignored), attempt_base_clamped (a job's metadata asked for an attempt base past the schemas' maximum: clamped), duplicate_job_message (a second JOBS message for a job it holds: terminated).", Counter, []string{"kind"}, nil}
 	DispatcherTransitions      = Spec{"mlx_dispatcher_transitions_total", "Legal job state transitions, by the state left and the event.", Counter, []string{"from", "event"}, nil}
 	WorkerSlots                = Spec{"mlx_worker_slots", "Concurrent generations this worker offers.", Gauge, []string{"worker_id"}, nil}
 	WorkerInFlight             = Spec{"mlx_worker_in_flight", "Jobs holding a slot on this worker.", Gauge, []string{"worker_id"}, nil}
@@ -122,7 +123,7 @@ var catalog = []Spec{
 	FleetQueued, FleetDuration, FleetTokens,
 	DispatcherPulled, DispatcherBatches, DispatcherAssigned, DispatcherAssignFull, DispatcherAssignErrors,
 	DispatcherRetries, DispatcherFinished, DispatcherAlreadyDone, DispatcherNotAJob, DispatcherForged, DispatcherWorkersLost, DispatcherWorkersRestarted, DispatcherIllegal,
-	DispatcherTransitions, DispatcherRouted,
+	DispatcherTransitions, DispatcherRouted, DispatcherAnomalies,
 	WorkerSlots, WorkerInFlight, WorkerState, WorkerRuntimeStarts, WorkerRuntimeRestarts, WorkerBreaker,
 	WorkerBreakerOpens, WorkerAssignments, WorkerBatchSize, WorkerSchemaRejections, WorkerJobsStarted,
 	WorkerJobsResumed, WorkerJobsFinished, WorkerAttemptsReported,

@@ -10,7 +10,7 @@ import (
 type Dispatcher struct {
 	pulled, batches, assigned, refused, assignErrors, retries prometheus.Counter
 	alreadyDone, notAJob, forged, lost, restarted, illegal    prometheus.Counter
-	finished, routed, transitions                             *prometheus.CounterVec
+	finished, routed, transitions, anomalies                  *prometheus.CounterVec
 }
 
 // NewDispatcher registers the dispatcher metrics in reg (or finds them there)
@@ -35,7 +35,7 @@ func NewDispatcher(reg prometheus.Registerer) (*Dispatcher, error) {
 	vecs := []struct {
 		p    **prometheus.CounterVec
 		spec Spec
-	}{{&d.finished, DispatcherFinished}, {&d.routed, DispatcherRouted}, {&d.transitions, DispatcherTransitions}}
+	}{{&d.finished, DispatcherFinished}, {&d.routed, DispatcherRouted}, {&d.transitions, DispatcherTransitions}, {&d.anomalies, DispatcherAnomalies}}
 	for _, v := range vecs {
 		if *v.p, err = register(reg, v.spec.counterVec()); err != nil {
 			return nil, err
@@ -46,7 +46,10 @@ func NewDispatcher(reg prometheus.Registerer) (*Dispatcher, error) {
 
 // Series implements dispatcher.Observer: every labelled series reads 0 from
 // the start.
-func (d *Dispatcher) Series(finished, reasons []string, transitions [][2]string) {
+func (d *Dispatcher) Series(finished, reasons, anomalies []string, transitions [][2]string) {
+	for _, k := range anomalies {
+		d.anomalies.WithLabelValues(k)
+	}
 	for _, s := range finished {
 		d.finished.WithLabelValues(s)
 	}
@@ -99,3 +102,6 @@ func (d *Dispatcher) Transition(from, event string) { d.transitions.WithLabelVal
 
 // IllegalTransition implements dispatcher.Observer.
 func (d *Dispatcher) IllegalTransition() { d.illegal.Inc() }
+
+// Anomaly implements dispatcher.Observer.
+func (d *Dispatcher) Anomaly(kind string) { d.anomalies.WithLabelValues(kind).Inc() }
