@@ -71,21 +71,21 @@ func Anomalies() []string { return []string{AnomalyBadCancel, AnomalyBaseClamped
 type nopObserver struct{}
 
 func (nopObserver) Series([]string, []string, []string, [][2]string) {}
-func (nopObserver) Pulled(int)                             {}
-func (nopObserver) Routed(string)                          {}
-func (nopObserver) Accepted(int)                           {}
-func (nopObserver) Refused()                               {}
-func (nopObserver) AssignFailed()                          {}
-func (nopObserver) Retried()                               {}
-func (nopObserver) Finished(string)                        {}
-func (nopObserver) AlreadyFinished()                       {}
-func (nopObserver) NotAJob()                               {}
-func (nopObserver) Forged()                                {}
-func (nopObserver) WorkerLost()                            {}
-func (nopObserver) WorkerRestarted()                       {}
-func (nopObserver) Transition(string, string)              {}
-func (nopObserver) IllegalTransition()                     {}
-func (nopObserver) Anomaly(string)                         {}
+func (nopObserver) Pulled(int)                                       {}
+func (nopObserver) Routed(string)                                    {}
+func (nopObserver) Accepted(int)                                     {}
+func (nopObserver) Refused()                                         {}
+func (nopObserver) AssignFailed()                                    {}
+func (nopObserver) Retried()                                         {}
+func (nopObserver) Finished(string)                                  {}
+func (nopObserver) AlreadyFinished()                                 {}
+func (nopObserver) NotAJob()                                         {}
+func (nopObserver) Forged()                                          {}
+func (nopObserver) WorkerLost()                                      {}
+func (nopObserver) WorkerRestarted()                                 {}
+func (nopObserver) Transition(string, string)                        {}
+func (nopObserver) IllegalTransition()                               {}
+func (nopObserver) Anomaly(string)                                   {}
 
 // tally is where the dispatcher counts: its own Metrics and the Observer, one
 // call per event.
