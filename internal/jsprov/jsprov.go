@@ -144,7 +144,12 @@ func StreamConfigs(opts Options) map[string]jetstream.StreamConfig {
 			MaxBytes:   o.JobsMaxBytes,
 			MaxMsgSize: o.JobsMaxMsgSize,
 			// One message per job subject: a job still queued or running cannot be
-			// queued again, even after the duplicate window has passed.
+			// queued again at the same priority, even after the duplicate window
+			// has passed. The subject names the priority, so the client also
+			// expects no message on the job's subject at any priority
+			// (subjects.JobAnyPriority); a raw publisher that skips that can queue
+			// one id once per priority, and a dispatcher holding one terminates the
+			// other (docs/RELIABILITY.md).
 			MaxMsgsPerSubject:    1,
 			DiscardNewPerSubject: true,
 			Duplicates:           o.DuplicateWindow,
