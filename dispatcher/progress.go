@@ -75,6 +75,7 @@ func (d *Dispatcher) onProgress(m *nats.Msg) {
 		return
 	}
 	if j.workerID != wid {
+		d.count().forged()
 		d.rare.Warn().Str("job_id", ev.JobID).Str("tenant", j.tenant).Str("from_worker", wid).Str("worker_id", j.workerID).
 			Int("attempt", ev.Attempt).Msg("progress from a worker that does not run this attempt; ignored")
 		return

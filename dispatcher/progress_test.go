@@ -60,7 +60,7 @@ func TestForgedTokensDoNotReachResumeOrRecord(t *testing.T) {
 			w1 := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Hang: true, HangAfter: 3} })
 			cfg := testConfig("d1", e.connect("d1"))
 			cfg.MaxAttempts = tc.maxAttempts
-			runDispatcher(t, cfg)
+			d, _ := runDispatcher(t, cfg)
 			j := newJob("forged-"+tc.name, "m", "normal")
 			j.MaxTokens = 10
 			c := e.listen(j.ReplyTo)
@@ -76,6 +76,11 @@ func TestForgedTokensDoNotReachResumeOrRecord(t *testing.T) {
 			r := e.waitResult(j.ID, 15*time.Second)
 			if strings.Contains(r.Text, forged) {
 				t.Fatalf("RESULTS holds forged text: %q", r.Text)
+			}
+			// w2's three progress events, seen and refused (the reply
+			// subject's are not even seen).
+			if n := d.Metrics().ForgedRecords.Load(); n != 3 {
+				t.Errorf("%d forgeries counted, want 3", n)
 			}
 			if w3 == nil {
 				// The dispatcher's own record: what w1 sent, and nothing else.
