@@ -84,8 +84,13 @@ func TestServesAnAssignment(t *testing.T) {
 		if ev := <-tokens; ev.Delta != fakeworker.TokenText(i) || ev.Seq != i {
 			t.Fatalf("token %d: %+v", i, ev)
 		}
-		if ev := <-progress; ev.Delta != fakeworker.TokenText(i) || ev.Seq != i || ev.JobID != "j1" {
-			t.Fatalf("progress %d: %+v", i, ev)
+		select {
+		case ev := <-progress:
+			if ev.Delta != fakeworker.TokenText(i) || ev.Seq != i || ev.JobID != "j1" {
+				t.Fatalf("progress %d: %+v", i, ev)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no progress event %d", i)
 		}
 	}
 	select {
