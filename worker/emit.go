@@ -42,7 +42,8 @@ var DefaultCoalesce = Coalesce{Interval: 20 * time.Millisecond}
 
 func (c Coalesce) enabled() bool { return c.Interval > 0 || c.Tokens > 1 }
 
-// emitter turns runtime chunks into token events on one job's reply subject. It is
+// emitter turns runtime chunks into token events on one job's reply subject
+// (and, alsoTo, the same bytes on the worker's progress subject). It is
 // the hot path: events are encoded by hand into one reused buffer (the NATS client
 // copies on Publish), never validated, and sent as soon as a chunk arrives.
 type emitter struct {
