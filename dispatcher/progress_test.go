@@ -164,3 +164,32 @@ func TestJSONSizeMatchesEncodingJSON(t *testing.T) {
 		}
 	}
 }
+
+// TestProgressGapStartsOver: a progress event of the job's own worker is lost
+// (LoseSeq). What the dispatcher tracked would have a hole, so the attempt is
+// no longer tracked and the retry after the worker's silent death starts over
+// rather than resume from text the caller never had in that shape.
+//
+// Mutation caught: dispatcher/progress.go track without the seq/offset case
+// (the retry resumes from "t0 t2 "): red.
+func TestProgressGapStartsOver(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	w1 := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{LoseSeq: 1, Hang: true, HangAfter: 3} })
+	runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("gap", "m", "normal")
+	j.MaxTokens = 10
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	waitFor(t, 10*time.Second, "w1's two delivered tokens", func() bool { return c.text() == tokenText(0)+tokenText(2) })
+	w1.Stop()
+	w3 := e.startWorker("w3", 2, []string{"m"}, nil)
+	r := e.waitResult(j.ID, 15*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Text != fullText(10) {
+		t.Fatalf("result %+v", r)
+	}
+	_, _, batches := w3.Snapshot()
+	if len(batches) != 1 || batches[0].Jobs[0].Attempt != 2 || batches[0].Jobs[0].Resume != nil {
+		t.Fatalf("retry on w3: %+v, want attempt 2 with no resume", batches)
+	}
+}
