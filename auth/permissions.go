@@ -191,13 +191,14 @@ func PermissionsFor(id Identity) (Permissions, error) {
 		}
 		return Permissions{
 			PublishAllow: []string{
-				subjects.ReplyPrefix + ".>",           // token events of the jobs it runs
-				subjects.DoneFromWorker(id.WorkerID),  // terminal records, to their dispatcher
-				subjects.Attempt(id.WorkerID),         // retryable failures
-				kvPutPrefix + id.WorkerID,             // its own heartbeat (put and delete)
-				streamInfo(kvStream),                  // binding the registry bucket
-				"$KV." + subjects.BucketModels + ".*", // announcing the models it serves
-				streamInfo(modelsKV),                  // binding that bucket
+				subjects.ReplyPrefix + ".>",              // token events of the jobs it runs
+				subjects.DoneFromWorker(id.WorkerID),     // terminal records, to their dispatcher
+				subjects.Attempt(id.WorkerID),            // retryable failures
+				subjects.ProgressFromWorker(id.WorkerID), // copies of its token events, to their dispatcher
+				kvPutPrefix + id.WorkerID,                // its own heartbeat (put and delete)
+				streamInfo(kvStream),                     // binding the registry bucket
+				"$KV." + subjects.BucketModels + ".*",    // announcing the models it serves
+				streamInfo(modelsKV),                     // binding that bucket
 			},
 			SubscribeAllow: []string{subjects.Assign(id.WorkerID), subjects.WorkerCancel(id.WorkerID), inbox},
 			AllowResponses: true, // answering the dispatcher's assign requests
@@ -209,8 +210,12 @@ func PermissionsFor(id Identity) (Permissions, error) {
 				"$JS.ACK.>", "$JS.FC.>",
 				subjects.AssignAll, subjects.WorkerCancelAll, subjects.ReplyPrefix + ".>", subjects.ResultsAll, subjects.DLQAll,
 			},
+			// No subscription on reply subjects: every worker credential may
+			// publish there, so what a dispatcher tracks of a running attempt
+			// comes from the progress subjects, where the server vouches for
+			// the worker id.
 			SubscribeAllow: []string{subjects.JobsAll, subjects.CancelAll,
-				subjects.DoneAll, subjects.AttemptAll, subjects.ReplyPrefix + ".>", inbox},
+				subjects.DoneAll, subjects.AttemptAll, subjects.ProgressAll, inbox},
 			AllowResponses: true, // answering workers' terminal hand-overs
 		}, nil
 	}

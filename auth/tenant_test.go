@@ -13,7 +13,8 @@ import (
 // cannot write or read RESULTS, read others' cancels, or speak as another
 // worker. Each case is one subject, so a widened grant shows up as one line.
 // Mutation caught: granting the producer subjects.JobsAll (or the worker
-// subjects.ResultsAll / subjects.CancelAll) in PermissionsFor.
+// subjects.ResultsAll / subjects.CancelAll / subjects.ProgressAll, or the
+// dispatcher a subscription on mlx.reply.>) in PermissionsFor.
 func TestCredentialsRefusedOutsideTheirTenantOrWorker(t *testing.T) {
 	t.Parallel()
 	sb := startSecureBus(t)
@@ -31,6 +32,7 @@ func TestCredentialsRefusedOutsideTheirTenantOrWorker(t *testing.T) {
 		{RoleProducer, "a", "Publish", bus.ReplySubject("a", "x")},
 		{RoleProducer, "a", "Publish", subjects.Done("w1", "d1")},
 		{RoleProducer, "a", "Publish", subjects.Attempt("w1")},
+		{RoleProducer, "a", "Publish", subjects.Progress("w1", "d1", "a")},
 		{RoleProducer, "a", "Publish", subjects.WorkerCancel("w1")},
 		{RoleProducer, "a", "Publish", subjects.DLQ("a", "x")},
 		{RoleProducer, "a", "Publish", "$JS.API.STREAM.PURGE.RESULTS"},
@@ -45,6 +47,8 @@ func TestCredentialsRefusedOutsideTheirTenantOrWorker(t *testing.T) {
 		{RoleWorker, "w1", "Publish", "$JS.API.DIRECT.GET.RESULTS." + subjects.Result("a", "x")},
 		{RoleWorker, "w1", "Publish", subjects.Done("w2", "d1")},
 		{RoleWorker, "w1", "Publish", subjects.Attempt("w2")},
+		{RoleWorker, "w1", "Publish", subjects.Progress("w2", "d1", "a")},
+		{RoleWorker, "w1", "Subscription", subjects.ProgressAll},
 		{RoleWorker, "w1", "Publish", subjects.Job("a", "normal", "x")},
 		{RoleWorker, "w1", "Publish", subjects.Cancel("a", "x")},
 		{RoleWorker, "w1", "Publish", subjects.WorkerCancel("w2")},
@@ -55,6 +59,10 @@ func TestCredentialsRefusedOutsideTheirTenantOrWorker(t *testing.T) {
 		{RoleWorker, "w1", "Subscription", subjects.DoneAll},
 		{RoleGateway, "", "Publish", subjects.Result("a", "x")},
 		{RoleGateway, "", "Publish", subjects.Done("w1", "d1")},
+		{RoleGateway, "", "Publish", subjects.Progress("w1", "d1", "a")},
+		// The dispatcher tracks a running attempt only from the progress
+		// subjects; it has no business reading reply subjects.
+		{RoleDispatcher, "", "Subscription", subjects.ReplyNamespace("a")},
 	}
 	for _, c := range cases {
 		cl := sb.connect(c.role, c.name)

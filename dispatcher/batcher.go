@@ -153,11 +153,21 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 		// always); size+1 of them are enough to fill the batch without waiting.
 		var members []*job
 		oldest := now
+		// The resumes of one batch together stay within the budget, so the
+		// assignment fits the server's max payload; a job past it waits for
+		// the next batch (the lead always goes: its resume is within resumeCap).
+		budget := d.batchResumeBudget() - lead.resumeSize
 	collect:
 		for q := range schemas.NumPriorities {
 			for _, j := range d.queues[q] {
 				if j.req.Model != model || (j != lead && !d.router.Admit(j, w, cands)) {
 					continue
+				}
+				if j != lead {
+					if j.resumeSize > budget {
+						continue
+					}
+					budget -= j.resumeSize
 				}
 				members = append(members, j)
 				if j.enqueued.Before(oldest) {
@@ -215,18 +225,11 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 		j.workerID, j.batchID = w.id, b.id
 		j.endedAt = time.Time{}
 		j.ran = true
-		j.cur.Reset()
-		j.curToks = 0
+		// What this attempt sends is tracked from its worker's progress
+		// events (progress.go), from seq 0.
+		j.resetCur()
+		j.untracked = false
 		j.nextSeq = 0
-		if j.replySub == nil {
-			// Subscribed before the assignment leaves on the same connection, so
-			// no token of this attempt can pass unseen.
-			if s, err := d.nc.Subscribe(j.req.ReplyTo, func(m *nats.Msg) { d.onReply(j, m) }); err == nil {
-				j.replySub = s
-			} else {
-				d.jobLog(d.log.Error(), j).Err(err).Msg("subscribe reply subject")
-			}
-		}
 		aj := schemas.AssignedJob{Job: j.req, Attempt: j.attempt, Traceparent: d.dispatchTraceparent(j)}
 		if j.resume.Text != "" || j.resume.CompletionTokens > 0 {
 			r := j.resume

@@ -92,9 +92,9 @@ type Dispatcher struct {
 	unsettled  []*job
 	barrierOut bool
 
-	// replyHook, if set, runs before each reply-subject event is handled
+	// progressHook, if set, runs before each progress event is handled
 	// (tests: hold token events back to force an interleaving).
-	replyHook func()
+	progressHook func()
 	// writeHook, if set, runs before each terminal write (tests: hold a write
 	// until shutdown).
 	writeHook func()
@@ -127,13 +127,19 @@ type job struct {
 
 	workerID string
 	batchID  string
-	endedAt  time.Time // when the worker ended the attempt (its clock), from the result or report
-	replySub *nats.Subscription
+	endedAt  time.Time      // when the worker ended the attempt (its clock), from the result or report
 	resume   schemas.Resume // what the caller received before the current attempt
-	cur      strings.Builder
-	curToks  int // cumulative completion tokens from the current attempt's events
+	// resumeSize: resume.Text's JSON-encoded length; curSize: cur's. Their
+	// sum stays within resumeCap (progress.go).
+	resumeSize int
+	cur        strings.Builder // the current attempt's text, from its worker's progress events
+	curSize    int
+	curToks    int // cumulative completion tokens from the current attempt's events
+	// untracked: the current attempt's events are no longer tracked (a gap,
+	// or past resumeCap); its retry starts over.
+	untracked bool
 	// settling: the attempt failed silently (no report carries its text) and
-	// token events it published may still wait in the reply subscription's
+	// token events it published may still wait in the progress subscription's
 	// queue; cur keeps growing until a barrier behind them has passed
 	// (settleReplies), and only then is it folded into resume and the job
 	// requeued. settleBy bounds the wait.
@@ -307,6 +313,9 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		subjects.CancelAll: d.onCancelSighted,
 		subjects.DoneForDispatcher(d.cfg.DispatcherID): d.onDoneConcurrently,
 		subjects.AttemptAll:                            d.onAttemptReport,
+		// On d.nc, like every subscription here: settle.go's barrier must
+		// run behind its queue too.
+		subjects.ProgressForDispatcher(d.cfg.DispatcherID): d.onProgress,
 	} {
 		s, err := d.nc.Subscribe(subj, h)
 		if err != nil {

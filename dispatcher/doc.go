@@ -88,10 +88,12 @@
 // and it stays routable. A per-worker circuit breaker (internal/breaker:
 // closed/open/half-open, the one table the worker's runtime breaker walks too)
 // stops routing to a worker whose assignments keep failing. While a job runs
-// the dispatcher listens on its reply subject and accumulates the text of the
-// current attempt, so a retry after a lost worker resumes (schemas.Resume)
-// where the caller's stream stopped; a worker's attempt report carries that
-// text itself. An attempt that ends silently (a lost or restarted worker, an
+// the dispatcher accumulates the text of the current attempt from the copies
+// of its token events that the job's worker sends on its own progress subject
+// (progress.go: never from the reply subject, where any worker may publish),
+// up to what a resume may carry, so a retry after a lost worker resumes
+// (schemas.Resume) where the caller's stream stopped; a worker's attempt
+// report carries that text itself. An attempt that ends silently (a lost or restarted worker, an
 // assignment timeout) is learnt on another subscription than its token
 // events, so its retry is requeued only after a barrier (nats.Conn.Barrier)
 // behind every event received so far: the resume then holds all the text the

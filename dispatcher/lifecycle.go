@@ -1,13 +1,11 @@
 package dispatcher
 
 import (
-	"encoding/json"
 	"fmt"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/mlx-serving/mlx-serving/schemas"
-	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 )
 
@@ -59,10 +57,6 @@ func (d *Dispatcher) forget(j *job) {
 	if (j.state == StateDispatched || j.state == StateRunning) && !j.state.Terminal() {
 		d.onWorker--
 	}
-	if j.replySub != nil {
-		_ = j.replySub.Unsubscribe()
-		j.replySub = nil
-	}
 	poke(d.changed)
 	poke(d.wakePull)
 	poke(d.wakeSched) // its slot may be free now: held jobs can go
@@ -70,17 +64,17 @@ func (d *Dispatcher) forget(j *job) {
 
 // retryableFailure ends the current attempt of j; it is retried after a backoff
 // or dead-lettered. resume is what the caller has received so far, if known
-// better than from the reply subject (an attempt report). Callers hold d.mu.
+// better than from the progress events (an attempt report). Callers hold d.mu.
 func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *schemas.Resume, nextSeq int) {
 	if err := d.apply(j, EvAttemptFailed); err != nil {
 		return
 	}
 	if resume != nil {
-		// The worker's report carries what it sent: authoritative.
-		j.resume = *resume
+		// The worker's report carries what it sent: authoritative (and from
+		// the worker the job runs on: onAttemptReport checks).
+		d.setResume(j, *resume)
 		j.nextSeq = nextSeq
-		j.cur.Reset()
-		j.curToks = 0
+		j.resetCur()
 		j.settling = false
 	} else {
 		// Only its token events tell what the attempt sent, and some may not
@@ -122,31 +116,6 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 
 func exhaustedError(attempts int, last schemas.ErrorInfo) *schemas.ErrorInfo {
 	return &schemas.ErrorInfo{Code: schemas.CodeAttemptsExhausted, Message: fmt.Sprintf("gave up after %d attempts; last error %s: %s", attempts, last.Code, last.Message)}
-}
-
-// onReply accumulates what the caller receives during the current attempt of j,
-// so a retry after a silent death resumes exactly there. The subscription is
-// j's own (its reply subject), so no lookup by id is needed.
-func (d *Dispatcher) onReply(j *job, m *nats.Msg) {
-	if d.replyHook != nil {
-		d.replyHook()
-	}
-	var ev schemas.TokenEventMsg
-	if err := json.Unmarshal(m.Data, &ev); err != nil || ev.Type != "token" || ev.JobID != j.id {
-		return
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	live := j.state == StateRunning || j.state == StateDispatched || (j.state == StateRetrying && j.settling)
-	if j.gone || ev.Attempt != j.attempt || !live {
-		return
-	}
-	if ev.Seq != j.nextSeq {
-		d.jobLog(d.log.Warn(), j).Int("seq", ev.Seq).Int("want", j.nextSeq).Msg("token gap on reply subject")
-	}
-	j.cur.WriteString(ev.Delta)
-	j.curToks = ev.Tokens
-	j.nextSeq = ev.Seq + 1
 }
 
 // jobLog puts the standard job fields on a log event. Callers hold d.mu.

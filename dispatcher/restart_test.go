@@ -126,7 +126,7 @@ func (o *retriedSignal) Retried() { o.once.Do(func() { close(o.ch) }) }
 // TestRestartResumesAfterQueuedTokens forces the interleaving behind the
 // flaky TestWorkerRestartWithinTTLRetries: the worker sends three tokens and
 // restarts, and the dispatcher handles the new process's heartbeat (and so
-// fails the attempt) while all three token events still wait in the reply
+// fails the attempt) while all three token events still wait in the progress
 // subscription's queue. The retry must still resume after all three: the
 // events the dispatcher had received before it learnt of the restart count.
 func TestRestartResumesAfterQueuedTokens(t *testing.T) {
@@ -146,9 +146,9 @@ func TestRestartResumesAfterQueuedTokens(t *testing.T) {
 		t.Fatal(err)
 	}
 	var hold sync.Once
-	// The first event on the reply subject waits until the attempt has been
-	// failed; the reply subscription's goroutine is the only one held.
-	d.replyHook = func() { hold.Do(func() { <-obs.ch }) }
+	// The first progress event waits until the attempt has been failed; the
+	// progress subscription's goroutine is the only one held.
+	d.progressHook = func() { hold.Do(func() { <-obs.ch }) }
 	runNew(t, d)
 	j := newJob("rs-held", "m", "normal")
 	j.MaxTokens = 10

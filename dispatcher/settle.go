@@ -6,7 +6,7 @@ import "github.com/mlx-serving/mlx-serving/schemas"
 //
 // An attempt that ends without a report (its worker lost or restarted, its
 // assignment timed out) has told what it sent only through its token events,
-// which the dispatcher handles on the job's reply subscription, while the news
+// which the dispatcher handles on its progress subscription (progress.go), while the news
 // of the end comes on another (the registry watch, a timer, an assignment
 // reply): two goroutines. Taking the resume when the end is applied could miss
 // events already received but not yet handled, and the retry would resume from
@@ -14,7 +14,7 @@ import "github.com/mlx-serving/mlx-serving/schemas"
 // one (TestWorkerRestartWithinTTLRetries failed so, ~2 in 30).
 //
 // The events the dispatcher received before it learnt of the end are already
-// queued on the reply subscription: one connection delivers in the order the
+// queued on the progress subscription: one connection delivers in the order the
 // server sent, the worker published them before it died, and its successor's
 // heartbeat (or the expiry) came after. nats.Conn.Barrier runs a function once
 // every async subscription of the connection has handled what it held when
@@ -24,9 +24,10 @@ import "github.com/mlx-serving/mlx-serving/schemas"
 // from a worker that lives on (lost only to the TTL) are not waited for: what
 // it sends past the resume is lost to the caller's stream anyway.
 //
-// A barrier costs one queued marker per subscription (each running job's reply
-// subscription among them), so the jobs of one failure share one: jobs that
-// start settling while a barrier is out wait for the next, set after it ran.
+// The progress subscription must be on d.nc, the connection the barrier is set
+// on (Run subscribes it there). A barrier costs one queued marker per
+// subscription of the connection, so the jobs of one failure share one: jobs
+// that start settling while a barrier is out wait for the next, set after it ran.
 
 // settleReplies has j, which just started settling, settled by the next
 // barrier. Callers hold d.mu.
@@ -75,8 +76,8 @@ func (j *job) takeResume() {
 		return
 	}
 	j.resume = j.resumeNow()
-	j.cur.Reset()
-	j.curToks = 0
+	j.resumeSize += j.curSize
+	j.resetCur()
 	j.settling = false
 }
 

@@ -81,7 +81,7 @@ var (
 	DispatcherFinished         = Spec{"mlx_dispatcher_jobs_finished_total", "Jobs this dispatcher saw reach a terminal state, by state.", Counter, []string{"state"}, nil}
 	DispatcherAlreadyDone      = Spec{"mlx_dispatcher_already_finished_total", "Deliveries acked without running because RESULTS already had the job.", Counter, nil, nil}
 	DispatcherNotAJob          = Spec{"mlx_dispatcher_not_a_job_total", "Messages on JOBS from which no job could be derived: dead-lettered raw and terminated.", Counter, nil, nil}
-	DispatcherForged           = Spec{"mlx_dispatcher_forged_records_total", "Terminal records or attempt reports from a worker that does not run that attempt: refused.", Counter, nil, nil}
+	DispatcherForged           = Spec{"mlx_dispatcher_forged_records_total", "Terminal records, attempt reports or progress events from a worker that does not run that attempt: refused.", Counter, nil, nil}
 	DispatcherWorkersLost      = Spec{"mlx_dispatcher_workers_lost_total", "Workers whose registry entry was deleted or went stale while this dispatcher watched.", Counter, nil, nil}
 	DispatcherWorkersRestarted = Spec{"mlx_dispatcher_workers_restarted_total", "Workers that came back as a new process (new started_at) while jobs were assigned to the old one; those jobs were retried.", Counter, nil, nil}
 	DispatcherIllegal          = Spec{"mlx_dispatcher_illegal_transitions_total", "Job state transitions the table refused (a bug if it moves).", Counter, nil, nil}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"reflect"
 	"strings"
 	"syscall"
 	"testing"
@@ -49,6 +50,9 @@ func TestE2EJobStreamsTokensAndRecordsOneResult(t *testing.T) {
 	bad.Prompt = ""
 	bad.Tenant = "t1" // its failure is kept where tenant t1's producer may read it
 	cGood, cRes, cBad := collect(t, b.nc, good.ReplyTo), collect(t, b.nc, resumed.ReplyTo), collect(t, b.nc, bad.ReplyTo)
+	// The copies for the dispatcher that placed the job, on this worker's
+	// progress subject (mutation caught: no alsoTo in runJob → no copy).
+	pGood := collect(t, b.nc, subjects.Progress("w-stream", testDispatcher, good.Tenant))
 
 	m := batch("tiny", good, resumed, bad)
 	m.Jobs[1].Resume = &schemas.Resume{Text: "Once upon", CompletionTokens: 4}
@@ -68,6 +72,23 @@ func TestE2EJobStreamsTokensAndRecordsOneResult(t *testing.T) {
 	}
 	if last := cGood.tokens[len(cGood.tokens)-1]; last.Tokens > r.Usage.CompletionTokens {
 		t.Fatalf("token count %d beyond usage %d", last.Tokens, r.Usage.CompletionTokens)
+	}
+	// One connection delivers in publish order: every copy is in before the
+	// result, and each is the token event the caller got. (The subject is the
+	// tenant's: the resumed job's copies come there too.)
+	var copies []schemas.TokenEventMsg
+	for len(copies) < len(cGood.tokens) {
+		if got, _ := pGood.next(ctx); got != nil && got.JobID == good.ID {
+			copies = append(copies, *got)
+		}
+	}
+	for len(pGood.ch) > 0 {
+		if got, _ := pGood.next(ctx); got != nil && got.JobID == good.ID {
+			copies = append(copies, *got)
+		}
+	}
+	if !reflect.DeepEqual(copies, cGood.tokens) {
+		t.Fatalf("progress copies %+v, reply subject had %+v", copies, cGood.tokens)
 	}
 	stored := fetchResult(t, b.js, good.ID)
 	if stored.Text != r.Text || stored.Status != r.Status || stored.Seq != r.Seq {

@@ -42,12 +42,14 @@ var DefaultCoalesce = Coalesce{Interval: 20 * time.Millisecond}
 
 func (c Coalesce) enabled() bool { return c.Interval > 0 || c.Tokens > 1 }
 
-// emitter turns runtime chunks into token events on one job's reply subject. It is
+// emitter turns runtime chunks into token events on one job's reply subject
+// (and, alsoTo, the same bytes on the worker's progress subject). It is
 // the hot path: events are encoded by hand into one reused buffer (the NATS client
 // copies on Publish), never validated, and sent as soon as a chunk arrives.
 type emitter struct {
 	nc       *nats.Conn
 	subject  string
+	progress string // the same events, for the dispatcher that placed the job (alsoTo)
 	prefix   []byte // {"type":"token","job_id":"…","attempt":N,"seq":
 	buf      []byte
 	resumeN  int
@@ -85,6 +87,16 @@ func newEmitter(nc *nats.Conn, subject, jobID string, attempt, resumeTokens int,
 // that had to start over (its dispatcher died with what was already sent).
 func (e *emitter) startingAt(offset int) *emitter {
 	e.offset = offset
+	return e
+}
+
+// alsoTo sends every event also to progress (subjects.Progress): the
+// dispatcher that placed the job tracks what the caller received only from
+// there, since any worker credential may publish on a reply subject but only
+// this worker's on its progress subject. Without it a retry after this
+// worker's silent death would start over.
+func (e *emitter) alsoTo(progress string) *emitter {
+	e.progress = progress
 	return e
 }
 
@@ -149,6 +161,11 @@ func (e *emitter) publishLocked(delta string, lps []schemas.TokenLogprob) {
 	}
 	if e.subject != "" && e.nc != nil {
 		_ = e.nc.Publish(e.subject, b) // a lost event shows as a gap in seq; the result still carries the whole text
+		if e.progress != "" {
+			// A lost copy leaves a gap the dispatcher sees: it stops tracking the
+			// attempt, and a retry starts over instead of resuming with a hole.
+			_ = e.nc.Publish(e.progress, b)
+		}
 	}
 }
 

@@ -271,7 +271,8 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 	resumed := resumeText != "" || resumeTokens > 0
 	a.cfg.Observer.JobStarted(j.Model, r.aj.Attempt, resumed)
 	log.Debug().Bool("resumed", resumed).Msg("job started")
-	em := newEmitter(a.nc, j.ReplyTo, j.ID, r.aj.Attempt, resumeTokens, a.cfg.Coalesce).startingAt(len(resumeText))
+	em := newEmitter(a.nc, j.ReplyTo, j.ID, r.aj.Attempt, resumeTokens, a.cfg.Coalesce).startingAt(len(resumeText)).
+		alsoTo(subjects.Progress(a.cfg.WorkerID, r.dispatcherID, j.Tenant))
 	defer em.stop()
 
 	if j.Deadline != nil {

@@ -85,8 +85,10 @@ type outcome struct {
 }
 
 // attempt streams aj's token events to the job's reply subject as plan says,
-// like the real worker: offsets in the job's text, seq from 0 per attempt.
-func (w *Worker) attempt(aj schemas.AssignedJob, plan Plan, inc int) outcome {
+// like the real worker: offsets in the job's text, seq from 0 per attempt, and
+// each event also to progress (subjects.Progress, for the dispatcher that
+// placed the job; "" in Direct mode, where there is none).
+func (w *Worker) attempt(aj schemas.AssignedJob, plan Plan, inc int, progress string) outcome {
 	job := aj.Job
 	start, text := 0, ""
 	if aj.Resume != nil {
@@ -117,6 +119,9 @@ func (w *Worker) attempt(aj schemas.AssignedJob, plan Plan, inc int) outcome {
 		if plan.LoseSeq == 0 || seq != plan.LoseSeq {
 			data, _ := json.Marshal(ev)
 			_ = w.nc.Publish(job.ReplyTo, data)
+			if progress != "" {
+				_ = w.nc.Publish(progress, data)
+			}
 		}
 		seq++
 		if plan.Restart > 0 && seq == plan.Restart {
@@ -173,7 +178,7 @@ func (w *Worker) record(aj schemas.AssignedJob, plan Plan, text string, seq, tok
 // a failure is reported or the record handed to the dispatcher that placed the
 // job, which stores it, sends the terminal event and acks.
 func (w *Worker) run(aj schemas.AssignedJob, dispatcherID string, inc int) {
-	o := w.attempt(aj, w.opts.Plan(aj), inc)
+	o := w.attempt(aj, w.opts.Plan(aj), inc, subjects.Progress(w.opts.ID, dispatcherID, aj.Job.Tenant))
 	switch {
 	case o.crash != nil:
 		rep, _ := json.Marshal(o.crash)

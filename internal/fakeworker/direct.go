@@ -55,7 +55,7 @@ func (w *Worker) serveDirect(m *nats.Msg) {
 func (w *Worker) runDirect(aj schemas.AssignedJob, inc int) {
 	for {
 		plan := w.opts.Plan(aj)
-		o := w.attempt(aj, plan, inc)
+		o := w.attempt(aj, plan, inc, "")
 		if o.crash != nil {
 			next := schemas.AssignedJob{Job: aj.Job, Attempt: aj.Attempt + 1}
 			if !plan.StartOver {

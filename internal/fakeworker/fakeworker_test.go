@@ -17,8 +17,9 @@ import (
 )
 
 // TestServesAnAssignment: accepted with the free slots left, tokens on the
-// reply subject, the record handed to the dispatcher that placed the job, and
-// a batch larger than the free slots answered full.
+// reply subject and the same on the progress subject, the record handed to the
+// dispatcher that placed the job, and a batch larger than the free slots
+// answered full.
 func TestServesAnAssignment(t *testing.T) {
 	t.Parallel()
 	b := testenv.StartBus(t, jsprov.Options{})
@@ -35,6 +36,15 @@ func TestServesAnAssignment(t *testing.T) {
 		var ev schemas.TokenEventMsg
 		_ = json.Unmarshal(m.Data, &ev)
 		tokens <- ev
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// The same events, for the dispatcher that placed the job.
+	progress := make(chan schemas.TokenEventMsg, 8)
+	if _, err := b.Conn.Subscribe(subjects.Progress("w1", "d1", ""), func(m *nats.Msg) {
+		var ev schemas.TokenEventMsg
+		_ = json.Unmarshal(m.Data, &ev)
+		progress <- ev
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -73,6 +83,14 @@ func TestServesAnAssignment(t *testing.T) {
 	for i := range 3 {
 		if ev := <-tokens; ev.Delta != fakeworker.TokenText(i) || ev.Seq != i {
 			t.Fatalf("token %d: %+v", i, ev)
+		}
+		select {
+		case ev := <-progress:
+			if ev.Delta != fakeworker.TokenText(i) || ev.Seq != i || ev.JobID != "j1" {
+				t.Fatalf("progress %d: %+v", i, ev)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no progress event %d", i)
 		}
 	}
 	select {

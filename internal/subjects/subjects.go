@@ -64,6 +64,8 @@ const (
 	DoneAll = "mlx.worker.*.done.*"
 	// AttemptAll matches every worker's attempt report subject.
 	AttemptAll = "mlx.worker.*.attempt"
+	// ProgressAll matches every worker's progress subject (Progress).
+	ProgressAll = "mlx.worker.*.progress.*.*"
 	// ResultsPrefix starts result subjects: mlx.results.<tenant>.<job-id>.
 	ResultsPrefix = "mlx.results"
 	// ReplyPrefix starts reply subjects: mlx.reply.<tenant>.<…>. A job's reply_to
@@ -245,6 +247,47 @@ func DoneForDispatcher(dispatcherID string) string { return workerPrefix + "*.do
 
 // DoneFromWorker matches every hand-over one worker may make (its grant).
 func DoneFromWorker(workerID string) string { return workerPrefix + workerID + ".done.*" }
+
+// Progress is where a worker sends the dispatcher that placed a job a copy of
+// each token event it publishes on the job's reply subject (core NATS, body
+// schemas.TokenEventMsg): mlx.worker.<worker-id>.progress.<dispatcher-id>.<tenant>.
+// The dispatcher keeps what the caller received from it, the resume of a retry
+// after a silent death and the text of the records it writes itself. Only the
+// worker id is vouched for, by the server's permissions (ProgressFromWorker):
+// every worker credential may publish on every reply subject, so the
+// dispatcher takes an event only here and only for a job it placed on that
+// worker, at that attempt. The tenant token only finds the job (the event
+// names its id, not its tenant); a wrong one finds none or another worker's job,
+// which the worker check refuses.
+func Progress(workerID, dispatcherID, tenant string) string {
+	return workerPrefix + workerID + ".progress." + dispatcherID + "." + TenantToken(tenant)
+}
+
+// ProgressForDispatcher matches every progress event addressed to one dispatcher.
+func ProgressForDispatcher(dispatcherID string) string {
+	return workerPrefix + "*.progress." + dispatcherID + ".*"
+}
+
+// ProgressFromWorker matches every progress event one worker may send (its grant).
+func ProgressFromWorker(workerID string) string {
+	return workerPrefix + workerID + ".progress.*.*"
+}
+
+// ParseProgress splits mlx.worker.<worker-id>.progress.<dispatcher-id>.<tenant>
+// into the worker id and the tenant token; ok is false for any other shape or
+// a token that is no valid name.
+func ParseProgress(subject string) (workerID, tenant string, ok bool) {
+	rest, found := strings.CutPrefix(subject, workerPrefix)
+	if !found {
+		return "", "", false
+	}
+	parts := strings.Split(rest, ".")
+	if len(parts) != 4 || parts[1] != "progress" || !idPattern.MatchString(parts[0]) ||
+		!idPattern.MatchString(parts[2]) || !tenantPattern.MatchString(parts[3]) {
+		return "", "", false
+	}
+	return parts[0], parts[3], true
+}
 
 // Attempt carries a worker's report of a retryable failed attempt.
 func Attempt(workerID string) string { return workerPrefix + workerID + ".attempt" }

@@ -80,18 +80,20 @@ type attackMonitor struct {
 	assigns   map[string][]assignOffer
 	results   map[string]int      // result subject -> writes seen
 	terminals map[string][]string // reply subject -> terminal texts
+	tokens    map[string]int      // reply subject -> token events seen
 }
 
 type assignOffer struct {
 	worker  string
 	attempt int
 	jobs    []string
+	resume  string // the resume text the job was offered with
 }
 
 func newAttackMonitor(t testing.TB, nc *nats.Conn) *attackMonitor {
 	t.Helper()
 	m := &attackMonitor{offers: map[string]assignOffer{}, running: map[string]assignOffer{}, assigns: map[string][]assignOffer{},
-		results: map[string]int{}, terminals: map[string][]string{}}
+		results: map[string]int{}, terminals: map[string][]string{}, tokens: map[string]int{}}
 	for _, subj := range []string{"mlx.>", "_INBOX.dispatcher.>"} {
 		sub, err := nc.Subscribe(subj, m.observe)
 		if err != nil {
@@ -121,6 +123,9 @@ func (m *attackMonitor) observe(msg *nats.Msg) {
 		for _, j := range a.Jobs {
 			k := subjects.JobRef{Tenant: j.Job.Tenant, ID: j.Job.ID}.Key()
 			o := assignOffer{worker: w, attempt: j.Attempt, jobs: []string{k}}
+			if j.Resume != nil {
+				o.resume = j.Resume.Text
+			}
 			m.assigns[k] = append(m.assigns[k], o)
 			prev := m.offers[a.BatchID]
 			prev.worker = w
@@ -148,6 +153,8 @@ func (m *attackMonitor) observe(msg *nats.Msg) {
 		}
 		if json.Unmarshal(msg.Data, &r) == nil && r.Type == "result" {
 			m.terminals[subj] = append(m.terminals[subj], r.Text)
+		} else if r.Type == "token" {
+			m.tokens[subj]++
 		}
 	}
 }
@@ -190,6 +197,20 @@ func (m *attackMonitor) ranOn(key, worker string, attempt int) bool {
 		}
 	}
 	return false
+}
+
+// offered is every assignment of the job seen, oldest first.
+func (m *attackMonitor) offered(key string) []assignOffer {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([]assignOffer(nil), m.assigns[key]...)
+}
+
+// tokensOn counts the token events seen on a reply subject.
+func (m *attackMonitor) tokensOn(subj string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.tokens[subj]
 }
 
 func (m *attackMonitor) resultWritten(tenant, id string) bool {

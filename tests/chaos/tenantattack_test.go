@@ -133,6 +133,7 @@ func TestTenantAttack(t *testing.T) {
 	for _, c := range []struct{ what, subj string }{
 		{"terminal record as w2", subjects.Done("w2", did)},
 		{"attempt report as w2", subjects.Attempt("w2")},
+		{"progress event as w2, for b's job", subjects.Progress("w2", did, "b")},
 		{"cancel on w2's cancel subject", subjects.WorkerCancel("w2")},
 		{"assignment to w2", subjects.Assign("w2")},
 		{"write b's record directly", subjects.Result("b", "bq1")},
@@ -157,6 +158,7 @@ func TestTenantAttack(t *testing.T) {
 		{"read every assignment", subjects.AssignAll},
 		{"read w2's cancels", subjects.WorkerCancel("w2")},
 		{"read every terminal hand-over", subjects.DoneAll},
+		{"read every progress event", subjects.ProgressAll},
 		{"read b's token streams", subjects.ReplyNamespace("b")},
 		{"read RESULTS' subjects", subjects.ResultsAll},
 		{"read the dispatcher's inbox", "_INBOX.dispatcher.>"},
@@ -184,6 +186,7 @@ func TestTenantAttack(t *testing.T) {
 		{"write its own record", subjects.Result("a", "atkares")},
 		{"terminal hand-over as w1", subjects.Done("w1", did)},
 		{"attempt report as w1", subjects.Attempt("w1")},
+		{"progress event as w1", subjects.Progress("w1", did, "a")},
 		{"cancel on w2's cancel subject", subjects.WorkerCancel("w2")},
 		{"assignment to w1", subjects.Assign("w1")},
 		{"dead letter under b", subjects.DLQ("b", "bq1")},
@@ -252,6 +255,7 @@ func TestTenantAttack(t *testing.T) {
 		{"write b's record", subjects.Result("b", "bq1")},
 		{"terminal hand-over as w1", subjects.Done("w1", did)},
 		{"attempt report as w2", subjects.Attempt("w2")},
+		{"progress event as w1", subjects.Progress("w1", did, "b")},
 		{"assignment to w1", subjects.Assign("w1")},
 		{"cancel on w2's cancel subject", subjects.WorkerCancel("w2")},
 		{"token event into b's stream", bus.ReplySubject("b", "bq1")},
@@ -280,7 +284,9 @@ func TestTenantAttack(t *testing.T) {
 	at.pubDenied(dc, "submit as tenant b", subjects.Job("b", "normal", "atkdisp"))
 	at.pubDenied(dc, "put a worker's heartbeat", "$KV.mlx_workers.w1")
 	at.subDenied(dc, "read every inbox", "_INBOX.>")
+	at.subDenied(dc, "read b's token streams (it tracks progress subjects only)", subjects.ReplyNamespace("b"))
 	at.controlSub(dc, "dispatcher", "read every terminal hand-over", subjects.DoneAll)
+	at.controlSub(dc, "dispatcher", "read every progress event", subjects.ProgressAll)
 	at.controlPub(s.connect(auth.RoleAdmin, ""), "admin", "STREAM.INFO of RESULTS", "$JS.API.STREAM.INFO.RESULTS")
 
 	attackEnd := time.Since(start)
@@ -304,6 +310,8 @@ func TestTenantAttack(t *testing.T) {
 	}
 	at.runLater(ctx)
 	at.checkB(ctx, bc)
+	// After the checks: it kills a worker, and adds a job of b's of its own.
+	at.resumeForgery(ctx, bc, map[string]*busClient{"w1": w1, "w2": s.connect(auth.RoleWorker, "w2")}, did)
 	if f := at.forged(); f <= forgedBefore {
 		t.Errorf("mlx_dispatcher_forged_records_total %v: no forgery was counted", f)
 	} else {

@@ -1,0 +1,165 @@
+package dispatcher
+
+import (
+	"encoding/json"
+	"unicode/utf8"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// Progress: what the caller received during the running attempt.
+//
+// A retry after a silent death (settle.go) resumes from what the caller
+// received, and the records this dispatcher makes itself (cancelled, expired,
+// out of attempts) carry that text. Both must hold only what the job's own
+// worker produced. Reply subjects cannot tell that: every worker credential
+// may publish on every one of them (it streams tokens there), so a worker
+// could plant text in another worker's job — it would reach the retry's
+// resume and the stored record. Hence the worker sends each token event
+// also to its own progress subject (subjects.Progress), where the server's
+// permissions vouch for the worker id, and the dispatcher tracks only those
+// events, only from the worker the job is placed on, at that attempt.
+//
+// What is tracked is bounded (resumeCap): a resume travels in an assignment,
+// which the schema caps at 1 MiB of text and the server at its max payload
+// with up to MaxBatch jobs. An attempt whose text passes the cap, or whose
+// events come with a gap (a lost message: the tracked text would have a hole),
+// is no longer tracked: its retry starts over, which the caller's stream
+// handles (the next attempt's offset 0 says so).
+
+// maxResumeText is the assignment schema's bound on a resume's text
+// (schemas/assignment.json, maxLength, in characters: never fewer than bytes).
+const maxResumeText = 1 << 20
+
+// resumeCap is the most JSON-encoded bytes of resume text a job may carry:
+// a quarter of the server's max payload (so the lead job of a batch always
+// fits, with its prompt, and the batch's resumes together stay under half of
+// it; see batchResumeBudget), and never past the schema's bound.
+func (d *Dispatcher) resumeCap() int {
+	mp := int(d.nc.MaxPayload())
+	if mp <= 0 {
+		mp = 1 << 20 // the server's default
+	}
+	return min(maxResumeText, mp/4)
+}
+
+// batchResumeBudget is the most JSON-encoded resume text one assignment may
+// carry, all its jobs together.
+func (d *Dispatcher) batchResumeBudget() int { return 2 * d.resumeCap() }
+
+// onProgress handles a token event a worker sent the dispatcher that placed
+// the job (mlx.worker.<wid>.progress.<this dispatcher>.<tenant>).
+func (d *Dispatcher) onProgress(m *nats.Msg) {
+	if d.progressHook != nil {
+		d.progressHook()
+	}
+	wid, tenant, ok := subjects.ParseProgress(m.Subject)
+	if !ok {
+		return
+	}
+	var ev schemas.TokenEventMsg
+	if err := json.Unmarshal(m.Data, &ev); err != nil || ev.Type != "token" {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	j := d.jobs[subjects.JobRef{Tenant: tenant, ID: ev.JobID}.Key()]
+	if j == nil || j.gone || ev.Attempt != j.attempt {
+		return
+	}
+	live := j.state == StateRunning || j.state == StateDispatched || (j.state == StateRetrying && j.settling)
+	if !live {
+		return
+	}
+	if j.workerID != wid {
+		d.count().forged()
+		d.rare.Warn().Str("job_id", ev.JobID).Str("tenant", j.tenant).Str("from_worker", wid).Str("worker_id", j.workerID).
+			Int("attempt", ev.Attempt).Msg("progress from a worker that does not run this attempt; ignored")
+		return
+	}
+	j.track(d, &ev)
+}
+
+// track adds ev, an event of j's current attempt from its worker, to what the
+// caller received; or stops tracking the attempt. Callers hold d.mu.
+func (j *job) track(d *Dispatcher, ev *schemas.TokenEventMsg) {
+	if j.untracked {
+		return
+	}
+	size := jsonSize(ev.Delta)
+	switch {
+	case ev.Seq != j.nextSeq || ev.Offset != len(j.resume.Text)+j.cur.Len():
+		d.jobLog(d.log.Warn(), j).Int("seq", ev.Seq).Int("want", j.nextSeq).Int("offset", ev.Offset).
+			Msg("gap in progress events; the attempt is no longer tracked, a retry starts over")
+		j.untrack()
+	case j.resumeSize+j.curSize+size > d.resumeCap():
+		d.jobLog(d.log.Warn(), j).Int("cap", d.resumeCap()).
+			Msg("text beyond what a resume may carry; the attempt is no longer tracked, a retry starts over")
+		j.untrack()
+	default:
+		j.cur.WriteString(ev.Delta)
+		j.curSize += size
+		j.curToks = ev.Tokens
+		j.nextSeq = ev.Seq + 1
+	}
+}
+
+// untrack drops what is known of j's text: the current attempt is no longer
+// tracked, and the next one starts over (no resume). Callers hold d.mu.
+func (j *job) untrack() {
+	j.untracked = true
+	j.resume, j.resumeSize = schemas.Resume{}, 0
+	j.resetCur()
+}
+
+// resetCur forgets the current attempt's tracked text.
+func (j *job) resetCur() {
+	j.cur.Reset()
+	j.curToks, j.curSize = 0, 0
+}
+
+// setResume makes r, which an attempt report carries, j's resume, unless it
+// is larger than a resume may be: then the next attempt starts over.
+func (d *Dispatcher) setResume(j *job, r schemas.Resume) {
+	size := jsonSize(r.Text)
+	if size > d.resumeCap() {
+		d.jobLog(d.log.Warn(), j).Int("cap", d.resumeCap()).Msg("reported text beyond what a resume may carry; the retry starts over")
+		r, size = schemas.Resume{}, 0
+	}
+	j.resume, j.resumeSize = r, size
+}
+
+// jsonSize is the length of s as encoding/json writes it (HTML escaping on),
+// less the quotes: what its text adds to an assignment.
+func jsonSize(s string) int {
+	n := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			switch {
+			case c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t':
+				n += 2
+			case c < 0x20 || c == '<' || c == '>' || c == '&':
+				n += 6
+			default:
+				n++
+			}
+			i++
+			continue
+		}
+		r, w := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && w == 1:
+			n += 6 // \ufffd
+		case r == '\u2028' || r == '\u2029':
+			n += 6
+		default:
+			n += w
+		}
+		i += w
+	}
+	return n
+}
