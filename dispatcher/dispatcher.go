@@ -304,7 +304,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	defer stopResults()
 	// Cancels too come from their stream, the stored ones first (no job is
 	// pulled before they are known).
-	stopCancels, err := d.watchCancels(d.wctx)
+	stopCancels, err := d.watchCancels(ctx)
 	if err != nil {
 		return err
 	}
