@@ -306,6 +306,41 @@ func (at *attackTable) modelsRollup(c *busClient) {
 	at.add(c.name, action, true, "the other announcements survived")
 }
 
+// modelsDeleteMarker: a worker may put model announcements, and NATS
+// permissions cannot tell a put from a "KV-Operation: DEL" or "PURGE" marker
+// on the same subject. A marker must not make a served model unknown to the
+// producers' check (it did: model_not_found for every tenant, and a 500 from
+// the gateway, for as long as the marker was repeated).
+func (at *attackTable) modelsDeleteMarker(c, reader *busClient) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kv, err := at.s.adminJS.KeyValue(ctx, subjects.BucketModels)
+	if err != nil {
+		at.t.Fatal(err)
+	}
+	if err := registry.AnnounceModels(ctx, kv, []string{"atk-served"}); err != nil {
+		at.t.Fatal(err)
+	}
+	for _, op := range []string{"DEL", "PURGE"} {
+		action := "KV-Operation: " + op + " on another model's announcement"
+		m := nats.NewMsg("$KV." + subjects.BucketModels + "." + subjects.ModelKey("atk-served"))
+		m.Header.Set("KV-Operation", op)
+		if _, err := c.js.PublishMsg(ctx, m); err != nil {
+			at.add(c.name, action, true, "refused by JetStream: "+err.Error())
+			continue
+		}
+		served, err := registry.ModelServed(ctx, reader.js, "atk-served")
+		switch {
+		case err != nil:
+			at.add(c.name, action, false, "SUCCEEDED: the producers' model check fails: "+err.Error())
+		case !served:
+			at.add(c.name, action, false, "SUCCEEDED: atk-served is model_not_found for every tenant")
+		default:
+			at.add(c.name, action, true, "allowed by the server, but atk-served is still served")
+		}
+	}
+}
+
 // invalidJob publishes body on the attacker's own job subject (allowed): the
 // dispatcher must fail it invalid_request under tenant a, with no record
 // under b and no terminal event anywhere but a's namespace.

@@ -129,6 +129,7 @@ func TestTenantAttack(t *testing.T) {
 	at.replyInjection(w1, bc, "bq0")
 	at.kvRollup(w1)
 	at.modelsRollup(w1)
+	at.modelsDeleteMarker(w1, pa)
 
 	for _, c := range []struct{ what, subj string }{
 		{"terminal record as w2", subjects.Done("w2", did)},
