@@ -23,7 +23,7 @@ import (
 // function; until then no job is pulled, so none can miss its cancel. It
 // returns ctx's error as soon as ctx ends, backlog read or not.
 //
-// The backlog is read in pulls of at most cancelPullBytes: unbounded (500
+// The backlog is read in pulls of at most streamPullBytes: unbounded (500
 // messages a pull), a backlog of large cancels made the server push hundreds
 // of megabytes at once, drop the dispatcher's connection as a slow consumer,
 // and do it again on every reconnect (red-team F2: a restarted dispatcher sat
@@ -62,7 +62,7 @@ func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 		if md.Sequence.Stream >= backlog || md.NumPending == 0 {
 			done()
 		}
-	}, jetstream.PullMaxBytes(cancelPullBytes(d.nc.MaxPayload())),
+	}, jetstream.PullMaxBytes(streamPullBytes(d.nc.MaxPayload())),
 		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
 			d.rare.Warn().Err(err).Str("stream", subjects.StreamCancels).Msg("following cancels")
 		}))
@@ -89,12 +89,13 @@ func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 	}
 }
 
-// cancelPullBytes bounds the bytes one pull of CANCELS may bring: a few MiB,
+// streamPullBytes bounds the bytes one pull of CANCELS (or RESULTS, whose
+// records of up to a max payload each come in bursts) may bring: a few MiB,
 // well under what the server buffers for a client before it drops it as a slow
 // consumer (64 MiB by default), and never less than one message of the
 // server's max payload, or a larger cancel stored before jsprov capped them
 // would be refused to every pull and stop the consumer on it.
-func cancelPullBytes(maxPayload int64) int {
+func streamPullBytes(maxPayload int64) int {
 	const pull = 4 << 20
 	if need := maxPayload + 64<<10; need > pull {
 		return int(need)

@@ -193,7 +193,11 @@ func (d *Dispatcher) watchResults(ctx context.Context) (func(), error) {
 	if err != nil {
 		return nil, err
 	}
-	cc, err := c.Consume(func(m jetstream.Msg) { d.onResult(m.Subject(), m.Data()) })
+	// Bounded in bytes like the cancels' pulls: unbounded, a pull of 500 large
+	// cancels got the dispatcher's connection dropped as a slow consumer, and a
+	// burst of records with long texts is the same shape.
+	cc, err := c.Consume(func(m jetstream.Msg) { d.onResult(m.Subject(), m.Data()) },
+		jetstream.PullMaxBytes(streamPullBytes(d.nc.MaxPayload())))
 	if err != nil {
 		return nil, err
 	}
