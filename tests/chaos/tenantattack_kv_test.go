@@ -1,0 +1,118 @@
+package chaos
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/internal/registry"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+)
+
+// Attacks on the KV buckets a worker may write: its own registry key and the
+// model announcements.
+
+// kvRollup: a put on w1's own registry key with Nats-Rollup: all would purge
+// the bucket's other keys (w2's heartbeat).
+func (at *attackTable) kvRollup(c *busClient) {
+	action := "Nats-Rollup: all on its own heartbeat key"
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kv, err := at.s.adminJS.KeyValue(ctx, subjects.BucketWorkers)
+	if err != nil {
+		at.t.Fatal(err)
+	}
+	own, err := kv.Get(ctx, "w1")
+	if err != nil {
+		at.t.Fatal(err)
+	}
+	m := nats.NewMsg("$KV." + subjects.BucketWorkers + ".w1")
+	m.Data = own.Value()
+	m.Header.Set("Nats-Rollup", "all")
+	ack, err := c.js.PublishMsg(ctx, m)
+	if err != nil {
+		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
+		return
+	}
+	kvs, err := at.s.adminJS.Stream(ctx, "KV_"+subjects.BucketWorkers)
+	if err != nil {
+		at.t.Fatal(err)
+	}
+	last, err := kvs.GetLastMsgForSubject(ctx, "$KV."+subjects.BucketWorkers+".w2")
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		at.add(c.name, action, false, "SUCCEEDED: w2's registry entry erased")
+	case err != nil:
+		at.t.Fatal(err)
+	case last.Sequence > ack.Sequence:
+		at.add(c.name, action, false, "SUCCEEDED: w2's registry entry erased (w2 has put a new one since)")
+	default:
+		at.add(c.name, action, true, "w2's entry survived")
+	}
+}
+
+// modelsRollup: a worker may announce models, but a put with Nats-Rollup: all
+// would erase every other model's announcement, so producers would refuse jobs
+// for models that are served (or, the bucket empty, take the fleet for down).
+func (at *attackTable) modelsRollup(c *busClient) {
+	action := "Nats-Rollup: all on a model announcement"
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kv, err := at.s.adminJS.KeyValue(ctx, subjects.BucketModels)
+	if err != nil {
+		at.t.Fatal(err)
+	}
+	if err := registry.AnnounceModels(ctx, kv, []string{"atk-served"}); err != nil {
+		at.t.Fatal(err)
+	}
+	m := nats.NewMsg("$KV." + subjects.BucketModels + "." + subjects.ModelKey("atk-other"))
+	m.Data = []byte("atk-other")
+	m.Header.Set("Nats-Rollup", "all")
+	if _, err := c.js.PublishMsg(ctx, m); err != nil {
+		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
+		return
+	}
+	if _, err := kv.Get(ctx, subjects.ModelKey("atk-served")); errors.Is(err, jetstream.ErrKeyNotFound) {
+		at.add(c.name, action, false, "SUCCEEDED: every other model's announcement erased")
+		return
+	}
+	at.add(c.name, action, true, "the other announcements survived")
+}
+
+// modelsDeleteMarker: a worker may put model announcements, and NATS
+// permissions cannot tell a put from a "KV-Operation: DEL" or "PURGE" marker
+// on the same subject. A marker must not make a served model unknown to the
+// producers' check (it did: model_not_found for every tenant, and a 500 from
+// the gateway, for as long as the marker was repeated).
+func (at *attackTable) modelsDeleteMarker(c, reader *busClient) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	kv, err := at.s.adminJS.KeyValue(ctx, subjects.BucketModels)
+	if err != nil {
+		at.t.Fatal(err)
+	}
+	if err := registry.AnnounceModels(ctx, kv, []string{"atk-served"}); err != nil {
+		at.t.Fatal(err)
+	}
+	for _, op := range []string{"DEL", "PURGE"} {
+		action := "KV-Operation: " + op + " on another model's announcement"
+		m := nats.NewMsg("$KV." + subjects.BucketModels + "." + subjects.ModelKey("atk-served"))
+		m.Header.Set("KV-Operation", op)
+		if _, err := c.js.PublishMsg(ctx, m); err != nil {
+			at.add(c.name, action, true, "refused by JetStream: "+err.Error())
+			continue
+		}
+		served, err := registry.ModelServed(ctx, reader.js, "atk-served")
+		switch {
+		case err != nil:
+			at.add(c.name, action, false, "SUCCEEDED: the producers' model check fails: "+err.Error())
+		case !served:
+			at.add(c.name, action, false, "SUCCEEDED: atk-served is model_not_found for every tenant")
+		default:
+			at.add(c.name, action, true, "allowed by the server, but atk-served is still served")
+		}
+	}
+}
