@@ -322,6 +322,11 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 			return fmt.Errorf("dispatcher: subscribe %s: %w", subj, err)
 		}
 		subs = append(subs, s)
+		if subj == subjects.ProgressForDispatcher(d.cfg.DispatcherID) {
+			if err := s.SetPendingLimits(progressPendingMsgs, progressPendingBytes); err != nil {
+				return fmt.Errorf("dispatcher: subscribe %s: %w", subj, err)
+			}
+		}
 	}
 	// New jobs wake the puller: JOBS re-publishes the headers of each job it
 	// stored (jsprov), so the wake-up comes after the store (the pull it

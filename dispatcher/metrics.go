@@ -26,6 +26,7 @@ type Metrics struct {
 	BadCancels         atomic.Int64 // stored cancels whose subject or body is no cancel: ignored
 	BaseClamped        atomic.Int64 // jobs whose metadata asked for an attempt base above what keeps their attempts within the schemas
 	DuplicateMsgs      atomic.Int64 // second messages for a job this dispatcher holds (same id, another stream sequence): terminated
+	OversizedProgress  atomic.Int64 // progress events larger than any tracked job's could be: dropped unread
 	// Routed counts batches by why they went to their worker (RouteReason).
 	Routed [numRouteReasons]atomic.Int64
 	// Transitions counts legal transitions by (from state, event).

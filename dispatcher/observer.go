@@ -62,10 +62,15 @@ const (
 	// AnomalyDuplicateMsg: a second JOBS message for a job this dispatcher
 	// holds (same id, another stream sequence): terminated.
 	AnomalyDuplicateMsg = "duplicate_job_message"
+	// AnomalyOversizedProgress: a progress event larger than any tracked job's
+	// could be: dropped unread.
+	AnomalyOversizedProgress = "oversized_progress"
 )
 
 // Anomalies lists every Anomaly kind.
-func Anomalies() []string { return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg} }
+func Anomalies() []string {
+	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress}
+}
 
 // nopObserver is the Observer when none is configured.
 type nopObserver struct{}
@@ -168,6 +173,11 @@ func (t tally) baseClamped() { t.m.BaseClamped.Add(1); t.obs.Anomaly(AnomalyBase
 func (t tally) duplicateMsg() { t.m.DuplicateMsgs.Add(1); t.obs.Anomaly(AnomalyDuplicateMsg) }
 
 func (t tally) badCancel() { t.m.BadCancels.Add(1); t.obs.Anomaly(AnomalyBadCancel) }
+
+func (t tally) oversizedProgress() {
+	t.m.OversizedProgress.Add(1)
+	t.obs.Anomaly(AnomalyOversizedProgress)
+}
 
 func (t tally) forged() { t.m.ForgedRecords.Add(1); t.obs.Forged() }
 

@@ -46,6 +46,22 @@ func (d *Dispatcher) resumeCap() int {
 	return min(maxResumeText, mp/4)
 }
 
+// progressOverhead is what a token event holds besides its delta: the type,
+// job id, attempt, seq, tokens and offset fields, and logprob entries (a job
+// that asked for them sends a few hundred bytes per token with its text).
+const progressOverhead = 64 << 10
+
+// progressPending bounds what the progress subscription may hold unread: well
+// above what every running job's throttled events amount to, and small enough
+// that a flood (a worker credential may publish as much as it likes on its
+// own progress subject) costs the dispatcher tens of MiB, not hundreds, before
+// the client drops events (slow consumer) — which untracks the attempts that
+// lose one, never corrupts them.
+const (
+	progressPendingMsgs  = 100_000
+	progressPendingBytes = 16 << 20
+)
+
 // batchResumeBudget is the most JSON-encoded resume text one assignment may
 // carry, all its jobs together.
 func (d *Dispatcher) batchResumeBudget() int { return 2 * d.resumeCap() }
@@ -58,6 +74,16 @@ func (d *Dispatcher) onProgress(m *nats.Msg) {
 	}
 	wid, tenant, ok := subjects.ParseProgress(m.Subject)
 	if !ok {
+		return
+	}
+	if len(m.Data) > d.resumeCap()+progressOverhead {
+		// No event of a job this dispatcher tracks can be this large (its
+		// delta alone would pass the cap), so it is not decoded: a worker
+		// credential flooding the one progress subscription with large bodies
+		// costs a length check each. If it was the job's own worker, the
+		// event's seq is missing from what follows, and the gap untracks the
+		// attempt, as the cap would have.
+		d.count().oversizedProgress()
 		return
 	}
 	var ev schemas.TokenEventMsg

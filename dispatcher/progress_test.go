@@ -193,3 +193,38 @@ func TestProgressGapStartsOver(t *testing.T) {
 		t.Fatalf("retry on w3: %+v, want attempt 2 with no resume", batches)
 	}
 }
+
+// A progress event larger than any tracked job's could be is dropped unread
+// and counted: a worker credential flooding the one progress subscription
+// with large bodies costs a length check each (red-team F-D), and the
+// dispatcher goes on serving.
+func TestOversizedProgressDroppedUnread(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{} })
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	// A job first: once it ended, the dispatcher's subscriptions are live.
+	first := newJob("before-flood", "m", "normal")
+	fc := e.listen(first.ReplyTo)
+	e.mustSubmit(first)
+	if r := fc.wait(t, 10*time.Second); r.Status != schemas.StatusCompleted {
+		t.Fatalf("terminal %+v", r)
+	}
+	flood := e.connect("flood")
+	big := make([]byte, d.resumeCap()+progressOverhead+1)
+	for range 3 {
+		if err := flood.Publish(subjects.Progress("w1", "d1", "b"), big); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := flood.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "three oversized events counted", func() bool { return d.Metrics().OversizedProgress.Load() == 3 })
+	j := newJob("after-flood", "m", "normal")
+	c := e.listen(j.ReplyTo)
+	e.mustSubmit(j)
+	if r := c.wait(t, 10*time.Second); r.Status != schemas.StatusCompleted {
+		t.Fatalf("terminal %+v", r)
+	}
+}
