@@ -63,14 +63,7 @@ func TestRecentlyAnnouncedModelWaits(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
 	e.startWorker("w1", 2, []string{"other"}, nil)
-	ctx := context.Background()
-	models, err := e.js.KeyValue(ctx, subjects.BucketModels)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := registry.AnnounceModels(ctx, models, []string{"recent"}); err != nil {
-		t.Fatal(err)
-	}
+	e.announce("recent")
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.ModelWait = time.Minute
 	d, _ := runDispatcher(t, cfg)
@@ -105,5 +98,19 @@ func TestRecentlyAnnouncedModelWaits(t *testing.T) {
 	r := e.waitResult(j.ID, 10*time.Second)
 	if r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != schemas.CodeModelNotAvailable {
 		t.Fatalf("past ModelWait: %+v err %+v", r, r.Error)
+	}
+}
+
+// announce puts models into the models bucket, as a worker that served them
+// does (registry.AnnounceModels): recently served, so their jobs wait ModelWait.
+func (e *testEnv) announce(models ...string) {
+	e.tb.Helper()
+	ctx := context.Background()
+	kv, err := e.js.KeyValue(ctx, subjects.BucketModels)
+	if err != nil {
+		e.tb.Fatal(err)
+	}
+	if err := registry.AnnounceModels(ctx, kv, models); err != nil {
+		e.tb.Fatal(err)
 	}
 }
