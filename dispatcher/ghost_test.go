@@ -101,6 +101,40 @@ func TestRecentlyAnnouncedModelWaits(t *testing.T) {
 	}
 }
 
+// A lookup that fails leaves the model unknown: its job waits ModelWait, never
+// dead-lettered on an error. The lookup is bounded by AssignTimeout; a
+// nanosecond fails it before it is sent (nothing here is assigned: the only
+// worker serves another model).
+// Mutation caught: dispatcher/batcher.go neverAnnounced, the cached answer
+// `never: err == nil && !served` → `never: !served` (a failed lookup reads
+// as "not served" and the job ends at once).
+func TestFailedLookupWaits(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	e.startWorker("w1", 2, []string{"other"}, nil)
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.ModelWait = time.Minute
+	cfg.AssignTimeout = time.Nanosecond
+	d, _ := runDispatcher(t, cfg)
+	j := newJob("unknown", "ghost", "normal")
+	e.mustSubmit(j)
+	waitFor(t, 10*time.Second, "the failed lookup recorded", func() bool {
+		a := d.cfg.announced
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		_, answered := a.byName["ghost"]
+		return answered
+	})
+	d.schedule(time.Now())
+	d.mu.Lock()
+	h := d.jobs[subjects.JobRef{ID: j.ID}.Key()]
+	waiting := h != nil && h.inQueue && h.state == StateQueued
+	d.mu.Unlock()
+	if !waiting || d.Metrics().TransitionCount(StateQueued, EvDeadLetter) != 0 {
+		t.Fatalf("the job ended on a failed lookup (held %v); it should wait ModelWait", waiting)
+	}
+}
+
 // announce puts models into the models bucket, as a worker that served them
 // does (registry.AnnounceModels): recently served, so their jobs wait ModelWait.
 func (e *testEnv) announce(models ...string) {
