@@ -445,7 +445,7 @@ func (d *Dispatcher) neverAnnounced(model string, now time.Time) bool {
 		cancel()
 		if err != nil {
 			// Unknown: never dead-letter on a lookup that failed.
-			d.log.Warn().Err(err).Str("model", model).Msg("models bucket lookup failed; the model's jobs wait ModelWait")
+			d.rare.Warn().Err(err).Str("model", model).Msg("models bucket lookup failed; the model's jobs wait ModelWait")
 		}
 		at := time.Now()
 		a.mu.Lock()
