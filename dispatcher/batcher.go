@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
@@ -360,15 +362,26 @@ func (d *Dispatcher) modelUnserved(model string, now time.Time) bool {
 // deadLetterUnserved fails the queued jobs of a model no live worker serves once
 // they have waited ModelWait (room for a worker that is still loading it), into
 // the DLQ so they can be replayed when one does. It returns when to look again.
-// Callers hold d.mu.
+//
+// A model no worker has announced within the models bucket's grace (a typo, a
+// model nobody deployed) is not coming back within ModelWait: its jobs are
+// dead-lettered at once. Waiting them out would hold them in the credit
+// (free slots + MaxBatch, shared by every tenant) for ModelWait each, and one
+// tenant's burst of such jobs would stall every tenant's queue. Until the
+// bucket has answered (or when it could not), the model is "unknown" and its
+// jobs wait ModelWait as before. Callers hold d.mu.
 func (d *Dispatcher) deadLetterUnserved(model string, now time.Time) time.Time {
+	wait := d.cfg.ModelWait
+	if d.neverAnnounced(model, now) {
+		wait = 0
+	}
 	var next time.Time
 	for q := range schemas.NumPriorities {
 		for _, j := range slices.Clone(d.queues[q]) {
 			if j.req.Model != model {
 				continue
 			}
-			if due := j.enqueued.Add(d.cfg.ModelWait); now.Before(due) {
+			if due := j.enqueued.Add(wait); now.Before(due) {
 				if next.IsZero() || due.Before(next) {
 					next = due
 				}
@@ -380,4 +393,71 @@ func (d *Dispatcher) deadLetterUnserved(model string, now time.Time) time.Time {
 		}
 	}
 	return next
+}
+
+// announcements caches, per model, the models bucket's answer to "has any
+// worker announced it within ModelGrace?" (registry.ModelServed, the check
+// producers fail fast on), so that a burst of jobs for one model costs one
+// lookup. Its own lock, never held with I/O; lookups run outside d.mu.
+type announcements struct {
+	mu     sync.Mutex
+	byName map[string]announcement
+	asking map[string]bool // lookups under way
+}
+
+type announcement struct {
+	never bool      // the bucket answered: nobody announced the model within its grace
+	at    time.Time // when the answer came
+}
+
+func newAnnouncements() *announcements {
+	return &announcements{byName: map[string]announcement{}, asking: map[string]bool{}}
+}
+
+// announcementTTL is how long a lookup's answer is used: short, so a model a
+// worker has just announced is not refused for long (a live worker that has
+// it is seen in its heartbeat first anyway: modelUnserved).
+func (d *Dispatcher) announcementTTL() time.Duration {
+	return min(time.Second, d.cfg.ModelWait/10)
+}
+
+// neverAnnounced reports whether a fresh lookup found that no worker announced
+// model within the models bucket's grace. Without a fresh answer it starts a
+// lookup (outside d.mu; the scheduler is woken when it answers) and reports
+// false: unknown, so the jobs wait ModelWait. Callers hold d.mu.
+func (d *Dispatcher) neverAnnounced(model string, now time.Time) bool {
+	a := d.cfg.announced
+	ttl := d.announcementTTL()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if e, ok := a.byName[model]; ok && now.Sub(e.at) < ttl && !now.Before(e.at) {
+		return e.never
+	}
+	if a.asking[model] || d.wctx == nil {
+		return false
+	}
+	a.asking[model] = true
+	d.io.Add(1)
+	go func() {
+		defer d.io.Done()
+		ctx, cancel := context.WithTimeout(d.wctx, d.cfg.AssignTimeout)
+		served, err := registry.ModelServed(ctx, d.js, model)
+		cancel()
+		if err != nil {
+			// Unknown: never dead-letter on a lookup that failed.
+			d.rare.Warn().Err(err).Str("model", model).Msg("models bucket lookup failed; the model's jobs wait ModelWait")
+		}
+		at := time.Now()
+		a.mu.Lock()
+		delete(a.asking, model)
+		for m, e := range a.byName { // forget stale answers: one per model name ever seen would grow without bound
+			if at.Sub(e.at) >= ttl {
+				delete(a.byName, m)
+			}
+		}
+		a.byName[model] = announcement{never: err == nil && !served, at: at}
+		a.mu.Unlock()
+		poke(d.wakeSched)
+	}()
+	return false
 }

@@ -87,6 +87,10 @@ type Config struct {
 	Logger *zerolog.Logger
 	// Observer is told what the dispatcher does, for metrics (nil: nobody).
 	Observer Observer
+
+	// announced is the dispatcher's cache of the models bucket's answers
+	// (batcher.go announcements); set by withDefaults, not by callers.
+	announced *announcements
 }
 
 // ErrConfig is matched by errors New returns for a bad Config.
@@ -148,6 +152,8 @@ func (c Config) withDefaults() (Config, error) {
 	if c.ConsumerPrefix == "" {
 		c.ConsumerPrefix = "dispatch"
 	}
+	// Each dispatcher its own cache, even when two are built from one Config.
+	c.announced = newAnnouncements()
 	if c.Logger == nil {
 		l := zerolog.Nop()
 		c.Logger = &l

@@ -337,6 +337,9 @@ func TestCancelHeldNotDispatched(t *testing.T) {
 	e := newEnv(t, jsprov.Options{})
 	// The only worker serves another model: the job is pulled (there are free
 	// slots) and held in memory, waiting for a worker that has its model.
+	// The model was served recently (announced), so it is waited for; one
+	// never announced would be dead-lettered at once.
+	e.announce("m")
 	w := e.startWorker("w1", 8, []string{"other"}, nil)
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.ModelWait = time.Hour

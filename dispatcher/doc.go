@@ -32,6 +32,13 @@
 // while the last fetch left jobs in the consumer (its NumPending); a lone job
 // on an idle queue goes out at once.
 //
+// A held job whose model no live worker has waits ModelWait for one that is
+// (re)loading it, then is dead-lettered as model_not_available; a model that
+// no worker announced within the models bucket's grace (registry.ModelServed,
+// looked up once per model outside the lock, cached briefly) is dead-lettered
+// at once, so jobs for a model nobody serves cannot hold the credit that
+// every tenant shares. With no live worker at all, jobs wait: an outage.
+//
 // A message is acked only once its terminal record is stored in RESULTS: one
 // this dispatcher wrote (its own terminals, and the records workers hand it on
 // mlx.worker.<id>.done.<dispatcher-id> for jobs it placed — the publish ack
