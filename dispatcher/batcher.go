@@ -426,7 +426,7 @@ func (d *Dispatcher) announcementTTL() time.Duration {
 // lookup (outside d.mu; the scheduler is woken when it answers) and reports
 // false: unknown, so the jobs wait ModelWait. Callers hold d.mu.
 func (d *Dispatcher) neverAnnounced(model string, now time.Time) bool {
-	a := d.cfg.announced
+	a := d.announced
 	ttl := d.announcementTTL()
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -87,10 +87,6 @@ type Config struct {
 	Logger *zerolog.Logger
 	// Observer is told what the dispatcher does, for metrics (nil: nobody).
 	Observer Observer
-
-	// announced is the dispatcher's cache of the models bucket's answers
-	// (batcher.go announcements); set by withDefaults, not by callers.
-	announced *announcements
 }
 
 // ErrConfig is matched by errors New returns for a bad Config.
@@ -152,8 +148,6 @@ func (c Config) withDefaults() (Config, error) {
 	if c.ConsumerPrefix == "" {
 		c.ConsumerPrefix = "dispatch"
 	}
-	// Each dispatcher its own cache, even when two are built from one Config.
-	c.announced = newAnnouncements()
 	if c.Logger == nil {
 		l := zerolog.Nop()
 		c.Logger = &l

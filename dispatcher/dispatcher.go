@@ -91,6 +91,8 @@ type Dispatcher struct {
 	// barrierOut: a barrier is set and has not run yet.
 	unsettled  []*job
 	barrierOut bool
+	// announced caches the models bucket's answers per model (batcher.go).
+	announced *announcements
 
 	// progressHook, if set, runs before each progress event is handled
 	// (tests: hold token events back to force an interleaving).
@@ -166,6 +168,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		cfg:         cfg,
 		nc:          cfg.Conn,
 		js:          js,
+		announced:   newAnnouncements(),
 		log:         cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
 		rare:        cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
 		handOvers:   make(chan struct{}, maxHandOvers),

@@ -72,7 +72,7 @@ func TestRecentlyAnnouncedModelWaits(t *testing.T) {
 	key := subjects.JobRef{ID: j.ID}.Key()
 	// The lookup starts only once the job is held and found unserved.
 	waitFor(t, 10*time.Second, "the bucket's answer cached", func() bool {
-		a := d.cfg.announced
+		a := d.announced
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		_, answered := a.byName["recent"]
@@ -119,7 +119,7 @@ func TestFailedLookupWaits(t *testing.T) {
 	j := newJob("unknown", "ghost", "normal")
 	e.mustSubmit(j)
 	waitFor(t, 10*time.Second, "the failed lookup recorded", func() bool {
-		a := d.cfg.announced
+		a := d.announced
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		_, answered := a.byName["ghost"]
