@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -268,4 +269,23 @@ func TestReplayGoesOnPastAFailure(t *testing.T) {
 	if n := count(t, js, subjects.StreamDLQ, subjects.DLQ(bad.Tenant, bad.ID)); n != 1 {
 		t.Errorf("the failed job's dead letter: %d left, want 1 (kept for a re-run)", n)
 	}
+}
+
+// TestReplayCommandExitsNonZeroAfterAFailure: the command replays what it can,
+// names the job that failed and exits non-zero at the end.
+// Mutation caught: returning 0 whatever failed (the exit code goes red).
+func TestReplayCommandExitsNonZeroAfterAFailure(t *testing.T) {
+	t.Setenv("MLX_SERVING_CONFIG", "")
+	b := testenv.StartBus(t, jsprov.Options{})
+	bad := replayJobReq("bad")
+	bad.Priority = "urgent"
+	deadLetter(t, b.JS, bad, 3, t0)
+	good := replayJobReq("good")
+	deadLetter(t, b.JS, good, 3, t0)
+
+	code, out, stderr := runReal(t, "replay", "--nats", b.Server.ClientURL())
+	if code != exitFailed || !strings.Contains(out, "replayed good") || !strings.Contains(stderr, "bad:") {
+		t.Fatalf("exit %d, stdout %q, stderr %q", code, out, stderr)
+	}
+	after(t, b.JS, good, 1, time.Time{})
 }
