@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -126,7 +127,9 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 	switch {
 	case errors.Is(err, results.ErrNoResult):
 		// Purged by an earlier replay that stopped before or after queuing it
-		// (the publish below tells which), or expired from RESULTS.
+		// (the publish below tells which), expired from RESULTS, or not yet
+		// written: the dispatcher writes the dead letter first (then JOBS still
+		// holds the original message, and heldByReplay keeps the letter).
 	case err != nil:
 		return replayFailed, err
 	default:
@@ -136,13 +139,42 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 		}
 		if !res.FinishedAt.Equal(rec.DeadAt) {
 			// Not the record this dead letter ended: the job ran again (an
-			// interrupted replay queued it) and has its one terminal record.
+			// interrupted replay queued it), or another record won the race
+			// with the dead-lettering one; either way the job has its one
+			// terminal record, which must stay.
 			return replayStale, dropDeadLetters(ctx, dlq, subject, seq)
 		}
 		if err := results.Purge(ctx, js, tenant, job.ID); err != nil {
 			return replayFailed, err
 		}
 	}
+	msg, err := requeueMsg(rec)
+	if err != nil {
+		return replayFailed, err
+	}
+	o := replayRequeued
+	if _, err := js.PublishMsg(ctx, msg); err != nil {
+		if !alreadyQueued(err) {
+			return replayFailed, fmt.Errorf("requeue %s: %w", job.ID, err)
+		}
+		// JOBS holds the job. If it holds this very message, an earlier replay
+		// queued it and stopped before removing the dead letter: it is queued
+		// once, which is what this step is for. Any other message is the job's
+		// original, whose dispatcher is between writing this dead letter and the
+		// record, or a resubmission: the letter is kept for a later replay to
+		// judge once that run has ended.
+		if err := heldByReplay(ctx, js, &job, msg); err != nil {
+			return replayFailed, err
+		}
+		o = replayQueued
+	}
+	return o, dropDeadLetters(ctx, dlq, subject, seq)
+}
+
+// requeueMsg is the JOBS message that replays rec's job. The same letter always
+// gives the same bytes (heldByReplay compares them).
+func requeueMsg(rec *schemas.DLQRecordMsg) (*nats.Msg, error) {
+	job := rec.Job
 	// Attempts go on from where they stopped, so the new attempts' records
 	// are never mistaken for the old ones. rec.Attempts counts earlier
 	// replays' bases too, so a job replayed again and again would number
@@ -156,7 +188,7 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 	job.Metadata[schemas.MetadataAttemptBase] = strconv.Itoa(min(rec.Attempts, schemas.MaxAttempt))
 	data, err := json.Marshal(job)
 	if err != nil {
-		return replayFailed, err
+		return nil, err
 	}
 	priority := job.Priority
 	if priority == "" {
@@ -169,16 +201,26 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 	msg := &nats.Msg{Subject: subjects.Job(job.Tenant, priority, job.ID), Data: data, Header: nats.Header{}}
 	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
 	msg.Header.Set(jetstream.ExpectedLastSubjSeqSubjHeader, subjects.JobAnyPriority(job.Tenant, job.ID))
-	o := replayRequeued
-	if _, err := js.PublishMsg(ctx, msg); err != nil {
-		if !alreadyQueued(err) {
-			return replayFailed, fmt.Errorf("requeue %s: %w", job.ID, err)
-		}
-		// An earlier replay queued it and stopped before removing its dead
-		// letter: it is queued once, which is what this step is for.
-		o = replayQueued
+	return msg, nil
+}
+
+// heldByReplay returns nil when JOBS holds msg itself for job, as an
+// interrupted replay of the same dead letter left it, and an error otherwise.
+func heldByReplay(ctx context.Context, js jetstream.JetStream, job *schemas.JobRequest, msg *nats.Msg) error {
+	jobs, err := js.Stream(ctx, subjects.StreamJobs)
+	if err != nil {
+		return err
 	}
-	return o, dropDeadLetters(ctx, dlq, subject, seq)
+	held, err := jobs.GetLastMsgForSubject(ctx, subjects.JobAnyPriority(job.Tenant, job.ID))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return fmt.Errorf("requeue %s: refused as queued, then gone (it just ended?): run replay again", msg.Subject)
+	case err != nil:
+		return fmt.Errorf("requeue %s: %w", msg.Subject, err)
+	case held.Subject != msg.Subject || !bytes.Equal(held.Data, msg.Data):
+		return fmt.Errorf("requeue %s: JOBS holds another message for the job (its dispatcher still ending it, or a resubmission); dead letter kept: run replay again once it has ended", msg.Subject)
+	}
+	return nil
 }
 
 // dropDeadLetters deletes the job's dead letters on subject up to and including

@@ -67,6 +67,19 @@ func queued(t *testing.T, js jetstream.JetStream, job schemas.JobRequest, priori
 	}
 }
 
+// requeued puts job in JOBS as replaying its dead letter (attempts, deadAt)
+// does: what a replay killed after its requeue left.
+func requeued(t *testing.T, js jetstream.JetStream, job schemas.JobRequest, attempts int, deadAt time.Time) {
+	t.Helper()
+	msg, err := requeueMsg(&schemas.DLQRecordMsg{Job: job, Attempts: attempts, DeadAt: deadAt})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.PublishMsg(testenv.Context(t, 10*time.Second), msg); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // count is how many messages stream holds on subject (a wildcard may be given).
 func count(t *testing.T, js jetstream.JetStream, stream, subject string) uint64 {
 	t.Helper()
@@ -142,11 +155,12 @@ func after(t *testing.T, js jetstream.JetStream, job schemas.JobRequest, jobs ui
 // finished by the next replay, and a job with a newer record than its dead
 // letter is never purged nor queued again.
 // Mutations caught: purging without comparing the record (if false in place of
-// the finished_at check: "newer record" and "stale letters" go red); deleting
-// only the dead letter read (DeleteMsg(seq) in dropDeadLetters: "two dead
-// letters" goes red); dropping the any-priority expectation ("queued at another
-// priority" goes red); alreadyQueued returning false ("purged and queued" and
-// "queued at another priority" go red).
+// the finished_at check: "newer" and "stale" are purged and queued again);
+// deleting only the dead letter read (DeleteMsg(seq) in dropDeadLetters: a
+// stale letter stays); dropping the any-priority expectation ("other-prio" is
+// queued twice); a refused requeue taken as failure ("purged-queued" fails);
+// heldByReplay ignored ("ending" and "other-prio" lose their letters); every
+// letter replayed, not the newest only ("stale" handled twice).
 func TestReplayFinishesAfterACrash(t *testing.T) {
 	b := testenv.StartBus(t, jsprov.Options{})
 	js := b.JS
@@ -164,9 +178,16 @@ func TestReplayFinishesAfterACrash(t *testing.T) {
 	// stopped here for good ("maximum messages per subject exceeded").
 	purgedQueued := replayJobReq("purged-queued")
 	deadLetter(t, js, purgedQueued, 3, t0)
-	queued(t, js, purgedQueued, schemas.PriorityNormal)
+	requeued(t, js, purgedQueued, 3, t0)
 
-	// The job is in JOBS at another priority (a raw publisher's copy).
+	// JOBS holds the job's original message: its dispatcher wrote the dead
+	// letter and not yet the record. The letter must stay (the record comes).
+	ending := replayJobReq("ending")
+	deadLetter(t, js, ending, 3, t0)
+	queued(t, js, ending, schemas.PriorityNormal)
+
+	// The job is in JOBS at another priority (a raw publisher's copy): not
+	// queued again, the letter kept.
 	otherPrio := replayJobReq("other-prio")
 	deadLetter(t, js, otherPrio, 3, t0)
 	queued(t, js, otherPrio, schemas.PriorityHigh)
@@ -184,11 +205,11 @@ func TestReplayFinishesAfterACrash(t *testing.T) {
 	terminal(t, js, stale, schemas.StatusCompleted, t0.Add(time.Minute))
 
 	r := runReplay(t, js, replayFilter{})
-	if r.failed != 0 || r.n != 6 {
-		t.Fatalf("replayed %d, failed %d (%v); want 6, 0", r.n, r.failed, r.outcomes)
+	if r.failed != 2 || r.n != 7 {
+		t.Fatalf("replayed %d, failed %d (%v); want 7, 2", r.n, r.failed, r.outcomes)
 	}
 	want := map[string]replayOutcome{"fresh": replayRequeued, "purged": replayRequeued, "purged-queued": replayQueued,
-		"other-prio": replayQueued, "newer": replayStale, "stale": replayStale}
+		"ending": replayFailed, "other-prio": replayFailed, "newer": replayStale, "stale": replayStale}
 	for id, o := range want {
 		if r.outcomes[id] != o {
 			t.Errorf("%s: outcome %d, want %d", id, r.outcomes[id], o)
@@ -197,15 +218,35 @@ func TestReplayFinishesAfterACrash(t *testing.T) {
 	after(t, js, fresh, 1, time.Time{})
 	after(t, js, purged, 1, time.Time{})
 	after(t, js, purgedQueued, 1, time.Time{})
-	after(t, js, otherPrio, 1, time.Time{})
 	after(t, js, newer, 0, t0.Add(time.Minute))
 	after(t, js, stale, 0, t0.Add(time.Minute))
-
-	// Run again: nothing left to do, nothing changes.
-	if r := runReplay(t, js, replayFilter{}); r.n != 0 || r.failed != 0 {
-		t.Fatalf("second run replayed %d, failed %d", r.n, r.failed)
+	for _, job := range []schemas.JobRequest{ending, otherPrio} {
+		if n := count(t, js, subjects.StreamJobs, subjects.JobAnyPriority(job.Tenant, job.ID)); n != 1 {
+			t.Errorf("%s: %d JOBS messages, want 1", job.ID, n)
+		}
+		if n := count(t, js, subjects.StreamDLQ, subjects.DLQ(job.Tenant, job.ID)); n != 1 {
+			t.Errorf("%s: %d dead letters, want 1 (kept)", job.ID, n)
+		}
 	}
+
+	// The dispatcher ends "ending" (record stored, message acked): now the
+	// letter is replayed. Nothing else changes.
+	ctx := testenv.Context(t, 10*time.Second)
+	jobs, err := js.Stream(ctx, subjects.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := jobs.Purge(ctx, jetstream.WithPurgeSubject(subjects.JobAnyPriority(ending.Tenant, ending.ID))); err != nil {
+		t.Fatal(err)
+	}
+	terminal(t, js, ending, schemas.StatusFailed, t0)
+	r = runReplay(t, js, replayFilter{})
+	if r.n != 2 || r.failed != 1 || r.outcomes["ending"] != replayRequeued {
+		t.Fatalf("second run replayed %d, failed %d, outcomes %v", r.n, r.failed, r.outcomes)
+	}
+	after(t, js, ending, 1, time.Time{})
 	after(t, js, fresh, 1, time.Time{})
+	after(t, js, newer, 0, t0.Add(time.Minute))
 }
 
 // TestReplayTakesTheNewestDeadLetter: a job dead-lettered twice (replayed, died
