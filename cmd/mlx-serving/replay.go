@@ -87,7 +87,14 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		}
 		var rec schemas.DLQRecordMsg
 		if err := json.Unmarshal(raw.Data, &rec); err != nil {
-			return n, failed, fmt.Errorf("DLQ seq %d: %w", seq, err)
+			// Not a record replay can read: reported, kept, and the walk goes on.
+			rec.Job.ID = raw.Subject[strings.LastIndexByte(raw.Subject, '.')+1:]
+			if len(f.ids) == 0 || f.ids[rec.Job.ID] {
+				n++
+				failed++
+				each(&rec, replayFailed, fmt.Errorf("DLQ seq %d: %w", seq, err))
+			}
+			continue
 		}
 		if rec.RawSubject != "" {
 			// A message that was no job: kept for the record, nothing to replay.

@@ -286,8 +286,8 @@ func TestReplayTakesTheNewestDeadLetter(t *testing.T) {
 	}
 }
 
-// TestReplayGoesOnPastAFailure: a job that cannot be queued is reported and
-// keeps its dead letter; the jobs after it are still replayed, and the run
+// TestReplayGoesOnPastAFailure: a job that cannot be queued, or a dead letter
+// that cannot be read, is reported and kept; the jobs after it are still replayed, and the run
 // counts the failure (the command then exits non-zero).
 // Mutation caught: returning at the first failed job (the later job stays in
 // the DLQ).
@@ -298,12 +298,16 @@ func TestReplayGoesOnPastAFailure(t *testing.T) {
 	bad := replayJobReq("bad")
 	bad.Priority = "urgent"
 	deadLetter(t, js, bad, 3, t0)
+	// A dead letter replay cannot read.
+	if _, err := js.Publish(testenv.Context(t, 10*time.Second), subjects.DLQ(replayTenant, "garbled"), []byte("{not json")); err != nil {
+		t.Fatal(err)
+	}
 	good := replayJobReq("good")
 	deadLetter(t, js, good, 3, t0)
 	terminal(t, js, good, schemas.StatusFailed, t0)
 
 	r := runReplay(t, js, replayFilter{})
-	if r.n != 2 || r.failed != 1 || r.outcomes["bad"] != replayFailed || r.outcomes["good"] != replayRequeued {
+	if r.n != 3 || r.failed != 2 || r.outcomes["bad"] != replayFailed || r.outcomes["garbled"] != replayFailed || r.outcomes["good"] != replayRequeued {
 		t.Fatalf("replayed %d, failed %d, outcomes %v", r.n, r.failed, r.outcomes)
 	}
 	after(t, js, good, 1, time.Time{})
