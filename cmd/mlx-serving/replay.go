@@ -1,17 +1,21 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
 
+	"github.com/mlx-serving/mlx-serving/internal/jserr"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -35,77 +39,218 @@ func (f replayFilter) match(rec *schemas.DLQRecordMsg) bool {
 	return true
 }
 
-// replayDLQ walks the DLQ stream and, for each matching record, clears the job's
-// terminal record, queues the job again and removes the dead letter. The job is
-// republished with a message id of its own so JOBS' duplicate window, which still
-// remembers the original id, does not swallow it.
-func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryRun bool, each func(rec *schemas.DLQRecordMsg)) (int, error) {
+// replayOutcome is what replaying one job did.
+type replayOutcome int
+
+const (
+	replayDry      replayOutcome = iota // --dry-run: it would be replayed
+	replayRequeued                      // its record purged (if still there), queued again, dead letters removed
+	replayQueued                        // already in JOBS (an earlier, interrupted replay queued it); dead letters removed
+	replayStale                         // RESULTS holds a newer record: it ran again; only the dead letters were removed
+	replayFailed                        // a step failed; its dead letters are kept, a re-run tries again
+)
+
+// replayDLQ walks the DLQ stream and replays each matching job once, from its
+// newest dead letter: it clears the job's terminal record if that is still the
+// record this dead letter ended, queues the job again and removes every dead
+// letter of the job. each learns every job's outcome; a job that fails is
+// reported there and the walk goes on. It returns how many jobs were handled and
+// how many of them failed; err is for the DLQ stream itself.
+//
+// Every step is safe to repeat, so a replay killed at any point is finished by
+// running it again (docs/RELIABILITY.md):
+//   - purge only the record the dead letter names (its dead_at is the record's
+//     finished_at, dispatcher/terminal.go): a different record means the job
+//     already ran again, and purging it would give the job a second terminal;
+//   - queue with the client's expectation of no message on the job at any
+//     priority, so a job an interrupted replay already queued is not queued twice
+//     (the refusal counts as done);
+//   - then delete all of the job's dead letters up to the newest one read, so a
+//     job never has a stale dead letter left to replay over a newer record. One
+//     written after that (the job died again meanwhile) is kept.
+func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryRun bool, each func(rec *schemas.DLQRecordMsg, o replayOutcome, err error)) (n, failed int, err error) {
 	dlq, err := js.Stream(ctx, subjects.StreamDLQ)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	info, err := dlq.Info(ctx)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	n := 0
 	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
 		raw, err := dlq.GetMsg(ctx, seq)
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			continue
 		}
 		if err != nil {
-			return n, err
+			return n, failed, err
 		}
 		var rec schemas.DLQRecordMsg
 		if err := json.Unmarshal(raw.Data, &rec); err != nil {
-			return n, fmt.Errorf("DLQ seq %d: %w", seq, err)
+			// Not a record replay can read: reported, kept, and the walk goes on.
+			rec.Job.ID = raw.Subject[strings.LastIndexByte(raw.Subject, '.')+1:]
+			if len(f.ids) == 0 || f.ids[rec.Job.ID] {
+				n++
+				failed++
+				each(&rec, replayFailed, fmt.Errorf("DLQ seq %d: %w", seq, err))
+			}
+			continue
 		}
 		if rec.RawSubject != "" {
 			// A message that was no job: kept for the record, nothing to replay.
 			continue
 		}
+		// A job dead-lettered more than once (say replayed, and dead again) is
+		// replayed from its newest dead letter only; the older ones go with it.
+		if last, err := dlq.GetLastMsgForSubject(ctx, raw.Subject); err != nil {
+			return n, failed, err
+		} else if last.Sequence != seq {
+			continue
+		}
 		if !f.match(&rec) {
 			continue
 		}
-		each(&rec)
 		n++
 		if dryRun {
+			each(&rec, replayDry, nil)
 			continue
 		}
-		if err := results.Purge(ctx, js, subjects.RecordTenant(rec.Job.Tenant), rec.Job.ID); err != nil {
-			return n, err
-		}
-		job := rec.Job
-		// Attempts go on from where they stopped, so the new attempts' records
-		// are never mistaken for the old ones. rec.Attempts counts earlier
-		// replays' bases too, so a job replayed again and again would number
-		// past the schemas' maximum; the dispatcher clamps the base so its
-		// attempts still fit (they then repeat numbers an old, purged attempt
-		// had), and this keeps the value within the schema too.
-		if job.Metadata == nil {
-			job.Metadata = map[string]string{}
-		}
-		job.Metadata[schemas.MetadataAttemptBase] = strconv.Itoa(min(rec.Attempts, schemas.MaxAttempt))
-		data, err := json.Marshal(job)
+		o, err := replayJob(ctx, js, dlq, raw.Subject, seq, &rec)
 		if err != nil {
-			return n, err
+			failed++
+			o = replayFailed
 		}
-		priority := job.Priority
-		if priority == "" {
-			priority = schemas.PriorityNormal
+		each(&rec, o, err)
+	}
+	return n, failed, nil
+}
+
+// replayJob replays one job from its newest dead letter rec, at seq on subject.
+func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream, subject string, seq uint64, rec *schemas.DLQRecordMsg) (replayOutcome, error) {
+	job := rec.Job
+	tenant := subjects.RecordTenant(job.Tenant)
+	// The leader's copy: a replica a moment behind could still show the old record.
+	stored, err := results.Stored(ctx, js, tenant, job.ID)
+	switch {
+	case errors.Is(err, results.ErrNoResult):
+		// Purged by an earlier replay that stopped before or after queuing it
+		// (the publish below tells which), expired from RESULTS, or not yet
+		// written: the dispatcher writes the dead letter first (then JOBS still
+		// holds the original message, and heldByReplay keeps the letter).
+	case err != nil:
+		return replayFailed, err
+	default:
+		var res schemas.ResultMsg
+		if err := json.Unmarshal(stored, &res); err != nil {
+			return replayFailed, fmt.Errorf("decode result %s: %w", job.ID, err)
 		}
-		// No Nats-Msg-Id: the duplicate window is shared by every tenant, and any
-		// producer may put any id on its own jobs, so a guessable id here would
-		// let one tenant make another's replay a silent no-op.
-		if _, err := js.Publish(ctx, subjects.Job(job.Tenant, priority, job.ID), data); err != nil {
-			return n, fmt.Errorf("requeue %s: %w", job.ID, err)
+		if !res.FinishedAt.Equal(rec.DeadAt) {
+			// Not the record this dead letter ended: the job ran again (an
+			// interrupted replay queued it), or another record won the race
+			// with the dead-lettering one; either way the job has its one
+			// terminal record, which must stay.
+			return replayStale, dropDeadLetters(ctx, dlq, subject, seq)
 		}
-		if err := dlq.DeleteMsg(ctx, seq); err != nil {
-			return n, err
+		if err := results.Purge(ctx, js, tenant, job.ID); err != nil {
+			return replayFailed, err
 		}
 	}
-	return n, nil
+	msg, err := requeueMsg(rec)
+	if err != nil {
+		return replayFailed, err
+	}
+	o := replayRequeued
+	if _, err := js.PublishMsg(ctx, msg); err != nil {
+		if !alreadyQueued(err) {
+			return replayFailed, fmt.Errorf("requeue %s: %w", job.ID, err)
+		}
+		// JOBS holds the job. If it holds this very message, an earlier replay
+		// queued it and stopped before removing the dead letter: it is queued
+		// once, which is what this step is for. Any other message is the job's
+		// original, whose dispatcher is between writing this dead letter and the
+		// record, or a resubmission: the letter is kept for a later replay to
+		// judge once that run has ended.
+		if err := heldByReplay(ctx, js, &job, msg); err != nil {
+			return replayFailed, err
+		}
+		o = replayQueued
+	}
+	return o, dropDeadLetters(ctx, dlq, subject, seq)
+}
+
+// requeueMsg is the JOBS message that replays rec's job. The same letter always
+// gives the same bytes (heldByReplay compares them).
+func requeueMsg(rec *schemas.DLQRecordMsg) (*nats.Msg, error) {
+	job := rec.Job
+	// Attempts go on from where they stopped, so the new attempts' records
+	// are never mistaken for the old ones. rec.Attempts counts earlier
+	// replays' bases too, so a job replayed again and again would number
+	// past the schemas' maximum; the dispatcher clamps the base so its
+	// attempts still fit (they then repeat numbers an old, purged attempt
+	// had), and this keeps the value within the schema too.
+	job.Metadata = maps.Clone(job.Metadata)
+	if job.Metadata == nil {
+		job.Metadata = map[string]string{}
+	}
+	job.Metadata[schemas.MetadataAttemptBase] = strconv.Itoa(min(rec.Attempts, schemas.MaxAttempt))
+	data, err := json.Marshal(job)
+	if err != nil {
+		return nil, err
+	}
+	priority := job.Priority
+	if priority == "" {
+		priority = schemas.PriorityNormal
+	}
+	// No Nats-Msg-Id: the duplicate window is shared by every tenant, and any
+	// producer may put any id on its own jobs, so a guessable id here would
+	// let one tenant make another's replay a silent no-op. The expectation is
+	// bus.Client.Submit's: nothing stored on the job at any priority.
+	msg := &nats.Msg{Subject: subjects.Job(job.Tenant, priority, job.ID), Data: data, Header: nats.Header{}}
+	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
+	msg.Header.Set(jetstream.ExpectedLastSubjSeqSubjHeader, subjects.JobAnyPriority(job.Tenant, job.ID))
+	return msg, nil
+}
+
+// heldByReplay returns nil when JOBS holds msg itself for job, as an
+// interrupted replay of the same dead letter left it, and an error otherwise.
+func heldByReplay(ctx context.Context, js jetstream.JetStream, job *schemas.JobRequest, msg *nats.Msg) error {
+	jobs, err := js.Stream(ctx, subjects.StreamJobs)
+	if err != nil {
+		return err
+	}
+	held, err := jobs.GetLastMsgForSubject(ctx, subjects.JobAnyPriority(job.Tenant, job.ID))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return fmt.Errorf("requeue %s: refused as queued, then gone (it just ended?): run replay again", msg.Subject)
+	case err != nil:
+		return fmt.Errorf("requeue %s: %w", msg.Subject, err)
+	case held.Subject != msg.Subject || !bytes.Equal(held.Data, msg.Data):
+		return fmt.Errorf("requeue %s: JOBS holds another message for the job (its dispatcher still ending it, or a resubmission); dead letter kept: run replay again once it has ended", msg.Subject)
+	}
+	return nil
+}
+
+// dropDeadLetters deletes the job's dead letters on subject up to and including
+// seq, the newest one read: a job must never keep a stale one, which a later
+// replay would take for its latest death.
+func dropDeadLetters(ctx context.Context, dlq jetstream.Stream, subject string, seq uint64) error {
+	if err := dlq.Purge(ctx, jetstream.WithPurgeSubject(subject), jetstream.WithPurgeSequence(seq+1)); err != nil {
+		return fmt.Errorf("remove dead letters %s: %w", subject, err)
+	}
+	return nil
+}
+
+// alreadyQueued reports JOBS' refusals of a job it already holds: the
+// expectation of no message on the job (wrong last sequence) or the
+// one-message-per-subject limit.
+func alreadyQueued(err error) bool {
+	if ae, ok := jserr.APIError(err); ok {
+		switch ae.ErrorCode {
+		case jserr.CodeWrongLastSequence, jserr.CodeWrongLastSequenceConstant:
+			return true
+		}
+	}
+	return jserr.StoreRefusal(err) == jserr.StoreMaxMsgsPerSubject
 }
 
 func (a *app) replayCmd() *cobra.Command {
@@ -160,16 +305,28 @@ func (a *app) replay(ctx context.Context, cf *clientFlags, o replayOptions) int 
 		*t.out = v
 	}
 	enc := json.NewEncoder(stdout)
-	n, err := replayDLQ(ctx, s.js, f, o.dryRun, func(rec *schemas.DLQRecordMsg) {
+	n, failed, err := replayDLQ(ctx, s.js, f, o.dryRun, func(rec *schemas.DLQRecordMsg, out replayOutcome, err error) {
 		if s.json {
-			_ = enc.Encode(map[string]any{"job_id": rec.Job.ID, "reason": rec.Reason, "attempts": rec.Attempts, "dead_at": rec.DeadAt, "dry_run": o.dryRun})
+			line := map[string]any{"job_id": rec.Job.ID, "reason": rec.Reason, "attempts": rec.Attempts, "dead_at": rec.DeadAt, "dry_run": o.dryRun, "outcome": replayOutcomeNames[out]}
+			if err != nil {
+				line["error"] = err.Error()
+			}
+			_ = enc.Encode(line)
 			return
 		}
-		verb := "replayed"
-		if o.dryRun {
-			verb = "would replay"
+		what := fmt.Sprintf("%s after %d attempts, dead %s", rec.Reason, rec.Attempts, rec.DeadAt.Format(time.RFC3339))
+		switch out {
+		case replayDry:
+			fmt.Fprintf(stdout, "would replay %s (%s)\n", rec.Job.ID, what)
+		case replayRequeued:
+			fmt.Fprintf(stdout, "replayed %s (%s)\n", rec.Job.ID, what)
+		case replayQueued:
+			fmt.Fprintf(stdout, "replayed %s (%s; already queued by an earlier replay)\n", rec.Job.ID, what)
+		case replayStale:
+			fmt.Fprintf(stdout, "skipped %s (%s): it ran again and has a newer result; stale dead letters removed\n", rec.Job.ID, what)
+		default:
+			fmt.Fprintf(stderr, "mlx-serving replay: %s: %v\n", rec.Job.ID, err)
 		}
-		fmt.Fprintf(stdout, "%s %s (%s after %d attempts, dead %s)\n", verb, rec.Job.ID, rec.Reason, rec.Attempts, rec.DeadAt.Format(time.RFC3339))
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving replay: %v\n", err)
@@ -178,5 +335,14 @@ func (a *app) replay(ctx context.Context, cf *clientFlags, o replayOptions) int 
 	if !s.json {
 		fmt.Fprintf(stdout, "%d job(s)\n", n)
 	}
+	if failed > 0 {
+		fmt.Fprintf(stderr, "mlx-serving replay: %d of %d job(s) failed; run it again to finish them\n", failed, n)
+		return exitFailed
+	}
 	return 0
+}
+
+// replayOutcomeNames name the outcomes in --json output.
+var replayOutcomeNames = map[replayOutcome]string{
+	replayDry: "dry_run", replayRequeued: "requeued", replayQueued: "already_queued", replayStale: "stale", replayFailed: "failed",
 }
