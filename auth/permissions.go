@@ -214,7 +214,7 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			// publish there, so what a dispatcher tracks of a running attempt
 			// comes from the progress subjects, where the server vouches for
 			// the worker id.
-			SubscribeAllow: []string{subjects.JobsAll, subjects.CancelAll,
+			SubscribeAllow: []string{subjects.JobsAll,
 				subjects.DoneAll, subjects.AttemptAll, subjects.ProgressAll, inbox},
 			AllowResponses: true, // answering workers' terminal hand-overs
 		}, nil

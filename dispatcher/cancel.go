@@ -12,7 +12,6 @@ import (
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -101,25 +100,6 @@ func streamPullBytes(maxPayload int64) int {
 		return int(need)
 	}
 	return pull
-}
-
-// onCancelSighted is the fast path of a cancel for a running job: seen on the
-// subject (core NATS), before CANCELS has stored it, it is forwarded to the
-// job's worker at once, which saves the store and the consumer's hop while the
-// job keeps generating. Only that: the server's permissions let a producer
-// publish cancels of its own tenant only, and ending a job still happens
-// through its worker's record; everything else waits for the stored cancel.
-func (d *Dispatcher) onCancelSighted(m *nats.Msg) {
-	ref, reason, ok := decodeCancel(m.Subject, m.Data)
-	if !ok {
-		return
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if j := d.jobs[ref.Key()]; j != nil && j.state == StateRunning && !j.cancelReq {
-		j.cancelReq = true
-		d.forwardCancel(j, reason)
-	}
 }
 
 // cancelledLocked reports whether a stored cancel names ref. Callers hold d.mu.

@@ -306,14 +306,17 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	}
 	defer stopResults()
 	// Cancels too come from their stream, the stored ones first (no job is
-	// pulled before they are known).
+	// pulled before they are known), and only from there: a cancel the stream
+	// refused (full, too large) must not stop a job while its caller is told
+	// it failed, and a core subscription on the cancel subjects would hand
+	// every dispatcher every published cancel, refused or not. A running job's
+	// cancel waits for the store and the consumer's push (a few ms).
 	stopCancels, err := d.watchCancels(ctx)
 	if err != nil {
 		return err
 	}
 	defer stopCancels()
 	for subj, h := range map[string]nats.MsgHandler{
-		subjects.CancelAll: d.onCancelSighted,
 		subjects.DoneForDispatcher(d.cfg.DispatcherID): d.onDoneConcurrently,
 		subjects.AttemptAll:                            d.onAttemptReport,
 		// On d.nc, like every subscription here: settle.go's barrier must
