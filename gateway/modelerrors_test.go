@@ -31,7 +31,7 @@ func TestModelDeleteMarkerDoesNotHideModel(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	m := nats.NewMsg("$KV." + subjects.BucketModels + "." + subjects.ModelKey(testModel))
+	m := nats.NewMsg(subjects.ModelEntry(testModel))
 	m.Header.Set("KV-Operation", "DEL")
 	if _, err := tb.js.PublishMsg(ctx, m); err != nil {
 		t.Fatal(err)

@@ -52,7 +52,7 @@ func ModelServed(ctx context.Context, js jetstream.JetStream, model string) (boo
 	}
 	// The last message on the key, whatever it is (a direct get by subject, the
 	// one read producers are granted).
-	_, err = s.GetLastMsgForSubject(ctx, modelSubject(model))
+	_, err = s.GetLastMsgForSubject(ctx, subjects.ModelEntry(model))
 	if err == nil {
 		return true, nil
 	}
@@ -66,9 +66,4 @@ func ModelServed(ctx context.Context, js jetstream.JetStream, model string) (boo
 		return false, fmt.Errorf("bus: models bucket: no stream info")
 	}
 	return info.State.Msgs == 0, nil
-}
-
-// modelSubject is the subject model's entry is stored on in BucketModels.
-func modelSubject(model string) string {
-	return "$KV." + subjects.BucketModels + "." + subjects.ModelKey(model)
 }

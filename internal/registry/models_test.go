@@ -52,7 +52,7 @@ func TestModelServedSurvivesMarkers(t *testing.T) {
 	// bucket (so it is stored before ModelServed reads).
 	attack := func(what string, header nats.Header, data []byte) {
 		t.Helper()
-		m := nats.NewMsg("$KV." + subjects.BucketModels + "." + subjects.ModelKey("tiny-model"))
+		m := nats.NewMsg(subjects.ModelEntry("tiny-model"))
 		m.Header, m.Data = header, data
 		if _, err := b.JS.PublishMsg(ctx, m); err != nil {
 			t.Fatalf("%s: %v", what, err)

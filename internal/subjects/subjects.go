@@ -357,3 +357,7 @@ func ModelKey(model string) string {
 	sum := sha256.Sum256([]byte(model))
 	return "m" + hex.EncodeToString(sum[:16])
 }
+
+// ModelEntry is the subject a model's announcement is stored on in
+// BucketModels (its KV stream's subject for ModelKey(model)).
+func ModelEntry(model string) string { return "$KV." + BucketModels + "." + ModelKey(model) }
