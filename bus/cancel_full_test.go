@@ -16,10 +16,7 @@ import (
 func TestCancelOnFullCancels(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{CancelsMaxMsgs: 2})
-	p, err := NewClient(b.nc, WithTenant("acme"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := b.client(t, "acme")
 	ctx := ctxT(t)
 	for _, id := range []string{"j1", "j2"} {
 		if err := p.Cancel(ctx, id, ""); err != nil {

@@ -277,10 +277,7 @@ func TestSubmitWithoutStreamsOrConnection(t *testing.T) {
 func TestCancelLandsInCancels(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{})
-	p, err := NewClient(b.nc, WithTenant("acme"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := b.client(t, "acme")
 	ctx := ctxT(t)
 	if err := p.Cancel(ctx, "job-c", "first"); err != nil {
 		t.Fatalf("Cancel: %v", err)

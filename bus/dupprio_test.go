@@ -20,10 +20,7 @@ import (
 func TestSubmitDuplicateIDAtAnotherPriority(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{})
-	p, err := NewClient(b.nc, WithTenant("acme"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := b.client(t, "acme")
 	ctx := ctxT(t)
 
 	first := newJob("prio-dup", "first")

@@ -39,6 +39,16 @@ func startBus(t *testing.T, popts jsprov.Options) *testBus {
 	return b
 }
 
+// client is a Client of tenant on b's connection.
+func (b *testBus) client(t *testing.T, tenant string) *Client {
+	t.Helper()
+	p, err := NewClient(b.nc, WithTenant(tenant))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
 // startServerAt starts a server on dir, shut down in t.Cleanup.
 func startServerAt(t *testing.T, dir string, opts natsserver.Options) *natsserver.Server {
 	t.Helper()

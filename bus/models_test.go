@@ -21,10 +21,7 @@ func TestSubmitFailsFastOnAnUnservedModel(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{ModelGrace: time.Second})
 	ctx := ctxT(t)
-	p, err := NewClient(b.nc, WithTenant("acme"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := b.client(t, "acme")
 	submit := func(id, model string, p *Client) error {
 		_, err := p.Submit(ctx, &schemas.JobRequest{ID: id, Model: model, Prompt: "hi"})
 		return err

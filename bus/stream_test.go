@@ -36,10 +36,7 @@ func TestJobStreamDropsOffsetOutOfRange(t *testing.T) {
 func TestJobStreamHandsOverOnlyTheStoredRecord(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, jsprov.Options{})
-	p, err := NewClient(b.nc, WithTenant("acme"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := b.client(t, "acme")
 	ctx := ctxT(t)
 	job := newJob("forged-end", "x")
 	stream, ack, err := SubmitStream(ctx, p, b.nc, job, StreamOptions{QuietAfter: 100 * time.Millisecond})
@@ -93,10 +90,7 @@ func TestSubmitStreamMissesNoEventOfAFastWorker(t *testing.T) {
 	if err := worker.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	p, err := NewClient(b.nc, WithTenant("acme"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := b.client(t, "acme")
 	for i := range 100 {
 		func() {
 			ctx, cancel := context.WithTimeout(ctxT(t), 5*time.Second)

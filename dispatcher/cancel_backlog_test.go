@@ -138,16 +138,15 @@ func TestCancelBacklogOfLargeCancels(t *testing.T) {
 	}
 }
 
-// TestCancelBacklogReadStopsWithContext: a dispatcher told to stop while it
-// is still reading the stored cancels stops reading and returns (SIGTERM
-// during start; the red-team's wedged dispatcher needed SIGKILL). The read is
-// held in the middle by the log line of the first junk cancel.
-// Mutation caught: watchCancels' loop without its ctx.Done case.
-func TestCancelBacklogReadStopsWithContext(t *testing.T) {
-	t.Parallel()
+// heldInBacklog builds a dispatcher whose read of the stored cancels stops at
+// the first (junk) cancel until the test ends; reading is closed once the
+// read is held there.
+func heldInBacklog(t *testing.T) (d *Dispatcher, reading chan struct{}) {
+	t.Helper()
 	e := newEnv(t, jsprov.Options{})
 	e.floodCancels(3, func(int) []byte { return []byte("junk") }, 3)
 	reading, release := make(chan struct{}), make(chan struct{})
+	t.Cleanup(func() { close(release) })
 	var once sync.Once
 	l := zerolog.New(io.Discard).Hook(zerolog.HookFunc(func(_ *zerolog.Event, _ zerolog.Level, m string) {
 		if m == logBadCancel {
@@ -161,10 +160,20 @@ func TestCancelBacklogReadStopsWithContext(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return d, reading
+}
+
+// TestCancelBacklogReadStopsWithContext: a dispatcher told to stop while it
+// is still reading the stored cancels stops reading and returns (SIGTERM
+// during start; the red-team's wedged dispatcher needed SIGKILL). The read is
+// held in the middle by the log line of the first junk cancel.
+// Mutation caught: watchCancels' loop without its ctx.Done case.
+func TestCancelBacklogReadStopsWithContext(t *testing.T) {
+	t.Parallel()
+	d, reading := heldInBacklog(t)
 	if err := d.attach(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	defer close(release)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)
@@ -184,5 +193,25 @@ func TestCancelBacklogReadStopsWithContext(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("watchCancels did not return after its context was cancelled")
+	}
+}
+
+// TestRunStopsWhileReadingCancels: SIGTERM while a dispatcher is still reading
+// the stored cancels ends Run (red-team F2: the wedged dispatcher needed
+// SIGKILL). The read is held in the middle by the log line of the first junk
+// cancel. Mutation caught: Run handing watchCancels d.wctx, which outlives ctx.
+func TestRunStopsWhileReadingCancels(t *testing.T) {
+	t.Parallel()
+	d, reading := heldInBacklog(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	waitClosed(t, reading, 20*time.Second, "the backlog read under way")
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not return after its context was cancelled during the cancels' backlog")
 	}
 }

@@ -71,13 +71,7 @@ func TestRecentlyAnnouncedModelWaits(t *testing.T) {
 	e.mustSubmit(j)
 	key := subjects.JobRef{ID: j.ID}.Key()
 	// The lookup starts only once the job is held and found unserved.
-	waitFor(t, 10*time.Second, "the bucket's answer cached", func() bool {
-		a := d.announced
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		_, answered := a.byName["recent"]
-		return answered
-	})
+	waitAnswered(t, d, "recent")
 	d.schedule(time.Now())
 	d.mu.Lock()
 	h := d.jobs[key]
@@ -118,13 +112,7 @@ func TestFailedLookupWaits(t *testing.T) {
 	d, _ := runDispatcher(t, cfg)
 	j := newJob("unknown", "ghost", "normal")
 	e.mustSubmit(j)
-	waitFor(t, 10*time.Second, "the failed lookup recorded", func() bool {
-		a := d.announced
-		a.mu.Lock()
-		defer a.mu.Unlock()
-		_, answered := a.byName["ghost"]
-		return answered
-	})
+	waitAnswered(t, d, "ghost")
 	d.schedule(time.Now())
 	d.mu.Lock()
 	h := d.jobs[subjects.JobRef{ID: j.ID}.Key()]
@@ -147,4 +135,17 @@ func (e *testEnv) announce(models ...string) {
 	if err := registry.AnnounceModels(ctx, kv, models); err != nil {
 		e.tb.Fatal(err)
 	}
+}
+
+// waitAnswered waits until d's cache holds the models bucket's answer (or a
+// failed lookup) for model.
+func waitAnswered(t *testing.T, d *Dispatcher, model string) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "the models bucket's answer for "+model, func() bool {
+		a := d.announced
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		_, answered := a.byName[model]
+		return answered
+	})
 }

@@ -1,6 +1,7 @@
 package dispatcher
 
 import (
+	"context"
 	"fmt"
 	"testing"
 	"time"
@@ -65,15 +66,7 @@ func TestCreditBoundsWhatIsHeld(t *testing.T) {
 func TestPullGivesEmptyPrioritiesCreditToOthers(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	d, err := New(testConfig("d1", e.connect("d1")))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := testenv.Context(t, 20*time.Second)
-	if err := d.attach(ctx); err != nil {
-		t.Fatal(err)
-	}
-	d.wctx = ctx
+	d, ctx := attachedOnly(t, e)
 	e.mustSubmit(newJob("n1", "m", "normal"))
 	// JetStream acks the publish before it tells the consumer (storedGrace):
 	// wait until a no-wait pull can see the job.
@@ -130,15 +123,7 @@ func TestFinishedJobIsNotRunOnFirstDelivery(t *testing.T) {
 func TestAwaitStoredWaitsForTheAnnouncedJob(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	d, err := New(testConfig("d1", e.connect("d1")))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx := testenv.Context(t, 20*time.Second)
-	if err := d.attach(ctx); err != nil {
-		t.Fatal(err)
-	}
-	d.wctx = ctx
+	d, ctx := attachedOnly(t, e)
 	d.storedGrace = 10 * time.Second
 	now := time.Now()
 	d.mu.Lock()
@@ -158,4 +143,20 @@ func TestAwaitStoredWaitsForTheAnnouncedJob(t *testing.T) {
 	if d.awaitStored(ctx) != 0 {
 		t.Fatal("an announcement was waited for twice")
 	}
+}
+
+// attachedOnly is a dispatcher attached to the bus (consumers made) that does
+// not run: a test drives its pulls itself, under ctx.
+func attachedOnly(t *testing.T, e *testEnv) (*Dispatcher, context.Context) {
+	t.Helper()
+	d, err := New(testConfig("d1", e.connect("d1")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := testenv.Context(t, 20*time.Second)
+	if err := d.attach(ctx); err != nil {
+		t.Fatal(err)
+	}
+	d.wctx = ctx
+	return d, ctx
 }

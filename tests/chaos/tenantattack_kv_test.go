@@ -61,14 +61,8 @@ func (at *attackTable) modelsRollup(c *busClient) {
 	action := "Nats-Rollup: all on a model announcement"
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	kv, err := at.s.adminJS.KeyValue(ctx, subjects.BucketModels)
-	if err != nil {
-		at.t.Fatal(err)
-	}
-	if err := registry.AnnounceModels(ctx, kv, []string{"atk-served"}); err != nil {
-		at.t.Fatal(err)
-	}
-	m := nats.NewMsg("$KV." + subjects.BucketModels + "." + subjects.ModelKey("atk-other"))
+	kv := at.announceServed(ctx)
+	m := nats.NewMsg(subjects.ModelEntry("atk-other"))
 	m.Data = []byte("atk-other")
 	m.Header.Set("Nats-Rollup", "all")
 	if _, err := c.js.PublishMsg(ctx, m); err != nil {
@@ -90,16 +84,10 @@ func (at *attackTable) modelsRollup(c *busClient) {
 func (at *attackTable) modelsDeleteMarker(c, reader *busClient) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	kv, err := at.s.adminJS.KeyValue(ctx, subjects.BucketModels)
-	if err != nil {
-		at.t.Fatal(err)
-	}
-	if err := registry.AnnounceModels(ctx, kv, []string{"atk-served"}); err != nil {
-		at.t.Fatal(err)
-	}
+	at.announceServed(ctx)
 	for _, op := range []string{"DEL", "PURGE"} {
 		action := "KV-Operation: " + op + " on another model's announcement"
-		m := nats.NewMsg("$KV." + subjects.BucketModels + "." + subjects.ModelKey("atk-served"))
+		m := nats.NewMsg(subjects.ModelEntry("atk-served"))
 		m.Header.Set("KV-Operation", op)
 		if _, err := c.js.PublishMsg(ctx, m); err != nil {
 			at.add(c.name, action, true, "refused by JetStream: "+err.Error())
@@ -115,4 +103,17 @@ func (at *attackTable) modelsDeleteMarker(c, reader *busClient) {
 			at.add(c.name, action, true, "allowed by the server, but atk-served is still served")
 		}
 	}
+}
+
+// announceServed announces atk-served as the admin (a worker serving it would)
+// and returns the models bucket.
+func (at *attackTable) announceServed(ctx context.Context) jetstream.KeyValue {
+	kv, err := at.s.adminJS.KeyValue(ctx, subjects.BucketModels)
+	if err != nil {
+		at.t.Fatal(err)
+	}
+	if err := registry.AnnounceModels(ctx, kv, []string{"atk-served"}); err != nil {
+		at.t.Fatal(err)
+	}
+	return kv
 }
