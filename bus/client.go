@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/jserr"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -254,10 +255,7 @@ func (p *Client) prepare(job *schemas.JobRequest) (*nats.Msg, SubmitAck, error) 
 	// sequence", which mapSubmitError reports as ErrDuplicate. A raw publisher
 	// that skips the header is still caught by the dispatcher (it terminates a
 	// second message of a job it holds).
-	h := nats.Header{}
-	h.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
-	h.Set(jetstream.ExpectedLastSubjSeqSubjHeader, subjects.JobAnyPriority(job.Tenant, job.ID))
-	return &nats.Msg{Subject: ack.Subject, Data: data, Header: h}, ack, nil
+	return &nats.Msg{Subject: ack.Subject, Data: data, Header: jsprov.NewJobHeader(job.Tenant, job.ID)}, ack, nil
 }
 
 // admit makes the checks a job must pass before it is published: not finished
@@ -303,18 +301,16 @@ func (p *Client) mapSubmitError(jobID string, err error) error {
 	switch jserr.StoreRefusal(err) {
 	case jserr.StoreMaxMsgs, jserr.StoreMaxBytes:
 		return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrQueueFull, err)
-	case jserr.StoreMaxMsgsPerSubject:
-		// The job's subject already holds it: queued or running.
-		return fmt.Errorf("bus: submit %s: %w: job is already queued", jobID, ErrDuplicate)
 	case jserr.StoreMsgTooLarge:
 		return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrJobTooLarge, err)
 	}
+	if jserr.IsAlreadyStored(err) {
+		// The job's id is stored already, at this priority or another one
+		// (prepare's expectation, or the per-subject limit): queued or running.
+		return fmt.Errorf("bus: submit %s: %w: job is already queued", jobID, ErrDuplicate)
+	}
 	if ae, ok := jserr.APIError(err); ok {
 		switch ae.ErrorCode {
-		case jserr.CodeWrongLastSequence, jserr.CodeWrongLastSequenceConstant:
-			// prepare's expectation: the job's id is stored already, at this
-			// priority or another one: queued or running.
-			return fmt.Errorf("bus: submit %s: %w: job is already queued", jobID, ErrDuplicate)
 		case jserr.CodeInsufficientResources:
 			return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrQueueFull, err)
 		case jserr.CodeMessageExceedsMaximum:

@@ -16,6 +16,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/mlx-serving/mlx-serving/internal/jserr"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -161,7 +162,7 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 	}
 	o := replayRequeued
 	if _, err := js.PublishMsg(ctx, msg); err != nil {
-		if !alreadyQueued(err) {
+		if !jserr.IsAlreadyStored(err) {
 			return replayFailed, fmt.Errorf("requeue %s: %w", job.ID, err)
 		}
 		// JOBS holds the job. If it holds this very message, an earlier replay
@@ -205,10 +206,7 @@ func requeueMsg(rec *schemas.DLQRecordMsg) (*nats.Msg, error) {
 	// producer may put any id on its own jobs, so a guessable id here would
 	// let one tenant make another's replay a silent no-op. The expectation is
 	// bus.Client.Submit's: nothing stored on the job at any priority.
-	msg := &nats.Msg{Subject: subjects.Job(job.Tenant, priority, job.ID), Data: data, Header: nats.Header{}}
-	msg.Header.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
-	msg.Header.Set(jetstream.ExpectedLastSubjSeqSubjHeader, subjects.JobAnyPriority(job.Tenant, job.ID))
-	return msg, nil
+	return &nats.Msg{Subject: subjects.Job(job.Tenant, priority, job.ID), Data: data, Header: jsprov.NewJobHeader(job.Tenant, job.ID)}, nil
 }
 
 // heldByReplay returns nil when JOBS holds msg itself for job, as an
@@ -238,19 +236,6 @@ func dropDeadLetters(ctx context.Context, dlq jetstream.Stream, subject string, 
 		return fmt.Errorf("remove dead letters %s: %w", subject, err)
 	}
 	return nil
-}
-
-// alreadyQueued reports JOBS' refusals of a job it already holds: the
-// expectation of no message on the job (wrong last sequence) or the
-// one-message-per-subject limit.
-func alreadyQueued(err error) bool {
-	if ae, ok := jserr.APIError(err); ok {
-		switch ae.ErrorCode {
-		case jserr.CodeWrongLastSequence, jserr.CodeWrongLastSequenceConstant:
-			return true
-		}
-	}
-	return jserr.StoreRefusal(err) == jserr.StoreMaxMsgsPerSubject
 }
 
 func (a *app) replayCmd() *cobra.Command {

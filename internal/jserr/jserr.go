@@ -145,3 +145,17 @@ func IsTooLarge(err error) bool {
 	ae, ok := APIError(err)
 	return ok && ae.ErrorCode == CodeMessageExceedsMaximum
 }
+
+// IsAlreadyStored reports a publish refused because its subject already holds
+// a message: an expected last subject sequence that did not match (the
+// first-writer-wins records, a job's "nothing at any priority"), or the
+// stream's one-message-per-subject limit (discard-new per subject).
+func IsAlreadyStored(err error) bool {
+	if ae, ok := APIError(err); ok {
+		switch ae.ErrorCode {
+		case CodeWrongLastSequence, CodeWrongLastSequenceConstant:
+			return true
+		}
+	}
+	return StoreRefusal(err) == StoreMaxMsgsPerSubject
+}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -338,4 +339,18 @@ func QueueDepths(ctx context.Context, js jetstream.JetStream) (map[string]uint64
 		}
 	}
 	return out, nil
+}
+
+// NewJobHeader is the header every publish of a job on JOBS carries (the
+// client's submits, replay's requeues): nothing may be stored on the job's
+// subject at ANY priority. The priority is a token of the subject, so the
+// stream's one-message-per-subject limit alone took the same id once per
+// priority, and two dispatchers then ran both. The server checks the last
+// message on the wildcard subject and refuses with "wrong last sequence"
+// (jserr.IsAlreadyStored).
+func NewJobHeader(tenant, jobID string) nats.Header {
+	h := nats.Header{}
+	h.Set(jetstream.ExpectedLastSubjSeqHeader, "0")
+	h.Set(jetstream.ExpectedLastSubjSeqSubjHeader, subjects.JobAnyPriority(tenant, jobID))
+	return h
 }

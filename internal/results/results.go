@@ -68,7 +68,7 @@ func record(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg, d
 	if err == nil && !ack.Duplicate {
 		return nil
 	}
-	if err != nil && !resultRefused(err) {
+	if err != nil && !jserr.IsAlreadyStored(err) {
 		return jserr.Map(err, "record result "+r.JobID)
 	}
 	// Someone's record is stored. It may be our own from an earlier try.
@@ -112,17 +112,6 @@ func Finish(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg, r
 		_ = js.Conn().Publish(replyTo, data)
 	}
 	return nil
-}
-
-// resultRefused reports the server's ways of saying the subject already has a record.
-func resultRefused(err error) bool {
-	if ae, ok := jserr.APIError(err); ok {
-		switch ae.ErrorCode {
-		case jserr.CodeWrongLastSequence, jserr.CodeWrongLastSequenceConstant:
-			return true
-		}
-	}
-	return jserr.StoreRefusal(err) == jserr.StoreMaxMsgsPerSubject
 }
 
 // Fetch returns the job's terminal record, or an error matching ErrNoResult

@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/mlx-serving/mlx-serving/internal/jserr"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -65,7 +66,7 @@ func TestResultsStreamRefusesSecondRecordByItself(t *testing.T) {
 	if err == nil {
 		t.Fatal("plain publish of a second record was accepted")
 	}
-	if !results.ResultRefused(err) {
+	if !jserr.IsAlreadyStored(err) {
 		t.Errorf("refusal %v not recognised as an existing result", err)
 	}
 }
