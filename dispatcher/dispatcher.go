@@ -93,6 +93,8 @@ type Dispatcher struct {
 	barrierOut bool
 	// announced caches the models bucket's answers per model (batcher.go).
 	announced *announcements
+	// resumeCapBytes is resumeCap (progress.go).
+	resumeCapBytes int
 
 	// progressHook, if set, runs before each progress event is handled
 	// (tests: hold token events back to force an interleaving).
@@ -165,23 +167,24 @@ func New(cfg Config) (*Dispatcher, error) {
 		return nil, fmt.Errorf("dispatcher: jetstream: %w", err)
 	}
 	d := &Dispatcher{
-		cfg:         cfg,
-		nc:          cfg.Conn,
-		js:          js,
-		announced:   newAnnouncements(),
-		log:         cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
-		rare:        cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
-		handOvers:   make(chan struct{}, maxHandOvers),
-		pollEvery:   pollEvery,
-		storedGrace: storedGrace,
-		wakePull:    make(chan struct{}, 1),
-		wakeSched:   make(chan struct{}, 1),
-		changed:     make(chan struct{}, 1),
-		awaiting:    make(chan struct{}),
-		jobs:        map[string]*job{},
-		retrying:    map[string]*job{},
-		cancelled:   map[string]time.Time{},
-		workers:     map[string]*workerView{},
+		cfg:            cfg,
+		nc:             cfg.Conn,
+		js:             js,
+		announced:      newAnnouncements(),
+		resumeCapBytes: resumeCapFor(cfg.Conn.MaxPayload()),
+		log:            cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
+		rare:           cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
+		handOvers:      make(chan struct{}, maxHandOvers),
+		pollEvery:      pollEvery,
+		storedGrace:    storedGrace,
+		wakePull:       make(chan struct{}, 1),
+		wakeSched:      make(chan struct{}, 1),
+		changed:        make(chan struct{}, 1),
+		awaiting:       make(chan struct{}),
+		jobs:           map[string]*job{},
+		retrying:       map[string]*job{},
+		cancelled:      map[string]time.Time{},
+		workers:        map[string]*workerView{},
 	}
 	d.pullWRR.w = cfg.Weights
 	d.pickWRR.w = cfg.Weights
@@ -319,20 +322,23 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	for subj, h := range map[string]nats.MsgHandler{
 		subjects.DoneForDispatcher(d.cfg.DispatcherID): d.onDoneConcurrently,
 		subjects.AttemptAll:                            d.onAttemptReport,
-		// On d.nc, like every subscription here: settle.go's barrier must
-		// run behind its queue too.
-		subjects.ProgressForDispatcher(d.cfg.DispatcherID): d.onProgress,
 	} {
 		s, err := d.nc.Subscribe(subj, h)
 		if err != nil {
 			return fmt.Errorf("dispatcher: subscribe %s: %w", subj, err)
 		}
 		subs = append(subs, s)
-		if subj == subjects.ProgressForDispatcher(d.cfg.DispatcherID) {
-			if err := s.SetPendingLimits(progressPendingMsgs, progressPendingBytes); err != nil {
-				return fmt.Errorf("dispatcher: subscribe %s: %w", subj, err)
-			}
-		}
+	}
+	// On d.nc, like every subscription here: settle.go's barrier must run
+	// behind its queue too. Bounded: every worker feeds it (progress.go).
+	progress := subjects.ProgressForDispatcher(d.cfg.DispatcherID)
+	ps, err := d.nc.Subscribe(progress, d.onProgress)
+	if err != nil {
+		return fmt.Errorf("dispatcher: subscribe %s: %w", progress, err)
+	}
+	subs = append(subs, ps)
+	if err := ps.SetPendingLimits(progressPendingMsgs, progressPendingBytes); err != nil {
+		return fmt.Errorf("dispatcher: subscribe %s: %w", progress, err)
 	}
 	// New jobs wake the puller: JOBS re-publishes the headers of each job it
 	// stored (jsprov), so the wake-up comes after the store (the pull it

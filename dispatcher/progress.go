@@ -38,8 +38,13 @@ const maxResumeText = 1 << 20
 // a quarter of the server's max payload (so the lead job of a batch always
 // fits, with its prompt, and the batch's resumes together stay under half of
 // it; see batchResumeBudget), and never past the schema's bound.
-func (d *Dispatcher) resumeCap() int {
-	mp := int(d.nc.MaxPayload())
+// It is read on every progress event, so it is computed once, from the max
+// payload the server announced when the dispatcher was made.
+func (d *Dispatcher) resumeCap() int { return d.resumeCapBytes }
+
+// resumeCapFor is resumeCap for a server max payload of maxPayload bytes.
+func resumeCapFor(maxPayload int64) int {
+	mp := int(maxPayload)
 	if mp <= 0 {
 		mp = 1 << 20 // the server's default
 	}
@@ -66,6 +71,19 @@ const (
 // carry, all its jobs together.
 func (d *Dispatcher) batchResumeBudget() int { return 2 * d.resumeCap() }
 
+// progressEvent is the part of a token event (schemas.TokenEventMsg) that
+// tracking reads: decoding only these fields skips the logprob entries a job
+// may carry with every event.
+type progressEvent struct {
+	Type    string `json:"type"`
+	JobID   string `json:"job_id"`
+	Attempt int    `json:"attempt"`
+	Seq     int    `json:"seq"`
+	Delta   string `json:"delta"`
+	Tokens  int    `json:"tokens"`
+	Offset  int    `json:"offset"`
+}
+
 // onProgress handles a token event a worker sent the dispatcher that placed
 // the job (mlx.worker.<wid>.progress.<this dispatcher>.<tenant>).
 func (d *Dispatcher) onProgress(m *nats.Msg) {
@@ -86,7 +104,7 @@ func (d *Dispatcher) onProgress(m *nats.Msg) {
 		d.count().oversizedProgress()
 		return
 	}
-	var ev schemas.TokenEventMsg
+	var ev progressEvent
 	if err := json.Unmarshal(m.Data, &ev); err != nil || ev.Type != "token" {
 		return
 	}
@@ -111,7 +129,7 @@ func (d *Dispatcher) onProgress(m *nats.Msg) {
 
 // track adds ev, an event of j's current attempt from its worker, to what the
 // caller received; or stops tracking the attempt. Callers hold d.mu.
-func (j *job) track(d *Dispatcher, ev *schemas.TokenEventMsg) {
+func (j *job) track(d *Dispatcher, ev *progressEvent) {
 	if j.untracked {
 		return
 	}
