@@ -48,9 +48,9 @@ func decodeJob(ref subjects.JobRef, data []byte) (req schemas.JobRequest, invali
 
 // rawDeadLetter is the dead letter of a message on JOBS that can be no job.
 func rawDeadLetter(subject string, data []byte, dispatcherID string, now time.Time) schemas.DLQRecordMsg {
-	reason := clip("subject "+strconv.Quote(subject)+" is not mlx.jobs.<tenant>.<priority>.<job-id> with a valid tenant, priority and id", maxErrorMessage)
+	reason := schemas.ClipUTF8("subject "+strconv.Quote(subject)+" is not mlx.jobs.<tenant>.<priority>.<job-id> with a valid tenant, priority and id", schemas.MaxErrorMessage)
 	rec := schemas.DLQRecordMsg{Reason: schemas.CodeNotAJob, LastError: schemas.ErrorInfo{Code: schemas.CodeNotAJob, Message: reason},
-		DeadAt: now, RawSubject: clip(subject, 4096), RawData: base64.StdEncoding.EncodeToString(data)}
+		DeadAt: now, RawSubject: schemas.ClipUTF8(subject, 4096), RawData: base64.StdEncoding.EncodeToString(data)}
 	if subjects.ValidID(dispatcherID) {
 		rec.DispatcherID = dispatcherID
 	}

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"regexp"
 	"time"
-	"unicode/utf8"
 
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -70,7 +69,7 @@ func terminalRecord(j *job, e Trigger, status string, errInfo *schemas.ErrorInfo
 	}
 	if errInfo != nil {
 		e := *errInfo
-		e.Message = clip(e.Message, maxErrorMessage)
+		e.Message = schemas.ClipUTF8(e.Message, schemas.MaxErrorMessage)
 		errInfo = &e
 	}
 	sent := j.resumeNow()
@@ -88,23 +87,9 @@ func terminalRecord(j *job, e Trigger, status string, errInfo *schemas.ErrorInfo
 	return res
 }
 
-// maxErrorMessage is the result schema's bound on an error message.
-const maxErrorMessage = 4096
-
 // modelPattern is the job schema's model definition (1 to 256 characters, no
 // whitespace): a model name outside it is left out of a record.
 var modelPattern = regexp.MustCompile(`^[^\s]{1,256}$`)
-
-// clip cuts s to at most n bytes without splitting a UTF-8 sequence.
-func clip(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
-}
 
 // finishWith applies e to j, forgets it and writes res (and the dead letter for
 // EvExhausted and EvDeadLetter) outside the lock; done, if set, learns the

@@ -3,6 +3,7 @@ package schemas
 import (
 	"encoding/json"
 	"fmt"
+	"unicode/utf8"
 )
 
 // DefaultMaxTokens bounds a generation whose job names no max_tokens: it runs
@@ -40,4 +41,22 @@ func schemaDefault(t Type, field string) int {
 		panic(fmt.Sprintf("schemas: %s has no integer default for %s", t, field))
 	}
 	return *p.Default
+}
+
+// MaxErrorMessage is the result schema's bound on an error's message, in
+// bytes as Go counts them (maxLength counts characters: never more than
+// bytes). Who builds an error (the dispatcher's own records, a worker's
+// report of its own invalid record) clips to it with ClipUTF8;
+// TestMaxErrorMessageMatchesSchema keeps it equal to result.json.
+const MaxErrorMessage = 4096
+
+// ClipUTF8 cuts s to at most n bytes without splitting a UTF-8 sequence.
+func ClipUTF8(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }

@@ -65,3 +65,32 @@ func walkProperties(v any, f func(name string, prop map[string]any)) {
 		}
 	}
 }
+
+// The error message bound Go code clips to is the result schema's.
+func TestMaxErrorMessageMatchesSchema(t *testing.T) {
+	t.Parallel()
+	raw, err := Raw(Result)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc any
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	walkProperties(doc, func(name string, prop map[string]any) {
+		if name != "message" {
+			return
+		}
+		found = true
+		if max, _ := prop["maxLength"].(float64); int(max) != MaxErrorMessage {
+			t.Errorf("result error message maxLength %v, MaxErrorMessage %d", prop["maxLength"], MaxErrorMessage)
+		}
+	})
+	if !found {
+		t.Error("result.json has no error message property")
+	}
+	if got := ClipUTF8("aé", 2); got != "a" {
+		t.Errorf("ClipUTF8 split a rune: %q", got)
+	}
+}

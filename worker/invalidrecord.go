@@ -2,18 +2,15 @@ package worker
 
 import (
 	"encoding/json"
-	"unicode/utf8"
 
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-// Bounds of the attempt report schema (attempt_report.json) that a report made
-// from an invalid terminal record may exceed.
-const (
-	maxReportMessage = 4096    // error.message
-	maxReportSeq     = 1048576 // seq
-)
+// maxReportSeq is the attempt report schema's bound on seq
+// (attempt_report.json), which a report made from an invalid terminal record
+// may exceed; its error message is clipped to schemas.MaxErrorMessage.
+const maxReportSeq = 1048576
 
 // invalidRecordReport is the attempt report that replaces a terminal record
 // that failed its own schema (verr says why; a runtime's error message longer
@@ -41,7 +38,7 @@ func invalidRecordReport(res *schemas.ResultMsg, workerID string, verr error) (r
 		JobID: res.JobID, Tenant: subjects.RecordTenant(res.Tenant), Attempt: res.Attempt, WorkerID: workerID,
 		Error: schemas.ErrorInfo{
 			Code:    schemas.CodeInvalidMessage,
-			Message: clipUTF8("the worker's terminal record ("+res.Status+") fails its schema: "+verr.Error(), maxReportMessage),
+			Message: schemas.ClipUTF8("the worker's terminal record ("+res.Status+") fails its schema: "+verr.Error(), schemas.MaxErrorMessage),
 		},
 		Text:             res.Text,
 		Seq:              res.Seq,
@@ -59,15 +56,4 @@ func invalidRecordReport(res *schemas.ResultMsg, workerID string, verr error) (r
 func validReport(rep *schemas.AttemptReportMsg) bool {
 	data, err := json.Marshal(rep)
 	return err == nil && schemas.Validate(schemas.AttemptReport, data) == nil
-}
-
-// clipUTF8 cuts s to at most n bytes without splitting a UTF-8 sequence.
-func clipUTF8(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
 }
