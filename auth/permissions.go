@@ -96,15 +96,16 @@ func resultReads(tenant string) []string {
 	return []string{directGet(subjects.StreamResults, subjects.ResultsTenant(tenant))}
 }
 
-// registryReads are the calls a KV watch of the worker registry makes: bind the
-// bucket, create and delete its ordered push consumer, answer flow control.
+// registryReads are the calls registry.Snapshot and registry.Get make: bind
+// the bucket's stream and list its keys (STREAM.INFO), then a direct get of
+// each key's last message. No consumer grant: a consumer's deliver subject is
+// in the request body, where no permission can see it, and the server pushes
+// deliveries there whatever the creator may publish on — with CONSUMER.CREATE
+// here the gateway could replay a value a worker wrote into the bucket onto
+// another worker's assign subject (the red team's R3-1).
 var registryReads = []string{
 	streamInfo(kvStream),
-	jsAPI + ".CONSUMER.CREATE." + kvStream,
-	jsAPI + ".CONSUMER.CREATE." + kvStream + ".>",
-	jsAPI + ".CONSUMER.DELETE." + kvStream + ".>",
-	jsAPI + ".CONSUMER.INFO." + kvStream + ".>",
-	"$JS.FC." + kvStream + ".>",
+	directGet(kvStream, "$KV."+subjects.BucketWorkers+".>"),
 }
 
 // InboxPrefix is the inbox prefix of a user's connection: replies (publish acks,

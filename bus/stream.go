@@ -252,6 +252,9 @@ func (s *JobStream) Next(ctx context.Context) (Event, error) {
 		cancel()
 		switch {
 		case err == nil:
+			if msg.Subject != s.replyTo {
+				continue // pushed here by a JetStream consumer, not published: see worker.onlyOn
+			}
 			ev, ok := s.accept(msg.Data)
 			if !ok {
 				continue
@@ -461,6 +464,9 @@ func (s *JobStream) lastLookup(ctx context.Context, cause error) (Event, error) 
 		msg, err := s.sub.NextMsg(0)
 		if err != nil {
 			break
+		}
+		if msg.Subject != s.replyTo {
+			continue
 		}
 		var probe struct {
 			Type string `json:"type"`

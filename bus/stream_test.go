@@ -107,3 +107,66 @@ func TestSubmitStreamMissesNoEventOfAFastWorker(t *testing.T) {
 		}()
 	}
 }
+
+// A token event pushed onto the reply subject by a JetStream consumer (whose
+// deliver subject anyone allowed to create one may choose) keeps the subject
+// it was stored under: it was not published on the reply subject and is not
+// the job's. The stream skips it and hands over the published event after it.
+// Mutation caught: dropping the msg.Subject check in Next.
+func TestJobStreamSkipsWhatAConsumerPushed(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, jsprov.Options{})
+	p := b.client(t, "acme")
+	ctx := ctxT(t)
+	js, err := b.nc.JetStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.AddStream(&nats.StreamConfig{Name: "ATK", Subjects: []string{"atk.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	job := newJob("pushed", "x")
+	stream, ack, err := SubmitStream(ctx, p, b.nc, job, StreamOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	forged := fmt.Sprintf(`{"type":"token","job_id":%q,"tenant":"acme","attempt":1,"seq":0,"delta":"PUSHED","tokens":1,"offset":0}`, ack.JobID)
+	if _, err := js.Publish("atk.x", []byte(forged)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.AddConsumer("ATK", &nats.ConsumerConfig{DeliverSubject: ack.ReplyTo, AckPolicy: nats.AckNonePolicy}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		ci, err := js.ConsumerInfo("ATK", consumerName(t, js))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ci.Delivered.Consumer >= 1 {
+			break
+		}
+		time.Sleep(5 * time.Millisecond) // polling the server's delivered count
+	}
+	published := fmt.Sprintf(`{"type":"token","job_id":%q,"tenant":"acme","attempt":1,"seq":0,"delta":"published","tokens":1,"offset":0}`, ack.JobID)
+	if err := b.nc.Publish(ack.ReplyTo, []byte(published)); err != nil {
+		t.Fatal(err)
+	}
+	ev, err := stream.Next(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev.Token == nil || ev.Token.Delta != "published" {
+		t.Fatalf("first event %+v, want the published token", ev)
+	}
+}
+
+// consumerName is the one consumer of stream ATK.
+func consumerName(t *testing.T, js nats.JetStreamContext) string {
+	t.Helper()
+	for name := range js.ConsumerNames("ATK") {
+		return name
+	}
+	t.Fatal("no consumer on ATK")
+	return ""
+}

@@ -255,7 +255,7 @@ func (a *Agent) start(ctx context.Context) error {
 		subjects.Assign(a.cfg.WorkerID):       a.handleAssign,
 		subjects.WorkerCancel(a.cfg.WorkerID): a.handleCancel,
 	} {
-		sub, err := a.nc.Subscribe(subj, h)
+		sub, err := a.nc.Subscribe(subj, onlyOn(subj, h, a.log))
 		if err != nil {
 			a.unsubscribe()
 			return fmt.Errorf("worker: subscribe %s: %w", subj, err)

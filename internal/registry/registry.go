@@ -27,43 +27,68 @@ var ErrNoRegistry = fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers,
 
 // Snapshot returns every heartbeat in the registry now, sorted by worker id.
 //
-// It reads the bucket with one watcher up to the end of its current values, so an
-// entry that expires meanwhile is either in or out, never a failed Get. Entries
-// that are not a heartbeat (not JSON, or no worker id) are skipped: one bad writer
-// must not hide the fleet. A missing bucket is ErrNoRegistry; callers that treat
-// it as an empty fleet test errors.Is(err, ErrNoRegistry).
+// It lists the bucket's keys (a STREAM.INFO with a subject filter) and reads
+// each key's last message with a direct get: no consumer is created. That is
+// the point: whoever may create a consumer may also name its deliver subject,
+// and the server does not check that subject against the creator's publish
+// grants, so a reader allowed consumers on this bucket could have the server
+// push values a worker wrote onto any subject (the red team's R3-1 pushed an
+// assignment onto another worker's assign subject). With this, fleet readers
+// such as the gateway need only STREAM.INFO and DIRECT.GET on the bucket.
+//
+// An entry that expires between the listing and its get is left out, as it
+// would be a moment later. Entries that are not a live heartbeat (a delete or
+// purge marker, not JSON, or a worker id other than the key the server's
+// permissions let that worker write) are skipped: one bad writer must not hide
+// the fleet. A missing bucket is ErrNoRegistry; callers that treat it as an
+// empty fleet test errors.Is(err, ErrNoRegistry).
 func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatMsg, error) {
-	kv, err := js.KeyValue(ctx, subjects.BucketWorkers)
-	if errors.Is(err, jetstream.ErrBucketNotFound) {
+	s, err := js.Stream(ctx, kvStream)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		return nil, ErrNoRegistry
 	}
 	if err != nil {
 		return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
-	w, err := kv.WatchAll(ctx, jetstream.IgnoreDeletes())
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(kvPrefix+">"))
 	if err != nil {
 		return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
-	defer func() { _ = w.Stop() }()
 	out := []schemas.HeartbeatMsg{}
-	for {
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, ctx.Err())
-		case e, ok := <-w.Updates():
-			if !ok {
-				return nil, fmt.Errorf("worker registry %s: watcher closed", subjects.BucketWorkers)
-			}
-			if e == nil {
-				// The watcher marks the end of the current values with nil.
-				sort.Slice(out, func(i, j int) bool { return out[i].WorkerID < out[j].WorkerID })
-				return out, nil
-			}
-			if hb, err := decode(e.Value()); err == nil && hb.WorkerID != "" {
-				out = append(out, hb)
-			}
+	for subj := range info.State.Subjects {
+		m, err := s.GetLastMsgForSubject(ctx, subj)
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			continue // expired since the listing
+		}
+		if err != nil {
+			return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
+		}
+		if hb, ok := liveHeartbeat(subj, m); ok {
+			out = append(out, hb)
 		}
 	}
+	sort.Slice(out, func(i, j int) bool { return out[i].WorkerID < out[j].WorkerID })
+	return out, nil
+}
+
+// kvStream and kvPrefix are the registry bucket's stream and the subject
+// prefix of its keys.
+const (
+	kvStream = "KV_" + subjects.BucketWorkers
+	kvPrefix = "$KV." + subjects.BucketWorkers + "."
+)
+
+// liveHeartbeat reads the last message on a registry key: ok only for a put
+// whose value is the heartbeat of the worker the key names.
+func liveHeartbeat(subj string, m *jetstream.RawStreamMsg) (schemas.HeartbeatMsg, bool) {
+	if op := m.Header.Get("KV-Operation"); op != "" || m.Header.Get("Nats-Marker-Reason") != "" {
+		return schemas.HeartbeatMsg{}, false
+	}
+	hb, err := decode(m.Data)
+	if err != nil || hb.WorkerID == "" || kvPrefix+hb.WorkerID != subj {
+		return schemas.HeartbeatMsg{}, false
+	}
+	return hb, true
 }
 
 // Get returns the heartbeat of one worker; ok is false when it has none (never

@@ -37,6 +37,12 @@ func TestSnapshotAndGet(t *testing.T) {
 	if _, err := kv.Put(ctx, "junk", []byte("not json")); err != nil {
 		t.Fatal(err)
 	}
+	// A heartbeat naming another worker than its key (a worker may write only
+	// its own key): skipped, so it cannot stand for that worker.
+	other, _ := json.Marshal(schemas.HeartbeatMsg{WorkerID: "w-a", State: schemas.WorkerReady, Models: []string{"evil"}})
+	if _, err := kv.Put(ctx, "w-impostor", other); err != nil {
+		t.Fatal(err)
+	}
 	hbs, err := registry.Snapshot(ctx, b.JS)
 	if err != nil || len(hbs) != 2 || hbs[0].WorkerID != "w-a" || hbs[1].WorkerID != "w-b" {
 		t.Fatalf("Snapshot = %+v, %v; want w-a, w-b", hbs, err)

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -114,6 +115,18 @@ func (at *attackTable) controlPub(c *busClient, actor, what, subj string) {
 		return
 	}
 	at.add(c.name, "control: publish "+subj+": "+what, true, "allowed, as granted").control = true
+}
+
+// controlFleet checks that c still reads the fleet (the gateway's model list
+// and readiness) with the registry grants left to it: no consumer, only
+// STREAM.INFO and direct gets.
+func (at *attackTable) controlFleet(ctx context.Context, c *busClient) {
+	hbs, err := registry.Snapshot(ctx, c.js)
+	if err != nil || len(hbs) == 0 {
+		at.t.Errorf("control: %s reads the worker registry: %d heartbeats, %v", c.name, len(hbs), err)
+		return
+	}
+	at.add(c.name, fmt.Sprintf("control: snapshot of the worker registry (%d workers)", len(hbs)), true, "allowed, as granted").control = true
 }
 
 // forgeDone hands a terminal record over as w1 for a job w1 does not run.

@@ -268,9 +268,16 @@ func TestTenantAttack(t *testing.T) {
 		{"delete a JOBS message", "$JS.API.STREAM.MSG.DELETE.JOBS"},
 		{"create a consumer on JOBS", "$JS.API.CONSUMER.CREATE.JOBS"},
 		{"ack a JOBS delivery", "$JS.ACK.JOBS.x.1.1.1.1.0"},
+		// R3-1: a push consumer on the registry, its deliver subject w1's
+		// assign subject, replayed an assignment a worker wrote as its own
+		// heartbeat onto w1; and F-E: deleting a dispatcher's registry watch.
+		{"create a push consumer on the worker registry", "$JS.API.CONSUMER.CREATE.KV_mlx_workers"},
+		{"create a named registry consumer filtered on a worker's key", "$JS.API.CONSUMER.CREATE.KV_mlx_workers.atk.$KV.mlx_workers.w2"},
+		{"delete a registry consumer (a dispatcher's watch)", "$JS.API.CONSUMER.DELETE.KV_mlx_workers.atk"},
 	} {
 		at.pubDenied(gw, c.what, c.subj)
 	}
+	at.controlFleet(ctx, gw)
 	for _, c := range []struct{ what, subj string }{
 		{"read every job", subjects.JobsAll},
 		{"read every cancel", subjects.CancelAll},
