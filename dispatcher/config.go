@@ -73,6 +73,15 @@ type Config struct {
 	// jobs acked, before it cancels what is left, whose jobs are then naked
 	// (default 10 s). Cancelling them at once would run finished jobs again.
 	WriteGrace time.Duration
+	// DeadlineGrace is how long past a job's deadline its worker may take to
+	// end it (the worker stops a job at its deadline and hands over an expired
+	// record) before this dispatcher ends it itself: it tells the worker to
+	// stop and writes the expired record (default 10 s). A worker that holds a
+	// job and never answers — hung, or a credential used to black-hole work
+	// (the red team's R3-5) — then keeps a job with a deadline no longer than
+	// this past it. Jobs without a deadline wait for the worker's heartbeat to
+	// lapse.
+	DeadlineGrace time.Duration
 	// Routing is the routing policy: RoutingPrefix (default) or
 	// RoutingLeastLoaded (router.go).
 	Routing string
@@ -135,6 +144,7 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	def(&c.DrainTimeout, c.AckWait)
 	def(&c.WriteGrace, 10*time.Second)
+	def(&c.DeadlineGrace, 10*time.Second)
 	switch c.Routing {
 	case "":
 		c.Routing = RoutingPrefix

@@ -476,9 +476,20 @@ func (d *Dispatcher) tick(now time.Time) {
 			j.progress = now
 			alive = append(alive, j.msg)
 		}
-		if (j.state == StateQueued && !j.intaking) || j.state == StateRetrying {
+		// j.req is read only once intake is done with it (decode writes it
+		// outside the lock).
+		switch {
+		case (j.state == StateQueued && !j.intaking) || j.state == StateRetrying:
 			if j.req.Deadline != nil && now.After(*j.req.Deadline) {
 				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed before the job ran"})
+			}
+		case j.state == StateRunning || j.state == StateDispatched:
+			// Its worker should have ended it at the deadline; one that did not
+			// within the grace is not trusted with it any longer. Should its
+			// record come after all, RESULTS keeps whichever was first.
+			if j.req.Deadline != nil && now.After(j.req.Deadline.Add(d.cfg.DeadlineGrace)) {
+				d.forwardCancel(j, "deadline passed")
+				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed and the worker did not end the job"})
 			}
 		}
 	}
