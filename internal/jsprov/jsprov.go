@@ -36,6 +36,11 @@ type Options struct {
 	ResultsMaxAge time.Duration
 	// DLQMaxAge is how long dead letters are kept; default 30 days.
 	DLQMaxAge time.Duration
+	// DLQMaxBytes bounds the DLQ; past it a new dead letter is refused
+	// (discard-new) and its job ends with its terminal record alone
+	// (dispatcher.Metrics.DeadLettersRefused). Default DefaultDLQMaxBytes; -1
+	// is no limit (tests of a stream provisioned before the bound).
+	DLQMaxBytes int64
 	// CancelsMaxAge is how long cancel requests are kept; default 24h.
 	CancelsMaxAge time.Duration
 	// CancelsMaxMsgs, CancelsMaxBytes and CancelsMaxMsgSize bound CANCELS; past
@@ -82,6 +87,14 @@ const (
 	DefaultCancelsMaxBytes = 64 << 20
 )
 
+// DefaultDLQMaxBytes bounds the DLQ. Unbounded, one tenant's producer filled
+// the disk through it (red team R3-3: jobs for a model nobody announced are
+// dead-lettered at once, each letter keeps the whole job for 30 days; 200 jobs
+// of 256 KB prompts added 52.5 MB in 1.8 s), and a full disk stops JetStream
+// for every tenant. 1 GiB, JOBS' own byte bound: the DLQ can hold a full
+// queue's worth of dead jobs.
+const DefaultDLQMaxBytes = 1 << 30
+
 // The buckets' bounds. A worker credential may put any key of BucketModels
 // (auth: announcing the models it serves), and unbounded it filled the disk
 // (red team R3-2: 60 values of 1 MB under random keys, stored at 304 MB/s).
@@ -125,6 +138,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.DLQMaxAge <= 0 {
 		o.DLQMaxAge = 30 * 24 * time.Hour
+	}
+	if o.DLQMaxBytes == 0 {
+		o.DLQMaxBytes = DefaultDLQMaxBytes
 	}
 	if o.WorkersMaxBytes == 0 {
 		o.WorkersMaxBytes = DefaultWorkersMaxBytes
@@ -224,10 +240,15 @@ func StreamConfigs(opts Options) map[string]jetstream.StreamConfig {
 			Storage:     o.Storage,
 			Replicas:    o.Replicas,
 			MaxMsgs:     -1,
-			MaxBytes:    -1,
+			MaxBytes:    o.DLQMaxBytes,
 			MaxAge:      o.DLQMaxAge,
-			Discard:     jetstream.DiscardOld,
-			Duplicates:  dupWindow(o.DuplicateWindow, o.DLQMaxAge),
+			// Full, the DLQ refuses a new letter and its job still gets its
+			// terminal record, the job's durable answer (the letter is the
+			// copy `replay` works from; dispatcher/deadletter.go). Not
+			// discard-old: a flood of one tenant's dead jobs would push out
+			// every tenant's letters stored before it, unseen.
+			Discard:    jetstream.DiscardNew,
+			Duplicates: dupWindow(o.DuplicateWindow, o.DLQMaxAge),
 		},
 		subjects.StreamCancels: {
 			Name:        subjects.StreamCancels,
