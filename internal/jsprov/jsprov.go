@@ -91,9 +91,12 @@ const (
 // the disk through it (red team R3-3: jobs for a model nobody announced are
 // dead-lettered at once, each letter keeps the whole job for 30 days; 200 jobs
 // of 256 KB prompts added 52.5 MB in 1.8 s), and a full disk stops JetStream
-// for every tenant. 1 GiB, JOBS' own byte bound: the DLQ can hold a full
-// queue's worth of dead jobs.
-const DefaultDLQMaxBytes = 1 << 30
+// for every tenant. 256 MiB holds some 60,000 letters of ordinary jobs (a few
+// KB each), 256 of the largest. Not more: the server reserves every stream's
+// byte bound in its JetStream store up front, and with JOBS' 1 GiB, CANCELS'
+// and the buckets' it needs about 1.4 GiB free (a 1 GiB DLQ made provisioning
+// fail on a 1.5 GiB store: "insufficient storage resources").
+const DefaultDLQMaxBytes = 256 << 20
 
 // The buckets' bounds. A worker credential may put any key of BucketModels
 // (auth: announcing the models it serves), and unbounded it filled the disk
