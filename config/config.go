@@ -45,6 +45,7 @@ type Config struct {
 	Slots        int     `json:"slots"`
 	SyncAlways   bool    `json:"sync_always"`
 	JobsMaxMsgs  int64   `json:"jobs_max_msgs"`
+	DLQMaxBytes  int64   `json:"dlq_max_bytes"`
 	MaxAttempts  int     `json:"max_attempts"`
 	BatchMaxWait string  `json:"batch_max_wait"`
 	BatchMaxSize int     `json:"batch_max_size"`
@@ -103,6 +104,7 @@ var Keys = []Key{
 	{"prompt_cache_bytes", "prompt-cache-bytes", "MLX_SERVING_PROMPT_CACHE_BYTES", "-1", "worker: bytes of finished requests' KV caches the runtime keeps to reuse shared prompt prefixes (0: off; -1: 1/8 of the machine's memory, at most 16 GiB)"},
 	{"sync_always", "sync-always", "MLX_SERVING_SYNC_ALWAYS", "true", "fsync every JetStream write before acking it"},
 	{"jobs_max_msgs", "jobs-max-msgs", "MLX_SERVING_JOBS_MAX_MSGS", "100000", "most queued jobs before submit says queue full"},
+	{"dlq_max_bytes", "dlq-max-bytes", "MLX_SERVING_DLQ_MAX_BYTES", "268435456", "bytes of dead letters the DLQ keeps; past it a new letter is refused and its job ends with its terminal record only (not replayable)"},
 	{"max_attempts", "max-attempts", "MLX_SERVING_MAX_ATTEMPTS", "3", "attempts per job before it is dead-lettered"},
 	{"batch_max_wait", "batch-max-wait", "MLX_SERVING_BATCH_MAX_WAIT", "5ms", "how long the dispatcher waits to fill a batch"},
 	{"batch_max_size", "batch-max-size", "MLX_SERVING_BATCH_MAX_SIZE", "8", "most jobs in one batch"},

@@ -27,6 +27,7 @@ type Metrics struct {
 	BaseClamped        atomic.Int64 // jobs whose metadata asked for an attempt base above what keeps their attempts within the schemas
 	DuplicateMsgs      atomic.Int64 // second messages for a job this dispatcher holds (same id, another stream sequence): terminated
 	OversizedProgress  atomic.Int64 // progress events larger than any tracked job's could be: dropped unread
+	DeadLettersRefused atomic.Int64 // dead letters the DLQ refused (full, too large): their jobs ended with the record only
 	// Routed counts batches by why they went to their worker (RouteReason).
 	Routed [numRouteReasons]atomic.Int64
 	// Transitions counts legal transitions by (from state, event).

@@ -65,11 +65,15 @@ const (
 	// AnomalyOversizedProgress: a progress event larger than any tracked job's
 	// could be: dropped unread.
 	AnomalyOversizedProgress = "oversized_progress"
+	// AnomalyDeadLetterRefused: the DLQ refused a job's dead letter (full,
+	// or the letter too large): the job ended with its terminal record only,
+	// and replay cannot bring it back.
+	AnomalyDeadLetterRefused = "dead_letter_refused"
 )
 
 // Anomalies lists every Anomaly kind.
 func Anomalies() []string {
-	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress}
+	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused}
 }
 
 // nopObserver is the Observer when none is configured.
@@ -177,6 +181,11 @@ func (t tally) badCancel() { t.m.BadCancels.Add(1); t.obs.Anomaly(AnomalyBadCanc
 func (t tally) oversizedProgress() {
 	t.m.OversizedProgress.Add(1)
 	t.obs.Anomaly(AnomalyOversizedProgress)
+}
+
+func (t tally) deadLetterRefused() {
+	t.m.DeadLettersRefused.Add(1)
+	t.obs.Anomaly(AnomalyDeadLetterRefused)
 }
 
 func (t tally) forged() { t.m.ForgedRecords.Add(1); t.obs.Forged() }

@@ -142,14 +142,8 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 	}
 	log := d.log.With().Str("job_id", res.JobID).Str("tenant", res.Tenant).Int("attempt", res.Attempt).Str("worker_id", res.WorkerID).Str("model", res.Model).Str("status", res.Status).Logger()
 	if dlq != nil {
-		data, err := json.Marshal(dlq)
-		if err == nil {
-			// The msg id names this record (job, attempt, time), so a retried
-			// publish is deduplicated but a replayed job's new dead letter is not.
-			_, err = d.js.Publish(ctx, subjects.DLQ(res.Tenant, res.JobID), data, jetstream.WithMsgID(results.MsgID(res)+".dlq"))
-		}
-		if err != nil {
-			log.Error().Err(err).Msg("dlq publish failed")
+		// A letter the DLQ refuses for good does not stop the record.
+		if err := d.storeDeadLetter(ctx, log, res, dlq); err != nil {
 			_ = msg.Nak()
 			return err
 		}

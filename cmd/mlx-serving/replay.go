@@ -49,6 +49,7 @@ const (
 	replayQueued                        // already in JOBS (an earlier, interrupted replay queued it); dead letters removed
 	replayStale                         // RESULTS holds a newer record: it ran again; only the dead letters were removed
 	replayFailed                        // a step failed; its dead letters are kept, a re-run tries again
+	replayEnding                        // JOBS still holds the job (its dispatcher is ending it, or it was resubmitted): nothing done, letters kept, counted as failed
 )
 
 // replayDLQ walks the DLQ stream and replays each matching job once, from its
@@ -60,6 +61,10 @@ const (
 //
 // Every step is safe to repeat, so a replay killed at any point is finished by
 // running it again (docs/RELIABILITY.md):
+//   - touch nothing while JOBS holds another message for the job at any
+//     priority: its dispatcher is between writing this letter, the record and
+//     its ack (or the job was submitted again), and purging or queuing then
+//     loses the record or the replay (stillEnding);
 //   - purge only the record the dead letter names (its dead_at is the record's
 //     finished_at, dispatcher/terminal.go): a different record means the job
 //     already ran again, and purging it would give the job a second terminal;
@@ -119,7 +124,9 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		o, err := replayJob(ctx, js, dlq, raw.Subject, seq, &rec)
 		if err != nil {
 			failed++
-			o = replayFailed
+			if o != replayEnding {
+				o = replayFailed
+			}
 		}
 		each(&rec, o, err)
 	}
@@ -130,14 +137,29 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream, subject string, seq uint64, rec *schemas.DLQRecordMsg) (replayOutcome, error) {
 	job := rec.Job
 	tenant := subjects.RecordTenant(job.Tenant)
+	msg, err := requeueMsg(rec)
+	if err != nil {
+		return replayFailed, err
+	}
+	// First, before RESULTS is read: once JOBS holds nothing for the job, its
+	// dispatcher has acked it, so its record (stored before the ack) is final.
+	switch held, err := jobsMsg(ctx, js, &job); {
+	case err != nil:
+		return replayFailed, err
+	case held != nil && isMsg(held, msg):
+		// An earlier replay of this letter queued it and stopped before
+		// removing the letter: queued once, which is what replay is for.
+		return replayQueued, dropDeadLetters(ctx, dlq, subject, seq)
+	case held != nil:
+		return replayEnding, stillEnding(msg)
+	}
 	// The leader's copy: a replica a moment behind could still show the old record.
 	stored, err := results.Stored(ctx, js, tenant, job.ID)
 	switch {
 	case errors.Is(err, results.ErrNoResult):
-		// Purged by an earlier replay that stopped before or after queuing it
-		// (the publish below tells which), expired from RESULTS, or not yet
-		// written: the dispatcher writes the dead letter first (then JOBS still
-		// holds the original message, and heldByReplay keeps the letter).
+		// Purged by an earlier replay that stopped before queuing it, or
+		// expired from RESULTS. Not "not yet written": JOBS held nothing for
+		// the job above, so its dispatcher had acked it, after the record.
 	case err != nil:
 		return replayFailed, err
 	default:
@@ -156,10 +178,6 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 			return replayFailed, err
 		}
 	}
-	msg, err := requeueMsg(rec)
-	if err != nil {
-		return replayFailed, err
-	}
 	o := replayRequeued
 	if _, err := js.PublishMsg(ctx, msg); err != nil {
 		if !jserr.IsAlreadyStored(err) {
@@ -172,6 +190,9 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 		// record, or a resubmission: the letter is kept for a later replay to
 		// judge once that run has ended.
 		if err := heldByReplay(ctx, js, &job, msg); err != nil {
+			if errors.Is(err, errStillEnding) {
+				return replayEnding, err
+			}
 			return replayFailed, err
 		}
 		o = replayQueued
@@ -209,21 +230,52 @@ func requeueMsg(rec *schemas.DLQRecordMsg) (*nats.Msg, error) {
 	return &nats.Msg{Subject: subjects.Job(job.Tenant, priority, job.ID), Data: data, Header: jsprov.NewJobHeader(job.Tenant, job.ID)}, nil
 }
 
+// stillEnding is the error of a job JOBS still holds under another message
+// than msg: its original, whose dispatcher has written the dead letter and is
+// writing the record and acking it, or a resubmission. Run between those
+// steps, replay purged the record and was then refused the requeue (the ack
+// left a letter with neither record nor queued job), or queued the job just
+// after the record was stored (a dispatcher then acked it unrun, as finished,
+// and replay dropped the letter): red team R3-6. The letter is kept for a
+// later run to judge once the job has ended.
+func stillEnding(msg *nats.Msg) error {
+	return fmt.Errorf("requeue %s: %w; dead letter kept: run replay again once it has ended", msg.Subject, errStillEnding)
+}
+
+var errStillEnding = errors.New("JOBS still holds the job (its dispatcher still ending it, or a resubmission)")
+
+// jobsMsg is the message JOBS holds for job at any priority, or nil.
+func jobsMsg(ctx context.Context, js jetstream.JetStream, job *schemas.JobRequest) (*jetstream.RawStreamMsg, error) {
+	jobs, err := js.Stream(ctx, subjects.StreamJobs)
+	if err != nil {
+		return nil, err
+	}
+	held, err := jobs.GetLastMsgForSubject(ctx, subjects.JobAnyPriority(job.Tenant, job.ID))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("look up %s in JOBS: %w", job.ID, err)
+	}
+	return held, nil
+}
+
+// isMsg reports whether held is msg, replay's requeue of the same letter.
+func isMsg(held *jetstream.RawStreamMsg, msg *nats.Msg) bool {
+	return held.Subject == msg.Subject && bytes.Equal(held.Data, msg.Data)
+}
+
 // heldByReplay returns nil when JOBS holds msg itself for job, as an
 // interrupted replay of the same dead letter left it, and an error otherwise.
 func heldByReplay(ctx context.Context, js jetstream.JetStream, job *schemas.JobRequest, msg *nats.Msg) error {
-	jobs, err := js.Stream(ctx, subjects.StreamJobs)
-	if err != nil {
-		return err
-	}
-	held, err := jobs.GetLastMsgForSubject(ctx, subjects.JobAnyPriority(job.Tenant, job.ID))
+	held, err := jobsMsg(ctx, js, job)
 	switch {
-	case errors.Is(err, jetstream.ErrMsgNotFound):
-		return fmt.Errorf("requeue %s: refused as queued, then gone (it just ended?): run replay again", msg.Subject)
 	case err != nil:
 		return fmt.Errorf("requeue %s: %w", msg.Subject, err)
-	case held.Subject != msg.Subject || !bytes.Equal(held.Data, msg.Data):
-		return fmt.Errorf("requeue %s: JOBS holds another message for the job (its dispatcher still ending it, or a resubmission); dead letter kept: run replay again once it has ended", msg.Subject)
+	case held == nil:
+		return fmt.Errorf("requeue %s: refused as queued, then gone (it just ended?): run replay again", msg.Subject)
+	case !isMsg(held, msg):
+		return stillEnding(msg)
 	}
 	return nil
 }
@@ -330,4 +382,5 @@ func (a *app) replay(ctx context.Context, cf *clientFlags, o replayOptions) int 
 // replayOutcomeNames name the outcomes in --json output.
 var replayOutcomeNames = map[replayOutcome]string{
 	replayDry: "dry_run", replayRequeued: "requeued", replayQueued: "already_queued", replayStale: "stale", replayFailed: "failed",
+	replayEnding: "still_ending",
 }

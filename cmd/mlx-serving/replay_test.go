@@ -126,7 +126,7 @@ func runReplay(t *testing.T, js jetstream.JetStream, f replayFilter) replayRun {
 			t.Errorf("job %s replayed twice in one run", rec.Job.ID)
 		}
 		r.outcomes[rec.Job.ID] = o
-		if (o == replayFailed) != (err != nil) {
+		if (o == replayFailed || o == replayEnding) != (err != nil) {
 			t.Errorf("job %s: outcome %d with error %v", rec.Job.ID, o, err)
 		}
 	})
@@ -209,7 +209,7 @@ func TestReplayFinishesAfterACrash(t *testing.T) {
 		t.Fatalf("replayed %d, failed %d (%v); want 7, 2", r.n, r.failed, r.outcomes)
 	}
 	want := map[string]replayOutcome{"fresh": replayRequeued, "purged": replayRequeued, "purged-queued": replayQueued,
-		"ending": replayFailed, "other-prio": replayFailed, "newer": replayStale, "stale": replayStale}
+		"ending": replayEnding, "other-prio": replayEnding, "newer": replayStale, "stale": replayStale}
 	for id, o := range want {
 		if r.outcomes[id] != o {
 			t.Errorf("%s: outcome %d, want %d", id, r.outcomes[id], o)

@@ -158,7 +158,7 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 }
 
 func provisionOptions(c config.Config) jsprov.Options {
-	return jsprov.Options{JobsMaxMsgs: c.JobsMaxMsgs, Replicas: c.Replicas, WorkerTTL: c.WorkerTTLDuration()}
+	return jsprov.Options{JobsMaxMsgs: c.JobsMaxMsgs, DLQMaxBytes: c.DLQMaxBytes, Replicas: c.Replicas, WorkerTTL: c.WorkerTTLDuration()}
 }
 
 // serverCmd is a command configured by every setting.

@@ -36,6 +36,11 @@ type Options struct {
 	ResultsMaxAge time.Duration
 	// DLQMaxAge is how long dead letters are kept; default 30 days.
 	DLQMaxAge time.Duration
+	// DLQMaxBytes bounds the DLQ; past it a new dead letter is refused
+	// (discard-new) and its job ends with its terminal record alone
+	// (dispatcher.Metrics.DeadLettersRefused). Default DefaultDLQMaxBytes; -1
+	// is no limit (tests of a stream provisioned before the bound).
+	DLQMaxBytes int64
 	// CancelsMaxAge is how long cancel requests are kept; default 24h.
 	CancelsMaxAge time.Duration
 	// CancelsMaxMsgs, CancelsMaxBytes and CancelsMaxMsgSize bound CANCELS; past
@@ -48,6 +53,11 @@ type Options struct {
 	CancelsMaxMsgSize int32
 	// WorkerTTL is how long a worker stays registered without a heartbeat; default 10s.
 	WorkerTTL time.Duration
+	// WorkersMaxBytes and ModelsMaxBytes bound the two buckets; defaults
+	// DefaultWorkersMaxBytes and DefaultModelsMaxBytes, -1 no limit. Their
+	// values are bounded by WorkersMaxValueSize and ModelsMaxValueSize.
+	WorkersMaxBytes int64
+	ModelsMaxBytes  int64
 	// ModelGrace is how long a model stays known after the last worker that served
 	// it went away (the subjects.BucketModels TTL); default DefaultModelGrace.
 	ModelGrace time.Duration
@@ -77,6 +87,42 @@ const (
 	DefaultCancelsMaxBytes = 64 << 20
 )
 
+// DefaultDLQMaxBytes bounds the DLQ. Unbounded, one tenant's producer filled
+// the disk through it (red team R3-3: jobs for a model nobody announced are
+// dead-lettered at once, each letter keeps the whole job for 30 days; 200 jobs
+// of 256 KB prompts added 52.5 MB in 1.8 s), and a full disk stops JetStream
+// for every tenant. 256 MiB holds some 60,000 letters of ordinary jobs (a few
+// KB each), 256 of the largest. Not more: the server reserves every stream's
+// byte bound in its JetStream store up front, and with JOBS' 1 GiB, CANCELS'
+// and the buckets' it needs about 1.4 GiB free (a 1 GiB DLQ made provisioning
+// fail on a 1.5 GiB store: "insufficient storage resources").
+const DefaultDLQMaxBytes = 256 << 20
+
+// The buckets' bounds. A worker credential may put any key of BucketModels
+// (auth: announcing the models it serves), and unbounded it filled the disk
+// (red team R3-2: 60 values of 1 MB under random keys, stored at 304 MB/s).
+// Full, a bucket refuses new puts (discard-new, the KV default); what a flood
+// then blocks is in docs/RELIABILITY.md.
+const (
+	// ModelsMaxValueSize: a value is a model name, at most 256 characters
+	// (job.json's model), 1 KiB of UTF-8 at worst; twice that leaves room
+	// for headers.
+	ModelsMaxValueSize = 2 << 10
+	// DefaultModelsMaxBytes: about 4,000 announcements of the longest
+	// names (~2 KiB stored each), some 50,000 ordinary ones.
+	DefaultModelsMaxBytes = 8 << 20
+	// WorkersMaxValueSize: the largest heartbeat a worker builds — 64 models
+	// and schemas.MaxHeartbeatPrefixes prefix hashes over them, every string
+	// at its schema bound and escaped at JSON's worst (6 bytes a character)
+	// — is about 210 KB (TestLargestHeartbeatFits); an ordinary one is
+	// under 1 KB, 10 KB with prefixes.
+	WorkersMaxValueSize = 256 << 10
+	// DefaultWorkersMaxBytes: 256 of the largest heartbeats, thousands of
+	// ordinary ones. A worker credential writes only its own key (one value,
+	// History 1), so this bounds a fleet's credentials together.
+	DefaultWorkersMaxBytes = 64 << 20
+)
+
 func (o Options) withDefaults() Options {
 	if o.Replicas <= 0 {
 		o.Replicas = 1
@@ -95,6 +141,15 @@ func (o Options) withDefaults() Options {
 	}
 	if o.DLQMaxAge <= 0 {
 		o.DLQMaxAge = 30 * 24 * time.Hour
+	}
+	if o.DLQMaxBytes == 0 {
+		o.DLQMaxBytes = DefaultDLQMaxBytes
+	}
+	if o.WorkersMaxBytes == 0 {
+		o.WorkersMaxBytes = DefaultWorkersMaxBytes
+	}
+	if o.ModelsMaxBytes == 0 {
+		o.ModelsMaxBytes = DefaultModelsMaxBytes
 	}
 	if o.ModelGrace <= 0 {
 		o.ModelGrace = DefaultModelGrace
@@ -188,10 +243,15 @@ func StreamConfigs(opts Options) map[string]jetstream.StreamConfig {
 			Storage:     o.Storage,
 			Replicas:    o.Replicas,
 			MaxMsgs:     -1,
-			MaxBytes:    -1,
+			MaxBytes:    o.DLQMaxBytes,
 			MaxAge:      o.DLQMaxAge,
-			Discard:     jetstream.DiscardOld,
-			Duplicates:  dupWindow(o.DuplicateWindow, o.DLQMaxAge),
+			// Full, the DLQ refuses a new letter and its job still gets its
+			// terminal record, the job's durable answer (the letter is the
+			// copy `replay` works from; dispatcher/deadletter.go). Not
+			// discard-old: a flood of one tenant's dead jobs would push out
+			// every tenant's letters stored before it, unseen.
+			Discard:    jetstream.DiscardNew,
+			Duplicates: dupWindow(o.DuplicateWindow, o.DLQMaxAge),
 		},
 		subjects.StreamCancels: {
 			Name:        subjects.StreamCancels,
@@ -221,13 +281,15 @@ func StreamConfigs(opts Options) map[string]jetstream.StreamConfig {
 // WorkersBucketConfig returns the worker registry bucket's configuration.
 func WorkersBucketConfig(opts Options) jetstream.KeyValueConfig {
 	o := opts.withDefaults()
-	return bucketConfig(o, subjects.BucketWorkers, "worker registry: key = worker id, value = heartbeat JSON", o.WorkerTTL)
+	return bucketConfig(o, subjects.BucketWorkers, "worker registry: key = worker id, value = heartbeat JSON", o.WorkerTTL,
+		WorkersMaxValueSize, o.WorkersMaxBytes)
 }
 
 // bucketConfig is a one-value-per-key bucket whose keys expire ttl after their
-// last put.
-func bucketConfig(o Options, name, description string, ttl time.Duration) jetstream.KeyValueConfig {
-	return jetstream.KeyValueConfig{Bucket: name, Description: description, History: 1, TTL: ttl, Storage: o.Storage, Replicas: o.Replicas}
+// last put, bounded to values of maxValue bytes and maxBytes in all.
+func bucketConfig(o Options, name, description string, ttl time.Duration, maxValue int32, maxBytes int64) jetstream.KeyValueConfig {
+	return jetstream.KeyValueConfig{Bucket: name, Description: description, History: 1, TTL: ttl, Storage: o.Storage, Replicas: o.Replicas,
+		MaxValueSize: maxValue, MaxBytes: maxBytes}
 }
 
 // Provision creates or updates the streams and the two buckets (worker registry,
@@ -276,7 +338,8 @@ func Provision(ctx context.Context, js jetstream.JetStream, opts Options) error 
 func ModelsBucketConfig(opts Options) jetstream.KeyValueConfig {
 	o := opts.withDefaults()
 	return bucketConfig(o, subjects.BucketModels,
-		"models served recently: key = ModelKey(model), value = the model name; expires ModelGrace after the last put", o.ModelGrace)
+		"models served recently: key = ModelKey(model), value = the model name; expires ModelGrace after the last put", o.ModelGrace,
+		ModelsMaxValueSize, o.ModelsMaxBytes)
 }
 
 // denyRollups turns off message rollups on stream. A KV bucket allows them (its

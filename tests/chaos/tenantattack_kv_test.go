@@ -105,6 +105,23 @@ func (at *attackTable) modelsDeleteMarker(c, reader *busClient) {
 	}
 }
 
+// modelsFlood: a worker may put any key of the models bucket; unbounded, 60
+// values of 1 MB under random keys were stored at 304 MB/s (red team R3-2),
+// and a full disk stops JetStream for every tenant. A value larger than a
+// model name can be must be refused.
+func (at *attackTable) modelsFlood(c *busClient) {
+	action := "1 MB value under a random models key (filling the disk)"
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	m := nats.NewMsg(subjects.ModelEntry("atk-flood"))
+	m.Data = make([]byte, 1<<20-4096)
+	if _, err := c.js.PublishMsg(ctx, m); err != nil {
+		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
+		return
+	}
+	at.add(c.name, action, false, "SUCCEEDED: 1 MB stored in the models bucket")
+}
+
 // announceServed announces atk-served as the admin (a worker serving it would)
 // and returns the models bucket.
 func (at *attackTable) announceServed(ctx context.Context) jetstream.KeyValue {

@@ -130,6 +130,7 @@ func TestTenantAttack(t *testing.T) {
 	at.kvRollup(w1)
 	at.modelsRollup(w1)
 	at.modelsDeleteMarker(w1, pa)
+	at.modelsFlood(w1)
 
 	for _, c := range []struct{ what, subj string }{
 		{"terminal record as w2", subjects.Done("w2", did)},

@@ -1,0 +1,108 @@
+package main
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// A live dispatcher ends a dead job in three steps: the dead letter, the
+// record, the ack of its JOBS message (dispatcher/terminal.go). The tests below
+// run replay between them, on a real embedded JetStream (red team R3-6).
+
+// ackJob removes job's JOBS message, as its dispatcher's ack does.
+func ackJob(t *testing.T, js jetstream.JetStream, job schemas.JobRequest) {
+	t.Helper()
+	ctx := testenv.Context(t, 10*time.Second)
+	jobs, err := js.Stream(ctx, subjects.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := jobs.Purge(ctx, jetstream.WithPurgeSubject(subjects.JobAnyPriority(job.Tenant, job.ID))); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReplayWaitsForTheRecordsAck: replay run after the letter and the record,
+// before the ack, must leave both. The old replay purged the record, was
+// refused the requeue (the original still queued), and the ack then left a
+// dead letter with neither record nor queued job.
+// Mutation caught: replayJob without the JOBS check before RESULTS is read
+// (the record is purged).
+func TestReplayWaitsForTheRecordsAck(t *testing.T) {
+	b := testenv.StartBus(t, jsprov.Options{})
+	js := b.JS
+	job := replayJobReq("acking")
+	queued(t, js, job, schemas.PriorityNormal)
+	deadLetter(t, js, job, 3, t0)
+	terminal(t, js, job, schemas.StatusFailed, t0)
+
+	r := runReplay(t, js, replayFilter{})
+	if r.n != 1 || r.failed != 1 || r.outcomes[job.ID] != replayEnding {
+		t.Fatalf("replayed %d, failed %d, outcomes %v; want the job still ending", r.n, r.failed, r.outcomes)
+	}
+	ackJob(t, js, job)
+	if got := storedAt(t, js, job); !got.Equal(t0) {
+		t.Fatalf("the record after the race: finished %v, want %v (kept)", got, t0)
+	}
+	if n := count(t, js, subjects.StreamDLQ, subjects.DLQ(job.Tenant, job.ID)); n != 1 {
+		t.Fatalf("%d dead letters after the race, want 1 (kept)", n)
+	}
+	// Once acked, the next replay does the job.
+	r = runReplay(t, js, replayFilter{})
+	if r.failed != 0 || r.outcomes[job.ID] != replayRequeued {
+		t.Fatalf("after the ack: failed %d, outcomes %v", r.failed, r.outcomes)
+	}
+	after(t, js, job, 1, time.Time{})
+}
+
+// racingJS runs before ahead of the first requeue (PublishMsg) replay sends.
+type racingJS struct {
+	jetstream.JetStream
+	before func()
+}
+
+func (r *racingJS) PublishMsg(ctx context.Context, m *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	if r.before != nil {
+		r.before()
+		r.before = nil
+	}
+	return r.JetStream.PublishMsg(ctx, m, opts...)
+}
+
+// TestReplayDoesNotQueueAJobEndingMeanwhile: replay run after the letter,
+// before the record; the dispatcher stores the record and acks while replay
+// is between reading RESULTS (nothing yet) and its requeue. The old replay's
+// requeue was then accepted, a dispatcher acked that copy unrun (its record
+// exists), and replay dropped the letter: "replayed", never run, letter lost.
+// Mutation caught: replayJob without the JOBS check before RESULTS is read
+// (the requeue goes through and the letter is dropped).
+func TestReplayDoesNotQueueAJobEndingMeanwhile(t *testing.T) {
+	b := testenv.StartBus(t, jsprov.Options{})
+	job := replayJobReq("ending-meanwhile")
+	queued(t, b.JS, job, schemas.PriorityNormal)
+	deadLetter(t, b.JS, job, 3, t0)
+	js := &racingJS{JetStream: b.JS, before: func() {
+		terminal(t, b.JS, job, schemas.StatusFailed, t0)
+		ackJob(t, b.JS, job)
+	}}
+
+	r := runReplay(t, js, replayFilter{})
+	if r.n != 1 || r.failed != 1 || r.outcomes[job.ID] != replayEnding {
+		t.Fatalf("replayed %d, failed %d, outcomes %v; want the job still ending", r.n, r.failed, r.outcomes)
+	}
+	if n := count(t, b.JS, subjects.StreamDLQ, subjects.DLQ(job.Tenant, job.ID)); n != 1 {
+		t.Fatalf("%d dead letters, want 1 (kept)", n)
+	}
+	if n := count(t, b.JS, subjects.StreamJobs, subjects.JobAnyPriority(job.Tenant, job.ID)); n != 1 {
+		t.Fatalf("%d JOBS messages, want the original's 1", n)
+	}
+}

@@ -1,0 +1,88 @@
+package dispatcher
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// TestFullDLQJobsStillEndOnce: a tenant flooding the DLQ with dead jobs (red
+// team R3-3: jobs for a model nobody announced are dead-lettered at once,
+// each letter the whole job) stops at the DLQ's byte bound, and every job
+// still ends with exactly one terminal record and is acked: a letter the DLQ
+// refuses (full, or too large to publish at all) is dropped and counted, never
+// naked into a loop. Runs on a real embedded server with a 64 KiB max payload
+// and a 256 KiB DLQ.
+// Mutations caught: storeDeadLetter returning the refusal instead of nil (the
+// jobs are naked over and over and never get a record); the DLQ without
+// MaxBytes (it grows past its bound).
+func TestFullDLQJobsStillEndOnce(t *testing.T) {
+	t.Parallel()
+	const (
+		maxPayload = 64 << 10
+		dlqBytes   = 256 << 10
+		ghosts     = 40 // ~16 KiB letters: 2.5 times the bound
+	)
+	e := newEnvWith(t, natsserver.Options{MaxPayload: maxPayload}, jsprov.Options{DLQMaxBytes: dlqBytes})
+	e.startWorker("w1", 2, []string{"m"}, nil)
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+
+	// First a job just under the max payload: its letter, the job and more,
+	// cannot be published at all.
+	big := newJob("too-large", "ghost", "normal")
+	big.Prompt = "x"
+	base, _ := json.Marshal(big)
+	big.Prompt = strings.Repeat("x", maxPayload-len(base)-64)
+	e.mustSubmit(big)
+	ids := []string{big.ID}
+	for i := range ghosts {
+		j := newJob(fmt.Sprintf("ghost-%02d", i), "ghost", "normal")
+		j.Prompt = strings.Repeat("p", 16<<10)
+		e.mustSubmit(j)
+		ids = append(ids, j.ID)
+	}
+	for _, id := range ids {
+		r := e.waitResult(id, 30*time.Second)
+		if r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != schemas.CodeModelNotAvailable {
+			t.Fatalf("%s: %+v err %+v", id, r, r.Error)
+		}
+	}
+	waitFor(t, 30*time.Second, "every job acked", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
+
+	if n := e.streamMsgs(subjects.StreamResults); n != uint64(len(ids)) {
+		t.Errorf("RESULTS holds %d records, want %d (one per job)", n, len(ids))
+	}
+	s, err := e.js.Stream(context.Background(), subjects.StreamDLQ)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.Bytes > dlqBytes {
+		t.Errorf("the DLQ holds %d bytes, bound %d", info.State.Bytes, dlqBytes)
+	}
+	if _, err := s.GetLastMsgForSubject(context.Background(), subjects.DLQ("", big.ID)); err == nil {
+		t.Errorf("the too-large job's letter is in the DLQ")
+	}
+	// Letters stored while there was room stay (discard-new).
+	if _, err := s.GetLastMsgForSubject(context.Background(), subjects.DLQ("", "ghost-00")); err != nil {
+		t.Errorf("the first ghost's letter: %v", err)
+	}
+	refused := d.Metrics().DeadLettersRefused.Load()
+	if stored := int64(info.State.Msgs); refused == 0 || stored == 0 || stored+refused != int64(len(ids)) {
+		t.Errorf("%d letters stored, %d refused; want both > 0 and %d in all", stored, refused, len(ids))
+	}
+	if n := d.Metrics().TransitionCount(StateQueued, EvDeadLetter); n != int64(len(ids)) {
+		t.Errorf("queued→dead_lettered counted %d, want %d", n, len(ids))
+	}
+}
