@@ -86,3 +86,26 @@ func TestFullDLQJobsStillEndOnce(t *testing.T) {
 		t.Errorf("queued→dead_lettered counted %d, want %d", n, len(ids))
 	}
 }
+
+// TestRawDeadLetterRefusedIsNotALoop: a message on JOBS that is no job, whose
+// raw dead letter (the body base64-encoded, a third larger) exceeds the max
+// payload, is terminated and counted, not naked every 5 s for ever.
+// Mutation caught: the refusal treated like any other publish error (nak).
+func TestRawDeadLetterRefusedIsNotALoop(t *testing.T) {
+	t.Parallel()
+	const maxPayload = 64 << 10
+	e := newEnvWith(t, natsserver.Options{MaxPayload: maxPayload}, jsprov.Options{})
+	e.startWorker("w1", 2, []string{"m"}, nil) // a dispatcher pulls only for a fleet
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	// A literal '*' names no job id: not a job.
+	if _, err := e.js.Publish(context.Background(), "mlx.jobs.a.normal.*", []byte(strings.Repeat("z", maxPayload-1024))); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "the message terminated", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
+	if n := d.Metrics().DeadLettersRefused.Load(); n != 1 {
+		t.Fatalf("refused dead letters counted %d, want 1", n)
+	}
+	if n := e.streamMsgs(subjects.StreamDLQ); n != 0 {
+		t.Fatalf("the DLQ holds %d messages, want 0 (the letter was too large)", n)
+	}
+}

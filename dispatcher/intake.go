@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/internal/jserr"
 	"github.com/mlx-serving/mlx-serving/internal/prefix"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -406,7 +407,17 @@ func (d *Dispatcher) notAJob(m jetstream.Msg, seq uint64) {
 	if err == nil {
 		_, err = d.js.Publish(d.wctx, subjects.RawDLQ(seq), data, jetstream.WithMsgID("raw."+strconv.FormatUint(seq, 10)))
 	}
-	if err != nil {
+	switch {
+	case jserr.IsFull(err) || jserr.IsTooLarge(err):
+		// Refused for good (as storeDeadLetter): a nak would bring it back
+		// every 5 s for as long as the DLQ is full, or for ever when the
+		// wrapped body (base64, a third larger) exceeds the max payload.
+		d.count().deadLetterRefused()
+		d.rare.Error().Err(err).Str("subject", m.Subject()).Uint64("seq", seq).Int("bytes", len(m.Data())).
+			Msg("message on JOBS is not a job, and the DLQ refused its dead letter (full or too large): terminated, counted, not stored")
+		_ = m.TermWithReason("not a job; dead letter refused")
+		return
+	case err != nil:
 		// Kept for a later try, so the message is never dropped unrecorded.
 		d.rare.Error().Err(err).Str("subject", m.Subject()).Msg("dead-lettering a message that is not a job failed; retrying later")
 		_ = m.NakWithDelay(5 * time.Second)
