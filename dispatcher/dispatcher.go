@@ -446,6 +446,16 @@ func (d *Dispatcher) goWrite(f func(ctx context.Context)) {
 	}()
 }
 
+// runWrite runs a terminal write on the calling goroutine, counted as
+// goWrite counts it; the caller must not hold d.mu.
+func (d *Dispatcher) runWrite(f func(ctx context.Context)) {
+	d.writes.Add(1)
+	d.io.Add(1)
+	defer d.io.Done()
+	defer d.wrote()
+	f(d.tctx)
+}
+
 // wrote ends one count of writes.
 func (d *Dispatcher) wrote() {
 	d.writes.Add(-1)

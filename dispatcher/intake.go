@@ -225,12 +225,16 @@ func (d *Dispatcher) notePulled(p int, msgs []jetstream.Msg) {
 func (d *Dispatcher) intakeAll(p int, msgs []jetstream.Msg) {
 	verdicts := make([]func(), len(msgs))
 	if len(msgs) == 1 {
-		verdicts[0] = d.check(p, msgs[0])
+		verdicts[0] = d.check(p, msgs[0], true)
 	} else {
+		// The checks of a batch overlap one another, each on its own
+		// goroutine, so each makes its RESULTS read itself rather than on a
+		// further goroutine: one fresh goroutine per job fewer, each of which
+		// grew its stack through the request path.
 		var wg sync.WaitGroup
 		for i, m := range msgs {
 			wg.Add(1)
-			go func() { defer wg.Done(); verdicts[i] = d.check(p, m) }()
+			go func() { defer wg.Done(); verdicts[i] = d.check(p, m, false) }()
 		}
 		wg.Wait()
 	}
@@ -246,8 +250,10 @@ func (d *Dispatcher) intakeAll(p int, msgs []jetstream.Msg) {
 
 // check decides what a delivery is: finished already, cancelled, expired,
 // invalid, out of attempts, or a job to run. It does the I/O and returns the
-// verdict to apply under d.mu (nil: nothing left to do).
-func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
+// verdict to apply under d.mu (nil: nothing left to do). With overlap the
+// RESULTS read runs on a goroutine of its own while the body is decoded (a
+// lone job's latency), else one after the other.
+func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 	md, err := m.Metadata()
 	if err != nil {
 		d.log.Error().Err(err).Msg("message without metadata")
@@ -302,14 +308,20 @@ func (d *Dispatcher) check(p int, m jetstream.Msg) func() {
 	// runs' tokens on the caller's stream; a single server that crashed loses
 	// the delivery counts it had not flushed (they are written about ten
 	// times a second), and a finished job's id submitted again is a new
-	// message with a count of 1. The read runs while the body is decoded and
-	// validated, so it costs a lone job no time of its own.
+	// message with a count of 1. For a lone job the read runs while the body
+	// is decoded and validated, so it costs it no time of its own.
 	stored := make(chan storedResult, 1)
-	go func() {
+	lookup := func() {
 		raw, err := results.Stored(d.wctx, d.js, j.tenant, id)
 		stored <- storedResult{raw, err}
-	}()
+	}
+	if overlap {
+		go lookup()
+	}
 	invalid := d.decode(j, m.Data())
+	if !overlap && invalid == nil { // an invalid job's record is not read
+		lookup()
+	}
 	chain := prefix.OfJob(&j.req) // once per job, outside the lock: routing reads it
 	d.mu.Lock()
 	j.chain = chain
