@@ -242,10 +242,10 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 	w.pending += len(jobs)
 	w.br.Take()
 	d.io.Add(1)
-	go func() {
+	d.warm.Go(func() {
 		defer d.io.Done()
 		d.assign(b)
-	}()
+	})
 }
 
 // assign offers the batch and applies the worker's answer.

@@ -53,6 +53,7 @@ type Dispatcher struct {
 	// to take them one after another at thousands of jobs a second. Full,
 	// the subscription waits, and NATS buffers what comes meanwhile.
 	handOvers chan struct{}
+	warm      *warmPool // goroutines for checks, hand-overs and assignments
 	wakePull  chan struct{}
 	wakeSched chan struct{}
 	changed   chan struct{} // pinged when a job is forgotten (drain waits on it)
@@ -175,6 +176,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		log:            cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
 		rare:           cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
 		handOvers:      make(chan struct{}, maxHandOvers),
+		warm:           newWarmPool(),
 		pollEvery:      pollEvery,
 		storedGrace:    storedGrace,
 		wakePull:       make(chan struct{}, 1),

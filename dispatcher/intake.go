@@ -234,7 +234,7 @@ func (d *Dispatcher) intakeAll(p int, msgs []jetstream.Msg) {
 		var wg sync.WaitGroup
 		for i, m := range msgs {
 			wg.Add(1)
-			go func() { defer wg.Done(); verdicts[i] = d.check(p, m, false) }()
+			d.warm.Go(func() { defer wg.Done(); verdicts[i] = d.check(p, m, false) })
 		}
 		wg.Wait()
 	}

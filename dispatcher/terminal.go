@@ -236,7 +236,7 @@ const maxHandOvers = 32
 func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
 	d.writes.Add(1) // a received hand-over is a write to come: shutdown waits for it
 	d.handOvers <- struct{}{}
-	go func() {
+	d.warm.Go(func() {
 		defer d.wrote()
 		defer func() { <-d.handOvers }()
 		if d.handOverHook != nil {
@@ -248,7 +248,7 @@ func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
 			// through the publish path (~2% of the CPU per job).
 			d.runWrite(w)
 		}
-	}()
+	})
 }
 
 // onDone takes a worker's terminal record of a job (request on
