@@ -12,6 +12,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
 )
 
 // Terminal records: who writes them and when a job is acked.
@@ -149,10 +150,16 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 	if d.writeHook != nil {
 		d.writeHook()
 	}
-	log := d.log.With().Str("job_id", res.JobID).Str("tenant", res.Tenant).Int("attempt", res.Attempt).Str("worker_id", res.WorkerID).Str("model", res.Model).Str("status", res.Status).Logger()
+	// Built only when something is logged: a logger with six fields per job
+	// was ~1% of the bytes the dispatcher bench allocates, for lines that a
+	// job which ends well never writes.
+	log := func() *zerolog.Logger {
+		l := d.log.With().Str("job_id", res.JobID).Str("tenant", res.Tenant).Int("attempt", res.Attempt).Str("worker_id", res.WorkerID).Str("model", res.Model).Str("status", res.Status).Logger()
+		return &l
+	}
 	if dlq != nil {
 		// A letter the DLQ refuses for good does not stop the record.
-		if err := d.storeDeadLetter(ctx, log, res, dlq); err != nil {
+		if err := d.storeDeadLetter(ctx, *log(), res, dlq); err != nil {
 			_ = msg.Nak()
 			return err
 		}
@@ -161,9 +168,9 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 	switch {
 	case errors.Is(err, results.ErrResultExists):
 		// Someone else finished the job first; the caller already has that terminal.
-		log.Debug().Msg("result already recorded")
+		log().Debug().Msg("result already recorded")
 	case err != nil:
-		log.Error().Err(err).Msg("record result failed")
+		log().Error().Err(err).Msg("record result failed")
 		_ = msg.Nak()
 		return err
 	}
