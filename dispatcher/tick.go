@@ -1,0 +1,65 @@
+package dispatcher
+
+import (
+	"context"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// tickLoop runs tick: often enough to keep held messages inside AckWait and to
+// notice a worker whose heartbeat is older than WorkerTTL.
+func (d *Dispatcher) tickLoop(ctx context.Context) {
+	every := min(d.cfg.AckWait/6, d.cfg.WorkerTTL/4, time.Second)
+	every = max(every, 10*time.Millisecond)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		d.tick(time.Now())
+	}
+}
+
+// tick keeps held messages alive, expires queued jobs and detects lost workers.
+func (d *Dispatcher) tick(now time.Time) {
+	var alive []jetstream.Msg
+	d.mu.Lock()
+	for _, j := range d.jobs {
+		if now.Sub(j.progress) >= d.cfg.AckWait/3 {
+			j.progress = now
+			alive = append(alive, j.msg)
+		}
+		// j.req is read only once intake is done with it (decode writes it
+		// outside the lock).
+		switch {
+		case (j.state == StateQueued && !j.intaking) || j.state == StateRetrying:
+			if j.req.Deadline != nil && now.After(*j.req.Deadline) {
+				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed before the job ran"})
+			}
+		case j.state == StateRunning || j.state == StateDispatched:
+			// Its worker should have ended it at the deadline; one that did not
+			// within the grace is not trusted with it any longer. Should its
+			// record come after all, RESULTS keeps whichever was first.
+			if j.req.Deadline != nil && now.After(j.req.Deadline.Add(d.cfg.DeadlineGrace)) {
+				d.forwardCancel(j, "deadline passed")
+				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed and the worker did not end the job"})
+			}
+		}
+	}
+	d.pruneCancels(now)
+	for id, w := range d.workers {
+		if !w.lost && now.Sub(w.seenAt) > d.cfg.WorkerTTL {
+			d.workerLost(id, "heartbeat older than worker TTL")
+		}
+	}
+	d.mu.Unlock()
+	for _, m := range alive {
+		_ = m.InProgress()
+	}
+}
