@@ -81,6 +81,12 @@ type attackMonitor struct {
 	results   map[string]int      // result subject -> writes seen
 	terminals map[string][]string // reply subject -> terminal texts
 	tokens    map[string]int      // reply subject -> token events seen
+	// accepted: batch id -> the worker that accepted it, for a reply seen
+	// before its assignment. The two come through two subscriptions, each
+	// with its own goroutine, and the one on mlx.> lags behind every token
+	// event of every job: under load a worker's reply is often observed
+	// first, and the job then never counted as running (a CI failure).
+	accepted map[string]string
 }
 
 type assignOffer struct {
@@ -93,7 +99,7 @@ type assignOffer struct {
 func newAttackMonitor(t testing.TB, nc *nats.Conn) *attackMonitor {
 	t.Helper()
 	m := &attackMonitor{offers: map[string]assignOffer{}, running: map[string]assignOffer{}, assigns: map[string][]assignOffer{},
-		results: map[string]int{}, terminals: map[string][]string{}, tokens: map[string]int{}}
+		results: map[string]int{}, terminals: map[string][]string{}, tokens: map[string]int{}, accepted: map[string]string{}}
 	for _, subj := range []string{"mlx.>", "_INBOX.dispatcher.>"} {
 		sub, err := nc.Subscribe(subj, m.observe)
 		if err != nil {
@@ -131,12 +137,16 @@ func (m *attackMonitor) observe(msg *nats.Msg) {
 			prev.worker = w
 			prev.jobs = append(prev.jobs, k)
 			m.offers[a.BatchID] = prev
+			if m.accepted[a.BatchID] == w {
+				m.running[k] = o
+			}
 		}
 	case strings.HasPrefix(subj, "_INBOX.dispatcher."):
 		var r schemas.AssignmentReplyMsg
 		if json.Unmarshal(msg.Data, &r) != nil || r.BatchID == "" || r.Status != schemas.AssignAccepted {
 			return
 		}
+		m.accepted[r.BatchID] = r.WorkerID
 		for _, k := range m.offers[r.BatchID].jobs {
 			for _, o := range m.assigns[k] {
 				if o.worker == r.WorkerID {
