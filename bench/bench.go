@@ -9,7 +9,6 @@ package bench
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -421,42 +420,6 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	return r, nil
 }
-
-// WriteFiles writes the rows to jsonPath (bench.json), the whole report
-// beside it as <name>.summary.json, and the plot as <name>.svg.
-func WriteFiles(r *Report, jsonPath string) (summaryPath, svgPath string, err error) {
-	if err := os.MkdirAll(filepath.Dir(jsonPath), 0o755); err != nil {
-		return "", "", err
-	}
-	base := strings.TrimSuffix(jsonPath, filepath.Ext(jsonPath))
-	summaryPath, svgPath = base+".summary.json", base+".svg"
-	rows, err := json.MarshalIndent(r.Rows, "", "  ")
-	if err != nil {
-		return "", "", err
-	}
-	if err := os.WriteFile(jsonPath, append(rows, '\n'), 0o644); err != nil {
-		return "", "", err
-	}
-	all, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return "", "", err
-	}
-	if err := os.WriteFile(summaryPath, append(all, '\n'), 0o644); err != nil {
-		return "", "", err
-	}
-	f, err := os.Create(svgPath)
-	if err != nil {
-		return "", "", err
-	}
-	if err := writeSVG(f, r); err != nil {
-		f.Close()
-		return "", "", err
-	}
-	return summaryPath, svgPath, f.Close()
-}
-
-// WriteTable prints the report for people.
-func WriteTable(w io.Writer, r *Report) { writeTable(w, r) }
 
 // runMLXLMServer starts mlx-lm's own server on loopback with the same model
 // and batch size, hands a driver to run, and stops the server.

@@ -1,9 +1,12 @@
 package bench
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"math"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -165,3 +168,39 @@ func trimFloat(v float64) string {
 	}
 	return strings.TrimRight(strings.TrimRight(fmt.Sprintf("%.2f", v), "0"), ".")
 }
+
+// WriteFiles writes the rows to jsonPath (bench.json), the whole report
+// beside it as <name>.summary.json, and the plot as <name>.svg.
+func WriteFiles(r *Report, jsonPath string) (summaryPath, svgPath string, err error) {
+	if err := os.MkdirAll(filepath.Dir(jsonPath), 0o755); err != nil {
+		return "", "", err
+	}
+	base := strings.TrimSuffix(jsonPath, filepath.Ext(jsonPath))
+	summaryPath, svgPath = base+".summary.json", base+".svg"
+	rows, err := json.MarshalIndent(r.Rows, "", "  ")
+	if err != nil {
+		return "", "", err
+	}
+	if err := os.WriteFile(jsonPath, append(rows, '\n'), 0o644); err != nil {
+		return "", "", err
+	}
+	all, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return "", "", err
+	}
+	if err := os.WriteFile(summaryPath, append(all, '\n'), 0o644); err != nil {
+		return "", "", err
+	}
+	f, err := os.Create(svgPath)
+	if err != nil {
+		return "", "", err
+	}
+	if err := writeSVG(f, r); err != nil {
+		f.Close()
+		return "", "", err
+	}
+	return summaryPath, svgPath, f.Close()
+}
+
+// WriteTable prints the report for people.
+func WriteTable(w io.Writer, r *Report) { writeTable(w, r) }
