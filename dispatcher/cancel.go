@@ -171,7 +171,7 @@ func (d *Dispatcher) onCancel(subject string, data []byte, live bool) {
 func (d *Dispatcher) forwardCancel(j *job, reason string) {
 	data, err := json.Marshal(schemas.CancelMsg{JobID: j.id, Tenant: subjects.TenantOfToken(j.tenant), Reason: reason, RequestedAt: time.Now().UTC()})
 	if err == nil {
-		err = d.nc.Publish(subjects.WorkerCancel(j.workerID), data)
+		err = d.nc.PublishRequest(subjects.WorkerCancel(j.workerID), d.mark, data) // subjects.Sent
 	}
 	if err != nil {
 		d.jobLog(d.log.Warn(), j).Err(err).Msg("forward cancel")

@@ -28,6 +28,7 @@ var ErrRunning = errors.New("dispatcher: Run called twice")
 type Dispatcher struct {
 	cfg     Config
 	nc      *nats.Conn
+	mark    string // reply subject of its forwarded cancels (subjects.Sent)
 	js      jetstream.JetStream
 	log     zerolog.Logger
 	rare    zerolog.Logger // for what a client can cause at any rate: sampled
@@ -170,6 +171,7 @@ func New(cfg Config) (*Dispatcher, error) {
 	d := &Dispatcher{
 		cfg:            cfg,
 		nc:             cfg.Conn,
+		mark:           cfg.Conn.NewInbox(),
 		js:             js,
 		announced:      newAnnouncements(),
 		resumeCapBytes: resumeCapFor(cfg.Conn.MaxPayload()),

@@ -28,6 +28,7 @@ type Metrics struct {
 	DuplicateMsgs      atomic.Int64 // second messages for a job this dispatcher holds (same id, another stream sequence): terminated
 	OversizedProgress  atomic.Int64 // progress events larger than any tracked job's could be: dropped unread
 	DeadLettersRefused atomic.Int64 // dead letters the DLQ refused (full, too large): their jobs ended with the record only
+	Relayed            atomic.Int64 // messages on workers' subjects without a reply subject: relayed JetStream answers, dropped
 	// Routed counts batches by why they went to their worker (RouteReason).
 	Routed [numRouteReasons]atomic.Int64
 	// Transitions counts legal transitions by (from state, event).

@@ -69,11 +69,16 @@ const (
 	// or the letter too large): the job ended with its terminal record only,
 	// and replay cannot bring it back.
 	AnomalyDeadLetterRefused = "dead_letter_refused"
+	// AnomalyRelayed: a message on a worker's done, attempt or progress
+	// subject without a reply subject: not sent by a worker but relayed there
+	// by the server as the answer to someone's JetStream request (see
+	// subjects.FromSender); dropped.
+	AnomalyRelayed = "relayed_message"
 )
 
 // Anomalies lists every Anomaly kind.
 func Anomalies() []string {
-	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused}
+	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused, AnomalyRelayed}
 }
 
 // nopObserver is the Observer when none is configured.
@@ -187,6 +192,8 @@ func (t tally) deadLetterRefused() {
 	t.m.DeadLettersRefused.Add(1)
 	t.obs.Anomaly(AnomalyDeadLetterRefused)
 }
+
+func (t tally) relayed() { t.m.Relayed.Add(1); t.obs.Anomaly(AnomalyRelayed) }
 
 func (t tally) forged() { t.m.ForgedRecords.Add(1); t.obs.Forged() }
 

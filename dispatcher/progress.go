@@ -90,6 +90,10 @@ func (d *Dispatcher) onProgress(m *nats.Msg) {
 	if d.progressHook != nil {
 		d.progressHook()
 	}
+	if !subjects.Sent(m.Reply) {
+		d.count().relayed()
+		return
+	}
 	wid, tenant, ok := subjects.ParseProgress(m.Subject)
 	if !ok {
 		return

@@ -27,7 +27,7 @@ func forge(t *testing.T, nc *nats.Conn, job *schemas.JobRequest) {
 		ev, _ := json.Marshal(schemas.TokenEventMsg{Type: "token", JobID: job.ID, Attempt: 1, Seq: 3 + i, Delta: forged, Tokens: 4 + i, Offset: offset})
 		offset += len(forged)
 		for _, subj := range []string{job.ReplyTo, subjects.Progress("w2", "d1", job.Tenant)} {
-			if err := nc.Publish(subj, ev); err != nil {
+			if err := nc.PublishRequest(subj, nc.NewInbox(), ev); err != nil { // as a worker sends it (subjects.Sent)
 				t.Fatal(err)
 			}
 		}
@@ -213,7 +213,7 @@ func TestOversizedProgressDroppedUnread(t *testing.T) {
 	flood := e.connect("flood")
 	big := make([]byte, d.resumeCap()+progressOverhead+1)
 	for range 3 {
-		if err := flood.Publish(subjects.Progress("w1", "d1", "b"), big); err != nil {
+		if err := flood.PublishRequest(subjects.Progress("w1", "d1", "b"), flood.NewInbox(), big); err != nil {
 			t.Fatal(err)
 		}
 	}

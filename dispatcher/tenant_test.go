@@ -146,7 +146,7 @@ func TestRecordsFromOtherWorkersRefused(t *testing.T) {
 	}
 	rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: "victim", Attempt: 1, WorkerID: "w1",
 		Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "forged", Retryable: true}, ReportedAt: time.Now().UTC()})
-	if err := e.nc.Publish(subjects.Attempt("evil"), rep); err != nil {
+	if err := e.nc.PublishRequest(subjects.Attempt("evil"), e.nc.NewInbox(), rep); err != nil { // with a reply subject, as a worker sends it (subjects.Sent)
 		t.Fatal(err)
 	}
 	// The forged report, if heard, would retry the job at once.

@@ -241,6 +241,10 @@ const maxHandOvers = 32
 // once. Order does not matter: each hand-over names its job and attempt, and
 // onDone checks both under d.mu.
 func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
+	if !subjects.Sent(m.Reply) {
+		d.count().relayed() // no worker's request: a relayed JetStream answer
+		return
+	}
 	d.writes.Add(1) // a received hand-over is a write to come: shutdown waits for it
 	d.handOvers <- struct{}{}
 	d.warm.Go(func() {
@@ -318,6 +322,10 @@ func (d *Dispatcher) onDone(m *nats.Msg) func(context.Context) {
 // onAttemptReport: a worker says the attempt failed but may be retried
 // (mlx.worker.<id>.attempt). Only the worker running that attempt is heard.
 func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
+	if !subjects.Sent(m.Reply) {
+		d.count().relayed()
+		return
+	}
 	wid, r, ok := decodeAttempt(m.Subject, m.Data)
 	if !ok {
 		d.rare.Warn().Str("subject", m.Subject).Msg("attempt report that breaks its schema; ignored")

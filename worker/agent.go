@@ -121,6 +121,7 @@ type Agent struct {
 
 	nc     *nats.Conn
 	ownNC  bool
+	mark   string // reply subject of its attempt reports and progress events (subjects.Sent)
 	js     jetstream.JetStream
 	subs   []*nats.Subscription
 	sup    *supervisor
@@ -248,6 +249,7 @@ func (a *Agent) start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("worker: jetstream: %w", err)
 	}
+	a.mark = a.nc.NewInbox()
 	a.js = js
 	a.jobCtx, a.jobCancel = context.WithCancel(context.Background())
 

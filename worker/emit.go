@@ -50,6 +50,7 @@ type emitter struct {
 	nc       *nats.Conn
 	subject  string
 	progress string // the same events, for the dispatcher that placed the job (alsoTo)
+	mark     string // their reply subject (subjects.Sent)
 	prefix   []byte // {"type":"token","job_id":"…","attempt":N,"seq":
 	buf      []byte
 	resumeN  int
@@ -95,8 +96,10 @@ func (e *emitter) startingAt(offset int) *emitter {
 // there, since any worker credential may publish on a reply subject but only
 // this worker's on its progress subject. Without it a retry after this
 // worker's silent death would start over.
-func (e *emitter) alsoTo(progress string) *emitter {
-	e.progress = progress
+// mark is the copies' reply subject: a dispatcher drops a progress event
+// without one (subjects.Sent).
+func (e *emitter) alsoTo(progress, mark string) *emitter {
+	e.progress, e.mark = progress, mark
 	return e
 }
 
@@ -164,7 +167,7 @@ func (e *emitter) publishLocked(delta string, lps []schemas.TokenLogprob) {
 		if e.progress != "" {
 			// A lost copy leaves a gap the dispatcher sees: it stops tracking the
 			// attempt, and a retry starts over instead of resuming with a hole.
-			_ = e.nc.Publish(e.progress, b)
+			_ = e.nc.PublishRequest(e.progress, e.mark, b)
 		}
 	}
 }

@@ -134,7 +134,7 @@ var replyOf sync.Map
 func cancelJob(t testing.TB, nc *nats.Conn, workerID string, j schemas.JobRequest) {
 	t.Helper()
 	cm, _ := json.Marshal(schemas.CancelMsg{JobID: j.ID, Tenant: j.Tenant, RequestedAt: time.Now().UTC()})
-	if err := nc.Publish(subjects.WorkerCancel(workerID), cm); err != nil {
+	if err := nc.PublishRequest(subjects.WorkerCancel(workerID), nc.NewInbox(), cm); err != nil { // as a dispatcher sends it (subjects.Sent)
 		t.Fatal(err)
 	}
 }

@@ -28,7 +28,7 @@ func TestInvalidOwnRecordEndsInAttemptReport(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.nc = b.nc // what Start sets; this test needs no runtime
+	a.nc, a.mark = b.nc, b.nc.NewInbox() // what Start sets; this test needs no runtime
 	a.handOver = func(context.Context, string, []byte) ([]byte, error) {
 		t.Error("an invalid record was handed over")
 		return nil, context.Canceled

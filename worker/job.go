@@ -138,7 +138,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 	a.cfg.Observer.JobStarted(j.Model, r.aj.Attempt, resumed)
 	log.Debug().Bool("resumed", resumed).Msg("job started")
 	em := newEmitter(a.nc, j.ReplyTo, j.ID, r.aj.Attempt, resumeTokens, a.cfg.Coalesce).startingAt(len(resumeText)).
-		alsoTo(subjects.Progress(a.cfg.WorkerID, r.dispatcherID, j.Tenant))
+		alsoTo(subjects.Progress(a.cfg.WorkerID, r.dispatcherID, j.Tenant), a.mark)
 	defer em.stop()
 
 	if j.Deadline != nil {
@@ -366,7 +366,7 @@ func (a *Agent) reportAttempt(model string, m *schemas.AttemptReportMsg) {
 	a.cfg.Observer.AttemptReported(m.Error.Code)
 	b, err := json.Marshal(m)
 	if err == nil {
-		err = a.nc.Publish(subjects.Attempt(a.cfg.WorkerID), b)
+		err = a.nc.PublishRequest(subjects.Attempt(a.cfg.WorkerID), a.mark, b) // subjects.Sent
 	}
 	if err != nil {
 		a.log.Error().Err(err).Str("job_id", m.JobID).Int("attempt", m.Attempt).Str("model", model).Msg("could not publish the attempt report")

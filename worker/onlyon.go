@@ -3,25 +3,29 @@ package worker
 import (
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 )
 
-// onlyOn passes h the messages published on subj and drops every other one.
+// onlyOn passes h the messages a client published on subj, and drops what the
+// server delivered there on someone else's behalf. Two such ways exist:
 //
-// A subscription also receives what a JetStream push consumer delivers to its
-// subject, and such a message keeps the subject it was stored under, not the
-// one it was delivered on. Anyone allowed to create a consumer on any stream
-// can name any deliver subject — the server checks its publish permissions on
-// the API request, not on the deliveries — so without this check a credential
-// that may only read some bucket could replay a value it wrote there (say, a
-// worker's own registry entry holding an assignment) onto another worker's
-// assign or cancel subject, which it may not publish on: the red team's R3-1
-// ran a forged attempt that way and got its text stored as the job's record.
-// A published message always arrives with the subscribed literal subject.
+//   - A JetStream push consumer whose deliver subject is subj (anyone allowed
+//     to create a consumer may name any deliver subject). Its messages keep
+//     the subject they were stored under, not subj: the red team's R3-1
+//     replayed an assignment a worker wrote as its own registry value onto
+//     w1's assign subject that way, and the forged run's text became the
+//     job's record.
+//   - A JetStream API answer (a direct get of a value a worker credential
+//     wrote) sent to subj as the requester's reply subject: it arrives on subj
+//     itself, but without a reply subject (subjects.Sent; the red team's N1).
+//     Assignments are requests and the dispatcher sends cancels with a reply
+//     subject, so whatever comes without one is dropped.
 func onlyOn(subj string, h nats.MsgHandler, log zerolog.Logger) nats.MsgHandler {
 	return func(msg *nats.Msg) {
-		if msg.Subject != subj {
-			log.Warn().Str("subject", subj).Str("stored_as", msg.Subject).
-				Msg("dropped a message delivered by a JetStream consumer, not published here")
+		if msg.Subject != subj || !subjects.Sent(msg.Reply) {
+			log.Warn().Str("subject", subj).Str("stored_as", msg.Subject).Bool("reply", msg.Reply != "").
+				Msg("dropped a message the server relayed here (a consumer's delivery or an API answer), not one a dispatcher published")
 			return
 		}
 		h(msg)

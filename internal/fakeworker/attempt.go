@@ -120,7 +120,7 @@ func (w *Worker) attempt(aj schemas.AssignedJob, plan Plan, inc int, progress st
 			data, _ := json.Marshal(ev)
 			_ = w.nc.Publish(job.ReplyTo, data)
 			if progress != "" {
-				_ = w.nc.Publish(progress, data)
+				_ = w.nc.PublishRequest(progress, w.mark, data) // subjects.Sent, as the real worker
 			}
 		}
 		seq++
@@ -183,7 +183,7 @@ func (w *Worker) run(aj schemas.AssignedJob, dispatcherID string, inc int) {
 	case o.crash != nil:
 		rep, _ := json.Marshal(o.crash)
 		w.done(inc)
-		_ = w.nc.Publish(subjects.Attempt(w.opts.ID), rep)
+		_ = w.nc.PublishRequest(subjects.Attempt(w.opts.ID), w.mark, rep)
 	case o.res != nil:
 		w.done(inc)
 		w.handOver(o.res, dispatcherID)

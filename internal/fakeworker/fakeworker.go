@@ -67,6 +67,7 @@ type Stats struct {
 type Worker struct {
 	opts Options
 	nc   *nats.Conn
+	mark string // reply subject of its attempt reports and progress events (subjects.Sent)
 	js   jetstream.JetStream
 	reg  registry.Bucket
 	errs atomic.Int64
@@ -113,7 +114,7 @@ func Start(ctx context.Context, nc *nats.Conn, opts Options) (*Worker, error) {
 	if err != nil {
 		return nil, err
 	}
-	w := &Worker{opts: opts, nc: nc, js: js, startedAt: time.Now().UTC(), hbNudge: make(chan struct{}, 1),
+	w := &Worker{opts: opts, nc: nc, mark: nc.NewInbox(), js: js, startedAt: time.Now().UTC(), hbNudge: make(chan struct{}, 1),
 		assigned: map[string]int{}, release: make(chan struct{}), stopHB: make(chan struct{}), hbDone: make(chan struct{}),
 		onAssign: make(chan schemas.AssignmentMsg, 1024)}
 	if w.reg, err = registry.Open(ctx, js); err != nil {

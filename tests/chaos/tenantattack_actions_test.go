@@ -178,7 +178,9 @@ func (at *attackTable) forgeAttempt(c *busClient, what, tenant, id string, attem
 	r := schemas.AttemptReportMsg{JobID: id, Tenant: tenant, Attempt: attempt, WorkerID: "w2",
 		Error: schemas.ErrorInfo{Code: "runtime_error", Message: "PWNED"}, Text: "PWNED by w1", ReportedAt: time.Now().UTC()}
 	before := at.forged()
-	if err := c.nc.Publish(subjects.Attempt("w1"), mustJSON(r)); err != nil {
+	// With a reply subject, as a worker sends it: without one the dispatcher
+	// drops it as relayed before any check (subjects.Sent; relayRecord).
+	if err := c.nc.PublishRequest(subjects.Attempt("w1"), c.nc.NewInbox(), mustJSON(r)); err != nil {
 		at.t.Fatal(err)
 	}
 	if at.waitForged(before, 2*time.Second) {
@@ -211,7 +213,7 @@ func (at *attackTable) stillOnW2(onW2 map[string]int) {
 func (at *attackTable) garbageDone(c *busClient, what, did string, body []byte) {
 	action := "publish " + subjects.Done("w1", did) + ": " + what
 	before := at.forged()
-	if err := c.nc.Publish(subjects.Done("w1", did), body); err != nil {
+	if err := c.nc.PublishRequest(subjects.Done("w1", did), c.nc.NewInbox(), body); err != nil {
 		at.add(c.name, action, true, "refused by the client: "+err.Error())
 		return
 	}

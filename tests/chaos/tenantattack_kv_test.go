@@ -3,6 +3,7 @@ package chaos
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 // Attacks on the KV buckets a worker may write: its own registry key and the
@@ -133,4 +135,45 @@ func (at *attackTable) announceServed(ctx context.Context) jetstream.KeyValue {
 		at.t.Fatal(err)
 	}
 	return kv
+}
+
+// relayRecord is the red team's N1: worker w1 writes a terminal record for a
+// job running on w2 as a value of the models bucket (any key is its to
+// write), and producer a, allowed direct gets there for its model check,
+// names w2's done subject as the reply subject of a direct get of it, with
+// no headers: the server publishes the record there itself. The dispatcher
+// must drop it (no reply subject) and count it relayed; checkB then finds b's
+// record is w2's own.
+func (at *attackTable) relayRecord(ctx context.Context, writer, relayer *busClient, did, tenant, id string, attempt int) {
+	action := fmt.Sprintf("record for %s/%s (on w2) put as a models value by %s, relayed onto %s by %s's direct get",
+		tenant, id, writer.name, subjects.Done("w2", did), relayer.name)
+	kv, err := writer.js.KeyValue(ctx, subjects.BucketModels)
+	if err != nil {
+		at.t.Fatal(err)
+	}
+	res := schemas.ResultMsg{Type: "result", JobID: id, Tenant: tenant, Attempt: attempt, Seq: 1, Status: schemas.StatusCompleted,
+		FinishReason: "stop", Text: "PWNED by relay", WorkerID: "w2", Model: at.s.modelID(), FinishedAt: time.Now().UTC()}
+	if _, err := kv.Put(ctx, "atkrelay", mustJSON(res)); err != nil {
+		at.add(writer.name+"+"+relayer.name, action, true, "the value was refused: "+err.Error())
+		return
+	}
+	before, err := at.s.metric(`mlx_dispatcher_anomalies_total{kind="relayed_message"}`)
+	if err != nil {
+		before = 0
+	}
+	get := "$JS.API.DIRECT.GET.KV_" + subjects.BucketModels + ".$KV." + subjects.BucketModels + ".atkrelay"
+	if err := relayer.nc.PublishRequest(get, subjects.Done("w2", did), []byte(`{"no_hdr":true}`)); err != nil {
+		at.t.Fatal(err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	err = poll(rctx, 20*time.Millisecond, func() bool {
+		v, err := at.s.metric(`mlx_dispatcher_anomalies_total{kind="relayed_message"}`)
+		return err == nil && v > before
+	})
+	if err != nil {
+		at.add(writer.name+"+"+relayer.name, action, false, "SUCCEEDED: not counted as relayed")
+		return
+	}
+	at.add(writer.name+"+"+relayer.name, action, true, "dropped, counted relayed")
 }

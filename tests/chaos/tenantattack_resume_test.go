@@ -56,10 +56,12 @@ func (at *attackTable) resumeForgery(ctx context.Context, bc *bClient, workers m
 	before := at.forged()
 	for i := range 3 {
 		ev := mustJSON(schemas.TokenEventMsg{Type: "token", JobID: id, Attempt: attempt, Seq: 5000 + i, Delta: "<<PWNED>>", Tokens: 1})
-		for _, subj := range []string{reply, subjects.Progress(attacker, did, "b")} {
-			if err := c.nc.Publish(subj, ev); err != nil {
-				at.t.Fatal(err)
-			}
+		if err := c.nc.Publish(reply, ev); err != nil {
+			at.t.Fatal(err)
+		}
+		// With a reply subject, as a worker sends progress (subjects.Sent).
+		if err := c.nc.PublishRequest(subjects.Progress(attacker, did, "b"), c.nc.NewInbox(), ev); err != nil {
+			at.t.Fatal(err)
 		}
 	}
 	if err := c.nc.Flush(); err != nil {

@@ -121,6 +121,11 @@ func TestTenantAttack(t *testing.T) {
 		tenant, id, _ := strings.Cut(k, "/")
 		at.forgeAttempt(w1, fmt.Sprintf("attempt report for %s running on w2", k), tenant, id, attempt)
 	}
+	for k, attempt := range onW2 {
+		tenant, id, _ := strings.Cut(k, "/")
+		at.relayRecord(ctx, w1, pa, did, tenant, id, attempt)
+		break // one relay is the row; stillOnW2 and checkB judge its effect
+	}
 	at.stillOnW2(onW2)
 	at.forgeDone(w1, "terminal record for b/nosuchjob (an id b never used)", did, "b", "atkw1ghost", 1, false)
 	at.garbageDone(w1, "non-JSON body", did, []byte("\x00\xffnot json at all"))
