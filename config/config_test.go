@@ -136,6 +136,24 @@ func TestDispatcherStopKeys(t *testing.T) {
 	}
 }
 
+// TestGatewayRequestTimeout: gateway_request_timeout defaults to the
+// gateway's own 10 minutes, reaches Config from a flag, and must be a
+// positive duration. Mutation caught: RequestTimeout parsing another key.
+func TestGatewayRequestTimeout(t *testing.T) {
+	t.Parallel()
+	c, err := load(t, nil, nil)
+	if err != nil || c.RequestTimeout() != 10*time.Minute {
+		t.Fatalf("default: %v %v", c.RequestTimeout(), err)
+	}
+	c, err = load(t, []string{"--gateway-request-timeout", "90s"}, nil)
+	if err != nil || c.RequestTimeout() != 90*time.Second {
+		t.Fatalf("flag: %v %v", c.RequestTimeout(), err)
+	}
+	if _, err := load(t, []string{"--gateway-request-timeout", "0s"}, nil); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("0s accepted: %v", err)
+	}
+}
+
 // Mutation caught: CORSOriginList returning nil gives the gateway no origins.
 func TestCORSOrigins(t *testing.T) {
 	t.Parallel()

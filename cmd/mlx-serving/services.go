@@ -143,17 +143,18 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 	}
 	gm := gatewayMetrics()
 	return gateway.New(gateway.Config{
-		Addr:         c.HTTPAddr,
-		Tokens:       c.Tokens(),
-		TokenTenants: c.TokenTenants(),
-		CORSOrigins:  c.CORSOriginList(),
-		Limits:       tenantLimits(c),
-		Jobs:         gb,
-		Fleet:        gb.Fleet(),
-		Logger:       log,
-		DefaultModel: defaultModel,
-		Observer:     gm,
-		Metrics:      gm.Handler(),
+		Addr:           c.HTTPAddr,
+		Tokens:         c.Tokens(),
+		TokenTenants:   c.TokenTenants(),
+		CORSOrigins:    c.CORSOriginList(),
+		Limits:         tenantLimits(c),
+		Jobs:           gb,
+		Fleet:          gb.Fleet(),
+		Logger:         log,
+		DefaultModel:   defaultModel,
+		RequestTimeout: c.RequestTimeout(),
+		Observer:       gm,
+		Metrics:        gm.Handler(),
 	})
 }
 
