@@ -184,7 +184,11 @@ func (f *Fleet) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("metrics: follow %s: %w", subjects.StreamResults, err)
 	}
-	sub, err := f.opts.Conn.Subscribe(subjects.AttemptAll, func(m *nats.Msg) { f.observeAttempt(m.Data) })
+	sub, err := f.opts.Conn.Subscribe(subjects.AttemptAll, func(m *nats.Msg) {
+		if subjects.Sent(m.Reply) { // a relayed API answer is no worker's report
+			f.observeAttempt(m.Data)
+		}
+	})
 	if err != nil {
 		cc.Stop()
 		return fmt.Errorf("metrics: subscribe %s: %w", subjects.AttemptAll, err)

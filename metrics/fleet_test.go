@@ -164,7 +164,7 @@ func TestFleetResults(t *testing.T) {
 		Error: &schemas.ErrorInfo{Code: "cancelled", Message: "by request"}}))
 	report, _ := json.Marshal(schemas.AttemptReportMsg{JobID: "j2", Attempt: 1, WorkerID: "mac-3",
 		Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "x", Retryable: true}, ReportedAt: now})
-	must(b.Conn.Publish(subjects.Attempt("j2"), report))
+	must(b.Conn.PublishRequest(subjects.Attempt("j2"), b.Conn.NewInbox(), report)) // as a worker sends it (subjects.Sent)
 
 	s.waitFor(ctx,
 		expectation{"mlx_fleet_jobs_finished_total", L("status", "completed", "model", "tiny"), 1},
