@@ -175,7 +175,7 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			SubscribeAllow: []string{subjects.ReplyNamespace(id.Tenant), inbox},
 		}, nil
 	case RoleGateway:
-		pub := []string{subjects.JobsAll, subjects.CancelAll,
+		pub := []string{subjects.JobsAnyTenant, subjects.CancelAnyTenant, // not the dispatchers' wake-up (JobsStored)
 			streamInfo(subjects.StreamJobs), streamInfo(subjects.StreamResults), streamInfo(subjects.StreamCancels)} // readiness
 		pub = append(pub, resultReads("")...)
 		pub = append(pub, registryReads...)

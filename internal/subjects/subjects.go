@@ -43,6 +43,10 @@ const (
 	// and the wake-ups on JobsStored too: a core subscriber that wants jobs
 	// only checks ParseJob (or subscribes to JobsStream()).
 	JobsAll = "mlx.jobs.>"
+	// JobsAnyTenant matches every job subject and nothing else (five tokens):
+	// the grant of a producer for every tenant (the gateway), which must not
+	// reach JobsStored.
+	JobsAnyTenant = "mlx.jobs.*.*.*"
 	// JobsStored is where JOBS re-publishes the headers (no body) of every job
 	// it stored, under JobStored(priority): the dispatchers' wake-up. It is
 	// sent only once the job is stored, so a pull it triggers finds it, and it
@@ -56,6 +60,8 @@ const (
 	DLQAll = "mlx.dlq.>"
 	// CancelAll matches every cancel subject: mlx.cancel.<tenant>.<job-id>.
 	CancelAll = "mlx.cancel.>"
+	// CancelAnyTenant matches every cancel subject and nothing else.
+	CancelAnyTenant = "mlx.cancel.*.*"
 	// AssignAll matches every worker's assignment subject.
 	AssignAll = "mlx.worker.*.assign"
 	// WorkerCancelAll matches every worker's cancel subject.

@@ -277,6 +277,7 @@ func TestTenantAttack(t *testing.T) {
 		// R3-1: a push consumer on the registry, its deliver subject w1's
 		// assign subject, replayed an assignment a worker wrote as its own
 		// heartbeat onto w1; and F-E: deleting a dispatcher's registry watch.
+		{"forge a dispatcher wake-up", subjects.JobStored("high")},
 		{"create a push consumer on the worker registry", "$JS.API.CONSUMER.CREATE.KV_mlx_workers"},
 		{"create a named registry consumer filtered on a worker's key", "$JS.API.CONSUMER.CREATE.KV_mlx_workers.atk.$KV.mlx_workers.w2"},
 		{"delete a registry consumer (a dispatcher's watch)", "$JS.API.CONSUMER.DELETE.KV_mlx_workers.atk"},
