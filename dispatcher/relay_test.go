@@ -67,3 +67,37 @@ func TestRelayedWorkerMessagesAreDropped(t *testing.T) {
 		t.Fatalf("%d forgeries counted; the relays should not have reached the checks", n)
 	}
 }
+
+// TestHandOverAnsweredOnlyInAnInbox replays the red team's R5-1: a worker
+// hands over a record for a job it does not run, naming as its reply subject
+// the job's RESULTS subject. The dispatcher refuses the record, and must not
+// answer there either: its answer would go out with its own grants and be
+// stored as the job's first record. Mutation caught: reply() answering any
+// non-empty reply subject (RESULTS then holds the answer).
+func TestHandOverAnsweredOnlyInAnInbox(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	d, stop := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	defer stop()
+	evil := e.connect("evil")
+	res, _ := json.Marshal(schemas.ResultMsg{Type: "result", JobID: "victim", Tenant: "b", Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
+		FinishReason: "stop", Text: "x", WorkerID: "evil", Model: "m", FinishedAt: time.Now().UTC()})
+	legit, _ := json.Marshal(schemas.ResultMsg{Type: "result", JobID: "other", Tenant: "b", Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
+		FinishReason: "stop", Text: "x", WorkerID: "evil", Model: "m", FinishedAt: time.Now().UTC()})
+	// A hand-over from an inbox is answered (unknown job) once the dispatcher
+	// has subscribed.
+	waitFor(t, 10*time.Second, "the dispatcher answering hand-overs", func() bool {
+		_, err := evil.Request(subjects.Done("evil", "d1"), legit, time.Second)
+		return err == nil
+	})
+	if err := evil.PublishRequest(subjects.Done("evil", "d1"), subjects.Result("b", "victim"), res); err != nil {
+		t.Fatal(err)
+	}
+	// Handled either way: refused and counted, or answered into RESULTS.
+	waitFor(t, 10*time.Second, "the hand-over handled", func() bool {
+		return d.Metrics().ForgedRecords.Load() >= 1 || e.streamMsgs(subjects.StreamResults) > 0
+	})
+	if n := e.streamMsgs(subjects.StreamResults); n != 0 {
+		t.Fatalf("RESULTS holds %d messages: the dispatcher answered on the victim's record subject", n)
+	}
+}

@@ -277,7 +277,10 @@ func (d *Dispatcher) onDone(m *nats.Msg) func(context.Context) {
 	}
 	ref := subjects.JobRef{Tenant: res.Tenant, ID: res.JobID}
 	reply := func(status string) {
-		if m.Reply == "" {
+		if !subjects.Answerable(m.Reply) {
+			if m.Reply != "" {
+				d.count().forged() // a hand-over asking to be answered outside an inbox
+			}
 			return
 		}
 		if data, err := json.Marshal(schemas.FinishReplyMsg{JobID: res.JobID, Tenant: res.Tenant, Status: status}); err == nil {

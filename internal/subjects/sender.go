@@ -1,5 +1,7 @@
 package subjects
 
+import "strings"
+
 // Sent reports whether a message that arrived on a worker's or a dispatcher's
 // own subject (mlx.worker.<id>.assign, .cancel, .done.<dispatcher>, .attempt,
 // .progress.<dispatcher>.<tenant>) can have been published there by a client:
@@ -24,3 +26,17 @@ package subjects
 // their sender's own inbox prefix (nats.Conn.NewInbox: only it may subscribe
 // there), never answered, and receivers drop what comes without one.
 func Sent(reply string) bool { return reply != "" }
+
+// Answerable reports whether a responder may answer a request on reply: only
+// under the inbox root every client's replies come back to (nats.go's default
+// "_INBOX.", which auth.InboxPrefix stays under). A reply subject is the
+// requester's to choose, but the answer goes out with the responder's
+// grants: a dispatcher answering a worker's hand-over on whatever subject
+// the worker named published, with its own rights, a schema-valid
+// {"job_id","tenant","status"} onto mlx.results.<tenant>.<id> and so became
+// another tenant's first, stored record (the red team's R5-1). An inbox
+// subject reaches only a client waiting on that exact, unguessable subject.
+func Answerable(reply string) bool { return strings.HasPrefix(reply, inboxRoot) }
+
+// inboxRoot is nats.go's default inbox prefix with its dot.
+const inboxRoot = "_INBOX."

@@ -177,3 +177,23 @@ func (at *attackTable) relayRecord(ctx context.Context, writer, relayer *busClie
 	}
 	at.add(writer.name+"+"+relayer.name, action, true, "dropped, counted relayed")
 }
+
+// deputy is the red team's R5-1: w1 hands over a record for b's queued job
+// on its own done subject, naming as reply subject that job's RESULTS
+// subject. The dispatcher must refuse the record and not answer there (its
+// answer would go out with its grants and be stored as b's record); checkB
+// then finds b's job ended with its own completed run.
+func (at *attackTable) deputy(c *busClient, did, id string) {
+	action := fmt.Sprintf("request %s with reply subject %s (the dispatcher's answer as b's record)", subjects.Done("w1", did), subjects.Result("b", id))
+	res := schemas.ResultMsg{Type: "result", JobID: id, Tenant: "b", Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
+		FinishReason: "stop", Text: "PWNED by deputy", WorkerID: "w1", Model: at.s.modelID(), FinishedAt: time.Now().UTC()}
+	before := at.forged()
+	if err := c.nc.PublishRequest(subjects.Done("w1", did), subjects.Result("b", id), mustJSON(res)); err != nil {
+		at.t.Fatal(err)
+	}
+	if at.waitForged(before, 3*time.Second) && !at.mon.resultWritten("b", id) {
+		at.add(c.name, action, true, "refused, not answered, counted forged")
+		return
+	}
+	at.add(c.name, action, false, "SUCCEEDED: not counted, or a record was written for "+id)
+}
