@@ -166,6 +166,13 @@ func (d *Dispatcher) fetch(ctx context.Context, p, n int) []jetstream.Msg {
 
 // onStored notes a wake-up: JOBS stored a job of its subject's priority at the
 // sequence its Nats-Sequence header names.
+//
+// The server appends its Nats-Stream and Nats-Sequence to the job's own
+// headers, so only the last value of each is the server's: a producer that
+// put "Nats-Sequence: <max>" on its job (or a relayed direct get of a value
+// carrying one, whose last Nats-Stream names another stream) would otherwise
+// set every dispatcher's announced sequence past any real one and switch its
+// storedGrace wait off for that priority (the red team's L-1).
 func (d *Dispatcher) onStored(m *nats.Msg) {
 	p := -1
 	if i := strings.LastIndexByte(m.Subject, '.'); i >= 0 {
@@ -175,11 +182,21 @@ func (d *Dispatcher) onStored(m *nats.Msg) {
 			}
 		}
 	}
-	seq, err := strconv.ParseUint(m.Header.Get(jetstream.SequenceHeader), 10, 64)
-	if p >= 0 && err == nil && seq > d.storedSeq[p].Load() {
+	seq, err := strconv.ParseUint(lastHeader(m.Header, jetstream.SequenceHeader), 10, 64)
+	fromJobs := lastHeader(m.Header, jetstream.StreamHeader) == subjects.StreamJobs
+	if p >= 0 && err == nil && fromJobs && seq > d.storedSeq[p].Load() {
 		d.storedSeq[p].Store(seq) // one subscription: no concurrent writer
 	}
 	poke(d.wakePull)
+}
+
+// lastHeader is the last value of key in h: what the server appended.
+func lastHeader(h nats.Header, key string) string {
+	v := h.Values(key)
+	if len(v) == 0 {
+		return ""
+	}
+	return v[len(v)-1]
 }
 
 // awaitStored pulls, waiting up to storedGrace, one job of each priority whose
