@@ -7,6 +7,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spf13/cobra"
@@ -97,7 +98,7 @@ func (a *app) status(ctx context.Context, cf *clientFlags) int {
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "WORKER\tSTATE\tMODELS\tSLOTS\tIN FLIGHT\tLAST HEARTBEAT")
 	for _, w := range rep.Workers {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s ago\n", w.WorkerID, w.State, strings.Join(w.Models, ","), w.Slots, w.InFlight,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s ago\n", printable(w.WorkerID), printable(string(w.State)), printable(strings.Join(w.Models, ",")), w.Slots, w.InFlight,
 			time.Since(w.UpdatedAt).Round(100*time.Millisecond))
 	}
 	if len(rep.Workers) == 0 {
@@ -105,4 +106,18 @@ func (a *app) status(ctx context.Context, cf *clientFlags) int {
 	}
 	_ = tw.Flush()
 	return 0
+}
+
+// printable replaces control characters in what a worker wrote into its
+// heartbeat before it reaches an operator's terminal: the schemas allow them
+// in model names, and a worker credential's escape sequences would otherwise
+// retitle, recolour or (on some terminals) write the clipboard of whoever runs
+// status (the red team's L-2).
+func printable(s string) string {
+	return strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return '?'
+		}
+		return r
+	}, s)
 }
