@@ -13,7 +13,6 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/internal/jserr"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
@@ -192,11 +191,7 @@ func TestLargestHeartbeatFits(t *testing.T) {
 // absent after the upgrade).
 func TestBucketBoundsApplyOnUpgrade(t *testing.T) {
 	t.Parallel()
-	srv := testenv.StartServer(t, natsserver.Options{})
-	js, err := jetstream.New(testenv.Connect(t, srv.ClientURL()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := testenv.StartJetStream(t)
 	ctx := testenv.Context(t, 30*time.Second)
 	big := bytes.Repeat([]byte("x"), jsprov.WorkersMaxValueSize+1)
 	for _, cfg := range []jetstream.KeyValueConfig{

@@ -11,7 +11,6 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/internal/jserr"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 )
@@ -93,11 +92,7 @@ func TestCancelsAreBounded(t *testing.T) {
 // cancels it holds. Mutation caught: skipping CANCELS in Provision's loop.
 func TestCancelsBoundsApplyOnUpgrade(t *testing.T) {
 	t.Parallel()
-	srv := testenv.StartServer(t, natsserver.Options{})
-	js, err := jetstream.New(testenv.Connect(t, srv.ClientURL()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := testenv.StartJetStream(t)
 	ctx := testenv.Context(t, 20*time.Second)
 	old := jetstream.StreamConfig{
 		Name: subjects.StreamCancels, Subjects: []string{subjects.CancelAll}, Retention: jetstream.LimitsPolicy,

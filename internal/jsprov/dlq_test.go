@@ -7,7 +7,6 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 )
@@ -18,11 +17,7 @@ import (
 // Mutation caught: the DLQ's MaxBytes back to -1 (unbounded after the upgrade).
 func TestDLQBoundAppliesOnUpgrade(t *testing.T) {
 	t.Parallel()
-	srv := testenv.StartServer(t, natsserver.Options{})
-	js, err := jetstream.New(testenv.Connect(t, srv.ClientURL()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := testenv.StartJetStream(t)
 	ctx := testenv.Context(t, 20*time.Second)
 	old := jetstream.StreamConfig{
 		Name: subjects.StreamDLQ, Subjects: []string{subjects.DLQAll}, Retention: jetstream.LimitsPolicy,

@@ -166,6 +166,19 @@ func StartServer(t testing.TB, opts natsserver.Options) *natsserver.Server {
 	return srv
 }
 
+// StartJetStream starts a server alone (StartServer) and returns a JetStream
+// context on a connection to it: for tests that build streams the way an
+// earlier version did, then provision over them.
+func StartJetStream(t testing.TB) jetstream.JetStream {
+	t.Helper()
+	srv := StartServer(t, natsserver.Options{})
+	js, err := jetstream.New(Connect(t, srv.ClientURL()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
+}
+
 // StreamMsgs is how many messages the stream holds now.
 func (b *Bus) StreamMsgs(t testing.TB, name string) uint64 {
 	t.Helper()
