@@ -63,18 +63,13 @@ type Permissions struct {
 // bus.Client and bus.JobStream make: publishing a job or cancel needs none (the
 // publish ack comes back on the client's inbox), reading a result needs one
 // direct get, whose subject names the record's subject and so its tenant.
-const (
-	jsAPI       = "$JS.API"
-	kvStream    = "KV_" + subjects.BucketWorkers
-	kvPutPrefix = "$KV." + subjects.BucketWorkers + "."
-	modelsKV    = "KV_" + subjects.BucketModels
-)
+const jsAPI = "$JS.API"
 
 // modelReads are the calls registry.ModelServed makes: bind the bucket, get one key,
 // count the keys. They reveal only which models are served (keys are hashes).
 var modelReads = []string{
-	streamInfo(modelsKV),
-	directGet(modelsKV, "$KV."+subjects.BucketModels+".*"),
+	streamInfo(subjects.ModelsStream),
+	directGet(subjects.ModelsStream, "$KV."+subjects.BucketModels+".*"),
 }
 
 func streamInfo(stream string) string { return jsAPI + ".STREAM.INFO." + stream }
@@ -104,8 +99,8 @@ func resultReads(tenant string) []string {
 // here the gateway could replay a value a worker wrote into the bucket onto
 // another worker's assign subject (the red team's R3-1).
 var registryReads = []string{
-	streamInfo(kvStream),
-	directGet(kvStream, "$KV."+subjects.BucketWorkers+".>"),
+	streamInfo(subjects.WorkersStream),
+	directGet(subjects.WorkersStream, subjects.WorkerEntries+">"),
 }
 
 // InboxPrefix is the inbox prefix of a user's connection: replies (publish acks,
@@ -196,10 +191,10 @@ func PermissionsFor(id Identity) (Permissions, error) {
 				subjects.DoneFromWorker(id.WorkerID),     // terminal records, to their dispatcher
 				subjects.Attempt(id.WorkerID),            // retryable failures
 				subjects.ProgressFromWorker(id.WorkerID), // copies of its token events, to their dispatcher
-				kvPutPrefix + id.WorkerID,                // its own heartbeat (put and delete)
-				streamInfo(kvStream),                     // binding the registry bucket
+				subjects.WorkerEntries + id.WorkerID,     // its own heartbeat (put and delete)
+				streamInfo(subjects.WorkersStream),       // binding the registry bucket
 				"$KV." + subjects.BucketModels + ".*",    // announcing the models it serves
-				streamInfo(modelsKV),                     // binding that bucket
+				streamInfo(subjects.ModelsStream),        // binding that bucket
 			},
 			SubscribeAllow: []string{subjects.Assign(id.WorkerID), subjects.WorkerCancel(id.WorkerID), inbox},
 			AllowResponses: true, // answering the dispatcher's assign requests

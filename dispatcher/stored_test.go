@@ -58,7 +58,7 @@ func TestWakeUpSequenceIsTheServers(t *testing.T) {
 	// get of a bucket value) is no announcement.
 	relayed := nats.NewMsg(subjects.JobStored(schemas.PriorityNormal))
 	relayed.Header["Nats-Sequence"] = []string{"18446744073709551615", "18446744073709551614"}
-	relayed.Header["Nats-Stream"] = []string{subjects.StreamJobs, "KV_" + subjects.BucketModels}
+	relayed.Header["Nats-Stream"] = []string{subjects.StreamJobs, subjects.ModelsStream}
 	d.onStored(relayed)
 	if got := d.storedSeq[p].Load(); got != ack.Sequence {
 		t.Fatalf("after a relayed wake-up: announced %d, want %d", got, ack.Sequence)

@@ -51,7 +51,7 @@ func TestUnknownModelIs404AwayModelIs503(t *testing.T) {
 	// (A purge of the key's messages, which is what the TTL does; a delete
 	// marker would not do: the bucket counts any message on a key as served,
 	// so a worker credential cannot hide a model with one.)
-	models, err := tb.js.Stream(ctx, "KV_"+subjects.BucketModels)
+	models, err := tb.js.Stream(ctx, subjects.ModelsStream)
 	if err != nil {
 		t.Fatal(err)
 	}

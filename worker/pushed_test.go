@@ -34,7 +34,7 @@ func TestAssignmentPushedByAConsumerIsDropped(t *testing.T) {
 	if _, err := b.kv.Put(ctx, "evil", data); err != nil {
 		t.Fatal(err)
 	}
-	stream := "KV_" + subjects.BucketWorkers
+	stream := subjects.WorkersStream
 	c, err := b.js.CreateOrUpdatePushConsumer(ctx, stream, jetstream.ConsumerConfig{
 		DeliverSubject: subjects.Assign(cfg.WorkerID),
 		FilterSubject:  "$KV." + subjects.BucketWorkers + ".evil",

@@ -105,7 +105,7 @@ func TestModelsBucketIsBounded(t *testing.T) {
 			flooded++
 		}
 	}
-	s, err := b.JS.Stream(ctx, "KV_"+subjects.BucketModels)
+	s, err := b.JS.Stream(ctx, subjects.ModelsStream)
 	if err != nil {
 		t.Fatal(err)
 	}

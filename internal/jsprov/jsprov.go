@@ -314,7 +314,7 @@ func Provision(ctx context.Context, js jetstream.JetStream, opts Options) error 
 	}
 	kv := WorkersBucketConfig(opts)
 	if keep {
-		n, err := existingReplicas(ctx, js, "KV_"+subjects.BucketWorkers, kv.Replicas)
+		n, err := existingReplicas(ctx, js, subjects.WorkersStream, kv.Replicas)
 		if err != nil {
 			return err
 		}

@@ -20,7 +20,7 @@ func TestProvisionIsIdempotentAndAppliesChanges(t *testing.T) {
 
 	configs := func() map[string]jetstream.StreamConfig {
 		out := map[string]jetstream.StreamConfig{}
-		for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamDLQ, subjects.StreamCancels, "KV_" + subjects.BucketWorkers} {
+		for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamDLQ, subjects.StreamCancels, subjects.WorkersStream} {
 			s, err := b.JS.Stream(ctx, name)
 			if err != nil {
 				t.Fatalf("stream %s: %v", name, err)
@@ -145,7 +145,7 @@ func TestRegistryRefusesRollups(t *testing.T) {
 	if err := jsprov.Provision(ctx, b.JS, jsprov.Options{}); err != nil {
 		t.Fatal(err)
 	}
-	s, err := b.JS.Stream(ctx, "KV_"+subjects.BucketWorkers)
+	s, err := b.JS.Stream(ctx, subjects.WorkersStream)
 	if err != nil || s.CachedInfo().Config.AllowRollup {
 		t.Fatalf("rollups allowed after provisioning again (%v)", err)
 	}

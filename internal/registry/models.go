@@ -43,7 +43,7 @@ func AnnounceModels(ctx context.Context, kv jetstream.KeyValue, models []string)
 // (auth's modelReads), and as many markers as the history holds would push the
 // put out anyway.
 func ModelServed(ctx context.Context, js jetstream.JetStream, model string) (bool, error) {
-	s, err := js.Stream(ctx, "KV_"+subjects.BucketModels)
+	s, err := js.Stream(ctx, subjects.ModelsStream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		return true, nil
 	}

@@ -99,7 +99,7 @@ func TestModelServedEmptyOrMissingBucket(t *testing.T) {
 	if err := registry.AnnounceModels(ctx, kv, []string{"other-model", "tiny-model"}); err != nil {
 		t.Fatal(err)
 	}
-	s, err := b.JS.Stream(ctx, "KV_"+subjects.BucketModels)
+	s, err := b.JS.Stream(ctx, subjects.ModelsStream)
 	if err != nil {
 		t.Fatal(err)
 	}

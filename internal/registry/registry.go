@@ -43,14 +43,14 @@ var ErrNoRegistry = fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers,
 // the fleet. A missing bucket is ErrNoRegistry; callers that treat it as an
 // empty fleet test errors.Is(err, ErrNoRegistry).
 func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatMsg, error) {
-	s, err := js.Stream(ctx, kvStream)
+	s, err := js.Stream(ctx, subjects.WorkersStream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		return nil, ErrNoRegistry
 	}
 	if err != nil {
 		return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(kvPrefix+">"))
+	info, err := s.Info(ctx, jetstream.WithSubjectFilter(subjects.WorkerEntries+">"))
 	if err != nil {
 		return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
@@ -71,13 +71,6 @@ func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatM
 	return out, nil
 }
 
-// kvStream and kvPrefix are the registry bucket's stream and the subject
-// prefix of its keys.
-const (
-	kvStream = "KV_" + subjects.BucketWorkers
-	kvPrefix = "$KV." + subjects.BucketWorkers + "."
-)
-
 // liveHeartbeat reads the last message on a registry key: ok only for a put
 // whose value is the heartbeat of the worker the key names.
 func liveHeartbeat(subj string, m *jetstream.RawStreamMsg) (schemas.HeartbeatMsg, bool) {
@@ -85,7 +78,7 @@ func liveHeartbeat(subj string, m *jetstream.RawStreamMsg) (schemas.HeartbeatMsg
 		return schemas.HeartbeatMsg{}, false
 	}
 	hb, err := decode(m.Data)
-	if err != nil || hb.WorkerID == "" || kvPrefix+hb.WorkerID != subj {
+	if err != nil || hb.WorkerID == "" || subjects.WorkerEntries+hb.WorkerID != subj {
 		return schemas.HeartbeatMsg{}, false
 	}
 	return hb, true

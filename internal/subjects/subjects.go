@@ -38,6 +38,12 @@ const (
 	// (ModelKey), put by the workers that serve it, expiring ModelGrace after the
 	// last. Producers read it to fail fast on a model nobody serves.
 	BucketModels = "mlx_models"
+	// WorkersStream and ModelsStream are the buckets' streams (JetStream names
+	// a bucket's stream KV_<bucket>), and WorkerEntries the subject prefix of
+	// the registry's keys ($KV.<bucket>.<worker id>).
+	WorkersStream = "KV_" + BucketWorkers
+	ModelsStream  = "KV_" + BucketModels
+	WorkerEntries = "$KV." + BucketWorkers + "."
 
 	// JobsAll matches every job subject, mlx.jobs.<tenant>.<priority>.<job-id>,
 	// and the wake-ups on JobsStored too: a core subscriber that wants jobs

@@ -39,7 +39,7 @@ func (at *attackTable) kvRollup(c *busClient) {
 		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
 		return
 	}
-	kvs, err := at.s.adminJS.Stream(ctx, "KV_"+subjects.BucketWorkers)
+	kvs, err := at.s.adminJS.Stream(ctx, subjects.WorkersStream)
 	if err != nil {
 		at.t.Fatal(err)
 	}
