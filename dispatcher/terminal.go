@@ -241,8 +241,16 @@ const maxHandOvers = 32
 // once. Order does not matter: each hand-over names its job and attempt, and
 // onDone checks both under d.mu.
 func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
-	if !subjects.Sent(m.Reply) {
+	switch {
+	case !subjects.Sent(m.Reply):
 		d.count().relayed() // no worker's request: a relayed JetStream answer
+		return
+	case !subjects.Answerable(m.Reply):
+		// A worker's hand-over is a request from its inbox; one asking to be
+		// answered elsewhere wants the answer, sent with this dispatcher's
+		// grants, as a record or letter of some job (the red team's R5-1).
+		d.count().forged()
+		d.rare.Warn().Str("subject", m.Subject).Str("reply", m.Reply).Msg("terminal hand-over asking to be answered outside an inbox; ignored")
 		return
 	}
 	d.writes.Add(1) // a received hand-over is a write to come: shutdown waits for it
@@ -277,12 +285,6 @@ func (d *Dispatcher) onDone(m *nats.Msg) func(context.Context) {
 	}
 	ref := subjects.JobRef{Tenant: res.Tenant, ID: res.JobID}
 	reply := func(status string) {
-		if !subjects.Answerable(m.Reply) {
-			if m.Reply != "" {
-				d.count().forged() // a hand-over asking to be answered outside an inbox
-			}
-			return
-		}
 		if data, err := json.Marshal(schemas.FinishReplyMsg{JobID: res.JobID, Tenant: res.Tenant, Status: status}); err == nil {
 			_ = m.Respond(data)
 		}
