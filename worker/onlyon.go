@@ -1,6 +1,8 @@
 package worker
 
 import (
+	"time"
+
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 
@@ -22,6 +24,7 @@ import (
 //     Assignments are requests and the dispatcher sends cancels with a reply
 //     subject, so whatever comes without one is dropped.
 func onlyOn(subj string, h nats.MsgHandler, log zerolog.Logger) nats.MsgHandler {
+	log = log.Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}) // a flood must not flood the log
 	return func(msg *nats.Msg) {
 		if msg.Subject != subj || !subjects.Sent(msg.Reply) {
 			log.Warn().Str("subject", subj).Str("stored_as", msg.Subject).Bool("reply", msg.Reply != "").
