@@ -129,6 +129,7 @@ func (p *Client) Submit(ctx context.Context, job *schemas.JobRequest) (ack Submi
 		return SubmitAck{}, errors.New("bus: Submit: nil job")
 	}
 	p.fillDefaults(job)
+	fresh := minted.take(job.ID)
 	ctx, span := tracing.Tracer().Start(ctx, tracing.SpanSubmit, trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(attribute.String(tracing.AttrJobID, job.ID), attribute.String(tracing.AttrModel, job.Model)))
 	defer func() { endSpan(span, err) }()
@@ -137,7 +138,7 @@ func (p *Client) Submit(ctx context.Context, job *schemas.JobRequest) (ack Submi
 	// The checks' round trip overlaps the validation (they only read; an
 	// invalid job is refused whatever they find).
 	admitted := make(chan error, 1)
-	go func() { admitted <- p.admit(ctx, job) }()
+	go func() { admitted <- p.admit(ctx, job, fresh) }()
 	msg, ack, err := p.prepare(job)
 	if err != nil {
 		return ack, err
@@ -175,13 +176,14 @@ func (p *Client) SubmitBatch(ctx context.Context, jobs []*schemas.JobRequest) (a
 			continue
 		}
 		p.fillDefaults(job)
+		fresh := minted.take(job.ID)
 		if msgs[i], acks[i], errs[i] = p.prepare(job); errs[i] != nil {
 			continue
 		}
 		checks <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-checks }()
-			errs[i] = p.admit(ctx, job)
+			errs[i] = p.admit(ctx, job, fresh)
 		})
 	}
 	wg.Wait()
@@ -259,14 +261,17 @@ func (p *Client) prepare(job *schemas.JobRequest) (*nats.Msg, SubmitAck, error) 
 }
 
 // admit makes the checks a job must pass before it is published: not finished
-// already, and (unless turned off) a model some worker serves.
-func (p *Client) admit(ctx context.Context, job *schemas.JobRequest) error {
+// already (unless its id was minted here just now: fresh, see minted), and
+// (unless turned off) a model some worker serves.
+func (p *Client) admit(ctx context.Context, job *schemas.JobRequest, fresh bool) error {
 	// A finished job's id is refused for as long as RESULTS keeps its record, not
 	// only within the duplicate window.
-	if _, err := results.Fetch(ctx, p.js, job.Tenant, job.ID); err == nil {
-		return fmt.Errorf("bus: submit %s: %w: job already has a result", job.ID, ErrDuplicate)
-	} else if !errors.Is(err, ErrNoResult) {
-		return fmt.Errorf("bus: submit %s: check results: %w", job.ID, err)
+	if !fresh {
+		if _, err := results.Fetch(ctx, p.js, job.Tenant, job.ID); err == nil {
+			return fmt.Errorf("bus: submit %s: %w: job already has a result", job.ID, ErrDuplicate)
+		} else if !errors.Is(err, ErrNoResult) {
+			return fmt.Errorf("bus: submit %s: check results: %w", job.ID, err)
+		}
 	}
 	if !p.noModelCheck {
 		if err := p.models.check(ctx, p.js, job.Model, p.now()); err != nil {
@@ -384,7 +389,7 @@ func (p *Client) withTimeout(ctx context.Context) (context.Context, context.Canc
 
 func (p *Client) fillDefaults(job *schemas.JobRequest) {
 	if job.ID == "" {
-		job.ID = newULID()
+		job.ID = NewJobID()
 	}
 	if job.Tenant == "" {
 		job.Tenant = p.tenant

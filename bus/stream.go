@@ -81,7 +81,7 @@ type JobStream struct {
 
 // NewJobID returns a fresh job id (a ULID, as Submit assigns), for callers that
 // need the id before submitting.
-func NewJobID() string { return newULID() }
+func NewJobID() string { return minted.add(newULID()) }
 
 // OpenStream prepares job for submission and subscribes to its reply subject, so
 // no event is lost however fast a worker answers (core NATS delivers only to

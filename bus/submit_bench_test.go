@@ -6,9 +6,11 @@ import (
 	"strconv"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
+	"github.com/mlx-serving/mlx-serving/schemas"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
@@ -40,6 +42,34 @@ func BenchmarkJobPublishExpectation(b *testing.B) {
 					m.Header.Set(jetstream.ExpectedLastSubjSeqSubjHeader, subjects.JobAnyPriority("t", id))
 				}
 				if _, err := e.JS.PublishMsg(ctx, m); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkSubmitID measures one Submit, call to publish ack, of a job whose
+// id this process minted (no RESULTS lookup before the publish) against one
+// whose id the caller chose (looked up first), alternating in one run on one
+// server with the file store's interval fsync; their ratio is the figure.
+func BenchmarkSubmitID(b *testing.B) {
+	e := testenv.StartBus(b, jsprov.Options{JobsMaxMsgs: 1 << 20})
+	p, err := bus.NewClient(e.Conn, bus.WithTenant("t"), bus.WithoutModelCheck())
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	chosen := 0 // every chosen id is new: a repeated run must not resubmit one
+	for _, minted := range []bool{true, false} {
+		b.Run(fmt.Sprintf("minted=%v", minted), func(b *testing.B) {
+			for range b.N {
+				job := &schemas.JobRequest{Model: "m", Prompt: "p", MaxTokens: 1}
+				if !minted {
+					chosen++
+					job.ID = "chosen-" + strconv.Itoa(chosen)
+				}
+				if _, err := p.Submit(ctx, job); err != nil {
 					b.Fatal(err)
 				}
 			}
