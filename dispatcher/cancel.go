@@ -169,7 +169,7 @@ func (d *Dispatcher) onCancel(subject string, data []byte, live bool) {
 // forwardCancel tells j's worker to stop it; the worker ends it with a
 // cancelled record handed back on its done subject. Callers hold d.mu.
 func (d *Dispatcher) forwardCancel(j *job, reason string) {
-	data, err := json.Marshal(schemas.CancelMsg{JobID: j.id, Tenant: subjects.TenantOfToken(j.tenant), Reason: reason, RequestedAt: time.Now().UTC()})
+	data, err := json.Marshal(schemas.CancelMsg{JobID: j.id, Tenant: subjects.TenantOfToken(j.tenant), Attempt: j.attempt, Reason: reason, RequestedAt: time.Now().UTC()})
 	if err == nil {
 		err = d.nc.PublishRequest(subjects.WorkerCancel(j.workerID), d.mark, data) // subjects.Sent
 	}

@@ -79,9 +79,18 @@ type Config struct {
 	// stop and writes the expired record (default 10 s). A worker that holds a
 	// job and never answers — hung, or a credential used to black-hole work
 	// (the red team's R3-5) — then keeps a job with a deadline no longer than
-	// this past it. Jobs without a deadline wait for the worker's heartbeat to
-	// lapse.
+	// this past it; any attempt, AttemptTimeout.
 	DeadlineGrace time.Duration
+	// AttemptTimeout bounds one attempt on a worker, from its offer to its
+	// end (default 1 h). Past it the dispatcher gives the attempt up: it tells
+	// the worker to stop that attempt, counts a failure against the worker's
+	// breaker and retries the job elsewhere (schemas.CodeAttemptTimeout), so
+	// a job ends even without a deadline when its worker holds it and never
+	// answers while heart-beating (a hung agent, or a worker credential used
+	// to black-hole work: the red team's N2), after at most MaxAttempts such
+	// attempts. Set it above the longest generation a worker may honestly
+	// take: an attempt cut short starts again elsewhere.
+	AttemptTimeout time.Duration
 	// Routing is the routing policy: RoutingPrefix (default) or
 	// RoutingLeastLoaded (router.go).
 	Routing string
@@ -145,6 +154,7 @@ func (c Config) withDefaults() (Config, error) {
 	def(&c.DrainTimeout, c.AckWait)
 	def(&c.WriteGrace, 10*time.Second)
 	def(&c.DeadlineGrace, 10*time.Second)
+	def(&c.AttemptTimeout, time.Hour)
 	switch c.Routing {
 	case "":
 		c.Routing = RoutingPrefix

@@ -125,6 +125,7 @@ type job struct {
 	inQueue   bool
 	gone      bool // forgotten: terminal or handed back
 	enqueued  time.Time
+	offered   time.Time // when the current attempt was offered to a worker (AttemptTimeout)
 	progress  time.Time // last in-progress ack
 	retryAt   time.Time
 	bo        backoff.BackOff

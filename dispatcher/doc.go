@@ -104,7 +104,10 @@
 // assignment timeout) is learnt on another subscription than its token
 // events, so its retry is requeued only after a barrier (nats.Conn.Barrier)
 // behind every event received so far: the resume then holds all the text the
-// dispatcher had received before it learnt of the end. Retries wait an exponential backoff with jitter; out of
+// dispatcher had received before it learnt of the end. An attempt its worker
+// holds past AttemptTimeout without ending it is given up the same way (the
+// worker is told to stop that attempt), so a worker that heart-beats but never
+// answers holds no job for ever. Retries wait an exponential backoff with jitter; out of
 // attempts a job goes to DLQ and gets a terminal failed attempts_exhausted.
 //
 // # Shutdown

@@ -34,6 +34,9 @@ func (d *Dispatcher) apply(j *job, e Trigger) error {
 		}
 	}
 	j.state = to
+	if e == EvDispatch {
+		j.offered = time.Now() // the attempt's clock (AttemptTimeout)
+	}
 	d.count().finished(to)
 	return nil
 }

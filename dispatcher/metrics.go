@@ -29,6 +29,7 @@ type Metrics struct {
 	OversizedProgress  atomic.Int64 // progress events larger than any tracked job's could be: dropped unread
 	DeadLettersRefused atomic.Int64 // dead letters the DLQ refused (full, too large): their jobs ended with the record only
 	Relayed            atomic.Int64 // messages on workers' subjects without a reply subject: relayed JetStream answers, dropped
+	AttemptTimeouts    atomic.Int64 // attempts given up after AttemptTimeout, their jobs retried
 	// Routed counts batches by why they went to their worker (RouteReason).
 	Routed [numRouteReasons]atomic.Int64
 	// Transitions counts legal transitions by (from state, event).

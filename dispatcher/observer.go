@@ -74,11 +74,14 @@ const (
 	// by the server as the answer to someone's JetStream request (see
 	// subjects.FromSender); dropped.
 	AnomalyRelayed = "relayed_message"
+	// AnomalyAttemptTimeout: a worker held an attempt past AttemptTimeout
+	// without ending it; the attempt was given up and the job retried.
+	AnomalyAttemptTimeout = "attempt_timeout"
 )
 
 // Anomalies lists every Anomaly kind.
 func Anomalies() []string {
-	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused, AnomalyRelayed}
+	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused, AnomalyRelayed, AnomalyAttemptTimeout}
 }
 
 // nopObserver is the Observer when none is configured.
@@ -194,6 +197,8 @@ func (t tally) deadLetterRefused() {
 }
 
 func (t tally) relayed() { t.m.Relayed.Add(1); t.obs.Anomaly(AnomalyRelayed) }
+
+func (t tally) attemptTimedOut() { t.m.AttemptTimeouts.Add(1); t.obs.Anomaly(AnomalyAttemptTimeout) }
 
 func (t tally) forged() { t.m.ForgedRecords.Add(1); t.obs.Forged() }
 

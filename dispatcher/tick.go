@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -46,9 +47,12 @@ func (d *Dispatcher) tick(now time.Time) {
 			// Its worker should have ended it at the deadline; one that did not
 			// within the grace is not trusted with it any longer. Should its
 			// record come after all, RESULTS keeps whichever was first.
-			if j.req.Deadline != nil && now.After(j.req.Deadline.Add(d.cfg.DeadlineGrace)) {
+			switch {
+			case j.req.Deadline != nil && now.After(j.req.Deadline.Add(d.cfg.DeadlineGrace)):
 				d.forwardCancel(j, "deadline passed")
 				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed and the worker did not end the job"})
+			case now.Sub(j.offered) > d.cfg.AttemptTimeout:
+				d.attemptTimedOut(j, now)
 			}
 		}
 	}
@@ -62,4 +66,21 @@ func (d *Dispatcher) tick(now time.Time) {
 	for _, m := range alive {
 		_ = m.InProgress()
 	}
+}
+
+// attemptTimedOut gives up on j's current attempt, which its worker has held
+// longer than AttemptTimeout: the worker is told to stop that attempt (the
+// cancel names it, so a later attempt placed on the same worker is not
+// stopped by it), its breaker counts a failure, and the job is retried from
+// what its caller received. Should the worker still hand over a record of the
+// attempt, it is refused: the job is no longer running there at that attempt.
+// Callers hold d.mu.
+func (d *Dispatcher) attemptTimedOut(j *job, now time.Time) {
+	d.count().attemptTimedOut()
+	d.forwardCancel(j, "attempt timed out")
+	if w := d.workers[j.workerID]; w != nil {
+		w.br.Record(false, now)
+	}
+	d.retryableFailure(j, schemas.ErrorInfo{Code: schemas.CodeAttemptTimeout, Retryable: true,
+		Message: fmt.Sprintf("the attempt ran longer than %s on worker %s", d.cfg.AttemptTimeout, j.workerID)}, nil, 0)
 }

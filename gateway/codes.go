@@ -56,6 +56,7 @@ var resultAnswers = map[string]httpAnswer{
 	schemas.CodeAssignFailed:      answerServer,
 	schemas.CodeWorkerRestarted:   answerServer,
 	schemas.CodeWorkerLost:        answerServer,
+	schemas.CodeAttemptTimeout:    answerServer,
 	schemas.CodeRedelivered:       answerServer,
 	schemas.CodeNotAJob:           answerServer,
 }

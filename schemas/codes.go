@@ -44,6 +44,7 @@ const (
 	CodeAssignFailed      = "assign_failed"    // retryable
 	CodeWorkerRestarted   = "worker_restarted" // retryable
 	CodeWorkerLost        = "worker_lost"      // retryable
+	CodeAttemptTimeout    = "attempt_timeout"  // retryable
 	CodeRedelivered       = "redelivered"
 	CodeNotAJob           = "not_a_job"
 	CodeModelNotAvailable = "model_not_available"

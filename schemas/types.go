@@ -252,9 +252,11 @@ type ResultMsg struct {
 
 // CancelMsg asks for a job to be cancelled (schema "cancel").
 type CancelMsg struct {
-	JobID       string    `json:"job_id"`
-	Reason      string    `json:"reason,omitempty"`
-	Tenant      string    `json:"tenant,omitempty"`
+	JobID  string `json:"job_id"`
+	Reason string `json:"reason,omitempty"`
+	Tenant string `json:"tenant,omitempty"`
+	// Attempt, when set, limits the cancel to that attempt (cancel.json).
+	Attempt     int       `json:"attempt,omitempty"`
 	RequestedAt time.Time `json:"requested_at"`
 }
 

@@ -19,6 +19,13 @@ func (a *Agent) handleCancel(msg *nats.Msg) {
 		return
 	}
 	if r := a.jobs.get(subjects.JobRef{Tenant: c.Tenant, ID: c.JobID}.Key()); r != nil {
+		if c.Attempt != 0 && c.Attempt != r.aj.Attempt {
+			// A cancel its dispatcher sent for an earlier attempt (one it gave
+			// up on, attempt_timeout), arriving after a later attempt of the job
+			// was placed here: the later attempt is not the one to stop.
+			a.log.Debug().Str("job_id", c.JobID).Int("attempt", r.aj.Attempt).Int("cancel_attempt", c.Attempt).Msg("cancel of another attempt ignored")
+			return
+		}
 		a.log.Info().Str("job_id", c.JobID).Str("tenant", c.Tenant).Int("attempt", r.aj.Attempt).Str("model", r.aj.Job.Model).Msg("cancelling running job")
 		r.requestStop(stopCancelled)
 	}

@@ -121,18 +121,19 @@ func newDispatcher(c config.Config, nc *nats.Conn, log zerolog.Logger) (*dispatc
 func dispatcherConfig(c config.Config, nc *nats.Conn, log *zerolog.Logger, obs dispatcher.Observer) dispatcher.Config {
 	host, _ := os.Hostname()
 	return dispatcher.Config{
-		DispatcherID: fmt.Sprintf("%s-%d", host, os.Getpid()),
-		Conn:         nc,
-		MaxWait:      c.BatchWait(),
-		MaxBatch:     c.BatchMaxSize,
-		Routing:      c.Routing,
-		RouteMaxSkew: c.RouteMaxSkew,
-		MaxAttempts:  c.MaxAttempts,
-		WorkerTTL:    c.WorkerTTLDuration(),
-		DrainTimeout: c.DrainTimeout(),
-		WriteGrace:   c.WriteGrace(),
-		Logger:       log,
-		Observer:     obs,
+		DispatcherID:   fmt.Sprintf("%s-%d", host, os.Getpid()),
+		Conn:           nc,
+		MaxWait:        c.BatchWait(),
+		MaxBatch:       c.BatchMaxSize,
+		Routing:        c.Routing,
+		RouteMaxSkew:   c.RouteMaxSkew,
+		MaxAttempts:    c.MaxAttempts,
+		WorkerTTL:      c.WorkerTTLDuration(),
+		DrainTimeout:   c.DrainTimeout(),
+		WriteGrace:     c.WriteGrace(),
+		AttemptTimeout: c.AttemptTimeoutDuration(),
+		Logger:         log,
+		Observer:       obs,
 	}
 }
 

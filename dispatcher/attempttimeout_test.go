@@ -1,0 +1,93 @@
+package dispatcher
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// A worker that accepts a job without a deadline and never ends it (hung
+// agent, or a worker credential used to black-hole work: the red team's N2)
+// holds it no longer than AttemptTimeout: the dispatcher tells the worker to
+// stop that attempt (the cancel names it), and the job runs again and ends
+// with one record. Here the same worker completes the second attempt.
+// Mutation caught: dropping the timeout branch of tick (the job waits on the
+// hung attempt for ever; the test times out).
+func TestAttemptTimeoutRetriesAJobItsWorkerHolds(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
+		if aj.Attempt == 1 {
+			return jobPlan{Hang: true}
+		}
+		return jobPlan{}
+	})
+	cancels := make(chan *nats.Msg, 4)
+	sub, err := e.nc.ChanSubscribe(subjects.WorkerCancel("w1"), cancels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.AttemptTimeout = 300 * time.Millisecond
+	d, stop := runDispatcher(t, cfg)
+	defer stop()
+
+	j := newJob("held", "m", schemas.PriorityNormal) // no deadline
+	start := time.Now()
+	res := e.waitResultAfter(j, 15*time.Second)
+	if res.Status != schemas.StatusCompleted || res.Attempt != 2 || res.WorkerID != "w1" {
+		t.Fatalf("record %s attempt %d on %q, want completed by attempt 2 on w1", res.Status, res.Attempt, res.WorkerID)
+	}
+	if took := res.FinishedAt.Sub(start); took < cfg.AttemptTimeout {
+		t.Fatalf("ended %s after the submit, before the attempt timeout (%s) could have passed", took, cfg.AttemptTimeout)
+	}
+	select {
+	case m := <-cancels:
+		var c schemas.CancelMsg
+		if err := json.Unmarshal(m.Data, &c); err != nil || c.JobID != "held" || c.Attempt != 1 {
+			t.Fatalf("cancel %s, want one for attempt 1 of held", m.Data)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the worker was not told to stop the timed-out attempt")
+	}
+	if n := d.Metrics().AttemptTimeouts.Load(); n != 1 {
+		t.Fatalf("attempt timeouts counted %d, want 1", n)
+	}
+	if n := e.streamMsgs("RESULTS"); n != 1 {
+		t.Fatalf("RESULTS holds %d records, want 1", n)
+	}
+}
+
+// Out of attempts, a job whose every attempt times out ends failed with
+// attempts_exhausted naming the timeout, once: a black-holed job without a
+// deadline still ends.
+func TestAttemptTimeoutExhaustsAttempts(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Hang: true} })
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.AttemptTimeout = 200 * time.Millisecond
+	cfg.MaxAttempts = 2
+	cfg.BreakerThreshold = 10 // the breaker is not what this test is about
+	_, stop := runDispatcher(t, cfg)
+	defer stop()
+
+	res := e.waitResultAfter(newJob("black-holed", "m", schemas.PriorityNormal), 20*time.Second)
+	if res.Status != schemas.StatusFailed || res.Error == nil || res.Error.Code != schemas.CodeAttemptsExhausted {
+		t.Fatalf("record %+v, want failed %s", res, schemas.CodeAttemptsExhausted)
+	}
+	if want := schemas.CodeAttemptTimeout; !strings.Contains(res.Error.Message, want) {
+		t.Fatalf("error %q does not name the last error %s", res.Error.Message, want)
+	}
+	if n := e.streamMsgs("RESULTS"); n != 1 {
+		t.Fatalf("RESULTS holds %d records, want 1", n)
+	}
+}
