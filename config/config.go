@@ -251,39 +251,28 @@ func fromValues(values map[string]any) (Config, error) {
 	return c, nil
 }
 
-// BatchWait returns batch_max_wait as a duration (validated by Load).
-func (c Config) BatchWait() time.Duration {
-	d, _ := time.ParseDuration(c.BatchMaxWait)
-	return d
-}
+// The durations, validated by Load (so parsing them again cannot fail).
 
-// WorkerTTLDuration returns worker_ttl as a duration (validated by Load).
-func (c Config) WorkerTTLDuration() time.Duration {
-	d, _ := time.ParseDuration(c.WorkerTTL)
-	return d
-}
+// BatchWait returns batch_max_wait.
+func (c Config) BatchWait() time.Duration { return duration(c.BatchMaxWait) }
 
-// DrainTimeout returns dispatcher_drain_timeout as a duration (validated by Load).
-func (c Config) DrainTimeout() time.Duration {
-	d, _ := time.ParseDuration(c.DispatcherDrainTimeout)
-	return d
-}
+// WorkerTTLDuration returns worker_ttl.
+func (c Config) WorkerTTLDuration() time.Duration { return duration(c.WorkerTTL) }
 
-// WriteGrace returns dispatcher_write_grace as a duration (validated by Load).
-func (c Config) WriteGrace() time.Duration {
-	d, _ := time.ParseDuration(c.DispatcherWriteGrace)
-	return d
-}
+// DrainTimeout returns dispatcher_drain_timeout.
+func (c Config) DrainTimeout() time.Duration { return duration(c.DispatcherDrainTimeout) }
 
-// AttemptTimeoutDuration returns attempt_timeout as a duration (validated by Load).
-func (c Config) AttemptTimeoutDuration() time.Duration {
-	d, _ := time.ParseDuration(c.AttemptTimeout)
-	return d
-}
+// WriteGrace returns dispatcher_write_grace.
+func (c Config) WriteGrace() time.Duration { return duration(c.DispatcherWriteGrace) }
 
-// RequestTimeout returns gateway_request_timeout as a duration (validated by Load).
-func (c Config) RequestTimeout() time.Duration {
-	d, _ := time.ParseDuration(c.GatewayRequestTimeout)
+// AttemptTimeoutDuration returns attempt_timeout.
+func (c Config) AttemptTimeoutDuration() time.Duration { return duration(c.AttemptTimeout) }
+
+// RequestTimeout returns gateway_request_timeout.
+func (c Config) RequestTimeout() time.Duration { return duration(c.GatewayRequestTimeout) }
+
+func duration(s string) time.Duration {
+	d, _ := time.ParseDuration(s)
 	return d
 }
 

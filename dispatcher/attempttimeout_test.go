@@ -6,10 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -29,12 +26,7 @@ func TestAttemptTimeoutRetriesAJobItsWorkerHolds(t *testing.T) {
 		}
 		return jobPlan{}
 	})
-	cancels := make(chan *nats.Msg, 4)
-	sub, err := e.nc.ChanSubscribe(subjects.WorkerCancel("w1"), cancels)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
+	cancels := e.cancelsTo("w1")
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.AttemptTimeout = 300 * time.Millisecond
 	d, stop := runDispatcher(t, cfg)

@@ -4,10 +4,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -21,12 +18,7 @@ func TestDispatcherExpiresARunningJobItsWorkerHolds(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
 	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Hang: true} })
-	cancels := make(chan *nats.Msg, 4)
-	sub, err := e.nc.ChanSubscribe(subjects.WorkerCancel("w1"), cancels)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
+	cancels := e.cancelsTo("w1")
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.DeadlineGrace = 200 * time.Millisecond
 	_, stop := runDispatcher(t, cfg)

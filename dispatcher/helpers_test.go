@@ -269,6 +269,22 @@ func (e *testEnv) startWorkerWith(id string, slots int, models []string, plan fu
 	return w
 }
 
+// cancelsTo receives the cancels dispatchers forward to worker id (which a
+// fake worker ignores), from now on.
+func (e *testEnv) cancelsTo(id string) <-chan *nats.Msg {
+	e.tb.Helper()
+	ch := make(chan *nats.Msg, 16)
+	sub, err := e.nc.ChanSubscribe(subjects.WorkerCancel(id), ch)
+	if err != nil {
+		e.tb.Fatal(err)
+	}
+	e.tb.Cleanup(func() { _ = sub.Unsubscribe() })
+	if err := e.nc.Flush(); err != nil {
+		e.tb.Fatal(err)
+	}
+	return ch
+}
+
 // checkNeverOverfilled: w was never offered more jobs than its slots (no
 // batch above them, none answered full) and took assignments attempts.
 func checkNeverOverfilled(tb testing.TB, w *fakeWorker, slots, assignments int) {
