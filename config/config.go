@@ -107,7 +107,7 @@ var Keys = []Key{
 	{"python", "python", "MLX_SERVING_PYTHON", "", "Python interpreter for the runtime (empty: python/.venv/bin/python)"},
 	{"worker_id", "worker-id", "MLX_SERVING_WORKER_ID", "", "worker id (empty: from the host name)"},
 	{"slots", "slots", "MLX_SERVING_SLOTS", "8", "concurrent generations per worker"},
-	{"prompt_cache_bytes", "prompt-cache-bytes", "MLX_SERVING_PROMPT_CACHE_BYTES", "-1", "worker: bytes of finished requests' KV caches the runtime keeps to reuse shared prompt prefixes (0: off; -1: 1/8 of the machine's memory, at most 16 GiB)"},
+	{"prompt_cache_bytes", "prompt-cache-bytes", "MLX_SERVING_PROMPT_CACHE_BYTES", "-1", "worker: bytes of finished requests' KV caches the runtime keeps to reuse shared prompt prefixes, within a tenant (0: off; -1: 1/8 of the machine's memory, at most 16 GiB)"},
 	{"sync_always", "sync-always", "MLX_SERVING_SYNC_ALWAYS", "true", "fsync every JetStream write before acking it"},
 	{"jobs_max_msgs", "jobs-max-msgs", "MLX_SERVING_JOBS_MAX_MSGS", "100000", "most queued jobs before submit says queue full"},
 	{"dlq_max_bytes", "dlq-max-bytes", "MLX_SERVING_DLQ_MAX_BYTES", "268435456", "bytes of dead letters the DLQ keeps; past it a new letter is refused and its job ends with its terminal record only (not replayable)"},

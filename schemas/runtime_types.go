@@ -250,6 +250,9 @@ type GenerateParams struct {
 	ToolChoice        *ToolChoice    `json:"tool_choice,omitempty"`
 	ParallelToolCalls *bool          `json:"parallel_tool_calls,omitempty"`
 	Continuation      string         `json:"continuation,omitempty"`
+	// CacheScope: the prompt-cache entries this generate may reuse and adds to
+	// are its scope's only (the worker passes the job's tenant).
+	CacheScope string `json:"cache_scope,omitempty"`
 }
 
 // GenerateChunk is the params of a generate.chunk notification (schema

@@ -44,7 +44,7 @@ func newJobRun(aj schemas.AssignedJob, dispatcherID string) *jobRun {
 		aj:           aj,
 		key:          subjects.JobRef{Tenant: aj.Job.Tenant, ID: aj.Job.ID}.Key(),
 		dispatcherID: dispatcherID,
-		requestID:    aj.Job.ID + "." + strconv.Itoa(aj.Attempt),
+		requestID:    runtimeRequestID(aj),
 		accepted:     time.Now(),
 		stopCh:       make(chan struct{}),
 	}
@@ -94,6 +94,16 @@ func cancelInRuntime(c *RuntimeClient, requestID string) {
 // defaultCallTimeout bounds small runtime calls made on a job's behalf.
 const defaultCallTimeout = 10 * time.Second
 
+// runtimeRequestID names one attempt of a job in the runtime:
+// <tenant>:<job-id>.<attempt>. The runtime refuses a second generate with an
+// id in flight, and job ids are unique only within a tenant: without the
+// tenant, two tenants' jobs of one id on the same worker collided and the
+// second failed duplicate_request (the red team's F2), which a tenant could
+// provoke on purpose with a guessed id.
+func runtimeRequestID(aj schemas.AssignedJob) string {
+	return subjects.TenantToken(aj.Job.Tenant) + ":" + aj.Job.ID + "." + strconv.Itoa(aj.Attempt)
+}
+
 // generateParams maps a job (and the resume point of an earlier attempt) to the
 // runtime's generate params.
 func generateParams(r *jobRun) *schemas.GenerateParams {
@@ -109,6 +119,9 @@ func generateParams(r *jobRun) *schemas.GenerateParams {
 		Tools:             j.Tools,
 		ToolChoice:        j.ToolChoice,
 		ParallelToolCalls: j.ParallelToolCalls,
+		// A tenant's prompts and outputs are its own: the runtime reuses
+		// prompt-cache entries only within a scope (the red team's F1).
+		CacheScope: subjects.TenantToken(j.Tenant),
 	}
 	if res := r.aj.Resume; res != nil {
 		p.Continuation = res.Text

@@ -5,11 +5,14 @@
 // # Identity
 //
 // A job's prompt is first written as canonical text, independent of any
-// tokenizer:
+// tokenizer. It starts with a header and the job's tenant as <len>:<tenant>
+// (the default tenant's token for none): the runtime reuses prompt-cache
+// entries only within a tenant (its cache_scope), so two tenants' identical
+// prompts share nothing and must not look alike to routing either. Then:
 //
-//   - a completion job (prompt): "mlx-prefix/1 text\n" followed by the prompt
+//   - a completion job (prompt): header "mlx-prefix/3 text\n"; the prompt
 //     bytes as they are;
-//   - a chat job (messages): "mlx-prefix/2 chat\n", then the job's tools as
+//   - a chat job (messages): header "mlx-prefix/4 chat\n"; the job's tools as
 //     <len>:<JSON of tools> (0: for none; the chat template renders them before
 //     the conversation), then every message in order as
 //     <len(role)>:<role><len(content)>:<content><len(calls)>:<calls>, where
@@ -68,6 +71,7 @@ import (
 	"errors"
 	"strconv"
 
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -130,16 +134,18 @@ func Chain(text []byte) []Hash {
 }
 
 const (
-	headerText = "mlx-prefix/1 text\n"
-	headerChat = "mlx-prefix/2 chat\n"
+	headerText = "mlx-prefix/3 text\n"
+	headerChat = "mlx-prefix/4 chat\n"
 )
 
 // Canonical is the canonical text of a job's prompt (see the package doc).
 func Canonical(req *schemas.JobRequest) []byte {
+	tenant := []byte(subjects.TenantToken(req.Tenant))
 	if len(req.Messages) == 0 {
-		return append([]byte(headerText), req.Prompt...)
+		b := appendField([]byte(headerText), tenant)
+		return append(b, req.Prompt...)
 	}
-	b := []byte(headerChat)
+	b := appendField([]byte(headerChat), tenant)
 	var tools []byte
 	if len(req.Tools) > 0 {
 		tools, _ = json.Marshal(req.Tools) // map keys sorted: the same tools, the same bytes

@@ -3,9 +3,11 @@ package prefix
 import (
 	"bytes"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -117,7 +119,8 @@ func TestAfterReplyIsNextTurnPrefix(t *testing.T) {
 		t.Fatalf("next turn matches %d blocks of the advertised %d (the prompt alone is %d)", m, len(adv), len(prompt))
 	}
 	comp := &schemas.JobRequest{Prompt: sys}
-	if got, want := AfterReply(comp, reply), Chain(append([]byte(headerText+sys), reply...)); !slices.Equal(got, want) {
+	tenant := strconv.Itoa(len(subjects.DefaultTenant)) + ":" + subjects.DefaultTenant
+	if got, want := AfterReply(comp, reply), Chain(append([]byte(headerText+tenant+sys), reply...)); !slices.Equal(got, want) {
 		t.Fatal("completion AfterReply is not the prompt with the text appended")
 	}
 }
@@ -179,4 +182,34 @@ func FuzzCanonicalInjective(f *testing.F) {
 			t.Fatalf("canonical equality disagrees with message equality: %q vs %q", a.Messages, b.Messages)
 		}
 	})
+}
+
+// Two tenants' identical prompts share no prefix: the runtime's prompt cache
+// is scoped by tenant (cache_scope), so routing one tenant's job to the worker
+// holding another's prefix would gain nothing, and the chains must say so;
+// one tenant's jobs still match each other. Mutation caught: Canonical
+// without the tenant field (the chains are equal).
+func TestTenantsShareNoPrefix(t *testing.T) {
+	t.Parallel()
+	sys := strings.Repeat("s", 3*BlockSize)
+	for _, mk := range []func(tenant string) *schemas.JobRequest{
+		func(tenant string) *schemas.JobRequest { return &schemas.JobRequest{Tenant: tenant, Prompt: sys} },
+		func(tenant string) *schemas.JobRequest {
+			j := chat("system", sys, "user", "q")
+			j.Tenant = tenant
+			return j
+		},
+	} {
+		a, b, a2 := OfJob(mk("a")), OfJob(mk("b")), OfJob(mk("a"))
+		set := Set{}
+		for _, h := range a {
+			set[h] = struct{}{}
+		}
+		if n := set.Match(b); n != 0 {
+			t.Fatalf("tenant b's prompt matches %d blocks of tenant a's identical one", n)
+		}
+		if n := set.Match(a2); n != len(a) {
+			t.Fatalf("tenant a's prompt matches %d of %d blocks of its own", n, len(a))
+		}
+	}
 }

@@ -267,7 +267,7 @@ class Engine(ModelsMixin, OutputMixin):
                 _ = req.detok.last_segment
             # The longest cached prefix (one token at least is left to compute). all_tokens
             # tells the batch what the cache holds, so processors still see the whole prompt.
-            cache, n = self.prompt_cache.fetch(m.id, req.prompt_tokens)
+            cache, n = self.prompt_cache.fetch(m.id, req.prompt_tokens, req.cache_scope)
             (uid,) = m.gen.insert(
                 [req.prompt_tokens[n:]],
                 max_tokens=[req.max_tokens],
@@ -321,7 +321,7 @@ class Engine(ModelsMixin, OutputMixin):
                     req.lp_pending.append((len(req.out), entry))
                 if r.finish_reason is not None and req.error is None:
                     # Before the answer, so a health read after it sees the entry.
-                    self._keep_cache(m, r.all_tokens, r.prompt_cache)
+                    self._keep_cache(m, req.cache_scope, r.all_tokens, r.prompt_cache)
                 self._on_token(m, req, r.token, r.finish_reason, now)
             except Exception as e:
                 log.exception("request %s failed", req.request_id)
@@ -359,7 +359,7 @@ class Engine(ModelsMixin, OutputMixin):
         else:
             self._emit(req, len(req.out))
 
-    def _keep_cache(self, m: Model, tokens: list[int] | None, cache: list[Any] | None) -> None:
+    def _keep_cache(self, m: Model, scope: str, tokens: list[int] | None, cache: list[Any] | None) -> None:
         """Store a row that finished well: its cache covers exactly tokens."""
         if not self.prompt_cache.enabled or not tokens or not cache:
             return
@@ -367,7 +367,7 @@ class Engine(ModelsMixin, OutputMixin):
             # Extracted lazily from the batch: evaluate now, so the entry holds its own
             # arrays and not the batch's whole buffers.
             mx.eval([c.state for c in cache])
-            if self.prompt_cache.store(m.id, list(tokens), cache):
+            if self.prompt_cache.store(m.id, list(tokens), cache, scope):
                 if self.prompt_cache.relieve():
                     mx.clear_cache()
         except Exception as e:  # a cache that cannot be kept never fails the request

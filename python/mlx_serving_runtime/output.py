@@ -49,7 +49,7 @@ class OutputMixin:
             kept = m.gen.remove([req.uid], return_prompt_caches=self.prompt_cache.enabled)
             if req.uid in kept:
                 cache, tokens = kept[req.uid]
-                self._keep_cache(m, tokens, cache)
+                self._keep_cache(m, req.cache_scope, tokens, cache)
         self._end(req, "stop")
         return True
 

@@ -1,7 +1,7 @@
 """Prompt (KV) cache: finished requests' caches, reused for a new request's longest cached prefix.
 
-Entries are keyed per model by the exact tokens their KV cache covers (a finished row's
-prompt plus what it generated, as BatchGenerator reports them), held in mlx-lm's own
+Entries are keyed per model and scope by the exact tokens their KV cache covers (a finished
+row's prompt plus what it generated, as BatchGenerator reports them), held in mlx-lm's own
 ``PromptTrie`` for prefix search and in an LRU bounded by bytes (the sum of the entries'
 ``nbytes``; the trie's own dicts are not counted). A lookup reuses, of every entry:
 
@@ -13,6 +13,12 @@ prompt plus what it generated, as BatchGenerator reports them), held in mlx-lm's
 and always leaves at least one prompt token to compute, since the row's first logits
 come from prefilling it. Entries are copied out, never handed to a batch, so a stored
 cache is never written by the generation that reuses it.
+
+A scope (the request's ``cache_scope``; the worker passes the job's tenant) sees only the
+entries stored under it. Shared across scopes, a cache tells one caller what another sent
+and received: ``cached_tokens`` (and the time to the first token) grows when a guessed
+prefix matches, and the red team read another tenant's secret out of a prompt that way
+(F1). Two scopes asking the same prompt therefore each compute and keep it.
 
 Only the generation thread calls ``fetch``, ``store`` and the trimming methods; ``stats``
 may be read from any thread (plain ints, read under the GIL).
@@ -82,7 +88,8 @@ class PromptCache:
         self.memory_limit = max(0, int(memory_limit))
         self._active = active_memory
         self._trie = PromptTrie()
-        self._lru: OrderedDict[tuple[str, tuple[int, ...]], _Entry] = OrderedDict()
+        # ((model, scope), tokens) -> entry; the trie's "model" is (model, scope) too.
+        self._lru: OrderedDict[tuple[tuple[str, str], tuple[int, ...]], _Entry] = OrderedDict()
         self.bytes = 0
         self.lookups = 0
         self.hits = 0
@@ -109,27 +116,27 @@ class PromptCache:
 
     # ---- lookup ----
 
-    def _best(self, model: str, tokens: list[int]) -> tuple[int, tuple[int, ...] | None]:
-        """(tokens reusable, key of the entry to reuse them from)."""
+    def _best(self, space: tuple[str, str], tokens: list[int]) -> tuple[int, tuple[int, ...] | None]:
+        """(tokens reusable, key of the entry to reuse them from) within space (model, scope)."""
         limit = len(tokens) - 1  # one token is always computed
         if limit <= 0:
             return 0, None
-        r = self._trie.search(model, tokens)
+        r = self._trie.search(space, tokens)
         best, key = 0, None
         if r.exact is not None:
-            e = self._trie.get(model, r.exact)
+            e = self._trie.get(space, r.exact)
             if can_trim_prompt_cache(e.cache):
                 return limit, tuple(r.exact)
         if r.shorter is not None and len(r.shorter) > best:
             best, key = len(r.shorter), tuple(r.shorter)
         if r.longer is not None:
             n = min(r.common_prefix, limit)
-            if n > best and can_trim_prompt_cache(self._trie.get(model, r.longer).cache):
+            if n > best and can_trim_prompt_cache(self._trie.get(space, r.longer).cache):
                 best, key = n, tuple(r.longer)
         return best, key
 
-    def fetch(self, model: str, tokens: list[int]) -> tuple[list[Any] | None, int]:
-        """A private copy of the cache of tokens' longest cached prefix, and its length.
+    def fetch(self, model: str, tokens: list[int], scope: str = "") -> tuple[list[Any] | None, int]:
+        """A private copy of the cache of tokens' longest prefix cached in scope, and its length.
 
         (None, 0) when nothing is reusable or caching is off. The caller computes
         tokens[n:] on top of the copy.
@@ -138,10 +145,11 @@ class PromptCache:
             return None, 0
         self.lookups += 1
         self.prompt_tokens += len(tokens)
-        n, key = self._best(model, tokens)
+        space = (model, scope)
+        n, key = self._best(space, tokens)
         if n <= 0 or key is None:
             return None, 0
-        lkey = (model, key)
+        lkey = (space, key)
         entry = self._lru[lkey]
         self._lru.move_to_end(lkey)
         cache = _copy_prefix(entry.cache, len(key), n)
@@ -151,17 +159,18 @@ class PromptCache:
 
     # ---- storing and dropping ----
 
-    def store(self, model: str, tokens: list[int], cache: list[Any]) -> bool:
-        """Keep cache, which covers exactly tokens; False when off or when it cannot fit."""
+    def store(self, model: str, tokens: list[int], cache: list[Any], scope: str = "") -> bool:
+        """Keep cache, which covers exactly tokens, in scope; False when off or when it cannot fit."""
         if not self.enabled or not tokens or not cache:
             return False
         nbytes = cache_nbytes(cache)
         if nbytes > self.max_bytes:
             return False
         tokens = list(tokens)
-        key = (model, tuple(tokens))
+        space = (model, scope)
+        key = (space, tuple(tokens))
         entry = _Entry(cache, nbytes)
-        prev = self._trie.add(model, tokens, entry)
+        prev = self._trie.add(space, tokens, entry)
         if prev is not None:
             self.bytes -= prev.nbytes
             self._lru.pop(key, None)
@@ -169,22 +178,25 @@ class PromptCache:
         self.bytes += nbytes
         if can_trim_prompt_cache(cache):
             # Entries that are prefixes of this one are covered by it (trimmed on reuse).
-            for n, old in self._trie.pop_prefixes(model, tokens):
+            for n, old in self._trie.pop_prefixes(space, tokens):
                 self.bytes -= old.nbytes
-                self._lru.pop((model, tuple(tokens[:n])), None)
+                self._lru.pop((space, tuple(tokens[:n])), None)
         while self.bytes > self.max_bytes and self._lru:
             self._pop_oldest()
         return True
 
     def _pop_oldest(self) -> None:
-        (model, key), entry = self._lru.popitem(last=False)
-        self._trie.pop(model, list(key))
+        (space, key), entry = self._lru.popitem(last=False)
+        self._trie.pop(space, list(key))
         self.bytes -= entry.nbytes
 
     def drop_model(self, model: str) -> None:
-        for key in [k for k in self._lru if k[0] == model]:
+        """Drop the model's entries, in every scope."""
+        spaces = {k[0] for k in self._lru if k[0][0] == model}
+        for key in [k for k in self._lru if k[0] in spaces]:
             self.bytes -= self._lru.pop(key).nbytes
-        self._trie._trie.pop(model, None)
+        for space in spaces:
+            self._trie._trie.pop(space, None)
 
     def clear(self) -> int:
         """Drop every entry (memory ran out); returns how many there were."""

@@ -36,6 +36,7 @@ class Request:
     seed: int
     stop: list[str]
     grammar: str | None
+    cache_scope: str = ""  # prompt-cache entries are shared only within a scope (the tenant)
     accepted: float = field(default_factory=time.perf_counter)
     # Filled on the generation thread.
     uid: int = -1
@@ -115,6 +116,7 @@ def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Reque
         rpc_id=rpc_id,
         request_id=p["request_id"],
         model_id=m.id,
+        cache_scope=p.get("cache_scope", ""),
         prompt_tokens=prompt,
         prefix_len=prefix_len,
         continuation=cont,

@@ -379,3 +379,26 @@ def test_out_of_memory_drops_the_cache(tiny_model: str) -> None:
     eng.submit("shutdown", 4, "cancel")
     assert "result" in answer(4)
     eng.join(10)
+
+
+def test_scopes_share_nothing(pair) -> None:
+    """A prompt cached in one scope (tenant) is not reused by another, nor is any prefix
+    of it; its own scope reuses it. Shared, cached_tokens told one tenant what another
+    sent (the red team read a PIN out of another tenant's prompt that way, F1).
+
+    Mutation caught: engine.py _start fetching without req.cache_scope, and request.py
+    not reading cache_scope (either way another scope reuses the first one's tokens).
+    """
+    on, _ = pair
+    prompt = f"Scoped: the PIN is 96279064. {LONG}"
+    first = gen(on, prompt=prompt, max_tokens=8, cache_scope="tenant-b")
+    n = first["usage"]["prompt_tokens"]
+    assert first["usage"]["cached_tokens"] < 3
+    other = gen(on, prompt=prompt, max_tokens=8, cache_scope="tenant-a")
+    assert other["usage"]["cached_tokens"] < 3, other["usage"]
+    prefix = gen(on, prompt=prompt[: len(prompt) // 2], max_tokens=8, cache_scope="tenant-c")
+    assert prefix["usage"]["cached_tokens"] < 3, prefix["usage"]
+    own = gen(on, prompt=prompt, max_tokens=8, cache_scope="tenant-b")
+    assert own["usage"]["cached_tokens"] == n - 1, own["usage"]
+    unscoped = gen(on, prompt=prompt, max_tokens=8)
+    assert unscoped["usage"]["cached_tokens"] < 3, unscoped["usage"]
