@@ -86,6 +86,8 @@ var wantPath = map[string]string{
 	"job/id_with_dot":                             "$.id",
 	"job/json_schema_empty":                       "$.json_schema",
 	"job/json_schema_not_object":                  "$.json_schema",
+	"job/json_schema_65_deep":                     "$.json_schema",
+	"job/tool_parameters_65_deep":                 "$.tools[1].function.parameters",
 	"job/max_tokens_above_32768":                  "$.max_tokens",
 	"job/max_tokens_zero":                         "$.max_tokens",
 	"job/message_content_over_max_length":         "$.messages[0].content",

@@ -354,10 +354,19 @@ func Validate(t Type, doc []byte) error {
 	if err != nil {
 		return err // decoded.LoadJSON cannot fail; kept for gojsonschema's signature
 	}
-	if res.Valid() {
+	var deep []Violation
+	if t == Job || t == RuntimeGenerateParams {
+		deep = depthViolations(v) // what JSON Schema cannot say: see MaxSchemaDepth
+	}
+	if res.Valid() && deep == nil {
 		return nil
 	}
-	return &ValidationError{Code: Code(t), Type: t, Violations: violations(res.Errors())}
+	vs := violations(res.Errors())
+	if deep != nil {
+		vs = append(vs, deep...)
+		sort.SliceStable(vs, func(i, j int) bool { return vs[i].Path < vs[j].Path })
+	}
+	return &ValidationError{Code: Code(t), Type: t, Violations: vs}
 }
 
 // decode parses doc as gojsonschema expects (numbers as json.Number, so integers stay

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 from typing import Any
 
@@ -71,35 +72,71 @@ def runtime_info(engine: Any) -> dict[str, Any]:
     }
 
 
+_SALVAGE_STOPS = re.compile(r'["{}\[\]]')
+_SALVAGE_VALUE = re.compile(r'\s*:\s*(-?\d+|"(?:[^"\\]|\\.)*")')
+
+
+def salvage_id(line: bytes) -> int | str | None:
+    """The top-level "id" of a request line json.loads gave up on (nested too deep
+    for its recursion), so the refusal answers the request that sent it: the worker
+    matches responses by id, and a null id would leave its generate waiting. A flat
+    scan without recursion: it counts brackets outside strings and reads the value
+    of "id" at depth 1 if it is an integer or a string. None when there is none."""
+    try:
+        s = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    depth, i = 0, 0
+    try:
+        while (m := _SALVAGE_STOPS.search(s, i)) is not None:
+            c, i = m.group(), m.end()
+            if c == '"':
+                key, i = json.decoder.scanstring(s, i)
+                if depth == 1 and key == "id" and (v := _SALVAGE_VALUE.match(s, i)) is not None:
+                    rpc_id = json.loads(v.group(1))
+                    return rpc_id if isinstance(rpc_id, (int, str)) else None
+            elif c in "{[":
+                depth += 1
+            else:
+                depth -= 1
+    except ValueError:  # an unterminated string or bad escape: no id to find
+        return None
+    return None
+
+
 def handle(engine: Any, writer: Writer, line: bytes) -> None:
-    """Answer one request line. Every failure becomes an error response, never an exit."""
+    """Answer one request line. Every failure becomes an error response, never an exit:
+    an exception escaping here ends the read loop and the process, failing every
+    request in flight whoever sent it (a json_schema nested thousands of levels deep
+    did that with RecursionError, in json.loads and in validation)."""
     from . import validation
     from .request import request_from_params
 
+    rpc_id: Any = None
+    method: Any = None
     try:
-        msg = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
-        writer.send(error_response(None, RpcError("parse_error", f"not JSON: {e}")))
-        return
-    rpc_id = msg.get("id") if isinstance(msg, dict) else None
-    if not isinstance(rpc_id, (int, str)) or isinstance(rpc_id, bool):
-        rpc_id = None
-    bad = validation.violations("runtime.request", msg)
-    if bad:
-        writer.send(
-            error_response(
-                rpc_id, RpcError("invalid_request", "not a JSON-RPC 2.0 request", violations=bad[:32])
-            )
-        )
-        return
-    method = msg["method"]
-    if method not in METHODS:
-        writer.send(error_response(rpc_id, RpcError("method_not_found", f"unknown method {method!r}")))
-        return
-    params = msg.get("params")
-    if params is None:  # omitted or null: a method without parameters
-        params = {}
-    try:
+        try:
+            msg = json.loads(line)
+        except RecursionError:
+            rpc_id = salvage_id(line)
+            raise RpcError("parse_error", "the request nests too deep to parse") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RpcError("parse_error", f"not JSON: {e}") from None
+        if (
+            isinstance(msg, dict)
+            and isinstance(msg.get("id"), (int, str))
+            and not isinstance(msg["id"], bool)
+        ):
+            rpc_id = msg["id"]
+        bad = validation.violations("runtime.request", msg)
+        if bad:
+            raise RpcError("invalid_request", "not a JSON-RPC 2.0 request", violations=bad[:32])
+        method = msg["method"]
+        if method not in METHODS:
+            raise RpcError("method_not_found", f"unknown method {method!r}")
+        params = msg.get("params")
+        if params is None:  # omitted or null: a method without parameters
+            params = {}
         bad = validation.violations(schema_type(method) + ".params", params)
         if bad:
             raise RpcError(
@@ -143,6 +180,12 @@ def handle(engine: Any, writer: Writer, line: bytes) -> None:
             engine.submit("shutdown", rpc_id, params.get("mode", "drain"))
     except RpcError as e:
         writer.send(error_response(rpc_id, e))
+    except RecursionError:
+        # Parsed, but nested too deep for validating or handling (a line deeper than
+        # the params' own depth bound allows, in a field that bound does not cover).
+        code = "invalid_request" if method is None else "invalid_params"
+        log.warning("request %r (%s) nests too deep", rpc_id, method)
+        writer.send(error_response(rpc_id, RpcError(code, "the request nests too deep")))
     except Exception as e:  # a bug or a library surprise answers this request only
         log.exception("%s failed", method)
         writer.send(error_response(rpc_id, RpcError("generation_failed", f"{type(e).__name__}: {e}")))

@@ -83,6 +83,20 @@ class JsonConstraint:
             )
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        # Called inside the batch step of every row of the model: an exception here
+        # would fail the whole step, so every row of the model, whoever sent it. It
+        # fails this request only (on_error), and the row decodes unconstrained until
+        # the engine ends it.
+        if self._done:
+            return logits
+        try:
+            return self._constrain(tokens, logits)
+        except Exception as e:
+            self._done = True
+            self._on_error(f"{type(e).__name__}: {e}")
+            return logits
+
+    def _constrain(self, tokens: mx.array, logits: mx.array) -> mx.array:
         n = tokens.shape[0]
         if self._seen is None:
             self._seen = n

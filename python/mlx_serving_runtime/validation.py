@@ -55,6 +55,12 @@ def violations(type_name: str, doc: Any) -> list[dict[str, str]]:
     it names, like the Go side does.
     """
     v = _validators()[type_name]
+    if type_name == "runtime.generate.params":
+        deep = depth_violations(doc)
+        if deep:
+            # Only these: a message about the deep value (a failed oneOf quotes the
+            # whole document) would recurse as deep as it nests.
+            return deep
     out: list[dict[str, str]] = []
     for e in v.iter_errors(doc):
         parts = list(e.absolute_path)
@@ -68,8 +74,51 @@ def violations(type_name: str, doc: Any) -> list[dict[str, str]]:
     return out
 
 
+@functools.cache
+def max_schema_depth() -> int:
+    """How deep a generate's json_schema and each tool's parameters may nest objects
+    and arrays: x-max-depth of json_schema in runtime.generate.params.json (Go:
+    schemas.MaxSchemaDepth, kept equal by a Go test)."""
+    schema = json.loads((schemas_dir() / "runtime.generate.params.json").read_text())
+    return int(schema["properties"]["json_schema"]["x-max-depth"])
+
+
+def _deeper_than(v: Any, limit: int) -> bool:
+    """Whether v nests dicts and lists more than limit levels (v itself is level 1).
+    Recurses at most limit + 1 deep, however deep v is."""
+    if isinstance(v, dict):
+        return limit == 0 or any(_deeper_than(x, limit - 1) for x in v.values())
+    if isinstance(v, list):
+        return limit == 0 or any(_deeper_than(x, limit - 1) for x in v)
+    return False
+
+
+def depth_violations(params: Any) -> list[dict[str, str]]:
+    """The json_schema and tools[i].function.parameters of a generate's params that
+    nest deeper than max_schema_depth(): llguidance's compiler and Python's own
+    JSON and repr recurse once per level, and a schema thousands of levels deep
+    ended the runtime process with RecursionError."""
+    if not isinstance(params, dict):
+        return []
+    bound = max_schema_depth()
+    reason = f"nests objects and arrays more than {bound} levels deep"
+    out = []
+    if "json_schema" in params and _deeper_than(params["json_schema"], bound):
+        out.append({"path": "$.json_schema", "reason": reason})
+    tools = params.get("tools")
+    for i, t in enumerate(tools if isinstance(tools, list) else []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if isinstance(fn, dict) and "parameters" in fn and _deeper_than(fn["parameters"], bound):
+            out.append({"path": f"$.tools[{i}].function.parameters", "reason": reason})
+    return out
+
+
 def first_violation(type_name: str, doc: Any) -> dict[str, str] | None:
     """The first violation only: cheap on huge documents, since validation stops there."""
+    if type_name == "runtime.generate.params":
+        deep = depth_violations(doc)
+        if deep:
+            return deep[0]
     for e in _validators()[type_name].iter_errors(doc):
         return {"path": _path(e.absolute_path), "reason": e.message[:512]}
     return None
