@@ -57,7 +57,7 @@ func TestE2EOversizedRecordEndsResultTooLarge(t *testing.T) {
 	t.Parallel()
 	b := startSmallBus(t)
 	a := startAgent(t, realConfig(t, b, "w-bigrec"), true)
-	ctx := within(t, 120*time.Second)
+	ctx := within(t, 60*time.Second)
 
 	j := bigTokenJob(1900)
 	c := collect(t, b.nc, j.ReplyTo)
@@ -106,7 +106,7 @@ func TestE2EOversizedAttemptReportArrivesBounded(t *testing.T) {
 	t.Parallel()
 	b := startSmallBus(t)
 	a := startAgent(t, realConfig(t, b, "w-bigrep"), true)
-	ctx := within(t, 120*time.Second)
+	ctx := within(t, 60*time.Second)
 
 	j := bigTokenJob(4000)
 	c := collect(t, b.nc, j.ReplyTo)

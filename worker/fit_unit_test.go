@@ -13,10 +13,9 @@ import (
 // fitRecord leaves a record that fits alone, and replaces one that does not
 // with the failed result_too_large record whose text is the longest prefix
 // that fits — whole runes, one more would not fit — valid to its schema.
-// Mutation caught: the size check in fitRecord removed (TestFitRecord fails
-// on the first oversized case), and jsonPrefix counting escaped characters
-// as one byte (the record is cut short of budget by the guard loop only
-// when... it is not: the "tight" assertion fails or the size one).
+// Mutations caught: fitRecord's size check removed (the first oversized
+// case is not cut), and 100 bytes less room for the text (one more rune
+// would still fit: not the longest prefix).
 func TestFitRecord(t *testing.T) {
 	t.Parallel()
 	now := time.Now().UTC()
@@ -87,7 +86,7 @@ func TestFitRecord(t *testing.T) {
 
 // boundReport sends a report that fits as is, and one whose text passes the
 // max payload without text and tokens (a resume must be exactly what the
-// caller had: no cut).
+// caller had: no cut). Mutation caught: reportFits without its size check.
 func TestBoundReport(t *testing.T) {
 	t.Parallel()
 	mk := func(text string) *schemas.AttemptReportMsg {
