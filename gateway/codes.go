@@ -59,6 +59,8 @@ var resultAnswers = map[string]httpAnswer{
 	schemas.CodeAttemptTimeout:    answerServer,
 	schemas.CodeRedelivered:       answerServer,
 	schemas.CodeNotAJob:           answerServer,
+	schemas.CodeResultTooLarge:    answerServer, // the output outgrew the bus; the record holds what fits
+	schemas.CodeHandOverFailed:    answerServer,
 }
 
 // answerFor maps a failed job's error code and message to an HTTP answer.

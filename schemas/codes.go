@@ -38,6 +38,8 @@ const (
 	CodeWorkerDraining   = "worker_draining"     // retryable
 	CodeCancelled        = "cancelled"           // also the dispatcher
 	CodeDeadlineExceeded = "deadline_exceeded"   // also the dispatcher
+	CodeResultTooLarge   = "result_too_large"
+	CodeHandOverFailed   = "handover_failed" // retryable
 
 	// Dispatcher.
 	CodeAttemptsExhausted = "attempts_exhausted"

@@ -15,6 +15,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -33,7 +34,14 @@ var workerSeq atomic.Int64
 
 func newStack(t *testing.T) *stack {
 	t.Helper()
-	b := testenv.StartBus(t, jsprov.Options{WorkerTTL: 3 * time.Second})
+	return newStackWith(t, natsserver.Options{})
+}
+
+// newStackWith is newStack on a server with srv's options (a smaller max
+// payload, say).
+func newStackWith(t *testing.T, srv natsserver.Options) *stack {
+	t.Helper()
+	b := testenv.StartBusWith(t, testenv.BusOptions{Server: srv, Provision: jsprov.Options{WorkerTTL: 3 * time.Second}})
 	prod, err := bus.NewClient(b.Conn)
 	if err != nil {
 		t.Fatal(err)

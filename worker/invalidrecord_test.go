@@ -15,9 +15,9 @@ import (
 // longer than the schema's bound, which the worker passes on — is not dropped
 // (that left the job running on its dispatcher for ever) but replaced by a
 // valid attempt report of the same attempt, with what the caller has, so the
-// dispatcher retries or ends the job; the record is never handed over. When
-// the text itself is what breaks the bound, the report starts over (no text)
-// and is still valid.
+// dispatcher retries or ends the job; the record is never handed over. (A
+// text over the schema's bound no longer gets here: fitRecord ends such a job
+// failed result_too_large, TestFitRecord.)
 // Mutation caught: finish returning on an invalid record without
 // reportAttempt (no report arrives).
 func TestInvalidOwnRecordEndsInAttemptReport(t *testing.T) {
@@ -49,7 +49,6 @@ func TestInvalidOwnRecordEndsInAttemptReport(t *testing.T) {
 		wantSeq  int
 	}{
 		{"long error message", "so far", "so far", 7},
-		{"text over its bound too", strings.Repeat("x", 1<<20+1), "", 7},
 	} {
 		res := &schemas.ResultMsg{
 			Type: "result", JobID: "job-invalid", Tenant: "acme", Attempt: 3, Seq: 7, Status: schemas.StatusFailed,

@@ -298,20 +298,31 @@ func timings(r *jobRun, gen *schemas.GenerateResult) *schemas.Timings {
 // (subjects.Done), which writes it to RESULTS, sends it as the last event on
 // the reply subject and acks the job — in that order, so nothing is acked that
 // is not stored. Workers never write RESULTS: a worker credential cannot end a
-// job it does not run. The hand-over is retried across short bus hiccups; when
-// that dispatcher is gone (no responders for long) the job's JOBS message is
-// redelivered after its ack wait and runs again elsewhere, which is the
-// at-least-once half of "exactly one terminal".
+// job it does not run. A record too large for the bus is replaced by one that
+// fits first (fitRecord). The hand-over is retried across short bus hiccups;
+// when it fails for good the attempt is reported (handOverFailedReport), so a
+// dispatcher that still holds the job retries it at once; one that is gone
+// ignores the report, and the job's JOBS message is redelivered after its ack
+// wait and runs again elsewhere, which is the at-least-once half of "exactly
+// one terminal".
 func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID string) {
 	if res.FinishedAt.IsZero() {
 		res.FinishedAt = time.Now().UTC()
 	}
 	log := a.log.With().Str("job_id", res.JobID).Str("tenant", res.Tenant).Int("attempt", res.Attempt).Str("model", res.Model).Str("status", res.Status).Logger()
-	data, err := json.Marshal(res)
+	// A record too large for the bus ends the job as failed result_too_large
+	// with what fits (fit.go); sent whole, it was never stored.
+	orig := res
+	res, data, cut, err := fitRecord(res, recordBudget(a.maxPayload()))
 	if err == nil {
 		err = schemas.Validate(schemas.Result, data)
 	}
+	if cut && err == nil {
+		log.Warn().Int("text_bytes", len(orig.Text)).Int("kept_bytes", len(res.Text)).Int("max_payload", a.maxPayload()).
+			Msg("terminal record does not fit the bus; ending the job failed result_too_large with the text cut")
+	}
 	if err != nil {
+		res = orig
 		// The dispatcher would refuse the record, and dropping it left the job
 		// running there for ever: the attempt is reported failed instead
 		// (invalidRecordReport says how and why not retryable).
@@ -351,7 +362,12 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 	}, bo)
 	switch {
 	case err != nil:
-		log.Error().Err(err).Str("dispatcher_id", dispatcherID).Msg("could not hand the result to its dispatcher; the job will run again")
+		// Reported, the attempt is retried at once by the dispatcher, if it
+		// still holds the job (it ignores the report otherwise: ended, or a
+		// dispatcher that is gone, whose job is redelivered after its ack
+		// wait). Unreported, it stayed running there until attempt_timeout.
+		log.Error().Err(err).Str("dispatcher_id", dispatcherID).Msg("could not hand the result to its dispatcher; reporting the attempt for retry")
+		a.reportAttempt(res.Model, handOverFailedReport(res, a.cfg.WorkerID, dispatcherID, err))
 		return
 	case reply.Status == schemas.FinishExists:
 		log.Info().Msg("job already has a terminal result; this one was not recorded")
@@ -377,7 +393,16 @@ func (a *Agent) handOverRequest(ctx context.Context, subject string, data []byte
 // terminal.
 func (a *Agent) reportAttempt(model string, m *schemas.AttemptReportMsg) {
 	a.cfg.Observer.AttemptReported(m.Error.Code)
-	b, err := json.Marshal(m)
+	var err error
+	textBytes := len(m.Text)
+	b, ok := boundReport(m, a.maxPayload()) // a report over the max payload or its schema is never heard
+	switch {
+	case !ok:
+		err = errors.New("worker: the attempt report fails its schema even without text")
+	case len(m.Text) < textBytes:
+		a.log.Warn().Str("job_id", m.JobID).Int("attempt", m.Attempt).Int("text_bytes", textBytes).
+			Msg("attempt report too large for the bus or its schema; sent without text, the retry starts over")
+	}
 	if err == nil {
 		err = a.nc.PublishRequest(subjects.Attempt(a.cfg.WorkerID), a.mark, b) // subjects.Sent
 	}
