@@ -104,15 +104,14 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) (body []byte,
 			RetryAfter: g.cfg.RetryAfter, Message: "The gateway is reading as many request bodies as it can hold; retry later."}
 	}
 	if g.bodyTimeout > 0 {
-		// The connection's read deadline, for this body only: it is lifted once the
-		// body is in, so an answer streamed for minutes is not cut (a server-wide
-		// ReadTimeout would also end the background read that notices a client
-		// leaving, cancelling the request). A handler mounted where the writer
+		// The connection's read deadline, for this body only. net/http lifts it
+		// itself when the body reaches EOF (its background read, which notices a
+		// client leaving, starts with no deadline), so an answer streamed for
+		// minutes is not cut; TestStreamOutlivesItsBodyReadDeadline holds it to
+		// that. A body that fails keeps it: the connection is not reused, and a
+		// read of its rest fails at once. A handler mounted where the writer
 		// cannot set deadlines (ErrNotSupported) reads without one.
-		rc := http.NewResponseController(w)
-		if rc.SetReadDeadline(time.Now().Add(g.bodyTimeout)) == nil {
-			defer func() { _ = rc.SetReadDeadline(time.Time{}) }()
-		}
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(g.bodyTimeout))
 	}
 	// Sized up front when the length is known, so reading does not grow (and
 	// copy) the buffer by doubling; bytes.MinRead is ReadFrom's probe for EOF.

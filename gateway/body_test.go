@@ -3,12 +3,14 @@ package gateway
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 )
 
@@ -176,6 +178,50 @@ func TestSlowBodyIsCutAtItsReadDeadline(t *testing.T) {
 	expectError(t, rc.answer(), http.StatusRequestTimeout, "", codeBodyTimeout)
 	if n := value(observed(g).Errors.WithLabelValues(codeBodyTimeout)); n != 1 {
 		t.Errorf("%s answers counted: %v, want 1", codeBodyTimeout, n)
+	}
+}
+
+// The body's read deadline ends with the body: an answer streamed for longer is
+// not cut. No clock is read: a second request's 408, sent after the stream
+// began, proves the stream's own body deadline has passed too.
+// Mutation caught: readBody setting the deadline again once the body is in
+// (the server's read that watches for a client leaving times out, the request's
+// context is cancelled and the stream ends without [DONE]).
+func TestStreamOutlivesItsBodyReadDeadline(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"a", "b"}, Block: true})
+	g, srv := newTestGateway(t, tb, func(c *Config) {
+		c.TokenTenants = map[string]string{"tok-a": "a"}
+		c.BodyReadTimeout = 100 * time.Millisecond
+	})
+	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil), "Authorization", "Bearer tok-a")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	br := bufio.NewReader(resp.Body)
+	var got strings.Builder
+	for !strings.Contains(got.String(), `"b"`) { // both tokens streamed; the job waits for Release
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("stream ended early: %v (so far %q)", err, got.String())
+		}
+		got.WriteString(line)
+	}
+	slow := startPost(t, srv.Listener.Addr().String(), "tok-a", 100)
+	slow.expectContinue()
+	expectError(t, slow.answer(), http.StatusRequestTimeout, "", codeBodyTimeout)
+
+	fw.Release()
+	rest, err := io.ReadAll(br)
+	if err != nil {
+		t.Fatalf("the stream was cut: %v", err)
+	}
+	if !strings.HasSuffix(strings.TrimSpace(string(rest)), "data: [DONE]") {
+		t.Fatalf("the stream ended without [DONE]: %q", rest)
+	}
+	if n := value(observed(g).Disconnects); n != 0 {
+		t.Errorf("%v client disconnects counted, want 0", n)
 	}
 }
 
