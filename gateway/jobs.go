@@ -129,8 +129,24 @@ type request[T any] interface {
 // serve decodes a body of type T, maps it to a job and runs it; every generation
 // endpoint is this with its own request type and response format.
 func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Request, endpoint string, fields fieldSet, f format) {
+	// The tenant's in-flight slot is taken before its body is read: a tenant at
+	// its limit is refused without the gateway holding its body.
+	tenant := tenantOf(r)
+	releaseSlot, ok := g.limits.acquire(tenant)
+	if !ok {
+		g.refuse(w, endpoint, tenant, errTenantQueueFull(tenant, g.limits.limits.MaxInFlight, g.cfg.RetryAfter))
+		return
+	}
+	defer releaseSlot()
+	body, releaseBody, aerr := g.readBody(w, r)
+	if aerr != nil {
+		g.fail(w, endpoint, aerr)
+		return
+	}
 	req := R(new(T))
-	if aerr := decodeBody(w, r, req, fields); aerr != nil {
+	aerr = decodeBody(body, req, fields)
+	releaseBody() // the raw bytes are garbage now; what was decoded is the job's
+	if aerr != nil {
 		g.fail(w, endpoint, aerr)
 		return
 	}
@@ -158,12 +174,10 @@ func (g *Gateway) fail(w http.ResponseWriter, endpoint string, e *apiError) {
 // run submits the job and answers with its outcome, streamed or whole.
 func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	job := spec.job
-	release, aerr := g.admit(r, job)
-	if aerr != nil {
+	if aerr := g.admit(r, job); aerr != nil {
 		g.refuse(w, spec.endpoint, job.Tenant, aerr)
 		return
 	}
-	defer release()
 	now := time.Now().UTC()
 	job.ID = bus.NewJobID()
 	job.Priority = schemas.PriorityNormal

@@ -131,16 +131,16 @@ func (g *Gateway) requireTenant(endpoint string, next http.Handler) http.Handler
 	})
 }
 
-// admit applies the tenant's per-job limits to job, sets its tenant, and takes
-// an in-flight slot that release gives back when the request ends.
-func (g *Gateway) admit(r *http.Request, job *schemas.JobRequest) (release func(), aerr *apiError) {
+// admit applies the tenant's per-job limits to job and sets its tenant (serve
+// took the tenant's in-flight slot before reading the body).
+func (g *Gateway) admit(r *http.Request, job *schemas.JobRequest) *apiError {
 	tenant := tenantOf(r)
 	job.Tenant = tenant
 	lim := g.limits.limits
 	if lim.MaxTokens > 0 {
 		switch {
 		case job.MaxTokens > lim.MaxTokens:
-			return nil, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: "max_tokens", Code: codeMaxTokens,
+			return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: "max_tokens", Code: codeMaxTokens,
 				Message: fmt.Sprintf("max_tokens is %d; this API key allows at most %d.", job.MaxTokens, lim.MaxTokens)}
 		case job.MaxTokens == 0:
 			job.MaxTokens = lim.MaxTokens
@@ -164,16 +164,17 @@ func (g *Gateway) admit(r *http.Request, job *schemas.JobRequest) (release func(
 			n, param = n+len([]rune(string(raw))), "tools"
 		}
 		if n > lim.MaxPromptChars {
-			return nil, &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: param, Code: codePromptTooLong,
+			return &apiError{Status: http.StatusBadRequest, Type: typeInvalidRequest, Param: param, Code: codePromptTooLong,
 				Message: fmt.Sprintf("The prompt has %d characters; this API key allows at most %d.", n, lim.MaxPromptChars)}
 		}
 	}
-	release, ok := g.limits.acquire(tenant)
-	if !ok {
-		return nil, &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit, Code: codeTenantQueue, RetryAfter: g.cfg.RetryAfter,
-			Message: fmt.Sprintf("Tenant %q has %d jobs queued or running, its limit; retry later.", tenant, lim.MaxInFlight)}
-	}
-	return release, nil
+	return nil
+}
+
+// errTenantQueueFull refuses a request of a tenant with max jobs in flight.
+func errTenantQueueFull(tenant string, max int, retryAfter time.Duration) *apiError {
+	return &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit, Code: codeTenantQueue, RetryAfter: retryAfter,
+		Message: fmt.Sprintf("Tenant %q has %d jobs queued or running, its limit; retry later.", tenant, max)}
 }
 
 // refuse answers a request a tenant limit refused, counting it by tenant and code.

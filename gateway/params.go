@@ -4,15 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
-
-// maxBodyBytes bounds a request body; the job schema caps prompts far below it.
-const maxBodyBytes = 8 << 20
 
 // samplingParams are the request fields both endpoints share and honour. A field
 // of the wrong JSON type is rejected naming the field; which fields a request may
@@ -51,18 +47,10 @@ type jsonSchemaSpec struct {
 	Strict *bool          `json:"strict"`
 }
 
-// decodeBody reads a JSON object into v, answering malformed input in OpenAI's way;
-// a field fields does not accept is refused naming it.
-func decodeBody(w http.ResponseWriter, r *http.Request, v any, fields fieldSet) *apiError {
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
-	if err != nil {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return &apiError{Status: http.StatusRequestEntityTooLarge, Type: typeInvalidRequest, Code: "request_too_large",
-				Message: fmt.Sprintf("The request body exceeds %d bytes.", maxBodyBytes)}
-		}
-		return errInvalid("", "Reading the request body failed: %v", err)
-	}
+// decodeBody decodes a JSON object (a body readBody read) into v, answering
+// malformed input in OpenAI's way; a field fields does not accept is refused
+// naming it.
+func decodeBody(body []byte, v any, fields fieldSet) *apiError {
 	if err := json.Unmarshal(body, v); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {

@@ -57,6 +57,17 @@ type Config struct {
 	// Metrics, when set, is served unauthenticated on GET /metrics
 	// (metrics.Gateway's Handler in cmd/mlx-serving).
 	Metrics http.Handler
+	// MaxBodyBytes bounds a request body (413 request_too_large); zero:
+	// DefaultMaxBodyBytes. cmd/mlx-serving sets BodyLimitFor the connection's
+	// MaxPayload, since a larger body could not become a job the bus carries.
+	MaxBodyBytes int64
+	// MaxBodyBytesReading bounds the bytes of request bodies being read at once,
+	// across all requests (503 request_body_capacity); zero:
+	// DefaultMaxBodyBytesReading. Raised to MaxBodyBytes if below it.
+	MaxBodyBytesReading int64
+	// BodyReadTimeout bounds reading one request body (408 request_timeout);
+	// zero: DefaultBodyReadTimeout; negative: no limit.
+	BodyReadTimeout time.Duration
 	// CORSOrigins are the browser origins (scheme://host[:port]) allowed to call
 	// the API across origins; "*" allows any. Empty: none (no CORS headers).
 	CORSOrigins []string
@@ -80,6 +91,10 @@ type Gateway struct {
 	handler  http.Handler
 	timeout  time.Duration // 0: none
 	grace    time.Duration
+
+	maxBody     int64
+	bodies      *byteGate
+	bodyTimeout time.Duration // 0: none
 
 	mu  sync.Mutex
 	srv *http.Server
@@ -110,6 +125,21 @@ func New(cfg Config) (*Gateway, error) {
 	case timeout < 0:
 		timeout = 0
 	}
+	maxBody := cfg.MaxBodyBytes
+	if maxBody <= 0 {
+		maxBody = DefaultMaxBodyBytes
+	}
+	reading := cfg.MaxBodyBytesReading
+	if reading <= 0 {
+		reading = DefaultMaxBodyBytesReading
+	}
+	bodyTimeout := cfg.BodyReadTimeout
+	switch {
+	case bodyTimeout == 0:
+		bodyTimeout = DefaultBodyReadTimeout
+	case bodyTimeout < 0:
+		bodyTimeout = 0
+	}
 	log := cfg.Logger.With().Str("component", "gateway").Logger()
 	tenants, err := newTenantAuth(cfg.Tokens, cfg.TokenTenants)
 	if err != nil {
@@ -130,6 +160,11 @@ func New(cfg Config) (*Gateway, error) {
 		obs:      cfg.Observer,
 		timeout:  timeout,
 		grace:    deadlineGrace,
+
+		maxBody: maxBody,
+		// Below one body's limit, a body of that size could never be read.
+		bodies:      &byteGate{capacity: max(reading, maxBody)},
+		bodyTimeout: bodyTimeout,
 	}
 	g.handler = g.routes()
 	return g, nil

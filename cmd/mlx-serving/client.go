@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -72,6 +73,39 @@ func (s *clientSession) Close() {
 	if s.nc != nil {
 		s.nc.Close()
 	}
+}
+
+// refusable returns ctx, ended when the server reports a permissions violation
+// on s's connection, with the violation as its cause (denied reads it). The
+// server answers a publish or subscribe the credential is not granted (say, to
+// another tenant's result or cancel subject) only with that asynchronous error,
+// never with a reply: without this the command would wait out its timeout and
+// report "context deadline exceeded". A client command does one thing at a
+// time, so a violation while it runs is that thing's. done restores the
+// connection's error handler.
+func (s *clientSession) refusable(ctx context.Context) (_ context.Context, done func()) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	prev := s.nc.ErrorHandler()
+	s.nc.SetErrorHandler(func(nc *nats.Conn, sub *nats.Subscription, err error) {
+		if errors.Is(err, nats.ErrPermissionViolation) {
+			cancel(err)
+		}
+		if prev != nil {
+			prev(nc, sub, err)
+		}
+	})
+	return ctx, func() {
+		s.nc.SetErrorHandler(prev)
+		cancel(context.Canceled)
+	}
+}
+
+// denied is the permissions violation that ended a refusable ctx, else nil.
+func denied(ctx context.Context) error {
+	if err := context.Cause(ctx); errors.Is(err, nats.ErrPermissionViolation) {
+		return err
+	}
+	return nil
 }
 
 // clientFlags are the flags every client command has: the connection settings

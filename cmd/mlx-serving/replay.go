@@ -108,9 +108,16 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		}
 		// A job dead-lettered more than once (say replayed, and dead again) is
 		// replayed from its newest dead letter only; the older ones go with it.
-		if last, err := dlq.GetLastMsgForSubject(ctx, raw.Subject); err != nil {
+		last, err := dlq.GetLastMsgForSubject(ctx, raw.Subject)
+		switch {
+		case errors.Is(err, jetstream.ErrMsgNotFound):
+			// The job's letters went since GetMsg read this one: a replay running
+			// at the same time took the job (dropDeadLetters), and it is that
+			// replay's to report. Not an error of this walk, which goes on.
+			continue
+		case err != nil:
 			return n, failed, err
-		} else if last.Sequence != seq {
+		case last.Sequence != seq:
 			continue
 		}
 		if !f.match(&rec) {

@@ -106,3 +106,69 @@ func TestReplayDoesNotQueueAJobEndingMeanwhile(t *testing.T) {
 		t.Fatalf("%d JOBS messages, want the original's 1", n)
 	}
 }
+
+// takenStream is the DLQ stream of a replay that races another: right after
+// this replay reads the dead letter at seq, the other one takes the job and
+// drops its letters.
+type takenStream struct {
+	jetstream.Stream
+	seq  uint64
+	take func()
+}
+
+func (s *takenStream) GetMsg(ctx context.Context, seq uint64, opts ...jetstream.GetMsgOpt) (*jetstream.RawStreamMsg, error) {
+	m, err := s.Stream.GetMsg(ctx, seq, opts...)
+	if seq == s.seq && s.take != nil {
+		s.take()
+		s.take = nil
+	}
+	return m, err
+}
+
+// takenJS hands replay the racing DLQ stream.
+type takenJS struct {
+	jetstream.JetStream
+	dlq *takenStream
+}
+
+func (j *takenJS) Stream(ctx context.Context, name string) (jetstream.Stream, error) {
+	s, err := j.JetStream.Stream(ctx, name)
+	if err != nil || name != subjects.StreamDLQ {
+		return s, err
+	}
+	j.dlq.Stream = s
+	return j.dlq, nil
+}
+
+// TestReplayGoesOnPastALetterAnotherReplayTook: three replays run at once (red
+// team rt7): one read a letter, another took the job and dropped its letters,
+// and the first aborted on "message not found" looking for the job's newest
+// letter, exit 1, the jobs after it not replayed.
+// Mutation caught: GetLastMsgForSubject's ErrMsgNotFound returned as an error
+// (runReplay fails on it).
+func TestReplayGoesOnPastALetterAnotherReplayTook(t *testing.T) {
+	b := testenv.StartBus(t, jsprov.Options{})
+	taken, next := replayJobReq("taken"), replayJobReq("next")
+	deadLetter(t, b.JS, taken, 3, t0)
+	deadLetter(t, b.JS, next, 3, t0)
+	js := &takenJS{JetStream: b.JS, dlq: &takenStream{seq: 1, take: func() {
+		// The other replay's last step for the job (dropDeadLetters).
+		ctx := testenv.Context(t, 10*time.Second)
+		dlq, err := b.JS.Stream(ctx, subjects.StreamDLQ)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := dlq.Purge(ctx, jetstream.WithPurgeSubject(subjects.DLQ(taken.Tenant, taken.ID))); err != nil {
+			t.Fatal(err)
+		}
+	}}}
+
+	r := runReplay(t, js, replayFilter{})
+	if r.n != 1 || r.failed != 0 || r.outcomes[next.ID] != replayRequeued {
+		t.Fatalf("replayed %d, failed %d, outcomes %v; want only %q, requeued", r.n, r.failed, r.outcomes, next.ID)
+	}
+	if _, seen := r.outcomes[taken.ID]; seen {
+		t.Errorf("the job the other replay took was reported here too: %v", r.outcomes[taken.ID])
+	}
+	after(t, b.JS, next, 1, time.Time{})
+}

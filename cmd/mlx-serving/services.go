@@ -154,8 +154,10 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 		Logger:         log,
 		DefaultModel:   defaultModel,
 		RequestTimeout: c.RequestTimeout(),
-		Observer:       gm,
-		Metrics:        gm.Handler(),
+		// A body larger than any job the bus can carry is refused unread.
+		MaxBodyBytes: gateway.BodyLimitFor(nc.MaxPayload()),
+		Observer:     gm,
+		Metrics:      gm.Handler(),
 	})
 }
 

@@ -259,7 +259,13 @@ func (a *app) result(ctx context.Context, cf *clientFlags, tenant, jobID string)
 		return code
 	}
 	defer s.Close()
-	r, err := s.prod.TenantResult(ctx, tenant, jobID)
+	rctx, done := s.refusable(ctx)
+	defer done()
+	r, err := s.prod.TenantResult(rctx, tenant, jobID)
+	if v := denied(rctx); err != nil && v != nil {
+		fmt.Fprintf(stderr, "mlx-serving result: credential %q may not read the jobs of tenant %q (%v)\n", s.cfg.NATSUser, tenantName(tenant), v)
+		return exitFailed
+	}
 	if errors.Is(err, bus.ErrNoResult) {
 		fmt.Fprintf(stderr, "mlx-serving result: job %s has no result yet (unknown, queued or still running)\n", jobID)
 		return exitNoResult
@@ -308,7 +314,13 @@ func (a *app) cancel(ctx context.Context, cf *clientFlags, reason, tenant, jobID
 		return code
 	}
 	defer s.Close()
-	if err := s.prod.TenantCancel(ctx, tenant, jobID, reason); err != nil {
+	rctx, done := s.refusable(ctx)
+	defer done()
+	if err := s.prod.TenantCancel(rctx, tenant, jobID, reason); err != nil {
+		if v := denied(rctx); v != nil {
+			fmt.Fprintf(stderr, "mlx-serving cancel: credential %q may not cancel the jobs of tenant %q (%v)\n", s.cfg.NATSUser, tenantName(tenant), v)
+			return exitFailed
+		}
 		fmt.Fprintf(stderr, "mlx-serving cancel: %v\n", err)
 		return exitFailed
 	}
@@ -318,6 +330,14 @@ func (a *app) cancel(ctx context.Context, cf *clientFlags, reason, tenant, jobID
 		fmt.Fprintf(stdout, "cancel requested for %s\n", jobID)
 	}
 	return 0
+}
+
+// tenantName names tenant for a message: "" is the default tenant.
+func tenantName(tenant string) string {
+	if tenant == "" {
+		return "default"
+	}
+	return tenant
 }
 
 // credentialTenant is the tenant of a producer credential's user

@@ -41,15 +41,35 @@ class TokenizerCache:
             return self._tok
 
 
+def short_reason(err: str) -> str:
+    """The first line of an llguidance error, bounded: the rest is the parser's state
+    and the whole grammar, internals a client has no use for (and a large schema
+    would make the error message as large)."""
+    line = err.strip().split("\n", 1)[0].strip()
+    return (line[:197] + "...") if len(line) > 200 else (line or "rejected")
+
+
 def compile_schema(cache: TokenizerCache, schema: dict[str, Any]) -> str:
     """Turn a JSON schema into an llguidance grammar, or raise invalid_schema."""
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_COMPILE_OPTIONS)
     except (ValueError, TypeError) as e:
-        raise RpcError("invalid_schema", f"json_schema: {e}") from e
-    err = llguidance.LLMatcher.validate_grammar(grammar, cache.get())
+        raise RpcError("invalid_schema", f"json_schema: {short_reason(str(e))}") from e
+    tok = cache.get()
+    err = llguidance.LLMatcher.validate_grammar(grammar, tok)
     if err and not err.startswith("WARNING"):
-        raise RpcError("invalid_schema", f"json_schema: {err}")
+        raise RpcError("invalid_schema", f"json_schema: {short_reason(err)}")
+    # A schema can compile and still admit no value at all ({"$ref": "#"}, or
+    # allOf of itself: a rule with no way out). llguidance finds that only when it
+    # computes the first mask, which during generation failed the job as
+    # generation_failed, a server error, with the parser's state as the message.
+    # The first mask is microseconds: computed here, the request is refused as
+    # the client's fault before it is queued for generation.
+    probe = llguidance.LLMatcher(tok, grammar, log_level=0)
+    mask = llguidance.numpy.allocate_token_bitmask(1, tok.vocab_size)
+    llguidance.numpy.fill_next_token_bitmask(probe, mask, 0)
+    if probe.is_error():
+        raise RpcError("invalid_schema", "json_schema: no JSON value satisfies the schema")
     return grammar
 
 
@@ -109,14 +129,14 @@ class JsonConstraint:
                     break
                 if not self._matcher.consume_token(t):
                     self._done = True
-                    self._on_error(self._matcher.get_error() or "token rejected by grammar")
+                    self._on_error(short_reason(self._matcher.get_error() or "token rejected by grammar"))
                     break
         if self._done:
             return logits
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
         if self._matcher.is_error():
             self._done = True
-            self._on_error(self._matcher.get_error())
+            self._on_error(short_reason(self._matcher.get_error()))
             return logits
         v = logits.shape[-1]
         bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[:v]

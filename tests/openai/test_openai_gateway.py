@@ -126,6 +126,21 @@ def test_structured_output_validates(client, up, seed):
     jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
 
 
+def test_schema_admitting_no_value_is_400_invalid_schema(client, up):
+    """Red team rt7: {"$ref": "#"} was 500 generation_failed with llguidance's parser
+    state in the message. Mutation caught: structured.compile_schema without its
+    first-mask probe (500)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=up.model,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}},
+        )
+    assert e.value.code == "invalid_schema", e.value
+    assert e.value.body["message"] == "json_schema: no JSON value satisfies the schema", e.value.body
+
+
 def test_bad_input_is_400_naming_the_field(client, up):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
