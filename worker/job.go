@@ -186,6 +186,15 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		}
 		started = time.Now()
 		gen, genErr = c.Generate(ctx, p, jobHooks(r, c, em))
+		if resumed && contextExceeded(genErr) {
+			// The prompt and the text the caller already has no longer fit the
+			// model's context (text retokenizes longer than the tokens that
+			// made it): the generation has reached the context, the end a
+			// first attempt would have met there too. The job completes with
+			// what was sent, finish_reason length; failing it context_exceeded
+			// read as the client's fault, after a retry it did not ask for.
+			gen, genErr = &schemas.GenerateResult{RequestID: r.requestID, FinishReason: schemas.FinishLength}, nil
+		}
 	}
 	em.flush()
 	traceTimings(span, started, gen)
@@ -269,6 +278,13 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			ReportedAt:       a.jobs.freeSlot(r),
 		})
 	}
+}
+
+// contextExceeded reports whether the runtime refused a generate because its
+// prompt does not fit the model's context.
+func contextExceeded(err error) bool {
+	var rerr *RuntimeError
+	return errors.As(err, &rerr) && rerr.Code() == schemas.CodeContextExceeded
 }
 
 // jobHooks wires a generate to the job's emitter and stop handling.
