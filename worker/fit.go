@@ -100,23 +100,44 @@ func fitRecord(res *schemas.ResultMsg, budget int) (fit *schemas.ResultMsg, data
 	// for them is kept (len(res.Text) has at least as many digits).
 	room := budget - len(base) - len(strconv.Itoa(len(res.Text))) - len(" bytes")
 	n := jsonPrefix(res.Text, room, maxRecordText)
-	for {
+	encode := func(n int) ([]byte, error) {
 		c.Text = res.Text[:n]
 		c.Error.Message = schemas.ClipUTF8(why+strconv.Itoa(n)+" bytes", schemas.MaxErrorMessage)
-		if data, err = json.Marshal(&c); err != nil {
+		return json.Marshal(&c)
+	}
+	for {
+		if data, err = encode(n); err != nil {
 			return res, nil, false, err
 		}
 		if len(data) <= budget || n == 0 {
-			// With no text at all it is as small as this record gets; should it
-			// still not fit (a max payload of a few KiB), the hand-over fails
-			// and finish reports the attempt instead.
-			return &c, data, true, nil
+			break
 		}
 		// jsonPrefix matches encoding/json's escaping; this only guards
 		// against a difference between the two, one rune at a time.
 		_, w := utf8.DecodeLastRuneInString(c.Text)
 		n -= w
 	}
+	if len(data) > budget {
+		// With no text at all it is as small as this record gets; should it
+		// still not fit (a max payload of a few KiB), the hand-over fails and
+		// finish reports the attempt instead.
+		return &c, data, true, nil
+	}
+	// The room kept for the kept length's digits may be more than n needs (n
+	// has fewer digits than the whole text's length): the runes that still
+	// fit are taken, so the prefix is the longest, a few steps at most.
+	for n < len(res.Text) {
+		_, w := utf8.DecodeRuneInString(res.Text[n:])
+		next, err := encode(n + w)
+		if err != nil || len(next) > budget || utf8.RuneCountInString(res.Text[:n+w]) > maxRecordText {
+			break
+		}
+		n, data = n+w, next
+	}
+	if data, err = encode(n); err != nil {
+		return res, nil, false, err
+	}
+	return &c, data, true, nil
 }
 
 // jsonPrefix is the length in bytes of the longest prefix of s made of whole
