@@ -1,12 +1,10 @@
 package gateway
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
-	"sync"
 	"time"
 )
 
@@ -18,10 +16,13 @@ import (
 // takes everything down:
 //   - each body by its size (413 request_too_large), refused before reading
 //     when its Content-Length already says so;
-//   - the bodies being read at once by their summed size (503
-//     request_body_capacity, with Retry-After), whatever the concurrency;
+//   - the bodies held in memory at once by their summed size (503
+//     request_body_capacity, with Retry-After), whatever the concurrency, and
+//     each tenant's by a share of that sum, so one tenant cannot starve the
+//     others (bodyBudget). Bytes are charged as they arrive, not as declared:
+//     a connection that sends a head and no body holds nothing;
 //   - each body by its read time (408 request_timeout), so a client trickling
-//     bytes holds its share of that sum only so long.
+//     bytes holds what it sent only so long.
 
 // Refusal codes of body reading, stable for clients and dashboards.
 const (
@@ -34,8 +35,8 @@ const (
 	// DefaultMaxBodyBytes is the body limit when Config.MaxBodyBytes is zero:
 	// BodyLimitFor the NATS server's default max_payload (1 MiB).
 	DefaultMaxBodyBytes = 3 << 20
-	// DefaultMaxBodyBytesReading bounds the bytes of bodies being read at once
-	// when Config.MaxBodyBytesReading is zero.
+	// DefaultMaxBodyBytesReading bounds the bytes of bodies held at once
+	// when Config.MaxBodyBytesReading is zero; one tenant may hold a quarter.
 	DefaultMaxBodyBytesReading = 32 << 20
 	// DefaultBodyReadTimeout bounds reading one body when
 	// Config.BodyReadTimeout is zero.
@@ -57,36 +58,10 @@ func BodyLimitFor(maxPayload int64) int64 {
 	return 3 * maxPayload
 }
 
-// byteGate is a counting semaphore of bytes that never waits: a request that
-// does not fit now is refused, so a flood cannot queue goroutines either.
-type byteGate struct {
-	mu       sync.Mutex
-	capacity int64
-	used     int64
-}
-
-// take reserves n bytes; ok is false when they do not fit. release returns them
-// once, however often it is called.
-func (b *byteGate) take(n int64) (release func(), ok bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.used+n > b.capacity {
-		return nil, false
-	}
-	b.used += n
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			b.mu.Lock()
-			b.used -= n
-			b.mu.Unlock()
-		})
-	}, true
-}
-
-// readBody reads r's body within the gateway's bounds. release gives its bytes
-// back to the shared budget: call it once the body is decoded.
-func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) (body []byte, release func(), aerr *apiError) {
+// readBody reads r's body within the gateway's bounds, charging its bytes to
+// tenant as they arrive. release gives them back to the budget: call it once
+// the body is decoded (the raw bytes are garbage then).
+func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request, tenant string) (body []byte, release func(), aerr *apiError) {
 	limit := g.maxBody
 	tooLarge := &apiError{Status: http.StatusRequestEntityTooLarge, Type: typeInvalidRequest, Code: codeBodyTooLarge,
 		Message: fmt.Sprintf("The request body exceeds %d bytes, the most a job can carry.", limit)}
@@ -94,14 +69,19 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) (body []byte,
 		return nil, nil, tooLarge // said up front: not a byte is read
 	}
 	// A body of unknown length (chunked) may use all of the limit.
-	want := r.ContentLength
-	if want < 0 {
-		want = limit
+	bound := r.ContentLength
+	if bound < 0 {
+		bound = limit
 	}
-	release, ok := g.bodies.take(want)
-	if !ok {
-		return nil, nil, &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: codeBodyCapacity,
-			RetryAfter: g.cfg.RetryAfter, Message: "The gateway is reading as many request bodies as it can hold; retry later."}
+	// A declared length reserves nothing (a client could declare and send
+	// nothing), but one that cannot fit now is refused before a byte is read:
+	// reading it would only end in the same 503.
+	declared := r.ContentLength
+	if declared < 0 {
+		declared = 1 // chunked: at least room for a byte
+	}
+	if why := g.bodies.fits(tenant, declared); why != bodyFits {
+		return nil, nil, g.bodyCapacity(tenant, why)
 	}
 	if g.bodyTimeout > 0 {
 		// The connection's read deadline, for this body only. net/http lifts it
@@ -113,18 +93,16 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) (body []byte,
 		// cannot set deadlines (ErrNotSupported) reads without one.
 		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(g.bodyTimeout))
 	}
-	// Sized up front when the length is known, so reading does not grow (and
-	// copy) the buffer by doubling; bytes.MinRead is ReadFrom's probe for EOF.
-	buf := bytes.NewBuffer(make([]byte, 0, min(want, 64<<10)+bytes.MinRead))
-	if r.ContentLength >= 0 {
-		buf = bytes.NewBuffer(make([]byte, 0, want+bytes.MinRead))
-	}
-	_, err := buf.ReadFrom(http.MaxBytesReader(w, r.Body, limit))
+	hold := &bodyHold{budget: g.bodies, tenant: tenant}
+	body, err := readCharged(http.MaxBytesReader(w, r.Body, limit), hold, bound)
 	if err != nil {
-		release()
+		hold.release()
 		var mbe *http.MaxBytesError
 		var ne net.Error
+		var full errBodyBudget
 		switch {
+		case errors.As(err, &full):
+			return nil, nil, g.bodyCapacity(tenant, full.why)
 		case errors.As(err, &mbe):
 			return nil, nil, tooLarge
 		case errors.As(err, &ne) && ne.Timeout():
@@ -133,5 +111,19 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request) (body []byte,
 		}
 		return nil, nil, errInvalid("", "Reading the request body failed: %v", err)
 	}
-	return buf.Bytes(), release, nil
+	return body, hold.release, nil
+}
+
+// bodyCapacity is the 503 of a body that does not fit the budget. A tenant over
+// its share is counted as a tenant refusal: it is that tenant's doing, and the
+// others are unaffected.
+func (g *Gateway) bodyCapacity(tenant string, why bodyRefusal) *apiError {
+	e := &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: codeBodyCapacity, RetryAfter: g.cfg.RetryAfter,
+		Message: "The gateway is reading as many request bodies as it can hold; retry later."}
+	if why == bodyShareFull {
+		g.obs.TenantRefused(tenant, codeBodyCapacity)
+		e.Message = fmt.Sprintf("Tenant %q is sending as many request body bytes as one tenant may have read at once (%d); retry later.",
+			tenant, g.bodies.share)
+	}
+	return e
 }

@@ -43,7 +43,8 @@ type rawConn struct {
 }
 
 // startPost sends the head of a POST /v1/completions whose body will be length
-// bytes (token "" sends no Authorization), and no byte of the body.
+// bytes (negative: chunked; token "" sends no Authorization), and no byte of
+// the body.
 func startPost(t *testing.T, addr, token string, length int64) *rawConn {
 	t.Helper()
 	c, err := net.Dial("tcp", addr)
@@ -54,7 +55,11 @@ func startPost(t *testing.T, addr, token string, length int64) *rawConn {
 	// A guard, not an assertion: a broken gateway fails the read instead of
 	// hanging the test.
 	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
-	head := fmt.Sprintf("POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: %d\r\nExpect: 100-continue\r\n", length)
+	framing := fmt.Sprintf("Content-Length: %d", length)
+	if length < 0 {
+		framing = "Transfer-Encoding: chunked"
+	}
+	head := "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n" + framing + "\r\nExpect: 100-continue\r\n"
 	if token != "" {
 		head += "Authorization: Bearer " + token + "\r\n"
 	}
@@ -134,14 +139,23 @@ func TestOversizedBodyIs413(t *testing.T) {
 	}
 }
 
-// Mutation caught: byteGate.take never refusing (the second body is read:
-// 100 Continue instead of 503); release not returning the bytes (the third
-// request is refused too).
+// The budget bounds the bytes held at once: a body whose declared length cannot
+// fit beside the bytes another body holds is refused unread; one that fits is
+// read; a decoded body's bytes come back. Bytes are charged as they arrive, not
+// as declared (TestIdleBodiesHoldNothing), so the held body sends all but its
+// last byte, and the test waits until the gateway holds them: the budget then
+// bounds what is really in memory, each buffer charged before it is allocated
+// (TestBodyBufferIsChargedBeforeItIsAllocated).
+// Mutation caught: bodyBudget.refusal never answering bodyBudgetFull (the
+// second body is read: 100 Continue instead of 503); bodyHold.release not
+// refunding (waitHeld for 0 never returns: the guard fails it).
 func TestBodyBytesReadingAtOnceAreBounded(t *testing.T) {
 	t.Parallel()
 	g, addr := bodyGateway(t, func(c *Config) { c.MaxBodyBytes, c.MaxBodyBytesReading = 1000, 1000 })
 	held := startPost(t, addr, "tok-a", 600)
-	held.expectContinue() // its 600 bytes are reserved, and it is reading
+	held.expectContinue()
+	held.send(strings.Repeat("x", 599))
+	waitHeld(t, g, "a", 600) // a buffer of 512 bytes, grown to 600 by the 513th
 
 	// Another tenant's body does not fit beside it: refused before being read.
 	rc := startPost(t, addr, "tok-b", 600)
@@ -157,8 +171,9 @@ func TestBodyBytesReadingAtOnceAreBounded(t *testing.T) {
 	expectError(t, small.answer(), http.StatusBadRequest, "", "invalid_value")
 
 	// The held body completes (not JSON: 400) and gives its bytes back.
-	held.send(strings.Repeat("x", 600))
+	held.send("x")
 	expectError(t, held.answer(), http.StatusBadRequest, "", "invalid_value")
+	waitHeld(t, g, "a", 0)
 	again := startPost(t, addr, "tok-b", 600)
 	again.expectContinue()
 

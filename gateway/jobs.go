@@ -138,7 +138,7 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		return
 	}
 	defer releaseSlot()
-	body, releaseBody, aerr := g.readBody(w, r)
+	body, releaseBody, aerr := g.readBody(w, r, tenant)
 	if aerr != nil {
 		g.fail(w, endpoint, aerr)
 		return

@@ -61,9 +61,11 @@ type Config struct {
 	// DefaultMaxBodyBytes. cmd/mlx-serving sets BodyLimitFor the connection's
 	// MaxPayload, since a larger body could not become a job the bus carries.
 	MaxBodyBytes int64
-	// MaxBodyBytesReading bounds the bytes of request bodies being read at once,
-	// across all requests (503 request_body_capacity); zero:
-	// DefaultMaxBodyBytesReading. Raised to MaxBodyBytes if below it.
+	// MaxBodyBytesReading bounds the bytes of request bodies held in memory at
+	// once, across all requests, charged as they arrive (503
+	// request_body_capacity); one tenant may hold a quarter of it, or
+	// MaxBodyBytes if more. Zero: DefaultMaxBodyBytesReading. Raised to
+	// MaxBodyBytes if below it.
 	MaxBodyBytesReading int64
 	// BodyReadTimeout bounds reading one request body (408 request_timeout);
 	// zero: DefaultBodyReadTimeout; negative: no limit.
@@ -93,7 +95,7 @@ type Gateway struct {
 	grace    time.Duration
 
 	maxBody     int64
-	bodies      *byteGate
+	bodies      *bodyBudget
 	bodyTimeout time.Duration // 0: none
 
 	mu  sync.Mutex
@@ -161,9 +163,8 @@ func New(cfg Config) (*Gateway, error) {
 		timeout:  timeout,
 		grace:    deadlineGrace,
 
-		maxBody: maxBody,
-		// Below one body's limit, a body of that size could never be read.
-		bodies:      &byteGate{capacity: max(reading, maxBody)},
+		maxBody:     maxBody,
+		bodies:      newBodyBudget(reading, maxBody),
 		bodyTimeout: bodyTimeout,
 	}
 	g.handler = g.routes()
