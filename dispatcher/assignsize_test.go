@@ -207,3 +207,45 @@ func TestJobThatCannotFitFailsAtIntake(t *testing.T) {
 		t.Fatalf("offered %d times", n)
 	}
 }
+
+// TestLeadResumeDroppedWhenItWouldNotFit: a job of 52,000 characters fits an
+// assignment (64 KiB payload), and its first attempt's 15,004 bytes of text
+// are within the resume cap (16 KiB), but not both: w1 dies after sending
+// them, and the retry on w3 goes without a resume (it starts over) rather
+// than in an assignment the client would refuse. It completes at attempt 2,
+// and nothing was refused.
+//
+// Mutation caught: launch without the resume drop (the assignment is refused
+// as too large, again and again: the job never completes): red.
+func TestLeadResumeDroppedWhenItWouldNotFit(t *testing.T) {
+	t.Parallel()
+	e := newEnvWith(t, natsserver.Options{MaxPayload: sizeMaxPayload}, jsprov.Options{})
+	long := strings.Repeat("y", 15_000)
+	w1 := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan {
+		return jobPlan{Tokens: []string{"a ", "b ", long, "c "}, Hang: true, HangAfter: 3}
+	})
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("lr", "m", "normal")
+	j.Prompt = strings.Repeat("x", 52_000)
+	j.MaxTokens = 10
+	e.mustSubmit(j)
+	waitFor(t, 10*time.Second, "w1's three tokens tracked", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		jb := d.jobs[subjects.JobRef{ID: j.ID}.Key()]
+		return jb != nil && jb.curSize == len("a b ")+len(long) && !jb.untracked
+	})
+	w1.Stop()
+	w3 := e.startWorker("w3", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Tokens: []string{"a ", "b ", "c "}} })
+	r := e.waitResult(j.ID, 15*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Attempt != 2 || r.Text != "a b c " {
+		t.Fatalf("result %s at attempt %d, text %.20q (%+v)", r.Status, r.Attempt, r.Text, r.Error)
+	}
+	_, _, batches := w3.Snapshot()
+	if len(batches) != 1 || batches[0].Jobs[0].Attempt != 2 || batches[0].Jobs[0].Resume != nil {
+		t.Fatalf("retry on w3: %d batches, want one of attempt 2 with no resume", len(batches))
+	}
+	if f := d.Metrics().TransitionCount(StateDispatched, EvRefused); f != 0 {
+		t.Fatalf("%d jobs refused: the assignment went over the max payload", f)
+	}
+}
