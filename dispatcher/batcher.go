@@ -155,10 +155,18 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 		// always); size+1 of them are enough to fill the batch without waiting.
 		var members []*job
 		oldest := now
-		// The resumes of one batch together stay within the budget, so the
-		// assignment fits the server's max payload; a job past it waits for
-		// the next batch (the lead always goes: its resume is within resumeCap).
-		budget := d.batchResumeBudget() - lead.resumeSize
+		// The members' encoded sizes (body, resume, envelope) stay within
+		// the budget, so the assignment fits the server's max payload
+		// (assignsize.go). The lead always goes (alone if it must, and
+		// without its resume if only that would not fit: launch). A job past
+		// the budget waits for the next batch, and so does every later job
+		// of its priority: none overtakes it (FIFO within a priority), and
+		// the batch leaves now, full, rather than wait for company.
+		budget := d.assignBudget - jsonSize(model) - lead.assignCost(d.resumeFits(lead))
+		if lead.alone {
+			budget = -1
+		}
+		full := false
 	collect:
 		for q := range schemas.NumPriorities {
 			for _, j := range d.queues[q] {
@@ -166,10 +174,12 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 					continue
 				}
 				if j != lead {
-					if j.resumeSize > budget {
-						continue
+					c := j.assignCost(true)
+					if j.alone || c > budget {
+						full = true
+						continue collect // the rest of this priority waits behind it
 					}
-					budget -= j.resumeSize
+					budget -= c
 				}
 				members = append(members, j)
 				if j.enqueued.Before(oldest) {
@@ -183,7 +193,7 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 		// A batch short of its size waits (up to MaxWait since its oldest job
 		// was queued) only while the consumer holds more jobs: a lone job on an
 		// idle queue leaves at once, never waiting for company that is not coming.
-		if len(members) < size && d.moreBehind() && now.Sub(oldest) < d.cfg.MaxWait {
+		if len(members) < size && !full && d.moreBehind() && now.Sub(oldest) < d.cfg.MaxWait {
 			later(oldest.Add(d.cfg.MaxWait))
 			skip[model] = true
 			continue
@@ -232,6 +242,12 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 		j.resetCur()
 		j.untracked = false
 		j.nextSeq = 0
+		if i == 0 && !d.resumeFits(j) && (j.resume.Text != "" || j.resume.CompletionTokens > 0) {
+			// The lead with its resume would not fit any assignment.
+			d.jobLog(d.log.Warn(), j).Int("size", j.size).Int("resume_size", j.resumeSize).Int("budget", d.assignBudget).
+				Msg("the job and its resume do not fit an assignment; the attempt starts over")
+			j.resume, j.resumeSize = schemas.Resume{}, 0
+		}
 		aj := schemas.AssignedJob{Job: j.req, Attempt: j.attempt, Traceparent: d.dispatchTraceparent(j)}
 		if j.resume.Text != "" || j.resume.CompletionTokens > 0 {
 			r := j.resume
@@ -284,6 +300,11 @@ func (d *Dispatcher) assign(b *batch) {
 				d.enqueue(j, j.enqueued)
 			}
 		}
+	case errors.Is(err, nats.ErrMaxPayload):
+		// Never sent: the batch was over the max payload after all (the
+		// server's shrank on a reconnect, or a size was counted short). Not
+		// the worker's fault, nor the jobs': no breaker failure, no attempt.
+		d.tooLargeToSend(b, w, err, now, mine)
 	case err != nil:
 		d.count().assignFailed()
 		if w != nil {

@@ -97,6 +97,9 @@ type Dispatcher struct {
 	announced *announcements
 	// resumeCapBytes is resumeCap (progress.go).
 	resumeCapBytes int
+	// assignBudget is what the jobs of one assignment may take, in bytes
+	// (assignsize.go), from the max payload the server announced.
+	assignBudget int
 
 	// progressHook, if set, runs before each progress event is handled
 	// (tests: hold token events back to force an interleaving).
@@ -136,6 +139,11 @@ type job struct {
 	batchID  string
 	endedAt  time.Time      // when the worker ended the attempt (its clock), from the result or report
 	resume   schemas.Resume // what the caller received before the current attempt
+	// size: req's encoded length in an assignment, counted once at intake
+	// (assignsize.go). alone: an assignment holding the job was over the
+	// max payload after all; it goes alone and without its resume.
+	size  int
+	alone bool
 	// resumeSize: resume.Text's JSON-encoded length; curSize: cur's. Their
 	// sum stays within resumeCap (progress.go).
 	resumeSize int
@@ -176,6 +184,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		js:             js,
 		announced:      newAnnouncements(),
 		resumeCapBytes: resumeCapFor(cfg.Conn.MaxPayload()),
+		assignBudget:   assignBudgetFor(cfg.Conn.MaxPayload(), cfg.DispatcherID),
 		log:            cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
 		rare:           cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
 		handOvers:      make(chan struct{}, maxHandOvers),

@@ -120,12 +120,18 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 		go lookup()
 	}
 	invalid := d.decode(j, m.Data())
+	size := 0
+	if invalid == nil {
+		// Once per job, outside the lock: batching reads it (assignsize.go).
+		size = encodedJobSize(&j.req)
+		invalid = d.tooLargeToAssign(size)
+	}
 	if !overlap && invalid == nil { // an invalid job's record is not read
 		lookup()
 	}
 	chain := prefix.OfJob(&j.req) // once per job, outside the lock: routing reads it
 	d.mu.Lock()
-	j.chain = chain
+	j.chain, j.size = chain, size
 	if !j.gone {
 		d.startDispatch(j)
 	}

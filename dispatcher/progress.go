@@ -35,9 +35,9 @@ import (
 const maxResumeText = 1 << 20
 
 // resumeCap is the most JSON-encoded bytes of resume text a job may carry:
-// a quarter of the server's max payload (so the lead job of a batch always
-// fits, with its prompt, and the batch's resumes together stay under half of
-// it; see batchResumeBudget), and never past the schema's bound.
+// a quarter of the server's max payload (so a job whose body takes less than
+// the rest fits an assignment with its resume; batches are sized from both:
+// assignsize.go), and never past the schema's bound.
 // It is read on every progress event, so it is computed once, from the max
 // payload the server announced when the dispatcher was made.
 func (d *Dispatcher) resumeCap() int { return d.resumeCapBytes }
@@ -66,10 +66,6 @@ const (
 	progressPendingMsgs  = 100_000
 	progressPendingBytes = 16 << 20
 )
-
-// batchResumeBudget is the most JSON-encoded resume text one assignment may
-// carry, all its jobs together.
-func (d *Dispatcher) batchResumeBudget() int { return 2 * d.resumeCap() }
 
 // progressEvent is the part of a token event (schemas.TokenEventMsg) that
 // tracking reads: decoding only these fields skips the logprob entries a job
