@@ -18,8 +18,8 @@ import (
 // team R3-3: jobs for a model nobody announced are dead-lettered at once,
 // each letter the whole job) stops at the DLQ's byte bound, and every job
 // still ends with exactly one terminal record and is acked: a letter the DLQ
-// refuses (full, or too large to publish at all) is dropped and counted, never
-// naked into a loop. Runs on a real embedded server with a 64 KiB max payload
+// refuses (full) is dropped and counted, never naked into a loop; a job too
+// large for any assignment fails at intake and leaves no letter. Runs on a real embedded server with a 64 KiB max payload
 // and a 256 KiB DLQ.
 // Mutations caught: storeDeadLetter returning the refusal instead of nil (the
 // jobs are naked over and over and never get a record); the DLQ without
@@ -35,14 +35,18 @@ func TestFullDLQJobsStillEndOnce(t *testing.T) {
 	e.startWorker("w1", 2, []string{"m"}, nil)
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 
-	// First a job just under the max payload: its letter, the job and more,
-	// cannot be published at all.
+	// First a job just under the max payload: no assignment could carry it,
+	// so it fails at intake (assignsize.go) and leaves no letter (its letter,
+	// the job and more, could not be published either).
 	big := newJob("too-large", "ghost", "normal")
 	big.Prompt = "x"
 	base, _ := json.Marshal(big)
 	big.Prompt = strings.Repeat("x", maxPayload-len(base)-64)
 	e.mustSubmit(big)
-	ids := []string{big.ID}
+	if r := e.waitResult(big.ID, 30*time.Second); r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != schemas.CodeInvalidRequest {
+		t.Fatalf("too-large: %+v err %+v, want failed %s", r, r.Error, schemas.CodeInvalidRequest)
+	}
+	var ids []string
 	for i := range ghosts {
 		j := newJob(fmt.Sprintf("ghost-%02d", i), "ghost", "normal")
 		j.Prompt = strings.Repeat("p", 16<<10)
@@ -57,8 +61,8 @@ func TestFullDLQJobsStillEndOnce(t *testing.T) {
 	}
 	waitFor(t, 30*time.Second, "every job acked", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 
-	if n := e.streamMsgs(subjects.StreamResults); n != uint64(len(ids)) {
-		t.Errorf("RESULTS holds %d records, want %d (one per job)", n, len(ids))
+	if n := e.streamMsgs(subjects.StreamResults); n != uint64(len(ids)+1) {
+		t.Errorf("RESULTS holds %d records, want %d (one per job)", n, len(ids)+1)
 	}
 	s, err := e.js.Stream(context.Background(), subjects.StreamDLQ)
 	if err != nil {
