@@ -237,6 +237,12 @@ func (p *Client) prepare(job *schemas.JobRequest) (*nats.Msg, SubmitAck, error) 
 	if verr := p.subjectViolations(job); verr != nil {
 		return nil, SubmitAck{}, verr
 	}
+	if mp := p.nc.MaxPayload(); mp > 0 && int64(len(data)) > mp-schemas.JobHeadroom {
+		// Stored, it could never reach a worker: an assignment carries it
+		// with more around it (schemas.JobHeadroom).
+		return nil, SubmitAck{}, fmt.Errorf("bus: submit %s: %w: it encodes to %d bytes, and a job on this bus may take %d",
+			job.ID, ErrJobTooLarge, len(data), mp-schemas.JobHeadroom)
+	}
 	ack := SubmitAck{JobID: job.ID, Subject: subjects.Job(job.Tenant, job.Priority, job.ID), ReplyTo: job.ReplyTo}
 	if p.nc.IsClosed() || !p.nc.IsConnected() {
 		return nil, ack, fmt.Errorf("bus: submit %s: %w (status %s)", job.ID, ErrNotConnected, p.nc.Status())

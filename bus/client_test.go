@@ -424,3 +424,38 @@ func TestSubmitBatch(t *testing.T) {
 		t.Fatalf("JOBS holds %d messages, want the first submit and the batch's 4", len(msgs))
 	}
 }
+
+// A job whose encoding passes max payload − schemas.JobHeadroom is refused
+// before it is stored: JOBS would take it, but no assignment could carry it to
+// a worker (the dispatcher would fail it at intake). One just under is taken.
+// Mutation caught: dropping prepare's headroom check (the big job is stored).
+func TestSubmitRefusesAJobNoAssignmentCouldCarry(t *testing.T) {
+	t.Parallel()
+	const maxPayload = 64 << 10
+	srv := startServerAt(t, t.TempDir(), natsserver.Options{MaxPayload: maxPayload})
+	nc, js := connectTo(t, srv)
+	ctx := ctxT(t)
+	if err := jsprov.Provision(ctx, js, jsprov.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := NewClient(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sized := func(id string, size int) *schemas.JobRequest {
+		j := newJob(id, "x")
+		p.fillDefaults(j)
+		base, _ := json.Marshal(j)
+		j.Prompt = strings.Repeat("x", size-len(base)+1)
+		return j
+	}
+	if _, err := p.Submit(ctx, sized("near-max", maxPayload-schemas.JobHeadroom/2)); !errors.Is(err, ErrJobTooLarge) {
+		t.Fatalf("a job %d bytes under the max payload: err = %v, want ErrJobTooLarge", schemas.JobHeadroom/2, err)
+	}
+	if n := len(jobsInStream(t, js)); n != 0 {
+		t.Fatalf("JOBS holds %d messages after the refusal", n)
+	}
+	if _, err := p.Submit(ctx, sized("fits", maxPayload-schemas.JobHeadroom-64)); err != nil {
+		t.Fatalf("a job within the headroom: %v", err)
+	}
+}

@@ -249,3 +249,17 @@ func TestLeadResumeDroppedWhenItWouldNotFit(t *testing.T) {
 		t.Fatalf("%d jobs refused: the assignment went over the max payload", f)
 	}
 }
+
+// Every job the producer client accepts (at most max payload −
+// schemas.JobHeadroom encoded) fits an assignment of any dispatcher, whatever
+// its id (a host name and a pid: at most ~270 characters).
+// Mutation caught: assignEnvelope raised past the headroom.
+func TestClientJobBoundFitsEveryAssignment(t *testing.T) {
+	t.Parallel()
+	did := strings.Repeat("h", 255) + "-4194304"
+	for _, mp := range []int64{64 << 10, 1 << 20, 8 << 20} {
+		if got, want := assignBudgetFor(mp, did)-perJobEnvelope, int(mp)-schemas.JobHeadroom; got < want {
+			t.Fatalf("max payload %d: an assignment carries %d bytes of job, the client lets through %d", mp, got, want)
+		}
+	}
+}

@@ -43,6 +43,15 @@ func schemaDefault(t Type, field string) int {
 	return *p.Default
 }
 
+// JobHeadroom is what a job's encoding leaves of the bus's max payload: a job
+// travels to its worker inside an assignment, with the assignment's own
+// fields and the job's attempt, resume count and trace context around it, so a
+// job that only just fit JOBS could never be assigned (the dispatcher fails it
+// at intake, invalid_request). The producer client refuses a job over
+// max payload − JobHeadroom (ErrJobTooLarge), which every dispatcher can carry:
+// its own bound (dispatcher/assignsize.go) is looser, and a test keeps it so.
+const JobHeadroom = 8 << 10
+
 // MaxErrorMessage is the result schema's bound on an error's message, in
 // bytes as Go counts them (maxLength counts characters: never more than
 // bytes). Who builds an error (the dispatcher's own records, a worker's
