@@ -54,7 +54,8 @@ TREE = {
 def test_ref_chains_refused_and_runtime_lives(rt, schema) -> None:
     """The red team's N1 sizes, as json_schema and as a tool's parameters, are
     invalid_params at the field (too deep, refs followed); the runtime is alive after.
-    Mutation caught: schema_bounds.follow returning 0 (the runtime died of SIGSEGV)."""
+    Mutation caught: schema_bounds.follow returning 0 (the chains reach the compiler
+    and are answered by it)."""
     err = rt.error("generate", {**SMALL, "request_id": rid(), "json_schema": schema})
     assert err["data"]["code"] == "invalid_params", err
     assert err["data"]["violations"] == [
