@@ -60,7 +60,12 @@ def thread_stacks(stack_bytes: int) -> Iterator[None]:
     the same grammar the compile did (a grammar that compiled deep on a large stack
     would overflow the generation thread's default one)."""
     with _stack_lock:
-        old = threading.stack_size(stack_bytes)
+        try:
+            old = threading.stack_size(stack_bytes)
+        except (ValueError, RuntimeError) as e:  # a platform that refuses the size
+            log.warning("thread stack size %d refused (%s): default stacks", stack_bytes, e)
+            yield
+            return
         try:
             yield
         finally:
