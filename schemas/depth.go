@@ -6,7 +6,6 @@ import (
 	"reflect"
 	"strconv"
 	"strings"
-	"unsafe"
 )
 
 // Bounds on the JSON Schemas a job carries (its json_schema and each of its
@@ -104,8 +103,10 @@ type schemaWalker struct {
 	// cycle was cut may undercount a longer path met later through another
 	// entry; the ref count bound and the runtime's large compile stack cover
 	// that slack.
-	memo    map[unsafe.Pointer]int
-	onPath  map[unsafe.Pointer]bool
+	// Keys are the maps' addresses: the document is alive (and Go's heap does
+	// not move) for the whole walk.
+	memo    map[uintptr]int
+	onPath  map[uintptr]bool
 	anchors map[string]any
 }
 
@@ -123,9 +124,9 @@ func (w *schemaWalker) height(v any, depth int, count bool) int {
 			w.tooDeep = true
 			return 0
 		}
-		var key unsafe.Pointer
+		var key uintptr
 		if !count && w.memo != nil {
-			key = reflect.ValueOf(x).UnsafePointer()
+			key = reflect.ValueOf(x).Pointer()
 			if h, ok := w.memo[key]; ok {
 				if depth+h-1 > MaxSchemaDepth {
 					w.tooDeep = true
@@ -158,7 +159,7 @@ func (w *schemaWalker) height(v any, depth int, count bool) int {
 			}
 			h = max(h, w.height(e, depth+1, count))
 		}
-		if key != nil {
+		if key != 0 {
 			w.memo[key] = 1 + h
 		}
 		return 1 + h
@@ -188,10 +189,10 @@ func (w *schemaWalker) follow(ref string, depth int) int {
 		return w.height(t, depth, false) // an array or a scalar: no ref of its own to loop on
 	}
 	if w.memo == nil {
-		w.memo = map[unsafe.Pointer]int{}
-		w.onPath = map[unsafe.Pointer]bool{}
+		w.memo = map[uintptr]int{}
+		w.onPath = map[uintptr]bool{}
 	}
-	key := reflect.ValueOf(target).UnsafePointer()
+	key := reflect.ValueOf(target).Pointer()
 	if w.onPath[key] {
 		return 0
 	}
