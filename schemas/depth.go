@@ -2,72 +2,267 @@ package schemas
 
 import (
 	"fmt"
+	"net/url"
+	"reflect"
 	"strconv"
+	"strings"
 )
 
-// MaxSchemaDepth bounds how deep a job's json_schema, and each of its tools'
-// function.parameters, may nest objects and arrays: the value itself is level 1,
-// so {"type":"string"} is 1 level deep and {"items":{"type":"string"}} 2. Real
-// schemas nest a handful of levels; the runtime's JSON reader, its validator and
-// the grammar compiler each recurse once per level, and a schema a thousand
-// levels deep made the runtime process die of RecursionError, failing every
-// job that ran on it. Validate refuses deeper ones at every edge (producer
-// client, gateway, dispatcher, worker) as a violation at the field's path.
-// job.json and runtime.generate.params.json say so ("x-max-depth" in the
-// latter, which the Python runtime reads; TestMaxSchemaDepthMatchesSchemas
-// keeps them equal to this constant).
-const MaxSchemaDepth = 64
+// Bounds on the JSON Schemas a job carries (its json_schema and each of its
+// tools' function.parameters), past what JSON Schema itself can say. The
+// runtime compiles them into a grammar with llguidance, whose compiler
+// recurses natively and, for some keywords, costs far more than the schema's
+// size: schemas inside these bounds compile in well under 100 ms, schemas past
+// them crashed or wedged the runtime, failing every job on it whoever sent it
+// (red team rounds 7 and 8). Validate refuses them at every edge (producer
+// client, gateway, dispatcher, worker) as a violation at the field's path;
+// job.json and runtime.generate.params.json state them ("x-max-depth",
+// "x-max-refs", "x-max-patterns" in the latter, which the Python runtime reads;
+// TestSchemaBoundsMatchSchemas keeps both files equal to these constants).
+const (
+	// MaxSchemaDepth bounds how deep a schema nests objects and arrays, with
+	// local $refs followed: the value itself is level 1, so {"type":"string"}
+	// is 1 level deep and {"items":{"type":"string"}} 2, and a {"$ref": ...}
+	// object at level n puts its target at level n+1. A ref to a schema already
+	// on the path is recursion (a tree of nodes), legal, and counts no further.
+	// A schema a thousand levels deep killed the runtime with RecursionError; a
+	// flat $defs chain of 950 objects each referencing the next (JSON depth 5)
+	// overflowed llguidance's native stack (SIGSEGV).
+	MaxSchemaDepth = 64
+	// MaxSchemaRefs bounds the "$ref"s of a job's schemas, all fields together
+	// (tools compile into one grammar). Compile time grows with them: 256
+	// properties each a $ref compiled in 14 ms, 1024 in 109 ms (tiny model,
+	// python/mlx_serving_runtime structured.compile_schema, 2-core dev box).
+	MaxSchemaRefs = 256
+	// MaxSchemaPatterns bounds the regular expressions of a job's schemas, all
+	// fields together: each patternProperties entry, each propertyNames and each
+	// "pattern" keyword counts one. patternProperties compile in time
+	// superlinear in the entries of one object: 64 compiled in 25 ms, 100 in
+	// 86 ms, 128 in 175 ms, 500 in 73 s (same setup).
+	MaxSchemaPatterns = 64
+)
 
-// depthViolations returns a violation for each schema-carrying field of the
-// decoded job (or runtime.generate.params) v that nests deeper than
-// MaxSchemaDepth. It walks only those fields, once, and stops at the first
-// level past the bound, so it costs two map lookups for a job without them.
-func depthViolations(v any) []Violation {
+// schemaViolations returns a violation for each schema-carrying field of the
+// decoded job (or runtime.generate.params) v past the bounds above; the counts
+// run over json_schema then tools in order, and the field where a count passes
+// its bound is the one reported. It costs two map lookups for a job without
+// schemas, and for one with them a walk of each node about twice (once in
+// place, once from a $ref to it), whatever shape the refs make.
+func schemaViolations(v any) []Violation {
 	doc, ok := v.(map[string]any)
 	if !ok {
 		return nil
 	}
 	var out []Violation
-	if s, ok := doc["json_schema"]; ok && deeperThan(s, MaxSchemaDepth) {
-		out = append(out, depthViolation("$.json_schema"))
+	var c schemaCounts
+	if s, ok := doc["json_schema"]; ok {
+		if r := c.check(s); r != "" {
+			out = append(out, Violation{Path: "$.json_schema", Reason: r})
+		}
 	}
 	tools, _ := doc["tools"].([]any)
 	for i, t := range tools {
 		tool, _ := t.(map[string]any)
 		fn, _ := tool["function"].(map[string]any)
-		if p, ok := fn["parameters"]; ok && deeperThan(p, MaxSchemaDepth) {
-			out = append(out, depthViolation("$.tools["+strconv.Itoa(i)+"].function.parameters"))
+		if p, ok := fn["parameters"]; ok {
+			if r := c.check(p); r != "" {
+				out = append(out, Violation{Path: "$.tools[" + strconv.Itoa(i) + "].function.parameters", Reason: r})
+			}
 		}
 	}
 	return out
 }
 
-func depthViolation(path string) Violation {
-	return Violation{Path: path, Reason: fmt.Sprintf("nests objects and arrays more than %d levels deep", MaxSchemaDepth)}
+// schemaCounts carries the ref and pattern counts across a job's fields.
+type schemaCounts struct{ refs, patterns int }
+
+// check walks one schema and returns why it is past a bound, or "".
+func (c *schemaCounts) check(root any) string {
+	w := schemaWalker{root: root, counts: c}
+	w.height(root, 1, true)
+	switch {
+	case w.tooDeep:
+		return fmt.Sprintf("nests objects and arrays more than %d levels deep (local $refs followed)", MaxSchemaDepth)
+	case c.refs > MaxSchemaRefs:
+		return fmt.Sprintf("has more than %d $refs (json_schema and every tool's parameters together)", MaxSchemaRefs)
+	case c.patterns > MaxSchemaPatterns:
+		return fmt.Sprintf("has more than %d patterns (patternProperties entries, propertyNames and pattern keywords; json_schema and every tool's parameters together)", MaxSchemaPatterns)
+	}
+	return ""
 }
 
-// deeperThan reports whether v, decoded JSON, nests objects and arrays more
-// than limit levels deep. Strings are leaves whatever brackets they hold.
-func deeperThan(v any, limit int) bool {
+type schemaWalker struct {
+	root    any
+	counts  *schemaCounts
+	tooDeep bool
+	visits  int // nodes walked, for TestRefDAGLinear
+	// Lazily made, only for schemas with refs. memo: the height of each object
+	// walked from a ref, so a DAG of refs (each def referencing the next twice)
+	// costs linear time, not 2^n. onPath: ref targets being walked, whose
+	// reappearance below themselves is recursion. A height memoized while a
+	// cycle was cut may undercount a longer path met later through another
+	// entry; the ref count bound and the runtime's large compile stack cover
+	// that slack.
+	// Keys are the maps' addresses: the document is alive (and Go's heap does
+	// not move) for the whole walk.
+	memo    map[uintptr]int
+	onPath  map[uintptr]bool
+	anchors map[string]any
+}
+
+// height returns how many levels v nests (0 for a scalar, 1 + its deepest
+// child for an object or array, a ref's target being a child of the object
+// holding the ref) where v sits at level depth. It stops, setting tooDeep, as
+// soon as a level passes MaxSchemaDepth, so it recurses at most that deep.
+// count: v is walked in place (not through a ref), so its refs and patterns
+// are counted; each node is counted once whatever refs point at it.
+func (w *schemaWalker) height(v any, depth int, count bool) int {
+	w.visits++
 	switch x := v.(type) {
 	case map[string]any:
-		if limit == 0 {
-			return true
+		if depth > MaxSchemaDepth {
+			w.tooDeep = true
+			return 0
 		}
-		for _, e := range x {
-			if deeperThan(e, limit-1) {
-				return true
+		var key uintptr
+		if !count && w.memo != nil {
+			key = reflect.ValueOf(x).Pointer()
+			if h, ok := w.memo[key]; ok {
+				if depth+h-1 > MaxSchemaDepth {
+					w.tooDeep = true
+				}
+				return h
 			}
 		}
+		h := 0
+		ref, isRef := x["$ref"].(string)
+		if count {
+			if isRef {
+				w.counts.refs++
+			}
+			if pp, ok := x["patternProperties"].(map[string]any); ok {
+				w.counts.patterns += len(pp)
+			}
+			if _, ok := x["propertyNames"].(map[string]any); ok {
+				w.counts.patterns++
+			}
+			if _, ok := x["pattern"].(string); ok {
+				w.counts.patterns++
+			}
+		}
+		if isRef {
+			h = w.follow(ref, depth+1)
+		}
+		for _, e := range x {
+			if w.tooDeep {
+				return 0
+			}
+			h = max(h, w.height(e, depth+1, count))
+		}
+		if key != 0 {
+			w.memo[key] = 1 + h
+		}
+		return 1 + h
 	case []any:
-		if limit == 0 {
-			return true
+		if depth > MaxSchemaDepth {
+			w.tooDeep = true
+			return 0
 		}
+		h := 0
 		for _, e := range x {
-			if deeperThan(e, limit-1) {
-				return true
+			if w.tooDeep {
+				return 0
 			}
+			h = max(h, w.height(e, depth+1, count))
+		}
+		return 1 + h
+	}
+	return 0
+}
+
+// follow returns the height of ref's target placed at level depth: 0 when it
+// is not in this document or is already on the path (recursion).
+func (w *schemaWalker) follow(ref string, depth int) int {
+	t := w.resolve(ref)
+	target, ok := t.(map[string]any)
+	if !ok {
+		return w.height(t, depth, false) // an array or a scalar: no ref of its own to loop on
+	}
+	if w.memo == nil {
+		w.memo = map[uintptr]int{}
+		w.onPath = map[uintptr]bool{}
+	}
+	key := reflect.ValueOf(target).Pointer()
+	if w.onPath[key] {
+		return 0
+	}
+	w.onPath[key] = true
+	h := w.height(target, depth, false)
+	delete(w.onPath, key)
+	return h
+}
+
+// resolve finds a $ref's target in this schema, or nil. Whatever precedes "#"
+// is ignored: llguidance resolves a ref naming the schema's own $id (or a
+// sibling's) into the same document, so reading every ref as local can only
+// count more. "#" or none is the root, "#/a/b" a JSON pointer (percent- and
+// ~0/~1-escaped), "#name" a $anchor.
+func (w *schemaWalker) resolve(ref string) any {
+	frag := ""
+	if i := strings.IndexByte(ref, '#'); i >= 0 {
+		frag = ref[i+1:]
+	}
+	if u, err := url.PathUnescape(frag); err == nil {
+		frag = u
+	}
+	if frag == "" {
+		return w.root
+	}
+	if frag[0] != '/' {
+		if w.anchors == nil {
+			w.anchors = map[string]any{}
+			collectAnchors(w.root, w.anchors, 1)
+		}
+		return w.anchors[frag]
+	}
+	cur := w.root
+	for _, tok := range strings.Split(frag[1:], "/") {
+		tok = strings.ReplaceAll(strings.ReplaceAll(tok, "~1", "/"), "~0", "~")
+		switch x := cur.(type) {
+		case map[string]any:
+			cur = x[tok]
+		case []any:
+			i, err := strconv.Atoi(tok)
+			if err != nil || i < 0 || i >= len(x) {
+				return nil
+			}
+			cur = x[i]
+		default:
+			return nil
 		}
 	}
-	return false
+	return cur
+}
+
+// collectAnchors records each object with "$anchor" under v, down to
+// MaxSchemaDepth (deeper ones make the schema too deep anyway).
+func collectAnchors(v any, into map[string]any, depth int) {
+	if depth > MaxSchemaDepth {
+		return
+	}
+	switch x := v.(type) {
+	case map[string]any:
+		if a, ok := x["$anchor"].(string); ok {
+			if _, dup := into[a]; !dup {
+				into[a] = x
+			}
+		}
+		for _, e := range x {
+			collectAnchors(e, into, depth+1)
+		}
+	case []any:
+		for _, e := range x {
+			collectAnchors(e, into, depth+1)
+		}
+	}
 }

@@ -68,7 +68,7 @@ func TestSchemaDepthBound(t *testing.T) {
 
 // TestToolParametersDepthBound: each tool's parameters are bounded like
 // json_schema, reported at that tool's path, in the runtime's params as in the
-// job. Mutation caught: the tools loop removed from depthViolations.
+// job. Mutation caught: the tools loop removed from schemaViolations.
 func TestToolParametersDepthBound(t *testing.T) {
 	t.Parallel()
 	tools := func(levels int) string {
@@ -98,10 +98,11 @@ func TestSchemaDepthWithOtherViolations(t *testing.T) {
 	}
 }
 
-// TestMaxSchemaDepthMatchesSchemas: the bound the Python runtime reads
-// (runtime.generate.params.json's x-max-depth) and the one job.json documents
-// are MaxSchemaDepth. Mutation caught: either file's number changed alone.
-func TestMaxSchemaDepthMatchesSchemas(t *testing.T) {
+// TestSchemaBoundsMatchSchemas: the bounds the Python runtime reads
+// (runtime.generate.params.json's x-max-depth, x-max-refs, x-max-patterns) and
+// the ones job.json documents are MaxSchemaDepth, MaxSchemaRefs and
+// MaxSchemaPatterns. Mutation caught: either file's number changed alone.
+func TestSchemaBoundsMatchSchemas(t *testing.T) {
 	t.Parallel()
 	var doc struct {
 		Properties map[string]map[string]any `json:"properties"`
@@ -110,15 +111,23 @@ func TestMaxSchemaDepthMatchesSchemas(t *testing.T) {
 	if err := json.Unmarshal(raw, &doc); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := doc.Properties["json_schema"]["x-max-depth"].(float64); int(got) != MaxSchemaDepth {
-		t.Errorf("runtime.generate.params.json json_schema x-max-depth %v, MaxSchemaDepth %d", got, MaxSchemaDepth)
+	for key, want := range map[string]int{"x-max-depth": MaxSchemaDepth, "x-max-refs": MaxSchemaRefs, "x-max-patterns": MaxSchemaPatterns} {
+		if got, _ := doc.Properties["json_schema"][key].(float64); int(got) != want {
+			t.Errorf("runtime.generate.params.json json_schema %s %v, want %d", key, got, want)
+		}
 	}
 	raw, _ = Raw(Job)
 	if err := json.Unmarshal(raw, &doc); err != nil {
 		t.Fatal(err)
 	}
 	desc, _ := doc.Properties["json_schema"]["description"].(string)
-	if !strings.Contains(desc, fmt.Sprintf("at most %d levels", MaxSchemaDepth)) {
-		t.Errorf("job.json json_schema description %q does not state MaxSchemaDepth %d", desc, MaxSchemaDepth)
+	for _, want := range []string{
+		fmt.Sprintf("at most %d levels", MaxSchemaDepth),
+		fmt.Sprintf("at most %d $refs", MaxSchemaRefs),
+		fmt.Sprintf("at most %d patterns", MaxSchemaPatterns),
+	} {
+		if !strings.Contains(desc, want) {
+			t.Errorf("job.json json_schema description %q does not say %q", desc, want)
+		}
 	}
 }

@@ -356,7 +356,7 @@ func Validate(t Type, doc []byte) error {
 	}
 	var deep []Violation
 	if t == Job || t == RuntimeGenerateParams {
-		deep = depthViolations(v) // what JSON Schema cannot say: see MaxSchemaDepth
+		deep = schemaViolations(v) // what JSON Schema cannot say: see MaxSchemaDepth
 	}
 	if res.Valid() && deep == nil {
 		return nil

@@ -104,11 +104,14 @@ def salvage_id(line: bytes) -> int | str | None:
     return None
 
 
-def handle(engine: Any, writer: Writer, line: bytes) -> None:
+def handle(engine: Any, writer: Writer, line: bytes, compiler: Any = None) -> None:
     """Answer one request line. Every failure becomes an error response, never an exit:
     an exception escaping here ends the read loop and the process, failing every
     request in flight whoever sent it (a json_schema nested thousands of levels deep
-    did that with RecursionError, in json.loads and in validation)."""
+    did that with RecursionError, in json.loads and in validation). A generate's
+    grammar is compiled by compiler (compiler.py) off this thread, which goes on
+    answering health, cancels and other generates meanwhile; without one (tests),
+    submit_generate compiles it here."""
     from . import validation
     from .request import request_from_params
 
@@ -166,17 +169,24 @@ def handle(engine: Any, writer: Writer, line: bytes) -> None:
             )
             writer.send(response(rpc_id, {"tokens": toks, "count": len(toks)}))
         elif method == "generate":
-            engine.submit_generate(request_from_params(engine, rpc_id, params))
+            req = request_from_params(engine, rpc_id, params)
+            if compiler is not None and req.compile_grammar is not None:
+                compiler.submit(req)  # answered from the compile thread
+            else:
+                engine.submit_generate(req)
         elif method == "model.load":
             engine.submit("load", rpc_id, params)
         elif method == "model.unload":
             engine.submit("unload", rpc_id, params["id"])
         elif method == "cancel":
-            engine.submit("cancel", rpc_id, params["request_id"])
+            if compiler is None or not compiler.hold_cancel(rpc_id, params["request_id"]):
+                engine.submit("cancel", rpc_id, params["request_id"])
         elif method == "shutdown":
             if engine.shutting_down:
                 raise RpcError("shutting_down", "shutdown already requested")
             engine.shutting_down = True
+            if compiler is not None:
+                compiler.refuse_pending("shutdown requested")
             engine.submit("shutdown", rpc_id, params.get("mode", "drain"))
     except RpcError as e:
         writer.send(error_response(rpc_id, e))
@@ -203,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     writer = Writer(out)
 
     from . import admission, prefill, validation
+    from . import compiler as compiler_mod
     from .engine import Engine
 
     try:
@@ -218,15 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     validation.types()  # fail at start, not on the first request, when schemas are missing
-    engine = Engine(
-        writer.send,
-        max_batch=args.max_batch,
-        max_models=args.max_models,
-        prompt_cache_bytes=args.prompt_cache_bytes,
-        send_many=writer.send_many,
-        prefill_mode=prefill_mode,
-        admit_wait_ms=admit_wait_ms,
-    )
+    with compiler_mod.thread_stacks(compiler_mod.COMPILE_STACK_BYTES):  # the generation thread's
+        engine = Engine(
+            writer.send,
+            max_batch=args.max_batch,
+            max_models=args.max_models,
+            prompt_cache_bytes=args.prompt_cache_bytes,
+            send_many=writer.send_many,
+            prefill_mode=prefill_mode,
+            admit_wait_ms=admit_wait_ms,
+        )
 
     def exit_now() -> None:
         # The shutdown answer is written; the reader may sit in a blocking read of stdin.
@@ -235,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)
 
     engine.on_exit = exit_now
+    compiler = compiler_mod.GrammarCompiler(engine, writer.send)
     log.info(
         "runtime ready (pid %d, max_batch %d, prompt cache %d bytes, prefill %s, admit wait %g ms)",
         os.getpid(),
@@ -247,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in stdin:
         if not line.strip():
             continue
-        handle(engine, writer, line)
+        handle(engine, writer, line, compiler)
     # EOF: the worker is gone or done with us. Cancel what runs and leave.
     if not engine.shutting_down:
         engine.shutting_down = True
+        compiler.refuse_pending("stdin closed")
         engine.submit("shutdown", None, "cancel")
     engine.join(timeout=30)
     writer.close()

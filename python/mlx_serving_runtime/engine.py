@@ -92,6 +92,9 @@ class Engine(ModelsMixin, OutputMixin):
         return self._decoded
 
     def submit_generate(self, req: Request) -> None:
+        if req.compile_grammar is not None:
+            # Not compiled by a GrammarCompiler (a caller without one): here, now.
+            req.grammar, req.compile_grammar = req.compile_grammar(), None
         with self._lock:
             if req.request_id in self._inflight:
                 raise RpcError(

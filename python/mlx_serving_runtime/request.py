@@ -1,9 +1,11 @@
-"""A generate request: checked and tokenized on the reader thread, run by the engine."""
+"""A generate request: checked and tokenized on the reader thread, its grammar compiled
+on a compile thread (compiler.py), run by the engine."""
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,9 @@ class Request:
     seed: int
     stop: list[str]
     grammar: str | None
+    # Set by request_from_params when the request has a grammar to compile; run off
+    # the reader thread (compiler.py) or by Engine.submit_generate, then cleared.
+    compile_grammar: Callable[[], str | None] | None = None
     cache_scope: str = ""  # prompt-cache entries are shared only within a scope (the tenant)
     accepted: float = field(default_factory=time.perf_counter)
     # Filled on the generation thread.
@@ -89,17 +94,7 @@ def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Reque
             prompt_tokens=len(prompt),
             context_length=m.context_length,
         )
-    grammar = None
-    if p.get("tools"):
-        grammar = tools.compile_tools(
-            m.grammar_tokenizer,
-            p["tools"],
-            p.get("tool_choice"),
-            p.get("parallel_tool_calls", True),
-            p.get("json_schema"),
-        )
-    if grammar is None and "json_schema" in p:
-        grammar = structured.compile_schema(m.grammar_tokenizer, p["json_schema"])
+    compile_grammar = grammar_compile(m, p)
     bias: dict[int, float] = {}
     for k, v in (p.get("logit_bias") or {}).items():
         if int(k) >= m.vocab_size:
@@ -134,5 +129,30 @@ def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Reque
         logprobs=p.get("logprobs"),
         seed=int(seed),
         stop=list(p.get("stop", [])),
-        grammar=grammar,
+        grammar=None,
+        compile_grammar=compile_grammar,
     )
+
+
+def grammar_compile(m: Any, p: dict[str, Any]) -> Callable[[], str | None] | None:
+    """The grammar compile of a generate's tools or json_schema, not yet run, or None
+    when it has neither: compiled on its own thread (compiler.py), never on the
+    reader, since a compile may take long or recurse deep."""
+    if p.get("tools"):
+
+        def compile_tools() -> str | None:
+            grammar = tools.compile_tools(
+                m.grammar_tokenizer,
+                p["tools"],
+                p.get("tool_choice"),
+                p.get("parallel_tool_calls", True),
+                p.get("json_schema"),
+            )
+            if grammar is None and "json_schema" in p:
+                grammar = structured.compile_schema(m.grammar_tokenizer, p["json_schema"])
+            return grammar
+
+        return compile_tools
+    if "json_schema" in p:
+        return lambda: structured.compile_schema(m.grammar_tokenizer, p["json_schema"])
+    return None

@@ -10,6 +10,8 @@ from typing import Any
 
 import jsonschema
 
+from . import schema_bounds as schema_bounds_mod
+
 
 def schemas_dir() -> Path:
     """MLX_SERVING_SCHEMAS; else the copy a released wheel carries inside the package;
@@ -75,42 +77,28 @@ def violations(type_name: str, doc: Any) -> list[dict[str, str]]:
 
 
 @functools.cache
-def max_schema_depth() -> int:
-    """How deep a generate's json_schema and each tool's parameters may nest objects
-    and arrays: x-max-depth of json_schema in runtime.generate.params.json (Go:
-    schemas.MaxSchemaDepth, kept equal by a Go test)."""
+def schema_bounds() -> tuple[int, int, int]:
+    """How deep a generate's json_schema and each tool's parameters may nest (local
+    $refs followed), and how many $refs and patterns they may hold together:
+    x-max-depth, x-max-refs and x-max-patterns of json_schema in
+    runtime.generate.params.json (Go: schemas.MaxSchemaDepth, MaxSchemaRefs,
+    MaxSchemaPatterns, kept equal by a Go test)."""
     schema = json.loads((schemas_dir() / "runtime.generate.params.json").read_text())
-    return int(schema["properties"]["json_schema"]["x-max-depth"])
+    js = schema["properties"]["json_schema"]
+    return int(js["x-max-depth"]), int(js["x-max-refs"]), int(js["x-max-patterns"])
 
 
-def _deeper_than(v: Any, limit: int) -> bool:
-    """Whether v nests dicts and lists more than limit levels (v itself is level 1).
-    Recurses at most limit + 1 deep, however deep v is."""
-    if isinstance(v, dict):
-        return limit == 0 or any(_deeper_than(x, limit - 1) for x in v.values())
-    if isinstance(v, list):
-        return limit == 0 or any(_deeper_than(x, limit - 1) for x in v)
-    return False
+def max_schema_depth() -> int:
+    return schema_bounds()[0]
 
 
 def depth_violations(params: Any) -> list[dict[str, str]]:
-    """The json_schema and tools[i].function.parameters of a generate's params that
-    nest deeper than max_schema_depth(): llguidance's compiler and Python's own
-    JSON and repr recurse once per level, and a schema thousands of levels deep
-    ended the runtime process with RecursionError."""
-    if not isinstance(params, dict):
-        return []
-    bound = max_schema_depth()
-    reason = f"nests objects and arrays more than {bound} levels deep"
-    out = []
-    if "json_schema" in params and _deeper_than(params["json_schema"], bound):
-        out.append({"path": "$.json_schema", "reason": reason})
-    tools = params.get("tools")
-    for i, t in enumerate(tools if isinstance(tools, list) else []):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if isinstance(fn, dict) and "parameters" in fn and _deeper_than(fn["parameters"], bound):
-            out.append({"path": f"$.tools[{i}].function.parameters", "reason": reason})
-    return out
+    """The json_schema and tools[i].function.parameters of a generate's params past
+    schema_bounds(): too deep with refs followed (llguidance's compiler recursed once
+    per level and overflowed its native stack; Python's own JSON and repr recurse per
+    level too), or with too many $refs or patterns (a compile ran for minutes). See
+    schema_bounds.py."""
+    return schema_bounds_mod.violations(params, *schema_bounds())
 
 
 def first_violation(type_name: str, doc: Any) -> dict[str, str] | None:
