@@ -45,6 +45,7 @@ var resultAnswers = map[string]httpAnswer{
 	schemas.CodeOutOfMemory:       answerServer,
 	schemas.CodeDuplicateRequest:  answerServer,
 	schemas.CodeShuttingDown:      answerServer,
+	schemas.CodeRuntimeBusy:       answerServer,
 	schemas.CodeRuntimeError:      answerServer,
 	schemas.CodeInvalidMessage:    answerServer,
 	schemas.CodeRuntimeCrashed:    answerServer,

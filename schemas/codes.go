@@ -28,6 +28,7 @@ const (
 	CodeDuplicateRequest = "duplicate_request"
 	CodeInvalidSchema    = "invalid_schema"
 	CodeShuttingDown     = "shutting_down" // retryable
+	CodeRuntimeBusy      = "runtime_busy"  // retryable
 	CodeRuntimeError     = "runtime_error" // an unknown JSON-RPC number without data.code
 
 	// Worker.

@@ -17,6 +17,7 @@ func TestRPCErrorStableCode(t *testing.T) {
 		RPCDuplicateRequest: CodeDuplicateRequest,
 		RPCInvalidSchema:    CodeInvalidSchema,
 		RPCShuttingDown:     CodeShuttingDown,
+		RPCRuntimeBusy:      CodeRuntimeBusy,
 		-32099:              CodeRuntimeError,
 		0:                   CodeRuntimeError,
 	}

@@ -62,6 +62,7 @@ const (
 	RPCDuplicateRequest = -32006 // duplicate_request
 	RPCInvalidSchema    = -32007 // invalid_schema
 	RPCShuttingDown     = -32008 // shutting_down
+	RPCRuntimeBusy      = -32009 // runtime_busy
 )
 
 // Finish reasons of a generate.
@@ -130,6 +131,8 @@ func (e *RPCError) StableCode() string {
 		return CodeInvalidSchema
 	case RPCShuttingDown:
 		return CodeShuttingDown
+	case RPCRuntimeBusy:
+		return CodeRuntimeBusy
 	}
 	return CodeRuntimeError
 }

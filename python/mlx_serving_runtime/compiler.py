@@ -20,7 +20,7 @@ inside them.
   it runs, so other threads go on). A timed-out compile keeps its thread until it
   ends, its result dropped. A fresh thread per compile means nothing waits behind
   it; each such thread burns a core, though, so while MAX_STUCK_COMPILES of them
-  run, new compiles are refused at once with out_of_memory (retryable: another
+  run, new compiles are refused at once with runtime_busy (retryable: another
   attempt, maybe on another runtime, may run) rather than piling up more.
 
 Exactly one answer per generate: the compile's end, its time limit and a shutdown
@@ -114,7 +114,7 @@ class GrammarCompiler:
         with self._lock:
             if self._stuck >= self._max_stuck:
                 raise RpcError(
-                    "out_of_memory",
+                    "runtime_busy",
                     f"{self._stuck} grammar compiles past their {self.limit_s:g} s limit still run; "
                     "try again later or elsewhere",
                 )
@@ -131,7 +131,7 @@ class GrammarCompiler:
         except (RuntimeError, ValueError) as e:  # no thread to be had: retryable
             with self._lock:
                 self._pending.pop(req.request_id, None)
-            raise RpcError("out_of_memory", f"cannot start a compile thread: {e}") from None
+            raise RpcError("runtime_busy", f"cannot start a compile thread: {e}") from None
         job.timer = threading.Timer(self.limit_s, self._expire, (job,))
         job.timer.daemon = True
         job.timer.start()

@@ -113,7 +113,7 @@ def test_stuck_compiles_cap_refuses_retryably() -> None:
     sent.wait_for(1)
     with pytest.raises(RpcError) as e:
         c.submit(request("b", blocked(release)))
-    assert e.value.code == "out_of_memory"
+    assert e.value.code == "runtime_busy"
     release.set()
     join_compiles()
     assert c._stuck == 0
