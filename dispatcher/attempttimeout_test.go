@@ -7,14 +7,16 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 // A worker that accepts a job without a deadline and never ends it (hung
 // agent, or a worker credential used to black-hole work: the red team's N2)
-// holds it no longer than AttemptTimeout: the dispatcher tells the worker to
-// stop that attempt (the cancel names it), and the job runs again and ends
-// with one record. Here the same worker completes the second attempt.
+// holds it no longer than AttemptTimeout plus DeadlineGrace: the dispatcher
+// tells the worker to stop that attempt for a retry (the message names it),
+// waits the grace for its report, and runs the job again; it ends with one
+// record. Here the same worker completes the second attempt.
 // Mutation caught: dropping the timeout branch of tick (the job waits on the
 // hung attempt for ever; the test times out).
 func TestAttemptTimeoutRetriesAJobItsWorkerHolds(t *testing.T) {
@@ -29,6 +31,7 @@ func TestAttemptTimeoutRetriesAJobItsWorkerHolds(t *testing.T) {
 	cancels := e.cancelsTo("w1")
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.AttemptTimeout = 300 * time.Millisecond
+	cfg.DeadlineGrace = 200 * time.Millisecond // how long the worker gets to report the attempt
 	d, stop := runDispatcher(t, cfg)
 	defer stop()
 
@@ -44,8 +47,8 @@ func TestAttemptTimeoutRetriesAJobItsWorkerHolds(t *testing.T) {
 	select {
 	case m := <-cancels:
 		var c schemas.CancelMsg
-		if err := json.Unmarshal(m.Data, &c); err != nil || c.JobID != "held" || c.Attempt != 1 {
-			t.Fatalf("cancel %s, want one for attempt 1 of held", m.Data)
+		if err := json.Unmarshal(m.Data, &c); err != nil || c.JobID != "held" || c.Attempt != 1 || !c.Retry {
+			t.Fatalf("cancel %s, want a retry stop for attempt 1 of held", m.Data)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the worker was not told to stop the timed-out attempt")
@@ -67,6 +70,7 @@ func TestAttemptTimeoutExhaustsAttempts(t *testing.T) {
 	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Hang: true} })
 	cfg := testConfig("d1", e.connect("d1"))
 	cfg.AttemptTimeout = 200 * time.Millisecond
+	cfg.DeadlineGrace = 100 * time.Millisecond
 	cfg.MaxAttempts = 2
 	cfg.BreakerThreshold = 10 // the breaker is not what this test is about
 	_, stop := runDispatcher(t, cfg)
@@ -81,5 +85,62 @@ func TestAttemptTimeoutExhaustsAttempts(t *testing.T) {
 	}
 	if n := e.streamMsgs("RESULTS"); n != 1 {
 		t.Fatalf("RESULTS holds %d records, want 1", n)
+	}
+}
+
+// A worker told to stop a timed-out attempt for a retry reports it with the
+// text it sent, and the retry resumes from exactly that text, not from the
+// dispatcher's own copy, which may lag behind events still on their way (a
+// retry resumed from it made half the callers' streams diverge: the red
+// team's R9-3). The report here carries text no progress event did.
+// Mutation caught: attemptTimedOut retrying at once (retryableFailure)
+// instead of waiting for the report (attempt 2's resume is empty).
+func TestAttemptTimeoutResumesFromTheWorkersReport(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	resumes := make(chan *schemas.Resume, 4)
+	e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
+		if aj.Attempt == 1 {
+			return jobPlan{Hang: true}
+		}
+		resumes <- aj.Resume
+		return jobPlan{}
+	})
+	cancels := e.cancelsTo("w1")
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.AttemptTimeout = 300 * time.Millisecond
+	cfg.DeadlineGrace = time.Minute // only the report may end the attempt
+	_, stop := runDispatcher(t, cfg)
+	defer stop()
+
+	j := newJob("reported", "m", schemas.PriorityNormal)
+	e.mustSubmit(j)
+	var c schemas.CancelMsg
+	select {
+	case m := <-cancels:
+		if err := json.Unmarshal(m.Data, &c); err != nil || !c.Retry || c.Attempt != 1 {
+			t.Fatalf("cancel %s, want a retry stop of attempt 1", m.Data)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the timed-out attempt was not stopped")
+	}
+	// What the worker sent the caller before it stopped, as its report says.
+	rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: j.ID, Tenant: j.Tenant, Attempt: 1, WorkerID: "w1",
+		Error: schemas.ErrorInfo{Code: schemas.CodeAttemptTimeout, Message: "stopped", Retryable: true},
+		Text:  "sent before the stop", Seq: 3, CompletionTokens: 4, ReportedAt: time.Now().UTC()})
+	w1 := e.connect("w1-reporter")
+	if err := w1.PublishRequest(subjects.Attempt("w1"), w1.NewInbox(), rep); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-resumes:
+		if r == nil || r.Text != "sent before the stop" || r.CompletionTokens != 4 {
+			t.Fatalf("attempt 2 resumes from %+v, want the worker's report", r)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no second attempt after the report")
+	}
+	if res := e.waitResult(j.ID, 15*time.Second); res.Status != schemas.StatusCompleted || res.Attempt != 2 {
+		t.Fatalf("record %s at attempt %d, want completed at 2", res.Status, res.Attempt)
 	}
 }

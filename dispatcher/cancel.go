@@ -168,8 +168,13 @@ func (d *Dispatcher) onCancel(subject string, data []byte, live bool) {
 
 // forwardCancel tells j's worker to stop it; the worker ends it with a
 // cancelled record handed back on its done subject. Callers hold d.mu.
-func (d *Dispatcher) forwardCancel(j *job, reason string) {
-	data, err := json.Marshal(schemas.CancelMsg{JobID: j.id, Tenant: subjects.TenantOfToken(j.tenant), Attempt: j.attempt, Reason: reason, RequestedAt: time.Now().UTC()})
+func (d *Dispatcher) forwardCancel(j *job, reason string) { d.forwardStop(j, reason, false) }
+
+// forwardStop tells j's worker to stop its current attempt (the message names
+// it): with retry, the worker reports the attempt for retry with the text it
+// sent instead of ending the job. Callers hold d.mu.
+func (d *Dispatcher) forwardStop(j *job, reason string, retry bool) {
+	data, err := json.Marshal(schemas.CancelMsg{JobID: j.id, Tenant: subjects.TenantOfToken(j.tenant), Attempt: j.attempt, Retry: retry, Reason: reason, RequestedAt: time.Now().UTC()})
 	if err == nil {
 		err = d.nc.PublishRequest(subjects.WorkerCancel(j.workerID), d.mark, data) // subjects.Sent
 	}

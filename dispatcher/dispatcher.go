@@ -129,6 +129,7 @@ type job struct {
 	gone      bool // forgotten: terminal or handed back
 	enqueued  time.Time
 	offered   time.Time // when the current attempt was offered to a worker (AttemptTimeout)
+	givenUp   time.Time // when the current attempt timed out and its worker was told to stop it (zero: not yet)
 	progress  time.Time // last in-progress ack
 	retryAt   time.Time
 	bo        backoff.BackOff

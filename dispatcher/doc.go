@@ -105,9 +105,10 @@
 // events, so its retry is requeued only after a barrier (nats.Conn.Barrier)
 // behind every event received so far: the resume then holds all the text the
 // dispatcher had received before it learnt of the end. An attempt its worker
-// holds past AttemptTimeout without ending it is given up the same way (the
-// worker is told to stop that attempt), so a worker that heart-beats but never
-// answers holds no job for ever. Retries wait an exponential backoff with jitter; out of
+// holds past AttemptTimeout is stopped for a retry: the worker reports it with
+// the text it sent and the retry resumes there, or, without a report within
+// DeadlineGrace, it is given up like a silent death, so a worker that
+// heart-beats but never answers holds no job for ever. Retries wait an exponential backoff with jitter; out of
 // attempts a job goes to DLQ and gets a terminal failed attempts_exhausted.
 //
 // # Shutdown

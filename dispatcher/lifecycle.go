@@ -35,7 +35,7 @@ func (d *Dispatcher) apply(j *job, e Trigger) error {
 	}
 	j.state = to
 	if e == EvDispatch {
-		j.offered = time.Now() // the attempt's clock (AttemptTimeout)
+		j.offered, j.givenUp = time.Now(), time.Time{} // the attempt's clock (AttemptTimeout)
 	}
 	d.count().finished(to)
 	return nil

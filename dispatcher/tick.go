@@ -51,6 +51,10 @@ func (d *Dispatcher) tick(now time.Time) {
 			case j.req.Deadline != nil && now.After(j.req.Deadline.Add(d.cfg.DeadlineGrace)):
 				d.forwardCancel(j, "deadline passed")
 				d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed and the worker did not end the job"})
+			case !j.givenUp.IsZero():
+				if now.Sub(j.givenUp) > d.cfg.DeadlineGrace {
+					d.attemptAbandoned(j, now)
+				}
 			case now.Sub(j.offered) > d.cfg.AttemptTimeout:
 				d.attemptTimedOut(j, now)
 			}
@@ -69,18 +73,30 @@ func (d *Dispatcher) tick(now time.Time) {
 }
 
 // attemptTimedOut gives up on j's current attempt, which its worker has held
-// longer than AttemptTimeout: the worker is told to stop that attempt (the
-// cancel names it, so a later attempt placed on the same worker is not
-// stopped by it), its breaker counts a failure, and the job is retried from
-// what its caller received. Should the worker still hand over a record of the
-// attempt, it is refused: the job is no longer running there at that attempt.
-// Callers hold d.mu.
+// longer than AttemptTimeout: the worker is told to stop that attempt and
+// report it for retry (the message names the attempt, so a later attempt on
+// the same worker is not stopped by it). The report carries exactly the text
+// the caller was sent, and onAttemptReport retries the job from there; the
+// dispatcher's own copy of that text may lag behind events still on their
+// way, and a retry resumed from it made half the callers' streams diverge
+// (the red team's R9-3). A worker that does not report within DeadlineGrace
+// is given up on (attemptAbandoned). Should it still hand over a record of
+// the attempt meanwhile, that record ends the job. Callers hold d.mu.
 func (d *Dispatcher) attemptTimedOut(j *job, now time.Time) {
 	d.count().attemptTimedOut()
-	d.forwardCancel(j, "attempt timed out")
+	j.givenUp = now
+	d.forwardStop(j, "attempt timed out", true)
+}
+
+// attemptAbandoned retries j without its worker's report: the worker was told
+// to stop the attempt DeadlineGrace ago and said nothing (hung, or a worker
+// credential that takes jobs and never runs them: the red team's N2). Its
+// breaker counts a failure; the retry resumes from the text tracked from the
+// attempt's progress events. Callers hold d.mu.
+func (d *Dispatcher) attemptAbandoned(j *job, now time.Time) {
 	if w := d.workers[j.workerID]; w != nil {
 		w.br.Record(false, now)
 	}
 	d.retryableFailure(j, schemas.ErrorInfo{Code: schemas.CodeAttemptTimeout, Retryable: true,
-		Message: fmt.Sprintf("the attempt ran longer than %s on worker %s", d.cfg.AttemptTimeout, j.workerID)}, nil, 0)
+		Message: fmt.Sprintf("the attempt ran longer than %s on worker %s, which did not stop it", d.cfg.AttemptTimeout, j.workerID)}, nil, 0)
 }

@@ -256,7 +256,9 @@ type CancelMsg struct {
 	Reason string `json:"reason,omitempty"`
 	Tenant string `json:"tenant,omitempty"`
 	// Attempt, when set, limits the cancel to that attempt (cancel.json).
-	Attempt     int       `json:"attempt,omitempty"`
+	Attempt int `json:"attempt,omitempty"`
+	// Retry: stop the attempt and report it for retry, not end the job.
+	Retry       bool      `json:"retry,omitempty"`
 	RequestedAt time.Time `json:"requested_at"`
 }
 

@@ -26,6 +26,11 @@ func (a *Agent) handleCancel(msg *nats.Msg) {
 			a.log.Debug().Str("job_id", c.JobID).Int("attempt", r.aj.Attempt).Int("cancel_attempt", c.Attempt).Msg("cancel of another attempt ignored")
 			return
 		}
+		if c.Retry {
+			a.log.Info().Str("job_id", c.JobID).Str("tenant", c.Tenant).Int("attempt", r.aj.Attempt).Str("model", r.aj.Job.Model).Msg("stopping running job for a retry")
+			r.requestStop(stopRetry)
+			return
+		}
 		a.log.Info().Str("job_id", c.JobID).Str("tenant", c.Tenant).Int("attempt", r.aj.Attempt).Str("model", r.aj.Job.Model).Msg("cancelling running job")
 		r.requestStop(stopCancelled)
 	}

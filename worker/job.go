@@ -21,6 +21,7 @@ const (
 	stopCancelled = "cancelled" // a cancel request: terminal cancelled
 	stopExpired   = "expired"   // the deadline passed: terminal expired
 	stopShutdown  = "shutdown"  // the worker is stopping: attempt report, retried elsewhere
+	stopRetry     = "retry"     // its dispatcher gave up on the attempt (attempt_timeout): attempt report with the text sent
 )
 
 // jobRun is one attempt of one job on this worker.
@@ -248,6 +249,11 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		var rerr *RuntimeError
 		code, msg, retryable := schemas.CodeRuntimeCrashed, "runtime exited while the job ran", true
 		switch {
+		case reason == stopRetry:
+			// The report carries exactly what the caller was sent (flushed
+			// above): the retry resumes there, not from the dispatcher's
+			// copy, which may lag behind the events still on their way.
+			code, msg = schemas.CodeAttemptTimeout, "its dispatcher gave up on the attempt (attempt_timeout)"
 		case gen != nil || reason == stopShutdown || ctx.Err() != nil:
 			code, msg = schemas.CodeWorkerShutdown, "the worker stopped before the job finished"
 		case errors.Is(genErr, ErrRuntimeUnavailable):
