@@ -85,7 +85,8 @@ def allof_refs(patterns: int, n: int) -> dict:
         "$defs": {"P": {"type": "object", "patternProperties": pp}},
         "type": "object",
         "properties": {
-            f"k{j}": {"allOf": [{"$ref": "#/$defs/P"}, {"type": "object", "maxProperties": j + 1}]} for j in range(n)
+            f"k{j}": {"allOf": [{"$ref": "#/$defs/P"}, {"type": "object", "maxProperties": j + 1}]}
+            for j in range(n)
         },
     }
 
