@@ -2,8 +2,10 @@ package schemas
 
 import (
 	"fmt"
+	"maps"
 	"net/url"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -186,7 +188,8 @@ func (w *schemaWalker) height(v any, depth int, inPlace bool) tally {
 			t.height = c.height
 			t.add(c)
 		}
-		for k, e := range x {
+		for _, k := range sortedKeys(x) {
+			e := x[k]
 			if w.overCount(t) {
 				return tally{}
 			}
@@ -240,7 +243,8 @@ func (w *schemaWalker) defsHeight(defs map[string]any, depth int) int {
 		return 0
 	}
 	h := 0
-	for _, d := range defs {
+	for _, k := range sortedKeys(defs) {
+		d := defs[k]
 		if w.stopped() {
 			return 0
 		}
@@ -343,8 +347,8 @@ func collectAnchors(v any, into map[string]any, depth int) {
 				into[a] = x
 			}
 		}
-		for _, e := range x {
-			collectAnchors(e, into, depth+1)
+		for _, k := range sortedKeys(x) {
+			collectAnchors(x[k], into, depth+1)
 		}
 	case []any:
 		for _, e := range x {
@@ -352,3 +356,10 @@ func collectAnchors(v any, into map[string]any, depth int) {
 		}
 	}
 }
+
+// sortedKeys is the order the walks take an object's members in. A tally
+// memoized while a recursive ref was cut depends on the order refs are met,
+// so Go (whose map order is random) and schema_bounds.py (which sorts too)
+// must meet them in one order to count a recursive schema alike, and the
+// first of two equal $anchors must be the same one.
+func sortedKeys(m map[string]any) []string { return slices.Sorted(maps.Keys(m)) }

@@ -3,6 +3,7 @@ package schemas
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 )
@@ -235,4 +236,21 @@ func TestRefAndPatternCounts(t *testing.T) {
 	job := depthJob(`"messages":[{"role":"user","content":"x"}],"json_schema":` + pp(40) +
 		`,"tools":[{"type":"function","function":{"name":"a"}},{"type":"function","function":{"name":"b","parameters":` + pp(40) + `}}]`)
 	wantOne(t, reasonsOf(t, Job, job), "$.tools[1].function.parameters", "more than 64 patterns")
+}
+
+// TestRecursiveCountsInOneOrder: a recursive schema's counts depend on the
+// order refs are met (a tally memoized while a cycle was cut), so the walk
+// takes members in sorted order, as schema_bounds.py does: this vector (a
+// random recursive schema on which the two once disagreed) is refused every
+// time, as the runtime refuses it (python/tests/test_schemas.py runs the same
+// vector). Mutation caught: Go's map order (it passes on some runs of 50).
+func TestRecursiveCountsInOneOrder(t *testing.T) {
+	t.Parallel()
+	doc, err := os.ReadFile("testdata/runtime.generate.params/invalid/json-schema-recursive-ref-order.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 50 {
+		wantOne(t, reasonsOf(t, RuntimeGenerateParams, doc), "$.json_schema", "more than 64 patterns")
+	}
 }

@@ -112,7 +112,8 @@ class _Walker:
             if isinstance(ref, str):
                 h, r, p = self.follow(ref, depth + 1)
                 refs, patterns = _sat(refs, r, mr), _sat(patterns, p, mp)
-            for k, e in v.items():
+            for k in sorted(v):  # Go's order (see sortedKeys in schemas/depth.go)
+                e = v[k]
                 if self.over(refs, patterns):
                     return _NONE
                 if not isinstance(e, (dict, list)):
@@ -156,7 +157,8 @@ class _Walker:
             self.too_deep = True
             return 0
         h = 0
-        for d in defs.values():
+        for k in sorted(defs):
+            d = defs[k]
             if self.stopped():
                 return 0
             c, r, p = self.height(d, depth + 1, True)
@@ -213,8 +215,8 @@ class _Walker:
             a = v.get("$anchor")
             if isinstance(a, str):
                 self.anchors.setdefault(a, v)
-            for e in v.values():
-                self._collect_anchors(e, depth + 1)
+            for k in sorted(v):
+                self._collect_anchors(v[k], depth + 1)
         elif isinstance(v, list):
             for e in v:
                 self._collect_anchors(e, depth + 1)
