@@ -2,8 +2,10 @@ package schemas
 
 import (
 	"fmt"
+	"maps"
 	"net/url"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -30,13 +32,18 @@ const (
 	// overflowed llguidance's native stack (SIGSEGV).
 	MaxSchemaDepth = 64
 	// MaxSchemaRefs bounds the "$ref"s of a job's schemas, all fields together
-	// (tools compile into one grammar). Compile time grows with them: 256
+	// (tools compile into one grammar), a ref's target's refs counted again at
+	// every ref followed to it. Compile time grows with them: 256
 	// properties each a $ref compiled in 14 ms, 1024 in 109 ms (tiny model,
 	// python/mlx_serving_runtime structured.compile_schema, 2-core dev box).
 	MaxSchemaRefs = 256
 	// MaxSchemaPatterns bounds the regular expressions of a job's schemas, all
 	// fields together: each patternProperties entry, each propertyNames and each
-	// "pattern" keyword counts one. patternProperties compile in time
+	// "pattern" keyword counts one, and a $ref counts its target's patterns
+	// again each time it is followed: llguidance compiles a target anew for
+	// each allOf holding a ref to it, so 20 such allOfs over one def of 64
+	// patternProperties compiled for 24 s while the target counted once (red
+	// team round 9). patternProperties compile in time
 	// superlinear in the entries of one object: 64 compiled in 25 ms, 100 in
 	// 86 ms, 128 in 175 ms, 500 in 73 s (same setup).
 	MaxSchemaPatterns = 64
@@ -78,123 +85,206 @@ type schemaCounts struct{ refs, patterns int }
 
 // check walks one schema and returns why it is past a bound, or "".
 func (c *schemaCounts) check(root any) string {
-	w := schemaWalker{root: root, counts: c}
-	w.height(root, 1, true)
+	w := schemaWalker{root: root}
+	t := w.height(root, 1, true)
+	c.refs = satAdd(c.refs, t.refs, MaxSchemaRefs)
+	c.patterns = satAdd(c.patterns, t.patterns, MaxSchemaPatterns)
 	switch {
 	case w.tooDeep:
 		return fmt.Sprintf("nests objects and arrays more than %d levels deep (local $refs followed)", MaxSchemaDepth)
-	case c.refs > MaxSchemaRefs:
-		return fmt.Sprintf("has more than %d $refs (json_schema and every tool's parameters together)", MaxSchemaRefs)
-	case c.patterns > MaxSchemaPatterns:
-		return fmt.Sprintf("has more than %d patterns (patternProperties entries, propertyNames and pattern keywords; json_schema and every tool's parameters together)", MaxSchemaPatterns)
+	case w.tooMany == "refs" || c.refs > MaxSchemaRefs:
+		return fmt.Sprintf("has more than %d $refs (json_schema and every tool's parameters together, each $ref's target counted again at every $ref to it)", MaxSchemaRefs)
+	case w.tooMany == "patterns" || c.patterns > MaxSchemaPatterns:
+		return fmt.Sprintf("has more than %d patterns (patternProperties entries, propertyNames and pattern keywords; json_schema and every tool's parameters together, each $ref's target counted again at every $ref to it)", MaxSchemaPatterns)
 	}
 	return ""
 }
 
+// tally is what a subtree costs llguidance: its height, and its refs and
+// patterns with every $ref in it expanded (the ref counts one, its target's
+// counts are added again). llguidance compiles a ref's target anew for each
+// allOf holding the ref (red team round 9: 20 allOfs each with a $ref to one
+// def of 64 patternProperties, every count inside the bounds when a target
+// counted once, compiled for 24 s), so a target counts at every ref followed.
+// refs and patterns saturate one past their bound (satAdd): a DAG whose
+// counts double per level neither overflows nor costs more than its walk.
+type tally struct{ height, refs, patterns int }
+
+func (t *tally) add(o tally) {
+	t.refs = satAdd(t.refs, o.refs, MaxSchemaRefs)
+	t.patterns = satAdd(t.patterns, o.patterns, MaxSchemaPatterns)
+}
+
+// satAdd is a+b, or limit+1 when that passes limit (a and b are at most
+// limit+1 or a single keyword's entry count, so the sum cannot overflow).
+func satAdd(a, b, limit int) int {
+	if s := a + b; s <= limit {
+		return s
+	}
+	return limit + 1
+}
+
 type schemaWalker struct {
 	root    any
-	counts  *schemaCounts
 	tooDeep bool
-	visits  int // nodes walked, for TestRefDAGLinear
-	// Lazily made, only for schemas with refs. memo: the height of each object
+	tooMany string // "refs" or "patterns": one subtree alone passed that bound; the walk stopped
+	visits  int    // nodes walked, for TestRefDAGLinear
+	// Lazily made, only for schemas with refs. memo: the tally of each object
 	// walked from a ref, so a DAG of refs (each def referencing the next twice)
 	// costs linear time, not 2^n. onPath: ref targets being walked, whose
-	// reappearance below themselves is recursion. A height memoized while a
+	// reappearance below themselves is recursion. A tally memoized while a
 	// cycle was cut may undercount a longer path met later through another
 	// entry; the ref count bound and the runtime's large compile stack cover
 	// that slack.
 	// Keys are the maps' addresses: the document is alive (and Go's heap does
 	// not move) for the whole walk.
-	memo    map[uintptr]int
+	memo    map[uintptr]tally
 	onPath  map[uintptr]bool
 	anchors map[string]any
 }
 
-// height returns how many levels v nests (0 for a scalar, 1 + its deepest
-// child for an object or array, a ref's target being a child of the object
-// holding the ref) where v sits at level depth. It stops, setting tooDeep, as
-// soon as a level passes MaxSchemaDepth, so it recurses at most that deep.
-// count: v is walked in place (not through a ref), so its refs and patterns
-// are counted; each node is counted once whatever refs point at it.
-func (w *schemaWalker) height(v any, depth int, count bool) int {
+func (w *schemaWalker) stopped() bool { return w.tooDeep || w.tooMany != "" }
+
+// height returns v's tally where v sits at level depth: its height is 0 for a
+// scalar, 1 + its deepest child for an object or array, a ref's target being
+// a child of the object holding the ref. It stops, setting tooDeep, as soon as
+// a level passes MaxSchemaDepth, so it recurses at most that deep, and, setting
+// tooMany, as soon as a subtree's refs or patterns pass their bound. inPlace: v
+// is walked where it sits (not through a ref), and the memo is not consulted.
+func (w *schemaWalker) height(v any, depth int, inPlace bool) tally {
 	w.visits++
 	switch x := v.(type) {
 	case map[string]any:
 		if depth > MaxSchemaDepth {
 			w.tooDeep = true
-			return 0
+			return tally{}
 		}
 		var key uintptr
-		if !count && w.memo != nil {
+		if !inPlace && w.memo != nil {
 			key = reflect.ValueOf(x).Pointer()
-			if h, ok := w.memo[key]; ok {
-				if depth+h-1 > MaxSchemaDepth {
+			if t, ok := w.memo[key]; ok {
+				if depth+t.height-1 > MaxSchemaDepth {
 					w.tooDeep = true
 				}
-				return h
+				return t
 			}
 		}
-		h := 0
+		var t tally
 		ref, isRef := x["$ref"].(string)
-		if count {
-			if isRef {
-				w.counts.refs++
-			}
-			if pp, ok := x["patternProperties"].(map[string]any); ok {
-				w.counts.patterns += len(pp)
-			}
-			if _, ok := x["propertyNames"].(map[string]any); ok {
-				w.counts.patterns++
-			}
-			if _, ok := x["pattern"].(string); ok {
-				w.counts.patterns++
-			}
+		if isRef {
+			t.refs = 1
+		}
+		if pp, ok := x["patternProperties"].(map[string]any); ok {
+			t.patterns = satAdd(t.patterns, len(pp), MaxSchemaPatterns)
+		}
+		if _, ok := x["propertyNames"].(map[string]any); ok {
+			t.patterns = satAdd(t.patterns, 1, MaxSchemaPatterns)
+		}
+		if _, ok := x["pattern"].(string); ok {
+			t.patterns = satAdd(t.patterns, 1, MaxSchemaPatterns)
 		}
 		if isRef {
-			h = w.follow(ref, depth+1)
+			c := w.follow(ref, depth+1)
+			t.height = c.height
+			t.add(c)
 		}
-		for _, e := range x {
-			if w.tooDeep {
-				return 0
+		for _, k := range sortedKeys(x) {
+			e := x[k]
+			if w.overCount(t) {
+				return tally{}
 			}
-			h = max(h, w.height(e, depth+1, count))
+			if defs, ok := e.(map[string]any); ok && depth == 1 && inPlace && (k == "$defs" || k == "definitions") {
+				t.height = max(t.height, w.defsHeight(defs, depth+1))
+				continue
+			}
+			c := w.height(e, depth+1, inPlace)
+			t.height = max(t.height, c.height)
+			t.add(c)
 		}
+		if w.overCount(t) {
+			return tally{}
+		}
+		t.height++
 		if key != 0 {
-			w.memo[key] = 1 + h
+			w.memo[key] = t
 		}
-		return 1 + h
+		return t
 	case []any:
 		if depth > MaxSchemaDepth {
 			w.tooDeep = true
-			return 0
+			return tally{}
 		}
-		h := 0
+		var t tally
 		for _, e := range x {
-			if w.tooDeep {
-				return 0
+			if w.overCount(t) {
+				return tally{}
 			}
-			h = max(h, w.height(e, depth+1, count))
+			c := w.height(e, depth+1, inPlace)
+			t.height = max(t.height, c.height)
+			t.add(c)
 		}
-		return 1 + h
+		if w.overCount(t) {
+			return tally{}
+		}
+		t.height++
+		return t
 	}
-	return 0
+	return tally{}
 }
 
-// follow returns the height of ref's target placed at level depth: 0 when it
-// is not in this document or is already on the path (recursion).
-func (w *schemaWalker) follow(ref string, depth int) int {
+// defsHeight returns the height of the root's definitions (at level depth).
+// They compile where refs reach them and count there, not in place (else a
+// chain of n defs each referencing the next would count n^2/2 refs); each is
+// still walked, for depth and for one past a count's bound alone.
+func (w *schemaWalker) defsHeight(defs map[string]any, depth int) int {
+	w.visits++
+	if depth > MaxSchemaDepth {
+		w.tooDeep = true
+		return 0
+	}
+	h := 0
+	for _, k := range sortedKeys(defs) {
+		d := defs[k]
+		if w.stopped() {
+			return 0
+		}
+		c := w.height(d, depth+1, true)
+		w.overCount(c)
+		h = max(h, c.height)
+	}
+	return 1 + h
+}
+
+// overCount reports whether the walk has stopped, setting tooMany when t alone
+// passes a count's bound (the whole schema then does too).
+func (w *schemaWalker) overCount(t tally) bool {
+	switch {
+	case w.stopped():
+	case t.refs > MaxSchemaRefs:
+		w.tooMany = "refs"
+	case t.patterns > MaxSchemaPatterns:
+		w.tooMany = "patterns"
+	default:
+		return false
+	}
+	return true
+}
+
+// follow returns the tally of ref's target placed at level depth: nothing
+// when it is not in this document or is already on the path (recursion).
+func (w *schemaWalker) follow(ref string, depth int) tally {
 	t := w.resolve(ref)
 	target, ok := t.(map[string]any)
 	if !ok {
 		return w.height(t, depth, false) // an array or a scalar: no ref of its own to loop on
 	}
 	if w.memo == nil {
-		w.memo = map[uintptr]int{}
+		w.memo = map[uintptr]tally{}
 		w.onPath = map[uintptr]bool{}
 	}
 	key := reflect.ValueOf(target).Pointer()
 	if w.onPath[key] {
-		return 0
+		return tally{}
 	}
 	w.onPath[key] = true
 	h := w.height(target, depth, false)
@@ -257,8 +347,8 @@ func collectAnchors(v any, into map[string]any, depth int) {
 				into[a] = x
 			}
 		}
-		for _, e := range x {
-			collectAnchors(e, into, depth+1)
+		for _, k := range sortedKeys(x) {
+			collectAnchors(x[k], into, depth+1)
 		}
 	case []any:
 		for _, e := range x {
@@ -266,3 +356,10 @@ func collectAnchors(v any, into map[string]any, depth int) {
 		}
 	}
 }
+
+// sortedKeys is the order the walks take an object's members in. A tally
+// memoized while a recursive ref was cut depends on the order refs are met,
+// so Go (whose map order is random) and schema_bounds.py (which sorts too)
+// must meet them in one order to count a recursive schema alike, and the
+// first of two equal $anchors must be the same one.
+func sortedKeys(m map[string]any) []string { return slices.Sorted(maps.Keys(m)) }

@@ -3,6 +3,7 @@ package schemas
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 )
@@ -134,26 +135,68 @@ func TestRecursiveSchemaAllowed(t *testing.T) {
 }
 
 // TestRefDAGLinear: a schema where each def references the next twice has
-// 2^n paths; the walk visits each node a bounded number of times (memo per
-// ref target), not once per path. Mutation caught: the memo lookup removed
-// (about 2^20 visits).
+// 2^n paths, and as many refs once each is expanded (refused); the walk
+// visits each node a bounded number of times (memo per ref target, counts
+// saturating at their bound), not once per path. Mutation caught: the memo
+// lookup removed (2,345 visits before the count passes its bound).
 func TestRefDAGLinear(t *testing.T) {
 	t.Parallel()
 	s := refSchema(20, func(i int) string {
 		return fmt.Sprintf(`{"type":"object","properties":{"a":{"$ref":"#/$defs/d%d"},"b":{"$ref":"#/$defs/d%d"}}}`, i+1, i+1)
 	})
-	if got := schemaReasons(t, s); got != nil {
-		t.Fatalf("20-deep DAG refused: %v", got)
-	}
+	wantOne(t, schemaReasons(t, s), "$.json_schema", "more than 256 $refs")
 	var v any
 	if err := json.Unmarshal([]byte(s), &v); err != nil {
 		t.Fatal(err)
 	}
-	w := schemaWalker{root: v, counts: &schemaCounts{}}
+	w := schemaWalker{root: v}
 	w.height(v, 1, true)
-	if w.visits > 2000 {
+	if w.visits > 500 { // 114 with the memo, 2,345 without
 		t.Fatalf("%d visits for a schema of about 200 nodes", w.visits)
 	}
+}
+
+// allOfRefs is red team round 9's schema: $defs.P holds `patterns`
+// patternProperties, and n properties are each an allOf of a $ref to P and
+// a maxProperties (llguidance compiles P anew for each allOf: 20 of them over
+// 64 patterns compiled for 24 s).
+func allOfRefs(patterns, n int) string {
+	pp := make([]string, patterns)
+	for i := range pp {
+		pp[i] = fmt.Sprintf(`"^([a-z]{0,12}[0-9]){0,12}z%d$":{"type":"string"}`, i)
+	}
+	props := make([]string, n)
+	for j := range props {
+		props[j] = fmt.Sprintf(`"k%d":{"allOf":[{"$ref":"#/$defs/P"},{"type":"object","maxProperties":%d}]}`, j, j+1)
+	}
+	return `{"$defs":{"P":{"type":"object","patternProperties":{` + strings.Join(pp, ",") +
+		`}}},"type":"object","properties":{` + strings.Join(props, ",") + `}}`
+}
+
+// TestRefTargetCountedPerRef: a ref's target counts its patterns (and refs)
+// again at every ref followed to it. Red team round 9's schema is refused at
+// 2 refs (128 patterns), in the job and in the runtime's params; a small def
+// referenced 10 times stays allowed up to the bound (6 patterns x 10), one
+// more ref is refused. Mutation caught: follow's tally not added (targets
+// counted once: 66 and 128 pass).
+func TestRefTargetCountedPerRef(t *testing.T) {
+	t.Parallel()
+	s := allOfRefs(64, 2)
+	wantOne(t, schemaReasons(t, s), "$.json_schema", "more than 64 patterns")
+	params := []byte(`{"request_id":"r-1","model":"tiny","prompt":"x","json_schema":` + s + `}`)
+	wantOne(t, reasonsOf(t, RuntimeGenerateParams, params), "$.json_schema", "more than 64 patterns")
+	if got := schemaReasons(t, allOfRefs(6, 10)); got != nil {
+		t.Fatalf("a 6-pattern def referenced 10 times refused: %v", got)
+	}
+	wantOne(t, schemaReasons(t, allOfRefs(6, 11)), "$.json_schema", "more than 64 patterns")
+	// Refs inside a target count again too: 2 refs to a def holding 200 refs.
+	inner := make([]string, 200)
+	for i := range inner {
+		inner[i] = fmt.Sprintf(`"p%d":{"$ref":"#/$defs/s"}`, i)
+	}
+	refs := `{"$defs":{"s":{"type":"string"},"R":{"type":"object","properties":{` + strings.Join(inner, ",") +
+		`}}},"type":"object","properties":{"a":{"$ref":"#/$defs/R"},"b":{"$ref":"#/$defs/R"}}}`
+	wantOne(t, schemaReasons(t, refs), "$.json_schema", "more than 256 $refs")
 }
 
 // TestRefAndPatternCounts: the refs and patterns of json_schema and every
@@ -193,4 +236,21 @@ func TestRefAndPatternCounts(t *testing.T) {
 	job := depthJob(`"messages":[{"role":"user","content":"x"}],"json_schema":` + pp(40) +
 		`,"tools":[{"type":"function","function":{"name":"a"}},{"type":"function","function":{"name":"b","parameters":` + pp(40) + `}}]`)
 	wantOne(t, reasonsOf(t, Job, job), "$.tools[1].function.parameters", "more than 64 patterns")
+}
+
+// TestRecursiveCountsInOneOrder: a recursive schema's counts depend on the
+// order refs are met (a tally memoized while a cycle was cut), so the walk
+// takes members in sorted order, as schema_bounds.py does: this vector (a
+// random recursive schema on which the two once disagreed) is refused every
+// time, as the runtime refuses it (python/tests/test_schemas.py runs the same
+// vector). Mutation caught: Go's map order (it passes on some runs of 50).
+func TestRecursiveCountsInOneOrder(t *testing.T) {
+	t.Parallel()
+	doc, err := os.ReadFile("testdata/runtime.generate.params/invalid/json-schema-recursive-ref-order.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 50 {
+		wantOne(t, reasonsOf(t, RuntimeGenerateParams, doc), "$.json_schema", "more than 64 patterns")
+	}
 }

@@ -19,9 +19,17 @@ inside them.
 - A compile cannot be cancelled (llguidance has no hook; the GIL is released while
   it runs, so other threads go on). A timed-out compile keeps its thread until it
   ends, its result dropped. A fresh thread per compile means nothing waits behind
-  it; each such thread burns a core, though, so while MAX_STUCK_COMPILES of them
-  run, new compiles are refused at once with runtime_busy (retryable: another
-  attempt, maybe on another runtime, may run) rather than piling up more.
+  it; each such thread burns a core, though, so rather than pile up more, new
+  compiles are refused at once with runtime_busy (retryable: another attempt, maybe
+  on another runtime, may run) while, in the request's cache_scope (its tenant),
+  MAX_STUCK_COMPILES run past their limit or MAX_SCOPE_COMPILES run at all, or
+  while MAX_COMPILE_THREADS run in all scopes together. The budgets are per scope
+  because one shared budget let one tenant's two slow schemas refuse every other
+  tenant's structured requests (red team round 9: the dispatcher's three attempts
+  ran out in under a second); the scope's running cap keeps one tenant from taking
+  the whole of the global one, which bounds threads however many tenants send
+  slow schemas (several colluding can still fill it, each holding only its own
+  share).
 
 Exactly one answer per generate: the compile's end, its time limit and a shutdown
 race to settle it under one lock; the first wins, the others do nothing. A cancel
@@ -47,7 +55,9 @@ log = logging.getLogger("mlx_serving_runtime")
 
 COMPILE_LIMIT_S = 5.0
 COMPILE_STACK_BYTES = 256 << 20
-MAX_STUCK_COMPILES = 2
+MAX_STUCK_COMPILES = 2  # per cache_scope
+MAX_SCOPE_COMPILES = 2 * MAX_STUCK_COMPILES  # running at once, per cache_scope
+MAX_COMPILE_THREADS = 4 * MAX_STUCK_COMPILES  # running at once, all scopes together
 
 _stack_lock = threading.Lock()  # threading.stack_size is process-wide: set, start, restore
 
@@ -96,6 +106,8 @@ class GrammarCompiler:
         limit_s: float | None = None,
         max_stuck: int | None = None,
         stack_bytes: int | None = None,
+        max_scope: int | None = None,
+        max_threads: int | None = None,
     ) -> None:
         # None: the module's constants, read now (a test may have changed them).
         self._engine = engine
@@ -103,21 +115,45 @@ class GrammarCompiler:
         self.limit_s = COMPILE_LIMIT_S if limit_s is None else limit_s
         self._max_stuck = MAX_STUCK_COMPILES if max_stuck is None else max_stuck
         self._stack = COMPILE_STACK_BYTES if stack_bytes is None else stack_bytes
+        self._max_scope = MAX_SCOPE_COMPILES if max_scope is None else max_scope
+        self._max_threads = MAX_COMPILE_THREADS if max_threads is None else max_threads
         self._lock = threading.Lock()
         self._pending: dict[str, _Job] = {}  # request_id -> job not settled yet
-        self._stuck = 0  # compiles past their limit that still run
+        # Per cache_scope (entries dropped at 0): compiles past their limit that
+        # still run, and compile threads running (stuck or not).
+        self._stuck: dict[str, int] = {}
+        self._running: dict[str, int] = {}
+        self._threads = 0  # compile threads running, all scopes
+
+    def _busy(self, scope: str) -> str:
+        """Why a new compile in scope is refused now, or "" (under the lock)."""
+        stuck = self._stuck.get(scope, 0)
+        if stuck >= self._max_stuck:
+            return (
+                f"{stuck} of this tenant's grammar compiles past their "
+                f"{self.limit_s:g} s limit still run; try again later or elsewhere"
+            )
+        running = self._running.get(scope, 0)
+        if running >= self._max_scope:
+            return f"{running} of this tenant's grammar compiles run; try again later or elsewhere"
+        if self._threads >= self._max_threads:
+            return f"{self._threads} grammar compiles run, the most at once; try again later or elsewhere"
+        return ""
+
+    def _end_thread(self, scope: str) -> None:
+        """A compile thread of scope ended or never started (under the lock)."""
+        self._threads -= 1
+        _dec(self._running, scope)
 
     def submit(self, req: Request) -> None:
         """Compile req's grammar, then queue req on the engine or answer its error.
         Raises RpcError (answered by the caller) when it cannot start."""
         job = _Job(req)
+        scope = req.cache_scope
         with self._lock:
-            if self._stuck >= self._max_stuck:
-                raise RpcError(
-                    "runtime_busy",
-                    f"{self._stuck} grammar compiles past their {self.limit_s:g} s limit still run; "
-                    "try again later or elsewhere",
-                )
+            busy = self._busy(scope)
+            if busy:
+                raise RpcError("runtime_busy", busy)
             if req.request_id in self._pending:
                 raise RpcError(
                     "duplicate_request",
@@ -125,12 +161,15 @@ class GrammarCompiler:
                     request_id=req.request_id,
                 )
             self._pending[req.request_id] = job
+            self._threads += 1
+            self._running[scope] = self._running.get(scope, 0) + 1
         t = threading.Thread(target=self._compile, args=(job,), name="grammar-compile", daemon=True)
         try:
             start_with_stack(t, self._stack)
         except (RuntimeError, ValueError) as e:  # no thread to be had: retryable
             with self._lock:
                 self._pending.pop(req.request_id, None)
+                self._end_thread(scope)
             raise RpcError("runtime_busy", f"cannot start a compile thread: {e}") from None
         job.timer = threading.Timer(self.limit_s, self._expire, (job,))
         job.timer.daemon = True
@@ -169,8 +208,9 @@ class GrammarCompiler:
             job.timer.cancel()
         with self._lock:
             job.done = True
+            self._end_thread(job.req.cache_scope)
             if job.expired:
-                self._stuck -= 1
+                _dec(self._stuck, job.req.cache_scope)
                 log.warning("request %r: a timed-out compile ended", job.req.request_id)
         self._settle(job, grammar, err)
 
@@ -179,7 +219,8 @@ class GrammarCompiler:
             if job.settled or job.done:
                 return
             job.expired = True
-            self._stuck += 1
+            scope = job.req.cache_scope
+            self._stuck[scope] = self._stuck.get(scope, 0) + 1
         log.warning("request %r: grammar compile past %g s", job.req.request_id, self.limit_s)
         self._settle(
             job, None, RpcError("invalid_schema", f"schema too complex to compile in {self.limit_s:g} s")
@@ -207,3 +248,11 @@ class GrammarCompiler:
         self._send(error_response(req.rpc_id, err))
         if job.has_cancel:
             self._send(response(job.cancel_rpc, {"request_id": req.request_id, "cancelled": False}))
+
+
+def _dec(counts: dict[str, int], scope: str) -> None:
+    n = counts.get(scope, 0) - 1
+    if n > 0:
+        counts[scope] = n
+    else:
+        counts.pop(scope, None)

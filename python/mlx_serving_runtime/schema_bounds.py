@@ -8,7 +8,9 @@ of 950 objects each referencing the next (JSON depth 5) overflowed its stack and
 killed the process with SIGSEGV, and 500 patternProperties compiled for 73 s. Each
 schema is walked with local refs followed: a ref's target sits one level below the
 object holding the ref, and a ref back to a target already on the path is recursion
-(legal, a tree of nodes) and counts no further.
+(legal, a tree of nodes) and counts no further. Every other ref followed counts its
+target's refs and patterns again (llguidance compiles a target anew per allOf holding
+a ref to it); the root's $defs count only where refs reach them.
 """
 
 from __future__ import annotations
@@ -26,80 +28,147 @@ class _Counts:
         self.patterns = 0
 
 
+def _sat(a: int, b: int, limit: int) -> int:
+    """a+b, or limit+1 once that passes limit: a DAG whose counts double per level
+    never grows a count past its bound."""
+    s = a + b
+    return s if s <= limit else limit + 1
+
+
+# A subtree's tally: (height, refs, patterns), every $ref in it expanded (the ref
+# counts one and its target's counts are added again). llguidance compiles a ref's
+# target anew for each allOf holding the ref (red team round 9: 20 allOfs each with a
+# $ref to one def of 64 patternProperties compiled for 24 s while the target counted
+# once), so a target counts at every ref followed.
+_NONE = (0, 0, 0)
+
+
 class _Walker:
-    def __init__(self, root: Any, counts: _Counts, max_depth: int) -> None:
+    def __init__(self, root: Any, max_depth: int, max_refs: int, max_patterns: int) -> None:
         self.root = root
-        self.counts = counts
         self.max_depth = max_depth
+        self.max_refs = max_refs
+        self.max_patterns = max_patterns
         self.too_deep = False
+        self.too_many = ""  # "refs" or "patterns": one subtree alone passed that bound
         self.visits = 0  # nodes walked, for the DAG test
-        # The height of each dict walked from a ref, by id (the document is alive
-        # for the whole walk), so a DAG of refs costs linear time, not 2^n. A height
+        # The tally of each dict walked from a ref, by id (the document is alive for
+        # the whole walk), so a DAG of refs costs linear time, not 2^n. A tally
         # memoized while a cycle was cut may undercount a longer path met later by
         # another entry; the ref count bound and the compile thread's large stack
         # cover that slack.
-        self.memo: dict[int, int] | None = None
+        self.memo: dict[int, tuple[int, int, int]] | None = None
         self.on_path: set[int] = set()
         self.anchors: dict[str, Any] | None = None
 
-    def height(self, v: Any, depth: int, count: bool) -> int:
-        """Levels v nests (0 for a scalar, 1 + its deepest child for a dict or list, a
-        ref's target counting as a child of the dict holding it), v sitting at level
-        depth. Stops, setting too_deep, once a level passes max_depth, so it recurses
-        at most that deep. count: v is walked in place (not through a ref), so its
-        refs and patterns are counted, once each whatever refs point at it."""
+    def stopped(self) -> bool:
+        return self.too_deep or bool(self.too_many)
+
+    def over(self, refs: int, patterns: int) -> bool:
+        """Whether the walk has stopped, setting too_many when one subtree's counts
+        pass a bound (the whole schema's then do too)."""
+        if self.stopped():
+            return True
+        if refs > self.max_refs:
+            self.too_many = "refs"
+        elif patterns > self.max_patterns:
+            self.too_many = "patterns"
+        else:
+            return False
+        return True
+
+    def height(self, v: Any, depth: int, in_place: bool) -> tuple[int, int, int]:
+        """v's tally, v sitting at level depth: its height is 0 for a scalar, 1 + its
+        deepest child for a dict or list, a ref's target counting as a child of the
+        dict holding it. Stops, setting too_deep, once a level passes max_depth, so it
+        recurses at most that deep, and, setting too_many, once a subtree's refs or
+        patterns pass their bound. in_place: v is walked where it sits (not through a
+        ref), and the memo is not consulted."""
         self.visits += 1
         if isinstance(v, dict):
             if depth > self.max_depth:
                 self.too_deep = True
-                return 0
+                return _NONE
             key = None
-            if not count and self.memo is not None:
+            if not in_place and self.memo is not None:
                 key = id(v)
-                h = self.memo.get(key)
-                if h is not None:
-                    if depth + h - 1 > self.max_depth:
+                t = self.memo.get(key)
+                if t is not None:
+                    if depth + t[0] - 1 > self.max_depth:
                         self.too_deep = True
-                    return h
-            h = 0
+                    return t
+            mr, mp = self.max_refs, self.max_patterns
+            h = refs = patterns = 0
             ref = v.get("$ref")
-            if count:
-                c = self.counts
-                if isinstance(ref, str):
-                    c.refs += 1
-                pp = v.get("patternProperties")
-                if isinstance(pp, dict):
-                    c.patterns += len(pp)
-                if isinstance(v.get("propertyNames"), dict):
-                    c.patterns += 1
-                if isinstance(v.get("pattern"), str):
-                    c.patterns += 1
             if isinstance(ref, str):
-                h = self.follow(ref, depth + 1)
-            for e in v.values():
-                if self.too_deep:
-                    return 0
-                if isinstance(e, (dict, list)):
-                    h = max(h, self.height(e, depth + 1, count))
+                refs = 1
+            pp = v.get("patternProperties")
+            if isinstance(pp, dict):
+                patterns = _sat(patterns, len(pp), mp)
+            if isinstance(v.get("propertyNames"), dict):
+                patterns = _sat(patterns, 1, mp)
+            if isinstance(v.get("pattern"), str):
+                patterns = _sat(patterns, 1, mp)
+            if isinstance(ref, str):
+                h, r, p = self.follow(ref, depth + 1)
+                refs, patterns = _sat(refs, r, mr), _sat(patterns, p, mp)
+            for k in sorted(v):  # Go's order (see sortedKeys in schemas/depth.go)
+                e = v[k]
+                if self.over(refs, patterns):
+                    return _NONE
+                if not isinstance(e, (dict, list)):
+                    continue
+                if depth == 1 and in_place and k in ("$defs", "definitions") and isinstance(e, dict):
+                    h = max(h, self.defs_height(e, depth + 1))
+                    continue
+                c, r, p = self.height(e, depth + 1, in_place)
+                h = max(h, c)
+                refs, patterns = _sat(refs, r, mr), _sat(patterns, p, mp)
+            if self.over(refs, patterns):
+                return _NONE
+            t = (1 + h, refs, patterns)
             if key is not None:
-                self.memo[key] = 1 + h
-            return 1 + h
+                self.memo[key] = t
+            return t
         if isinstance(v, list):
             if depth > self.max_depth:
                 self.too_deep = True
-                return 0
-            h = 0
+                return _NONE
+            h = refs = patterns = 0
             for e in v:
-                if self.too_deep:
-                    return 0
+                if self.over(refs, patterns):
+                    return _NONE
                 if isinstance(e, (dict, list)):
-                    h = max(h, self.height(e, depth + 1, count))
-            return 1 + h
-        return 0
+                    c, r, p = self.height(e, depth + 1, in_place)
+                    h = max(h, c)
+                    refs, patterns = _sat(refs, r, self.max_refs), _sat(patterns, p, self.max_patterns)
+            if self.over(refs, patterns):
+                return _NONE
+            return (1 + h, refs, patterns)
+        return _NONE
 
-    def follow(self, ref: str, depth: int) -> int:
-        """The height of ref's target placed at level depth: 0 when it is not in this
-        document or already on the path (recursion)."""
+    def defs_height(self, defs: dict, depth: int) -> int:
+        """The height of the root's definitions (at level depth). They compile where
+        refs reach them and count there, not in place (else a chain of n defs each
+        referencing the next would count n^2/2 refs); each is still walked, for depth
+        and for one past a count's bound alone."""
+        self.visits += 1
+        if depth > self.max_depth:
+            self.too_deep = True
+            return 0
+        h = 0
+        for k in sorted(defs):
+            d = defs[k]
+            if self.stopped():
+                return 0
+            c, r, p = self.height(d, depth + 1, True)
+            self.over(r, p)
+            h = max(h, c)
+        return 1 + h
+
+    def follow(self, ref: str, depth: int) -> tuple[int, int, int]:
+        """The tally of ref's target placed at level depth: nothing when it is not in
+        this document or already on the path (recursion)."""
         target = self.resolve(ref)
         if not isinstance(target, dict):
             return self.height(target, depth, False)  # a list or scalar: no ref of its own
@@ -107,7 +176,7 @@ class _Walker:
             self.memo = {}
         key = id(target)
         if key in self.on_path:
-            return 0
+            return _NONE
         self.on_path.add(key)
         try:
             return self.height(target, depth, False)
@@ -146,8 +215,8 @@ class _Walker:
             a = v.get("$anchor")
             if isinstance(a, str):
                 self.anchors.setdefault(a, v)
-            for e in v.values():
-                self._collect_anchors(e, depth + 1)
+            for k in sorted(v):
+                self._collect_anchors(v[k], depth + 1)
         elif isinstance(v, list):
             for e in v:
                 self._collect_anchors(e, depth + 1)
@@ -163,16 +232,22 @@ def violations(params: Any, max_depth: int, max_refs: int, max_patterns: int) ->
     out = []
 
     def check(path: str, schema: Any) -> None:
-        w = _Walker(schema, counts, max_depth)
-        w.height(schema, 1, True)
+        w = _Walker(schema, max_depth, max_refs, max_patterns)
+        _, r, p = w.height(schema, 1, True)
+        counts.refs = _sat(counts.refs, r, max_refs)
+        counts.patterns = _sat(counts.patterns, p, max_patterns)
         if w.too_deep:
             reason = f"nests objects and arrays more than {max_depth} levels deep (local $refs followed)"
-        elif counts.refs > max_refs:
-            reason = f"has more than {max_refs} $refs (json_schema and every tool's parameters together)"
-        elif counts.patterns > max_patterns:
+        elif w.too_many == "refs" or counts.refs > max_refs:
+            reason = (
+                f"has more than {max_refs} $refs (json_schema and every tool's parameters together, "
+                "each $ref's target counted again at every $ref to it)"
+            )
+        elif w.too_many == "patterns" or counts.patterns > max_patterns:
             reason = (
                 f"has more than {max_patterns} patterns (patternProperties entries, propertyNames and "
-                "pattern keywords; json_schema and every tool's parameters together)"
+                "pattern keywords; json_schema and every tool's parameters together, each $ref's target "
+                "counted again at every $ref to it)"
             )
         else:
             return

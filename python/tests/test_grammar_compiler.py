@@ -47,7 +47,7 @@ class Sent:
             return list(self.msgs)
 
 
-def request(rid: str, compile_grammar) -> Request:
+def request(rid: str, compile_grammar, scope: str = "") -> Request:
     return Request(
         rpc_id=rid + "-rpc",
         request_id=rid,
@@ -69,6 +69,7 @@ def request(rid: str, compile_grammar) -> Request:
         stop=[],
         grammar=None,
         compile_grammar=compile_grammar,
+        cache_scope=scope,
     )
 
 
@@ -100,7 +101,7 @@ def test_timeout_answers_invalid_schema_once() -> None:
     release.set()
     join_compiles()
     assert eng.calls == [] and len(sent.msgs) == 1
-    assert c._stuck == 0
+    assert (c._stuck, c._running, c._threads) == ({}, {}, 0)
 
 
 def test_stuck_compiles_cap_refuses_retryably() -> None:
@@ -116,11 +117,60 @@ def test_stuck_compiles_cap_refuses_retryably() -> None:
     assert e.value.code == "runtime_busy"
     release.set()
     join_compiles()
-    assert c._stuck == 0
+    assert c._stuck == {}
     c.limit_s = WAIT
     c.submit(request("c", lambda: "G"))
     assert eng.got.wait(WAIT)
     assert eng.calls == [("generate", "c", "G")]
+
+
+def test_stuck_budget_is_per_scope() -> None:
+    """Red team round 9: one tenant's stuck compiles refused every tenant's. Scope a
+    with MAX_STUCK stuck compiles is refused; scope b's compile runs meanwhile.
+    Mutation caught: the stuck count summed over scopes (b refused)."""
+    eng, sent, release = FakeEngine(), Sent(), threading.Event()
+    c = GrammarCompiler(eng, sent, limit_s=0.01, max_stuck=2)
+    c.submit(request("a1", blocked(release), "a"))
+    c.submit(request("a2", blocked(release), "a"))
+    msgs = sent.wait_for(2)
+    assert {m["error"]["data"]["code"] for m in msgs} == {"invalid_schema"}, msgs
+    with pytest.raises(RpcError) as e:
+        c.submit(request("a3", lambda: "G", "a"))
+    assert e.value.code == "runtime_busy" and "this tenant's" in e.value.message
+    c.limit_s = WAIT
+    c.submit(request("b1", lambda: "G", "b"))
+    assert eng.got.wait(WAIT)
+    assert eng.calls == [("generate", "b1", "G")]
+    release.set()
+    join_compiles()
+    assert (c._stuck, c._running, c._threads) == ({}, {}, 0)
+
+
+def test_running_compiles_capped_per_scope_and_in_all() -> None:
+    """A scope runs at most max_scope compiles at once, all scopes max_threads: past
+    either a new compile is refused with runtime_busy, so neither one tenant nor many
+    together start threads without bound; once they end, compiles run again.
+    Mutations caught: the scope check removed (a3 starts), the global check removed
+    (c1 starts)."""
+    eng, sent, release = FakeEngine(), Sent(), threading.Event()
+    c = GrammarCompiler(eng, sent, limit_s=WAIT, max_stuck=2, max_scope=2, max_threads=3)
+    c.submit(request("a1", blocked(release), "a"))
+    c.submit(request("a2", blocked(release), "a"))
+    with pytest.raises(RpcError) as e:
+        c.submit(request("a3", blocked(release), "a"))
+    assert e.value.code == "runtime_busy" and "2 of this tenant's grammar compiles run" in e.value.message
+    c.submit(request("b1", blocked(release), "b"))
+    with pytest.raises(RpcError) as e:
+        c.submit(request("c1", blocked(release), "c"))
+    assert e.value.code == "runtime_busy" and "3 grammar compiles run" in e.value.message
+    assert c._threads == 3
+    release.set()
+    join_compiles()
+    assert (c._running, c._threads) == ({}, 0)
+    assert sorted(x[1] for x in eng.calls) == ["a1", "a2", "b1"]
+    c.submit(request("c2", lambda: "G", "c"))
+    join_compiles()
+    assert ("generate", "c2", "G") in eng.calls and sent.msgs == []
 
 
 def test_compiled_request_is_queued_with_its_grammar() -> None:
@@ -183,4 +233,5 @@ def test_shutdown_refuses_compiling_requests() -> None:
 def test_defaults_are_the_documented_constants() -> None:
     c = GrammarCompiler(FakeEngine(), Sent())
     assert (c.limit_s, c._max_stuck, c._stack) == (5.0, 2, 256 << 20)
+    assert (c._max_scope, c._max_threads) == (4, 8)
     assert compiler.COMPILE_LIMIT_S == 5.0

@@ -58,8 +58,9 @@ def test_recursion_allowed() -> None:
 
 
 def test_dag_walk_is_linear() -> None:
-    """Each def referencing the next twice: 2^20 paths, a few hundred visits.
-    Mutation caught: the memo lookup removed."""
+    """Each def referencing the next twice: 2^20 paths and as many refs once expanded
+    (refused), yet about a hundred visits (memo per target, counts saturating at their
+    bound). Mutation caught: the memo lookup removed."""
     n = 20
     defs = {
         f"d{i}": {
@@ -69,10 +70,44 @@ def test_dag_walk_is_linear() -> None:
         for i in range(n)
     }
     s = {"$defs": {**defs, f"d{n}": {"type": "string"}}, "$ref": "#/$defs/d0"}
-    assert reasons(s) == []
-    w = schema_bounds._Walker(s, schema_bounds._Counts(), 64)
+    assert len(reasons(s)) == 1 and "more than 256 $refs" in reasons(s)[0]
+    w = schema_bounds._Walker(s, 64, 256, 64)
     w.height(s, 1, True)
-    assert w.visits < 2000, w.visits
+    assert w.visits < 500, w.visits
+
+
+def allof_refs(patterns: int, n: int) -> dict:
+    """Red team round 9's schema: $defs.P holds `patterns` patternProperties and n
+    properties are each an allOf of a $ref to P and a maxProperties (llguidance
+    compiles P anew per allOf: 20 over 64 patterns compiled for 24 s)."""
+    pp = {f"^([a-z]{{0,12}}[0-9]){{0,12}}z{i}$": {"type": "string"} for i in range(patterns)}
+    return {
+        "$defs": {"P": {"type": "object", "patternProperties": pp}},
+        "type": "object",
+        "properties": {
+            f"k{j}": {"allOf": [{"$ref": "#/$defs/P"}, {"type": "object", "maxProperties": j + 1}]}
+            for j in range(n)
+        },
+    }
+
+
+def test_ref_target_counted_per_ref() -> None:
+    """A ref's target counts its patterns and refs again at every ref followed to it:
+    the red team's schema is refused at 2 refs (128 patterns); a 6-pattern def
+    referenced 10 times passes, 11 times not; 2 refs to a def of 200 refs pass 256.
+    Mutation caught: follow's tally not added (targets counted once)."""
+    assert len(reasons(allof_refs(64, 2))) == 1 and "more than 64 patterns" in reasons(allof_refs(64, 2))[0]
+    assert reasons(allof_refs(6, 10)) == []
+    assert "more than 64 patterns" in reasons(allof_refs(6, 11))[0]
+    refs = {
+        "$defs": {
+            "s": {"type": "string"},
+            "R": {"type": "object", "properties": {f"p{i}": {"$ref": "#/$defs/s"} for i in range(200)}},
+        },
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/R"}, "b": {"$ref": "#/$defs/R"}},
+    }
+    assert "more than 256 $refs" in reasons(refs)[0]
 
 
 def test_counts_shared_across_fields() -> None:
@@ -89,5 +124,7 @@ def test_counts_shared_across_fields() -> None:
         "type": "object",
         "properties": {f"p{i}": {"$ref": "#/$defs/s"} for i in range(257)},
     }
-    assert reasons(refs) == ["has more than 256 $refs (json_schema and every tool's parameters together)"]
+    assert len(reasons(refs)) == 1 and reasons(refs)[0].startswith(
+        "has more than 256 $refs (json_schema and every tool's parameters together"
+    )
     assert reasons(object_chain(20)) == []
