@@ -2,10 +2,12 @@ package dispatcher
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/breaker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -142,5 +144,66 @@ func TestAttemptTimeoutResumesFromTheWorkersReport(t *testing.T) {
 	}
 	if res := e.waitResult(j.ID, 15*time.Second); res.Status != schemas.StatusCompleted || res.Attempt != 2 {
 		t.Fatalf("record %s at attempt %d, want completed at 2", res.Status, res.Attempt)
+	}
+}
+
+// A worker's runtime_busy reports (a tenant over its compile budget on that
+// runtime) do not count against the worker's breaker: three of them opened it
+// and took the worker from every tenant for the cooldown (the red team's
+// R10-1).
+// Mutation caught: onAttemptReport recording every report as a failure (the
+// breaker opens, the jobs wait out the hour's cooldown).
+func TestRuntimeBusyReportsLeaveTheBreakerClosed(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	e.startWorker("w1", 4, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
+		if aj.Attempt == 1 {
+			return jobPlan{Hang: true}
+		}
+		return jobPlan{}
+	})
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.BreakerThreshold = 2
+	cfg.BreakerCooldown = time.Hour
+	cfg.MaxAttempts = 5
+	d, stop := runDispatcher(t, cfg)
+	defer stop()
+
+	var jobs []*schemas.JobRequest
+	for i := range 3 {
+		j := newJob(fmt.Sprintf("busy-%d", i), "m", schemas.PriorityNormal)
+		e.mustSubmit(j)
+		jobs = append(jobs, j)
+	}
+	waitFor(t, 10*time.Second, "the three jobs running on w1", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		n := 0
+		for _, j := range d.jobs {
+			if j.state == StateRunning && j.workerID == "w1" {
+				n++
+			}
+		}
+		return n == 3
+	})
+	w1 := e.connect("w1-reporter")
+	for _, j := range jobs {
+		rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: j.ID, Tenant: j.Tenant, Attempt: 1, WorkerID: "w1",
+			Error:      schemas.ErrorInfo{Code: schemas.CodeRuntimeBusy, Message: "compile budget", Retryable: true},
+			ReportedAt: time.Now().UTC()})
+		if err := w1.PublishRequest(subjects.Attempt("w1"), w1.NewInbox(), rep); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, j := range jobs {
+		if r := e.waitResult(j.ID, 15*time.Second); r.Status != schemas.StatusCompleted || r.Attempt != 2 {
+			t.Fatalf("%s: %s at attempt %d, want completed at 2 on w1", j.ID, r.Status, r.Attempt)
+		}
+	}
+	d.mu.Lock()
+	st := d.workers["w1"].br.State()
+	d.mu.Unlock()
+	if st != breaker.Closed {
+		t.Fatalf("w1's breaker %s after runtime_busy reports", st)
 	}
 }
