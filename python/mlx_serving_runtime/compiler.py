@@ -45,7 +45,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .protocol import RpcError, error_response, response
+from .protocol import RpcError, duplicate_request, error_response, response
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -155,11 +155,7 @@ class GrammarCompiler:
             if busy:
                 raise RpcError("runtime_busy", busy)
             if req.request_id in self._pending:
-                raise RpcError(
-                    "duplicate_request",
-                    f"request_id {req.request_id!r} is already in flight",
-                    request_id=req.request_id,
-                )
+                raise duplicate_request(req.request_id)
             self._pending[req.request_id] = job
             self._threads += 1
             self._running[scope] = self._running.get(scope, 0) + 1

@@ -20,7 +20,7 @@ from . import admission, sampling, structured
 from .models import Model, ModelsMixin, is_oom, memory_info, memory_limit
 from .output import OutputMixin, _holdback
 from .prompt_cache import PromptCache, default_max_bytes
-from .protocol import RpcError, error_response, response
+from .protocol import RpcError, duplicate_request, error_response, response
 from .request import Request
 
 log = logging.getLogger("mlx_serving_runtime")
@@ -97,11 +97,7 @@ class Engine(ModelsMixin, OutputMixin):
             req.grammar, req.compile_grammar = req.compile_grammar(), None
         with self._lock:
             if req.request_id in self._inflight:
-                raise RpcError(
-                    "duplicate_request",
-                    f"request_id {req.request_id!r} is already in flight",
-                    request_id=req.request_id,
-                )
+                raise duplicate_request(req.request_id)
             self._inflight[req.request_id] = req
         self._cmds.put(("generate", req))
 

@@ -64,6 +64,13 @@ class RpcError(Exception):
         }
 
 
+def duplicate_request(request_id: str) -> RpcError:
+    """The error for a generate whose request_id is already in flight (compiling or running)."""
+    return RpcError(
+        "duplicate_request", f"request_id {request_id!r} is already in flight", request_id=request_id
+    )
+
+
 def response(rpc_id: Any, result: dict[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC, "id": rpc_id, "result": result}
 
