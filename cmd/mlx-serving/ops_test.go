@@ -324,13 +324,11 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// nats-{1,2,3}.conf with the generated includes and their tls blocks form a
-// cluster: the routes authenticate with the generated route credentials over
-// TLS.
-func TestOpsClusterConfsRouteWithGeneratedCredentials(t *testing.T) {
-	t.Parallel()
-	dir := t.TempDir()
-	caFile := makeCerts(t, dir)
+// startOpsCluster deploys nats-{1,2,3}.conf under dir, routed on three free
+// loopback ports, and starts them; nil servers when one of them does not
+// become ready (a port taken since it was picked), the others shut down.
+func startOpsCluster(t *testing.T, dir, certDir string) ([]*server.Server, *auth.Store) {
+	t.Helper()
 	ports := []int{freePort(t), freePort(t), freePort(t)}
 	var routes []string
 	for _, p := range ports {
@@ -341,10 +339,10 @@ func TestOpsClusterConfsRouteWithGeneratedCredentials(t *testing.T) {
 	for i, port := range ports {
 		name := fmt.Sprintf("nats-%d.conf", i+1)
 		sdir := filepath.Join(dir, fmt.Sprintf("nats-%d", i+1))
-		if err := os.Mkdir(sdir, 0o700); err != nil {
+		if err := os.MkdirAll(sdir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		opts := loadOps(t, deployOps(t, name, sdir, dir, filepath.Join(sdir, "store"), store, 2), store)
+		opts := loadOps(t, deployOps(t, name, sdir, certDir, filepath.Join(sdir, "store"), store, 2), store)
 		if opts.Cluster.Username != auth.RouteUser || opts.Cluster.TLSConfig == nil || len(opts.Routes) != len(ports) {
 			t.Fatalf("%s: cluster user %q, TLS %v, %d routes; want the generated route credentials, TLS and %d routes",
 				name, opts.Cluster.Username, opts.Cluster.TLSConfig != nil, len(opts.Routes), len(ports))
@@ -353,7 +351,42 @@ func TestOpsClusterConfsRouteWithGeneratedCredentials(t *testing.T) {
 		// add raft traffic on a shared machine.
 		opts.JetStream = false
 		opts.Cluster.Host, opts.Cluster.Port = "127.0.0.1", port
-		srvs = append(srvs, runServer(t, opts))
+		srv, err := server.NewServer(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go srv.Start()
+		t.Cleanup(srv.Shutdown)
+		srvs = append(srvs, srv)
+		if !srv.ReadyForConnections(20 * time.Second) {
+			t.Logf("%s not ready on route port %d; retrying on fresh ports", name, port)
+			for _, s := range srvs {
+				s.Shutdown()
+			}
+			return nil, nil
+		}
+	}
+	return srvs, store
+}
+
+// nats-{1,2,3}.conf with the generated includes and their tls blocks form a
+// cluster: the routes authenticate with the generated route credentials over
+// TLS.
+func TestOpsClusterConfsRouteWithGeneratedCredentials(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	caFile := makeCerts(t, dir)
+	var srvs []*server.Server
+	var store *auth.Store
+	// The route ports are picked free and released before the servers listen on
+	// them, so another test's connection may take one in between (seen in CI:
+	// the server never becomes ready). Such a cluster is stopped and started
+	// again on fresh ports.
+	for attempt := 1; srvs == nil; attempt++ {
+		if attempt > 3 {
+			t.Fatal("nats-server not ready on three sets of free route ports")
+		}
+		srvs, store = startOpsCluster(t, filepath.Join(dir, fmt.Sprint(attempt)), dir)
 	}
 	deadline := time.Now().Add(20 * time.Second)
 	for i, srv := range srvs {
