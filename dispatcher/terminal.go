@@ -124,11 +124,52 @@ func (d *Dispatcher) finishWrite(j *job, e Trigger, res *schemas.ResultMsg, done
 	}
 	msg, replyTo := j.msg, j.replyTo()
 	return func(ctx context.Context) {
+		fitOwnRecord(res, int(d.nc.MaxPayload())-ownRecordHeadroom)
 		err := d.writeTerminal(ctx, msg, replyTo, res, dlq)
 		if done != nil {
 			done(err)
 		}
 	}
+}
+
+// ownRecordHeadroom is what a record the dispatcher builds leaves of the
+// server's max payload for the headers results.Finish adds: Nats-Msg-Id
+// (tenant, job id, attempt, finish time), Nats-Expected-Stream and
+// Nats-Expected-Last-Subject-Sequence, about 300 bytes at most.
+const ownRecordHeadroom = 1 << 10
+
+// fitOwnRecord cuts a record the dispatcher built (cancelled, expired, out of
+// attempts, invalid) until its encoding fits budget: first the error message,
+// then, should the record still not fit, the text. Such a record carries a
+// worker's last error message (up to 4,096 characters, each up to six bytes in
+// JSON) and the text the dispatcher tracked (a quarter of the max payload);
+// over the max payload it was refused, the delivery naked, and the job, derived
+// again on each redelivery, never ended. A text cut here is shorter than what
+// the caller received: only a server whose max payload is a few KiB gets there.
+// Workers' records are fitted by the worker (worker/fit.go).
+func fitOwnRecord(res *schemas.ResultMsg, budget int) {
+	data, err := json.Marshal(res)
+	if err != nil || len(data) <= budget || budget <= 0 {
+		return
+	}
+	over := len(data) - budget
+	if res.Error != nil && res.Error.Message != "" {
+		e := *res.Error
+		size := jsonLen(e.Message)
+		e.Message = e.Message[:schemas.JSONPrefix(e.Message, max(size-over, 0), len(e.Message))]
+		res.Error = &e
+		if over -= size - jsonLen(e.Message); over <= 0 {
+			return
+		}
+	}
+	size := jsonLen(res.Text)
+	res.Text = res.Text[:schemas.JSONPrefix(res.Text, max(size-over, 0), len(res.Text))]
+}
+
+// jsonLen is the length of s in JSON, quotes aside.
+func jsonLen(s string) int {
+	data, _ := json.Marshal(s)
+	return max(len(data)-2, 0)
 }
 
 // errNotMine: the job was not in a state this record could end.

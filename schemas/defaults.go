@@ -69,3 +69,35 @@ func ClipUTF8(s string, n int) string {
 	}
 	return s[:n]
 }
+
+// JSONPrefix is the length in bytes of the longest prefix of s made of whole
+// UTF-8 sequences (an invalid byte counts as one) whose encoding/json
+// encoding, quotes aside, takes at most room bytes, and which has at most
+// maxChars characters: what of s a JSON document with room bytes for it can
+// hold. Who cuts text to fit a message (a worker's record, a dispatcher's own)
+// uses it.
+func JSONPrefix(s string, room, maxChars int) int {
+	n, chars := 0, 0
+	for i := 0; i < len(s); {
+		r, w := utf8.DecodeRuneInString(s[i:])
+		size := w
+		switch {
+		case r < utf8.RuneSelf:
+			switch c := byte(r); {
+			case c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t':
+				size = 2
+			case c < 0x20 || c == '<' || c == '>' || c == '&':
+				size = 6
+			}
+		case r == utf8.RuneError && w == 1, r == '\u2028', r == '\u2029':
+			size = 6
+		}
+		if n+size > room || chars+1 > maxChars {
+			return i
+		}
+		n += size
+		chars++
+		i += w
+	}
+	return len(s)
+}

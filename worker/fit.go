@@ -99,7 +99,7 @@ func fitRecord(res *schemas.ResultMsg, budget int) (fit *schemas.ResultMsg, data
 	// The message names the kept length, whose digits add to the record: room
 	// for them is kept (len(res.Text) has at least as many digits).
 	room := budget - len(base) - len(strconv.Itoa(len(res.Text))) - len(" bytes")
-	n := jsonPrefix(res.Text, room, maxRecordText)
+	n := schemas.JSONPrefix(res.Text, room, maxRecordText)
 	encode := func(n int) ([]byte, error) {
 		c.Text = res.Text[:n]
 		c.Error.Message = schemas.ClipUTF8(why+strconv.Itoa(n)+" bytes", schemas.MaxErrorMessage)
@@ -112,7 +112,7 @@ func fitRecord(res *schemas.ResultMsg, budget int) (fit *schemas.ResultMsg, data
 		if len(data) <= budget || n == 0 {
 			break
 		}
-		// jsonPrefix matches encoding/json's escaping; this only guards
+		// JSONPrefix matches encoding/json's escaping; this only guards
 		// against a difference between the two, one rune at a time.
 		_, w := utf8.DecodeLastRuneInString(c.Text)
 		n -= w
@@ -138,36 +138,6 @@ func fitRecord(res *schemas.ResultMsg, budget int) (fit *schemas.ResultMsg, data
 		return res, nil, false, err
 	}
 	return &c, data, true, nil
-}
-
-// jsonPrefix is the length in bytes of the longest prefix of s made of whole
-// UTF-8 sequences (an invalid byte counts as one) whose encoding/json
-// encoding, quotes aside, takes at most room bytes, and which has at most
-// maxChars characters.
-func jsonPrefix(s string, room, maxChars int) int {
-	n, chars := 0, 0
-	for i := 0; i < len(s); {
-		r, w := utf8.DecodeRuneInString(s[i:])
-		size := w
-		switch {
-		case r < utf8.RuneSelf:
-			switch c := byte(r); {
-			case c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t':
-				size = 2
-			case c < 0x20 || c == '<' || c == '>' || c == '&':
-				size = 6
-			}
-		case r == utf8.RuneError && w == 1, r == '\u2028', r == '\u2029':
-			size = 6
-		}
-		if n+size > room || chars+1 > maxChars {
-			return i
-		}
-		n += size
-		chars++
-		i += w
-	}
-	return len(s)
 }
 
 // boundReport makes rep fit the bus and its schema: an attempt report is

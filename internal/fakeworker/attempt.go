@@ -16,11 +16,13 @@ import (
 // Plan says how the fake worker runs one attempt. The zero Plan streams the
 // job's max_tokens tokens (TokenText) and completes with finish reason length.
 type Plan struct {
-	Die      int  // >0: after this many tokens stop heart-beating and serving, silently
-	Restart  int  // >0: after this many tokens the worker restarts (SIGKILL and back under the same id): its jobs are forgotten, it serves and heart-beats on with a new started_at
-	Crash    int  // >0: after this many tokens report a retryable failure
-	Block    bool // wait for Release before finishing
-	TokenGap time.Duration
+	Die     int // >0: after this many tokens stop heart-beating and serving, silently
+	Restart int // >0: after this many tokens the worker restarts (SIGKILL and back under the same id): its jobs are forgotten, it serves and heart-beats on with a new started_at
+	Crash   int // >0: after this many tokens report a retryable failure
+	// CrashMessage is that report's error message ("": "boom").
+	CrashMessage string
+	Block        bool // wait for Release before finishing
+	TokenGap     time.Duration
 
 	// Tokens scripts the job's text: token i is Tokens[i] and there are
 	// len(Tokens) of them; the terminal's finish reason is then stop. A resumed
@@ -135,8 +137,12 @@ func (w *Worker) attempt(aj schemas.AssignedJob, plan Plan, inc int, progress st
 			return outcome{}
 		}
 		if plan.Crash > 0 && seq == plan.Crash {
+			msg := plan.CrashMessage
+			if msg == "" {
+				msg = "boom"
+			}
 			return outcome{crash: &schemas.AttemptReportMsg{JobID: job.ID, Tenant: job.Tenant, Attempt: aj.Attempt, WorkerID: w.opts.ID,
-				Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: "boom", Retryable: true}, Text: text, Seq: seq, CompletionTokens: i + 1, ReportedAt: time.Now().UTC()}}
+				Error: schemas.ErrorInfo{Code: "runtime_crashed", Message: msg, Retryable: true}, Text: text, Seq: seq, CompletionTokens: i + 1, ReportedAt: time.Now().UTC()}}
 		}
 	}
 	if plan.Hang {
