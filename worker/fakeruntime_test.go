@@ -19,6 +19,7 @@ import (
 type fakeOptions struct {
 	tokenDelay time.Duration
 	hangHealth bool // stop answering health checks while a generate runs, like a wedged runtime
+	busyFirst  int  // the first this many generates are refused runtime_busy, as a runtime whose compile threads are full
 }
 
 // runFakeRuntime speaks the runtime protocol well enough for the RPC client and the
@@ -97,6 +98,11 @@ func runFakeRuntime(r io.Reader, w io.Writer, o fakeOptions) {
 		case "generate":
 			var p schemas.GenerateParams
 			_ = json.Unmarshal(req.Params, &p)
+			if o.busyFirst > 0 {
+				o.busyFirst--
+				fail(schemas.RPCRuntimeBusy, schemas.CodeRuntimeBusy, "grammar compiles run, the most at once")
+				continue
+			}
 			if p.Model != "tiny" {
 				fail(-32001, "model_not_loaded", "model not loaded")
 				continue

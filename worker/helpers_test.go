@@ -33,7 +33,8 @@ const fakeRuntimeEnv = "MLX_SERVING_FAKE_RUNTIME"
 func TestMain(m *testing.M) {
 	if os.Getenv(fakeRuntimeEnv) == "1" {
 		delay, _ := time.ParseDuration(os.Getenv("FAKE_TOKEN_DELAY"))
-		runFakeRuntime(os.Stdin, os.Stdout, fakeOptions{tokenDelay: delay, hangHealth: os.Getenv("FAKE_HANG_HEALTH") == "1"})
+		busy, _ := strconv.Atoi(os.Getenv("FAKE_BUSY_FIRST"))
+		runFakeRuntime(os.Stdin, os.Stdout, fakeOptions{tokenDelay: delay, hangHealth: os.Getenv("FAKE_HANG_HEALTH") == "1", busyFirst: busy})
 		os.Exit(0)
 	}
 	if os.Getenv(helperEnv) == "1" {

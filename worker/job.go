@@ -186,7 +186,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			break
 		}
 		started = time.Now()
-		gen, genErr = c.Generate(ctx, p, jobHooks(r, c, em))
+		gen, genErr = a.generateWhenFree(ctx, r, c, p, jobHooks(r, c, em))
 		if resumed && contextExceeded(genErr) {
 			// The prompt and the text the caller already has no longer fit the
 			// model's context (text retokenizes longer than the tokens that
