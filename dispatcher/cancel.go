@@ -187,11 +187,30 @@ func (d *Dispatcher) forwardStop(j *job, reason string, retry bool) {
 // terminal. Several dispatchers may race here, and with a dispatcher that
 // pulled the job meanwhile: RESULTS' first-writer-wins settles it, and a
 // dispatcher holding the job learns of the record from RESULTS.
+//
+// Only a message no consumer has delivered yet is waiting for sure. A work-queue
+// message stays in JOBS until acked, so one that was delivered and is still
+// there is held — by another dispatcher, queued there or running on a worker —
+// or waits to be delivered again (a nak, an ack wait past). Either way the cancel
+// reaches the job: every dispatcher follows CANCELS, so its holder ends it with
+// what the caller was sent, and a redelivery finds the stored cancel at intake.
+// Cancelling such a message here wrote an attempt-0 record with no text and no
+// usage over a job still streaming elsewhere, and deleted its message from under
+// its dispatcher: with two dispatchers, most cancels of running jobs (red team
+// round 11, F4).
 func (d *Dispatcher) cancelInStream(ctx context.Context, ref subjects.JobRef, reason string) {
-	for _, p := range schemas.Priorities {
+	for i, p := range schemas.Priorities {
 		raw, err := lastMsg(ctx, d.jobsStream, subjects.Job(ref.Tenant, p, ref.ID))
 		if err != nil || raw == nil {
 			continue
+		}
+		if held, err := d.delivered(ctx, i, raw.Sequence); err != nil || held {
+			if err != nil {
+				d.log.Warn().Err(err).Str("job_id", ref.ID).Str("tenant", ref.Tenant).
+					Msg("cancel: consumer state unknown; the job is cancelled when it is delivered")
+			}
+			d.count().cancelLeft()
+			return
 		}
 		var req schemas.JobRequest
 		_ = json.Unmarshal(raw.Data, &req)
@@ -212,4 +231,17 @@ func (d *Dispatcher) cancelInStream(ctx context.Context, ref subjects.JobRef, re
 		_ = d.jobsStream.DeleteMsg(ctx, raw.Sequence)
 		return
 	}
+}
+
+// delivered reports whether the consumer of priority index p has delivered the
+// JOBS message at stream sequence seq: consumers deliver in stream order from
+// the first message (DeliverAllPolicy), so every message up to the last one
+// delivered was. A consumer whose delivery state was lost in a server crash can
+// report less, and the cancel then goes ahead as for a waiting job.
+func (d *Dispatcher) delivered(ctx context.Context, p int, seq uint64) (bool, error) {
+	info, err := d.consumers[p].Info(ctx)
+	if err != nil {
+		return false, err
+	}
+	return seq <= info.Delivered.Stream, nil
 }

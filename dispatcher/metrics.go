@@ -30,6 +30,7 @@ type Metrics struct {
 	DeadLettersRefused atomic.Int64 // dead letters the DLQ refused (full, too large): their jobs ended with the record only
 	Relayed            atomic.Int64 // messages on workers' subjects without a reply subject: relayed JetStream answers, dropped
 	AttemptTimeouts    atomic.Int64 // attempts given up after AttemptTimeout, their jobs retried
+	CancelsLeft        atomic.Int64 // cancels of a job in JOBS that a consumer delivered (held elsewhere, or to be redelivered): left to its holder
 	// Routed counts batches by why they went to their worker (RouteReason).
 	Routed [numRouteReasons]atomic.Int64
 	// Transitions counts legal transitions by (from state, event).

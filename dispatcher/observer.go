@@ -196,6 +196,10 @@ func (t tally) deadLetterRefused() {
 	t.obs.Anomaly(AnomalyDeadLetterRefused)
 }
 
+// cancelLeft counts a cancel left to the job's holder (cancelInStream); no
+// observer series: it is the ordinary case with several dispatchers.
+func (t tally) cancelLeft() { t.m.CancelsLeft.Add(1) }
+
 func (t tally) relayed() { t.m.Relayed.Add(1); t.obs.Anomaly(AnomalyRelayed) }
 
 func (t tally) attemptTimedOut() { t.m.AttemptTimeouts.Add(1); t.obs.Anomaly(AnomalyAttemptTimeout) }
