@@ -365,11 +365,38 @@ func (d *Dispatcher) onDone(m *nats.Msg) func(context.Context) {
 	})
 }
 
+// mayReport reports whether data, an attempt report worker wid sent, names an
+// attempt of this dispatcher's that runs (or is offered) on wid: only then is it
+// worth its schema check. It reads the three fields it needs and nothing else.
+func (d *Dispatcher) mayReport(wid string, data []byte) bool {
+	var head struct {
+		JobID   string `json:"job_id"`
+		Tenant  string `json:"tenant"`
+		Attempt int    `json:"attempt"`
+	}
+	if wid == "" || json.Unmarshal(data, &head) != nil {
+		return false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	j := d.jobs[subjects.JobRef{Tenant: head.Tenant, ID: head.JobID}.Key()]
+	return j != nil && j.attempt == head.Attempt && (j.state == StateRunning || j.state == StateDispatched)
+}
+
 // onAttemptReport: a worker says the attempt failed but may be retried
 // (mlx.worker.<id>.attempt). Only the worker running that attempt is heard.
 func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
 	if !subjects.Sent(m.Reply) {
 		d.count().relayed()
+		return
+	}
+	// Every dispatcher hears every worker's reports, and one worker credential
+	// may publish as many as it likes: the schema check (the costly part) is
+	// made only for a report of an attempt this dispatcher has on that worker.
+	// Validated first, a flood of one worker's reports outran the subscription
+	// and honest reports were dropped (slow consumer), their jobs left to wait
+	// out attempt_timeout (red team round 11, F5).
+	if !d.mayReport(subjects.WorkerOf(m.Subject), m.Data) {
 		return
 	}
 	wid, r, ok := decodeAttempt(m.Subject, m.Data)
