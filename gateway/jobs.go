@@ -143,6 +143,11 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		g.fail(w, endpoint, aerr)
 		return
 	}
+	if aerr := checkBodyValues(body); aerr != nil {
+		releaseBody()
+		g.fail(w, endpoint, aerr)
+		return
+	}
 	req := R(new(T))
 	aerr = decodeBody(body, req, fields)
 	releaseBody() // the raw bytes are garbage now; what was decoded is the job's
