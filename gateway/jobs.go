@@ -105,9 +105,11 @@ func choiceFormat(f format) format {
 	return f
 }
 
+// runSpec is how a request's answer is delivered. It does not hold the job:
+// each jobCall copies it and lives as long as the request, and a job holds the
+// request's prompt, messages and schemas, which nothing after Submit reads.
 type runSpec struct {
 	endpoint     string
-	job          *schemas.JobRequest
 	params       paramMap
 	stream       bool
 	includeUsage bool
@@ -163,7 +165,7 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 	if rf, ok := any(req).(interface{ format(format) format }); ok {
 		f = rf.format(f)
 	}
-	g.run(w, r, runSpec{endpoint: endpoint, job: job, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
+	g.run(w, r, job, runSpec{endpoint: endpoint, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
 		logprobs: job.Logprobs != nil, n: req.choices(), format: f})
 }
 
@@ -177,8 +179,7 @@ func (g *Gateway) fail(w http.ResponseWriter, endpoint string, e *apiError) {
 }
 
 // run submits the job and answers with its outcome, streamed or whole.
-func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
-	job := spec.job
+func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRequest, spec runSpec) {
 	if aerr := g.admit(r, job); aerr != nil {
 		g.refuse(w, spec.endpoint, job.Tenant, aerr)
 		return
@@ -238,7 +239,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	defer cancel()
 
 	if spec.n > 1 {
-		g.runChoices(w, r, spec, now, waitCtx)
+		g.runChoices(w, r, job, spec, now, waitCtx)
 		return
 	}
 	stream, err := g.jobs.Submit(waitCtx, job)
@@ -253,6 +254,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 		return
 	}
 	defer stream.Close()
+	job = submitted(job)
 	// The job id lets a client fetch the durable result (mlx-serving result <id>)
 	// or cancel, whatever happens to this connection.
 	w.Header().Set("X-Mlx-Job-Id", job.ID)
@@ -270,13 +272,25 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	}
 }
 
+// submitted is what a request keeps of its job once the job is queued: its id
+// and tenant (logs, cancels) and model (the answer's). The job itself holds the
+// prompt or messages, tools and schemas, up to the body's size decoded (0.96 MB
+// held the standalone gateway ~2.7 MB), and the request waits for its answer up
+// to gateway_request_timeout (10 min); kept, they made a tenant's held requests
+// cost memory without bound (red team round 11, F3). The answer reads none of
+// them: a format is built from the request before (chat reads tool calls from
+// the output alone), and echo is not supported.
+func submitted(job *schemas.JobRequest) *schemas.JobRequest {
+	return &schemas.JobRequest{ID: job.ID, Tenant: job.Tenant, Model: job.Model}
+}
+
 // jobCall is one request's wait for its job.
 type jobCall struct {
 	g       *Gateway
 	w       http.ResponseWriter
 	r       *http.Request
 	spec    runSpec
-	job     *schemas.JobRequest
+	job     *schemas.JobRequest // submitted(job): id, tenant and model only
 	stream  *bus.JobStream
 	waitCtx context.Context
 	meta    meta
