@@ -22,13 +22,20 @@ import (
 //     others (bodyBudget). Bytes are charged as they arrive, not as declared:
 //     a connection that sends a head and no body holds nothing;
 //   - each body by its read time (408 request_timeout), so a client trickling
-//     bytes holds what it sent only so long.
+//     bytes holds what it sent only so long;
+//   - each body by its JSON values before it is decoded (413
+//     request_too_many_values, bodyvalues.go): decoding multiplies bytes, up
+//     to 90 times for a body of empty objects, which the byte bounds above
+//     cannot see.
 
 // Refusal codes of body reading, stable for clients and dashboards.
 const (
 	codeBodyTooLarge = "request_too_large"
 	codeBodyCapacity = "request_body_capacity"
 	codeBodyTimeout  = "request_timeout"
+	// codeBodyTooManyValues: the body holds more JSON values than any job
+	// can (MaxBodyValues), refused before it is decoded (bodyvalues.go).
+	codeBodyTooManyValues = "request_too_many_values"
 )
 
 const (

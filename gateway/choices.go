@@ -29,8 +29,7 @@ func checkChoices(n *int) *apiError {
 // answer is reproducible. Usage counts the prompt once (as OpenAI does) and the
 // completions of every choice. If one choice fails, the others are cancelled and
 // the request fails with its error.
-func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, spec runSpec, now time.Time, waitCtx context.Context) {
-	base := spec.job
+func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, base *schemas.JobRequest, spec runSpec, now time.Time, waitCtx context.Context) {
 	// The request holds one tenant slot already; each further job takes one more.
 	for range spec.n - 1 {
 		release, ok := g.limits.acquire(base.Tenant)
@@ -74,7 +73,7 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, spec runSpe
 		m := meta{id: spec.format.idPrefix() + base.ID, created: now.Unix(), model: job.Model, includeUsage: spec.stream && spec.includeUsage}
 		cspec := spec
 		cspec.format = choiceFormat(spec.format)
-		calls = append(calls, &jobCall{g: g, w: w, r: r, spec: cspec, job: &job, stream: stream, waitCtx: waitCtx, meta: m})
+		calls = append(calls, &jobCall{g: g, w: w, r: r, spec: cspec, job: submitted(&job), stream: stream, waitCtx: waitCtx, meta: m})
 	}
 	w.Header().Set("X-Mlx-Job-Id", strings.Join(ids, ","))
 	if spec.stream {

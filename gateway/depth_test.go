@@ -55,3 +55,35 @@ func TestDeepSchemaIs400AndNothingIsQueued(t *testing.T) {
 		t.Fatalf("%v deep jobs were submitted", got)
 	}
 }
+
+// TestWideSchemaIs400AndNothingIsQueued: a schema of more than
+// schemas.MaxSchemaNodes values, shallow and without refs or patterns (red team
+// round 11's F6: a 0.95 MB enum of {} took each runtime to 1.16 GB), is a 400
+// naming the field at the gateway, and nothing is queued (a schema at the
+// bound is accepted: TestSchemaNodesBoundary). Mutation caught: schemaViolations'
+// node bound removed (checkBodyValues alone lets 10,001 values through).
+func TestWideSchemaIs400AndNothingIsQueued(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
+	g, srv := newTestGateway(t, tb, nil)
+	enum := func(members int) string {
+		return `{"enum":[` + strings.TrimSuffix(strings.Repeat("{},", members), ",") + `]}`
+	}
+	body := func(schema string) string {
+		return `{"model":"tiny-model","messages":[{"role":"user","content":"x"}],"max_tokens":4,` +
+			`"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":` + schema + `}}}`
+	}
+	// The schema's object and array count one each.
+	e := expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", body(enum(schemas.MaxSchemaNodes-1))),
+		http.StatusBadRequest, "response_format.json_schema.schema", "invalid_value")
+	if !strings.Contains(e.Error.Message, "more than 10000 values") {
+		t.Fatalf("message %q does not say why", e.Error.Message)
+	}
+	if n := jobsStored(t, tb); n != 0 {
+		t.Fatalf("JOBS holds %d messages after a refused request", n)
+	}
+	if got := value(observed(g).Submitted.WithLabelValues(endpointChat)); got != 0 {
+		t.Fatalf("%v wide jobs were submitted", got)
+	}
+}

@@ -105,9 +105,11 @@ func choiceFormat(f format) format {
 	return f
 }
 
+// runSpec is how a request's answer is delivered. It does not hold the job:
+// each jobCall copies it and lives as long as the request, and a job holds the
+// request's prompt, messages and schemas, which nothing after Submit reads.
 type runSpec struct {
 	endpoint     string
-	job          *schemas.JobRequest
 	params       paramMap
 	stream       bool
 	includeUsage bool
@@ -143,6 +145,11 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		g.fail(w, endpoint, aerr)
 		return
 	}
+	if aerr := checkBodyValues(body); aerr != nil {
+		releaseBody()
+		g.fail(w, endpoint, aerr)
+		return
+	}
 	req := R(new(T))
 	aerr = decodeBody(body, req, fields)
 	releaseBody() // the raw bytes are garbage now; what was decoded is the job's
@@ -158,7 +165,7 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 	if rf, ok := any(req).(interface{ format(format) format }); ok {
 		f = rf.format(f)
 	}
-	g.run(w, r, runSpec{endpoint: endpoint, job: job, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
+	g.run(w, r, job, runSpec{endpoint: endpoint, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
 		logprobs: job.Logprobs != nil, n: req.choices(), format: f})
 }
 
@@ -172,8 +179,7 @@ func (g *Gateway) fail(w http.ResponseWriter, endpoint string, e *apiError) {
 }
 
 // run submits the job and answers with its outcome, streamed or whole.
-func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
-	job := spec.job
+func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRequest, spec runSpec) {
 	if aerr := g.admit(r, job); aerr != nil {
 		g.refuse(w, spec.endpoint, job.Tenant, aerr)
 		return
@@ -233,7 +239,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 	defer cancel()
 
 	if spec.n > 1 {
-		g.runChoices(w, r, spec, now, waitCtx)
+		g.runChoices(w, r, job, spec, now, waitCtx)
 		return
 	}
 	stream, err := g.jobs.Submit(waitCtx, job)
@@ -248,6 +254,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, spec runSpec) {
 		return
 	}
 	defer stream.Close()
+	job = submitted(job)
 	// The job id lets a client fetch the durable result (mlx-serving result <id>)
 	// or cancel, whatever happens to this connection.
 	w.Header().Set("X-Mlx-Job-Id", job.ID)
@@ -271,7 +278,7 @@ type jobCall struct {
 	w       http.ResponseWriter
 	r       *http.Request
 	spec    runSpec
-	job     *schemas.JobRequest
+	job     *schemas.JobRequest // submitted(job): id, tenant and model only
 	stream  *bus.JobStream
 	waitCtx context.Context
 	meta    meta

@@ -19,7 +19,8 @@ import (
 // (red team rounds 7 and 8). Validate refuses them at every edge (producer
 // client, gateway, dispatcher, worker) as a violation at the field's path;
 // job.json and runtime.generate.params.json state them ("x-max-depth",
-// "x-max-refs", "x-max-patterns" in the latter, which the Python runtime reads;
+// "x-max-refs", "x-max-patterns", "x-max-nodes" in the latter, which the Python
+// runtime reads;
 // TestSchemaBoundsMatchSchemas keeps both files equal to these constants).
 const (
 	// MaxSchemaDepth bounds how deep a schema nests objects and arrays, with
@@ -47,6 +48,23 @@ const (
 	// superlinear in the entries of one object: 64 compiled in 25 ms, 100 in
 	// 86 ms, 128 in 175 ms, 500 in 73 s (same setup).
 	MaxSchemaPatterns = 64
+	// MaxSchemaNodes bounds the JSON values of a job's schemas, all fields
+	// together: every object, array, string, number, boolean and null in the
+	// document counts one (an object's keys are not counted: each has its
+	// value), the root's $defs included where they sit, and a $ref's target
+	// counted again at every $ref followed to it. Values, not keywords, because
+	// values are what costs: decoding one into Go or Python allocates per value
+	// (an empty object {} is 3 bytes of JSON and about 270 bytes of Go map), and
+	// llguidance's compile walks every value of every subschema it reaches,
+	// enum and const members included, once per ref followed to it. A 0.95 MB
+	// {"enum":[{},{},...]} (about 300,000 values, depth 2, no refs, no
+	// patterns) passed every other bound and took each runtime from 146 MB to
+	// 1.16 GB, its compile running for minutes past its 5 s limit (red team
+	// round 11). Real structured-output schemas hold tens to a few hundred
+	// values (the largest in tests/ and schemas/testdata: about 200); 10,000 is
+	// an enum of some thousands of members or a tool set of a hundred rich
+	// functions.
+	MaxSchemaNodes = 10000
 )
 
 // schemaViolations returns a violation for each schema-carrying field of the
@@ -80,8 +98,8 @@ func schemaViolations(v any) []Violation {
 	return out
 }
 
-// schemaCounts carries the ref and pattern counts across a job's fields.
-type schemaCounts struct{ refs, patterns int }
+// schemaCounts carries the ref, pattern and node counts across a job's fields.
+type schemaCounts struct{ refs, patterns, nodes int }
 
 // check walks one schema and returns why it is past a bound, or "".
 func (c *schemaCounts) check(root any) string {
@@ -89,6 +107,7 @@ func (c *schemaCounts) check(root any) string {
 	t := w.height(root, 1, true)
 	c.refs = satAdd(c.refs, t.refs, MaxSchemaRefs)
 	c.patterns = satAdd(c.patterns, t.patterns, MaxSchemaPatterns)
+	c.nodes = satAdd(c.nodes, t.nodes, MaxSchemaNodes)
 	switch {
 	case w.tooDeep:
 		return fmt.Sprintf("nests objects and arrays more than %d levels deep (local $refs followed)", MaxSchemaDepth)
@@ -96,23 +115,26 @@ func (c *schemaCounts) check(root any) string {
 		return fmt.Sprintf("has more than %d $refs (json_schema and every tool's parameters together, each $ref's target counted again at every $ref to it)", MaxSchemaRefs)
 	case w.tooMany == "patterns" || c.patterns > MaxSchemaPatterns:
 		return fmt.Sprintf("has more than %d patterns (patternProperties entries, propertyNames and pattern keywords; json_schema and every tool's parameters together, each $ref's target counted again at every $ref to it)", MaxSchemaPatterns)
+	case w.tooMany == "nodes" || c.nodes > MaxSchemaNodes:
+		return fmt.Sprintf("has more than %d values (objects, arrays and scalars; json_schema and every tool's parameters together, each $ref's target counted again at every $ref to it)", MaxSchemaNodes)
 	}
 	return ""
 }
 
-// tally is what a subtree costs llguidance: its height, and its refs and
-// patterns with every $ref in it expanded (the ref counts one, its target's
+// tally is what a subtree costs llguidance: its height, and its refs,
+// patterns and nodes (JSON values) with every $ref in it expanded (the ref counts one, its target's
 // counts are added again). llguidance compiles a ref's target anew for each
 // allOf holding the ref (red team round 9: 20 allOfs each with a $ref to one
 // def of 64 patternProperties, every count inside the bounds when a target
 // counted once, compiled for 24 s), so a target counts at every ref followed.
-// refs and patterns saturate one past their bound (satAdd): a DAG whose
-// counts double per level neither overflows nor costs more than its walk.
-type tally struct{ height, refs, patterns int }
+// The counts saturate one past their bound (satAdd): a DAG whose counts
+// double per level neither overflows nor costs more than its walk.
+type tally struct{ height, refs, patterns, nodes int }
 
 func (t *tally) add(o tally) {
 	t.refs = satAdd(t.refs, o.refs, MaxSchemaRefs)
 	t.patterns = satAdd(t.patterns, o.patterns, MaxSchemaPatterns)
+	t.nodes = satAdd(t.nodes, o.nodes, MaxSchemaNodes)
 }
 
 // satAdd is a+b, or limit+1 when that passes limit (a and b are at most
@@ -127,7 +149,7 @@ func satAdd(a, b, limit int) int {
 type schemaWalker struct {
 	root    any
 	tooDeep bool
-	tooMany string // "refs" or "patterns": one subtree alone passed that bound; the walk stopped
+	tooMany string // "refs", "patterns" or "nodes": one subtree alone passed that bound; the walk stopped
 	visits  int    // nodes walked, for TestRefDAGLinear
 	// Lazily made, only for schemas with refs. memo: the tally of each object
 	// walked from a ref, so a DAG of refs (each def referencing the next twice)
@@ -149,7 +171,8 @@ func (w *schemaWalker) stopped() bool { return w.tooDeep || w.tooMany != "" }
 // scalar, 1 + its deepest child for an object or array, a ref's target being
 // a child of the object holding the ref. It stops, setting tooDeep, as soon as
 // a level passes MaxSchemaDepth, so it recurses at most that deep, and, setting
-// tooMany, as soon as a subtree's refs or patterns pass their bound. inPlace: v
+// tooMany, as soon as a subtree's refs, patterns or nodes pass their bound (so
+// an enum of a million members costs the walk MaxSchemaNodes steps). inPlace: v
 // is walked where it sits (not through a ref), and the memo is not consulted.
 func (w *schemaWalker) height(v any, depth int, inPlace bool) tally {
 	w.visits++
@@ -169,7 +192,7 @@ func (w *schemaWalker) height(v any, depth int, inPlace bool) tally {
 				return t
 			}
 		}
-		var t tally
+		t := tally{nodes: 1}
 		ref, isRef := x["$ref"].(string)
 		if isRef {
 			t.refs = 1
@@ -194,7 +217,11 @@ func (w *schemaWalker) height(v any, depth int, inPlace bool) tally {
 				return tally{}
 			}
 			if defs, ok := e.(map[string]any); ok && depth == 1 && inPlace && (k == "$defs" || k == "definitions") {
-				t.height = max(t.height, w.defsHeight(defs, depth+1))
+				// The defs' values count in place too: they are decoded,
+				// held and parsed whether or not a ref reaches them.
+				h, n := w.defsHeight(defs, depth+1)
+				t.height = max(t.height, h)
+				t.nodes = satAdd(t.nodes, n, MaxSchemaNodes)
 				continue
 			}
 			c := w.height(e, depth+1, inPlace)
@@ -214,7 +241,7 @@ func (w *schemaWalker) height(v any, depth int, inPlace bool) tally {
 			w.tooDeep = true
 			return tally{}
 		}
-		var t tally
+		t := tally{nodes: 1}
 		for _, e := range x {
 			if w.overCount(t) {
 				return tally{}
@@ -229,30 +256,32 @@ func (w *schemaWalker) height(v any, depth int, inPlace bool) tally {
 		t.height++
 		return t
 	}
-	return tally{}
+	return tally{nodes: 1} // a scalar
 }
 
-// defsHeight returns the height of the root's definitions (at level depth).
-// They compile where refs reach them and count there, not in place (else a
-// chain of n defs each referencing the next would count n^2/2 refs); each is
-// still walked, for depth and for one past a count's bound alone.
-func (w *schemaWalker) defsHeight(defs map[string]any, depth int) int {
+// defsHeight returns the height of the root's definitions (at level depth)
+// and their nodes in place. Their refs and patterns count where refs reach
+// them, not in place (else a chain of n defs each referencing the next would
+// count n^2/2 refs); each is still walked, for depth and for one past a
+// count's bound alone. Their nodes count in place as well as at each ref.
+func (w *schemaWalker) defsHeight(defs map[string]any, depth int) (height, nodes int) {
 	w.visits++
 	if depth > MaxSchemaDepth {
 		w.tooDeep = true
-		return 0
+		return 0, 0
 	}
-	h := 0
+	h, n := 0, 1
 	for _, k := range sortedKeys(defs) {
 		d := defs[k]
-		if w.stopped() {
-			return 0
+		if w.stopped() || w.overCount(tally{nodes: n}) {
+			return 0, 0
 		}
 		c := w.height(d, depth+1, true)
 		w.overCount(c)
 		h = max(h, c.height)
+		n = satAdd(n, c.nodes, MaxSchemaNodes)
 	}
-	return 1 + h
+	return 1 + h, n
 }
 
 // overCount reports whether the walk has stopped, setting tooMany when t alone
@@ -264,6 +293,8 @@ func (w *schemaWalker) overCount(t tally) bool {
 		w.tooMany = "refs"
 	case t.patterns > MaxSchemaPatterns:
 		w.tooMany = "patterns"
+	case t.nodes > MaxSchemaNodes:
+		w.tooMany = "nodes"
 	default:
 		return false
 	}

@@ -99,9 +99,9 @@ func TestSchemaDepthWithOtherViolations(t *testing.T) {
 }
 
 // TestSchemaBoundsMatchSchemas: the bounds the Python runtime reads
-// (runtime.generate.params.json's x-max-depth, x-max-refs, x-max-patterns) and
-// the ones job.json documents are MaxSchemaDepth, MaxSchemaRefs and
-// MaxSchemaPatterns. Mutation caught: either file's number changed alone.
+// (runtime.generate.params.json's x-max-depth, x-max-refs, x-max-patterns,
+// x-max-nodes) and the ones job.json documents are MaxSchemaDepth,
+// MaxSchemaRefs, MaxSchemaPatterns and MaxSchemaNodes. Mutation caught: either file's number changed alone.
 func TestSchemaBoundsMatchSchemas(t *testing.T) {
 	t.Parallel()
 	var doc struct {
@@ -111,7 +111,7 @@ func TestSchemaBoundsMatchSchemas(t *testing.T) {
 	if err := json.Unmarshal(raw, &doc); err != nil {
 		t.Fatal(err)
 	}
-	for key, want := range map[string]int{"x-max-depth": MaxSchemaDepth, "x-max-refs": MaxSchemaRefs, "x-max-patterns": MaxSchemaPatterns} {
+	for key, want := range map[string]int{"x-max-depth": MaxSchemaDepth, "x-max-refs": MaxSchemaRefs, "x-max-patterns": MaxSchemaPatterns, "x-max-nodes": MaxSchemaNodes} {
 		if got, _ := doc.Properties["json_schema"][key].(float64); int(got) != want {
 			t.Errorf("runtime.generate.params.json json_schema %s %v, want %d", key, got, want)
 		}
@@ -125,6 +125,7 @@ func TestSchemaBoundsMatchSchemas(t *testing.T) {
 		fmt.Sprintf("at most %d levels", MaxSchemaDepth),
 		fmt.Sprintf("at most %d $refs", MaxSchemaRefs),
 		fmt.Sprintf("at most %d patterns", MaxSchemaPatterns),
+		fmt.Sprintf("at most %d values", MaxSchemaNodes),
 	} {
 		if !strings.Contains(desc, want) {
 			t.Errorf("job.json json_schema description %q does not say %q", desc, want)

@@ -15,7 +15,7 @@ def reasons(schema) -> list[str]:
 
 
 def test_bounds_read_from_the_schema_file() -> None:
-    assert validation.schema_bounds() == (64, 256, 64)
+    assert validation.schema_bounds() == (64, 256, 64, 10000)
 
 
 def test_alias_depth_boundary() -> None:
@@ -71,7 +71,7 @@ def test_dag_walk_is_linear() -> None:
     }
     s = {"$defs": {**defs, f"d{n}": {"type": "string"}}, "$ref": "#/$defs/d0"}
     assert len(reasons(s)) == 1 and "more than 256 $refs" in reasons(s)[0]
-    w = schema_bounds._Walker(s, 64, 256, 64)
+    w = schema_bounds._Walker(s, 64, 256, 64, 10000)
     w.height(s, 1, True)
     assert w.visits < 500, w.visits
 
@@ -128,3 +128,70 @@ def test_counts_shared_across_fields() -> None:
         "has more than 256 $refs (json_schema and every tool's parameters together"
     )
     assert reasons(object_chain(20)) == []
+
+
+NODES = "has more than 10000 values"
+
+
+def enum_of(n: int) -> dict:
+    """A schema of exactly n JSON values: the dict, the list and n-2 members."""
+    return {"enum": [0] * (n - 2)}
+
+
+def test_node_boundary() -> None:
+    """10000 values pass, 10001 do not, scalars and empty objects alike (red team
+    round 11's F6: a 0.95 MB enum of {} passed every other bound and took a runtime
+    to 1.16 GB). Same cases as schemas/nodes_test.go. Mutation caught: a scalar
+    member not counted (the `nodes = _sat(nodes, 1, ...)` of the list loop removed)."""
+    assert reasons(enum_of(10000)) == []
+    assert reasons(enum_of(10001))[0].startswith(NODES)
+    assert reasons({"enum": [{} for _ in range(10000)]})[0].startswith(NODES)
+
+
+def test_nodes_shared_across_fields() -> None:
+    """5000 values in json_schema and 5000 in a tool pass, one more value in a
+    second tool is refused there. Mutation caught: counts.nodes not summed."""
+
+    def tool(name: str, n: int) -> dict:
+        return {"type": "function", "function": {"name": name, "parameters": enum_of(n)}}
+
+    ok = {"json_schema": enum_of(5000), "tools": [tool("a", 5000)]}
+    assert validation.depth_violations(ok) == []
+    over = {"json_schema": enum_of(5000), "tools": [tool("a", 5000), tool("b", 2)]}
+    got = validation.depth_violations(over)
+    assert [v["path"] for v in got] == ["$.tools[1].function.parameters"], got
+    assert got[0]["reason"].startswith(NODES)
+
+
+def test_nodes_defs_in_place_and_per_ref() -> None:
+    """Unreferenced $defs count where they sit; a def counts again at each ref (60
+    refs to 200 values refused, to 100 allowed). Mutation caught: defs_height's node
+    sum dropped, or the follow's nodes not added."""
+    assert reasons({"$defs": {"big": enum_of(10000)}, "type": "string"})[0].startswith(NODES)
+
+    def refs(n: int) -> dict:
+        props = {f"p{i}": {"$ref": "#/$defs/e"} for i in range(60)}
+        return {"$defs": {"e": enum_of(n)}, "type": "object", "properties": props}
+
+    assert reasons(refs(200))[0].startswith(NODES)
+    assert reasons(refs(100)) == []
+
+
+def test_node_walk_stops() -> None:
+    """An enum of a million members is refused after about max_nodes members of the
+    list loop, not a million. Mutation caught: the over() check in the list loop
+    removed (the loop runs to the end)."""
+    seen = 0
+
+    class Members(list):
+        def __iter__(self):
+            nonlocal seen
+            for e in super().__iter__():
+                seen += 1
+                yield e
+
+    s = {"enum": Members([0] * 1_000_000)}
+    w = schema_bounds._Walker(s, 64, 256, 64, 10000)
+    w.height(s, 1, True)
+    assert w.too_many == "nodes"
+    assert seen < 10010, seen
