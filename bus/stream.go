@@ -64,6 +64,7 @@ type JobStream struct {
 	replyTo string
 	js      jetstream.JetStream
 	sub     *nats.Subscription
+	q       *replyQueue // what sub received and Next has not read (replyqueue.go)
 	opts    StreamOptions
 
 	attempt int // latest attempt seen; 0 before the first event
@@ -135,10 +136,12 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenan
 		}
 	}
 	opts = opts.withDefaults()
-	sub, err := nc.SubscribeSync(replyTo)
+	q := newReplyQueue(opts.PendingMsgs, opts.PendingBytes)
+	sub, err := nc.Subscribe(replyTo, q.push)
 	if err != nil {
 		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
 	}
+	sub.SetClosedHandler(func(string) { q.end() })
 	if err := sub.SetPendingLimits(opts.PendingMsgs, opts.PendingBytes); err != nil {
 		_ = sub.Unsubscribe()
 		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
@@ -148,7 +151,7 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenan
 	// asynchronously, but a job's way through JetStream, a dispatcher and a
 	// worker's prefill takes far longer.
 	if !flush {
-		return &JobStream{tenant: tenant, jobID: jobID, replyTo: replyTo, js: js, sub: sub, opts: opts}, nil
+		return &JobStream{tenant: tenant, jobID: jobID, replyTo: replyTo, js: js, sub: sub, q: q, opts: opts}, nil
 	}
 	fctx, cancel := ctx, context.CancelFunc(func() {})
 	if _, ok := ctx.Deadline(); !ok {
@@ -164,7 +167,7 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenan
 		}
 		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
 	}
-	return &JobStream{tenant: tenant, jobID: jobID, replyTo: replyTo, js: js, sub: sub, opts: opts}, nil
+	return &JobStream{tenant: tenant, jobID: jobID, replyTo: replyTo, js: js, sub: sub, q: q, opts: opts}, nil
 }
 
 // SubmitStream opens the stream for job on nc (the connection p was built on),
@@ -248,7 +251,7 @@ func (s *JobStream) Next(ctx context.Context) (Event, error) {
 			return s.lastLookup(ctx, err)
 		}
 		waitCtx, cancel := context.WithTimeout(ctx, s.opts.QuietAfter)
-		msg, err := s.sub.NextMsgWithContext(waitCtx)
+		msg, err := s.q.next(waitCtx)
 		cancel()
 		switch {
 		case err == nil:
@@ -461,8 +464,11 @@ func (s *JobStream) lastLookup(ctx context.Context, cause error) (Event, error) 
 	// waits for; those deltas are skipped unread, so the caller's text does not
 	// count them and the terminal's Rest carries their text.
 	for {
-		msg, err := s.sub.NextMsg(0)
-		if err != nil {
+		msg, err := s.q.take()
+		if errors.Is(err, errDropped) {
+			continue
+		}
+		if msg == nil || err != nil {
 			break
 		}
 		if msg.Subject != s.replyTo {
