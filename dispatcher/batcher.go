@@ -124,16 +124,8 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 		d.enqueue(j, now)
 	}
 
-	lifted := false
-	for _, w := range d.workers {
-		was := w.blocked
-		if at := w.liftBlock(now); !at.IsZero() {
-			later(at)
-		}
-		lifted = lifted || (was && !w.blocked)
-	}
-	if lifted {
-		poke(d.wakePull) // its free slots are credit again
+	if at := d.liftBlocks(now); !at.IsZero() {
+		later(at)
 	}
 
 	skip := map[string]bool{} // models that cannot go out in this pass

@@ -88,7 +88,8 @@ func TestFullLiarOpensItsBreakerAndJobsRunElsewhere(t *testing.T) {
 // the offer), however slow the machine: a bound by construction, not speed.
 // Mutation caught: liftBlock without the `now.Before(at)` hold (each put lifts
 // the block: offers a few ms apart); batcher.go's full branch without
-// `w.block(now)` (the next offer follows the answer at once).
+// `w.block(now)` (F1's loop: busy, never blocked and never loaded, is offered
+// a again and again and a never reaches h).
 func TestRefusingWorkerIsOfferedAtMostOncePerHold(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
@@ -155,8 +156,8 @@ func TestRefusingWorkerIsOfferedAtMostOncePerHold(t *testing.T) {
 // that heartbeat usually lands within refusalHold and the scheduler must look
 // again once the hold is over.
 // Mutation caught: heartbeat() without `w.heard = true` (the block never
-// lifts: no result); schedule() without `later(at)` (the heartbeat inside the
-// hold is forgotten: no result).
+// lifts: no result); liftBlocks returning zero instead of `next` (the
+// heartbeat inside the hold is forgotten: no result).
 func TestHonestFullRunsAfterTheNextHeartbeat(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})

@@ -120,6 +120,24 @@ func (w *workerView) liftBlock(now time.Time) time.Time {
 	return time.Time{}
 }
 
+// liftBlocks ends the blocks whose hold is over (liftBlock) and returns when
+// the next one's is (zero: none waits on the hold). Callers hold d.mu.
+func (d *Dispatcher) liftBlocks(now time.Time) time.Time {
+	var next time.Time
+	lifted := false
+	for _, w := range d.workers {
+		was := w.blocked
+		if at := w.liftBlock(now); !at.IsZero() && (next.IsZero() || at.Before(next)) {
+			next = at
+		}
+		lifted = lifted || (was && !w.blocked)
+	}
+	if lifted {
+		poke(d.wakePull) // their free slots are credit again
+	}
+	return next
+}
+
 // routable: alive, ready and not behind an open breaker (a cooled-down open
 // breaker counts: it will let a probe through).
 func (w *workerView) routable(now time.Time) bool {
