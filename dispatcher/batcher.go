@@ -124,6 +124,10 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 		d.enqueue(j, now)
 	}
 
+	if at := d.liftBlocks(now); !at.IsZero() {
+		later(at)
+	}
+
 	skip := map[string]bool{} // models that cannot go out in this pass
 	for {
 		var heads [schemas.NumPriorities]*job
@@ -293,7 +297,7 @@ func (d *Dispatcher) assign(b *batch) {
 		d.count().assignFailed()
 		if w != nil {
 			w.br.Record(false, now)
-			w.blocked = true
+			w.block(now)
 		}
 		for _, j := range b.jobs {
 			if mine(j) && d.apply(j, EvRefused) == nil {
@@ -348,12 +352,18 @@ func (d *Dispatcher) assign(b *batch) {
 	default: // full or rejected: skip this worker until it reports again
 		d.count().refused()
 		if w != nil {
-			w.br.Record(true, now) // it answered: healthy, just busy
-			if reply.Status == schemas.AssignFull {
-				w.answered(max(reply.FreeSlots, 0))
-			} else {
-				w.blocked = true
-			}
+			// It answered: healthy, just busy. But a full that states at
+			// least as many free slots as the batch had contradicts itself
+			// (a worker refuses a batch only when it has fewer): a
+			// credential answering every offer so kept jobs from ever
+			// running or using an attempt (red team round 11, F1). It
+			// counts as a failure, so repeated it opens the breaker.
+			lie := reply.Status == schemas.AssignFull && reply.FreeSlots >= len(b.jobs)
+			w.br.Record(!lie, now)
+			// Whatever free slots it stated are not taken: nothing more
+			// goes there until its next heartbeat says them afresh (and
+			// refusalHold has passed), so a full is no tight re-offer loop.
+			w.block(now)
 		}
 		for _, j := range b.jobs {
 			if mine(j) && d.apply(j, EvRefused) == nil {

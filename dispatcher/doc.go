@@ -94,7 +94,12 @@
 // within the TTL: the jobs its earlier process ran are retried the same way,
 // and it stays routable. A per-worker circuit breaker (internal/breaker:
 // closed/open/half-open, the one table the worker's runtime breaker walks too)
-// stops routing to a worker whose assignments keep failing. While a job runs
+// stops routing to a worker whose assignments keep failing. A worker that
+// answers an offer full or rejected is offered nothing more until it heart-beats
+// again and refusalHold (100 ms) has passed, so neither a busy worker nor one
+// re-putting its own registry entry draws a tight loop of re-offers; a full
+// that states room for the whole batch contradicts itself and counts as a
+// breaker failure (a credential that refuses every offer so). While a job runs
 // the dispatcher accumulates the text of the current attempt from the copies
 // of its token events that the job's worker sends on its own progress subject
 // (progress.go: never from the reply subject, where any worker may publish),

@@ -36,9 +36,12 @@ type workerView struct {
 	// othersReply: other dispatchers' share as of the worker's last answer
 	// (-1: none since the heartbeat), fresher than the heartbeat.
 	othersReply int
-	// blocked: the last answer refused work (rejected, nobody there); until the
-	// next heartbeat nothing is offered.
-	blocked bool
+	// blocked: the last answer refused work (full, rejected, nobody there);
+	// nothing is offered until a heartbeat came since (heard) and refusalHold
+	// has passed since blockedAt (liftBlock).
+	blocked   bool
+	blockedAt time.Time // this dispatcher's clock
+	heard     bool
 	// prefixes: the heartbeat's prefixes by model (nil: none advertised).
 	prefixes map[string]prefix.Set
 }
@@ -68,7 +71,6 @@ func (w *workerView) observe(hb schemas.HeartbeatMsg) {
 	w.freed = keep
 	w.counted = w.mine + len(keep)
 	w.othersReply = -1
-	w.blocked = false
 	if !slices.EqualFunc(hb.Prefixes, old.Prefixes, sameModelPrefixes) || !slices.Equal(hb.Models, old.Models) {
 		w.prefixes = prefixSets(hb.Models, hb.Prefixes) // parsed only when they changed
 	}
@@ -82,6 +84,58 @@ func sameModelPrefixes(a, b schemas.ModelPrefixes) bool {
 // mine.
 func (w *workerView) answered(freeSlots int) {
 	w.othersReply = max(w.hb.Slots-freeSlots-w.mine, 0)
+}
+
+// refusalHold is the least time a worker that refused an offer (full,
+// rejected, nobody there) is left alone, however soon it heart-beats. A
+// worker writes its own registry entry: one that answered every offer full
+// and re-put its entry as fast as the server took it would be offered the
+// same jobs again on every put, a re-offer loop that burns the dispatcher's
+// CPU and keeps jobs from running (red team round 11, F1, where the next
+// offer did not even wait for a put). With the hold it gets at most one offer
+// per hold per dispatcher, and its refused jobs go to other workers meanwhile.
+// An honest worker's full (this dispatcher's count was stale, e.g. another
+// dispatcher took the slots) costs it no more than its next heartbeat, or the
+// hold if that came sooner: the real worker re-puts within 100 ms of a slot
+// freeing on a full worker, and every interval (1 s) otherwise.
+const refusalHold = 100 * time.Millisecond
+
+// block: the worker refused an offer at now.
+func (w *workerView) block(now time.Time) {
+	w.blocked, w.blockedAt, w.heard = true, now, false
+}
+
+// liftBlock ends a block once a heartbeat came since it and refusalHold has
+// passed; otherwise it returns when to look again (zero: at a heartbeat).
+// Both times are this dispatcher's clock (monotonic): a worker's updated_at
+// is whatever it writes.
+func (w *workerView) liftBlock(now time.Time) time.Time {
+	if !w.blocked || !w.heard {
+		return time.Time{}
+	}
+	if at := w.blockedAt.Add(refusalHold); now.Before(at) {
+		return at
+	}
+	w.blocked = false
+	return time.Time{}
+}
+
+// liftBlocks ends the blocks whose hold is over (liftBlock) and returns when
+// the next one's is (zero: none waits on the hold). Callers hold d.mu.
+func (d *Dispatcher) liftBlocks(now time.Time) time.Time {
+	var next time.Time
+	lifted := false
+	for _, w := range d.workers {
+		was := w.blocked
+		if at := w.liftBlock(now); !at.IsZero() && (next.IsZero() || at.Before(next)) {
+			next = at
+		}
+		lifted = lifted || (was && !w.blocked)
+	}
+	if lifted {
+		poke(d.wakePull) // their free slots are credit again
+	}
+	return next
 }
 
 // routable: alive, ready and not behind an open breaker (a cooled-down open
@@ -172,6 +226,8 @@ func (d *Dispatcher) heartbeat(id string, hb schemas.HeartbeatMsg, created time.
 	w.seenAt = seen
 	w.lost = false
 	w.observe(hb)
+	w.heard = true
+	w.liftBlock(now) // or the scheduler does, once the hold has passed
 }
 
 // workerRestarted: the worker's process changed (killed and back under the same

@@ -45,6 +45,12 @@ type Options struct {
 	Hostname string
 	// HandOverTimeout bounds the hand-over of a terminal record (10s).
 	HandOverTimeout time.Duration
+	// Full, if set, is asked about every assignment first: full answers it
+	// full with free free slots, taking nothing, whatever its slots hold. A
+	// worker whose slots filled since the dispatcher counted them (free below
+	// the batch), or a credential that lies (free at or above it: red team
+	// round 11, F1). Runs on the worker's goroutine.
+	Full func(a schemas.AssignmentMsg) (full bool, free int)
 	// Direct: serve jobs straight off the job subjects, with no dispatcher (see
 	// serveDirect): what a gateway's tests need to script exactly what reaches a
 	// reply subject.
@@ -284,6 +290,10 @@ func (w *Worker) serve(m *nats.Msg) {
 		w.errorf("worker %s: bad assignment: %v", w.opts.ID, err)
 		return
 	}
+	scripted, stated := false, 0
+	if w.opts.Full != nil {
+		scripted, stated = w.opts.Full(a)
+	}
 	now := time.Now()
 	w.mu.Lock()
 	if w.dead {
@@ -291,7 +301,10 @@ func (w *Worker) serve(m *nats.Msg) {
 		return
 	}
 	free := w.opts.Slots - w.inflight
-	if len(a.Jobs) > free {
+	if scripted {
+		free = stated
+	}
+	if scripted || len(a.Jobs) > free {
 		w.stats.Fulls++
 		w.mu.Unlock()
 		data, _ := json.Marshal(schemas.AssignmentReplyMsg{BatchID: a.BatchID, WorkerID: w.opts.ID, Status: schemas.AssignFull, FreeSlots: free})
