@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 import pytest
+from conftest import rid
 from test_grammar_compiler import WAIT, Sent, request
 
 from mlx_serving_runtime import preparer as preparer_mod
@@ -162,12 +163,12 @@ def test_cancel_during_preparation_ends_it_cancelled(rig) -> None:
         assert sent.msgs == [], sent.msgs
     prep.release["a"].set()
     sent.wait_for(4)
-    for rid in ("a", "b"):
-        assert answers(sent, rid + "-rpc") == [
-            {"jsonrpc": "2.0", "id": rid + "-rpc", "result": {"finish_reason": "cancelled"}}
+    for r in ("a", "b"):
+        assert answers(sent, r + "-rpc") == [
+            {"jsonrpc": "2.0", "id": r + "-rpc", "result": {"finish_reason": "cancelled"}}
         ], sent.msgs
-        assert answers(sent, "c" + rid) == [
-            {"jsonrpc": "2.0", "id": "c" + rid, "result": {"request_id": rid, "cancelled": True}}
+        assert answers(sent, "c" + r) == [
+            {"jsonrpc": "2.0", "id": "c" + r, "result": {"request_id": r, "cancelled": True}}
         ], sent.msgs
     assert eng.calls == [
         ("generate", "a"),
@@ -275,3 +276,25 @@ def test_duplicate_request_id_while_queued_is_refused(rig) -> None:
     prep.release["a"].set()
     p.close(WAIT)
     assert eng.calls == [("generate", "a")]
+
+
+def test_long_prompts_do_not_hold_up_health(rt) -> None:
+    """The real runtime, F2 as the red team sent it: generates of 4 messages of 240k
+    characters (~1 s each to template and tokenize here), then health. Health is
+    answered while they are still being prepared: before the last of them is (each
+    ends context_exceeded, the tiny model's context being 2,048 tokens); a plain
+    generate after them runs. Mutation caught: handle() preparing on the reader
+    again (health waits behind all three: the last is answered first)."""
+    big = ("lorem ipsum dolor sit amet, " * 9000)[:240_000]
+    messages = [{"role": "user", "content": big}] * 4
+    ids = [
+        rt.request("generate", {"request_id": rid("big"), "model": "tiny", "messages": messages})
+        for _ in range(3)
+    ]
+    assert rt.result("health")["ok"] is True
+    assert rt._q(ids[-1]).empty(), "a long prompt was answered before health"
+    for rpc_id in ids:
+        err = rt.wait(rpc_id)["error"]
+        assert err["data"]["code"] == "context_exceeded", err
+    res = rt.result("generate", {"request_id": rid(), "model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert res["usage"]["completion_tokens"] >= 1
