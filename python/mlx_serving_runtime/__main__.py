@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .protocol import METHODS, RpcError, Writer, error_response, log, response, schema_type, take_stdout
@@ -104,15 +105,21 @@ def salvage_id(line: bytes) -> int | str | None:
     return None
 
 
-def handle(engine: Any, writer: Writer, line: bytes, compiler: Any = None) -> None:
+def handle(engine: Any, writer: Writer, line: bytes, compiler: Any = None, preparer: Any = None) -> None:
     """Answer one request line. Every failure becomes an error response, never an exit:
     an exception escaping here ends the read loop and the process, failing every
     request in flight whoever sent it (a json_schema nested thousands of levels deep
-    did that with RecursionError, in json.loads and in validation). A generate's
-    grammar is compiled by compiler (compiler.py) off this thread, which goes on
-    answering health, cancels and other generates meanwhile; without one (tests),
-    submit_generate compiles it here."""
+    did that with RecursionError, in json.loads and in validation).
+
+    Nothing slow runs here: the worker's supervisor restarts a runtime whose health
+    goes unanswered for 5 s, failing every tenant's jobs. A generate is prepared
+    (templated, tokenized: up to seconds for a long prompt) by preparer (preparer.py)
+    and its grammar compiled by compiler (compiler.py), each off this thread, which
+    goes on answering health, runtime.info and cancels meanwhile; loads, unloads and
+    a drain shutdown reach the engine behind the generates sent before them
+    (in_order). Without a preparer or compiler (tests) that work runs here."""
     from . import validation
+    from .preparer import hand_on
     from .request import request_from_params
 
     rpc_id: Any = None
@@ -169,25 +176,41 @@ def handle(engine: Any, writer: Writer, line: bytes, compiler: Any = None) -> No
             )
             writer.send(response(rpc_id, {"tokens": toks, "count": len(toks)}))
         elif method == "generate":
-            req = request_from_params(engine, rpc_id, params)
-            if compiler is not None and req.compile_grammar is not None:
-                compiler.submit(req)  # answered from the compile thread
+            if preparer is not None:
+                preparer.submit(rpc_id, params)  # answered from the preparer thread on
             else:
-                engine.submit_generate(req)
+                hand_on(engine, compiler, request_from_params(engine, rpc_id, params))
         elif method == "model.load":
-            engine.submit("load", rpc_id, params)
+            in_order(preparer, rpc_id, lambda: engine.submit("load", rpc_id, params))
         elif method == "model.unload":
-            engine.submit("unload", rpc_id, params["id"])
+            in_order(preparer, rpc_id, lambda: engine.submit("unload", rpc_id, params["id"]))
         elif method == "cancel":
-            if compiler is None or not compiler.hold_cancel(rpc_id, params["request_id"]):
-                engine.submit("cancel", rpc_id, params["request_id"])
+            # Held by whichever stage has the generate, so it follows it; the preparer
+            # first: what it no longer holds it has handed on.
+            request_id = params["request_id"]
+            if preparer is not None and preparer.hold_cancel(rpc_id, request_id):
+                pass
+            elif compiler is None or not compiler.hold_cancel(rpc_id, request_id):
+                engine.submit("cancel", rpc_id, request_id)
         elif method == "shutdown":
             if engine.shutting_down:
                 raise RpcError("shutting_down", "shutdown already requested")
-            engine.shutting_down = True
-            if compiler is not None:
-                compiler.refuse_pending("shutdown requested")
-            engine.submit("shutdown", rpc_id, params.get("mode", "drain"))
+            engine.shutting_down = True  # from here on, new generates are refused
+            mode = params.get("mode", "drain")
+
+            def shut_down() -> None:
+                if compiler is not None:
+                    compiler.refuse_pending("shutdown requested")
+                engine.submit("shutdown", rpc_id, mode)
+
+            if mode == "drain":  # generates sent before it are still being prepared: run them
+                in_order(preparer, rpc_id, shut_down)
+            else:
+                # In this order: what the preparer handed on before refusing the rest is
+                # compiling or queued on the engine ahead of its shutdown command.
+                if preparer is not None:
+                    preparer.refuse_pending("shutdown requested")
+                shut_down()
     except RpcError as e:
         writer.send(error_response(rpc_id, e))
     except RecursionError:
@@ -199,6 +222,16 @@ def handle(engine: Any, writer: Writer, line: bytes, compiler: Any = None) -> No
     except Exception as e:  # a bug or a library surprise answers this request only
         log.exception("%s failed", method)
         writer.send(error_response(rpc_id, RpcError("generation_failed", f"{type(e).__name__}: {e}")))
+
+
+def in_order(preparer: Any, rpc_id: Any, run: Callable[[], None]) -> None:
+    """Queue an engine command behind the generates sent before it that are still
+    being prepared (preparer.then), so the engine sees them in the order sent; at
+    once without a preparer."""
+    if preparer is None:
+        run()
+    else:
+        preparer.then(rpc_id, run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import admission, prefill, validation
     from . import compiler as compiler_mod
     from .engine import Engine
+    from .preparer import Preparer
 
     try:
         prefill_mode = prefill.resolve(args.prefill_mode)
@@ -248,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine.on_exit = exit_now
     compiler = compiler_mod.GrammarCompiler(engine, writer.send)
+    preparer = Preparer(engine, writer.send, compiler)
     log.info(
         "runtime ready (pid %d, max_batch %d, prompt cache %d bytes, prefill %s, admit wait %g ms)",
         os.getpid(),
@@ -260,10 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in stdin:
         if not line.strip():
             continue
-        handle(engine, writer, line, compiler)
+        handle(engine, writer, line, compiler, preparer)
     # EOF: the worker is gone or done with us. Cancel what runs and leave.
     if not engine.shutting_down:
         engine.shutting_down = True
+        preparer.refuse_pending("stdin closed")
         compiler.refuse_pending("stdin closed")
         engine.submit("shutdown", None, "cancel")
     engine.join(timeout=30)

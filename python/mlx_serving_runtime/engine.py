@@ -1,7 +1,8 @@
 """The generation thread: owns every MLX object and runs mlx-lm's BatchGenerator.
 
 MLX streams are thread-local, so models are loaded, samplers built and every step run
-on this one thread. The reader thread only tokenizes, validates and enqueues commands.
+on this one thread. The reader thread only validates and enqueues commands; generates
+are tokenized on the preparer thread (preparer.py), grammars compiled on compile threads.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""A generate request: checked and tokenized on the reader thread, its grammar compiled
-on a compile thread (compiler.py), run by the engine."""
+"""A generate request: checked and tokenized on the preparer thread (preparer.py), its
+grammar compiled on a compile thread (compiler.py), run by the engine."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ class Request:
 
 
 def request_from_params(engine: Engine, rpc_id: Any, p: dict[str, Any]) -> Request:
-    """Tokenize and check a generate on the reader thread, so the engine only runs it."""
+    """Tokenize and check a generate, so the engine only runs it: on the preparer
+    thread (preparer.py), off the reader, since a long prompt takes seconds."""
     m = engine.model(p["model"])
     tok = m.tokenizer
     if "messages" in p:
