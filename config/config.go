@@ -116,7 +116,7 @@ var Keys = []Key{
 	{"batch_max_size", "batch-max-size", "MLX_SERVING_BATCH_MAX_SIZE", "8", "most jobs in one batch"},
 	{"routing", "routing", "MLX_SERVING_ROUTING", "prefix", "dispatcher: where a batch goes: prefix (the worker that already holds its prompt's prefix) or least_loaded"},
 	{"route_max_skew", "route-max-skew", "MLX_SERVING_ROUTE_MAX_SKEW", "0.5", "dispatcher: how much busier (share of slots) a worker holding a job's prefix may be than the least loaded one; past it the least loaded gets the job"},
-	{"auth_tokens", "auth-tokens", "MLX_SERVING_AUTH_TOKENS", "", "gateway bearer tokens, comma-separated; token=tenant maps a token to a tenant, a plain token is tenant default (empty: no auth)"},
+	{"auth_tokens", "auth-tokens", "MLX_SERVING_AUTH_TOKENS", "", "gateway bearer tokens, comma-separated; token=tenant maps a token to a tenant, a plain token is tenant default; a token listed twice is refused (empty: no auth)"},
 	{"cors_origins", "cors-origins", "MLX_SERVING_CORS_ORIGINS", "", "gateway: browser origins allowed to call the API (CORS), comma-separated scheme://host[:port]; * allows any (empty: none)"},
 	{"tenant_max_in_flight", "tenant-max-in-flight", "MLX_SERVING_TENANT_MAX_IN_FLIGHT", "0", "gateway: most jobs one tenant may have queued or running (0: no limit)"},
 	{"tenant_max_tokens", "tenant-max-tokens", "MLX_SERVING_TENANT_MAX_TOKENS", "0", "gateway: largest max_tokens one request may ask for, and the default (0: no limit)"},
@@ -248,7 +248,29 @@ func fromValues(values map[string]any) (Config, error) {
 			return Config{}, fmt.Errorf("%w: %s: must be a positive duration", ErrInvalid, kv[0])
 		}
 	}
+	if err := c.checkTokens(); err != nil {
+		return Config{}, err
+	}
 	return c, nil
+}
+
+// checkTokens refuses a bearer token listed twice in auth_tokens. Taken as it
+// came, the last entry won: "t1=alpha,t1=beta" made alpha's client tenant beta,
+// with beta's jobs, limits and prompt cache (operator red team, round 11) —
+// a copy-paste slip when adding a tenant, and no warning.
+func (c Config) checkTokens() error {
+	seen := map[string]bool{}
+	for _, t := range strings.Split(c.AuthTokens, ",") {
+		token, _, _ := strings.Cut(strings.TrimSpace(t), "=")
+		if token = strings.TrimSpace(token); token == "" {
+			continue
+		}
+		if seen[token] {
+			return fmt.Errorf("%w: auth_tokens: a token is listed twice (each token must name one tenant)", ErrInvalid)
+		}
+		seen[token] = true
+	}
+	return nil
 }
 
 // The durations, validated by Load (so parsing them again cannot fail).
