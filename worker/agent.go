@@ -252,6 +252,14 @@ func (a *Agent) start(ctx context.Context) error {
 	a.mark = a.nc.NewInbox()
 	a.js = js
 	a.jobCtx, a.jobCancel = context.WithCancel(context.Background())
+	// Before the assign subscription: a second process under this id must not
+	// take a single assignment (idclaim.go).
+	if err := a.claimID(ctx); err != nil {
+		if a.ownNC {
+			a.nc.Close()
+		}
+		return err
+	}
 
 	for subj, h := range map[string]nats.MsgHandler{
 		subjects.Assign(a.cfg.WorkerID):       a.handleAssign,

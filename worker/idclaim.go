@@ -1,0 +1,62 @@
+package worker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// ErrWorkerIDInUse: another live process heart-beats under this worker id.
+var ErrWorkerIDInUse = errors.New("worker: worker id in use by another process")
+
+// A worker id names one process. Two processes under one id both subscribe to
+// its assign subject, so both run every job offered to it, at the same attempt:
+// callers' streams mixed two texts and gateway streams ended "generated
+// different text" with no job restarted, while `status` showed one worker
+// (operator red team, round 11). Identically imaged Macs get there with no
+// mistake at all: the id defaults to the host name.
+//
+// claimID refuses to start while another process writes this id's registry
+// entry. A fresh entry is not proof: it may be this machine's own previous
+// process, killed before it could delete it. So the entry must be written again
+// within claimWait of its last write (a live worker puts it every
+// HeartbeatInterval) for the id to be taken; a dead one's entry is not, and the
+// start goes on once claimWait has passed since that write. Not covered: two
+// processes starting within a heartbeat of each other, before either wrote.
+func (a *Agent) claimID(ctx context.Context) error {
+	kv, err := a.js.KeyValue(ctx, subjects.BucketWorkers)
+	if err != nil {
+		return nil // no registry yet: nobody heart-beats; the heartbeat loop opens it later
+	}
+	e, err := kv.Get(ctx, a.cfg.WorkerID)
+	if err != nil {
+		return nil // none (never written, expired, deleted), or unreadable now: nothing to wait for
+	}
+	wait := a.claimWait() - time.Since(e.Created())
+	if wait > 0 {
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	now, err := kv.Get(ctx, a.cfg.WorkerID)
+	if err != nil || now.Revision() == e.Revision() {
+		return nil // gone, or not written again: its process is gone
+	}
+	var hb schemas.HeartbeatMsg
+	_ = json.Unmarshal(now.Value(), &hb) // for the message only: what it names is the other process's say
+	return fmt.Errorf("%w: worker id %q is heart-beating from host %q (process started %s, state %s); give each worker process its own --worker-id (the default is the host name)",
+		ErrWorkerIDInUse, a.cfg.WorkerID, hb.Hostname, hb.StartedAt.Format(time.RFC3339), hb.State)
+}
+
+// claimWait is how long after its last write a live worker's entry is written
+// again at the latest: two heartbeat periods and slack for a loaded machine.
+func (a *Agent) claimWait() time.Duration { return 2*a.cfg.HeartbeatInterval + 500*time.Millisecond }

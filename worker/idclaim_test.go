@@ -1,0 +1,55 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/registry"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// A second process under a live worker's id does not start: it would take
+// every assignment offered to the id too, and run every job twice.
+// Mutation caught: start without its claimID call (the second agent starts).
+func TestSecondProcessUnderALiveWorkerIDDoesNotStart(t *testing.T) {
+	b := startBus(t, 0)
+	cfg := fakeConfig(t, b, "w-dup", 0)
+	cfg.HeartbeatInterval = 200 * time.Millisecond
+	startAgent(t, cfg, true)
+
+	second, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = second.Start(ctx)
+	if err == nil {
+		_ = second.Shutdown(ctx)
+		t.Fatal("a second process under a live worker id started")
+	}
+	if !errors.Is(err, ErrWorkerIDInUse) {
+		t.Fatalf("start: %v, want ErrWorkerIDInUse", err)
+	}
+}
+
+// The entry of a process that died without deleting it (SIGKILL) does not keep
+// its successor from starting under the same id.
+// Mutation caught: claimID taking any entry for a live process (no revision
+// comparison: the successor is refused).
+func TestWorkerStartsOverADeadProcessEntry(t *testing.T) {
+	b := startBus(t, 0)
+	cfg := fakeConfig(t, b, "w-dead", 0)
+	cfg.HeartbeatInterval = 200 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// What a killed process leaves: its last heartbeat, written once, fresh.
+	now := time.Now().UTC()
+	if err := registry.Put(ctx, b.js, schemas.HeartbeatMsg{WorkerID: cfg.WorkerID, Hostname: "h", Platform: "p", Models: []string{"tiny"},
+		Slots: 2, State: schemas.WorkerReady, StartedAt: now.Add(-time.Minute), UpdatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	startAgent(t, cfg, true)
+}
