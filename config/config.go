@@ -105,7 +105,7 @@ var Keys = []Key{
 	{"nats_key", "nats-key", "MLX_SERVING_NATS_KEY", "", "private key (PEM) of nats_cert"},
 	{"model", "model", "MLX_SERVING_MODEL", "", "model to preload: local path or hub id (empty: the tiny model)"},
 	{"python", "python", "MLX_SERVING_PYTHON", "", "Python interpreter for the runtime (empty: python/.venv/bin/python)"},
-	{"worker_id", "worker-id", "MLX_SERVING_WORKER_ID", "", "worker id (empty: from the host name)"},
+	{"worker_id", "worker-id", "MLX_SERVING_WORKER_ID", "", "worker id (empty: from the host name); one process per id: a worker refuses to start while another process heart-beats under its id"},
 	{"slots", "slots", "MLX_SERVING_SLOTS", "8", "concurrent generations per worker"},
 	{"prompt_cache_bytes", "prompt-cache-bytes", "MLX_SERVING_PROMPT_CACHE_BYTES", "-1", "worker: bytes of finished requests' KV caches the runtime keeps to reuse shared prompt prefixes, within a tenant (0: off; -1: 1/8 of the machine's memory, at most 16 GiB)"},
 	{"sync_always", "sync-always", "MLX_SERVING_SYNC_ALWAYS", "true", "fsync every JetStream write before acking it"},
