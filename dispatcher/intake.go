@@ -188,8 +188,14 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 		case j.req.Deadline != nil && time.Now().After(*j.req.Deadline):
 			d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed before the job ran"})
 		case j.attempt-j.base > d.cfg.MaxAttempts:
+			// Deliveries, not runs: a dispatcher that stops hands its queued
+			// jobs back (a nak), and each such delivery counts here too, so a
+			// job can get here without having run at all (the operator red
+			// team: six graceful restarts in 18 s). Said as it is; not "gave up
+			// after 3 attempts".
 			j.lastErr = schemas.ErrorInfo{Code: schemas.CodeRedelivered, Message: fmt.Sprintf("delivered %d times", md.NumDelivered)}
-			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, exhaustedError(j.attempt-1, j.lastErr))
+			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, &schemas.ErrorInfo{Code: schemas.CodeAttemptsExhausted,
+				Message: fmt.Sprintf("gave up after %d deliveries without a terminal record (runs on workers that were lost, or hand-backs by dispatchers that stopped or could not write)", md.NumDelivered)})
 		case d.draining:
 			d.forget(j)
 			_ = m.Nak()
