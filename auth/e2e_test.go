@@ -3,6 +3,7 @@ package auth
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -104,6 +105,24 @@ func TestEveryRoleWorksWithItsOwnGrantsOnly(t *testing.T) {
 	_ = json.NewDecoder(resp.Body).Decode(&body)
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("gateway chat completion: %d %v", resp.StatusCode, body)
+	}
+
+	// A second process under w1's id, with w1's credential, reads w1's entry
+	// and does not start (worker/idclaim.go): the grant to read its own entry.
+	// Mutation caught: the worker's direct get of its own entry left out of
+	// PermissionsFor (the read is refused and the second process starts).
+	wk2 := sb.connect(RoleWorker, "w1")
+	a2, err := worker.New(worker.Config{WorkerID: "w1", Conn: wk2.nc, Python: testenv.Python(t),
+		Models: []string{"tiny=" + testenv.TinyModel(t)}, Slots: 2, HeartbeatInterval: 500 * time.Millisecond,
+		Logger: log.With().Str("part", "worker2").Logger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a2.Start(ctx); !errors.Is(err, worker.ErrWorkerIDInUse) {
+		if err == nil {
+			_ = a2.Shutdown(ctx)
+		}
+		t.Fatalf("a second w1 process started: %v, want ErrWorkerIDInUse", err)
 	}
 
 	for name, c := range map[string]*client{"dispatcher": disp, "worker": wk, "producer": prodConn, "gateway": gw} {

@@ -193,8 +193,13 @@ func PermissionsFor(id Identity) (Permissions, error) {
 				subjects.ProgressFromWorker(id.WorkerID), // copies of its token events, to their dispatcher
 				subjects.WorkerEntries + id.WorkerID,     // its own heartbeat (put and delete)
 				streamInfo(subjects.WorkersStream),       // binding the registry bucket
-				"$KV." + subjects.BucketModels + ".*",    // announcing the models it serves
-				streamInfo(subjects.ModelsStream),        // binding that bucket
+				// Reading its own entry at start: is another process heart-beating
+				// under this id (worker/idclaim.go)? Its own key only: a value it
+				// could relay with it is one it writes itself, as models values
+				// are for the producers' direct gets.
+				directGet(subjects.WorkersStream, subjects.WorkerEntries+id.WorkerID),
+				"$KV." + subjects.BucketModels + ".*", // announcing the models it serves
+				streamInfo(subjects.ModelsStream),     // binding that bucket
 			},
 			SubscribeAllow: []string{subjects.Assign(id.WorkerID), subjects.WorkerCancel(id.WorkerID), inbox},
 			AllowResponses: true, // answering the dispatcher's assign requests

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -34,8 +36,15 @@ func (a *Agent) claimID(ctx context.Context) error {
 		return nil // no registry yet: nobody heart-beats; the heartbeat loop opens it later
 	}
 	e, err := kv.Get(ctx, a.cfg.WorkerID)
+	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
+		return nil // never written, expired or deleted: nobody heart-beats under it
+	}
 	if err != nil {
-		return nil // none (never written, expired, deleted), or unreadable now: nothing to wait for
+		// Not a reason to stay down: say the check was not made. A
+		// credential generated before workers could read their own entry
+		// (auth init of an older release) is refused the read.
+		a.log.Warn().Err(err).Msg("cannot read this worker id's registry entry: not checked whether another process uses the id")
+		return nil
 	}
 	wait := a.claimWait() - time.Since(e.Created())
 	if wait > 0 {
