@@ -358,17 +358,7 @@ func TestE2ERuntimeKilledMidStream(t *testing.T) {
 	// report can come before the supervisor has seen the process exit (the
 	// generate fails first), so "ready" alone may still be the old runtime:
 	// wait for ready on a new one.
-	for {
-		st, ch := a.life.watch()
-		if (st == StateReady || st == StateBusy) && a.RuntimePID() != pid && a.RuntimePID() != 0 {
-			break
-		}
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			t.Fatalf("no new runtime (state %s, pid %d, old %d)", st, a.RuntimePID(), pid)
-		}
-	}
+	waitNewRuntime(t, ctx, a, pid)
 	next := newJob("After the crash", 10)
 	cn := collect(t, b.nc, next.ReplyTo)
 	if rep := assign(t, b.nc, a.ID(), batch("tiny", next)); rep.Status != schemas.AssignAccepted {

@@ -428,3 +428,20 @@ func waitHeartbeat(t testing.TB, kv jetstream.KeyValue, id string, timeout time.
 		}
 	}
 }
+
+// waitNewRuntime returns once a serves on a runtime other than the one of pid
+// (ready or busy on a new process), following its lifecycle changes.
+func waitNewRuntime(t testing.TB, ctx context.Context, a *Agent, pid int) {
+	t.Helper()
+	for {
+		st, ch := a.life.watch()
+		if (st == StateReady || st == StateBusy) && a.RuntimePID() != pid && a.RuntimePID() != 0 {
+			return
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			t.Fatalf("no new runtime (state %s, pid %d, old %d)", st, a.RuntimePID(), pid)
+		}
+	}
+}

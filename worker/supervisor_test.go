@@ -56,17 +56,7 @@ func TestSupervisorRestartsWedgedRuntime(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("no attempt report for the job on the wedged runtime")
 	}
-	for {
-		st, ch := a.life.watch()
-		if (st == StateReady || st == StateBusy) && a.RuntimePID() != pid && a.RuntimePID() != 0 {
-			break
-		}
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			t.Fatalf("no new runtime (state %s, pid %d, old %d)", st, a.RuntimePID(), pid)
-		}
-	}
+	waitNewRuntime(t, ctx, a, pid)
 	deadline := time.Now().Add(5 * time.Second)
 	for !processGone(pid) {
 		if time.Now().After(deadline) {
