@@ -42,8 +42,13 @@ func (q *replyQueue) push(m *nats.Msg) {
 	if len(q.msgs)-q.head >= q.maxMsgs || q.bytes+len(m.Data) > q.maxBytes {
 		q.dropped = true
 	} else {
-		if q.head > 0 && q.head == len(q.msgs) {
-			q.msgs, q.head = q.msgs[:0], 0 // all taken: reuse the slice from its start
+		if q.head > 0 && q.head >= len(q.msgs)/2 {
+			// Taken ones are half of it or more: move the pending down. Only
+			// resetting once all were taken let the slice grow for a whole
+			// stream when its reader never quite caught up.
+			n := copy(q.msgs, q.msgs[q.head:])
+			clear(q.msgs[n:])
+			q.msgs, q.head = q.msgs[:n], 0
 		}
 		q.msgs = append(q.msgs, m)
 		q.bytes += len(m.Data)

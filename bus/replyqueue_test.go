@@ -90,3 +90,22 @@ func TestOpenStreamAllocatesLittle(t *testing.T) {
 		t.Fatalf("an open stream allocated %d bytes, want under 64 KiB", per)
 	}
 }
+
+// A reader that stays one message behind for a whole stream keeps a slice the
+// size of what is pending, not of everything received.
+// Mutation caught: compacting only once every message was taken (the slice
+// grows to the 10,000 received).
+func TestReplyQueueCompactsBehindASlowReader(t *testing.T) {
+	t.Parallel()
+	q := newReplyQueue(100, 1<<20)
+	q.push(&nats.Msg{Data: []byte("0")})
+	for i := 1; i <= 10000; i++ {
+		q.push(&nats.Msg{Data: []byte("x")})
+		if m, err := q.take(); m == nil || err != nil {
+			t.Fatalf("take %d: %v %v", i, m, err)
+		}
+	}
+	if c := cap(q.msgs); c > 64 {
+		t.Fatalf("slice capacity %d after 10,000 messages with one pending, want it small", c)
+	}
+}
