@@ -11,13 +11,11 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"strings"
-	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/jserr"
+	"github.com/mlx-serving/mlx-serving/internal/jsget"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -118,7 +116,7 @@ func Finish(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg, r
 // when it has none. tenant is the job's tenant ("" is the default tenant): the
 // record lives under it, and a producer's credential may read only its own.
 func Fetch(ctx context.Context, js jetstream.JetStream, tenant, jobID string) (*schemas.ResultMsg, error) {
-	data, err := directLast(ctx, js, subjects.StreamResults, subjects.Result(tenant, jobID))
+	data, err := jsget.Direct(ctx, js, subjects.StreamResults, subjects.Result(tenant, jobID))
 	if err != nil {
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
 			return nil, fmt.Errorf("%w: job %s", ErrNoResult, jobID)
@@ -139,39 +137,11 @@ func Fetch(ctx context.Context, js jetstream.JetStream, tenant, jobID string) (*
 // is fine for a reader. The request names the subject in its body, so only the
 // worker, dispatcher and admin credentials may make it.
 func Stored(ctx context.Context, js jetstream.JetStream, tenant, jobID string) ([]byte, error) {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, directGetTimeout)
-		defer cancel()
-	}
-	req, err := json.Marshal(struct {
-		LastFor string `json:"last_by_subj"`
-	}{subjects.Result(tenant, jobID)})
-	if err != nil {
-		return nil, err
-	}
-	m, err := js.Conn().RequestWithContext(ctx, apiPrefix(js)+"STREAM.MSG.GET."+subjects.StreamResults, req)
-	if err != nil {
-		return nil, jserr.Map(err, "read result "+jobID)
-	}
-	var resp struct {
-		Error   *jetstream.APIError `json:"error"`
-		Message *struct {
-			Data []byte `json:"data"`
-		} `json:"message"`
-	}
-	if err := json.Unmarshal(m.Data, &resp); err != nil {
-		return nil, fmt.Errorf("bus: read result %s: %w", jobID, err)
-	}
-	switch {
-	case resp.Error != nil && resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound:
+	data, _, err := jsget.Leader(ctx, js, subjects.StreamResults, subjects.Result(tenant, jobID))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return nil, fmt.Errorf("%w: job %s", ErrNoResult, jobID)
-	case resp.Error != nil:
-		return nil, jserr.Map(resp.Error, "read result "+jobID)
-	case resp.Message == nil:
-		return nil, fmt.Errorf("bus: read result %s: %w", jobID, jetstream.ErrInvalidJetStreamResponse)
 	}
-	return resp.Message.Data, nil
+	return data, err
 }
 
 // Purge removes the job's terminal record, so a replayed job can record a new one.
@@ -184,55 +154,4 @@ func Purge(ctx context.Context, js jetstream.JetStream, tenant, jobID string) er
 		return fmt.Errorf("bus: purge result %s: %w", jobID, err)
 	}
 	return nil
-}
-
-// directLast reads the last message on subject with the direct get API, whose
-// request subject carries the message subject: permissions can scope it, where a
-// STREAM.MSG.GET (subject in the body) and a STREAM.INFO with a subject filter
-// (which lists every job id) cannot be. No stream lookup is made first, for the
-// same reason. It returns jetstream.ErrMsgNotFound when the subject is empty.
-func directLast(ctx context.Context, js jetstream.JetStream, stream, subject string) ([]byte, error) {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, directGetTimeout)
-		defer cancel()
-	}
-	m, err := js.Conn().RequestWithContext(ctx, apiPrefix(js)+"DIRECT.GET."+stream+"."+subject, nil)
-	if err != nil {
-		if errors.Is(err, nats.ErrNoResponders) {
-			// No responder: the stream is missing, or predates AllowDirect and has
-			// not been provisioned again.
-			return nil, fmt.Errorf("%w: direct get on %s: %w", jetstream.ErrStreamNotFound, stream, err)
-		}
-		return nil, err
-	}
-	if len(m.Data) == 0 {
-		switch status := m.Header.Get("Status"); status {
-		case "":
-			// An empty record with the usual headers: not ours to judge here.
-		case "404":
-			return nil, jetstream.ErrMsgNotFound
-		default:
-			return nil, fmt.Errorf("bus: direct get on %s: status %s %s", stream, status, m.Header.Get("Description"))
-		}
-	}
-	return m.Data, nil
-}
-
-// directGetTimeout bounds a direct get when the caller's ctx has no deadline.
-const directGetTimeout = 5 * time.Second
-
-// apiPrefix is the JetStream API prefix js sends requests under, with its dot.
-func apiPrefix(js jetstream.JetStream) string {
-	o := js.Options()
-	switch {
-	case o.APIPrefix != "":
-		if !strings.HasSuffix(o.APIPrefix, ".") {
-			return o.APIPrefix + "."
-		}
-		return o.APIPrefix
-	case o.Domain != "":
-		return "$JS." + o.Domain + ".API."
-	}
-	return jetstream.DefaultAPIPrefix
 }
