@@ -209,7 +209,7 @@ func PermissionsFor(id Identity) (Permissions, error) {
 			PublishAllow: []string{
 				jsAPI + ".>", // provisioning, consumers, pulls, message gets, the registry
 				"$JS.ACK.>", "$JS.FC.>",
-				subjects.AssignAll, subjects.WorkerCancelAll, subjects.ReplyPrefix + ".>", subjects.ResultsAll, subjects.DLQAll,
+				subjects.AssignAll, subjects.WorkerCancelAll, subjects.ReplyPrefix + ".>", subjects.ResultsAll, subjects.DLQAll, subjects.LedgerAll,
 			},
 			// No subscription on reply subjects: every worker credential may
 			// publish there, so what a dispatcher tracks of a running attempt

@@ -111,6 +111,9 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 			later(j.settleBy) // the barrier pokes first, unless stuck
 			continue
 		}
+		if j.noting {
+			continue // its ledger write pokes when it lands (ledger.go)
+		}
 		delete(d.retrying, j.key)
 		if err := d.apply(j, EvRequeue); err != nil {
 			continue

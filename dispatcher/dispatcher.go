@@ -36,6 +36,7 @@ type Dispatcher struct {
 
 	jobsStream    jetstream.Stream
 	cancelsStream jetstream.Stream
+	ledgerStream  jetstream.Stream
 	consumers     [schemas.NumPriorities]jetstream.Consumer
 	pullWRR       wrr // pull goroutine only
 	// behind is, per priority, how many jobs the consumer held after the last
@@ -135,6 +136,15 @@ type job struct {
 	bo        backoff.BackOff
 	cancelReq bool
 	ran       bool // offered to a worker at least once by this dispatcher
+	// deliv is the delivery count of msg; high the highest attempt offered
+	// in earlier deliveries, from the ledger; ledgered: LEDGER holds an
+	// entry of this message, dropped once its record is stored; noting: the
+	// entry of the next attempt is being written, which must land before the
+	// attempt starts (ledger.go).
+	deliv    int
+	high     int
+	ledgered bool
+	noting   bool
 
 	workerID string
 	batchID  string
@@ -234,6 +244,9 @@ func (d *Dispatcher) attach(ctx context.Context) error {
 	}
 	if d.cancelsStream, err = d.js.Stream(ctx, subjects.StreamCancels); err != nil {
 		return fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamCancels, err)
+	}
+	if d.ledgerStream, err = d.js.Stream(ctx, subjects.StreamLedger); err != nil {
+		return fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamLedger, err)
 	}
 	if _, err = d.js.Stream(ctx, subjects.StreamResults); err != nil { // read by results.Stored
 		return fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamResults, err)
@@ -398,17 +411,12 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 func (d *Dispatcher) shutdown() {
 	d.mu.Lock()
 	d.draining = true
-	var back []jetstream.Msg
 	for _, j := range d.jobs {
 		if j.state == StateQueued || j.state == StateRetrying {
-			back = append(back, j.msg)
-			d.forget(j)
+			d.handBackLocked(j)
 		}
 	}
 	d.mu.Unlock()
-	for _, m := range back {
-		_ = m.Nak()
-	}
 	if d.cfg.NoDrain {
 		return
 	}

@@ -51,9 +51,12 @@
 // While held a message is kept alive with in-progress acks every AckWait/3.
 // A message from which no job can be derived is dead-lettered raw and
 // terminated; a job whose body disagrees with its subject's tenant fails. MaxDeliver is unlimited: the attempt number is the
-// delivery count plus the retries done in-process, and MaxAttempts bounds it.
-// A consequence worth knowing: a delivery that ended without running (a
-// dispatcher stopped and naked it) counts as an attempt.
+// delivery count plus the retries done in-process, moved by the job's entry
+// in the attempt ledger (LEDGER, ledger.go): a dispatcher that stops notes the
+// attempt each job it hands back would run next, so a hand-back uses none,
+// and notes each in-process retry before it starts, so no later delivery
+// numbers an attempt that already ran. MaxAttempts bounds the number. A
+// dispatcher that crashes notes nothing: its delivery counts as an attempt.
 //
 // # Lifecycle
 //

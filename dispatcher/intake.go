@@ -12,6 +12,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/jserr"
+	"github.com/mlx-serving/mlx-serving/internal/ledger"
 	"github.com/mlx-serving/mlx-serving/internal/prefix"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -129,6 +130,11 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 	if !overlap && invalid == nil { // an invalid job's record is not read
 		lookup()
 	}
+	var entry ledger.Entry
+	var ledgerErr error
+	if invalid == nil {
+		entry, ledgerErr = d.readLedger(j, int(md.NumDelivered))
+	}
 	chain := prefix.OfJob(&j.req) // once per job, outside the lock: routing reads it
 	d.mu.Lock()
 	j.chain, j.size = chain, size
@@ -141,6 +147,9 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 		raw, err := r.raw, r.err
 		if errors.Is(err, bus.ErrNoResult) {
 			raw, err = nil, nil
+		}
+		if err == nil && ledgerErr != nil && raw == nil {
+			err = fmt.Errorf("read the attempt ledger of %s: %w", id, ledgerErr)
 		}
 		if err != nil {
 			d.handBack(j, err)
@@ -179,7 +188,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 				Msg("attempt base in the job's metadata clamped so its attempts fit the schemas")
 		}
 		j.base = base
-		j.attempt = j.base + int(md.NumDelivered)
+		j.numberAttempt(entry, int(md.NumDelivered))
 		switch {
 		case invalid != nil:
 			d.finishByDispatcher(j, EvFailed, schemas.StatusFailed, &schemas.ErrorInfo{Code: schemas.CodeInvalidRequest, Message: invalid.Error()})
@@ -188,17 +197,15 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 		case j.req.Deadline != nil && time.Now().After(*j.req.Deadline):
 			d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed before the job ran"})
 		case j.attempt-j.base > d.cfg.MaxAttempts:
-			// Deliveries, not runs: a dispatcher that stops hands its queued
-			// jobs back (a nak), and each such delivery counts here too, so a
-			// job can get here without having run at all (the operator red
-			// team: six graceful restarts in 18 s). Said as it is; not "gave up
-			// after 3 attempts".
+			// Deliveries that ran, as far as the ledger knows: a delivery
+			// handed back unrun is not counted (ledger.go), one whose note
+			// failed or that a crashed dispatcher held is.
 			j.lastErr = schemas.ErrorInfo{Code: schemas.CodeRedelivered, Message: fmt.Sprintf("delivered %d times", md.NumDelivered)}
 			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, &schemas.ErrorInfo{Code: schemas.CodeAttemptsExhausted,
-				Message: fmt.Sprintf("gave up after %d deliveries without a terminal record (runs on workers that were lost, or hand-backs by dispatchers that stopped or could not write)", md.NumDelivered)})
+				Message: fmt.Sprintf("gave up: attempt %d would pass max_attempts %d, after %d deliveries without a terminal record (runs on workers that were lost, or dispatchers that stopped, crashed or could not write)",
+					j.attempt-j.base, d.cfg.MaxAttempts, md.NumDelivered)})
 		case d.draining:
-			d.forget(j)
-			_ = m.Nak()
+			d.handBackLocked(j)
 		default:
 			d.enqueue(j, now)
 		}

@@ -94,8 +94,7 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 		d.finishByDispatcher(j, EvExhausted, schemas.StatusFailed, exhaustedError(j.attempt, info))
 	case d.draining:
 		// Nobody here will run it again; the next delivery goes elsewhere.
-		d.forget(j)
-		_ = j.msg.Nak()
+		d.handBackLocked(j)
 	default:
 		if j.bo == nil {
 			b := backoff.NewExponentialBackOff()
@@ -109,6 +108,7 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 		}
 		j.retryAt = time.Now().Add(j.bo.NextBackOff())
 		d.retrying[j.key] = j
+		d.noteRetry(j)
 		if j.settling {
 			d.settleReplies(j)
 		}

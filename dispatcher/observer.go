@@ -77,11 +77,15 @@ const (
 	// AnomalyAttemptTimeout: a worker held an attempt past AttemptTimeout
 	// without ending it; the attempt was given up and the job retried.
 	AnomalyAttemptTimeout = "attempt_timeout"
+	// AnomalyLedgerWrite: the attempt ledger refused or failed a write (LEDGER
+	// full, JetStream unavailable): a hand-back counted as an attempt, or a
+	// retry was handed back to JOBS instead of started in-process.
+	AnomalyLedgerWrite = "ledger_write_failed"
 )
 
 // Anomalies lists every Anomaly kind.
 func Anomalies() []string {
-	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused, AnomalyRelayed, AnomalyAttemptTimeout}
+	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused, AnomalyRelayed, AnomalyAttemptTimeout, AnomalyLedgerWrite}
 }
 
 // nopObserver is the Observer when none is configured.
@@ -199,6 +203,12 @@ func (t tally) deadLetterRefused() {
 // cancelLeft counts a cancel left to the job's holder (cancelInStream); no
 // observer series: it is the ordinary case with several dispatchers.
 func (t tally) cancelLeft() { t.m.CancelsLeft.Add(1) }
+
+// handBackNoted counts a delivery handed back with its next attempt noted; no
+// observer series: it is what every graceful stop does.
+func (t tally) handBackNoted() { t.m.HandBacksNoted.Add(1) }
+
+func (t tally) ledgerWriteFailed() { t.m.LedgerWriteFailed.Add(1); t.obs.Anomaly(AnomalyLedgerWrite) }
 
 func (t tally) relayed() { t.m.Relayed.Add(1); t.obs.Anomaly(AnomalyRelayed) }
 

@@ -48,6 +48,9 @@ func (d *Dispatcher) finishObserved(j *job, status string) {
 	}
 	d.forget(j)
 	_ = j.msg.Ack()
+	if j.ledgered {
+		d.dropLedger(j.tenant, j.id)
+	}
 }
 
 // finishByDispatcher ends j with a terminal record this dispatcher makes.
@@ -122,10 +125,13 @@ func (d *Dispatcher) finishWrite(j *job, e Trigger, res *schemas.ResultMsg, done
 	if dlq != nil && dlq.Job.ID == "" {
 		dlq.Job.ID = j.id
 	}
-	msg, replyTo := j.msg, j.replyTo()
+	msg, replyTo, ledgered, tenant, id := j.msg, j.replyTo(), j.ledgered, j.tenant, j.id
 	return func(ctx context.Context) {
 		fitOwnRecord(res, int(d.nc.MaxPayload())-ownRecordHeadroom)
 		err := d.writeTerminal(ctx, msg, replyTo, res, dlq)
+		if ledgered && (err == nil || errors.Is(err, results.ErrResultExists)) {
+			d.dropLedger(tenant, id)
+		}
 		if done != nil {
 			done(err)
 		}

@@ -1,5 +1,5 @@
 // Package jsprov provisions the bus: the JetStream streams (JOBS, RESULTS, DLQ,
-// CANCELS) and KV buckets (workers, models) with their configurations, which it
+// CANCELS, LEDGER) and KV buckets (workers, models) with their configurations, which it
 // owns — including the rollups it denies on the buckets — and reads the JOBS
 // queue depths. Dispatchers, `mlx-serving up` and the tests provision; producers
 // never do.
@@ -121,6 +121,15 @@ const (
 	// ordinary ones. A worker credential writes only its own key (one value,
 	// History 1), so this bounds a fleet's credentials together.
 	DefaultWorkersMaxBytes = 64 << 20
+)
+
+// LEDGER's bounds. An entry is four numbers and a subject (~250 bytes
+// stored) and is written only when a job is retried in-process or handed back
+// unrun, and dropped once its record is stored, so 16 MiB holds some 60,000
+// jobs' entries at once. Only dispatchers may write it.
+const (
+	LedgerMaxBytes   = 16 << 20
+	LedgerMaxMsgSize = 1 << 10
 )
 
 func (o Options) withDefaults() Options {
@@ -275,6 +284,26 @@ func StreamConfigs(opts Options) map[string]jetstream.StreamConfig {
 			Discard:    jetstream.DiscardNew,
 			Duplicates: dupWindow(o.DuplicateWindow, o.CancelsMaxAge),
 		},
+		subjects.StreamLedger: {
+			Name:        subjects.StreamLedger,
+			Description: "attempt ledger, mlx.ledger.<tenant>.<job-id>: what a job's delivery count does not say (internal/ledger)",
+			Subjects:    []string{subjects.LedgerAll},
+			Retention:   jetstream.LimitsPolicy,
+			Storage:     o.Storage,
+			Replicas:    o.Replicas,
+			MaxMsgs:     -1,
+			MaxBytes:    LedgerMaxBytes,
+			MaxMsgSize:  LedgerMaxMsgSize,
+			// As long as a job can wait for its record; a dispatcher drops a
+			// job's entry once its record is stored.
+			MaxAge: o.ResultsMaxAge,
+			// The last entry is the one read; the per-subject limit discards
+			// the earlier (DiscardNewPerSubject off). Full, a write is refused
+			// and the dispatcher falls back to the delivery count alone.
+			MaxMsgsPerSubject: 1,
+			Discard:           jetstream.DiscardNew,
+			Duplicates:        dupWindow(o.DuplicateWindow, o.ResultsMaxAge),
+		},
 	}
 }
 
@@ -299,7 +328,7 @@ func bucketConfig(o Options, name, description string, ttl time.Duration, maxVal
 func Provision(ctx context.Context, js jetstream.JetStream, opts Options) error {
 	keep := opts.Replicas <= 0
 	cfgs := StreamConfigs(opts)
-	for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamDLQ, subjects.StreamCancels} {
+	for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamDLQ, subjects.StreamCancels, subjects.StreamLedger} {
 		cfg := cfgs[name]
 		if keep {
 			n, err := existingReplicas(ctx, js, name, cfg.Replicas)

@@ -15,8 +15,9 @@ func TestREADMEDocumentsEverySubject(t *testing.T) {
 	}
 	readme := string(raw)
 	for _, want := range []string{
-		StreamJobs, StreamResults, StreamDLQ, StreamCancels, BucketWorkers,
+		StreamJobs, StreamResults, StreamDLQ, StreamCancels, StreamLedger, BucketWorkers,
 		Job("<tenant>", "<priority>", "<job-id>"), JobStored("<priority>"), Result("<tenant>", "<job-id>"), DLQ("<tenant>", "<job-id>"),
+		Ledger("<tenant>", "<job-id>"),
 		Cancel("<tenant>", "<job-id>"), Attempt("<worker-id>"), Assign("<worker-id>"),
 		WorkerCancel("<worker-id>"), Done("<worker-id>", "<dispatcher-id>"),
 		Progress("<worker-id>", "<dispatcher-id>", "<tenant>"),

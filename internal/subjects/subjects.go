@@ -32,6 +32,11 @@ const (
 	// StreamCancels holds cancel requests, so a job cancelled while queued, or while
 	// no dispatcher was running, is still recognised when it is pulled.
 	StreamCancels = "CANCELS"
+	// StreamLedger holds, under Ledger(tenant, id), what a job's JOBS delivery
+	// count does not say: deliveries a dispatcher handed back without offering
+	// them to any worker, and attempts started in-process beyond a delivery's
+	// first (internal/ledger). Only dispatchers (and admin) read or write it.
+	StreamLedger = "LEDGER"
 	// BucketWorkers is the worker registry: one key per worker id, expiring by TTL.
 	BucketWorkers = "mlx_workers"
 	// BucketModels says which models a worker served recently: one key per model
@@ -62,6 +67,8 @@ const (
 	JobsStored = "mlx.jobs._stored.*"
 	// ResultsAll matches every result subject: mlx.results.<tenant>.<job-id>.
 	ResultsAll = "mlx.results.>"
+	// LedgerAll matches every ledger subject: mlx.ledger.<tenant>.<job-id>.
+	LedgerAll = "mlx.ledger.>"
 	// DLQAll matches every DLQ subject.
 	DLQAll = "mlx.dlq.>"
 	// CancelAll matches every cancel subject: mlx.cancel.<tenant>.<job-id>.
@@ -87,6 +94,7 @@ const (
 	jobsPrefix   = "mlx.jobs."
 	cancelPrefix = "mlx.cancel."
 	dlqPrefix    = "mlx.dlq."
+	ledgerPrefix = "mlx.ledger."
 	workerPrefix = "mlx.worker."
 	// rawDLQToken is the tenant token of raw dead letters; a tenant name cannot
 	// start with '_', so it never collides with one.
@@ -217,6 +225,9 @@ func TenantToken(tenant string) string {
 	}
 	return tenant
 }
+
+// Ledger holds a job's attempt ledger entry in LEDGER.
+func Ledger(tenant, jobID string) string { return ledgerPrefix + TenantToken(tenant) + "." + jobID }
 
 // DLQ holds a dead-lettered job in DLQ.
 func DLQ(tenant, jobID string) string { return dlqPrefix + TenantToken(tenant) + "." + jobID }
