@@ -116,6 +116,9 @@ type Agent struct {
 	cfg  Config
 	log  zerolog.Logger
 	host hostFacts
+	// beforeClaim, if set, runs between the id check and the claim
+	// (idclaim.go; tests: line two starts up).
+	beforeClaim func()
 	// models announces the served models to subjects.BucketModels (heartbeat loop only).
 	announcer modelAnnouncer
 

@@ -9,7 +9,8 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/internal/jserr"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -28,24 +29,50 @@ var ErrWorkerIDInUse = errors.New("worker: worker id in use by another process")
 // process, killed before it could delete it. So the entry must be written again
 // within claimWait of its last write (a live worker puts it every
 // HeartbeatInterval) for the id to be taken; a dead one's entry is not, and the
-// start goes on once claimWait has passed since that write. Not covered: two
-// processes starting within a heartbeat of each other, before either wrote.
+// start goes on once claimWait has passed since that write. The start then
+// claims the entry with a write the server makes conditional on the entry
+// being as it was read: two processes starting at once (a fleet of identical
+// images powered on together) both see no live entry, and only one write
+// wins; the other process refuses to start.
 func (a *Agent) claimID(ctx context.Context) error {
-	kv, err := a.js.KeyValue(ctx, subjects.BucketWorkers)
+	reg, err := registry.Open(ctx, a.js)
 	if err != nil {
 		return nil // no registry yet: nobody heart-beats; the heartbeat loop opens it later
 	}
-	e, err := kv.Get(ctx, a.cfg.WorkerID)
-	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
-		return nil // never written, expired or deleted: nobody heart-beats under it
-	}
-	if err != nil {
+	var rev uint64
+	e, err := reg.Entry(ctx, a.cfg.WorkerID)
+	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted):
+		// never written, expired or deleted: nobody heart-beats under it
+	case err != nil:
 		// Not a reason to stay down: say the check was not made. A
 		// credential generated before workers could read their own entry
 		// (auth init of an older release) is refused the read.
 		a.log.Warn().Err(err).Msg("cannot read this worker id's registry entry: not checked whether another process uses the id")
 		return nil
+	default:
+		if err := a.awaitRewrite(ctx, reg, e); err != nil {
+			return err
+		}
+		rev = e.Revision()
 	}
+	if a.beforeClaim != nil {
+		a.beforeClaim()
+	}
+	if err := reg.Claim(ctx, a.claimBeat(), rev); err != nil {
+		if errors.Is(err, jetstream.ErrKeyExists) || jserr.IsAlreadyStored(err) {
+			return fmt.Errorf("%w: worker id %q was claimed by another process starting at the same moment; give each worker process its own --worker-id (the default is the host name)",
+				ErrWorkerIDInUse, a.cfg.WorkerID)
+		}
+		// A bucket that cannot be written is the heartbeat loop's to report.
+		a.log.Warn().Err(err).Msg("cannot claim this worker id's registry entry: not checked whether another process starts under the id")
+	}
+	return nil
+}
+
+// awaitRewrite waits until claimWait has passed since e was written and
+// refuses the id if the entry was written again meanwhile.
+func (a *Agent) awaitRewrite(ctx context.Context, reg registry.Bucket, e jetstream.KeyValueEntry) error {
 	wait := a.claimWait() - time.Since(e.Created())
 	if wait > 0 {
 		t := time.NewTimer(wait)
@@ -56,14 +83,24 @@ func (a *Agent) claimID(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
-	now, err := kv.Get(ctx, a.cfg.WorkerID)
+	now, err := reg.Entry(ctx, a.cfg.WorkerID)
 	if err != nil || now.Revision() == e.Revision() {
-		return nil // gone, or not written again: its process is gone
+		return nil // gone, or not written again: its process is gone (the claim finds out if not)
 	}
 	var hb schemas.HeartbeatMsg
 	_ = json.Unmarshal(now.Value(), &hb) // for the message only: what it names is the other process's say
 	return fmt.Errorf("%w: worker id %q is heart-beating from host %q (process started %s, state %s); give each worker process its own --worker-id (the default is the host name)",
 		ErrWorkerIDInUse, a.cfg.WorkerID, hb.Hostname, hb.StartedAt.Format(time.RFC3339), hb.State)
+}
+
+// claimBeat is the entry a start claims the id with: this process, not yet
+// able to take work (unavailable), until its first heartbeat.
+func (a *Agent) claimBeat() schemas.HeartbeatMsg {
+	return schemas.HeartbeatMsg{
+		WorkerID: a.cfg.WorkerID, Hostname: a.host.hostname, Platform: a.host.platform, Chip: a.host.chip,
+		Models: []string{}, Slots: a.cfg.Slots, State: schemas.WorkerUnavailable, Version: a.cfg.Version,
+		StartedAt: a.startedAt, UpdatedAt: time.Now().UTC(),
+	}
 }
 
 // claimWait is how long after its last write a live worker's entry is written

@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -52,4 +53,50 @@ func TestWorkerStartsOverADeadProcessEntry(t *testing.T) {
 		t.Fatal(err)
 	}
 	startAgent(t, cfg, true)
+}
+
+// Two processes starting under one id at the same moment (a fleet of
+// identical images powered on together) both find no live entry; only one
+// may start. Each start is held, after its check and before its claim, until
+// both have checked, so the two claims race as they do in the field.
+// Mutation caught: claimID without the conditional claim (reg.Claim → a plain
+// put): both agents start.
+func TestSimultaneousStartsUnderOneIDStartOne(t *testing.T) {
+	b := startBus(t, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var checked sync.WaitGroup
+	checked.Add(2)
+	errs := make(chan error, 2)
+	agents := make([]*Agent, 2)
+	for i := range agents {
+		cfg := fakeConfig(t, b, "w-twin", 0)
+		cfg.HeartbeatInterval = 200 * time.Millisecond
+		a, err := New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.beforeClaim = func() { checked.Done(); checked.Wait() }
+		agents[i] = a
+	}
+	for _, a := range agents {
+		go func() { errs <- a.Start(ctx) }()
+	}
+	started, refused := 0, 0
+	for range agents {
+		switch err := <-errs; {
+		case err == nil:
+			started++
+		case errors.Is(err, ErrWorkerIDInUse):
+			refused++
+		default:
+			t.Fatalf("start: %v", err)
+		}
+	}
+	for _, a := range agents {
+		_ = a.Shutdown(ctx)
+	}
+	if started != 1 || refused != 1 {
+		t.Fatalf("%d started, %d refused; want one of each", started, refused)
+	}
 }

@@ -139,6 +139,36 @@ func (b Bucket) Put(ctx context.Context, hb schemas.HeartbeatMsg) error {
 	return err
 }
 
+// Entry reads a worker's entry as the bucket holds it, with its revision
+// (the bucket's errors as they are: jetstream.ErrKeyNotFound, ErrKeyDeleted).
+func (b Bucket) Entry(ctx context.Context, workerID string) (jetstream.KeyValueEntry, error) {
+	if b.kv == nil {
+		return nil, ErrNoRegistry
+	}
+	return b.kv.Get(ctx, workerID)
+}
+
+// Claim writes hb as the worker's entry only if the entry is still as its
+// reader saw it: rev 0 for none (never written, expired or deleted), else
+// that revision. Of two processes claiming one id at once, one gets
+// jetstream.ErrKeyExists (Create) or a wrong-last-sequence error (Update):
+// the server orders the writes, whoever reads first.
+func (b Bucket) Claim(ctx context.Context, hb schemas.HeartbeatMsg, rev uint64) error {
+	if b.kv == nil {
+		return ErrNoRegistry
+	}
+	data, err := json.Marshal(hb)
+	if err != nil {
+		return err
+	}
+	if rev == 0 {
+		_, err = b.kv.Create(ctx, hb.WorkerID, data)
+	} else {
+		_, err = b.kv.Update(ctx, hb.WorkerID, data, rev)
+	}
+	return err
+}
+
 // Delete removes a worker's entry, so nothing routes to it before its TTL ends.
 // The bucket's errors come back as they are (jetstream.ErrKeyNotFound among
 // them).
