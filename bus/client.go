@@ -323,7 +323,9 @@ func (p *Client) mapSubmitError(jobID string, err error) error {
 	if ae, ok := jserr.APIError(err); ok {
 		switch ae.ErrorCode {
 		case jserr.CodeInsufficientResources:
-			return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrQueueFull, err)
+			// Not the queue's limits but the server's whole JetStream store
+			// (max_store or the disk): said so, or an operator looks at JOBS.
+			return fmt.Errorf("bus: submit %s: %w: the server's JetStream store is full (max_store or disk), not the queue: %w", jobID, ErrQueueFull, err)
 		case jserr.CodeMessageExceedsMaximum:
 			return fmt.Errorf("bus: submit %s: %w: %w", jobID, ErrJobTooLarge, err)
 		}

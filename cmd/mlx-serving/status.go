@@ -24,6 +24,48 @@ type statusReport struct {
 	DLQ      uint64                 `json:"dlq"`
 	Results  uint64                 `json:"results"`
 	Workers  []schemas.HeartbeatMsg `json:"workers"`
+	// StoreBytes is what this account's streams hold on the JetStream
+	// store; Streams, how full each bounded stream is.
+	StoreBytes uint64       `json:"store_bytes"`
+	Streams    []streamFill `json:"streams"`
+}
+
+// streamFill is a bounded stream's state against its limits (-1: none).
+type streamFill struct {
+	Name     string `json:"name"`
+	Msgs     uint64 `json:"msgs"`
+	MaxMsgs  int64  `json:"max_msgs"`
+	Bytes    uint64 `json:"bytes"`
+	MaxBytes int64  `json:"max_bytes"`
+}
+
+// fillWarnings says which streams are at 90% or more of a limit, and what an
+// operator sees then: a full stream refuses what is written to it (discard-new).
+func fillWarnings(fills []streamFill) []string {
+	consequence := map[string]string{
+		subjects.StreamJobs:    "submits are refused with queue_full",
+		subjects.StreamDLQ:     "new dead letters are refused (their jobs still get their records; they cannot be replayed)",
+		subjects.StreamCancels: "cancels are refused",
+		subjects.StreamLedger:  "attempts are numbered from delivery counts alone",
+	}
+	var out []string
+	for _, f := range fills {
+		for _, l := range []struct {
+			what      string
+			have, max float64
+		}{{"messages", float64(f.Msgs), float64(f.MaxMsgs)}, {"bytes", float64(f.Bytes), float64(f.MaxBytes)}} {
+			if l.max <= 0 || l.have < 0.9*l.max {
+				continue
+			}
+			pct := 100 * l.have / l.max
+			w := fmt.Sprintf("%s is at %.0f%% of its %s limit", f.Name, pct, l.what)
+			if l.have >= l.max {
+				w += ": " + consequence[f.Name]
+			}
+			out = append(out, w)
+		}
+	}
+	return out
 }
 
 func gatherStatus(ctx context.Context, js jetstream.JetStream) (statusReport, error) {
@@ -47,6 +89,16 @@ func gatherStatus(ctx context.Context, js jetstream.JetStream) (statusReport, er
 		if i, err := res.Info(ctx); err == nil {
 			rep.Results = i.State.Msgs
 		}
+	}
+	for _, name := range []string{subjects.StreamJobs, subjects.StreamDLQ, subjects.StreamCancels, subjects.StreamLedger} {
+		if s, err := js.Stream(ctx, name); err == nil {
+			if i, err := s.Info(ctx); err == nil {
+				rep.Streams = append(rep.Streams, streamFill{Name: name, Msgs: i.State.Msgs, MaxMsgs: i.Config.MaxMsgs, Bytes: i.State.Bytes, MaxBytes: i.Config.MaxBytes})
+			}
+		}
+	}
+	if ai, err := js.AccountInfo(ctx); err == nil {
+		rep.StoreBytes = ai.Store
 	}
 	// A missing registry is an error: the bus was not provisioned.
 	workers, err := registry.Snapshot(ctx, js)
@@ -94,7 +146,16 @@ func (a *app) status(ctx context.Context, cf *clientFlags) int {
 		queued = append(queued, fmt.Sprintf("%s %d", p, rep.Queued[p]))
 	}
 	fmt.Fprintf(stdout, "queued:    %s\n", strings.Join(queued, " · "))
-	fmt.Fprintf(stdout, "in flight: %d\nDLQ:       %d\nresults:   %d\n\n", rep.InFlight, rep.DLQ, rep.Results)
+	fmt.Fprintf(stdout, "in flight: %d\nDLQ:       %d\nresults:   %d\nstore:     %.1f MiB held by the streams\n", rep.InFlight, rep.DLQ, rep.Results, float64(rep.StoreBytes)/(1<<20))
+	for _, w := range fillWarnings(rep.Streams) {
+		fmt.Fprintf(stdout, "warning:   %s\n", w)
+	}
+	if len(rep.Workers) == 0 {
+		// What a full JetStream store looks like from here too: heartbeats
+		// cannot be written, and every worker's entry expires.
+		fmt.Fprintln(stdout, "warning:   no worker heart-beats: jobs wait in JOBS (if workers are running, check their logs for failed heartbeat puts: a full JetStream store refuses them)")
+	}
+	fmt.Fprintln(stdout)
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "WORKER\tSTATE\tMODELS\tSLOTS\tIN FLIGHT\tLAST HEARTBEAT")
 	for _, w := range rep.Workers {

@@ -1,0 +1,29 @@
+package main
+
+import (
+	"slices"
+	"testing"
+)
+
+// Which streams status warns about, and what it says a full one does.
+// Mutation caught: fillWarnings without its 90% threshold (`l.have <
+// 0.9*l.max` → `l.have < l.max`): the 95% row says nothing.
+func TestFillWarnings(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		name string
+		in   streamFill
+		want []string
+	}{
+		{"unbounded", streamFill{Name: "RESULTS", Msgs: 1e9, MaxMsgs: -1, Bytes: 1e12, MaxBytes: -1}, nil},
+		{"half full", streamFill{Name: "JOBS", Msgs: 50, MaxMsgs: 100, Bytes: 10, MaxBytes: 1000}, nil},
+		{"95% of messages", streamFill{Name: "JOBS", Msgs: 95, MaxMsgs: 100, MaxBytes: -1}, []string{"JOBS is at 95% of its messages limit"}},
+		{"full by bytes", streamFill{Name: "DLQ", Msgs: 3, MaxMsgs: -1, Bytes: 1000, MaxBytes: 1000},
+			[]string{"DLQ is at 100% of its bytes limit: new dead letters are refused (their jobs still get their records; they cannot be replayed)"}},
+		{"full queue", streamFill{Name: "JOBS", Msgs: 100, MaxMsgs: 100, MaxBytes: -1}, []string{"JOBS is at 100% of its messages limit: submits are refused with queue_full"}},
+	} {
+		if got := fillWarnings([]streamFill{c.in}); !slices.Equal(got, c.want) {
+			t.Errorf("%s: %q, want %q", c.name, got, c.want)
+		}
+	}
+}
