@@ -36,7 +36,7 @@ func startSecureBus(t *testing.T) *secureBus {
 		t.Fatal(err)
 	}
 	b := testenv.StartBusWith(t, testenv.BusOptions{
-		Server:    natsserver.Options{Users: store.ServerUsers()},
+		Server:    natsserver.Options{AuthConf: store.NATSAuthConfPath()},
 		Provision: jsprov.Options{WorkerTTL: 3 * time.Second},
 		Connect:   bus.ConnectOptions{Name: admin.User, User: admin.User, Password: admin.Password, InboxPrefix: admin.InboxPrefix},
 	})

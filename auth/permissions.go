@@ -151,6 +151,44 @@ func ValidTenant(tenant string) error {
 // replies or touch the streams' configuration; a worker cannot subscribe to
 // another worker's assignments.
 func PermissionsFor(id Identity) (Permissions, error) {
+	p, err := grantsFor(id)
+	if err != nil || AccountOf(id) == AccountSystem {
+		return p, err
+	}
+	// In an account of its own the JetStream calls and KV writes go out under
+	// the imported API prefix (accounts.go): grant them there.
+	for i, s := range p.PublishAllow {
+		p.PublishAllow[i] = localAPI(s)
+	}
+	return p, nil
+}
+
+// localAPI is where a client in an account of its own sends subject s of
+// the JetStream account: $JS.API.<x> and $KV.<x> under the imported prefix,
+// anything else unchanged. systemAPI is its inverse.
+func localAPI(s string) string {
+	switch {
+	case strings.HasPrefix(s, jsAPI+"."):
+		return subjects.ImportedAPIPrefix + strings.TrimPrefix(s, jsAPI)
+	case strings.HasPrefix(s, "$KV."):
+		return subjects.ImportedAPIPrefix + "." + s
+	}
+	return s
+}
+
+func systemAPI(s string) string {
+	rest, ok := strings.CutPrefix(s, subjects.ImportedAPIPrefix+".")
+	switch {
+	case !ok:
+		return s
+	case strings.HasPrefix(rest, "$KV."):
+		return rest
+	}
+	return jsAPI + "." + rest
+}
+
+// grantsFor is PermissionsFor in the JetStream account's subjects.
+func grantsFor(id Identity) (Permissions, error) {
 	if err := ValidName(id.User); err != nil {
 		return Permissions{}, err
 	}

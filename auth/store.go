@@ -152,7 +152,7 @@ func Init(opts InitOptions) (*Store, error) {
 	store := &Store{dir: dir, doc: doc}
 	// The includes are rendered from the users the embedded server gets, so a
 	// server run from ops/nats enforces the same grants.
-	authConf, err := NATSAuthConf(store.ServerUsers())
+	authConf, err := store.NATSAuthConf()
 	if err != nil {
 		return nil, err
 	}

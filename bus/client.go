@@ -82,7 +82,7 @@ func NewClient(nc *nats.Conn, opts ...ClientOption) (*Client, error) {
 	if nc == nil {
 		return nil, fmt.Errorf("bus: NewClient: %w", ErrNotConnected)
 	}
-	js, err := jetstream.New(nc)
+	js, err := NewJetStream(nc)
 	if err != nil {
 		return nil, fmt.Errorf("bus: jetstream: %w", err)
 	}

@@ -10,7 +10,10 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/rs/zerolog"
+
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 )
 
 // ConnectOptions configures a client connection to the bus.
@@ -191,4 +194,15 @@ func isSubjectToken(s string) bool {
 		}
 	}
 	return true
+}
+
+// NewJetStream is jetstream.New for nc, under the JetStream API prefix of
+// nc's user's account (subjects.APIPrefixForUser): a producer, worker or
+// gateway credential of auth init lives in an account of its own, whose
+// JetStream calls and KV writes are imported under a prefix.
+func NewJetStream(nc *nats.Conn, opts ...jetstream.JetStreamOpt) (jetstream.JetStream, error) {
+	if p := subjects.APIPrefixForUser(nc.Opts.User); p != "" {
+		return jetstream.NewWithAPIPrefix(nc, p, opts...)
+	}
+	return jetstream.New(nc, opts...)
 }

@@ -131,7 +131,7 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenan
 	}
 	if js == nil {
 		var err error
-		if js, err = jetstream.New(nc); err != nil {
+		if js, err = NewJetStream(nc); err != nil {
 			return nil, fmt.Errorf("bus: watch %s: %w", jobID, err)
 		}
 	}

@@ -248,7 +248,7 @@ func (a *Agent) start(ctx context.Context) error {
 		}
 		a.nc, a.ownNC = nc, true
 	}
-	js, err := jetstream.New(a.nc)
+	js, err := bus.NewJetStream(a.nc)
 	if err != nil {
 		return fmt.Errorf("worker: jetstream: %w", err)
 	}

@@ -37,7 +37,7 @@ func connect(ctx context.Context, c config.Config, name string, log zerolog.Logg
 	if err != nil {
 		return nil, nil, err
 	}
-	js, err := jetstream.New(nc)
+	js, err := bus.NewJetStream(nc)
 	if err != nil {
 		nc.Close()
 		return nil, nil, err
@@ -150,7 +150,7 @@ func (a *app) openClient(ctx context.Context, name string, cf *clientFlags) (*cl
 		fmt.Fprintf(a.stderr, "mlx-serving %s: cannot reach NATS at %s: %v\n", name, c.NATSURL, err)
 		return nil, exitUnreachable, false
 	}
-	js, err := jetstream.New(nc)
+	js, err := bus.NewJetStream(nc)
 	if err != nil {
 		nc.Close()
 		fmt.Fprintf(a.stderr, "mlx-serving %s: %v\n", name, err)

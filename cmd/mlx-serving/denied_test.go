@@ -30,7 +30,7 @@ func TestResultAndCancelOfAnotherTenantSayTheyAreDenied(t *testing.T) {
 		t.Fatal(err)
 	}
 	b := testenv.StartBusWith(t, testenv.BusOptions{
-		Server:    natsserver.Options{Users: store.ServerUsers()},
+		Server:    natsserver.Options{AuthConf: store.NATSAuthConfPath()},
 		Provision: jsprov.Options{WorkerTTL: 3 * time.Second},
 		Connect:   bus.ConnectOptions{Name: admin.User, User: admin.User, Password: admin.Password, InboxPrefix: admin.InboxPrefix},
 	})

@@ -227,7 +227,10 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
 		Logger: newLogger(c, "nats").Level(zerolog.WarnLevel),
 	}
 	if store != nil {
-		sopts.Users = store.ServerUsers()
+		if err := store.WriteNATSAuthConf(); err != nil {
+			return fmt.Errorf("auth: %w", err)
+		}
+		sopts.AuthConf = store.NATSAuthConfPath()
 		log.Info().Str("dir", store.Dir()).Msg("bus authentication on: each part connects as its role")
 	}
 	srv, err := natsserver.Start(ctx, sopts)

@@ -21,6 +21,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -116,7 +117,7 @@ func Start(ctx context.Context, nc *nats.Conn, opts Options) (*Worker, error) {
 	if opts.Plan == nil {
 		opts.Plan = func(schemas.AssignedJob) Plan { return Plan{} }
 	}
-	js, err := jetstream.New(nc)
+	js, err := bus.NewJetStream(nc)
 	if err != nil {
 		return nil, err
 	}

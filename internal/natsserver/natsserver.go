@@ -47,10 +47,11 @@ type Options struct {
 	// deadline; default 30s.
 	ReadyTimeout time.Duration
 
-	// Users, when any, are the only clients the server accepts, each limited to
-	// its permissions (package auth builds them). A password starting with "$2a$"
-	// is a bcrypt hash. Empty means no authentication.
-	Users []*server.User
+	// AuthConf, when set, is the nats-server configuration file of the bus's
+	// accounts and users (auth init's nats-auth.conf, package auth): the
+	// server then accepts only those users, each in its account and limited to
+	// its permissions. Empty means no authentication (one account).
+	AuthConf string
 	// TLS, when set, makes the server require TLS from every client; a config
 	// with ClientCAs and ClientAuth also verifies client certificates.
 	TLS *tls.Config
@@ -77,21 +78,22 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 	if host == "" {
 		host = "127.0.0.1"
 	}
-	sopts := &server.Options{
-		ServerName:        opts.ServerName,
-		Host:              host,
-		Port:              opts.Port,
-		NoSigs:            true,
-		JetStream:         true,
-		StoreDir:          opts.StoreDir,
-		SyncAlways:        opts.SyncAlways,
-		SyncInterval:      opts.SyncInterval,
-		MaxPayload:        opts.MaxPayload,
-		JetStreamMaxStore: opts.JetStreamMaxStore,
-		Debug:             opts.Debug,
-		Trace:             opts.Trace,
-		Users:             opts.Users,
+	sopts := &server.Options{}
+	if opts.AuthConf != "" {
+		// The same file a standalone server includes: one source for both.
+		fo, err := server.ProcessConfigFile(opts.AuthConf)
+		if err != nil {
+			return nil, fmt.Errorf("bus: nats auth configuration %s: %w", opts.AuthConf, err)
+		}
+		sopts = fo
 	}
+	sopts.ServerName = opts.ServerName
+	sopts.Host, sopts.Port = host, opts.Port
+	sopts.NoSigs, sopts.JetStream = true, true
+	sopts.StoreDir = opts.StoreDir
+	sopts.SyncAlways, sopts.SyncInterval = opts.SyncAlways, opts.SyncInterval
+	sopts.MaxPayload, sopts.JetStreamMaxStore = opts.MaxPayload, opts.JetStreamMaxStore
+	sopts.Debug, sopts.Trace = opts.Debug, opts.Trace
 	if opts.TLS != nil {
 		sopts.TLSConfig = opts.TLS
 		sopts.TLS = true
@@ -139,7 +141,7 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 		return nil, errors.New("bus: nats server started without JetStream")
 	}
 	opts.Logger.Info().Str("url", ns.ClientURL()).Str("store_dir", opts.StoreDir).
-		Bool("sync_always", opts.SyncAlways).Int("users", len(opts.Users)).Bool("tls", opts.TLS != nil).
+		Bool("sync_always", opts.SyncAlways).Bool("auth", opts.AuthConf != "").Bool("tls", opts.TLS != nil).
 		Msg("embedded nats server ready")
 	return s, nil
 }

@@ -36,7 +36,18 @@ func Sent(reply string) bool { return reply != "" }
 // {"job_id","tenant","status"} onto mlx.results.<tenant>.<id> and so became
 // another tenant's first, stored record (the red team's R5-1). An inbox
 // subject reaches only a client waiting on that exact, unguessable subject.
-func Answerable(reply string) bool { return strings.HasPrefix(reply, inboxRoot) }
+// A request from another account (a worker's hand-over, under auth) comes
+// with the server's response subject (_R_., which no client may name itself:
+// the server refuses it as a reply): the answer goes back to the requester's
+// own account, where it reaches only what that account imports, the subjects
+// its own grants already allow (auth: accounts).
+func Answerable(reply string) bool {
+	return strings.HasPrefix(reply, inboxRoot) || strings.HasPrefix(reply, serviceReplyRoot)
+}
+
+// serviceReplyRoot prefixes the reply subject nats-server gives a request
+// that crossed into another account through a service import.
+const serviceReplyRoot = "_R_."
 
 // inboxRoot is nats.go's default inbox prefix with its dot.
 const inboxRoot = "_INBOX."

@@ -384,3 +384,22 @@ func ModelKey(model string) string {
 // ModelEntry is the subject a model's announcement is stored on in
 // BucketModels (its KV stream's subject for ModelKey(model)).
 func ModelEntry(model string) string { return "$KV." + BucketModels + "." + ModelKey(model) }
+
+// ImportedAPIPrefix is the JetStream API prefix of a client in an account of
+// its own (package auth: every tenant's producer, every worker, the gateway):
+// its account imports the few JetStream calls and KV writes it is granted from
+// the account JetStream lives in, under this prefix, since the server answers
+// $JS.API itself in an account without JetStream. KV writes go to
+// ImportedAPIPrefix.$KV.<bucket>.<key> there (nats.go's KV with an API prefix).
+const ImportedAPIPrefix = "$JS.MLX.API"
+
+// APIPrefixForUser is the JetStream API prefix of a connection as user:
+// ImportedAPIPrefix for the users auth init puts in accounts of their own
+// (producer-<tenant>, worker-<id>, gateway), "" (the default $JS.API) for
+// everyone else — dispatchers, admin, users of other servers.
+func APIPrefixForUser(user string) string {
+	if user == "gateway" || strings.HasPrefix(user, "producer-") || strings.HasPrefix(user, "worker-") {
+		return ImportedAPIPrefix
+	}
+	return ""
+}

@@ -214,7 +214,7 @@ func (s *authStack) connect(role auth.Role, name string) *busClient {
 		cl.errs = append(cl.errs, err)
 		cl.mu.Unlock()
 	})
-	if cl.js, err = jetstream.New(nc); err != nil {
+	if cl.js, err = bus.NewJetStream(nc); err != nil {
 		s.t.Fatal(err)
 	}
 	return cl

@@ -2,6 +2,7 @@ package chaos
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -10,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/internal/registry"
+	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -161,7 +163,15 @@ func (at *attackTable) relayRecord(ctx context.Context, writer, relayer *busClie
 	if err != nil {
 		before = 0
 	}
-	get := "$JS.API.DIRECT.GET.KV_" + subjects.BucketModels + ".$KV." + subjects.BucketModels + ".atkrelay"
+	// What reaches the dispatchers' account on w2's done subject (admin's view).
+	seen, err := at.s.admin.SubscribeSync(subjects.Done("w2", did))
+	if err != nil {
+		at.t.Fatal(err)
+	}
+	defer func() { _ = seen.Unsubscribe() }()
+	_ = at.s.admin.Flush()
+	// The relayer's own grant (its account's imported API prefix).
+	get := subjects.ImportedAPIPrefix + ".DIRECT.GET.KV_" + subjects.BucketModels + ".$KV." + subjects.BucketModels + ".atkrelay"
 	if err := relayer.nc.PublishRequest(get, subjects.Done("w2", did), []byte(`{"no_hdr":true}`)); err != nil {
 		at.t.Fatal(err)
 	}
@@ -171,11 +181,23 @@ func (at *attackTable) relayRecord(ctx context.Context, writer, relayer *busClie
 		v, err := at.s.metric(`mlx_dispatcher_anomalies_total{kind="relayed_message"}`)
 		return err == nil && v > before
 	})
-	if err != nil {
-		at.add(writer.name+"+"+relayer.name, action, false, "SUCCEEDED: not counted as relayed")
+	if err == nil {
+		at.add(writer.name+"+"+relayer.name, action, true, "dropped, counted relayed")
 		return
 	}
-	at.add(writer.name+"+"+relayer.name, action, true, "dropped, counted relayed")
+	// w2's own hand-over of along1 may pass too: it is a request (a reply
+	// subject); a relayed answer has none.
+	for {
+		m, err := seen.NextMsg(10 * time.Millisecond)
+		if err != nil {
+			break
+		}
+		if m.Reply == "" {
+			at.add(writer.name+"+"+relayer.name, action, false, fmt.Sprintf("SUCCEEDED: reached the dispatchers (%d bytes), not counted as relayed", len(m.Data)))
+			return
+		}
+	}
+	at.add(writer.name+"+"+relayer.name, action, true, "the answer stayed in the relayer's account: nothing reached the dispatchers")
 }
 
 // deputy is the red team's R5-1: w1 hands over a record for b's queued job
@@ -183,7 +205,7 @@ func (at *attackTable) relayRecord(ctx context.Context, writer, relayer *busClie
 // subject. The dispatcher must refuse the record and not answer there (its
 // answer would go out with its grants and be stored as b's record); checkB
 // then finds b's job ended with its own completed run.
-func (at *attackTable) deputy(c *busClient, did, id string) {
+func (at *attackTable) deputy(ctx context.Context, c *busClient, did, id string) {
 	action := fmt.Sprintf("request %s with reply subject %s (the dispatcher's answer as b's record)", subjects.Done("w1", did), subjects.Result("b", id))
 	res := schemas.ResultMsg{Type: "result", JobID: id, Tenant: "b", Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
 		FinishReason: "stop", Text: "PWNED by deputy", WorkerID: "w1", Model: at.s.modelID(), FinishedAt: time.Now().UTC()}
@@ -191,9 +213,24 @@ func (at *attackTable) deputy(c *busClient, did, id string) {
 	if err := c.nc.PublishRequest(subjects.Done("w1", did), subjects.Result("b", id), mustJSON(res)); err != nil {
 		at.t.Fatal(err)
 	}
-	if at.waitForged(before, 3*time.Second) && !at.mon.resultWritten("b", id) {
-		at.add(c.name, action, true, "refused, not answered, counted forged")
-		return
+	// Under auth the worker's request crosses into the dispatchers' account
+	// and its answer goes back into the worker's own account, where nothing
+	// stores mlx.results: answered or not, no record may appear for id. The
+	// window is the forged counter's (3 s): an answer comes in milliseconds.
+	counted := at.waitForged(before, 3*time.Second)
+	// b's own run of id may end within the window and write its record: the
+	// dispatcher's answer is a finish reply ({"job_id","tenant","status"}),
+	// no record ("type":"result").
+	stored, err := results.Stored(ctx, at.s.adminJS, "b", id)
+	var rec struct {
+		Type string `json:"type"`
 	}
-	at.add(c.name, action, false, "SUCCEEDED: not counted, or a record was written for "+id)
+	switch {
+	case err == nil && (json.Unmarshal(stored, &rec) != nil || rec.Type != "result"):
+		at.add(c.name, action, false, "SUCCEEDED: the dispatcher's answer was stored as "+id+"'s record: "+string(stored))
+	case counted:
+		at.add(c.name, action, true, "refused, not answered, counted forged")
+	default:
+		at.add(c.name, action, true, "answered into the worker's own account only; no record for "+id)
+	}
 }

@@ -127,7 +127,7 @@ func TestTenantAttack(t *testing.T) {
 		break // one relay is the row; stillOnW2 and checkB judge its effect
 	}
 	at.stillOnW2(onW2)
-	at.deputy(w1, did, "bq2")
+	at.deputy(ctx, w1, did, "bq2")
 	at.forgeDone(w1, "terminal record for b/nosuchjob (an id b never used)", did, "b", "atkw1ghost", 1, false)
 	at.garbageDone(w1, "non-JSON body", did, []byte("\x00\xffnot json at all"))
 	at.garbageDone(w1, "schema-breaking body", did, []byte(`{"type":"result","job_id":"bq0","tenant":"b","status":"completed","attempt":"one"}`))
