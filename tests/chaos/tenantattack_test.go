@@ -337,6 +337,10 @@ func TestTenantAttack(t *testing.T) {
 	at.checkB(ctx, bc)
 	// After the checks: it kills a worker, and adds a job of b's of its own.
 	at.resumeForgery(ctx, bc, map[string]*busClient{"w1": w1, "w2": s.connect(auth.RoleWorker, "w2")}, did)
+	// Last: relayed server answers (publish acks, direct gets) onto b's
+	// subjects, the JetStream API and w1's registry key; where they work they
+	// purge records and evict w1, so nothing may come after them.
+	at.relayAttacks(ctx, pa, prodB)
 	if f := at.forged(); f <= forgedBefore {
 		t.Errorf("mlx_dispatcher_forged_records_total %v: no forgery was counted", f)
 	} else {
