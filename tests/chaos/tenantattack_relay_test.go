@@ -222,7 +222,7 @@ func (r *relayer) ackOnto(ctx context.Context, c *busClient, target string, job 
 	what := "its own cancel " + id
 	switch {
 	case c == r.w2:
-		m.Subject, m.Data, what = "$KV."+subjects.BucketWorkers+".w2", r.w2beat, "its own heartbeat"
+		m.Subject, m.Data, what = apiFor(c.name, "$KV."+subjects.BucketWorkers+".w2"), r.w2beat, "its own heartbeat"
 	case job:
 		m.Subject = subjects.Job("a", "normal", id)
 		m.Data = mustJSON(map[string]any{"id": id, "model": r.at.s.modelID(), "prompt": "relay", "max_tokens": 4, "tenant": "a",
@@ -299,16 +299,18 @@ func (r *relayer) relayValue(ctx context.Context, via string, body []byte, targe
 		if _, err := kv.Put(ctx, key, body); err != nil {
 			return fmt.Errorf("the value: %w", err)
 		}
-		get := "$JS.API.DIRECT.GET.KV_" + subjects.BucketModels + ".$KV." + subjects.BucketModels + "." + key
+		get := apiFor(r.pa.name, "$JS.API.DIRECT.GET.KV_"+subjects.BucketModels+".$KV."+subjects.BucketModels+"."+key)
 		return errors.Join(r.pa.nc.PublishRequest(get, target, nil), r.pa.nc.FlushTimeout(5*time.Second))
 	}
 	// w2's real process puts its heartbeat on the same key every few seconds:
 	// the relay counts only if the get that follows it still answers the
 	// value put (values only move forward), else it is sent again.
 	key := "$KV." + subjects.BucketWorkers + ".w2"
-	get := "$JS.API.DIRECT.GET." + subjects.WorkersStream + "." + key
+	get := apiFor(r.w2.name, "$JS.API.DIRECT.GET."+subjects.WorkersStream+"."+key)
 	for range 3 {
-		ack, err := r.w2.js.Publish(ctx, key, body)
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		ack, err := r.w2.js.Publish(pctx, apiFor(r.w2.name, key), body)
+		cancel()
 		if err != nil {
 			return fmt.Errorf("the value: %w", err)
 		}
@@ -456,4 +458,21 @@ func (r *relayer) registryRows(ctx context.Context, pair string) {
 		rows = append(rows, r.directRow(ctx, actor, via, "a heartbeat of w1 started in 2030", mustJSON(hb), key, seen(hb.Hostname), nil))
 	}
 	r.judge(ctx, rows)
+}
+
+// apiFor is s as the credential of user sends it: an account of its own
+// reaches JetStream's API and KV under the imported prefix (bus.NewJetStream).
+// The relays' targets stay the JetStream account's own subjects: that is
+// where the attack aims.
+func apiFor(user, s string) string {
+	p := subjects.APIPrefixForUser(user)
+	switch {
+	case p == "":
+		return s
+	case strings.HasPrefix(s, "$JS.API."):
+		return p + strings.TrimPrefix(s, "$JS.API")
+	case strings.HasPrefix(s, "$KV."):
+		return p + "." + s
+	}
+	return s
 }
