@@ -17,11 +17,21 @@ import (
 // subscription queues in a list; its callback moves each message here at once,
 // so this slice holds what the reader has not taken yet, and nothing more.
 //
-// Bounded like the sync subscription was: past maxMsgs messages or maxBytes
-// bytes pending, messages are dropped and the reader is told once (errDropped,
-// as nats.ErrSlowConsumer told it); the stream's seq numbers show how many.
+// Bounded: past maxMsgs messages or maxBytes bytes pending, messages are
+// dropped and the reader is told once (errDropped, as nats.ErrSlowConsumer told
+// it); the stream's seq numbers show how many, and a dropped terminal is read
+// from RESULTS once the stream goes quiet (JobStream.Next), so a drop costs
+// deltas, never the job's end.
+//
+// keep, when set, screens each message before it is counted: a message that is
+// not the job's own (another subject, another job, not a token or a result) is
+// dropped on arrival and takes no room. Anything that can publish on the reply
+// subject could otherwise fill the queue with messages the reader throws away
+// (red team round 12, F1: a tenant had the server publish direct-get answers of
+// its 178 KB records onto its own reply subjects, 64 MiB per stream).
 type replyQueue struct {
 	maxMsgs, maxBytes int
+	keep              func(*nats.Msg) bool
 
 	mu      sync.Mutex
 	msgs    []*nats.Msg
@@ -32,12 +42,15 @@ type replyQueue struct {
 	ready   chan struct{} // a token when there may be something to read
 }
 
-func newReplyQueue(maxMsgs, maxBytes int) *replyQueue {
-	return &replyQueue{maxMsgs: maxMsgs, maxBytes: maxBytes, ready: make(chan struct{}, 1)}
+func newReplyQueue(maxMsgs, maxBytes int, keep func(*nats.Msg) bool) *replyQueue {
+	return &replyQueue{maxMsgs: maxMsgs, maxBytes: maxBytes, keep: keep, ready: make(chan struct{}, 1)}
 }
 
 // push is the subscription's callback.
 func (q *replyQueue) push(m *nats.Msg) {
+	if q.keep != nil && !q.keep(m) {
+		return
+	}
 	q.mu.Lock()
 	if len(q.msgs)-q.head >= q.maxMsgs || q.bytes+len(m.Data) > q.maxBytes {
 		q.dropped = true

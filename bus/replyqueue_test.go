@@ -19,7 +19,7 @@ import (
 // and no drop is reported).
 func TestReplyQueueBoundsAndEnd(t *testing.T) {
 	t.Parallel()
-	q := newReplyQueue(3, 1<<20)
+	q := newReplyQueue(3, 1<<20, nil)
 	for _, s := range []string{"a", "b", "c", "d"} {
 		q.push(&nats.Msg{Data: []byte(s)})
 	}
@@ -56,7 +56,7 @@ func TestReplyQueueBoundsAndEnd(t *testing.T) {
 // A byte bound drops too.
 func TestReplyQueueByteBound(t *testing.T) {
 	t.Parallel()
-	q := newReplyQueue(100, 4)
+	q := newReplyQueue(100, 4, nil)
 	q.push(&nats.Msg{Data: []byte("abc")})
 	q.push(&nats.Msg{Data: []byte("de")}) // 5 bytes pending: dropped
 	if _, err := q.take(); !errors.Is(err, nats.ErrSlowConsumer) {
@@ -97,7 +97,7 @@ func TestOpenStreamAllocatesLittle(t *testing.T) {
 // grows to the 10,000 received).
 func TestReplyQueueCompactsBehindASlowReader(t *testing.T) {
 	t.Parallel()
-	q := newReplyQueue(100, 1<<20)
+	q := newReplyQueue(100, 1<<20, nil)
 	q.push(&nats.Msg{Data: []byte("0")})
 	for i := 1; i <= 10000; i++ {
 		q.push(&nats.Msg{Data: []byte("x")})

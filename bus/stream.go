@@ -29,24 +29,46 @@ type StreamOptions struct {
 	// subscriber was disconnected, or the buffer overflowed). Queued jobs are
 	// silent too, so each check is one cheap lookup; default 5s.
 	QuietAfter time.Duration
-	// PendingMsgs and PendingBytes bound the subscription's buffer. Token events
-	// are small and a slow reader must not drop them, so the defaults are
-	// generous: 65536 messages, 64 MiB.
+	// PendingMsgs and PendingBytes bound what the stream holds that its reader
+	// has not taken (replyqueue.go). A reader that keeps up holds a few events;
+	// past the bounds events are dropped, the caller's text is completed from
+	// the record (Event.Rest) and a dropped terminal is read from RESULTS, so a
+	// drop never loses the job's end. Defaults: DefaultPendingMsgs, and
+	// DefaultPendingPayloads times the connection's max payload (4 MiB at NATS's
+	// default 1 MiB).
 	PendingMsgs, PendingBytes int
 	// FinalLookup bounds the RESULTS lookup made when the caller's ctx ends, so a
 	// terminal that was written but not seen is still handed over; default 2s.
 	FinalLookup time.Duration
 }
 
-func (o StreamOptions) withDefaults() StreamOptions {
+// The default bounds of a stream's queue. What one job sends is bounded by
+// its record: its events carry the record's text and logprobs (at most one max
+// payload), each in an envelope of about 100 bytes, and its terminal event is
+// at most one max payload more. Four max payloads hold all of that for any
+// but the longest jobs, so only a reader stopped for most of a job drops
+// anything; a stopped reader (a gateway handler blocked writing to a client
+// that does not read, until gateway_write_timeout) holds at most that.
+// It was 65,536 messages and 64 MiB: red team round 12 (F1) filled 64 MiB per
+// held stream with direct-get answers published onto its own reply subjects.
+const (
+	DefaultPendingMsgs     = 8192
+	DefaultPendingPayloads = 4
+	defaultMaxPayload      = 1 << 20 // NATS's, when the connection does not say
+)
+
+func (o StreamOptions) withDefaults(maxPayload int64) StreamOptions {
 	if o.QuietAfter <= 0 {
 		o.QuietAfter = 5 * time.Second
 	}
 	if o.PendingMsgs <= 0 {
-		o.PendingMsgs = 65536
+		o.PendingMsgs = DefaultPendingMsgs
 	}
 	if o.PendingBytes <= 0 {
-		o.PendingBytes = 64 << 20
+		if maxPayload <= 0 {
+			maxPayload = defaultMaxPayload
+		}
+		o.PendingBytes = int(min(DefaultPendingPayloads*maxPayload, 1<<30))
 	}
 	if o.FinalLookup <= 0 {
 		o.FinalLookup = 2 * time.Second
@@ -135,8 +157,8 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenan
 			return nil, fmt.Errorf("bus: watch %s: %w", jobID, err)
 		}
 	}
-	opts = opts.withDefaults()
-	q := newReplyQueue(opts.PendingMsgs, opts.PendingBytes)
+	opts = opts.withDefaults(nc.MaxPayload())
+	q := newReplyQueue(opts.PendingMsgs, opts.PendingBytes, ownEvent(jobID, replyTo))
 	sub, err := nc.Subscribe(replyTo, q.push)
 	if err != nil {
 		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
@@ -168,6 +190,27 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenan
 		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
 	}
 	return &JobStream{tenant: tenant, jobID: jobID, replyTo: replyTo, js: js, sub: sub, q: q, opts: opts}, nil
+}
+
+// ownEvent screens what reaches job jobID's queue: a token or result event of
+// that job, published on replyTo. Next and accept check the same again; doing
+// it on arrival keeps anything else from taking room in the queue (see
+// replyQueue). The probe parses the message once more; one that is not JSON
+// fails fast, and token events are small.
+func ownEvent(jobID, replyTo string) func(*nats.Msg) bool {
+	return func(m *nats.Msg) bool {
+		if m.Subject != replyTo {
+			return false // pushed here by a JetStream consumer, not published: see worker.onlyOn
+		}
+		var probe struct {
+			Type  string `json:"type"`
+			JobID string `json:"job_id"`
+		}
+		if json.Unmarshal(m.Data, &probe) != nil || probe.JobID != jobID {
+			return false
+		}
+		return probe.Type == "token" || probe.Type == "result"
+	}
 }
 
 // SubmitStream opens the stream for job on nc (the connection p was built on),

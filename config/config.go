@@ -79,6 +79,9 @@ type Config struct {
 	// GatewayRequestTimeout bounds an HTTP request and is its job's deadline
 	// (gateway.Config RequestTimeout).
 	GatewayRequestTimeout string `json:"gateway_request_timeout"`
+	// GatewayWriteTimeout bounds each write to an HTTP client
+	// (gateway.Config WriteTimeout).
+	GatewayWriteTimeout string `json:"gateway_write_timeout"`
 }
 
 // Key documents one setting; Keys is the table the README's configuration section,
@@ -127,6 +130,7 @@ var Keys = []Key{
 	{"worker_ttl", "worker-ttl", "MLX_SERVING_WORKER_TTL", "10s", "how long a worker stays registered without a heartbeat; dispatchers retry its jobs after that"},
 	{"dispatcher_drain_timeout", "dispatcher-drain-timeout", "MLX_SERVING_DISPATCHER_DRAIN_TIMEOUT", "30s", "dispatcher: on stop, how long it keeps its jobs running on workers alive so their results are acked by it; past it they are redelivered and recognised elsewhere"},
 	{"gateway_request_timeout", "gateway-request-timeout", "MLX_SERVING_GATEWAY_REQUEST_TIMEOUT", "10m", "gateway: how long a request may take, arrival to last byte; it is also its job's deadline, so the fleet stops work nobody waits for, and a worker that holds the job past it (plus the dispatcher's 10 s grace) loses it"},
+	{"gateway_write_timeout", "gateway-write-timeout", "MLX_SERVING_GATEWAY_WRITE_TIMEOUT", "30s", "gateway: how long one write to a client (a streamed event, a whole answer) may wait for the client to take it; a client that stops reading is dropped after it and its jobs are cancelled, instead of holding the request and its buffered events for as long as it keeps the connection open"},
 	{"attempt_timeout", "attempt-timeout", "MLX_SERVING_ATTEMPT_TIMEOUT", "1h", "dispatcher: how long one attempt may run on a worker; past it the worker is told to stop it and the job is retried elsewhere (so a worker that takes jobs and never ends them holds none for ever); set it above the longest generation your workers may honestly take"},
 	{"dispatcher_write_grace", "dispatcher-write-grace", "MLX_SERVING_DISPATCHER_WRITE_GRACE", "10s", "dispatcher: on stop, after the drain, how long terminal records already being written get to be stored and acked; past it their jobs are handed back and may run again"},
 	{"metrics_addr", "metrics-addr", "MLX_SERVING_METRICS_ADDR", "", "serve Prometheus /metrics on this host:port (dispatcher, worker; empty: off — gateway and up serve it on http_addr)"},
@@ -243,7 +247,7 @@ func fromValues(values map[string]any) (Config, error) {
 	}
 	// Zero would not mean "no wait": the dispatcher takes its default for it.
 	for _, kv := range [][2]string{{"dispatcher_drain_timeout", c.DispatcherDrainTimeout}, {"dispatcher_write_grace", c.DispatcherWriteGrace},
-		{"gateway_request_timeout", c.GatewayRequestTimeout}, {"attempt_timeout", c.AttemptTimeout}} {
+		{"gateway_request_timeout", c.GatewayRequestTimeout}, {"gateway_write_timeout", c.GatewayWriteTimeout}, {"attempt_timeout", c.AttemptTimeout}} {
 		if d, err := time.ParseDuration(kv[1]); err != nil || d <= 0 {
 			return Config{}, fmt.Errorf("%w: %s: must be a positive duration", ErrInvalid, kv[0])
 		}
@@ -292,6 +296,9 @@ func (c Config) AttemptTimeoutDuration() time.Duration { return duration(c.Attem
 
 // RequestTimeout returns gateway_request_timeout.
 func (c Config) RequestTimeout() time.Duration { return duration(c.GatewayRequestTimeout) }
+
+// WriteTimeout returns gateway_write_timeout.
+func (c Config) WriteTimeout() time.Duration { return duration(c.GatewayWriteTimeout) }
 
 func duration(s string) time.Duration {
 	d, _ := time.ParseDuration(s)

@@ -157,6 +157,24 @@ func TestGatewayRequestTimeout(t *testing.T) {
 	}
 }
 
+// TestGatewayWriteTimeout: gateway_write_timeout defaults to the gateway's
+// own 30 s, reaches Config from the environment, and must be a positive
+// duration. Mutation caught: WriteTimeout parsing another key.
+func TestGatewayWriteTimeout(t *testing.T) {
+	t.Parallel()
+	c, err := load(t, nil, nil)
+	if err != nil || c.WriteTimeout() != 30*time.Second {
+		t.Fatalf("default: %v %v", c.WriteTimeout(), err)
+	}
+	c, err = load(t, nil, []string{"MLX_SERVING_GATEWAY_WRITE_TIMEOUT=5s"})
+	if err != nil || c.WriteTimeout() != 5*time.Second {
+		t.Fatalf("env: %v %v", c.WriteTimeout(), err)
+	}
+	if _, err := load(t, []string{"--gateway-write-timeout", "0s"}, nil); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("0s accepted: %v", err)
+	}
+}
+
 // Mutation caught: CORSOriginList returning nil gives the gateway no origins.
 func TestCORSOrigins(t *testing.T) {
 	t.Parallel()

@@ -93,7 +93,7 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, base *schem
 		}
 		bodies = append(bodies, body)
 	}
-	writeJSON(w, http.StatusOK, mergeChoices(bodies))
+	g.answer(w, mergeChoices(bodies), ids[0]) // not base.ID: base (its messages) must not live on while the choices run (held.go)
 }
 
 // mergeChoices joins one-choice bodies into one body with choices indexed 0..n-1
@@ -134,7 +134,7 @@ func streamChoices(calls []*jobCall) {
 	c0 := calls[0]
 	g, w, spec, m := c0.g, c0.w, c0.spec, c0.meta
 	f := spec.format
-	sse := newSSEWriter(w)
+	sse := newSSEWriter(w, g.writeTimeout)
 	type item struct {
 		i   int
 		ev  bus.Event
@@ -169,8 +169,7 @@ func streamChoices(calls []*jobCall) {
 	send := func(v any, i int) bool {
 		for _, e := range each(v) {
 			if err := sse.send(withIndex(e, i)); err != nil {
-				g.obs.ClientLeft()
-				cancelRest("client disconnected")
+				cancelRest(g.clientGone(err, c0.job.ID))
 				return false
 			}
 		}

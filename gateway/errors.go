@@ -70,7 +70,10 @@ func writeError(w http.ResponseWriter, e *apiError) {
 	writeJSON(w, e.Status, e.body())
 }
 
-func writeJSON(w http.ResponseWriter, status int, v any) {
+func writeJSON(w http.ResponseWriter, status int, v any) { _ = sendJSON(w, status, v) }
+
+// sendJSON is writeJSON that says whether the body was written.
+func sendJSON(w http.ResponseWriter, status int, v any) error {
 	data, err := json.Marshal(v)
 	if err != nil {
 		status = http.StatusInternalServerError
@@ -78,7 +81,8 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	_, _ = w.Write(append(data, '\n'))
+	_, err = w.Write(append(data, '\n'))
+	return err
 }
 
 func errInvalid(param, format string, args ...any) *apiError {

@@ -313,7 +313,7 @@ func (j *jobCall) whole() {
 	case aerr != nil:
 		j.g.fail(j.w, j.spec.endpoint, aerr)
 	default:
-		writeJSON(j.w, http.StatusOK, body)
+		j.g.answer(j.w, body, j.job.ID)
 	}
 }
 
@@ -348,7 +348,7 @@ func (j *jobCall) await() (body any, aerr *apiError, answer bool) {
 // streamed answers with Server-Sent Events as tokens arrive. The 200 is sent with
 // the first event, so a job that fails before producing text gets a real status.
 func (j *jobCall) streamed() {
-	sse := newSSEWriter(j.w)
+	sse := newSSEWriter(j.w, j.g.writeTimeout)
 	f, m := j.spec.format, j.meta
 	begin := func() error {
 		if sse.started {
@@ -494,10 +494,10 @@ func (j *jobCall) abandon(err error) *apiError {
 	}
 }
 
+// clientLeft cancels the job of a client that left or stopped reading
+// (clientGone).
 func (j *jobCall) clientLeft(err error) {
-	j.g.obs.ClientLeft()
-	j.g.log.Info().Str("job_id", j.job.ID).AnErr("cause", err).Msg("client left; cancelling its job")
-	j.cancel("client disconnected")
+	j.cancel(j.g.clientGone(err, j.job.ID))
 }
 
 func (j *jobCall) cancel(reason string) {

@@ -21,8 +21,12 @@ type Observer interface {
 	ErrorAnswered(code string)
 	// TenantRefused: a tenant limit refused a request with code.
 	TenantRefused(tenant, code string)
-	// ClientLeft: a job was cancelled because its client went away.
+	// ClientLeft: a job was cancelled because its client went away (or
+	// stopped reading: ClientStalled too).
 	ClientLeft()
+	// ClientStalled: a client took no write within the write timeout and was
+	// dropped (Config.WriteTimeout).
+	ClientStalled()
 	// TokensCounted: a job completed with these prompt and completion tokens,
 	// as the runtime counted them.
 	TokensCounted(prompt, completion int)
@@ -42,6 +46,7 @@ func (nopObserver) JobSubmitted(string)                        {}
 func (nopObserver) ErrorAnswered(string)                       {}
 func (nopObserver) TenantRefused(string, string)               {}
 func (nopObserver) ClientLeft()                                {}
+func (nopObserver) ClientStalled()                             {}
 func (nopObserver) TokensCounted(int, int)                     {}
 func (nopObserver) EventsMissed(int)                           {}
 func (nopObserver) ResultRecovered()                           {}

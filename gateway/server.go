@@ -70,6 +70,10 @@ type Config struct {
 	// BodyReadTimeout bounds reading one request body (408 request_timeout);
 	// zero: DefaultBodyReadTimeout; negative: no limit.
 	BodyReadTimeout time.Duration
+	// WriteTimeout bounds each write to a client: an SSE event, a whole
+	// answer. A client that takes none within it is dropped and its jobs
+	// cancelled (stall.go). Zero: DefaultWriteTimeout; negative: no limit.
+	WriteTimeout time.Duration
 	// CORSOrigins are the browser origins (scheme://host[:port]) allowed to call
 	// the API across origins; "*" allows any. Empty: none (no CORS headers).
 	CORSOrigins []string
@@ -94,9 +98,10 @@ type Gateway struct {
 	timeout  time.Duration // 0: none
 	grace    time.Duration
 
-	maxBody     int64
-	bodies      *bodyBudget
-	bodyTimeout time.Duration // 0: none
+	maxBody      int64
+	bodies       *bodyBudget
+	bodyTimeout  time.Duration // 0: none
+	writeTimeout time.Duration // 0: none
 
 	mu  sync.Mutex
 	srv *http.Server
@@ -142,6 +147,13 @@ func New(cfg Config) (*Gateway, error) {
 	case bodyTimeout < 0:
 		bodyTimeout = 0
 	}
+	writeTimeout := cfg.WriteTimeout
+	switch {
+	case writeTimeout == 0:
+		writeTimeout = DefaultWriteTimeout
+	case writeTimeout < 0:
+		writeTimeout = 0
+	}
 	log := cfg.Logger.With().Str("component", "gateway").Logger()
 	tenants, err := newTenantAuth(cfg.Tokens, cfg.TokenTenants)
 	if err != nil {
@@ -163,9 +175,10 @@ func New(cfg Config) (*Gateway, error) {
 		timeout:  timeout,
 		grace:    deadlineGrace,
 
-		maxBody:     maxBody,
-		bodies:      newBodyBudget(reading, maxBody),
-		bodyTimeout: bodyTimeout,
+		maxBody:      maxBody,
+		bodies:       newBodyBudget(reading, maxBody),
+		bodyTimeout:  bodyTimeout,
+		writeTimeout: writeTimeout,
 	}
 	g.handler = g.routes()
 	return g, nil
@@ -189,7 +202,7 @@ func (g *Gateway) routes() http.Handler {
 		writeError(w, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
 			Message: fmt.Sprintf("Unknown request URL: %s %s.", r.Method, r.URL.Path)})
 	})))
-	return g.cors.wrap(mux)
+	return g.writeDeadlines(g.cors.wrap(mux))
 }
 
 // Handler serves the whole API; mount it to serve the gateway elsewhere.
@@ -213,7 +226,8 @@ func (g *Gateway) Listen() error {
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 		// No write timeout: streamed answers last as long as generation does, and
-		// RequestTimeout bounds them.
+		// RequestTimeout bounds them. Each write has a deadline of its own
+		// (Config.WriteTimeout, stall.go).
 	}
 	return nil
 }

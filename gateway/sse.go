@@ -3,6 +3,7 @@ package gateway
 import (
 	"encoding/json"
 	"net/http"
+	"time"
 )
 
 // sseWriter writes Server-Sent Events the way OpenAI streams: each event is one
@@ -10,11 +11,12 @@ import (
 type sseWriter struct {
 	w       http.ResponseWriter
 	rc      *http.ResponseController
+	timeout time.Duration // each write's deadline (stall.go); 0: none
 	started bool
 }
 
-func newSSEWriter(w http.ResponseWriter) *sseWriter {
-	return &sseWriter{w: w, rc: http.NewResponseController(w)}
+func newSSEWriter(w http.ResponseWriter, timeout time.Duration) *sseWriter {
+	return &sseWriter{w: w, rc: http.NewResponseController(w), timeout: timeout}
 }
 
 // start commits the 200 and the event-stream headers. It is deferred until there
@@ -34,7 +36,8 @@ func (s *sseWriter) start() {
 	s.w.WriteHeader(http.StatusOK)
 }
 
-// send writes one event and flushes it; an error means the client is gone.
+// send writes one event and flushes it; an error means the client is gone, or
+// took none of it within the timeout (stalled).
 func (s *sseWriter) send(v any) error {
 	data, err := json.Marshal(v)
 	if err != nil {
@@ -49,6 +52,11 @@ func (s *sseWriter) raw(data []byte) error {
 	buf = append(buf, "data: "...)
 	buf = append(buf, data...)
 	buf = append(buf, '\n', '\n')
+	if s.timeout > 0 {
+		// Each event gets the whole timeout: a slow reader is fine, one that
+		// stopped is dropped. A writer without deadlines refuses (ignored).
+		_ = s.rc.SetWriteDeadline(time.Now().Add(s.timeout))
+	}
 	if _, err := s.w.Write(buf); err != nil {
 		return err
 	}

@@ -108,6 +108,7 @@ var (
 	GatewaySubmitted           = Spec{"mlx_gateway_jobs_submitted_total", "Jobs queued on the bus, by endpoint.", Counter, []string{"endpoint"}, nil}
 	GatewayErrors              = Spec{"mlx_gateway_errors_total", "Error answers, by OpenAI error code (queue_full, model_not_available, invalid_value, ...).", Counter, []string{"code"}, nil}
 	GatewayDisconnects         = Spec{"mlx_gateway_client_disconnects_total", "Jobs cancelled because their client went away.", Counter, nil, nil}
+	GatewayStalls              = Spec{"mlx_gateway_client_write_timeouts_total", "Clients dropped because they took no write within gateway_write_timeout (a stream's jobs are cancelled and counted as disconnects too).", Counter, nil, nil}
 	GatewayPromptTokens        = Spec{"mlx_gateway_prompt_tokens_total", "Prompt tokens of completed jobs, as the runtime counted them.", Counter, nil, nil}
 	GatewayCompletionTokens    = Spec{"mlx_gateway_completion_tokens_total", "Completion tokens of completed jobs, as the runtime counted them.", Counter, nil, nil}
 	GatewayMissedEvents        = Spec{"mlx_gateway_stream_missed_events_total", "Token events lost on reply subjects (gaps in the attempt/seq numbering).", Counter, nil, nil}
@@ -127,7 +128,7 @@ var catalog = []Spec{
 	WorkerSlots, WorkerInFlight, WorkerState, WorkerRuntimeStarts, WorkerRuntimeRestarts, WorkerBreaker,
 	WorkerBreakerOpens, WorkerAssignments, WorkerBatchSize, WorkerSchemaRejections, WorkerJobsStarted,
 	WorkerJobsResumed, WorkerJobsFinished, WorkerAttemptsReported,
-	GatewayRequests, GatewayDuration, GatewayInFlight, GatewaySubmitted, GatewayErrors, GatewayDisconnects,
+	GatewayRequests, GatewayDuration, GatewayInFlight, GatewaySubmitted, GatewayErrors, GatewayDisconnects, GatewayStalls,
 	GatewayPromptTokens, GatewayCompletionTokens, GatewayMissedEvents, GatewayRecovered, GatewayTenantRefusals,
 }
 

@@ -22,6 +22,7 @@ type Gateway struct {
 	Errors           *prometheus.CounterVec // code
 	TenantRefusals   *prometheus.CounterVec // tenant, code
 	Disconnects      prometheus.Counter
+	Stalls           prometheus.Counter
 	PromptTokens     prometheus.Counter
 	CompletionTokens prometheus.Counter
 	MissedEvents     prometheus.Counter
@@ -39,13 +40,14 @@ func NewGateway() *Gateway {
 		Errors:           GatewayErrors.counterVec(),
 		TenantRefusals:   GatewayTenantRefusals.counterVec(),
 		Disconnects:      GatewayDisconnects.counter(),
+		Stalls:           GatewayStalls.counter(),
 		PromptTokens:     GatewayPromptTokens.counter(),
 		CompletionTokens: GatewayCompletionTokens.counter(),
 		MissedEvents:     GatewayMissedEvents.counter(),
 		Recovered:        GatewayRecovered.counter(),
 	}
 	g.Registry.MustRegister(g.Requests, g.Duration, g.InFlight, g.Submitted, g.Errors, g.TenantRefusals, g.Disconnects,
-		g.PromptTokens, g.CompletionTokens, g.MissedEvents, g.Recovered)
+		g.Stalls, g.PromptTokens, g.CompletionTokens, g.MissedEvents, g.Recovered)
 	return g
 }
 
@@ -75,6 +77,9 @@ func (g *Gateway) TenantRefused(tenant, code string) {
 
 // ClientLeft implements gateway.Observer.
 func (g *Gateway) ClientLeft() { g.Disconnects.Inc() }
+
+// ClientStalled implements gateway.Observer.
+func (g *Gateway) ClientStalled() { g.Stalls.Inc() }
 
 // TokensCounted implements gateway.Observer.
 func (g *Gateway) TokensCounted(prompt, completion int) {
