@@ -23,6 +23,7 @@ type Metrics struct {
 	IllegalTransitions atomic.Int64
 	NotAJob            atomic.Int64 // messages on JOBS that could not be a job: dead-lettered raw and terminated
 	ForgedRecords      atomic.Int64 // terminal records or attempt reports from a worker that does not run that attempt: refused
+	SupersededRecords  atomic.Int64 // terminal records of an attempt the job had moved on from (a late worker): refused, not counted forged
 	BadCancels         atomic.Int64 // stored cancels whose subject or body is no cancel: ignored
 	BaseClamped        atomic.Int64 // jobs whose metadata asked for an attempt base above what keeps their attempts within the schemas
 	DuplicateMsgs      atomic.Int64 // second messages for a job this dispatcher holds (same id, another stream sequence): terminated

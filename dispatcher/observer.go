@@ -216,6 +216,10 @@ func (t tally) attemptTimedOut() { t.m.AttemptTimeouts.Add(1); t.obs.Anomaly(Ano
 
 func (t tally) forged() { t.m.ForgedRecords.Add(1); t.obs.Forged() }
 
+// superseded counts a late record of an attempt given up; no observer series:
+// a paused or partitioned worker's ordinary aftermath.
+func (t tally) superseded() { t.m.SupersededRecords.Add(1) }
+
 func (t tally) workerLost() { t.m.WorkersLost.Add(1); t.obs.WorkerLost() }
 
 func (t tally) workerRestarted() { t.m.WorkersRestarted.Add(1); t.obs.WorkerRestarted() }

@@ -163,3 +163,64 @@ func TestRecordsFromOtherWorkersRefused(t *testing.T) {
 		t.Fatalf("terminal %+v, retries %d", r, d.Metrics().Retries.Load())
 	}
 }
+
+// A worker's late record of an attempt the job has moved on from (the worker
+// was paused past its TTL, say, and the job retried) is refused as before but
+// counted as superseded, not forged: the forged count is the alarm for
+// misbehaving credentials, and an honest paused worker set it off (operator
+// round 2, F3). A record naming the current attempt from another worker is
+// still forged.
+// Mutation caught: dispatcher/terminal.go onDone without its superseded
+// branch (the late record counts forged).
+func TestLateRecordOfASupersededAttemptIsNotForged(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	w := e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
+		if aj.Attempt == 1 {
+			return jobPlan{Crash: 1}
+		}
+		return jobPlan{Block: true}
+	})
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	j := newJob("late", "m", "normal")
+	e.mustSubmit(j)
+	waitFor(t, 10*time.Second, "attempt 2 running", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		h := d.jobs[subjects.JobRef{ID: j.ID}.Key()]
+		return h != nil && h.attempt == 2 && h.state == StateRunning
+	})
+	handOver := func(worker string, attempt int) schemas.FinishReplyMsg {
+		rec := schemas.ResultMsg{Type: "result", JobID: j.ID, Attempt: attempt, Status: schemas.StatusCompleted, FinishReason: "stop",
+			Text: "late", Model: "m", WorkerID: worker, FinishedAt: time.Now().UTC()}
+		data, _ := json.Marshal(rec)
+		m, err := e.nc.Request(subjects.Done(worker, "d1"), data, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var reply schemas.FinishReplyMsg
+		if err := json.Unmarshal(m.Data, &reply); err != nil {
+			t.Fatal(err)
+		}
+		return reply
+	}
+	if r := handOver("w1", 1); r.Status != schemas.FinishUnknown {
+		t.Fatalf("late record of attempt 1 answered %s, want unknown", r.Status)
+	}
+	if f, s := d.Metrics().ForgedRecords.Load(), d.Metrics().SupersededRecords.Load(); f != 0 || s != 1 {
+		t.Fatalf("late record: forged %d, superseded %d; want 0 and 1", f, s)
+	}
+	if r := handOver("w9", 2); r.Status != schemas.FinishUnknown {
+		t.Fatalf("another worker's record of attempt 2 answered %s, want unknown", r.Status)
+	}
+	if f := d.Metrics().ForgedRecords.Load(); f != 1 {
+		t.Fatalf("another worker's record of the current attempt: forged %d, want 1", f)
+	}
+	if _, err := e.result(j.ID); !errors.Is(err, bus.ErrNoResult) {
+		t.Fatalf("a refused record was stored: %v", err)
+	}
+	w.Release()
+	if r := e.waitResult(j.ID, 10*time.Second); r.Status != schemas.StatusCompleted || r.Attempt != 2 {
+		t.Fatalf("the job ended %s at attempt %d, want completed at 2", r.Status, r.Attempt)
+	}
+}

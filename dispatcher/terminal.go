@@ -346,6 +346,17 @@ func (d *Dispatcher) onDone(m *nats.Msg) func(context.Context) {
 		return nil
 	}
 	e, ok := eventForStatus(res.Status)
+	if ok && (res.Attempt < j.attempt || (res.Attempt == j.attempt && j.workerID == wid && j.state == StateRetrying)) {
+		// An attempt given up already (its worker paused past its TTL, or
+		// timed out, and the job moved on): an honest worker's late record,
+		// refused like a forged one but not counted as one — the forged
+		// count is the alarm for credentials that misbehave (operator
+		// round 2, F3: a SIGSTOPped worker counted 4).
+		d.count().superseded()
+		d.jobLog(d.log.Debug(), j).Str("from_worker", wid).Int("record_attempt", res.Attempt).Msg("terminal record of a superseded attempt; refused")
+		reply(schemas.FinishUnknown)
+		return nil
+	}
 	if !ok || j.workerID != wid || j.attempt != res.Attempt || (j.state != StateRunning && j.state != StateDispatched) {
 		d.count().forged()
 		d.rare.Warn().Str("job_id", res.JobID).Str("tenant", j.tenant).Str("from_worker", wid).Str("worker_id", j.workerID).

@@ -154,6 +154,7 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 		Logger:         log,
 		DefaultModel:   defaultModel,
 		RequestTimeout: c.RequestTimeout(),
+		WriteTimeout:   c.WriteTimeout(),
 		// A body larger than any job the bus can carry is refused unread.
 		MaxBodyBytes: gateway.BodyLimitFor(nc.MaxPayload()),
 		Observer:     gm,
