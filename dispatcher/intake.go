@@ -201,6 +201,9 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 			_ = m.Nak()
 		default:
 			d.enqueue(j, now)
+			if d.queuedHook != nil {
+				d.queuedHook(md.Timestamp, now, time.Now())
+			}
 		}
 	}
 }
