@@ -25,8 +25,9 @@ import (
 // together, so their successors arrive as a wave, as a decode batch's finished
 // rows do. It reports where a successor waits in the dispatcher: JOBS stored →
 // its check starts and → it is queued (P50 and P90, the queuedHook), and
-// created_at → the worker has it (p50-dispatch-ms), plus jobs/s. The first 64
-// jobs (the initial wave and its successors) are left out of the percentiles.
+// created_at → the worker has it (p50-dispatch-ms), plus jobs/s and the
+// process's CPU per job. The first 64 jobs (the initial wave and its
+// successors) are left out of the percentiles.
 func BenchmarkClosedLoop32(b *testing.B) {
 	for _, always := range []bool{true, false} {
 		name := "sync=interval"
@@ -81,6 +82,7 @@ func benchClosedLoop(b *testing.B, sopts natsserver.Options, clients int) {
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	b.ResetTimer()
+	cpu0 := cpuTime()
 	start := time.Now()
 	for range clients {
 		wg.Go(func() {
@@ -114,6 +116,7 @@ func benchClosedLoop(b *testing.B, sopts natsserver.Options, clients int) {
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	cpu := cpuTime() - cpu0
 	b.StopTimer()
 
 	hmu.Lock()
@@ -137,4 +140,6 @@ func benchClosedLoop(b *testing.B, sopts natsserver.Options, clients int) {
 		b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-dispatch-ms")
 	}
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "jobs/s")
+	// The whole process's CPU per job (server, producers, worker, dispatcher).
+	b.ReportMetric(float64(cpu.Microseconds())/float64(b.N), "cpu-µs/job")
 }
