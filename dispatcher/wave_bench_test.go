@@ -25,7 +25,8 @@ import (
 // together, so their successors arrive as a wave, as a decode batch's finished
 // rows do. It reports where a successor waits in the dispatcher: JOBS stored →
 // its check starts and → it is queued (P50 and P90, the queuedHook), and
-// created_at → the worker has it (p50-dispatch-ms), plus jobs/s and the
+// created_at → the worker has it (dispatch-ms), the worker's finished_at →
+// the caller has the terminal event (finished-caller-ms), plus jobs/s and the
 // process's CPU per job. The first 64 jobs (the initial wave and its
 // successors) are left out of the percentiles.
 func BenchmarkClosedLoop32(b *testing.B) {
@@ -52,7 +53,7 @@ func benchClosedLoop(b *testing.B, sopts natsserver.Options, clients int) {
 		b.Fatal(err)
 	}
 	var hmu sync.Mutex
-	var toCheck, toQueue []time.Duration
+	var toCheck, toQueue, toCaller []time.Duration
 	d.queuedHook = func(stored, checked, queued time.Time) {
 		hmu.Lock()
 		toCheck = append(toCheck, checked.Sub(stored))
@@ -70,6 +71,12 @@ func benchClosedLoop(b *testing.B, sopts natsserver.Options, clients int) {
 		}
 		id := m.Subject[strings.LastIndexByte(m.Subject, '.')+1:]
 		if ch, ok := waiting.LoadAndDelete(id); ok {
+			var r schemas.ResultMsg
+			if json.Unmarshal(m.Data, &r) == nil {
+				hmu.Lock()
+				toCaller = append(toCaller, time.Since(r.FinishedAt))
+				hmu.Unlock()
+			}
 			close(ch.(chan struct{}))
 		}
 	})
@@ -133,11 +140,18 @@ func benchClosedLoop(b *testing.B, sopts natsserver.Options, clients int) {
 	}
 	report(toCheck, "stored-check")
 	report(toQueue, "stored-queued")
+	report(toCaller, "finished-caller")
 	lat := w.Stats().Latencies
 	if len(lat) > skip {
 		lat = slices.Clone(lat[skip:])
 		slices.Sort(lat)
 		b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-dispatch-ms")
+		b.ReportMetric(float64(lat[len(lat)*9/10].Microseconds())/1000, "p90-dispatch-ms")
+		var sum time.Duration
+		for _, l := range lat {
+			sum += l
+		}
+		b.ReportMetric(float64((sum/time.Duration(len(lat))).Microseconds())/1000, "mean-dispatch-ms")
 	}
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "jobs/s")
 	// The whole process's CPU per job (server, producers, worker, dispatcher).
