@@ -106,11 +106,20 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 			d.pullWRR.commit(p, elig)
 			quota[p]++
 		}
+		// Every priority's pull request leaves before any answer is read:
+		// one round trip for the round, not one per priority (an empty
+		// priority's answer held up the next priority's request).
+		var batches [schemas.NumPriorities]jetstream.MessageBatch
+		for p := range schemas.NumPriorities {
+			if quota[p] > 0 {
+				batches[p] = d.requestFetch(ctx, p, quota[p])
+			}
+		}
 		for p := range schemas.NumPriorities {
 			if quota[p] == 0 {
 				continue
 			}
-			msgs := d.fetch(ctx, p, quota[p])
+			msgs := d.collectFetch(ctx, p, quota[p], batches[p])
 			if len(msgs) < quota[p] {
 				empty[p] = true
 			}
@@ -129,12 +138,21 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 	return got
 }
 
-func (d *Dispatcher) fetch(ctx context.Context, p, n int) []jetstream.Msg {
+// requestFetch sends a no-wait pull request for up to n jobs of priority p
+// (nil: it failed, logged); collectFetch reads its answer.
+func (d *Dispatcher) requestFetch(ctx context.Context, p, n int) jetstream.MessageBatch {
 	batch, err := d.consumers[p].FetchNoWait(n)
 	if err != nil {
 		if ctx.Err() == nil {
 			d.log.Error().Err(err).Str("priority", schemas.Priorities[p]).Msg("fetch")
 		}
+		return nil
+	}
+	return batch
+}
+
+func (d *Dispatcher) collectFetch(ctx context.Context, p, n int, batch jetstream.MessageBatch) []jetstream.Msg {
+	if batch == nil {
 		return nil
 	}
 	var out []jetstream.Msg
