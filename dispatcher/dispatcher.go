@@ -38,6 +38,11 @@ type Dispatcher struct {
 	cancelsStream jetstream.Stream
 	consumers     [schemas.NumPriorities]jetstream.Consumer
 	pullWRR       wrr // pull goroutine only
+	// Per priority, the last fetch found the consumer empty when the highest
+	// announced sequence was drainedSeq (pullOnce). Pull goroutine only.
+	drained     [schemas.NumPriorities]bool
+	drainedSeq  [schemas.NumPriorities]uint64
+	undrainedAt time.Time
 	// behind is, per priority, how many jobs the consumer held after the last
 	// fetch (its NumPending; 0 when the fetch came back short): jobs on their
 	// way, worth waiting MaxWait for to fill a batch. None behind, a batch

@@ -89,8 +89,20 @@ func (d *Dispatcher) credit() int {
 
 // pullOnce fetches up to credit jobs without blocking, split across priorities
 // by weighted round robin; what an empty priority leaves goes to the others.
+// A priority a fetch found drained is not asked again until a wake-up
+// announces a job of it or pollEvery has passed (redeliveries announce
+// nothing): at a closed loop's pace every wake-up asked all three, and two
+// empty answers a round cost the server, the connection and the cores the
+// time the asked priority's answer waited for, and split the credit so a
+// wave came in several rounds.
 func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 	var empty [schemas.NumPriorities]bool
+	if now := time.Now(); now.Sub(d.undrainedAt) >= d.pollEvery {
+		d.drained, d.undrainedAt = [schemas.NumPriorities]bool{}, now
+	}
+	for p := range empty {
+		empty[p] = d.drained[p] && d.storedSeq[p].Load() <= d.drainedSeq[p]
+	}
 	got := 0
 	for credit > 0 {
 		var elig [schemas.NumPriorities]bool
@@ -110,8 +122,10 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 		// one round trip for the round, not one per priority (an empty
 		// priority's answer held up the next priority's request).
 		var batches [schemas.NumPriorities]jetstream.MessageBatch
+		var announced [schemas.NumPriorities]uint64
 		for p := range schemas.NumPriorities {
 			if quota[p] > 0 {
+				announced[p] = d.storedSeq[p].Load() // before the request: a job announced later is asked for again
 				batches[p] = d.requestFetch(ctx, p, quota[p])
 			}
 		}
@@ -119,10 +133,14 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 			if quota[p] == 0 {
 				continue
 			}
-			msgs := d.collectFetch(ctx, p, quota[p], batches[p])
+			msgs, answered := d.collectFetch(ctx, p, quota[p], batches[p])
 			if len(msgs) < quota[p] {
 				empty[p] = true
 			}
+			// Short and complete: the consumer had no more (an error says
+			// nothing of it).
+			d.drained[p] = answered && len(msgs) < quota[p]
+			d.drainedSeq[p] = announced[p]
 			if len(msgs) > 0 {
 				got += len(msgs)
 				credit -= len(msgs)
@@ -151,15 +169,18 @@ func (d *Dispatcher) requestFetch(ctx context.Context, p, n int) jetstream.Messa
 	return batch
 }
 
-func (d *Dispatcher) collectFetch(ctx context.Context, p, n int, batch jetstream.MessageBatch) []jetstream.Msg {
+// collectFetch reads batch's answer; answered: it ended as a no-wait pull
+// does, with n jobs or with the consumer's "no messages".
+func (d *Dispatcher) collectFetch(ctx context.Context, p, n int, batch jetstream.MessageBatch) (out []jetstream.Msg, answered bool) {
 	if batch == nil {
-		return nil
+		return nil, false
 	}
-	var out []jetstream.Msg
 	for m := range batch.Messages() {
 		out = append(out, m)
 	}
-	if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && ctx.Err() == nil {
+	err := batch.Error()
+	answered = err == nil || errors.Is(err, jetstream.ErrNoMessages)
+	if !answered && ctx.Err() == nil {
 		d.log.Warn().Err(err).Msg("fetch batch")
 	}
 	if len(out) > 0 {
@@ -175,7 +196,7 @@ func (d *Dispatcher) collectFetch(ctx context.Context, p, n int, batch jetstream
 	}
 	d.behind[p].Store(behind)
 	d.count().pulled(len(out))
-	return out
+	return out, answered
 }
 
 // onStored notes a wake-up: JOBS stored a job of its subject's priority at the
