@@ -66,8 +66,9 @@ func (d *Dispatcher) pullLoop(ctx context.Context) {
 }
 
 // credit is how many more jobs this dispatcher may hold: free slots of routable
-// workers plus one batch window, minus what it holds and has not yet placed.
-// No free slot, no credit.
+// workers plus one batch window, minus what it holds and has not yet placed,
+// fetched deliveries still being checked included (d.unchecked). No free
+// slot, no credit.
 func (d *Dispatcher) credit() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -84,7 +85,7 @@ func (d *Dispatcher) credit() int {
 	if free <= 0 {
 		return 0
 	}
-	return free + d.cfg.MaxBatch - (len(d.jobs) - d.onWorker)
+	return free + d.cfg.MaxBatch - (len(d.jobs) - d.onWorker + d.unchecked)
 }
 
 // pullOnce fetches up to credit jobs without blocking, split across priorities

@@ -19,6 +19,7 @@ func TestPullSkipsDrainedPrioritiesUntilAnnouncedOrPolled(t *testing.T) {
 	e := newEnv(t, jsprov.Options{})
 	d, ctx := attachedOnly(t, e)
 	d.pollEvery = time.Hour
+	defer d.checks.Wait()
 	high := priorityIndex(schemas.PriorityHigh)
 	if got := d.pullOnce(ctx, 4); got != 0 {
 		t.Fatalf("pulled %d from empty consumers", got)
