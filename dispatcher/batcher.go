@@ -219,14 +219,9 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 	return next
 }
 
-// moreBehind reports whether jobs are on their way: fetched and still being
-// checked (their check overlaps the next pull: a wave's later fetch can come
-// back short, saying none behind, before an earlier fetch's jobs are queued),
-// or left in its consumer by the last fetch of any priority. Callers hold d.mu.
+// moreBehind reports whether the last fetch of any priority left jobs in its
+// consumer.
 func (d *Dispatcher) moreBehind() bool {
-	if len(d.intakes) > 0 {
-		return true
-	}
 	for p := range d.behind {
 		if d.behind[p].Load() > 0 {
 			return true

@@ -38,11 +38,6 @@ type Dispatcher struct {
 	cancelsStream jetstream.Stream
 	consumers     [schemas.NumPriorities]jetstream.Consumer
 	pullWRR       wrr // pull goroutine only
-	// Per priority, the last fetch found the consumer empty when the highest
-	// announced sequence was drainedSeq (pullOnce). Pull goroutine only.
-	drained     [schemas.NumPriorities]bool
-	drainedSeq  [schemas.NumPriorities]uint64
-	undrainedAt time.Time
 	// behind is, per priority, how many jobs the consumer held after the last
 	// fetch (its NumPending; 0 when the fetch came back short): jobs on their
 	// way, worth waiting MaxWait for to fill a batch. None behind, a batch
@@ -78,18 +73,13 @@ type Dispatcher struct {
 	// a write until then).
 	awaiting chan struct{}
 	io       sync.WaitGroup
-	checks   sync.WaitGroup // delivery checks under way (intakeAll)
 
 	mu       sync.Mutex
 	started  bool
 	draining bool
 	jobs     map[string]*job
 	queues   [schemas.NumPriorities][]*job // queued jobs by priority, sorted by stream sequence
-	// intakes: the fetched batches being checked, oldest first; unchecked:
-	// fetched deliveries not yet registered in jobs (intake.go).
-	intakes   []*intakeBatch
-	unchecked int
-	retrying  map[string]*job
+	retrying map[string]*job
 	// cancelled holds every stored cancel (job key → when seen), from CANCELS.
 	cancelled     map[string]time.Time
 	cancelsMaxAge time.Duration // CANCELS' max age: how long a cancel is remembered
@@ -120,11 +110,6 @@ type Dispatcher struct {
 	// handOverHook, if set, runs before each received hand-over is decoded
 	// (tests: hold one until shutdown).
 	handOverHook func()
-	// checkHook, if set, runs as a delivery's check starts, before it is
-	// registered (tests: hold a check); checkedHook after a verdict was
-	// recorded and whatever could be applied was (intake.go).
-	checkHook   func(id string)
-	checkedHook func()
 	// queuedHook, if set, is told of each job put in its queue at intake:
 	// when JOBS stored it, when its check started and now (benchmarks: where
 	// a job waits). Called under d.mu.
@@ -404,9 +389,6 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	d.shutdown()
 	d.wcancel()
 	loops.Wait()
-	// The checks of the last pulls end quickly once wctx is cancelled (their
-	// RESULTS reads fail: nak); their verdicts' writes count in writes.
-	d.checks.Wait()
 	// Hand-overs keep being taken until Run returns: a running job that
 	// finishes now is still stored and acked here.
 	d.awaitWrites()

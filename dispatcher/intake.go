@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"sort"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
@@ -19,70 +20,33 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// intakeBatch is one fetch's deliveries while they are checked: their
-// verdicts, in stream order, and how many checks are still out. Guarded by
-// d.mu.
-type intakeBatch struct {
-	verdicts []func()
-	left     int
-}
-
-// intakeAll starts the checks of a fetched batch, each on a goroutine of its
-// own (each is a round trip or two), and returns at once: the puller takes the
-// jobs stored meanwhile (a closed loop's wave arrives over a few ms) while
-// these are checked, instead of leaving them to a pull after the slowest
-// check. Until its check registers it in d.jobs, a delivery counts in
-// d.unchecked, so credit counts it and the puller never holds more than its
-// credit. Verdicts are applied under d.mu in the order the batches were
-// fetched: a batch's once all its checks are done and every batch fetched
-// before it, of any priority, has been applied (a batch fetched later can be
-// checked sooner). So the scheduler never sees a later job of a priority
-// before an earlier one, nor a round's normal job before the high one fetched
-// beside it. Run waits for the checks (d.checks) before the terminal writes.
+// intakeAll checks a fetched batch concurrently (each check is a round trip or
+// two), then settles every delivery under one lock, in stream order, so the
+// scheduler never sees a later job of a priority before an earlier one.
 func (d *Dispatcher) intakeAll(p int, msgs []jetstream.Msg) {
-	b := &intakeBatch{verdicts: make([]func(), len(msgs)), left: len(msgs)}
-	d.mu.Lock()
-	d.unchecked += len(msgs)
-	d.intakes = append(d.intakes, b)
-	d.mu.Unlock()
-	// A lone job's RESULTS read overlaps its decoding (check); a batch's
-	// checks overlap one another instead, each making its read itself: one
-	// fresh goroutine per job fewer, each of which grew its stack through the
-	// request path.
-	lone := len(msgs) == 1
-	d.checks.Add(len(msgs))
-	for i, m := range msgs {
-		d.warm.Go(func() {
-			defer d.checks.Done()
-			d.checked(b, i, d.check(p, m, lone))
-		})
-	}
-}
-
-// checked records the verdict of b's i-th delivery and applies, in order, the
-// batches at the head of the line that are fully checked.
-func (d *Dispatcher) checked(b *intakeBatch, i int, v func()) {
-	d.mu.Lock()
-	b.verdicts[i] = v
-	b.left--
-	applied := false
-	for q := d.intakes; len(q) > 0 && q[0].left == 0; q = d.intakes {
-		for _, v := range q[0].verdicts {
-			if v != nil {
-				v()
-			}
+	verdicts := make([]func(), len(msgs))
+	if len(msgs) == 1 {
+		verdicts[0] = d.check(p, msgs[0], true)
+	} else {
+		// The checks of a batch overlap one another, each on its own
+		// goroutine, so each makes its RESULTS read itself rather than on a
+		// further goroutine: one fresh goroutine per job fewer, each of which
+		// grew its stack through the request path.
+		var wg sync.WaitGroup
+		for i, m := range msgs {
+			wg.Add(1)
+			d.warm.Go(func() { defer wg.Done(); verdicts[i] = d.check(p, m, false) })
 		}
-		q[0] = nil
-		d.intakes = q[1:]
-		applied = true
+		wg.Wait()
+	}
+	d.mu.Lock()
+	for _, v := range verdicts {
+		if v != nil {
+			v()
+		}
 	}
 	d.mu.Unlock()
-	if applied {
-		poke(d.wakeSched)
-	}
-	if d.checkedHook != nil {
-		d.checkedHook()
-	}
+	poke(d.wakeSched)
 }
 
 // check decides what a delivery is: finished already, cancelled, expired,
@@ -95,24 +59,16 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 	if err != nil {
 		d.log.Error().Err(err).Msg("message without metadata")
 		_ = m.Term()
-		d.uncount()
 		return nil
 	}
 	ref, _, ok := subjects.ParseJob(m.Subject())
 	if !ok {
 		d.notAJob(m, md.Sequence.Stream)
-		d.uncount()
 		return nil
 	}
 	id, key := ref.ID, ref.Key()
-	if d.checkHook != nil {
-		d.checkHook(id)
-	}
 	now := time.Now()
 	d.mu.Lock()
-	// From here it counts in d.jobs (registered, or held already), or is
-	// done with (terminated).
-	d.unchecked--
 	if old := d.jobs[key]; old != nil {
 		if old.seq != md.Sequence.Stream {
 			// Not a redelivery but a second message for the same job: the same
@@ -250,13 +206,6 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 			}
 		}
 	}
-}
-
-// uncount ends a delivery's count in d.unchecked without registering it.
-func (d *Dispatcher) uncount() {
-	d.mu.Lock()
-	d.unchecked--
-	d.mu.Unlock()
 }
 
 // storedResult is what results.Stored answered.

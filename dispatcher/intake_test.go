@@ -80,7 +80,6 @@ func TestPullGivesEmptyPrioritiesCreditToOthers(t *testing.T) {
 	if got := d.pullOnce(ctx, 1); got != 1 {
 		t.Fatalf("pulled %d, want the normal job", got)
 	}
-	d.checks.Wait() // the pull returns while its checks run (intakeAll)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if j := d.jobs[subjects.JobRef{ID: "n1"}.Key()]; j == nil || j.state != StateQueued {

@@ -66,9 +66,8 @@ func (d *Dispatcher) pullLoop(ctx context.Context) {
 }
 
 // credit is how many more jobs this dispatcher may hold: free slots of routable
-// workers plus one batch window, minus what it holds and has not yet placed,
-// fetched deliveries still being checked included (d.unchecked). No free
-// slot, no credit.
+// workers plus one batch window, minus what it holds and has not yet placed.
+// No free slot, no credit.
 func (d *Dispatcher) credit() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -85,25 +84,13 @@ func (d *Dispatcher) credit() int {
 	if free <= 0 {
 		return 0
 	}
-	return free + d.cfg.MaxBatch - (len(d.jobs) - d.onWorker + d.unchecked)
+	return free + d.cfg.MaxBatch - (len(d.jobs) - d.onWorker)
 }
 
 // pullOnce fetches up to credit jobs without blocking, split across priorities
 // by weighted round robin; what an empty priority leaves goes to the others.
-// A priority a fetch found drained is not asked again until a wake-up
-// announces a job of it or pollEvery has passed (redeliveries announce
-// nothing): at a closed loop's pace every wake-up asked all three, and two
-// empty answers a round cost the server, the connection and the cores the
-// time the asked priority's answer waited for, and split the credit so a
-// wave came in several rounds.
 func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 	var empty [schemas.NumPriorities]bool
-	if now := time.Now(); now.Sub(d.undrainedAt) >= d.pollEvery {
-		d.drained, d.undrainedAt = [schemas.NumPriorities]bool{}, now
-	}
-	for p := range empty {
-		empty[p] = d.drained[p] && d.storedSeq[p].Load() <= d.drainedSeq[p]
-	}
 	got := 0
 	for credit > 0 {
 		var elig [schemas.NumPriorities]bool
@@ -119,29 +106,14 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 			d.pullWRR.commit(p, elig)
 			quota[p]++
 		}
-		// Every priority's pull request leaves before any answer is read:
-		// one round trip for the round, not one per priority (an empty
-		// priority's answer held up the next priority's request).
-		var batches [schemas.NumPriorities]jetstream.MessageBatch
-		var announced [schemas.NumPriorities]uint64
-		for p := range schemas.NumPriorities {
-			if quota[p] > 0 {
-				announced[p] = d.storedSeq[p].Load() // before the request: a job announced later is asked for again
-				batches[p] = d.requestFetch(ctx, p, quota[p])
-			}
-		}
 		for p := range schemas.NumPriorities {
 			if quota[p] == 0 {
 				continue
 			}
-			msgs, answered := d.collectFetch(ctx, p, quota[p], batches[p])
+			msgs := d.fetch(ctx, p, quota[p])
 			if len(msgs) < quota[p] {
 				empty[p] = true
 			}
-			// Short and complete: the consumer had no more (an error says
-			// nothing of it).
-			d.drained[p] = answered && len(msgs) < quota[p]
-			d.drainedSeq[p] = announced[p]
 			if len(msgs) > 0 {
 				got += len(msgs)
 				credit -= len(msgs)
@@ -157,9 +129,7 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 	return got
 }
 
-// requestFetch sends a no-wait pull request for up to n jobs of priority p
-// (nil: it failed, logged); collectFetch reads its answer.
-func (d *Dispatcher) requestFetch(ctx context.Context, p, n int) jetstream.MessageBatch {
+func (d *Dispatcher) fetch(ctx context.Context, p, n int) []jetstream.Msg {
 	batch, err := d.consumers[p].FetchNoWait(n)
 	if err != nil {
 		if ctx.Err() == nil {
@@ -167,21 +137,11 @@ func (d *Dispatcher) requestFetch(ctx context.Context, p, n int) jetstream.Messa
 		}
 		return nil
 	}
-	return batch
-}
-
-// collectFetch reads batch's answer; answered: it ended as a no-wait pull
-// does, with n jobs or with the consumer's "no messages".
-func (d *Dispatcher) collectFetch(ctx context.Context, p, n int, batch jetstream.MessageBatch) (out []jetstream.Msg, answered bool) {
-	if batch == nil {
-		return nil, false
-	}
+	var out []jetstream.Msg
 	for m := range batch.Messages() {
 		out = append(out, m)
 	}
-	err := batch.Error()
-	answered = err == nil || errors.Is(err, jetstream.ErrNoMessages)
-	if !answered && ctx.Err() == nil {
+	if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && ctx.Err() == nil {
 		d.log.Warn().Err(err).Msg("fetch batch")
 	}
 	if len(out) > 0 {
@@ -197,7 +157,7 @@ func (d *Dispatcher) collectFetch(ctx context.Context, p, n int, batch jetstream
 	}
 	d.behind[p].Store(behind)
 	d.count().pulled(len(out))
-	return out, answered
+	return out
 }
 
 // onStored notes a wake-up: JOBS stored a job of its subject's priority at the
