@@ -111,6 +111,10 @@ type Dispatcher struct {
 	// handOverHook, if set, runs before each received hand-over is decoded
 	// (tests: hold one until shutdown).
 	handOverHook func()
+	// queuedHook, if set, is told of each job put in its queue at intake:
+	// when JOBS stored it, when its check started and now (benchmarks: where
+	// a job waits). Called under d.mu.
+	queuedHook func(stored, checked, queued time.Time)
 }
 
 // job is one held JOBS message. Guarded by Dispatcher.mu.

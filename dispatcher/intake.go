@@ -208,6 +208,9 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 			d.handBackLocked(j)
 		default:
 			d.enqueue(j, now)
+			if d.queuedHook != nil {
+				d.queuedHook(md.Timestamp, now, time.Now())
+			}
 		}
 	}
 }
