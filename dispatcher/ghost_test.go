@@ -2,10 +2,12 @@ package dispatcher
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -84,10 +86,18 @@ func TestRecentlyAnnouncedModelWaits(t *testing.T) {
 	if !waiting || d.Metrics().TransitionCount(StateQueued, EvDeadLetter) != 0 {
 		t.Fatalf("a recently announced model's job ended at once (held %v); it should wait ModelWait", waiting)
 	}
-	// Past ModelWait (the workers' liveness is not what is tested here: a
-	// pass that far ahead would find them all stale, an outage).
+	// Past ModelWait, once the bucket says nobody serves it any more (its
+	// announcement expired): dead-lettered. While it is still announced the
+	// job is handed back to wait in JOBS (TestReloadingModelsJobsWaitInJOBS).
+	// (The workers' liveness is not what is tested here: a pass that far
+	// ahead would find them all stale, an outage.)
+	later := enqueued.Add(2 * cfg.ModelWait)
+	a := d.announced
+	a.mu.Lock()
+	a.byName["recent"] = announcement{never: true, at: later}
+	a.mu.Unlock()
 	d.mu.Lock()
-	d.deadLetterUnserved("recent", enqueued.Add(2*cfg.ModelWait))
+	d.deadLetterUnserved("recent", later)
 	d.mu.Unlock()
 	r := e.waitResult(j.ID, 10*time.Second)
 	if r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != schemas.CodeModelNotAvailable {
@@ -148,4 +158,35 @@ func waitAnswered(t *testing.T, d *Dispatcher, model string) {
 		_, answered := a.byName[model]
 		return answered
 	})
+}
+
+// A rolling restart of the only worker serving a model: while it loads, no
+// live worker lists the model, though other workers are ready. Its jobs
+// failed model_not_available after ModelWait (operator round 2: 26 of 30 with
+// a 40 s load). The model was announced recently, so they are handed back to
+// JOBS for ModelWait instead, using no attempt, until its worker is back.
+// Mutation caught: dispatcher/batcher.go deadLetterUnserved without its
+// parkLocked branch (the job ends failed model_not_available).
+func TestReloadingModelsJobsWaitInJOBS(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	e.startWorker("w1", 2, []string{"other"}, nil) // ready, without the model
+	e.announce("reloading")                        // its worker served it a moment ago
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.ModelWait = 200 * time.Millisecond
+	d, _ := runDispatcher(t, cfg)
+	j := newJob("waits-for-reload", "reloading", "normal")
+	e.mustSubmit(j)
+	waitFor(t, 10*time.Second, "the job handed back twice", func() bool { return d.Metrics().Parked.Load() >= 2 })
+	if _, err := e.result(j.ID); !errors.Is(err, bus.ErrNoResult) {
+		t.Fatalf("the job ended while its model's worker was away: %v", err)
+	}
+	w := e.startWorker("w2", 2, []string{"reloading"}, nil) // back, with the model
+	r := e.waitResult(j.ID, 10*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Attempt != 1 {
+		t.Fatalf("after the reload: %s at attempt %d (%+v), want completed at attempt 1", r.Status, r.Attempt, r.Error)
+	}
+	if a, _, _ := w.Snapshot(); a[j.ID] != 1 {
+		t.Fatalf("the returning worker ran %v", a)
+	}
 }

@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"errors"
+	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/ledger"
 )
@@ -42,11 +43,32 @@ func (j *job) numberAttempt(e ledger.Entry, delivered int) {
 // never a number used twice). A job not yet checked has no number of its
 // own: its redelivery counts from the delivery count, as it would have.
 // Callers hold d.mu; the write and the nak run on a goroutine of their own.
-func (d *Dispatcher) handBackLocked(j *job) {
+func (d *Dispatcher) handBackLocked(j *job) { d.handBackAfter(j, 0) }
+
+// parkLocked hands j back to JOBS for ModelWait, its attempt noted as
+// handBackLocked notes it: a job of a model whose worker is away for a while
+// (reloading it) waits in the stream, not in this dispatcher's credit, and
+// uses no attempt (deadLetterUnserved). Callers hold d.mu.
+func (d *Dispatcher) parkLocked(j *job) {
+	d.count().parked()
+	d.jobLog(d.rare.Info(), j).Dur("for", d.cfg.ModelWait).Msg("no live worker has the model, which a worker served recently: handed back to JOBS to wait for it")
+	d.handBackAfter(j, d.cfg.ModelWait)
+}
+
+// handBackAfter is handBackLocked with the redelivery delayed by delay (0:
+// at once).
+func (d *Dispatcher) handBackAfter(j *job, delay time.Duration) {
 	d.forget(j)
 	m := j.msg
+	nak := func() {
+		if delay > 0 {
+			_ = m.NakWithDelay(delay)
+		} else {
+			_ = m.Nak()
+		}
+	}
 	if j.deliv == 0 {
-		_ = m.Nak()
+		nak()
 		return
 	}
 	next, high := j.attempt, j.high
@@ -64,7 +86,7 @@ func (d *Dispatcher) handBackLocked(j *job) {
 		} else {
 			d.count().handBackNoted()
 		}
-		_ = m.Nak()
+		nak()
 	})
 }
 

@@ -31,6 +31,7 @@ type Metrics struct {
 	DeadLettersRefused atomic.Int64 // dead letters the DLQ refused (full, too large): their jobs ended with the record only
 	Relayed            atomic.Int64 // messages on workers' subjects without a reply subject: relayed JetStream answers, dropped
 	AttemptTimeouts    atomic.Int64 // attempts given up after AttemptTimeout, their jobs retried
+	Parked             atomic.Int64 // jobs of a recently served model with no live worker for it, handed back to JOBS for ModelWait
 	HandBacksNoted     atomic.Int64 // deliveries handed back with their next attempt noted in the ledger, so they use no attempt
 	LedgerWriteFailed  atomic.Int64 // attempt ledger writes that failed: a hand-back counted as an attempt, or a retry handed back
 	CancelsLeft        atomic.Int64 // cancels of a job in JOBS that a consumer delivered (held elsewhere, or to be redelivered): left to its holder

@@ -204,6 +204,8 @@ func (t tally) deadLetterRefused() {
 // observer series: it is the ordinary case with several dispatchers.
 func (t tally) cancelLeft() { t.m.CancelsLeft.Add(1) }
 
+func (t tally) parked() { t.m.Parked.Add(1) }
+
 // handBackNoted counts a delivery handed back with its next attempt noted; no
 // observer series: it is what every graceful stop does.
 func (t tally) handBackNoted() { t.m.HandBacksNoted.Add(1) }
