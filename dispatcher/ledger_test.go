@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -75,40 +77,11 @@ func TestGracefulRestartsUseNoAttempt(t *testing.T) {
 func TestAttemptNumbersRiseAcrossARestart(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	var mu sync.Mutex
-	var seen []int
-	e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
-		mu.Lock()
-		defer mu.Unlock()
-		seen = append(seen, aj.Attempt)
-		if len(seen) <= 2 {
-			return jobPlan{Crash: 1} // one token, then a retryable failure
-		}
-		return jobPlan{}
-	})
-	cfg := testConfig("d1", e.connect("d1"))
-	cfg.BackoffMultiplier = 2000 // the second retry waits ~40 s: the stop comes first
-	cfg.BackoffMax = time.Minute
-	d1, stop1 := runDispatcher(t, cfg)
-	j := newJob("renumbered", "m", "normal")
-	key := subjects.JobRef{ID: j.ID}.Key()
-	e.mustSubmit(j)
-	waitFor(t, 10*time.Second, "attempt 2 failed, its retry waiting", func() bool {
-		mu.Lock()
-		n := len(seen)
-		mu.Unlock()
-		d1.mu.Lock()
-		defer d1.mu.Unlock()
-		h := d1.jobs[key]
-		return n == 2 && h != nil && h.state == StateRetrying && h.attempt == 2 && !h.noting
-	})
-	stop1()
-	cfg2 := testConfig("d2", e.connect("d2"))
-	runDispatcher(t, cfg2)
-	r := e.waitResult(j.ID, 15*time.Second)
-	mu.Lock()
-	got := slices.Clone(seen)
-	mu.Unlock()
+	tc := startTwoCrashes(t, e, "renumbered", 3)
+	tc.stop()
+	runDispatcher(t, testConfig("d2", e.connect("d2")))
+	r := e.waitResult(tc.job.ID, 15*time.Second)
+	got := tc.offered()
 	if !slices.Equal(got, []int{1, 2, 3}) || r.Status != schemas.StatusCompleted || r.Attempt != 3 {
 		t.Fatalf("attempts offered %v, record %s at attempt %d (%+v); want 1, 2, 3 and completed at 3", got, r.Status, r.Attempt, r.Error)
 	}
@@ -122,46 +95,64 @@ func TestAttemptNumbersRiseAcrossARestart(t *testing.T) {
 func TestAttemptNumbersRiseAcrossACrash(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	var mu sync.Mutex
-	var seen []int
+	tc := startTwoCrashes(t, e, "crashed", 5)
+	// A crash: the connection goes without a nak, and no more in-progress
+	// acks come; the message is redelivered after AckWait (2 s here).
+	tc.nc.Close()
+	cfg2 := testConfig("d2", e.connect("d2"))
+	cfg2.MaxAttempts = 5
+	runDispatcher(t, cfg2)
+	r := e.waitResult(tc.job.ID, 20*time.Second)
+	got := tc.offered()
+	if len(got) != 3 || got[2] <= 2 || r.Status != schemas.StatusCompleted || r.Attempt != got[2] {
+		t.Fatalf("attempts offered %v, record %s at attempt %d; want a third above 2 that completed", got, r.Status, r.Attempt)
+	}
+}
+
+// twoCrashes is a job whose first two runs fail after a token, held by
+// dispatcher d1 once its third attempt is noted and waits out a long backoff.
+type twoCrashes struct {
+	job  *schemas.JobRequest
+	nc   *nats.Conn
+	stop func()
+	mu   sync.Mutex
+	seen []int // attempts offered, in order
+}
+
+func (tc *twoCrashes) offered() []int {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	return slices.Clone(tc.seen)
+}
+
+func startTwoCrashes(t *testing.T, e *testEnv, id string, maxAttempts int) *twoCrashes {
+	t.Helper()
+	tc := &twoCrashes{}
 	e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
-		mu.Lock()
-		defer mu.Unlock()
-		seen = append(seen, aj.Attempt)
-		if len(seen) <= 2 {
-			return jobPlan{Crash: 1}
+		tc.mu.Lock()
+		defer tc.mu.Unlock()
+		tc.seen = append(tc.seen, aj.Attempt)
+		if len(tc.seen) <= 2 {
+			return jobPlan{Crash: 1} // one token, then a retryable failure
 		}
 		return jobPlan{}
 	})
-	nc1 := e.connect("d1")
-	cfg := testConfig("d1", nc1)
-	cfg.MaxAttempts = 5
-	cfg.BackoffMultiplier = 2000
+	tc.nc = e.connect("d1")
+	cfg := testConfig("d1", tc.nc)
+	cfg.MaxAttempts = maxAttempts
+	cfg.BackoffMultiplier = 2000 // the second retry waits ~40 s: the stop comes first
 	cfg.BackoffMax = time.Minute
-	d1, _ := runDispatcher(t, cfg)
-	j := newJob("crashed", "m", "normal")
-	key := subjects.JobRef{ID: j.ID}.Key()
-	e.mustSubmit(j)
-	waitFor(t, 10*time.Second, "attempt 2 failed, its retry noted", func() bool {
-		mu.Lock()
-		n := len(seen)
-		mu.Unlock()
+	d1, stop := runDispatcher(t, cfg)
+	tc.stop = stop
+	tc.job = newJob(id, "m", "normal")
+	key := subjects.JobRef{ID: id}.Key()
+	e.mustSubmit(tc.job)
+	waitFor(t, 10*time.Second, "attempt 2 failed, its retry noted and waiting", func() bool {
+		n := len(tc.offered())
 		d1.mu.Lock()
 		defer d1.mu.Unlock()
 		h := d1.jobs[key]
 		return n == 2 && h != nil && h.state == StateRetrying && h.attempt == 2 && !h.noting
 	})
-	// A crash: the connection goes without a nak, and no more in-progress
-	// acks come; the message is redelivered after AckWait (2 s here).
-	nc1.Close()
-	cfg2 := testConfig("d2", e.connect("d2"))
-	cfg2.MaxAttempts = 5
-	runDispatcher(t, cfg2)
-	r := e.waitResult(j.ID, 20*time.Second)
-	mu.Lock()
-	got := slices.Clone(seen)
-	mu.Unlock()
-	if len(got) != 3 || got[2] <= 2 || r.Status != schemas.StatusCompleted || r.Attempt != got[2] {
-		t.Fatalf("attempts offered %v, record %s at attempt %d; want a third above 2 that completed", got, r.Status, r.Attempt)
-	}
+	return tc
 }
