@@ -46,6 +46,9 @@ type Observer interface {
 	Transition(from, event string)
 	// IllegalTransition: the table refused a transition (a bug if it happens).
 	IllegalTransition()
+	// WriteFailed: a terminal record (or its dead letter) could not be
+	// stored; the job's delivery was handed back to run again.
+	WriteFailed()
 	// Anomaly: a message the dispatcher ignored or corrected, by kind
 	// (Anomalies): each is a misbehaving client or credential, or a bug.
 	Anomaly(kind string)
@@ -106,6 +109,7 @@ func (nopObserver) WorkerLost()                                      {}
 func (nopObserver) WorkerRestarted()                                 {}
 func (nopObserver) Transition(string, string)                        {}
 func (nopObserver) IllegalTransition()                               {}
+func (nopObserver) WriteFailed()                                     {}
 func (nopObserver) Anomaly(string)                                   {}
 
 // tally is where the dispatcher counts: its own Metrics and the Observer, one
@@ -215,6 +219,8 @@ func (t tally) ledgerWriteFailed() { t.m.LedgerWriteFailed.Add(1); t.obs.Anomaly
 func (t tally) relayed() { t.m.Relayed.Add(1); t.obs.Anomaly(AnomalyRelayed) }
 
 func (t tally) attemptTimedOut() { t.m.AttemptTimeouts.Add(1); t.obs.Anomaly(AnomalyAttemptTimeout) }
+
+func (t tally) writeFailed() { t.m.RecordWriteFailures.Add(1); t.obs.WriteFailed() }
 
 func (t tally) forged() { t.m.ForgedRecords.Add(1); t.obs.Forged() }
 

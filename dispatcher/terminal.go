@@ -207,6 +207,7 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 	if dlq != nil {
 		// A letter the DLQ refuses for good does not stop the record.
 		if err := d.storeDeadLetter(ctx, *log(), res, dlq); err != nil {
+			d.count().writeFailed()
 			_ = msg.Nak()
 			return err
 		}
@@ -217,6 +218,7 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 		// Someone else finished the job first; the caller already has that terminal.
 		log().Debug().Msg("result already recorded")
 	case err != nil:
+		d.count().writeFailed()
 		log().Error().Err(err).Msg("record result failed")
 		_ = msg.Nak()
 		return err

@@ -10,6 +10,7 @@ import (
 type Dispatcher struct {
 	pulled, batches, assigned, refused, assignErrors, retries prometheus.Counter
 	alreadyDone, notAJob, forged, lost, restarted, illegal    prometheus.Counter
+	writeFailures                                             prometheus.Counter
 	finished, routed, transitions, anomalies                  *prometheus.CounterVec
 }
 
@@ -25,6 +26,7 @@ func NewDispatcher(reg prometheus.Registerer) (*Dispatcher, error) {
 		{&d.refused, DispatcherAssignFull}, {&d.assignErrors, DispatcherAssignErrors}, {&d.retries, DispatcherRetries},
 		{&d.alreadyDone, DispatcherAlreadyDone}, {&d.notAJob, DispatcherNotAJob}, {&d.forged, DispatcherForged},
 		{&d.lost, DispatcherWorkersLost}, {&d.restarted, DispatcherWorkersRestarted}, {&d.illegal, DispatcherIllegal},
+		{&d.writeFailures, DispatcherWriteFailures},
 	}
 	var err error
 	for _, c := range counters {
@@ -102,6 +104,9 @@ func (d *Dispatcher) Transition(from, event string) { d.transitions.WithLabelVal
 
 // IllegalTransition implements dispatcher.Observer.
 func (d *Dispatcher) IllegalTransition() { d.illegal.Inc() }
+
+// WriteFailed implements dispatcher.Observer.
+func (d *Dispatcher) WriteFailed() { d.writeFailures.Inc() }
 
 // Anomaly implements dispatcher.Observer.
 func (d *Dispatcher) Anomaly(kind string) { d.anomalies.WithLabelValues(kind).Inc() }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -28,6 +29,22 @@ type statusReport struct {
 	// store; Streams, how full each bounded stream is.
 	StoreBytes uint64       `json:"store_bytes"`
 	Streams    []streamFill `json:"streams"`
+	// Stale lists the workers whose entry is older than the registry's TTL:
+	// it should have expired, so the store is not applying its limits (a
+	// store refusing writes: the operator round's full disk, where status
+	// showed such a worker ready).
+	Stale []string `json:"stale_workers,omitempty"`
+}
+
+// staleWorkers are those of workers whose last heartbeat is older than ttl at now.
+func staleWorkers(workers []schemas.HeartbeatMsg, ttl time.Duration, now time.Time) []string {
+	var out []string
+	for _, w := range workers {
+		if ttl > 0 && now.Sub(w.UpdatedAt) > ttl {
+			out = append(out, w.WorkerID)
+		}
+	}
+	return out
 }
 
 // streamFill is a bounded stream's state against its limits (-1: none).
@@ -106,6 +123,11 @@ func gatherStatus(ctx context.Context, js jetstream.JetStream) (statusReport, er
 		return rep, err
 	}
 	rep.Workers = workers // sorted by worker id
+	if kv, err := js.KeyValue(ctx, subjects.BucketWorkers); err == nil {
+		if st, err := kv.Status(ctx); err == nil {
+			rep.Stale = staleWorkers(workers, st.TTL(), time.Now())
+		}
+	}
 	for _, hb := range workers {
 		rep.InFlight += hb.InFlight
 	}
@@ -150,6 +172,10 @@ func (a *app) status(ctx context.Context, cf *clientFlags) int {
 	for _, w := range fillWarnings(rep.Streams) {
 		fmt.Fprintf(stdout, "warning:   %s\n", w)
 	}
+	if len(rep.Stale) > 0 {
+		fmt.Fprintf(stdout, "warning:   heartbeats older than the registry's TTL (%s): their entries should have expired; the JetStream store may be refusing writes (a full disk): check the NATS server's log\n",
+			printable(strings.Join(rep.Stale, ", ")))
+	}
 	if len(rep.Workers) == 0 {
 		// What a full JetStream store looks like from here too: heartbeats
 		// cannot be written, and every worker's entry expires.
@@ -159,7 +185,11 @@ func (a *app) status(ctx context.Context, cf *clientFlags) int {
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "WORKER\tSTATE\tMODELS\tSLOTS\tIN FLIGHT\tLAST HEARTBEAT")
 	for _, w := range rep.Workers {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s ago\n", printable(w.WorkerID), printable(string(w.State)), printable(strings.Join(w.Models, ",")), w.Slots, w.InFlight,
+		state := string(w.State)
+		if slices.Contains(rep.Stale, w.WorkerID) {
+			state = "stale (" + state + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s ago\n", printable(w.WorkerID), printable(state), printable(strings.Join(w.Models, ",")), w.Slots, w.InFlight,
 			time.Since(w.UpdatedAt).Round(100*time.Millisecond))
 	}
 	if len(rep.Workers) == 0 {

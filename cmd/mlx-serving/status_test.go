@@ -3,6 +3,9 @@ package main
 import (
 	"slices"
 	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 // Which streams status warns about, and what it says a full one does.
@@ -25,5 +28,22 @@ func TestFillWarnings(t *testing.T) {
 		if got := fillWarnings([]streamFill{c.in}); !slices.Equal(got, c.want) {
 			t.Errorf("%s: %q, want %q", c.name, got, c.want)
 		}
+	}
+}
+
+// A heartbeat older than the registry's TTL should have expired: status
+// calls it stale rather than showing the worker ready (the operator round's
+// full disk: "ready", 30 s old, TTL 10 s).
+// Mutation caught: staleWorkers comparing against 10×ttl (the 30 s row stays
+// fresh).
+func TestStaleWorkers(t *testing.T) {
+	t.Parallel()
+	now := time.Now()
+	ws := []schemas.HeartbeatMsg{{WorkerID: "fresh", UpdatedAt: now.Add(-2 * time.Second)}, {WorkerID: "stuck", UpdatedAt: now.Add(-30 * time.Second)}}
+	if got := staleWorkers(ws, 10*time.Second, now); !slices.Equal(got, []string{"stuck"}) {
+		t.Fatalf("stale %v, want [stuck]", got)
+	}
+	if got := staleWorkers(ws, 0, now); got != nil {
+		t.Fatalf("no TTL known: stale %v, want none", got)
 	}
 }
