@@ -390,7 +390,8 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	var loops sync.WaitGroup
 	pullCtx, stopPull := context.WithCancel(ctx)
 	defer stopPull()
-	loops.Add(4)
+	loops.Add(5)
+	go func() { defer loops.Done(); d.strandLoop(d.wctx) }()
 	go func() { defer loops.Done(); d.watchLoop(watcher) }()
 	go func() { defer loops.Done(); d.pullLoop(pullCtx) }()
 	go func() { defer loops.Done(); d.schedLoop(d.wctx) }()

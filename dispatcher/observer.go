@@ -220,6 +220,8 @@ func (t tally) relayed() { t.m.Relayed.Add(1); t.obs.Anomaly(AnomalyRelayed) }
 
 func (t tally) attemptTimedOut() { t.m.AttemptTimeouts.Add(1); t.obs.Anomaly(AnomalyAttemptTimeout) }
 
+func (t tally) strandedRemoved() { t.m.StrandedRemoved.Add(1) }
+
 func (t tally) writeFailed() { t.m.RecordWriteFailures.Add(1); t.obs.WriteFailed() }
 
 func (t tally) forged() { t.m.ForgedRecords.Add(1); t.obs.Forged() }
