@@ -209,7 +209,8 @@ func grantsFor(id Identity) (Permissions, error) {
 		}, nil
 	case RoleGateway:
 		pub := []string{subjects.JobsAnyTenant, subjects.CancelAnyTenant, // not the dispatchers' wake-up (JobsStored)
-			streamInfo(subjects.StreamJobs), streamInfo(subjects.StreamResults), streamInfo(subjects.StreamCancels)} // readiness
+			streamInfo(subjects.StreamJobs), streamInfo(subjects.StreamResults), streamInfo(subjects.StreamCancels), // readiness
+			streamInfo(subjects.StreamDLQ)} // the fleet gauges (metrics.Fleet) it serves on /metrics
 		pub = append(pub, resultReads("")...)
 		pub = append(pub, registryReads...)
 		pub = append(pub, modelReads...)

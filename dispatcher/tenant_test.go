@@ -224,3 +224,27 @@ func TestLateRecordOfASupersededAttemptIsNotForged(t *testing.T) {
 		t.Fatalf("the job ended %s at attempt %d, want completed at 2", r.Status, r.Attempt)
 	}
 }
+
+// Even a hand-over that is no record is answered: under auth it crossed into
+// the dispatchers' account through a service import, and the server keeps an
+// entry for each request until it is answered or two minutes pass (red team
+// round 13, F1).
+// Mutation caught: dispatcher/terminal.go onDone without the answer on its
+// decode failure (the request times out).
+func TestGarbageHandOverIsAnswered(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	runDispatcher(t, testConfig("d1", e.connect("d1")))
+	// Asked until the dispatcher has subscribed (a request before that has
+	// no responder).
+	var m *nats.Msg
+	var err error
+	waitFor(t, 10*time.Second, "an answer to a garbage hand-over", func() bool {
+		m, err = e.nc.Request(subjects.Done("w1", "d1"), []byte("not a record"), 500*time.Millisecond)
+		return err == nil
+	})
+	var reply schemas.FinishReplyMsg
+	if err := json.Unmarshal(m.Data, &reply); err != nil || reply.Status != schemas.FinishUnknown {
+		t.Fatalf("answered %s (%v), want unknown", m.Data, err)
+	}
+}

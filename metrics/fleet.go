@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
+	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -130,7 +131,7 @@ func NewFleet(opts FleetOptions) (*Fleet, error) {
 	if opts.MinInterval <= 0 {
 		opts.MinInterval = time.Second
 	}
-	js, err := jetstream.New(opts.Conn)
+	js, err := bus.NewJetStream(opts.Conn)
 	if err != nil {
 		return nil, fmt.Errorf("metrics: jetstream: %w", err)
 	}
