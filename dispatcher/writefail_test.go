@@ -26,8 +26,14 @@ func TestRefusedRecordWriteIsCountedAndRetried(t *testing.T) {
 	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
-	e.startWorker("w1", 2, []string{"m"}, nil)
-	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	// Each refused record hands the delivery back, and the rerun uses an
+	// attempt (a store that refuses writes still burns a job's attempts:
+	// RELIABILITY says so): runs of ~100 ms and 20 attempts leave seconds to
+	// lift the limit in.
+	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{TokenGap: 20 * time.Millisecond} })
+	cfg2 := testConfig("d1", e.connect("d1"))
+	cfg2.MaxAttempts = 20
+	d, _ := runDispatcher(t, cfg2)
 	first := newJob("fills", "m", "normal")
 	if r := e.waitResultAfter(first, 15*time.Second); r.Status != schemas.StatusCompleted {
 		t.Fatalf("first job: %+v", r)
