@@ -1,10 +1,13 @@
 package schemas
 
 import (
+	"encoding/json"
 	"go/ast"
 	"go/parser"
 	"go/token"
+	"maps"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -85,5 +88,58 @@ func TestCodesWellFormed(t *testing.T) {
 	}
 	if !Retryable(CodeOutOfMemory) || Retryable(CodeInvalidRequest) || Retryable("no_such_code") {
 		t.Error("Retryable disagrees with codes/errors.json")
+	}
+}
+
+// TestRuntimeResponseListsEveryRuntimeCode keeps runtime.response.json's error
+// enums equal to the codes errors.json says the runtime sends: a code added to
+// the file (runtime_busy was) but not to the schema made every such answer a
+// contract violation for whoever validates the pipe (python/tests' harness did,
+// and CI failed on it).
+func TestRuntimeResponseListsEveryRuntimeCode(t *testing.T) {
+	t.Parallel()
+	raw, err := Raw(RuntimeResponse)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s struct {
+		Properties struct {
+			Error struct {
+				Properties struct {
+					Code struct {
+						Enum []int `json:"enum"`
+					} `json:"code"`
+					Data struct {
+						Properties struct {
+							Code struct {
+								Enum []string `json:"enum"`
+							} `json:"code"`
+						} `json:"properties"`
+					} `json:"data"`
+				} `json:"properties"`
+			} `json:"error"`
+		} `json:"properties"`
+	}
+	if err := json.Unmarshal(raw, &s); err != nil {
+		t.Fatal(err)
+	}
+	wantNums, wantCodes := map[int]bool{}, map[string]bool{}
+	for _, c := range Codes() {
+		if slices.Contains(c.Senders, "runtime") {
+			wantNums[c.RPC], wantCodes[c.Code] = true, true
+		}
+	}
+	gotNums, gotCodes := map[int]bool{}, map[string]bool{}
+	for _, n := range s.Properties.Error.Properties.Code.Enum {
+		gotNums[n] = true
+	}
+	for _, c := range s.Properties.Error.Properties.Data.Properties.Code.Enum {
+		gotCodes[c] = true
+	}
+	if !maps.Equal(gotNums, wantNums) {
+		t.Errorf("runtime.response error.code enum %v, errors.json's runtime numbers %v", slices.Sorted(maps.Keys(gotNums)), slices.Sorted(maps.Keys(wantNums)))
+	}
+	if !maps.Equal(gotCodes, wantCodes) {
+		t.Errorf("runtime.response error.data.code enum %v, errors.json's runtime codes %v", slices.Sorted(maps.Keys(gotCodes)), slices.Sorted(maps.Keys(wantCodes)))
 	}
 }
