@@ -130,6 +130,11 @@ func (d *Dispatcher) schedule(now time.Time) time.Time {
 	if at := d.liftBlocks(now); !at.IsZero() {
 		later(at)
 	}
+	if d.refusingWrites.Load() > 0 {
+		// The store refuses terminal writes: a job placed now could not have
+		// its record stored (writeretry.go). The last retry to land pokes.
+		return next
+	}
 
 	skip := map[string]bool{} // models that cannot go out in this pass
 	for {

@@ -58,7 +58,10 @@ type Dispatcher struct {
 	warm      *warmPool // goroutines for checks, hand-overs and assignments
 	wakePull  chan struct{}
 	wakeSched chan struct{}
-	changed   chan struct{} // pinged when a job is forgotten (drain waits on it)
+	// refusingWrites counts terminal writes waiting to be tried again
+	// (writeretry.go): while any does, schedule places no job.
+	refusingWrites atomic.Int64
+	changed        chan struct{} // pinged when a job is forgotten (drain waits on it)
 
 	wctx    context.Context // lives until Run stops: I/O of held jobs
 	wcancel context.CancelFunc

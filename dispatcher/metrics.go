@@ -23,7 +23,7 @@ type Metrics struct {
 	IllegalTransitions  atomic.Int64
 	NotAJob             atomic.Int64 // messages on JOBS that could not be a job: dead-lettered raw and terminated
 	StrandedRemoved     atomic.Int64 // JOBS messages left after their ack (a failed delete), whose job has its record: removed
-	RecordWriteFailures atomic.Int64 // terminal records (or their dead letters) not stored: the delivery was handed back
+	RecordWriteFailures atomic.Int64 // tries of a terminal record (or its dead letter) the store refused (writeretry.go)
 	ForgedRecords       atomic.Int64 // terminal records or attempt reports from a worker that does not run that attempt: refused
 	SupersededRecords   atomic.Int64 // terminal records of an attempt the job had moved on from (a late worker): refused, not counted forged
 	BadCancels          atomic.Int64 // stored cancels whose subject or body is no cancel: ignored

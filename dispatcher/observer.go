@@ -46,8 +46,8 @@ type Observer interface {
 	Transition(from, event string)
 	// IllegalTransition: the table refused a transition (a bug if it happens).
 	IllegalTransition()
-	// WriteFailed: a terminal record (or its dead letter) could not be
-	// stored; the job's delivery was handed back to run again.
+	// WriteFailed: the store refused a try of a terminal record (or its
+	// dead letter); it is tried again (writeretry.go).
 	WriteFailed()
 	// Anomaly: a message the dispatcher ignored or corrected, by kind
 	// (Anomalies): each is a misbehaving client or credential, or a bug.

@@ -191,8 +191,10 @@ func (j *job) replyTo() string {
 }
 
 // writeTerminal writes the dead letter (if any), then the record through
-// results.Finish, then acks msg. A failed write naks msg: the redelivery derives the
-// terminal again. It returns results.Finish's error.
+// results.Finish, then acks msg. A write the store refuses is tried again,
+// holding msg (writeretry.go); one that cannot succeed, or that the
+// dispatcher's stop cuts short, naks msg: the redelivery derives the terminal
+// again. It returns results.Finish's error (or the dead letter's).
 func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, replyTo string, res *schemas.ResultMsg, dlq *schemas.DLQRecordMsg) error {
 	if d.writeHook != nil {
 		d.writeHook()
@@ -204,22 +206,31 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 		l := d.log.With().Str("job_id", res.JobID).Str("tenant", res.Tenant).Int("attempt", res.Attempt).Str("worker_id", res.WorkerID).Str("model", res.Model).Str("status", res.Status).Logger()
 		return &l
 	}
-	if dlq != nil {
-		// A letter the DLQ refuses for good does not stop the record.
-		if err := d.storeDeadLetter(ctx, *log(), res, dlq); err != nil {
-			d.count().writeFailed()
-			_ = msg.Nak()
-			return err
+	letterStored := dlq == nil
+	try := func() error {
+		if !letterStored {
+			// A letter the DLQ refuses for good does not stop the record.
+			if err := d.storeDeadLetter(ctx, *log(), res, dlq); err != nil {
+				return err
+			}
+			letterStored = true
 		}
+		return results.Finish(ctx, d.js, res, replyTo)
 	}
-	err := results.Finish(ctx, d.js, res, replyTo)
+	err := d.retryWrite(ctx, try, func() { _ = msg.InProgress() }, d.cfg.AckWait/3, func(tries int, err error) {
+		if tries == 1 {
+			log().Error().Err(err).Msg("the store refused the terminal write; trying again, and placing no jobs meanwhile")
+		}
+	})
 	switch {
 	case errors.Is(err, results.ErrResultExists):
 		// Someone else finished the job first; the caller already has that terminal.
 		log().Debug().Msg("result already recorded")
 	case err != nil:
-		d.count().writeFailed()
-		log().Error().Err(err).Msg("record result failed")
+		if !errors.Is(err, errWriteStopped) { // a stopped retry counted its last try
+			d.count().writeFailed()
+		}
+		log().Error().Err(err).Msg("record result failed; the job's delivery is handed back")
 		_ = msg.Nak()
 		return err
 	}

@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -11,12 +12,17 @@ import (
 )
 
 // A record the store refuses (here RESULTS at a message limit; in the
-// operator round a full disk) is counted where an operator can alert on it,
-// and the job runs again once the store takes writes: before, such failures
-// were only a log line while /readyz and status said all was well.
-// Mutation caught: dispatcher/terminal.go writeTerminal without
-// d.count().writeFailed() on a failed record (the count stays 0).
-func TestRefusedRecordWriteIsCountedAndRetried(t *testing.T) {
+// operator round a full disk) is counted where an operator can alert on it and
+// tried again while the dispatcher holds the job: once the store takes writes,
+// the record the run earned is the one stored, under that run's attempt, and
+// the job ran once. Meanwhile no new job is placed. Before, the delivery was
+// handed back: each refusal reran the job and used an attempt, so a job with
+// one attempt ended attempts_exhausted although its run had succeeded.
+// Mutations caught: writeTerminal without d.count().writeFailed() (retryWrite's
+// count; the count stays 0); retryWrite returning at once (the nak: "refused"
+// runs twice and ends attempts_exhausted); schedule without its
+// refusingWrites check ("held" runs while the store refuses).
+func TestRefusedRecordWriteIsRetriedNotRerun(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -26,13 +32,21 @@ func TestRefusedRecordWriteIsCountedAndRetried(t *testing.T) {
 	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
-	// Each refused record hands the delivery back, and the rerun uses an
-	// attempt (a store that refuses writes still burns a job's attempts:
-	// RELIABILITY says so): runs of ~100 ms and 20 attempts leave seconds to
-	// lift the limit in.
-	e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{TokenGap: 20 * time.Millisecond} })
+	var mu sync.Mutex
+	runs := map[string]int{}
+	e.startWorker("w1", 2, []string{"m"}, func(a schemas.AssignedJob) jobPlan {
+		mu.Lock()
+		runs[a.Job.ID]++
+		mu.Unlock()
+		return jobPlan{TokenGap: 2 * time.Millisecond}
+	})
+	ran := func(id string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return runs[id]
+	}
 	cfg2 := testConfig("d1", e.connect("d1"))
-	cfg2.MaxAttempts = 20
+	cfg2.MaxAttempts = 1
 	d, _ := runDispatcher(t, cfg2)
 	first := newJob("fills", "m", "normal")
 	if r := e.waitResultAfter(first, 15*time.Second); r.Status != schemas.StatusCompleted {
@@ -41,11 +55,23 @@ func TestRefusedRecordWriteIsCountedAndRetried(t *testing.T) {
 	second := newJob("refused", "m", "normal")
 	e.mustSubmit(second)
 	waitFor(t, 15*time.Second, "a refused record write counted", func() bool { return d.Metrics().RecordWriteFailures.Load() > 0 })
+	held := newJob("held", "m", "normal")
+	e.mustSubmit(held)
+	// Three more refused tries (~1.5 s of backoff): "held" had every chance to be placed.
+	n := d.Metrics().RecordWriteFailures.Load()
+	waitFor(t, 15*time.Second, "the record tried again", func() bool { return d.Metrics().RecordWriteFailures.Load() >= n+3 })
+	if k := ran(held.ID); k != 0 {
+		t.Fatalf("a job was placed while the store refused records (ran %d times)", k)
+	}
 	cfg.MaxMsgs = -1
 	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
-	if r := e.waitResult(second.ID, 20*time.Second); r.Status != schemas.StatusCompleted {
-		t.Fatalf("after the store took writes again: %+v", r)
+	r := e.waitResult(second.ID, 20*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Attempt != 1 || ran(second.ID) != 1 {
+		t.Fatalf("after the store took writes again: %+v, ran %d times; want completed at attempt 1, run once", r, ran(second.ID))
+	}
+	if r := e.waitResult(held.ID, 20*time.Second); r.Status != schemas.StatusCompleted || ran(held.ID) != 1 {
+		t.Fatalf("the job held back: %+v, ran %d times", r, ran(held.ID))
 	}
 }
