@@ -25,6 +25,9 @@ import (
 type registry struct {
 	fleet Fleet
 	ttl   time.Duration
+	// staleAfter: a heartbeat older than this is no worker's word now (see
+	// readRegistry); zero: heartbeats are taken at any age.
+	staleAfter time.Duration
 
 	mu   sync.Mutex // held across a refresh, so concurrent requests share one
 	at   time.Time
@@ -36,6 +39,7 @@ type fleetView struct {
 	ready   map[string]time.Time // model -> earliest StartedAt of a ready worker with it
 	workers int                  // heartbeats in the bucket
 	serving int                  // ready workers with at least one model loaded
+	stale   int                  // heartbeats older than staleAfter (not counted serving)
 }
 
 // modelStatus is what the fleet knows of a model a request names.
@@ -47,8 +51,8 @@ const (
 	modelServed                     // a ready worker has it loaded
 )
 
-func newRegistry(fleet Fleet, ttl time.Duration) *registry {
-	return &registry{fleet: fleet, ttl: ttl}
+func newRegistry(fleet Fleet, ttl, staleAfter time.Duration) *registry {
+	return &registry{fleet: fleet, ttl: ttl, staleAfter: staleAfter}
 }
 
 // read returns the current view, reading the bucket when the kept one is stale.
@@ -58,7 +62,7 @@ func (r *registry) read(ctx context.Context) (*fleetView, error) {
 	if r.view != nil && time.Since(r.at) < r.ttl {
 		return r.view, nil
 	}
-	view, err := readRegistry(ctx, r.fleet)
+	view, err := readRegistry(ctx, r.fleet, r.staleAfter, time.Now())
 	if err != nil {
 		return nil, err
 	}
@@ -93,8 +97,13 @@ func (r *registry) status(ctx context.Context, model string) (modelStatus, error
 	return modelUnknown, nil
 }
 
-// readRegistry reads every heartbeat in the registry once.
-func readRegistry(ctx context.Context, fleet Fleet) (*fleetView, error) {
+// readRegistry reads every heartbeat in the registry once. A heartbeat older
+// than staleAfter (when set) at now is counted stale, not serving: the bucket
+// expires an entry one worker TTL after its last write, so one much older means
+// the store applies neither writes nor limits — a full disk, where heartbeats,
+// records and submits all fail — and /readyz then said ready (operator round
+// 2, F2). Its worker may well run; nothing it does can be stored.
+func readRegistry(ctx context.Context, fleet Fleet, staleAfter time.Duration, now time.Time) (*fleetView, error) {
 	view := &fleetView{ready: map[string]time.Time{}}
 	hbs, err := fleet.Snapshot(ctx)
 	if errors.Is(err, fleetreg.ErrNoRegistry) {
@@ -105,6 +114,10 @@ func readRegistry(ctx context.Context, fleet Fleet) (*fleetView, error) {
 	}
 	for _, hb := range hbs {
 		view.workers++
+		if staleAfter > 0 && now.Sub(hb.UpdatedAt) > staleAfter {
+			view.stale++
+			continue
+		}
 		if hb.State != schemas.WorkerReady || len(hb.Models) == 0 {
 			continue
 		}

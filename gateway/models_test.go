@@ -195,3 +195,50 @@ func TestReadyNeedsAServingWorker(t *testing.T) {
 		t.Fatalf("readyz with a serving worker: %d %v", code, body)
 	}
 }
+
+// A heartbeat the bucket should have expired long ago is no ready worker: with
+// the store's disk full, heartbeats (and records and submits) fail and entries
+// do not expire, and /readyz said ready (operator round 2, F2). Mutation
+// caught: readRegistry without its staleAfter check (200 with the old
+// heartbeat), and staleHeartbeat returning 0.
+func TestReadyRefusesStaleHeartbeats(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	_, srv := newTestGateway(t, tb, func(c *Config) { c.WorkerTTL = 10 * time.Second })
+	put := func(id string, at time.Time) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		hb := schemas.HeartbeatMsg{WorkerID: id, Hostname: "test", Platform: "linux/amd64", MemoryBytes: 1 << 30,
+			Models: []string{testModel}, Slots: 4, State: schemas.WorkerReady, StartedAt: at, UpdatedAt: at}
+		data, _ := json.Marshal(hb)
+		if _, err := tb.Workers.Put(ctx, id, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ready := func() (int, string) {
+		t.Helper()
+		r, err := http.Get(srv.URL + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Body.Close()
+		b, _ := io.ReadAll(r.Body)
+		return r.StatusCode, string(b)
+	}
+	put("w-old", time.Now().Add(-time.Minute))
+	if code, body := ready(); code != http.StatusServiceUnavailable || !strings.Contains(body, "older than twice the worker TTL") {
+		t.Fatalf("readyz with only a minute-old heartbeat: %d %s", code, body)
+	}
+	put("w-new", time.Now())
+	// The registry view is kept for a second; a fresh gateway reads it anew.
+	_, srv2 := newTestGateway(t, tb, func(c *Config) { c.WorkerTTL = 10 * time.Second })
+	r, err := http.Get(srv2.URL + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Body.Close()
+	if r.StatusCode != http.StatusOK {
+		t.Fatalf("readyz with a fresh heartbeat beside the stale one: %d", r.StatusCode)
+	}
+}

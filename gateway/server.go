@@ -70,6 +70,10 @@ type Config struct {
 	// BodyReadTimeout bounds reading one request body (408 request_timeout);
 	// zero: DefaultBodyReadTimeout; negative: no limit.
 	BodyReadTimeout time.Duration
+	// WorkerTTL is the registry's worker_ttl. A heartbeat older than twice it
+	// is not taken as a ready worker (readRegistry): /readyz, /v1/models and
+	// the model check then see no worker. Zero: heartbeats at any age count.
+	WorkerTTL time.Duration
 	// WriteTimeout bounds each write to a client: an SSE event, a whole
 	// answer. A client that takes none within it is dropped and its jobs
 	// cancelled (stall.go). Zero: DefaultWriteTimeout; negative: no limit.
@@ -167,7 +171,7 @@ func New(cfg Config) (*Gateway, error) {
 		cfg:      cfg,
 		log:      log,
 		jobs:     cfg.Jobs,
-		registry: newRegistry(cfg.Fleet, time.Second),
+		registry: newRegistry(cfg.Fleet, time.Second, staleHeartbeat(cfg.WorkerTTL)),
 		tenants:  tenants,
 		limits:   newLimiter(cfg.Limits),
 		cors:     cors,
@@ -316,6 +320,9 @@ func (g *Gateway) ready(ctx context.Context) error {
 		return err
 	}
 	if v.serving == 0 {
+		if v.stale > 0 {
+			return fmt.Errorf("no ready worker has a model loaded: %d of %d registered workers' heartbeats are older than twice the worker TTL (the JetStream store may be refusing writes)", v.stale, v.workers)
+		}
 		return fmt.Errorf("no ready worker has a model loaded (%d workers registered)", v.workers)
 	}
 	return nil
@@ -373,3 +380,9 @@ func (g *Gateway) instrument(endpoint string, next http.Handler) http.Handler {
 		next.ServeHTTP(rec, r)
 	})
 }
+
+// staleHeartbeat is the age past which a heartbeat is not taken as a worker's
+// word (readRegistry): twice the TTL, so clock skew between a worker and the
+// gateway, or a heartbeat a little late, does not take the fleet out of
+// rotation; zero when the TTL is not known.
+func staleHeartbeat(workerTTL time.Duration) time.Duration { return 2 * max(workerTTL, 0) }
