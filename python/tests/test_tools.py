@@ -64,7 +64,7 @@ def generate_many(rt, n: int, **params) -> list[dict]:
     ]
     answers = [rt.wait(i) for i in [rt.request("generate", p) for p in reqs]]
     out = []
-    for p, r in zip(reqs, answers):
+    for p, r in zip(reqs, answers, strict=True):
         if r.get("error", {}).get("data", {}).get("code") == "runtime_busy":
             r = rt.call("generate", p)
         assert "result" in r, r
