@@ -317,11 +317,20 @@ func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
 	d.handOvers <- struct{}{}
 	d.warm.Go(func() {
 		defer d.wrote()
-		defer func() { <-d.handOvers }()
 		if d.handOverHook != nil {
 			d.handOverHook()
 		}
-		if w := d.onDone(m); w != nil {
+		w := d.onDone(m)
+		// The slot bounds decoding, not writing: a write the store refuses is
+		// tried again for as long as the store refuses (writeretry.go), and
+		// held slots then stopped every later hand-over — the subscription
+		// waited, a worker's request timed out, its attempt report retried
+		// the job, and the record, handed over at last, was refused as a
+		// superseded attempt's: the job ran again. Writes are bounded by the
+		// jobs this dispatcher holds (each is handed over once; a refused
+		// hand-over makes no write).
+		<-d.handOvers
+		if w != nil {
 			// On this goroutine, which is off the subscription's already:
 			// a goroutine per record for the write cost a fresh stack grown
 			// through the publish path (~2% of the CPU per job).

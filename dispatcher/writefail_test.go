@@ -2,6 +2,8 @@ package dispatcher
 
 import (
 	"context"
+	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -73,5 +75,76 @@ func TestRefusedRecordWriteIsRetriedNotRerun(t *testing.T) {
 	}
 	if r := e.waitResult(held.ID, 20*time.Second); r.Status != schemas.StatusCompleted || ran(held.ID) != 1 {
 		t.Fatalf("the job held back: %+v, ran %d times", r, ran(held.ID))
+	}
+}
+
+// Hand-overs go on while records wait to be written again: 40 jobs end while
+// the store refuses records, and all 40 records are held for their retries.
+// When writes held the hand-over slots (32), the 33rd hand-over waited
+// unread; its worker timed out, reported the attempt for retry, and the
+// record, read at last, was refused as a superseded attempt's: the job ran
+// again. Mutation caught: releasing the slot after the write in
+// onDoneConcurrently (the count stops at 32).
+func TestHandOversGoOnWhileRecordsAreRetried(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg := jsprov.StreamConfigs(jsprov.Options{})[subjects.StreamResults]
+	cfg.MaxMsgs = 1
+	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	const n = maxHandOvers + 8
+	// Held jobs wait for Release, so all n are placed before any ends (the
+	// dispatcher places nothing once a record is refused).
+	w := e.startWorker("w1", n, []string{"m"}, func(a schemas.AssignedJob) jobPlan {
+		return jobPlan{TokenGap: time.Millisecond, Block: strings.HasPrefix(a.Job.ID, "held-")}
+	})
+	cfg2 := testConfig("d1", e.connect("d1"))
+	cfg2.MaxBatch = n
+	d, _ := runDispatcher(t, cfg2)
+	if r := e.waitResultAfter(newJob("fills", "m", "normal"), 15*time.Second); r.Status != schemas.StatusCompleted {
+		t.Fatalf("first job: %+v", r)
+	}
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("held-%02d", i)
+		e.mustSubmit(newJob(ids[i], "m", "normal"))
+	}
+	waitFor(t, 20*time.Second, fmt.Sprintf("%d jobs running", n), func() bool { return w.InFlight() == n })
+	w.Release()
+	waitFor(t, 20*time.Second, fmt.Sprintf("%d records held for retry", n), func() bool { return d.refusingWrites.Load() == n })
+	cfg.MaxMsgs = -1
+	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		if r := e.waitResult(id, 20*time.Second); r.Status != schemas.StatusCompleted || r.Attempt != 1 {
+			t.Fatalf("%s: %+v", id, r)
+		}
+	}
+}
+
+// A first try the store does not answer holds placement once it has waited
+// writeSlowAfter, and the hold ends with the write: a full disk answers no
+// publish, and jobs placed while the first try waited out its timeout ran
+// into the full store (the red team's full disk: 40 of them). Mutation
+// caught: retryWrite without its AfterFunc (the count stays 0).
+func TestSlowFirstWriteHoldsPlacement(t *testing.T) {
+	t.Parallel()
+	d := &Dispatcher{wakeSched: make(chan struct{}, 1)}
+	release := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- d.retryWrite(context.Background(), func() error { <-release; return nil }, func() {}, time.Hour, func(int, error) {})
+	}()
+	waitFor(t, 10*time.Second, "placement held by a slow write", func() bool { return d.refusingWrites.Load() == 1 })
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := d.refusingWrites.Load(); n != 0 {
+		t.Fatalf("placement still held by %d writes after the write landed", n)
 	}
 }

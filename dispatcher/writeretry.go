@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"errors"
+	"sync"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -36,6 +37,7 @@ import (
 const (
 	writeRetryFirst = 100 * time.Millisecond
 	writeRetryMax   = 2 * time.Second
+	writeSlowAfter  = time.Second
 )
 
 // errWriteStopped: the dispatcher stopped before the store took the write.
@@ -51,16 +53,19 @@ func writeRetryable(err error) bool {
 // at least every keepAliveEvery while it waits. The dispatcher places no jobs
 // while any retryWrite waits (see above).
 func (d *Dispatcher) retryWrite(ctx context.Context, try func() error, keepAlive func(), keepAliveEvery time.Duration, onRefused func(tries int, err error)) error {
+	g := &writeGate{d: d}
+	defer g.lower()
+	// A store whose disk is full does not answer at all: each try then waits
+	// out the publish timeout (5 s), and jobs placed meanwhile ran into it
+	// (the red team's full disk: 40 of them). A try unanswered for
+	// writeSlowAfter holds placement as a refused one does.
+	slow := time.AfterFunc(writeSlowAfter, g.raise)
 	err := try()
+	slow.Stop()
 	if !writeRetryable(err) {
 		return err
 	}
-	d.refusingWrites.Add(1)
-	defer func() {
-		if d.refusingWrites.Add(-1) == 0 {
-			poke(d.wakeSched) // placement may resume
-		}
-	}()
+	g.raise()
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = writeRetryFirst, writeRetryMax, 0
 	alive := time.Now()
@@ -80,6 +85,37 @@ func (d *Dispatcher) retryWrite(ctx context.Context, try func() error, keepAlive
 		}
 		if err = try(); !writeRetryable(err) {
 			return err
+		}
+	}
+}
+
+// writeGate is one write's hold on placement (refusingWrites): raised once
+// at most, by a refusal or by a first try that is slow to answer (a timer's
+// goroutine), and lowered once when the write is done; a raise after that is
+// ignored.
+type writeGate struct {
+	d        *Dispatcher
+	mu       sync.Mutex
+	up, done bool
+}
+
+func (g *writeGate) raise() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.up && !g.done {
+		g.up = true
+		g.d.refusingWrites.Add(1)
+	}
+}
+
+func (g *writeGate) lower() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.done = true
+	if g.up {
+		g.up = false
+		if g.d.refusingWrites.Add(-1) == 0 {
+			poke(g.d.wakeSched) // placement may resume
 		}
 	}
 }
