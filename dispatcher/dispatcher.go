@@ -111,6 +111,8 @@ type Dispatcher struct {
 	// writeHook, if set, runs before each terminal write (tests: hold a write
 	// until shutdown).
 	writeHook func()
+	// letterPatience: how long a failing dead letter is tried (deadletter.go).
+	letterPatience time.Duration
 	// handOverHook, if set, runs before each received hand-over is decoded
 	// (tests: hold one until shutdown).
 	handOverHook func()
@@ -209,6 +211,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		warm:           newWarmPool(),
 		pollEvery:      pollEvery,
 		storedGrace:    storedGrace,
+		letterPatience: letterPatience,
 		wakePull:       make(chan struct{}, 1),
 		wakeSched:      make(chan struct{}, 1),
 		changed:        make(chan struct{}, 1),

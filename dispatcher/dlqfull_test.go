@@ -3,11 +3,13 @@ package dispatcher
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -111,5 +113,75 @@ func TestRawDeadLetterRefusedIsNotALoop(t *testing.T) {
 	}
 	if n := e.streamMsgs(subjects.StreamDLQ); n != 0 {
 		t.Fatalf("the DLQ holds %d messages, want 0 (the letter was too large)", n)
+	}
+}
+
+// A DLQ that fails (deleted by an operator here; a DLQ without a leader alike)
+// holds up only the dead jobs' own writes, never placement: another job runs
+// and completes meanwhile, and once the DLQ is back the dead job gets its
+// letter and its record. Tried while holding placement, one tenant's job for
+// a model nobody serves stopped every tenant's jobs (red team, store outages,
+// F4). Mutation caught: retryWrite raising the gate for letter failures too
+// (the normal job is not placed).
+func TestFailingDLQHoldsNoPlacement(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := e.js.DeleteStream(ctx, subjects.StreamDLQ); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker("w1", 2, []string{"m"}, nil)
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	ghost := newJob("ghost-1", "ghost", "normal")
+	e.mustSubmit(ghost)
+	waitFor(t, 15*time.Second, "the dead letter refused", func() bool { return d.Metrics().RecordWriteFailures.Load() > 0 })
+	if r := e.waitResultAfter(newJob("normal-1", "m", "normal"), 15*time.Second); r.Status != schemas.StatusCompleted {
+		t.Fatalf("a job while the DLQ fails: %+v", r)
+	}
+	if _, err := e.tenantResult("", ghost.ID); !errors.Is(err, bus.ErrNoResult) {
+		t.Fatalf("the dead job has a record before its letter: %v", err)
+	}
+	if _, err := e.js.CreateStream(ctx, jsprov.StreamConfigs(jsprov.Options{})[subjects.StreamDLQ]); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.waitResult(ghost.ID, 15*time.Second); r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != schemas.CodeModelNotAvailable {
+		t.Fatalf("the dead job: %+v", r)
+	}
+	s, err := e.js.Stream(ctx, subjects.StreamDLQ)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetLastMsgForSubject(ctx, subjects.DLQ("", ghost.ID)); err != nil {
+		t.Fatalf("the dead job's letter: %v", err)
+	}
+}
+
+// A dead letter the DLQ keeps failing is dropped after the dispatcher's
+// patience, and the job ends with its record alone, counted as a refused
+// letter: a DLQ that never comes back does not leave a dead job unanswered.
+// Mutation caught: storeDeadLetter without its patience (no record).
+func TestDeadLetterFailingPastPatienceIsDropped(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := e.js.DeleteStream(ctx, subjects.StreamDLQ); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker("w1", 2, []string{"m"}, nil) // a fleet that does not serve "ghost"
+	d, err := New(testConfig("d1", e.connect("d1")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.letterPatience = 300 * time.Millisecond
+	runNew(t, d)
+	ghost := newJob("ghost-1", "ghost", "normal")
+	e.mustSubmit(ghost)
+	if r := e.waitResult(ghost.ID, 15*time.Second); r.Status != schemas.StatusFailed || r.Error == nil || r.Error.Code != schemas.CodeModelNotAvailable {
+		t.Fatalf("the dead job: %+v", r)
+	}
+	if n := d.Metrics().DeadLettersRefused.Load(); n != 1 {
+		t.Fatalf("refused letters counted %d, want 1", n)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"regexp"
 	"time"
 
@@ -207,11 +208,15 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 		return &l
 	}
 	letterStored := dlq == nil
+	var letterFailed time.Time
 	try := func() error {
 		if !letterStored {
 			// A letter the DLQ refuses for good does not stop the record.
-			if err := d.storeDeadLetter(ctx, *log(), res, dlq); err != nil {
-				return err
+			if err := d.storeDeadLetter(ctx, res, dlq, letterFailed); err != nil {
+				if letterFailed.IsZero() {
+					letterFailed = time.Now()
+				}
+				return fmt.Errorf("%w: %w", errLetter, err)
 			}
 			letterStored = true
 		}

@@ -22,7 +22,7 @@ import (
 // (operator round 2, F2, left open then). Kept and written again, the
 // record the job earned is the one stored, under the attempt that earned it.
 //
-// While any write waits to be tried again, the dispatcher places no new job
+// While any record waits to be tried again, the dispatcher places no new job
 // (refusingWrites, read by schedule): a job run now could not have its record
 // stored either, and each would hold one more record in memory. Jobs already
 // placed run on; their records join the wait. What stops the tries: the write
@@ -39,6 +39,11 @@ const (
 	writeRetryMax   = 2 * time.Second
 	writeSlowAfter  = time.Second
 )
+
+// errLetter marks a failed dead-letter publish: tried again like a record,
+// but it holds no placement (deadletter.go drops the letter after
+// letterPatience; the DLQ failing says nothing of RESULTS).
+var errLetter = errors.New("dispatcher: dead letter not stored")
 
 // errWriteStopped: the dispatcher stopped before the store took the write.
 var errWriteStopped = errors.New("dispatcher: stopped while the store refused the write")
@@ -65,11 +70,13 @@ func (d *Dispatcher) retryWrite(ctx context.Context, try func() error, keepAlive
 	if !writeRetryable(err) {
 		return err
 	}
-	g.raise()
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = writeRetryFirst, writeRetryMax, 0
 	alive := time.Now()
 	for tries := 1; ; tries++ {
+		if !errors.Is(err, errLetter) {
+			g.raise() // once the record itself is refused: see above
+		}
 		d.count().writeFailed()
 		onRefused(tries, err)
 		t := time.NewTimer(bo.NextBackOff())
