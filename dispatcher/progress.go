@@ -2,6 +2,7 @@ package dispatcher
 
 import (
 	"encoding/json"
+	"time"
 	"unicode/utf8"
 
 	"github.com/nats-io/nats.go"
@@ -123,6 +124,9 @@ func (d *Dispatcher) onProgress(m *nats.Msg) {
 		d.rare.Warn().Str("job_id", ev.JobID).Str("tenant", j.tenant).Str("from_worker", wid).Str("worker_id", j.workerID).
 			Int("attempt", ev.Attempt).Msg("progress from a worker that does not run this attempt; ignored")
 		return
+	}
+	if w := d.workers[wid]; w != nil {
+		w.aliveAt = time.Now()
 	}
 	j.track(d, &ev)
 }

@@ -22,8 +22,12 @@ type workerView struct {
 	id     string
 	hb     schemas.HeartbeatMsg
 	seenAt time.Time
-	lost   bool
-	br     *breaker.Breaker
+	// aliveAt: the last token event it sent for an attempt it runs. While the
+	// store refuses writes its heartbeats cannot be stored, and a worker
+	// streaming its jobs is alive all the same (tick).
+	aliveAt time.Time
+	lost    bool
+	br      *breaker.Breaker
 	// pending: jobs in assignments sent and not answered.
 	pending int
 	// mine: this dispatcher's jobs the worker accepted that have not ended.

@@ -62,7 +62,12 @@ func (d *Dispatcher) tick(now time.Time) {
 	}
 	d.pruneCancels(now)
 	for id, w := range d.workers {
-		if !w.lost && now.Sub(w.seenAt) > d.cfg.WorkerTTL {
+		// A worker streaming tokens for its jobs is alive, whatever its
+		// heartbeat's age: on a full disk no heartbeat can be stored, and
+		// every worker was declared lost after the TTL, its running jobs
+		// retried and their completed records refused as superseded (red
+		// team, store outages, F3: 8 of 8 failed attempts_exhausted).
+		if !w.lost && now.Sub(w.seenAt) > d.cfg.WorkerTTL && now.Sub(w.aliveAt) > d.cfg.WorkerTTL {
 			d.workerLost(id, "heartbeat older than worker TTL")
 		}
 	}

@@ -23,7 +23,9 @@ import (
 // Mutations caught: writeTerminal without d.count().writeFailed() (retryWrite's
 // count; the count stays 0); retryWrite returning at once (the nak: "refused"
 // runs twice and ends attempts_exhausted); schedule without its
-// refusingWrites check ("held" runs while the store refuses).
+// refusingWrites check ("held" runs while the store refuses); retryWrite
+// without its keep-alive ticker (the delivery comes back past AckWait and
+// ends attempts_exhausted).
 func TestRefusedRecordWriteIsRetriedNotRerun(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
@@ -59,9 +61,10 @@ func TestRefusedRecordWriteIsRetriedNotRerun(t *testing.T) {
 	waitFor(t, 15*time.Second, "a refused record write counted", func() bool { return d.Metrics().RecordWriteFailures.Load() > 0 })
 	held := newJob("held", "m", "normal")
 	e.mustSubmit(held)
-	// Three more refused tries (~1.5 s of backoff): "held" had every chance to be placed.
+	// Six more refused tries (~5 s of backoff, past twice the 2 s AckWait, so
+	// the delivery must be kept alive): "held" had every chance to be placed.
 	n := d.Metrics().RecordWriteFailures.Load()
-	waitFor(t, 15*time.Second, "the record tried again", func() bool { return d.Metrics().RecordWriteFailures.Load() >= n+3 })
+	waitFor(t, 20*time.Second, "the record tried again", func() bool { return d.Metrics().RecordWriteFailures.Load() >= n+6 })
 	if k := ran(held.ID); k != 0 {
 		t.Fatalf("a job was placed while the store refused records (ran %d times)", k)
 	}
@@ -75,6 +78,11 @@ func TestRefusedRecordWriteIsRetriedNotRerun(t *testing.T) {
 	}
 	if r := e.waitResult(held.ID, 20*time.Second); r.Status != schemas.StatusCompleted || ran(held.ID) != 1 {
 		t.Fatalf("the job held back: %+v, ran %d times", r, ran(held.ID))
+	}
+	// A delivery let lapse past AckWait comes back, finds its attempts used
+	// and writes a dead letter (and a rival record) of its own.
+	if n := e.streamMsgs(subjects.StreamDLQ); n != 0 {
+		t.Fatalf("%d dead letters: the refused job's delivery came back while its record was held", n)
 	}
 }
 

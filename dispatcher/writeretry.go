@@ -31,8 +31,9 @@ import (
 // (its write context, which outlives the stop by WriteGrace, ends): the
 // delivery is then handed back, as before, and its next run writes a record.
 //
-// The JOBS message is kept alive meanwhile (an in-progress ack every
-// AckWait/3): redelivered, another dispatcher would run the job again.
+// The JOBS message is kept alive meanwhile (an in-progress ack at the first
+// refusal, then every AckWait/3): redelivered, another dispatcher would run
+// the job again.
 
 const (
 	writeRetryFirst = 100 * time.Millisecond
@@ -70,9 +71,27 @@ func (d *Dispatcher) retryWrite(ctx context.Context, try func() error, keepAlive
 	if !writeRetryable(err) {
 		return err
 	}
+	// The delivery is kept alive from now on, on a ticker of its own: tries
+	// that wait out their timeout and the backoff between them must not add
+	// up past AckWait (in a test with a 2 s AckWait, a 1.6 s backoff did, and
+	// the job came back to a second delivery, which gave up on it).
+	keepAlive()
+	stopAlive := make(chan struct{})
+	defer close(stopAlive)
+	go func() {
+		tk := time.NewTicker(keepAliveEvery)
+		defer tk.Stop()
+		for {
+			select {
+			case <-stopAlive:
+				return
+			case <-tk.C:
+				keepAlive()
+			}
+		}
+	}()
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = writeRetryFirst, writeRetryMax, 0
-	alive := time.Now()
 	for tries := 1; ; tries++ {
 		if !errors.Is(err, errLetter) {
 			g.raise() // once the record itself is refused: see above
@@ -85,10 +104,6 @@ func (d *Dispatcher) retryWrite(ctx context.Context, try func() error, keepAlive
 			t.Stop()
 			return errors.Join(errWriteStopped, err)
 		case <-t.C:
-		}
-		if time.Since(alive) >= keepAliveEvery {
-			keepAlive()
-			alive = time.Now()
 		}
 		if err = try(); !writeRetryable(err) {
 			return err
