@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/mlx-serving/mlx-serving/bus"
+	fleetreg "github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -24,7 +25,9 @@ type Jobs interface {
 // registry.ErrNoRegistry means no worker ever registered (an empty fleet).
 // gatewaybus's Fleet provides it.
 type Fleet interface {
-	Snapshot(ctx context.Context) ([]schemas.HeartbeatMsg, error)
+	// Entries is every heartbeat now, each with the time the server stored
+	// it (staleness is judged by that, not the worker's clock).
+	Entries(ctx context.Context) ([]fleetreg.Entry, error)
 	// ModelServed reports whether a worker announced model within the models
 	// bucket's grace period (the one the producers' check uses), or none
 	// announced anything at all (an outage: the model is expected back).

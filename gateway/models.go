@@ -105,16 +105,18 @@ func (r *registry) status(ctx context.Context, model string) (modelStatus, error
 // 2, F2). Its worker may well run; nothing it does can be stored.
 func readRegistry(ctx context.Context, fleet Fleet, staleAfter time.Duration, now time.Time) (*fleetView, error) {
 	view := &fleetView{ready: map[string]time.Time{}}
-	hbs, err := fleet.Snapshot(ctx)
+	es, err := fleet.Entries(ctx)
 	if errors.Is(err, fleetreg.ErrNoRegistry) {
 		return view, nil // no worker ever registered
 	}
 	if err != nil {
 		return nil, err
 	}
-	for _, hb := range hbs {
+	for _, e := range es {
+		hb := e.Heartbeat
 		view.workers++
-		if staleAfter > 0 && now.Sub(hb.UpdatedAt) > staleAfter {
+		// The server's clock: an honest worker's own may be skewed.
+		if staleAfter > 0 && now.Sub(e.StoredAt) > staleAfter {
 			view.stale++
 			continue
 		}

@@ -5,12 +5,14 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	fleetreg "github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -198,25 +200,16 @@ func TestReadyNeedsAServingWorker(t *testing.T) {
 
 // A heartbeat the bucket should have expired long ago is no ready worker: with
 // the store's disk full, heartbeats (and records and submits) fail and entries
-// do not expire, and /readyz said ready (operator round 2, F2). Mutation
-// caught: readRegistry without its staleAfter check (200 with the old
-// heartbeat), and staleHeartbeat returning 0.
+// do not expire, and /readyz said ready (operator round 2, F2). Age is the
+// server's store time: an honest worker whose clock is an hour behind is
+// ready. A real server cannot store an entry in the past, so the stale entry
+// comes from a Fleet double. Mutations caught: readRegistry without its
+// staleAfter check (200 with the old entry), staleHeartbeat returning 0, and
+// readRegistry judging by the worker's updated_at (the skewed worker is 503).
 func TestReadyRefusesStaleHeartbeats(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
-	_, srv := newTestGateway(t, tb, func(c *Config) { c.WorkerTTL = 10 * time.Second })
-	put := func(id string, at time.Time) {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		hb := schemas.HeartbeatMsg{WorkerID: id, Hostname: "test", Platform: "linux/amd64", MemoryBytes: 1 << 30,
-			Models: []string{testModel}, Slots: 4, State: schemas.WorkerReady, StartedAt: at, UpdatedAt: at}
-		data, _ := json.Marshal(hb)
-		if _, err := tb.Workers.Put(ctx, id, data); err != nil {
-			t.Fatal(err)
-		}
-	}
-	ready := func() (int, string) {
+	ready := func(srv *httptest.Server) (int, string) {
 		t.Helper()
 		r, err := http.Get(srv.URL + "/readyz")
 		if err != nil {
@@ -226,19 +219,32 @@ func TestReadyRefusesStaleHeartbeats(t *testing.T) {
 		b, _ := io.ReadAll(r.Body)
 		return r.StatusCode, string(b)
 	}
-	put("w-old", time.Now().Add(-time.Minute))
-	if code, body := ready(); code != http.StatusServiceUnavailable || !strings.Contains(body, "older than twice the worker TTL") {
-		t.Fatalf("readyz with only a minute-old heartbeat: %d %s", code, body)
+	hb := func(id string, updated time.Time) schemas.HeartbeatMsg {
+		return schemas.HeartbeatMsg{WorkerID: id, Hostname: "test", Platform: "linux/amd64", MemoryBytes: 1 << 30,
+			Models: []string{testModel}, Slots: 4, State: schemas.WorkerReady, StartedAt: updated, UpdatedAt: updated}
 	}
-	put("w-new", time.Now())
-	// The registry view is kept for a second; a fresh gateway reads it anew.
-	_, srv2 := newTestGateway(t, tb, func(c *Config) { c.WorkerTTL = 10 * time.Second })
-	r, err := http.Get(srv2.URL + "/readyz")
-	if err != nil {
+	now := time.Now()
+	stale := staticFleet{{Heartbeat: hb("w-old", now), StoredAt: now.Add(-time.Minute)}}
+	_, srv := newTestGateway(t, tb, func(c *Config) { c.WorkerTTL = 10 * time.Second; c.Fleet = stale })
+	if code, body := ready(srv); code != http.StatusServiceUnavailable || !strings.Contains(body, "older than twice the worker TTL") {
+		t.Fatalf("readyz with only an entry stored a minute ago: %d %s", code, body)
+	}
+
+	// A worker whose clock is an hour behind, its entry stored now.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	data, _ := json.Marshal(hb("w-skewed", now.Add(-time.Hour)))
+	if _, err := tb.Workers.Put(ctx, "w-skewed", data); err != nil {
 		t.Fatal(err)
 	}
-	r.Body.Close()
-	if r.StatusCode != http.StatusOK {
-		t.Fatalf("readyz with a fresh heartbeat beside the stale one: %d", r.StatusCode)
+	_, srv2 := newTestGateway(t, tb, func(c *Config) { c.WorkerTTL = 10 * time.Second })
+	if code, body := ready(srv2); code != http.StatusOK {
+		t.Fatalf("readyz with a worker whose clock is an hour behind: %d %s", code, body)
 	}
 }
+
+// staticFleet is a Fleet double that answers the same entries.
+type staticFleet []fleetreg.Entry
+
+func (f staticFleet) Entries(context.Context) ([]fleetreg.Entry, error) { return f, nil }
+func (f staticFleet) ModelServed(context.Context, string) (bool, error) { return true, nil }

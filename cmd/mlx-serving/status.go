@@ -36,12 +36,14 @@ type statusReport struct {
 	Stale []string `json:"stale_workers,omitempty"`
 }
 
-// staleWorkers are those of workers whose last heartbeat is older than ttl at now.
-func staleWorkers(workers []schemas.HeartbeatMsg, ttl time.Duration, now time.Time) []string {
+// staleWorkers are those of workers whose entry the server stored more than
+// ttl before now (the server's time, not the worker's updated_at: a worker's
+// clock may be skewed).
+func staleWorkers(entries []registry.Entry, ttl time.Duration, now time.Time) []string {
 	var out []string
-	for _, w := range workers {
-		if ttl > 0 && now.Sub(w.UpdatedAt) > ttl {
-			out = append(out, w.WorkerID)
+	for _, e := range entries {
+		if ttl > 0 && now.Sub(e.StoredAt) > ttl {
+			out = append(out, e.Heartbeat.WorkerID)
 		}
 	}
 	return out
@@ -118,14 +120,18 @@ func gatherStatus(ctx context.Context, js jetstream.JetStream) (statusReport, er
 		rep.StoreBytes = ai.Store
 	}
 	// A missing registry is an error: the bus was not provisioned.
-	workers, err := registry.Snapshot(ctx, js)
+	entries, err := registry.Entries(ctx, js)
 	if err != nil {
 		return rep, err
+	}
+	workers := make([]schemas.HeartbeatMsg, len(entries))
+	for i, e := range entries {
+		workers[i] = e.Heartbeat
 	}
 	rep.Workers = workers // sorted by worker id
 	if kv, err := js.KeyValue(ctx, subjects.BucketWorkers); err == nil {
 		if st, err := kv.Status(ctx); err == nil {
-			rep.Stale = staleWorkers(workers, st.TTL(), time.Now())
+			rep.Stale = staleWorkers(entries, st.TTL(), time.Now())
 		}
 	}
 	for _, hb := range workers {

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -34,12 +35,19 @@ func TestFillWarnings(t *testing.T) {
 // A heartbeat older than the registry's TTL should have expired: status
 // calls it stale rather than showing the worker ready (the operator round's
 // full disk: "ready", 30 s old, TTL 10 s).
-// Mutation caught: staleWorkers comparing against 10×ttl (the 30 s row stays
-// fresh).
+// Judged by the server's store time, not the worker's updated_at: an honest
+// worker with a skewed clock is not stale.
+// Mutations caught: staleWorkers comparing against 10×ttl (the 30 s row stays
+// fresh); staleWorkers reading updated_at (the skewed row is stale).
 func TestStaleWorkers(t *testing.T) {
 	t.Parallel()
 	now := time.Now()
-	ws := []schemas.HeartbeatMsg{{WorkerID: "fresh", UpdatedAt: now.Add(-2 * time.Second)}, {WorkerID: "stuck", UpdatedAt: now.Add(-30 * time.Second)}}
+	// "skewed" says an hour ago by its own clock; the server stored it now.
+	ws := []registry.Entry{
+		{Heartbeat: schemas.HeartbeatMsg{WorkerID: "fresh", UpdatedAt: now}, StoredAt: now.Add(-2 * time.Second)},
+		{Heartbeat: schemas.HeartbeatMsg{WorkerID: "stuck", UpdatedAt: now}, StoredAt: now.Add(-30 * time.Second)},
+		{Heartbeat: schemas.HeartbeatMsg{WorkerID: "skewed", UpdatedAt: now.Add(-time.Hour)}, StoredAt: now},
+	}
 	if got := staleWorkers(ws, 10*time.Second, now); !slices.Equal(got, []string{"stuck"}) {
 		t.Fatalf("stale %v, want [stuck]", got)
 	}

@@ -22,6 +22,11 @@ func (r Reader) Snapshot(ctx context.Context) ([]schemas.HeartbeatMsg, error) {
 	return Snapshot(ctx, r.js)
 }
 
+// Entries is Entries(ctx, js): Snapshot with each entry's store time.
+func (r Reader) Entries(ctx context.Context) ([]Entry, error) {
+	return Entries(ctx, r.js)
+}
+
 // ModelServed is ModelServed(ctx, js, model): whether a worker announced model
 // within the models bucket's grace period, or none announced anything (an outage).
 func (r Reader) ModelServed(ctx context.Context, model string) (bool, error) {

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -43,6 +44,27 @@ var ErrNoRegistry = fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers,
 // the fleet. A missing bucket is ErrNoRegistry; callers that treat it as an
 // empty fleet test errors.Is(err, ErrNoRegistry).
 func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatMsg, error) {
+	es, err := Entries(ctx, js)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]schemas.HeartbeatMsg, len(es))
+	for i, e := range es {
+		out[i] = e.Heartbeat
+	}
+	return out, nil
+}
+
+// Entry is a heartbeat with the time the server stored it. Staleness is
+// judged by StoredAt: the heartbeat's updated_at is the worker's clock, which
+// may be skewed against the reader's by any amount.
+type Entry struct {
+	Heartbeat schemas.HeartbeatMsg
+	StoredAt  time.Time
+}
+
+// Entries is Snapshot with each entry's store time.
+func Entries(ctx context.Context, js jetstream.JetStream) ([]Entry, error) {
 	s, err := js.Stream(ctx, subjects.WorkersStream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		return nil, ErrNoRegistry
@@ -54,7 +76,7 @@ func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatM
 	if err != nil {
 		return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 	}
-	out := []schemas.HeartbeatMsg{}
+	out := []Entry{}
 	for subj := range info.State.Subjects {
 		m, err := s.GetLastMsgForSubject(ctx, subj)
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
@@ -64,10 +86,10 @@ func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatM
 			return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
 		}
 		if hb, ok := liveHeartbeat(subj, m); ok {
-			out = append(out, hb)
+			out = append(out, Entry{Heartbeat: hb, StoredAt: m.Time})
 		}
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].WorkerID < out[j].WorkerID })
+	sort.Slice(out, func(i, j int) bool { return out[i].Heartbeat.WorkerID < out[j].Heartbeat.WorkerID })
 	return out, nil
 }
 
