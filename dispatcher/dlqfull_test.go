@@ -128,9 +128,7 @@ func TestFailingDLQHoldsNoPlacement(t *testing.T) {
 	e := newEnv(t, jsprov.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := e.js.DeleteStream(ctx, subjects.StreamDLQ); err != nil {
-		t.Fatal(err)
-	}
+	e.deleteStream(subjects.StreamDLQ)
 	e.startWorker("w1", 2, []string{"m"}, nil)
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	ghost := newJob("ghost-1", "ghost", "normal")
@@ -164,11 +162,7 @@ func TestFailingDLQHoldsNoPlacement(t *testing.T) {
 func TestDeadLetterFailingPastPatienceIsDropped(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if err := e.js.DeleteStream(ctx, subjects.StreamDLQ); err != nil {
-		t.Fatal(err)
-	}
+	e.deleteStream(subjects.StreamDLQ)
 	e.startWorker("w1", 2, []string{"m"}, nil) // a fleet that does not serve "ghost"
 	d, err := New(testConfig("d1", e.connect("d1")))
 	if err != nil {
@@ -183,5 +177,15 @@ func TestDeadLetterFailingPastPatienceIsDropped(t *testing.T) {
 	}
 	if n := d.Metrics().DeadLettersRefused.Load(); n != 1 {
 		t.Fatalf("refused letters counted %d, want 1", n)
+	}
+}
+
+// deleteStream deletes a stream, as an operator might.
+func (e *testEnv) deleteStream(name string) {
+	e.tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.js.DeleteStream(ctx, name); err != nil {
+		e.tb.Fatal(err)
 	}
 }

@@ -29,13 +29,7 @@ import (
 func TestRefusedRecordWriteIsRetriedNotRerun(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cfg := jsprov.StreamConfigs(jsprov.Options{})[subjects.StreamResults]
-	cfg.MaxMsgs = 1 // full as soon as it holds one record: every later record is refused
-	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
-		t.Fatal(err)
-	}
+	e.limitResults(1)
 	var mu sync.Mutex
 	runs := map[string]int{}
 	e.startWorker("w1", 2, []string{"m"}, func(a schemas.AssignedJob) jobPlan {
@@ -68,10 +62,7 @@ func TestRefusedRecordWriteIsRetriedNotRerun(t *testing.T) {
 	if k := ran(held.ID); k != 0 {
 		t.Fatalf("a job was placed while the store refused records (ran %d times)", k)
 	}
-	cfg.MaxMsgs = -1
-	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
-		t.Fatal(err)
-	}
+	e.limitResults(-1)
 	r := e.waitResult(second.ID, 20*time.Second)
 	if r.Status != schemas.StatusCompleted || r.Attempt != 1 || ran(second.ID) != 1 {
 		t.Fatalf("after the store took writes again: %+v, ran %d times; want completed at attempt 1, run once", r, ran(second.ID))
@@ -96,13 +87,7 @@ func TestRefusedRecordWriteIsRetriedNotRerun(t *testing.T) {
 func TestHandOversGoOnWhileRecordsAreRetried(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cfg := jsprov.StreamConfigs(jsprov.Options{})[subjects.StreamResults]
-	cfg.MaxMsgs = 1
-	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
-		t.Fatal(err)
-	}
+	e.limitResults(1)
 	const n = maxHandOvers + 8
 	// Held jobs wait for Release, so all n are placed before any ends (the
 	// dispatcher places nothing once a record is refused).
@@ -123,10 +108,7 @@ func TestHandOversGoOnWhileRecordsAreRetried(t *testing.T) {
 	waitFor(t, 20*time.Second, fmt.Sprintf("%d jobs running", n), func() bool { return w.InFlight() == n })
 	w.Release()
 	waitFor(t, 20*time.Second, fmt.Sprintf("%d records held for retry", n), func() bool { return d.refusingWrites.Load() == n })
-	cfg.MaxMsgs = -1
-	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
-		t.Fatal(err)
-	}
+	e.limitResults(-1)
 	for _, id := range ids {
 		if r := e.waitResult(id, 20*time.Second); r.Status != schemas.StatusCompleted || r.Attempt != 1 {
 			t.Fatalf("%s: %+v", id, r)
@@ -154,5 +136,18 @@ func TestSlowFirstWriteHoldsPlacement(t *testing.T) {
 	}
 	if n := d.refusingWrites.Load(); n != 0 {
 		t.Fatalf("placement still held by %d writes after the write landed", n)
+	}
+}
+
+// limitResults sets RESULTS' message limit: 1 makes it full once it holds a
+// record, so every later record is refused; -1 lifts the limit.
+func (e *testEnv) limitResults(maxMsgs int64) {
+	e.tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cfg := jsprov.StreamConfigs(jsprov.Options{})[subjects.StreamResults]
+	cfg.MaxMsgs = maxMsgs
+	if _, err := e.js.UpdateStream(ctx, cfg); err != nil {
+		e.tb.Fatal(err)
 	}
 }
