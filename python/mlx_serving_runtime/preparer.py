@@ -10,10 +10,14 @@ prompts does the same without any attacker. HF tokenizers release the GIL while 
 encode, so with the work here the reader goes on answering health and runtime.info,
 and taking cancels and shutdowns, at once.
 
-- One thread, FIFO: generates are handed on in the order they arrived, and
-  preparations take no more cores than before. One slow preparation still delays
-  the generates behind it (as on the reader), never the reader's own answers. The
-  queue is not bounded here: the worker bounds generates in flight by its slots.
+- PREPARE_THREADS threads (up to 4), taking generates in the order they arrived:
+  one slow preparation (a long document from one tenant) no longer holds up the
+  small generates behind it, which a single thread did (red team round 11's
+  prompts: 0.6-1.4 s each; every other tenant's request on that worker waited
+  behind them). Generates may be handed on out of order among themselves; never
+  across a command (below). Tokenizers release the GIL, so the threads encode at
+  once; a chat template's rendering (Python) takes turns. The queue is not bounded
+  here: the worker bounds generates in flight by its slots.
 - Stack: compiler.COMPILE_STACK_BYTES, as the generation thread's: preparing walks
   the request's schemas and messages (tools, templates), which recurse per level.
 - A failure (RpcError, RecursionError, any exception) answers that request only; the
@@ -21,10 +25,11 @@ and taking cancels and shutdowns, at once.
 
 Order: the engine sees commands in the order they were sent. model.load,
 model.unload and a drain shutdown are queued here behind the generates sent before
-them (then()): an unload still cancels a generate sent just before it, a drain still
-runs it (it was not sent after the shutdown), and a reload's unload and load are not
-swapped. A cancel-mode shutdown (and EOF on stdin) does not wait: it refuses what is
-here.
+them (then()), and run only once every one of those is handed on or answered; a
+generate sent after a command is taken only once the command ran: an unload still
+cancels a generate sent just before it, a drain still runs it (it was not sent
+after the shutdown), and a reload's unload and load are not swapped. A cancel-mode
+shutdown (and EOF on stdin) does not wait: it refuses what is here.
 
 Exactly one answer per generate, as in compiler.py: a request is settled once, under
 the lock, by its preparation's end or by a shutdown, whichever comes first; the other
@@ -44,6 +49,7 @@ happens under the same lock, so:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -59,6 +65,10 @@ if TYPE_CHECKING:
     from .request import Request
 
 log = logging.getLogger("mlx_serving_runtime")
+
+# Preparation threads (see above): enough that a few long prompts do not hold up
+# the rest, few enough that they do not take the cores generation runs on.
+PREPARE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def hand_on(engine: Engine, compiler: GrammarCompiler | None, req: Request) -> bool:
@@ -109,6 +119,7 @@ class Preparer:
         send: Callable[[dict[str, Any]], None],
         compiler: GrammarCompiler | None = None,
         stack_bytes: int | None = None,
+        threads: int | None = None,
     ) -> None:
         self._engine = engine
         self._send = send
@@ -116,10 +127,14 @@ class Preparer:
         self._cond = threading.Condition()
         self._queue: deque[_Item | _Command | None] = deque()  # None: close()
         self._pending: dict[str, _Item] = {}  # request_id -> queued or being prepared
-        self._current: _Item | _Command | None = None  # taken off the queue, not settled
-        self._thread = threading.Thread(target=self._run, name="generate-prepare", daemon=True)
+        self._active: set[_Item | _Command] = set()  # taken off the queue, being worked on
         stack = compiler_mod.COMPILE_STACK_BYTES if stack_bytes is None else stack_bytes
-        compiler_mod.start_with_stack(self._thread, stack)
+        n = PREPARE_THREADS if threads is None else max(1, threads)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"generate-prepare-{i}", daemon=True) for i in range(n)
+        ]
+        for t in self._threads:
+            compiler_mod.start_with_stack(t, stack)
 
     # ---- reader thread ----
 
@@ -142,7 +157,7 @@ class Preparer:
         one model keep their order. refuse_pending answers it shutting_down instead."""
         with self._cond:
             self._queue.append(_Command(rpc_id, run))
-            self._cond.notify()
+            self._cond.notify_all()
 
     def hold_cancel(self, rpc_id: Any, request_id: str) -> bool:
         """Hold a cancel for a request still queued or being prepared (passed on behind
@@ -160,7 +175,7 @@ class Preparer:
         shutting_down (the runtime is leaving: its engine would not run them). Call
         after engine.shutting_down is set, before the engine's shutdown command."""
         with self._cond:
-            entries = [e for e in (self._current, *self._queue) if e is not None and not e.settled]
+            entries = [e for e in (*self._active, *self._queue) if e is not None and not e.settled]
             for e in entries:
                 e.settled = True
             self._queue = deque(e for e in self._queue if e is None)  # keep a close()
@@ -173,24 +188,38 @@ class Preparer:
                 self._send(error_response(e.rpc_id, err))
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop the thread once what is queued is done (tests)."""
+        """Stop the threads once what is queued is done (tests)."""
         with self._cond:
             self._queue.append(None)
-            self._cond.notify()
-        self._thread.join(timeout)
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
 
-    # ---- preparer thread ----
+    # ---- preparer threads ----
+
+    def _take(self) -> _Item | _Command | None:
+        """The next entry to work on, in the order sent; None once close() is at the
+        head (left there for the other threads). A command waits until nothing taken
+        before it is still being worked on. Under the lock; waits."""
+        while True:
+            while self._queue and self._queue[0] is not None and self._queue[0].settled:
+                self._queue.popleft()  # refused by a shutdown while queued
+            if self._queue:
+                head = self._queue[0]
+                if head is None:
+                    return None
+                if isinstance(head, _Item) or not self._active:
+                    self._queue.popleft()
+                    self._active.add(head)
+                    return head
+            self._cond.wait()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: bool(self._queue))
-                entry = self._queue.popleft()
+                entry = self._take()
                 if entry is None:
                     return
-                if entry.settled:  # refused by a shutdown while queued
-                    continue
-                self._current = entry
             try:
                 if isinstance(entry, _Command):
                     self._command(entry)
@@ -201,7 +230,8 @@ class Preparer:
                 self._fail(entry)
             finally:
                 with self._cond:
-                    self._current = None
+                    self._active.discard(entry)
+                    self._cond.notify_all()  # a command may wait for this one
 
     def _command(self, cmd: _Command) -> None:
         with self._cond:

@@ -37,6 +37,7 @@ class FakeEngine:
         self.send = send
         self.shutting_down = False
         self.calls: list[tuple] = []
+        self.calls_cond = threading.Condition()  # notified on every call
         self.prompt_cache = FakeCache()
         self._queued: dict[str, Any] = {}
 
@@ -49,12 +50,22 @@ class FakeEngine:
     def model_ids(self) -> list[str]:
         return ["tiny"]
 
+    def _call(self, call: tuple) -> None:
+        with self.calls_cond:
+            self.calls.append(call)
+            self.calls_cond.notify_all()
+
+    def wait_calls(self, pred: Any) -> bool:
+        """Wait until pred(calls) holds (False after WAIT)."""
+        with self.calls_cond:
+            return self.calls_cond.wait_for(lambda: pred(list(self.calls)), WAIT)
+
     def submit_generate(self, req: Any) -> None:
-        self.calls.append(("generate", req.request_id))
         self._queued[req.request_id] = req
+        self._call(("generate", req.request_id))
 
     def submit(self, *cmd: Any) -> None:
-        self.calls.append(cmd)
+        self._call(cmd)
         if cmd[0] == "cancel":
             req = self._queued.pop(cmd[2], None)
             if req is not None:
@@ -97,15 +108,17 @@ class Prep:
         return req
 
 
-@pytest.fixture()
-def rig(monkeypatch):
+@pytest.fixture(params=[1])
+def rig(monkeypatch, request):
+    """The Preparer over a fake engine, with request.param preparation threads (1
+    unless a test asks for more: most tests here pin down what one thread does)."""
     prep = Prep()
     # Both homes: the preparer's, and the one handle() reads when it prepares itself.
     monkeypatch.setattr(preparer_mod, "request_from_params", prep)
     monkeypatch.setattr(request_mod, "request_from_params", prep)
     sent = Sent()
     eng = FakeEngine(sent)
-    p = Preparer(eng, sent, compiler=None, stack_bytes=1 << 20)
+    p = Preparer(eng, sent, compiler=None, stack_bytes=1 << 20, threads=request.param)
     writer = Writer(sent)
 
     def line(method: str, rpc_id: Any, params: dict[str, Any]) -> None:
@@ -231,6 +244,32 @@ def test_drain_shutdown_and_unload_follow_the_generates_sent_before(rig) -> None
         ("shutdown", "s", "drain"),
     ]
     assert len(sent.msgs) == 1, sent.msgs
+
+
+@pytest.mark.parametrize("rig", [2], indirect=True)
+def test_slow_preparation_holds_up_no_other_generate(rig) -> None:
+    """With two threads a generate whose preparation is slow (a long document)
+    does not hold up the one sent after it, and commands still wait for every
+    generate sent before them: the unload reaches the engine only once the slow one
+    is handed on, and a generate sent after it only after it. Mutations caught: one
+    thread (b waits for a); _take not waiting for the active set before a command
+    (the unload overtakes a)."""
+    prep, sent, eng, p, line, generate = rig
+    prep.block("a")
+    prep.block("c")
+    generate("a")
+    assert prep.entered["a"].wait(WAIT)
+    generate("b")
+    assert eng.wait_calls(lambda calls: ("generate", "b") in calls), eng.calls
+    line("model.unload", "u", {"id": "tiny"})
+    generate("c")
+    assert not prep.entered["c"].is_set()  # c waits behind the unload, which waits for a
+    assert eng.calls == [("generate", "b")]
+    prep.release["a"].set()
+    assert prep.entered["c"].wait(WAIT)
+    prep.release["c"].set()
+    p.close(WAIT)
+    assert eng.calls == [("generate", "b"), ("generate", "a"), ("unload", "u", "tiny"), ("generate", "c")]
 
 
 @pytest.mark.parametrize(
