@@ -14,6 +14,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
+	"github.com/nats-io/nats.go"
 )
 
 // TestFullDLQJobsStillEndOnce: a tenant flooding the DLQ with dead jobs (red
@@ -187,5 +188,40 @@ func (e *testEnv) deleteStream(name string) {
 	defer cancel()
 	if err := e.js.DeleteStream(ctx, name); err != nil {
 		e.tb.Fatal(err)
+	}
+}
+
+// A DLQ that takes publishes but never answers them (a leader that does not
+// respond; here a silent subscriber where the stream was) holds no placement
+// either: each letter's try waits out its timeout, and the slow-try hold,
+// armed for the whole try, held every tenant's placement for the letter's
+// patience, ~33 s a dead letter (round 15, F2). Mutations caught: timedRecord
+// around the letter's publish as well (the normal job waits past 15 s);
+// retryWrite without its keep-alive timer (dead-lettered 2 or 3 times).
+func TestSilentDLQHoldsNoPlacement(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	e.deleteStream(subjects.StreamDLQ)
+	sub, err := e.nc.Subscribe(subjects.DLQ("", ">"), func(*nats.Msg) {}) // takes letters, answers none
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	if err := e.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker("w1", 2, []string{"m"}, nil)
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.WriteGrace = 200 * time.Millisecond // the letter's write is still tried at the stop
+	d, _ := runDispatcher(t, cfg)
+	e.mustSubmit(newJob("ghost-1", "ghost", "normal"))
+	waitFor(t, 15*time.Second, "the dead letter tried", func() bool { return d.Metrics().RecordWriteFailures.Load() > 0 })
+	if r := e.waitResultAfter(newJob("normal-1", "m", "normal"), 15*time.Second); r.Status != schemas.StatusCompleted {
+		t.Fatalf("a job while the DLQ does not answer: %+v", r)
+	}
+	// One delivery of the dead job, kept alive through its 5 s tries (the test
+	// AckWait is 2 s): redelivered, it was dead-lettered again and again.
+	if n := d.Metrics().TransitionCount(StateQueued, EvDeadLetter); n != 1 {
+		t.Fatalf("the dead job was dead-lettered %d times, want 1", n)
 	}
 }

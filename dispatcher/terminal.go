@@ -207,6 +207,7 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 		l := d.log.With().Str("job_id", res.JobID).Str("tenant", res.Tenant).Int("attempt", res.Attempt).Str("worker_id", res.WorkerID).Str("model", res.Model).Str("status", res.Status).Logger()
 		return &l
 	}
+	g := &writeGate{d: d} // this write's hold on placement (writeretry.go)
 	letterStored := dlq == nil
 	var letterFailed time.Time
 	try := func() error {
@@ -220,9 +221,9 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 			}
 			letterStored = true
 		}
-		return results.Finish(ctx, d.js, res, replyTo)
+		return timedRecord(g, func() error { return results.Finish(ctx, d.js, res, replyTo) })
 	}
-	err := d.retryWrite(ctx, try, func() { _ = msg.InProgress() }, d.cfg.AckWait/3, func(tries int, err error) {
+	err := d.retryWrite(ctx, g, try, func() { _ = msg.InProgress() }, d.cfg.AckWait/3, func(tries int, err error) {
 		if tries == 1 {
 			log().Error().Err(err).Msg("the store refused the terminal write; trying again, and placing no jobs meanwhile")
 		}

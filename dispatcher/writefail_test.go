@@ -116,18 +116,20 @@ func TestHandOversGoOnWhileRecordsAreRetried(t *testing.T) {
 	}
 }
 
-// A first try the store does not answer holds placement once it has waited
-// writeSlowAfter, and the hold ends with the write: a full disk answers no
-// publish, and jobs placed while the first try waited out its timeout ran
+// A record publish the store does not answer holds placement once it has
+// waited writeSlowAfter, and the hold ends with the write: a full disk answers
+// no publish, and jobs placed while the first try waited out its timeout ran
 // into the full store (the red team's full disk: 40 of them). Mutation
-// caught: retryWrite without its AfterFunc (the count stays 0).
+// caught: timedRecord without its AfterFunc (the count stays 0).
 func TestSlowFirstWriteHoldsPlacement(t *testing.T) {
 	t.Parallel()
 	d := &Dispatcher{wakeSched: make(chan struct{}, 1)}
 	release := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
-		done <- d.retryWrite(context.Background(), func() error { <-release; return nil }, func() {}, time.Hour, func(int, error) {})
+		g := &writeGate{d: d}
+		try := func() error { return timedRecord(g, func() error { <-release; return nil }) }
+		done <- d.retryWrite(context.Background(), g, try, func() {}, time.Hour, func(int, error) {})
 	}()
 	waitFor(t, 10*time.Second, "placement held by a slow write", func() bool { return d.refusingWrites.Load() == 1 })
 	close(release)

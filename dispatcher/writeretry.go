@@ -31,8 +31,8 @@ import (
 // (its write context, which outlives the stop by WriteGrace, ends): the
 // delivery is then handed back, as before, and its next run writes a record.
 //
-// The JOBS message is kept alive meanwhile (an in-progress ack at the first
-// refusal, then every AckWait/3): redelivered, another dispatcher would run
+// The JOBS message is kept alive meanwhile (an in-progress ack every
+// AckWait/3 from the first try on): redelivered, another dispatcher would run
 // the job again.
 
 const (
@@ -55,41 +55,21 @@ func writeRetryable(err error) bool {
 }
 
 // retryWrite calls try until it returns an error writeRetryable refuses (nil
-// among them), counting each refused try, or until ctx ends. keepAlive runs
-// at least every keepAliveEvery while it waits. The dispatcher places no jobs
-// while any retryWrite waits (see above).
-func (d *Dispatcher) retryWrite(ctx context.Context, try func() error, keepAlive func(), keepAliveEvery time.Duration, onRefused func(tries int, err error)) error {
-	g := &writeGate{d: d}
+// among them), counting each refused try, or until ctx ends, raising g (no
+// job placed) on a refused record; it lowers g when done. keepAlive runs
+// every period until it returns.
+func (d *Dispatcher) retryWrite(ctx context.Context, g *writeGate, try func() error, keepAlive func(), every time.Duration, onRefused func(tries int, err error)) error {
 	defer g.lower()
-	// A store whose disk is full does not answer at all: each try then waits
-	// out the publish timeout (5 s), and jobs placed meanwhile ran into it
-	// (the red team's full disk: 40 of them). A try unanswered for
-	// writeSlowAfter holds placement as a refused one does.
-	slow := time.AfterFunc(writeSlowAfter, g.raise)
+	// The delivery is kept alive from the first try on, on a timer of its own:
+	// tries that wait out their timeout and the backoff between them must not
+	// add up past AckWait (in a test with a 2 s AckWait, a 1.6 s backoff did,
+	// and so did one unanswered try of 5 s: the job came back to a second
+	// delivery, which wrote a rival record or letter).
+	defer keepAliveEvery(keepAlive, every)()
 	err := try()
-	slow.Stop()
 	if !writeRetryable(err) {
 		return err
 	}
-	// The delivery is kept alive from now on, on a ticker of its own: tries
-	// that wait out their timeout and the backoff between them must not add
-	// up past AckWait (in a test with a 2 s AckWait, a 1.6 s backoff did, and
-	// the job came back to a second delivery, which gave up on it).
-	keepAlive()
-	stopAlive := make(chan struct{})
-	defer close(stopAlive)
-	go func() {
-		tk := time.NewTicker(keepAliveEvery)
-		defer tk.Stop()
-		for {
-			select {
-			case <-stopAlive:
-				return
-			case <-tk.C:
-				keepAlive()
-			}
-		}
-	}()
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = writeRetryFirst, writeRetryMax, 0
 	for tries := 1; ; tries++ {
@@ -109,6 +89,43 @@ func (d *Dispatcher) retryWrite(ctx context.Context, try func() error, keepAlive
 			return err
 		}
 	}
+}
+
+// keepAliveEvery runs keepAlive every period until the returned stop is
+// called: one timer, no goroutine until it fires (a write that lands at once,
+// every job's, pays only for the timer).
+func keepAliveEvery(keepAlive func(), period time.Duration) (stop func()) {
+	var mu sync.Mutex
+	stopped := false
+	var t *time.Timer
+	mu.Lock()
+	t = time.AfterFunc(period, func() {
+		keepAlive()
+		mu.Lock()
+		defer mu.Unlock()
+		if !stopped {
+			t.Reset(period)
+		}
+	})
+	mu.Unlock()
+	return func() {
+		mu.Lock()
+		defer mu.Unlock()
+		stopped = true
+		t.Stop()
+	}
+}
+
+// timedRecord runs write, a record's publish, raising g if it has not
+// returned within writeSlowAfter. A store whose disk is full does not answer
+// at all: each try then waits out the publish timeout (5 s), and jobs placed
+// meanwhile ran into it (the red team's full disk: 40 of them). Only the
+// record's publish is timed: a dead letter's, unanswered, held placement for
+// every tenant for as long as the letter was tried (round 15, F2).
+func timedRecord(g *writeGate, write func() error) error {
+	slow := time.AfterFunc(writeSlowAfter, g.raise)
+	defer slow.Stop()
+	return write()
 }
 
 // writeGate is one write's hold on placement (refusingWrites): raised once
