@@ -49,6 +49,10 @@ type Observer interface {
 	// WriteFailed: the store refused a try of a terminal record (or its
 	// dead letter); it is tried again (writeretry.go).
 	WriteFailed()
+	// RecordsHeld: delta (+1 or -1) records held to be written again (the
+	// store refused or did not answer them); while any is held, no job is
+	// placed (writeretry.go).
+	RecordsHeld(delta int)
 	// Anomaly: a message the dispatcher ignored or corrected, by kind
 	// (Anomalies): each is a misbehaving client or credential, or a bug.
 	Anomaly(kind string)
@@ -110,6 +114,7 @@ func (nopObserver) WorkerRestarted()                                 {}
 func (nopObserver) Transition(string, string)                        {}
 func (nopObserver) IllegalTransition()                               {}
 func (nopObserver) WriteFailed()                                     {}
+func (nopObserver) RecordsHeld(int)                                  {}
 func (nopObserver) Anomaly(string)                                   {}
 
 // tally is where the dispatcher counts: its own Metrics and the Observer, one

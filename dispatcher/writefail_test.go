@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -96,6 +97,8 @@ func TestHandOversGoOnWhileRecordsAreRetried(t *testing.T) {
 	})
 	cfg2 := testConfig("d1", e.connect("d1"))
 	cfg2.MaxBatch = n
+	obs := &heldObserver{}
+	cfg2.Observer = obs
 	d, _ := runDispatcher(t, cfg2)
 	if r := e.waitResultAfter(newJob("fills", "m", "normal"), 15*time.Second); r.Status != schemas.StatusCompleted {
 		t.Fatalf("first job: %+v", r)
@@ -108,13 +111,25 @@ func TestHandOversGoOnWhileRecordsAreRetried(t *testing.T) {
 	waitFor(t, 20*time.Second, fmt.Sprintf("%d jobs running", n), func() bool { return w.InFlight() == n })
 	w.Release()
 	waitFor(t, 20*time.Second, fmt.Sprintf("%d records held for retry", n), func() bool { return d.refusingWrites.Load() == n })
+	if got := obs.held.Load(); got != n {
+		t.Fatalf("the observer (mlx_dispatcher_records_held) says %d records held, want %d", got, n)
+	}
 	e.limitResults(-1)
 	for _, id := range ids {
 		if r := e.waitResult(id, 20*time.Second); r.Status != schemas.StatusCompleted || r.Attempt != 1 {
 			t.Fatalf("%s: %+v", id, r)
 		}
 	}
+	waitFor(t, 10*time.Second, "no record held", func() bool { return obs.held.Load() == 0 })
 }
+
+// heldObserver counts what RecordsHeld reports.
+type heldObserver struct {
+	nopObserver
+	held atomic.Int64
+}
+
+func (o *heldObserver) RecordsHeld(delta int) { o.held.Add(int64(delta)) }
 
 // A record publish the store does not answer holds placement once it has
 // waited writeSlowAfter, and the hold ends with the write: a full disk answers

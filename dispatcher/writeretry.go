@@ -144,6 +144,7 @@ func (g *writeGate) raise() {
 	if !g.up && !g.done {
 		g.up = true
 		g.d.refusingWrites.Add(1)
+		g.d.count().obs.RecordsHeld(1)
 	}
 }
 
@@ -153,6 +154,7 @@ func (g *writeGate) lower() {
 	g.done = true
 	if g.up {
 		g.up = false
+		g.d.count().obs.RecordsHeld(-1)
 		if g.d.refusingWrites.Add(-1) == 0 {
 			poke(g.d.wakeSched) // placement may resume
 		}

@@ -85,6 +85,7 @@ var (
 	DispatcherWorkersLost      = Spec{"mlx_dispatcher_workers_lost_total", "Workers whose registry entry was deleted or went stale while this dispatcher watched.", Counter, nil, nil}
 	DispatcherWorkersRestarted = Spec{"mlx_dispatcher_workers_restarted_total", "Workers that came back as a new process (new started_at) while jobs were assigned to the old one; those jobs were retried.", Counter, nil, nil}
 	DispatcherWriteFailures    = Spec{"mlx_dispatcher_record_write_failures_total", "Tries of a terminal record (with its dead letter) the store refused. A refused record is tried again while the dispatcher holds the job, and no new job is placed meanwhile; only a record that cannot fit, or a stop, hands the job back to run again. A store that refuses writes (a full disk) shows here first.", Counter, nil, nil}
+	DispatcherRecordsHeld      = Spec{"mlx_dispatcher_records_held", "Terminal records held to be written again: the store refused them, or did not answer within a second. While above 0 the dispatcher places no job (queued jobs wait in JOBS); the records are stored, under the attempts that earned them, once the store takes writes.", Gauge, nil, nil}
 	DispatcherIllegal          = Spec{"mlx_dispatcher_illegal_transitions_total", "Job state transitions the table refused (a bug if it moves).", Counter, nil, nil}
 	DispatcherRouted           = Spec{"mlx_dispatcher_batches_routed_total", "Batches sent to a worker, by why that one: prefix_hit (it holds the lead job's prompt prefix), no_match (nobody does; least loaded), fallback_full (the warm workers are full), fallback_skew (the warm workers are too busy, route_max_skew), least_loaded (routing least_loaded).", Counter, []string{"reason"}, nil}
 	DispatcherAnomalies        = Spec{"mlx_dispatcher_anomalies_total", "Messages the dispatcher ignored or corrected, by kind: bad_cancel (a cancel whose subject or body is no cancel: ignored), attempt_base_clamped (a job's metadata asked for an attempt base past the schemas' maximum: clamped), duplicate_job_message (a second JOBS message for a job it holds: terminated), oversized_progress (a progress event larger than any tracked job's could be: dropped unread), dead_letter_refused (the DLQ refused a dead letter, full or too large: the job ended with its terminal record only).", Counter, []string{"kind"}, nil}
@@ -124,7 +125,7 @@ var catalog = []Spec{
 	FleetFinished, FleetErrors, FleetInvalid, FleetAttemptErr, FleetAttempts, FleetTTFT, FleetTokensPS,
 	FleetQueued, FleetDuration, FleetTokens,
 	DispatcherPulled, DispatcherBatches, DispatcherAssigned, DispatcherAssignFull, DispatcherAssignErrors,
-	DispatcherRetries, DispatcherFinished, DispatcherAlreadyDone, DispatcherNotAJob, DispatcherForged, DispatcherWorkersLost, DispatcherWorkersRestarted, DispatcherIllegal, DispatcherWriteFailures,
+	DispatcherRetries, DispatcherFinished, DispatcherAlreadyDone, DispatcherNotAJob, DispatcherForged, DispatcherWorkersLost, DispatcherWorkersRestarted, DispatcherIllegal, DispatcherWriteFailures, DispatcherRecordsHeld,
 	DispatcherTransitions, DispatcherRouted, DispatcherAnomalies,
 	WorkerSlots, WorkerInFlight, WorkerState, WorkerRuntimeStarts, WorkerRuntimeRestarts, WorkerBreaker,
 	WorkerBreakerOpens, WorkerAssignments, WorkerBatchSize, WorkerSchemaRejections, WorkerJobsStarted,

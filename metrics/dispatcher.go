@@ -11,6 +11,7 @@ type Dispatcher struct {
 	pulled, batches, assigned, refused, assignErrors, retries prometheus.Counter
 	alreadyDone, notAJob, forged, lost, restarted, illegal    prometheus.Counter
 	writeFailures                                             prometheus.Counter
+	recordsHeld                                               prometheus.Gauge
 	finished, routed, transitions, anomalies                  *prometheus.CounterVec
 }
 
@@ -33,6 +34,9 @@ func NewDispatcher(reg prometheus.Registerer) (*Dispatcher, error) {
 		if *c.p, err = register(reg, c.spec.counter()); err != nil {
 			return nil, err
 		}
+	}
+	if d.recordsHeld, err = register(reg, DispatcherRecordsHeld.gauge()); err != nil {
+		return nil, err
 	}
 	vecs := []struct {
 		p    **prometheus.CounterVec
@@ -107,6 +111,9 @@ func (d *Dispatcher) IllegalTransition() { d.illegal.Inc() }
 
 // WriteFailed implements dispatcher.Observer.
 func (d *Dispatcher) WriteFailed() { d.writeFailures.Inc() }
+
+// RecordsHeld implements dispatcher.Observer.
+func (d *Dispatcher) RecordsHeld(delta int) { d.recordsHeld.Add(float64(delta)) }
 
 // Anomaly implements dispatcher.Observer.
 func (d *Dispatcher) Anomaly(kind string) { d.anomalies.WithLabelValues(kind).Inc() }
