@@ -97,7 +97,7 @@ type Dispatcher struct {
 	// barrierOut: a barrier is set and has not run yet.
 	unsettled  []*job
 	barrierOut bool
-	// announced caches the models bucket's answers per model (batcher.go).
+	// announced caches the models bucket's answers per model (availability.go).
 	announced *announcements
 	// resumeCapBytes is resumeCap (progress.go).
 	resumeCapBytes int

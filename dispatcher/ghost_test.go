@@ -20,7 +20,7 @@ import (
 // tenant) and the job behind them, for a served model, would wait out their
 // ModelWait. ModelWait is a minute here: the served job's result comes well
 // inside the wait below only if the ghosts went at once.
-// Mutation caught: dispatcher/batcher.go deadLetterUnserved, drop the
+// Mutation caught: dispatcher/availability.go deadLetterUnserved, drop the
 // `wait = 0` branch for never-announced models (the served job times out).
 func TestNeverAnnouncedModelIsDeadLetteredAtOnce(t *testing.T) {
 	t.Parallel()
@@ -59,7 +59,7 @@ func TestNeverAnnouncedModelIsDeadLetteredAtOnce(t *testing.T) {
 // ghost: its job waits ModelWait as before, and only past it is dead-lettered.
 // Once the bucket has answered, a scheduling pass now leaves the job waiting;
 // a look with a clock past ModelWait ends it, so nothing sleeps.
-// Mutation caught: dispatcher/batcher.go deadLetterUnserved, `wait = 0` for
+// Mutation caught: dispatcher/availability.go deadLetterUnserved, `wait = 0` for
 // every unserved model whatever the bucket answered (the first pass ends it).
 func TestRecentlyAnnouncedModelWaits(t *testing.T) {
 	t.Parallel()
@@ -109,7 +109,7 @@ func TestRecentlyAnnouncedModelWaits(t *testing.T) {
 // dead-lettered on an error. The lookup is bounded by AssignTimeout; a
 // nanosecond fails it before it is sent (nothing here is assigned: the only
 // worker serves another model).
-// Mutation caught: dispatcher/batcher.go neverAnnounced, the cached answer
+// Mutation caught: dispatcher/availability.go neverAnnounced, the cached answer
 // `never: err == nil && !served` → `never: !served` (a failed lookup reads
 // as "not served" and the job ends at once).
 func TestFailedLookupWaits(t *testing.T) {
@@ -165,7 +165,7 @@ func waitAnswered(t *testing.T, d *Dispatcher, model string) {
 // failed model_not_available after ModelWait (operator round 2: 26 of 30 with
 // a 40 s load). The model was announced recently, so they are handed back to
 // JOBS for ModelWait instead, using no attempt, until its worker is back.
-// Mutation caught: dispatcher/batcher.go deadLetterUnserved without its
+// Mutation caught: dispatcher/availability.go deadLetterUnserved without its
 // parkLocked branch (the job ends failed model_not_available).
 func TestReloadingModelsJobsWaitInJOBS(t *testing.T) {
 	t.Parallel()

@@ -185,7 +185,7 @@ func TestUnservedModelIsDeadLettered(t *testing.T) {
 // does not even pull: credit is zero. A held job is what modelUnserved guards.)
 // The pass past ModelWait is a call of schedule with a clock that far ahead,
 // the pass its timer would make: no sleep, and it cannot pass by looking early.
-// Mutation caught: dispatcher/batcher.go modelUnserved, `ready := false` →
+// Mutation caught: dispatcher/availability.go modelUnserved, `ready := false` →
 // `ready := true` (no live worker counts as "workers up, none has it").
 func TestOutageKeepsHeldJobWaiting(t *testing.T) {
 	t.Parallel()
