@@ -14,8 +14,10 @@ and taking cancels and shutdowns, at once.
   one slow preparation (a long document from one tenant) no longer holds up the
   small generates behind it, which a single thread did (red team round 11's
   prompts: 0.6-1.4 s each; every other tenant's request on that worker waited
-  behind them). Generates may be handed on out of order among themselves; never
-  across a command (below). Tokenizers release the GIL, so the threads encode at
+  behind them). One cache_scope (tenant) has at most half the threads (at least
+  one): a tenant's burst of long prompts leaves the rest to other tenants, whose
+  generates are taken past its waiting ones. Generates may be handed on out of
+  order among themselves; never across a command (below). Tokenizers release the GIL, so the threads encode at
   once; a chat template's rendering (Python) takes turns. The queue is not bounded
   here: the worker bounds generates in flight by its slots.
 - Stack: compiler.COMPILE_STACK_BYTES, as the generation thread's: preparing walks
@@ -98,9 +100,13 @@ class _Item:
         self.rpc_id = rpc_id
         self.params = params
         self.request_id: str = params["request_id"]
+        self.scope: str = params.get("cache_scope", "")  # the tenant
         self.settled = False
         self.cancel_rpc: Any = None  # a cancel held until the generate is settled
         self.has_cancel = False
+
+
+_CLOSE = object()  # _pick: close() is at the head of the queue
 
 
 class _Command:
@@ -128,8 +134,10 @@ class Preparer:
         self._queue: deque[_Item | _Command | None] = deque()  # None: close()
         self._pending: dict[str, _Item] = {}  # request_id -> queued or being prepared
         self._active: set[_Item | _Command] = set()  # taken off the queue, being worked on
+        self._scopes: dict[str, int] = {}  # cache_scope -> generates being prepared
         stack = compiler_mod.COMPILE_STACK_BYTES if stack_bytes is None else stack_bytes
         n = PREPARE_THREADS if threads is None else max(1, threads)
+        self._per_scope = max(1, n // 2)
         self._threads = [
             threading.Thread(target=self._run, name=f"generate-prepare-{i}", daemon=True) for i in range(n)
         ]
@@ -198,21 +206,40 @@ class Preparer:
     # ---- preparer threads ----
 
     def _take(self) -> _Item | _Command | None:
-        """The next entry to work on, in the order sent; None once close() is at the
-        head (left there for the other threads). A command waits until nothing taken
-        before it is still being worked on. Under the lock; waits."""
+        """The next entry to work on (_pick), waiting for one; None once close() is
+        at the head (left there for the other threads). Under the lock."""
         while True:
-            while self._queue and self._queue[0] is not None and self._queue[0].settled:
-                self._queue.popleft()  # refused by a shutdown while queued
-            if self._queue:
-                head = self._queue[0]
-                if head is None:
-                    return None
-                if isinstance(head, _Item) or not self._active:
-                    self._queue.popleft()
-                    self._active.add(head)
-                    return head
+            e = self._pick()
+            if e is _CLOSE:
+                return None
+            if e is not None:
+                return e
             self._cond.wait()
+
+    def _pick(self) -> Any:
+        """The entry to work on now, taken off the queue and marked active, in the
+        order sent: a command only once nothing taken before it is still being
+        worked on; a generate whose scope has its share of the threads is passed
+        over for a later one of another scope, never across a command. None when
+        there is nothing to take now; _CLOSE when close() is at the head. Under the
+        lock."""
+        while self._queue and self._queue[0] is not None and self._queue[0].settled:
+            self._queue.popleft()  # refused by a shutdown while queued
+        for i, e in enumerate(self._queue):
+            if e is None:
+                return _CLOSE if i == 0 else None
+            if isinstance(e, _Command):
+                if i == 0 and not self._active:
+                    self._queue.popleft()
+                    self._active.add(e)
+                    return e
+                return None
+            if not e.settled and self._scopes.get(e.scope, 0) < self._per_scope:
+                del self._queue[i]
+                self._active.add(e)
+                self._scopes[e.scope] = self._scopes.get(e.scope, 0) + 1
+                return e
+        return None
 
     def _run(self) -> None:
         while True:
@@ -231,7 +258,11 @@ class Preparer:
             finally:
                 with self._cond:
                     self._active.discard(entry)
-                    self._cond.notify_all()  # a command may wait for this one
+                    if isinstance(entry, _Item):
+                        left = self._scopes.pop(entry.scope) - 1
+                        if left:
+                            self._scopes[entry.scope] = left
+                    self._cond.notify_all()  # a command, or the scope's next, may wait for this one
 
     def _command(self, cmd: _Command) -> None:
         with self._cond:

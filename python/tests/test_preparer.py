@@ -125,8 +125,11 @@ def rig(monkeypatch, request):
         msg = {"jsonrpc": "2.0", "id": rpc_id, "method": method, "params": params}
         handle(eng, writer, json.dumps(msg).encode(), None, p)
 
-    def generate(rid: str) -> None:
-        line("generate", rid + "-rpc", {"request_id": rid, "model": "tiny", "prompt": "x"})
+    def generate(rid: str, scope: str = "") -> None:
+        params = {"request_id": rid, "model": "tiny", "prompt": "x"}
+        if scope:
+            params["cache_scope"] = scope
+        line("generate", rid + "-rpc", params)
 
     yield prep, sent, eng, p, line, generate
     for ev in prep.release.values():
@@ -249,20 +252,20 @@ def test_drain_shutdown_and_unload_follow_the_generates_sent_before(rig) -> None
 @pytest.mark.parametrize("rig", [2], indirect=True)
 def test_slow_preparation_holds_up_no_other_generate(rig) -> None:
     """With two threads a generate whose preparation is slow (a long document)
-    does not hold up the one sent after it, and commands still wait for every
+    does not hold up another tenant's sent after it, and commands still wait for every
     generate sent before them: the unload reaches the engine only once the slow one
-    is handed on, and a generate sent after it only after it. Mutations caught: one
-    thread (b waits for a); _take not waiting for the active set before a command
-    (the unload overtakes a)."""
+    is handed on, and a generate sent after it only after it. Mutation caught: one
+    thread (b waits for a). (That a command waits for the active set is pinned by
+    test_a_command_waits_for_what_is_prepared: here the threads' timing decides.)"""
     prep, sent, eng, p, line, generate = rig
     prep.block("a")
     prep.block("c")
-    generate("a")
+    generate("a", "t1")
     assert prep.entered["a"].wait(WAIT)
-    generate("b")
+    generate("b", "t2")
     assert eng.wait_calls(lambda calls: ("generate", "b") in calls), eng.calls
     line("model.unload", "u", {"id": "tiny"})
-    generate("c")
+    generate("c", "t2")
     assert not prep.entered["c"].is_set()  # c waits behind the unload, which waits for a
     assert eng.calls == [("generate", "b")]
     prep.release["a"].set()
@@ -270,6 +273,46 @@ def test_slow_preparation_holds_up_no_other_generate(rig) -> None:
     prep.release["c"].set()
     p.close(WAIT)
     assert eng.calls == [("generate", "b"), ("generate", "a"), ("unload", "u", "tiny"), ("generate", "c")]
+
+
+def test_a_command_waits_for_what_is_prepared(rig) -> None:
+    """_pick, read under the lock while the one thread prepares a: an unload sent
+    after a is not taken (nor the generate behind it) until a is settled.
+    Mutation caught: _pick taking a command at the head whatever is active (the
+    unload is picked while a is prepared)."""
+    prep, sent, eng, p, line, generate = rig
+    prep.block("a")
+    generate("a")
+    assert prep.entered["a"].wait(WAIT)
+    line("model.unload", "u", {"id": "tiny"})
+    generate("b", "t2")
+    with p._cond:
+        assert p._pick() is None
+    prep.release["a"].set()
+    p.close(WAIT)
+    assert eng.calls == [("generate", "a"), ("unload", "u", "tiny"), ("generate", "b")]
+
+
+@pytest.mark.parametrize("rig", [2], indirect=True)
+def test_one_tenant_takes_at_most_half_the_threads(rig) -> None:
+    """Two threads, one per tenant at most: while tenant t1's long preparation runs,
+    its next generate waits and tenant t2's, sent after it, is taken past it.
+    Mutation caught: _take without the per-scope share (a2 takes the second
+    thread first and b waits behind both)."""
+    prep, sent, eng, p, line, generate = rig
+    prep.block("a")
+    prep.block("a2")
+    generate("a", "t1")
+    assert prep.entered["a"].wait(WAIT)
+    generate("a2", "t1")
+    generate("b", "t2")
+    assert eng.wait_calls(lambda calls: ("generate", "b") in calls), eng.calls
+    assert not prep.entered["a2"].is_set()  # t1 holds its one thread with a
+    prep.release["a"].set()
+    assert prep.entered["a2"].wait(WAIT)
+    prep.release["a2"].set()
+    p.close(WAIT)
+    assert eng.calls == [("generate", "b"), ("generate", "a"), ("generate", "a2")]
 
 
 @pytest.mark.parametrize(
