@@ -225,6 +225,11 @@ class Preparer:
         lock."""
         while self._queue and self._queue[0] is not None and self._queue[0].settled:
             self._queue.popleft()  # refused by a shutdown while queued
+        if any(isinstance(a, _Command) for a in self._active):
+            # A command taken runs under the lock, but its thread takes the lock
+            # again to run it: a generate sent after it, taken meanwhile, could be
+            # handed on first.
+            return None
         for i, e in enumerate(self._queue):
             if e is None:
                 return _CLOSE if i == 0 else None

@@ -293,6 +293,29 @@ def test_a_command_waits_for_what_is_prepared(rig) -> None:
     assert eng.calls == [("generate", "a"), ("unload", "u", "tiny"), ("generate", "b")]
 
 
+def test_nothing_is_taken_while_a_command_runs(rig) -> None:
+    """_pick, read under the lock: while a command is taken (its thread about to run
+    it), a generate sent after it is not taken by another thread, which could hand it
+    on first. Mutation caught: _pick without its check of the active commands."""
+    from mlx_serving_runtime.preparer import _Command, _Item
+
+    prep, sent, eng, p, line, generate = rig
+    prep.block("a")
+    generate("a")
+    assert prep.entered["a"].wait(WAIT)  # the one thread is busy with a
+    cmd = _Command("u", lambda: None)
+    later = _Item("c-rpc", {"request_id": "c", "model": "tiny", "prompt": "x", "cache_scope": "t2"})
+    with p._cond:
+        p._active.add(cmd)
+        p._queue.append(later)
+        try:
+            assert p._pick() is None
+        finally:
+            p._active.discard(cmd)
+            p._queue.remove(later)
+    prep.release["a"].set()
+
+
 @pytest.mark.parametrize("rig", [2], indirect=True)
 def test_one_tenant_takes_at_most_half_the_threads(rig) -> None:
     """Two threads, one per tenant at most: while tenant t1's long preparation runs,
