@@ -13,8 +13,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
-	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -53,57 +51,6 @@ func Snapshot(ctx context.Context, js jetstream.JetStream) ([]schemas.HeartbeatM
 		out[i] = e.Heartbeat
 	}
 	return out, nil
-}
-
-// Entry is a heartbeat with the time the server stored it. Staleness is
-// judged by StoredAt: the heartbeat's updated_at is the worker's clock, which
-// may be skewed against the reader's by any amount.
-type Entry struct {
-	Heartbeat schemas.HeartbeatMsg
-	StoredAt  time.Time
-}
-
-// Entries is Snapshot with each entry's store time.
-func Entries(ctx context.Context, js jetstream.JetStream) ([]Entry, error) {
-	s, err := js.Stream(ctx, subjects.WorkersStream)
-	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		return nil, ErrNoRegistry
-	}
-	if err != nil {
-		return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
-	}
-	info, err := s.Info(ctx, jetstream.WithSubjectFilter(subjects.WorkerEntries+">"))
-	if err != nil {
-		return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
-	}
-	out := []Entry{}
-	for subj := range info.State.Subjects {
-		m, err := s.GetLastMsgForSubject(ctx, subj)
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			continue // expired since the listing
-		}
-		if err != nil {
-			return nil, fmt.Errorf("worker registry %s: %w", subjects.BucketWorkers, err)
-		}
-		if hb, ok := liveHeartbeat(subj, m); ok {
-			out = append(out, Entry{Heartbeat: hb, StoredAt: m.Time})
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Heartbeat.WorkerID < out[j].Heartbeat.WorkerID })
-	return out, nil
-}
-
-// liveHeartbeat reads the last message on a registry key: ok only for a put
-// whose value is the heartbeat of the worker the key names.
-func liveHeartbeat(subj string, m *jetstream.RawStreamMsg) (schemas.HeartbeatMsg, bool) {
-	if op := m.Header.Get("KV-Operation"); op != "" || m.Header.Get("Nats-Marker-Reason") != "" {
-		return schemas.HeartbeatMsg{}, false
-	}
-	hb, err := decode(m.Data)
-	if err != nil || hb.WorkerID == "" || subjects.WorkerEntries+hb.WorkerID != subj {
-		return schemas.HeartbeatMsg{}, false
-	}
-	return hb, true
 }
 
 // Get returns the heartbeat of one worker; ok is false when it has none (never

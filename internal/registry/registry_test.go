@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
@@ -186,5 +187,54 @@ func TestWatchRestartsWhenItEnds(t *testing.T) {
 	w.Stop()
 	if _, ok := <-w.Updates(); ok || w.Restarts() < 2 {
 		t.Fatalf("after Stop: open %v, restarts %d", ok, w.Restarts())
+	}
+}
+
+// A worker's put with headers of its own cannot fail the read of the fleet,
+// nor set its entry's store time: the server's values are the ones read.
+// Before, nats.go read the first Nats-Time-Stamp (the worker's), "garbage"
+// failed the get, and the one failed get failed the whole read: the gateway
+// answered 503 to every tenant (red team round 16, F2). Mutation caught:
+// entry taking the first time stamp (w-future's is a day ahead, w-garbage is
+// left out).
+func TestEntriesIgnoreAWritersHeaders(t *testing.T) {
+	t.Parallel()
+	b := testenv.StartBus(t, jsprov.Options{})
+	ctx := testenv.Context(t, 30*time.Second)
+	put := func(id string, hdr nats.Header, data []byte) {
+		t.Helper()
+		m := &nats.Msg{Subject: subjects.WorkerEntries + id, Header: hdr, Data: data}
+		if _, err := b.JS.PublishMsg(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hb := func(id string) []byte {
+		data, _ := json.Marshal(schemas.HeartbeatMsg{WorkerID: id, State: schemas.WorkerReady, Models: []string{"m"}})
+		return data
+	}
+	before := time.Now()
+	put("w-honest", nil, hb("w-honest"))
+	put("w-garbage", nats.Header{"Nats-Time-Stamp": []string{"garbage"}}, hb("w-garbage"))
+	put("w-future", nats.Header{"Nats-Time-Stamp": []string{time.Now().Add(24 * time.Hour).UTC().Format(time.RFC3339Nano)}}, hb("w-future"))
+	put("w-status", nats.Header{"Status": []string{"503"}}, nil)
+	es, err := registry.Entries(ctx, b.JS)
+	if err != nil {
+		t.Fatalf("Entries: %v", err)
+	}
+	got := map[string]time.Time{}
+	for _, e := range es {
+		got[e.Heartbeat.WorkerID] = e.StoredAt
+	}
+	for _, id := range []string{"w-honest", "w-garbage", "w-future"} {
+		at, ok := got[id]
+		if !ok {
+			t.Fatalf("%s missing from %v", id, got)
+		}
+		if at.Before(before.Add(-time.Second)) || at.After(time.Now().Add(time.Second)) {
+			t.Fatalf("%s stored at %v, want the server's time (now)", id, at)
+		}
+	}
+	if _, ok := got["w-status"]; ok || len(got) != 3 {
+		t.Fatalf("entries %v, want the three heartbeats only", got)
 	}
 }
