@@ -58,7 +58,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import compiler as compiler_mod
-from .protocol import RpcError, duplicate_request, error_response, response
+from . import validation
+from .protocol import RpcError, duplicate_request, error_response, invalid_params, response
 from .request import request_from_params
 
 if TYPE_CHECKING:
@@ -100,7 +101,8 @@ class _Item:
         self.rpc_id = rpc_id
         self.params = params
         self.request_id: str = params["request_id"]
-        self.scope: str = params.get("cache_scope", "")  # the tenant
+        scope = params.get("cache_scope", "")  # the tenant; checked with the params later
+        self.scope: str = scope if isinstance(scope, str) else ""
         self.settled = False
         self.cancel_rpc: Any = None  # a cancel held until the generate is settled
         self.has_cancel = False
@@ -298,6 +300,10 @@ class Preparer:
         req: Request | None = None
         err: RpcError | None = None
         try:
+            # The params' schema check, off the reader (__main__.handle says why).
+            bad = validation.violations("runtime.generate.params", item.params)
+            if bad:
+                raise invalid_params("generate", bad)
             req = request_from_params(self._engine, item.rpc_id, item.params)
             if self._compiler is None and req.compile_grammar is not None:
                 # No compiler (tests): compile here, not under the lock below, where

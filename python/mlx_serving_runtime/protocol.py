@@ -71,6 +71,11 @@ def duplicate_request(request_id: str) -> RpcError:
     )
 
 
+def invalid_params(method: str, bad: list[dict[str, str]]) -> RpcError:
+    """The invalid_params error for a method's params and their violations."""
+    return RpcError("invalid_params", f"{method}: {bad[0]['path']}: {bad[0]['reason']}", violations=bad[:32])
+
+
 def response(rpc_id: Any, result: dict[str, Any]) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC, "id": rpc_id, "result": result}
 
