@@ -64,12 +64,13 @@ func Leader(ctx context.Context, js jetstream.JetStream, stream, subject string)
 	return resp.Message.Data, resp.Message.Sequence, nil
 }
 
-// Direct reads the last message on subject with the direct get API, whose
-// request subject carries the message subject: permissions can scope it, where a
-// STREAM.MSG.GET (subject in the body) and a STREAM.INFO with a subject filter
-// (which lists every job id) cannot be. It returns jetstream.ErrMsgNotFound
-// when the subject is empty.
-func Direct(ctx context.Context, js jetstream.JetStream, stream, subject string) ([]byte, error) {
+// DirectMsg is the server's answer to a direct get of subject's last message,
+// unparsed: a stored message carries its writer's headers first and the
+// server's (Nats-Sequence, Nats-Time-Stamp, ...) after them, so a reader that
+// must not trust the writer takes the last value of each (registry.Entries).
+// An answer with no message has a Status header and no Nats-Sequence. Without
+// a deadline on ctx it waits Timeout at most.
+func DirectMsg(ctx context.Context, js jetstream.JetStream, stream, subject string) (*nats.Msg, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, Timeout)
@@ -82,6 +83,19 @@ func Direct(ctx context.Context, js jetstream.JetStream, stream, subject string)
 			// not been provisioned again.
 			return nil, fmt.Errorf("%w: direct get on %s: %w", jetstream.ErrStreamNotFound, stream, err)
 		}
+		return nil, err
+	}
+	return m, nil
+}
+
+// Direct reads the last message on subject with the direct get API, whose
+// request subject carries the message subject: permissions can scope it, where a
+// STREAM.MSG.GET (subject in the body) and a STREAM.INFO with a subject filter
+// (which lists every job id) cannot be. It returns jetstream.ErrMsgNotFound
+// when the subject is empty.
+func Direct(ctx context.Context, js jetstream.JetStream, stream, subject string) ([]byte, error) {
+	m, err := DirectMsg(ctx, js, stream, subject)
+	if err != nil {
 		return nil, err
 	}
 	if len(m.Data) == 0 {

@@ -7,10 +7,8 @@ import (
 	"sort"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/mlx-serving/mlx-serving/internal/jserr"
 	"github.com/mlx-serving/mlx-serving/internal/jsget"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -66,17 +64,12 @@ func Entries(ctx context.Context, js jetstream.JetStream) ([]Entry, error) {
 // only when the bus cannot be asked (a connection or timeout error): what the
 // message holds, however malformed, is the writer's and is only left out.
 func entry(ctx context.Context, js jetstream.JetStream, subj string) (Entry, bool, error) {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, jsget.Timeout)
-		defer cancel()
+	m, err := jsget.DirectMsg(ctx, js, subjects.WorkersStream, subj)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return Entry{}, false, nil // the bucket went away meanwhile
 	}
-	m, err := js.Conn().RequestWithContext(ctx, jsget.APIPrefix(js)+"DIRECT.GET."+subjects.WorkersStream+"."+subj, nil)
 	if err != nil {
-		if jserr.IsDisconnected(err) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.Is(err, nats.ErrTimeout) {
-			return Entry{}, false, err
-		}
-		return Entry{}, false, nil // no responders: the bucket went away meanwhile
+		return Entry{}, false, err
 	}
 	seqs := m.Header.Values(jetstream.SequenceHeader)
 	if len(seqs) == 0 {
