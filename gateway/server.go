@@ -144,20 +144,8 @@ func New(cfg Config) (*Gateway, error) {
 	if reading <= 0 {
 		reading = DefaultMaxBodyBytesReading
 	}
-	bodyTimeout := cfg.BodyReadTimeout
-	switch {
-	case bodyTimeout == 0:
-		bodyTimeout = DefaultBodyReadTimeout
-	case bodyTimeout < 0:
-		bodyTimeout = 0
-	}
-	writeTimeout := cfg.WriteTimeout
-	switch {
-	case writeTimeout == 0:
-		writeTimeout = DefaultWriteTimeout
-	case writeTimeout < 0:
-		writeTimeout = 0
-	}
+	bodyTimeout := timeoutOr(cfg.BodyReadTimeout, DefaultBodyReadTimeout)
+	writeTimeout := timeoutOr(cfg.WriteTimeout, DefaultWriteTimeout)
 	log := cfg.Logger.With().Str("component", "gateway").Logger()
 	tenants, err := newTenantAuth(cfg.Tokens, cfg.TokenTenants)
 	if err != nil {
@@ -386,3 +374,14 @@ func (g *Gateway) instrument(endpoint string, next http.Handler) http.Handler {
 // gateway, or a heartbeat a little late, does not take the fleet out of
 // rotation; zero when the TTL is not known.
 func staleHeartbeat(workerTTL time.Duration) time.Duration { return 2 * max(workerTTL, 0) }
+
+// timeoutOr reads a Config timeout: zero is def, negative is none (0).
+func timeoutOr(d, def time.Duration) time.Duration {
+	switch {
+	case d == 0:
+		return def
+	case d < 0:
+		return 0
+	}
+	return d
+}
