@@ -223,9 +223,11 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 		}
 		return timedRecord(g, func() error { return results.Finish(ctx, d.js, res, replyTo) })
 	}
-	err := d.retryWrite(ctx, g, try, func() { _ = msg.InProgress() }, d.cfg.AckWait/3, func(tries int, err error) {
-		if tries == 1 {
-			log().Error().Err(err).Msg("the store refused the terminal write; trying again, and placing no jobs meanwhile")
+	logged := false // the record's first refusal; a letter's are logged by storeDeadLetter
+	err := d.retryWrite(ctx, g, try, func() { _ = msg.InProgress() }, d.cfg.AckWait/3, func(err error) {
+		if !logged && !errors.Is(err, errLetter) {
+			logged = true
+			log().Error().Err(err).Msg("the store refused the terminal record; trying again, and placing no jobs meanwhile")
 		}
 	})
 	switch {

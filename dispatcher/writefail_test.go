@@ -144,7 +144,7 @@ func TestSlowFirstWriteHoldsPlacement(t *testing.T) {
 	go func() {
 		g := &writeGate{d: d}
 		try := func() error { return timedRecord(g, func() error { <-release; return nil }) }
-		done <- d.retryWrite(context.Background(), g, try, func() {}, time.Hour, func(int, error) {})
+		done <- d.retryWrite(context.Background(), g, try, func() {}, time.Hour, func(error) {})
 	}()
 	waitFor(t, 10*time.Second, "placement held by a slow write", func() bool { return d.refusingWrites.Load() == 1 })
 	close(release)

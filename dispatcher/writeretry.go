@@ -58,7 +58,7 @@ func writeRetryable(err error) bool {
 // among them), counting each refused try, or until ctx ends, raising g (no
 // job placed) on a refused record; it lowers g when done. keepAlive runs
 // every period until it returns.
-func (d *Dispatcher) retryWrite(ctx context.Context, g *writeGate, try func() error, keepAlive func(), every time.Duration, onRefused func(tries int, err error)) error {
+func (d *Dispatcher) retryWrite(ctx context.Context, g *writeGate, try func() error, keepAlive func(), every time.Duration, onRefused func(err error)) error {
 	defer g.lower()
 	// The delivery is kept alive from the first try on, on a timer of its own:
 	// tries that wait out their timeout and the backoff between them must not
@@ -72,12 +72,12 @@ func (d *Dispatcher) retryWrite(ctx context.Context, g *writeGate, try func() er
 	}
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval, bo.MaxElapsedTime = writeRetryFirst, writeRetryMax, 0
-	for tries := 1; ; tries++ {
+	for {
 		if !errors.Is(err, errLetter) {
 			g.raise() // once the record itself is refused: see above
 		}
 		d.count().writeFailed()
-		onRefused(tries, err)
+		onRefused(err)
 		t := time.NewTimer(bo.NextBackOff())
 		select {
 		case <-ctx.Done():
