@@ -3,11 +3,14 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 
+	"github.com/mlx-serving/mlx-serving/config"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
 	"github.com/mlx-serving/mlx-serving/metrics"
 	"github.com/mlx-serving/mlx-serving/worker"
@@ -18,9 +21,12 @@ import (
 //
 //   - the fleet observer, in every role but worker: a fleet of Macs each
 //     following every terminal result would only multiply the same numbers;
-//   - when addr is set (--metrics-addr), an HTTP server with GET /metrics on it.
-//     The gateway (and so `up`) already serves the same registry on its own
-//     /metrics.
+//   - when addr is set (--metrics-addr), an HTTP server with GET /metrics on it;
+//     for the gateway (and so `up`) it also serves the gateway's own series,
+//     which are then not served on http_addr (gatewayMetricsHandler). Before,
+//     the gateway served /metrics on http_addr whatever metrics_addr said:
+//     where clients reach the gateway, anyone could read the fleet's queue
+//     depth, per-model counts and records held (red team round 16).
 //
 // The observer not finding RESULTS yet (no dispatcher has provisioned the
 // streams) is not fatal: it retries in the background, and its gauges read the
@@ -55,7 +61,11 @@ func startMetrics(ctx context.Context, role, addr string, nc *nats.Conn, log zer
 	if addr == "" {
 		return stop, nil
 	}
-	srv, err := metrics.Listen(addr, metrics.Handler(reg))
+	handler := metrics.Handler(reg)
+	if role == "gateway" || role == "up" {
+		handler = gatewayMetrics().Handler()
+	}
+	srv, err := metrics.Listen(addr, handler)
 	if err != nil {
 		stop()
 		return func() {}, err
@@ -114,7 +124,19 @@ func dispatcherObserver() (dispatcher.Observer, error) {
 	return d, nil
 }
 
-// gatewayMetrics is the gateway's metrics hooks (gateway.Config.Observer) and
-// the /metrics it serves (gateway.Config.Metrics): its own series with the
-// shared registry's.
-func gatewayMetrics() *metrics.Gateway { return metrics.NewGateway() }
+// gatewayMetrics is the process's gateway metrics hooks
+// (gateway.Config.Observer): one per process, so the /metrics that
+// startMetrics serves on metrics_addr and the one on http_addr show the same
+// series.
+var gatewayMetrics = sync.OnceValue(metrics.NewGateway)
+
+// gatewayMetricsHandler is what the gateway serves on GET /metrics of its
+// http_addr (gateway.Config.Metrics): the gateway's series with the shared
+// registry's — or nothing when metrics_addr is set, where startMetrics serves
+// them instead, so an operator can keep metrics off the address clients reach.
+func gatewayMetricsHandler(c config.Config) http.Handler {
+	if c.MetricsAddr != "" {
+		return nil
+	}
+	return gatewayMetrics().Handler()
+}

@@ -159,7 +159,7 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 		// A body larger than any job the bus can carry is refused unread.
 		MaxBodyBytes: gateway.BodyLimitFor(nc.MaxPayload()),
 		Observer:     gm,
-		Metrics:      gm.Handler(),
+		Metrics:      gatewayMetricsHandler(c),
 	})
 }
 
