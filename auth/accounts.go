@@ -63,7 +63,7 @@ func AccountOf(id Identity) string {
 // writes, acked by JetStream; hand-overs, answered by a dispatcher; the
 // JetStream reads granted outside).
 var systemServices = []string{
-	subjects.JobsAnyTenant, subjects.CancelAnyTenant, subjects.DoneAll,
+	subjects.JobsAnyTenant, subjects.CancelAnyTenant, subjects.DoneAll, subjects.AdoptAll,
 	"$KV." + subjects.BucketWorkers + ".*", "$KV." + subjects.BucketModels + ".*",
 	jsAPI + ".STREAM.INFO.*", jsAPI + ".DIRECT.GET.>",
 }

@@ -228,6 +228,7 @@ func grantsFor(id Identity) (Permissions, error) {
 			PublishAllow: []string{
 				subjects.ReplyPrefix + ".>",              // token events of the jobs it runs
 				subjects.DoneFromWorker(id.WorkerID),     // terminal records, to their dispatcher
+				subjects.Adopt(id.WorkerID),              // or to any, with the placement token, when it is gone
 				subjects.Attempt(id.WorkerID),            // retryable failures
 				subjects.ProgressFromWorker(id.WorkerID), // copies of its token events, to their dispatcher
 				subjects.WorkerEntries + id.WorkerID,     // its own heartbeat (put and delete)
@@ -255,7 +256,7 @@ func grantsFor(id Identity) (Permissions, error) {
 			// comes from the progress subjects, where the server vouches for
 			// the worker id.
 			SubscribeAllow: []string{subjects.JobsAll,
-				subjects.DoneAll, subjects.AttemptAll, subjects.ProgressAll, inbox},
+				subjects.DoneAll, subjects.AdoptAll, subjects.AttemptAll, subjects.ProgressAll, inbox},
 			AllowResponses: true, // answering workers' terminal hand-overs
 		}, nil
 	}

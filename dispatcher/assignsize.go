@@ -37,8 +37,9 @@ const assignEnvelope = 4 << 10
 
 // perJobEnvelope is what one job of an assignment holds besides its body and
 // its resume text: the keys, the attempt number, the resume's completion
-// tokens, the traceparent (55 characters), the separators. About 180 bytes.
-const perJobEnvelope = 256
+// tokens, the traceparent (55 characters), the placement token (64), the
+// separators. About 260 bytes.
+const perJobEnvelope = 384
 
 // assignBudgetFor is the most bytes the jobs of one assignment may take, their
 // envelopes and resumes included, for a server max payload of maxPayload and

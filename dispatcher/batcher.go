@@ -256,7 +256,8 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 				Msg("the job and its resume do not fit an assignment; the attempt starts over")
 			j.resume, j.resumeSize = schemas.Resume{}, 0
 		}
-		aj := schemas.AssignedJob{Job: j.req, Attempt: j.attempt, Traceparent: d.dispatchTraceparent(j)}
+		aj := schemas.AssignedJob{Job: j.req, Attempt: j.attempt, Traceparent: d.dispatchTraceparent(j),
+			Placement: d.cfg.PlacementKey.Sign(placementOf(j, w.id))}
 		if j.resume.Text != "" || j.resume.CompletionTokens > 0 {
 			r := j.resume
 			aj.Resume = &r

@@ -7,6 +7,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 
+	"github.com/mlx-serving/mlx-serving/internal/placement"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -20,6 +21,12 @@ type Config struct {
 	DispatcherID string
 	// Conn is the NATS connection (JetStream enabled on the server). Required.
 	Conn *nats.Conn
+	// PlacementKey signs every placement into its assignment and checks the
+	// token of a record offered for adoption (adopt.go). Dispatchers that are
+	// to adopt one another's records need the same key: cmd/mlx-serving
+	// derives it from the credential they connect with. The zero Key is the
+	// key of no secret (anyone can forge it; use it without authentication).
+	PlacementKey placement.Key
 
 	// MaxWait is how long the first job of a model waits for others to join its
 	// batch (default 5 ms), and only while more jobs are behind it in JOBS: a

@@ -367,6 +367,11 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		}
 		subs = append(subs, s)
 	}
+	as, err := d.subscribeAdopt()
+	if err != nil {
+		return err
+	}
+	subs = append(subs, as)
 	// On d.nc, like every subscription here: settle.go's barrier must run
 	// behind its queue too. Bounded: every worker feeds it (progress.go).
 	progress := subjects.ProgressForDispatcher(d.cfg.DispatcherID)

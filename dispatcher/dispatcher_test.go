@@ -212,8 +212,9 @@ func TestTwoDispatchersNoDoubleRun(t *testing.T) {
 
 // TestRestartLosesNothing: a dispatcher dies (no drain) with jobs running and
 // queued; a new one finishes every job. Only a dispatcher stores a record, so a
-// job whose dispatcher died mid-run runs again (at most once more here); the
-// others run once, and every job has exactly one record.
+// job whose dispatcher died mid-run runs again (at most once more here) unless
+// its record was adopted (adopt.go: the new dispatcher was up when it
+// finished); the others run once, and every job has exactly one record.
 func TestRestartLosesNothing(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
@@ -230,8 +231,9 @@ func TestRestartLosesNothing(t *testing.T) {
 	waitFor(t, 10*time.Second, "two jobs running", func() bool { _, o, _ := w.Snapshot(); return len(o) >= 2 })
 	_, runningWhenKilled, _ := w.Snapshot()
 	stopA()
-	// The running jobs finish on the worker while no dispatcher runs: their
-	// hand-over finds no responder, nothing is stored, and they run again.
+	// The running jobs finish on the worker while their dispatcher is gone:
+	// their hand-over finds no responder; adopted by d2 if it is up by then,
+	// else nothing is stored and they run again.
 	cfgB := testConfig("d2", e.connect("d2"))
 	cfgB.AckWait = time.Second
 	_, _ = runDispatcher(t, cfgB)
@@ -248,8 +250,8 @@ func TestRestartLosesNothing(t *testing.T) {
 		if slices.Contains(runningWhenKilled, id) {
 			want = 2
 		}
-		if a[id] != want {
-			t.Errorf("%s assigned %d times, want %d", id, a[id], want)
+		if a[id] < 1 || a[id] > want {
+			t.Errorf("%s assigned %d times, want 1 to %d", id, a[id], want)
 		}
 	}
 }

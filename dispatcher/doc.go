@@ -128,9 +128,12 @@
 // context (tctx), so a stop does not cut a record being stored and leave its
 // job naked to run again. What is left after the grace fails and is naked.
 //
-// Known limit: a dispatcher that dies while a job is running cannot hand over
-// the text streamed so far; if the job does not finish on its worker before the
-// redelivery, the next attempt starts from scratch on the caller's stream.
+// A job whose dispatcher dies while it runs and that completes on its worker
+// is not run again: the worker offers its record to the other dispatchers
+// with the assignment's placement token, and one stores it (adopt.go).
+// Known limit: a dispatcher that dies cannot hand over the text streamed so
+// far; if the job does not finish on its worker before the redelivery, the
+// next attempt starts from scratch on the caller's stream.
 //
 // # Metrics
 //

@@ -36,6 +36,7 @@ type Metrics struct {
 	Parked              atomic.Int64 // jobs of a recently served model with no live worker for it, handed back to JOBS for ModelWait
 	HandBacksNoted      atomic.Int64 // deliveries handed back with their next attempt noted in the ledger, so they use no attempt
 	LedgerWriteFailed   atomic.Int64 // attempt ledger writes that failed: a hand-back counted as an attempt, or a retry handed back
+	RecordsAdopted      atomic.Int64 // completed records of jobs whose dispatcher was gone, stored here (adopt.go)
 	CancelsLeft         atomic.Int64 // cancels of a job in JOBS that a consumer delivered (held elsewhere, or to be redelivered): left to its holder
 	// Routed counts batches by why they went to their worker (RouteReason).
 	Routed [numRouteReasons]atomic.Int64

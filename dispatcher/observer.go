@@ -88,11 +88,15 @@ const (
 	// full, JetStream unavailable): a hand-back counted as an attempt, or a
 	// retry was handed back to JOBS instead of started in-process.
 	AnomalyLedgerWrite = "ledger_write_failed"
+	// AnomalyAdopted: a worker's completed record whose dispatcher was gone
+	// (no responder on its done subject) was stored by this one (adopt.go):
+	// a dispatcher died or stopped with jobs running.
+	AnomalyAdopted = "record_adopted"
 )
 
 // Anomalies lists every Anomaly kind.
 func Anomalies() []string {
-	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused, AnomalyRelayed, AnomalyAttemptTimeout, AnomalyLedgerWrite}
+	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused, AnomalyRelayed, AnomalyAttemptTimeout, AnomalyLedgerWrite, AnomalyAdopted}
 }
 
 // nopObserver is the Observer when none is configured.
@@ -220,6 +224,8 @@ func (t tally) parked() { t.m.Parked.Add(1) }
 func (t tally) handBackNoted() { t.m.HandBacksNoted.Add(1) }
 
 func (t tally) ledgerWriteFailed() { t.m.LedgerWriteFailed.Add(1); t.obs.Anomaly(AnomalyLedgerWrite) }
+
+func (t tally) adopted() { t.m.RecordsAdopted.Add(1); t.obs.Anomaly(AnomalyAdopted) }
 
 func (t tally) relayed() { t.m.Relayed.Add(1); t.obs.Anomaly(AnomalyRelayed) }
 

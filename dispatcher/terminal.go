@@ -368,15 +368,27 @@ func (d *Dispatcher) onDone(m *nats.Msg) func(context.Context) {
 		}
 		return nil
 	}
-	ref := subjects.JobRef{Tenant: res.Tenant, ID: res.JobID}
-	reply := func(status string) {
-		if data, err := json.Marshal(schemas.FinishReplyMsg{JobID: res.JobID, Tenant: res.Tenant, Status: status}); err == nil {
+	reply := finishReplier(m, &res)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.takeRecordLocked(wid, res, reply)
+}
+
+// finishReplier answers m, a hand-over or adoption of res, with a status.
+func finishReplier(m *nats.Msg, res *schemas.ResultMsg) func(status string) {
+	jobID, tenant := res.JobID, res.Tenant
+	return func(status string) {
+		if data, err := json.Marshal(schemas.FinishReplyMsg{JobID: jobID, Tenant: tenant, Status: status}); err == nil {
 			_ = m.Respond(data)
 		}
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	j := d.jobs[ref.Key()]
+}
+
+// takeRecordLocked takes res, worker wid's terminal record, for a job this
+// dispatcher may hold: it returns the record's write, or nil after answering
+// (reply) why not. Callers hold d.mu.
+func (d *Dispatcher) takeRecordLocked(wid string, res schemas.ResultMsg, reply func(status string)) func(context.Context) {
+	j := d.jobs[subjects.JobRef{Tenant: res.Tenant, ID: res.JobID}.Key()]
 	if j == nil {
 		// Ended already (the first hand-over was answered, or the job was
 		// cancelled or finished elsewhere), or never ours.

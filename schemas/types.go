@@ -320,6 +320,11 @@ type AssignedJob struct {
 	// Traceparent is the W3C trace context the worker's span continues; one per
 	// job, since a batch's jobs belong to different traces. Empty: not traced.
 	Traceparent string `json:"traceparent,omitempty"`
+	// Placement is the dispatcher's signed proof that it placed this attempt
+	// on this worker (internal/placement): with it, any dispatcher holding
+	// the key stores the job's terminal record when the one that placed it
+	// is gone (subjects.Adopt). Empty: the record goes only to its dispatcher.
+	Placement string `json:"placement,omitempty"`
 }
 
 // AssignmentMsg is a batch offered to one worker (schema "assignment").

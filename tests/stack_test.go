@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/dispatcher"
@@ -52,10 +53,16 @@ func newStackWith(t *testing.T, srv natsserver.Options) *stack {
 // startDispatcher runs a dispatcher until the test ends and returns its stop func.
 func (s *stack) startDispatcher(id string) (stop func()) {
 	s.t.Helper()
-	nc := testenv.Connect(s.t, s.bus.Server.ClientURL())
+	return s.startDispatcherOn(id, testenv.Connect(s.t, s.bus.Server.ClientURL()), 0)
+}
+
+// startDispatcherOn is startDispatcher on connection nc (closing it is a
+// crash: no nak, no answer), with maxAttempts (0: the default).
+func (s *stack) startDispatcherOn(id string, nc *nats.Conn, maxAttempts int) (stop func()) {
+	s.t.Helper()
 	log := testenv.Logger(s.t).With().Str("dispatcher", id).Logger()
 	d, err := dispatcher.New(dispatcher.Config{
-		DispatcherID: id, Conn: nc, WorkerTTL: 3 * time.Second, AckWait: 6 * time.Second,
+		DispatcherID: id, Conn: nc, WorkerTTL: 3 * time.Second, AckWait: 6 * time.Second, MaxAttempts: maxAttempts,
 		BackoffInitial: 50 * time.Millisecond, BackoffMax: 500 * time.Millisecond, Logger: &log,
 	})
 	if err != nil {

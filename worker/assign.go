@@ -23,6 +23,7 @@ type rawAssignment struct {
 		Attempt     int             `json:"attempt"`
 		Resume      *schemas.Resume `json:"resume,omitempty"`
 		Traceparent string          `json:"traceparent,omitempty"`
+		Placement   string          `json:"placement,omitempty"`
 	} `json:"jobs"`
 }
 
@@ -69,7 +70,7 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 			invalid = append(invalid, invalidJob{id: loose.ID, model: loose.Model, tenant: loose.Tenant, attempt: rj.Attempt, dispatcherID: in.DispatcherID, err: err})
 			continue
 		}
-		runs = append(runs, newJobRun(schemas.AssignedJob{Job: j, Attempt: rj.Attempt, Resume: rj.Resume, Traceparent: rj.Traceparent}, in.DispatcherID))
+		runs = append(runs, newJobRun(schemas.AssignedJob{Job: j, Attempt: rj.Attempt, Resume: rj.Resume, Traceparent: rj.Traceparent, Placement: rj.Placement}, in.DispatcherID))
 	}
 
 	a.assignMu.Lock()
@@ -175,5 +176,5 @@ func (a *Agent) failInvalid(bad invalidJob) {
 	}
 	ctx, cancel := context.WithTimeout(a.jobCtx, a.cfg.ResultTimeout+5*time.Second)
 	defer cancel()
-	a.finish(ctx, res, bad.dispatcherID)
+	a.finish(ctx, res, bad.dispatcherID, "")
 }

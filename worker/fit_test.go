@@ -183,7 +183,7 @@ func TestFailedHandOverIsReported(t *testing.T) {
 		FinishReason: schemas.FinishStop, Text: "all of it", Usage: schemas.Usage{CompletionTokens: 4, TotalTokens: 4},
 		Model: "tiny", WorkerID: cfg.WorkerID, FinishedAt: time.Now().UTC(),
 	}
-	a.finish(t.Context(), res, testDispatcher)
+	a.finish(t.Context(), res, testDispatcher, "")
 	m, err := reports.NextMsg(10 * time.Second)
 	if err != nil {
 		t.Fatalf("no attempt report after %d failed hand-overs: %v", handOvers, err)

@@ -55,7 +55,7 @@ func TestInvalidOwnRecordEndsInAttemptReport(t *testing.T) {
 			Text: tc.text, Usage: schemas.Usage{CompletionTokens: 9, TotalTokens: 9}, Error: longMessage,
 			Model: "tiny", WorkerID: cfg.WorkerID, FinishedAt: now,
 		}
-		a.finish(t.Context(), res, testDispatcher)
+		a.finish(t.Context(), res, testDispatcher, "")
 		m, err := reports.NextMsg(10 * time.Second)
 		if err != nil {
 			t.Fatalf("%s: no attempt report: %v", tc.name, err)

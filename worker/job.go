@@ -222,7 +222,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		a.prefixRan(r, res.Text) // its runtime caches the prompt and the reply now: a routing hint (prefixes.go)
 		res.FinishedAt = a.jobs.freeSlot(r)
 		traceEnd(span, res.Status, nil)
-		a.finish(ctx, &res, r.dispatcherID)
+		a.finish(ctx, &res, r.dispatcherID, r.aj.Placement)
 	case reason == stopCancelled || reason == stopExpired:
 		res := base
 		res.FinishReason = schemas.FinishCancelled
@@ -242,7 +242,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		}
 		res.FinishedAt = a.jobs.freeSlot(r)
 		traceEnd(span, res.Status, res.Error)
-		a.finish(ctx, &res, r.dispatcherID)
+		a.finish(ctx, &res, r.dispatcherID, r.aj.Placement)
 	default:
 		// Everything else either failed for good (a runtime error about this job)
 		// or may succeed elsewhere (the runtime or the worker went away).
@@ -270,7 +270,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 			res.Error = &schemas.ErrorInfo{Code: code, Message: msg}
 			res.FinishedAt = a.jobs.freeSlot(r)
 			traceEnd(span, res.Status, res.Error)
-			a.finish(ctx, &res, r.dispatcherID)
+			a.finish(ctx, &res, r.dispatcherID, r.aj.Placement)
 			break
 		}
 		log.Warn().Err(genErr).Str("code", code).Msg("attempt ended without a result; reporting it for retry")
@@ -327,7 +327,11 @@ func timings(r *jobRun, gen *schemas.GenerateResult) *schemas.Timings {
 // ignores the report, and the job's JOBS message is redelivered after its ack
 // wait and runs again elsewhere, which is the at-least-once half of "exactly
 // one terminal".
-func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID string) {
+//
+// A dispatcher that is gone (no responder) cannot take the record: a
+// completed one is then offered to any dispatcher with the assignment's
+// placement token (adopt), so the job is not run again.
+func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID, placement string) {
 	if res.FinishedAt.IsZero() {
 		res.FinishedAt = time.Now().UTC()
 	}
@@ -382,6 +386,14 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 		}
 		return nil
 	}, bo)
+	if gone := errors.Is(err, nats.ErrNoResponders); gone && placement != "" && res.Status == schemas.StatusCompleted {
+		if status, aerr := a.adopt(ctx, data, placement); aerr == nil {
+			reply.Status, err = status, nil
+			log.Warn().Str("dispatcher_id", dispatcherID).Str("answer", status).Msg("the dispatcher that placed the job is gone; offered its record for adoption")
+		} else {
+			log.Error().Err(aerr).Msg("the dispatcher that placed the job is gone, and no dispatcher adopted its record")
+		}
+	}
 	switch {
 	case err != nil:
 		// Reported, the attempt is retried at once by the dispatcher, if it

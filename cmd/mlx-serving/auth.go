@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"text/tabwriter"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/config"
 	"github.com/mlx-serving/mlx-serving/gateway"
+	"github.com/mlx-serving/mlx-serving/internal/placement"
 )
 
 func (a *app) authCmd() *cobra.Command {
@@ -186,4 +188,24 @@ func tenantLimits(c config.Config) gateway.TenantLimits {
 		RequestsPerSecond: float64(c.TenantRate),
 		Burst:             c.TenantBurst,
 	}
+}
+
+// placementKey is the dispatcher's placement key (internal/placement),
+// derived from the secret it connected with: every dispatcher of one
+// credential (auth init writes one) derives the same key, so each can adopt
+// the others' records, and no other role knows it. Without credentials it is
+// the key of no secret, as open as the server. A creds file that cannot be
+// read gives a key of its own: records are then not adopted across
+// dispatchers, and jobs run again as before adoption.
+func placementKey(c config.Config, nc *nats.Conn) placement.Key {
+	var creds string
+	if c.NATSCreds != "" {
+		if b, err := os.ReadFile(c.NATSCreds); err == nil {
+			creds = string(b)
+		}
+	}
+	if nc == nil {
+		return placement.KeyFrom(c.NATSUser, c.NATSPassword, "", creds)
+	}
+	return placement.KeyFrom(nc.Opts.User, nc.Opts.Password, nc.Opts.Token, creds)
 }

@@ -123,6 +123,7 @@ func dispatcherConfig(c config.Config, nc *nats.Conn, log *zerolog.Logger, obs d
 	return dispatcher.Config{
 		DispatcherID:   fmt.Sprintf("%s-%d", host, os.Getpid()),
 		Conn:           nc,
+		PlacementKey:   placementKey(c, nc),
 		MaxWait:        c.BatchWait(),
 		MaxBatch:       c.BatchMaxSize,
 		Routing:        c.Routing,

@@ -192,13 +192,22 @@ func (w *Worker) run(aj schemas.AssignedJob, dispatcherID string, inc int) {
 		_ = w.nc.PublishRequest(subjects.Attempt(w.opts.ID), w.mark, rep)
 	case o.res != nil:
 		w.done(inc)
-		w.handOver(o.res, dispatcherID)
+		w.handOver(o.res, dispatcherID, aj.Placement)
 	}
 }
 
-func (w *Worker) handOver(res *schemas.ResultMsg, dispatcherID string) {
+// handOver hands res to the dispatcher that placed it; when that one is gone
+// (no responder), a completed record is offered for adoption with the
+// assignment's placement token, as the real worker does (worker/adopt.go).
+func (w *Worker) handOver(res *schemas.ResultMsg, dispatcherID, placement string) {
 	data, _ := json.Marshal(res)
 	m, err := w.nc.Request(subjects.Done(w.opts.ID, dispatcherID), data, w.opts.HandOverTimeout)
+	if errors.Is(err, nats.ErrNoResponders) && placement != "" && res.Status == schemas.StatusCompleted && !w.opts.NoAdopt {
+		msg := nats.NewMsg(subjects.Adopt(w.opts.ID))
+		msg.Data = data
+		msg.Header.Set(subjects.HeaderPlacement, placement)
+		m, err = w.nc.RequestMsg(msg, w.opts.HandOverTimeout)
+	}
 	var reply schemas.FinishReplyMsg
 	if err == nil {
 		err = json.Unmarshal(m.Data, &reply)

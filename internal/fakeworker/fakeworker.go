@@ -46,6 +46,9 @@ type Options struct {
 	Hostname string
 	// HandOverTimeout bounds the hand-over of a terminal record (10s).
 	HandOverTimeout time.Duration
+	// NoAdopt: a record whose dispatcher is gone is not offered for adoption
+	// (a worker from before adoption).
+	NoAdopt bool
 	// Full, if set, is asked about every assignment first: full answers it
 	// full with free free slots, taking nothing, whatever its slots hold. A
 	// worker whose slots filled since the dispatcher counted them (free below

@@ -19,7 +19,7 @@ func TestREADMEDocumentsEverySubject(t *testing.T) {
 		Job("<tenant>", "<priority>", "<job-id>"), JobStored("<priority>"), Result("<tenant>", "<job-id>"), DLQ("<tenant>", "<job-id>"),
 		Ledger("<tenant>", "<job-id>"),
 		Cancel("<tenant>", "<job-id>"), Attempt("<worker-id>"), Assign("<worker-id>"),
-		WorkerCancel("<worker-id>"), Done("<worker-id>", "<dispatcher-id>"),
+		WorkerCancel("<worker-id>"), Done("<worker-id>", "<dispatcher-id>"), Adopt("<worker-id>"),
 		Progress("<worker-id>", "<dispatcher-id>", "<tenant>"),
 		Reply("<tenant>", "<job-id>"), strings.Replace(RawDLQ(0), "0", "<jobs-seq>", 1),
 	} {

@@ -83,6 +83,14 @@ const (
 	DoneAll = "mlx.worker.*.done.*"
 	// AttemptAll matches every worker's attempt report subject.
 	AttemptAll = "mlx.worker.*.attempt"
+	// AdoptAll matches every worker's adoption subject (Adopt).
+	AdoptAll = "mlx.worker.*.adopt"
+	// AdoptQueue is the queue group every dispatcher serves AdoptAll in: one
+	// dispatcher takes each record.
+	AdoptQueue = "mlx-adopt"
+	// HeaderPlacement carries, on an adoption request, the placement token of
+	// the attempt whose record it is (schemas.AssignedJob.Placement).
+	HeaderPlacement = "Mlx-Placement"
 	// ProgressAll matches every worker's progress subject (Progress).
 	ProgressAll = "mlx.worker.*.progress.*.*"
 	// ResultsPrefix starts result subjects: mlx.results.<tenant>.<job-id>.
@@ -260,7 +268,7 @@ func WorkerCancel(workerID string) string { return workerPrefix + workerID + ".c
 // worker id in the subject is what the server's permissions vouch for: the
 // dispatcher takes a record only for a job it placed on that worker, at that
 // attempt. A dispatcher that is gone has no responder, so the worker learns at
-// once that the job will run again elsewhere.
+// once, and offers a completed record to the other dispatchers (Adopt).
 func Done(workerID, dispatcherID string) string {
 	return workerPrefix + workerID + ".done." + dispatcherID
 }
@@ -311,6 +319,14 @@ func ParseProgress(subject string) (workerID, tenant string, ok bool) {
 	}
 	return parts[0], parts[3], true
 }
+
+// Adopt is where a worker offers a job's terminal record to any dispatcher
+// when the one that placed the job is gone (no responder on Done): request/
+// reply, body schemas.ResultMsg, header HeaderPlacement, answer
+// schemas.FinishReplyMsg. A dispatcher stores the record only when the
+// placement token checks for that job, attempt, model and this worker id
+// (internal/placement), which the server's permissions vouch for.
+func Adopt(workerID string) string { return workerPrefix + workerID + ".adopt" }
 
 // Attempt carries a worker's report of a retryable failed attempt.
 func Attempt(workerID string) string { return workerPrefix + workerID + ".attempt" }

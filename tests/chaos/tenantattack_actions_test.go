@@ -210,6 +210,36 @@ func (at *attackTable) stillOnW2(onW2 map[string]int) {
 	})
 }
 
+// forgeAdopt offers, as w1, a completed record of a job for adoption
+// (subjects.Adopt) with token: a made-up one, or a real one of another job or
+// worker. The dispatchers' key is derived from their credential, which no
+// worker has, and each token binds one job, attempt, model and worker.
+func (at *attackTable) forgeAdopt(c *busClient, what, tenant, id string, attempt int, token string) {
+	action := "request " + subjects.Adopt("w1") + ": " + what
+	res := schemas.ResultMsg{Type: "result", JobID: id, Tenant: tenant, Attempt: attempt, Seq: 1, Status: schemas.StatusCompleted,
+		FinishReason: "stop", Text: "PWNED by w1", WorkerID: "w1", Model: at.s.modelID(), FinishedAt: time.Now().UTC()}
+	m := nats.NewMsg(subjects.Adopt("w1"))
+	m.Data = mustJSON(res)
+	m.Header.Set(subjects.HeaderPlacement, token)
+	before := at.forged()
+	reply, err := c.nc.RequestMsg(m, 5*time.Second)
+	if err != nil {
+		at.add(c.name, action, false, "no answer: "+err.Error())
+		return
+	}
+	var rep schemas.FinishReplyMsg
+	_ = json.Unmarshal(reply.Data, &rep)
+	if rep.Status != schemas.FinishUnknown {
+		at.add(c.name, action, false, "SUCCEEDED: reply "+rep.Status)
+		return
+	}
+	if !at.waitForged(before, 2*time.Second) {
+		at.add(c.name, action, false, "reply unknown but not counted as forged")
+		return
+	}
+	at.add(c.name, action, true, "reply unknown, counted forged")
+}
+
 func (at *attackTable) garbageDone(c *busClient, what, did string, body []byte) {
 	action := "publish " + subjects.Done("w1", did) + ": " + what
 	before := at.forged()

@@ -94,6 +94,8 @@ type assignOffer struct {
 	attempt int
 	jobs    []string
 	resume  string // the resume text the job was offered with
+	// placement is the offer's placement token (its adoption proof).
+	placement string
 }
 
 func newAttackMonitor(t testing.TB, nc *nats.Conn) *attackMonitor {
@@ -128,7 +130,7 @@ func (m *attackMonitor) observe(msg *nats.Msg) {
 		w := subjects.WorkerOf(subj)
 		for _, j := range a.Jobs {
 			k := subjects.JobRef{Tenant: j.Job.Tenant, ID: j.Job.ID}.Key()
-			o := assignOffer{worker: w, attempt: j.Attempt, jobs: []string{k}}
+			o := assignOffer{worker: w, attempt: j.Attempt, jobs: []string{k}, placement: j.Placement}
 			if j.Resume != nil {
 				o.resume = j.Resume.Text
 			}

@@ -126,6 +126,29 @@ func TestTenantAttack(t *testing.T) {
 		at.relayRecord(ctx, w1, pa, did, tenant, id, attempt)
 		break // one relay is the row; stillOnW2 and checkB judge its effect
 	}
+	// Adoption: w1 offers records of jobs it does not run, with tokens it
+	// made up, took from w2's offers, or has for its own jobs.
+	madeUp := strings.Repeat("ab", 32)
+	for k, attempt := range onW2 {
+		tenant, id, _ := strings.Cut(k, "/")
+		at.forgeAdopt(w1, fmt.Sprintf("record for %s running on w2, made-up token", k), tenant, id, attempt, madeUp)
+		for _, o := range mon.offered(k) {
+			if o.worker == "w2" && o.attempt == attempt && o.placement != "" {
+				at.forgeAdopt(w1, fmt.Sprintf("record for %s running on w2, w2's own token", k), tenant, id, attempt, o.placement)
+			}
+		}
+	}
+	reused := false
+	for _, k := range longIDs {
+		for _, o := range mon.offered(k) {
+			if !reused && o.worker == "w1" && o.placement != "" {
+				at.forgeAdopt(w1, fmt.Sprintf("record for b's queued bq1 with w1's token of %s", k), "b", "bq1", 1, o.placement)
+				reused = true
+			}
+		}
+	}
+	at.forgeAdopt(w1, "record for b's queued bq0, made-up token", "b", "bq0", 1, madeUp)
+	at.forgeAdopt(w1, "record for b/atkw1ghost (an id b never used), no token", "b", "atkw1ghost", 1, "")
 	at.stillOnW2(onW2)
 	at.deputy(ctx, w1, did, "bq2")
 	at.forgeDone(w1, "terminal record for b/nosuchjob (an id b never used)", did, "b", "atkw1ghost", 1, false)

@@ -1,0 +1,153 @@
+package dispatcher
+
+import (
+	"encoding/json"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/placement"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// A dispatcher killed while its job runs: the worker's record finds no
+// responder on the done subject, is offered for adoption with the
+// assignment's placement token, and the surviving dispatcher stores it; the
+// JOBS redelivery then finds the record and is acked without running. With
+// max_attempts 1 the job ends completed, as it did on the worker — before
+// adoption the record was dropped, the redelivery was attempt 2, and the job
+// ended attempts_exhausted.
+// Mutations caught: the fake worker not offering the record (NoAdopt, or
+// dispatcher/adopt.go not subscribed): attempts_exhausted; launch without
+// the Placement: the same; onAdopt's Verify skipped does not fail this test
+// (TestAdoptionChecksThePlacement does).
+func TestRecordAdoptedWhenItsDispatcherIsGone(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	var mu sync.Mutex
+	var offered []int
+	w := e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
+		mu.Lock()
+		offered = append(offered, aj.Attempt)
+		mu.Unlock()
+		return jobPlan{Block: true}
+	})
+	nc1 := e.connect("d1")
+	cfg := testConfig("d1", nc1)
+	cfg.MaxAttempts = 1
+	d1, _ := runDispatcher(t, cfg)
+	job := newJob("adopted", "m", "normal")
+	e.mustSubmit(job)
+	key := subjects.JobRef{ID: job.ID}.Key()
+	waitFor(t, 10*time.Second, "the job running on w1", func() bool {
+		d1.mu.Lock()
+		defer d1.mu.Unlock()
+		j := d1.jobs[key]
+		return j != nil && (j.state == StateRunning || j.state == StateDispatched)
+	})
+	// A crash: the connection goes without a nak or an answer.
+	nc1.Close()
+	cfg2 := testConfig("d2", e.connect("d2"))
+	cfg2.MaxAttempts = 1
+	var running <-chan struct{}
+	cfg2.Logger, running = logSignal(logRunning)
+	d2, _ := runDispatcher(t, cfg2)
+	waitClosed(t, running, 10*time.Second, "d2 running")
+	w.Release()
+	r := e.waitResult(job.ID, 15*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Attempt != 1 || r.WorkerID != "w1" {
+		t.Fatalf("record %s at attempt %d by %q (%+v); want completed at attempt 1 by w1", r.Status, r.Attempt, r.WorkerID, r.Error)
+	}
+	if n := d2.Metrics().RecordsAdopted.Load(); n != 1 {
+		t.Errorf("d2 adopted %d records, want 1", n)
+	}
+	// The redelivery (AckWait 2 s) is acked unrun.
+	waitFor(t, 15*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(offered, []int{1}) {
+		t.Errorf("attempts offered %v, want only 1: the job ran again", offered)
+	}
+}
+
+// A record is adopted only with a placement token that checks for that job,
+// model, attempt and worker under the dispatchers' key, and only when
+// completed: no worker credential ends another worker's job, or a job it
+// was never given.
+// Mutations caught: onAdopt without the Verify (forged records stored);
+// without the completed check (the failed record stored).
+func TestAdoptionChecksThePlacement(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	key := placement.KeyFrom("dispatcher", "secret")
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.PlacementKey = key
+	var running <-chan struct{}
+	cfg.Logger, running = logSignal(logRunning)
+	d, _ := runDispatcher(t, cfg)
+	waitClosed(t, running, 10*time.Second, "dispatcher running")
+	nc := e.connect("forger")
+
+	record := func(id string, attempt int, status string) []byte {
+		res := schemas.ResultMsg{Type: "result", JobID: id, Attempt: attempt, Status: status, Model: "m", Text: "forged",
+			WorkerID: "w9", FinishedAt: time.Now().UTC()}
+		if status == schemas.StatusCompleted {
+			res.FinishReason = schemas.FinishStop
+		} else {
+			res.Error = &schemas.ErrorInfo{Code: schemas.CodeInvalidRequest, Message: "x"}
+		}
+		b, err := json.Marshal(res)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	sign := func(k placement.Key, id, wid string, attempt int) string {
+		return k.Sign(placement.Attempt{Tenant: subjects.TenantToken(""), JobID: id, Model: "m", WorkerID: wid, Attempt: attempt})
+	}
+	adopt := func(wid string, data []byte, token string) string {
+		m := nats.NewMsg(subjects.Adopt(wid))
+		m.Data = data
+		m.Header.Set(subjects.HeaderPlacement, token)
+		reply, err := nc.RequestMsg(m, 5*time.Second)
+		if err != nil {
+			t.Fatalf("adopt: %v", err)
+		}
+		var r schemas.FinishReplyMsg
+		if err := json.Unmarshal(reply.Data, &r); err != nil {
+			t.Fatal(err)
+		}
+		return r.Status
+	}
+	for _, c := range []struct {
+		name, id, wid, token string
+		data                 []byte
+	}{
+		{"another key", "f1", "w9", sign(placement.KeyFrom("dispatcher", "guess"), "f1", "w9", 1), record("f1", 1, schemas.StatusCompleted)},
+		{"another worker's token", "f2", "w9", sign(key, "f2", "w1", 1), record("f2", 1, schemas.StatusCompleted)},
+		{"another attempt's token", "f3", "w9", sign(key, "f3", "w9", 2), record("f3", 1, schemas.StatusCompleted)},
+		{"no token", "f4", "w9", "", record("f4", 1, schemas.StatusCompleted)},
+		{"a failed record", "f5", "w9", sign(key, "f5", "w9", 1), record("f5", 1, schemas.StatusFailed)},
+	} {
+		if got := adopt(c.wid, c.data, c.token); got != schemas.FinishUnknown {
+			t.Errorf("%s: answered %q, want unknown", c.name, got)
+		}
+		if r, err := e.result(c.id); err == nil {
+			t.Errorf("%s: a record was stored: %+v", c.name, r)
+		}
+	}
+	if got := adopt("w9", record("ok", 1, schemas.StatusCompleted), sign(key, "ok", "w9", 1)); got != schemas.FinishStored {
+		t.Fatalf("a record with its own placement: answered %q, want stored", got)
+	}
+	if got := adopt("w9", record("ok", 1, schemas.StatusCompleted), sign(key, "ok", "w9", 1)); got != schemas.FinishExists {
+		t.Errorf("the same job adopted twice: answered %q, want exists", got)
+	}
+	if n := d.Metrics().ForgedRecords.Load(); n != 4 {
+		t.Errorf("forged count %d, want 4 (the failed record is refused, not forged)", n)
+	}
+}

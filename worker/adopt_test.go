@@ -1,0 +1,90 @@
+package worker
+
+import (
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// A completed record whose dispatcher is gone (no responder on its done
+// subject) is offered on the worker's adoption subject with the assignment's
+// placement token, and not reported for a retry once a dispatcher stored it;
+// a failed one, or one without a token, is reported as before.
+// Mutations caught: finish without the adopt call (nothing offered, a report
+// sent); adopt without the header (the token missing).
+func TestRecordOfAGoneDispatcherIsOfferedForAdoption(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	cfg := testConfig(t, b, "w-adopt")
+	cfg.ResultTimeout = 2 * time.Second
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.nc, a.mark = b.nc, b.nc.NewInbox() // what Start sets; this test needs no runtime
+	offers := make(chan *nats.Msg, 4)
+	if _, err := b.nc.Subscribe(subjects.Adopt(cfg.WorkerID), func(m *nats.Msg) {
+		offers <- m
+		data, _ := json.Marshal(schemas.FinishReplyMsg{Status: schemas.FinishStored})
+		_ = m.Respond(data)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	reports, err := b.nc.SubscribeSync(subjects.Attempt(cfg.WorkerID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	token := "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+	record := func(id, status string) *schemas.ResultMsg {
+		res := &schemas.ResultMsg{Type: "result", JobID: id, Tenant: "acme", Attempt: 1, Seq: 3, Status: status, Text: "done",
+			Usage: schemas.Usage{CompletionTokens: 3, TotalTokens: 3}, Model: "tiny", WorkerID: cfg.WorkerID, FinishedAt: time.Now().UTC()}
+		if status == schemas.StatusCompleted {
+			res.FinishReason = schemas.FinishStop
+		} else {
+			res.Error = &schemas.ErrorInfo{Code: schemas.CodeGenerationFailed, Message: "x"}
+		}
+		return res
+	}
+
+	a.finish(t.Context(), record("j-done", schemas.StatusCompleted), "gone-dispatcher", token)
+	select {
+	case m := <-offers:
+		var res schemas.ResultMsg
+		if err := json.Unmarshal(m.Data, &res); err != nil || res.JobID != "j-done" || res.Status != schemas.StatusCompleted {
+			t.Fatalf("offered %s (%v), want j-done's completed record", m.Data, err)
+		}
+		if got := m.Header.Get(subjects.HeaderPlacement); got != token {
+			t.Fatalf("offered with placement %q, want %q", got, token)
+		}
+	default:
+		t.Fatal("the completed record was not offered for adoption")
+	}
+	if m, err := reports.NextMsg(100 * time.Millisecond); err == nil {
+		t.Fatalf("an adopted record's attempt was reported too: %s", m.Data)
+	}
+
+	// Not offered: a failed record (its retry or failure is the dispatcher's
+	// call) and a record without a token (an assignment from before adoption).
+	for _, c := range []struct {
+		res   *schemas.ResultMsg
+		token string
+	}{{record("j-failed", schemas.StatusFailed), token}, {record("j-untokened", schemas.StatusCompleted), ""}} {
+		a.finish(t.Context(), c.res, "gone-dispatcher", c.token)
+		if _, err := reports.NextMsg(10 * time.Second); err != nil {
+			t.Fatalf("%s: no attempt report: %v", c.res.JobID, err)
+		}
+		select {
+		case m := <-offers:
+			t.Fatalf("%s was offered for adoption: %s", c.res.JobID, m.Data)
+		default:
+		}
+	}
+}
