@@ -28,9 +28,10 @@ import (
 // of its assignment (internal/placement), to the queue group of every
 // dispatcher. The one that gets it:
 //   - refuses it (unknown, counted forged) unless the token checks for that
-//     tenant, job, model and attempt on the worker the subject names — a
-//     worker credential cannot end another worker's job, nor one it was never
-//     given — and unless it is a completed record (a failure or cancel ends
+//     tenant, job, model and attempt on the worker the subject names, and is
+//     no older than AttemptTimeout + adoptSlack — a worker credential cannot
+//     end another worker's job, nor one it was never given, nor keep a token
+//     for later — and unless it is a completed record (a failure or cancel ends
 //     the job as the retry or the cancel will anyway);
 //   - when it holds the job itself, takes it like a hand-over (the worker's
 //     done request found no responder while this, its dispatcher, was
@@ -49,6 +50,13 @@ import (
 
 // adoptWriteTimeout bounds one adopted record's write.
 const adoptWriteTimeout = 5 * time.Second
+
+// adoptSlack is how long after AttemptTimeout a placement token is still
+// good: a record comes at most AttemptTimeout after its placement, and the
+// worker tries its hand-over and then adoption for its ResultTimeout (30 s)
+// each. Older tokens are refused, so a worker cannot keep one and end the job
+// with it later (after a replay purged its record, say).
+const adoptSlack = 5 * time.Minute
 
 // placementOf is what j's placement on worker wid vouches for.
 func placementOf(j *job, wid string) placement.Attempt {
@@ -102,7 +110,7 @@ func (d *Dispatcher) onAdopt(m *nats.Msg) func(context.Context) {
 	}
 	token := m.Header.Get(subjects.HeaderPlacement)
 	at := placement.Attempt{Tenant: subjects.TenantToken(res.Tenant), JobID: res.JobID, Model: res.Model, WorkerID: wid, Attempt: res.Attempt}
-	if !d.cfg.PlacementKey.Verify(token, at) {
+	if !d.cfg.PlacementKey.Verify(token, at, time.Now(), d.cfg.AttemptTimeout+adoptSlack) {
 		d.count().forged()
 		d.rare.Warn().Str("job_id", res.JobID).Str("from_worker", wid).Int("attempt", res.Attempt).
 			Msg("adoption whose placement token does not check for that job, attempt and worker; refused")

@@ -80,7 +80,8 @@ func TestRecordAdoptedWhenItsDispatcherIsGone(t *testing.T) {
 // completed: no worker credential ends another worker's job, or a job it
 // was never given.
 // Mutations caught: onAdopt without the Verify (forged records stored);
-// without the completed check (the failed record stored).
+// without the completed check (the failed record stored); with a maxAge of
+// a year (the kept token's record stored).
 func TestAdoptionChecksThePlacement(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
@@ -107,8 +108,11 @@ func TestAdoptionChecksThePlacement(t *testing.T) {
 		}
 		return b
 	}
+	signAt := func(k placement.Key, id, wid string, attempt int, issued time.Time) string {
+		return k.Sign(placement.Attempt{Tenant: subjects.TenantToken(""), JobID: id, Model: "m", WorkerID: wid, Attempt: attempt}, issued)
+	}
 	sign := func(k placement.Key, id, wid string, attempt int) string {
-		return k.Sign(placement.Attempt{Tenant: subjects.TenantToken(""), JobID: id, Model: "m", WorkerID: wid, Attempt: attempt})
+		return signAt(k, id, wid, attempt, time.Now())
 	}
 	adopt := func(wid string, data []byte, token string) string {
 		m := nats.NewMsg(subjects.Adopt(wid))
@@ -132,6 +136,7 @@ func TestAdoptionChecksThePlacement(t *testing.T) {
 		{"another worker's token", "f2", "w9", sign(key, "f2", "w1", 1), record("f2", 1, schemas.StatusCompleted)},
 		{"another attempt's token", "f3", "w9", sign(key, "f3", "w9", 2), record("f3", 1, schemas.StatusCompleted)},
 		{"no token", "f4", "w9", "", record("f4", 1, schemas.StatusCompleted)},
+		{"a token kept past attempt_timeout", "f6", "w9", signAt(key, "f6", "w9", 1, time.Now().Add(-d.cfg.AttemptTimeout-adoptSlack-time.Minute)), record("f6", 1, schemas.StatusCompleted)},
 		{"a failed record", "f5", "w9", sign(key, "f5", "w9", 1), record("f5", 1, schemas.StatusFailed)},
 	} {
 		if got := adopt(c.wid, c.data, c.token); got != schemas.FinishUnknown {
@@ -147,7 +152,7 @@ func TestAdoptionChecksThePlacement(t *testing.T) {
 	if got := adopt("w9", record("ok", 1, schemas.StatusCompleted), sign(key, "ok", "w9", 1)); got != schemas.FinishExists {
 		t.Errorf("the same job adopted twice: answered %q, want exists", got)
 	}
-	if n := d.Metrics().ForgedRecords.Load(); n != 4 {
-		t.Errorf("forged count %d, want 4 (the failed record is refused, not forged)", n)
+	if n := d.Metrics().ForgedRecords.Load(); n != 5 {
+		t.Errorf("forged count %d, want 5 (the failed record is refused, not forged)", n)
 	}
 }

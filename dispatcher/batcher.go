@@ -257,7 +257,7 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 			j.resume, j.resumeSize = schemas.Resume{}, 0
 		}
 		aj := schemas.AssignedJob{Job: j.req, Attempt: j.attempt, Traceparent: d.dispatchTraceparent(j),
-			Placement: d.cfg.PlacementKey.Sign(placementOf(j, w.id))}
+			Placement: d.cfg.PlacementKey.Sign(placementOf(j, w.id), time.Now())}
 		if j.resume.Text != "" || j.resume.CompletionTokens > 0 {
 			r := j.resume
 			aj.Resume = &r

@@ -42,7 +42,7 @@ func TestRecordOfAGoneDispatcherIsOfferedForAdoption(t *testing.T) {
 	if err := b.nc.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	token := "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+	token := "1800000000.00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 	record := func(id, status string) *schemas.ResultMsg {
 		res := &schemas.ResultMsg{Type: "result", JobID: id, Tenant: "acme", Attempt: 1, Seq: 3, Status: status, Text: "done",
 			Usage: schemas.Usage{CompletionTokens: 3, TotalTokens: 3}, Model: "tiny", WorkerID: cfg.WorkerID, FinishedAt: time.Now().UTC()}

@@ -30,6 +30,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"strconv"
+	"strings"
+	"time"
 )
 
 // Key signs and checks placements. The zero Key is the key derived from no
@@ -51,31 +53,53 @@ func KeyFrom(secrets ...string) Key {
 }
 
 // Attempt is what a placement vouches for: one attempt of one job of a
-// tenant, for one model, on one worker.
+// tenant, for one model, on one worker (and, in the token, since when).
 type Attempt struct {
 	Tenant, JobID, Model, WorkerID string
 	Attempt                        int
 }
 
-// Sign is the token of a: 64 lowercase hex digits.
-func (k Key) Sign(a Attempt) string {
-	return hex.EncodeToString(k.mac(a))
+// Sign is the token of a, issued at issued: the issue time in Unix seconds,
+// a dot, and 64 lowercase hex digits. The time is signed too: a token is
+// good only for as long as its attempt can run (Verify's maxAge), so a
+// worker cannot keep one and end the job with it later — after a replay
+// purged its record, say.
+func (k Key) Sign(a Attempt, issued time.Time) string {
+	at := strconv.FormatInt(issued.Unix(), 10)
+	return at + "." + hex.EncodeToString(k.mac(a, at))
 }
 
-// Verify reports whether token is k's token of a.
-func (k Key) Verify(token string, a Attempt) bool {
-	got, err := hex.DecodeString(token)
-	return err == nil && hmac.Equal(got, k.mac(a))
+// ClockSkew is how far in the future of the checking dispatcher's clock a
+// token's issue time may lie (another dispatcher's clock signed it).
+const ClockSkew = 5 * time.Minute
+
+// Verify reports whether token is k's token of a, issued at most maxAge
+// before now (and at most ClockSkew after it).
+func (k Key) Verify(token string, a Attempt, now time.Time, maxAge time.Duration) bool {
+	at, sum, ok := strings.Cut(token, ".")
+	if !ok {
+		return false
+	}
+	secs, err := strconv.ParseInt(at, 10, 64)
+	if err != nil || at != strconv.FormatInt(secs, 10) {
+		return false
+	}
+	issued := time.Unix(secs, 0)
+	if now.Sub(issued) > maxAge || issued.Sub(now) > ClockSkew {
+		return false
+	}
+	got, err := hex.DecodeString(sum)
+	return err == nil && hmac.Equal(got, k.mac(a, at))
 }
 
-func (k Key) mac(a Attempt) []byte {
+func (k Key) mac(a Attempt, issued string) []byte {
 	key := k.k
 	if key == nil {
 		key = KeyFrom().k
 	}
 	m := hmac.New(sha256.New, key)
 	// Length-prefixed, so no field's bytes can pass for another's.
-	for _, f := range []string{a.Tenant, a.JobID, a.Model, a.WorkerID, strconv.Itoa(a.Attempt)} {
+	for _, f := range []string{a.Tenant, a.JobID, a.Model, a.WorkerID, strconv.Itoa(a.Attempt), issued} {
 		m.Write(strconv.AppendInt(nil, int64(len(f)), 10))
 		m.Write([]byte{':'})
 		m.Write([]byte(f))

@@ -1,19 +1,28 @@
 package placement
 
-import "testing"
+import (
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
 
 // A token checks only for the attempt it was signed for, under the key that
-// signed it.
+// signed it, while it is young enough.
 // Mutations caught: mac leaving out any one field (its row stays valid);
-// Verify returning true for a decodable token.
+// Verify without the age check, or without the future check; the issue
+// time left out of the MAC (a token moved to a later time verifies).
 func TestTokenBindsEveryField(t *testing.T) {
 	k := KeyFrom("dispatcher", "s3cret")
 	a := Attempt{Tenant: "acme", JobID: "j1", Model: "tiny", WorkerID: "mac-1", Attempt: 2}
-	tok := k.Sign(a)
-	if len(tok) != 64 {
-		t.Fatalf("token %q: want 64 hex digits", tok)
+	now := time.Unix(1_800_000_000, 0)
+	const maxAge = time.Hour
+	tok := k.Sign(a, now)
+	at, sum, _ := strings.Cut(tok, ".")
+	if at != "1800000000" || len(sum) != 64 {
+		t.Fatalf("token %q: want the issue time, a dot and 64 hex digits", tok)
 	}
-	if !k.Verify(tok, a) {
+	if !k.Verify(tok, a, now.Add(maxAge-time.Second), maxAge) {
 		t.Fatal("a token does not verify for its own attempt")
 	}
 	for name, b := range map[string]Attempt{
@@ -25,24 +34,37 @@ func TestTokenBindsEveryField(t *testing.T) {
 		// Field boundaries: the same bytes split differently.
 		"boundary": {Tenant: "acmej", JobID: "1", Model: "tiny", WorkerID: "mac-1", Attempt: 2},
 	} {
-		if k.Verify(tok, b) {
+		if k.Verify(tok, b, now, maxAge) {
 			t.Errorf("token of %+v verifies for another %s: %+v", a, name, b)
 		}
 	}
 	for _, other := range []Key{KeyFrom("dispatcher", "other"), KeyFrom(), {}} {
-		if other.Verify(tok, a) {
+		if other.Verify(tok, a, now, maxAge) {
 			t.Errorf("token verifies under another key")
 		}
 	}
-	for _, bad := range []string{"", "zz", tok[:62], tok + "00"} {
-		if k.Verify(bad, a) {
-			t.Errorf("token %q verifies", bad)
+	later := strconv.FormatInt(now.Unix()+60, 10) + "." + sum
+	for name, bad := range map[string]string{
+		"empty": "", "no dot": sum, "not hex": at + ".zz", "short": tok[:len(tok)-2], "long": tok + "00",
+		"moved to a later issue time": later, "leading zero": "0" + tok, "signed": "+" + tok,
+	} {
+		if k.Verify(bad, a, now, maxAge) {
+			t.Errorf("%s token %q verifies", name, bad)
 		}
 	}
-	if (Key{}).Sign(a) != KeyFrom().Sign(a) {
+	if k.Verify(tok, a, now.Add(maxAge+time.Second), maxAge) {
+		t.Error("a token older than maxAge verifies")
+	}
+	if k.Verify(tok, a, now.Add(-ClockSkew-time.Second), maxAge) {
+		t.Error("a token issued past the clock skew in the future verifies")
+	}
+	if !k.Verify(tok, a, now.Add(-ClockSkew+time.Second), maxAge) {
+		t.Error("a token issued within the clock skew in the future does not verify")
+	}
+	if (Key{}).Sign(a, now) != KeyFrom().Sign(a, now) {
 		t.Error("the zero Key is not KeyFrom()")
 	}
-	if KeyFrom("ab", "c").Sign(a) == KeyFrom("a", "bc").Sign(a) {
+	if KeyFrom("ab", "c").Sign(a, now) == KeyFrom("a", "bc").Sign(a, now) {
 		t.Error("secrets split differently give one key")
 	}
 }
