@@ -191,21 +191,41 @@ func tenantLimits(c config.Config) gateway.TenantLimits {
 }
 
 // placementKey is the dispatcher's placement key (internal/placement),
-// derived from the secret it connected with: every dispatcher of one
-// credential (auth init writes one) derives the same key, so each can adopt
-// the others' records, and no other role knows it. Without credentials it is
-// the key of no secret, as open as the server. A creds file that cannot be
-// read gives a key of its own: records are then not adopted across
-// dispatchers, and jobs run again as before adoption.
+// derived from the secrets it connects with (password, token, the contents of
+// its creds file and TLS client key): every dispatcher of one credential
+// (auth init writes one) derives the same key, so each can adopt the others'
+// records, and no other role knows it. With no secret, on a server that lets
+// anyone in, it is the key of no secret, as open as the server; on a server
+// that requires authentication (TLS client certificates alone, say) it is
+// Off: the key of no secret would let any worker credential end any job. A
+// file that cannot be read gives a key of its own: records are then not
+// adopted across dispatchers, and jobs run again as before adoption.
 func placementKey(c config.Config, nc *nats.Conn) placement.Key {
-	var creds string
-	if c.NATSCreds != "" {
-		if b, err := os.ReadFile(c.NATSCreds); err == nil {
-			creds = string(b)
+	read := func(path string) string {
+		if path == "" {
+			return ""
 		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return "unreadable " + path
+		}
+		return string(b)
 	}
-	if nc == nil {
-		return placement.KeyFrom(c.NATSUser, c.NATSPassword, "", creds)
+	user, password, token := c.NATSUser, c.NATSPassword, ""
+	if nc != nil {
+		user, password, token = nc.Opts.User, nc.Opts.Password, nc.Opts.Token
 	}
-	return placement.KeyFrom(nc.Opts.User, nc.Opts.Password, nc.Opts.Token, creds)
+	return placementKeyFor(nc != nil && nc.AuthRequired(), user, password, token, read(c.NATSCreds), read(c.NATSKey))
+}
+
+// placementKeyFor is placementKey's rule: the key of the secrets, or Off when
+// there is no secret and the server requires authentication.
+func placementKeyFor(authRequired bool, user, password, token, creds, tlsKey string) placement.Key {
+	if password == "" && token == "" && creds == "" && tlsKey == "" {
+		if authRequired {
+			return placement.Off()
+		}
+		return placement.KeyFrom()
+	}
+	return placement.KeyFrom(user, password, token, creds, tlsKey)
 }

@@ -35,8 +35,21 @@ import (
 )
 
 // Key signs and checks placements. The zero Key is the key derived from no
-// secret at all (KeyFrom()).
-type Key struct{ k []byte }
+// secret at all (KeyFrom()); Off signs nothing and checks nothing.
+type Key struct {
+	k   []byte
+	off bool
+}
+
+// Off is the key of a dispatcher that adopts nothing: it signs no placement
+// (Sign returns "") and no token checks. For a dispatcher with no secret to
+// derive a key from on a server that requires authentication (TLS client
+// certificates alone): the key of no secret would let any worker credential
+// end any job.
+func Off() Key { return Key{off: true} }
+
+// IsOff reports whether k is Off.
+func (k Key) IsOff() bool { return k.off }
 
 // KeyFrom derives the key from the secrets a dispatcher authenticates with
 // (user, password, token, the contents of a creds or nkey seed file). Each
@@ -49,7 +62,7 @@ func KeyFrom(secrets ...string) Key {
 		h.Write([]byte{':'})
 		h.Write([]byte(s))
 	}
-	return Key{h.Sum(nil)}
+	return Key{k: h.Sum(nil)}
 }
 
 // Attempt is what a placement vouches for: one attempt of one job of a
@@ -65,6 +78,9 @@ type Attempt struct {
 // worker cannot keep one and end the job with it later — after a replay
 // purged its record, say.
 func (k Key) Sign(a Attempt, issued time.Time) string {
+	if k.off {
+		return ""
+	}
 	at := strconv.FormatInt(issued.Unix(), 10)
 	return at + "." + hex.EncodeToString(k.mac(a, at))
 }
@@ -77,7 +93,7 @@ const ClockSkew = 5 * time.Minute
 // before now (and at most ClockSkew after it).
 func (k Key) Verify(token string, a Attempt, now time.Time, maxAge time.Duration) bool {
 	at, sum, ok := strings.Cut(token, ".")
-	if !ok {
+	if !ok || k.off {
 		return false
 	}
 	secs, err := strconv.ParseInt(at, 10, 64)

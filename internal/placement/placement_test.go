@@ -61,6 +61,9 @@ func TestTokenBindsEveryField(t *testing.T) {
 	if !k.Verify(tok, a, now.Add(-ClockSkew+time.Second), maxAge) {
 		t.Error("a token issued within the clock skew in the future does not verify")
 	}
+	if Off().Sign(a, now) != "" || Off().Verify(tok, a, now, maxAge) || Off().Verify(Off().Sign(a, now), a, now, maxAge) {
+		t.Error("Off signs or checks a token")
+	}
 	if (Key{}).Sign(a, now) != KeyFrom().Sign(a, now) {
 		t.Error("the zero Key is not KeyFrom()")
 	}
