@@ -66,35 +66,13 @@ func placementOf(j *job, wid string) placement.Attempt {
 // subscribeAdopt serves every worker's adoption subject in the dispatchers'
 // queue group: one dispatcher takes each record.
 func (d *Dispatcher) subscribeAdopt() (*nats.Subscription, error) {
-	s, err := d.nc.QueueSubscribe(subjects.AdoptAll, subjects.AdoptQueue, d.onAdoptConcurrently)
+	s, err := d.nc.QueueSubscribe(subjects.AdoptAll, subjects.AdoptQueue, func(m *nats.Msg) {
+		d.takeConcurrently(m, "adoption", d.onAdopt)
+	})
 	if err != nil {
 		return nil, fmt.Errorf("dispatcher: subscribe %s: %w", subjects.AdoptAll, err)
 	}
 	return s, nil
-}
-
-// onAdoptConcurrently runs onAdopt off the subscription, as
-// onDoneConcurrently runs onDone, sharing its bound on decoding.
-func (d *Dispatcher) onAdoptConcurrently(m *nats.Msg) {
-	switch {
-	case !subjects.Sent(m.Reply):
-		d.count().relayed()
-		return
-	case !subjects.Answerable(m.Reply):
-		d.count().forged()
-		d.rare.Warn().Str("subject", m.Subject).Str("reply", m.Reply).Msg("adoption asking to be answered outside an inbox; ignored")
-		return
-	}
-	d.writes.Add(1) // shutdown waits for it, as for a hand-over
-	d.handOvers <- struct{}{}
-	d.warm.Go(func() {
-		defer d.wrote()
-		w := d.onAdopt(m)
-		<-d.handOvers
-		if w != nil {
-			d.runWrite(w)
-		}
-	})
 }
 
 // onAdopt checks an offered record and returns its write, or nil after

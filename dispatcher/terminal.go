@@ -309,6 +309,13 @@ const maxHandOvers = 32
 // once. Order does not matter: each hand-over names its job and attempt, and
 // onDone checks both under d.mu.
 func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
+	d.takeConcurrently(m, "terminal hand-over", d.onDone)
+}
+
+// takeConcurrently runs take — onDone, or onAdopt (adopt.go) — on m, a
+// worker's request, off the subscription, and then the write it returns; at
+// most maxHandOvers take at once.
+func (d *Dispatcher) takeConcurrently(m *nats.Msg, what string, take func(*nats.Msg) func(context.Context)) {
 	switch {
 	case !subjects.Sent(m.Reply):
 		d.count().relayed() // no worker's request: a relayed JetStream answer
@@ -318,7 +325,7 @@ func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
 		// answered elsewhere wants the answer, sent with this dispatcher's
 		// grants, as a record or letter of some job (the red team's R5-1).
 		d.count().forged()
-		d.rare.Warn().Str("subject", m.Subject).Str("reply", m.Reply).Msg("terminal hand-over asking to be answered outside an inbox; ignored")
+		d.rare.Warn().Str("subject", m.Subject).Str("reply", m.Reply).Msg(what + " asking to be answered outside an inbox; ignored")
 		return
 	}
 	d.writes.Add(1) // a received hand-over is a write to come: shutdown waits for it
@@ -328,7 +335,7 @@ func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
 		if d.handOverHook != nil {
 			d.handOverHook()
 		}
-		w := d.onDone(m)
+		w := take(m)
 		// The slot bounds decoding, not writing: a write the store refuses is
 		// tried again for as long as the store refuses (writeretry.go), and
 		// held slots then stopped every later hand-over — the subscription
@@ -336,7 +343,7 @@ func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
 		// the job, and the record, handed over at last, was refused as a
 		// superseded attempt's: the job ran again. Writes are bounded by the
 		// jobs this dispatcher holds (each is handed over once; a refused
-		// hand-over makes no write).
+		// hand-over makes no write) and by the adoptions offered.
 		<-d.handOvers
 		if w != nil {
 			// On this goroutine, which is off the subscription's already:
