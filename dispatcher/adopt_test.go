@@ -40,6 +40,10 @@ func TestRecordAdoptedWhenItsDispatcherIsGone(t *testing.T) {
 	nc1 := e.connect("d1")
 	cfg := testConfig("d1", nc1)
 	cfg.MaxAttempts = 1
+	// Long enough that d2 starts and the record is adopted before the JOBS
+	// message comes back (under load, d2 took over 2 s to start, got the
+	// redelivery first and ended the job attempts_exhausted at intake).
+	cfg.AckWait = 6 * time.Second
 	d1, _ := runDispatcher(t, cfg)
 	job := newJob("adopted", "m", "normal")
 	e.mustSubmit(job)
@@ -53,7 +57,7 @@ func TestRecordAdoptedWhenItsDispatcherIsGone(t *testing.T) {
 	// A crash: the connection goes without a nak or an answer.
 	nc1.Close()
 	cfg2 := testConfig("d2", e.connect("d2"))
-	cfg2.MaxAttempts = 1
+	cfg2.MaxAttempts, cfg2.AckWait = 1, cfg.AckWait
 	var running <-chan struct{}
 	cfg2.Logger, running = logSignal(logRunning)
 	d2, _ := runDispatcher(t, cfg2)
@@ -66,8 +70,8 @@ func TestRecordAdoptedWhenItsDispatcherIsGone(t *testing.T) {
 	if n := d2.Metrics().RecordsAdopted.Load(); n != 1 {
 		t.Errorf("d2 adopted %d records, want 1", n)
 	}
-	// The redelivery (AckWait 2 s) is acked unrun.
-	waitFor(t, 15*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
+	// The redelivery (after AckWait) is acked unrun.
+	waitFor(t, 20*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
 	mu.Lock()
 	defer mu.Unlock()
 	if !slices.Equal(offered, []int{1}) {

@@ -90,6 +90,7 @@ type Dispatcher struct {
 	prunedAt      time.Time
 	onWorker      int // jobs dispatched or running
 	workers       map[string]*workerView
+	hearing       hearing // tick.go, hearing.go
 	pickWRR       wrr
 	router        Router
 	batchSeq      uint64
@@ -471,32 +472,4 @@ func (d *Dispatcher) awaitWrites() {
 			return
 		}
 	}
-}
-
-// goWrite runs a terminal write on its own goroutine under tctx, counted in
-// writes (awaitWrites).
-func (d *Dispatcher) goWrite(f func(ctx context.Context)) {
-	d.writes.Add(1)
-	d.io.Add(1)
-	go func() {
-		defer d.io.Done()
-		defer d.wrote()
-		f(d.tctx)
-	}()
-}
-
-// runWrite runs a terminal write on the calling goroutine, counted as
-// goWrite counts it; the caller must not hold d.mu.
-func (d *Dispatcher) runWrite(f func(ctx context.Context)) {
-	d.writes.Add(1)
-	d.io.Add(1)
-	defer d.io.Done()
-	defer d.wrote()
-	f(d.tctx)
-}
-
-// wrote ends one count of writes.
-func (d *Dispatcher) wrote() {
-	d.writes.Add(-1)
-	poke(d.changed)
 }

@@ -127,7 +127,7 @@ func TestAwaitStoredWaitsForTheAnnouncedJob(t *testing.T) {
 	d.storedGrace = 10 * time.Second
 	now := time.Now()
 	d.mu.Lock()
-	d.heartbeat("w1", schemas.HeartbeatMsg{WorkerID: "w1", Models: []string{"m"}, Slots: 4, State: schemas.WorkerReady, StartedAt: now, UpdatedAt: now}, now)
+	d.heartbeat("w1", schemas.HeartbeatMsg{WorkerID: "w1", Models: []string{"m"}, Slots: 4, State: schemas.WorkerReady, StartedAt: now, UpdatedAt: now}, now, true)
 	d.mu.Unlock()
 	if d.credit() <= 0 {
 		t.Fatal("no credit")

@@ -191,7 +191,7 @@ func (d *Dispatcher) watchLoop(w *registry.Watcher) {
 		if u.Gone {
 			d.workerLost(u.WorkerID, "registry entry deleted")
 		} else {
-			d.heartbeat(u.WorkerID, u.Heartbeat, u.Written)
+			d.heartbeat(u.WorkerID, u.Heartbeat, u.Written, u.Live)
 		}
 		d.mu.Unlock()
 		poke(d.wakePull)
@@ -205,17 +205,25 @@ func (d *Dispatcher) newBreaker() *breaker.Breaker {
 	return breaker.New(breaker.Options{Threshold: d.cfg.BreakerThreshold, Consecutive: true, Cooldown: d.cfg.BreakerCooldown})
 }
 
-// heartbeat applies a registry entry written at created. Callers hold d.mu.
-func (d *Dispatcher) heartbeat(id string, hb schemas.HeartbeatMsg, created time.Time) {
+// heartbeat applies a registry entry written at created; live: received as
+// it was written (not replayed when the watch started). Callers hold d.mu.
+func (d *Dispatcher) heartbeat(id string, hb schemas.HeartbeatMsg, created time.Time, live bool) {
 	w := d.workers[id]
 	if w == nil {
 		w = &workerView{id: id, br: d.newBreaker(), othersReply: -1}
 		d.workers[id] = w
 	}
-	// An old entry replayed at start is only as fresh as its write.
-	seen, now := created, time.Now()
-	if seen.IsZero() || seen.After(now) {
-		seen = now
+	// A live change is as fresh as its receipt, on this dispatcher's clock:
+	// aged by the server's store time, a dispatcher clock 15 s ahead of the
+	// server's saw every heartbeat as older than the TTL, declared its
+	// workers lost at every tick, and retried every job that sent no token
+	// for a second (red team round 17, F3: 8 of 8 jobs attempts_exhausted).
+	// An old entry replayed at start is only as fresh as its write (a wrong
+	// clock misjudges it for one heartbeat interval).
+	now := time.Now()
+	seen := now
+	if !live && !created.IsZero() && created.Before(now) {
+		seen = created
 	}
 	switch old := w.hb.StartedAt; {
 	case old.IsZero() || hb.StartedAt.Equal(old):

@@ -61,6 +61,9 @@ func (d *Dispatcher) tick(now time.Time) {
 		}
 	}
 	d.pruneCancels(now)
+	if d.hearing.deafSince(d.nc, now, d.cfg.WorkerTTL) {
+		d.heardAllNow(now) // hearing.go
+	}
 	for id, w := range d.workers {
 		// A worker streaming tokens for its jobs is alive, whatever its
 		// heartbeat's age: on a full disk no heartbeat can be stored, and

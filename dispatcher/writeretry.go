@@ -160,3 +160,31 @@ func (g *writeGate) lower() {
 		}
 	}
 }
+
+// goWrite runs a terminal write on its own goroutine under tctx, counted in
+// writes (awaitWrites).
+func (d *Dispatcher) goWrite(f func(ctx context.Context)) {
+	d.writes.Add(1)
+	d.io.Add(1)
+	go func() {
+		defer d.io.Done()
+		defer d.wrote()
+		f(d.tctx)
+	}()
+}
+
+// runWrite runs a terminal write on the calling goroutine, counted as
+// goWrite counts it; the caller must not hold d.mu.
+func (d *Dispatcher) runWrite(f func(ctx context.Context)) {
+	d.writes.Add(1)
+	d.io.Add(1)
+	defer d.io.Done()
+	defer d.wrote()
+	f(d.tctx)
+}
+
+// wrote ends one count of writes.
+func (d *Dispatcher) wrote() {
+	d.writes.Add(-1)
+	poke(d.changed)
+}

@@ -82,6 +82,7 @@ func TestNoBucket(t *testing.T) {
 	}
 }
 
+// Mutation caught (Live): follow marking every entry live, or none.
 func TestPutWatchDelete(t *testing.T) {
 	t.Parallel()
 	b := testenv.StartBus(t, jsprov.Options{})
@@ -112,7 +113,7 @@ func TestPutWatchDelete(t *testing.T) {
 		}
 		return registry.Update{}
 	}
-	if u := next(); u.WorkerID != "w-a" || u.Gone || u.Heartbeat.State != schemas.WorkerReady || u.Written.IsZero() {
+	if u := next(); u.WorkerID != "w-a" || u.Gone || u.Heartbeat.State != schemas.WorkerReady || u.Written.IsZero() || u.Live {
 		t.Fatalf("replayed entry: %+v", u)
 	}
 	reg, err := registry.Open(ctx, b.JS)
@@ -126,7 +127,7 @@ func TestPutWatchDelete(t *testing.T) {
 	if err := reg.Put(ctx, schemas.HeartbeatMsg{WorkerID: "w-b", Slots: 3}); err != nil {
 		t.Fatal(err)
 	}
-	if u := next(); u.WorkerID != "w-b" || u.Heartbeat.Slots != 3 {
+	if u := next(); u.WorkerID != "w-b" || u.Heartbeat.Slots != 3 || !u.Live {
 		t.Fatalf("put: %+v", u)
 	}
 	if id := <-bad; id != "junk" || w.BadEntries() != 1 {

@@ -32,6 +32,10 @@ type Update struct {
 	// Written is when the server stored the change (an entry replayed when the
 	// watch starts is only as fresh as this).
 	Written time.Time
+	// Live: a change that happened while the watch ran, not an entry replayed
+	// when it (re)started: received now, so as fresh as its receipt, whatever
+	// the clocks of the server and the reader say.
+	Live bool
 }
 
 // WatchOptions shape Watch.
@@ -140,6 +144,7 @@ func (w *Watcher) run(ctx context.Context, kv jetstream.KeyValue, kw jetstream.K
 // follow forwards kw's entries until it closes (true: it ended on its own) or
 // ctx ends (false).
 func (w *Watcher) follow(ctx context.Context, kw jetstream.KeyWatcher, opts WatchOptions) bool {
+	live := false
 	for {
 		var e jetstream.KeyValueEntry
 		var ok bool
@@ -152,9 +157,10 @@ func (w *Watcher) follow(ctx context.Context, kw jetstream.KeyWatcher, opts Watc
 			return ctx.Err() == nil
 		}
 		if e == nil {
-			continue // the end of the current entries
+			live = true // the end of the current entries
+			continue
 		}
-		u := Update{WorkerID: e.Key(), Written: e.Created()}
+		u := Update{WorkerID: e.Key(), Written: e.Created(), Live: live}
 		switch e.Operation() {
 		case jetstream.KeyValuePut:
 			hb, err := decode(e.Value())
