@@ -244,8 +244,9 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 	}
 	stream, err := g.jobs.Submit(waitCtx, job)
 	if err != nil {
+		g.cancelUnsure(ctx, job, err, "submit failed or its client left before it was acknowledged")
 		if ctx.Err() != nil {
-			return // the client left; nothing was queued that needs cancelling
+			return // the client left
 		}
 		if !errors.Is(err, bus.ErrQueueFull) {
 			g.log.Warn().Err(err).Str("job_id", job.ID).Msg("submit failed")
