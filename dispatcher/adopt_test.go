@@ -11,7 +11,9 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/placement"
+	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -158,5 +160,36 @@ func TestAdoptionChecksThePlacement(t *testing.T) {
 	}
 	if n := d.Metrics().ForgedRecords.Load(); n != 5 {
 		t.Errorf("forged count %d, want 5 (the failed record is refused, not forged)", n)
+	}
+}
+
+// An assignment names the worker process it is for: the started_at of the
+// heartbeats the dispatcher follows, so that another process under the same
+// id does not run it (worker/assign.go; red team round 17, F1).
+// Mutation caught: launch without WorkerStartedAt.
+func TestAssignmentNamesTheWorkerProcess(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	seen, err := e.nc.SubscribeSync(subjects.Assign("w1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.startWorker("w1", 2, []string{"m"}, nil)
+	_, _ = runDispatcher(t, testConfig("d1", e.connect("d1")))
+	e.mustSubmit(newJob("named", "m", "normal"))
+	m, err := seen.NextMsg(10 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var a schemas.AssignmentMsg
+	if err := json.Unmarshal(m.Data, &a); err != nil {
+		t.Fatal(err)
+	}
+	hb, ok, err := registry.Get(testenv.Context(t, 10*time.Second), e.js, "w1")
+	if err != nil || !ok {
+		t.Fatalf("w1's entry: %v %v", ok, err)
+	}
+	if a.WorkerStartedAt == nil || !a.WorkerStartedAt.Equal(hb.StartedAt) {
+		t.Fatalf("assignment names process %v, want w1's %v", a.WorkerStartedAt, hb.StartedAt)
 	}
 }

@@ -239,6 +239,10 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 	d.batchSeq++
 	b := &batch{id: d.cfg.DispatcherID + "-" + strconv.FormatUint(d.batchSeq, 36), worker: w.id, model: model, jobs: jobs, startedAt: w.hb.StartedAt}
 	b.msg = schemas.AssignmentMsg{BatchID: b.id, DispatcherID: d.cfg.DispatcherID, Model: model, Jobs: make([]schemas.AssignedJob, len(jobs))}
+	if !w.hb.StartedAt.IsZero() {
+		started := w.hb.StartedAt
+		b.msg.WorkerStartedAt = &started // only that process answers (worker/assign.go)
+	}
 	for i, j := range jobs {
 		d.unqueue(j)
 		_ = d.apply(j, EvDispatch)

@@ -329,10 +329,15 @@ type AssignedJob struct {
 
 // AssignmentMsg is a batch offered to one worker (schema "assignment").
 type AssignmentMsg struct {
-	BatchID      string        `json:"batch_id"`
-	DispatcherID string        `json:"dispatcher_id"`
-	Model        string        `json:"model"`
-	Jobs         []AssignedJob `json:"jobs"`
+	BatchID      string `json:"batch_id"`
+	DispatcherID string `json:"dispatcher_id"`
+	Model        string `json:"model"`
+	// WorkerStartedAt names the worker process the batch is for: the
+	// started_at of the heartbeats the dispatcher follows. A process of the
+	// same worker id that started at another time does not answer it
+	// (worker/assign.go). Absent: any process of the id.
+	WorkerStartedAt *time.Time    `json:"worker_started_at,omitempty"`
+	Jobs            []AssignedJob `json:"jobs"`
 }
 
 // Assignment reply statuses.

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -137,6 +138,7 @@ type Agent struct {
 	handOver func(ctx context.Context, subject string, data []byte) ([]byte, error)
 
 	startedAt time.Time     // once per process: dispatchers tell a restart by it
+	notForMe  atomic.Int64  // assignments for another process of this worker id, not answered (assign.go)
 	room      chan struct{} // a full worker freed a slot: heartbeat soon
 	prefixes  prefixLog     // prompt prefixes the runtime ran: the heartbeat's routing hints (prefixes.go)
 	assignMu  sync.Mutex    // orders assignment admission against Drain

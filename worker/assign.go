@@ -15,10 +15,11 @@ import (
 // rawAssignment keeps each job's bytes, so every job is validated against the job
 // schema on its own: one bad job fails alone instead of sinking the batch.
 type rawAssignment struct {
-	BatchID      string `json:"batch_id"`
-	DispatcherID string `json:"dispatcher_id"`
-	Model        string `json:"model"`
-	Jobs         []struct {
+	BatchID         string     `json:"batch_id"`
+	DispatcherID    string     `json:"dispatcher_id"`
+	Model           string     `json:"model"`
+	WorkerStartedAt *time.Time `json:"worker_started_at,omitempty"`
+	Jobs            []struct {
 		Job         json.RawMessage `json:"job"`
 		Attempt     int             `json:"attempt"`
 		Resume      *schemas.Resume `json:"resume,omitempty"`
@@ -47,6 +48,18 @@ func (a *Agent) handleAssign(msg *nats.Msg) {
 			Status: schemas.AssignRejected,
 			Error:  &schemas.ErrorInfo{Code: schemas.CodeInvalidMessage, Message: "assignment is not valid JSON: " + err.Error()},
 		}, 0)
+		return
+	}
+	if in.WorkerStartedAt != nil && !in.WorkerStartedAt.Equal(a.startedAt) {
+		// For another process of this worker id: not answered at all. Two
+		// processes under one id both receive every assignment; answered,
+		// a refusal here could be the reply the dispatcher takes while the
+		// other process runs the batch. A process paused past the TTL and
+		// resumed beside its replacement ran every job a second time (red
+		// team round 17, F1: 12 of 12 streams mixed two texts).
+		a.notForMe.Add(1)
+		a.log.Warn().Str("batch_id", in.BatchID).Time("for_started_at", *in.WorkerStartedAt).Time("started_at", a.startedAt).
+			Msg("assignment for another process of this worker id; not answered")
 		return
 	}
 	out := &schemas.AssignmentReplyMsg{BatchID: in.BatchID}

@@ -148,6 +148,16 @@ func (b Bucket) Delete(ctx context.Context, workerID string) error {
 	return b.kv.Delete(ctx, workerID)
 }
 
+// DeleteIf removes a worker's entry only while it is still at revision rev
+// (a wrong-last-sequence error otherwise): a process deleting the entry it
+// read, never one another process wrote since.
+func (b Bucket) DeleteIf(ctx context.Context, workerID string, rev uint64) error {
+	if b.kv == nil {
+		return ErrNoRegistry
+	}
+	return b.kv.Delete(ctx, workerID, jetstream.LastRevision(rev))
+}
+
 // Put is Open then Bucket.Put, for a single write.
 func Put(ctx context.Context, js jetstream.JetStream, hb schemas.HeartbeatMsg) error {
 	b, err := Open(ctx, js)
