@@ -2,7 +2,6 @@ package dispatcher
 
 import (
 	"context"
-	"errors"
 	"strconv"
 	"strings"
 	"time"
@@ -10,6 +9,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/mlx-serving/mlx-serving/internal/jsget"
+	"github.com/mlx-serving/mlx-serving/internal/jspull"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -129,20 +130,18 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 	return got
 }
 
+// pullJobs pulls from priority p's JOBS consumer by hand (internal/jspull):
+// nats.go's Fetch took a producer's bodiless job with a Status header for the
+// server's "no messages", and lost it with every job behind it in the batch
+// (red team round 17, tenant F1).
+func (d *Dispatcher) pullJobs(ctx context.Context, p int, r jspull.Request) ([]jetstream.Msg, error) {
+	return jspull.Fetch(ctx, d.nc, jsget.APIPrefix(d.js), subjects.StreamJobs, d.consumers[p].CachedInfo().Name, r)
+}
+
 func (d *Dispatcher) fetch(ctx context.Context, p, n int) []jetstream.Msg {
-	batch, err := d.consumers[p].FetchNoWait(n)
-	if err != nil {
-		if ctx.Err() == nil {
-			d.log.Error().Err(err).Str("priority", schemas.Priorities[p]).Msg("fetch")
-		}
-		return nil
-	}
-	var out []jetstream.Msg
-	for m := range batch.Messages() {
-		out = append(out, m)
-	}
-	if err := batch.Error(); err != nil && !errors.Is(err, jetstream.ErrNoMessages) && ctx.Err() == nil {
-		d.log.Warn().Err(err).Msg("fetch batch")
+	out, err := d.pullJobs(ctx, p, jspull.Request{Batch: n, NoWait: true})
+	if err != nil && ctx.Err() == nil {
+		d.log.Warn().Err(err).Str("priority", schemas.Priorities[p]).Msg("fetch")
 	}
 	if len(out) > 0 {
 		d.notePulled(p, out)
@@ -207,14 +206,7 @@ func (d *Dispatcher) awaitStored(ctx context.Context) int {
 			continue
 		}
 		d.pulledSeq[p].Store(announced)
-		batch, err := d.consumers[p].Fetch(1, jetstream.FetchMaxWait(d.storedGrace))
-		if err != nil {
-			continue
-		}
-		var msgs []jetstream.Msg
-		for m := range batch.Messages() {
-			msgs = append(msgs, m)
-		}
+		msgs, _ := d.pullJobs(ctx, p, jspull.Request{Batch: 1, Expires: d.storedGrace})
 		if len(msgs) > 0 && ctx.Err() == nil {
 			d.count().pulled(len(msgs))
 			d.notePulled(p, msgs)
