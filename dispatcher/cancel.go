@@ -43,14 +43,9 @@ func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 	if backlog == 0 || info.State.Msgs == 0 {
 		done()
 	}
-	// read is the stream sequence of the last cancel handled: the consumer's
-	// own count (poll) may be ahead of the callback.
+	// read is the stream sequence of the last cancel handled.
 	var read atomic.Uint64
-	c, err := d.js.OrderedConsumer(ctx, subjects.StreamCancels, jetstream.OrderedConsumerConfig{FilterSubjects: []string{subjects.CancelAll}})
-	if err != nil {
-		return nil, fmt.Errorf("dispatcher: follow %s: %w", subjects.StreamCancels, err)
-	}
-	cc, err := c.Consume(func(m jetstream.Msg) {
+	handle := func(m jetstream.Msg) {
 		md, err := m.Metadata()
 		if err != nil {
 			d.onCancel(m.Subject(), m.Data(), true)
@@ -61,10 +56,8 @@ func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 		if md.Sequence.Stream >= backlog || md.NumPending == 0 {
 			done()
 		}
-	}, jetstream.PullMaxBytes(streamPullBytes(d.nc.MaxPayload())),
-		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-			d.rare.Warn().Err(err).Str("stream", subjects.StreamCancels).Msg("following cancels")
-		}))
+	}
+	f, err := d.followStream(ctx, subjects.StreamCancels, subjects.CancelAll, handle, &read)
 	if err != nil {
 		return nil, fmt.Errorf("dispatcher: follow %s: %w", subjects.StreamCancels, err)
 	}
@@ -76,12 +69,12 @@ func (d *Dispatcher) watchCancels(ctx context.Context) (func(), error) {
 	for {
 		select {
 		case <-caughtUp:
-			return cc.Stop, nil
+			return f.stop, nil
 		case <-ctx.Done():
-			cc.Stop()
+			f.stop()
 			return nil, ctx.Err()
 		case <-poll.C:
-			if ci, err := c.Info(ctx); err == nil && ci.NumPending == 0 && read.Load() >= ci.Delivered.Stream {
+			if ci, err := f.info(ctx); err == nil && ci.NumPending == 0 && read.Load() >= ci.Delivered.Stream {
 				done()
 			}
 		}

@@ -1,6 +1,7 @@
 package dispatcher
 
 import (
+	"encoding/json"
 	"testing"
 	"time"
 
@@ -47,4 +48,104 @@ func TestStatusLookalikeJobsDoNotStallThePull(t *testing.T) {
 		}
 	}
 	waitFor(t, 10*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
+}
+
+// A stored cancel that looks like the server's "consumer deleted" (no body,
+// "Status: 409, Description: Consumer Deleted") is a cancel like any other,
+// and no valid one: the dispatcher reads past it, starts (no job is pulled
+// before the stored cancels are read), and acts on the cancels that follow
+// (forwards a running job's to its worker).
+// nats.go's ordered consumer made a new consumer at it, was handed it again,
+// and so on for ever: every cancel ignored, and after a restart no job of any
+// tenant pulled (red team round 17, tenant F2).
+// Mutation caught: watchCancels on the ordered consumer again (the dispatcher
+// never starts; the job is never placed).
+func TestStatusLookalikeCancelIsReadPast(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	for _, st := range [][2]string{{"409", "Consumer Deleted"}, {"404", "No Messages"}, {"408", "Request Timeout"}} {
+		m := nats.NewMsg(subjects.Cancel("a", "pc"+st[0]))
+		m.Header.Set("Status", st[0])
+		m.Header.Set("Description", st[1])
+		if _, err := e.js.PublishMsg(t.Context(), m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Block: true} })
+	defer w.Release()
+	forwarded := e.cancelsTo("w1")
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	e.mustSubmit(newJob("victim", "m", "normal"))
+	waitFor(t, 10*time.Second, "the job running", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		j := d.jobs[subjects.JobRef{ID: "victim"}.Key()]
+		return j != nil && (j.state == StateRunning || j.state == StateDispatched)
+	})
+	data, _ := json.Marshal(schemas.CancelMsg{JobID: "victim", RequestedAt: time.Now().UTC()})
+	if _, err := e.js.Publish(t.Context(), subjects.Cancel("", "victim"), data); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-forwarded:
+		var c schemas.CancelMsg
+		if err := json.Unmarshal(m.Data, &c); err != nil || c.JobID != "victim" {
+			t.Fatalf("forwarded %s (%v), want the victim's cancel", m.Data, err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the cancel after the lookalikes was not acted on (not forwarded to the job's worker)")
+	}
+	if n := d.Metrics().BadCancels.Load(); n != 3 {
+		t.Errorf("bad cancels %d, want the 3 lookalikes", n)
+	}
+}
+
+// The cancels' consumer deleted under the dispatcher (an operator, a server
+// restart losing it) is made again from the cancel after the last one
+// handled: a cancel stored after it is acted on, once.
+// Mutation caught: the follower's loop without making its consumer again
+// (the cancel is never forwarded).
+func TestCancelFollowerOutlivesItsConsumer(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	w := e.startWorker("w1", 2, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Block: true} })
+	defer w.Release()
+	forwarded := e.cancelsTo("w1")
+	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
+	e.mustSubmit(newJob("later", "m", "normal"))
+	waitFor(t, 10*time.Second, "the job running", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		j := d.jobs[subjects.JobRef{ID: "later"}.Key()]
+		return j != nil && (j.state == StateRunning || j.state == StateDispatched)
+	})
+	s, err := e.js.Stream(t.Context(), subjects.StreamCancels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := s.ConsumerNames(t.Context())
+	n := 0
+	for name := range names.Name() {
+		if err := s.DeleteConsumer(t.Context(), name); err != nil {
+			t.Fatal(err)
+		}
+		n++
+	}
+	if n != 1 {
+		t.Fatalf("%d consumers on CANCELS, want the dispatcher's one", n)
+	}
+	data, _ := json.Marshal(schemas.CancelMsg{JobID: "later", RequestedAt: time.Now().UTC()})
+	if _, err := e.js.Publish(t.Context(), subjects.Cancel("", "later"), data); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-forwarded:
+	case <-time.After(20 * time.Second):
+		t.Fatal("a cancel stored after the consumer was deleted was not acted on")
+	}
+	select {
+	case m := <-forwarded:
+		t.Fatalf("the cancel was acted on twice: %s", m.Data)
+	default:
+	}
 }

@@ -52,8 +52,16 @@ var ErrStatus = errors.New("jspull: pull ended by the server")
 // messages and 408 request timeout end it without an error), Expires plus a
 // second after the request, or when ctx ends.
 func Fetch(ctx context.Context, nc *nats.Conn, apiPrefix, stream, consumer string, r Request) ([]jetstream.Msg, error) {
+	var out []jetstream.Msg
+	_, err := Pull(ctx, nc, apiPrefix, stream, consumer, r, func(m jetstream.Msg) { out = append(out, m) })
+	return out, err
+}
+
+// Pull is Fetch handing each stored message to each as it arrives (a
+// follower acts on it at once, not when the pull ends); n is how many.
+func Pull(ctx context.Context, nc *nats.Conn, apiPrefix, stream, consumer string, r Request, each func(jetstream.Msg)) (n int, err error) {
 	if r.Batch <= 0 {
-		return nil, nil
+		return 0, nil
 	}
 	body := struct {
 		Batch    int   `json:"batch"`
@@ -63,43 +71,43 @@ func Fetch(ctx context.Context, nc *nats.Conn, apiPrefix, stream, consumer strin
 	}{r.Batch, r.MaxBytes, int64(r.Expires), r.NoWait}
 	req, err := json.Marshal(body)
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
 	inbox := nc.NewInbox()
 	ch := make(chan *nats.Msg, 2*r.Batch+1)
 	sub, err := nc.ChanSubscribe(inbox, ch)
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
 	defer func() { _ = sub.Unsubscribe() }()
 	if err := nc.PublishRequest(apiPrefix+"CONSUMER.MSG.NEXT."+stream+"."+consumer, inbox, req); err != nil {
-		return nil, err
+		return 0, err
 	}
 	timer := time.NewTimer(r.Expires + time.Second)
 	defer timer.Stop()
-	var out []jetstream.Msg
 	bytes := 0
 	for {
 		select {
 		case <-ctx.Done():
-			return out, ctx.Err()
+			return n, ctx.Err()
 		case <-timer.C:
-			return out, nil
+			return n, nil
 		case m := <-ch:
 			if !strings.HasPrefix(m.Reply, ackPrefix) {
 				switch status := m.Header.Get("Status"); status {
 				case "100":
 					continue // a heartbeat or flow control
 				case "404", "408":
-					return out, nil
+					return n, nil
 				default:
-					return out, fmt.Errorf("%w: %s %s", ErrStatus, status, m.Header.Get("Description"))
+					return n, fmt.Errorf("%w: %s %s", ErrStatus, status, m.Header.Get("Description"))
 				}
 			}
-			out = append(out, Msg{m})
+			n++
+			each(Msg{m})
 			bytes += m.Size()
-			if len(out) == r.Batch || (r.MaxBytes > 0 && bytes >= r.MaxBytes) {
-				return out, nil
+			if n == r.Batch || (r.MaxBytes > 0 && bytes >= r.MaxBytes) {
+				return n, nil
 			}
 		}
 	}
