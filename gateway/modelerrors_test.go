@@ -19,29 +19,50 @@ import (
 
 // The red-team's repro: a worker credential publishes a delete marker on a
 // served model's key in the models bucket. The gateway (its fleet view and its
-// producer's model check alike) still runs the model's jobs.
-// Mutation caught: registry.ModelServed reading the key through kv.Get (as it
+// producer's model check alike) still runs the model's jobs. So with a put
+// carrying headers that nats.go reads for the server's (red team round 17,
+// F3): its own Nats-Time-Stamp or Nats-Sequence, or Status: 404 on an empty
+// value.
+// Mutations caught: registry.ModelServed reading the key through kv.Get (as it
 // did) answers 500 internal_error before the fromSubmit mapping, 503
-// model_not_available after it.
+// model_not_available after it; reading it with GetLastMsgForSubject answers
+// 503 for each header case.
 func TestModelDeleteMarkerDoesNotHideModel(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, jsprov.Options{})
-	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
-	_, srv := newTestGateway(t, tb, nil)
+	for _, c := range []struct {
+		name   string
+		header nats.Header
+		data   []byte
+	}{
+		{"delete marker", nats.Header{"KV-Operation": {"DEL"}}, nil},
+		{"garbage time stamp", nats.Header{"Nats-Time-Stamp": {"garbage"}}, []byte(testModel)},
+		{"garbage sequence", nats.Header{"Nats-Sequence": {"xyz"}}, []byte(testModel)},
+		{"status 404 on an empty value", nats.Header{"Status": {"404"}, "Description": {"No Messages"}}, nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			tb := startBus(t, jsprov.Options{})
+			startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
+			_, srv := newTestGateway(t, tb, nil)
 
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	m := nats.NewMsg(subjects.ModelEntry(testModel))
-	m.Header.Set("KV-Operation", "DEL")
-	if _, err := tb.js.PublishMsg(ctx, m); err != nil {
-		t.Fatal(err)
-	}
-	for _, stream := range []bool{false, true} {
-		resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil))
-		if resp.StatusCode != http.StatusOK {
-			expectError(t, resp, http.StatusOK, "", "")
-		}
-		resp.Body.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			m := nats.NewMsg(subjects.ModelEntry(testModel))
+			for k, v := range c.header {
+				m.Header[k] = v
+			}
+			m.Data = c.data
+			if _, err := tb.js.PublishMsg(ctx, m); err != nil {
+				t.Fatal(err)
+			}
+			for _, stream := range []bool{false, true} {
+				resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil))
+				if resp.StatusCode != http.StatusOK {
+					expectError(t, resp, http.StatusOK, "", "")
+				}
+				resp.Body.Close()
+			}
+		})
 	}
 }
 

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/mlx-serving/mlx-serving/internal/jsget"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
 )
 
 // AnnounceModels records that models are served now (workers call it; each put
@@ -52,12 +54,15 @@ func ModelServed(ctx context.Context, js jetstream.JetStream, model string) (boo
 	}
 	// The last message on the key, whatever it is (a direct get by subject, the
 	// one read producers are granted).
-	_, err = s.GetLastMsgForSubject(ctx, subjects.ModelEntry(model))
-	if err == nil {
-		return true, nil
+	found, err := lastOnKey(ctx, js, subjects.ModelEntry(model))
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return true, nil // the bucket went away since js.Stream
 	}
-	if !errors.Is(err, jetstream.ErrMsgNotFound) {
+	if err != nil {
 		return false, fmt.Errorf("bus: model %q: %w", model, err)
+	}
+	if found {
+		return true, nil
 	}
 	// Nothing on the key within the grace period: unknown, unless the bucket is
 	// empty (js.Stream has just read its state).
@@ -66,4 +71,38 @@ func ModelServed(ctx context.Context, js jetstream.JetStream, model string) (boo
 		return false, fmt.Errorf("bus: models bucket: no stream info")
 	}
 	return info.State.Msgs == 0, nil
+}
+
+// lastOnKey reports whether the models bucket holds a message on subject,
+// read with a direct get parsed here rather than by nats.go (red team round
+// 17, F3). The stored message's headers are its writer's — any worker
+// credential, which may put any header on any models key — and the server
+// appends its own (Nats-Stream, Nats-Subject, Nats-Sequence, Nats-Time-Stamp)
+// after them. nats.go's GetLastMsgForSubject reads the first value of each, so
+// a put with "Nats-Time-Stamp: garbage" or "Nats-Sequence: xyz" made every
+// read fail (bus: model check failed for every tenant, the gateway 503), and
+// it takes "Status: 404" on an empty value for the server's "no message",
+// which made a served model unknown. Nothing a writer stored is read here:
+// only whether the answer carries a Nats-Sequence, which the server adds to
+// every stored message it returns and never to an answer without one. No
+// value of that header, nor the time stamp, is needed (the grace period is
+// the bucket's TTL), and none is parsed; the message's own KV-Operation
+// header is its writer's too and, as ModelServed says, does not matter. The
+// Status of an answer without a sequence is the server's.
+func lastOnKey(ctx context.Context, js jetstream.JetStream, subject string) (bool, error) {
+	m, err := jsget.DirectMsg(ctx, js, subjects.ModelsStream, subject)
+	if err != nil {
+		return false, err
+	}
+	if len(m.Header.Values(jetstream.SequenceHeader)) > 0 {
+		return true, nil
+	}
+	switch status := m.Header.Get("Status"); status {
+	case "404":
+		return false, nil
+	case "":
+		return false, fmt.Errorf("direct get on %s: %w", subjects.ModelsStream, jetstream.ErrInvalidJetStreamResponse)
+	default:
+		return false, fmt.Errorf("direct get on %s: status %s %s", subjects.ModelsStream, status, m.Header.Get("Description"))
+	}
 }

@@ -80,6 +80,57 @@ func TestModelServedSurvivesMarkers(t *testing.T) {
 	}
 }
 
+// A worker credential's put on a served model's key may carry headers of its
+// own, stored with it; a direct get answers them first and the server's
+// (Nats-Sequence, Nats-Time-Stamp) after. Read by nats.go, which takes the
+// first value and a Status header on an empty body for the server's own
+// answer, "Nats-Time-Stamp: garbage" or "Nats-Sequence: xyz" made every
+// producer's model check fail (gateway 503 for every tenant) and an empty
+// value with "Status: 404" made the model unknown (red team round 17, F3).
+// Mutation caught: ModelServed reading the key with s.GetLastMsgForSubject
+// fails each case.
+func TestModelServedIgnoresAWritersHeaders(t *testing.T) {
+	t.Parallel()
+	b := testenv.StartBus(t, jsprov.Options{})
+	ctx := testenv.Context(t, 30*time.Second)
+	kv, err := b.JS.KeyValue(ctx, subjects.BucketModels)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := registry.AnnounceModels(ctx, kv, []string{"tiny-model", "other-model"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		what   string
+		header nats.Header
+		data   []byte
+	}{
+		{"a put with Nats-Time-Stamp: garbage", nats.Header{"Nats-Time-Stamp": {"garbage"}}, []byte("tiny-model")},
+		{"a put with Nats-Sequence: xyz", nats.Header{"Nats-Sequence": {"xyz"}}, []byte("tiny-model")},
+		{"an empty put with Status: 404", nats.Header{"Status": {"404"}, "Description": {"No Messages"}}, nil},
+		{"an empty put with Status: 503", nats.Header{"Status": {"503"}, "Description": {"No Responders"}}, nil},
+		{"an empty delete marker with Status: 404", nats.Header{"KV-Operation": {"DEL"}, "Status": {"404"}}, nil},
+	} {
+		m := nats.NewMsg(subjects.ModelEntry("tiny-model"))
+		for k, v := range c.header {
+			m.Header[k] = v
+		}
+		m.Data = c.data
+		// Acknowledged by the bucket: stored before ModelServed reads.
+		if _, err := b.JS.PublishMsg(ctx, m); err != nil {
+			t.Fatalf("%s: %v", c.what, err)
+		}
+		ok, err := registry.ModelServed(ctx, b.JS, "tiny-model")
+		if err != nil || !ok {
+			t.Errorf("after %s: ModelServed(tiny-model) = %v, %v; want served", c.what, ok, err)
+		}
+		// The attacker's last message on one key changes nothing for another.
+		if ok, err := registry.ModelServed(ctx, b.JS, "no-such-model"); err != nil || ok {
+			t.Errorf("after %s: ModelServed(no-such-model) = %v, %v; want not served", c.what, ok, err)
+		}
+	}
+}
+
 // An empty bucket (nothing announced within the grace period: the fleet is down)
 // serves everything, and a missing one (an older release's bus) too; entries
 // removed for real (what the TTL does) leave a model unknown again.

@@ -68,7 +68,12 @@ func (at *attackTable) waitForged(before float64, d time.Duration) bool {
 
 const violationWait = 2 * time.Second
 
+// pubDenied publishes on subj as c would reach it: a $JS.API or $KV subject
+// under c's JetStream API prefix when c is in an account of its own
+// (apiFor). Published unprefixed, such a subject reaches no stream whatever
+// the grants say, and the row would prove nothing about them.
 func (at *attackTable) pubDenied(c *busClient, what, subj string) {
+	subj = apiFor(c.name, subj)
 	if err := c.nc.Publish(subj, []byte(`{"job_id":"bq1","tenant":"b","status":"completed","text":"PWNED"}`)); err != nil {
 		at.add(c.name, what+" ("+subj+")", true, "refused by the client: "+err.Error())
 		return

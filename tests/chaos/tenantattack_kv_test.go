@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/mlx-serving/mlx-serving/internal/jsget"
 	"github.com/mlx-serving/mlx-serving/internal/registry"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -36,9 +37,9 @@ func (at *attackTable) kvRollup(c *busClient) {
 	m := nats.NewMsg("$KV." + subjects.BucketWorkers + ".w1")
 	m.Data = own.Value()
 	m.Header.Set("Nats-Rollup", "all")
-	ack, err := c.js.PublishMsg(ctx, m)
-	if err != nil {
-		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
+	ack, refusal := at.kvPublish(ctx, c, m)
+	if ack == nil {
+		at.add(c.name, action, true, refusal)
 		return
 	}
 	kvs, err := at.s.adminJS.Stream(ctx, subjects.WorkersStream)
@@ -69,8 +70,8 @@ func (at *attackTable) modelsRollup(c *busClient) {
 	m := nats.NewMsg(subjects.ModelEntry("atk-other"))
 	m.Data = []byte("atk-other")
 	m.Header.Set("Nats-Rollup", "all")
-	if _, err := c.js.PublishMsg(ctx, m); err != nil {
-		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
+	if ack, refusal := at.kvPublish(ctx, c, m); ack == nil {
+		at.add(c.name, action, true, refusal)
 		return
 	}
 	if _, err := kv.Get(ctx, subjects.ModelKey("atk-served")); errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -80,31 +81,46 @@ func (at *attackTable) modelsRollup(c *busClient) {
 	at.add(c.name, action, true, "the other announcements survived")
 }
 
-// modelsDeleteMarker: a worker may put model announcements, and NATS
-// permissions cannot tell a put from a "KV-Operation: DEL" or "PURGE" marker
-// on the same subject. A marker must not make a served model unknown to the
-// producers' check (it did: model_not_found for every tenant, and a 500 from
-// the gateway, for as long as the marker was repeated).
-func (at *attackTable) modelsDeleteMarker(c, reader *busClient) {
+// modelsTamper: a worker may put model announcements, and NATS permissions
+// cannot tell a put from a "KV-Operation: DEL" or "PURGE" marker on the same
+// subject, nor keep headers of the writer's own off it. None may make a served
+// model unknown to the producers' check, nor make the check fail: a marker
+// made it model_not_found for every tenant, and a 500 from the gateway, for as
+// long as it was repeated; "Nats-Time-Stamp: garbage" or "Nats-Sequence: xyz"
+// made every submit for it fail (bus: model check failed, gateway 503), and an
+// empty value with "Status: 404" read as "no message" (red team round 17, F3).
+func (at *attackTable) modelsTamper(c, reader *busClient) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	at.announceServed(ctx)
-	for _, op := range []string{"DEL", "PURGE"} {
-		action := "KV-Operation: " + op + " on another model's announcement"
+	for _, tc := range []struct {
+		action string
+		header nats.Header
+		data   []byte
+	}{
+		{"KV-Operation: DEL on another model's announcement", nats.Header{"KV-Operation": {"DEL"}}, nil},
+		{"KV-Operation: PURGE on another model's announcement", nats.Header{"KV-Operation": {"PURGE"}}, nil},
+		{"Nats-Time-Stamp: garbage on another model's announcement", nats.Header{"Nats-Time-Stamp": {"garbage"}}, []byte("atk-served")},
+		{"Nats-Sequence: xyz on another model's announcement", nats.Header{"Nats-Sequence": {"xyz"}}, []byte("atk-served")},
+		{"empty value with Status: 404 on another model's announcement", nats.Header{"Status": {"404"}, "Description": {"No Messages"}}, nil},
+	} {
 		m := nats.NewMsg(subjects.ModelEntry("atk-served"))
-		m.Header.Set("KV-Operation", op)
-		if _, err := c.js.PublishMsg(ctx, m); err != nil {
-			at.add(c.name, action, true, "refused by JetStream: "+err.Error())
+		for k, v := range tc.header {
+			m.Header[k] = v
+		}
+		m.Data = tc.data
+		if ack, refusal := at.kvPublish(ctx, c, m); ack == nil {
+			at.add(c.name, tc.action, true, refusal)
 			continue
 		}
 		served, err := registry.ModelServed(ctx, reader.js, "atk-served")
 		switch {
 		case err != nil:
-			at.add(c.name, action, false, "SUCCEEDED: the producers' model check fails: "+err.Error())
+			at.add(c.name, tc.action, false, "SUCCEEDED: the producers' model check fails: "+err.Error())
 		case !served:
-			at.add(c.name, action, false, "SUCCEEDED: atk-served is model_not_found for every tenant")
+			at.add(c.name, tc.action, false, "SUCCEEDED: atk-served is model_not_found for every tenant")
 		default:
-			at.add(c.name, action, true, "allowed by the server, but atk-served is still served")
+			at.add(c.name, tc.action, true, "allowed by the server, but atk-served is still served")
 		}
 	}
 }
@@ -119,11 +135,35 @@ func (at *attackTable) modelsFlood(c *busClient) {
 	defer cancel()
 	m := nats.NewMsg(subjects.ModelEntry("atk-flood"))
 	m.Data = make([]byte, 1<<20-4096)
-	if _, err := c.js.PublishMsg(ctx, m); err != nil {
-		at.add(c.name, action, true, "refused by JetStream: "+err.Error())
+	if ack, refusal := at.kvPublish(ctx, c, m); ack == nil {
+		at.add(c.name, action, true, refusal)
 		return
 	}
 	at.add(c.name, action, false, "SUCCEEDED: 1 MB stored in the models bucket")
+}
+
+// kvPublish publishes m on a KV subject as c's own KV API would: a client in
+// an account of its own writes KV keys under its JetStream API prefix
+// (subjects.ImportedAPIPrefix), and a raw publish on "$KV.<bucket>.<key>"
+// there reaches no stream. These rows published there once and timed out
+// waiting for an ack, which they counted as a refusal: every attack on the
+// buckets was "refused" without reaching a bucket. It returns the ack of a
+// stored message, or nil and the server's refusal; anything else (no answer)
+// fails the test: a timeout is no verdict.
+func (at *attackTable) kvPublish(ctx context.Context, c *busClient, m *nats.Msg) (*jetstream.PubAck, string) {
+	if p := jsget.APIPrefix(c.js); p != jetstream.DefaultAPIPrefix {
+		m.Subject = p + m.Subject
+	}
+	ack, err := c.js.PublishMsg(ctx, m)
+	var apiErr *jetstream.APIError
+	switch {
+	case err == nil:
+		return ack, ""
+	case errors.As(err, &apiErr):
+		return nil, "refused by JetStream: " + err.Error()
+	}
+	at.t.Fatalf("%s: publish on %s: %v (neither stored nor refused)", c.name, m.Subject, err)
+	return nil, ""
 }
 
 // announceServed announces atk-served as the admin (a worker serving it would)

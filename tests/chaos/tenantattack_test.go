@@ -158,7 +158,7 @@ func TestTenantAttack(t *testing.T) {
 	at.replyInjection(w1, bc, "bq0")
 	at.kvRollup(w1)
 	at.modelsRollup(w1)
-	at.modelsDeleteMarker(w1, pa)
+	at.modelsTamper(w1, pa)
 	at.modelsFlood(w1)
 
 	for _, c := range []struct{ what, subj string }{
