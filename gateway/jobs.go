@@ -184,6 +184,12 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 		g.refuse(w, spec.endpoint, job.Tenant, aerr)
 		return
 	}
+	release, aerr := g.holdLogprobs(job, spec.n, spec.endpoint)
+	if aerr != nil {
+		g.refuse(w, spec.endpoint, job.Tenant, aerr)
+		return
+	}
+	defer release()
 	now := time.Now().UTC()
 	job.ID = bus.NewJobID()
 	job.Priority = schemas.PriorityNormal

@@ -104,6 +104,7 @@ type Gateway struct {
 
 	maxBody      int64
 	bodies       *bodyBudget
+	logprobs     *bodyBudget   // logprob entries held by answers (logprobbudget.go)
 	bodyTimeout  time.Duration // 0: none
 	writeTimeout time.Duration // 0: none
 
@@ -169,6 +170,7 @@ func New(cfg Config) (*Gateway, error) {
 
 		maxBody:      maxBody,
 		bodies:       newBodyBudget(reading, maxBody),
+		logprobs:     newBodyBudget(logprobCapacity, 0),
 		bodyTimeout:  bodyTimeout,
 		writeTimeout: writeTimeout,
 	}
