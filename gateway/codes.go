@@ -45,7 +45,7 @@ var resultAnswers = map[string]httpAnswer{
 	schemas.CodeOutOfMemory:       answerServer,
 	schemas.CodeDuplicateRequest:  answerServer,
 	schemas.CodeShuttingDown:      answerServer,
-	schemas.CodeRuntimeBusy:       answerServer,
+	schemas.CodeRuntimeBusy:       answerUnavailable, // a tenant over its compile budget there: retry
 	schemas.CodeRuntimeError:      answerServer,
 	schemas.CodeInvalidMessage:    answerServer,
 	schemas.CodeRuntimeCrashed:    answerServer,

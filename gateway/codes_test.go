@@ -35,6 +35,7 @@ func TestAnswerFor(t *testing.T) {
 		{schemas.CodeContextExceeded, http.StatusBadRequest, typeInvalidRequest, "context_length_exceeded"},
 		{schemas.CodeDeadlineExceeded, http.StatusGatewayTimeout, typeTimeout, "deadline_exceeded"},
 		{schemas.CodeModelNotAvailable, http.StatusServiceUnavailable, typeServer, "model_not_available"},
+		{schemas.CodeRuntimeBusy, http.StatusServiceUnavailable, typeServer, "runtime_busy"}, // retryable (round 17, HTTP L4)
 		{schemas.CodeRuntimeCrashed, http.StatusInternalServerError, typeServer, "runtime_crashed"},
 		{"from_a_newer_worker", http.StatusInternalServerError, typeServer, "from_a_newer_worker"},
 		{"", http.StatusInternalServerError, typeServer, "job_failed"},

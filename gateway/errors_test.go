@@ -46,6 +46,11 @@ func TestInvalidRequestNamesTheField(t *testing.T) {
 		{"json_schema without schema", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"name":"x"}}}`, "response_format.json_schema.schema"},
 		{"empty json_schema", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"schema":{}}}}`, "response_format.json_schema.schema"},
 		{"unknown response_format", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"yaml"}}`, "response_format.type"},
+		// Red team round 17, HTTP L1 and L2: compiled at the edge, not queued;
+		// a json_schema beside another type is not dropped unread.
+		{"uncompilable json_schema type", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"nosuch"}}}}`, "response_format.json_schema.schema"},
+		{"uncompilable json_schema pattern", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"string","pattern":"(("}}}}`, "response_format.json_schema.schema"},
+		{"json_schema beside type text", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"text","json_schema":{"schema":{"type":"nosuch"}}}}`, "response_format.json_schema"},
 		{"no model", `{"messages":[{"role":"user","content":"hi"}]}`, "model"},
 		{"model with spaces", `{"model":"tiny model","messages":[{"role":"user","content":"hi"}]}`, "model"},
 		{"tools", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function"}]}`, "tools[0].function"},

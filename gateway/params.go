@@ -123,6 +123,10 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 		pm.user = true
 	}
 	if rf := p.ResponseFormat; rf != nil {
+		if rf.JSONSchema != nil && rf.Type != "json_schema" {
+			// Dropped without a word, the client would think its schema held.
+			return errInvalid("response_format.json_schema", "response_format.json_schema is only read with type json_schema, not %q.", rf.Type)
+		}
 		switch rf.Type {
 		case "", "text":
 		case "json_object":
@@ -130,6 +134,12 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 		case "json_schema":
 			if rf.JSONSchema == nil || len(rf.JSONSchema.Schema) == 0 {
 				return errInvalid("response_format.json_schema.schema", "response_format of type json_schema needs a non-empty json_schema.schema.")
+			}
+			// Compiled here, as a tool's parameters are: a schema no validator
+			// can compile was queued, took a worker slot and its compile, and
+			// came back a 400 with no param (red team round 17, HTTP L1).
+			if aerr := compileSchema(rf.JSONSchema.Schema, "response_format.json_schema.schema"); aerr != nil {
+				return aerr
 			}
 			job.JSONSchema = rf.JSONSchema.Schema
 		default:

@@ -142,13 +142,22 @@ func toolParameters(raw json.RawMessage, param string) (map[string]any, *apiErro
 	if t, ok := params["type"]; ok && t != "object" {
 		return nil, errInvalid(param+".type", "'%s' must describe an object (type \"object\"): the arguments are one.", param)
 	}
-	if aerr := localRefsOnly(params, param); aerr != nil {
+	if aerr := compileSchema(params, param); aerr != nil {
 		return nil, aerr
 	}
-	if _, err := gojsonschema.NewSchema(gojsonschema.NewGoLoader(params)); err != nil {
-		return nil, errInvalid(param, "'%s' is not a valid JSON Schema: %v", param, err)
-	}
 	return params, nil
+}
+
+// compileSchema refuses a schema that points outside itself or that a
+// validator cannot compile, naming param.
+func compileSchema(schema map[string]any, param string) *apiError {
+	if aerr := localRefsOnly(schema, param); aerr != nil {
+		return aerr
+	}
+	if _, err := gojsonschema.NewSchema(gojsonschema.NewGoLoader(schema)); err != nil {
+		return errInvalid(param, "'%s' is not a valid JSON Schema: %v", param, err)
+	}
+	return nil
 }
 
 // localRefsOnly refuses a schema that points outside itself: a $ref that is not a
