@@ -270,3 +270,12 @@ func errStreamDiverged(jobID string) *apiError {
 	return &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "stream_diverged",
 		Message: "The job was restarted and generated different text than was streamed; fetch the whole result with `mlx-serving result " + jobID + "`."}
 }
+
+// fail answers with an OpenAI error and counts the refusal.
+func (g *Gateway) fail(w http.ResponseWriter, endpoint string, e *apiError) {
+	g.obs.ErrorAnswered(e.Code)
+	if e.Status >= 500 {
+		g.log.Warn().Str("endpoint", endpoint).Int("status", e.Status).Str("code", e.Code).Msg(e.Message)
+	}
+	writeError(w, e)
+}

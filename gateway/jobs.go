@@ -169,15 +169,6 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		logprobs: job.Logprobs != nil, n: req.choices(), format: f})
 }
 
-// fail answers with an OpenAI error and counts the refusal.
-func (g *Gateway) fail(w http.ResponseWriter, endpoint string, e *apiError) {
-	g.obs.ErrorAnswered(e.Code)
-	if e.Status >= 500 {
-		g.log.Warn().Str("endpoint", endpoint).Int("status", e.Status).Str("code", e.Code).Msg(e.Message)
-	}
-	writeError(w, e)
-}
-
 // run submits the job and answers with its outcome, streamed or whole.
 func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRequest, spec runSpec) {
 	if aerr := g.admit(r, job); aerr != nil {
@@ -200,20 +191,8 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 		job.Deadline = &dl
 	}
 
-	// Validate before looking for workers, so a bad request is a 400 whatever the
-	// fleet's state; Submit validates again, which costs microseconds.
-	data, err := json.Marshal(job)
-	if err != nil {
-		g.fail(w, spec.endpoint, errInternal("Encoding the job failed."))
-		return
-	}
-	if err := schemas.Validate(schemas.Job, data); err != nil {
-		var verr *schemas.ValidationError
-		if errors.As(err, &verr) {
-			g.fail(w, spec.endpoint, fromValidation(verr, spec.params))
-			return
-		}
-		g.fail(w, spec.endpoint, errInternal("Validating the job failed."))
+	if aerr := checkJob(job, spec); aerr != nil {
+		g.fail(w, spec.endpoint, aerr)
 		return
 	}
 

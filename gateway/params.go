@@ -135,13 +135,7 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 			if rf.JSONSchema == nil || len(rf.JSONSchema.Schema) == 0 {
 				return errInvalid("response_format.json_schema.schema", "response_format of type json_schema needs a non-empty json_schema.schema.")
 			}
-			// Compiled here, as a tool's parameters are: a schema no validator
-			// can compile was queued, took a worker slot and its compile, and
-			// came back a 400 with no param (red team round 17, HTTP L1).
-			if aerr := compileSchema(rf.JSONSchema.Schema, "response_format.json_schema.schema"); aerr != nil {
-				return aerr
-			}
-			job.JSONSchema = rf.JSONSchema.Schema
+			job.JSONSchema = rf.JSONSchema.Schema // compiled in run, once the job's bounds hold
 		default:
 			return errInvalid("response_format.type", "Unknown response_format type %q; use text, json_object or json_schema.", rf.Type)
 		}
