@@ -137,11 +137,16 @@ type Agent struct {
 	// (a request on the bus; tests replace it).
 	handOver func(ctx context.Context, subject string, data []byte) ([]byte, error)
 
-	startedAt time.Time     // once per process: dispatchers tell a restart by it
-	notForMe  atomic.Int64  // assignments for another process of this worker id, not answered (assign.go)
-	room      chan struct{} // a full worker freed a slot: heartbeat soon
-	prefixes  prefixLog     // prompt prefixes the runtime ran: the heartbeat's routing hints (prefixes.go)
-	assignMu  sync.Mutex    // orders assignment admission against Drain
+	startedAt time.Time    // once per process: dispatchers tell a restart by it
+	notForMe  atomic.Int64 // assignments for another process of this worker id, not answered (assign.go)
+	// hbRev: the revision of this process's last registry write (0: none yet,
+	// or unknown); superseded: a later process of this id took it over, and
+	// this one stopped (heartbeat.go).
+	hbRev      uint64
+	superseded atomic.Bool
+	room       chan struct{} // a full worker freed a slot: heartbeat soon
+	prefixes   prefixLog     // prompt prefixes the runtime ran: the heartbeat's routing hints (prefixes.go)
+	assignMu   sync.Mutex    // orders assignment admission against Drain
 
 	jobCtx    context.Context // running jobs; cancelled only as the last resort of a stop
 	jobCancel context.CancelFunc
@@ -334,6 +339,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 	case <-a.stopped:
+		if a.superseded.Load() {
+			return errSuperseded
+		}
 		return nil
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), a.cfg.StopTimeout+5*time.Second)

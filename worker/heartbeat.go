@@ -221,7 +221,12 @@ func (a *Agent) heartbeatLoop(ctx context.Context) {
 			// Announced first: whoever sees the model in a heartbeat finds it
 			// announced too, so a producer never refuses a model a ready worker has.
 			a.announceModels(ctx)
-			if err := a.putHeartbeat(ctx, reg); err != nil && ctx.Err() == nil {
+			if err := a.putHeartbeat(ctx, reg); errors.Is(err, errSuperseded) {
+				a.log.Error().Err(err).Msg("this worker process was replaced under its id; stopping without touching the other's entry")
+				a.superseded.Store(true)
+				go func() { _ = a.Shutdown(context.Background()) }()
+				return
+			} else if err != nil && ctx.Err() == nil {
 				a.log.Warn().Err(err).Msg("heartbeat put failed")
 			}
 			last = time.Now()
@@ -248,12 +253,40 @@ func (a *Agent) heartbeatLoop(ctx context.Context) {
 	}
 }
 
+// putHeartbeat writes this process's entry, conditional on the revision it
+// wrote last: a write refused because the entry changed since is looked at,
+// and an entry of a process of this id that started later means this one was
+// replaced (it was paused past the TTL, or asleep, and a new process claimed
+// the id meanwhile): errSuperseded. Before, both processes heart-beat on,
+// each overwriting the other's entry, and every dispatcher that started
+// while the old one's entry stood placed jobs on the old process (red team
+// round 17, F1). Any other change (the entry expired or was deleted, an
+// older process wrote it, or this process's own write whose answer was
+// lost) is written over.
 func (a *Agent) putHeartbeat(ctx context.Context, reg registry.Bucket) error {
 	hb := a.heartbeat()
 	pctx, cancel := context.WithTimeout(ctx, a.cfg.HeartbeatInterval+time.Second)
 	defer cancel()
-	return reg.Put(pctx, hb)
+	rev, err := reg.PutAt(pctx, hb, a.hbRev)
+	if err != nil && a.hbRev != 0 && pctx.Err() == nil {
+		if e, gerr := reg.Entry(pctx, a.cfg.WorkerID); gerr == nil {
+			var other schemas.HeartbeatMsg
+			if json.Unmarshal(e.Value(), &other) == nil && other.StartedAt.After(a.startedAt) {
+				return fmt.Errorf("%w: a process of worker id %q started at %s (host %q), after this one (%s)",
+					errSuperseded, a.cfg.WorkerID, other.StartedAt.Format(time.RFC3339Nano), other.Hostname, a.startedAt.Format(time.RFC3339Nano))
+			}
+		}
+		rev, err = reg.PutAt(pctx, hb, 0)
+	}
+	if err == nil {
+		a.hbRev = rev
+	}
+	return err
 }
+
+// errSuperseded: a process of this worker id that started later writes its
+// entry; this one stops (Run returns ErrWorkerIDInUse).
+var errSuperseded = fmt.Errorf("%w: replaced by a later process", ErrWorkerIDInUse)
 
 // deleteHeartbeat removes the registry entry on a clean stop, so dispatchers stop
 // routing at once instead of waiting for the TTL — only while the entry is

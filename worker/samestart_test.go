@@ -84,3 +84,57 @@ func TestStopLeavesAnotherProcesssEntry(t *testing.T) {
 		t.Fatalf("this process's own entry after its stop: present %v err %v", ok, err)
 	}
 }
+
+// A process whose registry entry was taken over by a later process of its
+// worker id (it was paused past the TTL, or asleep) stops at its next
+// heartbeat and leaves the other's entry alone: heart-beating on, the two
+// overwrote each other's entry, and a dispatcher starting meanwhile placed
+// jobs on the old one (red team round 17, F1). Its own writes answered late
+// or an older process's write are written over (TestHeartbeatTakesBackAn-
+// OlderEntry).
+// Mutation caught: putHeartbeat without the started_at comparison (the old
+// process writes on, and never stops).
+func TestReplacedProcessStops(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	a := startAgent(t, testConfig(t, b, "w-replaced"), false)
+	ctx := within(t, 20*time.Second)
+	waitHeartbeat(t, b.kv, "w-replaced", 10*time.Second, func(h *schemas.HeartbeatMsg) bool { return h.StartedAt.Equal(a.startedAt) })
+	later := a.Heartbeat() // schema-valid, another process's start
+	later.Hostname, later.StartedAt = "new", a.startedAt.Add(time.Minute)
+	if err := registry.Put(ctx, b.js, later); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-a.Stopped():
+	case <-ctx.Done():
+		t.Fatal("the replaced process did not stop")
+	}
+	if !a.superseded.Load() {
+		t.Error("stopped, but not as replaced")
+	}
+	hb, ok, err := registry.Get(ctx, b.js, "w-replaced")
+	if err != nil || !ok || !hb.StartedAt.Equal(later.StartedAt) {
+		t.Fatalf("the later process's entry after the old one stopped: %+v ok %v err %v", hb, ok, err)
+	}
+}
+
+// An entry written over by an older process of the id is taken back.
+func TestHeartbeatTakesBackAnOlderEntry(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	a := startAgent(t, testConfig(t, b, "w-older"), false)
+	ctx := within(t, 20*time.Second)
+	waitHeartbeat(t, b.kv, "w-older", 10*time.Second, func(h *schemas.HeartbeatMsg) bool { return h.StartedAt.Equal(a.startedAt) })
+	older := a.Heartbeat()
+	older.StartedAt = a.startedAt.Add(-time.Minute)
+	if err := registry.Put(ctx, b.js, older); err != nil {
+		t.Fatal(err)
+	}
+	waitHeartbeat(t, b.kv, "w-older", 10*time.Second, func(h *schemas.HeartbeatMsg) bool { return h.StartedAt.Equal(a.startedAt) })
+	select {
+	case <-a.Stopped():
+		t.Fatal("an older process's write stopped this one")
+	default:
+	}
+}

@@ -108,6 +108,27 @@ func (b Bucket) Put(ctx context.Context, hb schemas.HeartbeatMsg) error {
 	return err
 }
 
+// PutAt writes hb as its worker's entry only if the entry is still at
+// revision rev (0: unconditionally, as Put), and returns the revision
+// written. A writer that keeps its last revision learns when another process
+// wrote the entry since: the write fails (a wrong-last-sequence error).
+func (b Bucket) PutAt(ctx context.Context, hb schemas.HeartbeatMsg, rev uint64) (uint64, error) {
+	if b.kv == nil {
+		return 0, ErrNoRegistry
+	}
+	if hb.WorkerID == "" {
+		return 0, errors.New("worker registry: heartbeat without a worker id")
+	}
+	data, err := json.Marshal(hb)
+	if err != nil {
+		return 0, err
+	}
+	if rev == 0 {
+		return b.kv.Put(ctx, hb.WorkerID, data)
+	}
+	return b.kv.Update(ctx, hb.WorkerID, data, rev)
+}
+
 // Entry reads a worker's entry as the bucket holds it, with its revision
 // (the bucket's errors as they are: jetstream.ErrKeyNotFound, ErrKeyDeleted).
 func (b Bucket) Entry(ctx context.Context, workerID string) (jetstream.KeyValueEntry, error) {
