@@ -50,12 +50,7 @@ func TestRecordAdoptedWhenItsDispatcherIsGone(t *testing.T) {
 	job := newJob("adopted", "m", "normal")
 	e.mustSubmit(job)
 	key := subjects.JobRef{ID: job.ID}.Key()
-	waitFor(t, 10*time.Second, "the job running on w1", func() bool {
-		d1.mu.Lock()
-		defer d1.mu.Unlock()
-		j := d1.jobs[key]
-		return j != nil && (j.state == StateRunning || j.state == StateDispatched)
-	})
+	waitOnWorker(t, d1, key)
 	// A crash: the connection goes without a nak or an answer.
 	nc1.Close()
 	cfg2 := testConfig("d2", e.connect("d2"))

@@ -76,12 +76,7 @@ func TestStatusLookalikeCancelIsReadPast(t *testing.T) {
 	forwarded := e.cancelsTo("w1")
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	e.mustSubmit(newJob("victim", "m", "normal"))
-	waitFor(t, 10*time.Second, "the job running", func() bool {
-		d.mu.Lock()
-		defer d.mu.Unlock()
-		j := d.jobs[subjects.JobRef{ID: "victim"}.Key()]
-		return j != nil && (j.state == StateRunning || j.state == StateDispatched)
-	})
+	waitOnWorker(t, d, subjects.JobRef{ID: "victim"}.Key())
 	data, _ := json.Marshal(schemas.CancelMsg{JobID: "victim", RequestedAt: time.Now().UTC()})
 	if _, err := e.js.Publish(t.Context(), subjects.Cancel("", "victim"), data); err != nil {
 		t.Fatal(err)
@@ -113,12 +108,7 @@ func TestCancelFollowerOutlivesItsConsumer(t *testing.T) {
 	forwarded := e.cancelsTo("w1")
 	d, _ := runDispatcher(t, testConfig("d1", e.connect("d1")))
 	e.mustSubmit(newJob("later", "m", "normal"))
-	waitFor(t, 10*time.Second, "the job running", func() bool {
-		d.mu.Lock()
-		defer d.mu.Unlock()
-		j := d.jobs[subjects.JobRef{ID: "later"}.Key()]
-		return j != nil && (j.state == StateRunning || j.state == StateDispatched)
-	})
+	waitOnWorker(t, d, subjects.JobRef{ID: "later"}.Key())
 	s, err := e.js.Stream(t.Context(), subjects.StreamCancels)
 	if err != nil {
 		t.Fatal(err)
@@ -148,4 +138,15 @@ func TestCancelFollowerOutlivesItsConsumer(t *testing.T) {
 		t.Fatalf("the cancel was acted on twice: %s", m.Data)
 	default:
 	}
+}
+
+// waitOnWorker waits until d holds the job of key on a worker.
+func waitOnWorker(t *testing.T, d *Dispatcher, key string) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "the job on a worker", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		j := d.jobs[key]
+		return j != nil && (j.state == StateRunning || j.state == StateDispatched)
+	})
 }
