@@ -262,20 +262,10 @@ func (d *Dispatcher) attach(ctx context.Context) error {
 	if _, err = d.js.Stream(ctx, subjects.StreamResults); err != nil { // read by results.Stored
 		return fmt.Errorf("dispatcher: stream %s: %w", subjects.StreamResults, err)
 	}
-	for i, p := range schemas.Priorities {
-		c, err := d.js.CreateOrUpdateConsumer(ctx, subjects.StreamJobs, jetstream.ConsumerConfig{
-			Durable:       ConsumerName(d.cfg.ConsumerPrefix, p),
-			FilterSubject: subjects.JobsConsumerFilter(p),
-			AckPolicy:     jetstream.AckExplicitPolicy,
-			AckWait:       d.cfg.AckWait,
-			MaxDeliver:    -1,
-			MaxAckPending: d.cfg.MaxAckPending,
-			DeliverPolicy: jetstream.DeliverAllPolicy,
-		})
-		if err != nil {
-			return fmt.Errorf("dispatcher: consumer %s: %w", p, err)
+	for i := range schemas.Priorities {
+		if d.consumers[i], err = d.makeJobsConsumer(ctx, i); err != nil {
+			return err
 		}
-		d.consumers[i] = c
 	}
 	if _, err := d.js.KeyValue(ctx, subjects.BucketWorkers); err != nil {
 		return fmt.Errorf("dispatcher: bucket %s: %w", subjects.BucketWorkers, err)

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
@@ -149,4 +150,66 @@ func waitOnWorker(t *testing.T, d *Dispatcher, key string) {
 		j := d.jobs[key]
 		return j != nil && (j.state == StateRunning || j.state == StateDispatched)
 	})
+}
+
+// The dispatcher follows RESULTS from the sequence after the last record
+// stored when it started, not with DeliverNew: an ordered consumer that has
+// delivered nothing makes itself again with its first policy, and DeliverNew
+// then skipped every record stored meanwhile — the records another dispatcher
+// adopted for this one's jobs while its connection was cut, so it held them
+// until attempt_timeout and ran them again (red team round 17, second pass,
+// F2).
+// Mutation caught: watchResults with DeliverNewPolicy again.
+func TestResultsAreFollowedFromASequence(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	res, _ := json.Marshal(schemas.ResultMsg{Type: "result", JobID: "before", Attempt: 1, Status: schemas.StatusCompleted,
+		FinishReason: schemas.FinishStop, Model: "m", WorkerID: "w1", FinishedAt: time.Now().UTC()})
+	if _, err := e.js.Publish(t.Context(), subjects.Result("", "before"), res); err != nil {
+		t.Fatal(err)
+	}
+	var running <-chan struct{}
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.Logger, running = logSignal(logRunning)
+	_, _ = runDispatcher(t, cfg)
+	waitClosed(t, running, 10*time.Second, "dispatcher running")
+	s, err := e.js.Stream(t.Context(), subjects.StreamResults)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lister := s.ListConsumers(t.Context())
+	n := 0
+	for ci := range lister.Info() {
+		n++
+		if ci.Config.DeliverPolicy != jetstream.DeliverByStartSequencePolicy || ci.Config.OptStartSeq != 2 {
+			t.Errorf("RESULTS followed with %v from %d, want by start sequence from 2 (after the one record)", ci.Config.DeliverPolicy, ci.Config.OptStartSeq)
+		}
+	}
+	if n != 1 {
+		t.Fatalf("%d consumers on RESULTS, want the dispatcher's one", n)
+	}
+}
+
+// The JOBS consumers deleted under a running dispatcher are made again, and
+// jobs submitted after run: before, every pull was answered 503 and no job of
+// the priority was taken until a restart (red team round 17, second pass,
+// F4).
+// Mutation caught: fetch without making the consumer again.
+func TestJobsConsumerDeletedIsMadeAgain(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	e.startWorker("w1", 2, []string{"m"}, nil)
+	var running <-chan struct{}
+	cfg := testConfig("d1", e.connect("d1"))
+	cfg.Logger, running = logSignal(logRunning)
+	_, _ = runDispatcher(t, cfg)
+	waitClosed(t, running, 10*time.Second, "dispatcher running")
+	for _, p := range schemas.Priorities {
+		if err := e.js.DeleteConsumer(t.Context(), subjects.StreamJobs, ConsumerName("dispatch", p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r := e.waitResultAfter(newJob("after-delete", "m", "normal"), 15*time.Second); r.Status != schemas.StatusCompleted {
+		t.Fatalf("a job submitted after its consumer was deleted: %s (%+v)", r.Status, r.Error)
+	}
 }

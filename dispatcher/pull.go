@@ -2,6 +2,8 @@ package dispatcher
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"time"
@@ -138,10 +140,43 @@ func (d *Dispatcher) pullJobs(ctx context.Context, p int, r jspull.Request) ([]j
 	return jspull.Fetch(ctx, d.nc, jsget.APIPrefix(d.js), subjects.StreamJobs, d.consumers[p].CachedInfo().Name, r)
 }
 
+// makeJobsConsumer makes (or updates) priority p's durable JOBS consumer on
+// the server. The handle (d.consumers[p], set once by attach) names it, so a
+// consumer made again is reached through the same handle.
+func (d *Dispatcher) makeJobsConsumer(ctx context.Context, p int) (jetstream.Consumer, error) {
+	name := schemas.Priorities[p]
+	c, err := d.js.CreateOrUpdateConsumer(ctx, subjects.StreamJobs, jetstream.ConsumerConfig{
+		Durable:       ConsumerName(d.cfg.ConsumerPrefix, name),
+		FilterSubject: subjects.JobsConsumerFilter(name),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       d.cfg.AckWait,
+		MaxDeliver:    -1,
+		MaxAckPending: d.cfg.MaxAckPending,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dispatcher: consumer %s: %w", name, err)
+	}
+	return c, nil
+}
+
 func (d *Dispatcher) fetch(ctx context.Context, p, n int) []jetstream.Msg {
 	out, err := d.pullJobs(ctx, p, jspull.Request{Batch: n, NoWait: true})
 	if err != nil && ctx.Err() == nil {
-		d.log.Warn().Err(err).Str("priority", schemas.Priorities[p]).Msg("fetch")
+		d.rare.Warn().Err(err).Str("priority", schemas.Priorities[p]).Msg("fetch")
+		// A consumer deleted under the dispatcher (an operator, a restored
+		// store) is made again: pulls to it were answered 503 for ever, and
+		// no job of its priority was taken until a restart (red team round
+		// 17, second pass, F4).
+		if errors.Is(err, jspull.ErrStatus) {
+			if _, ierr := d.consumers[p].Info(ctx); errors.Is(ierr, jetstream.ErrConsumerNotFound) {
+				if _, merr := d.makeJobsConsumer(ctx, p); merr != nil {
+					d.rare.Warn().Err(merr).Msg("making a JOBS consumer again")
+				} else {
+					d.log.Warn().Str("priority", schemas.Priorities[p]).Msg("the JOBS consumer was gone; made again")
+				}
+			}
+		}
 	}
 	if len(out) > 0 {
 		d.notePulled(p, out)

@@ -246,62 +246,6 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 	return err
 }
 
-// watchResults starts an ordered consumer on RESULTS from now on. It returns a
-// stop function.
-func (d *Dispatcher) watchResults(ctx context.Context) (func(), error) {
-	c, err := d.js.OrderedConsumer(ctx, subjects.StreamResults, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{subjects.ResultsAll},
-		DeliverPolicy:  jetstream.DeliverNewPolicy,
-	})
-	if err != nil {
-		return nil, err
-	}
-	// Bounded in bytes like the cancels' pulls: unbounded, a pull of 500 large
-	// cancels got the dispatcher's connection dropped as a slow consumer, and a
-	// burst of records with long texts is the same shape.
-	cc, err := c.Consume(func(m jetstream.Msg) { d.onResult(m.Subject(), m.Data()) },
-		jetstream.PullMaxBytes(streamPullBytes(d.nc.MaxPayload())))
-	if err != nil {
-		return nil, err
-	}
-	return cc.Stop, nil
-}
-
-// onResult learns a terminal state from a record stored in RESULTS.
-func (d *Dispatcher) onResult(subject string, data []byte) {
-	ref, ok := subjects.ParseResult(subject)
-	if !ok {
-		return
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	j := d.jobs[ref.Key()]
-	if j == nil {
-		// Not held here: most often this dispatcher's own record, its job
-		// forgotten before the write. Nothing to decode.
-		return
-	}
-	var r struct {
-		Status     string    `json:"status"`
-		Attempt    int       `json:"attempt"`
-		WorkerID   string    `json:"worker_id"`
-		FinishedAt time.Time `json:"finished_at"`
-	}
-	if err := json.Unmarshal(data, &r); err != nil {
-		return
-	}
-	if !j.intaking {
-		if r.WorkerID == j.workerID && r.Attempt == j.attempt {
-			j.endedAt = r.FinishedAt
-		}
-		d.finishObserved(j, r.Status)
-	} else {
-		// The delivery check will find the record; make sure it does not run.
-		j.cancelReq = j.cancelReq || r.Status == schemas.StatusCancelled
-	}
-	poke(d.wakeSched)
-}
-
 // maxHandOvers is how many hand-overs are decoded at once.
 const maxHandOvers = 32
 
