@@ -50,6 +50,7 @@ func TestInvalidRequestNamesTheField(t *testing.T) {
 		// a json_schema beside another type is not dropped unread.
 		{"uncompilable json_schema type", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"nosuch"}}}}`, "response_format.json_schema.schema"},
 		{"uncompilable json_schema pattern", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"string","pattern":"(("}}}}`, "response_format.json_schema.schema"},
+		{"stream_options without stream", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"stream_options":{"include_usage":true}}`, "stream_options"},
 		{"json_schema beside type text", `{"model":"tiny-model","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"text","json_schema":{"schema":{"type":"nosuch"}}}}`, "response_format.json_schema"},
 		{"no model", `{"messages":[{"role":"user","content":"hi"}]}`, "model"},
 		{"model with spaces", `{"model":"tiny model","messages":[{"role":"user","content":"hi"}]}`, "model"},

@@ -122,6 +122,11 @@ func (p *samplingParams) apply(job *schemas.JobRequest, pm *paramMap, defaultMod
 		job.Metadata = map[string]string{"user": *p.User}
 		pm.user = true
 	}
+	if p.StreamOptions != nil && !p.stream() {
+		// OpenAI's answer too; taken silently, a client would wait for a
+		// usage chunk that never comes (red team round 17, HTTP L2).
+		return errInvalid("stream_options", "stream_options is only allowed when stream is true.")
+	}
 	if rf := p.ResponseFormat; rf != nil {
 		if rf.JSONSchema != nil && rf.Type != "json_schema" {
 			// Dropped without a word, the client would think its schema held.
