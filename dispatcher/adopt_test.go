@@ -188,3 +188,52 @@ func TestAssignmentNamesTheWorkerProcess(t *testing.T) {
 		t.Fatalf("assignment names process %v, want w1's %v", a.WorkerStartedAt, hb.StartedAt)
 	}
 }
+
+// The redelivery of a job whose dispatcher died comes while its only attempt
+// still runs (max_attempts 1): it is handed back once (exhaustGrace) instead
+// of ending the job attempts_exhausted, the worker's record is adopted
+// meanwhile, and the next delivery finds it. Before, the job ended failed at
+// the redelivery and the adoption was answered exists (red team round 17,
+// second pass, F1: 32 of 40 long jobs).
+// Mutation caught: graceExhaustedLocked returning false (attempts_exhausted).
+func TestExhaustedRedeliveryWaitsForARunningAttempt(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	var mu sync.Mutex
+	var offered []int
+	w := e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
+		mu.Lock()
+		offered = append(offered, aj.Attempt)
+		mu.Unlock()
+		return jobPlan{Block: true}
+	})
+	nc1 := e.connect("d1")
+	cfg := testConfig("d1", nc1)
+	cfg.MaxAttempts = 1
+	d1, _ := runDispatcher(t, cfg)
+	job := newJob("long", "m", "normal")
+	e.mustSubmit(job)
+	waitOnWorker(t, d1, subjects.JobRef{ID: job.ID}.Key())
+	nc1.Close() // a crash
+	cfg2 := testConfig("d2", e.connect("d2"))
+	cfg2.MaxAttempts = 1
+	d2, err := New(cfg2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2.exhaustGrace = 3 * time.Second
+	runNew(t, d2)
+	// The redelivery (AckWait 2 s) comes while the attempt still runs.
+	waitFor(t, 15*time.Second, "the redelivery handed back once", func() bool { return d2.Metrics().ExhaustGraced.Load() == 1 })
+	w.Release()
+	r := e.waitResult(job.ID, 15*time.Second)
+	if r.Status != schemas.StatusCompleted || r.Attempt != 1 {
+		t.Fatalf("record %s at attempt %d (%+v); want completed at attempt 1", r.Status, r.Attempt, r.Error)
+	}
+	waitFor(t, 20*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(offered, []int{1}) {
+		t.Errorf("attempts offered %v, want only 1", offered)
+	}
+}

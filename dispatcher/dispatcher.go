@@ -114,6 +114,7 @@ type Dispatcher struct {
 	writeHook func()
 	// letterPatience: how long a failing dead letter is tried (deadletter.go).
 	letterPatience time.Duration
+	exhaustGrace   time.Duration // exhaust.go
 	// handOverHook, if set, runs before each received hand-over is decoded
 	// (tests: hold one until shutdown).
 	handOverHook func()
@@ -213,6 +214,7 @@ func New(cfg Config) (*Dispatcher, error) {
 		pollEvery:      pollEvery,
 		storedGrace:    storedGrace,
 		letterPatience: letterPatience,
+		exhaustGrace:   exhaustGrace,
 		wakePull:       make(chan struct{}, 1),
 		wakeSched:      make(chan struct{}, 1),
 		changed:        make(chan struct{}, 1),

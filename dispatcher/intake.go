@@ -196,6 +196,8 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 			d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: "cancelled while queued"})
 		case j.req.Deadline != nil && time.Now().After(*j.req.Deadline):
 			d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed before the job ran"})
+		case j.attempt-j.base > d.cfg.MaxAttempts && d.graceExhaustedLocked(j):
+			// Handed back once: its last attempt may still run (exhaust.go).
 		case j.attempt-j.base > d.cfg.MaxAttempts:
 			// Deliveries that ran, as far as the ledger knows: a delivery
 			// handed back unrun is not counted (ledger.go), one whose note
