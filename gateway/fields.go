@@ -82,8 +82,12 @@ var (
 	// messageFields are the keys of one chat message. The assistant's own
 	// message, sent back as history, may carry its empty extras.
 	messageFields = fieldSet{
-		"role": honoured, "content": honoured,
-		"name": unsupported("null", never),
+		"role": honoured,
+		// A string, or text parts held to their keys: an unknown key in a
+		// part was dropped without a word (red team round 17, HTTP L2).
+		// (Other parts' payloads pass here: chat.go refuses those parts by type.)
+		"content": {sub: fieldSet{"type": honoured, "text": honoured, "image_url": honoured, "input_audio": honoured, "file": honoured}, each: true},
+		"name":    unsupported("null", never),
 		// An assistant's calls sent back as history, and a tool's answer to one.
 		"tool_calls":    {sub: toolCallFields, each: true},
 		"tool_call_id":  honoured,

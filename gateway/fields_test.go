@@ -203,6 +203,10 @@ func TestDocumentedFieldsHonouredOrRefused(t *testing.T) {
 		http.StatusBadRequest, "messages[1].name", "unsupported_parameter")
 	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", msgs(map[string]any{"weight": 1})),
 		http.StatusBadRequest, "messages[1].weight", "unknown_parameter")
+	parts := chatBody(false, map[string]any{"messages": []map[string]any{{"role": "user",
+		"content": []map[string]any{{"type": "text", "text": "a"}, {"type": "text", "text": "b", "foo": 1}}}}})
+	expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", parts),
+		http.StatusBadRequest, "messages[0].content[1].foo", "unknown_parameter")
 	resp := postJSON(t, srv.URL+"/v1/chat/completions", msgs(map[string]any{"refusal": nil, "tool_calls": []any{}, "audio": nil}))
 	if resp.StatusCode != http.StatusOK {
 		expectError(t, resp, http.StatusOK, "", "")
