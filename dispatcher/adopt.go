@@ -100,7 +100,11 @@ func (d *Dispatcher) onAdopt(m *nats.Msg) func(context.Context) {
 		return nil
 	}
 	d.mu.Lock()
-	if d.jobs[subjects.JobRef{Tenant: res.Tenant, ID: res.JobID}.Key()] != nil {
+	// A job still at intake here (its redelivery being checked) has no
+	// attempt of this dispatcher's yet: the record is stored as for a job
+	// not held. Taken as a hand-over, it was refused and counted forged (this
+	// session's review).
+	if j := d.jobs[subjects.JobRef{Tenant: res.Tenant, ID: res.JobID}.Key()]; j != nil && !j.intaking {
 		defer d.mu.Unlock()
 		return d.takeRecordLocked(wid, res, reply)
 	}

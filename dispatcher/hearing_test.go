@@ -96,3 +96,21 @@ func TestLiveHeartbeatIsFreshWhateverTheServerClock(t *testing.T) {
 		t.Fatal("an entry replayed at start, written 15 s ago, counts as fresh")
 	}
 }
+
+// A replayed entry (the registry watch started again) older than what was
+// heard does not move the worker's last hearing back: with the dispatcher's
+// clock ahead of the server's, the next tick lost every worker (this
+// session's review).
+// Mutation caught: heartbeat setting seenAt unconditionally.
+func TestReplayedEntryDoesNotAgeAWorker(t *testing.T) {
+	t.Parallel()
+	d, now := hearingDispatcher(t, time.Now(), true)
+	d.mu.Lock()
+	hb := d.workers["w1"].hb
+	d.heartbeat("w1", hb, now.Add(-15*time.Second), false) // replayed, written 15 s ago
+	d.mu.Unlock()
+	d.tick(now.Add(100 * time.Millisecond))
+	if lost(d) {
+		t.Fatal("a replayed older entry made a worker heard just now lost")
+	}
+}

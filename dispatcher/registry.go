@@ -235,7 +235,9 @@ func (d *Dispatcher) heartbeat(id string, hb schemas.HeartbeatMsg, created time.
 	default:
 		d.workerRestarted(w, hb.StartedAt)
 	}
-	w.seenAt = seen
+	if seen.After(w.seenAt) {
+		w.seenAt = seen // never back: a replayed entry after a watch restart is older than what was heard
+	}
 	w.lost = false
 	w.observe(hb)
 	w.heard = true

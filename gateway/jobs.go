@@ -175,12 +175,6 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 		g.refuse(w, spec.endpoint, job.Tenant, aerr)
 		return
 	}
-	release, aerr := g.holdLogprobs(job, spec.n, spec.endpoint)
-	if aerr != nil {
-		g.refuse(w, spec.endpoint, job.Tenant, aerr)
-		return
-	}
-	defer release()
 	now := time.Now().UTC()
 	job.ID = bus.NewJobID()
 	job.Priority = schemas.PriorityNormal
@@ -195,6 +189,14 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 		g.fail(w, spec.endpoint, aerr)
 		return
 	}
+	// After the job's bounds hold: max_tokens unchecked, n × max_tokens ×
+	// entries overflowed and passed the budget (this session's review).
+	release, aerr := g.holdLogprobs(job, spec.n, spec.endpoint)
+	if aerr != nil {
+		g.refuse(w, spec.endpoint, job.Tenant, aerr)
+		return
+	}
+	defer release()
 
 	rctx, rcancel := g.registryContext(r)
 	st, err := g.registry.status(rctx, job.Model)

@@ -15,7 +15,8 @@ import (
 // answer ends. Before, four small requests took the gateway to half a GB
 // (red team round 17, HTTP M2).
 // Mutations caught: run without holdLogprobs (the large request is
-// accepted); holdLogprobs without the refund (the third request is refused).
+// accepted); holdLogprobs without the refund (the third request is refused);
+// holdLogprobs before checkJob (the overflowing request is charged).
 func TestLogprobsAreChargedToABudget(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
@@ -26,6 +27,22 @@ func TestLogprobsAreChargedToABudget(t *testing.T) {
 	expectError(t, resp, http.StatusBadRequest, "top_logprobs", codeLogprobsTooLarge)
 	resp = postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "max_tokens": 30000, "logprobs": 5})
 	expectError(t, resp, http.StatusBadRequest, "logprobs", codeLogprobsTooLarge)
+
+	// max_tokens past the schema's bound: refused by the job's bounds before
+	// any charge (n × max_tokens × entries overflowed the budget's int64).
+	g.logprobs.mu.Lock()
+	g.logprobs.changed = make(chan struct{}, 1) // a token at each charge or refund
+	g.logprobs.mu.Unlock()
+	resp = postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, map[string]any{"n": 8, "max_tokens": 1 << 53, "logprobs": true, "top_logprobs": 0}))
+	expectError(t, resp, http.StatusBadRequest, "max_tokens", "invalid_value")
+	select {
+	case <-g.logprobs.changed:
+		t.Fatal("a request past the job's bounds was charged to the logprob budget")
+	default:
+	}
+	g.logprobs.mu.Lock()
+	g.logprobs.changed = nil
+	g.logprobs.mu.Unlock()
 
 	// The tenant's share held by others: a small request does not fit now.
 	held := g.logprobs.share - 1000

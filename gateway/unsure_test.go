@@ -119,3 +119,18 @@ func TestClientLeavingDuringSubmitCancelsItsJob(t *testing.T) {
 	default:
 	}
 }
+
+// Only errors that prove the job unstored spare it the cancel: not
+// ErrNotConnected, which Submit also says for a publish buffered for the
+// reconnect or one whose ack alone was lost (this session's review).
+// Mutation caught: refusedUnstored counting ErrNotConnected as unstored.
+func TestRefusedUnstored(t *testing.T) {
+	for err, want := range map[error]bool{
+		bus.ErrQueueFull: true, bus.ErrDuplicate: true, bus.ErrNoStream: true,
+		bus.ErrNotConnected: false, context.DeadlineExceeded: false, context.Canceled: false,
+	} {
+		if got := refusedUnstored(err); got != want {
+			t.Errorf("refusedUnstored(%v) = %v, want %v", err, got, want)
+		}
+	}
+}

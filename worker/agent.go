@@ -339,10 +339,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	select {
 	case <-ctx.Done():
 	case <-a.stopped:
-		if a.superseded.Load() {
-			return errSuperseded
-		}
-		return nil
+		return a.StopErr()
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), a.cfg.StopTimeout+5*time.Second)
 	defer cancel()
@@ -365,6 +362,16 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 
 // Stopped is closed once the agent has stopped.
 func (a *Agent) Stopped() <-chan struct{} { return a.stopped }
+
+// StopErr is why the agent stopped on its own: an error wrapping
+// ErrWorkerIDInUse when a later process of its worker id took the id over
+// (heartbeat.go), else nil.
+func (a *Agent) StopErr() error {
+	if a.superseded.Load() {
+		return errSuperseded
+	}
+	return nil
+}
 
 func (a *Agent) stop(ctx context.Context, wait time.Duration) error {
 	if !a.started {

@@ -110,8 +110,8 @@ func TestReplacedProcessStops(t *testing.T) {
 	case <-ctx.Done():
 		t.Fatal("the replaced process did not stop")
 	}
-	if !a.superseded.Load() {
-		t.Error("stopped, but not as replaced")
+	if err := a.StopErr(); !errors.Is(err, ErrWorkerIDInUse) {
+		t.Errorf("stopped with %v, want ErrWorkerIDInUse (the CLI's exit status)", err)
 	}
 	hb, ok, err := registry.Get(ctx, b.js, "w-replaced")
 	if err != nil || !ok || !hb.StartedAt.Equal(later.StartedAt) {

@@ -465,7 +465,7 @@ func runWorker(ctx context.Context, w *worker.Agent) error {
 	select {
 	case <-ctx.Done():
 	case <-w.Stopped():
-		return nil
+		return w.StopErr() // ErrWorkerIDInUse when a later process took the id over
 	}
 	return w.Drain(context.Background())
 }

@@ -83,34 +83,77 @@ func Pull(ctx context.Context, nc *nats.Conn, apiPrefix, stream, consumer string
 	if err := nc.PublishRequest(apiPrefix+"CONSUMER.MSG.NEXT."+stream+"."+consumer, inbox, req); err != nil {
 		return 0, err
 	}
-	timer := time.NewTimer(r.Expires + time.Second)
+	// The timer bounds a pull gone quiet, so it restarts with every message:
+	// one timer for the whole pull, firing while messages waited in ch (a
+	// paused process, a slow each), dropped messages the server had counted
+	// delivered — a cancel never seen again, a job back only after the ack
+	// wait with an attempt used (this session's review). Ending on the timer
+	// or ctx, the messages already sent are taken first (drain).
+	quiet := r.Expires + time.Second
+	timer := time.NewTimer(quiet)
 	defer timer.Stop()
 	bytes := 0
-	for {
-		select {
-		case <-ctx.Done():
-			return n, ctx.Err()
-		case <-timer.C:
-			return n, nil
-		case m := <-ch:
-			if !strings.HasPrefix(m.Reply, ackPrefix) {
-				switch status := m.Header.Get("Status"); status {
-				case "100":
-					continue // a heartbeat or flow control
-				case "404", "408":
-					return n, nil
-				default:
-					return n, fmt.Errorf("%w: %s %s", ErrStatus, status, m.Header.Get("Description"))
-				}
+	// take handles m; done says the pull is over (err: how).
+	take := func(m *nats.Msg) (done bool, err error) {
+		if !strings.HasPrefix(m.Reply, ackPrefix) {
+			switch status, desc := m.Header.Get("Status"), m.Header.Get("Description"); {
+			case status == "100":
+				return false, nil // a heartbeat or flow control
+			case status == "404", status == "408", endsBatch(status, desc):
+				return true, nil
+			default:
+				return true, fmt.Errorf("%w: %s %s", ErrStatus, status, desc)
 			}
-			n++
-			each(Msg{m})
-			bytes += m.Size()
-			if n == r.Batch || (r.MaxBytes > 0 && bytes >= r.MaxBytes) {
-				return n, nil
+		}
+		n++
+		each(Msg{m})
+		bytes += m.Size()
+		return n == r.Batch || (r.MaxBytes > 0 && bytes >= r.MaxBytes), nil
+	}
+	drain := func() error {
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		defer cancel()
+		_ = nc.FlushWithContext(fctx) // the server's PONG comes after all it sent
+		for {
+			select {
+			case m := <-ch:
+				if done, err := take(m); done {
+					return err
+				}
+			default:
+				return nil
 			}
 		}
 	}
+	for {
+		select {
+		case <-ctx.Done():
+			if err := drain(); err != nil {
+				return n, err
+			}
+			return n, ctx.Err()
+		case <-timer.C:
+			return n, drain()
+		case m := <-ch:
+			if done, err := take(m); done {
+				return n, err
+			}
+			if !timer.Stop() {
+				select {
+				case <-timer.C:
+				default:
+				}
+			}
+			timer.Reset(quiet)
+		}
+	}
+}
+
+// endsBatch reports whether a 409 status ends a pull as a matter of course:
+// the next message would pass the pull's max bytes, or the batch is done.
+func endsBatch(status, desc string) bool {
+	d := strings.ToLower(desc)
+	return status == "409" && (strings.Contains(d, "exceeds maxbytes") || strings.Contains(d, "batch completed"))
 }
 
 // Msg is a message a consumer delivered from its stream, as a jetstream.Msg:
