@@ -196,8 +196,8 @@ func tenantLimits(c config.Config) gateway.TenantLimits {
 // (auth init writes one) derives the same key, so each can adopt the others'
 // records, and no other role knows it. With no secret, on a server that lets
 // anyone in, it is the key of no secret, as open as the server; on a server
-// that requires authentication (TLS client certificates alone, say) it is
-// Off: the key of no secret would let any worker credential end any job. A
+// that requires authentication (credentials given only in the NATS URL, or a
+// TLS certificate whose key this process does not read, say) it is Off: the key of no secret would let any worker credential end any job. A
 // file that cannot be read gives a key of its own: records are then not
 // adopted across dispatchers, and jobs run again as before adoption.
 func placementKey(c config.Config, nc *nats.Conn) placement.Key {
