@@ -192,11 +192,39 @@ func (g *Gateway) routes() http.Handler {
 	if g.cfg.Metrics != nil {
 		mux.Handle("GET /metrics", g.cfg.Metrics)
 	}
+	// Every known path answers another method with a JSON 405 naming the one
+	// it takes: the mux's own is plain text, and on the API paths the
+	// catch-all below said 404 unknown_url (red team round 17, HTTP L4).
+	for path, allow := range map[string]string{
+		"/v1/chat/completions": http.MethodPost, "/v1/completions": http.MethodPost,
+		"/v1/models": http.MethodGet, "/v1/models/{model...}": http.MethodGet,
+	} {
+		mux.Handle(path, g.requireToken(methodNotAllowed(allow)))
+	}
+	mux.Handle("/healthz", methodNotAllowed(http.MethodGet))
+	mux.Handle("/readyz", methodNotAllowed(http.MethodGet))
+	if g.cfg.Metrics != nil {
+		mux.Handle("/metrics", methodNotAllowed(http.MethodGet))
+	}
 	mux.Handle("/v1/", g.requireToken(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
 			Message: fmt.Sprintf("Unknown request URL: %s %s.", r.Method, r.URL.Path)})
 	})))
 	return g.writeDeadlines(g.cors.wrap(mux))
+}
+
+// methodNotAllowed answers 405 in the API's error format, naming the method
+// the path takes (GET includes HEAD).
+func methodNotAllowed(allow string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if allow == http.MethodGet {
+			w.Header().Set("Allow", "GET, HEAD")
+		} else {
+			w.Header().Set("Allow", allow)
+		}
+		writeError(w, &apiError{Status: http.StatusMethodNotAllowed, Type: typeInvalidRequest, Code: "method_not_allowed",
+			Message: fmt.Sprintf("Method %s is not allowed on %s; use %s.", r.Method, r.URL.Path, allow)})
+	})
 }
 
 // Handler serves the whole API; mount it to serve the gateway elsewhere.

@@ -134,3 +134,32 @@ func TestRefusedUnstored(t *testing.T) {
 		}
 	}
 }
+
+// Every known path answers a method it does not take with a JSON 405 naming
+// the one it takes, not the mux's plain text or a 404 unknown_url (red team
+// round 17, HTTP L4).
+// Mutation caught: routes without the 405 handlers.
+func TestWrongMethodIsAJSON405(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	_, srv := newTestGateway(t, tb, nil)
+	for _, c := range []struct{ method, path, allow string }{
+		{http.MethodPost, "/healthz", "GET, HEAD"},
+		{http.MethodDelete, "/readyz", "GET, HEAD"},
+		{http.MethodPut, "/metrics", "GET, HEAD"},
+		{http.MethodGet, "/v1/chat/completions", http.MethodPost},
+		{http.MethodGet, "/v1/completions", http.MethodPost},
+		{http.MethodPost, "/v1/models", "GET, HEAD"},
+		{http.MethodDelete, "/v1/models/tiny", "GET, HEAD"},
+	} {
+		req, _ := http.NewRequest(c.method, srv.URL+c.path, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := expectError(t, resp, http.StatusMethodNotAllowed, "", "method_not_allowed")
+		if got := resp.Header.Get("Allow"); got != c.allow {
+			t.Errorf("%s %s: Allow %q, want %q (%s)", c.method, c.path, got, c.allow, e.Error.Message)
+		}
+	}
+}
