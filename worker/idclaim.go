@@ -59,7 +59,12 @@ func (a *Agent) claimID(ctx context.Context) error {
 	if a.beforeClaim != nil {
 		a.beforeClaim()
 	}
-	if err := reg.Claim(ctx, a.claimBeat(), rev); err != nil {
+	// The first heartbeat is written conditional on the claim's revision
+	// (heartbeat.go): written over unconditionally, a later process's claim
+	// made meanwhile was lost and neither process noticed.
+	claimed, err := reg.Claim(ctx, a.claimBeat(), rev)
+	a.hbRev = claimed
+	if err != nil {
 		if errors.Is(err, jetstream.ErrKeyExists) || jserr.IsAlreadyStored(err) {
 			return fmt.Errorf("%w: worker id %q was claimed by another process starting at the same moment; give each worker process its own --worker-id (the default is the host name)",
 				ErrWorkerIDInUse, a.cfg.WorkerID)

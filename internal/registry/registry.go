@@ -140,23 +140,22 @@ func (b Bucket) Entry(ctx context.Context, workerID string) (jetstream.KeyValueE
 
 // Claim writes hb as the worker's entry only if the entry is still as its
 // reader saw it: rev 0 for none (never written, expired or deleted), else
-// that revision. Of two processes claiming one id at once, one gets
-// jetstream.ErrKeyExists (Create) or a wrong-last-sequence error (Update):
-// the server orders the writes, whoever reads first.
-func (b Bucket) Claim(ctx context.Context, hb schemas.HeartbeatMsg, rev uint64) error {
+// that revision, and returns the revision written. Of two processes claiming
+// one id at once, one gets jetstream.ErrKeyExists (Create) or a
+// wrong-last-sequence error (Update): the server orders the writes, whoever
+// reads first.
+func (b Bucket) Claim(ctx context.Context, hb schemas.HeartbeatMsg, rev uint64) (uint64, error) {
 	if b.kv == nil {
-		return ErrNoRegistry
+		return 0, ErrNoRegistry
 	}
 	data, err := json.Marshal(hb)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if rev == 0 {
-		_, err = b.kv.Create(ctx, hb.WorkerID, data)
-	} else {
-		_, err = b.kv.Update(ctx, hb.WorkerID, data, rev)
+		return b.kv.Create(ctx, hb.WorkerID, data)
 	}
-	return err
+	return b.kv.Update(ctx, hb.WorkerID, data, rev)
 }
 
 // Delete removes a worker's entry, so nothing routes to it before its TTL ends.
