@@ -31,30 +31,13 @@ import (
 func TestRecordAdoptedWhenItsDispatcherIsGone(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	var mu sync.Mutex
-	var offered []int
-	w := e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
-		mu.Lock()
-		offered = append(offered, aj.Attempt)
-		mu.Unlock()
-		return jobPlan{Block: true}
-	})
-	nc1 := e.connect("d1")
-	cfg := testConfig("d1", nc1)
-	cfg.MaxAttempts = 1
 	// Long enough that d2 starts and the record is adopted before the JOBS
 	// message comes back (under load, d2 took over 2 s to start, got the
 	// redelivery first and ended the job attempts_exhausted at intake).
-	cfg.AckWait = 6 * time.Second
-	d1, _ := runDispatcher(t, cfg)
-	job := newJob("adopted", "m", "normal")
-	e.mustSubmit(job)
-	key := subjects.JobRef{ID: job.ID}.Key()
-	waitOnWorker(t, d1, key)
-	// A crash: the connection goes without a nak or an answer.
-	nc1.Close()
+	const ackWait = 6 * time.Second
+	w, job, offered := crashWhileRunning(t, e, "adopted", ackWait)
 	cfg2 := testConfig("d2", e.connect("d2"))
-	cfg2.MaxAttempts, cfg2.AckWait = 1, cfg.AckWait
+	cfg2.MaxAttempts, cfg2.AckWait = 1, ackWait
 	var running <-chan struct{}
 	cfg2.Logger, running = logSignal(logRunning)
 	d2, _ := runDispatcher(t, cfg2)
@@ -69,10 +52,8 @@ func TestRecordAdoptedWhenItsDispatcherIsGone(t *testing.T) {
 	}
 	// The redelivery (after AckWait) is acked unrun.
 	waitFor(t, 20*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
-	mu.Lock()
-	defer mu.Unlock()
-	if !slices.Equal(offered, []int{1}) {
-		t.Errorf("attempts offered %v, want only 1: the job ran again", offered)
+	if got := offered(); !slices.Equal(got, []int{1}) {
+		t.Errorf("attempts offered %v, want only 1: the job ran again", got)
 	}
 }
 
@@ -199,22 +180,7 @@ func TestAssignmentNamesTheWorkerProcess(t *testing.T) {
 func TestExhaustedRedeliveryWaitsForARunningAttempt(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
-	var mu sync.Mutex
-	var offered []int
-	w := e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
-		mu.Lock()
-		offered = append(offered, aj.Attempt)
-		mu.Unlock()
-		return jobPlan{Block: true}
-	})
-	nc1 := e.connect("d1")
-	cfg := testConfig("d1", nc1)
-	cfg.MaxAttempts = 1
-	d1, _ := runDispatcher(t, cfg)
-	job := newJob("long", "m", "normal")
-	e.mustSubmit(job)
-	waitOnWorker(t, d1, subjects.JobRef{ID: job.ID}.Key())
-	nc1.Close() // a crash
+	w, job, offered := crashWhileRunning(t, e, "long", 0)
 	cfg2 := testConfig("d2", e.connect("d2"))
 	cfg2.MaxAttempts = 1
 	d2, err := New(cfg2)
@@ -231,9 +197,39 @@ func TestExhaustedRedeliveryWaitsForARunningAttempt(t *testing.T) {
 		t.Fatalf("record %s at attempt %d (%+v); want completed at attempt 1", r.Status, r.Attempt, r.Error)
 	}
 	waitFor(t, 20*time.Second, "JOBS empty", func() bool { return e.streamMsgs(subjects.StreamJobs) == 0 })
-	mu.Lock()
-	defer mu.Unlock()
-	if !slices.Equal(offered, []int{1}) {
-		t.Errorf("attempts offered %v, want only 1", offered)
+	if got := offered(); !slices.Equal(got, []int{1}) {
+		t.Errorf("attempts offered %v, want only 1", got)
+	}
+}
+
+// crashWhileRunning starts worker w1, whose attempts block until Release,
+// and dispatcher d1 (max_attempts 1; ackWait when not 0) on a connection of
+// its own; submits job id and, once it runs on w1, closes d1's connection: a
+// crash (no nak, no answer). offered lists the attempts w1 was offered.
+func crashWhileRunning(t *testing.T, e *testEnv, id string, ackWait time.Duration) (w *fakeWorker, job *schemas.JobRequest, offered func() []int) {
+	t.Helper()
+	var mu sync.Mutex
+	var seen []int
+	w = e.startWorker("w1", 2, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
+		mu.Lock()
+		seen = append(seen, aj.Attempt)
+		mu.Unlock()
+		return jobPlan{Block: true}
+	})
+	nc1 := e.connect("d1")
+	cfg := testConfig("d1", nc1)
+	cfg.MaxAttempts = 1
+	if ackWait > 0 {
+		cfg.AckWait = ackWait
+	}
+	d1, _ := runDispatcher(t, cfg)
+	job = newJob(id, "m", "normal")
+	e.mustSubmit(job)
+	waitOnWorker(t, d1, subjects.JobRef{ID: job.ID}.Key())
+	nc1.Close()
+	return w, job, func() []int {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(seen)
 	}
 }
