@@ -43,7 +43,8 @@ func TestRecordAdoptedWhenItsDispatcherIsGone(t *testing.T) {
 	d2, _ := runDispatcher(t, cfg2)
 	waitClosed(t, running, 10*time.Second, "d2 running")
 	w.Release()
-	r := e.waitResult(job.ID, 15*time.Second)
+	// Generous: on a loaded 2-core CI runner this wait once ran out at 15 s.
+	r := e.waitResult(job.ID, 45*time.Second)
 	if r.Status != schemas.StatusCompleted || r.Attempt != 1 || r.WorkerID != "w1" {
 		t.Fatalf("record %s at attempt %d by %q (%+v); want completed at attempt 1 by w1", r.Status, r.Attempt, r.WorkerID, r.Error)
 	}
