@@ -13,8 +13,8 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-// adopt offers data, a completed terminal record whose dispatcher is gone (its
-// done subject had no responder), to any dispatcher on subjects.Adopt with
+// adopt offers data, a completed terminal record whose dispatcher is gone or
+// does not answer (handOverUnanswered), to any dispatcher on subjects.Adopt with
 // placement, the assignment's token (internal/placement), and returns the
 // answer: stored, exists or unknown (dispatcher/adopt.go). Tried again, up to
 // ResultTimeout, while no dispatcher answers (none up yet) and on timeouts (a

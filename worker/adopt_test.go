@@ -88,3 +88,63 @@ func TestRecordOfAGoneDispatcherIsOfferedForAdoption(t *testing.T) {
 		}
 	}
 }
+
+// A dispatcher that holds its done subject but never answers (hung, or a dead
+// connection the server has not noticed yet) gets the same as a gone one: the
+// completed record is offered for adoption once the hand-over has had no
+// answer for ResultTimeout. Before, only no-responders led there, and the
+// job ran again after its ack wait.
+// Mutation caught: handOverUnanswered without its timeout cases (nothing
+// offered; the attempt reported).
+func TestRecordOfAHungDispatcherIsOfferedForAdoption(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	cfg := testConfig(t, b, "w-hung")
+	cfg.ResultTimeout = time.Second
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.nc, a.mark = b.nc, b.nc.NewInbox()
+	handedOver := make(chan struct{}, 16)
+	if _, err := b.nc.Subscribe(subjects.Done(cfg.WorkerID, "hung-dispatcher"), func(*nats.Msg) {
+		handedOver <- struct{}{} // taken, never answered
+	}); err != nil {
+		t.Fatal(err)
+	}
+	offers := make(chan *nats.Msg, 4)
+	if _, err := b.nc.Subscribe(subjects.Adopt(cfg.WorkerID), func(m *nats.Msg) {
+		offers <- m
+		data, _ := json.Marshal(schemas.FinishReplyMsg{Status: schemas.FinishStored})
+		_ = m.Respond(data)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	reports, err := b.nc.SubscribeSync(subjects.Attempt(cfg.WorkerID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	res := &schemas.ResultMsg{Type: "result", JobID: "j-hung", Tenant: "acme", Attempt: 1, Seq: 3, Status: schemas.StatusCompleted,
+		FinishReason: schemas.FinishStop, Text: "done", Usage: schemas.Usage{CompletionTokens: 3, TotalTokens: 3}, Model: "tiny",
+		WorkerID: cfg.WorkerID, FinishedAt: time.Now().UTC()}
+	a.finish(t.Context(), res, "hung-dispatcher", "1800000000.00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
+	select {
+	case <-handedOver:
+	default:
+		t.Fatal("the record was never handed to its dispatcher")
+	}
+	select {
+	case m := <-offers:
+		if got := m.Header.Get(subjects.HeaderPlacement); got == "" {
+			t.Fatal("offered without its placement token")
+		}
+	default:
+		t.Fatal("the completed record of a dispatcher that did not answer was not offered for adoption")
+	}
+	if m, err := reports.NextMsg(100 * time.Millisecond); err == nil {
+		t.Fatalf("an adopted record's attempt was reported too: %s", m.Data)
+	}
+}

@@ -328,8 +328,8 @@ func timings(r *jobRun, gen *schemas.GenerateResult) *schemas.Timings {
 // wait and runs again elsewhere, which is the at-least-once half of "exactly
 // one terminal".
 //
-// A dispatcher that is gone (no responder) cannot take the record: a
-// completed one is then offered to any dispatcher with the assignment's
+// A dispatcher that is gone (no responder) or does not answer cannot take the
+// record (handOverUnanswered): a completed one is then offered to any dispatcher with the assignment's
 // placement token (adopt), so the job is not run again.
 func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID, placement string) {
 	if res.FinishedAt.IsZero() {
@@ -368,7 +368,7 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 	noResponders := 0
 	var reply schemas.FinishReplyMsg
 	err = backoff.Retry(func() error {
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), min(5*time.Second, a.cfg.ResultTimeout))
 		defer cancel()
 		m, err := a.handOver(rctx, subject, data)
 		if errors.Is(err, nats.ErrNoResponders) {
@@ -386,7 +386,7 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 		}
 		return nil
 	}, bo)
-	if gone := errors.Is(err, nats.ErrNoResponders); gone && placement != "" && res.Status == schemas.StatusCompleted {
+	if handOverUnanswered(err) && placement != "" && res.Status == schemas.StatusCompleted {
 		if status, aerr := a.adopt(ctx, data, placement); aerr == nil {
 			reply.Status, err = status, nil
 			log.Warn().Str("dispatcher_id", dispatcherID).Str("answer", status).Msg("the dispatcher that placed the job is gone; offered its record for adoption")
@@ -412,6 +412,19 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 	}
 	a.cfg.Observer.JobFinished(res.Model, res.Status)
 	log.Debug().Msg("job finished")
+}
+
+// handOverUnanswered reports whether the hand-over ended with no answer from
+// the dispatcher that placed the job: none subscribed (gone), or none that
+// answered within ResultTimeout (hung, SIGSTOPped, or a connection the server
+// has not yet noticed is dead: minutes, until its ping timeout). Either way
+// the record is offered for adoption: only no-responders counted before, and
+// a hung dispatcher's completed job ran again after its ack wait (with
+// max_attempts 1, ended attempts_exhausted). Adopting while that dispatcher
+// is alive is safe: the record is stored first writer wins, and the
+// dispatcher learns it from RESULTS (results.go, onResult) and acks the job.
+func handOverUnanswered(err error) bool {
+	return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded)
 }
 
 // handOverRequest is the default Agent.handOver: a request on the bus.

@@ -202,7 +202,8 @@ func (w *Worker) run(aj schemas.AssignedJob, dispatcherID string, inc int) {
 func (w *Worker) handOver(res *schemas.ResultMsg, dispatcherID, placement string) {
 	data, _ := json.Marshal(res)
 	m, err := w.nc.Request(subjects.Done(w.opts.ID, dispatcherID), data, w.opts.HandOverTimeout)
-	if errors.Is(err, nats.ErrNoResponders) && placement != "" && res.Status == schemas.StatusCompleted && !w.opts.NoAdopt {
+	unanswered := errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrTimeout) // as worker.handOverUnanswered
+	if unanswered && placement != "" && res.Status == schemas.StatusCompleted && !w.opts.NoAdopt {
 		msg := nats.NewMsg(subjects.Adopt(w.opts.ID))
 		msg.Data = data
 		msg.Header.Set(subjects.HeaderPlacement, placement)
