@@ -120,6 +120,9 @@ type Agent struct {
 	// beforeClaim, if set, runs between the id check and the claim
 	// (idclaim.go; tests: line two starts up).
 	beforeClaim func()
+	// beforeRewrite, if set, runs between putHeartbeat's read of an entry
+	// that changed and its write over it (tests: a later process claims).
+	beforeRewrite func()
 	// models announces the served models to subjects.BucketModels (heartbeat loop only).
 	announcer modelAnnouncer
 

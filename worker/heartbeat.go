@@ -262,21 +262,36 @@ func (a *Agent) heartbeatLoop(ctx context.Context) {
 // while the old one's entry stood placed jobs on the old process (red team
 // round 17, F1). Any other change (the entry expired or was deleted, an
 // older process wrote it, or this process's own write whose answer was
-// lost) is written over.
+// lost) is written over, conditional on what was read.
 func (a *Agent) putHeartbeat(ctx context.Context, reg registry.Bucket) error {
 	hb := a.heartbeat()
 	pctx, cancel := context.WithTimeout(ctx, a.cfg.HeartbeatInterval+time.Second)
 	defer cancel()
 	rev, err := reg.PutAt(pctx, hb, a.hbRev)
 	if err != nil && a.hbRev != 0 && pctx.Err() == nil {
-		if e, gerr := reg.Entry(pctx, a.cfg.WorkerID); gerr == nil {
+		// Written over only as read: conditional on the revision read, or a
+		// create where there was none. Unconditional, a later process's claim
+		// landing between the read and the write was wiped, the race the
+		// first heartbeat had (red team round 18, R-L1). An unreadable entry
+		// is not written: the next beat reads it again.
+		e, gerr := reg.Entry(pctx, a.cfg.WorkerID)
+		var read uint64
+		switch {
+		case errors.Is(gerr, jetstream.ErrKeyNotFound): // expired, deleted, or lost with the store
+		case gerr != nil:
+			return fmt.Errorf("heartbeat: the entry changed and could not be read: %w", gerr)
+		default:
 			var other schemas.HeartbeatMsg
 			if json.Unmarshal(e.Value(), &other) == nil && other.StartedAt.After(a.startedAt) {
 				return fmt.Errorf("%w: a process of worker id %q started at %s (host %q), after this one (%s)",
 					errSuperseded, a.cfg.WorkerID, other.StartedAt.Format(time.RFC3339Nano), other.Hostname, a.startedAt.Format(time.RFC3339Nano))
 			}
+			read = e.Revision()
 		}
-		rev, err = reg.PutAt(pctx, hb, 0)
+		if a.beforeRewrite != nil {
+			a.beforeRewrite()
+		}
+		rev, err = reg.Claim(pctx, hb, read)
 	}
 	if err == nil {
 		a.hbRev = rev

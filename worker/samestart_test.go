@@ -138,3 +138,50 @@ func TestHeartbeatTakesBackAnOlderEntry(t *testing.T) {
 	default:
 	}
 }
+
+// A heartbeat that finds its entry changed writes over it only as it read it:
+// a later process's claim landing between that read and the write stays, and
+// the old process then stops (red team round 18, R-L1).
+// Mutation caught: putHeartbeat's rewrite unconditional (PutAt rev 0): the
+// later claim is wiped.
+func TestHeartbeatRewriteKeepsALaterClaim(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	cfg := testConfig(t, b, "w-rewrite")
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.js = b.js // what Start sets; the heartbeat loop is not run here
+	ctx := within(t, 20*time.Second)
+	reg, err := registry.Open(ctx, b.js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.putHeartbeat(ctx, reg); err != nil {
+		t.Fatal(err)
+	}
+	// This process's own entry written again (its write whose answer was
+	// lost): the revision it holds is stale, so its next beat reads first.
+	if err := registry.Put(ctx, b.js, a.Heartbeat()); err != nil {
+		t.Fatal(err)
+	}
+	later := a.Heartbeat()
+	later.Hostname, later.StartedAt = "new", a.startedAt.Add(time.Minute)
+	a.beforeRewrite = func() {
+		if err := registry.Put(ctx, b.js, later); err != nil {
+			t.Error(err)
+		}
+	}
+	if err := a.putHeartbeat(ctx, reg); err == nil {
+		t.Fatal("the beat over a claim made after its read succeeded")
+	}
+	a.beforeRewrite = nil
+	hb, ok, err := registry.Get(ctx, b.js, "w-rewrite")
+	if err != nil || !ok || !hb.StartedAt.Equal(later.StartedAt) {
+		t.Fatalf("entry after the beat: %+v ok %v err %v; want the later process's", hb, ok, err)
+	}
+	if err := a.putHeartbeat(ctx, reg); !errors.Is(err, errSuperseded) {
+		t.Fatalf("next beat: %v, want errSuperseded", err)
+	}
+}
