@@ -67,7 +67,9 @@ func placementOf(j *job, wid string) placement.Attempt {
 // queue group: one dispatcher takes each record.
 func (d *Dispatcher) subscribeAdopt() (*nats.Subscription, error) {
 	s, err := d.nc.QueueSubscribe(subjects.AdoptAll, subjects.AdoptQueue, func(m *nats.Msg) {
-		d.takeConcurrently(m, "adoption", d.onAdopt)
+		if d.requestFromInbox(m, "adoption") {
+			d.adoptions.offer(m)
+		}
 	})
 	if err != nil {
 		return nil, fmt.Errorf("dispatcher: subscribe %s: %w", subjects.AdoptAll, err)

@@ -50,14 +50,15 @@ type Dispatcher struct {
 	pollEvery            time.Duration // how often the puller looks without a wake-up (pollEvery; tests lengthen it)
 	storedGrace          time.Duration // storedGrace; tests lengthen it
 
-	// handOvers bounds the terminal hand-overs decoded at once (onDone):
-	// each is a schema validation, too slow for one subscription goroutine
-	// to take them one after another at thousands of jobs a second. Full,
-	// the subscription waits, and NATS buffers what comes meanwhile.
-	handOvers chan struct{}
-	warm      *warmPool // goroutines for checks, hand-overs and assignments
-	wakePull  chan struct{}
-	wakeSched chan struct{}
+	// dones and adoptions take the workers' hand-overs (onDone) and
+	// adoption offers (onAdopt) a few at once, off the subscription, each
+	// worker in turn (takequeue.go): each is a schema validation, too slow
+	// for one subscription goroutine at thousands of jobs a second, and one
+	// worker's flood must not hold the others' records.
+	dones, adoptions *takeQueue
+	warm             *warmPool // goroutines for checks, hand-overs and assignments
+	wakePull         chan struct{}
+	wakeSched        chan struct{}
 	// refusingWrites counts terminal writes waiting to be tried again
 	// (writeretry.go): while any does, schedule places no job.
 	refusingWrites atomic.Int64
@@ -209,7 +210,6 @@ func New(cfg Config) (*Dispatcher, error) {
 		assignBudget:   assignBudgetFor(cfg.Conn.MaxPayload(), cfg.DispatcherID),
 		log:            cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger(),
 		rare:           cfg.Logger.With().Str("dispatcher_id", cfg.DispatcherID).Logger().Sample(&zerolog.BurstSampler{Burst: 5, Period: 10 * time.Second}),
-		handOvers:      make(chan struct{}, maxHandOvers),
 		warm:           newWarmPool(),
 		pollEvery:      pollEvery,
 		storedGrace:    storedGrace,
@@ -227,6 +227,8 @@ func New(cfg Config) (*Dispatcher, error) {
 	d.pullWRR.w = cfg.Weights
 	d.pickWRR.w = cfg.Weights
 	d.router = newRouter(cfg)
+	d.dones = newTakeQueue(d, "terminal hand-over", maxHandOvers, d.onDone, d.doneLimit)
+	d.adoptions = newTakeQueue(d, "adoption", maxAdoptions, d.onAdopt, func(string) int { return adoptQueueLimit })
 	d.count().series()
 	return d, nil
 }

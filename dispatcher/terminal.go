@@ -246,56 +246,31 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 	return err
 }
 
-// maxHandOvers is how many hand-overs are decoded at once.
-const maxHandOvers = 32
-
-// onDoneConcurrently runs onDone on its own goroutine, at most maxHandOvers at
-// once. Order does not matter: each hand-over names its job and attempt, and
-// onDone checks both under d.mu.
+// onDoneConcurrently queues onDone for a slot (takequeue.go). Order does not
+// matter: each hand-over names its job and attempt, and onDone checks both
+// under d.mu.
 func (d *Dispatcher) onDoneConcurrently(m *nats.Msg) {
-	d.takeConcurrently(m, "terminal hand-over", d.onDone)
+	if d.requestFromInbox(m, "terminal hand-over") {
+		d.dones.offer(m)
+	}
 }
 
-// takeConcurrently runs take — onDone, or onAdopt (adopt.go) — on m, a
-// worker's request, off the subscription, and then the write it returns; at
-// most maxHandOvers take at once.
-func (d *Dispatcher) takeConcurrently(m *nats.Msg, what string, take func(*nats.Msg) func(context.Context)) {
+// requestFromInbox reports whether m, a worker's hand-over or adoption
+// offer, is a request from an inbox, and counts it when it is not.
+func (d *Dispatcher) requestFromInbox(m *nats.Msg, what string) bool {
 	switch {
 	case !subjects.Sent(m.Reply):
 		d.count().relayed() // no worker's request: a relayed JetStream answer
-		return
+		return false
 	case !subjects.Answerable(m.Reply):
 		// A worker's hand-over is a request from its inbox; one asking to be
 		// answered elsewhere wants the answer, sent with this dispatcher's
 		// grants, as a record or letter of some job (the red team's R5-1).
 		d.count().forged()
 		d.rare.Warn().Str("subject", m.Subject).Str("reply", m.Reply).Msg(what + " asking to be answered outside an inbox; ignored")
-		return
+		return false
 	}
-	d.writes.Add(1) // a received hand-over is a write to come: shutdown waits for it
-	d.handOvers <- struct{}{}
-	d.warm.Go(func() {
-		defer d.wrote()
-		if d.handOverHook != nil {
-			d.handOverHook()
-		}
-		w := take(m)
-		// The slot bounds decoding, not writing: a write the store refuses is
-		// tried again for as long as the store refuses (writeretry.go), and
-		// held slots then stopped every later hand-over — the subscription
-		// waited, a worker's request timed out, its attempt report retried
-		// the job, and the record, handed over at last, was refused as a
-		// superseded attempt's: the job ran again. Writes are bounded by the
-		// jobs this dispatcher holds (each is handed over once; a refused
-		// hand-over makes no write) and by the adoptions offered.
-		<-d.handOvers
-		if w != nil {
-			// On this goroutine, which is off the subscription's already:
-			// a goroutine per record for the write cost a fresh stack grown
-			// through the publish path (~2% of the CPU per job).
-			d.runWrite(w)
-		}
-	})
+	return true
 }
 
 // onDone takes a worker's terminal record of a job (request on
