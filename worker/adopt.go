@@ -13,33 +13,59 @@ import (
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
-// adopt offers data, a completed terminal record whose dispatcher is gone or
-// does not answer (handOverUnanswered), to any dispatcher on subjects.Adopt with
-// placement, the assignment's token (internal/placement), and returns the
-// answer: stored, exists or unknown (dispatcher/adopt.go). Tried again, up to
-// ResultTimeout, while no dispatcher answers (none up yet) and on timeouts (a
-// dispatcher does not answer a write the store refused).
+// adoptAfter is how long a completed record with a placement token is handed
+// to its dispatcher alone before it is offered for adoption too: one
+// unanswered try.
+const adoptAfter = 6 * time.Second
+
+// Config.AdoptPatience (5 min) is how long such a record is offered before
+// the attempt is reported handover_failed. Reported after a minute, the report was handled
+// first by a dispatcher resumed from a long pause (SIGSTOP, a frozen network
+// path), which retried the job past its limit, and the records queued beside
+// it found the job ended: with max_attempts 1, 7 of 8 completed jobs ended
+// attempts_exhausted (red team round 18, operator F1). A dispatcher that holds
+// the job still ends it at attempt_timeout; the token is good for that and 5
+// minutes more (dispatcher/adopt.go).
+// adopt offers data, a completed terminal record whose dispatcher does not
+// answer (handOverUnanswered), to any dispatcher on subjects.Adopt with
+// placement, the assignment's token (internal/placement), and by turns again
+// to that dispatcher on done, its hand-over subject; it returns the first
+// answer: stored, exists or unknown (dispatcher/adopt.go). Tried again, for
+// AdoptPatience, while nobody answers: no dispatcher up yet, a paused one, or
+// one whose store refuses the write (it does not answer then).
 //
 // Why: the record otherwise went nowhere, and the job's redelivery ran it
 // again from the start — with max_attempts 1, a job that had completed ended
 // attempts_exhausted.
-func (a *Agent) adopt(ctx context.Context, data []byte, placement string) (string, error) {
+func (a *Agent) adopt(ctx context.Context, done string, data []byte, placement string) (string, error) {
 	msg := nats.NewMsg(subjects.Adopt(a.cfg.WorkerID))
 	msg.Data = data
 	msg.Header.Set(subjects.HeaderPlacement, placement)
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 100 * time.Millisecond
-	bo.MaxElapsedTime = a.cfg.ResultTimeout
+	bo.MaxInterval = 5 * time.Second
+	bo.MaxElapsedTime = a.cfg.AdoptPatience
 	var reply schemas.FinishReplyMsg
+	try := 0
 	err := backoff.Retry(func() error {
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), min(5*time.Second, a.cfg.ResultTimeout))
 		defer cancel()
-		m, err := a.nc.RequestMsgWithContext(rctx, msg)
-		if err != nil {
-			return err
+		var body []byte
+		if try++; try%2 == 1 {
+			m, err := a.nc.RequestMsgWithContext(rctx, msg)
+			if err != nil {
+				return err
+			}
+			body = m.Data
+		} else {
+			b, err := a.handOver(rctx, done, data)
+			if err != nil {
+				return err
+			}
+			body = b
 		}
-		if json.Unmarshal(m.Data, &reply) != nil || reply.Status == "" {
-			return backoff.Permanent(fmt.Errorf("worker: bad adoption reply %q", m.Data))
+		if json.Unmarshal(body, &reply) != nil || reply.Status == "" {
+			return backoff.Permanent(fmt.Errorf("worker: bad adoption reply %q", body))
 		}
 		return nil
 	}, bo)

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"encoding/json"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,15 +93,16 @@ func TestRecordOfAGoneDispatcherIsOfferedForAdoption(t *testing.T) {
 // A dispatcher that holds its done subject but never answers (hung, or a dead
 // connection the server has not noticed yet) gets the same as a gone one: the
 // completed record is offered for adoption once the hand-over has had no
-// answer for ResultTimeout. Before, only no-responders led there, and the
-// job ran again after its ack wait.
-// Mutation caught: handOverUnanswered without its timeout cases (nothing
-// offered; the attempt reported).
+// answer for adoptAfter (one try). Before, only no-responders led there, and
+// the job ran again after its ack wait; then adoption came only after the
+// ResultTimeout, after the job's redelivery (red team round 18, operator F2).
+// Mutations caught: handOverUnanswered without its timeout cases (nothing
+// offered; the attempt reported); no adoptAfter (offered after 30 s).
 func TestRecordOfAHungDispatcherIsOfferedForAdoption(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, 0)
 	cfg := testConfig(t, b, "w-hung")
-	cfg.ResultTimeout = time.Second
+	cfg.ResultTimeout = 30 * time.Second // the default: adoption comes after adoptAfter, long before it
 	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -130,7 +132,11 @@ func TestRecordOfAHungDispatcherIsOfferedForAdoption(t *testing.T) {
 	res := &schemas.ResultMsg{Type: "result", JobID: "j-hung", Tenant: "acme", Attempt: 1, Seq: 3, Status: schemas.StatusCompleted,
 		FinishReason: schemas.FinishStop, Text: "done", Usage: schemas.Usage{CompletionTokens: 3, TotalTokens: 3}, Model: "tiny",
 		WorkerID: cfg.WorkerID, FinishedAt: time.Now().UTC()}
+	start := time.Now()
 	a.finish(t.Context(), res, "hung-dispatcher", "1800000000.00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
+	if took := time.Since(start); took > cfg.ResultTimeout/2 {
+		t.Errorf("adopted after %v: the hand-over was tried for its whole ResultTimeout (%v) first", took, cfg.ResultTimeout)
+	}
 	select {
 	case <-handedOver:
 	default:
@@ -146,5 +152,56 @@ func TestRecordOfAHungDispatcherIsOfferedForAdoption(t *testing.T) {
 	}
 	if m, err := reports.NextMsg(100 * time.Millisecond); err == nil {
 		t.Fatalf("an adopted record's attempt was reported too: %s", m.Data)
+	}
+}
+
+// A completed record whose dispatcher is paused (SIGSTOP, a frozen network
+// path) for longer than a hand-over and an adoption took before is still
+// offered, by turns to its dispatcher and for adoption, until one answers:
+// reported handover_failed after a minute, the report was handled first by
+// the resumed dispatcher, which ended the job attempts_exhausted (red team
+// round 18, operator F1).
+// Mutation caught: adopt trying only the adoption subject (the paused
+// dispatcher's answer never read: reported after AdoptPatience).
+func TestRecordOfAPausedDispatcherIsOfferedUntilItAnswers(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	cfg := testConfig(t, b, "w-paused")
+	cfg.ResultTimeout, cfg.AdoptPatience = time.Second, 20*time.Second
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.nc, a.mark = b.nc, b.nc.NewInbox()
+	// Paused for 4 s, well past the ResultTimeout of a hand-over and of an
+	// adoption together (2 s), after which the report went out before.
+	resumeAt := time.Now().Add(4 * time.Second)
+	var answered atomic.Bool
+	if _, err := b.nc.Subscribe(subjects.Done(cfg.WorkerID, "paused-dispatcher"), func(m *nats.Msg) {
+		if time.Now().Before(resumeAt) {
+			return
+		}
+		answered.Store(true)
+		data, _ := json.Marshal(schemas.FinishReplyMsg{Status: schemas.FinishStored})
+		_ = m.Respond(data)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	reports, err := b.nc.SubscribeSync(subjects.Attempt(cfg.WorkerID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	res := &schemas.ResultMsg{Type: "result", JobID: "j-paused", Tenant: "acme", Attempt: 1, Seq: 3, Status: schemas.StatusCompleted,
+		FinishReason: schemas.FinishStop, Text: "done", Usage: schemas.Usage{CompletionTokens: 3, TotalTokens: 3}, Model: "tiny",
+		WorkerID: cfg.WorkerID, FinishedAt: time.Now().UTC()}
+	a.finish(t.Context(), res, "paused-dispatcher", "1800000000.00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
+	if !answered.Load() {
+		t.Fatal("finish returned before the resumed dispatcher answered")
+	}
+	if m, err := reports.NextMsg(100 * time.Millisecond); err == nil {
+		t.Fatalf("the attempt was reported although its record was stored: %s", m.Data)
 	}
 }

@@ -52,6 +52,7 @@ type Config struct {
 	StopTimeout       time.Duration // runtime shutdown until exit, then kill (30s)
 	DrainTimeout      time.Duration // Drain's wait for running jobs (5m)
 	ResultTimeout     time.Duration // retrying one RESULTS write (30s)
+	AdoptPatience     time.Duration // offering a completed record nobody answers for (5m; adopt.go)
 
 	RestartBackoffInitial time.Duration // first restart delay (500ms)
 	RestartBackoffMax     time.Duration // longest restart delay (30s)
@@ -98,6 +99,7 @@ func (c *Config) defaults() error {
 	def(&c.StopTimeout, 30*time.Second)
 	def(&c.DrainTimeout, 5*time.Minute)
 	def(&c.ResultTimeout, 30*time.Second)
+	def(&c.AdoptPatience, 5*time.Minute)
 	def(&c.RestartBackoffInitial, 500*time.Millisecond)
 	def(&c.RestartBackoffMax, 30*time.Second)
 	def(&c.BreakerWindow, 2*time.Minute)

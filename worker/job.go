@@ -362,9 +362,19 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 		return
 	}
 	subject := subjects.Done(a.cfg.WorkerID, dispatcherID)
+	adoptable := placement != "" && res.Status == schemas.StatusCompleted
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval = 100 * time.Millisecond
 	bo.MaxElapsedTime = a.cfg.ResultTimeout
+	if adoptable {
+		// Offered for adoption after one unanswered try, not after
+		// ResultTimeout: the job's ack wait ran from before it finished, so
+		// an adoption ResultTimeout (30 s) later came after the redelivery,
+		// and with max_attempts 2 the completed job ran again (red team
+		// round 18, operator F2: 4 of 4). Early adoption is safe: first
+		// writer wins.
+		bo.MaxElapsedTime = min(a.cfg.ResultTimeout, adoptAfter)
+	}
 	noResponders := 0
 	var reply schemas.FinishReplyMsg
 	err = backoff.Retry(func() error {
@@ -386,12 +396,12 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 		}
 		return nil
 	}, bo)
-	if handOverUnanswered(err) && placement != "" && res.Status == schemas.StatusCompleted {
-		if status, aerr := a.adopt(ctx, data, placement); aerr == nil {
+	if handOverUnanswered(err) && adoptable {
+		if status, aerr := a.adopt(ctx, subject, data, placement); aerr == nil {
 			reply.Status, err = status, nil
-			log.Warn().Str("dispatcher_id", dispatcherID).Str("answer", status).Msg("the dispatcher that placed the job is gone; offered its record for adoption")
+			log.Warn().Str("dispatcher_id", dispatcherID).Str("answer", status).Msg("the dispatcher that placed the job did not answer; its record was offered for adoption")
 		} else {
-			log.Error().Err(aerr).Msg("the dispatcher that placed the job is gone, and no dispatcher adopted its record")
+			log.Error().Err(aerr).Msg("the dispatcher that placed the job did not answer, and no dispatcher took its record")
 		}
 	}
 	switch {
