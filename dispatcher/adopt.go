@@ -8,6 +8,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/mlx-serving/mlx-serving/internal/ledger"
 	"github.com/mlx-serving/mlx-serving/internal/placement"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -116,7 +117,25 @@ func (d *Dispatcher) onAdopt(m *nats.Msg) func(context.Context) {
 	return func(ctx context.Context) {
 		wctx, cancel := context.WithTimeout(ctx, adoptWriteTimeout)
 		defer cancel()
-		err := results.Record(wctx, d.js, &res)
+		// A job another dispatcher moved on from this attempt (its worker
+		// went silent, and the retry was noted before it started) is not
+		// that worker's to end: with two dispatchers, the offer reached the
+		// one that did not hold the job and was stored, and the live retry's
+		// record was refused (red team round 18, tenant F2: 3 of 3). An
+		// unreadable ledger gets no answer: the worker offers again.
+		e, _, err := ledger.Read(wctx, d.js, res.Tenant, res.JobID)
+		switch {
+		case err != nil:
+			d.rare.Warn().Err(err).Str("job_id", res.JobID).Msg("could not read the ledger for an adopted record; the worker will offer it again")
+			return
+		case e.High > res.Attempt:
+			d.count().superseded()
+			d.log.Info().Str("job_id", res.JobID).Str("worker_id", wid).Int("attempt", res.Attempt).Int("noted_attempt", e.High).
+				Msg("adoption of an attempt the job has moved on from; refused")
+			reply(schemas.FinishUnknown)
+			return
+		}
+		err = results.Record(wctx, d.js, &res)
 		switch {
 		case err == nil:
 			d.count().adopted()

@@ -239,3 +239,76 @@ func crashWhileRunning(t *testing.T, e *testEnv, id string, ackWait time.Duratio
 	nc1.Close()
 	return w, job, offered
 }
+
+// An offer for an attempt the job has moved on from is refused by a
+// dispatcher that does not hold the job, too: the retry was noted in the
+// ledger before it started. Before, with two dispatchers, the offers that
+// reached the other one were stored, and the live retry's record was
+// refused (red team round 18, tenant F2: 3 of 3).
+// Mutation caught: onAdopt without the ledger check (the stale record
+// stored).
+func TestAdoptionOfAnAttemptTheJobMovedOnFromIsRefused(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	key := placement.KeyFrom("dispatcher", "secret")
+	assigned := make(chan schemas.AssignedJob, 16)
+	sub, err := e.nc.Subscribe(subjects.Assign("w1"), func(m *nats.Msg) {
+		var a schemas.AssignmentMsg
+		if json.Unmarshal(m.Data, &a) == nil {
+			for _, j := range a.Jobs {
+				assigned <- j
+			}
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	if err := e.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// w1 takes the job and goes silent: the job moves on in-process.
+	e.startWorker("w1", 1, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Die: 1, TokenGap: 50 * time.Millisecond} })
+	for _, id := range []string{"d1", "d2"} {
+		cfg := testConfig(id, e.connect(id))
+		cfg.PlacementKey = key
+		var running <-chan struct{}
+		cfg.Logger, running = logSignal(logRunning)
+		runDispatcher(t, cfg)
+		waitClosed(t, running, 10*time.Second, id+" running")
+	}
+	j := newJob("moved-on", "m", "normal")
+	e.mustSubmit(j)
+	var aj schemas.AssignedJob
+	select {
+	case aj = <-assigned:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no assignment to w1")
+	}
+	w2 := e.startWorker("w2", 1, []string{"m"}, func(schemas.AssignedJob) jobPlan { return jobPlan{Block: true} })
+	waitFor(t, 15*time.Second, "the job's retry on w2", func() bool { a, _, _ := w2.Snapshot(); return len(a) > 0 })
+	res := schemas.ResultMsg{Type: "result", JobID: j.ID, Attempt: aj.Attempt, Seq: 1, Status: schemas.StatusCompleted,
+		FinishReason: schemas.FinishStop, Text: "stale", WorkerID: "w1", Model: "m", FinishedAt: time.Now().UTC()}
+	data, err := json.Marshal(res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w1 := e.connect("worker-w1-again")
+	for i := range 10 { // the queue group spreads them over both dispatchers
+		m := nats.NewMsg(subjects.Adopt("w1"))
+		m.Data = data
+		m.Header.Set(subjects.HeaderPlacement, aj.Placement)
+		r, err := w1.RequestMsg(m, 5*time.Second)
+		if err != nil {
+			t.Fatalf("offer %d: %v", i, err)
+		}
+		var reply schemas.FinishReplyMsg
+		if err := json.Unmarshal(r.Data, &reply); err != nil || reply.Status != schemas.FinishUnknown {
+			t.Fatalf("offer %d of attempt %d answered %s, want unknown", i, aj.Attempt, r.Data)
+		}
+	}
+	w2.Release()
+	if r := e.waitResult(j.ID, 15*time.Second); r.WorkerID != "w2" || r.Attempt <= aj.Attempt {
+		t.Fatalf("record by %s at attempt %d (%q); want w2's retry", r.WorkerID, r.Attempt, r.Text)
+	}
+}
