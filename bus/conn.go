@@ -73,6 +73,13 @@ func Connect(ctx context.Context, opts ConnectOptions) (*nats.Conn, error) {
 	nopts := []nats.Option{
 		nats.MaxReconnects(maxReconnects),
 		nats.ReconnectWait(reconnectWait),
+		// A connection whose path froze (connected, delivering nothing) is
+		// noticed after MaxPingsOut unanswered pings and made again: with
+		// nats.go's defaults (2 min, 2) that took 4 minutes, in which a
+		// dispatcher placed nothing (its ticks count as deaf meanwhile:
+		// dispatcher/hearing.go) and a worker's records went unanswered.
+		nats.PingInterval(5 * time.Second),
+		nats.MaxPingsOutstanding(3),
 		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
 			ev := log.Warn()
 			if err != nil {

@@ -20,19 +20,36 @@ import (
 // connection was re-established since, every worker not yet lost is treated
 // as heard from just now — it gets a full TTL of time in which it can be
 // heard before it is judged.
+//
+// A connection can also go silent without being down: a frozen network path
+// (a proxy, a NAT, a peer host hung) delivers nothing, and the client notices
+// only after its pings go unanswered — minutes by nats.go's defaults. Ticking
+// on, the dispatcher declared every worker lost 12 s into such a freeze, and
+// with max_attempts 1 their completed jobs ended attempts_exhausted (red team
+// round 18, operator F3: 8 of 8). So each tick first asks the server for a
+// PONG (probe): a tick without one is deaf too. What the workers sent
+// meanwhile comes before the PONG on the same connection.
 
 // hearing is the tick loop's memory of what it could hear.
 type hearing struct {
 	lastTick   time.Time // monotonic
 	reconnects uint64
+	// unanswered: this tick's probe got no PONG in time (tickLoop).
+	unanswered bool
+}
+
+// probe reports whether the server answers a PING on nc within wait: whether
+// the connection hears anything now.
+func probe(nc *nats.Conn, wait time.Duration) bool {
+	return nc.FlushTimeout(wait) == nil
 }
 
 // deafSince reports whether this dispatcher may have missed heartbeats
-// since the last tick (disconnected now, reconnected since, or the ticks
-// were held up), and notes this tick. Tick loop only.
+// since the last tick (disconnected now, reconnected since, its probe not
+// answered, or the ticks were held up), and notes this tick. Tick loop only.
 func (h *hearing) deafSince(nc *nats.Conn, now time.Time, ttl time.Duration) bool {
 	rc := nc.Stats().Reconnects
-	deaf := !nc.IsConnected() || rc != h.reconnects || (!h.lastTick.IsZero() && now.Sub(h.lastTick) > ttl/2)
+	deaf := !nc.IsConnected() || rc != h.reconnects || h.unanswered || (!h.lastTick.IsZero() && now.Sub(h.lastTick) > ttl/2)
 	h.lastTick, h.reconnects = now, rc
 	return deaf
 }

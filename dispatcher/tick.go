@@ -23,6 +23,7 @@ func (d *Dispatcher) tickLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		d.hearing.unanswered = !probe(d.nc, every) // hearing.go
 		d.tick(time.Now())
 	}
 }
