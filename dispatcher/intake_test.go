@@ -18,7 +18,8 @@ import (
 // (MaxBatch), no more: the rest wait in JetStream, so its memory follows the
 // fleet's slots, never the queue's depth. Two fleets: one saturated (no free
 // slot: nothing more is pulled), one with free slots only for another model
-// (those slots and one batch are held, waiting).
+// (heldCap times those slots and one batch are held, waiting, so that a job
+// of the other model behind them is reached: crossmodel_test.go).
 func TestCreditBoundsWhatIsHeld(t *testing.T) {
 	t.Parallel()
 	const slots, maxBatch, queued = 4, 2, 60
@@ -37,7 +38,10 @@ func TestCreditBoundsWhatIsHeld(t *testing.T) {
 			for i := range queued {
 				e.mustSubmit(newJob(fmt.Sprintf("cb-%02d", i), "m", "normal"))
 			}
-			want := slots + otherSlots + maxBatch
+			want := slots + maxBatch
+			if otherSlots > 0 {
+				want = slots + heldCap*(otherSlots+maxBatch)
+			}
 			waitFor(t, 10*time.Second, "the worker full and the credit used", func() bool {
 				a, _, _ := w.Snapshot()
 				return len(a) == slots && d.Metrics().JobsPulled.Load() >= int64(want)

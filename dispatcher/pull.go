@@ -69,8 +69,16 @@ func (d *Dispatcher) pullLoop(ctx context.Context) {
 }
 
 // credit is how many more jobs this dispatcher may hold: free slots of routable
-// workers plus one batch window, minus what it holds and has not yet placed.
-// No free slot, no credit.
+// workers plus one batch window, minus what it holds unplaced that those
+// slots could take. No free slot, no credit.
+//
+// Held jobs of a model with no free slot do not count against it, up to
+// heldCap: counted, one tenant's backlog for a busy model used all the
+// credit, and jobs of every other model — at any priority — waited behind it
+// while their workers sat idle (red team round 18, tenant F3: 13 held jobs
+// of a 1-slot model stalled an idle 4-slot model). Past heldCap the stall
+// comes back: JOBS is one stream per priority, read in order, and a
+// dispatcher holds only so much.
 func (d *Dispatcher) credit() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -79,16 +87,38 @@ func (d *Dispatcher) credit() int {
 	}
 	free := 0
 	now := time.Now()
+	var open map[string]bool // models with a free slot
 	for _, w := range d.workers {
-		if w.routable(now) {
-			free += w.free()
+		if !w.routable(now) {
+			continue
+		}
+		if f := w.free(); f > 0 {
+			free += f
+			if open == nil {
+				open = map[string]bool{}
+			}
+			for _, m := range w.hb.Models {
+				open[m] = true
+			}
 		}
 	}
 	if free <= 0 {
 		return 0
 	}
-	return free + d.cfg.MaxBatch - (len(d.jobs) - d.onWorker)
+	held, waiting := len(d.jobs)-d.onWorker, 0
+	for _, j := range d.jobs {
+		// Waiting for a slot of its model. A job at intake has no model
+		// read yet (decode writes j.req outside the lock): not waiting.
+		if (j.state == StateQueued || j.state == StateRetrying) && !j.intaking && !open[j.req.Model] {
+			waiting++
+		}
+	}
+	return min(free+d.cfg.MaxBatch-(held-waiting), heldCap*(free+d.cfg.MaxBatch)-held)
 }
+
+// heldCap bounds the jobs a dispatcher holds unplaced, in multiples of its
+// free slots and batch window (credit).
+const heldCap = 4
 
 // pullOnce fetches up to credit jobs without blocking, split across priorities
 // by weighted round robin; what an empty priority leaves goes to the others.
