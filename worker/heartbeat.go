@@ -255,14 +255,14 @@ func (a *Agent) heartbeatLoop(ctx context.Context) {
 
 // putHeartbeat writes this process's entry, conditional on the revision it
 // wrote last: a write refused because the entry changed since is looked at,
-// and an entry of a process of this id that started later means this one was
-// replaced (it was paused past the TTL, or asleep, and a new process claimed
-// the id meanwhile): errSuperseded. Before, both processes heart-beat on,
-// each overwriting the other's entry, and every dispatcher that started
-// while the old one's entry stood placed jobs on the old process (red team
-// round 17, F1). Any other change (the entry expired or was deleted, an
-// older process wrote it, or this process's own write whose answer was
-// lost) is written over, conditional on what was read.
+// and an entry of another process of this id means this one was replaced (it
+// was paused past the TTL, or asleep, and a new process claimed the id
+// meanwhile): errSuperseded. Before, both processes heart-beat on, each
+// overwriting the other's entry, and every dispatcher that started while the
+// old one's entry stood placed jobs on the old process (red team round 17,
+// F1). Any other change (the entry expired or was deleted, or this process's
+// own write whose answer was lost) is written over, conditional on what was
+// read.
 func (a *Agent) putHeartbeat(ctx context.Context, reg registry.Bucket) error {
 	hb := a.heartbeat()
 	pctx, cancel := context.WithTimeout(ctx, a.cfg.HeartbeatInterval+time.Second)
@@ -281,9 +281,15 @@ func (a *Agent) putHeartbeat(ctx context.Context, reg registry.Bucket) error {
 		case gerr != nil:
 			return fmt.Errorf("heartbeat: the entry changed and could not be read: %w", gerr)
 		default:
+			// Another process's entry, whatever its start time says: the
+			// server ordered the writes, and this process's write came after
+			// that one's claim or beat. Compared by start times, two hosts'
+			// clocks decided which process stayed, and a resumed process on
+			// a host whose clock was ahead stopped its live replacement (red
+			// team round 18, operator F4).
 			var other schemas.HeartbeatMsg
-			if json.Unmarshal(e.Value(), &other) == nil && other.StartedAt.After(a.startedAt) {
-				return fmt.Errorf("%w: a process of worker id %q started at %s (host %q), after this one (%s)",
+			if json.Unmarshal(e.Value(), &other) != nil || !other.StartedAt.Equal(a.startedAt) || other.Hostname != a.host.hostname {
+				return fmt.Errorf("%w: a process of worker id %q started at %s (host %q) wrote its entry after this one's (started %s)",
 					errSuperseded, a.cfg.WorkerID, other.StartedAt.Format(time.RFC3339Nano), other.Hostname, a.startedAt.Format(time.RFC3339Nano))
 			}
 			read = e.Revision()

@@ -75,18 +75,21 @@ func (a *Agent) claimID(ctx context.Context) error {
 	return nil
 }
 
-// awaitRewrite waits until claimWait has passed since e was written and
-// refuses the id if the entry was written again meanwhile.
+// awaitRewrite waits claimWait after reading e and refuses the id if the
+// entry was written again meanwhile. The wait is measured on this process's
+// monotonic clock from the read, not from the entry's store time: that is the
+// server's clock, and a worker host 2.5 s ahead of it waited not at all,
+// claimed the id from a live process, and that process stopped with its
+// running jobs (red team round 18, operator F4: 8 of 8 ended
+// attempts_exhausted). The price: a start over a dead process's entry waits
+// claimWait in full.
 func (a *Agent) awaitRewrite(ctx context.Context, reg registry.Bucket, e jetstream.KeyValueEntry) error {
-	wait := a.claimWait() - time.Since(e.Created())
-	if wait > 0 {
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
-		}
+	t := time.NewTimer(a.claimWait())
+	select {
+	case <-ctx.Done():
+		t.Stop()
+		return ctx.Err()
+	case <-t.C:
 	}
 	now, err := reg.Entry(ctx, a.cfg.WorkerID)
 	if err != nil || now.Revision() == e.Revision() {

@@ -119,23 +119,32 @@ func TestReplacedProcessStops(t *testing.T) {
 	}
 }
 
-// An entry written over by an older process of the id is taken back.
-func TestHeartbeatTakesBackAnOlderEntry(t *testing.T) {
+// Which process of an id stays is the server's order, not the hosts' clocks:
+// an entry another process wrote after this one's stops this one even when
+// that process's start time reads earlier (its host's clock behind). Compared
+// by start times, a resumed process on a host whose clock was ahead stopped
+// its live replacement instead (red team round 18, operator F4).
+// Mutation caught: putHeartbeat stopping only for a later start time (this
+// process writes over the other's entry and runs on).
+func TestHeartbeatOfAnotherProcessStopsThisOneWhateverItsClock(t *testing.T) {
 	t.Parallel()
 	b := startBus(t, 0)
-	a := startAgent(t, testConfig(t, b, "w-older"), false)
+	a := startAgent(t, testConfig(t, b, "w-skewed"), false)
 	ctx := within(t, 20*time.Second)
-	waitHeartbeat(t, b.kv, "w-older", 10*time.Second, func(h *schemas.HeartbeatMsg) bool { return h.StartedAt.Equal(a.startedAt) })
-	older := a.Heartbeat()
-	older.StartedAt = a.startedAt.Add(-time.Minute)
-	if err := registry.Put(ctx, b.js, older); err != nil {
+	waitHeartbeat(t, b.kv, "w-skewed", 10*time.Second, func(h *schemas.HeartbeatMsg) bool { return h.StartedAt.Equal(a.startedAt) })
+	behind := a.Heartbeat()
+	behind.Hostname, behind.StartedAt = "other", a.startedAt.Add(-time.Minute)
+	if err := registry.Put(ctx, b.js, behind); err != nil {
 		t.Fatal(err)
 	}
-	waitHeartbeat(t, b.kv, "w-older", 10*time.Second, func(h *schemas.HeartbeatMsg) bool { return h.StartedAt.Equal(a.startedAt) })
 	select {
 	case <-a.Stopped():
-		t.Fatal("an older process's write stopped this one")
-	default:
+	case <-ctx.Done():
+		t.Fatal("a process whose entry another process wrote after it ran on")
+	}
+	hb, ok, err := registry.Get(ctx, b.js, "w-skewed")
+	if err != nil || !ok || hb.Hostname != "other" {
+		t.Fatalf("entry after this process stopped: %+v ok %v err %v; want the other process's", hb, ok, err)
 	}
 }
 
