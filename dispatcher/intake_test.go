@@ -44,7 +44,10 @@ func TestCreditBoundsWhatIsHeld(t *testing.T) {
 			}
 			waitFor(t, 10*time.Second, "the worker full and the credit used", func() bool {
 				a, _, _ := w.Snapshot()
-				return len(a) == slots && d.Metrics().JobsPulled.Load() >= int64(want)
+				d.mu.Lock()
+				held := len(d.jobs) // a pulled job is counted before intake holds it
+				d.mu.Unlock()
+				return len(a) == slots && d.Metrics().JobsPulled.Load() >= int64(want) && held >= want
 			})
 			d.mu.Lock()
 			held, onWorker := len(d.jobs), d.onWorker

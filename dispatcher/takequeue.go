@@ -23,9 +23,13 @@ import (
 //   - requests queue per worker, and a freed slot goes to the next worker in
 //     turn that has one queued: a flood costs other workers one decode's wait;
 //   - the subscription never waits: a request past its worker's cap (queued
-//     and on a slot together) is answered unknown unread — an honest worker
-//     has at most one hand-over per job it runs in flight, and a few
-//     adoptions — so a flood holds no more slots than that;
+//     and on a slot together) is answered busy unread, and the worker tries
+//     again — so a flood holds no more slots than the worker has jobs here.
+//     An honest worker gets busy too when its stale copies fill the cap: a
+//     dispatcher that did not answer for a while (paused, a frozen path)
+//     finds every timed-out try of a hand-over queued, and answered
+//     unknown, the live hand-over behind them was dropped and its job ran
+//     again (red team round 18, second pass, F1);
 //   - adoptions have slots of their own, so they never delay hand-overs.
 
 // Slots and caps. Hand-overs: a worker may have queued and on a slot what it
@@ -79,9 +83,8 @@ func (q *takeQueue) offer(m *nats.Msg) {
 	q.mu.Lock()
 	if len(q.queued[wid])+q.taking[wid] >= limit {
 		q.mu.Unlock()
-		q.d.count().forged()
-		q.d.rare.Warn().Str("worker_id", wid).Int("queued", limit).Msg(q.what + " past the worker's queue; answered unknown unread")
-		if data, err := json.Marshal(schemas.FinishReplyMsg{Status: schemas.FinishUnknown}); err == nil {
+		q.d.rare.Warn().Str("worker_id", wid).Int("queued", limit).Msg(q.what + " past the worker's queue; answered busy unread")
+		if data, err := json.Marshal(schemas.FinishReplyMsg{Status: schemas.FinishBusy}); err == nil {
 			_ = m.Respond(data) // answered: see onDone
 		}
 		return

@@ -117,3 +117,61 @@ func TestOneWorkersFloodDoesNotHoldOthersRecords(t *testing.T) {
 	}
 	t.Logf("%d flood requests sent", sent.Load())
 }
+
+// An honest worker's stale tries of one hand-over (its requests timed out
+// while the dispatcher did not answer) fill its cap; the live hand-over of
+// another job behind them is answered busy, to be tried again, never unknown,
+// which the worker takes as final: the completed record was dropped and the
+// job ran again (red team round 18, second pass, F1).
+// Mutation caught: offer answering unknown past the cap.
+func TestStaleTriesDoNotDropALiveHandOver(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, jsprov.Options{})
+	nc := e.connect("d1")
+	d, err := New(testConfig("d1", nc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	d.handOverHook = func() { <-release } // a dispatcher that does not get to them
+	t.Cleanup(func() { close(release); d.awaitWrites() })
+	d.mu.Lock()
+	d.workers["w1"] = &workerView{id: "w1", br: d.newBreaker(), othersReply: -1, mine: 2} // jobs A and D run on w1
+	d.mu.Unlock()
+	if _, err := nc.Subscribe(subjects.Done("w1", "d1"), d.onDoneConcurrently); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	w1 := e.connect("w1")
+	send := func(job string) *nats.Subscription {
+		inbox := w1.NewInbox()
+		answers, err := w1.SubscribeSync(inbox)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res := schemas.ResultMsg{Type: "result", JobID: job, Attempt: 1, Seq: 1, Status: schemas.StatusCompleted,
+			FinishReason: schemas.FinishStop, Text: "x", WorkerID: "w1", Model: "m", FinishedAt: time.Now().UTC()}
+		data, err := json.Marshal(res)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := w1.PublishMsg(&nats.Msg{Subject: subjects.Done("w1", "d1"), Reply: inbox, Data: data}); err != nil {
+			t.Fatal(err)
+		}
+		return answers
+	}
+	for range 4 { // job A's tries: 2 jobs + 2 of slack fill the cap
+		send("job-A")
+	}
+	live := send("job-D")
+	m, err := live.NextMsg(5 * time.Second)
+	if err != nil {
+		t.Fatalf("job D's hand-over past the cap: no answer: %v", err)
+	}
+	var reply schemas.FinishReplyMsg
+	if err := json.Unmarshal(m.Data, &reply); err != nil || reply.Status != schemas.FinishBusy {
+		t.Fatalf("job D's hand-over past the cap answered %s, want busy", m.Data)
+	}
+}

@@ -390,12 +390,13 @@ const (
 	FinishStored  = "stored"  // the record is in RESULTS: JetStream acknowledged it
 	FinishExists  = "exists"  // another record was there first; send nothing more
 	FinishUnknown = "unknown" // that attempt is not this dispatcher's on that worker
+	FinishBusy    = "busy"    // not read: too many of this worker's requests waiting; try again
 )
 
 // FinishReplyMsg answers a worker that handed over a terminal record (schema
 // "finish_reply").
 type FinishReplyMsg struct {
-	JobID  string `json:"job_id"`
+	JobID  string `json:"job_id,omitempty"` // absent only when busy
 	Tenant string `json:"tenant,omitempty"`
 	Status string `json:"status"`
 }

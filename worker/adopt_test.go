@@ -205,3 +205,84 @@ func TestRecordOfAPausedDispatcherIsOfferedUntilItAnswers(t *testing.T) {
 		t.Fatalf("the attempt was reported although its record was stored: %s", m.Data)
 	}
 }
+
+// A busy answer (the dispatcher had as many of this worker's requests waiting
+// as it holds jobs on it, and read none of this one) is tried again: taken
+// as final, it dropped a completed record whose dispatcher was catching up on
+// the worker's stale tries (red team round 18, second pass, F1).
+// Mutation caught: finish without the FinishBusy case (the record dropped
+// after the first answer).
+func TestBusyAnswerIsTriedAgain(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	cfg := testConfig(t, b, "w-busy")
+	cfg.ResultTimeout = 10 * time.Second
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.nc, a.mark = b.nc, b.nc.NewInbox()
+	var tries atomic.Int32
+	if _, err := b.nc.Subscribe(subjects.Done(cfg.WorkerID, "d-busy"), func(m *nats.Msg) {
+		reply := schemas.FinishReplyMsg{Status: schemas.FinishBusy}
+		if tries.Add(1) > 2 {
+			reply = schemas.FinishReplyMsg{JobID: "j-busy", Status: schemas.FinishStored}
+		}
+		data, _ := json.Marshal(reply)
+		_ = m.Respond(data)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	reports, err := b.nc.SubscribeSync(subjects.Attempt(cfg.WorkerID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	res := &schemas.ResultMsg{Type: "result", JobID: "j-busy", Tenant: "acme", Attempt: 1, Seq: 3, Status: schemas.StatusCompleted,
+		FinishReason: schemas.FinishStop, Text: "done", Usage: schemas.Usage{CompletionTokens: 3, TotalTokens: 3}, Model: "tiny",
+		WorkerID: cfg.WorkerID, FinishedAt: time.Now().UTC()}
+	a.finish(t.Context(), res, "d-busy", "")
+	if n := tries.Load(); n != 3 {
+		t.Fatalf("handed over %d times, want 3 (two busy answers, then stored)", n)
+	}
+	if m, err := reports.NextMsg(100 * time.Millisecond); err == nil {
+		t.Fatalf("the attempt was reported although its record was stored: %s", m.Data)
+	}
+}
+
+// A worker told to stop now (Shutdown, a second signal) does not hold a
+// record for AdoptPatience: after its current try it reports the attempt.
+// Mutation caught: unlessHurried not ending the tries (finish runs for the
+// whole minute).
+func TestHurriedWorkerReportsInsteadOfOffering(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	cfg := testConfig(t, b, "w-hurried")
+	cfg.ResultTimeout, cfg.AdoptPatience = time.Second, time.Minute
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.nc, a.mark = b.nc, b.nc.NewInbox()
+	reports, err := b.nc.SubscribeSync(subjects.Attempt(cfg.WorkerID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	a.hurryOnce.Do(func() { close(a.hurry) })
+	res := &schemas.ResultMsg{Type: "result", JobID: "j-hurried", Tenant: "acme", Attempt: 1, Seq: 3, Status: schemas.StatusCompleted,
+		FinishReason: schemas.FinishStop, Text: "done", Usage: schemas.Usage{CompletionTokens: 3, TotalTokens: 3}, Model: "tiny",
+		WorkerID: cfg.WorkerID, FinishedAt: time.Now().UTC()}
+	start := time.Now()
+	a.finish(t.Context(), res, "gone-dispatcher", "1800000000.00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
+	if took := time.Since(start); took > cfg.AdoptPatience/2 {
+		t.Errorf("a hurried worker held its record for %v", took)
+	}
+	if _, err := reports.NextMsg(5 * time.Second); err != nil {
+		t.Fatalf("no attempt report from a hurried worker: %v", err)
+	}
+}

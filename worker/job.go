@@ -394,6 +394,9 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 		if err := json.Unmarshal(m, &reply); err != nil || reply.Status == "" {
 			return backoff.Permanent(fmt.Errorf("worker: bad finish reply %q", m))
 		}
+		if reply.Status == schemas.FinishBusy {
+			return errBusy
+		}
 		return nil
 	}, bo)
 	if handOverUnanswered(err) && adoptable {
@@ -434,8 +437,14 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 // is alive is safe: the record is stored first writer wins, and the
 // dispatcher learns it from RESULTS (results.go, onResult) and acks the job.
 func handOverUnanswered(err error) bool {
-	return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded)
+	return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrTimeout) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, errBusy)
 }
+
+// errBusy: the dispatcher answered busy, not having read the record (too many
+// of this worker's requests waiting there: dispatcher/takequeue.go); tried
+// again like no answer.
+var errBusy = errors.New("worker: the dispatcher was busy with this worker's requests and did not read the record")
 
 // handOverRequest is the default Agent.handOver: a request on the bus.
 func (a *Agent) handOverRequest(ctx context.Context, subject string, data []byte) ([]byte, error) {
