@@ -37,6 +37,7 @@ type Metrics struct {
 	HandBacksNoted      atomic.Int64 // deliveries handed back with their next attempt noted in the ledger, so they use no attempt
 	LedgerWriteFailed   atomic.Int64 // attempt ledger writes that failed: a hand-back counted as an attempt, or a retry handed back
 	RecordsAdopted      atomic.Int64 // completed records of jobs whose dispatcher was gone, stored here (adopt.go)
+	AnsweredBusy        atomic.Int64 // hand-overs and adoption offers past their worker's cap, answered busy unread (takequeue.go)
 	ExhaustGraced       atomic.Int64 // first deliveries past the attempt limit handed back once (exhaust.go)
 	CancelsLeft         atomic.Int64 // cancels of a job in JOBS that a consumer delivered (held elsewhere, or to be redelivered): left to its holder
 	// Routed counts batches by why they went to their worker (RouteReason).

@@ -92,11 +92,16 @@ const (
 	// (no responder on its done subject) was stored by this one (adopt.go):
 	// a dispatcher died or stopped with jobs running.
 	AnomalyAdopted = "record_adopted"
+	// AnomalyBusy: a worker had as many hand-overs or adoption offers
+	// waiting as it has jobs here (plus two; adoptions: 32), and one more was
+	// answered busy unread (takequeue.go): a worker catching up after its
+	// dispatcher did not answer for a while, or a credential flooding.
+	AnomalyBusy = "answered_busy"
 )
 
 // Anomalies lists every Anomaly kind.
 func Anomalies() []string {
-	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused, AnomalyRelayed, AnomalyAttemptTimeout, AnomalyLedgerWrite, AnomalyAdopted}
+	return []string{AnomalyBadCancel, AnomalyBaseClamped, AnomalyDuplicateMsg, AnomalyOversizedProgress, AnomalyDeadLetterRefused, AnomalyRelayed, AnomalyAttemptTimeout, AnomalyLedgerWrite, AnomalyAdopted, AnomalyBusy}
 }
 
 // nopObserver is the Observer when none is configured.
@@ -226,6 +231,7 @@ func (t tally) handBackNoted() { t.m.HandBacksNoted.Add(1) }
 func (t tally) ledgerWriteFailed() { t.m.LedgerWriteFailed.Add(1); t.obs.Anomaly(AnomalyLedgerWrite) }
 
 func (t tally) adopted() { t.m.RecordsAdopted.Add(1); t.obs.Anomaly(AnomalyAdopted) }
+func (t tally) busy()    { t.m.AnsweredBusy.Add(1); t.obs.Anomaly(AnomalyBusy) }
 
 func (t tally) relayed() { t.m.Relayed.Add(1); t.obs.Anomaly(AnomalyRelayed) }
 

@@ -170,3 +170,32 @@ func TestRestartResumesAfterQueuedTokens(t *testing.T) {
 		t.Fatalf("caller saw %q, want %q", c.text(), fullText(10))
 	}
 }
+
+// A live beat of another process of a worker id is followed whatever its
+// start time reads: its host's clock may be behind the replaced process's.
+// Ignored, the replacement stayed unroutable on every dispatcher that had
+// known the old process (red team round 18, final review). A replayed entry
+// of an earlier process is still ignored.
+// Mutation caught: heartbeat ignoring every earlier start time (the
+// replacement never followed).
+func TestLiveBeatOfAReplacementWithAnEarlierClockIsFollowed(t *testing.T) {
+	t.Parallel()
+	d, now := hearingDispatcher(t, time.Now(), true)
+	replacement := schemas.HeartbeatMsg{WorkerID: "w1", Models: []string{"m"}, Slots: 4, State: schemas.WorkerReady,
+		StartedAt: now.Add(-time.Hour), UpdatedAt: now}
+	d.mu.Lock()
+	d.heartbeat("w1", replacement, time.Time{}, false) // a replay: ignored
+	replayed := d.workers["w1"].hb.StartedAt
+	d.heartbeat("w1", replacement, time.Time{}, true)
+	followed := d.workers["w1"].hb.StartedAt
+	d.mu.Unlock()
+	if !replayed.Equal(now) {
+		t.Fatalf("a replayed entry of an earlier process was followed (started_at %v)", replayed)
+	}
+	if !followed.Equal(replacement.StartedAt) {
+		t.Fatalf("the live beat of the replacement was ignored (started_at %v, want %v)", followed, replacement.StartedAt)
+	}
+	if n := d.Metrics().WorkersRestarted.Load(); n != 1 {
+		t.Fatalf("%d restarts counted, want 1", n)
+	}
+}

@@ -75,7 +75,7 @@ func (d *Dispatcher) doneLimit(wid string) int {
 }
 
 // offer queues m, a worker's request on its done or adopt subject (checked
-// by the caller: sent from an inbox), or answers it unknown unread when the
+// by the caller: sent from an inbox), or answers it busy unread when the
 // worker's queue is full. It never waits.
 func (q *takeQueue) offer(m *nats.Msg) {
 	wid := subjects.WorkerOf(m.Subject)
@@ -83,6 +83,7 @@ func (q *takeQueue) offer(m *nats.Msg) {
 	q.mu.Lock()
 	if len(q.queued[wid])+q.taking[wid] >= limit {
 		q.mu.Unlock()
+		q.d.count().busy()
 		q.d.rare.Warn().Str("worker_id", wid).Int("queued", limit).Msg(q.what + " past the worker's queue; answered busy unread")
 		if data, err := json.Marshal(schemas.FinishReplyMsg{Status: schemas.FinishBusy}); err == nil {
 			_ = m.Respond(data) // answered: see onDone

@@ -9,7 +9,6 @@ var wantPath = map[string]string{
 	"finish_reply/status_unknown":                 "$.status",
 	"finish_reply/missing_status":                 "$.status",
 	"finish_reply/missing_job_id":                 "$.job_id",
-	"finish_reply/unknown_without_job_id":         "$.job_id",
 	"finish_reply/job_id_with_dot":                "$.job_id",
 	"dlq_record/raw_subject_empty":                "$.raw_subject",
 	"attempt_report/tenant_upper_case":            "$.tenant",

@@ -396,7 +396,7 @@ const (
 // FinishReplyMsg answers a worker that handed over a terminal record (schema
 // "finish_reply").
 type FinishReplyMsg struct {
-	JobID  string `json:"job_id,omitempty"` // absent only when busy
+	JobID  string `json:"job_id,omitempty"` // absent when busy, or unknown to a request that is no valid record
 	Tenant string `json:"tenant,omitempty"`
 	Status string `json:"status"`
 }
