@@ -214,4 +214,7 @@ func TestFrozenPathLosesNoWorker(t *testing.T) {
 	if n := d.Metrics().WorkersLost.Load(); n != 0 {
 		t.Fatalf("%d workers declared lost over a frozen path", n)
 	}
+	if d.Metrics().DeafTicks.Load() == 0 {
+		t.Fatal("no deaf tick counted over a frozen path")
+	}
 }

@@ -20,6 +20,7 @@ type Metrics struct {
 	AlreadyFinished     atomic.Int64 // deliveries acked because RESULTS already had the job
 	WorkersLost         atomic.Int64
 	WorkersRestarted    atomic.Int64 // a worker's process changed (new started_at): its jobs were retried
+	DeafTicks           atomic.Int64 // ticks that could not have heard workers since the last (hearing.go)
 	IllegalTransitions  atomic.Int64
 	NotAJob             atomic.Int64 // messages on JOBS that could not be a job: dead-lettered raw and terminated
 	StrandedRemoved     atomic.Int64 // JOBS messages left after their ack (a failed delete), whose job has its record: removed

@@ -40,6 +40,9 @@ type Observer interface {
 	Forged()
 	// WorkerLost: a worker's registry entry was deleted or went stale.
 	WorkerLost()
+	// DeafTick: a tick at which no heartbeat could have been heard since the
+	// last one (hearing.go); no worker was judged lost for that time.
+	DeafTick()
 	// WorkerRestarted: a worker came back as a new process; its jobs were retried.
 	WorkerRestarted()
 	// Transition: a legal transition left state from on event.
@@ -119,6 +122,7 @@ func (nopObserver) AlreadyFinished()                                 {}
 func (nopObserver) NotAJob()                                         {}
 func (nopObserver) Forged()                                          {}
 func (nopObserver) WorkerLost()                                      {}
+func (nopObserver) DeafTick()                                        {}
 func (nopObserver) WorkerRestarted()                                 {}
 func (nopObserver) Transition(string, string)                        {}
 func (nopObserver) IllegalTransition()                               {}
@@ -249,6 +253,7 @@ func (t tally) superseded() { t.m.SupersededRecords.Add(1) }
 
 func (t tally) workerLost() { t.m.WorkersLost.Add(1); t.obs.WorkerLost() }
 
+func (t tally) deafTick()        { t.m.DeafTicks.Add(1); t.obs.DeafTick() }
 func (t tally) workerRestarted() { t.m.WorkersRestarted.Add(1); t.obs.WorkerRestarted() }
 
 func (t tally) transition(from State, e Trigger) {

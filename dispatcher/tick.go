@@ -63,6 +63,7 @@ func (d *Dispatcher) tick(now time.Time) {
 	}
 	d.pruneCancels(now)
 	if d.hearing.deafSince(d.nc, now, d.cfg.WorkerTTL) {
+		d.count().deafTick()
 		d.heardAllNow(now) // hearing.go
 	}
 	for id, w := range d.workers {

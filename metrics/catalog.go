@@ -83,6 +83,7 @@ var (
 	DispatcherNotAJob          = Spec{"mlx_dispatcher_not_a_job_total", "Messages on JOBS from which no job could be derived: dead-lettered raw and terminated.", Counter, nil, nil}
 	DispatcherForged           = Spec{"mlx_dispatcher_forged_records_total", "Terminal records, attempt reports or progress events from a worker that does not run that attempt: refused.", Counter, nil, nil}
 	DispatcherWorkersLost      = Spec{"mlx_dispatcher_workers_lost_total", "Workers whose registry entry was deleted or went stale while this dispatcher watched.", Counter, nil, nil}
+	DispatcherDeafTicks        = Spec{"mlx_dispatcher_deaf_ticks_total", "Ticks at which the dispatcher could not have heard its workers since the last one (disconnected, reconnected, its PING unanswered, or the ticks held up): no worker is declared lost for that time. Rising steadily, dead workers are never declared lost and their jobs wait for attempt_timeout.", Counter, nil, nil}
 	DispatcherWorkersRestarted = Spec{"mlx_dispatcher_workers_restarted_total", "Workers that came back as a new process (new started_at) while jobs were assigned to the old one; those jobs were retried.", Counter, nil, nil}
 	DispatcherWriteFailures    = Spec{"mlx_dispatcher_record_write_failures_total", "Tries of a terminal record (with its dead letter) the store refused. A refused record is tried again while the dispatcher holds the job, and no new job is placed meanwhile; only a record that cannot fit, or a stop, hands the job back to run again. A store that refuses writes (a full disk) shows here first.", Counter, nil, nil}
 	DispatcherRecordsHeld      = Spec{"mlx_dispatcher_records_held", "Terminal records held to be written again: the store refused them, or did not answer within a second. While above 0 the dispatcher places no job (queued jobs wait in JOBS); the records are stored, under the attempts that earned them, once the store takes writes.", Gauge, nil, nil}
@@ -125,7 +126,7 @@ var catalog = []Spec{
 	FleetFinished, FleetErrors, FleetInvalid, FleetAttemptErr, FleetAttempts, FleetTTFT, FleetTokensPS,
 	FleetQueued, FleetDuration, FleetTokens,
 	DispatcherPulled, DispatcherBatches, DispatcherAssigned, DispatcherAssignFull, DispatcherAssignErrors,
-	DispatcherRetries, DispatcherFinished, DispatcherAlreadyDone, DispatcherNotAJob, DispatcherForged, DispatcherWorkersLost, DispatcherWorkersRestarted, DispatcherIllegal, DispatcherWriteFailures, DispatcherRecordsHeld,
+	DispatcherRetries, DispatcherFinished, DispatcherAlreadyDone, DispatcherNotAJob, DispatcherForged, DispatcherWorkersLost, DispatcherDeafTicks, DispatcherWorkersRestarted, DispatcherIllegal, DispatcherWriteFailures, DispatcherRecordsHeld,
 	DispatcherTransitions, DispatcherRouted, DispatcherAnomalies,
 	WorkerSlots, WorkerInFlight, WorkerState, WorkerRuntimeStarts, WorkerRuntimeRestarts, WorkerBreaker,
 	WorkerBreakerOpens, WorkerAssignments, WorkerBatchSize, WorkerSchemaRejections, WorkerJobsStarted,

@@ -8,11 +8,11 @@ import (
 // it as dispatcher.Config.Observer. Dispatchers registered in one registry
 // share its series.
 type Dispatcher struct {
-	pulled, batches, assigned, refused, assignErrors, retries prometheus.Counter
-	alreadyDone, notAJob, forged, lost, restarted, illegal    prometheus.Counter
-	writeFailures                                             prometheus.Counter
-	recordsHeld                                               prometheus.Gauge
-	finished, routed, transitions, anomalies                  *prometheus.CounterVec
+	pulled, batches, assigned, refused, assignErrors, retries    prometheus.Counter
+	alreadyDone, notAJob, forged, lost, deaf, restarted, illegal prometheus.Counter
+	writeFailures                                                prometheus.Counter
+	recordsHeld                                                  prometheus.Gauge
+	finished, routed, transitions, anomalies                     *prometheus.CounterVec
 }
 
 // NewDispatcher registers the dispatcher metrics in reg (or finds them there)
@@ -26,7 +26,7 @@ func NewDispatcher(reg prometheus.Registerer) (*Dispatcher, error) {
 		{&d.pulled, DispatcherPulled}, {&d.batches, DispatcherBatches}, {&d.assigned, DispatcherAssigned},
 		{&d.refused, DispatcherAssignFull}, {&d.assignErrors, DispatcherAssignErrors}, {&d.retries, DispatcherRetries},
 		{&d.alreadyDone, DispatcherAlreadyDone}, {&d.notAJob, DispatcherNotAJob}, {&d.forged, DispatcherForged},
-		{&d.lost, DispatcherWorkersLost}, {&d.restarted, DispatcherWorkersRestarted}, {&d.illegal, DispatcherIllegal},
+		{&d.lost, DispatcherWorkersLost}, {&d.deaf, DispatcherDeafTicks}, {&d.restarted, DispatcherWorkersRestarted}, {&d.illegal, DispatcherIllegal},
 		{&d.writeFailures, DispatcherWriteFailures},
 	}
 	var err error
@@ -99,6 +99,9 @@ func (d *Dispatcher) Forged() { d.forged.Inc() }
 
 // WorkerLost implements dispatcher.Observer.
 func (d *Dispatcher) WorkerLost() { d.lost.Inc() }
+
+// DeafTick implements dispatcher.Observer.
+func (d *Dispatcher) DeafTick() { d.deaf.Inc() }
 
 // WorkerRestarted implements dispatcher.Observer.
 func (d *Dispatcher) WorkerRestarted() { d.restarted.Inc() }
