@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 )
 
@@ -36,6 +37,11 @@ const (
 	// codeBodyTooManyValues: the body holds more JSON values than any job
 	// can (MaxBodyValues), refused before it is decoded (bodyvalues.go).
 	codeBodyTooManyValues = "request_too_many_values"
+	// codeBodyEncoding: the body is compressed (a Content-Encoding other
+	// than identity); the gateway reads plain JSON only. Read as it came, a
+	// gzip body failed as malformed JSON, which named the wrong fault (red
+	// team round 18, H-L2).
+	codeBodyEncoding = "unsupported_content_encoding"
 )
 
 const (
@@ -69,6 +75,10 @@ func BodyLimitFor(maxPayload int64) int64 {
 // tenant as they arrive. release gives them back to the budget: call it once
 // the body is decoded (the raw bytes are garbage then).
 func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request, tenant string) (body []byte, release func(), aerr *apiError) {
+	if enc := r.Header.Get("Content-Encoding"); enc != "" && !strings.EqualFold(enc, "identity") {
+		return nil, nil, &apiError{Status: http.StatusUnsupportedMediaType, Type: typeInvalidRequest, Code: codeBodyEncoding,
+			Message: fmt.Sprintf("The request body is encoded %q; send it uncompressed.", enc)}
+	}
 	limit := g.maxBody
 	tooLarge := &apiError{Status: http.StatusRequestEntityTooLarge, Type: typeInvalidRequest, Code: codeBodyTooLarge,
 		Message: fmt.Sprintf("The request body exceeds %d bytes, the most a job can carry.", limit)}

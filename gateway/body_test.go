@@ -106,6 +106,28 @@ func TestUnauthenticatedBodyIsRefusedUnread(t *testing.T) {
 	}
 }
 
+// A compressed body is refused unread with 415 and a stable code, not read
+// as malformed JSON.
+// Mutation caught: readBody without the Content-Encoding check (400
+// invalid JSON).
+func TestCompressedBodyIs415(t *testing.T) {
+	t.Parallel()
+	_, addr := bodyGateway(t, nil)
+	req, err := http.NewRequest(http.MethodPost, "http://"+addr+"/v1/completions", strings.NewReader("\x1f\x8b\x08\x00 not json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer tok-a")
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Content-Encoding", "gzip")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	expectError(t, resp, http.StatusUnsupportedMediaType, "", codeBodyEncoding)
+}
+
 // Mutation caught: dropping the Content-Length check in readBody (the body is
 // then read up to the limit: 100 Continue comes first); MaxBytesReader's limit
 // raised to limit+1<<20 (a chunked body past the limit is read in full and the
