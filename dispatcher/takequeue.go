@@ -3,6 +3,7 @@ package dispatcher
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"sync"
 
 	"github.com/nats-io/nats.go"
@@ -22,9 +23,13 @@ import (
 // 4 of 4 probes). Now:
 //   - requests queue per worker, and a freed slot goes to the next worker in
 //     turn that has one queued: a flood costs other workers one decode's wait;
-//   - the subscription never waits: a request past its worker's cap (queued
-//     and on a slot together) is answered busy unread, and the worker tries
-//     again — so a flood holds no more slots than the worker has jobs here.
+//   - the subscription never waits: a request past its worker's cap on what
+//     waits is answered busy unread, and the worker tries again; and at most
+//     perWorkerTakes of a worker's requests are on slots at once, so a flood
+//     decodes no more than that at a time. (The cap first counted what was
+//     on slots too: a job's end is counted when its hand-over is taken,
+//     before the take leaves its slot, and workers that finish at once —
+//     the bench's ceiling — were answered busy by the dozen.)
 //     An honest worker gets busy too when its stale copies fill the cap: a
 //     dispatcher that did not answer for a while (paused, a frozen path)
 //     finds every timed-out try of a hand-over queued, and answered
@@ -32,14 +37,15 @@ import (
 //     again (red team round 18, second pass, F1);
 //   - adoptions have slots of their own, so they never delay hand-overs.
 
-// Slots and caps. Hand-overs: a worker may have queued and on a slot what it
-// may honestly have in flight (the jobs this dispatcher has on it) and
-// doneQueueSlack more (a retry whose first try is still queued; a job whose
-// end was counted before its hand-over left its slot). Adoptions: an honest
-// worker offers one per job its gone dispatcher held on it.
+// Slots and caps. Hand-overs: a worker may have waiting what it may honestly
+// have in flight (the jobs this dispatcher has on it: a job ends only when
+// its hand-over is taken) and doneQueueSlack more (a retry whose first try
+// still waits). Adoptions: an honest worker offers one per job its gone
+// dispatcher held on it.
 const (
 	maxHandOvers    = 32
 	maxAdoptions    = 2
+	perWorkerTakes  = 4 // a worker's requests on slots at once
 	doneQueueSlack  = 2
 	adoptQueueLimit = 32
 )
@@ -81,7 +87,7 @@ func (q *takeQueue) offer(m *nats.Msg) {
 	wid := subjects.WorkerOf(m.Subject)
 	limit := q.limit(wid)
 	q.mu.Lock()
-	if len(q.queued[wid])+q.taking[wid] >= limit {
+	if len(q.queued[wid]) >= limit {
 		q.mu.Unlock()
 		q.d.count().busy()
 		q.d.rare.Warn().Str("worker_id", wid).Int("queued", limit).Msg(q.what + " past the worker's queue; answered busy unread")
@@ -101,9 +107,13 @@ func (q *takeQueue) offer(m *nats.Msg) {
 
 // startLocked takes queued requests while slots are free, a worker at a time.
 func (q *takeQueue) startLocked() {
-	for q.free > 0 && len(q.turn) > 0 {
-		wid := q.turn[0]
-		q.turn = q.turn[1:]
+	for q.free > 0 {
+		i := slices.IndexFunc(q.turn, func(w string) bool { return q.taking[w] < perWorkerTakes })
+		if i < 0 {
+			return // every worker with requests queued has its share on slots
+		}
+		wid := q.turn[i]
+		q.turn = slices.Delete(q.turn, i, i+1)
 		ms := q.queued[wid]
 		m := ms[0]
 		if len(ms) > 1 {

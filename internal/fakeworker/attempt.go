@@ -201,10 +201,12 @@ func (w *Worker) run(aj schemas.AssignedJob, dispatcherID string, inc int) {
 // assignment's placement token, as the real worker does (worker/adopt.go).
 func (w *Worker) handOver(res *schemas.ResultMsg, dispatcherID, placement string) {
 	data, _ := json.Marshal(res)
-	m, err := w.nc.Request(subjects.Done(w.opts.ID, dispatcherID), data, w.opts.HandOverTimeout)
+	msg := nats.NewMsg(subjects.Done(w.opts.ID, dispatcherID))
+	msg.Data = data
+	m, err := w.nc.RequestMsg(msg, w.opts.HandOverTimeout)
 	unanswered := errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrTimeout) // as worker.handOverUnanswered
 	if unanswered && placement != "" && res.Status == schemas.StatusCompleted && !w.opts.NoAdopt {
-		msg := nats.NewMsg(subjects.Adopt(w.opts.ID))
+		msg = nats.NewMsg(subjects.Adopt(w.opts.ID))
 		msg.Data = data
 		msg.Header.Set(subjects.HeaderPlacement, placement)
 		m, err = w.nc.RequestMsg(msg, w.opts.HandOverTimeout)
@@ -212,6 +214,14 @@ func (w *Worker) handOver(res *schemas.ResultMsg, dispatcherID, placement string
 	var reply schemas.FinishReplyMsg
 	if err == nil {
 		err = json.Unmarshal(m.Data, &reply)
+	}
+	// Busy: not read; tried again, as the real worker does (worker/job.go).
+	for deadline := time.Now().Add(w.opts.HandOverTimeout); err == nil && reply.Status == schemas.FinishBusy && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+		if m, err = w.nc.RequestMsg(msg, w.opts.HandOverTimeout); err == nil {
+			reply = schemas.FinishReplyMsg{}
+			err = json.Unmarshal(m.Data, &reply)
+		}
 	}
 	switch {
 	case err != nil:
