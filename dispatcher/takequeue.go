@@ -45,7 +45,7 @@ import (
 const (
 	maxHandOvers    = 32
 	maxAdoptions    = 2
-	perWorkerTakes  = 4 // a worker's requests on slots at once
+	perWorkerTakes  = 2 // a worker's requests on slots at once
 	doneQueueSlack  = 2
 	adoptQueueLimit = 32
 )
@@ -69,7 +69,9 @@ func newTakeQueue(d *Dispatcher, what string, slots int, take func(*nats.Msg) fu
 	return &takeQueue{d: d, what: what, take: take, limit: limit, free: slots, queued: map[string][]*nats.Msg{}, taking: map[string]int{}}
 }
 
-// doneLimit: the jobs this dispatcher has on worker wid, and the slack.
+// doneLimit: the jobs this dispatcher has on worker wid, and the slack. (A
+// worker with none still gets its records read, two at a time: a late
+// record is refused as superseded, a forged one counted.)
 func (d *Dispatcher) doneLimit(wid string) int {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -138,7 +138,7 @@ func TestStaleTriesDoNotDropALiveHandOver(t *testing.T) {
 	d.mu.Lock()
 	d.workers["w1"] = &workerView{id: "w1", br: d.newBreaker(), othersReply: -1, mine: 2} // jobs A and D run on w1
 	d.mu.Unlock()
-	if _, err := nc.Subscribe(subjects.Done("w1", "d1"), d.onDoneConcurrently); err != nil {
+	if _, err := nc.Subscribe(subjects.DoneForDispatcher("d1"), d.onDoneConcurrently); err != nil {
 		t.Fatal(err)
 	}
 	if err := nc.Flush(); err != nil {
