@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -46,7 +47,7 @@ func (a *Agent) adopt(ctx context.Context, done string, data []byte, placement s
 	bo.InitialInterval = 100 * time.Millisecond
 	bo.MaxInterval = 5 * time.Second
 	bo.MaxElapsedTime = a.cfg.AdoptPatience
-	var reply schemas.FinishReplyMsg
+	var status string
 	try := 0
 	err := backoff.Retry(func() error {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), min(5*time.Second, a.cfg.ResultTimeout))
@@ -65,15 +66,28 @@ func (a *Agent) adopt(ctx context.Context, done string, data []byte, placement s
 			}
 			body = b
 		}
-		if json.Unmarshal(body, &reply) != nil || reply.Status == "" {
-			return backoff.Permanent(fmt.Errorf("worker: bad adoption reply %q", body))
+		var err error
+		if status, err = readFinishReply(body, "adoption"); errors.Is(err, errBusy) {
+			return a.unlessHurried(err)
 		}
-		if reply.Status == schemas.FinishBusy {
-			return a.unlessHurried(errBusy)
-		}
-		return nil
+		return err
 	}, bo)
-	return reply.Status, err
+	return status, err
+}
+
+// readFinishReply reads a dispatcher's answer to a hand-over or an adoption
+// offer (schemas.FinishReplyMsg): its status, errBusy to try again when the
+// dispatcher did not read the record (busy), or a permanent error for an
+// answer that is not one.
+func readFinishReply(body []byte, what string) (string, error) {
+	var reply schemas.FinishReplyMsg
+	if json.Unmarshal(body, &reply) != nil || reply.Status == "" {
+		return "", backoff.Permanent(fmt.Errorf("worker: bad %s reply %q", what, body))
+	}
+	if reply.Status == schemas.FinishBusy {
+		return reply.Status, errBusy
+	}
+	return reply.Status, nil
 }
 
 // unlessHurried returns err, to be tried again, or err as final once the

@@ -2,9 +2,7 @@ package worker
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"strconv"
 	"sync"
 	"time"
@@ -376,7 +374,7 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 		bo.MaxElapsedTime = min(a.cfg.ResultTimeout, adoptAfter)
 	}
 	noResponders := 0
-	var reply schemas.FinishReplyMsg
+	var status string
 	err = backoff.Retry(func() error {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), min(5*time.Second, a.cfg.ResultTimeout))
 		defer cancel()
@@ -391,18 +389,13 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 		if err != nil {
 			return err
 		}
-		if err := json.Unmarshal(m, &reply); err != nil || reply.Status == "" {
-			return backoff.Permanent(fmt.Errorf("worker: bad finish reply %q", m))
-		}
-		if reply.Status == schemas.FinishBusy {
-			return errBusy
-		}
-		return nil
+		status, err = readFinishReply(m, "finish")
+		return err
 	}, bo)
 	if handOverUnanswered(err) && adoptable {
-		if status, aerr := a.adopt(ctx, subject, data, placement); aerr == nil {
-			reply.Status, err = status, nil
-			log.Warn().Str("dispatcher_id", dispatcherID).Str("answer", status).Msg("the dispatcher that placed the job did not answer; its record was offered for adoption")
+		if st, aerr := a.adopt(ctx, subject, data, placement); aerr == nil {
+			status, err = st, nil
+			log.Warn().Str("dispatcher_id", dispatcherID).Str("answer", st).Msg("the dispatcher that placed the job did not answer; its record was offered for adoption")
 		} else {
 			log.Error().Err(aerr).Msg("the dispatcher that placed the job did not answer, and no dispatcher took its record")
 		}
@@ -416,11 +409,11 @@ func (a *Agent) finish(ctx context.Context, res *schemas.ResultMsg, dispatcherID
 		log.Error().Err(err).Str("dispatcher_id", dispatcherID).Msg("could not hand the result to its dispatcher; reporting the attempt for retry")
 		a.reportAttempt(res.Model, handOverFailedReport(res, a.cfg.WorkerID, dispatcherID, err))
 		return
-	case reply.Status == schemas.FinishExists:
+	case status == schemas.FinishExists:
 		log.Info().Msg("job already has a terminal result; this one was not recorded")
 		return
-	case reply.Status != schemas.FinishStored:
-		log.Warn().Str("answer", reply.Status).Msg("dispatcher no longer holds this attempt; result not recorded")
+	case status != schemas.FinishStored:
+		log.Warn().Str("answer", status).Msg("dispatcher no longer holds this attempt; result not recorded")
 		return
 	}
 	a.cfg.Observer.JobFinished(res.Model, res.Status)
