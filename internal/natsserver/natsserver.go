@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"time"
 
@@ -65,6 +66,7 @@ type Server struct {
 	ns   *server.Server
 	log  zerolog.Logger
 	once sync.Once
+	lock *os.File // the store directory's lock, released after the stores close
 }
 
 // Start starts an embedded NATS server with JetStream on a file store and
@@ -74,6 +76,16 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 	if opts.StoreDir == "" {
 		return nil, errors.New("bus: natsserver.Options.StoreDir is required")
 	}
+	lock, err := lockStore(opts.StoreDir)
+	if err != nil {
+		return nil, err
+	}
+	started := false
+	defer func() {
+		if !started {
+			_ = lock.Close()
+		}
+	}()
 	host := opts.Host
 	if host == "" {
 		host = "127.0.0.1"
@@ -92,7 +104,14 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 	sopts.NoSigs, sopts.JetStream = true, true
 	sopts.StoreDir = opts.StoreDir
 	sopts.SyncAlways, sopts.SyncInterval = opts.SyncAlways, opts.SyncInterval
-	sopts.MaxPayload, sopts.JetStreamMaxStore = opts.MaxPayload, opts.JetStreamMaxStore
+	// Set here only when given: a limit the auth conf file sets (its
+	// jetstream block's max_file_store, say) is kept, not zeroed.
+	if opts.MaxPayload != 0 {
+		sopts.MaxPayload = opts.MaxPayload
+	}
+	if opts.JetStreamMaxStore != 0 {
+		sopts.JetStreamMaxStore = opts.JetStreamMaxStore
+	}
 	sopts.Debug, sopts.Trace = opts.Debug, opts.Trace
 	if opts.TLS != nil {
 		sopts.TLSConfig = opts.TLS
@@ -107,7 +126,7 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 	adapter := &serverLogger{log: opts.Logger.With().Str("component", "nats-server").Logger()}
 	ns.SetLogger(adapter, opts.Debug, opts.Trace)
 
-	s := &Server{ns: ns, log: opts.Logger}
+	s := &Server{ns: ns, log: opts.Logger, lock: lock}
 	// Start returns once JetStream is enabled and the accept loop runs; failures are
 	// reported through Fatalf, which our logger records instead of exiting.
 	ns.Start()
@@ -143,6 +162,7 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 	opts.Logger.Info().Str("url", ns.ClientURL()).Str("store_dir", opts.StoreDir).
 		Bool("sync_always", opts.SyncAlways).Bool("auth", opts.AuthConf != "").Bool("tls", opts.TLS != nil).
 		Msg("embedded nats server ready")
+	started = true
 	return s, nil
 }
 
@@ -172,6 +192,8 @@ func (s *Server) shutdownNow() {
 	s.once.Do(func() {
 		s.ns.Shutdown()
 		s.ns.WaitForShutdown()
+		// Only once the stores are closed may another server open them.
+		_ = s.lock.Close()
 	})
 	// A second caller must also wait for the first shutdown to complete.
 	s.ns.WaitForShutdown()

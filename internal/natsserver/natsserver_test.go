@@ -2,6 +2,7 @@ package natsserver_test
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -84,4 +85,32 @@ func TestServerShutdownTwice(t *testing.T) {
 	// The client sees the server go away (it keeps reconnecting; closing ends it).
 	nc.Close()
 	<-closed
+}
+
+// A second server on a store directory another one runs on is refused before it
+// opens a file: two servers writing the same block files corrupted both, and
+// records acked through the second were gone after a restart (red team round
+// 19, opstore F2). Once the first has shut down, the directory is free again.
+// Mutation caught: lockStore returning a file without taking the flock.
+func TestSecondServerOnAStoreDirIsRefused(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	first := testenv.StartServer(t, natsserver.Options{StoreDir: dir})
+	ctx := testenv.Context(t, 30*time.Second)
+	second, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: dir, Logger: testenv.Logger(t)})
+	if err == nil {
+		_ = second.Shutdown(ctx)
+		t.Fatal("a second server started on a store directory in use")
+	}
+	if !errors.Is(err, natsserver.ErrStoreInUse) {
+		t.Fatalf("second server: %v, want ErrStoreInUse", err)
+	}
+	if err := first.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	again, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: dir, Logger: testenv.Logger(t)})
+	if err != nil {
+		t.Fatalf("a server after the first shut down: %v", err)
+	}
+	_ = again.Shutdown(ctx)
 }
