@@ -228,12 +228,15 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
 		Host: host, Port: port, StoreDir: filepath.Join(c.DataDir, "jetstream"),
 		SyncAlways: c.SyncAlways, ServerName: "mlx-serving-up",
 		Logger: newLogger(c, "nats").Level(zerolog.WarnLevel),
+		// Queued jobs and records follow the data dir when auth init turns
+		// accounts on (JetStream moves to AccountSystem), or they are turned off.
+		StoreAccounts: []string{auth.AccountSystem},
 	}
 	if store != nil {
 		if err := store.WriteNATSAuthConf(); err != nil {
 			return fmt.Errorf("auth: %w", err)
 		}
-		sopts.AuthConf = store.NATSAuthConfPath()
+		sopts.AuthConf, sopts.Account = store.NATSAuthConfPath(), auth.AccountSystem
 		log.Info().Str("dir", store.Dir()).Msg("bus authentication on: each part connects as its role")
 	}
 	srv, err := natsserver.Start(ctx, sopts)

@@ -53,6 +53,14 @@ type Options struct {
 	// server then accepts only those users, each in its account and limited to
 	// its permissions. Empty means no authentication (one account).
 	AuthConf string
+	// Account is the account AuthConf keeps JetStream in ("" without
+	// AuthConf: the global account). StoreAccounts lists the others the data
+	// dir may have been used under (the global account always is one): when
+	// Account has no streams and exactly one of them has, Start moves that
+	// one's to Account; with streams in both, Start refuses
+	// (ErrStoreInTwoAccounts). See moveAccountStore.
+	Account       string
+	StoreAccounts []string
 	// TLS, when set, makes the server require TLS from every client; a config
 	// with ClientCAs and ClientAuth also verifies client certificates.
 	TLS *tls.Config
@@ -86,6 +94,9 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 			_ = lock.Close()
 		}
 	}()
+	if err := moveAccountStore(opts.StoreDir, opts.Account, opts.StoreAccounts, opts.Logger); err != nil {
+		return nil, err
+	}
 	host := opts.Host
 	if host == "" {
 		host = "127.0.0.1"
