@@ -44,12 +44,13 @@ func (f replayFilter) match(rec *schemas.DLQRecordMsg) bool {
 type replayOutcome int
 
 const (
-	replayDry      replayOutcome = iota // --dry-run: it would be replayed
-	replayRequeued                      // its record purged (if still there), queued again, dead letters removed
-	replayQueued                        // already in JOBS (an earlier, interrupted replay queued it); dead letters removed
-	replayStale                         // RESULTS holds a newer record: it ran again; only the dead letters were removed
-	replayFailed                        // a step failed; its dead letters are kept, a re-run tries again
-	replayEnding                        // JOBS still holds the job (its dispatcher is ending it, or it was resubmitted): nothing done, letters kept, counted as failed
+	replayDry          replayOutcome = iota // --dry-run: it would be replayed
+	replayRequeued                          // its record purged (if still there), queued again, dead letters removed
+	replayQueued                            // already in JOBS (an earlier, interrupted replay queued it); dead letters removed
+	replayStale                             // RESULTS holds a newer record: it ran again; only the dead letters were removed
+	replayFailed                            // a step failed; its dead letters are kept, a re-run tries again
+	replayEnding                            // JOBS still holds the job (its dispatcher is ending it, or it was resubmitted): nothing done, letters kept, counted as failed
+	replayPastDeadline                      // the job's deadline has passed: nothing done, record and letters kept, counted as failed
 )
 
 // replayDLQ walks the DLQ stream and replays each matching job once, from its
@@ -74,7 +75,7 @@ const (
 //   - then delete all of the job's dead letters up to the newest one read, so a
 //     job never has a stale dead letter left to replay over a newer record. One
 //     written after that (the job died again meanwhile) is kept.
-func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryRun bool, each func(rec *schemas.DLQRecordMsg, o replayOutcome, err error)) (n, failed int, err error) {
+func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryRun, clearDeadline bool, each func(rec *schemas.DLQRecordMsg, o replayOutcome, err error)) (n, failed int, err error) {
 	dlq, err := js.Stream(ctx, subjects.StreamDLQ)
 	if err != nil {
 		return 0, 0, err
@@ -128,10 +129,10 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 			each(&rec, replayDry, nil)
 			continue
 		}
-		o, err := replayJob(ctx, js, dlq, raw.Subject, seq, &rec)
+		o, err := replayJob(ctx, js, dlq, raw.Subject, seq, &rec, clearDeadline)
 		if err != nil {
 			failed++
-			if o != replayEnding {
+			if o != replayEnding && o != replayPastDeadline {
 				o = replayFailed
 			}
 		}
@@ -141,10 +142,16 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 }
 
 // replayJob replays one job from its newest dead letter rec, at seq on subject.
-func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream, subject string, seq uint64, rec *schemas.DLQRecordMsg) (replayOutcome, error) {
+func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream, subject string, seq uint64, rec *schemas.DLQRecordMsg, clearDeadline bool) (replayOutcome, error) {
 	job := rec.Job
 	tenant := subjects.RecordTenant(job.Tenant)
-	msg, err := requeueMsg(rec)
+	if d := job.Deadline; d != nil && !clearDeadline && !d.After(time.Now()) {
+		// Queued with it, the job ended expired at once, and its record and
+		// letter, the only copies of why it died, were gone (red team round
+		// 19, opstore F4).
+		return replayPastDeadline, fmt.Errorf("its deadline passed at %s; record and dead letter kept (--clear-deadline replays it without one)", d.Format(time.RFC3339))
+	}
+	msg, err := requeueMsg(rec, clearDeadline)
 	if err != nil {
 		return replayFailed, err
 	}
@@ -188,7 +195,17 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 	o := replayRequeued
 	if _, err := js.PublishMsg(ctx, msg); err != nil {
 		if !jserr.IsAlreadyStored(err) {
-			return replayFailed, fmt.Errorf("requeue %s: %w", job.ID, err)
+			err = jserr.Map(err, "requeue "+job.ID)
+			if stored == nil {
+				return replayFailed, err
+			}
+			// The record was purged above for a requeue that did not happen:
+			// put back, the job keeps its terminal record and the letter stays
+			// for a later replay (red team round 19, opstore F3).
+			if rerr := results.Restore(ctx, js, tenant, job.ID, stored); rerr != nil {
+				return replayFailed, fmt.Errorf("%w; and its record could not be put back: %w (run replay again: it queues the job)", err, rerr)
+			}
+			return replayFailed, fmt.Errorf("%w; its record was put back and its dead letter kept", err)
 		}
 		// JOBS holds the job. If it holds this very message, an earlier replay
 		// queued it and stopped before removing the dead letter: it is queued
@@ -209,8 +226,11 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 
 // requeueMsg is the JOBS message that replays rec's job. The same letter always
 // gives the same bytes (heldByReplay compares them).
-func requeueMsg(rec *schemas.DLQRecordMsg) (*nats.Msg, error) {
+func requeueMsg(rec *schemas.DLQRecordMsg, clearDeadline bool) (*nats.Msg, error) {
 	job := rec.Job
+	if clearDeadline {
+		job.Deadline = nil
+	}
 	// Attempts go on from where they stopped, so the new attempts' records
 	// are never mistaken for the old ones. rec.Attempts counts earlier
 	// replays' bases too, so a job replayed again and again would number
@@ -310,6 +330,7 @@ func (a *app) replayCmd() *cobra.Command {
 	f.StringVar(&o.since, "since", "", "replay jobs dead-lettered at or after this time (RFC 3339)")
 	f.StringVar(&o.until, "until", "", "replay jobs dead-lettered at or before this time (RFC 3339)")
 	f.BoolVar(&o.dryRun, "dry-run", false, "list what would be replayed without doing it")
+	f.BoolVar(&o.clearDeadline, "clear-deadline", false, "replay jobs without their deadline (a job whose deadline has passed is otherwise skipped, its record and dead letter kept)")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		return exitWith(a.replay(cmd.Context(), cf, o))
 	}
@@ -317,8 +338,8 @@ func (a *app) replayCmd() *cobra.Command {
 }
 
 type replayOptions struct {
-	ids, since, until string
-	dryRun            bool
+	ids, since, until     string
+	dryRun, clearDeadline bool
 }
 
 func (a *app) replay(ctx context.Context, cf *clientFlags, o replayOptions) int {
@@ -349,7 +370,7 @@ func (a *app) replay(ctx context.Context, cf *clientFlags, o replayOptions) int 
 		*t.out = v
 	}
 	enc := json.NewEncoder(stdout)
-	n, failed, err := replayDLQ(ctx, s.js, f, o.dryRun, func(rec *schemas.DLQRecordMsg, out replayOutcome, err error) {
+	n, failed, err := replayDLQ(ctx, s.js, f, o.dryRun, o.clearDeadline, func(rec *schemas.DLQRecordMsg, out replayOutcome, err error) {
 		if s.json {
 			line := map[string]any{"job_id": rec.Job.ID, "reason": rec.Reason, "attempts": rec.Attempts, "dead_at": rec.DeadAt, "dry_run": o.dryRun, "outcome": replayOutcomeNames[out]}
 			if err != nil {
@@ -389,5 +410,5 @@ func (a *app) replay(ctx context.Context, cf *clientFlags, o replayOptions) int 
 // replayOutcomeNames name the outcomes in --json output.
 var replayOutcomeNames = map[replayOutcome]string{
 	replayDry: "dry_run", replayRequeued: "requeued", replayQueued: "already_queued", replayStale: "stale", replayFailed: "failed",
-	replayEnding: "still_ending",
+	replayEnding: "still_ending", replayPastDeadline: "past_deadline",
 }

@@ -71,7 +71,7 @@ func queued(t *testing.T, js jetstream.JetStream, job schemas.JobRequest, priori
 // does: what a replay killed after its requeue left.
 func requeued(t *testing.T, js jetstream.JetStream, job schemas.JobRequest, attempts int, deadAt time.Time) {
 	t.Helper()
-	msg, err := requeueMsg(&schemas.DLQRecordMsg{Job: job, Attempts: attempts, DeadAt: deadAt})
+	msg, err := requeueMsg(&schemas.DLQRecordMsg{Job: job, Attempts: attempts, DeadAt: deadAt}, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,12 +121,12 @@ func runReplay(t *testing.T, js jetstream.JetStream, f replayFilter) replayRun {
 	t.Helper()
 	r := replayRun{outcomes: map[string]replayOutcome{}}
 	var err error
-	r.n, r.failed, err = replayDLQ(context.Background(), js, f, false, func(rec *schemas.DLQRecordMsg, o replayOutcome, err error) {
+	r.n, r.failed, err = replayDLQ(context.Background(), js, f, false, false, func(rec *schemas.DLQRecordMsg, o replayOutcome, err error) {
 		if _, seen := r.outcomes[rec.Job.ID]; seen {
 			t.Errorf("job %s replayed twice in one run", rec.Job.ID)
 		}
 		r.outcomes[rec.Job.ID] = o
-		if (o == replayFailed || o == replayEnding) != (err != nil) {
+		if (o == replayFailed || o == replayEnding || o == replayPastDeadline) != (err != nil) {
 			t.Errorf("job %s: outcome %d with error %v", rec.Job.ID, o, err)
 		}
 	})

@@ -144,6 +144,32 @@ func Stored(ctx context.Context, js jetstream.JetStream, tenant, jobID string) (
 	return data, err
 }
 
+// Restore writes data, a record Stored returned and Purge removed, back as the
+// job's terminal record: replay purges a dead job's record before it queues the
+// job again, and a queue that refused the job (full, say) left the job with
+// neither a record nor a queued message (red team round 19, opstore F3). No
+// Nats-Msg-Id: the record's own id may still be in the duplicate window, where
+// the server would take the write for a repeat and store nothing. The expected
+// subject sequence 0 keeps it first writer wins; a record already there (this
+// one, from a retry, or another) is reported as ErrResultExists unless it is
+// these bytes.
+func Restore(ctx context.Context, js jetstream.JetStream, tenant, jobID string, data []byte) error {
+	_, err := js.Publish(ctx, subjects.Result(tenant, jobID), data,
+		jetstream.WithExpectStream(subjects.StreamResults),
+		jetstream.WithExpectLastSequencePerSubject(0),
+	)
+	if err == nil {
+		return nil
+	}
+	if !jserr.IsAlreadyStored(err) {
+		return jserr.Map(err, "restore result "+jobID)
+	}
+	if stored, gerr := Stored(ctx, js, tenant, jobID); gerr == nil && bytes.Equal(stored, data) {
+		return nil
+	}
+	return fmt.Errorf("%w: job %s", ErrResultExists, jobID)
+}
+
 // Purge removes the job's terminal record, so a replayed job can record a new one.
 func Purge(ctx context.Context, js jetstream.JetStream, tenant, jobID string) error {
 	s, err := js.Stream(ctx, subjects.StreamResults)

@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/subjects"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// replayOnce replays every dead letter once and returns each job's outcome and
+// error.
+func replayOnce(t *testing.T, b *testenv.Bus, clearDeadline bool) (map[string]replayOutcome, map[string]error) {
+	t.Helper()
+	outs, errs := map[string]replayOutcome{}, map[string]error{}
+	_, _, err := replayDLQ(context.Background(), b.JS, replayFilter{}, false, clearDeadline, func(rec *schemas.DLQRecordMsg, o replayOutcome, err error) {
+		outs[rec.Job.ID], errs[rec.Job.ID] = o, err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return outs, errs
+}
+
+// A replay the queue refuses (full) puts the record it purged back and keeps
+// the letter: before, the job was left with neither a record nor a queued
+// message, only a letter that outlives the records (red team round 19,
+// opstore F3). Once there is room, the next replay queues it.
+// Mutation caught: replayJob without results.Restore (no record after the
+// refused replay).
+func TestReplayIntoAFullQueueKeepsTheRecord(t *testing.T) {
+	b := testenv.StartBus(t, jsprov.Options{JobsMaxMsgs: 1})
+	js := b.JS
+	queued(t, js, replayJobReq("filler"), schemas.PriorityNormal)
+	dead := replayJobReq("dead")
+	deadLetter(t, js, dead, 3, t0)
+	terminal(t, js, dead, schemas.StatusFailed, t0)
+
+	outs, errs := replayOnce(t, b, false)
+	if outs["dead"] != replayFailed || errs["dead"] == nil || !strings.Contains(errs["dead"].Error(), "record was put back") {
+		t.Fatalf("replay into a full queue: outcome %d, error %v", outs["dead"], errs["dead"])
+	}
+	if got := storedAt(t, js, dead); !got.Equal(t0) {
+		t.Fatalf("after the refused replay RESULTS holds the record finished %v, want the dead one's %v", got, t0)
+	}
+	if n := count(t, js, subjects.StreamDLQ, subjects.DLQ(dead.Tenant, dead.ID)); n != 1 {
+		t.Fatalf("%d dead letters after the refused replay, want the 1 kept", n)
+	}
+
+	// Room again: the replay finishes.
+	ctx := testenv.Context(t, 10*time.Second)
+	jobs, err := js.Stream(ctx, subjects.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := jobs.Purge(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if outs, errs = replayOnce(t, b, false); outs["dead"] != replayRequeued {
+		t.Fatalf("replay with room: outcome %d, error %v", outs["dead"], errs["dead"])
+	}
+	after(t, js, dead, 1, time.Time{})
+}
+
+// A job whose deadline has passed is not replayed into an instant expiry that
+// would replace its record and letter, the only account of why it died (red
+// team round 19, opstore F4); --clear-deadline replays it without one.
+// Mutation caught: the deadline check taken out (the job is requeued, its
+// record purged).
+func TestReplayPastTheDeadlineKeepsRecordAndLetter(t *testing.T) {
+	b := testenv.StartBus(t, jsprov.Options{})
+	js := b.JS
+	dead := replayJobReq("late")
+	past := time.Now().Add(-time.Minute).UTC()
+	dead.Deadline = &past
+	deadLetter(t, js, dead, 3, t0)
+	terminal(t, js, dead, schemas.StatusFailed, t0)
+
+	outs, errs := replayOnce(t, b, false)
+	if outs["late"] != replayPastDeadline || errs["late"] == nil {
+		t.Fatalf("replay past the deadline: outcome %d, error %v", outs["late"], errs["late"])
+	}
+	if got := storedAt(t, js, dead); !got.Equal(t0) {
+		t.Fatalf("RESULTS holds the record finished %v, want the dead one's %v", got, t0)
+	}
+	if n := count(t, js, subjects.StreamJobs, subjects.JobAnyPriority(dead.Tenant, dead.ID)); n != 0 {
+		t.Fatalf("%d JOBS messages, want none", n)
+	}
+
+	if outs, errs = replayOnce(t, b, true); outs["late"] != replayRequeued {
+		t.Fatalf("replay --clear-deadline: outcome %d, error %v", outs["late"], errs["late"])
+	}
+	after(t, js, dead, 1, time.Time{})
+	ctx := testenv.Context(t, 10*time.Second)
+	jobs, err := js.Stream(ctx, subjects.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := jobs.GetLastMsgForSubject(ctx, subjects.JobAnyPriority(dead.Tenant, dead.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(m.Data), `"deadline"`) {
+		t.Fatalf("the job was queued with its deadline: %s", m.Data)
+	}
+}
