@@ -116,6 +116,7 @@ type runSpec struct {
 	logprobs     bool // the answer reports token logprobs
 	n            int  // choices: n > 1 runs n jobs (choices.go)
 	format       format
+	slot         *heldSlot // the tenant's in-flight slot, kept while a refused cancel is tried again
 }
 
 // request is what an OpenAI endpoint's body decodes into: it maps itself to a
@@ -139,7 +140,8 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		g.refuse(w, endpoint, tenant, errTenantQueueFull(tenant, g.limits.limits.MaxInFlight, g.cfg.RetryAfter))
 		return
 	}
-	defer releaseSlot()
+	slot := newHeldSlot(releaseSlot)
+	defer slot.done()
 	body, releaseBody, aerr := g.readBody(w, r, tenant)
 	if aerr != nil {
 		g.fail(w, endpoint, aerr)
@@ -166,7 +168,7 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		f = rf.format(f)
 	}
 	g.run(w, r, job, runSpec{endpoint: endpoint, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
-		logprobs: job.Logprobs != nil, n: req.choices(), format: f})
+		logprobs: job.Logprobs != nil, n: req.choices(), format: f, slot: slot})
 }
 
 // run submits the job and answers with its outcome, streamed or whole.
@@ -491,7 +493,14 @@ func (j *jobCall) clientLeft(err error) {
 func (j *jobCall) cancel(reason string) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(j.r.Context()), cancelTimeout)
 	defer cancel()
-	if err := j.g.jobs.Cancel(ctx, j.job.Tenant, j.job.ID, reason); err != nil {
-		j.g.log.Warn().Err(err).Str("job_id", j.job.ID).Msg("cancelling the job failed")
+	err := j.g.jobs.Cancel(ctx, j.job.Tenant, j.job.ID, reason)
+	if err == nil {
+		return
 	}
+	j.g.log.Warn().Err(err).Str("job_id", j.job.ID).Msg("cancelling the job failed; trying again, the tenant's in-flight slot held meanwhile")
+	until, ok := j.waitCtx.Deadline() // the job's deadline and grace
+	if !ok {
+		until = time.Now().Add(cancelRetryFor)
+	}
+	j.g.cancelLater(j.job.Tenant, j.job.ID, reason, until, j.spec.slot)
 }

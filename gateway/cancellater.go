@@ -1,0 +1,87 @@
+package gateway
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+)
+
+// cancelRetryFor bounds how long a cancel the bus refused is tried again when
+// the job has no deadline (RequestTimeout negative): past it, the slot goes.
+const cancelRetryFor = 10 * time.Minute
+
+// heldSlot is a tenant's in-flight slot (limiter.acquire). The handler holds
+// it, and so does each of its jobs' cancels the bus refused while it is tried
+// again (cancelLater); the last holder to let go releases it.
+//
+// Why: a client that leaves frees its slot at once, and its job is cancelled.
+// When the cancel could not be stored (CANCELS full, the bus away), the job
+// still queued or ran, yet the slot was free: a tenant limited to 2 in flight
+// held 125 jobs, and another tenant's request waited past a minute behind them
+// (red team round 19, tenanthttp F1).
+type heldSlot struct {
+	mu      sync.Mutex
+	holders int // 0 once released: it is not taken again
+	release func()
+}
+
+func newHeldSlot(release func()) *heldSlot { return &heldSlot{holders: 1, release: release} }
+
+// hold adds a holder, unless the slot was released already (a cancel after
+// the handler returned): then it reports false, and done must not be called.
+func (s *heldSlot) hold() bool {
+	if s == nil {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.holders == 0 {
+		return false
+	}
+	s.holders++
+	return true
+}
+
+func (s *heldSlot) done() {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	if s.holders == 0 {
+		s.mu.Unlock()
+		return
+	}
+	s.holders--
+	last := s.holders == 0
+	s.mu.Unlock()
+	if last {
+		s.release()
+	}
+}
+
+// cancelLater tries tenant's cancel of job id again until it is stored or
+// until passes (the job's deadline and grace: the dispatcher ends the job by
+// then anyway), holding slot meanwhile.
+func (g *Gateway) cancelLater(tenant, id, reason string, until time.Time, slot *heldSlot) {
+	held := slot.hold()
+	go func() {
+		if held {
+			defer slot.done()
+		}
+		bo := backoff.NewExponentialBackOff()
+		bo.InitialInterval, bo.MaxInterval = 200*time.Millisecond, 10*time.Second
+		bo.MaxElapsedTime = max(time.Until(until), time.Millisecond)
+		err := backoff.Retry(func() error {
+			ctx, cancel := context.WithTimeout(context.Background(), cancelTimeout)
+			defer cancel()
+			return g.jobs.Cancel(ctx, tenant, id, reason)
+		}, bo)
+		if err != nil {
+			g.log.Warn().Err(err).Str("job_id", id).Msg("the job's cancel was not stored before its deadline; its in-flight slot is released")
+			return
+		}
+		g.log.Info().Str("job_id", id).Msg("the job's cancel was stored on a later try")
+	}()
+}

@@ -1,0 +1,120 @@
+package gateway
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+)
+
+// cancelRefusingJobs refuses every cancel while refuse is set, as a full CANCELS
+// does, and counts the tries; stored is closed once one is stored.
+type cancelRefusingJobs struct {
+	Jobs
+	refuse atomic.Bool
+	tries  chan struct{}
+	stored chan struct{}
+	once   atomic.Bool
+}
+
+func (r *cancelRefusingJobs) Cancel(ctx context.Context, tenant, jobID, reason string) error {
+	select {
+	case r.tries <- struct{}{}:
+	default:
+	}
+	if r.refuse.Load() {
+		return errors.New("bus: stream full: maximum messages exceeded")
+	}
+	err := r.Jobs.Cancel(ctx, tenant, jobID, reason)
+	if err == nil && r.once.CompareAndSwap(false, true) {
+		close(r.stored)
+	}
+	return err
+}
+
+// A client that leaves while its job's cancel is refused keeps its tenant's
+// in-flight slot taken until the cancel is stored: before, the slot went with
+// the client while the job still queued or ran, and a tenant limited to 2 held
+// 125 jobs (red team round 19, tenanthttp F1).
+// Mutations caught: cancelLater not holding the slot (the second request is
+// served while the first job still runs uncancelled); cancel without
+// cancelLater (no later try).
+func TestRefusedCancelKeepsTheTenantsSlot(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Hang: true, HangAfter: 1})
+	rj := &cancelRefusingJobs{tries: make(chan struct{}, 16), stored: make(chan struct{})}
+	rj.refuse.Store(true)
+	_, srv := newTestGateway(t, tb, func(cfg *Config) {
+		rj.Jobs, cfg.Jobs = cfg.Jobs, rj
+		cfg.Limits = TenantLimits{MaxInFlight: 1}
+	})
+	post := func(ctx context.Context) (*http.Response, error) {
+		data, _ := json.Marshal(chatBody(true, nil))
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(string(data)))
+		return http.DefaultClient.Do(req)
+	}
+
+	ctx, leave := context.WithCancel(context.Background())
+	defer leave()
+	resp, err := post(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() && !strings.Contains(sc.Text(), `"Hello"`) {
+	}
+	leave()
+	_ = resp.Body.Close()
+	// The handler's own try, then one of the tries after it returned.
+	for i := range 2 {
+		select {
+		case <-rj.tries:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("cancel try %d never came", i+1)
+		}
+	}
+	resp, err = post(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusTooManyRequests {
+		t.Fatalf("with the first job's cancel refused, a second request got %d, want 429", resp.StatusCode)
+	}
+
+	rj.refuse.Store(false)
+	select {
+	case <-rj.stored:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the refused cancel was not tried again")
+	}
+	// The slot goes just after the stored try returns: a few requests may
+	// still find it taken.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		rctx, cancel := context.WithCancel(context.Background())
+		resp, err := post(rctx)
+		if err != nil {
+			cancel()
+			t.Fatal(err)
+		}
+		code := resp.StatusCode
+		_ = resp.Body.Close()
+		cancel()
+		if code == http.StatusOK {
+			return
+		}
+		if code != http.StatusTooManyRequests || time.Now().After(deadline) {
+			t.Fatalf("after the cancel was stored a request got %d, want 200", code)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
