@@ -192,6 +192,19 @@ func (d *Dispatcher) forwardStop(j *job, reason string, retry bool) {
 // its dispatcher: with two dispatchers, most cancels of running jobs (red team
 // round 11, F4).
 func (d *Dispatcher) cancelInStream(ctx context.Context, ref subjects.JobRef, reason string) {
+	if d.cancelQueued(ctx, ref, reason) {
+		return
+	}
+	// Not in JOBS: ended, or not submitted yet (the cancel then waits for it).
+	// An ended job's cancel is dropped (dropCancel).
+	if _, err := results.Stored(ctx, d.js, ref.Tenant, ref.ID); err == nil {
+		d.dropCancel(ctx, ref.Tenant, ref.ID)
+	}
+}
+
+// cancelQueued ends a job JOBS holds and no consumer has delivered (see
+// cancelInStream); it reports whether JOBS held the job at all.
+func (d *Dispatcher) cancelQueued(ctx context.Context, ref subjects.JobRef, reason string) bool {
 	for i, p := range schemas.Priorities {
 		raw, err := lastMsg(ctx, d.jobsStream, subjects.Job(ref.Tenant, p, ref.ID))
 		if err != nil || raw == nil {
@@ -203,7 +216,7 @@ func (d *Dispatcher) cancelInStream(ctx context.Context, ref subjects.JobRef, re
 					Msg("cancel: consumer state unknown; the job is cancelled when it is delivered")
 			}
 			d.count().cancelLeft()
-			return
+			return true
 		}
 		var req schemas.JobRequest
 		_ = json.Unmarshal(raw.Data, &req)
@@ -219,10 +232,35 @@ func (d *Dispatcher) cancelInStream(ctx context.Context, ref subjects.JobRef, re
 		case errors.Is(err, results.ErrResultExists):
 		default:
 			d.log.Error().Err(err).Str("job_id", ref.ID).Str("tenant", ref.Tenant).Int("attempt", 0).Str("model", req.Model).Msg("record cancelled result failed")
-			return
+			return true
 		}
 		_ = d.jobsStream.DeleteMsg(ctx, raw.Sequence)
+		d.dropCancel(ctx, ref.Tenant, ref.ID)
+		return true
+	}
+	return false
+}
+
+// dropCancel purges the stored cancel of tenant's (a subject token) job id,
+// once its terminal record is stored, if this dispatcher knows of one.
+//
+// Why: a cancel was kept a day whether or not its job had ended. Every
+// streamed HTTP request a client abandons stores one (n of them for n
+// choices), and an HTTP tenant filled CANCELS (100,000) in minutes: for the
+// rest of the day no tenant's cancel was stored, and disconnected clients'
+// jobs ran on (red team round 19, tenanthttp F1). Once the record is stored
+// a cancel has no use: a redelivery, a resubmission or a dispatcher's restart
+// finds the record first. Cancels of jobs that end are now gone as they end.
+func (d *Dispatcher) dropCancel(ctx context.Context, tenant, id string) {
+	ref := subjects.JobRef{Tenant: tenant, ID: id}
+	d.mu.Lock()
+	_, known := d.cancelled[ref.Key()]
+	d.mu.Unlock()
+	if !known {
 		return
+	}
+	if err := d.cancelsStream.Purge(ctx, jetstream.WithPurgeSubject(subjects.Cancel(tenant, id))); err != nil && ctx.Err() == nil {
+		d.rare.Warn().Err(err).Str("job_id", id).Msg("could not drop the stored cancel of an ended job; it stays until CANCELS' max age")
 	}
 }
 

@@ -243,6 +243,7 @@ func (d *Dispatcher) writeTerminal(ctx context.Context, msg jetstream.Msg, reply
 		return err
 	}
 	_ = msg.Ack()
+	d.dropCancel(ctx, subjects.TenantToken(res.Tenant), res.JobID)
 	return err
 }
 
