@@ -283,6 +283,9 @@ type GenerateResult struct {
 	Usage        Usage          `json:"usage"`
 	Timings      RuntimeTimings `json:"timings"`
 	Logprobs     []TokenLogprob `json:"logprobs,omitempty"`
+	// LogprobsTruncated: the runtime sent only the entries that fit a
+	// result's bound (worker/logprobs.go), not every token's.
+	LogprobsTruncated bool `json:"logprobs_truncated,omitempty"`
 }
 
 // CancelParams stops a running generate.

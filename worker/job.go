@@ -215,7 +215,7 @@ func (a *Agent) runJob(ctx context.Context, r *jobRun) {
 		res.Timings = timings(r, gen)
 		if j.Logprobs != nil {
 			res.Logprobs, res.LogprobsTruncated = boundLogprobs(gen.Logprobs)
-			res.LogprobsTruncated = res.LogprobsTruncated || resumeTokens > 0
+			res.LogprobsTruncated = res.LogprobsTruncated || gen.LogprobsTruncated || resumeTokens > 0
 		}
 		a.prefixRan(r, res.Text) // its runtime caches the prompt and the reply now: a routing hint (prefixes.go)
 		res.FinishedAt = a.jobs.freeSlot(r)

@@ -5,7 +5,11 @@ import (
 )
 
 // Bounds on the logprobs a terminal result carries: it is one NATS message (1 MiB
-// by default) next to the whole text, while token events carry every entry.
+// by default) next to the whole text, while token events carry every entry. The
+// runtime applies the same bounds to the logprobs of its result line
+// (python/mlx_serving_runtime/output.py, bound_logprobs), which otherwise grew
+// past the pipe's line limit and took the runtime down with every job beside
+// it (red team round 19, runtime F1).
 const (
 	maxResultLogprobs      = 4096      // the result schema's maxItems
 	maxResultLogprobsBytes = 256 << 10 // an estimate of their JSON size

@@ -102,3 +102,38 @@ func TestE2ELogprobsReachTheCaller(t *testing.T) {
 		}
 	}
 }
+
+// A job whose logprobs pass a result's bound gets the runtime's leading entries
+// and says so: the runtime no longer sends every entry on its result line (past
+// the worker's 16 MiB line limit that took the runtime down with every job
+// beside it, red team round 19, runtime F1), and the caller still has every
+// entry in the stream.
+// Mutation caught: the worker not taking the runtime's logprobs_truncated (the
+// record says nothing was cut while it holds fewer entries than tokens).
+func TestE2ELogprobsPastTheBoundAreCutAndSaidSo(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, 0)
+	a := startAgent(t, realConfig(t, b, "w-lpcut"), true)
+	ctx := within(t, 120*time.Second)
+	job := newJob("The quick brown fox", 200)
+	top, zero := 20, 0.0
+	job.Logprobs, job.Temperature = &top, &zero
+	c := collect(t, b.nc, job.ReplyTo)
+	if reply := assign(t, b.nc, a.ID(), batch("tiny", job)); reply.Status != schemas.AssignAccepted {
+		t.Fatalf("reply %+v", reply)
+	}
+	r := c.untilResult(ctx)
+	var streamed []schemas.TokenLogprob
+	for _, ev := range c.tokens {
+		streamed = append(streamed, ev.Logprobs...)
+	}
+	if r.Status != schemas.StatusCompleted || len(streamed) != r.Usage.CompletionTokens {
+		t.Fatalf("result %s, %d streamed entries for %d tokens (error %+v)", r.Status, len(streamed), r.Usage.CompletionTokens, r.Error)
+	}
+	if len(r.Logprobs) == 0 || len(r.Logprobs) >= r.Usage.CompletionTokens || !r.LogprobsTruncated {
+		t.Fatalf("record: %d entries of %d tokens, truncated %v; want the leading ones, said cut", len(r.Logprobs), r.Usage.CompletionTokens, r.LogprobsTruncated)
+	}
+	if !reflect.DeepEqual(streamed[:len(r.Logprobs)], r.Logprobs) {
+		t.Fatal("the record's entries are not the stream's leading ones")
+	}
+}

@@ -15,6 +15,33 @@ if TYPE_CHECKING:
     from .request import Request
 
 
+# What the worker keeps of a result's logprobs (worker/logprobs.go: maxResultLogprobs,
+# maxResultLogprobsBytes and logprobSize, the result schema's maxItems): the result line
+# carries no more. It carried every entry, ~1.3 KB a token with 20 top logprobs, so a long
+# job's line passed the worker's 16 MiB line limit; the worker then took the runtime for
+# broken and restarted it, and every job beside it lost an attempt, on each of the long
+# job's attempts (red team round 19, runtime F1). The chunks still carry every entry.
+RESULT_LOGPROBS = 4096
+RESULT_LOGPROBS_BYTES = 256 << 10
+
+
+def _logprob_size(token: str, nbytes: int) -> int:
+    """logprobSize's over-estimate of one entry's JSON (token length in UTF-8 bytes)."""
+    return 6 * len(token.encode("utf-8", "surrogatepass")) + 4 * nbytes + 24 + 48
+
+
+def bound_logprobs(entries: list[dict]) -> tuple[list[dict], bool]:
+    """The leading entries within the worker's bounds, and whether any were cut."""
+    size = 0
+    for i, e in enumerate(entries):
+        size += _logprob_size(e["token"], len(e["bytes"]))
+        for t in e["top_logprobs"]:
+            size += _logprob_size(t["token"], len(t["bytes"]))
+        if i >= RESULT_LOGPROBS or size > RESULT_LOGPROBS_BYTES:
+            return entries[:i], True
+    return entries, False
+
+
 def _holdback(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of text that is a proper prefix of a stop string."""
     best = 0
@@ -102,7 +129,9 @@ class OutputMixin:
             # Tokens that never added a character (the very end) are kept; those
             # past a stop string were dropped with their text (_match_stop).
             req.lp_sent += [e for _, e in req.lp_pending]
-            extra["logprobs"] = req.lp_sent
+            extra["logprobs"], cut = bound_logprobs(req.lp_sent)
+            if cut:
+                extra["logprobs_truncated"] = True
         self._out(
             response(
                 req.rpc_id,

@@ -145,3 +145,19 @@ def test_logprobs_of_a_continuation_cover_only_new_tokens(rt) -> None:
     assert len(res["logprobs"]) == res["usage"]["completion_tokens"] == 5
     joined = b"".join(bytes(e["bytes"]) for e in res["logprobs"])
     assert joined.decode("utf-8", errors="replace") == res["text"]
+
+
+def test_result_logprobs_stop_at_the_workers_bound(rt) -> None:
+    """The result line carries only the entries the worker keeps (~256 KiB estimated),
+    says it cut, and the chunks still carry every entry: every entry on one line grew
+    past the worker's 16 MiB line limit, which restarted the runtime under every job
+    beside it (red team round 19, runtime F1).
+    Mutation caught: _end sending req.lp_sent whole (no logprobs_truncated, 200 entries)."""
+    r = rid("lpcut")
+    res = gen(rt, request_id=r, prompt="Once upon a time", max_tokens=200, logprobs=20)
+    streamed = [e for c in rt.chunks[r] for e in c.params.get("logprobs", [])]
+    n = res["usage"]["completion_tokens"]
+    assert len(streamed) == n == 200
+    assert res.get("logprobs_truncated") is True
+    assert 0 < len(res["logprobs"]) < n
+    assert res["logprobs"] == streamed[: len(res["logprobs"])]
