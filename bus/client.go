@@ -144,13 +144,29 @@ func (p *Client) Submit(ctx context.Context, job *schemas.JobRequest) (ack Submi
 		return ack, err
 	}
 	if err := <-admitted; err != nil {
-		return ack, err
+		return ack, notSubmitted(err)
+	}
+	// Ended before the publish: say so, or the caller must take the job for
+	// possibly stored and cancel it — a cancel kept a day for a job that never
+	// comes (the gateway stored one for 18% of requests whose clients left
+	// this early, red team round 19, second pass).
+	if err := ctx.Err(); err != nil {
+		return ack, notSubmitted(err)
 	}
 	// The trace context rides in the headers, not the job: the job's schema is
 	// the clients' contract and stays free of transport concerns.
 	tracing.InjectHeader(ctx, msg.Header)
 	pa, err := p.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(subjects.StreamJobs))
 	return p.published(ack, pa, err)
+}
+
+// notSubmitted marks err, which ended a submit before its publish, as
+// ErrNotSubmitted, unless it already says what refused the job.
+func notSubmitted(err error) error {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrNotConnected) {
+		return fmt.Errorf("%w: %w", ErrNotSubmitted, err)
+	}
+	return err
 }
 
 // SubmitBatch queues jobs as Submit does each, but together: the checks run

@@ -36,4 +36,9 @@ var (
 	ErrModelNotServed = errors.New("bus: no worker serves the model")
 	// ErrNoResult: RESULTS holds no terminal record for the job (yet).
 	ErrNoResult = results.ErrNoResult
+	// ErrNotSubmitted: the submit ended (its context did, say) before the job
+	// was published, so nothing can have been queued; the error wraps why. A
+	// context error without it may have come after the publish: the job may be
+	// queued.
+	ErrNotSubmitted = errors.New("bus: job not submitted")
 )

@@ -236,7 +236,7 @@ func SubmitStream(ctx context.Context, p *Client, nc *nats.Conn, job *schemas.Jo
 	// first token.) On another connection that order does not hold: flush.
 	s, err := subscribe(ctx, nc, p.JetStream(), job.Tenant, job.ID, job.ReplyTo, opts, nc != p.nc)
 	if err != nil {
-		return nil, SubmitAck{}, err
+		return nil, SubmitAck{}, notSubmitted(err)
 	}
 	ack, err := p.Submit(ctx, job)
 	if err != nil {

@@ -16,6 +16,8 @@ type Jobs interface {
 	Submit(ctx context.Context, job *schemas.JobRequest) (*bus.JobStream, error)
 	// Cancel asks the fleet to stop tenant's job.
 	Cancel(ctx context.Context, tenant, jobID, reason string) error
+	// Ended reports whether tenant's job has its terminal record.
+	Ended(ctx context.Context, tenant, jobID string) (bool, error)
 	// Ready is nil when jobs can be queued now (the bus is connected and the
 	// streams jobs need exist), else why not.
 	Ready(ctx context.Context) error

@@ -24,10 +24,28 @@ const cancelRetryFor = 10 * time.Minute
 type heldSlot struct {
 	mu      sync.Mutex
 	holders int // 0 once released: it is not taken again
-	release func()
+	release []func()
 }
 
-func newHeldSlot(release func()) *heldSlot { return &heldSlot{holders: 1, release: release} }
+func newHeldSlot(release func()) *heldSlot { return &heldSlot{holders: 1, release: []func(){release}} }
+
+// also makes release, another slot of the same request (a choice of n > 1),
+// go with this one, and reports whether it will; if not (nil, or released
+// already), the caller releases it itself. Before, the further choices' slots
+// went when the handler returned, whatever their jobs' cancels: a limit of L
+// held L(L+1)/2 uncancelled jobs (the second pass).
+func (s *heldSlot) also(release func()) bool {
+	if s == nil {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.holders == 0 {
+		return false
+	}
+	s.release = append(s.release, release)
+	return true
+}
 
 // hold adds a holder, unless the slot was released already (a cancel after
 // the handler returned): then it reports false, and done must not be called.
@@ -57,13 +75,17 @@ func (s *heldSlot) done() {
 	last := s.holders == 0
 	s.mu.Unlock()
 	if last {
-		s.release()
+		for _, release := range s.release {
+			release()
+		}
 	}
 }
 
-// cancelLater tries tenant's cancel of job id again until it is stored or
-// until passes (the job's deadline and grace: the dispatcher ends the job by
-// then anyway), holding slot meanwhile.
+// cancelLater tries tenant's cancel of job id again until it is stored, the
+// job has its record (it ended: nothing left to cancel, and the slot held for
+// nothing until the deadline, a goroutine each: the second pass), or until
+// passes (the job's deadline and grace: the dispatcher ends the job by then
+// anyway), holding slot meanwhile.
 func (g *Gateway) cancelLater(tenant, id, reason string, until time.Time, slot *heldSlot) {
 	held := slot.hold()
 	go func() {
@@ -76,12 +98,15 @@ func (g *Gateway) cancelLater(tenant, id, reason string, until time.Time, slot *
 		err := backoff.Retry(func() error {
 			ctx, cancel := context.WithTimeout(context.Background(), cancelTimeout)
 			defer cancel()
+			if ended, _ := g.jobs.Ended(ctx, tenant, id); ended {
+				return nil
+			}
 			return g.jobs.Cancel(ctx, tenant, id, reason)
 		}, bo)
 		if err != nil {
 			g.log.Warn().Err(err).Str("job_id", id).Msg("the job's cancel was not stored before its deadline; its in-flight slot is released")
 			return
 		}
-		g.log.Info().Str("job_id", id).Msg("the job's cancel was stored on a later try")
+		g.log.Info().Str("job_id", id).Msg("the job's cancel was stored on a later try, or the job ended")
 	}()
 }

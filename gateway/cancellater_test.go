@@ -118,3 +118,94 @@ func TestRefusedCancelKeepsTheTenantsSlot(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// leaveAfterFirstToken posts a streamed chat request with extra, reads until
+// its first token and leaves.
+func leaveAfterFirstToken(t *testing.T, url string, extra map[string]any) {
+	t.Helper()
+	ctx, leave := context.WithCancel(context.Background())
+	defer leave()
+	data, _ := json.Marshal(chatBody(true, extra))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url+"/v1/chat/completions", strings.NewReader(string(data)))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() && !strings.Contains(sc.Text(), `"Hello"`) {
+	}
+	leave()
+	_ = resp.Body.Close()
+}
+
+// statusOf posts a plain streamed chat request and returns its status, leaving
+// at once.
+func statusOf(t *testing.T, url string) int {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	data, _ := json.Marshal(chatBody(true, nil))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url+"/v1/chat/completions", strings.NewReader(string(data)))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = resp.Body.Close()
+	return resp.StatusCode
+}
+
+// A refused cancel of a job that then ends lets the slot go at the job's end,
+// not at its deadline ten minutes on (red team round 19, second pass: the slot
+// and a goroutine each were held to the deadline).
+// Mutation caught: cancelLater without its Ended check.
+func TestRefusedCancelOfAJobThatEndsFreesTheSlot(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, TokenGap: 300 * time.Millisecond})
+	rj := &cancelRefusingJobs{tries: make(chan struct{}, 16), stored: make(chan struct{})}
+	rj.refuse.Store(true)
+	_, srv := newTestGateway(t, tb, func(cfg *Config) {
+		rj.Jobs, cfg.Jobs = cfg.Jobs, rj
+		cfg.Limits = TenantLimits{MaxInFlight: 1}
+		cfg.RequestTimeout = 10 * time.Minute // the deadline the slot was held to
+	})
+	leaveAfterFirstToken(t, srv.URL, nil)
+	for deadline := time.Now().Add(20 * time.Second); statusOf(t, srv.URL) != http.StatusOK; {
+		if time.Now().After(deadline) {
+			t.Fatal("the slot of a job that ended was still held 20 s after its client left")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Every choice's slot of an n > 1 request stays held while its refused cancels
+// are tried again: only the first one did, and a limit of 2 let a third job
+// run (red team round 19, second pass).
+// Mutation caught: runChoices releasing the further slots when the handler
+// returns (defer release() instead of heldSlot.also).
+func TestRefusedCancelsKeepEveryChoicesSlot(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Hang: true, HangAfter: 1})
+	rj := &cancelRefusingJobs{tries: make(chan struct{}, 16), stored: make(chan struct{})}
+	rj.refuse.Store(true)
+	_, srv := newTestGateway(t, tb, func(cfg *Config) {
+		rj.Jobs, cfg.Jobs = cfg.Jobs, rj
+		cfg.Limits = TenantLimits{MaxInFlight: 2}
+	})
+	leaveAfterFirstToken(t, srv.URL, map[string]any{"n": 2})
+	// Both choices' first tries, then one after the handler returned.
+	for i := range 3 {
+		select {
+		case <-rj.tries:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("cancel try %d never came", i+1)
+		}
+	}
+	if code := statusOf(t, srv.URL); code != http.StatusTooManyRequests {
+		t.Fatalf("with both choices' cancels refused, a request got %d, want 429", code)
+	}
+}

@@ -39,7 +39,9 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, base *schem
 				Message: fmt.Sprintf("Tenant %q has too many jobs queued or running for %d choices; retry later.", base.Tenant, spec.n)})
 			return
 		}
-		defer release()
+		if !spec.slot.also(release) {
+			defer release()
+		}
 	}
 	calls := make([]*jobCall, 0, spec.n)
 	cancelAll := func(from int, reason string) {

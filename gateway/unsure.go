@@ -34,8 +34,8 @@ func (g *Gateway) cancelUnsure(r context.Context, job *schemas.JobRequest, err e
 }
 
 // refusedUnstored reports whether a Submit error says the job was not
-// stored: refused before its publish (invalid, a model nobody serves, too
-// large, no JOBS stream) or by the store itself (full, a duplicate id — a job
+// stored: refused or ended before its publish (invalid, a model nobody serves,
+// too large, no JOBS stream, its client gone: ErrNotSubmitted) or by the store itself (full, a duplicate id — a job
 // that is someone's, never to be cancelled here). Not ErrNotConnected: Submit
 // also says it for a publish that sat in the client's reconnect buffer, or
 // reached the store and lost only its ack (this session's review); a cancel
@@ -44,5 +44,5 @@ func refusedUnstored(err error) bool {
 	var verr *schemas.ValidationError
 	return errors.As(err, &verr) || errors.Is(err, bus.ErrQueueFull) || errors.Is(err, bus.ErrDuplicate) ||
 		errors.Is(err, bus.ErrJobTooLarge) || errors.Is(err, bus.ErrModelNotServed) || errors.Is(err, bus.ErrModelCheck) ||
-		errors.Is(err, bus.ErrNoStream)
+		errors.Is(err, bus.ErrNoStream) || errors.Is(err, bus.ErrNotSubmitted)
 }

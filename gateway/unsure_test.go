@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"slices"
 	"sync"
@@ -123,11 +124,16 @@ func TestClientLeavingDuringSubmitCancelsItsJob(t *testing.T) {
 // Only errors that prove the job unstored spare it the cancel: not
 // ErrNotConnected, which Submit also says for a publish buffered for the
 // reconnect or one whose ack alone was lost (this session's review).
-// Mutation caught: refusedUnstored counting ErrNotConnected as unstored.
+// A submit that ended before its publish (ErrNotSubmitted) is spared it too:
+// its cancel was kept a day for a job that never came (red team round 19,
+// second pass).
+// Mutations caught: refusedUnstored counting ErrNotConnected as unstored, and
+// not counting ErrNotSubmitted.
 func TestRefusedUnstored(t *testing.T) {
 	for err, want := range map[error]bool{
 		bus.ErrQueueFull: true, bus.ErrDuplicate: true, bus.ErrNoStream: true,
 		bus.ErrNotConnected: false, context.DeadlineExceeded: false, context.Canceled: false,
+		fmt.Errorf("%w: %w", bus.ErrNotSubmitted, context.Canceled): true,
 	} {
 		if got := refusedUnstored(err); got != want {
 			t.Errorf("refusedUnstored(%v) = %v, want %v", err, got, want)

@@ -145,11 +145,11 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream, subject string, seq uint64, rec *schemas.DLQRecordMsg, clearDeadline bool) (replayOutcome, error) {
 	job := rec.Job
 	tenant := subjects.RecordTenant(job.Tenant)
-	if d := job.Deadline; d != nil && !clearDeadline && !d.After(time.Now()) {
+	if d := job.Deadline; d != nil && !clearDeadline && d.Before(time.Now().Add(replayDeadlineMargin)) {
 		// Queued with it, the job ended expired at once, and its record and
 		// letter, the only copies of why it died, were gone (red team round
-		// 19, opstore F4).
-		return replayPastDeadline, fmt.Errorf("its deadline passed at %s; record and dead letter kept (--clear-deadline replays it without one)", d.Format(time.RFC3339))
+		// 19, opstore F4; with a deadline a moment ahead too: the second pass).
+		return replayPastDeadline, fmt.Errorf("its deadline is %s, too soon to run it; record and dead letter kept (--clear-deadline replays it without one)", d.Format(time.RFC3339))
 	}
 	msg, err := requeueMsg(rec, clearDeadline)
 	if err != nil {
@@ -223,6 +223,10 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 	}
 	return o, dropDeadLetters(ctx, dlq, subject, seq)
 }
+
+// replayDeadlineMargin is how far ahead a job's deadline must be for replay to
+// queue it with it: less, and it would likely expire waiting.
+const replayDeadlineMargin = time.Minute
 
 // requeueMsg is the JOBS message that replays rec's job. The same letter always
 // gives the same bytes (heldByReplay compares them).
@@ -330,7 +334,7 @@ func (a *app) replayCmd() *cobra.Command {
 	f.StringVar(&o.since, "since", "", "replay jobs dead-lettered at or after this time (RFC 3339)")
 	f.StringVar(&o.until, "until", "", "replay jobs dead-lettered at or before this time (RFC 3339)")
 	f.BoolVar(&o.dryRun, "dry-run", false, "list what would be replayed without doing it")
-	f.BoolVar(&o.clearDeadline, "clear-deadline", false, "replay jobs without their deadline (a job whose deadline has passed is otherwise skipped, its record and dead letter kept)")
+	f.BoolVar(&o.clearDeadline, "clear-deadline", false, "replay jobs without their deadline (a job whose deadline has passed or is less than a minute away is otherwise skipped, its record and dead letter kept)")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		return exitWith(a.replay(cmd.Context(), cf, o))
 	}

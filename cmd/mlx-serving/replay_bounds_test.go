@@ -66,17 +66,19 @@ func TestReplayIntoAFullQueueKeepsTheRecord(t *testing.T) {
 	after(t, js, dead, 1, time.Time{})
 }
 
-// A job whose deadline has passed is not replayed into an instant expiry that
-// would replace its record and letter, the only account of why it died (red
-// team round 19, opstore F4); --clear-deadline replays it without one.
-// Mutation caught: the deadline check taken out (the job is requeued, its
-// record purged).
+// A job whose deadline has passed, or comes within replayDeadlineMargin, is not
+// replayed into an expiry that would replace its record and letter, the only
+// account of why it died (red team round 19, opstore F4, and the second pass);
+// --clear-deadline replays it without one.
+// Mutations caught: the deadline check taken out, and a margin of 0 (the job
+// is requeued, its record purged).
 func TestReplayPastTheDeadlineKeepsRecordAndLetter(t *testing.T) {
 	b := testenv.StartBus(t, jsprov.Options{})
 	js := b.JS
 	dead := replayJobReq("late")
-	past := time.Now().Add(-time.Minute).UTC()
-	dead.Deadline = &past
+	// Not even past: a deadline 30 s ahead would pass while the job waits.
+	soon := time.Now().Add(30 * time.Second).UTC()
+	dead.Deadline = &soon
 	deadLetter(t, js, dead, 3, t0)
 	terminal(t, js, dead, schemas.StatusFailed, t0)
 

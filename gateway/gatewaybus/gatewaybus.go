@@ -65,6 +65,18 @@ func (b *Bus) Cancel(ctx context.Context, tenant, jobID, reason string) error {
 	return b.producer.TenantCancel(ctx, tenant, jobID, reason)
 }
 
+// Ended reports whether tenant's job has its terminal record in RESULTS.
+func (b *Bus) Ended(ctx context.Context, tenant, jobID string) (bool, error) {
+	_, err := b.producer.TenantResult(ctx, tenant, jobID)
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, bus.ErrNoResult):
+		return false, nil
+	}
+	return false, err
+}
+
 // Ready is nil when jobs can be queued and followed: the connection is up and
 // the streams jobs need exist.
 func (b *Bus) Ready(ctx context.Context) error {

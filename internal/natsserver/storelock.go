@@ -4,20 +4,19 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"syscall"
 )
-
-// lockFile is the file in the store directory a server holds an exclusive
-// lock on while it runs.
-const lockFile = ".mlx-serving.lock"
 
 // ErrStoreInUse is returned by Start when another server, in this process or
 // another, runs on the same store directory.
 var ErrStoreInUse = errors.New("bus: the JetStream store directory is in use by another server")
 
-// lockStore takes an exclusive, non-blocking lock on dir's lock file and
-// returns the open file that holds it (closing it releases the lock).
+// lockStore takes an exclusive, non-blocking lock on the directory dir itself
+// and returns the open directory that holds it (closing it releases the lock).
+// Not on a file in it: a lock file can be deleted (an operator taking it for a
+// stale pidfile), and a second server then locked a new one and ran on the
+// same store (red team round 19, second pass); a directory in use cannot be
+// unlinked on its own.
 //
 // Why: nats-server does not lock its store. A second `up` on the same data dir
 // (a restart with other ports while the first still ran or drained) opened
@@ -30,17 +29,16 @@ func lockStore(dir string) (*os.File, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("bus: store directory %s: %w", dir, err)
 	}
-	path := filepath.Join(dir, lockFile)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.Open(dir)
 	if err != nil {
-		return nil, fmt.Errorf("bus: store lock %s: %w", path, err)
+		return nil, fmt.Errorf("bus: store lock %s: %w", dir, err)
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		_ = f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			return nil, fmt.Errorf("%w: %s (stop the other `mlx-serving up` or embedded server first)", ErrStoreInUse, dir)
 		}
-		return nil, fmt.Errorf("bus: store lock %s: %w", path, err)
+		return nil, fmt.Errorf("bus: store lock %s: %w", dir, err)
 	}
 	return f, nil
 }
