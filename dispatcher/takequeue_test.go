@@ -66,10 +66,13 @@ func TestTakeQueueTakesWorkersInTurn(t *testing.T) {
 // One worker credential flooding its own done and adopt subjects with large
 // bogus records does not hold other workers' records: before, the 32 shared
 // slots filled with the flood and another tenant's job had no record within
-// 20 s (red team round 18, F1).
-// Mutation caught: doneLimit and the adoption limit unbounded with one slot
-// each shared by every worker in arrival order (takeQueue as a FIFO):
-// records wait behind the flood.
+// 20 s (red team round 18, F1). A check under a live flood, with a bound
+// loose enough for a loaded 2-core machine (at 10 s it failed 1 run in 4
+// with two busy loops beside it: the flood's bytes delay every message on
+// the dispatcher's connection, RELIABILITY round 18). It no longer catches a
+// FIFO take queue on this machine (records then came after 1.8-4.5 s, in
+// session 13): the turns and the cap are held deterministically by
+// TestTakeQueueTakesWorkersInTurn, and busy by the tests below.
 func TestOneWorkersFloodDoesNotHoldOthersRecords(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, jsprov.Options{})
@@ -110,7 +113,7 @@ func TestOneWorkersFloodDoesNotHoldOthersRecords(t *testing.T) {
 		j := newJob(fmt.Sprintf("under-flood-%d", i), "m", "normal")
 		start := time.Now()
 		e.mustSubmit(j)
-		if r := e.waitResult(j.ID, 10*time.Second); r.Status != schemas.StatusCompleted {
+		if r := e.waitResult(j.ID, 30*time.Second); r.Status != schemas.StatusCompleted {
 			t.Fatalf("job %s ended %s under the flood", j.ID, r.Status)
 		}
 		t.Logf("job %s: record after %v", j.ID, time.Since(start))
