@@ -259,9 +259,39 @@ func (d *Dispatcher) dropCancel(ctx context.Context, tenant, id string) {
 	if !known {
 		return
 	}
-	if err := d.cancelsStream.Purge(ctx, jetstream.WithPurgeSubject(subjects.Cancel(tenant, id))); err != nil && ctx.Err() == nil {
-		d.rare.Warn().Err(err).Str("job_id", id).Msg("could not drop the stored cancel of an ended job; it stays until CANCELS' max age")
+	if err := d.cancelsStream.Purge(ctx, jetstream.WithPurgeSubject(subjects.Cancel(tenant, id))); err != nil {
+		if ctx.Err() == nil {
+			d.rare.Warn().Err(err).Str("job_id", id).Msg("could not drop the stored cancel of an ended job; it stays until CANCELS' max age")
+		}
+		return
 	}
+	// Forgotten too, or a replay of the job would still be cancelled here
+	// (the final review); other dispatchers check at intake (confirmCancel).
+	d.mu.Lock()
+	delete(d.cancelled, ref.Key())
+	d.mu.Unlock()
+}
+
+// confirmCancel forgets a cancel of ref that this dispatcher remembers but
+// CANCELS no longer holds: a dispatcher dropped it when the job ended
+// (dropCancel), and a delivery of the id now is a new run of the job (replay
+// queues it again). Remembered, the cancel ended that run "cancelled while
+// queued" on every dispatcher but the one that dropped it (the final
+// review). A read for remembered cancels only, which are rare; one that
+// fails keeps the cancel (the job ends cancelled, as before).
+func (d *Dispatcher) confirmCancel(ctx context.Context, ref subjects.JobRef) {
+	d.mu.Lock()
+	_, known := d.cancelled[ref.Key()]
+	d.mu.Unlock()
+	if !known {
+		return
+	}
+	if raw, err := lastMsg(ctx, d.cancelsStream, subjects.Cancel(ref.Tenant, ref.ID)); err != nil || raw != nil {
+		return
+	}
+	d.mu.Lock()
+	delete(d.cancelled, ref.Key())
+	d.mu.Unlock()
 }
 
 // delivered reports whether the consumer of priority index p has delivered the

@@ -134,6 +134,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 	var ledgerErr error
 	if invalid == nil {
 		entry, ledgerErr = d.readLedger(j, int(md.NumDelivered))
+		d.confirmCancel(d.wctx, ref)
 	}
 	chain := prefix.OfJob(&j.req) // once per job, outside the lock: routing reads it
 	d.mu.Lock()

@@ -209,3 +209,49 @@ func TestRefusedCancelsKeepEveryChoicesSlot(t *testing.T) {
 		t.Fatalf("with both choices' cancels refused, a request got %d, want 429", code)
 	}
 }
+
+// A client that leaves while its job's submit waits for the store's ack, with
+// the job's cancel refused, keeps its tenant's slot taken while the cancel is
+// tried again, as a client that leaves later does (the final review of round
+// 19: the slot went at once, the job queued or ran outside the limit).
+// Mutation caught: cancelUnsure without cancelLater.
+func TestRefusedCancelOfAnUnsureSubmitKeepsTheSlot(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Hang: true, HangAfter: 1})
+	lj := &leavingJobs{hang: func(n int) bool { return n == 0 }, stored: make(chan string, 4), cancel: make(chan string, 16)}
+	rj := &cancelRefusingJobs{tries: make(chan struct{}, 16), stored: make(chan struct{})}
+	rj.refuse.Store(true)
+	_, srv := newTestGateway(t, tb, func(cfg *Config) {
+		lj.Jobs = cfg.Jobs
+		rj.Jobs, cfg.Jobs = lj, rj
+		cfg.Limits = TenantLimits{MaxInFlight: 1}
+	})
+	ctx, leave := context.WithCancel(context.Background())
+	data, _ := json.Marshal(chatBody(true, nil))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(string(data)))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			_ = resp.Body.Close()
+		}
+	}()
+	select {
+	case <-lj.stored:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the job was not submitted")
+	}
+	leave()
+	<-done
+	for i := range 2 { // the handler's try, then one of cancelLater's
+		select {
+		case <-rj.tries:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("cancel try %d never came", i+1)
+		}
+	}
+	if code := statusOf(t, srv.URL); code != http.StatusTooManyRequests {
+		t.Fatalf("with the unsure job's cancel refused, a request got %d, want 429", code)
+	}
+}

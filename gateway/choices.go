@@ -63,7 +63,7 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, base *schem
 		stream, err := g.jobs.Submit(waitCtx, &job)
 		if err != nil {
 			cancelAll(0, "a sibling choice could not be submitted")
-			g.cancelUnsure(r.Context(), &job, err, "submit failed or its client left before it was acknowledged")
+			g.cancelUnsure(r.Context(), &job, err, "submit failed or its client left before it was acknowledged", spec.slot)
 			if r.Context().Err() != nil {
 				return
 			}

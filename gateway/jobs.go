@@ -233,7 +233,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 	}
 	stream, err := g.jobs.Submit(waitCtx, job)
 	if err != nil {
-		g.cancelUnsure(ctx, job, err, "submit failed or its client left before it was acknowledged")
+		g.cancelUnsure(ctx, job, err, "submit failed or its client left before it was acknowledged", spec.slot)
 		if ctx.Err() != nil {
 			return // the client left
 		}

@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -22,14 +23,23 @@ import (
 // queued or running). A cancel of a job never stored is harmless: its stored
 // cancel waits in CANCELS until it ages out, and a job published after it is
 // ended cancelled at intake.
-func (g *Gateway) cancelUnsure(r context.Context, job *schemas.JobRequest, err error, reason string) {
+//
+// A cancel the bus refuses is tried again, the tenant's slot held meanwhile,
+// as for a client that leaves later (cancelLater; the final review of round
+// 19: CANCELS full and an ack lost left such a job outside the limit).
+func (g *Gateway) cancelUnsure(r context.Context, job *schemas.JobRequest, err error, reason string, slot *heldSlot) {
 	if refusedUnstored(err) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r), cancelTimeout)
 	defer cancel()
 	if cerr := g.jobs.Cancel(ctx, job.Tenant, job.ID, reason); cerr != nil {
-		g.log.Warn().Err(cerr).Str("job_id", job.ID).Msg("cancelling a job whose submit failed failed")
+		g.log.Warn().Err(cerr).Str("job_id", job.ID).Msg("cancelling a job whose submit failed failed; trying again, the tenant's in-flight slot held meanwhile")
+		until := time.Now().Add(cancelRetryFor)
+		if job.Deadline != nil {
+			until = job.Deadline.Add(g.grace)
+		}
+		g.cancelLater(job.Tenant, job.ID, reason, until, slot)
 	}
 }
 

@@ -126,6 +126,10 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 		}
 		n++
 		if dryRun {
+			if err := deadlineTooSoon(&rec.Job, clearDeadline); err != nil {
+				each(&rec, replayPastDeadline, err) // it would be skipped: said, not counted failed
+				continue
+			}
 			each(&rec, replayDry, nil)
 			continue
 		}
@@ -145,12 +149,6 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream, subject string, seq uint64, rec *schemas.DLQRecordMsg, clearDeadline bool) (replayOutcome, error) {
 	job := rec.Job
 	tenant := subjects.RecordTenant(job.Tenant)
-	if d := job.Deadline; d != nil && !clearDeadline && d.Before(time.Now().Add(replayDeadlineMargin)) {
-		// Queued with it, the job ended expired at once, and its record and
-		// letter, the only copies of why it died, were gone (red team round
-		// 19, opstore F4; with a deadline a moment ahead too: the second pass).
-		return replayPastDeadline, fmt.Errorf("its deadline is %s, too soon to run it; record and dead letter kept (--clear-deadline replays it without one)", d.Format(time.RFC3339))
-	}
 	msg, err := requeueMsg(rec, clearDeadline)
 	if err != nil {
 		return replayFailed, err
@@ -166,6 +164,9 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 		return replayQueued, dropDeadLetters(ctx, dlq, subject, seq)
 	case held != nil:
 		return replayEnding, stillEnding(msg)
+	}
+	if err := deadlineTooSoon(&job, clearDeadline); err != nil {
+		return replayPastDeadline, err
 	}
 	// The leader's copy: a replica a moment behind could still show the old record.
 	stored, err := results.Stored(ctx, js, tenant, job.ID)
@@ -199,13 +200,7 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 			if stored == nil {
 				return replayFailed, err
 			}
-			// The record was purged above for a requeue that did not happen:
-			// put back, the job keeps its terminal record and the letter stays
-			// for a later replay (red team round 19, opstore F3).
-			if rerr := results.Restore(ctx, js, tenant, job.ID, stored); rerr != nil {
-				return replayFailed, fmt.Errorf("%w; and its record could not be put back: %w (run replay again: it queues the job)", err, rerr)
-			}
-			return replayFailed, fmt.Errorf("%w; its record was put back and its dead letter kept", err)
+			return restoreAfterRefusal(ctx, js, dlq, subject, seq, &job, msg, stored, err)
 		}
 		// JOBS holds the job. If it holds this very message, an earlier replay
 		// queued it and stopped before removing the dead letter: it is queued
@@ -227,6 +222,41 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 // replayDeadlineMargin is how far ahead a job's deadline must be for replay to
 // queue it with it: less, and it would likely expire waiting.
 const replayDeadlineMargin = time.Minute
+
+// deadlineTooSoon says why job is not replayed with its deadline: it has
+// passed or comes within replayDeadlineMargin. Queued with it, the job ended
+// expired, and its record and letter, the only copies of why it died, were
+// gone (red team round 19, opstore F4; with a deadline a moment ahead too:
+// the second pass).
+func deadlineTooSoon(job *schemas.JobRequest, clearDeadline bool) error {
+	if d := job.Deadline; d != nil && !clearDeadline && d.Before(time.Now().Add(replayDeadlineMargin)) {
+		return fmt.Errorf("its deadline is %s, too soon to run it; record and dead letter kept (--clear-deadline replays it without one)", d.Format(time.RFC3339))
+	}
+	return nil
+}
+
+// restoreAfterRefusal handles a requeue refused with err after the job's record
+// (stored) was purged. Put back, the job keeps its terminal record and the
+// letter stays for a later replay (red team round 19, opstore F3) — but only
+// when JOBS is known not to hold the job: an error can also follow a publish
+// that was stored (its ack lost), and a record put back over the queued job
+// made its dispatcher ack it unrun (the final review). Unsure, nothing is
+// put back: the next replay finds the job queued, or neither queued nor
+// recorded, and queues it.
+func restoreAfterRefusal(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream, subject string, seq uint64, job *schemas.JobRequest, msg *nats.Msg, stored []byte, err error) (replayOutcome, error) {
+	switch held, herr := jobsMsg(ctx, js, job); {
+	case herr != nil:
+		return replayFailed, fmt.Errorf("%w; whether it was queued is unknown (%w): run replay again", err, herr)
+	case held != nil && isMsg(held, msg):
+		return replayRequeued, dropDeadLetters(ctx, dlq, subject, seq) // stored after all
+	case held != nil:
+		return replayEnding, stillEnding(msg)
+	}
+	if rerr := results.Restore(ctx, js, subjects.RecordTenant(job.Tenant), job.ID, stored); rerr != nil {
+		return replayFailed, fmt.Errorf("%w; and its record could not be put back: %w (run replay again: it queues the job)", err, rerr)
+	}
+	return replayFailed, fmt.Errorf("%w; its record was put back and its dead letter kept", err)
+}
 
 // requeueMsg is the JOBS message that replays rec's job. The same letter always
 // gives the same bytes (heldByReplay compares them).

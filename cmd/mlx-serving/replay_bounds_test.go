@@ -110,3 +110,34 @@ func TestReplayPastTheDeadlineKeepsRecordAndLetter(t *testing.T) {
 		t.Fatalf("the job was queued with its deadline: %s", m.Data)
 	}
 }
+
+// A refused requeue whose message JOBS holds after all (the publish was stored
+// and only its ack lost) does not get its record put back: a record over the
+// queued job made its dispatcher ack it unrun, and a later replay then
+// dropped the letter (the final review of round 19).
+// Mutation caught: restoreAfterRefusal restoring without looking in JOBS.
+func TestRefusedRequeueThatWasStoredKeepsNoRecord(t *testing.T) {
+	b := testenv.StartBus(t, jsprov.Options{})
+	js := b.JS
+	dead := replayJobReq("acklost")
+	deadLetter(t, js, dead, 3, t0)
+	requeued(t, js, dead, 3, t0) // what the "failed" publish stored
+	msg, err := requeueMsg(&schemas.DLQRecordMsg{Job: dead, Attempts: 3, DeadAt: t0}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := testenv.Context(t, 10*time.Second)
+	dlq, err := js.Stream(ctx, subjects.StreamDLQ)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last, err := dlq.GetLastMsgForSubject(ctx, subjects.DLQ(dead.Tenant, dead.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := restoreAfterRefusal(ctx, js, dlq, last.Subject, last.Sequence, &dead, msg, []byte(`{"old":"record"}`), context.DeadlineExceeded)
+	if o != replayRequeued || err != nil {
+		t.Fatalf("outcome %d, error %v; want requeued", o, err)
+	}
+	after(t, js, dead, 1, time.Time{})
+}
