@@ -254,7 +254,7 @@ func (d *Dispatcher) cancelQueued(ctx context.Context, ref subjects.JobRef, reas
 func (d *Dispatcher) dropCancel(ctx context.Context, tenant, id string) {
 	ref := subjects.JobRef{Tenant: tenant, ID: id}
 	d.mu.Lock()
-	_, known := d.cancelled[ref.Key()]
+	at, known := d.cancelled[ref.Key()]
 	d.mu.Unlock()
 	if !known {
 		return
@@ -267,9 +267,19 @@ func (d *Dispatcher) dropCancel(ctx context.Context, tenant, id string) {
 	}
 	// Forgotten too, or a replay of the job would still be cancelled here
 	// (the final review); other dispatchers check at intake (confirmCancel).
+	d.forgetCancel(ref, at)
+}
+
+// forgetCancel forgets the cancel of ref remembered at at, unless a newer one
+// came meanwhile (onCancel stores its own time): that one stays, or a cancel
+// stored after the read or purge was lost from memory, and a delivery handed
+// back and delivered again ran although CANCELS held it (the last review).
+func (d *Dispatcher) forgetCancel(ref subjects.JobRef, at time.Time) {
 	d.mu.Lock()
-	delete(d.cancelled, ref.Key())
-	d.mu.Unlock()
+	defer d.mu.Unlock()
+	if now, ok := d.cancelled[ref.Key()]; ok && now.Equal(at) {
+		delete(d.cancelled, ref.Key())
+	}
 }
 
 // confirmCancel forgets a cancel of ref that this dispatcher remembers but
@@ -281,7 +291,7 @@ func (d *Dispatcher) dropCancel(ctx context.Context, tenant, id string) {
 // fails keeps the cancel (the job ends cancelled, as before).
 func (d *Dispatcher) confirmCancel(ctx context.Context, ref subjects.JobRef) {
 	d.mu.Lock()
-	_, known := d.cancelled[ref.Key()]
+	at, known := d.cancelled[ref.Key()]
 	d.mu.Unlock()
 	if !known {
 		return
@@ -289,9 +299,7 @@ func (d *Dispatcher) confirmCancel(ctx context.Context, ref subjects.JobRef) {
 	if raw, err := lastMsg(ctx, d.cancelsStream, subjects.Cancel(ref.Tenant, ref.ID)); err != nil || raw != nil {
 		return
 	}
-	d.mu.Lock()
-	delete(d.cancelled, ref.Key())
-	d.mu.Unlock()
+	d.forgetCancel(ref, at)
 }
 
 // delivered reports whether the consumer of priority index p has delivered the

@@ -165,9 +165,6 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 	case held != nil:
 		return replayEnding, stillEnding(msg)
 	}
-	if err := deadlineTooSoon(&job, clearDeadline); err != nil {
-		return replayPastDeadline, err
-	}
 	// The leader's copy: a replica a moment behind could still show the old record.
 	stored, err := results.Stored(ctx, js, tenant, job.ID)
 	switch {
@@ -188,6 +185,12 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 			// with the dead-lettering one; either way the job has its one
 			// terminal record, which must stay.
 			return replayStale, dropDeadLetters(ctx, dlq, subject, seq)
+		}
+		// Only while the record is there to keep: a job an interrupted
+		// replay left without it is queued whatever its deadline, so it ends
+		// with a record again, expired at worst (the last review).
+		if err := deadlineTooSoon(&job, clearDeadline); err != nil {
+			return replayPastDeadline, err
 		}
 		if err := results.Purge(ctx, js, tenant, job.ID); err != nil {
 			return replayFailed, err
@@ -244,6 +247,10 @@ func deadlineTooSoon(job *schemas.JobRequest, clearDeadline bool) error {
 // put back: the next replay finds the job queued, or neither queued nor
 // recorded, and queues it.
 func restoreAfterRefusal(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream, subject string, seq uint64, job *schemas.JobRequest, msg *nats.Msg, stored []byte, err error) (replayOutcome, error) {
+	// Not on ctx alone: a Ctrl-C that cut the publish short would cut this
+	// short too, and the record would stay purged (the last review).
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
 	switch held, herr := jobsMsg(ctx, js, job); {
 	case herr != nil:
 		return replayFailed, fmt.Errorf("%w; whether it was queued is unknown (%w): run replay again", err, herr)

@@ -141,3 +141,21 @@ func TestRefusedRequeueThatWasStoredKeepsNoRecord(t *testing.T) {
 	}
 	after(t, js, dead, 1, time.Time{})
 }
+
+// A job an interrupted replay left without its record (purged, not queued) is
+// queued whatever its deadline, so it ends with a record again: skipped for
+// its deadline, it had none for good (the last review of round 19).
+// Mutation caught: the deadline check before the record is read (the job is
+// skipped past_deadline with no record).
+func TestReplayOfAJobWithoutItsRecordIgnoresTheDeadline(t *testing.T) {
+	b := testenv.StartBus(t, jsprov.Options{})
+	js := b.JS
+	dead := replayJobReq("norecord")
+	soon := time.Now().Add(30 * time.Second).UTC()
+	dead.Deadline = &soon
+	deadLetter(t, js, dead, 3, t0) // the record already purged by the interrupted run
+	if outs, errs := replayOnce(t, b, false); outs["norecord"] != replayRequeued {
+		t.Fatalf("outcome %d, error %v; want requeued", outs["norecord"], errs["norecord"])
+	}
+	after(t, js, dead, 1, time.Time{})
+}
