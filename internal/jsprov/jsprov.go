@@ -331,31 +331,40 @@ func Provision(ctx context.Context, js jetstream.JetStream, opts Options) error 
 	for _, name := range []string{subjects.StreamJobs, subjects.StreamResults, subjects.StreamDLQ, subjects.StreamCancels, subjects.StreamLedger} {
 		cfg := cfgs[name]
 		if keep {
-			n, err := existingReplicas(ctx, js, name, cfg.Replicas)
-			if err != nil {
+			if err := retryAPI(ctx, func(ctx context.Context) (err error) {
+				cfg.Replicas, err = existingReplicas(ctx, js, name, cfgs[name].Replicas)
+				return err
+			}); err != nil {
 				return err
 			}
-			cfg.Replicas = n
 		}
-		if _, err := js.CreateOrUpdateStream(ctx, cfg); err != nil {
+		if err := retryAPI(ctx, func(ctx context.Context) error {
+			_, err := js.CreateOrUpdateStream(ctx, cfg)
+			return err
+		}); err != nil {
 			return fmt.Errorf("bus: provision stream %s: %w", name, err)
 		}
 	}
 	kv := WorkersBucketConfig(opts)
 	if keep {
-		n, err := existingReplicas(ctx, js, subjects.WorkersStream, kv.Replicas)
-		if err != nil {
+		def := kv.Replicas
+		if err := retryAPI(ctx, func(ctx context.Context) (err error) {
+			kv.Replicas, err = existingReplicas(ctx, js, subjects.WorkersStream, def)
+			return err
+		}); err != nil {
 			return err
 		}
-		kv.Replicas = n
 	}
 	mk := ModelsBucketConfig(opts)
 	mk.Replicas = kv.Replicas
 	for _, cfg := range []jetstream.KeyValueConfig{kv, mk} {
-		if _, err := js.CreateOrUpdateKeyValue(ctx, cfg); err != nil {
+		if err := retryAPI(ctx, func(ctx context.Context) error {
+			_, err := js.CreateOrUpdateKeyValue(ctx, cfg)
+			return err
+		}); err != nil {
 			return fmt.Errorf("bus: provision bucket %s: %w", cfg.Bucket, err)
 		}
-		if err := denyRollups(ctx, js, "KV_"+cfg.Bucket); err != nil {
+		if err := retryAPI(ctx, func(ctx context.Context) error { return denyRollups(ctx, js, "KV_"+cfg.Bucket) }); err != nil {
 			return err
 		}
 	}
