@@ -29,30 +29,33 @@ var ErrInvalid = errors.New("config: invalid")
 
 // Config is the effective configuration.
 type Config struct {
-	DataDir      string  `json:"data_dir"`
-	HTTPAddr     string  `json:"http_addr"`
-	NATSListen   string  `json:"nats_listen"`
-	NATSURL      string  `json:"nats_url"`
-	NATSUser     string  `json:"nats_user,omitempty"`
-	NATSPassword string  `json:"nats_password,omitempty"`
-	NATSCreds    string  `json:"nats_creds,omitempty"`
-	NATSCA       string  `json:"nats_ca,omitempty"`
-	NATSCert     string  `json:"nats_cert,omitempty"`
-	NATSKey      string  `json:"nats_key,omitempty"`
-	Model        string  `json:"model"`
-	Python       string  `json:"python"`
-	WorkerID     string  `json:"worker_id"`
-	Slots        int     `json:"slots"`
-	SyncAlways   bool    `json:"sync_always"`
-	JobsMaxMsgs  int64   `json:"jobs_max_msgs"`
-	DLQMaxBytes  int64   `json:"dlq_max_bytes"`
-	MaxAttempts  int     `json:"max_attempts"`
-	BatchMaxWait string  `json:"batch_max_wait"`
-	BatchMaxSize int     `json:"batch_max_size"`
-	Routing      string  `json:"routing"`
-	RouteMaxSkew float64 `json:"route_max_skew"`
-	AuthTokens   string  `json:"auth_tokens,omitempty"`
-	CORSOrigins  string  `json:"cors_origins,omitempty"`
+	DataDir      string `json:"data_dir"`
+	HTTPAddr     string `json:"http_addr"`
+	NATSListen   string `json:"nats_listen"`
+	NATSURL      string `json:"nats_url"`
+	NATSUser     string `json:"nats_user,omitempty"`
+	NATSPassword string `json:"nats_password,omitempty"`
+	NATSCreds    string `json:"nats_creds,omitempty"`
+	NATSCA       string `json:"nats_ca,omitempty"`
+	NATSCert     string `json:"nats_cert,omitempty"`
+	NATSKey      string `json:"nats_key,omitempty"`
+	Model        string `json:"model"`
+	Python       string `json:"python"`
+	WorkerID     string `json:"worker_id"`
+	Slots        int    `json:"slots"`
+	SyncAlways   bool   `json:"sync_always"`
+	JobsMaxMsgs  int64  `json:"jobs_max_msgs"`
+	// JetStreamMaxStore bounds the embedded server's JetStream file store
+	// (up); 0: the server sizes it from the free disk.
+	JetStreamMaxStore int64   `json:"jetstream_max_store"`
+	DLQMaxBytes       int64   `json:"dlq_max_bytes"`
+	MaxAttempts       int     `json:"max_attempts"`
+	BatchMaxWait      string  `json:"batch_max_wait"`
+	BatchMaxSize      int     `json:"batch_max_size"`
+	Routing           string  `json:"routing"`
+	RouteMaxSkew      float64 `json:"route_max_skew"`
+	AuthTokens        string  `json:"auth_tokens,omitempty"`
+	CORSOrigins       string  `json:"cors_origins,omitempty"`
 	// Per-tenant limits at the gateway; 0 means none.
 	TenantMaxInFlight    int    `json:"tenant_max_in_flight"`
 	TenantMaxTokens      int    `json:"tenant_max_tokens"`
@@ -113,6 +116,7 @@ var Keys = []Key{
 	{"prompt_cache_bytes", "prompt-cache-bytes", "MLX_SERVING_PROMPT_CACHE_BYTES", "-1", "worker: bytes of finished requests' KV caches the runtime keeps to reuse shared prompt prefixes, within a tenant (0: off; -1: 1/8 of the machine's memory, at most 16 GiB)"},
 	{"sync_always", "sync-always", "MLX_SERVING_SYNC_ALWAYS", "true", "fsync every JetStream write before acking it"},
 	{"jobs_max_msgs", "jobs-max-msgs", "MLX_SERVING_JOBS_MAX_MSGS", "100000", "most queued jobs before submit says queue full"},
+	{"jetstream_max_store", "jetstream-max-store", "MLX_SERVING_JETSTREAM_MAX_STORE", "0", "up: bytes the embedded NATS server's JetStream file store may hold; past it JetStream refuses writes (0: the server sizes it, 75% of the free disk)"},
 	{"dlq_max_bytes", "dlq-max-bytes", "MLX_SERVING_DLQ_MAX_BYTES", "268435456", "bytes of dead letters the DLQ keeps; past it a new letter is refused and its job ends with its terminal record only (not replayable)"},
 	{"max_attempts", "max-attempts", "MLX_SERVING_MAX_ATTEMPTS", "3", "attempts per job before it is dead-lettered"},
 	{"batch_max_wait", "batch-max-wait", "MLX_SERVING_BATCH_MAX_WAIT", "5ms", "how long the dispatcher waits to fill a batch"},

@@ -79,6 +79,8 @@ func TestInvalidValuesNameTheKey(t *testing.T) {
 		"skew not number": {env: []string{"MLX_SERVING_ROUTE_MAX_SKEW=half"}, want: "route_max_skew"},
 		"zero drain":      {env: []string{"MLX_SERVING_DISPATCHER_DRAIN_TIMEOUT=0s"}, want: "dispatcher_drain_timeout"},
 		"grace no unit":   {file: "dispatcher_write_grace: 10\n", want: "dispatcher_write_grace"},
+		// A store below the streams' own reservations cannot hold them.
+		"tiny store": {env: []string{"MLX_SERVING_JETSTREAM_MAX_STORE=1000"}, want: "jetstream_max_store"},
 		// Mutation caught (both): checkTokens not called from Load.
 		"token twice":       {env: []string{"MLX_SERVING_AUTH_TOKENS=t1=alpha,t2=gamma,t1=beta"}, want: "auth_tokens"},
 		"plain token twice": {env: []string{"MLX_SERVING_AUTH_TOKENS=t1, t1=beta"}, want: "auth_tokens"},

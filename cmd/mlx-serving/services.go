@@ -226,7 +226,7 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
 	}
 	sopts := natsserver.Options{
 		Host: host, Port: port, StoreDir: filepath.Join(c.DataDir, "jetstream"),
-		SyncAlways: c.SyncAlways, ServerName: "mlx-serving-up",
+		SyncAlways: c.SyncAlways, ServerName: "mlx-serving-up", JetStreamMaxStore: c.JetStreamMaxStore,
 		Logger: newLogger(c, "nats").Level(zerolog.WarnLevel),
 		// Queued jobs and records follow the data dir when auth init turns
 		// accounts on (JetStream moves to AccountSystem), or they are turned off.

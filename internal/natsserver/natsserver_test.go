@@ -114,3 +114,25 @@ func TestSecondServerOnAStoreDirIsRefused(t *testing.T) {
 	}
 	_ = again.Shutdown(ctx)
 }
+
+// A JetStream store limit given reaches the server, and one from the auth conf
+// file is kept when none is given: Start zeroed it (red team round 19, opstore
+// F5), and `up`'s jetstream_max_store is how an operator bounds the store.
+// Mutation caught: Start setting JetStreamMaxStore whether or not it was given.
+func TestJetStreamMaxStoreReachesTheServer(t *testing.T) {
+	t.Parallel()
+	const gib = int64(1) << 30
+	srv := testenv.StartServer(t, natsserver.Options{JetStreamMaxStore: 2 * gib})
+	if got := srv.NATSServer().JetStreamConfig().MaxStore; got != 2*gib {
+		t.Fatalf("max store %d, want %d", got, 2*gib)
+	}
+	conf := filepath.Join(t.TempDir(), "auth.conf")
+	body := "jetstream { max_file_store: 3GB }\naccounts { MLX: { jetstream: enabled, users: [ { user: a, password: b } ] } }\n"
+	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	srv = testenv.StartServer(t, natsserver.Options{AuthConf: conf, Account: "MLX"})
+	if got := srv.NATSServer().JetStreamConfig().MaxStore; got != 3*gib {
+		t.Fatalf("max store from the conf file %d, want %d", got, 3*gib)
+	}
+}
