@@ -35,21 +35,16 @@ func newHeldSlot(release func()) *heldSlot { return &heldSlot{holders: 1, releas
 // went when the handler returned, whatever their jobs' cancels: a limit of L
 // held L(L+1)/2 uncancelled jobs (the second pass).
 func (s *heldSlot) also(release func()) bool {
-	if s == nil {
-		return false
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.holders == 0 {
-		return false
-	}
-	s.release = append(s.release, release)
-	return true
+	return s.whileHeld(func() { s.release = append(s.release, release) })
 }
 
 // hold adds a holder, unless the slot was released already (a cancel after
 // the handler returned): then it reports false, and done must not be called.
-func (s *heldSlot) hold() bool {
+func (s *heldSlot) hold() bool { return s.whileHeld(func() { s.holders++ }) }
+
+// whileHeld runs f under the lock if the slot is not released yet, and
+// reports whether it was.
+func (s *heldSlot) whileHeld(f func()) bool {
 	if s == nil {
 		return false
 	}
@@ -58,7 +53,7 @@ func (s *heldSlot) hold() bool {
 	if s.holders == 0 {
 		return false
 	}
-	s.holders++
+	f()
 	return true
 }
 
@@ -79,6 +74,23 @@ func (s *heldSlot) done() {
 			release()
 		}
 	}
+}
+
+// cancelJob asks the fleet to stop tenant's job id. A cancel the bus refuses
+// is tried again in the background (cancelLater) with the tenant's slot held,
+// until until (the job's deadline and grace; zero: cancelRetryFor from now).
+func (g *Gateway) cancelJob(r context.Context, tenant, id, reason string, until time.Time, slot *heldSlot) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r), cancelTimeout)
+	defer cancel()
+	err := g.jobs.Cancel(ctx, tenant, id, reason)
+	if err == nil {
+		return
+	}
+	g.log.Warn().Err(err).Str("job_id", id).Msg("cancelling the job failed; trying again, the tenant's in-flight slot held meanwhile")
+	if until.IsZero() {
+		until = time.Now().Add(cancelRetryFor)
+	}
+	g.cancelLater(tenant, id, reason, until, slot)
 }
 
 // cancelLater tries tenant's cancel of job id again until it is stored, the

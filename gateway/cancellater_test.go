@@ -57,63 +57,43 @@ func TestRefusedCancelKeepsTheTenantsSlot(t *testing.T) {
 		rj.Jobs, cfg.Jobs = cfg.Jobs, rj
 		cfg.Limits = TenantLimits{MaxInFlight: 1}
 	})
-	post := func(ctx context.Context) (*http.Response, error) {
-		data, _ := json.Marshal(chatBody(true, nil))
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(string(data)))
-		return http.DefaultClient.Do(req)
+	leaveAfterFirstToken(t, srv.URL, nil)
+	rj.awaitTries(t, 2) // the handler's own try, then one after it returned
+	if code := statusOf(t, srv.URL); code != http.StatusTooManyRequests {
+		t.Fatalf("with the first job's cancel refused, a second request got %d, want 429", code)
 	}
-
-	ctx, leave := context.WithCancel(context.Background())
-	defer leave()
-	resp, err := post(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() && !strings.Contains(sc.Text(), `"Hello"`) {
-	}
-	leave()
-	_ = resp.Body.Close()
-	// The handler's own try, then one of the tries after it returned.
-	for i := range 2 {
-		select {
-		case <-rj.tries:
-		case <-time.After(10 * time.Second):
-			t.Fatalf("cancel try %d never came", i+1)
-		}
-	}
-	resp, err = post(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = resp.Body.Close()
-	if resp.StatusCode != http.StatusTooManyRequests {
-		t.Fatalf("with the first job's cancel refused, a second request got %d, want 429", resp.StatusCode)
-	}
-
 	rj.refuse.Store(false)
 	select {
 	case <-rj.stored:
 	case <-time.After(30 * time.Second):
 		t.Fatal("the refused cancel was not tried again")
 	}
-	// The slot goes just after the stored try returns: a few requests may
-	// still find it taken.
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		rctx, cancel := context.WithCancel(context.Background())
-		resp, err := post(rctx)
-		if err != nil {
-			cancel()
-			t.Fatal(err)
+	awaitSlotFree(t, srv.URL, 10*time.Second, "after the cancel was stored")
+}
+
+// awaitTries waits for n cancel tries.
+func (r *cancelRefusingJobs) awaitTries(t *testing.T, n int) {
+	t.Helper()
+	for i := range n {
+		select {
+		case <-r.tries:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("cancel try %d never came", i+1)
 		}
-		code := resp.StatusCode
-		_ = resp.Body.Close()
-		cancel()
+	}
+}
+
+// awaitSlotFree polls with requests until one is served (200); a few may still
+// find the slot taken (429) for a moment after it is let go.
+func awaitSlotFree(t *testing.T, url string, within time.Duration, when string) {
+	t.Helper()
+	for deadline := time.Now().Add(within); ; {
+		code := statusOf(t, url)
 		if code == http.StatusOK {
 			return
 		}
 		if code != http.StatusTooManyRequests || time.Now().After(deadline) {
-			t.Fatalf("after the cancel was stored a request got %d, want 200", code)
+			t.Fatalf("%s a request got %d, want 200 within %v", when, code, within)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -173,12 +153,7 @@ func TestRefusedCancelOfAJobThatEndsFreesTheSlot(t *testing.T) {
 		cfg.RequestTimeout = 10 * time.Minute // the deadline the slot was held to
 	})
 	leaveAfterFirstToken(t, srv.URL, nil)
-	for deadline := time.Now().Add(20 * time.Second); statusOf(t, srv.URL) != http.StatusOK; {
-		if time.Now().After(deadline) {
-			t.Fatal("the slot of a job that ended was still held 20 s after its client left")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	awaitSlotFree(t, srv.URL, 20*time.Second, "after the job ended")
 }
 
 // Every choice's slot of an n > 1 request stays held while its refused cancels
@@ -197,14 +172,7 @@ func TestRefusedCancelsKeepEveryChoicesSlot(t *testing.T) {
 		cfg.Limits = TenantLimits{MaxInFlight: 2}
 	})
 	leaveAfterFirstToken(t, srv.URL, map[string]any{"n": 2})
-	// Both choices' first tries, then one after the handler returned.
-	for i := range 3 {
-		select {
-		case <-rj.tries:
-		case <-time.After(10 * time.Second):
-			t.Fatalf("cancel try %d never came", i+1)
-		}
-	}
+	rj.awaitTries(t, 3) // both choices' first tries, then one after the handler returned
 	if code := statusOf(t, srv.URL); code != http.StatusTooManyRequests {
 		t.Fatalf("with both choices' cancels refused, a request got %d, want 429", code)
 	}
@@ -244,13 +212,7 @@ func TestRefusedCancelOfAnUnsureSubmitKeepsTheSlot(t *testing.T) {
 	}
 	leave()
 	<-done
-	for i := range 2 { // the handler's try, then one of cancelLater's
-		select {
-		case <-rj.tries:
-		case <-time.After(10 * time.Second):
-			t.Fatalf("cancel try %d never came", i+1)
-		}
-	}
+	rj.awaitTries(t, 2) // the handler's try, then one of cancelLater's
 	if code := statusOf(t, srv.URL); code != http.StatusTooManyRequests {
 		t.Fatalf("with the unsure job's cancel refused, a request got %d, want 429", code)
 	}

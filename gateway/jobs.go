@@ -491,16 +491,6 @@ func (j *jobCall) clientLeft(err error) {
 }
 
 func (j *jobCall) cancel(reason string) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(j.r.Context()), cancelTimeout)
-	defer cancel()
-	err := j.g.jobs.Cancel(ctx, j.job.Tenant, j.job.ID, reason)
-	if err == nil {
-		return
-	}
-	j.g.log.Warn().Err(err).Str("job_id", j.job.ID).Msg("cancelling the job failed; trying again, the tenant's in-flight slot held meanwhile")
-	until, ok := j.waitCtx.Deadline() // the job's deadline and grace
-	if !ok {
-		until = time.Now().Add(cancelRetryFor)
-	}
-	j.g.cancelLater(j.job.Tenant, j.job.ID, reason, until, j.spec.slot)
+	until, _ := j.waitCtx.Deadline() // the job's deadline and grace, if it has one
+	j.g.cancelJob(j.r.Context(), j.job.Tenant, j.job.ID, reason, until, j.spec.slot)
 }

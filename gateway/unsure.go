@@ -31,16 +31,11 @@ func (g *Gateway) cancelUnsure(r context.Context, job *schemas.JobRequest, err e
 	if refusedUnstored(err) {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r), cancelTimeout)
-	defer cancel()
-	if cerr := g.jobs.Cancel(ctx, job.Tenant, job.ID, reason); cerr != nil {
-		g.log.Warn().Err(cerr).Str("job_id", job.ID).Msg("cancelling a job whose submit failed failed; trying again, the tenant's in-flight slot held meanwhile")
-		until := time.Now().Add(cancelRetryFor)
-		if job.Deadline != nil {
-			until = job.Deadline.Add(g.grace)
-		}
-		g.cancelLater(job.Tenant, job.ID, reason, until, slot)
+	var until time.Time
+	if job.Deadline != nil {
+		until = job.Deadline.Add(g.grace)
 	}
+	g.cancelJob(r, job.Tenant, job.ID, reason, until, slot)
 }
 
 // refusedUnstored reports whether a Submit error says the job was not

@@ -203,7 +203,7 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 			if stored == nil {
 				return replayFailed, err
 			}
-			return restoreAfterRefusal(ctx, js, dlq, subject, seq, &job, msg, stored, err)
+			return restoreAfterRefusal(ctx, js, dlq, subject, seq, tenant, &job, msg, stored, err)
 		}
 		// JOBS holds the job. If it holds this very message, an earlier replay
 		// queued it and stopped before removing the dead letter: it is queued
@@ -239,14 +239,14 @@ func deadlineTooSoon(job *schemas.JobRequest, clearDeadline bool) error {
 }
 
 // restoreAfterRefusal handles a requeue refused with err after the job's record
-// (stored) was purged. Put back, the job keeps its terminal record and the
+// (stored, of tenant's record subject) was purged. Put back, the job keeps its terminal record and the
 // letter stays for a later replay (red team round 19, opstore F3) — but only
 // when JOBS is known not to hold the job: an error can also follow a publish
 // that was stored (its ack lost), and a record put back over the queued job
 // made its dispatcher ack it unrun (the final review). Unsure, nothing is
 // put back: the next replay finds the job queued, or neither queued nor
 // recorded, and queues it.
-func restoreAfterRefusal(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream, subject string, seq uint64, job *schemas.JobRequest, msg *nats.Msg, stored []byte, err error) (replayOutcome, error) {
+func restoreAfterRefusal(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream, subject string, seq uint64, tenant string, job *schemas.JobRequest, msg *nats.Msg, stored []byte, err error) (replayOutcome, error) {
 	// Not on ctx alone: a Ctrl-C that cut the publish short would cut this
 	// short too, and the record would stay purged (the last review).
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
@@ -259,7 +259,7 @@ func restoreAfterRefusal(ctx context.Context, js jetstream.JetStream, dlq jetstr
 	case held != nil:
 		return replayEnding, stillEnding(msg)
 	}
-	if rerr := results.Restore(ctx, js, subjects.RecordTenant(job.Tenant), job.ID, stored); rerr != nil {
+	if rerr := results.Restore(ctx, js, tenant, job.ID, stored); rerr != nil {
 		return replayFailed, fmt.Errorf("%w; and its record could not be put back: %w (run replay again: it queues the job)", err, rerr)
 	}
 	return replayFailed, fmt.Errorf("%w; its record was put back and its dead letter kept", err)

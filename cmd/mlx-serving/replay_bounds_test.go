@@ -135,7 +135,7 @@ func TestRefusedRequeueThatWasStoredKeepsNoRecord(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o, err := restoreAfterRefusal(ctx, js, dlq, last.Subject, last.Sequence, &dead, msg, []byte(`{"old":"record"}`), context.DeadlineExceeded)
+	o, err := restoreAfterRefusal(ctx, js, dlq, last.Subject, last.Sequence, dead.Tenant, &dead, msg, []byte(`{"old":"record"}`), context.DeadlineExceeded)
 	if o != replayRequeued || err != nil {
 		t.Fatalf("outcome %d, error %v; want requeued", o, err)
 	}
