@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -119,18 +120,31 @@ func TestBatchesStayWithinMaxPayload(t *testing.T) {
 }
 
 // TestSmallJobsStillBatchTogether: eight small queued jobs go in one batch
-// of eight: the size budget does not split what fits.
+// of eight: the size budget does not split what fits, nor does a scheduler
+// pass between a fetch and its jobs' intake. The pull's credit (16) is split
+// across priorities, so the eight come in two fetches (five, then three);
+// the scheduler is run after each fetch, before its intake, as a heartbeat's
+// wake-up would (a CI failure: [s0..s4] [s5 s6 s7]).
 //
-// Mutation caught: every member past the lead taken as over the budget
-// (`c > budget` → `c >= 0`): eight batches of one: red.
+// Mutations caught: every member past the lead taken as over the budget
+// (`c > budget` → `c >= 0`): eight batches of one: red. pullOnce storing
+// the short fetch's "none behind" before its intake (the first
+// `d.behind[p].Store(behind)` without its `if behind > 0`): five and three:
+// red.
 func TestSmallJobsStillBatchTogether(t *testing.T) {
 	t.Parallel()
 	var jobs []*schemas.JobRequest
 	for i := range 8 {
 		jobs = append(jobs, newJob(fmt.Sprintf("s%d", i), "m", "normal"))
 	}
-	e, d, w := queueThenServe(t, 8, jobs, nil)
+	var fetches atomic.Int32
+	e, d, w := queueThenServe(t, 8, jobs, func(d *Dispatcher) {
+		d.fetchedHook = func() { fetches.Add(1); d.schedule(time.Now()) }
+	})
 	checkClean(t, e, d, jobs)
+	if fetches.Load() < 2 {
+		t.Fatalf("the jobs came in %d fetch(es): the pass between fetch and intake was not tried", fetches.Load())
+	}
 	if got := fmt.Sprint(batchIDs(w)); got != "[[s0 s1 s2 s3 s4 s5 s6 s7]]" {
 		t.Fatalf("batches %s, want one of all eight", got)
 	}

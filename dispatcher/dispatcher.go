@@ -123,6 +123,9 @@ type Dispatcher struct {
 	// when JOBS stored it, when its check started and now (benchmarks: where
 	// a job waits). Called under d.mu.
 	queuedHook func(stored, checked, queued time.Time)
+	// fetchedHook, if set, runs after each fetch that got jobs, before their
+	// intake (tests: run the scheduler in that window).
+	fetchedHook func()
 }
 
 // job is one held JOBS message. Guarded by Dispatcher.mu.
