@@ -150,11 +150,22 @@ func TestAttemptTimeoutResumesFromTheWorkersReport(t *testing.T) {
 // A worker's runtime_busy reports (a tenant over its compile budget on that
 // runtime) do not count against the worker's breaker: three of them opened it
 // and took the worker from every tenant for the cooldown (the red team's
-// R10-1).
+// R10-1). Nor do batch_failed reports: one failed decode step reports every
+// row of its batch, which one row may have caused.
 // Mutation caught: onAttemptReport recording every report as a failure (the
-// breaker opens, the jobs wait out the hour's cooldown).
+// breaker opens, the jobs wait out the hour's cooldown); recording
+// batch_failed ones (the batch_failed case red).
 func TestRuntimeBusyReportsLeaveTheBreakerClosed(t *testing.T) {
 	t.Parallel()
+	for _, code := range []string{schemas.CodeRuntimeBusy, schemas.CodeBatchFailed} {
+		t.Run(code, func(t *testing.T) {
+			t.Parallel()
+			reportsLeaveTheBreakerClosed(t, code)
+		})
+	}
+}
+
+func reportsLeaveTheBreakerClosed(t *testing.T, code string) {
 	e := newEnv(t, jsprov.Options{})
 	e.startWorker("w1", 4, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
 		if aj.Attempt == 1 {
@@ -171,7 +182,7 @@ func TestRuntimeBusyReportsLeaveTheBreakerClosed(t *testing.T) {
 
 	var jobs []*schemas.JobRequest
 	for i := range 3 {
-		j := newJob(fmt.Sprintf("busy-%d", i), "m", schemas.PriorityNormal)
+		j := newJob(fmt.Sprintf("%s-%d", code, i), "m", schemas.PriorityNormal)
 		e.mustSubmit(j)
 		jobs = append(jobs, j)
 	}
@@ -189,7 +200,7 @@ func TestRuntimeBusyReportsLeaveTheBreakerClosed(t *testing.T) {
 	w1 := e.connect("w1-reporter")
 	for _, j := range jobs {
 		rep, _ := json.Marshal(schemas.AttemptReportMsg{JobID: j.ID, Tenant: j.Tenant, Attempt: 1, WorkerID: "w1",
-			Error:      schemas.ErrorInfo{Code: schemas.CodeRuntimeBusy, Message: "compile budget", Retryable: true},
+			Error:      schemas.ErrorInfo{Code: code, Message: "compile budget or a failed step", Retryable: true},
 			ReportedAt: time.Now().UTC()})
 		if err := w1.PublishRequest(subjects.Attempt("w1"), w1.NewInbox(), rep); err != nil {
 			t.Fatal(err)
@@ -204,6 +215,6 @@ func TestRuntimeBusyReportsLeaveTheBreakerClosed(t *testing.T) {
 	st := d.workers["w1"].br.State()
 	d.mu.Unlock()
 	if st != breaker.Closed {
-		t.Fatalf("w1's breaker %s after runtime_busy reports", st)
+		t.Fatalf("w1's breaker %s after %s reports", st, code)
 	}
 }

@@ -409,10 +409,12 @@ func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
 		d.rare.Warn().Str("job_id", r.JobID).Str("from_worker", wid).Str("worker_id", j.workerID).Msg("attempt report from a worker that does not run this attempt; ignored")
 		return
 	}
-	if w := d.workers[j.workerID]; w != nil && r.Error.Code != schemas.CodeRuntimeBusy {
+	if w := d.workers[j.workerID]; w != nil && r.Error.Code != schemas.CodeRuntimeBusy && r.Error.Code != schemas.CodeBatchFailed {
 		// runtime_busy is a tenant over its compile budget on that runtime
 		// (the red team's R10-1): counted against the worker, three of one
 		// tenant's refusals opened its breaker and took it from every tenant.
+		// batch_failed comes once per row of one failed step, which one row
+		// may have caused: counted, it opened the breaker at once.
 		w.br.Record(false, time.Now())
 	}
 	j.endedAt = r.ReportedAt

@@ -29,6 +29,7 @@ const (
 	CodeInvalidSchema    = "invalid_schema"
 	CodeShuttingDown     = "shutting_down" // retryable
 	CodeRuntimeBusy      = "runtime_busy"  // retryable
+	CodeBatchFailed      = "batch_failed"  // retryable
 	CodeRuntimeError     = "runtime_error" // an unknown JSON-RPC number without data.code
 
 	// Worker.
@@ -67,7 +68,10 @@ var codesFile []byte
 
 // codeTable is parsed once at init: a malformed file is a build defect, so it
 // panics (every test of this package fails) rather than leaving codes unknown.
-var codeTable = func() map[string]CodeInfo {
+// rpcCodes maps a JSON-RPC number to the first code listed with it (the one a
+// runtime error without data.code means: -32002 is model_load_failed, and
+// too_many_models always comes with its data.code).
+var codeTable, rpcCodes = func() (map[string]CodeInfo, map[int]string) {
 	var f struct {
 		Codes []CodeInfo `json:"codes"`
 	}
@@ -75,13 +79,17 @@ var codeTable = func() map[string]CodeInfo {
 		panic(fmt.Sprintf("schemas: codes/errors.json: %v", err))
 	}
 	m := make(map[string]CodeInfo, len(f.Codes))
+	rpc := map[int]string{}
 	for _, c := range f.Codes {
 		if _, dup := m[c.Code]; dup {
 			panic("schemas: codes/errors.json lists " + c.Code + " twice")
 		}
 		m[c.Code] = c
+		if _, seen := rpc[c.RPC]; c.RPC != 0 && !seen {
+			rpc[c.RPC] = c.Code
+		}
 	}
-	return m
+	return m, rpc
 }()
 
 // Codes returns every stable error code, sorted.

@@ -63,6 +63,7 @@ const (
 	RPCInvalidSchema    = -32007 // invalid_schema
 	RPCShuttingDown     = -32008 // shutting_down
 	RPCRuntimeBusy      = -32009 // runtime_busy
+	RPCBatchFailed      = -32010 // batch_failed
 )
 
 // Finish reasons of a generate.
@@ -106,33 +107,8 @@ func (e *RPCError) StableCode() string {
 	if e.Data != nil && e.Data.Code != "" {
 		return e.Data.Code
 	}
-	switch e.Code {
-	case RPCParseError:
-		return CodeParseError
-	case RPCInvalidRequest:
-		return CodeInvalidRequest
-	case RPCMethodNotFound:
-		return CodeMethodNotFound
-	case RPCInvalidParams:
-		return CodeInvalidParams
-	case RPCModelNotLoaded:
-		return CodeModelNotLoaded
-	case RPCModelLoadFailed:
-		return CodeModelLoadFailed
-	case RPCContextExceeded:
-		return CodeContextExceeded
-	case RPCGenerationFailed:
-		return CodeGenerationFailed
-	case RPCOutOfMemory:
-		return CodeOutOfMemory
-	case RPCDuplicateRequest:
-		return CodeDuplicateRequest
-	case RPCInvalidSchema:
-		return CodeInvalidSchema
-	case RPCShuttingDown:
-		return CodeShuttingDown
-	case RPCRuntimeBusy:
-		return CodeRuntimeBusy
+	if c, ok := rpcCodes[e.Code]; ok {
+		return c // codes/errors.json: the one list of numbers and codes
 	}
 	return CodeRuntimeError
 }

@@ -20,6 +20,9 @@ type fakeOptions struct {
 	tokenDelay time.Duration
 	hangHealth bool // stop answering health checks while a generate runs, like a wedged runtime
 	busyFirst  int  // the first this many generates are refused runtime_busy, as a runtime whose compile threads are full
+	// failFirst, when set, is the code the first generate fails with after two
+	// chunks (a decode step that raised: batch_failed, generation_failed).
+	failFirst string
 }
 
 // runFakeRuntime speaks the runtime protocol well enough for the RPC client and the
@@ -105,6 +108,16 @@ func runFakeRuntime(r io.Reader, w io.Writer, o fakeOptions) {
 			}
 			if p.Model != "tiny" {
 				fail(-32001, "model_not_loaded", "model not loaded")
+				continue
+			}
+			if o.failFirst != "" {
+				code := o.failFirst
+				o.failFirst = ""
+				for n := range 2 {
+					send(map[string]any{"jsonrpc": "2.0", "method": "generate.chunk", "params": map[string]any{"request_id": p.RequestID, "seq": n, "text": "t" + strconv.Itoa(n) + " ", "tokens": n + 1}})
+				}
+				info, _ := schemas.LookupCode(code)
+				fail(info.RPC, code, "a decode step of 2 rows raised RuntimeError: boom")
 				continue
 			}
 			if p.MaxTokens == 0 {

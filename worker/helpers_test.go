@@ -34,7 +34,7 @@ func TestMain(m *testing.M) {
 	if os.Getenv(fakeRuntimeEnv) == "1" {
 		delay, _ := time.ParseDuration(os.Getenv("FAKE_TOKEN_DELAY"))
 		busy, _ := strconv.Atoi(os.Getenv("FAKE_BUSY_FIRST"))
-		runFakeRuntime(os.Stdin, os.Stdout, fakeOptions{tokenDelay: delay, hangHealth: os.Getenv("FAKE_HANG_HEALTH") == "1", busyFirst: busy})
+		runFakeRuntime(os.Stdin, os.Stdout, fakeOptions{tokenDelay: delay, hangHealth: os.Getenv("FAKE_HANG_HEALTH") == "1", busyFirst: busy, failFirst: os.Getenv("FAKE_FAIL_FIRST")})
 		os.Exit(0)
 	}
 	if os.Getenv(helperEnv) == "1" {

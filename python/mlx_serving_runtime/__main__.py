@@ -300,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)
 
     engine.on_exit = exit_now
+
+    def crash() -> None:
+        # The generation thread is gone: exit, so the worker restarts the runtime and
+        # reports every running job's attempt for retry (runtime_crashed).
+        sys.stderr.flush()
+        os._exit(70)
+
+    engine.on_crash = crash
     compiler = compiler_mod.GrammarCompiler(engine, writer.send)
     preparer = Preparer(engine, writer.send, compiler)
     log.info(

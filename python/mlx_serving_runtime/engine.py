@@ -69,6 +69,11 @@ class Engine(ModelsMixin, OutputMixin):
         self.passes = admission.PassCounter()  # prefill passes, generation thread only
         self.shutting_down = False
         self.on_exit: Callable[[], None] | None = None  # called on this thread after shutdown
+        # Called on the generation thread when it dies of an exception no handler took:
+        # the process must go then (__main__ exits), or every request would wait on a
+        # thread that is gone while health still answered, until each job's attempt
+        # timed out (the red team's round 19 left this written down).
+        self.on_crash: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
         self._thread.start()
 
@@ -111,6 +116,14 @@ class Engine(ModelsMixin, OutputMixin):
     # ---- generation thread ----
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("the generation thread died")
+            if self.on_crash is not None:
+                self.on_crash()
+
+    def _loop(self) -> None:
         stream = mx.new_stream(mx.default_device())
         mx.set_default_stream(stream)
         self._stream = stream
@@ -297,12 +310,18 @@ class Engine(ModelsMixin, OutputMixin):
             self.passes.step(prompts, len(responses), time.perf_counter() - t)
         except Exception as e:
             # One failed step poisons the whole batch of this model: fail its rows, start fresh.
+            # A row alone in the step is its cause or met a passing fault: generation_failed.
+            # Rows that shared it fail batch_failed, retryable: which row (if any) caused it
+            # is unknown, and every other tenant's job in the batch failed for good with it.
             log.exception("batch step failed for %s", m.id)
-            code = "out_of_memory" if is_oom(e) else "generation_failed"
-            for key, req in list(self._by_uid.items()):
-                if key[0] == m.id:
-                    del self._by_uid[key]
-                    self._fail(req, RpcError(code, f"{type(e).__name__}: {e}"))
+            rows = [(key, req) for key, req in self._by_uid.items() if key[0] == m.id]
+            code = "out_of_memory" if is_oom(e) else "batch_failed" if len(rows) > 1 else "generation_failed"
+            msg = f"{type(e).__name__}: {e}"
+            if code == "batch_failed":
+                msg = f"a decode step of {len(rows)} rows raised {msg}"
+            for key, req in rows:
+                del self._by_uid[key]
+                self._fail(req, RpcError(code, msg))
             m.gen = self._new_generator(m)
             if code == "out_of_memory":
                 self._memory_short()
