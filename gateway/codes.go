@@ -43,6 +43,7 @@ var resultAnswers = map[string]httpAnswer{
 	schemas.CodeTooManyModels:     answerServer,
 	schemas.CodeGenerationFailed:  answerServer,
 	schemas.CodeOutOfMemory:       answerServer,
+	schemas.CodeBatchFailed:       answerServer, // a failed step, every attempt
 	schemas.CodeDuplicateRequest:  answerServer,
 	schemas.CodeShuttingDown:      answerServer,
 	schemas.CodeRuntimeBusy:       answerUnavailable, // a tenant over its compile budget there: retry
