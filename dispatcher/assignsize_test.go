@@ -150,6 +150,52 @@ func TestSmallJobsStillBatchTogether(t *testing.T) {
 	}
 }
 
+// TestLastFetchsJobsLeaveAtOnce: seven queued jobs, eight slots, MaxWait 5 s.
+// They come in two fetches (five, then two, the second short: none behind),
+// and a scheduler pass right after the second intake must send all seven:
+// nothing more is coming. The review found "none behind" stored after the
+// intake's wake-up, so a pass in between waited MaxWait (or the next
+// heartbeat) for jobs that were not there.
+//
+// Mutation caught: the behind of a short fetch stored in pullOnce after
+// intakeAll (intakeAll(p, msgs, nil), then d.behind[p].Store(behind)): the
+// pass leaves the seven queued: red.
+func TestLastFetchsJobsLeaveAtOnce(t *testing.T) {
+	t.Parallel()
+	var jobs []*schemas.JobRequest
+	for i := range 7 {
+		jobs = append(jobs, newJob(fmt.Sprintf("l%d", i), "m", "normal"))
+	}
+	var fetches, waited atomic.Int32
+	e, d, w := queueThenServe(t, 8, jobs, func(d *Dispatcher) {
+		d.intakenHook = func() {
+			fetches.Add(1)
+			d.schedule(time.Now())
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			queued := 0
+			for _, j := range d.jobs {
+				if j.state == StateQueued {
+					queued++
+				}
+			}
+			if len(d.jobs) == len(jobs) && queued > 0 {
+				waited.Add(1)
+			}
+		}
+	})
+	checkClean(t, e, d, jobs)
+	if fetches.Load() < 2 {
+		t.Fatalf("the jobs came in %d fetch(es): the pass after a short fetch was not tried", fetches.Load())
+	}
+	if waited.Load() > 0 {
+		t.Fatal("a scheduler pass after the last fetch's intake left its jobs waiting for more")
+	}
+	if got := fmt.Sprint(batchIDs(w)); got != "[[l0 l1 l2 l3 l4 l5 l6]]" {
+		t.Fatalf("batches %s, want one of all seven", got)
+	}
+}
+
 // TestOversizeWaitsInOrder: big1, big2, small queued in that order. small
 // would fit beside big1, but big2, ahead of it in the same priority, does
 // not: small must not overtake it, so the batches are [big1], [big2 small].

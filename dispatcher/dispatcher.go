@@ -126,6 +126,9 @@ type Dispatcher struct {
 	// fetchedHook, if set, runs after each fetch that got jobs, before their
 	// intake (tests: run the scheduler in that window).
 	fetchedHook func()
+	// intakenHook, if set, runs after each such fetch's intake (tests: run
+	// the scheduler there).
+	intakenHook func()
 }
 
 // job is one held JOBS message. Guarded by Dispatcher.mu.

@@ -24,7 +24,8 @@ import (
 // intakeAll checks a fetched batch concurrently (each check is a round trip or
 // two), then settles every delivery under one lock, in stream order, so the
 // scheduler never sees a later job of a priority before an earlier one.
-func (d *Dispatcher) intakeAll(p int, msgs []jetstream.Msg) {
+// behind, when set, is what the fetch left in the consumer: stored with them.
+func (d *Dispatcher) intakeAll(p int, msgs []jetstream.Msg, behind *uint64) {
 	verdicts := make([]func(), len(msgs))
 	if len(msgs) == 1 {
 		verdicts[0] = d.check(p, msgs[0], true)
@@ -45,6 +46,15 @@ func (d *Dispatcher) intakeAll(p int, msgs []jetstream.Msg) {
 		if v != nil {
 			v()
 		}
+	}
+	if behind != nil {
+		// With the jobs, under the lock the scheduler reads both with: set
+		// before the checks, a scheduler woken meanwhile (a heartbeat) saw
+		// "none behind" and sent the previous fetch's jobs without these (a
+		// CI failure: eight queued jobs went as five and three); set after
+		// the poke, one that ran in between saw "more behind" and waited
+		// MaxWait for nothing (this session's review).
+		d.behind[p].Store(*behind)
 	}
 	d.mu.Unlock()
 	poke(d.wakeSched)

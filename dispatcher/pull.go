@@ -147,24 +147,19 @@ func (d *Dispatcher) pullOnce(ctx context.Context, credit int) int {
 			if len(msgs) < quota[p] {
 				empty[p] = true
 			}
-			// More behind is known at once, so a scheduler woken by these
-			// jobs waits for the rest; none behind only once these are in:
-			// lowered before, a scheduler woken meanwhile (a heartbeat)
-			// sent the jobs of the previous fetch without these, which
-			// were still being checked (a CI failure: eight queued jobs
-			// went as five and three).
-			if behind > 0 {
+			if len(msgs) == 0 {
 				d.behind[p].Store(behind)
+				continue
 			}
-			if len(msgs) > 0 {
-				got += len(msgs)
-				credit -= len(msgs)
-				if d.fetchedHook != nil {
-					d.fetchedHook()
-				}
-				d.intakeAll(p, msgs)
+			got += len(msgs)
+			credit -= len(msgs)
+			if d.fetchedHook != nil {
+				d.fetchedHook()
 			}
-			d.behind[p].Store(behind)
+			d.intakeAll(p, msgs, &behind)
+			if d.intakenHook != nil {
+				d.intakenHook()
+			}
 		}
 		// A round that got nothing still marked each priority it asked empty
 		// (each had a quota and got less), so the next round gives the credit
@@ -294,7 +289,7 @@ func (d *Dispatcher) awaitStored(ctx context.Context) int {
 			d.count().pulled(len(msgs))
 			d.notePulled(p, msgs)
 			got += len(msgs)
-			d.intakeAll(p, msgs)
+			d.intakeAll(p, msgs, nil)
 		}
 	}
 	return got
