@@ -150,22 +150,12 @@ func TestAttemptTimeoutResumesFromTheWorkersReport(t *testing.T) {
 // A worker's runtime_busy reports (a tenant over its compile budget on that
 // runtime) do not count against the worker's breaker: three of them opened it
 // and took the worker from every tenant for the cooldown (the red team's
-// R10-1). Nor do batch_failed reports: one failed decode step reports every
-// row of its batch, which one row may have caused.
+// R10-1).
 // Mutation caught: onAttemptReport recording every report as a failure (the
-// breaker opens, the jobs wait out the hour's cooldown); recording
-// batch_failed ones (the batch_failed case red).
+// breaker opens, the jobs wait out the hour's cooldown).
 func TestRuntimeBusyReportsLeaveTheBreakerClosed(t *testing.T) {
 	t.Parallel()
-	for _, code := range []string{schemas.CodeRuntimeBusy, schemas.CodeBatchFailed} {
-		t.Run(code, func(t *testing.T) {
-			t.Parallel()
-			reportsLeaveTheBreakerClosed(t, code)
-		})
-	}
-}
-
-func reportsLeaveTheBreakerClosed(t *testing.T, code string) {
+	code := schemas.CodeRuntimeBusy
 	e := newEnv(t, jsprov.Options{})
 	e.startWorker("w1", 4, []string{"m"}, func(aj schemas.AssignedJob) jobPlan {
 		if aj.Attempt == 1 {

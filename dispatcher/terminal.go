@@ -409,12 +409,14 @@ func (d *Dispatcher) onAttemptReport(m *nats.Msg) {
 		d.rare.Warn().Str("job_id", r.JobID).Str("from_worker", wid).Str("worker_id", j.workerID).Msg("attempt report from a worker that does not run this attempt; ignored")
 		return
 	}
-	if w := d.workers[j.workerID]; w != nil && r.Error.Code != schemas.CodeRuntimeBusy && r.Error.Code != schemas.CodeBatchFailed {
+	if w := d.workers[j.workerID]; w != nil && r.Error.Code != schemas.CodeRuntimeBusy {
 		// runtime_busy is a tenant over its compile budget on that runtime
 		// (the red team's R10-1): counted against the worker, three of one
 		// tenant's refusals opened its breaker and took it from every tenant.
-		// batch_failed comes once per row of one failed step, which one row
-		// may have caused: counted, it opened the breaker at once.
+		// batch_failed counts: a row's own faults fail that row alone in the
+		// runtime (RowGuard), so a failed step is the runtime's or the
+		// model's, and a worker whose batches keep failing must stop taking
+		// work (not counted, the review saw every job there dead-lettered).
 		w.br.Record(false, time.Now())
 	}
 	j.endedAt = r.ReportedAt

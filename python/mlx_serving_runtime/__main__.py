@@ -282,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     validation.types()  # fail at start, not on the first request, when schemas are missing
+
+    def crash() -> None:
+        # The generation thread is gone: exit, so the worker restarts the runtime and
+        # reports every running job's attempt for retry (runtime_crashed). A line being
+        # written meanwhile may end cut: the worker takes EOF for the crash either way.
+        sys.stderr.flush()
+        os._exit(70)
     with compiler_mod.thread_stacks(compiler_mod.COMPILE_STACK_BYTES):  # the generation thread's
         engine = Engine(
             writer.send,
@@ -291,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             send_many=writer.send_many,
             prefill_mode=prefill_mode,
             admit_wait_ms=admit_wait_ms,
+            on_crash=crash,
         )
 
     def exit_now() -> None:
@@ -300,14 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)
 
     engine.on_exit = exit_now
-
-    def crash() -> None:
-        # The generation thread is gone: exit, so the worker restarts the runtime and
-        # reports every running job's attempt for retry (runtime_crashed).
-        sys.stderr.flush()
-        os._exit(70)
-
-    engine.on_crash = crash
     compiler = compiler_mod.GrammarCompiler(engine, writer.send)
     preparer = Preparer(engine, writer.send, compiler)
     log.info(

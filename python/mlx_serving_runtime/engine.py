@@ -37,6 +37,7 @@ class Engine(ModelsMixin, OutputMixin):
         send_many: Callable[[list[dict[str, Any]]], None] | None = None,
         prefill_mode: str = "plain",
         admit_wait_ms: float | None = None,
+        on_crash: Callable[[], None] | None = None,
     ) -> None:
         self.send = send
         self.prefill_mode = prefill_mode  # resolved; see prefill.py
@@ -73,7 +74,7 @@ class Engine(ModelsMixin, OutputMixin):
         # the process must go then (__main__ exits), or every request would wait on a
         # thread that is gone while health still answered, until each job's attempt
         # timed out (the red team's round 19 left this written down).
-        self.on_crash: Callable[[], None] | None = None
+        self.on_crash = on_crash  # set before the thread starts: its first lines can fail too
         self._thread = threading.Thread(target=self._run, name="mlx-generation", daemon=True)
         self._thread.start()
 
@@ -263,14 +264,24 @@ class Engine(ModelsMixin, OutputMixin):
                         prior=req.prompt_tokens[req.prefix_len :],
                     )
                 )
-            if req.grammar is not None:
+
+            def on_error(msg: str, req: Request = req) -> None:
+                if req.error is None:
+                    req.error = msg
+
+            # Each processor runs inside the batch step: one that raises fails its row
+            # only (RowGuard), never the step and every other tenant's row in it.
+            procs = [sampling.RowGuard(p, on_error) for p in procs]
+            if req.grammar is not None:  # guards itself, and says so as grammar:
                 cont = req.prompt_tokens[req.prefix_len :]
-
-                def on_error(msg: str, req: Request = req) -> None:
-                    req.error = f"grammar: {msg}"
-
                 procs.append(
-                    structured.JsonConstraint(m.grammar_tokenizer, req.grammar, m.eos_ids, cont, on_error)
+                    structured.JsonConstraint(
+                        m.grammar_tokenizer,
+                        req.grammar,
+                        m.eos_ids,
+                        cont,
+                        lambda msg, on_error=on_error: on_error(f"grammar: {msg}"),
+                    )
                 )
             req.detok = m.tokenizer.detokenizer
             if req.continuation:
@@ -310,9 +321,10 @@ class Engine(ModelsMixin, OutputMixin):
             self.passes.step(prompts, len(responses), time.perf_counter() - t)
         except Exception as e:
             # One failed step poisons the whole batch of this model: fail its rows, start fresh.
-            # A row alone in the step is its cause or met a passing fault: generation_failed.
-            # Rows that shared it fail batch_failed, retryable: which row (if any) caused it
-            # is unknown, and every other tenant's job in the batch failed for good with it.
+            # A row's own processors cannot raise here (RowGuard fails that row alone), so
+            # the fault is the model's or the runtime's: rows that shared the step fail
+            # batch_failed, retryable (failed for good, every other tenant's job in the batch
+            # went with it). A row alone in the step fails generation_failed, as before.
             log.exception("batch step failed for %s", m.id)
             rows = [(key, req) for key, req in self._by_uid.items() if key[0] == m.id]
             code = "out_of_memory" if is_oom(e) else "batch_failed" if len(rows) > 1 else "generation_failed"

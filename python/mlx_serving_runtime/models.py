@@ -41,6 +41,15 @@ class Model:
     sampler: sampling.BatchSampler | None = None  # every row of gen, sampled in one call
 
 
+def vocab_size(config: dict, tokenizer_len: int) -> int:
+    """The model's vocabulary: config's vocab_size, else text_config's (multimodal families
+    such as Gemma 3 and Qwen-VL keep it there), else the tokenizer's length, which can be
+    narrower than the model's output (OpenAIPenalties and JsonConstraint size themselves
+    to the logits either way)."""
+    text = config.get("text_config") or {}
+    return int(config.get("vocab_size") or text.get("vocab_size") or tokenizer_len)
+
+
 def context_length(config: dict[str, Any], tokenizer: Any) -> int:
     for k in _CONTEXT_KEYS:
         v = config.get(k)
@@ -126,7 +135,7 @@ class ModelsMixin:
             )
             return
         path = str(Path(ref).resolve()) if Path(ref).exists() else ref
-        vocab = int(config.get("vocab_size") or len(tokenizer._tokenizer))
+        vocab = vocab_size(config, len(tokenizer._tokenizer))
         eos = sorted(int(t) for t in (tokenizer.eos_token_ids or []))
         m = Model(
             id=mid,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -137,6 +138,34 @@ class BatchSampler:
         return x
 
 
+class RowGuard:
+    """Runs one row's logits processor inside the batch step, where an exception would
+    fail the whole step, so every row of the model, whoever sent it (and since
+    batch_failed is retryable, again at each attempt: the review found one job with a
+    presence_penalty on a model whose output outgrew its vocab_size dead-letter other
+    tenants' jobs at their third attempt). An exception fails this row only: on_error
+    records it (the engine ends the request generation_failed at its next token) and the
+    logits pass unchanged, as JsonConstraint does for the grammar.
+    """
+
+    def __init__(
+        self, proc: Callable[[mx.array, mx.array], mx.array], on_error: Callable[[str], None]
+    ) -> None:
+        self._proc = proc
+        self._on_error = on_error
+        self._failed = False
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._failed:
+            return logits
+        try:
+            return self._proc(tokens, logits)
+        except Exception as e:
+            self._failed = True
+            self._on_error(f"logits processor: {type(e).__name__}: {e}")
+            return logits
+
+
 class OpenAIPenalties:
     """logits += bias; logits -= frequency * count(t) + presence * [count(t) > 0].
 
@@ -177,8 +206,15 @@ class OpenAIPenalties:
             if self.started:
                 self.counts = self.counts.at[tokens[-1:]].add(1.0)
             self.started = True
+            width = logits.shape[-1]
+            if self.counts.shape[0] < width:
+                # The model's output is wider than the vocabulary the runtime read (a
+                # config that keeps vocab_size under text_config, padded embeddings):
+                # the counts grow to it, or the subtraction below raised in every step.
+                extra = mx.zeros((width - self.counts.shape[0],), dtype=mx.float32)
+                self.counts = mx.concatenate([self.counts, extra])
             pen = self.frequency * self.counts + self.presence * (self.counts > 0)
-            logits = logits - pen[: logits.shape[-1]].astype(logits.dtype)
+            logits = logits - pen[:width].astype(logits.dtype)
         if self.bias_idx is not None:
             logits = logits.at[:, self.bias_idx].add(self.bias_val.astype(logits.dtype))
         return logits

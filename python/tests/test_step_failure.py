@@ -116,3 +116,62 @@ def test_a_dead_generation_thread_calls_on_crash(tiny_model: str) -> None:
     assert crashed.wait(30), "on_crash was not called"
     eng.join(10)
     assert not eng._thread.is_alive()
+
+
+def test_a_raising_processor_fails_its_row_only(tiny_model: str, monkeypatch) -> None:
+    """One row's logits processor raises inside the batch step (the review's case: a
+    presence_penalty on a model whose output is wider than the vocab_size the runtime
+    read): that request fails generation_failed, naming the processor, and the two plain
+    rows batched with it complete.
+
+    Mutation caught: engine.py _start without the RowGuard wrapping (the step raises:
+    every row batch_failed, retried, and the offender poisons the next batch too): red.
+    """
+    from mlx_serving_runtime import sampling
+
+    def broken(self, tokens, logits):
+        raise ValueError("[broadcast_shapes] Shapes (1,448) and (440) cannot be broadcast.")
+
+    monkeypatch.setattr(sampling.OpenAIPenalties, "__call__", broken)
+    eng, out = start(tiny_model)
+    params = {"model": "tiny", "max_tokens": 16}
+    eng.submit_generate(
+        request_from_params(eng, 2, {**params, "request_id": "pen", "prompt": "A:", "presence_penalty": 0.5})
+    )
+    eng.submit_generate(request_from_params(eng, 3, {**params, "request_id": "p1", "prompt": "B:"}))
+    eng.submit_generate(request_from_params(eng, 4, {**params, "request_id": "p2", "prompt": "C:"}))
+    err = answer(out, 2)["error"]
+    assert err["data"]["code"] == "generation_failed", err
+    assert "logits processor: ValueError: [broadcast_shapes]" in err["message"], err
+    for rpc_id in (3, 4):
+        assert answer(out, rpc_id)["result"]["finish_reason"] in ("length", "stop")
+    stop(eng, out)
+
+
+def test_penalties_fit_logits_wider_than_the_vocab() -> None:
+    """OpenAIPenalties built for a vocabulary narrower than the model's output (the
+    tokenizer's length when config has no vocab_size) penalises the ids it counted and
+    leaves the rest, instead of raising on the subtraction in every step.
+
+    Mutation caught: sampling.py without the counts' growth to the logits' width: red.
+    """
+    import mlx.core as mx
+
+    from mlx_serving_runtime.sampling import OpenAIPenalties
+
+    pen = OpenAIPenalties(8, presence=1.0, prior=[3])
+    logits = mx.zeros((1, 12))
+    out = pen(mx.array([1, 2, 3]), logits)
+    assert out.shape == (1, 12)
+    assert out[0, 3].item() == -1.0 and out[0, 11].item() == 0.0
+    out = pen(mx.array([1, 2, 3, 10]), logits)  # id 10, past the narrow vocab, sampled
+    assert out[0, 10].item() == -1.0
+
+
+def test_vocab_size_reads_text_config() -> None:
+    """Mutation caught: models.py vocab_size ignoring text_config (the tokenizer's 440)."""
+    from mlx_serving_runtime.models import vocab_size
+
+    assert vocab_size({"vocab_size": 448}, 440) == 448
+    assert vocab_size({"text_config": {"vocab_size": 262208}}, 262145) == 262208
+    assert vocab_size({}, 440) == 440
