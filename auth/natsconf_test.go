@@ -2,6 +2,7 @@ package auth
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -284,5 +285,74 @@ func TestNATSClusterConfCarriesRouteCredentials(t *testing.T) {
 	}
 	if _, err := Init(InitOptions{DataDir: t.TempDir(), WorkerIDs: []string{"w1"}, BcryptCost: 4, Routes: []string{"user:pw@h:1"}}); err == nil {
 		t.Fatal("a route with its own user info was accepted")
+	}
+}
+
+// A data dir whose auth/server.json holds the grants of the release that ran
+// auth init (here: every user saved with "mlx.jobs.>" alone, as a release
+// before accounts gave the gateway) gets this release's grants in the
+// server's configuration, and Regranted names every such user; a store this
+// release wrote names none. Saved grants were used as they were: upgraded,
+// the red team's data dirs ran with every JetStream call of the worker, the
+// gateway and the producers refused, or refused to start (round 20, F1).
+//
+// Mutation caught: Load keeping the saved permissions (`u.Permissions = p`
+// removed): red.
+func TestLoadGrantsThisReleasesPermissions(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	if _, err := Init(InitOptions{DataDir: dir, Tenants: []string{"a"}, WorkerIDs: []string{"w1"}, BcryptCost: 4}); err != nil {
+		t.Fatal(err)
+	}
+	fresh, err := Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := fresh.Regranted(); r != nil {
+		t.Fatalf("a store this release wrote: regranted %v, want none", r)
+	}
+	path := filepath.Join(Dir(dir), serverFile)
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc serverDoc
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		t.Fatal(err)
+	}
+	for i := range doc.Users {
+		doc.Users[i].Permissions = Permissions{PublishAllow: []string{"mlx.jobs.>"}, SubscribeAllow: []string{"_INBOX.>"}}
+	}
+	if err := writeJSON(path, doc); err != nil {
+		t.Fatal(err)
+	}
+	store, err := Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := len(store.Regranted()), len(doc.Users); got != want {
+		t.Fatalf("regranted %v, want all %d users", store.Regranted(), want)
+	}
+	if err := store.WriteNATSAuthConf(); err != nil {
+		t.Fatal(err)
+	}
+	opts, err := server.ProcessConfigFile(writeServerConf(t, store))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range opts.Users {
+		var id Identity
+		for _, x := range store.Identities() {
+			if x.User == u.Username {
+				id = x
+			}
+		}
+		p, err := PermissionsFor(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := ServerUser(id.User, "", p).Permissions; !reflect.DeepEqual(u.Permissions, want) {
+			t.Errorf("%s: permissions\n%s\nwant this release's\n%s", u.Username, describe(u.Permissions), describe(want))
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sort"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -185,6 +186,9 @@ func Init(opts InitOptions) (*Store, error) {
 type Store struct {
 	dir string
 	doc serverDoc
+	// regranted lists the users whose saved permissions differ from this
+	// release's grants (Load replaced them): see Regranted.
+	regranted []string
 }
 
 // Load reads the credentials auth init wrote for dataDir.
@@ -201,8 +205,34 @@ func Load(dataDir string) (*Store, error) {
 	if err := json.Unmarshal(raw, &doc); err != nil {
 		return nil, fmt.Errorf("auth: %s: %w", filepath.Join(dir, serverFile), err)
 	}
-	return &Store{dir: dir, doc: doc}, nil
+	// The permissions are this release's, computed from each identity, never
+	// the ones saved at init: those were the grants of the release that ran
+	// auth init, and a data dir kept them for ever. Upgraded, a dir from a
+	// release before accounts ran with every worker, the gateway and each
+	// producer refused their JetStream calls (jobs queued, none ran); one from
+	// a release whose grants the accounts no longer export refused to start;
+	// one from before adoption had every worker's adoption offers refused,
+	// and finished jobs ended attempts_exhausted (red team round 20, F1).
+	// Only the identity and the password hash are the store's to keep.
+	st := &Store{dir: dir, doc: doc}
+	for i := range st.doc.Users {
+		u := &st.doc.Users[i]
+		p, err := PermissionsFor(u.Identity)
+		if err != nil {
+			return nil, fmt.Errorf("auth: %s: user %s: %w", filepath.Join(dir, serverFile), u.User, err)
+		}
+		if !reflect.DeepEqual(p, u.Permissions) {
+			st.regranted = append(st.regranted, u.User)
+		}
+		u.Permissions = p
+	}
+	return st, nil
 }
+
+// Regranted lists the users whose permissions in server.json, saved by the
+// release that ran auth init, are not this release's grants; Load gave them
+// this release's (up logs them). Nil when every saved grant matches.
+func (s *Store) Regranted() []string { return s.regranted }
 
 // Dir is the directory the store's files are in.
 func (s *Store) Dir() string { return s.dir }

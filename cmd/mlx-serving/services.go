@@ -238,6 +238,9 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
 		}
 		sopts.AuthConf, sopts.Account = store.NATSAuthConfPath(), auth.AccountSystem
 		log.Info().Str("dir", store.Dir()).Msg("bus authentication on: each part connects as its role")
+		if users := store.Regranted(); len(users) > 0 {
+			log.Warn().Strs("users", users).Msg("auth/server.json holds the grants of the release that ran auth init; these users get this release's instead")
+		}
 	}
 	srv, err := natsserver.Start(ctx, sopts)
 	if err != nil {
