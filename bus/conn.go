@@ -45,6 +45,11 @@ type ConnectOptions struct {
 	ReconnectWait time.Duration
 	// DialTimeout bounds one connection attempt; default 2s.
 	DialTimeout time.Duration
+	// OnClosed, if set, is called once the connection is closed for good:
+	// by Close, or by the client giving up on it (MaxReconnects spent, or
+	// the server refusing the credentials twice while reconnecting, which
+	// nats.go takes as final). err is the last error, nil after Close.
+	OnClosed func(err error)
 }
 
 // Connect opens a connection to the bus. A failed first connection is retried with
@@ -92,10 +97,14 @@ func Connect(ctx context.Context, opts ConnectOptions) (*nats.Conn, error) {
 		}),
 		nats.ClosedHandler(func(nc *nats.Conn) {
 			ev := log.Info()
-			if err := nc.LastError(); err != nil {
+			err := nc.LastError()
+			if err != nil {
 				ev = log.Warn().Err(err)
 			}
 			ev.Msg("nats connection closed")
+			if opts.OnClosed != nil {
+				opts.OnClosed(err)
+			}
 		}),
 		nats.ErrorHandler(func(nc *nats.Conn, sub *nats.Subscription, err error) {
 			ev := log.Error().Err(err)

@@ -33,7 +33,12 @@ func newLogger(c config.Config, component string) zerolog.Logger {
 
 // connect opens a NATS connection from the client settings.
 func connect(ctx context.Context, c config.Config, name string, log zerolog.Logger) (*nats.Conn, jetstream.JetStream, error) {
-	nc, err := bus.Connect(ctx, connectOptions(c, name, log))
+	return connectWith(ctx, connectOptions(c, name, log))
+}
+
+// connectWith is connect with its options made.
+func connectWith(ctx context.Context, opts bus.ConnectOptions) (*nats.Conn, jetstream.JetStream, error) {
+	nc, err := bus.Connect(ctx, opts)
 	if err != nil {
 		return nil, nil, err
 	}

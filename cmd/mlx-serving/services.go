@@ -12,7 +12,6 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
@@ -381,53 +380,6 @@ func (a *app) serviceCmd(name string) *cobra.Command {
 		return exitWith(runService(cmd.Context(), name, c, a.stderr, svc.run))
 	}
 	return cmd
-}
-
-// runService connects to the configured NATS and runs one long-lived part until ctx ends.
-func runService(ctx context.Context, name string, c config.Config, stderr io.Writer, run func(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error) int {
-	log := newLogger(c, name)
-	c, err := serviceConfig(c, name)
-	if err != nil {
-		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
-		return exitUsage
-	}
-	stopTracing, err := startTracing(ctx, name, c, log)
-	if err != nil {
-		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
-		return exitUsage
-	}
-	defer stopTracing()
-	nc, js, err := connect(ctx, c, "mlx-serving-"+name, log)
-	if err != nil {
-		fmt.Fprintf(stderr, "mlx-serving %s: connect: %v\n", name, err)
-		return exitUnreachable
-	}
-	defer nc.Close()
-	if name == "dispatcher" {
-		// Dispatchers own the streams' shape; provisioning is idempotent.
-		// A cluster that is electing a leader answers provisioning with errors
-		// for a while: wait for it rather than exit (and be restarted) in a loop.
-		err := backoff.RetryNotify(func() error { return jsprov.Provision(ctx, js, provisionOptions(c)) },
-			backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(2*time.Minute)), ctx),
-			func(err error, wait time.Duration) {
-				log.Warn().Err(err).Dur("retry_in", wait).Msg("provisioning failed; retrying")
-			})
-		if err != nil {
-			fmt.Fprintf(stderr, "mlx-serving %s: provision: %v\n", name, err)
-			return exitFailed
-		}
-	}
-	stopMetrics, err := startMetrics(ctx, name, c.MetricsAddr, nc, log)
-	if err != nil {
-		fmt.Fprintf(stderr, "mlx-serving %s: %v\n", name, err)
-		return exitFailed
-	}
-	defer stopMetrics()
-	if err := run(ctx, c, nc, log); err != nil && !errors.Is(err, context.Canceled) {
-		log.Error().Err(err).Msg("stopped with error")
-		return exitFailed
-	}
-	return 0
 }
 
 func runWorkerService(ctx context.Context, c config.Config, nc *nats.Conn, log zerolog.Logger) error {
