@@ -192,8 +192,8 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 		if err := deadlineTooSoon(&job, clearDeadline); err != nil {
 			return replayPastDeadline, err
 		}
-		if err := results.Purge(ctx, js, tenant, job.ID); err != nil {
-			return replayFailed, err
+		if err := purgeResult(ctx, js, tenant, job.ID); err != nil {
+			return replayFailed, putBackAfterPurgeError(ctx, js, tenant, job.ID, stored, err)
 		}
 	}
 	o := replayRequeued
@@ -236,6 +236,28 @@ func deadlineTooSoon(job *schemas.JobRequest, clearDeadline bool) error {
 		return fmt.Errorf("its deadline is %s, too soon to run it; record and dead letter kept (--clear-deadline replays it without one)", d.Format(time.RFC3339))
 	}
 	return nil
+}
+
+// purgeResult removes a job's record before its requeue (tests: a purge whose
+// answer is lost).
+var purgeResult = results.Purge
+
+// putBackAfterPurgeError handles a purge of the job's record (stored) that
+// ended with err: it may have been applied all the same (its answer lost in
+// a cluster leader change, a timeout), and the job then had neither a record
+// nor a queued message (red team round 20, cluster F1: rt506p0j0057). The
+// record is put back, on a context a Ctrl-C does not end; Restore stores it
+// only where the subject is empty, and is content when the same bytes are
+// there, so a purge that was not applied changes nothing. A purge applied
+// later still comes before the restore in the stream's log, which its
+// leader orders.
+func putBackAfterPurgeError(ctx context.Context, js jetstream.JetStream, tenant, id string, stored []byte, err error) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if rerr := results.Restore(ctx, js, tenant, id, stored); rerr != nil {
+		return fmt.Errorf("%w; and its record, which the purge may have removed, could not be put back: %w (run replay again: it queues the job)", err, rerr)
+	}
+	return fmt.Errorf("%w; its record is in place and its dead letter kept", err)
 }
 
 // restoreAfterRefusal handles a requeue refused with err after the job's record

@@ -2,11 +2,15 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -158,4 +162,51 @@ func TestReplayOfAJobWithoutItsRecordIgnoresTheDeadline(t *testing.T) {
 		t.Fatalf("outcome %d, error %v; want requeued", outs["norecord"], errs["norecord"])
 	}
 	after(t, js, dead, 1, time.Time{})
+}
+
+// A purge of the record that ends with an error may have been applied all the
+// same (its answer lost in a cluster leader change): the record is put back,
+// the letter kept, and the job is neither recordless nor queued; a purge that
+// was not applied leaves it as it was. Before, replay just failed, and in the
+// cluster campaign a job kept neither a record nor a queued message (red team
+// round 20, cluster F1). The next replay queues it.
+// Mutation caught: replayJob returning the purge's error without
+// putBackAfterPurgeError (no record after the applied purge): red.
+func TestPurgeWhoseAnswerIsLostKeepsTheRecord(t *testing.T) {
+	for _, applied := range []bool{true, false} {
+		t.Run(fmt.Sprintf("applied=%v", applied), func(t *testing.T) {
+			b := testenv.StartBus(t, jsprov.Options{})
+			js := b.JS
+			dead := replayJobReq("lostpurge")
+			deadLetter(t, js, dead, 3, t0)
+			terminal(t, js, dead, schemas.StatusFailed, t0)
+			purgeResult = func(ctx context.Context, js jetstream.JetStream, tenant, id string) error {
+				if applied {
+					if err := results.Purge(ctx, js, tenant, id); err != nil {
+						return err
+					}
+				}
+				return fmt.Errorf("bus: purge result %s: %w", id, context.DeadlineExceeded)
+			}
+			defer func() { purgeResult = results.Purge }()
+			outs, errs := replayOnce(t, b, false)
+			if outs[dead.ID] != replayFailed || errs[dead.ID] == nil || !strings.Contains(errs[dead.ID].Error(), "its record is in place") {
+				t.Fatalf("outcome %d, error %v; want failed with the record in place", outs[dead.ID], errs[dead.ID])
+			}
+			if got := storedAt(t, js, dead); !got.Equal(t0) {
+				t.Fatalf("RESULTS holds the record finished %v, want the dead one's %v", got, t0)
+			}
+			if n := count(t, js, subjects.StreamDLQ, subjects.DLQ(dead.Tenant, dead.ID)); n != 1 {
+				t.Fatalf("%d dead letters, want the 1 kept", n)
+			}
+			if n := count(t, js, subjects.StreamJobs, subjects.JobAnyPriority(dead.Tenant, dead.ID)); n != 0 {
+				t.Fatalf("%d JOBS messages, want none", n)
+			}
+			purgeResult = results.Purge
+			if outs, errs = replayOnce(t, b, false); outs[dead.ID] != replayRequeued {
+				t.Fatalf("the next replay: outcome %d, error %v", outs[dead.ID], errs[dead.ID])
+			}
+			after(t, js, dead, 1, time.Time{})
+		})
+	}
 }
