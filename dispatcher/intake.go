@@ -215,7 +215,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 			// failed or that a crashed dispatcher held is.
 			j.lastErr = schemas.ErrorInfo{Code: schemas.CodeRedelivered, Message: fmt.Sprintf("delivered %d times", md.NumDelivered)}
 			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, &schemas.ErrorInfo{Code: schemas.CodeAttemptsExhausted,
-				Message: fmt.Sprintf("gave up: attempt %d would pass max_attempts %d, after %d deliveries without a terminal record (runs on workers that were lost, or dispatchers that stopped, crashed or could not write)",
+				Message: fmt.Sprintf("gave up: attempt %d would pass max_attempts %d, after %d deliveries without a terminal record (runs on workers that were lost, or dispatchers that stopped, crashed or could not write; or deliveries lost in transit when a NATS server failed, which count too: the job may never have run)",
 					j.attempt-j.base, d.cfg.MaxAttempts, md.NumDelivered)})
 		case d.draining:
 			d.handBackLocked(j)
