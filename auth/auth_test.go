@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/crypto/bcrypt"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/results"
@@ -363,4 +365,69 @@ func mustJS(t *testing.T, nc *nats.Conn) jetstream.JetStream {
 		t.Fatal(err)
 	}
 	return js
+}
+
+// Adding a worker and a tenant with KeepPasswords leaves every other
+// identity's password (credential file and hash) and the routes' password as
+// they were, and gives the new ones passwords; retiring a worker the same way
+// removes its user and its credential file. With Force every password
+// changed, the dispatchers' too, and a rolling restart mixed placement keys
+// (red team round 20).
+// Mutation caught: Init ignoring the kept passwords (every credential new): red.
+func TestKeepPasswordsAddsAndRetiresOnlyThoseNamed(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	read := func(name string) string {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(Dir(dir), name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	if _, err := Init(InitOptions{DataDir: dir, Tenants: []string{"a"}, WorkerIDs: []string{"w1", "w2"}, BcryptCost: 4}); err != nil {
+		t.Fatal(err)
+	}
+	before := map[string]string{}
+	for _, f := range []string{"dispatcher.json", "gateway.json", "admin.json", "worker-w1.json", "producer-a.json", NATSClusterFile} {
+		before[f] = read(f)
+	}
+	if _, err := Init(InitOptions{DataDir: dir, Tenants: []string{"a", "b"}, WorkerIDs: []string{"w1", "w3"}, BcryptCost: 4, KeepPasswords: true}); err != nil {
+		t.Fatal(err)
+	}
+	for f, was := range before {
+		if now := read(f); now != was {
+			t.Errorf("%s changed:\n%s\nwas\n%s", f, now, was)
+		}
+	}
+	store, err := Load(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, who := range []struct {
+		role Role
+		name string
+	}{{RoleDispatcher, ""}, {RoleWorker, "w1"}, {RoleWorker, "w3"}, {RoleProducer, "b"}} {
+		c, err := store.Credential(who.role, who.name)
+		if err != nil {
+			t.Fatalf("%s %s: %v", who.role, who.name, err)
+		}
+		var hash string
+		for _, u := range store.doc.Users {
+			if u.User == c.User {
+				hash = u.PasswordHash
+			}
+		}
+		if bcrypt.CompareHashAndPassword([]byte(hash), []byte(c.Password)) != nil {
+			t.Errorf("%s: its credential's password does not match the server's hash", c.User)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(Dir(dir), "worker-w2.json")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the retired worker's credential file: %v, want it removed", err)
+	}
+	for _, id := range store.Identities() {
+		if id.User == "worker-w2" {
+			t.Error("the retired worker is still a user")
+		}
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"sort"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -75,6 +76,15 @@ type InitOptions struct {
 	WorkerIDs []string
 	// Force replaces existing credentials.
 	Force bool
+	// KeepPasswords rewrites existing credentials (Force implied) keeping the
+	// password of every identity already there, and the cluster routes' one:
+	// only added identities get new passwords, and those no longer listed lose
+	// theirs (their credential files are removed). Adding or retiring a Mac
+	// then leaves every running process's credential as it was; with Force
+	// alone every password changed, the dispatchers' too, and during a rolling
+	// restart dispatchers on the old and the new key refused each other's
+	// placement tokens (red team round 20).
+	KeepPasswords bool
 	// BcryptCost hashes the passwords; default bcrypt.DefaultCost. Tests lower it.
 	BcryptCost int
 	// Routes are the host:port of every server's cluster listener, written with
@@ -90,8 +100,16 @@ func Init(opts InitOptions) (*Store, error) {
 	if opts.DataDir == "" {
 		return nil, errors.New("auth: InitOptions.DataDir is required")
 	}
-	if Exists(opts.DataDir) && !opts.Force {
+	if Exists(opts.DataDir) && !opts.Force && !opts.KeepPasswords {
 		return nil, fmt.Errorf("%w in %s", ErrExists, Dir(opts.DataDir))
+	}
+	var kept map[string]keptUser
+	keptRoute := ""
+	if opts.KeepPasswords && Exists(opts.DataDir) {
+		var err error
+		if kept, keptRoute, err = loadKept(Dir(opts.DataDir)); err != nil {
+			return nil, err
+		}
 	}
 	tenants := opts.Tenants
 	if len(tenants) == 0 {
@@ -135,15 +153,22 @@ func Init(opts InitOptions) (*Store, error) {
 	var doc serverDoc
 	creds := map[string]Credential{}
 	for i, id := range ids {
-		pw, err := randomPassword()
-		if err != nil {
-			return nil, err
+		var pw, hash string
+		if k, ok := kept[id.User]; ok && k.cred.Identity == id {
+			pw, hash = k.cred.Password, k.hash
+		} else {
+			var err error
+			if pw, err = randomPassword(); err != nil {
+				return nil, err
+			}
+			h, err := bcrypt.GenerateFromPassword([]byte(pw), cost)
+			if err != nil {
+				return nil, fmt.Errorf("auth: hash: %w", err)
+			}
+			hash = string(h)
 		}
-		hash, err := bcrypt.GenerateFromPassword([]byte(pw), cost)
-		if err != nil {
-			return nil, fmt.Errorf("auth: hash: %w", err)
-		}
-		doc.Users = append(doc.Users, serverUser{Identity: id, PasswordHash: string(hash), Permissions: perms[i]})
+		delete(kept, id.User)
+		doc.Users = append(doc.Users, serverUser{Identity: id, PasswordHash: hash, Permissions: perms[i]})
 		c := Credential{Identity: id, Password: pw, InboxPrefix: InboxPrefix(id.User)}
 		creds[id.User] = c
 		if err := writeJSON(filepath.Join(dir, id.User+".json"), c); err != nil {
@@ -161,9 +186,11 @@ func Init(opts InitOptions) (*Store, error) {
 	if len(routes) == 0 {
 		routes = DefaultRoutes
 	}
-	routePassword, err := randomPassword()
-	if err != nil {
-		return nil, err
+	routePassword := keptRoute
+	if routePassword == "" {
+		if routePassword, err = randomPassword(); err != nil {
+			return nil, err
+		}
 	}
 	clusterConf, err := NATSClusterConf(routePassword, routes)
 	if err != nil {
@@ -179,7 +206,57 @@ func Init(opts InitOptions) (*Store, error) {
 	if err := writeJSON(filepath.Join(dir, serverFile), doc); err != nil {
 		return nil, err
 	}
+	for user := range kept { // identities no longer listed: revoked
+		if err := os.Remove(filepath.Join(dir, user+".json")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("auth: %w", err)
+		}
+	}
 	return store, nil
+}
+
+// keptUser is an identity's credential and hash, read to be kept.
+type keptUser struct {
+	cred Credential
+	hash string
+}
+
+// routePasswordRE finds the routes' password in a nats-cluster.conf Init wrote.
+var routePasswordRE = regexp.MustCompile(`(?m)^\s*password:\s*"?([A-Za-z0-9_=+/-]+)"?\s*$`)
+
+// loadKept reads the credentials of dir's identities and the routes'
+// password, for KeepPasswords. A credential file that is missing or does not
+// match its hash is an error: its password cannot be kept.
+func loadKept(dir string) (map[string]keptUser, string, error) {
+	raw, err := os.ReadFile(filepath.Join(dir, serverFile))
+	if err != nil {
+		return nil, "", fmt.Errorf("auth: %w", err)
+	}
+	var doc serverDoc
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		return nil, "", fmt.Errorf("auth: %s: %w", filepath.Join(dir, serverFile), err)
+	}
+	kept := map[string]keptUser{}
+	for _, u := range doc.Users {
+		var c Credential
+		data, err := os.ReadFile(filepath.Join(dir, u.User+".json"))
+		if err == nil {
+			err = json.Unmarshal(data, &c)
+		}
+		if err == nil && bcrypt.CompareHashAndPassword([]byte(u.PasswordHash), []byte(c.Password)) != nil {
+			err = errors.New("its password does not match the server's hash")
+		}
+		if err != nil {
+			return nil, "", fmt.Errorf("auth: keep the password of %s: %w (auth init --force makes new ones for all)", u.User, err)
+		}
+		kept[u.User] = keptUser{cred: c, hash: u.PasswordHash}
+	}
+	route := ""
+	if conf, err := os.ReadFile(filepath.Join(dir, NATSClusterFile)); err == nil {
+		if m := routePasswordRE.FindSubmatch(conf); m != nil {
+			route = string(m[1])
+		}
+	}
+	return kept, route, nil
 }
 
 // Store is a data dir's generated credentials.

@@ -39,6 +39,7 @@ func (a *app) authCmd() *cobra.Command {
 	f.StringVar(&o.workers, "workers", "", "worker ids to generate worker credentials for, comma-separated (default: this host's worker id)")
 	f.StringVar(&o.routes, "routes", strings.Join(auth.DefaultRoutes, ","), "cluster listeners (host:port, comma-separated) written with the route credentials to "+auth.NATSClusterFile)
 	f.BoolVar(&o.force, "force", false, "replace existing credentials (running clients lose access)")
+	f.BoolVar(&o.keep, "keep-passwords", false, "rewrite existing credentials for the --tenants and --workers given, keeping the passwords of those already there (and the cluster routes'): adds or retires a Mac or tenant without changing anyone else's credential")
 	initCmd.RunE = func(*cobra.Command, []string) error {
 		c, err := s.load()
 		if err != nil {
@@ -53,7 +54,7 @@ func (a *app) authCmd() *cobra.Command {
 
 type authInitOptions struct {
 	tenants, workers, routes string
-	force                    bool
+	force, keep              bool
 }
 
 func authInit(c config.Config, o authInitOptions, stdout, stderr io.Writer) int {
@@ -61,11 +62,11 @@ func authInit(c config.Config, o authInitOptions, stdout, stderr io.Writer) int 
 	if len(workerIDs) == 0 {
 		workerIDs = []string{workerID(c)}
 	}
-	store, err := auth.Init(auth.InitOptions{DataDir: c.DataDir, Tenants: splitNames(o.tenants), WorkerIDs: workerIDs, Routes: splitNames(o.routes), Force: o.force})
+	store, err := auth.Init(auth.InitOptions{DataDir: c.DataDir, Tenants: splitNames(o.tenants), WorkerIDs: workerIDs, Routes: splitNames(o.routes), Force: o.force, KeepPasswords: o.keep})
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving auth init: %v\n", err)
 		if errors.Is(err, auth.ErrExists) {
-			fmt.Fprintln(stderr, "use --force to replace them")
+			fmt.Fprintln(stderr, "use --keep-passwords to add or remove identities keeping the others' passwords, or --force to replace them all")
 		}
 		return exitFailed
 	}
