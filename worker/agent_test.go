@@ -296,12 +296,7 @@ func TestE2ERuntimeKilledMidStream(t *testing.T) {
 
 	j := newJob("Crash during this", 4000)
 	c := collect(t, b.nc, j.ReplyTo)
-	reports := make(chan *nats.Msg, 4)
-	sub, err := b.nc.ChanSubscribe(subjects.Attempt(a.ID()), reports)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
+	reports := attemptReports(t, b.nc, a.ID())
 	pid := a.RuntimePID()
 	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignAccepted {
 		t.Fatalf("%+v", rep)

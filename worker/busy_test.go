@@ -5,8 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -22,12 +20,7 @@ func TestRuntimeBusyIsTriedAgainNotReported(t *testing.T) {
 	cfg := fakeConfig(t, b, "w-busy", 0)
 	cfg.RuntimeEnv = append(cfg.RuntimeEnv, "FAKE_BUSY_FIRST=3")
 	a := startAgent(t, cfg, true)
-	reports := make(chan *nats.Msg, 8)
-	sub, err := b.nc.ChanSubscribe(subjects.Attempt(a.ID()), reports)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
+	reports := attemptReports(t, b.nc, a.ID())
 	ctx := within(t, 30*time.Second)
 
 	j := newJob("structured, say", 4)

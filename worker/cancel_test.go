@@ -6,8 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
@@ -56,12 +54,7 @@ func TestE2ERetryStopReportsWhatWasSent(t *testing.T) {
 
 	j := newJob("Keep going until told", 3000)
 	c := collect(t, b.nc, j.ReplyTo)
-	reports := make(chan *nats.Msg, 4)
-	sub, err := b.nc.ChanSubscribe(subjects.Attempt(a.ID()), reports)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
+	reports := attemptReports(t, b.nc, a.ID())
 	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignAccepted {
 		t.Fatalf("%+v", rep)
 	}

@@ -10,8 +10,6 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/natsserver"
 	"github.com/mlx-serving/mlx-serving/internal/results"
@@ -110,12 +108,7 @@ func TestE2EOversizedAttemptReportArrivesBounded(t *testing.T) {
 
 	j := bigTokenJob(4000)
 	c := collect(t, b.nc, j.ReplyTo)
-	reports := make(chan *nats.Msg, 4)
-	sub, err := b.nc.ChanSubscribe(subjects.Attempt(a.ID()), reports)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = sub.Unsubscribe() }()
+	reports := attemptReports(t, b.nc, a.ID())
 	pid := a.RuntimePID()
 	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignAccepted {
 		t.Fatalf("%+v", rep)

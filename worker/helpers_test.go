@@ -445,3 +445,16 @@ func waitNewRuntime(t testing.TB, ctx context.Context, a *Agent, pid int) {
 		}
 	}
 }
+
+// attemptReports receives the attempt reports worker id sends from now on,
+// until the test ends.
+func attemptReports(t *testing.T, nc *nats.Conn, id string) <-chan *nats.Msg {
+	t.Helper()
+	ch := make(chan *nats.Msg, 16)
+	sub, err := nc.ChanSubscribe(subjects.Attempt(id), ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sub.Unsubscribe() })
+	return ch
+}

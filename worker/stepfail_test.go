@@ -5,9 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -28,12 +25,7 @@ func TestFailedStepIsRetriedOnlyWhenShared(t *testing.T) {
 			cfg := fakeConfig(t, b, "w-step-"+tc.code[:5], 0)
 			cfg.RuntimeEnv = append(cfg.RuntimeEnv, "FAKE_FAIL_FIRST="+tc.code)
 			a := startAgent(t, cfg, true)
-			reports := make(chan *nats.Msg, 8)
-			sub, err := b.nc.ChanSubscribe(subjects.Attempt(a.ID()), reports)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer func() { _ = sub.Unsubscribe() }()
+			reports := attemptReports(t, b.nc, a.ID())
 			ctx := within(t, 30*time.Second)
 
 			j := newJob("shares a step", 8)

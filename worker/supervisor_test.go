@@ -5,10 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-
 	"github.com/mlx-serving/mlx-serving/internal/breaker"
-	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -40,9 +37,7 @@ func TestSupervisorRestartsWedgedRuntime(t *testing.T) {
 	pid := a.RuntimePID()
 
 	j := newJob("long", 30000)
-	reports := make(chan *nats.Msg, 1)
-	sub, _ := b.nc.ChanSubscribe(subjects.Attempt(a.ID()), reports)
-	defer sub.Unsubscribe()
+	reports := attemptReports(t, b.nc, a.ID())
 	if rep := assign(t, b.nc, a.ID(), batch("tiny", j)); rep.Status != schemas.AssignAccepted {
 		t.Fatalf("%+v", rep)
 	}
