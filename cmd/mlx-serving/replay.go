@@ -193,7 +193,10 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 			return replayPastDeadline, err
 		}
 		if err := purgeResult(ctx, js, tenant, job.ID); err != nil {
-			return replayFailed, putBackAfterPurgeError(ctx, js, tenant, job.ID, stored, err)
+			if err := afterPurgeError(ctx, js, tenant, job.ID, err); err != nil {
+				return replayFailed, err
+			}
+			// Purged after all: the job is queued below.
 		}
 	}
 	o := replayRequeued
@@ -242,20 +245,26 @@ func deadlineTooSoon(job *schemas.JobRequest, clearDeadline bool) error {
 // answer is lost).
 var purgeResult = results.Purge
 
-// putBackAfterPurgeError handles a purge of the job's record (stored) that
-// ended with err: it may have been applied all the same (its answer lost in
-// a cluster leader change, a timeout), and the job then had neither a record
-// nor a queued message (red team round 20, cluster F1: rt506p0j0057). The
-// record is put back, on a context a Ctrl-C does not end; Restore stores it
-// only where the subject is empty, and is content when the same bytes are
-// there, so a purge that was not applied changes nothing. A purge applied
-// later still comes before the restore in the stream's log, which its
-// leader orders.
-func putBackAfterPurgeError(ctx context.Context, js jetstream.JetStream, tenant, id string, stored []byte, err error) error {
+// afterPurgeError handles a purge of the job's record that ended with err:
+// it may have been applied all the same (its answer lost in a cluster leader
+// change), and the job then had neither a record nor a queued message (red
+// team round 20, cluster F1: rt506p0j0057). The record is read again, on a
+// context a Ctrl-C does not end: gone, the purge was applied (by this replay
+// or a concurrent one) and nil says to queue the job, as replay does (a
+// concurrent replay's identical message is deduplicated); still there, the
+// replay failed with record and letter kept. Putting the record back instead
+// put the old failed record over a job a concurrent replay had meanwhile
+// queued, whose dispatcher then acked it unrun (the second pass). A purge
+// still in flight that lands after the read leaves the job recordless with
+// its letter kept: the next replay queues it.
+func afterPurgeError(ctx context.Context, js jetstream.JetStream, tenant, id string, err error) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
-	if rerr := results.Restore(ctx, js, tenant, id, stored); rerr != nil {
-		return fmt.Errorf("%w; and its record, which the purge may have removed, could not be put back: %w (run replay again: it queues the job)", err, rerr)
+	switch _, rerr := results.Stored(ctx, js, tenant, id); {
+	case errors.Is(rerr, results.ErrNoResult):
+		return nil
+	case rerr != nil:
+		return fmt.Errorf("%w; whether its record is still there is unknown (%w): its dead letter is kept, run replay again", err, rerr)
 	}
 	return fmt.Errorf("%w; its record is in place and its dead letter kept", err)
 }
