@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
-	"regexp"
 	"sort"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -83,7 +82,8 @@ type InitOptions struct {
 	// then leaves every running process's credential as it was; with Force
 	// alone every password changed, the dispatchers' too, and during a rolling
 	// restart dispatchers on the old and the new key refused each other's
-	// placement tokens (red team round 20).
+	// placement tokens (red team round 20). Tenants, WorkerIDs or Routes left
+	// nil keep the store's: a call naming only the workers retires no tenant.
 	KeepPasswords bool
 	// BcryptCost hashes the passwords; default bcrypt.DefaultCost. Tests lower it.
 	BcryptCost int
@@ -104,11 +104,23 @@ func Init(opts InitOptions) (*Store, error) {
 		return nil, fmt.Errorf("%w in %s", ErrExists, Dir(opts.DataDir))
 	}
 	var kept map[string]keptUser
+	var keptRoutes []string
 	keptRoute := ""
 	if opts.KeepPasswords && Exists(opts.DataDir) {
 		var err error
-		if kept, keptRoute, err = loadKept(Dir(opts.DataDir)); err != nil {
+		if kept, keptRoute, keptRoutes, err = loadKept(Dir(opts.DataDir)); err != nil {
 			return nil, err
+		}
+		// Lists not given are the store's (the second pass: `--workers` alone
+		// retired every tenant, and the default routes replaced the cluster's).
+		if opts.Tenants == nil {
+			opts.Tenants = keptNames(kept, RoleProducer)
+		}
+		if opts.WorkerIDs == nil {
+			opts.WorkerIDs = keptNames(kept, RoleWorker)
+		}
+		if opts.Routes == nil {
+			opts.Routes = keptRoutes
 		}
 	}
 	tenants := opts.Tenants
@@ -150,6 +162,25 @@ func Init(opts InitOptions) (*Store, error) {
 	if err := os.Chmod(dir, dirMode); err != nil {
 		return nil, fmt.Errorf("auth: %w", err)
 	}
+	// The routes are checked, and the cluster conf made, before any file is
+	// written: a bad --routes after the credential files were rewritten left
+	// them disagreeing with server.json, every restarted service refused, and
+	// --keep-passwords unable to recover (the second pass).
+	routes := opts.Routes
+	if len(routes) == 0 {
+		routes = DefaultRoutes
+	}
+	routePassword := keptRoute
+	if routePassword == "" {
+		var err error
+		if routePassword, err = randomPassword(); err != nil {
+			return nil, err
+		}
+	}
+	clusterConf, err := NATSClusterConf(routePassword, routes)
+	if err != nil {
+		return nil, err
+	}
 	var doc serverDoc
 	creds := map[string]Credential{}
 	for i, id := range ids {
@@ -182,20 +213,6 @@ func Init(opts InitOptions) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	routes := opts.Routes
-	if len(routes) == 0 {
-		routes = DefaultRoutes
-	}
-	routePassword := keptRoute
-	if routePassword == "" {
-		if routePassword, err = randomPassword(); err != nil {
-			return nil, err
-		}
-	}
-	clusterConf, err := NATSClusterConf(routePassword, routes)
-	if err != nil {
-		return nil, err
-	}
 	if err := writeFile(store.NATSAuthConfPath(), authConf); err != nil {
 		return nil, err
 	}
@@ -210,53 +227,10 @@ func Init(opts InitOptions) (*Store, error) {
 		if err := os.Remove(filepath.Join(dir, user+".json")); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("auth: %w", err)
 		}
+		store.removed = append(store.removed, user)
 	}
+	sort.Strings(store.removed)
 	return store, nil
-}
-
-// keptUser is an identity's credential and hash, read to be kept.
-type keptUser struct {
-	cred Credential
-	hash string
-}
-
-// routePasswordRE finds the routes' password in a nats-cluster.conf Init wrote.
-var routePasswordRE = regexp.MustCompile(`(?m)^\s*password:\s*"?([A-Za-z0-9_=+/-]+)"?\s*$`)
-
-// loadKept reads the credentials of dir's identities and the routes'
-// password, for KeepPasswords. A credential file that is missing or does not
-// match its hash is an error: its password cannot be kept.
-func loadKept(dir string) (map[string]keptUser, string, error) {
-	raw, err := os.ReadFile(filepath.Join(dir, serverFile))
-	if err != nil {
-		return nil, "", fmt.Errorf("auth: %w", err)
-	}
-	var doc serverDoc
-	if err := json.Unmarshal(raw, &doc); err != nil {
-		return nil, "", fmt.Errorf("auth: %s: %w", filepath.Join(dir, serverFile), err)
-	}
-	kept := map[string]keptUser{}
-	for _, u := range doc.Users {
-		var c Credential
-		data, err := os.ReadFile(filepath.Join(dir, u.User+".json"))
-		if err == nil {
-			err = json.Unmarshal(data, &c)
-		}
-		if err == nil && bcrypt.CompareHashAndPassword([]byte(u.PasswordHash), []byte(c.Password)) != nil {
-			err = errors.New("its password does not match the server's hash")
-		}
-		if err != nil {
-			return nil, "", fmt.Errorf("auth: keep the password of %s: %w (auth init --force makes new ones for all)", u.User, err)
-		}
-		kept[u.User] = keptUser{cred: c, hash: u.PasswordHash}
-	}
-	route := ""
-	if conf, err := os.ReadFile(filepath.Join(dir, NATSClusterFile)); err == nil {
-		if m := routePasswordRE.FindSubmatch(conf); m != nil {
-			route = string(m[1])
-		}
-	}
-	return kept, route, nil
 }
 
 // Store is a data dir's generated credentials.
@@ -266,6 +240,8 @@ type Store struct {
 	// regranted lists the users whose saved permissions differ from this
 	// release's grants (Load replaced them): see Regranted.
 	regranted []string
+	// removed lists the identities Init with KeepPasswords retired.
+	removed []string
 }
 
 // Load reads the credentials auth init wrote for dataDir.
@@ -292,8 +268,19 @@ func Load(dataDir string) (*Store, error) {
 	// and finished jobs ended attempts_exhausted (red team round 20, F1).
 	// Only the identity and the password hash are the store's to keep.
 	st := &Store{dir: dir, doc: doc}
+	seen := map[string]bool{}
 	for i := range st.doc.Users {
 		u := &st.doc.Users[i]
+		// Grants follow the identity, so an identity must be one Init writes:
+		// a producer-a edited to role admin, or to tenant c, would otherwise
+		// get admin's or tenant c's grants (the second pass).
+		if err := wellFormed(u.Identity); err != nil || seen[u.User] {
+			if err == nil {
+				err = errors.New("listed twice")
+			}
+			return nil, fmt.Errorf("auth: %s: user %q: %w", filepath.Join(dir, serverFile), u.User, err)
+		}
+		seen[u.User] = true
 		p, err := PermissionsFor(u.Identity)
 		if err != nil {
 			return nil, fmt.Errorf("auth: %s: user %s: %w", filepath.Join(dir, serverFile), u.User, err)
@@ -306,10 +293,41 @@ func Load(dataDir string) (*Store, error) {
 	return st, nil
 }
 
+// wellFormed reports whether id is an identity Init writes: its user name is
+// its role's (and its tenant's or worker id's), and it has only the scope its
+// role takes.
+func wellFormed(id Identity) error {
+	name := ""
+	switch id.Role {
+	case RoleProducer:
+		name = id.Tenant
+		if id.Tenant == "" || id.WorkerID != "" {
+			return errors.New("a producer has a tenant and no worker id")
+		}
+	case RoleWorker:
+		name = id.WorkerID
+		if id.WorkerID == "" || id.Tenant != "" {
+			return errors.New("a worker has a worker id and no tenant")
+		}
+	default:
+		if id.Tenant != "" || id.WorkerID != "" {
+			return fmt.Errorf("role %q has no tenant or worker id", id.Role)
+		}
+	}
+	if want := userName(id.Role, name); id.User != want {
+		return fmt.Errorf("the user of this identity is %q", want)
+	}
+	return nil
+}
+
 // Regranted lists the users whose permissions in server.json, saved by the
 // release that ran auth init, are not this release's grants; Load gave them
 // this release's (up logs them). Nil when every saved grant matches.
 func (s *Store) Regranted() []string { return s.regranted }
+
+// Removed lists the users an Init with KeepPasswords retired (their
+// credential files removed), sorted.
+func (s *Store) Removed() []string { return s.removed }
 
 // Dir is the directory the store's files are in.
 func (s *Store) Dir() string { return s.dir }

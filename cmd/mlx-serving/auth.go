@@ -39,13 +39,16 @@ func (a *app) authCmd() *cobra.Command {
 	f.StringVar(&o.workers, "workers", "", "worker ids to generate worker credentials for, comma-separated (default: this host's worker id)")
 	f.StringVar(&o.routes, "routes", strings.Join(auth.DefaultRoutes, ","), "cluster listeners (host:port, comma-separated) written with the route credentials to "+auth.NATSClusterFile)
 	f.BoolVar(&o.force, "force", false, "replace existing credentials (running clients lose access)")
-	f.BoolVar(&o.keep, "keep-passwords", false, "rewrite existing credentials for the --tenants and --workers given, keeping the passwords of those already there (and the cluster routes'): adds or retires a Mac or tenant without changing anyone else's credential")
+	f.BoolVar(&o.keep, "keep-passwords", false, "rewrite existing credentials keeping the passwords of identities already there (and the cluster routes'); --tenants, --workers or --routes not given keep the store's lists, a list given replaces its list (retiring who is left out): adds or retires a Mac or tenant without changing anyone else's credential")
 	initCmd.RunE = func(*cobra.Command, []string) error {
 		c, err := s.load()
 		if err != nil {
 			fmt.Fprintf(a.stderr, "mlx-serving auth init: %v\n", err)
 			return exitWith(exitUsage)
 		}
+		// With --keep-passwords a list not given is the store's, not the
+		// flag's default: naming the workers alone retires no tenant.
+		o.tenantsSet, o.workersSet, o.routesSet = f.Changed("tenants"), f.Changed("workers"), f.Changed("routes")
 		return exitWith(authInit(c, o, a.stdout, a.stderr))
 	}
 	cmd.AddCommand(initCmd)
@@ -53,16 +56,28 @@ func (a *app) authCmd() *cobra.Command {
 }
 
 type authInitOptions struct {
-	tenants, workers, routes string
-	force, keep              bool
+	tenants, workers, routes          string
+	force, keep                       bool
+	tenantsSet, workersSet, routesSet bool
 }
 
 func authInit(c config.Config, o authInitOptions, stdout, stderr io.Writer) int {
-	workerIDs := splitNames(o.workers)
+	tenants, workerIDs, routes := splitNames(o.tenants), splitNames(o.workers), splitNames(o.routes)
 	if len(workerIDs) == 0 {
 		workerIDs = []string{workerID(c)}
 	}
-	store, err := auth.Init(auth.InitOptions{DataDir: c.DataDir, Tenants: splitNames(o.tenants), WorkerIDs: workerIDs, Routes: splitNames(o.routes), Force: o.force, KeepPasswords: o.keep})
+	if o.keep && auth.Exists(c.DataDir) {
+		if !o.tenantsSet {
+			tenants = nil
+		}
+		if !o.workersSet {
+			workerIDs = nil
+		}
+		if !o.routesSet {
+			routes = nil
+		}
+	}
+	store, err := auth.Init(auth.InitOptions{DataDir: c.DataDir, Tenants: tenants, WorkerIDs: workerIDs, Routes: routes, Force: o.force, KeepPasswords: o.keep})
 	if err != nil {
 		fmt.Fprintf(stderr, "mlx-serving auth init: %v\n", err)
 		if errors.Is(err, auth.ErrExists) {
@@ -85,6 +100,9 @@ func authInit(c config.Config, o authInitOptions, stdout, stderr io.Writer) int 
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", id.User, id.Role, scope, store.CredentialPath(id.Role, name))
 	}
 	_ = tw.Flush()
+	if removed := store.Removed(); len(removed) > 0 {
+		fmt.Fprintf(stdout, "\nRetired (credential files removed; reload the servers with the new %s): %s\n", auth.NATSAuthFile, strings.Join(removed, ", "))
+	}
 	fmt.Fprintln(stdout, "\nClients connect with --nats-user USER --nats-password PASSWORD (the file's \"password\").")
 	fmt.Fprintf(stdout, "For servers run from ops/nats, copy next to each server's configuration (e.g. /etc/nats/):\n  %s  (users and permissions)\n  %s  (route credentials and routes)\n",
 		store.NATSAuthConfPath(), store.NATSClusterConfPath())
