@@ -24,8 +24,12 @@ func newCallID() string {
 	return "call_" + string(b)
 }
 
-// callHeadRe matches the start of a call's body up to its arguments.
-var callHeadRe = regexp.MustCompile(`^\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*`)
+// callHeadRe matches the start of a call's body up to its arguments. Its
+// whitespace is JSON's (space, tab, CR, LF), the same scan skips: regexp's \s
+// also takes a form feed, so a \f after the colon was skipped when the head
+// came whole and sent as arguments when it came a token at a time (CI's
+// fuzzing found it).
+var callHeadRe = regexp.MustCompile(`^[ \t\r\n]*\{[ \t\r\n]*"name"[ \t\r\n]*:[ \t\r\n]*("(?:[^"\\]|\\.)*")[ \t\r\n]*,[ \t\r\n]*"arguments"[ \t\r\n]*:[ \t\r\n]*`)
 
 // toolParser turns generated text into content and tool calls as it arrives.
 // Content is sent as soon as it cannot be the start of a call; trailing whitespace
