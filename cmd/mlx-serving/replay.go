@@ -166,7 +166,7 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 		return replayEnding, stillEnding(msg)
 	}
 	// The leader's copy: a replica a moment behind could still show the old record.
-	stored, err := results.Stored(ctx, js, tenant, job.ID)
+	stored, storedSeq, err := results.StoredSeq(ctx, js, tenant, job.ID)
 	switch {
 	case errors.Is(err, results.ErrNoResult):
 		// Purged by an earlier replay that stopped before queuing it, or
@@ -192,7 +192,7 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 		if err := deadlineTooSoon(&job, clearDeadline); err != nil {
 			return replayPastDeadline, err
 		}
-		if err := purgeResult(ctx, js, tenant, job.ID); err != nil {
+		if err := purgeResult(ctx, js, tenant, job.ID, storedSeq); err != nil {
 			if err := afterPurgeError(ctx, js, tenant, job.ID, err); err != nil {
 				return replayFailed, err
 			}
@@ -241,9 +241,9 @@ func deadlineTooSoon(job *schemas.JobRequest, clearDeadline bool) error {
 	return nil
 }
 
-// purgeResult removes a job's record before its requeue (tests: a purge whose
-// answer is lost).
-var purgeResult = results.Purge
+// purgeResult removes a job's record, the one stored at the sequence given
+// and none newer, before its requeue (tests: a purge whose answer is lost).
+var purgeResult = results.PurgeUpTo
 
 // afterPurgeError handles a purge of the job's record that ended with err:
 // it may have been applied all the same (its answer lost in a cluster leader
@@ -256,7 +256,8 @@ var purgeResult = results.Purge
 // put the old failed record over a job a concurrent replay had meanwhile
 // queued, whose dispatcher then acked it unrun (the second pass). A purge
 // still in flight that lands after the read leaves the job recordless with
-// its letter kept: the next replay queues it.
+// its letter kept: the next replay queues it, and the late purge, bound to
+// the old record's sequence, cannot remove the new one.
 func afterPurgeError(ctx context.Context, js jetstream.JetStream, tenant, id string, err error) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()

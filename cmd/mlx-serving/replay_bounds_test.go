@@ -186,19 +186,19 @@ func TestPurgeWhoseAnswerIsLostKeepsTheRecord(t *testing.T) {
 			deadLetter(t, js, dead, 3, t0)
 			terminal(t, js, dead, schemas.StatusFailed, t0)
 			var concurrent map[string]replayOutcome
-			purgeResult = func(ctx context.Context, js jetstream.JetStream, tenant, id string) error {
+			purgeResult = func(ctx context.Context, js jetstream.JetStream, tenant, id string, seq uint64) error {
 				if tc.applied {
-					if err := results.Purge(ctx, js, tenant, id); err != nil {
+					if err := results.PurgeUpTo(ctx, js, tenant, id, seq); err != nil {
 						return err
 					}
 				}
 				if tc.parallel {
-					purgeResult = results.Purge
+					purgeResult = results.PurgeUpTo
 					concurrent, _ = replayOnce(t, b, false)
 				}
 				return fmt.Errorf("bus: purge result %s: %w", id, context.DeadlineExceeded)
 			}
-			defer func() { purgeResult = results.Purge }()
+			defer func() { purgeResult = results.PurgeUpTo }()
 			outs, errs := replayOnce(t, b, false)
 			switch {
 			case tc.parallel:
@@ -223,7 +223,7 @@ func TestPurgeWhoseAnswerIsLostKeepsTheRecord(t *testing.T) {
 			if n := count(t, js, subjects.StreamDLQ, subjects.DLQ(dead.Tenant, dead.ID)); n != 1 {
 				t.Fatalf("%d dead letters, want the 1 kept", n)
 			}
-			purgeResult = results.Purge
+			purgeResult = results.PurgeUpTo
 			if outs, errs = replayOnce(t, b, false); outs[dead.ID] != replayRequeued {
 				t.Fatalf("the next replay: outcome %d, error %v", outs[dead.ID], errs[dead.ID])
 			}

@@ -137,11 +137,17 @@ func Fetch(ctx context.Context, js jetstream.JetStream, tenant, jobID string) (*
 // is fine for a reader. The request names the subject in its body, so only the
 // worker, dispatcher and admin credentials may make it.
 func Stored(ctx context.Context, js jetstream.JetStream, tenant, jobID string) ([]byte, error) {
-	data, _, err := jsget.Leader(ctx, js, subjects.StreamResults, subjects.Result(tenant, jobID))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return nil, fmt.Errorf("%w: job %s", ErrNoResult, jobID)
-	}
+	data, _, err := StoredSeq(ctx, js, tenant, jobID)
 	return data, err
+}
+
+// StoredSeq is Stored with the record's stream sequence (PurgeUpTo's bound).
+func StoredSeq(ctx context.Context, js jetstream.JetStream, tenant, jobID string) ([]byte, uint64, error) {
+	data, seq, err := jsget.Leader(ctx, js, subjects.StreamResults, subjects.Result(tenant, jobID))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return nil, 0, fmt.Errorf("%w: job %s", ErrNoResult, jobID)
+	}
+	return data, seq, err
 }
 
 // Restore writes data, a record Stored returned and Purge removed, back as the
@@ -168,6 +174,21 @@ func Restore(ctx context.Context, js jetstream.JetStream, tenant, jobID string, 
 		return nil
 	}
 	return fmt.Errorf("%w: job %s", ErrResultExists, jobID)
+}
+
+// PurgeUpTo removes the job's terminal record stored at seq (and any older
+// one), never a newer: a purge whose answer was lost and that lands late (a
+// cluster leader change) then cannot remove the record the replayed job wrote
+// meanwhile (round 20's final review).
+func PurgeUpTo(ctx context.Context, js jetstream.JetStream, tenant, jobID string, seq uint64) error {
+	s, err := js.Stream(ctx, subjects.StreamResults)
+	if err != nil {
+		return jserr.Map(err, "purge result "+jobID)
+	}
+	if err := s.Purge(ctx, jetstream.WithPurgeSubject(subjects.Result(tenant, jobID)), jetstream.WithPurgeSequence(seq+1)); err != nil {
+		return fmt.Errorf("bus: purge result %s: %w", jobID, err)
+	}
+	return nil
 }
 
 // Purge removes the job's terminal record, so a replayed job can record a new one.

@@ -217,3 +217,33 @@ func newResult(jobID string, attempt int, worker, text string) *schemas.ResultMs
 		WorkerID: worker, FinishedAt: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC),
 	}
 }
+
+// A purge bound to the old record's sequence that lands after the replayed
+// job wrote its new record (an answer lost in a leader change, the purge
+// applied late) leaves the new record; only the old one goes.
+// Mutation caught: PurgeUpTo without WithPurgeSequence (the new record is
+// purged too: the job ends with no record, its letter already dropped): red.
+func TestLatePurgeLeavesTheNewRecord(t *testing.T) {
+	t.Parallel()
+	b := testenv.StartBus(t, jsprov.Options{})
+	ctx := testenv.Context(t, 20*time.Second)
+	if err := results.Record(ctx, b.JS, newResult("job-late", 1, "a", "old")); err != nil {
+		t.Fatal(err)
+	}
+	_, oldSeq, err := results.StoredSeq(ctx, b.JS, "", "job-late")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := results.PurgeUpTo(ctx, b.JS, "", "job-late", oldSeq); err != nil {
+		t.Fatal(err)
+	}
+	if err := results.Record(ctx, b.JS, newResult("job-late", 2, "b", "new")); err != nil {
+		t.Fatal(err)
+	}
+	if err := results.PurgeUpTo(ctx, b.JS, "", "job-late", oldSeq); err != nil { // the late one
+		t.Fatal(err)
+	}
+	if got, err := results.Fetch(ctx, b.JS, "", "job-late"); err != nil || got.Text != "new" {
+		t.Fatalf("after the late purge: %+v, %v; want the new record", got, err)
+	}
+}
