@@ -16,22 +16,26 @@ import (
 // What Init with KeepPasswords keeps of a store: each identity's password,
 // the routes' password and routes.
 
-// keptUser is an identity's credential and hash, read to be kept.
+// keptUser is an identity's credential and hash, read to be kept; err says
+// why its password cannot be (its credential file missing, or not matching
+// the hash), which matters only if the identity stays.
 type keptUser struct {
 	cred Credential
 	hash string
+	err  error
 }
 
 // routePasswordRE and routeURLRE read back the routes' password and routes
 // from a nats-cluster.conf Init wrote (NATSClusterConf).
 var (
 	routePasswordRE = regexp.MustCompile(`(?m)^\s*password:\s*"([A-Za-z0-9_=+/-]+)"\s*$`)
-	routeURLRE      = regexp.MustCompile(`nats-route://[^:@\s]+:[^@\s]+@([^\s",\]]+)`)
+	routeURLRE      = regexp.MustCompile(`nats-route://[^:@\s]+:[^@\s]+@([^\s",]+)`) // quoted: an IPv6 host's ] stays
 )
 
 // loadKept reads the credentials of dir's identities, and the routes'
 // password and routes, for KeepPasswords. A credential file that is missing
-// or does not match its hash is an error, and so is a cluster conf whose
+// or does not match its hash is noted on its identity (an error if it stays:
+// Init), and a cluster conf whose
 // password cannot be read back (a fresh one would break the routes on the
 // next reload: the second pass): their passwords cannot be kept.
 func loadKept(dir string) (map[string]keptUser, string, []string, error) {
@@ -54,9 +58,10 @@ func loadKept(dir string) (map[string]keptUser, string, []string, error) {
 			err = errors.New("its password does not match the server's hash")
 		}
 		if err != nil {
-			return nil, "", nil, fmt.Errorf("auth: keep the password of %s: %w (auth init --force makes new ones for all)", u.User, err)
+			err = fmt.Errorf("auth: keep the password of %s: %w (leave it out to retire it, or auth init --force makes new ones for all)", u.User, err)
 		}
-		kept[u.User] = keptUser{cred: c, hash: u.PasswordHash}
+		c.Identity = u.Identity // the server's, not the file's: names come from it
+		kept[u.User] = keptUser{cred: c, hash: u.PasswordHash, err: err}
 	}
 	conf, err := os.ReadFile(filepath.Join(dir, NATSClusterFile))
 	if errors.Is(err, fs.ErrNotExist) {

@@ -27,15 +27,16 @@ func files(t *testing.T, dir string) map[string]string {
 }
 
 // KeepPasswords with only the workers given keeps the store's tenants and
-// routes: the second pass's `--keep-passwords --workers ...` retired every
-// tenant (the flag's default "default" replaced them) and put the default
-// routes in the cluster conf. Only the added worker's files are new.
-// Mutation caught: Init not filling nil lists from the store (tenant a
-// retired, producer-default made): red.
+// routes, an IPv6 one too: the second pass's `--keep-passwords --workers ...`
+// retired every tenant (the flag's default "default" replaced them) and put
+// the default routes in the cluster conf; the final review's IPv6 route was
+// read back cut at its "]". Only the added worker's files are new.
+// Mutations caught: Init not filling nil lists from the store (tenant a
+// retired, producer-default made), and routeURLRE stopping at "]": red.
 func TestKeepPasswordsKeepsTheListsNotGiven(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	if _, err := Init(InitOptions{DataDir: dir, Tenants: []string{"a", "b"}, WorkerIDs: []string{"w1"}, Routes: []string{"h1:6222", "h2:6222"}, BcryptCost: 4}); err != nil {
+	if _, err := Init(InitOptions{DataDir: dir, Tenants: []string{"a", "b"}, WorkerIDs: []string{"w1"}, Routes: []string{"h1:6222", "[fd00::1]:6222"}, BcryptCost: 4}); err != nil {
 		t.Fatal(err)
 	}
 	before := files(t, dir)
@@ -149,5 +150,38 @@ func TestLoadRefusesIdentitiesInitWouldNotWrite(t *testing.T) {
 				t.Fatal("Load took it")
 			}
 		})
+	}
+}
+
+// Retiring an identity whose credential file is already gone works (its
+// password is not kept, so it need not be read); an identity that stays with
+// its file gone refuses the run, and nothing is written (the final review:
+// any missing file refused the run, and only --force, rotating everyone, got
+// out).
+// Mutation caught: loadKept failing on any missing file: red.
+func TestKeepPasswordsRetiresAWorkerWhoseFileIsGone(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	if _, err := Init(InitOptions{DataDir: dir, Tenants: []string{"a"}, WorkerIDs: []string{"w1", "w2", "w3"}, BcryptCost: 4}); err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []string{"worker-w2.json", "worker-w3.json"} {
+		if err := os.Remove(filepath.Join(Dir(dir), w)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := files(t, dir)
+	if _, err := Init(InitOptions{DataDir: dir, WorkerIDs: []string{"w1", "w3"}, BcryptCost: 4, KeepPasswords: true}); err == nil || !strings.Contains(err.Error(), "worker-w3") {
+		t.Fatalf("err %v, want w3's missing file refused while it stays", err)
+	}
+	if after := files(t, dir); len(after) != len(before) || after[serverFile] != before[serverFile] {
+		t.Fatal("the refused run wrote files")
+	}
+	store, err := Init(InitOptions{DataDir: dir, WorkerIDs: []string{"w1"}, BcryptCost: 4, KeepPasswords: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(store.Removed(), ","); got != "worker-w2,worker-w3" {
+		t.Fatalf("retired %q, want worker-w2,worker-w3", got)
 	}
 }

@@ -181,6 +181,11 @@ func Init(opts InitOptions) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	for _, id := range ids { // an identity that stays keeps its password, or nothing is written
+		if k, ok := kept[id.User]; ok && k.cred.Identity == id && k.err != nil {
+			return nil, k.err
+		}
+	}
 	var doc serverDoc
 	creds := map[string]Credential{}
 	for i, id := range ids {

@@ -40,6 +40,9 @@ func (a *app) authCmd() *cobra.Command {
 	f.StringVar(&o.routes, "routes", strings.Join(auth.DefaultRoutes, ","), "cluster listeners (host:port, comma-separated) written with the route credentials to "+auth.NATSClusterFile)
 	f.BoolVar(&o.force, "force", false, "replace existing credentials (running clients lose access)")
 	f.BoolVar(&o.keep, "keep-passwords", false, "rewrite existing credentials keeping the passwords of identities already there (and the cluster routes'); --tenants, --workers or --routes not given keep the store's lists, a list given replaces its list (retiring who is left out): adds or retires a Mac or tenant without changing anyone else's credential")
+	// Both would silently keep: an operator rotating after a leak must get a
+	// rotation or an error (round 20's final review).
+	initCmd.MarkFlagsMutuallyExclusive("force", "keep-passwords")
 	initCmd.RunE = func(*cobra.Command, []string) error {
 		c, err := s.load()
 		if err != nil {

@@ -38,3 +38,27 @@ func TestAuthInitKeepPasswordsKeepsUnnamedLists(t *testing.T) {
 		t.Fatalf("retiring tenant b: exit %d, stdout\n%s\nstderr %s", code, stdout, stderr)
 	}
 }
+
+// --force with --keep-passwords is refused: together they silently kept every
+// password, so an operator rotating after a leak got exit 0 and no rotation
+// (round 20's final review).
+// Mutation caught: the flags not marked mutually exclusive: red.
+func TestAuthInitRefusesForceWithKeepPasswords(t *testing.T) {
+	t.Parallel()
+	d := t.TempDir()
+	if code, _, stderr := runReal(t, "auth", "init", "--data-dir", d, "--tenants", "a", "--workers", "w1"); code != 0 {
+		t.Fatalf("init: exit %d: %s", code, stderr)
+	}
+	before, err := os.ReadFile(filepath.Join(d, "auth", "admin.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, _, stderr := runReal(t, "auth", "init", "--data-dir", d, "--force", "--keep-passwords")
+	if code != exitUsage || !strings.Contains(stderr, "force") {
+		t.Fatalf("exit %d, stderr %q; want %d naming the flags", code, stderr, exitUsage)
+	}
+	after, err := os.ReadFile(filepath.Join(d, "auth", "admin.json"))
+	if err != nil || string(after) != string(before) {
+		t.Fatalf("admin.json changed or unreadable (%v)", err)
+	}
+}
