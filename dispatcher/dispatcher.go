@@ -87,6 +87,7 @@ type Dispatcher struct {
 	retrying map[string]*job
 	// cancelled holds every stored cancel (job key → when seen), from CANCELS.
 	cancelled     map[string]time.Time
+	unrun         unrunNotes    // unrun.go
 	cancelsMaxAge time.Duration // CANCELS' max age: how long a cancel is remembered
 	prunedAt      time.Time
 	onWorker      int // jobs dispatched or running

@@ -199,7 +199,7 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 				Msg("attempt base in the job's metadata clamped so its attempts fit the schemas")
 		}
 		j.base = base
-		j.numberAttempt(entry, int(md.NumDelivered))
+		j.numberAttempt(entry, d.countedDeliveriesLocked(j.seq, int(md.NumDelivered)))
 		switch {
 		case invalid != nil:
 			d.finishByDispatcher(j, EvFailed, schemas.StatusFailed, &schemas.ErrorInfo{Code: schemas.CodeInvalidRequest, Message: invalid.Error()})
@@ -282,6 +282,7 @@ func (d *Dispatcher) handBack(j *job, err error) {
 	if !j.gone {
 		d.forget(j)
 	}
+	d.noteUnrunLocked(j.seq, time.Now()) // no offer was made: unrun.go
 	d.mu.Unlock()
 	_ = j.msg.NakWithDelay(time.Second)
 }

@@ -62,6 +62,7 @@ func (d *Dispatcher) tick(now time.Time) {
 		}
 	}
 	d.pruneCancels(now)
+	d.pruneUnrunLocked(now)
 	if d.hearing.deafSince(d.nc, now, d.cfg.WorkerTTL) {
 		d.count().deafTick()
 		d.heardAllNow(now) // hearing.go
