@@ -130,22 +130,12 @@ func TestLoadRefusesIdentitiesInitWouldNotWrite(t *testing.T) {
 			if _, err := Init(InitOptions{DataDir: dir, Tenants: []string{"a"}, WorkerIDs: []string{"w1"}, BcryptCost: 4}); err != nil {
 				t.Fatal(err)
 			}
-			path := filepath.Join(Dir(dir), serverFile)
-			raw, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var doc serverDoc
-			if err := json.Unmarshal(raw, &doc); err != nil {
-				t.Fatal(err)
-			}
-			if last := doc.Users[len(doc.Users)-1]; last.Role != RoleProducer {
-				t.Fatalf("the last user is %s, want the producer", last.User)
-			}
-			edit(&doc)
-			if err := writeJSON(path, doc); err != nil {
-				t.Fatal(err)
-			}
+			editServerDoc(t, dir, func(doc *serverDoc) {
+				if last := doc.Users[len(doc.Users)-1]; last.Role != RoleProducer {
+					t.Fatalf("the last user is %s, want the producer", last.User)
+				}
+				edit(doc)
+			})
 			if _, err := Load(dir); err == nil {
 				t.Fatal("Load took it")
 			}
@@ -183,5 +173,24 @@ func TestKeepPasswordsRetiresAWorkerWhoseFileIsGone(t *testing.T) {
 	}
 	if got := strings.Join(store.Removed(), ","); got != "worker-w2,worker-w3" {
 		t.Fatalf("retired %q, want worker-w2,worker-w3", got)
+	}
+}
+
+// editServerDoc rewrites dir's auth/server.json through edit, as a hand edit
+// or an older release would leave it.
+func editServerDoc(t *testing.T, dir string, edit func(*serverDoc)) {
+	t.Helper()
+	path := filepath.Join(Dir(dir), serverFile)
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc serverDoc
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		t.Fatal(err)
+	}
+	edit(&doc)
+	if err := writeJSON(path, doc); err != nil {
+		t.Fatal(err)
 	}
 }

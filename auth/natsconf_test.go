@@ -2,7 +2,6 @@ package auth
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -311,26 +310,18 @@ func TestLoadGrantsThisReleasesPermissions(t *testing.T) {
 	if r := fresh.Regranted(); r != nil {
 		t.Fatalf("a store this release wrote: regranted %v, want none", r)
 	}
-	path := filepath.Join(Dir(dir), serverFile)
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var doc serverDoc
-	if err := json.Unmarshal(raw, &doc); err != nil {
-		t.Fatal(err)
-	}
-	for i := range doc.Users {
-		doc.Users[i].Permissions = Permissions{PublishAllow: []string{"mlx.jobs.>"}, SubscribeAllow: []string{"_INBOX.>"}}
-	}
-	if err := writeJSON(path, doc); err != nil {
-		t.Fatal(err)
-	}
+	users := 0
+	editServerDoc(t, dir, func(doc *serverDoc) {
+		for i := range doc.Users {
+			doc.Users[i].Permissions = Permissions{PublishAllow: []string{"mlx.jobs.>"}, SubscribeAllow: []string{"_INBOX.>"}}
+		}
+		users = len(doc.Users)
+	})
 	store, err := Load(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := len(store.Regranted()), len(doc.Users); got != want {
+	if got, want := len(store.Regranted()), users; got != want {
 		t.Fatalf("regranted %v, want all %d users", store.Regranted(), want)
 	}
 	if err := store.WriteNATSAuthConf(); err != nil {
