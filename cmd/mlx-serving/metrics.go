@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -49,7 +51,7 @@ func startMetrics(ctx context.Context, role, addr string, nc *nats.Conn, log zer
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			followResults(fctx, f, log)
+			followResults(fctx, f, nc, log)
 		}()
 		stops = append(stops, func() { cancel(); <-done; f.Stop() })
 		if err := reg.Register(f); err != nil {
@@ -84,12 +86,21 @@ func startMetrics(ctx context.Context, role, addr string, nc *nats.Conn, log zer
 }
 
 // followResults starts f, retrying every few seconds until it works or ctx ends.
-func followResults(ctx context.Context, f *metrics.Fleet, log zerolog.Logger) {
+//
+// A credential that may not follow RESULTS (the gateway's under auth) is told
+// so by the server as a permissions violation on the consumer create: then it
+// stops, saying so once. It asked again every ~15 s before, each refusal an
+// error line in the log for ever (round 20's second pass).
+func followResults(ctx context.Context, f *metrics.Fleet, nc *nats.Conn, log zerolog.Logger) {
 	for warned := false; ; warned = true {
 		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err := f.Start(sctx)
 		cancel()
 		if err == nil || ctx.Err() != nil {
+			return
+		}
+		if last := nc.LastError(); errors.Is(last, nats.ErrPermissionViolation) && strings.Contains(last.Error(), "CONSUMER.CREATE") {
+			log.Info().Msg("fleet metrics: this credential may not follow RESULTS; the finished-job counters stay off (queue, DLQ and worker gauges work)")
 			return
 		}
 		if !warned {
