@@ -21,19 +21,7 @@ import (
 // end on their timeout, the message is "context deadline exceeded").
 func TestResultAndCancelOfAnotherTenantSayTheyAreDenied(t *testing.T) {
 	t.Parallel()
-	store, err := auth.Init(auth.InitOptions{DataDir: t.TempDir(), Tenants: []string{"a", "b"}, WorkerIDs: []string{"w1"}, BcryptCost: 4})
-	if err != nil {
-		t.Fatal(err)
-	}
-	admin, err := store.Credential(auth.RoleAdmin, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := testenv.StartBusWith(t, testenv.BusOptions{
-		Server:    natsserver.Options{AuthConf: store.NATSAuthConfPath()},
-		Provision: jsprov.Options{WorkerTTL: 3 * time.Second},
-		Connect:   bus.ConnectOptions{Name: admin.User, User: admin.User, Password: admin.Password, InboxPrefix: admin.InboxPrefix},
-	})
+	store, b := authBus(t)
 	prod, err := store.Credential(auth.RoleProducer, "a")
 	if err != nil {
 		t.Fatal(err)
@@ -58,4 +46,24 @@ func TestResultAndCancelOfAnotherTenantSayTheyAreDenied(t *testing.T) {
 			t.Errorf("%s --tenant b: exit %d, stderr %q; want %d and %q with the server's violation", sc.cmd, code, stderr, exitFailed, want)
 		}
 	}
+}
+
+// authBus is an embedded server that accepts only the users of a fresh store
+// (tenants a and b, worker w1), provisioned as admin.
+func authBus(t *testing.T) (*auth.Store, *testenv.Bus) {
+	t.Helper()
+	store, err := auth.Init(auth.InitOptions{DataDir: t.TempDir(), Tenants: []string{"a", "b"}, WorkerIDs: []string{"w1"}, BcryptCost: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, err := store.Credential(auth.RoleAdmin, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := testenv.StartBusWith(t, testenv.BusOptions{
+		Server:    natsserver.Options{AuthConf: store.NATSAuthConfPath()},
+		Provision: jsprov.Options{WorkerTTL: 3 * time.Second},
+		Connect:   bus.ConnectOptions{Name: admin.User, User: admin.User, Password: admin.Password, InboxPrefix: admin.InboxPrefix},
+	})
+	return store, b
 }

@@ -9,9 +9,6 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/auth"
 	"github.com/mlx-serving/mlx-serving/bus"
-	"github.com/mlx-serving/mlx-serving/internal/jsprov"
-	"github.com/mlx-serving/mlx-serving/internal/natsserver"
-	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/metrics"
 )
 
@@ -23,19 +20,7 @@ import (
 // until the context ends): red.
 func TestFleetStopsFollowingResultsItMayNotRead(t *testing.T) {
 	t.Parallel()
-	store, err := auth.Init(auth.InitOptions{DataDir: t.TempDir(), Tenants: []string{"a"}, WorkerIDs: []string{"w1"}, BcryptCost: 4})
-	if err != nil {
-		t.Fatal(err)
-	}
-	admin, err := store.Credential(auth.RoleAdmin, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := testenv.StartBusWith(t, testenv.BusOptions{
-		Server:    natsserver.Options{AuthConf: store.NATSAuthConfPath()},
-		Provision: jsprov.Options{WorkerTTL: 3 * time.Second},
-		Connect:   bus.ConnectOptions{Name: admin.User, User: admin.User, Password: admin.Password, InboxPrefix: admin.InboxPrefix},
-	})
+	store, b := authBus(t)
 	gw, err := store.Credential(auth.RoleGateway, "")
 	if err != nil {
 		t.Fatal(err)
