@@ -282,7 +282,7 @@ func (d *Dispatcher) handBack(j *job, err error) {
 	if !j.gone {
 		d.forget(j)
 	}
-	d.noteUnrunLocked(j.seq, time.Now()) // no offer was made: unrun.go
+	d.noteUnrunLocked(j.seq, j.attempt, time.Now()) // no offer was made: unrun.go
 	d.mu.Unlock()
 	_ = j.msg.NakWithDelay(time.Second)
 }

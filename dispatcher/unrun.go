@@ -12,6 +12,16 @@ import "time"
 // This dispatcher remembers them by stream sequence and numbers a later
 // delivery of the same message without them; other dispatchers, which cannot
 // know, still count them (conservative: a number is never used twice).
+//
+// Only an unbroken run of unrun deliveries that ends just before this one is
+// left out. Another dispatcher may have taken a delivery in between and
+// numbered its attempt from the raw count, unrun deliveries included, and
+// offered it (red team round 21: d1 handed J back twice, d2 ran delivery 3
+// as attempt 3 and crashed, and d1 numbered delivery 4 as 4-2 = attempt 2;
+// the real worker drops an assignment older than the attempt it runs, so
+// attempt 2 never ran, d1 refused attempt 3's record, and the job waited
+// for attempt_timeout). A gap in the run means someone else held a delivery:
+// the raw count is used, as before these notes.
 
 // unrunKeep bounds how long, and unrunMax how many, are remembered.
 const (
@@ -20,8 +30,9 @@ const (
 )
 
 type unrunNote struct {
-	n  int
-	at time.Time
+	n    int
+	last int // the delivery count of the last unrun delivery noted
+	at   time.Time
 }
 
 // unrunNotes are the notes by stream sequence, and when they were last pruned.
@@ -30,23 +41,32 @@ type unrunNotes struct {
 	pruned time.Time
 }
 
-// noteUnrun remembers one more unrun delivery of the JOBS message at seq.
-// Callers hold d.mu.
-func (d *Dispatcher) noteUnrunLocked(seq uint64, now time.Time) {
+// noteUnrun remembers one more unrun delivery of the JOBS message at seq,
+// its delivery count delivered; a note whose last delivery was not the one
+// before starts again. Callers hold d.mu.
+func (d *Dispatcher) noteUnrunLocked(seq uint64, delivered int, now time.Time) {
 	u, ok := d.unrun.m[seq]
+	if ok && u.last != delivered-1 {
+		u.n = 0 // not contiguous: another holder may have numbered an attempt in between
+	}
 	if !ok && len(d.unrun.m) >= unrunMax {
 		return // forgotten: counted, as before
 	}
 	if d.unrun.m == nil {
 		d.unrun.m = map[uint64]unrunNote{}
 	}
-	d.unrun.m[seq] = unrunNote{n: u.n + 1, at: now}
+	d.unrun.m[seq] = unrunNote{n: u.n + 1, last: delivered, at: now}
 }
 
 // countedDeliveries is delivered less this dispatcher's unrun deliveries of
-// the message at seq, at least 1 (this one). Callers hold d.mu.
+// the message at seq when they are the deliveries just before this one, at
+// least 1 (this one); otherwise delivered. Callers hold d.mu.
 func (d *Dispatcher) countedDeliveriesLocked(seq uint64, delivered int) int {
-	return max(delivered-d.unrun.m[seq].n, 1)
+	u := d.unrun.m[seq]
+	if u.last != delivered-1 {
+		return delivered
+	}
+	return max(delivered-u.n, 1)
 }
 
 // pruneUnrun forgets notes older than unrunKeep, at most once a minute.

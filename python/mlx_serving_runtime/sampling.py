@@ -41,6 +41,10 @@ _categorical = mx.vmap(lambda k, x: mx.random.categorical(x, key=k))
 _split = mx.vmap(lambda k: mx.random.split(k))
 
 
+# Temperatures below this are sampled greedily (see BatchSampler.add).
+MIN_TEMPERATURE = 1e-6
+
+
 class BatchSampler:
     """One sampler object for every row of a model's BatchGenerator, so the whole batch
     is sampled in one call (mlx-lm 0.32.2 samples in one call only when every row holds
@@ -59,7 +63,10 @@ class BatchSampler:
         self._rows: dict[int, _Row] = {}
 
     def add(self, uid: int, temp: float, top_p: float, top_k: int, min_p: float, seed: int) -> None:
-        if temp == 0:
+        # A temperature this small samples the argmax anyway, and below ~3e-39 its
+        # inverse overflows float32: every logit became inf or NaN and the row wrote
+        # <pad> for ever, its grammar and logit_bias ignored (red team round 21).
+        if temp < MIN_TEMPERATURE:
             self._rows[uid] = _GREEDY
         else:
             self._rows[uid] = _Row(float(temp), float(top_p), int(top_k), float(min_p), mx.random.key(seed))

@@ -36,6 +36,17 @@ def test_logit_bias_forces_and_bans_a_token(rt) -> None:
     assert "z" not in banned and (banned == plain or "z" in plain)
 
 
+def test_a_vanishing_temperature_samples_greedily(rt) -> None:
+    """A positive temperature the schema allows but whose inverse overflows float32
+    gives the greedy text, not <pad> for ever (red team round 21).
+
+    Mutation caught: BatchSampler.add testing ``temp == 0`` again — the text is
+    "<pad><pad><pad>"."""
+    greedy = gen(rt, prompt="Once upon a time", max_tokens=3)["text"]
+    tiny = gen(rt, prompt="Once upon a time", max_tokens=3, temperature=1e-40, seed=7)["text"]
+    assert tiny == greedy
+
+
 def test_frequency_penalty_reduces_repeats(rt) -> None:
     """Mutation caught: OpenAIPenalties never counting (`self.started = True` removed):
     the penalty stays 0 and the text repeats as much as without it."""
