@@ -56,6 +56,12 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 			if tok.Seq != 0 && tok.Seq > s.next {
 				ev.Missed = tok.Seq - s.next
 			}
+			// Seq starts again at 0 with each attempt: an attempt that resumes
+			// past the text that arrived shows the loss by its offset (red team
+			// round 21: it was appended as if seamless, Missed 0).
+			if ev.Missed == 0 && tok.Offset > s.textLen {
+				ev.Missed = 1
+			}
 			rewind = tok.Offset < s.textLen
 			s.attempt = tok.Attempt
 		default:
@@ -83,7 +89,8 @@ func (s *JobStream) accept(data []byte) (Event, bool) {
 		if res.Attempt >= s.attempt && res.Seq > s.next {
 			ev.Missed = res.Seq - s.next
 		}
-		s.missed += ev.Missed
+		// Not added to s.missed: the terminal handed over for it (terminal,
+		// after confirm) counts the same gap.
 		return ev, true
 	}
 	return Event{}, false

@@ -268,7 +268,7 @@ func fromResult(res *schemas.ResultMsg) *apiError {
 // job's whole text stays available by its id.
 func errStreamDiverged(jobID string) *apiError {
 	return &apiError{Status: http.StatusBadGateway, Type: typeServer, Code: "stream_diverged",
-		Message: "The job was restarted and generated different text than was streamed; fetch the whole result with `mlx-serving result " + jobID + "`."}
+		Message: "The job's result does not continue the text streamed so far (a retry generated different text, or streamed events were lost and cannot be repaired); fetch the whole result with `mlx-serving result " + jobID + "`."}
 }
 
 // fail answers with an OpenAI error and counts the refusal.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
@@ -275,6 +276,15 @@ type jobCall struct {
 	// diverged: the job's text stopped being a continuation of what the client
 	// was sent (Event.Drop); nothing more is sent.
 	diverged bool
+	// sentLen is how many bytes of text the client was sent. held: events were
+	// lost on the way (Event.Missed, e.g. a NATS reconnect), so a later delta
+	// would leave a hole in the client's text; nothing more is sent until the
+	// terminal, which sends the record's text past sent (closing). Red team
+	// round 21: forwarding after a gap ended completed jobs stream_diverged,
+	// and with n > 1 cancelled their healthy siblings.
+	sentLen int
+	held    bool
+	sent    string // the client's text, taken when held
 }
 
 // next returns the stream's next event, counting what the stream repaired.
@@ -426,10 +436,16 @@ func (j *jobCall) delta(ev bus.Event) (string, *logprobs, bool) {
 		j.g.log.Warn().Str("job_id", j.job.ID).Int("attempt", ev.Attempt).
 			Msg("a restarted attempt regenerated different text; the stream stops and the result is whole")
 	}
+	if ev.Missed > 0 && !j.held && !j.diverged {
+		// The stream's text is what was sent, then this event's delta (a
+		// Drop, which would change what went before, is handled above).
+		j.held, j.sent = true, j.stream.Text()[:j.sentLen]
+	}
 	out := ev.Token.Delta
-	if j.diverged || out == "" {
+	if j.diverged || j.held || out == "" {
 		return "", nil, false
 	}
+	j.sentLen += len(out)
 	return out, j.logprobsOf(ev.Token.Logprobs, ev), true
 }
 
@@ -448,7 +464,16 @@ func (j *jobCall) logprobsOf(entries []schemas.TokenLogprob, ev bus.Event) *logp
 // that delta reports none. When the client holds text that is not the result's
 // beginning, which cannot be taken back, it is the stream_diverged error.
 func (j *jobCall) closing(ev bus.Event) (events, *apiError) {
-	if j.diverged || ev.Drop.Any() {
+	if j.held && !j.diverged {
+		// What the client holds is sent, not the stream's text with its hole.
+		rest, ok := strings.CutPrefix(ev.Result.Text, j.sent)
+		if !ok {
+			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
+				Msg("streamed text differs from the job's result text")
+			return nil, errStreamDiverged(j.job.ID)
+		}
+		ev.Rest = rest
+	} else if j.diverged || ev.Drop.Any() {
 		if !j.diverged {
 			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
 				Msg("streamed text differs from the job's result text")

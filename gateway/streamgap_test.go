@@ -1,0 +1,64 @@
+package gateway
+
+import (
+	"encoding/json"
+	"testing"
+
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+)
+
+// streamTexts joins each choice's streamed text, by index, and reports
+// whether the stream ended with [DONE].
+func streamTexts(t *testing.T, events []string) (map[int]string, bool) {
+	t.Helper()
+	texts := map[int]string{}
+	for _, e := range events {
+		var c struct {
+			Choices []struct {
+				Index int     `json:"index"`
+				Text  *string `json:"text"`
+				Delta struct {
+					Content *string `json:"content"`
+				} `json:"delta"`
+			} `json:"choices"`
+		}
+		if json.Unmarshal([]byte(e), &c) != nil {
+			continue
+		}
+		for _, ch := range c.Choices {
+			switch {
+			case ch.Text != nil:
+				texts[ch.Index] += *ch.Text
+			case ch.Delta.Content != nil:
+				texts[ch.Index] += *ch.Delta.Content
+			}
+		}
+	}
+	return texts, len(events) > 0 && events[len(events)-1] == "[DONE]"
+}
+
+// A token event lost in the middle of a stream (a NATS reconnect drops core
+// messages) leaves a hole the client cannot have: the gateway sends nothing
+// more and, at the terminal, the record's text past what was sent. Red team
+// round 21: it forwarded the later deltas ("acd"), ended the completed job
+// stream_diverged, and with n > 1 cancelled the healthy siblings.
+//
+// Mutation caught: jobCall.delta not holding on ev.Missed: "acd" and
+// stream_diverged: red.
+func TestStreamHoldsAfterAGapAndSendsTheRest(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"a", "b", "c", "d"}, LoseSeq: 1})
+	_, srv := newTestGateway(t, tb, nil)
+
+	texts, done := streamTexts(t, readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil))))
+	if texts[0] != "abcd" || !done {
+		t.Fatalf("chat: text %q, [DONE] %v; want abcd and [DONE]", texts[0], done)
+	}
+	events := readSSE(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "n": 2, "stream": true}))
+	texts, done = streamTexts(t, events)
+	if texts[0] != "abcd" || texts[1] != "abcd" || !done {
+		t.Fatalf("completions n=2: texts %v, [DONE] %v; want abcd twice and [DONE] (last event %s)", texts, done, events[len(events)-1])
+	}
+}
