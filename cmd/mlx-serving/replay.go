@@ -141,8 +141,33 @@ func replayDLQ(ctx context.Context, js jetstream.JetStream, f replayFilter, dryR
 			}
 		}
 		each(&rec, o, err)
+		if o == replayFailed && !jobsOwnFailure(err) && seq < info.State.LastSeq {
+			// The store refused or did not answer: every later letter would
+			// be purged and refused the same way, each a job left with only
+			// its letter if putting its record back fails too (red team round
+			// 21: replay on a full disk went on through 30 letters).
+			return n, failed, fmt.Errorf("%w at %s; the dead letters after it are untouched: run replay again once JetStream takes writes (after a full disk, once the NATS server has restarted)", errReplayStopped, rec.Job.ID)
+		}
 	}
 	return n, failed, nil
+}
+
+// errReplayStopped: a replay stopped its walk at a failure of the store.
+var errReplayStopped = errors.New("replay stopped")
+
+// jobFailure marks a replay that failed for a reason of its job's own (its
+// letter or record cannot be read, its subject has no stream, it is too
+// large), which says nothing of the next job's.
+type jobFailure struct{ error }
+
+func (e jobFailure) Unwrap() error { return e.error }
+
+// jobsOwnFailure reports whether err is a failure of its job alone: the walk
+// goes on past it. Any other (a refusal, a timeout, a lost connection) is the
+// store's, and stops the walk.
+func jobsOwnFailure(err error) bool {
+	var jf jobFailure
+	return errors.As(err, &jf) || jserr.IsNoStream(err) || jserr.IsTooLarge(err)
 }
 
 // replayJob replays one job from its newest dead letter rec, at seq on subject.
@@ -151,7 +176,7 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 	tenant := subjects.RecordTenant(job.Tenant)
 	msg, err := requeueMsg(rec, clearDeadline)
 	if err != nil {
-		return replayFailed, err
+		return replayFailed, jobFailure{err}
 	}
 	// First, before RESULTS is read: once JOBS holds nothing for the job, its
 	// dispatcher has acked it, so its record (stored before the ack) is final.
@@ -177,7 +202,7 @@ func replayJob(ctx context.Context, js jetstream.JetStream, dlq jetstream.Stream
 	default:
 		var res schemas.ResultMsg
 		if err := json.Unmarshal(stored, &res); err != nil {
-			return replayFailed, fmt.Errorf("decode result %s: %w", job.ID, err)
+			return replayFailed, jobFailure{fmt.Errorf("decode result %s: %w", job.ID, err)}
 		}
 		if !res.FinishedAt.Equal(rec.DeadAt) {
 			// Not the record this dead letter ended: the job ran again (an

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -229,5 +230,44 @@ func TestPurgeWhoseAnswerIsLostKeepsTheRecord(t *testing.T) {
 			}
 			after(t, js, dead, 1, time.Time{})
 		})
+	}
+}
+
+// A replay stops at the first failure of the store: on a full disk it went on
+// through 30 letters, purging and refusing each, and a job whose record could
+// not be put back was left with only its letter (red team round 21). The
+// letters after the failure are untouched, and the next replay finishes them.
+// Mutation caught: replayDLQ without the stop: "b" and "c" replayed by the
+// first run: red.
+func TestReplayStopsAtAStoreFailure(t *testing.T) {
+	b := testenv.StartBus(t, jsprov.Options{})
+	js := b.JS
+	jobs := []schemas.JobRequest{replayJobReq("a"), replayJobReq("b"), replayJobReq("c")}
+	for _, j := range jobs {
+		deadLetter(t, js, j, 3, t0)
+		terminal(t, js, j, schemas.StatusFailed, t0)
+	}
+	purgeResult = func(ctx context.Context, js jetstream.JetStream, tenant, id string, seq uint64) error {
+		return fmt.Errorf("bus: purge result %s: write RESULTS/msgs/1.blk: no space left on device", id)
+	}
+	defer func() { purgeResult = results.PurgeUpTo }()
+	outs := map[string]replayOutcome{}
+	_, _, err := replayDLQ(context.Background(), js, replayFilter{}, false, false, func(rec *schemas.DLQRecordMsg, o replayOutcome, err error) {
+		outs[rec.Job.ID] = o
+	})
+	if !errors.Is(err, errReplayStopped) || len(outs) != 1 || outs["a"] != replayFailed {
+		t.Fatalf("walk error %v, outcomes %v; want stopped after a's failure", err, outs)
+	}
+	for _, j := range jobs {
+		if n := count(t, js, subjects.StreamDLQ, subjects.DLQ(j.Tenant, j.ID)); n != 1 || !storedAt(t, js, j).Equal(t0) {
+			t.Fatalf("%s: %d dead letters, record finished %v; want its letter and record untouched", j.ID, n, storedAt(t, js, j))
+		}
+	}
+	purgeResult = results.PurgeUpTo
+	if outs, _ := replayOnce(t, b, false); len(outs) != 3 {
+		t.Fatalf("the next replay: %v", outs)
+	}
+	for _, j := range jobs {
+		after(t, js, j, 1, time.Time{})
 	}
 }
