@@ -140,6 +140,15 @@ func (a *app) openTenantClient(ctx context.Context, name string, cf *clientFlags
 // openClient loads the configuration and connects. Client commands fail fast
 // when no server answers, rather than reconnecting forever.
 func (a *app) openClient(ctx context.Context, name string, cf *clientFlags) (*clientSession, int, bool) {
+	return a.openClientReconnecting(ctx, name, cf, 3)
+}
+
+// openClientReconnecting is openClient with reconnects tries after a lost
+// connection (-1: until ctx ends): a command that waits for a job it
+// submitted rides out a server restart instead of leaving it (red team round
+// 21: three tries, a few seconds, and `submit` exited "failed" while its job
+// ran on).
+func (a *app) openClientReconnecting(ctx context.Context, name string, cf *clientFlags, reconnects int) (*clientSession, int, bool) {
 	c, err := cf.settings.load()
 	if err != nil {
 		fmt.Fprintf(a.stderr, "mlx-serving %s: %v\n", name, err)
@@ -147,7 +156,7 @@ func (a *app) openClient(ctx context.Context, name string, cf *clientFlags) (*cl
 	}
 	log := zerolog.Nop()
 	opts := connectOptions(c, "mlx-serving-"+name, log)
-	opts.MaxReconnects = 3
+	opts.MaxReconnects = reconnects
 	cctx, cancel := context.WithTimeout(ctx, connectTimeout)
 	defer cancel()
 	nc, err := bus.Connect(cctx, opts)

@@ -47,7 +47,8 @@ Exit codes:
        the credentials (client commands, dispatcher, worker, gateway)
   4    the job was cancelled (submit)
   5    the job expired: its deadline (--timeout) passed first (submit)
-  6    no result yet: the job is unknown, queued or still running (result)
+  6    no result yet: the job is unknown, queued or still running (result; submit,
+       when it lost its wait for an accepted job or was given a running job's --id)
   7    model_not_found: workers are up and none serves the job's model, nor
        did within the grace period; nothing was queued (submit; see
        --allow-unserved)

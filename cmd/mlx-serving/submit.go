@@ -51,7 +51,10 @@ Flags may come before, between or after the prompt's words; put -- before a
 prompt word that starts with a dash.
 
 The exit code is the job's terminal status: 0 completed, 1 failed, 2 invalid,
-4 cancelled, 5 expired (see 'mlx-serving --help').`,
+4 cancelled, 5 expired; 6 when the job was accepted but its end could not be
+waited for (it runs on: mlx-serving result ID). The wait rides out NATS
+restarts. Given an --id already submitted, nothing runs again: the job's
+result is printed (or 6 while it still runs). See 'mlx-serving --help'.`,
 		Example: `  mlx-serving submit -m tiny "Tell me a story"
   mlx-serving submit "hello" -m tiny --max-tokens 3 --json
   echo "from stdin" | mlx-serving submit --detach`,
@@ -61,7 +64,7 @@ The exit code is the job's terminal status: 0 completed, 1 failed, 2 invalid,
 	f := cmd.Flags()
 	f.StringVarP(&o.model, "model", "m", "tiny", "model id")
 	f.StringVar(&o.messages, "messages", "", `chat messages as JSON, e.g. '[{"role":"user","content":"hi"}]'`)
-	f.StringVar(&o.id, "id", "", "job id (default: a new ULID); resubmitting an id is reported, not run twice")
+	f.StringVar(&o.id, "id", "", "job id (default: a new ULID); resubmitting an id runs nothing: it prints the job's result, or says it still runs (exit 6)")
 	f.StringVar(&o.priority, "priority", schemas.PriorityNormal, strings.Join(schemas.Priorities, ", "))
 	f.StringVar(&o.tenant, "tenant", "", "the job's tenant (default: the producer credential's, else default)")
 	f.StringVar(&o.stop, "stop", "", "stop sequences, comma-separated")
@@ -83,7 +86,11 @@ The exit code is the job's terminal status: 0 completed, 1 failed, 2 invalid,
 
 func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args []string) int {
 	stdout, stderr := a.stdout, a.stderr
-	s, code, ok := a.openClient(ctx, "submit", cf)
+	reconnects := -1 // waiting for the job: through server restarts, until interrupted
+	if o.detach {
+		reconnects = 3
+	}
+	s, code, ok := a.openClientReconnecting(ctx, "submit", cf, reconnects)
 	if !ok {
 		return code
 	}
@@ -158,6 +165,9 @@ func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args
 
 	st, _, err := bus.SubmitStream(ctx, s.prod, s.nc, job, bus.StreamOptions{})
 	if err != nil {
+		if errors.Is(err, bus.ErrDuplicate) && o.id != "" {
+			return a.submittedBefore(ctx, s, job, err)
+		}
 		return submitError(stderr, err)
 	}
 	defer st.Close()
@@ -168,8 +178,10 @@ func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args
 				fmt.Fprintf(stderr, "\nmlx-serving submit: interrupted; job %s keeps running (mlx-serving cancel %s)\n", job.ID, job.ID)
 				return exitInterrupted
 			}
-			fmt.Fprintf(stderr, "\nmlx-serving submit: %v\n", err)
-			return exitFailed
+			// Accepted, so it runs on and ends with its record whatever
+			// became of this wait: not "failed".
+			fmt.Fprintf(stderr, "\nmlx-serving submit: %v\njob %s was accepted and keeps running: mlx-serving result %s\n", err, job.ID, job.ID)
+			return exitNoResult
 		}
 		if s.json {
 			if ev.Token != nil {
@@ -197,6 +209,31 @@ func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args
 		}
 	}
 	return exitFailed
+}
+
+// submittedBefore answers a submit whose chosen id was taken (dup, the
+// submit's ErrDuplicate): a retry of a submit whose wait was lost gets the
+// job's result when it has one, as if it had waited (exit by its status), and
+// is told the job still runs otherwise (exit 6). Another job under the same
+// id answers the same way: an id names one job.
+func (a *app) submittedBefore(ctx context.Context, s *clientSession, job *schemas.JobRequest, dup error) int {
+	stdout, stderr := a.stdout, a.stderr
+	r, err := s.prod.TenantResult(ctx, job.Tenant, job.ID)
+	switch {
+	case errors.Is(err, bus.ErrNoResult):
+		fmt.Fprintf(stderr, "mlx-serving submit: job %s was submitted before and has no result yet (queued or running): mlx-serving result %s\n", job.ID, job.ID)
+		return exitNoResult
+	case err != nil:
+		return submitError(stderr, fmt.Errorf("%w; reading its result: %w", dup, err))
+	}
+	fmt.Fprintf(stderr, "mlx-serving submit: job %s was submitted before; its result:\n", job.ID)
+	if s.json {
+		_ = json.NewEncoder(stdout).Encode(r)
+	} else {
+		fmt.Fprint(stdout, r.Text)
+		printResultFooter(stdout, stderr, r)
+	}
+	return statusExit(r.Status)
 }
 
 func printResultFooter(stdout, stderr io.Writer, r *schemas.ResultMsg) {
