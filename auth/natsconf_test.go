@@ -347,3 +347,31 @@ func TestLoadGrantsThisReleasesPermissions(t *testing.T) {
 		}
 	}
 }
+
+// An auth file whose content is unchanged is not written again (same inode):
+// on a full disk, `up` refused to start because it rewrote nats-auth.conf
+// through a temp file at every start (red team round 21). A changed one is
+// replaced.
+// Mutation caught: writeFile without the unchanged check: a new inode: red.
+func TestUnchangedFileNotRewritten(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "f.conf")
+	if err := writeFile(path, []byte("a")); err != nil {
+		t.Fatal(err)
+	}
+	before, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeFile(path, []byte("a")); err != nil {
+		t.Fatal(err)
+	}
+	if same, _ := os.Stat(path); !os.SameFile(before, same) {
+		t.Fatal("unchanged content was written again")
+	}
+	if err := writeFile(path, []byte("b")); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(path); string(got) != "b" {
+		t.Fatalf("content %q after a change, want b", got)
+	}
+}

@@ -1,6 +1,7 @@
 package auth
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
@@ -398,6 +399,14 @@ func writeJSON(path string, v any) error {
 
 // writeFile replaces path atomically, owner-only from the first byte.
 func writeFile(path string, data []byte) error {
+	// Unchanged, it is not written again: `up` writes the server's auth conf at
+	// every start, and on a full disk that write (a temp file) refused to
+	// start a server whose files were all in place (red team round 21).
+	if st, err := os.Stat(path); err == nil && st.Mode().Perm() == fileMode {
+		if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
+			return nil
+		}
+	}
 	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
 	if err != nil {
 		return fmt.Errorf("auth: %w", err)

@@ -317,6 +317,13 @@ func restoreAfterRefusal(ctx context.Context, js jetstream.JetStream, dlq jetstr
 		return replayEnding, stillEnding(msg)
 	}
 	if rerr := results.Restore(ctx, js, tenant, job.ID, stored); rerr != nil {
+		if errors.Is(rerr, results.ErrResultExists) {
+			// A newer record is in place: a concurrent replay queued the job,
+			// which ran and ended with its one record. This letter is stale;
+			// reported as "run replay again, it queues the job" it stayed, a
+			// second letter for a finished job (red team round 21).
+			return replayStale, dropDeadLetters(ctx, dlq, subject, seq)
+		}
 		return replayFailed, fmt.Errorf("%w; and its record could not be put back: %w (run replay again: it queues the job)", err, rerr)
 	}
 	return replayFailed, fmt.Errorf("%w; its record was put back and its dead letter kept", err)

@@ -172,3 +172,40 @@ func TestReplayGoesOnPastALetterAnotherReplayTook(t *testing.T) {
 	}
 	after(t, b.JS, next, 1, time.Time{})
 }
+
+// refusingJS refuses the first requeue (PublishMsg) after running before.
+type refusingJS struct {
+	jetstream.JetStream
+	before func()
+}
+
+func (r *refusingJS) PublishMsg(ctx context.Context, m *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	if r.before != nil {
+		r.before()
+		r.before = nil
+		return nil, context.DeadlineExceeded
+	}
+	return r.JetStream.PublishMsg(ctx, m, opts...)
+}
+
+// A requeue refused after the purge, while a concurrent replay's run of the
+// job ended with a newer record: the old record cannot go back, and the job
+// has its one record, so this letter is stale and goes. Before, it stayed
+// ("run replay again: it queues the job"), a second letter for a finished job
+// (red team round 21, two replays racing a NATS kill).
+// Mutation caught: restoreAfterRefusal without the ErrResultExists case:
+// failed, letter kept: red.
+func TestReplayRefusedAfterANewerRecordDropsTheLetter(t *testing.T) {
+	b := testenv.StartBus(t, jsprov.Options{})
+	job := replayJobReq("newer-meanwhile")
+	deadLetter(t, b.JS, job, 3, t0)
+	terminal(t, b.JS, job, schemas.StatusFailed, t0)
+	newer := t0.Add(time.Hour)
+	js := &refusingJS{JetStream: b.JS, before: func() { terminal(t, b.JS, job, schemas.StatusCompleted, newer) }}
+
+	r := runReplay(t, js, replayFilter{})
+	if r.outcomes[job.ID] != replayStale || r.failed != 0 {
+		t.Fatalf("failed %d, outcomes %v; want stale", r.failed, r.outcomes)
+	}
+	after(t, b.JS, job, 0, newer)
+}
