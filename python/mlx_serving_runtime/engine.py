@@ -253,7 +253,11 @@ class Engine(ModelsMixin, OutputMixin):
             # processors on filter and runs rows without any on its batched path.
             procs: list[Callable] = []
             if req.repetition_penalty is not None and req.repetition_penalty != 1.0:
-                procs += make_logits_processors(repetition_penalty=req.repetition_penalty)
+                # mlx-lm divides by it: one that rounds to 0 in float32 (the schema
+                # allows any above 0) made the token's logit inf or NaN and the row
+                # wrote <pad> for ever (red team round 21, second pass).
+                penalty = max(req.repetition_penalty, sampling.MIN_REPETITION_PENALTY)
+                procs += make_logits_processors(repetition_penalty=penalty)
             if req.presence_penalty or req.frequency_penalty or req.logit_bias:
                 procs.append(
                     sampling.OpenAIPenalties(

@@ -43,6 +43,8 @@ _split = mx.vmap(lambda k: mx.random.split(k))
 
 # Temperatures below this are sampled greedily (see BatchSampler.add).
 MIN_TEMPERATURE = 1e-6
+# A repetition penalty below this is taken as this (see Engine's processors).
+MIN_REPETITION_PENALTY = 1e-6
 
 
 class BatchSampler:
@@ -129,7 +131,10 @@ class BatchSampler:
             probs = mx.exp(srt.astype(mx.float32))
             above = mx.cumsum(probs, axis=-1, reverse=True, inclusive=False)
             total = above[..., :1] + probs[..., :1]
-            dropped = (above >= p * total).sum(axis=-1, keepdims=True)
+            # At most v-1: a p that rounds to 0 in float32 (top_p below ~7e-46, which
+            # the schema allows) dropped all v and read past the row: <pad> for ever
+            # (red team round 21, second pass); it keeps the top token instead.
+            dropped = mx.minimum((above >= p * total).sum(axis=-1, keepdims=True), v - 1)
             kept = mx.take_along_axis(srt, dropped, axis=-1)
             x = mx.where(on & (x < kept), -float("inf"), x)
         if any(r.min_p > 0 for r in rows):

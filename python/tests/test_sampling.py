@@ -47,6 +47,20 @@ def test_a_vanishing_temperature_samples_greedily(rt) -> None:
     assert tiny == greedy
 
 
+def test_vanishing_top_p_and_repetition_penalty_keep_a_token(rt) -> None:
+    """A top_p or repetition_penalty the schema allows but that rounds to 0 in
+    float32 gives real text, not <pad> for ever (red team round 21, second pass).
+
+    Mutations caught: BatchSampler._filter without the v-1 bound on ``dropped``, and
+    Engine passing the penalty unclamped — each gives "<pad>" text."""
+    greedy = gen(rt, prompt="Once upon a time", max_tokens=3)["text"]
+    top_p = gen(rt, prompt="Once upon a time", max_tokens=3, temperature=1.0, top_p=1e-50, seed=3)["text"]
+    assert top_p == greedy
+    penalised = gen(rt, prompt="Once upon a time", max_tokens=3, repetition_penalty=1e-50)["text"]
+    floor = gen(rt, prompt="Once upon a time", max_tokens=3, repetition_penalty=1e-6)["text"]
+    assert "<pad>" not in penalised and penalised == floor
+
+
 def test_frequency_penalty_reduces_repeats(rt) -> None:
     """Mutation caught: OpenAIPenalties never counting (`self.started = True` removed):
     the penalty stays 0 and the text repeats as much as without it."""
