@@ -14,6 +14,9 @@ type Jobs interface {
 	// Submit opens job's event stream and queues the job. Its errors are the
 	// bus's: bus.ErrQueueFull, bus.ErrJobTooLarge, a *schemas.ValidationError, ...
 	Submit(ctx context.Context, job *schemas.JobRequest) (*bus.JobStream, error)
+	// Watch opens the event stream of tenant's job already submitted (bus.Watch):
+	// its first event is the record when it has one.
+	Watch(ctx context.Context, tenant, jobID, replyTo string) (*bus.JobStream, error)
 	// Cancel asks the fleet to stop tenant's job.
 	Cancel(ctx context.Context, tenant, jobID, reason string) error
 	// Ended reports whether tenant's job has its terminal record.

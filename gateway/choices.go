@@ -54,13 +54,16 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, base *schem
 		job := *base
 		if i > 0 {
 			job.ID = bus.NewJobID()
+			if spec.key != "" {
+				job.ID = keyedJobID(job.Tenant, spec.key, i)
+			}
 			job.ReplyTo = bus.ReplySubject(job.Tenant, job.ID)
 			if base.Seed != nil {
 				s := *base.Seed + int64(i)
 				job.Seed = &s
 			}
 		}
-		stream, err := g.jobs.Submit(waitCtx, &job)
+		stream, err := g.submit(waitCtx, &job, spec)
 		if err != nil {
 			cancelAll(0, "a sibling choice could not be submitted")
 			g.cancelUnsure(r.Context(), &job, err, "submit failed or its client left before it was acknowledged", spec.slot)
@@ -169,10 +172,15 @@ func streamChoices(calls []*jobCall) {
 			}
 		}
 	}
+	clientLeft := func(err error) {
+		if reason := g.clientGone(err, c0.job.ID); c0.spec.key == "" {
+			cancelRest(reason) // a client with a key may come back (idempotency.go)
+		}
+	}
 	send := func(v any, i int) bool {
 		for _, e := range each(v) {
 			if err := sse.send(withIndex(e, i)); err != nil {
-				cancelRest(g.clientGone(err, c0.job.ID))
+				clientLeft(err)
 				return false
 			}
 		}
@@ -216,6 +224,12 @@ func streamChoices(calls []*jobCall) {
 		if it.ev.Token != nil {
 			out, lp, ok := c.delta(it.ev)
 			if !ok {
+				if c.held {
+					if err := sse.keepAlive(); err != nil {
+						clientLeft(err)
+						return
+					}
+				}
 				continue
 			}
 			if !begin() || !send(c.spec.format.delta(m, out, lp), it.i) {

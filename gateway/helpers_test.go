@@ -283,6 +283,14 @@ func expectUsage(t *testing.T, body map[string]any, prompt, completion, cached f
 // readSSE returns the data payloads of an event stream, in order.
 func readSSE(t *testing.T, resp *http.Response) []string {
 	t.Helper()
+	events, _ := readSSEComments(t, resp)
+	return events
+}
+
+// readSSEComments is readSSE that also counts the comment lines (": ...",
+// which clients skip: sseWriter.keepAlive).
+func readSSEComments(t *testing.T, resp *http.Response) (events []string, comments int) {
+	t.Helper()
 	if resp.StatusCode != http.StatusOK {
 		data, _ := io.ReadAll(resp.Body)
 		t.Fatalf("status %d: %s", resp.StatusCode, data)
@@ -297,6 +305,10 @@ func readSSE(t *testing.T, resp *http.Response) []string {
 		if line == "" {
 			continue
 		}
+		if strings.HasPrefix(line, ":") {
+			comments++
+			continue
+		}
 		payload, ok := strings.CutPrefix(line, "data: ")
 		if !ok {
 			t.Fatalf("unexpected SSE line %q", line)
@@ -306,7 +318,7 @@ func readSSE(t *testing.T, resp *http.Response) []string {
 	if err := sc.Err(); err != nil {
 		t.Fatal(err)
 	}
-	return out
+	return out, comments
 }
 
 // chatBody builds a chat request body.

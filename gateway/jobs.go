@@ -118,6 +118,7 @@ type runSpec struct {
 	n            int  // choices: n > 1 runs n jobs (choices.go)
 	format       format
 	slot         *heldSlot // the tenant's in-flight slot, kept while a refused cancel is tried again
+	key          string    // the request's Idempotency-Key, "" for none (idempotency.go)
 }
 
 // request is what an OpenAI endpoint's body decodes into: it maps itself to a
@@ -168,8 +169,13 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 	if rf, ok := any(req).(interface{ format(format) format }); ok {
 		f = rf.format(f)
 	}
+	key, aerr := idempotencyKey(r)
+	if aerr != nil {
+		g.fail(w, endpoint, aerr)
+		return
+	}
 	g.run(w, r, job, runSpec{endpoint: endpoint, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
-		logprobs: job.Logprobs != nil, n: req.choices(), format: f, slot: slot})
+		logprobs: job.Logprobs != nil, n: req.choices(), format: f, slot: slot, key: key})
 }
 
 // run submits the job and answers with its outcome, streamed or whole.
@@ -180,6 +186,9 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 	}
 	now := time.Now().UTC()
 	job.ID = bus.NewJobID()
+	if spec.key != "" {
+		job.ID = keyedJobID(job.Tenant, spec.key, 0)
+	}
 	job.Priority = schemas.PriorityNormal
 	job.ReplyTo = bus.ReplySubject(job.Tenant, job.ID)
 	job.CreatedAt = &now
@@ -232,7 +241,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 		g.runChoices(w, r, job, spec, now, waitCtx)
 		return
 	}
-	stream, err := g.jobs.Submit(waitCtx, job)
+	stream, err := g.submit(waitCtx, job, spec)
 	if err != nil {
 		g.cancelUnsure(ctx, job, err, "submit failed or its client left before it was acknowledged", spec.slot)
 		if ctx.Err() != nil {
@@ -377,6 +386,12 @@ func (j *jobCall) streamed() {
 		if ev.Token != nil {
 			out, lp, ok := j.delta(ev)
 			if !ok {
+				if j.held {
+					if err := sse.keepAlive(); err != nil {
+						j.clientLeft(err)
+						return
+					}
+				}
 				continue
 			}
 			if err := begin(); err != nil {
@@ -464,8 +479,11 @@ func (j *jobCall) logprobsOf(entries []schemas.TokenLogprob, ev bus.Event) *logp
 // that delta reports none. When the client holds text that is not the result's
 // beginning, which cannot be taken back, it is the stream_diverged error.
 func (j *jobCall) closing(ev bus.Event) (events, *apiError) {
-	if j.held && !j.diverged {
-		// What the client holds is sent, not the stream's text with its hole.
+	if j.held {
+		// What the client holds is sent, not the stream's text with its hole:
+		// a Drop the stream reports after the hold (a retry that started over
+		// regenerates over the hole) takes back nothing the client has (the
+		// second pass of round 21).
 		rest, ok := strings.CutPrefix(ev.Result.Text, j.sent)
 		if !ok {
 			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
@@ -512,7 +530,11 @@ func (j *jobCall) abandon(err error) *apiError {
 // clientLeft cancels the job of a client that left or stopped reading
 // (clientGone).
 func (j *jobCall) clientLeft(err error) {
-	j.cancel(j.g.clientGone(err, j.job.ID))
+	reason := j.g.clientGone(err, j.job.ID)
+	if j.spec.key != "" {
+		return // it sent a key: it may come back for the job (idempotency.go)
+	}
+	j.cancel(reason)
 }
 
 func (j *jobCall) cancel(reason string) {

@@ -21,8 +21,8 @@ type Observer interface {
 	ErrorAnswered(code string)
 	// TenantRefused: a tenant limit refused a request with code.
 	TenantRefused(tenant, code string)
-	// ClientLeft: a job was cancelled because its client went away (or
-	// stopped reading: ClientStalled too).
+	// ClientLeft: a client went away (or stopped reading: ClientStalled
+	// too); its job was cancelled unless it sent an idempotency key.
 	ClientLeft()
 	// ClientStalled: a client took no write within the write timeout and was
 	// dropped (Config.WriteTimeout).

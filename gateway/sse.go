@@ -13,6 +13,7 @@ type sseWriter struct {
 	rc      *http.ResponseController
 	timeout time.Duration // each write's deadline (stall.go); 0: none
 	started bool
+	alive   time.Time // the last keepAlive
 }
 
 func newSSEWriter(w http.ResponseWriter, timeout time.Duration) *sseWriter {
@@ -52,6 +53,26 @@ func (s *sseWriter) raw(data []byte) error {
 	buf = append(buf, "data: "...)
 	buf = append(buf, data...)
 	buf = append(buf, '\n', '\n')
+	return s.write(buf)
+}
+
+// keepAliveEvery spaces the comments of a held stream.
+const keepAliveEvery = time.Second
+
+// keepAlive writes an SSE comment (clients skip it) at most once per
+// keepAliveEvery on a started stream: a stream held after lost events sends no
+// text until the job ends, and a proxy with an idle timeout would cut it (the
+// second pass of round 21: one 3.9 s silence in 40 tokens 100 ms apart); the
+// write also notices a client gone.
+func (s *sseWriter) keepAlive() error {
+	if !s.started || time.Since(s.alive) < keepAliveEvery {
+		return nil
+	}
+	s.alive = time.Now()
+	return s.write([]byte(": keepalive\n\n"))
+}
+
+func (s *sseWriter) write(buf []byte) error {
 	if s.timeout > 0 {
 		// Each event gets the whole timeout: a slow reader is fine, one that
 		// stopped is dropped. A writer without deadlines refuses (ignored).

@@ -54,10 +54,10 @@ func (g *Gateway) clientGone(err error, jobID string) string {
 	if stalled(err) {
 		g.obs.ClientStalled()
 		g.log.Warn().Str("job_id", jobID).Dur("write_timeout", g.writeTimeout).
-			Msg("client took no write within the write timeout; dropping it and cancelling its job")
+			Msg("client took no write within the write timeout; dropping it and cancelling its job (unless it sent an idempotency key)")
 		return "client stopped reading"
 	}
-	g.log.Info().Str("job_id", jobID).AnErr("cause", err).Msg("client left; cancelling its job")
+	g.log.Info().Str("job_id", jobID).AnErr("cause", err).Msg("client left; cancelling its job (unless it sent an idempotency key)")
 	return "client disconnected"
 }
 

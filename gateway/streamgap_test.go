@@ -52,13 +52,37 @@ func TestStreamHoldsAfterAGapAndSendsTheRest(t *testing.T) {
 	startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"a", "b", "c", "d"}, LoseSeq: 1})
 	_, srv := newTestGateway(t, tb, nil)
 
-	texts, done := streamTexts(t, readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil))))
+	events, comments := readSSEComments(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
+	texts, done := streamTexts(t, events)
 	if texts[0] != "abcd" || !done {
 		t.Fatalf("chat: text %q, [DONE] %v; want abcd and [DONE]", texts[0], done)
 	}
-	events := readSSE(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "n": 2, "stream": true}))
+	// Held, it keeps the connection visibly alive (sseWriter.keepAlive).
+	// Mutation caught: streamed without keepAlive: no comment: red.
+	if comments == 0 {
+		t.Fatal("a held stream sent no keep-alive comment")
+	}
+	events = readSSE(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "n": 2, "stream": true}))
 	texts, done = streamTexts(t, events)
 	if texts[0] != "abcd" || texts[1] != "abcd" || !done {
 		t.Fatalf("completions n=2: texts %v, [DONE] %v; want abcd twice and [DONE] (last event %s)", texts, done, events[len(events)-1])
+	}
+}
+
+// A gap, then a retry that starts over (its dispatcher lost track of the
+// text) and regenerates over the hole: the stream reports a Drop of text the
+// client never got; the client's text is what was sent, and the record
+// continues it, so the stream ends whole. Second pass of round 21: it ended
+// stream_diverged with "ab" though the record was "abcdef".
+// Mutation caught: closing testing held && !diverged: stream_diverged: red.
+func TestHeldStreamSurvivesARetryThatStartsOver(t *testing.T) {
+	t.Parallel()
+	tokens := []string{"a", "b", "c", "d", "e", "f"}
+	tb := startBus(t, jsprov.Options{})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: tokens, LoseSeq: 2, Crash: 4, StartOver: true}, fakeworker.Plan{Tokens: tokens})
+	_, srv := newTestGateway(t, tb, nil)
+	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
+	if texts, done := streamTexts(t, events); texts[0] != "abcdef" || !done {
+		t.Fatalf("text %q, [DONE] %v (last event %s); want abcdef and [DONE]", texts[0], done, events[len(events)-1])
 	}
 }

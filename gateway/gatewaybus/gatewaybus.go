@@ -60,6 +60,11 @@ func (b *Bus) Submit(ctx context.Context, job *schemas.JobRequest) (*bus.JobStre
 	return s, err
 }
 
+// Watch opens the stream of tenant's job already submitted (bus.Watch).
+func (b *Bus) Watch(ctx context.Context, tenant, jobID, replyTo string) (*bus.JobStream, error) {
+	return bus.Watch(ctx, b.nc, b.js, tenant, jobID, replyTo, b.stream)
+}
+
 // Cancel asks the fleet to stop tenant's job.
 func (b *Bus) Cancel(ctx context.Context, tenant, jobID, reason string) error {
 	return b.producer.TenantCancel(ctx, tenant, jobID, reason)

@@ -31,7 +31,9 @@ func (w *Worker) serveDirect(m *nats.Msg) {
 	}
 	a := schemas.AssignmentMsg{BatchID: "direct-" + job.ID, Jobs: []schemas.AssignedJob{{Job: job, Attempt: 1}}}
 	w.mu.Lock()
-	if w.dead {
+	if w.dead || w.assigned[job.ID] > 0 {
+		// A core subscription also sees a publish JetStream refused (a job id
+		// already queued: the client's expectation): not a job to run again.
 		w.mu.Unlock()
 		return
 	}

@@ -1,0 +1,65 @@
+package gateway
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"net/http"
+	"strconv"
+
+	"github.com/mlx-serving/mlx-serving/bus"
+	"github.com/mlx-serving/mlx-serving/schemas"
+)
+
+// Idempotency keys. A client that loses its answer — the gateway restarted, a
+// proxy dropped the connection — and sends the request again would run the job
+// again: the job id went out with the answer that never came (red team round
+// 21: a non-streamed request whose gateway was SIGKILLed, retried as
+// openai-python does by default, ran twice). With an Idempotency-Key header
+// the job id is derived from the tenant, the key and the choice, so the retry
+// names the same job: one finished answers from its record, one still
+// running is watched to its end, and nothing runs twice. The key names the
+// job, not the body: a retry gets the first try's job whatever its body says.
+// The client that sent a key may come back, so leaving does not cancel its job.
+
+// idempotencyHeader is the request header that carries the key.
+const idempotencyHeader = "Idempotency-Key"
+
+// maxIdempotencyKey bounds a key's length.
+const maxIdempotencyKey = 255
+
+// idempotencyKey is r's key, "" when it sent none; a malformed one is refused.
+func idempotencyKey(r *http.Request) (string, *apiError) {
+	key := r.Header.Get(idempotencyHeader)
+	if len(key) > maxIdempotencyKey {
+		return "", errInvalid(idempotencyHeader, "The %s header is longer than %d bytes.", idempotencyHeader, maxIdempotencyKey)
+	}
+	for i := 0; i < len(key); i++ {
+		if c := key[i]; c < 0x21 || c > 0x7e {
+			return "", errInvalid(idempotencyHeader, "The %s header must be printable ASCII without spaces.", idempotencyHeader)
+		}
+	}
+	return key, nil
+}
+
+// keyedJobID is the job id tenant's key names for choice (0 for the first):
+// a hash, so it is a valid id whatever the key, and another tenant's same key
+// names another job.
+func keyedJobID(tenant, key string, choice int) string {
+	h := sha256.Sum256([]byte(tenant + "\x00" + key + "\x00" + strconv.Itoa(choice)))
+	return "ik" + hex.EncodeToString(h[:20])
+}
+
+// submit queues job and opens its stream; with a key (spec.key), a job id
+// already taken is the earlier try's job, which is watched instead: finished,
+// its record is the first event; running, its events from now on, the rest
+// coming with the record (the gateway holds after the gap: jobCall.delta).
+func (g *Gateway) submit(ctx context.Context, job *schemas.JobRequest, spec runSpec) (*bus.JobStream, error) {
+	stream, err := g.jobs.Submit(ctx, job)
+	if err != nil && spec.key != "" && errors.Is(err, bus.ErrDuplicate) {
+		g.log.Debug().Str("job_id", job.ID).Msg("idempotency key names a job already submitted; watching it")
+		return g.jobs.Watch(ctx, job.Tenant, job.ID, job.ReplyTo)
+	}
+	return stream, err
+}

@@ -1,0 +1,161 @@
+package gateway
+
+import (
+	"bufio"
+	"context"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+)
+
+// completionText is the text of a one-choice, non-streamed completion.
+func completionText(t *testing.T, resp *http.Response) string {
+	t.Helper()
+	if resp.StatusCode != http.StatusOK {
+		expectError(t, resp, http.StatusOK, "", "")
+	}
+	body := decode[struct {
+		Choices []struct {
+			Text string `json:"text"`
+		} `json:"choices"`
+	}](t, resp.Body)
+	if len(body.Choices) != 1 {
+		t.Fatalf("choices %+v", body.Choices)
+	}
+	return body.Choices[0].Text
+}
+
+// A request retried with its Idempotency-Key names the job of its first try:
+// a finished one answers from its record, streamed or not, and nothing runs
+// again; another key, or the same key of another tenant, is another job. Red
+// team round 21: with no key, a retry after a gateway crash ran the job twice.
+// Mutation caught: run without keyedJobID (a fresh id per request): a second
+// job reaches the worker: red.
+func TestIdempotencyKeyAnswersTheFirstTrysJob(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
+	_, srv := newTestGateway(t, tb, func(c *Config) {
+		c.TokenTenants = map[string]string{"tok-a": "a", "tok-b": "b"}
+	})
+	body := map[string]any{"model": testModel, "prompt": "hi"}
+	post := func(token, key string, stream bool) *http.Response {
+		b := map[string]any{"model": testModel, "prompt": "hi", "stream": stream}
+		return postJSON(t, srv.URL+"/v1/completions", b, "Authorization", "Bearer "+token, idempotencyHeader, key)
+	}
+	first := postJSON(t, srv.URL+"/v1/completions", body, "Authorization", "Bearer tok-a", idempotencyHeader, "k1")
+	id := first.Header.Get("X-Mlx-Job-Id")
+	if text := completionText(t, first); text != "Hello, world!" {
+		t.Fatalf("first try: %q", text)
+	}
+	fw.nextJob(t)
+	again := post("tok-a", "k1", false)
+	if again.Header.Get("X-Mlx-Job-Id") != id || completionText(t, again) != "Hello, world!" {
+		t.Fatalf("retry: job %q (first %q)", again.Header.Get("X-Mlx-Job-Id"), id)
+	}
+	texts, done := streamTexts(t, readSSE(t, post("tok-a", "k1", true)))
+	if texts[0] != "Hello, world!" || !done {
+		t.Fatalf("streamed retry: %q, [DONE] %v", texts[0], done)
+	}
+	select {
+	case a := <-fw.Assignments():
+		t.Fatalf("a retry ran job %s again", a.Jobs[0].Job.ID)
+	default:
+	}
+	for _, other := range []struct{ token, key string }{{"tok-a", "k2"}, {"tok-b", "k1"}} {
+		resp := post(other.token, other.key, false)
+		if got := resp.Header.Get("X-Mlx-Job-Id"); got == id || completionText(t, resp) != "Hello, world!" {
+			t.Fatalf("%s with key %s: job %q, the first's %q", other.token, other.key, got, id)
+		}
+		fw.nextJob(t)
+	}
+	expectError(t, post("tok-a", "has space", false), http.StatusBadRequest, idempotencyHeader, "invalid_value")
+}
+
+// A client with a key that leaves while its job runs does not cancel it, and
+// its retry watches that job to its end: one run, completed. Without a key a
+// leaving client still cancels (TestClientLeavingCancelsItsJob and others).
+// Mutation caught: clientLeft cancelling whatever the key: one cancel sent:
+// red.
+func TestIdempotencyKeyRetryWatchesTheRunningJob(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"a", "b"}, Block: true})
+	spy := &cancelSpy{}
+	_, srv := newTestGateway(t, tb, func(c *Config) { spy.Jobs = c.Jobs; c.Jobs = spy })
+	ctx, leave := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/completions",
+		strings.NewReader(`{"model":"`+testModel+`","prompt":"hi","stream":true}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set(idempotencyHeader, "run-1")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(resp.Body)
+	for got := ""; !strings.Contains(got, `"b"`); { // both tokens streamed; the job waits for Release
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("stream ended early: %v", err)
+		}
+		got += line
+	}
+	job := fw.nextJob(t)
+	leave() // the client goes; its job must run on
+	_ = resp.Body.Close()
+	// The job's reply subject loses the first request's interest, and gains
+	// the retry's: the retry then watches the running job.
+	acc := tb.Server.NATSServer().GlobalAccount()
+	interest := func() int { return acc.Interest(job.ReplyTo) }
+	waitFor(t, 10*time.Second, "the first request gone", func() bool { return interest() == 0 })
+	retried := make(chan *http.Response, 1)
+	go func() {
+		retried <- postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi"}, idempotencyHeader, "run-1")
+	}()
+	waitFor(t, 10*time.Second, "the retry watching the job", func() bool { return interest() == 1 })
+	fw.Release()
+	select {
+	case r := <-retried:
+		if text := completionText(t, r); text != "ab" {
+			t.Fatalf("retry answered %q, want the run's ab", text)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the retry got no answer")
+	}
+	select {
+	case a := <-fw.Assignments():
+		t.Fatalf("job %s ran again", a.Jobs[0].Job.ID)
+	default:
+	}
+	if n := spy.cancels.Load(); n != 0 {
+		t.Fatalf("%d cancels sent for a job whose client sent a key", n)
+	}
+}
+
+// cancelSpy counts the cancels the gateway sends.
+type cancelSpy struct {
+	Jobs
+	cancels atomic.Int64
+}
+
+func (c *cancelSpy) Cancel(ctx context.Context, tenant, jobID, reason string) error {
+	c.cancels.Add(1)
+	return c.Jobs.Cancel(ctx, tenant, jobID, reason)
+}
+
+// waitFor polls cond until it holds, failing after d.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(d); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
