@@ -43,6 +43,14 @@ func idempotencyKey(r *http.Request) (string, *apiError) {
 	return key, nil
 }
 
+// jobID is the id of choice's job: minted fresh, or with a key keyedJobID.
+func jobID(tenant, key string, choice int) string {
+	if key == "" {
+		return bus.NewJobID()
+	}
+	return keyedJobID(tenant, key, choice)
+}
+
 // keyedJobID is the job id tenant's key names for choice (0 for the first):
 // a hash, so it is a valid id whatever the key, and another tenant's same key
 // names another job.

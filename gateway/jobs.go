@@ -185,10 +185,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 		return
 	}
 	now := time.Now().UTC()
-	job.ID = bus.NewJobID()
-	if spec.key != "" {
-		job.ID = keyedJobID(job.Tenant, spec.key, 0)
-	}
+	job.ID = jobID(job.Tenant, spec.key, 0)
 	job.Priority = schemas.PriorityNormal
 	job.ReplyTo = bus.ReplySubject(job.Tenant, job.ID)
 	job.CreatedAt = &now
