@@ -64,16 +64,21 @@ func TestReplayWaitsForTheRecordsAck(t *testing.T) {
 	after(t, js, job, 1, time.Time{})
 }
 
-// racingJS runs before ahead of the first requeue (PublishMsg) replay sends.
+// racingJS runs before ahead of the first requeue (PublishMsg) replay sends,
+// and with refuse set answers that requeue with a timeout, unsent.
 type racingJS struct {
 	jetstream.JetStream
 	before func()
+	refuse bool
 }
 
 func (r *racingJS) PublishMsg(ctx context.Context, m *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
 	if r.before != nil {
 		r.before()
 		r.before = nil
+		if r.refuse {
+			return nil, context.DeadlineExceeded
+		}
 	}
 	return r.JetStream.PublishMsg(ctx, m, opts...)
 }
@@ -173,21 +178,6 @@ func TestReplayGoesOnPastALetterAnotherReplayTook(t *testing.T) {
 	after(t, b.JS, next, 1, time.Time{})
 }
 
-// refusingJS refuses the first requeue (PublishMsg) after running before.
-type refusingJS struct {
-	jetstream.JetStream
-	before func()
-}
-
-func (r *refusingJS) PublishMsg(ctx context.Context, m *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
-	if r.before != nil {
-		r.before()
-		r.before = nil
-		return nil, context.DeadlineExceeded
-	}
-	return r.JetStream.PublishMsg(ctx, m, opts...)
-}
-
 // A requeue refused after the purge, while a concurrent replay's run of the
 // job ended with a newer record: the old record cannot go back, and the job
 // has its one record, so this letter is stale and goes. Before, it stayed
@@ -201,7 +191,7 @@ func TestReplayRefusedAfterANewerRecordDropsTheLetter(t *testing.T) {
 	deadLetter(t, b.JS, job, 3, t0)
 	terminal(t, b.JS, job, schemas.StatusFailed, t0)
 	newer := t0.Add(time.Hour)
-	js := &refusingJS{JetStream: b.JS, before: func() { terminal(t, b.JS, job, schemas.StatusCompleted, newer) }}
+	js := &racingJS{JetStream: b.JS, refuse: true, before: func() { terminal(t, b.JS, job, schemas.StatusCompleted, newer) }}
 
 	r := runReplay(t, js, replayFilter{})
 	if r.outcomes[job.ID] != replayStale || r.failed != 0 {
