@@ -14,7 +14,7 @@ const cancelRetryFor = 10 * time.Minute
 
 // heldSlot is a tenant's in-flight slot (limiter.acquire). The handler holds
 // it, and so does each of its jobs' cancels the bus refused while it is tried
-// again (cancelLater); the last holder to let go releases it.
+// again (holdUntilEnded); the last holder to let go releases it.
 //
 // Why: a client that leaves frees its slot at once, and its job is cancelled.
 // When the cancel could not be stored (CANCELS full, the bus away), the job
@@ -77,9 +77,20 @@ func (s *heldSlot) done() {
 }
 
 // cancelJob asks the fleet to stop tenant's job id. A cancel the bus refuses
-// is tried again in the background (cancelLater) with the tenant's slot held,
+// is tried again in the background (holdUntilEnded) with the tenant's slot held,
 // until until (the job's deadline and grace; zero: cancelRetryFor from now).
 func (g *Gateway) cancelJob(r context.Context, tenant, id, reason string, until time.Time, slot *heldSlot) {
+	if until.IsZero() {
+		until = time.Now().Add(cancelRetryFor)
+	}
+	if keyedJob(id) {
+		// Never cancelled here: its client may come back for it, and a retry
+		// may be watching it (idempotency.go). Its slot is held until it ends,
+		// so leaving does not take a tenant past its in-flight limit.
+		g.log.Info().Str("job_id", id).Str("reason", reason).Msg("job named by an idempotency key not cancelled; the tenant's in-flight slot held until it ends")
+		g.holdUntilEnded(tenant, id, "", until, slot)
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r), cancelTimeout)
 	defer cancel()
 	err := g.jobs.Cancel(ctx, tenant, id, reason)
@@ -87,18 +98,16 @@ func (g *Gateway) cancelJob(r context.Context, tenant, id, reason string, until 
 		return
 	}
 	g.log.Warn().Err(err).Str("job_id", id).Msg("cancelling the job failed; trying again, the tenant's in-flight slot held meanwhile")
-	if until.IsZero() {
-		until = time.Now().Add(cancelRetryFor)
-	}
-	g.cancelLater(tenant, id, reason, until, slot)
+	g.holdUntilEnded(tenant, id, reason, until, slot)
 }
 
-// cancelLater tries tenant's cancel of job id again until it is stored, the
-// job has its record (it ended: nothing left to cancel, and the slot held for
-// nothing until the deadline, a goroutine each: the second pass), or until
-// passes (the job's deadline and grace: the dispatcher ends the job by then
-// anyway), holding slot meanwhile.
-func (g *Gateway) cancelLater(tenant, id, reason string, until time.Time, slot *heldSlot) {
+// holdUntilEnded holds slot until tenant's job id has its record (it ended:
+// nothing left to cancel, and the slot held for nothing until the deadline, a
+// goroutine each: the second pass) or until passes (the job's deadline and
+// grace: the dispatcher ends the job by then anyway). With a reason it tries
+// the job's cancel again meanwhile, until one is stored; without, it only
+// waits (a job an idempotency key names).
+func (g *Gateway) holdUntilEnded(tenant, id, reason string, until time.Time, slot *heldSlot) {
 	held := slot.hold()
 	go func() {
 		if held {
@@ -113,10 +122,13 @@ func (g *Gateway) cancelLater(tenant, id, reason string, until time.Time, slot *
 			if ended, _ := g.jobs.Ended(ctx, tenant, id); ended {
 				return nil
 			}
+			if reason == "" {
+				return errNotEnded
+			}
 			return g.jobs.Cancel(ctx, tenant, id, reason)
 		}, bo)
 		if err != nil {
-			g.log.Warn().Err(err).Str("job_id", id).Msg("the job's cancel was not stored before its deadline; its in-flight slot is released")
+			g.log.Warn().Err(err).Str("job_id", id).Msg("the job did not end, nor was its cancel stored, before its deadline; its in-flight slot is released")
 			return
 		}
 		g.log.Info().Str("job_id", id).Msg("the job's cancel was stored on a later try, or the job ended")

@@ -44,9 +44,9 @@ func (r *cancelRefusingJobs) Cancel(ctx context.Context, tenant, jobID, reason s
 // in-flight slot taken until the cancel is stored: before, the slot went with
 // the client while the job still queued or ran, and a tenant limited to 2 held
 // 125 jobs (red team round 19, tenanthttp F1).
-// Mutations caught: cancelLater not holding the slot (the second request is
+// Mutations caught: holdUntilEnded not holding the slot (the second request is
 // served while the first job still runs uncancelled); cancel without
-// cancelLater (no later try).
+// holdUntilEnded (no later try).
 func TestRefusedCancelKeepsTheTenantsSlot(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
@@ -140,7 +140,7 @@ func statusOf(t *testing.T, url string) int {
 // A refused cancel of a job that then ends lets the slot go at the job's end,
 // not at its deadline ten minutes on (red team round 19, second pass: the slot
 // and a goroutine each were held to the deadline).
-// Mutation caught: cancelLater without its Ended check.
+// Mutation caught: holdUntilEnded without its Ended check.
 func TestRefusedCancelOfAJobThatEndsFreesTheSlot(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
@@ -182,7 +182,7 @@ func TestRefusedCancelsKeepEveryChoicesSlot(t *testing.T) {
 // the job's cancel refused, keeps its tenant's slot taken while the cancel is
 // tried again, as a client that leaves later does (the final review of round
 // 19: the slot went at once, the job queued or ran outside the limit).
-// Mutation caught: cancelUnsure without cancelLater.
+// Mutation caught: cancelUnsure without holdUntilEnded.
 func TestRefusedCancelOfAnUnsureSubmitKeepsTheSlot(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
@@ -212,7 +212,7 @@ func TestRefusedCancelOfAnUnsureSubmitKeepsTheSlot(t *testing.T) {
 	}
 	leave()
 	<-done
-	rj.awaitTries(t, 2) // the handler's try, then one of cancelLater's
+	rj.awaitTries(t, 2) // the handler's try, then one of holdUntilEnded's
 	if code := statusOf(t, srv.URL); code != http.StatusTooManyRequests {
 		t.Fatalf("with the unsure job's cancel refused, a request got %d, want 429", code)
 	}

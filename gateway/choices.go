@@ -170,9 +170,7 @@ func streamChoices(calls []*jobCall) {
 		}
 	}
 	clientLeft := func(err error) {
-		if reason := g.clientGone(err, c0.job.ID); c0.spec.key == "" {
-			cancelRest(reason) // a client with a key may come back (idempotency.go)
-		}
+		cancelRest(g.clientGone(err, c0.job.ID)) // keyed jobs are held, not cancelled: cancelJob
 	}
 	send := func(v any, i int) bool {
 		for _, e := range each(v) {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -21,7 +22,12 @@ import (
 // names the same job: one finished answers from its record, one still
 // running is watched to its end, and nothing runs twice. The key names the
 // job, not the body: a retry gets the first try's job whatever its body says.
-// The client that sent a key may come back, so leaving does not cancel its job.
+// The client that sent a key may come back, so the gateway never cancels its
+// job (not when it leaves, nor when a sibling choice fails, nor when a submit's
+// outcome is unsure): cancelJob holds the tenant's slot until the job ends
+// instead. Red team round 21's final review: a cancel there answered the key
+// "cancelled" for as long as RESULTS keeps the record, and a leave that only
+// returned let a tenant run past its in-flight limit.
 
 // idempotencyHeader is the request header that carries the key.
 const idempotencyHeader = "Idempotency-Key"
@@ -49,6 +55,20 @@ func jobID(tenant, key string, choice int) string {
 		return bus.NewJobID()
 	}
 	return keyedJobID(tenant, key, choice)
+}
+
+// errNotEnded: a job holdUntilEnded waits for has no record yet.
+var errNotEnded = errors.New("gateway: the job has not ended")
+
+// keyedJob reports whether id is one keyedJobID makes ("ik" and 40 hex
+// digits; a minted id is a ULID, 26 upper-case characters): such a job is
+// never cancelled by the gateway (cancelJob).
+func keyedJob(id string) bool {
+	if len(id) != 42 || !strings.HasPrefix(id, "ik") {
+		return false
+	}
+	_, err := hex.DecodeString(id[2:])
+	return err == nil
 }
 
 // keyedJobID is the job id tenant's key names for choice (0 for the first):

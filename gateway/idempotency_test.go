@@ -139,10 +139,15 @@ func TestIdempotencyKeyRetryWatchesTheRunningJob(t *testing.T) {
 	}
 }
 
-// cancelSpy counts the cancels the gateway sends.
+// cancelSpy counts the cancels the gateway sends and its Ended lookups.
 type cancelSpy struct {
 	Jobs
-	cancels atomic.Int64
+	cancels, ended atomic.Int64
+}
+
+func (c *cancelSpy) Ended(ctx context.Context, tenant, jobID string) (bool, error) {
+	c.ended.Add(1)
+	return c.Jobs.Ended(ctx, tenant, jobID)
 }
 
 func (c *cancelSpy) Cancel(ctx context.Context, tenant, jobID, reason string) error {
@@ -157,5 +162,46 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
+	}
+}
+
+// A client with a key that leaves does not cancel its job, yet the job keeps
+// its tenant's in-flight slot until it ends: before, leaving only returned,
+// and a tenant limited to 1 in flight ran 4 jobs at once, keeping another
+// tenant's request off the workers (the final review of round 21).
+// Mutation caught: cancelJob returning for a keyed job without
+// holdUntilEnded: no Ended lookup, the second request served: red.
+func TestIdempotencyKeyLeaveKeepsTheTenantsSlot(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Block: true})
+	spy := &cancelSpy{}
+	_, srv := newTestGateway(t, tb, func(c *Config) {
+		spy.Jobs, c.Jobs = c.Jobs, spy
+		c.Limits = TenantLimits{MaxInFlight: 1}
+	})
+	ctx, leave := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(`{"model":"`+testModel+`","messages":[{"role":"user","content":"hi"}],"stream":true}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set(idempotencyHeader, "held-1")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() && !strings.Contains(sc.Text(), `"Hello"`) {
+	}
+	leave()
+	_ = resp.Body.Close()
+	waitFor(t, 10*time.Second, "the slot held until the job ends", func() bool { return spy.ended.Load() > 0 })
+	if code := statusOf(t, srv.URL); code != http.StatusTooManyRequests {
+		t.Fatalf("with the keyed job still running, a second request got %d, want 429", code)
+	}
+	fw.Release()
+	awaitSlotFree(t, srv.URL, 10*time.Second, "after the keyed job ended")
+	if n := spy.cancels.Load(); n != 0 {
+		t.Fatalf("%d cancels for a keyed job", n)
 	}
 }

@@ -527,11 +527,7 @@ func (j *jobCall) abandon(err error) *apiError {
 // clientLeft cancels the job of a client that left or stopped reading
 // (clientGone).
 func (j *jobCall) clientLeft(err error) {
-	reason := j.g.clientGone(err, j.job.ID)
-	if j.spec.key != "" {
-		return // it sent a key: it may come back for the job (idempotency.go)
-	}
-	j.cancel(reason)
+	j.cancel(j.g.clientGone(err, j.job.ID)) // a keyed job is held, not cancelled: cancelJob
 }
 
 func (j *jobCall) cancel(reason string) {

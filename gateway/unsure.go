@@ -25,7 +25,7 @@ import (
 // ended cancelled at intake.
 //
 // A cancel the bus refuses is tried again, the tenant's slot held meanwhile,
-// as for a client that leaves later (cancelLater; the final review of round
+// as for a client that leaves later (holdUntilEnded; the final review of round
 // 19: CANCELS full and an ack lost left such a job outside the limit).
 func (g *Gateway) cancelUnsure(r context.Context, job *schemas.JobRequest, err error, reason string, slot *heldSlot) {
 	if refusedUnstored(err) {

@@ -155,6 +155,12 @@ func (a *app) openClientReconnecting(ctx context.Context, name string, cf *clien
 		return nil, exitUsage, false
 	}
 	log := zerolog.Nop()
+	if reconnects < 0 {
+		// Waiting through an outage: say so, or the wait looks hung (the
+		// final review of round 21): disconnects and errors, not the close.
+		log = zerolog.New(zerolog.ConsoleWriter{Out: a.stderr, NoColor: true, TimeFormat: time.TimeOnly}).
+			Level(zerolog.WarnLevel).With().Timestamp().Logger()
+	}
 	opts := connectOptions(c, "mlx-serving-"+name, log)
 	opts.MaxReconnects = reconnects
 	cctx, cancel := context.WithTimeout(ctx, connectTimeout)

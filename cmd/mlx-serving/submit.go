@@ -163,6 +163,14 @@ func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args
 		return 0
 	}
 
+	if job.Deadline != nil {
+		// The wait reconnects through outages, but not past the job's own end:
+		// by its deadline and a grace the dispatcher has ended it (expired at
+		// worst); a server still away by then gets exit 6 and the way to ask.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, job.Deadline.Add(submitGrace))
+		defer cancel()
+	}
 	st, _, err := bus.SubmitStream(ctx, s.prod, s.nc, job, bus.StreamOptions{})
 	if err != nil {
 		if errors.Is(err, bus.ErrDuplicate) && o.id != "" {
@@ -210,6 +218,10 @@ func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args
 	}
 	return exitFailed
 }
+
+// submitGrace is how long past a job's deadline submit still waits for its end
+// (a variable for tests).
+var submitGrace = 30 * time.Second
 
 // submittedBefore answers a submit whose chosen id was taken (dup, the
 // submit's ErrDuplicate): a retry of a submit whose wait was lost gets the

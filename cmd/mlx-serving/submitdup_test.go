@@ -98,6 +98,38 @@ func TestSubmitWaitsThroughANATSRestart(t *testing.T) {
 	}
 }
 
+// A waiting submit whose server is gone for good says it lost the connection
+// and stops at the job's deadline and grace with exit 6, naming the way to
+// the result; before, it waited for ever, printing nothing (the final review
+// of round 21).
+// Mutation caught: submit without the deadline bound: still waiting: red.
+func TestSubmitStopsAtItsJobsDeadlineWithTheServerGone(t *testing.T) {
+	t.Setenv("MLX_SERVING_CONFIG", "")
+	grace := submitGrace
+	submitGrace = time.Second
+	defer func() { submitGrace = grace }()
+	b := testenv.StartBus(t, jsprov.Options{})
+	type run struct {
+		code   int
+		stderr string
+	}
+	ended := make(chan run, 1)
+	go func() {
+		c, _, e := runReal(t, "submit", "--nats", b.Server.ClientURL(), "--allow-unserved", "--timeout", "2s", "--id", "gone", "-m", "m", "p")
+		ended <- run{c, e}
+	}()
+	waitUntil(t, 10*time.Second, "the job queued", func() bool { return b.StreamMsgs(t, subjects.StreamJobs) == 1 })
+	b.Stop()
+	select {
+	case r := <-ended:
+		if r.code != exitNoResult || !strings.Contains(r.stderr, "nats disconnected") || !strings.Contains(r.stderr, "mlx-serving result gone") {
+			t.Fatalf("exit %d, stderr %q; want 6, the disconnect said, and the way to the result", r.code, r.stderr)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("submit still waiting 30 s after its job's deadline and grace")
+	}
+}
+
 // waitUntil polls cond until it holds, failing after d.
 func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()

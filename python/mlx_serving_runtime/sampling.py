@@ -43,8 +43,10 @@ _split = mx.vmap(lambda k: mx.random.split(k))
 
 # Temperatures below this are sampled greedily (see BatchSampler.add).
 MIN_TEMPERATURE = 1e-6
-# A repetition penalty below this is taken as this (see Engine's processors).
-MIN_REPETITION_PENALTY = 1e-6
+# A repetition penalty below this is taken as this (see Engine's processors): mlx-lm
+# divides the logits by it in their own dtype, so in float16 (max 65504) a smaller
+# one made inf and NaN of ordinary logits (the final review of round 21: 1e-6).
+MIN_REPETITION_PENALTY = 1e-2
 
 
 class BatchSampler:
