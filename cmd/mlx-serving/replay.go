@@ -405,7 +405,8 @@ func heldByReplay(ctx context.Context, js jetstream.JetStream, job *schemas.JobR
 	case err != nil:
 		return fmt.Errorf("requeue %s: %w", msg.Subject, err)
 	case held == nil:
-		return fmt.Errorf("requeue %s: refused as queued, then gone (it just ended?): run replay again", msg.Subject)
+		// A race of this job's alone: the walk goes on (jobFailure).
+		return jobFailure{fmt.Errorf("requeue %s: refused as queued, then gone (it just ended?): run replay again", msg.Subject)}
 	case !isMsg(held, msg):
 		return stillEnding(msg)
 	}
