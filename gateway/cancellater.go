@@ -86,9 +86,12 @@ func (g *Gateway) cancelJob(r context.Context, tenant, id, reason string, until 
 	if keyedJob(id) {
 		// Never cancelled here: its client may come back for it, and a retry
 		// may be watching it (idempotency.go). Its slot is held until it ends,
-		// so leaving does not take a tenant past its in-flight limit.
+		// so leaving does not take a tenant past its in-flight limit; a retry
+		// with the key joins that hold (keyedHolds).
 		g.log.Info().Str("job_id", id).Str("reason", reason).Msg("job named by an idempotency key not cancelled; the tenant's in-flight slot held until it ends")
-		g.holdUntilEnded(tenant, id, "", until, slot)
+		if g.limits.limits.MaxInFlight > 0 && g.holds.start(id, slot) {
+			g.waitEnded(tenant, id, "", until, func() { g.holds.end(id, slot) })
+		}
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r), cancelTimeout)
@@ -109,10 +112,18 @@ func (g *Gateway) cancelJob(r context.Context, tenant, id, reason string, until 
 // waits (a job an idempotency key names).
 func (g *Gateway) holdUntilEnded(tenant, id, reason string, until time.Time, slot *heldSlot) {
 	held := slot.hold()
-	go func() {
+	g.waitEnded(tenant, id, reason, until, func() {
 		if held {
-			defer slot.done()
+			slot.done()
 		}
+	})
+}
+
+// waitEnded is holdUntilEnded's wait, on a goroutine of its own; then runs
+// once it is over.
+func (g *Gateway) waitEnded(tenant, id, reason string, until time.Time, then func()) {
+	go func() {
+		defer then()
 		bo := backoff.NewExponentialBackOff()
 		bo.InitialInterval, bo.MaxInterval = 200*time.Millisecond, 10*time.Second
 		bo.MaxElapsedTime = max(time.Until(until), time.Millisecond)

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -90,4 +91,51 @@ func (g *Gateway) submit(ctx context.Context, job *schemas.JobRequest, spec runS
 		return g.jobs.Watch(ctx, job.Tenant, job.ID, job.ReplyTo)
 	}
 	return stream, err
+}
+
+// keyedHolds are the tenant slots held for keyed jobs whose clients left
+// (cancelJob), by job id. A job is held once, however many of its tries left;
+// and a retry with the key joins the hold of its first choice's job instead of
+// taking a slot of its own. Before, the retry a key is for was refused 429 by
+// its own first try's hold until the job ended, and each try that left held
+// one more slot (round 21's last pass).
+type keyedHolds struct {
+	mu sync.Mutex
+	m  map[string]*heldSlot
+}
+
+// join returns the slot held for job id with one more holder (the caller's
+// done lets it go), or nil when none is held.
+func (h *keyedHolds) join(id string) *heldSlot {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if s := h.m[id]; s != nil && s.hold() {
+		return s
+	}
+	return nil
+}
+
+// start holds slot for job id unless the id is held already or the slot was
+// released; it reports whether it holds (then end must follow).
+func (h *keyedHolds) start(id string, slot *heldSlot) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.m[id] != nil || !slot.hold() {
+		return false
+	}
+	if h.m == nil {
+		h.m = map[string]*heldSlot{}
+	}
+	h.m[id] = slot
+	return true
+}
+
+// end lets go of job id's hold.
+func (h *keyedHolds) end(id string, slot *heldSlot) {
+	h.mu.Lock()
+	if h.m[id] == slot {
+		delete(h.m, id)
+	}
+	h.mu.Unlock()
+	slot.done()
 }

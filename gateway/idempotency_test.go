@@ -169,8 +169,9 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 // its tenant's in-flight slot until it ends: before, leaving only returned,
 // and a tenant limited to 1 in flight ran 4 jobs at once, keeping another
 // tenant's request off the workers (the final review of round 21).
-// Mutation caught: cancelJob returning for a keyed job without
-// holdUntilEnded: no Ended lookup, the second request served: red.
+// Mutations caught: cancelJob returning for a keyed job without holding: no
+// Ended lookup: red; serve not joining the hold: the retry refused 429, it
+// never watches: red.
 func TestIdempotencyKeyLeaveKeepsTheTenantsSlot(t *testing.T) {
 	t.Parallel()
 	tb := startBus(t, jsprov.Options{})
@@ -199,7 +200,20 @@ func TestIdempotencyKeyLeaveKeepsTheTenantsSlot(t *testing.T) {
 	if code := statusOf(t, srv.URL); code != http.StatusTooManyRequests {
 		t.Fatalf("with the keyed job still running, a second request got %d, want 429", code)
 	}
+	// The retry the key is for joins the held slot and watches the job, not
+	// refused 429 by its own first try's hold (round 21's last pass).
+	job := fw.nextJob(t)
+	acc := tb.Server.NATSServer().GlobalAccount()
+	waitFor(t, 10*time.Second, "the first try gone", func() bool { return acc.Interest(job.ReplyTo) == 0 })
+	retried := make(chan *http.Response, 1)
+	go func() {
+		retried <- postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil), idempotencyHeader, "held-1")
+	}()
+	waitFor(t, 10*time.Second, "the retry watching the job", func() bool { return acc.Interest(job.ReplyTo) == 1 })
 	fw.Release()
+	if r := <-retried; r.StatusCode != http.StatusOK {
+		expectError(t, r, http.StatusOK, "", "")
+	}
 	awaitSlotFree(t, srv.URL, 10*time.Second, "after the keyed job ended")
 	if n := spy.cancels.Load(); n != 0 {
 		t.Fatalf("%d cancels for a keyed job", n)

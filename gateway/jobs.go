@@ -137,12 +137,20 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 	// The tenant's in-flight slot is taken before its body is read: a tenant at
 	// its limit is refused without the gateway holding its body.
 	tenant := tenantOf(r)
-	releaseSlot, ok := g.limits.acquire(tenant)
-	if !ok {
-		g.refuse(w, endpoint, tenant, errTenantQueueFull(tenant, g.limits.limits.MaxInFlight, g.cfg.RetryAfter))
-		return
+	// A retry with the key of a job held after its client left takes that
+	// job's slot, not one more (keyedHolds).
+	var slot *heldSlot
+	if key := r.Header.Get(idempotencyHeader); key != "" {
+		slot = g.holds.join(keyedJobID(tenant, key, 0))
 	}
-	slot := newHeldSlot(releaseSlot)
+	if slot == nil {
+		releaseSlot, ok := g.limits.acquire(tenant)
+		if !ok {
+			g.refuse(w, endpoint, tenant, errTenantQueueFull(tenant, g.limits.limits.MaxInFlight, g.cfg.RetryAfter))
+			return
+		}
+		slot = newHeldSlot(releaseSlot)
+	}
 	defer slot.done()
 	body, releaseBody, aerr := g.readBody(w, r, tenant)
 	if aerr != nil {

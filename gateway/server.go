@@ -96,6 +96,7 @@ type Gateway struct {
 	registry *registry
 	tenants  *tenantAuth
 	limits   *limiter
+	holds    keyedHolds // keyed jobs' slots held after their clients left (idempotency.go)
 	cors     *corsPolicy
 	obs      Observer
 	handler  http.Handler

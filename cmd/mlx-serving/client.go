@@ -157,9 +157,10 @@ func (a *app) openClientReconnecting(ctx context.Context, name string, cf *clien
 	log := zerolog.Nop()
 	if reconnects < 0 {
 		// Waiting through an outage: say so, or the wait looks hung (the
-		// final review of round 21): disconnects and errors, not the close.
+		// final review of round 21): disconnects, reconnects and errors, not
+		// the close at the end.
 		log = zerolog.New(zerolog.ConsoleWriter{Out: a.stderr, NoColor: true, TimeFormat: time.TimeOnly}).
-			Level(zerolog.WarnLevel).With().Timestamp().Logger()
+			Level(zerolog.InfoLevel).Hook(outageOnly).With().Timestamp().Logger()
 	}
 	opts := connectOptions(c, "mlx-serving-"+name, log)
 	opts.MaxReconnects = reconnects
@@ -186,3 +187,11 @@ func (a *app) openClientReconnecting(ctx context.Context, name string, cf *clien
 }
 
 const connectTimeout = 5 * time.Second
+
+// outageOnly keeps the connection's warnings and errors and, below them, only
+// its reconnects.
+var outageOnly = zerolog.HookFunc(func(e *zerolog.Event, level zerolog.Level, msg string) {
+	if level < zerolog.WarnLevel && msg != "nats reconnected" {
+		e.Discard()
+	}
+})

@@ -188,6 +188,10 @@ func (a *app) submit(ctx context.Context, cf *clientFlags, o submitOptions, args
 			}
 			// Accepted, so it runs on and ends with its record whatever
 			// became of this wait: not "failed".
+			if errors.Is(err, context.DeadlineExceeded) && job.Deadline != nil {
+				fmt.Fprintf(stderr, "\nmlx-serving submit: no result by the job's deadline and %v of grace (the server unreachable or the queue behind); it ends expired at worst: mlx-serving result %s\n", submitGrace, job.ID)
+				return exitNoResult
+			}
 			fmt.Fprintf(stderr, "\nmlx-serving submit: %v\njob %s was accepted and keeps running: mlx-serving result %s\n", err, job.ID, job.ID)
 			return exitNoResult
 		}

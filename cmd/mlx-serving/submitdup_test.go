@@ -93,6 +93,10 @@ func TestSubmitWaitsThroughANATSRestart(t *testing.T) {
 		if r.code != exitCompleted || !strings.Contains(r.out, "after the restart") {
 			t.Fatalf("exit %d, stdout %q, stderr %q; want 0 and the record's text", r.code, r.out, r.stderr)
 		}
+		// The outage is said, and its end (outageOnly), not the close.
+		if !strings.Contains(r.stderr, "nats disconnected") || !strings.Contains(r.stderr, "nats reconnected") || strings.Contains(r.stderr, "closed") {
+			t.Fatalf("stderr %q; want the disconnect and the reconnect said, nothing of the close", r.stderr)
+		}
 	case <-time.After(45 * time.Second):
 		t.Fatal("submit still waiting 45 s after the record was stored")
 	}
