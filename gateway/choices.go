@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -204,8 +205,22 @@ func streamChoices(calls []*jobCall) {
 		_ = sse.send(e.body())
 	}
 	var total usage
+	tick := time.NewTicker(keepAliveEvery)
+	defer tick.Stop()
 	for left := len(calls); left > 0; {
-		it := <-items
+		var it item
+		select {
+		case it = <-items:
+		case <-tick.C:
+			// A held choice keeps the stream alive while its job is quiet too.
+			if slices.ContainsFunc(calls, func(c *jobCall) bool { return c.held }) {
+				if err := sse.keepAlive(); err != nil {
+					clientLeft(err)
+					return
+				}
+			}
+			continue
+		}
 		c := calls[it.i]
 		if it.err != nil {
 			finished[it.i] = true

@@ -290,15 +290,15 @@ type jobCall struct {
 	// diverged: the job's text stopped being a continuation of what the client
 	// was sent (Event.Drop); nothing more is sent.
 	diverged bool
-	// sentLen is how many bytes of text the client was sent. held: events were
-	// lost on the way (Event.Missed, e.g. a NATS reconnect), so a later delta
-	// would leave a hole in the client's text; nothing more is sent until the
-	// terminal, which sends the record's text past sent (closing). Red team
-	// round 21: forwarding after a gap ended completed jobs stream_diverged,
-	// and with n > 1 cancelled their healthy siblings.
-	sentLen int
-	held    bool
-	sent    string // the client's text, taken when held
+	// sent is the text the client was sent. held: events were lost on the way
+	// (Event.Missed, e.g. a NATS reconnect), so a later delta would leave a
+	// hole in the client's text; nothing more is sent until the terminal,
+	// which sends the record's text past sent (closing). Red team round 21:
+	// forwarding after a gap ended completed jobs stream_diverged, and with
+	// n > 1 cancelled their healthy siblings. Kept here, not read from the
+	// stream: its events are read on another goroutine while one is handled.
+	sent []byte
+	held bool
 }
 
 // next returns the stream's next event, counting what the stream repaired.
@@ -374,8 +374,46 @@ func (j *jobCall) streamed() {
 		sse.start()
 		return nil
 	}
+	// Events are read on a goroutine of their own, so a stream held after
+	// lost events keeps alive while the job is quiet too (a retry's backoff,
+	// a prefill), not only when an event comes (round 21's final review).
+	type item struct {
+		ev  bus.Event
+		err error
+	}
+	items := make(chan item)
+	quit := make(chan struct{})
+	defer close(quit)
+	go func() {
+		for {
+			ev, err := j.next()
+			select {
+			case items <- item{ev, err}:
+			case <-quit:
+				return
+			}
+			if err != nil || ev.Result != nil {
+				return
+			}
+		}
+	}()
+	tick := time.NewTicker(keepAliveEvery)
+	defer tick.Stop()
 	for {
-		ev, err := j.next()
+		var ev bus.Event
+		var err error
+		select {
+		case it := <-items:
+			ev, err = it.ev, it.err
+		case <-tick.C:
+			if j.held {
+				if err := sse.keepAlive(); err != nil {
+					j.clientLeft(err)
+					return
+				}
+			}
+			continue
+		}
 		if err != nil {
 			e := j.abandon(err)
 			switch {
@@ -456,16 +494,14 @@ func (j *jobCall) delta(ev bus.Event) (string, *logprobs, bool) {
 		j.g.log.Warn().Str("job_id", j.job.ID).Int("attempt", ev.Attempt).
 			Msg("a restarted attempt regenerated different text; the stream stops and the result is whole")
 	}
-	if ev.Missed > 0 && !j.held && !j.diverged {
-		// The stream's text is what was sent, then this event's delta (a
-		// Drop, which would change what went before, is handled above).
-		j.held, j.sent = true, j.stream.Text()[:j.sentLen]
+	if ev.Missed > 0 && !j.diverged {
+		j.held = true
 	}
 	out := ev.Token.Delta
 	if j.diverged || j.held || out == "" {
 		return "", nil, false
 	}
-	j.sentLen += len(out)
+	j.sent = append(j.sent, out...)
 	return out, j.logprobsOf(ev.Token.Logprobs, ev), true
 }
 
@@ -489,7 +525,7 @@ func (j *jobCall) closing(ev bus.Event) (events, *apiError) {
 		// a Drop the stream reports after the hold (a retry that started over
 		// regenerates over the hole) takes back nothing the client has (the
 		// second pass of round 21).
-		rest, ok := strings.CutPrefix(ev.Result.Text, j.sent)
+		rest, ok := strings.CutPrefix(ev.Result.Text, string(j.sent))
 		if !ok {
 			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
 				Msg("streamed text differs from the job's result text")

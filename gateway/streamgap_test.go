@@ -1,8 +1,11 @@
 package gateway
 
 import (
+	"bufio"
 	"encoding/json"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
@@ -84,5 +87,55 @@ func TestHeldStreamSurvivesARetryThatStartsOver(t *testing.T) {
 	events := readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil)))
 	if texts, done := streamTexts(t, events); texts[0] != "abcdef" || !done {
 		t.Fatalf("text %q, [DONE] %v (last event %s); want abcdef and [DONE]", texts[0], done, events[len(events)-1])
+	}
+}
+
+// A held stream whose job goes quiet (here: blocked before its end) keeps
+// sending keep-alive comments, not only when events come (round 21's final
+// review: one comment, then 6 s of silence).
+// Mutation caught: streamed without its ticker: one comment, then none: red.
+func TestHeldStreamKeepsAliveWhileTheJobIsQuiet(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"a", "b", "c", "d"}, LoseSeq: 1, Block: true})
+	_, srv := newTestGateway(t, tb, nil)
+	resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, nil))
+	lines := make(chan string)
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(resp.Body)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+	}()
+	comments := 0
+	for deadline := time.After(10 * time.Second); comments < 3; {
+		select {
+		case l := <-lines:
+			if strings.HasPrefix(l, ":") {
+				comments++
+			}
+		case <-deadline:
+			t.Fatalf("%d keep-alive comments in 10 s of a held, quiet stream; want 3", comments)
+		}
+	}
+	fw.Release()
+	var text strings.Builder
+	done := false
+	for l := range lines {
+		payload, ok := strings.CutPrefix(l, "data: ")
+		if !ok {
+			continue
+		}
+		if payload == "[DONE]" {
+			done = true
+			continue
+		}
+		texts, _ := streamTexts(t, []string{payload})
+		text.WriteString(texts[0])
+	}
+	if text.String() != "bcd" || !done {
+		// "a" came before the comments were counted; the rest with the record.
+		t.Fatalf("text after the quiet spell %q, [DONE] %v; want bcd and [DONE]", text.String(), done)
 	}
 }
