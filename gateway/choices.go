@@ -61,7 +61,7 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, base *schem
 				job.Seed = &s
 			}
 		}
-		stream, err := g.submit(waitCtx, &job, spec)
+		stream, watched, err := g.submit(waitCtx, &job, spec)
 		if err != nil {
 			cancelAll(0, "a sibling choice could not be submitted")
 			g.cancelUnsure(r.Context(), &job, err, "submit failed or its client left before it was acknowledged", spec.slot)
@@ -77,7 +77,7 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, base *schem
 		m := meta{id: spec.format.idPrefix() + base.ID, created: now.Unix(), model: job.Model, includeUsage: spec.stream && spec.includeUsage}
 		cspec := spec
 		cspec.format = choiceFormat(spec.format)
-		calls = append(calls, &jobCall{g: g, w: w, r: r, spec: cspec, job: submitted(&job), stream: stream, waitCtx: waitCtx, meta: m})
+		calls = append(calls, &jobCall{g: g, w: w, r: r, spec: cspec, job: submitted(&job), stream: stream, waitCtx: waitCtx, meta: m, watched: watched})
 	}
 	w.Header().Set("X-Mlx-Job-Id", strings.Join(ids, ","))
 	if spec.stream {
@@ -251,7 +251,7 @@ func streamChoices(calls []*jobCall) {
 		finished[it.i] = true
 		if res.Status != schemas.StatusCompleted {
 			cancelRest("a sibling choice failed")
-			failWith(fromResult(res))
+			failWith(c.failure(res))
 			return
 		}
 		if !begin() {

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
@@ -84,14 +85,35 @@ func keyedJobID(tenant, key string, choice int) string {
 // already taken is the earlier try's job, which is watched instead: finished,
 // its record is the first event; running, its events from now on, the rest
 // coming with the record (the gateway holds after the gap: jobCall.delta).
-func (g *Gateway) submit(ctx context.Context, job *schemas.JobRequest, spec runSpec) (*bus.JobStream, error) {
-	stream, err := g.jobs.Submit(ctx, job)
+// watched reports that the stream is of an earlier try's job.
+func (g *Gateway) submit(ctx context.Context, job *schemas.JobRequest, spec runSpec) (stream *bus.JobStream, watched bool, err error) {
+	stream, err = g.jobs.Submit(ctx, job)
 	if err != nil && spec.key != "" && errors.Is(err, bus.ErrDuplicate) {
 		g.log.Debug().Str("job_id", job.ID).Msg("idempotency key names a job already submitted; watching it")
-		return g.jobs.Watch(ctx, job.Tenant, job.ID, job.ReplyTo)
+		stream, err = g.jobs.Watch(ctx, job.Tenant, job.ID, job.ReplyTo)
+		return stream, err == nil, err
 	}
-	return stream, err
+	return stream, false, err
 }
+
+// failure is the answer to the job's record res that did not complete. A
+// retry watching an earlier try's job gets a 422 (no client retries it)
+// naming what the job ended with: the job is not run again under the key, so
+// a 5xx that says "retry" (cancelled, expired, out of attempts) was retried
+// in vain for as long as RESULTS keeps the record (round 21's key attack:
+// openai-python sent 4 tries to an expired job's key).
+func (j *jobCall) failure(res *schemas.ResultMsg) *apiError {
+	e := fromResult(res)
+	if !j.watched {
+		return e
+	}
+	return &apiError{Status: http.StatusUnprocessableEntity, Type: typeInvalidRequest, Param: idempotencyHeader,
+		Code: codeKeySpent, Message: fmt.Sprintf("The job this %s names (%s) ended %s (%s: %s) and is not run again under the key; send a new key to run the request anew.",
+			idempotencyHeader, j.job.ID, res.Status, e.Code, e.Message)}
+}
+
+// codeKeySpent answers a retry whose key's job ended without completing.
+const codeKeySpent = "idempotency_key_spent"
 
 // keyedHolds are the tenant slots held for keyed jobs whose clients left
 // (cancelJob), by job id. A job is held once, however many of its tries left;

@@ -11,6 +11,7 @@ import (
 
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 // completionText is the text of a one-choice, non-streamed completion.
@@ -218,4 +219,23 @@ func TestIdempotencyKeyLeaveKeepsTheTenantsSlot(t *testing.T) {
 	if n := spy.cancels.Load(); n != 0 {
 		t.Fatalf("%d cancels for a keyed job", n)
 	}
+}
+
+// A retry whose key names a job that ended without completing is told so with
+// a 422 no client retries: the job is not run again under the key, and a 5xx
+// that says "retry" was retried in vain for as long as RESULTS keeps the
+// record (round 21's key attack: four tries at an expired job's key). The
+// first try gets the job's own answer.
+// Mutation caught: failure returning fromResult for a watched job: 500
+// runtime_crashed on the retry: red.
+func TestIdempotencyKeyOfAFailedJobIsSpent(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Status: schemas.StatusFailed, ErrCode: schemas.CodeRuntimeCrashed})
+	_, srv := newTestGateway(t, tb, nil)
+	body := map[string]any{"model": testModel, "prompt": "hi"}
+	expectError(t, postJSON(t, srv.URL+"/v1/completions", body, idempotencyHeader, "f1"), http.StatusInternalServerError, "", "runtime_crashed")
+	expectError(t, postJSON(t, srv.URL+"/v1/completions", body, idempotencyHeader, "f1"), http.StatusUnprocessableEntity, idempotencyHeader, codeKeySpent)
+	stream := map[string]any{"model": testModel, "prompt": "hi", "stream": true}
+	expectError(t, postJSON(t, srv.URL+"/v1/completions", stream, idempotencyHeader, "f1"), http.StatusUnprocessableEntity, idempotencyHeader, codeKeySpent)
 }

@@ -246,7 +246,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 		g.runChoices(w, r, job, spec, now, waitCtx)
 		return
 	}
-	stream, err := g.submit(waitCtx, job, spec)
+	stream, watched, err := g.submit(waitCtx, job, spec)
 	if err != nil {
 		g.cancelUnsure(ctx, job, err, "submit failed or its client left before it was acknowledged", spec.slot)
 		if ctx.Err() != nil {
@@ -269,7 +269,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 
 	m := meta{id: spec.format.idPrefix() + job.ID, created: now.Unix(), model: job.Model, includeUsage: spec.stream && spec.includeUsage}
 	spec.format = choiceFormat(spec.format)
-	j := &jobCall{g: g, w: w, r: r, spec: spec, job: job, stream: stream, waitCtx: waitCtx, meta: m}
+	j := &jobCall{g: g, w: w, r: r, spec: spec, job: job, stream: stream, waitCtx: waitCtx, meta: m, watched: watched}
 	if spec.stream {
 		j.streamed()
 	} else {
@@ -299,6 +299,9 @@ type jobCall struct {
 	// stream: its events are read on another goroutine while one is handled.
 	sent []byte
 	held bool
+	// watched: the job is an earlier try's, named by the request's key
+	// (idempotency.go): a failed end is answered as such (failure).
+	watched bool
 }
 
 // next returns the stream's next event, counting what the stream repaired.
@@ -345,7 +348,7 @@ func (j *jobCall) await() (body any, aerr *apiError, answer bool) {
 			continue
 		}
 		if res.Status != schemas.StatusCompleted {
-			return nil, fromResult(res), true
+			return nil, j.failure(res), true
 		}
 		model := j.meta
 		if res.Model != "" {
@@ -449,7 +452,7 @@ func (j *jobCall) streamed() {
 		}
 		res := ev.Result
 		if res.Status != schemas.StatusCompleted {
-			e := fromResult(res)
+			e := j.failure(res)
 			if !sse.started {
 				j.g.fail(j.w, j.spec.endpoint, e)
 				return
