@@ -298,16 +298,10 @@ func checkNeverOverfilled(tb testing.TB, w *fakeWorker, slots, assignments int) 
 	}
 }
 
-// waitFor polls cond (state owned by other goroutines) until it holds.
+// waitFor is testenv.WaitFor (the name every test here calls).
 func waitFor(tb testing.TB, within time.Duration, what string, cond func() bool) {
 	tb.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out after %v waiting for %s", within, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testenv.WaitFor(tb, within, what, cond)
 }
 
 func testConfigLogger() *zerolog.Logger {

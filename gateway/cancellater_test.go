@@ -103,10 +103,20 @@ func awaitSlotFree(t *testing.T, url string, within time.Duration, when string) 
 // its first token and leaves.
 func leaveAfterFirstToken(t *testing.T, url string, extra map[string]any) {
 	t.Helper()
+	leaveAfter(t, url+"/v1/chat/completions", chatBody(true, extra), `"Hello"`)
+}
+
+// leaveAfter posts body, with header's name/value pairs, to a streaming
+// endpoint, reads its events until a line holds until, and leaves.
+func leaveAfter(t *testing.T, endpoint string, body any, until string, header ...string) {
+	t.Helper()
 	ctx, leave := context.WithCancel(context.Background())
 	defer leave()
-	data, _ := json.Marshal(chatBody(true, extra))
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url+"/v1/chat/completions", strings.NewReader(string(data)))
+	data, _ := json.Marshal(body)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(string(data)))
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
@@ -115,7 +125,7 @@ func leaveAfterFirstToken(t *testing.T, url string, extra map[string]any) {
 		t.Fatalf("status %d", resp.StatusCode)
 	}
 	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() && !strings.Contains(sc.Text(), `"Hello"`) {
+	for sc.Scan() && !strings.Contains(sc.Text(), until) {
 	}
 	leave()
 	_ = resp.Body.Close()

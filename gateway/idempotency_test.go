@@ -1,16 +1,15 @@
 package gateway
 
 import (
-	"bufio"
 	"context"
 	"net/http"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -89,38 +88,20 @@ func TestIdempotencyKeyRetryWatchesTheRunningJob(t *testing.T) {
 	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"a", "b"}, Block: true})
 	spy := &cancelSpy{}
 	_, srv := newTestGateway(t, tb, func(c *Config) { spy.Jobs = c.Jobs; c.Jobs = spy })
-	ctx, leave := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/completions",
-		strings.NewReader(`{"model":"`+testModel+`","prompt":"hi","stream":true}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set(idempotencyHeader, "run-1")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	br := bufio.NewReader(resp.Body)
-	for got := ""; !strings.Contains(got, `"b"`); { // both tokens streamed; the job waits for Release
-		line, err := br.ReadString('\n')
-		if err != nil {
-			t.Fatalf("stream ended early: %v", err)
-		}
-		got += line
-	}
+	// Both tokens streamed (the job waits for Release), the client goes; its
+	// job must run on.
+	leaveAfter(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "stream": true}, `"b"`, idempotencyHeader, "run-1")
 	job := fw.nextJob(t)
-	leave() // the client goes; its job must run on
-	_ = resp.Body.Close()
 	// The job's reply subject loses the first request's interest, and gains
 	// the retry's: the retry then watches the running job.
 	acc := tb.Server.NATSServer().GlobalAccount()
 	interest := func() int { return acc.Interest(job.ReplyTo) }
-	waitFor(t, 10*time.Second, "the first request gone", func() bool { return interest() == 0 })
+	testenv.WaitFor(t, 10*time.Second, "the first request gone", func() bool { return interest() == 0 })
 	retried := make(chan *http.Response, 1)
 	go func() {
 		retried <- postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi"}, idempotencyHeader, "run-1")
 	}()
-	waitFor(t, 10*time.Second, "the retry watching the job", func() bool { return interest() == 1 })
+	testenv.WaitFor(t, 10*time.Second, "the retry watching the job", func() bool { return interest() == 1 })
 	fw.Release()
 	select {
 	case r := <-retried:
@@ -156,16 +137,6 @@ func (c *cancelSpy) Cancel(ctx context.Context, tenant, jobID, reason string) er
 	return c.Jobs.Cancel(ctx, tenant, jobID, reason)
 }
 
-// waitFor polls cond until it holds, failing after d.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(d); !cond(); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-	}
-}
-
 // A client with a key that leaves does not cancel its job, yet the job keeps
 // its tenant's in-flight slot until it ends: before, leaving only returned,
 // and a tenant limited to 1 in flight ran 4 jobs at once, keeping another
@@ -182,22 +153,8 @@ func TestIdempotencyKeyLeaveKeepsTheTenantsSlot(t *testing.T) {
 		spy.Jobs, c.Jobs = c.Jobs, spy
 		c.Limits = TenantLimits{MaxInFlight: 1}
 	})
-	ctx, leave := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+"/v1/chat/completions", strings.NewReader(`{"model":"`+testModel+`","messages":[{"role":"user","content":"hi"}],"stream":true}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set(idempotencyHeader, "held-1")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() && !strings.Contains(sc.Text(), `"Hello"`) {
-	}
-	leave()
-	_ = resp.Body.Close()
-	waitFor(t, 10*time.Second, "the slot held until the job ends", func() bool { return spy.ended.Load() > 0 })
+	leaveAfter(t, srv.URL+"/v1/chat/completions", chatBody(true, nil), `"Hello"`, idempotencyHeader, "held-1")
+	testenv.WaitFor(t, 10*time.Second, "the slot held until the job ends", func() bool { return spy.ended.Load() > 0 })
 	if code := statusOf(t, srv.URL); code != http.StatusTooManyRequests {
 		t.Fatalf("with the keyed job still running, a second request got %d, want 429", code)
 	}
@@ -205,12 +162,12 @@ func TestIdempotencyKeyLeaveKeepsTheTenantsSlot(t *testing.T) {
 	// refused 429 by its own first try's hold (round 21's last pass).
 	job := fw.nextJob(t)
 	acc := tb.Server.NATSServer().GlobalAccount()
-	waitFor(t, 10*time.Second, "the first try gone", func() bool { return acc.Interest(job.ReplyTo) == 0 })
+	testenv.WaitFor(t, 10*time.Second, "the first try gone", func() bool { return acc.Interest(job.ReplyTo) == 0 })
 	retried := make(chan *http.Response, 1)
 	go func() {
 		retried <- postJSON(t, srv.URL+"/v1/chat/completions", chatBody(false, nil), idempotencyHeader, "held-1")
 	}()
-	waitFor(t, 10*time.Second, "the retry watching the job", func() bool { return acc.Interest(job.ReplyTo) == 1 })
+	testenv.WaitFor(t, 10*time.Second, "the retry watching the job", func() bool { return acc.Interest(job.ReplyTo) == 1 })
 	fw.Release()
 	if r := <-retried; r.StatusCode != http.StatusOK {
 		expectError(t, r, http.StatusOK, "", "")

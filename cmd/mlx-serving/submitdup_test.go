@@ -69,7 +69,7 @@ func TestSubmitWaitsThroughANATSRestart(t *testing.T) {
 		c, o, e := runReal(t, "submit", "--nats", url, "--allow-unserved", "--id", "through", "-m", "m", "p")
 		ended <- run{c, o, e}
 	}()
-	waitUntil(t, 10*time.Second, "the job queued", func() bool { return b.StreamMsgs(t, subjects.StreamJobs) == 1 })
+	testenv.WaitFor(t, 10*time.Second, "the job queued", func() bool { return b.StreamMsgs(t, subjects.StreamJobs) == 1 })
 	b.Stop()
 	// The outage: longer than three reconnect tries a second apart.
 	time.Sleep(5 * time.Second)
@@ -122,7 +122,7 @@ func TestSubmitStopsAtItsJobsDeadlineWithTheServerGone(t *testing.T) {
 		c, _, e := runReal(t, "submit", "--nats", b.Server.ClientURL(), "--allow-unserved", "--timeout", "2s", "--id", "gone", "-m", "m", "p")
 		ended <- run{c, e}
 	}()
-	waitUntil(t, 10*time.Second, "the job queued", func() bool { return b.StreamMsgs(t, subjects.StreamJobs) == 1 })
+	testenv.WaitFor(t, 10*time.Second, "the job queued", func() bool { return b.StreamMsgs(t, subjects.StreamJobs) == 1 })
 	b.Stop()
 	select {
 	case r := <-ended:
@@ -131,15 +131,5 @@ func TestSubmitStopsAtItsJobsDeadlineWithTheServerGone(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("submit still waiting 30 s after its job's deadline and grace")
-	}
-}
-
-// waitUntil polls cond until it holds, failing after d.
-func waitUntil(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(d); !cond(); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
 	}
 }
