@@ -89,8 +89,8 @@ func (g *Gateway) cancelJob(r context.Context, tenant, id, reason string, until 
 		// so leaving does not take a tenant past its in-flight limit; a retry
 		// with the key joins that hold (keyedHolds).
 		g.log.Info().Str("job_id", id).Str("reason", reason).Msg("job named by an idempotency key not cancelled; the tenant's in-flight slot held until it ends")
-		if g.limits.limits.MaxInFlight > 0 && g.holds.start(id, slot) {
-			g.waitEnded(tenant, id, "", until, func() { g.holds.end(id, slot) })
+		if g.limits.limits.MaxInFlight > 0 && g.holds.start(tenant, id, slot) {
+			g.waitEnded(tenant, id, "", until, func() { g.holds.end(tenant, id, slot) })
 		}
 		return
 	}

@@ -54,7 +54,7 @@ func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, base *schem
 	for i := range spec.n {
 		job := *base
 		if i > 0 {
-			job.ID = jobID(job.Tenant, spec.key, i)
+			job.ID = jobID(job.Tenant, spec.key, spec.fingerprint, i)
 			job.ReplyTo = bus.ReplySubject(job.Tenant, job.ID)
 			if base.Seed != nil {
 				s := *base.Seed + int64(i)

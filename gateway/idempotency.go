@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -23,7 +24,10 @@ import (
 // the job id is derived from the tenant, the key and the choice, so the retry
 // names the same job: one finished answers from its record, one still
 // running is watched to its end, and nothing runs twice. The key names the
-// job, not the body: a retry gets the first try's job whatever its body says.
+// request: the id's hash covers the job the body asks for (jobFingerprint),
+// so the same key with another body is another job. Before, the key named the
+// job alone and a retry with another body got the first body's answer, its
+// response_format or max_tokens never applied (round 21, "Not fixed").
 // The client that sent a key may come back, so the gateway never cancels its
 // job (not when it leaves, nor when a sibling choice fails, nor when a submit's
 // outcome is unsure): cancelJob holds the tenant's slot until the job ends
@@ -52,11 +56,26 @@ func idempotencyKey(r *http.Request) (string, *apiError) {
 }
 
 // jobID is the id of choice's job: minted fresh, or with a key keyedJobID.
-func jobID(tenant, key string, choice int) string {
+func jobID(tenant, key, fingerprint string, choice int) string {
 	if key == "" {
 		return bus.NewJobID()
 	}
-	return keyedJobID(tenant, key, choice)
+	return keyedJobID(tenant, key, fingerprint, choice)
+}
+
+// jobFingerprint is what a keyed job's id says of the job a request asks for:
+// the job as the endpoint decoded it, before the gateway gives it an id, a
+// reply subject, a time, a deadline or its tenant's defaults. How the answer
+// is delivered (stream, include_usage) and how many choices are asked for are
+// not in the job: a streamed retry of a request sent whole, or one asking for
+// more choices, names the same jobs.
+func jobFingerprint(job *schemas.JobRequest) string {
+	b, err := json.Marshal(job) // struct fields in order, map keys sorted: stable
+	if err != nil {
+		return "" // cannot happen for a decoded job; "" still names one job per key
+	}
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:])
 }
 
 // errNotEnded: a job holdUntilEnded waits for has no record yet.
@@ -73,11 +92,12 @@ func keyedJob(id string) bool {
 	return err == nil
 }
 
-// keyedJobID is the job id tenant's key names for choice (0 for the first):
-// a hash, so it is a valid id whatever the key, and another tenant's same key
-// names another job.
-func keyedJobID(tenant, key string, choice int) string {
-	h := sha256.Sum256([]byte(tenant + "\x00" + key + "\x00" + strconv.Itoa(choice)))
+// keyedJobID is the job id tenant's key names for choice (0 for the first)
+// of the request whose job has fingerprint: a hash, so it is a valid id
+// whatever the key, and another tenant's same key, or the same key with
+// another body, names another job.
+func keyedJobID(tenant, key, fingerprint string, choice int) string {
+	h := sha256.Sum256([]byte(tenant + "\x00" + key + "\x00" + fingerprint + "\x00" + strconv.Itoa(choice)))
 	return "ik" + hex.EncodeToString(h[:20])
 }
 
@@ -121,9 +141,21 @@ const codeKeySpent = "idempotency_key_spent"
 // taking a slot of its own. Before, the retry a key is for was refused 429 by
 // its own first try's hold until the job ended, and each try that left held
 // one more slot (round 21's last pass).
+//
+// Which job a keyed request names is known only once its body is read, so
+// while a tenant holds a keyed job its keyed requests read their bodies before
+// taking a slot (serve); tenants counts the holds of each tenant for that.
 type keyedHolds struct {
-	mu sync.Mutex
-	m  map[string]*heldSlot
+	mu      sync.Mutex
+	m       map[string]*heldSlot
+	tenants map[string]int
+}
+
+// holding reports whether tenant holds a keyed job's slot.
+func (h *keyedHolds) holding(tenant string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.tenants[tenant] > 0
 }
 
 // join returns the slot held for job id with one more holder (the caller's
@@ -139,24 +171,28 @@ func (h *keyedHolds) join(id string) *heldSlot {
 
 // start holds slot for job id unless the id is held already or the slot was
 // released; it reports whether it holds (then end must follow).
-func (h *keyedHolds) start(id string, slot *heldSlot) bool {
+func (h *keyedHolds) start(tenant, id string, slot *heldSlot) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.m[id] != nil || !slot.hold() {
 		return false
 	}
 	if h.m == nil {
-		h.m = map[string]*heldSlot{}
+		h.m, h.tenants = map[string]*heldSlot{}, map[string]int{}
 	}
 	h.m[id] = slot
+	h.tenants[tenant]++
 	return true
 }
 
-// end lets go of job id's hold.
-func (h *keyedHolds) end(id string, slot *heldSlot) {
+// end lets go of tenant's job id's hold.
+func (h *keyedHolds) end(tenant, id string, slot *heldSlot) {
 	h.mu.Lock()
 	if h.m[id] == slot {
 		delete(h.m, id)
+		if h.tenants[tenant]--; h.tenants[tenant] <= 0 {
+			delete(h.tenants, tenant)
+		}
 	}
 	h.mu.Unlock()
 	slot.done()

@@ -196,3 +196,49 @@ func TestIdempotencyKeyOfAFailedJobIsSpent(t *testing.T) {
 	stream := map[string]any{"model": testModel, "prompt": "hi", "stream": true}
 	expectError(t, postJSON(t, srv.URL+"/v1/completions", stream, idempotencyHeader, "f1"), http.StatusUnprocessableEntity, idempotencyHeader, codeKeySpent)
 }
+
+// A key names the request, not only the job: the same key with another body
+// is another job, run with that body's parameters — while the first body's
+// job is held, the second does not join its hold (the tenant at its limit is
+// refused), and once it ended the second runs anew. Before, the key named
+// the job alone and the second body got the first body's answer (round 21,
+// "Not fixed"). A streamed retry of the first body still names its job
+// (TestIdempotencyKeyAnswersTheFirstTrysJob).
+// Mutation caught: keyedJobID without the fingerprint: the second body joins
+// the hold and watches the first body's job (200, not 429): red.
+func TestIdempotencyKeyNamesTheBody(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Block: true})
+	spy := &cancelSpy{}
+	_, srv := newTestGateway(t, tb, func(c *Config) {
+		spy.Jobs, c.Jobs = c.Jobs, spy
+		c.Limits = TenantLimits{MaxInFlight: 1}
+	})
+	url := srv.URL + "/v1/completions"
+	leaveAfter(t, url, map[string]any{"model": testModel, "prompt": "hi", "stream": true}, `"Hello"`, idempotencyHeader, "same")
+	first := fw.nextJob(t)
+	testenv.WaitFor(t, 10*time.Second, "the slot held until the job ends", func() bool { return spy.ended.Load() > 0 })
+	other := map[string]any{"model": testModel, "prompt": "bye", "max_tokens": 5}
+	expectError(t, postJSON(t, url, other, idempotencyHeader, "same"), http.StatusTooManyRequests, "", "")
+	fw.Release()
+	// The first body's job ends, and its hold with it: then the second body
+	// runs (a 429 meanwhile creates no job).
+	var resp *http.Response
+	testenv.WaitFor(t, 10*time.Second, "the second body taken", func() bool {
+		resp = postJSON(t, url, other, idempotencyHeader, "same")
+		if resp.StatusCode == http.StatusTooManyRequests {
+			_ = resp.Body.Close()
+			return false
+		}
+		return true
+	})
+	id := resp.Header.Get("X-Mlx-Job-Id")
+	if text := completionText(t, resp); text != "Hello, world!" || id == first.ID {
+		t.Fatalf("another body under the key: job %q (the first %q), text %q", id, first.ID, text)
+	}
+	second := fw.nextJob(t)
+	if second.ID != id || second.Prompt != "bye" || second.MaxTokens != 5 {
+		t.Fatalf("the worker ran %s with prompt %q, max_tokens %d; want %s, bye, 5", second.ID, second.Prompt, second.MaxTokens, id)
+	}
+}

@@ -118,6 +118,7 @@ type runSpec struct {
 	format       format
 	slot         *heldSlot // the tenant's in-flight slot, kept while a refused cancel is tried again
 	key          string    // the request's Idempotency-Key, "" for none (idempotency.go)
+	fingerprint  string    // with a key, the job's jobFingerprint
 }
 
 // request is what an OpenAI endpoint's body decodes into: it maps itself to a
@@ -137,20 +138,26 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 	// its limit is refused without the gateway holding its body.
 	tenant := tenantOf(r)
 	// A retry with the key of a job held after its client left takes that
-	// job's slot, not one more (keyedHolds).
+	// job's slot, not one more (keyedHolds). Which job it names is known
+	// once its body is read, so while the tenant holds keyed jobs a keyed
+	// request takes its slot after (the tenant's body budget bounds what it
+	// reads meanwhile).
 	var slot *heldSlot
-	if key := r.Header.Get(idempotencyHeader); key != "" {
-		slot = g.holds.join(keyedJobID(tenant, key, 0))
-	}
-	if slot == nil {
+	defer func() { slot.done() }()
+	takeSlot := func() bool {
 		releaseSlot, ok := g.limits.acquire(tenant)
 		if !ok {
 			g.refuse(w, endpoint, tenant, errTenantQueueFull(tenant, g.limits.limits.MaxInFlight, g.cfg.RetryAfter))
-			return
+			return false
 		}
 		slot = newHeldSlot(releaseSlot)
+		return true
 	}
-	defer slot.done()
+	if r.Header.Get(idempotencyHeader) == "" || !g.holds.holding(tenant) {
+		if !takeSlot() {
+			return
+		}
+	}
 	body, releaseBody, aerr := g.readBody(w, r, tenant)
 	if aerr != nil {
 		g.fail(w, endpoint, aerr)
@@ -181,8 +188,17 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		g.fail(w, endpoint, aerr)
 		return
 	}
+	var fingerprint string
+	if key != "" {
+		fingerprint = jobFingerprint(job)
+	}
+	if slot == nil {
+		if slot = g.holds.join(keyedJobID(tenant, key, fingerprint, 0)); slot == nil && !takeSlot() {
+			return
+		}
+	}
 	g.run(w, r, job, runSpec{endpoint: endpoint, params: pm, stream: req.stream(), includeUsage: req.includeUsage(),
-		logprobs: job.Logprobs != nil, n: req.choices(), format: f, slot: slot, key: key})
+		logprobs: job.Logprobs != nil, n: req.choices(), format: f, slot: slot, key: key, fingerprint: fingerprint})
 }
 
 // run submits the job and answers with its outcome, streamed or whole.
@@ -192,7 +208,7 @@ func (g *Gateway) run(w http.ResponseWriter, r *http.Request, job *schemas.JobRe
 		return
 	}
 	now := time.Now().UTC()
-	job.ID = jobID(job.Tenant, spec.key, 0)
+	job.ID = jobID(job.Tenant, spec.key, spec.fingerprint, 0)
 	job.Priority = schemas.PriorityNormal
 	job.ReplyTo = bus.ReplySubject(job.Tenant, job.ID)
 	job.CreatedAt = &now
