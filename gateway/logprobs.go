@@ -62,6 +62,41 @@ func (l *logprobs) textJSON() json.RawMessage {
 	return raw
 }
 
+// restLogprobs are the entries of ev.Rest, the end of the record's text a
+// streamed client lacks (events lost on the way, a held stream): taken from
+// the record's copy, whose entries' bytes spell the final attempt's text.
+// Where they do not line up with the rest — a copy cut to its bound or
+// lacking earlier attempts (logprobs_truncated), a rest that starts inside a
+// token, entries that spell other bytes — the delta reports none rather than
+// entries of other text. Before, a held stream's rest never had any (round 21,
+// "Not fixed").
+func (j *jobCall) restLogprobs(ev bus.Event) *logprobs {
+	l := j.logprobsOf(nil, ev)
+	res := ev.Result
+	if l == nil || res == nil || res.LogprobsTruncated {
+		return l
+	}
+	start, at := len(res.Text)-len(ev.Rest), 0
+	k := 0
+	for ; k < len(res.Logprobs) && at < start; k++ {
+		at += len(res.Logprobs[k].Bytes)
+	}
+	if at != start {
+		return l
+	}
+	rest := res.Logprobs[k:]
+	spelt := make([]byte, 0, len(ev.Rest))
+	for _, e := range rest {
+		for _, b := range e.Bytes {
+			spelt = append(spelt, byte(b))
+		}
+	}
+	if string(spelt) == ev.Rest {
+		l.entries = rest
+	}
+	return l
+}
+
 // checkTopLogprobs holds n to 0..20, naming param.
 func checkTopLogprobs(n int, param string) *apiError {
 	if n < 0 || n > maxTopLogprobs {

@@ -6,8 +6,10 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
 type chatLogprobs struct {
@@ -187,4 +189,45 @@ func TestCompletionLogprobsAcrossRetries(t *testing.T) {
 			t.Fatalf("streamed %+v, want %+v", got, want)
 		}
 	})
+}
+
+// restLogprobs reports the record's entries of the rest only where their
+// bytes spell it; anything else gets an empty list, never entries of other
+// text.
+// Mutation caught: without the spelling check, "entries of other bytes" gets
+// them: red (the at != start check is an early exit the spelling check
+// backs: removed alone, every case still holds).
+func TestRestLogprobsLineUpOrNone(t *testing.T) {
+	entry := func(tok string) schemas.TokenLogprob {
+		e := schemas.TokenLogprob{Token: tok}
+		for _, b := range []byte(tok) {
+			e.Bytes = append(e.Bytes, int(b))
+		}
+		return e
+	}
+	abc := []schemas.TokenLogprob{entry("ab"), entry("c"), entry("dé")}
+	for _, tc := range []struct {
+		name, text, rest string
+		entries          []schemas.TokenLogprob
+		truncated        bool
+		want             []string
+	}{
+		{"the rest after a token", "abcdé", "cdé", abc, false, []string{"c", "dé"}},
+		{"the whole text", "abcdé", "abcdé", abc, false, []string{"ab", "c", "dé"}},
+		{"a rest inside a token", "abcdé", "bcdé", abc, false, nil},
+		{"entries of other bytes", "abxdé", "xdé", abc, false, nil},
+		{"fewer entries than text", "abcdéf", "f", abc, false, nil},
+		{"a truncated copy", "abcdé", "cdé", abc, true, nil},
+	} {
+		j := &jobCall{spec: runSpec{logprobs: true}}
+		res := &schemas.ResultMsg{Text: tc.text, Logprobs: tc.entries, LogprobsTruncated: tc.truncated}
+		l := j.restLogprobs(bus.Event{Result: res, Rest: tc.rest})
+		var got []string
+		for _, e := range l.entries {
+			got = append(got, e.Token)
+		}
+		if !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("%s: entries %q, want %q", tc.name, got, tc.want)
+		}
+	}
 }

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"strings"
+	"unicode/utf8"
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/bus"
@@ -168,8 +169,8 @@ func (j *jobCall) logprobsOf(entries []schemas.TokenLogprob, ev bus.Event) *logp
 // closing is how a completed job's stream ends: the end of the result's text
 // the client lacks (deltas lost on the way, or a terminal read from RESULTS),
 // sent from the record's whole text, then the format's final chunk. The rest's
-// entries are lost with it: the result's copy cannot be aligned with them, so
-// that delta reports none. When the client holds text that is not the result's
+// logprob entries come from the record's copy where they line up with it
+// (restLogprobs). When the client holds text that is not the result's
 // beginning, which cannot be taken back, it is the stream_diverged error.
 func (j *jobCall) closing(ev bus.Event) (events, *apiError) {
 	if j.held {
@@ -183,7 +184,9 @@ func (j *jobCall) closing(ev bus.Event) (events, *apiError) {
 				Msg("streamed text differs from the job's result text")
 			return nil, errStreamDiverged(j.job.ID)
 		}
-		ev.Rest = rest
+		// The bus's offset counts the stream's text, which a retry that
+		// started over rewound; the client's is what it was sent.
+		ev.Rest, ev.CharOffset = rest, utf8.RuneCount(j.sent)
 	} else if j.diverged || ev.Drop.Any() {
 		if !j.diverged {
 			j.g.log.Warn().Str("job_id", j.job.ID).Int("missed", j.stream.Missed()).
@@ -193,7 +196,7 @@ func (j *jobCall) closing(ev bus.Event) (events, *apiError) {
 	}
 	var out events
 	if ev.Rest != "" {
-		out = append(out, each(j.spec.format.delta(j.meta, ev.Rest, j.logprobsOf(nil, ev)))...)
+		out = append(out, each(j.spec.format.delta(j.meta, ev.Rest, j.restLogprobs(ev)))...)
 	}
 	return append(out, each(j.spec.format.final(j.meta, finishReason(ev.Result)))...), nil
 }

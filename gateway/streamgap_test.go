@@ -3,6 +3,7 @@ package gateway
 import (
 	"bufio"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -88,6 +89,35 @@ func TestHeldStreamSurvivesARetryThatStartsOver(t *testing.T) {
 	if texts, done := streamTexts(t, events); texts[0] != "abcdef" || !done {
 		t.Fatalf("text %q, [DONE] %v (last event %s); want abcdef and [DONE]", texts[0], done, events[len(events)-1])
 	}
+	// The rest's text offsets count the client's text, not the stream's
+	// that the retry rewound.
+	// Mutation caught: closing keeping the bus's CharOffset: [0 1 6 7 8 9]: red.
+	tokens, offsets := completionLogprobs(t, readSSE(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "stream": true, "logprobs": 1})))
+	if fmt.Sprint(tokens, offsets) != "[a b c d e f] [0 1 2 3 4 5]" {
+		t.Fatalf("completions tokens %v, text offsets %v; want [a b c d e f] [0 1 2 3 4 5]", tokens, offsets)
+	}
+}
+
+// completionLogprobs joins a streamed completion's logprob tokens and text
+// offsets.
+func completionLogprobs(t *testing.T, events []string) (tokens []string, offsets []int) {
+	t.Helper()
+	for _, e := range events {
+		var c struct {
+			Choices []struct {
+				Logprobs *struct {
+					Tokens     []string `json:"tokens"`
+					TextOffset []int    `json:"text_offset"`
+				} `json:"logprobs"`
+			} `json:"choices"`
+		}
+		if json.Unmarshal([]byte(e), &c) != nil || len(c.Choices) == 0 || c.Choices[0].Logprobs == nil {
+			continue
+		}
+		tokens = append(tokens, c.Choices[0].Logprobs.Tokens...)
+		offsets = append(offsets, c.Choices[0].Logprobs.TextOffset...)
+	}
+	return tokens, offsets
 }
 
 // A held stream whose job goes quiet (here: blocked before its end) keeps
@@ -137,5 +167,46 @@ func TestHeldStreamKeepsAliveWhileTheJobIsQuiet(t *testing.T) {
 	if text.String() != "bcd" || !done {
 		// "a" came before the comments were counted; the rest with the record.
 		t.Fatalf("text after the quiet spell %q, [DONE] %v; want bcd and [DONE]", text.String(), done)
+	}
+}
+
+// A held stream's rest carries its logprob entries, taken from the record's
+// copy where its bytes line up with the rest: every token of the answer has
+// its entry once, in order, with the text offsets of the client's text.
+// Before, the rest came without entries (round 21, "Not fixed").
+// Mutation caught: closing's delta with logprobsOf(nil, ev) again: the
+// entries of b, c and d missing: red.
+func TestHeldStreamRestCarriesItsLogprobs(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: []string{"a", "b", "c", "d"}, LoseSeq: 1})
+	_, srv := newTestGateway(t, tb, nil)
+
+	var chat []string
+	for _, e := range readSSE(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(true, map[string]any{"logprobs": true, "top_logprobs": 1}))) {
+		var c struct {
+			Choices []struct {
+				Logprobs *struct {
+					Content []struct {
+						Token   string  `json:"token"`
+						Logprob float64 `json:"logprob"`
+					} `json:"content"`
+				} `json:"logprobs"`
+			} `json:"choices"`
+		}
+		if json.Unmarshal([]byte(e), &c) != nil || len(c.Choices) == 0 || c.Choices[0].Logprobs == nil {
+			continue
+		}
+		for _, en := range c.Choices[0].Logprobs.Content {
+			chat = append(chat, fmt.Sprintf("%s%.1f", en.Token, en.Logprob))
+		}
+	}
+	if got := strings.Join(chat, " "); got != "a-0.1 b-0.2 c-0.3 d-0.4" {
+		t.Fatalf("chat entries %q, want a-0.1 b-0.2 c-0.3 d-0.4", got)
+	}
+
+	tokens, offsets := completionLogprobs(t, readSSE(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "stream": true, "logprobs": 1})))
+	if fmt.Sprint(tokens, offsets) != "[a b c d] [0 1 2 3]" {
+		t.Fatalf("completions tokens %v, text offsets %v; want [a b c d] [0 1 2 3]", tokens, offsets)
 	}
 }
