@@ -281,6 +281,7 @@ func (d *Dispatcher) launch(w *workerView, model string, jobs []*job) {
 func (d *Dispatcher) assign(b *batch) {
 	data, err := json.Marshal(&b.msg)
 	var reply schemas.AssignmentReplyMsg
+	reconnects := d.nc.Stats().Reconnects
 	if err == nil {
 		ctx, cancel := context.WithTimeout(d.wctx, d.cfg.AssignTimeout)
 		var m *nats.Msg
@@ -320,12 +321,25 @@ func (d *Dispatcher) assign(b *batch) {
 		d.tooLargeToSend(b, w, err, now, mine)
 	case err != nil:
 		d.count().assignFailed()
+		// Lost to this dispatcher's own connection (it dropped during the
+		// request: a NATS restart), the attempt is neither the worker's
+		// failure nor the jobs': the worker may have taken the batch, so the
+		// next attempt still numbers higher, but it is not counted against
+		// max_attempts — at most max_attempts of them, so an outage that
+		// never ends still ends the job. Before, every NATS restart during an
+		// assignment used one attempt of each job in it, and jobs that never
+		// ran ended attempts_exhausted (red team round 22: 2 of 300 jobs
+		// through 20 restarts of a standalone server).
+		outage := !d.nc.IsConnected() || d.nc.Stats().Reconnects != reconnects
 		if w != nil {
 			w.br.Record(false, now)
 		}
-		d.log.Warn().Err(err).Str("worker_id", b.worker).Str("batch_id", b.id).Str("model", b.model).Int("jobs", len(b.jobs)).Msg("assignment failed")
+		d.log.Warn().Err(err).Bool("connection_lost", outage).Str("worker_id", b.worker).Str("batch_id", b.id).Str("model", b.model).Int("jobs", len(b.jobs)).Msg("assignment failed")
 		for _, j := range b.jobs {
 			if mine(j) {
+				if outage && j.spared < d.cfg.MaxAttempts {
+					j.spared++
+				}
 				d.endDispatch(j, schemas.CodeAssignFailed)
 				d.retryableFailure(j, schemas.ErrorInfo{Code: schemas.CodeAssignFailed, Message: err.Error(), Retryable: true}, nil, 0)
 			}

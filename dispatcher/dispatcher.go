@@ -144,6 +144,7 @@ type job struct {
 	state     State
 	attempt   int
 	base      int  // attempts used before a replay (job metadata mlx_attempt_base)
+	spared    int  // attempts lost to this dispatcher's own outage, not counted (batcher.go: assign)
 	intaking  bool // registered but not yet checked against RESULTS/CANCELS
 	inQueue   bool
 	gone      bool // forgotten: terminal or handed back

@@ -90,7 +90,7 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 	switch {
 	case j.cancelReq:
 		d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: "cancelled while retrying"})
-	case j.attempt-j.base >= d.cfg.MaxAttempts:
+	case j.attempt-j.base-j.spared >= d.cfg.MaxAttempts || j.attempt >= schemas.MaxAttempt:
 		d.finishByDispatcher(j, EvExhausted, schemas.StatusFailed, exhaustedError(j.attempt, info))
 	case d.draining:
 		// Nobody here will run it again; the next delivery goes elsewhere.
