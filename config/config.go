@@ -85,6 +85,9 @@ type Config struct {
 	// GatewayWriteTimeout bounds each write to an HTTP client
 	// (gateway.Config WriteTimeout).
 	GatewayWriteTimeout string `json:"gateway_write_timeout"`
+	// GatewayMaxConns bounds the gateway's client connections
+	// (gateway.Config MaxConns).
+	GatewayMaxConns int `json:"gateway_max_conns"`
 }
 
 // Key documents one setting; Keys is the table the README's configuration section,
@@ -135,6 +138,7 @@ var Keys = []Key{
 	{"dispatcher_drain_timeout", "dispatcher-drain-timeout", "MLX_SERVING_DISPATCHER_DRAIN_TIMEOUT", "30s", "dispatcher: on stop, how long it keeps its jobs running on workers alive so their results are acked by it; past it they are redelivered and recognised elsewhere"},
 	{"gateway_request_timeout", "gateway-request-timeout", "MLX_SERVING_GATEWAY_REQUEST_TIMEOUT", "10m", "gateway: how long a request may take, arrival to last byte; it is also its job's deadline, so the fleet stops work nobody waits for, and a worker that holds the job past it (plus the dispatcher's 10 s grace) loses it"},
 	{"gateway_write_timeout", "gateway-write-timeout", "MLX_SERVING_GATEWAY_WRITE_TIMEOUT", "30s", "gateway: how long one write to a client (a streamed event, a whole answer) may wait for the client to take it; a client that stops reading is dropped after it and its jobs are cancelled, instead of holding the request and its buffered events for as long as it keeps the connection open"},
+	{"gateway_max_conns", "gateway-max-conns", "MLX_SERVING_GATEWAY_MAX_CONNS", "0", "gateway: most client connections held at once; past it a new one takes the place of the one quiet longest (idle, or silent since it opened), and is refused while every one is in a request, so connections never take the descriptors NATS and its store need in up (0: a quarter of the process's open-file limit; -1: no bound)"},
 	{"attempt_timeout", "attempt-timeout", "MLX_SERVING_ATTEMPT_TIMEOUT", "1h", "dispatcher: how long one attempt may run on a worker; past it the worker is told to stop it and the job is retried elsewhere (so a worker that takes jobs and never ends them holds none for ever); set it above the longest generation your workers may honestly take"},
 	{"dispatcher_write_grace", "dispatcher-write-grace", "MLX_SERVING_DISPATCHER_WRITE_GRACE", "10s", "dispatcher: on stop, after the drain, how long terminal records already being written get to be stored and acked; past it their jobs are handed back and may run again"},
 	{"metrics_addr", "metrics-addr", "MLX_SERVING_METRICS_ADDR", "", "serve Prometheus /metrics on this host:port (every server; set, the gateway and up serve it here and not on http_addr; empty: the gateway and up serve it on http_addr, the others not at all)"},

@@ -78,6 +78,9 @@ type Config struct {
 	// answer. A client that takes none within it is dropped and its jobs
 	// cancelled (stall.go). Zero: DefaultWriteTimeout; negative: no limit.
 	WriteTimeout time.Duration
+	// MaxConns bounds the client connections held at once (connlimit.go);
+	// zero: DefaultMaxConns; negative: no bound.
+	MaxConns int
 	// CORSOrigins are the browser origins (scheme://host[:port]) allowed to call
 	// the API across origins; "*" allows any. Empty: none (no CORS headers).
 	CORSOrigins []string
@@ -243,7 +246,6 @@ func (g *Gateway) Listen() error {
 	if err != nil {
 		return fmt.Errorf("gateway: listen %s: %w", g.cfg.Addr, err)
 	}
-	g.ln = ln
 	g.srv = &http.Server{
 		Handler:           g.handler,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -252,6 +254,15 @@ func (g *Gateway) Listen() error {
 		// RequestTimeout bounds them. Each write has a deadline of its own
 		// (Config.WriteTimeout, stall.go).
 	}
+	maxConns := g.cfg.MaxConns
+	if maxConns == 0 {
+		maxConns = DefaultMaxConns()
+	}
+	if maxConns > 0 {
+		lim := newConnLimiter(ln, maxConns, g.connsAtBound(maxConns))
+		ln, g.srv.ConnState = lim, lim.track
+	}
+	g.ln = ln
 	return nil
 }
 

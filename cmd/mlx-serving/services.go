@@ -155,6 +155,7 @@ func newGateway(c config.Config, nc *nats.Conn, defaultModel string, log zerolog
 		DefaultModel:   defaultModel,
 		RequestTimeout: c.RequestTimeout(),
 		WriteTimeout:   c.WriteTimeout(),
+		MaxConns:       c.GatewayMaxConns,
 		WorkerTTL:      c.WorkerTTLDuration(),
 		// A body larger than any job the bus can carry is refused unread.
 		MaxBodyBytes: gateway.BodyLimitFor(nc.MaxPayload()),

@@ -1,0 +1,118 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/mlx-serving/mlx-serving/internal/jsprov"
+	"github.com/mlx-serving/mlx-serving/internal/testenv"
+)
+
+// runListening runs a gateway on a real listener holding at most maxConns
+// client connections.
+func runListening(t *testing.T, maxConns int) *Gateway {
+	t.Helper()
+	tb := startBus(t, jsprov.Options{})
+	cfg := testConfig(t, tb.nc)
+	cfg.Addr, cfg.MaxConns = "127.0.0.1:0", maxConns
+	g, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- g.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return g
+}
+
+// dial opens a raw connection to g that may send, or may say nothing.
+func dial(t *testing.T, g *Gateway, send string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", g.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	if send != "" {
+		if _, err := c.Write([]byte(send)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return c
+}
+
+// closedByServer reports whether the server closed c: a read ends at once
+// instead of waiting past a short deadline.
+func closedByServer(c net.Conn) bool {
+	_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	_, err := c.Read(make([]byte, 1))
+	return err != nil && !errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// Connections past the bound take the places of the quietest: ten silent
+// connections and a request, with room for four, leave the request answered
+// and seven silent ones closed. Red team round 22: connections that never
+// authenticate took every descriptor of `up`, and JetStream's store broke.
+// Mutation caught: Listen without the limiter: none closed: red.
+func TestConnectionsPastTheBoundCloseTheQuietest(t *testing.T) {
+	t.Parallel()
+	g := runListening(t, 4)
+	var silent []net.Conn
+	for range 10 {
+		silent = append(silent, dial(t, g, ""))
+	}
+	r, err := http.Get("http://" + g.Addr().String() + "/healthz")
+	if err != nil {
+		t.Fatalf("a request past ten silent connections: %v", err)
+	}
+	_ = r.Body.Close()
+	if r.StatusCode != http.StatusOK {
+		t.Fatalf("healthz %d", r.StatusCode)
+	}
+	closed := 0
+	for _, c := range silent {
+		if closedByServer(c) {
+			closed++
+		}
+	}
+	if closed < 7 {
+		t.Fatalf("%d of 10 silent connections closed; want at least 7 (room for 4, one request)", closed)
+	}
+}
+
+// A connection inside a request is never closed for a newcomer: at the bound
+// with every connection busy (reading a body that has not come), the newcomer
+// is refused and the requests go on.
+// Mutation caught: track leaving active connections closable: they never
+// leave the closable set (the wait for both requests times out): red.
+func TestBusyConnectionsAreNotClosedForNewcomers(t *testing.T) {
+	t.Parallel()
+	g := runListening(t, 2)
+	post := "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+	busy := []net.Conn{dial(t, g, post), dial(t, g, post)}
+	lim := g.ln.(*connLimiter)
+	testenv.WaitFor(t, 10*time.Second, "both requests in progress", func() bool {
+		lim.mu.Lock()
+		defer lim.mu.Unlock()
+		return lim.open == 2 && len(lim.quiet) == 0
+	})
+	client := &http.Client{Timeout: 5 * time.Second}
+	if r, err := client.Get("http://" + g.Addr().String() + "/healthz"); err == nil {
+		_ = r.Body.Close()
+		t.Fatalf("a newcomer was answered %d with every connection busy", r.StatusCode)
+	}
+	for i, c := range busy {
+		if closedByServer(c) {
+			t.Fatalf("busy connection %d was closed for a newcomer", i)
+		}
+	}
+}
