@@ -30,6 +30,10 @@ var (
 	// ErrTooLarge: the message (a cancel) exceeds the stream's or the server's
 	// size limit; nothing was stored. A submit answers ErrJobTooLarge instead.
 	ErrTooLarge = jserr.ErrTooLarge
+	// ErrUnavailable: the server did not take the job or cancel — its store
+	// failed, or it did not answer in time (a submit's outcome then unknown:
+	// a retry with the same id is recognised). Retry later.
+	ErrUnavailable = jserr.ErrUnavailable
 	// ErrModelNotServed: no worker serves the job's model, and none has within the
 	// model grace period (5 minutes by default); nothing was queued. Submit with
 	// WithoutModelCheck to queue it anyway.

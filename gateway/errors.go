@@ -225,6 +225,13 @@ func fromSubmit(err error, m paramMap, retryAfter time.Duration) *apiError {
 			Message: "The request is too large for the job queue."}
 	case errors.Is(err, bus.ErrNoStream), errors.Is(err, bus.ErrNotConnected):
 		return errUnavailable("The job queue is unavailable; retry later.")
+	case errors.Is(err, bus.ErrUnavailable):
+		// The store failed or did not answer in time: a 500 said "our bug"
+		// and no client retried (red team round 22: a store broken by
+		// descriptor exhaustion answered every submit 500 internal_error).
+		e := errUnavailable("The job queue did not take the job; retry later.")
+		e.RetryAfter = retryAfter
+		return e
 	case errors.Is(err, bus.ErrModelCheck):
 		return errUnavailable("The models bucket is unavailable; retry later.")
 	case errors.Is(err, bus.ErrModelNotServed):

@@ -9,9 +9,11 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/bus"
 	"github.com/mlx-serving/mlx-serving/internal/fakeworker"
+	"github.com/mlx-serving/mlx-serving/internal/jserr"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
 	"github.com/mlx-serving/mlx-serving/schemas"
@@ -114,6 +116,29 @@ func TestModelLookupFailuresAre503(t *testing.T) {
 			expectError(t, postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil)), http.StatusServiceUnavailable, c.param, c.code)
 			expectError(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi", "stream": stream}),
 				http.StatusServiceUnavailable, c.param, c.code)
+		}
+	}
+}
+
+// A store that failed (a JetStream 5xx that is no limit) or did not answer in
+// time is a 503 with Retry-After, which clients retry, not a 500
+// internal_error. Red team round 22: a store broken by descriptor exhaustion
+// answered every submit 500 for minutes.
+// Mutations caught: fromSubmit without its ErrUnavailable case, or jserr.Map
+// without IsUnavailable: 500 internal_error: red.
+func TestStoreFailureIs503(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
+	broken := &jetstream.APIError{Code: 503, ErrorCode: 10077, Description: "error opening msg block file [\"/d/JOBS/msgs/103.blk\"]: open /d/JOBS/msgs/103.blk: too many open files"}
+	for _, err := range []error{jserr.Map(broken, "submit x"), jserr.Map(fmt.Errorf("publish: %w", context.DeadlineExceeded), "submit x")} {
+		_, srv := newTestGateway(t, tb, func(cfg *Config) { cfg.Jobs = refusingJobs{cfg.Jobs, err} })
+		for _, stream := range []bool{false, true} {
+			resp := postJSON(t, srv.URL+"/v1/chat/completions", chatBody(stream, nil))
+			if resp.Header.Get("Retry-After") == "" {
+				t.Errorf("%v: 503 without Retry-After", err)
+			}
+			expectError(t, resp, http.StatusServiceUnavailable, "", "bus_unavailable")
 		}
 	}
 }

@@ -8,6 +8,7 @@
 package jserr
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -29,6 +30,10 @@ var (
 	// ErrTooLarge: the message exceeds the stream's or the server's size limit;
 	// nothing was stored, and retrying will not help.
 	ErrTooLarge = errors.New("bus: message too large")
+	// ErrUnavailable: the server did not take the message — its store failed
+	// (a JetStream 5xx that is no limit: a write error, no quorum) or it did
+	// not answer in time (then whether it was stored is unknown). Retry later.
+	ErrUnavailable = errors.New("bus: server unavailable")
 )
 
 // JetStream API error codes the bus interprets. The client library names only some
@@ -121,6 +126,8 @@ func Map(err error, what string) error {
 		return fmt.Errorf("bus: %s: %w: %w", what, ErrStreamFull, err)
 	case IsTooLarge(err):
 		return fmt.Errorf("bus: %s: %w: %w", what, ErrTooLarge, err)
+	case IsUnavailable(err):
+		return fmt.Errorf("bus: %s: %w: %w", what, ErrUnavailable, err)
 	}
 	return fmt.Errorf("bus: %s: %w", what, err)
 }
@@ -158,4 +165,15 @@ func IsAlreadyStored(err error) bool {
 		}
 	}
 	return StoreRefusal(err) == StoreMaxMsgsPerSubject
+}
+
+// IsUnavailable reports a server that did not take a request: a JetStream
+// API error of the 5xx class (a store that failed, no quorum; the limits
+// IsFull and IsTooLarge name are checked first by Map), or no answer in time.
+func IsUnavailable(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) {
+		return true
+	}
+	ae, ok := APIError(err)
+	return ok && ae.Code >= 500
 }
