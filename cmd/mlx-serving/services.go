@@ -341,6 +341,13 @@ Ctrl-C drains and stops.
 	case <-ctx.Done():
 	case firstErr = <-errs:
 		log.Error().Err(firstErr).Msg("a component stopped; shutting down")
+	case msg := <-srv.StoreFailed():
+		// The embedded server refuses writes to that stream until it restarts:
+		// every submit (JOBS) or record (RESULTS) would fail while /readyz said
+		// ready. Stop, so the supervisor starts it again on the same store;
+		// what was accepted waits there (round 22, F1).
+		firstErr = fmt.Errorf("the NATS store failed and refuses writes until the server restarts: %s", msg)
+		log.Error().Err(firstErr).Msg("stopping for a restart")
 	}
 	log.Info().Msg("stopping: gateway, then worker (drain), then dispatcher, then NATS")
 	gcancel()

@@ -136,3 +136,51 @@ func TestJetStreamMaxStoreReachesTheServer(t *testing.T) {
 		t.Fatalf("max store from the conf file %d, want %d", got, 3*gib)
 	}
 }
+
+// A stream whose next message block cannot be created (here a directory sits
+// at its path; in round 22 the process had no descriptors left) gets a
+// critical write error that nats-server keeps until it restarts: StoreFailed
+// says so, and the stream refuses writes.
+// Mutation caught: Errorf without the critical write error check: nothing
+// on StoreFailed: red.
+func TestStoreFailedReportsACriticalWriteError(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	srv := testenv.StartServer(t, natsserver.Options{StoreDir: dir})
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := nc.JetStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 32 KB blocks: the smallest the store makes (MaxBytes/4 under it).
+	if _, err := js.AddStream(&nats.StreamConfig{Name: "T", Subjects: []string{"t.>"}, Storage: nats.FileStorage, MaxBytes: 100_000}); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := filepath.Glob(filepath.Join(dir, "jetstream", "*", "streams", "T", "msgs"))
+	if err != nil || len(msgs) != 1 {
+		t.Fatalf("the stream's msgs directory: %v %v", msgs, err)
+	}
+	for i := 2; i <= 8; i++ {
+		if err := os.Mkdir(filepath.Join(msgs[0], strconv.Itoa(i)+".blk"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	body := make([]byte, 4000)
+	var refused error
+	for i := 0; i < 20 && refused == nil; i++ {
+		_, refused = js.Publish("t.x", body, nats.AckWait(time.Second))
+	}
+	if refused == nil {
+		t.Fatal("every publish stored though no new block could be made")
+	}
+	select {
+	case msg := <-srv.StoreFailed():
+		t.Logf("store failed: %s (publish: %v)", msg, refused)
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no critical write error reported; the publish failed with %v", refused)
+	}
+}
