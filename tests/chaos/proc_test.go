@@ -240,9 +240,27 @@ func waitGone(ctx context.Context, pid int) error {
 // use, so a race with another process is possible but rare on loopback.
 func freePorts(t testing.TB, n int) []int {
 	t.Helper()
+	portsMu.Lock()
+	defer portsMu.Unlock()
 	var ls []net.Listener
 	var ports []int
-	for range n {
+	// Below the kernel's ephemeral range: a server restarted on its old port
+	// (every kill test does) found it taken by a client's outgoing connection
+	// now and then, and stayed down for good ("bind: address already in use",
+	// red team round 22, F3). A port handed out once is not handed out again.
+	low := ephemeralLow()
+	for port := 20000; len(ports) < n && port < low; port++ {
+		if usedPorts[port] {
+			continue
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
+		if err != nil {
+			continue
+		}
+		ls = append(ls, l)
+		ports = append(ports, port)
+	}
+	for len(ports) < n { // no room below the range: the kernel's pick
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
@@ -250,10 +268,34 @@ func freePorts(t testing.TB, n int) []int {
 		ls = append(ls, l)
 		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
-	for _, l := range ls {
+	for i, l := range ls {
 		l.Close()
+		usedPorts[ports[i]] = true
 	}
 	return ports
+}
+
+var (
+	portsMu   sync.Mutex
+	usedPorts = map[int]bool{}
+)
+
+// ephemeralLow is the first port of the kernel's ephemeral range (32768 where
+// it cannot be read).
+func ephemeralLow() int {
+	raw, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768
+	}
+	f := strings.Fields(string(raw))
+	if len(f) == 0 {
+		return 32768
+	}
+	low, err := strconv.Atoi(f[0])
+	if err != nil {
+		return 32768
+	}
+	return low
 }
 
 // poll calls f every interval until it returns true or ctx ends.
