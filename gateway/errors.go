@@ -31,6 +31,9 @@ type apiError struct {
 	Param      string // empty means null
 	Code       string // empty means null
 	RetryAfter time.Duration
+	// NoRetry sends X-Should-Retry: false, which OpenAI's clients obey: an
+	// answer whose retry cannot succeed although its status says it might.
+	NoRetry bool
 }
 
 func (e *apiError) Error() string { return fmt.Sprintf("%d %s: %s", e.Status, e.Code, e.Message) }
@@ -63,6 +66,9 @@ func writeError(w http.ResponseWriter, e *apiError) {
 	if e.RetryAfter > 0 {
 		secs := int((e.RetryAfter + time.Second - 1) / time.Second)
 		w.Header().Set("Retry-After", strconv.Itoa(secs))
+	}
+	if e.NoRetry {
+		w.Header().Set("X-Should-Retry", "false")
 	}
 	if e.Status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="mlx-serving"`)

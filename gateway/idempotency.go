@@ -43,6 +43,10 @@ const maxIdempotencyKey = 255
 
 // idempotencyKey is r's key, "" when it sent none; a malformed one is refused.
 func idempotencyKey(r *http.Request) (string, *apiError) {
+	if len(r.Header.Values(idempotencyHeader)) > 1 {
+		// Which one names the job? The first was taken silently (round 22).
+		return "", errInvalid(idempotencyHeader, "Send one %s header, not several.", idempotencyHeader)
+	}
 	key := r.Header.Get(idempotencyHeader)
 	if len(key) > maxIdempotencyKey {
 		return "", errInvalid(idempotencyHeader, "The %s header is longer than %d bytes.", idempotencyHeader, maxIdempotencyKey)
@@ -125,6 +129,13 @@ func (g *Gateway) submit(ctx context.Context, job *schemas.JobRequest, spec runS
 func (j *jobCall) failure(res *schemas.ResultMsg) *apiError {
 	e := fromResult(res)
 	if !j.watched {
+		if j.spec.key != "" && (e.Status >= 500 || e.Status == http.StatusTooManyRequests) {
+			// A retry under the key names this ended job and can only hear
+			// idempotency_key_spent: openai-python retried a keyed 503
+			// runtime_busy into a 422 (round 22).
+			e.NoRetry = true
+			e.Message += fmt.Sprintf(" The job this %s names has ended; retry with a new key.", idempotencyHeader)
+		}
 		return e
 	}
 	return &apiError{Status: http.StatusUnprocessableEntity, Type: typeInvalidRequest, Param: idempotencyHeader,

@@ -75,6 +75,10 @@ func TestIdempotencyKeyAnswersTheFirstTrysJob(t *testing.T) {
 		fw.nextJob(t)
 	}
 	expectError(t, post("tok-a", "has space", false), http.StatusBadRequest, idempotencyHeader, "invalid_value")
+	// Two keys: which names the job? Refused (round 22: the first was taken).
+	// Mutation caught: idempotencyKey without the count: 200: red.
+	expectError(t, postJSON(t, srv.URL+"/v1/completions", body, "Authorization", "Bearer tok-a", idempotencyHeader, "k1", idempotencyHeader, "k9"),
+		http.StatusBadRequest, idempotencyHeader, "invalid_value")
 }
 
 // A client with a key that leaves while its job runs does not cancel it, and
@@ -191,7 +195,13 @@ func TestIdempotencyKeyOfAFailedJobIsSpent(t *testing.T) {
 	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Status: schemas.StatusFailed, ErrCode: schemas.CodeRuntimeCrashed})
 	_, srv := newTestGateway(t, tb, nil)
 	body := map[string]any{"model": testModel, "prompt": "hi"}
-	expectError(t, postJSON(t, srv.URL+"/v1/completions", body, idempotencyHeader, "f1"), http.StatusInternalServerError, "", "runtime_crashed")
+	first := postJSON(t, srv.URL+"/v1/completions", body, idempotencyHeader, "f1")
+	// Its retry could only hear "spent": OpenAI's clients are told not to
+	// (round 22). Mutation caught: failure without NoRetry: no header: red.
+	if h := first.Header.Get("X-Should-Retry"); h != "false" {
+		t.Errorf("a keyed job's failure sent X-Should-Retry %q, want false", h)
+	}
+	expectError(t, first, http.StatusInternalServerError, "", "runtime_crashed")
 	expectError(t, postJSON(t, srv.URL+"/v1/completions", body, idempotencyHeader, "f1"), http.StatusUnprocessableEntity, idempotencyHeader, codeKeySpent)
 	stream := map[string]any{"model": testModel, "prompt": "hi", "stream": true}
 	expectError(t, postJSON(t, srv.URL+"/v1/completions", stream, idempotencyHeader, "f1"), http.StatusUnprocessableEntity, idempotencyHeader, codeKeySpent)
