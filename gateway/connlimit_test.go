@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,8 +15,8 @@ import (
 )
 
 // runListening runs a gateway on a real listener holding at most maxConns
-// client connections.
-func runListening(t *testing.T, maxConns int) *Gateway {
+// client connections (0: the default); stop ends Run and returns its error.
+func runListening(t *testing.T, maxConns int) (g *Gateway, stop func() error) {
 	t.Helper()
 	tb := startBus(t, jsprov.Options{})
 	cfg := testConfig(t, tb.nc)
@@ -30,8 +31,21 @@ func runListening(t *testing.T, maxConns int) *Gateway {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- g.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return g
+	var once sync.Once
+	var runErr error
+	stop = func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case runErr = <-done:
+			case <-time.After(10 * time.Second):
+				runErr = errors.New("Run did not return after ctx was cancelled")
+			}
+		})
+		return runErr
+	}
+	t.Cleanup(func() { _ = stop() })
+	return g, stop
 }
 
 // dial opens a raw connection to g that may send, or may say nothing.
@@ -65,7 +79,7 @@ func closedByServer(c net.Conn) bool {
 // Mutation caught: Listen without the limiter: none closed: red.
 func TestConnectionsPastTheBoundCloseTheQuietest(t *testing.T) {
 	t.Parallel()
-	g := runListening(t, 4)
+	g, _ := runListening(t, 4)
 	var silent []net.Conn
 	for range 10 {
 		silent = append(silent, dial(t, g, ""))
@@ -96,7 +110,7 @@ func TestConnectionsPastTheBoundCloseTheQuietest(t *testing.T) {
 // leave the closable set (the wait for both requests times out): red.
 func TestBusyConnectionsAreNotClosedForNewcomers(t *testing.T) {
 	t.Parallel()
-	g := runListening(t, 2)
+	g, _ := runListening(t, 2)
 	post := "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
 	busy := []net.Conn{dial(t, g, post), dial(t, g, post)}
 	lim := g.ln.(*connLimiter)

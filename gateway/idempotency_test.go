@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"net/http"
+	"net/http/httptest"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -125,6 +126,20 @@ func TestIdempotencyKeyRetryWatchesTheRunningJob(t *testing.T) {
 	}
 }
 
+// oneInFlight is a gateway whose tenants may have one job in flight, its
+// cancels counted, with a fake worker whose jobs wait for Release.
+func oneInFlight(t *testing.T) (*testBus, fakeWorker, *cancelSpy, *httptest.Server) {
+	t.Helper()
+	tb := startBus(t, jsprov.Options{})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Block: true})
+	spy := &cancelSpy{}
+	_, srv := newTestGateway(t, tb, func(c *Config) {
+		spy.Jobs, c.Jobs = c.Jobs, spy
+		c.Limits = TenantLimits{MaxInFlight: 1}
+	})
+	return tb, fw, spy, srv
+}
+
 // cancelSpy counts the cancels the gateway sends and its Ended lookups.
 type cancelSpy struct {
 	Jobs
@@ -150,13 +165,7 @@ func (c *cancelSpy) Cancel(ctx context.Context, tenant, jobID, reason string) er
 // never watches: red.
 func TestIdempotencyKeyLeaveKeepsTheTenantsSlot(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Block: true})
-	spy := &cancelSpy{}
-	_, srv := newTestGateway(t, tb, func(c *Config) {
-		spy.Jobs, c.Jobs = c.Jobs, spy
-		c.Limits = TenantLimits{MaxInFlight: 1}
-	})
+	tb, fw, spy, srv := oneInFlight(t)
 	leaveAfter(t, srv.URL+"/v1/chat/completions", chatBody(true, nil), `"Hello"`, idempotencyHeader, "held-1")
 	testenv.WaitFor(t, 10*time.Second, "the slot held until the job ends", func() bool { return spy.ended.Load() > 0 })
 	if code := statusOf(t, srv.URL); code != http.StatusTooManyRequests {
@@ -218,13 +227,7 @@ func TestIdempotencyKeyOfAFailedJobIsSpent(t *testing.T) {
 // the hold and watches the first body's job (200, not 429): red.
 func TestIdempotencyKeyNamesTheBody(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Block: true})
-	spy := &cancelSpy{}
-	_, srv := newTestGateway(t, tb, func(c *Config) {
-		spy.Jobs, c.Jobs = c.Jobs, spy
-		c.Limits = TenantLimits{MaxInFlight: 1}
-	})
+	_, fw, spy, srv := oneInFlight(t)
 	url := srv.URL + "/v1/completions"
 	leaveAfter(t, url, map[string]any{"model": testModel, "prompt": "hi", "stream": true}, `"Hello"`, idempotencyHeader, "same")
 	first := fw.nextJob(t)

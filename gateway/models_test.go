@@ -127,32 +127,14 @@ func TestReadyNeedsStreams(t *testing.T) {
 
 func TestRunAndShutdown(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, jsprov.Options{})
-	cfg := testConfig(t, tb.nc)
-	cfg.Addr = "127.0.0.1:0"
-	g, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := g.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- g.Run(ctx) }()
+	g, stop := runListening(t, 0)
 	r, err := http.Get("http://" + g.Addr().String() + "/healthz")
 	if err != nil {
 		t.Fatal(err)
 	}
 	r.Body.Close()
-	cancel()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("Run: %v", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("Run did not return after ctx was cancelled")
+	if err := stop(); err != nil {
+		t.Fatalf("Run: %v", err)
 	}
 }
 
