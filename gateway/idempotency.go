@@ -112,6 +112,7 @@ func keyedJobID(tenant, key, fingerprint string, choice int) string {
 // watched reports that the stream is of an earlier try's job.
 func (g *Gateway) submit(ctx context.Context, job *schemas.JobRequest, spec runSpec) (stream *bus.JobStream, watched bool, err error) {
 	stream, err = g.jobs.Submit(ctx, job)
+	g.submits.note(err)
 	if err != nil && spec.key != "" && errors.Is(err, bus.ErrDuplicate) {
 		g.log.Debug().Str("job_id", job.ID).Msg("idempotency key names a job already submitted; watching it")
 		stream, err = g.jobs.Watch(ctx, job.Tenant, job.ID, job.ReplyTo)

@@ -2,9 +2,12 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -141,4 +144,66 @@ func TestStoreFailureIs503(t *testing.T) {
 			expectError(t, resp, http.StatusServiceUnavailable, "", "bus_unavailable")
 		}
 	}
+}
+
+// /readyz says not ready while the server fails submits, and ready again once
+// one is taken: before, it said ready while a stream with a critical write
+// error refused every submit for minutes (round 22, F1).
+// Mutation caught: ready without submits.check: 200 after the failed
+// submit: red.
+func TestReadyzSaysTheQueueFailsSubmits(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	tb.registerWorker(t, "w1", schemas.WorkerReady, testModel)
+	startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens})
+	jobs := &failingOnce{}
+	_, srv := newTestGateway(t, tb, func(cfg *Config) { jobs.Jobs, cfg.Jobs = cfg.Jobs, jobs })
+	readyz := func() (int, string) {
+		r, err := http.Get(srv.URL + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Body.Close()
+		var body struct{ Reason string }
+		_ = json.NewDecoder(r.Body).Decode(&body)
+		return r.StatusCode, body.Reason
+	}
+	if code, reason := readyz(); code != http.StatusOK {
+		t.Fatalf("readyz %d (%s) before any submit", code, reason)
+	}
+	jobs.set(jserr.Map(&jetstream.APIError{Code: 503, ErrorCode: 10077, Description: "error opening msg block file"}, "submit x"))
+	expectError(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi"}), http.StatusServiceUnavailable, "", "bus_unavailable")
+	if code, reason := readyz(); code != http.StatusServiceUnavailable || !strings.Contains(reason, "failed the last submit") {
+		t.Fatalf("readyz %d (%q) after a submit the server failed, want 503 naming it", code, reason)
+	}
+	jobs.set(nil)
+	if text := completionText(t, postJSON(t, srv.URL+"/v1/completions", map[string]any{"model": testModel, "prompt": "hi"})); text != "Hello, world!" {
+		t.Fatalf("completion %q", text)
+	}
+	if code, reason := readyz(); code != http.StatusOK {
+		t.Fatalf("readyz %d (%s) after a submit was taken", code, reason)
+	}
+}
+
+// failingOnce fails Submit with the error set (set), while one is.
+type failingOnce struct {
+	Jobs
+	mu  sync.Mutex
+	err error
+}
+
+func (j *failingOnce) set(err error) {
+	j.mu.Lock()
+	j.err = err
+	j.mu.Unlock()
+}
+
+func (j *failingOnce) Submit(ctx context.Context, job *schemas.JobRequest) (*bus.JobStream, error) {
+	j.mu.Lock()
+	err := j.err
+	j.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	return j.Jobs.Submit(ctx, job)
 }

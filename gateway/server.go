@@ -99,7 +99,8 @@ type Gateway struct {
 	registry *registry
 	tenants  *tenantAuth
 	limits   *limiter
-	holds    keyedHolds // keyed jobs' slots held after their clients left (idempotency.go)
+	holds    keyedHolds   // keyed jobs' slots held after their clients left (idempotency.go)
+	submits  submitHealth // the last submit the server failed, for /readyz (storehealth.go)
 	cors     *corsPolicy
 	obs      Observer
 	handler  http.Handler
@@ -343,6 +344,9 @@ func (g *Gateway) handleReady(w http.ResponseWriter, r *http.Request) {
 
 func (g *Gateway) ready(ctx context.Context) error {
 	if err := g.jobs.Ready(ctx); err != nil {
+		return err
+	}
+	if err := g.submits.check(); err != nil {
 		return err
 	}
 	v, err := g.registry.read(ctx)
