@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -155,3 +156,83 @@ func (g *Gateway) connsAtBound(bound int) func(refused bool) {
 		}
 	}
 }
+
+// closeUnread closes the connection of a response written before its
+// request's body was read (a refusal: no token, a limit, a bad header).
+// net/http otherwise reads what is left of a body under 256 KB, with no
+// deadline, to keep the connection for the next request, and sends nothing
+// meanwhile: a client that sent headers without a token and then a byte a
+// second held its connection "in a request" for as long as it liked, never
+// closable for a newcomer, and twenty such kept every client out of a gateway
+// bounded at twenty; a tenant at its in-flight limit held as many as it opened
+// (round 22's second pass, F2). A body read to its end keeps the connection.
+func closeUnread(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength == 0 || r.Body == nil || r.Body == http.NoBody {
+			next.ServeHTTP(w, r)
+			return
+		}
+		body := &watchedBody{ReadCloser: r.Body, want: r.ContentLength}
+		r.Body = body
+		next.ServeHTTP(&closingWriter{ResponseWriter: w, body: body}, r)
+	})
+}
+
+// watchedBody knows whether its request body was read to its end.
+type watchedBody struct {
+	io.ReadCloser
+	want int64 // the declared length; -1: chunked, ends at EOF
+	mu   sync.Mutex
+	got  int64
+	eof  bool
+}
+
+func (b *watchedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.mu.Lock()
+	b.got += int64(n)
+	if err == io.EOF {
+		b.eof = true
+	}
+	b.mu.Unlock()
+	return n, err
+}
+
+func (b *watchedBody) read() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.eof || (b.want > 0 && b.got >= b.want)
+}
+
+// closingWriter asks for the connection to close when the response starts
+// before the body was read.
+type closingWriter struct {
+	http.ResponseWriter
+	body    *watchedBody
+	started bool
+}
+
+func (w *closingWriter) start() {
+	if !w.started {
+		w.started = true
+		if !w.body.read() {
+			// Closing alone is not enough: net/http still drains the body
+			// before it closes. The read deadline ends that drain at once.
+			w.Header().Set("Connection", "close")
+			_ = http.NewResponseController(w.ResponseWriter).SetReadDeadline(time.Now())
+		}
+	}
+}
+
+func (w *closingWriter) WriteHeader(code int) {
+	w.start()
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *closingWriter) Write(p []byte) (int, error) {
+	w.start()
+	return w.ResponseWriter.Write(p)
+}
+
+// Unwrap lets http.ResponseController reach the real writer (flushes, deadlines).
+func (w *closingWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

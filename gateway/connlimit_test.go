@@ -3,9 +3,11 @@ package gateway
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -15,12 +17,16 @@ import (
 )
 
 // runListening runs a gateway on a real listener holding at most maxConns
-// client connections (0: the default); stop ends Run and returns its error.
-func runListening(t *testing.T, maxConns int) (g *Gateway, stop func() error) {
+// client connections (0: the default), its config changed by mutate if not
+// nil; stop ends Run and returns its error.
+func runListening(t *testing.T, maxConns int, mutate func(*Config)) (g *Gateway, stop func() error) {
 	t.Helper()
 	tb := startBus(t, jsprov.Options{})
 	cfg := testConfig(t, tb.nc)
 	cfg.Addr, cfg.MaxConns = "127.0.0.1:0", maxConns
+	if mutate != nil {
+		mutate(&cfg)
+	}
 	g, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -79,7 +85,7 @@ func closedByServer(c net.Conn) bool {
 // Mutation caught: Listen without the limiter: none closed: red.
 func TestConnectionsPastTheBoundCloseTheQuietest(t *testing.T) {
 	t.Parallel()
-	g, _ := runListening(t, 4)
+	g, _ := runListening(t, 4, nil)
 	var silent []net.Conn
 	for range 10 {
 		silent = append(silent, dial(t, g, ""))
@@ -110,7 +116,7 @@ func TestConnectionsPastTheBoundCloseTheQuietest(t *testing.T) {
 // leave the closable set (the wait for both requests times out): red.
 func TestBusyConnectionsAreNotClosedForNewcomers(t *testing.T) {
 	t.Parallel()
-	g, _ := runListening(t, 2)
+	g, _ := runListening(t, 2, nil)
 	post := "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
 	busy := []net.Conn{dial(t, g, post), dial(t, g, post)}
 	lim := g.ln.(*connLimiter)
@@ -128,5 +134,26 @@ func TestBusyConnectionsAreNotClosedForNewcomers(t *testing.T) {
 		if closedByServer(c) {
 			t.Fatalf("busy connection %d was closed for a newcomer", i)
 		}
+	}
+}
+
+// A refusal written before its body was read closes the connection: a client
+// that sends headers without a token and then its body a byte at a time gets
+// its 401 at once and its connection back, instead of net/http waiting
+// without a deadline for the rest of the body while the connection counts as
+// busy (round 22's second pass: twenty such kept everyone out of a gateway
+// bounded at twenty). A body read to its end keeps the connection.
+// Mutation caught: routes without closeUnread: no answer within 5 s: red.
+func TestRefusalBeforeTheBodyClosesTheConnection(t *testing.T) {
+	t.Parallel()
+	g, _ := runListening(t, 0, func(c *Config) { c.Tokens = []string{"tok"} })
+	c := dial(t, g, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	answer, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("no answer and no close within 5 s: %v (read %q)", err, answer)
+	}
+	if !strings.HasPrefix(string(answer), "HTTP/1.1 401") || !strings.Contains(string(answer), "Connection: close") {
+		t.Fatalf("answer %q, want a 401 that closes", answer)
 	}
 }

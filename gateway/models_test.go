@@ -127,7 +127,7 @@ func TestReadyNeedsStreams(t *testing.T) {
 
 func TestRunAndShutdown(t *testing.T) {
 	t.Parallel()
-	g, stop := runListening(t, 0)
+	g, stop := runListening(t, 0, nil)
 	r, err := http.Get("http://" + g.Addr().String() + "/healthz")
 	if err != nil {
 		t.Fatal(err)

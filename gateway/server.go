@@ -215,7 +215,7 @@ func (g *Gateway) routes() http.Handler {
 		writeError(w, &apiError{Status: http.StatusNotFound, Type: typeInvalidRequest, Code: "unknown_url",
 			Message: fmt.Sprintf("Unknown request URL: %s %s.", r.Method, r.URL.Path)})
 	})))
-	return g.writeDeadlines(g.cors.wrap(mux))
+	return closeUnread(g.writeDeadlines(g.cors.wrap(mux)))
 }
 
 // methodNotAllowed answers 405 in the API's error format, naming the method
