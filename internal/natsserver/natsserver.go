@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -94,11 +95,21 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 	started := false
 	defer func() {
 		if !started {
+			// The server is down (every failure below shuts it down first):
+			// streams it deleted for not loading are put back (preload.go).
+			if err := restoreKept(opts.StoreDir, nil); err != nil {
+				opts.Logger.Error().Err(err).Str("kept", filepath.Join(opts.StoreDir, keepDir)).Msg("putting back the streams kept while starting failed; they are there")
+			}
 			_ = lock.Close()
 		}
 	}()
 	if err := moveAccountStore(opts.StoreDir, opts.Account, opts.StoreAccounts, opts.Logger); err != nil {
 		return nil, err
+	}
+	kept, err := keepStreams(opts.StoreDir)
+	if err != nil {
+		opts.Logger.Warn().Err(err).Msg("could not link the store's streams aside while starting: a stream that does not load is deleted by the server, unprotected")
+		kept = nil
 	}
 	host := opts.Host
 	if host == "" {
@@ -174,6 +185,16 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 		s.shutdownNow()
 		return nil, errors.New("bus: nats server started without JetStream")
 	}
+	missing, err := notLoaded(ns, kept)
+	if err == nil && len(missing) > 0 {
+		err = fmt.Errorf("%w: %v under %s (the server's log says why: \"Error recreating stream\"); their files are put back — fix the cause (disk, permissions, a file in the way) or move them aside, then start again; starting would have let provisioning replace them with empty streams",
+			ErrStreamNotLoaded, missing, filepath.Join(opts.StoreDir, "jetstream"))
+	}
+	if err != nil {
+		s.shutdownNow()
+		return nil, err
+	}
+	_ = os.RemoveAll(filepath.Join(opts.StoreDir, keepDir)) // every stream loaded: the links go
 	opts.Logger.Info().Str("url", ns.ClientURL()).Str("store_dir", opts.StoreDir).
 		Bool("sync_always", opts.SyncAlways).Bool("auth", opts.AuthConf != "").Bool("tls", opts.TLS != nil).
 		Msg("embedded nats server ready")

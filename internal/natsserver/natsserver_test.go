@@ -184,3 +184,80 @@ func TestStoreFailedReportsACriticalWriteError(t *testing.T) {
 		t.Fatalf("no critical write error reported; the publish failed with %v", refused)
 	}
 }
+
+// A stream whose files the server cannot recover at start (a directory
+// where a block file is expected, after a critical write error) is deleted
+// by nats-server, which starts without it; provisioning then made an empty
+// stream over it — restarting up with the cause left in place emptied JOBS
+// (round 22's second pass: 55 accepted jobs never ran). Start now fails with
+// ErrStreamNotLoaded and puts the stream's files back; with the cause
+// removed the stream loads with every message it stored.
+// Mutations caught: Start without the notLoaded check: it starts: red;
+// restoreKept not putting the stream back: the later start finds no
+// messages: red.
+func TestStartRefusesAStreamThatDidNotLoad(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect(srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, _ := nc.JetStream()
+	// 32 KB blocks (MaxBytes/4 under the store's smallest).
+	if _, err := js.AddStream(&nats.StreamConfig{Name: "KEEP", Subjects: []string{"keep.>"}, Storage: nats.FileStorage, MaxBytes: 100_000}); err != nil {
+		t.Fatal(err)
+	}
+	msgs, _ := filepath.Glob(filepath.Join(dir, "jetstream", "*", "streams", "KEEP", "msgs"))
+	if len(msgs) != 1 {
+		t.Fatalf("KEEP's msgs directory: %v", msgs)
+	}
+	var blockers []string
+	for i := 2; i <= 8; i++ {
+		b := filepath.Join(msgs[0], strconv.Itoa(i)+".blk")
+		if err := os.Mkdir(b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		blockers = append(blockers, b)
+	}
+	stored := 0
+	for i := 0; i < 20; i++ {
+		if _, err := js.Publish("keep.x", make([]byte, 4000), nats.AckWait(time.Second)); err != nil {
+			break // the block rolled into a directory: the critical write error
+		}
+		stored++
+	}
+	nc.Close()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if stored == 0 {
+		t.Fatal("nothing stored before the write error")
+	}
+	if srv, err := natsserver.Start(ctx, natsserver.Options{Port: -1, StoreDir: dir}); !errors.Is(err, natsserver.ErrStreamNotLoaded) {
+		if err == nil {
+			_ = srv.Shutdown(ctx)
+		}
+		t.Fatalf("Start with KEEP unrecoverable: %v, want ErrStreamNotLoaded", err)
+	}
+	for _, b := range blockers {
+		if err := os.Remove(b); err != nil {
+			t.Fatalf("the stream's files were not put back: %v", err)
+		}
+	}
+	srv = testenv.StartServer(t, natsserver.Options{StoreDir: dir})
+	nc, err = nats.Connect(srv.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ = nc.JetStream()
+	if si, err := js.StreamInfo("KEEP"); err != nil || si.State.Msgs != uint64(stored) {
+		t.Fatalf("KEEP after the cause was removed: %+v, %v; want its %d messages", si, err, stored)
+	}
+}

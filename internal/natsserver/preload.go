@@ -1,0 +1,152 @@
+package natsserver
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/nats-io/nats-server/v2/server"
+)
+
+// Streams that do not load. When nats-server cannot recover a stream from
+// its files at start (a block it cannot read: a directory where a block file
+// should be, a disk error), it logs "Error recreating stream" and deletes the
+// stream's directory — files and all — then starts without it, and the next
+// provisioning made an empty stream of that name. Restarting up with the
+// cause of a critical write error left in place so emptied JOBS: 55 accepted
+// jobs never ran nor got a record (red team round 22's second pass, F1).
+//
+// So before the server opens the store, every file of every stream is
+// hard-linked into a directory beside them (keepDir); a stream missing once
+// the server is up is put back from there, the server shut down, and Start
+// fails with ErrStreamNotLoaded: the files wait for the operator, and a
+// supervisor's restarts change nothing on disk. Links cost no copy; where the
+// file system takes none, Start goes on unprotected and logs it.
+
+// ErrStreamNotLoaded is returned by Start when a stream that was in the store
+// did not load.
+var ErrStreamNotLoaded = errors.New("bus: a stream in the JetStream store did not load")
+
+// keepDir holds the links while the server starts.
+const keepDir = "streams-kept-while-starting"
+
+// keepStreams links the files of every stream directory of the store at
+// storeDir into its keepDir, first putting back any stream a start that died
+// half-way left only there. It returns the streams kept (account/name).
+func keepStreams(storeDir string) ([]string, error) {
+	root, keep := filepath.Join(storeDir, "jetstream"), filepath.Join(storeDir, keepDir)
+	if err := restoreKept(storeDir, nil); err != nil {
+		return nil, err
+	}
+	var kept []string
+	accounts, _ := os.ReadDir(root)
+	for _, a := range accounts {
+		streams, _ := os.ReadDir(filepath.Join(root, a.Name(), "streams"))
+		for _, st := range streams {
+			if !st.IsDir() {
+				continue
+			}
+			from := filepath.Join(root, a.Name(), "streams", st.Name())
+			if err := linkTree(from, filepath.Join(keep, a.Name(), st.Name())); err != nil {
+				_ = os.RemoveAll(keep)
+				return nil, err
+			}
+			kept = append(kept, a.Name()+"/"+st.Name())
+		}
+	}
+	return kept, nil
+}
+
+// linkTree hard-links every file under from into the same places under to.
+func linkTree(from, to string) error {
+	return filepath.WalkDir(from, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(from, path)
+		target := filepath.Join(to, rel)
+		if d.IsDir() {
+			return os.MkdirAll(target, 0o700)
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		return os.Link(path, target)
+	})
+}
+
+// notLoaded lists the kept streams the started server does not have.
+func notLoaded(ns *server.Server, kept []string) ([]string, error) {
+	if len(kept) == 0 {
+		return nil, nil
+	}
+	info, err := ns.Jsz(&server.JSzOptions{Accounts: true, Streams: true, Limit: 1 << 20})
+	if err != nil {
+		return nil, fmt.Errorf("bus: list the loaded streams: %w", err)
+	}
+	loaded := map[string]bool{}
+	for _, a := range info.AccountDetails {
+		for _, st := range a.Streams {
+			loaded[a.Name+"/"+st.Name] = true
+		}
+	}
+	var missing []string
+	for _, k := range kept {
+		if !loaded[k] {
+			missing = append(missing, k)
+		}
+	}
+	return missing, nil
+}
+
+// restoreKept puts back, with the server down, each kept stream whose
+// directory is gone (all of them when only is nil, else those named), moving
+// aside whatever the server left in its place, then drops the links.
+func restoreKept(storeDir string, only []string) error {
+	root, keep := filepath.Join(storeDir, "jetstream"), filepath.Join(storeDir, keepDir)
+	accounts, err := os.ReadDir(keep)
+	if err != nil {
+		return nil // nothing kept
+	}
+	for _, a := range accounts {
+		streams, _ := os.ReadDir(filepath.Join(keep, a.Name()))
+		for _, st := range streams {
+			name := a.Name() + "/" + st.Name()
+			dir := filepath.Join(root, a.Name(), "streams", st.Name())
+			_, statErr := os.Stat(dir)
+			if only == nil && statErr == nil {
+				continue // there: the links go
+			}
+			if only != nil && !contains(only, name) {
+				continue
+			}
+			if statErr == nil {
+				aside := filepath.Join(storeDir, "left-by-failed-load", a.Name(), st.Name())
+				if err := os.MkdirAll(filepath.Dir(aside), 0o700); err != nil {
+					return err
+				}
+				if err := os.Rename(dir, aside); err != nil {
+					return fmt.Errorf("bus: move aside what the server left of stream %s: %w", name, err)
+				}
+			}
+			if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+				return err
+			}
+			if err := os.Rename(filepath.Join(keep, a.Name(), st.Name()), dir); err != nil {
+				return fmt.Errorf("bus: put back stream %s: %w", name, err)
+			}
+		}
+	}
+	return os.RemoveAll(keep)
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
