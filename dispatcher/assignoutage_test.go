@@ -56,3 +56,21 @@ func TestAssignmentLostToAnOutageUsesNoAttempt(t *testing.T) {
 		})
 	}
 }
+
+// The attempts spared by an outage travel with the ledger: a later delivery
+// (another dispatcher, a restart) leaves them out of max_attempts too. One
+// offer lost (spared), attempt 2 noted; the next delivery runs attempt 3 with
+// two of them counted. Round 22's second pass: the spare lived in memory
+// only, and a redelivery counted it, ending the job attempts_exhausted one
+// attempt early and past the exhaust grace (exhaust.go).
+// Mutations caught: retryEntry without Spared, or numberAttempt not reading
+// it: counted 3: red.
+func TestSparedAttemptsTravelWithTheLedger(t *testing.T) {
+	held := &job{seq: 7, deliv: 1, attempt: 1, spared: 1}
+	entry := held.retryEntry()
+	next := &job{seq: 7}
+	next.numberAttempt(entry, 2)
+	if next.attempt != 3 || next.counted() != 2 {
+		t.Fatalf("the next delivery runs attempt %d with %d counted; want attempt 3, 2 counted", next.attempt, next.counted())
+	}
+}

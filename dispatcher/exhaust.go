@@ -25,7 +25,7 @@ const exhaustGrace = time.Minute
 // delivery past its limit (not the first delivery of the job), and says
 // whether it did. Callers hold d.mu.
 func (d *Dispatcher) graceExhaustedLocked(j *job) bool {
-	if j.deliv < 2 || j.attempt-j.base != d.cfg.MaxAttempts+1 {
+	if j.deliv < 2 || j.counted() != d.cfg.MaxAttempts+1 {
 		return false
 	}
 	d.metrics.ExhaustGraced.Add(1)

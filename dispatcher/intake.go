@@ -207,16 +207,16 @@ func (d *Dispatcher) check(p int, m jetstream.Msg, overlap bool) func() {
 			d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: "cancelled while queued"})
 		case j.req.Deadline != nil && time.Now().After(*j.req.Deadline):
 			d.finishByDispatcher(j, EvExpire, schemas.StatusExpired, &schemas.ErrorInfo{Code: schemas.CodeDeadlineExceeded, Message: "deadline passed before the job ran"})
-		case j.attempt-j.base > d.cfg.MaxAttempts && d.graceExhaustedLocked(j):
+		case j.counted() > d.cfg.MaxAttempts && d.graceExhaustedLocked(j):
 			// Handed back once: its last attempt may still run (exhaust.go).
-		case j.attempt-j.base > d.cfg.MaxAttempts:
+		case j.counted() > d.cfg.MaxAttempts:
 			// Deliveries that ran, as far as the ledger knows: a delivery
 			// handed back unrun is not counted (ledger.go), one whose note
 			// failed or that a crashed dispatcher held is.
 			j.lastErr = schemas.ErrorInfo{Code: schemas.CodeRedelivered, Message: fmt.Sprintf("delivered %d times", md.NumDelivered)}
 			d.finishByDispatcher(j, EvDeadLetter, schemas.StatusFailed, &schemas.ErrorInfo{Code: schemas.CodeAttemptsExhausted,
 				Message: fmt.Sprintf("gave up: attempt %d would pass max_attempts %d, after %d deliveries without a terminal record (runs on workers that were lost, or dispatchers that stopped, crashed or could not write; or deliveries lost in transit when a NATS server failed, which count too: the job may never have run)",
-					j.attempt-j.base, d.cfg.MaxAttempts, md.NumDelivered)})
+					j.counted(), d.cfg.MaxAttempts, md.NumDelivered)})
 		case d.draining:
 			d.handBackLocked(j)
 		default:

@@ -30,7 +30,7 @@ func (j *job) numberAttempt(e ledger.Entry, delivered int) {
 	j.deliv = delivered
 	j.attempt = e.Attempt(j.seq, j.base, delivered)
 	if e.Seq == j.seq {
-		j.high = e.High
+		j.high, j.spared = e.High, e.Spared
 		j.ledgered = e.At > 0 // an entry of this message: dropped with the record
 	}
 }
@@ -79,6 +79,7 @@ func (d *Dispatcher) handBackAfter(j *job, delay time.Duration) {
 		high = max(high, next-1) // every attempt offered in this delivery is below next
 	}
 	e := ledger.HandBack(j.seq, j.base, j.deliv, next, high)
+	e.Spared = j.spared
 	tenant, id := j.tenant, j.id
 	d.goWrite(func(ctx context.Context) {
 		if err := ledger.Write(ctx, d.js, tenant, id, e); err != nil {
@@ -97,7 +98,7 @@ func (d *Dispatcher) handBackAfter(j *job, delay time.Duration) {
 // handed back, and its redelivery numbers the attempt from the count, which
 // is then the higher. Callers hold d.mu.
 func (d *Dispatcher) noteRetry(j *job) {
-	e := ledger.Retry(j.seq, j.base, j.deliv, j.attempt+1)
+	e := j.retryEntry()
 	j.noting = true
 	tenant, id := j.tenant, j.id
 	d.goWrite(func(ctx context.Context) {
@@ -142,4 +143,12 @@ func (d *Dispatcher) ledgerWriteFailed(err error, tenant, id, what string) {
 	}
 	d.count().ledgerWriteFailed()
 	d.rare.Warn().Err(err).Str("job_id", id).Str("tenant", tenant).Msg("writing the attempt ledger failed: " + what)
+}
+
+// retryEntry is the ledger entry of j's next attempt, the attempts spared so
+// far with it. Callers hold d.mu.
+func (j *job) retryEntry() ledger.Entry {
+	e := ledger.Retry(j.seq, j.base, j.deliv, j.attempt+1)
+	e.Spared = j.spared
+	return e
 }

@@ -90,7 +90,7 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 	switch {
 	case j.cancelReq:
 		d.finishByDispatcher(j, EvCancel, schemas.StatusCancelled, &schemas.ErrorInfo{Code: schemas.CodeCancelled, Message: "cancelled while retrying"})
-	case j.attempt-j.base-j.spared >= d.cfg.MaxAttempts || j.attempt >= schemas.MaxAttempt:
+	case j.counted() >= d.cfg.MaxAttempts || j.attempt >= schemas.MaxAttempt:
 		d.finishByDispatcher(j, EvExhausted, schemas.StatusFailed, exhaustedError(j.attempt, info))
 	case d.draining:
 		// Nobody here will run it again; the next delivery goes elsewhere.
@@ -116,6 +116,12 @@ func (d *Dispatcher) retryableFailure(j *job, info schemas.ErrorInfo, resume *sc
 		poke(d.wakeSched)
 	}
 }
+
+// counted is how many of j's attempts count against max_attempts: those
+// numbered since its base, less those spared (an offer lost to the
+// dispatcher's own outage: batcher.go assign), which the ledger carries to a
+// later delivery with the numbering. Callers hold d.mu.
+func (j *job) counted() int { return j.attempt - j.base - j.spared }
 
 func exhaustedError(attempts int, last schemas.ErrorInfo) *schemas.ErrorInfo {
 	return &schemas.ErrorInfo{Code: schemas.CodeAttemptsExhausted, Message: fmt.Sprintf("gave up after %d attempts; last error %s: %s", attempts, last.Code, last.Message)}

@@ -50,6 +50,10 @@ type Entry struct {
 	// High is the highest attempt number offered to a worker so far: no later
 	// attempt is numbered at or below it.
 	High int `json:"high"`
+	// Spared counts the attempts numbered but not counted against
+	// max_attempts (an offer lost to the dispatcher's own NATS outage), so a
+	// later delivery's limit leaves them out too.
+	Spared int `json:"spared,omitempty"`
 }
 
 // Attempt numbers the attempt of delivery delivered of message seq, whose
