@@ -199,7 +199,7 @@ func (p *Client) SubmitBatch(ctx context.Context, jobs []*schemas.JobRequest) (a
 		checks <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-checks }()
-			errs[i] = p.admit(ctx, job, fresh)
+			errs[i] = notSubmitted(p.admit(ctx, job, fresh))
 		})
 	}
 	wg.Wait()
@@ -208,11 +208,26 @@ func (p *Client) SubmitBatch(ctx context.Context, jobs []*schemas.JobRequest) (a
 		if errs[i] != nil {
 			continue
 		}
+		// Ended before this job's publish (as Submit checks): nothing of it
+		// was sent. Before, a batch with a cancelled context published every
+		// job and answered each "context canceled", not ErrNotSubmitted, so
+		// the caller took jobs that ran for ones that might not (red team
+		// round 22, the bus client's F1).
+		if err := ctx.Err(); err != nil {
+			errs[i] = notSubmitted(err)
+			continue
+		}
 		tracing.InjectHeader(ctx, m.Header)
 		deadline, _ := ctx.Deadline()
 		f, err := p.js.PublishMsgAsync(m, jetstream.WithExpectStream(subjects.StreamJobs), jetstream.WithStallWait(max(time.Until(deadline), time.Millisecond)))
 		if err != nil {
-			_, errs[i] = p.published(acks[i], nil, err)
+			// Refused before it was sent (too many publishes awaiting their
+			// acks, a closed connection): nothing was stored.
+			_, err = p.published(acks[i], nil, err)
+			if errors.Is(err, jetstream.ErrTooManyStalledMsgs) && !errors.Is(err, ErrUnavailable) {
+				err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+			}
+			errs[i] = fmt.Errorf("%w: %w", ErrNotSubmitted, err)
 			continue
 		}
 		futures[i] = f

@@ -1,6 +1,7 @@
 package bus
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"slices"
@@ -375,6 +376,24 @@ func TestClientResultIsPerTenant(t *testing.T) {
 	if got, err := pd.TenantResult(ctx, "a", "job-t"); err != nil || got.Text != "for a" {
 		t.Fatalf("TenantResult(a): %+v, %v", got, err)
 	}
+	// An id that is no subject token names no job: a wildcard answered the
+	// tenant's newest record, another job's (red team round 22).
+	// Mutation caught: results.Fetch without CheckJobID: job-t's record: red.
+	for _, id := range []string{"*", ">", "job.t", ""} {
+		var verr *schemas.ValidationError
+		got, err := pa.Result(ctx, id)
+		if !errors.As(err, &verr) || verr.Violations[0].Path != "$.job_id" {
+			t.Errorf("Result(%q): %+v, %v; want a ValidationError at $.job_id", id, got, err)
+		}
+		if _, err := Watch(ctx, b.nc, b.js, "a", id, ReplySubject("a", "x"), StreamOptions{}); !errors.As(err, &verr) {
+			t.Errorf("Watch(%q): %v; want a ValidationError", id, err)
+		}
+	}
+	// Mutation caught: subscribe without the reply subject check: a watch of
+	// every job's events: red.
+	if _, err := Watch(ctx, b.nc, b.js, "a", "job-t", "mlx.reply.a.*", StreamOptions{}); err == nil {
+		t.Error("Watch on a wildcard reply subject was opened")
+	}
 }
 
 // TestSubmitBatch: a batch queues its valid jobs in order, and each refused
@@ -422,6 +441,33 @@ func TestSubmitBatch(t *testing.T) {
 	msgs := jobsInStream(t, b.js)
 	if len(msgs) != 5 || decodeJob(t, msgs[0].Data).Prompt != "first" {
 		t.Fatalf("JOBS holds %d messages, want the first submit and the batch's 4", len(msgs))
+	}
+}
+
+// A batch whose context ended before its publishes sends nothing and says so
+// for each job (ErrNotSubmitted), as Submit does: before, it published every
+// job of a cancelled context and answered each "context canceled", so the
+// caller took jobs that ran for ones that might not (red team round 22).
+// Mutation caught: SubmitBatch without its ctx.Err check before publishing:
+// the jobs stored, no ErrNotSubmitted: red.
+func TestSubmitBatchAfterItsContextEndedSendsNothing(t *testing.T) {
+	t.Parallel()
+	b := startBus(t, jsprov.Options{})
+	p, err := NewClient(b.nc, WithTenant("acme"), WithDefaultModel("tiny"), WithoutModelCheck())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(ctxT(t))
+	cancel()
+	jobs := []*schemas.JobRequest{{Prompt: "one"}, {Prompt: "two"}, {Prompt: "three"}}
+	_, errs := p.SubmitBatch(ctx, jobs)
+	for i, err := range errs {
+		if !errors.Is(err, ErrNotSubmitted) || !errors.Is(err, context.Canceled) {
+			t.Errorf("job %d: %v, want ErrNotSubmitted wrapping context.Canceled", i, err)
+		}
+	}
+	if n := len(jobsInStream(t, b.js)); n != 0 {
+		t.Fatalf("%d jobs stored from a batch whose context had ended", n)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"iter"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/mlx-serving/mlx-serving/internal/jserr"
+	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/schemas"
 )
 
@@ -144,6 +146,14 @@ const flushTimeout = 10 * time.Second
 // before it returns: needed when the job is (or was) published on another
 // connection, whose messages the server may handle before this one's SUB.
 func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenant, jobID, replyTo string, opts StreamOptions, flush bool) (*JobStream, error) {
+	if err := results.CheckJobID(jobID); err != nil {
+		return nil, err
+	}
+	if !validSubjectToken(strings.ReplaceAll(replyTo, ".", "_")) {
+		// A wildcard reply subject would take other jobs' events for this one's.
+		return nil, &schemas.ValidationError{Code: schemas.Code(schemas.Job), Type: schemas.Job,
+			Violations: []schemas.Violation{{Path: "$.reply_to", Reason: "must be a subject without wildcards or whitespace"}}}
+	}
 	if nc == nil {
 		return nil, fmt.Errorf("bus: watch %s: %w", jobID, ErrNotConnected)
 	}

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/mlx-serving/mlx-serving/internal/jserr"
 	"github.com/mlx-serving/mlx-serving/internal/jsget"
@@ -116,6 +117,9 @@ func Finish(ctx context.Context, js jetstream.JetStream, r *schemas.ResultMsg, r
 // when it has none. tenant is the job's tenant ("" is the default tenant): the
 // record lives under it, and a producer's credential may read only its own.
 func Fetch(ctx context.Context, js jetstream.JetStream, tenant, jobID string) (*schemas.ResultMsg, error) {
+	if err := CheckJobID(jobID); err != nil {
+		return nil, err
+	}
 	data, err := jsget.Direct(ctx, js, subjects.StreamResults, subjects.Result(tenant, jobID))
 	if err != nil {
 		if errors.Is(err, jetstream.ErrMsgNotFound) {
@@ -201,4 +205,17 @@ func Purge(ctx context.Context, js jetstream.JetStream, tenant, jobID string) er
 		return fmt.Errorf("bus: purge result %s: %w", jobID, err)
 	}
 	return nil
+}
+
+// CheckJobID refuses a job id that is not one subject token: the lookup's
+// subject is built from it, and a direct get takes wildcards — Result("*")
+// answered the tenant's newest record, another job's (red team round 22, the
+// bus client's F3: a backend whose users name jobs by id would show one user
+// another's output). An empty id is refused too (it waited for a timeout).
+func CheckJobID(jobID string) error {
+	if jobID != "" && !strings.ContainsAny(jobID, ".*> \t\r\n") {
+		return nil
+	}
+	return &schemas.ValidationError{Code: schemas.Code(schemas.Result), Type: schemas.Result,
+		Violations: []schemas.Violation{{Path: "$.job_id", Reason: "must be one subject token: not empty, no '.', '*', '>' or whitespace"}}}
 }
