@@ -236,6 +236,9 @@ func (p *Client) admit(ctx context.Context, job *schemas.JobRequest, fresh bool)
 // published completes ack from JetStream's answer to a job's publish.
 func (p *Client) published(ack SubmitAck, pa *jetstream.PubAck, err error) (SubmitAck, error) {
 	if err != nil {
+		if why := deniedOn(p.nc, ack.Subject); why != nil {
+			return ack, fmt.Errorf("bus: submit %s: %w: %w", ack.JobID, ErrPermissionDenied, why)
+		}
 		return ack, p.mapSubmitError(ack.JobID, err)
 	}
 	ack.Stream, ack.Sequence = pa.Stream, pa.Sequence
@@ -313,6 +316,9 @@ func (p *Client) TenantCancel(ctx context.Context, tenant, jobID, reason string)
 	ctx, cancel := p.withTimeout(ctx)
 	defer cancel()
 	if _, err := p.js.Publish(ctx, subjects.Cancel(tenant, jobID), data, jetstream.WithExpectStream(subjects.StreamCancels)); err != nil {
+		if why := deniedOn(p.nc, subjects.Cancel(tenant, jobID)); why != nil {
+			return fmt.Errorf("bus: cancel %s: %w: %w", jobID, ErrPermissionDenied, why)
+		}
 		return jserr.Map(err, "cancel "+jobID)
 	}
 	p.log.Debug().Str("job_id", jobID).Str("reason", reason).Msg("cancel requested")

@@ -2,6 +2,9 @@ package bus
 
 import (
 	"errors"
+	"strings"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/mlx-serving/mlx-serving/internal/jserr"
 	"github.com/mlx-serving/mlx-serving/internal/results"
@@ -45,4 +48,24 @@ var (
 	// context error without it may have come after the publish: the job may be
 	// queued.
 	ErrNotSubmitted = errors.New("bus: job not submitted")
+	// ErrPermissionDenied: the server refused the credential the subject
+	// (another tenant's jobs, records or replies, or a client without
+	// WithTenant submitting for its tenant's). Retrying will not help.
+	ErrPermissionDenied = errors.New("bus: permission denied")
 )
+
+// deniedOn is the permissions violation nc's server last reported for
+// subject (a publish or subscribe the credential is not granted), or nil. The
+// server answers such a request only with that asynchronous error, never a
+// reply: without this the call waited out its timeout and said "server
+// unavailable, retry later" (red team round 22, the bus client's F2).
+func deniedOn(nc *nats.Conn, subject string) error {
+	if nc == nil || subject == "" {
+		return nil
+	}
+	err := nc.LastError()
+	if err == nil || !errors.Is(err, nats.ErrPermissionViolation) || !strings.Contains(err.Error(), `"`+subject+`"`) {
+		return nil
+	}
+	return err
+}

@@ -198,6 +198,13 @@ func subscribe(ctx context.Context, nc *nats.Conn, js jetstream.JetStream, tenan
 		}
 		return nil, fmt.Errorf("bus: subscribe %s: %w", replyTo, err)
 	}
+	// The flush's PONG follows the server's answer to the SUB: a refused one
+	// has been reported by now. Without this a watch of another tenant's job
+	// waited for its context, for ever with none (round 22).
+	if why := deniedOn(nc, replyTo); why != nil {
+		_ = sub.Unsubscribe()
+		return nil, fmt.Errorf("bus: subscribe %s: %w: %w", replyTo, ErrPermissionDenied, why)
+	}
 	return &JobStream{tenant: tenant, jobID: jobID, replyTo: replyTo, js: js, sub: sub, q: q, opts: opts}, nil
 }
 
