@@ -31,8 +31,18 @@ func checkChoices(n *int) *apiError {
 // completions of every choice. If one choice fails, the others are cancelled and
 // the request fails with its error.
 func (g *Gateway) runChoices(w http.ResponseWriter, r *http.Request, base *schemas.JobRequest, spec runSpec, now time.Time, waitCtx context.Context) {
-	// The request holds one tenant slot already; each further job takes one more.
-	for range spec.n - 1 {
+	// The request holds one tenant slot already; each further job takes one
+	// more — unless a key names a job held after its first try's client left:
+	// the retry joins that hold, as serve does for choice 0. Before, the exact
+	// retry of a keyed n > 1 request was refused 429 by its own held choices
+	// (round 22's second pass, F3).
+	for i := 1; i < spec.n; i++ {
+		if spec.key != "" {
+			if held := g.holds.join(keyedJobID(base.Tenant, spec.key, spec.fingerprint, i)); held != nil {
+				defer held.done()
+				continue
+			}
+		}
 		release, ok := g.limits.acquire(base.Tenant)
 		if !ok {
 			g.refuse(w, spec.endpoint, base.Tenant, &apiError{Status: http.StatusTooManyRequests, Type: typeRateLimit,

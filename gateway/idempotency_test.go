@@ -255,3 +255,40 @@ func TestIdempotencyKeyNamesTheBody(t *testing.T) {
 		t.Fatalf("the worker ran %s with prompt %q, max_tokens %d; want %s, bye, 5", second.ID, second.Prompt, second.MaxTokens, id)
 	}
 }
+
+// The exact retry of a keyed request for n choices whose client left joins
+// every held choice, not only the first: before, it joined choice 0's hold
+// and was refused 429 for the others (round 22's second pass, F3).
+// Mutation caught: runChoices acquiring every further slot: refused 429, it
+// never watches: red.
+func TestIdempotencyKeyRetryOfChoicesJoinsTheirHolds(t *testing.T) {
+	t.Parallel()
+	tb := startBus(t, jsprov.Options{})
+	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Block: true})
+	spy := &cancelSpy{}
+	_, srv := newTestGateway(t, tb, func(c *Config) {
+		spy.Jobs, c.Jobs = c.Jobs, spy
+		c.Limits = TenantLimits{MaxInFlight: 2}
+	})
+	url := srv.URL + "/v1/completions"
+	body := map[string]any{"model": testModel, "prompt": "hi", "n": 2, "stream": true}
+	leaveAfter(t, url, body, `"Hello"`, idempotencyHeader, "two")
+	testenv.WaitFor(t, 10*time.Second, "both choices held", func() bool { return spy.ended.Load() >= 2 })
+	first := fw.nextJob(t)
+	acc := tb.Server.NATSServer().GlobalAccount()
+	testenv.WaitFor(t, 10*time.Second, "the first try gone", func() bool { return acc.Interest(first.ReplyTo) == 0 })
+	retried := make(chan *http.Response, 1)
+	go func() {
+		retried <- postJSON(t, url, map[string]any{"model": testModel, "prompt": "hi", "n": 2}, idempotencyHeader, "two")
+	}()
+	testenv.WaitFor(t, 10*time.Second, "the retry watching the held choices", func() bool { return acc.Interest(first.ReplyTo) == 1 })
+	fw.Release()
+	select {
+	case r := <-retried:
+		if r.StatusCode != http.StatusOK {
+			expectError(t, r, http.StatusOK, "", "")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the retry got no answer")
+	}
+}
