@@ -112,7 +112,12 @@ func TestBreakerStopsRoutingToFailingWorker(t *testing.T) {
 	defer sub.Unsubscribe()
 	_ = mute.Conn().Flush()
 	cfg := testConfig("d1", e.connect("d1"))
-	cfg.AssignTimeout = 100 * time.Millisecond
+	// The timeout applies to the healthy worker's answers too: at 100 ms a
+	// loaded CI machine (packages testing side by side on 2 cores) now and
+	// then took longer for two of them, opened the good worker's breaker for
+	// the hour too, and b-0 never ran (a clean-clone CI failure, session 16;
+	// once in session 15). 500 ms keeps the mute worker's failures quick.
+	cfg.AssignTimeout = 500 * time.Millisecond
 	cfg.MaxAttempts = 10
 	cfg.BreakerThreshold = 2
 	cfg.BreakerCooldown = time.Hour
