@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mlx-serving/mlx-serving/internal/jserr"
+	"github.com/mlx-serving/mlx-serving/internal/jsget"
 	"github.com/mlx-serving/mlx-serving/internal/jsprov"
 	"github.com/mlx-serving/mlx-serving/internal/results"
 	"github.com/mlx-serving/mlx-serving/internal/subjects"
@@ -171,9 +172,9 @@ func notSubmitted(err error) error {
 // prepare encodes and validates job (defaults filled): the message to publish
 // and the ack as far as it is known. Nothing touches the network.
 func (p *Client) prepare(job *schemas.JobRequest) (*nats.Msg, SubmitAck, error) {
-	data, err := json.Marshal(job)
+	data, err := schemas.Marshal(schemas.Job, job)
 	if err != nil {
-		return nil, SubmitAck{}, fmt.Errorf("bus: marshal job %s: %w", job.ID, err)
+		return nil, SubmitAck{}, err
 	}
 	if err := schemas.Validate(schemas.Job, data); err != nil {
 		return nil, SubmitAck{}, err
@@ -337,7 +338,16 @@ func (p *Client) Result(ctx context.Context, jobID string) (*schemas.ResultMsg, 
 func (p *Client) TenantResult(ctx context.Context, tenant, jobID string) (*schemas.ResultMsg, error) {
 	ctx, cancel := p.withTimeout(ctx)
 	defer cancel()
-	return results.Fetch(ctx, p.js, tenant, jobID)
+	r, err := results.Fetch(ctx, p.js, tenant, jobID)
+	if err != nil && !errors.Is(err, ErrNoResult) {
+		// A read of another tenant's record is refused like a submit: with an
+		// asynchronous violation on the direct get's subject and no answer.
+		read := jsget.APIPrefix(p.js) + "DIRECT.GET." + subjects.StreamResults + "." + subjects.Result(tenant, jobID)
+		if why := deniedOn(p.nc, read); why != nil {
+			return nil, fmt.Errorf("bus: result %s: %w: %w", jobID, ErrPermissionDenied, why)
+		}
+	}
+	return r, err
 }
 
 func (p *Client) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {

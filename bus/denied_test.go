@@ -22,7 +22,7 @@ const deniedConf = `accounts {
     users: [
       {user: admin, password: admin}
       {user: pa, password: pa, permissions: {
-        publish: {allow: ["mlx.jobs.a.>", "mlx.cancel.a.>", "$JS.API.>", "_INBOX.>"]}
+        publish: {allow: ["mlx.jobs.a.>", "mlx.cancel.a.>", "$JS.API.DIRECT.GET.RESULTS.mlx.results.a.>", "_INBOX.>"]}
         subscribe: {allow: ["_INBOX.>", "mlx.reply.a.>"]}
       }}
     ]
@@ -31,12 +31,13 @@ const deniedConf = `accounts {
 `
 
 // A request the credential is not granted is ErrPermissionDenied — a submit
-// or cancel when its publish times out, a watch at once — for another
+// or cancel when its publish times out, a read of a record when its
+// direct get does, a watch at once — for another
 // tenant's subjects. The server answers such a
 // publish or subscribe only with an asynchronous error; the client waited out
 // its timeout and said ErrUnavailable ("retry later"), and a watch with no
 // deadline waited for ever (red team round 22, the bus client's F2).
-// Mutation caught: published, TenantCancel or subscribe without deniedOn:
+// Mutation caught: published, TenantCancel, TenantResult or subscribe without deniedOn:
 // ErrUnavailable after the timeout, or a watch opened: red.
 func TestRequestsTheCredentialMayNotMakeAreDenied(t *testing.T) {
 	t.Parallel()
@@ -73,6 +74,9 @@ func TestRequestsTheCredentialMayNotMakeAreDenied(t *testing.T) {
 	if err := p.TenantCancel(ctx, "b", "job-b", ""); !errors.Is(err, ErrPermissionDenied) {
 		t.Errorf("TenantCancel of b's job: %v, want ErrPermissionDenied", err)
 	}
+	if _, err := p.TenantResult(ctx, "b", "job-b"); !errors.Is(err, ErrPermissionDenied) {
+		t.Errorf("TenantResult of b's job: %v, want ErrPermissionDenied", err)
+	}
 	if _, err := Watch(context.Background(), nc, nil, "b", "job-b", ReplySubject("b", "job-b"), StreamOptions{}); !errors.Is(err, ErrPermissionDenied) {
 		t.Errorf("Watch of b's job: %v, want ErrPermissionDenied", err)
 	}
@@ -82,5 +86,8 @@ func TestRequestsTheCredentialMayNotMakeAreDenied(t *testing.T) {
 	}
 	if _, err := pa.Submit(ctx, &schemas.JobRequest{Model: "m", Prompt: "hi"}); err != nil {
 		t.Errorf("Submit in its own tenant: %v", err)
+	}
+	if _, err := pa.Result(ctx, "job-a"); !errors.Is(err, ErrNoResult) {
+		t.Errorf("Result of its own job not finished: %v, want ErrNoResult", err)
 	}
 }
