@@ -3,6 +3,7 @@ package bus
 import (
 	"encoding/json"
 	"errors"
+	"math"
 	"strconv"
 	"strings"
 	"sync"
@@ -216,6 +217,7 @@ func TestSubmitInvalidJobPublishesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := ctxT(t)
+	nan := math.NaN()
 	cases := []struct {
 		name string
 		job  *schemas.JobRequest
@@ -225,6 +227,7 @@ func TestSubmitInvalidJobPublishesNothing(t *testing.T) {
 		{"id not a subject token", &schemas.JobRequest{ID: "a.b", Model: "tiny", Prompt: "x"}, "$.id"},
 		{"unknown priority", &schemas.JobRequest{ID: "inv-3", Model: "tiny", Prompt: "x", Priority: "urgent"}, "$.priority"},
 		{"max_tokens out of range", &schemas.JobRequest{ID: "inv-4", Model: "tiny", Prompt: "x", MaxTokens: -3}, "$.max_tokens"},
+		{"NaN temperature", &schemas.JobRequest{ID: "inv-5", Model: "tiny", Prompt: "x", Sampling: schemas.Sampling{Temperature: &nan}}, "$.temperature"},
 	}
 	for _, tc := range cases {
 		_, err := p.Submit(ctx, tc.job)

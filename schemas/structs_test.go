@@ -5,7 +5,6 @@ import (
 	"reflect"
 	"strings"
 	"testing"
-	"time"
 )
 
 // The Go structs of every schema, checked field by field against the JSON schemas
@@ -63,10 +62,7 @@ func (sd *schemaDoc) resolve(file string, node map[string]any) (string, map[stri
 	}
 }
 
-var (
-	timeType       = reflect.TypeFor[time.Time]()
-	toolChoiceType = reflect.TypeFor[ToolChoice]()
-)
+var toolChoiceType = reflect.TypeFor[ToolChoice]()
 
 // compare checks schema node (at path, in file) against Go type typ: same
 // properties as json tags, required exactly when not omitempty, matching JSON
