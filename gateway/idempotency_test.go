@@ -130,12 +130,19 @@ func TestIdempotencyKeyRetryWatchesTheRunningJob(t *testing.T) {
 // cancels counted, with a fake worker whose jobs wait for Release.
 func oneInFlight(t *testing.T) (*testBus, fakeWorker, *cancelSpy, *httptest.Server) {
 	t.Helper()
+	return heldGateway(t, 1)
+}
+
+// heldGateway is a gateway whose tenants may have limit jobs in flight, its
+// cancels and Ended lookups counted, before a fake worker that holds every job.
+func heldGateway(t *testing.T, limit int) (*testBus, fakeWorker, *cancelSpy, *httptest.Server) {
+	t.Helper()
 	tb := startBus(t, jsprov.Options{})
 	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Block: true})
 	spy := &cancelSpy{}
 	_, srv := newTestGateway(t, tb, func(c *Config) {
 		spy.Jobs, c.Jobs = c.Jobs, spy
-		c.Limits = TenantLimits{MaxInFlight: 1}
+		c.Limits = TenantLimits{MaxInFlight: limit}
 	})
 	return tb, fw, spy, srv
 }
@@ -263,13 +270,7 @@ func TestIdempotencyKeyNamesTheBody(t *testing.T) {
 // never watches: red.
 func TestIdempotencyKeyRetryOfChoicesJoinsTheirHolds(t *testing.T) {
 	t.Parallel()
-	tb := startBus(t, jsprov.Options{})
-	fw := startFakeWorker(t, tb, fakeworker.Plan{Tokens: helloTokens, Block: true})
-	spy := &cancelSpy{}
-	_, srv := newTestGateway(t, tb, func(c *Config) {
-		spy.Jobs, c.Jobs = c.Jobs, spy
-		c.Limits = TenantLimits{MaxInFlight: 2}
-	})
+	tb, fw, spy, srv := heldGateway(t, 2)
 	url := srv.URL + "/v1/completions"
 	body := map[string]any{"model": testModel, "prompt": "hi", "n": 2, "stream": true}
 	leaveAfter(t, url, body, `"Hello"`, idempotencyHeader, "two")
