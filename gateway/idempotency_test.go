@@ -1,9 +1,14 @@
 package gateway
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
+	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -288,6 +293,66 @@ func TestIdempotencyKeyRetryOfChoicesJoinsTheirHolds(t *testing.T) {
 	case r := <-retried:
 		if r.StatusCode != http.StatusOK {
 			expectError(t, r, http.StatusOK, "", "")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the retry got no answer")
+	}
+}
+
+// A tenant holding one keyed job may read one keyed body before it takes an
+// in-flight slot, not more: of two slow keyed bodies, one is refused 429
+// before it is read (at its in-flight limit), and the other, completed as the
+// retry of the held job, joins it. Unbounded, a tenant holding one keyed job
+// held as many slow bodies open as it liked past its limit, each a
+// connection the connection bound never closes (red team round 23, F1).
+// Mutation caught: tryRead always ok: neither is answered until its body
+// arrives: red.
+func TestKeyedBodiesReadWithoutASlotAreOnePerHeldJob(t *testing.T) {
+	t.Parallel()
+	_, fw, spy, srv := heldGateway(t, 1)
+	leaveAfter(t, srv.URL+"/v1/chat/completions", chatBody(true, nil), `"Hello"`, idempotencyHeader, "held-1")
+	testenv.WaitFor(t, 10*time.Second, "the slot held", func() bool { return spy.ended.Load() > 0 })
+	body, _ := json.Marshal(chatBody(true, nil))
+	head := fmt.Sprintf("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s: held-1\r\nContent-Length: %d\r\n\r\n", idempotencyHeader, len(body))
+	type answer struct {
+		i    int
+		line string
+	}
+	answers := make(chan answer, 2)
+	conns := make([]net.Conn, 2)
+	for i := range conns {
+		c, err := net.Dial("tcp", srv.Listener.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		if _, err := c.Write([]byte(head + string(body[:1]))); err != nil {
+			t.Fatal(err)
+		}
+		conns[i] = c
+		go func() {
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			answers <- answer{i, line}
+		}()
+	}
+	var refused answer
+	select {
+	case refused = <-answers:
+	case <-time.After(10 * time.Second):
+		t.Fatal("neither slow keyed body was refused before it was read")
+	}
+	if !strings.HasPrefix(refused.line, "HTTP/1.1 429") {
+		t.Fatalf("first answer %q, want 429", refused.line)
+	}
+	reader := conns[1-refused.i]
+	if _, err := reader.Write(body[1:]); err != nil {
+		t.Fatal(err)
+	}
+	fw.Release()
+	select {
+	case a := <-answers:
+		if !strings.HasPrefix(a.line, "HTTP/1.1 200") {
+			t.Fatalf("the retry read without a slot answered %q, want 200 (it joins the held job)", a.line)
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("the retry got no answer")

@@ -140,10 +140,12 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 	// A retry with the key of a job held after its client left takes that
 	// job's slot, not one more (keyedHolds). Which job it names is known
 	// once its body is read, so while the tenant holds keyed jobs a keyed
-	// request takes its slot after (the tenant's body budget bounds what it
-	// reads meanwhile).
+	// request may take its slot after — one such read per held job
+	// (keyedHolds.tryRead); the tenant's body budget bounds their bytes.
 	var slot *heldSlot
 	defer func() { slot.done() }()
+	readDone := func() {}
+	defer func() { readDone() }()
 	takeSlot := func() bool {
 		releaseSlot, ok := g.limits.acquire(tenant)
 		if !ok {
@@ -153,12 +155,18 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		slot = newHeldSlot(releaseSlot)
 		return true
 	}
-	if r.Header.Get(idempotencyHeader) == "" || !g.holds.holding(tenant) {
-		if !takeSlot() {
-			return
+	slotless := false
+	if r.Header.Get(idempotencyHeader) != "" {
+		var done func()
+		if done, slotless = g.holds.tryRead(tenant); slotless {
+			readDone = done
 		}
 	}
+	if !slotless && !takeSlot() {
+		return
+	}
 	body, releaseBody, aerr := g.readBody(w, r, tenant)
+	readDone()
 	if aerr != nil {
 		g.fail(w, endpoint, aerr)
 		return
