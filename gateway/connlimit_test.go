@@ -116,9 +116,14 @@ func TestConnectionsPastTheBoundCloseTheQuietest(t *testing.T) {
 // leave the closable set (the wait for both requests times out): red.
 func TestBusyConnectionsAreNotClosedForNewcomers(t *testing.T) {
 	t.Parallel()
-	g, _ := runListening(t, 2, nil)
-	post := "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
-	busy := []net.Conn{dial(t, g, post), dial(t, g, post)}
+	// Two tenants: one tenant reads at most a quarter of the bound's bodies
+	// (at least one).
+	g, _ := runListening(t, 2, func(c *Config) { c.TokenTenants = map[string]string{"ta": "a", "tb": "b"} })
+	post := func(token string) string {
+		return "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token +
+			"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+	}
+	busy := []net.Conn{dial(t, g, post("ta")), dial(t, g, post("tb"))}
 	lim := g.ln.(*connLimiter)
 	testenv.WaitFor(t, 10*time.Second, "both requests in progress", func() bool {
 		lim.mu.Lock()
@@ -155,5 +160,42 @@ func TestRefusalBeforeTheBodyClosesTheConnection(t *testing.T) {
 	}
 	if !strings.HasPrefix(string(answer), "HTTP/1.1 401") || !strings.Contains(string(answer), "Connection: close") {
 		t.Fatalf("answer %q, want a 401 that closes", answer)
+	}
+}
+
+// One tenant reads at most a quarter of the connection bound's bodies at once:
+// past that its next body is refused 503 before it is read, while another
+// tenant's is read. Bytes alone let one tenant hold thousands of slow bodies,
+// each a connection the bound never closes (red team round 23).
+// Mutation caught: readBody without startRead: the third slow body waits
+// for its bytes instead of an answer: red.
+func TestOneTenantReadsAQuarterOfTheConnectionsBodies(t *testing.T) {
+	t.Parallel()
+	g, _ := runListening(t, 8, func(c *Config) {
+		c.Tokens = []string{"tok"}
+		c.TokenTenants = map[string]string{"tokb": "b"}
+	})
+	slow := func(token string) net.Conn {
+		return dial(t, g, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "+token+
+			"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+	}
+	slow("tok")
+	slow("tok") // two: a quarter of 8
+	testenv.WaitFor(t, 10*time.Second, "two bodies reading", func() bool {
+		g.bodies.mu.Lock()
+		defer g.bodies.mu.Unlock()
+		return g.bodies.readers[DefaultTenant] == 2
+	})
+	third := slow("tok")
+	_ = third.SetReadDeadline(time.Now().Add(10 * time.Second))
+	answer, err := io.ReadAll(third)
+	if err != nil || !strings.HasPrefix(string(answer), "HTTP/1.1 503") || !strings.Contains(string(answer), "request_body_capacity") {
+		t.Fatalf("a third slow body of one tenant: %q, %v; want 503 request_body_capacity before it is read", answer, err)
+	}
+	other := dial(t, g, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tokb\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+	_ = other.SetReadDeadline(time.Now().Add(10 * time.Second))
+	answer, err = io.ReadAll(other)
+	if err != nil || !strings.HasPrefix(string(answer), "HTTP/1.1 400") {
+		t.Fatalf("another tenant's body: %q, %v; want it read (400 for the empty job)", answer, err)
 	}
 }

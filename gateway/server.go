@@ -260,6 +260,7 @@ func (g *Gateway) Listen() error {
 		maxConns = DefaultMaxConns()
 	}
 	if maxConns > 0 {
+		g.bodies.boundReaders(max(maxConns/bodyShares, 1))
 		lim := newConnLimiter(ln, maxConns, g.connsAtBound(maxConns))
 		ln, g.srv.ConnState = lim, lim.track
 	}
