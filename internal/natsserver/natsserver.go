@@ -103,13 +103,23 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 			_ = lock.Close()
 		}
 	}()
+	// Streams a start that died half-way left only in keepDir go back first,
+	// under the account they were kept from: moving the account's store
+	// before that put them back beside the moved ones, in two accounts, and
+	// up refused every start after (red team round 23, the upgrade's F1).
+	if err := restoreKept(opts.StoreDir, nil); err != nil {
+		return nil, err
+	}
 	if err := moveAccountStore(opts.StoreDir, opts.Account, opts.StoreAccounts, opts.Logger); err != nil {
 		return nil, err
 	}
 	kept, err := keepStreams(opts.StoreDir)
-	if err != nil {
-		opts.Logger.Warn().Err(err).Msg("could not link the store's streams aside while starting: a stream that does not load is deleted by the server, unprotected")
+	switch {
+	case err != nil && linksUnsupported(err):
+		opts.Logger.Warn().Err(err).Msg("the store's file system takes no hard links: starting without the streams linked aside; a stream that does not load is deleted by the server, unprotected")
 		kept = nil
+	case err != nil:
+		return nil, fmt.Errorf("%w (%w): starting without them would let a stream that does not load be deleted with its jobs — free space on the store's disk (df) or descriptors (ulimit -n), then start again", ErrCannotKeepStreams, err)
 	}
 	host := opts.Host
 	if host == "" {
@@ -187,7 +197,7 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 	}
 	missing, err := notLoaded(ns, kept)
 	if err == nil && len(missing) > 0 {
-		err = fmt.Errorf("%w: %v under %s (the server's log says why: \"Error recreating stream\"); their files are put back — fix the cause (disk, permissions, a file in the way) or move them aside, then start again; starting would have let provisioning replace them with empty streams",
+		err = fmt.Errorf("%w: %v under %s (the server's log says why, e.g. \"Error recreating stream\"); their files are put back — fix the cause (disk, permissions, a file in the way) or move them aside, then start again; starting would have let provisioning replace them with empty streams. Do not start an older release on this store meanwhile: one from before this check (commit 23affe6) deletes such a stream",
 			ErrStreamNotLoaded, missing, filepath.Join(opts.StoreDir, "jetstream"))
 	}
 	if err != nil {

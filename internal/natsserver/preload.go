@@ -6,6 +6,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -33,20 +35,55 @@ var ErrStreamNotLoaded = errors.New("bus: a stream in the JetStream store did no
 // keepDir holds the links while the server starts.
 const keepDir = "streams-kept-while-starting"
 
+// ErrCannotKeepStreams is returned by Start when the store's streams could
+// not be linked aside (keepStreams) for a reason other than a file system
+// that takes no links: a full disk, no descriptors left. Going on unprotected
+// there lost every accepted job: a full disk is the usual cause of a stream
+// that then does not load, and the server emptied JOBS (red team round 23,
+// the operator's F1). A store with no room cannot take writes anyway.
+var ErrCannotKeepStreams = errors.New("bus: could not link the store's streams aside before starting")
+
+// linksUnsupported reports whether err says the file system takes no hard
+// links here (then Start goes on unprotected, and says so).
+func linksUnsupported(err error) bool {
+	for _, e := range []error{syscall.EPERM, syscall.ENOTSUP, syscall.EOPNOTSUPP, syscall.EXDEV, syscall.EMLINK} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// loadable reports whether the server will try to load the stream directory
+// dir at all — the conditions it checks before it recovers one (jetstream.go):
+// a name without the "." of a deletion in progress, which it removes in the
+// background, and both metafiles, without which it skips the directory and
+// provisioning makes the stream in it. Keeping one it never loads failed
+// every start for a stream an operator deleted just before a kill, or one
+// created just before a kill (red team round 23, the operator's F2 and F3).
+func loadable(dir string) bool {
+	if strings.HasPrefix(filepath.Base(dir), ".") {
+		return false
+	}
+	for _, f := range []string{"meta.inf", "meta.sum"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
 // keepStreams links the files of every stream directory of the store at
-// storeDir into its keepDir, first putting back any stream a start that died
-// half-way left only there. It returns the streams kept (account/name).
+// storeDir into its keepDir (restoreKept has put back what a start that died
+// half-way left there). It returns the streams kept (account/name).
 func keepStreams(storeDir string) ([]string, error) {
 	root, keep := filepath.Join(storeDir, "jetstream"), filepath.Join(storeDir, keepDir)
-	if err := restoreKept(storeDir, nil); err != nil {
-		return nil, err
-	}
 	var kept []string
 	accounts, _ := os.ReadDir(root)
 	for _, a := range accounts {
 		streams, _ := os.ReadDir(filepath.Join(root, a.Name(), "streams"))
 		for _, st := range streams {
-			if !st.IsDir() {
+			if !st.IsDir() || !loadable(filepath.Join(root, a.Name(), "streams", st.Name())) {
 				continue
 			}
 			from := filepath.Join(root, a.Name(), "streams", st.Name())
@@ -116,6 +153,9 @@ func restoreKept(storeDir string, only []string) error {
 		for _, st := range streams {
 			name := a.Name() + "/" + st.Name()
 			dir := filepath.Join(root, a.Name(), "streams", st.Name())
+			if !loadable(filepath.Join(keep, a.Name(), st.Name())) {
+				continue // never kept by this version; the links go
+			}
 			_, statErr := os.Stat(dir)
 			if only == nil && statErr == nil {
 				continue // there: the links go

@@ -1,0 +1,4 @@
+package natsserver
+
+// LinksUnsupported is linksUnsupported, for the external tests.
+var LinksUnsupported = linksUnsupported
