@@ -42,6 +42,7 @@ func (p *Client) SubmitBatch(ctx context.Context, jobs []*schemas.JobRequest) (a
 		p.fillDefaults(job)
 		fresh := minted.take(job.ID)
 		if msgs[i], acks[i], errs[i] = p.prepare(job); errs[i] != nil {
+			errs[i] = notSubmitted(errs[i])
 			continue
 		}
 		checks <- struct{}{}

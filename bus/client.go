@@ -141,7 +141,7 @@ func (p *Client) Submit(ctx context.Context, job *schemas.JobRequest) (ack Submi
 	go func() { admitted <- p.admit(ctx, job, fresh) }()
 	msg, ack, err := p.prepare(job)
 	if err != nil {
-		return ack, err
+		return ack, notSubmitted(err)
 	}
 	if err := <-admitted; err != nil {
 		return ack, notSubmitted(err)
@@ -161,12 +161,20 @@ func (p *Client) Submit(ctx context.Context, job *schemas.JobRequest) (ack Submi
 }
 
 // notSubmitted marks err, which ended a submit before its publish, as
-// ErrNotSubmitted, unless it already says what refused the job.
+// ErrNotSubmitted, unless it already says what refused the job (invalid, a
+// duplicate, a model nobody serves, too large, not permitted). Every other
+// failure there — an ended context, no connection, a RESULTS lookup that
+// failed — left nothing stored, and the caller must be told so: before, a
+// lookup failing mid-restart ("check results: no stream", "not connected")
+// said neither, and a caller had to take the job for possibly queued (red
+// team round 23, the operator's campaign: 10 such submits).
 func notSubmitted(err error) error {
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrNotConnected) {
-		return fmt.Errorf("%w: %w", ErrNotSubmitted, err)
+	switch {
+	case err == nil, errors.Is(err, ErrNotSubmitted), errors.Is(err, schemas.ErrInvalid), errors.Is(err, ErrDuplicate),
+		errors.Is(err, ErrModelNotServed), errors.Is(err, ErrJobTooLarge), errors.Is(err, ErrPermissionDenied):
+		return err
 	}
-	return err
+	return fmt.Errorf("%w: %w", ErrNotSubmitted, err)
 }
 
 // prepare encodes and validates job (defaults filled): the message to publish
