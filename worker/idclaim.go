@@ -51,10 +51,9 @@ func (a *Agent) claimID(ctx context.Context) error {
 		a.log.Warn().Err(err).Msg("cannot read this worker id's registry entry: not checked whether another process uses the id")
 		return nil
 	default:
-		if err := a.awaitRewrite(ctx, reg, e); err != nil {
+		if rev, err = a.awaitRewrite(ctx, reg, e); err != nil {
 			return err
 		}
-		rev = e.Revision()
 	}
 	if a.beforeClaim != nil {
 		a.beforeClaim()
@@ -83,21 +82,30 @@ func (a *Agent) claimID(ctx context.Context) error {
 // running jobs (red team round 18, operator F4: 8 of 8 ended
 // attempts_exhausted). The price: a start over a dead process's entry waits
 // claimWait in full.
-func (a *Agent) awaitRewrite(ctx context.Context, reg registry.Bucket, e jetstream.KeyValueEntry) error {
+//
+// It returns the revision to claim against: the entry's, or 0 when the
+// second read found none — the dead process's entry expired (its TTL) or was
+// deleted during the wait. Claimed against the first read's revision, that
+// claim failed as if another process had taken the id, and `up` restarted
+// after a SIGKILL refused to start (red team round 23).
+func (a *Agent) awaitRewrite(ctx context.Context, reg registry.Bucket, e jetstream.KeyValueEntry) (uint64, error) {
 	t := time.NewTimer(a.claimWait())
 	select {
 	case <-ctx.Done():
 		t.Stop()
-		return ctx.Err()
+		return 0, ctx.Err()
 	case <-t.C:
 	}
 	now, err := reg.Entry(ctx, a.cfg.WorkerID)
-	if err != nil || now.Revision() == e.Revision() {
-		return nil // gone, or not written again: its process is gone (the claim finds out if not)
+	switch {
+	case errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted):
+		return 0, nil // gone: created afresh (the claim finds out if another was first)
+	case err != nil || now.Revision() == e.Revision():
+		return e.Revision(), nil // not written again: its process is gone (the claim finds out if not)
 	}
 	var hb schemas.HeartbeatMsg
 	_ = json.Unmarshal(now.Value(), &hb) // for the message only: what it names is the other process's say
-	return fmt.Errorf("%w: worker id %q is heart-beating from host %q (process started %s, state %s); give each worker process its own --worker-id (the default is the host name)",
+	return 0, fmt.Errorf("%w: worker id %q is heart-beating from host %q (process started %s, state %s); give each worker process its own --worker-id (the default is the host name)",
 		ErrWorkerIDInUse, a.cfg.WorkerID, hb.Hostname, hb.StartedAt.Format(time.RFC3339), hb.State)
 }
 

@@ -100,3 +100,24 @@ func TestSimultaneousStartsUnderOneIDStartOne(t *testing.T) {
 		t.Fatalf("%d started, %d refused; want one of each", started, refused)
 	}
 }
+
+// A dead process's entry that expires while the start waits to see it
+// written again does not make the claim fail as if another process had
+// claimed the id: the claim is made against what the second read found (no
+// entry), not the first (red team round 23: `up` restarted after a SIGKILL
+// refused to start its worker, "claimed by another process starting at the
+// same moment"). Mutation caught: claiming against the first read's
+// revision: ErrWorkerIDInUse.
+func TestWorkerStartsOverAnEntryThatExpiresWhileItWaits(t *testing.T) {
+	b := startBus(t, time.Second)
+	cfg := fakeConfig(t, b, "w-expiring", 0)
+	cfg.HeartbeatInterval = time.Second // claimWait 2.5 s: the 1 s entry expires within it
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	now := time.Now().UTC()
+	if err := registry.Put(ctx, b.js, schemas.HeartbeatMsg{WorkerID: cfg.WorkerID, Hostname: "h", Platform: "p", Models: []string{"tiny"},
+		Slots: 2, State: schemas.WorkerReady, StartedAt: now.Add(-time.Minute), UpdatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	startAgent(t, cfg, true)
+}
