@@ -46,12 +46,7 @@ func TestWorkerStartsOverADeadProcessEntry(t *testing.T) {
 	cfg.HeartbeatInterval = 200 * time.Millisecond
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	// What a killed process leaves: its last heartbeat, written once, fresh.
-	now := time.Now().UTC()
-	if err := registry.Put(ctx, b.js, schemas.HeartbeatMsg{WorkerID: cfg.WorkerID, Hostname: "h", Platform: "p", Models: []string{"tiny"},
-		Slots: 2, State: schemas.WorkerReady, StartedAt: now.Add(-time.Minute), UpdatedAt: now}); err != nil {
-		t.Fatal(err)
-	}
+	putDeadEntry(ctx, t, b, cfg.WorkerID)
 	startAgent(t, cfg, true)
 }
 
@@ -114,10 +109,17 @@ func TestWorkerStartsOverAnEntryThatExpiresWhileItWaits(t *testing.T) {
 	cfg.HeartbeatInterval = time.Second // claimWait 2.5 s: the 1 s entry expires within it
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	putDeadEntry(ctx, t, b, cfg.WorkerID)
+	startAgent(t, cfg, true)
+}
+
+// putDeadEntry writes what a killed process leaves: its last heartbeat,
+// written once, fresh.
+func putDeadEntry(ctx context.Context, t *testing.T, b *testBus, workerID string) {
+	t.Helper()
 	now := time.Now().UTC()
-	if err := registry.Put(ctx, b.js, schemas.HeartbeatMsg{WorkerID: cfg.WorkerID, Hostname: "h", Platform: "p", Models: []string{"tiny"},
+	if err := registry.Put(ctx, b.js, schemas.HeartbeatMsg{WorkerID: workerID, Hostname: "h", Platform: "p", Models: []string{"tiny"},
 		Slots: 2, State: schemas.WorkerReady, StartedAt: now.Add(-time.Minute), UpdatedAt: now}); err != nil {
 		t.Fatal(err)
 	}
-	startAgent(t, cfg, true)
 }
