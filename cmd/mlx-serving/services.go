@@ -318,13 +318,17 @@ func up(ctx context.Context, c config.Config, stdout io.Writer, log zerolog.Logg
 	go func() { defer close(ddone); errs <- wrap("dispatcher", d.Run(dctx)) }()
 	go func() { defer close(gdone); errs <- wrap("gateway", g.Run(gctx)) }()
 
+	// Until the worker is ready, a component that stops (the worker's id
+	// claimed by another process, its runtime failing to start) or a store
+	// failure ends the start: waiting on readiness alone, up sat for the
+	// 5 minutes of WaitReady with the worker already gone and /readyz saying
+	// ready on the dead process's last heartbeat (red team round 23).
 	readyCtx, cancelReady := context.WithTimeout(ctx, 5*time.Minute)
-	err = w.WaitReady(readyCtx)
-	cancelReady()
-	if err != nil && ctx.Err() == nil {
-		return fmt.Errorf("worker did not become ready: %w", err)
-	}
-	if ctx.Err() == nil {
+	defer cancelReady()
+	ready := make(chan error, 1)
+	go func() { ready <- w.WaitReady(readyCtx) }()
+	stopping, firstErr := awaitStart(ctx, ready, errs, srv.StoreFailed(), log)
+	if !stopping && ctx.Err() == nil {
 		fmt.Fprintf(stdout, `mlx-serving is up
   NATS       %s   (JetStream store: %s, sync_always=%v)
   gateway    http://%s/v1   (OpenAI-compatible; GET /v1/models, /healthz, /readyz, /metrics)
@@ -334,20 +338,14 @@ Submit a job:
   curl -s http://%s/v1/chat/completions%s -d '{"model":"%s","messages":[{"role":"user","content":"Hello"}]}'
 Ctrl-C drains and stops.
 `, c.NATSURL, filepath.Join(c.DataDir, "jetstream"), c.SyncAlways, g.Addr(), w.ID(), modelID, c.NATSURL, modelID, g.Addr(), curlAuth(c), modelID)
-	}
-
-	var firstErr error
-	select {
-	case <-ctx.Done():
-	case firstErr = <-errs:
-		log.Error().Err(firstErr).Msg("a component stopped; shutting down")
-	case msg := <-srv.StoreFailed():
-		// The embedded server refuses writes to that stream until it restarts:
-		// every submit (JOBS) or record (RESULTS) would fail while /readyz said
-		// ready. Stop, so the supervisor starts it again on the same store;
-		// what was accepted waits there (round 22, F1).
-		firstErr = fmt.Errorf("the NATS store failed and refuses writes until the server restarts: %s", msg)
-		log.Error().Err(firstErr).Msg("stopping for a restart")
+		select {
+		case <-ctx.Done():
+		case firstErr = <-errs:
+			log.Error().Err(firstErr).Msg("a component stopped; shutting down")
+		case msg := <-srv.StoreFailed():
+			firstErr = storeFailed(msg)
+			log.Error().Err(firstErr).Msg("stopping for a restart")
+		}
 	}
 	log.Info().Msg("stopping: gateway, then worker (drain), then dispatcher, then NATS")
 	gcancel()
@@ -357,6 +355,39 @@ Ctrl-C drains and stops.
 	dcancel()
 	<-ddone
 	return firstErr
+}
+
+// awaitStart waits for the worker's readiness (ready), a component that
+// stops (errs) or the store failing, whichever comes first, and says whether
+// up must stop, with why. ctx ending (a signal) is not an error: readiness
+// then ends with ctx's error and up stops in order.
+func awaitStart(ctx context.Context, ready, errs <-chan error, failed <-chan string, log zerolog.Logger) (stop bool, why error) {
+	select {
+	case err := <-ready:
+		if err != nil && ctx.Err() == nil {
+			return true, fmt.Errorf("worker did not become ready: %w", err)
+		}
+		return ctx.Err() != nil, nil
+	case err := <-errs:
+		if err == nil {
+			err = errors.New("a component stopped while starting")
+		}
+		log.Error().Err(err).Msg("a component stopped while starting; shutting down")
+		return true, err
+	case msg := <-failed:
+		err := storeFailed(msg)
+		log.Error().Err(err).Msg("stopping for a restart")
+		return true, err
+	}
+}
+
+// storeFailed is up's error for the embedded server's critical write error:
+// it refuses writes to that stream until it restarts, so every submit (JOBS)
+// or record (RESULTS) would fail while /readyz said ready. up stops, so the
+// supervisor starts it again on the same store; what was accepted waits
+// there (round 22, F1).
+func storeFailed(msg string) error {
+	return fmt.Errorf("the NATS store failed and refuses writes until the server restarts: %s", msg)
 }
 
 func wrap(what string, err error) error {
