@@ -44,6 +44,15 @@ func newTenantAuth(tokens []string, tokenTenants map[string]string) (*tenantAuth
 	return ta, nil
 }
 
+// count is the number of distinct tenants the tokens name.
+func (ta *tenantAuth) count() int {
+	seen := map[string]bool{}
+	for _, t := range ta.tenants {
+		seen[t] = true
+	}
+	return len(seen)
+}
+
 // enabled: tokens are configured, so /v1 needs one.
 func (ta *tenantAuth) enabled() bool { return len(ta.digests) > 0 }
 

@@ -100,10 +100,6 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request, tenant string
 	if why := g.bodies.fits(tenant, declared); why != bodyFits {
 		return nil, nil, g.bodyCapacity(tenant, why)
 	}
-	if why := g.bodies.startRead(tenant); why != bodyFits {
-		return nil, nil, g.bodyCapacity(tenant, why)
-	}
-	defer g.bodies.endRead(tenant)
 	if g.bodyTimeout > 0 {
 		// The connection's read deadline, for this body only. net/http lifts it
 		// itself when the body reaches EOF (its background read, which notices a
@@ -141,14 +137,10 @@ func (g *Gateway) readBody(w http.ResponseWriter, r *http.Request, tenant string
 func (g *Gateway) bodyCapacity(tenant string, why bodyRefusal) *apiError {
 	e := &apiError{Status: http.StatusServiceUnavailable, Type: typeServer, Code: codeBodyCapacity, RetryAfter: g.cfg.RetryAfter,
 		Message: "The gateway is reading as many request bodies as it can hold; retry later."}
-	switch why {
-	case bodyShareFull:
+	if why == bodyShareFull {
 		g.obs.TenantRefused(tenant, codeBodyCapacity)
 		e.Message = fmt.Sprintf("Tenant %q is sending as many request body bytes as one tenant may have read at once (%d); retry later.",
 			tenant, g.bodies.share)
-	case bodyReadersFull:
-		g.obs.TenantRefused(tenant, codeBodyCapacity)
-		e.Message = fmt.Sprintf("Tenant %q is sending as many request bodies at once as one tenant may (a quarter of the gateway's connections); retry later.", tenant)
 	}
 	return e
 }

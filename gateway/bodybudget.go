@@ -36,57 +36,6 @@ type bodyBudget struct {
 	used    int64
 	held    map[string]int64 // by tenant; a tenant holding nothing is absent
 	changed chan struct{}    // tests: a token after each change; nil: nobody asks
-
-	// readerShare bounds the bodies one tenant reads at once (0: no bound),
-	// readers counts them. Bytes alone do not bound connections: a slow body
-	// of one byte holds 512 of the budget, so one tenant could keep ~16,000
-	// bodies open — each a connection inside a request, which the connection
-	// bound never closes — and fill gateway_max_conns for the body timeout,
-	// round after round, closing every other tenant's connections (red team
-	// round 23). With a quarter of the connections, as with the bytes, three
-	// quarters stay out of any one tenant's reach.
-	readerShare int
-	readers     map[string]int
-}
-
-// bodyReadersFull: this tenant is reading as many bodies as one tenant may.
-const bodyReadersFull bodyRefusal = bodyShareFull + 1
-
-// boundReaders lets one tenant read at most n bodies at once (n ≤ 0: no bound).
-func (b *bodyBudget) boundReaders(n int) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.readerShare = max(n, 0)
-}
-
-// startRead counts one more body tenant reads, if its share allows; endRead
-// must follow one that fits.
-func (b *bodyBudget) startRead(tenant string) bodyRefusal {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.readerShare == 0 {
-		return bodyFits
-	}
-	if b.readers[tenant] >= b.readerShare {
-		return bodyReadersFull
-	}
-	if b.readers == nil {
-		b.readers = map[string]int{}
-	}
-	b.readers[tenant]++
-	return bodyFits
-}
-
-// endRead counts a body startRead let in as read (or given up).
-func (b *bodyBudget) endRead(tenant string) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.readerShare == 0 && b.readers[tenant] == 0 {
-		return
-	}
-	if b.readers[tenant]--; b.readers[tenant] <= 0 {
-		delete(b.readers, tenant)
-	}
 }
 
 // newBodyBudget bounds bodies to capacity bytes together, raised to maxBody if

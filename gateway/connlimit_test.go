@@ -163,13 +163,15 @@ func TestRefusalBeforeTheBodyClosesTheConnection(t *testing.T) {
 	}
 }
 
-// One tenant reads at most a quarter of the connection bound's bodies at once:
-// past that its next body is refused 503 before it is read, while another
-// tenant's is read. Bytes alone let one tenant hold thousands of slow bodies,
-// each a connection the bound never closes (red team round 23).
-// Mutation caught: readBody without startRead: the third slow body waits
+// Where the gateway serves several tenants, one has at most a quarter of the
+// connection bound's connections inside requests at once: past that its next
+// request is refused 429 before its body is read, while another tenant's is
+// served. Each such request holds a connection the bound never closes, and
+// one tenant's slow bodies (or jobs left waiting in the queue) closed every
+// other tenant's connections (red team round 23).
+// Mutation caught: serve without tenantConns.enter: the third slow body waits
 // for its bytes instead of an answer: red.
-func TestOneTenantReadsAQuarterOfTheConnectionsBodies(t *testing.T) {
+func TestOneTenantHoldsAQuarterOfTheConnections(t *testing.T) {
 	t.Parallel()
 	g, _ := runListening(t, 8, func(c *Config) {
 		c.Tokens = []string{"tok"}
@@ -181,21 +183,48 @@ func TestOneTenantReadsAQuarterOfTheConnectionsBodies(t *testing.T) {
 	}
 	slow("tok")
 	slow("tok") // two: a quarter of 8
-	testenv.WaitFor(t, 10*time.Second, "two bodies reading", func() bool {
-		g.bodies.mu.Lock()
-		defer g.bodies.mu.Unlock()
-		return g.bodies.readers[DefaultTenant] == 2
+	testenv.WaitFor(t, 10*time.Second, "two requests in", func() bool {
+		g.conns.mu.Lock()
+		defer g.conns.mu.Unlock()
+		return g.conns.n[DefaultTenant] == 2
 	})
 	third := slow("tok")
 	_ = third.SetReadDeadline(time.Now().Add(10 * time.Second))
 	answer, err := io.ReadAll(third)
-	if err != nil || !strings.HasPrefix(string(answer), "HTTP/1.1 503") || !strings.Contains(string(answer), "request_body_capacity") {
-		t.Fatalf("a third slow body of one tenant: %q, %v; want 503 request_body_capacity before it is read", answer, err)
+	if err != nil || !strings.HasPrefix(string(answer), "HTTP/1.1 429") || !strings.Contains(string(answer), codeTenantConns) {
+		t.Fatalf("a third request of one tenant: %q, %v; want 429 %s before its body is read", answer, err, codeTenantConns)
 	}
 	other := dial(t, g, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tokb\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
 	_ = other.SetReadDeadline(time.Now().Add(10 * time.Second))
 	answer, err = io.ReadAll(other)
 	if err != nil || !strings.HasPrefix(string(answer), "HTTP/1.1 400") {
-		t.Fatalf("another tenant's body: %q, %v; want it read (400 for the empty job)", answer, err)
+		t.Fatalf("another tenant's request: %q, %v; want it read (400 for the empty job)", answer, err)
+	}
+}
+
+// A gateway of one tenant keeps no connections from it: there is nobody to
+// keep them for.
+func TestOneTenantGatewayHasNoConnectionShare(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		name   string
+		tokens []string
+		named  map[string]string
+		share  bool
+	}{
+		{"no tokens", nil, nil, false},
+		{"tokens of one tenant", []string{"t1", "t2"}, map[string]string{"t3": DefaultTenant}, false},
+		{"two tenants", []string{"t1"}, map[string]string{"t2": "b"}, true},
+	} {
+		tb := startBus(t, jsprov.Options{})
+		cfg := testConfig(t, tb.nc)
+		cfg.MaxConns, cfg.Tokens, cfg.TokenTenants = 8, c.tokens, c.named
+		g, err := New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := g.conns.share > 0; got != c.share {
+			t.Errorf("%s: share %d, want one: %v", c.name, g.conns.share, c.share)
+		}
 	}
 }

@@ -160,40 +160,14 @@ const codeKeySpent = "idempotency_key_spent"
 type keyedHolds struct {
 	mu      sync.Mutex
 	m       map[string]*heldSlot
-	tenants map[string]int // keyed jobs held, per tenant
-	reading map[string]int // keyed requests reading their bodies without a slot (tryRead)
+	tenants map[string]int
 }
 
-// tryRead lets a keyed request of tenant read its body before it takes an
-// in-flight slot, since it may turn out to be the retry of a held job, whose
-// slot it then joins. At most one such read per job the tenant holds: a
-// retry joins one held job, so more buys nothing — and each read is a
-// connection inside a request, which the connection bound never closes.
-// Unbounded, a tenant holding one keyed job opened slow keyed bodies past its
-// in-flight limit until they took every connection of gateway_max_conns,
-// locking the other tenants out for the body timeout, again and again (red
-// team round 23, F1). The caller's done ends the read; ok false means take a
-// slot first, as an unkeyed request does.
-func (h *keyedHolds) tryRead(tenant string) (done func(), ok bool) {
+// holding reports whether tenant holds a keyed job's slot.
+func (h *keyedHolds) holding(tenant string) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.reading[tenant] >= h.tenants[tenant] {
-		return nil, false
-	}
-	if h.reading == nil {
-		h.reading = map[string]int{}
-	}
-	h.reading[tenant]++
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			h.mu.Lock()
-			defer h.mu.Unlock()
-			if h.reading[tenant]--; h.reading[tenant] <= 0 {
-				delete(h.reading, tenant)
-			}
-		})
-	}, true
+	return h.tenants[tenant] > 0
 }
 
 // join returns the slot held for job id with one more holder (the caller's

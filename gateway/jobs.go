@@ -137,15 +137,21 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 	// The tenant's in-flight slot is taken before its body is read: a tenant at
 	// its limit is refused without the gateway holding its body.
 	tenant := tenantOf(r)
+	// First, before its slot or its body: each request holds a connection
+	// the connection bound never closes (tenantConns).
+	leave, ok := g.conns.enter(tenant)
+	if !ok {
+		g.refuse(w, endpoint, tenant, errTenantConnsFull(tenant, g.conns.share, g.cfg.RetryAfter))
+		return
+	}
+	defer leave()
 	// A retry with the key of a job held after its client left takes that
 	// job's slot, not one more (keyedHolds). Which job it names is known
 	// once its body is read, so while the tenant holds keyed jobs a keyed
-	// request may take its slot after — one such read per held job
-	// (keyedHolds.tryRead); the tenant's body budget bounds their bytes.
+	// request takes its slot after (the tenant's body budget bounds what it
+	// reads meanwhile).
 	var slot *heldSlot
 	defer func() { slot.done() }()
-	readDone := func() {}
-	defer func() { readDone() }()
 	takeSlot := func() bool {
 		releaseSlot, ok := g.limits.acquire(tenant)
 		if !ok {
@@ -155,18 +161,12 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		slot = newHeldSlot(releaseSlot)
 		return true
 	}
-	slotless := false
-	if r.Header.Get(idempotencyHeader) != "" {
-		var done func()
-		if done, slotless = g.holds.tryRead(tenant); slotless {
-			readDone = done
+	if r.Header.Get(idempotencyHeader) == "" || !g.holds.holding(tenant) {
+		if !takeSlot() {
+			return
 		}
 	}
-	if !slotless && !takeSlot() {
-		return
-	}
 	body, releaseBody, aerr := g.readBody(w, r, tenant)
-	readDone()
 	if aerr != nil {
 		g.fail(w, endpoint, aerr)
 		return

@@ -109,6 +109,7 @@ type Gateway struct {
 
 	maxBody      int64
 	bodies       *bodyBudget
+	conns        tenantConns // one tenant's requests at once (limits.go)
 	logprobs     *bodyBudget   // logprob entries held by answers (logprobbudget.go)
 	bodyTimeout  time.Duration // 0: none
 	writeTimeout time.Duration // 0: none
@@ -179,8 +180,20 @@ func New(cfg Config) (*Gateway, error) {
 		bodyTimeout:  bodyTimeout,
 		writeTimeout: writeTimeout,
 	}
+	if maxConns := maxConnsOf(cfg); maxConns > 0 && tenants.count() > 1 {
+		g.conns.share = max(maxConns/bodyShares, 1)
+	}
 	g.handler = g.routes()
 	return g, nil
+}
+
+// maxConnsOf is the connection bound cfg asks for: MaxConns, DefaultMaxConns
+// for zero, ≤ 0 for none.
+func maxConnsOf(cfg Config) int {
+	if cfg.MaxConns == 0 {
+		return DefaultMaxConns()
+	}
+	return cfg.MaxConns
 }
 
 func (g *Gateway) routes() http.Handler {
@@ -255,12 +268,7 @@ func (g *Gateway) Listen() error {
 		// RequestTimeout bounds them. Each write has a deadline of its own
 		// (Config.WriteTimeout, stall.go).
 	}
-	maxConns := g.cfg.MaxConns
-	if maxConns == 0 {
-		maxConns = DefaultMaxConns()
-	}
-	if maxConns > 0 {
-		g.bodies.boundReaders(max(maxConns/bodyShares, 1))
+	if maxConns := maxConnsOf(g.cfg); maxConns > 0 {
 		lim := newConnLimiter(ln, maxConns, g.connsAtBound(maxConns))
 		ln, g.srv.ConnState = lim, lim.track
 	}
