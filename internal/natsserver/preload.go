@@ -46,7 +46,8 @@ var ErrCannotKeepStreams = errors.New("bus: could not link the store's streams a
 // linksUnsupported reports whether err says the file system takes no hard
 // links here (then Start goes on unprotected, and says so).
 func linksUnsupported(err error) bool {
-	for _, e := range []error{syscall.EPERM, syscall.ENOTSUP, syscall.EOPNOTSUPP, syscall.EXDEV, syscall.EMLINK} {
+	// ENOSYS: libfuse's answer for a file system without link (fuse_fs_link).
+	for _, e := range []error{syscall.EPERM, syscall.ENOTSUP, syscall.EOPNOTSUPP, syscall.EXDEV, syscall.EMLINK, syscall.ENOSYS} {
 		if errors.Is(err, e) {
 			return true
 		}

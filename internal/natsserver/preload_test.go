@@ -132,7 +132,7 @@ func TestKeptLinksGoBackBeforeTheAccountMoves(t *testing.T) {
 func TestLinksUnsupportedIsNarrow(t *testing.T) {
 	t.Parallel()
 	for err, want := range map[error]bool{
-		syscall.EXDEV: true, syscall.EPERM: true, syscall.ENOTSUP: true, syscall.EMLINK: true,
+		syscall.EXDEV: true, syscall.EPERM: true, syscall.ENOTSUP: true, syscall.EMLINK: true, syscall.ENOSYS: true,
 		syscall.ENOSPC: false, syscall.EMFILE: false, syscall.EDQUOT: false, syscall.ENOTDIR: false,
 	} {
 		if got := natsserver.LinksUnsupported(&os.LinkError{Op: "link", Err: err}); got != want {
