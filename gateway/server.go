@@ -109,7 +109,7 @@ type Gateway struct {
 
 	maxBody      int64
 	bodies       *bodyBudget
-	conns        tenantConns // one tenant's requests at once (limits.go)
+	conns        tenantConns   // one tenant's requests at once (limits.go)
 	logprobs     *bodyBudget   // logprob entries held by answers (logprobbudget.go)
 	bodyTimeout  time.Duration // 0: none
 	writeTimeout time.Duration // 0: none
