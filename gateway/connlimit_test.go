@@ -203,28 +203,38 @@ func TestOneTenantHoldsAQuarterOfTheConnections(t *testing.T) {
 }
 
 // A gateway of one tenant keeps no connections from it: there is nobody to
-// keep them for.
-func TestOneTenantGatewayHasNoConnectionShare(t *testing.T) {
+// keep them for; nor does a Handler mounted elsewhere (no Listen), which has
+// no connection bound to keep a tenant within (round 23's last check, L1).
+// Mutation caught: the share set in New: the unlistened gateway has one.
+func TestConnectionShareOnlyWithTenantsAndTheBound(t *testing.T) {
 	t.Parallel()
 	for _, c := range []struct {
 		name   string
 		tokens []string
 		named  map[string]string
+		listen bool
 		share  bool
 	}{
-		{"no tokens", nil, nil, false},
-		{"tokens of one tenant", []string{"t1", "t2"}, map[string]string{"t3": DefaultTenant}, false},
-		{"two tenants", []string{"t1"}, map[string]string{"t2": "b"}, true},
+		{"no tokens", nil, nil, true, false},
+		{"tokens of one tenant", []string{"t1", "t2"}, map[string]string{"t3": DefaultTenant}, true, false},
+		{"two tenants", []string{"t1"}, map[string]string{"t2": "b"}, true, true},
+		{"two tenants, mounted elsewhere", []string{"t1"}, map[string]string{"t2": "b"}, false, false},
 	} {
 		tb := startBus(t, jsprov.Options{})
 		cfg := testConfig(t, tb.nc)
-		cfg.MaxConns, cfg.Tokens, cfg.TokenTenants = 8, c.tokens, c.named
+		cfg.Addr, cfg.MaxConns, cfg.Tokens, cfg.TokenTenants = "127.0.0.1:0", 8, c.tokens, c.named
 		g, err := New(cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := g.conns.share > 0; got != c.share {
-			t.Errorf("%s: share %d, want one: %v", c.name, g.conns.share, c.share)
+		if c.listen {
+			if err := g.Listen(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = g.ln.Close() })
+		}
+		if got := g.conns.shareNow() > 0; got != c.share {
+			t.Errorf("%s: share %d, want one: %v", c.name, g.conns.shareNow(), c.share)
 		}
 	}
 }

@@ -141,7 +141,7 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 	// the connection bound never closes (tenantConns).
 	leave, ok := g.conns.enter(tenant)
 	if !ok {
-		g.refuse(w, endpoint, tenant, errTenantConnsFull(tenant, g.conns.share, g.cfg.RetryAfter))
+		g.refuse(w, endpoint, tenant, errTenantConnsFull(tenant, g.conns.shareNow(), g.cfg.RetryAfter))
 		return
 	}
 	defer leave()

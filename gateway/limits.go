@@ -198,19 +198,34 @@ func (g *Gateway) refuse(w http.ResponseWriter, endpoint, tenant string, e *apiE
 // gateway of one tenant has nobody to keep out, and its clients may use
 // every connection.
 type tenantConns struct {
-	share int
 	mu    sync.Mutex
+	share int
 	n     map[string]int
+}
+
+// bound sets the share (at least 1) and returns it.
+func (c *tenantConns) bound(share int) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.share = max(share, 1)
+	return c.share
+}
+
+// shareNow is the share, for messages.
+func (c *tenantConns) shareNow() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.share
 }
 
 // enter counts one more request of tenant if its share allows; leave must
 // follow one that does (calling it again does nothing).
 func (c *tenantConns) enter(tenant string) (leave func(), ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.share <= 0 {
 		return func() {}, true
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.n[tenant] >= c.share {
 		return nil, false
 	}

@@ -180,9 +180,6 @@ func New(cfg Config) (*Gateway, error) {
 		bodyTimeout:  bodyTimeout,
 		writeTimeout: writeTimeout,
 	}
-	if maxConns := maxConnsOf(cfg); maxConns > 0 && tenants.count() > 1 {
-		g.conns.share = max(maxConns/bodyShares, 1)
-	}
 	g.handler = g.routes()
 	return g, nil
 }
@@ -269,6 +266,15 @@ func (g *Gateway) Listen() error {
 		// (Config.WriteTimeout, stall.go).
 	}
 	if maxConns := maxConnsOf(g.cfg); maxConns > 0 {
+		// The share only where the bound is: a Handler mounted elsewhere has
+		// no connection bound to keep a tenant within.
+		if g.tenants.count() > 1 {
+			share := g.conns.bound(maxConns / bodyShares)
+			if lim := g.cfg.Limits.MaxInFlight; lim > share {
+				g.log.Warn().Int("tenant_max_in_flight", lim).Int("share", share).Int("max_conns", maxConns).
+					Msg("tenant_max_in_flight is above one tenant's share of gateway_max_conns: a tenant gets 429 tenant_connections_full past the share; raise gateway_max_conns (or the open-file limit)")
+			}
+		}
 		lim := newConnLimiter(ln, maxConns, g.connsAtBound(maxConns))
 		ln, g.srv.ConnState = lim, lim.track
 	}
