@@ -184,6 +184,11 @@ func (g *Gateway) refuse(w http.ResponseWriter, endpoint, tenant string, e *apiE
 	g.fail(w, endpoint, e)
 }
 
+// connShares: one tenant has at most 1/connShares of the connection bound
+// in requests at once — a quarter, as bodyShares is for body bytes, for the
+// same reason.
+const connShares = 4
+
 // tenantConns bounds the requests one tenant has inside the gateway at once
 // — a body being read, a job queued or generating, a stream open — to share,
 // a quarter of gateway_max_conns, when the gateway serves more than one

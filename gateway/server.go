@@ -269,7 +269,7 @@ func (g *Gateway) Listen() error {
 		// The share only where the bound is: a Handler mounted elsewhere has
 		// no connection bound to keep a tenant within.
 		if g.tenants.count() > 1 {
-			share := g.conns.bound(maxConns / bodyShares)
+			share := g.conns.bound(maxConns / connShares)
 			if lim := g.cfg.Limits.MaxInFlight; lim > share {
 				g.log.Warn().Int("tenant_max_in_flight", lim).Int("share", share).Int("max_conns", maxConns).
 					Msg("tenant_max_in_flight is above one tenant's share of gateway_max_conns: a tenant gets 429 tenant_connections_full past the share; raise gateway_max_conns (or the open-file limit)")
