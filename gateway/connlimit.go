@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -21,7 +22,15 @@ import (
 // place of the one that has been quiet longest — idle between requests, or
 // opened and silent — which is closed (HTTP clients retry on a closed idle
 // connection); while every connection is inside a request, the new one is
-// closed at once. A connection inside a request is never the one chosen.
+// closed at once. A connection inside a request is never the one chosen —
+// unless it is stuck writing: a client that pipelines thousands of keep-alive
+// requests (`GET /healthz`, no token needed) and never reads the answers
+// leaves the server blocked writing one after its handler returned, counted
+// as in a request for up to the write timeout (30 s), outside the tenants'
+// shares; eight such connections kept every other client out of a bound of
+// eight (round 23's last check). When no connection is quiet, the one blocked
+// in a write longest, past stuckWrite, is closed for the newcomer: its client
+// reads nothing, and a stream's client that stopped reading is gone anyway.
 
 // DefaultMaxConns is Config.MaxConns when it is zero: a quarter of the
 // process's open-file limit (Go raises the soft limit to the hard one at
@@ -35,6 +44,11 @@ func DefaultMaxConns() int {
 	return int(max(64, min(rl.Cur/4, 1<<20)))
 }
 
+// stuckWrite is how long a connection's write must have been blocked before
+// the bound may close it for a newcomer: far past a write into a reading
+// client's socket, well inside the write timeout.
+const stuckWrite = time.Second
+
 // connLimiter is a listener that holds at most max connections (see above).
 type connLimiter struct {
 	net.Listener
@@ -42,12 +56,13 @@ type connLimiter struct {
 	onEvict func(refused bool) // told of each connection closed for a newcomer, or refused; may be nil
 
 	mu    sync.Mutex
-	open  int
+	open  map[*limitedConn]struct{}  // every kept connection
 	quiet map[*limitedConn]time.Time // idle or not yet in a request: closable for a newcomer, since when
 }
 
 func newConnLimiter(ln net.Listener, max int, onEvict func(refused bool)) *connLimiter {
-	return &connLimiter{Listener: ln, max: max, onEvict: onEvict, quiet: map[*limitedConn]time.Time{}}
+	return &connLimiter{Listener: ln, max: max, onEvict: onEvict,
+		open: map[*limitedConn]struct{}{}, quiet: map[*limitedConn]time.Time{}}
 }
 
 // Accept returns the next connection it keeps.
@@ -63,17 +78,21 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 	}
 }
 
-// admit keeps c, closing the connection quiet longest when at the bound; nil
-// when every connection is in a request (c is closed).
+// admit keeps c, closing the connection quiet longest when at the bound, or
+// else the one stuck writing longest; nil when every connection is in a
+// request and none is stuck (c is closed).
 func (l *connLimiter) admit(c net.Conn) net.Conn {
 	l.mu.Lock()
 	var victim *limitedConn
-	if l.open >= l.max {
+	if len(l.open) >= l.max {
 		var since time.Time
 		for q, t := range l.quiet {
 			if victim == nil || t.Before(since) {
 				victim, since = q, t
 			}
+		}
+		if victim == nil {
+			victim = l.stuckLongest(time.Now())
 		}
 		if victim == nil {
 			l.mu.Unlock()
@@ -84,18 +103,33 @@ func (l *connLimiter) admit(c net.Conn) net.Conn {
 			return nil
 		}
 		delete(l.quiet, victim)
+		delete(l.open, victim)
+		victim.closed = true
 	}
-	l.open++
 	lc := &limitedConn{Conn: c, l: l}
+	l.open[lc] = struct{}{}
 	l.quiet[lc] = time.Now()
 	l.mu.Unlock()
 	if victim != nil {
-		_ = victim.Close() // its count goes with it
+		_ = victim.Conn.Close() // its place went above; a blocked write ends with an error
 		if l.onEvict != nil {
 			l.onEvict(false)
 		}
 	}
 	return lc
+}
+
+// stuckLongest is the connection whose write has been blocked longest, past
+// stuckWrite; nil when none is. Under l.mu.
+func (l *connLimiter) stuckLongest(now time.Time) *limitedConn {
+	var victim *limitedConn
+	var since int64
+	for c := range l.open {
+		if w := c.writing.Load(); w != 0 && now.Sub(time.Unix(0, w)) >= stuckWrite && (victim == nil || w < since) {
+			victim, since = c, w
+		}
+	}
+	return victim
 }
 
 // track is the server's ConnState hook: a connection inside a request is not
@@ -120,15 +154,25 @@ func (l *connLimiter) track(c net.Conn, st http.ConnState) {
 // limitedConn is a kept connection; closing it frees its place once.
 type limitedConn struct {
 	net.Conn
-	l      *connLimiter
-	closed bool // under l.mu
+	l       *connLimiter
+	closed  bool         // under l.mu
+	writing atomic.Int64 // when the write in progress began (Unix ns); 0: none
+}
+
+// Write notes how long the write has been blocked (a client not reading).
+// net/http writes a connection from one goroutine at a time.
+func (c *limitedConn) Write(p []byte) (int, error) {
+	c.writing.Store(time.Now().UnixNano())
+	n, err := c.Conn.Write(p)
+	c.writing.Store(0)
+	return n, err
 }
 
 func (c *limitedConn) Close() error {
 	c.l.mu.Lock()
 	if !c.closed {
 		c.closed = true
-		c.l.open--
+		delete(c.l.open, c)
 		delete(c.l.quiet, c)
 	}
 	c.l.mu.Unlock()
@@ -151,7 +195,7 @@ func (g *Gateway) connsAtBound(bound int) func(refused bool) {
 		}
 		if now := time.Now(); now.Sub(last) >= 10*time.Second {
 			g.log.Warn().Int("max_conns", bound).Int("closed_quiet", evicted).Int("refused", refused).
-				Msg("client connections at the gateway's bound: the quietest closed for newcomers, or newcomers refused while every connection is in a request")
+				Msg("client connections at the gateway's bound: the quietest (or one stuck writing to a client that reads nothing) closed for newcomers, or newcomers refused while every connection is in a request")
 			last, evicted, refused = now, 0, 0
 		}
 	}

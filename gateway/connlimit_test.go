@@ -128,7 +128,7 @@ func TestBusyConnectionsAreNotClosedForNewcomers(t *testing.T) {
 	testenv.WaitFor(t, 10*time.Second, "both requests in progress", func() bool {
 		lim.mu.Lock()
 		defer lim.mu.Unlock()
-		return lim.open == 2 && len(lim.quiet) == 0
+		return len(lim.open) == 2 && len(lim.quiet) == 0
 	})
 	client := &http.Client{Timeout: 5 * time.Second}
 	if r, err := client.Get("http://" + g.Addr().String() + "/healthz"); err == nil {
@@ -236,5 +236,49 @@ func TestConnectionShareOnlyWithTenantsAndTheBound(t *testing.T) {
 		if got := g.conns.shareNow() > 0; got != c.share {
 			t.Errorf("%s: share %d, want one: %v", c.name, g.conns.shareNow(), c.share)
 		}
+	}
+}
+
+// A connection whose write has been blocked past stuckWrite is closed for a
+// newcomer when none is quiet: clients that pipeline keep-alive requests and
+// never read the answers held the server blocked writing, "in a request", for
+// the 30 s write timeout, and eight of them kept everyone out of a bound of
+// eight, no token needed (round 23's last check).
+// Mutation caught: admit without stuckLongest: the newcomer is refused: red.
+func TestAConnectionStuckWritingIsClosedForANewcomer(t *testing.T) {
+	t.Parallel()
+	g, _ := runListening(t, 2, nil)
+	lim := g.ln.(*connLimiter)
+	for range 2 {
+		c := dial(t, g, "")
+		_ = c.(*net.TCPConn).SetReadBuffer(4096)
+		go func() { // pipelines until the server stops reading; ends when c closes
+			req := []byte(strings.Repeat("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 256))
+			for {
+				if _, err := c.Write(req); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	testenv.WaitFor(t, 30*time.Second, "both connections stuck writing", func() bool {
+		lim.mu.Lock()
+		defer lim.mu.Unlock()
+		stuck := 0
+		for c := range lim.open {
+			if w := c.writing.Load(); w != 0 && time.Since(time.Unix(0, w)) >= stuckWrite {
+				stuck++
+			}
+		}
+		return stuck == 2 && len(lim.quiet) == 0
+	})
+	client := &http.Client{Timeout: 5 * time.Second}
+	r, err := client.Get("http://" + g.Addr().String() + "/healthz")
+	if err != nil {
+		t.Fatalf("a newcomer with both connections stuck writing: %v", err)
+	}
+	_ = r.Body.Close()
+	if r.StatusCode != http.StatusOK {
+		t.Fatalf("healthz %d", r.StatusCode)
 	}
 }
