@@ -44,3 +44,10 @@ func benchValidate(b *testing.B, t Type, doc []byte) {
 		}
 	}
 }
+
+// BenchmarkValidateResult validates a completed job's record, which the
+// dispatcher validates once per job when a worker hands it over.
+func BenchmarkValidateResult(b *testing.B) {
+	doc := []byte(`{"type":"result","job_id":"01JZ8Q4T6W3N5V7X9Y1A2B3C4D","attempt":1,"seq":9,"status":"completed","finish_reason":"length","text":" once upon a time there was","usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20},"model":"tiny","tenant":"default","worker_id":"w1","timings":{"queued_ms":1.5,"ttft_ms":3.25,"total_ms":12.5,"tokens_per_s":640},"finished_at":"2026-12-01T11:00:00.123Z"}`)
+	benchValidate(b, Result, doc)
+}
