@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"io"
 	"net"
 	"net/http"
@@ -28,9 +29,18 @@ import (
 // leaves the server blocked writing one after its handler returned, counted
 // as in a request for up to the write timeout (30 s), outside the tenants'
 // shares; eight such connections kept every other client out of a bound of
-// eight (round 23's last check). When no connection is quiet, the one blocked
-// in a write longest, past stuckWrite, is closed for the newcomer: its client
-// reads nothing, and a stream's client that stopped reading is gone anyway.
+// eight (round 23's last check). And a client reading those answers a little
+// at a time, 4 KB writes each under a second, held eight connections "in a
+// request" as long as it liked (round 24). So only a tenant's generation
+// request — inside serve, counted by tenantConns, a quarter of the bound per
+// tenant — holds its connection against newcomers. At the bound the newcomer
+// takes, in order: the connection quiet longest; else the one whose
+// uncounted request (/healthz, /readyz, /metrics, /v1/models, a refusal, an
+// answer written after its handler returned) began longest ago; else the one
+// blocked in a write longest, past stuckWrite: its client reads nothing, and
+// a stream's client that stopped reading is gone anyway. Writes go out in
+// writeChunk pieces, so a slow but steady reader of a large answer is never
+// "stuck" (round 24: a 5 MB answer, one Write, was cut at 4 MB).
 
 // DefaultMaxConns is Config.MaxConns when it is zero: a quarter of the
 // process's open-file limit (Go raises the soft limit to the hard one at
@@ -49,18 +59,32 @@ func DefaultMaxConns() int {
 // client's socket, well inside the write timeout.
 const stuckWrite = time.Second
 
+// writeChunk is the most one write to the socket carries, so that a reader
+// taking a large answer slowly shows progress well within stuckWrite.
+const writeChunk = 32 << 10
+
+// Why a connection was closed or refused at the bound (connsAtBound counts each).
+type closeReason int
+
+const (
+	closedQuiet    closeReason = iota // idle or silent longest
+	closedUncounted                   // inside a request no tenant share counts
+	closedStuck                       // blocked writing past stuckWrite
+	refusedAll                        // every connection in a tenant request, none stuck: the newcomer closed
+)
+
 // connLimiter is a listener that holds at most max connections (see above).
 type connLimiter struct {
 	net.Listener
 	max     int
-	onEvict func(refused bool) // told of each connection closed for a newcomer, or refused; may be nil
+	onEvict func(closeReason) // told of each connection closed for a newcomer, or refused; may be nil
 
 	mu    sync.Mutex
 	open  map[*limitedConn]struct{}  // every kept connection
 	quiet map[*limitedConn]time.Time // idle or not yet in a request: closable for a newcomer, since when
 }
 
-func newConnLimiter(ln net.Listener, max int, onEvict func(refused bool)) *connLimiter {
+func newConnLimiter(ln net.Listener, max int, onEvict func(closeReason)) *connLimiter {
 	return &connLimiter{Listener: ln, max: max, onEvict: onEvict,
 		open: map[*limitedConn]struct{}{}, quiet: map[*limitedConn]time.Time{}}
 }
@@ -78,27 +102,20 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 	}
 }
 
-// admit keeps c, closing the connection quiet longest when at the bound, or
-// else the one stuck writing longest; nil when every connection is in a
-// request and none is stuck (c is closed).
+// admit keeps c, closing a connection for it at the bound (see the top of
+// this file); nil when every connection is in a tenant's request and none is
+// stuck (c is closed).
 func (l *connLimiter) admit(c net.Conn) net.Conn {
 	l.mu.Lock()
 	var victim *limitedConn
+	var why closeReason
 	if len(l.open) >= l.max {
-		var since time.Time
-		for q, t := range l.quiet {
-			if victim == nil || t.Before(since) {
-				victim, since = q, t
-			}
-		}
-		if victim == nil {
-			victim = l.stuckLongest(time.Now())
-		}
+		victim, why = l.victim(time.Now())
 		if victim == nil {
 			l.mu.Unlock()
 			_ = c.Close()
 			if l.onEvict != nil {
-				l.onEvict(true)
+				l.onEvict(refusedAll)
 			}
 			return nil
 		}
@@ -113,23 +130,41 @@ func (l *connLimiter) admit(c net.Conn) net.Conn {
 	if victim != nil {
 		_ = victim.Conn.Close() // its place went above; a blocked write ends with an error
 		if l.onEvict != nil {
-			l.onEvict(false)
+			l.onEvict(why)
 		}
 	}
 	return lc
 }
 
-// stuckLongest is the connection whose write has been blocked longest, past
+// victim is the connection a newcomer takes the place of: quiet longest, else
+// in an uncounted request longest, else stuck writing longest past
 // stuckWrite; nil when none is. Under l.mu.
-func (l *connLimiter) stuckLongest(now time.Time) *limitedConn {
+func (l *connLimiter) victim(now time.Time) (*limitedConn, closeReason) {
 	var victim *limitedConn
-	var since int64
-	for c := range l.open {
-		if w := c.writing.Load(); w != 0 && now.Sub(time.Unix(0, w)) >= stuckWrite && (victim == nil || w < since) {
-			victim, since = c, w
+	var since time.Time
+	for q, t := range l.quiet {
+		if victim == nil || t.Before(since) {
+			victim, since = q, t
 		}
 	}
-	return victim
+	if victim != nil {
+		return victim, closedQuiet
+	}
+	for c := range l.open {
+		if !c.counted && (victim == nil || c.active.Before(since)) {
+			victim, since = c, c.active
+		}
+	}
+	if victim != nil {
+		return victim, closedUncounted
+	}
+	var stuck int64
+	for c := range l.open {
+		if w := c.writing.Load(); w != 0 && now.Sub(time.Unix(0, w)) >= stuckWrite && (victim == nil || w < stuck) {
+			victim, stuck = c, w
+		}
+	}
+	return victim, closedStuck
 }
 
 // track is the server's ConnState hook: a connection inside a request is not
@@ -142,7 +177,10 @@ func (l *connLimiter) track(c net.Conn, st http.ConnState) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	switch st {
-	case http.StateActive, http.StateHijacked, http.StateClosed:
+	case http.StateActive:
+		delete(l.quiet, lc)
+		lc.active = time.Now()
+	case http.StateHijacked, http.StateClosed:
 		delete(l.quiet, lc)
 	case http.StateIdle:
 		if !lc.closed {
@@ -156,16 +194,57 @@ type limitedConn struct {
 	net.Conn
 	l       *connLimiter
 	closed  bool         // under l.mu
-	writing atomic.Int64 // when the write in progress began (Unix ns); 0: none
+	active  time.Time    // when its current request began; under l.mu
+	counted bool         // inside a tenant's counted request (serve); under l.mu
+	writing atomic.Int64 // when the current piece of a write began (Unix ns); 0: none
 }
 
-// Write notes how long the write has been blocked (a client not reading).
-// net/http writes a connection from one goroutine at a time.
+// Write notes how long the write has been blocked (a client not reading),
+// writeChunk at a time: "stuck" means no progress for stuckWrite. net/http
+// writes a connection from one goroutine at a time.
 func (c *limitedConn) Write(p []byte) (int, error) {
-	c.writing.Store(time.Now().UnixNano())
-	n, err := c.Conn.Write(p)
-	c.writing.Store(0)
-	return n, err
+	defer c.writing.Store(0)
+	written := 0
+	for len(p) > 0 {
+		piece := p[:min(len(p), writeChunk)]
+		c.writing.Store(time.Now().UnixNano())
+		n, err := c.Conn.Write(piece)
+		written += n
+		if err != nil {
+			return written, err
+		}
+		p = p[n:]
+	}
+	return written, nil
+}
+
+// connKey carries a request's *limitedConn in its context (ConnContext).
+type connKey struct{}
+
+// withConn is the server's ConnContext hook.
+func withConn(ctx context.Context, c net.Conn) context.Context {
+	if lc, ok := c.(*limitedConn); ok {
+		return context.WithValue(ctx, connKey{}, lc)
+	}
+	return ctx
+}
+
+// countConn marks r's connection as inside a tenant's counted request until
+// the returned function runs: the bound does not close it for a newcomer
+// unless it is stuck writing.
+func countConn(r *http.Request) (uncount func()) {
+	lc, ok := r.Context().Value(connKey{}).(*limitedConn)
+	if !ok {
+		return func() {}
+	}
+	lc.l.mu.Lock()
+	lc.counted = true
+	lc.l.mu.Unlock()
+	return func() {
+		lc.l.mu.Lock()
+		lc.counted = false
+		lc.l.mu.Unlock()
+	}
 }
 
 func (c *limitedConn) Close() error {
@@ -180,23 +259,20 @@ func (c *limitedConn) Close() error {
 }
 
 // connsAtBound logs, at most every 10 s, that connections were closed for
-// newcomers or refused at the bound.
-func (g *Gateway) connsAtBound(bound int) func(refused bool) {
+// newcomers (by reason) or newcomers refused at the bound.
+func (g *Gateway) connsAtBound(bound int) func(closeReason) {
 	var mu sync.Mutex
 	var last time.Time
-	var evicted, refused int
-	return func(wasRefused bool) {
+	var n [refusedAll + 1]int
+	return func(why closeReason) {
 		mu.Lock()
 		defer mu.Unlock()
-		if wasRefused {
-			refused++
-		} else {
-			evicted++
-		}
+		n[why]++
 		if now := time.Now(); now.Sub(last) >= 10*time.Second {
-			g.log.Warn().Int("max_conns", bound).Int("closed_quiet", evicted).Int("refused", refused).
-				Msg("client connections at the gateway's bound: the quietest (or one stuck writing to a client that reads nothing) closed for newcomers, or newcomers refused while every connection is in a request")
-			last, evicted, refused = now, 0, 0
+			g.log.Warn().Int("max_conns", bound).Int("closed_quiet", n[closedQuiet]).
+				Int("closed_uncounted", n[closedUncounted]).Int("closed_stuck", n[closedStuck]).Int("refused", n[refusedAll]).
+				Msg("client connections at the gateway's bound: connections closed for newcomers (quiet longest, else in a request outside the tenant shares — health, metrics, models — longest, else stuck writing to a client that reads nothing), or newcomers refused while every connection is in a tenant's request")
+			last, n = now, [refusedAll + 1]int{}
 		}
 	}
 }

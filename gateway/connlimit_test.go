@@ -114,6 +114,8 @@ func TestConnectionsPastTheBoundCloseTheQuietest(t *testing.T) {
 // is refused and the requests go on.
 // Mutation caught: track leaving active connections closable: they never
 // leave the closable set (the wait for both requests times out): red.
+// Mutation caught: serve without countConn: the busy requests are closed for
+// the newcomer: red.
 func TestBusyConnectionsAreNotClosedForNewcomers(t *testing.T) {
 	t.Parallel()
 	// Two tenants: one tenant reads at most a quarter of the bound's bodies
@@ -239,12 +241,12 @@ func TestConnectionShareOnlyWithTenantsAndTheBound(t *testing.T) {
 	}
 }
 
-// A connection whose write has been blocked past stuckWrite is closed for a
-// newcomer when none is quiet: clients that pipeline keep-alive requests and
-// never read the answers held the server blocked writing, "in a request", for
-// the 30 s write timeout, and eight of them kept everyone out of a bound of
-// eight, no token needed (round 23's last check).
-// Mutation caught: admit without stuckLongest: the newcomer is refused: red.
+// Connections pipelining keep-alive requests and never reading the answers
+// are closed for a newcomer when none is quiet: they held the server blocked
+// writing, "in a request", for the 30 s write timeout, and eight of them kept
+// everyone out of a bound of eight, no token needed (round 23's last check).
+// Mutation caught: victim without its uncounted and stuck rules: the
+// newcomer is refused: red.
 func TestAConnectionStuckWritingIsClosedForANewcomer(t *testing.T) {
 	t.Parallel()
 	g, _ := runListening(t, 2, nil)
@@ -280,5 +282,152 @@ func TestAConnectionStuckWritingIsClosedForANewcomer(t *testing.T) {
 	_ = r.Body.Close()
 	if r.StatusCode != http.StatusOK {
 		t.Fatalf("healthz %d", r.StatusCode)
+	}
+}
+
+// A request no tenant share counts — /metrics here, its handler still
+// running — is closed for a newcomer when none is quiet: eight connections
+// pipelining GET /metrics and reading the answers a little at a time, each
+// write under a second, kept tenant b out of a bound of eight for as long as
+// they liked (round 24).
+// Mutation caught: victim without its uncounted rule: the newcomer is refused: red.
+func TestAnUncountedRequestIsClosedForANewcomer(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	entered := make(chan struct{}, 2)
+	g, _ := runListening(t, 2, func(c *Config) {
+		c.Metrics = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			entered <- struct{}{}
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		})
+	})
+	held := []net.Conn{
+		dial(t, g, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+		dial(t, g, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+	}
+	<-entered
+	<-entered
+	client := &http.Client{Timeout: 5 * time.Second}
+	r, err := client.Get("http://" + g.Addr().String() + "/healthz")
+	if err != nil {
+		t.Fatalf("a newcomer with both connections inside /metrics: %v", err)
+	}
+	_ = r.Body.Close()
+	if r.StatusCode != http.StatusOK {
+		t.Fatalf("healthz %d", r.StatusCode)
+	}
+	closed := 0
+	for _, c := range held {
+		if closedByServer(c) {
+			closed++
+		}
+	}
+	if closed != 1 {
+		t.Fatalf("%d of the 2 /metrics connections closed for one newcomer; want 1", closed)
+	}
+}
+
+// The order in which a newcomer at the bound takes a connection's place:
+// quiet longest, else uncounted request longest, else stuck writing longest;
+// a tenant's counted request that is writing (or not) within stuckWrite is
+// never taken.
+// Mutations caught: each rule removed, or counted connections treated as
+// uncounted: a row goes red.
+func TestTheNewcomerTakesTheQuietThenTheUncountedThenTheStuck(t *testing.T) {
+	t.Parallel()
+	now := time.Now()
+	type conn struct {
+		quiet   time.Duration // >0: quiet for this long
+		active  time.Duration // in its request for this long
+		counted bool
+		writing time.Duration // >0: blocked writing for this long
+	}
+	for _, tc := range []struct {
+		name  string
+		conns []conn
+		want  int // index of the victim; -1: refused
+		why   closeReason
+	}{
+		{"quiet longest first", []conn{{quiet: time.Second}, {active: time.Hour}, {quiet: 2 * time.Second}}, 2, closedQuiet},
+		{"then the oldest uncounted request", []conn{{active: time.Second}, {active: time.Hour, counted: true, writing: time.Hour}, {active: time.Minute}}, 2, closedUncounted},
+		{"then the longest stuck", []conn{{active: time.Hour, counted: true, writing: 2 * time.Second}, {active: time.Second, counted: true, writing: 5 * time.Second}}, 1, closedStuck},
+		{"a counted write under stuckWrite is kept", []conn{{active: time.Hour, counted: true, writing: stuckWrite / 2}, {active: time.Hour, counted: true}}, -1, closedStuck},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := newConnLimiter(nil, len(tc.conns), nil)
+			var cs []*limitedConn
+			for _, c := range tc.conns {
+				lc := &limitedConn{l: l, active: now.Add(-c.active), counted: c.counted}
+				if c.writing > 0 {
+					lc.writing.Store(now.Add(-c.writing).UnixNano())
+				}
+				l.open[lc] = struct{}{}
+				if c.quiet > 0 {
+					l.quiet[lc] = now.Add(-c.quiet)
+				}
+				cs = append(cs, lc)
+			}
+			got, why := l.victim(now)
+			if tc.want < 0 {
+				if got != nil {
+					t.Fatalf("a victim was chosen (%v); want none", why)
+				}
+				return
+			}
+			if got != cs[tc.want] || why != tc.why {
+				idx := -1
+				for i, c := range cs {
+					if c == got {
+						idx = i
+					}
+				}
+				t.Fatalf("victim %d (%v); want %d (%v)", idx, why, tc.want, tc.why)
+			}
+		})
+	}
+}
+
+// pieceConn records the writes it is given and whether each was stamped.
+type pieceConn struct {
+	net.Conn
+	lc      *limitedConn
+	pieces  []int
+	stamped []bool
+}
+
+func (c *pieceConn) Write(p []byte) (int, error) {
+	c.pieces = append(c.pieces, len(p))
+	c.stamped = append(c.stamped, c.lc.writing.Load() != 0)
+	return len(p), nil
+}
+
+// A large answer goes to the socket writeChunk at a time, each piece stamped:
+// a reader taking a 5 MB answer slowly but steadily shows progress, and is
+// not "stuck" after a second (round 24: one 5 MB Write was cut at 4 MB).
+// Mutation caught: Write passing p whole: one 5 MB piece: red.
+func TestWritesGoOutInPieces(t *testing.T) {
+	t.Parallel()
+	l := newConnLimiter(nil, 1, nil)
+	pc := &pieceConn{}
+	lc := &limitedConn{l: l, Conn: pc}
+	pc.lc = lc
+	n, err := lc.Write(make([]byte, 5<<20))
+	if err != nil || n != 5<<20 {
+		t.Fatalf("wrote %d, %v", n, err)
+	}
+	if len(pc.pieces) != (5<<20)/writeChunk {
+		t.Fatalf("%d pieces %v; want %d of %d bytes", len(pc.pieces), pc.pieces, (5<<20)/writeChunk, writeChunk)
+	}
+	for i, p := range pc.pieces {
+		if p > writeChunk || !pc.stamped[i] {
+			t.Fatalf("piece %d: %d bytes, stamped %v", i, p, pc.stamped[i])
+		}
+	}
+	if lc.writing.Load() != 0 {
+		t.Fatal("the write ended but the connection still counts as writing")
 	}
 }

@@ -145,6 +145,7 @@ func serve[T any, R request[T]](g *Gateway, w http.ResponseWriter, r *http.Reque
 		return
 	}
 	defer leave()
+	defer countConn(r)() // and the connection bound keeps its connection (connlimit.go)
 	// A retry with the key of a job held after its client left takes that
 	// job's slot, not one more (keyedHolds). Which job it names is known
 	// once its body is read, so while the tenant holds keyed jobs a keyed

@@ -276,7 +276,7 @@ func (g *Gateway) Listen() error {
 			}
 		}
 		lim := newConnLimiter(ln, maxConns, g.connsAtBound(maxConns))
-		ln, g.srv.ConnState = lim, lim.track
+		ln, g.srv.ConnState, g.srv.ConnContext = lim, lim.track, withConn
 	}
 	g.ln = ln
 	return nil
