@@ -67,10 +67,10 @@ const writeChunk = 32 << 10
 type closeReason int
 
 const (
-	closedQuiet    closeReason = iota // idle or silent longest
-	closedUncounted                   // inside a request no tenant share counts
-	closedStuck                       // blocked writing past stuckWrite
-	refusedAll                        // every connection in a tenant request, none stuck: the newcomer closed
+	closedQuiet     closeReason = iota // idle or silent longest
+	closedUncounted                    // inside a request no tenant share counts
+	closedStuck                        // blocked writing past stuckWrite
+	refusedAll                         // every connection in a tenant request, none stuck: the newcomer closed
 )
 
 // connLimiter is a listener that holds at most max connections (see above).
